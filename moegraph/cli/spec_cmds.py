@@ -1,0 +1,126 @@
+"""``moegraph validate``, ``show`` and ``schema``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import SpecError
+from ..loader import load_spec, presets
+from ..spec import MoESpec
+from ..summary import human, human_bytes, summarize
+from . import app, console, err_console
+
+SpecArg = Annotated[str, typer.Argument(help="Spec file (.yaml/.json/.toml) or preset name, e.g. deepseek-v3.")]
+
+
+@app.command()
+def validate(specs: Annotated[list[str], typer.Argument(help="Spec files or preset names.")]) -> None:
+    """Validate spec files; print one line per problem and exit non-zero if any is invalid."""
+    bad = 0
+    for s in specs:
+        try:
+            spec = load_spec(s)
+        except SpecError as exc:
+            bad += 1
+            for line in exc.render().splitlines():
+                err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            continue
+        console.print(f"[green]ok[/] {s}: {spec.name} (hash {spec.short_hash})", highlight=False)
+    if bad:
+        raise typer.Exit(code=2)
+
+
+@app.command()
+def show(spec: SpecArg) -> None:
+    """A readable summary: parameters (total and active per token), FLOPs, expert memory, layers."""
+    s = load_spec(spec)
+    m = summarize(s)
+    moe = s.moe
+    r = moe.router
+    console.print(f"[bold]{s.name}[/]  hash {s.short_hash}  {s.description}", highlight=False)
+    if s.source:
+        console.print(f"source: {s.source}", highlight=False)
+    routing = f"{r.type}"
+    if r.type == "topk":
+        routing += f" k={r.top_k} score={r.score} normalize={r.normalize} scale={r.scaling_factor}"
+        if r.groups:
+            routing += f" groups={r.groups.num_groups} keep={r.groups.topk_groups} ({r.groups.group_score})"
+        if r.expert_bias:
+            routing += " +expert-bias"
+        if r.capacity:
+            routing += f" capacity={r.capacity.factor} drop={r.capacity.drop_policy}"
+    elif r.type == "expert_choice":
+        routing += f" capacity_factor={r.capacity_factor}"
+    else:
+        routing += f" k={r.top_k} method={r.method}"
+    console.print(
+        f"layer: D={moe.hidden_size} E={moe.experts.num_experts} F={moe.experts.intermediate_size} "
+        f"act={moe.experts.activation} shared={moe.shared_experts.count} dtype={moe.dtype}",
+        highlight=False,
+    )
+    console.print(f"routing: {routing}", highlight=False)
+
+    t = Table(title="parameters", show_header=True)
+    t.add_column("")
+    t.add_column("total", justify="right")
+    t.add_column("active / token", justify="right")
+    t.add_row("one routed expert", human(m.layer.routed_expert), "")
+    t.add_row("one MoE layer", human(m.layer.routed_total + m.layer.shared + m.layer.router),
+              human(m.layer.routed_active + m.layer.shared + m.layer.router))
+    t.add_row(f"all {m.num_moe_layers} MoE layers", human(m.moe_total), human(m.moe_active))
+    if m.model_total is not None:
+        t.add_row("whole model", human(m.model_total), human(m.model_active))
+    console.print(t)
+    console.print(
+        f"FLOPs/token (MoE layers): {human(m.flops_per_token_moe)}"
+        + (f"   whole model: {human(m.flops_per_token_model)}" if m.flops_per_token_model else ""),
+        highlight=False,
+    )
+    console.print(f"expert memory per MoE layer ({moe.dtype}): {human_bytes(m.expert_bytes_per_layer)}; "
+                  f"all MoE layers: {human_bytes(m.expert_bytes_per_layer * m.num_moe_layers)}", highlight=False)
+    if m.model_total is None:
+        console.print("[dim]whole-model totals need model.attention and model.vocab_size in the spec[/]")
+
+    lt = Table(title="layers", show_header=True)
+    for c in ("layers", "kind", "params", "active / token"):
+        lt.add_column(c, justify="right" if c != "kind" else "left")
+    # Collapse runs of identical layers into one row.
+    i = 0
+    rows = m.rows
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1][1:] == rows[i][1:]:
+            j += 1
+        span = f"{rows[i][0]}" if i == j else f"{rows[i][0]}-{rows[j][0]}"
+        lt.add_row(span, rows[i][1], human(rows[i][2]), human(rows[i][3]))
+        i = j + 1
+    console.print(lt)
+
+
+@app.command()
+def schema(
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Print the JSON Schema of spec files (for editor autocompletion)."""
+    text = json.dumps(MoESpec.model_json_schema(), indent=2)
+    if output is None:
+        print(text)
+    else:
+        output.write_text(text + "\n")
+        console.print(f"wrote {output}")
+
+
+@app.command(name="presets")
+def list_presets() -> None:
+    """List the bundled preset specs."""
+    t = Table(show_header=True)
+    t.add_column("name")
+    t.add_column("description")
+    for name, path in presets().items():
+        t.add_row(name, load_spec(path).description)
+    console.print(t)

@@ -1,0 +1,66 @@
+"""One small error hierarchy for every stage.
+
+A message names the input (file or argument), the field or path, what was wrong and what to do.
+The CLI prints these without a traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MoegraphError(Exception):
+    """Base class of every error moegraph raises on purpose."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: where it is and what to do about it."""
+
+    path: str  # dotted field path inside the input, e.g. "moe.router.top_k"
+    message: str
+
+    def render(self, source: str | None = None) -> str:
+        where = f"{source}: " if source else ""
+        at = self.path or "<root>"
+        return f"{where}{at}: {self.message}"
+
+
+class SpecError(MoegraphError, ValueError):
+    """A spec file or dict is not a valid MoE spec. Holds one Problem per thing wrong."""
+
+    def __init__(self, problems: list[Problem], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(p.render(self.source) for p in self.problems)
+
+
+class PlanInfeasible(MoegraphError, ValueError):
+    """The placement request cannot be met (too few slots, too little memory, ...)."""
+
+
+class TraceError(MoegraphError, ValueError):
+    """A routing trace is missing, truncated, corrupt or does not fit the spec."""
+
+
+class PlanFileError(MoegraphError, ValueError):
+    """A plan file is corrupt, of another version, or does not match the spec."""
+
+
+class CodegenError(MoegraphError, RuntimeError):
+    """Code generation failed (bad template context, unwritable output directory, ...)."""
+
+
+class InputError(MoegraphError, ValueError):
+    """A tensor handed to a compiled layer has the wrong shape, dtype or device."""
+
+
+class DistributedError(MoegraphError, RuntimeError):
+    """Expert-parallel execution cannot start or a peer failed."""
+
+
+class OptimizeError(MoegraphError, RuntimeError):
+    """A model could not be optimised (block swap refused, verification failed, ...)."""

@@ -1,0 +1,654 @@
+"""The spec language: one validated, frozen, hashable description of an MoE model.
+
+A spec file (YAML, JSON or TOML) holds four sections:
+
+- ``model``: how many layers, which are dense and which are MoE, and (optionally) the non-MoE sizes
+  (attention, embeddings) used only to count whole-model parameters;
+- ``moe``: the MoE layer itself: routed experts, shared experts, router policy, dtype;
+- ``topology``: the cluster the layer is planned for;
+- ``placement`` and ``codegen``: settings for the planner and the code generator.
+
+Every model is frozen with ``extra="forbid"``; numbers carry bounds; cross-field rules live in small
+validators whose messages say what to do instead. Values are never rewritten silently.
+
+Legend used in docstrings: T tokens, D hidden size, F expert intermediate size, E routed experts,
+K top-k, G groups.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "MoESpec",
+    "ModelSpec",
+    "MoELayerSpec",
+    "ExpertsSpec",
+    "SharedExpertsSpec",
+    "TopKRouter",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "GroupLimit",
+    "ExpertBias",
+    "AuxLoss",
+    "Capacity",
+    "UniformTopology",
+    "ExplicitTopology",
+    "PlacementSpec",
+    "CodegenSpec",
+    "SCORE_FUNCTIONS",
+    "ACTIVATIONS",
+    "score_expression",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Experts
+# --------------------------------------------------------------------------------------------
+
+#: activation name -> (elementwise function applied to the gate branch, gated GLU or plain MLP)
+ACTIVATIONS: dict[str, tuple[str, bool]] = {
+    "swiglu": ("silu", True),
+    "geglu": ("gelu", True),
+    "geglu_tanh": ("gelu_tanh", True),
+    "reglu": ("relu", True),
+    "silu": ("silu", False),
+    "gelu": ("gelu", False),
+    "gelu_tanh": ("gelu_tanh", False),
+    "relu": ("relu", False),
+    "relu2": ("relu2", False),
+}
+
+Activation = Literal["swiglu", "geglu", "geglu_tanh", "reglu", "silu", "gelu", "gelu_tanh", "relu", "relu2"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class ExpertsSpec(_Frozen):
+    """The routed experts: E identical MLPs of shape D -> F -> D."""
+
+    num_experts: int = Field(gt=0, le=65536, description="Number of routed experts E.")
+    intermediate_size: int = Field(gt=0, le=1 << 20, description="Hidden size F of one routed expert.")
+    activation: Activation = Field(
+        "swiglu",
+        description="Gated (swiglu, geglu, geglu_tanh, reglu: act(x W_gate) * (x W_up)) or plain "
+        "(silu, gelu, gelu_tanh, relu, relu2: act(x W_up)) expert MLP.",
+    )
+    bias: bool = Field(False, description="Whether expert projections carry a bias.")
+    gate_clamp: float | None = Field(
+        None, gt=0, description="Clamp the gate projection to at most this value before the activation."
+    )
+    up_clamp: float | None = Field(
+        None, gt=0, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
+    )
+
+    @property
+    def gated(self) -> bool:
+        return ACTIVATIONS[self.activation][1]
+
+    @model_validator(mode="after")
+    def _clamps_need_gate(self) -> ExpertsSpec:
+        if not self.gated and (self.gate_clamp is not None or self.up_clamp is not None):
+            raise ValueError(
+                f"gate_clamp/up_clamp apply to gated activations only, but activation is "
+                f"'{self.activation}'; use a gated activation such as 'swiglu' or drop the clamps"
+            )
+        return self
+
+
+class SharedExpertsSpec(_Frozen):
+    """Always-active experts added to the routed output (DeepSeek, Qwen2-MoE)."""
+
+    count: int = Field(0, ge=0, le=64, description="Number of shared experts (0 = none).")
+    intermediate_size: int | None = Field(
+        None, gt=0, description="Hidden size of one shared expert; defaults to the routed expert's F."
+    )
+    gate: Literal["none", "sigmoid"] = Field(
+        "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE."
+    )
+
+    @model_validator(mode="after")
+    def _gate_needs_expert(self) -> SharedExpertsSpec:
+        if self.count == 0 and self.gate != "none":
+            raise ValueError("a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------
+
+#: named score functions -> elementwise expression of the router logit ``x`` ("softmax" is special)
+SCORE_FUNCTIONS: dict[str, str] = {
+    "softmax": "softmax",
+    "sigmoid": "sigmoid(x)",
+    "softplus": "softplus(x)",
+    "sqrt_softplus": "sqrt(softplus(x))",
+    "tanh": "tanh(x)",
+    "identity": "x",
+}
+
+#: functions allowed inside a custom score expression, mapped to their torch spelling
+SCORE_EXPR_FUNCTIONS: dict[str, str] = {
+    "sigmoid": "torch.sigmoid",
+    "softplus": "torch.nn.functional.softplus",
+    "sqrt": "torch.sqrt",
+    "exp": "torch.exp",
+    "log": "torch.log",
+    "log1p": "torch.log1p",
+    "tanh": "torch.tanh",
+    "relu": "torch.relu",
+    "abs": "torch.abs",
+    "square": "torch.square",
+}
+
+
+def _check_score_expression(expr: str) -> str:
+    """Validate a custom elementwise score expression of ``x``; return it unchanged."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError as exc:
+        raise ValueError(f"score expression {expr!r} is not valid: {exc.msg}") from None
+    allowed_ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if node.id != "x" and node.id not in SCORE_EXPR_FUNCTIONS:
+                raise ValueError(
+                    f"score expression {expr!r} uses unknown name {node.id!r}; use the logit 'x' and "
+                    f"functions {sorted(SCORE_EXPR_FUNCTIONS)}"
+                )
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in SCORE_EXPR_FUNCTIONS or node.keywords:
+                raise ValueError(
+                    f"score expression {expr!r}: only calls of {sorted(SCORE_EXPR_FUNCTIONS)} with positional "
+                    "arguments are allowed"
+                )
+            if len(node.args) != 1:
+                raise ValueError(f"score expression {expr!r}: each function takes exactly one argument")
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
+                raise ValueError(f"score expression {expr!r}: only numeric constants are allowed")
+        elif isinstance(node, (ast.BinOp, ast.UnaryOp)):
+            if not isinstance(node.op, allowed_ops):
+                raise ValueError(f"score expression {expr!r}: operator {type(node.op).__name__} is not allowed")
+        elif not isinstance(node, (ast.Expression, ast.Load, *allowed_ops)):
+            raise ValueError(f"score expression {expr!r}: {type(node).__name__} is not allowed")
+    if not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(tree)):
+        raise ValueError(f"score expression {expr!r} does not use the router logit 'x'")
+    return expr
+
+
+def _check_score(v: str) -> str:
+    if v in SCORE_FUNCTIONS:
+        return v
+    if v.isidentifier():
+        raise ValueError(
+            f"unknown score function {v!r}; use one of {sorted(SCORE_FUNCTIONS)} or an expression of x "
+            f"such as 'sqrt(softplus(x))'"
+        )
+    return _check_score_expression(v)
+
+
+def score_expression(score: str) -> str:
+    """The elementwise expression of ``x`` for a score name or custom expression ('softmax' stays as is)."""
+    return SCORE_FUNCTIONS.get(score, score)
+
+
+class GroupLimit(_Frozen):
+    """Group-limited routing (DeepSeek-V2 device-limited, DeepSeek-V3 node-limited).
+
+    Experts are split into ``num_groups`` contiguous groups of E/G; each token keeps the
+    ``topk_groups`` best groups (by ``group_score``) and picks its top-k experts inside them only.
+    """
+
+    num_groups: int = Field(gt=0, description="Number of expert groups G; must divide the number of experts.")
+    topk_groups: int = Field(gt=0, description="Groups kept per token (M in DeepSeek-V2).")
+    group_score: Literal["max", "sum_topn"] = Field(
+        "max", description="Score of a group: its best expert (V2) or the sum of its top_n experts (V3)."
+    )
+    top_n: int = Field(2, gt=0, description="Experts summed per group when group_score is 'sum_topn'.")
+    tie_to: Literal["none", "device", "node"] = Field(
+        "none",
+        description="Tie groups to devices or nodes of the topology (then num_groups must equal that count).",
+    )
+
+    @model_validator(mode="after")
+    def _kept_le_groups(self) -> GroupLimit:
+        if self.topk_groups > self.num_groups:
+            raise ValueError(
+                f"topk_groups ({self.topk_groups}) exceeds num_groups ({self.num_groups}); keep at most "
+                f"num_groups groups"
+            )
+        return self
+
+
+class ExpertBias(_Frozen):
+    """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias used for selection only."""
+
+    update_rate: float = Field(0.001, ge=0, le=1, description="Bias step per update (gamma in DeepSeek-V3).")
+
+
+AuxLossKind = Literal[
+    "expert_balance",  # Switch/GShard/DeepSeek-V2 expert-level: E * sum_e f_e * P_e (f over all K choices)
+    "device_balance",  # DeepSeek-V2 device-level: the same over devices
+    "comm_balance",  # DeepSeek-V2 communication balance: tokens sent to each device
+    "sequence_balance",  # DeepSeek-V3 sequence-wise: expert_balance per sequence, averaged
+    "global_balance",  # expert_balance with loads summed over the whole global batch
+    "z_loss",  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
+]
+
+
+class AuxLoss(_Frozen):
+    """An auxiliary loss the layer returns in training mode (see moegraph.runtime for formulas)."""
+
+    kind: AuxLossKind
+    coef: float = Field(ge=0, le=100, description="Coefficient alpha of the loss.")
+
+
+class Capacity(_Frozen):
+    """Expert capacity: at most ceil(factor * T * K / E) tokens per expert; the rest are dropped."""
+
+    factor: float = Field(gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
+    drop_policy: Literal["probs", "position"] = Field(
+        "probs", description="Which tokens an over-full expert keeps: the highest-scoring, or the earliest."
+    )
+    min_capacity: int = Field(1, ge=0, description="Lower bound on the per-expert capacity.")
+
+
+class TopKRouter(_Frozen):
+    """Token choice: each token picks its top-k experts by router score."""
+
+    type: Literal["topk"] = "topk"
+    top_k: int = Field(gt=0, le=1024, description="Experts per token K.")
+    score: str = Field(
+        "softmax",
+        description="'softmax', a named function (sigmoid, softplus, sqrt_softplus, tanh, identity) or an "
+        "elementwise expression of the logit x, e.g. 'sqrt(softplus(x))'.",
+    )
+    topk_order: Literal["score_then_topk", "topk_then_score"] = Field(
+        "score_then_topk",
+        description="Score all experts then pick top-k, or pick top-k logits then score them (softmax over K).",
+    )
+    normalize: bool = Field(False, description="Divide the selected weights by their sum.")
+    scaling_factor: float = Field(1.0, gt=0, le=1e4, description="Multiply routed weights by this factor.")
+    groups: GroupLimit | None = None
+    expert_bias: ExpertBias | None = None
+    router_bias: bool = Field(False, description="Whether the router linear has a bias.")
+    aux_losses: tuple[AuxLoss, ...] = ()
+    capacity: Capacity | None = Field(None, description="None = dropless (default).")
+    jitter: float = Field(
+        0.0, ge=0, lt=1, description="Multiplicative input noise U(1-j, 1+j) on the router input in training."
+    )
+
+    _score_known = field_validator("score")(_check_score)
+
+    @field_validator("aux_losses")
+    @classmethod
+    def _unique_losses(cls, v: tuple[AuxLoss, ...]) -> tuple[AuxLoss, ...]:
+        kinds = [loss.kind for loss in v]
+        dup = sorted({k for k in kinds if kinds.count(k) > 1})
+        if dup:
+            raise ValueError(f"aux loss kind(s) {dup} listed more than once; give each kind once with its coef")
+        return v
+
+    @model_validator(mode="after")
+    def _order_needs_softmax(self) -> TopKRouter:
+        if self.topk_order == "topk_then_score" and self.score != "softmax":
+            raise ValueError(
+                "topk_order 'topk_then_score' only differs from 'score_then_topk' for softmax; with "
+                f"score '{self.score}' use topk_order: score_then_topk"
+            )
+        return self
+
+
+class ExpertChoiceRouter(_Frozen):
+    """Expert choice (Zhou et al. 2022): each expert picks its top-C tokens, C = factor * T / E."""
+
+    type: Literal["expert_choice"] = "expert_choice"
+    capacity_factor: float = Field(2.0, gt=0, le=1024, description="Tokens per expert = factor * T / E.")
+    score: str = Field("softmax", description="Score function over experts, as for topk routers.")
+    router_bias: bool = False
+    aux_losses: tuple[AuxLoss, ...] = ()
+
+    _score_known = field_validator("score")(_check_score)
+
+    @field_validator("aux_losses")
+    @classmethod
+    def _only_z_loss(cls, v: tuple[AuxLoss, ...]) -> tuple[AuxLoss, ...]:
+        bad = [loss.kind for loss in v if loss.kind != "z_loss"]
+        if bad:
+            raise ValueError(
+                f"expert-choice routing is balanced by construction; aux losses {bad} do not apply (only z_loss)"
+            )
+        return v
+
+
+class HashRouter(_Frozen):
+    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id, weight 1/K each."""
+
+    type: Literal["hash"] = "hash"
+    top_k: int = Field(1, gt=0, le=16, description="Number of hash functions / experts per token.")
+    method: Literal["modulo", "random"] = Field(
+        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab."
+    )
+    vocab_size: int | None = Field(None, gt=0, description="Vocabulary size, needed by method 'random'.")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _random_needs_vocab(self) -> HashRouter:
+        if self.method == "random" and self.vocab_size is None:
+            raise ValueError("hash method 'random' needs vocab_size (the table has one row per token id)")
+        return self
+
+
+Router = Annotated[
+    Union[
+        Annotated[TopKRouter, Tag("topk")],
+        Annotated[ExpertChoiceRouter, Tag("expert_choice")],
+        Annotated[HashRouter, Tag("hash")],
+    ],
+    Discriminator(lambda v: (v.get("type", "topk") if isinstance(v, dict) else getattr(v, "type", None))),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# The MoE layer
+# --------------------------------------------------------------------------------------------
+
+
+class MoELayerSpec(_Frozen):
+    """One MoE layer: router + E routed experts + optional shared experts."""
+
+    hidden_size: int = Field(gt=0, le=1 << 20, description="Model dimension D.")
+    experts: ExpertsSpec
+    shared_experts: SharedExpertsSpec = SharedExpertsSpec()
+    router: Router
+    dtype: DType = Field("float32", description="Parameter dtype of the layer.")
+    router_dtype: DType = Field("float32", description="Dtype the router logits and scores are computed in.")
+
+    @model_validator(mode="after")
+    def _routing_fits_experts(self) -> MoELayerSpec:
+        r, e = self.router, self.experts.num_experts
+        k = getattr(r, "top_k", None)
+        if k is not None and k > e:
+            raise ValueError(f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}")
+        g = getattr(r, "groups", None)
+        if g is not None:
+            if e % g.num_groups:
+                divisors = [d for d in range(1, e + 1) if e % d == 0]
+                raise ValueError(
+                    f"router.groups.num_groups ({g.num_groups}) must divide experts.num_experts ({e}); "
+                    f"choose one of {divisors}"
+                )
+            per_group = e // g.num_groups
+            if g.group_score == "sum_topn" and g.top_n > per_group:
+                raise ValueError(
+                    f"router.groups.top_n ({g.top_n}) exceeds the {per_group} experts per group; "
+                    f"use top_n <= {per_group} or fewer groups"
+                )
+            if k is not None and g.topk_groups * per_group < k:
+                raise ValueError(
+                    f"router.groups keeps {g.topk_groups} groups of {per_group} experts = "
+                    f"{g.topk_groups * per_group} candidates, fewer than top_k ({k}); raise topk_groups"
+                )
+        return self
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token (for expert choice: the average, capacity_factor)."""
+        r = self.router
+        return r.top_k if hasattr(r, "top_k") else max(1, round(r.capacity_factor))
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        s = self.shared_experts
+        return s.intermediate_size if s.intermediate_size is not None else self.experts.intermediate_size
+
+
+# --------------------------------------------------------------------------------------------
+# The surrounding model (layer pattern and non-MoE sizes for parameter counts)
+# --------------------------------------------------------------------------------------------
+
+
+class MHAttention(_Frozen):
+    """Multi-head / grouped-query attention (Mixtral, Qwen)."""
+
+    kind: Literal["mha"] = "mha"
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(None, gt=0, description="Defaults to num_heads (plain MHA).")
+    head_dim: int | None = Field(None, gt=0, description="Defaults to hidden_size / num_heads.")
+    qkv_bias: bool = False
+
+
+class MLAttention(_Frozen):
+    """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    kind: Literal["mla"] = "mla"
+    num_heads: int = Field(gt=0)
+    q_lora_rank: int | None = Field(None, gt=0, description="None = a plain q projection (V2-Lite).")
+    kv_lora_rank: int = Field(gt=0)
+    qk_nope_head_dim: int = Field(gt=0)
+    qk_rope_head_dim: int = Field(gt=0)
+    v_head_dim: int = Field(gt=0)
+
+
+Attention = Annotated[Union[MHAttention, MLAttention], Field(discriminator="kind")]
+
+
+class ModelSpec(_Frozen):
+    """The layer pattern of the model and, optionally, non-MoE sizes for whole-model counts."""
+
+    num_layers: int = Field(1, gt=0, le=10000, description="Decoder layers in the model.")
+    first_k_dense: int = Field(0, ge=0, description="The first k layers are dense (DeepSeek).")
+    moe_layer_freq: int = Field(1, gt=0, description="Every n-th layer after first_k_dense is MoE.")
+    layer_types: tuple[Literal["dense", "moe"], ...] | None = Field(
+        None, description="Explicit per-layer pattern; overrides first_k_dense/moe_layer_freq."
+    )
+    dense_intermediate_size: int | None = Field(None, gt=0, description="FFN size of dense layers.")
+    vocab_size: int | None = Field(None, gt=0)
+    tie_word_embeddings: bool = False
+    attention: Attention | None = None
+
+    @model_validator(mode="after")
+    def _pattern(self) -> ModelSpec:
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"layer_types lists {len(self.layer_types)} layers but num_layers is {self.num_layers}; "
+                    "make them agree"
+                )
+        elif self.first_k_dense >= self.num_layers:
+            raise ValueError(
+                f"first_k_dense ({self.first_k_dense}) leaves no MoE layer of num_layers ({self.num_layers}); "
+                "lower it"
+            )
+        if "dense" in self.resolved_layer_types() and self.dense_intermediate_size is None and (
+            self.attention is not None or self.vocab_size is not None
+        ):
+            raise ValueError(
+                "the model has dense layers and non-MoE sizes but no dense_intermediate_size; set it so "
+                "whole-model parameter counts are complete"
+            )
+        return self
+
+    def resolved_layer_types(self) -> tuple[str, ...]:
+        if self.layer_types is not None:
+            return self.layer_types
+        return tuple(
+            "moe" if i >= self.first_k_dense and (i - self.first_k_dense) % self.moe_layer_freq == 0 else "dense"
+            for i in range(self.num_layers)
+        )
+
+    @property
+    def moe_layer_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.resolved_layer_types()) if t == "moe")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_indices)
+
+
+# --------------------------------------------------------------------------------------------
+# Topology
+# --------------------------------------------------------------------------------------------
+
+
+class UniformTopology(_Frozen):
+    """A uniform cluster: ``nodes`` x ``gpus_per_node`` with one link class inside and one across nodes."""
+
+    kind: Literal["uniform"] = "uniform"
+    nodes: int = Field(1, gt=0, le=4096)
+    gpus_per_node: int = Field(1, gt=0, le=64)
+    intra_node_bandwidth_gbps: float = Field(400.0, gt=0, description="GB/s per GPU inside a node (NVLink).")
+    inter_node_bandwidth_gbps: float = Field(50.0, gt=0, description="GB/s per GPU across nodes (RDMA NIC).")
+    intra_node_latency_us: float = Field(2.0, ge=0)
+    inter_node_latency_us: float = Field(8.0, ge=0)
+    gpu_memory_gib: float = Field(80.0, gt=0)
+
+    @property
+    def num_gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class Device(_Frozen):
+    name: str = Field(min_length=1)
+    node: str = Field(min_length=1, description="Node (host) the device sits in.")
+    memory_gib: float = Field(80.0, gt=0)
+
+
+class Link(_Frozen):
+    a: str
+    b: str
+    bandwidth_gbps: float = Field(gt=0)
+    latency_us: float = Field(0.0, ge=0)
+
+
+class ExplicitTopology(_Frozen):
+    """An irregular cluster as a list of devices and (undirected) links between them."""
+
+    kind: Literal["explicit"] = "explicit"
+    devices: tuple[Device, ...] = Field(min_length=1)
+    links: tuple[Link, ...] = ()
+
+    @model_validator(mode="after")
+    def _links_known(self) -> ExplicitTopology:
+        names = [d.name for d in self.devices]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"device names {dup} appear more than once; give every device a unique name")
+        for i, link in enumerate(self.links):
+            for end in (link.a, link.b):
+                if end not in names:
+                    raise ValueError(f"links[{i}] names unknown device {end!r}; known devices: {names}")
+            if link.a == link.b:
+                raise ValueError(f"links[{i}] connects {link.a!r} to itself; drop it")
+        return self
+
+    @property
+    def num_gpus(self) -> int:
+        return len(self.devices)
+
+
+Topology = Annotated[
+    Union[Annotated[UniformTopology, Tag("uniform")], Annotated[ExplicitTopology, Tag("explicit")]],
+    Discriminator(
+        lambda v: (
+            v.get("kind", "explicit" if "devices" in v else "uniform") if isinstance(v, dict) else getattr(v, "kind", None)
+        )
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Placement and codegen settings
+# --------------------------------------------------------------------------------------------
+
+
+class PlacementObjective(_Frozen):
+    communication: float = Field(1.0, ge=0, description="Weight of predicted all-to-all cost.")
+    balance: float = Field(1.0, ge=0, description="Weight of GPU load imbalance.")
+
+
+class PlacementSpec(_Frozen):
+    """Planner settings."""
+
+    redundant_slots: int = Field(0, ge=0, description="Extra expert slots (in total) for replicas of hot experts.")
+    objective: PlacementObjective = PlacementObjective()
+    max_imbalance: float = Field(1.05, ge=1.0, description="Target max/mean GPU load.")
+    traces: tuple[str, ...] = Field((), description="Routing trace files or folders to plan from.")
+    seed: int = Field(0, ge=0)
+
+
+class CodegenSpec(_Frozen):
+    backend: Literal["torch", "triton"] = "torch"
+    block_m: int | None = Field(None, gt=0, description="Rows per block of the grouped expert GEMM (triton).")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole spec
+# --------------------------------------------------------------------------------------------
+
+
+class MoESpec(_Frozen):
+    """A whole spec file."""
+
+    name: str = Field("unnamed", min_length=1, max_length=200)
+    description: str = ""
+    source: str = Field("", description="Where the numbers come from (paper, config).")
+    model: ModelSpec = ModelSpec()
+    moe: MoELayerSpec
+    topology: Topology = UniformTopology()
+    placement: PlacementSpec = PlacementSpec()
+    codegen: CodegenSpec = CodegenSpec()
+
+    @model_validator(mode="after")
+    def _cross_sections(self) -> MoESpec:
+        g = getattr(self.moe.router, "groups", None)
+        topo = self.topology
+        if g is not None and g.tie_to != "none":
+            if g.tie_to == "device":
+                count = topo.num_gpus
+            elif isinstance(topo, UniformTopology):
+                count = topo.nodes
+            else:
+                count = len({d.node for d in topo.devices})
+            if g.num_groups != count:
+                raise ValueError(
+                    f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
+                    f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
+                )
+        slots = self.moe.experts.num_experts + self.placement.redundant_slots
+        if slots % topo.num_gpus:
+            raise ValueError(
+                f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
+                f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}"
+            )
+        return self
+
+    def hash(self) -> str:
+        """Canonical sha256 of the spec: stable across key order and file format."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def short_hash(self) -> str:
+        return self.hash()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,128 @@
+"""Parameter, FLOP and memory accounting for a spec (what ``moegraph show`` prints).
+
+Counts are exact for the layer as the spec describes it. Whole-model totals need the optional
+non-MoE sizes in ``model`` (attention, vocab, dense FFN size); without them only MoE figures are given.
+Norm weights are counted (two RMSNorms per layer, the final norm, MLA's latent norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .spec import ACTIVATIONS, MHAttention, MLAttention, MoESpec
+
+_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def mlp_params(d: int, f: int, gated: bool, bias: bool) -> int:
+    """Parameters of one D -> F -> D MLP (gated MLPs have a gate and an up projection)."""
+    n_in = 2 if gated else 1
+    p = n_in * d * f + f * d
+    if bias:
+        p += n_in * f + d
+    return p
+
+
+def attention_params(spec: MoESpec) -> int | None:
+    a, d = spec.model.attention, spec.moe.hidden_size
+    if a is None:
+        return None
+    if isinstance(a, MHAttention):
+        hd = a.head_dim or d // a.num_heads
+        kv = a.num_kv_heads or a.num_heads
+        p = d * a.num_heads * hd + 2 * d * kv * hd + a.num_heads * hd * d
+        if a.qkv_bias:
+            p += a.num_heads * hd + 2 * kv * hd
+        return p
+    assert isinstance(a, MLAttention), f"unknown attention kind {type(a)}"
+    qk = a.qk_nope_head_dim + a.qk_rope_head_dim
+    if a.q_lora_rank is None:
+        q = d * a.num_heads * qk
+    else:
+        q = d * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_heads * qk
+    kv = d * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank
+    kv += a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim)
+    o = a.num_heads * a.v_head_dim * d
+    return q + kv + o
+
+
+@dataclass
+class LayerCounts:
+    routed_expert: int  # one routed expert
+    shared: int  # all shared experts of one layer (and their gate)
+    router: int
+    routed_total: int  # all routed experts of one layer
+    routed_active: int  # the K experts one token uses
+
+
+@dataclass
+class Summary:
+    spec: MoESpec
+    layer: LayerCounts
+    num_moe_layers: int
+    num_dense_layers: int
+    moe_total: int  # every MoE layer, all experts + shared + router
+    moe_active: int  # every MoE layer, per token
+    model_total: int | None = None
+    model_active: int | None = None
+    flops_per_token_moe: int = 0  # 2 * active MoE params (multiply-adds) over all MoE layers
+    flops_per_token_model: int | None = None
+    expert_bytes_per_layer: int = 0
+    rows: list[tuple[int, str, int, int]] = field(default_factory=list)  # (layer, kind, total, active)
+
+
+def summarize(spec: MoESpec) -> Summary:
+    m, d = spec.moe, spec.moe.hidden_size
+    gated, bias = ACTIVATIONS[m.experts.activation][1], m.experts.bias
+    routed_one = mlp_params(d, m.experts.intermediate_size, gated, bias)
+    shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
+    if m.shared_experts.gate == "sigmoid":
+        shared += d
+    e = m.experts.num_experts
+    router = 0 if m.router.type == "hash" else e * d + (e if getattr(m.router, "router_bias", False) else 0)
+    k = m.top_k
+    layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
+
+    types = spec.model.resolved_layer_types()
+    n_moe, n_dense = types.count("moe"), types.count("dense")
+    moe_total = n_moe * (layer.routed_total + shared + router)
+    moe_active = n_moe * (layer.routed_active + shared + router)
+    s = Summary(spec, layer, n_moe, n_dense, moe_total, moe_active)
+    s.flops_per_token_moe = 2 * moe_active
+    s.expert_bytes_per_layer = (layer.routed_total + shared) * _BYTES[m.dtype]
+
+    attn = attention_params(spec)
+    mdl = spec.model
+    dense_ffn = mlp_params(d, mdl.dense_intermediate_size, gated, bias) if mdl.dense_intermediate_size else 0
+    norms = 2 * d
+    for i, t in enumerate(types):
+        a = (attn or 0) + norms
+        if t == "moe":
+            s.rows.append((i, t, a + layer.routed_total + shared + router, a + layer.routed_active + shared + router))
+        else:
+            s.rows.append((i, t, a + dense_ffn, a + dense_ffn))
+    if attn is not None and mdl.vocab_size is not None:
+        emb = mdl.vocab_size * d * (1 if mdl.tie_word_embeddings else 2)
+        body_total = sum(r[2] for r in s.rows)
+        body_active = sum(r[3] for r in s.rows)
+        s.model_total = body_total + emb + d
+        # Active = weights a token's forward multiplies with: the input embedding is a lookup, so
+        # only the output projection (lm_head, tied or not) counts.
+        s.model_active = body_active + mdl.vocab_size * d + d
+        # Forward FLOPs per token: 2 per multiply-add of every weight touched (attention scores excluded).
+        s.flops_per_token_model = 2 * (body_active + mdl.vocab_size * d)
+    return s
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for scale, suffix in ((1 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f} B"
