@@ -1,0 +1,246 @@
+"""Code generation: spec -> template context -> Python source -> imported layer class.
+
+Decisions are made here and passed to the template as plain values; the template
+(``codegen_templates/moe_layer.py.j2``) only spells them out. The environment uses
+``StrictUndefined`` so a missing context key is an error, not an empty string.
+
+Generated files are named ``moe_<name>_<spec-hash12>_<backend>.py``. They are written only when their
+content changes, and imported modules are cached by the sha256 of their source. A cache entry whose
+content does not match its recorded hash (a corrupted or hand-edited file) is detected and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jinja2
+
+from . import __version__
+from .errors import CodegenError
+from .resources import templates_dir
+from .spec import ACTIVATIONS, SCORE_EXPR_FUNCTIONS, MoESpec, UniformTopology, score_expression
+
+_ENV: jinja2.Environment | None = None
+
+
+def _env() -> jinja2.Environment:
+    global _ENV
+    if _ENV is None:
+        _ENV = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(templates_dir())),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+    return _ENV
+
+
+def _score_code(score: str) -> str:
+    """Torch code computing scores_TE from logits_TE for a score name or expression."""
+    if score == "softmax":
+        return "torch.softmax(logits_TE, dim=-1)"
+    expr = score_expression(score)
+    # Rewrite whitelisted function names to their torch spelling; the spec validated the expression.
+    code = re.sub(
+        r"\b([A-Za-z_][A-Za-z0-9_]*)\b",
+        lambda m: SCORE_EXPR_FUNCTIONS.get(m.group(1), "logits_TE" if m.group(1) == "x" else m.group(1)),
+        expr,
+    )
+    return code
+
+
+def _devices(spec: MoESpec) -> int:
+    topo = spec.topology
+    return topo.num_gpus if isinstance(topo, UniformTopology) else len(topo.devices)
+
+
+def _aux_calls(spec: MoESpec) -> list[dict[str, Any]]:
+    r, E = spec.moe.router, spec.moe.experts.num_experts
+    softmax = getattr(r, "score", "softmax") == "softmax"
+    K = spec.moe.top_k
+    out = []
+    for loss in getattr(r, "aux_losses", ()):
+        args3 = f"logits_TE, scores_TE, topk_ids_TK, {softmax}"
+        if loss.kind == "expert_balance":
+            call = f"runtime.expert_balance_loss({args3})"
+        elif loss.kind == "global_balance":
+            call = f"runtime.expert_balance_loss({args3}, global_batch=True)"
+        elif loss.kind == "sequence_balance":
+            call = (f"runtime.sequence_balance_loss(logits_TE.view(B, S, {E}), scores_TE.view(B, S, {E}), "
+                    f"topk_ids_TK.view(B, S, {K}), {softmax})")
+        elif loss.kind in ("device_balance", "comm_balance"):
+            nd = _devices(spec)
+            if E % nd:
+                raise CodegenError(
+                    f"spec '{spec.name}': moe.router.aux_losses {loss.kind} needs experts ({E}) to split evenly "
+                    f"over the topology's {nd} devices; change topology or drop the loss"
+                )
+            if loss.kind == "device_balance":
+                call = f"runtime.device_balance_loss({args3}, {nd})"
+            else:
+                g = getattr(r, "groups", None)
+                reach = min(g.topk_groups if g is not None and g.tie_to == "device" else K, nd)
+                call = f"runtime.comm_balance_loss({args3}, {nd}, {reach})"
+        elif loss.kind == "z_loss":
+            call = "runtime.z_loss(logits_TE)"
+        else:  # pragma: no cover - the spec's Literal forbids this
+            raise CodegenError(f"unknown aux loss kind {loss.kind!r}")
+        out.append({"kind": loss.kind, "coef": float(loss.coef), "call": call})
+    return out
+
+
+def class_name(spec: MoESpec) -> str:
+    base = re.sub(r"[^0-9a-zA-Z]+", " ", spec.name).title().replace(" ", "")
+    if not base or not base[0].isalpha():
+        base = "Spec" + base
+    return f"{base}MoE"
+
+
+def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
+    """Everything the template needs, decided here."""
+    m = spec.moe
+    r = m.router
+    act, gated = ACTIVATIONS[m.experts.activation]
+    K = m.top_k
+    ctx: dict[str, Any] = {
+        "version": __version__,
+        "backend": backend,
+        "op_namespace": "moegraph_triton" if backend == "triton" else "moegraph",
+        "spec_name": spec.name,
+        "spec_hash": spec.hash(),
+        "spec_json": json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=4),
+        "class_name": class_name(spec),
+        "summary": f"{r.type} routing over {m.experts.num_experts} {m.experts.activation} experts"
+        + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
+        "D": m.hidden_size,
+        "E": m.experts.num_experts,
+        "F": m.experts.intermediate_size,
+        "K": K,
+        "gated": gated,
+        "act": act,
+        "activation": m.experts.activation,
+        "up_name": "gate_up_proj" if gated else "up_proj",
+        "gate_clamp": m.experts.gate_clamp,
+        "up_clamp": m.experts.up_clamp,
+        "expert_bias_terms": m.experts.bias,
+        "shared_intermediate": m.shared_experts.count * m.shared_intermediate_size,
+        "shared_gate": m.shared_experts.gate == "sigmoid",
+        "router_type": r.type,
+        "router_dtype": m.router_dtype,
+        "router_bias": bool(getattr(r, "router_bias", False)),
+        "expert_bias": getattr(r, "expert_bias", None) is not None,
+        "expert_bias_rate": r.expert_bias.update_rate if getattr(r, "expert_bias", None) is not None else None,
+        "hash_vocab": getattr(r, "vocab_size", None) or 0,
+        "hash_seed": getattr(r, "seed", 0),
+        "hash_method": getattr(r, "method", "random"),
+        "jitter": getattr(r, "jitter", 0.0),
+        "score": getattr(r, "score", "softmax"),
+        "score_code": _score_code(getattr(r, "score", "softmax")),
+        "topk_then_score": getattr(r, "topk_order", "") == "topk_then_score",
+        "normalize": getattr(r, "normalize", False),
+        "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),
+        "groups": getattr(r, "groups", None),
+        "capacity": getattr(r, "capacity", None),
+        "capacity_factor": getattr(r, "capacity_factor", None),
+        "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
+    }
+    return ctx
+
+
+def render(spec: MoESpec, backend: str = "torch") -> str:
+    """The generated Python source for a spec (byte-identical for the same spec and version)."""
+    try:
+        return _env().get_template("moe_layer.py.j2").render(**context(spec, backend))
+    except jinja2.TemplateError as exc:
+        raise CodegenError(f"rendering moe_layer.py.j2 for spec '{spec.name}' failed: {exc}") from exc
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Generated:
+    path: Path
+    source: str
+    digest: str
+    written: bool  # False when the file already had this content
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "moegraph" / "generated"
+
+
+def write_source(spec: MoESpec, out_dir: str | Path, backend: str = "torch") -> Generated:
+    """Render and write the layer source into ``out_dir``, only if its content changed."""
+    source = render(spec, backend)
+    digest = source_hash(source)
+    out = Path(out_dir)
+    name = f"moe_{re.sub(r'[^0-9a-zA-Z]+', '_', spec.name)}_{spec.short_hash}_{backend}.py"
+    path = out / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.read_text(encoding="utf-8") == source:
+            return Generated(path, source, digest, written=False)
+        # Write atomically: never leave a half-written file behind.
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".py")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(source)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CodegenError(
+            f"cannot write generated code to {out}: {exc.strerror}; choose a writable directory with -o/out_dir"
+        ) from None
+    return Generated(path, source, digest, written=True)
+
+
+_MODULES: dict[str, ModuleType] = {}
+
+
+def load_module(gen: Generated) -> ModuleType:
+    """Import a generated file, cached by the sha256 of its content.
+
+    The file on disk must still hold the rendered source; if it was corrupted after writing, it is
+    rewritten before import (and the event is visible as ``gen.written``).
+    """
+    mod = _MODULES.get(gen.digest)
+    if mod is not None:
+        return mod
+    try:
+        on_disk = gen.path.read_text(encoding="utf-8")
+    except OSError:
+        on_disk = None
+    if on_disk != gen.source:
+        gen.path.write_text(gen.source, encoding="utf-8")
+    mod_name = f"moegraph_generated_{gen.digest[:16]}"
+    spec = importlib.util.spec_from_file_location(mod_name, gen.path)
+    if spec is None or spec.loader is None:
+        raise CodegenError(f"cannot import generated file {gen.path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:  # a generated file that does not import is a moegraph bug
+        del sys.modules[mod_name]
+        raise CodegenError(f"generated file {gen.path} failed to import: {exc}") from exc
+    _MODULES[gen.digest] = mod
+    return mod
+
+
+def layer_class(spec: MoESpec, backend: str = "torch", out_dir: str | Path | None = None) -> tuple[type, Generated]:
+    """Generate (or reuse) the layer class for a spec."""
+    gen = write_source(spec, out_dir if out_dir is not None else default_cache_dir(), backend)
+    mod = load_module(gen)
+    return getattr(mod, class_name(spec)), gen

@@ -1,0 +1,77 @@
+"""``moegraph.compile``: spec (+ plan) -> generated, FX-optimised, executable MoE layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .codegen import layer_class
+from .errors import CodegenError
+from .loader import load_spec
+from .runtime import CompiledMoEBase, torch_dtype
+from .spec import MoESpec
+
+__all__ = ["compile", "BACKENDS"]
+
+BACKENDS = ("torch", "triton")
+
+
+def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
+    spec: MoESpec | str | Path | dict,
+    plan: Any = None,
+    backend: str | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    seed: int | None = 0,
+    passes: list | None = None,
+    process_group: Any = None,
+) -> CompiledMoEBase:
+    """Compile a spec into an ``nn.Module`` implementing its MoE layer.
+
+    Args:
+        spec: a MoESpec, a spec file path, a preset name or a dict.
+        plan: a placement ``Plan`` (or plan file path). With an initialised torch.distributed
+            process group the layer is expert-parallel and holds only this rank's experts.
+        backend: "torch" (any machine) or "triton" (GPU kernels; CPU under TRITON_INTERPRET=1).
+            Defaults to the spec's ``codegen.backend``.
+        out_dir: where generated source is written (default: the user cache directory).
+        dtype: parameter dtype (default: the spec's ``moe.dtype``).
+        seed: deterministic parameter init; None leaves parameters uninitialised.
+        passes: FX passes to run instead of the defaults.
+    """
+    spec = load_spec(spec)
+    backend = backend or spec.codegen.backend
+    if backend not in BACKENDS:
+        raise CodegenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        from . import triton_backend  # noqa: F401  (fails with a clear message if triton is missing)
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
+    cls, _ = layer_class(spec, backend, out_dir)
+    kwargs = dict(dtype=dtype or torch_dtype(spec.moe.dtype), router_dtype=torch_dtype(spec.moe.router_dtype),
+                  device=device, passes=passes, seed=seed)
+    if plan is not None:
+        import torch.distributed as dist
+
+        if (dist.is_available() and dist.is_initialized()) or process_group is not None:
+            from .distributed import ExpertParallelMoE
+
+            return ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, **kwargs)
+        from .planner import Plan
+
+        if not isinstance(plan, Plan):
+            plan = Plan.load(plan, spec=spec)
+        elif plan.spec_hash != spec.hash():
+            from .errors import PlanFileError
+
+            raise PlanFileError(
+                f"plan was made for spec hash {plan.spec_hash[:12]} but spec '{spec.name}' has hash "
+                f"{spec.short_hash}; re-plan with `moegraph plan {spec.name}`"
+            )
+    layer = cls(**kwargs)
+    layer.__dict__["plan"] = plan
+    return layer

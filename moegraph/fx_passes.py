@@ -1,0 +1,140 @@
+"""FX passes over a generated layer's traced ``core``.
+
+Each pass follows torch.fx's habits: it takes a GraphModule and returns a ``PassResult`` with a
+``modified`` flag; when it changed the graph it runs ``graph.lint()`` and ``recompile()``.
+
+Passes:
+- ``DropTrainingOutputs`` (eval graphs): remove the auxiliary losses from the output and let dead
+  code elimination delete the work that only fed them.
+- ``FoldSharedExperts``: ``expert_mlp(...) + shared_mlp(x)`` becomes one ``expert_mlp`` call that runs
+  the shared experts inside the same op, accumulating into the routed output buffer (no separate
+  output tensor and add). Skipped when the shared experts carry biases (the op has no shared bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from . import runtime
+
+__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "default_passes", "trace_core"]
+
+
+def _is_expert_op(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    t = node.target
+    names = {"moegraph::expert_mlp", "moegraph_triton::expert_mlp"}
+    name = getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
+    return name in names
+
+
+class DropTrainingOutputs(PassBase):
+    """Eval graphs return no auxiliary losses; the nodes computing them become dead and go."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        y, aux, ids = out.args[0]
+        if not isinstance(aux, dict) or not aux:
+            return PassResult(gm, False)
+        out.args = ((y, {}, ids),)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+
+class FoldSharedExperts(PassBase):
+    """Run the shared experts inside the routed expert op (see module docstring)."""
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        modified = False
+        for add in list(gm.graph.nodes):
+            if add.op != "call_function" or add.target not in (torch.add, __import__("operator").add):
+                continue
+            if len(add.args) != 2 or add.kwargs:
+                continue
+            a, b = add.args
+            if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+                continue
+            routed, shared = (a, b) if _is_expert_op(a) else (b, a)
+            if not _is_expert_op(routed) or shared.op != "call_function" or shared.target is not runtime.shared_mlp:
+                continue
+            if len(routed.users) != 1 or len(shared.users) != 1:
+                continue
+            x, w_up, w_down, b_up, b_down, scale, act, gated, gclamp, uclamp = shared.args
+            r_args = list(routed.args)
+            if x is not r_args[0] or b_up is not None or b_down is not None:
+                continue
+            if act != r_args[8] or gated != r_args[9] or gclamp != r_args[10] or uclamp != r_args[11]:
+                continue
+            r_args[12:15] = [w_up, w_down, scale]
+            with gm.graph.inserting_after(add):
+                fused = gm.graph.call_function(routed.target, tuple(r_args))
+            add.replace_all_uses_with(fused)
+            gm.graph.erase_node(add)
+            gm.graph.erase_node(routed)
+            gm.graph.erase_node(shared)
+            modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+
+def default_passes(training: bool) -> list[PassBase]:
+    passes: list[PassBase] = [] if training else [DropTrainingOutputs()]
+    passes.append(FoldSharedExperts())
+    return passes
+
+
+class _Core(nn.Module):
+    """Adapter whose forward is the owner's ``core``, sharing the owner's submodules."""
+
+    def __init__(self, owner: nn.Module, training: bool):
+        super().__init__()
+        for name, child in owner.named_children():
+            self.add_module(name, child)
+        for name, buf in owner.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=False)
+        self._core = type(owner).core
+        self.train(training)
+
+    def forward(self, x_BSD, token_ids_BS=None):
+        return self._core(self, x_BSD, token_ids_BS)
+
+
+def trace_core(owner: nn.Module, training: bool) -> fx.GraphModule:
+    """Symbolically trace the generated ``core`` of ``owner`` in the given mode."""
+    adapter = _Core(owner, training)
+    concrete: dict[str, Any] = {} if getattr(owner, "NEEDS_TOKEN_IDS", False) else {"token_ids_BS": None}
+    graph = fx.Tracer().trace(adapter, concrete_args=concrete)
+    gm = fx.GraphModule(adapter, graph, class_name=f"{type(owner).__name__}Graph")
+    gm.train(training)
+    return gm
+
+
+@dataclass
+class PassReport:
+    applied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+
+
+def build_graph(owner: nn.Module, training: bool, passes: list[PassBase] | None = None) -> tuple[fx.GraphModule, PassReport]:
+    """Trace ``owner.core`` and run the pass pipeline; returns the graph and what each pass did."""
+    gm = trace_core(owner, training)
+    report = PassReport(nodes_before=len(gm.graph.nodes))
+    for p in passes if passes is not None else default_passes(training):
+        res = p(gm)
+        gm = res.graph_module
+        (report.applied if res.modified else report.skipped).append(type(p).__name__)
+    report.nodes_after = len(gm.graph.nodes)
+    return gm, report

@@ -1,0 +1,209 @@
+"""Opaque custom ops for the data-dependent steps of an MoE layer.
+
+``moegraph::expert_mlp`` takes a flat list of (token, expert, weight) assignments, sorts them by
+expert, runs every expert's MLP on its rows (one GEMM pair per expert that received tokens) and sums
+the weighted outputs per token. It is a ``torch.library.custom_op`` with a fake implementation, so
+``torch.fx`` sees one node and ``torch.compile`` can trace around it.
+
+Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
+(N = E*C), hash routing, and dropped assignments (expert id outside [0, E) is skipped).
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S shared hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["expert_mlp", "apply_activation", "mlp_forward"]
+
+
+def apply_activation(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None) -> Tensor:
+    """The expert nonlinearity on the up projection ``h`` ([rows, 2F] if gated else [rows, F])."""
+    if gated:
+        f = h.shape[-1] // 2
+        gate, up = h[..., :f], h[..., f:]
+        if gate_clamp is not None:
+            gate = gate.clamp(max=gate_clamp)
+        if up_clamp is not None:
+            up = up.clamp(min=-up_clamp, max=up_clamp)
+        return _act(gate, activation) * up
+    return _act(h, activation)
+
+
+def _act(h: Tensor, activation: str) -> Tensor:
+    if activation == "silu":
+        return F.silu(h)
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if activation == "relu":
+        return F.relu(h)
+    if activation == "relu2":
+        return torch.square(F.relu(h))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def mlp_forward(
+    x_RD: Tensor,
+    w_up_HD: Tensor,
+    w_down_DF: Tensor,
+    b_up_H: Tensor | None,
+    b_down_D: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+) -> Tensor:
+    """One expert MLP on R rows: act(x W_up^T + b_up) W_down^T + b_down (H = 2F if gated else F)."""
+    h = F.linear(x_RD, w_up_HD, b_up_H)
+    a = apply_activation(h, activation, gated, gate_clamp, up_clamp)
+    return F.linear(a, w_down_DF, b_down_D)
+
+
+def _expert_mlp_impl(
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    shared_w_up_HD: Tensor | None = None,
+    shared_w_down_DF: Tensor | None = None,
+    shared_scale_T: Tensor | None = None,
+) -> Tensor:
+    """Differentiable reference implementation used by the op (and, recomputed, by its backward)."""
+    T, D = x_TD.shape
+    E = w_up_EHD.shape[0]
+    out_dtype = x_TD.dtype
+    # Step 1: the shared experts run on every token, straight into the output buffer.
+    if shared_w_up_HD is not None:
+        a = apply_activation(F.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp, up_clamp)
+        if shared_scale_T is not None:
+            a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
+        y_TD = F.linear(a, shared_w_down_DF)
+    else:
+        y_TD = x_TD.new_zeros(T, D)
+    if exp_N.numel() == 0:
+        return y_TD
+    # Step 2: sort assignments by expert; dropped ones (id outside [0, E)) sort to the tail.
+    valid_N = (exp_N >= 0) & (exp_N < E)
+    key_N = torch.where(valid_N, exp_N, torch.full_like(exp_N, E))
+    key_sorted_N, order_N = torch.sort(key_N, stable=True)
+    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
+    n_valid = sum(counts)
+    if n_valid == 0:
+        return y_TD
+    order_N = order_N[:n_valid]
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N)
+    x_ND = x_TD.index_select(0, tok_sorted)
+    # Step 3: one GEMM pair per expert that received rows.
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = x_ND[start : start + n]
+        outs.append(
+            mlp_forward(
+                rows,
+                w_up_EHD[e],
+                w_down_EDF[e],
+                None if b_up_EH is None else b_up_EH[e],
+                None if b_down_ED is None else b_down_ED[e],
+                activation,
+                gated,
+                gate_clamp,
+                up_clamp,
+            )
+        )
+        start += n
+    o_ND = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    # Step 4: weight and combine per token.
+    o_ND = o_ND * w_sorted.to(o_ND.dtype).unsqueeze(-1)
+    return y_TD.index_add(0, tok_sorted, o_ND.to(out_dtype))
+
+
+@torch.library.custom_op("moegraph::expert_mlp", mutates_args=())
+def expert_mlp(
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    shared_w_up_HD: Tensor | None,
+    shared_w_down_DF: Tensor | None,
+    shared_scale_T: Tensor | None,
+) -> Tensor:
+    """Grouped expert MLP over assignments; see the module docstring.
+
+    Args:
+        x_TD: [T, D] token activations.
+        tok_N: [N] int64 token index of each assignment.
+        exp_N: [N] int64 expert of each assignment; ids outside [0, E) are dropped.
+        weight_N: [N] routing weight of each assignment.
+        w_up_EHD: [E, H, D] up (gated: gate rows then up rows, H = 2F) projection.
+        w_down_EDF: [E, D, F] down projection.
+        b_up_EH, b_down_ED: optional biases.
+        shared_w_up_HD, shared_w_down_DF: optional shared experts folded into the same op.
+        shared_scale_T: optional [T] per-token scale of the shared output (Qwen2-MoE's sigmoid gate).
+    Returns:
+        [T, D] sum over assignments of weight * expert(x[token]) (+ shared experts).
+    """
+    with torch.no_grad():
+        return _expert_mlp_impl(
+            x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+            activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T,
+        )
+
+
+@expert_mlp.register_fake
+def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T):
+    return x_TD.new_empty(x_TD.shape)
+
+
+# The differentiable tensor arguments of expert_mlp, by position.
+_TENSOR_ARGS = (0, 3, 4, 5, 6, 7, 12, 13, 14)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.inputs = inputs
+
+
+def _backward(ctx, grad_TD):
+    # Backward by recomputation: rerun the differentiable reference with grad enabled and let
+    # autograd differentiate it. Exact, and shared by every activation/bias/clamp variant.
+    inputs = list(ctx.inputs)
+    need = [i for i in _TENSOR_ARGS if isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        leaves = {}
+        for i in need:
+            leaves[i] = inputs[i].detach().requires_grad_(True)
+            inputs[i] = leaves[i]
+        y = _expert_mlp_impl(*inputs)
+        grads = torch.autograd.grad(y, [leaves[i] for i in need], grad_TD, allow_unused=True)
+    out: list[Tensor | None] = [None] * 15
+    for i, g in zip(need, grads):
+        out[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(out)
+
+
+expert_mlp.register_autograd(_backward, setup_context=_setup_context)

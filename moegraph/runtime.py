@@ -1,0 +1,413 @@
+"""Runtime pieces shared by every generated MoE layer.
+
+The generated module (see ``codegen_templates/moe_layer.py.j2``) subclasses ``CompiledMoEBase``,
+which owns the parameters, checks inputs, records routing, updates the expert bias, and runs the
+FX-optimised graph of the generated ``core`` method (one graph for training, one for eval).
+
+Auxiliary losses (returned with ``return_aux=True`` and kept in ``layer.aux_losses`` in training).
+With T tokens, K experts per token, E experts, s_{t,e} the router score, P_e = mean_t p_{t,e} where
+p is the softmax probability (for non-softmax scores, s normalised over experts per token), and
+count_e the number of (token, choice) pairs routed to e over all K choices:
+
+- ``expert_balance`` (Switch, GShard, DeepSeek-V2 eq. 12): coef * sum_e f_e P_e, f_e = E/(K T) count_e.
+  f counts all K choices (GShard counts only the first; Megatron multiplies by K instead of dividing
+  f: these differ by a factor K, ours equals 1.0 at perfect balance).
+- ``sequence_balance`` (DeepSeek-V3 eq. 17-20): the same per sequence (rows of a [B, S, D] input),
+  averaged over sequences.
+- ``global_balance``: expert_balance with count_e summed over the data-parallel group (all-reduce)
+  when torch.distributed is initialised; equal to expert_balance in one process.
+- ``device_balance`` (DeepSeek-V2 eq. 14-15): experts in ND contiguous device groups (ND = GPUs of
+  the topology); coef * sum_d f'_d P'_d with f'_d = mean of f over the group, P'_d = sum of P.
+- ``comm_balance`` (DeepSeek-V2 eq. 16-17): coef * sum_d f''_d P'_d with
+  f''_d = ND/(M T) * #tokens sending to device d, M = devices a token may reach (groups kept, or K).
+- ``z_loss`` (ST-MoE): coef * mean_t logsumexp(logits_t)^2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers torch.ops.moegraph)
+from .errors import InputError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing helpers called from generated code. Those whose shapes depend on the token count are
+# FX leaves (torch.fx.wrap): the traced graph shows them as one call.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.fx.wrap
+def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float, min_capacity: int,
+                   by_probs: bool) -> Tensor:
+    """Drop assignments beyond each expert's capacity; dropped ids become ``num_experts``.
+
+    Capacity = max(min_capacity, ceil(factor * T * K / E)). ``by_probs`` keeps an expert's
+    highest-weight assignments; otherwise its earliest tokens (Megatron's "position" policy).
+    """
+    T, K = ids_TK.shape
+    cap = max(min_capacity, math.ceil(factor * T * K / num_experts))
+    ids_N = ids_TK.reshape(-1)
+    N = ids_N.numel()
+    if N == 0:
+        return ids_TK
+    if by_probs:
+        pre = torch.argsort(-weights_TK.reshape(-1).float(), stable=True)
+    else:
+        pre = torch.arange(N, device=ids_N.device)
+    sorted_ids, order = torch.sort(ids_N[pre], stable=True)
+    order = pre[order]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_N.device)
+    counts.scatter_add_(0, sorted_ids, torch.ones_like(sorted_ids))
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(N, device=ids_N.device) - starts[sorted_ids]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    return torch.where(rank < cap, ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
+
+
+@torch.fx.wrap
+def expert_choice_route(scores_TE: Tensor, capacity_factor: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Each expert takes its top-C tokens by score, C = min(T, ceil(factor * T / E)).
+
+    Returns assignments (tok_N, exp_N, weight_N) with N = E * C, expert-major.
+    """
+    T, E = scores_TE.shape
+    C = min(T, math.ceil(capacity_factor * T / E))
+    w_EC, tok_EC = torch.topk(scores_TE.t(), C, dim=1)
+    exp_EC = torch.arange(E, device=scores_TE.device).unsqueeze(1).expand(E, C)
+    return tok_EC.reshape(-1), exp_EC.reshape(-1), w_EC.reshape(-1)
+
+
+@torch.fx.wrap
+def token_index(T_like: Tensor, K: int) -> Tensor:
+    """[T*K] token index of each (token, choice) pair of a [T, K] routing."""
+    return torch.arange(T_like.shape[0], device=T_like.device).repeat_interleave(K)
+
+
+@torch.fx.wrap
+def shared_mlp(x_TD: Tensor, w_up_HD: Tensor, w_down_DS: Tensor, b_up_H: Tensor | None, b_down_D: Tensor | None,
+               scale_T: Tensor | None, activation: str, gated: bool, gate_clamp: float | None,
+               up_clamp: float | None) -> Tensor:
+    """The shared experts (one MLP of the summed hidden size), optionally scaled per token."""
+    h = F.linear(x_TD, w_up_HD, b_up_H)
+    a = ops.apply_activation(h, activation, gated, gate_clamp, up_clamp)
+    if scale_T is not None:
+        out = F.linear(a, w_down_DS) * scale_T.to(a.dtype).unsqueeze(-1)
+        return out if b_down_D is None else out + b_down_D * scale_T.to(a.dtype).unsqueeze(-1)
+    return F.linear(a, w_down_DS, b_down_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Auxiliary losses (formulas in the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+
+def _probs(logits_TE: Tensor, scores_TE: Tensor, softmax: bool) -> Tensor:
+    if softmax:
+        return torch.softmax(logits_TE.float(), dim=-1)
+    s = scores_TE.float()
+    return s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def _counts(ids_TK: Tensor, E: int) -> Tensor:
+    flat = ids_TK.reshape(-1)
+    c = torch.zeros(E + 1, dtype=torch.float32, device=flat.device)
+    c.scatter_add_(0, flat.clamp(0, E), torch.ones_like(flat, dtype=torch.float32))
+    return c[:E]
+
+
+@torch.fx.wrap
+def expert_balance_loss(logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, softmax: bool,
+                        global_batch: bool = False) -> Tensor:
+    T, E = logits_TE.shape
+    K = ids_TK.shape[-1]
+    if T == 0:
+        return logits_TE.new_zeros(())
+    P = _probs(logits_TE, scores_TE, softmax).mean(0)
+    counts = _counts(ids_TK, E)
+    n_tok = torch.tensor(float(T), device=counts.device)
+    if global_batch and torch.distributed.is_available() and torch.distributed.is_initialized():
+        counts = counts.clone()
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(n_tok)
+    f = counts * (E / (K * n_tok))
+    return (f * P).sum()
+
+
+@torch.fx.wrap
+def sequence_balance_loss(logits_BSE: Tensor, scores_BSE: Tensor, ids_BSK: Tensor, softmax: bool) -> Tensor:
+    B, S, E = logits_BSE.shape
+    K = ids_BSK.shape[-1]
+    if B * S == 0:
+        return logits_BSE.new_zeros(())
+    P = _probs(logits_BSE, scores_BSE, softmax).mean(1)  # [B, E]
+    flat = ids_BSK.reshape(B, -1).clamp(0, E)
+    c = torch.zeros(B, E + 1, dtype=torch.float32, device=flat.device)
+    c.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    f = c[:, :E] * (E / (K * S))
+    return (f * P).sum(-1).mean()
+
+
+@torch.fx.wrap
+def device_balance_loss(logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, softmax: bool, devices: int) -> Tensor:
+    T, E = logits_TE.shape
+    K = ids_TK.shape[-1]
+    if T == 0:
+        return logits_TE.new_zeros(())
+    P = _probs(logits_TE, scores_TE, softmax).mean(0).view(devices, -1).sum(-1)
+    f = (_counts(ids_TK, E) * (E / (K * T))).view(devices, -1).mean(-1)
+    return (f * P).sum()
+
+
+@torch.fx.wrap
+def comm_balance_loss(logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, softmax: bool, devices: int,
+                      reach: int) -> Tensor:
+    T, E = logits_TE.shape
+    if T == 0:
+        return logits_TE.new_zeros(())
+    P = _probs(logits_TE, scores_TE, softmax).mean(0).view(devices, -1).sum(-1)
+    dev_TK = ids_TK.clamp(0, E - 1) // (E // devices)
+    hit_TD = torch.zeros(T, devices, device=ids_TK.device).scatter_(1, dev_TK, 1.0)
+    f = hit_TD.sum(0) * (devices / (reach * T))
+    return (f * P).sum()
+
+
+@torch.fx.wrap
+def z_loss(logits_TE: Tensor) -> Tensor:
+    if logits_TE.shape[0] == 0:
+        return logits_TE.new_zeros(())
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The base class of generated layers
+# ----------------------------------------------------------------------------------------------
+
+
+class RoutingRecorder:
+    """Collects the top-k expert ids a layer routed, for the placement planner (opt-in, cheap)."""
+
+    def __init__(self) -> None:
+        self.topk_ids: list[Tensor] = []
+        self.sample_ids: list[Tensor] = []
+        self._next_sample = 0
+
+    def add(self, ids_BSK: Tensor) -> None:
+        B, S, K = ids_BSK.shape
+        self.topk_ids.append(ids_BSK.detach().reshape(-1, K).to("cpu", torch.int32))
+        samples = torch.arange(self._next_sample, self._next_sample + B, dtype=torch.int64).repeat_interleave(S)
+        self.sample_ids.append(samples)
+        self._next_sample += B
+
+    def ids(self) -> Tensor:
+        return torch.cat(self.topk_ids) if self.topk_ids else torch.empty(0, 0, dtype=torch.int32)
+
+    def samples(self) -> Tensor:
+        return torch.cat(self.sample_ids) if self.sample_ids else torch.empty(0, dtype=torch.int64)
+
+    def counts(self, num_experts: int) -> Tensor:
+        ids = self.ids().reshape(-1).long()
+        return torch.bincount(ids[(ids >= 0) & (ids < num_experts)], minlength=num_experts)
+
+    def clear(self) -> None:
+        self.__init__()
+
+
+class CompiledMoEBase(nn.Module):
+    """Parameters, input checks and graph management shared by all generated layers.
+
+    Subclasses (generated) define class constants and the traceable ``core`` method:
+    ``core(x_BSD, token_ids_BS) -> (y_BSD, aux: dict[str, Tensor], topk_ids_BSK)``.
+    """
+
+    # Set by the generated subclass.
+    SPEC_JSON: str = ""
+    SPEC_HASH: str = ""
+    HIDDEN: int = 0
+    NUM_EXPERTS: int = 0
+    INTERMEDIATE: int = 0
+    TOP_K: int = 1
+    GATED: bool = True
+    EXPERT_BIAS_TERMS: bool = False
+    SHARED_INTERMEDIATE: int = 0
+    SHARED_GATE: bool = False
+    ROUTER: str = "topk"
+    ROUTER_BIAS: bool = False
+    EXPERT_BIAS_RATE: float | None = None
+    HASH_VOCAB: int = 0
+    HASH_SEED: int = 0
+    HASH_METHOD: str = "random"
+    NEEDS_TOKEN_IDS: bool = False
+
+    def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, passes: Any = None, seed: int | None = 0):
+        super().__init__()
+        D, E, Fh = self.HIDDEN, self.NUM_EXPERTS, self.INTERMEDIATE
+        H = 2 * Fh if self.GATED else Fh
+        kw = {"dtype": dtype, "device": device}
+        self.router = nn.Module()
+        if self.ROUTER != "hash":
+            self.router.weight = nn.Parameter(torch.empty(E, D, dtype=router_dtype, device=device))
+            if self.ROUTER_BIAS:
+                self.router.bias = nn.Parameter(torch.zeros(E, dtype=router_dtype, device=device))
+        if self.EXPERT_BIAS_RATE is not None:
+            self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
+            self.register_buffer("_bias_load_E", torch.zeros(E, dtype=torch.float32, device=device), persistent=False)
+        if self.ROUTER == "hash" and self.HASH_METHOD == "random":
+            g = torch.Generator().manual_seed(self.HASH_SEED)
+            table = torch.randint(0, E, (self.HASH_VOCAB, self.TOP_K), generator=g)
+            self.router.register_buffer("hash_table", table.to(device), persistent=False)
+        self.experts = nn.Module()
+        up_name = "gate_up_proj" if self.GATED else "up_proj"
+        self.experts.register_parameter(up_name, nn.Parameter(torch.empty(E, H, D, **kw)))
+        self.experts.down_proj = nn.Parameter(torch.empty(E, D, Fh, **kw))
+        if self.EXPERT_BIAS_TERMS:
+            self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(E, H, **kw)))
+            self.experts.down_proj_bias = nn.Parameter(torch.zeros(E, D, **kw))
+        if self.SHARED_INTERMEDIATE:
+            S = self.SHARED_INTERMEDIATE
+            self.shared_experts = nn.Module()
+            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(2 * S if self.GATED else S, D, **kw)))
+            self.shared_experts.down_proj = nn.Parameter(torch.empty(D, S, **kw))
+            if self.EXPERT_BIAS_TERMS:
+                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(2 * S if self.GATED else S, **kw)))
+                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(D, **kw))
+            if self.SHARED_GATE:
+                self.shared_expert_gate = nn.Linear(D, 1, bias=False, **kw)
+        self.recorder: RoutingRecorder | None = None
+        self.aux_losses: dict[str, Tensor] = {}
+        self.__dict__["_graphs"] = {}
+        self.__dict__["_passes"] = passes
+        self.__dict__["pass_report"] = {}
+        if seed is not None:
+            self.reset_parameters(seed)
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    @property
+    def up_proj_name(self) -> str:
+        return "gate_up_proj" if self.GATED else "up_proj"
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Deterministic init: uniform(+-1/sqrt(fan_in)) like nn.Linear, for every projection."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                    continue
+                fan_in = p.shape[-1]
+                bound = 1.0 / math.sqrt(fan_in)
+                p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
+
+    def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
+        self.__dict__["_graphs"] = {}
+        return super()._apply(fn, recurse)
+
+    # -- graphs ----------------------------------------------------------------------------------
+
+    def graph(self, training: bool | None = None) -> torch.fx.GraphModule:
+        """The FX graph run in the given (default: current) mode, traced and optimised on first use."""
+        mode = "train" if (self.training if training is None else training) else "eval"
+        gm = self._graphs.get(mode)
+        if gm is None:
+            from .fx_passes import build_graph
+
+            gm, report = build_graph(self, training=(mode == "train"), passes=self._passes)
+            self._graphs[mode] = gm
+            self.pass_report[mode] = report
+        return gm
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
+        if not isinstance(x, Tensor):
+            raise InputError(f"MoE layer input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.HIDDEN:
+            raise InputError(
+                f"MoE layer input has shape {tuple(x.shape)}; expected [tokens, {self.HIDDEN}] or "
+                f"[batch, seq, {self.HIDDEN}] (hidden size {self.HIDDEN} from the spec)"
+            )
+        if not x.is_floating_point():
+            raise InputError(f"MoE layer input has dtype {x.dtype}; pass a floating-point tensor")
+        p = self.experts.down_proj
+        if x.device != p.device:
+            raise InputError(f"MoE layer input is on {x.device} but the layer's weights are on {p.device}; "
+                             f"move one of them (layer.to(device))")
+        if self.NEEDS_TOKEN_IDS:
+            if token_ids is None:
+                raise InputError("this layer uses hash routing: pass token_ids (same leading shape as the input)")
+            if tuple(token_ids.shape) != tuple(x.shape[:-1]) or token_ids.is_floating_point():
+                raise InputError(
+                    f"token_ids has shape {tuple(token_ids.shape)} and dtype {token_ids.dtype}; expected an "
+                    f"integer tensor of shape {tuple(x.shape[:-1])}"
+                )
+            if token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
+                raise InputError(f"token_ids must lie in [0, {self.HASH_VOCAB}) (vocab_size of the hash router)")
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, *, return_aux: bool = False):
+        """Run the layer on x: [T, D] or [B, S, D] (rows of a 3-D input are sequences).
+
+        Returns y of the same shape, or (y, aux_losses) with ``return_aux=True``. NaN or inf in a
+        token's input makes that token's output non-finite; other tokens are unaffected (with
+        token-choice routing and no capacity limit).
+        """
+        self._check_input(x, token_ids)
+        x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
+        tid = None
+        if token_ids is not None:
+            tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
+        y, aux, ids = self.graph()(x_BSD, tid)
+        if self.training:
+            self.aux_losses = aux
+            if self.EXPERT_BIAS_RATE is not None:
+                with torch.no_grad():
+                    self._bias_load_E += _counts(ids.reshape(-1, ids.shape[-1]), self.NUM_EXPERTS)
+        if self.recorder is not None:
+            self.recorder.add(ids)
+        y = y if x.dim() == 3 else y.squeeze(0)
+        if return_aux:
+            return y, aux
+        return y
+
+    # -- balancing and recording -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts_E: Tensor | None = None) -> Tensor:
+        """Auxiliary-loss-free balancing step (DeepSeek-V3): bias_e += rate * sign(mean load - load_e).
+
+        Uses ``counts_E`` if given, else the loads accumulated by training forwards since the last
+        update (then reset). Returns the loads used.
+        """
+        if self.EXPERT_BIAS_RATE is None:
+            raise InputError("this layer's spec has no router.expert_bias; add it to use update_expert_bias")
+        load = self._bias_load_E.clone() if counts_E is None else counts_E.to(self._bias_load_E)
+        if counts_E is None:
+            self._bias_load_E.zero_()
+        self.router.expert_bias += self.EXPERT_BIAS_RATE * torch.sign(load.mean() - load)
+        return load
+
+    def start_recording(self) -> RoutingRecorder:
+        self.recorder = RoutingRecorder()
+        return self.recorder
+
+    def stop_recording(self) -> RoutingRecorder | None:
+        rec, self.recorder = self.recorder, None
+        return rec
+
+    def extra_repr(self) -> str:
+        return (f"spec={self.SPEC_HASH[:12]}, D={self.HIDDEN}, E={self.NUM_EXPERTS}, F={self.INTERMEDIATE}, "
+                f"K={self.TOP_K}, router={self.ROUTER}")
