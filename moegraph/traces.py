@@ -1,0 +1,841 @@
+"""Routing traces: which experts each token chose, in every MoE layer, and where tokens came from.
+
+A ``TraceSet`` holds, for L MoE layers and T tokens (the same tokens in every layer):
+
+- ``topk`` [L, T, K]: the K expert ids each token chose in each layer (None for load-only traces);
+- ``sample_ids`` [T]: the sequence each token belongs to (tokens of one sequence start on one GPU);
+- ``source_ids`` [T] and ``sources``: which input (task, file) each token came from;
+- ``src_rank`` [T] (optional) and ``num_ranks``: the rank a recorder saw the token on;
+- ``counts_by_source`` [S, L, E]: tokens per expert, per source (derived from ``topk`` when present;
+  the only content of a load-only trace such as an SGLang ``logical_count`` dump).
+
+Native format (``TraceSet.save`` / ``load_traces("x.npz")``): a compressed ``.npz`` with
+
+- ``meta``: a JSON string ``{"format": "moegraph-trace", "version": 1, "num_experts", "top_k",
+  "num_layers", "num_tokens", "layer_ids", "sources", "num_ranks", "name"}``;
+- ``topk`` [L, T, K] uint8 (E <= 256), uint16 or int32; absent for load-only traces;
+- ``sample_ids`` [T] int32, ``source_ids`` [T] int16, ``src_rank`` [T] int16 (optional);
+- ``counts_by_source`` [S, L, E] int64 (load-only traces only; otherwise derived).
+
+Importers: the ESFT text format (``expert_weights_<layer>.txt``, one line per sample: the K ids of
+every token, an empty field, then the K gate scores of every token; scores are checked and dropped),
+SGLang expert-distribution dumps (``torch.save`` dicts: ``logical_count`` [..., layers, experts]
+from the "stat" recorder, or ``records[*].topk_ids_of_layer`` from the "per_token" recorder), and
+bundled trace sets by name (``esft-deepseek-v2-lite``, ``esft-deepseek-v2-lite/law``).
+
+Every reader validates the whole input before returning: a truncated or corrupt file raises
+``TraceError`` naming the file (and line), never a partly filled TraceSet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import TraceError
+
+if TYPE_CHECKING:
+    from .spec import MoESpec
+
+__all__ = [
+    "TraceSet",
+    "TraceStats",
+    "load_traces",
+    "read_esft",
+    "read_sglang",
+    "read_native",
+    "bundled_traces",
+    "trace_stats",
+    "coactivation",
+    "FORMAT",
+    "VERSION",
+]
+
+FORMAT = "moegraph-trace"
+VERSION = 1
+_BUNDLED = Path(__file__).resolve().parent / "data" / "traces"
+
+
+def _id_dtype(num_experts: int) -> np.dtype:
+    """The smallest unsigned dtype that holds expert ids 0..E-1."""
+    if num_experts <= 256:
+        return np.dtype(np.uint8)
+    if num_experts <= 65536:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+@dataclass(frozen=True, eq=False)
+class TraceSet:
+    """Per-layer routing decisions of a set of tokens (see the module docstring for the fields)."""
+
+    num_experts: int
+    counts_by_source: np.ndarray  # [S, L, E] int64
+    topk: np.ndarray | None = None  # [L, T, K] expert ids
+    sample_ids: np.ndarray | None = None  # [T] int64
+    source_ids: np.ndarray | None = None  # [T] int64 index into sources
+    sources: tuple[str, ...] = ("trace",)
+    src_rank: np.ndarray | None = None  # [T] int64
+    num_ranks: int | None = None
+    layer_ids: tuple[int, ...] | None = None  # decoder layer index of each MoE layer, when known
+    name: str = "trace"
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        c = self.counts_by_source
+        assert c.ndim == 3 and c.shape[0] == len(self.sources) and c.shape[2] == self.num_experts, (
+            f"counts_by_source shape {c.shape} does not match {len(self.sources)} sources x L x {self.num_experts}"
+        )
+        if self.topk is not None:
+            t = self.topk.shape[1]
+            assert self.topk.ndim == 3 and self.topk.shape[0] == c.shape[1], f"topk shape {self.topk.shape}"
+            for name in ("sample_ids", "source_ids"):
+                arr = getattr(self, name)
+                assert arr is not None and arr.shape == (t,), f"{name} must have shape [{t}]"
+            if self.src_rank is not None:
+                assert self.src_rank.shape == (t,), f"src_rank must have shape [{t}]"
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_topk(
+        cls,
+        layers: Sequence[Any],
+        sample_ids: Any = None,
+        *,
+        num_experts: int | None = None,
+        src_rank: Any = None,
+        num_ranks: int | None = None,
+        layer_ids: Sequence[int] | None = None,
+        source: str = "trace",
+        name: str | None = None,
+    ) -> TraceSet:
+        """Build a TraceSet from per-layer top-k ids, as a recorder sees them.
+
+        layers: one array per MoE layer, [T, K] expert ids (numpy or torch), the same T tokens in each.
+        sample_ids: [T] sequence id of each token; default: every token its own sequence.
+        src_rank: [T] rank each token was on when recorded (optional), with ``num_ranks`` ranks.
+        """
+        arrs = [_to_numpy(a) for a in layers]
+        if not arrs:
+            raise TraceError(f"{source}: no layers given; pass one [tokens, top_k] array per MoE layer")
+        shapes = {a.shape for a in arrs}
+        if len(shapes) != 1 or arrs[0].ndim != 2:
+            raise TraceError(
+                f"{source}: every layer must be a [tokens, top_k] array of the same shape, got {sorted(shapes)}"
+            )
+        topk = np.stack(arrs)
+        if not np.issubdtype(topk.dtype, np.integer):
+            raise TraceError(f"{source}: expert ids must be integers, got dtype {topk.dtype}")
+        if topk.size and topk.min() < 0:
+            raise TraceError(f"{source}: negative expert id {int(topk.min())}; drop padded (-1) entries first")
+        e = int(num_experts) if num_experts is not None else int(topk.max()) + 1 if topk.size else 1
+        if topk.size and topk.max() >= e:
+            raise TraceError(f"{source}: expert id {int(topk.max())} >= num_experts ({e})")
+        t = topk.shape[1]
+        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids).astype(np.int64)
+        if sids.shape != (t,):
+            raise TraceError(f"{source}: sample_ids has shape {sids.shape}, expected [{t}]")
+        rank = None if src_rank is None else _to_numpy(src_rank).astype(np.int64)
+        if rank is not None:
+            if rank.shape != (t,):
+                raise TraceError(f"{source}: src_rank has shape {rank.shape}, expected [{t}]")
+            num_ranks = int(num_ranks) if num_ranks is not None else int(rank.max()) + 1 if t else 1
+        return cls._from_arrays(
+            topk.astype(_id_dtype(e)), sids, np.zeros(t, np.int64), (source,), e, rank, num_ranks,
+            tuple(layer_ids) if layer_ids is not None else None, name or source,
+        )
+
+    @classmethod
+    def from_counts(
+        cls, counts: Any, *, source: str = "counts", layer_ids: Sequence[int] | None = None, name: str | None = None
+    ) -> TraceSet:
+        """A load-only TraceSet from token counts [L, E] per layer and expert (no co-activation)."""
+        c = _to_numpy(counts)
+        if c.ndim != 2 or not (np.issubdtype(c.dtype, np.integer) or np.issubdtype(c.dtype, np.floating)):
+            raise TraceError(f"{source}: counts must be a numeric [layers, experts] array, got shape {c.shape}")
+        if not np.isfinite(c).all() or (c < 0).any():
+            raise TraceError(f"{source}: counts must be finite and non-negative")
+        return cls(
+            num_experts=c.shape[1],
+            counts_by_source=np.rint(c).astype(np.int64)[None],
+            sources=(source,),
+            layer_ids=tuple(layer_ids) if layer_ids is not None else None,
+            name=name or source,
+            notes=("load-only trace (token counts, no co-activation): communication is not optimised",),
+        )
+
+    @classmethod
+    def _from_arrays(cls, topk, sample_ids, source_ids, sources, e, src_rank, num_ranks, layer_ids, name, notes=()):
+        counts = np.zeros((len(sources), topk.shape[0], e), np.int64)
+        for s in range(len(sources)):
+            sel = topk[:, source_ids == s, :]
+            for layer in range(topk.shape[0]):
+                counts[s, layer] = np.bincount(sel[layer].ravel(), minlength=e)
+        return cls(
+            num_experts=e, counts_by_source=counts, topk=topk, sample_ids=sample_ids, source_ids=source_ids,
+            sources=tuple(sources), src_rank=src_rank, num_ranks=num_ranks, layer_ids=layer_ids, name=name,
+            notes=tuple(notes),
+        )
+
+    # ------------------------------------------------------------------ shape
+
+    @property
+    def load_only(self) -> bool:
+        return self.topk is None
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts_by_source.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per layer (for load-only traces: routed choices / top_k is unknown, so choices)."""
+        if self.topk is not None:
+            return self.topk.shape[1]
+        return int(self.counts_by_source.sum(axis=(0, 2)).max(initial=0))
+
+    @property
+    def top_k(self) -> int | None:
+        return None if self.topk is None else self.topk.shape[2]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[L, E] tokens routed to each expert, all sources together."""
+        return self.counts_by_source.sum(axis=0)
+
+    @property
+    def num_samples(self) -> int:
+        return 0 if self.sample_ids is None else len(np.unique(self.sample_ids))
+
+    def __repr__(self) -> str:
+        kind = "load-only" if self.load_only else f"{self.num_tokens} tokens x top-{self.top_k}"
+        return (
+            f"TraceSet({self.name!r}: {self.num_layers} layers, {self.num_experts} experts, {kind}, "
+            f"sources={list(self.sources)})"
+        )
+
+    # ------------------------------------------------------------------ selection
+
+    def select_tokens(self, mask: np.ndarray, name: str | None = None) -> TraceSet:
+        """The tokens where ``mask`` [T] is true (sources with no token left are dropped)."""
+        if self.topk is None:
+            raise TraceError(f"{self.name}: a load-only trace has no tokens to select")
+        mask = np.asarray(mask, bool)
+        used = sorted(set(np.unique(self.source_ids[mask]).tolist()))
+        remap = np.full(len(self.sources), -1, np.int64)
+        remap[used] = np.arange(len(used))
+        return TraceSet._from_arrays(
+            self.topk[:, mask, :], self.sample_ids[mask], remap[self.source_ids[mask]],
+            tuple(self.sources[i] for i in used), self.num_experts,
+            None if self.src_rank is None else self.src_rank[mask], self.num_ranks, self.layer_ids,
+            name or self.name, self.notes,
+        )
+
+    def select_samples(self, keep: Any, name: str | None = None) -> TraceSet:
+        """The tokens whose sample id is in ``keep`` (any iterable of ids)."""
+        return self.select_tokens(np.isin(self.sample_ids, np.asarray(list(keep))), name)
+
+    def split_sources(self) -> list[TraceSet]:
+        """One TraceSet per source (task or file), in order."""
+        if self.topk is None:
+            return [
+                TraceSet(num_experts=self.num_experts, counts_by_source=self.counts_by_source[i : i + 1],
+                         sources=(s,), layer_ids=self.layer_ids, name=s, notes=self.notes)
+                for i, s in enumerate(self.sources)
+            ]
+        return [self.select_tokens(self.source_ids == i, name=s) for i, s in enumerate(self.sources)]
+
+    def source(self, name: str) -> TraceSet:
+        """The tokens of one source by name."""
+        if name not in self.sources:
+            raise TraceError(f"{self.name}: no source {name!r}; sources: {list(self.sources)}")
+        return self.split_sources()[self.sources.index(name)]
+
+    @staticmethod
+    def concat(sets: Sequence[TraceSet], name: str | None = None) -> TraceSet:
+        """Several trace sets as one (sources kept apart, sample ids made unique)."""
+        sets = list(sets)
+        if not sets:
+            raise TraceError("no traces given; pass at least one trace file, folder or bundled name")
+        if len(sets) == 1:
+            return sets[0] if name is None else _renamed(sets[0], name)
+        first = sets[0]
+        for s in sets[1:]:
+            if s.num_layers != first.num_layers or s.num_experts != first.num_experts:
+                raise TraceError(
+                    f"traces {first.name!r} ({first.num_layers} layers, {first.num_experts} experts) and "
+                    f"{s.name!r} ({s.num_layers} layers, {s.num_experts} experts) do not describe the same model"
+                )
+        kinds = {s.load_only for s in sets}
+        if len(kinds) > 1:
+            raise TraceError(
+                "cannot combine load-only traces (counts only) with token traces: "
+                + ", ".join(f"{s.name} ({'load-only' if s.load_only else 'tokens'})" for s in sets)
+                + "; plan from one kind"
+            )
+        sources = _unique_names([src for s in sets for src in s.sources])
+        name = name or "+".join(s.name for s in sets)
+        notes = tuple(dict.fromkeys(n for s in sets for n in s.notes))
+        layer_ids = first.layer_ids if all(s.layer_ids == first.layer_ids for s in sets) else None
+        if first.load_only:
+            return TraceSet(num_experts=first.num_experts,
+                            counts_by_source=np.concatenate([s.counts_by_source for s in sets]),
+                            sources=tuple(sources), layer_ids=layer_ids, name=name, notes=notes)
+        ks = {s.top_k for s in sets}
+        if len(ks) > 1:
+            raise TraceError(f"traces have different top-k {sorted(ks)}; they cannot come from the same model")
+        sample_ids, source_ids, offset, src0 = [], [], 0, 0
+        for s in sets:
+            sample_ids.append(s.sample_ids - s.sample_ids.min(initial=0) + offset)
+            offset = int(sample_ids[-1].max(initial=offset - 1)) + 1
+            source_ids.append(s.source_ids + src0)
+            src0 += len(s.sources)
+        ranks = None
+        if all(s.src_rank is not None for s in sets) and len({s.num_ranks for s in sets}) == 1:
+            ranks = np.concatenate([s.src_rank for s in sets])
+        return TraceSet._from_arrays(
+            np.concatenate([s.topk for s in sets], axis=1).astype(_id_dtype(first.num_experts)),
+            np.concatenate(sample_ids), np.concatenate(source_ids), tuple(sources), first.num_experts, ranks,
+            first.num_ranks if ranks is not None else None, layer_ids, name, notes,
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    def check_spec(self, spec: MoESpec, label: str | None = None) -> TraceSet:
+        """Raise TraceError unless these traces fit the spec's layers, experts and top-k; return self."""
+        label = label or self.name
+        e = spec.moe.experts.num_experts
+        n_moe = spec.model.num_moe_layers
+        if self.topk is not None and self.topk.size:
+            hi = int(self.topk.max())
+            if hi >= e:
+                layer = int(np.argwhere(self.topk == hi)[0][0])
+                raise TraceError(
+                    f"{label}: expert id {hi} (MoE layer {layer}) exceeds the spec's {e} experts "
+                    f"(moe.experts.num_experts); use traces recorded from this model or fix the spec"
+                )
+        elif self.num_experts > e and self.counts[:, e:].any():
+            raise TraceError(
+                f"{label}: counts for {self.num_experts} experts but the spec has {e} "
+                f"(moe.experts.num_experts); use traces recorded from this model"
+            )
+        if self.num_layers != n_moe:
+            raise TraceError(
+                f"{label}: {self.num_layers} MoE layers in the trace but the spec has {n_moe} "
+                f"(model.num_layers / first_k_dense / moe_layer_freq); use traces of this model or fix model.*"
+            )
+        k = getattr(spec.moe.router, "top_k", None)
+        if self.top_k is not None and spec.moe.router.type == "topk" and k != self.top_k:
+            raise TraceError(
+                f"{label}: tokens choose {self.top_k} experts but the spec's moe.router.top_k is {k}; "
+                "use traces of this model or fix top_k"
+            )
+        return self
+
+    def with_experts(self, num_experts: int) -> TraceSet:
+        """The same traces declared over ``num_experts`` >= the ids seen (pads counts with zeros)."""
+        if num_experts == self.num_experts:
+            return self
+        if num_experts < self.num_experts and self.counts[:, num_experts:].any():
+            raise TraceError(f"{self.name}: ids up to {self.num_experts - 1} do not fit {num_experts} experts")
+        c = np.zeros((*self.counts_by_source.shape[:2], num_experts), np.int64)
+        k = min(num_experts, self.num_experts)
+        c[..., :k] = self.counts_by_source[..., :k]
+        topk = None if self.topk is None else self.topk.astype(_id_dtype(num_experts))
+        return TraceSet(num_experts=num_experts, counts_by_source=c, topk=topk, sample_ids=self.sample_ids,
+                        source_ids=self.source_ids, sources=self.sources, src_rank=self.src_rank,
+                        num_ranks=self.num_ranks, layer_ids=self.layer_ids, name=self.name, notes=self.notes)
+
+    # ------------------------------------------------------------------ native format
+
+    def save(self, path: str | Path) -> Path:
+        """Write the native compressed ``.npz`` format (see the module docstring)."""
+        p = Path(path)
+        if p.suffix != ".npz":
+            raise TraceError(f"{p}: native trace files end in .npz")
+        meta = {
+            "format": FORMAT, "version": VERSION, "num_experts": self.num_experts, "top_k": self.top_k,
+            "num_layers": self.num_layers, "num_tokens": self.num_tokens if self.topk is not None else None,
+            "layer_ids": list(self.layer_ids) if self.layer_ids is not None else None,
+            "sources": list(self.sources), "num_ranks": self.num_ranks, "name": self.name, "notes": list(self.notes),
+        }
+        arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+        if self.topk is None:
+            arrays["counts_by_source"] = self.counts_by_source
+        else:
+            arrays["topk"] = self.topk.astype(_id_dtype(self.num_experts))
+            arrays["sample_ids"] = self.sample_ids.astype(np.int32)
+            arrays["source_ids"] = self.source_ids.astype(np.int16)
+            if self.src_rank is not None:
+                arrays["src_rank"] = self.src_rank.astype(np.int16)
+        # Write to a temporary name first so that a crash never leaves a half-written trace behind.
+        tmp = p.with_name(p.name + ".tmp.npz")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(p)
+        return p
+
+
+def _renamed(ts: TraceSet, name: str) -> TraceSet:
+    return TraceSet(num_experts=ts.num_experts, counts_by_source=ts.counts_by_source, topk=ts.topk,
+                    sample_ids=ts.sample_ids, source_ids=ts.source_ids, sources=ts.sources, src_rank=ts.src_rank,
+                    num_ranks=ts.num_ranks, layer_ids=ts.layer_ids, name=name, notes=ts.notes)
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    out, seen = [], {}
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            n = f"{n}#{seen[n]}"
+        else:
+            seen[n] = 0
+        out.append(n)
+    return out
+
+
+def _to_numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # torch tensor, without importing torch
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native reader
+# ---------------------------------------------------------------------------------------------
+
+
+def read_native(path: str | Path) -> TraceSet:
+    """Read a native ``.npz`` trace file, validating every array before returning."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            files = set(z.files)
+            if "meta" not in files:
+                raise TraceError(f"{p}: not a moegraph trace file (no 'meta' entry); convert it with "
+                                 "`moegraph trace import`")
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in files if k != "meta"}  # reads (and CRC-checks) every member now
+    except TraceError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise TraceError(f"{p}: truncated or corrupt trace file ({' '.join(str(exc).split()) or type(exc).__name__})"
+                         "; re-create it with `moegraph trace import`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise TraceError(f"{p}: not a moegraph trace file (meta.format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    if meta.get("version") != VERSION:
+        raise TraceError(f"{p}: trace format version {meta.get('version')} is not supported (this moegraph reads "
+                         f"version {VERSION}); re-import the trace")
+    try:
+        e, n_layers = int(meta["num_experts"]), int(meta["num_layers"])
+        sources = tuple(str(s) for s in meta["sources"])
+        layer_ids = tuple(int(i) for i in meta["layer_ids"]) if meta.get("layer_ids") is not None else None
+        name = str(meta.get("name") or p.stem)
+        notes = tuple(str(n) for n in meta.get("notes") or ())
+        num_ranks = int(meta["num_ranks"]) if meta.get("num_ranks") is not None else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TraceError(f"{p}: meta is incomplete ({exc!r}); re-import the trace") from None
+
+    def bad(msg: str) -> TraceError:
+        return TraceError(f"{p}: {msg}; the file is corrupt, re-import the trace")
+
+    if layer_ids is not None and len(layer_ids) != n_layers:
+        raise bad(f"meta.layer_ids has {len(layer_ids)} entries for {n_layers} layers")
+    if "topk" not in arrays:
+        c = arrays.get("counts_by_source")
+        if c is None or c.shape != (len(sources), n_layers, e) or not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+            raise bad(f"counts_by_source missing or not [{len(sources)}, {n_layers}, {e}] non-negative integers")
+        return TraceSet(num_experts=e, counts_by_source=c.astype(np.int64), sources=sources, layer_ids=layer_ids,
+                        name=name, notes=notes)
+    topk = arrays["topk"]
+    if topk.ndim != 3 or topk.shape[0] != n_layers or not np.issubdtype(topk.dtype, np.integer):
+        raise bad(f"topk has shape {topk.shape} ({topk.dtype}), expected [{n_layers}, tokens, top_k] integers")
+    if meta.get("num_tokens") is not None and topk.shape[1] != int(meta["num_tokens"]):
+        raise bad(f"topk holds {topk.shape[1]} tokens but meta says {meta['num_tokens']}")
+    if topk.size and (int(topk.max()) >= e or int(topk.min()) < 0):
+        raise bad(f"expert ids outside 0..{e - 1}")
+    t = topk.shape[1]
+    sample_ids, source_ids = arrays.get("sample_ids"), arrays.get("source_ids")
+    for nm, arr in (("sample_ids", sample_ids), ("source_ids", source_ids)):
+        if arr is None or arr.shape != (t,) or not np.issubdtype(arr.dtype, np.integer):
+            raise bad(f"{nm} missing or not [{t}] integers")
+    if t and (source_ids.min() < 0 or source_ids.max() >= len(sources)):
+        raise bad("source_ids outside the sources listed in meta")
+    rank = arrays.get("src_rank")
+    if rank is not None and (rank.shape != (t,) or (t and (rank.min() < 0 or num_ranks is None or rank.max() >= num_ranks))):
+        raise bad("src_rank is not [tokens] ranks below meta.num_ranks")
+    return TraceSet._from_arrays(
+        topk.astype(_id_dtype(e)), sample_ids.astype(np.int64), source_ids.astype(np.int64), sources, e,
+        None if rank is None else rank.astype(np.int64), num_ranks if rank is not None else None, layer_ids, name,
+        notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ESFT text format
+# ---------------------------------------------------------------------------------------------
+
+_ESFT_FILE = re.compile(r"^expert_weights_(\d+)\.txt$")
+
+
+def _esft_layer_files(folder: Path) -> dict[int, Path]:
+    return {
+        int(m.group(1)): f for f in folder.iterdir() if f.is_file() and (m := _ESFT_FILE.match(f.name))
+    }
+
+
+def is_esft_folder(folder: Path) -> bool:
+    """A folder of ``expert_weights_<layer>.txt`` files, or of task folders holding them."""
+    if not folder.is_dir():
+        return False
+    if _esft_layer_files(folder):
+        return True
+    return any(d.is_dir() and _esft_layer_files(d) for d in folder.iterdir())
+
+
+def read_esft(
+    folder: str | Path, *, top_k: int | None = None, num_experts: int | None = None, name: str | None = None
+) -> TraceSet:
+    """Read ESFT ``expert_scores`` traces: one task folder, or a folder of task folders (one source each).
+
+    top_k: experts per token; inferred when None (the largest divisor of every line's id count that
+    makes each token's ids distinct). num_experts: defaults to the largest id seen + 1.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise TraceError(f"{root}: not a folder; the ESFT format is a folder of expert_weights_<layer>.txt files")
+    if _esft_layer_files(root):
+        tasks = [root]
+    else:
+        tasks = sorted(d for d in root.iterdir() if d.is_dir() and _esft_layer_files(d))
+        if not tasks:
+            raise TraceError(f"{root}: no expert_weights_<layer>.txt files here or in its sub-folders")
+    parts = [_read_esft_task(d, top_k, num_experts) for d in tasks]
+    e = num_experts or max(p[0].max(initial=0) for p in parts) + 1
+    sets = [
+        TraceSet._from_arrays(topk.astype(_id_dtype(e)), sids, np.zeros(len(sids), np.int64), (d.name,), int(e),
+                              None, None, layer_ids, d.name)
+        for (topk, sids, layer_ids), d in zip(parts, tasks)
+    ]
+    ts = TraceSet.concat(sets, name=name or root.name)
+    return ts.with_experts(int(e)) if ts.num_experts != e else ts
+
+
+def _read_esft_task(folder: Path, top_k: int | None, num_experts: int | None):
+    files = _esft_layer_files(folder)
+    layers = sorted(files)
+    expected = list(range(layers[0], layers[0] + len(layers)))
+    if layers != expected:
+        missing = sorted(set(expected) - set(layers))
+        raise TraceError(f"{folder}: layer files are not contiguous, missing expert_weights_{missing[0]}.txt "
+                         f"(have {layers[0]}..{layers[-1]}); copy the whole folder")
+    per_layer: list[list[np.ndarray]] = []
+    for layer in layers:
+        per_layer.append(_parse_esft_file(files[layer], num_experts))
+    # Token i of a sample is the same token in every layer file: lengths must agree.
+    ref_path, ref = files[layers[0]], [len(a) for a in per_layer[0]]
+    for layer, rows in zip(layers, per_layer):
+        lens = [len(a) for a in rows]
+        if len(lens) != len(ref):
+            raise TraceError(f"{files[layer]}: {len(lens)} samples but {ref_path.name} has {len(ref)}; "
+                             "the file is truncated or from another recording")
+        if lens != ref:
+            i = next(i for i, (a, b) in enumerate(zip(lens, ref)) if a != b)
+            raise TraceError(f"{files[layer]}: line {i + 1} holds {lens[i]} ids but line {i + 1} of "
+                             f"{ref_path.name} holds {ref[i]}; the file is truncated or corrupt")
+    k = top_k or _infer_top_k(per_layer[0], files[layers[0]])
+    for layer, rows in zip(layers, per_layer):
+        for i, ids in enumerate(rows):
+            if len(ids) % k:
+                raise TraceError(f"{files[layer]}: line {i + 1} holds {len(ids)} ids, not a multiple of top_k={k}")
+    topk = np.stack([np.concatenate(rows).reshape(-1, k) for rows in per_layer])
+    sids = np.repeat(np.arange(len(ref), dtype=np.int64), [n // k for n in ref])
+    return topk, sids, tuple(layers)
+
+
+def _parse_esft_file(path: Path, num_experts: int | None) -> list[np.ndarray]:
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TraceError(f"{path}: cannot read as ESFT text ({exc})") from None
+    rows = []
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise TraceError(f"{path}: empty file")
+    for i, line in enumerate(lines):
+        parts = line.rstrip("\r").split("\t\t")
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise TraceError(f"{path}: line {i + 1} is not '<ids>\\t\\t<scores>' (truncated or corrupt)")
+        id_fields, score_fields = parts[0].split("\t"), parts[1].split("\t")
+        if len(id_fields) != len(score_fields):
+            raise TraceError(f"{path}: line {i + 1} has {len(id_fields)} expert ids but {len(score_fields)} "
+                             "scores; the file is truncated or corrupt")
+        try:
+            ids = np.array(id_fields, dtype=np.int64)
+            scores = np.array(score_fields, dtype=np.float64)
+        except ValueError:
+            raise TraceError(f"{path}: line {i + 1} holds a field that is not a number") from None
+        if ids.min() < 0 or (num_experts is not None and ids.max() >= num_experts):
+            raise TraceError(f"{path}: line {i + 1} has expert id {int(ids.max() if ids.min() >= 0 else ids.min())} "
+                             f"outside 0..{(num_experts or 0) - 1}")
+        if not np.isfinite(scores).all():
+            raise TraceError(f"{path}: line {i + 1} has a non-finite gate score")
+        rows.append(ids)
+    return rows
+
+
+def _infer_top_k(rows: list[np.ndarray], path: Path) -> int:
+    g = 0
+    for r in rows:
+        g = math.gcd(g, len(r))
+    for k in sorted((d for d in range(1, g + 1) if g % d == 0), reverse=True):
+        if all(len(np.unique(tok)) == k for r in rows for tok in r.reshape(-1, k)[:64]):
+            return k
+    raise TraceError(f"{path}: cannot infer top_k; pass it explicitly")  # pragma: no cover - k=1 always fits
+
+
+# ---------------------------------------------------------------------------------------------
+# SGLang expert-distribution dumps
+# ---------------------------------------------------------------------------------------------
+
+
+def read_sglang(
+    paths: str | Path | Sequence[str | Path], *, spec: MoESpec | None = None, name: str | None = None
+) -> TraceSet:
+    """Read SGLang ``expert_distribution_recorder_*.pt`` dumps (several files are summed / joined).
+
+    "stat" dumps hold ``logical_count`` [steps?, layers, experts]: a load-only trace. "per_token"
+    dumps hold ``records`` with ``topk_ids_of_layer`` [layers, tokens, K] (-1 padded) and
+    ``extend_seq_lens``: a token trace, one sample per sequence, ``rank`` as source rank.
+    SGLang counts every decoder layer; with a spec, dense layers are dropped.
+    """
+    import torch  # SGLang dumps are torch.save files
+
+    ps = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    counts_total, topk_parts, sample_parts, rank_parts, offset = None, [], [], [], 0
+    for p in ps:
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise TraceError(f"{p}: file not found") from None
+        except Exception as exc:  # torch raises many types for a truncated zip or pickle
+            raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(obj, dict):
+            raise TraceError(f"{p}: expected a dict from SGLang's expert distribution recorder, got {type(obj).__name__}")
+        if "logical_count" in obj:
+            c = _to_numpy(obj["logical_count"])
+            if c.ndim < 2 or not np.issubdtype(c.dtype, np.number):
+                raise TraceError(f"{p}: logical_count has shape {c.shape}; expected [..., layers, experts]")
+            c = c.reshape(-1, *c.shape[-2:]).sum(axis=0).astype(np.int64)
+            if (c < 0).any():
+                raise TraceError(f"{p}: logical_count has negative entries; the dump is corrupt")
+            if counts_total is not None and counts_total.shape != c.shape:
+                raise TraceError(f"{p}: logical_count shape {c.shape} differs from the other dumps' {counts_total.shape}")
+            counts_total = c if counts_total is None else counts_total + c
+        elif "records" in obj:
+            for j, rec in enumerate(obj["records"]):
+                if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
+                    raise TraceError(f"{p}: records[{j}] has no topk_ids_of_layer")
+                ids = _to_numpy(rec["topk_ids_of_layer"]).astype(np.int64)
+                if ids.ndim != 3:
+                    raise TraceError(f"{p}: records[{j}].topk_ids_of_layer has shape {ids.shape}; expected [layers, tokens, K]")
+                ids = ids[:, :, (ids >= 0).any(axis=(0, 1))]  # drop padding columns (recorder K > model K)
+                lens = list(rec.get("extend_seq_lens") or [ids.shape[1]])
+                if sum(lens) != ids.shape[1]:
+                    lens = [ids.shape[1]]
+                topk_parts.append(ids)
+                sample_parts.append(np.repeat(np.arange(len(lens)) + offset, lens))
+                offset += len(lens)
+                rank_parts.append(np.full(ids.shape[1], int(rec.get("rank", 0)), np.int64))
+        else:
+            raise TraceError(f"{p}: neither 'logical_count' (stat mode) nor 'records' (per_token mode) in the dump; "
+                             f"keys: {sorted(obj)[:10]}")
+    label = name or (ps[0].stem if len(ps) == 1 else f"sglang[{len(ps)} files]")
+    if counts_total is not None and topk_parts:
+        raise TraceError(f"{label}: mixes stat and per_token dumps; import them separately")
+    if counts_total is not None:
+        layer_ids = None
+        if spec is not None and counts_total.shape[0] == spec.model.num_layers != spec.model.num_moe_layers:
+            layer_ids = spec.model.moe_layer_indices
+            counts_total = counts_total[list(layer_ids)]
+        return TraceSet.from_counts(counts_total, source=label, layer_ids=layer_ids, name=label)
+    shapes = sorted({(t.shape[0], t.shape[2]) for t in topk_parts})
+    if len(shapes) != 1:
+        raise TraceError(f"{label}: records disagree on (layers, top-k): {shapes}")
+    topk = np.concatenate(topk_parts, axis=1)
+    if spec is not None and topk.shape[0] == spec.model.num_layers != spec.model.num_moe_layers:
+        layer_ids = tuple(spec.model.moe_layer_indices)
+    else:  # dense layers record -1 for every token: keep the layers that routed something
+        layer_ids = tuple(int(i) for i in np.flatnonzero((topk >= 0).any(axis=(1, 2))))
+    topk = topk[list(layer_ids)]
+    bad = (topk < 0).any(axis=(0, 2))
+    if bad.any():  # tokens with a padded slot in some MoE layer carry no full top-k: drop them
+        topk = topk[:, ~bad]
+    ranks = np.concatenate(rank_parts)[~bad]
+    return TraceSet.from_topk(
+        list(topk), np.concatenate(sample_parts)[~bad],
+        num_experts=spec.moe.experts.num_experts if spec is not None else None,
+        src_rank=ranks, num_ranks=int(ranks.max()) + 1 if len(ranks) else 1, layer_ids=layer_ids, source=label,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Bundled traces and the one entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def bundled_traces() -> dict[str, list[str]]:
+    """Bundled trace sets by name -> their sources (tasks)."""
+    out = {}
+    if _BUNDLED.is_dir():
+        for d in sorted(_BUNDLED.iterdir()):
+            if d.is_dir():
+                out[d.name] = sorted(f.stem for f in d.glob("*.npz"))
+    return out
+
+
+def _resolve_one(item: str | Path | TraceSet, spec: MoESpec | None) -> TraceSet:
+    if isinstance(item, TraceSet):
+        return item
+    text = str(item)
+    p = Path(text)
+    if p.exists():
+        if p.is_dir():
+            if is_esft_folder(p):
+                top_k = getattr(spec.moe.router, "top_k", None) if spec is not None else None
+                e = spec.moe.experts.num_experts if spec is not None else None
+                return read_esft(p, top_k=top_k, num_experts=e)
+            npz = sorted(p.glob("*.npz"))
+            if npz:
+                return TraceSet.concat([read_native(f) for f in npz], name=p.name)
+            raise TraceError(f"{p}: no .npz trace files and no ESFT expert_weights_<layer>.txt files in this folder")
+        if p.suffix == ".npz":
+            return read_native(p)
+        if p.suffix == ".pt":
+            return read_sglang(p, spec=spec)
+        raise TraceError(f"{p}: unknown trace file type {p.suffix!r}; use .npz (native), .pt (SGLang) or an ESFT folder")
+    bundled = bundled_traces()
+    name, _, task = text.partition("/")
+    if name in bundled and "/" not in task:
+        tasks = bundled[name]
+        if task and task not in tasks:
+            raise TraceError(f"bundled trace set {name!r} has no task {task!r}; tasks: {', '.join(tasks)}")
+        chosen = [task] if task else tasks
+        return TraceSet.concat([read_native(_BUNDLED / name / f"{t}.npz") for t in chosen], name=text)
+    import difflib
+
+    names = list(bundled) + [f"{n}/{t}" for n, ts in bundled.items() for t in ts]
+    close = difflib.get_close_matches(text, names, n=2)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"bundled: {', '.join(names) or 'none'}"
+    raise TraceError(f"{text}: no such trace file or folder, and no bundled trace set of that name; {hint}")
+
+
+def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
+    """Load routing traces from paths and bundled names (one or a list) as one TraceSet.
+
+    Each item is a bundled name ("esft-deepseek-v2-lite", "esft-deepseek-v2-lite/law"), a native
+    ``.npz`` file, a folder of ``.npz`` files, an ESFT folder, an SGLang ``.pt`` dump, or a TraceSet.
+    Sources (tasks, files) stay distinguishable (``TraceSet.split_sources``). With a spec, the traces
+    are checked against its experts, MoE layers and top-k (TraceError says what to change).
+    """
+    items = [paths_or_names] if isinstance(paths_or_names, (str, Path, TraceSet)) else list(paths_or_names)
+    sets = [_resolve_one(i, spec) for i in items]
+    if spec is not None:
+        e = spec.moe.experts.num_experts
+        sets = [s.check_spec(spec, label=str(i)).with_experts(e) if s.num_experts <= e else s.check_spec(spec, label=str(i))
+                for s, i in zip(sets, items)]
+    return TraceSet.concat(sets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def coactivation(topk_TK: np.ndarray, num_experts: int, weights_T: np.ndarray | None = None) -> np.ndarray:
+    """[E, E] co-activation counts: W[a, b] = tokens that chose both a and b (a != b); zero diagonal.
+
+    topk_TK: [T, K] expert ids of one layer; weights_T: optional [T] weight per token.
+    """
+    t, k = topk_TK.shape
+    ids = topk_TK.astype(np.int64)
+    a = np.repeat(ids, k, axis=1).ravel()
+    b = np.tile(ids, (1, k)).ravel()
+    w = None if weights_T is None else np.repeat(weights_T, k * k)
+    w_pairs = np.bincount(a * num_experts + b, weights=w, minlength=num_experts * num_experts)
+    out = w_pairs.reshape(num_experts, num_experts).astype(np.float64)
+    np.fill_diagonal(out, 0.0)
+    return out
+
+
+@dataclass
+class TraceStats:
+    """Summary of a TraceSet: loads, skew, co-activation and cross-layer affinity per layer."""
+
+    loads: np.ndarray  # [L, E] tokens per expert
+    skew: np.ndarray  # [L] max/mean expert load
+    cv: np.ndarray  # [L] coefficient of variation of expert load
+    top_pairs: list[list[tuple[int, int, float, float]]]  # per layer: (a, b, tokens, lift) of the top pairs
+    pair_concentration: np.ndarray  # [L] share of co-activation mass in the top 10% of expert pairs
+    affinity: np.ndarray | None  # [L-1] normalised mutual information of consecutive layers' choices
+    notes: list[str]
+
+
+def trace_stats(ts: TraceSet, top: int = 5) -> TraceStats:
+    """Loads, skew, co-activation summary and cross-layer affinity of a TraceSet."""
+    loads = ts.counts.astype(np.float64)
+    mean = loads.mean(axis=1)
+    skew = loads.max(axis=1) / np.maximum(mean, 1e-12)
+    cv = loads.std(axis=1) / np.maximum(mean, 1e-12)
+    notes = list(ts.notes)
+    e = ts.num_experts
+    pairs, conc = [], np.zeros(ts.num_layers)
+    affinity = None
+    if ts.topk is not None:
+        t, k = ts.topk.shape[1:]
+        iu = np.triu_indices(e, 1)
+        for layer in range(ts.num_layers):
+            w = coactivation(ts.topk[layer], e)
+            p = loads[layer] / max(t, 1)  # probability a token picks each expert
+            expected = np.outer(p, p) * t * (k - 1) / k  # independence baseline (approximate)
+            vals = w[iu]
+            order = np.argsort(-vals, kind="stable")
+            n_top = max(1, len(vals) // 10)
+            conc[layer] = vals[order[:n_top]].sum() / max(vals.sum(), 1e-12)
+            pairs.append([
+                (int(iu[0][i]), int(iu[1][i]), float(vals[i]), float(vals[i] / max(expected[iu[0][i], iu[1][i]], 1e-12)))
+                for i in order[:top]
+            ])
+        if ts.num_layers > 1:
+            affinity = np.zeros(ts.num_layers - 1)
+            for layer in range(ts.num_layers - 1):
+                affinity[layer] = _layer_affinity(ts.topk[layer], ts.topk[layer + 1], e)
+    else:
+        notes.append("load-only trace: no co-activation or cross-layer affinity")
+    return TraceStats(loads=loads, skew=skew, cv=cv, top_pairs=pairs, pair_concentration=conc,
+                      affinity=affinity, notes=notes)
+
+
+def _layer_affinity(a_TK: np.ndarray, b_TK: np.ndarray, e: int) -> float:
+    """Normalised mutual information I(A;B)/H(B) between an expert chosen in one layer and the next."""
+    k = a_TK.shape[1]
+    a = np.repeat(a_TK.astype(np.int64), k, axis=1).ravel()
+    b = np.tile(b_TK.astype(np.int64), (1, k)).ravel()
+    joint = np.bincount(a * e + b, minlength=e * e).reshape(e, e).astype(np.float64)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+    hb = float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
+    return mi / hb if hb > 0 else 0.0
