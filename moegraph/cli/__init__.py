@@ -28,7 +28,7 @@ err_console = Console(stderr=True)
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401
 
-for _optional in ("plan_cmds", "compile_cmds", "run_cmds", "demo_cmds"):
+for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as exc:  # a stage not built yet; its commands are simply absent

@@ -1,0 +1,161 @@
+"""Side-by-side timing of a compiled layer against Hugging Face transformers' DeepseekV3MoE.
+
+Every implementation runs in the same process on the same inputs, interleaved round by round (so
+machine noise hits all of them alike); the median of the rounds is reported. Next to the timings we
+measure the machine's limit for each size: the time of the same FLOPs as one large matmul, and the
+time to read the expert weights that the batch touches (a plain sum over them); the larger of the
+two is the limit. Ratios, not absolute times, are the result.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .loader import load_spec
+from .spec import MoESpec
+
+#: The issue's DeepSeek-V3-shaped layer scaled to a 2-core CPU.
+BENCH_SPEC = {
+    "name": "deepseek-v3-bench",
+    "description": "DeepSeek-V3-shaped layer scaled to a CPU (hidden 1024, 64 experts of 256, top-6, 8 groups keep 4)",
+    "moe": {
+        "hidden_size": 1024,
+        "experts": {"num_experts": 64, "intermediate_size": 256, "activation": "swiglu"},
+        "shared_experts": {"count": 1},
+        "router": {
+            "type": "topk", "top_k": 6, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+            "groups": {"num_groups": 8, "topk_groups": 4, "group_score": "sum_topn", "top_n": 2},
+            "expert_bias": {"update_rate": 0.001},
+        },
+    },
+}
+
+
+def hf_deepseek_v3_block(spec: MoESpec, implementation: str = "eager", seed: int = 0):
+    """A transformers DeepseekV3MoE with the spec's shape and random weights (float32)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    m, r = spec.moe, spec.moe.router
+    cfg = DeepseekV3Config(
+        hidden_size=m.hidden_size, moe_intermediate_size=m.experts.intermediate_size,
+        n_routed_experts=m.experts.num_experts, num_experts_per_tok=r.top_k,
+        n_shared_experts=m.shared_experts.count, n_group=r.groups.num_groups if r.groups else 1,
+        topk_group=r.groups.topk_groups if r.groups else 1, norm_topk_prob=r.normalize,
+        routed_scaling_factor=r.scaling_factor, hidden_act="silu",
+    )
+    cfg._experts_implementation = implementation
+    torch.manual_seed(seed)
+    block = DeepseekV3MoE(cfg).float().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_((torch.rand_like(p) * 2 - 1) / p.shape[-1] ** 0.5)
+        block.gate.e_score_correction_bias.copy_(torch.rand_like(block.gate.e_score_correction_bias) * 0.1)
+    return block
+
+
+def copy_hf_weights(layer, block) -> None:
+    """Copy a DeepseekV3MoE's weights into a compiled layer (same layout, different names)."""
+    with torch.no_grad():
+        layer.router.weight.copy_(block.gate.weight)
+        layer.router.expert_bias.copy_(block.gate.e_score_correction_bias)
+        layer.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
+        layer.experts.down_proj.copy_(block.experts.down_proj)
+        se = block.shared_experts
+        layer.shared_experts.gate_up_proj.copy_(torch.cat([se.gate_proj.weight, se.up_proj.weight], 0))
+        layer.shared_experts.down_proj.copy_(se.down_proj.weight)
+
+
+@dataclass
+class BenchRow:
+    tokens: int
+    times: dict[str, float] = field(default_factory=dict)  # seconds, median
+    limit_matmul: float = 0.0
+    limit_weights: float = 0.0
+
+    @property
+    def limit(self) -> float:
+        return max(self.limit_matmul, self.limit_weights)
+
+
+def _median_interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128, 2048), rounds: int = 7,
+                    with_hf: bool = True, progress: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """Time the compiled layer (and HF eager / grouped_mm) on ``tokens`` x D float32 inputs, eval mode."""
+    from .compiler import compile
+
+    spec = load_spec(spec)
+    m = spec.moe
+    layer = compile(spec, dtype=torch.float32).eval()
+    impls: dict[str, Callable] = {}
+    if with_hf:
+        hf_eager = hf_deepseek_v3_block(spec, "eager")
+        hf_gmm = hf_deepseek_v3_block(spec, "grouped_mm")
+        hf_gmm.load_state_dict(hf_eager.state_dict())
+        copy_hf_weights(layer, hf_eager)
+        impls = {"hf_eager": hf_eager, "hf_grouped_mm": hf_gmm}
+    impls = {"moegraph": layer, **impls}
+    D, F, E, K = m.hidden_size, m.experts.intermediate_size, m.experts.num_experts, m.top_k
+    Fs = m.shared_experts.count * m.shared_intermediate_size
+    H = 2 if m.experts.gated else 1
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for T in tokens:
+        if progress:
+            progress(f"{T} tokens")
+        x = torch.randn(1, T, D, generator=g)
+        with torch.inference_mode():
+            ref = layer(x)
+            for name, mod in impls.items():
+                if name != "moegraph":
+                    torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-4)
+            # The machine's limit for this size.
+            _, ids = torch.topk(layer.router.weight.new_zeros(1), 1)  # keeps torch warm
+            touched = torch.unique(layer.graph()(x, None)[2]).tolist()
+            w_touched = [layer.experts.gate_up_proj[e] for e in touched] + [layer.experts.down_proj[e] for e in touched]
+            if Fs:
+                w_touched += [layer.shared_experts.gate_up_proj, layer.shared_experts.down_proj]
+            rows_mm = T * (K + (Fs // F if Fs else 0))
+            a = torch.randn(rows_mm, D, generator=g)
+            b = torch.randn(D, (H + 1) * F, generator=g)
+            fns = {name: (lambda mod=mod: mod(x)) for name, mod in impls.items()}
+            fns["_matmul"] = lambda: torch.mm(a, b)
+            fns["_weights"] = lambda: [w.sum() for w in w_touched]
+            inner = max(1, min(50, 2048 // max(T, 1)))
+            t = _median_interleaved(fns, rounds, inner)
+        row = BenchRow(T, {k: v for k, v in t.items() if not k.startswith("_")}, t["_matmul"], t["_weights"])
+        rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[BenchRow]) -> list[list[str]]:
+    """Table cells: tokens, each implementation's time, speed-ups vs HF, and distance to the limit."""
+    out = []
+    for r in rows:
+        cells = [str(r.tokens)]
+        for name in r.times:
+            cells.append(f"{r.times[name] * 1e3:.3f}")
+        cells.append(f"{r.limit * 1e3:.3f}")
+        mg = r.times["moegraph"]
+        hf = [v for k, v in r.times.items() if k.startswith("hf_")]
+        cells.append(f"{min(hf) / mg:.2f}x" if hf else "-")
+        cells.append(f"{mg / r.limit:.2f}x")
+        out.append(cells)
+    return out

@@ -1,0 +1,75 @@
+"""``moegraph compile`` and ``moegraph bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..loader import load_spec
+from . import app, console
+
+
+@app.command(name="compile")
+def compile_cmd(
+    spec: Annotated[str, typer.Argument(help="Spec file or preset name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the generated source.")] = Path("moegraph-out"),
+    backend: Annotated[str, typer.Option(help="torch or triton (default: the spec's codegen.backend).")] = "",
+    smoke: Annotated[int, typer.Option(help="Run a forward on this many random tokens after compiling (0 = no).")] = 0,
+) -> None:
+    """Generate the layer's source into a directory and build the executable layer."""
+    import torch
+
+    from ..codegen import write_source
+    from ..compiler import compile as mg_compile
+
+    s = load_spec(spec)
+    be = backend or s.codegen.backend
+    gen = write_source(s, output, be)
+    state = "written" if gen.written else "unchanged"
+    console.print(f"{gen.path} ({state}, {len(gen.source.splitlines())} lines, sha256 {gen.digest[:12]})", highlight=False)
+    layer = mg_compile(s, backend=be, out_dir=output, dtype=torch.float32 if smoke else None, seed=0 if smoke else None)
+    if smoke:
+        layer.eval()
+        x = torch.randn(smoke, layer.HIDDEN)
+        tid = torch.randint(0, max(layer.HASH_VOCAB, 1), (smoke,)) if layer.NEEDS_TOKEN_IDS else None
+        with torch.inference_mode():
+            y = layer(x, tid)
+        rep = layer.pass_report["eval"]
+        console.print(f"smoke forward: {tuple(x.shape)} -> {tuple(y.shape)}, finite={bool(torch.isfinite(y).all())}; "
+                      f"FX passes applied: {', '.join(rep.applied) or 'none'} "
+                      f"({rep.nodes_before} -> {rep.nodes_after} nodes)", highlight=False)
+
+
+@app.command()
+def bench(
+    spec: Annotated[str, typer.Argument(help="Spec file or preset name; 'default' = the DeepSeek-V3-shaped CPU layer.")] = "default",
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", help="Token counts (repeatable).")] = None,
+    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (median reported).")] = 7,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the Hugging Face comparison.")] = False,
+) -> None:
+    """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""
+    from ..bench import BENCH_SPEC, format_rows, run_layer_bench
+
+    s = BENCH_SPEC if spec == "default" else load_spec(spec)
+    with_hf = not no_hf
+    if with_hf and (load_spec(s).moe.router.type != "topk" or not load_spec(s).moe.experts.gated):
+        console.print("[yellow]HF DeepseekV3MoE comparison needs a gated top-k spec; timing moegraph only[/]")
+        with_hf = False
+    with console.status("benchmarking") as status:
+        rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,
+                               progress=lambda m: status.update(f"benchmarking {m}"))
+    t = Table(title=f"forward, eval, float32, ms (median of {rounds} interleaved rounds)")
+    t.add_column("tokens", justify="right")
+    for name in rows[0].times:
+        t.add_column(name, justify="right")
+    t.add_column("limit", justify="right")
+    t.add_column("vs best HF", justify="right")
+    t.add_column("vs limit", justify="right")
+    for cells in format_rows(rows):
+        t.add_row(*cells)
+    console.print(t)
+    console.print("limit = max(time of the same FLOPs as one matmul, time to read the touched expert weights); "
+                  "'vs best HF' > 1 means moegraph is faster; 'vs limit' = moegraph time / limit.")

@@ -1,0 +1,163 @@
+"""A plain, slow, loop-per-token MoE reference written from the papers' definitions.
+
+It reads only the spec dict and the layer's parameter tensors; it shares no code with moegraph's
+runtime, codegen or ops, so agreement with it is evidence, not tautology.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def act(name: str, v: torch.Tensor) -> torch.Tensor:
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "relu": F.relu,
+        "relu2": lambda t: F.relu(t) ** 2,
+    }[name](v)
+
+
+ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "geglu_tanh": ("gelu_tanh", True), "reglu": ("relu", True),
+       "silu": ("silu", False), "gelu": ("gelu", False), "gelu_tanh": ("gelu_tanh", False), "relu": ("relu", False),
+       "relu2": ("relu2", False)}
+
+
+def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
+    name, gated = ACT[activation]
+    h = w_up @ x_D + (b_up if b_up is not None else 0)
+    if gated:
+        f = h.shape[0] // 2
+        g, u = h[:f], h[f:]
+        if gate_clamp is not None:
+            g = torch.clamp(g, max=gate_clamp)
+        if up_clamp is not None:
+            u = torch.clamp(u, -up_clamp, up_clamp)
+        a = act(name, g) * u
+    else:
+        a = act(name, h)
+    return w_down @ a + (b_down if b_down is not None else 0)
+
+
+def score(name: str, logits: torch.Tensor) -> torch.Tensor:
+    if name == "softmax":
+        return torch.softmax(logits, -1)
+    if name == "sigmoid":
+        return torch.sigmoid(logits)
+    if name == "sqrt_softplus":
+        return torch.sqrt(F.softplus(logits))
+    if name == "softplus":
+        return F.softplus(logits)
+    if name == "tanh":
+        return torch.tanh(logits)
+    if name == "sqrt(softplus(x)) + 0.5 * tanh(x)":  # the custom expression used in the tests
+        return torch.sqrt(F.softplus(logits)) + 0.5 * torch.tanh(logits)
+    raise NotImplementedError(name)
+
+
+def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None):
+    """Top-k routing of one token: returns list of (expert, weight)."""
+    r = spec["moe"]["router"]
+    E = logits.shape[0]
+    K = r["top_k"]
+    sc = r.get("score", "softmax")
+    if r.get("topk_order") == "topk_then_score":
+        choice = logits + (bias if bias is not None else 0)
+        chosen = sorted(range(E), key=lambda e: -float(choice[e].detach()))[:K]
+        w = torch.softmax(torch.stack([logits[e] for e in chosen]), 0)
+        weights = list(w)
+    else:
+        s = score(sc, logits)
+        choice = s + (bias if bias is not None else 0)
+        allowed = list(range(E))
+        g = r.get("groups")
+        if g:
+            G, per = g["num_groups"], E // g["num_groups"]
+            gscores = []
+            for gi in range(G):
+                members = sorted((float(choice[gi * per + j].detach()) for j in range(per)), reverse=True)
+                gscores.append(members[0] if g.get("group_score", "max") == "max" else sum(members[: g.get("top_n", 2)]))
+            kept = sorted(range(G), key=lambda gi: -gscores[gi])[: g["topk_groups"]]
+            allowed = [e for e in range(E) if e // per in kept]
+        chosen = sorted(allowed, key=lambda e: -float(choice[e].detach()))[:K]
+        weights = [s[e] for e in chosen]
+    if r.get("normalize"):
+        tot = sum(weights) + 1e-20
+        weights = [w / tot for w in weights]
+    weights = [w * r.get("scaling_factor", 1.0) for w in weights]
+    return list(zip(chosen, weights))
+
+
+def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> torch.Tensor:
+    """y_TD for a [T, D] input; ``layer`` supplies parameters only."""
+    m = spec["moe"]
+    r = m["router"]
+    ex = m["experts"]
+    E = ex["num_experts"]
+    T, D = x_TD.shape
+    gated = ACT[ex.get("activation", "swiglu")][1]
+    up = layer.experts.gate_up_proj if gated else layer.experts.up_proj
+    down = layer.experts.down_proj
+    ub = getattr(layer.experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
+    db = getattr(layer.experts, "down_proj_bias", None)
+    kw = dict(activation=ex.get("activation", "swiglu"), gate_clamp=ex.get("gate_clamp"), up_clamp=ex.get("up_clamp"))
+    rtype = r.get("type", "topk")
+    assignments: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(T)]
+    if rtype == "hash":
+        K = r.get("top_k", 1)
+        for t in range(T):
+            tid = int(token_ids[t])
+            if r.get("method", "random") == "modulo":
+                es = [(tid + k * (E // K)) % E for k in range(K)]
+            else:
+                es = [int(e) for e in layer.router.hash_table[tid]]
+            assignments[t] = [(e, torch.tensor(1.0 / K)) for e in es]
+    else:
+        W = layer.router.weight
+        rb = getattr(layer.router, "bias", None)
+        logits = [W @ x_TD[t].float() + (rb if rb is not None else 0) for t in range(T)]
+        if rtype == "expert_choice":
+            s = torch.stack([score(r.get("score", "softmax"), lg) for lg in logits]) if T else torch.zeros(0, E)
+            C = min(T, math.ceil(r.get("capacity_factor", 2.0) * T / E))
+            for e in range(E):
+                col = [(float(s[t, e].detach()), t) for t in range(T)]
+                for _, t in sorted(col, key=lambda p: -p[0])[:C]:
+                    assignments[t].append((e, s[t, e]))
+        else:
+            bias = getattr(layer.router, "expert_bias", None)
+            for t in range(T):
+                assignments[t] = route_token(spec, logits[t], bias)
+            cap = r.get("capacity")
+            if cap:
+                K = r["top_k"]
+                capacity = max(cap.get("min_capacity", 1), math.ceil(cap["factor"] * T * K / E))
+                pairs = [(t, k, e, w) for t in range(T) for k, (e, w) in enumerate(assignments[t])]
+                keep = set()
+                for e in range(E):
+                    mine = [p for p in pairs if p[2] == e]
+                    if cap.get("drop_policy", "probs") == "probs":
+                        mine.sort(key=lambda p: -float(p[3].detach()))
+                    else:
+                        mine.sort(key=lambda p: (p[0], p[1]))
+                    keep |= {(p[0], p[1]) for p in mine[:capacity]}
+                assignments = [[(e, w) for k, (e, w) in enumerate(assignments[t]) if (t, k) in keep] for t in range(T)]
+    ys = []
+    for t in range(T):
+        y = torch.zeros(D, dtype=x_TD.dtype)
+        for e, w in assignments[t]:
+            y = y + w * expert(x_TD[t], up[e], down[e], None if ub is None else ub[e], None if db is None else db[e], **kw)
+        sh = m.get("shared_experts", {})
+        if sh.get("count", 0):
+            sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj
+            sub = getattr(layer.shared_experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
+            sdb = getattr(layer.shared_experts, "down_proj_bias", None)
+            out = expert(x_TD[t], sup, layer.shared_experts.down_proj, sub, sdb, **kw)
+            if sh.get("gate", "none") == "sigmoid":
+                out = torch.sigmoid(layer.shared_expert_gate.weight[0] @ x_TD[t]) * out
+            y = y + out
+        ys.append(y)
+    return torch.stack(ys) if ys else x_TD.new_zeros(0, D)

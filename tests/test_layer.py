@@ -1,0 +1,303 @@
+"""The compiled layer against a plain loop reference, for every routing policy and activation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import moegraph
+from moegraph.errors import InputError
+
+from reference_moe import reference_forward
+
+D, F_, E = 16, 8, 8
+
+
+def make_spec(router: dict, *, experts: dict | None = None, shared: dict | None = None, name: str = "t") -> dict:
+    ex = {"num_experts": E, "intermediate_size": F_, "activation": "swiglu"}
+    ex.update(experts or {})
+    spec = {"name": name, "moe": {"hidden_size": D, "experts": ex, "router": router}}
+    if shared:
+        spec["moe"]["shared_experts"] = shared
+    return spec
+
+
+ROUTERS = {
+    "softmax_top2": {"top_k": 2},
+    "softmax_top2_norm": {"top_k": 2, "normalize": True},
+    "topk_then_softmax": {"top_k": 3, "topk_order": "topk_then_score"},
+    "sigmoid_groups_bias": {"top_k": 3, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+                            "groups": {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn", "top_n": 2},
+                            "expert_bias": {"update_rate": 0.01}},
+    "softmax_groups_max": {"top_k": 2, "scaling_factor": 16.0, "groups": {"num_groups": 4, "topk_groups": 1}},
+    "sqrt_softplus": {"top_k": 2, "score": "sqrt_softplus", "normalize": True},
+    "custom_expression": {"top_k": 2, "score": "sqrt(softplus(x)) + 0.5 * tanh(x)"},
+    "router_bias": {"top_k": 2, "router_bias": True},
+    "capacity_probs": {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}},
+    "capacity_position": {"top_k": 1, "capacity": {"factor": 1.0, "drop_policy": "position"}},
+    "expert_choice": {"type": "expert_choice", "capacity_factor": 2.0},
+    "hash_random": {"type": "hash", "top_k": 2, "method": "random", "vocab_size": 50},
+    "hash_modulo": {"type": "hash", "top_k": 2, "method": "modulo"},
+}
+
+
+def _randomise(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "bias" in name else 1.0) / math.sqrt(p.shape[-1]))
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.copy_(torch.randn(E, generator=g) * 0.3)
+
+
+def _compile(spec, tmp_path=None):
+    layer = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path)
+    _randomise(layer)
+    return layer
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_matches_loop_reference(name, tmp_path):
+    spec = make_spec(dict(ROUTERS[name]))
+    layer = _compile(spec, tmp_path).eval()
+    x = torch.randn(13, D, generator=torch.Generator().manual_seed(2))
+    tid = torch.randint(0, 50, (13,), generator=torch.Generator().manual_seed(3)) if "hash" in name else None
+    y = layer(x, tid)
+    ref = reference_forward(spec, layer, x, tid)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh", "reglu", "silu", "gelu", "gelu_tanh", "relu", "relu2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_activations_and_bias(activation, bias, tmp_path):
+    spec = make_spec({"top_k": 2}, experts={"activation": activation, "bias": bias}, shared={"count": 1})
+    layer = _compile(spec, tmp_path).eval()
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(layer(x), reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_clamped_swiglu(tmp_path):
+    spec = make_spec({"top_k": 2}, experts={"gate_clamp": 0.1, "up_clamp": 0.2})
+    layer = _compile(spec, tmp_path).eval()
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(5)) * 4
+    torch.testing.assert_close(layer(x), reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
+    # The clamps must bite at this input scale, or this test would not test them.
+    unclamped = make_spec({"top_k": 2})
+    other = _compile(unclamped, tmp_path).eval()
+    other.load_state_dict(layer.state_dict())
+    assert (other(x) - layer(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shared", [{"count": 2}, {"count": 1, "intermediate_size": 24, "gate": "sigmoid"}])
+def test_shared_experts(shared, tmp_path):
+    spec = make_spec({"top_k": 2, "normalize": True}, shared=shared)
+    layer = _compile(spec, tmp_path)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(6))
+    for mode in (True, False):  # train graph keeps aux work, eval graph folds/drops: both exact
+        layer.train(mode)
+        torch.testing.assert_close(layer(x).reshape(-1, D), reference_forward(spec, layer, x.reshape(-1, D)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["softmax_top2_norm", "sigmoid_groups_bias", "capacity_probs", "expert_choice"])
+def test_gradients_match_reference(name, tmp_path):
+    spec = make_spec(dict(ROUTERS[name]), shared={"count": 1, "gate": "sigmoid"})
+    layer = _compile(spec, tmp_path).train()
+    x = torch.randn(11, D, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    g = torch.randn(11, D, generator=torch.Generator().manual_seed(8))
+    params = [p for p in layer.parameters()]
+    got = torch.autograd.grad(layer(x), [x, *params], g)
+    ref = torch.autograd.grad(reference_forward(spec, layer, x), [x, *params], g, allow_unused=True)
+    for a, b, in zip(got, ref):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+
+
+def test_one_expert_top1_is_dense_ffn(tmp_path):
+    spec = {"name": "dense", "moe": {"hidden_size": D, "experts": {"num_experts": 1, "intermediate_size": F_},
+                                       "router": {"top_k": 1}}}
+    layer = _compile(spec, tmp_path).eval()
+    x = torch.randn(7, D)
+    w = layer.experts.gate_up_proj[0]
+    dense = torch.nn.functional.linear(
+        torch.nn.functional.silu(x @ w[:F_].T) * (x @ w[F_:].T), layer.experts.down_proj[0])
+    torch.testing.assert_close(layer(x), dense, rtol=1e-6, atol=1e-6)
+
+
+# -- edge cases -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["softmax_top2", "sigmoid_groups_bias", "capacity_probs", "expert_choice", "hash_modulo"])
+@pytest.mark.parametrize("T", [0, 1])
+def test_zero_and_one_token(name, T, tmp_path):
+    spec = make_spec(dict(ROUTERS[name]), shared={"count": 1})
+    layer = _compile(spec, tmp_path).eval()
+    x = torch.randn(T, D)
+    tid = torch.zeros(T, dtype=torch.long) if "hash" in name else None
+    y = layer(x, tid)
+    assert y.shape == (T, D)
+    torch.testing.assert_close(y, reference_forward(spec, layer, x, tid), rtol=1e-5, atol=1e-5)
+
+
+def test_every_token_to_one_expert_and_idle_experts(tmp_path):
+    spec = make_spec({"top_k": 1})
+    layer = _compile(spec, tmp_path).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[5] = 1.0  # a positive input sum sends every token to expert 5
+    x = torch.rand(20, D) + 0.1
+    rec = layer.start_recording()
+    y = layer(x)
+    assert set(rec.ids().flatten().tolist()) == {5}
+    torch.testing.assert_close(y, reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_drops_tokens(tmp_path):
+    spec = make_spec({"top_k": 1, "capacity": {"factor": 1.0, "drop_policy": "position"}})
+    layer = _compile(spec, tmp_path).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0
+    x = torch.rand(16, D) + 0.1  # all 16 want expert 2; capacity = ceil(16 * 1 / 8) = 2
+    y = layer(x)
+    kept = (y.abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert kept == [0, 1], "position policy keeps the earliest tokens"
+    torch.testing.assert_close(y, reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_nan_input_stays_in_its_token(tmp_path):
+    layer = _compile(make_spec({"top_k": 2}), tmp_path).eval()
+    x = torch.randn(6, D)
+    x[3, 0] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y[3]).any()
+    assert torch.isfinite(y[[0, 1, 2, 4, 5]]).all()
+
+
+# -- training-side features --------------------------------------------------------------------------
+
+def test_aux_losses_match_formulas(tmp_path):
+    router = {"top_k": 2, "aux_losses": [{"kind": "expert_balance", "coef": 0.1}, {"kind": "z_loss", "coef": 0.01},
+                                         {"kind": "sequence_balance", "coef": 0.5}]}
+    layer = _compile(make_spec(router), tmp_path).train()
+    x = torch.randn(3, 7, D)
+    _, aux = layer(x, return_aux=True)
+    logits = x.reshape(-1, D) @ layer.router.weight.T
+    p = torch.softmax(logits, -1)
+    ids = p.topk(2, -1).indices
+    T = logits.shape[0]
+    counts = torch.bincount(ids.flatten(), minlength=E).float()
+    expected = 0.1 * (E / (2 * T) * counts * p.mean(0)).sum()
+    torch.testing.assert_close(aux["expert_balance"], expected)
+    torch.testing.assert_close(aux["z_loss"], 0.01 * torch.logsumexp(logits, -1).pow(2).mean())
+    seq = []
+    for b in range(3):
+        pb, ib = p.view(3, 7, E)[b], ids.view(3, 7, 2)[b]
+        cb = torch.bincount(ib.flatten(), minlength=E).float()
+        seq.append((E / (2 * 7) * cb * pb.mean(0)).sum())
+    torch.testing.assert_close(aux["sequence_balance"], 0.5 * torch.stack(seq).mean())
+    # A perfectly balanced router gives expert_balance == coef (documented normalisation).
+    assert layer.aux_losses.keys() == aux.keys()
+    layer.eval()
+    _, aux_eval = layer(x, return_aux=True)
+    assert aux_eval == {}
+
+
+def test_expert_bias_update_moves_load(tmp_path):
+    router = dict(ROUTERS["sigmoid_groups_bias"])
+    layer = _compile(make_spec(router), tmp_path).train()
+    with torch.no_grad():
+        layer.router.expert_bias.zero_()
+    layer(torch.randn(64, D))
+    load = layer.update_expert_bias()
+    assert load.sum() == 64 * 3
+    over = load > load.mean()
+    under = load < load.mean()
+    assert torch.allclose(layer.router.expert_bias[over], torch.full((int(over.sum()),), -0.01))
+    assert torch.allclose(layer.router.expert_bias[under], torch.full((int(under.sum()),), 0.01))
+    assert layer._bias_load_E.sum() == 0
+
+
+def test_negative_bias_cannot_escape_groups(tmp_path):
+    """Masked groups use -inf: a huge negative bias on allowed experts must not pull in others."""
+    router = {"top_k": 2, "score": "sigmoid", "groups": {"num_groups": 4, "topk_groups": 1, "group_score": "max"},
+              "expert_bias": {"update_rate": 0.0}}
+    layer = _compile(make_spec(router), tmp_path).eval()
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0:2] = 1.0  # group 0 wins on raw score...
+        layer.router.expert_bias.copy_(torch.tensor([5.0, 5.0, -1e3, -1e3, -9, -9, -9, -9]))
+    x = torch.rand(4, D) + 0.1
+    rec = layer.start_recording()
+    layer(x)
+    assert set(rec.ids().flatten().tolist()) <= {0, 1}
+    with torch.no_grad():  # ...and when group 1 wins, a -1e3 bias still keeps the choice inside it
+        layer.router.expert_bias.copy_(torch.tensor([-50.0, -50.0, 0, 0, -60, -60, -60, -60]))
+    rec = layer.start_recording()
+    layer(x)
+    assert set(rec.ids().flatten().tolist()) <= {2, 3}
+
+
+def test_recorder_counts(tmp_path):
+    layer = _compile(make_spec({"top_k": 2}), tmp_path).eval()
+    rec = layer.start_recording()
+    layer(torch.randn(2, 5, D))
+    layer(torch.randn(3, D))
+    assert rec.ids().shape == (13, 2)
+    assert rec.samples().tolist() == [0] * 5 + [1] * 5 + [2] * 3
+    assert int(rec.counts(E).sum()) == 26
+    assert layer.stop_recording() is rec and layer.recorder is None
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    layer = _compile(make_spec({"top_k": 2}), tmp_path)
+    with pytest.raises(InputError, match=r"expected \[tokens, 16\]"):
+        layer(torch.randn(4, D + 1))
+    with pytest.raises(InputError, match="floating-point"):
+        layer(torch.ones(4, D, dtype=torch.long))
+    with pytest.raises(InputError, match="shape"):
+        layer(torch.randn(D))
+    hashed = _compile(make_spec(dict(ROUTERS["hash_random"])), tmp_path)
+    with pytest.raises(InputError, match="pass token_ids"):
+        hashed(torch.randn(3, D))
+    with pytest.raises(InputError, match="token_ids has shape"):
+        hashed(torch.randn(3, D), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(InputError, match=r"\[0, 50\)"):
+        hashed(torch.randn(3, D), torch.tensor([1, 2, 99]))
+
+
+def test_state_dict_round_trip(tmp_path):
+    spec = make_spec(dict(ROUTERS["sigmoid_groups_bias"]), shared={"count": 1, "gate": "sigmoid"})
+    a = _compile(spec, tmp_path)
+    b = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path, seed=123)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, D)
+    torch.testing.assert_close(a.eval()(x), b.eval()(x))
+    assert set(a.state_dict()) == {
+        "router.weight", "router.expert_bias", "experts.gate_up_proj", "experts.down_proj",
+        "shared_experts.gate_up_proj", "shared_experts.down_proj", "shared_expert_gate.weight"}
+
+
+def test_torch_compile_runs(tmp_path):
+    layer = _compile(make_spec(dict(ROUTERS["sigmoid_groups_bias"]), shared={"count": 1}), tmp_path).eval()
+    x = torch.randn(9, D)
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_presets_compile_and_run_tiny(tmp_path):
+    for name in [n for n in moegraph.presets() if "tiny" in n]:
+        layer = moegraph.compile(name, dtype=torch.float32, out_dir=tmp_path).eval()
+        x = torch.randn(4, layer.HIDDEN)
+        tid = torch.zeros(4, dtype=torch.long) if layer.NEEDS_TOKEN_IDS else None
+        assert torch.isfinite(layer(x, tid)).all(), name
+
+
+def test_spec_copy_is_not_mutated():
+    spec = make_spec(dict(ROUTERS["softmax_top2"]))
+    before = copy.deepcopy(spec)
+    moegraph.compile(spec, dtype=torch.float32)
+    assert spec == before
