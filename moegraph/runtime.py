@@ -272,11 +272,12 @@ class CompiledMoEBase(nn.Module):
             self.router.register_buffer("hash_table", table.to(device), persistent=False)
         self.experts = nn.Module()
         up_name = "gate_up_proj" if self.GATED else "up_proj"
-        self.experts.register_parameter(up_name, nn.Parameter(torch.empty(E, H, D, **kw)))
-        self.experts.down_proj = nn.Parameter(torch.empty(E, D, Fh, **kw))
+        R = self._expert_rows()
+        self.experts.register_parameter(up_name, nn.Parameter(torch.empty(R, H, D, **kw)))
+        self.experts.down_proj = nn.Parameter(torch.empty(R, D, Fh, **kw))
         if self.EXPERT_BIAS_TERMS:
-            self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(E, H, **kw)))
-            self.experts.down_proj_bias = nn.Parameter(torch.zeros(E, D, **kw))
+            self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(R, H, **kw)))
+            self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, D, **kw))
         if self.SHARED_INTERMEDIATE:
             S = self.SHARED_INTERMEDIATE
             self.shared_experts = nn.Module()
@@ -296,6 +297,11 @@ class CompiledMoEBase(nn.Module):
             self.reset_parameters(seed)
 
     # -- parameters ------------------------------------------------------------------------------
+
+    def _expert_rows(self) -> int:
+        """Rows of the routed expert weights: every expert here; an expert-parallel layer
+        (``moegraph.distributed``) holds only its rank's plan slots and overrides this."""
+        return self.NUM_EXPERTS
 
     @property
     def up_proj_name(self) -> str:
