@@ -8,7 +8,10 @@ thing wrong: the field path, what was wrong, and what to do (with a did-you-mean
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import os
+import re
 import tomllib
 import types
 import typing
@@ -31,10 +34,10 @@ SPEC_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "tom
 def presets() -> dict[str, Path]:
     """Bundled preset specs by name (file name without extension), sorted."""
     out = {}
-    for p in sorted(specs_dir().iterdir()):
+    for p in specs_dir().iterdir():
         if p.suffix in SPEC_SUFFIXES and not p.name.startswith("_"):
             out[p.stem] = p
-    return out
+    return dict(sorted(out.items()))
 
 
 def preset_path(name: str) -> Path:
@@ -54,6 +57,8 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
             p = preset_path(str(path))
         else:
             raise SpecError([Problem("", "file not found; check the path or use a preset name")], source=str(path))
+    if p.is_dir():
+        raise SpecError([Problem("", "is a folder; give a spec file (.yaml, .yml, .json or .toml)")], source=str(p))
     fmt = SPEC_SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise SpecError(
@@ -63,16 +68,20 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         text = p.read_text(encoding="utf-8")
         if fmt == "yaml":
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         elif fmt == "json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
         else:
             data = tomllib.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         msg = " ".join(str(exc).split())
         raise SpecError([Problem("", f"not valid {fmt.upper()}: {msg}")], source=str(p)) from None
+    except _DuplicateKey as exc:
+        raise SpecError([Problem("", str(exc))], source=str(p)) from None
     except OSError as exc:
         raise SpecError([Problem("", f"cannot read the file: {exc.strerror}")], source=str(p)) from None
+    if data is None:
+        raise SpecError([Problem("", "the file is empty; a spec needs at least a 'moe' section")], source=str(p))
     if not isinstance(data, dict):
         raise SpecError(
             [Problem("", f"the top level must be a mapping of sections (moe, model, ...), got {type(data).__name__}")],
@@ -81,14 +90,50 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     return data, str(p)
 
 
+class _DuplicateKey(ValueError):
+    """A key given twice in one mapping of a spec file (the parser would silently keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                break
+            if dup:
+                line = key_node.start_mark.line + 1
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line}); give it once")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} appears twice in one object; give it once")
+        out[k] = v
+    return out
+
+
 def load_spec(spec: str | Path | Mapping[str, Any] | MoESpec, *, source: str | None = None) -> MoESpec:
     """Load and validate a spec from a path, a preset name, a dict, or pass a MoESpec through."""
     if isinstance(spec, MoESpec):
         return spec
     if isinstance(spec, Mapping):
         data, label = dict(spec), source or "<dict>"
-    else:
+    elif isinstance(spec, (str, os.PathLike)):
         data, label = read_spec_dict(spec)
+    else:
+        raise SpecError(
+            [Problem("", f"expected a spec file path, preset name or mapping, got {type(spec).__name__}")],
+            source=source or "<argument>",
+        )
     try:
         return MoESpec.model_validate(data)
     except ValidationError as exc:
@@ -129,46 +174,24 @@ def _drop_none(obj: Any) -> Any:
 
 
 def problems_from_validation(exc: ValidationError) -> list[Problem]:
+    """One Problem per pydantic error: a dotted path the user wrote, and a message saying what to do."""
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
     for err in exc.errors(include_url=False):
-        loc = _clean_loc(err["loc"])
+        loc, models = _walk(err["loc"])
+        if err["type"] == "spec_field":
+            # A cross-field rule names the field to change, relative to the model that raised it.
+            loc += tuple(int(x) if x.isdigit() else x for x in err["ctx"]["field"].split("."))
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found") and isinstance(err.get("input"), dict):
+            key = _union_key(models)
+            if key in err["input"]:
+                loc += (key,)
         path = ".".join(str(x) for x in loc)
-        msg = _message(err, loc)
+        msg = _message(err, err["loc"], models)
         if (path, msg) not in seen:
             seen.add((path, msg))
             problems.append(Problem(path, msg))
     return problems
-
-
-_TAGS = {"topk", "expert_choice", "hash", "uniform", "explicit", "mha", "mla"}
-
-
-def _clean_loc(loc: tuple) -> tuple:
-    """Drop union tags that pydantic inserts into locations (they are not keys the user wrote)."""
-    return tuple(x for x in loc if not (isinstance(x, str) and (x in _TAGS or x.startswith("function-"))))
-
-
-def _message(err: dict, loc: tuple) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
-        allowed = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(allowed))}"
-        return f"unknown key '{key}'; {hint}"
-    if kind == "missing":
-        return "required field is missing; add it"
-    if kind == "value_error":
-        return str(err["msg"]).removeprefix("Value error, ")
-    if kind == "literal_error":
-        return f"{err['msg'].lower()}, got {err.get('input')!r}"
-    if kind == "union_tag_invalid":
-        ctx = err.get("ctx", {})
-        return f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
-    inp = err.get("input")
-    shown = f" (got {inp!r})" if not isinstance(inp, (dict, list)) else ""
-    return f"{err['msg']}{shown}"
 
 
 def _models_in(tp: Any) -> list[type[BaseModel]]:
@@ -186,18 +209,149 @@ def _models_in(tp: Any) -> list[type[BaseModel]]:
     return []
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _union_key(models: list[type[BaseModel]]) -> str:
+    """The discriminator key of a tagged union of models: 'type' (routers) or 'kind'."""
+    return "type" if any("type" in m.model_fields for m in models) else "kind"
+
+
+def _union_tags(models: list[type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    """Tag -> model for a tagged union: the single Literal value of each model's discriminator field."""
+    key = _union_key(models)
+    out = {}
+    for m in models:
+        f = m.model_fields.get(key)
+        if f is not None and typing.get_origin(f.annotation) is typing.Literal:
+            out[typing.get_args(f.annotation)[0]] = m
+    return out
+
+
+def _walk(loc: tuple) -> tuple[tuple, list[type[BaseModel]]]:
+    """Follow a pydantic error location through the spec models.
+
+    Returns the location as the user wrote it (pydantic inserts the tag of a discriminated union
+    after the union field, e.g. ``moe.router.topk.top_k``; those tags are dropped) and the models
+    that the location ends in (several for an unresolved union, none for a leaf value).
+    """
     models: list[type[BaseModel]] = [MoESpec]
-    for part in loc:
-        if isinstance(part, int):
+    clean: list = []
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        i += 1
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        clean.append(part)
+        if isinstance(part, int):  # an index into a tuple of models: same models
             continue
         nxt: list[type[BaseModel]] = []
         for m in models:
             f = m.model_fields.get(str(part))
             if f is not None:
                 nxt += _models_in(f.annotation)
-        models = nxt or models
-    names: set[str] = set()
-    for m in models:
-        names |= set(m.model_fields)
-    return sorted(names)
+        models = nxt
+        if len(models) > 1 and i < len(loc):
+            tags = _union_tags(models)
+            if loc[i] in tags:
+                models = [tags[loc[i]]]
+                i += 1
+    return tuple(clean), models
+
+
+@functools.cache
+def _field_homes() -> dict[str, list[str]]:
+    """Field name -> dotted paths of the sections that accept it (for keys written in the wrong section)."""
+    homes: dict[str, list[str]] = {}
+
+    def visit(model: type[BaseModel], prefix: str, depth: int) -> None:
+        for name, f in model.model_fields.items():
+            homes.setdefault(name, [])
+            if prefix not in homes[name]:
+                homes[name].append(prefix)
+            if depth < 6:
+                for sub in _models_in(f.annotation):
+                    visit(sub, f"{prefix}.{name}" if prefix else name, depth + 1)
+
+    visit(MoESpec, "", 0)
+    return homes
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    if value is None:
+        return "null"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _close(word: Any, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
+    kind, ctx, inp = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        key = str(raw_loc[-1]) if raw_loc else "?"
+        _, parents = _walk(raw_loc[:-1])
+        allowed = sorted({name for m in parents for name in m.model_fields})
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+        if close:
+            return f"unknown key '{key}'; did you mean '{close[0]}'?"
+        here = ".".join(str(x) for x in _walk(raw_loc[:-1])[0])
+        elsewhere = [h or "the top level" for h in _field_homes().get(key, []) if h != here]
+        if elsewhere:
+            return f"unknown key '{key}' here; it belongs in {' or '.join(elsewhere)}"
+        return f"unknown key '{key}'; allowed keys: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required field is missing; add it"
+    if kind == "spec_field":
+        return str(ctx.get("message", err["msg"]))
+    if kind == "value_error":
+        return str(err["msg"]).removeprefix("Value error, ")
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{err['msg'].lower()}, got {inp!r}{_close(inp, expected)}"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = list(_union_tags(models))
+        key = _union_key(models)
+        shown = ", ".join(repr(t) for t in tags)
+        if kind == "union_tag_invalid":
+            return f"unknown {key} {ctx.get('tag')!r}; expected one of {shown}{_close(ctx.get('tag'), tags)}"
+        if isinstance(inp, dict):
+            return f"'{key}' must be one of {shown}, got {_got(inp.get(key))}"
+        return f"expected a mapping (with '{key}' one of {shown}), got {_got(inp)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"expected a mapping of keys, got {_got(inp)}"
+    if kind in ("tuple_type", "list_type"):
+        return f"expected a list, got {_got(inp)}"
+    bounds = {
+        "greater_than": ("gt", "greater than"),
+        "greater_than_equal": ("ge", "at least"),
+        "less_than": ("lt", "less than"),
+        "less_than_equal": ("le", "at most"),
+    }
+    if kind in bounds:
+        bound, words = bounds[kind]
+        return f"must be {words} {ctx.get(bound)}, got {inp!r}"
+    if kind == "finite_number":
+        return f"must be a finite number, got {inp!r}"
+    if kind == "int_from_float":
+        return f"expected a whole number, got {inp!r}"
+    if kind in ("int_type", "int_parsing"):
+        return f"expected an integer, got {_got(inp)}"
+    if kind in ("float_type", "float_parsing"):
+        return f"expected a number, got {_got(inp)}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {_got(inp)}"
+    if kind == "string_type":
+        return f"expected a string, got {_got(inp)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters long"
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} entries, got {ctx.get('actual_length')}"
+    if kind == "invalid_key":
+        return f"keys must be strings, got {_got(inp)}"
+    shown = f" (got {inp!r})" if not isinstance(inp, (dict, list)) else ""
+    return f"{err['msg']}{shown}"

@@ -18,8 +18,11 @@ K top-k, G groups.
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import json
+import types
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -31,6 +34,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "MoESpec",
@@ -55,8 +59,42 @@ __all__ = [
 ]
 
 
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A validation error pinned to ``field``, a dotted path below the model that raises it.
+
+    Cross-field rules run on the containing model, so pydantic would report the model's path
+    ("moe"); the loader appends ``field`` so the user is pointed at the value to change
+    ("moe.router.top_k"). The message itself is unchanged.
+    """
+    return PydanticCustomError("spec_field", "{message}", {"field": field, "message": message})
+
+
+def _is_number_annotation(tp: Any) -> bool:
+    """Whether an annotation is int or float, possibly Optional."""
+    if tp in (int, float):
+        return True
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return bool(args) and all(a in (int, float) for a in args)
+    return False
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # allow_inf_nan=False: an infinite bandwidth or a NaN coefficient is never meant.
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and _is_number_annotation(field.annotation):
+                    raise field_error(
+                        key, f"expected a number, got the boolean {str(value).lower()}; write the number"
+                    )
+        return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +143,8 @@ class ExpertsSpec(_Frozen):
     @model_validator(mode="after")
     def _clamps_need_gate(self) -> ExpertsSpec:
         if not self.gated and (self.gate_clamp is not None or self.up_clamp is not None):
-            raise ValueError(
+            raise field_error(
+                "gate_clamp" if self.gate_clamp is not None else "up_clamp",
                 f"gate_clamp/up_clamp apply to gated activations only, but activation is "
                 f"'{self.activation}'; use a gated activation such as 'swiglu' or drop the clamps"
             )
@@ -124,9 +163,17 @@ class SharedExpertsSpec(_Frozen):
     )
 
     @model_validator(mode="after")
-    def _gate_needs_expert(self) -> SharedExpertsSpec:
+    def _settings_need_expert(self) -> SharedExpertsSpec:
         if self.count == 0 and self.gate != "none":
-            raise ValueError("a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none")
+            raise field_error(
+                "gate", "a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none"
+            )
+        if self.count == 0 and self.intermediate_size is not None:
+            raise field_error(
+                "intermediate_size",
+                "intermediate_size is set but count is 0, so there is no shared expert to size; set count >= 1 "
+                "or drop intermediate_size",
+            )
         return self
 
 
@@ -159,12 +206,23 @@ SCORE_EXPR_FUNCTIONS: dict[str, str] = {
 }
 
 
+#: longest custom score expression accepted (also keeps the parser away from pathological inputs)
+MAX_SCORE_EXPRESSION = 200
+
+
 def _check_score_expression(expr: str) -> str:
     """Validate a custom elementwise score expression of ``x``; return it unchanged."""
+    if len(expr) > MAX_SCORE_EXPRESSION:
+        raise ValueError(
+            f"score expression is {len(expr)} characters long; keep it under {MAX_SCORE_EXPRESSION} "
+            "(it is one elementwise function of x)"
+        )
     try:
         tree = ast.parse(expr, mode="eval")
-    except SyntaxError as exc:
-        raise ValueError(f"score expression {expr!r} is not valid: {exc.msg}") from None
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"score expression {expr!r} is not valid: {getattr(exc, 'msg', exc)}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"score expression {expr!r} is nested too deeply; simplify it") from None
     allowed_ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
@@ -198,8 +256,10 @@ def _check_score(v: str) -> str:
     if v in SCORE_FUNCTIONS:
         return v
     if v.isidentifier():
+        close = difflib.get_close_matches(v, list(SCORE_FUNCTIONS), n=1)
+        hint = f"did you mean '{close[0]}'? Otherwise " if close else ""
         raise ValueError(
-            f"unknown score function {v!r}; use one of {sorted(SCORE_FUNCTIONS)} or an expression of x "
+            f"unknown score function {v!r}; {hint}use one of {sorted(SCORE_FUNCTIONS)} or an expression of x "
             f"such as 'sqrt(softplus(x))'"
         )
     return _check_score_expression(v)
@@ -231,7 +291,8 @@ class GroupLimit(_Frozen):
     @model_validator(mode="after")
     def _kept_le_groups(self) -> GroupLimit:
         if self.topk_groups > self.num_groups:
-            raise ValueError(
+            raise field_error(
+                "topk_groups",
                 f"topk_groups ({self.topk_groups}) exceeds num_groups ({self.num_groups}); keep at most "
                 f"num_groups groups"
             )
@@ -302,15 +363,20 @@ class TopKRouter(_Frozen):
     @classmethod
     def _unique_losses(cls, v: tuple[AuxLoss, ...]) -> tuple[AuxLoss, ...]:
         kinds = [loss.kind for loss in v]
-        dup = sorted({k for k in kinds if kinds.count(k) > 1})
-        if dup:
-            raise ValueError(f"aux loss kind(s) {dup} listed more than once; give each kind once with its coef")
+        for i, k in enumerate(kinds):
+            if k in kinds[:i]:
+                raise field_error(
+                    f"{i}.kind",
+                    f"aux loss kind '{k}' is listed more than once (entries {kinds.index(k)} and {i}); "
+                    "give each kind once with its coef",
+                )
         return v
 
     @model_validator(mode="after")
     def _order_needs_softmax(self) -> TopKRouter:
         if self.topk_order == "topk_then_score" and self.score != "softmax":
-            raise ValueError(
+            raise field_error(
+                "topk_order",
                 "topk_order 'topk_then_score' only differs from 'score_then_topk' for softmax; with "
                 f"score '{self.score}' use topk_order: score_then_topk"
             )
@@ -331,11 +397,13 @@ class ExpertChoiceRouter(_Frozen):
     @field_validator("aux_losses")
     @classmethod
     def _only_z_loss(cls, v: tuple[AuxLoss, ...]) -> tuple[AuxLoss, ...]:
-        bad = [loss.kind for loss in v if loss.kind != "z_loss"]
-        if bad:
-            raise ValueError(
-                f"expert-choice routing is balanced by construction; aux losses {bad} do not apply (only z_loss)"
-            )
+        for i, loss in enumerate(v):
+            if loss.kind != "z_loss":
+                raise field_error(
+                    f"{i}.kind",
+                    f"expert-choice routing is balanced by construction; aux loss '{loss.kind}' does not apply "
+                    "(only z_loss does); drop it",
+                )
         return v
 
 
@@ -353,7 +421,11 @@ class HashRouter(_Frozen):
     @model_validator(mode="after")
     def _random_needs_vocab(self) -> HashRouter:
         if self.method == "random" and self.vocab_size is None:
-            raise ValueError("hash method 'random' needs vocab_size (the table has one row per token id)")
+            raise field_error(
+                "vocab_size",
+                "hash method 'random' needs vocab_size (the table has one row per token id); set vocab_size or "
+                "use method: modulo",
+            )
         return self
 
 
@@ -387,23 +459,28 @@ class MoELayerSpec(_Frozen):
         r, e = self.router, self.experts.num_experts
         k = getattr(r, "top_k", None)
         if k is not None and k > e:
-            raise ValueError(f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}")
+            raise field_error(
+                "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"
+            )
         g = getattr(r, "groups", None)
         if g is not None:
             if e % g.num_groups:
                 divisors = [d for d in range(1, e + 1) if e % d == 0]
-                raise ValueError(
+                raise field_error(
+                    "router.groups.num_groups",
                     f"router.groups.num_groups ({g.num_groups}) must divide experts.num_experts ({e}); "
                     f"choose one of {divisors}"
                 )
             per_group = e // g.num_groups
             if g.group_score == "sum_topn" and g.top_n > per_group:
-                raise ValueError(
+                raise field_error(
+                    "router.groups.top_n",
                     f"router.groups.top_n ({g.top_n}) exceeds the {per_group} experts per group; "
                     f"use top_n <= {per_group} or fewer groups"
                 )
             if k is not None and g.topk_groups * per_group < k:
-                raise ValueError(
+                raise field_error(
+                    "router.groups.topk_groups",
                     f"router.groups keeps {g.topk_groups} groups of {per_group} experts = "
                     f"{g.topk_groups * per_group} candidates, fewer than top_k ({k}); raise topk_groups"
                 )
@@ -469,19 +546,32 @@ class ModelSpec(_Frozen):
     def _pattern(self) -> ModelSpec:
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
-                raise ValueError(
+                raise field_error(
+                    "layer_types",
                     f"layer_types lists {len(self.layer_types)} layers but num_layers is {self.num_layers}; "
-                    "make them agree"
+                    "make them agree",
+                )
+            if "moe" not in self.layer_types:
+                raise field_error("layer_types", "layer_types has no 'moe' layer; mark at least one layer 'moe'")
+            # Compare with the defaults rather than ask what was set: dump_spec spells defaults out.
+            ignored = [k for k, default in (("first_k_dense", 0), ("moe_layer_freq", 1)) if getattr(self, k) != default]
+            if ignored:
+                raise field_error(
+                    ignored[0],
+                    f"{' and '.join(ignored)} would be ignored because layer_types lists every layer; "
+                    "give either layer_types or first_k_dense/moe_layer_freq",
                 )
         elif self.first_k_dense >= self.num_layers:
-            raise ValueError(
+            raise field_error(
+                "first_k_dense",
                 f"first_k_dense ({self.first_k_dense}) leaves no MoE layer of num_layers ({self.num_layers}); "
                 "lower it"
             )
         if "dense" in self.resolved_layer_types() and self.dense_intermediate_size is None and (
             self.attention is not None or self.vocab_size is not None
         ):
-            raise ValueError(
+            raise field_error(
+                "dense_intermediate_size",
                 "the model has dense layers and non-MoE sizes but no dense_intermediate_size; set it so "
                 "whole-model parameter counts are complete"
             )
@@ -549,15 +639,22 @@ class ExplicitTopology(_Frozen):
     @model_validator(mode="after")
     def _links_known(self) -> ExplicitTopology:
         names = [d.name for d in self.devices]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"device names {dup} appear more than once; give every device a unique name")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise field_error(
+                    f"devices.{i}.name",
+                    f"device name {name!r} is used by devices {names.index(name)} and {i}; give every device a "
+                    "unique name",
+                )
         for i, link in enumerate(self.links):
-            for end in (link.a, link.b):
+            for end_key, end in (("a", link.a), ("b", link.b)):
                 if end not in names:
-                    raise ValueError(f"links[{i}] names unknown device {end!r}; known devices: {names}")
+                    raise field_error(
+                        f"links.{i}.{end_key}",
+                        f"link names unknown device {end!r}; use one of the devices: {names}",
+                    )
             if link.a == link.b:
-                raise ValueError(f"links[{i}] connects {link.a!r} to itself; drop it")
+                raise field_error(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")
         return self
 
     @property
@@ -629,13 +726,15 @@ class MoESpec(_Frozen):
             else:
                 count = len({d.node for d in topo.devices})
             if g.num_groups != count:
-                raise ValueError(
+                raise field_error(
+                    "moe.router.groups.num_groups",
                     f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
                     f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
                 )
         slots = self.moe.experts.num_experts + self.placement.redundant_slots
         if slots % topo.num_gpus:
-            raise ValueError(
+            raise field_error(
+                "placement.redundant_slots",
                 f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
                 f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}"
             )

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import SpecError
+from ..errors import MoegraphError, SpecError
 from ..loader import load_spec, presets
 from ..spec import MoESpec
 from ..summary import human, human_bytes, summarize
@@ -30,9 +30,10 @@ def validate(specs: Annotated[list[str], typer.Argument(help="Spec files or pres
             for line in exc.render().splitlines():
                 err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
             continue
-        console.print(f"[green]ok[/] {s}: {spec.name} (hash {spec.short_hash})", highlight=False)
+        console.print(f"[green]ok[/] {s}: {spec.name} (hash {spec.short_hash})", highlight=False, soft_wrap=True)
     if bad:
-        raise typer.Exit(code=2)
+        # A MoegraphError (not typer.Exit) so that cli.main() reports it and exits with status 2.
+        raise MoegraphError(f"{bad} of {len(specs)} spec(s) invalid")
 
 
 @app.command()
@@ -70,6 +71,8 @@ def show(spec: SpecArg) -> None:
     t.add_column("total", justify="right")
     t.add_column("active / token", justify="right")
     t.add_row("one routed expert", human(m.layer.routed_expert), "")
+    t.add_row(f"routed experts, {m.num_moe_layers} layers", human(m.num_moe_layers * m.layer.routed_total),
+              human(m.num_moe_layers * m.layer.routed_active))
     t.add_row("one MoE layer", human(m.layer.routed_total + m.layer.shared + m.layer.router),
               human(m.layer.routed_active + m.layer.shared + m.layer.router))
     t.add_row(f"all {m.num_moe_layers} MoE layers", human(m.moe_total), human(m.moe_active))

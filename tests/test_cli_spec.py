@@ -1,0 +1,127 @@
+"""``moegraph validate``, ``show``, ``schema`` and ``presets`` (run in-process through cli.main)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from moegraph.loader import load_spec, presets
+from moegraph.spec import MoESpec
+from moegraph.summary import human, summarize
+
+
+def test_validate_all_presets(run_cli):
+    names = sorted(presets())
+    res = run_cli("validate", *names)
+    assert res.code == 0, res.err
+    for name in names:
+        assert f"ok {name}: {name} (hash {load_spec(name).short_hash})" in res.out
+    assert res.err == ""
+
+
+def test_validate_spec_file(tmp_path, run_cli):
+    f = tmp_path / "mine.toml"
+    f.write_text('[moe]\nhidden_size = 8\n[moe.experts]\nnum_experts = 2\nintermediate_size = 4\n[moe.router]\ntop_k = 1\n')
+    res = run_cli("validate", f)
+    assert res.code == 0 and f"ok {f}: unnamed" in res.out
+
+
+def _table_row(out: str, label: str) -> list[str]:
+    """The cells of the first table row starting with ``label``."""
+    for line in out.splitlines():
+        cells = [c.strip() for c in re.split(r"[│┃]", line) if c.strip()]
+        if cells and cells[0] == label:
+            return cells
+    raise AssertionError(f"no row {label!r} in:\n{out}")
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "mixtral-8x7b", "deepseek-v2-lite"])
+def test_show_prints_expert_and_model_parameters(name, run_cli):
+    res = run_cli("show", name)
+    assert res.code == 0, res.err
+    s = summarize(load_spec(name))
+    n = s.num_moe_layers
+    assert _table_row(res.out, f"routed experts, {n} layers")[1:] == [
+        human(n * s.layer.routed_total), human(n * s.layer.routed_active)
+    ]
+    assert _table_row(res.out, f"all {n} MoE layers")[1:] == [human(s.moe_total), human(s.moe_active)]
+    assert _table_row(res.out, "whole model")[1:] == [human(s.model_total), human(s.model_active)]
+    assert f"hash {load_spec(name).short_hash}" in res.out
+    assert "source: " in res.out
+
+
+def test_show_deepseek_v3_figures(run_cli):
+    # The printed whole-model figures themselves (the published 671B / 37B are checked in test_summary).
+    out = run_cli("show", "deepseek-v3").out
+    assert _table_row(out, "whole model")[1:] == ["671.03B", "36.63B"]
+    assert _table_row(out, "one routed expert")[1] == "44.04M"  # 3 * 7168 * 2048
+    flat = " ".join(out.split())  # rich wraps long lines at the console width
+    assert re.search(r"routing: topk k=8 score=sigmoid .*groups=8 keep=4 \(sum_topn\) \+expert-bias", flat)
+    layers = [line for line in out.splitlines() if re.search(r"│\s+(0-2|3-60)\s+│", line)]
+    assert len(layers) == 2, "the 61 layers collapse into a dense run and an MoE run"
+
+
+def test_show_without_model_sizes_says_what_is_missing(run_cli):
+    res = run_cli("show", "mixtral-tiny")
+    assert res.code == 0
+    assert "whole model" not in res.out
+    assert "whole-model totals need model.attention and model.vocab_size" in res.out
+
+
+@pytest.mark.parametrize("name", ["expert-choice-tiny", "hash-tiny", "switch-tiny"])
+def test_show_other_routers(name, run_cli):
+    res = run_cli("show", name)
+    assert res.code == 0, res.err
+    kind = load_spec(name).moe.router.type
+    assert f"routing: {kind}" in res.out
+
+
+def test_show_bad_spec_exits_2(tmp_path, run_cli):
+    f = tmp_path / "bad.yaml"
+    f.write_text("moe: {hidden_size: 0}\n")
+    res = run_cli("show", f)
+    assert res.code == 2
+    assert "moe.hidden_size: must be greater than 0" in res.err
+    assert "moe.experts: required field is missing" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_schema_is_json_schema(run_cli):
+    res = run_cli("schema")
+    assert res.code == 0
+    schema = json.loads(res.out)
+    assert schema["type"] == "object"
+    assert set(schema["properties"]) == {"name", "description", "source", "model", "moe", "topology", "placement", "codegen"}
+    assert schema["required"] == ["moe"]
+    assert schema["additionalProperties"] is False
+    assert {"TopKRouter", "ExpertChoiceRouter", "HashRouter", "MoELayerSpec"} <= set(schema["$defs"])
+    assert schema == json.loads(json.dumps(MoESpec.model_json_schema()))
+    # Every $ref resolves.
+    refs = re.findall(r'"\$ref": "#/\$defs/(\w+)"', res.out)
+    assert refs and all(r in schema["$defs"] for r in refs)
+
+
+def test_schema_validates_presets():
+    jsonschema = pytest.importorskip("jsonschema")
+    validator_cls = jsonschema.validators.validator_for(MoESpec.model_json_schema())
+    validator = validator_cls(MoESpec.model_json_schema())
+    for name in presets():
+        validator.validate(load_spec(name).to_dict())
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"moe": {"hidden_size": 0}})
+
+
+def test_schema_to_file(tmp_path, run_cli):
+    out = tmp_path / "schema.json"
+    res = run_cli("schema", "-o", out)
+    assert res.code == 0 and "wrote" in res.out
+    assert json.loads(out.read_text())["title"] == "MoESpec"
+
+
+def test_presets_lists_every_preset(run_cli):
+    res = run_cli("presets")
+    assert res.code == 0
+    for name in presets():
+        assert name in res.out

@@ -1,0 +1,494 @@
+"""Bad specs: each kind of mistake gives one Problem at the offending field with a message saying what
+to do, and ``moegraph validate`` exits 2 without a traceback. Hypothesis checks that nothing but a
+SpecError ever escapes ``load_spec``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import string
+from collections.abc import Callable
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moegraph.errors import Problem, SpecError
+from moegraph.loader import load_spec, presets, read_spec_dict
+from moegraph.spec import MAX_SCORE_EXPRESSION, MoESpec
+
+BASE = {
+    "name": "probe",
+    "moe": {
+        "hidden_size": 32,
+        "experts": {"num_experts": 8, "intermediate_size": 16},
+        "router": {"type": "topk", "top_k": 2},
+    },
+    "topology": {"nodes": 1, "gpus_per_node": 2},
+}
+
+EXPLICIT = {"kind": "explicit", "devices": [{"name": "g0", "node": "n0"}, {"name": "g1", "node": "n0"}]}
+
+
+def _set(path: str, value) -> Callable[[dict], None]:
+    """A mutation that sets the dotted ``path`` (creating sections on the way) to ``value``."""
+
+    def apply(d: dict) -> None:
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+
+    return apply
+
+
+def _delete(path: str) -> Callable[[dict], None]:
+    def apply(d: dict) -> None:
+        *parents, last = path.split(".")
+        for p in parents:
+            d = d[p]
+        del d[last]
+
+    return apply
+
+
+def _all(*fs: Callable[[dict], None]) -> Callable[[dict], None]:
+    def apply(d: dict) -> None:
+        for f in fs:
+            f(d)
+
+    return apply
+
+
+# (id, mutation of BASE, expected Problem path, phrases the message must contain)
+CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
+    ("unknown-key-did-you-mean", _set("moe.router.topk", 2), "moe.router.topk", ("unknown key 'topk'", "did you mean 'top_k'")),
+    ("unknown-top-level-key", _set("modle", {}), "modle", ("did you mean 'model'",)),
+    ("key-in-wrong-section", _set("moe.top_k", 2), "moe.top_k", ("belongs in moe.router",)),
+    ("unknown-key-no-match", _set("moe.experts.zzz", 1), "moe.experts.zzz", ("allowed keys:", "num_experts")),
+    ("missing-required-field", _delete("moe.experts.num_experts"), "moe.experts.num_experts", ("missing", "add it")),
+    ("missing-moe-section", _delete("moe"), "moe", ("missing",)),
+    ("top-k-exceeds-experts", _set("moe.router.top_k", 9), "moe.router.top_k", ("exceeds experts.num_experts (8)", "top_k <= 8")),
+    ("groups-do-not-divide", _set("moe.router.groups", {"num_groups": 3, "topk_groups": 1}),
+     "moe.router.groups.num_groups", ("must divide", "choose one of [1, 2, 4, 8]")),
+    ("topk-groups-exceed-groups", _set("moe.router.groups", {"num_groups": 2, "topk_groups": 3}),
+     "moe.router.groups.topk_groups", ("exceeds num_groups (2)", "keep at most")),
+    ("top-n-exceeds-group", _set("moe.router.groups", {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn", "top_n": 3}),
+     "moe.router.groups.top_n", ("2 experts per group", "top_n <= 2")),
+    ("groups-keep-too-few", _set("moe.router.groups", {"num_groups": 8, "topk_groups": 1}),
+     "moe.router.groups.topk_groups", ("fewer than top_k (2)", "raise topk_groups")),
+    ("bad-score-name", _set("moe.router.score", "sigmod"), "moe.router.score", ("unknown score function", "did you mean 'sigmoid'")),
+    ("score-import", _set("moe.router.score", "__import__('os')"), "moe.router.score", ("only calls of",)),
+    ("score-attribute", _set("moe.router.score", "x.real"), "moe.router.score", ("Attribute is not allowed",)),
+    ("score-unknown-name", _set("moe.router.score", "y + x"), "moe.router.score", ("unknown name 'y'", "use the logit 'x'")),
+    ("score-without-x", _set("moe.router.score", "2 + 3"), "moe.router.score", ("does not use the router logit",)),
+    ("score-keyword-call", _set("moe.router.score", "sigmoid(x, out=x)"), "moe.router.score", ("positional arguments",)),
+    ("score-too-long", _set("moe.router.score", "x" + "+x" * 200), "moe.router.score", (f"under {MAX_SCORE_EXPRESSION}",)),
+    ("score-syntax", _set("moe.router.score", "x +* 2"), "moe.router.score", ("is not valid",)),
+    ("topk-then-score-sigmoid", _set("moe.router", {"top_k": 2, "score": "sigmoid", "topk_order": "topk_then_score"}),
+     "moe.router.topk_order", ("only differs", "use topk_order: score_then_topk")),
+    ("duplicate-aux-loss", _set("moe.router.aux_losses", [{"kind": "z_loss", "coef": 0.1}, {"kind": "z_loss", "coef": 0.2}]),
+     "moe.router.aux_losses.1.kind", ("listed more than once", "give each kind once")),
+    ("expert-choice-balance-loss",
+     _set("moe.router", {"type": "expert_choice", "aux_losses": [{"kind": "expert_balance", "coef": 0.01}]}),
+     "moe.router.aux_losses.0.kind", ("balanced by construction", "only z_loss")),
+    ("hash-random-without-vocab", _set("moe.router", {"type": "hash", "method": "random"}),
+     "moe.router.vocab_size", ("needs vocab_size", "method: modulo")),
+    ("gate-clamp-non-gated", _all(_set("moe.experts.activation", "relu"), _set("moe.experts.gate_clamp", 7.0)),
+     "moe.experts.gate_clamp", ("gated activations only", "use a gated activation")),
+    ("up-clamp-non-gated", _all(_set("moe.experts.activation", "gelu"), _set("moe.experts.up_clamp", 7.0)),
+     "moe.experts.up_clamp", ("gated activations only",)),
+    ("shared-gate-without-shared", _set("moe.shared_experts", {"gate": "sigmoid"}),
+     "moe.shared_experts.gate", ("needs at least one shared expert", "set count >= 1")),
+    ("shared-size-without-shared", _set("moe.shared_experts", {"intermediate_size": 64}),
+     "moe.shared_experts.intermediate_size", ("count is 0", "set count >= 1")),
+    ("negative-number", _set("moe.hidden_size", -1), "moe.hidden_size", ("must be greater than 0", "got -1")),
+    ("zero-experts", _set("moe.experts.num_experts", 0), "moe.experts.num_experts", ("must be greater than 0",)),
+    ("above-upper-bound", _set("moe.router.jitter", 1.5), "moe.router.jitter", ("must be less than 1",)),
+    ("negative-coef", _set("moe.router.aux_losses", [{"kind": "z_loss", "coef": -1}]),
+     "moe.router.aux_losses.0.coef", ("must be at least 0",)),
+    ("wrong-type-int", _set("moe.hidden_size", "big"), "moe.hidden_size", ("expected an integer", "'big'")),
+    ("wrong-type-bool", _set("moe.router.normalize", "maybe"), "moe.router.normalize", ("expected true or false",)),
+    ("fractional-int", _set("moe.hidden_size", 32.5), "moe.hidden_size", ("whole number",)),
+    ("bool-as-number", _set("moe.hidden_size", True), "moe.hidden_size", ("got the boolean true",)),
+    ("nan-number", _set("moe.router.scaling_factor", float("nan")), "moe.router.scaling_factor", ("finite number",)),
+    ("infinite-bandwidth", _set("topology.intra_node_bandwidth_gbps", float("inf")),
+     "topology.intra_node_bandwidth_gbps", ("finite number",)),
+    ("section-not-mapping", _set("moe.router", 5), "moe.router", ("expected a mapping", "'type' one of")),
+    ("list-expected", _set("moe.router.aux_losses", "z_loss"), "moe.router.aux_losses", ("expected a list",)),
+    ("list-item-not-mapping", _set("moe.router.aux_losses", ["z_loss"]), "moe.router.aux_losses.0", ("expected a mapping",)),
+    ("bad-choice-did-you-mean", _set("moe.experts.activation", "swigl"), "moe.experts.activation",
+     ("'swiglu'", "did you mean 'swiglu'")),
+    ("unknown-router-type", _set("moe.router.type", "tokenchoice"), "moe.router.type",
+     ("unknown type 'tokenchoice'", "'topk', 'expert_choice', 'hash'")),
+    ("router-type-null", _set("moe.router.type", None), "moe.router.type", ("'type' must be one of",)),
+    ("unknown-topology-kind", _set("topology", {"kind": "ring"}), "topology.kind", ("unknown kind 'ring'", "'explicit'")),
+    ("unknown-attention-kind", _set("model", {"attention": {"kind": "gqa", "num_heads": 4}}), "model.attention.kind",
+     ("unknown kind 'gqa'", "'mha', 'mla'")),
+    ("link-unknown-device",
+     _set("topology", dict(EXPLICIT, links=[{"a": "g0", "b": "g9", "bandwidth_gbps": 100}])),
+     "topology.links.0.b", ("unknown device 'g9'", "['g0', 'g1']")),
+    ("duplicate-device-names",
+     _set("topology", {"devices": [{"name": "g0", "node": "n0"}, {"name": "g0", "node": "n1"}]}),
+     "topology.devices.1.name", ("'g0' is used by devices 0 and 1", "unique name")),
+    ("self-link", _set("topology", dict(EXPLICIT, links=[{"a": "g1", "b": "g1", "bandwidth_gbps": 100}])),
+     "topology.links.0.b", ("to itself", "drop it")),
+    ("no-devices", _set("topology", {"kind": "explicit", "devices": []}), "topology.devices", ("at least 1",)),
+    ("tie-to-device-count", _set("moe.router.groups", {"num_groups": 4, "topk_groups": 2, "tie_to": "device"}),
+     "moe.router.groups.num_groups", ("device count (2)", "set tie_to: none")),
+    ("tie-to-node-count", _set("moe.router.groups", {"num_groups": 2, "topk_groups": 1, "tie_to": "node"}),
+     "moe.router.groups.num_groups", ("node count (1)",)),
+    ("slots-not-divisible", _set("placement.redundant_slots", 1), "placement.redundant_slots",
+     ("9 slots", "multiple of 2")),
+    ("layer-types-length", _set("model", {"num_layers": 3, "layer_types": ["moe", "dense"]}), "model.layer_types",
+     ("lists 2 layers but num_layers is 3", "make them agree")),
+    ("layer-types-no-moe", _set("model", {"num_layers": 2, "layer_types": ["dense", "dense"]}), "model.layer_types",
+     ("no 'moe' layer",)),
+    ("layer-types-and-first-k", _set("model", {"num_layers": 2, "layer_types": ["dense", "moe"], "first_k_dense": 1}),
+     "model.first_k_dense", ("would be ignored", "give either layer_types")),
+    ("first-k-dense-too-large", _set("model", {"num_layers": 3, "first_k_dense": 3}), "model.first_k_dense",
+     ("leaves no MoE layer", "lower it")),
+    ("dense-size-missing", _set("model", {"num_layers": 2, "first_k_dense": 1, "vocab_size": 1000}),
+     "model.dense_intermediate_size", ("no dense_intermediate_size", "set it")),
+    ("non-string-key", _set("moe.experts", {"num_experts": 8, "intermediate_size": 16, 3: 1}), "moe.experts.3",
+     ("keys must be strings",)),
+    ("empty-name", _set("name", ""), "name", ("must not be empty",)),
+]
+
+assert len(CASES) >= 25
+assert len({c[0] for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+def _bad(mutate: Callable[[dict], None]) -> dict:
+    d = copy.deepcopy(BASE)
+    mutate(d)
+    return d
+
+
+def test_base_is_valid():
+    assert load_spec(BASE).moe.router.top_k == 2
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_spec_message(case):
+    _, mutate, path, phrases = case
+    with pytest.raises(SpecError) as info:
+        load_spec(_bad(mutate), source="probe.yaml")
+    problems = info.value.problems
+    assert [p.path for p in problems] == [path], f"expected one problem at {path}, got {problems}"
+    for phrase in phrases:
+        assert phrase in problems[0].message
+    assert str(info.value).startswith(f"probe.yaml: {path}: ")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_spec_cli_exit_code(case, tmp_path, run_cli):
+    _, mutate, path, phrases = case
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(_bad(mutate)))
+    res = run_cli("validate", f)
+    assert res.code == 2
+    assert f"{f}: {path}: " in res.err
+    assert phrases[0] in res.err
+    assert "Traceback" not in res.err + res.out
+    assert "ok" not in res.out
+
+
+def test_every_problem_reported_at_once():
+    d = _bad(_all(_set("moe.hidden_size", -1), _set("moe.experts.num_experts", 0), _set("extra", 1)))
+    with pytest.raises(SpecError) as info:
+        load_spec(d)
+    assert sorted(p.path for p in info.value.problems) == ["extra", "moe.experts.num_experts", "moe.hidden_size"]
+
+
+def test_problem_render_names_source_and_root():
+    assert Problem("moe.hidden_size", "bad").render("a.yaml") == "a.yaml: moe.hidden_size: bad"
+    assert Problem("", "bad").render() == "<root>: bad"
+
+
+# --------------------------------------------------------------------------------------------
+# File-level errors (parsing, paths)
+# --------------------------------------------------------------------------------------------
+
+FILE_CASES = [
+    ("bad-yaml-syntax", "bad.yaml", "moe: {hidden_size: 3\n", "not valid YAML"),
+    ("bad-json-syntax", "bad.json", '{"moe": ', "not valid JSON"),
+    ("bad-toml-syntax", "bad.toml", "[moe\nhidden_size = 3\n", "not valid TOML"),
+    ("wrong-extension", "spec.txt", "moe: {}\n", "unknown spec file extension '.txt'"),
+    ("top-level-list", "list.yaml", "- moe\n- model\n", "top level must be a mapping"),
+    ("top-level-scalar", "scalar.json", "42", "top level must be a mapping"),
+    ("empty-file", "empty.yaml", "", "the file is empty"),
+    ("duplicate-yaml-key", "dup.yaml", "name: a\nname: b\nmoe: {}\n", "key 'name' appears twice"),
+    ("duplicate-json-key", "dup.json", '{"name": "a", "name": "b"}', "key 'name' appears twice"),
+    ("python-tag", "tag.yaml", "moe: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ("not-utf8", "latin.yaml", b"name: \xe9\n", "not valid YAML"),
+]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_file(case, tmp_path, run_cli):
+    _, fname, content, phrase = case
+    f = tmp_path / fname
+    if isinstance(content, bytes):
+        f.write_bytes(content)
+    else:
+        f.write_text(content)
+    with pytest.raises(SpecError, match=r"^" + str(f).replace("\\", "\\\\") + ": <root>: ") as info:
+        load_spec(f)
+    assert phrase in info.value.problems[0].message
+    res = run_cli("validate", f)
+    assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
+
+
+def test_missing_file_and_folder(tmp_path, run_cli):
+    for target, phrase in ((tmp_path / "nope.yaml", "file not found"), (tmp_path, "is a folder")):
+        with pytest.raises(SpecError, match=phrase):
+            load_spec(target)
+        res = run_cli("validate", target)
+        assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
+
+
+def test_unknown_preset_suggests_close_names(run_cli):
+    with pytest.raises(SpecError, match="did you mean .*deepseek-v3"):
+        load_spec("deepseek-v33")
+    with pytest.raises(SpecError, match="presets: .*mixtral-8x7b"):
+        load_spec("qqqqqqqq")
+    res = run_cli("validate", "deepseek-v33")
+    assert res.code == 2 and "did you mean" in res.err
+
+
+def test_validate_reports_every_file(tmp_path, run_cli):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_bad(_set("moe.router.top_k", 9))))
+    res = run_cli("validate", "mixtral-tiny", bad, tmp_path / "missing.json")
+    assert res.code == 2
+    assert "ok mixtral-tiny" in res.out
+    assert "moe.router.top_k" in res.err and "file not found" in res.err
+    assert "2 of 3 spec(s) invalid" in res.err
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed ``moegraph`` entry point (not only cli.main) exits 2 without a traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_bad(_set("moe.router.top_k", 9))))
+    exe = shutil.which("moegraph")
+    cmd = [exe] if exe else [sys.executable, "-c", "from moegraph.cli import entry; entry()"]
+    proc = subprocess.run([*cmd, "validate", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "moe.router.top_k" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Hypothesis: nothing but SpecError escapes, and every Problem points at a real field
+# --------------------------------------------------------------------------------------------
+
+SCHEMA = MoESpec.model_json_schema()
+
+
+def _alternatives(node: dict):
+    while "$ref" in node:
+        node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    yield node
+    for key in ("anyOf", "oneOf", "allOf"):
+        for alt in node.get(key, []):
+            yield from _alternatives(alt)
+
+
+def _schema_has_path(segments: list[str]) -> bool:
+    """Whether the dotted path names a field (or list item) in the spec's JSON Schema."""
+    nodes = [SCHEMA]
+    for seg in segments:
+        nxt = []
+        for node in nodes:
+            for alt in _alternatives(node):
+                if seg.isdigit() and "items" in alt:
+                    nxt.append(alt["items"])
+                elif seg in alt.get("properties", {}):
+                    nxt.append(alt["properties"][seg])
+        if not nxt:
+            return False
+        nodes = nxt
+    return True
+
+
+def _all_field_names() -> list[str]:
+    names = set(SCHEMA["properties"])
+    for d in SCHEMA["$defs"].values():
+        names |= set(d.get("properties", {}))
+    return sorted(names)
+
+
+WORDS = [
+    "topk", "expert_choice", "hash", "uniform", "explicit", "mha", "mla", "softmax", "sigmoid", "swiglu", "relu",
+    "sqrt(softplus(x))", "x.real", "__import__('os')", "device", "node", "none", "sum_topn", "max", "z_loss",
+    "expert_balance", "random", "modulo", "topk_then_score", "bfloat16", "g0", "g1", "n0",
+]
+keys = st.one_of(
+    st.sampled_from(_all_field_names()),
+    st.text(alphabet=string.ascii_lowercase + "_", max_size=10),
+)
+leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 64),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from(WORDS),
+)
+values = st.recursive(
+    leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3), max_leaves=6
+)
+
+BASES = [json.loads(json.dumps(read_spec_dict(p)[0])) for p in presets().values()] + [BASE]
+
+
+def _locations(obj, prefix=()):
+    if prefix:
+        yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _locations(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _locations(v, (*prefix, i))
+
+
+@st.composite
+def mutated_specs(draw) -> dict:
+    """A preset (or BASE) with 1-4 random edits: replace a value, delete it, add a key, nudge a number."""
+    data = copy.deepcopy(draw(st.sampled_from(BASES)))
+    for _ in range(draw(st.integers(1, 4))):
+        locs = list(_locations(data))
+        if not locs:
+            break
+        loc = draw(st.sampled_from(locs))
+        parent = data
+        for part in loc[:-1]:
+            parent = parent[part]
+        last = loc[-1]
+        op = draw(st.sampled_from(["replace", "delete", "add", "nudge"]))
+        if op == "replace":
+            parent[last] = draw(values)
+        elif op == "delete":
+            del parent[last]
+        elif op == "add" and isinstance(parent, dict):
+            parent[draw(keys)] = draw(values)
+        elif op == "nudge" and isinstance(parent[last], (int, float)) and not isinstance(parent[last], bool):
+            parent[last] = parent[last] * draw(st.sampled_from([0, -1, 2, 3])) + draw(st.integers(-2, 2))
+    return data
+
+
+@st.composite
+def built_specs(draw) -> dict:
+    """Complete specs with small numbers: many valid, many breaking one cross-field rule."""
+    small = st.integers(0, 9)
+    e = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 16]))
+    kind = draw(st.sampled_from(["topk", "topk", "expert_choice", "hash"]))
+    router: dict = {"type": kind}
+    aux = draw(st.lists(st.sampled_from(["expert_balance", "z_loss", "sequence_balance"]), max_size=2))
+    if kind == "topk":
+        router["top_k"] = draw(st.integers(1, 9))
+        router["score"] = draw(st.sampled_from(["softmax", "sigmoid", "sqrt(softplus(x))", "x * 2", "sigmod"]))
+        router["topk_order"] = draw(st.sampled_from(["score_then_topk", "topk_then_score"]))
+        if draw(st.booleans()):
+            router["groups"] = {
+                "num_groups": draw(st.integers(1, 8)),
+                "topk_groups": draw(st.integers(1, 8)),
+                "group_score": draw(st.sampled_from(["max", "sum_topn"])),
+                "top_n": draw(st.integers(1, 4)),
+                "tie_to": draw(st.sampled_from(["none", "device", "node"])),
+            }
+        router["aux_losses"] = [{"kind": k, "coef": 0.01} for k in aux]
+    elif kind == "expert_choice":
+        router["capacity_factor"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        router["aux_losses"] = [{"kind": k, "coef": 0.01} for k in aux]
+    else:
+        router["top_k"] = draw(st.integers(1, 4))
+        router["method"] = draw(st.sampled_from(["modulo", "random"]))
+        if draw(st.booleans()):
+            router["vocab_size"] = 100
+    num_layers = draw(st.integers(1, 4))
+    return {
+        "moe": {
+            "hidden_size": draw(st.integers(1, 64)),
+            "experts": {
+                "num_experts": e,
+                "intermediate_size": draw(st.integers(1, 64)),
+                "activation": draw(st.sampled_from(["swiglu", "gelu"])),
+                **({"gate_clamp": 7.0} if draw(st.booleans()) else {}),
+            },
+            "shared_experts": {"count": draw(st.integers(0, 2)), "gate": draw(st.sampled_from(["none", "sigmoid"]))},
+            "router": router,
+        },
+        "model": draw(
+            st.one_of(
+                st.fixed_dictionaries({"num_layers": st.just(num_layers), "first_k_dense": st.integers(0, num_layers)}),
+                st.fixed_dictionaries(
+                    {
+                        "num_layers": st.just(num_layers),
+                        "layer_types": st.lists(st.sampled_from(["dense", "moe"]), min_size=1, max_size=4),
+                    }
+                ),
+            )
+        ),
+        "topology": {"nodes": draw(st.integers(1, 3)), "gpus_per_node": draw(st.integers(1, 4))},
+        "placement": {"redundant_slots": draw(small)},
+    }
+
+
+def _check_outcome(data: dict) -> MoESpec | None:
+    """load_spec returns a MoESpec or raises SpecError with well-formed Problems, nothing else."""
+    try:
+        spec = load_spec(data)
+    except SpecError as exc:
+        assert exc.problems, "a SpecError must carry at least one Problem"
+        for p in exc.problems:
+            assert isinstance(p.message, str) and p.message.strip()
+            segments = p.path.split(".") if p.path else []
+            if p.message.startswith(("unknown key", "keys must be strings")):
+                segments = segments[:-1]  # the last segment is the user's unknown key
+            assert _schema_has_path(segments), f"problem path {p.path!r} names no field: {p.message}"
+        return None
+    assert isinstance(spec, MoESpec)
+    # A valid spec survives dump -> load unchanged.
+    again = load_spec(spec.to_dict())
+    assert again == spec and again.hash() == spec.hash()
+    return spec
+
+
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(mutated_specs())
+def test_random_edits_raise_only_spec_error(data):
+    _check_outcome(data)
+
+
+@FAST
+@given(built_specs())
+def test_built_specs_obey_rules_when_valid(data):
+    spec = _check_outcome(data)
+    if spec is None:
+        return
+    m = spec.moe
+    e = m.experts.num_experts
+    assert m.top_k <= e or m.router.type == "expert_choice"
+    g = getattr(m.router, "groups", None)
+    if g is not None:
+        assert e % g.num_groups == 0 and g.topk_groups <= g.num_groups
+        assert g.topk_groups * (e // g.num_groups) >= m.router.top_k
+    assert (e + spec.placement.redundant_slots) % spec.topology.num_gpus == 0
+    assert spec.model.num_moe_layers >= 1
+
+
+@settings(FAST, max_examples=100)
+@given(st.dictionaries(keys, values, max_size=4))
+def test_random_top_level_dicts(data):
+    _check_outcome(data)
