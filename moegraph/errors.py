@@ -64,3 +64,16 @@ class DistributedError(MoegraphError, RuntimeError):
 
 class OptimizeError(MoegraphError, RuntimeError):
     """A model could not be optimised (block swap refused, verification failed, ...)."""
+
+
+class UnsupportedBlock(MoegraphError, ValueError):
+    """A model's MoE block (Hugging Face or a user's own) cannot be expressed as a moegraph spec.
+
+    ``reason`` says which feature is missing or what could not be explained; ``block`` names the
+    block (class or module path) when known.
+    """
+
+    def __init__(self, reason: str, block: str | None = None):
+        self.reason = reason
+        self.block = block
+        super().__init__(f"{block}: {reason}" if block else reason)
