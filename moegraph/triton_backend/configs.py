@@ -1,0 +1,120 @@
+"""Block sizes for the grouped expert MLP kernels.
+
+A config holds the row block ``BLOCK_M`` (shared by both GEMMs, since the alignment pads every
+expert's rows to it) and per-GEMM tiles. Tuned tables are JSON files named like vLLM's::
+
+    E={experts},N={expert hidden F},device_name={torch.cuda.get_device_name, spaces -> _},dtype={dtype}.json
+
+mapping a token count (as a string) to a config; the entry with the nearest token count is used.
+``benchmarks/tune_triton.py`` writes them on a GPU. Without a table, ``default_config`` picks tiles
+from the expected rows per expert. Tables are looked up in this package's ``tuned/`` folder and in
+folders added with ``add_search_dir``; nothing here reads environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+__all__ = ["GemmConfig", "MoEConfig", "default_config", "get_config", "table_path", "add_search_dir", "fit"]
+
+_SEARCH_DIRS: list[Path] = [Path(__file__).resolve().parent / "tuned"]
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    BLOCK_M: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+    def to_json(self) -> dict:
+        return {"BLOCK_M": self.BLOCK_M, "gate_up": asdict(self.gate_up), "down": asdict(self.down)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> MoEConfig:
+        return cls(int(d["BLOCK_M"]), GemmConfig(**d["gate_up"]), GemmConfig(**d["down"]))
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def table_name(E: int, F: int, device_name: str, dtype) -> str:
+    dev = re.sub(r"[^0-9A-Za-z_.-]+", "_", device_name.strip())
+    return f"E={E},N={F},device_name={dev},dtype={dtype_name(dtype)}.json"
+
+
+def table_path(E: int, F: int, device_name: str, dtype, directory: str | Path | None = None) -> Path:
+    """Where a tuned table for this problem lives (in ``directory``, default the bundled ``tuned/``)."""
+    return Path(directory or _SEARCH_DIRS[0]) / table_name(E, F, device_name, dtype)
+
+
+def add_search_dir(directory: str | Path) -> None:
+    """Look for tuned tables in ``directory`` too (searched before the bundled ones)."""
+    p = Path(directory).resolve()
+    if p not in _SEARCH_DIRS:
+        _SEARCH_DIRS.insert(0, p)
+        _load_table.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def _load_table(name: str) -> dict[int, MoEConfig] | None:
+    for d in _SEARCH_DIRS:
+        path = d / name
+        if path.is_file():
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return {int(m): MoEConfig.from_json(c) for m, c in raw.items()}
+    return None
+
+
+def default_config(rows_per_expert: float, dtype) -> MoEConfig:
+    """Tiles by the expected rows per expert: small rows stream weights, large rows are GEMM-bound."""
+    if dtype_name(dtype) == "float32":  # twice the bytes per tile: smaller tiles, fewer stages
+        bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
+        g = GemmConfig(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+        return MoEConfig(bm, g, g)
+    if rows_per_expert <= 16:  # decode: memory-bound on expert weights, many narrow tiles
+        g = GemmConfig(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        return MoEConfig(16, g, g)
+    if rows_per_expert <= 64:
+        g = GemmConfig(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+        return MoEConfig(32, g, g)
+    if rows_per_expert <= 256:
+        return MoEConfig(64, GemmConfig(128, 64, 8, 4, 4), GemmConfig(128, 64, 8, 4, 4))
+    return MoEConfig(128, GemmConfig(128, 64, 8, 8, 4), GemmConfig(256, 64, 8, 8, 3))
+
+
+def _pow2_at_least(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def fit(cfg: MoEConfig, D: int, F: int) -> MoEConfig:
+    """Shrink tiles that exceed the problem (tiny test shapes); tl.dot needs every tile side >= 16."""
+    gu = GemmConfig(min(cfg.gate_up.BLOCK_N, _pow2_at_least(F)), min(cfg.gate_up.BLOCK_K, _pow2_at_least(D)),
+                    cfg.gate_up.GROUP_M, cfg.gate_up.num_warps, cfg.gate_up.num_stages)
+    dn = GemmConfig(min(cfg.down.BLOCK_N, _pow2_at_least(D)), min(cfg.down.BLOCK_K, _pow2_at_least(F)),
+                    cfg.down.GROUP_M, cfg.down.num_warps, cfg.down.num_stages)
+    return MoEConfig(cfg.BLOCK_M, gu, dn)
+
+
+def get_config(E: int, F: int, tokens: int, rows_per_expert: float, dtype, device_name: str | None) -> MoEConfig:
+    """The tuned config for the nearest token count if a table exists, else ``default_config``."""
+    table = _load_table(table_name(E, F, device_name, dtype)) if device_name else None
+    if table:
+        return table[min(table, key=lambda m: (abs(m - tokens), m))]
+    return default_config(rows_per_expert, dtype)

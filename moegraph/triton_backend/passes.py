@@ -1,0 +1,179 @@
+"""FX passes of the Triton backend.
+
+``FuseRouter(spec)`` replaces the torch routing subgraph of a generated top-k layer (score function,
+expert bias, group limit, top-k, normalise, scale) with one ``moegraph_triton::route_topk`` call.
+
+How the subgraph is found, and why the swap is explained rather than guessed:
+- anchors: the router logits are the ``linear`` on ``router.weight``; the weights are what
+  ``expert_mlp``'s weight argument reshapes; the ids are what the graph returns as routing ids;
+- the region is every node between the logits and those two anchors; it may read nothing but the
+  logits and ``router.expert_bias`` (no other inputs, parameters or placeholders);
+- the region is copied into a small graph and run on random logits (and bias) next to the router
+  kernel's torch reference for the spec's policy; ids and weights must agree exactly (ids) and to
+  rounding (weights). Otherwise the pass refuses and says why in ``refused``.
+Nodes of the region still used elsewhere (the scores feeding auxiliary losses in training) stay.
+
+``EvalOnly(pass)`` runs a pass on eval graphs only; ``triton_passes(spec)`` is the pass list for a
+Triton layer: ``moegraph.compile(spec, backend="triton", passes=triton_passes(spec))``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..fx_passes import DropTrainingOutputs, FoldSharedExperts, _is_expert_op
+from ..loader import load_spec
+from ..spec import MoESpec
+from . import ops as triton_ops
+from .kernels import router_supported
+
+__all__ = ["FuseRouter", "EvalOnly", "triton_passes", "router_args"]
+
+
+def router_args(spec: MoESpec) -> tuple[Any, ...] | None:
+    """The policy arguments of ``route_topk`` for a spec (after logits and bias), None if not top-k."""
+    r = spec.moe.router
+    if r.type != "topk":
+        return None
+    g = r.groups
+    return (r.top_k, r.score, r.topk_order == "topk_then_score", r.normalize, float(r.scaling_factor),
+            g.num_groups if g else 0, g.topk_groups if g else 0, g.group_score if g else "max", g.top_n if g else 0)
+
+
+def _is_linear(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _method_arg(n: Any, method: str) -> fx.Node | None:
+    """``n.args[0]`` when ``n`` is a call of ``method``."""
+    if isinstance(n, fx.Node) and n.op == "call_method" and n.target == method:
+        return n.args[0]
+    return None
+
+
+class EvalOnly(PassBase):
+    """Run the wrapped pass on eval graphs only (training graphs pass through unchanged)."""
+
+    def __init__(self, inner: PassBase):
+        super().__init__()
+        self.inner = inner
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if gm.training:
+            return PassResult(gm, False)
+        return self.inner(gm)
+
+
+class FuseRouter(PassBase):
+    """Swap the torch top-k routing for the router kernel (see module docstring)."""
+
+    def __init__(self, spec: MoESpec, verify_tokens: int = 64):
+        super().__init__()
+        self.spec = spec
+        self.args = router_args(spec)
+        self.verify_tokens = verify_tokens
+        self.refused: str | None = None
+
+    @classmethod
+    def for_layer(cls, layer: torch.nn.Module, **kwargs: Any) -> FuseRouter:
+        """The pass for a compiled layer, from the spec it was generated from."""
+        import json
+
+        return cls(load_spec(json.loads(layer.SPEC_JSON)), **kwargs)
+
+    def _refuse(self, gm: fx.GraphModule, why: str) -> PassResult:
+        self.refused = why
+        return PassResult(gm, False)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.refused = None
+        if self.args is None:
+            return self._refuse(gm, f"router type '{self.spec.moe.router.type}' is not top-k")
+        E = self.spec.moe.experts.num_experts
+        why = router_supported(E, self.args[0], self.args[1])
+        if why:
+            return self._refuse(gm, why)
+        graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        # Step 1: anchors.
+        expert = [n for n in graph.nodes if _is_expert_op(n)]
+        logits = [n for n in graph.nodes if _is_linear(n) and isinstance(n.args[1], fx.Node)
+                  and n.args[1].op == "get_attr" and n.args[1].target == "router.weight"]
+        if len(expert) != 1 or len(logits) != 1:
+            return self._refuse(gm, "expected one expert op and one router linear")
+        logits_n = logits[0]
+        weights_n = _method_arg(_method_arg(expert[0].args[3], "to"), "reshape")
+        out = next(n for n in graph.nodes if n.op == "output")
+        ids_n = _method_arg(out.args[0][2], "view")
+        if weights_n is None or ids_n is None:
+            return self._refuse(gm, "routing weights or ids not in the generated form")
+        # Step 2: the region between the logits and the anchors, and what it reads.
+        region: set[fx.Node] = set()
+        bias_n = None
+        stack = [weights_n, ids_n]
+        while stack:
+            n = stack.pop()
+            if n is logits_n or n in region:
+                continue
+            if n.op == "get_attr" and n.target == "router.expert_bias":
+                bias_n = n
+                continue
+            if n.op not in ("call_function", "call_method"):
+                return self._refuse(gm, f"routing reads {n.op} {n.target}, not only the logits and expert bias")
+            region.add(n)
+            stack.extend(n.all_input_nodes)
+        if (bias_n is not None) != (self.spec.moe.router.expert_bias is not None):
+            return self._refuse(gm, "expert bias use in the graph does not match the spec")
+        # Step 3: check the region computes the spec's policy.
+        mismatch = self._verify(region, logits_n, bias_n, ids_n, weights_n, order, gm)
+        if mismatch:
+            return self._refuse(gm, mismatch)
+        # Step 4: one route_topk call right after its inputs; outside users move to it.
+        anchor = max([logits_n] + ([bias_n] if bias_n is not None else []), key=order.__getitem__)
+        with graph.inserting_after(anchor):
+            call = graph.call_function(torch.ops.moegraph_triton.route_topk.default, (logits_n, bias_n, *self.args))
+        with graph.inserting_after(call):
+            new_ids = graph.call_function(operator.getitem, (call, 0))
+        with graph.inserting_after(new_ids):
+            new_w = graph.call_function(operator.getitem, (new_ids.args[0], 1))
+        ids_n.replace_all_uses_with(new_ids, delete_user_cb=lambda u: u not in region)
+        weights_n.replace_all_uses_with(new_w, delete_user_cb=lambda u: u not in region)
+        # Step 5: drop what no one reads any more (in-place scatter_ on a fresh mask included).
+        for n in sorted(region, key=order.__getitem__, reverse=True):
+            if not n.users:
+                graph.erase_node(n)
+        graph.lint()
+        gm.recompile()
+        return PassResult(gm, True)
+
+    def _verify(self, region, logits_n, bias_n, ids_n, weights_n, order, gm) -> str | None:
+        """Run the region on random logits next to the torch reference of the spec's policy."""
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {logits_n: sub.placeholder("logits_TE")}
+        if bias_n is not None:
+            env[bias_n] = sub.placeholder("expert_bias_E")
+        for n in sorted(region, key=order.__getitem__):
+            env[n] = sub.node_copy(n, lambda a: env[a])
+        sub.output((env[ids_n], env[weights_n]))
+        fn = fx.GraphModule(gm, sub)
+        E = self.spec.moe.experts.num_experts
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(self.verify_tokens, E, generator=g, dtype=torch.float64) * 2
+        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_n is not None else None
+        ids, w = fn(logits, bias) if bias is not None else fn(logits)
+        ref_ids, ref_w = triton_ops.route_topk_reference(logits, bias, *self.args)
+        if not torch.equal(ids, ref_ids):
+            return "the routing subgraph picks other experts than the spec's policy"
+        if not torch.allclose(w, ref_w, rtol=1e-9, atol=1e-12):
+            return "the routing subgraph weighs experts differently from the spec's policy"
+        return None
+
+
+def triton_passes(spec: MoESpec) -> list[PassBase]:
+    """The default passes plus ``FuseRouter``, for ``moegraph.compile(..., passes=...)``."""
+    return [EvalOnly(DropTrainingOutputs()), FoldSharedExperts(), FuseRouter(spec)]

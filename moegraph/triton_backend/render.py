@@ -1,0 +1,112 @@
+"""Render a Triton kernel template into an importable module, cached by content hash.
+
+``render_to_module("triton_router.py.j2", ctx)`` renders the template with ``StrictUndefined`` (a
+missing context key is an error), writes the source to ``<cache>/triton/<stem>_<sha12>.py`` only when
+no file with that content exists, and imports it once per process. Triton's ``@jit`` reads a kernel's
+source from its file, so kernels must be imported from disk rather than exec'd from a string.
+
+Whether kernels are interpreted (``TRITON_INTERPRET=1``) is decided by Triton when a module is
+imported, so the in-process cache is keyed by the content hash and that mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jinja2
+
+from .. import __version__
+from ..codegen import default_cache_dir
+from ..errors import CodegenError
+from ..resources import templates_dir
+
+_ENV: jinja2.Environment | None = None
+_MODULES: dict[tuple[str, bool], ModuleType] = {}
+_LOCK = threading.Lock()
+
+
+def _env() -> jinja2.Environment:
+    global _ENV
+    if _ENV is None:
+        _ENV = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(templates_dir())),
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+        )
+    return _ENV
+
+
+def render(template: str, ctx: dict[str, Any]) -> str:
+    """The source of ``template`` for ``ctx`` (the moegraph version is added to the context)."""
+    try:
+        return _env().get_template(template).render(version=__version__, **ctx)
+    except jinja2.TemplateError as exc:
+        raise CodegenError(f"rendering {template} failed: {exc}") from exc
+
+
+def kernel_cache_dir() -> Path:
+    return default_cache_dir() / "triton"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read by Triton itself)."""
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
+
+
+def _write_if_changed(path: Path, source: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.read_text(encoding="utf-8") == source:
+            return
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(source)
+        os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
+    except OSError as exc:
+        raise CodegenError(
+            f"cannot write generated Triton kernels to {path.parent}: {exc.strerror}; set XDG_CACHE_HOME "
+            "to a writable directory"
+        ) from None
+
+
+def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path | None = None) -> ModuleType:
+    """Render ``template`` with ``ctx`` and import the result (once per content hash and mode)."""
+    source = render(template, ctx)
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    key = (digest, interpreting())
+    mod = _MODULES.get(key)
+    if mod is not None:
+        return mod
+    with _LOCK:
+        mod = _MODULES.get(key)
+        if mod is not None:
+            return mod
+        stem = template.split(".", 1)[0]
+        path = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
+        path = path / f"{stem}_{digest[:12]}.py"
+        _write_if_changed(path, source)
+        name = f"moegraph_kernels_{stem}_{digest[:16]}" + ("_interpreted" if key[1] else "")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise CodegenError(f"cannot import generated Triton kernels {path}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as exc:  # a rendered file that does not import is a moegraph bug
+            del sys.modules[name]
+            raise CodegenError(f"generated Triton kernels {path} failed to import: {exc}") from exc
+        _MODULES[key] = mod
+        return mod
