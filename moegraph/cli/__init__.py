@@ -41,21 +41,40 @@ def report_error(exc: MoegraphError) -> None:
         err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _click_exceptions():
+    """The click exception classes typer may raise (typer >= 0.29 ships its own copy of click)."""
+    exit_, usage, abort = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
     try:
-        app(args=argv, standalone_mode=False)
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+    except ImportError:
+        vendored = None
+    for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
+        cls = getattr(vendored, name, None)
+        if cls is not None:
+            bucket.append(cls)
+    import typer as _typer
+
+    exit_.append(_typer.Exit)
+    return tuple(exit_), tuple(usage), tuple(abort)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for moegraph errors and usage errors)."""
+    exit_types, click_errors, abort_types = _click_exceptions()
+    try:
+        rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
     except MoegraphError as exc:
         report_error(exc)
         return 2
-    except click.exceptions.Exit as exc:
+    except exit_types as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except click_errors as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except abort_types:
         err_console.print("aborted")
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def entry() -> None:
