@@ -29,6 +29,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     seed: int | None = 0,
     passes: list | None = None,
     process_group: Any = None,
+    layer_index: int = 0,
+    timeout: float | None = None,
 ) -> CompiledMoEBase:
     """Compile a spec into an ``nn.Module`` implementing its MoE layer.
 
@@ -42,6 +44,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         dtype: parameter dtype (default: the spec's ``moe.dtype``).
         seed: deterministic parameter init; None leaves parameters uninitialised.
         passes: FX passes to run instead of the defaults.
+        process_group, layer_index, timeout: expert-parallel only (see
+            ``moegraph.distributed.ExpertParallelMoE.create``): the group (default: the default
+            group), which MoE layer of the plan this layer is, and the seconds a collective waits for
+            peers before raising ``DistributedError``.
     """
     spec = load_spec(spec)
     backend = backend or spec.codegen.backend
@@ -60,7 +66,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         if (dist.is_available() and dist.is_initialized()) or process_group is not None:
             from .distributed import ExpertParallelMoE
 
-            return ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, **kwargs)
+            return ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, layer_index=layer_index,
+                                            timeout=timeout, **kwargs)
         from .planner import Plan
 
         if not isinstance(plan, Plan):
