@@ -226,6 +226,27 @@ class RoutingRecorder:
         self.__init__()
 
 
+def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None = None):
+    """One TraceSet (the planner's input) from the recorders of a model's MoE layers, in order.
+
+    Every layer must have recorded the same tokens (a model's forward passes them through all
+    layers). Recording is opt-in: ``layer.start_recording()`` before the forwards.
+    """
+    from .errors import TraceError
+    from .traces import TraceSet
+
+    recs = [getattr(layer, "recorder", None) for layer in layers]
+    if not recs or any(r is None for r in recs):
+        raise TraceError(f"{name}: every layer must be recording; call layer.start_recording() first")
+    ids = [r.ids() for r in recs]
+    if len({tuple(i.shape) for i in ids}) != 1:
+        raise TraceError(f"{name}: layers recorded different token counts {[tuple(i.shape) for i in ids]}; "
+                         "record the same forwards on every layer")
+    e = num_experts if num_experts is not None else getattr(layers[0], "NUM_EXPERTS", None)
+    return TraceSet.from_topk([i.numpy() for i in ids], sample_ids=recs[0].samples().numpy(), num_experts=e,
+                              source=name, name=name)
+
+
 class CompiledMoEBase(nn.Module):
     """Parameters, input checks and graph management shared by all generated layers.
 
