@@ -1,0 +1,493 @@
+"""The Triton backend against the torch backend, on CPU under Triton's interpreter.
+
+Each kernel (alignment, grouped expert MLP with combine, router) is compared with its torch
+reference, and whole layers of backend "triton" with backend "torch" holding the same weights, for
+several routing policies, float32 and float16, token counts that are not multiples of the block
+size, experts without tokens, dropped assignments and shared experts. A last test cross-compiles the
+kernels for sm_90 (no GPU needed) so that code the interpreter accepts but the compiler rejects is
+caught here too.
+
+The interpreter is chosen by Triton when a kernel module is imported; moegraph imports its rendered
+kernels lazily and keys them by that mode, so setting TRITON_INTERPRET here, before any kernel is
+used in this process, is enough even if another test module imported triton first.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+import moegraph  # noqa: E402
+from moegraph.errors import CodegenError, InputError  # noqa: E402
+from moegraph.ops import _expert_mlp_impl  # noqa: E402
+from moegraph.triton_backend import configs, kernels  # noqa: E402
+from moegraph.triton_backend import ops as tops  # noqa: E402
+from moegraph.triton_backend.passes import FuseRouter, triton_passes  # noqa: E402
+from moegraph.triton_backend.render import render, render_to_module  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+D, F_, E = 32, 16, 8
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(tmp_path_factory, monkeypatch):
+    # Rendered kernels go to a per-session folder, not the user's cache.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("N,E_,SH,T,block_m", [(1, 8, 0, 1, 16), (66, 8, 0, 33, 16), (300, 5, 1, 100, 32),
+                                               (40, 64, 2, 20, 16), (0, 8, 1, 7, 16)])
+def test_align_sorts_pads_and_labels_blocks(N, E_, SH, T, block_m):
+    g = torch.Generator().manual_seed(N)
+    exp = torch.randint(-1, E_ + 1, (N,), generator=g)  # includes dropped ids -1 and E
+    sorted_R, block_expert_B, B = kernels.align(exp, T, E_, SH, block_m)
+    N_ext = N + SH * T
+    # Expected: stable order by expert, runs padded with the sentinel N_ext.
+    ext = torch.cat([exp, torch.arange(SH).repeat_interleave(T) + E_])
+    expect_rows, expect_blocks = [], []
+    for e in range(E_ + SH):
+        ids = [n for n in range(N_ext) if int(ext[n]) == e and (n >= N or 0 <= int(ext[n]) < E_)]
+        if not ids:
+            continue
+        pad = -len(ids) % block_m
+        expect_rows += ids + [N_ext] * pad
+        expect_blocks += [e] * ((len(ids) + pad) // block_m)
+    assert B == kernels.max_blocks(N_ext, E_ + SH, block_m) >= len(expect_blocks)
+    assert sorted_R[: len(expect_rows)].tolist() == expect_rows
+    assert (sorted_R[len(expect_rows):] == N_ext).all()
+    assert block_expert_B.tolist() == expect_blocks + [-1] * (B - len(expect_blocks))
+
+
+def test_align_bound_is_tight_enough_and_safe():
+    # The worst case: every expert gets one row (most padding) or all rows go to one expert.
+    for N, E_, bm in [(8, 256, 16), (65536, 256, 64), (100, 3, 32), (5, 5, 16)]:
+        B = kernels.max_blocks(N, E_, bm)
+        spread = sum(math.ceil(c / bm) for c in [N // E_ + (i < N % E_) for i in range(E_)])
+        assert spread <= B and math.ceil(N / bm) <= B <= N
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped expert MLP (+ combine)
+# ----------------------------------------------------------------------------------------------
+
+
+def _assignments(T, K, g, *, drop=False, empty=(3,)):
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    for e in empty:  # experts that receive no tokens
+        ids[ids == e] = (e + 1) % E if (e + 1) % E not in empty else (e + 2) % E
+    if drop and T > 1:
+        ids[0, 0], ids[1, K - 1] = -1, E  # dropped assignments
+    return torch.arange(T).repeat_interleave(K), ids.reshape(-1)
+
+
+def _weights(g, dt, *, gated=True, bias=False, shared=None):
+    H = 2 * F_ if gated else F_
+    w = {
+        "w_up": torch.randn(E, H, D, generator=g) / D**0.5,
+        "w_down": torch.randn(E, D, F_, generator=g) / F_**0.5,
+        "b_up": torch.randn(E, H, generator=g) * 0.3 if bias else None,
+        "b_down": torch.randn(E, D, generator=g) * 0.3 if bias else None,
+        "sw_up": None, "sw_down": None,
+    }
+    if shared:
+        w["sw_up"] = torch.randn((2 if gated else 1) * shared, D, generator=g) / D**0.5
+        w["sw_down"] = torch.randn(D, shared, generator=g) / shared**0.5
+    return {k: None if v is None else v.to(dt) for k, v in w.items()}
+
+
+MLP_CASES = {
+    # name: (activation, gated, gate_clamp, up_clamp, bias, shared hidden, shared scale, drop)
+    "swiglu": ("silu", True, None, None, False, None, False, True),
+    "swiglu_shared": ("silu", True, None, None, False, F_, False, False),
+    "swiglu_shared_2F_scaled": ("silu", True, None, None, False, 2 * F_, True, True),
+    "swiglu_shared_not_multiple": ("silu", True, None, None, False, 24, True, False),
+    "geglu_bias_clamps": ("gelu", True, 0.5, 0.7, True, None, False, False),
+    "gelu_tanh_bias_shared": ("gelu_tanh", True, None, None, True, F_, False, False),
+    "relu2_plain": ("relu2", False, None, None, False, None, False, True),
+    "gelu_plain_bias": ("gelu", False, None, None, True, None, False, False),
+}
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(MLP_CASES))
+def test_expert_mlp_matches_reference(case, dt):
+    act, gated, gclamp, uclamp, bias, shared, scaled, drop = MLP_CASES[case]
+    g = torch.Generator().manual_seed(len(case))
+    w = _weights(g, dt, gated=gated, bias=bias, shared=shared)
+    for T, K in [(1, 2), (7, 3), (33, 2)]:
+        x = torch.randn(T, D, generator=g).to(dt)
+        tok, exp = _assignments(T, K, g, drop=drop)
+        wt = torch.rand(T * K, generator=g).to(dt)
+        scale = torch.rand(T, generator=g).to(dt) if scaled else None
+        args = (x, tok, exp, wt, w["w_up"], w["w_down"], w["b_up"], w["b_down"], act, gated, gclamp, uclamp,
+                w["sw_up"], w["sw_down"], scale)
+        y = torch.ops.moegraph_triton.expert_mlp(*args)
+        up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        ref = _expert_mlp_impl(*up)
+        assert y.dtype == dt and y.shape == (T, D)
+        torch.testing.assert_close(y.float(), ref, **TOL[dt], msg=f"{case} T={T}")
+
+
+def test_expert_mlp_all_dropped_and_no_tokens():
+    g = torch.Generator().manual_seed(0)
+    w = _weights(g, torch.float32, shared=F_)
+    x = torch.randn(5, D, generator=g)
+    tok = torch.arange(5).repeat_interleave(2)
+    exp = torch.full((10,), E)  # every assignment dropped: only the shared expert contributes
+    for sw in [(None, None), (w["sw_up"], w["sw_down"])]:
+        args = (x, tok, exp, torch.ones(10), w["w_up"], w["w_down"], None, None, "silu", True, None, None, *sw, None)
+        torch.testing.assert_close(kernels.expert_mlp(*args), _expert_mlp_impl(*args), **TOL[torch.float32])
+    empty = (x[:0], tok[:0], exp[:0], torch.ones(0), w["w_up"], w["w_down"], None, None, "silu", True, None, None,
+             None, None, None)
+    assert kernels.expert_mlp(*empty).shape == (0, D)
+
+
+def test_expert_mlp_is_deterministic_and_config_independent():
+    g = torch.Generator().manual_seed(3)
+    w = _weights(g, torch.float32, shared=F_)
+    x = torch.randn(33, D, generator=g)
+    tok, exp = _assignments(33, 2, g, drop=True)
+    wt = torch.rand(66, generator=g)
+    args = (x, tok, exp, wt, w["w_up"], w["w_down"], None, None, "silu", True, None, None, w["sw_up"], w["sw_down"], None)
+    outs = []
+    for bm in (16, 32, 64):
+        gemm = configs.GemmConfig(BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+        outs.append(kernels.expert_mlp(*args, config=configs.MoEConfig(bm, gemm, gemm)))
+    assert torch.equal(outs[0], kernels.expert_mlp(*args, config=configs.MoEConfig(16, gemm, gemm)))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], **TOL[torch.float32])
+
+
+def test_expert_mlp_backward_matches_torch_op():
+    g = torch.Generator().manual_seed(4)
+    w = _weights(g, torch.float32, bias=True, shared=F_)
+    x = torch.randn(7, D, generator=g)
+    tok, exp = _assignments(7, 2, g)
+    wt = torch.rand(14, generator=g)
+    grads = []
+    for op in (torch.ops.moegraph.expert_mlp, torch.ops.moegraph_triton.expert_mlp):
+        leaves = [t.clone().requires_grad_(True) for t in (x, wt, w["w_up"], w["w_down"], w["sw_up"])]
+        y = op(leaves[0], tok, exp, leaves[1], leaves[2], leaves[3], w["b_up"], w["b_down"], "silu", True, None, None,
+               leaves[4], w["sw_down"], None)
+        y.square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def test_expert_mlp_fake_and_opcheck():
+    g = torch.Generator().manual_seed(5)
+    w = _weights(g, torch.float32)
+    tok, exp = _assignments(4, 2, g)
+    args = (torch.randn(4, D, generator=g), tok, exp, torch.rand(8, generator=g), w["w_up"], w["w_down"], None,
+            None, "silu", True, None, None, None, None, None)
+    torch.library.opcheck(torch.ops.moegraph_triton.expert_mlp.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Router
+# ----------------------------------------------------------------------------------------------
+
+ROUTERS = {
+    # name: (E, K, score, topk_then_score, bias, normalize, scale, (G, keep, group_score, top_n))
+    "softmax_top2": (8, 2, "softmax", False, False, False, 1.0, (0, 0, "max", 0)),
+    "softmax_top2_norm": (8, 2, "softmax", False, False, True, 1.0, (0, 0, "max", 0)),
+    "topk_then_softmax": (8, 3, "softmax", True, True, False, 1.0, (0, 0, "max", 0)),
+    "deepseek_v3": (16, 4, "sigmoid", False, True, True, 2.5, (4, 2, "sum_topn", 2)),
+    "deepseek_v3_shape": (256, 8, "sigmoid", False, True, True, 2.5, (8, 4, "sum_topn", 2)),
+    "softmax_groups_max": (12, 2, "softmax", False, False, False, 16.0, (3, 1, "max", 0)),
+    "sqrt_softplus": (10, 3, "sqrt_softplus", False, False, True, 1.0, (0, 0, "max", 0)),
+    "expression": (8, 2, "sqrt(softplus(x)) + 0.5 * tanh(x) - x ** 2 / 8 + log1p(abs(x))", False, True, False, 1.0,
+                   (2, 1, "sum_topn", 3)),
+}
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_router_kernel_matches_torch_routing(name, dt):
+    E_, K, score, then, bias, norm, scale, (G, keep, gscore, top_n) = ROUTERS[name]
+    g = torch.Generator().manual_seed(E_ + K)
+    T = 33
+    logits = (torch.randn(T, E_, generator=g) * 2).to(dt)
+    b = (torch.randn(E_, generator=g) * 0.5) if bias else None
+    args = (K, score, then, norm, scale, G, keep, gscore, top_n)
+    ids, w = torch.ops.moegraph_triton.route_topk(logits, b, *args)
+    # The reference in float64 on the same (rounded) logits: the kernel computes in float32.
+    ref_ids, ref_w = tops.route_topk_reference(logits.double(), None if b is None else b.double(), *args)
+    assert ids.dtype == torch.int64 and w.dtype == dt
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w.double(), ref_w, **TOL[dt])
+
+
+def test_router_group_mask_uses_minus_inf():
+    # One group kept per token; a huge negative bias on every kept-group expert must not let the
+    # top-2 escape to another group (masking with 0.0 instead of -inf would).
+    logits = torch.tensor([[5.0, 4.0, -3.0, -4.0]])
+    bias = torch.tensor([-100.0, -100.0, 0.0, 0.0])
+    ids, _ = torch.ops.moegraph_triton.route_topk(logits, bias, 2, "identity", False, False, 1.0, 2, 1, "max", 0)
+    ref, _ = tops.route_topk_reference(logits, bias, 2, "identity", False, False, 1.0, 2, 1, "max", 0)
+    assert torch.equal(ids, ref) and set(ids[0].tolist()) == {2, 3}
+
+
+def test_router_backward_matches_torch_routing():
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(7, 16, generator=g)
+    bias = torch.randn(16, generator=g) * 0.3
+    args = (4, "sigmoid", False, True, 2.5, 4, 2, "sum_topn", 2)
+    a = logits.clone().requires_grad_(True)
+    _, w = torch.ops.moegraph_triton.route_topk(a, bias, *args)
+    (w * torch.arange(4.0)).sum().backward()
+    b = logits.clone().requires_grad_(True)
+    _, wr = tops.route_topk_reference(b, bias, *args)
+    (wr * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole layers: backend "triton" against backend "torch" with the same weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _spec(name, router, *, shared=None, experts=None):
+    ex = {"num_experts": E, "intermediate_size": F_, "activation": "swiglu"}
+    ex.update(experts or {})
+    spec = {"name": name, "moe": {"hidden_size": D, "experts": ex, "router": {"type": "topk", **router}}}
+    if shared:
+        spec["moe"]["shared_experts"] = shared
+    return spec
+
+
+LAYERS = {
+    "softmax_top2": _spec("t-softmax-top2", {"top_k": 2, "normalize": True}),
+    "deepseek_v3_style": _spec("t-dsv3", {"top_k": 3, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+                                          "groups": {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn",
+                                                     "top_n": 2},
+                                          "expert_bias": {"update_rate": 0.01}}, shared={"count": 1}),
+    "qwen2_gated_shared": _spec("t-qwen2", {"top_k": 4}, shared={"count": 1, "intermediate_size": 2 * F_,
+                                                                  "gate": "sigmoid"}),
+    "geglu_bias_capacity": _spec("t-geglu-cap", {"top_k": 2, "capacity": {"factor": 0.5}},
+                                 experts={"activation": "geglu", "bias": True}),
+}
+
+
+def _randomise(layer, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "bias" in name else 1.0) / math.sqrt(p.shape[-1]))
+        if hasattr(layer.router, "expert_bias"):
+            # Experts 0 and 5 are never chosen: experts without tokens.
+            bias = torch.randn(E, generator=g) * 0.3
+            bias[[0, 5]] = -1e4
+            layer.router.expert_bias.copy_(bias)
+
+
+@pytest.mark.parametrize("fuse_router", [False, True], ids=["torch_router", "router_kernel"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_matches_torch_backend(name, dt, fuse_router, tmp_path):
+    spec = moegraph.load_spec(LAYERS[name])
+    ref = moegraph.compile(spec, backend="torch", dtype=dt, out_dir=tmp_path)
+    _randomise(ref)
+    passes = triton_passes(spec) if fuse_router else None
+    tri = moegraph.compile(spec, backend="triton", dtype=dt, out_dir=tmp_path, passes=passes)
+    tri.load_state_dict(ref.state_dict())
+    ref.eval()
+    tri.eval()
+    g = torch.Generator().manual_seed(2)
+    for shape in [(1, D), (7, D), (3, 11, D)]:  # 1, 7 and 33 tokens
+        x = torch.randn(*shape, generator=g).to(dt)
+        y = tri(x)
+        assert y.dtype == dt and y.shape == x.shape
+        torch.testing.assert_close(y.float(), ref(x).float(), **TOL[dt], msg=f"{name} {shape}")
+    code = tri.graph().code
+    assert "moegraph_triton.expert_mlp" in code and "torch.ops.moegraph.expert_mlp" not in code
+    if fuse_router:
+        assert "moegraph_triton.route_topk" in code and "topk(" not in code.replace("route_topk", "")
+        assert tri.pass_report["eval"].applied[-1] == "FuseRouter"
+    if spec.moe.shared_experts.count:
+        assert "shared_mlp" not in code  # folded into the expert op
+
+
+def test_layer_training_step_matches_torch_backend(tmp_path):
+    spec = moegraph.load_spec(LAYERS["deepseek_v3_style"])
+    ref = moegraph.compile(spec, backend="torch", out_dir=tmp_path)
+    _randomise(ref)
+    tri = moegraph.compile(spec, backend="triton", out_dir=tmp_path, passes=triton_passes(spec))
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(3))
+    results = []
+    for layer in (ref, tri):
+        layer.train()
+        layer.zero_grad()
+        y, aux = layer(x, return_aux=True)
+        (y.square().mean() + sum(aux.values())).backward()
+        results.append((y, aux, {n: p.grad for n, p in layer.named_parameters()}))
+    (y0, aux0, g0), (y1, aux1, g1) = results
+    torch.testing.assert_close(y1, y0, **TOL[torch.float32])
+    assert aux0.keys() == aux1.keys()
+    for k in aux0:
+        torch.testing.assert_close(aux1[k], aux0[k])
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], **TOL[torch.float32], msg=n)
+
+
+def test_fuse_router_refuses_a_graph_it_cannot_explain(tmp_path):
+    spec = moegraph.load_spec(LAYERS["softmax_top2"])
+    other = moegraph.load_spec(_spec("t-other", {"top_k": 2, "normalize": False}))  # a different policy
+    fuse = FuseRouter(other)
+    layer = moegraph.compile(spec, backend="triton", out_dir=tmp_path, passes=[fuse])
+    layer.eval()
+    code = layer.graph().code
+    assert fuse.refused and "weighs experts differently" in fuse.refused
+    assert "route_topk" not in code
+    ec = moegraph.load_spec({"name": "t-ec", "moe": {"hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_},
+                                                   "router": {"type": "expert_choice"}}})
+    fuse = FuseRouter(ec)
+    moegraph.compile(ec, backend="triton", out_dir=tmp_path, passes=[fuse]).eval().graph()
+    assert "not top-k" in fuse.refused
+    assert FuseRouter.for_layer(layer).spec == spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors, rendering, configs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unsupported_devices_and_dtypes_say_what_to_do(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w = _weights(g, torch.bfloat16)
+    args = (torch.randn(2, D).bfloat16(), torch.arange(2), torch.zeros(2, dtype=torch.long), torch.ones(2).bfloat16(),
+            w["w_up"], w["w_down"], None, None, "silu", True, None, None, None, None, None)
+    with pytest.raises(InputError, match="no bfloat16"):
+        kernels.expert_mlp(*args)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    with pytest.raises(InputError, match="TRITON_INTERPRET=1"):
+        kernels.route_topk(torch.randn(2, 8), None, 2, "softmax", False, False, 1.0, 0, 0, "max", 0)
+
+
+def test_render_is_strict_cached_and_written_once(tmp_path):
+    with pytest.raises(CodegenError, match="has_shared"):
+        render("triton_align.py.j2", {})
+    ctx = kernels.mlp_context("silu", True, None, 7.0, True, True, True, torch.float16)
+    src = render("triton_expert_mlp.py.j2", ctx)
+    assert "tl.minimum(tl.maximum(acc_u, -7.0), 7.0)" in src and "is_shared" in src
+    assert "input_precision" not in src and "clamp(x W_gate" in src
+    m1 = render_to_module("triton_expert_mlp.py.j2", ctx, cache_dir=tmp_path)
+    files = list(tmp_path.glob("triton_expert_mlp_*.py"))
+    assert len(files) == 1 and files[0].read_text() == src
+    mtime = files[0].stat().st_mtime_ns
+    assert render_to_module("triton_expert_mlp.py.j2", ctx, cache_dir=tmp_path) is m1
+    assert files[0].stat().st_mtime_ns == mtime
+    # The router is emitted only for the spec's policy: no group code without groups.
+    plain = render("triton_router.py.j2", kernels.router_context(8, 2, "softmax", False, False, True, 1.0, 0, 0, "max", 0))
+    grouped = render("triton_router.py.j2", kernels.router_context(16, 4, "sigmoid", False, True, True, 2.5, 4, 2,
+                                                                   "sum_topn", 2))
+    assert "group_score" not in plain and "expert_bias" not in plain and "group_score" in grouped
+    assert "tl.sigmoid(x)" in grouped and "w * 2.5" in grouped
+
+
+def test_configs_table_lookup_and_defaults(tmp_path):
+    small, large = configs.default_config(2, torch.bfloat16), configs.default_config(1000, torch.bfloat16)
+    assert small.BLOCK_M == 16 and large.BLOCK_M >= 64
+    fitted = configs.fit(large, D=32, F=16)
+    assert fitted.gate_up.BLOCK_N == 16 and fitted.gate_up.BLOCK_K == 32 and fitted.down.BLOCK_N == 32
+    table = {"1": small.to_json(), "1024": large.to_json()}
+    path = configs.table_path(E, F_, "NVIDIA Test GPU", torch.float16, tmp_path)
+    assert path.name == "E=8,N=16,device_name=NVIDIA_Test_GPU,dtype=float16.json"
+    path.write_text(json.dumps(table))
+    configs.add_search_dir(tmp_path)
+    assert configs.get_config(E, F_, 900, 1.0, torch.float16, "NVIDIA Test GPU") == large
+    assert configs.get_config(E, F_, 3, 1.0, torch.float16, "NVIDIA Test GPU") == small
+    assert configs.get_config(E, F_, 3, 300.0, torch.float16, None) == configs.default_config(300.0, torch.float16)
+
+
+_CROSS_COMPILE = textwrap.dedent("""
+    import sys, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from moegraph.triton_backend import configs, kernels
+    from moegraph.triton_backend.render import render_to_module
+
+    PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+
+    def compile_sm90(fn, args, consts, num_warps=4, num_stages=3):
+        # Mirror Triton's launch-time specialisation: ints equal to 1 become constants, pointers and
+        # multiples of 16 carry the divisibility hint that enables vectorised, pipelined loads.
+        sig, cx, attrs = {}, dict(consts), {}
+        for i, name in enumerate(fn.arg_names):
+            v = consts.get(name, args[i] if i < len(args) else None)
+            if name in consts or v is None or (isinstance(v, int) and v == 1):
+                sig[name], cx[name] = "constexpr", v
+            elif isinstance(v, torch.dtype):
+                sig[name], attrs[(i,)] = PTR[v], [["tt.divisibility", 16]]
+            else:
+                sig[name] = "i32"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        return triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+
+    bf, i32, i64 = torch.bfloat16, torch.int32, torch.int64
+    T, D, F, E = 8192, 7168, 2048, 256
+    mod = render_to_module("triton_expert_mlp.py.j2", kernels.mlp_context("silu", True, None, None, False, True, False, bf))
+    out = {}
+    for rows in (4, 300):
+        cfg = configs.default_config(rows, bf)
+        gu, dn = cfg.gate_up, cfg.down
+        k = compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 65536, 73728, T, D, F, F, E, 1400,
+                         D, 1, 2 * F * D, D, 1, D, 1, 0, 0, F, 1],
+                         dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M, EVEN_K=True),
+                         gu.num_warps, gu.num_stages)
+        out[f"gate_up_{rows}"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
+        k = compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 65536, 73728, T, D, F, E, 1400,
+                         F, 1, D * F, F, 1, F, 1, 0, 0, D, 1],
+                         dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M, EVEN_K=True),
+                         dn.num_warps, dn.num_stages)
+        out[f"down_{rows}"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
+    compile_sm90(mod.combine_kernel, [bf, i64, i64, i64, bf, 65536, T, D, E, 1, D, 1, D, 1], dict(BLOCK_D=1024))
+    al = render_to_module("triton_align.py.j2", {"has_shared": True})
+    compile_sm90(al.align_count, [i64, i32, i32, 65536, 73728, T, E, E + 1, 90112], dict(CHUNK=128, NB=512))
+    compile_sm90(al.align_scan, [i32, i32, 576], dict(NB=512, EB=64, PB=32))
+    compile_sm90(al.align_offsets, [i32, i32, i32, E + 1, 1400], dict(BLOCK_M=64, NB=512, BB=64))
+    compile_sm90(al.align_scatter, [i64, i32, i32, i32, 65536, 73728, T, E, E + 1], dict(CHUNK=128, NB=512))
+    ctx = kernels.router_context(E, 8, "sigmoid", False, True, True, 2.5, 8, 4, "sum_topn", 2)
+    compile_sm90(render_to_module("triton_router.py.j2", ctx).route_topk_kernel,
+                 [torch.float32, torch.float32, i64, torch.float32, T, E, 1], dict(BLOCK_T=16))
+    print(repr(out))
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper(tmp_path):
+    """Code the interpreter runs must also compile for sm_90, with pipelined loads and wgmma."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _CROSS_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
+        pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = eval(proc.stdout.strip().splitlines()[-1])  # a dict literal printed by the script
+    for name, (smem, pipelined, wgmma) in out.items():
+        assert smem <= 227 * 1024 and pipelined, (name, smem, pipelined)
+    assert out["gate_up_300"][2] and out["down_300"][2]  # large tiles use Hopper's wgmma
