@@ -2,7 +2,8 @@
 
 Every implementation runs in the same process on the same inputs, interleaved round by round (so
 machine noise hits all of them alike); the median of the rounds is reported. Next to the timings we
-measure the machine's limit for each size: the time of the same FLOPs as one large matmul, and the
+measure the machine's limit for each size: the time of the same FLOPs as one large matmul (the faster of
+torch.mm and a oneDNN matmul with pre-packed weights, the two GEMM paths moegraph can use), and the
 time to read the expert weights that the batch touches (a plain sum over them); the larger of the
 two is the limit. Ratios, not absolute times, are the result.
 """
@@ -137,10 +138,16 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
             b = torch.randn(D, (H + 1) * F, generator=g)
             fns = {name: (lambda mod=mod: mod(x)) for name, mod in impls.items()}
             fns["_matmul"] = lambda: torch.mm(a, b)
+            from .ops import prepack_supported
+
+            if prepack_supported(b):  # the limit uses the faster GEMM library, as moegraph may
+                b_packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), rows_mm)
+                fns["_matmul_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_packed, None, "none", [], "")
             fns["_weights"] = lambda: [w.sum() for w in w_touched]
             inner = max(1, min(50, 2048 // max(T, 1)))
             t = _median_interleaved(fns, rounds, inner)
-        row = BenchRow(T, {k: v for k, v in t.items() if not k.startswith("_")}, t["_matmul"], t["_weights"])
+        matmul = min(t["_matmul"], t.get("_matmul_onednn", float("inf")))
+        row = BenchRow(T, {k: v for k, v in t.items() if not k.startswith("_")}, matmul, t["_weights"])
         rows.append(row)
     return rows
 

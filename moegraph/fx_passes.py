@@ -6,6 +6,8 @@ Each pass follows torch.fx's habits: it takes a GraphModule and returns a ``Pass
 Passes:
 - ``DropTrainingOutputs`` (eval graphs): remove the auxiliary losses from the output and let dead
   code elimination delete the work that only fed them.
+- ``UsePrepackedExperts`` (eval graphs, CPU float32): switch the expert op to its variant with
+  oneDNN-packed weights (see ``moegraph.ops._PackedExperts``).
 - ``FoldSharedExperts``: ``expert_mlp(...) + shared_mlp(x)`` becomes one ``expert_mlp`` call that runs
   the shared experts inside the same op, accumulating into the routed output buffer (no separate
   output tensor and add). Skipped when the shared experts carry biases (the op has no shared bias).
@@ -23,14 +25,15 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from . import runtime
 
-__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "default_passes", "trace_core"]
+__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "UsePrepackedExperts", "default_passes",
+           "trace_core"]
 
 
 def _is_expert_op(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     t = node.target
-    names = {"moegraph::expert_mlp", "moegraph_triton::expert_mlp"}
+    names = {"moegraph::expert_mlp", "moegraph::expert_mlp_packed", "moegraph_triton::expert_mlp"}
     name = getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
     return name in names
 
@@ -88,9 +91,40 @@ class FoldSharedExperts(PassBase):
         return PassResult(gm, modified)
 
 
-def default_passes(training: bool) -> list[PassBase]:
+class UsePrepackedExperts(PassBase):
+    """Eval graphs on CPU: run the expert op variant that keeps oneDNN-packed expert weights.
+
+    A lowering by target substitution (``moegraph::expert_mlp`` -> ``moegraph::expert_mlp_packed``):
+    same arguments, same result, faster small-row GEMMs, at the cost of a packed copy of the
+    expert weights. Only float32 CPU weights qualify; others are left alone.
+    """
+
+    def __init__(self, weights_supported: bool):
+        super().__init__()
+        self.weights_supported = weights_supported
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if not self.weights_supported:
+            return PassResult(gm, False)
+        modified = False
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (torch.ops.moegraph.expert_mlp,
+                                                               torch.ops.moegraph.expert_mlp.default):
+                node.target = torch.ops.moegraph.expert_mlp_packed.default
+                modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+
+def default_passes(training: bool, owner: nn.Module | None = None) -> list[PassBase]:
     passes: list[PassBase] = [] if training else [DropTrainingOutputs()]
     passes.append(FoldSharedExperts())
+    if not training and owner is not None:
+        from .ops import prepack_supported
+
+        passes.append(UsePrepackedExperts(prepack_supported(owner.experts.down_proj)))
     return passes
 
 
@@ -132,7 +166,7 @@ def build_graph(owner: nn.Module, training: bool, passes: list[PassBase] | None 
     """Trace ``owner.core`` and run the pass pipeline; returns the graph and what each pass did."""
     gm = trace_core(owner, training)
     report = PassReport(nodes_before=len(gm.graph.nodes))
-    for p in passes if passes is not None else default_passes(training):
+    for p in passes if passes is not None else default_passes(training, owner):
         res = p(gm)
         gm = res.graph_module
         (report.applied if res.modified else report.skipped).append(type(p).__name__)

@@ -13,11 +13,14 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S 
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["expert_mlp", "apply_activation", "mlp_forward"]
+__all__ = ["expert_mlp", "expert_mlp_packed", "apply_activation", "mlp_forward", "clear_workspace"]
 
 
 def apply_activation(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None) -> Tensor:
@@ -159,6 +162,102 @@ def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None
     return gate.mul_(up)
 
 
+class _Workspace:
+    """Scratch buffers reused across calls.
+
+    Large fresh allocations are returned to the OS and page-faulted back in on every call, which on
+    a CPU costs as much as the GEMMs' own memory traffic; reusing grown buffers avoids that.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, rows: int, cols: int) -> Tensor:
+        need = rows * cols
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < need:
+            buf = torch.empty(need, dtype=self.dtype, device=self.device)
+            self.buffers[name] = buf
+        return buf[:need].view(rows, cols)
+
+
+_WORKSPACES = threading.local()
+
+
+def _workspace(dtype: torch.dtype, device: torch.device) -> _Workspace:
+    table = getattr(_WORKSPACES, "table", None)
+    if table is None:
+        table = _WORKSPACES.table = {}
+    key = (dtype, device)
+    if key not in table:
+        table[key] = _Workspace(dtype, device)
+    return table[key]
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers kept by the expert op in this thread."""
+    _WORKSPACES.table = {}
+
+
+def prepack_supported(w: Tensor) -> bool:
+    """Whether expert weights can be pre-packed for oneDNN (CPU float32 with mkldnn)."""
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _linear(x: Tensor, w: Tensor, packed: Tensor | None) -> Tensor:
+    """x @ w.T, through oneDNN when a packed copy of w is given."""
+    if packed is None:
+        return torch.mm(x, w.t())
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+class _PackedExperts:
+    """oneDNN-packed copies of one layer's expert weights, tied to the weights' versions.
+
+    Packing reorders each expert's weight once into oneDNN's blocked layout, so small-row GEMMs stop
+    re-packing the full weight on every call (about 1.8x faster at 4-16 rows per expert). The copy
+    doubles expert memory, so only eval graphs use it (see fx_passes.UsePrepackedExperts). It is
+    rebuilt whenever a weight's data pointer or version counter changes (in-place updates,
+    load_state_dict, .to()).
+    """
+
+    def __init__(self, tensors: tuple[Tensor | None, ...]):
+        self.key = _pack_key(tensors)
+        w_up, w_down, s_up, s_down = tensors
+        rows = 16  # a batch-size hint for the blocking; any row count works
+        reorder = torch.ops.mkldnn._reorder_linear_weight
+        self.up = [reorder(w_up[e].contiguous(), rows) for e in range(w_up.shape[0])]
+        self.down = [reorder(w_down[e].contiguous(), rows) for e in range(w_down.shape[0])]
+        self.shared_up = reorder(s_up.contiguous(), 256) if s_up is not None else None
+        self.shared_down = reorder(s_down.contiguous(), 256) if s_down is not None else None
+
+
+def _pack_key(tensors: tuple[Tensor | None, ...]) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
+
+
+# id(weight) -> (weakref to the weight, packed copy). Tensors compare elementwise, so they cannot be
+# the keys of a WeakKeyDictionary; a finalizer drops the entry when the weight is freed.
+_PACKED: dict[int, tuple[weakref.ref, _PackedExperts]] = {}
+
+
+def packed_experts(w_up: Tensor, w_down: Tensor, s_up: Tensor | None, s_down: Tensor | None) -> _PackedExperts | None:
+    """The (cached) packed weights for these tensors, or None where packing is not supported."""
+    if not prepack_supported(w_up) or w_up.requires_grad and torch.is_grad_enabled():
+        return None
+    tensors = (w_up, w_down, s_up, s_down)
+    ref_entry = _PACKED.get(id(w_up))
+    entry = ref_entry[1] if ref_entry is not None and ref_entry[0]() is w_up else None
+    if entry is None or entry.key != _pack_key(tensors):
+        entry = _PackedExperts(tensors)
+        if ref_entry is None or ref_entry[0]() is not w_up:
+            weakref.finalize(w_up, _PACKED.pop, id(w_up), None)
+        _PACKED[id(w_up)] = (weakref.ref(w_up), entry)
+    return entry
+
+
 def _expert_mlp_fast(
     x_TD: Tensor,
     tok_N: Tensor,
@@ -175,6 +274,7 @@ def _expert_mlp_fast(
     shared_w_up_HD: Tensor | None,
     shared_w_down_DF: Tensor | None,
     shared_scale_T: Tensor | None,
+    packed: _PackedExperts | None = None,
 ) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
 
@@ -186,11 +286,11 @@ def _expert_mlp_fast(
     E = w_up_EHD.shape[0]
     # Step 1: shared experts straight into the output buffer.
     if shared_w_up_HD is not None:
-        hs = torch.mm(x_TD, shared_w_up_HD.t())
+        hs = _linear(x_TD, shared_w_up_HD, packed.shared_up if packed else None)
         a = _activate_(hs, activation, gated, gate_clamp, up_clamp)
         if shared_scale_T is not None:
             a.mul_(shared_scale_T.to(a.dtype).unsqueeze(-1))
-        y_TD = torch.mm(a, shared_w_down_DF.t())
+        y_TD = _linear(a, shared_w_down_DF, packed.shared_down if packed else None)
     else:
         y_TD = x_TD.new_zeros(T, D)
     if exp_N.numel() == 0:
@@ -205,21 +305,28 @@ def _expert_mlp_fast(
     order_N = order_N[:n_valid]
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
-    x_ND = x_TD.index_select(0, tok_sorted)
-    o_ND = torch.empty(n_valid, D, dtype=x_TD.dtype, device=x_TD.device)
-    h_buf = torch.empty(max(counts), w_up_EHD.shape[1], dtype=x_TD.dtype, device=x_TD.device)
+    ws = _workspace(x_TD.dtype, x_TD.device)
+    x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
+    o_ND = ws.get("o", n_valid, D)
+    h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
     # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         end = start + n
-        h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
+        if packed is not None and n > 1:  # oneDNN with pre-packed weights; MKL's GEMV wins at one row
+            h = _linear(x_ND[start:end], w_up_EHD[e], packed.up[e])
+        else:
+            h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
         if b_up_EH is not None:
             h.add_(b_up_EH[e])
         a = _activate_(h, activation, gated, gate_clamp, up_clamp)
         a.mul_(w_sorted[start:end])
-        torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
+        if packed is not None and n > 1:
+            o_ND[start:end] = _linear(a, w_down_EDF[e], packed.down[e])
+        else:
+            torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
         if b_down_ED is not None:
             o_ND[start:end].addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
         start = end
@@ -273,6 +380,39 @@ def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, ac
     return x_TD.new_empty(x_TD.shape)
 
 
+@torch.library.custom_op("moegraph::expert_mlp_packed", mutates_args=())
+def expert_mlp_packed(
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    shared_w_up_HD: Tensor | None,
+    shared_w_down_DF: Tensor | None,
+    shared_scale_T: Tensor | None,
+) -> Tensor:
+    """``expert_mlp`` for inference with oneDNN-packed expert weights (same arguments and result)."""
+    with torch.no_grad():
+        packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF)
+        return _expert_mlp_fast(
+            x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+            activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, packed,
+        )
+
+
+@expert_mlp_packed.register_fake
+def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T):
+    return x_TD.new_empty(x_TD.shape)
+
+
 # The differentiable tensor arguments of expert_mlp, by position.
 _TENSOR_ARGS = (0, 3, 4, 5, 6, 7, 12, 13, 14)
 
@@ -300,3 +440,4 @@ def _backward(ctx, grad_TD):
 
 
 expert_mlp.register_autograd(_backward, setup_context=_setup_context)
+expert_mlp_packed.register_autograd(_backward, setup_context=_setup_context)

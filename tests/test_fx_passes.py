@@ -82,5 +82,38 @@ def test_layer_reports_applied_passes():
     layer = _layer("deepseek-v3-tiny").eval()
     layer(torch.randn(2, layer.HIDDEN))
     rep = layer.pass_report["eval"]
-    assert rep.applied == ["DropTrainingOutputs", "FoldSharedExperts"]
+    assert rep.applied == ["DropTrainingOutputs", "FoldSharedExperts", "UsePrepackedExperts"]
     assert rep.nodes_after < rep.nodes_before
+
+
+def test_use_prepacked_experts_same_result():
+    layer = _layer("deepseek-v3-tiny")
+    gm = fx_passes.FoldSharedExperts()(fx_passes.trace_core(layer, training=False)).graph_module
+    x = torch.randn(1, 40, layer.HIDDEN)
+    y0 = gm(x)[0]
+    res = fx_passes.UsePrepackedExperts(True)(gm)
+    assert res.modified
+    assert any(n.target is torch.ops.moegraph.expert_mlp_packed.default for n in res.graph_module.graph.nodes)
+    torch.testing.assert_close(res.graph_module(x)[0], y0, rtol=1e-5, atol=1e-5)
+    assert not fx_passes.UsePrepackedExperts(False)(fx_passes.trace_core(layer, training=False)).modified
+
+
+def test_prepacked_weights_follow_weight_updates():
+    """The packed copy is keyed by the weights' versions: in-place updates are never served stale."""
+    a, b = _layer("mixtral-tiny", seed=0).eval(), _layer("mixtral-tiny", seed=1).eval()
+    x = torch.randn(30, a.HIDDEN)
+    ya = a(x)
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+    assert (a(x) - ya).abs().max() > 1e-3
+    with torch.no_grad():
+        a.experts.down_proj.mul_(2)
+    torch.testing.assert_close(a(x), 2 * b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_eval_graph_still_differentiable():
+    layer = _layer("deepseek-v3-tiny").eval()
+    x = torch.randn(5, layer.HIDDEN, requires_grad=True)
+    g = torch.autograd.grad(layer(x).sum(), x)[0]
+    gt = torch.autograd.grad(layer.train()(x).sum(), x)[0]
+    torch.testing.assert_close(g, gt, rtol=1e-5, atol=1e-5)
