@@ -1141,6 +1141,8 @@ def load_hf_config(path: str | Path) -> Any:
 
         if mt:
             kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+            if "torch_dtype" in kwargs:  # the older spelling, still common in config.json files
+                kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
             cfg = AutoConfig.for_model(mt, **kwargs)
             cfg._name_or_path = str(p)
             return cfg
