@@ -96,6 +96,10 @@ class Comm:
         self.backend = str(dist.get_backend(group))
         self.timeout = timeout
         self.label = label
+        # Passed to every AllToAll so that, with grad enabled, each one is an autograd node on every
+        # rank, whether or not this rank's inputs require grad: a backward all-to-all that runs on
+        # some ranks only would leave the others waiting.
+        self.anchor = torch.zeros(0, requires_grad=True)
 
     # ------------------------------------------------------------------ waiting with a clear error
 
@@ -195,12 +199,14 @@ def _row_bytes(x: Tensor) -> int:
 class AllToAll(torch.autograd.Function):
     """Differentiable all-to-all of rows: backward sends the gradients back along the same splits.
 
-    ``AllToAll.apply(x, send_W, recv_W, comm, traffic, kind, what)``; the forward's bytes are
-    counted under ``kind``, the backward's under ``grad`` (time under ``backward_comm``).
+    ``AllToAll.apply(x, comm.anchor, send_W, recv_W, comm, traffic, kind, what)``; the forward's
+    bytes are counted under ``kind``, the backward's under ``grad`` (time under ``backward_comm``).
+    ``comm.anchor`` (an empty tensor that requires grad) makes the output differentiable whenever
+    grad is enabled, so that every rank runs the backward all-to-all.
     """
 
     @staticmethod
-    def forward(ctx, x, send_W, recv_W, comm, traffic, kind, what):  # noqa: D102
+    def forward(ctx, x, anchor, send_W, recv_W, comm, traffic, kind, what):
         ctx.send_W, ctx.recv_W, ctx.comm, ctx.traffic, ctx.what = send_W, recv_W, comm, traffic, what
         row_bytes = _row_bytes(x)
         if traffic is not None:
@@ -208,11 +214,11 @@ class AllToAll(torch.autograd.Function):
         return comm.all_to_all(x, send_W, recv_W, what)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         t0 = time.perf_counter()
         g = ctx.comm.all_to_all(grad, ctx.recv_W, ctx.send_W, f"backward of {ctx.what}")
         if ctx.traffic is not None:
             row_bytes = _row_bytes(grad)
             ctx.traffic.add("grad", ctx.recv_W, row_bytes)
             ctx.traffic.seconds["backward_comm"] += time.perf_counter() - t0
-        return g, None, None, None, None, None, None
+        return g, None, None, None, None, None, None, None

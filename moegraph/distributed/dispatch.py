@@ -36,7 +36,16 @@ from torch import Tensor
 
 from .comm import AllToAll, Comm, Traffic
 
-__all__ = ["ExpertDispatch"]
+__all__ = ["ExpertDispatch", "choose_slots"]
+
+
+def choose_slots(cand_GER: Tensor, n_GE: Tensor, src: int, tok_A: Tensor, exp_A: Tensor) -> Tensor:
+    """[A] physical slot of each assignment under the plan's rule (``planner.dispatch.choose_replicas``).
+
+    cand_GER, n_GE: the plan's ``replica_table`` (candidate slots per source GPU and expert in slot
+    order, and how many); src: this GPU; tok_A: [A] token index (the round-robin key); exp_A: [A] expert.
+    """
+    return cand_GER[src, exp_A, tok_A % n_GE[src, exp_A]]
 
 
 def _group_rows(tok_A: Tensor, dst_A: Tensor, T: int, W: int):
@@ -57,6 +66,20 @@ def _group_rows(tok_A: Tensor, dst_A: Tensor, T: int, W: int):
     start_W = torch.cumsum(rows_W, 0) - rows_W
     arow_A = row_of_A - start_W[torch.div(key_sorted, max(T, 1), rounding_mode="floor")]
     return order_A, row_tok_R, rows_W, asg_W, arow_A
+
+
+class _Join(torch.autograd.Function):
+    """``out`` unchanged, with zero gradients for ``deps``: keeps tensors received by an all-to-all
+    reachable from the loss on a rank that computes nothing, so that its backward all-to-all runs."""
+
+    @staticmethod
+    def forward(ctx, out, *deps):
+        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps))
 
 
 class _Hop:
@@ -125,9 +148,9 @@ class ExpertDispatch(nn.Module):
         tr.add("meta", [2] * W, 8)
         send_rows, send_asg = rows_W.tolist(), asg_W.tolist()
         recv_rows, recv_asg = recv_W2[:, 0].tolist(), recv_W2[:, 1].tolist()
-        X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), send_rows, recv_rows, comm, tr, "dispatch",
+        X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr, "dispatch",
                               f"{hop}: token all-to-all")
-        w_B = AllToAll.apply(w_A.index_select(0, order_A), send_asg, recv_asg, comm, tr, "meta",
+        w_B = AllToAll.apply(w_A.index_select(0, order_A), comm.anchor, send_asg, recv_asg, comm, tr, "meta",
                              f"{hop}: routing-weight all-to-all")
         ids_A2 = torch.stack([arow_A, phys_A.index_select(0, order_A)], 1).to(torch.int32)
         ids_B2 = comm.all_to_all(ids_A2, send_asg, recv_asg, f"{hop}: slot-id all-to-all")
@@ -152,7 +175,7 @@ class ExpertDispatch(nn.Module):
         # Step 1: the plan's replica of every assignment; dropped ones (id outside [0, E)) stay home.
         keep_N = (exp_N >= 0) & (exp_N < E)
         tok_A, exp_A, w_A = tok_N[keep_N], exp_N[keep_N].long(), w_N[keep_N]
-        phys_A = self.cand_GER[me, exp_A, tok_A % self.n_GE[me, exp_A]]
+        phys_A = choose_slots(self.cand_GER, self.n_GE, me, tok_A, exp_A)
         gpu_A = torch.div(phys_A, S, rounding_mode="floor")
         # Step 2: first hop: GPUs of this host directly, other hosts through their landing GPU.
         if self.two_hop:
@@ -178,16 +201,19 @@ class ExpertDispatch(nn.Module):
             X_MD, row_B, slot_B, w_B = X1, arow1, phys1 - me * S, w1
         t1 = self._now(x_TD)
         # Step 4: this rank's experts, with the grouped op the single-process layer uses.
-        out_MD = self.expert_op(X_MD, row_B, slot_B, w_B.to(X_MD.dtype), w_up_SHD, w_down_SDF, b_up_SH, b_down_SD,
-                                activation, gated, gate_clamp, up_clamp, None, None, None)
+        if row_B.numel():
+            out_MD = self.expert_op(X_MD, row_B, slot_B, w_B.to(X_MD.dtype), w_up_SHD, w_down_SDF, b_up_SH,
+                                    b_down_SD, activation, gated, gate_clamp, up_clamp, None, None, None)
+        else:  # nothing to compute here; keep the received tensors in the graph (see _Join)
+            out_MD = _Join.apply(X_MD.new_zeros(X_MD.shape), X_MD, w_B)
         t2 = self._now(x_TD)
         # Step 5: combine, mirroring the dispatch hop by hop; sums per row, then per token.
         if self.two_hop:
-            back2 = AllToAll.apply(out_MD[M1:], hop2.recv_W, hop2.send_W, comm, tr, "combine", "combine forward")
+            back2 = AllToAll.apply(out_MD[M1:], comm.anchor, hop2.recv_W, hop2.send_W, comm, tr, "combine", "combine forward")
             res1 = out_MD[:M1].index_add(0, hop2.row_tok_R, back2)
         else:
             res1 = out_MD
-        back1 = AllToAll.apply(res1, hop1.recv_W, hop1.send_W, comm, tr, "combine", "combine")
+        back1 = AllToAll.apply(res1, comm.anchor, hop1.recv_W, hop1.send_W, comm, tr, "combine", "combine")
         y_TD = x_TD.new_zeros(T, D).index_add(0, hop1.row_tok_R, back1.to(x_TD.dtype))
         if shared_w_up_HD is not None:
             # Shared experts are data-parallel: this rank's tokens, the same op with no assignments.

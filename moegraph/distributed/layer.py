@@ -23,7 +23,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -98,7 +98,7 @@ class ExpertParallelMoE(CompiledMoEBase):
     State-dict keys are documented in ``moegraph.distributed.weights``.
     """
 
-    _classes: dict[type, type] = {}
+    _classes: ClassVar[dict[type, type]] = {}  # generated class -> its expert-parallel subclass
 
     # ------------------------------------------------------------------ construction
 
@@ -310,3 +310,7 @@ class ExpertParallelMoE(CompiledMoEBase):
 
     def reset_traffic(self) -> None:
         self.traffic.reset()
+
+    def sync_timing(self, enabled: bool = True) -> None:
+        """On CUDA, synchronise at phase boundaries so that per-phase times are honest (costs overlap)."""
+        self.ep_dispatch.sync_timing = enabled

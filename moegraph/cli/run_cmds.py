@@ -1,0 +1,103 @@
+"""``moegraph run``: a quick expert-parallel check of a plan on one machine (N local processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..errors import PlanFileError
+from ..loader import load_spec
+from . import app, console
+
+
+def _spec_and_plan(spec_arg: str, plan_path: Path):
+    """The plan, checked against SPEC. A plan made with what-if overrides (``moegraph plan --nodes ...``)
+    differs from SPEC in topology/placement only; it runs with its own (recorded) spec."""
+    from ..planner import Plan
+
+    spec = load_spec(spec_arg)
+    plan = Plan.load(plan_path)
+    if plan.spec_hash == spec.hash():
+        return plan, None
+    mine, theirs = spec.to_dict(), plan.spec.to_dict()
+    for d in (mine, theirs):
+        d.pop("topology", None)
+        d.pop("placement", None)
+    if mine != theirs:
+        raise PlanFileError(
+            f"{plan_path}: planned for spec {plan.spec.name!r} (hash {plan.spec_hash[:12]}), which differs from "
+            f"{spec_arg!r} (hash {spec.short_hash}) in more than topology and placement; re-plan with "
+            f"`moegraph plan {spec_arg}`"
+        )
+    return plan, "the plan was made with topology/placement overrides; running with the plan's recorded spec"
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:.1f}"
+
+
+@app.command(name="run")
+def run_cmd(
+    spec: Annotated[str, typer.Argument(help="Spec file or preset name the plan was made for.")],
+    plan: Annotated[Path, typer.Option("--plan", help="Plan file (moegraph plan -o plan.json).")],
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Local processes (default: the plan's GPU count).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", help="Random tokens per rank per forward.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", help="Measured forward(+backward) passes after one warm-up.")] = 3,
+    backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Also run the backward.")] = True,
+    layer: Annotated[int, typer.Option("--layer", help="MoE layer of the plan to run (0-based).")] = 0,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Single-process checkpoint to load.")] = None,
+    record: Annotated[Path | None, typer.Option("--record", help="Save the gathered routing trace (.npz) here, "
+                                                "for `moegraph plan SPEC --traces`.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per process).")] = "cpu",
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a collective waits for peers.")] = 60.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds weights and tokens.")] = 0,
+) -> None:
+    """Run a plan's layer expert-parallel in N local processes; print per-rank timing and bytes vs the plan.
+
+    Like `torchrun --nproc-per-node N` on one machine with gloo: every rank holds only its plan slots,
+    dispatches with all-to-all and combines back. Bytes are token hidden states sent to other ranks,
+    per forward, measured by the runtime and predicted by the planner's dispatch rule for the same
+    routing.
+    """
+    from ..distributed.local import run_local
+
+    p, note = _spec_and_plan(spec, plan)
+    if note:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    world = nproc or p.num_gpus
+    with console.status(f"running {world} processes (gloo)" if device == "cpu" else f"running {world} processes"):
+        res = run_local(p, nproc=nproc, tokens=tokens, steps=steps, backward=backward, layer_index=layer, seed=seed,
+                        checkpoint=checkpoint, timeout=timeout, record=record, device=device)
+    title = (f"{p.spec.name}, MoE layer {layer}: {world} ranks x {tokens} tokens, mean of {steps} "
+             f"forward{'+backward' if backward else ''} passes")
+    tt = Table(title=title + " (ms per pass)")
+    for col in ("rank", "dispatch", "compute", "combine", "backward a2a"):
+        tt.add_column(col, justify="right")
+    st = Table(title="KiB sent to other ranks per forward: measured / planner's prediction")
+    for col in ("rank", "dispatch", "combine", "meta", "match"):
+        st.add_column(col, justify="right")
+    for r in range(world):
+        ms = res.per_forward_ms(r)
+        tt.add_row(str(r), f"{ms['dispatch']:.2f}", f"{ms['compute']:.2f}", f"{ms['combine']:.2f}",
+                   f"{ms['backward_comm']:.2f}" if backward else "-")
+        pred_d = int(res.predicted[r].sum()) * res.row_bytes
+        pred_c = int(res.predicted[:, r].sum()) * res.row_bytes
+        got_d, got_c = res.sent_bytes(r, "dispatch"), res.sent_bytes(r, "combine")
+        ok = got_d == pred_d and got_c == pred_c and bool((res.measured[r] == res.predicted[r]).all())
+        st.add_row(str(r), f"{_kib(got_d)} / {_kib(pred_d)}", f"{_kib(got_c)} / {_kib(pred_c)}",
+                   _kib(res.sent_bytes(r, "meta")), "[green]yes[/]" if ok else "[red]NO[/]")
+    console.print(tt)
+    console.print(st)
+    total = int(res.measured.sum())
+    console.print(
+        f"token copies per forward: measured {total}, predicted {int(res.predicted.sum())} "
+        f"({'equal' if res.matches else 'DIFFERENT'} on every link); one copy = {res.row_bytes} bytes. "
+        "meta = counts, routing weights and slot ids.", highlight=False)
+    if res.trace_path:
+        console.print(f"recorded trace: {res.trace_path} (re-plan: moegraph plan {spec} --traces {res.trace_path})",
+                      highlight=False)
+    if not res.matches:
+        raise typer.Exit(1)

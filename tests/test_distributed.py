@@ -1,0 +1,531 @@
+"""Expert parallelism over gloo against the single-process layer, in spawned processes.
+
+Each suite runs in one group of spawned processes (world size 2 or 4) that runs several scenarios
+and saves what it saw (outputs, gradients, traffic counters, error messages) per rank; the tests
+compare that against the single-process layer computed here, in the parent. Every launch has a
+deadline after which its processes are killed, and every collective a timeout, so nothing hangs.
+
+Placements: world size 2 on one host (one hop), world size 4 on two hosts of two GPUs (dispatch
+through a landing GPU, then forwarded inside the host) and on one host of four.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moegraph
+from moegraph.errors import DistributedError, PlanFileError
+
+pytestmark = [pytest.mark.distributed]
+
+TIMEOUT_S = 20.0  # per collective inside the suites (a bug shows up as DistributedError, not a hang)
+DEADLINE_S = 150.0  # per launch, then every process is killed
+
+
+# ------------------------------------------------------------------------------------------------
+# Deterministic inputs shared by the workers and the parent
+# ------------------------------------------------------------------------------------------------
+
+
+def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
+    if kind == "dsv3":
+        d = moegraph.load_spec("deepseek-v3-tiny").model_dump(mode="json")
+    else:  # top-1, so that one expert can take every token
+        d = {"name": "skew", "moe": {"hidden_size": 16,
+                                     "experts": {"num_experts": 8, "intermediate_size": 8, "activation": "swiglu"},
+                                     "router": {"top_k": 1, "score": "sigmoid", "expert_bias": {"update_rate": 0.001}}},
+             "placement": {"redundant_slots": 0}}
+    d["topology"] = {"kind": "uniform", "nodes": nodes, "gpus_per_node": gpus_per_node}
+    d.setdefault("placement", {}).update(placement)
+    return moegraph.load_spec(d)
+
+
+# Hand-made placements with replicas (slot order shuffled inside GPUs on purpose).
+ROWS = {
+    # 2 GPUs x 10 slots: experts 3, 5, 9, 12 on both GPUs.
+    "replicas2": [5, 0, 9, 1, 2, 3, 4, 6, 7, 12, 8, 10, 11, 12, 13, 14, 15, 5, 9, 3],
+    # 4 GPUs x 5 slots on hosts {0,1}, {2,3}: 12 on GPU 0 and 3, 14 on 1 and 3, 4 on 1 and 2, and 8 on
+    # GPUs 2 and 3 of the other host (tokens from host 0 take them round-robin).
+    "replicas4": [12, 3, 0, 2, 1, 4, 5, 6, 7, 14, 8, 9, 10, 11, 4, 12, 13, 14, 15, 8],
+}
+
+
+def _plan(spec, kind: str):
+    from moegraph.planner import Plan
+    from moegraph.planner.baselines import contiguous
+
+    E = spec.moe.experts.num_experts
+    S = E + spec.placement.redundant_slots
+    L = spec.model.num_moe_layers
+    if kind == "contiguous":
+        row = contiguous(E, S)
+    else:
+        row = np.array(ROWS[kind])
+    rows = [np.roll(row, 0)] + [contiguous(E, S) for _ in range(L - 1)]
+    if kind.startswith("replicas") and L > 1:
+        rows[1] = row  # layer 1 uses the same placement, to exercise layer_index
+    return Plan(np.stack(rows), spec)
+
+
+def _full_state(spec, seed: int = 1) -> dict:
+    """A single-process layer's state dict with weights far from the default init, and an expert bias."""
+    layer = moegraph.compile(spec, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.copy_(torch.randn(layer.NUM_EXPERTS, generator=g) * 0.1)
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _inputs(D: int, shapes: list[tuple[int, int]], seed: int = 0):
+    xs, gs = [], []
+    for r, (b, s) in enumerate(shapes):
+        g = torch.Generator().manual_seed(seed * 100 + r)
+        xs.append(torch.randn(b, s, D, generator=g))
+        gs.append(torch.randn(b, s, D, generator=g))
+    return xs, gs
+
+
+# Scenario table: name -> (spec args, plan kind, per-rank input shapes, layer index, expert-bias override)
+SCENARIOS = {
+    2: {
+        "replicas": (("dsv3", 1, 2), "replicas2", [(2, 5), (3, 3)], 0, None),
+        "contiguous": (("dsv3", 1, 2), "contiguous", [(1, 7), (2, 4)], 0, None),
+        "layer1": (("dsv3", 1, 2), "replicas2", [(1, 6), (1, 6)], 1, None),
+        # Every token to expert 2 (GPU 0): rank 1 receives nothing, experts other than 2 get nothing.
+        "one_expert": (("skew", 1, 2), "contiguous", [(1, 9), (2, 3)], 0, 2),
+        # Rank 1 has no tokens at all.
+        "empty_rank": (("skew", 1, 2), "contiguous", [(2, 4), (1, 0)], 0, None),
+    },
+    4: {
+        "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
+        "two_hosts_contiguous": (("dsv3", 2, 2), "contiguous", [(1, 4), (1, 6), (2, 2), (1, 5)], 0, None),
+        "one_host": (("dsv3", 1, 4), "replicas4", [(1, 6), (2, 2), (1, 5), (1, 1)], 0, None),
+        "one_expert4": (("skew", 2, 2), "contiguous", [(1, 5), (1, 4), (1, 0), (2, 2)], 0, 6),
+    },
+}
+
+
+def _setup(world: int, name: str):
+    spec_args, plan_kind, shapes, layer_index, hot = SCENARIOS[world][name]
+    spec = _spec(*spec_args)
+    plan = _plan(spec, plan_kind)
+    state = _full_state(spec)
+    if hot is not None:
+        bias = torch.zeros(spec.moe.experts.num_experts)
+        bias[hot] = 50.0
+        state["router.expert_bias"] = bias
+    xs, gs = _inputs(spec.moe.hidden_size, shapes)
+    return spec, plan, state, xs, gs, layer_index
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side (runs in the spawned processes)
+# ------------------------------------------------------------------------------------------------
+
+
+def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
+    spec, plan, state, xs, gs, layer_index = _setup(world, name)
+    layer = moegraph.compile(spec, plan=plan, seed=None, layer_index=layer_index, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    layer.start_recording()
+    x = xs[rank].clone().requires_grad_(True)
+    layer.reset_traffic()
+    y = layer(x)
+    rows = {k: v.copy() for k, v in layer.traffic.rows.items()}
+    sent = {k: v.copy() for k, v in layer.traffic.bytes.items()}
+    (y * gs[rank]).sum().backward()
+    layer.sync_grads()
+    ids = layer.recorder.ids().clone()
+    trace = moegraph.distributed.gather_trace(layer)
+    layer.eval()
+    with torch.no_grad():
+        y_eval = layer(xs[rank])
+    return {
+        "y": y.detach(), "y_eval": y_eval, "x_grad": x.grad,
+        "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
+        "slot_experts": list(layer.slot_experts), "rows": rows, "bytes": sent, "ids": ids,
+        "trace": {"topk": trace.topk, "src_rank": trace.src_rank, "sample_ids": trace.sample_ids,
+                  "num_ranks": trace.num_ranks},
+        "summary": layer.traffic_summary(),
+    }
+
+
+def _timed_error(fn) -> tuple[str, str, float]:
+    t0 = time.perf_counter()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test inspects type and message
+        return type(exc).__name__, str(exc), time.perf_counter() - t0
+    return "none", "", time.perf_counter() - t0
+
+
+def _run_weights(rank: int, world: int, out_dir: Path) -> dict:
+    from moegraph.distributed import MissingExpertWeights  # noqa: F401  (name checked by the test)
+
+    spec, plan, state, _, _, _ = _setup(world, "replicas")
+    res: dict = {}
+    # Same seed -> the single-process init, restricted to this rank's slots.
+    full0 = moegraph.compile(spec, seed=0)
+    ep0 = moegraph.compile(spec, plan=plan, seed=0, timeout=TIMEOUT_S)
+    idx = torch.tensor(ep0.slot_experts)
+    res["seed_diff"] = max(
+        (p - (dict(full0.named_parameters())[n][idx] if n.startswith("experts.") else dict(full0.named_parameters())[n]))
+        .abs().max().item() for n, p in ep0.named_parameters())
+    # In-memory single-process state dict.
+    ep = moegraph.compile(spec, plan=plan, seed=None, timeout=TIMEOUT_S)
+    ep.load_state_dict(state)
+    res["loaded_diff"] = max((ep.experts.gate_up_proj - state["experts.gate_up_proj"][idx]).abs().max().item(),
+                             (ep.experts.down_proj - state["experts.down_proj"][idx]).abs().max().item(),
+                             (ep.router.weight - state["router.weight"]).abs().max().item())
+    local = ep.state_dict()
+    res["local_keys"] = sorted(local)
+    # A rank-local state dict loads back into the same placement.
+    ep2 = moegraph.compile(spec, plan=plan, seed=0, timeout=TIMEOUT_S)
+    ep2.load_state_dict(local)
+    res["local_roundtrip_diff"] = (ep2.experts.down_proj - ep.experts.down_proj).abs().max().item()
+    # A safetensors file, read lazily.
+    path = out_dir / "full.safetensors"
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    torch.distributed.barrier()
+    ep3 = moegraph.compile(spec, plan=plan, seed=0, timeout=TIMEOUT_S).load_checkpoint(path)
+    res["safetensors_diff"] = max((p - q).abs().max().item() for p, q in zip(ep3.parameters(), ep.parameters()))
+    # Gather back the single-process checkpoint.
+    full = ep.full_state_dict()
+    res["full_keys_match"] = list(full) == list(state)
+    res["full_diff"] = max((full[k].float() - state[k].float()).abs().max().item() for k in state)
+    # Missing and malformed expert weights: errors on this rank alone, before any communication.
+    mine = ep.slot_experts[0]
+    per_expert = {k: v for k, v in state.items() if not k.startswith("experts.")}
+    for e in range(spec.moe.experts.num_experts):
+        if e != mine:
+            per_expert[f"experts.{e}.gate_up_proj"] = state["experts.gate_up_proj"][e]
+            per_expert[f"experts.{e}.down_proj"] = state["experts.down_proj"][e]
+    res["missing_expert"] = mine
+    res["missing"] = _timed_error(lambda: ep.load_state_dict(per_expert))
+    short = dict(state)
+    short["experts.down_proj"] = state["experts.down_proj"][:-1]
+    res["short"] = _timed_error(lambda: ep.load_state_dict(short))
+    return res
+
+
+def _run_bad_inputs(rank: int, world: int, out_dir: Path) -> dict:
+    """Bad plans fail on rank 0 alone (rank 1 waits at a barrier): proof that no collective ran."""
+    res: dict = {}
+    if rank == 0:
+        spec = _spec("dsv3", 1, 2)
+        other = _spec("dsv3", 1, 2, seed=1)  # same shapes, different hash
+        res["hash"] = _timed_error(lambda: moegraph.compile(spec, plan=_plan(other, "contiguous"), timeout=5))
+        path = _plan(other, "contiguous").save(out_dir / "other.json")
+        res["hash_file"] = _timed_error(lambda: moegraph.compile(spec, plan=str(path), timeout=5))
+        four = _spec("dsv3", 2, 2)
+        res["world"] = _timed_error(lambda: moegraph.compile(four, plan=_plan(four, "contiguous"), timeout=5))
+        res["layer"] = _timed_error(
+            lambda: moegraph.compile(spec, plan=_plan(spec, "contiguous"), layer_index=7, timeout=5))
+    torch.distributed.barrier()
+    return res
+
+
+def _run_stall(rank: int, world: int, out_dir: Path) -> dict:
+    spec, plan, _, xs, _, _ = _setup(world, "replicas")
+    layer = moegraph.compile(spec, plan=plan, seed=0, timeout=2.0)
+    layer(xs[rank])  # a healthy step first
+    if rank == 1:
+        time.sleep(6.0)  # past the 2 s timeout of rank 0
+    return {"error": _timed_error(lambda: layer(xs[rank]))}
+
+
+def _run_die(rank: int, world: int, out_dir: Path) -> dict:
+    spec, plan, _, xs, _, _ = _setup(world, "replicas")
+    layer = moegraph.compile(spec, plan=plan, seed=0, timeout=30.0)
+    layer(xs[rank])
+    if rank == 1:
+        os._exit(17)  # dies without a word
+    return {"error": _timed_error(lambda: layer(xs[rank]))}
+
+
+SUITES = {
+    "main2": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[2]}
+    | {"weights": _run_weights(r, w, d), "bad": _run_bad_inputs(r, w, d)},
+    "main4": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[4]},
+    "stall": lambda r, w, d: _run_stall(r, w, d),
+    "die": lambda r, w, d: _run_die(r, w, d),
+}
+
+
+def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    result: dict
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        result = {"ok": SUITES[suite](rank, world, out)}
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        result = {"crash": traceback.format_exc()}
+    torch.save(result, out / f"rank{rank}.pt")
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - peers may be gone already
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent side
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """``world`` spawned processes running one suite; ``results()`` waits (bounded) and kills leftovers."""
+
+    def __init__(self, world: int, suite: str, out_dir: Path):
+        import torch.multiprocessing as mp
+
+        self.world, self.suite, self.out_dir = world, suite, out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.procs = [ctx.Process(target=_entry, args=(r, world, port, suite, str(out_dir)), daemon=True)
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def results(self, deadline_s: float = DEADLINE_S) -> list[dict]:
+        end = time.monotonic() + deadline_s
+        try:
+            for p in self.procs:
+                p.join(max(0.0, end - time.monotonic()))
+        finally:
+            hung = [r for r, p in enumerate(self.procs) if p.is_alive()]
+            for p in self.procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        assert not hung, f"suite {self.suite}: ranks {hung} still running after {deadline_s}s (killed)"
+        out = []
+        for r in range(self.world):
+            f = self.out_dir / f"rank{r}.pt"
+            out.append(torch.load(f, weights_only=False) if f.exists() else {"exitcode": self.procs[r].exitcode})
+        return out
+
+
+def _ok(results: list[dict]) -> list[dict]:
+    failed = [f"rank {r} failed:\n{res.get('crash', res)}" for r, res in enumerate(results) if "ok" not in res]
+    assert not failed, "\n".join(failed)
+    return [res["ok"] for res in results]
+
+
+@pytest.fixture(scope="module")
+def main2(tmp_path_factory):
+    return _ok(Launch(2, "main2", tmp_path_factory.mktemp("ep2")).results())
+
+
+@pytest.fixture(scope="module")
+def main4(tmp_path_factory):
+    return _ok(Launch(4, "main4", tmp_path_factory.mktemp("ep4")).results())
+
+
+def _reference(world: int, name: str) -> dict:
+    """The single-process layer with the same weights on every rank's tokens; loss summed over ranks."""
+    spec, plan, state, xs, gs, _ = _setup(world, name)
+    layer = moegraph.compile(spec, seed=0)
+    layer.load_state_dict(state)
+    xr = [x.clone().requires_grad_(True) for x in xs]
+    ys = []
+    for x in xr:
+        if x.numel():
+            ys.append(layer(x))
+        else:  # the single-process op cannot backpropagate through zero tokens; nothing to learn there
+            x.grad = torch.zeros_like(x)
+            with torch.no_grad():
+                ys.append(layer(x))
+    sum((y * g).sum() for y, g in zip(ys, gs) if y.requires_grad).backward()
+    layer.eval()
+    with torch.no_grad():
+        y_eval = [layer(x) for x in xs]
+    return {"y": [y.detach() for y in ys], "y_eval": y_eval, "x_grad": [x.grad for x in xr],
+            "grads": {n: p.grad for n, p in layer.named_parameters()}, "plan": plan}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.numel():
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()), msg=what)
+
+
+def _check_against_reference(results: list[dict], world: int, name: str) -> None:
+    ref = _reference(world, name)
+    for r, all_res in enumerate(results):
+        res = all_res[name]
+        _close(res["y"], ref["y"][r], f"{name} rank {r} output")
+        _close(res["y_eval"], ref["y_eval"][r], f"{name} rank {r} eval output")
+        _close(res["x_grad"], ref["x_grad"][r], f"{name} rank {r} input gradient")
+        idx = torch.tensor(res["slot_experts"])
+        for n, g in res["grads"].items():
+            want = ref["grads"][n][idx] if n.startswith("experts.") else ref["grads"][n]
+            _close(g, want, f"{name} rank {r} gradient of {n}")
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS[2]))
+def test_world2_matches_single_process(main2, name):
+    _check_against_reference(main2, 2, name)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS[4]))
+def test_world4_matches_single_process(main4, name):
+    _check_against_reference(main4, 4, name)
+
+
+def test_uneven_cases_are_what_they_claim(main2, main4):
+    # one_expert: rank 1 received no token rows; only expert 2 computed anything.
+    r1 = main2[1]["one_expert"]
+    assert int(main2[0]["one_expert"]["rows"]["dispatch"][1]) == 0
+    assert (main2[0]["one_expert"]["ids"] == 2).all() and (r1["ids"] == 2).all()
+    assert int(r1["rows"]["dispatch"][0]) == r1["ids"].shape[0]  # every token of rank 1 went to rank 0
+    # empty_rank: rank 1 had no tokens and still took part in every collective.
+    assert main2[1]["empty_rank"]["y"].numel() == 0
+    # With four ranks, rank 2 has no tokens and expert 6 (GPU 3) takes everything.
+    assert all((res["one_expert4"]["ids"] == 6).all() for res in main4)
+
+
+def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
+    return np.stack([np.asarray(res[name]["rows"][kind]) for res in results])
+
+
+@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (4, "two_hosts"),
+                                        (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
+def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
+    from moegraph.distributed import predicted_copies
+
+    results = main2 if world == 2 else main4
+    spec, plan, _, _, _, layer_index = _setup(world, name)
+    predicted = predicted_copies(plan, layer_index, [res[name]["ids"] for res in results])
+    dispatch = _measured(results, name, "dispatch")
+    np.testing.assert_array_equal(dispatch, predicted, err_msg=f"{name}: token copies per (src, dst)")
+    np.testing.assert_array_equal(_measured(results, name, "combine"), predicted.T,
+                                  err_msg=f"{name}: the combine must send the same copies back")
+    assert predicted.sum() > 0 or name == "one_expert4"
+    # Bytes are those copies times the row size (float32 hidden states).
+    D = spec.moe.hidden_size
+    for r, res in enumerate(results):
+        np.testing.assert_array_equal(res[name]["bytes"]["dispatch"], dispatch[r] * D * 4)
+
+
+def test_two_host_plan_forwards_inside_the_host(main4):
+    # Host 0 = GPUs {0, 1}: GPU 0 never sends straight to GPU 3 (it lands on GPU 2, rail-aligned).
+    dispatch = _measured(main4, "two_hosts", "dispatch")
+    assert dispatch[0, 3] == 0 and dispatch[1, 2] == 0 and dispatch[2, 1] == 0 and dispatch[3, 0] == 0
+    assert dispatch[0, 2] > 0 and dispatch[2, 3] + dispatch[3, 2] > 0
+
+
+def test_gathered_trace_is_every_ranks_routing(main2, main4):
+    for results in (main2, main4):
+        name = next(iter(results[0]))
+        trace = results[0][name]["trace"]
+        ids = [res[name]["ids"] for res in results]
+        np.testing.assert_array_equal(trace["topk"][0], torch.cat(ids).numpy())
+        np.testing.assert_array_equal(trace["src_rank"], np.repeat(np.arange(len(ids)), [len(i) for i in ids]))
+        assert trace["num_ranks"] == len(results)
+        # Sequences of different ranks never share a sample id.
+        owners = {}
+        for s, r in zip(trace["sample_ids"].tolist(), trace["src_rank"].tolist()):
+            assert owners.setdefault(s, r) == r
+        for res in results[1:]:  # every rank got the same trace
+            np.testing.assert_array_equal(res[name]["trace"]["topk"], trace["topk"])
+
+
+def test_weights_load_into_any_placement(main2):
+    spec = _spec("dsv3", 1, 2)
+    E = spec.moe.experts.num_experts
+    for r, res in enumerate(main2):
+        w = res["weights"]
+        assert w["seed_diff"] == 0.0, "seed init must equal the single-process init on the rank's slots"
+        assert w["loaded_diff"] == 0.0 and w["local_roundtrip_diff"] == 0.0 and w["safetensors_diff"] == 0.0
+        assert "experts.slots.gate_up_proj" in w["local_keys"] and "experts.slots.logical_ids" in w["local_keys"]
+        assert "experts.gate_up_proj" not in w["local_keys"]
+        assert w["full_keys_match"] and w["full_diff"] == 0.0
+        kind, msg, took = w["missing"]
+        assert kind == "MissingExpertWeights", msg
+        assert f"expert(s) [{w['missing_expert']}]" in msg and f"rank {r}" in msg and took < 2.0
+        kind, msg, _ = w["short"]
+        assert kind == "MissingExpertWeights" and f"{E} rows" in msg
+
+
+def test_bad_plans_fail_before_any_communication(main2):
+    bad = main2[0]["bad"]
+    for key, kind, words in [("hash", "PlanFileError", "re-plan"), ("hash_file", "PlanFileError", "hash"),
+                             ("world", "DistributedError", "but the process group has 2 ranks; launch 4 processes"),
+                             ("layer", "DistributedError", "layer_index 7")]:
+        got, msg, took = bad[key]
+        assert got == kind and words in msg, (key, got, msg)
+        assert took < 3.0, f"{key}: took {took:.1f}s; a collective must not have started"
+
+
+def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(tmp_path):
+    res = Launch(2, "stall", tmp_path).results(90)
+    ok = _ok(res)
+    kind, msg, took = ok[0]["error"]
+    assert kind == "DistributedError", msg
+    assert "rank 0 of 2" in msg and "timeout (2s)" in msg and took < 5.0, (msg, took)
+
+
+def test_a_dead_rank_makes_the_others_fail(tmp_path):
+    res = Launch(2, "die", tmp_path).results(90)
+    assert res[1] == {"exitcode": 17}
+    kind, msg, took = _ok(res[:1])[0]["error"]
+    assert kind == "DistributedError", msg
+    assert "rank 0 of 2" in msg and took < 30.0
+
+
+# ------------------------------------------------------------------------------------------------
+# In-process checks (no process group needed)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_replica_choice_is_the_planners_rule():
+    from moegraph.distributed.dispatch import choose_slots
+    from moegraph.planner.dispatch import choose_replicas
+
+    spec = _spec("dsv3", 2, 2)
+    plan = _plan(spec, "replicas4")
+    cand, n = plan.replica_table(0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (37, 4), generator=g)
+    for src in range(4):
+        want = choose_replicas(plan, 0, ids, torch.full((37,), src))
+        tok = torch.arange(37).repeat_interleave(4)
+        got = choose_slots(torch.as_tensor(cand), torch.as_tensor(np.maximum(n, 1)), src, tok, ids.reshape(-1))
+        assert torch.equal(got.view(37, 4), torch.as_tensor(want))
+
+
+def test_create_without_a_process_group_says_so():
+    from moegraph.codegen import layer_class
+    from moegraph.distributed import ExpertParallelMoE
+
+    spec = _spec("dsv3", 1, 2)
+    cls, _ = layer_class(spec, "torch", None)
+    with pytest.raises(DistributedError, match="init_process_group"):
+        ExpertParallelMoE.create(cls, spec, _plan(spec, "contiguous"))
+    with pytest.raises(PlanFileError, match="re-plan"):
+        ExpertParallelMoE.create(cls, spec, _plan(_spec("dsv3", 1, 2, seed=3), "contiguous"))
