@@ -455,17 +455,15 @@ _CROSS_COMPILE = textwrap.dedent("""
     for rows in (4, 300):
         cfg = configs.default_config(rows, bf)
         gu, dn = cfg.gate_up, cfg.down
-        k = compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 65536, 73728, T, D, F, F, E, 1400,
-                         D, 1, 2 * F * D, D, 1, D, 1, 0, 0, F, 1],
+        k = compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 65536, 73728, T, D, F, F, E, 1400],
                          dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M, EVEN_K=True),
                          gu.num_warps, gu.num_stages)
         out[f"gate_up_{rows}"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
-        k = compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 65536, 73728, T, D, F, E, 1400,
-                         F, 1, D * F, F, 1, F, 1, 0, 0, D, 1],
+        k = compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 65536, 73728, T, D, F, F, E, 1400],
                          dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M, EVEN_K=True),
                          dn.num_warps, dn.num_stages)
         out[f"down_{rows}"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
-    compile_sm90(mod.combine_kernel, [bf, i64, i64, i64, bf, 65536, T, D, E, 1, D, 1, D, 1], dict(BLOCK_D=1024))
+    compile_sm90(mod.combine_kernel, [bf, i64, i64, i64, bf, 65536, T, D, E, 1], dict(BLOCK_D=1024))
     al = render_to_module("triton_align.py.j2", {"has_shared": True})
     compile_sm90(al.align_count, [i64, i32, i32, 65536, 73728, T, E, E + 1, 90112], dict(CHUNK=128, NB=512))
     compile_sm90(al.align_scan, [i32, i32, 576], dict(NB=512, EB=64, PB=32))

@@ -11,6 +11,7 @@ N routed assignments, SH shared chunks (shared hidden size S = SH * F), N_ext = 
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
@@ -23,7 +24,7 @@ from ..spec import SCORE_FUNCTIONS, score_expression
 from . import configs
 from .render import interpreting, render_to_module
 
-__all__ = ["expert_mlp", "align", "route_topk", "score_to_triton", "router_supported"]
+__all__ = ["expert_mlp", "prepare", "MLPLaunch", "align", "route_topk", "score_to_triton", "router_supported"]
 
 # Alignment tiling: assignments per count/scatter program, experts per scan program, chunk rows per
 # scan step, blocks per offsets step.
@@ -163,6 +164,82 @@ def token_csr(tok_N: Tensor, T: int) -> tuple[Tensor, Tensor]:
     return order_N, start_T1
 
 
+@dataclass
+class MLPLaunch:
+    """The tensors and sizes of one expert MLP call, with one method per kernel (the tuner times them).
+
+    Every tensor is contiguous (the kernels compute offsets from the sizes, which keeps launches cheap).
+    """
+
+    mod: ModuleType
+    x_TD: Tensor
+    tok_N: Tensor
+    exp_N: Tensor
+    weight_N: Tensor
+    w_up_EHD: Tensor
+    w_down_EDF: Tensor
+    b_up_EH: Tensor | None
+    b_down_ED: Tensor | None
+    sw_up_HD: Tensor | None
+    sw_down_DS: Tensor | None
+    scale_T: Tensor | None
+    SH: int
+
+    @property
+    def dims(self) -> tuple[int, int, int, int, int, int]:
+        """T, D, F, E, N, N_ext."""
+        T, D = self.x_TD.shape
+        N = self.tok_N.numel()
+        return T, D, self.w_down_EDF.shape[2], self.w_up_EHD.shape[0], N, N + self.SH * T
+
+    def align(self, block_m: int) -> tuple[Tensor, Tensor, int]:
+        T, _, _, E, _, _ = self.dims
+        return align(self.exp_N, T, E, self.SH, block_m)
+
+    def gate_up(self, aligned: tuple[Tensor, Tensor, int], block_m: int, gu: configs.GemmConfig) -> Tensor:
+        """h[n] = act(x[tok[n]] W_up^T) for every assignment, one launch over all experts."""
+        sorted_R, block_expert_B, B = aligned
+        T, D, F, E, N, N_ext = self.dims
+        h_NF = self.x_TD.new_empty(N_ext, F)
+        self.mod.gate_up_kernel[(B * triton_cdiv(F, gu.BLOCK_N),)](
+            self.x_TD, self.tok_N, self.w_up_EHD, self.sw_up_HD, self.b_up_EH, sorted_R, block_expert_B, h_NF,
+            N, N_ext, T, D, F, self.SH * F, E, B,
+            BLOCK_M=block_m, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M,
+            EVEN_K=D % gu.BLOCK_K == 0, num_warps=gu.num_warps, num_stages=gu.num_stages,
+        )
+        return h_NF
+
+    def down(self, aligned: tuple[Tensor, Tensor, int], block_m: int, dn: configs.GemmConfig, h_NF: Tensor) -> Tensor:
+        """o[n] = weight[n] * (h[n] W_down^T), one launch over all experts."""
+        sorted_R, block_expert_B, B = aligned
+        T, D, F, E, N, N_ext = self.dims
+        o_ND = self.x_TD.new_empty(N_ext, D)
+        self.mod.down_kernel[(B * triton_cdiv(D, dn.BLOCK_N),)](
+            h_NF, self.w_down_EDF, self.sw_down_DS, self.b_down_ED, self.weight_N, self.scale_T, sorted_R,
+            block_expert_B, o_ND,
+            N, N_ext, T, D, F, self.SH * F, E, B,
+            BLOCK_M=block_m, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M,
+            EVEN_K=F % dn.BLOCK_K == 0, num_warps=dn.num_warps, num_stages=dn.num_stages,
+        )
+        return o_ND
+
+    def combine(self, o_ND: Tensor) -> Tensor:
+        """y[t] = sum of the token's outputs, in a fixed order (deterministic)."""
+        T, D, F, E, N, N_ext = self.dims
+        order_N, start_T1 = token_csr(self.tok_N, T)
+        y_TD = self.x_TD.new_empty(T, D)
+        block_d = min(COMBINE_BLOCK_D, _pow2(D))
+        self.mod.combine_kernel[(T, triton_cdiv(D, block_d))](
+            o_ND, order_N, start_T1, self.exp_N, y_TD, N, T, D, E, self.SH, BLOCK_D=block_d,
+        )
+        return y_TD
+
+    def run(self, cfg: configs.MoEConfig) -> Tensor:
+        aligned = self.align(cfg.BLOCK_M)
+        h_NF = self.gate_up(aligned, cfg.BLOCK_M, cfg.gate_up)
+        return self.combine(self.down(aligned, cfg.BLOCK_M, cfg.down, h_NF))
+
+
 def expert_mlp(
     x_TD: Tensor,
     tok_N: Tensor,
@@ -186,13 +263,24 @@ def expert_mlp(
     Shared experts whose hidden size is a multiple of F run as SH always-selected experts inside the
     same grouped GEMMs; others run as two dense GEMMs (torch) added to the output.
     """
+    launch, dense_shared = prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
+                                   gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
+    T, D, F, E, N, N_ext = launch.dims
+    if T == 0 or N_ext == 0:
+        y = x_TD.new_zeros(T, D)
+    else:
+        cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), x_TD.dtype, _device_name(x_TD.device))
+        y = launch.run(configs.fit(cfg, D, F))
+    return y if dense_shared is None else y + dense_shared
+
+
+def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
+            up_clamp, shared_w_up_HD=None, shared_w_down_DF=None, shared_scale_T=None) -> tuple[MLPLaunch, Tensor | None]:
+    """Check the arguments, pick the kernel module for them, and run shared experts that cannot be folded."""
     from ..ops import apply_activation
 
     check_device(x_TD, w_up_EHD, w_down_EDF)
-    T, D = x_TD.shape
-    E, H, _ = w_up_EHD.shape
     F = w_down_EDF.shape[2]
-    N = tok_N.numel()
     dt = x_TD.dtype
     if w_up_EHD.dtype != dt or w_down_EDF.dtype != dt:
         raise InputError(f"expert_mlp: activations are {dt} but expert weights are {w_up_EHD.dtype}; "
@@ -209,68 +297,18 @@ def expert_mlp(
             if shared_scale_T is not None:
                 a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
             dense_shared = torch.nn.functional.linear(a, shared_w_down_DF).to(dt)
-    N_ext = N + SH * T
-    if T == 0 or N_ext == 0:
-        y = x_TD.new_zeros(T, D)
-        return y if dense_shared is None else y + dense_shared
-
-    cfg = config or configs.get_config(E, F, T, N_ext / (E + SH), dt, _device_name(x_TD.device))
-    cfg = configs.fit(cfg, D, F)
-    sorted_R, block_expert_B, B = align(exp_N, T, E, SH, cfg.BLOCK_M)
-
     ctx = mlp_context(activation, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
                       SH > 0 and shared_scale_T is not None, dt)
-    mod = _mlp_module(ctx)
-    x_TD = x_TD.contiguous()
-    w_up_EHD = w_up_EHD.contiguous()
-    w_down_EDF = w_down_EDF.contiguous()
-    sw_up = shared_w_up_HD.contiguous() if SH else None
-    sw_down = shared_w_down_DF.contiguous() if SH else None
-    S = SH * F
-    dev = x_TD.device
 
-    # Step 1: h = act(x W_up^T) for every assignment, in one launch over all experts.
-    h_NF = torch.empty(N_ext, F, dtype=dt, device=dev)
-    gu = cfg.gate_up
-    grid = (B * triton_cdiv(F, gu.BLOCK_N),)
-    b_up = b_up_EH.contiguous() if b_up_EH is not None else None
-    mod.gate_up_kernel[grid](
-        x_TD, tok_N, w_up_EHD, sw_up, b_up, sorted_R, block_expert_B, h_NF,
-        N, N_ext, T, D, F, S, E, B,
-        x_TD.stride(0), x_TD.stride(1), w_up_EHD.stride(0), w_up_EHD.stride(1), w_up_EHD.stride(2),
-        sw_up.stride(0) if SH else 0, sw_up.stride(1) if SH else 0,
-        b_up.stride(0) if b_up is not None else 0, b_up.stride(1) if b_up is not None else 0,
-        h_NF.stride(0), h_NF.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M,
-        EVEN_K=D % gu.BLOCK_K == 0, num_warps=gu.num_warps, num_stages=gu.num_stages,
+    def c(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.contiguous()
+
+    launch = MLPLaunch(
+        _mlp_module(ctx), c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
+        c(b_down_ED), c(shared_w_up_HD) if SH else None, c(shared_w_down_DF) if SH else None,
+        c(shared_scale_T) if SH else None, SH,
     )
-    # Step 2: o = weight * (h W_down^T), again one launch.
-    o_ND = torch.empty(N_ext, D, dtype=dt, device=dev)
-    dn = cfg.down
-    grid = (B * triton_cdiv(D, dn.BLOCK_N),)
-    b_down = b_down_ED.contiguous() if b_down_ED is not None else None
-    scale = shared_scale_T.contiguous() if (SH and shared_scale_T is not None) else None
-    mod.down_kernel[grid](
-        h_NF, w_down_EDF, sw_down, b_down, weight_N.contiguous(), scale, sorted_R, block_expert_B, o_ND,
-        N, N_ext, T, D, F, E, B,
-        h_NF.stride(0), h_NF.stride(1), w_down_EDF.stride(0), w_down_EDF.stride(1), w_down_EDF.stride(2),
-        sw_down.stride(0) if SH else 0, sw_down.stride(1) if SH else 0,
-        b_down.stride(0) if b_down is not None else 0, b_down.stride(1) if b_down is not None else 0,
-        o_ND.stride(0), o_ND.stride(1),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M,
-        EVEN_K=F % dn.BLOCK_K == 0, num_warps=dn.num_warps, num_stages=dn.num_stages,
-    )
-    # Step 3: y[t] = sum of the token's outputs (fixed order: deterministic).
-    order_N, start_T1 = token_csr(tok_N, T)
-    y_TD = torch.empty(T, D, dtype=dt, device=dev)
-    block_d = min(COMBINE_BLOCK_D, _pow2(D))
-    mod.combine_kernel[(T, triton_cdiv(D, block_d))](
-        o_ND, order_N, start_T1, exp_N.contiguous(), y_TD,
-        N, T, D, E, SH,
-        o_ND.stride(0), o_ND.stride(1), y_TD.stride(0), y_TD.stride(1),
-        BLOCK_D=block_d,
-    )
-    return y_TD if dense_shared is None else y_TD + dense_shared
+    return launch, dense_shared
 
 
 # ----------------------------------------------------------------------------------------------
