@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["GemmConfig", "MoEConfig", "default_config", "get_config", "table_path", "add_search_dir", "fit"]
+__all__ = ["GemmConfig", "MoEConfig", "default_config", "get_config", "table_path", "add_search_dir", "fit",
+           "fit_gemm"]
 
 _SEARCH_DIRS: list[Path] = [Path(__file__).resolve().parent / "tuned"]
 
@@ -103,13 +104,15 @@ def _pow2_at_least(n: int, lo: int = 16) -> int:
     return p
 
 
+def fit_gemm(g: GemmConfig, n: int, k: int) -> GemmConfig:
+    """Shrink a GEMM's tiles to its output width ``n`` and reduction length ``k`` (at least 16)."""
+    return GemmConfig(min(g.BLOCK_N, _pow2_at_least(n)), min(g.BLOCK_K, _pow2_at_least(k)), g.GROUP_M, g.num_warps,
+                      g.num_stages)
+
+
 def fit(cfg: MoEConfig, D: int, F: int) -> MoEConfig:
     """Shrink tiles that exceed the problem (tiny test shapes); tl.dot needs every tile side >= 16."""
-    gu = GemmConfig(min(cfg.gate_up.BLOCK_N, _pow2_at_least(F)), min(cfg.gate_up.BLOCK_K, _pow2_at_least(D)),
-                    cfg.gate_up.GROUP_M, cfg.gate_up.num_warps, cfg.gate_up.num_stages)
-    dn = GemmConfig(min(cfg.down.BLOCK_N, _pow2_at_least(D)), min(cfg.down.BLOCK_K, _pow2_at_least(F)),
-                    cfg.down.GROUP_M, cfg.down.num_warps, cfg.down.num_stages)
-    return MoEConfig(cfg.BLOCK_M, gu, dn)
+    return MoEConfig(cfg.BLOCK_M, fit_gemm(cfg.gate_up, F, D), fit_gemm(cfg.down, D, F))
 
 
 def get_config(E: int, F: int, tokens: int, rows_per_expert: float, dtype, device_name: str | None) -> MoEConfig:
