@@ -470,8 +470,20 @@ _CROSS_COMPILE = textwrap.dedent("""
     compile_sm90(al.align_offsets, [i32, i32, i32, E + 1, 1400], dict(BLOCK_M=64, NB=512, BB=64))
     compile_sm90(al.align_scatter, [i64, i32, i32, i32, 65536, 73728, T, E, E + 1], dict(CHUNK=128, NB=512))
     ctx = kernels.router_context(E, 8, "sigmoid", False, True, True, 2.5, 8, 4, "sum_topn", 2)
-    compile_sm90(render_to_module("triton_router.py.j2", ctx).route_topk_kernel,
-                 [torch.float32, torch.float32, i64, torch.float32, T, E, 1], dict(BLOCK_T=16))
+    router = render_to_module("triton_router.py.j2", ctx).route_topk_kernel
+    compile_sm90(router, [torch.float32, torch.float32, i64, torch.float32, T, E, 1], dict(BLOCK_T=16))
+    # One token (decode): T, SH, P and friends equal 1 and are specialised into constants.
+    cfg = configs.default_config(1, bf)
+    compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True), 4, 4)
+    compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
+                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True), 4, 4)
+    compile_sm90(mod.combine_kernel, [bf, i64, i64, i64, bf, 8, 1, D, E, 1], dict(BLOCK_D=1024))
+    compile_sm90(al.align_count, [i64, i32, i32, 8, 9, 1, E, E + 1, 144], dict(CHUNK=128, NB=512))
+    compile_sm90(al.align_scan, [i32, i32, 1], dict(NB=512, EB=64, PB=32))
+    compile_sm90(al.align_offsets, [i32, i32, i32, E + 1, 9], dict(BLOCK_M=16, NB=512, BB=64))
+    compile_sm90(al.align_scatter, [i64, i32, i32, i32, 8, 9, 1, E, E + 1], dict(CHUNK=128, NB=512))
+    compile_sm90(router, [torch.float32, torch.float32, i64, torch.float32, 1, E, 1], dict(BLOCK_T=16))
     print(repr(out))
 """)
 

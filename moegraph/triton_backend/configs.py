@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["GemmConfig", "MoEConfig", "default_config", "get_config", "table_path", "add_search_dir", "fit",
-           "fit_gemm"]
+           "fit_gemm", "has_table"]
 
 _SEARCH_DIRS: list[Path] = [Path(__file__).resolve().parent / "tuned"]
 
@@ -113,6 +113,11 @@ def fit_gemm(g: GemmConfig, n: int, k: int) -> GemmConfig:
 def fit(cfg: MoEConfig, D: int, F: int) -> MoEConfig:
     """Shrink tiles that exceed the problem (tiny test shapes); tl.dot needs every tile side >= 16."""
     return MoEConfig(cfg.BLOCK_M, fit_gemm(cfg.gate_up, F, D), fit_gemm(cfg.down, D, F))
+
+
+def has_table(E: int, F: int, device_name: str | None, dtype) -> bool:
+    """Whether a tuned table exists for this problem and device."""
+    return bool(device_name) and _load_table(table_name(E, F, device_name, dtype)) is not None
 
 
 def get_config(E: int, F: int, tokens: int, rows_per_expert: float, dtype, device_name: str | None) -> MoEConfig:
