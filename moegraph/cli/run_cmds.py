@@ -47,8 +47,10 @@ def run_cmd(
     tokens: Annotated[int, typer.Option("--tokens", help="Random tokens per rank per forward.")] = 256,
     steps: Annotated[int, typer.Option("--steps", help="Measured forward(+backward) passes after one warm-up.")] = 3,
     backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Also run the backward.")] = True,
-    layer: Annotated[int, typer.Option("--layer", help="MoE layer of the plan to run (0-based).")] = 0,
-    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Single-process checkpoint to load.")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", help="Run this MoE layer only (default: every MoE layer "
+                                              "of the plan, as a residual stack).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Single-process checkpoint of the --layer "
+                                                    "layer (default: seeded random weights).")] = None,
     record: Annotated[Path | None, typer.Option("--record", help="Save the gathered routing trace (.npz) here, "
                                                 "for `moegraph plan SPEC --traces`.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per process).")] = "cpu",
@@ -71,7 +73,8 @@ def run_cmd(
     with console.status(f"running {world} processes (gloo)" if device == "cpu" else f"running {world} processes"):
         res = run_local(p, nproc=nproc, tokens=tokens, steps=steps, backward=backward, layer_index=layer, seed=seed,
                         checkpoint=checkpoint, timeout=timeout, record=record, device=device)
-    title = (f"{p.spec.name}, MoE layer {layer}: {world} ranks x {tokens} tokens, mean of {steps} "
+    which = f"MoE layer {layer}" if layer is not None else f"{len(res.layers)} MoE layers"
+    title = (f"{p.spec.name}, {which}: {world} ranks x {tokens} tokens, mean of {steps} "
              f"forward{'+backward' if backward else ''} passes")
     tt = Table(title=title + " (ms per pass)")
     for col in ("rank", "dispatch", "compute", "combine", "backward a2a"):
@@ -83,10 +86,10 @@ def run_cmd(
         ms = res.per_forward_ms(r)
         tt.add_row(str(r), f"{ms['dispatch']:.2f}", f"{ms['compute']:.2f}", f"{ms['combine']:.2f}",
                    f"{ms['backward_comm']:.2f}" if backward else "-")
-        pred_d = int(res.predicted[r].sum()) * res.row_bytes
-        pred_c = int(res.predicted[:, r].sum()) * res.row_bytes
+        pred_d = int(res.predicted[:, r, :].sum()) * res.row_bytes
+        pred_c = int(res.predicted[:, :, r].sum()) * res.row_bytes
         got_d, got_c = res.sent_bytes(r, "dispatch"), res.sent_bytes(r, "combine")
-        ok = got_d == pred_d and got_c == pred_c and bool((res.measured[r] == res.predicted[r]).all())
+        ok = got_d == pred_d and got_c == pred_c and bool((res.measured[:, r] == res.predicted[:, r]).all())
         st.add_row(str(r), f"{_kib(got_d)} / {_kib(pred_d)}", f"{_kib(got_c)} / {_kib(pred_c)}",
                    _kib(res.sent_bytes(r, "meta")), "[green]yes[/]" if ok else "[red]NO[/]")
     console.print(tt)
@@ -94,10 +97,13 @@ def run_cmd(
     total = int(res.measured.sum())
     console.print(
         f"token copies per forward: measured {total}, predicted {int(res.predicted.sum())} "
-        f"({'equal' if res.matches else 'DIFFERENT'} on every link); one copy = {res.row_bytes} bytes. "
+        f"({'equal' if res.matches else 'DIFFERENT'} on every link of every layer); one copy = {res.row_bytes} bytes. "
         "meta = counts, routing weights and slot ids.", highlight=False)
     if res.trace_path:
-        console.print(f"recorded trace: {res.trace_path} (re-plan: moegraph plan {spec} --traces {res.trace_path})",
-                      highlight=False)
+        topo = p.spec.topology
+        same = (f" with the plan's topology (nodes={topo.nodes}, gpus_per_node={topo.gpus_per_node})"
+                if note and hasattr(topo, "nodes") else "")
+        console.print(f"recorded trace: {res.trace_path}; re-plan from it: moegraph plan {spec} --traces "
+                      f"{res.trace_path}{same}", highlight=False)
     if not res.matches:
         raise typer.Exit(1)

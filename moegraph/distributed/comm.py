@@ -38,13 +38,15 @@ class Traffic:
     excluded (a self-send is a local copy). Kinds: ``dispatch`` (token hidden states, first hop and
     intra-host forwarding), ``combine`` (expert outputs sent back), ``meta`` (counts, routing
     weights, slot ids), ``grad`` (the backward's all-to-alls). ``seconds`` holds wall time per
-    phase: ``dispatch``, ``compute``, ``combine`` (forward) and ``backward_comm``.
+    phase: ``dispatch``, ``compute``, ``combine`` (forward) and ``backward_comm``. ``computed``
+    counts the (token, expert) assignments this rank's experts ran (the plan's GPU load).
     """
 
     world_size: int
     rank: int
     calls: int = 0
     tokens: int = 0
+    computed: int = 0  # (token, expert) assignments this rank's experts computed
     bytes: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -58,6 +60,7 @@ class Traffic:
     def reset(self) -> None:
         self.calls = 0
         self.tokens = 0
+        self.computed = 0
         self.bytes = {k: np.zeros(self.world_size, np.int64) for k in self.KINDS}
         self.rows = {k: np.zeros(self.world_size, np.int64) for k in self.KINDS}
         self.seconds = {p: 0.0 for p in self.PHASES}
@@ -74,6 +77,7 @@ class Traffic:
             "rank": self.rank,
             "calls": self.calls,
             "tokens": self.tokens,
+            "computed": self.computed,
             "seconds": dict(self.seconds),
             "bytes": {k: v.tolist() for k, v in self.bytes.items()},
             "rows": {k: v.tolist() for k, v in self.rows.items()},

@@ -224,6 +224,7 @@ class ExpertDispatch(nn.Module):
         t3 = self._now(x_TD)
         tr.calls += 1
         tr.tokens += T
+        tr.computed += int(row_B.numel())
         tr.seconds["dispatch"] += t1 - t0
         tr.seconds["compute"] += t2 - t1
         tr.seconds["combine"] += t3 - t2

@@ -17,7 +17,7 @@ import socket
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +34,30 @@ class LocalRun:
     """What ``run_local`` measured (per rank lists are in rank order)."""
 
     world_size: int
-    layer_index: int
+    layers: list[int]  # MoE layers of the plan that ran, in order (a residual stack)
     tokens: int
     steps: int
     row_bytes: int  # bytes of one token's hidden state
-    ranks: list[dict[str, Any]]  # Traffic.summary() of each rank, totals over the measured steps
-    predicted: np.ndarray  # [G, G] token copies src -> dst of one forward, planner's count
-    measured: np.ndarray  # [G, G] token copies src -> dst of one forward, counted by the runtime
+    ranks: list[list[dict[str, Any]]]  # [rank][layer] Traffic.summary(), totals over the measured steps
+    predicted: np.ndarray  # [L, G, G] token copies src -> dst of one forward, planner's count
+    measured: np.ndarray  # [L, G, G] token copies src -> dst of one forward, counted by the runtime
     trace_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def matches(self) -> bool:
         return bool(np.array_equal(self.predicted, self.measured))
 
     def per_forward_ms(self, rank: int) -> dict[str, float]:
-        s = self.ranks[rank]["seconds"]
-        return {k: 1e3 * v / max(self.steps, 1) for k, v in s.items()}
+        """Mean time per forward (backward for ``backward_comm``) of each phase, summed over layers."""
+        out: dict[str, float] = {}
+        for summary in self.ranks[rank]:
+            for k, v in summary["seconds"].items():
+                out[k] = out.get(k, 0.0) + 1e3 * v / max(self.steps, 1)
+        return out
 
     def sent_bytes(self, rank: int, kind: str) -> int:
-        """Bytes of ``kind`` one forward (or backward, for ``grad``) of ``rank`` sent to other ranks."""
-        return int(sum(self.ranks[rank]["bytes"][kind])) // max(self.steps, 1)
+        """Bytes of ``kind`` one forward (backward, for ``grad``) of ``rank`` sent to other ranks, all layers."""
+        return sum(int(sum(s["bytes"][kind])) for s in self.ranks[rank]) // max(self.steps, 1)
 
 
 def _free_port() -> int:
@@ -82,39 +85,49 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                                 world_size=world, timeout=datetime.timedelta(seconds=cfg["timeout"]))
         plan = Plan.load(cfg["plan_path"])
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        layer = mg_compile(plan.spec, plan=plan, layer_index=cfg["layer_index"], timeout=cfg["timeout"],
-                           seed=cfg["seed"], device=device)
+        layers = [mg_compile(plan.spec, plan=plan, layer_index=i, timeout=cfg["timeout"], seed=cfg["seed"] + i,
+                             device=device) for i in cfg["layers"]]
         if cfg["checkpoint"]:
-            layer.load_checkpoint(cfg["checkpoint"])
-        layer.sync_timing(True)
+            layers[0].load_checkpoint(cfg["checkpoint"])
+        for layer in layers:
+            layer.sync_timing(True)
+        first = layers[0]
         g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-        x = torch.randn(cfg["tokens"], layer.HIDDEN, generator=g).to(device=device, dtype=layer.experts.down_proj.dtype)
+        x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.experts.down_proj.dtype)
         if cfg["backward"]:
             x.requires_grad_(True)
 
         def step() -> None:
-            y = layer(x)
+            h = x
+            for layer in layers:  # a residual stack, as in a model
+                h = h + layer(h)
             if cfg["backward"]:
-                y.float().square().mean().backward()
-                layer.zero_grad(set_to_none=True)
+                h.float().square().mean().backward()
+                for layer in layers:
+                    layer.zero_grad(set_to_none=True)
 
+        recorders = []
         with torch.set_grad_enabled(cfg["backward"]):
             step()  # warm-up: graph tracing and first-call costs stay out of the timings
-            layer.reset_traffic()
-            layer.start_recording()
+            for layer in layers:
+                layer.reset_traffic()
+                layer.start_recording()
             for i in range(cfg["steps"]):
                 step()
-                if i == 0:
-                    recorder = layer.stop_recording()  # one forward's routing is the prediction's input
-        layer.recorder = recorder
-        trace = gather_trace(layer)
+                if i == 0:  # one forward's routing is the prediction's input
+                    recorders = [layer.stop_recording() for layer in layers]
+        for layer, rec in zip(layers, recorders):
+            layer.recorder = rec
+        trace = gather_trace(layers)
         summaries: list[Any] = [None] * world
-        dist.all_gather_object(summaries, layer.traffic_summary())
+        dist.all_gather_object(summaries, [layer.traffic_summary() for layer in layers])
         if rank == 0:
             src = trace.src_rank
-            ids = [trace.topk[0][src == r] for r in range(world)]
-            result = {"ok": True, "ranks": summaries, "predicted": predicted_copies(plan, cfg["layer_index"], ids),
-                      "row_bytes": layer.HIDDEN * layer.experts.down_proj.element_size()}
+            predicted = np.stack([
+                predicted_copies(plan, li, [trace.topk[j][src == r] for r in range(world)])
+                for j, li in enumerate(cfg["layers"])])
+            result = {"ok": True, "ranks": summaries, "predicted": predicted,
+                      "row_bytes": first.HIDDEN * first.experts.down_proj.element_size()}
             if cfg["record"]:
                 result["trace_path"] = str(trace.save(cfg["record"]))
         else:
@@ -126,16 +139,20 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
 
 
 def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int = 3, backward: bool = True,
-              layer_index: int = 0, seed: int = 0, checkpoint: str | Path | None = None, timeout: float = 60.0,
-              record: str | Path | None = None, device: str = "cpu", deadline: float = 600.0) -> LocalRun:
-    """Run the plan's layer expert-parallel in ``nproc`` local processes and measure it (module docstring).
+              layer_index: int | None = None, seed: int = 0, checkpoint: str | Path | None = None,
+              timeout: float = 60.0, record: str | Path | None = None, device: str = "cpu",
+              deadline: float = 600.0) -> LocalRun:
+    """Run the plan's MoE layers expert-parallel in ``nproc`` local processes and measure them.
 
     Args:
         plan: a ``Plan`` or plan file path (its embedded spec is compiled).
         nproc: processes (default and required value: the plan's GPU count).
         tokens: random tokens per rank per forward; steps: measured forward(+backward) passes.
-        checkpoint: a single-process checkpoint to load (default: seeded random weights).
-        timeout: seconds a collective waits for peers; record: save the gathered trace here.
+        layer_index: run this MoE layer only (default: every MoE layer of the plan, as a residual
+            stack; layer i is seeded with ``seed + i``).
+        checkpoint: a single-process checkpoint of one layer (needs ``layer_index``).
+        timeout: seconds a collective waits for peers.
+        record: save the gathered trace here (every MoE layer must run: the planner needs them all).
         device: "cpu" (gloo) or "cuda" (NCCL, one GPU per process).
     """
     import torch.multiprocessing as mp
@@ -155,9 +172,16 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                                f"{torch.cuda.device_count()} GPUs visible")
     if tokens < 0 or steps < 1:
         raise DistributedError("tokens must be >= 0 and steps >= 1")
+    if layer_index is not None and not 0 <= layer_index < plan.num_layers:
+        raise DistributedError(f"layer {layer_index} is outside the plan's {plan.num_layers} MoE layers")
+    if checkpoint and layer_index is None:
+        raise DistributedError("a checkpoint holds one layer's weights: pass the layer it belongs to (--layer)")
+    if record and layer_index is not None:
+        raise DistributedError("recording a trace for re-planning needs every MoE layer: drop --layer")
+    layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
     with tempfile.TemporaryDirectory(prefix="moegraph-run-") as tmp:
         plan_path = plan.save(Path(tmp) / "plan.json")
-        cfg = {"plan_path": str(plan_path), "layer_index": layer_index, "tokens": tokens, "steps": steps,
+        cfg = {"plan_path": str(plan_path), "layers": layers, "tokens": tokens, "steps": steps,
                "backward": backward, "seed": seed, "checkpoint": str(checkpoint) if checkpoint else None,
                "timeout": timeout, "record": str(record) if record else None, "device": device}
         ctx = mp.get_context("spawn")
@@ -191,7 +215,8 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         raise DistributedError(f"rank {r} failed: {res['type']}: {res['error']}"
                                + (f" (ranks {others} failed too)" if others else ""))
     head = results[0]
-    measured = np.stack([np.asarray(s["rows"]["dispatch"]) for s in head["ranks"]]) // steps
-    return LocalRun(world_size=world, layer_index=layer_index, tokens=tokens, steps=steps,
-                    row_bytes=head["row_bytes"], ranks=head["ranks"], predicted=head["predicted"], measured=measured,
+    measured = np.stack([np.stack([np.asarray(head["ranks"][r][j]["rows"]["dispatch"]) for r in range(world)])
+                         for j in range(len(layers))]) // steps
+    return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=head["row_bytes"],
+                    ranks=head["ranks"], predicted=head["predicted"], measured=measured,
                     trace_path=Path(head["trace_path"]) if head.get("trace_path") else None)

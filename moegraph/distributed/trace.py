@@ -63,8 +63,13 @@ def gather_trace(layers, *, name: str = "recorded", clear: bool = False):
                          "model over the same forward passes")
     return TraceSet.from_topk(
         per_layer, sample_ids=samples, num_experts=layers[0].NUM_EXPERTS, src_rank=src,
-        num_ranks=comm.world_size, layer_ids=[layer.layer_index for layer in layers], source=name,
+        num_ranks=comm.world_size, layer_ids=[_decoder_layer(layer) for layer in layers], source=name,
     )
+
+
+def _decoder_layer(layer) -> int:
+    """The decoder layer index of an expert-parallel layer's MoE layer (its ``layer_index``-th MoE layer)."""
+    return int(list(layer.plan.spec.model.moe_layer_indices)[layer.layer_index])
 
 
 def predicted_copies(plan, layer_index: int, topk_by_rank: Sequence) -> np.ndarray:
