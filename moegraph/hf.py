@@ -1002,6 +1002,11 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     return out
 
 
+def torch_dtype_of(weights: dict[str, Tensor]) -> torch.dtype:
+    """The parameter dtype a layer for these weights should have (that of the expert weights)."""
+    return weights["experts.down_proj"].dtype
+
+
 def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool = False) -> None:
     """Put ``weights`` into ``layer``: the same Parameter objects where ``share`` and layouts agree, else copies."""
     own = dict(layer.named_parameters())

@@ -1,0 +1,384 @@
+"""moegraph.optimize on whole models: transformers models of several families and a user's naive MoE.
+
+Each model is small, random and float32: logits before and after the swap must match (rtol 1e-4),
+greedy generation must produce the same tokens, and the report must say what was swapped and why
+the rest was not.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import moegraph  # noqa: E402
+from moegraph import hf  # noqa: E402
+from moegraph.errors import UnsupportedBlock  # noqa: E402
+from moegraph.optimize import MoEBlockAdapter, OptimizeReport, read_structural  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+VOCAB = 64
+
+
+def tiny_config(model_type: str, **kw):
+    cfg = transformers.AutoConfig.for_model(model_type)
+    n0 = cfg.num_hidden_layers
+    base = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=VOCAB,
+                intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    for k, v in {**base, **kw}.items():
+        setattr(cfg, k, v)
+    for k, v in list(vars(cfg).items()):  # per-layer lists follow the new layer count
+        if isinstance(v, list) and len(v) == n0 and k != "mlp_only_layers":
+            setattr(cfg, k, (v * cfg.num_hidden_layers)[: cfg.num_hidden_layers])
+    return cfg
+
+
+MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8)
+MODELS = {
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                        first_k_dense_replace=1, **MLA),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1, **MLA),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+}
+
+
+def make_model(model_type: str, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, **{**MODELS.get(model_type, {}), **extra})
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # HF initialises some routers and selection biases to zero: randomise them
+        for name, t in model.named_buffers():
+            if "bias" in name and t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+        for m in model.modules():
+            if hf.is_hf_moe_block(m):
+                try:
+                    anat = hf.inspect_block(m)
+                except UnsupportedBlock:
+                    continue
+                w = hf._get_path(m, anat.router_weight_name)
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("model_type", list(MODELS))
+def test_hf_model_logits_and_generation(model_type: str) -> None:
+    model = make_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    n_blocks = sum(hf.is_hf_moe_block(m) for m in model.modules())
+    assert n_blocks >= 1
+
+    out_model = moegraph.optimize(model)
+    assert out_model is model
+    report = model.moegraph_report
+    assert isinstance(report, OptimizeReport)
+    assert len(report.swapped) == n_blocks and not report.not_swapped, str(report)
+    assert sum(isinstance(m, MoEBlockAdapter) for m in model.modules()) == n_blocks
+    assert not any(hf.is_hf_moe_block(m) for m in model.modules() if not isinstance(m, MoEBlockAdapter)
+                   and not any(m is a.moe for a in model.modules() if isinstance(a, MoEBlockAdapter)))
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+    # The report names what was swapped, with which spec.
+    text = str(report)
+    assert f"swapped {n_blocks} of {n_blocks}" in text and "hf-" in text
+
+
+def test_layer_pattern_of_config_matches_model() -> None:
+    """spec_from_hf_config's dense/MoE pattern is where optimize finds the blocks."""
+    for model_type, extra in (("deepseek_v3", dict(num_hidden_layers=3)),
+                              ("qwen2_moe", dict(num_hidden_layers=4, mlp_only_layers=[1], decoder_sparse_step=1))):
+        model = make_model(model_type, **extra)
+        spec = hf.spec_from_hf_config(model.config)
+        moegraph.optimize(model)
+        found = sorted(int(r.path.split(".")[2]) for r in model.moegraph_report.swapped)
+        assert found == list(spec.model.moe_layer_indices), (model_type, found)
+
+
+def test_shared_weights_and_training_step() -> None:
+    """Swapped layers use the model's own expert Parameters: an optimizer made before still trains them."""
+    model = make_model("mixtral")
+    block = model.model.layers[0].mlp
+    w = block.experts.gate_up_proj
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    moegraph.optimize(model)
+    adapter = model.model.layers[0].mlp
+    assert adapter.moe.experts.gate_up_proj is w
+    model.train()
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    before = w.detach().clone()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
+    opt.step()
+    assert not torch.equal(before, w.detach())
+    # And eval after the update still runs on the updated weights (no stale packed copies).
+    model.eval()
+    with torch.no_grad():
+        y = adapter(torch.randn(1, 3, 32))
+    assert torch.isfinite(y).all()
+
+
+def test_verify_reports_and_keeps_swaps() -> None:
+    model = make_model("qwen2_moe")
+    moegraph.optimize(model, verify=True)
+    for r in model.moegraph_report.swapped:
+        assert r.rel_diff is not None and r.rel_diff < 1e-4
+
+
+def test_verify_failure_restores_original(monkeypatch) -> None:
+    model = make_model("mixtral")
+    originals = [layer.mlp for layer in model.model.layers]
+    real = hf.hf_weights
+
+    def corrupted(block, anat):
+        w = dict(real(block, anat))
+        w["experts.down_proj"] = w["experts.down_proj"] * 1.5
+        return w
+
+    monkeypatch.setattr(hf, "hf_weights", corrupted)
+    moegraph.optimize(model, verify=True)
+    report = model.moegraph_report
+    assert [r.status for r in report.records] == ["restored", "restored"]
+    assert all("verification failed" in r.reason and r.rel_diff > 0.1 for r in report.records), str(report)
+    assert [layer.mlp for layer in model.model.layers] == originals
+
+
+def test_unsupported_family_reported() -> None:
+    model = make_model("gpt_oss", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, head_dim=8,
+                       layer_types=["sliding_attention", "full_attention"])
+    before = {n: type(m) for n, m in model.named_modules()}
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert report.records and all(r.status == "refused" for r in report.records)
+    assert "custom gate function" in report.records[0].reason
+    assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_no_moe_blocks() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert report.records == [] and "no MoE blocks found; the model is unchanged" in str(report)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(moegraph.InputError, match="nn.Module"):
+        moegraph.optimize("not a model")
+
+
+def test_meta_device_model_refused() -> None:
+    cfg = tiny_config("mixtral", **MODELS["mixtral"])
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    moegraph.optimize(model)
+    records = model.moegraph_report.records
+    assert len(records) == 2 and all(r.status == "refused" and "meta device" in r.reason for r in records)
+    assert not any(isinstance(m, MoEBlockAdapter) for m in model.modules())
+
+
+def test_dtensor_block_refused(tmp_path) -> None:
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+    except ImportError:
+        pytest.skip("torch.distributed.tensor unavailable")
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = make_model("mixtral")
+        mesh = DeviceMesh("cpu", [0])
+        ex = model.model.layers[1].mlp.experts
+        ex.down_proj = nn.Parameter(distribute_tensor(ex.down_proj.detach(), mesh, [Replicate()]))
+        moegraph.optimize(model)
+        rec = {r.path: r for r in model.moegraph_report.records}
+        assert rec["model.layers.0.mlp"].status == "swapped"
+        assert rec["model.layers.1.mlp"].status == "refused" and "DTensor" in rec["model.layers.1.mlp"].reason
+    finally:
+        dist.destroy_process_group()
+
+
+def test_report_prints_with_rich() -> None:
+    from rich.console import Console
+
+    model = make_model("mixtral")
+    moegraph.optimize(model)
+    console = Console(record=True, width=120)
+    console.print(model.moegraph_report)
+    text = console.export_text()
+    assert "swapped 2 of 2" in text and "model.layers.0.mlp" in text and "hf-mixtral" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# A user's own MoE, matched by structure
+# ----------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, f: int, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=bias)
+        self.w3 = nn.Linear(d, f, bias=bias)
+        self.w2 = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d: int, f: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, f)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(f, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class NaiveMoE(nn.Module):
+    """The textbook loop: softmax router, top-k, renormalise, loop over the experts (FX-traceable)."""
+
+    def __init__(self, d=32, f=48, e=6, k=2, expert=SwiGLU, shared=False, normalize=True, score="softmax"):
+        super().__init__()
+        self.k, self.normalize, self.score = k, normalize, score
+        self.router = nn.Linear(d, e, bias=False)
+        self.experts = nn.ModuleList([expert(d, f) for _ in range(e)])
+        self.shared = expert(d, f) if shared else None
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        probs = logits.softmax(dim=-1) if self.score == "softmax" else torch.sigmoid(logits)
+        w, idx = torch.topk(probs, self.k, dim=-1)
+        if self.normalize:
+            w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out = out.index_add(0, tok, expert(x[tok]) * w[tok, slot].unsqueeze(-1))
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+
+class LoopMoE(NaiveMoE):
+    """The same with data-dependent control flow: not FX-traceable, identified by probing."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = self.router(x).softmax(dim=-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            mask = idx == e
+            if not mask.any():
+                continue
+            tok, slot = mask.nonzero(as_tuple=True)
+            out[tok] += self.experts[e](x[tok]) * w[tok, slot, None]
+        return out.reshape(shape)
+
+
+class ScaledInputMoE(NaiveMoE):
+    """Scales the expert input by the router weight: not expressible (expert(w x) != w expert(x))."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = torch.topk(self.router(x).softmax(-1), self.k, dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out = out.index_add(0, tok, expert(x[tok] * w[tok, slot].unsqueeze(-1)))
+        return out.reshape(shape)
+
+
+class UserModel(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        x = self.proj(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def _run(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_naive_moe_swapped_structurally() -> None:
+    torch.manual_seed(0)
+    model = UserModel([NaiveMoE(), NaiveMoE(expert=GeluMLP, shared=True, k=3), LoopMoE(),
+                       NaiveMoE(score="sigmoid", normalize=False)]).eval()
+    x = torch.randn(3, 7, 32)
+    ref = _run(model, x)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert [r.status for r in report.records] == ["swapped"] * 4, str(report)
+    assert all(r.found_by == "structure" and r.rel_diff < 1e-5 for r in report.records)
+    torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
+    specs = [m.moe.hf_spec if hasattr(m.moe, "hf_spec") else None for m in model.blocks]
+    assert all(isinstance(m, MoEBlockAdapter) for m in model.blocks) and specs
+    routings = [r.routing for r in report.records]
+    assert routings[0] == "top-2 softmax, normalised" and routings[3] == "top-2 sigmoid"
+    assert "top-3" in routings[1]
+    assert any("not traceable by torch.fx" in n for n in report.records[2].notes)
+    assert not report.records[0].notes  # traced: the router reaches a top-k that selects the experts
+
+
+def test_structural_read_details() -> None:
+    torch.manual_seed(1)
+    block = NaiveMoE(expert=GeluMLP, shared=True, k=3)
+    sr = read_structural(block)
+    e = sr.spec.moe.experts
+    assert (e.num_experts, e.intermediate_size, e.activation, e.bias) == (6, 48, "gelu_tanh", True)
+    assert sr.spec.moe.shared_experts.count == 1
+    assert sr.weights["experts.up_proj"].shape == (6, 48, 32)
+
+
+def test_unexplainable_user_block_left_alone() -> None:
+    torch.manual_seed(0)
+    model = UserModel([ScaledInputMoE(), NaiveMoE()]).eval()
+    x = torch.randn(2, 5, 32)
+    ref = _run(model, x)
+    moegraph.optimize(model)
+    recs = model.moegraph_report.records
+    assert recs[0].status == "refused" and "transformed tokens" in recs[0].reason
+    assert recs[1].status == "swapped"
+    assert isinstance(model.blocks[0], ScaledInputMoE)
+    torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_optimize_is_idempotent() -> None:
+    model = UserModel([NaiveMoE()]).eval()
+    moegraph.optimize(model)
+    first = model.blocks[0]
+    moegraph.optimize(model)
+    assert model.blocks[0] is first and model.moegraph_report.records == []
