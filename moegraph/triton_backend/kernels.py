@@ -27,11 +27,12 @@ from .render import interpreting, render_to_module
 __all__ = ["expert_mlp", "prepare", "MLPLaunch", "align", "route_topk", "score_to_triton", "router_supported"]
 
 # Alignment tiling: assignments per count/scatter program, experts per scan program, chunk rows per
-# scan step, blocks per offsets step.
+# scan step, blocks per offsets step; above ALIGN_MAX_BINS expert bins the alignment runs in torch.
 ALIGN_CHUNK = 128
 ALIGN_EB = 64
 ALIGN_PB = 32
 ALIGN_BB = 64
+ALIGN_MAX_BINS = 1024
 COMBINE_BLOCK_D = 1024
 
 
@@ -40,6 +41,10 @@ def _pow2(n: int) -> int:
     while p < n:
         p *= 2
     return p
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def check_device(*tensors: Tensor | None) -> None:
@@ -108,8 +113,11 @@ def align(exp_N: Tensor, T: int, E: int, SH: int, block_m: int) -> tuple[Tensor,
     block_expert_B = torch.empty(B, dtype=torch.int32, device=dev)
     if B == 0:
         return sorted_R, block_expert_B, 0
-    mod = _align_module(SH > 0)
     NB = max(_pow2(E_ext + 1), ALIGN_EB)
+    if NB > ALIGN_MAX_BINS:  # one expert histogram no longer fits a program's registers
+        _align_torch(exp_N, T, E, SH, block_m, sorted_R, block_expert_B)
+        return sorted_R, block_expert_B, B
+    mod = _align_module(SH > 0)
     P = triton_cdiv(N_ext, ALIGN_CHUNK)
     table = torch.empty(P, NB, dtype=torch.int32, device=dev)
     counts = torch.empty(NB, dtype=torch.int32, device=dev)
@@ -123,8 +131,26 @@ def align(exp_N: Tensor, T: int, E: int, SH: int, block_m: int) -> tuple[Tensor,
     return sorted_R, block_expert_B, B
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _align_torch(exp_N: Tensor, T: int, E: int, SH: int, block_m: int, sorted_R: Tensor, block_expert_B: Tensor) -> None:
+    """The same alignment with torch ops (for very many experts); also free of host synchronisation."""
+    N = exp_N.numel()
+    N_ext, E_ext, R, dev = N + SH * T, E + SH, sorted_R.numel(), exp_N.device
+    key = torch.where((exp_N >= 0) & (exp_N < E), exp_N, E_ext)
+    if SH:
+        key = torch.cat([key, torch.arange(E, E_ext, device=dev).repeat_interleave(T)])
+    key_sorted, order = torch.sort(key, stable=True)
+    counts = torch.zeros(E_ext + 1, dtype=torch.long, device=dev).scatter_add_(0, key, torch.ones_like(key))[:E_ext]
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    e = key_sorted.clamp(max=E_ext - 1)
+    rank = torch.arange(N_ext, device=dev) - (torch.cumsum(counts, 0) - counts)[e]
+    # Dropped assignments write to a spare slot R that is cut off afterwards.
+    pos = torch.where(key_sorted < E_ext, (ends - padded)[e] + rank, R)
+    buf = torch.full((R + 1,), N_ext, dtype=torch.int32, device=dev).scatter_(0, pos, order.to(torch.int32))
+    sorted_R.copy_(buf[:R])
+    starts_B = torch.arange(block_expert_B.numel(), device=dev) * block_m
+    expert_B = torch.searchsorted(ends, starts_B, right=True)
+    block_expert_B.copy_(torch.where(starts_B < ends[-1], expert_B, -1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,6 +175,7 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
         "has_shared": bool(has_shared),
         "has_shared_scale": bool(has_shared_scale),
         # float32 layers match torch's float32 matmul (no TF32); 16-bit inputs accumulate in float32.
+        "ieee_fp32": dtype == torch.float32,
         "dot_args": ', input_precision="ieee"' if dtype == torch.float32 else "",
     }
 

@@ -154,9 +154,13 @@ def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, scor
     Returns:
         ids_TK [T, K] int64, best first; weights_TK [T, K] in the logits' dtype.
     """
+    args = (top_k, score, topk_then_score, normalize, scaling_factor, num_groups, topk_groups, group_score, top_n)
     with torch.no_grad():
-        return kernels.route_topk(logits_TE, expert_bias_E, top_k, score, topk_then_score, normalize,
-                                  scaling_factor, num_groups, topk_groups, group_score, top_n)
+        if kernels.router_supported(logits_TE.shape[1], top_k, score) is not None:
+            # Beyond the kernel (thousands of experts): the torch fallback, same results.
+            ids_TK, w_TK = route_topk_reference(logits_TE, expert_bias_E, *args)
+            return ids_TK, w_TK.to(logits_TE.dtype)
+        return kernels.route_topk(logits_TE, expert_bias_E, *args)
 
 
 @route_topk.register_fake

@@ -47,9 +47,11 @@ def _env() -> jinja2.Environment:
 
 
 def render(template: str, ctx: dict[str, Any]) -> str:
-    """The source of ``template`` for ``ctx`` (the moegraph version is added to the context)."""
+    """The source of ``template`` for ``ctx`` (the moegraph version and a context summary are added)."""
+    # The decisions the file is specialised to, for the reader of the generated header.
+    line = ", ".join(f"{k}={v!r}" for k, v in sorted(ctx.items()) if k not in ("summary", "score_code", "dot_args"))
     try:
-        return _env().get_template(template).render(version=__version__, **ctx)
+        return _env().get_template(template).render(version=__version__, context_line=line, **ctx)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {template} failed: {exc}") from exc
 
