@@ -38,13 +38,21 @@ DEADLINE_S = 240.0  # per launch, then every process is killed
 
 
 def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
+    small = {"num_experts": 8, "intermediate_size": 8, "activation": "swiglu"}
     if kind == "dsv3":
         d = moegraph.load_spec("deepseek-v3-tiny").model_dump(mode="json")
-    else:  # top-1, so that one expert can take every token
-        d = {"name": "skew", "moe": {"hidden_size": 16,
-                                     "experts": {"num_experts": 8, "intermediate_size": 8, "activation": "swiglu"},
+    elif kind == "skew":  # top-1, so that one expert can take every token
+        d = {"name": "skew", "moe": {"hidden_size": 16, "experts": small,
                                      "router": {"top_k": 1, "score": "sigmoid", "expert_bias": {"update_rate": 0.001}}},
              "placement": {"redundant_slots": 0}}
+    elif kind == "capacity":  # over-full experts drop assignments (expert id E in the op's input)
+        d = {"name": "cap", "moe": {"hidden_size": 16, "experts": small,
+                                    "router": {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}}},
+             "placement": {"redundant_slots": 2}}
+    else:  # expert choice: assignments are expert-major, not [tokens, k]
+        d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
+                                   "router": {"type": "expert_choice", "capacity_factor": 2.0}},
+             "placement": {"redundant_slots": 2}}
     d["topology"] = {"kind": "uniform", "nodes": nodes, "gpus_per_node": gpus_per_node}
     d.setdefault("placement", {}).update(placement)
     return moegraph.load_spec(d)
@@ -108,6 +116,8 @@ SCENARIOS = {
         "one_expert": (("skew", 1, 2), "contiguous", [(1, 9), (2, 3)], 0, 2),
         # Rank 1 has no tokens at all.
         "empty_rank": (("skew", 1, 2), "contiguous", [(2, 4), (1, 0)], 0, None),
+        "capacity": (("capacity", 1, 2), "contiguous", [(2, 6), (1, 5)], 0, None),
+        "expert_choice": (("expert_choice", 1, 2), "contiguous", [(1, 6), (2, 5)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -150,11 +160,15 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     layer.sync_grads()
     ids = layer.recorder.ids().clone()
     trace = moegraph.distributed.gather_trace(layer)
+    bias = None
+    if layer.EXPERT_BIAS_RATE is not None:
+        layer.update_expert_bias()  # loads summed over ranks: every rank's router moves the same way
+        bias = layer.router.expert_bias.clone()
     layer.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         y_eval = layer(xs[rank])
     return {
-        "y": y.detach(), "y_eval": y_eval, "x_grad": x.grad,
+        "y": y.detach(), "y_eval": y_eval.clone(), "x_grad": x.grad, "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
         "slot_experts": list(layer.slot_experts), "rows": rows, "bytes": sent, "ids": ids,
         "trace": {"topk": trace.topk, "src_rank": trace.src_rank, "sample_ids": trace.sample_ids,
@@ -382,11 +396,14 @@ def _reference(world: int, name: str) -> dict:
             with torch.no_grad():
                 ys.append(layer(x))
     sum((y * g).sum() for y, g in zip(ys, gs) if y.requires_grad).backward()
+    if layer.EXPERT_BIAS_RATE is not None:
+        layer.update_expert_bias()  # the loads of every rank's tokens
     layer.eval()
     with torch.no_grad():
         y_eval = [layer(x) for x in xs]
     return {"y": [y.detach() for y in ys], "y_eval": y_eval, "x_grad": [x.grad for x in xr],
-            "grads": {n: p.grad for n, p in layer.named_parameters()}, "plan": plan}
+            "grads": {n: p.grad for n, p in layer.named_parameters()}, "plan": plan,
+            "expert_bias": getattr(layer.router, "expert_bias", None)}
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
@@ -402,6 +419,8 @@ def _check_against_reference(results: list[dict], world: int, name: str) -> None
         _close(res["y"], ref["y"][r], f"{name} rank {r} output")
         _close(res["y_eval"], ref["y_eval"][r], f"{name} rank {r} eval output")
         _close(res["x_grad"], ref["x_grad"][r], f"{name} rank {r} input gradient")
+        if ref["expert_bias"] is not None:
+            _close(res["expert_bias"], ref["expert_bias"], f"{name} rank {r} expert bias after update_expert_bias")
         idx = torch.tensor(res["slot_experts"])
         for n, g in res["grads"].items():
             want = ref["grads"][n][idx] if n.startswith("experts.") else ref["grads"][n]
