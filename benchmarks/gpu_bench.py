@@ -28,6 +28,7 @@ weight + input and output activations; the minimum traffic, so GB/s is a lower b
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -200,7 +201,6 @@ def measured_peaks(device, dtype) -> tuple[float | None, float | None]:
     src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     t = time_interleaved({"mm": lambda: a @ b, "copy": lambda: dst.copy_(src)}, iters=10, warmup=3, device=device)
-    del a, b, src, dst
     return 2 * n**3 / t["mm"] / 1e9, 2 * (2 << 30) / t["copy"] / 1e9
 
 
@@ -273,9 +273,9 @@ def main() -> int:
             tok_N = torch.arange(T, device=device).repeat_interleave(K)
             exp_N, w_N = ids_TK.reshape(-1), w_TK.reshape(-1).to(dtype)
             ex, sh = tri.experts, tri.shared_experts
-            op = lambda: torch.ops.moegraph_triton.expert_mlp(  # noqa: E731
-                x.view(T, D), tok_N, exp_N, w_N, ex.gate_up_proj, ex.down_proj, None, None, "silu", True, None,
-                None, sh.gate_up_proj, sh.down_proj, None)
+            op = functools.partial(
+                torch.ops.moegraph_triton.expert_mlp, x.view(T, D), tok_N, exp_N, w_N, ex.gate_up_proj, ex.down_proj,
+                None, None, "silu", True, None, None, sh.gate_up_proj, sh.down_proj, None)
             # Step 1: correctness against the torch backend.
             y_ref = ref(x).float()
             scale = y_ref.norm().item()
@@ -300,7 +300,7 @@ def main() -> int:
             print(f"  kernel config ({'tuned table' if tuned else 'default'}): BLOCK_M={cfg.BLOCK_M} "
                   f"gate_up={cfg.gate_up} down={cfg.down}")
             # Step 2: timing, eager and from CUDA graphs.
-            fns = {name: (lambda mod=mod: mod(x)) for name, mod in impls.items()}
+            fns = {name: functools.partial(mod, x) for name, mod in impls.items()}
             fns["op"] = op
             if not args.no_cuda_graphs:
                 for name in ("triton", "hf_grouped_mm", "op"):

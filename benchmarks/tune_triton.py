@@ -17,6 +17,7 @@ The table is written to ``moegraph/triton_backend/tuned/`` (or ``--out``) as
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -140,8 +141,8 @@ def main() -> None:
                 for c in dict.fromkeys(fitted):  # tiles wider than the problem collapse onto one candidate
                     if time.time() > deadline and best_part is not None:
                         break
-                    fn = (lambda c=c: launch.gate_up(aligned, bm, c)) if part == "gate_up" else \
-                        (lambda c=c: launch.down(aligned, bm, c, h))
+                    fn = (functools.partial(launch.gate_up, aligned, bm, c) if part == "gate_up"
+                          else functools.partial(launch.down, aligned, bm, c, h))
                     try:
                         ms = bench(fn)
                     except Exception as exc:  # out of resources, or a compiler limit: skip the candidate

@@ -252,7 +252,7 @@ class MLPLaunch:
 
     def combine(self, o_ND: Tensor) -> Tensor:
         """y[t] = sum of the token's outputs, in a fixed order (deterministic)."""
-        T, D, F, E, N, N_ext = self.dims
+        T, D, _, E, N, _ = self.dims
         order_N, start_T1 = token_csr(self.tok_N, T)
         y_TD = self.x_TD.new_empty(T, D)
         block_d = min(COMBINE_BLOCK_D, _pow2(D))
@@ -292,7 +292,7 @@ def expert_mlp(
     """
     launch, dense_shared = prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
                                    gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
-    T, D, F, E, N, N_ext = launch.dims
+    T, D, F, E, _, N_ext = launch.dims
     if T == 0 or N_ext == 0:
         y = x_TD.new_zeros(T, D)
     else:
