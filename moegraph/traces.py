@@ -55,6 +55,7 @@ __all__ = [
     "bundled_traces",
     "trace_stats",
     "coactivation",
+    "synthetic_traces",
     "FORMAT",
     "VERSION",
 ]
@@ -234,7 +235,7 @@ class TraceSet:
         remap = np.full(len(self.sources), -1, np.int64)
         remap[used] = np.arange(len(used))
         return TraceSet._from_arrays(
-            self.topk[:, mask, :], self.sample_ids[mask], remap[self.source_ids[mask]],
+            np.ascontiguousarray(self.topk[:, mask, :]), self.sample_ids[mask], remap[self.source_ids[mask]],
             tuple(self.sources[i] for i in used), self.num_experts,
             None if self.src_rank is None else self.src_rank[mask], self.num_ranks, self.layer_ids,
             name or self.name, self.notes,
@@ -769,11 +770,10 @@ def coactivation(topk_TK: np.ndarray, num_experts: int, weights_T: np.ndarray | 
     topk_TK: [T, K] expert ids of one layer; weights_T: optional [T] weight per token.
     """
     t, k = topk_TK.shape
-    ids = topk_TK.astype(np.int64)
-    a = np.repeat(ids, k, axis=1).ravel()
-    b = np.tile(ids, (1, k)).ravel()
-    w = None if weights_T is None else np.repeat(weights_T, k * k)
-    w_pairs = np.bincount(a * num_experts + b, weights=w, minlength=num_experts * num_experts)
+    ids = np.ascontiguousarray(topk_TK, dtype=np.int64)
+    pair = (ids[:, :, None] * num_experts + ids[:, None, :]).ravel()
+    w = None if weights_T is None else np.repeat(np.asarray(weights_T, np.float64), k * k)
+    w_pairs = np.bincount(pair, weights=w, minlength=num_experts * num_experts)
     out = w_pairs.reshape(num_experts, num_experts).astype(np.float64)
     np.fill_diagonal(out, 0.0)
     return out
@@ -839,3 +839,39 @@ def _layer_affinity(a_TK: np.ndarray, b_TK: np.ndarray, e: int) -> float:
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
     hb = float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
     return mi / hb if hb > 0 else 0.0
+
+
+def synthetic_traces(
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    num_tokens: int = 4096,
+    *,
+    tokens_per_sample: int = 256,
+    topics: int = 16,
+    skew: float = 1.0,
+    seed: int = 0,
+    name: str = "synthetic",
+) -> TraceSet:
+    """Skewed, clustered routing traces for scale tests and demos (not real data).
+
+    Every expert has a Zipf-like popularity (exponent ``skew``, shuffled per layer); ``topics``
+    groups of experts are preferred together; each sequence of ``tokens_per_sample`` tokens mixes
+    two topics; each token draws ``top_k`` distinct experts (Gumbel top-k) from its sequence's mix.
+    """
+    rng = np.random.default_rng(seed)
+    e, k = num_experts, top_k
+    n_samples = -(-num_tokens // tokens_per_sample)
+    sample_ids = np.repeat(np.arange(n_samples), tokens_per_sample)[:num_tokens]
+    layers = []
+    for _ in range(num_layers):
+        pop = 1.0 / np.arange(1, e + 1) ** skew
+        pop = pop[rng.permutation(e)]
+        topic_of = rng.integers(0, topics, size=e)
+        mix = rng.integers(0, topics, size=(n_samples, 2))
+        logit = np.log(pop)[None, :] + np.zeros((n_samples, e))
+        boost = (topic_of[None, :] == mix[:, :1]) * 2.0 + (topic_of[None, :] == mix[:, 1:]) * 1.0
+        logit = (logit + boost)[sample_ids]
+        gumbel = -np.log(-np.log(rng.random((num_tokens, e))))
+        layers.append(np.argpartition(-(logit + gumbel), k - 1, axis=1)[:, :k])
+    return TraceSet.from_topk(layers, sample_ids, num_experts=e, source=name)

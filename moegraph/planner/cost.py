@@ -1,0 +1,120 @@
+"""The traffic model: what a plan costs on given traffic, under THE dispatch rule.
+
+For every MoE layer the tokens of the traces are dispatched exactly as the runtime would
+(``dispatch.dispatch_counts``) and measured:
+
+- ``max_mean_load``: max / mean (token, expert) pairs computed per GPU;
+- ``distinct_gpus``: distinct GPUs serving a token, per token;
+- ``remote_gpu``: distinct GPUs other than the token's own serving it, per token (= copies sent to
+  other GPUs, before host-level forwarding);
+- ``remote_node``: distinct hosts other than the token's own serving it, per token;
+- ``a2a_bytes``: bytes on all links per token, dispatch + combine (forwarding hops included;
+  a copy is ``hidden_size`` elements of the spec's dtype);
+- ``a2a_us``: predicted dispatch + combine time of the layer for the whole trace as one batch, by
+  an alpha-beta model: each GPU sends and receives its bytes over its intra-host and inter-host
+  links at the link bandwidth, plus the largest latency of a link it uses; intra- and inter-host
+  traffic overlap (NVLink forwarding is pipelined with RDMA as in DeepEP); the slowest GPU sets
+  the time; combine mirrors dispatch.
+
+Load-only traces (counts, no tokens) give the expected ``max_mean_load`` (tokens assumed to start on
+every GPU equally) and no communication figures.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .dispatch import DispatchCounts, counts_from_slots, choose_replicas, source_gpus
+
+if TYPE_CHECKING:
+    from ..spec import MoESpec
+    from ..topology import Cluster
+    from ..traces import TraceSet
+    from .planfile import Plan
+
+__all__ = ["METRICS", "evaluate", "token_bytes", "a2a_time_us", "expected_gpu_load"]
+
+#: metric key -> (label, format); every metric is better when lower.
+METRICS: dict[str, tuple[str, str]] = {
+    "max_mean_load": ("max/mean GPU load", "{:.3f}"),
+    "distinct_gpus": ("distinct GPUs / token", "{:.3f}"),
+    "remote_gpu": ("remote GPU copies / token", "{:.3f}"),
+    "remote_node": ("remote node copies / token", "{:.3f}"),
+    "a2a_bytes": ("a2a bytes / token (disp+comb)", "{:,.0f}"),
+    "a2a_us": ("a2a time / layer, µs (trace batch)", "{:,.1f}"),
+}
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def token_bytes(spec: MoESpec) -> int:
+    """Bytes of one token copy: hidden_size elements of the spec's dtype."""
+    return spec.moe.hidden_size * _DTYPE_BYTES[spec.moe.dtype]
+
+
+def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int) -> float:
+    """Dispatch + combine time (µs) of one layer under the alpha-beta model of the module docstring."""
+    b = counts.link_copies.astype(np.float64) * nbytes
+    same = cluster.node_of_gpu[:, None] == cluster.node_of_gpu[None, :]
+    t_us = np.where(b > 0, b / (cluster.bandwidth * 1e3), 0.0)  # GB/s -> bytes per µs is bw * 1e3
+    lat = np.where(b > 0, cluster.latency, 0.0)
+    phase = 0.0
+    for mask in (same, ~same):
+        tt, ll = np.where(mask, t_us, 0.0), np.where(mask, lat, 0.0)
+        send = tt.sum(axis=1) + ll.max(axis=1)
+        recv = tt.sum(axis=0) + ll.max(axis=0)
+        phase = max(phase, float(send.max(initial=0.0)), float(recv.max(initial=0.0)))
+    return 2.0 * phase
+
+
+def expected_gpu_load(plan: Plan, layer: int, counts_E: np.ndarray) -> np.ndarray:
+    """[G] expected work per GPU from expert counts [E], tokens starting on every GPU equally."""
+    cand, n = plan.replica_table(layer)
+    g = plan.num_gpus
+    load = np.zeros(g)
+    spg = plan.slots_per_gpu
+    for src in range(g):
+        share = counts_E / g / np.maximum(n[src], 1)  # [E] per candidate
+        for r in range(cand.shape[2]):
+            ok = cand[src, :, r] >= 0
+            np.add.at(load, cand[src, ok, r] // spg, share[ok])
+    return load
+
+
+def evaluate(plan: Plan, traces: TraceSet) -> dict[str, Any]:
+    """Metrics of ``plan`` on ``traces``: {"mean": {metric: value}, "per_layer": {metric: [L]}, ...}."""
+    n_layers = plan.num_layers
+    per: dict[str, list[float]] = {k: [] for k in METRICS}
+    if traces.load_only:
+        for layer in range(n_layers):
+            load = expected_gpu_load(plan, layer, traces.counts[layer].astype(np.float64))
+            per["max_mean_load"].append(float(load.max() / max(load.mean(), 1e-12)))
+        per = {k: v for k, v in per.items() if v}
+        return _summary(per, traces, load_only=True)
+    src = source_gpus(traces, plan.num_gpus)
+    nbytes = token_bytes(plan.spec)
+    cl = plan.cluster
+    t = max(traces.num_tokens, 1)
+    for layer in range(n_layers):
+        phys = choose_replicas(plan, layer, traces.topk[layer], src)
+        c = counts_from_slots(phys // plan.slots_per_gpu, src, cl)
+        per["max_mean_load"].append(float(c.gpu_load.max() / max(c.gpu_load.mean(), 1e-12)))
+        per["distinct_gpus"].append(c.distinct_gpus / t)
+        per["remote_gpu"].append(c.remote_gpu_copies / t)
+        per["remote_node"].append(c.remote_node_copies / t)
+        per["a2a_bytes"].append(2.0 * c.link_copies.sum() * nbytes / t)
+        per["a2a_us"].append(a2a_time_us(c, cl, nbytes))
+    return _summary(per, traces, load_only=False)
+
+
+def _summary(per: dict[str, list[float]], traces: TraceSet, load_only: bool) -> dict[str, Any]:
+    return {
+        "traces": traces.name,
+        "tokens": None if load_only else traces.num_tokens,
+        "load_only": load_only,
+        "mean": {k: float(np.mean(v)) for k, v in per.items()},
+        "worst_layer_max_mean_load": float(np.max(per["max_mean_load"])),
+        "per_layer": {k: [round(float(x), 5) for x in v] for k, v in per.items()},
+    }
