@@ -223,7 +223,16 @@ ROUTERS = {
     "sqrt_softplus": (10, 3, "sqrt_softplus", False, False, True, 1.0, (0, 0, "max", 0)),
     "expression": (8, 2, "sqrt(softplus(x)) + 0.5 * tanh(x) - x ** 2 / 8 + log1p(abs(x))", False, True, False, 1.0,
                    (2, 1, "sum_topn", 3)),
+    "powers": (8, 2, "2 ** (x / 4) - x ** 3 / 50 + relu(x)", False, False, True, 1.0, (0, 0, "max", 0)),
 }
+
+
+def test_score_expressions_fold_constants():
+    assert kernels.score_to_triton("sigmoid(0) * x + sqrt(4)") == "((0.5 * x) + 2.0)"
+    assert kernels.score_to_triton("x ** 2") == "((x) * (x))"
+    assert "tl.log" not in kernels.score_to_triton("2 ** x")  # Triton's log wants a tensor: folded to a constant
+    with pytest.raises(InputError, match="cannot be evaluated"):
+        kernels.score_to_triton("log(0 - 1) * x")
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -11,6 +11,8 @@ N routed assignments, SH shared chunks (shared hidden size S = SH * F), N_ext = 
 from __future__ import annotations
 
 import ast
+import math
+import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -356,6 +358,38 @@ _TRITON_CALLS = {
 }
 
 
+_PY_CALLS = {
+    "sigmoid": lambda v: 1.0 / (1.0 + math.exp(-v)),
+    "softplus": lambda v: v if v > 20 else math.log1p(math.exp(v)),
+    "sqrt": math.sqrt,
+    "exp": math.exp,
+    "log": math.log,
+    "log1p": math.log1p,
+    "tanh": math.tanh,
+    "relu": lambda v: max(v, 0.0),
+    "abs": abs,
+    "square": lambda v: v * v,
+}
+
+
+def _fold(node: ast.AST) -> float:
+    """The value of a subexpression without ``x`` (folded here: Triton's math functions want tensors)."""
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp):
+        return -_fold(node.operand) if isinstance(node.op, ast.USub) else _fold(node.operand)
+    if isinstance(node, ast.BinOp):
+        a, b = _fold(node.left), _fold(node.right)
+        ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+               ast.Pow: operator.pow}
+        return float(ops[type(node.op)](a, b))
+    return float(_PY_CALLS[node.func.id](_fold(node.args[0])))
+
+
+def _uses_x(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(node))
+
+
 def score_to_triton(score: str) -> str:
     """Triton code for an elementwise score of ``x`` (a named score or a validated expression)."""
     tree = ast.parse(score_expression(score), mode="eval")
@@ -363,6 +397,11 @@ def score_to_triton(score: str) -> str:
     def emit(node: ast.AST) -> str:
         if isinstance(node, ast.Expression):
             return emit(node.body)
+        if not _uses_x(node):
+            try:
+                return repr(_fold(node))
+            except (ArithmeticError, ValueError, KeyError, AttributeError) as exc:
+                raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} cannot be evaluated") from exc
         if isinstance(node, ast.Name):
             if node.id != "x":
                 raise InputError(f"score {score!r}: unknown name {node.id!r}")
@@ -377,6 +416,8 @@ def score_to_triton(score: str) -> str:
                 c = node.right
                 if isinstance(c, ast.Constant) and float(c.value).is_integer() and 0 <= c.value <= 8:
                     return "(" + " * ".join([f"({a})"] * int(c.value)) + ")" if c.value else "(x * 0.0 + 1.0)"
+                if not _uses_x(node.left):  # constant base
+                    return f"tl.exp(({b}) * {math.log(_fold(node.left))!r})"
                 return f"tl.exp(({b}) * tl.log({a}))"
             op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
             return f"({a} {op} {b})"
