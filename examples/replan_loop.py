@@ -121,7 +121,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         for i in range(L):
             full = moegraph.compile(spec, seed=args.seed + i, dtype=torch.float32)
-            save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(work / f"moe_layer{i}.safetensors"))
+            state = {k: v.contiguous() for k, v in full.state_dict().items()}
+            save_file(state, str(work / f"moe_layer{i}.safetensors"))
     dist.barrier()
 
     # Tokens: every rank draws around its own topic.
@@ -157,14 +158,14 @@ def main() -> None:
 
     node = np.asarray(plan0.node_of_gpu)
     remote = node != node[rank]  # destinations on other hosts
-    measured = torch.tensor([[int(sent0.sum()), int(sent0[:, remote].sum())], [int(sent1.sum()), int(sent1[:, remote].sum())]],
-                            dtype=torch.int64, device=device)
+    measured = torch.tensor([[int(s.sum()), int(s[:, remote].sum())] for s in (sent0, sent1)], dtype=torch.int64,
+                            device=device)
     dist.all_reduce(measured)
     loads = [torch.zeros(world, L, dtype=torch.int64, device=device) for _ in range(2)]
     for t, mine in zip(loads, (load0, load1)):
         t[rank] = torch.as_tensor(mine, device=device)
         dist.all_reduce(t)
-    for name, p, m, t in (("contiguous plan", plan0, measured[0], loads[0]), ("re-planned", plan1, measured[1], loads[1])):
+    for name, p, m, t in zip(("contiguous plan", "re-planned"), (plan0, plan1), measured, loads):
         # Balance: per MoE layer, the busiest rank's computed assignments over the mean; worst layer.
         imb = (t.max(0).values.double() / t.double().mean(0).clamp(min=1)).max().item()
         pred = predicted(p, trace, world, args.tokens, args.batches)

@@ -195,9 +195,9 @@ def _run_weights(rank: int, world: int, out_dir: Path) -> dict:
     full0 = moegraph.compile(spec, seed=0)
     ep0 = moegraph.compile(spec, plan=plan, seed=0, timeout=TIMEOUT_S)
     idx = torch.tensor(ep0.slot_experts)
-    res["seed_diff"] = max(
-        (p - (dict(full0.named_parameters())[n][idx] if n.startswith("experts.") else dict(full0.named_parameters())[n]))
-        .abs().max().item() for n, p in ep0.named_parameters())
+    ref = dict(full0.named_parameters())
+    res["seed_diff"] = max((p - (ref[n][idx] if n.startswith("experts.") else ref[n])).abs().max().item()
+                           for n, p in ep0.named_parameters())
     # In-memory single-process state dict.
     ep = moegraph.compile(spec, plan=plan, seed=None, timeout=TIMEOUT_S)
     ep.load_state_dict(state)

@@ -104,4 +104,5 @@ def test_moegraph_run_refuses_bad_inputs_before_starting(run_cli, tmp_path):
 
     assert "--nproc 2" in err("deepseek-v3-tiny", "--plan", p, "--nproc", "3")
     assert "re-plan with `moegraph plan mixtral-tiny`" in err("mixtral-tiny", "--plan", p)
-    assert "needs every MoE layer" in err("deepseek-v3-tiny", "--plan", p, "--layer", "0", "--record", tmp_path / "t.npz")
+    trace = tmp_path / "x.npz"
+    assert "needs every MoE layer" in err("deepseek-v3-tiny", "--plan", p, "--layer", "0", "--record", trace)

@@ -43,7 +43,7 @@ def _kib(n: float) -> str:
 def run_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name the plan was made for.")],
     plan: Annotated[Path, typer.Option("--plan", help="Plan file (moegraph plan -o plan.json).")],
-    nproc: Annotated[int | None, typer.Option("--nproc", help="Local processes (default: the plan's GPU count).")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Local processes (default: the plan's GPUs).")] = None,
     tokens: Annotated[int, typer.Option("--tokens", help="Random tokens per rank per forward.")] = 256,
     steps: Annotated[int, typer.Option("--steps", help="Measured forward(+backward) passes after one warm-up.")] = 3,
     backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Also run the backward.")] = True,

@@ -148,8 +148,8 @@ class ExpertDispatch(nn.Module):
         tr.add("meta", [2] * W, 8)
         send_rows, send_asg = rows_W.tolist(), asg_W.tolist()
         recv_rows, recv_asg = recv_W2[:, 0].tolist(), recv_W2[:, 1].tolist()
-        X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr, "dispatch",
-                              f"{hop}: token all-to-all")
+        X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr,
+                              "dispatch", f"{hop}: token all-to-all")
         w_B = AllToAll.apply(w_A.index_select(0, order_A), comm.anchor, send_asg, recv_asg, comm, tr, "meta",
                              f"{hop}: routing-weight all-to-all")
         ids_A2 = torch.stack([arow_A, phys_A.index_select(0, order_A)], 1).to(torch.int32)
@@ -206,21 +206,25 @@ class ExpertDispatch(nn.Module):
                                     b_down_SD, activation, gated, gate_clamp, up_clamp, None, None, None)
         else:  # nothing to compute here; keep the received tensors in the graph (see _Join)
             out_MD = _Join.apply(X_MD.new_zeros(X_MD.shape), X_MD, w_B)
+        shared_TD = None
+        if shared_w_up_HD is not None:
+            # Shared experts are data-parallel: this rank's tokens, the same op with no assignments.
+            none_N = tok_N[:0]
+            shared_TD = self.expert_op(x_TD, none_N, none_N, w_N[:0], w_up_SHD, w_down_SDF, b_up_SH, b_down_SD,
+                                       activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF,
+                                       shared_scale_T)
         t2 = self._now(x_TD)
         # Step 5: combine, mirroring the dispatch hop by hop; sums per row, then per token.
         if self.two_hop:
-            back2 = AllToAll.apply(out_MD[M1:], comm.anchor, hop2.recv_W, hop2.send_W, comm, tr, "combine", "combine forward")
+            back2 = AllToAll.apply(out_MD[M1:], comm.anchor, hop2.recv_W, hop2.send_W, comm, tr, "combine",
+                                   "combine forward")
             res1 = out_MD[:M1].index_add(0, hop2.row_tok_R, back2)
         else:
             res1 = out_MD
         back1 = AllToAll.apply(res1, comm.anchor, hop1.recv_W, hop1.send_W, comm, tr, "combine", "combine")
         y_TD = x_TD.new_zeros(T, D).index_add(0, hop1.row_tok_R, back1.to(x_TD.dtype))
-        if shared_w_up_HD is not None:
-            # Shared experts are data-parallel: this rank's tokens, the same op with no assignments.
-            none_N = tok_N[:0]
-            y_TD = y_TD + self.expert_op(x_TD, none_N, none_N, w_N[:0], w_up_SHD, w_down_SDF, b_up_SH, b_down_SD,
-                                         activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF,
-                                         shared_scale_T)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         t3 = self._now(x_TD)
         tr.calls += 1
         tr.tokens += T
