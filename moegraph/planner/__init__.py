@@ -143,6 +143,16 @@ def _resolve_traces(spec: MoESpec, traces: Any) -> TraceSet | None:
     return ts.with_experts(spec.moe.experts.num_experts)
 
 
+def _trace_inputs(spec: MoESpec, traces: Any) -> list[str] | None:
+    """The trace paths / bundled names a plan was made from, when given as such (to re-load them later)."""
+    if traces is None:
+        return list(spec.placement.traces) or None
+    items = [traces] if isinstance(traces, (str, Path, TraceSet)) else list(traces)
+    if all(isinstance(t, (str, Path)) for t in items):
+        return [str(t) for t in items]
+    return None
+
+
 def _cost_matrix(cl: Cluster) -> np.ndarray:
     """[G, G] relative cost of one token copy between two GPUs: inverse bandwidth, 1 for the fastest link."""
     inv = 1.0 / cl.bandwidth  # inf on the diagonal -> 0
@@ -179,6 +189,7 @@ def plan(
     spec = override_spec(load_spec(spec), nodes=nodes, gpus_per_node=gpus_per_node, slots=slots)
     cl = cluster_of(spec)
     check_feasible(spec, cl)
+    trace_inputs = _trace_inputs(spec, traces)
     ts = _resolve_traces(spec, traces)
     e = spec.moe.experts.num_experts
     n_slots = e + spec.placement.redundant_slots
@@ -241,6 +252,7 @@ def plan(
         "rounds": rounds,
         "cost_matrix": "inverse link bandwidth, 1 for the fastest link",
         "traces": None if ts is None else ts.name,
+        "trace_inputs": trace_inputs,
         "sources": None if ts is None else list(ts.sources),
         **{k: round(float(v), 6) if isinstance(v, float) else v for k, v in stats.items()},
     }

@@ -1,0 +1,209 @@
+"""``moegraph plan`` and ``moegraph trace import|stats``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..errors import TraceError
+from ..loader import load_spec
+from . import app, console, err_console
+
+trace_app = typer.Typer(help="Import routing traces and summarise them.", no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+TraceOpt = Annotated[
+    list[str] | None,
+    typer.Option("--trace", "--traces", "-t", help="Trace file, folder or bundled name (repeat for several "
+                 "sources, e.g. tasks); default: the spec's placement.traces."),
+]
+
+
+def _metrics_table(metrics: dict, title: str) -> Table:
+    from ..planner.cost import METRICS
+
+    t = Table(title=title, show_header=True)
+    t.add_column("metric (mean over layers)")
+    for col in ("plan", "load-only", "contiguous", "plan vs load-only"):
+        t.add_column(col, justify="right")
+    plan_m, base_m, cont_m = (metrics[k]["mean"] for k in ("plan", "load_only", "contiguous"))
+    for key, (label, fmt) in METRICS.items():
+        if key not in plan_m:
+            continue
+        p, b, c = plan_m[key], base_m[key], cont_m[key]
+        rel = "" if b == 0 else f"{(p / b - 1) * 100:+.1f}%"
+        if key == "max_mean_load":
+            rel = f"{p - b:+.3f}"
+        t.add_row(label, fmt.format(p), fmt.format(b), fmt.format(c), rel)
+    worst = [metrics[k]["worst_layer_max_mean_load"] for k in ("plan", "load_only", "contiguous")]
+    t.add_row("worst layer max/mean load", *(f"{w:.3f}" for w in worst), f"{worst[0] - worst[1]:+.3f}")
+    return t
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("planning layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+@app.command(name="plan")
+def plan_cmd(
+    spec: Annotated[str | None, typer.Argument(help="Spec file or preset name (optional with --evaluate).")] = None,
+    trace: TraceOpt = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan (JSON) here.")] = None,
+    nodes: Annotated[int | None, typer.Option("--nodes", help="What-if: hosts in the (uniform) cluster.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="What-if: GPUs per host.")] = None,
+    slots: Annotated[int | None, typer.Option("--slots", help="What-if: expert slots in total (experts + "
+                                              "redundant).")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed (default: placement.seed).")] = None,
+    max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", help="Target max/mean GPU load on the "
+                                                        "traces (default: placement.max_imbalance).")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Perturbation rounds of the local search.")] = None,
+    robust: Annotated[bool, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by the "
+                                         "load-only plan's (balance on unseen traffic).")] = True,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "
+                                              "placement.")] = None,
+    layer: Annotated[int, typer.Option("--layer", help="MoE layer shown by --plot.")] = 0,
+    evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
+                                                  "instead of planning.")] = None,
+) -> None:
+    """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
+    from ..planner import Plan, evaluate_plan, plan
+
+    if evaluate is not None:
+        given = load_spec(spec) if spec is not None else None
+        p = Plan.load(evaluate, spec=given)
+        if not trace:
+            raise TraceError("--evaluate needs traffic to score the plan on: pass --trace FILE|FOLDER|NAME")
+        from ..traces import load_traces
+
+        ts = load_traces(trace, spec=p.spec)
+        # Baselines are planned from what the plan was planned from (a fair what-if), when that is
+        # still loadable; else from the scored traffic itself (the load-only baseline then knows it).
+        base_from, base_label = None, "the scored traffic itself (planning traces not recorded or not found)"
+        inputs = p.policy.get("trace_inputs")
+        if inputs:
+            try:
+                base_from, base_label = load_traces(inputs, spec=p.spec), f"the plan's own traces {inputs}"
+            except TraceError:
+                pass
+        metrics = evaluate_plan(p, ts, baselines_from=base_from)
+        console.print(f"plan {evaluate} ({p.spec.name}, {p.num_gpus} GPUs, {p.num_slots} slots) scored on {ts.name} "
+                      f"({ts.num_tokens if not ts.load_only else 'counts only'} tokens); baselines planned from "
+                      f"{base_label}", highlight=False)
+        console.print(_metrics_table(metrics, "evaluation"))
+        if plot is not None:
+            from ..planner.plot import plot_plan
+
+            plot_plan(p, ts, plot, layer=layer)
+            console.print(f"wrote {plot}")
+        return
+    if spec is None:
+        raise typer.BadParameter("give a SPEC to plan for (or --evaluate PLAN.json)")
+    from ..traces import load_traces
+
+    s = load_spec(spec)
+    with _progress() as prog:
+        task = prog.add_task("plan", total=s.model.num_moe_layers)
+        p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
+                 max_imbalance=max_imbalance, robust=robust, rounds=rounds,
+                 progress=lambda done, total: prog.update(task, completed=done))
+    cl = p.cluster
+    console.print(
+        f"[bold]{p.spec.name}[/] (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "
+        f"{p.num_slots} slots on {p.num_gpus} GPUs ({cl.num_nodes} host(s)), {p.slots_per_gpu} per GPU",
+        highlight=False,
+    )
+    console.print(f"policy: {p.policy['name']}: {p.policy['why']}", highlight=False)
+    for note in p.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if p.metrics:
+        console.print(_metrics_table(p.metrics, f"predicted on {p.metrics['traces']} ({p.metrics['tokens'] or 'counts'} tokens)"))
+    if output is not None:
+        p.save(output)
+        console.print(f"wrote {output}")
+    if plot is not None:
+        from ..planner.plot import plot_plan
+
+        inputs = p.policy.get("trace_inputs")
+        plot_plan(p, load_traces(inputs, spec=s) if inputs else None, plot, layer=layer)
+        console.print(f"wrote {plot}")
+
+
+# ------------------------------------------------------------------------------------------------
+# trace import / stats
+# ------------------------------------------------------------------------------------------------
+
+
+@trace_app.command(name="import")
+def trace_import(
+    paths: Annotated[list[Path], typer.Argument(help="ESFT folder(s), or SGLang .pt dump(s).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="esft or sglang.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Native trace file to write (.npz).")],
+    spec: Annotated[str | None, typer.Option("--spec", help="Check against (and take top_k, experts, MoE layers "
+                                             "from) this spec.")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Experts per token (ESFT; inferred if omitted).")] = None,
+) -> None:
+    """Convert ESFT expert_scores or SGLang expert-distribution dumps into moegraph's native .npz."""
+    from ..traces import TraceSet, read_esft, read_sglang
+
+    s = load_spec(spec) if spec is not None else None
+    if fmt == "esft":
+        k = top_k if top_k is not None else (getattr(s.moe.router, "top_k", None) if s is not None else None)
+        e = s.moe.experts.num_experts if s is not None else None
+        ts = TraceSet.concat([read_esft(p, top_k=k, num_experts=e) for p in paths])
+    elif fmt == "sglang":
+        ts = read_sglang(paths, spec=s)
+    else:
+        raise TraceError(f"--format {fmt!r} is not known; use esft or sglang")
+    if s is not None:
+        ts.check_spec(s)
+        ts = ts.with_experts(s.moe.experts.num_experts)
+    ts.save(output)
+    kind = "counts only (load-only)" if ts.load_only else f"{ts.num_tokens} tokens x top-{ts.top_k}, {ts.num_samples} samples"
+    console.print(f"wrote {output}: {ts.num_layers} layers, {ts.num_experts} experts, {kind}, "
+                  f"sources {list(ts.sources)} ({output.stat().st_size / 1024:.0f} KiB)", highlight=False)
+
+
+@trace_app.command(name="stats")
+def trace_stats_cmd(
+    traces: Annotated[list[str], typer.Argument(help="Trace files, folders or bundled names.")],
+    spec: Annotated[str | None, typer.Option("--spec", help="Check the traces against this spec.")] = None,
+) -> None:
+    """Loads, skew, co-activation summary and cross-layer affinity, per MoE layer."""
+    from ..traces import load_traces, trace_stats
+
+    s = load_spec(spec) if spec is not None else None
+    ts = load_traces(traces, spec=s)
+    st = trace_stats(ts)
+    kind = "counts only" if ts.load_only else f"{ts.num_tokens} tokens x top-{ts.top_k}, {ts.num_samples} samples"
+    console.print(f"[bold]{ts.name}[/]: {ts.num_layers} MoE layers, {ts.num_experts} experts, {kind}; sources "
+                  f"{list(ts.sources)}", highlight=False)
+    t = Table(show_header=True)
+    for col in ("layer", "hottest expert (max/mean)", "load CV", "co-act share of top 10% pairs",
+                "top pair (tokens, lift)", "affinity to next layer"):
+        t.add_column(col, justify="right")
+    for i in range(ts.num_layers):
+        hot = int(np.argmax(st.loads[i]))
+        pair = ""
+        if st.top_pairs:
+            a, b, n, lift = st.top_pairs[i][0]
+            pair = f"{a}+{b} ({n:.0f}, x{lift:.1f})"
+        aff = "" if st.affinity is None or i >= len(st.affinity) else f"{st.affinity[i]:.3f}"
+        conc = "" if ts.load_only else f"{st.pair_concentration[i]:.2f}"
+        label = str(ts.layer_ids[i]) if ts.layer_ids is not None else str(i)
+        t.add_row(label, f"{hot} ({st.skew[i]:.2f})", f"{st.cv[i]:.2f}", conc, pair, aff)
+    console.print(t)
+    summary = f"mean over layers: hottest expert {st.skew.mean():.2f}x the mean load, CV {st.cv.mean():.2f}"
+    if not ts.load_only:
+        summary += (f"; top 10% of expert pairs hold {st.pair_concentration.mean():.0%} of co-activations "
+                    f"(uniform: 10%)")
+    if st.affinity is not None:
+        summary += f"; cross-layer affinity (NMI) {st.affinity.mean():.3f}"
+    console.print(summary, highlight=False)
+    for note in st.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
