@@ -35,6 +35,17 @@ def _spec_and_plan(spec_arg: str, plan_path: Path):
     return plan, "the plan was made with topology/placement overrides; running with the plan's recorded spec"
 
 
+def _overrides(spec, planned) -> str:
+    """The `moegraph plan` what-if flags that turn ``spec`` into the plan's recorded spec ("" if none)."""
+    flags = ""
+    a, b = spec.topology, planned.topology
+    if a != b and hasattr(b, "nodes"):
+        flags += f" --nodes {b.nodes} --gpus-per-node {b.gpus_per_node}"
+    if spec.placement.redundant_slots != planned.placement.redundant_slots:
+        flags += f" --slots {planned.moe.experts.num_experts + planned.placement.redundant_slots}"
+    return flags
+
+
 def _kib(n: float) -> str:
     return f"{n / 1024:.1f}"
 
@@ -100,10 +111,7 @@ def run_cmd(
         f"({'equal' if res.matches else 'DIFFERENT'} on every link of every layer); one copy = {res.row_bytes} bytes. "
         "meta = counts, routing weights and slot ids.", highlight=False)
     if res.trace_path:
-        topo = p.spec.topology
-        same = (f" with the plan's topology (nodes={topo.nodes}, gpus_per_node={topo.gpus_per_node})"
-                if note and hasattr(topo, "nodes") else "")
         console.print(f"recorded trace: {res.trace_path}; re-plan from it: moegraph plan {spec} --traces "
-                      f"{res.trace_path}{same}", highlight=False)
+                      f"{res.trace_path}{_overrides(load_spec(spec), p.spec)} -o plan.json", highlight=False)
     if not res.matches:
         raise typer.Exit(1)
