@@ -83,12 +83,15 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
     grid = plan.physical_to_logical_map[layer].reshape(g, spg)
     load_e = traces.counts[layer] / max(traces.counts[layer].mean(), 1e-12) if traces is not None else np.ones(e)
     reps = np.bincount(plan.physical_to_logical_map[layer], minlength=e)
-    im = ax.imshow((load_e / reps)[grid], cmap="magma_r", aspect="auto")
+    shade = (load_e / reps)[grid]
+    im = ax.imshow(shade, cmap="magma_r", aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046, label="replica load / mean expert load")
+    dark = shade > 0.6 * shade.max()
     for gi in range(g):
         for si in range(spg):
             ex = grid[gi, si]
-            ax.text(si, gi, f"{ex}{'*' if reps[ex] > 1 else ''}", ha="center", va="center", fontsize=6)
+            ax.text(si, gi, f"{ex}{'*' if reps[ex] > 1 else ''}", ha="center", va="center", fontsize=6,
+                    color="w" if dark[gi, si] else "k")
     ax.set_xlabel("slot on GPU")
     ax.set_ylabel("GPU")
     ax.set_title("placement (* = replicated)")
