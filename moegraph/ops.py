@@ -334,83 +334,42 @@ def _expert_mlp_fast(
     return y_TD.index_add_(0, tok_sorted, o_ND)
 
 
-@torch.library.custom_op("moegraph::expert_mlp", mutates_args=())
-def expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None,
-    shared_w_down_DF: Tensor | None,
-    shared_scale_T: Tensor | None,
-) -> Tensor:
-    """Grouped expert MLP over assignments; see the module docstring.
+def _define_expert_op(name: str, pack_weights: bool):
+    """Register one variant of the grouped expert op (the plain one, or the one with packed weights)."""
 
-    Args:
-        x_TD: [T, D] token activations.
-        tok_N: [N] int64 token index of each assignment.
-        exp_N: [N] int64 expert of each assignment; ids outside [0, E) are dropped.
-        weight_N: [N] routing weight of each assignment.
-        w_up_EHD: [E, H, D] up (gated: gate rows then up rows, H = 2F) projection.
-        w_down_EDF: [E, D, F] down projection.
-        b_up_EH, b_down_ED: optional biases.
-        shared_w_up_HD, shared_w_down_DF: optional shared experts folded into the same op.
-        shared_scale_T: optional [T] per-token scale of the shared output (Qwen2-MoE's sigmoid gate).
-    Returns:
-        [T, D] sum over assignments of weight * expert(x[token]) (+ shared experts).
-    """
-    with torch.no_grad():
-        return _expert_mlp_fast(
-            x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-            activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T,
-        )
+    def op(
+        x_TD: Tensor,
+        tok_N: Tensor,
+        exp_N: Tensor,
+        weight_N: Tensor,
+        w_up_EHD: Tensor,
+        w_down_EDF: Tensor,
+        b_up_EH: Tensor | None,
+        b_down_ED: Tensor | None,
+        activation: str,
+        gated: bool,
+        gate_clamp: float | None,
+        up_clamp: float | None,
+        shared_w_up_HD: Tensor | None,
+        shared_w_down_DF: Tensor | None,
+        shared_scale_T: Tensor | None,
+    ) -> Tensor:
+        with torch.no_grad():
+            packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if pack_weights else None
+            return _expert_mlp_fast(
+                x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+                activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, packed,
+            )
 
+    op.__name__ = name.split("::")[1]
+    registered = torch.library.custom_op(name, op, mutates_args=())
 
-@expert_mlp.register_fake
-def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T):
-    return x_TD.new_empty(x_TD.shape)
+    @registered.register_fake
+    def _(x_TD, *args):
+        return x_TD.new_empty(x_TD.shape)
 
-
-@torch.library.custom_op("moegraph::expert_mlp_packed", mutates_args=())
-def expert_mlp_packed(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None,
-    shared_w_down_DF: Tensor | None,
-    shared_scale_T: Tensor | None,
-) -> Tensor:
-    """``expert_mlp`` for inference with oneDNN-packed expert weights (same arguments and result)."""
-    with torch.no_grad():
-        packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF)
-        return _expert_mlp_fast(
-            x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-            activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, packed,
-        )
-
-
-@expert_mlp_packed.register_fake
-def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T):
-    return x_TD.new_empty(x_TD.shape)
+    registered.register_autograd(_backward, setup_context=_setup_context)
+    return registered
 
 
 # The differentiable tensor arguments of expert_mlp, by position.
@@ -439,5 +398,14 @@ def _backward(ctx, grad_TD):
     return tuple(out)
 
 
-expert_mlp.register_autograd(_backward, setup_context=_setup_context)
-expert_mlp_packed.register_autograd(_backward, setup_context=_setup_context)
+#: Grouped expert MLP over assignments; see the module docstring. Arguments:
+#:   x_TD [T, D] token activations; tok_N [N] int64 token of each assignment; exp_N [N] int64 expert
+#:   (ids outside [0, E) are dropped); weight_N [N] routing weight; w_up_EHD [E, H, D] up projection
+#:   (gated: gate rows then up rows, H = 2F); w_down_EDF [E, D, F]; b_up_EH, b_down_ED optional
+#:   biases; activation, gated, gate_clamp, up_clamp as in the spec; shared_w_up_HD,
+#:   shared_w_down_DF optional shared experts folded into the op; shared_scale_T optional [T] scale
+#:   of the shared output (Qwen2-MoE's sigmoid gate).
+#: Returns [T, D]: the sum over assignments of weight * expert(x[token]) (+ shared experts).
+expert_mlp = _define_expert_op("moegraph::expert_mlp", pack_weights=False)
+#: The same op for inference with oneDNN-packed expert weights (used by fx_passes.UsePrepackedExperts).
+expert_mlp_packed = _define_expert_op("moegraph::expert_mlp_packed", pack_weights=True)
