@@ -263,15 +263,23 @@ def plan(
 
 
 def baseline_plans(spec: MoESpec, traces: TraceSet | None) -> dict[str, Plan]:
-    """The contiguous and load-only (EPLB-style) plans for ``spec`` from the same traces."""
+    """The contiguous and load-only (EPLB-style) plans for ``spec`` from the same traces.
+
+    The load-only plan sees the per-expert loads of each trace source scaled to mean 1 and averaged
+    (sources weigh equally, as in the planner), so it is exactly the planner's starting point.
+    """
     e = spec.moe.experts.num_experts
     s = e + spec.placement.redundant_slots
     g = spec.topology.num_gpus
     n = spec.model.num_moe_layers
-    counts = traces.counts if traces is not None else np.ones((n, e))
+    if traces is None:
+        loads = np.ones((n, e))
+    else:
+        c = traces.with_experts(e).counts_by_source.astype(np.float64)  # [S, L, E]
+        loads = (c / np.maximum(c.mean(axis=2, keepdims=True), 1e-12)).mean(axis=0)
     return {
         "contiguous": Plan(np.stack([baselines.contiguous(e, s)] * n), spec, policy={"name": "contiguous"}),
-        "load_only": Plan(np.stack([baselines.load_only(counts[i].astype(np.float64), s, g) for i in range(n)]), spec,
+        "load_only": Plan(np.stack([baselines.load_only(loads[i], s, g) for i in range(n)]), spec,
                           policy={"name": "load-only (EPLB-style)"}),
     }
 

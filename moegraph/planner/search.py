@@ -121,6 +121,7 @@ def rule_loads(gpu_R: np.ndarray, experts_R: np.ndarray, src_counts: np.ndarray,
     total = src_counts.sum(axis=1)  # [Sc, E]
     # An expert with one replica takes all its tokens wherever they start.
     out = np.stack([np.bincount(gpu_R[single], weights=total[s, experts_R[single]], minlength=g) for s in range(sc)])
+    out = out.astype(np.float64)
     hold = np.zeros((e, g), bool)
     hold[experts_R, gpu_R] = True
     for ex in np.flatnonzero(reps > 1):
@@ -286,10 +287,16 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     s_diag = np.diag(s_full).copy()
     s_rr = s_full.copy()
     np.fill_diagonal(s_rr, 0.0)
-    w = (p.loads / r)[:, experts]  # [Sc, R] even-split load of each item
+    # Balance scenarios: the sources together (each weighing equally) within max_imbalance, and with
+    # several sources each source alone no worse than in the load-only packing (or max_imbalance).
+    loads = p.loads if sc == 1 else np.concatenate([mean_load[None], p.loads])
+    w = (loads / r)[:, experts]  # [Sc', R] even-split load of each item
     st = _State(experts, start, w, a_rr, s_rr, s_diag, p.cost, e)
     base_obj = st.objective()
-    cap_s = p.max_imbalance * st.load.mean(axis=1)
+    start_ratio = st.load.max(axis=1) / np.maximum(st.load.mean(axis=1), 1e-12)
+    ratio_cap = np.full(len(loads), p.max_imbalance)
+    ratio_cap[1:] = np.maximum(ratio_cap[1:], start_ratio[1:])
+    cap_s = ratio_cap * st.load.mean(axis=1)
     cap_var = float(st.var.max()) * (1.0 + p.risk_slack) if p.robust and np.any(p.risk) else np.inf
     swaps = 0
     if np.any(p.coact):
@@ -337,8 +344,9 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, max_s
     elsewhere, and takes the one that lowers the worst max/mean the most, then the smallest rise of J.
     Moving an unreplicated expert moves its whole load; only replicated experts need the rule.
     """
-    sc = p.src_counts  # [Sc, G, E]
-    total = sc.sum(axis=1)  # [Sc, E]
+    # The sources together, each weighing equally, as the runtime would see them mixed: [1, G, E].
+    sc = (p.src_counts / np.maximum(p.src_counts.sum(axis=(1, 2), keepdims=True), 1e-12)).sum(axis=0, keepdims=True)
+    total = sc.sum(axis=1)  # [1, E]
     reps = np.bincount(experts, minlength=sc.shape[2])
     n_s, g = sc.shape[0], sc.shape[1]
 
@@ -370,7 +378,7 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, max_s
         ratio = ld.max(axis=1) / np.maximum(ld.mean(axis=1), 1e-12)
         hot = int(ld[int(ratio.argmax())].argmax())
         mine = np.flatnonzero(st.gpu == hot)
-        d = st.candidates(np.full(n_s, np.inf), np.inf, mine)  # J change of every structurally valid swap
+        d = st.candidates(np.full(st.w.shape[0], np.inf), np.inf, mine)  # J change of every structurally valid swap
         cols = np.flatnonzero(np.isfinite(d).any(axis=0))
         if len(cols) == 0:
             break
