@@ -506,7 +506,7 @@ _CROSS_COMPILE = textwrap.dedent("""
     T, D, F, E = 8192, 7168, 2048, 256
     mod = render_to_module("triton_expert_mlp.py.j2", kernels.mlp_context("silu", True, None, None, False, True, False, bf))
     out = {}
-    for rows in (4, 300):
+    for rows in (300,):  # prefill tiles; the decode tiles are compiled below with T = 1
         cfg = configs.default_config(rows, bf)
         gu, dn = cfg.gate_up, cfg.down
         k = compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 65536, 73728, T, D, F, F, E, 1400],
@@ -528,10 +528,15 @@ _CROSS_COMPILE = textwrap.dedent("""
     compile_sm90(router, [torch.float32, torch.float32, i64, torch.float32, T, E, 1], dict(BLOCK_T=16))
     # One token (decode): T, SH, P and friends equal 1 and are specialised into constants.
     cfg = configs.default_config(1, bf)
-    compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True), 4, 4)
-    compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
-                 dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, EVEN_K=True), 4, 4)
+    gu, dn = cfg.gate_up, cfg.down
+    k = compile_sm90(mod.gate_up_kernel, [bf, i64, bf, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
+                     dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M, EVEN_K=True),
+                     gu.num_warps, gu.num_stages)
+    out["gate_up_1"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
+    k = compile_sm90(mod.down_kernel, [bf, bf, bf, None, bf, None, i32, i32, bf, 8, 9, 1, D, F, F, E, 9],
+                     dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M, EVEN_K=True),
+                     dn.num_warps, dn.num_stages)
+    out["down_1"] = (k.metadata.shared, "async_copy" in k.asm["ttgir"], "wgmma" in k.asm["ptx"])
     compile_sm90(mod.combine_kernel, [bf, i64, i64, i64, bf, 8, 1, D, E, 1], dict(BLOCK_D=1024))
     compile_sm90(al.align_count, [i64, i32, i32, 8, 9, 1, E, E + 1, 144], dict(CHUNK=128, NB=512))
     compile_sm90(al.align_scan, [i32, i32, 1], dict(NB=512, EB=64, PB=32))

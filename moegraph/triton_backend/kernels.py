@@ -447,8 +447,11 @@ def router_context(E: int, K: int, score: str, topk_then_score: bool, has_bias: 
                    top_n: int) -> dict[str, Any]:
     groups = None
     if num_groups > 0:  # 0: no group limit
+        EP = max(16, _pow2(E))
         groups = {"G": num_groups, "EG": E // num_groups, "GP": _pow2(num_groups), "topk_groups": topk_groups,
-                  "group_score": group_score, "top_n": top_n}
+                  "group_score": group_score, "top_n": top_n,
+                  # one [tokens, G, E/G] view when E fills the padded width and G is a power of two
+                  "reshape": E == EP and num_groups == _pow2(num_groups)}
     name = score if score in SCORE_FUNCTIONS or score == "softmax" else f"x -> {score}"
     summary = (("top-k logits then softmax" if topk_then_score else f"{name} scores")
                + (", expert bias for selection" if has_bias else "")
