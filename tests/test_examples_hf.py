@@ -40,21 +40,21 @@ def _run(script: str, *args: str, timeout: float = 180.0) -> str:
     return out
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
-def test_optimize_hf_model_example(model_type: str) -> None:
-    out = _run("optimize_hf_model.py", "--small", "--model-type", model_type, "--threads", "1")
+def test_optimize_hf_model_example() -> None:
+    # DeepSeek-V3 shape: a dense first layer, shared expert, sigmoid + bias + group-limited routing.
+    out = _run("optimize_hf_model.py", "--small", "--model-type", "deepseek_v3", "--threads", "1")
     assert re.search(r"swapped (\d) of \1 MoE blocks", out), out  # DeepSeek: first layer dense
-    assert "greedy tokens identical: True" in out
+    assert "greedy tokens identical: True" in out, out
     diff = float(re.search(r"max \|logits diff\| = ([0-9.e+-]+)", out).group(1))
-    assert diff < 1e-4
+    assert diff < 1e-4, out
     assert re.search(r"prefill speed-up vs transformers eager: [0-9.]+x", out), out
-    assert "hf eager" in out and "moegraph" in out
+    assert "hf eager" in out and "moegraph" in out, out
 
 
 def test_naive_moe_swap_example() -> None:
     out = _run("naive_moe_swap.py", "--small", "--threads", "1")
-    assert "swapped 2 of 2 naive MoE blocks" in out
-    assert "structure" in out and "top-2 softmax, normalised" in out
+    assert "swapped 2 of 2 naive MoE blocks" in out, out
+    assert "structure" in out and "top-2 softmax, normalised" in out, out
     diff = float(re.search(r"max \|output diff\| = ([0-9.e+-]+)", out).group(1))
-    assert diff < 1e-4
+    assert diff < 1e-4, out
     assert re.search(r"speed-up: [0-9.]+x", out), out

@@ -33,7 +33,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=2.0)),
     "deepseek_v2_lite": ("DeepseekV2Moe", dict(
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-        topk_method="greedy", n_group=None, topk_group=None, routed_scaling_factor=1.0)),
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False)),
     "deepseek_v3": ("DeepseekV3MoE", dict(
         n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1, n_group=4,
         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)),
