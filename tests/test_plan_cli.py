@@ -1,0 +1,138 @@
+"""CLI: ``moegraph plan`` (table, what-ifs, --evaluate, --plot) and ``moegraph trace import|stats``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from moegraph import load_spec
+from moegraph.planner import Plan
+from moegraph.traces import TraceSet, load_traces
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 3-MoE-layer DeepSeek-V2-Lite-routing spec file and one 3-layer trace file per ESFT task."""
+    d = tmp_path_factory.mktemp("cli")
+    spec = load_spec("deepseek-v2-lite-tiny").to_dict()
+    spec["model"]["num_layers"] = 4
+    spec["placement"]["traces"] = []
+    spec_path = d / "small.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    traces = {}
+    for task in ("intent", "law"):
+        t = load_traces(f"esft-deepseek-v2-lite/{task}")
+        traces[task] = TraceSet.from_topk(list(t.topk[:3]), t.sample_ids, num_experts=64, source=task).save(d / f"{task}.npz")
+    return d, spec_path, traces
+
+
+def test_plan_prints_the_table_and_writes_a_loadable_plan(run_cli, small):
+    d, spec, traces = small
+    out = d / "plan.json"
+    r = run_cli("plan", spec, "--trace", traces["law"], "-o", out)
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "remote GPU copies" in text and "load-only" in text and "contiguous" in text
+    flat = "".join(r.out.split())  # rich wraps long words at hyphens and slashes
+    assert "coactivation-swap-search" in flat and f"wrote{out}" in flat
+    p = Plan.load(out, spec=load_spec(spec))
+    assert p.num_layers == 3 and p.num_slots == 72
+    assert p.metrics["plan"]["mean"]["remote_gpu"] < p.metrics["load_only"]["mean"]["remote_gpu"]
+
+
+def test_what_if_flags_change_the_cluster(run_cli, small):
+    d, spec, traces = small
+    out = d / "whatif.json"
+    r = run_cli("plan", spec, "-t", traces["law"], "-t", traces["intent"], "--nodes", "2", "--gpus-per-node", "4",
+                "--slots", "80", "-o", out)
+    assert r.code == 0, r.err
+    data = json.loads(out.read_text())
+    assert (data["num_gpus"], data["gpus_per_node"], data["slots_per_gpu"]) == (8, 4, 10)
+    assert data["node_of_gpu"] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert data["policy"]["sources"] == ["law", "intent"]
+    assert "remote node copies" in " ".join(r.out.split())
+
+
+def test_evaluate_scores_a_plan_on_other_traffic(run_cli, small):
+    d, spec, traces = small
+    out = d / "law-plan.json"
+    assert run_cli("plan", spec, "--trace", traces["law"], "-o", out).code == 0
+    r = run_cli("plan", "--evaluate", out, "--trace", traces["intent"])
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "evaluation" in text and "baselines planned from the plan's own traces" in text
+
+
+def test_plot_writes_a_figure(run_cli, small):
+    pytest.importorskip("matplotlib")
+    d, spec, traces = small
+    png = d / "plan.png"
+    r = run_cli("plan", spec, "--trace", traces["law"], "--plot", png, "--layer", "1")
+    assert r.code == 0, r.err
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--slots", "60"], "fewer than the 64 experts"),
+    (["--slots", "70"], "multiple of 8"),
+    (["--nodes", "5"], "multiple of 40"),
+])
+def test_infeasible_what_ifs_exit_2_with_the_fix(run_cli, small, args, match):
+    d, spec, traces = small
+    r = run_cli("plan", spec, "--trace", traces["law"], *args)
+    assert r.code == 2
+    assert match in " ".join(r.err.split())
+
+
+def test_bad_trace_and_bad_plan_files_exit_2_naming_the_file(run_cli, small, tmp_path):
+    d, spec, traces = small
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(traces["law"].read_bytes()[:500])
+    r = run_cli("plan", spec, "--trace", broken)
+    assert r.code == 2 and str(broken) in "".join(r.err.split())
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text('{"format": "moegraph-plan", "version": 1, ')
+    r = run_cli("plan", "--evaluate", bad_plan, "--trace", traces["law"])
+    assert r.code == 2 and "truncated or corrupt plan file" in " ".join(r.err.split())
+    r = run_cli("plan", spec, "--trace", "esft-deepseek-v2-lite")  # 26 layers for a 3-layer spec
+    assert r.code == 2 and "26 MoE layers in the trace but the spec has 3" in " ".join(r.err.split())
+
+
+def test_trace_import_esft_and_sglang(run_cli, tmp_path):
+    torch = pytest.importorskip("torch")
+    law = load_traces("esft-deepseek-v2-lite/law").select_samples(range(3))
+    folder = tmp_path / "law"
+    folder.mkdir()
+    for layer in range(2):
+        rows = []
+        for s in range(3):
+            ids = law.topk[layer][law.sample_ids == s].ravel()
+            rows.append("\t".join(map(str, ids)) + "\t\t" + "\t".join(["0.1"] * len(ids)))
+        (folder / f"expert_weights_{layer + 1}.txt").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "law.npz"
+    r = run_cli("trace", "import", "--format", "esft", folder, "-o", out)
+    assert r.code == 0, r.err
+    ts = load_traces(out)
+    assert ts.num_layers == 2 and ts.top_k == 6 and ts.num_samples == 3
+    np.testing.assert_array_equal(ts.topk, law.topk[:2])
+
+    dump = tmp_path / "expert_distribution_recorder_1.pt"
+    torch.save({"rank": 0, "logical_count": torch.arange(27 * 64).reshape(1, 27, 64)}, dump)
+    out2 = tmp_path / "counts.npz"
+    r = run_cli("trace", "import", "--format", "sglang", dump, "-o", out2, "--spec", "deepseek-v2-lite")
+    assert r.code == 0, r.err
+    assert "load-only" in " ".join(r.out.split()) and load_traces(out2).load_only
+    r = run_cli("trace", "import", "--format", "csv", dump, "-o", out2)
+    assert r.code == 2 and "use esft or sglang" in " ".join(r.err.split())
+
+
+def test_trace_stats_summarises_loads_pairs_and_affinity(run_cli, small):
+    d, spec, traces = small
+    r = run_cli("trace", "stats", traces["law"], traces["intent"])
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "3 MoE layers, 64 experts" in text and "sources ['law', 'intent']" in text
+    assert "cross-layer affinity" in text and "top 10% of expert pairs" in text
