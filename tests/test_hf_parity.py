@@ -62,7 +62,18 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "lfm2_moe": ("Lfm2MoeSparseMoeBlock", dict(
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
         routed_scaling_factor=1.5, use_expert_bias=True)),
+    # Experts stored transposed ([E, D, 2F], is_transposed=True), shared experts.
+    "aria": ("AriaTextMoELayer", dict(
+        moe_num_experts=8, moe_topk=2, moe_intermediate_size=16, moe_num_shared_experts=1)),
+    # Plain (non-gated) relu2 experts, sigmoid + selection bias + groups, latent projection off.
+    "nemotron_h": ("NemotronHMoE", dict(
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+        moe_shared_expert_intermediate_size=24, norm_topk_prob=True, routed_scaling_factor=2.0,
+        mlp_hidden_act="relu2", moe_latent_size=None)),
 }
+# family -> (transformers module, config model_type) where they differ from the family name
+MODULE = {"deepseek_v2_lite": "deepseek_v2"}
+CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "aria": "aria_text", "llama4": "llama4_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
@@ -75,9 +86,7 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
 
 
 def _config(family: str, overrides: dict):
-    model_type = family.replace("_lite", "")
-    cfg = transformers.AutoConfig.for_model(model_type)
-    cfg = cfg.get_text_config() if model_type == "llama4" else cfg
+    cfg = transformers.AutoConfig.for_model(CONFIG_TYPE.get(family, family))
     base = dict(hidden_size=D, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, vocab_size=64,
                 hidden_act="silu", intermediate_size=48, first_k_dense_replace=1)
     n0 = cfg.num_hidden_layers
@@ -91,7 +100,7 @@ def _config(family: str, overrides: dict):
 
 
 def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> torch.nn.Module:
-    model_type = family.replace("_lite", "")
+    model_type = MODULE.get(family, family)
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     cfg = _config(family, overrides)
     torch.manual_seed(seed)
@@ -122,12 +131,18 @@ def _grads_in_layer_layout(block, anat) -> dict[str, torch.Tensor]:
             p.data = d
 
 
-# LFM2-MoE normalises the top-k weights by (sum + 1e-6) where the spec uses (sum + 1e-20): outputs
-# agree to 1e-5 but the router gradient differs by ~1e-6 absolute.
-GRAD_ATOL = {"lfm2_moe": 1e-5}
+# Gradients are compared to 1e-5 relative with an absolute floor of 1e-5 of the tensor's largest
+# entry (summation order differs between the implementations). LFM2-MoE normalises the top-k weights
+# by (sum + 1e-6) where the spec uses (sum + 1e-20): its router gradient gets a looser floor.
+GRAD_ATOL = {"lfm2_moe": 1e-4}
 
 
-def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-6) -> None:
+def _close(a: torch.Tensor, ref: torch.Tensor, floor: float, what: str) -> None:
+    atol = max(1e-7, floor * float(ref.abs().max()))
+    torch.testing.assert_close(a, ref, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-5) -> None:
     block.experts.config._experts_implementation = impl
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, D, generator=g)
@@ -140,7 +155,7 @@ def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-6) ->
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     (y_ref * r).sum().backward()
     (y * r).sum().backward()
-    torch.testing.assert_close(x_mg.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    _close(x_mg.grad, x_ref.grad, 1e-5, "input gradient")
     hf_grads = _grads_in_layer_layout(block, layer.hf_import.anatomy)
     own = dict(layer.named_parameters())
     checked = 0
@@ -149,7 +164,7 @@ def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-6) ->
         if p is None or not p.requires_grad or name == "router.expert_bias":
             continue
         assert p.grad is not None, f"{name} got no gradient"
-        torch.testing.assert_close(p.grad, g_ref, rtol=1e-5, atol=grad_atol, msg=lambda m, n=name: f"{n}: {m}")
+        _close(p.grad, g_ref, grad_atol, f"gradient of {name}")
         checked += 1
     assert checked >= 3, f"only {checked} weight gradients compared"
 
@@ -161,7 +176,7 @@ def test_parity_eager(family: str) -> None:
     layer = from_hf(block)
     info = layer.hf_import
     assert info.max_abs_diff is not None and info.max_abs_diff < 1e-5
-    _check_parity(block, layer, "eager", grad_atol=GRAD_ATOL.get(family, 1e-6))
+    _check_parity(block, layer, "eager", grad_atol=GRAD_ATOL.get(family, 1e-5))
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "mixtral"])
