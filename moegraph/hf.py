@@ -1195,15 +1195,26 @@ def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
                     with torch.device("meta"):
                         model = auto.from_config(c)
                 except Exception as exc:  # noqa: BLE001 - try the next way of building it
-                    last = f"{type(exc).__name__}: {exc}"
+                    last = f"building the model failed ({type(exc).__name__}: {exc})"
                     continue
                 for _, m in model.named_modules():
                     if is_hf_moe_block(m):
                         return m, ""
-                last = "the model has no MoE block"
+                other = [type(m).__name__ for _, m in model.named_modules()
+                         if any("expert" in n.lower() for n, _ in m.named_children())]
+                last = (f"its MoE blocks ({other[0]}) do not hold experts in the transformers v5 layout (3-D "
+                        "gate_up_proj/up_proj and down_proj)" if other else "the model it builds has no MoE block")
     finally:
         transformers.logging.set_verbosity(prev)
     return None, last
+
+
+def _known_to_transformers(cfg: Any) -> bool:
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return False
+    return hasattr(cfg, "to_dict") and getattr(cfg, "model_type", None) in CONFIG_MAPPING
 
 
 def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
@@ -1260,6 +1271,11 @@ def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = T
         anat = inspect_block(block, cfg)
         routing, rnotes = identify_routing(probe_block(block, anat), cfg, anat.block_class)
         notes += rnotes
+    elif probe and _known_to_transformers(config):
+        # transformers implements this family, so its code (not its attribute names) is the
+        # reference; a block we cannot build or read is refused rather than guessed from the config.
+        raise UnsupportedBlock(f"transformers implements it but {why}; pass --no-probe to read the config "
+                               "attributes alone (unchecked)", _family(cfg))
     else:
         anat, routing, dnotes = _declared_only(cfg)
         notes += dnotes + ([why] if why else [])
