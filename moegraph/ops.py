@@ -391,7 +391,10 @@ def _backward(ctx, grad_TD):
             leaves[i] = inputs[i].detach().requires_grad_(True)
             inputs[i] = leaves[i]
         y = _expert_mlp_impl(*inputs)
-        grads = torch.autograd.grad(y, [leaves[i] for i in need], grad_TD, allow_unused=True)
+        if y.requires_grad:
+            grads = torch.autograd.grad(y, [leaves[i] for i in need], grad_TD, allow_unused=True)
+        else:  # nothing was routed and there are no shared experts: the output is constant zero
+            grads = [None] * len(need)
     out: list[Tensor | None] = [None] * 15
     for i, g in zip(need, grads):
         out[i] = g if g is not None else torch.zeros_like(inputs[i])

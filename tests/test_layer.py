@@ -355,3 +355,11 @@ def test_recorded_trace_feeds_the_planner_format(tmp_path):
     assert trace.topk.shape == (2, 12, 2)
     assert trace.sample_ids.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert trace.counts_by_source.sum() == 2 * 12 * 2
+
+
+def test_backward_with_nothing_routed(tmp_path):
+    layer = _compile(make_spec({"top_k": 2}), tmp_path).train()
+    x = torch.zeros(0, D, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad.shape == (0, D)
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
