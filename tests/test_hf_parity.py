@@ -328,3 +328,12 @@ def test_import_hf_bad_inputs(tmp_path, run_cli) -> None:
     inconsistent.write_text(json.dumps({"model_type": "qwen2_moe", "num_hidden_layers": 2, "layer_types": ["x"] * 5}))
     res = run_cli("import-hf", str(inconsistent))
     assert res.code == 2 and "transformers cannot read this qwen2_moe config" in res.err
+
+
+def test_config_of_unreadable_family_refused() -> None:
+    """A family transformers implements in another experts layout is refused, not read from attribute names."""
+    cfg = transformers.AutoConfig.for_model("switch_transformers", num_layers=4, num_decoder_layers=4, d_model=32,
+                                            d_ff=64, num_experts=4, num_heads=2, d_kv=8, num_sparse_encoder_layers=2,
+                                            num_sparse_decoder_layers=2)
+    with pytest.raises(UnsupportedBlock, match="SwitchTransformersSparseMLP.*v5 layout"):
+        spec_from_hf_config(cfg)
