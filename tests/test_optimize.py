@@ -382,3 +382,31 @@ def test_optimize_is_idempotent() -> None:
     first = model.blocks[0]
     moegraph.optimize(model)
     assert model.blocks[0] is first and model.moegraph_report.records == []
+
+
+class TupleMoE(NaiveMoE):
+    """Returns (hidden, router_logits) as some transformers families do; its parent unpacks both."""
+
+    def forward(self, x):
+        return super().forward(x), self.router(x.reshape(-1, x.shape[-1]))
+
+
+class TupleUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = TupleMoE()
+
+    def forward(self, x):
+        y, logits = self.moe(x)
+        return y + logits.sum(-1, keepdim=True).reshape(*x.shape[:-1], 1)
+
+
+def test_swapped_block_keeps_tuple_calling_convention() -> None:
+    torch.manual_seed(3)
+    model = TupleUser().eval()
+    x = torch.randn(2, 5, 32)
+    ref = _run(model, x)
+    moegraph.optimize(model)
+    assert model.moegraph_report.records[0].status == "swapped"
+    assert model.moe.output_kind == ("tuple", "router_logits")
+    torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
