@@ -167,7 +167,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(args.repeats):
             for name, m in runners.items():
-                times[name] += timed(lambda m=m: fn(m), 1)
+                times[name] += timed(lambda m=m, fn=fn: fn(m), 1)
         med = {k: statistics.median(v) for k, v in times.items()}
         vs_eager = med["hf eager"] / med["moegraph"]
         vs_grouped = med.get("hf grouped_mm", float("nan")) / med["moegraph"]

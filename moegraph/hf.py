@@ -35,9 +35,10 @@ import copy
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -48,14 +49,14 @@ from .errors import UnsupportedBlock
 from .spec import MoESpec
 
 __all__ = [
+    "BlockAnatomy",
+    "HFImport",
+    "Routing",
     "from_hf",
-    "spec_from_hf_config",
     "inspect_block",
     "is_hf_moe_block",
     "load_hf_config",
-    "BlockAnatomy",
-    "Routing",
-    "HFImport",
+    "spec_from_hf_config",
 ]
 
 # Config attribute vocabulary across transformers families (first one present wins).
@@ -489,9 +490,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 continue
             if name == anat.router_weight_name:
                 t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(D))
-            elif name == anat.expert_bias_name:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
-            elif name.endswith("bias"):
+            elif name == anat.expert_bias_name or name.endswith("bias"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3 + 1.0)
@@ -506,7 +505,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         x = torch.randn(1, tokens, D, generator=g)
         try:
             out = light(x)
-        except Exception as exc:  # noqa: BLE001 - reported as the reason the block cannot be read
+        except Exception as exc:  # reported as the reason the block cannot be read
             raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}", cls) from exc
         w_r = _get_path(light, anat.router_weight_name)
         b_r = _get_path(light, anat.router_bias_name) if anat.router_bias_name else None
@@ -633,7 +632,7 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routi
             if m == "sum_topn" and per < 2:
                 continue
             if M * per >= K:
-                groups.append((G, M, m, 2 if m == "sum_topn" else 2))
+                groups.append((G, M, m, 2))  # sum_topn: the top-2 of each group, as DeepSeek-V3
     groups.append(None)
     biases = [True, False] if has_bias else [False]
     for eb in biases:
@@ -662,15 +661,14 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
                 first_mismatch = (cand, _same_routing(ids, w, probe.ids_TK, probe.weights_TK)[1])
             continue
         # Same experts: the weights may differ by a constant factor (routed_scaling_factor).
-        sa, pa = ids.sort(-1)
-        wa = w.gather(1, pa)
+        wa = w.gather(1, ids.sort(-1).indices)
         wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
         ratio = wb / wa.clamp_min(1e-30)
         scale = float(ratio.mean())
         if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
             if first_mismatch is None:
-                first_mismatch = (cand, f"weights are not a constant multiple (ratio {float(ratio.min()):.4g}.."
-                                        f"{float(ratio.max()):.4g})")
+                why = f"weights are not a constant multiple (ratio {float(ratio.min()):.4g}..{float(ratio.max()):.4g})"
+                first_mismatch = (cand, why)
             continue
         if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
             scale = dec.scaling

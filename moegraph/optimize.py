@@ -27,8 +27,9 @@ import math
 import sys
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -40,7 +41,7 @@ from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
 from .runtime import CompiledMoEBase
 
-__all__ = ["optimize", "OptimizeReport", "SwapRecord", "MoEBlockAdapter", "read_structural"]
+__all__ = ["MoEBlockAdapter", "OptimizeReport", "SwapRecord", "optimize", "read_structural"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,10 +225,10 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
                 fn: Callable = m
             elif n.op == "call_function":
                 kw = dict(n.kwargs)
-                fn = (lambda t, f=n.target, kw=kw: f(t, **kw))  # noqa: E731
+                fn = (lambda t, f=n.target, kw=kw: f(t, **kw))
             else:
                 kw = dict(n.kwargs)
-                fn = (lambda t, meth=n.target, kw=kw: getattr(t, meth)(**kw))  # noqa: E731
+                fn = (lambda t, meth=n.target, kw=kw: getattr(t, meth)(**kw))
             if isinstance(src, fx.Node) and src in linears and len(n.args) == 1:
                 act = hf._probe_activation(fn)
                 if act is not None:
@@ -288,6 +289,7 @@ class StructuralRead:
     output_kind: tuple[str, ...]
     routing: hf.Routing
     notes: list[str]
+    input_rank: int  # 3 ([B, S, D]) or 2 ([T, D]): what the block accepted
 
 
 class _ExpertStub(nn.Module):
@@ -444,7 +446,7 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
     for s in shared_stubs:
         rows = torch.cat(s.rows) if s.rows else torch.empty(0, D)
         if rows.shape[0] != tokens or not torch.equal(rows, xt):
-            raise UnsupportedBlock(f"its shared MLP does not run once on every token", cls)
+            raise UnsupportedBlock("its shared MLP does not run once on every token", cls)
     K = len(hits[0])
     if K == 0 or any(len(h) != K or len(set(h)) != K for h in hits):
         raise UnsupportedBlock(
@@ -509,7 +511,7 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
         "source": "moegraph.optimize structural match (FX + probing)",
         "moe": moe,
     }, source=f"structural {cls}")
-    return StructuralRead(spec, weights, kind, routing, notes)
+    return StructuralRead(spec, weights, kind, routing, notes, rank)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +652,7 @@ def optimize(
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
-                rank = 3
+                rank = sr.input_rank
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -668,16 +670,12 @@ def optimize(
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":
             try:
-                rank = 3
                 diff, rel = _verify(block, adapter, spec.moe.hidden_size, rank, layer.experts.down_proj.dtype,
                                     layer.experts.down_proj.device)
-            except Exception as exc:  # noqa: BLE001 - e.g. a block that only takes [T, D]
-                try:
-                    diff, rel = _verify(block, adapter, spec.moe.hidden_size, 2, layer.experts.down_proj.dtype,
-                                        layer.experts.down_proj.device)
-                except Exception:  # noqa: BLE001
-                    rec.reason = f"verification could not run: {type(exc).__name__}: {exc}"
-                    continue
+            except Exception as exc:  # noqa: BLE001 - reported; the original block stays
+                rec.reason = f"verification could not run: {type(exc).__name__}: {exc}"
+                rec.seconds = time.perf_counter() - ts
+                continue
             rec.max_abs_diff, rec.rel_diff = diff, rel
             if not rel <= hf.tolerance(layer.experts.down_proj.dtype):
                 rec.status = "restored"

@@ -17,9 +17,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import moegraph  # noqa: E402
-from moegraph.errors import UnsupportedBlock  # noqa: E402
-from moegraph.hf import from_hf, hf_weights, spec_from_hf_config  # noqa: E402
+import moegraph
+from moegraph.errors import UnsupportedBlock
+from moegraph.hf import from_hf, hf_weights, spec_from_hf_config
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
@@ -252,7 +252,7 @@ def test_refused_with_reason(family: str) -> None:
 
 
 def test_meta_block_refused_by_from_hf() -> None:
-    cls_name, overrides = FAMILIES["mixtral"]
+    _, overrides = FAMILIES["mixtral"]
     with torch.device("meta"):
         block = importlib.import_module("transformers.models.mixtral.modeling_mixtral").MixtralSparseMoeBlock(
             _config("mixtral", overrides))

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-import moegraph  # noqa: E402
-from moegraph import hf  # noqa: E402
-from moegraph.errors import UnsupportedBlock  # noqa: E402
-from moegraph.optimize import MoEBlockAdapter, OptimizeReport, read_structural  # noqa: E402
+import moegraph
+from moegraph import hf
+from moegraph.errors import UnsupportedBlock
+from moegraph.optimize import MoEBlockAdapter, OptimizeReport, read_structural
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")
