@@ -7,21 +7,24 @@ size, experts without tokens, dropped assignments and shared experts. A last tes
 kernels for sm_90 (no GPU needed) so that code the interpreter accepts but the compiler rejects is
 caught here too.
 
-The interpreter is chosen by Triton when a kernel module is imported; moegraph imports its rendered
-kernels lazily and keys them by that mode, so setting TRITON_INTERPRET here, before any kernel is
-used in this process, is enough even if another test module imported triton first.
+Triton's interpreter must be on (TRITON_INTERPRET=1) before triton is first imported: the library's
+own @jit helpers (the combine functions of tl.cumsum, tl.argmax, ...) are decorated at that import.
+This module therefore sets the variable before importing anything that imports triton. If another
+test module in the same process imported triton first, the tests here are skipped in-process and
+run instead by one test that starts a fresh pytest on this file.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
+_TRITON_PREIMPORTED = "triton" in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 import pytest  # noqa: E402
@@ -37,10 +40,29 @@ from moegraph.triton_backend import ops as tops  # noqa: E402
 from moegraph.triton_backend.passes import FuseRouter, triton_passes  # noqa: E402
 from moegraph.triton_backend.render import render, render_to_module  # noqa: E402
 
+
+def _interpreter_ready() -> bool:
+    """Whether triton's library @jit functions were created for the interpreter."""
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    fns = [v for v in vars(std).values() if isinstance(v, (InterpretedFunction, JITFunction))]
+    return bool(fns) and all(isinstance(v, InterpretedFunction) for v in fns)
+
+
+IN_PROCESS = not _TRITON_PREIMPORTED or _interpreter_ready()
+
 pytestmark = pytest.mark.triton
 
 D, F_, E = 32, 16, 8
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(autouse=True)
+def _in_process_or_skip(request):
+    if not IN_PROCESS and request.node.originalname != "test_module_in_a_fresh_process":
+        pytest.skip("triton was imported before TRITON_INTERPRET was set; test_module_in_a_fresh_process runs this")
 
 
 @pytest.fixture(autouse=True)
@@ -560,3 +582,11 @@ def test_kernels_compile_for_hopper(tmp_path):
     for name, (smem, pipelined, wgmma) in out.items():
         assert smem <= 227 * 1024 and pipelined, (name, smem, pipelined)
     assert out["gate_up_300"][2] and out["down_300"][2]  # large tiles use Hopper's wgmma
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="runs only when triton was imported without the interpreter")
+def test_module_in_a_fresh_process():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__],
+                          env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]

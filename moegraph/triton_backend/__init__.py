@@ -8,8 +8,9 @@ Modules:
 - ``ops``:     ``moegraph_triton::expert_mlp`` and ``moegraph_triton::route_topk``.
 - ``passes``:  ``FuseRouter``, the FX pass that swaps the torch routing subgraph for the router kernel.
 
-Kernels run on CUDA devices, and on CPU under Triton's interpreter (``TRITON_INTERPRET=1`` set
-before the kernels are first used; the interpreter has no bfloat16).
+Kernels run on CUDA devices, and on CPU under Triton's interpreter: ``TRITON_INTERPRET=1`` set
+before triton is first imported (Triton's own @jit library functions are created at that import);
+the interpreter has no bfloat16.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def check_device(*tensors: Tensor | None) -> None:
         if not t.is_cuda and not interp:
             raise InputError(
                 f"the triton backend got a tensor on {t.device}; it runs on CUDA devices, or on CPU with "
-                "TRITON_INTERPRET=1 set before moegraph's Triton kernels are first used. Compile with "
+                "TRITON_INTERPRET=1 set before triton is imported. Compile with "
                 "backend='torch' on this machine"
             )
         if interp and t.dtype == torch.bfloat16:

@@ -5,8 +5,9 @@ missing context key is an error), writes the source to ``<cache>/triton/<stem>_<
 no file with that content exists, and imports it once per process. Triton's ``@jit`` reads a kernel's
 source from its file, so kernels must be imported from disk rather than exec'd from a string.
 
-Whether kernels are interpreted (``TRITON_INTERPRET=1``) is decided by Triton when a module is
-imported, so the in-process cache is keyed by the content hash and that mode.
+Whether a kernel is interpreted (``TRITON_INTERPRET=1``) is decided by Triton when its module is
+imported, so the in-process cache is keyed by the content hash and that mode. (The variable must
+also be set before triton itself is imported, for Triton's own library functions.)
 """
 
 from __future__ import annotations
