@@ -848,15 +848,17 @@ def synthetic_traces(
     num_tokens: int = 4096,
     *,
     tokens_per_sample: int = 256,
-    topics: int = 16,
+    topics: int = 32,
     skew: float = 1.0,
+    coherence: float = 3.0,
     seed: int = 0,
     name: str = "synthetic",
 ) -> TraceSet:
     """Skewed, clustered routing traces for scale tests and demos (not real data).
 
     Every expert has a Zipf-like popularity (exponent ``skew``, shuffled per layer); ``topics``
-    groups of experts are preferred together; each sequence of ``tokens_per_sample`` tokens mixes
+    groups of experts are preferred together (their logits raised by ``coherence`` for a sequence's
+    main topic, half of it for its second topic); each sequence of ``tokens_per_sample`` tokens mixes
     two topics; each token draws ``top_k`` distinct experts (Gumbel top-k) from its sequence's mix.
     """
     rng = np.random.default_rng(seed)
@@ -870,7 +872,7 @@ def synthetic_traces(
         topic_of = rng.integers(0, topics, size=e)
         mix = rng.integers(0, topics, size=(n_samples, 2))
         logit = np.log(pop)[None, :] + np.zeros((n_samples, e))
-        boost = (topic_of[None, :] == mix[:, :1]) * 2.0 + (topic_of[None, :] == mix[:, 1:]) * 1.0
+        boost = (topic_of[None, :] == mix[:, :1]) * coherence + (topic_of[None, :] == mix[:, 1:]) * (coherence / 2)
         logit = (logit + boost)[sample_ids]
         gumbel = -np.log(-np.log(rng.random((num_tokens, e))))
         layers.append(np.argpartition(-(logit + gumbel), k - 1, axis=1)[:, :k])

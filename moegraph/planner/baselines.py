@@ -55,7 +55,7 @@ def pack_balanced(weights: np.ndarray, experts: np.ndarray, num_gpus: int, slots
         ok = (free > 0) & ~holds[:, experts[i]]
         if not ok.any():  # only free GPUs already hold this expert: repaired below
             ok = free > 0
-        g = int(np.flatnonzero(ok)[np.argmin(gpu_load[ok])])
+        g = int(np.argmin(np.where(ok, gpu_load, np.inf)))  # least loaded allowed GPU, lowest index on ties
         out[i] = g
         gpu_load[g] += weights[i]
         free[g] -= 1

@@ -139,8 +139,7 @@ def counts_from_slots(dst_TK: np.ndarray, src_T: np.ndarray, cluster) -> Dispatc
     same_node = node[None, :] == node[src_T][:, None]  # [T, G]
     link = np.zeros((g, g), np.int64)
     # Step 1: direct copies inside the source's host.
-    direct = remote & same_node
-    rows, cols = np.nonzero(direct)
+    rows, cols = np.nonzero(remote & same_node)
     link += np.bincount(src_T[rows] * g + cols, minlength=g * g).reshape(g, g)
     inter = np.zeros((g, g), np.int64)
     remote_nodes = 0
@@ -153,10 +152,11 @@ def counts_from_slots(dst_TK: np.ndarray, src_T: np.ndarray, cluster) -> Dispatc
         remote_nodes += len(tok)
         land = cluster.landing_gpu(src_T[tok], np.full(len(tok), m))
         inter += np.bincount(src_T[tok] * g + land, minlength=g * g).reshape(g, g)
-        fwd = hit[tok] & on_m[None, :]
-        fwd[np.arange(len(tok)), land] = False
+        gpus_m = np.flatnonzero(on_m)
+        fwd = hit[tok][:, gpus_m]  # forwards go to the other GPUs of host m that serve the token
+        fwd[np.arange(len(tok)), np.searchsorted(gpus_m, land)] = False
         r, c = np.nonzero(fwd)
-        link += np.bincount(land[r] * g + c, minlength=g * g).reshape(g, g)
+        link += np.bincount(land[r] * g + gpus_m[c], minlength=g * g).reshape(g, g)
     link += inter
     return DispatchCounts(
         num_tokens=t, gpu_load=load, link_copies=link, inter_copies=inter, distinct_gpus=distinct,

@@ -142,7 +142,7 @@ class _State:
         self.DA = coact_RR @ p  # [R, G] co-activation of each item with each GPU's items
         self.DS = risk_RR @ p  # [R, G] covariance of each item with each GPU's items (self excluded)
         self.load = w_SR @ p  # [Sc, G]
-        self.var = np.einsum("rg,rg->g", p, self.DS) + np.bincount(self.gpu, weights=risk_diag, minlength=g)
+        self.var = np.bincount(self.gpu, weights=self.DS[np.arange(r), self.gpu] + risk_diag, minlength=g)
         self.hold = np.zeros((num_experts, g), bool)
         self.hold[experts, self.gpu] = True
 
