@@ -17,7 +17,11 @@ balanced default (every expert equally loaded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ctypes
+import glob
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +164,37 @@ def _cost_matrix(cl: Cluster) -> np.ndarray:
     return inv / off.min() if off.size else inv
 
 
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """Run with numpy's OpenBLAS on one thread (best effort; a no-op where it cannot be found).
+
+    The search multiplies many small matrices; OpenBLAS threads cost more in synchronisation than
+    they gain there (on a busy 2-core machine the DeepSeek-V3-sized plan took 1.6x the CPU time).
+    """
+    lib = setter = getter = None
+    try:
+        for path in glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")):
+            lib = ctypes.CDLL(path)
+            for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", ""), ("scipy_openblas", "")):
+                if hasattr(lib, f"{prefix}_set_num_threads{suffix}"):
+                    setter = getattr(lib, f"{prefix}_set_num_threads{suffix}")
+                    getter = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                    break
+            if setter is not None:
+                break
+    except OSError:
+        setter = None
+    if setter is None:
+        yield
+        return
+    before = int(getter())
+    setter(1)
+    try:
+        yield
+    finally:
+        setter(before)
+
+
 def plan(
     spec: MoESpec | str | Path | dict,
     traces: Any = None,
@@ -219,46 +254,42 @@ def plan(
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
     rows = []
     stats = {"swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
-    for layer in range(n_layers):
-        if sources is None:
-            arr = None
-            loads = np.ones((1, e))
-        else:
-            arr = layer_arrays(sources, layer, g, windows)
-            loads = arr.loads
-        prob = LayerProblem(
-            loads=loads,
-            coact=arr.coact if arr is not None else np.zeros((e, e)),
-            risk=arr.risk if arr is not None else np.zeros((e, e)),
-            src_counts=arr.src_counts if arr is not None else None,
-            cost=cost, node_of_gpu=cl.node_of_gpu, num_slots=n_slots, max_imbalance=imb, robust=robust,
-            risk_slack=risk_slack,
-            rounds=rounds, seed=seed * 1_000_003 + layer,
-        )
-        res = solve_layer(prob)
-        rows.append(res.row)
-        stats["swaps"] += res.swaps
-        stats["repair_swaps"] += res.repaired
-        stats["objective"] += res.objective
-        stats["baseline_objective"] += res.baseline_objective
-        if progress is not None:
-            progress(layer + 1, n_layers)
-    policy = {
-        "name": policy_name,
-        "why": why,
-        "seed": seed,
-        "max_imbalance": imb,
-        "robust": robust,
-        "rounds": rounds,
-        "cost_matrix": "inverse link bandwidth, 1 for the fastest link",
-        "traces": None if ts is None else ts.name,
-        "trace_inputs": trace_inputs,
-        "sources": None if ts is None else list(ts.sources),
-        **{k: round(float(v), 6) if isinstance(v, float) else v for k, v in stats.items()},
-    }
-    p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
-    if ts is not None:
-        p.metrics = evaluate_plan(p, ts)
+    with _one_blas_thread():
+        for layer in range(n_layers):
+            arr = None if sources is None else layer_arrays(sources, layer, g, windows)
+            prob = LayerProblem(
+                loads=np.ones((1, e)) if arr is None else arr.loads,
+                coact=np.zeros((e, e)) if arr is None else arr.coact,
+                risk=np.zeros((e, e)) if arr is None else arr.risk,
+                src_counts=None if arr is None else arr.src_counts,
+                cost=cost, node_of_gpu=cl.node_of_gpu, num_slots=n_slots, max_imbalance=imb, robust=robust,
+                risk_slack=risk_slack, rounds=rounds, seed=seed * 1_000_003 + layer,
+            )
+            res = solve_layer(prob)
+            rows.append(res.row)
+            stats["swaps"] += res.swaps
+            stats["repair_swaps"] += res.repaired
+            stats["objective"] += res.objective
+            stats["baseline_objective"] += res.baseline_objective
+            if progress is not None:
+                progress(layer + 1, n_layers)
+        policy = {
+            "name": policy_name,
+            "why": why,
+            "seed": seed,
+            "max_imbalance": imb,
+            "robust": robust,
+            "risk_slack": risk_slack,
+            "rounds": rounds,
+            "cost_matrix": "inverse link bandwidth, 1 for the fastest link",
+            "traces": None if ts is None else ts.name,
+            "trace_inputs": trace_inputs,
+            "sources": None if ts is None else list(ts.sources),
+            **{k: round(float(v), 6) if isinstance(v, float) else v for k, v in stats.items()},
+        }
+        p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
+        if ts is not None:
+            p.metrics = evaluate_plan(p, ts)
     return p
 
 
