@@ -238,8 +238,8 @@ def plan(
     if ts is None:
         sources = None
         policy_name = "balanced-default"
-        why = "no traces given: every expert assumed equally loaded; plan from traces for a real placement"
-        notes.append(why)
+        why = "no traces given"
+        notes.append("no traces given: every expert assumed equally loaded; plan from traces for a real placement")
     else:
         sources = ts.split_sources()
         notes.extend(ts.notes)
@@ -249,8 +249,10 @@ def plan(
             notes.append("communication was not optimised: the traces have no co-activation")
         else:
             policy_name = "coactivation-swap-search"
-            why = ("co-activation graph mapped onto the topology by constrained 2-opt swap search with seeded "
-                   "perturbation; balanced per trace source" + ("; load covariance bounded by the load-only plan's" if robust else ""))
+            why = ("co-activation graph mapped onto the topology by constrained 2-opt swap search"
+                   + (f" with {rounds} seeded perturbation rounds" if rounds else "")
+                   + "; balanced on the traffic seen (each trace source no worse than load-only)"
+                   + ("; each GPU's load covariance bounded by the load-only plan's" if robust else ""))
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
     rows = []
     stats = {"swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
