@@ -154,6 +154,8 @@ class BlockAnatomy:
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
+    gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
+    up_clamp: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -186,6 +188,42 @@ def _probe_activation(fn: Any) -> str | None:
     return None
 
 
+def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tuple[str, tuple[float | None, float | None]]:
+    """Express an experts module's own ``_apply_gate`` as act(clamp(gate)) * clamp(up), found numerically.
+
+    Candidate clamps come from the module's ``limit``/``swiglu_limit`` attribute. Anything else
+    (GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate), ...) is refused.
+    """
+    from .ops import apply_activation
+
+    limit = getattr(experts, "limit", None) or getattr(experts, "swiglu_limit", None)
+    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else None
+    Fh = 16
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 2 * Fh, generator=g) * (1.5 * limit if limit else 3.0)
+    try:
+        with torch.no_grad():
+            ref = type(experts)._apply_gate(experts, h.clone())
+    except Exception as exc:  # reported as the reason
+        raise UnsupportedBlock(f"its experts' custom gate function {type(experts).__name__}._apply_gate could not be "
+                               f"evaluated ({type(exc).__name__}: {exc})", cls) from exc
+    # Our layout: all gate columns, then all up columns.
+    ours = torch.cat([h[:, 0::2], h[:, 1::2]], 1) if interleaved else h
+    clamp_options = [(None, None)] + ([(limit, limit), (limit, None), (None, limit)] if limit else [])
+    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+        for gc, uc in clamp_options:
+            if isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(
+                ref, apply_activation(ours, act, True, gc, uc), rtol=1e-5, atol=1e-6
+            ):
+                return act, (gc, uc)
+    attrs = ", ".join(f"{a}={getattr(experts, a)}" for a in ("limit", "alpha") if getattr(experts, a, None) is not None)
+    raise UnsupportedBlock(
+        f"its experts use a custom gate function {type(experts).__name__}._apply_gate"
+        + (f" ({attrs})" if attrs else "")
+        + " that is not act(gate) * up with optional clamps (the spec's gated activations)", cls,
+    )
+
+
 def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
     for name, child in block.named_children():
         for w in ("gate_up_proj", "up_proj"):
@@ -214,22 +252,18 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
+    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    interleaved = gated and getattr(experts, "is_concatenated", True) is False
+    clamps: tuple[float | None, float | None] = (None, None)
+    custom_act = None
     apply_gate = getattr(type(experts), "_apply_gate", None)
-    if apply_gate is not None:
+    if gated and apply_gate is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
         except ImportError:  # pragma: no cover - older transformers
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
-            detail = ""
-            if hasattr(experts, "alpha") or hasattr(experts, "limit"):
-                detail = (f" (clamp limit={getattr(experts, 'limit', None)}, "
-                          f"(up + 1) * gate * sigmoid({getattr(experts, 'alpha', None)} * gate))")
-            raise UnsupportedBlock(
-                f"its experts use a custom gate function {type(experts).__name__}._apply_gate{detail}; the spec's "
-                "gated activations are act(gate) * up with optional clamps only",
-                cls,
-            )
+            custom_act, clamps = _read_gate_function(experts, interleaved, cls)
     gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
     up = experts.gate_up_proj if gated else experts.up_proj
     down = experts.down_proj
@@ -255,9 +289,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             f"expert weights {ename}.{'gate_up_proj' if gated else 'up_proj'} {tuple(up.shape)} and down_proj "
             f"{tuple(down.shape)} do not fit one [E, 2F or F, D] / [E, D, F] layout", cls,
         )
-    interleaved = gated and getattr(experts, "is_concatenated", True) is False
     has_bias = bool(getattr(experts, "has_bias", False)) or isinstance(getattr(experts, "down_proj_bias", None), Tensor)
-    act = _probe_activation(getattr(experts, "act_fn", None))
+    act = custom_act or _probe_activation(getattr(experts, "act_fn", None))
     if act is None and config is not None and getattr(config, "hidden_act", None):
         try:
             from transformers.activations import ACT2FN
@@ -269,6 +302,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     anat_kwargs: dict[str, Any] = dict(
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
+        gate_clamp=clamps[0], up_clamp=clamps[1],
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
@@ -506,7 +540,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         try:
             out = light(x)
         except Exception as exc:  # reported as the reason the block cannot be read
-            raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}", cls) from exc
+            extra = _extra_forward_args(block)
+            hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
+                    "states, e.g. token-id hash routing, is not read)") if extra else ""
+            raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
         w_r = _get_path(light, anat.router_weight_name)
         b_r = _get_path(light, anat.router_bias_name) if anat.router_bias_name else None
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
@@ -570,6 +607,16 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind)
+
+
+def _extra_forward_args(block: nn.Module) -> list[str]:
+    import inspect
+
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
@@ -734,6 +781,10 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
     }
     if anat.expert_bias_terms or anat.shared_bias_terms:
         experts["bias"] = True
+    if anat.gate_clamp is not None:
+        experts["gate_clamp"] = anat.gate_clamp
+    if anat.up_clamp is not None:
+        experts["up_clamp"] = anat.up_clamp
     moe: dict[str, Any] = {"hidden_size": anat.hidden_size, "experts": experts}
     if anat.shared_names:
         if anat.shared_activation_fn is not None and anat.shared_activation_fn != anat.activation_fn:

@@ -70,10 +70,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
         moe_shared_expert_intermediate_size=24, norm_topk_prob=True, routed_scaling_factor=2.0,
         mlp_hidden_act="relu2", moe_latent_size=None)),
+    # Clamped SwiGLU (its own _apply_gate, read numerically), sqrt(softplus) scores + selection bias.
+    "deepseek_v4": ("DeepseekV4SparseMoeBlock", dict(
+        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+        mlp_layer_types=["moe", "moe"])),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
-MODULE = {"deepseek_v2_lite": "deepseek_v2"}
-CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "aria": "aria_text", "llama4": "llama4_text"}
+MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}
+CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "aria": "aria_text",
+               "llama4": "llama4_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
@@ -82,6 +87,9 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
                "routing is not one the spec language expresses"),
     "llama4": ("Llama4TextMoe", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16),
                "scaled by their router scores"),
+    "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
+        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_layer_types=["hash_moe"] * 2),
+        "also takes input_ids"),
 }
 
 
@@ -203,6 +211,7 @@ def test_routing_read_from_each_family() -> None:
         "granitemoe": dict(score="softmax"),
         "jamba": dict(score="softmax", normalize=False),
         "lfm2_moe": dict(score="sigmoid", normalize=True, scaling_factor=1.5),
+        "deepseek_v4": dict(score="sqrt_softplus", normalize=True, scaling_factor=1.5),
         "minimax_m2": dict(score="sigmoid", normalize=True),
         "qwen2_moe": dict(score="softmax", normalize=False),
     }
@@ -215,6 +224,10 @@ def test_routing_read_from_each_family() -> None:
                 assert {k: got[key][k] for k in value} == value, (family, key, got[key])
             else:
                 assert got[key] == value, (family, key, got[key])
+    # DeepSeek-V4's own gate function is read as a clamped SwiGLU (limit from the experts module).
+    cls_name, overrides = FAMILIES["deepseek_v4"]
+    e = from_hf(make_block("deepseek_v4", overrides, cls_name), check=False).hf_import.spec.moe.experts
+    assert (e.activation, e.gate_clamp, e.up_clamp) == ("swiglu", 10.0, 10.0)
     # Selection biases are found wherever the family keeps them (router, block, router statics).
     for family in ("deepseek_v3", "minimax_m2", "ernie4_5_moe", "lfm2_moe"):
         cls_name, overrides = FAMILIES[family]
