@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moegraph import load_spec  # noqa: E402
-from moegraph.planner import baseline_plans, evaluate, plan  # noqa: E402
-from moegraph.traces import TraceSet, load_traces, synthetic_traces  # noqa: E402
+from moegraph import load_spec
+from moegraph.planner import baseline_plans, evaluate, plan
+from moegraph.traces import TraceSet, load_traces, synthetic_traces
 
 
 def lite_spec(nodes: int, gpus: int, slots: int):
@@ -88,12 +88,12 @@ def section_tasks(configs, intent: TraceSet, law: TraceSet) -> list[tuple[str, b
                     checks.append((f"other task: remote GPU copies >= 10% below baseline ({tag}: {rel:+.1%})",
                                    rel <= -0.10))
                 if nodes > 1:
-                    checks.append((f"remote node copies below baseline ({tag}: {m['remote_node']:.3f} vs "
-                                   f"{b['remote_node']:.3f})", m["remote_node"] < b["remote_node"]))
+                    checks.append(((f"remote node copies below baseline ({tag}: {m['remote_node']:.3f} vs "
+                                   f"{b['remote_node']:.3f})"), m["remote_node"] < b["remote_node"]))
     if same_bal_72:
         mean72 = float(np.mean(same_bal_72))
-        checks.append((f"same task, 72 slots: mean max/mean load <= 1.05 ({mean72:.3f}; each: "
-                       f"{', '.join(f'{x:.3f}' for x in same_bal_72)})", mean72 <= 1.05))
+        checks.append(((f"same task, 72 slots: mean max/mean load <= 1.05 ({mean72:.3f}; each: "
+                       f"{', '.join(f'{x:.3f}' for x in same_bal_72)})"), mean72 <= 1.05))
     return checks
 
 
@@ -132,10 +132,10 @@ def section_several(configs, intent: TraceSet, law: TraceSet) -> list[tuple[str,
         tag = f"{nodes}x{gpus} {slots} slots, on intent-B+law-B"
         best_copies = min(s["remote_gpu"] for s in singles)
         best_load = min(s["max_mean_load"] for s in singles)
-        checks.append((f"several traces not worse than one: max/mean load ({tag}: {multi['max_mean_load']:.3f} vs best "
-                       f"single {best_load:.3f})", multi["max_mean_load"] <= best_load + 1e-9))
-        checks.append((f"several traces not worse than one: remote GPU copies ({tag}: {multi['remote_gpu']:.3f} vs "
-                       f"best single {best_copies:.3f})", multi["remote_gpu"] <= best_copies + 1e-9))
+        checks.append(((f"several traces not worse than one: max/mean load ({tag}: {multi['max_mean_load']:.3f} vs best "
+                       f"single {best_load:.3f})"), multi["max_mean_load"] <= best_load + 1e-9))
+        checks.append(((f"several traces not worse than one: remote GPU copies ({tag}: {multi['remote_gpu']:.3f} vs "
+                       f"best single {best_copies:.3f})"), multi["remote_gpu"] <= best_copies + 1e-9))
     return checks
 
 

@@ -17,6 +17,7 @@ Devices that cannot reach each other make the request infeasible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import networkx as nx
@@ -132,7 +133,7 @@ def cluster_of(spec_or_topology: MoESpec | UniformTopology | ExplicitTopology | 
     lat = np.zeros((gpus, gpus))
     # Route each pair over the path of least latency (ties: fewest hops); its bandwidth is the bottleneck link's.
     for i, src in enumerate(names):
-        dist, paths = nx.single_source_dijkstra(graph, src, weight=lambda a, b, d: d["latency"] + 1e-9)
+        _, paths = nx.single_source_dijkstra(graph, src, weight=lambda a, b, d: d["latency"] + 1e-9)
         for j, dst in enumerate(names):
             if i == j:
                 continue
@@ -142,6 +143,6 @@ def cluster_of(spec_or_topology: MoESpec | UniformTopology | ExplicitTopology | 
                     "topology.links so that every device is connected"
                 )
             hops = paths[dst]
-            lat[i, j] = sum(graph.edges[a, b]["latency"] for a, b in zip(hops, hops[1:]))
-            bw[i, j] = min(graph.edges[a, b]["bandwidth"] for a, b in zip(hops, hops[1:]))
+            lat[i, j] = sum(graph.edges[a, b]["latency"] for a, b in pairwise(hops))
+            bw[i, j] = min(graph.edges[a, b]["bandwidth"] for a, b in pairwise(hops))
     return Cluster(tuple(names), node, local, mem, bw, lat)

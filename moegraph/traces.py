@@ -34,7 +34,7 @@ import math
 import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -268,7 +268,7 @@ class TraceSet:
         if not sets:
             raise TraceError("no traces given; pass at least one trace file, folder or bundled name")
         if len(sets) == 1:
-            return sets[0] if name is None else _renamed(sets[0], name)
+            return sets[0] if name is None else replace(sets[0], name=name)
         first = sets[0]
         for s in sets[1:]:
             if s.num_layers != first.num_layers or s.num_experts != first.num_experts:
@@ -352,9 +352,7 @@ class TraceSet:
         k = min(num_experts, self.num_experts)
         c[..., :k] = self.counts_by_source[..., :k]
         topk = None if self.topk is None else self.topk.astype(_id_dtype(num_experts))
-        return TraceSet(num_experts=num_experts, counts_by_source=c, topk=topk, sample_ids=self.sample_ids,
-                        source_ids=self.source_ids, sources=self.sources, src_rank=self.src_rank,
-                        num_ranks=self.num_ranks, layer_ids=self.layer_ids, name=self.name, notes=self.notes)
+        return replace(self, num_experts=num_experts, counts_by_source=c, topk=topk)
 
     # ------------------------------------------------------------------ native format
 
@@ -384,12 +382,6 @@ class TraceSet:
         np.savez_compressed(tmp, **arrays)
         tmp.replace(p)
         return p
-
-
-def _renamed(ts: TraceSet, name: str) -> TraceSet:
-    return TraceSet(num_experts=ts.num_experts, counts_by_source=ts.counts_by_source, topk=ts.topk,
-                    sample_ids=ts.sample_ids, source_ids=ts.source_ids, sources=ts.sources, src_rank=ts.src_rank,
-                    num_ranks=ts.num_ranks, layer_ids=ts.layer_ids, name=name, notes=ts.notes)
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -630,7 +622,7 @@ def read_sglang(
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise TraceError(f"{p}: file not found") from None
-        except Exception as exc:  # torch raises many types for a truncated zip or pickle
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated zip or pickle
             raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {' '.join(str(exc).split())[:200]})") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{p}: expected a dict from SGLang's expert distribution recorder, got {type(obj).__name__}")
@@ -754,8 +746,7 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
     sets = [_resolve_one(i, spec) for i in items]
     if spec is not None:
         e = spec.moe.experts.num_experts
-        sets = [s.check_spec(spec, label=str(i)).with_experts(e) if s.num_experts <= e else s.check_spec(spec, label=str(i))
-                for s, i in zip(sets, items)]
+        sets = [s.check_spec(spec, label=str(i)).with_experts(e) for s, i in zip(sets, items)]
     return TraceSet.concat(sets)
 
 
@@ -769,7 +760,7 @@ def coactivation(topk_TK: np.ndarray, num_experts: int, weights_T: np.ndarray | 
 
     topk_TK: [T, K] expert ids of one layer; weights_T: optional [T] weight per token.
     """
-    t, k = topk_TK.shape
+    k = topk_TK.shape[1]
     ids = np.ascontiguousarray(topk_TK, dtype=np.int64)
     pair = (ids[:, :, None] * num_experts + ids[:, None, :]).ravel()
     w = None if weights_T is None else np.repeat(np.asarray(weights_T, np.float64), k * k)
@@ -803,7 +794,7 @@ def trace_stats(ts: TraceSet, top: int = 5) -> TraceStats:
     pairs, conc = [], np.zeros(ts.num_layers)
     affinity = None
     if ts.topk is not None:
-        t, k = ts.topk.shape[1:]
+        t, k = ts.topk.shape[1], ts.topk.shape[2]
         iu = np.triu_indices(e, 1)
         for layer in range(ts.num_layers):
             w = coactivation(ts.topk[layer], e)

@@ -81,14 +81,14 @@ def test_plot_writes_a_figure(run_cli, small):
     (["--nodes", "5"], "multiple of 40"),
 ])
 def test_infeasible_what_ifs_exit_2_with_the_fix(run_cli, small, args, match):
-    d, spec, traces = small
+    _, spec, traces = small
     r = run_cli("plan", spec, "--trace", traces["law"], *args)
     assert r.code == 2
     assert match in " ".join(r.err.split())
 
 
 def test_bad_trace_and_bad_plan_files_exit_2_naming_the_file(run_cli, small, tmp_path):
-    d, spec, traces = small
+    _, spec, traces = small
     broken = tmp_path / "broken.npz"
     broken.write_bytes(traces["law"].read_bytes()[:500])
     r = run_cli("plan", spec, "--trace", broken)
@@ -130,7 +130,7 @@ def test_trace_import_esft_and_sglang(run_cli, tmp_path):
 
 
 def test_trace_stats_summarises_loads_pairs_and_affinity(run_cli, small):
-    d, spec, traces = small
+    traces = small[2]
     r = run_cli("trace", "stats", traces["law"], traces["intent"])
     assert r.code == 0, r.err
     text = " ".join(r.out.split())

@@ -306,7 +306,7 @@ def test_plan_file_round_trip(saved_plan):
     ("l2p", "logical_to_physical_map disagrees"),
 ])
 def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, match):
-    spec, p, path = saved_plan
+    path = saved_plan[2]
     text = path.read_text()
     data = json.loads(text)
     if damage == "truncate":

@@ -78,10 +78,9 @@ def _repair_duplicates(gpu_of: np.ndarray, experts: np.ndarray, num_gpus: int) -
         if dup is None:
             return gpu_of
         g = gpu_of[dup]
-        on = lambda h: set(experts[gpu_of == h].tolist())  # noqa: E731
         for j in range(len(gpu_of)):
             h = gpu_of[j]
-            if h != g and experts[dup] not in on(h) and experts[j] not in on(g):
+            if h != g and experts[dup] not in experts[gpu_of == h] and experts[j] not in experts[gpu_of == g]:
                 gpu_of[dup], gpu_of[j] = h, g
                 break
         else:  # pragma: no cover - needs an expert with more replicas than GPUs, excluded by callers

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dispatch import DispatchCounts, counts_from_slots, choose_replicas, source_gpus
+from .dispatch import DispatchCounts, choose_replicas, counts_from_slots, source_gpus
 
 if TYPE_CHECKING:
     from ..spec import MoESpec

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from ..errors import PlanFileError
 from ..spec import MoESpec
@@ -201,7 +202,7 @@ class Plan:
                 raise bad(f"field {key!r} is missing; the file is truncated or corrupt")
         try:
             embedded = MoESpec.model_validate(data["spec"])
-        except Exception as exc:  # pydantic ValidationError, TypeError on garbage
+        except (ValidationError, TypeError, ValueError) as exc:
             raise bad(f"the embedded spec is not valid ({type(exc).__name__}); re-create the plan") from None
         if embedded.hash() != data["spec_hash"]:
             raise bad("spec_hash does not match the embedded spec; the file was edited or is corrupt")
@@ -212,7 +213,7 @@ class Plan:
             )
         try:
             p2l = np.asarray(data["physical_to_logical_map"])
-        except Exception:
+        except (TypeError, ValueError):
             raise bad("physical_to_logical_map is not a [layers][slots] array of integers") from None
         if p2l.dtype == object or p2l.ndim != 2 or (p2l.size and not np.issubdtype(p2l.dtype, np.integer)):
             raise bad("physical_to_logical_map is not a [layers][slots] array of integers")
