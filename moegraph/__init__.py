@@ -17,6 +17,7 @@ from .errors import (  # noqa: F401
     PlanInfeasible,
     SpecError,
     TraceError,
+    UnsupportedBlock,
 )
 from .loader import dump_spec, load_spec, presets  # noqa: F401
 from .spec import MoESpec  # noqa: F401
@@ -29,7 +30,7 @@ def __getattr__(name: str):
         "compile": ("moegraph.compiler", "compile"),
         "plan": ("moegraph.planner", "plan"),
         "from_hf": ("moegraph.hf", "from_hf"),
-        "optimize": ("moegraph.optimize", "optimize"),
+        "optimize": ("moegraph.swap", "optimize"),
         "load_traces": ("moegraph.traces", "load_traces"),
     }
     if name in lazy:

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import moegraph
 from moegraph import hf
 from moegraph.errors import UnsupportedBlock
-from moegraph.optimize import MoEBlockAdapter, OptimizeReport, read_structural
+from moegraph.swap import MoEBlockAdapter, OptimizeReport, read_structural
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*torch_dtype.*")

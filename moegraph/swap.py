@@ -24,9 +24,7 @@ shape) and returns what the original returned: the tensor, or (tensor, router_lo
 from __future__ import annotations
 
 import math
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -689,14 +687,3 @@ def optimize(
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
     return model
-
-
-class _CallableModule(types.ModuleType):
-    """``moegraph.optimize`` names both this module and the function: once the module is imported,
-    Python binds the package attribute to the module, so the module itself forwards calls."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return optimize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
