@@ -55,6 +55,11 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         raise CodegenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "triton":
         from . import triton_backend  # noqa: F401  (fails with a clear message if triton is missing)
+
+        if passes is None:  # the default passes plus FuseRouter (the router kernel)
+            from .triton_backend.passes import triton_passes
+
+            passes = triton_passes(spec)
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
     cls, _ = layer_class(spec, backend, out_dir)
