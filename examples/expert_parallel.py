@@ -18,6 +18,7 @@ writes a seeded single-process checkpoint to a temporary directory.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -144,6 +145,10 @@ def main() -> None:
     dist.barrier()
     if tmp is not None:
         tmp.cleanup()
+    # Free every tensor that async collectives touched while the interpreter is fully alive: gloo's
+    # worker threads must not be the last owners at interpreter teardown (pytorch/pytorch#179291).
+    del layer
+    gc.collect()
     dist.destroy_process_group()
 
 

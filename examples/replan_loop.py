@@ -20,6 +20,7 @@ tokens come from, as it does when ranks serve different users or tasks.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -174,6 +175,10 @@ def main() -> None:
     dist.barrier()
     if tmp is not None:
         tmp.cleanup()
+    # Free every tensor that async collectives touched while the interpreter is fully alive: gloo's
+    # worker threads must not be the last owners at interpreter teardown (pytorch/pytorch#179291).
+    del stack0, stack1
+    gc.collect()
     dist.destroy_process_group()
 
 

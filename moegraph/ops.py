@@ -189,7 +189,9 @@ def _workspace(dtype: torch.dtype, device: torch.device) -> _Workspace:
     table = getattr(_WORKSPACES, "table", None)
     if table is None:
         table = _WORKSPACES.table = {}
-    key = (dtype, device)
+    # Buffers made under torch.inference_mode are inference tensors, which cannot be written outside
+    # it: keep one workspace per mode.
+    key = (dtype, device, torch.is_inference_mode_enabled())
     if key not in table:
         table[key] = _Workspace(dtype, device)
     return table[key]

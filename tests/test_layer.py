@@ -363,3 +363,16 @@ def test_backward_with_nothing_routed(tmp_path):
     layer(x).sum().backward()
     assert x.grad.shape == (0, D)
     assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+
+
+def test_inference_mode_then_normal_mode(tmp_path):
+    """Scratch buffers made under inference_mode must not leak into normal forwards (and back)."""
+    layer = _compile(make_spec({"top_k": 2}), tmp_path).eval()
+    x = torch.randn(12, D)
+    with torch.inference_mode():
+        a = layer(x)
+    b = layer(x)
+    with torch.inference_mode():
+        c = layer(x)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(b, c)
