@@ -37,6 +37,24 @@ BENCH_SPEC = {
 }
 
 
+def hf_incompatibility(spec: MoESpec) -> str | None:
+    """Why HF's DeepseekV3MoE cannot stand in for this spec (None when it can)."""
+    m, r = spec.moe, spec.moe.router
+    if r.type != "topk" or r.score != "sigmoid" or r.topk_order != "score_then_topk":
+        return "DeepseekV3MoE routes top-k over sigmoid scores"
+    if r.expert_bias is None or r.capacity is not None or r.router_bias or r.jitter:
+        return "DeepseekV3MoE has an expert bias, no capacity limit, no router bias and no jitter"
+    if r.groups is not None and (r.groups.group_score != "sum_topn" or r.groups.top_n != 2):
+        return "DeepseekV3MoE scores groups by the sum of their top-2 experts"
+    if m.experts.activation != "swiglu" or m.experts.bias or m.experts.gate_clamp or m.experts.up_clamp:
+        return "DeepseekV3MoE experts are plain SwiGLU MLPs"
+    if m.shared_experts.count == 0 or m.shared_experts.gate != "none":
+        return "DeepseekV3MoE has ungated shared experts"
+    if m.shared_experts.intermediate_size not in (None, m.experts.intermediate_size):
+        return "DeepseekV3MoE shared experts have the routed experts' size"
+    return None
+
+
 def hf_deepseek_v3_block(spec: MoESpec, implementation: str = "eager", seed: int = 0):
     """A transformers DeepseekV3MoE with the spec's shape and random weights (float32)."""
     from transformers import DeepseekV3Config

@@ -260,6 +260,16 @@ def packed_experts(w_up: Tensor, w_down: Tensor, s_up: Tensor | None, s_down: Te
     return entry
 
 
+#: Experts with at most this many weights per projection run as one grouped GEMM (torch._grouped_mm):
+#: below it the per-expert loop's per-call overhead costs more than its faster GEMMs gain.
+SMALL_EXPERT_WEIGHTS = 1 << 16
+
+
+def _small_experts(w_up_EHD: Tensor) -> bool:
+    return (w_up_EHD[0].numel() <= SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm")
+            and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
+
+
 def _expert_mlp_fast(
     x_TD: Tensor,
     tok_N: Tensor,
@@ -309,6 +319,18 @@ def _expert_mlp_fast(
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
     x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
+    if _small_experts(w_up_EHD):
+        # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
+        h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
+        exp_sorted = key_sorted_N[:n_valid]
+        if b_up_EH is not None:
+            h.add_(b_up_EH.index_select(0, exp_sorted))
+        a = _activate_(h, activation, gated, gate_clamp, up_clamp).mul_(w_sorted)
+        o = torch._grouped_mm(a.contiguous(), w_down_EDF.transpose(1, 2), offs=offs)
+        if b_down_ED is not None:
+            o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+        return y_TD.index_add_(0, tok_sorted, o)
     o_ND = ws.get("o", n_valid, D)
     h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
     # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.

@@ -53,10 +53,13 @@ def bench(
     """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""
     from ..bench import BENCH_SPEC, format_rows, run_layer_bench
 
-    s = BENCH_SPEC if spec == "default" else load_spec(spec)
+    from ..bench import hf_incompatibility
+
+    s = load_spec(BENCH_SPEC if spec == "default" else spec)
     with_hf = not no_hf
-    if with_hf and (load_spec(s).moe.router.type != "topk" or not load_spec(s).moe.experts.gated):
-        console.print("[yellow]HF DeepseekV3MoE comparison needs a gated top-k spec; timing moegraph only[/]")
+    why = hf_incompatibility(s) if with_hf else None
+    if why:
+        console.print(f"[yellow]no HF comparison for {s.name}: {why}; timing moegraph only[/]", highlight=False)
         with_hf = False
     with console.status("benchmarking") as status:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,
