@@ -1,0 +1,52 @@
+"""Hugging Face transformers interop: MoE blocks and model configs -> moegraph specs and layers.
+
+    from_hf(block)              an HF MoE block (its config and weights) -> compiled layer, same weights
+    spec_from_hf_config(config) an HF model config -> MoESpec (model section included)
+
+How a block is read, for any family (no per-family table):
+
+1. Anatomy, from the block's modules: the experts module (3-D ``gate_up_proj``/``up_proj`` and
+   ``down_proj`` as transformers v5 stores them, with the layout flags of
+   ``@use_experts_implementation``), the router weight (the one [E, D] tensor outside the experts),
+   its bias, an expert-selection bias (``e_score_correction_bias``, ``expert_bias``: any other
+   E-sized tensor), shared-expert MLPs and a [1, D] shared-expert gate.
+2. Routing, from the config (``num_experts_per_tok``, ``scoring_func``, ``norm_topk_prob``,
+   ``routed_scaling_factor``, ``n_group``/``topk_group``, ``topk_method``) checked against the
+   block itself: a light copy of the block, with the experts and shared experts replaced by stubs
+   that record their inputs, routes random tokens with random router weights. The routing the
+   config declares must reproduce the recorded expert ids and weights exactly; where a family's
+   code departs from its config (e.g. DeepSeek-V2 ignores ``norm_topk_prob``) the few variants
+   the spec language offers are tried and the one that reproduces the block is kept, with a note.
+   Nothing that fails this check is compiled.
+3. The combine: the stubs return known tensors, so the block's output must equal routed +
+   (gated) shared output; anything else (a norm after the experts, an input rescaled by the
+   router) is refused with the reason.
+4. ``from_hf`` then compiles the spec, copies (or shares) the weights and compares the compiled
+   layer with the block on random tokens.
+
+Families whose math the spec cannot express are refused with ``UnsupportedBlock`` naming the
+feature (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(alpha * gate)``, Phi-MoE's sparsemixer,
+Llama 4's router-scaled expert input, ...).
+"""
+
+from __future__ import annotations
+
+# Re-exported beyond __all__: swap.py, the tests and the examples use these through ``moegraph.hf``.
+from .anatomy import BlockAnatomy, _get_path, _probe_activation, inspect_block, is_hf_moe_block  # noqa: F401
+from .block import HFImport, compare, from_hf, read_block, tolerance  # noqa: F401
+from .config import load_hf_config, spec_from_hf_config
+from .probe import Probe, _light_copy, probe_block  # noqa: F401
+from .routing import Declared, Routing, declared_routing, identify_routing, route  # noqa: F401
+from .vocab import _DTYPE_NAMES, _GATED, _PLAIN  # noqa: F401
+from .weights import hf_weights, load_hf_weights, torch_dtype_of  # noqa: F401
+
+__all__ = [
+    "BlockAnatomy",
+    "HFImport",
+    "Routing",
+    "from_hf",
+    "inspect_block",
+    "is_hf_moe_block",
+    "load_hf_config",
+    "spec_from_hf_config",
+]

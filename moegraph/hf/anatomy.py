@@ -1,0 +1,280 @@
+"""Step 1: anatomy of a block, read from its modules (experts, router, biases, shared experts)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import UnsupportedBlock
+from .vocab import _ACT_FNS, _SHARED_NAMES
+
+
+@dataclass
+class BlockAnatomy:
+    """What a block is made of, found from its modules. Tensors are the block's own (not copies).
+
+    Legend: E experts, D hidden, F expert hidden, S shared hidden (all shared experts together).
+    """
+
+    block_class: str
+    experts_name: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    gated: bool
+    transposed: bool  # expert weights stored [E, in, out] instead of [E, out, in]
+    interleaved: bool  # gated rows stored gate0, up0, gate1, ... instead of all gate then all up
+    expert_bias_terms: bool  # the routed expert projections carry biases
+    activation_fn: str | None  # elementwise function of the experts (silu, gelu, ...); None = not found
+    router_weight_name: str  # dotted path inside the block of the [E, D] router weight
+    router_bias_name: str | None
+    expert_bias_name: str | None  # E-sized selection bias (e_score_correction_bias, expert_bias)
+    shared_names: tuple[str, ...] = ()
+    shared_layout: str | None = None  # "gate_up_down", "fused_gate_up", "up_down"
+    shared_intermediate: int = 0
+    shared_bias_terms: bool = False
+    shared_activation_fn: str | None = None
+    shared_gate_name: str | None = None
+    unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
+    gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
+    up_clamp: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _get_path(root: nn.Module, path: str) -> Any:
+    obj: Any = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    yield from mod.named_parameters(remove_duplicate=False)
+    yield from mod.named_buffers(remove_duplicate=False)
+
+
+def _probe_activation(fn: Any) -> str | None:
+    """The spec name of an elementwise activation module/function, found numerically."""
+    if fn is None:
+        return None
+    x = torch.linspace(-5, 5, 201, dtype=torch.float32)
+    try:
+        y = fn(x)
+    except Exception:  # noqa: BLE001 - an activation we cannot even call is simply unknown
+        return None
+    if not isinstance(y, Tensor) or y.shape != x.shape:
+        return None
+    for name, ref in _ACT_FNS.items():
+        if torch.allclose(y.float(), ref(x), rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tuple[str, tuple[float | None, float | None]]:
+    """Express an experts module's own ``_apply_gate`` as act(clamp(gate)) * clamp(up), found numerically.
+
+    Candidate clamps come from the module's ``limit``/``swiglu_limit`` attribute. Anything else
+    (GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate), ...) is refused.
+    """
+    from ..ops import apply_activation
+
+    limit = getattr(experts, "limit", None) or getattr(experts, "swiglu_limit", None)
+    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else None
+    Fh = 16
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 2 * Fh, generator=g) * (1.5 * limit if limit else 3.0)
+    try:
+        with torch.no_grad():
+            ref = type(experts)._apply_gate(experts, h.clone())
+    except Exception as exc:  # reported as the reason
+        raise UnsupportedBlock(f"its experts' custom gate function {type(experts).__name__}._apply_gate could not be "
+                               f"evaluated ({type(exc).__name__}: {exc})", cls) from exc
+    # Our layout: all gate columns, then all up columns.
+    ours = torch.cat([h[:, 0::2], h[:, 1::2]], 1) if interleaved else h
+    clamp_options = [(None, None)] + ([(limit, limit), (limit, None), (None, limit)] if limit else [])
+    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+        for gc, uc in clamp_options:
+            if isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(
+                ref, apply_activation(ours, act, True, gc, uc), rtol=1e-5, atol=1e-6
+            ):
+                return act, (gc, uc)
+    attrs = ", ".join(f"{a}={getattr(experts, a)}" for a in ("limit", "alpha") if getattr(experts, a, None) is not None)
+    raise UnsupportedBlock(
+        f"its experts use a custom gate function {type(experts).__name__}._apply_gate"
+        + (f" ({attrs})" if attrs else "")
+        + " that is not act(gate) * up with optional clamps (the spec's gated activations)", cls,
+    )
+
+
+def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
+    for name, child in block.named_children():
+        for w in ("gate_up_proj", "up_proj"):
+            p = getattr(child, w, None)
+            if isinstance(p, Tensor) and p.dim() == 3 and isinstance(getattr(child, "down_proj", None), Tensor):
+                return name, child
+    return None
+
+
+def is_hf_moe_block(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a transformers MoE block: a child holding 3-D expert weights."""
+    return _experts_child(module) is not None and not isinstance(module, nn.ModuleList)
+
+
+def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
+    """Read a transformers MoE block's structure (no computation). Raises UnsupportedBlock."""
+    cls = type(block).__name__
+    found = _experts_child(block)
+    if found is None:
+        raise UnsupportedBlock(
+            "no experts module with 3-D gate_up_proj/up_proj and down_proj weights (the transformers v5 "
+            "layout) was found among the block's children",
+            cls,
+        )
+    ename, experts = found
+    if getattr(experts, "has_post_expert_norm", False):
+        raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
+                               "per-expert output norm", cls)
+    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    interleaved = gated and getattr(experts, "is_concatenated", True) is False
+    clamps: tuple[float | None, float | None] = (None, None)
+    custom_act = None
+    apply_gate = getattr(type(experts), "_apply_gate", None)
+    if gated and apply_gate is not None:
+        try:
+            from transformers.integrations.moe import _default_apply_gate
+        except ImportError:  # pragma: no cover - older transformers
+            _default_apply_gate = None
+        if apply_gate is not _default_apply_gate:
+            custom_act, clamps = _read_gate_function(experts, interleaved, cls)
+    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    up = experts.gate_up_proj if gated else experts.up_proj
+    down = experts.down_proj
+    E = up.shape[0]
+    if down.shape[0] != E:
+        raise UnsupportedBlock(
+            f"its experts hold {E} up projections but {down.shape[0]} down projections (extra non-MLP experts, "
+            "e.g. zero/identity experts, have no spec equivalent)", cls,
+        )
+    transposed = getattr(experts, "is_transposed", None)
+    if transposed is None:
+        # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
+        # up [E, D, H] with down [E, F, D] is transposed.
+        transposed = up.shape[1] == down.shape[2] and up.shape[2] != down.shape[1]
+    if transposed:
+        D, H = up.shape[1], up.shape[2]
+        Fh = down.shape[1]
+    else:
+        H, D = up.shape[1], up.shape[2]
+        Fh = down.shape[2]
+    if H != (2 * Fh if gated else Fh) or (down.shape[2] if transposed else down.shape[1]) != D:
+        raise UnsupportedBlock(
+            f"expert weights {ename}.{'gate_up_proj' if gated else 'up_proj'} {tuple(up.shape)} and down_proj "
+            f"{tuple(down.shape)} do not fit one [E, 2F or F, D] / [E, D, F] layout", cls,
+        )
+    has_bias = bool(getattr(experts, "has_bias", False)) or isinstance(getattr(experts, "down_proj_bias", None), Tensor)
+    act = custom_act or _probe_activation(getattr(experts, "act_fn", None))
+    if act is None and config is not None and getattr(config, "hidden_act", None):
+        try:
+            from transformers.activations import ACT2FN
+
+            act = _probe_activation(ACT2FN[config.hidden_act])
+        except (ImportError, KeyError):
+            act = None
+
+    anat_kwargs: dict[str, Any] = dict(
+        block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
+        transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
+        gate_clamp=clamps[0], up_clamp=clamps[1],
+    )
+
+    # Shared experts and their gate: children holding Linear layers from D.
+    claimed = {ename}
+    shared_names: list[str] = []
+    shared_gate = None
+    for name, child in block.named_children():
+        if name in claimed:
+            continue
+        if isinstance(child, nn.Linear) and child.in_features == D and child.out_features == 1:
+            if child.bias is not None:
+                raise UnsupportedBlock(f"its shared-expert gate {name} has a bias; the spec's sigmoid gate has none", cls)
+            shared_gate = name
+            claimed.add(name)
+        elif name in _SHARED_NAMES or (_shared_layout(child, D) is not None and "mlp" in type(child).__name__.lower()):
+            if _shared_layout(child, D) is None:
+                raise UnsupportedBlock(
+                    f"shared expert '{name}' ({type(child).__name__}) has no gate_proj/up_proj/down_proj Linear "
+                    "layers to read", cls,
+                )
+            shared_names.append(name)
+            claimed.add(name)
+    if len(shared_names) > 1:
+        raise UnsupportedBlock(f"it has several shared-expert modules {shared_names}; the spec has one shared MLP", cls)
+    if shared_gate is not None and not shared_names:
+        raise UnsupportedBlock(f"it has a shared-expert gate '{shared_gate}' but no shared expert", cls)
+    if shared_names:
+        sh = getattr(block, shared_names[0])
+        layout = _shared_layout(sh, D)
+        if layout == "fused_gate_up":
+            S = sh.gate_up_proj.out_features // 2
+        elif layout == "gate_up_down":
+            S = sh.gate_proj.out_features
+        else:
+            S = (getattr(sh, "up_proj", None) or sh.fc1).out_features
+        if (layout == "up_down") == gated:
+            raise UnsupportedBlock(
+                f"shared expert '{shared_names[0]}' is {'plain' if layout == 'up_down' else 'gated'} but the routed "
+                f"experts are {'gated' if gated else 'plain'}; the spec uses one activation for both", cls,
+            )
+        anat_kwargs.update(
+            shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S,
+            shared_bias_terms=any(isinstance(m, nn.Linear) and m.bias is not None for m in sh.modules()),
+            shared_activation_fn=_probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
+            shared_gate_name=shared_gate,
+        )
+
+    # The router: the one [E, D] tensor outside the experts and shared experts.
+    def outside(name: str) -> bool:
+        return name.split(".")[0] not in claimed
+
+    tensors = [(n, t) for n, t in _named_tensors(block) if outside(n)]
+    routers = [n for n, t in tensors if t.dim() == 2 and tuple(t.shape) == (E, D)]
+    if len(routers) != 1:
+        raise UnsupportedBlock(
+            f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found "
+            f"{routers or 'none'}", cls,
+        )
+    rw = routers[0]
+    owner = rw.rsplit(".", 1)[0] if "." in rw else ""
+    rb = f"{owner}.bias" if owner else "bias"
+    rb_t = dict(tensors).get(rb)
+    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == E else None
+    rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
+    ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == E]
+    if len(ebias) > 1:
+        raise UnsupportedBlock(f"several E-sized tensors {ebias} could be the expert-selection bias", cls)
+    unexplained = tuple(n for n, t in rest if n not in ebias and t.is_floating_point())
+    return BlockAnatomy(
+        router_weight_name=rw, router_bias_name=router_bias, expert_bias_name=ebias[0] if ebias else None,
+        unexplained=unexplained, **anat_kwargs,
+    )
+
+
+def _shared_layout(mod: nn.Module, D: int) -> str | None:
+    def lin(name: str) -> nn.Linear | None:
+        m = getattr(mod, name, None)
+        return m if isinstance(m, nn.Linear) else None
+
+    if lin("gate_proj") and lin("up_proj") and lin("down_proj") and lin("gate_proj").in_features == D:
+        return "gate_up_down"
+    if lin("gate_up_proj") and lin("down_proj") and lin("gate_up_proj").in_features == D:
+        return "fused_gate_up"
+    up = lin("up_proj") or lin("fc1")
+    down = lin("down_proj") or lin("fc2")
+    if up is not None and down is not None and up.in_features == D and not lin("gate_proj"):
+        return "up_down"
+    return None

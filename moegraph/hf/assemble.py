@@ -1,0 +1,101 @@
+"""Spec assembly: anatomy + routing (+ config) -> MoESpec."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedBlock
+from ..spec import MoESpec
+from .anatomy import BlockAnatomy
+from .model_section import _model_section
+from .routing import Routing
+from .vocab import _DTYPE_NAMES, _GATED, _PLAIN, _SHARED_COUNT, _attr, _family
+
+
+def _spec_name(cfg: Any) -> str:
+    return "hf-" + re.sub(r"[^0-9a-zA-Z]+", "-", _family(cfg)).strip("-").lower()
+
+
+def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> dict[str, Any]:
+    if anat.activation_fn is None:
+        raise UnsupportedBlock("its expert activation function is not one the spec knows (silu, gelu, gelu_tanh, "
+                               "relu, relu2)", anat.block_class)
+    table = _GATED if anat.gated else _PLAIN
+    if anat.activation_fn not in table:
+        raise UnsupportedBlock(f"a {'gated' if anat.gated else 'plain'} {anat.activation_fn} expert MLP has no spec "
+                               "activation", anat.block_class)
+    experts: dict[str, Any] = {
+        "num_experts": anat.num_experts,
+        "intermediate_size": anat.intermediate_size,
+        "activation": table[anat.activation_fn],
+    }
+    if anat.expert_bias_terms or anat.shared_bias_terms:
+        experts["bias"] = True
+    if anat.gate_clamp is not None:
+        experts["gate_clamp"] = anat.gate_clamp
+    if anat.up_clamp is not None:
+        experts["up_clamp"] = anat.up_clamp
+    moe: dict[str, Any] = {"hidden_size": anat.hidden_size, "experts": experts}
+    if anat.shared_names:
+        if anat.shared_activation_fn is not None and anat.shared_activation_fn != anat.activation_fn:
+            raise UnsupportedBlock(f"its shared expert uses {anat.shared_activation_fn} but the routed experts use "
+                                   f"{anat.activation_fn}; the spec uses one activation", anat.block_class)
+        S = anat.shared_intermediate
+        count = _attr(cfg, _SHARED_COUNT) if cfg is not None else None
+        count = int(count) if isinstance(count, int) and count > 0 and S % count == 0 else 1
+        shared: dict[str, Any] = {"count": count}
+        if S // count != anat.intermediate_size:
+            shared["intermediate_size"] = S // count
+        if anat.shared_gate_name:
+            shared["gate"] = "sigmoid"
+        moe["shared_experts"] = shared
+    router = routing.router_dict()
+    if routing.expert_bias:
+        router["expert_bias"] = {}
+    if anat.router_bias_name:
+        router["router_bias"] = True
+    moe["router"] = router
+    moe["dtype"] = dtype
+    return moe
+
+
+def _dtype_name(cfg: Any, default: str = "float32") -> str:
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, torch.dtype):
+        return _DTYPE_NAMES.get(d, default)
+    if isinstance(d, str):
+        return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(d.replace("torch.", ""), default)
+    return default
+
+
+def _build_spec(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str, notes: list[str],
+                name: str | None, with_model: bool = True) -> MoESpec:
+    from ..loader import load_spec
+
+    moe = _moe_section(anat, routing, cfg, dtype)
+    d: dict[str, Any] = {
+        "name": name or (_spec_name(cfg) if cfg is not None else "hf-" + anat.block_class.lower()),
+        "description": f"{anat.block_class}: {routing.describe()}",
+        "source": _source(cfg, anat),
+        "moe": moe,
+    }
+    if with_model and cfg is not None:
+        model = _model_section(cfg, notes)
+        if model:
+            d["model"] = model
+    return load_spec(d, source=f"transformers {anat.block_class}")
+
+
+def _source(cfg: Any, anat: BlockAnatomy | None) -> str:
+    try:
+        import transformers
+
+        ver = transformers.__version__
+    except ImportError:  # pragma: no cover
+        ver = "?"
+    what = _family(cfg) if cfg is not None else (anat.block_class if anat else "?")
+    path = getattr(cfg, "_name_or_path", "") if cfg is not None else ""
+    return f"transformers {ver} {what}" + (f" ({path})" if path else "") + "; routing checked by probing the block"

@@ -1,0 +1,150 @@
+"""Public entry points for a block: read it (anatomy, probed routing, spec), compile it, compare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedBlock
+from ..spec import MoESpec
+from .anatomy import BlockAnatomy, _named_tensors, inspect_block
+from .assemble import _build_spec
+from .probe import probe_block
+from .routing import Routing, identify_routing
+from .vocab import _DTYPE_NAMES, _attr, _text_config
+from .weights import hf_weights, load_hf_weights
+
+
+@dataclass
+class HFImport:
+    """How a block was read: its anatomy, routing, the spec and notes (attached as ``layer.hf_import``)."""
+
+    spec: MoESpec
+    anatomy: BlockAnatomy
+    routing: Routing
+    output_kind: tuple[str, ...]
+    notes: list[str]
+    max_abs_diff: float | None = None
+
+
+def _find_config(block: nn.Module) -> Any:
+    for m in (block, *block.children()):
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            return cfg
+    return None
+
+
+def _block_dtype(block: nn.Module, anat: BlockAnatomy) -> torch.dtype:
+    experts = getattr(block, anat.experts_name)
+    return experts.down_proj.dtype
+
+
+def read_block(block: nn.Module, config: Any = None, *, name: str | None = None, with_model: bool = False
+               ) -> HFImport:
+    """Anatomy + probed routing + spec of an HF MoE block (no compilation, no weights copied)."""
+    config = config if config is not None else _find_config(block)
+    cfg = _text_config(config) if config is not None else None
+    anat = inspect_block(block, cfg)
+    probe = probe_block(block, anat)
+    routing, notes = identify_routing(probe, cfg, anat.block_class)
+    dtype = _DTYPE_NAMES.get(_block_dtype(block, anat))
+    if dtype is None:
+        raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat)}; the spec supports float32, "
+                               "float16 and bfloat16", anat.block_class)
+    notes = list(anat.notes) + notes
+    jitter = _attr(cfg, ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")) if cfg is not None else None
+    if isinstance(jitter, (int, float)) and jitter > 0:
+        notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
+    spec = _build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
+    return HFImport(spec, anat, routing, probe.output_kind, notes)
+
+
+def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0) -> tuple[float, float]:
+    """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode."""
+    p = next(layer.parameters())
+    g = torch.Generator().manual_seed(seed)
+    D = layer.HIDDEN
+    x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.experts.down_proj.dtype)
+    modes = (block.training, layer.training)
+    block.eval()
+    layer.eval()
+    try:
+        with torch.no_grad():
+            ref = block(x)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            y = layer(x.clone())
+    finally:
+        block.train(modes[0])
+        layer.train(modes[1])
+    return float((y.float() - ref.float()).abs().max()), float(ref.float().abs().max())
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of a compiled-vs-HF comparison (to the output's scale)."""
+    return 1e-4 if dtype == torch.float32 else 3e-2
+
+
+def from_hf(
+    block: nn.Module,
+    config: Any = None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    backend: str = "torch",
+    out_dir: str | Path | None = None,
+    share_weights: bool = False,
+    check: bool = True,
+    name: str | None = None,
+) -> nn.Module:
+    """Compile the moegraph equivalent of a transformers MoE block, with the block's weights.
+
+    Args:
+        block: an MoE block of a transformers model (e.g. ``model.model.layers[1].mlp``).
+        config: the model config (default: the block's or its experts' ``config``).
+        dtype, device: of the compiled layer (default: those of the block's expert weights).
+        share_weights: use the block's own Parameter objects where the layouts agree (no copy;
+            training one trains the other). Default: independent copies.
+        check: compare the compiled layer with the block on random tokens; raise if they differ.
+    Returns:
+        The compiled layer; ``layer.hf_import`` (an ``HFImport``) says how the block was read.
+    Raises:
+        UnsupportedBlock: the block uses routing or experts the spec cannot express (with the reason).
+    """
+    from ..compiler import compile as mg_compile
+
+    if any(t.is_meta for _, t in _named_tensors(block)):
+        raise UnsupportedBlock("its weights are on the meta device (not loaded); load the weights first",
+                               type(block).__name__)
+    _refuse_dtensor(block)
+    info = read_block(block, config, name=name)
+    anat = info.anatomy
+    src_dtype = _block_dtype(block, anat)
+    src_device = getattr(block, anat.experts_name).down_proj.device
+    layer = mg_compile(info.spec, backend=backend, out_dir=out_dir, dtype=dtype or src_dtype,
+                       device=device or src_device, seed=None)
+    load_hf_weights(layer, hf_weights(block, anat), share=share_weights and dtype in (None, src_dtype)
+                    and device in (None, src_device))
+    layer.__dict__["hf_import"] = info
+    if check:
+        diff, scale = compare(block, layer)
+        info.max_abs_diff = diff
+        if not diff <= tolerance(layer.experts.down_proj.dtype) * max(scale, 1e-6):
+            raise UnsupportedBlock(
+                f"the compiled layer differs from the block by {diff:.3g} (output scale {scale:.3g}) although its "
+                f"routing matched ({info.routing.describe()}); the expert MLPs compute something else"
+                + (f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""),
+                anat.block_class,
+            )
+    return layer
+
+
+def _refuse_dtensor(block: nn.Module) -> None:
+    for n, t in _named_tensors(block):
+        if type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor":
+            raise UnsupportedBlock(f"weight {n} is a sharded DTensor; gather the block onto one device first "
+                                   "(moegraph's expert parallelism takes a plan instead)", type(block).__name__)

@@ -1,0 +1,193 @@
+"""Config only: read an HF config.json and build the spec of the model it describes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UnsupportedBlock
+from ..spec import MoESpec
+from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
+from .assemble import _build_spec, _dtype_name
+from .model_section import _layer_types
+from .probe import probe_block
+from .routing import Routing, declared_routing, identify_routing
+from .vocab import (
+    _EXPERT_F,
+    _NUM_EXPERTS,
+    _SCORE_FNS,
+    _SHARED_COUNT,
+    _SHARED_F,
+    _TOP_K,
+    _attr,
+    _family,
+    _text_config,
+)
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """An HF config from a config.json file (or a folder holding one).
+
+    Known model types become their transformers config class; unknown ones a plain namespace.
+    """
+    from ..errors import InputError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; pass an HF config.json or a folder holding one") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{p}: not a readable JSON config: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{p}: expected a JSON object, got {type(raw).__name__}")
+    mt = raw.get("model_type")
+    try:
+        from transformers import AutoConfig
+
+        if mt:
+            kwargs = {k: v for k, v in raw.items() if k != "model_type"}
+            if "torch_dtype" in kwargs:  # the older spelling, still common in config.json files
+                kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+            cfg = AutoConfig.for_model(mt, **kwargs)
+            cfg._name_or_path = str(p)
+            return cfg
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - transformers raises several kinds for a bad config
+        if "Unrecognized" not in str(exc) and "model_type" not in str(exc):
+            raise InputError(f"{p}: transformers cannot read this {mt} config: {exc}") from None
+    from types import SimpleNamespace
+
+    ns = SimpleNamespace(**raw)
+    ns._name_or_path = str(p)
+    return ns
+
+
+def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
+    """The first MoE block of the model ``cfg`` describes, built on the meta device (no memory)."""
+    try:
+        import transformers
+        from transformers import AutoModel, AutoModelForCausalLM
+    except ImportError:
+        return None, "transformers is not installed"
+    if not hasattr(cfg, "to_dict"):
+        return None, f"transformers does not know model type {_family(cfg)!r}"
+    types = _layer_types(_text_config(cfg))
+    first = types.index("moe") if types and "moe" in types else None
+    attempts = []
+    small = copy.deepcopy(cfg)
+    tc = _text_config(small)
+    n = getattr(tc, "num_hidden_layers", None)
+    if first is not None and isinstance(n, int) and n > first + 1:
+        tc.num_hidden_layers = first + 1
+        for key, val in list(vars(tc).items()):
+            if isinstance(val, list) and len(val) == n:
+                setattr(tc, key, val[: first + 1])
+        attempts.append(small)
+    attempts.append(cfg)
+    last = ""
+    prev = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        for c in attempts:
+            for auto in (AutoModelForCausalLM, AutoModel):
+                try:
+                    with torch.device("meta"):
+                        model = auto.from_config(c)
+                except Exception as exc:  # noqa: BLE001 - try the next way of building it
+                    last = f"building the model failed ({type(exc).__name__}: {exc})"
+                    continue
+                for _, m in model.named_modules():
+                    if is_hf_moe_block(m):
+                        return m, ""
+                other = [type(m).__name__ for _, m in model.named_modules()
+                         if any("expert" in n.lower() for n, _ in m.named_children())]
+                last = (f"its MoE blocks ({other[0]}) do not hold experts in the transformers v5 layout (3-D "
+                        "gate_up_proj/up_proj and down_proj)" if other else "the model it builds has no MoE block")
+    finally:
+        transformers.logging.set_verbosity(prev)
+    return None, last
+
+
+def _known_to_transformers(cfg: Any) -> bool:
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return False
+    return hasattr(cfg, "to_dict") and getattr(cfg, "model_type", None) in CONFIG_MAPPING
+
+
+def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
+    """Anatomy and routing from config attributes alone (when no block can be built to probe)."""
+    fam = _family(cfg)
+    E = _attr(cfg, _NUM_EXPERTS)
+    K = _attr(cfg, _TOP_K)
+    D = getattr(cfg, "hidden_size", None)
+    Fh = _attr(cfg, _EXPERT_F) or getattr(cfg, "intermediate_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (E, K, D, Fh)):
+        raise UnsupportedBlock("the config lacks the expert count, top-k, hidden or expert size (looked for "
+                               f"{'/'.join(_NUM_EXPERTS)}, {'/'.join(_TOP_K)}, hidden_size, {'/'.join(_EXPERT_F)})", fam)
+    act = getattr(cfg, "hidden_act", "silu")
+    act = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+           "relu": "relu", "relu2": "relu2"}.get(act)
+    shared_count = _attr(cfg, _SHARED_COUNT) or 0
+    shared_f = _attr(cfg, _SHARED_F)
+    S = 0
+    if isinstance(shared_f, int) and shared_f > 0:
+        S = shared_f
+    elif isinstance(shared_count, int) and shared_count > 0:
+        S = shared_count * Fh
+    anat = BlockAnatomy(
+        block_class=fam, experts_name="experts", num_experts=E, hidden_size=D, intermediate_size=Fh, gated=act != "relu2",
+        transposed=False, interleaved=False, expert_bias_terms=False, activation_fn=act, router_weight_name="gate.weight",
+        router_bias_name=None, expert_bias_name=None, shared_names=("shared_experts",) if S else (),
+        shared_layout="gate_up_down" if S else None, shared_intermediate=S,
+    )
+    dec = declared_routing(cfg)
+    score = dec.score or "softmax"
+    if score not in _SCORE_FNS:
+        raise UnsupportedBlock(f"scoring function {dec.score!r} is not one the spec knows", fam)
+    groups = None
+    if dec.groups and not dec.greedy and E % dec.groups[0] == 0:
+        groups = (dec.groups[0], dec.groups[1], dec.group_method or "max", 2)
+    r = Routing(top_k=K, score=score, normalize=bool(dec.normalize), scaling_factor=dec.scaling or 1.0, groups=groups)
+    return anat, r, ["routing read from config attributes only (transformers could not build the block to check it)"]
+
+
+def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = True) -> MoESpec:
+    """The spec of the model an HF config describes: MoE layer (checked on a meta-built block) + model section.
+
+    With ``probe`` (default) the first MoE block is built on the meta device and read like
+    ``from_hf`` reads a real block (only its router is materialised, with random weights), so the
+    routing is the block's, not a guess from attribute names. Without transformers support for the
+    model type, the config attributes alone are used (noted in the spec's description).
+    """
+    if isinstance(config, (str, Path)):
+        config = load_hf_config(config)
+    cfg = _text_config(config)
+    notes: list[str] = []
+    block, why = _meta_block(config) if probe else (None, "probing disabled")
+    if block is not None:
+        anat = inspect_block(block, cfg)
+        routing, rnotes = identify_routing(probe_block(block, anat), cfg, anat.block_class)
+        notes += rnotes
+    elif probe and _known_to_transformers(config):
+        # transformers implements this family, so its code (not its attribute names) is the
+        # reference; a block we cannot build or read is refused rather than guessed from the config.
+        raise UnsupportedBlock(f"transformers implements it but {why}; pass --no-probe to read the config "
+                               "attributes alone (unchecked)", _family(cfg))
+    else:
+        anat, routing, dnotes = _declared_only(cfg)
+        notes += dnotes + ([why] if why else [])
+    spec = _build_spec(anat, routing, cfg, _dtype_name(cfg), notes, name)
+    if notes:
+        spec = spec.model_copy(update={"description": spec.description + "; notes: " + "; ".join(notes)})
+    return spec

@@ -1,0 +1,174 @@
+"""Step 2-3: a light copy of the block routes random tokens; its experts are stubs that record inputs.
+
+The recorded expert ids and weights feed ``routing.identify_routing``; the combine is checked here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import UnsupportedBlock
+from .anatomy import BlockAnatomy, _get_path, _named_tensors
+
+
+class _Recorder(nn.Module):
+    """Stands in for experts / shared experts in the probe copy: records inputs, returns a known tensor."""
+
+    def __init__(self, out_TD: Tensor):
+        super().__init__()
+        self.out_TD = out_TD
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def forward(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.numel() != self.out_TD.numel():  # an unexpected call; the probe reports it afterwards
+            return torch.zeros_like(x)
+        return self.out_TD.to(x.dtype).reshape(*x.shape[:-1], self.out_TD.shape[-1])
+
+
+@dataclass
+class Probe:
+    """What the light copy of a block did on random tokens."""
+
+    x_TD: Tensor
+    logits_TE: Tensor
+    expert_bias_E: Tensor | None
+    ids_TK: Tensor
+    weights_TK: Tensor
+    output_kind: tuple[str, ...]  # ("tensor",) or ("tuple", kind of each extra element, ...)
+
+
+def _light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
+    """A deep copy of ``block`` without its heavy children (replaced by empty placeholders)."""
+    saved = {n: block._modules[n] for n in heavy}
+    try:
+        for n in heavy:
+            block._modules[n] = nn.Identity()
+        light = copy.deepcopy(block)
+    finally:
+        for n, m in saved.items():
+            block._modules[n] = m
+    return light
+
+
+def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: int = 0) -> Probe:
+    """Route random tokens through a light float32 copy of ``block`` with random router weights.
+
+    Works on meta-device blocks too (only the small router tensors are materialised).
+    """
+    cls = anat.block_class
+    D, E = anat.hidden_size, anat.num_experts
+    heavy = (anat.experts_name, *anat.shared_names)
+    light = _light_copy(block, heavy)
+    g = torch.Generator().manual_seed(seed)
+    if any(t.is_meta for _, t in _named_tensors(light)):
+        light = light.to_empty(device="cpu")
+    light = light.float().eval()
+    with torch.no_grad():
+        # Random routing parameters: ties become unlikely and every part of the routing shows.
+        for name, t in _named_tensors(light):
+            if not t.is_floating_point():
+                continue
+            if name == anat.router_weight_name:
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(D))
+            elif name == anat.expert_bias_name or name.endswith("bias"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.3 + 1.0)
+        routed_out = torch.randn(tokens, D, generator=g)
+        shared_out = torch.randn(tokens, D, generator=g)
+        experts = _Recorder(routed_out)
+        light._modules[anat.experts_name] = experts
+        sharers = []
+        for n in anat.shared_names:
+            sharers.append(_Recorder(shared_out))
+            light._modules[n] = sharers[-1]
+        x = torch.randn(1, tokens, D, generator=g)
+        try:
+            out = light(x)
+        except Exception as exc:  # reported as the reason the block cannot be read
+            extra = _extra_forward_args(block)
+            hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
+                    "states, e.g. token-id hash routing, is not read)") if extra else ""
+            raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
+        w_r = _get_path(light, anat.router_weight_name)
+        b_r = _get_path(light, anat.router_bias_name) if anat.router_bias_name else None
+        logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
+        eb = _get_path(light, anat.expert_bias_name).reshape(E).clone() if anat.expert_bias_name else None
+
+    # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
+    if len(experts.calls) != 1:
+        raise UnsupportedBlock(f"its experts module was called {len(experts.calls)} times per forward; expected once "
+                               "with (hidden_states, top_k_index, top_k_weights)", cls)
+    args, kwargs = experts.calls[0]
+    vals = list(args) + list(kwargs.values())
+    if len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens:
+        raise UnsupportedBlock(
+            "it feeds every expert all tokens scaled by their router scores (expert(score * x), as Llama 4 does); "
+            "the spec applies routing weights to expert outputs (score * expert(x))", cls,
+        )
+    if len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
+        raise UnsupportedBlock(
+            "its experts are not called as experts(hidden_states, top_k_index, top_k_weights)"
+            + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
+        )
+    h, ids, w = vals[:3]
+    if ids.is_floating_point() and not w.is_floating_point():
+        ids, w = w, ids
+    if h.shape[-1] != D or h.numel() != tokens * D or not torch.equal(h.reshape(tokens, D), x.view(tokens, D)):
+        raise UnsupportedBlock(
+            "the tokens its experts receive are not the block input (the block rescales or transforms them "
+            "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
+        )
+    if ids.dim() != 2 or ids.shape[0] != tokens or w.shape != ids.shape:
+        raise UnsupportedBlock(f"its experts receive routing of shape {tuple(ids.shape)}/{tuple(w.shape)}; expected "
+                               f"[{tokens}, K] ids and weights", cls)
+
+    # The combine: output == routed + (sigmoid gate *) shared.
+    y = out[0] if isinstance(out, tuple) else out
+    expect = routed_out.clone()
+    if anat.shared_names:
+        for s in sharers:
+            if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
+                raise UnsupportedBlock("its shared expert does not run once on the block input", cls)
+        scale = 1.0
+        if anat.shared_gate_name:
+            wg = _get_path(light, anat.shared_gate_name).weight
+            scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
+        expect = expect + scale * shared_out
+    if not isinstance(y, Tensor) or y.numel() != tokens * D or not torch.allclose(
+        y.reshape(tokens, D), expect, rtol=1e-5, atol=1e-6
+    ):
+        extra = f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""
+        raise UnsupportedBlock(
+            "its output is not routed experts + shared experts" + (" x sigmoid gate" if anat.shared_gate_name else "")
+            + f"; it transforms or adds to them in a way the spec cannot express{extra}", cls,
+        )
+    kind: tuple[str, ...] = ("tensor",)
+    if isinstance(out, tuple):
+        extras = []
+        for e in out[1:]:
+            if isinstance(e, Tensor) and e.shape == logits.shape and torch.allclose(e.float(), logits, atol=1e-5):
+                extras.append("router_logits")
+            else:
+                extras.append("unknown")
+        kind = ("tuple", *extras)
+    return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind)
+
+
+def _extra_forward_args(block: nn.Module) -> list[str]:
+    import inspect
+
+    try:
+        params = list(inspect.signature(block.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -1,0 +1,215 @@
+"""Step 2-3: routing semantics in the spec's terms, identified as the one that reproduces the probe."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedBlock
+from .probe import Probe
+from .vocab import _HF_SCORES, _NORMALIZE, _SCALING, _SCORE, _SCORE_FNS, _TOP_K, _attr
+
+
+@dataclass(frozen=True)
+class Routing:
+    """A top-k routing in the spec language's terms (see TopKRouter)."""
+
+    top_k: int
+    score: str = "softmax"
+    topk_order: str = "score_then_topk"
+    normalize: bool = False
+    scaling_factor: float = 1.0
+    groups: tuple[int, int, str, int] | None = None  # (num_groups, topk_groups, group_score, top_n)
+    expert_bias: bool = False
+
+    def describe(self) -> str:
+        s = f"top-{self.top_k} {self.score}"
+        if self.topk_order == "topk_then_score":
+            s = f"top-{self.top_k} logits then softmax"
+        if self.expert_bias:
+            s += " + selection bias"
+        if self.groups:
+            g = self.groups
+            s += f", groups {g[1]}/{g[0]} by {g[2] if g[2] == 'max' else f'sum of top-{g[3]}'}"
+        if self.normalize:
+            s += ", normalised"
+        if self.scaling_factor != 1.0:
+            s += f", x{self.scaling_factor:g}"
+        return s
+
+    def router_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": "topk", "top_k": self.top_k, "score": self.score}
+        if self.topk_order != "score_then_topk":
+            d["topk_order"] = self.topk_order
+        d["normalize"] = self.normalize
+        if self.scaling_factor != 1.0:
+            d["scaling_factor"] = self.scaling_factor
+        if self.groups:
+            G, M, how, n = self.groups
+            d["groups"] = {"num_groups": G, "topk_groups": M, "group_score": how}
+            if how == "sum_topn":
+                d["groups"]["top_n"] = n
+        return d
+
+
+def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(ids_TK, weights_TK) of a routing, the same steps as codegen_templates/moe_layer.py.j2."""
+    bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
+    if r.topk_order == "topk_then_score":
+        scores = logits_TE
+    else:
+        scores = _SCORE_FNS[r.score](logits_TE)
+    choice = scores if bias is None else scores + bias
+    if r.groups:
+        G, M, how, n = r.groups
+        c = choice.view(choice.shape[0], G, -1)
+        g = c.amax(-1) if how == "max" else c.topk(n, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(M, dim=-1).indices, True)
+        choice = c.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(choice.shape[0], -1)
+    ids = torch.topk(choice, r.top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    if r.topk_order == "topk_then_score":
+        w = torch.softmax(w, dim=-1)
+    if r.normalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return ids, w * r.scaling_factor
+
+
+def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
+    sa, pa = ids_a.sort(-1)
+    sb, pb = ids_b.sort(-1)
+    if not torch.equal(sa, sb):
+        bad = int((sa != sb).any(-1).nonzero()[0, 0])
+        return False, f"token {bad}: experts {sa[bad].tolist()} vs {sb[bad].tolist()}"
+    wa, wb = w_a.gather(1, pa), w_b.gather(1, pb)
+    if not torch.allclose(wa, wb, rtol=1e-4, atol=1e-7):
+        return False, f"weights differ by up to {float((wa - wb).abs().max()):.3g}"
+    return True, ""
+
+
+@dataclass
+class Declared:
+    """Routing as the config declares it (None where the config says nothing)."""
+
+    top_k: int | None
+    score: str | None
+    normalize: bool | None
+    scaling: float | None
+    groups: tuple[int, int] | None
+    group_method: str | None  # "max" / "sum_topn" when topk_method says, else None
+    greedy: bool  # topk_method == "greedy": groups are configured but not used
+
+
+def declared_routing(cfg: Any) -> Declared:
+    k = _attr(cfg, _TOP_K)
+    score = _attr(cfg, _SCORE)
+    if isinstance(score, str):
+        score = _HF_SCORES.get(score.lower().replace("-", "_"), score)
+    norm = _attr(cfg, _NORMALIZE)
+    scaling = _attr(cfg, _SCALING)
+    G, M = getattr(cfg, "n_group", None), getattr(cfg, "topk_group", None)
+    method = getattr(cfg, "topk_method", None)
+    gm = {"group_limited_greedy": "max", "noaux_tc": "sum_topn"}.get(method or "")
+    groups = (int(G), int(M)) if isinstance(G, int) and isinstance(M, int) and G > 1 else None
+    return Declared(
+        top_k=int(k) if isinstance(k, int) else None, score=score if isinstance(score, str) else None,
+        normalize=bool(norm) if norm is not None else None,
+        scaling=float(scaling) if isinstance(scaling, (int, float)) and not isinstance(scaling, bool) else None,
+        groups=groups, group_method=gm, greedy=method == "greedy",
+    )
+
+
+def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routing]:
+    """Routings in the spec language, the config's declaration first, then its nearest variants."""
+    scores = [dec.score] if dec.score in _SCORE_FNS else []
+    scores += [s for s in ("softmax", "sigmoid") if s not in scores]
+    norms = [dec.normalize] if dec.normalize is not None else [False]
+    norms += [n for n in (False, True) if n not in norms]
+    groups: list[tuple[int, int, str, int] | None] = []
+    if dec.groups and not dec.greedy and E % dec.groups[0] == 0:
+        G, M = dec.groups
+        per = E // G
+        methods = [dec.group_method] if dec.group_method else ["sum_topn" if has_bias else "max"]
+        methods += [m for m in ("max", "sum_topn") if m not in methods]
+        for m in methods:
+            if m == "sum_topn" and per < 2:
+                continue
+            if M * per >= K:
+                groups.append((G, M, m, 2))  # sum_topn: the top-2 of each group, as DeepSeek-V3
+    groups.append(None)
+    biases = [True, False] if has_bias else [False]
+    for eb in biases:
+        for g in groups:
+            for s in scores:
+                for order in ("score_then_topk", "topk_then_score"):
+                    if order == "topk_then_score" and s != "softmax":
+                        continue
+                    for n in norms:
+                        yield Routing(top_k=K, score=s, topk_order=order, normalize=n, groups=g, expert_bias=eb)
+
+
+def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
+    """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
+    dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
+    K = probe.ids_TK.shape[1]
+    E = probe.logits_TE.shape[1]
+    notes: list[str] = []
+    if dec.top_k is not None and dec.top_k != K:
+        notes.append(f"config says top-{dec.top_k} but the block routes to {K} experts; following the block")
+    first_mismatch = None
+    for cand in _candidates(dec, K, E, probe.expert_bias_E is not None):
+        ids, w = route(probe.logits_TE, cand, probe.expert_bias_E)
+        if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
+            if first_mismatch is None:
+                first_mismatch = (cand, _same_routing(ids, w, probe.ids_TK, probe.weights_TK)[1])
+            continue
+        # Same experts: the weights may differ by a constant factor (routed_scaling_factor).
+        wa = w.gather(1, ids.sort(-1).indices)
+        wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
+        ratio = wb / wa.clamp_min(1e-30)
+        scale = float(ratio.mean())
+        if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
+            if first_mismatch is None:
+                why = f"weights are not a constant multiple (ratio {float(ratio.min()):.4g}..{float(ratio.max()):.4g})"
+                first_mismatch = (cand, why)
+            continue
+        if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
+            scale = dec.scaling
+        elif math.isclose(scale, 1.0, rel_tol=1e-5):
+            scale = 1.0
+        else:
+            scale = float(f"{scale:.6g}")
+            notes.append(f"routing weights are scaled by {scale:g} (found by probing; config says "
+                         f"{dec.scaling if dec.scaling is not None else 'nothing'})")
+        r = Routing(**{**cand.__dict__, "scaling_factor": scale})
+        ok, why = _same_routing(*route(probe.logits_TE, r, probe.expert_bias_E), probe.ids_TK, probe.weights_TK)
+        if not ok:
+            continue
+        notes += _deviation_notes(dec, r, probe.expert_bias_E is not None)
+        return r, notes
+    cand, why = first_mismatch if first_mismatch else (None, "")
+    tried = f"; the config's reading ({cand.describe()}) gives {why}" if cand else ""
+    raise UnsupportedBlock(
+        "its routing is not one the spec language expresses: no top-k routing (softmax/sigmoid scores, "
+        "optional selection bias, group limit, normalisation, scaling) reproduces the experts and weights "
+        f"it chooses{tried}", block_class,
+    )
+
+
+def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
+    notes = []
+    if dec.normalize is not None and dec.normalize != r.normalize:
+        notes.append(f"config norm_topk_prob={dec.normalize} but the block {'does' if r.normalize else 'does not'} "
+                     "normalise the top-k weights; following the block")
+    if dec.score is not None and dec.score != r.score and r.topk_order == "score_then_topk":
+        notes.append(f"config scoring_func={dec.score} but the block scores with {r.score}; following the block")
+    if dec.groups and not dec.greedy and r.groups is None:
+        notes.append(f"config n_group={dec.groups[0]}/topk_group={dec.groups[1]} but the block does not limit groups")
+    if has_bias and not r.expert_bias:
+        notes.append("the block holds an expert-selection bias but does not use it")
+    return notes

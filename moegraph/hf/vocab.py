@@ -1,0 +1,73 @@
+"""Config attribute vocabulary across transformers families, and the spec's score/activation names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Config attribute vocabulary across transformers families (first one present wins).
+_NUM_EXPERTS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
+_TOP_K = ("num_experts_per_tok", "moe_topk", "moe_top_k", "top_k")
+_EXPERT_F = ("moe_intermediate_size", "expert_intermediate_size", "ffn_hidden_size")
+_SHARED_COUNT = ("n_shared_experts", "moe_num_shared_experts", "num_shared_experts", "shared_expert_count")
+_SHARED_F = ("shared_expert_intermediate_size", "shared_intermediate_size")
+_SCALING = ("routed_scaling_factor", "router_scaling_factor", "moe_routed_scaling_factor", "route_scale")
+_NORMALIZE = ("norm_topk_prob", "moe_renormalize", "normalize_topk_prob")
+_SCORE = ("scoring_func", "score_func", "router_score_function", "moe_router_score_function")
+
+# HF scoring_func spellings -> spec score names.
+_HF_SCORES = {
+    "softmax": "softmax",
+    "sigmoid": "sigmoid",
+    "softplus": "softplus",
+    "sqrtsoftplus": "sqrt_softplus",
+    "sqrt_softplus": "sqrt_softplus",
+    "tanh": "tanh",
+}
+
+_SCORE_FNS = {
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "sqrt_softplus": lambda x: torch.sqrt(F.softplus(x)),
+    "tanh": torch.tanh,
+}
+
+# Gated and plain activations of the spec, by the elementwise function applied.
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+_PLAIN = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
+_ACT_FNS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "relu2": lambda x: torch.square(F.relu(x)),
+}
+_SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp", "shared_experts_mlp")
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _attr(cfg: Any, names: tuple[str, ...], default: Any = None) -> Any:
+    for n in names:
+        v = getattr(cfg, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _text_config(cfg: Any) -> Any:
+    get = getattr(cfg, "get_text_config", None)
+    if callable(get):
+        try:
+            return get(decoder=True)
+        except TypeError:
+            return get()
+    return cfg
+
+
+def _family(cfg: Any) -> str:
+    return str(getattr(cfg, "model_type", None) or type(cfg).__name__)

@@ -1,0 +1,91 @@
+"""A block's weights in the compiled layer's layout, and loading them into a layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import UnsupportedBlock
+from .anatomy import BlockAnatomy, _get_path
+
+
+def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
+    """The block's weights in the compiled layer's state_dict layout (views where the layout agrees)."""
+    ex = getattr(block, anat.experts_name)
+    E, Fh = anat.num_experts, anat.intermediate_size
+    out: dict[str, Tensor] = {"router.weight": _get_path(block, anat.router_weight_name)}
+    if anat.router_bias_name:
+        out["router.bias"] = _get_path(block, anat.router_bias_name)
+    if anat.expert_bias_name:
+        out["router.expert_bias"] = _get_path(block, anat.expert_bias_name).reshape(E)
+
+    def fix_up(t: Tensor) -> Tensor:  # [E, H, D] with gate rows first
+        if anat.transposed:
+            t = t.transpose(1, 2)
+        if anat.interleaved:
+            t = torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+        return t
+
+    def fix_up_bias(t: Tensor) -> Tensor:
+        return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
+
+    up_name = "gate_up_proj" if anat.gated else "up_proj"
+    out[f"experts.{up_name}"] = fix_up(getattr(ex, up_name))
+    down = ex.down_proj
+    out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
+    if anat.expert_bias_terms:
+        out[f"experts.{up_name}_bias"] = fix_up_bias(getattr(ex, f"{up_name}_bias"))
+        out["experts.down_proj_bias"] = ex.down_proj_bias
+    if anat.shared_names:
+        sh = getattr(block, anat.shared_names[0])
+        if anat.shared_layout == "gate_up_down":
+            ups = [sh.gate_proj, sh.up_proj]
+        elif anat.shared_layout == "fused_gate_up":
+            ups = [sh.gate_up_proj]
+        else:
+            ups = [getattr(sh, "up_proj", None) or sh.fc1]
+        dn = getattr(sh, "down_proj", None) or sh.fc2
+        out[f"shared_experts.{up_name}"] = ups[0].weight if len(ups) == 1 else torch.cat([u.weight for u in ups], 0)
+        out["shared_experts.down_proj"] = dn.weight
+        if anat.expert_bias_terms or anat.shared_bias_terms:
+            S = anat.shared_intermediate * (2 if anat.gated else 1)
+            biases = [u.bias if u.bias is not None else u.weight.new_zeros(u.out_features) for u in ups]
+            out[f"shared_experts.{up_name}_bias"] = biases[0] if len(biases) == 1 else torch.cat(biases, 0)
+            out["shared_experts.down_proj_bias"] = dn.bias if dn.bias is not None else dn.weight.new_zeros(dn.out_features)
+            assert out[f"shared_experts.{up_name}_bias"].numel() == S, "shared bias size mismatch"
+        if anat.shared_gate_name:
+            out["shared_expert_gate.weight"] = _get_path(block, anat.shared_gate_name).weight
+    if anat.expert_bias_terms is False and anat.shared_bias_terms:
+        out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
+        out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))
+    return out
+
+
+def torch_dtype_of(weights: dict[str, Tensor]) -> torch.dtype:
+    """The parameter dtype a layer for these weights should have (that of the expert weights)."""
+    return weights["experts.down_proj"].dtype
+
+
+def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool = False) -> None:
+    """Put ``weights`` into ``layer``: the same Parameter objects where ``share`` and layouts agree, else copies."""
+    own = dict(layer.named_parameters())
+    own.update(dict(layer.named_buffers()))
+    missing = [k for k in weights if k not in own]
+    assert not missing, f"layer has no {missing}"
+    with torch.no_grad():
+        for name, src in weights.items():
+            dst = own[name]
+            if tuple(src.shape) != tuple(dst.shape):
+                raise UnsupportedBlock(f"weight {name} has shape {tuple(src.shape)}, the layer expects {tuple(dst.shape)}")
+            mod_path, attr = name.rsplit(".", 1)
+            mod = _get_path(layer, mod_path)
+            if (share and isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter) and src.dtype == dst.dtype
+                    and src.device == dst.device):
+                setattr(mod, attr, src)
+            elif share and attr in mod._buffers and src.dtype == dst.dtype and src.device == dst.device \
+                    and src.is_contiguous() and not isinstance(src, nn.Parameter):
+                mod._buffers[attr] = src
+            else:
+                dst.copy_(src)
+    layer.__dict__["_graphs"] = {}  # graphs hold the tensors they were traced with
