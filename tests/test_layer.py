@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moegraph
+import moegraph.ops
 from moegraph.errors import InputError
 
 from reference_moe import reference_forward
@@ -59,8 +60,17 @@ def _compile(spec, tmp_path=None):
     return layer
 
 
+@pytest.fixture(params=["grouped", "per_expert"])
+def expert_path(request, monkeypatch):
+    """Run a test through both inference paths of the expert op: one grouped GEMM per projection
+    (small experts) and one GEMM pair per expert (oneDNN-packed in eval)."""
+    if request.param == "per_expert":
+        monkeypatch.setattr(moegraph.ops, "SMALL_EXPERT_WEIGHTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(ROUTERS))
-def test_matches_loop_reference(name, tmp_path):
+def test_matches_loop_reference(name, tmp_path, expert_path):
     spec = make_spec(dict(ROUTERS[name]))
     layer = _compile(spec, tmp_path).eval()
     x = torch.randn(13, D, generator=torch.Generator().manual_seed(2))
@@ -72,14 +82,14 @@ def test_matches_loop_reference(name, tmp_path):
 
 @pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh", "reglu", "silu", "gelu", "gelu_tanh", "relu", "relu2"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_activations_and_bias(activation, bias, tmp_path):
+def test_activations_and_bias(activation, bias, tmp_path, expert_path):
     spec = make_spec({"top_k": 2}, experts={"activation": activation, "bias": bias}, shared={"count": 1})
     layer = _compile(spec, tmp_path).eval()
     x = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(layer(x), reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
 
 
-def test_clamped_swiglu(tmp_path):
+def test_clamped_swiglu(tmp_path, expert_path):
     spec = make_spec({"top_k": 2}, experts={"gate_clamp": 0.1, "up_clamp": 0.2})
     layer = _compile(spec, tmp_path).eval()
     x = torch.randn(9, D, generator=torch.Generator().manual_seed(5)) * 4
@@ -92,7 +102,7 @@ def test_clamped_swiglu(tmp_path):
 
 
 @pytest.mark.parametrize("shared", [{"count": 2}, {"count": 1, "intermediate_size": 24, "gate": "sigmoid"}])
-def test_shared_experts(shared, tmp_path):
+def test_shared_experts(shared, tmp_path, expert_path):
     spec = make_spec({"top_k": 2, "normalize": True}, shared=shared)
     layer = _compile(spec, tmp_path)
     x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(6))
@@ -130,7 +140,7 @@ def test_one_expert_top1_is_dense_ffn(tmp_path):
 
 @pytest.mark.parametrize("name", ["softmax_top2", "sigmoid_groups_bias", "capacity_probs", "expert_choice", "hash_modulo"])
 @pytest.mark.parametrize("T", [0, 1])
-def test_zero_and_one_token(name, T, tmp_path):
+def test_zero_and_one_token(name, T, tmp_path, expert_path):
     spec = make_spec(dict(ROUTERS[name]), shared={"count": 1})
     layer = _compile(spec, tmp_path).eval()
     x = torch.randn(T, D)
