@@ -33,7 +33,8 @@ from .spec import ACTIVATIONS, SCORE_EXPR_FUNCTIONS, MoESpec, UniformTopology, s
 _ENV: jinja2.Environment | None = None
 
 
-def _env() -> jinja2.Environment:
+def template_env() -> jinja2.Environment:
+    """The one Jinja environment over codegen_templates/ (StrictUndefined), shared by every backend."""
     global _ENV
     if _ENV is None:
         _ENV = jinja2.Environment(
@@ -161,7 +162,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
 def render(spec: MoESpec, backend: str = "torch") -> str:
     """The generated Python source for a spec (byte-identical for the same spec and version)."""
     try:
-        return _env().get_template("moe_layer.py.j2").render(**context(spec, backend))
+        return template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering moe_layer.py.j2 for spec '{spec.name}' failed: {exc}") from exc
 

@@ -358,8 +358,13 @@ def _expert_mlp_fast(
     return y_TD.index_add_(0, tok_sorted, o_ND)
 
 
-def _define_expert_op(name: str, pack_weights: bool):
-    """Register one variant of the grouped expert op (the plain one, or the one with packed weights)."""
+def define_expert_op(name: str, forward=None):
+    """Register a grouped expert op with ``expert_mlp``'s signature, fake and autograd.
+
+    ``forward(*args)`` computes the result under no_grad (default: this module's inference path;
+    ``"packed"``: the same with oneDNN-packed weights). Every variant shares the backward, which
+    recomputes the differentiable torch reference (the Triton backend registers its op here too).
+    """
 
     def op(
         x_TD: Tensor,
@@ -378,12 +383,13 @@ def _define_expert_op(name: str, pack_weights: bool):
         shared_w_down_DF: Tensor | None,
         shared_scale_T: Tensor | None,
     ) -> Tensor:
+        args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+                activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
         with torch.no_grad():
-            packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if pack_weights else None
-            return _expert_mlp_fast(
-                x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-                activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, packed,
-            )
+            if callable(forward):
+                return forward(*args)
+            packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if forward == "packed" else None
+            return _expert_mlp_fast(*args, packed)
 
     op.__name__ = name.split("::")[1]
     registered = torch.library.custom_op(name, op, mutates_args=())
@@ -433,6 +439,6 @@ def _backward(ctx, grad_TD):
 #:   shared_w_down_DF optional shared experts folded into the op; shared_scale_T optional [T] scale
 #:   of the shared output (Qwen2-MoE's sigmoid gate).
 #: Returns [T, D]: the sum over assignments of weight * expert(x[token]) (+ shared experts).
-expert_mlp = _define_expert_op("moegraph::expert_mlp", pack_weights=False)
+expert_mlp = define_expert_op("moegraph::expert_mlp")
 #: The same op for inference with oneDNN-packed expert weights (used by fx_passes.UsePrepackedExperts).
-expert_mlp_packed = _define_expert_op("moegraph::expert_mlp_packed", pack_weights=True)
+expert_mlp_packed = define_expert_op("moegraph::expert_mlp_packed", "packed")

@@ -26,40 +26,9 @@ from . import kernels
 __all__ = ["expert_mlp", "route_topk", "route_topk_reference", "route_weights_reference"]
 
 
-@torch.library.custom_op("moegraph_triton::expert_mlp", mutates_args=())
-def expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None,
-    shared_w_down_DF: Tensor | None,
-    shared_scale_T: Tensor | None,
-) -> Tensor:
-    """Grouped expert MLP over assignments with Triton kernels; arguments as ``moegraph::expert_mlp``."""
-    with torch.no_grad():
-        return kernels.expert_mlp(
-            x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-            gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T,
-        )
-
-
-@expert_mlp.register_fake
-def _(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T):
-    return x_TD.new_empty(x_TD.shape)
-
-
-# Backward by recomputation of the torch reference: the same rule, shared with moegraph::expert_mlp.
-expert_mlp.register_autograd(torch_ops._backward, setup_context=torch_ops._setup_context)
+#: Grouped expert MLP over assignments with Triton kernels; arguments and result as ``moegraph::expert_mlp``
+#: (same fake implementation, and the same backward: recomputation of the torch reference).
+expert_mlp = torch_ops.define_expert_op("moegraph_triton::expert_mlp", kernels.expert_mlp)
 
 
 # ----------------------------------------------------------------------------------------------

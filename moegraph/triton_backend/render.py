@@ -25,26 +25,11 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..codegen import default_cache_dir
+from ..codegen import default_cache_dir, template_env
 from ..errors import CodegenError
-from ..resources import templates_dir
 
-_ENV: jinja2.Environment | None = None
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 _LOCK = threading.Lock()
-
-
-def _env() -> jinja2.Environment:
-    global _ENV
-    if _ENV is None:
-        _ENV = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(templates_dir())),
-            undefined=jinja2.StrictUndefined,
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-        )
-    return _ENV
 
 
 def render(template: str, ctx: dict[str, Any]) -> str:
@@ -52,7 +37,7 @@ def render(template: str, ctx: dict[str, Any]) -> str:
     # The decisions the file is specialised to, for the reader of the generated header.
     line = ", ".join(f"{k}={v!r}" for k, v in sorted(ctx.items()) if k not in ("summary", "score_code", "dot_args"))
     try:
-        return _env().get_template(template).render(version=__version__, context_line=line, **ctx)
+        return template_env().get_template(template).render(version=__version__, context_line=line, **ctx)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {template} failed: {exc}") from exc
 
