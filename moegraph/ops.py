@@ -137,8 +137,13 @@ def _expert_mlp_impl(
     return y_TD.index_add(0, tok_sorted, o_ND.to(out_dtype))
 
 
-def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None) -> Tensor:
-    """In-place version of apply_activation on a scratch buffer; returns the activated view."""
+def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None,
+               out: Tensor | None = None) -> Tensor:
+    """In-place version of apply_activation on a scratch buffer; returns the activated view.
+
+    For gated MLPs, ``out`` (a contiguous [rows, F] buffer) receives act(gate) * up instead of the
+    gate half of ``h``, so the next GEMM reads dense rows.
+    """
     if not gated:
         if activation == "relu2":
             return torch.square(F.relu_(h), out=h)
@@ -159,7 +164,7 @@ def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None
         F.relu_(gate)
     else:
         gate.copy_(_act(gate, activation))
-    return gate.mul_(up)
+    return gate.mul_(up) if out is None else torch.mul(gate, up, out=out)
 
 
 class _Workspace:
@@ -333,29 +338,39 @@ def _expert_mlp_fast(
         return y_TD.index_add_(0, tok_sorted, o)
     o_ND = ws.get("o", n_valid, D)
     h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
+    a_buf = ws.get("a", max(counts), w_down_EDF.shape[2])
     # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         end = start + n
-        if packed is not None and n > 1:  # oneDNN with pre-packed weights; MKL's GEMV wins at one row
-            h = _linear(x_ND[start:end], w_up_EHD[e], packed.up[e])
-        else:
-            h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
+        if packed is not None:
+            # oneDNN with pre-packed weights (MKL's GEMV wins at one row); each expert's output is
+            # added into y directly, and the activation writes dense rows for the down projection.
+            up_packed, down_packed = (packed.up[e], packed.down[e]) if n > 1 else (None, None)
+            h = _linear(x_ND[start:end], w_up_EHD[e], up_packed)
+            if b_up_EH is not None:
+                h.add_(b_up_EH[e])
+            a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=a_buf[:n] if gated else None)
+            a.mul_(w_sorted[start:end])
+            o = _linear(a, w_down_EDF[e], down_packed)
+            if b_down_ED is not None:
+                o.addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
+            y_TD.index_add_(0, tok_sorted[start:end], o)
+            start = end
+            continue
+        h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
         if b_up_EH is not None:
             h.add_(b_up_EH[e])
         a = _activate_(h, activation, gated, gate_clamp, up_clamp)
         a.mul_(w_sorted[start:end])
-        if packed is not None and n > 1:
-            o_ND[start:end] = _linear(a, w_down_EDF[e], packed.down[e])
-        else:
-            torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
+        torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
         if b_down_ED is not None:
             o_ND[start:end].addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
         start = end
-    # Step 4: combine per token.
-    return y_TD.index_add_(0, tok_sorted, o_ND)
+    # Step 4: combine per token (the packed path already added its rows).
+    return y_TD if packed is not None else y_TD.index_add_(0, tok_sorted, o_ND)
 
 
 def define_expert_op(name: str, forward=None):
