@@ -225,18 +225,23 @@ def load_module(gen: Generated) -> ModuleType:
         on_disk = None
     if on_disk != gen.source:
         gen.path.write_text(gen.source, encoding="utf-8")
-    mod_name = f"moegraph_generated_{gen.digest[:16]}"
-    spec = importlib.util.spec_from_file_location(mod_name, gen.path)
+    mod = import_generated(gen.path, f"moegraph_generated_{gen.digest[:16]}", "generated file")
+    _MODULES[gen.digest] = mod
+    return mod
+
+
+def import_generated(path: Path, mod_name: str, what: str) -> ModuleType:
+    """Import a generated source file as module ``mod_name``; a failure is a CodegenError."""
+    spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise CodegenError(f"cannot import generated file {gen.path}")
+        raise CodegenError(f"cannot import {what} {path}")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = mod
     try:
         spec.loader.exec_module(mod)
     except Exception as exc:  # a generated file that does not import is a moegraph bug
         del sys.modules[mod_name]
-        raise CodegenError(f"generated file {gen.path} failed to import: {exc}") from exc
-    _MODULES[gen.digest] = mod
+        raise CodegenError(f"{what} {path} failed to import: {exc}") from exc
     return mod
 
 

@@ -13,9 +13,7 @@ also be set before triton itself is imported, for Triton's own library functions
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..codegen import default_cache_dir, template_env
+from ..codegen import default_cache_dir, import_generated, template_env
 from ..errors import CodegenError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
@@ -86,15 +84,6 @@ def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path |
         path = path / f"{stem}_{digest[:12]}.py"
         _write_if_changed(path, source)
         name = f"moegraph_kernels_{stem}_{digest[:16]}" + ("_interpreted" if key[1] else "")
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise CodegenError(f"cannot import generated Triton kernels {path}")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        try:
-            spec.loader.exec_module(mod)
-        except Exception as exc:  # a rendered file that does not import is a moegraph bug
-            del sys.modules[name]
-            raise CodegenError(f"generated Triton kernels {path} failed to import: {exc}") from exc
+        mod = import_generated(path, name, "generated Triton kernels")
         _MODULES[key] = mod
         return mod
