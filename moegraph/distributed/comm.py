@@ -140,51 +140,41 @@ class Comm:
 
     # ------------------------------------------------------------------ collectives
 
+    def _run(self, what: str, start_collective) -> None:
+        """Start an async collective and wait for it; any failure becomes a DistributedError."""
+        started = time.perf_counter()
+        try:
+            work = start_collective()
+        except Exception as exc:
+            raise self.failure(what, started, exc) from exc
+        self._wait(work, what, started)
+
     def all_to_all(self, x: Tensor, send_W: list[int], recv_W: list[int], what: str) -> Tensor:
         """Rows ``x[sum(send_W[:d]) : ...]`` go to rank d; returns the [sum(recv_W), ...] rows received."""
         x = x.contiguous()
         out = x.new_empty((sum(recv_W), *x.shape[1:]))
-        started = time.perf_counter()
-        try:
-            work = dist.all_to_all_single(out, x, output_split_sizes=list(recv_W), input_split_sizes=list(send_W),
-                                          group=self.group, async_op=True)
-        except Exception as exc:
-            raise self.failure(what, started, exc) from exc
-        self._wait(work, what, started)
+        self._run(what, lambda: dist.all_to_all_single(out, x, output_split_sizes=list(recv_W),
+                                                       input_split_sizes=list(send_W), group=self.group,
+                                                       async_op=True))
         return out
 
     def exchange_counts(self, counts_WC: Tensor, what: str) -> Tensor:
         """[W, C] integers for each rank -> [W, C] integers from each rank (one equal-split all-to-all)."""
         counts_WC = counts_WC.contiguous()
         out = torch.empty_like(counts_WC)
-        started = time.perf_counter()
-        try:
-            work = dist.all_to_all_single(out, counts_WC, group=self.group, async_op=True)
-        except Exception as exc:
-            raise self.failure(what, started, exc) from exc
-        self._wait(work, what, started)
+        self._run(what, lambda: dist.all_to_all_single(out, counts_WC, group=self.group, async_op=True))
         return out
 
     def all_reduce(self, t: Tensor, what: str) -> Tensor:
         """In-place sum over ranks; returns ``t``."""
-        started = time.perf_counter()
-        try:
-            work = dist.all_reduce(t, group=self.group, async_op=True)
-        except Exception as exc:
-            raise self.failure(what, started, exc) from exc
-        self._wait(work, what, started)
+        self._run(what, lambda: dist.all_reduce(t, group=self.group, async_op=True))
         return t
 
     def all_gather(self, t: Tensor, what: str) -> list[Tensor]:
         """Equal-shaped tensors from every rank, in rank order."""
         t = t.contiguous()
         outs = [torch.empty_like(t) for _ in range(self.world_size)]
-        started = time.perf_counter()
-        try:
-            work = dist.all_gather(outs, t, group=self.group, async_op=True)
-        except Exception as exc:
-            raise self.failure(what, started, exc) from exc
-        self._wait(work, what, started)
+        self._run(what, lambda: dist.all_gather(outs, t, group=self.group, async_op=True))
         return outs
 
     def all_gather_rows(self, t: Tensor, what: str) -> list[Tensor]:
