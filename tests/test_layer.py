@@ -386,3 +386,16 @@ def test_inference_mode_then_normal_mode(tmp_path):
         c = layer(x)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(b, c)
+
+
+def test_torch_compile_training_matches_eager(tmp_path):
+    """Training through torch.compile (AOTAutograd traces the backward) gives the eager gradients."""
+    layer = _compile(make_spec(dict(ROUTERS["sigmoid_groups_bias"]), shared={"count": 1}), tmp_path).train()
+    x = torch.randn(9, D, requires_grad=True)
+    g = torch.randn(9, D)
+    params = list(layer.parameters())
+    eager = torch.autograd.grad(layer(x), [x, *params], g)
+    compiled = torch.compile(layer, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x), [x, *params], g)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
