@@ -39,8 +39,9 @@ Why these choices.
   on the task planned for, almost none on other tasks). Cross-layer affinity does not enter J:
   tokens return to their own GPU after every layer, so consecutive layers' placements do not
   interact under this dispatch (it is reported by ``trace stats``).
-- Replica counts follow the load-only rule (each redundant slot to the highest load per replica) so
-  that baseline and plan differ only in where items go; the dispatch rule's local-first choice makes
+- Replica counts follow the load-only rule (each redundant slot to the highest load per replica)
+  unless ``LayerProblem.replicas`` gives others (the planner tries moving one replica in small
+  layers: ``moegraph.planner._move_replicas``); the dispatch rule's local-first choice makes
   a replica's real load depend on where tokens start, so a final repair step swaps items until the
   exact rule-based loads (``dispatch``) meet ``max_imbalance`` on the traffic seen.
 
@@ -79,6 +80,8 @@ class LayerProblem:
     risk_slack: float = 0.0  # constraint 2 allows the load-only plan's largest V_g times (1 + risk_slack)
     rounds: int = 8  # perturbation rounds of the iterated local search
     seed: int = 0
+    replicas: np.ndarray | None = None  # [E] replica counts (default: the load-only rule); constraint 2 keeps
+    # the bound of the load-only rule's packing
 
 
 @dataclass
@@ -283,6 +286,9 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     spg = p.num_slots // g
     mean_load = p.loads.mean(axis=0)
     r = replicate_by_load(mean_load, p.num_slots, g)
+    r_base = r
+    if p.replicas is not None:
+        r = np.asarray(p.replicas, np.int64)
     experts = np.repeat(np.arange(e), r)
     start = pack_balanced((mean_load / r)[experts], experts, g, spg)
     rr = np.outer(r[experts], r[experts]).astype(np.float64)
@@ -303,6 +309,12 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     ratio_cap[1:] = np.maximum(ratio_cap[1:], start_ratio[1:])
     cap_s = ratio_cap * st.load.mean(axis=1)
     cap_var = float(st.var.max()) * (1.0 + p.risk_slack) if p.robust and np.any(p.risk) else np.inf
+    if p.replicas is not None and cap_var < np.inf:
+        eb = np.repeat(np.arange(e), r_base)
+        gb = pack_balanced((mean_load / r_base)[eb], eb, g, spg)
+        sb = p.risk[eb][:, eb] / np.outer(r_base[eb], r_base[eb])
+        v_g = np.bincount(gb, weights=(sb * (gb[:, None] == gb[None, :])).sum(axis=1), minlength=g)
+        cap_var = float(v_g.max()) * (1.0 + p.risk_slack)
     swaps = 0
     if np.any(p.coact):
         # Small layers (every step already looks at all items) descend to a true 2-opt local optimum:
