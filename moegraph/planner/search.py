@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .baselines import pack_balanced, replicate_by_load
+from .baselines import pack_balanced, replicate_by_load, rows_from_gpu_lists
 
 __all__ = ["LayerProblem", "LayerResult", "solve_layer", "rule_loads", "pair_cost"]
 
@@ -346,18 +346,9 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     repaired = 0
     if p.src_counts is not None and (r > 1).any():
         repaired = _repair_rule_balance(st, p, experts)
-    row = _row(st.gpu, experts, g, spg)
-    return LayerResult(row=row, baseline_row=_row(start, experts, g, spg), objective=st.objective(),
-                       baseline_objective=base_obj, swaps=swaps, repaired=repaired)
-
-
-def _row(gpu_R, experts_R, g, spg) -> np.ndarray:
-    row = np.empty(g * spg, np.int64)
-    for h in range(g):
-        mine = np.sort(experts_R[gpu_R == h])
-        assert len(mine) == spg, f"GPU {h} holds {len(mine)} items for {spg} slots"
-        row[h * spg : (h + 1) * spg] = mine
-    return row
+    row = rows_from_gpu_lists(st.gpu, experts, g, spg)
+    return LayerResult(row=row, baseline_row=rows_from_gpu_lists(start, experts, g, spg),
+                       objective=st.objective(), baseline_objective=base_obj, swaps=swaps, repaired=repaired)
 
 
 def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, max_steps: int = 64) -> int:
