@@ -8,7 +8,9 @@ rule (in layers of at most REPLICA_MOVE_MAX_SLOTS slots one replica may move to 
 that lowers the remote copies on the planning traffic without worse balance there); the replicas
 are placed by a constrained local search (``search``: minimise expected dispatch + combine cost
 under the topology's link costs, keep every GPU within ``max_imbalance`` on the traffic seen and no
-more exposed than the load-only plan to traffic not seen). The Plan records the policy, the
+more exposed than the load-only plan to traffic not seen), which small layers finish on the exact
+expected copies per token (``exact``). Replica counts are chosen on the pairwise search alone and
+the chosen layout is then refined once. The Plan records the policy, the
 dispatch rule (``dispatch``) and the predicted metrics (``cost``) beside the contiguous and
 load-only baselines (``baselines``) on the same traffic.
 
@@ -48,7 +50,7 @@ from .dispatch import (
 )
 from .graph import layer_arrays, placement_graph, window_ids
 from .planfile import Plan
-from .search import LayerProblem, LayerResult, solve_layer
+from .search import EXACT_MAX_ITEMS, LayerProblem, LayerResult, solve_layer
 
 __all__ = [
     "plan",
@@ -65,10 +67,11 @@ __all__ = [
     "DEFAULT_ROUNDS",
 ]
 
-#: perturbation rounds of the iterated local search by default. Zero: on the ESFT traces extra rounds
-#: lowered the co-activation objective about 1 point more on the traffic planned for, but the plans
-#: balanced other tasks' traffic worse (the risk bound has blind spots that a stronger search finds).
-DEFAULT_ROUNDS = 0
+#: perturbation rounds of the iterated local search by default, in layers of at most EXACT_MAX_ITEMS
+#: slots (larger layers: none, for time). Scored by the exact copies and kept only when the GPUs' total
+#: variance does not grow, six rounds gained 0.3..0.9 points of remote copies on the ESFT traces at
+#: about 0.1 s per layer (``benchmarks/plan_bench.py``); held-out balance stayed within the targets.
+DEFAULT_ROUNDS = 6
 
 #: layers of at most this many slots (with redundant ones) try moving one replica to another expert
 #: (``_move_replicas``): each try is a full search, affordable for small layers only (the DeepSeek-V3
@@ -249,7 +252,9 @@ def plan(
     n_layers = spec.model.num_moe_layers
     seed = spec.placement.seed if seed is None else int(seed)
     imb = spec.placement.max_imbalance if max_imbalance is None else float(max_imbalance)
-    rounds = DEFAULT_ROUNDS if rounds is None else int(rounds)
+    if rounds is None:
+        rounds = DEFAULT_ROUNDS if n_slots <= EXACT_MAX_ITEMS else 0
+    rounds = int(rounds)
     cost = _cost_matrix(cl)
     notes: list[str] = []
     if ts is None:
@@ -267,12 +272,13 @@ def plan(
         else:
             policy_name = "coactivation-swap-search"
             why = ("co-activation graph mapped onto the topology by constrained 2-opt swap search"
-                   + (f" with {rounds} seeded perturbation rounds" if rounds else "")
+                   + (", refined by exact expected copies per token" if n_slots <= EXACT_MAX_ITEMS else "")
+                   + (f", with {rounds} seeded perturbation rounds" if rounds else "")
                    + "; balanced on the traffic seen (each trace source no worse than load-only)"
                    + ("; each GPU's load covariance bounded by the load-only plan's" if robust else ""))
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
     rows = []
-    stats = {"swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
+    stats = {"swaps": 0, "refine_swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
     with _one_blas_thread():
         for layer in range(n_layers):
             arr = None if sources is None else layer_arrays(sources, layer, g, windows)
@@ -281,14 +287,21 @@ def plan(
                 coact=np.zeros((e, e)) if arr is None else arr.coact,
                 risk=np.zeros((e, e)) if arr is None else arr.risk,
                 src_counts=None if arr is None else arr.src_counts,
+                topk=None if arr is None else arr.topk, token_weight=None if arr is None else arr.token_weight,
                 cost=cost, node_of_gpu=cl.node_of_gpu, num_slots=n_slots, max_imbalance=imb, robust=robust,
                 risk_slack=risk_slack, rounds=rounds, seed=seed * 1_000_003 + layer,
             )
-            res = solve_layer(prob)
             if arr is not None and not ts.load_only and e < n_slots <= REPLICA_MOVE_MAX_SLOTS:
-                res = _move_replicas(prob, res, sources, layer, cl)
+                # Choose replica counts on the pairwise search alone, then refine the chosen layout once.
+                coarse = dataclasses.replace(prob, exact=False, rounds=0)
+                res = _move_replicas(coarse, solve_layer(coarse), sources, layer, cl)
+                fin = solve_layer(dataclasses.replace(prob, replicas=res.replicas))
+                res = dataclasses.replace(fin, baseline_row=res.baseline_row, baseline_objective=res.baseline_objective)
+            else:
+                res = solve_layer(prob)
             rows.append(res.row)
             stats["swaps"] += res.swaps
+            stats["refine_swaps"] += res.refined
             stats["repair_swaps"] += res.repaired
             stats["objective"] += res.objective
             stats["baseline_objective"] += res.baseline_objective

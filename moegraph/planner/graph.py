@@ -35,6 +35,8 @@ class LayerArrays:
     coact: np.ndarray  # [E, E] co-activation per token, mean over sources (zero diagonal)
     risk: np.ndarray  # [E, E] window covariance of expert load, mean over sources, mean diagonal 1
     src_counts: np.ndarray | None  # [Sc, G, E] tokens per (source GPU, expert)
+    topk: np.ndarray | None = None  # [T, K] experts each token chose, all sources stacked
+    token_weight: np.ndarray | None = None  # [T] 1 / (tokens of the token's source x sources)
 
 
 def window_ids(sample_ids: np.ndarray, window: int = WINDOW) -> np.ndarray:
@@ -79,7 +81,9 @@ def layer_arrays(sources: list[TraceSet], layer: int, num_gpus: int, windows: li
         k = ids.shape[1]
         src[i] = np.bincount(np.repeat(g, k) * e + ids.ravel().astype(np.int64), minlength=num_gpus * e).reshape(num_gpus, e)
     n = len(sources)
-    return LayerArrays(loads, coact / n, risk / n, src)
+    topk = np.concatenate([np.asarray(s.topk[layer], np.int64) for s in sources])
+    weight = np.concatenate([np.full(s.num_tokens, 1.0 / max(s.num_tokens, 1) / n) for s in sources])
+    return LayerArrays(loads, coact / n, risk / n, src, topk, weight)
 
 
 def placement_graph(sources: list[TraceSet] | TraceSet, layer: int, num_gpus: int = 1) -> nx.Graph:

@@ -14,20 +14,29 @@ hosts), subject to
    ``max_imbalance`` x the mean on the sources together (each weighing equally), and with several
    sources on each source alone no worse than in the load-only plan (or ``max_imbalance``);
 2. balance on traffic not seen: a GPU's load variance across windows of 16 consecutive tokens,
-   ``V_g = 1_g' Sigma 1_g``, stays within the largest ``V_g`` of the load-only plan.
+   ``V_g = 1_g' Sigma 1_g``, stays within the largest ``V_g`` of the load-only plan; and its load
+   under the uninformed prior (every expert equally loaded, so a replica weighs 1/r_e) no worse than
+   the load-only plan's most loaded GPU.
+
+Then, in layers of at most EXACT_MAX_ITEMS items, the exact refinement (``exact``) swaps
+unreplicated experts by the exact change of expected remote copies per token, under the same
+constraints.
 
 Why these choices.
 
-- The pairwise cut is the classic proxy of "distinct GPUs per token" used by graph partitioning;
-  on the DeepSeek-V2-Lite traces an exact distinct-GPU refinement on top gained about one point of
-  remote copies, not worth its cost. The quadratic form with a topology cost matrix is a quadratic
-  assignment problem; for 64..288 items a 2-opt swap local search with an [items, items] gain matrix
-  (recomputed in numpy each step, several disjoint swaps applied per step; in layers of more than
-  128 items only the most promising items' rows) is fast. Optional seeded perturbation rounds
-  (iterated local search) escape poor local optima deterministically; with 8 rounds the search
-  reaches the brute-force optimum on every tiny case the tests try. They are off by default: on the
-  ESFT traces they lowered J about one point more on the traffic planned for but balanced other
-  tasks worse, so a round's result is kept only if it also does not raise the GPUs' total variance.
+- The pairwise cut is the classic proxy of "distinct GPUs per token" used by graph partitioning,
+  and a good global guide: its gain matrix is cheap and smooth. The quadratic form with a topology
+  cost matrix is a quadratic assignment problem; for 64..288 items a 2-opt swap local search with an
+  [items, items] gain matrix (recomputed in numpy each step, several disjoint swaps applied per
+  step; in layers of more than 128 items only the most promising items' rows) is fast. The proxy
+  over-counts tokens whose experts share a GPU, so in small layers the exact refinement continues
+  from its optimum on the quantity the wire carries (on the ESFT DeepSeek-V2-Lite traces: 0.5..2
+  points more remote copies saved, at the same balance). Seeded perturbation rounds (iterated local
+  search: kick, descend, refine) escape poor local optima deterministically; with 8 rounds the
+  search reaches the brute-force optimum on every tiny case the tests try. A round's result is kept
+  only if it lowers the objective (the exact copies where refined, else J) *and* does not raise the
+  GPUs' total variance: a stronger search otherwise spends the risk bound's slack on every GPU
+  (worse balance on unseen traffic). The planner runs DEFAULT_ROUNDS of them in small layers.
 - Constraint 2 is what makes the plan hold up on other tasks. A plan that packs co-activated experts
   together also packs experts that are hot *together*: on a task where that group is popular its
   GPU overloads (planned on ESFT law, scored on intent: max/mean load +0.2..0.3 worse than a
@@ -39,6 +48,12 @@ Why these choices.
   on the task planned for, almost none on other tasks). Cross-layer affinity does not enter J:
   tokens return to their own GPU after every layer, so consecutive layers' placements do not
   interact under this dispatch (it is reported by ``trace stats``).
+- The uninformed-prior balance in constraint 2 matters with replicas: per-expert loads barely
+  transfer between tasks, so on unseen traffic a GPU's expected load is about its count of items
+  weighted 1/r_e. The load-only packing spreads replicas one or two per GPU; a search free to trade
+  a replica for an unreplicated expert ends up with GPUs of nine full experts beside GPUs of seven
+  and two halves (in random constrained walks from the load-only plan on the ESFT traces, 72 slots,
+  it took about 0.01 off the held-out max/mean load).
 - Replica counts follow the load-only rule (each redundant slot to the highest load per replica)
   unless ``LayerProblem.replicas`` gives others (the planner tries moving one replica in small
   layers: ``moegraph.planner._move_replicas``); the dispatch rule's local-first choice makes
@@ -58,6 +73,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .baselines import pack_balanced, replicate_by_load, rows_from_gpu_lists
+from .exact import ExactCopies, refine
 
 __all__ = ["LayerProblem", "LayerResult", "solve_layer", "rule_loads", "pair_cost"]
 
@@ -82,6 +98,10 @@ class LayerProblem:
     seed: int = 0
     replicas: np.ndarray | None = None  # [E] replica counts (default: the load-only rule); constraint 2 keeps
     # the bound of the load-only rule's packing
+    topk: np.ndarray | None = None  # [T, K] experts each planning token chose (enables the exact refinement)
+    token_weight: np.ndarray | None = None  # [T] weight of each token (sources weigh equally)
+    exact: bool = True  # refine by exact expected copies (``exact``) after the pairwise descent
+    host_weight: float = 1.0  # a remote host copy's weight relative to a remote GPU copy in the refinement
 
 
 @dataclass
@@ -92,6 +112,8 @@ class LayerResult:
     baseline_objective: float
     swaps: int
     repaired: int  # swaps made by the rule-exact balance repair
+    replicas: np.ndarray  # [E] replica count of each expert
+    refined: int = 0  # swaps made by the exact refinement
 
 
 def pair_cost(coact_RR: np.ndarray, cost_GG: np.ndarray, gpu_R: np.ndarray) -> float:
@@ -205,6 +227,10 @@ class _State:
         return f[np.arange(len(self.gpu)), self.gpu] - f.min(axis=1)
 
 
+#: layers of at most this many items get the exact refinement (``exact``) after the pairwise descent;
+#: in larger ones (DeepSeek-V3: 288) each refinement step costs ~15 ms and the plan would miss its time
+EXACT_MAX_ITEMS = 128
+
 #: items per step whose swaps are evaluated in large layers (all items when R <= 2 * this);
 #: taken as the best ROWS_PER_STEP // G of every GPU
 ROWS_PER_STEP = 64
@@ -301,13 +327,18 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     # Balance scenarios: the sources together (each weighing equally) within max_imbalance, and with
     # several sources each source alone no worse than in the load-only packing (or max_imbalance).
     loads = p.loads if sc == 1 else np.concatenate([mean_load[None], p.loads])
+    if p.robust:
+        loads = np.concatenate([loads, np.ones((1, e))])
     w = (loads / r)[:, experts]  # [Sc', R] even-split load of each item
     st = _State(experts, start, w, a_rr, s_rr, s_diag, p.cost, e)
     base_obj = st.objective()
     start_ratio = st.load.max(axis=1) / np.maximum(st.load.mean(axis=1), 1e-12)
-    ratio_cap = np.full(len(loads), p.max_imbalance)
+    ratio_cap = np.full(len(w), p.max_imbalance)
     ratio_cap[1:] = np.maximum(ratio_cap[1:], start_ratio[1:])
+    if p.robust:
+        ratio_cap[-1] = start_ratio[-1]
     cap_s = ratio_cap * st.load.mean(axis=1)
+    assert len(cap_s) == len(w)
     cap_var = float(st.var.max()) * (1.0 + p.risk_slack) if p.robust and np.any(p.risk) else np.inf
     if p.replicas is not None and cap_var < np.inf:
         eb = np.repeat(np.arange(e), r_base)
@@ -315,15 +346,28 @@ def solve_layer(p: LayerProblem) -> LayerResult:
         sb = p.risk[eb][:, eb] / np.outer(r_base[eb], r_base[eb])
         v_g = np.bincount(gb, weights=(sb * (gb[:, None] == gb[None, :])).sum(axis=1), minlength=g)
         cap_var = float(v_g.max()) * (1.0 + p.risk_slack)
-    swaps = 0
+    swaps = refined = 0
+    model = None
+    if p.exact and p.topk is not None and len(p.topk) and np.any(p.coact) and len(experts) <= EXACT_MAX_ITEMS:
+        model = ExactCopies(p.topk, p.token_weight, experts, p.node_of_gpu, p.host_weight)
+
+    def local_search() -> tuple[int, int]:
+        """Pairwise descent, then exact refinement; returns the swaps each made."""
+        n = _descend(st, cap_s, cap_var, min_gain)
+        return n, (refine(st, model, cap_s, cap_var) if model is not None else 0)
+
+    def score() -> float:
+        return model.value(st.gpu) if model is not None else st.objective()
+
     if np.any(p.coact):
         # Small layers (every step already looks at all items) descend to a true 2-opt local optimum:
         # the many tiny-gain swaps there add up (on the ESFT law traces about 0.4 points of remote
         # copies) at a cost of milliseconds; large layers stop early to keep the time bounded.
         min_gain = MIN_GAIN * base_obj if len(experts) > 2 * ROWS_PER_STEP else 0.0
-        swaps += _descend(st, cap_s, cap_var, min_gain)
+        a, b = local_search()
+        swaps, refined = swaps + a, refined + b
         best = _snapshot(st)
-        best_obj = st.objective()
+        best_obj = score()
         var_sum = float(st.var.sum())
         rng = np.random.default_rng(p.seed)
         for _ in range(p.rounds):
@@ -335,10 +379,11 @@ def solve_layer(p: LayerProblem) -> LayerResult:
                     break
                 i, j = allowed[rng.integers(len(allowed))]
                 st.swap(int(i), int(j))
-            swaps += _descend(st, cap_s, cap_var, min_gain)
-            obj = st.objective()
-            # Keep a better J only if the GPUs' load variance did not grow in total: a stronger search
-            # otherwise spends the risk bound's slack on every GPU (worse balance on unseen traffic).
+            a, b = local_search()
+            swaps, refined = swaps + a, refined + b
+            obj = score()
+            # Keep a better result only if the GPUs' load variance did not grow in total: a stronger
+            # search otherwise spends the risk bound's slack on every GPU (worse balance on unseen traffic).
             if obj < best_obj - _TOL and st.var.sum() <= var_sum + _TOL:
                 best, best_obj = _snapshot(st), obj
             else:
@@ -348,7 +393,8 @@ def solve_layer(p: LayerProblem) -> LayerResult:
         repaired = _repair_rule_balance(st, p, experts)
     row = rows_from_gpu_lists(st.gpu, experts, g, spg)
     return LayerResult(row=row, baseline_row=rows_from_gpu_lists(start, experts, g, spg),
-                       objective=st.objective(), baseline_objective=base_obj, swaps=swaps, repaired=repaired)
+                       objective=st.objective(), baseline_objective=base_obj, swaps=swaps, repaired=repaired,
+                       replicas=r, refined=refined)
 
 
 def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, max_steps: int = 64) -> int:
