@@ -179,9 +179,20 @@ class Generated:
     written: bool  # False when the file already had this content
 
 
+#: where generated code goes when no ``out_dir`` is given (None: ~/.cache/moegraph/generated); set with
+#: ``set_cache_dir``. This module never reads the environment: the CLI points it at $XDG_CACHE_HOME.
+_cache_dir: Path | None = None
+
+
+def set_cache_dir(path: str | Path | None) -> None:
+    """Generate into ``path`` when no ``out_dir`` is given (None: back to ~/.cache/moegraph/generated)."""
+    global _cache_dir
+    _cache_dir = None if path is None else Path(path)
+
+
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "moegraph" / "generated"
+    """Where generated code goes when no ``out_dir`` is given (see ``set_cache_dir``)."""
+    return _cache_dir if _cache_dir is not None else Path.home() / ".cache" / "moegraph" / "generated"
 
 
 def write_source(spec: MoESpec, out_dir: str | Path, backend: str = "torch") -> Generated:

@@ -93,3 +93,16 @@ def test_cli_compile_writes_source(tmp_path):
     files = list(tmp_path.glob("moe_deepseek_v3_tiny_*_torch.py"))
     assert len(files) == 1
     assert main(["compile", "nope-not-a-spec", "-o", str(tmp_path)]) == 2
+
+
+def test_cache_dir_is_set_by_the_cli_from_xdg_not_read_by_the_library(tmp_path, monkeypatch):
+    from moegraph.cli import main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(codegen, "_cache_dir", None)
+    assert codegen.default_cache_dir() == Path.home() / ".cache" / "moegraph" / "generated"
+    assert main(["presets"]) == 0
+    target = tmp_path / "xdg" / "moegraph" / "generated"
+    assert codegen.default_cache_dir() == target
+    moegraph.compile("mixtral-tiny")
+    assert len(list(target.glob("moe_mixtral_tiny_*_torch.py"))) == 1

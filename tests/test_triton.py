@@ -68,7 +68,9 @@ def _in_process_or_skip(request):
 @pytest.fixture(autouse=True)
 def _kernel_cache(tmp_path_factory, monkeypatch):
     # Rendered kernels go to a per-session folder, not the user's cache.
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg"))
+    from moegraph import codegen
+
+    monkeypatch.setattr(codegen, "_cache_dir", tmp_path_factory.getbasetemp() / "generated")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,7 +505,10 @@ _CROSS_COMPILE = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from moegraph.triton_backend import configs, kernels
+    from moegraph import codegen
     from moegraph.triton_backend.render import render_to_module
+
+    codegen.set_cache_dir(sys.argv[1])  # not the user's cache
 
     PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
 
@@ -573,8 +578,8 @@ _CROSS_COMPILE = textwrap.dedent("""
 def test_kernels_compile_for_hopper(tmp_path):
     """Code the interpreter runs must also compile for sm_90, with pipelined loads and wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(XDG_CACHE_HOME=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", _CROSS_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _CROSS_COMPILE, str(tmp_path / "generated")], env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -6,7 +6,9 @@ exit with status 2, never with a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import click
 import typer
@@ -58,9 +60,18 @@ def _click_exceptions():
     return tuple(exit_), tuple(usage), tuple(abort)
 
 
+def _configure_from_environment() -> None:
+    """The one place that reads the environment: generated code goes under $XDG_CACHE_HOME if set."""
+    from .. import codegen
+
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    codegen.set_cache_dir(Path(xdg) / "moegraph" / "generated" if xdg else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for moegraph errors and usage errors)."""
     exit_types, click_errors, abort_types = _click_exceptions()
+    _configure_from_environment()
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
     except MoegraphError as exc:

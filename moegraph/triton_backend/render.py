@@ -62,8 +62,8 @@ def _write_if_changed(path: Path, source: str) -> None:
         os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
     except OSError as exc:
         raise CodegenError(
-            f"cannot write generated Triton kernels to {path.parent}: {exc.strerror}; set XDG_CACHE_HOME "
-            "to a writable directory"
+            f"cannot write generated Triton kernels to {path.parent}: {exc.strerror}; point "
+            "moegraph.codegen.set_cache_dir (or, for the CLI, XDG_CACHE_HOME) at a writable directory"
         ) from None
 
 
