@@ -228,7 +228,7 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
                 kw = dict(n.kwargs)
                 fn = (lambda t, meth=n.target, kw=kw: getattr(t, meth)(**kw))
             if isinstance(src, fx.Node) and src in linears and len(n.args) == 1:
-                act = hf._probe_activation(fn)
+                act = hf.probe_activation(fn)
                 if act is not None:
                     act_of[n] = (src, act)
     if out is None or out not in linears:
@@ -259,7 +259,7 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
             f"expert MLP {name} is neither down(act(up(x))) nor down(act(gate(x)) * up(x)) with a known activation "
             f"(found {len(linears)} Linear layers)"
         )
-    table = hf._GATED if gated else hf._PLAIN
+    table = hf.GATED_ACT if gated else hf.PLAIN_ACT
     if act not in table:
         raise UnsupportedBlock(f"expert MLP {name}: a {'gated' if gated else 'plain'} {act} MLP has no spec activation")
     Fh = lin_mod[ups[0]].out_features
@@ -397,7 +397,7 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
     # Probe: stand-in experts with known signature vectors reveal ids and weights per token.
     g = torch.Generator().manual_seed(seed)
     heavy = (ename, *others)
-    light = hf._light_copy(block, heavy)
+    light = hf.light_copy(block, heavy)
     light = light.float().eval()
     sig_ED = torch.randn(E, D, generator=g)
     shared_sig = torch.randn(D, generator=g)
@@ -470,16 +470,16 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
                           and torch.allclose(e.float(), logits, atol=1e-5) else "unknown" for e in out[1:]))
 
     # The spec and the weights in the compiled layer's layout.
-    dtype = hf._DTYPE_NAMES.get(router.weight.dtype, "float32")
+    dtype = hf.DTYPE_NAMES.get(router.weight.dtype, "float32")
     ew = [_mlp_weights(m, form) for m in experts]
-    table = hf._GATED if form.gated else hf._PLAIN
+    table = hf.GATED_ACT if form.gated else hf.PLAIN_ACT
     bias = form.bias or any(f.bias for f in shared_forms)
     moe: dict[str, Any] = {
         "hidden_size": D,
         "experts": {"num_experts": E, "intermediate_size": form.intermediate, "activation": table[form.act],
                     "bias": bias},
         "router": {**routing.router_dict(), "router_bias": router.bias is not None},
-        "dtype": hf._DTYPE_NAMES.get(ew[0][0].dtype, dtype),
+        "dtype": hf.DTYPE_NAMES.get(ew[0][0].dtype, dtype),
     }
     up = "gate_up_proj" if form.gated else "up_proj"
     weights = {

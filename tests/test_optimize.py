@@ -70,7 +70,7 @@ def make_model(model_type: str, seed: int = 0, **extra):
                     anat = hf.inspect_block(m)
                 except UnsupportedBlock:
                     continue
-                w = hf._get_path(m, anat.router_weight_name)
+                w = hf.get_path(m, anat.router_weight_name)
                 w.copy_(torch.randn(w.shape, generator=g) * 0.3)
     return model
 

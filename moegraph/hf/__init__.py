@@ -31,22 +31,47 @@ Llama 4's router-scaled expert input, ...).
 
 from __future__ import annotations
 
-# Re-exported beyond __all__: swap.py, the tests and the examples use these through ``moegraph.hf``.
-from .anatomy import BlockAnatomy, _get_path, _probe_activation, inspect_block, is_hf_moe_block  # noqa: F401
-from .block import HFImport, compare, from_hf, read_block, tolerance  # noqa: F401
+# The readers' parts are public too: ``moegraph.optimize`` (swap.py) matches blocks HF's registry does
+# not know with the same probes, activation tables and weight loaders.
+from .anatomy import (
+    BlockAnatomy,
+    get_path,
+    inspect_block,
+    is_hf_moe_block,
+    probe_activation,
+)
+from .block import HFImport, compare, from_hf, read_block, tolerance
 from .config import load_hf_config, spec_from_hf_config
-from .probe import Probe, _light_copy, probe_block  # noqa: F401
-from .routing import Declared, Routing, declared_routing, identify_routing, route  # noqa: F401
-from .vocab import _DTYPE_NAMES, _GATED, _PLAIN  # noqa: F401
-from .weights import hf_weights, load_hf_weights, torch_dtype_of  # noqa: F401
+from .probe import Probe, light_copy, probe_block
+from .routing import Declared, Routing, declared_routing, identify_routing, route
+from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
+from .weights import hf_weights, load_hf_weights, torch_dtype_of
 
 __all__ = [
+    "DTYPE_NAMES",
+    "GATED_ACT",
+    "PLAIN_ACT",
     "BlockAnatomy",
+    "Declared",
     "HFImport",
+    "Probe",
     "Routing",
+    "compare",
+    "declared_routing",
     "from_hf",
+    "get_path",
+    "hf_weights",
+    "identify_routing",
     "inspect_block",
     "is_hf_moe_block",
+    "light_copy",
     "load_hf_config",
+    "load_hf_weights",
+    "probe_activation",
+    "probe_block",
+    "read_block",
+    "route",
     "spec_from_hf_config",
+    "tolerance",
+    "torch_dtype_of",
 ]

@@ -46,7 +46,7 @@ class BlockAnatomy:
     notes: list[str] = field(default_factory=list)
 
 
-def _get_path(root: nn.Module, path: str) -> Any:
+def get_path(root: nn.Module, path: str) -> Any:
     obj: Any = root
     for part in path.split("."):
         obj = getattr(obj, part)
@@ -58,7 +58,7 @@ def _named_tensors(mod: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from mod.named_buffers(remove_duplicate=False)
 
 
-def _probe_activation(fn: Any) -> str | None:
+def probe_activation(fn: Any) -> str | None:
     """The spec name of an elementwise activation module/function, found numerically."""
     if fn is None:
         return None
@@ -177,12 +177,12 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             f"{tuple(down.shape)} do not fit one [E, 2F or F, D] / [E, D, F] layout", cls,
         )
     has_bias = bool(getattr(experts, "has_bias", False)) or isinstance(getattr(experts, "down_proj_bias", None), Tensor)
-    act = custom_act or _probe_activation(getattr(experts, "act_fn", None))
+    act = custom_act or probe_activation(getattr(experts, "act_fn", None))
     if act is None and config is not None and getattr(config, "hidden_act", None):
         try:
             from transformers.activations import ACT2FN
 
-            act = _probe_activation(ACT2FN[config.hidden_act])
+            act = probe_activation(ACT2FN[config.hidden_act])
         except (ImportError, KeyError):
             act = None
 
@@ -233,7 +233,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         anat_kwargs.update(
             shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S,
             shared_bias_terms=any(isinstance(m, nn.Linear) and m.bias is not None for m in sh.modules()),
-            shared_activation_fn=_probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
+            shared_activation_fn=probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
             shared_gate_name=shared_gate,
         )
 

@@ -12,7 +12,7 @@ from ..spec import MoESpec
 from .anatomy import BlockAnatomy
 from .model_section import _model_section
 from .routing import Routing
-from .vocab import _DTYPE_NAMES, _GATED, _PLAIN, _SHARED_COUNT, _attr, _family
+from .vocab import _SHARED_COUNT, DTYPE_NAMES, GATED_ACT, PLAIN_ACT, _attr, _family
 
 
 def _spec_name(cfg: Any) -> str:
@@ -23,7 +23,7 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
     if anat.activation_fn is None:
         raise UnsupportedBlock("its expert activation function is not one the spec knows (silu, gelu, gelu_tanh, "
                                "relu, relu2)", anat.block_class)
-    table = _GATED if anat.gated else _PLAIN
+    table = GATED_ACT if anat.gated else PLAIN_ACT
     if anat.activation_fn not in table:
         raise UnsupportedBlock(f"a {'gated' if anat.gated else 'plain'} {anat.activation_fn} expert MLP has no spec "
                                "activation", anat.block_class)
@@ -65,7 +65,7 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
 def _dtype_name(cfg: Any, default: str = "float32") -> str:
     d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(d, torch.dtype):
-        return _DTYPE_NAMES.get(d, default)
+        return DTYPE_NAMES.get(d, default)
     if isinstance(d, str):
         return {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}.get(d.replace("torch.", ""), default)
     return default

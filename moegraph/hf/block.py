@@ -15,7 +15,7 @@ from .anatomy import BlockAnatomy, _named_tensors, inspect_block
 from .assemble import _build_spec
 from .probe import probe_block
 from .routing import Routing, identify_routing
-from .vocab import _DTYPE_NAMES, _attr, _text_config
+from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
 
 
@@ -52,7 +52,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     anat = inspect_block(block, cfg)
     probe = probe_block(block, anat)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
-    dtype = _DTYPE_NAMES.get(_block_dtype(block, anat))
+    dtype = DTYPE_NAMES.get(_block_dtype(block, anat))
     if dtype is None:
         raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat)}; the spec supports float32, "
                                "float16 and bfloat16", anat.block_class)

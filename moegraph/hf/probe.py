@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, _get_path, _named_tensors
+from .anatomy import BlockAnatomy, _named_tensors, get_path
 
 
 class _Recorder(nn.Module):
@@ -46,7 +46,7 @@ class Probe:
     output_kind: tuple[str, ...]  # ("tensor",) or ("tuple", kind of each extra element, ...)
 
 
-def _light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
+def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
     """A deep copy of ``block`` without its heavy children (replaced by empty placeholders)."""
     saved = {n: block._modules[n] for n in heavy}
     try:
@@ -67,7 +67,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     cls = anat.block_class
     D, E = anat.hidden_size, anat.num_experts
     heavy = (anat.experts_name, *anat.shared_names)
-    light = _light_copy(block, heavy)
+    light = light_copy(block, heavy)
     g = torch.Generator().manual_seed(seed)
     if any(t.is_meta for _, t in _named_tensors(light)):
         light = light.to_empty(device="cpu")
@@ -99,10 +99,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
                     "states, e.g. token-id hash routing, is not read)") if extra else ""
             raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
-        w_r = _get_path(light, anat.router_weight_name)
-        b_r = _get_path(light, anat.router_bias_name) if anat.router_bias_name else None
+        w_r = get_path(light, anat.router_weight_name)
+        b_r = get_path(light, anat.router_bias_name) if anat.router_bias_name else None
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
-        eb = _get_path(light, anat.expert_bias_name).reshape(E).clone() if anat.expert_bias_name else None
+        eb = get_path(light, anat.expert_bias_name).reshape(E).clone() if anat.expert_bias_name else None
 
     # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
     if len(experts.calls) != 1:
@@ -141,7 +141,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 raise UnsupportedBlock("its shared expert does not run once on the block input", cls)
         scale = 1.0
         if anat.shared_gate_name:
-            wg = _get_path(light, anat.shared_gate_name).weight
+            wg = get_path(light, anat.shared_gate_name).weight
             scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
         expect = expect + scale * shared_out
     if not isinstance(y, Tensor) or y.numel() != tokens * D or not torch.allclose(

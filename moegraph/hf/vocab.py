@@ -35,9 +35,9 @@ _SCORE_FNS = {
     "tanh": torch.tanh,
 }
 
-# Gated and plain activations of the spec, by the elementwise function applied.
-_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
-_PLAIN = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
+# The spec's gated and plain activation names, by the elementwise function an HF expert applies.
+GATED_ACT = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
+PLAIN_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
 _ACT_FNS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -48,7 +48,7 @@ _ACT_FNS = {
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp", "shared_experts_mlp")
 
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _attr(cfg: Any, names: tuple[str, ...], default: Any = None) -> Any:

@@ -7,18 +7,18 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, _get_path
+from .anatomy import BlockAnatomy, get_path
 
 
 def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     """The block's weights in the compiled layer's state_dict layout (views where the layout agrees)."""
     ex = getattr(block, anat.experts_name)
     E, Fh = anat.num_experts, anat.intermediate_size
-    out: dict[str, Tensor] = {"router.weight": _get_path(block, anat.router_weight_name)}
+    out: dict[str, Tensor] = {"router.weight": get_path(block, anat.router_weight_name)}
     if anat.router_bias_name:
-        out["router.bias"] = _get_path(block, anat.router_bias_name)
+        out["router.bias"] = get_path(block, anat.router_bias_name)
     if anat.expert_bias_name:
-        out["router.expert_bias"] = _get_path(block, anat.expert_bias_name).reshape(E)
+        out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(E)
 
     def fix_up(t: Tensor) -> Tensor:  # [E, H, D] with gate rows first
         if anat.transposed:
@@ -55,7 +55,7 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             out["shared_experts.down_proj_bias"] = dn.bias if dn.bias is not None else dn.weight.new_zeros(dn.out_features)
             assert out[f"shared_experts.{up_name}_bias"].numel() == S, "shared bias size mismatch"
         if anat.shared_gate_name:
-            out["shared_expert_gate.weight"] = _get_path(block, anat.shared_gate_name).weight
+            out["shared_expert_gate.weight"] = get_path(block, anat.shared_gate_name).weight
     if anat.expert_bias_terms is False and anat.shared_bias_terms:
         out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
         out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))
@@ -79,7 +79,7 @@ def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool
             if tuple(src.shape) != tuple(dst.shape):
                 raise UnsupportedBlock(f"weight {name} has shape {tuple(src.shape)}, the layer expects {tuple(dst.shape)}")
             mod_path, attr = name.rsplit(".", 1)
-            mod = _get_path(layer, mod_path)
+            mod = get_path(layer, mod_path)
             if (share and isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter) and src.dtype == dst.dtype
                     and src.device == dst.device):
                 setattr(mod, attr, src)
