@@ -372,3 +372,21 @@ def test_what_if_overrides_are_recorded_in_the_plan(lite_traces):
 
 def test_contiguous_baseline_is_slot_mod_experts():
     assert contiguous(4, 6).tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_round_robin_index_counts_tokens_per_source_gpu_as_each_rank_does():
+    torch = pytest.importorskip("torch")
+    spec = tiny_spec(experts=3, nodes=1, gpus=3, slots=6)
+    p = Plan(np.array([[0, 1, 0, 2, 1, 2]]), spec)  # expert 0 on gpu0 and gpu1, not on gpu2
+    rng = np.random.default_rng(0)
+    ids = np.zeros((40, 1), np.int64)
+    src = rng.integers(0, 3, 40)
+    got = choose_replicas(p, 0, ids, src)[:, 0]
+    # Each GPU's tokens alone, in order, as that rank's batch: the same slots.
+    for g in range(3):
+        mine = src == g
+        alone = choose_replicas(p, 0, ids[mine], np.full(mine.sum(), g))[:, 0]
+        np.testing.assert_array_equal(got[mine], alone)
+    assert got[src == 2].tolist() == [0, 2] * int((src == 2).sum() // 2) + [0] * int((src == 2).sum() % 2)
+    t = choose_replicas(p, 0, torch.from_numpy(ids), torch.from_numpy(src))
+    assert t[:, 0].tolist() == got.tolist()

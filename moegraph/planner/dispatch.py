@@ -9,8 +9,9 @@ Rule (``choose_replicas``): a token on GPU ``src`` that chose expert ``e`` uses
 2. a replica on ``src``'s host (node); else
 3. any replica;
 
-and when a tier holds several replicas, token ``t`` (its index in the batch) takes the
-``t % n``-th of the ``n`` replicas in slot order: ties spread evenly, round-robin by token index.
+and when a tier holds several replicas, token ``t`` takes the ``t % n``-th of the ``n`` replicas in
+slot order, ``t`` counting the tokens that start on ``src`` only (its row in that GPU's batch, as
+the runtime counts): ties spread evenly, round-robin by token index.
 
 Copies (``dispatch_counts``): a token is sent once to every distinct remote GPU of its host that
 serves it; across hosts it is sent once per distinct remote host, to the GPU with the same local
@@ -37,7 +38,8 @@ __all__ = ["RULE", "replica_table", "choose_replicas", "dispatch_counts", "Dispa
 #: The rule as recorded in plan files.
 RULE = {
     "name": "local-gpu>local-node>any",
-    "tie_break": "round-robin by token index: token t takes the (t % n)-th of n candidate slots in slot order",
+    "tie_break": "round-robin by token index: token t takes the (t % n)-th of n candidate slots in slot order, "
+    "t counted among the tokens that start on the same GPU",
     "source": "recorded source rank when recorded on num_gpus ranks, else sample_id % num_gpus",
     "copies": "one per distinct remote GPU in the host; one per distinct remote host (to the GPU with the "
     "same local index), forwarded inside that host; combine mirrors dispatch",
@@ -80,7 +82,8 @@ def choose_replicas(plan: Plan, layer: int, topk_ids: Any, src_gpu: Any):
     """Physical slot serving each (token, choice): [T, K], same type (numpy or torch) as ``topk_ids``.
 
     topk_ids: [T, K] logical expert ids of one MoE layer (numpy array or torch tensor).
-    src_gpu: [T] GPU each token starts on.
+    src_gpu: [T] GPU each token starts on; a token's round-robin index counts the tokens before it
+        with the same source (on one GPU's batch, its row).
     """
     cand, n = plan.replica_table(layer)
     if hasattr(topk_ids, "device") and not isinstance(topk_ids, np.ndarray):  # torch, no import needed
@@ -89,15 +92,30 @@ def choose_replicas(plan: Plan, layer: int, topk_ids: Any, src_gpu: Any):
         dev = topk_ids.device
         cand_t, n_t = plan.replica_table_torch(layer, dev)
         ids = topk_ids.long()
-        src = torch.as_tensor(src_gpu, device=dev).long()[:, None].expand_as(ids)
-        tok = torch.arange(ids.shape[0], device=dev)[:, None]
-        j = tok % n_t[src, ids]
-        return cand_t[src, ids, j]
+        src_T = torch.as_tensor(src_gpu, device=dev).long()
+        order = torch.sort(src_T, stable=True).indices
+        s = src_T[order]
+        counts = torch.bincount(s, minlength=len(n_t))
+        tok = torch.empty_like(src_T)
+        tok[order] = torch.arange(len(s), device=dev) - (torch.cumsum(counts, 0) - counts)[s]
+        tok = tok[:, None]
+        src = src_T[:, None].expand_as(ids)
+        return cand_t[src, ids, tok % n_t[src, ids]]
     ids = np.asarray(topk_ids, np.int64)
-    src = np.asarray(src_gpu, np.int64)[:, None]
-    tok = np.arange(ids.shape[0])[:, None]
-    j = tok % n[src, ids]
-    return cand[src, ids, j]
+    src = np.asarray(src_gpu, np.int64)
+    tok = _index_per_source(src)[:, None]
+    src = src[:, None]
+    return cand[src, ids, tok % n[src, ids]]
+
+
+def _index_per_source(src_T: np.ndarray) -> np.ndarray:
+    """[T] how many earlier tokens start on the same GPU as each token."""
+    order = np.argsort(src_T, kind="stable")
+    s = src_T[order]
+    counts = np.bincount(s, minlength=1)
+    out = np.empty(len(src_T), np.int64)
+    out[order] = np.arange(len(s)) - (np.cumsum(counts) - counts)[s]
+    return out
 
 
 @dataclass
