@@ -8,6 +8,10 @@ the weighted outputs per token. It is a ``torch.library.custom_op`` with a fake 
 Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
 (N = E*C), hash routing, and dropped assignments (expert id outside [0, E) is skipped).
 
+Memory the op keeps between calls: in inference its scratch buffers (per thread, dtype, device and
+inference mode; at most WORKSPACE_LIMIT_BYTES each, freed by ``clear_workspace()``), and in eval
+graphs a oneDNN-packed copy of the expert weights (``packed_experts``, released with the weights).
+
 Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S shared hidden dim.
 """
 
@@ -167,8 +171,14 @@ def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None
     return gate.mul_(up) if out is None else torch.mul(gate, up, out=out)
 
 
+#: bytes of scratch buffers one workspace (thread x dtype x device x inference mode) keeps between
+#: calls; a buffer that would take it past this is allocated for the call only. 1 GiB holds the
+#: buffers of a DeepSeek-V3-shaped layer (D 7168, F 2048, top-8) at about 4k tokens in float32.
+WORKSPACE_LIMIT_BYTES = 1 << 30
+
+
 class _Workspace:
-    """Scratch buffers reused across calls.
+    """Scratch buffers reused across calls, up to WORKSPACE_LIMIT_BYTES.
 
     Large fresh allocations are returned to the OS and page-faulted back in on every call, which on
     a CPU costs as much as the GEMMs' own memory traffic; reusing grown buffers avoids that.
@@ -178,12 +188,19 @@ class _Workspace:
         self.dtype, self.device = dtype, device
         self.buffers: dict[str, Tensor] = {}
 
+    def kept_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
     def get(self, name: str, rows: int, cols: int) -> Tensor:
         need = rows * cols
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < need:
             buf = torch.empty(need, dtype=self.dtype, device=self.device)
-            self.buffers[name] = buf
+            others = self.kept_bytes() - (self.buffers[name].numel() * buf.element_size() if name in self.buffers else 0)
+            if others + need * buf.element_size() <= WORKSPACE_LIMIT_BYTES:
+                self.buffers[name] = buf
+            else:  # too big to keep: this call only (and drop the smaller one it replaces)
+                self.buffers.pop(name, None)
         return buf[:need].view(rows, cols)
 
 

@@ -388,6 +388,23 @@ def test_inference_mode_then_normal_mode(tmp_path):
     torch.testing.assert_close(b, c)
 
 
+def test_scratch_buffers_kept_between_calls_stay_under_the_limit(tmp_path, monkeypatch):
+    layer = _compile(make_spec({"top_k": 2}), tmp_path).eval()
+    x = torch.randn(64, D)
+    moegraph.ops.clear_workspace()
+    with torch.inference_mode():
+        want = layer(x).clone()
+        kept = moegraph.ops._workspace(x.dtype, x.device)
+        assert kept.buffers and 0 < kept.kept_bytes() <= moegraph.ops.WORKSPACE_LIMIT_BYTES
+        # A limit below one buffer: nothing is kept, and the result is the same.
+        monkeypatch.setattr(moegraph.ops, "WORKSPACE_LIMIT_BYTES", 64)
+        moegraph.ops.clear_workspace()
+        got = layer(x)
+        assert moegraph.ops._workspace(x.dtype, x.device).kept_bytes() <= 64
+    torch.testing.assert_close(got, want)
+    moegraph.ops.clear_workspace()
+
+
 def test_torch_compile_training_matches_eager(tmp_path):
     """Training through torch.compile (AOTAutograd traces the backward) gives the eager gradients."""
     layer = _compile(make_spec(dict(ROUTERS["sigmoid_groups_bias"]), shared={"count": 1}), tmp_path).train()
