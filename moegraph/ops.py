@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["expert_mlp", "expert_mlp_packed", "apply_activation", "mlp_forward", "clear_workspace"]
+__all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace"]
 
 
 def apply_activation(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None) -> Tensor:
@@ -394,8 +394,8 @@ def define_expert_op(name: str, forward=None):
     """Register a grouped expert op with ``expert_mlp``'s signature, fake and autograd.
 
     ``forward(*args)`` computes the result under no_grad (default: this module's inference path;
-    ``"packed"``: the same with oneDNN-packed weights). Every variant shares the backward, which
-    recomputes the differentiable torch reference (the Triton backend registers its op here too).
+    ``"packed"``: the same with oneDNN-packed weights). Every variant shares the backward, the opaque
+    op ``expert_mlp_backward`` (the Triton backend registers its op here too).
     """
 
     def op(
@@ -443,24 +443,157 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_TD):
-    # Backward by recomputation: rerun the differentiable reference with grad enabled and let
-    # autograd differentiate it. Exact, and shared by every activation/bias/clamp variant.
-    inputs = list(ctx.inputs)
-    need = [i for i in _TENSOR_ARGS if isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i]]
-    with torch.enable_grad():
-        leaves = {}
-        for i in need:
-            leaves[i] = inputs[i].detach().requires_grad_(True)
-            inputs[i] = leaves[i]
-        y = _expert_mlp_impl(*inputs)
-        if y.requires_grad:
-            grads = torch.autograd.grad(y, [leaves[i] for i in need], grad_TD, allow_unused=True)
-        else:  # nothing was routed and there are no shared experts: the output is constant zero
-            grads = [None] * len(need)
-    out: list[Tensor | None] = [None] * 15
-    for i, g in zip(need, grads):
-        out[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(out)
+    inputs = ctx.inputs
+    need = [i in _TENSOR_ARGS and isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i] for i in range(15)]
+    grads = expert_mlp_backward(grad_TD.contiguous(), *inputs, need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+def _act_grad(h: Tensor, activation: str) -> Tensor:
+    """d act(h) / dh, elementwise, as torch's own backward formulas compute it."""
+    if activation == "silu":
+        s = torch.sigmoid(h)
+        return s * (1 + h * (1 - s))
+    if activation == "gelu":
+        return 0.5 * (1 + torch.erf(h * 0.7071067811865476)) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
+    if activation == "gelu_tanh":
+        k = 0.7978845608028654  # sqrt(2 / pi)
+        t = torch.tanh(k * (h + 0.044715 * h * h * h))
+        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * k * (1 + 3 * 0.044715 * h * h)
+    if activation == "relu":
+        return (h > 0).to(h.dtype)
+    if activation == "relu2":
+        return 2 * F.relu(h)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, gated, gate_clamp, up_clamp,
+               want_out: bool):
+    """Gradients of one expert MLP given the gradient of its output ``go_RD``.
+
+    Returns (gx_RD, gw_up_HD, gw_down_DF, gb_up_H, gb_down_D, out_RD or None): the forward is
+    recomputed from the saved inputs (as the autograd-recompute backward did), the derivatives are
+    written out so that the whole backward is one opaque op.
+    """
+    h = F.linear(x_RD, w_up_HD, b_up_H)
+    if gated:
+        f = h.shape[-1] // 2
+        g, u = h[:, :f], h[:, f:]
+        gc = g if gate_clamp is None else g.clamp(max=gate_clamp)
+        uc = u if up_clamp is None else u.clamp(min=-up_clamp, max=up_clamp)
+        act_g = _act(gc, activation)
+        a = act_g * uc
+    else:
+        a = _act(h, activation)
+    out = F.linear(a, w_down_DF, b_down_D) if want_out else None
+    gw_down = go_RD.t() @ a
+    gb_down = go_RD.sum(0) if b_down_D is not None else None
+    ga = go_RD @ w_down_DF
+    if gated:
+        g_gate = ga * uc * _act_grad(gc, activation)
+        if gate_clamp is not None:
+            g_gate = g_gate * (g <= gate_clamp)
+        g_up = ga * act_g
+        if up_clamp is not None:
+            g_up = g_up * ((u >= -up_clamp) & (u <= up_clamp))
+        gh = torch.cat([g_gate, g_up], dim=1)
+    else:
+        gh = ga * _act_grad(h, activation)
+    gw_up = gh.t() @ x_RD
+    gb_up = gh.sum(0) if b_up_H is not None else None
+    return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, out
+
+
+@torch.library.custom_op("moegraph::expert_mlp_backward", mutates_args=())
+def expert_mlp_backward(
+    grad_TD: Tensor,
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    w_down_EDF: Tensor,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    shared_w_up_HD: Tensor | None,
+    shared_w_down_DF: Tensor | None,
+    shared_scale_T: Tensor | None,
+    need: list[bool],
+) -> list[Tensor]:
+    """Gradients of ``expert_mlp`` for each of its 15 arguments (an empty tensor where not needed).
+
+    One opaque op, so that ``torch.compile`` traces training through the MoE layer without running a
+    recomputed autograd graph eagerly inside the backward.
+    """
+    T, D = x_TD.shape
+    E = w_up_EHD.shape[0]
+    grad_TD = grad_TD.to(x_TD.dtype)
+    gx = torch.zeros_like(x_TD)
+    gw_up, gw_down = torch.zeros_like(w_up_EHD), torch.zeros_like(w_down_EDF)
+    gb_up = torch.zeros_like(b_up_EH) if b_up_EH is not None else None
+    gb_down = torch.zeros_like(b_down_ED) if b_down_ED is not None else None
+    g_weight = torch.zeros_like(weight_N)
+    g_sh_up = torch.zeros_like(shared_w_up_HD) if shared_w_up_HD is not None else None
+    g_sh_down = torch.zeros_like(shared_w_down_DF) if shared_w_down_DF is not None else None
+    g_scale = torch.zeros_like(shared_scale_T) if shared_scale_T is not None else None
+    # Step 1: shared experts (output scaled per token by shared_scale_T when given).
+    if shared_w_up_HD is not None:
+        go = grad_TD if shared_scale_T is None else grad_TD * shared_scale_T.to(grad_TD.dtype).unsqueeze(-1)
+        gxs, g_sh_up, g_sh_down, _, _, out = _mlp_grads(x_TD, shared_w_up_HD, shared_w_down_DF, None, None, go,
+                                                        activation, gated, gate_clamp, up_clamp,
+                                                        want_out=shared_scale_T is not None)
+        gx += gxs
+        if shared_scale_T is not None:
+            g_scale = (grad_TD * out).sum(-1).to(shared_scale_T.dtype)
+    # Step 2: routed experts, sorted by expert as in the forward; dropped assignments get no gradient.
+    valid_N = (exp_N >= 0) & (exp_N < E)
+    key_N = torch.where(valid_N, exp_N, torch.full_like(exp_N, E))
+    key_sorted_N, order_N = torch.sort(key_N, stable=True)
+    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
+    n_valid = sum(counts)
+    if n_valid:
+        order_N = order_N[:n_valid]
+        tok_sorted = tok_N.index_select(0, order_N)
+        w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+        x_ND = x_TD.index_select(0, tok_sorted)
+        gy_ND = grad_TD.index_select(0, tok_sorted)
+        gx_ND = torch.empty_like(x_ND)
+        gw_sorted = torch.empty(n_valid, dtype=x_TD.dtype, device=x_TD.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            gxe, gw_up[e], gw_down[e], gbu, gbd, out = _mlp_grads(
+                x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
+                None if b_down_ED is None else b_down_ED[e], gy_ND[rows] * w_sorted[rows], activation, gated,
+                gate_clamp, up_clamp, want_out=need[3])
+            gx_ND[rows] = gxe
+            if gbu is not None:
+                gb_up[e] = gbu
+            if gbd is not None:
+                gb_down[e] = gbd
+            if need[3]:
+                gw_sorted[rows] = (gy_ND[rows] * out).sum(-1)
+            start += n
+        gx.index_add_(0, tok_sorted, gx_ND)
+        if need[3]:
+            g_weight[order_N] = gw_sorted.to(weight_N.dtype)
+    grads = [gx, None, None, g_weight, gw_up, gw_down, gb_up, gb_down, None, None, None, None, g_sh_up, g_sh_down,
+             g_scale]
+    return [g if (n and g is not None) else x_TD.new_empty(0) for g, n in zip(grads, need)]
+
+
+@expert_mlp_backward.register_fake
+def _(grad_TD, x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+      gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, need):
+    inputs = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, None, None, None, None,
+              shared_w_up_HD, shared_w_down_DF, shared_scale_T)
+    return [torch.empty_like(t) if (n and isinstance(t, Tensor)) else x_TD.new_empty(0) for t, n in zip(inputs, need)]
 
 
 #: Grouped expert MLP over assignments; see the module docstring. Arguments:
