@@ -133,10 +133,12 @@ class ExactCopies:
             into = np.zeros((r, nl))
             if len(self.inc_t):
                 into[self.seg_items] = np.add.reduceat(z[self.inc_t], self.seg_start, axis=0)
-            away = np.bincount(self.inc_i, weights=u[self.inc_t, loc[self.inc_i]], minlength=r)
+            away = np.bincount(self.inc_i, weights=u.ravel()[self.inc_t * nl + loc[self.inc_i]], minlength=r)
             move = into - away[:, None]
             d = move[:, loc] + move[:, loc].T
-            back = u[self.pair_t, loc[self.pair_i]] + u[self.pair_t, loc[self.pair_j]]
+            uf = u.ravel()
+            base = self.pair_t * nl
+            back = uf[base + loc[self.pair_i]] + uf[base + loc[self.pair_j]]
             corr = np.bincount(self.pair_i * r + self.pair_j, weights=back, minlength=r * r).reshape(r, r)
             d += corr + corr.T
             d[loc[:, None] == loc[None, :]] = 0.0
