@@ -275,7 +275,7 @@ def plan(
                    + (", refined by exact expected copies per token" if n_slots <= EXACT_MAX_ITEMS else "")
                    + (f", with {rounds} seeded perturbation rounds" if rounds else "")
                    + "; balanced on the traffic seen (each trace source no worse than load-only)"
-                   + ("; each GPU's load covariance bounded by the load-only plan's" if robust else ""))
+                   + ("; each GPU's load covariance and uninformed-prior load bounded by the load-only plan's" if robust else ""))
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
     rows = []
     stats = {"swaps": 0, "refine_swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
