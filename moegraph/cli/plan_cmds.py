@@ -68,7 +68,7 @@ def plan_cmd(
     seed: Annotated[int | None, typer.Option("--seed", help="Seed (default: placement.seed).")] = None,
     max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", help="Target max/mean GPU load on the "
                                                         "traces (default: placement.max_imbalance).")] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", help="Perturbation rounds of the local search.")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
     robust: Annotated[bool, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by the "
                                          "load-only plan's (balance on unseen traffic).")] = True,
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "

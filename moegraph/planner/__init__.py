@@ -238,7 +238,8 @@ def plan(
     slots / nodes / gpus_per_node: what-if overrides of the spec (the plan records the changed spec).
     max_imbalance: target max/mean GPU load on the traffic seen (default ``placement.max_imbalance``).
     robust: also bound every GPU's load covariance by the load-only plan's (see ``search``).
-    rounds: perturbation rounds of iterated local search per layer (default ``DEFAULT_ROUNDS``).
+    rounds: perturbation rounds of iterated local search per layer (default: DEFAULT_ROUNDS in layers of at
+        most EXACT_MAX_ITEMS slots, none in larger ones).
     progress: called as progress(layers_done, num_layers).
     """
     spec = override_spec(load_spec(spec), nodes=nodes, gpus_per_node=gpus_per_node, slots=slots)
