@@ -13,8 +13,10 @@ a token served by D distinct GPUs on H distinct hosts sends, in expectation,
     (1 - 1/G) * D  +  host_weight * (1 - 1/N) * H
 
 copies (the own GPU's and own host's copies are free). A replicated expert does not move here; a
-token's copy to it is taken to go to each of its r replicas with probability 1/r (the rule's local
-preference is ignored: in expectation over sources it changes which replica, rarely how many).
+token's copy to it is taken to go to each of its r replicas with probability 1/r. With one host and
+sources spread evenly that is exactly the rule's marginal per GPU (1/G from tokens on the replica's
+own GPU plus (G - r)/G x 1/r from the others); what it ignores is that the local choice correlates
+with the token's own GPU, and, across hosts, that the rule prefers a replica in the token's host.
 
 Gains in closed form, per level (GPUs, then hosts). Let c[t, g] count the unreplicated experts of
 token t at location g, q[t, g] the probability that none of its replicated experts is served there,
@@ -22,8 +24,8 @@ and w[t] the token's weight. Moving expert i from a to b changes the token's exp
 count by -U[t, a] + Z[t, b] with U = w [c == 1] q and Z = w [c == 0] q. For a swap of i (on a) and j
 (on b) the two moves add up, except for tokens holding both i and j, whose count does not change:
 those get +U[t, a] + U[t, b] back. All of it is a few bincounts over the (token, expert) incidences
-and the (token, expert, expert) pairs, so one step over a 64-expert layer and 8k tokens is about a
-millisecond.
+and the (token, expert, expert) pairs: a few milliseconds per step for a 64-expert layer and 8k
+tokens.
 
 Legend: T tokens, K experts per token, R items (replicas) of the search, G GPUs, N hosts.
 """
