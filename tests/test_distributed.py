@@ -49,6 +49,10 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
         d = {"name": "cap", "moe": {"hidden_size": 16, "experts": small,
                                     "router": {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "hash":  # experts fixed by token id: the layer takes token ids beside the hidden states
+        d = {"name": "hash", "moe": {"hidden_size": 16, "experts": small,
+                                     "router": {"type": "hash", "top_k": 2, "method": "random", "vocab_size": 50}},
+             "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
                                    "router": {"type": "expert_choice", "capacity_factor": 2.0}},
@@ -64,6 +68,8 @@ ROWS = {
     "replicas2": [5, 0, 9, 1, 2, 3, 4, 6, 7, 12, 8, 10, 11, 12, 13, 14, 15, 5, 9, 3],
     # 4 GPUs x 5 slots on hosts {0,1}, {2,3}: 12 on GPU 0 and 3, 14 on 1 and 3, 4 on 1 and 2, and 8 on
     # GPUs 2 and 3 of the other host (tokens from host 0 take them round-robin).
+    # 2 GPUs x 5 slots for the 8-expert specs: experts 3 and 5 on both GPUs.
+    "replicas2e8": [3, 0, 1, 2, 5, 4, 5, 6, 7, 3],
     "replicas4": [12, 3, 0, 2, 1, 4, 5, 6, 7, 14, 8, 9, 10, 11, 4, 12, 13, 14, 15, 8],
 }
 
@@ -118,6 +124,7 @@ SCENARIOS = {
         "empty_rank": (("skew", 1, 2), "contiguous", [(2, 4), (1, 0)], 0, None),
         "capacity": (("capacity", 1, 2), "contiguous", [(2, 6), (1, 5)], 0, None),
         "expert_choice": (("expert_choice", 1, 2), "contiguous", [(1, 6), (2, 5)], 0, None),
+        "hash": (("hash", 1, 2), "replicas2e8", [(2, 5), (1, 7)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -126,6 +133,14 @@ SCENARIOS = {
         "one_expert4": (("skew", 2, 2), "contiguous", [(1, 5), (1, 4), (1, 0), (2, 2)], 0, 6),
     },
 }
+
+
+def _token_ids(world: int, name: str) -> list[torch.Tensor | None]:
+    """Per rank, the token ids a hash-routed scenario feeds the layer (None for the others)."""
+    spec_args, _, shapes, _, _ = SCENARIOS[world][name]
+    if spec_args[0] != "hash":
+        return [None] * len(shapes)
+    return [torch.randint(0, 50, (b, s), generator=torch.Generator().manual_seed(7 + r)) for r, (b, s) in enumerate(shapes)]
 
 
 def _setup(world: int, name: str):
@@ -148,12 +163,13 @@ def _setup(world: int, name: str):
 
 def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     spec, plan, state, xs, gs, layer_index = _setup(world, name)
+    tid = _token_ids(world, name)[rank]
     layer = moegraph.compile(spec, plan=plan, seed=None, layer_index=layer_index, timeout=TIMEOUT_S)
     layer.load_state_dict(state)
     layer.start_recording()
     x = xs[rank].clone().requires_grad_(True)
     layer.reset_traffic()
-    y = layer(x)
+    y = layer(x, tid)
     rows = {k: v.copy() for k, v in layer.traffic.rows.items()}
     sent = {k: v.copy() for k, v in layer.traffic.bytes.items()}
     (y * gs[rank]).sum().backward()
@@ -166,7 +182,7 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
         bias = layer.router.expert_bias.clone()
     layer.eval()
     with torch.inference_mode():
-        y_eval = layer(xs[rank])
+        y_eval = layer(xs[rank], tid)
     return {
         "y": y.detach(), "y_eval": y_eval.clone(), "x_grad": x.grad, "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
@@ -384,23 +400,24 @@ def failures(tmp_path_factory):
 def _reference(world: int, name: str) -> dict:
     """The single-process layer with the same weights on every rank's tokens; loss summed over ranks."""
     spec, plan, state, xs, gs, _ = _setup(world, name)
+    tids = _token_ids(world, name)
     layer = moegraph.compile(spec, seed=0)
     layer.load_state_dict(state)
     xr = [x.clone().requires_grad_(True) for x in xs]
     ys = []
-    for x in xr:
+    for x, tid in zip(xr, tids):
         if x.numel():
-            ys.append(layer(x))
+            ys.append(layer(x, tid))
         else:  # the single-process op cannot backpropagate through zero tokens; nothing to learn there
             x.grad = torch.zeros_like(x)
             with torch.no_grad():
-                ys.append(layer(x))
+                ys.append(layer(x, tid))
     sum((y * g).sum() for y, g in zip(ys, gs) if y.requires_grad).backward()
     if layer.EXPERT_BIAS_RATE is not None:
         layer.update_expert_bias()  # the loads of every rank's tokens
     layer.eval()
     with torch.no_grad():
-        y_eval = [layer(x) for x in xs]
+        y_eval = [layer(x, tid) for x, tid in zip(xs, tids)]
     return {"y": [y.detach() for y in ys], "y_eval": y_eval, "x_grad": [x.grad for x in xr],
             "grads": {n: p.grad for n, p in layer.named_parameters()}, "plan": plan,
             "expert_bias": getattr(layer.router, "expert_bias", None)}
@@ -453,7 +470,7 @@ def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
     return np.stack([np.asarray(res[name]["rows"][kind]) for res in results])
 
 
-@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (4, "two_hosts"),
+@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (4, "two_hosts"),
                                         (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
 def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     from moegraph.distributed import predicted_copies
