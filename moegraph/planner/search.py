@@ -324,8 +324,9 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     s_diag = np.diag(s_full).copy()
     s_rr = s_full.copy()
     np.fill_diagonal(s_rr, 0.0)
-    # Balance scenarios: the sources together (each weighing equally) within max_imbalance, and with
-    # several sources each source alone no worse than in the load-only packing (or max_imbalance).
+    # Balance scenarios: the sources together (each weighing equally) within max_imbalance; with
+    # several sources each source alone no worse than in the load-only packing (or max_imbalance);
+    # robust plans also the uninformed prior (every expert equally loaded) no worse than that packing.
     loads = p.loads if sc == 1 else np.concatenate([mean_load[None], p.loads])
     if p.robust:
         loads = np.concatenate([loads, np.ones((1, e))])
@@ -338,7 +339,6 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     if p.robust:
         ratio_cap[-1] = start_ratio[-1]
     cap_s = ratio_cap * st.load.mean(axis=1)
-    assert len(cap_s) == len(w)
     cap_var = float(st.var.max()) * (1.0 + p.risk_slack) if p.robust and np.any(p.risk) else np.inf
     if p.replicas is not None and cap_var < np.inf:
         eb = np.repeat(np.arange(e), r_base)
@@ -346,6 +346,10 @@ def solve_layer(p: LayerProblem) -> LayerResult:
         sb = p.risk[eb][:, eb] / np.outer(r_base[eb], r_base[eb])
         v_g = np.bincount(gb, weights=(sb * (gb[:, None] == gb[None, :])).sum(axis=1), minlength=g)
         cap_var = float(v_g.max()) * (1.0 + p.risk_slack)
+    # Small layers (every step already looks at all items) descend to a true 2-opt local optimum: the
+    # many tiny-gain swaps there add up (on the ESFT law traces about 0.4 points of remote copies) at a
+    # cost of milliseconds; large layers stop early to keep the time bounded.
+    min_gain = MIN_GAIN * base_obj if len(experts) > 2 * ROWS_PER_STEP else 0.0
     swaps = refined = 0
     model = None
     if p.exact and p.topk is not None and len(p.topk) and np.any(p.coact) and len(experts) <= EXACT_MAX_ITEMS:
@@ -360,10 +364,6 @@ def solve_layer(p: LayerProblem) -> LayerResult:
         return model.value(st.gpu) if model is not None else st.objective()
 
     if np.any(p.coact):
-        # Small layers (every step already looks at all items) descend to a true 2-opt local optimum:
-        # the many tiny-gain swaps there add up (on the ESFT law traces about 0.4 points of remote
-        # copies) at a cost of milliseconds; large layers stop early to keep the time bounded.
-        min_gain = MIN_GAIN * base_obj if len(experts) > 2 * ROWS_PER_STEP else 0.0
         a, b = local_search()
         swaps, refined = swaps + a, refined + b
         best = _snapshot(st)
