@@ -71,6 +71,19 @@ def mlp_forward(
     return F.linear(a, w_down_DF, b_down_D)
 
 
+def _sort_by_expert(exp_N: Tensor, E: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Assignments grouped by expert, stable within an expert; dropped ones (id outside [0, E)) left out.
+
+    Returns order_N [n] (positions of the kept assignments, by expert), exp_sorted [n] (their experts)
+    and counts (assignments per expert, a list of E ints: the one host sync of the op).
+    """
+    key_N = torch.where((exp_N >= 0) & (exp_N < E), exp_N, E)
+    key_sorted_N, order_N = torch.sort(key_N, stable=True)
+    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
+    n = sum(counts)
+    return order_N[:n], key_sorted_N[:n], counts
+
+
 def _expert_mlp_impl(
     x_TD: Tensor,
     tok_N: Tensor,
@@ -102,15 +115,10 @@ def _expert_mlp_impl(
         y_TD = x_TD.new_zeros(T, D)
     if exp_N.numel() == 0:
         return y_TD
-    # Step 2: sort assignments by expert; dropped ones (id outside [0, E)) sort to the tail.
-    valid_N = (exp_N >= 0) & (exp_N < E)
-    key_N = torch.where(valid_N, exp_N, torch.full_like(exp_N, E))
-    key_sorted_N, order_N = torch.sort(key_N, stable=True)
-    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
-    n_valid = sum(counts)
-    if n_valid == 0:
+    # Step 2: sort assignments by expert; dropped ones (id outside [0, E)) are left out.
+    order_N, _, counts = _sort_by_expert(exp_N, E)
+    if len(order_N) == 0:
         return y_TD
-    order_N = order_N[:n_valid]
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N)
     x_ND = x_TD.index_select(0, tok_sorted)
@@ -329,14 +337,11 @@ def _expert_mlp_fast(
         y_TD = x_TD.new_zeros(T, D)
     if exp_N.numel() == 0:
         return y_TD
-    # Step 2: sort assignments by expert; dropped ones (outside [0, E)) sort to the tail.
-    key_N = torch.where((exp_N >= 0) & (exp_N < E), exp_N, E)
-    key_sorted_N, order_N = torch.sort(key_N, stable=True)
-    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
-    n_valid = sum(counts)
+    # Step 2: sort assignments by expert; dropped ones (outside [0, E)) are left out.
+    order_N, exp_sorted, counts = _sort_by_expert(exp_N, E)
+    n_valid = len(order_N)
     if n_valid == 0:
         return y_TD
-    order_N = order_N[:n_valid]
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
@@ -345,7 +350,6 @@ def _expert_mlp_fast(
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
-        exp_sorted = key_sorted_N[:n_valid]
         if b_up_EH is not None:
             h.add_(b_up_EH.index_select(0, exp_sorted))
         a = _activate_(h, activation, gated, gate_clamp, up_clamp).mul_(w_sorted)
@@ -529,7 +533,6 @@ def expert_mlp_backward(
     One opaque op, so that ``torch.compile`` traces training through the MoE layer without running a
     recomputed autograd graph eagerly inside the backward.
     """
-    T, D = x_TD.shape
     E = w_up_EHD.shape[0]
     grad_TD = grad_TD.to(x_TD.dtype)
     gx = torch.zeros_like(x_TD)
@@ -550,13 +553,9 @@ def expert_mlp_backward(
         if shared_scale_T is not None:
             g_scale = (grad_TD * out).sum(-1).to(shared_scale_T.dtype)
     # Step 2: routed experts, sorted by expert as in the forward; dropped assignments get no gradient.
-    valid_N = (exp_N >= 0) & (exp_N < E)
-    key_N = torch.where(valid_N, exp_N, torch.full_like(exp_N, E))
-    key_sorted_N, order_N = torch.sort(key_N, stable=True)
-    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
-    n_valid = sum(counts)
+    order_N, _, counts = _sort_by_expert(exp_N, E)
+    n_valid = len(order_N)
     if n_valid:
-        order_N = order_N[:n_valid]
         tok_sorted = tok_N.index_select(0, order_N)
         w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
         x_ND = x_TD.index_select(0, tok_sorted)
