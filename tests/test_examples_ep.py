@@ -12,34 +12,20 @@ Every subprocess runs in its own session and is killed (with its children) at it
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from subproc import ROOT, run_script
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240.0) -> str:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / "examples" / script), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every worker it started
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} did not finish in {timeout}s; output:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{script} exited with {proc.returncode}:\n{out[-4000:]}"
-    return out
+    return run_script(cmd, script, timeout, OMP_NUM_THREADS="1")
 
 
 def test_expert_parallel_example_matches_single_process():

@@ -10,34 +10,19 @@ Each subprocess runs in its own session and is killed (with any children) at its
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from subproc import ROOT, run_script
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(script: str, *args: str, timeout: float = 180.0) -> str:
-    cmd = [sys.executable, str(ROOT / "examples" / script), *args]
-    env = dict(os.environ, COLUMNS="160", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{script} did not finish in {timeout}s; output:\n{out[-4000:]}")
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{out[-4000:]}"
-    return out
+    return run_script([sys.executable, str(ROOT / "examples" / script), *args], script, timeout, COLUMNS="160")
 
 
 def test_optimize_hf_model_example() -> None:

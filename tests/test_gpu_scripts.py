@@ -8,30 +8,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from subproc import ROOT, run_script
 
 # Not importorskip: importing triton here, before tests/test_triton.py turns its interpreter on, would
 # make that module run in a subprocess instead (see its docstring).
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--dry-run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+def _run(script: str, *args: str) -> str:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--dry-run", *args]
+    return run_script(cmd, script, 600, TRITON_INTERPRET="1")
 
 
 def test_gpu_bench_dry_run_checks_every_implementation():
-    r = _run("gpu_bench.py")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    out = r.stdout
+    out = _run("gpu_bench.py")
     assert "correctness (rel. Frobenius error <= 0.02 vs torch backend at every size): PASS" in out
     for tokens in (1, 7, 33):
         line = next(x for x in out.splitlines() if x.startswith(f"[{tokens} tokens] check"))
@@ -39,8 +32,7 @@ def test_gpu_bench_dry_run_checks_every_implementation():
 
 
 def test_tune_triton_dry_run_writes_a_table_the_backend_reads(tmp_path, monkeypatch):
-    r = _run("tune_triton.py", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _run("tune_triton.py", "--out", str(tmp_path))
     (table,) = tmp_path.glob("*.json")
     assert table.name == "E=16,N=32,device_name=dry-run,dtype=float32.json"
     entries = json.loads(table.read_text())

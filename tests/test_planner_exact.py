@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from test_planner import lite_spec
 
 from moegraph.planner import plan
 from moegraph.planner.cost import evaluate
@@ -14,8 +15,6 @@ from moegraph.planner.exact import ExactCopies, refine
 from moegraph.planner.graph import layer_arrays
 from moegraph.planner.search import LayerProblem, _State, solve_layer
 from moegraph.traces import TraceSet, load_traces
-
-from test_planner import lite_spec
 
 
 def _layout(rng, reps, g, spg):
@@ -30,7 +29,7 @@ def _layout(rng, reps, g, spg):
 def _expected_copies(topk, w, experts, gpu, node, host_weight):
     """The model by enumeration: each replicated expert served by one of its replicas, each with 1/r
     probability, independently; the token starts on every GPU equally; own GPU / host copies are free."""
-    g, n = len(node), int(node.max()) + 1
+    g = len(node)
     total = 0.0
     for t, ids in enumerate(topk):
         choices = [np.flatnonzero(experts == x) for x in ids]
@@ -103,8 +102,8 @@ def test_refine_stops_at_an_exact_local_optimum_within_the_caps():
     allowed = np.isfinite(st.candidates(cap, np.inf))
     assert not (model.swap_gains(st.gpu)[allowed] < -1e-12).any()
     # The distinct GPUs per token, counted directly, fell by the model's amount (1 - 1/G of it is remote).
-    distinct = lambda gpu: np.mean([len(set(gpu[row])) for row in topk])  # noqa: E731
-    assert (1 - 1 / g) * distinct(st.gpu) == pytest.approx(after, rel=1e-12)
+    distinct = np.mean([len(set(st.gpu[row])) for row in topk])
+    assert (1 - 1 / g) * distinct == pytest.approx(after, rel=1e-12)
 
 
 @pytest.fixture(scope="module")
