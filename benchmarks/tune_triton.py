@@ -33,6 +33,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--budget-s", type=float, default=900.0, help="stop trying new candidates after this long")
     ap.add_argument("--out", default=None, help="folder for the table (default: the bundled tuned/ folder)")
+    ap.add_argument("--block-m", type=int, nargs="+", default=None,
+                    help="row-block sizes to try (default: 16..128 up to twice the rows per expert)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
     return ap.parse_args()
 
@@ -122,7 +124,7 @@ def main() -> None:
         SH = launch.SH
         rows = (T * K + SH * T) / (E + SH)
         default = configs.default_config(rows, dtype)
-        block_ms = sorted({default.BLOCK_M} | {bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)})
+        block_ms = sorted(args.block_m or {default.BLOCK_M} | {bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)})
         best = None  # (ms, cfg)
         # Each token count gets an equal share of the budget, split evenly over its (BLOCK_M, GEMM) searches.
         t_end = time.time() + (args.budget_s - (time.time() - start)) / (len(tokens) - tokens.index(T))
@@ -160,7 +162,7 @@ def main() -> None:
             if best is None or total < best[0]:
                 best = (total, cfg)
         ms, cfg = best
-        flops = 2 * T * (K + SH) * (H + 1) * D * F
+        flops = 2 * T * (K + SH) * (H + F) * D  # gate/up: D x H per row, down: F x D
         fmt = lambda c: f"{c.BLOCK_N},{c.BLOCK_K},{c.GROUP_M},{c.num_warps},{c.num_stages}"  # noqa: E731
         print(f"{T:>7} {cfg.BLOCK_M:>7} {fmt(cfg.gate_up):>24} {fmt(cfg.down):>22} {ms:>8.3f} "
               f"{flops / ms / 1e9:>8.1f}", flush=True)
