@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=10, help="timed rounds per size (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--tol", type=float, default=2e-2, help="max relative Frobenius error vs the torch backend")
+    ap.add_argument("--isolated", action="store_true",
+                    help="time each implementation in its own block of rounds instead of interleaving them")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="time eager execution only")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers' DeepseekV3MoE")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the spec-sheet bf16 TFLOP/s")
@@ -165,6 +167,11 @@ def time_interleaved(fns: dict, iters: int, warmup: int, device) -> dict[str, fl
     if device.type == "cuda":
         return {k: statistics.median(s.elapsed_time(e) for s, e in v) for k, v in samples.items()}
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def time_isolated(fns: dict, iters: int, warmup: int, device) -> dict[str, float]:
+    """Median milliseconds per call, each implementation timed alone (all its rounds back to back)."""
+    return {name: time_interleaved({name: fn}, iters, warmup, device)[name] for name, fn in fns.items()}
 
 
 def cuda_graphed(fn, device):
@@ -316,7 +323,7 @@ def main() -> int:
                         if replay is not None:
                             fns[name + "+graph"] = replay
             iters = args.iters if T < 4096 else max(3, args.iters // 2)
-            times = time_interleaved(fns, iters, args.warmup, device)
+            times = (time_isolated if args.isolated else time_interleaved)(fns, iters, args.warmup, device)
         touched = torch.unique(ids_TK).numel()
         flops = 2 * T * (K + SH) * 3 * D * F + 2 * T * D * E
         elem = torch.tensor([], dtype=dtype).element_size()
@@ -325,7 +332,7 @@ def main() -> int:
 
     # Step 3: the table.
     names = list(rows[0][1])
-    print(f"\nmedian ms per forward ({args.iters} rounds, interleaved); '+graph' = replayed CUDA graph; "
+    print(f"\nmedian ms per forward ({args.iters} rounds, {'each alone' if args.isolated else 'interleaved'}); '+graph' = replayed CUDA graph; "
           "'op' = Triton expert op with routing precomputed")
     print(f"{'tokens':>7} " + " ".join(f"{n:>16}" for n in names) + f" {'experts hit':>11}")
     for T, times, _, _, touched in rows:
