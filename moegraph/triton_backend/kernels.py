@@ -80,8 +80,13 @@ def _device_name(device: torch.device) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _align_module(has_shared: bool) -> ModuleType:
+@lru_cache(maxsize=8)
+def _align_module_for(has_shared: bool, interpret: bool) -> ModuleType:
     return render_to_module("triton_align.py.j2", {"has_shared": has_shared})
+
+
+def _align_module(has_shared: bool) -> ModuleType:
+    return _align_module_for(has_shared, interpreting())
 
 
 def max_blocks(N_ext: int, E_ext: int, block_m: int) -> int:
@@ -182,7 +187,12 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
     }
 
 
-def _mlp_module(ctx: dict[str, Any]) -> ModuleType:
+@lru_cache(maxsize=256)
+def _mlp_module_for(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
+                    has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, interpret: bool) -> ModuleType:
+    """The kernel module for one expert MLP variant, looked up once per variant and Triton mode
+    (every forward asks for it: keep the host path short)."""
+    ctx = mlp_context(act, gated, gate_clamp, up_clamp, has_bias, has_shared, has_shared_scale, dtype)
     return render_to_module("triton_expert_mlp.py.j2", ctx)
 
 
@@ -326,14 +336,14 @@ def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_
             if shared_scale_T is not None:
                 a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
             dense_shared = torch.nn.functional.linear(a, shared_w_down_DF).to(dt)
-    ctx = mlp_context(activation, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
-                      SH > 0 and shared_scale_T is not None, dt)
+    mod = _mlp_module_for(activation, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
+                          SH > 0 and shared_scale_T is not None, dt, interpreting())
 
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.contiguous()
 
     launch = MLPLaunch(
-        _mlp_module(ctx), c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
+        mod, c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
         c(b_down_ED), c(shared_w_up_HD) if SH else None, c(shared_w_down_DF) if SH else None,
         c(shared_scale_T) if SH else None, SH,
     )
@@ -428,8 +438,9 @@ def score_to_triton(score: str) -> str:
     return emit(tree)
 
 
+@lru_cache(maxsize=256)
 def router_supported(E: int, K: int, score: str) -> str | None:
-    """Why the router kernel cannot take this policy (None when it can)."""
+    """Why the router kernel cannot take this policy (None when it can); asked on every forward, so cached."""
     if E > 1024:
         return f"{E} experts exceed the router kernel's 1024 (one token's scores live in registers)"
     if K > 64:
@@ -472,20 +483,29 @@ def router_context(E: int, K: int, score: str, topk_then_score: bool, has_bias: 
     }
 
 
+@lru_cache(maxsize=256)
+def _router_module_for(E: int, K: int, score: str, topk_then_score: bool, has_bias: bool, normalize: bool,
+                       scaling_factor: float, num_groups: int, topk_groups: int, group_score: str, top_n: int,
+                       interpret: bool) -> tuple[ModuleType, int]:
+    """The router kernel module and its padded expert width, once per policy and Triton mode."""
+    ctx = router_context(E, K, score, topk_then_score, has_bias, normalize, scaling_factor, num_groups,
+                         topk_groups, group_score, top_n)
+    return render_to_module("triton_router.py.j2", ctx), ctx["EP"]
+
+
 def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, score: str, topk_then_score: bool,
                normalize: bool, scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
                top_n: int) -> tuple[Tensor, Tensor]:
     """Run the router kernel: ids [T, K] int64 (best first) and weights [T, K] in the logits' dtype."""
     check_device(logits_TE)
     T, E = logits_TE.shape
-    ctx = router_context(E, top_k, score, topk_then_score, expert_bias_E is not None, normalize, scaling_factor,
-                         num_groups, topk_groups, group_score, top_n)
-    mod = render_to_module("triton_router.py.j2", ctx)
+    mod, EP = _router_module_for(E, top_k, score, topk_then_score, expert_bias_E is not None, normalize,
+                                 float(scaling_factor), num_groups, topk_groups, group_score, top_n, interpreting())
     ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
     weights = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
     if T == 0:
         return ids, weights
-    block_t = max(1, min(16, 4096 // ctx["EP"]))
+    block_t = max(1, min(16, 4096 // EP))
     bias = expert_bias_E.contiguous() if expert_bias_E is not None else None
     mod.route_topk_kernel[(triton_cdiv(T, block_t),)](
         logits_TE, bias, ids, weights, T, logits_TE.stride(0), logits_TE.stride(1), BLOCK_T=block_t,
