@@ -50,3 +50,15 @@ def test_tune_triton_dry_run_writes_a_table_the_backend_reads(tmp_path, monkeypa
             configs.default_config(30 * 4 / 16, torch.float32)
     finally:
         configs._load_table.cache_clear()
+
+
+def test_host_overhead_script_times_both_paths():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "host_overhead.py"), "--iters", "10"]
+    out = run_script(cmd, "host_overhead.py", 600, TRITON_INTERPRET="1")
+    times = {}
+    for line in out.splitlines():
+        name, _, rest = line.strip().partition(":")
+        if rest.strip().endswith("µs"):
+            times[name] = float(rest.split()[0])
+    assert set(times) == {"shipped", "lookups uncached"} and all(t > 0 for t in times.values())
+    assert "uncached / shipped:" in out and "shipped path, top of the profile" in out
