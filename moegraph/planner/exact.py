@@ -45,7 +45,7 @@ class _SearchState(Protocol):
     experts: np.ndarray  # [R] expert of each item
     gpu: np.ndarray  # [R] GPU of each item
 
-    def candidates(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray: ...
+    def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray: ...
 
     def swap(self, i: int, j: int) -> None: ...
 
@@ -156,7 +156,7 @@ def refine(st: _SearchState, model: ExactCopies, cap_S: np.ndarray, cap_var: flo
            max_steps: int = 10000) -> int:
     """Swap unreplicated items by exact gain until no allowed swap lowers the expected copies.
 
-    Allowed: what ``st.candidates`` allows under the search's balance caps and covariance bound.
+    Allowed: what ``st.allowed`` allows under the search's balance caps and covariance bound.
     Each step applies the best swaps on pairwise disjoint GPUs together (their balance and covariance
     checks are then independent) if together they lower the copies, else the single best one; swaps
     gaining less than ``min_gain`` are not taken. Returns the number of swaps made.
@@ -166,7 +166,7 @@ def refine(st: _SearchState, model: ExactCopies, cap_S: np.ndarray, cap_var: flo
         return 0
     swaps = 0
     for _ in range(max_steps):
-        allowed = np.isfinite(st.candidates(cap_S, cap_var, rows))[:, rows]
+        allowed = st.allowed(cap_S, cap_var, rows)[:, rows]
         gain = np.where(allowed, model.swap_gains(st.gpu)[rows][:, rows], np.inf)
         mi, mj = np.nonzero(np.triu(gain < -max(min_gain, _TOL), 1))
         if len(mi) == 0:

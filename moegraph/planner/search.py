@@ -205,6 +205,13 @@ class _State:
         f = self.DA @ self.C.T  # [R, G] cost of item i if it sat on GPU g
         fs = f[np.arange(r), gpu]
         d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * self.A[rows] * self.C[gr][:, gpu]
+        return np.where(self.allowed(cap_S, cap_var, rows), d_j, np.inf)
+
+    def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray:
+        """[M, R] whether swapping item rows[m] with item j keeps every constraint (see ``candidates``)."""
+        gpu, r = self.gpu, len(self.gpu)
+        rows = np.arange(r) if rows is None else rows
+        gr = gpu[rows]
         hold_e = self.hold[self.experts]  # [R, G]
         ok = (gr[:, None] != gpu[None, :]) & ~hold_e[rows][:, gpu] & ~hold_e[:, gr].T
         for s in range(self.w.shape[0]):
@@ -219,7 +226,7 @@ class _State:
             vb = vg[None, :] - 2.0 * own[None, :] - self.sd[None, :] + 2.0 * self.DS[rows][:, gpu] - 2.0 * self.S[rows] + self.sd[rows, None]
             lim = np.maximum(cap_var, np.maximum(vg[rows, None], vg[None, :])) + _TOL
             ok &= (va <= lim) & (vb <= lim)
-        return np.where(ok, d_j, np.inf)
+        return ok
 
     def move_potential(self) -> np.ndarray:
         """[R] how much J would drop if each item alone moved to its best GPU (constraints ignored)."""
