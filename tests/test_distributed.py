@@ -28,6 +28,7 @@ from moegraph.errors import DistributedError, PlanFileError
 
 pytestmark = [pytest.mark.distributed]
 
+DECODE_STEPS = 6  # one-token forwards per rank at the end of every scenario
 TIMEOUT_S = 60.0  # per collective inside the suites (a bug shows up as DistributedError, not a hang)
 DEADLINE_S = 240.0  # per launch, then every process is killed
 
@@ -183,6 +184,14 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     layer.eval()
     with torch.inference_mode():
         y_eval = layer(xs[rank], tid)
+    # Decoding: DECODE_STEPS forwards of one token per rank (none once a rank runs out), recorded.
+    layer.start_recording()
+    layer.reset_traffic()
+    x_td, tid_t = xs[rank].reshape(-1, spec.moe.hidden_size), None if tid is None else tid.reshape(-1)
+    with torch.inference_mode():
+        for j in range(DECODE_STEPS):
+            layer(x_td[j:j + 1], None if tid_t is None else tid_t[j:j + 1])
+    decode = {"ids": layer.recorder.ids().clone(), "rows": layer.traffic.rows["dispatch"].copy()}
     return {
         "y": y.detach(), "y_eval": y_eval.clone(), "x_grad": x.grad, "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
@@ -190,6 +199,7 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
         "trace": {"topk": trace.topk, "src_rank": trace.src_rank, "sample_ids": trace.sample_ids,
                   "num_ranks": trace.num_ranks},
         "summary": layer.traffic_summary(),
+        "decode": decode,
     }
 
 
@@ -452,6 +462,30 @@ def test_world2_matches_single_process(main2, name):
 @pytest.mark.parametrize("name", list(SCENARIOS[4]))
 def test_world4_matches_single_process(main4, name):
     _check_against_reference(main4, 4, name)
+
+
+@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "hash"), (4, "two_hosts"), (4, "one_host")])
+def test_decoding_copies_match_the_plans_prediction(main2, main4, world, name):
+    """One token per rank per forward: the rule applied to the recorded trace (its tokens in forward
+    order) predicts what the runtime sent, because the inference round-robin count runs on across forwards."""
+    from moegraph.distributed import predicted_copies
+
+    results = main2 if world == 2 else main4
+    _, plan, _, _, _, layer_index = _setup(world, name)
+    ids = [res[name]["decode"]["ids"] for res in results]
+    measured = np.stack([np.asarray(res[name]["decode"]["rows"]) for res in results])
+    np.testing.assert_array_equal(measured, predicted_copies(plan, layer_index, ids), err_msg=name)
+
+
+def test_decoding_spreads_tied_replicas():
+    """Expert 8 has two replicas on the other host of GPUs 0 and 1 (slots 10 and 19): successive
+    one-token forwards take them in turn instead of always the first."""
+    from moegraph.planner.dispatch import choose_replicas
+
+    spec, plan, *_ = _setup(4, "two_hosts")
+    ids = torch.tensor([[8, 0, 1, 2]] * 4)  # four one-token forwards on GPU 0, all choosing expert 8
+    slots = choose_replicas(plan, 0, ids, torch.zeros(4, dtype=torch.long))[:, 0]
+    assert slots.tolist() == [10, 19, 10, 19]
 
 
 def test_uneven_cases_are_what_they_claim(main2, main4):

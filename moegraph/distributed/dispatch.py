@@ -6,7 +6,7 @@ routed by this rank's data-parallel router, and this rank's slot weights. It run
 
 1. Replica choice: every assignment goes to a physical slot under the plan's dispatch rule
    (``planner.dispatch``: a replica on this GPU, else on this host, else any; ties round-robin by
-   token index), read from the plan's own ``replica_table``.
+   token index, counted on across forwards in inference), read from the plan's own ``replica_table``.
 2. Dispatch, first hop: one row per (token, GPU) for GPUs of this host, and one row per (token,
    remote host) to that host's rail-aligned landing GPU. Counts go first (one all-to-all of
    [rows, assignments] per rank), then the token rows (autograd), the routing weights (autograd)
@@ -114,6 +114,9 @@ class ExpertDispatch(nn.Module):
         self.register_buffer("n_GE", torch.as_tensor(np.maximum(n, 1), dtype=torch.int64, **kw), persistent=False)
         self.register_buffer("node_G", torch.as_tensor(node, **kw), persistent=False)
         self.register_buffer("landing_GN", torch.as_tensor(landing, **kw), persistent=False)
+        # Tokens this rank dispatched in inference since the last reset: the round-robin key runs on
+        # across forwards there (see forward).
+        self.register_buffer("rr_base", torch.zeros((), dtype=torch.int64, **kw), persistent=False)
         self.comm = comm
         self.traffic = traffic
         self.rank = comm.rank
@@ -124,6 +127,10 @@ class ExpertDispatch(nn.Module):
         self.two_hop = num_nodes > 1  # a second (intra-host forwarding) hop exists only across hosts
         self.expert_op = torch.ops.moegraph.expert_mlp  # set to the graph's own op by ExpertParallelPass
         self.sync_timing = False  # CUDA: synchronise at phase boundaries so that timings are honest
+
+    def reset_round_robin(self) -> None:
+        """Start the inference round-robin count at 0 again (as a recorded trace's first token does)."""
+        self.rr_base.zero_()
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}/{self.world_size}, layer={self.layer_index}, slots={self.slots_per_gpu}, "
@@ -175,7 +182,14 @@ class ExpertDispatch(nn.Module):
         # Step 1: the plan's replica of every assignment; dropped ones (id outside [0, E)) stay home.
         keep_N = (exp_N >= 0) & (exp_N < E)
         tok_A, exp_A, w_A = tok_N[keep_N], exp_N[keep_N].long(), w_N[keep_N]
-        phys_A = choose_slots(self.cand_GER, self.n_GE, me, tok_A, exp_A)
+        # The round-robin key is the token's index among this rank's tokens. In inference it counts on
+        # across forwards: decoding sends one token per forward, and restarting at 0 would send every
+        # tie to the first replica. In training it restarts each forward, so that recomputing a forward
+        # (activation checkpointing) chooses the same replicas.
+        key_A = tok_A if self.training else tok_A + self.rr_base
+        phys_A = choose_slots(self.cand_GER, self.n_GE, me, key_A, exp_A)
+        if not self.training:
+            self.rr_base += T
         gpu_A = torch.div(phys_A, S, rounding_mode="floor")
         # Step 2: first hop: GPUs of this host directly, other hosts through their landing GPU.
         if self.two_hop:

@@ -311,6 +311,17 @@ class ExpertParallelMoE(CompiledMoEBase):
     def reset_traffic(self) -> None:
         self.traffic.reset()
 
+    def reset_round_robin(self) -> None:
+        """Restart the dispatch rule's inference token count (ties between replicas go round-robin by it)."""
+        self.ep_dispatch.reset_round_robin()
+
+    def start_recording(self):
+        """Record routing from here on; the round-robin count restarts too, so that the rule applied to
+        the recorded trace (``moegraph.plan --evaluate``, ``predicted_copies``) picks the replicas this
+        rank picked in inference."""
+        self.reset_round_robin()
+        return super().start_recording()
+
     def sync_timing(self, enabled: bool = True) -> None:
         """On CUDA, synchronise at phase boundaries so that per-phase times are honest (costs overlap)."""
         self.ep_dispatch.sync_timing = enabled

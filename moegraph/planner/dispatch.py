@@ -10,8 +10,11 @@ Rule (``choose_replicas``): a token on GPU ``src`` that chose expert ``e`` uses
 3. any replica;
 
 and when a tier holds several replicas, token ``t`` takes the ``t % n``-th of the ``n`` replicas in
-slot order, ``t`` counting the tokens that start on ``src`` only (its row in that GPU's batch, as
-the runtime counts): ties spread evenly, round-robin by token index.
+slot order, ``t`` counting the tokens that start on ``src`` only: ties spread evenly, round-robin by
+token index. The runtime counts the same way: in inference its count runs on across forwards (since
+the layer was built or started recording), so a trace recorded there, its tokens in forward order,
+gives the runtime's choices; in training it restarts with every forward (a recomputed forward must
+choose the same replicas), which a trace of one forward per rank matches.
 
 Copies (``dispatch_counts``): a token is sent once to every distinct remote GPU of its host that
 serves it; across hosts it is sent once per distinct remote host, to the GPU with the same local
@@ -39,7 +42,7 @@ __all__ = ["RULE", "replica_table", "choose_replicas", "dispatch_counts", "Dispa
 RULE = {
     "name": "local-gpu>local-node>any",
     "tie_break": "round-robin by token index: token t takes the (t % n)-th of n candidate slots in slot order, "
-    "t counted among the tokens that start on the same GPU",
+    "t counted among the tokens that start on the same GPU (in inference across forwards, in training per forward)",
     "source": "recorded source rank when recorded on num_gpus ranks, else sample_id % num_gpus",
     "copies": "one per distinct remote GPU in the host; one per distinct remote host (to the GPU with the "
     "same local index), forwarded inside that host; combine mirrors dispatch",
