@@ -29,6 +29,7 @@ def test_gpu_bench_dry_run_checks_every_implementation():
     for tokens in (1, 7, 33):
         line = next(x for x in out.splitlines() if x.startswith(f"[{tokens} tokens] check"))
         assert "routing agreement 100.00%" in line and line.endswith("PASS (tol 0.02)")
+    assert "dense_equiv" in out and "33 tokens, the same FLOPs as dense cuBLAS GEMMs, timed alongside peak" in out
 
 
 def test_tune_triton_dry_run_writes_a_table_the_backend_reads(tmp_path, monkeypatch):
