@@ -124,7 +124,8 @@ def main() -> None:
         SH = launch.SH
         rows = (T * K + SH * T) / (E + SH)
         default = configs.default_config(rows, dtype)
-        block_ms = sorted(args.block_m or {default.BLOCK_M} | {bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)})
+        block_ms = sorted(set(args.block_m) if args.block_m else
+                          {default.BLOCK_M} | {bm for bm in (16, 32, 64, 128) if bm <= max(16, 2 * rows)})
         best = None  # (ms, cfg)
         # Each token count gets an equal share of the budget, split evenly over its (BLOCK_M, GEMM) searches.
         t_end = time.time() + (args.budget_s - (time.time() - start)) / (len(tokens) - tokens.index(T))
