@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
     import torch
-    import triton.runtime.interpreter as interpreter
+    from triton.runtime import interpreter
 
     import moegraph
     from moegraph.triton_backend import kernels, render

@@ -482,7 +482,7 @@ def test_decoding_spreads_tied_replicas():
     one-token forwards take them in turn instead of always the first."""
     from moegraph.planner.dispatch import choose_replicas
 
-    spec, plan, *_ = _setup(4, "two_hosts")
+    _, plan, *_ = _setup(4, "two_hosts")
     ids = torch.tensor([[8, 0, 1, 2]] * 4)  # four one-token forwards on GPU 0, all choosing expert 8
     slots = choose_replicas(plan, 0, ids, torch.zeros(4, dtype=torch.long))[:, 0]
     assert slots.tolist() == [10, 19, 10, 19]
