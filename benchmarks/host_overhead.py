@@ -38,13 +38,12 @@ def main() -> None:
     from triton.runtime import interpreter
 
     import moegraph
-    from moegraph.triton_backend import kernels, render
+    from moegraph.triton_backend import kernels
     from moegraph.triton_backend.passes import triton_passes
 
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None  # every launch: a no-op
 
     def clear_lookup_caches() -> None:
-        render._BY_CONTEXT.clear()
         for fn in (kernels._mlp_module_for, kernels._router_module_for, kernels._align_module_for,
                    kernels.router_supported):
             fn.cache_clear()

@@ -390,7 +390,7 @@ def test_forward_after_the_first_renders_and_parses_nothing(tmp_path, monkeypatc
         raise AssertionError("a template was rendered or a score parsed on a repeated forward")
 
     monkeypatch.setattr(render_mod, "render", forbidden)
-    monkeypatch.setattr(render_mod, "_render_and_import", forbidden)
+    monkeypatch.setattr(kernels, "render_to_module", forbidden)
     monkeypatch.setattr(kernels, "score_to_triton", forbidden)
     monkeypatch.setattr(kernels, "router_context", forbidden)
     monkeypatch.setattr(kernels, "mlp_context", forbidden)

@@ -13,7 +13,6 @@ also be set before triton itself is imported, for Triton's own library functions
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -28,9 +27,6 @@ from ..codegen import default_cache_dir, import_generated, template_env
 from ..errors import CodegenError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
-# The module for a (template, context, interpreter mode), found without rendering: kernels are looked
-# up on every forward, and rendering + hashing a template each time cost ~0.1 ms of host time per call.
-_BY_CONTEXT: dict[tuple[str, str, bool], ModuleType] = {}
 _LOCK = threading.Lock()
 
 
@@ -72,20 +68,7 @@ def _write_if_changed(path: Path, source: str) -> None:
 
 
 def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path | None = None) -> ModuleType:
-    """Render ``template`` with ``ctx`` and import the result (once per content hash and mode).
-
-    Repeated calls with an equal context return the imported module without rendering again.
-    """
-    # The folder is not part of the key: an imported module serves every folder (as _MODULES does).
-    fast_key = (template, json.dumps(ctx, sort_keys=True, default=repr), interpreting())
-    mod = _BY_CONTEXT.get(fast_key)
-    if mod is None:
-        folder = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
-        mod = _BY_CONTEXT[fast_key] = _render_and_import(template, ctx, folder)
-    return mod
-
-
-def _render_and_import(template: str, ctx: dict[str, Any], folder: Path) -> ModuleType:
+    """Render ``template`` with ``ctx`` and import the result (once per content hash and mode)."""
     source = render(template, ctx)
     digest = hashlib.sha256(source.encode()).hexdigest()
     key = (digest, interpreting())
@@ -97,7 +80,8 @@ def _render_and_import(template: str, ctx: dict[str, Any], folder: Path) -> Modu
         if mod is not None:
             return mod
         stem = template.split(".", 1)[0]
-        path = folder / f"{stem}_{digest[:12]}.py"
+        path = Path(cache_dir) if cache_dir is not None else kernel_cache_dir()
+        path = path / f"{stem}_{digest[:12]}.py"
         _write_if_changed(path, source)
         name = f"moegraph_kernels_{stem}_{digest[:16]}" + ("_interpreted" if key[1] else "")
         mod = import_generated(path, name, "generated Triton kernels")
