@@ -82,11 +82,8 @@ def _device_name(device: torch.device) -> str | None:
 
 @lru_cache(maxsize=8)
 def _align_module_for(has_shared: bool, interpret: bool) -> ModuleType:
+    """The alignment kernels' module, once per variant and Triton mode."""
     return render_to_module("triton_align.py.j2", {"has_shared": has_shared})
-
-
-def _align_module(has_shared: bool) -> ModuleType:
-    return _align_module_for(has_shared, interpreting())
 
 
 def max_blocks(N_ext: int, E_ext: int, block_m: int) -> int:
@@ -124,7 +121,7 @@ def align(exp_N: Tensor, T: int, E: int, SH: int, block_m: int) -> tuple[Tensor,
     if NB > ALIGN_MAX_BINS:  # one expert histogram no longer fits a program's registers
         _align_torch(exp_N, T, E, SH, block_m, sorted_R, block_expert_B)
         return sorted_R, block_expert_B, B
-    mod = _align_module(SH > 0)
+    mod = _align_module_for(SH > 0, interpreting())
     P = triton_cdiv(N_ext, ALIGN_CHUNK)
     table = torch.empty(P, NB, dtype=torch.int32, device=dev)
     counts = torch.empty(NB, dtype=torch.int32, device=dev)
