@@ -13,7 +13,13 @@ from moegraph.planner import plan
 from moegraph.planner.cost import evaluate
 from moegraph.planner.exact import ExactCopies, refine
 from moegraph.planner.graph import layer_arrays
-from moegraph.planner.search import LayerProblem, _State, solve_layer
+from moegraph.planner.search import (
+    LayerProblem,
+    _repair_rule_balance,
+    _State,
+    rule_loads,
+    solve_layer,
+)
 from moegraph.traces import TraceSet, load_traces
 
 
@@ -68,6 +74,11 @@ def test_value_is_the_expected_remote_copies_and_gains_are_exact(seed):
         moved[i], moved[j] = gpu[j], gpu[i]
         assert gains[i, j] == pytest.approx(model.value(moved) - base, abs=1e-12)
         assert gains[j, i] == pytest.approx(gains[i, j], abs=1e-15)
+    # swap_delta: any pair, replicated items included (a swap may even put one expert twice on a GPU).
+    for i, j in itertools.product(range(len(experts)), repeat=2):
+        moved = gpu.copy()
+        moved[i], moved[j] = gpu[j], gpu[i]
+        assert model.swap_delta(gpu, i, j) == pytest.approx(model.value(moved) - base, abs=1e-12)
 
 
 def _state(p: LayerProblem, gpu: np.ndarray) -> _State:
@@ -134,3 +145,53 @@ def test_refinement_lowers_distinct_gpus_per_token_on_real_traces(law_3_layers):
     p = plan(lite_spec(nodes=1, gpus=8, slots=64), law_3_layers, seed=0)
     assert p.policy["refine_swaps"] > 0 and "exact expected copies" in p.policy["why"]
     assert evaluate(p, law_3_layers)["mean"]["max_mean_load"] <= 1.05 + 1e-9
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5, 6, 7, 10, 11])
+def test_balance_repair_takes_the_cheapest_swap_that_meets_the_cap(seed):
+    """One repair step against a brute force over every swap of an item on the hottest GPU.
+
+    Seeds: those of 0..11 whose most balancing swap costs more copies than the cheapest one
+    that meets the cap (in the others both rules pick equally cheap swaps and the test tells nothing).
+    """
+    rng = np.random.default_rng(seed)
+    e, g, k, t = 10, 4, 3, 400
+    node = np.array([0, 0, 1, 1])
+    reps = np.ones(e, int)
+    reps[:2] = 2  # 12 items, 3 per GPU
+    experts, gpu = _layout(rng, reps, g, 3)
+    p_e = np.linspace(3.0, 1.0, e)
+    topk = np.stack([rng.choice(e, k, replace=False, p=p_e / p_e.sum()) for _ in range(t)])
+    src = np.arange(t) % g  # where each token starts
+    src_counts = np.zeros((1, g, e))
+    np.add.at(src_counts, (0, np.repeat(src, k), topk.ravel()), 1.0)
+    model = ExactCopies(topk, np.full(t, 1.0 / t), experts, node)
+
+    def worst(gpu_r):
+        ld = rule_loads(gpu_r, experts, src_counts, node)[0]
+        return ld.max() / ld.mean()
+
+    hot = int(rule_loads(gpu, experts, src_counts, node)[0].argmax())
+    swaps = []
+    for i in np.flatnonzero(gpu == hot):
+        for j in np.flatnonzero(gpu != hot):
+            moved = gpu.copy()
+            moved[i], moved[j] = gpu[j], gpu[i]
+            if len(set(moved[experts == experts[i]])) == reps[experts[i]] and \
+                    len(set(moved[experts == experts[j]])) == reps[experts[j]]:
+                swaps.append((worst(moved), model.value(moved), int(i), int(j), moved))
+    better = sorted(x[0] for x in swaps if x[0] < worst(gpu) - 1e-9)
+    assert len(better) >= 2
+    cap = better[len(better) // 2]  # about half the improving swaps meet it
+    fixes = [x for x in swaps if x[0] <= cap + 1e-9]
+    cheapest = min(x[1] for x in fixes)
+    prob = LayerProblem(loads=np.ones((1, e)), coact=np.zeros((e, e)), risk=np.zeros((e, e)), src_counts=src_counts,
+                        cost=1.0 - np.eye(g), node_of_gpu=node, num_slots=len(experts), max_imbalance=cap)
+    st = _State(experts, gpu, np.ones((1, len(experts))), np.zeros((len(experts),) * 2), np.zeros((len(experts),) * 2),
+                np.zeros(len(experts)), prob.cost, e)
+    assert _repair_rule_balance(st, prob, experts, model, max_steps=1) == 1
+    assert worst(st.gpu) <= cap + 1e-9
+    assert model.value(st.gpu) == pytest.approx(cheapest, abs=1e-12)
+    # The most balancing swap (the old rule's pick) is dearer: the test tells the two rules apart.
+    most = min(swaps, key=lambda x: x[0])
+    assert most[1] > cheapest + 1e-9

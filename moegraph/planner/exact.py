@@ -27,6 +27,10 @@ those get +U[t, a] + U[t, b] back. All of it is a few bincounts over the (token,
 and the (token, expert, expert) pairs: a few milliseconds per step for a 64-expert layer and 8k
 tokens.
 
+Replicated items move only in the search's final balance repair, which prices a few candidate swaps
+each (``swap_delta``): the same expectation written as 1 - prod over a token's experts of (1 - the
+expert's share of replicas at the location), updated on the two experts' tokens only.
+
 Legend: T tokens, K experts per token, R items (replicas) of the search, G GPUs, N hosts.
 """
 
@@ -93,6 +97,16 @@ class ExactCopies:
         if self.n > 1 and host_weight > 0:
             self.levels.append((host_weight * (1.0 - 1.0 / self.n), self.n, lambda gpu: self.node[gpu]))
         self._q_for: bytes | None = None
+        self._factors_for: bytes | None = None
+        # For ``swap_delta``: which tokens chose which expert, as a dense [E, T] matrix and as lists.
+        self.topk = topk_TK
+        self.chose = np.zeros((e, t))
+        self.chose[topk_TK.ravel(), tok.ravel()] = 1.0
+        flat = topk_TK.ravel()
+        # (a stable sort of 16-bit keys is a radix sort: 5x faster here than of 64-bit ones)
+        order = np.argsort(flat.astype(np.int16 if e < 2**15 else np.int64), kind="stable")
+        self.tok_of = order // k  # tokens by expert, in order
+        self.tok_ptr = np.r_[0, np.cumsum(np.bincount(flat, minlength=e))]
 
     def _q(self, gpu_R: np.ndarray) -> list[np.ndarray]:
         """Per level, [T, locations] probability that none of a token's replicated experts is served there."""
@@ -119,6 +133,61 @@ class ExactCopies:
             c = np.bincount(self.inc_t * nl + loc_of(gpu_R)[self.inc_i], minlength=self.t * nl).reshape(self.t, nl)
             served = np.where(c > 0, 1.0, 1.0 - q)
             total += fac * float(self.w @ served.sum(axis=1))
+        return total
+
+    def _factors(self, gpu_R: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per level: F [E, L] = 1 - fraction of each expert's replicas at each location, and per
+        location and token the number of the token's experts with F == 0 and the sum of log F over the
+        others ([L, T] each)."""
+        key = gpu_R.tobytes()
+        if self._factors_for != key:
+            out = []
+            for _, nl, loc_of in self.levels:
+                f = 1.0 - np.bincount(loc_of(gpu_R) * len(self.reps) + self.experts,
+                                      minlength=nl * len(self.reps)).reshape(nl, -1) / np.maximum(self.reps, 1)
+                zero = f <= _TOL  # [L, E]
+                with np.errstate(divide="ignore"):
+                    logf = np.where(zero, 0.0, np.log(f))
+                # Sums over each token's experts as products with the [E, T] choice matrix (exact for
+                # the counts, which are small integers).
+                out.append((f.T.copy(), np.rint(zero @ self.chose), logf @ self.chose))
+            self._factors_for, self._factors_cache = key, out
+        return self._factors_cache
+
+    def swap_delta(self, gpu_R: np.ndarray, i: int, j: int) -> float:
+        """Exact change of ``value`` when items i and j trade GPUs, replicated items included.
+
+        With F[e, loc] = 1 - (fraction of expert e's replicas at loc), a token is served at loc with
+        probability 1 - prod over its experts of F[e, loc] (``value`` in one formula). Only the tokens
+        that chose either expert and only the two locations involved change; each token's product is
+        kept as (count of zero factors, sum of log of the others), so a swap updates two factors.
+        Cost: O(tokens of the two experts) after an O(T K) preparation per placement (``_factors``).
+        """
+        ei, ej = int(self.experts[i]), int(self.experts[j])
+        if ei == ej or gpu_R[i] == gpu_R[j]:
+            return 0.0
+        ti = self.tok_of[self.tok_ptr[ei]:self.tok_ptr[ei + 1]]
+        tj = self.tok_of[self.tok_ptr[ej]:self.tok_ptr[ej + 1]]
+        i_has_j = (self.topk[ti] == ej).any(axis=1)
+        tj = tj[~(self.topk[tj] == ei).any(axis=1)]  # tokens with both experts are among ti
+        toks = np.concatenate([ti, tj])
+        has = ((np.r_[np.ones(len(ti)), np.zeros(len(tj))], ei), (np.r_[i_has_j, np.ones(len(tj))], ej))
+        total = 0.0
+        for (fac, _, loc_of), (f, zeros, logs) in zip(self.levels, self._factors(gpu_R)):
+            la, lb = (int(x) for x in loc_of(gpu_R[[i, j]]))
+            if la == lb:
+                continue
+            # i leaves la for lb: its expert's factor rises by 1 / r at la and falls at lb; j the reverse.
+            for loc, sign in ((la, 1.0), (lb, -1.0)):
+                z, lg = zeros[loc, toks], logs[loc, toks]
+                before = np.where(z == 0, np.exp(lg), 0.0)
+                for (h, ex), step in zip(has, (sign, -sign)):
+                    old = f[ex, loc]
+                    new = old + step / self.reps[ex]
+                    z = z + h * (float(new <= _TOL) - float(old <= _TOL))
+                    lg = lg + h * ((np.log(new) if new > _TOL else 0.0) - (np.log(old) if old > _TOL else 0.0))
+                after = np.where(z == 0, np.exp(lg), 0.0)
+                total += fac * float(self.w[toks] @ (before - after))
         return total
 
     def swap_gains(self, gpu_R: np.ndarray) -> np.ndarray:
