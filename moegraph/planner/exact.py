@@ -82,7 +82,7 @@ class ExactCopies:
         # (token, item) incidences of unreplicated experts; (token, replicated expert) ones for q.
         self.inc_t, self.inc_i = tok[single], item_of[topk_TK[single]]
         # Incidences grouped by item, for per-item sums of per-token rows (np.add.reduceat).
-        by_item = np.argsort(self.inc_i, kind="stable")
+        by_item = _stable_order(self.inc_i, r)
         self.inc_t, self.inc_i = self.inc_t[by_item], self.inc_i[by_item]
         self.seg_items, self.seg_start = np.unique(self.inc_i, return_index=True)
         self.rep_t, self.rep_e = tok[~single], topk_TK[~single]
@@ -103,9 +103,7 @@ class ExactCopies:
         self.chose = np.zeros((e, t))
         self.chose[topk_TK.ravel(), tok.ravel()] = 1.0
         flat = topk_TK.ravel()
-        # (a stable sort of 16-bit keys is a radix sort: 5x faster here than of 64-bit ones)
-        order = np.argsort(flat.astype(np.int16 if e < 2**15 else np.int64), kind="stable")
-        self.tok_of = order // k  # tokens by expert, in order
+        self.tok_of = _stable_order(flat, e) // k  # tokens by expert, in order
         self.tok_ptr = np.r_[0, np.cumsum(np.bincount(flat, minlength=e))]
 
     def _q(self, gpu_R: np.ndarray) -> list[np.ndarray]:
@@ -259,3 +257,10 @@ def refine(st: _SearchState, model: ExactCopies, cap_S: np.ndarray, cap_var: flo
             batch = batch[:1]
         swaps += len(batch)
     return swaps
+
+
+def _stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """np.argsort(keys, kind="stable") for keys in [0, bound): on 16-bit keys numpy sorts by radix, about
+    5x faster for the (token, expert) incidences of a layer than on 64-bit ones."""
+    return np.argsort(keys.astype(np.int16) if bound < 2**15 else keys, kind="stable")
+
