@@ -18,7 +18,7 @@ from moegraph.planner import Plan, baseline_plans, evaluate_plan, placement_grap
 from moegraph.planner.baselines import contiguous, load_only, replicate_by_load
 from moegraph.planner.cost import evaluate, token_bytes
 from moegraph.planner.dispatch import choose_replicas, dispatch_counts, source_gpus
-from moegraph.planner.graph import layer_arrays
+from moegraph.planner.graph import layer_arrays, window_ids
 from moegraph.planner.search import LayerProblem, pair_cost, rule_loads, solve_layer
 from moegraph.traces import TraceSet, load_traces, synthetic_traces
 
@@ -197,6 +197,31 @@ def test_plan_beats_the_load_only_baseline_on_its_traffic(lite_traces):
     assert p.policy["name"] == "coactivation-swap-search" and p.policy["sources"] == ["intent", "law"]
     # Same inputs, same seed: the same plan.
     np.testing.assert_array_equal(plan(spec, lite_traces, seed=0).physical_to_logical_map, p.physical_to_logical_map)
+
+
+@pytest.mark.parametrize("nodes, gpus", [(1, 8), (2, 4)])
+def test_unseen_traffic_load_spreads_no_wider_than_in_the_load_only_packing(lite_traces, nodes, gpus):
+    """Constraint 2's uninformed prior (every expert equally likely hot on traffic not seen: a GPU's
+    expected load is its items weighted 1/r): in every layer the plan's most loaded GPU and the sum
+    of squares of those loads stay within the load-only packing's, counted here from the rows."""
+    g, spg = nodes * gpus, 9
+    node = np.arange(g) // gpus
+    cost = np.where(node[:, None] == node[None, :], 1.0, 4.0) - np.eye(g)
+    for task in ("intent", "law"):
+        src = lite_traces.source(task)
+        for layer in range(3):
+            arr = layer_arrays([src], layer, g, [window_ids(src.sample_ids)])
+            res = solve_layer(LayerProblem(loads=arr.loads, coact=arr.coact, risk=arr.risk, src_counts=arr.src_counts,
+                                           cost=cost, node_of_gpu=node, num_slots=72, max_imbalance=1.05,
+                                           topk=arr.topk, token_weight=arr.token_weight, rounds=2, seed=layer))
+
+            def prior(row):
+                r = np.bincount(row, minlength=64)
+                return np.bincount(np.arange(72) // spg, weights=1.0 / r[row], minlength=g)
+
+            mine, base = prior(res.row), prior(res.baseline_row)
+            assert mine.max() <= base.max() + 1e-9, (task, layer)
+            assert mine @ mine <= base @ base + 1e-9, (task, layer)
 
 
 def test_placement_graph_is_the_search_input(lite_traces):
