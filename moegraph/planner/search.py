@@ -438,7 +438,9 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, model
     the most balancing swap every time, the repair overshot: on the ESFT law traces, 2 x 4 GPUs and
     72 slots, it gave back 0.5 points of remote copies where the cheapest sufficient swap gives
     back 0.3, at slightly better held-out balance.) Moving an unreplicated expert moves its whole
-    load; only replicated experts need the rule.
+    load; only replicated experts need the rule. The other balance caps do not apply here (they
+    count replicas' loads split evenly, which is what this step corrects), the prior-spread cap
+    (``_State.prior_sq_cap``) does.
     """
     # The sources together, each weighing equally, as the runtime would see them mixed: [1, G, E].
     sc = (p.src_counts / np.maximum(p.src_counts.sum(axis=(1, 2), keepdims=True), 1e-12)).sum(axis=0, keepdims=True)
