@@ -189,7 +189,7 @@ def test_balance_repair_takes_the_cheapest_swap_that_meets_the_cap(seed):
                         cost=1.0 - np.eye(g), node_of_gpu=node, num_slots=len(experts), max_imbalance=cap)
     st = _State(experts, gpu, np.ones((1, len(experts))), np.zeros((len(experts),) * 2), np.zeros((len(experts),) * 2),
                 np.zeros(len(experts)), prob.cost, e)
-    assert _repair_rule_balance(st, prob, experts, model, max_steps=1) == 1
+    assert _repair_rule_balance(st, prob, experts, lambda: model, max_steps=1) == 1
     assert worst(st.gpu) <= cap + 1e-9
     assert model.value(st.gpu) == pytest.approx(cheapest, abs=1e-12)
     # The most balancing swap (the old rule's pick) is dearer: the test tells the two rules apart.

@@ -76,6 +76,8 @@ Legend: E experts, R items (replicas), G GPUs, Sc trace sources (scenarios).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -380,10 +382,11 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     swaps = refined = 0
     # The exact copies (small layers with token traffic): the refinement's objective when p.exact; the
     # balance repair prices its swaps by them either way.
+    # Built on first use: most repairs of the replica-move search's trial layouts need none.
     copies = None
     if p.topk is not None and len(p.topk) and np.any(p.coact) and len(experts) <= EXACT_MAX_ITEMS:
-        copies = ExactCopies(p.topk, p.token_weight, experts, p.node_of_gpu, p.host_weight)
-    model = copies if p.exact else None
+        copies = functools.cache(lambda: ExactCopies(p.topk, p.token_weight, experts, p.node_of_gpu, p.host_weight))
+    model = copies() if copies is not None and p.exact else None
 
     def local_search() -> tuple[int, int]:
         """Pairwise descent, then exact refinement; returns the swaps each made."""
@@ -427,13 +430,13 @@ def solve_layer(p: LayerProblem) -> LayerResult:
                        replicas=r, refined=refined)
 
 
-def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, model: ExactCopies | None = None,
-                         max_steps: int = 64) -> int:
+def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray,
+                         copies: Callable[[], ExactCopies] | None = None, max_steps: int = 64) -> int:
     """Swap items until the rule-exact loads on the traffic seen meet max_imbalance (or nothing helps).
 
     Each step tries the swaps of an item on the most loaded GPU (for the worst source) with any item
     elsewhere. If some of them bring the worst max/mean within max_imbalance, it takes the one that
-    costs the least: the smallest rise of the exact expected copies (``model``; J without it). Else
+    costs the least: the smallest rise of the exact expected copies (``copies()``; J without). Else
     it takes the one that lowers the worst max/mean the most, then the smallest rise of J. (Taking
     the most balancing swap every time, the repair overshot: on the ESFT law traces, 2 x 4 GPUs and
     72 slots, it gave back 0.5 points of remote copies where the cheapest sufficient swap gives
@@ -494,7 +497,8 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray, model
             break
         fixes = [c for c in better if c[0] <= p.max_imbalance + _TOL]
         if fixes:
-            i, j = _cheapest([(i, j) for _, _, i, j in fixes], [dj for _, dj, _, _ in fixes], st.gpu, experts, model)
+            i, j = _cheapest([(i, j) for _, _, i, j in fixes], [dj for _, dj, _, _ in fixes], st.gpu, experts,
+                             None if copies is None else copies())
         else:
             _, _, i, j = min(better)  # lowest worst ratio, then smallest change of J, then lowest index
         b = int(st.gpu[j])
