@@ -237,7 +237,8 @@ def plan(
     seed: seeds the perturbation rounds (default ``placement.seed``); same inputs + seed, same plan.
     slots / nodes / gpus_per_node: what-if overrides of the spec (the plan records the changed spec).
     max_imbalance: target max/mean GPU load on the traffic seen (default ``placement.max_imbalance``).
-    robust: also bound every GPU's load covariance by the load-only plan's (see ``search``).
+    robust: also bound every GPU's load covariance, and the loads expected on unseen traffic (largest and
+        spread over the GPUs), by the load-only plan's (see ``search``).
     rounds: perturbation rounds of iterated local search per layer (default: DEFAULT_ROUNDS in layers of at
         most EXACT_MAX_ITEMS slots, none in larger ones).
     progress: called as progress(layers_done, num_layers).
@@ -276,7 +277,8 @@ def plan(
                    + (", refined by exact expected copies per token" if n_slots <= EXACT_MAX_ITEMS else "")
                    + (f", with {rounds} seeded perturbation rounds" if rounds else "")
                    + "; balanced on the traffic seen (each trace source no worse than load-only)"
-                   + ("; each GPU's load covariance and uninformed-prior load bounded by the load-only plan's" if robust else ""))
+                   + ("; each GPU's load covariance and the uninformed-prior loads (largest and spread) bounded by "
+                      "the load-only plan's" if robust else ""))
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
     rows = []
     stats = {"swaps": 0, "refine_swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
