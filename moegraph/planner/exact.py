@@ -100,9 +100,9 @@ class ExactCopies:
         self._factors_for: bytes | None = None
         # For ``swap_delta``: which tokens chose which expert, as a dense [E, T] matrix and as lists.
         self.topk = topk_TK
-        self.chose = np.zeros((e, t))
-        self.chose[topk_TK.ravel(), tok.ravel()] = 1.0
         flat = topk_TK.ravel()
+        self.chose = np.zeros((e, t))
+        self.chose[flat, tok.ravel()] = 1.0
         self.tok_of = _stable_order(flat, e) // k  # tokens by expert, in order
         self.tok_ptr = np.r_[0, np.cumsum(np.bincount(flat, minlength=e))]
 
