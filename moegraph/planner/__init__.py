@@ -65,6 +65,7 @@ __all__ = [
     "placement_graph",
     "RULE",
     "DEFAULT_ROUNDS",
+    "DEFAULT_ROUNDS_NO_REPLICAS",
 ]
 
 #: perturbation rounds of the iterated local search by default, in layers of at most EXACT_MAX_ITEMS
@@ -72,6 +73,14 @@ __all__ = [
 #: variance does not grow, six rounds gained 0.3..0.9 points of remote copies on the ESFT traces at
 #: about 0.1 s per layer (``benchmarks/plan_bench.py``); held-out balance stayed within the targets.
 DEFAULT_ROUNDS = 6
+#: the same in layers without redundant slots, which skip the replica-move search (nine trial searches
+#: per layer) and so can afford twice the rounds: on the ESFT traces, 64 slots, seeds 0-3, twelve
+#: rounds gained 0.1..0.6 points of remote copies on the task planned for (2 x 4 GPUs planned and
+#: scored on law: -19.8..-20.0% -> -20.1..-20.4%) with the held-out balance moving by the few
+#: hundredths it moves between seeds anyway; with 72 slots they did not pay for their time (0..0.3
+#: points, and two held-out figures of the eight over the baseline + 0.05 target where six rounds
+#: had none).
+DEFAULT_ROUNDS_NO_REPLICAS = 12
 
 #: layers of at most this many slots (with redundant ones) try moving one replica to another expert
 #: (``_move_replicas``): each try is a full search, affordable for small layers only (the DeepSeek-V3
@@ -240,7 +249,8 @@ def plan(
     robust: also bound every GPU's load covariance, and the loads expected on unseen traffic (largest and
         spread over the GPUs), by the load-only plan's (see ``search``).
     rounds: perturbation rounds of iterated local search per layer (default: DEFAULT_ROUNDS in layers of at
-        most EXACT_MAX_ITEMS slots, none in larger ones).
+        most EXACT_MAX_ITEMS slots, DEFAULT_ROUNDS_NO_REPLICAS there without redundant slots, none in larger
+        layers).
     progress: called as progress(layers_done, num_layers).
     """
     spec = override_spec(load_spec(spec), nodes=nodes, gpus_per_node=gpus_per_node, slots=slots)
@@ -255,7 +265,7 @@ def plan(
     seed = spec.placement.seed if seed is None else int(seed)
     imb = spec.placement.max_imbalance if max_imbalance is None else float(max_imbalance)
     if rounds is None:
-        rounds = DEFAULT_ROUNDS if n_slots <= EXACT_MAX_ITEMS else 0
+        rounds = 0 if n_slots > EXACT_MAX_ITEMS else DEFAULT_ROUNDS_NO_REPLICAS if n_slots == e else DEFAULT_ROUNDS
     rounds = int(rounds)
     cost = _cost_matrix(cl)
     notes: list[str] = []

@@ -37,7 +37,8 @@ Why these choices.
   search reaches the brute-force optimum on every tiny case the tests try. A round's result is kept
   only if it lowers the objective (the exact copies where refined, else J) *and* does not raise the
   GPUs' total variance: a stronger search otherwise spends the risk bound's slack on every GPU
-  (worse balance on unseen traffic). The planner runs DEFAULT_ROUNDS of them in small layers.
+  (worse balance on unseen traffic). The planner runs DEFAULT_ROUNDS of them in small layers
+  (DEFAULT_ROUNDS_NO_REPLICAS where there are no redundant slots).
 - Constraint 2 is what makes the plan hold up on other tasks. A plan that packs co-activated experts
   together also packs experts that are hot *together*: on a task where that group is popular its
   GPU overloads (planned on ESFT law, scored on intent: max/mean load +0.2..0.3 worse than a
