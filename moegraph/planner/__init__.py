@@ -78,8 +78,8 @@ DEFAULT_ROUNDS = 6
 #: rounds gained 0.1..0.6 points of remote copies on the task planned for (2 x 4 GPUs planned and
 #: scored on law: -19.8..-20.0% -> -20.1..-20.4%) with the held-out balance moving by the few
 #: hundredths it moves between seeds anyway; with 72 slots they did not pay for their time (0..0.3
-#: points, and two held-out figures of the eight over the baseline + 0.05 target where six rounds
-#: had none).
+#: points, and two of the sixteen held-out figures, four cases by four seeds, over the baseline +
+#: 0.05 target where six rounds had none).
 DEFAULT_ROUNDS_NO_REPLICAS = 12
 
 #: layers of at most this many slots (with redundant ones) try moving one replica to another expert
