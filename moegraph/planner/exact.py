@@ -36,6 +36,7 @@ Legend: T tokens, K experts per token, R items (replicas) of the search, G GPUs,
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -98,13 +99,7 @@ class ExactCopies:
             self.levels.append((host_weight * (1.0 - 1.0 / self.n), self.n, lambda gpu: self.node[gpu]))
         self._q_for: bytes | None = None
         self._factors_for: bytes | None = None
-        # For ``swap_delta``: which tokens chose which expert, as a dense [E, T] matrix and as lists.
         self.topk = topk_TK
-        flat = topk_TK.ravel()
-        self.chose = np.zeros((e, t))
-        self.chose[flat, tok.ravel()] = 1.0
-        self.tok_of = _stable_order(flat, e) // k  # tokens by expert, in order
-        self.tok_ptr = np.r_[0, np.cumsum(np.bincount(flat, minlength=e))]
 
     def _q(self, gpu_R: np.ndarray) -> list[np.ndarray]:
         """Per level, [T, locations] probability that none of a token's replicated experts is served there."""
@@ -133,6 +128,17 @@ class ExactCopies:
             total += fac * float(self.w @ served.sum(axis=1))
         return total
 
+    @functools.cached_property
+    def _chose(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For ``swap_delta`` only (built on its first call): which tokens chose which expert, as a dense
+        [E, T] matrix and as token lists by expert (tokens, [E + 1] offsets)."""
+        t, k = self.topk.shape
+        e = len(self.reps)
+        flat = self.topk.ravel()
+        chose = np.zeros((e, t))
+        chose[flat, np.repeat(np.arange(t), k)] = 1.0
+        return chose, _stable_order(flat, e) // k, np.r_[0, np.cumsum(np.bincount(flat, minlength=e))]
+
     def _factors(self, gpu_R: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per level: F [E, L] = 1 - fraction of each expert's replicas at each location, and per
         location and token the number of the token's experts with F == 0 and the sum of log F over the
@@ -148,7 +154,8 @@ class ExactCopies:
                     logf = np.where(zero, 0.0, np.log(f))
                 # Sums over each token's experts as products with the [E, T] choice matrix (exact for
                 # the counts, which are small integers).
-                out.append((f.T.copy(), np.rint(zero @ self.chose), logf @ self.chose))
+                chose = self._chose[0]
+                out.append((f.T.copy(), np.rint(zero @ chose), logf @ chose))
             self._factors_for, self._factors_cache = key, out
         return self._factors_cache
 
@@ -164,8 +171,9 @@ class ExactCopies:
         ei, ej = int(self.experts[i]), int(self.experts[j])
         if ei == ej or gpu_R[i] == gpu_R[j]:
             return 0.0
-        ti = self.tok_of[self.tok_ptr[ei]:self.tok_ptr[ei + 1]]
-        tj = self.tok_of[self.tok_ptr[ej]:self.tok_ptr[ej + 1]]
+        _, tok_of, tok_ptr = self._chose
+        ti = tok_of[tok_ptr[ei]:tok_ptr[ei + 1]]
+        tj = tok_of[tok_ptr[ej]:tok_ptr[ej + 1]]
         i_has_j = (self.topk[ti] == ej).any(axis=1)
         tj = tj[~(self.topk[tj] == ei).any(axis=1)]  # tokens with both experts are among ti
         toks = np.concatenate([ti, tj])
