@@ -382,8 +382,8 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     min_gain = MIN_GAIN * base_obj if len(experts) > 2 * ROWS_PER_STEP else 0.0
     swaps = refined = 0
     # The exact copies (small layers with token traffic): the refinement's objective when p.exact; the
-    # balance repair prices its swaps by them either way.
-    # Built on first use: most repairs of the replica-move search's trial layouts need none.
+    # balance repair prices its swaps by them either way, building them on first use (most repairs of
+    # the replica-move search's trial layouts need none).
     copies = None
     if p.topk is not None and len(p.topk) and np.any(p.coact) and len(experts) <= EXACT_MAX_ITEMS:
         copies = functools.cache(lambda: ExactCopies(p.topk, p.token_weight, experts, p.node_of_gpu, p.host_weight))
@@ -516,7 +516,7 @@ def _cheapest(pairs: list[tuple[int, int]], dj: list[float], gpu: np.ndarray, ex
     if model is None:
         cost = dj
     else:
-        single = np.bincount(experts)[experts] == 1
+        single = model.reps[experts] == 1
         gains = model.swap_gains(gpu) if any(single[i] and single[j] for i, j in pairs) else None
         cost = [gains[i, j] if single[i] and single[j] else model.swap_delta(gpu, i, j) for i, j in pairs]
     return min(zip(np.round(cost, 12).tolist(), pairs))[1]
