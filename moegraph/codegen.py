@@ -11,9 +11,10 @@ content does not match its recorded hash (a corrupted or hand-edited file) is de
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.util
 import json
+import linecache
 import os
 import re
 import sys
@@ -28,7 +29,8 @@ import jinja2
 from . import __version__
 from .errors import CodegenError
 from .resources import templates_dir
-from .spec import ACTIVATIONS, SCORE_EXPR_FUNCTIONS, MoESpec, UniformTopology, score_expression
+from .codegen_safe import FILTERS, Code, check_module, finalize
+from .spec import ACTIVATIONS, SCORE_EXPR_FUNCTIONS, MoESpec, UniformTopology, score_expression, score_tree
 
 _ENV: jinja2.Environment | None = None
 
@@ -37,28 +39,48 @@ def template_env() -> jinja2.Environment:
     """The one Jinja environment over codegen_templates/ (StrictUndefined), shared by every backend."""
     global _ENV
     if _ENV is None:
-        _ENV = jinja2.Environment(
+        env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(templates_dir())),
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
+            # Every printed value goes through the one escaping path (moegraph.codegen_safe).
+            finalize=finalize,
         )
+        env.filters.update(FILTERS)
+        _ENV = env
     return _ENV
 
 
-def _score_code(score: str) -> str:
-    """Torch code computing scores_TE from logits_TE for a score name or expression."""
+def _score_code(score: str) -> Code:
+    """Torch code computing scores_TE from logits_TE for a score name or expression.
+
+    Emitted node by node from the validated parse tree (``spec.score_tree``), never from the text.
+    """
     if score == "softmax":
-        return "torch.softmax(logits_TE, dim=-1)"
-    expr = score_expression(score)
-    # Rewrite whitelisted function names to their torch spelling; the spec validated the expression.
-    code = re.sub(
-        r"\b([A-Za-z_][A-Za-z0-9_]*)\b",
-        lambda m: SCORE_EXPR_FUNCTIONS.get(m.group(1), "logits_TE" if m.group(1) == "x" else m.group(1)),
-        expr,
-    )
-    return code
+        return Code("torch.softmax(logits_TE, dim=-1)")
+    tree = score_tree(score_expression(score))
+    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+
+    def emit(node: ast.AST) -> str:
+        if isinstance(node, ast.Expression):
+            return emit(node.body)
+        if isinstance(node, ast.Name):
+            return "logits_TE"
+        if isinstance(node, ast.Constant):
+            return repr(float(node.value))
+        if isinstance(node, ast.UnaryOp):
+            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{emit(node.operand)})"
+        if isinstance(node, ast.BinOp):
+            return f"({emit(node.left)} {ops[type(node.op)]} {emit(node.right)})"
+        if isinstance(node, ast.Call):
+            return f"{SCORE_EXPR_FUNCTIONS[node.func.id]}({emit(node.args[0])})"
+        raise CodegenError(f"score {score!r}: {type(node).__name__} has no torch spelling")  # validated: unreachable
+
+    code = emit(tree)
+    # Keep the hand-written look: an operator at the top needs no outer parentheses.
+    return Code(code[1:-1] if isinstance(tree.body, (ast.BinOp, ast.UnaryOp)) else code)
 
 
 def _devices(spec: MoESpec) -> int:
@@ -97,7 +119,7 @@ def _aux_calls(spec: MoESpec) -> list[dict[str, Any]]:
             call = "runtime.z_loss(logits_TE)"
         else:  # pragma: no cover - the spec's Literal forbids this
             raise CodegenError(f"unknown aux loss kind {loss.kind!r}")
-        out.append({"kind": loss.kind, "coef": float(loss.coef), "call": call})
+        out.append({"kind": loss.kind, "coef": float(loss.coef), "call": Code(call)})
     return out
 
 
@@ -105,7 +127,9 @@ def class_name(spec: MoESpec) -> str:
     base = re.sub(r"[^0-9a-zA-Z]+", " ", spec.name).title().replace(" ", "")
     if not base or not base[0].isalpha():
         base = "Spec" + base
-    return f"{base}MoE"
+    name = f"{base}MoE"
+    assert name.isidentifier() and name.isascii(), f"class name {name!r} is not a plain identifier"
+    return name
 
 
 def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
@@ -120,7 +144,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "op_namespace": "moegraph_triton" if backend == "triton" else "moegraph",
         "spec_name": spec.name,
         "spec_hash": spec.hash(),
-        "spec_json": json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=4),
+        # ensure_ascii: the JSON is plain ASCII, so it can be written as a raw literal (|block).
+        "spec_json": "\n" + json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=4, ensure_ascii=True)
+        + "\n",
         "class_name": class_name(spec),
         "summary": f"{r.type} routing over {m.experts.num_experts} {m.experts.activation} experts"
         + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
@@ -159,12 +185,28 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     return ctx
 
 
+#: code generators; compile() adds what each needs at run time
+BACKENDS = ("torch", "triton")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise CodegenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def render(spec: MoESpec, backend: str = "torch") -> str:
-    """The generated Python source for a spec (byte-identical for the same spec and version)."""
+    """The generated Python source for a spec (byte-identical for the same spec and version).
+
+    The source is parsed again and refused unless it has the expected shape (``check_module``).
+    """
+    check_backend(backend)
     try:
-        return template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
+        source = template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:
-        raise CodegenError(f"rendering moe_layer.py.j2 for spec '{spec.name}' failed: {exc}") from exc
+        raise CodegenError(f"rendering moe_layer.py.j2 for spec {spec.name!r} failed: {exc}") from exc
+    check_module(source, f"generated layer for spec {spec.name!r}")
+    return source
 
 
 def source_hash(source: str) -> str:
@@ -195,61 +237,103 @@ def default_cache_dir() -> Path:
     return _cache_dir if _cache_dir is not None else Path.home() / ".cache" / "moegraph" / "generated"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    os.umask(mask)
+    return mask
+
+
+def read_text_or_none(path: Path) -> str | None:
+    """A generated file's text; None when it is missing, unreadable or not UTF-8 (it is then rebuilt)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def write_atomic(path: Path, source: str) -> bool:
+    """Write ``source`` to ``path`` unless it already holds exactly that; return whether it wrote.
+
+    The text goes to a temporary file beside ``path`` first and is renamed over it, so a reader never
+    sees half a file; the file gets the usual permissions (0666 less the umask, not mkstemp's 0600).
+    """
+    if read_text_or_none(path) == source:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(source)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
 def write_source(spec: MoESpec, out_dir: str | Path, backend: str = "torch") -> Generated:
     """Render and write the layer source into ``out_dir``, only if its content changed."""
     source = render(spec, backend)
     digest = source_hash(source)
     out = Path(out_dir)
-    name = f"moe_{re.sub(r'[^0-9a-zA-Z]+', '_', spec.name)}_{spec.short_hash}_{backend}.py"
+    name = f"moe_{re.sub(r'[^0-9a-zA-Z]+', '_', spec.name)[:80]}_{spec.short_hash}_{backend}.py"
     path = out / name
+    if out.exists() and not out.is_dir():
+        raise CodegenError(f"cannot write generated code to {out}: it is a file, not a directory; choose a "
+                           "directory with -o/out_dir")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.read_text(encoding="utf-8") == source:
-            return Generated(path, source, digest, written=False)
-        # Write atomically: never leave a half-written file behind.
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=".py")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(source)
-        os.replace(tmp, path)
+        written = write_atomic(path, source)
     except OSError as exc:
         raise CodegenError(
             f"cannot write generated code to {out}: {exc.strerror}; choose a writable directory with -o/out_dir"
         ) from None
-    return Generated(path, source, digest, written=True)
+    return Generated(path, source, digest, written=written)
 
 
 _MODULES: dict[str, ModuleType] = {}
 
 
 def load_module(gen: Generated) -> ModuleType:
-    """Import a generated file, cached by the sha256 of its content.
+    """The module of a generated source, cached by the sha256 of its content.
 
-    The file on disk must still hold the rendered source; if it was corrupted after writing, it is
-    rewritten before import (and the event is visible as ``gen.written``).
+    The module is built from ``gen.source`` itself (the text whose hash is ``gen.digest``), never from
+    bytecode or from whatever the file holds now: a stale or corrupt ``.pyc`` or a hand-edited file
+    cannot change what runs. A file that no longer holds the source is rewritten (for tools that read
+    it, such as tracebacks and Triton's source lookup).
     """
     mod = _MODULES.get(gen.digest)
     if mod is not None:
         return mod
+    if source_hash(gen.source) != gen.digest:
+        raise CodegenError(f"generated source for {gen.path} does not match its hash; regenerate it")
     try:
-        on_disk = gen.path.read_text(encoding="utf-8")
-    except OSError:
-        on_disk = None
-    if on_disk != gen.source:
-        gen.path.write_text(gen.source, encoding="utf-8")
-    mod = import_generated(gen.path, f"moegraph_generated_{gen.digest[:16]}", "generated file")
+        write_atomic(gen.path, gen.source)
+    except OSError as exc:
+        raise CodegenError(f"cannot rewrite generated file {gen.path}: {exc.strerror}; choose a writable "
+                           "directory with -o/out_dir") from None
+    mod = import_generated(gen.path, f"moegraph_generated_{gen.digest[:16]}", "generated file", gen.source)
     _MODULES[gen.digest] = mod
     return mod
 
 
-def import_generated(path: Path, mod_name: str, what: str) -> ModuleType:
-    """Import a generated source file as module ``mod_name``; a failure is a CodegenError."""
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    if spec is None or spec.loader is None:
-        raise CodegenError(f"cannot import {what} {path}")
-    mod = importlib.util.module_from_spec(spec)
+def import_generated(path: Path, mod_name: str, what: str, source: str) -> ModuleType:
+    """Execute verified generated ``source`` as module ``mod_name`` (its file is ``path``).
+
+    The source text is compiled here, so no bytecode cache is read or written; the line cache is
+    pointed at the same text so that tracebacks and ``inspect.getsource`` (Triton's ``@jit``) see
+    exactly what runs. A failure is a CodegenError.
+    """
+    try:
+        code = compile(source, str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as exc:
+        raise CodegenError(f"{what} {path} does not compile: {exc}") from None
+    mod = ModuleType(mod_name)
+    mod.__file__ = str(path)
+    linecache.cache[str(path)] = (len(source), None, source.splitlines(True), str(path))
     sys.modules[mod_name] = mod
     try:
-        spec.loader.exec_module(mod)
+        exec(code, mod.__dict__)  # noqa: S102 - moegraph's own generated source, checked by check_module
     except Exception as exc:  # a generated file that does not import is a moegraph bug
         del sys.modules[mod_name]
         raise CodegenError(f"{what} {path} failed to import: {exc}") from exc

@@ -7,15 +7,12 @@ from typing import Any
 
 import torch
 
-from .codegen import layer_class
-from .errors import CodegenError
+from .codegen import BACKENDS, check_backend, layer_class
 from .loader import load_spec
 from .runtime import CompiledMoEBase, torch_dtype
 from .spec import MoESpec
 
 __all__ = ["compile", "BACKENDS"]
-
-BACKENDS = ("torch", "triton")
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
@@ -51,8 +48,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     """
     spec = load_spec(spec)
     backend = backend or spec.codegen.backend
-    if backend not in BACKENDS:
-        raise CodegenError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "triton":
         from . import triton_backend  # noqa: F401  (fails with a clear message if triton is missing)
 

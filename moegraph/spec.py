@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -56,6 +58,7 @@ __all__ = [
     "SCORE_FUNCTIONS",
     "ACTIVATIONS",
     "score_expression",
+    "score_tree",
 ]
 
 
@@ -206,17 +209,78 @@ SCORE_EXPR_FUNCTIONS: dict[str, str] = {
 }
 
 
+#: the meaning of each function of SCORE_EXPR_FUNCTIONS on one Python float (for the finiteness probe
+#: below and for constant folding in the Triton backend)
+SCORE_EXPR_MATH: dict[str, Any] = {
+    "sigmoid": lambda v: 1.0 / (1.0 + math.exp(-v)) if v >= -700 else 0.0,
+    "softplus": lambda v: v if v > 20 else math.log1p(math.exp(v)),
+    "sqrt": math.sqrt,
+    "exp": math.exp,
+    "log": math.log,
+    "log1p": math.log1p,
+    "tanh": math.tanh,
+    "relu": lambda v: max(v, 0.0),
+    "abs": abs,
+    "square": lambda v: v * v,
+}
+
 #: longest custom score expression accepted (also keeps the parser away from pathological inputs)
 MAX_SCORE_EXPRESSION = 200
+
+#: router logits at which a custom score must be finite (float32): the range logits take in practice
+SCORE_PROBE_X = tuple(v / 4 for v in range(-120, 121))
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def score_value(tree: ast.AST, x: float) -> float:
+    """A validated score expression tree at one logit value (Python floats; raises ArithmeticError or
+    ValueError where the expression is undefined)."""
+    if isinstance(tree, ast.Expression):
+        return score_value(tree.body, x)
+    if isinstance(tree, ast.Name):
+        return x
+    if isinstance(tree, ast.Constant):
+        return float(tree.value)
+    if isinstance(tree, ast.UnaryOp):
+        v = score_value(tree.operand, x)
+        return -v if isinstance(tree.op, ast.USub) else v
+    if isinstance(tree, ast.BinOp):
+        a, b = score_value(tree.left, x), score_value(tree.right, x)
+        if isinstance(tree.op, ast.Add):
+            v = a + b
+        elif isinstance(tree.op, ast.Sub):
+            v = a - b
+        elif isinstance(tree.op, ast.Mult):
+            v = a * b
+        elif isinstance(tree.op, ast.Div):
+            v = a / b
+        else:
+            v = a ** b
+        if isinstance(v, complex):
+            raise ValueError("complex power")
+        return float(v)
+    assert isinstance(tree, ast.Call), f"unvalidated score node {ast.dump(tree)}"
+    return float(SCORE_EXPR_MATH[tree.func.id](score_value(tree.args[0], x)))
 
 
 def _check_score_expression(expr: str) -> str:
     """Validate a custom elementwise score expression of ``x``; return it unchanged."""
+    score_tree(expr)
+    return expr
+
+
+@functools.lru_cache(maxsize=256)
+def score_tree(expr: str) -> ast.Expression:
+    """The parsed tree of a custom score expression, validated (allowed names, calls, operators and
+    constants only; finite on every logit of ``SCORE_PROBE_X``). Code is generated from this tree,
+    never from the expression's text."""
     if len(expr) > MAX_SCORE_EXPRESSION:
         raise ValueError(
             f"score expression is {len(expr)} characters long; keep it under {MAX_SCORE_EXPRESSION} "
             "(it is one elementwise function of x)"
         )
+    if not expr.isprintable():
+        raise ValueError(f"score expression {expr!r} holds a line break or control character; write it on one line")
     try:
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, ValueError) as exc:
@@ -237,19 +301,38 @@ def _check_score_expression(expr: str) -> str:
                     f"score expression {expr!r}: only calls of {sorted(SCORE_EXPR_FUNCTIONS)} with positional "
                     "arguments are allowed"
                 )
-            if len(node.args) != 1:
+            if len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
                 raise ValueError(f"score expression {expr!r}: each function takes exactly one argument")
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
                 raise ValueError(f"score expression {expr!r}: only numeric constants are allowed")
+            if isinstance(node.value, int) and abs(node.value) > 2**53 or not math.isfinite(float(node.value)):
+                raise ValueError(f"score expression {expr!r}: constant {expr[node.col_offset:node.end_col_offset]} "
+                                 "is too large; use a number below 2**53")
         elif isinstance(node, (ast.BinOp, ast.UnaryOp)):
             if not isinstance(node.op, allowed_ops):
                 raise ValueError(f"score expression {expr!r}: operator {type(node.op).__name__} is not allowed")
         elif not isinstance(node, (ast.Expression, ast.Load, *allowed_ops)):
             raise ValueError(f"score expression {expr!r}: {type(node).__name__} is not allowed")
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    if any(isinstance(n, ast.Name) and n.id != "x" and id(n) not in called for n in ast.walk(tree)):
+        raise ValueError(f"score expression {expr!r}: functions must be called, e.g. sigmoid(x)")
     if not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(tree)):
         raise ValueError(f"score expression {expr!r} does not use the router logit 'x'")
-    return expr
+    # Probe: a score that is infinite or undefined for ordinary logits makes every output non-finite.
+    for x in SCORE_PROBE_X:
+        try:
+            v = score_value(tree, x)
+            bad = not abs(v) <= _FLOAT32_MAX
+        except (ArithmeticError, ValueError):
+            bad = True
+        if bad:
+            raise ValueError(
+                f"score expression {expr!r} is not finite at the logit x = {x:g}; a score must be finite for "
+                f"every logit in [{SCORE_PROBE_X[0]:g}, {SCORE_PROBE_X[-1]:g}] (guard it, e.g. log(1 + exp(x)) "
+                "-> softplus(x), sqrt(x) -> sqrt(relu(x)))"
+            )
+    return tree
 
 
 def _check_score(v: str) -> str:
@@ -713,6 +796,15 @@ class MoESpec(_Frozen):
     topology: Topology = UniformTopology()
     placement: PlacementSpec = PlacementSpec()
     codegen: CodegenSpec = CodegenSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _one_line_name(cls, v: str) -> str:
+        # The name heads generated files and reports: one printable line (use description for more).
+        if not v.isprintable() or v != v.strip():
+            raise ValueError(f"name {v!r} holds a line break, control character or surrounding spaces; "
+                             "use one line of printable text (put more in description)")
+        return v
 
     @model_validator(mode="after")
     def _cross_sections(self) -> MoESpec:

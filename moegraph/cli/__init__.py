@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 import typer
-from rich.console import Console
 
 from ..errors import MoegraphError
 
@@ -24,8 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+from .output import console, err_console, say_error  # noqa: E402  (markup never interpreted)
 
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401
@@ -39,8 +37,7 @@ for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds
 
 
 def report_error(exc: MoegraphError) -> None:
-    for line in str(exc).splitlines() or [type(exc).__name__]:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    say_error(str(exc) or type(exc).__name__)
 
 
 def _click_exceptions():

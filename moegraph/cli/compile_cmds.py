@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..loader import load_spec
 from . import app, console
+from .output import say
 
 
 @app.command(name="compile")
@@ -59,7 +60,7 @@ def bench(
     with_hf = not no_hf
     why = hf_incompatibility(s) if with_hf else None
     if why:
-        console.print(f"[yellow]no HF comparison for {s.name}: {why}; timing moegraph only[/]", highlight=False)
+        say(f"no HF comparison for {s.name}: {why}; timing moegraph only", text_style="yellow")
         with_hf = False
     with console.status("benchmarking") as status:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,

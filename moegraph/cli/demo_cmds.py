@@ -11,6 +11,7 @@ import typer
 from ..loader import load_spec
 from ..summary import human, summarize
 from . import app, console
+from .output import say
 
 
 @app.command()
@@ -34,11 +35,11 @@ def demo(
     console.rule("1. validate")
     s = load_spec(spec)
     m = summarize(s)
-    console.print(
-        f"[green]ok[/] {s.name} (hash {s.short_hash}): {m.num_moe_layers} MoE layers x {s.moe.experts.num_experts} "
+    say(
+        f"{s.name} (hash {s.short_hash}): {m.num_moe_layers} MoE layers x {s.moe.experts.num_experts} "
         f"experts, top-{s.moe.top_k}; {human(m.moe_total)} MoE params, {human(m.moe_active)} active per token"
         + (f"; whole model {human(m.model_total)} / {human(m.model_active)} active" if m.model_total else ""),
-        highlight=False,
+        prefix="ok", style="green",
     )
 
     # Step 2: plan on the spec's traces (the bundled ESFT traces for the DeepSeek-V2-Lite presets).
@@ -46,7 +47,7 @@ def demo(
     plan_path = output / "plan.json"
     plot_path = output / "plan.png" if importlib.util.find_spec("matplotlib") else None
     if plot_path is None:
-        console.print("[dim]matplotlib not installed (pip install 'moegraph[plot]'): skipping the plot[/]")
+        say("matplotlib not installed (pip install 'moegraph[plot]'): skipping the plot", text_style="dim")
     plan_cmd(spec=spec, output=plan_path, plot=plot_path)
 
     # Step 3: compile with the plan and run a smoke forward.

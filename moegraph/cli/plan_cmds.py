@@ -19,6 +19,7 @@ from rich.table import Table
 from ..errors import TraceError
 from ..loader import load_spec
 from . import app, console, err_console
+from .output import say
 
 trace_app = typer.Typer(help="Import routing traces and summarise them.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
@@ -120,13 +121,13 @@ def plan_cmd(
                  progress=lambda done, total: prog.update(task, completed=done))
     cl = p.cluster
     console.print(
-        f"[bold]{p.spec.name}[/] (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "
+        f"{p.spec.name} (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "
         f"{p.num_slots} slots on {p.num_gpus} GPUs ({cl.num_nodes} host(s)), {p.slots_per_gpu} per GPU",
         highlight=False,
     )
     console.print(f"policy: {p.policy['name']}: {p.policy['why']}", highlight=False)
     for note in p.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(note, prefix="note:", style="yellow")
     if p.metrics:
         console.print(_metrics_table(p.metrics, f"predicted on {p.metrics['traces']} ({p.metrics['tokens'] or 'counts'} tokens)"))
     if output is not None:
@@ -187,7 +188,7 @@ def trace_stats_cmd(
     ts = load_traces(traces, spec=s)
     st = trace_stats(ts)
     kind = "counts only" if ts.load_only else f"{ts.num_tokens} tokens x top-{ts.top_k}, {ts.num_samples} samples"
-    console.print(f"[bold]{ts.name}[/]: {ts.num_layers} MoE layers, {ts.num_experts} experts, {kind}; sources "
+    console.print(f"{ts.name}: {ts.num_layers} MoE layers, {ts.num_experts} experts, {kind}; sources "
                   f"{list(ts.sources)}", highlight=False)
     t = Table(show_header=True)
     for col in ("layer", "hottest expert (max/mean)", "load CV", "co-act share of top 10% pairs",
@@ -212,4 +213,4 @@ def trace_stats_cmd(
         summary += f"; cross-layer affinity (NMI) {st.affinity.mean():.3f}"
     console.print(summary, highlight=False)
     for note in st.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(note, prefix="note:", style="yellow")

@@ -11,6 +11,7 @@ from rich.table import Table
 from ..errors import PlanFileError
 from ..loader import load_spec
 from . import app, console
+from .output import say, styled
 
 
 def _spec_and_plan(spec_arg: str, plan_path: Path):
@@ -79,7 +80,7 @@ def run_cmd(
 
     p, note = _spec_and_plan(spec, plan)
     if note:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(note, prefix="note:", style="yellow")
     world = nproc or p.num_gpus
     with console.status(f"running {world} processes (gloo)" if device == "cpu" else f"running {world} processes"):
         res = run_local(p, nproc=nproc, tokens=tokens, steps=steps, backward=backward, layer_index=layer, seed=seed,
@@ -102,7 +103,7 @@ def run_cmd(
         got_d, got_c = res.sent_bytes(r, "dispatch"), res.sent_bytes(r, "combine")
         ok = got_d == pred_d and got_c == pred_c and bool((res.measured[:, r] == res.predicted[:, r]).all())
         st.add_row(str(r), f"{_kib(got_d)} / {_kib(pred_d)}", f"{_kib(got_c)} / {_kib(pred_c)}",
-                   _kib(res.sent_bytes(r, "meta")), "[green]yes[/]" if ok else "[red]NO[/]")
+                   _kib(res.sent_bytes(r, "meta")), styled("yes", "green") if ok else styled("NO", "red"))
     console.print(tt)
     console.print(st)
     total = int(res.measured.sum())

@@ -13,7 +13,8 @@ from ..errors import MoegraphError, SpecError
 from ..loader import load_spec, presets
 from ..spec import MoESpec
 from ..summary import human, human_bytes, summarize
-from . import app, console, err_console
+from . import app, console
+from .output import say, say_error
 
 SpecArg = Annotated[str, typer.Argument(help="Spec file (.yaml/.json/.toml) or preset name, e.g. deepseek-v3.")]
 
@@ -27,10 +28,9 @@ def validate(specs: Annotated[list[str], typer.Argument(help="Spec files or pres
             spec = load_spec(s)
         except SpecError as exc:
             bad += 1
-            for line in exc.render().splitlines():
-                err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+            say_error(exc.render())
             continue
-        console.print(f"[green]ok[/] {s}: {spec.name} (hash {spec.short_hash})", highlight=False, soft_wrap=True)
+        say(f"{s}: {spec.name} (hash {spec.short_hash})", prefix="ok", style="green")
     if bad:
         # A MoegraphError (not typer.Exit) so that cli.main() reports it and exits with status 2.
         raise MoegraphError(f"{bad} of {len(specs)} spec(s) invalid")
@@ -43,7 +43,7 @@ def show(spec: SpecArg) -> None:
     m = summarize(s)
     moe = s.moe
     r = moe.router
-    console.print(f"[bold]{s.name}[/]  hash {s.short_hash}  {s.description}", highlight=False)
+    say(f"hash {s.short_hash}  {s.description}", prefix=f"{s.name} ", style="bold")
     if s.source:
         console.print(f"source: {s.source}", highlight=False)
     routing = f"{r.type}"
@@ -87,7 +87,7 @@ def show(spec: SpecArg) -> None:
     console.print(f"expert memory per MoE layer ({moe.dtype}): {human_bytes(m.expert_bytes_per_layer)}; "
                   f"all MoE layers: {human_bytes(m.expert_bytes_per_layer * m.num_moe_layers)}", highlight=False)
     if m.model_total is None:
-        console.print("[dim]whole-model totals need model.attention and model.vocab_size in the spec[/]")
+        say("whole-model totals need model.attention and model.vocab_size in the spec", text_style="dim")
 
     lt = Table(title="layers", show_header=True)
     for c in ("layers", "kind", "params", "active / token"):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..spec import SCORE_FUNCTIONS, score_expression
+from ..codegen_safe import Code
+from ..spec import SCORE_EXPR_MATH, SCORE_FUNCTIONS, score_expression
 from . import configs
 from .render import interpreting, render_to_module
 
@@ -180,7 +181,7 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
         "has_shared_scale": bool(has_shared_scale),
         # float32 layers match torch's float32 matmul (no TF32); 16-bit inputs accumulate in float32.
         "ieee_fp32": dtype == torch.float32,
-        "dot_args": ', input_precision="ieee"' if dtype == torch.float32 else "",
+        "dot_args": Code(', input_precision="ieee"' if dtype == torch.float32 else ""),
     }
 
 
@@ -365,18 +366,7 @@ _TRITON_CALLS = {
 }
 
 
-_PY_CALLS = {
-    "sigmoid": lambda v: 1.0 / (1.0 + math.exp(-v)),
-    "softplus": lambda v: v if v > 20 else math.log1p(math.exp(v)),
-    "sqrt": math.sqrt,
-    "exp": math.exp,
-    "log": math.log,
-    "log1p": math.log1p,
-    "tanh": math.tanh,
-    "relu": lambda v: max(v, 0.0),
-    "abs": abs,
-    "square": lambda v: v * v,
-}
+_PY_CALLS = SCORE_EXPR_MATH  # constant folding uses the spec's own meaning of each function
 
 
 def _fold(node: ast.AST) -> float:
@@ -406,9 +396,12 @@ def score_to_triton(score: str) -> str:
             return emit(node.body)
         if not _uses_x(node):
             try:
-                return repr(_fold(node))
+                v = _fold(node)
             except (ArithmeticError, ValueError, KeyError, AttributeError) as exc:
                 raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} cannot be evaluated") from exc
+            if not math.isfinite(v):
+                raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} is not finite")
+            return repr(v)
         if isinstance(node, ast.Name):
             if node.id != "x":
                 raise InputError(f"score {score!r}: unknown name {node.id!r}")
@@ -470,7 +463,7 @@ def router_context(E: int, K: int, score: str, topk_then_score: bool, has_bias: 
         "E": E, "EP": max(16, _pow2(E)), "K": K, "KP": _pow2(K),
         "score": score,
         "softmax": score == "softmax",
-        "score_code": "x" if score == "softmax" else score_to_triton(score),
+        "score_code": Code("x" if score == "softmax" else score_to_triton(score)),
         "topk_then_score": topk_then_score,
         "has_bias": has_bias,
         "normalize": normalize,

@@ -13,8 +13,6 @@ also be set before triton itself is imported, for Triton's own library functions
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -23,7 +21,8 @@ from typing import Any
 import jinja2
 
 from .. import __version__
-from ..codegen import default_cache_dir, import_generated, template_env
+from ..codegen import default_cache_dir, import_generated, template_env, write_atomic
+from ..codegen_safe import check_module
 from ..errors import CodegenError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
@@ -35,9 +34,11 @@ def render(template: str, ctx: dict[str, Any]) -> str:
     # The decisions the file is specialised to, for the reader of the generated header.
     line = ", ".join(f"{k}={v!r}" for k, v in sorted(ctx.items()) if k not in ("summary", "score_code", "dot_args"))
     try:
-        return template_env().get_template(template).render(version=__version__, context_line=line, **ctx)
+        source = template_env().get_template(template).render(version=__version__, context_line=line, **ctx)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {template} failed: {exc}") from exc
+    check_module(source, f"generated {template}")
+    return source
 
 
 def kernel_cache_dir() -> Path:
@@ -53,13 +54,7 @@ def interpreting() -> bool:
 
 def _write_if_changed(path: Path, source: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.read_text(encoding="utf-8") == source:
-            return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(source)
-        os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
+        write_atomic(path, source)
     except OSError as exc:
         raise CodegenError(
             f"cannot write generated Triton kernels to {path.parent}: {exc.strerror}; point "
@@ -84,6 +79,6 @@ def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path |
         path = path / f"{stem}_{digest[:12]}.py"
         _write_if_changed(path, source)
         name = f"moegraph_kernels_{stem}_{digest[:16]}" + ("_interpreted" if key[1] else "")
-        mod = import_generated(path, name, "generated Triton kernels")
+        mod = import_generated(path, name, "generated Triton kernels", source)
         _MODULES[key] = mod
         return mod
