@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..codegen import default_cache_dir
 from ..errors import DistributedError
 
 __all__ = ["run_local", "LocalRun"]
@@ -66,13 +70,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _inject_fault(cfg: dict, rank: int, step: int) -> None:
+    """Test hook (``run_local(..., fault=...)``): stop or kill this rank at a measured step."""
+    fault = cfg.get("fault")
+    if fault and fault["rank"] == rank and fault["step"] == step:
+        if fault.get("note"):  # when the fault happened, for the test's clock
+            Path(fault["note"]).write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGSTOP if fault["how"] == "stop" else signal.SIGKILL)
+
+
+def _write_result(out: Path, rank: int, result: dict) -> None:
+    tmp = out / f".rank{rank}.pt.tmp"
+    torch.save(result, tmp)
+    os.replace(tmp, out / f"rank{rank}.pt")  # the parent never reads half a result
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     out = Path(out_dir)
     result: dict[str, Any]
     try:
         import torch.distributed as dist
 
+        from .. import codegen
         from ..compiler import compile as mg_compile
+
+        codegen.set_cache_dir(cfg["cache_dir"])  # the parent's choice ($XDG_CACHE_HOME for the CLI)
         from ..planner import Plan
         from .trace import gather_trace, predicted_copies
 
@@ -113,6 +135,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                 layer.reset_traffic()
                 layer.start_recording()
             for i in range(cfg["steps"]):
+                _inject_fault(cfg, rank, i)
                 step()
                 if i == 0:  # one forward's routing is the prediction's input
                     recorders = [layer.stop_recording() for layer in layers]
@@ -135,13 +158,70 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         result = {"ok": False, "type": type(exc).__name__, "error": str(exc), "traceback": traceback.format_exc()}
-    torch.save(result, out / f"rank{rank}.pt")
+    try:
+        _write_result(out, rank, result)
+    finally:
+        # Exit now, skipping interpreter teardown: after a failed collective the process group's
+        # destructor waits for work a stopped peer will never finish, so a normal exit would hang.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0 if result["ok"] else 1)
+
+
+#: seconds the other ranks get to report after one rank failed, before they are killed
+FAILURE_GRACE = 3.0
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code} without a result"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no message)"
+
+
+def _failed(proc, out: Path, rank: int) -> bool:
+    """Whether a finished rank failed (non-zero exit, or no result file)."""
+    return proc.exitcode != 0 or not (out / f"rank{rank}.pt").exists()
+
+
+def _supervise(procs: list, out: Path, deadline: float) -> tuple[list[int], int | None]:
+    """Wait for the ranks; returns (ranks killed because still running, first rank that failed).
+
+    Waits until every rank ended, or ``deadline`` passed, or ``FAILURE_GRACE`` seconds after the
+    first failure; a rank frozen by the OS (SIGSTOP) never ends by itself, so it is then killed.
+    """
+    end = time.monotonic() + deadline
+    first_failure = None
+    try:
+        while True:
+            alive = [p for p in procs if p.is_alive()]
+            if first_failure is None:
+                first_failure = next((r for r, p in enumerate(procs) if not p.is_alive() and _failed(p, out, r)),
+                                     None)
+                if first_failure is not None:
+                    end = min(end, time.monotonic() + FAILURE_GRACE)
+            if not alive or time.monotonic() >= end:
+                break
+            wait([p.sentinel for p in alive], timeout=max(0.0, min(end - time.monotonic(), 0.5)))
+    finally:
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return hung, first_failure
 
 
 def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int = 3, backward: bool = True,
               layer_index: int | None = None, seed: int = 0, checkpoint: str | Path | None = None,
               timeout: float = 60.0, record: str | Path | None = None, device: str = "cpu",
-              deadline: float = 600.0) -> LocalRun:
+              deadline: float = 600.0, fault: dict | None = None) -> LocalRun:
     """Run the plan's MoE layers expert-parallel in ``nproc`` local processes and measure them.
 
     Args:
@@ -154,6 +234,15 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         timeout: seconds a collective waits for peers.
         record: save the gathered trace here (every MoE layer must run: the planner needs them all).
         device: "cpu" (gloo) or "cuda" (NCCL, one GPU per process).
+        deadline: seconds after which ranks still running are killed.
+        fault: for tests of failure handling: ``{"rank": r, "step": i, "how": "stop" | "kill"}`` stops
+            (SIGSTOP, a frozen peer) or kills rank r before its measured step i (writing the time to
+            the file ``"note"`` if given).
+
+    When a rank fails, the others get ``FAILURE_GRACE`` seconds to report (a collective waiting on
+    the failed rank ends with its own error within ``timeout``; one that already failed reports
+    at once), then any rank still running is killed, and the first rank's error is raised as a
+    ``DistributedError`` with the others' errors after it.
     """
     import torch.multiprocessing as mp
 
@@ -183,37 +272,36 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         plan_path = plan.save(Path(tmp) / "plan.json")
         cfg = {"plan_path": str(plan_path), "layers": layers, "tokens": tokens, "steps": steps,
                "backward": backward, "seed": seed, "checkpoint": str(checkpoint) if checkpoint else None,
-               "timeout": timeout, "record": str(record) if record else None, "device": device}
+               "timeout": timeout, "record": str(record) if record else None, "device": device,
+               "cache_dir": str(default_cache_dir()), "fault": fault}
         ctx = mp.get_context("spawn")
         port = _free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, tmp), daemon=True) for r in range(world)]
         for p in procs:
             p.start()
-        end = time.monotonic() + deadline
-        try:
-            for p in procs:
-                p.join(max(0.0, end - time.monotonic()))
-        finally:
-            hung = [r for r, p in enumerate(procs) if p.is_alive()]
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+        hung, first_failure = _supervise(procs, Path(tmp), deadline)
         results = []
         for r in range(world):
             f = Path(tmp) / f"rank{r}.pt"
-            results.append(torch.load(f, weights_only=False) if f.exists() else
-                           {"ok": False, "type": "exit", "error": f"exited with code {procs[r].exitcode}"})
-    if hung:
-        raise DistributedError(f"ranks {hung} were still running after {deadline:g}s and were killed")
+            if f.exists():
+                results.append(torch.load(f, weights_only=False))
+            elif r in hung:
+                why = (f"still running {FAILURE_GRACE:g}s after rank {first_failure} failed; killed"
+                       if first_failure is not None else f"still running after {deadline:g}s; killed")
+                results.append({"ok": False, "type": "hung", "error": why})
+            else:
+                results.append({"ok": False, "type": "exit", "error": _exit_text(procs[r].exitcode)})
     failed = [(r, res) for r, res in enumerate(results) if not res["ok"]]
+    if hung and first_failure is None:
+        raise DistributedError(f"ranks {hung} were still running after {deadline:g}s and were killed")
     if failed:
         # A rank whose error is not a communication failure is the cause; the others are consequences.
-        cause = next(((r, res) for r, res in failed if res["type"] != "DistributedError"), failed[0])
+        cause = next(((r, res) for r, res in failed if res["type"] not in ("DistributedError", "hung")), failed[0])
         r, res = cause
-        others = ", ".join(str(q) for q, _ in failed if q != r)
-        raise DistributedError(f"rank {r} failed: {res['type']}: {res['error']}"
-                               + (f" (ranks {others} failed too)" if others else ""))
+        lines = [f"rank {r} failed: {res['type']}: {_first_line(res['error'])}"]
+        lines += [f"rank {q} failed too: {other['type']}: {_first_line(other['error'])}"
+                  for q, other in failed if q != r]
+        raise DistributedError("\n".join(lines))
     head = results[0]
     measured = np.stack([np.stack([np.asarray(head["ranks"][r][j]["rows"]["dispatch"]) for r in range(world)])
                          for j in range(len(layers))]) // steps

@@ -1,0 +1,49 @@
+"""Bounded failure of ``moegraph run``: a frozen (SIGSTOP) or killed peer makes every other rank exit
+with its DistributedError within the timeout plus a few seconds, and the command prints it."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pytest
+
+TIMEOUT_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def plan_for_two(tmp_path_factory):
+    from moegraph.planner import plan
+
+    return plan("deepseek-v3-tiny", nodes=1, gpus_per_node=2).save(tmp_path_factory.mktemp("plan") / "plan.json")
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_frozen_or_killed_peer_is_reported_within_the_timeout(how, plan_for_two, run_cli, tmp_path, monkeypatch):
+    from moegraph.distributed import local
+
+    note = tmp_path / "fault_at"
+    monkeypatch.setattr(local, "run_local", functools.partial(
+        local.run_local, fault={"rank": 1, "step": 1, "how": how, "note": str(note)}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    started = time.time()
+    res = run_cli("run", "deepseek-v3-tiny", "--plan", plan_for_two, "--tokens", "8", "--steps", "3",
+                  "--no-backward", "--timeout", str(TIMEOUT_S))
+    ended = time.time()
+    assert res.code == 2, res.out + res.err
+    err = " ".join(res.err.split())
+    assert "Traceback" not in res.err
+    # The surviving rank's own error names the rank and the phase that failed.
+    assert "DistributedError: DeepseekV3TinyMoE (MoE layer 0): rank 0 of 2:" in err, err
+    assert "dispatch" in err or "combine" in err, err
+    if how == "stop":
+        assert "no answer from a peer rank within the timeout (2s)" in err
+        assert "rank 1 failed too: hung" in err
+    else:
+        assert "rank 1 failed: exit: killed by SIGKILL" in err
+    # The ranks generated their code where the command was told to ($XDG_CACHE_HOME), not in ~/.cache.
+    assert list((tmp_path / "xdg" / "moegraph" / "generated").glob("moe_deepseek_v3_tiny_*.py"))
+    fault_at = float(note.read_text())
+    assert started < fault_at < ended
+    # Every process is gone (the parent killed or reaped them all) soon after the fault.
+    assert ended - fault_at < TIMEOUT_S + 5.0, f"took {ended - fault_at:.1f}s after the fault"
