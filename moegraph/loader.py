@@ -76,8 +76,16 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         msg = " ".join(str(exc).split())
         raise SpecError([Problem("", f"not valid {fmt.upper()}: {msg}")], source=str(p)) from None
+    except RecursionError:
+        raise SpecError([Problem("", "nested too deeply to be a spec; a spec is a few levels of sections")],
+                        source=str(p)) from None
     except _DuplicateKey as exc:
         raise SpecError([Problem("", str(exc))], source=str(p)) from None
+    except ValueError as exc:  # Python's limit on the digits of an integer (int_max_str_digits)
+        if "digits" not in str(exc):
+            raise
+        raise SpecError([Problem("", "holds an integer with thousands of digits; no spec field takes such a "
+                                     "number")], source=str(p)) from None
     except OSError as exc:
         raise SpecError([Problem("", f"cannot read the file: {exc.strerror}")], source=str(p)) from None
     if data is None:
@@ -95,7 +103,13 @@ class _DuplicateKey(ValueError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one."""
+    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one.
+
+    It also reads ``1e-3`` (exponent, no dot) as a number, as YAML 1.2, JSON and TOML do; YAML 1.1,
+    which PyYAML follows, would make it the string '1e-3', and specs take no number as a string.
+    """
+
+    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
@@ -110,6 +124,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 line = key_node.start_mark.line + 1
                 raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line}); give it once")
         return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -82,6 +82,10 @@ def _is_number_annotation(tp: Any) -> bool:
     return False
 
 
+def _is_int_annotation(tp: Any) -> bool:
+    return tp is int or int in typing.get_args(tp) and float not in typing.get_args(tp)
+
+
 class _Frozen(BaseModel):
     # allow_inf_nan=False: an infinite bandwidth or a NaN coefficient is never meant.
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
@@ -93,10 +97,18 @@ class _Frozen(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and _is_number_annotation(field.annotation):
+                if field is None or not _is_number_annotation(field.annotation):
+                    continue
+                if isinstance(value, bool):
                     raise field_error(
                         key, f"expected a number, got the boolean {str(value).lower()}; write the number"
                     )
+                # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
+                if isinstance(value, (str, bytes)):
+                    shown = value if len(value) <= 40 else value[:40] + "..."
+                    what = "an integer" if _is_int_annotation(field.annotation) else "a number"
+                    raise field_error(key, f"expected {what}, got the string {shown!r}; write the number "
+                                           "without quotes")
         return data
 
 
@@ -133,10 +145,10 @@ class ExpertsSpec(_Frozen):
     )
     bias: bool = Field(False, description="Whether expert projections carry a bias.")
     gate_clamp: float | None = Field(
-        None, gt=0, description="Clamp the gate projection to at most this value before the activation."
+        None, gt=0, le=1e30, description="Clamp the gate projection to at most this value before the activation."
     )
     up_clamp: float | None = Field(
-        None, gt=0, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
+        None, gt=0, le=1e30, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
     )
 
     @property
@@ -159,7 +171,7 @@ class SharedExpertsSpec(_Frozen):
 
     count: int = Field(0, ge=0, le=64, description="Number of shared experts (0 = none).")
     intermediate_size: int | None = Field(
-        None, gt=0, description="Hidden size of one shared expert; defaults to the routed expert's F."
+        None, gt=0, le=1 << 20, description="Hidden size of one shared expert; defaults to the routed expert's F."
     )
     gate: Literal["none", "sigmoid"] = Field(
         "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE."
@@ -360,12 +372,12 @@ class GroupLimit(_Frozen):
     ``topk_groups`` best groups (by ``group_score``) and picks its top-k experts inside them only.
     """
 
-    num_groups: int = Field(gt=0, description="Number of expert groups G; must divide the number of experts.")
-    topk_groups: int = Field(gt=0, description="Groups kept per token (M in DeepSeek-V2).")
+    num_groups: int = Field(gt=0, le=65536, description="Number of expert groups G; must divide the number of experts.")
+    topk_groups: int = Field(gt=0, le=65536, description="Groups kept per token (M in DeepSeek-V2).")
     group_score: Literal["max", "sum_topn"] = Field(
         "max", description="Score of a group: its best expert (V2) or the sum of its top_n experts (V3)."
     )
-    top_n: int = Field(2, gt=0, description="Experts summed per group when group_score is 'sum_topn'.")
+    top_n: int = Field(2, gt=0, le=65536, description="Experts summed per group when group_score is 'sum_topn'.")
     tie_to: Literal["none", "device", "node"] = Field(
         "none",
         description="Tie groups to devices or nodes of the topology (then num_groups must equal that count).",
@@ -412,7 +424,7 @@ class Capacity(_Frozen):
     drop_policy: Literal["probs", "position"] = Field(
         "probs", description="Which tokens an over-full expert keeps: the highest-scoring, or the earliest."
     )
-    min_capacity: int = Field(1, ge=0, description="Lower bound on the per-expert capacity.")
+    min_capacity: int = Field(1, ge=0, le=1 << 30, description="Lower bound on the per-expert capacity.")
 
 
 class TopKRouter(_Frozen):
@@ -498,8 +510,8 @@ class HashRouter(_Frozen):
     method: Literal["modulo", "random"] = Field(
         "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab."
     )
-    vocab_size: int | None = Field(None, gt=0, description="Vocabulary size, needed by method 'random'.")
-    seed: int = Field(0, ge=0)
+    vocab_size: int | None = Field(None, gt=0, le=1 << 24, description="Vocabulary size, needed by method 'random'.")
+    seed: int = Field(0, ge=0, lt=1 << 63)
 
     @model_validator(mode="after")
     def _random_needs_vocab(self) -> HashRouter:
@@ -590,9 +602,9 @@ class MHAttention(_Frozen):
     """Multi-head / grouped-query attention (Mixtral, Qwen)."""
 
     kind: Literal["mha"] = "mha"
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int | None = Field(None, gt=0, description="Defaults to num_heads (plain MHA).")
-    head_dim: int | None = Field(None, gt=0, description="Defaults to hidden_size / num_heads.")
+    num_heads: int = Field(gt=0, le=1 << 16)
+    num_kv_heads: int | None = Field(None, gt=0, le=1 << 16, description="Defaults to num_heads (plain MHA).")
+    head_dim: int | None = Field(None, gt=0, le=1 << 16, description="Defaults to hidden_size / num_heads.")
     qkv_bias: bool = False
 
 
@@ -600,12 +612,12 @@ class MLAttention(_Frozen):
     """Multi-head latent attention (DeepSeek-V2/V3)."""
 
     kind: Literal["mla"] = "mla"
-    num_heads: int = Field(gt=0)
-    q_lora_rank: int | None = Field(None, gt=0, description="None = a plain q projection (V2-Lite).")
-    kv_lora_rank: int = Field(gt=0)
-    qk_nope_head_dim: int = Field(gt=0)
-    qk_rope_head_dim: int = Field(gt=0)
-    v_head_dim: int = Field(gt=0)
+    num_heads: int = Field(gt=0, le=1 << 16)
+    q_lora_rank: int | None = Field(None, gt=0, le=1 << 20, description="None = a plain q projection (V2-Lite).")
+    kv_lora_rank: int = Field(gt=0, le=1 << 20)
+    qk_nope_head_dim: int = Field(gt=0, le=1 << 16)
+    qk_rope_head_dim: int = Field(gt=0, le=1 << 16)
+    v_head_dim: int = Field(gt=0, le=1 << 16)
 
 
 Attention = Annotated[Union[MHAttention, MLAttention], Field(discriminator="kind")]
@@ -615,13 +627,13 @@ class ModelSpec(_Frozen):
     """The layer pattern of the model and, optionally, non-MoE sizes for whole-model counts."""
 
     num_layers: int = Field(1, gt=0, le=10000, description="Decoder layers in the model.")
-    first_k_dense: int = Field(0, ge=0, description="The first k layers are dense (DeepSeek).")
-    moe_layer_freq: int = Field(1, gt=0, description="Every n-th layer after first_k_dense is MoE.")
+    first_k_dense: int = Field(0, ge=0, le=10000, description="The first k layers are dense (DeepSeek).")
+    moe_layer_freq: int = Field(1, gt=0, le=10000, description="Every n-th layer after first_k_dense is MoE.")
     layer_types: tuple[Literal["dense", "moe"], ...] | None = Field(
         None, description="Explicit per-layer pattern; overrides first_k_dense/moe_layer_freq."
     )
-    dense_intermediate_size: int | None = Field(None, gt=0, description="FFN size of dense layers.")
-    vocab_size: int | None = Field(None, gt=0)
+    dense_intermediate_size: int | None = Field(None, gt=0, le=1 << 22, description="FFN size of dense layers.")
+    vocab_size: int | None = Field(None, gt=0, le=1 << 26)
     tie_word_embeddings: bool = False
     attention: Attention | None = None
 
@@ -688,11 +700,11 @@ class UniformTopology(_Frozen):
     kind: Literal["uniform"] = "uniform"
     nodes: int = Field(1, gt=0, le=4096)
     gpus_per_node: int = Field(1, gt=0, le=64)
-    intra_node_bandwidth_gbps: float = Field(400.0, gt=0, description="GB/s per GPU inside a node (NVLink).")
-    inter_node_bandwidth_gbps: float = Field(50.0, gt=0, description="GB/s per GPU across nodes (RDMA NIC).")
-    intra_node_latency_us: float = Field(2.0, ge=0)
-    inter_node_latency_us: float = Field(8.0, ge=0)
-    gpu_memory_gib: float = Field(80.0, gt=0)
+    intra_node_bandwidth_gbps: float = Field(400.0, gt=0, le=1e9, description="GB/s per GPU inside a node (NVLink).")
+    inter_node_bandwidth_gbps: float = Field(50.0, gt=0, le=1e9, description="GB/s per GPU across nodes (RDMA NIC).")
+    intra_node_latency_us: float = Field(2.0, ge=0, le=1e9)
+    inter_node_latency_us: float = Field(8.0, ge=0, le=1e9)
+    gpu_memory_gib: float = Field(80.0, gt=0, le=1e9)
 
     @property
     def num_gpus(self) -> int:
@@ -700,24 +712,24 @@ class UniformTopology(_Frozen):
 
 
 class Device(_Frozen):
-    name: str = Field(min_length=1)
-    node: str = Field(min_length=1, description="Node (host) the device sits in.")
-    memory_gib: float = Field(80.0, gt=0)
+    name: str = Field(min_length=1, max_length=200)
+    node: str = Field(min_length=1, max_length=200, description="Node (host) the device sits in.")
+    memory_gib: float = Field(80.0, gt=0, le=1e9)
 
 
 class Link(_Frozen):
-    a: str
-    b: str
-    bandwidth_gbps: float = Field(gt=0)
-    latency_us: float = Field(0.0, ge=0)
+    a: str = Field(max_length=200)
+    b: str = Field(max_length=200)
+    bandwidth_gbps: float = Field(gt=0, le=1e9)
+    latency_us: float = Field(0.0, ge=0, le=1e9)
 
 
 class ExplicitTopology(_Frozen):
     """An irregular cluster as a list of devices and (undirected) links between them."""
 
     kind: Literal["explicit"] = "explicit"
-    devices: tuple[Device, ...] = Field(min_length=1)
-    links: tuple[Link, ...] = ()
+    devices: tuple[Device, ...] = Field(min_length=1, max_length=65536)
+    links: tuple[Link, ...] = Field((), max_length=1 << 20)
 
     @model_validator(mode="after")
     def _links_known(self) -> ExplicitTopology:
@@ -761,23 +773,23 @@ Topology = Annotated[
 
 
 class PlacementObjective(_Frozen):
-    communication: float = Field(1.0, ge=0, description="Weight of predicted all-to-all cost.")
-    balance: float = Field(1.0, ge=0, description="Weight of GPU load imbalance.")
+    communication: float = Field(1.0, ge=0, le=1e6, description="Weight of predicted all-to-all cost.")
+    balance: float = Field(1.0, ge=0, le=1e6, description="Weight of GPU load imbalance.")
 
 
 class PlacementSpec(_Frozen):
     """Planner settings."""
 
-    redundant_slots: int = Field(0, ge=0, description="Extra expert slots (in total) for replicas of hot experts.")
+    redundant_slots: int = Field(0, ge=0, le=1 << 20, description="Extra expert slots (in total) for replicas of hot experts.")
     objective: PlacementObjective = PlacementObjective()
-    max_imbalance: float = Field(1.05, ge=1.0, description="Target max/mean GPU load.")
-    traces: tuple[str, ...] = Field((), description="Routing trace files or folders to plan from.")
-    seed: int = Field(0, ge=0)
+    max_imbalance: float = Field(1.05, ge=1.0, le=1e6, description="Target max/mean GPU load.")
+    traces: tuple[str, ...] = Field((), max_length=1024, description="Routing trace files or folders to plan from.")
+    seed: int = Field(0, ge=0, lt=1 << 63)
 
 
 class CodegenSpec(_Frozen):
     backend: Literal["torch", "triton"] = "torch"
-    block_m: int | None = Field(None, gt=0, description="Rows per block of the grouped expert GEMM (triton).")
+    block_m: int | None = Field(None, gt=0, le=4096, description="Rows per block of the grouped expert GEMM (triton).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,8 +801,8 @@ class MoESpec(_Frozen):
     """A whole spec file."""
 
     name: str = Field("unnamed", min_length=1, max_length=200)
-    description: str = ""
-    source: str = Field("", description="Where the numbers come from (paper, config).")
+    description: str = Field("", max_length=100_000)
+    source: str = Field("", max_length=100_000, description="Where the numbers come from (paper, config).")
     model: ModelSpec = ModelSpec()
     moe: MoELayerSpec
     topology: Topology = UniformTopology()
