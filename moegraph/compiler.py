@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .codegen import BACKENDS, check_backend, layer_class
+from .limits import check_memory
 from .loader import load_spec
 from .runtime import CompiledMoEBase, torch_dtype
 from .spec import MoESpec
@@ -80,6 +81,33 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
                 f"plan was made for spec hash {plan.spec_hash[:12]} but spec '{spec.name}' has hash "
                 f"{spec.short_hash}; re-plan with `moegraph plan {spec.name}`"
             )
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if device_type == "cpu":
+        check_memory(layer_bytes(spec, kwargs["dtype"], seeded=seed is not None),
+                     f"the layer of spec {spec.name!r} ({kwargs['dtype']})",
+                     "use a smaller spec (e.g. a -tiny preset), a 16-bit dtype, or run it expert-parallel with a plan")
     layer = cls(**kwargs)
     layer.__dict__["plan"] = plan
     return layer
+
+
+def layer_bytes(spec: MoESpec, dtype: torch.dtype, seeded: bool = False) -> int:
+    """Bytes ``compile`` allocates for one single-process layer: its parameters in ``dtype``, plus
+    (``seeded``) the float32 temporaries of the seeded init of the largest weight."""
+    from .summary import summarize
+
+    c = summarize(spec).layer
+    e = spec.moe.experts
+    largest = e.num_experts * (2 if e.gated else 1) * e.intermediate_size * spec.moe.hidden_size
+    return (c.routed_total + c.shared + c.router) * torch.empty(0, dtype=dtype).element_size() + (
+        2 * 4 * largest if seeded else 0)
+
+
+def smoke_bytes(spec: MoESpec, tokens: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a first eval forward on ``tokens`` tokens needs: the parameters, the eval graph's packed
+    copy of the expert weights, and the routed activations (T x K rows of D and 2F)."""
+    m = spec.moe
+    size = torch.empty(0, dtype=dtype).element_size()
+    acts = tokens * (m.top_k * (m.hidden_size + 3 * m.experts.intermediate_size) + 4 * m.hidden_size
+                     + 2 * m.experts.num_experts) * size
+    return 2 * layer_bytes(spec, dtype) + acts + layer_bytes(spec, dtype, seeded=True) - layer_bytes(spec, dtype)

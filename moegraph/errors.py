@@ -77,3 +77,8 @@ class UnsupportedBlock(MoegraphError, ValueError):
         self.reason = reason
         self.block = block
         super().__init__(f"{block}: {reason}" if block else reason)
+
+
+class ResourceError(MoegraphError, RuntimeError):
+    """A request would need more memory (or another resource) than the machine has; refused before
+    allocating, with the figure and what to change."""

@@ -18,7 +18,7 @@ def compile_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the generated source.")] = Path("moegraph-out"),
     backend: Annotated[str, typer.Option(help="torch or triton (default: the spec's codegen.backend).")] = "",
-    smoke: Annotated[int, typer.Option(help="Run a forward on this many random tokens after compiling (0 = no).")] = 0,
+    smoke: Annotated[int, typer.Option(min=0, max=1 << 24, help="Run a forward on this many random tokens after compiling (0 = no).")] = 0,
 ) -> None:
     """Generate the layer's source into a directory and build the executable layer."""
     import torch
@@ -26,8 +26,15 @@ def compile_cmd(
     from ..codegen import write_source
     from ..compiler import compile as mg_compile
 
+    from ..codegen import check_backend
+    from ..compiler import smoke_bytes
+    from ..limits import check_memory
+
     s = load_spec(spec)
-    be = backend or s.codegen.backend
+    be = check_backend(backend or s.codegen.backend)
+    if smoke:  # refuse before writing anything
+        check_memory(smoke_bytes(s, smoke), f"--smoke {smoke} on spec {s.name!r} (float32)",
+                     "use fewer --smoke tokens, a smaller spec (e.g. a -tiny preset), or compile without --smoke")
     gen = write_source(s, output, be)
     state = "written" if gen.written else "unchanged"
     console.print(f"{gen.path} ({state}, {len(gen.source.splitlines())} lines, sha256 {gen.digest[:12]})", highlight=False)
@@ -47,8 +54,8 @@ def compile_cmd(
 @app.command()
 def bench(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name; 'default' = the DeepSeek-V3-shaped CPU layer.")] = "default",
-    tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", help="Token counts (repeatable).")] = None,
-    rounds: Annotated[int, typer.Option(help="Interleaved timing rounds (median reported).")] = 7,
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", min=1, max=1 << 20, help="Token counts (repeatable).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, max=1000, help="Interleaved timing rounds (median reported).")] = 7,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the Hugging Face comparison.")] = False,
 ) -> None:
     """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""

@@ -18,7 +18,7 @@ from .output import say
 def demo(
     spec: Annotated[str, typer.Option(help="Preset or spec file whose placement.traces name bundled traces.")] = "deepseek-v2-lite",
     output: Annotated[Path, typer.Option("-o", "--output", help="Where the plan, plot and generated code go.")] = Path("moegraph-out"),
-    tokens: Annotated[int, typer.Option(help="Tokens in the smoke forward.")] = 64,
+    tokens: Annotated[int, typer.Option(min=1, max=1 << 20, help="Tokens in the smoke forward.")] = 64,
 ) -> None:
     """Validate a preset, plan it on its bundled routing traces (table + plot), compile it, run it."""
     import importlib.util

@@ -19,6 +19,7 @@ from rich.table import Table
 from ..errors import TraceError
 from ..loader import load_spec
 from . import app, console, err_console
+from .checks import finite, output_file
 from .output import say
 
 trace_app = typer.Typer(help="Import routing traces and summarise them.", no_args_is_help=True)
@@ -29,6 +30,10 @@ TraceOpt = Annotated[
     typer.Option("--trace", "--traces", "-t", help="Trace file, folder or bundled name (repeat for several "
                  "sources, e.g. tasks); default: the spec's placement.traces."),
 ]
+
+
+#: figure formats matplotlib writes without extra packages
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
 
 
 def _metrics_table(metrics: dict, title: str) -> Table:
@@ -62,25 +67,29 @@ def plan_cmd(
     spec: Annotated[str | None, typer.Argument(help="Spec file or preset name (optional with --evaluate).")] = None,
     trace: TraceOpt = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the plan (JSON) here.")] = None,
-    nodes: Annotated[int | None, typer.Option("--nodes", help="What-if: hosts in the (uniform) cluster.")] = None,
-    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", help="What-if: GPUs per host.")] = None,
-    slots: Annotated[int | None, typer.Option("--slots", help="What-if: expert slots in total (experts + "
+    nodes: Annotated[int | None, typer.Option("--nodes", min=1, max=4096, help="What-if: hosts in the (uniform) cluster.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option("--gpus-per-node", min=1, max=64, help="What-if: GPUs per host.")] = None,
+    slots: Annotated[int | None, typer.Option("--slots", min=1, max=1 << 20, help="What-if: expert slots in total (experts + "
                                               "redundant).")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed (default: placement.seed).")] = None,
-    max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", help="Target max/mean GPU load on the "
+    seed: Annotated[int | None, typer.Option("--seed", min=0, max=(1 << 63) - 1, help="Seed (default: placement.seed).")] = None,
+    max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", callback=finite(1.0, 1e6), help="Target max/mean GPU load on the "
                                                         "traces (default: placement.max_imbalance).")] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", min=0, max=10000, help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
     robust: Annotated[bool, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by the "
                                          "load-only plan's (balance on unseen traffic).")] = True,
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "
                                               "placement.")] = None,
-    layer: Annotated[int, typer.Option("--layer", help="MoE layer shown by --plot.")] = 0,
+    layer: Annotated[int, typer.Option("--layer", min=0, help="MoE layer shown by --plot.")] = 0,
     evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
                                                   "instead of planning.")] = None,
 ) -> None:
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
 
+    if output is not None:
+        output_file(output, "plan")
+    if plot is not None:
+        output_file(plot, "plot", PLOT_SUFFIXES)
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)
@@ -153,11 +162,12 @@ def trace_import(
     output: Annotated[Path, typer.Option("-o", "--output", help="Native trace file to write (.npz).")],
     spec: Annotated[str | None, typer.Option("--spec", help="Check against (and take top_k, experts, MoE layers "
                                              "from) this spec.")] = None,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Experts per token (ESFT; inferred if omitted).")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1, max=1024, help="Experts per token (ESFT; inferred if omitted).")] = None,
 ) -> None:
     """Convert ESFT expert_scores or SGLang expert-distribution dumps into moegraph's native .npz."""
     from ..traces import TraceSet, read_esft, read_sglang
 
+    output_file(output, "trace", (".npz",))
     s = load_spec(spec) if spec is not None else None
     if fmt == "esft":
         k = top_k if top_k is not None else (getattr(s.moe.router, "top_k", None) if s is not None else None)

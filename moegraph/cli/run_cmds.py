@@ -11,6 +11,7 @@ from rich.table import Table
 from ..errors import PlanFileError
 from ..loader import load_spec
 from . import app, console
+from .checks import finite
 from .output import say, styled
 
 
@@ -55,19 +56,19 @@ def _kib(n: float) -> str:
 def run_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name the plan was made for.")],
     plan: Annotated[Path, typer.Option("--plan", help="Plan file (moegraph plan -o plan.json).")],
-    nproc: Annotated[int | None, typer.Option("--nproc", help="Local processes (default: the plan's GPUs).")] = None,
-    tokens: Annotated[int, typer.Option("--tokens", help="Random tokens per rank per forward.")] = 256,
-    steps: Annotated[int, typer.Option("--steps", help="Measured forward(+backward) passes after one warm-up.")] = 3,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=1024, help="Local processes (default: the plan's GPUs).")] = None,
+    tokens: Annotated[int, typer.Option("--tokens", min=0, max=1 << 24, help="Random tokens per rank per forward.")] = 256,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=100000, help="Measured forward(+backward) passes after one warm-up.")] = 3,
     backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Also run the backward.")] = True,
-    layer: Annotated[int | None, typer.Option("--layer", help="Run this MoE layer only (default: every MoE layer "
+    layer: Annotated[int | None, typer.Option("--layer", min=0, help="Run this MoE layer only (default: every MoE layer "
                                               "of the plan, as a residual stack).")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Single-process checkpoint of the --layer "
                                                     "layer (default: seeded random weights).")] = None,
     record: Annotated[Path | None, typer.Option("--record", help="Save the gathered routing trace (.npz) here, "
                                                 "for `moegraph plan SPEC --traces`.")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per process).")] = "cpu",
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds a collective waits for peers.")] = 60.0,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds weights and tokens.")] = 0,
+    timeout: Annotated[float, typer.Option("--timeout", callback=finite(0.0, 86400.0, open_lo=True), help="Seconds a collective waits for peers.")] = 60.0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=(1 << 31) - 1, help="Seeds weights and tokens.")] = 0,
 ) -> None:
     """Run a plan's layer expert-parallel in N local processes; print per-rank timing and bytes vs the plan.
 

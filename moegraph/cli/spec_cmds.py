@@ -14,6 +14,7 @@ from ..loader import load_spec, presets
 from ..spec import MoESpec
 from ..summary import human, human_bytes, summarize
 from . import app, console
+from .checks import output_file
 from .output import say, say_error
 
 SpecArg = Annotated[str, typer.Argument(help="Spec file (.yaml/.json/.toml) or preset name, e.g. deepseek-v3.")]
@@ -114,7 +115,11 @@ def schema(
     if output is None:
         print(text)
     else:
-        output.write_text(text + "\n")
+        output_file(output, "schema")
+        try:
+            output.write_text(text + "\n")
+        except OSError as exc:
+            raise MoegraphError(f"{output}: cannot write: {exc.strerror}; choose another path") from None
         console.print(f"wrote {output}")
 
 
