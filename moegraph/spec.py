@@ -133,10 +133,14 @@ Activation = Literal["swiglu", "geglu", "geglu_tanh", "reglu", "silu", "gelu", "
 DType = Literal["float32", "float16", "bfloat16"]
 
 
+#: most routed experts a spec (and a trace) may have
+MAX_EXPERTS = 65536
+
+
 class ExpertsSpec(_Frozen):
     """The routed experts: E identical MLPs of shape D -> F -> D."""
 
-    num_experts: int = Field(gt=0, le=65536, description="Number of routed experts E.")
+    num_experts: int = Field(gt=0, le=MAX_EXPERTS, description="Number of routed experts E.")
     intermediate_size: int = Field(gt=0, le=1 << 20, description="Hidden size F of one routed expert.")
     activation: Activation = Field(
         "swiglu",

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import TraceError
+from .limits import check_memory
+from .spec import MAX_EXPERTS
 
 if TYPE_CHECKING:
     from .spec import MoESpec
@@ -141,6 +143,7 @@ class TraceSet:
         e = int(num_experts) if num_experts is not None else int(topk.max()) + 1 if topk.size else 1
         if topk.size and topk.max() >= e:
             raise TraceError(f"{source}: expert id {int(topk.max())} >= num_experts ({e})")
+        _check_topk(topk, e, source)
         t = topk.shape[1]
         sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids).astype(np.int64)
         if sids.shape != (t,):
@@ -396,6 +399,20 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
+def _check_topk(topk: np.ndarray, e: int, source: str) -> None:
+    """Checks of user-supplied [L, T, K] expert ids (from any reader), before anything is sized by them."""
+    if not 1 <= e <= MAX_EXPERTS:
+        raise TraceError(f"{source}: {e} experts (largest id + 1, or the recorded count) is outside 1..{MAX_EXPERTS}; "
+                         "the ids are corrupt, or the trace is not of an MoE router")
+    if topk.ndim == 3 and topk.shape[2] > 1 and topk.size:
+        s = np.sort(topk, axis=-1)
+        dup = (s[..., 1:] == s[..., :-1]).any(axis=-1)
+        if dup.any():
+            layer, token = (int(i) for i in np.argwhere(dup)[0])
+            raise TraceError(f"{source}: token {token} of layer {layer} lists expert {int(s[layer, token][np.flatnonzero(np.diff(s[layer, token]) == 0)[0]])} "
+                             "twice in its top-k; a router picks distinct experts (is top_k right?)")
+
+
 def _to_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "detach"):  # torch tensor, without importing torch
         a = a.detach().cpu().numpy()
@@ -430,6 +447,8 @@ def read_native(path: str | Path) -> TraceSet:
                          f"version {VERSION}); re-import the trace")
     try:
         e, n_layers = int(meta["num_experts"]), int(meta["num_layers"])
+        if not (1 <= e <= MAX_EXPERTS and 1 <= n_layers <= 10000):
+            raise ValueError(f"num_experts {e} / num_layers {n_layers} out of range")
         sources = tuple(str(s) for s in meta["sources"])
         layer_ids = tuple(int(i) for i in meta["layer_ids"]) if meta.get("layer_ids") is not None else None
         name = str(meta.get("name") or p.stem)
@@ -456,6 +475,7 @@ def read_native(path: str | Path) -> TraceSet:
         raise bad(f"topk holds {topk.shape[1]} tokens but meta says {meta['num_tokens']}")
     if topk.size and (int(topk.max()) >= e or int(topk.min()) < 0):
         raise bad(f"expert ids outside 0..{e - 1}")
+    _check_topk(topk, e, str(p))
     t = topk.shape[1]
     sample_ids, source_ids = arrays.get("sample_ids"), arrays.get("source_ids")
     for nm, arr in (("sample_ids", sample_ids), ("source_ids", source_ids)):
@@ -514,6 +534,8 @@ def read_esft(
             raise TraceError(f"{root}: no expert_weights_<layer>.txt files here or in its sub-folders")
     parts = [_read_esft_task(d, top_k, num_experts) for d in tasks]
     e = num_experts or max(p[0].max(initial=0) for p in parts) + 1
+    for (topk, _, _), d in zip(parts, tasks):
+        _check_topk(topk, int(e), str(d))
     sets = [
         TraceSet._from_arrays(topk.astype(_id_dtype(e)), sids, np.zeros(len(sids), np.int64), (d.name,), int(e),
                               None, None, layer_ids, d.name)
@@ -626,35 +648,62 @@ def read_sglang(
             raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {' '.join(str(exc).split())[:200]})") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{p}: expected a dict from SGLang's expert distribution recorder, got {type(obj).__name__}")
-        if "logical_count" in obj:
-            c = _to_numpy(obj["logical_count"])
-            if c.ndim < 2 or not np.issubdtype(c.dtype, np.number):
-                raise TraceError(f"{p}: logical_count has shape {c.shape}; expected [..., layers, experts]")
-            c = c.reshape(-1, *c.shape[-2:]).sum(axis=0).astype(np.int64)
-            if (c < 0).any():
-                raise TraceError(f"{p}: logical_count has negative entries; the dump is corrupt")
-            if counts_total is not None and counts_total.shape != c.shape:
-                raise TraceError(f"{p}: logical_count shape {c.shape} differs from the other dumps' {counts_total.shape}")
-            counts_total = c if counts_total is None else counts_total + c
-        elif "records" in obj:
-            for j, rec in enumerate(obj["records"]):
-                if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
-                    raise TraceError(f"{p}: records[{j}] has no topk_ids_of_layer")
-                ids = _to_numpy(rec["topk_ids_of_layer"]).astype(np.int64)
-                if ids.ndim != 3:
-                    raise TraceError(f"{p}: records[{j}].topk_ids_of_layer has shape {ids.shape}; expected [layers, tokens, K]")
-                ids = ids[:, :, (ids >= 0).any(axis=(0, 1))]  # drop padding columns (recorder K > model K)
-                lens = list(rec.get("extend_seq_lens") or [ids.shape[1]])
-                if sum(lens) != ids.shape[1]:
-                    lens = [ids.shape[1]]
-                topk_parts.append(ids)
-                sample_parts.append(np.repeat(np.arange(len(lens)) + offset, lens))
-                offset += len(lens)
-                rank_parts.append(np.full(ids.shape[1], int(rec.get("rank", 0)), np.int64))
-        else:
-            raise TraceError(f"{p}: neither 'logical_count' (stat mode) nor 'records' (per_token mode) in the dump; "
-                             f"keys: {sorted(obj)[:10]}")
+        try:
+            counts_total, offset = _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts,
+                                                     offset)
+        except (TypeError, ValueError, OverflowError, KeyError, AttributeError, RuntimeError) as exc:
+            raise TraceError(f"{p}: a field of the dump has the wrong type or shape ({' '.join(str(exc).split())[:160]}); "
+                             "the dump is corrupt or not from SGLang's expert distribution recorder") from None
+    return _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, rank_parts)
+
+
+def _sglang_int_ids(a: Any, what: str, p: Path) -> np.ndarray:
+    arr = _to_numpy(a)
+    if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        raise TraceError(f"{p}: {what} holds {arr.dtype} values; expert ids and counts must be integers")
+    return arr.astype(np.int64)
+
+
+def _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts, offset):
+    """Add one dump's counts or records to the running lists; returns (counts_total, offset)."""
+    if "logical_count" in obj:
+        c = _sglang_int_ids(obj["logical_count"], "logical_count", p)
+        if c.ndim < 2 or not 1 <= c.shape[-1] <= MAX_EXPERTS:
+            raise TraceError(f"{p}: logical_count has shape {c.shape}; expected [..., layers, experts]")
+        c = c.reshape(-1, *c.shape[-2:]).sum(axis=0)
+        if (c < 0).any():
+            raise TraceError(f"{p}: logical_count has negative entries; the dump is corrupt")
+        if counts_total is not None and counts_total.shape != c.shape:
+            raise TraceError(f"{p}: logical_count shape {c.shape} differs from the other dumps' {counts_total.shape}")
+        counts_total = c if counts_total is None else counts_total + c
+    elif "records" in obj:
+        records = obj["records"]
+        if not isinstance(records, (list, tuple)):
+            raise TraceError(f"{p}: records is a {type(records).__name__}, expected a list of per-step dicts")
+        for j, rec in enumerate(records):
+            if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
+                raise TraceError(f"{p}: records[{j}] has no topk_ids_of_layer")
+            ids = _sglang_int_ids(rec["topk_ids_of_layer"], f"records[{j}].topk_ids_of_layer", p)
+            if ids.ndim != 3:
+                raise TraceError(f"{p}: records[{j}].topk_ids_of_layer has shape {ids.shape}; expected [layers, tokens, K]")
+            ids = ids[:, :, (ids >= 0).any(axis=(0, 1))]  # drop padding columns (recorder K > model K)
+            lens = [int(n) for n in (rec.get("extend_seq_lens") or [ids.shape[1]])]
+            if sum(lens) != ids.shape[1] or min(lens) < 0:
+                lens = [ids.shape[1]]
+            topk_parts.append(ids)
+            sample_parts.append(np.repeat(np.arange(len(lens)) + offset, lens))
+            offset += len(lens)
+            rank_parts.append(np.full(ids.shape[1], int(rec.get("rank", 0)), np.int64))
+    else:
+        raise TraceError(f"{p}: neither 'logical_count' (stat mode) nor 'records' (per_token mode) in the dump; "
+                         f"keys: {sorted(map(str, obj))[:10]}")
+    return counts_total, offset
+
+
+def _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, rank_parts) -> TraceSet:
     label = name or (ps[0].stem if len(ps) == 1 else f"sglang[{len(ps)} files]")
+    if counts_total is None and not topk_parts:
+        raise TraceError(f"{label}: the dump holds no records; record some traffic first")
     if counts_total is not None and topk_parts:
         raise TraceError(f"{label}: mixes stat and per_token dumps; import them separately")
     if counts_total is not None:
@@ -744,6 +793,9 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
     """
     items = [paths_or_names] if isinstance(paths_or_names, (str, Path, TraceSet)) else list(paths_or_names)
     sets = [_resolve_one(i, spec) for i in items]
+    for s, i in zip(sets, items):
+        if (s.num_tokens == 0) if not s.load_only else not s.counts.any():
+            raise TraceError(f"{i}: the trace holds no routed tokens; record or import some traffic")
     if spec is not None:
         e = spec.moe.experts.num_experts
         sets = [s.check_spec(spec, label=str(i)).with_experts(e) for s, i in zip(sets, items)]
@@ -760,6 +812,9 @@ def coactivation(topk_TK: np.ndarray, num_experts: int, weights_T: np.ndarray | 
 
     topk_TK: [T, K] expert ids of one layer; weights_T: optional [T] weight per token.
     """
+    # Two [E, E] float64 tables at once (the counts and the result).
+    check_memory(16.0 * num_experts * num_experts, f"co-activation counts of {num_experts} experts",
+                 "use a trace of fewer experts, or plan load-only (counts) traces")
     k = topk_TK.shape[1]
     ids = np.ascontiguousarray(topk_TK, dtype=np.int64)
     pair = (ids[:, :, None] * num_experts + ids[:, None, :]).ravel()

@@ -171,7 +171,11 @@ class Plan:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(_jsonable(self.to_dict()), indent=1) + "\n", encoding="utf-8")
+        try:
+            text = json.dumps(_jsonable(self.to_dict()), indent=1, allow_nan=False) + "\n"
+        except ValueError as exc:  # NaN or infinity in a figure: a bug upstream, never written as 'NaN'
+            raise PlanFileError(f"{p}: the plan holds a non-finite number ({exc}); not writing it") from None
+        tmp.write_text(text, encoding="utf-8")
         tmp.replace(p)
         return p
 
@@ -183,8 +187,15 @@ class Plan:
             data = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise PlanFileError(f"{p}: plan file not found; make one with `moegraph plan SPEC -o {p.name}`") from None
+        except IsADirectoryError:
+            raise PlanFileError(f"{p}: is a folder; give the plan file (.json)") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise PlanFileError(f"{p}: truncated or corrupt plan file ({exc}); re-create it with `moegraph plan`") from None
+        except RecursionError:
+            raise PlanFileError(f"{p}: nested too deeply to be a plan file; re-create it with `moegraph plan`") from None
+        except ValueError as exc:  # an integer of thousands of digits (int_max_str_digits)
+            raise PlanFileError(f"{p}: not a plan file ({' '.join(str(exc).split())[:120]}); re-create it with "
+                                "`moegraph plan`") from None
         return cls.from_dict(data, spec=spec, source=str(p))
 
     @classmethod
@@ -225,11 +236,32 @@ class Plan:
         # Derived fields must agree with the map (a hand-edited file is refused, not half-used).
         if "logical_to_physical_map" in data and data["logical_to_physical_map"] != plan.logical_to_physical_map:
             raise bad("logical_to_physical_map disagrees with physical_to_logical_map")
-        for key, want in (("slots_per_gpu", plan.slots_per_gpu), ("num_gpus", plan.num_gpus),
-                          ("num_experts", plan.num_experts), ("num_layers", plan.num_layers)):
-            if key in data and data[key] != want:
-                raise bad(f"{key} is {data[key]!r} but the map and spec imply {want}")
+        derived = {
+            "slots_per_gpu": plan.slots_per_gpu, "num_gpus": plan.num_gpus, "num_experts": plan.num_experts,
+            "num_layers": plan.num_layers, "num_slots": plan.num_slots, "gpus_per_node": plan.gpus_per_node,
+            "node_of_gpu": plan.node_of_gpu.tolist(), "spec_name": embedded.name,
+            "moe_layer_indices": list(embedded.model.moe_layer_indices), "dispatch_rule": RULE,
+            "gpu_experts": [[plan.gpu_experts(i, g) for g in range(plan.num_gpus)] for i in range(plan.num_layers)],
+        }
+        for key, want in derived.items():
+            # type(...) too: JSON's 1.0 == 1 and true == 1 would otherwise pass
+            if key in data and (data[key] != want or _types(data[key]) != _types(want)):
+                shown = json.dumps(data[key])[:80]
+                raise bad(f"{key} is {shown} but the map and spec imply {json.dumps(want)[:80]}; the file was "
+                          "edited or is corrupt: re-create it with `moegraph plan`")
+        for key, kind in (("metrics", dict), ("policy", dict), ("notes", list)):
+            if data.get(key) is not None and not isinstance(data[key], kind):
+                raise bad(f"{key} is a {type(data[key]).__name__}, expected a JSON {'object' if kind is dict else 'list'}")
+        if not all(isinstance(n, str) for n in plan.notes):
+            raise bad("notes must be a list of strings")
         return plan
+
+
+def _types(value: Any) -> Any:
+    """The JSON types inside a value (to tell 1 from 1.0 and true)."""
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return type(value).__name__
 
 
 def _check_shapes(p2l: np.ndarray, spec: MoESpec) -> str | None:
