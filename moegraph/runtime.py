@@ -374,13 +374,19 @@ class CompiledMoEBase(nn.Module):
         if x.device != p.device:
             raise InputError(f"MoE layer input is on {x.device} but the layer's weights are on {p.device}; "
                              f"move one of them (layer.to(device))")
+        if x.dtype != p.dtype:
+            raise InputError(f"MoE layer input has dtype {x.dtype} but the layer's weights are {p.dtype}; cast the "
+                             f"input (x.to({p.dtype})) or the layer (layer.to({x.dtype}))")
+        if token_ids is not None and not isinstance(token_ids, Tensor):
+            raise InputError(f"token_ids must be a torch.Tensor of integer ids, got {type(token_ids).__name__}")
         if self.NEEDS_TOKEN_IDS:
             if token_ids is None:
                 raise InputError("this layer uses hash routing: pass token_ids (same leading shape as the input)")
-            if tuple(token_ids.shape) != tuple(x.shape[:-1]) or token_ids.is_floating_point():
+            # int32/int64 only: a bool or uint8 tensor would index as a mask, not as ids.
+            if tuple(token_ids.shape) != tuple(x.shape[:-1]) or token_ids.dtype not in (torch.int32, torch.int64):
                 raise InputError(
                     f"token_ids has shape {tuple(token_ids.shape)} and dtype {token_ids.dtype}; expected an "
-                    f"integer tensor of shape {tuple(x.shape[:-1])}"
+                    f"int64 (or int32) tensor of shape {tuple(x.shape[:-1])}"
                 )
             if token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
                 raise InputError(f"token_ids must lie in [0, {self.HASH_VOCAB}) (vocab_size of the hash router)")

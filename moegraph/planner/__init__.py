@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PlanInfeasible, SpecError
+from ..limits import check_memory
 from ..loader import load_spec
 from ..spec import ExplicitTopology, MoESpec
 from ..summary import summarize
@@ -224,6 +225,23 @@ def _one_blas_thread() -> Iterator[None]:
         setter(before)
 
 
+def _check_arguments(**kwargs: Any) -> None:
+    """Range and type of the planner's numeric arguments (the spec's own values are validated there)."""
+    import math
+    import numbers
+
+    bounds = {"seed": (0, 2**63 - 1), "max_imbalance": (1.0, 1e6), "rounds": (0, 10000), "risk_slack": (0.0, 1e6)}
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        lo, hi = bounds[key]
+        integer = isinstance(lo, int)
+        ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+        if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and lo <= value <= hi):
+            raise PlanInfeasible(f"{key}={value!r}: expected {'an integer' if integer else 'a finite number'} in "
+                                 f"[{lo}, {hi}]")
+
+
 def plan(
     spec: MoESpec | str | Path | dict,
     traces: Any = None,
@@ -253,7 +271,11 @@ def plan(
         layers).
     progress: called as progress(layers_done, num_layers).
     """
+    _check_arguments(seed=seed, max_imbalance=max_imbalance, rounds=rounds, risk_slack=risk_slack)
     spec = override_spec(load_spec(spec), nodes=nodes, gpus_per_node=gpus_per_node, slots=slots)
+    e_, s_ = spec.moe.experts.num_experts, spec.moe.experts.num_experts + spec.placement.redundant_slots
+    check_memory(8.0 * (3 * e_ * e_ + 2 * s_ * s_), f"planning {e_} experts in {s_} slots",
+                 "plan fewer experts or slots (--slots)")
     cl = cluster_of(spec)
     check_feasible(spec, cl)
     trace_inputs = _trace_inputs(spec, traces)
