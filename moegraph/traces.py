@@ -440,6 +440,15 @@ def read_native(path: str | Path) -> TraceSet:
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise TraceError(f"{p}: truncated or corrupt trace file ({' '.join(str(exc).split()) or type(exc).__name__})"
                          "; re-create it with `moegraph trace import`") from None
+    try:
+        return _native_traceset(p, meta, arrays)
+    except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
+        raise TraceError(f"{p}: a field has the wrong type or value ({' '.join(str(exc).split())[:160]}); the file is "
+                         "corrupt, re-import the trace") from None
+
+
+def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> TraceSet:
+    """Check a native file's meta and arrays (read by ``read_native``) and build its TraceSet."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TraceError(f"{p}: not a moegraph trace file (meta.format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
     if meta.get("version") != VERSION:
@@ -702,19 +711,21 @@ def _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts
 
 def _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, rank_parts) -> TraceSet:
     label = name or (ps[0].stem if len(ps) == 1 else f"sglang[{len(ps)} files]")
+    where = ", ".join(str(p) for p in ps)  # errors name the files
     if counts_total is None and not topk_parts:
-        raise TraceError(f"{label}: the dump holds no records; record some traffic first")
+        raise TraceError(f"{where}: the dump holds no records; record some traffic first")
     if counts_total is not None and topk_parts:
-        raise TraceError(f"{label}: mixes stat and per_token dumps; import them separately")
+        raise TraceError(f"{where}: mixes stat and per_token dumps; import them separately")
     if counts_total is not None:
         layer_ids = None
         if spec is not None and counts_total.shape[0] == spec.model.num_layers != spec.model.num_moe_layers:
             layer_ids = spec.model.moe_layer_indices
             counts_total = counts_total[list(layer_ids)]
-        return TraceSet.from_counts(counts_total, source=label, layer_ids=layer_ids, name=label)
+        return _named(where, label, lambda: TraceSet.from_counts(counts_total, source=label, layer_ids=layer_ids,
+                                                                 name=label))
     shapes = sorted({(t.shape[0], t.shape[2]) for t in topk_parts})
     if len(shapes) != 1:
-        raise TraceError(f"{label}: records disagree on (layers, top-k): {shapes}")
+        raise TraceError(f"{where}: records disagree on (layers, top-k): {shapes}")
     topk = np.concatenate(topk_parts, axis=1)
     if spec is not None and topk.shape[0] == spec.model.num_layers != spec.model.num_moe_layers:
         layer_ids = tuple(spec.model.moe_layer_indices)
@@ -725,11 +736,24 @@ def _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, ran
     if bad.any():  # tokens with a padded slot in some MoE layer carry no full top-k: drop them
         topk = topk[:, ~bad]
     ranks = np.concatenate(rank_parts)[~bad]
-    return TraceSet.from_topk(
+    if topk.shape[0] == 0 or topk.shape[1] == 0:
+        raise TraceError(f"{where}: no token has a full top-k in any layer; the dump holds no usable routing")
+    if len(ranks) and ranks.min() < 0:
+        raise TraceError(f"{where}: a record has a negative rank; the dump is corrupt")
+    return _named(where, label, lambda: TraceSet.from_topk(
         list(topk), np.concatenate(sample_parts)[~bad],
         num_experts=spec.moe.experts.num_experts if spec is not None else None,
         src_rank=ranks, num_ranks=int(ranks.max()) + 1 if len(ranks) else 1, layer_ids=layer_ids, source=label,
-    )
+    ))
+
+
+def _named(where: str, label: str, build):
+    """Run a TraceSet constructor whose errors start with ``label``; name the files instead."""
+    try:
+        return build()
+    except TraceError as exc:
+        text = str(exc)
+        raise TraceError(where + text[len(label):] if text.startswith(label) else f"{where}: {text}") from None
 
 
 # ---------------------------------------------------------------------------------------------
