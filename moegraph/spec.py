@@ -839,6 +839,15 @@ class MoESpec(_Frozen):
                     f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
                     f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
                 )
+        # Rules the code generator relies on: validate refuses what compile would.
+        e = self.moe.experts.num_experts
+        for i, loss in enumerate(getattr(self.moe.router, "aux_losses", ())):
+            if loss.kind in ("device_balance", "comm_balance") and e % topo.num_gpus:
+                raise field_error(
+                    f"moe.router.aux_losses.{i}.kind",
+                    f"aux loss '{loss.kind}' needs experts ({e}) to split evenly over the topology's "
+                    f"{topo.num_gpus} devices; change the topology or drop the loss",
+                )
         slots = self.moe.experts.num_experts + self.placement.redundant_slots
         if slots % topo.num_gpus:
             raise field_error(

@@ -120,12 +120,14 @@ class TraceSet:
         layer_ids: Sequence[int] | None = None,
         source: str = "trace",
         name: str | None = None,
+        distinct: bool = False,
     ) -> TraceSet:
         """Build a TraceSet from per-layer top-k ids, as a recorder sees them.
 
         layers: one array per MoE layer, [T, K] expert ids (numpy or torch), the same T tokens in each.
         sample_ids: [T] sequence id of each token; default: every token its own sequence.
         src_rank: [T] rank each token was on when recorded (optional), with ``num_ranks`` ranks.
+        distinct: refuse a token that lists one expert twice (ids from a token-choice router).
         """
         arrs = [_to_numpy(a) for a in layers]
         if not arrs:
@@ -143,7 +145,7 @@ class TraceSet:
         e = int(num_experts) if num_experts is not None else int(topk.max()) + 1 if topk.size else 1
         if topk.size and topk.max() >= e:
             raise TraceError(f"{source}: expert id {int(topk.max())} >= num_experts ({e})")
-        _check_topk(topk, e, source)
+        _check_topk(topk, e, source, distinct=distinct)
         t = topk.shape[1]
         sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids).astype(np.int64)
         if sids.shape != (t,):
@@ -399,12 +401,17 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _check_topk(topk: np.ndarray, e: int, source: str) -> None:
-    """Checks of user-supplied [L, T, K] expert ids (from any reader), before anything is sized by them."""
+def _check_topk(topk: np.ndarray, e: int, source: str, distinct: bool = False) -> None:
+    """Checks of [L, T, K] expert ids from a reader, before anything is sized by them.
+
+    ``distinct``: the ids come from a token-choice router (ESFT, SGLang), which never picks an expert
+    twice for one token; a repeat means a corrupt file or a wrong top_k. (moegraph's own recordings
+    may repeat: a hash router's random table can map a token to one expert twice.)
+    """
     if not 1 <= e <= MAX_EXPERTS:
         raise TraceError(f"{source}: {e} experts (largest id + 1, or the recorded count) is outside 1..{MAX_EXPERTS}; "
                          "the ids are corrupt, or the trace is not of an MoE router")
-    if topk.ndim == 3 and topk.shape[2] > 1 and topk.size:
+    if distinct and topk.ndim == 3 and topk.shape[2] > 1 and topk.size:
         s = np.sort(topk, axis=-1)
         dup = (s[..., 1:] == s[..., :-1]).any(axis=-1)
         if dup.any():
@@ -428,6 +435,9 @@ def read_native(path: str | Path) -> TraceSet:
     """Read a native ``.npz`` trace file, validating every array before returning."""
     p = Path(path)
     try:
+        with zipfile.ZipFile(p) as zf:  # sizes from the zip directory: refuse a bomb before inflating it
+            size = sum(i.file_size for i in zf.infolist())
+        check_memory(2.0 * size, f"{p} ({size / 2**20:.0f} MiB uncompressed)", "split the trace into smaller files")
         with np.load(p, allow_pickle=False) as z:
             files = set(z.files)
             if "meta" not in files:
@@ -544,7 +554,7 @@ def read_esft(
     parts = [_read_esft_task(d, top_k, num_experts) for d in tasks]
     e = num_experts or max(p[0].max(initial=0) for p in parts) + 1
     for (topk, _, _), d in zip(parts, tasks):
-        _check_topk(topk, int(e), str(d))
+        _check_topk(topk, int(e), str(d), distinct=True)
     sets = [
         TraceSet._from_arrays(topk.astype(_id_dtype(e)), sids, np.zeros(len(sids), np.int64), (d.name,), int(e),
                               None, None, layer_ids, d.name)
@@ -744,6 +754,7 @@ def _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, ran
         list(topk), np.concatenate(sample_parts)[~bad],
         num_experts=spec.moe.experts.num_experts if spec is not None else None,
         src_rank=ranks, num_ranks=int(ranks.max()) + 1 if len(ranks) else 1, layer_ids=layer_ids, source=label,
+        distinct=True,
     ))
 
 
