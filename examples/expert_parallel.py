@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -153,4 +154,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except moegraph.MoegraphError as exc:
+        # Exit at once with the error: after a failed collective the process group's teardown can wait
+        # forever for a peer that stalled, so a normal interpreter exit could hang this rank.
+        print(f"rank {os.environ.get('RANK', '?')}: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
