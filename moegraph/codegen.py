@@ -30,7 +30,15 @@ from . import __version__
 from .errors import CodegenError
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
-from .spec import ACTIVATIONS, SCORE_EXPR_FUNCTIONS, MoESpec, UniformTopology, score_expression, score_tree
+from .spec import (
+    ACTIVATIONS,
+    SCORE_EXPR_FUNCTIONS,
+    MoESpec,
+    UniformTopology,
+    emit_score,
+    score_expression,
+    score_tree,
+)
 
 _ENV: jinja2.Environment | None = None
 
@@ -61,24 +69,7 @@ def _score_code(score: str) -> Code:
     if score == "softmax":
         return Code("torch.softmax(logits_TE, dim=-1)")
     tree = score_tree(score_expression(score))
-    ops = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
-
-    def emit(node: ast.AST) -> str:
-        if isinstance(node, ast.Expression):
-            return emit(node.body)
-        if isinstance(node, ast.Name):
-            return "logits_TE"
-        if isinstance(node, ast.Constant):
-            return repr(float(node.value))
-        if isinstance(node, ast.UnaryOp):
-            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{emit(node.operand)})"
-        if isinstance(node, ast.BinOp):
-            return f"({emit(node.left)} {ops[type(node.op)]} {emit(node.right)})"
-        if isinstance(node, ast.Call):
-            return f"{SCORE_EXPR_FUNCTIONS[node.func.id]}({emit(node.args[0])})"
-        raise CodegenError(f"score {score!r}: {type(node).__name__} has no torch spelling")  # validated: unreachable
-
-    code = emit(tree)
+    code = emit_score(tree, "logits_TE", lambda name, arg: f"{SCORE_EXPR_FUNCTIONS[name]}({arg})")
     # Keep the hand-written look: an operator at the top needs no outer parentheses.
     return Code(code[1:-1] if isinstance(tree.body, (ast.BinOp, ast.UnaryOp)) else code)
 

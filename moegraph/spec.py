@@ -351,6 +351,39 @@ def score_tree(expr: str) -> ast.Expression:
     return tree
 
 
+_SCORE_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+
+
+def emit_score(tree: ast.AST, x: str, call: Any, special: Any = None) -> str:
+    """Source text for a score expression tree, built node by node (never from the expression's text).
+
+    ``x`` spells the logit; ``call(name, arg)`` spells a function call; ``special(node, emit)`` may
+    spell a node its own way (return None for the default). Operators are fully parenthesised.
+    Every backend's score code is derived here from the one parsed tree.
+    """
+
+    def emit(node: ast.AST) -> str:
+        if special is not None:
+            out = special(node, emit)
+            if out is not None:
+                return out
+        if isinstance(node, ast.Expression):
+            return emit(node.body)
+        if isinstance(node, ast.Name):
+            return x
+        if isinstance(node, ast.Constant):
+            return repr(float(node.value))
+        if isinstance(node, ast.UnaryOp):
+            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{emit(node.operand)})"
+        if isinstance(node, ast.BinOp):
+            return f"({emit(node.left)} {_SCORE_OPS[type(node.op)]} {emit(node.right)})"
+        if isinstance(node, ast.Call):
+            return call(node.func.id, emit(node.args[0]))
+        raise ValueError(f"{type(node).__name__} is not part of a score expression")
+
+    return emit(tree)
+
+
 def _check_score(v: str) -> str:
     if v in SCORE_FUNCTIONS:
         return v

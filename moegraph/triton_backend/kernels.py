@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..codegen_safe import Code
-from ..spec import SCORE_EXPR_MATH, SCORE_FUNCTIONS, score_expression
+from ..spec import SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
 from . import configs
 from .render import interpreting, render_to_module
 
@@ -391,9 +391,10 @@ def score_to_triton(score: str) -> str:
     """Triton code for an elementwise score of ``x`` (a named score or a validated expression)."""
     tree = ast.parse(score_expression(score), mode="eval")
 
-    def emit(node: ast.AST) -> str:
+    def special(node: ast.AST, emit) -> str | None:
+        """Triton's own spellings: constants folded, small integer powers multiplied out."""
         if isinstance(node, ast.Expression):
-            return emit(node.body)
+            return None
         if not _uses_x(node):
             try:
                 v = _fold(node)
@@ -402,30 +403,24 @@ def score_to_triton(score: str) -> str:
             if not math.isfinite(v):
                 raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} is not finite")
             return repr(v)
-        if isinstance(node, ast.Name):
-            if node.id != "x":
-                raise InputError(f"score {score!r}: unknown name {node.id!r}")
-            return "x"
-        if isinstance(node, ast.Constant):
-            return repr(float(node.value))
-        if isinstance(node, ast.UnaryOp):
-            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{emit(node.operand)})"
-        if isinstance(node, ast.BinOp):
+        if isinstance(node, ast.Name) and node.id != "x":
+            raise InputError(f"score {score!r}: unknown name {node.id!r}")
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             a, b = emit(node.left), emit(node.right)
-            if isinstance(node.op, ast.Pow):
-                c = node.right
-                if isinstance(c, ast.Constant) and float(c.value).is_integer() and 0 <= c.value <= 8:
-                    return "(" + " * ".join([f"({a})"] * int(c.value)) + ")" if c.value else "(x * 0.0 + 1.0)"
-                if not _uses_x(node.left):  # constant base
-                    return f"tl.exp(({b}) * {math.log(_fold(node.left))!r})"
-                return f"tl.exp(({b}) * tl.log({a}))"
-            op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
-            return f"({a} {op} {b})"
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _TRITON_CALLS:
-            return _TRITON_CALLS[node.func.id].format(emit(node.args[0]))
-        raise InputError(f"score {score!r}: {ast.dump(node)} has no Triton spelling")
+            c = node.right
+            if isinstance(c, ast.Constant) and float(c.value).is_integer() and 0 <= c.value <= 8:
+                return "(" + " * ".join([f"({a})"] * int(c.value)) + ")" if c.value else "(x * 0.0 + 1.0)"
+            if not _uses_x(node.left):  # constant base
+                return f"tl.exp(({b}) * {math.log(_fold(node.left))!r})"
+            return f"tl.exp(({b}) * tl.log({a}))"
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _TRITON_CALLS):
+            raise InputError(f"score {score!r}: {ast.dump(node)} has no Triton spelling")
+        return None
 
-    return emit(tree)
+    try:
+        return emit_score(tree, "x", lambda name, arg: _TRITON_CALLS[name].format(arg), special)
+    except ValueError as exc:
+        raise InputError(f"score {score!r}: {exc}; it has no Triton spelling") from None
 
 
 @lru_cache(maxsize=256)
