@@ -464,17 +464,28 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
     if meta.get("version") != VERSION:
         raise TraceError(f"{p}: trace format version {meta.get('version')} is not supported (this moegraph reads "
                          f"version {VERSION}); re-import the trace")
+    def whole(key: str, value: Any, lo: int, hi: int) -> int:
+        # Strict: the writer stores JSON integers; "16", 16.5 or true mean a hand-edited or foreign file.
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"meta.{key} is {json.dumps(value)[:40]}, expected an integer in {lo}..{hi}")
+        return value
+
     try:
-        e, n_layers = int(meta["num_experts"]), int(meta["num_layers"])
-        if not (1 <= e <= MAX_EXPERTS and 1 <= n_layers <= 10000):
-            raise ValueError(f"num_experts {e} / num_layers {n_layers} out of range")
+        e = whole("num_experts", meta["num_experts"], 1, MAX_EXPERTS)
+        n_layers = whole("num_layers", meta["num_layers"], 1, 10000)
+        if not isinstance(meta["sources"], list) or not meta["sources"]:
+            raise ValueError("meta.sources is not a non-empty list")
         sources = tuple(str(s) for s in meta["sources"])
-        layer_ids = tuple(int(i) for i in meta["layer_ids"]) if meta.get("layer_ids") is not None else None
+        layer_ids = (tuple(whole("layer_ids", i, 0, 10**6) for i in meta["layer_ids"])
+                     if meta.get("layer_ids") is not None else None)
         name = str(meta.get("name") or p.stem)
         notes = tuple(str(n) for n in meta.get("notes") or ())
-        num_ranks = int(meta["num_ranks"]) if meta.get("num_ranks") is not None else None
+        num_ranks = whole("num_ranks", meta["num_ranks"], 1, 1 << 20) if meta.get("num_ranks") is not None else None
+        if meta.get("num_tokens") is not None:
+            whole("num_tokens", meta["num_tokens"], 0, 1 << 40)
     except (KeyError, TypeError, ValueError) as exc:
-        raise TraceError(f"{p}: meta is incomplete ({exc!r}); re-import the trace") from None
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise TraceError(f"{p}: meta is incomplete or wrong ({what}); re-import the trace") from None
 
     def bad(msg: str) -> TraceError:
         return TraceError(f"{p}: {msg}; the file is corrupt, re-import the trace")

@@ -267,6 +267,24 @@ def test_fuzz_native_trace_files(fuzz_dir, data):
         assert code == 2
 
 
+@pytest.mark.parametrize("key, value, phrase", [
+    ("num_experts", "8", 'meta.num_experts is "8", expected an integer'),
+    ("num_experts", 8.5, "meta.num_experts is 8.5"),
+    ("num_experts", 10**9, "expected an integer in 1..65536"),
+    ("num_layers", True, "meta.num_layers is true"),
+    ("sources", "tiny", "meta.sources is not a non-empty list"),
+])
+def test_native_meta_numbers_are_strict(fuzz_dir, key, value, phrase):
+    members = _npz_members(_tiny_trace(), fuzz_dir)
+    meta = json.loads(str(members["meta"]))
+    meta[key] = value
+    members["meta"] = np.array(json.dumps(meta))
+    f = fuzz_dir / "strict.npz"
+    np.savez(f, **members)
+    code, _, err = run(["trace", "stats", f])
+    assert code == 2 and phrase in " ".join(err.split()) and str(f) in err, err
+
+
 def test_duplicate_ids_in_a_token_are_refused(fuzz_dir):
     """ESFT and SGLang traces come from token-choice routers: an expert twice in one top-k is corruption."""
     folder = fuzz_dir / "esft_dup"
