@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import TraceError
+from .errors import ResourceError, TraceError
 from .limits import check_memory
 from .spec import MAX_EXPERTS
 
@@ -609,6 +609,9 @@ def _read_esft_task(folder: Path, top_k: int | None, num_experts: int | None):
 
 def _parse_esft_file(path: Path, num_experts: int | None) -> list[np.ndarray]:
     try:
+        # The text, its split lines and the parsed ids: a few times the file's size at once.
+        check_memory(4.0 * path.stat().st_size, f"{path} ({path.stat().st_size / 2**20:.0f} MiB)",
+                     "split the ESFT folder into smaller task folders")
         text = path.read_text(encoding="ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read as ESFT text ({exc})") from None
@@ -671,9 +674,13 @@ def read_sglang(
     counts_total, topk_parts, sample_parts, rank_parts, offset = None, [], [], [], 0
     for p in ps:
         try:
+            check_memory(2.0 * p.stat().st_size, f"{p} ({p.stat().st_size / 2**20:.0f} MiB)",
+                         "import the dumps one at a time")
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise TraceError(f"{p}: file not found") from None
+        except ResourceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated zip or pickle
             raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {' '.join(str(exc).split())[:200]})") from None
         if not isinstance(obj, dict):

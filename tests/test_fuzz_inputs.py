@@ -498,9 +498,24 @@ def test_fuzz_cli_flags(fuzz_dir, data):
 ])
 def test_hand_written_flags(fuzz_dir, argv, phrase, monkeypatch):
     monkeypatch.chdir(fuzz_dir)
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda: 8 << 30)  # a laptop, on any machine
     code, _, err = run(argv)
     assert_outcome("cli-flags", code, err, None, fuzz_dir)
     assert code == 2 and phrase in " ".join(err.split()), err
+
+
+def test_memory_estimates_refuse_before_allocating(fuzz_dir, monkeypatch):
+    """With 1 MiB available: traces, planning and compiling refuse with the figure, allocating nothing."""
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda: 1 << 20)
+    for argv, phrase in [
+        (["trace", "stats", "esft-deepseek-v2-lite/law"], "law.npz (1 MiB uncompressed) needs about"),
+        (["plan", "deepseek-v3", "--rounds", "0"], "planning 256 experts in"),
+        (["compile", "mixtral-tiny", "-o", fuzz_dir / "mem", "--smoke", "4"], "--smoke 4 on spec 'mixtral-tiny'"),
+    ]:
+        code, _, err = run(argv)
+        text = " ".join(err.split())
+        assert code == 2 and phrase in text and "more than the memory available (1.0 MiB)" in text, err
+    assert not (fuzz_dir / "mem").exists()
 
 
 def test_output_paths(fuzz_dir):
