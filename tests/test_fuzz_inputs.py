@@ -510,7 +510,7 @@ def test_memory_estimates_refuse_before_allocating(fuzz_dir, monkeypatch):
     for argv, phrase in [
         (["trace", "stats", "esft-deepseek-v2-lite/law"], "law.npz (1 MiB uncompressed) needs about"),
         (["plan", "deepseek-v3", "--rounds", "0"], "planning 256 experts in"),
-        (["compile", "mixtral-tiny", "-o", fuzz_dir / "mem", "--smoke", "4"], "--smoke 4 on spec 'mixtral-tiny'"),
+        (["compile", "mixtral-tiny", "-o", fuzz_dir / "mem", "--smoke", "4096"], "--smoke 4096 on spec 'mixtral-tiny'"),
     ]:
         code, _, err = run(argv)
         text = " ".join(err.split())
