@@ -280,3 +280,21 @@ def test_generated_files_have_normal_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(gen.path.stat().st_mode) == 0o644
     assert not list((tmp_path / "gen").glob(".tmp-*"))  # no temporary left behind
+
+
+def test_cli_prints_brackets_verbatim(tmp_path, run_cli):
+    """Error text and names are printed as text, never read as rich markup: nothing vanishes or crashes."""
+    missing = tmp_path / "[/x]" / "[red]spec[/].yaml"
+    r = run_cli("validate", missing)
+    assert r.code == 2 and f"error: {missing}: <root>: file not found" in " ".join(r.err.split())
+    plan = tmp_path / "[bold]plan.json"
+    plan.write_text('{"format": "moegraph-plan", "version": 1}')
+    r = run_cli("plan", "--evaluate", plan, "--trace", "esft-deepseek-v2-lite/law")
+    assert r.code == 2 and f"{plan}: field 'spec' is missing" in " ".join(r.err.split()), r.err
+    # Bracketed text inside a message survives (it once printed as "is not a  array of integers").
+    plan.write_text(json.dumps({"format": "moegraph-plan", "version": 1, "spec": moegraph.load_spec(TINY).to_dict(),
+                                "spec_hash": moegraph.load_spec(TINY).hash(), "physical_to_logical_map": "x"}))
+    r = run_cli("plan", "--evaluate", plan, "--trace", "esft-deepseek-v2-lite/law")
+    assert r.code == 2 and "is not a [layers][slots] array of integers" in r.err, r.err
+    r = run_cli("show", "[red]x[/]")
+    assert r.code == 2 and "error: [red]x[/]: <root>: file not found" in r.err, r.err
