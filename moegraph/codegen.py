@@ -229,7 +229,15 @@ def default_cache_dir() -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read the umask is to set it
+    """The process umask (read from /proc on Linux; elsewhere set and restored, the only portable way)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

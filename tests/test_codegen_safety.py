@@ -298,3 +298,18 @@ def test_cli_prints_brackets_verbatim(tmp_path, run_cli):
     assert r.code == 2 and "is not a [layers][slots] array of integers" in r.err, r.err
     r = run_cli("show", "[red]x[/]")
     assert r.code == 2 and "error: [red]x[/]: <root>: file not found" in r.err, r.err
+
+
+def test_plan_embedded_spec_payload_stays_data(tmp_path):
+    """A plan file carries its spec: a break-out name in it compiles to data, through Plan.load."""
+    from moegraph.planner import Plan, plan
+
+    marker = tmp_path / "PWNED"
+    name = f'p"""\\x0c; __import__("pathlib").Path({str(marker)!r}).touch(); """'
+    spec = moegraph.load_spec(_set(TINY, "name", name))
+    path = plan(spec, rounds=0).save(tmp_path / "plan.json")
+    loaded = Plan.load(path)
+    layer = moegraph.compile(loaded.spec, plan=loaded, out_dir=tmp_path / "gen")
+    assert layer(torch.randn(3, 8)).shape == (3, 8)
+    assert json.loads(layer.SPEC_JSON)["name"] == name
+    assert not marker.exists()
