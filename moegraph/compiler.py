@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from .codegen import BACKENDS, check_backend, layer_class
+from .errors import InputError
 from .limits import check_memory
 from .loader import load_spec
-from .runtime import CompiledMoEBase, torch_dtype
+from .runtime import _DTYPES, CompiledMoEBase, torch_dtype
 from .spec import MoESpec
 
 __all__ = ["compile", "BACKENDS"]
@@ -50,6 +51,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     spec = load_spec(spec)
     backend = backend or spec.codegen.backend
     check_backend(backend)
+    dtype, device = _check_arguments(dtype, device, seed, timeout, layer_index)
     if backend == "triton":
         from . import triton_backend  # noqa: F401  (fails with a clear message if triton is missing)
 
@@ -57,8 +59,6 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
             from .triton_backend.passes import triton_passes
 
             passes = triton_passes(spec)
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype)
     cls, _ = layer_class(spec, backend, out_dir)
     kwargs = dict(dtype=dtype or torch_dtype(spec.moe.dtype), router_dtype=torch_dtype(spec.moe.router_dtype),
                   device=device, passes=passes, seed=seed)
@@ -81,7 +81,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
                 f"plan was made for spec hash {plan.spec_hash[:12]} but spec '{spec.name}' has hash "
                 f"{spec.short_hash}; re-plan with `moegraph plan {spec.name}`"
             )
-    device_type = torch.device(device).type if device is not None else "cpu"
+    device_type = device.type if device is not None else "cpu"
     if device_type == "cpu":
         check_memory(layer_bytes(spec, kwargs["dtype"], seeded=seed is not None),
                      f"the layer of spec {spec.name!r} ({kwargs['dtype']})",
@@ -89,6 +89,34 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     layer = cls(**kwargs)
     layer.__dict__["plan"] = plan
     return layer
+
+
+def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_index: Any) -> tuple[Any, Any]:
+    """Type and range of compile's arguments, checked before anything is generated or allocated."""
+    import math
+    import numbers
+
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(_DTYPES)}")
+        dtype = torch_dtype(dtype)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise InputError(f"device {device!r} is not a torch device ({exc})") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise InputError(f"device {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+        raise InputError(f"seed {seed!r} must be an integer in [0, 2**63) or None")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise InputError(f"timeout {timeout!r} must be a finite number of seconds above 0 (or None)")
+    if isinstance(layer_index, bool) or not isinstance(layer_index, numbers.Integral) or layer_index < 0:
+        raise InputError(f"layer_index {layer_index!r} must be a non-negative integer")
+    return dtype, device
 
 
 def layer_bytes(spec: MoESpec, dtype: torch.dtype, seeded: bool = False) -> int:

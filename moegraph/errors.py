@@ -55,7 +55,8 @@ class CodegenError(MoegraphError, RuntimeError):
 
 
 class InputError(MoegraphError, ValueError):
-    """A tensor handed to a compiled layer has the wrong shape, dtype or device."""
+    """A tensor handed to a compiled layer (or an argument of ``compile``) has the wrong shape, dtype,
+    device, type or range."""
 
 
 class DistributedError(MoegraphError, RuntimeError):

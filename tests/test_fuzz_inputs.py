@@ -534,6 +534,22 @@ def test_output_paths(fuzz_dir):
     assert code == 2 and "is a folder" in err
 
 
+@pytest.mark.parametrize("kwargs, phrase", [
+    ({"seed": -1}, "seed -1 must be an integer"),
+    ({"seed": 2**70}, "must be an integer in [0, 2**63)"),
+    ({"seed": 1.5}, "seed 1.5"),
+    ({"dtype": "float8"}, "dtype 'float8' is not known"),
+    ({"dtype": torch.int64}, "not a floating-point torch dtype"),
+    ({"device": "bogus"}, "is not a torch device"),
+    ({"timeout": float("nan")}, "timeout nan must be a finite number"),
+    ({"layer_index": -1}, "layer_index -1"),
+])
+def test_compile_arguments(fuzz_dir, kwargs, phrase):
+    with pytest.raises(InputError) as ei:
+        moegraph.compile("switch-tiny", out_dir=fuzz_dir / "args", **kwargs)
+    assert phrase in str(ei.value)
+
+
 # ------------------------------------------------------------------------------------------------
 # Layer inputs
 # ------------------------------------------------------------------------------------------------
