@@ -532,6 +532,15 @@ def test_output_paths(fuzz_dir):
     assert code == 2 and "is a folder" in err
     code, _, err = run(["schema", "-o", folder])
     assert code == 2 and "is a folder" in err
+    a_file = fuzz_dir / "a_file.txt"
+    a_file.write_text("x")
+    code, _, err = run(["demo", "-o", a_file])
+    assert code == 2 and "is a file; -o names the folder" in err
+    # moegraph run checks its paths before starting any process (the plan is not even needed).
+    for extra, phrase in ((["--record", folder], "is a folder"), (["--record", a_file], "extension '.txt'"),
+                          (["--layer", "0", "--checkpoint", folder / "none.safetensors"], "checkpoint file not found")):
+        code, _, err = run(["run", "switch-tiny", "--plan", fuzz_dir / "no-plan.json", *extra])
+        assert code == 2 and phrase in " ".join(err.split()), err
 
 
 @pytest.mark.parametrize("kwargs, phrase", [

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import MoegraphError
 from ..loader import load_spec
 from ..summary import human, summarize
 from . import app, console
@@ -29,6 +30,8 @@ def demo(
     from .plan_cmds import plan_cmd
 
     t_start = time.perf_counter()
+    if output.exists() and not output.is_dir():
+        raise MoegraphError(f"{output}: is a file; -o names the folder for the plan, plot and generated code")
     output.mkdir(parents=True, exist_ok=True)
 
     # Step 1: validate and summarise.

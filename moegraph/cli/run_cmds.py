@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..errors import PlanFileError
+from ..errors import DistributedError, PlanFileError
 from ..loader import load_spec
 from . import app, console
-from .checks import finite
+from .checks import finite, output_file
 from .output import say, styled
 
 
@@ -79,6 +79,12 @@ def run_cmd(
     """
     from ..distributed.local import run_local
 
+    # Paths are checked before any process starts (a bad --record once failed only after the run).
+    if record is not None:
+        output_file(record, "trace", (".npz",))
+    if checkpoint is not None and not checkpoint.is_file():
+        raise DistributedError(f"{checkpoint}: checkpoint file not found (or a folder); give the .safetensors or "
+                               ".pt file of the --layer layer")
     p, note = _spec_and_plan(spec, plan)
     if note:
         say(note, prefix="note:", style="yellow")
