@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 
@@ -44,19 +43,24 @@ def report_error(exc: MoegraphError) -> None:
 
 
 def _click_exceptions():
-    """The click exception classes typer may raise (typer >= 0.29 ships its own copy of click)."""
-    exit_, usage, abort = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
-    try:
-        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
-    except ImportError:
-        vendored = None
-    for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
-        cls = getattr(vendored, name, None)
-        if cls is not None:
-            bucket.append(cls)
-    import typer as _typer
+    """The click exception classes typer may raise.
 
-    exit_.append(_typer.Exit)
+    typer >= 0.29 ships its own copy of click (``typer._click``) and no longer depends on click;
+    older typer uses click itself. Collect the classes of whichever are installed, without ever
+    requiring click (it is not one of our dependencies).
+    """
+    import importlib
+
+    exit_, usage, abort = [typer.Exit], [], []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            exceptions = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
+            cls = getattr(exceptions, name, None)
+            if cls is not None and cls not in bucket:
+                bucket.append(cls)
     return tuple(exit_), tuple(usage), tuple(abort)
 
 
