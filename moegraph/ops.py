@@ -2,7 +2,7 @@
 
 ``moegraph::expert_mlp`` takes a flat list of (token, expert, weight) assignments, sorts them by
 expert, runs every expert's MLP on its rows (one GEMM pair per expert that received tokens) and sums
-the weighted outputs per token. It is a ``torch.library.custom_op`` with a fake implementation, so
+the weighted outputs per token. It is an opaque custom op (``moegraph.oplib``) with a fake implementation, so
 ``torch.fx`` sees one node and ``torch.compile`` can trace around it.
 
 Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
@@ -23,6 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .oplib import opaque_op
 
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace"]
 
@@ -428,7 +430,7 @@ def define_expert_op(name: str, forward=None):
             return _expert_mlp_fast(*args, packed)
 
     op.__name__ = name.split("::")[1]
-    registered = torch.library.custom_op(name, op, mutates_args=())
+    registered = opaque_op(name, op)
 
     @registered.register_fake
     def _(x_TD, *args):
@@ -508,7 +510,7 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, ga
     return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, out
 
 
-@torch.library.custom_op("moegraph::expert_mlp_backward", mutates_args=())
+@opaque_op("moegraph::expert_mlp_backward")
 def expert_mlp_backward(
     grad_TD: Tensor,
     x_TD: Tensor,
