@@ -77,3 +77,18 @@ class UnsupportedBlock(MoegraphError, ValueError):
         self.reason = reason
         self.block = block
         super().__init__(f"{block}: {reason}" if block else reason)
+
+
+class MissingDependency(MoegraphError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import ``module`` or raise ``MissingDependency`` saying ``pip install 'moegraph[extra]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'moegraph[{extra}]'") from None

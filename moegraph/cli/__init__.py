@@ -22,9 +22,26 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        console.print(f"moegraph {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the moegraph version and exit."),
+) -> None:
+    """A declarative compiler for Mixture-of-Experts layers: spec -> plan -> generated code -> layer."""
 
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..loader import load_spec
-from . import app, console
+from . import app, console, err_console
+from .progress import waiting
 
 
 @app.command(name="compile")
@@ -51,19 +52,21 @@ def bench(
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the Hugging Face comparison.")] = False,
 ) -> None:
     """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""
-    from ..bench import BENCH_SPEC, format_rows, run_layer_bench
-
-    from ..bench import hf_incompatibility
+    from ..bench import BENCH_SPEC, format_rows, hf_incompatibility, run_layer_bench
 
     s = load_spec(BENCH_SPEC if spec == "default" else spec)
     with_hf = not no_hf
+    if with_hf:
+        from ..errors import require
+
+        require("transformers", "hf", "moegraph bench's comparison with Hugging Face (or pass --no-hf)")
     why = hf_incompatibility(s) if with_hf else None
     if why:
         console.print(f"[yellow]no HF comparison for {s.name}: {why}; timing moegraph only[/]", highlight=False)
         with_hf = False
-    with console.status("benchmarking") as status:
+    with waiting(err_console, "benchmarking") as update:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,
-                               progress=lambda m: status.update(f"benchmarking {m}"))
+                               progress=update)
     t = Table(title=f"forward, eval, float32, ms (median of {rounds} interleaved rounds)")
     t.add_column("tokens", justify="right")
     for name in rows[0].times:

@@ -10,13 +10,16 @@ import typer
 
 from ..loader import load_spec
 from ..summary import human, summarize
-from . import app, console
+from . import app, console, err_console
+from .progress import waiting
 
 
 @app.command()
 def demo(
-    spec: Annotated[str, typer.Option(help="Preset or spec file whose placement.traces name bundled traces.")] = "deepseek-v2-lite",
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where the plan, plot and generated code go.")] = Path("moegraph-out"),
+    spec: Annotated[str, typer.Option(help="Preset or spec file whose placement.traces name bundled traces.",
+                                      envvar="MOEGRAPH_DEMO_SPEC")] = "deepseek-v2-lite",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the plan, plot and generated code go.",
+                                         envvar="MOEGRAPH_DEMO_OUTPUT")] = Path("moegraph-out"),
     tokens: Annotated[int, typer.Option(help="Tokens in the smoke forward.")] = 64,
 ) -> None:
     """Validate a preset, plan it on its bundled routing traces (table + plot), compile it, run it."""
@@ -46,7 +49,8 @@ def demo(
     plan_path = output / "plan.json"
     plot_path = output / "plan.png" if importlib.util.find_spec("matplotlib") else None
     if plot_path is None:
-        console.print("[dim]matplotlib not installed (pip install 'moegraph[plot]'): skipping the plot[/]")
+        console.print("matplotlib not installed (pip install 'moegraph[plot]'): skipping the plot", markup=False,
+                      style="dim", highlight=False)
     plan_cmd(spec=spec, output=plan_path, plot=plot_path)
 
     # Step 3: compile with the plan and run a smoke forward.
@@ -55,13 +59,15 @@ def demo(
 
     plan = Plan.load(plan_path, spec=s)
     t0 = time.perf_counter()
-    layer = mg_compile(s, plan=plan, out_dir=output / "generated", dtype=torch.float32).eval()
+    with waiting(err_console, f"compiling {s.name} with the plan (generate, build, initialise weights)"):
+        layer = mg_compile(s, plan=plan, out_dir=output / "generated", dtype=torch.float32).eval()
     t_compile = time.perf_counter() - t0
     x = torch.randn(1, tokens, s.moe.hidden_size, generator=torch.Generator().manual_seed(0))
     tid = torch.randint(0, max(layer.HASH_VOCAB, 1), (1, tokens)) if layer.NEEDS_TOKEN_IDS else None
     with torch.inference_mode():
         t0 = time.perf_counter()
-        layer(x, tid)  # first call: traces the eval graph, runs the passes, packs the weights
+        with waiting(err_console, "first forward (trace the eval graph, run the FX passes, pack the weights)"):
+            layer(x, tid)
         t_first = time.perf_counter() - t0
         rec = layer.start_recording()
         t0 = time.perf_counter()

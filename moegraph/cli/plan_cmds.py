@@ -7,18 +7,12 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from ..errors import TraceError
 from ..loader import load_spec
 from . import app, console, err_console
+from .progress import counted
 
 trace_app = typer.Typer(help="Import routing traces and summarise them.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
@@ -49,11 +43,6 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     worst = [metrics[k]["worst_layer_max_mean_load"] for k in ("plan", "load_only", "contiguous")]
     t.add_row("worst layer max/mean load", *(f"{w:.3f}" for w in worst), f"{worst[0] - worst[1]:+.3f}")
     return t
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("planning layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
 
 
 @app.command(name="plan")
@@ -113,11 +102,9 @@ def plan_cmd(
     from ..traces import load_traces
 
     s = load_spec(spec)
-    with _progress() as prog:
-        task = prog.add_task("plan", total=s.model.num_moe_layers)
+    with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
-                 max_imbalance=max_imbalance, robust=robust, rounds=rounds,
-                 progress=lambda done, total: prog.update(task, completed=done))
+                 max_imbalance=max_imbalance, robust=robust, rounds=rounds, progress=advance)
     cl = p.cluster
     console.print(
         f"[bold]{p.spec.name}[/] (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "

@@ -21,13 +21,10 @@ __all__ = ["plot_plan"]
 
 def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int = 0) -> Path:
     """Save a 3-panel figure for one MoE layer of ``plan`` (traffic from ``traces``) to ``path``."""
-    try:
-        import matplotlib
+    from ..errors import require
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MoegraphError("--plot needs matplotlib: pip install 'moegraph[plot]'") from None
+    require("matplotlib", "plot", "--plot").use("Agg")
+    import matplotlib.pyplot as plt
     from ..traces import coactivation
     from . import baseline_plans
     from .cost import expected_gpu_load
