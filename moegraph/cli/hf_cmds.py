@@ -9,6 +9,7 @@ import typer
 
 from ..loader import dump_spec
 from . import app, console, err_console
+from .progress import waiting
 
 
 @app.command("import-hf")
@@ -23,7 +24,8 @@ def import_hf(
     """Write the moegraph spec of an HF MoE model config: layer, routing and model section."""
     from ..hf import spec_from_hf_config
 
-    spec = spec_from_hf_config(config, name=name, probe=probe)
+    with waiting(err_console, f"reading {config}" + (" and probing its MoE block with transformers" if probe else "")):
+        spec = spec_from_hf_config(config, name=name, probe=probe)
     if output is None:
         import yaml
 
