@@ -46,7 +46,7 @@ def _root(
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401
 
-for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds"):
+for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds", "export_cmds"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as exc:  # a stage not built yet; its commands are simply absent

@@ -32,18 +32,19 @@ def waiting(console: Console, label: str) -> Iterator[Callable[[str], None]]:
 
 
 class _PlainProgress:
-    """``counted``'s stand-in off a terminal: a line at about every tenth of the work."""
+    """``counted``'s stand-in off a terminal: a line every two seconds or so, none for a quick step."""
 
     def __init__(self, console: Console, label: str, total: int):
-        self.console, self.label, self.total, self.t0, self.shown = console, label, max(total, 1), time.perf_counter(), -1
+        self.console, self.label, self.total = console, label, max(total, 1)
+        self.t0 = self.last = time.perf_counter()
 
     def __call__(self, done: int, total: int | None = None) -> None:
         total = total or self.total
-        tenth = done * 10 // max(total, 1)
-        if tenth > self.shown:
-            self.shown = tenth
-            self.console.print(f"{self.label}: {done}/{total} ({time.perf_counter() - self.t0:.1f}s)",
-                               markup=False, highlight=False, soft_wrap=True)
+        now = time.perf_counter()
+        if now - self.last >= 2.0 or (done >= total and self.last > self.t0):
+            self.last = now
+            self.console.print(f"{self.label}: {done}/{total} ({now - self.t0:.1f}s)", markup=False,
+                               highlight=False, soft_wrap=True)
 
 
 @contextmanager
