@@ -69,6 +69,26 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("spec_field", "{message}", {"field": field, "message": message})
 
 
+class _Problems:
+    """Collects a validator's cross-field problems so that all of them are reported, not the first."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append((field, message))
+
+    def raise_any(self) -> None:
+        if len(self.items) == 1:
+            raise field_error(*self.items[0])
+        if self.items:
+            # One pydantic error carrying several; the loader turns it back into one Problem each.
+            raise PydanticCustomError("spec_fields", "{message}", {
+                "problems": [list(item) for item in self.items],
+                "message": "; ".join(message for _, message in self.items),
+            })
+
+
 def _is_number_annotation(tp: Any) -> bool:
     """Whether an annotation is int or float, possibly Optional."""
     if tp in (int, float):
@@ -164,16 +184,18 @@ class SharedExpertsSpec(_Frozen):
 
     @model_validator(mode="after")
     def _settings_need_expert(self) -> SharedExpertsSpec:
+        problems = _Problems()
         if self.count == 0 and self.gate != "none":
-            raise field_error(
+            problems.add(
                 "gate", "a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none"
             )
         if self.count == 0 and self.intermediate_size is not None:
-            raise field_error(
+            problems.add(
                 "intermediate_size",
                 "intermediate_size is set but count is 0, so there is no shared expert to size; set count >= 1 "
                 "or drop intermediate_size",
             )
+        problems.raise_any()
         return self
 
 
@@ -456,34 +478,36 @@ class MoELayerSpec(_Frozen):
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
+        problems = _Problems()
         r, e = self.router, self.experts.num_experts
         k = getattr(r, "top_k", None)
         if k is not None and k > e:
-            raise field_error(
+            problems.add(
                 "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"
             )
         g = getattr(r, "groups", None)
         if g is not None:
             if e % g.num_groups:
                 divisors = [d for d in range(1, e + 1) if e % d == 0]
-                raise field_error(
+                problems.add(
                     "router.groups.num_groups",
                     f"router.groups.num_groups ({g.num_groups}) must divide experts.num_experts ({e}); "
                     f"choose one of {divisors}"
                 )
             per_group = e // g.num_groups
             if g.group_score == "sum_topn" and g.top_n > per_group:
-                raise field_error(
+                problems.add(
                     "router.groups.top_n",
                     f"router.groups.top_n ({g.top_n}) exceeds the {per_group} experts per group; "
                     f"use top_n <= {per_group} or fewer groups"
                 )
             if k is not None and g.topk_groups * per_group < k:
-                raise field_error(
+                problems.add(
                     "router.groups.topk_groups",
                     f"router.groups keeps {g.topk_groups} groups of {per_group} experts = "
                     f"{g.topk_groups * per_group} candidates, fewer than top_k ({k}); raise topk_groups"
                 )
+        problems.raise_any()
         return self
 
     @property
@@ -544,25 +568,26 @@ class ModelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _pattern(self) -> ModelSpec:
+        problems = _Problems()
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
-                raise field_error(
+                problems.add(
                     "layer_types",
                     f"layer_types lists {len(self.layer_types)} layers but num_layers is {self.num_layers}; "
                     "make them agree",
                 )
             if "moe" not in self.layer_types:
-                raise field_error("layer_types", "layer_types has no 'moe' layer; mark at least one layer 'moe'")
+                problems.add("layer_types", "layer_types has no 'moe' layer; mark at least one layer 'moe'")
             # Compare with the defaults rather than ask what was set: dump_spec spells defaults out.
             ignored = [k for k, default in (("first_k_dense", 0), ("moe_layer_freq", 1)) if getattr(self, k) != default]
             if ignored:
-                raise field_error(
+                problems.add(
                     ignored[0],
                     f"{' and '.join(ignored)} would be ignored because layer_types lists every layer; "
                     "give either layer_types or first_k_dense/moe_layer_freq",
                 )
         elif self.first_k_dense >= self.num_layers:
-            raise field_error(
+            problems.add(
                 "first_k_dense",
                 f"first_k_dense ({self.first_k_dense}) leaves no MoE layer of num_layers ({self.num_layers}); "
                 "lower it"
@@ -570,11 +595,12 @@ class ModelSpec(_Frozen):
         if "dense" in self.resolved_layer_types() and self.dense_intermediate_size is None and (
             self.attention is not None or self.vocab_size is not None
         ):
-            raise field_error(
+            problems.add(
                 "dense_intermediate_size",
                 "the model has dense layers and non-MoE sizes but no dense_intermediate_size; set it so "
                 "whole-model parameter counts are complete"
             )
+        problems.raise_any()
         return self
 
     def resolved_layer_types(self) -> tuple[str, ...]:
@@ -638,10 +664,11 @@ class ExplicitTopology(_Frozen):
 
     @model_validator(mode="after")
     def _links_known(self) -> ExplicitTopology:
+        problems = _Problems()
         names = [d.name for d in self.devices]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise field_error(
+                problems.add(
                     f"devices.{i}.name",
                     f"device name {name!r} is used by devices {names.index(name)} and {i}; give every device a "
                     "unique name",
@@ -649,12 +676,13 @@ class ExplicitTopology(_Frozen):
         for i, link in enumerate(self.links):
             for end_key, end in (("a", link.a), ("b", link.b)):
                 if end not in names:
-                    raise field_error(
+                    problems.add(
                         f"links.{i}.{end_key}",
                         f"link names unknown device {end!r}; use one of the devices: {names}",
                     )
             if link.a == link.b:
-                raise field_error(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")
+                problems.add(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")
+        problems.raise_any()
         return self
 
     @property
@@ -716,6 +744,7 @@ class MoESpec(_Frozen):
 
     @model_validator(mode="after")
     def _cross_sections(self) -> MoESpec:
+        problems = _Problems()
         g = getattr(self.moe.router, "groups", None)
         topo = self.topology
         if g is not None and g.tie_to != "none":
@@ -726,18 +755,19 @@ class MoESpec(_Frozen):
             else:
                 count = len({d.node for d in topo.devices})
             if g.num_groups != count:
-                raise field_error(
+                problems.add(
                     "moe.router.groups.num_groups",
                     f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
                     f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
                 )
         slots = self.moe.experts.num_experts + self.placement.redundant_slots
         if slots % topo.num_gpus:
-            raise field_error(
+            problems.add(
                 "placement.redundant_slots",
                 f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
                 f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}"
             )
+        problems.raise_any()
         return self
 
     def hash(self) -> str:

@@ -492,3 +492,20 @@ def test_built_specs_obey_rules_when_valid(data):
 @given(st.dictionaries(keys, values, max_size=4))
 def test_random_top_level_dicts(data):
     _check_outcome(data)
+
+
+def test_every_cross_field_problem_of_one_rule_set_reported(tmp_path, run_cli):
+    # Three rules of the routing-vs-experts set broken at once (BASE has 8 experts): all three named.
+    d = _bad(_set("moe.router", {"type": "topk", "top_k": 9, "score": "softmax",
+                                 "groups": {"num_groups": 3, "topk_groups": 1, "group_score": "sum_topn",
+                                            "top_n": 5}}))
+    with pytest.raises(SpecError) as info:
+        load_spec(d)
+    assert [p.path for p in info.value.problems] == [
+        "moe.router.top_k", "moe.router.groups.num_groups", "moe.router.groups.top_n",
+        "moe.router.groups.topk_groups"]
+    assert "choose top_k <= 8" in info.value.problems[0].message
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(d))
+    res = run_cli("validate", f)
+    assert res.code == 2 and res.err.count(f"{f}: moe.router") == 4
