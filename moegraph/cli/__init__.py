@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import MoegraphError
 
@@ -56,7 +57,8 @@ for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds
 
 def report_error(exc: MoegraphError) -> None:
     for line in str(exc).splitlines() or [type(exc).__name__]:
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        # The message is plain text: escaped so that e.g. "moegraph[hf]" in an install hint survives.
+        err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _click_exceptions():

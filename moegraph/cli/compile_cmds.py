@@ -59,7 +59,7 @@ def bench(
     if with_hf:
         from ..errors import require
 
-        require("transformers", "hf", "moegraph bench's comparison with Hugging Face (or pass --no-hf)")
+        require("transformers", "hf", "the comparison with Hugging Face", "or pass --no-hf to time moegraph alone")
     why = hf_incompatibility(s) if with_hf else None
     if why:
         console.print(f"[yellow]no HF comparison for {s.name}: {why}; timing moegraph only[/]", highlight=False)

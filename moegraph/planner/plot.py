@@ -90,7 +90,7 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
     if per and "remote_gpu" in per["plan"]:
         for k in ("contiguous", "load_only", "plan"):
             ax_copies.plot(layers, per[k]["remote_gpu"], marker="o", ms=3.5, lw=1.8 if k == "plan" else 1.3,
-                           color=COLORS[k], label=f"{LABELS[k]} (mean {np.mean(per[k]['remote_gpu']):.2f})")
+                           color=COLORS[k], label=f"{LABELS[k].split(' (')[0]}: mean {np.mean(per[k]['remote_gpu']):.2f}")
         ax_copies.set_ylim(0, max(max(per[k]["remote_gpu"]) for k in per) * 1.15)
         ax_copies.legend(loc="lower center", ncol=3, frameon=True)
     else:
