@@ -31,6 +31,8 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -760,15 +762,31 @@ class MoESpec(_Frozen):
                     f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
                     f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
                 )
-        slots = self.moe.experts.num_experts + self.placement.redundant_slots
-        if slots % topo.num_gpus:
-            problems.add(
-                "placement.redundant_slots",
-                f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
-                f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}"
-            )
+        slots = _slots_problem(self.moe.experts, self.placement, topo)
+        if slots:
+            problems.add(*slots)
         problems.raise_any()
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _slots_checked_alone(cls, data: Any, handler: Any) -> MoESpec:
+        """Report the slot rule even when another section fails (the rule above then never runs).
+
+        It needs only moe.experts, topology and placement; when those are valid on their own and break
+        the rule, the problem joins the others, so a user sees every problem in one run.
+        """
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            problem = _slots_problem_of_raw(data)
+            if problem is None or any(problem[1] in str(e.get("ctx", {})) for e in errors):
+                raise
+            line_errors = [{"type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")), "loc": e["loc"],
+                            "input": e["input"]} for e in errors]
+            line_errors.append({"type": field_error(*problem), "loc": (), "input": data})
+            raise ValidationError.from_exception_data(exc.title, line_errors) from None
 
     def hash(self) -> str:
         """Canonical sha256 of the spec: stable across key order and file format."""
@@ -781,3 +799,26 @@ class MoESpec(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _slots_problem(experts: ExpertsSpec, placement: PlacementSpec, topo: Any) -> tuple[str, str] | None:
+    """(field, message) when experts + redundant slots do not split evenly over the GPUs."""
+    slots = experts.num_experts + placement.redundant_slots
+    if slots % topo.num_gpus == 0:
+        return None
+    return ("placement.redundant_slots",
+            f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
+            f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}")
+
+
+def _slots_problem_of_raw(data: Any) -> tuple[str, str] | None:
+    """``_slots_problem`` of a raw spec dict whose three sections are valid on their own, else None."""
+    if not isinstance(data, dict) or not isinstance(data.get("moe"), dict) or "experts" not in data["moe"]:
+        return None
+    try:
+        experts = ExpertsSpec.model_validate(data["moe"]["experts"])
+        placement = PlacementSpec.model_validate(data.get("placement", {}))
+        topo = TypeAdapter(Topology).validate_python(data.get("topology", {}))
+    except ValidationError:
+        return None
+    return _slots_problem(experts, placement, topo)
