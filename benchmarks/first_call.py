@@ -1,7 +1,7 @@
 """Time a newcomer's first call in a fresh process: import torch, import moegraph, load a spec,
 compile it, first forward, second forward.
 
-    python benchmarks/first_call.py [--spec deepseek-v3-tiny] [--runs 3]
+    python benchmarks/first_call.py [--spec deepseek-v3-tiny] [--runs 3] [--threads N]
 
 Each run is a new Python process (nothing cached in memory; the generated-code cache on disk is
 whatever it is). Prints every stage per run and the median, then "compile + first forward", the
@@ -28,6 +28,8 @@ def stage(name):
     stages.append((name, now - t))
     t = now
 import torch
+if int(sys.argv[2]):
+    torch.set_num_threads(int(sys.argv[2]))
 stage("import torch")
 import moegraph
 stage("import moegraph")
@@ -51,10 +53,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", default="deepseek-v3-tiny")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps "
+                    "OpenMP waits out of the figures on a busy machine")
     args = ap.parse_args()
     runs = []
     for i in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.spec], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, args.spec, str(args.threads)], check=True, capture_output=True, text=True)
         res = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(dict(res["stages"]))
         cells = ", ".join(f"{k} {v:.3f}" for k, v in res["stages"])
