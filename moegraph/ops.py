@@ -297,8 +297,11 @@ def packed_experts(w_up: Tensor, w_down: Tensor, s_up: Tensor | None, s_down: Te
 SMALL_EXPERT_WEIGHTS = 1 << 16
 
 
-def _small_experts(w_up_EHD: Tensor) -> bool:
-    return (w_up_EHD[0].numel() <= SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm")
+def _small_experts(w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
+    # torch._grouped_mm needs every row stride to be a multiple of 16 bytes (D and F of 4 floats).
+    aligned = (w_up_EHD.shape[2] * w_up_EHD.element_size()) % 16 == 0 and \
+        (w_down_EDF.shape[2] * w_down_EDF.element_size()) % 16 == 0
+    return (w_up_EHD[0].numel() <= SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm") and aligned
             and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
 
 
@@ -348,7 +351,7 @@ def _expert_mlp_fast(
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
     x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD):
+    if _small_experts(w_up_EHD, w_down_EDF):
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
