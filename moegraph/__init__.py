@@ -11,6 +11,7 @@ from .errors import (  # noqa: F401
     CodegenError,
     DistributedError,
     InputError,
+    MissingDependency,
     MoegraphError,
     OptimizeError,
     PlanFileError,
