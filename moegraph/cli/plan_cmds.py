@@ -94,7 +94,7 @@ def plan_cmd(
         if plot is not None:
             from ..planner.plot import plot_plan
 
-            plot_plan(p, ts, plot, layer=layer)
+            plot_plan(p, ts, plot, layer=layer, metrics=metrics, baselines_from=base_from)
             console.print(f"wrote {plot}")
         return
     if spec is None:

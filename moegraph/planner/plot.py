@@ -53,8 +53,13 @@ def saving_summary(metrics: dict[str, Any] | None) -> str:
             f"contiguous ({c:.2f}); max/mean GPU load {lp:.3f} (load-only {lb:.3f})")
 
 
-def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int = 0) -> Path:
-    """Save the figure for ``plan`` (scored on ``traces``) to ``path``; ``layer`` is the MoE layer detailed."""
+def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int = 0,
+              metrics: dict[str, Any] | None = None, baselines_from: TraceSet | None = None) -> Path:
+    """Save the figure for ``plan`` (scored on ``traces``) to ``path``; ``layer`` is the MoE layer detailed.
+
+    ``metrics``: the scores to draw (as ``evaluate_plan`` returns them), when the caller has them;
+    ``baselines_from``: the traffic the baselines are planned from (default ``traces``), as for them.
+    """
     require("matplotlib", "plot", "--plot").use("Agg")
     import matplotlib.pyplot as plt
 
@@ -66,8 +71,8 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
     if not 0 <= layer < plan.num_layers:
         raise MoegraphError(f"--layer {layer} is outside the plan's MoE layers 0..{plan.num_layers - 1}")
     g, e = plan.num_gpus, plan.num_experts
-    base = baseline_plans(plan.spec, traces)["load_only"]
-    metrics = _metrics_for(plan, traces)
+    base = baseline_plans(plan.spec, baselines_from if baselines_from is not None else traces)["load_only"]
+    metrics = metrics or _metrics_for(plan, traces)
 
     def gpu_load(p):
         if traces is None:
