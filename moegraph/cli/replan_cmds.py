@@ -1,0 +1,77 @@
+"""``moegraph plan SPEC --from CURRENT.json --trace WINDOW``: the incremental re-plan and its report.
+
+Kept apart from ``plan_cmds`` (which only routes ``--from`` here) so that the re-plan's table and
+checks live in one place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from ..errors import PlanInfeasible, TraceError
+from ..loader import load_spec
+from . import console
+
+__all__ = ["replan_command", "replan_table"]
+
+
+def replan_table(report: dict, title: str) -> Table:
+    """The rich table of ``moegraph.planner.replan.replan_report``: one column per alternative."""
+    plans = report["plans"]
+    t = Table(title=title, show_header=True)
+    t.add_column("on the window")
+    for p in plans.values():
+        t.add_column(p["label"], justify="right")
+    rows = (
+        ("slots moved", lambda p: f"{p['slots_moved']:,} ({p['fraction_moved']:.1%})"),
+        ("GiB moved", lambda p: f"{p['gib_moved']:.2f}"),
+        ("transfer time, ms (predicted)", lambda p: f"{p['transfer_time_ms']:.1f}"),
+        ("max/mean GPU load", lambda p: f"{p['max_mean_load']:.3f}"),
+        ("remote GPU copies / token", lambda p: f"{p['remote_gpu']:.3f}"),
+        ("remote node copies / token", lambda p: f"{p['remote_node']:.3f}"),
+    )
+    for label, fmt in rows:
+        t.add_row(label, *(fmt(p) for p in plans.values()))
+    return t
+
+
+def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None, output: Path | None,
+                   max_moves: int | None, max_move_gib: float | None, seed: int | None,
+                   max_imbalance: float | None, compare_full: bool) -> None:
+    """Re-plan ``plan_from`` for the traffic ``trace``; print the report; write ``output``."""
+    import time
+
+    from ..planner import Plan, evaluate_plan, plan
+    from ..planner.replan import replan, replan_report
+    from ..traces import load_traces
+
+    if max_moves is not None and max_move_gib is not None:
+        raise PlanInfeasible("give one move budget: --max-moves N or --max-move-gib X, not both")
+    if not trace:
+        raise TraceError("--from needs the recent traffic to re-plan for: pass --trace WINDOW.npz (a recorded window)")
+    given = load_spec(spec) if spec is not None else None
+    current = Plan.load(plan_from)
+    ts = load_traces(trace, spec=current.spec)
+    t0 = time.perf_counter()
+    new = replan(given, current, ts, max_moves=max_moves,
+                 max_move_bytes=None if max_move_gib is None else max_move_gib * 2**30, seed=seed,
+                 max_imbalance=max_imbalance)
+    took = time.perf_counter() - t0
+    full = plan(current.spec, ts, seed=seed) if compare_full else None
+    new.metrics = evaluate_plan(new, ts)
+    new.metrics["replan"] = replan_report(current, new, ts, full=full)
+    new.policy["replan_seconds"] = round(took, 3)
+    mig = new.policy["migration"]
+    console.print(
+        f"[bold]{new.spec.name}[/]: re-planned {plan_from} ({current.num_layers} MoE layers, {current.num_slots} slots on "
+        f"{current.num_gpus} GPUs) for {ts.name} ({ts.num_tokens} tokens) in {took:.2f}s: {mig['slots_moved']} of "
+        f"{mig['slots_total']} slots move ({mig['fraction_moved']:.1%}, {mig['gib_moved']:.2f} GiB, "
+        f"{mig['transfer_time_ms']:.1f} ms predicted)", highlight=False)
+    for note in new.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(replan_table(new.metrics["replan"], f"re-plan beside the alternatives, on {ts.name}"))
+    if output is not None:
+        new.save(output)
+        console.print(f"wrote {output}")
