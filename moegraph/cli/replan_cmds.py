@@ -18,22 +18,23 @@ __all__ = ["replan_command", "replan_table"]
 
 
 def replan_table(report: dict, title: str) -> Table:
-    """The rich table of ``moegraph.planner.replan.replan_report``: one column per alternative."""
-    plans = report["plans"]
+    """The rich table of ``moegraph.planner.replan.replan_report``: one row per alternative."""
     t = Table(title=title, show_header=True)
-    t.add_column("on the window")
-    for p in plans.values():
-        t.add_column(p["label"], justify="right")
-    rows = (
-        ("slots moved", lambda p: f"{p['slots_moved']:,} ({p['fraction_moved']:.1%})"),
-        ("GiB moved", lambda p: f"{p['gib_moved']:.2f}"),
-        ("transfer time, ms (predicted)", lambda p: f"{p['transfer_time_ms']:.1f}"),
-        ("max/mean GPU load", lambda p: f"{p['max_mean_load']:.3f}"),
-        ("remote GPU copies / token", lambda p: f"{p['remote_gpu']:.3f}"),
-        ("remote node copies / token", lambda p: f"{p['remote_node']:.3f}"),
+    cols = (
+        ("plan", "left", lambda p: p["label"]),
+        ("slots moved", "right", lambda p: f"{p['slots_moved']:,} ({p['fraction_moved']:.1%})"),
+        ("GiB", "right", lambda p: f"{p['gib_moved']:.2f}"),
+        ("move ms", "right", lambda p: f"{p['transfer_time_ms']:.1f}"),
+        ("max/mean", "right", lambda p: f"{p['max_mean_load']:.3f}"),
+        ("remote GPU", "right", lambda p: f"{p['remote_gpu']:.3f}"),
+        ("remote node", "right", lambda p: f"{p['remote_node']:.3f}"),
     )
-    for label, fmt in rows:
-        t.add_row(label, *(fmt(p) for p in plans.values()))
+    for name, justify, _ in cols:
+        t.add_column(name, justify=justify)
+    for p in report["plans"].values():
+        t.add_row(*(fmt(p) for _, _, fmt in cols))
+    t.caption = ("move ms: predicted transfer time of the moved weights; max/mean GPU load, remote GPU / node "
+                 "copies per token: on the window")
     return t
 
 
