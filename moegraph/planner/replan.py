@@ -646,18 +646,18 @@ def replan(
 
 #: columns of ``replan_report``, in order: key -> label
 REPORT_PLANS = {
-    "keep": "keep current plan",
-    "load_only": "load-only re-plan (EPLB-style)",
-    "load_only_relabelled": "load-only, relabelled",
-    "full": "moegraph full re-plan, relabelled",
-    "replan": "incremental re-plan",
+    "keep": "keep",
+    "load_only": "load-only",
+    "load_only_relabelled": "load-only relabelled",
+    "full": "full relabelled",
+    "replan": "incremental",
 }
 
 
 def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = None) -> dict[str, Any]:
     """The re-plan ``new`` beside the alternatives, on the window ``traces`` it was made from.
 
-    For each of: keeping ``current``; a load-only (EPLB-style) re-plan from scratch on the window; the
+    For each of (``REPORT_PLANS``): keeping ``current``; a load-only (EPLB-style) re-plan from scratch on the window; the
     same relabelled to move least (``relabel``); ``full`` (a moegraph re-plan from scratch, relabelled;
     omitted when None); and ``new``: slots and bytes moved, predicted transfer time, and max/mean
     GPU load, remote GPU and remote node copies per token on the window (``cost.evaluate``).
