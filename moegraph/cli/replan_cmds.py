@@ -22,19 +22,19 @@ def replan_table(report: dict, title: str) -> Table:
     t = Table(title=title, show_header=True)
     cols = (
         ("plan", "left", lambda p: p["label"]),
-        ("slots moved", "right", lambda p: f"{p['slots_moved']:,} ({p['fraction_moved']:.1%})"),
+        ("moved", "right", lambda p: f"{p['slots_moved']:,} {p['fraction_moved']:.1%}"),
         ("GiB", "right", lambda p: f"{p['gib_moved']:.3g}"),
         ("move ms", "right", lambda p: f"{p['transfer_time_ms']:.1f}"),
         ("max/mean", "right", lambda p: f"{p['max_mean_load']:.3f}"),
         ("remote GPU", "right", lambda p: f"{p['remote_gpu']:.3f}"),
-        ("remote node", "right", lambda p: f"{p['remote_node']:.3f}"),
+        ("remote host", "right", lambda p: f"{p['remote_node']:.3f}"),
     )
     for name, justify, _ in cols:
-        t.add_column(name, justify=justify)
+        t.add_column(name, justify=justify, no_wrap=name == "plan")
     for p in report["plans"].values():
         t.add_row(*(fmt(p) for _, _, fmt in cols))
     t.caption = ("load-only: an EPLB-style re-plan from scratch; full: a moegraph re-plan from scratch; relabelled: "
-                 "GPUs and slots matched to where the weights are; move ms: predicted transfer time; max/mean GPU "
+                 "GPUs and slots matched to where the weights are; moved: slots; move ms: predicted transfer time; max/mean GPU "
                  "load and remote GPU / node copies per token on the window")
     return t
 
