@@ -94,7 +94,9 @@ def plan_cmd(
         replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
                        max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full)
         return
-
+    if max_moves is not None or max_move_gib is not None or compare_full:
+        raise typer.BadParameter("--max-moves, --max-move-gib and --compare-full apply to a re-plan: add --from "
+                                 "CURRENT_PLAN.json")
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)
