@@ -289,38 +289,102 @@ def relabel(plan: Plan, current: Plan) -> Plan:
 
 @dataclass
 class _Layer:
-    """One layer's repair state: which GPU holds which expert, and the rule-exact loads on the window."""
+    """One layer's repair state: the expert in every slot, and the dispatch rule's expected loads on the
+    window, with the change tables every candidate is scored from (refreshed for the experts a change touches).
 
-    hold: np.ndarray  # [E, G] bool
-    old: np.ndarray  # [E, G] bool: the current plan's
+    ``d_move[s, y]`` [S, G, G]: load change if slot s's replica moved to GPU y; ``d_add[e, y]`` [E, G, G]:
+    if expert e gained a replica on y; ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
+    """
+
+    ex: np.ndarray  # [S] expert of each slot
+    gpu: np.ndarray  # [S] GPU of each slot (fixed)
+    old: np.ndarray  # [E, G] bool: the current plan's holdings
     cnt: np.ndarray  # [G, E] window tokens per (source GPU, expert)
     node: np.ndarray  # [G]
     price: np.ndarray  # [E, G] cost of bringing expert e to GPU g (0 where it is now), in fastest-link experts
-    contrib: np.ndarray = field(init=False)  # [E, G] load each expert puts on each GPU
 
     def __post_init__(self) -> None:
-        self.contrib = self.contrib_of(np.arange(self.hold.shape[0]), self.hold)
+        e, g = self.old.shape
+        self.hold = np.zeros((e, g), bool)
+        self.hold[self.ex, self.gpu] = True
+        self.contrib = self._contrib(np.arange(e), self.hold)  # [E, G] load each expert puts on each GPU
+        self.d_move = np.zeros((len(self.ex), g, g))
+        self.d_add = np.zeros((e, g, g))
+        self.d_rem = np.zeros((len(self.ex), g))
+        self._refresh(np.arange(e))
 
-    def contrib_of(self, experts: np.ndarray, hold_XG: np.ndarray) -> np.ndarray:
+    def _contrib(self, experts: np.ndarray, hold_XG: np.ndarray) -> np.ndarray:
         """[..., G] load of ``experts`` [...] under holdings ``hold_XG`` [..., G] (the dispatch rule)."""
-        c = self.cnt[:, experts]  # [G, ...]
-        c = np.moveaxis(c, 0, -1)[..., None, :]  # [..., 1, G]
+        c = np.moveaxis(self.cnt[:, experts], 0, -1)[..., None, :]  # [..., 1, G]
         return rule_contrib(c, hold_XG, self.node)[..., 0, :]
+
+    def _refresh(self, experts: np.ndarray, contrib_too: bool = False) -> None:
+        """Recompute the change tables of ``experts`` (and their ``contrib`` rows) for the current holdings.
+
+        An expert with one replica takes all its tokens wherever it is, so its rows are written in closed
+        form; the others (and ``d_add``, which makes a second replica) go through one batched rule call.
+        """
+        g = self.hold.shape[1]
+        experts = np.unique(experts)
+        diag = np.arange(g)
+        reps = self.hold[experts].sum(axis=1)
+        multi = experts[reps > 1]
+        single = experts[reps == 1]
+        holds, who = [], []
+        if len(self.ex) > self.hold.shape[0]:  # redundant slots exist: a replica can be added somewhere
+            add = np.repeat(self.hold[experts][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
+            add[:, diag, diag] = True
+            holds.append(add.reshape(-1, g))
+            who.append(np.repeat(experts, g))
+        slots = np.flatnonzero(np.isin(self.ex, multi))
+        es, gs = self.ex[slots], self.gpu[slots]
+        move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
+        move[np.arange(len(slots)), :, gs] = False
+        move[:, diag, diag] = True
+        rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
+        rem[np.arange(len(slots)), gs] = False
+        holds += [move.reshape(-1, g), rem, self.hold[multi]]
+        who += [np.repeat(es, g), es, multi]
+        out = self._contrib(np.concatenate(who), np.concatenate(holds))
+        n, m = len(experts) if len(holds) == 4 else 0, len(slots)
+        if contrib_too:
+            self.contrib[multi] = out[n * g + m * g + m:]
+            self.contrib[single] = 0.0
+            self.contrib[single, self.hold[single].argmax(axis=1)] = self.cnt[:, single].sum(axis=0)
+        if n:
+            self.d_add[experts] = out[: n * g].reshape(n, g, g) - self.contrib[experts][:, None]
+        base_m = self.contrib[es]
+        self.d_move[slots] = out[n * g : n * g + m * g].reshape(m, g, g) - base_m[:, None]
+        self.d_rem[slots] = out[n * g + m * g : n * g + m * g + m] - base_m
+        # One replica: moving it to y moves its whole load from its GPU to y; dropping it is never allowed.
+        s1 = np.flatnonzero(np.isin(self.ex, single))
+        tot = self.cnt[:, self.ex[s1]].sum(axis=0)  # [m1]
+        d = np.zeros((len(s1), g, g))
+        d[:, diag, diag] = tot[:, None]
+        d[np.arange(len(s1)), :, self.gpu[s1]] -= tot[:, None]
+        self.d_move[s1] = d
+        self.d_rem[s1] = -self.contrib[self.ex[s1]]
 
     @property
     def load(self) -> np.ndarray:
         return self.contrib.sum(axis=0)
 
-    def cost(self) -> float:
-        """Move cost of the current holdings (experts over the fastest link)."""
-        return float(self.price[self.hold].sum())
+    def _update(self, experts: list[int]) -> None:
+        self.hold[experts] = False
+        for x in experts:
+            self.hold[x, self.gpu[self.ex == x]] = True
+        self._refresh(np.array(experts), contrib_too=True)
 
-    def moves(self) -> int:
-        return int((self.hold & ~self.old).sum())
+    def swap(self, s: int, t: int) -> None:
+        """Slots s and t (on different GPUs) trade experts."""
+        self.ex[s], self.ex[t] = self.ex[t], self.ex[s]
+        self._update([int(self.ex[s]), int(self.ex[t])])
 
-    def set(self, e: int, hold_G: np.ndarray) -> None:
-        self.hold[e] = hold_G
-        self.contrib[e] = self.contrib_of(np.array(e), hold_G)
+    def reassign(self, t: int, a: int) -> None:
+        """Slot t (a replica of a replicated expert) takes a replica of expert a instead."""
+        b = int(self.ex[t])
+        self.ex[t] = a
+        self._update([a, b])
 
 
 def _prices(old: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -331,76 +395,6 @@ def _prices(old: np.ndarray, cost: np.ndarray) -> np.ndarray:
     return p
 
 
-def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarray, cost: np.ndarray,
-                    value_per_j: float, hot_gpus: int = 2, max_steps: int = 1000) -> int:
-    """Step 1 of the module docstring; returns the changes made.
-
-    Each step scores the changes that involve one of the ``hot_gpus`` most loaded GPUs by how much
-    they lower the excess load (the sum over GPUs of the load above ``target`` x the mean; a peak
-    alone would stall when two GPUs tie) per unit of cost, and applies the best one. The cost is the
-    move cost plus the change of the co-activation cut (``_cut_rows``) valued over the horizon, so that
-    among equally balancing swaps those that keep co-activated experts together win.
-    """
-    e, g = st.hold.shape
-    steps = 0
-    for _ in range(max_steps):
-        load = st.load
-        cap = target * max(load.mean(), 1e-12)
-        excess = float(np.maximum(load - cap, 0.0).sum())
-        if excess <= _TOL:
-            return steps
-        hot = [int(x) for x in np.argsort(-load, kind="stable")[:hot_gpus] if load[x] > cap + _TOL]
-        it_e, it_g = np.nonzero(st.hold)  # every item (expert, GPU)
-        reps = st.hold.sum(axis=1)
-        a_ee, f_eg = _cut_rows(st.hold, coact, cost)
-        best = None
-        for h in hot:
-            on_h = np.flatnonzero(st.hold[:, h])
-            sel = it_g != h
-            b_e, b_g = it_e[sel], it_g[sel]
-            # (a) swaps: a (on h) goes to GPU y = b_g, b comes to h.
-            hold_b = st.hold[b_e].copy()
-            hold_b[np.arange(len(b_e)), b_g] = False
-            hold_b[:, h] = True
-            delta_b = st.contrib_of(b_e, hold_b) - st.contrib[b_e]  # [Nb, G]
-            for a in on_h:
-                hold_a = np.repeat(st.hold[a][None], g, axis=0)  # [destination, G]
-                hold_a[:, h] = False
-                hold_a[np.arange(g), np.arange(g)] = True
-                delta_a = st.contrib_of(np.full(g, a), hold_a) - st.contrib[a]  # [G, G]
-                ok = ~st.hold[b_e, h] & ~st.hold[a, b_g] & (b_e != a)
-                dm = (~st.old[a, b_g]).astype(int) + (~st.old[b_e, h]) - (~st.old[a, h]) - (~st.old[b_e, b_g])
-                dp = st.price[a, b_g] + st.price[b_e, h] - st.price[a, h] - st.price[b_e, b_g]
-                dj = f_eg[a, b_g] - f_eg[a, h] + f_eg[b_e, h] - f_eg[b_e, b_g] + 2.0 * a_ee[a, b_e] * cost[h, b_g]
-                # Comm damage costs (in units of the slowest link, so that hosts far apart do not make every
-                # balancing swap look expensive); comm gains do not pay here (step 2 takes them).
-                dp = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cost.max()
-                best = _better(best, load[None] + delta_a[b_g] + delta_b, ok, cap, excess, dm, dp, budget,
-                               ("swap", int(a), h), b_e, b_g)
-                # (b) a replica of a replicated expert b (on y) becomes one of a: a redundant slot follows the load.
-                rep = (reps[b_e] > 1) & ~st.hold[a, b_g] & (b_e != a)
-                if rep.any():
-                    r_e, r_g = b_e[rep], b_g[rep]
-                    hold_a2 = np.repeat(st.hold[a][None], len(r_e), axis=0)
-                    hold_a2[np.arange(len(r_e)), r_g] = True
-                    hold_b2 = st.hold[r_e].copy()
-                    hold_b2[np.arange(len(r_e)), r_g] = False
-                    new = (load[None] + st.contrib_of(np.full(len(r_e), a), hold_a2) - st.contrib[a]
-                           + st.contrib_of(r_e, hold_b2) - st.contrib[r_e])
-                    dm = (~st.old[a, r_g]).astype(int) - (~st.old[r_e, r_g])
-                    dp = np.maximum(st.price[a, r_g] - st.price[r_e, r_g], 0.0) + value_per_j * np.maximum(
-                        (f_eg[a, r_g] - f_eg[r_e, r_g]) / 2.0, 0.0) / cost.max()
-                    best = _better(best, new, np.ones(len(r_e), bool), cap, excess, dm, dp, budget,
-                                   ("replica", int(a), h), r_e, r_g)
-        if best is None:
-            return steps
-        _, _, dm, act = best
-        _apply(st, act)
-        budget.spend(dm)
-        steps += 1
-    return steps
-
-
 def _cut_rows(hold_EG: np.ndarray, coact: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The co-activation cut of ``search`` at expert level: (A [E, E] = coact / (r_a r_b), F [E, G] = the cut
     of one replica of expert e if it sat on GPU g, against every replica where it is now)."""
@@ -409,40 +403,127 @@ def _cut_rows(hold_EG: np.ndarray, coact: np.ndarray, cost: np.ndarray) -> tuple
     return a_ee, (a_ee @ hold_EG.astype(np.float64)) @ cost.T
 
 
-def _better(best, new_NG, ok_N, cap, excess, dm_N, dp_N, budget, head, b_e, b_g):
-    """Fold candidates [N] into ``best``: the largest drop of the excess load per unit of move cost, then the
-    lowest resulting peak; only changes the budget allows and that lower the excess."""
-    drop = excess - np.maximum(new_NG - cap, 0.0).sum(axis=1)
-    ok = ok_N & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_N)
+def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarray, cost: np.ndarray,
+                    value_per_j: float, max_steps: int = 2000) -> int:
+    """Step 1 of the module docstring; returns the changes made.
+
+    Each step scores, for each of the most loaded GPUs above the target (two, or a quarter of the
+    GPUs in larger clusters), the changes that involve it by how much they lower the excess load (the
+    sum over GPUs of the load above ``target`` x the mean; a peak alone would stall when two GPUs tie)
+    per unit of cost (partners on GPUs below the target), and applies the best change of each such GPU, best first, as long as they touch
+    disjoint GPUs and still lower the excess (large clusters repair several GPUs per step). The cost
+    is the move cost plus the rise of the co-activation cut (``_cut_rows``) valued over the horizon,
+    so that among equally balancing changes those that keep co-activated experts together win; a
+    fall of the cut earns nothing here (step 2 takes those).
+    """
+    old, price = st.old, st.price
+    cmax = max(float(cost.max()), 1e-12)
+    g = st.hold.shape[1]
+    n_hot = max(2, g // 4)
+    steps = 0
+    while steps < max_steps:
+        load = st.load
+        cap = target * max(load.mean(), 1e-12)
+        excess = float(np.maximum(load - cap, 0.0).sum())
+        if excess <= _TOL:
+            return steps
+        hot = [int(x) for x in np.argsort(-load, kind="stable")[:n_hot] if load[x] > cap + _TOL]
+        reps = st.hold.sum(axis=1)
+        a_ee, f_eg = _cut_rows(st.hold, coact, cost)
+        picks = []
+        for h in hot:
+            best = None
+            sa = np.flatnonzero(st.gpu == h)
+            # Partners on GPUs below the target only: a GPU above it cannot take load without raising the excess
+            # as much as h sheds (its own turn comes as a hot GPU).
+            sb = np.flatnonzero(load[st.gpu] < cap)
+            if not len(sb):
+                continue
+            ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
+            # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
+            new = load + st.d_move[sa][:, st.gpu[sb], :] + st.d_move[sb, h][None]  # [A, B, G]
+            ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
+            dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
+            dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
+            dj = f_eg[ea, gb] - f_eg[ea, h] + f_eg[eb, h] - f_eg[eb, gb] + 2.0 * a_ee[ea, eb] * cost[h, gb]
+            c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+            best = _better(best, new, ok, cap, excess, dm, c, budget, ("swap", sa, sb))
+            # (b) a replica of a replicated expert (slot sb[j]) becomes one of expert ea[i]: a redundant
+            # slot follows the load, one slot changes.
+            rep = reps[st.ex[sb]] > 1
+            if rep.any():
+                st_b = sb[rep]
+                eb2, gb2 = st.ex[st_b][None, :], st.gpu[st_b][None, :]
+                new = load + st.d_add[st.ex[sa]][:, st.gpu[st_b], :] + st.d_rem[st_b][None]
+                ok = ~st.hold[ea, gb2] & (ea != eb2)
+                dm = (~old[ea, gb2]).astype(np.int64) - ~old[eb2, gb2]
+                dp = price[ea, gb2] - price[eb2, gb2]
+                dj = (f_eg[ea, gb2] - f_eg[eb2, gb2]) / 2.0
+                c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+                best = _better(best, new, ok, cap, excess, dm, c, budget, ("replica", sa, st_b))
+            if best is not None:
+                picks.append(best)
+        if not picks:
+            return steps
+        used: set[int] = set()
+        applied = 0
+        for _, _, _, (kind, s, t) in sorted(picks, key=lambda c: c[:2]):
+            touched = {int(st.gpu[s]), int(st.gpu[t])}
+            if used & touched or not _valid(st, kind, s, t):
+                continue
+            # Re-check against the loads as they are now (an earlier change of this step may have moved them).
+            dm = _dmoves(st, kind, s, t)
+            if applied and not budget.allows(dm):
+                continue
+            before = float(np.maximum(st.load - cap, 0.0).sum())
+            after = st.load + (st.d_move[s, st.gpu[t]] + st.d_move[t, st.gpu[s]] if kind == "swap"
+                               else st.d_add[st.ex[s], st.gpu[t]] + st.d_rem[t])
+            if applied and float(np.maximum(after - cap, 0.0).sum()) >= before - _TOL:
+                continue
+            if kind == "swap":
+                st.swap(s, t)
+            else:
+                st.reassign(t, int(st.ex[s]))
+            budget.spend(dm)
+            used |= touched
+            applied += 1
+            steps += 1
+    return steps
+
+
+def _valid(st: _Layer, kind: str, s: int, t: int) -> bool:
+    """Whether a change keeps the placement valid now (no GPU holds an expert twice, every expert a slot)."""
+    a, b, h, y = int(st.ex[s]), int(st.ex[t]), int(st.gpu[s]), int(st.gpu[t])
+    if a == b or st.hold[a, y]:
+        return False
+    return not st.hold[b, h] if kind == "swap" else int(st.hold[b].sum()) > 1
+
+
+def _dmoves(st: _Layer, kind: str, s: int, t: int) -> int:
+    """Change of the slots moved (expert held where the current plan does not hold it) a change makes."""
+    a, b, h, y = int(st.ex[s]), int(st.ex[t]), int(st.gpu[s]), int(st.gpu[t])
+    moved = [int(not st.old[a, y]) - int(not st.old[b, y])]  # a arrives on y, b leaves y
+    if kind == "swap":
+        moved.append(int(not st.old[b, h]) - int(not st.old[a, h]))  # b arrives on h, a leaves h
+    return sum(moved)
+
+
+def _better(best, new_ABG, ok_AB, cap, excess, dm_AB, cost_AB, budget, head):
+    """Fold candidates [A, B] into ``best``: the largest drop of the excess load per unit of cost, then the
+    lowest resulting peak, then the lowest slots; only changes the budget allows and that lower the excess."""
+    drop = excess - np.maximum(new_ABG - cap, 0.0).sum(axis=-1)
+    ok = ok_AB & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
     if not ok.any():
         return best
-    eff = drop / (np.maximum(dp_N, 0.0) + _FREE)
-    peak = new_NG.max(axis=1)
-    idx = np.flatnonzero(ok)
-    k = idx[np.lexsort((idx, peak[idx], -eff[idx]))[0]]
-    cand = (-float(eff[k]), float(peak[k]), int(dm_N[k]), (head[0], head[1], head[2], int(b_e[k]), int(b_g[k])))
+    eff = drop / (cost_AB + _FREE)
+    peak = new_ABG.max(axis=-1)
+    i, j = np.nonzero(ok)
+    k = np.lexsort((head[2][j], head[1][i], peak[i, j], -eff[i, j]))[0]
+    i, j = int(i[k]), int(j[k])
+    cand = (-float(eff[i, j]), float(peak[i, j]), int(dm_AB[i, j]), (head[0], int(head[1][i]), int(head[2][j])))
     if best is None or cand[:2] < best[:2]:
         return cand
     return best
-
-
-def _dmoves(st: _Layer, act) -> int:
-    """Change in slots moved (expert held where the current plan does not hold it) an action makes."""
-    kind, a, h, b, y = act
-    if kind == "swap":
-        return int(~st.old[a, y]) + int(~st.old[b, h]) - int(~st.old[a, h]) - int(~st.old[b, y])
-    return int(~st.old[a, y]) - int(~st.old[b, y])
-
-
-def _apply(st: _Layer, act) -> None:
-    kind, a, h, b, y = act
-    ha, hb = st.hold[a].copy(), st.hold[b].copy()
-    if kind == "swap":
-        ha[h], ha[y], hb[y], hb[h] = False, True, False, True
-    else:
-        ha[y], hb[y] = True, False
-    st.set(a, ha)
-    st.set(b, hb)
 
 
 @dataclass
@@ -453,8 +534,7 @@ class _Budget:
 
     def allows(self, dmoves: Any) -> Any:
         dm = np.asarray(dmoves)
-        return (dm <= 0) if self.moves is not None and self.moves < 1 else (
-            np.ones(dm.shape, bool) if self.moves is None else dm <= self.moves + _TOL)
+        return np.ones(dm.shape, bool) if self.moves is None else dm <= self.moves + _TOL
 
     def spend(self, dmoves: int) -> None:
         if self.moves is not None:
@@ -462,51 +542,57 @@ class _Budget:
 
 
 def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
-                  budget: _Budget, max_steps: int = 64) -> int:
-    """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made."""
-    e, g = st.hold.shape
+                  budget: _Budget, max_steps: int = 256, tries: int = 256) -> int:
+    """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made.
+
+    Each step ranks every swap of two slots by its net value (cut change valued over the horizon plus
+    move cost) and applies, best first among the ``tries`` best, those on GPUs no earlier swap of the
+    step touched that the budget allows and that keep every GPU within ``cap`` x the mean load (or the
+    current peak, if higher).
+    """
+    g = st.hold.shape[1]
     steps = 0
+    old, price = st.old, st.price
     for _ in range(max_steps):
-        it_e, it_g = np.nonzero(st.hold)  # items (expert, gpu), one per slot
-        r = st.hold.sum(axis=1)[it_e].astype(np.float64)
-        a_rr = coact[np.ix_(it_e, it_e)] / np.outer(r, r)
+        ex, gp = st.ex, st.gpu
+        r = st.hold.sum(axis=1)[ex].astype(np.float64)
+        a_rr = coact[np.ix_(ex, ex)] / np.outer(r, r)
         np.fill_diagonal(a_rr, 0.0)
-        onehot = np.zeros((len(it_e), g))
-        onehot[np.arange(len(it_e)), it_g] = 1.0
-        f = (a_rr @ onehot) @ cost.T  # [R, G] cut of item i if it sat on GPU x
-        fs = f[np.arange(len(it_e)), it_g]
-        dj = f[:, it_g] - fs[:, None] + f[:, it_g].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(it_g, it_g)]
-        # Moves: i goes to gpu_j, j goes to gpu_i.
-        dprice = (st.price[it_e[:, None], it_g[None, :]] + st.price[it_e[None, :], it_g[:, None]]
-                  - st.price[it_e, it_g][:, None] - st.price[it_e, it_g][None, :])
-        net = dj * value_per_j + dprice  # lower is better (negative: worth it)
-        valid = it_g[:, None] != it_g[None, :]
-        valid &= ~st.hold[it_e[:, None], it_g[None, :]] & ~st.hold[it_e[None, :], it_g[:, None]]
-        valid &= np.triu(np.ones_like(valid), 1).astype(bool)
-        cand = np.argwhere(valid & (net < -_TOL))
+        onehot = np.zeros((len(ex), g))
+        onehot[np.arange(len(ex)), gp] = 1.0
+        f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
+        fs = f[np.arange(len(ex)), gp]
+        dj = f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
+        ei, ej, gi, gj = ex[:, None], ex[None, :], gp[:, None], gp[None, :]
+        dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
+        net = dj * value_per_j + dp  # negative: worth it
+        valid = (gi < gj) & ~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL)
+        cand = np.argwhere(valid)
         if not len(cand):
             return steps
-        order = np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))
+        cand = cand[np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))[:tries]]
         load = st.load
         limit = max(cap * load.mean(), load.max()) + _TOL
-        done = False
-        for k in order[:64]:
-            i, j = (int(x) for x in cand[k])
-            act = ("swap", int(it_e[i]), int(it_g[i]), int(it_e[j]), int(it_g[j]))
-            dm = _dmoves(st, act)
-            if not budget.allows(dm):
+        used: set[int] = set()
+        made = 0
+        # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
+        for i, j in cand.tolist():
+            a, b = int(gp[i]), int(gp[j])
+            if a in used or b in used or not _valid(st, "swap", i, j):
                 continue
-            before = (st.hold[act[1]].copy(), st.hold[act[3]].copy())
-            _apply(st, act)
-            if st.load.max() <= limit:
-                budget.spend(dm)
-                steps += 1
-                done = True
+            dm = _dmoves(st, "swap", i, j)
+            after = st.load + st.d_move[i, b] + st.d_move[j, a]
+            if not budget.allows(dm) or after.max() > limit:
+                continue
+            st.swap(i, j)
+            budget.spend(dm)
+            used |= {a, b}
+            made += 1
+            if len(used) >= g:
                 break
-            st.set(act[1], before[0])
-            st.set(act[3], before[1])
-        if not done:
+        if not made:
             return steps
+        steps += made
     return steps
 
 
@@ -596,24 +682,26 @@ def replan(
     for layer in range(current_plan.num_layers):
         ids = np.asarray(ts.topk[layer], np.int64)
         cnt = np.bincount(np.repeat(src, k) * e + ids.ravel(), minlength=g * e).reshape(g, e).astype(np.float64)
-        old = _holds(current_plan.physical_to_logical_map[layer], g, e).T.copy()  # [E, G]
-        states.append(_Layer(hold=old.copy(), old=old, cnt=cnt, node=cl.node_of_gpu, price=_prices(old, cost)))
+        row = current_plan.physical_to_logical_map[layer]
+        old = _holds(row, g, e).T.copy()  # [E, G]
+        states.append(_Layer(ex=row.copy(), gpu=np.arange(len(row)) // spg, old=old, cnt=cnt, node=cl.node_of_gpu,
+                             price=_prices(old, cost)))
     coacts = [coactivation(np.asarray(ts.topk[layer], np.int64), e) / max(ts.num_tokens, 1)
               for layer in range(current_plan.num_layers)]
     # Worst layers first, so that a budget goes where balance is worst.
     ratio = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
     order = np.lexsort((np.arange(len(states)), -ratio))
     repairs = swaps = 0
-    for layer in order:
-        repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
-    for layer in order:
-        st = states[layer]
-        swaps += _improve_comm(st, coacts[layer], cost, value_per_j, imb, budget)
+    from . import _one_blas_thread
+
+    with _one_blas_thread():  # many small products: BLAS threads cost more than they gain (see the planner)
+        for layer in order:
+            repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
+        for layer in order:
+            swaps += _improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
     rows = []
     for layer, st in enumerate(states):
-        row = np.concatenate([np.flatnonzero(st.hold[:, gg]) for gg in range(g)])
-        assert len(row) == g * spg, "internal: a GPU lost or gained a slot"
-        rows.append(_align_slots(row, current_plan.physical_to_logical_map[layer], g))
+        rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
     notes = [f"re-planned from the current plan ({current_plan.policy.get('name', 'unnamed')}) on {ts.name} "
              f"({ts.num_tokens} tokens)"]
     after = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
