@@ -13,33 +13,41 @@ all-to-all: the expert's bytes over the link from the nearest GPU that holds it 
 ``1 / bandwidth``, 1 for the fastest link), traded against balance and the predicted dispatch +
 combine cost on the new window.
 
-Algorithm, per MoE layer (GPU sets, not slot positions: a slot keeps its weights whenever its GPU
-kept its expert; ``_align_slots`` puts kept experts back into their old slots):
+Algorithm, per MoE layer (what counts is which GPU holds which expert: a slot keeps its weights
+whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back into their old slots):
 
-1. Balance repair. While the most loaded GPU exceeds ``max_imbalance`` x the mean, under the
-   dispatch rule's exact expected loads on the window (own GPU, own host, any; ties split evenly):
-   among the swaps of an item on that GPU with an item elsewhere, and the re-assignments of a
-   replica of a replicated expert elsewhere to a hot expert of that GPU (a redundant slot follows
-   the load), take the change that lowers the peak the most per unit of move cost (a change that
-   undoes an earlier move is free). Greedy and priced, so the few changes that matter come first.
+1. Balance repair. While GPUs exceed the target max/mean load on the window (the dispatch rule's
+   expected loads: own GPU, own host, any; ties split evenly), score the changes that involve the
+   most loaded GPUs: swaps of an item there with an item on a GPU below the target, and the
+   re-assignment of a replica of a replicated expert to a hot expert (a redundant slot follows the
+   load; one slot changes). Take the change that lowers the excess load (sum over GPUs of the load
+   above the target) the most per unit of cost: the move cost (a change that undoes an earlier move
+   is free) plus any rise of the co-activation cut it causes, valued over the horizon. Greedy and
+   priced, so the few changes that matter come first. The default target is the spec's
+   ``max_imbalance`` less ``WINDOW_MARGIN``: the window is a sample of the traffic to come.
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
-   to move, the saving counted over ``horizon_tokens`` tokens (the traffic the new plan is expected
-   to serve before the next re-plan), keeping every GPU within the balance reached in step 1.
+   to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
+   reached in step 1.
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
-Relabelling (``relabel``): GPUs of the same shape are interchangeable, so any plan (from scratch,
-load-only or not) can be renamed so that its GPUs hold as many of the experts they already hold as
-possible: a linear assignment between new and current GPUs (``scipy.optimize.linear_sum_assignment``)
-on the number of experts they share, first between hosts (each pair of hosts scored by the best
-matching of their GPUs), then between the GPUs of each matched pair, kept only when the renaming
-preserves every link's bandwidth and latency. Slots inside a GPU follow (``_align_slots``).
+Candidates are scored from per-slot tables of how the loads would change (``_Layer``), refreshed
+only for the experts a change touches, so a step costs a few array operations.
+
+Relabelling (``relabel``): each MoE layer's ranks are named independently (a rank holds one set of
+experts per layer) and GPUs of the same shape are interchangeable, so any plan (from scratch,
+load-only or not) can be renamed, layer by layer, so that its GPUs hold as many of the experts they
+already hold as possible: a linear assignment between new and current GPUs
+(``scipy.optimize.linear_sum_assignment``) on the number of experts they share, first between hosts
+(each pair of hosts scored by the best matching of their GPUs), then between the GPUs of each
+matched pair, kept only when the renaming preserves every link's bandwidth and latency. Slots inside
+a GPU follow (``_align_slots``).
 
 Everything is deterministic (stable tie-breaks by index; ``seed`` is recorded for the policy and
 used by nothing random here).
 
-Legend: E experts, G GPUs, N hosts, S slots, R items (slots of one layer), T tokens, K top-k.
+Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, B candidate slots.
 """
 
 from __future__ import annotations
@@ -227,12 +235,12 @@ def _align_slots(row_new: np.ndarray, row_old: np.ndarray, g: int) -> np.ndarray
 
 
 def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int) -> np.ndarray:
-    """[G] perm: new GPU perm[x] takes the contents of the new plan's GPU x... (see ``relabel``).
+    """[G] perm: GPU x of the renamed plan holds what the new plan's GPU perm[x] holds (see ``relabel``).
 
-    Returns perm with perm[old_gpu] = the new plan's GPU whose experts go there.
+    new_rows, old_rows: [L, S] rows of the new and the current plan (the layers scored together).
     """
     g = cluster.num_gpus
-    # overlap[a, b]: experts (over all layers) that the new plan's GPU a shares with the current plan's GPU b.
+    # overlap[a, b]: experts (over the layers given) that the new plan's GPU a shares with the current plan's GPU b.
     overlap = np.zeros((g, g))
     for rn, ro in zip(new_rows, old_rows):
         overlap += _holds(rn, g, e).astype(np.float64) @ _holds(ro, g, e).T.astype(np.float64)
