@@ -123,9 +123,11 @@ def _move_cost(cluster: Cluster) -> np.ndarray:
 class Migration:
     """The weight transfers that turn one plan into another.
 
-    ``moves``: [M, 5] int64 rows (layer, destination slot, expert, source GPU, source slot): the
-    destination slot's new expert is copied from that slot of the current plan (the nearest GPU
-    holding the expert, by link cost; ties: the source used least so far, then the lowest index).
+    ``moves``: [M, 5] int64 rows (layer, destination slot, expert, source GPU, source slot), in layer
+    and slot order: the destination slot's new expert is copied from that slot of the current plan
+    (the nearest GPU holding the expert, by link cost; ties: the source used least so far, then the
+    lowest index). A slot whose GPU already holds its new expert in another slot is a local copy and
+    not a move.
     """
 
     moves: np.ndarray  # [M, 5]
@@ -179,6 +181,8 @@ def migration(current: Plan, new: Plan) -> Migration:
         used = np.zeros(g, np.int64)  # transfers each source GPU serves in this layer
         for s in np.flatnonzero(old != cur):
             e, dst = int(cur[s]), int(s // spg)
+            if (old[dst * spg:(dst + 1) * spg] == e).any():
+                continue  # the GPU holds e in another slot already: a local copy, nothing crosses a link
             holders = np.flatnonzero(old == e)  # slots of the current plan holding e
             hg = holders // spg
             pick = int(np.lexsort((hg, used[hg], cost[hg, dst]))[0])
