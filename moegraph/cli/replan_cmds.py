@@ -14,7 +14,7 @@ from ..errors import PlanInfeasible, TraceError
 from ..loader import load_spec
 from . import console
 
-__all__ = ["replan_command", "replan_table"]
+__all__ = ["replan_command", "replan_table", "print_drift"]
 
 
 def replan_table(report: dict, title: str) -> Table:
@@ -77,3 +77,27 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     if output is not None:
         new.save(output)
         console.print(f"wrote {output}")
+
+
+def print_drift(drift: list[dict], title: str) -> None:
+    """``moegraph run --rebalance-every``: measured balance per step and every re-plan (slots, bytes)."""
+    t = Table(title=title, show_header=True)
+    for col in ("step", "measured max/mean", "re-plan", "slots moved", "MiB moved", "predicted max/mean after"):
+        t.add_column(col, justify="right")
+    moved = 0
+    for row in drift:
+        ev = row.get("event")
+        cells = ["", "", "", ""]
+        if ev is not None:
+            if ev.get("skipped"):
+                cells = ["skipped", "0", "0", ""]
+            else:
+                moved += ev["bytes_moved"]
+                cells = [f"{ev['seconds']:.2f}s", str(ev["slots_moved"]), f"{ev['bytes_moved'] / 2**20:.2f}",
+                         f"{ev['predicted_max_mean_after']:.3f}"]
+        t.add_row(str(row["step"]), f"{row['measured_max_mean']:.3f}", *cells)
+    console.print(t)
+    before = [r["measured_max_mean"] for r in drift]
+    console.print(f"measured max/mean GPU load, mean over steps: {sum(before) / max(len(before), 1):.3f}; weight bytes "
+                  f"moved in all: {moved / 2**20:.2f} MiB (the runtime's count, equal to the planner's migrations)",
+                  highlight=False)
