@@ -121,6 +121,23 @@ def _run_main(rank: int, world: int) -> dict:
         opt.step()
         opt.zero_grad()
     res["trained"] = layer.full_state_dict()
+    # Rebalancer on a drifting stream: re-plans at steps 3 and 6, each applied on every rank.
+    from moegraph.distributed.rebalance import drift_demo
+
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    plans = [layer.plan.physical_to_logical_map.copy()]
+    orig = layer.apply_plan
+
+    def spy(new_plan, optimizer=None):
+        out = orig(new_plan, optimizer=optimizer)
+        plans.append(new_plan.physical_to_logical_map.copy())
+        return out
+
+    layer.apply_plan = spy
+    res["drift"] = drift_demo([layer], steps=6, every=3, tokens=24, seed=1)
+    res["drift_plans"] = plans
+    res["drift_full"] = layer.full_state_dict()
     return res
 
 
@@ -313,3 +330,38 @@ def test_a_rank_dying_mid_transfer_leaves_the_others_on_the_old_plan(runs):
     assert "rank 0 of 2" in msg and "apply_plan transfer" in msg, msg
     assert out["seconds"] < 20.0
     assert out["slots"] == ROWS[2]["A"][:10] and out["same_weights"] and out["same_tables"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rebalancer_replans_and_migrates_on_every_rank(runs, world):
+    res = _ok(runs[f"w{world}"])
+    spec = _spec(world)
+    events = [[row["event"] for row in out["drift"] if row["event"] is not None] for out in res]
+    assert all([e["step"] for e in ev] == [3, 6] for ev in events)
+    plans = res[0]["drift_plans"]
+    assert len(plans) == 3  # the start plan and two re-plans, the same on every rank
+    for out in res[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(out["drift_plans"], plans))
+    for k, ev in enumerate(events[0]):
+        mig = migration(Plan(plans[k], spec), Plan(plans[k + 1], spec))
+        assert ev["slots_moved"] == mig.slots_moved and ev["bytes_moved"] == mig.bytes  # float32 both
+        assert all(other[k]["bytes_moved"] == ev["bytes_moved"] for other in events)
+    assert events[0][0]["slots_moved"] > 0
+    # the weights are intact after the migrations
+    for k, v in _state(spec).items():
+        _close(res[0]["drift_full"][k], v, f"weights after rebalancing: {k}")
+
+
+def test_window_recorder_keeps_the_latest_tokens_only():
+    from moegraph.distributed.rebalance import WindowRecorder
+
+    rec = WindowRecorder(max_tokens=10)
+    for i in range(5):  # forwards of 2 sequences x 2 tokens, top-3 ids all equal to i
+        rec.add(torch.full((2, 2, 3), i))
+    # 20 tokens seen; whole forwards are dropped while more than 10 are held: the last two forwards stay
+    assert rec.ids()[:, 0].tolist() == [3] * 4 + [4] * 4
+    assert rec.samples().tolist() == [6, 6, 7, 7, 8, 8, 9, 9]
+    rec.add(torch.full((1, 25, 3), 7))  # one forward larger than the window keeps its last tokens
+    assert rec.ids().shape == (10, 3) and (rec.ids() == 7).all()
+    rec.clear()
+    assert rec.ids().numel() == 0 and rec.max_tokens == 10
