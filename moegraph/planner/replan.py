@@ -585,6 +585,12 @@ def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: 
         cand = cand[np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))[:tries]]
         load = st.load
         limit = max(cap * load.mean(), load.max()) + _TOL
+        # Screen on the state at the start of the step (budget, balance), in one go.
+        i, j = cand[:, 0], cand[:, 1]
+        dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
+               - ~old[ex[j], gp[j]])
+        after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
+        cand = cand[budget.allows(dm0) & (after0 <= limit)]
         used: set[int] = set()
         made = 0
         # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
