@@ -150,9 +150,11 @@ def test_replan_refuses_bad_input(setup):
 def test_report_puts_the_replan_beside_the_alternatives(setup):
     spec, current, _, law = setup
     new = replan(spec, current, law)
-    rep = replan_report(current, new, law)
+    full = plan(spec, law)
+    rep = replan_report(current, new, law, full=full)
     p = rep["plans"]
-    assert list(p) == ["keep", "load_only", "load_only_relabelled", "replan"]
+    assert list(p) == ["keep", "load_only", "load_only_relabelled", "full", "replan"]
+    assert p["full"]["slots_moved"] <= migration(current, full).slots_moved
     assert p["keep"]["slots_moved"] == 0
     assert p["load_only_relabelled"]["slots_moved"] < p["load_only"]["slots_moved"]
     # relabelling renames GPUs only: the same balance up to where sequences start
