@@ -224,7 +224,9 @@ def plot_tracks(results: dict[str, dict[str, Track]], path: Path) -> None:
 
 def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) -> tuple[list, dict]:
     print("\n== 2. after a task switch: re-plan from the 1st half of the new task, score on the 2nd half ==")
-    print(f"{'cluster':7} {'slots':>5} {'from':>6} {'to':>6} | {'moved':>6} {'LO moved':>8} {'LO relab':>8} | "
+    print("   moved: slots whose GPU did not hold their new expert; LO raw: slots of the load-only re-plan whose "
+          "expert changed (LO links: of those, not already on their GPU); LO relab: the same relabelled")
+    print(f"{'cluster':7} {'slots':>5} {'from':>6} {'to':>6} | {'moved':>6} {'LO raw':>6} {'LO links':>8} {'LO relab':>8} | "
           f"{'max/mean':>8} {'LO':>6} {'diff':>6} | {'remote GPU':>10} {'LO':>6} {'vs LO':>7} | "
           f"{'remote node':>11} {'LO':>6} | {'re-plan s':>9}")
     checks: list[tuple[str, bool]] = []
@@ -240,12 +242,14 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
             lo = baseline_plans(spec, h1)["load_only"]
             lor = relabel(lo, cur)
             total = cur.num_layers * cur.num_slots
-            mv, lo_mv, lor_mv = (migration(cur, p).slots_moved / total for p in (new, lo, lor))
+            mv, lo_link, lor_mv = (migration(cur, p).slots_moved / total for p in (new, lo, lor))
+            # the load-only plan raw: every slot whose expert changed is reloaded (the issue's count)
+            lo_mv = migration(cur, lo).slots_changed / total
             m, bm = evaluate(new, h2)["mean"], evaluate(lo, h2)["mean"]
             d = m["max_mean_load"] - bm["max_mean_load"]
             rel = m["remote_gpu"] / bm["remote_gpu"] - 1
-            print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} | {mv:6.1%} {lo_mv:8.1%} "
-                  f"{lor_mv:8.1%} | {m['max_mean_load']:8.3f} {bm['max_mean_load']:6.3f} {d:+6.3f} | "
+            print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} | {mv:6.1%} {lo_mv:6.1%} "
+                  f"{lo_link:8.1%} {lor_mv:8.1%} | {m['max_mean_load']:8.3f} {bm['max_mean_load']:6.3f} {d:+6.3f} | "
                   f"{m['remote_gpu']:10.3f} {bm['remote_gpu']:6.3f} {rel:+7.1%} | {m['remote_node']:11.3f} "
                   f"{bm['remote_node']:6.3f} | {dt:5.2f} ({dc:.2f} CPU)")
             tag = f"{nodes}x{gpus} {slots} slots, {a_name} -> {b.name.split('/')[-1]}"
@@ -254,8 +258,9 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
                 (f"max/mean <= load-only re-plan + 0.03 ({tag}: {d:+.3f})", d <= 0.03),
                 (f"max/mean <= 1.15 ({tag}: {m['max_mean_load']:.3f})", m["max_mean_load"] <= 1.15),
                 (f"remote GPU copies >= 10% below the load-only re-plan ({tag}: {rel:+.1%})", rel <= -0.10),
-                (f"relabelling: load-only re-plan moves >= 25% fewer slots ({tag}: {lor_mv:.1%} vs {lo_mv:.1%}, "
-                 f"{1 - lor_mv / lo_mv:.0%} fewer)", lor_mv <= 0.75 * lo_mv),
+                (f"relabelling: load-only re-plan moves >= 25% fewer slots than raw ({tag}: {lor_mv:.1%} vs "
+                 f"{lo_mv:.1%}, {1 - lor_mv / lo_mv:.0%} fewer; vs {lo_link:.1%} over links when a raw plan's "
+                 f"same-GPU slots are copied locally: {1 - lor_mv / lo_link:.0%} fewer)", lor_mv <= 0.75 * lo_mv),
                 (f"Lite re-plan < 2 s ({tag}: {dt:.2f}s wall, {dc:.2f}s CPU)", dt < 2.0),
             ]
             if (nodes, gpus, slots) == configs[0] and a_name == "intent":

@@ -127,7 +127,7 @@ class Migration:
     and slot order: the destination slot's new expert is copied from that slot of the current plan
     (the nearest GPU holding the expert, by link cost; ties: the source used least so far, then the
     lowest index). A slot whose GPU already holds its new expert in another slot is a local copy and
-    not a move.
+    not a move (``slots_changed`` counts those too: what a runtime reloading every changed slot moves).
     """
 
     moves: np.ndarray  # [M, 5]
@@ -137,6 +137,7 @@ class Migration:
     expert_bytes: int  # bytes of one slot's weights in the spec's dtype
     link_bytes: np.ndarray  # [G, G] bytes sent from GPU a to GPU b over all layers
     time_us: float  # predicted transfer time (alpha-beta model of ``cost``), all layers at once
+    slots_changed: int = 0  # slots holding another expert than before, local copies included
 
     @property
     def slots_moved(self) -> int:
@@ -159,6 +160,7 @@ class Migration:
         return {
             "slots_moved": self.slots_moved,
             "slots_total": self.num_layers * self.num_slots,
+            "slots_changed": self.slots_changed,
             "fraction_moved": round(self.fraction, 6),
             "bytes_moved": self.bytes,
             "gib_moved": round(self.bytes / 2**30, 6),
@@ -176,6 +178,7 @@ def migration(current: Plan, new: Plan) -> Migration:
     nbytes = expert_bytes(current.spec)
     link = np.zeros((g, g), np.int64)
     rows = []
+    changed = int((current.physical_to_logical_map != new.physical_to_logical_map).sum())
     for layer in range(current.num_layers):
         old, cur = current.physical_to_logical_map[layer], new.physical_to_logical_map[layer]
         used = np.zeros(g, np.int64)  # transfers each source GPU serves in this layer
@@ -193,7 +196,7 @@ def migration(current: Plan, new: Plan) -> Migration:
     moves = np.array(rows, np.int64).reshape(-1, 5)
     return Migration(moves=moves, num_layers=current.num_layers, num_slots=current.num_slots, slots_per_gpu=spg,
                      expert_bytes=nbytes, link_bytes=link * nbytes,
-                     time_us=link_time_us(link.astype(np.float64) * nbytes, current.cluster))
+                     time_us=link_time_us(link.astype(np.float64) * nbytes, current.cluster), slots_changed=changed)
 
 
 def _check_same_shape(current: Plan, new: Plan) -> None:
