@@ -90,7 +90,7 @@ def test_migration_counts_sources_bytes_and_time(setup):
     row2 = current.physical_to_logical_map.copy()
     row2[0, :spg] = row2[0, :spg][::-1]
     m2 = migration(current, Plan(row2, spec))
-    assert m2.slots_moved == 0 and m2.slots_changed == spg and m2.bytes == 0
+    assert m2.slots_moved == 0 and m2.slots_changed == spg - spg % 2 and m2.bytes == 0  # the middle slot stays
     nbytes = 3 * 128 * 64 * 4  # swiglu expert of the tiny spec: gate, up, down of 128 x 64, float32
     assert spec.moe.hidden_size == 128 and spec.moe.experts.intermediate_size == 64 and spec.moe.dtype == "float32"
     assert expert_bytes(spec) == nbytes and m.bytes == 2 * nbytes
