@@ -192,28 +192,34 @@ def print_tracks(title: str, tracks: dict[str, Track], slots_total: int) -> None
               f"{sum(tr.moved_bytes) / 2**30:10.2f} {np.mean(tr.seconds) if tr.seconds else 0.0:10.2f}")
 
 
-def plot_tracks(results: dict[str, dict[str, Track]], path: Path) -> None:
+def plot_tracks(results: dict[tuple[str, str], dict[str, Track]], path: Path) -> None:
+    """One column per stream; per cluster config two rows: balance over time, cumulative GiB moved."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = list(results)
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.5), squeeze=False)
-    for c, key in enumerate(keys):
-        for name, tr in results[key].items():
-            axes[0, c].plot(tr.balance, label=name, lw=1.4)
-            axes[1, c].plot(np.cumsum(tr.moved_bytes) / 2**30, label=name, lw=1.4)
-        axes[0, c].set_title(key, fontsize=10)
-        axes[0, c].set_ylabel("max/mean GPU load")
-        axes[1, c].set_ylabel("GiB moved (cumulative)")
-        axes[1, c].set_xlabel("window")
-        axes[1, c].set_yscale("symlog", linthresh=1.0)
+    streams_ = list(dict.fromkeys(k[0] for k in results))
+    configs = list(dict.fromkeys(k[1] for k in results))
+    fig, axes = plt.subplots(2 * len(configs), len(streams_), figsize=(4.0 * len(streams_), 2.6 * 2 * len(configs)),
+                             squeeze=False)
+    for (stream, config), tracks in results.items():
+        c, r = streams_.index(stream), 2 * configs.index(config)
+        for name, tr in tracks.items():
+            axes[r, c].plot(tr.balance, label=name, lw=1.4)
+            axes[r + 1, c].plot(np.cumsum(tr.moved_bytes) / 2**30, label=name, lw=1.4)
+        axes[r, c].set_title(f"{stream}, {config}", fontsize=9)
+        axes[r + 1, c].set_yscale("symlog", linthresh=1.0)
+        if c == 0:
+            axes[r, c].set_ylabel("max/mean GPU load")
+            axes[r + 1, c].set_ylabel("GiB moved (cumulative)")
+        if r + 1 == 2 * len(configs) - 1:
+            axes[r + 1, c].set_xlabel("window")
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("DeepSeek-V2-Lite routing, re-plan after every window: balance and weight bytes moved")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print(f"\nwrote {path}")
 
 
@@ -315,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "results" / "replan_bench.png")
     ap.add_argument("--skip-streams", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--streams-only", action="store_true", help="section 1 only")
     args = ap.parse_args(argv)
     traces = load_traces("esft-deepseek-v2-lite")
     intent, law = traces.split_sources()
@@ -329,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             spec = lite_spec(nodes, gpus, slots)
             for key, stream in streams(intent, law, args.quick).items():
                 tracks = simulate(spec, stream, args.seed)
-                label = f"{key}, {nodes}x{gpus} {slots} slots"
-                print_tracks(label, tracks, 26 * slots)
-                results[label] = tracks
+                print_tracks(f"{key}, {nodes}x{gpus} {slots} slots", tracks, 26 * slots)
+                results[key, f"{nodes}x{gpus} {slots} slots"] = tracks
         plot_tracks(results, args.plot)
+    if args.streams_only:
+        return 0
     configs = [(1, 8, 64)] if args.quick else [(1, 8, 64), (1, 8, 72), (2, 4, 64), (2, 4, 72)]
     checks, saved = section_targets(configs, intent, law, args.seed)
     checks += section_cli(saved)
