@@ -186,3 +186,5 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     assert r.code == 2 and "allows no slot to move" in r.err and not (tmp_path / "x.json").exists()
     r = run_cli("plan", spec_path, "--trace", window, "--max-moves", "3")
     assert r.code == 2 and "--from" in r.err
+    r = run_cli("plan", "--from", cur_path, "--trace", window, "--slots", "80")
+    assert r.code == 2 and "come from the current plan" in r.err

@@ -91,6 +91,10 @@ def plan_cmd(
     if plan_from is not None:
         from .replan_cmds import replan_command
 
+        if any(v is not None for v in (nodes, gpus_per_node, slots, evaluate, rounds, plot)):
+            raise typer.BadParameter("with --from the cluster and slots come from the current plan: drop --nodes, "
+                                     "--gpus-per-node, --slots, --rounds, --plot and --evaluate")
+
         replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
                        max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full)
         return
