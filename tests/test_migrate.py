@@ -21,7 +21,6 @@ import torch
 
 import moegraph
 from moegraph.planner import Plan
-from moegraph.planner.baselines import contiguous
 from moegraph.planner.replan import migration
 
 pytestmark = [pytest.mark.distributed]

@@ -143,6 +143,10 @@ def test_replan_refuses_bad_input(setup):
         replan(None, current, law, max_moves=0)
     with pytest.raises(PlanInfeasible, match="--max-move-gib"):
         replan(None, current, law, max_move_bytes=100)
+    with pytest.raises(PlanInfeasible, match="max_imbalance"):
+        replan(None, current, law, max_imbalance=0.9)
+    with pytest.raises(PlanInfeasible, match="max_moves must be"):
+        replan(None, current, law, max_moves=-1)
     with pytest.raises(TraceError, match="no tokens"):
         replan(None, current, law.select_tokens(np.zeros(law.num_tokens, bool)))
     with pytest.raises(PlanFileError, match="another model"):

@@ -52,7 +52,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -673,9 +673,11 @@ def replan(
     if spec is not None:
         _same_model(spec, current_plan)
     spec = current_plan.spec
-    for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes)):
+    for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes), ("horizon_tokens", horizon_tokens)):
         if v is not None and not (v >= 0 and np.isfinite(v)):
             raise PlanInfeasible(f"{name} must be a finite number >= 0, got {v!r}")
+    if max_imbalance is not None and not (max_imbalance >= 1.0 and np.isfinite(max_imbalance)):
+        raise PlanInfeasible(f"max_imbalance is a target max/mean GPU load (>= 1.0), got {max_imbalance!r}")
     nbytes = expert_bytes(spec)
     if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
         got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
