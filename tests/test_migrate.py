@@ -364,3 +364,21 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     assert rec.ids().shape == (10, 3) and (rec.ids() == 7).all()
     rec.clear()
     assert rec.ids().numel() == 0 and rec.max_tokens == 10
+
+
+def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
+    from moegraph.distributed.local import run_local
+    from moegraph.distributed.rebalance import Rebalancer
+    from moegraph.errors import DistributedError
+
+    with pytest.raises(DistributedError, match="needs a trigger"):
+        Rebalancer([], every=None, threshold=None)
+    with pytest.raises(DistributedError, match="threshold is a max/mean load"):
+        Rebalancer([], threshold=0.5)
+    with pytest.raises(DistributedError, match="no layers given"):
+        Rebalancer([], every=3)
+    plan = _plan(_spec(2), 2, "A")
+    with pytest.raises(DistributedError, match="--rebalance-every N needs"):
+        run_local(plan, rebalance_every=2, layer_index=0)
+    with pytest.raises(DistributedError, match="--rebalance-every N needs"):
+        run_local(plan, rebalance_every=0)
