@@ -137,6 +137,22 @@ def _run_main(rank: int, world: int) -> dict:
     res["drift"] = drift_demo([layer], steps=6, every=3, tokens=24, seed=1)
     res["drift_plans"] = plans
     res["drift_full"] = layer.full_state_dict()
+    # Threshold trigger: tokens pulled towards experts 0-3 (on few GPUs under A) overload them.
+    from moegraph.distributed.rebalance import Rebalancer
+
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    rb = Rebalancer([layer], threshold=1.3, check_every=2, window_tokens=64)
+    pull = torch.zeros(spec.moe.experts.num_experts)
+    pull[:4] = 1.0
+    g = torch.Generator().manual_seed(50 + rank)
+    seen = []
+    with torch.inference_mode():
+        for _ in range(4):
+            x = torch.randn(32, d, generator=g) + 12.0 * (pull @ layer.router.weight.detach())
+            layer(x)
+            seen.append(rb.step())
+    res["threshold_events"] = seen
     return res
 
 
@@ -382,3 +398,14 @@ def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
         run_local(plan, rebalance_every=2, layer_index=0)
     with pytest.raises(DistributedError, match="--rebalance-every N needs"):
         run_local(plan, rebalance_every=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rebalancer_threshold_triggers_on_measured_imbalance(runs, world):
+    res = _ok(runs[f"w{world}"])
+    for out in res:
+        ev = out["threshold_events"]
+        assert ev[0] is None  # no check at step 1 (check_every=2)
+        assert ev[1] is not None and ev[1]["step"] == 2 and ev[1]["measured_max_mean"] > 1.3
+        assert ev[1]["slots_moved"] > 0 and ev[1]["predicted_max_mean_after"] < ev[1]["predicted_max_mean_before"]
+    assert len({o["threshold_events"][1]["bytes_moved"] for o in res}) == 1  # one total, on every rank
