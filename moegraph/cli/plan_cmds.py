@@ -65,10 +65,31 @@ def plan_cmd(
     layer: Annotated[int, typer.Option("--layer", help="MoE layer shown by --plot.")] = 0,
     evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
                                                   "instead of planning.")] = None,
+    plan_from: Annotated[Path | None, typer.Option("--from", help="Re-plan this current plan for the traffic in "
+                                                   "--trace, moving few expert weights (cluster and slots from it).")] = None,
+    max_moves: Annotated[int | None, typer.Option("--max-moves", help="With --from: move at most N slots (all "
+                                                  "layers).")] = None,
+    max_move_gib: Annotated[float | None, typer.Option("--max-move-gib", help="With --from: move at most X GiB of "
+                                                       "expert weights.")] = None,
+    compare_full: Annotated[bool, typer.Option("--compare-full", help="With --from: also report a full moegraph "
+                                               "re-plan from scratch (slower).")] = False,
 ) -> None:
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
 
+    if plan_from is not None:
+        from .replan_cmds import replan_command
+
+        if any(v is not None for v in (nodes, gpus_per_node, slots, evaluate, rounds, plot)):
+            raise typer.BadParameter("with --from the cluster and slots come from the current plan: drop --nodes, "
+                                     "--gpus-per-node, --slots, --rounds, --plot and --evaluate")
+
+        replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
+                       max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full)
+        return
+    if max_moves is not None or max_move_gib is not None or compare_full:
+        raise typer.BadParameter("--max-moves, --max-move-gib and --compare-full apply to a re-plan: add --from "
+                                 "CURRENT_PLAN.json")
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)

@@ -42,6 +42,7 @@ class LocalRun:
     predicted: np.ndarray  # [L, G, G] token copies src -> dst of one forward, planner's count
     measured: np.ndarray  # [L, G, G] token copies src -> dst of one forward, counted by the runtime
     trace_path: Path | None = None
+    drift: list[dict[str, Any]] | None = None  # with rebalance_every: per step, measured balance and re-plans
 
     @property
     def matches(self) -> bool:
@@ -89,6 +90,14 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                              device=device) for i in cfg["layers"]]
         if cfg["checkpoint"]:
             layers[0].load_checkpoint(cfg["checkpoint"])
+        if cfg.get("rebalance_every"):
+            from .rebalance import drift_demo
+
+            drift = drift_demo(layers, steps=cfg["steps"], every=cfg["rebalance_every"], tokens=cfg["tokens"],
+                               seed=cfg["seed"])
+            torch.save({"ok": True, "drift": drift if rank == 0 else None}, out / f"rank{rank}.pt")
+            dist.destroy_process_group()
+            return
         for layer in layers:
             layer.sync_timing(True)
         first = layers[0]
@@ -141,7 +150,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
 def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int = 3, backward: bool = True,
               layer_index: int | None = None, seed: int = 0, checkpoint: str | Path | None = None,
               timeout: float = 60.0, record: str | Path | None = None, device: str = "cpu",
-              deadline: float = 600.0) -> LocalRun:
+              deadline: float = 600.0, rebalance_every: int | None = None) -> LocalRun:
     """Run the plan's MoE layers expert-parallel in ``nproc`` local processes and measure them.
 
     Args:
@@ -154,6 +163,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         timeout: seconds a collective waits for peers.
         record: save the gathered trace here (every MoE layer must run: the planner needs them all).
         device: "cpu" (gloo) or "cuda" (NCCL, one GPU per process).
+        rebalance_every: instead of timing, run ``steps`` inference forwards of a drifting synthetic
+            stream with a ``Rebalancer(every=rebalance_every)`` (``rebalance.drift_demo``); the result's
+            ``drift`` holds the measured balance per step and every re-plan.
     """
     import torch.multiprocessing as mp
 
@@ -176,6 +188,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         raise DistributedError(f"layer {layer_index} is outside the plan's {plan.num_layers} MoE layers")
     if checkpoint and layer_index is None:
         raise DistributedError("a checkpoint holds one layer's weights: pass the layer it belongs to (--layer)")
+    if rebalance_every is not None and (rebalance_every < 1 or layer_index is not None or record or checkpoint):
+        raise DistributedError("--rebalance-every N needs N >= 1 and every MoE layer (no --layer, --record or "
+                               "--checkpoint): the re-plan reads every layer's traffic")
     if record and layer_index is not None:
         raise DistributedError("recording a trace for re-planning needs every MoE layer: drop --layer")
     layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
@@ -183,7 +198,8 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         plan_path = plan.save(Path(tmp) / "plan.json")
         cfg = {"plan_path": str(plan_path), "layers": layers, "tokens": tokens, "steps": steps,
                "backward": backward, "seed": seed, "checkpoint": str(checkpoint) if checkpoint else None,
-               "timeout": timeout, "record": str(record) if record else None, "device": device}
+               "timeout": timeout, "record": str(record) if record else None, "device": device,
+               "rebalance_every": rebalance_every}
         ctx = mp.get_context("spawn")
         port = _free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, tmp), daemon=True) for r in range(world)]
@@ -215,6 +231,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         raise DistributedError(f"rank {r} failed: {res['type']}: {res['error']}"
                                + (f" (ranks {others} failed too)" if others else ""))
     head = results[0]
+    if rebalance_every is not None:
+        return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=0, ranks=[],
+                        predicted=np.zeros(0), measured=np.zeros(0), drift=head["drift"])
     measured = np.stack([np.stack([np.asarray(head["ranks"][r][j]["rows"]["dispatch"]) for r in range(world)])
                          for j in range(len(layers))]) // steps
     return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=head["row_bytes"],
