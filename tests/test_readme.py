@@ -33,6 +33,10 @@ SMALLER = {
     "moegraph bench -t 1 -t 128 --rounds 3": "moegraph bench -t 1 --rounds 1",
     "torchrun --nproc-per-node 2 examples/replan_loop.py":
         "torchrun --nproc-per-node 2 examples/replan_loop.py --tokens 16 --batches 2",
+    "moegraph run deepseek-v3-tiny --plan tiny-plan.json --steps 12 --rebalance-every 3":
+        "moegraph run deepseek-v3-tiny --plan tiny-plan.json --steps 6 --rebalance-every 3 --tokens 32",
+    "python benchmarks/replan_bench.py":
+        "python benchmarks/replan_bench.py --quick --skip-scale --skip-streams --plot replan.png",
 }
 # What each section's commands must leave behind (beyond exiting 0).
 OUTPUTS = {
@@ -40,6 +44,7 @@ OUTPUTS = {
     "Placement planning": ["v2lite.npz", "counts.npz", "plan.json", "plan.png", "expert_location.json"],
     "Expert parallelism": ["plan.json"],
     "Hugging Face models": ["tiny-qwen2-moe/config.json", "spec.yaml"],
+    "Re-planning while running": ["plan.json", "new.json", "capped.json"],
 }
 
 
