@@ -11,6 +11,7 @@ from .errors import (  # noqa: F401
     CodegenError,
     DistributedError,
     InputError,
+    MissingDependency,
     MoegraphError,
     OptimizeError,
     PlanFileError,
@@ -32,10 +33,17 @@ def __getattr__(name: str):
         "from_hf": ("moegraph.hf", "from_hf"),
         "optimize": ("moegraph.swap", "optimize"),
         "load_traces": ("moegraph.traces", "load_traces"),
+        "optimize_pretrained": ("moegraph.pretrained", "optimize_pretrained"),
     }
+    # Submodules a user reaches as attributes (``moegraph.codegen.set_cache_dir``) without importing them.
+    submodules = {"codegen", "compiler", "planner", "traces", "topology", "ops", "hf", "swap", "distributed"}
     if name in lazy:
         import importlib
 
         mod, attr = lazy[name]
         return getattr(importlib.import_module(mod), attr)
+    if name in submodules:
+        import importlib
+
+        return importlib.import_module(f"moegraph.{name}")
     raise AttributeError(f"module 'moegraph' has no attribute {name!r}")

@@ -83,3 +83,21 @@ class UnsupportedBlock(MoegraphError, ValueError):
 class ResourceError(MoegraphError, RuntimeError):
     """A request would need more memory (or another resource) than the machine has; refused before
     allocating, with the figure and what to change."""
+
+
+class MissingDependency(MoegraphError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def require(module: str, extra: str, purpose: str, otherwise: str = ""):
+    """Import ``module`` or raise ``MissingDependency`` saying ``pip install 'moegraph[extra]'``.
+
+    ``otherwise`` names what the user can do instead (e.g. a flag that skips the feature).
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'moegraph[{extra}]'" + (f" ({otherwise})" if otherwise else "")) from None

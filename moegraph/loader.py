@@ -196,7 +196,13 @@ def problems_from_validation(exc: ValidationError) -> list[Problem]:
     """One Problem per pydantic error: a dotted path the user wrote, and a message saying what to do."""
     problems: list[Problem] = []
     seen: set[tuple[str, str]] = set()
+    errors = []
     for err in exc.errors(include_url=False):
+        if err["type"] == "spec_fields":  # several cross-field problems of one rule set: one Problem each
+            errors += [{**err, "type": "spec_field", "ctx": {"field": f, "message": m}} for f, m in err["ctx"]["problems"]]
+        else:
+            errors.append(err)
+    for err in errors:
         loc, models = _walk(err["loc"])
         if err["type"] == "spec_field":
             # A cross-field rule names the field to change, relative to the model that raised it.

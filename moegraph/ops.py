@@ -2,7 +2,7 @@
 
 ``moegraph::expert_mlp`` takes a flat list of (token, expert, weight) assignments, sorts them by
 expert, runs every expert's MLP on its rows (one GEMM pair per expert that received tokens) and sums
-the weighted outputs per token. It is a ``torch.library.custom_op`` with a fake implementation, so
+the weighted outputs per token. It is an opaque custom op (``moegraph.oplib``) with a fake implementation, so
 ``torch.fx`` sees one node and ``torch.compile`` can trace around it.
 
 Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
@@ -23,6 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .oplib import opaque_op
 
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace"]
 
@@ -295,8 +297,11 @@ def packed_experts(w_up: Tensor, w_down: Tensor, s_up: Tensor | None, s_down: Te
 SMALL_EXPERT_WEIGHTS = 1 << 16
 
 
-def _small_experts(w_up_EHD: Tensor) -> bool:
-    return (w_up_EHD[0].numel() <= SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm")
+def _small_experts(w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
+    # torch._grouped_mm needs every row stride to be a multiple of 16 bytes (D and F of 4 floats).
+    aligned = (w_up_EHD.shape[2] * w_up_EHD.element_size()) % 16 == 0 and \
+        (w_down_EDF.shape[2] * w_down_EDF.element_size()) % 16 == 0
+    return (w_up_EHD[0].numel() <= SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm") and aligned
             and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
 
 
@@ -346,7 +351,7 @@ def _expert_mlp_fast(
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
     x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD):
+    if _small_experts(w_up_EHD, w_down_EDF):
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -428,7 +433,7 @@ def define_expert_op(name: str, forward=None):
             return _expert_mlp_fast(*args, packed)
 
     op.__name__ = name.split("::")[1]
-    registered = torch.library.custom_op(name, op, mutates_args=())
+    registered = opaque_op(name, op)
 
     @registered.register_fake
     def _(x_TD, *args):
@@ -508,7 +513,7 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, ga
     return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, out
 
 
-@torch.library.custom_op("moegraph::expert_mlp_backward", mutates_args=())
+@opaque_op("moegraph::expert_mlp_backward")
 def expert_mlp_backward(
     grad_TD: Tensor,
     x_TD: Tensor,

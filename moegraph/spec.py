@@ -33,6 +33,8 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -70,6 +72,26 @@ def field_error(field: str, message: str) -> PydanticCustomError:
     ("moe.router.top_k"). The message itself is unchanged.
     """
     return PydanticCustomError("spec_field", "{message}", {"field": field, "message": message})
+
+
+class _Problems:
+    """Collects a validator's cross-field problems so that all of them are reported, not the first."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append((field, message))
+
+    def raise_any(self) -> None:
+        if len(self.items) == 1:
+            raise field_error(*self.items[0])
+        if self.items:
+            # One pydantic error carrying several; the loader turns it back into one Problem each.
+            raise PydanticCustomError("spec_fields", "{message}", {
+                "problems": [list(item) for item in self.items],
+                "message": "; ".join(message for _, message in self.items),
+            })
 
 
 def _is_number_annotation(tp: Any) -> bool:
@@ -183,16 +205,18 @@ class SharedExpertsSpec(_Frozen):
 
     @model_validator(mode="after")
     def _settings_need_expert(self) -> SharedExpertsSpec:
+        problems = _Problems()
         if self.count == 0 and self.gate != "none":
-            raise field_error(
+            problems.add(
                 "gate", "a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none"
             )
         if self.count == 0 and self.intermediate_size is not None:
-            raise field_error(
+            problems.add(
                 "intermediate_size",
                 "intermediate_size is set but count is 0, so there is no shared expert to size; set count >= 1 "
                 "or drop intermediate_size",
             )
+        problems.raise_any()
         return self
 
 
@@ -588,34 +612,36 @@ class MoELayerSpec(_Frozen):
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
+        problems = _Problems()
         r, e = self.router, self.experts.num_experts
         k = getattr(r, "top_k", None)
         if k is not None and k > e:
-            raise field_error(
+            problems.add(
                 "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"
             )
         g = getattr(r, "groups", None)
         if g is not None:
             if e % g.num_groups:
                 divisors = [d for d in range(1, e + 1) if e % d == 0]
-                raise field_error(
+                problems.add(
                     "router.groups.num_groups",
                     f"router.groups.num_groups ({g.num_groups}) must divide experts.num_experts ({e}); "
                     f"choose one of {divisors}"
                 )
             per_group = e // g.num_groups
             if g.group_score == "sum_topn" and g.top_n > per_group:
-                raise field_error(
+                problems.add(
                     "router.groups.top_n",
                     f"router.groups.top_n ({g.top_n}) exceeds the {per_group} experts per group; "
                     f"use top_n <= {per_group} or fewer groups"
                 )
             if k is not None and g.topk_groups * per_group < k:
-                raise field_error(
+                problems.add(
                     "router.groups.topk_groups",
                     f"router.groups keeps {g.topk_groups} groups of {per_group} experts = "
                     f"{g.topk_groups * per_group} candidates, fewer than top_k ({k}); raise topk_groups"
                 )
+        problems.raise_any()
         return self
 
     @property
@@ -676,25 +702,26 @@ class ModelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _pattern(self) -> ModelSpec:
+        problems = _Problems()
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_layers:
-                raise field_error(
+                problems.add(
                     "layer_types",
                     f"layer_types lists {len(self.layer_types)} layers but num_layers is {self.num_layers}; "
                     "make them agree",
                 )
             if "moe" not in self.layer_types:
-                raise field_error("layer_types", "layer_types has no 'moe' layer; mark at least one layer 'moe'")
+                problems.add("layer_types", "layer_types has no 'moe' layer; mark at least one layer 'moe'")
             # Compare with the defaults rather than ask what was set: dump_spec spells defaults out.
             ignored = [k for k, default in (("first_k_dense", 0), ("moe_layer_freq", 1)) if getattr(self, k) != default]
             if ignored:
-                raise field_error(
+                problems.add(
                     ignored[0],
                     f"{' and '.join(ignored)} would be ignored because layer_types lists every layer; "
                     "give either layer_types or first_k_dense/moe_layer_freq",
                 )
         elif self.first_k_dense >= self.num_layers:
-            raise field_error(
+            problems.add(
                 "first_k_dense",
                 f"first_k_dense ({self.first_k_dense}) leaves no MoE layer of num_layers ({self.num_layers}); "
                 "lower it"
@@ -702,11 +729,12 @@ class ModelSpec(_Frozen):
         if "dense" in self.resolved_layer_types() and self.dense_intermediate_size is None and (
             self.attention is not None or self.vocab_size is not None
         ):
-            raise field_error(
+            problems.add(
                 "dense_intermediate_size",
                 "the model has dense layers and non-MoE sizes but no dense_intermediate_size; set it so "
                 "whole-model parameter counts are complete"
             )
+        problems.raise_any()
         return self
 
     def resolved_layer_types(self) -> tuple[str, ...]:
@@ -770,10 +798,11 @@ class ExplicitTopology(_Frozen):
 
     @model_validator(mode="after")
     def _links_known(self) -> ExplicitTopology:
+        problems = _Problems()
         names = [d.name for d in self.devices]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise field_error(
+                problems.add(
                     f"devices.{i}.name",
                     f"device name {name!r} is used by devices {names.index(name)} and {i}; give every device a "
                     "unique name",
@@ -781,12 +810,13 @@ class ExplicitTopology(_Frozen):
         for i, link in enumerate(self.links):
             for end_key, end in (("a", link.a), ("b", link.b)):
                 if end not in names:
-                    raise field_error(
+                    problems.add(
                         f"links.{i}.{end_key}",
                         f"link names unknown device {end!r}; use one of the devices: {names}",
                     )
             if link.a == link.b:
-                raise field_error(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")
+                problems.add(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")
+        problems.raise_any()
         return self
 
     @property
@@ -857,6 +887,7 @@ class MoESpec(_Frozen):
 
     @model_validator(mode="after")
     def _cross_sections(self) -> MoESpec:
+        problems = _Problems()
         g = getattr(self.moe.router, "groups", None)
         topo = self.topology
         if g is not None and g.tie_to != "none":
@@ -867,7 +898,7 @@ class MoESpec(_Frozen):
             else:
                 count = len({d.node for d in topo.devices})
             if g.num_groups != count:
-                raise field_error(
+                problems.add(
                     "moe.router.groups.num_groups",
                     f"moe.router.groups.tie_to is '{g.tie_to}' so num_groups ({g.num_groups}) must equal the "
                     f"topology's {g.tie_to} count ({count}); change one of them or set tie_to: none"
@@ -876,19 +907,36 @@ class MoESpec(_Frozen):
         e = self.moe.experts.num_experts
         for i, loss in enumerate(getattr(self.moe.router, "aux_losses", ())):
             if loss.kind in ("device_balance", "comm_balance") and e % topo.num_gpus:
-                raise field_error(
+                problems.add(
                     f"moe.router.aux_losses.{i}.kind",
                     f"aux loss '{loss.kind}' needs experts ({e}) to split evenly over the topology's "
                     f"{topo.num_gpus} devices; change the topology or drop the loss",
                 )
-        slots = self.moe.experts.num_experts + self.placement.redundant_slots
-        if slots % topo.num_gpus:
-            raise field_error(
-                "placement.redundant_slots",
-                f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
-                f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}"
-            )
+        slots = _slots_problem(self.moe.experts, self.placement, topo)
+        if slots:
+            problems.add(*slots)
+        problems.raise_any()
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _slots_checked_alone(cls, data: Any, handler: Any) -> MoESpec:
+        """Report the slot rule even when another section fails (the rule above then never runs).
+
+        It needs only moe.experts, topology and placement; when those are valid on their own and break
+        the rule, the problem joins the others, so a user sees every problem in one run.
+        """
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            problem = _slots_problem_of_raw(data)
+            if problem is None or any(problem[1] in str(e.get("ctx", {})) for e in errors):
+                raise
+            line_errors = [{"type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")), "loc": e["loc"],
+                            "input": e["input"]} for e in errors]
+            line_errors.append({"type": field_error(*problem), "loc": (), "input": data})
+            raise ValidationError.from_exception_data(exc.title, line_errors) from None
 
     def hash(self) -> str:
         """Canonical sha256 of the spec: stable across key order and file format."""
@@ -901,3 +949,26 @@ class MoESpec(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _slots_problem(experts: ExpertsSpec, placement: PlacementSpec, topo: Any) -> tuple[str, str] | None:
+    """(field, message) when experts + redundant slots do not split evenly over the GPUs."""
+    slots = experts.num_experts + placement.redundant_slots
+    if slots % topo.num_gpus == 0:
+        return None
+    return ("placement.redundant_slots",
+            f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
+            f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}")
+
+
+def _slots_problem_of_raw(data: Any) -> tuple[str, str] | None:
+    """``_slots_problem`` of a raw spec dict whose three sections are valid on their own, else None."""
+    if not isinstance(data, dict) or not isinstance(data.get("moe"), dict) or "experts" not in data["moe"]:
+        return None
+    try:
+        experts = ExpertsSpec.model_validate(data["moe"]["experts"])
+        placement = PlacementSpec.model_validate(data.get("placement", {}))
+        topo = TypeAdapter(Topology).validate_python(data.get("topology", {}))
+    except ValidationError:
+        return None
+    return _slots_problem(experts, placement, topo)

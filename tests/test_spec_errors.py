@@ -492,3 +492,23 @@ def test_built_specs_obey_rules_when_valid(data):
 @given(st.dictionaries(keys, values, max_size=4))
 def test_random_top_level_dicts(data):
     _check_outcome(data)
+
+
+def test_every_cross_field_problem_of_one_rule_set_reported(tmp_path, run_cli):
+    # Three rules of the routing-vs-experts set broken at once (BASE has 8 experts): all three named.
+    # Plus the slot rule of the whole spec (8 + 1 slots over 2 GPUs), checked although moe is invalid.
+    d = _bad(_all(_set("moe.router", {"type": "topk", "top_k": 9, "score": "softmax",
+                                      "groups": {"num_groups": 3, "topk_groups": 1, "group_score": "sum_topn",
+                                                 "top_n": 5}}),
+                  _set("placement", {"redundant_slots": 1})))
+    with pytest.raises(SpecError) as info:
+        load_spec(d)
+    assert [p.path for p in info.value.problems] == [
+        "moe.router.top_k", "moe.router.groups.num_groups", "moe.router.groups.top_n",
+        "moe.router.groups.topk_groups", "placement.redundant_slots"]
+    assert "choose top_k <= 8" in info.value.problems[0].message
+    assert "9 slots do not split evenly over 2 GPUs" in info.value.problems[4].message
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(d))
+    res = run_cli("validate", f)
+    assert res.code == 2 and res.err.count(f"{f}: moe.router") == 4 and f"{f}: placement.redundant_slots" in res.err

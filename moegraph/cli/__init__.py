@@ -10,10 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-import click
 import typer
 
 from ..errors import MoegraphError
+from .output import console, err_console, say_error  # noqa: F401  (markup never interpreted)
 
 app = typer.Typer(
     name="moegraph",
@@ -22,13 +22,30 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},  # inherited by every subcommand
 )
-from .output import console, err_console, say_error  # noqa: E402  (markup never interpreted)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        console.print(f"moegraph {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the moegraph version and exit."),
+) -> None:
+    """A declarative compiler for Mixture-of-Experts layers: spec -> plan -> generated code -> layer."""
+
 
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401
 
-for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds"):
+for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds", "export_cmds"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as exc:  # a stage not built yet; its commands are simply absent
@@ -41,19 +58,24 @@ def report_error(exc: MoegraphError) -> None:
 
 
 def _click_exceptions():
-    """The click exception classes typer may raise (typer >= 0.29 ships its own copy of click)."""
-    exit_, usage, abort = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
-    try:
-        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
-    except ImportError:
-        vendored = None
-    for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
-        cls = getattr(vendored, name, None)
-        if cls is not None:
-            bucket.append(cls)
-    import typer as _typer
+    """The click exception classes typer may raise.
 
-    exit_.append(_typer.Exit)
+    typer >= 0.29 ships its own copy of click (``typer._click``) and no longer depends on click;
+    older typer uses click itself. Collect the classes of whichever are installed, without ever
+    requiring click (it is not one of our dependencies).
+    """
+    import importlib
+
+    exit_, usage, abort = [typer.Exit], [], []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            exceptions = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for name, bucket in (("Exit", exit_), ("ClickException", usage), ("Abort", abort)):
+            cls = getattr(exceptions, name, None)
+            if cls is not None and cls not in bucket:
+                bucket.append(cls)
     return tuple(exit_), tuple(usage), tuple(abort)
 
 

@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from ..loader import load_spec
-from . import app, console
+from . import app, console, err_console
 from .output import say
+from .progress import waiting
 
 
 @app.command(name="compile")
@@ -23,10 +24,8 @@ def compile_cmd(
     """Generate the layer's source into a directory and build the executable layer."""
     import torch
 
-    from ..codegen import write_source
+    from ..codegen import check_backend, write_source
     from ..compiler import compile as mg_compile
-
-    from ..codegen import check_backend
     from ..compiler import smoke_bytes
     from ..limits import check_memory
 
@@ -59,19 +58,21 @@ def bench(
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the Hugging Face comparison.")] = False,
 ) -> None:
     """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""
-    from ..bench import BENCH_SPEC, format_rows, run_layer_bench
-
-    from ..bench import hf_incompatibility
+    from ..bench import BENCH_SPEC, format_rows, hf_incompatibility, run_layer_bench
 
     s = load_spec(BENCH_SPEC if spec == "default" else spec)
     with_hf = not no_hf
+    if with_hf:
+        from ..errors import require
+
+        require("transformers", "hf", "the comparison with Hugging Face", "or pass --no-hf to time moegraph alone")
     why = hf_incompatibility(s) if with_hf else None
     if why:
         say(f"no HF comparison for {s.name}: {why}; timing moegraph only", text_style="yellow")
         with_hf = False
-    with console.status("benchmarking") as status:
+    with waiting(err_console, "benchmarking") as update:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,
-                               progress=lambda m: status.update(f"benchmarking {m}"))
+                               progress=update)
     t = Table(title=f"forward, eval, float32, ms (median of {rounds} interleaved rounds)")
     t.add_column("tokens", justify="right")
     for name in rows[0].times:

@@ -11,14 +11,17 @@ import typer
 from ..errors import MoegraphError
 from ..loader import load_spec
 from ..summary import human, summarize
-from . import app, console
+from . import app, console, err_console
 from .output import say
+from .progress import waiting
 
 
 @app.command()
 def demo(
-    spec: Annotated[str, typer.Option(help="Preset or spec file whose placement.traces name bundled traces.")] = "deepseek-v2-lite",
-    output: Annotated[Path, typer.Option("-o", "--output", help="Where the plan, plot and generated code go.")] = Path("moegraph-out"),
+    spec: Annotated[str, typer.Option(help="Preset or spec file whose placement.traces name bundled traces.",
+                                      envvar="MOEGRAPH_DEMO_SPEC")] = "deepseek-v2-lite",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where the plan, plot and generated code go.",
+                                         envvar="MOEGRAPH_DEMO_OUTPUT")] = Path("moegraph-out"),
     tokens: Annotated[int, typer.Option(min=1, max=1 << 20, help="Tokens in the smoke forward.")] = 64,
 ) -> None:
     """Validate a preset, plan it on its bundled routing traces (table + plot), compile it, run it."""
@@ -59,13 +62,15 @@ def demo(
 
     plan = Plan.load(plan_path, spec=s)
     t0 = time.perf_counter()
-    layer = mg_compile(s, plan=plan, out_dir=output / "generated", dtype=torch.float32).eval()
+    with waiting(err_console, f"compiling {s.name} with the plan (generate, build, initialise weights)"):
+        layer = mg_compile(s, plan=plan, out_dir=output / "generated", dtype=torch.float32).eval()
     t_compile = time.perf_counter() - t0
     x = torch.randn(1, tokens, s.moe.hidden_size, generator=torch.Generator().manual_seed(0))
     tid = torch.randint(0, max(layer.HASH_VOCAB, 1), (1, tokens)) if layer.NEEDS_TOKEN_IDS else None
     with torch.inference_mode():
         t0 = time.perf_counter()
-        layer(x, tid)  # first call: traces the eval graph, runs the passes, packs the weights
+        with waiting(err_console, "first forward (trace the eval graph, run the FX passes, pack the weights)"):
+            layer(x, tid)
         t_first = time.perf_counter() - t0
         rec = layer.start_recording()
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import typer
 
 from ..loader import dump_spec
 from . import app, console, err_console
+from .progress import waiting
 
 
 @app.command("import-hf")
@@ -23,7 +24,8 @@ def import_hf(
     """Write the moegraph spec of an HF MoE model config: layer, routing and model section."""
     from ..hf import spec_from_hf_config
 
-    spec = spec_from_hf_config(config, name=name, probe=probe)
+    with waiting(err_console, f"reading {config}" + (" and probing its MoE block with transformers" if probe else "")):
+        spec = spec_from_hf_config(config, name=name, probe=probe)
     if output is None:
         import yaml
 
@@ -37,3 +39,19 @@ def import_hf(
         f"moe layers={spec.model.num_moe_layers}",
         highlight=False, soft_wrap=True,
     )
+
+
+@app.command("optimize")
+def optimize_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A local transformers checkpoint folder (config.json + "
+                                               "safetensors, as save_pretrained writes).")],
+    backend: Annotated[str, typer.Option(help="torch or triton.")] = "torch",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check each swapped block numerically "
+                                         "against the one it replaces.")] = True,
+) -> None:
+    """Load a local checkpoint, swap every MoE block for a compiled layer, and report what was swapped and why."""
+    from ..pretrained import optimize_pretrained
+
+    with waiting(err_console, f"loading {checkpoint} and swapping its MoE blocks"):
+        model = optimize_pretrained(checkpoint, backend=backend, verify=verify)
+    console.print(str(model.moegraph_report), markup=False, highlight=False, soft_wrap=True)

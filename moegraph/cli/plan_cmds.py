@@ -7,13 +7,6 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from ..errors import TraceError
@@ -21,6 +14,7 @@ from ..loader import load_spec
 from . import app, console, err_console
 from .checks import finite, output_file
 from .output import say
+from .progress import counted
 
 trace_app = typer.Typer(help="Import routing traces and summarise them.", no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
@@ -57,11 +51,6 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     return t
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("planning layers"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
-
-
 @app.command(name="plan")
 def plan_cmd(
     spec: Annotated[str | None, typer.Argument(help="Spec file or preset name (optional with --evaluate).")] = None,
@@ -82,6 +71,14 @@ def plan_cmd(
     layer: Annotated[int, typer.Option("--layer", min=0, help="MoE layer shown by --plot.")] = 0,
     evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
                                                   "instead of planning.")] = None,
+    plan_from: Annotated[Path | None, typer.Option("--from", help="Re-plan this current plan for the traffic in "
+                                                   "--trace, moving few expert weights (cluster and slots from it).")] = None,
+    max_moves: Annotated[int | None, typer.Option("--max-moves", min=0, help="With --from: move at most N slots (all "
+                                                  "layers).")] = None,
+    max_move_gib: Annotated[float | None, typer.Option("--max-move-gib", callback=finite(0.0), help="With --from: move at most X GiB of "
+                                                       "expert weights.")] = None,
+    compare_full: Annotated[bool, typer.Option("--compare-full", help="With --from: also report a full moegraph "
+                                               "re-plan from scratch (slower).")] = False,
 ) -> None:
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
@@ -90,6 +87,19 @@ def plan_cmd(
         output_file(output, "plan")
     if plot is not None:
         output_file(plot, "plot", PLOT_SUFFIXES)
+    if plan_from is not None:
+        from .replan_cmds import replan_command
+
+        if any(v is not None for v in (nodes, gpus_per_node, slots, evaluate, rounds, plot)):
+            raise typer.BadParameter("with --from the cluster and slots come from the current plan: drop --nodes, "
+                                     "--gpus-per-node, --slots, --rounds, --plot and --evaluate")
+
+        replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
+                       max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full)
+        return
+    if max_moves is not None or max_move_gib is not None or compare_full:
+        raise typer.BadParameter("--max-moves, --max-move-gib and --compare-full apply to a re-plan: add --from "
+                                 "CURRENT_PLAN.json")
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)
@@ -115,7 +125,7 @@ def plan_cmd(
         if plot is not None:
             from ..planner.plot import plot_plan
 
-            plot_plan(p, ts, plot, layer=layer)
+            plot_plan(p, ts, plot, layer=layer, metrics=metrics, baselines_from=base_from)
             console.print(f"wrote {plot}")
         return
     if spec is None:
@@ -123,11 +133,9 @@ def plan_cmd(
     from ..traces import load_traces
 
     s = load_spec(spec)
-    with _progress() as prog:
-        task = prog.add_task("plan", total=s.model.num_moe_layers)
+    with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
-                 max_imbalance=max_imbalance, robust=robust, rounds=rounds,
-                 progress=lambda done, total: prog.update(task, completed=done))
+                 max_imbalance=max_imbalance, robust=robust, rounds=rounds, progress=advance)
     cl = p.cluster
     console.print(
         f"{p.spec.name} (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "

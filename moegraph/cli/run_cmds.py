@@ -69,6 +69,9 @@ def run_cmd(
     device: Annotated[str, typer.Option("--device", help="cpu (gloo) or cuda (NCCL, one GPU per process).")] = "cpu",
     timeout: Annotated[float, typer.Option("--timeout", callback=finite(0.0, 86400.0, open_lo=True), help="Seconds a collective waits for peers.")] = 60.0,
     seed: Annotated[int, typer.Option("--seed", min=0, max=(1 << 31) - 1, help="Seeds weights and tokens.")] = 0,
+    rebalance_every: Annotated[int | None, typer.Option("--rebalance-every", help="Instead of timing: --steps "
+                                                        "inference forwards of a drifting synthetic stream, "
+                                                        "re-planning and migrating every N steps.")] = None,
 ) -> None:
     """Run a plan's layer expert-parallel in N local processes; print per-rank timing and bytes vs the plan.
 
@@ -91,7 +94,14 @@ def run_cmd(
     world = nproc or p.num_gpus
     with console.status(f"running {world} processes (gloo)" if device == "cpu" else f"running {world} processes"):
         res = run_local(p, nproc=nproc, tokens=tokens, steps=steps, backward=backward, layer_index=layer, seed=seed,
-                        checkpoint=checkpoint, timeout=timeout, record=record, device=device)
+                        checkpoint=checkpoint, timeout=timeout, record=record, device=device,
+                        rebalance_every=rebalance_every)
+    if res.drift is not None:
+        from .replan_cmds import print_drift
+
+        print_drift(res.drift, f"{p.spec.name}: {world} ranks x {tokens} tokens per layer per step, drifting "
+                    f"stream, re-plan every {rebalance_every} steps")
+        return
     which = f"MoE layer {layer}" if layer is not None else f"{len(res.layers)} MoE layers"
     title = (f"{p.spec.name}, {which}: {world} ranks x {tokens} tokens, mean of {steps} "
              f"forward{'+backward' if backward else ''} passes")

@@ -11,6 +11,10 @@ compute / combine, ``dispatch.py``), ``Comm`` and ``AllToAll`` (collectives with
 counts, ``comm.py``), ``SlotExperts`` and ``load_checkpoint`` (rank-local weights and state-dict
 keys, ``weights.py``), ``gather_trace`` and ``predicted_copies`` (record -> re-plan, ``trace.py``).
 
+Live: ``layer.apply_plan(new_plan, optimizer=opt)`` migrates a running layer, sending only the
+changed slots (``migrate.py``); ``Rebalancer`` (``rebalance.py``) re-plans from a windowed recording
+and applies the result every N steps or on measured imbalance.
+
 Record -> plan -> reload: record on every rank (``layer.start_recording()``), ``gather_trace`` into
 one ``TraceSet``, save it, ``moegraph plan SPEC --traces trace.npz`` (or ``moegraph.planner.plan``),
 then compile with the new plan and load the same checkpoint: every placement takes the same file.
@@ -22,6 +26,7 @@ from ..errors import DistributedError
 from .comm import AllToAll, Comm, Traffic
 from .dispatch import ExpertDispatch
 from .layer import ExpertParallelMoE, ExpertParallelPass
+from .rebalance import Rebalancer, WindowRecorder
 from .trace import gather_trace, predicted_copies
 from .weights import MissingExpertWeights, SlotExperts, load_checkpoint
 
@@ -33,8 +38,10 @@ __all__ = [
     "ExpertParallelMoE",
     "ExpertParallelPass",
     "MissingExpertWeights",
+    "Rebalancer",
     "SlotExperts",
     "Traffic",
+    "WindowRecorder",
     "gather_trace",
     "load_checkpoint",
     "predicted_copies",

@@ -14,7 +14,8 @@ layer index out of range, wrong device for the backend) runs before any communic
 handshake (an all-gather of a plan fingerprint) makes sure every rank runs the same placement.
 
 Collective methods (every rank must call them, in the same order): ``forward`` and ``backward``,
-``sync_grads``, ``update_expert_bias``, ``full_state_dict``, ``moegraph.distributed.gather_trace``.
+``sync_grads``, ``update_expert_bias``, ``full_state_dict``, ``apply_plan`` (live migration to a new
+plan, ``migrate``), ``moegraph.distributed.gather_trace``.
 """
 
 from __future__ import annotations
@@ -286,6 +287,13 @@ class ExpertParallelMoE(CompiledMoEBase):
             self._bias_load_E.zero_()
         self.comm.all_reduce(load, "update_expert_bias")
         return super().update_expert_bias(load)
+
+    def apply_plan(self, new_plan, optimizer=None) -> dict[str, Any]:
+        """Move to ``new_plan`` between forwards, sending only the changed slots' weights (and ``optimizer``'s
+        state of them); every rank stays on the old plan if any fails. Collective. See ``migrate``."""
+        from .migrate import apply_plan
+
+        return apply_plan(self, new_plan, optimizer=optimizer)
 
     # ------------------------------------------------------------------ graphs
 

@@ -46,6 +46,7 @@ class LocalRun:
     predicted: np.ndarray  # [L, G, G] token copies src -> dst of one forward, planner's count
     measured: np.ndarray  # [L, G, G] token copies src -> dst of one forward, counted by the runtime
     trace_path: Path | None = None
+    drift: list[dict[str, Any]] | None = None  # with rebalance_every: per step, measured balance and re-plans
 
     @property
     def matches(self) -> bool:
@@ -85,6 +86,59 @@ def _write_result(out: Path, rank: int, result: dict) -> None:
     os.replace(tmp, out / f"rank{rank}.pt")  # the parent never reads half a result
 
 
+def _timed_run(cfg: dict, rank: int, world: int, plan, layers: list, device) -> dict:
+    """The timing run of one rank (see ``run_local``): warm-up, measured steps, gathered trace."""
+    import torch.distributed as dist
+
+    from .trace import gather_trace, predicted_copies
+
+    for layer in layers:
+        layer.sync_timing(True)
+    first = layers[0]
+    g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+    x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.experts.down_proj.dtype)
+    if cfg["backward"]:
+        x.requires_grad_(True)
+
+    def step() -> None:
+        h = x
+        for layer in layers:  # a residual stack, as in a model
+            h = h + layer(h)
+        if cfg["backward"]:
+            h.float().square().mean().backward()
+            for layer in layers:
+                layer.zero_grad(set_to_none=True)
+
+    recorders = []
+    with torch.set_grad_enabled(cfg["backward"]):
+        step()  # warm-up: graph tracing and first-call costs stay out of the timings
+        for layer in layers:
+            layer.reset_traffic()
+            layer.start_recording()
+        for i in range(cfg["steps"]):
+            _inject_fault(cfg, rank, i)
+            step()
+            if i == 0:  # one forward's routing is the prediction's input
+                recorders = [layer.stop_recording() for layer in layers]
+    for layer, rec in zip(layers, recorders):
+        layer.recorder = rec
+    trace = gather_trace(layers)
+    summaries: list[Any] = [None] * world
+    dist.all_gather_object(summaries, [layer.traffic_summary() for layer in layers])
+    if rank == 0:
+        src = trace.src_rank
+        predicted = np.stack([
+            predicted_copies(plan, li, [trace.topk[j][src == r] for r in range(world)])
+            for j, li in enumerate(cfg["layers"])])
+        result = {"ok": True, "ranks": summaries, "predicted": predicted,
+                  "row_bytes": first.HIDDEN * first.experts.down_proj.element_size()}
+        if cfg["record"]:
+            result["trace_path"] = str(trace.save(cfg["record"]))
+    else:
+        result = {"ok": True}
+    return result
+
+
 def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
     out = Path(out_dir)
     result: dict[str, Any]
@@ -96,7 +150,6 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
 
         codegen.set_cache_dir(cfg["cache_dir"])  # the parent's choice ($XDG_CACHE_HOME for the CLI)
         from ..planner import Plan
-        from .trace import gather_trace, predicted_copies
 
         cuda = cfg["device"] == "cuda"
         if cuda:
@@ -111,51 +164,16 @@ def _worker(rank: int, world: int, port: int, cfg: dict, out_dir: str) -> None:
                              device=device) for i in cfg["layers"]]
         if cfg["checkpoint"]:
             layers[0].load_checkpoint(cfg["checkpoint"])
-        for layer in layers:
-            layer.sync_timing(True)
-        first = layers[0]
-        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-        x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.experts.down_proj.dtype)
-        if cfg["backward"]:
-            x.requires_grad_(True)
+        if cfg.get("rebalance_every"):
+            from .rebalance import drift_demo
 
-        def step() -> None:
-            h = x
-            for layer in layers:  # a residual stack, as in a model
-                h = h + layer(h)
-            if cfg["backward"]:
-                h.float().square().mean().backward()
-                for layer in layers:
-                    layer.zero_grad(set_to_none=True)
-
-        recorders = []
-        with torch.set_grad_enabled(cfg["backward"]):
-            step()  # warm-up: graph tracing and first-call costs stay out of the timings
-            for layer in layers:
-                layer.reset_traffic()
-                layer.start_recording()
-            for i in range(cfg["steps"]):
-                _inject_fault(cfg, rank, i)
-                step()
-                if i == 0:  # one forward's routing is the prediction's input
-                    recorders = [layer.stop_recording() for layer in layers]
-        for layer, rec in zip(layers, recorders):
-            layer.recorder = rec
-        trace = gather_trace(layers)
-        summaries: list[Any] = [None] * world
-        dist.all_gather_object(summaries, [layer.traffic_summary() for layer in layers])
-        if rank == 0:
-            src = trace.src_rank
-            predicted = np.stack([
-                predicted_copies(plan, li, [trace.topk[j][src == r] for r in range(world)])
-                for j, li in enumerate(cfg["layers"])])
-            result = {"ok": True, "ranks": summaries, "predicted": predicted,
-                      "row_bytes": first.HIDDEN * first.experts.down_proj.element_size()}
-            if cfg["record"]:
-                result["trace_path"] = str(trace.save(cfg["record"]))
+            drift = drift_demo(layers, steps=cfg["steps"], every=cfg["rebalance_every"], tokens=cfg["tokens"],
+                               seed=cfg["seed"])
+            result = {"ok": True, "drift": drift if rank == 0 else None}
+            dist.destroy_process_group()
         else:
-            result = {"ok": True}
-        dist.destroy_process_group()
+            result = _timed_run(cfg, rank, world, plan, layers, device)
+            dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - reported by the parent
         result = {"ok": False, "type": type(exc).__name__, "error": str(exc), "traceback": traceback.format_exc()}
     try:
@@ -221,7 +239,7 @@ def _supervise(procs: list, out: Path, deadline: float) -> tuple[list[int], int 
 def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int = 3, backward: bool = True,
               layer_index: int | None = None, seed: int = 0, checkpoint: str | Path | None = None,
               timeout: float = 60.0, record: str | Path | None = None, device: str = "cpu",
-              deadline: float = 600.0, fault: dict | None = None) -> LocalRun:
+              deadline: float = 600.0, rebalance_every: int | None = None, fault: dict | None = None) -> LocalRun:
     """Run the plan's MoE layers expert-parallel in ``nproc`` local processes and measure them.
 
     Args:
@@ -234,6 +252,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         timeout: seconds a collective waits for peers.
         record: save the gathered trace here (every MoE layer must run: the planner needs them all).
         device: "cpu" (gloo) or "cuda" (NCCL, one GPU per process).
+        rebalance_every: instead of timing, run ``steps`` inference forwards of a drifting synthetic
+            stream with a ``Rebalancer(every=rebalance_every)`` (``rebalance.drift_demo``); the result's
+            ``drift`` holds the measured balance per step and every re-plan.
         deadline: seconds after which ranks still running are killed.
         fault: for tests of failure handling: ``{"rank": r, "step": i, "how": "stop" | "kill"}`` stops
             (SIGSTOP, a frozen peer) or kills rank r before its measured step i (writing the time to
@@ -265,6 +286,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         raise DistributedError(f"layer {layer_index} is outside the plan's {plan.num_layers} MoE layers")
     if checkpoint and layer_index is None:
         raise DistributedError("a checkpoint holds one layer's weights: pass the layer it belongs to (--layer)")
+    if rebalance_every is not None and (rebalance_every < 1 or layer_index is not None or record or checkpoint):
+        raise DistributedError("--rebalance-every N needs N >= 1 and every MoE layer (no --layer, --record or "
+                               "--checkpoint): the re-plan reads every layer's traffic")
     if record and layer_index is not None:
         raise DistributedError("recording a trace for re-planning needs every MoE layer: drop --layer")
     layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
@@ -273,7 +297,7 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         cfg = {"plan_path": str(plan_path), "layers": layers, "tokens": tokens, "steps": steps,
                "backward": backward, "seed": seed, "checkpoint": str(checkpoint) if checkpoint else None,
                "timeout": timeout, "record": str(record) if record else None, "device": device,
-               "cache_dir": str(default_cache_dir()), "fault": fault}
+               "rebalance_every": rebalance_every, "cache_dir": str(default_cache_dir()), "fault": fault}
         ctx = mp.get_context("spawn")
         port = _free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, tmp), daemon=True) for r in range(world)]
@@ -303,6 +327,9 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                   for q, other in failed if q != r]
         raise DistributedError("\n".join(lines))
     head = results[0]
+    if rebalance_every is not None:
+        return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=0, ranks=[],
+                        predicted=np.zeros(0), measured=np.zeros(0), drift=head["drift"])
     measured = np.stack([np.stack([np.asarray(head["ranks"][r][j]["rows"]["dispatch"]) for r in range(world)])
                          for j in range(len(layers))]) // steps
     return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=head["row_bytes"],

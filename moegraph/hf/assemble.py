@@ -63,7 +63,9 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
 
 
 def _dtype_name(cfg: Any, default: str = "float32") -> str:
-    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    # transformers >= 5 calls it ``dtype``; reading the old ``torch_dtype`` property prints a deprecation
+    # warning, so look for the older spelling only where an old config object stored it itself.
+    d = getattr(cfg, "dtype", None) or vars(cfg).get("torch_dtype")
     if isinstance(d, torch.dtype):
         return DTYPE_NAMES.get(d, default)
     if isinstance(d, str):

@@ -14,6 +14,9 @@ the chosen layout is then refined once. The Plan records the policy, the
 dispatch rule (``dispatch``) and the predicted metrics (``cost``) beside the contiguous and
 load-only baselines (``baselines``) on the same traffic.
 
+Re-planning while running (warm-started from the current plan, moves priced, relabelling to move
+least) is ``replan`` (module ``replan``).
+
 Load-only traces (counts without co-activation) still plan: the result is the balanced load-only
 packing, with a note that communication was not optimised. Without any traces the plan is a
 balanced default (every expert equally loaded).
@@ -67,6 +70,9 @@ __all__ = [
     "RULE",
     "DEFAULT_ROUNDS",
     "DEFAULT_ROUNDS_NO_REPLICAS",
+    "replan",
+    "relabel",
+    "migration",
 ]
 
 #: perturbation rounds of the iterated local search by default, in layers of at most EXACT_MAX_ITEMS
@@ -449,3 +455,8 @@ def evaluate_plan(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = N
     out["traces"] = traces.name
     out["tokens"] = out["plan"]["tokens"]
     return out
+
+
+# The incremental re-plan (last: it uses the helpers above). ``moegraph.planner.replan`` is the function;
+# its module stays importable as ``moegraph.planner.replan`` through ``from ... import``.
+from .replan import migration, relabel, replan  # noqa: E402

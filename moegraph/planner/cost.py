@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ..traces import TraceSet
     from .planfile import Plan
 
-__all__ = ["METRICS", "evaluate", "token_bytes", "a2a_time_us", "expected_gpu_load"]
+__all__ = ["METRICS", "evaluate", "token_bytes", "a2a_time_us", "link_time_us", "expected_gpu_load"]
 
 #: metric key -> (label, format); every metric is better when lower.
 METRICS: dict[str, tuple[str, str]] = {
@@ -56,7 +56,13 @@ def token_bytes(spec: MoESpec) -> int:
 
 def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int) -> float:
     """Dispatch + combine time (µs) of one layer under the alpha-beta model of the module docstring."""
-    b = counts.link_copies.astype(np.float64) * nbytes
+    return 2.0 * link_time_us(counts.link_copies.astype(np.float64) * nbytes, cluster)
+
+
+def link_time_us(bytes_GG: np.ndarray, cluster: Cluster) -> float:
+    """Time (µs) to send ``bytes_GG`` [G, G] (src -> dst) at once under the alpha-beta model of the module
+    docstring (one phase: the dispatch alone, or a batch of weight transfers)."""
+    b = np.asarray(bytes_GG, np.float64)
     same = cluster.node_of_gpu[:, None] == cluster.node_of_gpu[None, :]
     t_us = np.where(b > 0, b / (cluster.bandwidth * 1e3), 0.0)  # GB/s -> bytes per µs is bw * 1e3
     lat = np.where(b > 0, cluster.latency, 0.0)
@@ -66,7 +72,7 @@ def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int) -> float:
         send = tt.sum(axis=1) + ll.max(axis=1)
         recv = tt.sum(axis=0) + ll.max(axis=0)
         phase = max(phase, float(send.max(initial=0.0)), float(recv.max(initial=0.0)))
-    return 2.0 * phase
+    return phase
 
 
 def expected_gpu_load(plan: Plan, layer: int, counts_E: np.ndarray) -> np.ndarray:

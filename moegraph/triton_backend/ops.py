@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import ops as torch_ops
+from ..oplib import opaque_op
 from ..spec import score_expression
 from . import kernels
 
@@ -109,7 +110,7 @@ def route_weights_reference(logits_TE: Tensor, ids_TK: Tensor, score: str, topk_
     return w_TK
 
 
-@torch.library.custom_op("moegraph_triton::route_topk", mutates_args=())
+@opaque_op("moegraph_triton::route_topk")
 def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, score: str, topk_then_score: bool,
                normalize: bool, scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
                top_n: int) -> tuple[Tensor, Tensor]:

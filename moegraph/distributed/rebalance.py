@@ -1,0 +1,206 @@
+"""Closing the loop while running: a windowed routing recorder and a ``Rebalancer``.
+
+    rb = Rebalancer(layers, every=200)                 # or threshold=1.15 (measured max/mean load)
+    for batch in stream:                               # an inference loop ...
+        model(batch); rb.step()
+    trainer.add_callback(rb)                           # ... or after every optimizer step (rb() == rb.step())
+
+``WindowRecorder`` keeps the top-k ids of the last ``max_tokens`` tokens each layer routed (older
+forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 per layer) and is a
+``RoutingRecorder``, so ``gather_trace`` reads it. The ``Rebalancer`` installs one on every layer;
+when a re-plan is due (every ``every`` steps, or when the measured imbalance exceeds ``threshold``)
+it gathers the window from every rank into one trace (the same on every rank), re-plans
+deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced, optional
+budget), and applies the new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that
+every rank agrees on it and moves only the changed slots, optimizer state included). A window the
+re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
+skipped.
+
+Measured imbalance: each rank counts the (token, expert) assignments its experts computed
+(``Traffic.computed``); per check the counts since the last check are all-gathered and the max/mean
+over ranks is averaged over the layers: the runtime's own figure, not the planner's prediction.
+
+Every method that communicates is a collective: every rank calls ``step`` at the same points.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DistributedError, PlanInfeasible, TraceError
+from ..runtime import RoutingRecorder
+
+__all__ = ["WindowRecorder", "Rebalancer", "drift_demo"]
+
+
+class WindowRecorder(RoutingRecorder):
+    """A ``RoutingRecorder`` that keeps only the most recent ``max_tokens`` tokens (whole forwards dropped
+    first; a single forward larger than the window keeps its last ``max_tokens`` tokens)."""
+
+    def __init__(self, max_tokens: int = 8192) -> None:
+        if max_tokens < 1:
+            raise DistributedError(f"WindowRecorder max_tokens must be >= 1, got {max_tokens}")
+        super().__init__()
+        self.max_tokens = int(max_tokens)
+        self._held = 0
+
+    def add(self, ids_BSK) -> None:
+        super().add(ids_BSK)
+        self._held += self.topk_ids[-1].shape[0]
+        while self._held > self.max_tokens and len(self.topk_ids) > 1:
+            self._held -= self.topk_ids.pop(0).shape[0]
+            self.sample_ids.pop(0)
+        if self._held > self.max_tokens:
+            self.topk_ids[0] = self.topk_ids[0][-self.max_tokens:]
+            self.sample_ids[0] = self.sample_ids[0][-self.max_tokens:]
+            self._held = self.max_tokens
+
+    def clear(self) -> None:
+        super().__init__()
+        self._held = 0
+
+
+class Rebalancer:
+    """Re-plan and migrate a model's expert-parallel MoE layers as their traffic drifts (module docstring).
+
+    Args:
+        layers: every MoE layer of one plan (``ExpertParallelMoE``, layer_index 0..L-1, any order).
+        every: re-plan every this many steps (None: only on the threshold).
+        threshold: re-plan when the measured max/mean GPU load since the last check exceeds it.
+        check_every: steps between threshold checks (each is one small all-gather).
+        window_tokens: tokens per rank each layer's recorder keeps.
+        max_moves / max_move_bytes / horizon_tokens / seed: passed to ``replan``.
+        optimizer: its state of the moved experts moves with them (AdamW, Adam, SGD).
+    """
+
+    def __init__(self, layers: Sequence[Any], *, every: int | None = None, threshold: float | None = None,
+                 check_every: int = 1, window_tokens: int = 8192, max_moves: int | None = None,
+                 max_move_bytes: float | None = None, horizon_tokens: float | None = None, seed: int | None = None,
+                 optimizer: Any = None) -> None:
+        layers = list(layers)
+        if every is None and threshold is None:
+            raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
+        if every is not None and every < 1:
+            raise DistributedError(f"Rebalancer every must be >= 1 steps, got {every}")
+        if threshold is not None and not threshold >= 1.0:
+            raise DistributedError(f"Rebalancer threshold is a max/mean load (>= 1.0), got {threshold}")
+        if check_every < 1:
+            raise DistributedError(f"Rebalancer check_every must be >= 1, got {check_every}")
+        if not layers:
+            raise DistributedError("Rebalancer: no layers given; pass every expert-parallel MoE layer of the model")
+        plan = layers[0].plan
+        idx = sorted(int(layer.layer_index) for layer in layers)
+        if idx != list(range(plan.num_layers)):
+            raise DistributedError(
+                f"Rebalancer needs every MoE layer of the plan (layer_index 0..{plan.num_layers - 1}), got {idx}: the "
+                "re-plan reads every layer's traffic")
+        if any(layer.plan.spec_hash != plan.spec_hash for layer in layers):
+            raise DistributedError("Rebalancer: the layers run plans of different specs; they must share one plan")
+        self.layers = sorted(layers, key=lambda layer: layer.layer_index)
+        self.every, self.threshold, self.check_every = every, threshold, int(check_every)
+        self.replan_args = {"max_moves": max_moves, "max_move_bytes": max_move_bytes,
+                            "horizon_tokens": horizon_tokens, "seed": seed}
+        self.optimizer = optimizer
+        self.steps = 0
+        self.events: list[dict[str, Any]] = []
+        for layer in self.layers:
+            layer.recorder = WindowRecorder(window_tokens)
+        self._computed = np.array([layer.traffic.computed for layer in self.layers], np.int64)
+
+    @property
+    def plan(self):
+        return self.layers[0].plan
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        """``step()``, so that the Rebalancer can be passed where a training callback is expected."""
+        return self.step()
+
+    def measured_imbalance(self) -> float:
+        """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last
+        call, as the runtime counted them. Collective."""
+        now = np.array([layer.traffic.computed for layer in self.layers], np.int64)
+        delta = torch.as_tensor(now - self._computed, dtype=torch.int64,
+                                device=self.layers[0].experts.down_proj.device)
+        self._computed = now
+        per_rank = torch.stack(self.layers[0].comm.all_gather(delta, "Rebalancer load check")).double()  # [W, L]
+        mean = per_rank.mean(dim=0)
+        ratio = torch.where(mean > 0, per_rank.max(dim=0).values / mean.clamp_min(1e-12), torch.ones_like(mean))
+        return float(ratio.mean())
+
+    def step(self) -> dict[str, Any] | None:
+        """Count one step; re-plan and migrate if due. Returns the event when it re-planned, else None."""
+        self.steps += 1
+        due = self.every is not None and self.steps % self.every == 0
+        measured = None
+        if not due and self.threshold is not None and self.steps % self.check_every == 0:
+            measured = self.measured_imbalance()
+            due = measured > self.threshold
+        return self.rebalance(measured=measured) if due else None
+
+    def rebalance(self, measured: float | None = None) -> dict[str, Any]:
+        """Gather the window, re-plan from the running plan and apply it on every layer. Collective."""
+        from ..planner.cost import evaluate
+        from ..planner.replan import replan
+        from .trace import gather_trace
+
+        t0 = time.perf_counter()
+        window = gather_trace(self.layers, name=f"window at step {self.steps}", clear=True)
+        current = self.plan
+        event: dict[str, Any] = {"step": self.steps, "measured_max_mean": measured, "tokens": window.num_tokens}
+        try:
+            new = replan(None, current, window, **self.replan_args)
+        except (PlanInfeasible, TraceError) as exc:  # the same on every rank: deterministic inputs
+            event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
+            self.events.append(event)
+            return event
+        reports = [layer.apply_plan(new, optimizer=self.optimizer) for layer in self.layers]
+        mig = new.policy["migration"]
+        sent = torch.tensor([sum(sum(r["weight_bytes_sent"]) for r in reports)], dtype=torch.int64,
+                            device=self.layers[0].experts.down_proj.device)
+        self.layers[0].comm.all_reduce(sent, "Rebalancer bytes moved")
+        event.update(
+            slots_moved=mig["slots_moved"], bytes_moved=int(sent.item()),
+            predicted_max_mean_before=evaluate(current, window)["mean"]["max_mean_load"],
+            predicted_max_mean_after=evaluate(new, window)["mean"]["max_mean_load"],
+            seconds=time.perf_counter() - t0)
+        self._computed = np.array([layer.traffic.computed for layer in self.layers], np.int64)
+        self.events.append(event)
+        return event
+
+
+def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, seed: int = 0,
+               strength: float = 12.0) -> list[dict[str, Any]]:
+    """Inference on a drifting synthetic stream with a ``Rebalancer(every=every)``; per step the measured
+    max/mean load and any re-plan. Collective (every rank runs it with its own tokens).
+
+    Each layer sees tokens ``x = noise + strength * W_r^T c_t``, with W_r its router weight and c_t a
+    preference over experts: one random half of the experts for the first third of the steps, then
+    sliding to the other half over the next sixth, then staying there (a topic switch).
+    """
+    rb = Rebalancer(layers, every=every, window_tokens=max(tokens * every, 1))
+    rank = rb.layers[0].rank
+    e = rb.layers[0].NUM_EXPERTS
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(e, generator=g)
+    a, b = torch.zeros(e), torch.zeros(e)
+    a[perm[: e // 2]], b[perm[e // 2:]] = 1.0, 1.0
+    gr = torch.Generator().manual_seed(seed * 1000 + 7 + rank)
+    out = []
+    for step in range(steps):
+        w = min(max((step - steps / 3) / max(steps / 6, 1), 0.0), 1.0)
+        pref = (1 - w) * a + w * b
+        with torch.inference_mode():
+            for layer in rb.layers:
+                router = layer.router.weight.detach().float()
+                x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
+                layer(x.to(router.device, layer.experts.down_proj.dtype))
+        row = {"step": step + 1, "measured_max_mean": rb.measured_imbalance()}
+        ev = rb.step()
+        row["event"] = ev
+        out.append(row)
+    return out

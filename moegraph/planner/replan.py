@@ -1,0 +1,797 @@
+"""Re-planning while running: follow drifting traffic, move few expert weights.
+
+    replan(spec, current_plan, window) -> Plan            # warm-started, moves priced
+    relabel(plan, current_plan) -> Plan                   # any plan, matched to where weights are
+    migration(current_plan, new_plan) -> Migration        # which slots change, from where, bytes, time
+
+Why. A plan is fit once and then meets traffic it never saw: on another task the per-expert loads
+hardly transfer, so every static plan ends far from balanced. Re-planning from scratch on a recent
+window of traffic (what serving engines do periodically, by load alone) fixes the balance but
+changes almost every slot, and every changed slot is an expert's weights crossing the cluster. Here
+the current placement is the starting point and a changed slot is a cost, priced like the
+all-to-all: the expert's bytes over the link from the nearest GPU that holds it now (relative cost
+``1 / bandwidth``, 1 for the fastest link), traded against balance and the predicted dispatch +
+combine cost on the new window.
+
+Algorithm, per MoE layer (what counts is which GPU holds which expert: a slot keeps its weights
+whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back into their old slots):
+
+1. Balance repair. While GPUs exceed the target max/mean load on the window (the dispatch rule's
+   expected loads: own GPU, own host, any; ties split evenly), score the changes that involve the
+   most loaded GPUs: swaps of an item there with an item on a GPU below the target, and the
+   re-assignment of a replica of a replicated expert to a hot expert (a redundant slot follows the
+   load; one slot changes). Take the change that lowers the excess load (sum over GPUs of the load
+   above the target) the most per unit of cost: the move cost (a change that undoes an earlier move
+   is free) plus any rise of the co-activation cut it causes, valued over the horizon. Greedy and
+   priced, so the few changes that matter come first. The default target is the spec's
+   ``max_imbalance`` less ``WINDOW_MARGIN``: the window is a sample of the traffic to come.
+2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
+   co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
+   to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
+   reached in step 1.
+3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
+   are repaired in turn, worst balance first, each change admitted only while the budget lasts.
+
+Candidates are scored from per-slot tables of how the loads would change (``_Layer``), refreshed
+only for the experts a change touches, so a step costs a few array operations.
+
+Relabelling (``relabel``): each MoE layer's ranks are named independently (a rank holds one set of
+experts per layer) and GPUs of the same shape are interchangeable, so any plan (from scratch,
+load-only or not) can be renamed, layer by layer, so that its GPUs hold as many of the experts they
+already hold as possible: a linear assignment between new and current GPUs
+(``scipy.optimize.linear_sum_assignment``) on the number of experts they share, first between hosts
+(each pair of hosts scored by the best matching of their GPUs), then between the GPUs of each
+matched pair, kept only when the renaming preserves every link's bandwidth and latency. Slots inside
+a GPU follow (``_align_slots``).
+
+Everything is deterministic (stable tie-breaks by index; ``seed`` is recorded for the policy and
+used by nothing random here).
+
+Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, B candidate slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import PlanFileError, PlanInfeasible, TraceError
+from ..spec import MoESpec
+from ..summary import summarize
+from ..topology import Cluster
+from ..traces import TraceSet, coactivation, load_traces
+from .cost import _DTYPE_BYTES, link_time_us, token_bytes
+from .dispatch import source_gpus
+from .planfile import Plan
+from .search import rule_contrib
+
+__all__ = [
+    "DEFAULT_HORIZON_TOKENS",
+    "WINDOW_MARGIN",
+    "Migration",
+    "expert_bytes",
+    "migration",
+    "relabel",
+    "replan",
+    "replan_report",
+    "REPORT_PLANS",
+]
+
+#: tokens over which a change's dispatch + combine saving is counted against its move cost, by
+#: default. The saving is measured on the pairwise co-activation cut, which counts every split pair
+#: of a token's experts (up to K(K-1)/2 per token) where the wire carries one copy per remote GPU, so
+#: the figure is a calibration rather than a forecast of tokens served: on the bundled ESFT traces a
+#: re-plan after a task switch then moves about 15% of the slots and keeps about 13-15% fewer remote
+#: copies than a load-only re-plan (``benchmarks/replan_bench.py``); larger values buy fewer remote
+#: copies with more moves.
+DEFAULT_HORIZON_TOKENS = 10_000
+
+#: the re-plan balances the window to the spec's ``max_imbalance`` minus this margin by default: the
+#: window is a sample of the traffic to come, and on traffic it was not fit to a plan loses a few
+#: hundredths of balance (a load-only re-plan as well); fitting a little tighter keeps the plan
+#: within the spec's target on what follows, at a few more moves.
+WINDOW_MARGIN = 0.02
+
+_TOL = 1e-9
+#: added to a change's move cost (in experts over the fastest link) when ranking repair steps, so
+#: that free changes (undoing an earlier move) are preferred without dividing by zero
+_FREE = 0.25
+
+
+def expert_bytes(spec: MoESpec) -> int:
+    """Bytes of one routed expert's weights (one slot) in the spec's dtype."""
+    return summarize(spec).layer.routed_expert * _DTYPE_BYTES[spec.moe.dtype]
+
+
+def _move_cost(cluster: Cluster) -> np.ndarray:
+    """[G, G] relative cost of moving one expert between GPUs: the planner's per-copy cost (inverse
+    bandwidth, 1 for the fastest link), so that weights and tokens are priced alike."""
+    from . import _cost_matrix
+
+    return _cost_matrix(cluster)
+
+
+# ------------------------------------------------------------------------------------------------
+# migration: what changes between two plans
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Migration:
+    """The weight transfers that turn one plan into another.
+
+    ``moves``: [M, 5] int64 rows (layer, destination slot, expert, source GPU, source slot), in layer
+    and slot order: the destination slot's new expert is copied from that slot of the current plan
+    (the nearest GPU holding the expert, by link cost; ties: the source used least so far, then the
+    lowest index). A slot whose GPU already holds its new expert in another slot is a local copy and
+    not a move (``slots_changed`` counts those too: what a runtime reloading every changed slot moves).
+    """
+
+    moves: np.ndarray  # [M, 5]
+    num_layers: int
+    num_slots: int
+    slots_per_gpu: int
+    expert_bytes: int  # bytes of one slot's weights in the spec's dtype
+    link_bytes: np.ndarray  # [G, G] bytes sent from GPU a to GPU b over all layers
+    time_us: float  # predicted transfer time (alpha-beta model of ``cost``), all layers at once
+    slots_changed: int = 0  # slots holding another expert than before, local copies included
+
+    @property
+    def slots_moved(self) -> int:
+        return int(len(self.moves))
+
+    @property
+    def fraction(self) -> float:
+        return self.slots_moved / max(self.num_layers * self.num_slots, 1)
+
+    @property
+    def bytes(self) -> int:
+        return self.slots_moved * self.expert_bytes
+
+    def per_layer(self) -> np.ndarray:
+        """[L] slots moved in each MoE layer."""
+        return np.bincount(self.moves[:, 0], minlength=self.num_layers) if len(self.moves) else np.zeros(
+            self.num_layers, np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "slots_moved": self.slots_moved,
+            "slots_total": self.num_layers * self.num_slots,
+            "slots_changed": self.slots_changed,
+            "fraction_moved": round(self.fraction, 6),
+            "bytes_moved": self.bytes,
+            "gib_moved": round(self.bytes / 2**30, 6),
+            "transfer_time_ms": round(self.time_us / 1e3, 6),
+            "slots_moved_per_layer": self.per_layer().tolist(),
+        }
+
+
+def migration(current: Plan, new: Plan) -> Migration:
+    """Which slots of ``new`` hold another expert than in ``current``, where each one's weights come from,
+    and the bytes and predicted time of moving them (every layer at once)."""
+    _check_same_shape(current, new)
+    spg, g = current.slots_per_gpu, current.num_gpus
+    cost = _move_cost(current.cluster)
+    nbytes = expert_bytes(current.spec)
+    link = np.zeros((g, g), np.int64)
+    rows = []
+    changed = int((current.physical_to_logical_map != new.physical_to_logical_map).sum())
+    for layer in range(current.num_layers):
+        old, cur = current.physical_to_logical_map[layer], new.physical_to_logical_map[layer]
+        used = np.zeros(g, np.int64)  # transfers each source GPU serves in this layer
+        for s in np.flatnonzero(old != cur):
+            e, dst = int(cur[s]), int(s // spg)
+            if (old[dst * spg:(dst + 1) * spg] == e).any():
+                continue  # the GPU holds e in another slot already: a local copy, nothing crosses a link
+            holders = np.flatnonzero(old == e)  # slots of the current plan holding e
+            hg = holders // spg
+            pick = int(np.lexsort((hg, used[hg], cost[hg, dst]))[0])
+            src_slot, src = int(holders[pick]), int(hg[pick])
+            used[src] += 1
+            link[src, dst] += 1
+            rows.append((layer, int(s), e, src, src_slot))
+    moves = np.array(rows, np.int64).reshape(-1, 5)
+    return Migration(moves=moves, num_layers=current.num_layers, num_slots=current.num_slots, slots_per_gpu=spg,
+                     expert_bytes=nbytes, link_bytes=link * nbytes,
+                     time_us=link_time_us(link.astype(np.float64) * nbytes, current.cluster), slots_changed=changed)
+
+
+def _check_same_shape(current: Plan, new: Plan) -> None:
+    a, b = current, new
+    for what, x, y in (("MoE layers", a.num_layers, b.num_layers), ("experts", a.num_experts, b.num_experts),
+                       ("GPUs", a.num_gpus, b.num_gpus), ("slots", a.num_slots, b.num_slots)):
+        if x != y:
+            raise PlanFileError(
+                f"the new plan has {y} {what} but the current plan has {x}: a migration needs plans of the same "
+                f"model and cluster; re-plan with --from CURRENT_PLAN so that both share them"
+            )
+    if not np.array_equal(a.node_of_gpu, b.node_of_gpu):
+        raise PlanFileError("the new plan's GPUs are grouped into hosts differently from the current plan's; "
+                            "re-plan with --from CURRENT_PLAN so that both share the cluster")
+
+
+# ------------------------------------------------------------------------------------------------
+# relabelling
+# ------------------------------------------------------------------------------------------------
+
+
+def _holds(row: np.ndarray, g: int, e: int) -> np.ndarray:
+    """[G, E] which GPU holds which expert, from one layer's row [S]."""
+    h = np.zeros((g, e), bool)
+    h[np.arange(len(row)) // (len(row) // g), row] = True
+    return h
+
+
+def _align_slots(row_new: np.ndarray, row_old: np.ndarray, g: int) -> np.ndarray:
+    """[S] ``row_new`` with each GPU's experts put back into the slots that hold them in ``row_old``
+    (kept experts stay where their weights are; the others fill the freed slots in ascending id)."""
+    spg = len(row_new) // g
+    out = np.empty_like(row_new)
+    for gpu in range(g):
+        sl = slice(gpu * spg, (gpu + 1) * spg)
+        old, new = row_old[sl], row_new[sl]
+        keep = np.isin(old, new)
+        fresh = np.sort(new[~np.isin(new, old)])
+        res = old.copy()
+        res[~keep] = fresh
+        out[sl] = res
+    return out
+
+
+def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int) -> np.ndarray:
+    """[G] perm: GPU x of the renamed plan holds what the new plan's GPU perm[x] holds (see ``relabel``).
+
+    new_rows, old_rows: [L, S] rows of the new and the current plan (the layers scored together).
+    """
+    g = cluster.num_gpus
+    # overlap[a, b]: experts (over the layers given) that the new plan's GPU a shares with the current plan's GPU b.
+    overlap = np.zeros((g, g))
+    for rn, ro in zip(new_rows, old_rows):
+        overlap += _holds(rn, g, e).astype(np.float64) @ _holds(ro, g, e).T.astype(np.float64)
+    node = cluster.node_of_gpu
+    n = cluster.num_nodes
+    gpus = [np.flatnonzero(node == m) for m in range(n)]
+    # Step 1: hosts, each pair scored by the best matching of their GPUs (hosts of another size never match).
+    score = np.full((n, n), -1e18)
+    inner: dict[tuple[int, int], np.ndarray] = {}
+    for a in range(n):
+        for b in range(n):
+            if len(gpus[a]) != len(gpus[b]):
+                continue
+            sub = overlap[np.ix_(gpus[a], gpus[b])]
+            r, c = linear_sum_assignment(sub, maximize=True)
+            score[a, b] = sub[r, c].sum()
+            inner[a, b] = c[np.argsort(r)]  # inner[a, b][i]: local index in host b for host a's GPU i
+    hr, hc = linear_sum_assignment(score, maximize=True)
+    perm = np.arange(g)
+    for a, b in zip(hr, hc):
+        # Step 2: the GPUs of the matched hosts.
+        for i, j in enumerate(inner[a, b]):
+            perm[gpus[b][j]] = gpus[a][i]
+    # Keep the renaming only if it preserves every link (explicit topologies may not be symmetric).
+    if not (np.array_equal(cluster.bandwidth[np.ix_(perm, perm)], cluster.bandwidth)
+            and np.array_equal(cluster.latency[np.ix_(perm, perm)], cluster.latency)
+            and np.array_equal(node[perm] == node[perm][:, None], node == node[:, None])):
+        return np.arange(g)
+    return perm
+
+
+def relabel(plan: Plan, current: Plan) -> Plan:
+    """``plan`` with its GPUs renamed (within the topology's symmetry) and slots ordered so that as few
+    slots as possible hold another expert than in ``current``. The placement is the same up to names:
+    per GPU, the same groups of experts; its metrics stay as computed (under the same dispatch rule
+    they differ only through which GPU each sequence starts on)."""
+    _check_same_shape(current, plan)
+    g, spg = plan.num_gpus, plan.slots_per_gpu
+    rows, perms = [], []
+    for rn, ro in zip(plan.physical_to_logical_map, current.physical_to_logical_map):
+        # Each MoE layer's ranks are named independently: a rank holds one set of experts per layer.
+        perm = _gpu_permutation(rn[None], ro[None], plan.cluster, plan.num_experts)
+        perms.append(perm.tolist())
+        rows.append(_align_slots(rn.reshape(g, spg)[perm].reshape(-1), ro, g))
+    policy = dict(plan.policy)
+    policy["relabelled"] = {"to_match": "current plan", "gpu_permutation_per_layer": perms}
+    return Plan(np.stack(rows), plan.spec, metrics=dict(plan.metrics), policy=policy, notes=list(plan.notes))
+
+
+# ------------------------------------------------------------------------------------------------
+# the incremental re-plan
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    """One layer's repair state: the expert in every slot, and the dispatch rule's expected loads on the
+    window, with the change tables every candidate is scored from (refreshed for the experts a change touches).
+
+    ``d_move[s, y]`` [S, G, G]: load change if slot s's replica moved to GPU y; ``d_add[e, y]`` [E, G, G]:
+    if expert e gained a replica on y; ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
+    """
+
+    ex: np.ndarray  # [S] expert of each slot
+    gpu: np.ndarray  # [S] GPU of each slot (fixed)
+    old: np.ndarray  # [E, G] bool: the current plan's holdings
+    cnt: np.ndarray  # [G, E] window tokens per (source GPU, expert)
+    node: np.ndarray  # [G]
+    price: np.ndarray  # [E, G] cost of bringing expert e to GPU g (0 where it is now), in fastest-link experts
+
+    def __post_init__(self) -> None:
+        e, g = self.old.shape
+        self.hold = np.zeros((e, g), bool)
+        self.hold[self.ex, self.gpu] = True
+        self.contrib = self._contrib(np.arange(e), self.hold)  # [E, G] load each expert puts on each GPU
+        self.d_move = np.zeros((len(self.ex), g, g))
+        self.d_add = np.zeros((e, g, g))
+        self.d_rem = np.zeros((len(self.ex), g))
+        self._refresh(np.arange(e))
+
+    def _contrib(self, experts: np.ndarray, hold_XG: np.ndarray) -> np.ndarray:
+        """[..., G] load of ``experts`` [...] under holdings ``hold_XG`` [..., G] (the dispatch rule)."""
+        c = np.moveaxis(self.cnt[:, experts], 0, -1)[..., None, :]  # [..., 1, G]
+        return rule_contrib(c, hold_XG, self.node)[..., 0, :]
+
+    def _refresh(self, experts: np.ndarray, contrib_too: bool = False) -> None:
+        """Recompute the change tables of ``experts`` (and their ``contrib`` rows) for the current holdings.
+
+        An expert with one replica takes all its tokens wherever it is, so its rows are written in closed
+        form; the others (and ``d_add``, which makes a second replica) go through one batched rule call.
+        """
+        g = self.hold.shape[1]
+        experts = np.unique(experts)
+        diag = np.arange(g)
+        reps = self.hold[experts].sum(axis=1)
+        multi = experts[reps > 1]
+        single = experts[reps == 1]
+        holds, who = [], []
+        if len(self.ex) > self.hold.shape[0]:  # redundant slots exist: a replica can be added somewhere
+            add = np.repeat(self.hold[experts][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
+            add[:, diag, diag] = True
+            holds.append(add.reshape(-1, g))
+            who.append(np.repeat(experts, g))
+        slots = np.flatnonzero(np.isin(self.ex, multi))
+        es, gs = self.ex[slots], self.gpu[slots]
+        move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
+        move[np.arange(len(slots)), :, gs] = False
+        move[:, diag, diag] = True
+        rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
+        rem[np.arange(len(slots)), gs] = False
+        holds += [move.reshape(-1, g), rem, self.hold[multi]]
+        who += [np.repeat(es, g), es, multi]
+        out = self._contrib(np.concatenate(who), np.concatenate(holds))
+        n, m = len(experts) if len(holds) == 4 else 0, len(slots)
+        if contrib_too:
+            self.contrib[multi] = out[n * g + m * g + m:]
+            self.contrib[single] = 0.0
+            self.contrib[single, self.hold[single].argmax(axis=1)] = self.cnt[:, single].sum(axis=0)
+        if n:
+            self.d_add[experts] = out[: n * g].reshape(n, g, g) - self.contrib[experts][:, None]
+        base_m = self.contrib[es]
+        self.d_move[slots] = out[n * g : n * g + m * g].reshape(m, g, g) - base_m[:, None]
+        self.d_rem[slots] = out[n * g + m * g : n * g + m * g + m] - base_m
+        # One replica: moving it to y moves its whole load from its GPU to y; dropping it is never allowed.
+        s1 = np.flatnonzero(np.isin(self.ex, single))
+        tot = self.cnt[:, self.ex[s1]].sum(axis=0)  # [m1]
+        d = np.zeros((len(s1), g, g))
+        d[:, diag, diag] = tot[:, None]
+        d[np.arange(len(s1)), :, self.gpu[s1]] -= tot[:, None]
+        self.d_move[s1] = d
+        self.d_rem[s1] = -self.contrib[self.ex[s1]]
+
+    @property
+    def load(self) -> np.ndarray:
+        return self.contrib.sum(axis=0)
+
+    def _update(self, experts: list[int]) -> None:
+        self.hold[experts] = False
+        for x in experts:
+            self.hold[x, self.gpu[self.ex == x]] = True
+        self._refresh(np.array(experts), contrib_too=True)
+
+    def swap(self, s: int, t: int) -> None:
+        """Slots s and t (on different GPUs) trade experts."""
+        self.ex[s], self.ex[t] = self.ex[t], self.ex[s]
+        self._update([int(self.ex[s]), int(self.ex[t])])
+
+    def reassign(self, t: int, a: int) -> None:
+        """Slot t (a replica of a replicated expert) takes a replica of expert a instead."""
+        b = int(self.ex[t])
+        self.ex[t] = a
+        self._update([a, b])
+
+
+def _prices(old: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """[E, G] cost of bringing each expert to each GPU from its nearest current holder (0 if held there)."""
+    big = np.where(old[:, :, None], cost[None, :, :], np.inf)  # [E, src G, dst G]
+    p = big.min(axis=1)
+    p[old] = 0.0
+    return p
+
+
+def _cut_rows(hold_EG: np.ndarray, coact: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The co-activation cut of ``search`` at expert level: (A [E, E] = coact / (r_a r_b), F [E, G] = the cut
+    of one replica of expert e if it sat on GPU g, against every replica where it is now)."""
+    r = np.maximum(hold_EG.sum(axis=1), 1).astype(np.float64)
+    a_ee = coact / np.outer(r, r)
+    return a_ee, (a_ee @ hold_EG.astype(np.float64)) @ cost.T
+
+
+def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarray, cost: np.ndarray,
+                    value_per_j: float, max_steps: int = 2000) -> int:
+    """Step 1 of the module docstring; returns the changes made.
+
+    Each step scores, for each of the most loaded GPUs above the target (two, or a quarter of the
+    GPUs in larger clusters), the changes that involve it by how much they lower the excess load (the
+    sum over GPUs of the load above ``target`` x the mean; a peak alone would stall when two GPUs tie)
+    per unit of cost (partners on GPUs below the target), and applies the best change of each such GPU, best first, as long as they touch
+    disjoint GPUs and still lower the excess (large clusters repair several GPUs per step). The cost
+    is the move cost plus the rise of the co-activation cut (``_cut_rows``) valued over the horizon,
+    so that among equally balancing changes those that keep co-activated experts together win; a
+    fall of the cut earns nothing here (step 2 takes those).
+    """
+    old, price = st.old, st.price
+    cmax = max(float(cost.max()), 1e-12)
+    g = st.hold.shape[1]
+    n_hot = max(2, g // 4)
+    steps = 0
+    while steps < max_steps:
+        load = st.load
+        cap = target * max(load.mean(), 1e-12)
+        excess = float(np.maximum(load - cap, 0.0).sum())
+        if excess <= _TOL:
+            return steps
+        hot = [int(x) for x in np.argsort(-load, kind="stable")[:n_hot] if load[x] > cap + _TOL]
+        reps = st.hold.sum(axis=1)
+        a_ee, f_eg = _cut_rows(st.hold, coact, cost)
+        picks = []
+        for h in hot:
+            best = None
+            sa = np.flatnonzero(st.gpu == h)
+            # Partners on GPUs below the target only: a GPU above it cannot take load without raising the excess
+            # as much as h sheds (its own turn comes as a hot GPU).
+            sb = np.flatnonzero(load[st.gpu] < cap)
+            if not len(sb):
+                continue
+            ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
+            # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
+            new = load + st.d_move[sa][:, st.gpu[sb], :] + st.d_move[sb, h][None]  # [A, B, G]
+            ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
+            dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
+            dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
+            dj = f_eg[ea, gb] - f_eg[ea, h] + f_eg[eb, h] - f_eg[eb, gb] + 2.0 * a_ee[ea, eb] * cost[h, gb]
+            c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+            best = _better(best, new, ok, cap, excess, dm, c, budget, ("swap", sa, sb))
+            # (b) a replica of a replicated expert (slot sb[j]) becomes one of expert ea[i]: a redundant
+            # slot follows the load, one slot changes.
+            rep = reps[st.ex[sb]] > 1
+            if rep.any():
+                st_b = sb[rep]
+                eb2, gb2 = st.ex[st_b][None, :], st.gpu[st_b][None, :]
+                new = load + st.d_add[st.ex[sa]][:, st.gpu[st_b], :] + st.d_rem[st_b][None]
+                ok = ~st.hold[ea, gb2] & (ea != eb2)
+                dm = (~old[ea, gb2]).astype(np.int64) - ~old[eb2, gb2]
+                dp = price[ea, gb2] - price[eb2, gb2]
+                dj = (f_eg[ea, gb2] - f_eg[eb2, gb2]) / 2.0
+                c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+                best = _better(best, new, ok, cap, excess, dm, c, budget, ("replica", sa, st_b))
+            if best is not None:
+                picks.append(best)
+        if not picks:
+            return steps
+        used: set[int] = set()
+        applied = 0
+        for _, _, _, (kind, s, t) in sorted(picks, key=lambda c: c[:2]):
+            touched = {int(st.gpu[s]), int(st.gpu[t])}
+            if used & touched or not _valid(st, kind, s, t):
+                continue
+            # Re-check against the loads as they are now (an earlier change of this step may have moved them).
+            dm = _dmoves(st, kind, s, t)
+            if applied and not budget.allows(dm):
+                continue
+            before = float(np.maximum(st.load - cap, 0.0).sum())
+            after = st.load + (st.d_move[s, st.gpu[t]] + st.d_move[t, st.gpu[s]] if kind == "swap"
+                               else st.d_add[st.ex[s], st.gpu[t]] + st.d_rem[t])
+            if applied and float(np.maximum(after - cap, 0.0).sum()) >= before - _TOL:
+                continue
+            if kind == "swap":
+                st.swap(s, t)
+            else:
+                st.reassign(t, int(st.ex[s]))
+            budget.spend(dm)
+            used |= touched
+            applied += 1
+            steps += 1
+    return steps
+
+
+def _valid(st: _Layer, kind: str, s: int, t: int) -> bool:
+    """Whether a change keeps the placement valid now (no GPU holds an expert twice, every expert a slot)."""
+    a, b, h, y = int(st.ex[s]), int(st.ex[t]), int(st.gpu[s]), int(st.gpu[t])
+    if a == b or st.hold[a, y]:
+        return False
+    return not st.hold[b, h] if kind == "swap" else int(st.hold[b].sum()) > 1
+
+
+def _dmoves(st: _Layer, kind: str, s: int, t: int) -> int:
+    """Change of the slots moved (expert held where the current plan does not hold it) a change makes."""
+    a, b, h, y = int(st.ex[s]), int(st.ex[t]), int(st.gpu[s]), int(st.gpu[t])
+    moved = [int(not st.old[a, y]) - int(not st.old[b, y])]  # a arrives on y, b leaves y
+    if kind == "swap":
+        moved.append(int(not st.old[b, h]) - int(not st.old[a, h]))  # b arrives on h, a leaves h
+    return sum(moved)
+
+
+def _better(best, new_ABG, ok_AB, cap, excess, dm_AB, cost_AB, budget, head):
+    """Fold candidates [A, B] into ``best``: the largest drop of the excess load per unit of cost, then the
+    lowest resulting peak, then the lowest slots; only changes the budget allows and that lower the excess."""
+    drop = excess - np.maximum(new_ABG - cap, 0.0).sum(axis=-1)
+    ok = ok_AB & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
+    if not ok.any():
+        return best
+    eff = drop / (cost_AB + _FREE)
+    peak = new_ABG.max(axis=-1)
+    i, j = np.nonzero(ok)
+    k = np.lexsort((head[2][j], head[1][i], peak[i, j], -eff[i, j]))[0]
+    i, j = int(i[k]), int(j[k])
+    cand = (-float(eff[i, j]), float(peak[i, j]), int(dm_AB[i, j]), (head[0], int(head[1][i]), int(head[2][j])))
+    if best is None or cand[:2] < best[:2]:
+        return cand
+    return best
+
+
+@dataclass
+class _Budget:
+    """Slots still allowed to move (None: no limit); a byte budget is counted in whole experts."""
+
+    moves: float | None
+
+    def allows(self, dmoves: Any) -> Any:
+        dm = np.asarray(dmoves)
+        return np.ones(dm.shape, bool) if self.moves is None else dm <= self.moves + _TOL
+
+    def spend(self, dmoves: int) -> None:
+        if self.moves is not None:
+            self.moves -= dmoves
+
+
+def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
+                  budget: _Budget, max_steps: int = 256, tries: int = 256) -> int:
+    """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made.
+
+    Each step ranks every swap of two slots by its net value (cut change valued over the horizon plus
+    move cost) and applies, best first among the ``tries`` best, those on GPUs no earlier swap of the
+    step touched that the budget allows and that keep every GPU within ``cap`` x the mean load (or the
+    current peak, if higher).
+    """
+    g = st.hold.shape[1]
+    steps = 0
+    old, price = st.old, st.price
+    for _ in range(max_steps):
+        ex, gp = st.ex, st.gpu
+        r = st.hold.sum(axis=1)[ex].astype(np.float64)
+        a_rr = coact[np.ix_(ex, ex)] / np.outer(r, r)
+        np.fill_diagonal(a_rr, 0.0)
+        onehot = np.zeros((len(ex), g))
+        onehot[np.arange(len(ex)), gp] = 1.0
+        f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
+        fs = f[np.arange(len(ex)), gp]
+        dj = f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
+        ei, ej, gi, gj = ex[:, None], ex[None, :], gp[:, None], gp[None, :]
+        dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
+        net = dj * value_per_j + dp  # negative: worth it
+        valid = (gi < gj) & ~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL)
+        cand = np.argwhere(valid)
+        if not len(cand):
+            return steps
+        cand = cand[np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))[:tries]]
+        load = st.load
+        limit = max(cap * load.mean(), load.max()) + _TOL
+        # Screen on the state at the start of the step (budget, balance), in one go.
+        i, j = cand[:, 0], cand[:, 1]
+        dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
+               - ~old[ex[j], gp[j]])
+        after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
+        cand = cand[budget.allows(dm0) & (after0 <= limit)]
+        used: set[int] = set()
+        made = 0
+        # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
+        for i, j in cand.tolist():
+            a, b = int(gp[i]), int(gp[j])
+            if a in used or b in used or not _valid(st, "swap", i, j):
+                continue
+            dm = _dmoves(st, "swap", i, j)
+            after = st.load + st.d_move[i, b] + st.d_move[j, a]
+            if not budget.allows(dm) or after.max() > limit:
+                continue
+            st.swap(i, j)
+            budget.spend(dm)
+            used |= {a, b}
+            made += 1
+            if len(used) >= g:
+                break
+        if not made:
+            return steps
+        steps += made
+    return steps
+
+
+def _same_model(spec: MoESpec, current: Plan) -> None:
+    a, b = spec, current.spec
+    if (a.moe.model_dump() != b.moe.model_dump() or a.model.model_dump() != b.model.model_dump()):
+        raise PlanFileError(
+            f"the current plan was made for spec {b.name!r} ({b.model.num_moe_layers} MoE layers, "
+            f"{b.moe.experts.num_experts} experts) but the given spec {a.name!r} describes another model "
+            f"({a.model.num_moe_layers} MoE layers, {a.moe.experts.num_experts} experts); pass the spec the plan "
+            "was made for"
+        )
+
+
+def _window(spec: MoESpec, traces: Any) -> TraceSet:
+    ts = traces if isinstance(traces, TraceSet) else (
+        TraceSet.concat(list(traces)) if isinstance(traces, (list, tuple)) and traces
+        and all(isinstance(t, TraceSet) for t in traces) else load_traces(traces, spec=spec))
+    ts.check_spec(spec)
+    ts = ts.with_experts(spec.moe.experts.num_experts)
+    if ts.load_only:
+        raise TraceError(f"{ts.name}: a re-plan needs token traces (top-k ids per token), not counts only; record "
+                         "the window with layer.start_recording() or moegraph.distributed.gather_trace")
+    if ts.num_tokens == 0:
+        raise TraceError(f"{ts.name}: the traffic window has no tokens; record some traffic before re-planning "
+                         "(or keep the current plan)")
+    return ts
+
+
+def replan(
+    spec: MoESpec | None,
+    current_plan: Plan,
+    traces: Any,
+    *,
+    max_moves: int | None = None,
+    max_move_bytes: float | None = None,
+    seed: int | None = None,
+    max_imbalance: float | None = None,
+    horizon_tokens: float | None = None,
+) -> Plan:
+    """A new plan for the traffic ``traces`` (a window), warm-started from ``current_plan``, moves priced.
+
+    spec: the model's spec (checked against the plan's); None: the plan's own. The cluster and slot
+        count are the current plan's.
+    traces: a TraceSet (or what ``load_traces`` accepts) of the recent traffic, with tokens.
+    max_moves / max_move_bytes: budget of slots / bytes moved over all layers (None: priced only).
+    seed: recorded in the policy (the re-plan draws nothing random).
+    max_imbalance: target max/mean GPU load on the window (default: the spec's placement.max_imbalance
+        less WINDOW_MARGIN).
+    horizon_tokens: tokens the new plan is expected to serve (default DEFAULT_HORIZON_TOKENS): a swap's
+        dispatch + combine saving is counted over them against its move cost.
+
+    The Plan's ``policy["migration"]`` holds what moves (``Migration.summary``).
+    """
+    if not isinstance(current_plan, Plan):
+        raise PlanFileError(f"current_plan must be a moegraph Plan, got {type(current_plan).__name__}")
+    if spec is not None:
+        _same_model(spec, current_plan)
+    spec = current_plan.spec
+    for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes), ("horizon_tokens", horizon_tokens)):
+        if v is not None and not (v >= 0 and np.isfinite(v)):
+            raise PlanInfeasible(f"{name} must be a finite number >= 0, got {v!r}")
+    if max_imbalance is not None and not (max_imbalance >= 1.0 and np.isfinite(max_imbalance)):
+        raise PlanInfeasible(f"max_imbalance is a target max/mean GPU load (>= 1.0), got {max_imbalance!r}")
+    nbytes = expert_bytes(spec)
+    if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
+        got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
+            f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.4f} GiB)"
+        raise PlanInfeasible(
+            f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
+            f"({nbytes / 2**30:.4f} GiB); the current plan stays. Allow at least 1 move (--max-moves 1) or "
+            f"{nbytes / 2**30:.4f} GiB (--max-move-gib)"
+        )
+    ts = _window(spec, traces)
+    imb = max(1.0, spec.placement.max_imbalance - WINDOW_MARGIN) if max_imbalance is None else float(max_imbalance)
+    horizon = DEFAULT_HORIZON_TOKENS if horizon_tokens is None else float(horizon_tokens)
+    cl = current_plan.cluster
+    g, e, spg = cl.num_gpus, spec.moe.experts.num_experts, current_plan.slots_per_gpu
+    cost = _move_cost(cl)
+    src = source_gpus(ts, g)
+    k = ts.top_k
+    tb = token_bytes(spec)
+    # A unit of J (one cost-weighted pair split, per token) over the horizon, dispatch + combine, in experts
+    # moved over the fastest link.
+    value_per_j = 2.0 * horizon * tb / nbytes
+    limits = [x for x in (max_moves, None if max_move_bytes is None else max_move_bytes // nbytes) if x is not None]
+    budget = _Budget(float(min(limits)) if limits else None)
+    states = []
+    for layer in range(current_plan.num_layers):
+        ids = np.asarray(ts.topk[layer], np.int64)
+        cnt = np.bincount(np.repeat(src, k) * e + ids.ravel(), minlength=g * e).reshape(g, e).astype(np.float64)
+        row = current_plan.physical_to_logical_map[layer]
+        old = _holds(row, g, e).T.copy()  # [E, G]
+        states.append(_Layer(ex=row.copy(), gpu=np.arange(len(row)) // spg, old=old, cnt=cnt, node=cl.node_of_gpu,
+                             price=_prices(old, cost)))
+    coacts = [coactivation(np.asarray(ts.topk[layer], np.int64), e) / max(ts.num_tokens, 1)
+              for layer in range(current_plan.num_layers)]
+    # Worst layers first, so that a budget goes where balance is worst.
+    ratio = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
+    order = np.lexsort((np.arange(len(states)), -ratio))
+    repairs = swaps = 0
+    from . import _one_blas_thread
+
+    with _one_blas_thread():  # many small products: BLAS threads cost more than they gain (see the planner)
+        for layer in order:
+            repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
+        for layer in order:
+            swaps += _improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
+    rows = []
+    for layer, st in enumerate(states):
+        rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
+    notes = [f"re-planned from the current plan ({current_plan.policy.get('name', 'unnamed')}) on {ts.name} "
+             f"({ts.num_tokens} tokens)"]
+    after = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
+    if (after > imb + 1e-6).any():
+        why = "the move budget" if (max_moves is not None or max_move_bytes is not None) else "the allowed changes"
+        notes.append(f"{int((after > imb + 1e-6).sum())} of {len(states)} layers stay above max/mean {imb:g} on the "
+                     f"window (worst {after.max():.3f}) within {why}")
+    policy = {
+        "name": "incremental-replan",
+        "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
+               "window), then priced co-activation swaps; moves cost their weight bytes over the topology's links",
+        "seed": spec.placement.seed if seed is None else int(seed),
+        "max_imbalance": imb,
+        "horizon_tokens": horizon,
+        "max_moves": max_moves,
+        "max_move_bytes": max_move_bytes,
+        "from_policy": current_plan.policy.get("name"),
+        "traces": ts.name,
+        "balance_changes": int(repairs),
+        "comm_swaps": int(swaps),
+    }
+    p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
+    p.policy["migration"] = migration(current_plan, p).summary()
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# the report beside baselines
+# ------------------------------------------------------------------------------------------------
+
+#: columns of ``replan_report``, in order: key -> label
+REPORT_PLANS = {
+    "keep": "keep",
+    "load_only": "load-only",
+    "load_only_relabelled": "load-only relabelled",
+    "full": "full relabelled",
+    "replan": "incremental",
+}
+
+
+def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = None) -> dict[str, Any]:
+    """The re-plan ``new`` beside the alternatives, on the window ``traces`` it was made from.
+
+    For each of (``REPORT_PLANS``): keeping ``current``; a load-only (EPLB-style) re-plan from scratch on the window; the
+    same relabelled to move least (``relabel``); ``full`` (a moegraph re-plan from scratch, relabelled;
+    omitted when None); and ``new``: slots and bytes moved, predicted transfer time, and max/mean
+    GPU load, remote GPU and remote node copies per token on the window (``cost.evaluate``).
+    Returns {"window", "tokens", "plans": {key: {...}}} (plain JSON; stored as ``metrics["replan"]``).
+    """
+    from . import baseline_plans
+    from .cost import evaluate
+
+    ts = _window(current.spec, traces)
+    lo = baseline_plans(current.spec, ts)["load_only"]
+    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current)}
+    if full is not None:
+        cands["full"] = relabel(full, current)
+    cands["replan"] = new
+    out: dict[str, Any] = {"window": ts.name, "tokens": ts.num_tokens, "plans": {}}
+    for key, p in cands.items():
+        m = evaluate(p, ts)["mean"]
+        mig = migration(current, p)
+        out["plans"][key] = {
+            "label": REPORT_PLANS[key],
+            **{k: v for k, v in mig.summary().items() if k != "slots_moved_per_layer"},
+            "max_mean_load": round(m["max_mean_load"], 6),
+            "remote_gpu": round(m["remote_gpu"], 6),
+            "remote_node": round(m["remote_node"], 6),
+        }
+    return out

@@ -1,0 +1,411 @@
+"""Live migration (``ExpertParallelMoE.apply_plan``) on 2 and 4 gloo ranks against the single-process layer.
+
+One launch of 2 ranks and one of 4 run the scenarios side by side and save what each rank saw; the
+parent compares against the single-process layer (which has no placement, so it is the reference for
+every plan before and after a migration), and against the planner's migration for the bytes. A third
+launch kills a rank in the middle of the transfer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import moegraph
+from moegraph.planner import Plan
+from moegraph.planner.replan import migration
+
+pytestmark = [pytest.mark.distributed]
+
+TIMEOUT_S = 30.0
+DEADLINE_S = 180.0
+STEPS = 4  # training steps; the migration happens after STEPS // 2
+
+# Placements with replicas: A is where the layer starts, B where it moves.
+ROWS = {
+    2: {"A": [5, 0, 9, 1, 2, 3, 4, 6, 7, 12, 8, 10, 11, 12, 13, 14, 15, 5, 9, 3],
+        "B": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 9, 0, 2, 5]},
+    4: {"A": [12, 3, 0, 2, 1, 4, 5, 6, 7, 14, 8, 9, 10, 11, 4, 12, 13, 14, 15, 8],
+        "B": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 3, 0, 1, 2]},
+}
+
+
+def _spec(world: int, dtype: str = "float32"):
+    d = moegraph.load_spec("deepseek-v3-tiny").model_dump(mode="json")
+    d["model"]["num_layers"] = d["model"]["first_k_dense"] + 1
+    d["moe"]["dtype"] = dtype
+    d["topology"] = {"kind": "uniform", "nodes": 1 if world == 2 else 2, "gpus_per_node": 2}
+    d["placement"]["redundant_slots"] = 4
+    return moegraph.load_spec(d)
+
+
+def _plan(spec, world: int, which: str) -> Plan:
+    return Plan(np.array([ROWS[world][which]]), spec)
+
+
+def _state(spec) -> dict:
+    layer = moegraph.compile(spec, seed=0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def _batch(world: int, rank: int, step: int, d: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(2, 3 + rank, d, generator=g), torch.randn(2, 3 + rank, d, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# worker side
+# ------------------------------------------------------------------------------------------------
+
+
+def _error(fn) -> tuple[str, str]:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message
+        return type(exc).__name__, str(exc)
+    return "none", ""
+
+
+def _run_main(rank: int, world: int) -> dict:
+    spec = _spec(world)
+    state = _state(spec)
+    a, b = _plan(spec, world, "A"), _plan(spec, world, "B")
+    d = spec.moe.hidden_size
+    res: dict = {}
+    # Inference: move, then forward and backward on the new placement.
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    bad_spec = _spec(world, dtype="bfloat16")
+    res["bad_spec"] = _error(lambda: layer.apply_plan(Plan(np.array([ROWS[world]["B"]]), bad_spec)))
+    res["bad_world"] = _error(lambda: layer.apply_plan(_plan(_spec(4 if world == 2 else 2), 4 if world == 2 else 2,
+                                                             "B")))
+    adagrad = torch.optim.Adagrad(layer.parameters())
+    res["bad_optimizer"] = _error(lambda: layer.apply_plan(b, optimizer=adagrad))
+    res["slots_before"] = list(layer.slot_experts)
+    res["report"] = layer.apply_plan(b)
+    res["slots_after"] = list(layer.slot_experts)
+    x, gy = _batch(world, rank, 0, d)
+    x.requires_grad_(True)
+    y = layer(x)
+    (y * gy).sum().backward()
+    layer.sync_grads()
+    res["y"], res["x_grad"] = y.detach(), x.grad
+    res["grads"] = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.eval()
+    with torch.inference_mode():
+        res["y_eval"] = layer(x.detach())
+    res["full"] = layer.full_state_dict()
+    # Training with AdamW: STEPS // 2 steps on A, migrate with the optimizer, the rest on B.
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05, weight_decay=0.1)
+    for step in range(STEPS):
+        if step == STEPS // 2:
+            res["train_report"] = layer.apply_plan(b, optimizer=opt)
+        x, gy = _batch(world, rank, step + 1, d)
+        (layer(x) * gy).sum().backward()
+        layer.sync_grads()
+        opt.step()
+        opt.zero_grad()
+    res["trained"] = layer.full_state_dict()
+    # Rebalancer on a drifting stream: re-plans at steps 3 and 6, each applied on every rank.
+    from moegraph.distributed.rebalance import drift_demo
+
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    plans = [layer.plan.physical_to_logical_map.copy()]
+    orig = layer.apply_plan
+
+    def spy(new_plan, optimizer=None):
+        out = orig(new_plan, optimizer=optimizer)
+        plans.append(new_plan.physical_to_logical_map.copy())
+        return out
+
+    layer.apply_plan = spy
+    res["drift"] = drift_demo([layer], steps=6, every=3, tokens=24, seed=1)
+    res["drift_plans"] = plans
+    res["drift_full"] = layer.full_state_dict()
+    # Threshold trigger: tokens pulled towards experts 0-3 (on few GPUs under A) overload them.
+    from moegraph.distributed.rebalance import Rebalancer
+
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(state)
+    rb = Rebalancer([layer], threshold=1.3, check_every=2, window_tokens=64)
+    pull = torch.zeros(spec.moe.experts.num_experts)
+    pull[:4] = 1.0
+    g = torch.Generator().manual_seed(50 + rank)
+    seen = []
+    with torch.inference_mode():
+        for _ in range(4):
+            x = torch.randn(32, d, generator=g) + 12.0 * (pull @ layer.router.weight.detach())
+            layer(x)
+            seen.append(rb.step())
+    res["threshold_events"] = seen
+    return res
+
+
+def _run_die(rank: int, world: int) -> dict:
+    """Rank 1 dies in the middle of the transfer; rank 0 must fail within its timeout on the old plan."""
+    spec = _spec(world)
+    state = _state(spec)
+    a, b = _plan(spec, world, "A"), _plan(spec, world, "B")
+    layer = moegraph.compile(spec, plan=a, seed=None, timeout=3.0)
+    layer.load_state_dict(state)
+    before = {n: p.detach().clone() for n, p in layer.experts.named_parameters()}
+    if rank == 1:
+        real = layer.comm.all_to_all
+
+        def die(*args, **kwargs):
+            os._exit(17)  # dies without a word, after the handshake and prepare vote
+            return real(*args, **kwargs)
+
+        layer.comm.all_to_all = die
+    t0 = time.perf_counter()
+    err = _error(lambda: layer.apply_plan(b))
+    return {"error": err, "seconds": time.perf_counter() - t0, "slots": list(layer.slot_experts),
+            "same_weights": all(torch.equal(before[n], p) for n, p in layer.experts.named_parameters()),
+            "same_tables": bool(torch.equal(layer.ep_dispatch.cand_GER,
+                                            torch.as_tensor(a.replica_table(0)[0])))}
+
+
+SUITES = {"main": _run_main, "die": _run_die}
+
+
+def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        result = {"ok": SUITES[suite](rank, world)}
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        result = {"crash": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - peers may be gone
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# parent side
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[dict]]:
+    """Start every run (name -> (world, suite)) at once; wait (bounded) and collect each rank's result."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = {}
+    for name, (world, suite) in runs.items():
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        procs[name] = [ctx.Process(target=_entry, args=(r, world, port, suite, str(out)), daemon=True)
+                       for r in range(world)]
+        for p in procs[name]:
+            p.start()
+    end = time.monotonic() + DEADLINE_S
+    results = {}
+    for name, ps in procs.items():
+        for p in ps:
+            p.join(max(0.0, end - time.monotonic()))
+        hung = [r for r, p in enumerate(ps) if p.is_alive()]
+        for p in ps:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        assert not hung, f"{name}: ranks {hung} still running after {DEADLINE_S}s (killed)"
+        results[name] = [torch.load(root / name / f"rank{r}.pt", weights_only=False)
+                         if (root / name / f"rank{r}.pt").exists() else {"exitcode": ps[r].exitcode}
+                         for r in range(len(ps))]
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return _launch_all(tmp_path_factory.mktemp("migrate"), {"w2": (2, "main"), "w4": (4, "main"), "die": (2, "die")})
+
+
+def _ok(results: list[dict]) -> list[dict]:
+    bad = [f"rank {r}: {res.get('crash', res)}" for r, res in enumerate(results) if "ok" not in res]
+    assert not bad, "\n".join(bad)
+    return [res["ok"] for res in results]
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(b.abs().max())), msg=what)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_outputs_and_gradients_after_apply_plan_equal_the_single_process_layer(runs, world):
+    res = _ok(runs[f"w{world}"])
+    spec = _spec(world)
+    state = _state(spec)
+    ref = moegraph.compile(spec, seed=0)
+    ref.load_state_dict(state)
+    xs = [_batch(world, r, 0, spec.moe.hidden_size) for r in range(world)]
+    xr = [x.clone().requires_grad_(True) for x, _ in xs]
+    ys = [ref(x) for x in xr]
+    sum((y * g).sum() for y, (_, g) in zip(ys, xs)).backward()
+    b = ROWS[world]["B"]
+    s = len(b) // world
+    for r, out in enumerate(res):
+        assert out["slots_before"] == ROWS[world]["A"][r * s:(r + 1) * s]
+        assert out["slots_after"] == b[r * s:(r + 1) * s]
+        _close(out["y"], ys[r].detach(), f"rank {r} output")
+        _close(out["x_grad"], xr[r].grad, f"rank {r} input gradient")
+        idx = torch.tensor(out["slots_after"])
+        for n, g in out["grads"].items():
+            want = ref.get_parameter(n).grad
+            _close(g, want[idx] if n.startswith("experts.") else want, f"rank {r} gradient of {n}")
+        with torch.no_grad():
+            _close(out["y_eval"], ref.eval()(xs[r][0]), f"rank {r} eval output")
+        ref.train()
+        # the weights travelled intact: the gathered single-process state is the one loaded
+        for k, v in state.items():
+            _close(out["full"][k], v, f"rank {r} full_state_dict {k}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_sent_equal_the_planners_migration(runs, world):
+    res = _ok(runs[f"w{world}"])
+    spec = _spec(world)
+    mig = migration(_plan(spec, world, "A"), _plan(spec, world, "B"))
+    assert mig.slots_moved > 0
+    sent = np.array([o["report"]["weight_bytes_sent"] for o in res])  # [src, dst]
+    # float32 layer, float32 spec: the planner's bytes are the runtime's
+    assert int(sent.sum()) == mig.bytes
+    np.testing.assert_array_equal(sent, mig.link_bytes)
+    assert sum(o["report"]["slots_received"] for o in res) == mig.slots_moved
+    # AdamW moves two state tensors of each moved slot's parameters alongside (same shape, float32)
+    state_sent = sum(sum(o["train_report"]["state_bytes_sent"]) for o in res)
+    assert state_sent == 2 * mig.bytes
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_training_that_migrates_midway_matches_training_that_never_does(runs, world):
+    res = _ok(runs[f"w{world}"])
+    spec = _spec(world)
+    ref = moegraph.compile(spec, seed=0)
+    ref.load_state_dict(_state(spec))
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
+    for step in range(STEPS):
+        loss = 0
+        for r in range(world):
+            x, gy = _batch(world, r, step + 1, spec.moe.hidden_size)
+            loss = loss + (ref(x) * gy).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for r, out in enumerate(res):
+        for k, v in ref.state_dict().items():
+            _close(out["trained"][k], v, f"rank {r} trained {k}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bad_input_is_refused_before_anything_moves(runs, world):
+    res = _ok(runs[f"w{world}"])
+    for out in res:
+        kind, msg = out["bad_spec"]
+        assert kind == "PlanFileError" and "re-plan" in msg, msg
+        kind, msg = out["bad_world"]
+        assert kind == "DistributedError" and "GPUs but this layer runs on" in msg, msg
+        kind, msg = out["bad_optimizer"]
+        assert kind == "DistributedError" and "Adagrad cannot be moved" in msg and "AdamW" in msg, msg
+        # and nothing moved: the layer was still on A when apply_plan(B) ran
+        r, s = out["report"]["rank"], len(ROWS[world]["A"]) // world
+        assert out["slots_before"] == ROWS[world]["A"][r * s:(r + 1) * s]
+
+
+def test_a_rank_dying_mid_transfer_leaves_the_others_on_the_old_plan(runs):
+    res = runs["die"]
+    assert res[1].get("exitcode") == 17
+    out = res[0]["ok"]
+    kind, msg = out["error"]
+    assert kind == "DistributedError", msg
+    assert "rank 0 of 2" in msg and "apply_plan transfer" in msg, msg
+    assert out["seconds"] < 20.0
+    assert out["slots"] == ROWS[2]["A"][:10] and out["same_weights"] and out["same_tables"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rebalancer_replans_and_migrates_on_every_rank(runs, world):
+    res = _ok(runs[f"w{world}"])
+    spec = _spec(world)
+    events = [[row["event"] for row in out["drift"] if row["event"] is not None] for out in res]
+    assert all([e["step"] for e in ev] == [3, 6] for ev in events)
+    plans = res[0]["drift_plans"]
+    assert len(plans) == 3  # the start plan and two re-plans, the same on every rank
+    for out in res[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(out["drift_plans"], plans))
+    for k, ev in enumerate(events[0]):
+        mig = migration(Plan(plans[k], spec), Plan(plans[k + 1], spec))
+        assert ev["slots_moved"] == mig.slots_moved and ev["bytes_moved"] == mig.bytes  # float32 both
+        assert all(other[k]["bytes_moved"] == ev["bytes_moved"] for other in events)
+    assert events[0][0]["slots_moved"] > 0
+    # the weights are intact after the migrations
+    for k, v in _state(spec).items():
+        _close(res[0]["drift_full"][k], v, f"weights after rebalancing: {k}")
+
+
+def test_window_recorder_keeps_the_latest_tokens_only():
+    from moegraph.distributed.rebalance import WindowRecorder
+
+    rec = WindowRecorder(max_tokens=10)
+    for i in range(5):  # forwards of 2 sequences x 2 tokens, top-3 ids all equal to i
+        rec.add(torch.full((2, 2, 3), i))
+    # 20 tokens seen; whole forwards are dropped while more than 10 are held: the last two forwards stay
+    assert rec.ids()[:, 0].tolist() == [3] * 4 + [4] * 4
+    assert rec.samples().tolist() == [6, 6, 7, 7, 8, 8, 9, 9]
+    rec.add(torch.full((1, 25, 3), 7))  # one forward larger than the window keeps its last tokens
+    assert rec.ids().shape == (10, 3) and (rec.ids() == 7).all()
+    rec.clear()
+    assert rec.ids().numel() == 0 and rec.max_tokens == 10
+
+
+def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
+    from moegraph.distributed.local import run_local
+    from moegraph.distributed.rebalance import Rebalancer
+    from moegraph.errors import DistributedError
+
+    with pytest.raises(DistributedError, match="needs a trigger"):
+        Rebalancer([], every=None, threshold=None)
+    with pytest.raises(DistributedError, match="threshold is a max/mean load"):
+        Rebalancer([], threshold=0.5)
+    with pytest.raises(DistributedError, match="no layers given"):
+        Rebalancer([], every=3)
+    plan = _plan(_spec(2), 2, "A")
+    with pytest.raises(DistributedError, match="--rebalance-every N needs"):
+        run_local(plan, rebalance_every=2, layer_index=0)
+    with pytest.raises(DistributedError, match="--rebalance-every N needs"):
+        run_local(plan, rebalance_every=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rebalancer_threshold_triggers_on_measured_imbalance(runs, world):
+    res = _ok(runs[f"w{world}"])
+    for out in res:
+        ev = out["threshold_events"]
+        assert ev[0] is None  # no check at step 1 (check_every=2)
+        assert ev[1] is not None and ev[1]["step"] == 2 and ev[1]["measured_max_mean"] > 1.3
+        assert ev[1]["slots_moved"] > 0 and ev[1]["predicted_max_mean_after"] < ev[1]["predicted_max_mean_before"]
+    assert len({o["threshold_events"][1]["bytes_moved"] for o in res}) == 1  # one total, on every rank

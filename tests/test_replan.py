@@ -1,0 +1,194 @@
+"""Incremental re-planning (``moegraph.planner.replan``): relabelling, migrations, the warm-started re-plan, CLI."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import yaml
+
+from moegraph import load_spec
+from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
+from moegraph.planner import Plan, baseline_plans, evaluate, plan
+from moegraph.planner.replan import expert_bytes, migration, relabel, replan, replan_report
+from moegraph.traces import TraceSet, load_traces
+
+
+def _spec(nodes=1, gpus=8, slots=72, layers=3):
+    d = load_spec("deepseek-v2-lite-tiny").to_dict()
+    d["model"]["num_layers"] = layers + 1
+    d["placement"]["traces"] = []
+    d["placement"]["redundant_slots"] = slots - 64
+    d["topology"].update(nodes=nodes, gpus_per_node=gpus)
+    return load_spec(d)
+
+
+def _task(name, layers=3):
+    t = load_traces(f"esft-deepseek-v2-lite/{name}")
+    return TraceSet.from_topk(list(t.topk[:layers]), t.sample_ids, num_experts=64, source=name)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    spec = _spec()
+    intent, law = _task("intent"), _task("law")
+    current = plan(spec, intent)
+    return spec, current, intent, law
+
+
+def _moved(a: np.ndarray, b: np.ndarray) -> int:
+    return int((a != b).sum())
+
+
+def test_relabel_matches_brute_force_over_gpu_renamings():
+    # 4 GPUs on one host: every renaming is allowed; the brute force tries all 24 per layer.
+    spec = _spec(gpus=4, slots=64, layers=2)
+    rng = np.random.default_rng(0)
+    cur = Plan(np.stack([rng.permutation(64) for _ in range(2)]), spec)
+    new = Plan(np.stack([rng.permutation(64) for _ in range(2)]), spec)
+    got = relabel(new, cur)
+    for layer in range(2):
+        old_sets = [set(cur.gpu_experts(layer, g)) for g in range(4)]
+        new_sets = [set(new.gpu_experts(layer, g)) for g in range(4)]
+        best = min(sum(len(new_sets[p[g]] - old_sets[g]) for g in range(4)) for p in itertools.permutations(range(4)))
+        assert _moved(got.physical_to_logical_map[layer], cur.physical_to_logical_map[layer]) == best
+        # the same placement up to names: the same expert groups
+        assert sorted(map(sorted, new_sets)) == sorted(sorted(got.gpu_experts(layer, g)) for g in range(4))
+
+
+def test_relabel_of_a_renamed_plan_moves_nothing(setup):
+    spec, current, _, _ = setup
+    g, spg = current.num_gpus, current.slots_per_gpu
+    perm = np.array([3, 1, 0, 2, 7, 6, 4, 5])
+    rows = np.stack([r.reshape(g, spg)[perm][:, ::-1].reshape(-1) for r in current.physical_to_logical_map])
+    renamed = Plan(rows, spec)
+    assert migration(current, renamed).slots_moved > 0
+    assert migration(current, relabel(renamed, current)).slots_moved == 0
+
+
+def test_relabel_keeps_hosts_together():
+    spec = _spec(nodes=2, gpus=4, slots=64, layers=1)
+    rng = np.random.default_rng(1)
+    cur = Plan(rng.permutation(64)[None], spec)
+    # the new plan is the current one with the two hosts exchanged and GPUs shuffled inside each
+    rows = cur.physical_to_logical_map[0].reshape(8, 8)[[5, 4, 7, 6, 1, 0, 3, 2]].reshape(1, -1)
+    got = relabel(Plan(rows, spec), cur)
+    assert migration(cur, got).slots_moved == 0
+
+
+def test_migration_counts_sources_bytes_and_time(setup):
+    spec, current, _, _ = setup
+    row = current.physical_to_logical_map.copy()
+    spg = current.slots_per_gpu
+    # swap the experts of slot 0 (GPU 0) and slot spg (GPU 1) in layer 1
+    row[1, 0], row[1, spg] = row[1, spg], row[1, 0]
+    new = Plan(row, spec)
+    m = migration(current, new)
+    assert m.slots_moved == 2 and m.slots_changed == 2 and m.per_layer().tolist() == [0, 2, 0]
+    # reordering a GPU's slots changes slots but moves nothing over a link
+    row2 = current.physical_to_logical_map.copy()
+    row2[0, :spg] = row2[0, :spg][::-1]
+    m2 = migration(current, Plan(row2, spec))
+    assert m2.slots_moved == 0 and m2.slots_changed == spg - spg % 2 and m2.bytes == 0  # the middle slot stays
+    nbytes = 3 * 128 * 64 * 4  # swiglu expert of the tiny spec: gate, up, down of 128 x 64, float32
+    assert spec.moe.hidden_size == 128 and spec.moe.experts.intermediate_size == 64 and spec.moe.dtype == "float32"
+    assert expert_bytes(spec) == nbytes and m.bytes == 2 * nbytes
+    for layer, dst, e, src, src_slot in m.moves.tolist():
+        assert current.physical_to_logical_map[layer, src_slot] == e and src_slot // spg == src != dst // spg
+    # one expert each way over one intra-host link at the same time: bytes / bandwidth + latency
+    topo = spec.topology
+    want_us = nbytes / (topo.intra_node_bandwidth_gbps * 1e3) + topo.intra_node_latency_us
+    assert m.time_us == pytest.approx(want_us)
+
+
+def test_replan_balances_the_window_with_few_moves(setup):
+    spec, current, _, law = setup
+    # horizon 0: communication gains are worth nothing, only the balance repair moves weights
+    new = replan(spec, current, law, horizon_tokens=0)
+    keep = evaluate(current, law)["mean"]["max_mean_load"]
+    got = evaluate(new, law)["mean"]["max_mean_load"]
+    assert keep > 1.15 and got < keep - 0.1 and got < 1.08
+    lo = baseline_plans(spec, law)["load_only"]
+    moved = migration(current, new).slots_moved
+    assert 0 < moved < 0.4 * migration(current, relabel(lo, current)).slots_moved
+    assert new.policy["migration"]["slots_moved"] == moved
+    # deterministic
+    again = replan(spec, current, law, horizon_tokens=0)
+    assert np.array_equal(again.physical_to_logical_map, new.physical_to_logical_map)
+
+
+def test_a_longer_horizon_buys_fewer_remote_copies_with_more_moves(setup):
+    spec, current, _, law = setup
+    short, long = (replan(spec, current, law, horizon_tokens=h) for h in (0, 10_000))
+    m_short, m_long = (evaluate(p, law)["mean"] for p in (short, long))
+    assert m_long["remote_gpu"] < m_short["remote_gpu"] - 0.05
+    assert migration(current, long).slots_moved > migration(current, short).slots_moved
+    # both keep the balance the repair reached (within what the dispatch rule's round-robin adds)
+    assert m_long["max_mean_load"] < 1.08
+
+
+def test_replan_respects_a_move_budget(setup):
+    spec, current, _, law = setup
+    new = replan(None, current, law, max_moves=6)
+    assert 0 < migration(current, new).slots_moved <= 6
+    nb = expert_bytes(spec)
+    new = replan(None, current, law, max_move_bytes=4.5 * nb)
+    assert 0 < migration(current, new).slots_moved <= 4
+
+
+def test_replan_refuses_bad_input(setup):
+    spec, current, intent, law = setup
+    with pytest.raises(PlanInfeasible, match="allows no slot to move.*current plan stays"):
+        replan(None, current, law, max_moves=0)
+    with pytest.raises(PlanInfeasible, match="--max-move-gib"):
+        replan(None, current, law, max_move_bytes=100)
+    with pytest.raises(PlanInfeasible, match="max_imbalance"):
+        replan(None, current, law, max_imbalance=0.9)
+    with pytest.raises(PlanInfeasible, match="max_moves must be"):
+        replan(None, current, law, max_moves=-1)
+    with pytest.raises(TraceError, match="no tokens"):
+        replan(None, current, law.select_tokens(np.zeros(law.num_tokens, bool)))
+    with pytest.raises(PlanFileError, match="another model"):
+        replan(load_spec("deepseek-v3-tiny"), current, law)
+    other = plan(_spec(gpus=4, slots=64), intent)
+    with pytest.raises(PlanFileError, match="4 GPUs but the current plan has 8"):
+        migration(current, other)
+
+
+def test_report_puts_the_replan_beside_the_alternatives(setup):
+    spec, current, _, law = setup
+    new = replan(spec, current, law)
+    full = plan(spec, law)
+    rep = replan_report(current, new, law, full=full)
+    p = rep["plans"]
+    assert list(p) == ["keep", "load_only", "load_only_relabelled", "full", "replan"]
+    assert p["full"]["slots_moved"] <= migration(current, full).slots_moved
+    assert p["keep"]["slots_moved"] == 0
+    assert p["load_only_relabelled"]["slots_moved"] < p["load_only"]["slots_moved"]
+    # relabelling renames GPUs only: the same balance up to where sequences start
+    assert p["load_only_relabelled"]["max_mean_load"] == pytest.approx(p["load_only"]["max_mean_load"], abs=0.05)
+    assert p["replan"]["max_mean_load"] < p["keep"]["max_mean_load"]
+    assert p["replan"]["bytes_moved"] == p["replan"]["slots_moved"] * expert_bytes(spec)
+
+
+def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
+    spec, current, _, law = setup
+    spec_path = tmp_path / "small.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.to_dict()))
+    cur_path = current.save(tmp_path / "current.json")
+    window = law.save(tmp_path / "law.npz")
+    out = tmp_path / "new.json"
+    r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--max-moves", "12", "-o", out)
+    assert r.code == 0, r.err
+    flat = "".join(r.out.split())  # rich wraps long words at hyphens and spaces
+    assert "moved" in flat and "remoteGPU" in flat and "incremental" in flat and "load-onlyrelabelled" in flat, r.out
+    new = Plan.load(out)
+    assert 0 < new.metrics["replan"]["plans"]["replan"]["slots_moved"] <= 12
+    assert migration(current, new).slots_moved == new.metrics["replan"]["plans"]["replan"]["slots_moved"]
+    r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--max-moves", "0", "-o", tmp_path / "x.json")
+    assert r.code == 2 and "allows no slot to move" in r.err and not (tmp_path / "x.json").exists()
+    r = run_cli("plan", spec_path, "--trace", window, "--max-moves", "3")
+    assert r.code == 2 and "--from" in r.err
+    r = run_cli("plan", "--from", cur_path, "--trace", window, "--slots", "80")
+    assert r.code == 2 and "come from the current plan" in r.err
