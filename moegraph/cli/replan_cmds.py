@@ -13,6 +13,7 @@ from rich.table import Table
 from ..errors import PlanInfeasible, TraceError
 from ..loader import load_spec
 from . import console
+from .output import say
 
 __all__ = ["replan_command", "replan_table", "print_drift"]
 
@@ -67,12 +68,12 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     new.policy["replan_seconds"] = round(took, 3)
     mig = new.policy["migration"]
     console.print(
-        f"[bold]{new.spec.name}[/]: re-planned {plan_from} ({current.num_layers} MoE layers, {current.num_slots} slots on "
+        f"{new.spec.name}: re-planned {plan_from} ({current.num_layers} MoE layers, {current.num_slots} slots on "
         f"{current.num_gpus} GPUs) for {ts.name} ({ts.num_tokens} tokens) in {took:.2f}s: {mig['slots_moved']} of "
         f"{mig['slots_total']} slots move ({mig['fraction_moved']:.1%}, {mig['gib_moved']:.2f} GiB, "
         f"{mig['transfer_time_ms']:.1f} ms predicted)", highlight=False)
     for note in new.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        say(note, prefix="note:", style="yellow")
     console.print(replan_table(new.metrics["replan"], f"re-plan beside the alternatives, on {ts.name}"))
     if output is not None:
         new.save(output)
