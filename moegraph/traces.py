@@ -51,6 +51,7 @@ __all__ = [
     "TraceSet",
     "TraceStats",
     "load_traces",
+    "traces_for_spec",
     "read_esft",
     "read_sglang",
     "read_native",
@@ -853,6 +854,23 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
         e = spec.moe.experts.num_experts
         sets = [s.check_spec(spec, label=str(i)).with_experts(e) for s, i in zip(sets, items)]
     return TraceSet.concat(sets)
+
+
+def traces_for_spec(traces: Any, spec: MoESpec) -> TraceSet:
+    """The one boundary where the planner and the re-plan take routing traces: checked against ``spec``
+    and declared over its experts, once, so that the stages after it need not check again.
+
+    traces: a TraceSet, a non-empty list of TraceSets (one per source; concatenated), or what
+    ``load_traces`` accepts (which checks each item against the spec as it loads it).
+    """
+    if isinstance(traces, TraceSet):
+        ts = traces
+    elif isinstance(traces, (list, tuple)) and traces and all(isinstance(t, TraceSet) for t in traces):
+        ts = TraceSet.concat(list(traces))
+    else:
+        return load_traces(traces, spec=spec)
+    ts.check_spec(spec)
+    return ts.with_experts(spec.moe.experts.num_experts)
 
 
 # ---------------------------------------------------------------------------------------------

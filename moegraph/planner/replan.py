@@ -62,8 +62,10 @@ from ..errors import PlanFileError, PlanInfeasible, TraceError
 from ..spec import MoESpec
 from ..summary import summarize
 from ..topology import Cluster
-from ..traces import TraceSet, coactivation, load_traces
-from .cost import _DTYPE_BYTES, link_time_us, token_bytes
+from ..traces import TraceSet, coactivation, traces_for_spec
+from .baselines import baseline_plans
+from .blas import one_blas_thread
+from .cost import _DTYPE_BYTES, cost_matrix, evaluate, link_time_us, token_bytes
 from .dispatch import source_gpus
 from .planfile import Plan
 from .search import rule_contrib
@@ -109,9 +111,7 @@ def expert_bytes(spec: MoESpec) -> int:
 def _move_cost(cluster: Cluster) -> np.ndarray:
     """[G, G] relative cost of moving one expert between GPUs: the planner's per-copy cost (inverse
     bandwidth, 1 for the fastest link), so that weights and tokens are priced alike."""
-    from . import _cost_matrix
-
-    return _cost_matrix(cluster)
+    return cost_matrix(cluster)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -629,11 +629,8 @@ def _same_model(spec: MoESpec, current: Plan) -> None:
 
 
 def _window(spec: MoESpec, traces: Any) -> TraceSet:
-    ts = traces if isinstance(traces, TraceSet) else (
-        TraceSet.concat(list(traces)) if isinstance(traces, (list, tuple)) and traces
-        and all(isinstance(t, TraceSet) for t in traces) else load_traces(traces, spec=spec))
-    ts.check_spec(spec)
-    ts = ts.with_experts(spec.moe.experts.num_experts)
+    """The traffic window, checked once where it enters (``traces_for_spec``), with tokens."""
+    ts = traces_for_spec(traces, spec)
     if ts.load_only:
         raise TraceError(f"{ts.name}: a re-plan needs token traces (top-k ids per token), not counts only; record "
                          "the window with layer.start_recording() or moegraph.distributed.gather_trace")
@@ -715,9 +712,7 @@ def replan(
     ratio = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
     order = np.lexsort((np.arange(len(states)), -ratio))
     repairs = swaps = 0
-    from . import _one_blas_thread
-
-    with _one_blas_thread():  # many small products: BLAS threads cost more than they gain (see the planner)
+    with one_blas_thread():  # many small products: BLAS threads cost more than they gain (``blas``)
         for layer in order:
             repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
         for layer in order:
@@ -774,9 +769,6 @@ def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = 
     GPU load, remote GPU and remote node copies per token on the window (``cost.evaluate``).
     Returns {"window", "tokens", "plans": {key: {...}}} (plain JSON; stored as ``metrics["replan"]``).
     """
-    from . import baseline_plans
-    from .cost import evaluate
-
     ts = _window(current.spec, traces)
     lo = baseline_plans(current.spec, ts)["load_only"]
     cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current)}

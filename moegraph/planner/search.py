@@ -63,7 +63,7 @@ Why these choices.
   remote copies on the task planned for; with 64 slots every item weighs 1 and it never binds.
 - Replica counts follow the load-only rule (each redundant slot to the highest load per replica)
   unless ``LayerProblem.replicas`` gives others (the planner tries moving one replica in small
-  layers: ``moegraph.planner._move_replicas``); the dispatch rule's local-first choice makes
+  layers: ``moegraph.planner.driver._move_replicas``); the dispatch rule's local-first choice makes
   a replica's real load depend on where tokens start, so a final repair step swaps items until the
   exact rule-based loads (``dispatch``) meet ``max_imbalance`` on the traffic seen, each time by the
   swap that meets it at the smallest rise of the exact expected copies (in small layers; replicated
