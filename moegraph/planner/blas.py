@@ -4,8 +4,7 @@
         ...  # many small matrix products
 
 The planner's searches multiply many small matrices, where OpenBLAS threads cost more in
-synchronisation than they gain (on a busy machine the large plans took clearly more CPU time with
-them). ``threadpoolctl`` does this properly but is not a dependency of moegraph; this helper finds
+synchronisation than they gain. ``threadpoolctl`` does this properly but is not a dependency of moegraph; this helper finds
 the OpenBLAS library bundled with numpy wheels (``numpy.libs/*openblas*``) and calls its
 ``*_set_num_threads`` through ctypes. It is best effort: where no such library or symbol is found
 (another BLAS, a distribution build of numpy) it does nothing, which changes speed, never results.

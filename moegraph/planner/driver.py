@@ -48,17 +48,13 @@ __all__ = [
 ]
 
 #: perturbation rounds of the iterated local search by default, in layers of at most EXACT_MAX_ITEMS
-#: slots (larger layers: none, for time). Scored by the exact copies and kept only when the GPUs' total
-#: variance does not grow, six rounds gained 0.3..0.9 points of remote copies on the ESFT traces at
-#: about 0.1 s per layer (``benchmarks/plan_bench.py``); held-out balance stayed within the targets.
+#: slots (larger layers: none, for time). Each round is scored by the exact copies and kept only when
+#: the GPUs' total variance does not grow, so more rounds trade time for communication, not balance
+#: (figures: ``benchmarks/results/planner_design.md``).
 DEFAULT_ROUNDS = 6
 #: the same in layers without redundant slots, which skip the replica-move search (nine trial searches
-#: per layer) and so can afford twice the rounds: on the ESFT traces, 64 slots, seeds 0-3, twelve
-#: rounds gained 0.1..0.6 points of remote copies on the task planned for (2 x 4 GPUs planned and
-#: scored on law: -19.8..-20.0% -> -20.1..-20.4%) with the held-out balance moving by the few
-#: hundredths it moves between seeds anyway; with 72 slots they did not pay for their time (0..0.3
-#: points, and two of the sixteen held-out figures, four cases by four seeds, over the baseline +
-#: 0.05 target where six rounds had none).
+#: per layer) and so can afford twice the rounds; with redundant slots extra rounds did not pay for
+#: their time.
 DEFAULT_ROUNDS_NO_REPLICAS = 12
 
 #: layers of at most this many slots (with redundant ones) try moving one replica to another expert
@@ -311,10 +307,10 @@ def _move_replicas(prob: LayerProblem, res: LayerResult, sources: list[TraceSet]
     REPLICA_CANDIDATES experts next in line (highest load per replica), re-runs the search for each
     and keeps the move that lowers the remote GPU copies per token on the planning traffic (rule-exact)
     the most, provided no source's rule-exact max/mean load rises. The search keeps the load-only
-    plan's covariance bound. Why this guard: on the ESFT traces (72 slots) letting the move spend
-    balance slack up to ``max_imbalance`` gained more remote copies on the task planned for, but with
-    two moves or four candidates a plan made on intent and scored on law had max/mean load +0.06..0.08
-    over the load-only plan (+0.03..0.04 with this guard). Not used for 64 of 64 slots (nothing to move).
+    plan's covariance bound. Why this guard: letting the move spend balance slack up to
+    ``max_imbalance`` gains more remote copies on the task planned for but loses balance on traffic
+    the plan never saw (figures: ``benchmarks/results/planner_design.md``). Not used without
+    redundant slots (nothing to move).
     """
     e = prob.loads.shape[1]
     g = prob.cost.shape[0]

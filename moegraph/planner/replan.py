@@ -85,10 +85,9 @@ __all__ = [
 #: tokens over which a change's dispatch + combine saving is counted against its move cost, by
 #: default. The saving is measured on the pairwise co-activation cut, which counts every split pair
 #: of a token's experts (up to K(K-1)/2 per token) where the wire carries one copy per remote GPU, so
-#: the figure is a calibration rather than a forecast of tokens served: on the bundled ESFT traces a
-#: re-plan after a task switch then moves about 15% of the slots and keeps about 13-15% fewer remote
-#: copies than a load-only re-plan (``benchmarks/replan_bench.py``); larger values buy fewer remote
-#: copies with more moves.
+#: the figure is a calibration rather than a forecast of tokens served (calibrated with
+#: ``benchmarks/replan_bench.py``; figures in ``benchmarks/results/planner_design.md``); larger values
+#: buy fewer remote copies with more moves.
 DEFAULT_HORIZON_TOKENS = 10_000
 
 #: the re-plan balances the window to the spec's ``max_imbalance`` minus this margin by default: the
