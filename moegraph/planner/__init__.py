@@ -1,9 +1,10 @@
 """The placement planner: which GPU holds which expert, and which hot experts get replicas.
 
-    plan(spec, traces) -> Plan
+    plan(spec, traces) -> Plan       # traces: routing traces (moegraph.traces), not FX traces
 
-For every MoE layer the traces give a placement graph (``graph``: experts weighted by load,
-co-activation edges, load covariance over token windows). Replica counts follow the load-only
+The driver (``driver.plan``) goes over the MoE layers. For every layer the routing traces give a
+placement graph (``graph``: experts weighted by load, co-activation edges, load covariance over
+token windows). Replica counts follow the load-only
 rule (in layers of at most REPLICA_MOVE_MAX_SLOTS slots one replica may move to another expert when
 that lowers the remote copies on the planning traffic without worse balance there); the replicas
 are placed by a constrained local search (``search``: minimise expected dispatch + combine cost
@@ -16,6 +17,10 @@ load-only baselines (``baselines``) on the same traffic.
 
 Re-planning while running (warm-started from the current plan, moves priced, relabelling to move
 least) is ``replan`` (module ``replan``).
+
+Modules, each importing only those before it: ``blas`` (one OpenBLAS thread), ``dispatch``,
+``planfile``, ``cost``, ``baselines``, ``graph``, ``exact``, ``search``, ``driver``, ``replan``
+(``plot`` and ``export`` read finished plans). This package file only re-exports.
 
 Load-only traces (counts without co-activation) still plan: the result is the balanced load-only
 packing, with a note that communication was not optimised. Without any traces the plan is a

@@ -28,8 +28,7 @@ from ..spec import ExplicitTopology, MoESpec
 from ..summary import summarize
 from ..topology import Cluster, cluster_of
 from ..traces import TraceSet, traces_for_spec
-from . import baselines
-from .baselines import evaluate_checked
+from .baselines import evaluate_checked, replicate_by_load
 from .blas import one_blas_thread
 from .cost import _DTYPE_BYTES, cost_matrix
 from .dispatch import counts_from_slots, replica_table, source_gpus
@@ -317,7 +316,7 @@ def _move_replicas(prob: LayerProblem, res: LayerResult, sources: list[TraceSet]
     spg = prob.num_slots // g
     traffic = [(np.asarray(s.topk[layer], np.int64), source_gpus(s, g)) for s in sources]
     mean_load = prob.loads.mean(axis=0)
-    r = baselines.replicate_by_load(mean_load, prob.num_slots, g)
+    r = replicate_by_load(mean_load, prob.num_slots, g)
     best_remote, ratio = _rule_scores(res.row, layer, traffic, e, spg, cl)
     cap = ratio + 1e-9
     donors = [int(a) for a in np.argsort(mean_load / np.maximum(r - 1, 1), kind="stable") if r[a] > 1]

@@ -67,7 +67,9 @@ The measurements behind these choices are in ``benchmarks/results/planner_design
 Everything is deterministic: stable tie-breaks (lowest index), perturbations from
 ``numpy.random.default_rng(seed)``.
 
-Legend: E experts, R items (replicas), G GPUs, Sc trace sources (scenarios).
+Legend: E experts, R items (replicas), G GPUs, Sc trace sources (scenarios). In ``_State`` the
+docstring's A is ``coact_RR``, C is ``cost_GG``, the window covariance is ``risk_RR`` (its diagonal
+``risk_diag_R``), and ``coact_to_gpu_RG`` / ``risk_to_gpu_RG`` are their sums over each GPU's items.
 """
 
 from __future__ import annotations
@@ -169,15 +171,19 @@ class _State:
 
     def __init__(self, experts, gpu, w_SR, coact_RR, risk_RR, risk_diag, cost, num_experts):
         self.experts, self.gpu = experts, gpu.copy()
-        self.w, self.A, self.S, self.sd, self.C = w_SR, coact_RR, risk_RR, risk_diag, cost
+        self.w = w_SR  # [Sc, R] each item's load in each balance scenario
+        self.coact_RR = coact_RR  # co-activation between items (per token, replicas' shares)
+        self.risk_RR = risk_RR  # load covariance between items over token windows (diagonal excluded)
+        self.risk_diag_R = risk_diag  # each item's own load variance
+        self.cost_GG = cost  # per-copy cost between GPUs
         g = cost.shape[0]
         r = len(experts)
         p = np.zeros((r, g))
         p[np.arange(r), self.gpu] = 1.0
-        self.DA = coact_RR @ p  # [R, G] co-activation of each item with each GPU's items
-        self.DS = risk_RR @ p  # [R, G] covariance of each item with each GPU's items (self excluded)
+        self.coact_to_gpu_RG = coact_RR @ p  # co-activation of each item with each GPU's items
+        self.risk_to_gpu_RG = risk_RR @ p  # covariance of each item with each GPU's items (self excluded)
         self.load = w_SR @ p  # [Sc, G]
-        self.var = np.bincount(self.gpu, weights=self.DS[np.arange(r), self.gpu] + risk_diag, minlength=g)
+        self.var = np.bincount(self.gpu, weights=self.risk_to_gpu_RG[np.arange(r), self.gpu] + risk_diag, minlength=g)
         self.hold = np.zeros((num_experts, g), bool)
         self.hold[experts, self.gpu] = True
         #: cap on the sum over GPUs of the squared load of the last balance scenario (the uninformed
@@ -185,14 +191,15 @@ class _State:
         self.prior_sq_cap = np.inf
 
     def objective(self) -> float:
-        return float(0.5 * (self.DA @ self.C.T)[np.arange(len(self.gpu)), self.gpu].sum())
+        return float(0.5 * (self.coact_to_gpu_RG @ self.cost_GG.T)[np.arange(len(self.gpu)), self.gpu].sum())
 
     def swap(self, i: int, j: int) -> None:
         a, b = self.gpu[i], self.gpu[j]
-        s_ij = self.S[i, j]
-        self.var[a] += 2.0 * (self.DS[j, a] - self.DS[i, a] - s_ij) + self.sd[j] - self.sd[i]
-        self.var[b] += 2.0 * (self.DS[i, b] - self.DS[j, b] - s_ij) + self.sd[i] - self.sd[j]
-        for d, m in ((self.DA, self.A), (self.DS, self.S)):
+        s_ij = self.risk_RR[i, j]
+        to_gpu, own = self.risk_to_gpu_RG, self.risk_diag_R
+        self.var[a] += 2.0 * (to_gpu[j, a] - to_gpu[i, a] - s_ij) + own[j] - own[i]
+        self.var[b] += 2.0 * (to_gpu[i, b] - to_gpu[j, b] - s_ij) + own[i] - own[j]
+        for d, m in ((self.coact_to_gpu_RG, self.coact_RR), (self.risk_to_gpu_RG, self.risk_RR)):
             delta = m[:, j] - m[:, i]
             d[:, a] += delta
             d[:, b] -= delta
@@ -211,9 +218,10 @@ class _State:
         gpu, r = self.gpu, len(self.gpu)
         rows = np.arange(r) if rows is None else rows
         gr = gpu[rows]
-        f = self.DA @ self.C.T  # [R, G] cost of item i if it sat on GPU g
+        f = self.coact_to_gpu_RG @ self.cost_GG.T  # [R, G] cost of item i if it sat on GPU g
         fs = f[np.arange(r), gpu]
-        d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * self.A[rows] * self.C[gr][:, gpu]
+        coact, cost = self.coact_RR, self.cost_GG
+        d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * coact[rows] * cost[gr][:, gpu]
         return np.where(self.allowed(cap_S, cap_var, rows), d_j, np.inf)
 
     def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray:
@@ -237,16 +245,17 @@ class _State:
             ok &= after <= max(self.prior_sq_cap, sq) + _TOL
         if cap_var < np.inf:
             vg = self.var[gpu]
-            own = self.DS[np.arange(r), gpu]
-            va = vg[rows, None] - 2.0 * own[rows, None] - self.sd[rows, None] + 2.0 * self.DS[:, gr].T - 2.0 * self.S[rows] + self.sd[None, :]
-            vb = vg[None, :] - 2.0 * own[None, :] - self.sd[None, :] + 2.0 * self.DS[rows][:, gpu] - 2.0 * self.S[rows] + self.sd[rows, None]
+            to_gpu, sd, risk = self.risk_to_gpu_RG, self.risk_diag_R, self.risk_RR
+            own = to_gpu[np.arange(r), gpu]
+            va = vg[rows, None] - 2.0 * own[rows, None] - sd[rows, None] + 2.0 * to_gpu[:, gr].T - 2.0 * risk[rows] + sd[None, :]
+            vb = vg[None, :] - 2.0 * own[None, :] - sd[None, :] + 2.0 * to_gpu[rows][:, gpu] - 2.0 * risk[rows] + sd[rows, None]
             lim = np.maximum(cap_var, np.maximum(vg[rows, None], vg[None, :])) + _TOL
             ok &= (va <= lim) & (vb <= lim)
         return ok
 
     def move_potential(self) -> np.ndarray:
         """[R] how much J would drop if each item alone moved to its best GPU (constraints ignored)."""
-        f = self.DA @ self.C.T
+        f = self.coact_to_gpu_RG @ self.cost_GG.T
         return f[np.arange(len(self.gpu)), self.gpu] - f.min(axis=1)
 
 
@@ -271,7 +280,7 @@ def _descend(st: _State, cap_S, cap_var, min_gain: float = 0.0, max_steps: int =
     potential only, and at all items once before stopping.
     """
     swaps = 0
-    g = st.C.shape[0]
+    g = st.cost_GG.shape[0]
     r = len(st.gpu)
     restrict = r > 2 * ROWS_PER_STEP
     full = not restrict
@@ -321,11 +330,12 @@ def _descend(st: _State, cap_S, cap_var, min_gain: float = 0.0, max_steps: int =
 
 
 def _snapshot(st: _State):
-    return (st.gpu.copy(), st.DA.copy(), st.DS.copy(), st.load.copy(), st.var.copy(), st.hold.copy())
+    return (st.gpu.copy(), st.coact_to_gpu_RG.copy(), st.risk_to_gpu_RG.copy(), st.load.copy(), st.var.copy(),
+            st.hold.copy())
 
 
 def _restore(st: _State, snap) -> None:
-    st.gpu, st.DA, st.DS, st.load, st.var, st.hold = (x.copy() for x in snap)
+    st.gpu, st.coact_to_gpu_RG, st.risk_to_gpu_RG, st.load, st.var, st.hold = (x.copy() for x in snap)
 
 
 def solve_layer(p: LayerProblem) -> LayerResult:
