@@ -19,8 +19,8 @@ Re-planning while running (warm-started from the current plan, moves priced, rel
 least) is ``replan`` (module ``replan``).
 
 Modules, each importing only those before it: ``blas`` (one OpenBLAS thread), ``dispatch``,
-``planfile``, ``cost``, ``baselines``, ``graph``, ``exact``, ``search``, ``driver``, ``replan``
-(``plot`` and ``export`` read finished plans). This package file only re-exports.
+``planfile``, ``cost``, ``baselines``, ``graph``, ``exact``, ``search``, ``driver``, ``migration``,
+``replan`` (``plot`` and ``export`` read finished plans). This package file only re-exports.
 
 Load-only traces (counts without co-activation) still plan: the result is the balanced load-only
 packing, with a note that communication was not optimised. Without any traces the plan is a
