@@ -7,14 +7,28 @@
   where tokens come from, or what links cost. Unlike EPLB it never puts two replicas of one expert
   on one GPU (such a replica would never be used by the dispatch rule).
 
-Each function returns one layer's ``physical_to_logical_map`` row [S].
+Each of these functions returns one layer's ``physical_to_logical_map`` row [S];
+``baseline_plans`` makes whole Plans of both for a spec, and ``evaluate_plan`` scores a plan beside
+them on the same traffic.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-__all__ = ["contiguous", "load_only", "replicate_by_load", "pack_balanced", "rows_from_gpu_lists"]
+from .cost import evaluate
+from .planfile import Plan
+
+if TYPE_CHECKING:
+    from ..spec import MoESpec
+    from ..traces import TraceSet
+
+__all__ = [
+    "contiguous", "load_only", "replicate_by_load", "pack_balanced", "rows_from_gpu_lists", "baseline_plans",
+    "evaluate_plan", "evaluate_checked",
+]
 
 
 def contiguous(num_experts: int, num_slots: int) -> np.ndarray:
@@ -105,3 +119,46 @@ def load_only(load_E: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
     weights = (np.asarray(load_E, np.float64) / r)[experts]
     spg = num_slots // num_gpus
     return rows_from_gpu_lists(pack_balanced(weights, experts, num_gpus, spg), experts, num_gpus, spg)
+
+
+def baseline_plans(spec: MoESpec, traces: TraceSet | None) -> dict[str, Plan]:
+    """The contiguous and load-only (EPLB-style) plans for ``spec`` from the same traces.
+
+    The load-only plan sees the per-expert loads of each trace source scaled to mean 1 and averaged
+    (sources weigh equally, as in the planner), so it is exactly the planner's starting point.
+    """
+    e = spec.moe.experts.num_experts
+    s = e + spec.placement.redundant_slots
+    g = spec.topology.num_gpus
+    n = spec.model.num_moe_layers
+    if traces is None:
+        loads = np.ones((n, e))
+    else:
+        c = traces.with_experts(e).counts_by_source.astype(np.float64)  # [S, L, E]
+        loads = (c / np.maximum(c.mean(axis=2, keepdims=True), 1e-12)).mean(axis=0)
+    return {
+        "contiguous": Plan(np.stack([contiguous(e, s)] * n), spec, policy={"name": "contiguous"}),
+        "load_only": Plan(np.stack([load_only(loads[i], s, g) for i in range(n)]), spec,
+                          policy={"name": "load-only (EPLB-style)"}),
+    }
+
+
+def evaluate_plan(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = None) -> dict[str, Any]:
+    """Metrics of ``p`` on ``traces`` beside the baselines (planned from ``baselines_from``, default the same traces).
+
+    ``traces`` is checked against the plan's spec here (this is a boundary: any TraceSet may be passed).
+    """
+    traces = traces.with_experts(p.num_experts)
+    traces.check_spec(p.spec)
+    return evaluate_checked(p, traces, baselines_from)
+
+
+def evaluate_checked(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = None) -> dict[str, Any]:
+    """``evaluate_plan`` for traces already checked against ``p.spec`` and declared over its experts."""
+    base = baseline_plans(p.spec, baselines_from if baselines_from is not None else traces)
+    out = {"plan": evaluate(p, traces)}
+    for name, bp in base.items():
+        out[name] = evaluate(bp, traces)
+    out["traces"] = traces.name
+    out["tokens"] = out["plan"]["tokens"]
+    return out

@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from ..traces import TraceSet
     from .planfile import Plan
 
-__all__ = ["METRICS", "evaluate", "token_bytes", "a2a_time_us", "link_time_us", "expected_gpu_load"]
+__all__ = [
+    "METRICS", "evaluate", "token_bytes", "a2a_time_us", "link_time_us", "expected_gpu_load", "cost_matrix",
+]
 
 #: metric key -> (label, format); every metric is better when lower.
 METRICS: dict[str, tuple[str, str]] = {
@@ -52,6 +54,16 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def token_bytes(spec: MoESpec) -> int:
     """Bytes of one token copy: hidden_size elements of the spec's dtype."""
     return spec.moe.hidden_size * _DTYPE_BYTES[spec.moe.dtype]
+
+
+def cost_matrix(cl: Cluster) -> np.ndarray:
+    """[G, G] relative cost of one token copy between two GPUs: inverse bandwidth, 1 for the fastest link.
+
+    The planner's search and the re-plan's move prices both use it, so weights and tokens are priced alike.
+    """
+    inv = 1.0 / cl.bandwidth  # inf on the diagonal -> 0
+    off = inv[~np.eye(cl.num_gpus, dtype=bool)]
+    return inv / off.min() if off.size else inv
 
 
 def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int) -> float:

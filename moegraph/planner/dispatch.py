@@ -12,14 +12,14 @@ Rule (``choose_replicas``): a token on GPU ``src`` that chose expert ``e`` uses
 and when a tier holds several replicas, token ``t`` takes the ``t % n``-th of the ``n`` replicas in
 slot order, ``t`` counting the tokens that start on ``src`` only: ties spread evenly, round-robin by
 token index. The runtime counts the same way: in inference its count runs on across forwards (since
-the layer was built or started recording), so a trace recorded there, its tokens in forward order,
+the layer was built or started recording), so a routing trace recorded there, its tokens in forward order,
 gives the runtime's choices; in training it restarts with every forward (a recomputed forward must
 choose the same replicas), which a trace of one forward per rank matches.
 
 Copies (``dispatch_counts``): a token is sent once to every distinct remote GPU of its host that
 serves it; across hosts it is sent once per distinct remote host, to the GPU with the same local
 index there (rail-aligned), which forwards it to the other GPUs of that host that serve it. The
-combine sends the same copies back. Where tokens start: a recorded source rank when the trace was
+combine sends the same copies back. Where tokens start: a recorded source rank when the routing trace was
 recorded on as many ranks as the plan has GPUs, else sequences spread round-robin, ``sample % G``.
 
 Legend: T tokens, K experts per token, E experts, G GPUs, N hosts, S physical slots.

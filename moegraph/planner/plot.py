@@ -34,7 +34,7 @@ def _metrics_for(plan: Plan, traces: TraceSet | None) -> dict[str, Any] | None:
         return plan.metrics or None
     if plan.metrics and plan.metrics.get("traces") == traces.name and "plan" in plan.metrics:
         return plan.metrics
-    from . import evaluate_plan
+    from .baselines import evaluate_plan
 
     return evaluate_plan(plan, traces)
 
@@ -64,7 +64,7 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
     import matplotlib.pyplot as plt
 
     from ..traces import coactivation
-    from . import baseline_plans
+    from .baselines import baseline_plans
     from .cost import expected_gpu_load
     from .dispatch import choose_replicas, source_gpus
 

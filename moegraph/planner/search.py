@@ -31,8 +31,7 @@ Why these choices.
   [items, items] gain matrix (recomputed in numpy each step, several disjoint swaps applied per
   step; in layers of more than 128 items only the most promising items' rows) is fast. The proxy
   over-counts tokens whose experts share a GPU, so in small layers the exact refinement continues
-  from its optimum on the quantity the wire carries (on the ESFT DeepSeek-V2-Lite traces: 0.5..2
-  points more remote copies saved, at the same balance). Seeded perturbation rounds (iterated local
+  from its optimum on the quantity the wire carries. Seeded perturbation rounds (iterated local
   search: kick, descend, refine) escape poor local optima deterministically; with 8 rounds the
   search reaches the brute-force optimum on every tiny case the tests try. A round's result is kept
   only if it lowers the objective (the exact copies where refined, else J) *and* does not raise the
@@ -41,38 +40,36 @@ Why these choices.
   (DEFAULT_ROUNDS_NO_REPLICAS where there are no redundant slots).
 - Constraint 2 is what makes the plan hold up on other tasks. A plan that packs co-activated experts
   together also packs experts that are hot *together*: on a task where that group is popular its
-  GPU overloads (planned on ESFT law, scored on intent: max/mean load +0.2..0.3 worse than a
-  load-only plan, while the load-only plan's per-expert loads do not transfer either: load
-  correlation between the two tasks is about 0). Load variation across short token windows of the
+  GPU overloads, while the load-only plan's per-expert loads do not transfer between tasks either.
+  Load variation across short token windows of the
   planning traffic reveals which experts rise and fall together; bounding each GPU's variance by the
   load-only plan's worst GPU keeps the plan no more exposed than the baseline to a shift of topic,
-  at a cost of some of the co-activation gain (on those traces about 3..5 points of remote copies
-  on the task planned for, almost none on other tasks). Cross-layer affinity does not enter J:
+  at a cost of some of the co-activation gain on the task planned for. Cross-layer affinity does not enter J:
   tokens return to their own GPU after every layer, so consecutive layers' placements do not
   interact under this dispatch (it is reported by ``trace stats``).
 - The uninformed-prior balance in constraint 2 matters with replicas: per-expert loads barely
   transfer between tasks, so on unseen traffic a GPU's expected load is about its count of items
   weighted 1/r_e. The load-only packing spreads replicas one or two per GPU; a search free to trade
   a replica for an unreplicated expert ends up with GPUs of nine full experts beside GPUs of seven
-  and two halves (in random constrained walks from the load-only plan on the ESFT traces, 72 slots,
-  it took about 0.01 off the held-out max/mean load). Bounding the most loaded GPU alone let the
-  search bring several GPUs up to it (in one layer five GPUs at 8.5 items where the load-only plan
-  had two); the sum of squares bounds that too. On the ESFT traces with 72 slots, planned on intent
-  and scored on law, seeds 0-3, held-out max/mean minus the baseline's went from +0.04..+0.11
-  (1 x 8 GPUs) and +0.03..+0.08 (2 x 4) to +0.03..+0.05 and +0.03..+0.04, for about 0.5 points of
-  remote copies on the task planned for; with 64 slots every item weighs 1 and it never binds.
+  and two halves, which loses balance on held-out traffic. Bounding the most loaded GPU alone lets
+  the search bring several GPUs up to it; the sum of squares bounds that too. With no redundant
+  slots every item weighs 1 and it never binds.
 - Replica counts follow the load-only rule (each redundant slot to the highest load per replica)
   unless ``LayerProblem.replicas`` gives others (the planner tries moving one replica in small
-  layers: ``moegraph.planner._move_replicas``); the dispatch rule's local-first choice makes
+  layers: ``moegraph.planner.driver._move_replicas``); the dispatch rule's local-first choice makes
   a replica's real load depend on where tokens start, so a final repair step swaps items until the
   exact rule-based loads (``dispatch``) meet ``max_imbalance`` on the traffic seen, each time by the
   swap that meets it at the smallest rise of the exact expected copies (in small layers; replicated
   items priced by ``ExactCopies.swap_delta``), not by the most balancing one, which overshoots.
 
+The measurements behind these choices are in ``benchmarks/results/planner_design.md``.
+
 Everything is deterministic: stable tie-breaks (lowest index), perturbations from
 ``numpy.random.default_rng(seed)``.
 
-Legend: E experts, R items (replicas), G GPUs, Sc trace sources (scenarios).
+Legend: E experts, R items (replicas), G GPUs, Sc trace sources (scenarios). In ``_State`` the
+docstring's A is ``coact_RR``, C is ``cost_GG``, the window covariance is ``risk_RR`` (its diagonal
+``risk_diag_R``), and ``coact_to_gpu_RG`` / ``risk_to_gpu_RG`` are their sums over each GPU's items.
 """
 
 from __future__ import annotations
@@ -174,15 +171,19 @@ class _State:
 
     def __init__(self, experts, gpu, w_SR, coact_RR, risk_RR, risk_diag, cost, num_experts):
         self.experts, self.gpu = experts, gpu.copy()
-        self.w, self.A, self.S, self.sd, self.C = w_SR, coact_RR, risk_RR, risk_diag, cost
+        self.w = w_SR  # [Sc, R] each item's load in each balance scenario
+        self.coact_RR = coact_RR  # co-activation between items (per token, replicas' shares)
+        self.risk_RR = risk_RR  # load covariance between items over token windows (diagonal excluded)
+        self.risk_diag_R = risk_diag  # each item's own load variance
+        self.cost_GG = cost  # per-copy cost between GPUs
         g = cost.shape[0]
         r = len(experts)
         p = np.zeros((r, g))
         p[np.arange(r), self.gpu] = 1.0
-        self.DA = coact_RR @ p  # [R, G] co-activation of each item with each GPU's items
-        self.DS = risk_RR @ p  # [R, G] covariance of each item with each GPU's items (self excluded)
+        self.coact_to_gpu_RG = coact_RR @ p  # co-activation of each item with each GPU's items
+        self.risk_to_gpu_RG = risk_RR @ p  # covariance of each item with each GPU's items (self excluded)
         self.load = w_SR @ p  # [Sc, G]
-        self.var = np.bincount(self.gpu, weights=self.DS[np.arange(r), self.gpu] + risk_diag, minlength=g)
+        self.var = np.bincount(self.gpu, weights=self.risk_to_gpu_RG[np.arange(r), self.gpu] + risk_diag, minlength=g)
         self.hold = np.zeros((num_experts, g), bool)
         self.hold[experts, self.gpu] = True
         #: cap on the sum over GPUs of the squared load of the last balance scenario (the uninformed
@@ -190,14 +191,15 @@ class _State:
         self.prior_sq_cap = np.inf
 
     def objective(self) -> float:
-        return float(0.5 * (self.DA @ self.C.T)[np.arange(len(self.gpu)), self.gpu].sum())
+        return float(0.5 * (self.coact_to_gpu_RG @ self.cost_GG.T)[np.arange(len(self.gpu)), self.gpu].sum())
 
     def swap(self, i: int, j: int) -> None:
         a, b = self.gpu[i], self.gpu[j]
-        s_ij = self.S[i, j]
-        self.var[a] += 2.0 * (self.DS[j, a] - self.DS[i, a] - s_ij) + self.sd[j] - self.sd[i]
-        self.var[b] += 2.0 * (self.DS[i, b] - self.DS[j, b] - s_ij) + self.sd[i] - self.sd[j]
-        for d, m in ((self.DA, self.A), (self.DS, self.S)):
+        s_ij = self.risk_RR[i, j]
+        to_gpu, own = self.risk_to_gpu_RG, self.risk_diag_R
+        self.var[a] += 2.0 * (to_gpu[j, a] - to_gpu[i, a] - s_ij) + own[j] - own[i]
+        self.var[b] += 2.0 * (to_gpu[i, b] - to_gpu[j, b] - s_ij) + own[i] - own[j]
+        for d, m in ((self.coact_to_gpu_RG, self.coact_RR), (self.risk_to_gpu_RG, self.risk_RR)):
             delta = m[:, j] - m[:, i]
             d[:, a] += delta
             d[:, b] -= delta
@@ -216,9 +218,10 @@ class _State:
         gpu, r = self.gpu, len(self.gpu)
         rows = np.arange(r) if rows is None else rows
         gr = gpu[rows]
-        f = self.DA @ self.C.T  # [R, G] cost of item i if it sat on GPU g
+        f = self.coact_to_gpu_RG @ self.cost_GG.T  # [R, G] cost of item i if it sat on GPU g
         fs = f[np.arange(r), gpu]
-        d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * self.A[rows] * self.C[gr][:, gpu]
+        coact, cost = self.coact_RR, self.cost_GG
+        d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * coact[rows] * cost[gr][:, gpu]
         return np.where(self.allowed(cap_S, cap_var, rows), d_j, np.inf)
 
     def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray:
@@ -242,21 +245,22 @@ class _State:
             ok &= after <= max(self.prior_sq_cap, sq) + _TOL
         if cap_var < np.inf:
             vg = self.var[gpu]
-            own = self.DS[np.arange(r), gpu]
-            va = vg[rows, None] - 2.0 * own[rows, None] - self.sd[rows, None] + 2.0 * self.DS[:, gr].T - 2.0 * self.S[rows] + self.sd[None, :]
-            vb = vg[None, :] - 2.0 * own[None, :] - self.sd[None, :] + 2.0 * self.DS[rows][:, gpu] - 2.0 * self.S[rows] + self.sd[rows, None]
+            to_gpu, sd, risk = self.risk_to_gpu_RG, self.risk_diag_R, self.risk_RR
+            own = to_gpu[np.arange(r), gpu]
+            va = vg[rows, None] - 2.0 * own[rows, None] - sd[rows, None] + 2.0 * to_gpu[:, gr].T - 2.0 * risk[rows] + sd[None, :]
+            vb = vg[None, :] - 2.0 * own[None, :] - sd[None, :] + 2.0 * to_gpu[rows][:, gpu] - 2.0 * risk[rows] + sd[rows, None]
             lim = np.maximum(cap_var, np.maximum(vg[rows, None], vg[None, :])) + _TOL
             ok &= (va <= lim) & (vb <= lim)
         return ok
 
     def move_potential(self) -> np.ndarray:
         """[R] how much J would drop if each item alone moved to its best GPU (constraints ignored)."""
-        f = self.DA @ self.C.T
+        f = self.coact_to_gpu_RG @ self.cost_GG.T
         return f[np.arange(len(self.gpu)), self.gpu] - f.min(axis=1)
 
 
 #: layers of at most this many items get the exact refinement (``exact``) after the pairwise descent;
-#: in larger ones (DeepSeek-V3: 288) each refinement step costs ~15 ms and the plan would miss its time
+#: in larger ones (DeepSeek-V3 sized) refinement steps cost too much for the plan's time budget
 EXACT_MAX_ITEMS = 128
 
 #: items per step whose swaps are evaluated in large layers (all items when R <= 2 * this);
@@ -276,7 +280,7 @@ def _descend(st: _State, cap_S, cap_var, min_gain: float = 0.0, max_steps: int =
     potential only, and at all items once before stopping.
     """
     swaps = 0
-    g = st.C.shape[0]
+    g = st.cost_GG.shape[0]
     r = len(st.gpu)
     restrict = r > 2 * ROWS_PER_STEP
     full = not restrict
@@ -326,11 +330,12 @@ def _descend(st: _State, cap_S, cap_var, min_gain: float = 0.0, max_steps: int =
 
 
 def _snapshot(st: _State):
-    return (st.gpu.copy(), st.DA.copy(), st.DS.copy(), st.load.copy(), st.var.copy(), st.hold.copy())
+    return (st.gpu.copy(), st.coact_to_gpu_RG.copy(), st.risk_to_gpu_RG.copy(), st.load.copy(), st.var.copy(),
+            st.hold.copy())
 
 
 def _restore(st: _State, snap) -> None:
-    st.gpu, st.DA, st.DS, st.load, st.var, st.hold = (x.copy() for x in snap)
+    st.gpu, st.coact_to_gpu_RG, st.risk_to_gpu_RG, st.load, st.var, st.hold = (x.copy() for x in snap)
 
 
 def solve_layer(p: LayerProblem) -> LayerResult:
@@ -377,8 +382,7 @@ def solve_layer(p: LayerProblem) -> LayerResult:
     if p.robust:
         st.prior_sq_cap = float(st.load[-1] @ st.load[-1])
     # Small layers (every step already looks at all items) descend to a true 2-opt local optimum: the
-    # many tiny-gain swaps there add up (on the ESFT law traces about 0.4 points of remote copies) at a
-    # cost of milliseconds; large layers stop early to keep the time bounded.
+    # many tiny-gain swaps there add up, and cost little; large layers stop early to keep the time bounded.
     min_gain = MIN_GAIN * base_obj if len(experts) > 2 * ROWS_PER_STEP else 0.0
     swaps = refined = 0
     # The exact copies (small layers with token traffic): the refinement's objective when p.exact; the
@@ -439,9 +443,8 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray,
     elsewhere. If some of them bring the worst max/mean within max_imbalance, it takes the one that
     costs the least: the smallest rise of the exact expected copies (``copies()``; J without). Else
     it takes the one that lowers the worst max/mean the most, then the smallest rise of J. (Taking
-    the most balancing swap every time, the repair overshot: on the ESFT law traces, 2 x 4 GPUs and
-    72 slots, it gave back 0.5 points of remote copies where the cheapest sufficient swap gives
-    back 0.3, at slightly better held-out balance.) Moving an unreplicated expert moves its whole
+    the most balancing swap every time overshoots, giving back more of the communication saving.)
+    Moving an unreplicated expert moves its whole
     load; only replicated experts need the rule. The other balance caps do not apply here (they
     count replicas' loads split evenly, which is what this step corrects), the prior-spread cap
     (``_State.prior_sq_cap``) does.
