@@ -322,8 +322,12 @@ def _expert_mlp_fast(
     shared_w_down_DF: Tensor | None,
     shared_scale_T: Tensor | None,
     packed: _PackedExperts | None = None,
+    grouped: bool | None = None,
 ) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
+
+    ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
+    None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
 
     GEMMs write into preallocated buffers (``out=``), the activation runs in place, the routing
     weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
@@ -351,7 +355,7 @@ def _expert_mlp_fast(
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
     x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD, w_down_EDF):
+    if _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped:
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -430,7 +434,9 @@ def define_expert_op(name: str, forward=None):
             if callable(forward):
                 return forward(*args)
             packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if forward == "packed" else None
-            return _expert_mlp_fast(*args, packed)
+            from . import strategies  # the strategy (pinned, tuned or by rule) runs the experts
+
+            return strategies.run(args, packed)
 
     op.__name__ = name.split("::")[1]
     registered = opaque_op(name, op)
