@@ -125,6 +125,7 @@ class Tuner:
         self.table: dict[str, dict] = {}
         self.tuned_now: list[str] = []  # keys measured in this process (not read from the file)
         self.last_key: str | None = None
+        self.tuning_seconds = 0.0  # wall time spent measuring in this process
         self._load()
 
     # -- the table file ----------------------------------------------------------------------
@@ -177,7 +178,9 @@ class Tuner:
         self.last_key = key
         entry = self.table.get(key)
         if entry is None:
+            t0 = time.perf_counter()
             entry = self.measure(args, packed)
+            self.tuning_seconds += time.perf_counter() - t0
             self.table[key] = entry
             self.tuned_now.append(key)
             self._save()
