@@ -35,6 +35,10 @@ __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "activ
 
 TABLE_VERSION = 1
 
+#: A candidate whose warm-up call takes more than this many times the fastest warm-up is dropped
+#: before the timed calls (it cannot plausibly win; timing it again would only cost time).
+PRUNE = 3.0
+
 #: ISA flags from /proc/cpuinfo that change which GEMM kernels a library runs.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
               "amx_tile", "amx_int8", "asimd", "sve", "sve2")
@@ -191,16 +195,18 @@ class Tuner:
         names = strategies.candidates(args[0], args[4])
         fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed)) for n in names}
         with torch.no_grad():
-            for fn in fns.values():  # warm-up: first-call allocations and library setup
-                fn()
-            best = {n: float("inf") for n in names}
+            # Warm-up (first-call allocations, library setup), timed too: a candidate more than
+            # PRUNE times slower than the best warm-up is out without further timing.
+            warm = {n: self.timer(fn) for n, fn in fns.items()}
+            best = dict(warm)
+            timed = [n for n in names if warm[n] <= PRUNE * min(warm.values())]
             deadline = time.perf_counter() + self.budget_s
             for _ in range(self.reps):  # at least one timed call each, more while the budget lasts
-                for n, fn in fns.items():
-                    best[n] = min(best[n], self.timer(fn))
+                for n in timed:
+                    best[n] = min(best[n], self.timer(fns[n]))
                 if time.perf_counter() > deadline:
                     break
-        winner = min(names, key=lambda n: (best[n], names.index(n)))
+        winner = min(timed, key=lambda n: (best[n], names.index(n)))
         return {"strategy": winner, "us": {n: round(t * 1e6, 1) for n, t in best.items()}}
 
     def choices(self) -> dict[str, str]:

@@ -149,6 +149,9 @@ def test_tuner_picks_the_fastest_by_its_timer_and_caches(winner, tmp_path):
     args = _args()
     assert tuner.choose(args) == winner
     assert set(timer.calls) == set(strategies.candidates(args[0], args[4]))
+    # The losers were 10x slower on their warm-up call: pruned, never timed again.
+    assert all(timer.calls.count(n) == 1 for n in set(timer.calls) - {winner})
+    assert timer.calls.count(winner) == 3  # warm-up + reps=2
     n_calls = len(timer.calls)
     assert tuner.choose(args) == winner and len(timer.calls) == n_calls  # cached: no more timing
     # A fresh tuner on the same folder reads the table instead of measuring.
