@@ -201,3 +201,21 @@ def test_layer_uses_the_active_tuner_and_pin_overrides_it(tmp_path):
         assert len(timer.calls) == calls
     finally:
         tuning.disable_tuning()
+
+
+def test_tune_command_writes_the_table_and_reports_choices(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(SPEC))
+    r = run_cli("tune", spec_file, "-t", "2", "-t", "30", "--dtype", "float32", "--budget", "0.05")
+    assert r.code == 0, r.err
+    tables = list((tmp_path / "moegraph" / "tuned").glob("cpu-experts-*.json"))
+    assert len(tables) == 1
+    entries = json.loads(tables[0].read_text())["entries"]
+    assert sorted(k.rsplit("T<=", 1)[1] for k in entries) == ["2", "32"]
+    for e in entries.values():
+        assert e["strategy"] in r.out and e["strategy"] == min(e["us"], key=e["us"].get)
+    r2 = run_cli("tune", spec_file, "-t", "2", "--dtype", "float32")  # second run: read from the table
+    assert r2.code == 0 and "no (table)" in r2.out
+    bad = run_cli("tune", spec_file, "--dtype", "float8")
+    assert bad.code == 2 and "float32 or bfloat16" in bad.err
