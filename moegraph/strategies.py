@@ -147,10 +147,19 @@ STRATEGIES: dict[str, Callable[[tuple, object], Tensor]] = {
 }
 
 
+def grouped_mm_fits(x_TD: Tensor, w_up_EHD: Tensor) -> bool:
+    """torch._grouped_mm runs here: it exists, and every row stride is a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_TD.device.type != "cpu":
+        return False
+    per_16 = max(1, 16 // x_TD.element_size())
+    E, H, D = w_up_EHD.shape
+    return D % per_16 == 0 and H % per_16 == 0 and (H // 2 if H % 2 == 0 else H) % per_16 == 0
+
+
 def candidates(x_TD: Tensor, w_up_EHD: Tensor) -> list[str]:
     """The strategies worth timing for this input (each one is exact wherever it runs)."""
     names = ["per_expert"]
-    if hasattr(torch, "_grouped_mm") and x_TD.device.type == "cpu":
+    if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
     names.append("padded_bmm")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
@@ -160,8 +169,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor) -> list[str]:
 
 def run_strategy(name: str, args: tuple, packed=None) -> Tensor:
     """Run one named strategy on the expert op's arguments."""
-    if name == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
-        name = "padded_bmm"  # older torch: the nearest strategy with the same result
+    if name == "grouped_mm" and not grouped_mm_fits(args[0], args[4]):
+        name = "padded_bmm"  # no usable grouped GEMM here: the nearest strategy with the same result
     return STRATEGIES[name](args, packed)
 
 
@@ -189,7 +198,7 @@ def pinned(name: str | None):
 
 def heuristic(args: tuple) -> str:
     """The fixed rule used where tuning is off: grouped GEMMs for small float32 experts."""
-    return "grouped_mm" if ops._small_experts(args[4], args[5]) else "per_expert"
+    return "grouped_mm" if ops._small_experts(args[4], args[5]) and grouped_mm_fits(args[0], args[4]) else "per_expert"
 
 
 def run(args: tuple, packed=None) -> Tensor:
@@ -204,3 +213,79 @@ def run(args: tuple, packed=None) -> Tensor:
         else:
             name = tuner.choose(args, packed)
     return run_strategy(name, args, packed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward's routed part: per-expert GEMMs (ops) or grouped GEMMs, chosen the same way.
+# ``bargs`` = (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+# activation, gated, gate_clamp, up_clamp, want_out); ``grads`` as in ops._routed_grads_per_expert.
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_backward(bargs: tuple, grads: dict) -> Tensor:
+    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM."""
+    (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+     gate_clamp, up_clamp, want_out) = bargs
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
+    gmm = torch._grouped_mm
+    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
+    if b_up_EH is not None:
+        h = h + b_up_EH.index_select(0, exp_sorted)
+    a, saved = ops._act_saved(h, activation, gated, gate_clamp, up_clamp)
+    a = a.contiguous()
+    go = gy_ND * w_sorted
+    if want_out:
+        out = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
+        if b_down_ED is not None:
+            out = out + b_down_ED.index_select(0, exp_sorted)
+        grads["gw_sorted"].copy_((gy_ND * out).sum(-1))
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows (experts without rows get 0).
+    grads["gw_down"].copy_(gmm(go.t(), a, offs=offs))
+    if b_down_ED is not None:
+        grads["gb_down"].zero_().index_add_(0, exp_sorted, go)
+    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, activation, gated, gate_clamp, up_clamp)
+    gh = gh.contiguous()
+    grads["gw_up"].copy_(gmm(gh.t(), x_ND, offs=offs))
+    if b_up_EH is not None:
+        grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
+    return gmm(gh, w_up_EHD, offs=offs)
+
+
+def _per_expert_backward(bargs: tuple, grads: dict) -> Tensor:
+    return ops._routed_grads_per_expert(*bargs, grads)
+
+
+#: name -> backward(bargs, grads) for the routed experts.
+BACKWARD_STRATEGIES: dict[str, Callable[[tuple, dict], Tensor]] = {
+    "per_expert": _per_expert_backward,
+    "grouped_mm": _grouped_backward,
+}
+
+
+def _backward_fits(bargs: tuple) -> bool:
+    x_ND, w_up_EHD = bargs[0], bargs[5]
+    # 2-D x 2-D grouped GEMMs also need the sorted row count aligned (it is a stride of go.t()).
+    return grouped_mm_fits(x_ND, w_up_EHD) and x_ND.shape[0] % max(1, 16 // x_ND.element_size()) == 0
+
+
+def backward_candidates(bargs: tuple) -> list[str]:
+    return ["per_expert", "grouped_mm"] if _backward_fits(bargs) else ["per_expert"]
+
+
+def run_backward_strategy(name: str, bargs: tuple, grads: dict) -> Tensor:
+    if name == "grouped_mm" and not _backward_fits(bargs):
+        name = "per_expert"
+    return BACKWARD_STRATEGIES[name](bargs, grads)
+
+
+def run_backward(bargs: tuple, grads: dict) -> Tensor:
+    """The routed part of the op's backward: pinned grouped/per-expert, else tuned, else per-expert."""
+    pin = current_pin()
+    if pin is not None:
+        name = "grouped_mm" if pin == "grouped_mm" else "per_expert"
+    else:
+        from . import tuning
+
+        tuner = tuning.active_tuner()
+        name = "per_expert" if tuner is None else tuner.choose_backward(bargs, grads)
+    return run_backward_strategy(name, bargs, grads)

@@ -150,6 +150,7 @@ class Tuner:
                 raise ValueError("it was written for another device, library version or table version")
             entries = raw["entries"]
             if not all(isinstance(v, dict) and v.get("strategy") in strategies.STRATEGIES for v in entries.values()):
+                # (backward strategies are a subset of the forward names)
                 raise ValueError("an entry names no known strategy")
             self.table = dict(entries)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -177,23 +178,36 @@ class Tuner:
     # -- choosing ----------------------------------------------------------------------------
 
     def choose(self, args: tuple, packed=None) -> str:
-        """The strategy for this call: from the table, else measured now (and recorded)."""
-        key = problem_key(args, packed)
+        """The forward strategy for this call: from the table, else measured now (and recorded)."""
+        fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed)) for n in strategies.candidates(args[0], args[4])}
+        return self._choose(problem_key(args, packed), fns)
+
+    def choose_backward(self, bargs: tuple, grads: dict) -> str:
+        """The backward strategy for the routed experts (``strategies.run_backward``'s arguments)."""
+        x_ND, w_up_EHD, w_down_EDF = bargs[0], bargs[5], bargs[6]
+        E, H, D = w_up_EHD.shape
+        extras = "".join(f for f, on in (("b", bargs[7] is not None), ("w", bargs[13])) if on)
+        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},act={bargs[9]}"
+               f"{'_gated' if bargs[10] else ''},x={extras or '-'},N<={token_bucket(x_ND.shape[0])}")
+        fns = {n: (lambda n=n: strategies.run_backward_strategy(n, bargs, grads))
+               for n in strategies.backward_candidates(bargs)}
+        return self._choose(key, fns)
+
+    def _choose(self, key: str, fns: dict[str, Callable[[], object]]) -> str:
         self.last_key = key
         entry = self.table.get(key)
-        if entry is None:
+        if entry is None or entry["strategy"] not in fns:
             t0 = time.perf_counter()
-            entry = self.measure(args, packed)
+            entry = self.measure(fns)
             self.tuning_seconds += time.perf_counter() - t0
             self.table[key] = entry
             self.tuned_now.append(key)
             self._save()
         return entry["strategy"]
 
-    def measure(self, args: tuple, packed=None) -> dict:
-        """Time each candidate on ``args``; returns {"strategy": fastest, "us": {name: best time}}."""
-        names = strategies.candidates(args[0], args[4])
-        fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed)) for n in names}
+    def measure(self, fns: dict[str, Callable[[], object]]) -> dict:
+        """Time each candidate call; returns {"strategy": fastest, "us": {name: best time}}."""
+        names = list(fns)
         with torch.no_grad():
             # Warm-up (first-call allocations, library setup), timed too: a candidate more than
             # PRUNE times slower than the best warm-up is out without further timing.

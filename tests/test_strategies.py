@@ -80,7 +80,8 @@ def test_strategy_activations_biases_and_dropped(strategy, activation, bias, tmp
 @pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
 def test_strategy_gradients_match_reference(strategy, dtype, tmp_path):
     layer = _layer(strategy, dtype, tmp_path=tmp_path).train()
-    x = torch.randn(10, D, generator=torch.Generator().manual_seed(5)).to(dtype)
+    # 16 tokens x top-3: 48 rows, aligned for the grouped backward's 2-D grouped GEMMs in both dtypes.
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     ref_layer = _float_copy(layer, tmp_path=tmp_path)
     xr = x.float().clone().requires_grad_(True)
     reference_forward(SPEC, ref_layer, xr).square().sum().backward()
@@ -219,3 +220,29 @@ def test_tune_command_writes_the_table_and_reports_choices(run_cli, monkeypatch,
     assert r2.code == 0 and "no (table)" in r2.out
     bad = run_cli("tune", spec_file, "--dtype", "float8")
     assert bad.code == 2 and "float32 or bfloat16" in bad.err
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_strategies_agree_and_the_tuner_chooses_by_its_timer(bias, monkeypatch, tmp_path):
+    spec = {"name": "bwd", "moe": {
+        "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_, "activation": "swiglu",
+                                      "bias": bias}, "router": {"top_k": 2}}}
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(2))  # 16 rows
+    ran = []
+    for name in list(strategies.BACKWARD_STRATEGIES):
+        fn = strategies.BACKWARD_STRATEGIES[name]
+        monkeypatch.setitem(strategies.BACKWARD_STRATEGIES, name, lambda b, g, n=name, f=fn: ran.append(n) or f(b, g))
+    grads = {}
+    for name in ("per_expert", "grouped_mm"):
+        times = {"per_expert": 1.0, "grouped_mm": 1.0, name: 0.1}
+        tuner = tuning.enable_tuning(None, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, **times}))
+        layer = _layer("auto", spec=spec, tmp_path=tmp_path).train()
+        ran.clear()
+        xs = x.clone().requires_grad_(True)
+        layer(xs).square().sum().backward()
+        bwd = [v["strategy"] for k, v in tuner.table.items() if k.startswith("bwd")]
+        assert bwd == [name] and ran[-1] == name
+        grads[name] = [xs.grad] + [p.grad for p in layer.parameters()]
+    tuning.disable_tuning()
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
