@@ -18,6 +18,7 @@ against each other before timing. Strategies are tuned on each size's first (unt
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -44,7 +45,8 @@ def main() -> None:
         dtype = torch_dtype(name)
         t0 = time.perf_counter()
         rows = run_layer_bench(BENCH_SPEC, tuple(args.tokens), rounds=args.rounds, dtype=dtype, train=args.train,
-                               expert_strategy=args.strategy)
+                               expert_strategy=args.strategy,
+                               progress=lambda m, n=name: print(f"[{n}] {m}", file=sys.stderr, flush=True))
         names = list(rows[0].times)
         header = ["tokens", *[f"{n} ms" for n in names], "limit ms", "vs best HF", "vs limit", "strategy"]
         print(machine_line(dtype, args.train))

@@ -216,7 +216,7 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
                 b_packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), rows_mm)
                 fns["_matmul_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_packed, None, "none", [], "")
             fns["_weights"] = lambda: [w.sum() for w in w_touched]
-            inner = max(1, min(50, 2048 // max(T, 1)))
+            inner = max(1, min(50, (256 if train else 2048) // max(T, 1)))
             with torch.no_grad() if not train else contextlib.nullcontext():
                 t = _median_interleaved(fns, rounds, inner)
         matmul = min(t["_matmul"], t.get("_matmul_onednn", float("inf")))
