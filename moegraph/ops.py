@@ -5,6 +5,9 @@ expert, runs every expert's MLP on its rows (one GEMM pair per expert that recei
 the weighted outputs per token. It is an opaque custom op (``moegraph.oplib``) with a fake implementation, so
 ``torch.fx`` sees one node and ``torch.compile`` can trace around it.
 
+How the expert GEMMs are laid out (per expert, grouped, padded batch, decode) is chosen per call by
+``moegraph.strategies`` (pinned, tuned on this machine, or by the fixed rule ``_small_experts``).
+
 Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
 (N = E*C), hash routing, and dropped assignments (expert id outside [0, E) is skipped).
 

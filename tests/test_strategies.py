@@ -246,3 +246,17 @@ def test_backward_strategies_agree_and_the_tuner_chooses_by_its_timer(bias, monk
     tuning.disable_tuning()
     for a, b in zip(*grads.values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_command_reports_machine_and_strategy(dtype, run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(SPEC))
+    r = run_cli("bench", spec_file, "--no-hf", "-t", "3", "--rounds", "1", "--dtype", dtype, "--strategy", "padded_bmm")
+    assert r.code == 0, r.err
+    assert tuning.cpu_model() in r.out and dtype in r.out and "padded_bmm" in r.out
+    r = run_cli("bench", spec_file, "--no-hf", "-t", "2", "--rounds", "1", "--train")
+    assert r.code == 0, r.err
+    assert "training step" in r.out
+    assert any(s in r.out for s in strategies.STRATEGIES)  # the tuned choice is named

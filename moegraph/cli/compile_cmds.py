@@ -73,7 +73,8 @@ def bench(
     with waiting(err_console, "benchmarking") as update:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 64, 128, 2048)), rounds=rounds, with_hf=with_hf,
                                progress=update, dtype=torch_dtype(dtype), train=train, expert_strategy=strategy)
-    t = Table(title=f"{machine_line(torch_dtype(dtype), train)}; ms, median of {rounds} interleaved rounds")
+    console.print(machine_line(torch_dtype(dtype), train), highlight=False, soft_wrap=True)
+    t = Table(title=f"ms, median of {rounds} interleaved rounds")
     t.add_column("tokens", justify="right")
     for name in rows[0].times:
         t.add_column(name, justify="right")
