@@ -124,7 +124,7 @@ def _check_close(name: str, out, ref, dtype) -> None:
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         return
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert err < 2e-2, f"{name} differs from moegraph by {err:.3g} (relative norm) in {dtype}"
+    assert err < 5e-2, f"{name} differs from moegraph by {err:.3g} (relative norm) in {dtype}"
 
 
 def _train_step(mod, x):
