@@ -30,6 +30,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     process_group: Any = None,
     layer_index: int = 0,
     timeout: float | None = None,
+    expert_strategy: str = "auto",
 ) -> CompiledMoEBase:
     """Compile a spec into an ``nn.Module`` implementing its MoE layer.
 
@@ -47,8 +48,17 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
             ``moegraph.distributed.ExpertParallelMoE.create``): the group (default: the default
             group), which MoE layer of the plan this layer is, and the seconds a collective waits for
             peers before raising ``DistributedError``.
+        expert_strategy: how the expert op lays out its GEMMs (``moegraph.strategies``): "auto"
+            chooses by measurement on this machine (``moegraph.tuning``), a strategy name pins it.
+            A compile() argument rather than a spec field: the best layout is a property of the
+            machine, not of the layer, and the spec hash must not change between machines.
     """
     spec = load_spec(spec)
+    from .strategies import STRATEGIES
+
+    if expert_strategy != "auto" and expert_strategy not in STRATEGIES:
+        raise CodegenError(f"unknown expert_strategy {expert_strategy!r}; choose 'auto' or one of "
+                           f"{', '.join(STRATEGIES)}")
     backend = backend or spec.codegen.backend
     check_backend(backend)
     dtype, device = _check_arguments(dtype, device, seed, timeout, layer_index)
@@ -68,8 +78,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         if (dist.is_available() and dist.is_initialized()) or process_group is not None:
             from .distributed import ExpertParallelMoE
 
-            return ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, layer_index=layer_index,
-                                            timeout=timeout, **kwargs)
+            layer = ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, layer_index=layer_index,
+                                             timeout=timeout, **kwargs)
+            layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
+            return layer
         from .planner import Plan
 
         if not isinstance(plan, Plan):
@@ -88,6 +100,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
                      "use a smaller spec (e.g. a -tiny preset), a 16-bit dtype, or run it expert-parallel with a plan")
     layer = cls(**kwargs)
     layer.__dict__["plan"] = plan
+    layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
     return layer
 
 

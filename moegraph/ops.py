@@ -5,6 +5,9 @@ expert, runs every expert's MLP on its rows (one GEMM pair per expert that recei
 the weighted outputs per token. It is an opaque custom op (``moegraph.oplib``) with a fake implementation, so
 ``torch.fx`` sees one node and ``torch.compile`` can trace around it.
 
+How the expert GEMMs are laid out (per expert, grouped, padded batch, decode) is chosen per call by
+``moegraph.strategies`` (pinned, tuned on this machine, or by the fixed rule ``_small_experts``).
+
 Assignments cover every routing policy with one format: token choice (N = T*K), expert choice
 (N = E*C), hash routing, and dropped assignments (expert id outside [0, E) is skipped).
 
@@ -322,8 +325,12 @@ def _expert_mlp_fast(
     shared_w_down_DF: Tensor | None,
     shared_scale_T: Tensor | None,
     packed: _PackedExperts | None = None,
+    grouped: bool | None = None,
 ) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
+
+    ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
+    None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
 
     GEMMs write into preallocated buffers (``out=``), the activation runs in place, the routing
     weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
@@ -351,7 +358,7 @@ def _expert_mlp_fast(
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
     x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD, w_down_EDF):
+    if _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped:
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -430,7 +437,9 @@ def define_expert_op(name: str, forward=None):
             if callable(forward):
                 return forward(*args)
             packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if forward == "packed" else None
-            return _expert_mlp_fast(*args, packed)
+            from . import strategies  # the strategy (pinned, tuned or by rule) runs the experts
+
+            return strategies.run(args, packed)
 
     op.__name__ = name.split("::")[1]
     registered = opaque_op(name, op)
@@ -476,6 +485,33 @@ def _act_grad(h: Tensor, activation: str) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def _act_saved(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None):
+    """The activation of ``h`` [rows, H] and what its backward needs: returns (a [rows, F], saved)."""
+    if not gated:
+        return _act(h, activation), (h,)
+    f = h.shape[-1] // 2
+    g, u = h[:, :f], h[:, f:]
+    gc = g if gate_clamp is None else g.clamp(max=gate_clamp)
+    uc = u if up_clamp is None else u.clamp(min=-up_clamp, max=up_clamp)
+    act_g = _act(gc, activation)
+    return act_g * uc, (g, u, gc, uc, act_g)
+
+
+def _act_backward(ga: Tensor, saved: tuple, activation: str, gated: bool, gate_clamp: float | None,
+                  up_clamp: float | None) -> Tensor:
+    """d loss / d h [rows, H] from d loss / d a [rows, F] and ``_act_saved``'s saved tensors."""
+    if not gated:
+        return ga * _act_grad(saved[0], activation)
+    g, u, gc, uc, act_g = saved
+    g_gate = ga * uc * _act_grad(gc, activation)
+    if gate_clamp is not None:
+        g_gate = g_gate * (g <= gate_clamp)
+    g_up = ga * act_g
+    if up_clamp is not None:
+        g_up = g_up * ((u >= -up_clamp) & (u <= up_clamp))
+    return torch.cat([g_gate, g_up], dim=1)
+
+
 def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, gated, gate_clamp, up_clamp,
                want_out: bool):
     """Gradients of one expert MLP given the gradient of its output ``go_RD``.
@@ -485,32 +521,42 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, ga
     written out so that the whole backward is one opaque op.
     """
     h = F.linear(x_RD, w_up_HD, b_up_H)
-    if gated:
-        f = h.shape[-1] // 2
-        g, u = h[:, :f], h[:, f:]
-        gc = g if gate_clamp is None else g.clamp(max=gate_clamp)
-        uc = u if up_clamp is None else u.clamp(min=-up_clamp, max=up_clamp)
-        act_g = _act(gc, activation)
-        a = act_g * uc
-    else:
-        a = _act(h, activation)
+    a, saved = _act_saved(h, activation, gated, gate_clamp, up_clamp)
     out = F.linear(a, w_down_DF, b_down_D) if want_out else None
     gw_down = go_RD.t() @ a
     gb_down = go_RD.sum(0) if b_down_D is not None else None
-    ga = go_RD @ w_down_DF
-    if gated:
-        g_gate = ga * uc * _act_grad(gc, activation)
-        if gate_clamp is not None:
-            g_gate = g_gate * (g <= gate_clamp)
-        g_up = ga * act_g
-        if up_clamp is not None:
-            g_up = g_up * ((u >= -up_clamp) & (u <= up_clamp))
-        gh = torch.cat([g_gate, g_up], dim=1)
-    else:
-        gh = ga * _act_grad(h, activation)
+    gh = _act_backward(go_RD @ w_down_DF, saved, activation, gated, gate_clamp, up_clamp)
     gw_up = gh.t() @ x_RD
     gb_up = gh.sum(0) if b_up_H is not None else None
     return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, out
+
+
+def _routed_grads_per_expert(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+                             activation, gated, gate_clamp, up_clamp, want_out: bool, grads: dict) -> Tensor | None:
+    """The routed experts' gradients, one expert at a time (rows sorted by expert, ``counts`` per expert).
+
+    Writes gw_up, gw_down, gb_up, gb_down in ``grads`` (zero-filled [E, ...] tensors) and returns
+    gx_ND; the per-assignment weight gradient goes to grads["gw_sorted"] when ``want_out``.
+    """
+    gx_ND = torch.empty_like(x_ND)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        gxe, grads["gw_up"][e], grads["gw_down"][e], gbu, gbd, out = _mlp_grads(
+            x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
+            None if b_down_ED is None else b_down_ED[e], gy_ND[rows] * w_sorted[rows], activation, gated,
+            gate_clamp, up_clamp, want_out=want_out)
+        gx_ND[rows] = gxe
+        if gbu is not None:
+            grads["gb_up"][e] = gbu
+        if gbd is not None:
+            grads["gb_down"][e] = gbd
+        if want_out:
+            grads["gw_sorted"][rows] = (gy_ND[rows] * out).sum(-1)
+        start += n
+    return gx_ND
 
 
 @opaque_op("moegraph::expert_mlp_backward")
@@ -558,32 +604,21 @@ def expert_mlp_backward(
         if shared_scale_T is not None:
             g_scale = (grad_TD * out).sum(-1).to(shared_scale_T.dtype)
     # Step 2: routed experts, sorted by expert as in the forward; dropped assignments get no gradient.
-    order_N, _, counts = _sort_by_expert(exp_N, E)
+    order_N, exp_sorted, counts = _sort_by_expert(exp_N, E)
     n_valid = len(order_N)
     if n_valid:
         tok_sorted = tok_N.index_select(0, order_N)
         w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
         x_ND = x_TD.index_select(0, tok_sorted)
         gy_ND = grad_TD.index_select(0, tok_sorted)
-        gx_ND = torch.empty_like(x_ND)
-        gw_sorted = torch.empty(n_valid, dtype=x_TD.dtype, device=x_TD.device)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            gxe, gw_up[e], gw_down[e], gbu, gbd, out = _mlp_grads(
-                x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
-                None if b_down_ED is None else b_down_ED[e], gy_ND[rows] * w_sorted[rows], activation, gated,
-                gate_clamp, up_clamp, want_out=need[3])
-            gx_ND[rows] = gxe
-            if gbu is not None:
-                gb_up[e] = gbu
-            if gbd is not None:
-                gb_down[e] = gbd
-            if need[3]:
-                gw_sorted[rows] = (gy_ND[rows] * out).sum(-1)
-            start += n
+        grads = {"gw_up": gw_up, "gw_down": gw_down, "gb_up": gb_up, "gb_down": gb_down,
+                 "gw_sorted": torch.empty(n_valid, dtype=x_TD.dtype, device=x_TD.device)}
+        from . import strategies  # per-expert loop or grouped GEMMs, chosen as the forward's strategy
+
+        gx_ND = strategies.run_backward(
+            (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+             gate_clamp, up_clamp, need[3]), grads)
+        gw_sorted = grads["gw_sorted"]
         gx.index_add_(0, tok_sorted, gx_ND)
         if need[3]:
             g_weight[order_N] = gw_sorted.to(weight_N.dtype)

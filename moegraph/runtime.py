@@ -403,7 +403,14 @@ class CompiledMoEBase(nn.Module):
         tid = None
         if token_ids is not None:
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
-        y, aux, ids = self.graph()(x_BSD, tid)
+        pin = self.__dict__.get("expert_strategy")
+        if pin is None:
+            y, aux, ids = self.graph()(x_BSD, tid)
+        else:
+            from .strategies import pinned
+
+            with pinned(pin):
+                y, aux, ids = self.graph()(x_BSD, tid)
         if self.training:
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:

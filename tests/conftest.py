@@ -29,3 +29,15 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
         return CliResult(code, out, err)
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _fixed_expert_strategy_rule():
+    """Tests run the expert op through the fixed rule (and the paths they pin), not by measurement,
+    so that which strategy a test exercises never depends on this machine's timings (the CLI turns
+    tuning on when a test runs it in-process; this turns it off again for the next test)."""
+    from moegraph import tuning
+
+    tuning.disable_tuning()
+    yield
+    tuning.disable_tuning()

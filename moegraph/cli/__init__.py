@@ -45,7 +45,7 @@ def _root(
 # Command modules register themselves on `app` when imported.
 from . import spec_cmds  # noqa: E402,F401
 
-for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds", "export_cmds"):
+for _optional in ("compile_cmds", "plan_cmds", "run_cmds", "hf_cmds", "demo_cmds", "export_cmds", "tune_cmds"):
     try:
         __import__(f"{__name__}.{_optional}")
     except ModuleNotFoundError as exc:  # a stage not built yet; its commands are simply absent
@@ -80,11 +80,18 @@ def _click_exceptions():
 
 
 def _configure_from_environment() -> None:
-    """The one place that reads the environment: generated code goes under $XDG_CACHE_HOME if set."""
-    from .. import codegen
+    """The one place that reads the environment: generated code and the tuned expert-strategy table
+    go under $XDG_CACHE_HOME if set (else ~/.cache)."""
+    from .. import codegen, tuning
 
     xdg = os.environ.get("XDG_CACHE_HOME")
     codegen.set_cache_dir(Path(xdg) / "moegraph" / "generated" if xdg else None)
+    tuning.enable_tuning(tuned_cache_dir(xdg))
+
+
+def tuned_cache_dir(xdg: str | None) -> Path:
+    """Where the CLI keeps tuned expert-strategy tables (one JSON file per device identity)."""
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "moegraph" / "tuned"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,10 +56,16 @@ def bench(
     tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", min=1, max=1 << 20, help="Token counts (repeatable).")] = None,
     rounds: Annotated[int, typer.Option(min=1, max=1000, help="Interleaved timing rounds (median reported).")] = 7,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the Hugging Face comparison.")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (HF runs in the same dtype).")] = "float32",
+    train: Annotated[bool, typer.Option("--train", help="Time training steps (forward + backward).")] = False,
+    strategy: Annotated[str, typer.Option(help="Pin the expert strategy ('auto': tuned on this machine).")] = "auto",
 ) -> None:
     """Time the compiled layer against HF transformers' DeepseekV3MoE (eager, grouped_mm), side by side."""
-    from ..bench import BENCH_SPEC, format_rows, hf_incompatibility, run_layer_bench
+    from ..bench import BENCH_SPEC, format_rows, hf_incompatibility, machine_line, run_layer_bench
+    from ..runtime import torch_dtype
 
+    if dtype not in ("float32", "bfloat16"):
+        raise typer.BadParameter(f"--dtype {dtype!r}: choose float32 or bfloat16")
     s = load_spec(BENCH_SPEC if spec == "default" else spec)
     with_hf = not no_hf
     if with_hf:
@@ -71,17 +77,20 @@ def bench(
         say(f"no HF comparison for {s.name}: {why}; timing moegraph only", text_style="yellow")
         with_hf = False
     with waiting(err_console, "benchmarking") as update:
-        rows = run_layer_bench(s, tuple(tokens or (1, 16, 128, 2048)), rounds=rounds, with_hf=with_hf,
-                               progress=update)
-    t = Table(title=f"forward, eval, float32, ms (median of {rounds} interleaved rounds)")
+        rows = run_layer_bench(s, tuple(tokens or (1, 16, 64, 128, 2048)), rounds=rounds, with_hf=with_hf,
+                               progress=update, dtype=torch_dtype(dtype), train=train, expert_strategy=strategy)
+    console.print(machine_line(torch_dtype(dtype), train), highlight=False, soft_wrap=True)
+    t = Table(title=f"ms, median of {rounds} interleaved rounds")
     t.add_column("tokens", justify="right")
     for name in rows[0].times:
         t.add_column(name, justify="right")
     t.add_column("limit", justify="right")
     t.add_column("vs best HF", justify="right")
     t.add_column("vs limit", justify="right")
+    t.add_column("strategy")
     for cells in format_rows(rows):
         t.add_row(*cells)
     console.print(t)
     console.print("limit = max(time of the same FLOPs as one matmul, time to read the touched expert weights); "
-                  "'vs best HF' > 1 means moegraph is faster; 'vs limit' = moegraph time / limit.")
+                  "'vs best HF' > 1 means moegraph is faster; 'vs limit' = moegraph time / limit; strategy = "
+                  "the expert-compute strategy moegraph ran (tuned on this machine unless pinned).")

@@ -1,0 +1,291 @@
+"""Expert-compute strategies behind the one expert op, and which one runs.
+
+Every strategy computes exactly what ``ops._expert_mlp_impl`` computes (same arguments, same result
+up to floating-point summation order); they differ in how the GEMMs are laid out:
+
+- ``per_expert``: one GEMM pair per expert that received rows (oneDNN-packed weights in eval
+  graphs). Few, large GEMMs win when experts get many rows.
+- ``grouped_mm``: one ``torch._grouped_mm`` per projection over the expert-sorted rows. Two calls in
+  all, so it wins where per-call overhead dominates (small experts, mid-size batches).
+- ``padded_bmm``: the touched experts' rows padded to the largest count, one ``torch.bmm`` per
+  projection. Wins when loads are even and the padding is small.
+- ``decode``: for a handful of tokens: no sort, no gather of rows into a buffer; assignments are
+  grouped on the host and each touched expert's weights are read once by a matrix-vector product.
+
+Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
+around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
+tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not.
+
+Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
+U touched experts, M padded rows per expert, N assignments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "pinned", "current_pin", "DECODE_MAX_TOKENS"]
+
+#: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
+#: with the assignments).
+DECODE_MAX_TOKENS = 16
+
+
+def _per_expert(args: tuple, packed) -> Tensor:
+    return ops._expert_mlp_fast(*args, packed, grouped=False)
+
+
+def _grouped(args: tuple, packed) -> Tensor:
+    return ops._expert_mlp_fast(*args, None, grouped=True)
+
+
+def _shared_into_output(args: tuple, packed) -> Tensor:
+    """Step 1 of every strategy: the shared experts (or zeros) as the [T, D] output buffer."""
+    x_TD, s_up, s_down, s_scale = args[0], args[12], args[13], args[14]
+    activation, gated, gate_clamp, up_clamp = args[8:12]
+    if s_up is None:
+        return x_TD.new_zeros(x_TD.shape)
+    hs = ops._linear(x_TD, s_up, packed.shared_up if packed else None)
+    a = ops._activate_(hs, activation, gated, gate_clamp, up_clamp)
+    if s_scale is not None:
+        a.mul_(s_scale.to(a.dtype).unsqueeze(-1))
+    return ops._linear(a, s_down, packed.shared_down if packed else None)
+
+
+def _padded_bmm(args: tuple, packed) -> Tensor:
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
+     up_clamp) = args[:12]
+    y_TD = _shared_into_output(args, packed)
+    E, D = w_up_EHD.shape[0], x_TD.shape[1]
+    order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, E)
+    n = len(order_N)
+    if n == 0:
+        return y_TD
+    touched = [e for e, c in enumerate(counts) if c]
+    U, M = len(touched), max(counts)
+    # Slot u of the padded batch holds expert touched[u]; a row's position is its rank in its expert.
+    starts, s = [], 0
+    for c in counts:
+        starts.append(s)
+        s += c
+    dev = x_TD.device
+    slot_E = torch.zeros(E, dtype=torch.int64)
+    slot_E[touched] = torch.arange(U)
+    starts_E = torch.tensor(starts, dtype=torch.int64, device=dev)
+    slot_N = slot_E.to(dev).index_select(0, exp_sorted)
+    pos_N = torch.arange(n, device=dev) - starts_E.index_select(0, exp_sorted)
+    flat_N = slot_N * M + pos_N
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+    x_UMD = x_TD.new_zeros(U * M, D)
+    x_UMD.index_copy_(0, flat_N, x_TD.index_select(0, tok_sorted))
+    x_UMD = x_UMD.view(U, M, D)
+    idx_U = None if U == E else torch.tensor(touched, dtype=torch.int64, device=dev)
+    w_up = w_up_EHD if idx_U is None else w_up_EHD.index_select(0, idx_U)
+    w_down = w_down_EDF if idx_U is None else w_down_EDF.index_select(0, idx_U)
+    h = torch.bmm(x_UMD, w_up.transpose(1, 2))  # [U, M, H]
+    if b_up_EH is not None:
+        h.add_((b_up_EH if idx_U is None else b_up_EH.index_select(0, idx_U)).unsqueeze(1))
+    a = ops._activate_(h.view(U * M, -1), activation, gated, gate_clamp, up_clamp)
+    a = a.contiguous().view(U, M, -1)
+    o = torch.bmm(a, w_down.transpose(1, 2)).view(U * M, D).index_select(0, flat_N)  # [n, D]
+    if b_down_ED is not None:
+        o.add_(b_down_ED.index_select(0, exp_sorted))
+    o.mul_(w_sorted)
+    return y_TD.index_add_(0, tok_sorted, o)
+
+
+def _decode(args: tuple, packed) -> Tensor:
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
+     up_clamp) = args[:12]
+    y_TD = _shared_into_output(args, packed)
+    E = w_up_EHD.shape[0]
+    # One host sync for the (few) assignments; group them by expert on the host.
+    exp_list, tok_list = exp_N.tolist(), tok_N.tolist()
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(exp_list):
+        if 0 <= e < E:
+            groups.setdefault(e, []).append(i)
+    w_N = weight_N.to(x_TD.dtype).unsqueeze(-1)
+    for e, idx in groups.items():
+        if len(idx) == 1:  # one row: plain slices, no index tensors
+            i, t = idx[0], tok_list[idx[0]]
+            rows = x_TD[t : t + 1]
+            w_R = w_N[i : i + 1]
+            tok_R = None
+        else:
+            tok_R = torch.tensor([tok_list[i] for i in idx], dtype=torch.int64, device=x_TD.device)
+            rows = x_TD.index_select(0, tok_R)
+            w_R = w_N.index_select(0, torch.tensor(idx, dtype=torch.int64, device=x_TD.device))
+        h = torch.mm(rows, w_up_EHD[e].t())
+        if b_up_EH is not None:
+            h.add_(b_up_EH[e])
+        a = ops._activate_(h, activation, gated, gate_clamp, up_clamp).mul_(w_R)
+        o = torch.mm(a, w_down_EDF[e].t())
+        if b_down_ED is not None:
+            o.addcmul_(w_R, b_down_ED[e].unsqueeze(0))
+        if tok_R is None:
+            y_TD[t : t + 1].add_(o)
+        else:
+            y_TD.index_add_(0, tok_R, o)
+    return y_TD
+
+
+#: name -> forward(args, packed) with ``args`` the expert op's 15 arguments.
+STRATEGIES: dict[str, Callable[[tuple, object], Tensor]] = {
+    "per_expert": _per_expert,
+    "grouped_mm": _grouped,
+    "padded_bmm": _padded_bmm,
+    "decode": _decode,
+}
+
+
+def grouped_mm_fits(x_TD: Tensor, w_up_EHD: Tensor) -> bool:
+    """torch._grouped_mm runs here: it exists, and every row stride is a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_TD.device.type != "cpu":
+        return False
+    per_16 = max(1, 16 // x_TD.element_size())
+    E, H, D = w_up_EHD.shape
+    return D % per_16 == 0 and H % per_16 == 0 and (H // 2 if H % 2 == 0 else H) % per_16 == 0
+
+
+def candidates(x_TD: Tensor, w_up_EHD: Tensor) -> list[str]:
+    """The strategies worth timing for this input (each one is exact wherever it runs)."""
+    names = ["per_expert"]
+    if grouped_mm_fits(x_TD, w_up_EHD):
+        names.append("grouped_mm")
+    names.append("padded_bmm")
+    if x_TD.shape[0] <= DECODE_MAX_TOKENS:
+        names.append("decode")
+    return names
+
+
+def run_strategy(name: str, args: tuple, packed=None) -> Tensor:
+    """Run one named strategy on the expert op's arguments."""
+    if name == "grouped_mm" and not grouped_mm_fits(args[0], args[4]):
+        name = "padded_bmm"  # no usable grouped GEMM here: the nearest strategy with the same result
+    return STRATEGIES[name](args, packed)
+
+
+_PIN = threading.local()
+
+
+def current_pin() -> str | None:
+    return getattr(_PIN, "name", None)
+
+
+@contextlib.contextmanager
+def pinned(name: str | None):
+    """Within the block, the expert op runs strategy ``name`` (None: choose as usual)."""
+    if name is not None and name not in STRATEGIES:
+        from .errors import InputError
+
+        raise InputError(f"unknown expert strategy {name!r}; choose one of {', '.join(STRATEGIES)} or 'auto'")
+    prev = current_pin()
+    _PIN.name = name
+    try:
+        yield
+    finally:
+        _PIN.name = prev
+
+
+def heuristic(args: tuple) -> str:
+    """The fixed rule used where tuning is off: grouped GEMMs for small float32 experts."""
+    return "grouped_mm" if ops._small_experts(args[4], args[5]) and grouped_mm_fits(args[0], args[4]) else "per_expert"
+
+
+def run(args: tuple, packed=None) -> Tensor:
+    """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic."""
+    name = current_pin()
+    if name is None:
+        from . import tuning
+
+        tuner = tuning.active_tuner()
+        if tuner is None:
+            name = heuristic(args)
+        else:
+            name = tuner.choose(args, packed)
+    return run_strategy(name, args, packed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward's routed part: per-expert GEMMs (ops) or grouped GEMMs, chosen the same way.
+# ``bargs`` = (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+# activation, gated, gate_clamp, up_clamp, want_out); ``grads`` as in ops._routed_grads_per_expert.
+# ----------------------------------------------------------------------------------------------
+
+
+def _grouped_backward(bargs: tuple, grads: dict) -> Tensor:
+    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM."""
+    (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
+     gate_clamp, up_clamp, want_out) = bargs
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
+    gmm = torch._grouped_mm
+    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
+    if b_up_EH is not None:
+        h = h + b_up_EH.index_select(0, exp_sorted)
+    a, saved = ops._act_saved(h, activation, gated, gate_clamp, up_clamp)
+    a = a.contiguous()
+    go = gy_ND * w_sorted
+    if want_out:
+        out = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
+        if b_down_ED is not None:
+            out = out + b_down_ED.index_select(0, exp_sorted)
+        grads["gw_sorted"].copy_((gy_ND * out).sum(-1))
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows (experts without rows get 0).
+    grads["gw_down"].copy_(gmm(go.t(), a, offs=offs))
+    if b_down_ED is not None:
+        grads["gb_down"].zero_().index_add_(0, exp_sorted, go)
+    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, activation, gated, gate_clamp, up_clamp)
+    gh = gh.contiguous()
+    grads["gw_up"].copy_(gmm(gh.t(), x_ND, offs=offs))
+    if b_up_EH is not None:
+        grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
+    return gmm(gh, w_up_EHD, offs=offs)
+
+
+def _per_expert_backward(bargs: tuple, grads: dict) -> Tensor:
+    return ops._routed_grads_per_expert(*bargs, grads)
+
+
+#: name -> backward(bargs, grads) for the routed experts.
+BACKWARD_STRATEGIES: dict[str, Callable[[tuple, dict], Tensor]] = {
+    "per_expert": _per_expert_backward,
+    "grouped_mm": _grouped_backward,
+}
+
+
+def _backward_fits(bargs: tuple) -> bool:
+    x_ND, w_up_EHD = bargs[0], bargs[5]
+    # 2-D x 2-D grouped GEMMs also need the sorted row count aligned (it is a stride of go.t()).
+    return grouped_mm_fits(x_ND, w_up_EHD) and x_ND.shape[0] % max(1, 16 // x_ND.element_size()) == 0
+
+
+def backward_candidates(bargs: tuple) -> list[str]:
+    return ["per_expert", "grouped_mm"] if _backward_fits(bargs) else ["per_expert"]
+
+
+def run_backward_strategy(name: str, bargs: tuple, grads: dict) -> Tensor:
+    if name == "grouped_mm" and not _backward_fits(bargs):
+        name = "per_expert"
+    return BACKWARD_STRATEGIES[name](bargs, grads)
+
+
+def run_backward(bargs: tuple, grads: dict) -> Tensor:
+    """The routed part of the op's backward: pinned grouped/per-expert, else tuned, else per-expert."""
+    pin = current_pin()
+    if pin is not None:
+        name = "grouped_mm" if pin == "grouped_mm" else "per_expert"
+    else:
+        from . import tuning
+
+        tuner = tuning.active_tuner()
+        name = "per_expert" if tuner is None else tuner.choose_backward(bargs, grads)
+    return run_backward_strategy(name, bargs, grads)

@@ -1,0 +1,252 @@
+"""Choose the expert-compute strategy by measurement, and remember the choice per device.
+
+On the first call for a problem key (device, dtype, shape, activation, token-count bucket), the
+tuner times each candidate strategy of ``moegraph.strategies`` a few times on the call's own inputs
+(bounded by ``budget_s`` per key), keeps the fastest, and writes it to a JSON table for this device.
+The table is to CPUs what ``triton_backend/configs.py``'s tuned tables are to GPUs; its file name
+is a hash of the device identity (CPU model, core count, ISA flags) and library versions, so a
+table never carries to another machine or torch build.
+
+Where the table lives is the caller's decision (``enable_tuning(cache_dir=...)``; the CLI points it
+at the user cache directory). Nothing here reads environment variables. A corrupt or foreign table
+file is rebuilt with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import strategies
+
+__all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "active_tuner", "problem_key",
+           "TABLE_VERSION"]
+
+TABLE_VERSION = 1
+
+#: A candidate whose warm-up call takes more than this many times the fastest warm-up is dropped
+#: before the timed calls (it cannot plausibly win; timing it again would only cost time).
+PRUNE = 3.0
+
+#: ISA flags from /proc/cpuinfo that change which GEMM kernels a library runs.
+_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
+              "amx_tile", "amx_int8", "asimd", "sve", "sve2")
+
+
+@lru_cache(maxsize=None)
+def _cpuinfo() -> tuple[str, tuple[str, ...]]:
+    model, flags = platform.processor() or platform.machine(), ()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = tuple(sorted(set(value.split()) & set(_ISA_FLAGS)))
+    return model, flags
+
+
+def cpu_model() -> str:
+    """The CPU model name (from /proc/cpuinfo where there is one)."""
+    return _cpuinfo()[0]
+
+
+def device_identity(device: torch.device | str = "cpu") -> dict:
+    """What a tuned choice depends on besides the problem: the device and the library versions."""
+    device = torch.device(device)
+    ident = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        ident.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    else:
+        model, flags = _cpuinfo()
+        ident.update(device=model, cores=os.cpu_count(), isa=list(flags),
+                     mkldnn=torch.backends.mkldnn.is_available())
+    return ident
+
+
+def _identity_hash(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def token_bucket(T: int) -> int:
+    """Token counts share a choice within a power-of-two bucket (1, 2, 4, ...)."""
+    b = 1
+    while b < T:
+        b *= 2
+    return b
+
+
+def problem_key(args: tuple, packed) -> str:
+    """The table key of an expert-op call: dtype, shapes, activation, extras and token bucket."""
+    x_TD, w_up_EHD, w_down_EDF = args[0], args[4], args[5]
+    E, H, D = w_up_EHD.shape
+    F = w_down_EDF.shape[2]
+    K = max(1, round(args[2].numel() / max(1, x_TD.shape[0])))
+    extras = "".join(f for f, on in (("b", args[6] is not None), ("s", args[12] is not None),
+                                     ("p", packed is not None)) if on)
+    return (f"{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={F},K={K},act={args[8]}{'_gated' if args[9] else ''}"
+            f",x={extras or '-'},T<={token_bucket(x_TD.shape[0])}")
+
+
+def _wall_timer(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class Tuner:
+    """Times candidate strategies per problem key and keeps the winners (in memory and on disk).
+
+    Args:
+        cache_dir: folder of the per-device JSON tables (None: in memory only).
+        budget_s: time after which no further round of timed calls starts for one key (each
+            candidate gets one warm-up and at least one timed call).
+        reps: timed calls per candidate (fewer when the budget runs out; the minimum is kept).
+        timer: ``timer(fn) -> seconds`` for one call of ``fn`` (tests pass a fake one).
+    """
+
+    def __init__(self, cache_dir: str | Path | None = None, *, budget_s: float = 0.5, reps: int = 3,
+                 timer: Callable[[Callable[[], object]], float] | None = None, device: str = "cpu"):
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.budget_s, self.reps = budget_s, reps
+        self.timer = timer or _wall_timer
+        self.identity = device_identity(device)
+        self.table: dict[str, dict] = {}
+        self.tuned_now: list[str] = []  # keys measured in this process (not read from the file)
+        self.last_key: str | None = None
+        self.tuning_seconds = 0.0  # wall time spent measuring in this process
+        self._load()
+
+    # -- the table file ----------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"cpu-experts-{_identity_hash(self.identity)}.json"
+
+    def _load(self) -> None:
+        path = self.path
+        if path is None or not path.exists():
+            return
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if raw.get("version") != TABLE_VERSION or raw.get("identity") != self.identity:
+                raise ValueError("it was written for another device, library version or table version")
+            entries = raw["entries"]
+            if not all(isinstance(v, dict) and v.get("strategy") in strategies.STRATEGIES for v in entries.values()):
+                # (backward strategies are a subset of the forward names)
+                raise ValueError("an entry names no known strategy")
+            self.table = dict(entries)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(f"expert-strategy table {path} is unreadable ({exc}); it will be rebuilt by measurement",
+                          RuntimeWarning, stacklevel=2)
+            self.table = {}
+
+    def _save(self) -> None:
+        path = self.path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"version": TABLE_VERSION, "identity": self.identity, "entries": self.table},
+                          indent=1, sort_keys=True)
+        # Write then rename, so a reader never sees half a table.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(body)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- choosing ----------------------------------------------------------------------------
+
+    def choose(self, args: tuple, packed=None) -> str:
+        """The forward strategy for this call: from the table, else measured now (and recorded)."""
+        fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed)) for n in strategies.candidates(args[0], args[4])}
+        return self._choose(problem_key(args, packed), fns)
+
+    def choose_backward(self, bargs: tuple, grads: dict) -> str:
+        """The backward strategy for the routed experts (``strategies.run_backward``'s arguments)."""
+        x_ND, w_up_EHD, w_down_EDF = bargs[0], bargs[5], bargs[6]
+        E, H, D = w_up_EHD.shape
+        extras = "".join(f for f, on in (("b", bargs[7] is not None), ("w", bargs[13])) if on)
+        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},act={bargs[9]}"
+               f"{'_gated' if bargs[10] else ''},x={extras or '-'},N<={token_bucket(x_ND.shape[0])}")
+        fns = {n: (lambda n=n: strategies.run_backward_strategy(n, bargs, grads))
+               for n in strategies.backward_candidates(bargs)}
+        return self._choose(key, fns)
+
+    def _choose(self, key: str, fns: dict[str, Callable[[], object]]) -> str:
+        self.last_key = key
+        entry = self.table.get(key)
+        if entry is None or entry["strategy"] not in fns:
+            t0 = time.perf_counter()
+            entry = self.measure(fns)
+            self.tuning_seconds += time.perf_counter() - t0
+            self.table[key] = entry
+            self.tuned_now.append(key)
+            self._save()
+        return entry["strategy"]
+
+    def measure(self, fns: dict[str, Callable[[], object]]) -> dict:
+        """Time each candidate call; returns {"strategy": fastest, "us": {name: best time}}."""
+        names = list(fns)
+        with torch.no_grad():
+            # Warm-up (first-call allocations, library setup), timed too: a candidate more than
+            # PRUNE times slower than the best warm-up is out without further timing.
+            warm = {n: self.timer(fn) for n, fn in fns.items()}
+            best = dict(warm)
+            timed = [n for n in names if warm[n] <= PRUNE * min(warm.values())]
+            deadline = time.perf_counter() + self.budget_s
+            for _ in range(self.reps):  # at least one timed call each, more while the budget lasts
+                for n in timed:
+                    best[n] = min(best[n], self.timer(fns[n]))
+                if time.perf_counter() > deadline:
+                    break
+        winner = min(timed, key=lambda n: (best[n], names.index(n)))
+        return {"strategy": winner, "us": {n: round(t * 1e6, 1) for n, t in best.items()}}
+
+    def choices(self) -> dict[str, str]:
+        return {k: v["strategy"] for k, v in self.table.items()}
+
+
+_ACTIVE: list[Tuner | None] = [None]
+_ENABLED: list[bool] = [True]
+
+
+def enable_tuning(cache_dir: str | Path | None = None, **kwargs) -> Tuner:
+    """Choose strategies by measurement from now on, with the table in ``cache_dir`` (None: memory)."""
+    _ACTIVE[0] = Tuner(cache_dir, **kwargs)
+    _ENABLED[0] = True
+    return _ACTIVE[0]
+
+
+def disable_tuning() -> None:
+    """Use the fixed heuristic of ``moegraph.ops`` instead of measuring (a pin still wins)."""
+    _ACTIVE[0] = None
+    _ENABLED[0] = False
+
+
+def active_tuner() -> Tuner | None:
+    """The tuner in use: by default an in-memory one made on first use; None after disable_tuning()."""
+    if _ACTIVE[0] is None and _ENABLED[0]:
+        _ACTIVE[0] = Tuner(None)
+    return _ACTIVE[0]
+

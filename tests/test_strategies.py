@@ -1,0 +1,262 @@
+"""Expert-compute strategies: each exact against the dense loop reference (outputs and gradients,
+float32 and bfloat16), and the choice mechanism (pin, measurement with a fake timer, the table file)."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+import moegraph
+from moegraph import ops, strategies, tuning
+from moegraph.errors import CodegenError, InputError
+
+from reference_moe import reference_forward
+
+D, F_, E = 16, 8, 8
+
+SPEC = {"name": "strat", "moe": {
+    "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_, "activation": "swiglu"},
+    "shared_experts": {"count": 1},
+    "router": {"top_k": 3, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+               "groups": {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn", "top_n": 2},
+               "expert_bias": {"update_rate": 0.01}}}}
+
+
+def _layer(strategy: str, dtype=torch.float32, spec=SPEC, tmp_path=None):
+    """A compiled layer in ``dtype`` (router in float32) with seeded random weights."""
+    layer = moegraph.compile(spec, dtype=dtype, out_dir=tmp_path, expert_strategy=strategy)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.copy_(torch.randn(E, generator=g) * 0.3)
+    return layer
+
+
+def _float_copy(layer, spec=SPEC, tmp_path=None):
+    """The same layer in float32 (the bfloat16 weights widened exactly), for the reference."""
+    ref = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path, expert_strategy="per_expert")
+    ref.load_state_dict({k: v.float() for k, v in layer.state_dict().items()})
+    return ref
+
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_strategy_matches_loop_reference(strategy, dtype, T, tmp_path):
+    layer = _layer(strategy, dtype, tmp_path=tmp_path)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(dtype)
+    ref = reference_forward(SPEC, _float_copy(layer, tmp_path=tmp_path), x.float())
+    for mode in ("eval", "train"):
+        getattr(layer, mode)()
+        with torch.no_grad():
+            y = layer(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
+@pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False), ("geglu", True)])
+def test_strategy_activations_biases_and_dropped(strategy, activation, bias, tmp_path):
+    spec = {"name": "strat2", "moe": {
+        "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_, "activation": activation,
+                                      "bias": bias},
+        "router": {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}}}}
+    layer = _layer(strategy, spec=spec, tmp_path=tmp_path).eval()
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_forward(spec, layer, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
+def test_strategy_gradients_match_reference(strategy, dtype, tmp_path):
+    layer = _layer(strategy, dtype, tmp_path=tmp_path).train()
+    # 16 tokens x top-3: 48 rows, aligned for the grouped backward's 2-D grouped GEMMs in both dtypes.
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5)).to(dtype)
+    ref_layer = _float_copy(layer, tmp_path=tmp_path)
+    xr = x.float().clone().requires_grad_(True)
+    reference_forward(SPEC, ref_layer, xr).square().sum().backward()
+    xs = x.clone().requires_grad_(True)
+    layer(xs).float().square().sum().backward()
+    if dtype == torch.float32:
+        close = lambda a, b, name: torch.testing.assert_close(a, b, **TOL[dtype], msg=name)  # noqa: E731
+    else:  # bfloat16 rounding compounds through forward and backward: compare by relative norm
+        def close(a, b, name):
+            err = ((a.float() - b).norm() / b.norm()).item()
+            assert err < 2e-2, f"{name}: relative error {err:.3g}"
+    close(xs.grad.float(), xr.grad, "x")
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            close(p.grad.float(), q.grad, name)
+
+
+def test_pin_runs_the_pinned_strategy(monkeypatch, tmp_path):
+    ran = []
+    for name in list(strategies.STRATEGIES):
+        fn = strategies.STRATEGIES[name]
+        monkeypatch.setitem(strategies.STRATEGIES, name, lambda a, p, n=name, f=fn: ran.append(n) or f(a, p))
+    layer = _layer("padded_bmm", tmp_path=tmp_path).eval()
+    with torch.no_grad():
+        layer(torch.randn(4, D))
+    assert ran == ["padded_bmm"]
+    assert strategies.current_pin() is None  # the pin ends with the forward
+
+
+def test_unknown_strategy_is_a_clear_error(tmp_path):
+    with pytest.raises(CodegenError, match="expert_strategy 'fastest'.*per_expert"):
+        moegraph.compile(SPEC, out_dir=tmp_path, expert_strategy="fastest")
+    with pytest.raises(InputError, match="unknown expert strategy"):
+        with strategies.pinned("nope"):
+            pass
+
+
+def _args(T=6, E_=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, D, generator=g)
+    tok = torch.arange(T).repeat_interleave(2)
+    exp = torch.randint(0, E_, (2 * T,), generator=g)
+    return (x, tok, exp, torch.rand(2 * T, generator=g), torch.randn(E_, 2 * F_, D, generator=g),
+            torch.randn(E_, D, F_, generator=g), None, None, "silu", True, None, None, None, None, None)
+
+
+class FakeTimer:
+    """Times from a table instead of the clock: which strategy 'wins' is decided by the test."""
+
+    def __init__(self, times: dict[str, float]):
+        self.times, self.calls = times, []
+
+    def __call__(self, fn):
+        name = fn.__defaults__[0]  # the candidate's name, bound by Tuner.measure
+        self.calls.append(name)
+        fn()
+        return self.times[name]
+
+
+@pytest.mark.parametrize("winner", ["per_expert", "padded_bmm", "decode"])
+def test_tuner_picks_the_fastest_by_its_timer_and_caches(winner, tmp_path):
+    times = {n: 1.0 for n in strategies.STRATEGIES}
+    times[winner] = 0.1
+    timer = FakeTimer(times)
+    tuner = tuning.Tuner(tmp_path, timer=timer, reps=2)
+    args = _args()
+    assert tuner.choose(args) == winner
+    assert set(timer.calls) == set(strategies.candidates(args[0], args[4]))
+    # The losers were 10x slower on their warm-up call: pruned, never timed again.
+    assert all(timer.calls.count(n) == 1 for n in set(timer.calls) - {winner})
+    assert timer.calls.count(winner) == 3  # warm-up + reps=2
+    n_calls = len(timer.calls)
+    assert tuner.choose(args) == winner and len(timer.calls) == n_calls  # cached: no more timing
+    # A fresh tuner on the same folder reads the table instead of measuring.
+    timer2 = FakeTimer({n: 1.0 for n in strategies.STRATEGIES})
+    assert tuning.Tuner(tmp_path, timer=timer2).choose(args) == winner and timer2.calls == []
+    raw = json.loads(tuner.path.read_text())
+    assert raw["identity"]["torch"] == torch.__version__ and raw["identity"]["device"]
+    assert [v["strategy"] for v in raw["entries"].values()] == [winner]
+
+
+def test_tuner_keys_by_token_bucket(tmp_path):
+    tuner = tuning.Tuner(None, timer=FakeTimer({n: 1.0 for n in strategies.STRATEGIES}))
+    tuner.choose(_args(T=3))
+    tuner.choose(_args(T=4))  # same power-of-two bucket as 3
+    tuner.choose(_args(T=40))
+    assert len(tuner.table) == 2 and sorted(k.rsplit("T<=", 1)[1] for k in tuner.table) == ["4", "64"]
+    assert "decode" not in tuner.table[tuning.problem_key(_args(T=40), None)]["us"]  # too many tokens
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "identity": {"device": "other"},
+                                                                 "entries": {}}),
+                                     "[1, 2]", json.dumps({"version": 1, "identity": None, "entries": []})])
+def test_corrupt_or_foreign_table_is_rebuilt_with_a_warning(content, tmp_path):
+    path = tuning.Tuner(tmp_path).path
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match="unreadable.*rebuilt"):
+        tuner = tuning.Tuner(tmp_path, timer=FakeTimer({n: 1.0 for n in strategies.STRATEGIES}))
+    assert tuner.choose(_args()) == "per_expert"  # ties go to the first candidate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuning.Tuner(tmp_path).choices() == tuner.choices()  # the rebuilt file reads cleanly
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_layer_uses_the_active_tuner_and_pin_overrides_it(tmp_path):
+    timer = FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "grouped_mm": 0.01})
+    tuner = tuning.enable_tuning(tmp_path / "tuned", timer=timer)
+    try:
+        layer = _layer("auto", tmp_path=tmp_path).eval()
+        with torch.no_grad():
+            layer(torch.randn(5, D))
+        assert list(tuner.choices().values()) == ["grouped_mm"]
+        pinned_layer = _layer("decode", tmp_path=tmp_path).eval()
+        calls = len(timer.calls)
+        with torch.no_grad():
+            pinned_layer(torch.randn(700, D))  # a new bucket, but pinned: nothing is timed
+        assert len(timer.calls) == calls
+    finally:
+        tuning.disable_tuning()
+
+
+def test_tune_command_writes_the_table_and_reports_choices(run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(SPEC))
+    r = run_cli("tune", spec_file, "-t", "2", "-t", "30", "--dtype", "float32", "--budget", "0.05")
+    assert r.code == 0, r.err
+    tables = list((tmp_path / "moegraph" / "tuned").glob("cpu-experts-*.json"))
+    assert len(tables) == 1
+    entries = json.loads(tables[0].read_text())["entries"]
+    assert sorted(k.rsplit("T<=", 1)[1] for k in entries) == ["2", "32"]
+    for e in entries.values():
+        assert e["strategy"] in r.out and e["strategy"] == min(e["us"], key=e["us"].get)
+    r2 = run_cli("tune", spec_file, "-t", "2", "--dtype", "float32")  # second run: read from the table
+    assert r2.code == 0 and "no (table)" in r2.out
+    bad = run_cli("tune", spec_file, "--dtype", "float8")
+    assert bad.code == 2 and "float32 or bfloat16" in bad.err
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_backward_strategies_agree_and_the_tuner_chooses_by_its_timer(bias, monkeypatch, tmp_path):
+    spec = {"name": "bwd", "moe": {
+        "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_, "activation": "swiglu",
+                                      "bias": bias}, "router": {"top_k": 2}}}
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(2))  # 16 rows
+    ran = []
+    for name in list(strategies.BACKWARD_STRATEGIES):
+        fn = strategies.BACKWARD_STRATEGIES[name]
+        monkeypatch.setitem(strategies.BACKWARD_STRATEGIES, name, lambda b, g, n=name, f=fn: ran.append(n) or f(b, g))
+    grads = {}
+    for name in ("per_expert", "grouped_mm"):
+        times = {"per_expert": 1.0, "grouped_mm": 1.0, name: 0.1}
+        tuner = tuning.enable_tuning(None, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, **times}))
+        layer = _layer("auto", spec=spec, tmp_path=tmp_path).train()
+        ran.clear()
+        xs = x.clone().requires_grad_(True)
+        layer(xs).square().sum().backward()
+        bwd = [v["strategy"] for k, v in tuner.table.items() if k.startswith("bwd")]
+        assert bwd == [name] and ran[-1] == name
+        grads[name] = [xs.grad] + [p.grad for p in layer.parameters()]
+    tuning.disable_tuning()
+    for a, b in zip(*grads.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_command_reports_machine_and_strategy(dtype, run_cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(SPEC))
+    r = run_cli("bench", spec_file, "--no-hf", "-t", "3", "--rounds", "1", "--dtype", dtype, "--strategy", "padded_bmm")
+    assert r.code == 0, r.err
+    assert tuning.cpu_model() in r.out and dtype in r.out and "padded_bmm" in r.out
+    r = run_cli("bench", spec_file, "--no-hf", "-t", "2", "--rounds", "1", "--train")
+    assert r.code == 0, r.err
+    assert "training step" in r.out
+    assert any(s in r.out for s in strategies.STRATEGIES)  # the tuned choice is named
