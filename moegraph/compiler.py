@@ -57,7 +57,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     from .strategies import STRATEGIES
 
     if expert_strategy != "auto" and expert_strategy not in STRATEGIES:
-        raise CodegenError(f"unknown expert_strategy {expert_strategy!r}; choose 'auto' or one of "
+        raise InputError(f"unknown expert_strategy {expert_strategy!r}; choose 'auto' or one of "
                            f"{', '.join(STRATEGIES)}")
     backend = backend or spec.codegen.backend
     check_backend(backend)
