@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..errors import UnsupportedBlock
 from ..runtime import CompiledMoEBase
-from .anatomy import probe_activation
+from .anatomy import BlockAnatomy, probe_activation
+from .assemble import build_spec
 from .probe import Probe, light_copy
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
@@ -223,8 +224,6 @@ def _fx_evidence(block: nn.Module, router: str, experts: str) -> tuple[bool | No
 
 def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: str | None = None) -> StructuralRead:
     """Explain a user's naive MoE block as a spec + weights, or raise UnsupportedBlock with the reason."""
-    from ..loader import load_spec
-
     cls = type(block).__name__
     parts = structural_parts(block)
     if parts is None:
@@ -327,18 +326,30 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
         kind = ("tuple", *("router_logits" if isinstance(e, Tensor) and e.shape == logits.shape
                           and torch.allclose(e.float(), logits, atol=1e-5) else "unknown" for e in out[1:]))
 
-    # The spec and the weights in the compiled layer's layout.
-    dtype = DTYPE_NAMES.get(router.weight.dtype, "float32")
+    # The anatomy read from the structure, assembled into a spec like a registry block's.
+    shared = shared_forms[0] if shared_forms else None
+    anat = BlockAnatomy(
+        block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=form.intermediate,
+        gated=form.gated, transposed=False, interleaved=False, expert_bias_terms=form.bias,
+        activation_fn=form.act, router_weight_name=f"{rname}.weight",
+        router_bias_name=f"{rname}.bias" if router.bias is not None else None, expert_bias_name=None,
+        shared_names=tuple(others), shared_intermediate=shared.intermediate if shared else 0,
+        shared_bias_terms=bool(shared and shared.bias), shared_activation_fn=shared.act if shared else None,
+    )
     ew = [_mlp_weights(m, form) for m in experts]
-    table = GATED_ACT if form.gated else PLAIN_ACT
-    bias = form.bias or any(f.bias for f in shared_forms)
-    moe: dict[str, Any] = {
-        "hidden_size": D,
-        "experts": {"num_experts": E, "intermediate_size": form.intermediate, "activation": table[form.act],
-                    "bias": bias},
-        "router": {**routing.router_dict(), "router_bias": router.bias is not None},
-        "dtype": DTYPE_NAMES.get(ew[0][0].dtype, dtype),
-    }
+    dtype = DTYPE_NAMES.get(ew[0][0].dtype, DTYPE_NAMES.get(router.weight.dtype, "float32"))
+    spec = build_spec(anat, routing, None, dtype, notes,
+                      name or "structural-" + "".join(ch if ch.isalnum() else "-" for ch in cls.lower()),
+                      description=f"{cls} read structurally: {routing.describe()}",
+                      source="moegraph.optimize structural match (FX + probing)")
+    weights = _structural_weights(block, anat, form, shared, router, ew)
+    return StructuralRead(spec, weights, kind, routing, notes, rank)
+
+
+def _structural_weights(block: nn.Module, anat: BlockAnatomy, form: MLPForm, shared: MLPForm | None,
+                        router: nn.Linear, ew: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+    """The block's weights in the compiled layer's layout (experts stacked from the ModuleList)."""
+    bias = anat.expert_bias_terms or anat.shared_bias_terms
     up = "gate_up_proj" if form.gated else "up_proj"
     weights = {
         "router.weight": router.weight,
@@ -350,21 +361,11 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
     if bias:
         weights[f"experts.{up}_bias"] = torch.stack([w[2] for w in ew])
         weights["experts.down_proj_bias"] = torch.stack([w[3] for w in ew])
-    if shared_forms:
-        sf = shared_forms[0]
-        moe["shared_experts"] = {"count": 1}
-        if sf.intermediate != form.intermediate:
-            moe["shared_experts"]["intermediate_size"] = sf.intermediate
-        sw = _mlp_weights(getattr(block, others[0]), sf)
+    if shared is not None:
+        sw = _mlp_weights(getattr(block, anat.shared_names[0]), shared)
         weights[f"shared_experts.{up}"] = sw[0]
         weights["shared_experts.down_proj"] = sw[1]
         if bias:
             weights[f"shared_experts.{up}_bias"] = sw[2]
             weights["shared_experts.down_proj_bias"] = sw[3]
-    spec = load_spec({
-        "name": name or "structural-" + "".join(ch if ch.isalnum() else "-" for ch in cls.lower()),
-        "description": f"{cls} read structurally: {routing.describe()}",
-        "source": "moegraph.optimize structural match (FX + probing)",
-        "moe": moe,
-    }, source=f"structural {cls}")
-    return StructuralRead(spec, weights, kind, routing, notes, rank)
+    return weights
