@@ -9,6 +9,7 @@ import torch
 
 from .codegen import BACKENDS, check_backend, layer_class
 from .errors import InputError
+from .fx_passes import Pipeline
 from .limits import check_memory
 from .loader import load_spec
 from .runtime import _DTYPES, CompiledMoEBase, torch_dtype
@@ -70,16 +71,18 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
 
             passes = triton_passes(spec)
     cls, _ = layer_class(spec, backend, out_dir)
+    # The FX stage: traced and run lazily per mode by the layer (graphs depend on train/eval).
+    pipeline = Pipeline(passes)
     kwargs = dict(dtype=dtype or torch_dtype(spec.moe.dtype), router_dtype=torch_dtype(spec.moe.router_dtype),
-                  device=device, passes=passes, seed=seed)
+                  device=device, seed=seed)
     if plan is not None:
         import torch.distributed as dist
 
         if (dist.is_available() and dist.is_initialized()) or process_group is not None:
-            from .distributed import ExpertParallelMoE
+            from .distributed import ExpertParallelMoE, ExpertParallelPass
 
             layer = ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, layer_index=layer_index,
-                                             timeout=timeout, **kwargs)
+                                             timeout=timeout, pipeline=pipeline.then(ExpertParallelPass.of), **kwargs)
             layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
             return layer
         from .planner import Plan
@@ -98,7 +101,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         check_memory(layer_bytes(spec, kwargs["dtype"], seeded=seed is not None),
                      f"the layer of spec {spec.name!r} ({kwargs['dtype']})",
                      "use a smaller spec (e.g. a -tiny preset), a 16-bit dtype, or run it expert-parallel with a plan")
-    layer = cls(**kwargs)
+    layer = cls(pipeline=pipeline, **kwargs)
     layer.__dict__["plan"] = plan
     layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
     return layer

@@ -1,7 +1,12 @@
-"""FX passes over a generated layer's traced ``core``.
+"""The FX stage: trace a generated layer's ``core``, then run passes over it.
 
-Each pass follows torch.fx's habits: it takes a GraphModule and returns a ``PassResult`` with a
-``modified`` flag; when it changed the graph it runs ``graph.lint()`` and ``recompile()``.
+``Pipeline`` is that stage as one object. The compiler makes it (default passes, the user's
+``passes=``, and stages it adds itself such as the expert-parallel rewrite) and attaches it to the
+layer, whose ``graph()`` calls ``pipeline.build(layer, training)`` lazily per mode (the runtime
+knows only the ``runtime.GraphPipeline`` interface). The pipeline keeps torch.fx's pass-manager
+contract: each pass takes a GraphModule and returns a ``PassResult`` with a ``modified`` flag; the
+pipeline lints and recompiles a modified graph centrally, names a failing pass in a
+``CodegenError``, and reports which passes applied and which were skipped (``PassReport``).
 
 Passes:
 - ``DropTrainingOutputs`` (eval graphs): remove the auxiliary losses from the output and let dead
@@ -15,6 +20,7 @@ Passes:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +30,10 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from . import runtime
+from .errors import CodegenError, MoegraphError
 
-__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "UsePrepackedExperts", "default_passes",
-           "trace_core"]
+__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "Pipeline", "PassReport", "UsePrepackedExperts",
+           "default_passes", "trace_core"]
 
 
 def _is_expert_op(node: fx.Node) -> bool:
@@ -162,13 +169,58 @@ class PassReport:
     nodes_after: int = 0
 
 
-def build_graph(owner: nn.Module, training: bool, passes: list[PassBase] | None = None) -> tuple[fx.GraphModule, PassReport]:
-    """Trace ``owner.core`` and run the pass pipeline; returns the graph and what each pass did."""
-    gm = trace_core(owner, training)
+#: Makes a pass for one layer and mode (for passes that need the layer, e.g. its expert dispatch).
+PassFactory = Callable[[nn.Module, bool], PassBase]
+
+
+class Pipeline:
+    """Trace, then run passes: the FX stage the compiler attaches to a layer (``runtime.GraphPipeline``).
+
+    Args:
+        passes: the passes to run instead of ``default_passes(training, layer)`` (both modes).
+        late: factories of passes that run after those, made per layer and mode (``then``).
+    """
+
+    def __init__(self, passes: Sequence[PassBase] | None = None, late: Sequence[PassFactory] = ()):
+        self.passes = list(passes) if passes is not None else None
+        self.late = tuple(late)
+
+    def then(self, factory: PassFactory) -> Pipeline:
+        """This pipeline with one more pass at the end, made by ``factory(layer, training)``."""
+        return Pipeline(self.passes, (*self.late, factory))
+
+    def passes_for(self, layer: nn.Module, training: bool) -> list[PassBase]:
+        base = self.passes if self.passes is not None else default_passes(training, layer)
+        return [*base, *(make(layer, training) for make in self.late)]
+
+    def build(self, layer: nn.Module, training: bool) -> tuple[fx.GraphModule, PassReport]:
+        """Trace ``layer.core`` in the mode and run the passes; returns the graph and what each pass did."""
+        return run_passes(trace_core(layer, training), self.passes_for(layer, training))
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[PassBase]) -> tuple[fx.GraphModule, PassReport]:
+    """Run ``passes`` in order (torch.fx's PassManager contract, with a per-pass report)."""
     report = PassReport(nodes_before=len(gm.graph.nodes))
-    for p in passes if passes is not None else default_passes(training, owner):
-        res = p(gm)
+    for p in passes:
+        name = type(p).__name__
+        try:
+            res = p(gm)
+            if res is None or not isinstance(getattr(res, "graph_module", None), fx.GraphModule):
+                raise TypeError(f"it returned {type(res).__name__}, not a PassResult holding a GraphModule")
+            if res.modified:
+                res.graph_module.graph.lint()
+                res.graph_module.recompile()
+        except MoegraphError:
+            raise  # already says what went wrong and how to fix it
+        except Exception as exc:
+            raise CodegenError(f"FX pass {name} failed on {type(gm).__name__} after passes {report.applied}: "
+                               f"{type(exc).__name__}: {exc}; drop or fix the pass (compile(..., passes=[...]))") from exc
         gm = res.graph_module
-        (report.applied if res.modified else report.skipped).append(type(p).__name__)
+        (report.applied if res.modified else report.skipped).append(name)
     report.nodes_after = len(gm.graph.nodes)
     return gm, report
+
+
+def build_graph(owner: nn.Module, training: bool, passes: list[PassBase] | None = None) -> tuple[fx.GraphModule, PassReport]:
+    """Trace ``owner.core`` and run the pass pipeline; returns the graph and what each pass did."""
+    return Pipeline(passes).build(owner, training)

@@ -4,6 +4,10 @@ The generated module (see ``codegen_templates/moe_layer.py.j2``) subclasses ``Co
 which owns the parameters, checks inputs, records routing, updates the expert bias, and runs the
 FX-optimised graph of the generated ``core`` method (one graph for training, one for eval).
 
+The graphs are built lazily per mode (they depend on it) by the layer's ``GraphPipeline``: an
+object the compiler stage attaches (``moegraph.fx_passes.Pipeline``: trace, then run the passes).
+The runtime only knows the interface below, so it never imports the FX stage above it.
+
 Auxiliary losses (returned with ``return_aux=True`` and kept in ``layer.aux_losses`` in training).
 With T tokens, K experts per token, E experts, s_{t,e} the router score, P_e = mean_t p_{t,e} where
 p is the softmax probability (for non-softmax scores, s normalised over experts per token), and
@@ -26,7 +30,7 @@ count_e the number of (token, choice) pairs routed to e over all K choices:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.fx
@@ -36,6 +40,17 @@ from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.moegraph)
 from .errors import InputError
+
+
+
+class GraphPipeline(Protocol):
+    """What a layer needs to get its graph for a mode: ``build(layer, training) -> (graph, report)``.
+
+    The report is kept in ``layer.pass_report[mode]`` (``moegraph.fx_passes.PassReport``).
+    """
+
+    def build(self, layer: nn.Module, training: bool) -> tuple[torch.fx.GraphModule, Any]: ...
+
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -274,7 +289,8 @@ class CompiledMoEBase(nn.Module):
     NEEDS_TOKEN_IDS: bool = False
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None, passes: Any = None, seed: int | None = 0):
+                 device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
+                 seed: int | None = 0):
         super().__init__()
         D, E, Fh = self.HIDDEN, self.NUM_EXPERTS, self.INTERMEDIATE
         H = 2 * Fh if self.GATED else Fh
@@ -312,7 +328,7 @@ class CompiledMoEBase(nn.Module):
         self.recorder: RoutingRecorder | None = None
         self.aux_losses: dict[str, Tensor] = {}
         self.__dict__["_graphs"] = {}
-        self.__dict__["_passes"] = passes
+        self.__dict__["pipeline"] = pipeline
         self.__dict__["pass_report"] = {}
         if seed is not None:
             self.reset_parameters(seed)
@@ -341,19 +357,25 @@ class CompiledMoEBase(nn.Module):
                 p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
-        self.__dict__["_graphs"] = {}
+        self.invalidate_graphs()
         return super()._apply(fn, recurse)
 
     # -- graphs ----------------------------------------------------------------------------------
 
+    def invalidate_graphs(self) -> None:
+        """Forget the built graphs: they hold the tensors they were traced with, so whoever replaces
+        parameters or buffers (``load_hf_weights``, ``.to()``) calls this; the next forward rebuilds."""
+        self.__dict__["_graphs"] = {}
+
     def graph(self, training: bool | None = None) -> torch.fx.GraphModule:
-        """The FX graph run in the given (default: current) mode, traced and optimised on first use."""
+        """The FX graph run in the given (default: current) mode, built by the pipeline on first use."""
         mode = "train" if (self.training if training is None else training) else "eval"
         gm = self._graphs.get(mode)
         if gm is None:
-            from .fx_passes import build_graph
-
-            gm, report = build_graph(self, training=(mode == "train"), passes=self._passes)
+            if self.pipeline is None:
+                raise InputError(f"{type(self).__name__} has no pass pipeline to build its graph; make layers with "
+                                 "moegraph.compile (or pass pipeline=moegraph.fx_passes.Pipeline())")
+            gm, report = self.pipeline.build(self, training=(mode == "train"))
             self._graphs[mode] = gm
             self.pass_report[mode] = report
         return gm

@@ -117,3 +117,33 @@ def test_eval_graph_still_differentiable():
     g = torch.autograd.grad(layer(x).sum(), x)[0]
     gt = torch.autograd.grad(layer.train()(x).sum(), x)[0]
     torch.testing.assert_close(g, gt, rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_names_a_failing_pass_and_reports_the_rest():
+    from torch.fx.passes.infra.pass_base import PassBase
+
+    from moegraph.errors import CodegenError
+
+    class Broken(PassBase):
+        def call(self, gm):
+            raise ValueError("boom")
+
+    layer = moegraph.compile("mixtral-tiny", passes=[fx_passes.FoldSharedExperts(), Broken()])
+    try:
+        layer(torch.randn(2, layer.HIDDEN))
+    except CodegenError as exc:
+        assert "Broken" in str(exc) and "boom" in str(exc)
+    else:
+        raise AssertionError("a failing pass must raise CodegenError")
+    gm, rep = fx_passes.Pipeline([fx_passes.FoldSharedExperts()]).build(layer, training=True)
+    assert rep.skipped == ["FoldSharedExperts"] and rep.applied == []
+
+
+def test_invalidate_graphs_makes_the_next_forward_rebuild():
+    layer = _layer("qwen2-moe-tiny").eval()
+    x = torch.randn(3, layer.HIDDEN)
+    first = layer.graph()
+    assert layer.graph() is first
+    layer.invalidate_graphs()
+    assert layer.graph() is not first
+    torch.testing.assert_close(layer(x), first(x.unsqueeze(0))[0].squeeze(0))

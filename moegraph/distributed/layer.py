@@ -5,8 +5,9 @@ calls on an initialised process group) builds a subclass of the generated single
 that
 
 - allocates only this rank's plan slots (``experts.*`` are [slots_per_gpu, ...], replicas included);
-- runs the generated ``core`` unchanged up to the expert step; an FX pass (``ExpertParallelPass``)
-  swaps its ``expert_mlp`` call for ``ExpertDispatch`` (dispatch -> local grouped op -> combine);
+- runs the generated ``core`` unchanged up to the expert step; an FX pass (``ExpertParallelPass``,
+  which the compiler adds at the end of the layer's pass pipeline) swaps its ``expert_mlp`` call for
+  ``ExpertDispatch`` (dispatch -> local grouped op -> combine);
 - keeps the router and shared experts data-parallel (every rank holds them, for its own tokens).
 
 Every check that can fail for a bad input (plan for another spec, plan for another world size,
@@ -33,7 +34,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..errors import DistributedError, PlanFileError
-from ..fx_passes import _is_expert_op, build_graph
+from ..fx_passes import Pipeline, _is_expert_op
 from ..runtime import CompiledMoEBase
 from .comm import Comm, Traffic
 from .dispatch import ExpertDispatch
@@ -48,6 +49,11 @@ class ExpertParallelPass(PassBase):
     def __init__(self, dispatch: ExpertDispatch):
         super().__init__()
         self.dispatch = dispatch
+
+    @classmethod
+    def of(cls, layer: ExpertParallelMoE, training: bool) -> ExpertParallelPass:
+        """The pass for ``layer`` (a ``fx_passes.Pipeline`` factory): it swaps in the layer's own dispatch."""
+        return cls(layer.ep_dispatch)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if _is_expert_op(n)]
@@ -107,7 +113,7 @@ class ExpertParallelMoE(CompiledMoEBase):
     def create(cls, layer_cls: type, spec, plan, *, process_group=None, layer_index: int = 0,
                timeout: float | None = None, dtype: torch.dtype = torch.float32,
                router_dtype: torch.dtype = torch.float32, device=None, passes=None,
-               seed: int | None = 0) -> ExpertParallelMoE:
+               seed: int | None = 0, pipeline: Pipeline | None = None) -> ExpertParallelMoE:
         """The expert-parallel layer of ``spec`` for this rank under ``plan`` (see the module docstring).
 
         Args:
@@ -119,6 +125,8 @@ class ExpertParallelMoE(CompiledMoEBase):
                 (default: the process group's timeout).
             seed: deterministic init equal to the single-process layer's with the same seed
                 (generates one expert at a time); None leaves weights uninitialised (load a checkpoint).
+            passes, pipeline: the FX passes (default: the usual ones), or the whole pipeline to
+                build graphs with; it must end with ``ExpertParallelPass`` (``compile`` makes it so).
         """
         # Step 1: checks on local inputs only, so that a bad input fails before any communication.
         plan = _load_plan(plan, spec)
@@ -154,16 +162,18 @@ class ExpertParallelMoE(CompiledMoEBase):
             ep_cls = type(f"{layer_cls.__name__}ExpertParallel", (cls, layer_cls), {"__module__": cls.__module__})
             cls._classes[layer_cls] = ep_cls
         comm = Comm(process_group, timeout, label=f"{layer_cls.__name__} (MoE layer {layer_index})")
+        if pipeline is None:
+            pipeline = Pipeline(passes).then(ExpertParallelPass.of)
         layer = ep_cls(plan=plan, layer_index=layer_index, comm=comm, dtype=dtype, router_dtype=router_dtype,
-                       device=device, passes=passes, seed=seed)
+                       device=device, pipeline=pipeline, seed=seed)
         # Step 2: every rank must run the same placement.
         layer._handshake(_fingerprint(spec.hash(), plan, layer_index))
         return layer
 
-    def __init__(self, *, plan, layer_index: int, comm: Comm, dtype, router_dtype, device, passes, seed):
+    def __init__(self, *, plan, layer_index: int, comm: Comm, dtype, router_dtype, device, pipeline, seed):
         S = plan.slots_per_gpu
         self.__dict__["_ep_rows"] = S  # read by _expert_rows() inside the base __init__
-        super().__init__(dtype=dtype, router_dtype=router_dtype, device=device, passes=passes, seed=None)
+        super().__init__(dtype=dtype, router_dtype=router_dtype, device=device, pipeline=pipeline, seed=None)
         rank = comm.rank
         slot_experts = plan.physical_to_logical_map[layer_index, rank * S : (rank + 1) * S].tolist()
         self.experts = SlotExperts.adopt(self.experts, slot_experts, rank * S, self.NUM_EXPERTS, rank)
@@ -294,21 +304,6 @@ class ExpertParallelMoE(CompiledMoEBase):
         from .migrate import apply_plan
 
         return apply_plan(self, new_plan, optimizer=optimizer)
-
-    # ------------------------------------------------------------------ graphs
-
-    def graph(self, training: bool | None = None) -> fx.GraphModule:
-        """The FX graph of ``core`` after the usual passes, with its expert step made expert-parallel."""
-        mode = "train" if (self.training if training is None else training) else "eval"
-        gm = self._graphs.get(mode)
-        if gm is None:
-            gm, report = build_graph(self, training=(mode == "train"), passes=self._passes)
-            gm = ExpertParallelPass(self.ep_dispatch)(gm).graph_module
-            report.applied.append("ExpertParallelPass")
-            report.nodes_after = len(gm.graph.nodes)
-            self._graphs[mode] = gm
-            self.pass_report[mode] = report
-        return gm
 
     # ------------------------------------------------------------------ traffic
 

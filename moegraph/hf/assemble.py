@@ -73,22 +73,29 @@ def _dtype_name(cfg: Any, default: str = "float32") -> str:
     return default
 
 
-def _build_spec(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str, notes: list[str],
-                name: str | None, with_model: bool = True) -> MoESpec:
+def build_spec(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str, notes: list[str],
+               name: str | None, with_model: bool = True, *, description: str | None = None,
+               source: str | None = None) -> MoESpec:
+    """The spec of a block from its anatomy and routing (+ the model config, for the model section).
+
+    Both sources of anatomy end here: registry blocks (``block``, ``config``) and a user's own
+    blocks read from their structure (``structural``, which names its own description and source).
+    """
     from ..loader import load_spec
 
     moe = _moe_section(anat, routing, cfg, dtype)
     d: dict[str, Any] = {
         "name": name or (_spec_name(cfg) if cfg is not None else "hf-" + anat.block_class.lower()),
-        "description": f"{anat.block_class}: {routing.describe()}",
-        "source": _source(cfg, anat),
+        "description": description or f"{anat.block_class}: {routing.describe()}",
+        "source": source or _source(cfg, anat),
         "moe": moe,
     }
     if with_model and cfg is not None:
         model = _model_section(cfg, notes)
         if model:
             d["model"] = model
-    return load_spec(d, source=f"transformers {anat.block_class}")
+    return load_spec(d, source=f"transformers {anat.block_class}" if source is None else f"structural {anat.block_class}")
+
 
 
 def _source(cfg: Any, anat: BlockAnatomy | None) -> str:

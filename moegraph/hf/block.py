@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..errors import UnsupportedBlock
 from ..spec import MoESpec
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
-from .assemble import _build_spec
+from .assemble import build_spec
 from .probe import probe_block
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, _attr, _text_config
@@ -60,7 +60,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     jitter = _attr(cfg, ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")) if cfg is not None else None
     if isinstance(jitter, (int, float)) and jitter > 0:
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
-    spec = _build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
+    spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
     return HFImport(spec, anat, routing, probe.output_kind, notes)
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from ..errors import UnsupportedBlock
 from ..spec import MoESpec
 from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
-from .assemble import _build_spec, _dtype_name
+from .assemble import _dtype_name, build_spec
 from .model_section import _layer_types
 from .probe import probe_block
 from .routing import Routing, declared_routing, identify_routing
@@ -187,7 +187,7 @@ def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = T
     else:
         anat, routing, dnotes = _declared_only(cfg)
         notes += dnotes + ([why] if why else [])
-    spec = _build_spec(anat, routing, cfg, _dtype_name(cfg), notes, name)
+    spec = build_spec(anat, routing, cfg, _dtype_name(cfg), notes, name)
     if notes:
         spec = spec.model_copy(update={"description": spec.description + "; notes: " + "; ".join(notes)})
     return spec

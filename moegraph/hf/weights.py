@@ -88,4 +88,4 @@ def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool
                 mod._buffers[attr] = src
             else:
                 dst.copy_(src)
-    layer.__dict__["_graphs"] = {}  # graphs hold the tensors they were traced with
+    layer.invalidate_graphs()  # graphs hold the tensors they were traced with
