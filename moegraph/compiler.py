@@ -59,7 +59,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
 
     if expert_strategy != "auto" and expert_strategy not in STRATEGIES:
         raise InputError(f"unknown expert_strategy {expert_strategy!r}; choose 'auto' or one of "
-                           f"{', '.join(STRATEGIES)}")
+                         f"{', '.join(STRATEGIES)}")
+    pin = None if expert_strategy == "auto" else expert_strategy  # None: the tuner (or the fixed rule) chooses
     backend = backend or spec.codegen.backend
     check_backend(backend)
     dtype, device = _check_arguments(dtype, device, seed, timeout, layer_index)
@@ -83,7 +84,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
 
             layer = ExpertParallelMoE.create(cls, spec, plan, process_group=process_group, layer_index=layer_index,
                                              timeout=timeout, pipeline=pipeline.then(ExpertParallelPass.of), **kwargs)
-            layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
+            layer.__dict__["expert_strategy"] = pin
             return layer
         from .planner import Plan
 
@@ -103,7 +104,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
                      "use a smaller spec (e.g. a -tiny preset), a 16-bit dtype, or run it expert-parallel with a plan")
     layer = cls(pipeline=pipeline, **kwargs)
     layer.__dict__["plan"] = plan
-    layer.__dict__["expert_strategy"] = None if expert_strategy == "auto" else expert_strategy
+    layer.__dict__["expert_strategy"] = pin
     return layer
 
 
