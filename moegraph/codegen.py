@@ -172,8 +172,18 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "capacity": getattr(r, "capacity", None),
         "capacity_factor": getattr(r, "capacity_factor", None),
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
+        "fp8": _fp8_context(m),
     }
     return ctx
+
+
+def _fp8_context(m: Any) -> dict[str, Any] | None:
+    """The FP8 settings the layer and its op calls need (None: experts in the layer dtype)."""
+    q = m.quantization
+    if q is None:
+        return None
+    return {"block_out": q.weight_block[0], "block_in": q.weight_block[1], "tile": q.activation_tile[1],
+            "format": q.format, "scale_format": q.scale_format, "shared": q.shared_experts}
 
 
 #: code generators; compile() adds what each needs at run time

@@ -36,7 +36,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+import torch.fx
+from torch import Tensor, nn
 
 from .errors import InputError
 from .oplib import opaque_op
@@ -303,3 +304,103 @@ def rounding_bound(fmt: str) -> tuple[float, float]:
     """
     mantissa, subnormal_step = {"fp8_e4m3": (3, 2.0 ** -9), "fp8_e5m2": (2, 2.0 ** -16)}[fmt]
     return math.ldexp(1.0, -(mantissa + 1)), subnormal_step / 2
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 parameters of a compiled layer (called by ``runtime.CompiledMoEBase`` when its class has FP8)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fp8_weights(layer: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, name) of every quantized weight: the routed experts, and the shared ones if asked."""
+    up = layer.up_proj_name
+    mods = [layer.experts] + ([layer.shared_experts] if layer.FP8["shared"] and layer.SHARED_INTERMEDIATE else [])
+    return [(m, n) for m in mods for n in (up, "down_proj")]
+
+
+def _block(layer: nn.Module) -> tuple[int, int]:
+    return layer.FP8["block_out"], layer.FP8["block_in"]
+
+
+def make_parameters(layer: nn.Module) -> None:
+    """Replace the layer's expert weights by empty FP8 ones with float32 ``<name>_scale_inv`` beside them
+    (transformers' names for fused experts; filled by ``reset_parameters`` or a checkpoint)."""
+    bo, bi = _block(layer)
+    dtype = fp8_dtype(layer.FP8["format"])
+    for mod, name in _fp8_weights(layer):
+        w = getattr(mod, name)
+        *lead, o, i = w.shape
+        mod.register_parameter(name, nn.Parameter(torch.empty(w.shape, dtype=dtype, device=w.device), requires_grad=False))
+        mod.register_parameter(name + "_scale_inv", nn.Parameter(
+            torch.ones(*lead, o // bo, i // bi, dtype=torch.float32, device=w.device), requires_grad=False))
+
+
+def is_fp8(t: Tensor) -> bool:
+    return t.dtype in FORMATS.values()
+
+
+def store(layer: nn.Module, name: str, w: Tensor) -> None:
+    """Quantize ``w`` per block into the FP8 parameter ``name`` (a dotted path) and its scales."""
+    q, s = quantize_blocks(w, _block(layer), layer.FP8["format"], layer.FP8["scale_format"])
+    layer.get_parameter(name).copy_(q)
+    layer.get_parameter(name + "_scale_inv").copy_(s)
+
+
+def kept_by_apply(layer: nn.Module) -> set[int]:
+    """ids of the tensors ``.to(dtype)`` must not cast: FP8 weights and their float32 scales."""
+    kept = set()
+    for mod, name in _fp8_weights(layer):
+        for n in (name, name + "_scale_inv"):
+            t = getattr(mod, n)
+            if t is not None and (is_fp8(t) or n.endswith("_scale_inv")):
+                kept.add(id(t))
+    return kept
+
+
+def use_master_weights(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Turn the FP8 weights into trainable master weights in ``dtype`` (their dequantized values).
+
+    The layer then quantizes them per block on every forward (FP8 Fprop, as DeepSeek-V3 trains) and
+    their gradient arrives straight through the quantizer. ``requantize`` turns them back into FP8.
+    """
+    for mod, name in _fp8_weights(layer):
+        w, s = getattr(mod, name), getattr(mod, name + "_scale_inv")
+        if s is None:
+            continue
+        mod.register_parameter(name, nn.Parameter(dequantize_blocks(w, s, _block(layer), dtype)))
+        mod.register_parameter(name + "_scale_inv", None)
+    layer.invalidate_graphs()
+    return layer
+
+
+def requantize(layer: nn.Module) -> nn.Module:
+    """Store master weights (after ``use_master_weights``) as FP8 blocks and scales again."""
+    bo, bi = _block(layer)
+    for mod, name in _fp8_weights(layer):
+        w = getattr(mod, name)
+        if getattr(mod, name + "_scale_inv") is not None:
+            continue
+        q, s = quantize_blocks(w, (bo, bi), layer.FP8["format"], layer.FP8["scale_format"])
+        mod.register_parameter(name, nn.Parameter(q, requires_grad=False))
+        mod.register_parameter(name + "_scale_inv", nn.Parameter(s, requires_grad=False))
+    layer.invalidate_graphs()
+    return layer
+
+
+@torch.fx.wrap
+def shared_mlp(x_TD: Tensor, w_up_HD: Tensor, s_up: Tensor | None, w_down_DS: Tensor, s_down: Tensor | None,
+               b_up_H: Tensor | None, b_down_D: Tensor | None, scale_T: Tensor | None, activation: str, gated: bool,
+               gate_clamp: float | None, up_clamp: float | None, block_out: int, block_in: int, tile: int, fmt: str,
+               scale_format: str) -> Tensor:
+    """The shared experts in FP8: the grouped op with one expert that every token uses (weight 1, or the
+    shared gate's per-token scale)."""
+    T = x_TD.shape[0]
+    tok_N = torch.arange(T, device=x_TD.device)
+    w_N = torch.ones(T, dtype=x_TD.dtype, device=x_TD.device) if scale_T is None else scale_T.to(x_TD.dtype)
+
+    def one(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.unsqueeze(0)
+
+    return torch.ops.moegraph.fp8_expert_mlp(
+        x_TD, tok_N, torch.zeros_like(tok_N), w_N, one(w_up_HD), one(s_up), one(w_down_DS), one(s_down), one(b_up_H),
+        one(b_down_D), activation, gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt, scale_format)

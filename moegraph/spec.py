@@ -36,6 +36,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -679,6 +680,15 @@ class MoELayerSpec(_Frozen):
     quantization: QuantizationSpec | None = Field(
         None, description="FP8 routed (optionally shared) experts with block scales; None = experts in dtype."
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_quantization(self, handler: Any) -> dict[str, Any]:
+        # Unquantized specs dump (and hash) exactly as before the section existed: plan files and
+        # generated layers keep matching their specs.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("quantization", 0) is None:
+            del data["quantization"]
+        return data
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:

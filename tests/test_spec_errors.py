@@ -325,6 +325,8 @@ def _schema_has_path(segments: list[str]) -> bool:
             for alt in _alternatives(node):
                 if seg.isdigit() and "items" in alt:
                     nxt.append(alt["items"])
+                elif seg.isdigit() and int(seg) < len(alt.get("prefixItems", ())):  # fixed-length pairs
+                    nxt.append(alt["prefixItems"][int(seg)])
                 elif seg in alt.get("properties", {}):
                     nxt.append(alt["properties"][seg])
         if not nxt:
