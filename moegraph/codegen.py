@@ -202,6 +202,9 @@ def render(spec: MoESpec, backend: str = "torch") -> str:
     The source is parsed again and refused unless it has the expected shape (``check_module``).
     """
     check_backend(backend)
+    if spec.moe.quantization is not None and backend != "torch":
+        raise CodegenError(f"spec {spec.name!r} has FP8 experts (moe.quantization) but the {backend} backend has no "
+                           "block-scaled FP8 kernel yet; compile it with backend='torch'")
     try:
         source = template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:

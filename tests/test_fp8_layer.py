@@ -191,3 +191,13 @@ def test_to_keeps_fp8_and_fx_passes_run(tmp_path):
     assert "DropTrainingOutputs" in layer.pass_report["eval"].applied
     compiled = torch.compile(layer, backend="eager", fullgraph=False)
     torch.testing.assert_close(compiled(x), y)
+
+
+def test_fp8_on_a_backend_without_fp8_is_refused(tmp_path, run_cli):
+    from moegraph.errors import CodegenError
+
+    with pytest.raises(CodegenError, match="triton backend has no block-scaled FP8 kernel yet; compile it with backend='torch'"):
+        moegraph.compile(TINY, backend="triton", out_dir=tmp_path)
+    res = run_cli("compile", TINY, "-o", tmp_path / "out", "--backend", "triton")
+    assert res.code == 2 and "no block-scaled FP8 kernel" in res.err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
