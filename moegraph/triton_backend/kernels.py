@@ -168,7 +168,7 @@ def _fmt(v: float | None) -> float | None:
 
 
 def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
-                has_shared: bool, has_shared_scale: bool, dtype: torch.dtype) -> dict[str, Any]:
+                has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, fp8: bool = False) -> dict[str, Any]:
     if act not in ("silu", "gelu", "gelu_tanh", "relu", "relu2"):
         raise InputError(f"expert activation {act!r} is not one of silu, gelu, gelu_tanh, relu, relu2")
     return {
@@ -182,6 +182,7 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
         # float32 layers match torch's float32 matmul (no TF32); 16-bit inputs accumulate in float32.
         "ieee_fp32": dtype == torch.float32,
         "dot_args": Code(', input_precision="ieee"' if dtype == torch.float32 else ""),
+        "fp8": bool(fp8),  # block-scaled FP8 operands (triton_backend/fp8.py launches this variant)
     }
 
 
