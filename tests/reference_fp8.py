@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from reference_moe import ACT, act
+from reference_moe import activated
 
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
 DT = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -49,19 +49,9 @@ def fp8_expert(tile: int, fmt: str = "fp8_e4m3", ue8m0: bool = False):
     FP8 tiles, the (already dequantized) weights applied in float32."""
 
     def run(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
-        name, gated = ACT[activation]
         xq = ref_fake_quant_acts(x_D.unsqueeze(0), tile, fmt, ue8m0)[0]
         h = w_up.float() @ xq + (b_up if b_up is not None else 0)
-        if gated:
-            f = h.shape[0] // 2
-            g, u = h[:f], h[f:]
-            if gate_clamp is not None:
-                g = torch.clamp(g, max=gate_clamp)
-            if up_clamp is not None:
-                u = torch.clamp(u, -up_clamp, up_clamp)
-            a = act(name, g) * u
-        else:
-            a = act(name, h)
+        a = activated(h, activation, gate_clamp, up_clamp)
         aq = ref_fake_quant_acts(a.unsqueeze(0), tile, fmt, ue8m0)[0]
         return w_down.float() @ aq + (b_down if b_down is not None else 0)
 

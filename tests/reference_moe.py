@@ -27,9 +27,9 @@ ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "geglu_tanh": ("gelu_t
        "relu2": ("relu2", False)}
 
 
-def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
+def activated(h, activation, gate_clamp=None, up_clamp=None):
+    """The expert nonlinearity on the up projection h ([2F]: gate then up, if gated)."""
     name, gated = ACT[activation]
-    h = w_up @ x_D + (b_up if b_up is not None else 0)
     if gated:
         f = h.shape[0] // 2
         g, u = h[:f], h[f:]
@@ -37,10 +37,13 @@ def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clam
             g = torch.clamp(g, max=gate_clamp)
         if up_clamp is not None:
             u = torch.clamp(u, -up_clamp, up_clamp)
-        a = act(name, g) * u
-    else:
-        a = act(name, h)
-    return w_down @ a + (b_down if b_down is not None else 0)
+        return act(name, g) * u
+    return act(name, h)
+
+
+def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
+    h = w_up @ x_D + (b_up if b_up is not None else 0)
+    return w_down @ activated(h, activation, gate_clamp, up_clamp) + (b_down if b_down is not None else 0)
 
 
 def score(name: str, logits: torch.Tensor) -> torch.Tensor:
