@@ -27,36 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import semantics
 from .oplib import opaque_op
+from .semantics import torch_forms
 
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace"]
 
 
 def apply_activation(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None) -> Tensor:
-    """The expert nonlinearity on the up projection ``h`` ([rows, 2F] if gated else [rows, F])."""
-    if gated:
-        f = h.shape[-1] // 2
-        gate, up = h[..., :f], h[..., f:]
-        if gate_clamp is not None:
-            gate = gate.clamp(max=gate_clamp)
-        if up_clamp is not None:
-            up = up.clamp(min=-up_clamp, max=up_clamp)
-        return _act(gate, activation) * up
-    return _act(h, activation)
+    """The expert nonlinearity on the up projection ``h`` ([rows, 2F] if gated else [rows, F]).
 
-
-def _act(h: Tensor, activation: str) -> Tensor:
-    if activation == "silu":
-        return F.silu(h)
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if activation == "relu":
-        return F.relu(h)
-    if activation == "relu2":
-        return torch.square(F.relu(h))
-    raise ValueError(f"unknown activation {activation!r}")
+    ``activation`` names an entry of ``moegraph.semantics.ACTIVATIONS`` (or, with ``gated``, its
+    elementwise function: ``("silu", True)`` is swiglu); the form is the entry's expression.
+    """
+    return torch_forms.activate(h, semantics.activation(activation, gated), gated, gate_clamp, up_clamp)
 
 
 def mlp_forward(
@@ -154,33 +138,41 @@ def _expert_mlp_impl(
     return y_TD.index_add(0, tok_sorted, o_ND.to(out_dtype))
 
 
+def _silu_(t: Tensor) -> Tensor:
+    return F.silu(t, inplace=True)
+
+
+def _relu2_(t: Tensor) -> Tensor:
+    return torch.square(F.relu_(t), out=t)
+
+
+#: Hand-fused in-place forms of the hot built-in activations (the table marks them ``fast``; a test
+#: checks each against the entry's expression): the elementwise function applied in place to the
+#: gate half (gated) or the whole row (plain). Every other entry runs its expression.
+FAST_INPLACE = {"swiglu": _silu_, "reglu": F.relu_, "silu": _silu_, "relu": F.relu_, "relu2": _relu2_}
+
+
 def _activate_(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None,
                out: Tensor | None = None) -> Tensor:
     """In-place version of apply_activation on a scratch buffer; returns the activated view.
 
-    For gated MLPs, ``out`` (a contiguous [rows, F] buffer) receives act(gate) * up instead of the
+    For gated MLPs, ``out`` (a contiguous [rows, F] buffer) receives act(gate, up) instead of the
     gate half of ``h``, so the next GEMM reads dense rows.
     """
-    if not gated:
-        if activation == "relu2":
-            return torch.square(F.relu_(h), out=h)
-        if activation == "silu":
-            return F.silu(h, inplace=True)
-        if activation == "relu":
-            return F.relu_(h)
-        return h.copy_(_act(h, activation))
+    act = semantics.activation(activation, gated)
+    fast = FAST_INPLACE.get(act.name)
+    if not act.gated:
+        return fast(h) if fast is not None else h.copy_(torch_forms.activate(h, act))
     f = h.shape[-1] // 2
     gate, up = h[:, :f], h[:, f:]
     if gate_clamp is not None:
         gate.clamp_(max=gate_clamp)
     if up_clamp is not None:
         up.clamp_(min=-up_clamp, max=up_clamp)
-    if activation == "silu":
-        F.silu(gate, inplace=True)
-    elif activation == "relu":
-        F.relu_(gate)
-    else:
-        gate.copy_(_act(gate, activation))
+    if fast is None:  # the entry's expression on the clamped halves
+        a = torch_forms.activate(h, act)
+        return gate.copy_(a) if out is None else out.copy_(a)
+    fast(gate)
     return gate.mul_(up) if out is None else torch.mul(gate, up, out=out)
 
 
@@ -467,49 +459,16 @@ def _backward(ctx, grad_TD):
     return tuple(g if n else None for g, n in zip(grads, need))
 
 
-def _act_grad(h: Tensor, activation: str) -> Tensor:
-    """d act(h) / dh, elementwise, as torch's own backward formulas compute it."""
-    if activation == "silu":
-        s = torch.sigmoid(h)
-        return s * (1 + h * (1 - s))
-    if activation == "gelu":
-        return 0.5 * (1 + torch.erf(h * 0.7071067811865476)) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
-    if activation == "gelu_tanh":
-        k = 0.7978845608028654  # sqrt(2 / pi)
-        t = torch.tanh(k * (h + 0.044715 * h * h * h))
-        return 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * k * (1 + 3 * 0.044715 * h * h)
-    if activation == "relu":
-        return (h > 0).to(h.dtype)
-    if activation == "relu2":
-        return 2 * F.relu(h)
-    raise ValueError(f"unknown activation {activation!r}")
-
-
 def _act_saved(h: Tensor, activation: str, gated: bool, gate_clamp: float | None, up_clamp: float | None):
-    """The activation of ``h`` [rows, H] and what its backward needs: returns (a [rows, F], saved)."""
-    if not gated:
-        return _act(h, activation), (h,)
-    f = h.shape[-1] // 2
-    g, u = h[:, :f], h[:, f:]
-    gc = g if gate_clamp is None else g.clamp(max=gate_clamp)
-    uc = u if up_clamp is None else u.clamp(min=-up_clamp, max=up_clamp)
-    act_g = _act(gc, activation)
-    return act_g * uc, (g, u, gc, uc, act_g)
+    """The activation of ``h`` [rows, H] and its derivatives (from the table entry's expression):
+    returns (a [rows, F], saved)."""
+    return torch_forms.activate_saved(h, semantics.activation(activation, gated), gate_clamp, up_clamp)
 
 
 def _act_backward(ga: Tensor, saved: tuple, activation: str, gated: bool, gate_clamp: float | None,
                   up_clamp: float | None) -> Tensor:
-    """d loss / d h [rows, H] from d loss / d a [rows, F] and ``_act_saved``'s saved tensors."""
-    if not gated:
-        return ga * _act_grad(saved[0], activation)
-    g, u, gc, uc, act_g = saved
-    g_gate = ga * uc * _act_grad(gc, activation)
-    if gate_clamp is not None:
-        g_gate = g_gate * (g <= gate_clamp)
-    g_up = ga * act_g
-    if up_clamp is not None:
-        g_up = g_up * ((u >= -up_clamp) & (u <= up_clamp))
-    return torch.cat([g_gate, g_up], dim=1)
+    """d loss / d h [rows, H] from d loss / d a [rows, F] and ``_act_saved``'s saved derivatives."""
+    return torch_forms.activate_backward(ga, saved)
 
 
 def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, gated, gate_clamp, up_clamp,

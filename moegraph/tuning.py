@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import strategies
+from . import semantics, strategies
 
 __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "active_tuner", "problem_key",
            "TABLE_VERSION"]
@@ -99,7 +99,8 @@ def problem_key(args: tuple, packed) -> str:
     K = max(1, round(args[2].numel() / max(1, x_TD.shape[0])))
     extras = "".join(f for f, on in (("b", args[6] is not None), ("s", args[12] is not None),
                                      ("p", packed is not None)) if on)
-    return (f"{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={F},K={K},act={args[8]}{'_gated' if args[9] else ''}"
+    act = semantics.activation(args[8], args[9]).name  # one key per table entry, however it was named
+    return (f"{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={F},K={K},act={act}"
             f",x={extras or '-'},T<={token_bucket(x_TD.shape[0])}")
 
 
@@ -187,8 +188,8 @@ class Tuner:
         x_ND, w_up_EHD, w_down_EDF = bargs[0], bargs[5], bargs[6]
         E, H, D = w_up_EHD.shape
         extras = "".join(f for f, on in (("b", bargs[7] is not None), ("w", bargs[13])) if on)
-        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},act={bargs[9]}"
-               f"{'_gated' if bargs[10] else ''},x={extras or '-'},N<={token_bucket(x_ND.shape[0])}")
+        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},"
+               f"act={semantics.activation(bargs[9], bargs[10]).name},x={extras or '-'},N<={token_bucket(x_ND.shape[0])}")
         fns = {n: (lambda n=n: strategies.run_backward_strategy(n, bargs, grads))
                for n in strategies.backward_candidates(bargs)}
         return self._choose(key, fns)

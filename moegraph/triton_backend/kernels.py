@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
@@ -23,7 +23,11 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..codegen_safe import Code
-from ..spec import SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from .. import semantics
+from ..semantics.expr import FUNCTIONS
+from ..semantics.routing import TopKPolicy
+from ..semantics.scores import SCORE_EXPR_FUNCTIONS, SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from ..semantics.torch_forms import activate
 from . import configs
 from .render import interpreting, render_to_module
 
@@ -162,17 +166,42 @@ def _align_torch(exp_N: Tensor, T: int, E: int, SH: int, block_m: int, sorted_R:
 # Grouped expert MLP
 # ----------------------------------------------------------------------------------------------
 
+#: Triton spellings of the expression language's functions (semantics.expr.FUNCTIONS)
+_TRITON_ACT_CALLS = {n: f.triton for n, f in FUNCTIONS.items()}
+
 
 def _fmt(v: float | None) -> float | None:
     return None if v is None else float(v)
 
 
-def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
+def _triton_pow(base: str, c: float | None, exponent: str) -> str:
+    if c is not None and c.is_integer() and 1 <= c <= 8:
+        return " * ".join([base] * int(c))
+    if c == 0.5:
+        return f"tl.sqrt({base})"
+    return f"tl.exp({exponent} * tl.log({base}))"
+
+
+def activation_source(act: semantics.Activation) -> tuple[list[Code], Code]:
+    """The Triton body of an activation (assignment lines, returned expression), from its expression."""
+    names = {v: v for v in act.variables}
+    lines, (out,) = act.forward_program.source(names, lambda f, arg: _TRITON_ACT_CALLS[f].format(arg), _triton_pow)
+    return [Code(line) for line in lines], Code(out)
+
+
+def mlp_context(act: str | semantics.Activation, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
                 has_shared: bool, has_shared_scale: bool, dtype: torch.dtype) -> dict[str, Any]:
-    if act not in ("silu", "gelu", "gelu_tanh", "relu", "relu2"):
-        raise InputError(f"expert activation {act!r} is not one of silu, gelu, gelu_tanh, relu, relu2")
+    try:
+        entry = act if isinstance(act, semantics.Activation) else semantics.activation(act, gated)
+    except ValueError as exc:
+        raise InputError(f"expert activation: {exc}") from None
+    lines, out = activation_source(entry)
     return {
-        "act": act,
+        "act": entry.name,
+        "act_expression": entry.expression,
+        "act_args": Code(", ".join(entry.variables)),
+        "act_lines": lines,
+        "act_out": out,
         "gated": bool(gated),
         "gate_clamp": _fmt(gate_clamp),
         "up_clamp": _fmt(up_clamp),
@@ -186,7 +215,7 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
 
 
 @lru_cache(maxsize=256)
-def _mlp_module_for(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
+def _mlp_module_for(act: semantics.Activation, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
                     has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, interpret: bool) -> ModuleType:
     """The kernel module for one expert MLP variant, looked up once per variant and Triton mode
     (every forward asks for it: keep the host path short)."""
@@ -314,8 +343,6 @@ def expert_mlp(
 def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
             up_clamp, shared_w_up_HD=None, shared_w_down_DF=None, shared_scale_T=None) -> tuple[MLPLaunch, Tensor | None]:
     """Check the arguments, pick the kernel module for them, and run shared experts that cannot be folded."""
-    from ..ops import apply_activation
-
     check_device(x_TD, w_up_EHD, w_down_EDF)
     F = w_down_EDF.shape[2]
     dt = x_TD.dtype
@@ -329,12 +356,15 @@ def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_
         if S % F == 0 and shared_w_up_HD.dtype == dt:
             SH = S // F
         else:  # not a whole number of experts: one dense MLP, scaled per token
-            a = apply_activation(torch.nn.functional.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp,
-                                 up_clamp)
+            a = activate(torch.nn.functional.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp, up_clamp)
             if shared_scale_T is not None:
                 a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
             dense_shared = torch.nn.functional.linear(a, shared_w_down_DF).to(dt)
-    mod = _mlp_module_for(activation, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
+    try:
+        entry = semantics.activation(activation, gated)
+    except ValueError as exc:
+        raise InputError(f"expert activation: {exc}") from None
+    mod = _mlp_module_for(entry, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
                           SH > 0 and shared_scale_T is not None, dt, interpreting())
 
     def c(t: Tensor | None) -> Tensor | None:
@@ -352,18 +382,7 @@ def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_
 # Router
 # ----------------------------------------------------------------------------------------------
 
-_TRITON_CALLS = {
-    "sigmoid": "tl.sigmoid({})",
-    "softplus": "_softplus({})",
-    "sqrt": "tl.sqrt({})",
-    "exp": "tl.exp({})",
-    "log": "tl.log({})",
-    "log1p": "_log1p({})",
-    "tanh": "_tanh({})",
-    "relu": "tl.maximum({}, 0.0)",
-    "abs": "tl.abs({})",
-    "square": "(({0}) * ({0}))",
-}
+_TRITON_CALLS = {n: FUNCTIONS[n].triton for n in SCORE_EXPR_FUNCTIONS}
 
 
 _PY_CALLS = SCORE_EXPR_MATH  # constant folding uses the spec's own meaning of each function
@@ -438,56 +457,69 @@ def router_supported(E: int, K: int, score: str) -> str | None:
     return None
 
 
-def router_context(E: int, K: int, score: str, topk_then_score: bool, has_bias: bool, normalize: bool,
-                   scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
-                   top_n: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _KernelPolicy(TopKPolicy):
+    """A policy plus whether the kernel adds an expert bias (a separate kernel variant)."""
+
+    has_bias: bool = False
+
+
+def router_context(E: int, *policy: Any) -> dict[str, Any]:
+    """The router template's context for ``E`` experts and a ``_KernelPolicy`` (or, in order: top_k,
+    score, topk_then_score, has_bias, normalize, scaling_factor, num_groups, topk_groups, group_score,
+    top_n)."""
+    if len(policy) == 1 and isinstance(policy[0], _KernelPolicy):
+        p = policy[0]
+    else:
+        K, score, tts, has_bias, normalize, scaling, G, M, gs, n = policy
+        p = _KernelPolicy(K, score, tts, normalize, scaling, G, M, gs, n, has_bias=has_bias)
     groups = None
-    if num_groups > 0:  # 0: no group limit
+    if p.num_groups > 0:  # 0: no group limit
         EP = max(16, _pow2(E))
-        groups = {"G": num_groups, "EG": E // num_groups, "GP": _pow2(num_groups), "topk_groups": topk_groups,
-                  "group_score": group_score, "top_n": top_n,
+        groups = {"G": p.num_groups, "EG": E // p.num_groups, "GP": _pow2(p.num_groups), "topk_groups": p.topk_groups,
+                  "group_score": p.group_score, "top_n": p.top_n,
                   # one [tokens, G, E/G] view when E fills the padded width and G is a power of two
-                  "reshape": E == EP and num_groups == _pow2(num_groups)}
+                  "reshape": E == EP and p.num_groups == _pow2(p.num_groups)}
+    score = p.score
     name = score if score in SCORE_FUNCTIONS or score == "softmax" else f"x -> {score}"
-    summary = (("top-k logits then softmax" if topk_then_score else f"{name} scores")
-               + (", expert bias for selection" if has_bias else "")
-               + (f", {topk_groups} of {num_groups} groups by {group_score}" if groups else "")
-               + (", normalised" if normalize else "")
-               + (f", scaled by {scaling_factor}" if scaling_factor != 1.0 else ""))
+    summary = (("top-k logits then softmax" if p.topk_then_score else f"{name} scores")
+               + (", expert bias for selection" if p.has_bias else "")
+               + (f", {p.topk_groups} of {p.num_groups} groups by {p.group_score}" if groups else "")
+               + (", normalised" if p.normalize else "")
+               + (f", scaled by {p.scaling_factor}" if p.scaling_factor != 1.0 else ""))
     return {
-        "E": E, "EP": max(16, _pow2(E)), "K": K, "KP": _pow2(K),
+        "E": E, "EP": max(16, _pow2(E)), "K": p.top_k, "KP": _pow2(p.top_k),
         "score": score,
         "softmax": score == "softmax",
         "score_code": Code("x" if score == "softmax" else score_to_triton(score)),
-        "topk_then_score": topk_then_score,
-        "has_bias": has_bias,
-        "normalize": normalize,
-        "scaling_factor": float(scaling_factor),
+        "topk_then_score": p.topk_then_score,
+        "has_bias": p.has_bias,
+        "normalize": p.normalize,
+        "scaling_factor": float(p.scaling_factor),
         "groups": groups,
         "summary": summary,
     }
 
 
 @lru_cache(maxsize=256)
-def _router_module_for(E: int, K: int, score: str, topk_then_score: bool, has_bias: bool, normalize: bool,
-                       scaling_factor: float, num_groups: int, topk_groups: int, group_score: str, top_n: int,
-                       interpret: bool) -> tuple[ModuleType, int]:
+def _router_module_for(E: int, policy: _KernelPolicy, interpret: bool) -> tuple[ModuleType, int]:
     """The router kernel module and its padded expert width, once per policy and Triton mode."""
-    ctx = router_context(E, K, score, topk_then_score, has_bias, normalize, scaling_factor, num_groups,
-                         topk_groups, group_score, top_n)
+    ctx = router_context(E, policy)
     return render_to_module("triton_router.py.j2", ctx), ctx["EP"]
 
 
-def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, score: str, topk_then_score: bool,
-               normalize: bool, scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
-               top_n: int) -> tuple[Tensor, Tensor]:
-    """Run the router kernel: ids [T, K] int64 (best first) and weights [T, K] in the logits' dtype."""
+def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, *policy: Any) -> tuple[Tensor, Tensor]:
+    """Run the router kernel: ids [T, K] int64 (best first) and weights [T, K] in the logits' dtype.
+
+    ``policy``: a ``TopKPolicy``, or its fields in order (``TopKPolicy.positional()``).
+    """
+    p = policy[0] if len(policy) == 1 and isinstance(policy[0], TopKPolicy) else TopKPolicy(*policy)
     check_device(logits_TE)
     T, E = logits_TE.shape
-    mod, EP = _router_module_for(E, top_k, score, topk_then_score, expert_bias_E is not None, normalize,
-                                 float(scaling_factor), num_groups, topk_groups, group_score, top_n, interpreting())
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
-    weights = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
+    kp = _KernelPolicy(**{f.name: getattr(p, f.name) for f in fields(TopKPolicy)}, has_bias=expert_bias_E is not None)
+    mod, EP = _router_module_for(E, kp, interpreting())
+    ids = torch.empty(T, p.top_k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(T, p.top_k, dtype=logits_TE.dtype, device=logits_TE.device)
     if T == 0:
         return ids, weights
     block_t = max(1, min(16, 4096 // EP))
