@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..oplib import opaque_op
+from .args import ExpertArgs, RoutedRows
 from .activation import FAST_INPLACE, _act_backward, _act_saved, _activate_, apply_activation, mlp_forward
 from .backward import _mlp_grads, _routed_grads_per_expert, expert_mlp_backward
 from .forward import _expert_mlp_fast, _expert_mlp_impl, _small_experts, _sort_by_expert
@@ -41,7 +42,7 @@ from .workspace import (
 )
 
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
-           "define_expert_op", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
+           "define_expert_op", "ExpertArgs", "RoutedRows", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
            "_linear", "_mlp_grads", "_PackedExperts", "_routed_grads_per_expert", "_small_experts", "_sort_by_expert",
            "_workspace"]
@@ -59,7 +60,7 @@ SMALL_EXPERT_WEIGHTS = 1 << 16
 def define_expert_op(name: str, forward=None):
     """Register a grouped expert op with ``expert_mlp``'s signature, fake and autograd.
 
-    ``forward(*args)`` computes the result under no_grad (default: this module's inference path;
+    ``forward(args)`` computes the result from an ``ExpertArgs`` under no_grad (default: the inference path;
     ``"packed"``: the same with oneDNN-packed weights). Every variant shares the backward, the opaque
     op ``expert_mlp_backward`` (the Triton backend registers its op here too).
     """
@@ -81,11 +82,12 @@ def define_expert_op(name: str, forward=None):
         shared_w_down_DF: Tensor | None,
         shared_scale_T: Tensor | None,
     ) -> Tensor:
-        args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-                activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
+        # The positional form ends here: everything below takes the arguments object.
+        args = ExpertArgs(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
+                          activation, gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
         with torch.no_grad():
             if callable(forward):
-                return forward(*args)
+                return forward(args)
             packed = packed_experts(w_up_EHD, w_down_EDF, shared_w_up_HD, shared_w_down_DF) if forward == "packed" else None
             from .. import strategies  # the strategy (pinned, tuned or by rule) runs the experts
 

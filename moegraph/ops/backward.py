@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..oplib import opaque_op
 from .activation import _act_backward, _act_saved
+from .args import RoutedRows
 from .forward import _sort_by_expert
 
 
@@ -36,13 +37,14 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, go_RD, activation, ga
     return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, out
 
 
-def _routed_grads_per_expert(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-                             activation, gated, gate_clamp, up_clamp, want_out: bool, grads: dict) -> Tensor | None:
+def _routed_grads_per_expert(rr: RoutedRows, grads: dict) -> Tensor | None:
     """The routed experts' gradients, one expert at a time (rows sorted by expert, ``counts`` per expert).
 
     Writes gw_up, gw_down, gb_up, gb_down in ``grads`` (zero-filled [E, ...] tensors) and returns
     gx_ND; the per-assignment weight gradient goes to grads["gw_sorted"] when ``want_out``.
     """
+    x_ND, gy_ND, w_sorted, counts, want_out = rr.x_ND, rr.gy_ND, rr.w_sorted, rr.counts, rr.want_out
+    w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rr.w_up_EHD, rr.w_down_EDF, rr.b_up_EH, rr.b_down_ED
     gx_ND = torch.empty_like(x_ND)
     start = 0
     for e, n in enumerate(counts):
@@ -51,8 +53,8 @@ def _routed_grads_per_expert(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD
         rows = slice(start, start + n)
         gxe, grads["gw_up"][e], grads["gw_down"][e], gbu, gbd, out = _mlp_grads(
             x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
-            None if b_down_ED is None else b_down_ED[e], gy_ND[rows] * w_sorted[rows], activation, gated,
-            gate_clamp, up_clamp, want_out=want_out)
+            None if b_down_ED is None else b_down_ED[e], gy_ND[rows] * w_sorted[rows], *rr.activation_args,
+            want_out=want_out)
         gx_ND[rows] = gxe
         if gbu is not None:
             grads["gb_up"][e] = gbu
@@ -121,8 +123,8 @@ def expert_mlp_backward(
         from .. import strategies  # per-expert loop or grouped GEMMs, chosen as the forward's strategy
 
         gx_ND = strategies.run_backward(
-            (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-             gate_clamp, up_clamp, need[3]), grads)
+            RoutedRows(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
+                       gated, gate_clamp, up_clamp, need[3]), grads)
         gw_sorted = grads["gw_sorted"]
         gx.index_add_(0, tok_sorted, gx_ND)
         if need[3]:

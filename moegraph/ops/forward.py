@@ -7,10 +7,13 @@ Legend: T tokens, D model dim, F expert hidden dim, H up-projection width, E exp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .args import ExpertArgs
 from .activation import _activate_, apply_activation, mlp_forward
 from .workspace import _linear, _PackedExperts, _workspace
 
@@ -28,24 +31,10 @@ def _sort_by_expert(exp_N: Tensor, E: int) -> tuple[Tensor, Tensor, list[int]]:
     return order_N[:n], key_sorted_N[:n], counts
 
 
-def _expert_mlp_impl(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None = None,
-    shared_w_down_DF: Tensor | None = None,
-    shared_scale_T: Tensor | None = None,
-) -> Tensor:
-    """Differentiable reference implementation used by the op (and, recomputed, by its backward)."""
+def _expert_mlp_impl(*args: Any) -> Tensor:
+    """Differentiable reference implementation of the op (an ``ExpertArgs``, or its positional fields)."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = ExpertArgs.of(*args).positional()
     T, D = x_TD.shape
     E = w_up_EHD.shape[0]
     out_dtype = x_TD.dtype
@@ -104,25 +93,7 @@ def _small_experts(w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
             and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
 
 
-def _expert_mlp_fast(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None,
-    shared_w_down_DF: Tensor | None,
-    shared_scale_T: Tensor | None,
-    packed: _PackedExperts | None = None,
-    grouped: bool | None = None,
-) -> Tensor:
+def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
 
     ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
@@ -132,6 +103,8 @@ def _expert_mlp_fast(
     weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
     the output buffer that the routed rows are then added into.
     """
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = args.positional()
     T, D = x_TD.shape
     E = w_up_EHD.shape[0]
     # Step 1: shared experts straight into the output buffer.

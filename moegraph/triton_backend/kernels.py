@@ -27,6 +27,7 @@ from .. import semantics
 from ..semantics.expr import FUNCTIONS
 from ..semantics.routing import TopKPolicy
 from ..semantics.scores import SCORE_EXPR_FUNCTIONS, SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from ..ops.args import ExpertArgs
 from ..semantics.torch_forms import activate
 from . import configs
 from .render import interpreting, render_to_module
@@ -306,43 +307,29 @@ class MLPLaunch:
         return self.combine(self.down(aligned, cfg.BLOCK_M, cfg.down, h_NF))
 
 
-def expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None = None,
-    shared_w_down_DF: Tensor | None = None,
-    shared_scale_T: Tensor | None = None,
-    config: configs.MoEConfig | None = None,
-) -> Tensor:
-    """The Triton implementation of ``moegraph::expert_mlp`` (same arguments and result).
+def expert_mlp(*args: Any, config: configs.MoEConfig | None = None) -> Tensor:
+    """The Triton implementation of ``moegraph::expert_mlp`` (an ``ExpertArgs``, or the op's positional
+    arguments; same result).
 
     Shared experts whose hidden size is a multiple of F run as SH always-selected experts inside the
     same grouped GEMMs; others run as two dense GEMMs (torch) added to the output.
     """
-    launch, dense_shared = prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
-                                   gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
+    launch, dense_shared = prepare(ExpertArgs.of(*args))
     T, D, F, E, _, N_ext = launch.dims
     if T == 0 or N_ext == 0:
-        y = x_TD.new_zeros(T, D)
+        y = launch.x_TD.new_zeros(T, D)
     else:
-        cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), x_TD.dtype, _device_name(x_TD.device))
+        cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), launch.x_TD.dtype,
+                                           _device_name(launch.x_TD.device))
         y = launch.run(configs.fit(cfg, D, F))
     return y if dense_shared is None else y + dense_shared
 
 
-def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
-            up_clamp, shared_w_up_HD=None, shared_w_down_DF=None, shared_scale_T=None) -> tuple[MLPLaunch, Tensor | None]:
-    """Check the arguments, pick the kernel module for them, and run shared experts that cannot be folded."""
+def prepare(*args: Any) -> tuple[MLPLaunch, Tensor | None]:
+    """Check the arguments (an ``ExpertArgs`` or the op's positional ones), pick the kernel module for
+    them, and run shared experts that cannot be folded."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = ExpertArgs.of(*args).positional()
     check_device(x_TD, w_up_EHD, w_down_EDF)
     F = w_down_EDF.shape[2]
     dt = x_TD.dtype
