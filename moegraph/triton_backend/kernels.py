@@ -13,7 +13,7 @@ from __future__ import annotations
 import ast
 import math
 import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
@@ -239,37 +239,28 @@ class MLPLaunch:
     """
 
     mod: ModuleType
-    x_TD: Tensor
-    tok_N: Tensor
-    exp_N: Tensor
-    weight_N: Tensor
-    w_up_EHD: Tensor
-    w_down_EDF: Tensor
-    b_up_EH: Tensor | None
-    b_down_ED: Tensor | None
-    sw_up_HD: Tensor | None
-    sw_down_DS: Tensor | None
-    scale_T: Tensor | None
+    args: ExpertArgs  # shared experts present only when folded in (SH > 0)
     SH: int
 
     @property
     def dims(self) -> tuple[int, int, int, int, int, int]:
         """T, D, F, E, N, N_ext."""
-        T, D = self.x_TD.shape
-        N = self.tok_N.numel()
-        return T, D, self.w_down_EDF.shape[2], self.w_up_EHD.shape[0], N, N + self.SH * T
+        T, D = self.args.x_TD.shape
+        N = self.args.tok_N.numel()
+        return T, D, self.args.w_down_EDF.shape[2], self.args.w_up_EHD.shape[0], N, N + self.SH * T
 
     def align(self, block_m: int) -> tuple[Tensor, Tensor, int]:
         T, _, _, E, _, _ = self.dims
-        return align(self.exp_N, T, E, self.SH, block_m)
+        return align(self.args.exp_N, T, E, self.SH, block_m)
 
     def gate_up(self, aligned: tuple[Tensor, Tensor, int], block_m: int, gu: configs.GemmConfig) -> Tensor:
         """h[n] = act(x[tok[n]] W_up^T) for every assignment, one launch over all experts."""
         sorted_R, block_expert_B, B = aligned
         T, D, F, E, N, N_ext = self.dims
-        h_NF = self.x_TD.new_empty(N_ext, F)
+        a = self.args
+        h_NF = a.x_TD.new_empty(N_ext, F)
         self.mod.gate_up_kernel[(B * triton_cdiv(F, gu.BLOCK_N),)](
-            self.x_TD, self.tok_N, self.w_up_EHD, self.sw_up_HD, self.b_up_EH, sorted_R, block_expert_B, h_NF,
+            a.x_TD, a.tok_N, a.w_up_EHD, a.shared_w_up_HD, a.b_up_EH, sorted_R, block_expert_B, h_NF,
             N, N_ext, T, D, F, self.SH * F, E, B,
             BLOCK_M=block_m, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M,
             EVEN_K=D % gu.BLOCK_K == 0, num_warps=gu.num_warps, num_stages=gu.num_stages,
@@ -280,9 +271,10 @@ class MLPLaunch:
         """o[n] = weight[n] * (h[n] W_down^T), one launch over all experts."""
         sorted_R, block_expert_B, B = aligned
         T, D, F, E, N, N_ext = self.dims
-        o_ND = self.x_TD.new_empty(N_ext, D)
+        a = self.args
+        o_ND = a.x_TD.new_empty(N_ext, D)
         self.mod.down_kernel[(B * triton_cdiv(D, dn.BLOCK_N),)](
-            h_NF, self.w_down_EDF, self.sw_down_DS, self.b_down_ED, self.weight_N, self.scale_T, sorted_R,
+            h_NF, a.w_down_EDF, a.shared_w_down_DF, a.b_down_ED, a.weight_N, a.shared_scale_T, sorted_R,
             block_expert_B, o_ND,
             N, N_ext, T, D, F, self.SH * F, E, B,
             BLOCK_M=block_m, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M,
@@ -293,11 +285,11 @@ class MLPLaunch:
     def combine(self, o_ND: Tensor) -> Tensor:
         """y[t] = sum of the token's outputs, in a fixed order (deterministic)."""
         T, D, _, E, N, _ = self.dims
-        order_N, start_T1 = token_csr(self.tok_N, T)
-        y_TD = self.x_TD.new_empty(T, D)
+        order_N, start_T1 = token_csr(self.args.tok_N, T)
+        y_TD = self.args.x_TD.new_empty(T, D)
         block_d = min(COMBINE_BLOCK_D, _pow2(D))
         self.mod.combine_kernel[(T, triton_cdiv(D, block_d))](
-            o_ND, order_N, start_T1, self.exp_N, y_TD, N, T, D, E, self.SH, BLOCK_D=block_d,
+            o_ND, order_N, start_T1, self.args.exp_N, y_TD, N, T, D, E, self.SH, BLOCK_D=block_d,
         )
         return y_TD
 
@@ -317,10 +309,10 @@ def expert_mlp(*args: Any, config: configs.MoEConfig | None = None) -> Tensor:
     launch, dense_shared = prepare(ExpertArgs.of(*args))
     T, D, F, E, _, N_ext = launch.dims
     if T == 0 or N_ext == 0:
-        y = launch.x_TD.new_zeros(T, D)
+        y = launch.args.x_TD.new_zeros(T, D)
     else:
-        cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), launch.x_TD.dtype,
-                                           _device_name(launch.x_TD.device))
+        x_TD = launch.args.x_TD
+        cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), x_TD.dtype, _device_name(x_TD.device))
         y = launch.run(configs.fit(cfg, D, F))
     return y if dense_shared is None else y + dense_shared
 
@@ -357,11 +349,9 @@ def prepare(*args: Any) -> tuple[MLPLaunch, Tensor | None]:
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.contiguous()
 
-    launch = MLPLaunch(
-        mod, c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
-        c(b_down_ED), c(shared_w_up_HD) if SH else None, c(shared_w_down_DF) if SH else None,
-        c(shared_scale_T) if SH else None, SH,
-    )
+    folded = (c(shared_w_up_HD), c(shared_w_down_DF), c(shared_scale_T)) if SH else (None, None, None)
+    launch = MLPLaunch(mod, ExpertArgs(c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
+                                       c(b_down_ED), activation, gated, gate_clamp, up_clamp, *folded), SH)
     return launch, dense_shared
 
 
@@ -444,22 +434,15 @@ def router_supported(E: int, K: int, score: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _KernelPolicy(TopKPolicy):
-    """A policy plus whether the kernel adds an expert bias (a separate kernel variant)."""
-
-    has_bias: bool = False
-
-
 def router_context(E: int, *policy: Any) -> dict[str, Any]:
-    """The router template's context for ``E`` experts and a ``_KernelPolicy`` (or, in order: top_k,
+    """The router template's context for ``E`` experts: ``(TopKPolicy, has_bias)``, or in order top_k,
     score, topk_then_score, has_bias, normalize, scaling_factor, num_groups, topk_groups, group_score,
-    top_n)."""
-    if len(policy) == 1 and isinstance(policy[0], _KernelPolicy):
-        p = policy[0]
+    top_n."""
+    if len(policy) == 2 and isinstance(policy[0], TopKPolicy):
+        p, has_bias = policy
     else:
         K, score, tts, has_bias, normalize, scaling, G, M, gs, n = policy
-        p = _KernelPolicy(K, score, tts, normalize, scaling, G, M, gs, n, has_bias=has_bias)
+        p = TopKPolicy(K, score, tts, normalize, scaling, G, M, gs, n)
     groups = None
     if p.num_groups > 0:  # 0: no group limit
         EP = max(16, _pow2(E))
@@ -470,7 +453,7 @@ def router_context(E: int, *policy: Any) -> dict[str, Any]:
     score = p.score
     name = score if score in SCORE_FUNCTIONS or score == "softmax" else f"x -> {score}"
     summary = (("top-k logits then softmax" if p.topk_then_score else f"{name} scores")
-               + (", expert bias for selection" if p.has_bias else "")
+               + (", expert bias for selection" if has_bias else "")
                + (f", {p.topk_groups} of {p.num_groups} groups by {p.group_score}" if groups else "")
                + (", normalised" if p.normalize else "")
                + (f", scaled by {p.scaling_factor}" if p.scaling_factor != 1.0 else ""))
@@ -480,7 +463,7 @@ def router_context(E: int, *policy: Any) -> dict[str, Any]:
         "softmax": score == "softmax",
         "score_code": Code("x" if score == "softmax" else score_to_triton(score)),
         "topk_then_score": p.topk_then_score,
-        "has_bias": p.has_bias,
+        "has_bias": bool(has_bias),
         "normalize": p.normalize,
         "scaling_factor": float(p.scaling_factor),
         "groups": groups,
@@ -489,9 +472,9 @@ def router_context(E: int, *policy: Any) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=256)
-def _router_module_for(E: int, policy: _KernelPolicy, interpret: bool) -> tuple[ModuleType, int]:
+def _router_module_for(E: int, policy: TopKPolicy, has_bias: bool, interpret: bool) -> tuple[ModuleType, int]:
     """The router kernel module and its padded expert width, once per policy and Triton mode."""
-    ctx = router_context(E, policy)
+    ctx = router_context(E, policy, has_bias)
     return render_to_module("triton_router.py.j2", ctx), ctx["EP"]
 
 
@@ -503,8 +486,7 @@ def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, *policy: Any) ->
     p = policy[0] if len(policy) == 1 and isinstance(policy[0], TopKPolicy) else TopKPolicy(*policy)
     check_device(logits_TE)
     T, E = logits_TE.shape
-    kp = _KernelPolicy(**{f.name: getattr(p, f.name) for f in fields(TopKPolicy)}, has_bias=expert_bias_E is not None)
-    mod, EP = _router_module_for(E, kp, interpreting())
+    mod, EP = _router_module_for(E, p, expert_bias_E is not None, interpreting())
     ids = torch.empty(T, p.top_k, dtype=torch.int64, device=logits_TE.device)
     weights = torch.empty(T, p.top_k, dtype=logits_TE.dtype, device=logits_TE.device)
     if T == 0:
