@@ -17,9 +17,10 @@ graphs a oneDNN-packed copy of the expert weights (``packed_experts``, released 
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S shared hidden dim.
 
-The package: ``activation`` (the activation forms inside the op), ``forward`` (reference and fast
+The package: ``args`` (``ExpertArgs``, ``RoutedRows``: the arguments objects everything past the op
+schema takes), ``activation`` (the activation forms inside the op), ``forward`` (reference and fast
 paths), ``workspace`` (scratch buffers, oneDNN packing), ``backward`` (the explicit backward op);
-this module registers the ops and holds the op's settings.
+this module registers the ops (the one place with the positional form) and holds the op's settings.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ and ``register_score("sqrt_sigmoid", "sqrt(sigmoid(x))")``). The spec then accep
 ``activation: swiglu_oai`` (with ``gate_clamp``/``up_clamp`` for its clamps) and ``score:
 sqrt_sigmoid``; the generated torch layer, the expert op's forward and backward (the derivative is
 taken from the expression), the Triton kernels and the torch reference routing all follow from the
-entry. ``tests/test_semantics.py`` adds such entries and checks them on every backend.
+entry. ``tests/test_semantics.py`` (torch layer, forward and backward) and ``tests/test_triton.py``
+(kernels) add such entries and check them on every backend.
 
 This package sits with the spec at the bottom of the stack: ``__init__`` and the table modules do not
 import torch.
