@@ -11,7 +11,6 @@ content does not match its recorded hash (a corrupted or hand-edited file) is de
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import linecache
@@ -30,15 +29,9 @@ from . import __version__
 from .errors import CodegenError
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
-from .spec import (
-    ACTIVATIONS,
-    SCORE_EXPR_FUNCTIONS,
-    MoESpec,
-    UniformTopology,
-    emit_score,
-    score_expression,
-    score_tree,
-)
+from .semantics import ACTIVATIONS
+from .semantics.scores import torch_score_code
+from .spec import MoESpec, UniformTopology
 
 _ENV: jinja2.Environment | None = None
 
@@ -64,14 +57,9 @@ def template_env() -> jinja2.Environment:
 def _score_code(score: str) -> Code:
     """Torch code computing scores_TE from logits_TE for a score name or expression.
 
-    Emitted node by node from the validated parse tree (``spec.score_tree``), never from the text.
+    Emitted node by node from the validated parse tree (``semantics.scores``), never from the text.
     """
-    if score == "softmax":
-        return Code("torch.softmax(logits_TE, dim=-1)")
-    tree = score_tree(score_expression(score))
-    code = emit_score(tree, "logits_TE", lambda name, arg: f"{SCORE_EXPR_FUNCTIONS[name]}({arg})")
-    # Keep the hand-written look: an operator at the top needs no outer parentheses.
-    return Code(code[1:-1] if isinstance(tree.body, (ast.BinOp, ast.UnaryOp)) else code)
+    return Code(torch_score_code(score, "logits_TE"))
 
 
 def _devices(spec: MoESpec) -> int:
@@ -127,7 +115,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     """Everything the template needs, decided here."""
     m = spec.moe
     r = m.router
-    act, gated = ACTIVATIONS[m.experts.activation]
+    gated = ACTIVATIONS[m.experts.activation].gated
     K = m.top_k
     ctx: dict[str, Any] = {
         "version": __version__,
@@ -146,7 +134,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "F": m.experts.intermediate_size,
         "K": K,
         "gated": gated,
-        "act": act,
+        # The expert op takes the spec's activation name: one entry of the semantics table.
+        "act": m.experts.activation,
         "activation": m.experts.activation,
         "up_name": "gate_up_proj" if gated else "up_proj",
         "gate_clamp": m.experts.gate_clamp,

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers torch.ops.moegraph)
+from . import semantics
 from .errors import InputError
 
 
@@ -52,11 +53,9 @@ class GraphPipeline(Protocol):
     def build(self, layer: nn.Module, training: bool) -> tuple[torch.fx.GraphModule, Any]: ...
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    """The torch dtype of a spec dtype name (the table: ``moegraph.semantics.dtypes``)."""
+    return semantics.torch_dtype(name)
 
 
 # ----------------------------------------------------------------------------------------------

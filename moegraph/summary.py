@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .spec import ACTIVATIONS, MHAttention, MLAttention, MoESpec
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+from .semantics import ACTIVATIONS, DTYPE_BYTES
+from .spec import MHAttention, MLAttention, MoESpec
 
 
 def mlp_params(d: int, f: int, gated: bool, bias: bool) -> int:
@@ -73,7 +72,7 @@ class Summary:
 
 def summarize(spec: MoESpec) -> Summary:
     m, d = spec.moe, spec.moe.hidden_size
-    gated, bias = ACTIVATIONS[m.experts.activation][1], m.experts.bias
+    gated, bias = ACTIVATIONS[m.experts.activation].gated, m.experts.bias
     routed_one = mlp_params(d, m.experts.intermediate_size, gated, bias)
     shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
     if m.shared_experts.gate == "sigmoid":
@@ -89,7 +88,7 @@ def summarize(spec: MoESpec) -> Summary:
     moe_active = n_moe * (layer.routed_active + shared + router)
     s = Summary(spec, layer, n_moe, n_dense, moe_total, moe_active)
     s.flops_per_token_moe = 2 * moe_active
-    s.expert_bytes_per_layer = (layer.routed_total + shared) * _BYTES[m.dtype]
+    s.expert_bytes_per_layer = (layer.routed_total + shared) * DTYPE_BYTES[m.dtype]
 
     attn = attention_params(spec)
     mdl = spec.model

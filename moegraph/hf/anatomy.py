@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .vocab import _ACT_FNS, _SHARED_NAMES
+from .vocab import _ACT_FNS, _SHARED_NAMES, GATED_ACT
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
     # Our layout: all gate columns, then all up columns.
     ours = torch.cat([h[:, 0::2], h[:, 1::2]], 1) if interleaved else h
     clamp_options = [(None, None)] + ([(limit, limit), (limit, None), (None, limit)] if limit else [])
-    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+    for act in GATED_ACT:  # the gated entries of the activation table
         for gc, uc in clamp_options:
             if isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(
                 ref, apply_activation(ours, act, True, gc, uc), rtol=1e-5, atol=1e-6

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
+from ..semantics.routing import TopKPolicy, route_topk
 from .probe import Probe
 from .vocab import _HF_SCORES, _NORMALIZE, _SCALING, _SCORE, _SCORE_FNS, _TOP_K, _attr
 
@@ -42,6 +43,11 @@ class Routing:
             s += f", x{self.scaling_factor:g}"
         return s
 
+    def policy(self) -> TopKPolicy:
+        G, M, how, n = self.groups or (0, 0, "max", 0)
+        return TopKPolicy(self.top_k, self.score, self.topk_order == "topk_then_score", self.normalize,
+                          float(self.scaling_factor), G, M, how, n)
+
     def router_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "topk", "top_k": self.top_k, "score": self.score}
         if self.topk_order != "score_then_topk":
@@ -58,26 +64,9 @@ class Routing:
 
 
 def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(ids_TK, weights_TK) of a routing, the same steps as codegen_templates/moe_layer.py.j2."""
+    """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing``."""
     bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
-    if r.topk_order == "topk_then_score":
-        scores = logits_TE
-    else:
-        scores = _SCORE_FNS[r.score](logits_TE)
-    choice = scores if bias is None else scores + bias
-    if r.groups:
-        G, M, how, n = r.groups
-        c = choice.view(choice.shape[0], G, -1)
-        g = c.amax(-1) if how == "max" else c.topk(n, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(M, dim=-1).indices, True)
-        choice = c.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(choice.shape[0], -1)
-    ids = torch.topk(choice, r.top_k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if r.topk_order == "topk_then_score":
-        w = torch.softmax(w, dim=-1)
-    if r.normalize:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return ids, w * r.scaling_factor
+    return route_topk(logits_TE, r.policy(), bias)
 
 
 def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
