@@ -165,7 +165,7 @@ def simulate(spec, stream: list[TraceSet], seed: int | None) -> dict[str, Track]
             elif name.startswith("load-only"):
                 new = baseline_plans(spec, window)["load_only"]
                 if name.endswith("relabelled"):
-                    new = relabel(new, cur)
+                    new = relabel(new, cur, window)
             elif name == "replan":
                 new = replan(None, cur, window, seed=seed)
             else:
@@ -246,7 +246,7 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
             new = replan(None, cur, h1, seed=seed)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             lo = baseline_plans(spec, h1)["load_only"]
-            lor = relabel(lo, cur)
+            lor = relabel(lo, cur, h1)
             total = cur.num_layers * cur.num_slots
             mv, lo_link, lor_mv = (migration(cur, p).slots_moved / total for p in (new, lo, lor))
             # the load-only plan raw: every slot whose expert changed is reloaded (the count)

@@ -11,6 +11,7 @@ import yaml
 from moegraph import load_spec
 from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
+from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan, replan_report
 from moegraph.traces import TraceSet, load_traces
 
@@ -75,6 +76,68 @@ def test_relabel_keeps_hosts_together():
     rows = cur.physical_to_logical_map[0].reshape(8, 8)[[5, 4, 7, 6, 1, 0, 3, 2]].reshape(1, -1)
     got = relabel(Plan(rows, spec), cur)
     assert migration(cur, got).slots_moved == 0
+
+
+
+def _expected_copies(plan, layer, topk):
+    """Reference: expected (remote GPU + extra-cost x remote host) copies per token, tokens starting on every
+    GPU equally, no replicas: a token served by D GPUs on H hosts sends D (1 - 1/G) + w H (1 - 1/N)."""
+    g, n = plan.num_gpus, plan.cluster.num_nodes
+    topo = plan.spec.topology
+    w = topo.intra_node_bandwidth_gbps / topo.inter_node_bandwidth_gbps - 1.0
+    gpu_of = np.empty(plan.num_experts, np.int64)
+    gpu_of[plan.physical_to_logical_map[layer]] = np.arange(plan.num_slots) // plan.slots_per_gpu
+    total = 0.0
+    for row in np.asarray(topk):
+        gpus = set(gpu_of[row].tolist())
+        hosts = {int(plan.node_of_gpu[x]) for x in gpus}
+        total += len(gpus) * (1 - 1 / g) + w * len(hosts) * (1 - 1 / n)
+    return total / len(topk)
+
+
+def test_relabel_with_traffic_regroups_hosts_only_where_no_worse_brute_force():
+    # 2 hosts x 2 GPUs: all 24 renamings per layer, 16 of which regroup GPUs into other hosts. With the
+    # traffic, relabel moves as few slots as any renaming whose expected copies do not rise.
+    spec = _spec(nodes=2, gpus=2, slots=64, layers=2)
+    law = _task("law", layers=2)
+    rng = np.random.default_rng(3)
+    cur = Plan(np.stack([rng.permutation(64) for _ in range(2)]), spec)
+    lo = baseline_plans(spec, law)["load_only"]
+    got, sym = relabel(lo, cur, law), relabel(lo, cur)
+    for layer in range(2):
+        old_sets = [set(cur.gpu_experts(layer, x)) for x in range(4)]
+        new_sets = [set(lo.gpu_experts(layer, x)) for x in range(4)]
+        base = _expected_copies(lo, layer, law.topk[layer])
+        best = None
+        for p in itertools.permutations(range(4)):
+            rows = lo.physical_to_logical_map[layer].reshape(4, 16)[list(p)].reshape(1, -1)
+            renamed = Plan(np.concatenate([rows, rows]), spec)
+            if _expected_copies(renamed, 0, law.topk[layer]) <= base + 1e-9:
+                moved = sum(len(new_sets[p[x]] - old_sets[x]) for x in range(4))
+                best = moved if best is None else min(best, moved)
+        assert _moved(got.physical_to_logical_map[layer], cur.physical_to_logical_map[layer]) == best
+        assert _expected_copies(got, layer, law.topk[layer]) <= base + 1e-9
+        assert sorted(map(sorted, new_sets)) == sorted(sorted(got.gpu_experts(layer, x)) for x in range(4))
+    # on this case the regrouping pays: fewer slots than the renamings within the topology's symmetry
+    assert migration(cur, got).slots_moved < migration(cur, sym).slots_moved
+
+
+def test_relabel_with_traffic_keeps_the_expected_balance_and_moves_less(setup):
+    spec = _spec(nodes=2, gpus=4, slots=72)
+    intent, law = _task("intent"), _task("law")
+    cur = plan(spec, intent)
+    lo = baseline_plans(spec, law)["load_only"]
+    got, sym = relabel(lo, cur, law), relabel(lo, cur)
+    assert migration(cur, got).slots_moved <= migration(cur, sym).slots_moved
+    for layer in range(lo.num_layers):
+        counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
+        # expected loads under the dispatch rule (tokens on every GPU equally), computed by the cost model
+        a, b = (expected_gpu_load(p, layer, counts) for p in (lo, got))
+        assert b.max() / b.mean() <= a.max() / a.mean() + 1e-9
+    # one host: every renaming preserves the topology, traffic changes nothing
+    spec1 = _spec(nodes=1, gpus=8, slots=72)
+    cur1, lo1 = plan(spec1, intent), baseline_plans(spec1, law)["load_only"]
+    assert np.array_equal(relabel(lo1, cur1, law).physical_to_logical_map, relabel(lo1, cur1).physical_to_logical_map)
 
 
 def test_migration_counts_sources_bytes_and_time(setup):

@@ -568,9 +568,9 @@ def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = 
     """
     ts = _window(current.spec, traces)
     lo = baseline_plans(current.spec, ts)["load_only"]
-    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current)}
+    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current, ts)}
     if full is not None:
-        cands["full"] = relabel(full, current)
+        cands["full"] = relabel(full, current, ts)
     cands["replan"] = new
     out: dict[str, Any] = {"window": ts.name, "tokens": ts.num_tokens, "plans": {}}
     for key, p in cands.items():
