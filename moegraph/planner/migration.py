@@ -360,7 +360,8 @@ def relabel(plan: Plan, current: Plan, traces: TraceSet | None = None) -> Plan:
     rows, perms = [], []
     for rn, ro in zip(plan.physical_to_logical_map, current.physical_to_logical_map):
         # Each MoE layer's ranks are named independently: a rank holds one set of experts per layer.
-        judge = None if traces is None or traces.load_only else _judge(plan, len(rows), traces)
+        regroup = traces is not None and not traces.load_only and _two_level(plan.cluster)
+        judge = _judge(plan, len(rows), traces) if regroup else None
         perm = _gpu_permutation(rn[None], ro[None], plan.cluster, plan.num_experts, judge)
         perms.append(perm.tolist())
         rows.append(_align_slots(rn.reshape(g, spg)[perm].reshape(-1), ro, g))
