@@ -12,8 +12,11 @@ from moegraph import load_spec
 from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
+from moegraph.planner.migration import _move_cost, host_copy_weight
+from moegraph.planner.replan import _cut_rate, _Layer, _prices
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan, replan_report
-from moegraph.traces import TraceSet, load_traces
+from moegraph.topology import cluster_of
+from moegraph.traces import TraceSet, coactivation, load_traces
 
 
 def _spec(nodes=1, gpus=8, slots=72, layers=3):
@@ -189,6 +192,50 @@ def test_a_longer_horizon_buys_fewer_remote_copies_with_more_moves(setup):
     assert migration(current, long).slots_moved > migration(current, short).slots_moved
     # both keep the balance the repair reached (within what the dispatch rule's round-robin adds)
     assert m_long["max_mean_load"] < 1.08
+
+
+
+def _cut_rate_of(nodes, gpus, spg=2, experts=8, tokens=400):
+    """The re-plan's copies-per-cut rate on random top-2 traffic, for a placement of ``experts`` experts on
+    ``nodes`` x ``gpus`` GPUs (no replicas)."""
+    d = load_spec("deepseek-v2-lite-tiny").to_dict()
+    d["topology"].update(nodes=nodes, gpus_per_node=gpus)
+    cl = cluster_of(load_spec(d))
+    g = cl.num_gpus
+    assert g * spg == experts
+    rng = np.random.default_rng(0)
+    topk = np.stack([rng.choice(experts, 2, replace=False) for _ in range(tokens)])
+    row = rng.permutation(experts)
+    old = np.zeros((experts, g), bool)
+    old[row, np.arange(experts) // spg] = True
+    cost = _move_cost(cl)
+    st = _Layer(ex=row.copy(), gpu=np.arange(experts) // spg, old=old, cnt=np.ones((g, experts)), node=cl.node_of_gpu,
+                price=_prices(old, cost))
+    return _cut_rate(st, coactivation(topk, experts) / tokens, cost, topk, host_copy_weight(cl))
+
+
+def test_cut_rate_converts_split_pairs_into_copies_exactly_for_top2():
+    # Top-2 tokens: the cut counts one split pair per token whose two experts sit apart, at the link's
+    # relative cost; the wire carries one remote GPU copy (and one host copy) in expectation over the
+    # token's source GPU.
+    # One host of 4 GPUs: a split costs 1 in the cut and (1 - 1/4) GPU copies.
+    assert _cut_rate_of(1, 4) == pytest.approx(0.75)
+    # Two hosts of one GPU (inter-host link 8x the NVLink cost): a split costs 8 in the cut and, in copies
+    # over the fastest link, (1 - 1/2) GPU copies + 7 x (1 - 1/2) extra for the host hop: 4.
+    assert _cut_rate_of(2, 1, spg=4) == pytest.approx(0.5)
+
+
+def test_replan_prices_the_cut_by_its_measured_copies(setup):
+    spec, current, _, law = setup
+    one = replan(spec, current, law)
+    rate1 = one.policy["copies_per_cut"]
+    spec2 = _spec(nodes=2, gpus=4)
+    two = replan(spec2, plan(spec2, _task("intent")), law)
+    rate2 = two.policy["copies_per_cut"]
+    # a pair split across hosts weighs 8 in the cut but adds much less than 8 copies' worth of link cost
+    assert 0 < rate2 < 0.5 * rate1 < 1.0
+    assert one.policy["horizon_tokens"] == two.policy["horizon_tokens"] == 25_000
+    assert replan(spec, current, law, horizon_tokens=0).policy["copies_per_cut"] == 0.0
 
 
 def test_replan_respects_a_move_budget(setup):
