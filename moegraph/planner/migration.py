@@ -321,24 +321,30 @@ def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], b
     """Whether renaming one layer's GPUs by perm keeps ``plan`` at least as good on ``traces``: neither
     the max/mean of the dispatch rule's expected GPU loads nor the expected remote copies per token
     (``exact.ExactCopies``, a host copy weighted by ``host_copy_weight``) rise, tokens starting on
-    every GPU equally (a renaming moves no token: which GPU a sequence starts on is not the plan's)."""
+    every GPU equally (a renaming moves no token: which GPU a sequence starts on is not the plan's).
+
+    A renaming keeps every GPU's experts, so the expected remote GPU copies stay as they are; only the
+    host copies can change, so the copies are compared at host level (hosts as the locations).
+    """
     row = plan.physical_to_logical_map[layer]
     cl, e = plan.cluster, plan.num_experts
     topk = np.asarray(traces.topk[layer], np.int64)
-    model = ExactCopies(topk, np.full(len(topk), 1.0 / max(len(topk), 1)), row, cl.node_of_gpu,
-                        host_weight=host_copy_weight(cl))
+    hosts = ExactCopies(topk, np.full(len(topk), 1.0 / max(len(topk), 1)), row, np.zeros(cl.num_nodes, np.int64))
     cnt = np.broadcast_to(np.bincount(topk.ravel(), minlength=e) / cl.num_gpus, (1, cl.num_gpus, e))
     gpu_r = np.arange(len(row)) // plan.slots_per_gpu
 
-    def score(gpu_R: np.ndarray) -> tuple[float, float]:
+    def balance(gpu_R: np.ndarray) -> float:
         load = rule_loads(gpu_R, row, cnt, cl.node_of_gpu)[0]
-        return float(load.max() / max(load.mean(), 1e-12)), model.value(gpu_R)
+        return float(load.max() / max(load.mean(), 1e-12))
 
-    base = score(gpu_r)
+    def copies(gpu_R: np.ndarray) -> float:
+        return hosts.value(cl.node_of_gpu[gpu_R])
+
+    base = (balance(gpu_r), copies(gpu_r))
 
     def judge(perm: np.ndarray) -> bool:
-        got = score(np.argsort(perm)[gpu_r])
-        return all(x <= y + 1e-9 * max(abs(y), 1.0) for x, y in zip(got, base))
+        gpu_R = np.argsort(perm)[gpu_r]
+        return all(f(gpu_R) <= y + 1e-9 * max(abs(y), 1.0) for f, y in zip((balance, copies), base))
 
     return judge
 
