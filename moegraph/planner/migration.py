@@ -22,7 +22,8 @@ hosts), so given the traffic the plan is for (``traces``) ``relabel`` also tries
 regroup the plan's GPUs into other hosts (every grouping of up to MAX_GROUPINGS, and the plain GPU
 to GPU assignment), most shared experts first, and takes the first that does not make the plan worse
 on that traffic: neither the max/mean of the dispatch rule's expected GPU loads nor the expected
-remote copies per token (``exact.ExactCopies``, a host copy weighted by its extra link cost) rise.
+remote host copies per token (``exact.ExactCopies``) rise (every GPU keeps its experts, so the remote
+GPU copies cannot change).
 That is honest for any plan: the renamed plan is at least as good as the plan on what it was made
 for, whatever that was. A plan that places by host (moegraph's) seldom passes; one that does not (the
 load-only packing, whose grouping into hosts is an accident of its packing order) often does.
@@ -258,6 +259,7 @@ def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluste
     r, c = linear_sum_assignment(overlap, maximize=True)
     free = np.empty(g, np.int64)
     free[c] = r
+    # Shared experts are whole numbers: a candidate must share at least one more than step 1's renaming.
     cands = [(-float(overlap[r, c].sum()), free.tolist())] if overlap[r, c].sum() > best + 0.5 else []
     for groups in _groupings(g, len(hosts[0]), len(hosts)):
         p, score = _match_groups(overlap, groups, hosts)
@@ -320,8 +322,8 @@ def host_copy_weight(cluster: Cluster) -> float:
 def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], bool]:
     """Whether renaming one layer's GPUs by perm keeps ``plan`` at least as good on ``traces``: neither
     the max/mean of the dispatch rule's expected GPU loads nor the expected remote copies per token
-    (``exact.ExactCopies``, a host copy weighted by ``host_copy_weight``) rise, tokens starting on
-    every GPU equally (a renaming moves no token: which GPU a sequence starts on is not the plan's).
+    (``exact.ExactCopies``) rise, tokens starting on every GPU equally (a renaming moves no token:
+    which GPU a sequence starts on is not the plan's).
 
     A renaming keeps every GPU's experts, so the expected remote GPU copies stay as they are; only the
     host copies can change, so the copies are compared at host level (hosts as the locations).

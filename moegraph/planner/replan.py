@@ -29,6 +29,8 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
    reached in step 1.
+3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
+   are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
 Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
 bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
@@ -40,8 +42,6 @@ change of expected copies, ``exact.ExactCopies``, on the cut's change over the c
 swaps), and a cut change is priced as that many copies over the horizon. The horizon is then a real
 number of tokens on every topology (a move pays for itself within them), not a constant whose
 meaning changes with the cluster.
-3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
-   are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
 Candidates are scored from per-slot tables of how the loads would change (``_Layer``), refreshed
 only for the experts a change touches, so a step costs a few array operations.
