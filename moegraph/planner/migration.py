@@ -33,6 +33,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, L MoE layers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator
@@ -330,21 +331,26 @@ def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], b
     """
     row = plan.physical_to_logical_map[layer]
     cl, e = plan.cluster, plan.num_experts
-    topk = np.asarray(traces.topk[layer], np.int64)
-    hosts = ExactCopies(topk, np.full(len(topk), 1.0 / max(len(topk), 1)), row, np.zeros(cl.num_nodes, np.int64))
-    cnt = np.broadcast_to(np.bincount(topk.ravel(), minlength=e) / cl.num_gpus, (1, cl.num_gpus, e))
     gpu_r = np.arange(len(row)) // plan.slots_per_gpu
 
-    def balance(gpu_R: np.ndarray) -> float:
-        load = rule_loads(gpu_R, row, cnt, cl.node_of_gpu)[0]
-        return float(load.max() / max(load.mean(), 1e-12))
+    @functools.cache
+    def scorers() -> tuple[Callable[[np.ndarray], float], Callable[[np.ndarray], float], tuple[float, float]]:
+        # Built on the first call: most layers of a plan that places by host have no candidate to judge.
+        topk = np.asarray(traces.topk[layer], np.int64)
+        hosts = ExactCopies(topk, np.full(len(topk), 1.0 / max(len(topk), 1)), row, np.zeros(cl.num_nodes, np.int64))
+        cnt = np.broadcast_to(np.bincount(topk.ravel(), minlength=e) / cl.num_gpus, (1, cl.num_gpus, e))
 
-    def copies(gpu_R: np.ndarray) -> float:
-        return hosts.value(cl.node_of_gpu[gpu_R])
+        def balance(gpu_R: np.ndarray) -> float:
+            load = rule_loads(gpu_R, row, cnt, cl.node_of_gpu)[0]
+            return float(load.max() / max(load.mean(), 1e-12))
 
-    base = (balance(gpu_r), copies(gpu_r))
+        def copies(gpu_R: np.ndarray) -> float:
+            return hosts.value(cl.node_of_gpu[gpu_R])
+
+        return balance, copies, (balance(gpu_r), copies(gpu_r))
 
     def judge(perm: np.ndarray) -> bool:
+        balance, copies, base = scorers()
         gpu_R = np.argsort(perm)[gpu_r]
         return all(f(gpu_R) <= y + 1e-9 * max(abs(y), 1.0) for f, y in zip((balance, copies), base))
 
