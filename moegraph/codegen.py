@@ -161,8 +161,18 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "capacity": getattr(r, "capacity", None),
         "capacity_factor": getattr(r, "capacity_factor", None),
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
+        "fp8": _fp8_context(m),
     }
     return ctx
+
+
+def _fp8_context(m: Any) -> dict[str, Any] | None:
+    """The FP8 settings the layer and its op calls need (None: experts in the layer dtype)."""
+    q = m.quantization
+    if q is None:
+        return None
+    return {"block_out": q.weight_block[0], "block_in": q.weight_block[1], "tile": q.activation_tile[1],
+            "format": q.format, "scale_format": q.scale_format, "shared": q.shared_experts}
 
 
 #: code generators; compile() adds what each needs at run time
@@ -181,6 +191,9 @@ def render(spec: MoESpec, backend: str = "torch") -> str:
     The source is parsed again and refused unless it has the expected shape (``check_module``).
     """
     check_backend(backend)
+    if spec.moe.quantization is not None and backend != "torch":
+        raise CodegenError(f"spec {spec.name!r} has FP8 experts (moe.quantization) but the {backend} backend has no "
+                           "block-scaled FP8 kernel yet; compile it with backend='torch'")
     try:
         source = template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:

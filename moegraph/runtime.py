@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops  # noqa: F401  (registers torch.ops.moegraph)
+from . import fp8, ops  # noqa: F401  (registers torch.ops.moegraph)
 from . import semantics
 from .errors import InputError
 
@@ -286,6 +286,8 @@ class CompiledMoEBase(nn.Module):
     HASH_SEED: int = 0
     HASH_METHOD: str = "random"
     NEEDS_TOKEN_IDS: bool = False
+    #: FP8 experts (``moe.quantization``): block_out, block_in, tile, format, scale_format, shared; None = off
+    FP8: dict | None = None
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -324,6 +326,9 @@ class CompiledMoEBase(nn.Module):
                 self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(D, **kw))
             if self.SHARED_GATE:
                 self.shared_expert_gate = nn.Linear(D, 1, bias=False, **kw)
+        if self.FP8 is not None:  # FP8 expert weights + float32 block scales; activations stay in dtype
+            fp8.make_parameters(self)
+            self.__dict__["compute_dtype"] = dtype
         self.recorder: RoutingRecorder | None = None
         self.aux_losses: dict[str, Tensor] = {}
         self.__dict__["_graphs"] = {}
@@ -340,6 +345,11 @@ class CompiledMoEBase(nn.Module):
         return self.NUM_EXPERTS
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of inputs, outputs and unquantized weights (FP8 layers store expert weights in FP8)."""
+        return self.__dict__.get("compute_dtype") or self.experts.down_proj.dtype
+
+    @property
     def up_proj_name(self) -> str:
         return "gate_up_proj" if self.GATED else "up_proj"
 
@@ -351,13 +361,25 @@ class CompiledMoEBase(nn.Module):
                 if name.endswith("bias"):
                     p.zero_()
                     continue
+                if name.endswith("_scale_inv"):  # set with its FP8 weight
+                    continue
                 fan_in = p.shape[-1]
                 bound = 1.0 / math.sqrt(fan_in)
-                p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
+                w = (torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound
+                if fp8.is_fp8(p):
+                    fp8.store(self, name, w)
+                else:
+                    p.copy_(w)
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
         self.invalidate_graphs()
-        return super()._apply(fn, recurse)
+        if self.FP8 is None:
+            return super()._apply(fn, recurse)
+        # FP8 weights and their float32 scales only change device; the compute dtype follows the cast.
+        kept = fp8.kept_by_apply(self)
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.experts.down_proj.device))
+        self.__dict__["compute_dtype"] = probe.dtype
+        return super()._apply(lambda t: t.to(probe.device) if id(t) in kept else fn(t), recurse)
 
     # -- graphs ----------------------------------------------------------------------------------
 
@@ -395,9 +417,10 @@ class CompiledMoEBase(nn.Module):
         if x.device != p.device:
             raise InputError(f"MoE layer input is on {x.device} but the layer's weights are on {p.device}; "
                              f"move one of them (layer.to(device))")
-        if x.dtype != p.dtype:
-            raise InputError(f"MoE layer input has dtype {x.dtype} but the layer's weights are {p.dtype}; cast the "
-                             f"input (x.to({p.dtype})) or the layer (layer.to({x.dtype}))")
+        dtype = self.compute_dtype
+        if x.dtype != dtype:
+            raise InputError(f"MoE layer input has dtype {x.dtype} but the layer's weights are {dtype}; cast the "
+                             f"input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
         if token_ids is not None and not isinstance(token_ids, Tensor):
             raise InputError(f"token_ids must be a torch.Tensor of integer ids, got {type(token_ids).__name__}")
         if self.NEEDS_TOKEN_IDS:

@@ -32,6 +32,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -68,6 +69,7 @@ __all__ = [
     "ExplicitTopology",
     "PlacementSpec",
     "CodegenSpec",
+    "QuantizationSpec",
     "SCORE_FUNCTIONS",
     "ACTIVATIONS",
     "score_expression",
@@ -415,6 +417,72 @@ Router = Annotated[
 
 
 # --------------------------------------------------------------------------------------------
+# Quantization (FP8 experts, as DeepSeek-V3 trains and ships them)
+# --------------------------------------------------------------------------------------------
+
+
+class QuantizationSpec(_Frozen):
+    """FP8 expert weights with one scale per weight block, activations quantized per 1 x N tile.
+
+    The layout is DeepSeek-V3's: a weight [out, in] is cut into ``weight_block`` = [block_out,
+    block_in] blocks, each stored as FP8 with one float32 ``weight_scale_inv`` (the value the FP8
+    block is multiplied by to recover the weight). Activations entering an expert GEMM are quantized
+    per token and per ``activation_tile[1]`` columns. Blocks and tiles must divide the GEMM sizes
+    (no ragged edge), so that the fused gate/up projection holds whole blocks of each half.
+    """
+
+    format: Literal["fp8_e4m3", "fp8_e5m2"] = Field(
+        "fp8_e4m3", description="FP8 format of expert weights and activations (e4m3: DeepSeek-V3's choice)."
+    )
+    weight_block: tuple[int, int] = Field(
+        (128, 128), description="[rows, cols] of one weight block sharing a scale (output dim, input dim)."
+    )
+    activation_tile: tuple[int, int] = Field(
+        (1, 128), description="[1, cols]: activations get one scale per token and per cols input columns."
+    )
+    scale_format: Literal["float32", "ue8m0"] = Field(
+        "float32", description="float32 scales, or 'ue8m0': powers of two (stored as float32), as newer checkpoints use."
+    )
+    dispatch: Literal["fp8", "dtype"] = Field(
+        "fp8", description="Precision of the expert-parallel dispatch: 'fp8' tiles with their scales, or the layer dtype."
+    )
+    shared_experts: bool = Field(False, description="Quantize the shared experts too (DeepSeek-V3 does).")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> QuantizationSpec:
+        problems = _Problems()
+        for i, v in enumerate(self.weight_block):
+            if not 1 <= v <= 4096:
+                problems.add(f"weight_block.{i}", f"weight block size {v} is out of range; use 1..4096 (128 as DeepSeek-V3)")
+        if self.activation_tile[0] != 1:
+            problems.add("activation_tile.0", f"activation tiles are one token tall; write activation_tile: [1, "
+                                              f"{self.activation_tile[1]}]")
+        if not 1 <= self.activation_tile[1] <= 4096:
+            problems.add("activation_tile.1", f"activation tile width {self.activation_tile[1]} is out of range; "
+                                              "use 1..4096 (128 as DeepSeek-V3)")
+        problems.raise_any()
+        return self
+
+
+def _quantization_problems(quant: QuantizationSpec, d: int, f: int, shared_f: int | None, problems: _Problems) -> None:
+    """Blocks and tiles that do not divide the expert GEMM sizes (D and F, and the shared size)."""
+    sizes = [("hidden_size", d), ("experts.intermediate_size", f)]
+    if shared_f is not None:
+        sizes.append(("shared_experts.intermediate_size", shared_f))
+    bo, bi = quant.weight_block
+    tile = quant.activation_tile[1]
+    for field, what, v in (("quantization.weight_block.0", "weight block rows", bo),
+                           ("quantization.weight_block.1", "weight block columns", bi),
+                           ("quantization.activation_tile.1", "activation tile width", tile)):
+        bad = [(name, n) for name, n in sizes if n % v]
+        if bad:
+            gcd = math.gcd(*[n for _, n in sizes])
+            fits = [b for b in (128, 64, 32, 16, 8, 4, 2, 1) if gcd % b == 0][0]
+            problems.add(field, f"{what} ({v}) must divide {', '.join(f'{name} ({n})' for name, n in bad)}; "
+                                f"use a divisor of every expert size, e.g. {fits}")
+
+
+# --------------------------------------------------------------------------------------------
 # The MoE layer
 # --------------------------------------------------------------------------------------------
 
@@ -428,10 +496,29 @@ class MoELayerSpec(_Frozen):
     router: Router
     dtype: DType = Field("float32", description="Parameter dtype of the layer.")
     router_dtype: DType = Field("float32", description="Dtype the router logits and scores are computed in.")
+    quantization: QuantizationSpec | None = Field(
+        None, description="FP8 routed (optionally shared) experts with block scales; None = experts in dtype."
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_quantization(self, handler: Any) -> dict[str, Any]:
+        # Unquantized specs dump (and hash) exactly as before the section existed: plan files and
+        # generated layers keep matching their specs.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("quantization", 0) is None:
+            del data["quantization"]
+        return data
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
         problems = _Problems()
+        if self.quantization is not None:
+            shared = self.quantization.shared_experts
+            if shared and self.shared_experts.count == 0:
+                problems.add("quantization.shared_experts", "quantization.shared_experts is true but the layer has no "
+                                                            "shared expert; set it false or add shared_experts.count")
+            shared_f = self.shared_experts.count * self.shared_intermediate_size if shared and self.shared_experts.count else None
+            _quantization_problems(self.quantization, self.hidden_size, self.experts.intermediate_size, shared_f, problems)
         r, e = self.router, self.experts.num_experts
         k = getattr(r, "top_k", None)
         if k is not None and k > e:
@@ -731,6 +818,10 @@ class MoESpec(_Frozen):
                     f"aux loss '{loss.kind}' needs experts ({e}) to split evenly over the topology's "
                     f"{topo.num_gpus} devices; change the topology or drop the loss",
                 )
+        if self.moe.quantization is not None and self.codegen.backend != "torch":
+            problems.add("codegen.backend", f"FP8 experts (moe.quantization) run on the torch backend only; the "
+                                            f"{self.codegen.backend} backend has no block-scaled FP8 kernel yet: set "
+                                            "codegen.backend: torch or drop moe.quantization")
         slots = _slots_problem(self.moe.experts, self.placement, topo)
         if slots:
             problems.add(*slots)

@@ -3,6 +3,10 @@
 Counts are exact for the layer as the spec describes it. Whole-model totals need the optional
 non-MoE sizes in ``model`` (attention, vocab, dense FFN size); without them only MoE figures are given.
 Norm weights are counted (two RMSNorms per layer, the final norm, MLA's latent norms).
+
+Memory: with ``moe.quantization`` the quantized experts take one byte per weight plus one float32
+scale per weight block (biases stay in the layer dtype); the bytes in the layer dtype are reported
+beside them so the saving can be read off.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .semantics import ACTIVATIONS, DTYPE_BYTES
-from .spec import MHAttention, MLAttention, MoESpec
+from .spec import MHAttention, MLAttention, MoESpec, QuantizationSpec
+
+#: bytes of one stored FP8 value and of one block scale (float32, also for ue8m0 powers of two)
+FP8_BYTES, SCALE_BYTES = 1, 4
 
 
 def mlp_params(d: int, f: int, gated: bool, bias: bool) -> int:
@@ -20,6 +27,18 @@ def mlp_params(d: int, f: int, gated: bool, bias: bool) -> int:
     if bias:
         p += n_in * f + d
     return p
+
+
+def mlp_bytes(d: int, f: int, gated: bool, bias: bool, dtype: str, quant: QuantizationSpec | None) -> int:
+    """Bytes of one D -> F -> D MLP: in ``dtype``, or FP8 weights + block scales (+ biases in dtype)."""
+    if quant is None:
+        return mlp_params(d, f, gated, bias) * DTYPE_BYTES[dtype]
+    n_in = 2 if gated else 1
+    bo, bi = quant.weight_block
+    weights = (n_in * f * d + d * f) * FP8_BYTES
+    scales = (n_in * f // bo * (d // bi) + d // bo * (f // bi)) * SCALE_BYTES
+    biases = (n_in * f + d) * DTYPE_BYTES[dtype] if bias else 0
+    return weights + scales + biases
 
 
 def attention_params(spec: MoESpec) -> int | None:
@@ -66,7 +85,11 @@ class Summary:
     model_active: int | None = None
     flops_per_token_moe: int = 0  # 2 * active MoE params (multiply-adds) over all MoE layers
     flops_per_token_model: int | None = None
-    expert_bytes_per_layer: int = 0
+    expert_bytes_per_layer: int = 0  # routed + shared experts of one layer, as stored (FP8 + scales if quantized)
+    expert_bytes_per_layer_dtype: int = 0  # the same in the layer dtype (equal when not quantized)
+    routed_expert_bytes: int = 0  # one routed expert, as stored
+    shared_bytes: int = 0  # the shared experts of one layer, as stored
+    expert_bytes_per_gpu: int = 0  # all MoE layers: the GPU's routed slots + one copy of the shared experts
     rows: list[tuple[int, str, int, int]] = field(default_factory=list)  # (layer, kind, total, active)
 
 
@@ -88,7 +111,16 @@ def summarize(spec: MoESpec) -> Summary:
     moe_active = n_moe * (layer.routed_active + shared + router)
     s = Summary(spec, layer, n_moe, n_dense, moe_total, moe_active)
     s.flops_per_token_moe = 2 * moe_active
-    s.expert_bytes_per_layer = (layer.routed_total + shared) * DTYPE_BYTES[m.dtype]
+    q = m.quantization
+    s.routed_expert_bytes = mlp_bytes(d, m.experts.intermediate_size, gated, bias, m.dtype, q)
+    s.shared_bytes = shared * DTYPE_BYTES[m.dtype]
+    if q is not None and q.shared_experts and m.shared_experts.count:
+        gate = d * DTYPE_BYTES[m.dtype] if m.shared_experts.gate == "sigmoid" else 0
+        s.shared_bytes = mlp_bytes(d, m.shared_experts.count * m.shared_intermediate_size, gated, bias, m.dtype, q) + gate
+    s.expert_bytes_per_layer = s.routed_expert_bytes * e + s.shared_bytes
+    s.expert_bytes_per_layer_dtype = (layer.routed_total + shared) * DTYPE_BYTES[m.dtype]
+    slots_per_gpu = -(-(e + spec.placement.redundant_slots) // spec.topology.num_gpus)
+    s.expert_bytes_per_gpu = n_moe * (slots_per_gpu * s.routed_expert_bytes + s.shared_bytes)
 
     attn = attention_params(spec)
     mdl = spec.model

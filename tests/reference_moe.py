@@ -27,9 +27,9 @@ ACT = {"swiglu": ("silu", True), "geglu": ("gelu", True), "geglu_tanh": ("gelu_t
        "relu2": ("relu2", False)}
 
 
-def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
+def activated(h, activation, gate_clamp=None, up_clamp=None):
+    """The expert nonlinearity on the up projection h ([2F]: gate then up, if gated)."""
     name, gated = ACT[activation]
-    h = w_up @ x_D + (b_up if b_up is not None else 0)
     if gated:
         f = h.shape[0] // 2
         g, u = h[:f], h[f:]
@@ -37,10 +37,13 @@ def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clam
             g = torch.clamp(g, max=gate_clamp)
         if up_clamp is not None:
             u = torch.clamp(u, -up_clamp, up_clamp)
-        a = act(name, g) * u
-    else:
-        a = act(name, h)
-    return w_down @ a + (b_down if b_down is not None else 0)
+        return act(name, g) * u
+    return act(name, h)
+
+
+def expert(x_D, w_up, w_down, b_up, b_down, activation, gate_clamp=None, up_clamp=None):
+    h = w_up @ x_D + (b_up if b_up is not None else 0)
+    return w_down @ activated(h, activation, gate_clamp, up_clamp) + (b_down if b_down is not None else 0)
 
 
 def score(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,10 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None):
     return list(zip(chosen, weights))
 
 
-def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> torch.Tensor:
-    """y_TD for a [T, D] input; ``layer`` supplies parameters only."""
+def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None) -> torch.Tensor:
+    """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
+    computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py)."""
+    expert_fn = expert_fn or expert
     m = spec["moe"]
     r = m["router"]
     ex = m["experts"]
@@ -149,13 +154,13 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> 
     for t in range(T):
         y = torch.zeros(D, dtype=x_TD.dtype)
         for e, w in assignments[t]:
-            y = y + w * expert(x_TD[t], up[e], down[e], None if ub is None else ub[e], None if db is None else db[e], **kw)
+            y = y + w * expert_fn(x_TD[t], up[e], down[e], None if ub is None else ub[e], None if db is None else db[e], **kw)
         sh = m.get("shared_experts", {})
         if sh.get("count", 0):
             sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj
             sub = getattr(layer.shared_experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
             sdb = getattr(layer.shared_experts, "down_proj_bias", None)
-            out = expert(x_TD[t], sup, layer.shared_experts.down_proj, sub, sdb, **kw)
+            out = expert_fn(x_TD[t], sup, layer.shared_experts.down_proj, sub, sdb, **kw)
             if sh.get("gate", "none") == "sigmoid":
                 out = torch.sigmoid(layer.shared_expert_gate.weight[0] @ x_TD[t]) * out
             y = y + out

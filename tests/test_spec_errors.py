@@ -154,6 +154,23 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("non-string-key", _set("moe.experts", {"num_experts": 8, "intermediate_size": 16, 3: 1}), "moe.experts.3",
      ("keys must be strings",)),
     ("empty-name", _set("name", ""), "name", ("must not be empty",)),
+    # FP8 experts (moe.quantization): BASE has hidden_size 32 and intermediate_size 16.
+    ("fp8-block-does-not-divide", _set("moe.quantization", {"weight_block": [16, 12], "activation_tile": [1, 16]}),
+     "moe.quantization.weight_block.1", ("weight block columns (12) must divide hidden_size (32), "
+                                         "experts.intermediate_size (16)", "e.g. 16")),
+    ("fp8-tile-does-not-divide", _set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 12]}),
+     "moe.quantization.activation_tile.1", ("activation tile width (12) must divide hidden_size (32), "
+                                            "experts.intermediate_size (16)", "e.g. 16")),
+    ("fp8-tile-two-rows", _set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [2, 16]}),
+     "moe.quantization.activation_tile.0", ("one token tall", "activation_tile: [1, 16]")),
+    ("fp8-shared-without-shared", _set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 16],
+                                                            "shared_experts": True}),
+     "moe.quantization.shared_experts", ("no shared expert", "set it false")),
+    ("fp8-unknown-format", _set("moe.quantization", {"format": "fp8_e4m3fn"}), "moe.quantization.format",
+     ("fp8_e4m3",)),
+    ("fp8-on-triton", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 16]}),
+                           _set("codegen.backend", "triton")),
+     "codegen.backend", ("torch backend only", "set codegen.backend: torch")),
 ]
 
 assert len(CASES) >= 25
@@ -308,6 +325,8 @@ def _schema_has_path(segments: list[str]) -> bool:
             for alt in _alternatives(node):
                 if seg.isdigit() and "items" in alt:
                     nxt.append(alt["items"])
+                elif seg.isdigit() and int(seg) < len(alt.get("prefixItems", ())):  # fixed-length pairs
+                    nxt.append(alt["prefixItems"][int(seg)])
                 elif seg in alt.get("properties", {}):
                     nxt.append(alt["properties"][seg])
         if not nxt:

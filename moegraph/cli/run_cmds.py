@@ -116,7 +116,7 @@ def run_cmd(
         tt.add_row(str(r), f"{ms['dispatch']:.2f}", f"{ms['compute']:.2f}", f"{ms['combine']:.2f}",
                    f"{ms['backward_comm']:.2f}" if backward else "-")
         pred_d = int(res.predicted[:, r, :].sum()) * res.row_bytes
-        pred_c = int(res.predicted[:, :, r].sum()) * res.row_bytes
+        pred_c = int(res.predicted[:, :, r].sum()) * (res.combine_row_bytes or res.row_bytes)
         got_d, got_c = res.sent_bytes(r, "dispatch"), res.sent_bytes(r, "combine")
         ok = got_d == pred_d and got_c == pred_c and bool((res.measured[:, r] == res.predicted[:, r]).all())
         st.add_row(str(r), f"{_kib(got_d)} / {_kib(pred_d)}", f"{_kib(got_c)} / {_kib(pred_c)}",
@@ -126,8 +126,10 @@ def run_cmd(
     total = int(res.measured.sum())
     console.print(
         f"token copies per forward: measured {total}, predicted {int(res.predicted.sum())} "
-        f"({'equal' if res.matches else 'DIFFERENT'} on every link of every layer); one copy = {res.row_bytes} bytes. "
-        "meta = counts, routing weights and slot ids.", highlight=False)
+        f"({'equal' if res.matches else 'DIFFERENT'} on every link of every layer); one copy = {res.row_bytes} bytes"
+        + (f" out (FP8 + tile scales), {res.combine_row_bytes} back. "
+           if res.combine_row_bytes not in (0, res.row_bytes) else ". ")
+        + "meta = counts, routing weights and slot ids.", highlight=False)
     if res.trace_path:
         console.print(f"recorded trace: {res.trace_path}; re-plan from it: moegraph plan {spec} --traces "
                       f"{res.trace_path}{_overrides(load_spec(spec), p.spec)} -o plan.json", highlight=False)

@@ -85,8 +85,15 @@ def show(spec: SpecArg) -> None:
         + (f"   whole model: {human(m.flops_per_token_model)}" if m.flops_per_token_model else ""),
         highlight=False,
     )
-    console.print(f"expert memory per MoE layer ({moe.dtype}): {human_bytes(m.expert_bytes_per_layer)}; "
+    q = moe.quantization
+    stored = moe.dtype if q is None else f"{q.format} + {q.scale_format} scales per {q.weight_block[0]}x{q.weight_block[1]} block"
+    console.print(f"expert memory per MoE layer ({stored}): {human_bytes(m.expert_bytes_per_layer)}; "
                   f"all MoE layers: {human_bytes(m.expert_bytes_per_layer * m.num_moe_layers)}", highlight=False)
+    if q is not None:
+        console.print(f"  in {moe.dtype}: {human_bytes(m.expert_bytes_per_layer_dtype)} per MoE layer; FP8 "
+                      f"takes {m.expert_bytes_per_layer / m.expert_bytes_per_layer_dtype:.3f}x", highlight=False)
+    console.print(f"expert memory per GPU ({s.topology.num_gpus} GPUs, routed slots + shared, all MoE layers): "
+                  f"{human_bytes(m.expert_bytes_per_gpu)}", highlight=False)
     if m.model_total is None:
         say("whole-model totals need model.attention and model.vocab_size in the spec", text_style="dim")
 

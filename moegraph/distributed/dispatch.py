@@ -13,13 +13,20 @@ routed by this rank's data-parallel router, and this rank's slot weights. It run
    and the (row, slot) ids of the assignments riding on each row.
 3. Dispatch, second hop (plans spanning several hosts only): a landing GPU forwards each row once
    to every other GPU of its host that serves it.
-4. Compute: the same grouped op as one process (``torch.ops.moegraph.expert_mlp``) over all rows
-   received, with each row's local assignments; its output is one weighted sum per row.
+4. Compute: the same grouped op as one process (``torch.ops.moegraph.expert_mlp``, or
+   ``fp8_expert_mlp`` for FP8 experts) over all rows received, with each row's local assignments;
+   its output is one weighted sum per row.
 5. Combine: results go back along the second hop (summed on the landing GPU) and the first hop,
    and are summed per token. The combine sends exactly the copies the dispatch sent.
 
 These are the copies ``planner.dispatch.dispatch_counts`` predicts (``link_copies``). Shared experts
 run here on this rank's tokens (data-parallel).
+
+FP8 dispatch (``moe.quantization.dispatch: fp8``): token rows are quantized per activation tile
+before each dispatch hop and sent as FP8 bytes with their float32 tile scales (counted as
+``dispatch``); the receiver dequantizes them to float32, which the FP8 expert op quantizes again to
+the very same values. The combine returns results in the layer's dtype. In the backward, the row
+gradients travel back in the layer's dtype (straight through the quantizer).
 
 Legend: T tokens on this rank, D hidden, A assignments, W ranks, G = W GPUs, E experts,
 S slots per GPU, M rows received, R rows sent.
@@ -34,7 +41,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .comm import AllToAll, Comm, Traffic
+from .. import fp8
+from .comm import AllToAll, Comm, Traffic, _row_bytes
 
 __all__ = ["ExpertDispatch", "choose_slots"]
 
@@ -82,6 +90,31 @@ class _Join(torch.autograd.Function):
         return (grad, *(torch.zeros(s, dtype=t, device=d) for s, t, d in ctx.deps))
 
 
+class _FP8AllToAll(torch.autograd.Function):
+    """Rows quantized per tile, sent as FP8 bytes + float32 tile scales, dequantized (float32) on arrival.
+
+    ``_FP8AllToAll.apply(x, anchor, send_W, recv_W, comm, traffic, quant, what)`` with quant =
+    (tile, format, scale_format); the backward sends the gradient rows back in x's dtype (``grad``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, send_W, recv_W, comm, traffic, quant, what):
+        ctx.send_W, ctx.recv_W, ctx.comm, ctx.traffic, ctx.what, ctx.dtype = send_W, recv_W, comm, traffic, what, x.dtype
+        tile, fmt, scale_format = quant
+        q_RD, s_RT = fp8.quantize_tiles(x, tile, fmt, scale_format)
+        if traffic is not None:  # one copy per row: its FP8 bytes and its tile scales
+            traffic.add("dispatch", send_W, _row_bytes(q_RD) + _row_bytes(s_RT))
+        # gloo and NCCL move bytes: FP8 values travel as uint8, reinterpreted on arrival.
+        q_MD = comm.all_to_all(q_RD.view(torch.uint8), send_W, recv_W, what)
+        s_MT = comm.all_to_all(s_RT, send_W, recv_W, what + " (tile scales)")
+        return fp8.dequantize_tiles(q_MD.view(q_RD.dtype), s_MT, tile)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g = AllToAll.backward(ctx, grad.to(ctx.dtype))[0]
+        return g, None, None, None, None, None, None, None
+
+
 class _Hop:
     """What a combine needs to send one hop's results back: source rows and split sizes."""
 
@@ -127,6 +160,10 @@ class ExpertDispatch(nn.Module):
         self.two_hop = num_nodes > 1  # a second (intra-host forwarding) hop exists only across hosts
         self.expert_op = torch.ops.moegraph.expert_mlp  # set to the graph's own op by ExpertParallelPass
         self.sync_timing = False  # CUDA: synchronise at phase boundaries so that timings are honest
+        q = plan.spec.moe.quantization
+        # (tile, format, scale_format) when token rows travel in FP8; None: in the layer's dtype
+        self.fp8_dispatch = (q.activation_tile[1], q.format, q.scale_format) if q and q.dispatch == "fp8" else None
+        self.fp8_args: tuple | None = None  # the FP8 op's trailing arguments, set by forward_fp8
 
     def reset_round_robin(self) -> None:
         """Start the inference round-robin count at 0 again (as a recorded trace's first token does)."""
@@ -155,8 +192,12 @@ class ExpertDispatch(nn.Module):
         tr.add("meta", [2] * W, 8)
         send_rows, send_asg = rows_W.tolist(), asg_W.tolist()
         recv_rows, recv_asg = recv_W2[:, 0].tolist(), recv_W2[:, 1].tolist()
-        X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr,
-                              "dispatch", f"{hop}: token all-to-all")
+        if self.fp8_dispatch is not None:
+            X_MD = _FP8AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr,
+                                      self.fp8_dispatch, f"{hop}: FP8 token all-to-all")
+        else:
+            X_MD = AllToAll.apply(x_TD.index_select(0, row_tok_R), comm.anchor, send_rows, recv_rows, comm, tr,
+                                  "dispatch", f"{hop}: token all-to-all")
         w_B = AllToAll.apply(w_A.index_select(0, order_A), comm.anchor, send_asg, recv_asg, comm, tr, "meta",
                              f"{hop}: routing-weight all-to-all")
         ids_A2 = torch.stack([arow_A, phys_A.index_select(0, order_A)], 1).to(torch.int32)
@@ -170,6 +211,28 @@ class ExpertDispatch(nn.Module):
         return X_MD, w_B, arow_B, ids_B2[:, 1].long(), _Hop(row_tok_R, send_rows, recv_rows)
 
     # ------------------------------------------------------------------ the layer's expert step
+
+    def forward_fp8(self, x_TD: Tensor, tok_N: Tensor, exp_N: Tensor, w_N: Tensor, w_up_SHD: Tensor,
+                    s_up: Tensor | None, w_down_SDF: Tensor, s_down: Tensor | None, b_up_SH: Tensor | None,
+                    b_down_SD: Tensor | None, activation: str, gated: bool, gate_clamp: float | None,
+                    up_clamp: float | None, block_out: int, block_in: int, tile: int, fmt: str,
+                    scale_format: str) -> Tensor:
+        """Same contract as ``fp8_expert_mlp`` with the slot weights (FP8, or master weights) of this rank."""
+        self.fp8_args = (s_up, s_down, block_out, block_in, tile, fmt, scale_format)
+        try:
+            return self.forward(x_TD, tok_N, exp_N, w_N, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation, gated,
+                                gate_clamp, up_clamp)
+        finally:
+            self.fp8_args = None
+
+    def _compute(self, X_MD, row_B, slot_B, w_B, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation, gated,
+                 gate_clamp, up_clamp) -> Tensor:
+        if self.fp8_args is None:
+            return self.expert_op(X_MD, row_B, slot_B, w_B.to(X_MD.dtype), w_up_SHD, w_down_SDF, b_up_SH, b_down_SD,
+                                  activation, gated, gate_clamp, up_clamp, None, None, None)
+        s_up, s_down, bo, bi, tile, fmt, sf = self.fp8_args
+        return self.expert_op(X_MD, row_B, slot_B, w_B.to(X_MD.dtype), w_up_SHD, s_up, w_down_SDF, s_down, b_up_SH,
+                              b_down_SD, activation, gated, gate_clamp, up_clamp, bo, bi, tile, fmt, sf)
 
     def forward(self, x_TD: Tensor, tok_N: Tensor, exp_N: Tensor, w_N: Tensor, w_up_SHD: Tensor, w_down_SDF: Tensor,
                 b_up_SH: Tensor | None, b_down_SD: Tensor | None, activation: str, gated: bool,
@@ -216,10 +279,11 @@ class ExpertDispatch(nn.Module):
         t1 = self._now(x_TD)
         # Step 4: this rank's experts, with the grouped op the single-process layer uses.
         if row_B.numel():
-            out_MD = self.expert_op(X_MD, row_B, slot_B, w_B.to(X_MD.dtype), w_up_SHD, w_down_SDF, b_up_SH,
-                                    b_down_SD, activation, gated, gate_clamp, up_clamp, None, None, None)
+            # FP8 rows arrive as float32; the results go back in the layer's dtype.
+            out_MD = self._compute(X_MD, row_B, slot_B, w_B, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation,
+                                   gated, gate_clamp, up_clamp).to(x_TD.dtype)
         else:  # nothing to compute here; keep the received tensors in the graph (see _Join)
-            out_MD = _Join.apply(X_MD.new_zeros(X_MD.shape), X_MD, w_B)
+            out_MD = _Join.apply(x_TD.new_zeros(X_MD.shape), X_MD, w_B)
         shared_TD = None
         if shared_w_up_HD is not None:
             # Shared experts are data-parallel: this rank's tokens, the same op with no assignments.

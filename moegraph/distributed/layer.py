@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .. import fp8
 from ..errors import DistributedError, PlanFileError
 from ..fx_passes import Pipeline, _is_expert_op
 from ..runtime import CompiledMoEBase
@@ -56,7 +57,7 @@ class ExpertParallelPass(PassBase):
         return cls(layer.ep_dispatch)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        nodes = [n for n in gm.graph.nodes if _is_expert_op(n)]
+        nodes = [n for n in gm.graph.nodes if _is_expert_op(n) or _is_fp8_op(n)]
         if len(nodes) != 1:
             raise DistributedError(
                 f"expert parallelism needs exactly one expert_mlp call in the layer graph, found {len(nodes)}; "
@@ -66,12 +67,35 @@ class ExpertParallelPass(PassBase):
         self.dispatch.expert_op = node.target
         gm.add_submodule("ep_dispatch", self.dispatch)
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module("ep_dispatch", node.args, node.kwargs)
+            if _is_fp8_op(node):  # FP8 experts: the dispatch's FP8 entry (same arguments as the op)
+                gm.add_submodule("ep_dispatch_fp8", _FP8Entry(self.dispatch))
+                new = gm.graph.call_module("ep_dispatch_fp8", node.args, node.kwargs)
+            else:
+                new = gm.graph.call_module("ep_dispatch", node.args, node.kwargs)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
+
+
+class _FP8Entry(torch.nn.Module):
+    """Calls ``ExpertDispatch.forward_fp8`` (the dispatch stays registered once, as ``ep_dispatch``)."""
+
+    def __init__(self, dispatch: ExpertDispatch):
+        super().__init__()
+        self.__dict__["dispatch"] = dispatch
+
+    def forward(self, *args):
+        return self.dispatch.forward_fp8(*args)
+
+
+def _is_fp8_op(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    t = node.target
+    name = getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
+    return name == "moegraph::fp8_expert_mlp"
 
 
 def _fingerprint(spec_hash: str, plan, layer_index: int) -> int:
@@ -214,9 +238,12 @@ class ExpertParallelMoE(CompiledMoEBase):
                 if name.endswith("bias"):
                     p.zero_()
                     continue
+                if name.endswith("_scale_inv"):  # set with its FP8 weight (runtime.reset_parameters)
+                    continue
                 bound = 1.0 / math.sqrt(p.shape[-1])
+                store = (lambda w, name=name: fp8.store(self, name, w)) if fp8.is_fp8(p) else p.copy_
                 if not name.startswith("experts."):
-                    p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
+                    store((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
                     continue
                 rows = {}
                 wanted = set(self.slot_experts)
@@ -224,7 +251,7 @@ class ExpertParallelMoE(CompiledMoEBase):
                     r = (torch.rand(p.shape[1:], generator=g, dtype=torch.float32) * 2 - 1) * bound
                     if e in wanted:
                         rows[e] = r
-                p.copy_(torch.stack([rows[e] for e in self.slot_experts]))
+                store(torch.stack([rows[e] for e in self.slot_experts]))
 
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> ExpertParallelMoE:
         """Load a single-process checkpoint file (``.safetensors`` read lazily: own experts only)."""

@@ -41,11 +41,12 @@ class LocalRun:
     layers: list[int]  # MoE layers of the plan that ran, in order (a residual stack)
     tokens: int
     steps: int
-    row_bytes: int  # bytes of one token's hidden state
+    row_bytes: int  # bytes of one dispatched token copy (the planner's copy_bytes: FP8 + scales with FP8 dispatch)
     ranks: list[list[dict[str, Any]]]  # [rank][layer] Traffic.summary(), totals over the measured steps
     predicted: np.ndarray  # [L, G, G] token copies src -> dst of one forward, planner's count
     measured: np.ndarray  # [L, G, G] token copies src -> dst of one forward, counted by the runtime
     trace_path: Path | None = None
+    combine_row_bytes: int = 0  # bytes of one combined copy (0: row_bytes)
     drift: list[dict[str, Any]] | None = None  # with rebalance_every: per step, measured balance and re-plans
 
     @property
@@ -90,13 +91,14 @@ def _timed_run(cfg: dict, rank: int, world: int, plan, layers: list, device) -> 
     """The timing run of one rank (see ``run_local``): warm-up, measured steps, gathered trace."""
     import torch.distributed as dist
 
+    from ..planner.cost import copy_bytes
     from .trace import gather_trace, predicted_copies
 
     for layer in layers:
         layer.sync_timing(True)
     first = layers[0]
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.experts.down_proj.dtype)
+    x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.compute_dtype)
     if cfg["backward"]:
         x.requires_grad_(True)
 
@@ -130,8 +132,9 @@ def _timed_run(cfg: dict, rank: int, world: int, plan, layers: list, device) -> 
         predicted = np.stack([
             predicted_copies(plan, li, [trace.topk[j][src == r] for r in range(world)])
             for j, li in enumerate(cfg["layers"])])
+        dispatch_bytes, combine_bytes = copy_bytes(plan.spec)
         result = {"ok": True, "ranks": summaries, "predicted": predicted,
-                  "row_bytes": first.HIDDEN * first.experts.down_proj.element_size()}
+                  "row_bytes": dispatch_bytes, "combine_row_bytes": combine_bytes}
         if cfg["record"]:
             result["trace_path"] = str(trace.save(cfg["record"]))
     else:
@@ -334,4 +337,5 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                          for j in range(len(layers))]) // steps
     return LocalRun(world_size=world, layers=layers, tokens=tokens, steps=steps, row_bytes=head["row_bytes"],
                     ranks=head["ranks"], predicted=head["predicted"], measured=measured,
-                    trace_path=Path(head["trace_path"]) if head.get("trace_path") else None)
+                    trace_path=Path(head["trace_path"]) if head.get("trace_path") else None,
+                    combine_row_bytes=head["combine_row_bytes"])

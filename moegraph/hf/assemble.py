@@ -75,7 +75,7 @@ def _dtype_name(cfg: Any, default: str = "float32") -> str:
 
 def build_spec(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str, notes: list[str],
                name: str | None, with_model: bool = True, *, description: str | None = None,
-               source: str | None = None) -> MoESpec:
+               source: str | None = None, quantization: dict[str, Any] | None = None) -> MoESpec:
     """The spec of a block from its anatomy and routing (+ the model config, for the model section).
 
     Both sources of anatomy end here: registry blocks (``block``, ``config``) and a user's own
@@ -84,6 +84,8 @@ def build_spec(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str, notes
     from ..loader import load_spec
 
     moe = _moe_section(anat, routing, cfg, dtype)
+    if quantization is not None:  # FP8 experts (hf/quant.py)
+        moe["quantization"] = quantization
     d: dict[str, Any] = {
         "name": name or (_spec_name(cfg) if cfg is not None else "hf-" + anat.block_class.lower()),
         "description": description or f"{anat.block_class}: {routing.describe()}",

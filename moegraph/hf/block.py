@@ -9,10 +9,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import fp8
 from ..errors import UnsupportedBlock
+from ..runtime import _DTYPES
 from ..spec import MoESpec
+from .quant import fp8_block_weights, is_fp8_block, quantization_section, reference_block, shared_is_fp8
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
-from .assemble import build_spec
+from .assemble import _dtype_name, build_spec
 from .probe import probe_block
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, _attr, _text_config
@@ -39,9 +42,24 @@ def _find_config(block: nn.Module) -> Any:
     return None
 
 
-def _block_dtype(block: nn.Module, anat: BlockAnatomy) -> torch.dtype:
+def _block_dtype(block: nn.Module, anat: BlockAnatomy, cfg: Any = None) -> torch.dtype:
     experts = getattr(block, anat.experts_name)
+    if is_fp8_block(block, anat):  # FP8 experts: the layer computes in the model's dtype
+        return _DTYPES[_dtype_name(cfg, "bfloat16")] if cfg is not None else torch.bfloat16
     return experts.down_proj.dtype
+
+
+def _quantization(block: nn.Module, anat: BlockAnatomy, cfg: Any) -> dict | None:
+    """moe.quantization of a block with FP8 experts (from its config, else from the experts themselves)."""
+    if not is_fp8_block(block, anat):
+        return None
+    shared = shared_is_fp8(block, anat)
+    section = quantization_section(cfg, shared=shared) if cfg is not None else None
+    if section is None:
+        bs = getattr(getattr(block, anat.experts_name), "block_size", None) or (128, 128)
+        fmt = "fp8_e5m2" if getattr(block, anat.experts_name).down_proj.dtype == torch.float8_e5m2 else "fp8_e4m3"
+        section = {"format": fmt, "weight_block": list(bs), "activation_tile": [1, bs[1]], "shared_experts": shared}
+    return section
 
 
 def read_block(block: nn.Module, config: Any = None, *, name: str | None = None, with_model: bool = False
@@ -52,15 +70,16 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     anat = inspect_block(block, cfg)
     probe = probe_block(block, anat)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
-    dtype = DTYPE_NAMES.get(_block_dtype(block, anat))
+    dtype = DTYPE_NAMES.get(_block_dtype(block, anat, cfg))
     if dtype is None:
-        raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat)}; the spec supports float32, "
-                               "float16 and bfloat16", anat.block_class)
+        raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat, cfg)}; the spec supports float32, "
+                               "float16, bfloat16 and block-scaled FP8", anat.block_class)
     notes = list(anat.notes) + notes
     jitter = _attr(cfg, ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")) if cfg is not None else None
     if isinstance(jitter, (int, float)) and jitter > 0:
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
-    spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
+    spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model,
+                      quantization=_quantization(block, anat, cfg))
     return HFImport(spec, anat, routing, probe.output_kind, notes)
 
 
@@ -69,7 +88,7 @@ def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int =
     p = next(layer.parameters())
     g = torch.Generator().manual_seed(seed)
     D = layer.HIDDEN
-    x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.experts.down_proj.dtype)
+    x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.compute_dtype)
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
@@ -123,17 +142,25 @@ def from_hf(
     _refuse_dtensor(block)
     info = read_block(block, config, name=name)
     anat = info.anatomy
-    src_dtype = _block_dtype(block, anat)
+    src_dtype = _block_dtype(block, anat, _find_config(block) if config is None else _text_config(config))
     src_device = getattr(block, anat.experts_name).down_proj.device
     layer = mg_compile(info.spec, backend=backend, out_dir=out_dir, dtype=dtype or src_dtype,
                        device=device or src_device, seed=None)
-    load_hf_weights(layer, hf_weights(block, anat), share=share_weights and dtype in (None, src_dtype)
+    is_fp8 = is_fp8_block(block, anat)
+    weights = hf_weights(block, anat)
+    if is_fp8:  # FP8 bytes and their block scales as they are: nothing is dequantized
+        weights.update(fp8_block_weights(block, anat))
+    load_hf_weights(layer, weights, share=share_weights and dtype in (None, src_dtype)
                     and device in (None, src_device))
     layer.__dict__["hf_import"] = info
     if check:
-        diff, scale = compare(block, layer)
+        # transformers' FP8 experts run on CUDA kernels only: the check runs a copy of this one block
+        # dequantized by transformers' own dequantizer, within the error FP8 activations imply.
+        ref = reference_block(block, anat, layer.compute_dtype) if is_fp8 else block
+        diff, scale = compare(ref, layer)
         info.max_abs_diff = diff
-        if not diff <= tolerance(layer.experts.down_proj.dtype) * max(scale, 1e-6):
+        tol = 4 * fp8.rounding_bound(info.spec.moe.quantization.format)[0] if is_fp8 else tolerance(layer.compute_dtype)
+        if not diff <= tol * max(scale, 1e-6):
             raise UnsupportedBlock(
                 f"the compiled layer differs from the block by {diff:.3g} (output scale {scale:.3g}) although its "
                 f"routing matched ({info.routing.describe()}); the expert MLPs compute something else"

@@ -16,6 +16,7 @@ from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
 from .assemble import _dtype_name, build_spec
 from .model_section import _layer_types
 from .probe import probe_block
+from .quant import quantization_section
 from .routing import Routing, declared_routing, identify_routing
 from .vocab import (
     _EXPERT_F,
@@ -162,6 +163,13 @@ def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
     return anat, r, ["routing read from config attributes only (transformers could not build the block to check it)"]
 
 
+def _shared_quantized(config: Any) -> bool:
+    """Whether a fine-grained FP8 config quantizes the shared experts (unless it names them unconverted)."""
+    q = getattr(config, "quantization_config", None)
+    skip = (q.get("modules_to_not_convert") if isinstance(q, dict) else getattr(q, "modules_to_not_convert", None)) or ()
+    return not any("shared_expert" in str(m) for m in skip)
+
+
 def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = True) -> MoESpec:
     """The spec of the model an HF config describes: MoE layer (checked on a meta-built block) + model section.
 
@@ -187,7 +195,8 @@ def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = T
     else:
         anat, routing, dnotes = _declared_only(cfg)
         notes += dnotes + ([why] if why else [])
-    spec = build_spec(anat, routing, cfg, _dtype_name(cfg), notes, name)
+    spec = build_spec(anat, routing, cfg, _dtype_name(cfg), notes, name,
+                      quantization=quantization_section(config, shared=_shared_quantized(config)))
     if notes:
         spec = spec.model_copy(update={"description": spec.description + "; notes: " + "; ".join(notes)})
     return spec

@@ -9,7 +9,9 @@ For every MoE layer the tokens of the traces are dispatched exactly as the runti
   other GPUs, before host-level forwarding);
 - ``remote_node``: distinct hosts other than the token's own serving it, per token;
 - ``a2a_bytes``: bytes on all links per token, dispatch + combine (forwarding hops included;
-  a copy is ``hidden_size`` elements of the spec's dtype);
+  a copy is ``hidden_size`` elements of the spec's dtype, or, with FP8 dispatch
+  (``moe.quantization.dispatch: fp8``), ``hidden_size`` FP8 bytes plus one float32 scale per
+  activation tile on the way out and the spec's dtype on the way back: ``copy_bytes``);
 - ``a2a_us``: predicted dispatch + combine time of the layer for the whole trace as one batch, by
   an alpha-beta model: each GPU sends and receives its bytes over its intra-host and inter-host
   links at the link bandwidth, plus the largest latency of a link it uses; intra- and inter-host
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
     from .planfile import Plan
 
 __all__ = [
-    "METRICS", "evaluate", "token_bytes", "a2a_time_us", "link_time_us", "expected_gpu_load", "cost_matrix",
+    "METRICS", "evaluate", "token_bytes", "copy_bytes", "a2a_time_us", "link_time_us", "expected_gpu_load", "cost_matrix",
 ]
 
 #: metric key -> (label, format); every metric is better when lower.
@@ -57,6 +59,17 @@ def token_bytes(spec: MoESpec) -> int:
     return spec.moe.hidden_size * _DTYPE_BYTES[spec.moe.dtype]
 
 
+def copy_bytes(spec: MoESpec) -> tuple[int, int]:
+    """Bytes of one token copy (dispatch, combine): FP8 dispatch sends FP8 values and their tile scales
+    (``moe.quantization.dispatch: fp8``), the combine returns the spec's dtype (as DeepEP does)."""
+    q = spec.moe.quantization
+    combine = token_bytes(spec)
+    if q is None or q.dispatch != "fp8":
+        return combine, combine
+    d = spec.moe.hidden_size
+    return d + 4 * (d // q.activation_tile[1]), combine
+
+
 def cost_matrix(cl: Cluster) -> np.ndarray:
     """[G, G] relative cost of one token copy between two GPUs: inverse bandwidth, 1 for the fastest link.
 
@@ -67,9 +80,12 @@ def cost_matrix(cl: Cluster) -> np.ndarray:
     return inv / off.min() if off.size else inv
 
 
-def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int) -> float:
-    """Dispatch + combine time (µs) of one layer under the alpha-beta model of the module docstring."""
-    return 2.0 * link_time_us(counts.link_copies.astype(np.float64) * nbytes, cluster)
+def a2a_time_us(counts: DispatchCounts, cluster: Cluster, nbytes: int, combine_bytes: int | None = None) -> float:
+    """Dispatch + combine time (µs) of one layer under the alpha-beta model of the module docstring
+    (``nbytes`` per dispatched copy, ``combine_bytes`` per returned one; default the same)."""
+    copies = counts.link_copies.astype(np.float64)
+    back = nbytes if combine_bytes is None else combine_bytes
+    return link_time_us(copies * nbytes, cluster) + link_time_us(copies * back, cluster)
 
 
 def link_time_us(bytes_GG: np.ndarray, cluster: Cluster) -> float:
@@ -113,7 +129,7 @@ def evaluate(plan: Plan, traces: TraceSet) -> dict[str, Any]:
         per = {k: v for k, v in per.items() if v}
         return _summary(per, traces, load_only=True)
     src = source_gpus(traces, plan.num_gpus)
-    nbytes = token_bytes(plan.spec)
+    nbytes, back = copy_bytes(plan.spec)
     cl = plan.cluster
     t = max(traces.num_tokens, 1)
     for layer in range(n_layers):
@@ -123,8 +139,8 @@ def evaluate(plan: Plan, traces: TraceSet) -> dict[str, Any]:
         per["distinct_gpus"].append(c.distinct_gpus / t)
         per["remote_gpu"].append(c.remote_gpu_copies / t)
         per["remote_node"].append(c.remote_node_copies / t)
-        per["a2a_bytes"].append(2.0 * c.link_copies.sum() * nbytes / t)
-        per["a2a_us"].append(a2a_time_us(c, cl, nbytes))
+        per["a2a_bytes"].append(float(c.link_copies.sum()) * (nbytes + back) / t)
+        per["a2a_us"].append(a2a_time_us(c, cl, nbytes, back))
     return _summary(per, traces, load_only=False)
 
 

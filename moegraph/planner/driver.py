@@ -30,7 +30,7 @@ from ..topology import Cluster, cluster_of
 from ..traces import TraceSet, traces_for_spec
 from .baselines import evaluate_checked, replicate_by_load
 from .blas import one_blas_thread
-from .cost import _DTYPE_BYTES, cost_matrix
+from .cost import cost_matrix
 from .dispatch import counts_from_slots, replica_table, source_gpus
 from .graph import layer_arrays, window_ids
 from .planfile import Plan
@@ -120,7 +120,7 @@ def check_feasible(spec: MoESpec, cluster: Cluster | None = None) -> None:
             f"placement.redundant_slots to at most {e * g - e} or use more GPUs"
         )
     m = summarize(spec)
-    need = spg * m.num_moe_layers * m.layer.routed_expert * _DTYPE_BYTES[spec.moe.dtype] / 2**30
+    need = spg * m.num_moe_layers * m.routed_expert_bytes / 2**30  # as stored: FP8 + scales when quantized
     short = np.flatnonzero(cl.memory_gib < need)
     if len(short):
         gpu = int(short[0])

@@ -47,7 +47,7 @@ from ..errors import PlanFileError
 from ..spec import MoESpec
 from ..summary import summarize
 from ..topology import Cluster
-from .cost import _DTYPE_BYTES, cost_matrix, link_time_us
+from .cost import cost_matrix, link_time_us
 from .exact import ExactCopies
 from .planfile import Plan
 from .search import rule_loads
@@ -59,8 +59,8 @@ __all__ = ["Migration", "expert_bytes", "host_copy_weight", "migration", "relabe
 
 
 def expert_bytes(spec: MoESpec) -> int:
-    """Bytes of one routed expert's weights (one slot) in the spec's dtype."""
-    return summarize(spec).layer.routed_expert * _DTYPE_BYTES[spec.moe.dtype]
+    """Bytes of one routed expert's weights (one slot) as stored: the spec's dtype, or FP8 + block scales."""
+    return summarize(spec).routed_expert_bytes
 
 
 def _move_cost(cluster: Cluster) -> np.ndarray:

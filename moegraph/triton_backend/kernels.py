@@ -191,7 +191,7 @@ def activation_source(act: semantics.Activation) -> tuple[list[Code], Code]:
 
 
 def mlp_context(act: str | semantics.Activation, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
-                has_shared: bool, has_shared_scale: bool, dtype: torch.dtype) -> dict[str, Any]:
+                has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, fp8: bool = False) -> dict[str, Any]:
     try:
         entry = act if isinstance(act, semantics.Activation) else semantics.activation(act, gated)
     except ValueError as exc:
@@ -212,6 +212,7 @@ def mlp_context(act: str | semantics.Activation, gated: bool, gate_clamp: float 
         # float32 layers match torch's float32 matmul (no TF32); 16-bit inputs accumulate in float32.
         "ieee_fp32": dtype == torch.float32,
         "dot_args": Code(', input_precision="ieee"' if dtype == torch.float32 else ""),
+        "fp8": bool(fp8),  # block-scaled FP8 operands (triton_backend/fp8.py launches this variant)
     }
 
 

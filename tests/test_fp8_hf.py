@@ -1,0 +1,226 @@
+"""FP8 models from Hugging Face: transformers' fine-grained FP8 experts read by ``from_hf`` without
+dequantizing, FP8 configs read by ``import-hf``, DeepSeek-V3-layout checkpoints loaded by
+``moegraph.hf.quant.load_checkpoint``. The FP8 bytes are produced by transformers' own quantizer."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import moegraph
+import moegraph.hf.block
+from moegraph.errors import InputError, UnsupportedBlock
+from moegraph.hf import quant
+from moegraph.hf.config import spec_from_hf_config
+from moegraph.loader import load_spec
+
+from reference_fp8 import fp8_expert
+from reference_moe import reference_forward
+
+transformers = pytest.importorskip("transformers")
+from transformers import DeepseekV3Config  # noqa: E402
+from transformers.integrations.finegrained_fp8 import (  # noqa: E402
+    FP8Experts,
+    FP8Linear,
+    Fp8Quantize,
+    _dequantize_fp8_weight,
+)
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds  # noqa: E402
+
+BLOCK = [128, 128]
+QCONFIG = {"quant_method": "fp8", "weight_block_size": BLOCK, "activation_scheme": "dynamic", "fmt": "e4m3"}
+
+
+def _config(**extra):
+    return DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                            n_group=2, topk_group=1, n_shared_experts=1, intermediate_size=512, num_hidden_layers=2,
+                            first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                            kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, **extra)
+
+
+def _tf_quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' own fine-grained FP8 quantizer (what save_pretrained of an FP8 model writes)."""
+    hq = types.SimpleNamespace(quantization_config=types.SimpleNamespace(weight_block_size=BLOCK, scale_fmt="float"))
+    out = Fp8Quantize(hq).convert({name: w})
+    return out[name], out[name.rsplit(".", 1)[0] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"]
+
+
+def _fp8_block(seed: int = 0):
+    """A DeepseekV3MoE whose routed and shared experts are transformers' FP8 modules."""
+    cfg = _config()
+    torch.manual_seed(seed)
+    block = ds.DeepseekV3MoE(cfg).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(std=0.06)
+        block.gate.e_score_correction_bias.normal_(std=0.1)
+    experts = FP8Experts(cfg, block_size=tuple(BLOCK))
+    for n in ("gate_up_proj", "down_proj"):
+        q, s = _tf_quantize(f"experts.{n}", getattr(block.experts, n).detach())
+        getattr(experts, n).data.copy_(q)
+        getattr(experts, n + "_scale_inv").data.copy_(s)
+    block.experts = experts
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        old = getattr(block.shared_experts, n)
+        lin = FP8Linear(old.in_features, old.out_features, block_size=tuple(BLOCK))
+        q, s = _tf_quantize("w.weight", old.weight.detach())
+        lin.weight.data.copy_(q)
+        lin.weight_scale_inv.data.copy_(s)
+        setattr(block.shared_experts, n, lin)
+    cfg.quantization_config = dict(QCONFIG)
+    return block, cfg
+
+
+def _rel(a, b):
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+def test_from_hf_reads_fp8_experts_without_dequantizing(tmp_path):
+    block, cfg = _fp8_block()
+    cfg.dtype = torch.float32  # the model's compute dtype; the experts are FP8
+    layer = moegraph.from_hf(block, cfg, out_dir=tmp_path, share_weights=True)
+    assert layer.compute_dtype == torch.float32
+    q = layer.hf_import.spec.moe.quantization
+    assert (q.format, q.weight_block, q.shared_experts) == ("fp8_e4m3", (128, 128), True)
+    # The FP8 bytes and scales are the block's own (shared: the very same storage).
+    assert layer.experts.gate_up_proj.data_ptr() == block.experts.gate_up_proj.data_ptr()
+    assert torch.equal(layer.experts.down_proj_scale_inv, block.experts.down_proj_scale_inv)
+    assert torch.equal(layer.shared_experts.gate_up_proj.view(torch.uint8),
+                       torch.cat([block.shared_experts.gate_proj.weight, block.shared_experts.up_proj.weight]).view(torch.uint8))
+    assert layer.hf_import.max_abs_diff is not None  # the check against transformers' dequantized block ran
+    # Exact against the FP8 reference with transformers' own dequantization of the same bytes.
+    deq = {n: _dequantize_fp8_weight(getattr(block.experts, n), getattr(block.experts, n + "_scale_inv"), BLOCK,
+                                     torch.float32) for n in ("gate_up_proj", "down_proj")}
+    sh = {n: _dequantize_fp8_weight(getattr(block.shared_experts, n).weight,
+                                    getattr(block.shared_experts, n).weight_scale_inv, BLOCK, torch.float32)
+          for n in ("gate_proj", "up_proj", "down_proj")}
+    view = types.SimpleNamespace(
+        router=layer.router, experts=types.SimpleNamespace(**deq),
+        shared_experts=types.SimpleNamespace(gate_up_proj=torch.cat([sh["gate_proj"], sh["up_proj"]]),
+                                             down_proj=sh["down_proj"]))
+    x = torch.randn(5, 256)
+    ref = reference_forward(layer.hf_import.spec.to_dict(), view, x, expert_fn=fp8_expert(128))
+    assert _rel(layer(x), ref) <= 1e-5
+
+
+def test_from_hf_check_catches_a_misread_layout(tmp_path, monkeypatch):
+    """The check runs the block as transformers dequantizes it: scales read for the wrong rows fail it."""
+    block, cfg = _fp8_block(seed=1)
+    right = quant.fp8_block_weights
+
+    def misread(block, anat):
+        w = right(block, anat)
+        w["experts.gate_up_proj_scale_inv"] = w["experts.gate_up_proj_scale_inv"].roll(1, dims=0) * 50  # other experts'
+        return w
+
+    monkeypatch.setattr(moegraph.hf.block, "fp8_block_weights", misread)
+    with pytest.raises(UnsupportedBlock, match="differs from the block"):
+        moegraph.from_hf(block, cfg, dtype=torch.float32, out_dir=tmp_path)
+
+
+def test_import_hf_config_reads_fp8_section(tmp_path, run_cli):
+    cfg = _config(quantization_config=dict(QCONFIG, scale_fmt="ue8m0"))
+    cfg.save_pretrained(tmp_path / "m")
+    out = tmp_path / "spec.yaml"
+    res = run_cli("import-hf", tmp_path / "m", "-o", out)
+    assert res.code == 0, res.err
+    q = load_spec(out).moe.quantization
+    assert (q.format, q.weight_block, q.activation_tile, q.scale_format, q.shared_experts) == (
+        "fp8_e4m3", (128, 128), (1, 128), "ue8m0", True)
+    skip = spec_from_hf_config(_config(quantization_config=dict(QCONFIG, modules_to_not_convert=["shared_experts"])))
+    assert skip.moe.quantization.shared_experts is False
+    with pytest.raises(UnsupportedBlock, match="static activation scales"):
+        spec_from_hf_config(_config(quantization_config=dict(QCONFIG, activation_scheme="static")))
+    with pytest.raises(UnsupportedBlock, match="per-tensor weight scales"):
+        spec_from_hf_config(_config(quantization_config=dict(QCONFIG, weight_block_size=None)))
+
+
+def _deepseek_checkpoint(layer_spec, prefix="model.layers.1.mlp."):
+    """A state dict in DeepSeek-V3's released layout, quantized by transformers' quantizer."""
+    g = torch.Generator().manual_seed(3)
+    D, Fh, E = 256, 128, 16
+    sd = {f"{prefix}gate.weight": torch.randn(E, D, generator=g) * 0.05,
+          f"{prefix}gate.e_score_correction_bias": torch.randn(E, generator=g) * 0.1}
+    shapes = {"gate_proj": (Fh, D), "up_proj": (Fh, D), "down_proj": (D, Fh)}
+    for e in range(E):
+        for n, shape in shapes.items():
+            w, s = _tf_quantize(f"{prefix}experts.{e}.{n}.weight", torch.randn(*shape, generator=g) * 0.06)
+            sd[f"{prefix}experts.{e}.{n}.weight"], sd[f"{prefix}experts.{e}.{n}.weight_scale_inv"] = w, s
+    for n, shape in shapes.items():
+        w, s = _tf_quantize(f"{prefix}shared_experts.{n}.weight", torch.randn(*shape, generator=g) * 0.06)
+        sd[f"{prefix}shared_experts.{n}.weight"], sd[f"{prefix}shared_experts.{n}.weight_scale_inv"] = w, s
+    return sd
+
+
+def test_deepseek_checkpoint_loads_without_conversion(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    prefix = "model.layers.1.mlp."
+    sd = _deepseek_checkpoint("deepseek-v3-fp8-tiny", prefix)
+    safetensors.save_file(sd, tmp_path / "model.safetensors")
+    loaded = safetensors.load_file(tmp_path / "model.safetensors")
+    layer = moegraph.compile("deepseek-v3-fp8-tiny", dtype=torch.float32, out_dir=tmp_path, seed=None).eval()
+    quant.load_checkpoint(layer, loaded, prefix)
+    assert torch.equal(layer.experts.gate_up_proj[5, :128].view(torch.uint8), sd[f"{prefix}experts.5.gate_proj.weight"].view(torch.uint8))
+    assert torch.equal(layer.experts.gate_up_proj_scale_inv[5, 1], sd[f"{prefix}experts.5.up_proj.weight_scale_inv"][0])
+    assert torch.equal(layer.experts.down_proj[9].view(torch.uint8), sd[f"{prefix}experts.9.down_proj.weight"].view(torch.uint8))
+    # Against the loop reference over the checkpoint's own per-expert tensors, dequantized by transformers.
+    def deq(key):
+        return _dequantize_fp8_weight(sd[key + ".weight"], sd[key + ".weight_scale_inv"], BLOCK, torch.float32)
+
+    view = types.SimpleNamespace(
+        router=types.SimpleNamespace(weight=sd[f"{prefix}gate.weight"], expert_bias=sd[f"{prefix}gate.e_score_correction_bias"]),
+        experts=types.SimpleNamespace(
+            gate_up_proj=torch.stack([torch.cat([deq(f"{prefix}experts.{e}.gate_proj"), deq(f"{prefix}experts.{e}.up_proj")])
+                                      for e in range(16)]),
+            down_proj=torch.stack([deq(f"{prefix}experts.{e}.down_proj") for e in range(16)])),
+        shared_experts=types.SimpleNamespace(
+            gate_up_proj=torch.cat([deq(f"{prefix}shared_experts.gate_proj"), deq(f"{prefix}shared_experts.up_proj")]),
+            down_proj=deq(f"{prefix}shared_experts.down_proj")))
+    x = torch.randn(6, 256)
+    ref = reference_forward(load_spec("deepseek-v3-fp8-tiny").to_dict(), view, x, expert_fn=fp8_expert(128))
+    assert _rel(layer(x), ref) <= 1e-5
+    # transformers' fused layout (what an FP8Experts state dict holds) loads to the same layer.
+    fused = {"experts.gate_up_proj": layer.experts.gate_up_proj.clone(), "experts.down_proj": layer.experts.down_proj.clone(),
+             "experts.gate_up_proj_scale_inv": layer.experts.gate_up_proj_scale_inv.clone(),
+             "experts.down_proj_scale_inv": layer.experts.down_proj_scale_inv.clone()}
+    fused.update({k[len(prefix):]: v for k, v in sd.items() if "shared" in k or "gate." in k})
+    other = moegraph.compile("deepseek-v3-fp8-tiny", dtype=torch.float32, out_dir=tmp_path, seed=None).eval()
+    quant.load_checkpoint(other, fused)
+    assert torch.equal(other(x), layer(x))
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    prefix = "mlp."
+    sd = _deepseek_checkpoint("deepseek-v3-fp8-tiny", prefix)
+    layer = moegraph.compile("deepseek-v3-fp8-tiny", dtype=torch.float32, out_dir=tmp_path, seed=None)
+    before = layer.experts.gate_up_proj.clone()
+
+    def bad(**edits):
+        d = dict(sd)
+        for k, v in edits.items():
+            if v is None:
+                del d[prefix + k]
+            else:
+                d[prefix + k] = v
+        return d
+
+    with pytest.raises(InputError, match=r"has FP8 'experts.3.up_proj.weight' but no 'experts.3.up_proj.weight_scale_inv'"):
+        quant.load_checkpoint(layer, bad(**{"experts.3.up_proj.weight_scale_inv": None}), prefix)
+    with pytest.raises(InputError, match=r"checkpoint has no 'experts.15.down_proj.weight'"):
+        quant.load_checkpoint(layer, bad(**{"experts.15.down_proj.weight": None}), prefix)
+    with pytest.raises(InputError, match=r"checkpoint gives experts.down_proj_scale_inv of shape \(16, 1, 2\) but the layer has \(16, 2, 1\)"):
+        quant.load_checkpoint(layer, bad(**{f"experts.{e}.down_proj.weight_scale_inv": torch.ones(1, 2) for e in range(16)}),
+                              prefix)
+    nan = sd[prefix + "experts.2.gate_proj.weight_scale_inv"].clone()
+    nan[0, 1] = float("inf")
+    with pytest.raises(InputError, match=r"experts.gate_up_proj_scale_inv holds 1 non-finite .*first at \(2, 0, 1\)"):
+        quant.load_checkpoint(layer, bad(**{"experts.2.gate_proj.weight_scale_inv": nan}), prefix)
+    with pytest.raises(InputError, match=r"'experts.0.gate_proj.weight' is torch.bfloat16, not FP8"):
+        quant.load_checkpoint(layer, bad(**{"experts.0.gate_proj.weight": torch.zeros(128, 256, dtype=torch.bfloat16)}),
+                              prefix)
+    assert torch.equal(layer.experts.gate_up_proj.view(torch.uint8), before.view(torch.uint8))  # nothing half-written
+    plain = moegraph.compile("deepseek-v3-tiny", out_dir=tmp_path)
+    with pytest.raises(InputError, match="no moe.quantization"):
+        quant.load_checkpoint(plain, sd, prefix)
