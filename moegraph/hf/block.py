@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from .. import fp8
 from ..errors import UnsupportedBlock
-from ..runtime import _DTYPES
+from ..semantics import torch_dtype
 from ..spec import MoESpec
 from .quant import fp8_block_weights, is_fp8_block, quantization_section, reference_block, shared_is_fp8
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
@@ -45,7 +45,7 @@ def _find_config(block: nn.Module) -> Any:
 def _block_dtype(block: nn.Module, anat: BlockAnatomy, cfg: Any = None) -> torch.dtype:
     experts = getattr(block, anat.experts_name)
     if is_fp8_block(block, anat):  # FP8 experts: the layer computes in the model's dtype
-        return _DTYPES[_dtype_name(cfg, "bfloat16")] if cfg is not None else torch.bfloat16
+        return torch_dtype(_dtype_name(cfg, "bfloat16")) if cfg is not None else torch.bfloat16
     return experts.down_proj.dtype
 
 
