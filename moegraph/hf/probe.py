@@ -144,6 +144,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             wg = get_path(light, anat.shared_gate_name).weight
             scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
         expect = expect + scale * shared_out
+    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D:
+        raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
+                               "the compiled layer returns [..., hidden] like its input", cls)
     if not isinstance(y, Tensor) or y.numel() != tokens * D or not torch.allclose(
         y.reshape(tokens, D), expect, rtol=1e-5, atol=1e-6
     ):
