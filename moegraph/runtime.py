@@ -423,7 +423,7 @@ class CompiledMoEBase(nn.Module):
         self._check_input(x, token_ids)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         tid = None
-        if token_ids is not None:
+        if token_ids is not None and self.NEEDS_TOKEN_IDS:  # a layer whose routing ignores token ids drops them
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
         pin = self.__dict__.get("expert_strategy")
         if pin is None:

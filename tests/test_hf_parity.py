@@ -89,7 +89,7 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
                "scaled by their router scores"),
     "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
         num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_layer_types=["hash_moe"] * 2),
-        "also takes input_ids"),
+        "routing is not one the spec language expresses"),
 }
 
 

@@ -52,6 +52,9 @@ MODELS = {
                       shared_expert_intermediate_size=24),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    # Its decoder passes input_ids to every MoE block (the swapped layer takes them and ignores them).
+    "deepseek_v4": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+                        mlp_layer_types=["moe", "moe"], head_dim=8),
 }
 
 
@@ -410,3 +413,18 @@ def test_swapped_block_keeps_tuple_calling_convention() -> None:
     assert model.moegraph_report.records[0].status == "swapped"
     assert model.moe.output_kind == ("tuple", "router_logits")
     torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_takes_the_host_blocks_arguments() -> None:
+    """Token ids given by the host are accepted (ignored by a top-k layer); an argument it cannot honour is refused."""
+    model = make_model("deepseek_v4", **MODELS["deepseek_v4"])
+    moegraph.optimize(model)
+    adapter = model.model.layers[0].mlp
+    assert isinstance(adapter, MoEBlockAdapter) and adapter.token_arg == "input_ids"
+    x = torch.randn(2, 5, 32)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    y = adapter(x)
+    torch.testing.assert_close(adapter(x, input_ids=ids), y)
+    torch.testing.assert_close(adapter(x, ids), y)  # positionally, as the original's signature allows
+    with pytest.raises(moegraph.errors.InputError, match="padding_mask"):
+        adapter(x, padding_mask=torch.ones(2, 5))

@@ -42,7 +42,7 @@ from .anatomy import (
 )
 from .block import HFImport, compare, from_hf, read_block, tolerance
 from .config import load_hf_config, spec_from_hf_config
-from .probe import Probe, light_copy, probe_block
+from .probe import Probe, forward_args, light_copy, probe_block, token_id_arg, token_vocab
 from .routing import Declared, Routing, declared_routing, identify_routing, route
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
 from .weights import hf_weights, load_hf_weights, torch_dtype_of
@@ -58,6 +58,7 @@ __all__ = [
     "Routing",
     "compare",
     "declared_routing",
+    "forward_args",
     "from_hf",
     "get_path",
     "hf_weights",
@@ -72,6 +73,8 @@ __all__ = [
     "read_block",
     "route",
     "spec_from_hf_config",
+    "token_id_arg",
+    "token_vocab",
     "tolerance",
     "torch_dtype_of",
 ]

@@ -13,7 +13,7 @@ from ..errors import UnsupportedBlock
 from ..spec import MoESpec
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
 from .assemble import build_spec
-from .probe import probe_block
+from .probe import probe_block, token_vocab
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
@@ -29,6 +29,7 @@ class HFImport:
     output_kind: tuple[str, ...]
     notes: list[str]
     max_abs_diff: float | None = None
+    token_arg: str | None = None  # the block's forward argument carrying token ids (used or ignored per the spec)
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -61,23 +62,31 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     if isinstance(jitter, (int, float)) and jitter > 0:
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
-    return HFImport(spec, anat, routing, probe.output_kind, notes)
+    return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg)
 
 
-def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0) -> tuple[float, float]:
-    """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode."""
+def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0,
+            token_arg: str | None = None) -> tuple[float, float]:
+    """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode.
+
+    ``token_arg``: the block's forward argument for token ids; random ids go to it and to the layer.
+    """
     p = next(layer.parameters())
     g = torch.Generator().manual_seed(seed)
     D = layer.HIDDEN
     x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.experts.down_proj.dtype)
+    kwargs, tid = {}, None
+    if token_arg:
+        tid = torch.randint(0, token_vocab(block), (1, tokens), generator=g).to(p.device)
+        kwargs[token_arg] = tid
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
     try:
         with torch.no_grad():
-            ref = block(x)
+            ref = block(x, **kwargs)
             ref = ref[0] if isinstance(ref, tuple) else ref
-            y = layer(x.clone())
+            y = layer(x.clone(), tid)
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -131,7 +140,7 @@ def from_hf(
                     and device in (None, src_device))
     layer.__dict__["hf_import"] = info
     if check:
-        diff, scale = compare(block, layer)
+        diff, scale = compare(block, layer, token_arg=info.token_arg)
         info.max_abs_diff = diff
         if not diff <= tolerance(layer.experts.down_proj.dtype) * max(scale, 1e-6):
             raise UnsupportedBlock(

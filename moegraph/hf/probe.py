@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedBlock
 from .anatomy import BlockAnatomy, _named_tensors, get_path
+from .vocab import TOKEN_ID_ARGS
 
 
 class _Recorder(nn.Module):
@@ -44,6 +45,9 @@ class Probe:
     ids_TK: Tensor
     weights_TK: Tensor
     output_kind: tuple[str, ...]  # ("tensor",) or ("tuple", kind of each extra element, ...)
+    token_arg: str | None = None  # the forward argument carrying token ids (``input_ids``), if it takes one
+    token_ids_T: Tensor | None = None  # the ids the probe passed in it
+    uses_token_ids: bool = False  # whether the routing changed with the ids (two probes, other ids)
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -85,17 +89,31 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3 + 1.0)
         routed_out = torch.randn(tokens, D, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
-        experts = _Recorder(routed_out)
-        light._modules[anat.experts_name] = experts
-        sharers = []
-        for n in anat.shared_names:
-            sharers.append(_Recorder(shared_out))
-            light._modules[n] = sharers[-1]
         x = torch.randn(1, tokens, D, generator=g)
+        token_arg = token_id_arg(block)
+        vocab = token_vocab(block)
+        tid_T = torch.randint(0, vocab, (tokens,), generator=g)
+
+        def run(tid_1T: Tensor | None) -> tuple[object, _Recorder, list[_Recorder]]:
+            experts = _Recorder(routed_out)
+            light._modules[anat.experts_name] = experts
+            sharers = []
+            for n in anat.shared_names:
+                sharers.append(_Recorder(shared_out))
+                light._modules[n] = sharers[-1]
+            kwargs = {token_arg: tid_1T} if token_arg else {}
+            return light(x, **kwargs), experts, sharers
+
         try:
-            out = light(x)
+            out, experts, sharers = run(tid_T.view(1, tokens) if token_arg else None)
+            uses_ids = False
+            if token_arg:
+                # Evidence, not a guess: the routing uses the token ids iff other ids route otherwise.
+                _, again, _ = run(((tid_T + 1 + torch.randint(0, vocab - 1, (tokens,), generator=g)) % vocab)
+                                  .view(1, tokens))
+                uses_ids = not _same_calls(experts, again)
         except Exception as exc:  # reported as the reason the block cannot be read
-            extra = _extra_forward_args(block)
+            extra = forward_args(block)
             hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
                     "states, e.g. token-id hash routing, is not read)") if extra else ""
             raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
@@ -164,10 +182,38 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             else:
                 extras.append("unknown")
         kind = ("tuple", *extras)
-    return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind)
+    return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
+                 tid_T if token_arg else None, uses_ids)
 
 
-def _extra_forward_args(block: nn.Module) -> list[str]:
+def token_id_arg(block: nn.Module) -> str | None:
+    """The block's forward argument that carries token ids (``input_ids``), if it has one."""
+    return next((a for a in forward_args(block) if a in TOKEN_ID_ARGS), None)
+
+
+def token_vocab(block: nn.Module) -> int:
+    """How many token ids the probe may draw from: the model config's vocabulary, else 64."""
+    for m in (block, *block.modules()):
+        v = getattr(getattr(m, "config", None), "vocab_size", None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return 64
+
+
+def _same_calls(a: _Recorder, b: _Recorder) -> bool:
+    if len(a.calls) != len(b.calls):
+        return False
+    for (args_a, kw_a), (args_b, kw_b) in zip(a.calls, b.calls):
+        va, vb = list(args_a) + list(kw_a.values()), list(args_b) + list(kw_b.values())
+        if len(va) != len(vb) or not all(
+            torch.equal(p, q) if isinstance(p, Tensor) and isinstance(q, Tensor) else p == q for p, q in zip(va, vb)
+        ):
+            return False
+    return True
+
+
+def forward_args(block: nn.Module) -> list[str]:
+    """The names of the arguments of ``block.forward`` after the hidden states."""
     import inspect
 
     try:

@@ -155,6 +155,9 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routi
 
 def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
     """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
+    if probe.uses_token_ids:
+        raise UnsupportedBlock(f"its routing depends on the token ids its forward takes ({probe.token_arg}); only "
+                               "routing by the hidden states is read", block_class)
     dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
     K = probe.ids_TK.shape[1]
     E = probe.logits_TE.shape[1]

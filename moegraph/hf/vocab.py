@@ -45,6 +45,9 @@ _ACT_FNS = {
     "relu": F.relu,
     "relu2": lambda x: torch.square(F.relu(x)),
 }
+#: forward arguments of a block that carry the token ids of its hidden states (DeepSeek-V4's decoder passes
+#: ``input_ids`` to every MoE block, hash-routed or not)
+TOKEN_ID_ARGS = ("input_ids", "token_ids")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp", "shared_experts_mlp")
 
 
