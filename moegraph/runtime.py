@@ -287,6 +287,7 @@ class CompiledMoEBase(nn.Module):
     HASH_SEED: int = 0
     HASH_METHOD: str = "random"
     NEEDS_TOKEN_IDS: bool = False
+    HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -296,17 +297,20 @@ class CompiledMoEBase(nn.Module):
         H = 2 * Fh if self.GATED else Fh
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
-        if self.ROUTER != "hash":
+        if self.ROUTER != "hash" or self.HASH_SCORED:
             self.router.weight = nn.Parameter(torch.empty(E, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
                 self.router.bias = nn.Parameter(torch.zeros(E, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
             self.register_buffer("_bias_load_E", torch.zeros(E, dtype=torch.float32, device=device), persistent=False)
-        if self.ROUTER == "hash" and self.HASH_METHOD == "random":
+        if self.ROUTER == "hash" and self.HASH_METHOD in ("random", "table"):
+            # 'table' ships with the weights (persistent; checked when loaded), seeded until then.
             g = torch.Generator().manual_seed(self.HASH_SEED)
             table = torch.randint(0, E, (self.HASH_VOCAB, self.TOP_K), generator=g)
-            self.router.register_buffer("hash_table", table.to(device), persistent=False)
+            self.router.register_buffer("hash_table", table.to(device), persistent=self.HASH_METHOD == "table")
+            if self.HASH_METHOD == "table":
+                self._register_load_state_dict_pre_hook(self._check_loaded_hash_table)
         self.experts = nn.Module()
         up_name = "gate_up_proj" if self.GATED else "up_proj"
         R = self._expert_rows()
@@ -334,6 +338,25 @@ class CompiledMoEBase(nn.Module):
             self.reset_parameters(seed)
 
     # -- parameters ------------------------------------------------------------------------------
+
+    def check_hash_table(self, table: Tensor, what: str = "router.hash_table") -> None:
+        """Refuse a token id -> experts table that does not fit the spec: [vocab_size, top_k] integer
+        expert ids in [0, num_experts)."""
+        want = (self.HASH_VOCAB, self.TOP_K)
+        if not isinstance(table, Tensor) or tuple(table.shape) != want:
+            shape = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
+            raise InputError(f"{what} has shape {shape}; the spec's moe.router.vocab_size ({want[0]}) and top_k "
+                             f"({want[1]}) need [{want[0]}, {want[1]}]; fix the table or the spec")
+        if table.is_floating_point() or table.dtype == torch.bool or table.is_complex():
+            raise InputError(f"{what} has dtype {table.dtype}; a table of expert ids is an integer tensor")
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= self.NUM_EXPERTS):
+            raise InputError(f"{what} holds expert ids in [{int(table.min())}, {int(table.max())}]; the spec's "
+                             f"moe.experts.num_experts ({self.NUM_EXPERTS}) allows [0, {self.NUM_EXPERTS - 1}]")
+
+    def _check_loaded_hash_table(self, state_dict, prefix, *args) -> None:
+        key = prefix + "router.hash_table"
+        if key in state_dict:
+            self.check_hash_table(state_dict[key], key)
 
     def _expert_rows(self) -> int:
         """Rows of the routed expert weights: every expert here; an expert-parallel layer

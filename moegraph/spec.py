@@ -564,24 +564,51 @@ class ExpertChoiceRouter(_Frozen):
 
 
 class HashRouter(_Frozen):
-    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id, weight 1/K each."""
+    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id.
+
+    The experts come from the token id alone (a formula, a seeded table, or a table shipped with
+    the weights as DeepSeek-V4's hash layers do); their weights are 1/K each, or (with ``score``)
+    the scores a learned router gives the chosen experts, as for top-k routing.
+    """
 
     type: Literal["hash"] = "hash"
     top_k: int = Field(1, gt=0, le=16, description="Number of hash functions / experts per token.")
-    method: Literal["modulo", "random"] = Field(
-        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab."
+    method: Literal["modulo", "random", "table"] = Field(
+        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab; "
+        "'table': a [vocab_size, top_k] table of expert ids loaded with the weights (router.hash_table)."
     )
-    vocab_size: int | None = Field(None, gt=0, le=1 << 24, description="Vocabulary size, needed by method 'random'.")
-    seed: int = Field(0, ge=0, lt=1 << 63)
+    vocab_size: int | None = Field(
+        None, gt=0, le=1 << 24, description="Vocabulary size, needed by methods 'random' and 'table'."
+    )
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of the 'random' table (and of a 'table' before loading).")
+    score: str | None = Field(
+        None, description="None: weight 1/K per expert. Otherwise the chosen experts are weighted by this score of a "
+        "learned router's logits ('softmax', a named function or an expression of x, as for topk routers).",
+    )
+    normalize: bool = Field(False, description="Divide the chosen experts' scores by their sum (needs score).")
+    scaling_factor: float = Field(1.0, gt=0, le=1e4, description="Multiply the scored weights by this (needs score).")
+    router_bias: bool = Field(False, description="Whether the scoring router linear has a bias (needs score).")
+
+    @field_validator("score")
+    @classmethod
+    def _score_known(cls, v: str | None) -> str | None:
+        return None if v is None else _check_score(v)
 
     @model_validator(mode="after")
     def _random_needs_vocab(self) -> HashRouter:
-        if self.method == "random" and self.vocab_size is None:
-            raise field_error(
+        problems = _Problems()
+        if self.method in ("random", "table") and self.vocab_size is None:
+            problems.add(
                 "vocab_size",
-                "hash method 'random' needs vocab_size (the table has one row per token id); set vocab_size or "
-                "use method: modulo",
+                f"hash method '{self.method}' needs vocab_size (the table has one row per token id); set vocab_size "
+                "or use method: modulo",
             )
+        if self.score is None:
+            for key, unset in (("normalize", False), ("scaling_factor", 1.0), ("router_bias", False)):
+                if getattr(self, key) != unset:
+                    problems.add(key, f"{key} weights the router's scores, but score is not set (weights are 1/K); "
+                                      f"set score (e.g. softmax) or drop {key}")
+        problems.raise_any()
         return self
 
 

@@ -192,5 +192,39 @@ def markdown(results: list[FamilyResult]) -> str:
     return "\n".join(rows)
 
 
+SECTION = "### MoE families in the installed transformers"
+
+
+def readme_section(results: list[FamilyResult]) -> str:
+    """The README's section on the families (heading to the end of its table)."""
+    import textwrap
+
+    import transformers
+
+    parity = ", ".join(sorted({r.family for r in results if r.bucket == "parity"}))
+    text = textwrap.fill(
+        "`tests/test_hf_families.py` finds the MoE blocks of the installed transformers by scanning the package "
+        "(every `modeling_*.py` class that owns `self.experts`), builds each from a tiny config and reads it with "
+        f"`from_hf`. With transformers {transformers.__version__}, the compiled layer matches the block for the "
+        f"blocks of these families: {parity}. The rest are refused with the reason, or no tiny block could be built "
+        "from the family's configs (its constructor error; `python tests/hf_families.py --readme` rewrites this "
+        "section):", 100, break_on_hyphens=False, break_long_words=False)
+    return f"{SECTION}\n\n{text}\n\n{markdown([r for r in results if r.bucket != 'parity'])}\n"
+
+
+def write_readme(results: list[FamilyResult]) -> None:
+    path = Path(__file__).resolve().parents[1] / "README.md"
+    readme = path.read_text(encoding="utf-8")
+    m = re.search(rf"^{re.escape(SECTION)}\n.*?\n\|.*?\n(?!\|)", readme, flags=re.S | re.M)
+    assert m, f"README has no section {SECTION!r}"
+    path.write_text(readme[: m.start()] + readme_section(results) + readme[m.end():], encoding="utf-8")
+
+
 if __name__ == "__main__":
-    print(markdown(scan()))
+    import sys
+
+    found = scan()
+    if "--readme" in sys.argv[1:]:
+        write_readme(found)
+    else:
+        print(readme_section(found))

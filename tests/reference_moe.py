@@ -115,7 +115,17 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> 
                 es = [(tid + k * (E // K)) % E for k in range(K)]
             else:
                 es = [int(e) for e in layer.router.hash_table[tid]]
-            assignments[t] = [(e, torch.tensor(1.0 / K)) for e in es]
+            if r.get("score") is None:
+                assignments[t] = [(e, torch.tensor(1.0 / K)) for e in es]
+                continue
+            # Scored hash routing (DeepSeek-V4): the table picks, the router's scores weigh.
+            rb = getattr(layer.router, "bias", None)
+            s = score(r["score"], layer.router.weight @ x_TD[t].float() + (rb if rb is not None else 0))
+            ws = [s[e] for e in es]
+            if r.get("normalize"):
+                tot = sum(ws) + 1e-20
+                ws = [w / tot for w in ws]
+            assignments[t] = [(e, w * r.get("scaling_factor", 1.0)) for e, w in zip(es, ws)]
     else:
         W = layer.router.weight
         rb = getattr(layer.router, "bias", None)

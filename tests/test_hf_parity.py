@@ -74,6 +74,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "deepseek_v4": ("DeepseekV4SparseMoeBlock", dict(
         num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
         mlp_layer_types=["moe", "moe"])),
+    # Hash layers: experts from the token id -> experts table (tid2eid, in the checkpoint), weighted by the
+    # router's sqrt(softplus) scores, normalised and scaled.
+    "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
+        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+        mlp_layer_types=["hash_moe"] * 2)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}
@@ -87,9 +92,6 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
                "routing is not one the spec language expresses"),
     "llama4": ("Llama4TextMoe", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16),
                "scaled by their router scores"),
-    "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
-        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_layer_types=["hash_moe"] * 2),
-        "routing is not one the spec language expresses"),
 }
 
 
@@ -123,6 +125,9 @@ def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> to
             if t.is_floating_point():
                 scale = 0.3 if "bias" in name and t.dim() <= 2 and t.numel() <= 64 else 0.2
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
+            elif t.dim() == 2 and t.dtype != torch.bool:  # a token id -> experts table: distinct experts per row
+                E = cfg.num_local_experts
+                t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
     return block.float().eval()
 
 
@@ -157,9 +162,11 @@ def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-5) ->
     r = torch.randn(2, 5, D, generator=g)
     x_ref = x.clone().requires_grad_(True)
     x_mg = x.clone().requires_grad_(True)
-    out = block(x_ref)
+    arg = layer.hf_import.token_arg
+    ids = torch.randint(0, 64, (2, 5), generator=g) if arg else None  # the configs' vocab_size
+    out = block(x_ref, **({arg: ids} if arg else {}))
     y_ref = out[0] if isinstance(out, tuple) else out
-    y = layer(x_mg)
+    y = layer(x_mg, ids)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     (y_ref * r).sum().backward()
     (y * r).sum().backward()

@@ -43,6 +43,8 @@ ROUTERS = {
     "expert_choice": {"type": "expert_choice", "capacity_factor": 2.0},
     "hash_random": {"type": "hash", "top_k": 2, "method": "random", "vocab_size": 50},
     "hash_modulo": {"type": "hash", "top_k": 2, "method": "modulo"},
+    "hash_table_scored": {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 50, "score": "sqrt_softplus",
+                          "normalize": True, "scaling_factor": 1.5, "router_bias": True},
 }
 
 
@@ -113,15 +115,17 @@ def test_shared_experts(shared, tmp_path, expert_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["softmax_top2_norm", "sigmoid_groups_bias", "capacity_probs", "expert_choice"])
+@pytest.mark.parametrize("name", ["softmax_top2_norm", "sigmoid_groups_bias", "capacity_probs", "expert_choice",
+                                  "hash_table_scored"])
 def test_gradients_match_reference(name, tmp_path):
     spec = make_spec(dict(ROUTERS[name]), shared={"count": 1, "gate": "sigmoid"})
     layer = _compile(spec, tmp_path).train()
     x = torch.randn(11, D, generator=torch.Generator().manual_seed(7), requires_grad=True)
     g = torch.randn(11, D, generator=torch.Generator().manual_seed(8))
+    tid = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(9)) if "hash" in name else None
     params = [p for p in layer.parameters()]
-    got = torch.autograd.grad(layer(x), [x, *params], g)
-    ref = torch.autograd.grad(reference_forward(spec, layer, x), [x, *params], g, allow_unused=True)
+    got = torch.autograd.grad(layer(x, tid), [x, *params], g)
+    ref = torch.autograd.grad(reference_forward(spec, layer, x, tid), [x, *params], g, allow_unused=True)
     for a, b, in zip(got, ref):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
 
@@ -458,3 +462,28 @@ def test_torch_compile_training_matches_eager(tmp_path):
     # backward used to warn "Error detected in ...expert_mlp...Backward") and nothing breaks the graph.
     assert not [str(w.message) for w in caught if "expert_mlp" in str(w.message)]
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_hash_table_loads_with_the_weights_and_is_checked(tmp_path):
+    """A 'table' hash router's token id -> experts table is part of the state dict; a table that does not fit
+    the spec (rows != vocab_size, columns != top_k, ids outside the experts) is refused naming the field."""
+    spec = make_spec(dict(ROUTERS["hash_table_scored"]))
+    layer = _compile(spec, tmp_path).eval()
+    sd = layer.state_dict()
+    assert "router.hash_table" in sd and tuple(sd["router.hash_table"].shape) == (50, 2)
+    table = torch.rand(50, E, generator=torch.Generator().manual_seed(4)).argsort(-1)[:, :2]
+    layer.load_state_dict({**sd, "router.hash_table": table})
+    assert torch.equal(layer.router.hash_table, table)
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(5))
+    tid = torch.arange(7) * 7
+    torch.testing.assert_close(layer(x, tid), reference_forward(spec, layer, x, tid), rtol=1e-5, atol=1e-5)
+    bad_tables = {
+        "vocab_size": torch.zeros(49, 2, dtype=torch.long),
+        "top_k": torch.zeros(50, 3, dtype=torch.long),
+        "num_experts": torch.full((50, 2), E),
+        "integer": torch.zeros(50, 2),
+    }
+    for field, bad in bad_tables.items():
+        with pytest.raises(InputError, match=rf"router\.hash_table.*{field}"):
+            layer.load_state_dict({**sd, "router.hash_table": bad})
+    assert torch.equal(layer.router.hash_table, table)  # nothing half-loaded

@@ -52,9 +52,10 @@ MODELS = {
                       shared_expert_intermediate_size=24),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
-    # Its decoder passes input_ids to every MoE block (the swapped layer takes them and ignores them).
+    # Its decoder passes input_ids to every MoE block: the hash layer routes by them (token id -> experts table
+    # shipped with the weights), the top-k layer ignores them.
     "deepseek_v4": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
-                        mlp_layer_types=["moe", "moe"], head_dim=8),
+                        mlp_layer_types=["hash_moe", "moe"], head_dim=8),
 }
 
 
@@ -67,6 +68,9 @@ def make_model(model_type: str, seed: int = 0, **extra):
         for name, t in model.named_buffers():
             if "bias" in name and t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif "tid2eid" in name:  # DeepSeek-V4's token id -> experts table (zeros until a checkpoint loads)
+                E = model.config.num_local_experts
+                t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
         for m in model.modules():
             if hf.is_hf_moe_block(m):
                 try:
@@ -419,7 +423,8 @@ def test_adapter_takes_the_host_blocks_arguments() -> None:
     """Token ids given by the host are accepted (ignored by a top-k layer); an argument it cannot honour is refused."""
     model = make_model("deepseek_v4", **MODELS["deepseek_v4"])
     moegraph.optimize(model)
-    adapter = model.model.layers[0].mlp
+    assert model.model.layers[0].mlp.moe.NEEDS_TOKEN_IDS  # the hash layer routes by them
+    adapter = model.model.layers[1].mlp
     assert isinstance(adapter, MoEBlockAdapter) and adapter.token_arg == "input_ids"
     x = torch.randn(2, 5, 32)
     ids = torch.randint(0, VOCAB, (2, 5))

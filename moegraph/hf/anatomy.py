@@ -41,6 +41,7 @@ class BlockAnatomy:
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
+    token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -260,8 +261,31 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     unexplained = tuple(n for n, t in rest if n not in ebias and t.is_floating_point())
     return BlockAnatomy(
         router_weight_name=rw, router_bias_name=router_bias, expert_bias_name=ebias[0] if ebias else None,
-        unexplained=unexplained, **anat_kwargs,
+        unexplained=unexplained, token_table_name=_token_table(rest, E, config, cls), **anat_kwargs,
     )
+
+
+def _token_table(tensors: list[tuple[str, Tensor]], E: int, config: Any, cls: str) -> str | None:
+    """The block's token id -> experts table (a 2-D integer tensor, DeepSeek-V4's ``tid2eid``), checked
+    against the experts and the config's vocabulary before any spec is built."""
+    tables = [(n, t) for n, t in tensors if t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool]
+    if not tables:
+        return None
+    if len(tables) > 1:
+        raise UnsupportedBlock(f"several integer tables {[n for n, _ in tables]} could be its token id -> experts "
+                               "table", cls)
+    name, t = tables[0]
+    V, K = t.shape
+    if K > E:
+        raise UnsupportedBlock(f"its token table {name} has {K} experts per token but there are {E} experts", cls)
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    if isinstance(vocab, int) and vocab != V:
+        raise UnsupportedBlock(f"its token table {name} has {V} rows but the config's vocab_size is {vocab}; "
+                               "a token id -> experts table needs one row per token id", cls)
+    if not t.is_meta and t.numel() and (int(t.min()) < 0 or int(t.max()) >= E):
+        raise UnsupportedBlock(f"its token table {name} holds expert ids in [{int(t.min())}, {int(t.max())}], "
+                               f"outside the {E} experts", cls)
+    return name
 
 
 def _shared_layout(mod: nn.Module, D: int) -> str | None:

@@ -48,6 +48,7 @@ class Probe:
     token_arg: str | None = None  # the forward argument carrying token ids (``input_ids``), if it takes one
     token_ids_T: Tensor | None = None  # the ids the probe passed in it
     uses_token_ids: bool = False  # whether the routing changed with the ids (two probes, other ids)
+    token_table_VK: Tensor | None = None  # the (random) token id -> experts table of the probe copy
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -87,6 +88,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3 + 1.0)
+        table = get_path(light, anat.token_table_name) if anat.token_table_name else None
+        if table is not None:  # distinct random experts per token id, so that the table's use shows
+            V, K = table.shape
+            table.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K])
         routed_out = torch.randn(tokens, D, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
@@ -183,7 +188,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
-                 tid_T if token_arg else None, uses_ids)
+                 tid_T if token_arg else None, uses_ids, None if table is None else table.clone())
 
 
 def token_id_arg(block: nn.Module) -> str | None:
@@ -193,6 +198,9 @@ def token_id_arg(block: nn.Module) -> str | None:
 
 def token_vocab(block: nn.Module) -> int:
     """How many token ids the probe may draw from: the model config's vocabulary, else 64."""
+    for _, t in _named_tensors(block):
+        if t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool:  # a token table: its rows
+            return t.shape[0]
     for m in (block, *block.modules()):
         v = getattr(getattr(m, "config", None), "vocab_size", None)
         if isinstance(v, int) and v > 1:

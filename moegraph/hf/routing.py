@@ -20,14 +20,21 @@ class Routing:
     """A top-k routing in the spec language's terms (see TopKRouter)."""
 
     top_k: int
-    score: str = "softmax"
+    score: str | None = "softmax"
     topk_order: str = "score_then_topk"
     normalize: bool = False
     scaling_factor: float = 1.0
     groups: tuple[int, int, str, int] | None = None  # (num_groups, topk_groups, group_score, top_n)
     expert_bias: bool = False
+    hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
 
     def describe(self) -> str:
+        if self.hash_vocab is not None:
+            s = f"top-{self.top_k} from a token id table"
+            if self.score is None:
+                return s + ", weight 1/K each"
+            s += f", weighted by {self.score}" + (", normalised" if self.normalize else "")
+            return s + (f", x{self.scaling_factor:g}" if self.scaling_factor != 1.0 else "")
         s = f"top-{self.top_k} {self.score}"
         if self.topk_order == "topk_then_score":
             s = f"top-{self.top_k} logits then softmax"
@@ -43,6 +50,13 @@ class Routing:
         return s
 
     def router_dict(self) -> dict[str, Any]:
+        if self.hash_vocab is not None:
+            d = {"type": "hash", "method": "table", "top_k": self.top_k, "vocab_size": self.hash_vocab}
+            if self.score is not None:
+                d.update(score=self.score, normalize=self.normalize)
+                if self.scaling_factor != 1.0:
+                    d["scaling_factor"] = self.scaling_factor
+            return d
         d: dict[str, Any] = {"type": "topk", "top_k": self.top_k, "score": self.score}
         if self.topk_order != "score_then_topk":
             d["topk_order"] = self.topk_order
@@ -155,10 +169,9 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routi
 
 def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
     """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
-    if probe.uses_token_ids:
-        raise UnsupportedBlock(f"its routing depends on the token ids its forward takes ({probe.token_arg}); only "
-                               "routing by the hidden states is read", block_class)
     dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
+    if probe.uses_token_ids:
+        return _identify_hash_routing(probe, dec, block_class)
     K = probe.ids_TK.shape[1]
     E = probe.logits_TE.shape[1]
     notes: list[str] = []
@@ -216,3 +229,42 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     if has_bias and not r.expert_bias:
         notes.append("the block holds an expert-selection bias but does not use it")
     return notes
+
+
+def _identify_hash_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
+    """Routing by a token id -> experts table: the experts must be the table's rows for the probe's ids;
+    the weights 1/K each, or the router's scores of those experts (normalised or not) times a constant."""
+    table, tid = probe.token_table_VK, probe.token_ids_T
+    if table is None or tid is None:
+        raise UnsupportedBlock(f"its routing depends on the token ids its forward takes ({probe.token_arg}) but it "
+                               "holds no token id -> experts table; only table hash routing is read", block_class)
+    ids = table[tid].long()
+    K = table.shape[1]
+    if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
+        raise UnsupportedBlock(f"its routing depends on the token ids ({probe.token_arg}) but the experts it chooses "
+                               "are not the rows of its token table", block_class)
+    scores = [dec.score] if dec.score in _SCORE_FNS else []
+    candidates = [(None, False)] + [(s, n) for s in scores + [s for s in _SCORE_FNS if s not in scores]
+                                    for n in (True, False)]
+    wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
+    for score, norm in candidates:
+        if score is None:
+            w = torch.full(ids.shape, 1.0 / K)
+        else:
+            w = _SCORE_FNS[score](probe.logits_TE).gather(1, ids)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) if norm else w
+        ratio = wb / w.gather(1, ids.sort(-1).indices).clamp_min(1e-30)
+        scale = float(ratio.mean())
+        if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
+            continue
+        if score is None and not math.isclose(scale, 1.0, rel_tol=1e-5):
+            continue  # uniform weights scaled: not a hash routing the spec has
+        if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
+            scale = dec.scaling
+        elif math.isclose(scale, 1.0, rel_tol=1e-5):
+            scale = 1.0
+        else:
+            scale = float(f"{scale:.6g}")
+        return Routing(top_k=K, score=score, normalize=norm, scaling_factor=scale, hash_vocab=table.shape[0]), []
+    raise UnsupportedBlock(f"its experts come from its token table but their weights are neither 1/K nor a router "
+                           f"score ({', '.join(_SCORE_FNS)}, normalised or not) times a constant", block_class)

@@ -19,6 +19,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         out["router.bias"] = get_path(block, anat.router_bias_name)
     if anat.expert_bias_name:
         out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(E)
+    if anat.token_table_name:
+        out["router.hash_table"] = get_path(block, anat.token_table_name).long()
 
     def fix_up(t: Tensor) -> Tensor:  # [E, H, D] with gate rows first
         if anat.transposed:
