@@ -152,6 +152,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "gate_clamp": m.experts.gate_clamp,
         "up_clamp": m.experts.up_clamp,
         "expert_bias_terms": m.experts.bias,
+        "input_scaled": m.experts.routing_weight == "input",
         "shared_intermediate": m.shared_experts.count * m.shared_intermediate_size,
         "shared_gate": m.shared_experts.gate == "sigmoid",
         "router_type": r.type,

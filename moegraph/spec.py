@@ -176,6 +176,10 @@ class ExpertsSpec(_Frozen):
     up_clamp: float | None = Field(
         None, gt=0, le=1e30, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
     )
+    routing_weight: Literal["output", "input"] = Field(
+        "output", description="Where a token's routing weight multiplies: the expert's output, w * expert(x) (most "
+        "MoEs), or its input, expert(w * x) (Llama 4).",
+    )
 
     @property
     def gated(self) -> bool:

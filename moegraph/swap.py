@@ -141,8 +141,9 @@ class MoEBlockAdapter(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, output_kind: tuple[str, ...], original_class: str, found_by: str,
-                 arg_names: tuple[str, ...] = (), token_arg: str | None = None):
+                 arg_names: tuple[str, ...] = (), token_arg: str | None = None, flat_output: bool = False):
         super().__init__()
+        self.flat_output = flat_output  # return [tokens, D] as the original did (Llama 4)
         self.moe = layer
         self.output_kind = tuple(output_kind)
         self.original_class = original_class
@@ -169,6 +170,8 @@ class MoEBlockAdapter(nn.Module):
         if token_ids is not None and self.moe.NEEDS_TOKEN_IDS:  # the spec routes by them; else ignored
             tid = token_ids.reshape(x.shape[:-1]) if token_ids.numel() == x[..., 0].numel() else token_ids
         y = self.moe(x, tid).reshape(shape)
+        if self.flat_output:
+            y = y.reshape(-1, D)
         if self.output_kind[0] == "tensor":
             return y
         extras = []
@@ -324,11 +327,11 @@ def optimize(
                 info = hf.read_block(block)
                 weights = hf.hf_weights(block, info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
-                rank, token_arg = 3, info.token_arg
+                rank, token_arg, flat = 3, info.token_arg, info.flat_output
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
-                rank, token_arg = sr.input_rank, None
+                rank, token_arg, flat = sr.input_rank, None, False
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -341,7 +344,8 @@ def optimize(
             rec.reason = getattr(exc, "reason", None) or str(exc)
             rec.seconds = time.perf_counter() - ts
             continue
-        adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg)
+        adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
+                                  flat)
         adapter.train(block.training)
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":

@@ -158,8 +158,10 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> 
     ys = []
     for t in range(T):
         y = torch.zeros(D, dtype=x_TD.dtype)
+        on_input = ex.get("routing_weight", "output") == "input"  # Llama 4: expert(w * x)
         for e, w in assignments[t]:
-            y = y + w * expert(x_TD[t], up[e], down[e], None if ub is None else ub[e], None if db is None else db[e], **kw)
+            args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
+            y = y + (expert(w * x_TD[t], *args, **kw) if on_input else w * expert(x_TD[t], *args, **kw))
         sh = m.get("shared_experts", {})
         if sh.get("count", 0):
             sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj

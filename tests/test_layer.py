@@ -487,3 +487,25 @@ def test_hash_table_loads_with_the_weights_and_is_checked(tmp_path):
         with pytest.raises(InputError, match=rf"router\.hash_table.*{field}"):
             layer.load_state_dict({**sd, "router.hash_table": bad})
     assert torch.equal(layer.router.hash_table, table)  # nothing half-loaded
+
+
+@pytest.mark.parametrize("router", ["sigmoid_groups_bias", "softmax_top2", "hash_table_scored"])
+def test_routing_weight_on_the_expert_input(router, tmp_path, expert_path):
+    """experts.routing_weight: input (Llama 4): expert(w * x) summed over the chosen experts, outputs and gradients
+    against the loop reference; it differs from w * expert(x), or this test would not test it."""
+    spec = make_spec(dict(ROUTERS[router]), experts={"routing_weight": "input"}, shared={"count": 1})
+    layer = _compile(spec, tmp_path).train()
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    g = torch.randn(9, D, generator=torch.Generator().manual_seed(12))
+    tid = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(13)) if "hash" in router else None
+    params = list(layer.parameters())
+    y = layer(x, tid)
+    ref = reference_forward(spec, layer, x, tid)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    on_output = _compile(make_spec(dict(ROUTERS[router]), shared={"count": 1}), tmp_path)
+    on_output.load_state_dict(layer.state_dict())
+    assert (on_output.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-3

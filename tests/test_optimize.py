@@ -56,6 +56,9 @@ MODELS = {
     # shipped with the weights), the top-k layer ignores them.
     "deepseek_v4": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
                         mlp_layer_types=["hash_moe", "moe"], head_dim=8),
+    # Routing weight on the expert input (expert(w * x)), sigmoid top-1, shared expert; returns [tokens, D].
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16, intermediate_size_mlp=48,
+                        head_dim=8, interleave_moe_layer_step=1),
 }
 
 

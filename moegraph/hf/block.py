@@ -30,6 +30,7 @@ class HFImport:
     notes: list[str]
     max_abs_diff: float | None = None
     token_arg: str | None = None  # the block's forward argument carrying token ids (used or ignored per the spec)
+    flat_output: bool = False  # the block returns [tokens, D] for a [B, S, D] input
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -62,7 +63,8 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     if isinstance(jitter, (int, float)) and jitter > 0:
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model)
-    return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg)
+    return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
+                    flat_output=probe.flat_output)
 
 
 def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0,
@@ -87,6 +89,7 @@ def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int =
             ref = block(x, **kwargs)
             ref = ref[0] if isinstance(ref, tuple) else ref
             y = layer(x.clone(), tid)
+            ref = ref.reshape(y.shape) if ref.numel() == y.numel() else ref  # [tokens, D] blocks (Llama 4)
     finally:
         block.train(modes[0])
         layer.train(modes[1])

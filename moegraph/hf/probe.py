@@ -22,17 +22,22 @@ from .vocab import TOKEN_ID_ARGS
 class _Recorder(nn.Module):
     """Stands in for experts / shared experts in the probe copy: records inputs, returns a known tensor."""
 
-    def __init__(self, out_TD: Tensor):
+    def __init__(self, out_TD: Tensor, dense_out_ND: Tensor | None = None):
         super().__init__()
         self.out_TD = out_TD
+        self.dense_out_ND = dense_out_ND  # returned when called on every (expert, token) row (Llama 4)
         self.calls: list[tuple[tuple, dict]] = []
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         x = args[0] if args else next(iter(kwargs.values()))
-        if x.numel() != self.out_TD.numel():  # an unexpected call; the probe reports it afterwards
+        out = self.out_TD
+        if self.dense_out_ND is not None and x.numel() == self.dense_out_ND.numel():
+            out = self.dense_out_ND
+        if x.numel() != out.numel():  # an unexpected call; the probe reports it afterwards
             return torch.zeros_like(x)
-        return self.out_TD.to(x.dtype).reshape(*x.shape[:-1], self.out_TD.shape[-1])
+        # A copy: a block may add to what its experts return in place.
+        return out.to(x.dtype, copy=True).reshape(*x.shape[:-1], out.shape[-1])
 
 
 @dataclass
@@ -49,6 +54,8 @@ class Probe:
     token_ids_T: Tensor | None = None  # the ids the probe passed in it
     uses_token_ids: bool = False  # whether the routing changed with the ids (two probes, other ids)
     token_table_VK: Tensor | None = None  # the (random) token id -> experts table of the probe copy
+    input_scaled: bool = False  # the experts got every token scaled by its routing weight: expert(w * x)
+    flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -94,13 +101,14 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             table.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K])
         routed_out = torch.randn(tokens, D, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
+        dense_out = torch.randn(E * tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
         token_arg = token_id_arg(block)
         vocab = token_vocab(block)
         tid_T = torch.randint(0, vocab, (tokens,), generator=g)
 
         def run(tid_1T: Tensor | None) -> tuple[object, _Recorder, list[_Recorder]]:
-            experts = _Recorder(routed_out)
+            experts = _Recorder(routed_out, dense_out)
             light._modules[anat.experts_name] = experts
             sharers = []
             for n in anat.shared_names:
@@ -133,20 +141,20 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                                "with (hidden_states, top_k_index, top_k_weights)", cls)
     args, kwargs = experts.calls[0]
     vals = list(args) + list(kwargs.values())
-    if len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens:
-        raise UnsupportedBlock(
-            "it feeds every expert all tokens scaled by their router scores (expert(score * x), as Llama 4 does); "
-            "the spec applies routing weights to expert outputs (score * expert(x))", cls,
-        )
-    if len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
+    input_scaled = len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens
+    if input_scaled:
+        ids, w = _weights_from_scaled_inputs(vals[0], x.view(tokens, D), anat)
+    elif len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
         raise UnsupportedBlock(
             "its experts are not called as experts(hidden_states, top_k_index, top_k_weights)"
             + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
         )
-    h, ids, w = vals[:3]
-    if ids.is_floating_point() and not w.is_floating_point():
-        ids, w = w, ids
-    if h.shape[-1] != D or h.numel() != tokens * D or not torch.equal(h.reshape(tokens, D), x.view(tokens, D)):
+    if not input_scaled:
+        h, ids, w = vals[:3]
+        if ids.is_floating_point() and not w.is_floating_point():
+            ids, w = w, ids
+    if not input_scaled and (h.shape[-1] != D or h.numel() != tokens * D
+                             or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -157,7 +165,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
 
     # The combine: output == routed + (sigmoid gate *) shared.
     y = out[0] if isinstance(out, tuple) else out
-    expect = routed_out.clone()
+    expect = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out.clone()
     if anat.shared_names:
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
@@ -188,7 +196,34 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
-                 tid_T if token_arg else None, uses_ids, None if table is None else table.clone())
+                 tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
+                 y.dim() == 2)
+
+
+def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:
+    """(ids_TK, weights_TK) of a block that feeds every expert every token scaled by its routing weight
+    (Llama 4: row e*T + t is w[t, e] * x[t], zero for experts not chosen); the spec's routing_weight: input.
+
+    Summing expert(w * x) over all experts equals the sum over the chosen ones only if an expert maps 0
+    to 0, so expert biases are refused.
+    """
+    cls = anat.block_class
+    E, (T, D) = anat.num_experts, x_TD.shape
+    r_ETD = rows_ND.reshape(E, T, D).float()
+    w_ET = (r_ETD * x_TD).sum(-1) / (x_TD * x_TD).sum(-1)
+    if not torch.allclose(r_ETD, w_ET.unsqueeze(-1) * x_TD, rtol=1e-5, atol=1e-6):
+        raise UnsupportedBlock("it feeds every expert every token, transformed otherwise than scaled by one weight "
+                               "per (expert, token)", cls)
+    chosen_ET = w_ET != 0
+    K = int(chosen_ET.sum(0).max())
+    if K == 0 or not bool((chosen_ET.sum(0) == K).all()):
+        raise UnsupportedBlock("it feeds every expert every token scaled by its routing weight, but tokens choose "
+                               "different numbers of experts", cls)
+    if anat.expert_bias_terms:
+        raise UnsupportedBlock("it feeds every expert every token scaled by its routing weight (zero where not "
+                               "chosen), and its experts have biases, so unchosen experts still add to the output", cls)
+    ids_TK = chosen_ET.t().float().topk(K, dim=-1).indices
+    return ids_TK, w_ET.t().gather(1, ids_TK)
 
 
 def token_id_arg(block: nn.Module) -> str | None:

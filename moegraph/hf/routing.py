@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,8 +28,12 @@ class Routing:
     groups: tuple[int, int, str, int] | None = None  # (num_groups, topk_groups, group_score, top_n)
     expert_bias: bool = False
     hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
+    on_input: bool = False  # the weight scales the expert's input, expert(w * x) (Llama 4), not its output
 
     def describe(self) -> str:
+        return self._describe() + (", weight on the expert input" if self.on_input else "")
+
+    def _describe(self) -> str:
         if self.hash_vocab is not None:
             s = f"top-{self.top_k} from a token id table"
             if self.score is None:
@@ -171,7 +176,13 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
     """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
     dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
     if probe.uses_token_ids:
-        return _identify_hash_routing(probe, dec, block_class)
+        r, notes = _identify_hash_routing(probe, dec, block_class)
+    else:
+        r, notes = _identify_topk_routing(probe, dec, block_class)
+    return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
+
+
+def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
     K = probe.ids_TK.shape[1]
     E = probe.logits_TE.shape[1]
     notes: list[str] = []
