@@ -80,7 +80,7 @@ def _devices(spec: MoESpec) -> int:
 
 
 def _aux_calls(spec: MoESpec) -> list[dict[str, Any]]:
-    r, E = spec.moe.router, spec.moe.experts.num_experts
+    r, E = spec.moe.router, spec.moe.experts.router_choices
     softmax = getattr(r, "score", "softmax") == "softmax"
     K = spec.moe.top_k
     out = []
@@ -143,6 +143,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
         "D": m.hidden_size,
         "E": m.experts.num_experts,
+        "R": m.experts.router_choices,
+        "identity_experts": m.experts.identity_experts,
         "F": m.experts.intermediate_size,
         "K": K,
         "gated": gated,

@@ -274,6 +274,7 @@ class CompiledMoEBase(nn.Module):
     SPEC_HASH: str = ""
     HIDDEN: int = 0
     NUM_EXPERTS: int = 0
+    ROUTER_CHOICES: int | None = None  # router outputs when identity/zero experts follow the MLP ones
     INTERMEDIATE: int = 0
     TOP_K: int = 1
     GATED: bool = True
@@ -294,16 +295,17 @@ class CompiledMoEBase(nn.Module):
                  seed: int | None = 0):
         super().__init__()
         D, E, Fh = self.HIDDEN, self.NUM_EXPERTS, self.INTERMEDIATE
+        R = self.router_choices
         H = 2 * Fh if self.GATED else Fh
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
         if self.ROUTER != "hash" or self.HASH_SCORED:
-            self.router.weight = nn.Parameter(torch.empty(E, D, dtype=router_dtype, device=device))
+            self.router.weight = nn.Parameter(torch.empty(R, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
-                self.router.bias = nn.Parameter(torch.zeros(E, dtype=router_dtype, device=device))
+                self.router.bias = nn.Parameter(torch.zeros(R, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
-            self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
-            self.register_buffer("_bias_load_E", torch.zeros(E, dtype=torch.float32, device=device), persistent=False)
+            self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
+            self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
         if self.ROUTER == "hash" and self.HASH_METHOD in ("random", "table"):
             # 'table' ships with the weights (persistent; checked when loaded), seeded until then.
             g = torch.Generator().manual_seed(self.HASH_SEED)
@@ -357,6 +359,11 @@ class CompiledMoEBase(nn.Module):
         key = prefix + "router.hash_table"
         if key in state_dict:
             self.check_hash_table(state_dict[key], key)
+
+    @property
+    def router_choices(self) -> int:
+        """Router outputs: the MLP experts, then any identity and zero experts of the spec."""
+        return self.ROUTER_CHOICES or self.NUM_EXPERTS
 
     def _expert_rows(self) -> int:
         """Rows of the routed expert weights: every expert here; an expert-parallel layer
@@ -460,7 +467,7 @@ class CompiledMoEBase(nn.Module):
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:
                 with torch.no_grad():
-                    self._bias_load_E += _counts(ids.reshape(-1, ids.shape[-1]), self.NUM_EXPERTS)
+                    self._bias_load_E += _counts(ids.reshape(-1, ids.shape[-1]), self.router_choices)
         if self.recorder is not None:
             self.recorder.add(ids)
         y = y if x.dim() == 3 else y.squeeze(0)

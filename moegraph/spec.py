@@ -180,6 +180,18 @@ class ExpertsSpec(_Frozen):
         "output", description="Where a token's routing weight multiplies: the expert's output, w * expert(x) (most "
         "MoEs), or its input, expert(w * x) (Llama 4).",
     )
+    identity_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns its input (LongCat-Flash's "
+        "zero-computation experts): router ids num_experts .. num_experts + identity_experts - 1.",
+    )
+    zero_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
+    )
+
+    @property
+    def router_choices(self) -> int:
+        """Router outputs: the MLP experts, then the identity experts, then the zero experts."""
+        return self.num_experts + self.identity_experts + self.zero_experts
 
     @property
     def gated(self) -> bool:
@@ -644,8 +656,19 @@ class MoELayerSpec(_Frozen):
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
         problems = _Problems()
-        r, e = self.router, self.experts.num_experts
+        r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
+        if e != self.experts.num_experts:
+            if r.type != "topk":
+                problems.add("experts.identity_experts", f"identity/zero experts are router choices of a topk router; "
+                                                         f"router type is '{r.type}': drop them or use type: topk")
+            if getattr(r, "capacity", None) is not None:
+                problems.add("router.capacity", "expert capacity with identity/zero experts is not defined (do they "
+                                                "count against it?); drop capacity or those experts")
+            for i, loss in enumerate(getattr(r, "aux_losses", ())):
+                if loss.kind in ("device_balance", "comm_balance"):
+                    problems.add(f"router.aux_losses.{i}.kind", f"aux loss '{loss.kind}' splits experts over devices; "
+                                 "identity/zero experts live on no device: drop the loss or those experts")
         if k is not None and k > e:
             problems.add(
                 "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"

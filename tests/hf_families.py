@@ -35,7 +35,7 @@ SHRINK = dict(
     ffn_dim=48, d_ff=48, num_attention_heads=4, num_key_value_heads=4, head_dim=8, num_heads=4, d_kv=8,
     num_hidden_layers=2, num_layers=2, vocab_size=64, num_experts=8, num_local_experts=8, n_routed_experts=8,
     moe_num_experts=8, n_experts=8, num_routed_experts=8, num_experts_per_tok=2, moe_topk=2, moe_k=2, top_k=2,
-    n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, max_position_embeddings=64, q_lora_rank=16,
+    n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, zero_expert_num=4, max_position_embeddings=64, q_lora_rank=16,
     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
 )
 

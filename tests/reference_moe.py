@@ -160,6 +160,9 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None) -> 
         y = torch.zeros(D, dtype=x_TD.dtype)
         on_input = ex.get("routing_weight", "output") == "input"  # Llama 4: expert(w * x)
         for e, w in assignments[t]:
+            if e >= E:  # LongCat-Flash: identity experts return the input, zero experts nothing
+                y = y + (w * x_TD[t] if e < E + ex.get("identity_experts", 0) else 0)
+                continue
             args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
             y = y + (expert(w * x_TD[t], *args, **kw) if on_input else w * expert(x_TD[t], *args, **kw))
         sh = m.get("shared_experts", {})

@@ -82,6 +82,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # The routing weight scales the expert input, expert(w * x) (every expert sees every token, zero-weighted
     # where not chosen); sigmoid of the top-1 logit; a shared expert; experts stored [E, D, 2F].
     "llama4": ("Llama4TextMoe", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16)),
+    # Zero-computation (identity) experts after the MLP experts: router over 8 + 4 choices, softmax, selection bias.
+    "longcat_flash": ("LongcatFlashMoE", dict(
+        n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
+        routed_scaling_factor=2.0)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}
@@ -110,6 +114,10 @@ def _config(family: str, overrides: dict):
     return cfg
 
 
+# LongCat's softmax over 12 choices gives scores near 0.08: a selection bias of 0.3 would decide every choice alone.
+SELECTION_BIAS_SCALE = {"longcat_flash": 0.02}
+
+
 def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> torch.nn.Module:
     model_type = MODULE.get(family, family)
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -125,6 +133,7 @@ def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> to
         for name, t in list(block.named_parameters()) + list(block.named_buffers()):
             if t.is_floating_point():
                 scale = 0.3 if "bias" in name and t.dim() <= 2 and t.numel() <= 64 else 0.2
+                scale = SELECTION_BIAS_SCALE.get(family, scale) if "correction_bias" in name else scale
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
             elif t.dim() == 2 and t.dtype != torch.bool:  # a token id -> experts table: distinct experts per row
                 E = cfg.num_local_experts
@@ -361,3 +370,14 @@ def test_config_of_unreadable_family_refused() -> None:
                                             num_sparse_decoder_layers=2)
     with pytest.raises(UnsupportedBlock, match="SwitchTransformersSparseMLP.*v5 layout"):
         spec_from_hf_config(cfg)
+
+
+def test_longcat_identity_experts_are_chosen() -> None:
+    """The LongCat parity check means something only if tokens pick the identity experts."""
+    cls_name, overrides = FAMILIES["longcat_flash"]
+    layer = from_hf(make_block("longcat_flash", overrides, cls_name))
+    assert (layer.hf_import.spec.moe.experts.identity_experts, layer.hf_import.spec.moe.experts.zero_experts) == (4, 0)
+    layer.start_recording()
+    layer(torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1)))
+    ids = layer.stop_recording().ids()
+    assert (ids >= 8).any() and (ids < 8).any(), ids

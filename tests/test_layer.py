@@ -54,7 +54,7 @@ def _randomise(layer, seed=1):
         for name, p in layer.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "bias" in name else 1.0) / math.sqrt(p.shape[-1]))
         if hasattr(layer.router, "expert_bias"):
-            layer.router.expert_bias.copy_(torch.randn(E, generator=g) * 0.3)
+            layer.router.expert_bias.copy_(torch.randn(layer.router.expert_bias.shape, generator=g) * 0.3)
 
 
 def _compile(spec, tmp_path=None):
@@ -509,3 +509,34 @@ def test_routing_weight_on_the_expert_input(router, tmp_path, expert_path):
     on_output = _compile(make_spec(dict(ROUTERS[router]), shared={"count": 1}), tmp_path)
     on_output.load_state_dict(layer.state_dict())
     assert (on_output.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("router", ["softmax_top2", "sigmoid_groups_bias", "router_bias"])
+def test_identity_and_zero_experts(router, tmp_path, expert_path):
+    """experts.identity_experts / zero_experts (LongCat-Flash): extra router choices returning the input or nothing,
+    outputs and gradients against the loop reference; tokens do pick them, or this test would not test them."""
+    r = dict(ROUTERS[router])  # 12 router choices: groups of 3
+    spec = make_spec(r, experts={"identity_experts": 3, "zero_experts": 1}, shared={"count": 1})
+    layer = _compile(spec, tmp_path).train()
+    assert tuple(layer.router.weight.shape) == (E + 4, D) and layer.experts.down_proj.shape[0] == E
+    x = torch.randn(23, D, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    g = torch.randn(23, D, generator=torch.Generator().manual_seed(15))
+    params = list(layer.parameters())
+    y = layer(x)
+    ref = reference_forward(spec, layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    layer.start_recording()
+    layer.eval()(x)
+    ids = layer.stop_recording().ids()
+    assert ((ids >= E) & (ids < E + 3)).any() and (ids == E + 3).any(), "no token chose an identity or zero expert"
+
+
+def test_identity_experts_need_a_dropless_topk_router():
+    with pytest.raises(moegraph.errors.SpecError, match="identity_experts"):
+        moegraph.load_spec(make_spec(dict(ROUTERS["expert_choice"]), experts={"identity_experts": 2}))
+    with pytest.raises(moegraph.errors.SpecError, match="capacity"):
+        moegraph.load_spec(make_spec(dict(ROUTERS["capacity_probs"]), experts={"zero_experts": 2}))

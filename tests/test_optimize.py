@@ -59,6 +59,9 @@ MODELS = {
     # Routing weight on the expert input (expert(w * x)), sigmoid top-1, shared expert; returns [tokens, D].
     "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16, intermediate_size_mlp=48,
                         head_dim=8, interleave_moe_layer_step=1),
+    # Zero-computation (identity) experts among the router's choices.
+    "longcat_flash": dict(n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
+                          ffn_hidden_size=48, routed_scaling_factor=2.0, qk_head_dim=16, **MLA),
 }
 
 

@@ -42,6 +42,8 @@ class BlockAnatomy:
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
     token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
+    identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
+    zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -155,12 +157,9 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
     up = experts.gate_up_proj if gated else experts.up_proj
     down = experts.down_proj
-    E = up.shape[0]
-    if down.shape[0] != E:
-        raise UnsupportedBlock(
-            f"its experts hold {E} up projections but {down.shape[0]} down projections (extra non-MLP experts, "
-            "e.g. zero/identity experts, have no spec equivalent)", cls,
-        )
+    E = down.shape[0]
+    if up.shape[0] < E:
+        raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
     transposed = getattr(experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
@@ -244,18 +243,30 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
 
     tensors = [(n, t) for n, t in _named_tensors(block) if outside(n)]
     routers = [n for n, t in tensors if t.dim() == 2 and tuple(t.shape) == (E, D)]
+    if not routers:  # a router with more choices than MLP experts: the rest are identity/zero experts (LongCat)
+        routers = [n for n, t in tensors if t.dim() == 2 and t.shape[1] == D and t.shape[0] > E
+                   and t.is_floating_point()]
     if len(routers) != 1:
         raise UnsupportedBlock(
             f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found "
             f"{routers or 'none'}", cls,
         )
     rw = routers[0]
+    R = dict(tensors)[rw].shape[0]
+    if R > E:
+        try:
+            anat_kwargs["identity_experts"], anat_kwargs["zero_experts"] = _extra_experts(experts, E, R, D, cls)
+        except UnsupportedBlock as exc:
+            raise UnsupportedBlock(
+                f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found none; {rw} "
+                f"{tuple(dict(tensors)[rw].shape)} is not a router over the {E} experts and identity/zero experts "
+                f"({exc.reason})", cls) from exc
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
     rb_t = dict(tensors).get(rb)
-    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == E else None
+    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R else None
     rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
-    ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == E]
+    ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == R]
     if len(ebias) > 1:
         raise UnsupportedBlock(f"several E-sized tensors {ebias} could be the expert-selection bias", cls)
     unexplained = tuple(n for n, t in rest if n not in ebias and t.is_floating_point())
@@ -263,6 +274,39 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         router_weight_name=rw, router_bias_name=router_bias, expert_bias_name=ebias[0] if ebias else None,
         unexplained=unexplained, token_table_name=_token_table(rest, E, config, cls), **anat_kwargs,
     )
+
+
+def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tuple[int, int]:
+    """(identity, zero) counts of the router choices E..R-1 beyond the MLP experts, found by running the
+    experts module on one token per such choice with weight 1: each must return its input (identity)
+    or zero, the identity ones first (the spec's order)."""
+    p = experts.down_proj
+    if p.is_meta:
+        raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts, which can only be read "
+                               "from loaded weights (not the meta device)", cls)
+    x = torch.randn(R - E, D, generator=torch.Generator().manual_seed(0)).to(p)
+    # Two choices per token (some experts modules assume K > 1): the choice, and again with weight 0.
+    ids = torch.arange(E, R, device=p.device).view(-1, 1).expand(R - E, 2)
+    w = torch.tensor([[1.0, 0.0]], dtype=p.dtype, device=p.device).expand(R - E, 2)
+    try:
+        with torch.no_grad():
+            out = experts(x, ids, w)
+    except Exception as exc:  # reported as the reason
+        raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts and running its experts "
+                               f"on them failed ({type(exc).__name__}: {exc})", cls) from exc
+    kinds = []
+    for i in range(R - E):
+        if torch.allclose(out[i], x[i], rtol=1e-5, atol=1e-6):
+            kinds.append("identity")
+        elif torch.allclose(out[i], torch.zeros_like(x[i]), atol=1e-6):
+            kinds.append("zero")
+        else:
+            raise UnsupportedBlock(f"router choice {E + i} (beyond the {E} MLP experts) is neither an identity nor "
+                                   "a zero expert", cls)
+    n_id = kinds.count("identity")
+    if kinds != ["identity"] * n_id + ["zero"] * (len(kinds) - n_id):
+        raise UnsupportedBlock("its zero experts come before identity experts; the spec orders identity first", cls)
+    return n_id, len(kinds) - n_id
 
 
 def _token_table(tensors: list[tuple[str, Tensor]], E: int, config: Any, cls: str) -> str | None:

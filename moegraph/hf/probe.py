@@ -133,7 +133,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         w_r = get_path(light, anat.router_weight_name)
         b_r = get_path(light, anat.router_bias_name) if anat.router_bias_name else None
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
-        eb = get_path(light, anat.expert_bias_name).reshape(E).clone() if anat.expert_bias_name else None
+        eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
     # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
     if len(experts.calls) != 1:

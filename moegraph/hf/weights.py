@@ -18,7 +18,7 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     if anat.router_bias_name:
         out["router.bias"] = get_path(block, anat.router_bias_name)
     if anat.expert_bias_name:
-        out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(E)
+        out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(-1)
     if anat.token_table_name:
         out["router.hash_table"] = get_path(block, anat.token_table_name).long()
 
@@ -33,7 +33,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
 
     up_name = "gate_up_proj" if anat.gated else "up_proj"
-    out[f"experts.{up_name}"] = fix_up(getattr(ex, up_name))
+    up = getattr(ex, up_name)
+    out[f"experts.{up_name}"] = fix_up(up if up.shape[0] == E else up[:E])  # rows beyond E: unused (LongCat)
     down = ex.down_proj
     out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
     if anat.expert_bias_terms:
