@@ -86,6 +86,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "longcat_flash": ("LongcatFlashMoE", dict(
         n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
         routed_scaling_factor=2.0)),
+    # The block scales the routed experts' sum itself (after the experts): folded into the routing scale.
+    "beam": ("BeamMoE", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+                             routed_scaling_factor=2.5, head_dim=8)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}

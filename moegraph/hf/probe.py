@@ -56,6 +56,7 @@ class Probe:
     token_table_VK: Tensor | None = None  # the (random) token id -> experts table of the probe copy
     input_scaled: bool = False  # the experts got every token scaled by its routing weight: expert(w * x)
     flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
+    routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -163,9 +164,11 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         raise UnsupportedBlock(f"its experts receive routing of shape {tuple(ids.shape)}/{tuple(w.shape)}; expected "
                                f"[{tokens}, K] ids and weights", cls)
 
-    # The combine: output == routed + (sigmoid gate *) shared.
+    # The combine: output == c * routed + (sigmoid gate *) shared, with c = 1 unless the block scales the
+    # routed output itself (Beam): c is read off the output and folded into the routing weights.
     y = out[0] if isinstance(out, tuple) else out
-    expect = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out.clone()
+    routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
+    expect = torch.zeros(tokens, D)
     if anat.shared_names:
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
@@ -178,7 +181,12 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D:
         raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
                                "the compiled layer returns [..., hidden] like its input", cls)
-    if not isinstance(y, Tensor) or y.numel() != tokens * D or not torch.allclose(
+    routed_scale = 1.0
+    if isinstance(y, Tensor) and y.numel() == tokens * D and not input_scaled:
+        c = float(((y.reshape(tokens, D).float() - expect) * routed).sum() / (routed * routed).sum())
+        routed_scale = 1.0 if math.isclose(c, 1.0, rel_tol=1e-5) else float(f"{c:.6g}")
+    expect = expect + routed_scale * routed
+    if not isinstance(y, Tensor) or y.numel() != tokens * D or not routed_scale > 0 or not torch.allclose(
         y.reshape(tokens, D), expect, rtol=1e-5, atol=1e-6
     ):
         extra = f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""
@@ -197,7 +205,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
-                 y.dim() == 2)
+                 y.dim() == 2, routed_scale)
 
 
 def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:

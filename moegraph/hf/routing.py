@@ -179,6 +179,15 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
         r, notes = _identify_hash_routing(probe, dec, block_class)
     else:
         r, notes = _identify_topk_routing(probe, dec, block_class)
+    if probe.routed_scale != 1.0:
+        # c * sum_k w_k expert_k(x) == sum_k (c w_k) expert_k(x): the block's routed-output scale is a routing scale.
+        if r.hash_vocab is not None and r.score is None:
+            raise UnsupportedBlock("it scales the routed output of a 1/K hash routing; the spec's hash weights are "
+                                   "1/K exactly", block_class)
+        scale = r.scaling_factor * probe.routed_scale
+        r = dataclasses.replace(r, scaling_factor=float(f"{scale:.6g}"))
+        notes = notes + [f"the block scales the routed output by {probe.routed_scale:g}; folded into the routing "
+                         "weights (scaling_factor)"]
     return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
 
 
