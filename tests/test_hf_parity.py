@@ -87,6 +87,9 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
         routed_scaling_factor=2.0)),
     # The block scales the routed experts' sum itself (after the experts): folded into the routing scale.
+    # Experts stored as DBRX does (mlp.w1 / v1 / w2, each [E*F, D]), read into the same layer; L1-normalised top-k.
+    "dbrx": ("DbrxFFN", dict(ffn_config=dict(hidden_size=D, moe_num_experts=8, moe_top_k=2, ffn_hidden_size=16,
+                                             moe_normalize_expert_weights=1.0))),
     "beam": ("BeamMoE", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
                              routed_scaling_factor=2.5, head_dim=8)),
 }
@@ -109,7 +112,11 @@ def _config(family: str, overrides: dict):
                 hidden_act="silu", intermediate_size=48, first_k_dense_replace=1)
     n0 = cfg.num_hidden_layers
     for k, v in {**base, **overrides}.items():
-        setattr(cfg, k, v)
+        if isinstance(v, dict) and hasattr(getattr(cfg, k, None), "to_dict"):  # a sub-config (DBRX's ffn_config)
+            for sk, sv in v.items():
+                setattr(getattr(cfg, k), sk, sv)
+        else:
+            setattr(cfg, k, v)
     for k, v in list(vars(cfg).items()):  # per-layer lists follow the new layer count
         if isinstance(v, list) and len(v) == n0 and k != "mlp_only_layers":
             setattr(cfg, k, (v * cfg.num_hidden_layers)[: cfg.num_hidden_layers])

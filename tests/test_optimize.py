@@ -439,3 +439,22 @@ def test_adapter_takes_the_host_blocks_arguments() -> None:
     torch.testing.assert_close(adapter(x, ids), y)  # positionally, as the original's signature allows
     with pytest.raises(moegraph.errors.InputError, match="padding_mask"):
         adapter(x, padding_mask=torch.ones(2, 5))
+
+
+def test_dbrx_model_layout_read_into_the_same_layer() -> None:
+    """DBRX keeps its experts as mlp.w1 / v1 / w2 ([E*F, D] each): optimize reads them into the usual layer."""
+    cfg = transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=32, moe_num_experts=8, moe_top_k=2, ffn_hidden_size=16))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)

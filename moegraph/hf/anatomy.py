@@ -42,6 +42,7 @@ class BlockAnatomy:
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
     token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
+    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D]
     identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
     zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
@@ -120,7 +121,22 @@ def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
             p = getattr(child, w, None)
             if isinstance(p, Tensor) and p.dim() == 3 and isinstance(getattr(child, "down_proj", None), Tensor):
                 return name, child
+        if flat_glu(child) is not None:
+            return name, child
     return None
+
+
+def flat_glu(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
+    """(w1, v1, w2, E, F) of experts stored as DBRX does: ``mlp.w1`` (gate), ``mlp.v1`` (up) and ``mlp.w2``
+    (down, transposed), each [E*F, D], with ``num_experts`` E; None for any other layout."""
+    mlp = getattr(experts, "mlp", None)
+    ws = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    E = getattr(experts, "num_experts", None)
+    if not all(isinstance(w, Tensor) and w.dim() == 2 for w in ws) or not isinstance(E, int) or E <= 0:
+        return None
+    if len({tuple(w.shape) for w in ws}) != 1 or ws[0].shape[0] % E:
+        return None
+    return ws[0], ws[1], ws[2], E, ws[0].shape[0] // E
 
 
 def is_hf_moe_block(module: nn.Module) -> bool:
@@ -142,25 +158,32 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
-    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    flat = flat_glu(experts)
+    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor)
     interleaved = gated and getattr(experts, "is_concatenated", True) is False
     clamps: tuple[float | None, float | None] = (None, None)
     custom_act = None
     apply_gate = getattr(type(experts), "_apply_gate", None)
-    if gated and apply_gate is not None:
+    if flat is not None:
+        # DBRX: read into the same [E, 2F, D] / [E, D, F] layout (hf.weights does the copy).
+        custom_act = probe_activation(getattr(experts.mlp, "activation_fn", None))
+        _, _, _, E_, F_ = flat
+        up = torch.empty(E_, 2 * F_, flat[0].shape[1], device="meta")
+        down = torch.empty(E_, flat[0].shape[1], F_, device="meta")
+    elif gated and apply_gate is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
         except ImportError:  # pragma: no cover - older transformers
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
             custom_act, clamps = _read_gate_function(experts, interleaved, cls)
-    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
-    up = experts.gate_up_proj if gated else experts.up_proj
-    down = experts.down_proj
+    if flat is None:
+        up = experts.gate_up_proj if gated else experts.up_proj
+        down = experts.down_proj
     E = down.shape[0]
     if up.shape[0] < E:
         raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
-    transposed = getattr(experts, "is_transposed", None)
+    transposed = False if flat is not None else getattr(experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
         # up [E, D, H] with down [E, F, D] is transposed.
@@ -189,7 +212,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     anat_kwargs: dict[str, Any] = dict(
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
-        gate_clamp=clamps[0], up_clamp=clamps[1],
+        gate_clamp=clamps[0], up_clamp=clamps[1], expert_layout="flat_glu" if flat is not None else "3d",
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
@@ -280,7 +303,7 @@ def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tupl
     """(identity, zero) counts of the router choices E..R-1 beyond the MLP experts, found by running the
     experts module on one token per such choice with weight 1: each must return its input (identity)
     or zero, the identity ones first (the spec's order)."""
-    p = experts.down_proj
+    p = next(experts.parameters())
     if p.is_meta:
         raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts, which can only be read "
                                "from loaded weights (not the meta device)", cls)

@@ -41,9 +41,13 @@ def _find_config(block: nn.Module) -> Any:
     return None
 
 
+def _expert_tensor(block: nn.Module, anat: BlockAnatomy) -> torch.Tensor:
+    """One of the block's expert weights (any layout): their dtype and device are the block's."""
+    return next(getattr(block, anat.experts_name).parameters())
+
+
 def _block_dtype(block: nn.Module, anat: BlockAnatomy) -> torch.dtype:
-    experts = getattr(block, anat.experts_name)
-    return experts.down_proj.dtype
+    return _expert_tensor(block, anat).dtype
 
 
 def read_block(block: nn.Module, config: Any = None, *, name: str | None = None, with_model: bool = False
@@ -136,7 +140,7 @@ def from_hf(
     info = read_block(block, config, name=name)
     anat = info.anatomy
     src_dtype = _block_dtype(block, anat)
-    src_device = getattr(block, anat.experts_name).down_proj.device
+    src_device = _expert_tensor(block, anat).device
     layer = mg_compile(info.spec, backend=backend, out_dir=out_dir, dtype=dtype or src_dtype,
                        device=device or src_device, seed=None)
     load_hf_weights(layer, hf_weights(block, anat), share=share_weights and dtype in (None, src_dtype)
