@@ -1,8 +1,9 @@
 """The MoE families of the installed transformers, found by scanning the package, each tried with from_hf.
 
 Nothing here is a list kept by hand: every ``transformers/models/<family>/modeling_<family>.py``
-whose source assigns ``self.experts`` is imported, and each of its module classes whose
-``__init__`` does so is a candidate block. A candidate is built from a tiny version of its
+whose source assigns ``self.experts`` (or an attribute built by an ``...Experts(`` class, as
+JetMoE's ``input_linear``) is imported, and each of its module classes whose ``__init__`` does so
+is a candidate block. A candidate is built from a tiny version of its
 family's config (sizes shrunk by attribute name, see ``SHRINK``), its weights randomised, and
 read with ``moegraph.from_hf`` (which compares the compiled layer with the block numerically).
 Each lands in one bucket:
@@ -48,6 +49,10 @@ class FamilyResult:
     reason: str = ""  # the refusal or construction error; the routing read for "parity"
 
 
+#: what a block's __init__ does to own experts: assign self.experts, or build an attribute from an *Experts class
+OWNS_EXPERTS = re.compile(r"self\.experts\s*=|self\.\w+\s*=\s*\w*Experts\(")
+
+
 def candidate_blocks() -> list[tuple[str, type]]:
     """(family, block class) for every module class of the installed transformers that owns experts."""
     import transformers
@@ -56,12 +61,12 @@ def candidate_blocks() -> list[tuple[str, type]]:
     out = []
     for folder in sorted(root.iterdir()):
         src = folder / f"modeling_{folder.name}.py"
-        if not src.is_file() or not re.search(r"self\.experts\s*=", src.read_text(encoding="utf-8")):
+        if not src.is_file() or not OWNS_EXPERTS.search(src.read_text(encoding="utf-8")):
             continue
         mod = importlib.import_module(f"transformers.models.{folder.name}.modeling_{folder.name}")
         for cls in vars(mod).values():
             if (inspect.isclass(cls) and issubclass(cls, torch.nn.Module) and cls.__module__ == mod.__name__
-                    and re.search(r"self\.experts\s*=", inspect.getsource(cls.__init__))):
+                    and OWNS_EXPERTS.search(inspect.getsource(cls.__init__))):
                 out.append((folder.name, cls))
     return out
 

@@ -151,7 +151,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if found is None:
         raise UnsupportedBlock(
             "no experts module with 3-D gate_up_proj/up_proj and down_proj weights (the transformers v5 "
-            "layout) was found among the block's children",
+            "layout) or DBRX's mlp.w1/v1/w2 was found among the block's children",
             cls,
         )
     ename, experts = found
