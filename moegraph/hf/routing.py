@@ -207,19 +207,14 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         # Same experts: the weights may differ by a constant factor (routed_scaling_factor).
         wa = w.gather(1, ids.sort(-1).indices)
         wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
-        ratio = wb / wa.clamp_min(1e-30)
-        scale = float(ratio.mean())
-        if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
+        scale, ratio = _common_scale(wb, wa)
+        if scale is None:
             if first_mismatch is None:
                 why = f"weights are not a constant multiple (ratio {float(ratio.min()):.4g}..{float(ratio.max()):.4g})"
                 first_mismatch = (cand, why)
             continue
-        if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
-            scale = dec.scaling
-        elif math.isclose(scale, 1.0, rel_tol=1e-5):
-            scale = 1.0
-        else:
-            scale = float(f"{scale:.6g}")
+        scale, undeclared = _tidy_scale(scale, dec)
+        if undeclared:
             notes.append(f"routing weights are scaled by {scale:g} (found by probing; config says "
                          f"{dec.scaling if dec.scaling is not None else 'nothing'})")
         r = Routing(**{**cand.__dict__, "scaling_factor": scale})
@@ -251,6 +246,24 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     return notes
 
 
+def _common_scale(w_probe_TK: Tensor, w_cand_TK: Tensor) -> tuple[float | None, Tensor]:
+    """(c, ratios): c with w_probe == c * w_cand (same order; routed_scaling_factor), None if there is none."""
+    ratio = w_probe_TK / w_cand_TK.clamp_min(1e-30)
+    scale = float(ratio.mean())
+    ok = scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)
+    return (scale if ok else None), ratio
+
+
+def _tidy_scale(scale: float, dec: Declared) -> tuple[float, bool]:
+    """A probed scale as the spec writes it: the config's value or 1.0 when it is that, else rounded to
+    6 digits (then True: the config did not declare it)."""
+    if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
+        return dec.scaling, False
+    if math.isclose(scale, 1.0, rel_tol=1e-5):
+        return 1.0, False
+    return float(f"{scale:.6g}"), True
+
+
 def _identify_hash_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
     """Routing by a token id -> experts table: the experts must be the table's rows for the probe's ids;
     the weights 1/K each, or the router's scores of those experts (normalised or not) times a constant."""
@@ -273,18 +286,10 @@ def _identify_hash_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         else:
             w = _SCORE_FNS[score](probe.logits_TE).gather(1, ids)
             w = w / (w.sum(-1, keepdim=True) + 1e-20) if norm else w
-        ratio = wb / w.gather(1, ids.sort(-1).indices).clamp_min(1e-30)
-        scale = float(ratio.mean())
-        if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
-            continue
-        if score is None and not math.isclose(scale, 1.0, rel_tol=1e-5):
-            continue  # uniform weights scaled: not a hash routing the spec has
-        if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
-            scale = dec.scaling
-        elif math.isclose(scale, 1.0, rel_tol=1e-5):
-            scale = 1.0
-        else:
-            scale = float(f"{scale:.6g}")
+        scale, _ = _common_scale(wb, w.gather(1, ids.sort(-1).indices))
+        if scale is None or score is None and not math.isclose(scale, 1.0, rel_tol=1e-5):
+            continue  # (uniform weights scaled: not a hash routing the spec has)
+        scale, _ = _tidy_scale(scale, dec)
         return Routing(top_k=K, score=score, normalize=norm, scaling_factor=scale, hash_vocab=table.shape[0]), []
     raise UnsupportedBlock(f"its experts come from its token table but their weights are neither 1/K nor a router "
                            f"score ({', '.join(_SCORE_FNS)}, normalised or not) times a constant", block_class)
