@@ -68,7 +68,7 @@ def _devices(spec: MoESpec) -> int:
 
 
 def _aux_calls(spec: MoESpec) -> list[dict[str, Any]]:
-    r, E = spec.moe.router, spec.moe.experts.num_experts
+    r, E = spec.moe.router, spec.moe.experts.router_choices
     softmax = getattr(r, "score", "softmax") == "softmax"
     K = spec.moe.top_k
     out = []
@@ -131,6 +131,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
         "D": m.hidden_size,
         "E": m.experts.num_experts,
+        "R": m.experts.router_choices,
+        "identity_experts": m.experts.identity_experts,
         "F": m.experts.intermediate_size,
         "K": K,
         "gated": gated,
@@ -141,6 +143,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "gate_clamp": m.experts.gate_clamp,
         "up_clamp": m.experts.up_clamp,
         "expert_bias_terms": m.experts.bias,
+        "input_scaled": m.experts.routing_weight == "input",
         "shared_intermediate": m.shared_experts.count * m.shared_intermediate_size,
         "shared_gate": m.shared_experts.gate == "sigmoid",
         "router_type": r.type,
@@ -152,8 +155,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "hash_seed": getattr(r, "seed", 0),
         "hash_method": getattr(r, "method", "random"),
         "jitter": getattr(r, "jitter", 0.0),
-        "score": getattr(r, "score", "softmax"),
-        "score_code": _score_code(getattr(r, "score", "softmax")),
+        "score": getattr(r, "score", None) or "softmax",
+        "score_code": _score_code(getattr(r, "score", None) or "softmax"),
+        "hash_scored": r.type == "hash" and r.score is not None,
         "topk_then_score": getattr(r, "topk_order", "") == "topk_then_score",
         "normalize": getattr(r, "normalize", False),
         "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),

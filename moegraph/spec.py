@@ -193,6 +193,22 @@ class ExpertsSpec(_Frozen):
     up_clamp: float | None = Field(
         None, gt=0, le=1e30, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
     )
+    routing_weight: Literal["output", "input"] = Field(
+        "output", description="Where a token's routing weight multiplies: the expert's output, w * expert(x) (most "
+        "MoEs), or its input, expert(w * x) (Llama 4).",
+    )
+    identity_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns its input (LongCat-Flash's "
+        "zero-computation experts): router ids num_experts .. num_experts + identity_experts - 1.",
+    )
+    zero_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
+    )
+
+    @property
+    def router_choices(self) -> int:
+        """Router outputs: the MLP experts, then the identity experts, then the zero experts."""
+        return self.num_experts + self.identity_experts + self.zero_experts
 
     _activation_known = field_validator("activation", mode="before")(_check_activation)
 
@@ -385,24 +401,51 @@ class ExpertChoiceRouter(_Frozen):
 
 
 class HashRouter(_Frozen):
-    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id, weight 1/K each."""
+    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id.
+
+    The experts come from the token id alone (a formula, a seeded table, or a table shipped with
+    the weights as DeepSeek-V4's hash layers do); their weights are 1/K each, or (with ``score``)
+    the scores a learned router gives the chosen experts, as for top-k routing.
+    """
 
     type: Literal["hash"] = "hash"
     top_k: int = Field(1, gt=0, le=16, description="Number of hash functions / experts per token.")
-    method: Literal["modulo", "random"] = Field(
-        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab."
+    method: Literal["modulo", "random", "table"] = Field(
+        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab; "
+        "'table': a [vocab_size, top_k] table of expert ids loaded with the weights (router.hash_table)."
     )
-    vocab_size: int | None = Field(None, gt=0, le=1 << 24, description="Vocabulary size, needed by method 'random'.")
-    seed: int = Field(0, ge=0, lt=1 << 63)
+    vocab_size: int | None = Field(
+        None, gt=0, le=1 << 24, description="Vocabulary size, needed by methods 'random' and 'table'."
+    )
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of the 'random' table (and of a 'table' before loading).")
+    score: str | None = Field(
+        None, description="None: weight 1/K per expert. Otherwise the chosen experts are weighted by this score of a "
+        "learned router's logits ('softmax', a named function or an expression of x, as for topk routers).",
+    )
+    normalize: bool = Field(False, description="Divide the chosen experts' scores by their sum (needs score).")
+    scaling_factor: float = Field(1.0, gt=0, le=1e4, description="Multiply the scored weights by this (needs score).")
+    router_bias: bool = Field(False, description="Whether the scoring router linear has a bias (needs score).")
+
+    @field_validator("score")
+    @classmethod
+    def _score_known(cls, v: str | None) -> str | None:
+        return None if v is None else _check_score(v)
 
     @model_validator(mode="after")
     def _random_needs_vocab(self) -> HashRouter:
-        if self.method == "random" and self.vocab_size is None:
-            raise field_error(
+        problems = _Problems()
+        if self.method in ("random", "table") and self.vocab_size is None:
+            problems.add(
                 "vocab_size",
-                "hash method 'random' needs vocab_size (the table has one row per token id); set vocab_size or "
-                "use method: modulo",
+                f"hash method '{self.method}' needs vocab_size (the table has one row per token id); set vocab_size "
+                "or use method: modulo",
             )
+        if self.score is None:
+            for key, unset in (("normalize", False), ("scaling_factor", 1.0), ("router_bias", False)):
+                if getattr(self, key) != unset:
+                    problems.add(key, f"{key} weights the router's scores, but score is not set (weights are 1/K); "
+                                      f"set score (e.g. softmax) or drop {key}")
+        problems.raise_any()
         return self
 
 
@@ -519,8 +562,19 @@ class MoELayerSpec(_Frozen):
                                                             "shared expert; set it false or add shared_experts.count")
             shared_f = self.shared_experts.count * self.shared_intermediate_size if shared and self.shared_experts.count else None
             _quantization_problems(self.quantization, self.hidden_size, self.experts.intermediate_size, shared_f, problems)
-        r, e = self.router, self.experts.num_experts
+        r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
+        if e != self.experts.num_experts:
+            if r.type != "topk":
+                problems.add("experts.identity_experts", f"identity/zero experts are router choices of a topk router; "
+                                                         f"router type is '{r.type}': drop them or use type: topk")
+            if getattr(r, "capacity", None) is not None:
+                problems.add("router.capacity", "expert capacity with identity/zero experts is not defined (do they "
+                                                "count against it?); drop capacity or those experts")
+            for i, loss in enumerate(getattr(r, "aux_losses", ())):
+                if loss.kind in ("device_balance", "comm_balance"):
+                    problems.add(f"router.aux_losses.{i}.kind", f"aux loss '{loss.kind}' splits experts over devices; "
+                                 "identity/zero experts live on no device: drop the loss or those experts")
         if k is not None and k > e:
             problems.add(
                 "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"

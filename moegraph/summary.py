@@ -101,7 +101,8 @@ def summarize(spec: MoESpec) -> Summary:
     if m.shared_experts.gate == "sigmoid":
         shared += d
     e = m.experts.num_experts
-    router = 0 if m.router.type == "hash" else e * d + (e if getattr(m.router, "router_bias", False) else 0)
+    unscored_hash = m.router.type == "hash" and m.router.score is None  # no router weights at all
+    router = 0 if unscored_hash else e * d + (e if getattr(m.router, "router_bias", False) else 0)
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 

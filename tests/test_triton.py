@@ -431,8 +431,12 @@ def test_forward_after_the_first_renders_and_parses_nothing(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("router", [{"type": "expert_choice", "capacity_factor": 1.5},
-                                    {"type": "hash", "top_k": 2, "method": "modulo"}], ids=["expert_choice", "hash"])
+                                    {"type": "hash", "top_k": 2, "method": "modulo"},
+                                    {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 100,
+                                     "score": "sqrt_softplus", "normalize": True, "scaling_factor": 1.5}],
+                         ids=["expert_choice", "hash", "hash_table_scored"])
 def test_other_routers_match_torch_backend(router, tmp_path):
+    # Hash routing (a table included) runs as torch code in the generated layer on the Triton backend too.
     # Expert choice hands the op assignments grouped by expert, not by token: the combine must regroup.
     spec = moegraph.load_spec({"name": f"t-{router['type']}", "moe": {
         "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_}, "router": router}})

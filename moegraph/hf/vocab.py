@@ -36,6 +36,9 @@ _SCORE_FNS = {name: (lambda x, name=name: torch_forms.scores(x, name))
 GATED_ACT = {a.elementwise: n for n, a in ACTIVATIONS.items() if a.gated and a.elementwise}
 PLAIN_ACT = {a.elementwise: n for n, a in ACTIVATIONS.items() if not a.gated and a.elementwise}
 _ACT_FNS = {fn: (lambda x, n=n: torch_forms.activate(x, ACTIVATIONS[n])) for fn, n in PLAIN_ACT.items()}
+#: forward arguments of a block that carry the token ids of its hidden states (DeepSeek-V4's decoder passes
+#: ``input_ids`` to every MoE block, hash-routed or not)
+TOKEN_ID_ARGS = ("input_ids", "token_ids")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp", "shared_experts_mlp")
 
 
