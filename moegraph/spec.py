@@ -21,7 +21,7 @@ import hashlib
 import json
 import types
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -146,6 +146,20 @@ class _Frozen(BaseModel):
                                            "without quotes")
         return data
 
+    #: Fields added after the spec format was first published, with the value that means "off". A spec
+    #: that leaves them off dumps (and hashes) exactly as before they existed, so plan files and cached
+    #: layers written by older versions keep matching their specs.
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_later_fields_when_off(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, off in self._LATER_FIELDS.items():
+                if name in data and data[name] == off:
+                    del data[name]
+        return data
+
 
 # --------------------------------------------------------------------------------------------
 # Experts
@@ -204,6 +218,8 @@ class ExpertsSpec(_Frozen):
     zero_experts: int = Field(
         0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
     )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0}
 
     @property
     def router_choices(self) -> int:
@@ -425,6 +441,8 @@ class HashRouter(_Frozen):
     normalize: bool = Field(False, description="Divide the chosen experts' scores by their sum (needs score).")
     scaling_factor: float = Field(1.0, gt=0, le=1e4, description="Multiply the scored weights by this (needs score).")
     router_bias: bool = Field(False, description="Whether the scoring router linear has a bias (needs score).")
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"score": None, "normalize": False, "scaling_factor": 1.0,
+                                               "router_bias": False}
 
     @field_validator("score")
     @classmethod
@@ -543,14 +561,7 @@ class MoELayerSpec(_Frozen):
         None, description="FP8 routed (optionally shared) experts with block scales; None = experts in dtype."
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_no_quantization(self, handler: Any) -> dict[str, Any]:
-        # Unquantized specs dump (and hash) exactly as before the section existed: plan files and
-        # generated layers keep matching their specs.
-        data = handler(self)
-        if isinstance(data, dict) and data.get("quantization", 0) is None:
-            del data["quantization"]
-        return data
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
