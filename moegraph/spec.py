@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Annotated, Any, ClassVar, Literal, Union
@@ -573,6 +574,9 @@ class MoELayerSpec(_Frozen):
                                                             "shared expert; set it false or add shared_experts.count")
             shared_f = self.shared_experts.count * self.shared_intermediate_size if shared and self.shared_experts.count else None
             _quantization_problems(self.quantization, self.hidden_size, self.experts.intermediate_size, shared_f, problems)
+            if self.experts.routing_weight == "input":
+                problems.add("experts.routing_weight", "FP8 experts weight each expert's output (the FP8 op scales rows "
+                             "after the down projection); set routing_weight: output or drop quantization")
         r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
         if e != self.experts.num_experts:
