@@ -165,7 +165,7 @@ def simulate(spec, stream: list[TraceSet], seed: int | None) -> dict[str, Track]
             elif name.startswith("load-only"):
                 new = baseline_plans(spec, window)["load_only"]
                 if name.endswith("relabelled"):
-                    new = relabel(new, cur)
+                    new = relabel(new, cur, window)
             elif name == "replan":
                 new = replan(None, cur, window, seed=seed)
             else:
@@ -246,7 +246,7 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
             new = replan(None, cur, h1, seed=seed)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             lo = baseline_plans(spec, h1)["load_only"]
-            lor = relabel(lo, cur)
+            lor = relabel(lo, cur, h1)
             total = cur.num_layers * cur.num_slots
             mv, lo_link, lor_mv = (migration(cur, p).slots_moved / total for p in (new, lo, lor))
             # the load-only plan raw: every slot whose expert changed is reloaded (the count)
@@ -265,8 +265,8 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
                 (f"max/mean <= 1.15 ({tag}: {m['max_mean_load']:.3f})", m["max_mean_load"] <= 1.15),
                 (f"remote GPU copies >= 10% below the load-only re-plan ({tag}: {rel:+.1%})", rel <= -0.10),
                 (f"relabelling: load-only re-plan moves >= 25% fewer slots than raw ({tag}: {lor_mv:.1%} vs "
-                 f"{lo_mv:.1%}, {1 - lor_mv / lo_mv:.0%} fewer; vs {lo_link:.1%} over links when a raw plan's "
-                 f"same-GPU slots are copied locally: {1 - lor_mv / lo_link:.0%} fewer)", lor_mv <= 0.75 * lo_mv),
+                 f"{lo_mv:.1%}, {1 - lor_mv / lo_mv:.1%} fewer; vs {lo_link:.1%} over links when a raw plan's "
+                 f"same-GPU slots are copied locally: {1 - lor_mv / lo_link:.1%} fewer)", lor_mv <= 0.75 * lo_mv),
                 (f"Lite re-plan < 2 s ({tag}: {dt:.2f}s wall, {dc:.2f}s CPU)", dt < 2.0),
             ]
             if (nodes, gpus, slots) == configs[0] and a_name == "intent":

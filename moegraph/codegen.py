@@ -11,7 +11,6 @@ content does not match its recorded hash (a corrupted or hand-edited file) is de
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import linecache
@@ -30,15 +29,9 @@ from . import __version__
 from .errors import CodegenError
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
-from .spec import (
-    ACTIVATIONS,
-    SCORE_EXPR_FUNCTIONS,
-    MoESpec,
-    UniformTopology,
-    emit_score,
-    score_expression,
-    score_tree,
-)
+from .semantics import ACTIVATIONS
+from .semantics.scores import torch_score_code
+from .spec import MoESpec, UniformTopology
 
 _ENV: jinja2.Environment | None = None
 
@@ -64,14 +57,9 @@ def template_env() -> jinja2.Environment:
 def _score_code(score: str) -> Code:
     """Torch code computing scores_TE from logits_TE for a score name or expression.
 
-    Emitted node by node from the validated parse tree (``spec.score_tree``), never from the text.
+    Emitted node by node from the validated parse tree (``semantics.scores``), never from the text.
     """
-    if score == "softmax":
-        return Code("torch.softmax(logits_TE, dim=-1)")
-    tree = score_tree(score_expression(score))
-    code = emit_score(tree, "logits_TE", lambda name, arg: f"{SCORE_EXPR_FUNCTIONS[name]}({arg})")
-    # Keep the hand-written look: an operator at the top needs no outer parentheses.
-    return Code(code[1:-1] if isinstance(tree.body, (ast.BinOp, ast.UnaryOp)) else code)
+    return Code(torch_score_code(score, "logits_TE"))
 
 
 def _devices(spec: MoESpec) -> int:
@@ -80,7 +68,7 @@ def _devices(spec: MoESpec) -> int:
 
 
 def _aux_calls(spec: MoESpec) -> list[dict[str, Any]]:
-    r, E = spec.moe.router, spec.moe.experts.num_experts
+    r, E = spec.moe.router, spec.moe.experts.router_choices
     softmax = getattr(r, "score", "softmax") == "softmax"
     K = spec.moe.top_k
     out = []
@@ -127,7 +115,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     """Everything the template needs, decided here."""
     m = spec.moe
     r = m.router
-    act, gated = ACTIVATIONS[m.experts.activation]
+    gated = ACTIVATIONS[m.experts.activation].gated
     K = m.top_k
     ctx: dict[str, Any] = {
         "version": __version__,
@@ -143,15 +131,19 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
         "D": m.hidden_size,
         "E": m.experts.num_experts,
+        "R": m.experts.router_choices,
+        "identity_experts": m.experts.identity_experts,
         "F": m.experts.intermediate_size,
         "K": K,
         "gated": gated,
-        "act": act,
+        # The expert op takes the spec's activation name: one entry of the semantics table.
+        "act": m.experts.activation,
         "activation": m.experts.activation,
         "up_name": "gate_up_proj" if gated else "up_proj",
         "gate_clamp": m.experts.gate_clamp,
         "up_clamp": m.experts.up_clamp,
         "expert_bias_terms": m.experts.bias,
+        "input_scaled": m.experts.routing_weight == "input",
         "shared_intermediate": m.shared_experts.count * m.shared_intermediate_size,
         "shared_gate": m.shared_experts.gate == "sigmoid",
         "router_type": r.type,
@@ -163,8 +155,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "hash_seed": getattr(r, "seed", 0),
         "hash_method": getattr(r, "method", "random"),
         "jitter": getattr(r, "jitter", 0.0),
-        "score": getattr(r, "score", "softmax"),
-        "score_code": _score_code(getattr(r, "score", "softmax")),
+        "score": getattr(r, "score", None) or "softmax",
+        "score_code": _score_code(getattr(r, "score", None) or "softmax"),
+        "hash_scored": r.type == "hash" and r.score is not None,
         "topk_then_score": getattr(r, "topk_order", "") == "topk_then_score",
         "normalize": getattr(r, "normalize", False),
         "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),

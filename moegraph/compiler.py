@@ -12,7 +12,8 @@ from .errors import InputError
 from .fx_passes import Pipeline
 from .limits import check_memory
 from .loader import load_spec
-from .runtime import _DTYPES, CompiledMoEBase, torch_dtype
+from .runtime import CompiledMoEBase, torch_dtype
+from .semantics import DTYPES
 from .spec import MoESpec
 
 __all__ = ["compile", "BACKENDS"]
@@ -114,8 +115,8 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
     import numbers
 
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(_DTYPES)}")
+        if dtype not in DTYPES:
+            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPES)}")
         dtype = torch_dtype(dtype)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")

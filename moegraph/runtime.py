@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import fp8, ops  # noqa: F401  (registers torch.ops.moegraph)
+from . import semantics
 from .errors import InputError
 
 
@@ -52,11 +53,9 @@ class GraphPipeline(Protocol):
     def build(self, layer: nn.Module, training: bool) -> tuple[torch.fx.GraphModule, Any]: ...
 
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    """The torch dtype of a spec dtype name (the table: ``moegraph.semantics.dtypes``)."""
+    return semantics.torch_dtype(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +273,7 @@ class CompiledMoEBase(nn.Module):
     SPEC_HASH: str = ""
     HIDDEN: int = 0
     NUM_EXPERTS: int = 0
+    ROUTER_CHOICES: int | None = None  # router outputs when identity/zero experts follow the MLP ones
     INTERMEDIATE: int = 0
     TOP_K: int = 1
     GATED: bool = True
@@ -289,26 +289,31 @@ class CompiledMoEBase(nn.Module):
     NEEDS_TOKEN_IDS: bool = False
     #: FP8 experts (``moe.quantization``): block_out, block_in, tile, format, scale_format, shared; None = off
     FP8: dict | None = None
+    HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
                  seed: int | None = 0):
         super().__init__()
         D, E, Fh = self.HIDDEN, self.NUM_EXPERTS, self.INTERMEDIATE
+        R = self.router_choices
         H = 2 * Fh if self.GATED else Fh
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
-        if self.ROUTER != "hash":
-            self.router.weight = nn.Parameter(torch.empty(E, D, dtype=router_dtype, device=device))
+        if self.ROUTER != "hash" or self.HASH_SCORED:
+            self.router.weight = nn.Parameter(torch.empty(R, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
-                self.router.bias = nn.Parameter(torch.zeros(E, dtype=router_dtype, device=device))
+                self.router.bias = nn.Parameter(torch.zeros(R, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
-            self.router.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
-            self.register_buffer("_bias_load_E", torch.zeros(E, dtype=torch.float32, device=device), persistent=False)
-        if self.ROUTER == "hash" and self.HASH_METHOD == "random":
+            self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
+            self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
+        if self.ROUTER == "hash" and self.HASH_METHOD in ("random", "table"):
+            # 'table' ships with the weights (persistent; checked when loaded), seeded until then.
             g = torch.Generator().manual_seed(self.HASH_SEED)
             table = torch.randint(0, E, (self.HASH_VOCAB, self.TOP_K), generator=g)
-            self.router.register_buffer("hash_table", table.to(device), persistent=False)
+            self.router.register_buffer("hash_table", table.to(device), persistent=self.HASH_METHOD == "table")
+            if self.HASH_METHOD == "table":
+                self._register_load_state_dict_pre_hook(self._check_loaded_hash_table)
         self.experts = nn.Module()
         up_name = "gate_up_proj" if self.GATED else "up_proj"
         R = self._expert_rows()
@@ -339,6 +344,30 @@ class CompiledMoEBase(nn.Module):
             self.reset_parameters(seed)
 
     # -- parameters ------------------------------------------------------------------------------
+
+    def check_hash_table(self, table: Tensor, what: str = "router.hash_table") -> None:
+        """Refuse a token id -> experts table that does not fit the spec: [vocab_size, top_k] integer
+        expert ids in [0, num_experts)."""
+        want = (self.HASH_VOCAB, self.TOP_K)
+        if not isinstance(table, Tensor) or tuple(table.shape) != want:
+            shape = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
+            raise InputError(f"{what} has shape {shape}; the spec's moe.router.vocab_size ({want[0]}) and top_k "
+                             f"({want[1]}) need [{want[0]}, {want[1]}]; fix the table or the spec")
+        if table.is_floating_point() or table.dtype == torch.bool or table.is_complex():
+            raise InputError(f"{what} has dtype {table.dtype}; a table of expert ids is an integer tensor")
+        if table.numel() and (int(table.min()) < 0 or int(table.max()) >= self.NUM_EXPERTS):
+            raise InputError(f"{what} holds expert ids in [{int(table.min())}, {int(table.max())}]; the spec's "
+                             f"moe.experts.num_experts ({self.NUM_EXPERTS}) allows [0, {self.NUM_EXPERTS - 1}]")
+
+    def _check_loaded_hash_table(self, state_dict, prefix, *args) -> None:
+        key = prefix + "router.hash_table"
+        if key in state_dict:
+            self.check_hash_table(state_dict[key], key)
+
+    @property
+    def router_choices(self) -> int:
+        """Router outputs: the MLP experts, then any identity and zero experts of the spec."""
+        return self.ROUTER_CHOICES or self.NUM_EXPERTS
 
     def _expert_rows(self) -> int:
         """Rows of the routed expert weights: every expert here; an expert-parallel layer
@@ -446,7 +475,7 @@ class CompiledMoEBase(nn.Module):
         self._check_input(x, token_ids)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         tid = None
-        if token_ids is not None:
+        if token_ids is not None and self.NEEDS_TOKEN_IDS:  # a layer whose routing ignores token ids drops them
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
         pin = self.__dict__.get("expert_strategy")
         if pin is None:
@@ -460,7 +489,7 @@ class CompiledMoEBase(nn.Module):
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:
                 with torch.no_grad():
-                    self._bias_load_E += _counts(ids.reshape(-1, ids.shape[-1]), self.NUM_EXPERTS)
+                    self._bias_load_E += _counts(ids.reshape(-1, ids.shape[-1]), self.router_choices)
         if self.recorder is not None:
             self.recorder.add(ids)
         y = y if x.dim() == 3 else y.squeeze(0)

@@ -17,15 +17,12 @@ K top-k, G groups.
 
 from __future__ import annotations
 
-import ast
-import difflib
-import functools
 import hashlib
 import json
 import math
 import types
 import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -40,6 +37,21 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from .semantics import activations as _activations
+from .semantics import dtypes as _dtypes
+from .semantics import scores as _scores
+from .semantics.scores import (  # noqa: F401  (the spec language's names, kept importable from here)
+    MAX_SCORE_EXPRESSION,
+    SCORE_EXPR_FUNCTIONS,
+    SCORE_EXPR_MATH,
+    SCORE_FUNCTIONS,
+    SCORE_PROBE_X,
+    emit_score,
+    score_expression,
+    score_tree,
+    score_value,
+)
 
 __all__ = [
     "MoESpec",
@@ -135,26 +147,43 @@ class _Frozen(BaseModel):
                                            "without quotes")
         return data
 
+    #: Fields added after the spec format was first published, with the value that means "off". A spec
+    #: that leaves them off dumps (and hashes) exactly as before they existed, so plan files and cached
+    #: layers written by older versions keep matching their specs.
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_later_fields_when_off(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, off in self._LATER_FIELDS.items():
+                if name in data and data[name] == off:
+                    del data[name]
+        return data
+
 
 # --------------------------------------------------------------------------------------------
 # Experts
 # --------------------------------------------------------------------------------------------
 
-#: activation name -> (elementwise function applied to the gate branch, gated GLU or plain MLP)
-ACTIVATIONS: dict[str, tuple[str, bool]] = {
-    "swiglu": ("silu", True),
-    "geglu": ("gelu", True),
-    "geglu_tanh": ("gelu_tanh", True),
-    "reglu": ("relu", True),
-    "silu": ("silu", False),
-    "gelu": ("gelu", False),
-    "gelu_tanh": ("gelu_tanh", False),
-    "relu": ("relu", False),
-    "relu2": ("relu2", False),
-}
+#: activation name -> its entry (expression of gate and up, or of x); the table lives in moegraph.semantics
+ACTIVATIONS = _activations.ACTIVATIONS
 
-Activation = Literal["swiglu", "geglu", "geglu_tanh", "reglu", "silu", "gelu", "gelu_tanh", "relu", "relu2"]
-DType = Literal["float32", "float16", "bfloat16"]
+
+def _check_activation(v: Any) -> str:
+    if isinstance(v, str) and v in ACTIVATIONS:
+        return v
+    names = [repr(n) for n in ACTIVATIONS]
+    # The same error (and wording) as a Literal field's: the loader adds "did you mean".
+    raise PydanticCustomError("literal_error", "Input should be {expected}",
+                              {"expected": ", ".join(names[:-1]) + " or " + names[-1]})
+
+
+def _activation_schema(schema: dict[str, Any]) -> None:
+    schema["enum"] = list(ACTIVATIONS)
+
+
+DType = Literal[tuple(_dtypes.DTYPES)]  # type: ignore[valid-type]
 
 
 #: most routed experts a spec (and a trace) may have
@@ -166,8 +195,9 @@ class ExpertsSpec(_Frozen):
 
     num_experts: int = Field(gt=0, le=MAX_EXPERTS, description="Number of routed experts E.")
     intermediate_size: int = Field(gt=0, le=1 << 20, description="Hidden size F of one routed expert.")
-    activation: Activation = Field(
+    activation: str = Field(
         "swiglu",
+        json_schema_extra=_activation_schema,
         description="Gated (swiglu, geglu, geglu_tanh, reglu: act(x W_gate) * (x W_up)) or plain "
         "(silu, gelu, gelu_tanh, relu, relu2: act(x W_up)) expert MLP.",
     )
@@ -178,10 +208,30 @@ class ExpertsSpec(_Frozen):
     up_clamp: float | None = Field(
         None, gt=0, le=1e30, description="Clamp the up projection to [-up_clamp, up_clamp] (gated MLPs only)."
     )
+    routing_weight: Literal["output", "input"] = Field(
+        "output", description="Where a token's routing weight multiplies: the expert's output, w * expert(x) (most "
+        "MoEs), or its input, expert(w * x) (Llama 4).",
+    )
+    identity_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns its input (LongCat-Flash's "
+        "zero-computation experts): router ids num_experts .. num_experts + identity_experts - 1.",
+    )
+    zero_experts: int = Field(
+        0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0}
+
+    @property
+    def router_choices(self) -> int:
+        """Router outputs: the MLP experts, then the identity experts, then the zero experts."""
+        return self.num_experts + self.identity_experts + self.zero_experts
+
+    _activation_known = field_validator("activation", mode="before")(_check_activation)
 
     @property
     def gated(self) -> bool:
-        return ACTIVATIONS[self.activation][1]
+        return ACTIVATIONS[self.activation].gated
 
     @model_validator(mode="after")
     def _clamps_need_gate(self) -> ExpertsSpec:
@@ -226,206 +276,8 @@ class SharedExpertsSpec(_Frozen):
 # Routing
 # --------------------------------------------------------------------------------------------
 
-#: named score functions -> elementwise expression of the router logit ``x`` ("softmax" is special)
-SCORE_FUNCTIONS: dict[str, str] = {
-    "softmax": "softmax",
-    "sigmoid": "sigmoid(x)",
-    "softplus": "softplus(x)",
-    "sqrt_softplus": "sqrt(softplus(x))",
-    "tanh": "tanh(x)",
-    "identity": "x",
-}
-
-#: functions allowed inside a custom score expression, mapped to their torch spelling
-SCORE_EXPR_FUNCTIONS: dict[str, str] = {
-    "sigmoid": "torch.sigmoid",
-    "softplus": "torch.nn.functional.softplus",
-    "sqrt": "torch.sqrt",
-    "exp": "torch.exp",
-    "log": "torch.log",
-    "log1p": "torch.log1p",
-    "tanh": "torch.tanh",
-    "relu": "torch.relu",
-    "abs": "torch.abs",
-    "square": "torch.square",
-}
-
-
-#: the meaning of each function of SCORE_EXPR_FUNCTIONS on one Python float (for the finiteness probe
-#: below and for constant folding in the Triton backend)
-SCORE_EXPR_MATH: dict[str, Any] = {
-    "sigmoid": lambda v: 1.0 / (1.0 + math.exp(-v)) if v >= -700 else 0.0,
-    "softplus": lambda v: v if v > 20 else math.log1p(math.exp(v)),
-    "sqrt": math.sqrt,
-    "exp": math.exp,
-    "log": math.log,
-    "log1p": math.log1p,
-    "tanh": math.tanh,
-    "relu": lambda v: max(v, 0.0),
-    "abs": abs,
-    "square": lambda v: v * v,
-}
-
-#: longest custom score expression accepted (also keeps the parser away from pathological inputs)
-MAX_SCORE_EXPRESSION = 200
-
-#: router logits at which a custom score must be finite (float32): the range logits take in practice
-SCORE_PROBE_X = tuple(v / 4 for v in range(-120, 121))
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def score_value(tree: ast.AST, x: float) -> float:
-    """A validated score expression tree at one logit value (Python floats; raises ArithmeticError or
-    ValueError where the expression is undefined)."""
-    if isinstance(tree, ast.Expression):
-        return score_value(tree.body, x)
-    if isinstance(tree, ast.Name):
-        return x
-    if isinstance(tree, ast.Constant):
-        return float(tree.value)
-    if isinstance(tree, ast.UnaryOp):
-        v = score_value(tree.operand, x)
-        return -v if isinstance(tree.op, ast.USub) else v
-    if isinstance(tree, ast.BinOp):
-        a, b = score_value(tree.left, x), score_value(tree.right, x)
-        if isinstance(tree.op, ast.Add):
-            v = a + b
-        elif isinstance(tree.op, ast.Sub):
-            v = a - b
-        elif isinstance(tree.op, ast.Mult):
-            v = a * b
-        elif isinstance(tree.op, ast.Div):
-            v = a / b
-        else:
-            v = a ** b
-        if isinstance(v, complex):
-            raise ValueError("complex power")
-        return float(v)
-    assert isinstance(tree, ast.Call), f"unvalidated score node {ast.dump(tree)}"
-    return float(SCORE_EXPR_MATH[tree.func.id](score_value(tree.args[0], x)))
-
-
-def _check_score_expression(expr: str) -> str:
-    """Validate a custom elementwise score expression of ``x``; return it unchanged."""
-    score_tree(expr)
-    return expr
-
-
-@functools.lru_cache(maxsize=256)
-def score_tree(expr: str) -> ast.Expression:
-    """The parsed tree of a custom score expression, validated (allowed names, calls, operators and
-    constants only; finite on every logit of ``SCORE_PROBE_X``). Code is generated from this tree,
-    never from the expression's text."""
-    if len(expr) > MAX_SCORE_EXPRESSION:
-        raise ValueError(
-            f"score expression is {len(expr)} characters long; keep it under {MAX_SCORE_EXPRESSION} "
-            "(it is one elementwise function of x)"
-        )
-    if not expr.isprintable():
-        raise ValueError(f"score expression {expr!r} holds a line break or control character; write it on one line")
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, ValueError) as exc:
-        raise ValueError(f"score expression {expr!r} is not valid: {getattr(exc, 'msg', exc)}") from None
-    except (RecursionError, MemoryError):
-        raise ValueError(f"score expression {expr!r} is nested too deeply; simplify it") from None
-    allowed_ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            if node.id != "x" and node.id not in SCORE_EXPR_FUNCTIONS:
-                raise ValueError(
-                    f"score expression {expr!r} uses unknown name {node.id!r}; use the logit 'x' and "
-                    f"functions {sorted(SCORE_EXPR_FUNCTIONS)}"
-                )
-        elif isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in SCORE_EXPR_FUNCTIONS or node.keywords:
-                raise ValueError(
-                    f"score expression {expr!r}: only calls of {sorted(SCORE_EXPR_FUNCTIONS)} with positional "
-                    "arguments are allowed"
-                )
-            if len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
-                raise ValueError(f"score expression {expr!r}: each function takes exactly one argument")
-        elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
-                raise ValueError(f"score expression {expr!r}: only numeric constants are allowed")
-            if isinstance(node.value, int) and abs(node.value) > 2**53 or not math.isfinite(float(node.value)):
-                raise ValueError(f"score expression {expr!r}: constant {expr[node.col_offset:node.end_col_offset]} "
-                                 "is too large; use a number below 2**53")
-        elif isinstance(node, (ast.BinOp, ast.UnaryOp)):
-            if not isinstance(node.op, allowed_ops):
-                raise ValueError(f"score expression {expr!r}: operator {type(node.op).__name__} is not allowed")
-        elif not isinstance(node, (ast.Expression, ast.Load, *allowed_ops)):
-            raise ValueError(f"score expression {expr!r}: {type(node).__name__} is not allowed")
-    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
-    if any(isinstance(n, ast.Name) and n.id != "x" and id(n) not in called for n in ast.walk(tree)):
-        raise ValueError(f"score expression {expr!r}: functions must be called, e.g. sigmoid(x)")
-    if not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(tree)):
-        raise ValueError(f"score expression {expr!r} does not use the router logit 'x'")
-    # Probe: a score that is infinite or undefined for ordinary logits makes every output non-finite.
-    for x in SCORE_PROBE_X:
-        try:
-            v = score_value(tree, x)
-            bad = not abs(v) <= _FLOAT32_MAX
-        except (ArithmeticError, ValueError):
-            bad = True
-        if bad:
-            raise ValueError(
-                f"score expression {expr!r} is not finite at the logit x = {x:g}; a score must be finite for "
-                f"every logit in [{SCORE_PROBE_X[0]:g}, {SCORE_PROBE_X[-1]:g}] (guard it, e.g. log(1 + exp(x)) "
-                "-> softplus(x), sqrt(x) -> sqrt(relu(x)))"
-            )
-    return tree
-
-
-_SCORE_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
-
-
-def emit_score(tree: ast.AST, x: str, call: Any, special: Any = None) -> str:
-    """Source text for a score expression tree, built node by node (never from the expression's text).
-
-    ``x`` spells the logit; ``call(name, arg)`` spells a function call; ``special(node, emit)`` may
-    spell a node its own way (return None for the default). Operators are fully parenthesised.
-    Every backend's score code is derived here from the one parsed tree.
-    """
-
-    def emit(node: ast.AST) -> str:
-        if special is not None:
-            out = special(node, emit)
-            if out is not None:
-                return out
-        if isinstance(node, ast.Expression):
-            return emit(node.body)
-        if isinstance(node, ast.Name):
-            return x
-        if isinstance(node, ast.Constant):
-            return repr(float(node.value))
-        if isinstance(node, ast.UnaryOp):
-            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{emit(node.operand)})"
-        if isinstance(node, ast.BinOp):
-            return f"({emit(node.left)} {_SCORE_OPS[type(node.op)]} {emit(node.right)})"
-        if isinstance(node, ast.Call):
-            return call(node.func.id, emit(node.args[0]))
-        raise ValueError(f"{type(node).__name__} is not part of a score expression")
-
-    return emit(tree)
-
-
-def _check_score(v: str) -> str:
-    if v in SCORE_FUNCTIONS:
-        return v
-    if v.isidentifier():
-        close = difflib.get_close_matches(v, list(SCORE_FUNCTIONS), n=1)
-        hint = f"did you mean '{close[0]}'? Otherwise " if close else ""
-        raise ValueError(
-            f"unknown score function {v!r}; {hint}use one of {sorted(SCORE_FUNCTIONS)} or an expression of x "
-            f"such as 'sqrt(softplus(x))'"
-        )
-    return _check_score_expression(v)
-
-
-def score_expression(score: str) -> str:
-    """The elementwise expression of ``x`` for a score name or custom expression ('softmax' stays as is)."""
-    return SCORE_FUNCTIONS.get(score, score)
+# The score language (named scores, custom expressions of x) lives in moegraph.semantics.scores.
+_check_score = _scores.check_score
 
 
 class GroupLimit(_Frozen):
@@ -566,24 +418,53 @@ class ExpertChoiceRouter(_Frozen):
 
 
 class HashRouter(_Frozen):
-    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id, weight 1/K each."""
+    """Hash routing (Roller et al. 2021): expert(s) fixed by the token id.
+
+    The experts come from the token id alone (a formula, a seeded table, or a table shipped with
+    the weights as DeepSeek-V4's hash layers do); their weights are 1/K each, or (with ``score``)
+    the scores a learned router gives the chosen experts, as for top-k routing.
+    """
 
     type: Literal["hash"] = "hash"
     top_k: int = Field(1, gt=0, le=16, description="Number of hash functions / experts per token.")
-    method: Literal["modulo", "random"] = Field(
-        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab."
+    method: Literal["modulo", "random", "table"] = Field(
+        "random", description="'modulo': (id + k * E // K) mod E; 'random': a seeded random table over the vocab; "
+        "'table': a [vocab_size, top_k] table of expert ids loaded with the weights (router.hash_table)."
     )
-    vocab_size: int | None = Field(None, gt=0, le=1 << 24, description="Vocabulary size, needed by method 'random'.")
-    seed: int = Field(0, ge=0, lt=1 << 63)
+    vocab_size: int | None = Field(
+        None, gt=0, le=1 << 24, description="Vocabulary size, needed by methods 'random' and 'table'."
+    )
+    seed: int = Field(0, ge=0, lt=1 << 63, description="Seed of the 'random' table (and of a 'table' before loading).")
+    score: str | None = Field(
+        None, description="None: weight 1/K per expert. Otherwise the chosen experts are weighted by this score of a "
+        "learned router's logits ('softmax', a named function or an expression of x, as for topk routers).",
+    )
+    normalize: bool = Field(False, description="Divide the chosen experts' scores by their sum (needs score).")
+    scaling_factor: float = Field(1.0, gt=0, le=1e4, description="Multiply the scored weights by this (needs score).")
+    router_bias: bool = Field(False, description="Whether the scoring router linear has a bias (needs score).")
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"score": None, "normalize": False, "scaling_factor": 1.0,
+                                               "router_bias": False}
+
+    @field_validator("score")
+    @classmethod
+    def _score_known(cls, v: str | None) -> str | None:
+        return None if v is None else _check_score(v)
 
     @model_validator(mode="after")
     def _random_needs_vocab(self) -> HashRouter:
-        if self.method == "random" and self.vocab_size is None:
-            raise field_error(
+        problems = _Problems()
+        if self.method in ("random", "table") and self.vocab_size is None:
+            problems.add(
                 "vocab_size",
-                "hash method 'random' needs vocab_size (the table has one row per token id); set vocab_size or "
-                "use method: modulo",
+                f"hash method '{self.method}' needs vocab_size (the table has one row per token id); set vocab_size "
+                "or use method: modulo",
             )
+        if self.score is None:
+            for key, unset in (("normalize", False), ("scaling_factor", 1.0), ("router_bias", False)):
+                if getattr(self, key) != unset:
+                    problems.add(key, f"{key} weights the router's scores, but score is not set (weights are 1/K); "
+                                      f"set score (e.g. softmax) or drop {key}")
+        problems.raise_any()
         return self
 
 
@@ -681,14 +562,7 @@ class MoELayerSpec(_Frozen):
         None, description="FP8 routed (optionally shared) experts with block scales; None = experts in dtype."
     )
 
-    @model_serializer(mode="wrap")
-    def _omit_no_quantization(self, handler: Any) -> dict[str, Any]:
-        # Unquantized specs dump (and hash) exactly as before the section existed: plan files and
-        # generated layers keep matching their specs.
-        data = handler(self)
-        if isinstance(data, dict) and data.get("quantization", 0) is None:
-            del data["quantization"]
-        return data
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
@@ -700,8 +574,22 @@ class MoELayerSpec(_Frozen):
                                                             "shared expert; set it false or add shared_experts.count")
             shared_f = self.shared_experts.count * self.shared_intermediate_size if shared and self.shared_experts.count else None
             _quantization_problems(self.quantization, self.hidden_size, self.experts.intermediate_size, shared_f, problems)
-        r, e = self.router, self.experts.num_experts
+            if self.experts.routing_weight == "input":
+                problems.add("experts.routing_weight", "FP8 experts weight each expert's output (the FP8 op scales rows "
+                             "after the down projection); set routing_weight: output or drop quantization")
+        r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
+        if e != self.experts.num_experts:
+            if r.type != "topk":
+                problems.add("experts.identity_experts", f"identity/zero experts are router choices of a topk router; "
+                                                         f"router type is '{r.type}': drop them or use type: topk")
+            if getattr(r, "capacity", None) is not None:
+                problems.add("router.capacity", "expert capacity with identity/zero experts is not defined (do they "
+                                                "count against it?); drop capacity or those experts")
+            for i, loss in enumerate(getattr(r, "aux_losses", ())):
+                if loss.kind in ("device_balance", "comm_balance"):
+                    problems.add(f"router.aux_losses.{i}.kind", f"aux loss '{loss.kind}' splits experts over devices; "
+                                 "identity/zero experts live on no device: drop the loss or those experts")
         if k is not None and k > e:
             problems.add(
                 "router.top_k", f"router.top_k ({k}) exceeds experts.num_experts ({e}); choose top_k <= {e}"

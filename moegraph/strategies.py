@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "pinned", "current_pin", "DECODE_MAX_TOKENS"]
 
@@ -38,30 +39,29 @@ __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "pinned", "current
 DECODE_MAX_TOKENS = 16
 
 
-def _per_expert(args: tuple, packed) -> Tensor:
-    return ops._expert_mlp_fast(*args, packed, grouped=False)
+def _per_expert(args: ExpertArgs, packed) -> Tensor:
+    return ops._expert_mlp_fast(args, packed, grouped=False)
 
 
-def _grouped(args: tuple, packed) -> Tensor:
-    return ops._expert_mlp_fast(*args, None, grouped=True)
+def _grouped(args: ExpertArgs, packed) -> Tensor:
+    return ops._expert_mlp_fast(args, None, grouped=True)
 
 
-def _shared_into_output(args: tuple, packed) -> Tensor:
+def _shared_into_output(args: ExpertArgs, packed) -> Tensor:
     """Step 1 of every strategy: the shared experts (or zeros) as the [T, D] output buffer."""
-    x_TD, s_up, s_down, s_scale = args[0], args[12], args[13], args[14]
-    activation, gated, gate_clamp, up_clamp = args[8:12]
+    x_TD, s_up, s_down, s_scale = args.x_TD, args.shared_w_up_HD, args.shared_w_down_DF, args.shared_scale_T
     if s_up is None:
         return x_TD.new_zeros(x_TD.shape)
     hs = ops._linear(x_TD, s_up, packed.shared_up if packed else None)
-    a = ops._activate_(hs, activation, gated, gate_clamp, up_clamp)
+    a = ops._activate_(hs, *args.activation_args)
     if s_scale is not None:
         a.mul_(s_scale.to(a.dtype).unsqueeze(-1))
     return ops._linear(a, s_down, packed.shared_down if packed else None)
 
 
-def _padded_bmm(args: tuple, packed) -> Tensor:
+def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
-     up_clamp) = args[:12]
+     up_clamp) = args.positional()[:12]
     y_TD = _shared_into_output(args, packed)
     E, D = w_up_EHD.shape[0], x_TD.shape[1]
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, E)
@@ -102,9 +102,9 @@ def _padded_bmm(args: tuple, packed) -> Tensor:
     return y_TD.index_add_(0, tok_sorted, o)
 
 
-def _decode(args: tuple, packed) -> Tensor:
+def _decode(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
-     up_clamp) = args[:12]
+     up_clamp) = args.positional()[:12]
     y_TD = _shared_into_output(args, packed)
     E = w_up_EHD.shape[0]
     # One host sync for the (few) assignments; group them by expert on the host.
@@ -138,8 +138,8 @@ def _decode(args: tuple, packed) -> Tensor:
     return y_TD
 
 
-#: name -> forward(args, packed) with ``args`` the expert op's 15 arguments.
-STRATEGIES: dict[str, Callable[[tuple, object], Tensor]] = {
+#: name -> forward(args, packed) with ``args`` the expert op's arguments (``ops.ExpertArgs``).
+STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "per_expert": _per_expert,
     "grouped_mm": _grouped,
     "padded_bmm": _padded_bmm,
@@ -167,9 +167,10 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor) -> list[str]:
     return names
 
 
-def run_strategy(name: str, args: tuple, packed=None) -> Tensor:
-    """Run one named strategy on the expert op's arguments."""
-    if name == "grouped_mm" and not grouped_mm_fits(args[0], args[4]):
+def run_strategy(name: str, args: ExpertArgs | tuple, packed=None) -> Tensor:
+    """Run one named strategy on the expert op's arguments (an ``ExpertArgs`` or the positional tuple)."""
+    args = ExpertArgs.of(args)
+    if name == "grouped_mm" and not grouped_mm_fits(args.x_TD, args.w_up_EHD):
         name = "padded_bmm"  # no usable grouped GEMM here: the nearest strategy with the same result
     return STRATEGIES[name](args, packed)
 
@@ -196,13 +197,15 @@ def pinned(name: str | None):
         _PIN.name = prev
 
 
-def heuristic(args: tuple) -> str:
+def heuristic(args: ExpertArgs) -> str:
     """The fixed rule used where tuning is off: grouped GEMMs for small float32 experts."""
-    return "grouped_mm" if ops._small_experts(args[4], args[5]) and grouped_mm_fits(args[0], args[4]) else "per_expert"
+    small = ops._small_experts(args.w_up_EHD, args.w_down_EDF)
+    return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
-def run(args: tuple, packed=None) -> Tensor:
+def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
     """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic."""
+    args = ExpertArgs.of(args)
     name = current_pin()
     if name is None:
         from . import tuning
@@ -217,24 +220,23 @@ def run(args: tuple, packed=None) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # The backward's routed part: per-expert GEMMs (ops) or grouped GEMMs, chosen the same way.
-# ``bargs`` = (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED,
-# activation, gated, gate_clamp, up_clamp, want_out); ``grads`` as in ops._routed_grads_per_expert.
+# ``rows`` is an ``ops.RoutedRows``; ``grads`` as in ops._routed_grads_per_expert.
 # ----------------------------------------------------------------------------------------------
 
 
-def _grouped_backward(bargs: tuple, grads: dict) -> Tensor:
+def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
     """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM."""
-    (x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated,
-     gate_clamp, up_clamp, want_out) = bargs
+    x_ND, gy_ND, w_sorted, exp_sorted, counts = rows.x_ND, rows.gy_ND, rows.w_sorted, rows.exp_sorted, rows.counts
+    w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rows.w_up_EHD, rows.w_down_EDF, rows.b_up_EH, rows.b_down_ED
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
     gmm = torch._grouped_mm
     h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
     if b_up_EH is not None:
         h = h + b_up_EH.index_select(0, exp_sorted)
-    a, saved = ops._act_saved(h, activation, gated, gate_clamp, up_clamp)
+    a, saved = ops._act_saved(h, *rows.activation_args)
     a = a.contiguous()
     go = gy_ND * w_sorted
-    if want_out:
+    if rows.want_out:
         out = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
         if b_down_ED is not None:
             out = out + b_down_ED.index_select(0, exp_sorted)
@@ -243,7 +245,7 @@ def _grouped_backward(bargs: tuple, grads: dict) -> Tensor:
     grads["gw_down"].copy_(gmm(go.t(), a, offs=offs))
     if b_down_ED is not None:
         grads["gb_down"].zero_().index_add_(0, exp_sorted, go)
-    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, activation, gated, gate_clamp, up_clamp)
+    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, *rows.activation_args)
     gh = gh.contiguous()
     grads["gw_up"].copy_(gmm(gh.t(), x_ND, offs=offs))
     if b_up_EH is not None:
@@ -251,34 +253,34 @@ def _grouped_backward(bargs: tuple, grads: dict) -> Tensor:
     return gmm(gh, w_up_EHD, offs=offs)
 
 
-def _per_expert_backward(bargs: tuple, grads: dict) -> Tensor:
-    return ops._routed_grads_per_expert(*bargs, grads)
+def _per_expert_backward(rows: RoutedRows, grads: dict) -> Tensor:
+    return ops._routed_grads_per_expert(rows, grads)
 
 
-#: name -> backward(bargs, grads) for the routed experts.
-BACKWARD_STRATEGIES: dict[str, Callable[[tuple, dict], Tensor]] = {
+#: name -> backward(rows, grads) for the routed experts.
+BACKWARD_STRATEGIES: dict[str, Callable[[RoutedRows, dict], Tensor]] = {
     "per_expert": _per_expert_backward,
     "grouped_mm": _grouped_backward,
 }
 
 
-def _backward_fits(bargs: tuple) -> bool:
-    x_ND, w_up_EHD = bargs[0], bargs[5]
+def _backward_fits(rows: RoutedRows) -> bool:
+    x_ND, w_up_EHD = rows.x_ND, rows.w_up_EHD
     # 2-D x 2-D grouped GEMMs also need the sorted row count aligned (it is a stride of go.t()).
     return grouped_mm_fits(x_ND, w_up_EHD) and x_ND.shape[0] % max(1, 16 // x_ND.element_size()) == 0
 
 
-def backward_candidates(bargs: tuple) -> list[str]:
-    return ["per_expert", "grouped_mm"] if _backward_fits(bargs) else ["per_expert"]
+def backward_candidates(rows: RoutedRows) -> list[str]:
+    return ["per_expert", "grouped_mm"] if _backward_fits(rows) else ["per_expert"]
 
 
-def run_backward_strategy(name: str, bargs: tuple, grads: dict) -> Tensor:
-    if name == "grouped_mm" and not _backward_fits(bargs):
+def run_backward_strategy(name: str, rows: RoutedRows, grads: dict) -> Tensor:
+    if name == "grouped_mm" and not _backward_fits(rows):
         name = "per_expert"
-    return BACKWARD_STRATEGIES[name](bargs, grads)
+    return BACKWARD_STRATEGIES[name](rows, grads)
 
 
-def run_backward(bargs: tuple, grads: dict) -> Tensor:
+def run_backward(rows: RoutedRows, grads: dict) -> Tensor:
     """The routed part of the op's backward: pinned grouped/per-expert, else tuned, else per-expert."""
     pin = current_pin()
     if pin is not None:
@@ -287,5 +289,5 @@ def run_backward(bargs: tuple, grads: dict) -> Tensor:
         from . import tuning
 
         tuner = tuning.active_tuner()
-        name = "per_expert" if tuner is None else tuner.choose_backward(bargs, grads)
-    return run_backward_strategy(name, bargs, grads)
+        name = "per_expert" if tuner is None else tuner.choose_backward(rows, grads)
+    return run_backward_strategy(name, rows, grads)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .spec import ACTIVATIONS, MHAttention, MLAttention, MoESpec, QuantizationSpec
+from .semantics import ACTIVATIONS, DTYPE_BYTES
+from .spec import MHAttention, MLAttention, MoESpec, QuantizationSpec
 
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 #: bytes of one stored FP8 value and of one block scale (float32, also for ue8m0 powers of two)
 FP8_BYTES, SCALE_BYTES = 1, 4
 
@@ -32,12 +32,12 @@ def mlp_params(d: int, f: int, gated: bool, bias: bool) -> int:
 def mlp_bytes(d: int, f: int, gated: bool, bias: bool, dtype: str, quant: QuantizationSpec | None) -> int:
     """Bytes of one D -> F -> D MLP: in ``dtype``, or FP8 weights + block scales (+ biases in dtype)."""
     if quant is None:
-        return mlp_params(d, f, gated, bias) * _BYTES[dtype]
+        return mlp_params(d, f, gated, bias) * DTYPE_BYTES[dtype]
     n_in = 2 if gated else 1
     bo, bi = quant.weight_block
     weights = (n_in * f * d + d * f) * FP8_BYTES
     scales = (n_in * f // bo * (d // bi) + d // bo * (f // bi)) * SCALE_BYTES
-    biases = (n_in * f + d) * _BYTES[dtype] if bias else 0
+    biases = (n_in * f + d) * DTYPE_BYTES[dtype] if bias else 0
     return weights + scales + biases
 
 
@@ -95,13 +95,14 @@ class Summary:
 
 def summarize(spec: MoESpec) -> Summary:
     m, d = spec.moe, spec.moe.hidden_size
-    gated, bias = ACTIVATIONS[m.experts.activation][1], m.experts.bias
+    gated, bias = ACTIVATIONS[m.experts.activation].gated, m.experts.bias
     routed_one = mlp_params(d, m.experts.intermediate_size, gated, bias)
     shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
     if m.shared_experts.gate == "sigmoid":
         shared += d
     e = m.experts.num_experts
-    router = 0 if m.router.type == "hash" else e * d + (e if getattr(m.router, "router_bias", False) else 0)
+    unscored_hash = m.router.type == "hash" and m.router.score is None  # no router weights at all
+    router = 0 if unscored_hash else e * d + (e if getattr(m.router, "router_bias", False) else 0)
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 
@@ -113,12 +114,12 @@ def summarize(spec: MoESpec) -> Summary:
     s.flops_per_token_moe = 2 * moe_active
     q = m.quantization
     s.routed_expert_bytes = mlp_bytes(d, m.experts.intermediate_size, gated, bias, m.dtype, q)
-    s.shared_bytes = shared * _BYTES[m.dtype]
+    s.shared_bytes = shared * DTYPE_BYTES[m.dtype]
     if q is not None and q.shared_experts and m.shared_experts.count:
-        gate = d * _BYTES[m.dtype] if m.shared_experts.gate == "sigmoid" else 0
+        gate = d * DTYPE_BYTES[m.dtype] if m.shared_experts.gate == "sigmoid" else 0
         s.shared_bytes = mlp_bytes(d, m.shared_experts.count * m.shared_intermediate_size, gated, bias, m.dtype, q) + gate
     s.expert_bytes_per_layer = s.routed_expert_bytes * e + s.shared_bytes
-    s.expert_bytes_per_layer_dtype = (layer.routed_total + shared) * _BYTES[m.dtype]
+    s.expert_bytes_per_layer_dtype = (layer.routed_total + shared) * DTYPE_BYTES[m.dtype]
     slots_per_gpu = -(-(e + spec.placement.redundant_slots) // spec.topology.num_gpus)
     s.expert_bytes_per_gpu = n_moe * (slots_per_gpu * s.routed_expert_bytes + s.shared_bytes)
 

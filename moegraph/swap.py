@@ -32,8 +32,10 @@ from torch import Tensor
 
 from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
+from .hf.probe import forward_args
 from .hf.structural import read_structural, structural_parts
-from .runtime import CompiledMoEBase, torch_dtype
+from .runtime import CompiledMoEBase
+from .semantics import torch_dtype
 
 __all__ = ["MoEBlockAdapter", "OptimizeReport", "SwapRecord", "optimize", "read_structural"]
 
@@ -132,27 +134,45 @@ class MoEBlockAdapter(nn.Module):
     """Runs a compiled moegraph layer with the calling convention of the block it replaced.
 
     ``output_kind`` is ("tensor",) or ("tuple", "router_logits", ...): the original's return value.
+    ``arg_names``: the original forward's arguments after the hidden states (positional arguments are
+    matched to them by position); ``token_arg``: the one among them carrying token ids. Token ids go
+    to the layer when its spec routes by them (hash routing) and are ignored otherwise (the importer
+    checked that the original's routing does not change with them); any other argument given a value
+    is refused, since the layer cannot honour it.
     """
 
-    def __init__(self, layer: nn.Module, output_kind: tuple[str, ...], original_class: str, found_by: str):
+    def __init__(self, layer: nn.Module, output_kind: tuple[str, ...], original_class: str, found_by: str,
+                 arg_names: tuple[str, ...] = (), token_arg: str | None = None, flat_output: bool = False):
         super().__init__()
+        self.flat_output = flat_output  # return [tokens, D] as the original did (Llama 4)
         self.moe = layer
         self.output_kind = tuple(output_kind)
         self.original_class = original_class
         self.found_by = found_by
+        self.arg_names = tuple(arg_names)
+        self.token_arg = token_arg
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
-        extra = [a for a in args if a is not None] + [k for k, v in kwargs.items() if v is not None]
+        given = dict(zip(self.arg_names, args))
+        given.update(kwargs)
+        extra = [f"argument {i + 2}" for i in range(len(self.arg_names), len(args)) if args[i] is not None]
+        token_ids = given.pop(self.token_arg, None) if self.token_arg else None
+        extra += [k for k, v in given.items() if v is not None]
         if extra:
             raise InputError(
-                f"the moegraph layer that replaced {self.original_class} takes only the hidden states, but was also "
-                f"given {len(extra)} more argument(s) ({', '.join(str(k) for k in extra if isinstance(k, str))}); "
+                f"the moegraph layer that replaced {self.original_class} takes the hidden states"
+                + (f" and {self.token_arg}" if self.token_arg else "") + f", but was also given {', '.join(extra)}; "
                 "restore the original block (moegraph.optimize(..., verify=True) reports swaps) or report this"
             )
         D = self.moe.HIDDEN
         shape = hidden_states.shape
         x = hidden_states if hidden_states.dim() in (2, 3) else hidden_states.reshape(-1, D)
-        y = self.moe(x).reshape(shape)
+        tid = None
+        if token_ids is not None and self.moe.NEEDS_TOKEN_IDS:  # the spec routes by them; else ignored
+            tid = token_ids.reshape(x.shape[:-1]) if token_ids.numel() == x[..., 0].numel() else token_ids
+        y = self.moe(x, tid).reshape(shape)
+        if self.flat_output:
+            y = y.reshape(-1, D)
         if self.output_kind[0] == "tensor":
             return y
         extras = []
@@ -186,20 +206,23 @@ def _refusal_for_placement(block: nn.Module) -> str | None:
     return None
 
 
-def _verify(original: nn.Module, adapter: nn.Module, D: int, rank: int, dtype: torch.dtype, device: torch.device,
-            tokens: int = 16) -> tuple[float, float]:
+def _verify(original: nn.Module, adapter: MoEBlockAdapter, D: int, rank: int, dtype: torch.dtype,
+            device: torch.device, tokens: int = 16) -> tuple[float, float]:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(1, tokens, D, generator=g).to(device=device, dtype=dtype)
     if rank == 2:
         x = x.view(tokens, D)
+    kwargs = {}
+    if adapter.token_arg:  # both get the same random token ids, used or not
+        kwargs[adapter.token_arg] = torch.randint(0, hf.token_vocab(original), x.shape[:-1], generator=g).to(device)
     modes = (original.training, adapter.training)
     original.eval()
     adapter.eval()
     try:
         with torch.no_grad():
-            ref = original(x.clone())
+            ref = original(x.clone(), **kwargs)
             ref = ref[0] if isinstance(ref, tuple) else ref
-            y = adapter(x.clone())
+            y = adapter(x.clone(), **kwargs)
             y = y[0] if isinstance(y, tuple) else y
     finally:
         original.train(modes[0])
@@ -306,11 +329,11 @@ def optimize(
                 # FP8 experts: their bytes (in hf_weights) and block scales as they are
                 weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
-                rank = 3
+                rank, token_arg, flat = 3, info.token_arg, info.flat_output
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
-                rank = sr.input_rank
+                rank, token_arg, flat = sr.input_rank, None, False
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -324,7 +347,8 @@ def optimize(
             rec.reason = getattr(exc, "reason", None) or str(exc)
             rec.seconds = time.perf_counter() - ts
             continue
-        adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how)
+        adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
+                                  flat)
         adapter.train(block.training)
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":

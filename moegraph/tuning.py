@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import strategies
+from . import semantics, strategies
+from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "active_tuner", "problem_key",
            "TABLE_VERSION"]
@@ -91,15 +92,17 @@ def token_bucket(T: int) -> int:
     return b
 
 
-def problem_key(args: tuple, packed) -> str:
+def problem_key(args: ExpertArgs | tuple, packed) -> str:
     """The table key of an expert-op call: dtype, shapes, activation, extras and token bucket."""
-    x_TD, w_up_EHD, w_down_EDF = args[0], args[4], args[5]
+    args = ExpertArgs.of(args)
+    x_TD, w_up_EHD, w_down_EDF = args.x_TD, args.w_up_EHD, args.w_down_EDF
     E, H, D = w_up_EHD.shape
     F = w_down_EDF.shape[2]
-    K = max(1, round(args[2].numel() / max(1, x_TD.shape[0])))
-    extras = "".join(f for f, on in (("b", args[6] is not None), ("s", args[12] is not None),
+    K = max(1, round(args.exp_N.numel() / max(1, x_TD.shape[0])))
+    extras = "".join(f for f, on in (("b", args.b_up_EH is not None), ("s", args.shared_w_up_HD is not None),
                                      ("p", packed is not None)) if on)
-    return (f"{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={F},K={K},act={args[8]}{'_gated' if args[9] else ''}"
+    act = args.act.name  # one key per table entry, however it was named
+    return (f"{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={F},K={K},act={act}"
             f",x={extras or '-'},T<={token_bucket(x_TD.shape[0])}")
 
 
@@ -179,18 +182,21 @@ class Tuner:
 
     def choose(self, args: tuple, packed=None) -> str:
         """The forward strategy for this call: from the table, else measured now (and recorded)."""
-        fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed)) for n in strategies.candidates(args[0], args[4])}
+        args = ExpertArgs.of(args)
+        fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed))
+               for n in strategies.candidates(args.x_TD, args.w_up_EHD)}
         return self._choose(problem_key(args, packed), fns)
 
-    def choose_backward(self, bargs: tuple, grads: dict) -> str:
+    def choose_backward(self, rows: RoutedRows, grads: dict) -> str:
         """The backward strategy for the routed experts (``strategies.run_backward``'s arguments)."""
-        x_ND, w_up_EHD, w_down_EDF = bargs[0], bargs[5], bargs[6]
+        x_ND, w_up_EHD, w_down_EDF = rows.x_ND, rows.w_up_EHD, rows.w_down_EDF
         E, H, D = w_up_EHD.shape
-        extras = "".join(f for f, on in (("b", bargs[7] is not None), ("w", bargs[13])) if on)
-        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},act={bargs[9]}"
-               f"{'_gated' if bargs[10] else ''},x={extras or '-'},N<={token_bucket(x_ND.shape[0])}")
-        fns = {n: (lambda n=n: strategies.run_backward_strategy(n, bargs, grads))
-               for n in strategies.backward_candidates(bargs)}
+        extras = "".join(f for f, on in (("b", rows.b_up_EH is not None), ("w", rows.want_out)) if on)
+        key = (f"bwd,{str(x_ND.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},"
+               f"act={semantics.activation(rows.activation, rows.gated).name},x={extras or '-'},"
+               f"N<={token_bucket(x_ND.shape[0])}")
+        fns = {n: (lambda n=n: strategies.run_backward_strategy(n, rows, grads))
+               for n in strategies.backward_candidates(rows)}
         return self._choose(key, fns)
 
     def _choose(self, key: str, fns: dict[str, Callable[[], object]]) -> str:

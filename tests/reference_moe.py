@@ -120,7 +120,17 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 es = [(tid + k * (E // K)) % E for k in range(K)]
             else:
                 es = [int(e) for e in layer.router.hash_table[tid]]
-            assignments[t] = [(e, torch.tensor(1.0 / K)) for e in es]
+            if r.get("score") is None:
+                assignments[t] = [(e, torch.tensor(1.0 / K)) for e in es]
+                continue
+            # Scored hash routing (DeepSeek-V4): the table picks, the router's scores weigh.
+            rb = getattr(layer.router, "bias", None)
+            s = score(r["score"], layer.router.weight @ x_TD[t].float() + (rb if rb is not None else 0))
+            ws = [s[e] for e in es]
+            if r.get("normalize"):
+                tot = sum(ws) + 1e-20
+                ws = [w / tot for w in ws]
+            assignments[t] = [(e, w * r.get("scaling_factor", 1.0)) for e, w in zip(es, ws)]
     else:
         W = layer.router.weight
         rb = getattr(layer.router, "bias", None)
@@ -153,8 +163,13 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
     ys = []
     for t in range(T):
         y = torch.zeros(D, dtype=x_TD.dtype)
+        on_input = ex.get("routing_weight", "output") == "input"  # Llama 4: expert(w * x)
         for e, w in assignments[t]:
-            y = y + w * expert_fn(x_TD[t], up[e], down[e], None if ub is None else ub[e], None if db is None else db[e], **kw)
+            if e >= E:  # LongCat-Flash: identity experts return the input, zero experts nothing
+                y = y + (w * x_TD[t] if e < E + ex.get("identity_experts", 0) else 0)
+                continue
+            args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
+            y = y + (expert_fn(w * x_TD[t], *args, **kw) if on_input else w * expert_fn(x_TD[t], *args, **kw))
         sh = m.get("shared_experts", {})
         if sh.get("count", 0):
             sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj

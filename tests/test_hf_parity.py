@@ -74,6 +74,24 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "deepseek_v4": ("DeepseekV4SparseMoeBlock", dict(
         num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
         mlp_layer_types=["moe", "moe"])),
+    # Hash layers: experts from the token id -> experts table (tid2eid, in the checkpoint), weighted by the
+    # router's sqrt(softplus) scores, normalised and scaled.
+    "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
+        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+        mlp_layer_types=["hash_moe"] * 2)),
+    # The routing weight scales the expert input, expert(w * x) (every expert sees every token, zero-weighted
+    # where not chosen); sigmoid of the top-1 logit; a shared expert; experts stored [E, D, 2F].
+    "llama4": ("Llama4TextMoe", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16)),
+    # Zero-computation (identity) experts after the MLP experts: router over 8 + 4 choices, softmax, selection bias.
+    "longcat_flash": ("LongcatFlashMoE", dict(
+        n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
+        routed_scaling_factor=2.0)),
+    # The block scales the routed experts' sum itself (after the experts): folded into the routing scale.
+    # Experts stored as DBRX does (mlp.w1 / v1 / w2, each [E*F, D]), read into the same layer; L1-normalised top-k.
+    "dbrx": ("DbrxFFN", dict(ffn_config=dict(hidden_size=D, moe_num_experts=8, moe_top_k=2, ffn_hidden_size=16,
+                                             moe_normalize_expert_weights=1.0))),
+    "beam": ("BeamMoE", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
+                             routed_scaling_factor=2.5, head_dim=8)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}
@@ -85,11 +103,6 @@ REFUSED: dict[str, tuple[str, dict, str]] = {
     "gpt_oss": ("GptOssMLP", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16), "custom gate"),
     "phimoe": ("PhimoeSparseMoeBlock", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
                "routing is not one the spec language expresses"),
-    "llama4": ("Llama4TextMoe", dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16),
-               "scaled by their router scores"),
-    "deepseek_v4_hash": ("DeepseekV4SparseMoeBlock", dict(
-        num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mlp_layer_types=["hash_moe"] * 2),
-        "also takes input_ids"),
 }
 
 
@@ -99,12 +112,20 @@ def _config(family: str, overrides: dict):
                 hidden_act="silu", intermediate_size=48, first_k_dense_replace=1)
     n0 = cfg.num_hidden_layers
     for k, v in {**base, **overrides}.items():
-        setattr(cfg, k, v)
+        if isinstance(v, dict) and hasattr(getattr(cfg, k, None), "to_dict"):  # a sub-config (DBRX's ffn_config)
+            for sk, sv in v.items():
+                setattr(getattr(cfg, k), sk, sv)
+        else:
+            setattr(cfg, k, v)
     for k, v in list(vars(cfg).items()):  # per-layer lists follow the new layer count
         if isinstance(v, list) and len(v) == n0 and k != "mlp_only_layers":
             setattr(cfg, k, (v * cfg.num_hidden_layers)[: cfg.num_hidden_layers])
     cfg._experts_implementation = "eager"
     return cfg
+
+
+# LongCat's softmax over 12 choices gives scores near 0.08: a selection bias of 0.3 would decide every choice alone.
+SELECTION_BIAS_SCALE = {"longcat_flash": 0.02}
 
 
 def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> torch.nn.Module:
@@ -122,7 +143,11 @@ def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> to
         for name, t in list(block.named_parameters()) + list(block.named_buffers()):
             if t.is_floating_point():
                 scale = 0.3 if "bias" in name and t.dim() <= 2 and t.numel() <= 64 else 0.2
+                scale = SELECTION_BIAS_SCALE.get(family, scale) if "correction_bias" in name else scale
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
+            elif t.dim() == 2 and t.dtype != torch.bool:  # a token id -> experts table: distinct experts per row
+                E = cfg.num_local_experts
+                t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
     return block.float().eval()
 
 
@@ -151,15 +176,20 @@ def _close(a: torch.Tensor, ref: torch.Tensor, floor: float, what: str) -> None:
 
 
 def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-5) -> None:
-    block.experts.config._experts_implementation = impl
+    if hasattr(block.experts, "config"):  # Llama 4's experts have one implementation only
+        block.experts.config._experts_implementation = impl
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, D, generator=g)
     r = torch.randn(2, 5, D, generator=g)
     x_ref = x.clone().requires_grad_(True)
     x_mg = x.clone().requires_grad_(True)
-    out = block(x_ref)
+    arg = layer.hf_import.token_arg
+    ids = torch.randint(0, 64, (2, 5), generator=g) if arg else None  # the configs' vocab_size
+    out = block(x_ref, **({arg: ids} if arg else {}))
     y_ref = out[0] if isinstance(out, tuple) else out
-    y = layer(x_mg)
+    if layer.hf_import.flat_output:  # Llama 4 returns [tokens, D]
+        y_ref = y_ref.view(x.shape)
+    y = layer(x_mg, ids)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     (y_ref * r).sum().backward()
     (y * r).sum().backward()
@@ -350,3 +380,14 @@ def test_config_of_unreadable_family_refused() -> None:
                                             num_sparse_decoder_layers=2)
     with pytest.raises(UnsupportedBlock, match="SwitchTransformersSparseMLP.*v5 layout"):
         spec_from_hf_config(cfg)
+
+
+def test_longcat_identity_experts_are_chosen() -> None:
+    """The LongCat parity check means something only if tokens pick the identity experts."""
+    cls_name, overrides = FAMILIES["longcat_flash"]
+    layer = from_hf(make_block("longcat_flash", overrides, cls_name))
+    assert (layer.hf_import.spec.moe.experts.identity_experts, layer.hf_import.spec.moe.experts.zero_experts) == (4, 0)
+    layer.start_recording()
+    layer(torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1)))
+    ids = layer.stop_recording().ids()
+    assert (ids >= 8).any() and (ids < 8).any(), ids

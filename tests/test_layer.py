@@ -43,6 +43,8 @@ ROUTERS = {
     "expert_choice": {"type": "expert_choice", "capacity_factor": 2.0},
     "hash_random": {"type": "hash", "top_k": 2, "method": "random", "vocab_size": 50},
     "hash_modulo": {"type": "hash", "top_k": 2, "method": "modulo"},
+    "hash_table_scored": {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 50, "score": "sqrt_softplus",
+                          "normalize": True, "scaling_factor": 1.5, "router_bias": True},
 }
 
 
@@ -52,7 +54,7 @@ def _randomise(layer, seed=1):
         for name, p in layer.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "bias" in name else 1.0) / math.sqrt(p.shape[-1]))
         if hasattr(layer.router, "expert_bias"):
-            layer.router.expert_bias.copy_(torch.randn(E, generator=g) * 0.3)
+            layer.router.expert_bias.copy_(torch.randn(layer.router.expert_bias.shape, generator=g) * 0.3)
 
 
 def _compile(spec, tmp_path=None):
@@ -113,15 +115,17 @@ def test_shared_experts(shared, tmp_path, expert_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["softmax_top2_norm", "sigmoid_groups_bias", "capacity_probs", "expert_choice"])
+@pytest.mark.parametrize("name", ["softmax_top2_norm", "sigmoid_groups_bias", "capacity_probs", "expert_choice",
+                                  "hash_table_scored"])
 def test_gradients_match_reference(name, tmp_path):
     spec = make_spec(dict(ROUTERS[name]), shared={"count": 1, "gate": "sigmoid"})
     layer = _compile(spec, tmp_path).train()
     x = torch.randn(11, D, generator=torch.Generator().manual_seed(7), requires_grad=True)
     g = torch.randn(11, D, generator=torch.Generator().manual_seed(8))
+    tid = torch.randint(0, 50, (11,), generator=torch.Generator().manual_seed(9)) if "hash" in name else None
     params = [p for p in layer.parameters()]
-    got = torch.autograd.grad(layer(x), [x, *params], g)
-    ref = torch.autograd.grad(reference_forward(spec, layer, x), [x, *params], g, allow_unused=True)
+    got = torch.autograd.grad(layer(x, tid), [x, *params], g)
+    ref = torch.autograd.grad(reference_forward(spec, layer, x, tid), [x, *params], g, allow_unused=True)
     for a, b, in zip(got, ref):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
 
@@ -458,3 +462,81 @@ def test_torch_compile_training_matches_eager(tmp_path):
     # backward used to warn "Error detected in ...expert_mlp...Backward") and nothing breaks the graph.
     assert not [str(w.message) for w in caught if "expert_mlp" in str(w.message)]
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_hash_table_loads_with_the_weights_and_is_checked(tmp_path):
+    """A 'table' hash router's token id -> experts table is part of the state dict; a table that does not fit
+    the spec (rows != vocab_size, columns != top_k, ids outside the experts) is refused naming the field."""
+    spec = make_spec(dict(ROUTERS["hash_table_scored"]))
+    layer = _compile(spec, tmp_path).eval()
+    sd = layer.state_dict()
+    assert "router.hash_table" in sd and tuple(sd["router.hash_table"].shape) == (50, 2)
+    table = torch.rand(50, E, generator=torch.Generator().manual_seed(4)).argsort(-1)[:, :2]
+    layer.load_state_dict({**sd, "router.hash_table": table})
+    assert torch.equal(layer.router.hash_table, table)
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(5))
+    tid = torch.arange(7) * 7
+    torch.testing.assert_close(layer(x, tid), reference_forward(spec, layer, x, tid), rtol=1e-5, atol=1e-5)
+    bad_tables = {
+        "vocab_size": torch.zeros(49, 2, dtype=torch.long),
+        "top_k": torch.zeros(50, 3, dtype=torch.long),
+        "num_experts": torch.full((50, 2), E),
+        "integer": torch.zeros(50, 2),
+    }
+    for field, bad in bad_tables.items():
+        with pytest.raises(InputError, match=rf"router\.hash_table.*{field}"):
+            layer.load_state_dict({**sd, "router.hash_table": bad})
+    assert torch.equal(layer.router.hash_table, table)  # nothing half-loaded
+
+
+@pytest.mark.parametrize("router", ["sigmoid_groups_bias", "softmax_top2", "hash_table_scored"])
+def test_routing_weight_on_the_expert_input(router, tmp_path, expert_path):
+    """experts.routing_weight: input (Llama 4): expert(w * x) summed over the chosen experts, outputs and gradients
+    against the loop reference; it differs from w * expert(x), or this test would not test it."""
+    spec = make_spec(dict(ROUTERS[router]), experts={"routing_weight": "input"}, shared={"count": 1})
+    layer = _compile(spec, tmp_path).train()
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    g = torch.randn(9, D, generator=torch.Generator().manual_seed(12))
+    tid = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(13)) if "hash" in router else None
+    params = list(layer.parameters())
+    y = layer(x, tid)
+    ref = reference_forward(spec, layer, x, tid)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    on_output = _compile(make_spec(dict(ROUTERS[router]), shared={"count": 1}), tmp_path)
+    on_output.load_state_dict(layer.state_dict())
+    assert (on_output.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("router", ["softmax_top2", "sigmoid_groups_bias", "router_bias"])
+def test_identity_and_zero_experts(router, tmp_path, expert_path):
+    """experts.identity_experts / zero_experts (LongCat-Flash): extra router choices returning the input or nothing,
+    outputs and gradients against the loop reference; tokens do pick them, or this test would not test them."""
+    r = dict(ROUTERS[router])  # 12 router choices: groups of 3
+    spec = make_spec(r, experts={"identity_experts": 3, "zero_experts": 1}, shared={"count": 1})
+    layer = _compile(spec, tmp_path).train()
+    assert tuple(layer.router.weight.shape) == (E + 4, D) and layer.experts.down_proj.shape[0] == E
+    x = torch.randn(23, D, generator=torch.Generator().manual_seed(14), requires_grad=True)
+    g = torch.randn(23, D, generator=torch.Generator().manual_seed(15))
+    params = list(layer.parameters())
+    y = layer(x)
+    ref = reference_forward(spec, layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    layer.start_recording()
+    layer.eval()(x)
+    ids = layer.stop_recording().ids()
+    assert ((ids >= E) & (ids < E + 3)).any() and (ids == E + 3).any(), "no token chose an identity or zero expert"
+
+
+def test_identity_experts_need_a_dropless_topk_router():
+    with pytest.raises(moegraph.errors.SpecError, match="identity_experts"):
+        moegraph.load_spec(make_spec(dict(ROUTERS["expert_choice"]), experts={"identity_experts": 2}))
+    with pytest.raises(moegraph.errors.SpecError, match="capacity"):
+        moegraph.load_spec(make_spec(dict(ROUTERS["capacity_probs"]), experts={"zero_experts": 2}))

@@ -52,6 +52,16 @@ MODELS = {
                       shared_expert_intermediate_size=24),
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16),
+    # Its decoder passes input_ids to every MoE block: the hash layer routes by them (token id -> experts table
+    # shipped with the weights), the top-k layer ignores them.
+    "deepseek_v4": dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, routed_scaling_factor=1.5,
+                        mlp_layer_types=["hash_moe", "moe"], head_dim=8),
+    # Routing weight on the expert input (expert(w * x)), sigmoid top-1, shared expert; returns [tokens, D].
+    "llama4_text": dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size=16, intermediate_size_mlp=48,
+                        head_dim=8, interleave_moe_layer_step=1),
+    # Zero-computation (identity) experts among the router's choices.
+    "longcat_flash": dict(n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
+                          ffn_hidden_size=48, routed_scaling_factor=2.0, qk_head_dim=16, **MLA),
 }
 
 
@@ -64,6 +74,9 @@ def make_model(model_type: str, seed: int = 0, **extra):
         for name, t in model.named_buffers():
             if "bias" in name and t.is_floating_point():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif "tid2eid" in name:  # DeepSeek-V4's token id -> experts table (zeros until a checkpoint loads)
+                E = model.config.num_local_experts
+                t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
         for m in model.modules():
             if hf.is_hf_moe_block(m):
                 try:
@@ -410,3 +423,38 @@ def test_swapped_block_keeps_tuple_calling_convention() -> None:
     assert model.moegraph_report.records[0].status == "swapped"
     assert model.moe.output_kind == ("tuple", "router_logits")
     torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_adapter_takes_the_host_blocks_arguments() -> None:
+    """Token ids given by the host are accepted (ignored by a top-k layer); an argument it cannot honour is refused."""
+    model = make_model("deepseek_v4", **MODELS["deepseek_v4"])
+    moegraph.optimize(model)
+    assert model.model.layers[0].mlp.moe.NEEDS_TOKEN_IDS  # the hash layer routes by them
+    adapter = model.model.layers[1].mlp
+    assert isinstance(adapter, MoEBlockAdapter) and adapter.token_arg == "input_ids"
+    x = torch.randn(2, 5, 32)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    y = adapter(x)
+    torch.testing.assert_close(adapter(x, input_ids=ids), y)
+    torch.testing.assert_close(adapter(x, ids), y)  # positionally, as the original's signature allows
+    with pytest.raises(moegraph.errors.InputError, match="padding_mask"):
+        adapter(x, padding_mask=torch.ones(2, 5))
+
+
+def test_dbrx_model_layout_read_into_the_same_layer() -> None:
+    """DBRX keeps its experts as mlp.w1 / v1 / w2 ([E*F, D] each): optimize reads them into the usual layer."""
+    cfg = transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=32, moe_num_experts=8, moe_top_k=2, ffn_hidden_size=16))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)

@@ -11,8 +11,12 @@ import yaml
 from moegraph import load_spec
 from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
+from moegraph.planner.cost import expected_gpu_load
+from moegraph.planner.migration import _move_cost, host_copy_weight
+from moegraph.planner.replan import _cut_rate, _Layer, _prices
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan, replan_report
-from moegraph.traces import TraceSet, load_traces
+from moegraph.topology import cluster_of
+from moegraph.traces import TraceSet, coactivation, load_traces
 
 
 def _spec(nodes=1, gpus=8, slots=72, layers=3):
@@ -77,6 +81,68 @@ def test_relabel_keeps_hosts_together():
     assert migration(cur, got).slots_moved == 0
 
 
+
+def _expected_copies(plan, layer, topk):
+    """Reference: expected (remote GPU + extra-cost x remote host) copies per token, tokens starting on every
+    GPU equally, no replicas: a token served by D GPUs on H hosts sends D (1 - 1/G) + w H (1 - 1/N)."""
+    g, n = plan.num_gpus, plan.cluster.num_nodes
+    topo = plan.spec.topology
+    w = topo.intra_node_bandwidth_gbps / topo.inter_node_bandwidth_gbps - 1.0
+    gpu_of = np.empty(plan.num_experts, np.int64)
+    gpu_of[plan.physical_to_logical_map[layer]] = np.arange(plan.num_slots) // plan.slots_per_gpu
+    total = 0.0
+    for row in np.asarray(topk):
+        gpus = set(gpu_of[row].tolist())
+        hosts = {int(plan.node_of_gpu[x]) for x in gpus}
+        total += len(gpus) * (1 - 1 / g) + w * len(hosts) * (1 - 1 / n)
+    return total / len(topk)
+
+
+def test_relabel_with_traffic_regroups_hosts_only_where_no_worse_brute_force():
+    # 2 hosts x 2 GPUs: all 24 renamings per layer, 16 of which regroup GPUs into other hosts. With the
+    # traffic, relabel moves as few slots as any renaming whose expected copies do not rise.
+    spec = _spec(nodes=2, gpus=2, slots=64, layers=2)
+    law = _task("law", layers=2)
+    rng = np.random.default_rng(3)
+    cur = Plan(np.stack([rng.permutation(64) for _ in range(2)]), spec)
+    lo = baseline_plans(spec, law)["load_only"]
+    got, sym = relabel(lo, cur, law), relabel(lo, cur)
+    for layer in range(2):
+        old_sets = [set(cur.gpu_experts(layer, x)) for x in range(4)]
+        new_sets = [set(lo.gpu_experts(layer, x)) for x in range(4)]
+        base = _expected_copies(lo, layer, law.topk[layer])
+        best = None
+        for p in itertools.permutations(range(4)):
+            rows = lo.physical_to_logical_map[layer].reshape(4, 16)[list(p)].reshape(1, -1)
+            renamed = Plan(np.concatenate([rows, rows]), spec)
+            if _expected_copies(renamed, 0, law.topk[layer]) <= base + 1e-9:
+                moved = sum(len(new_sets[p[x]] - old_sets[x]) for x in range(4))
+                best = moved if best is None else min(best, moved)
+        assert _moved(got.physical_to_logical_map[layer], cur.physical_to_logical_map[layer]) == best
+        assert _expected_copies(got, layer, law.topk[layer]) <= base + 1e-9
+        assert sorted(map(sorted, new_sets)) == sorted(sorted(got.gpu_experts(layer, x)) for x in range(4))
+    # on this case the regrouping pays: fewer slots than the renamings within the topology's symmetry
+    assert migration(cur, got).slots_moved < migration(cur, sym).slots_moved
+
+
+def test_relabel_with_traffic_keeps_the_expected_balance_and_moves_less(setup):
+    spec = _spec(nodes=2, gpus=4, slots=72)
+    intent, law = _task("intent"), _task("law")
+    cur = plan(spec, intent)
+    lo = baseline_plans(spec, law)["load_only"]
+    got, sym = relabel(lo, cur, law), relabel(lo, cur)
+    assert migration(cur, got).slots_moved <= migration(cur, sym).slots_moved
+    for layer in range(lo.num_layers):
+        counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
+        # expected loads under the dispatch rule (tokens on every GPU equally), computed by the cost model
+        a, b = (expected_gpu_load(p, layer, counts) for p in (lo, got))
+        assert b.max() / b.mean() <= a.max() / a.mean() + 1e-9
+    # one host: every renaming preserves the topology, traffic changes nothing
+    spec1 = _spec(nodes=1, gpus=8, slots=72)
+    cur1, lo1 = plan(spec1, intent), baseline_plans(spec1, law)["load_only"]
+    assert np.array_equal(relabel(lo1, cur1, law).physical_to_logical_map, relabel(lo1, cur1).physical_to_logical_map)
+
+
 def test_migration_counts_sources_bytes_and_time(setup):
     spec, current, _, _ = setup
     row = current.physical_to_logical_map.copy()
@@ -126,6 +192,50 @@ def test_a_longer_horizon_buys_fewer_remote_copies_with_more_moves(setup):
     assert migration(current, long).slots_moved > migration(current, short).slots_moved
     # both keep the balance the repair reached (within what the dispatch rule's round-robin adds)
     assert m_long["max_mean_load"] < 1.08
+
+
+
+def _cut_rate_of(nodes, gpus, spg=2, experts=8, tokens=400):
+    """The re-plan's copies-per-cut rate on random top-2 traffic, for a placement of ``experts`` experts on
+    ``nodes`` x ``gpus`` GPUs (no replicas)."""
+    d = load_spec("deepseek-v2-lite-tiny").to_dict()
+    d["topology"].update(nodes=nodes, gpus_per_node=gpus)
+    cl = cluster_of(load_spec(d))
+    g = cl.num_gpus
+    assert g * spg == experts
+    rng = np.random.default_rng(0)
+    topk = np.stack([rng.choice(experts, 2, replace=False) for _ in range(tokens)])
+    row = rng.permutation(experts)
+    old = np.zeros((experts, g), bool)
+    old[row, np.arange(experts) // spg] = True
+    cost = _move_cost(cl)
+    st = _Layer(ex=row.copy(), gpu=np.arange(experts) // spg, old=old, cnt=np.ones((g, experts)), node=cl.node_of_gpu,
+                price=_prices(old, cost))
+    return _cut_rate(st, coactivation(topk, experts) / tokens, cost, topk, host_copy_weight(cl))
+
+
+def test_cut_rate_converts_split_pairs_into_copies_exactly_for_top2():
+    # Top-2 tokens: the cut counts one split pair per token whose two experts sit apart, at the link's
+    # relative cost; the wire carries one remote GPU copy (and one host copy) in expectation over the
+    # token's source GPU.
+    # One host of 4 GPUs: a split costs 1 in the cut and (1 - 1/4) GPU copies.
+    assert _cut_rate_of(1, 4) == pytest.approx(0.75)
+    # Two hosts of one GPU (inter-host link 8x the NVLink cost): a split costs 8 in the cut and, in copies
+    # over the fastest link, (1 - 1/2) GPU copies + 7 x (1 - 1/2) extra for the host hop: 4.
+    assert _cut_rate_of(2, 1, spg=4) == pytest.approx(0.5)
+
+
+def test_replan_prices_the_cut_by_its_measured_copies(setup):
+    spec, current, _, law = setup
+    one = replan(spec, current, law)
+    rate1 = one.policy["copies_per_cut"]
+    spec2 = _spec(nodes=2, gpus=4)
+    two = replan(spec2, plan(spec2, _task("intent")), law)
+    rate2 = two.policy["copies_per_cut"]
+    # a pair split across hosts weighs 8 in the cut but adds much less than 8 copies' worth of link cost
+    assert 0 < rate2 < 0.5 * rate1 < 1.0
+    assert one.policy["horizon_tokens"] == two.policy["horizon_tokens"] == 25_000
+    assert replan(spec, current, law, horizon_tokens=0).policy["copies_per_cut"] == 0.0
 
 
 def test_replan_respects_a_move_budget(setup):

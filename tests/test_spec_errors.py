@@ -171,6 +171,9 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("fp8-on-triton", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 16]}),
                            _set("codegen.backend", "triton")),
      "codegen.backend", ("torch backend only", "set codegen.backend: torch")),
+    ("fp8-input-scaled-experts", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 16]}),
+                                      _set("moe.experts.routing_weight", "input")),
+     "moe.experts.routing_weight", ("FP8 experts weight each expert's output", "set routing_weight: output")),
 ]
 
 assert len(CASES) >= 25

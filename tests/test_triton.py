@@ -232,6 +232,38 @@ def test_expert_mlp_fake_and_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_new_table_entries_reach_the_kernels(monkeypatch):
+    """An activation and a score added to moegraph.semantics' tables run in the kernels with no other edit."""
+    from moegraph.semantics import ACTIVATIONS, SCORE_FUNCTIONS
+    from moegraph.semantics.activations import Activation
+
+    monkeypatch.setitem(ACTIVATIONS, "swiglu_oai", Activation("swiglu_oai", "gate * sigmoid(1.702 * gate) * (up + 1)",
+                                                              gated=True))
+    monkeypatch.setitem(SCORE_FUNCTIONS, "sqrt_sigmoid", "sqrt(sigmoid(x))")
+    g = torch.Generator().manual_seed(11)
+    w = _weights(g, torch.float32, bias=True)
+    T, K = 9, 2
+    x = torch.randn(T, D, generator=g)
+    tok, exp = _assignments(T, K, g, drop=True)
+    wt = torch.rand(T * K, generator=g)
+    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], w["b_up"], w["b_down"],
+                                             "swiglu_oai", True, 0.8, 0.9, None, None, None)
+    ref = torch.zeros(T, D)
+    for n in range(T * K):  # a loop over assignments, the activation written out in torch
+        e, t = int(exp[n]), int(tok[n])
+        if 0 <= e < E:
+            h = w["w_up"][e] @ x[t] + w["b_up"][e]
+            gate, up = h[:F_].clamp(max=0.8), h[F_:].clamp(-0.9, 0.9)
+            ref[t] += wt[n] * (w["w_down"][e] @ (gate * torch.sigmoid(1.702 * gate) * (up + 1)) + w["b_down"][e])
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    logits = torch.randn(T, E, generator=g)
+    ids, wts = torch.ops.moegraph_triton.route_topk(logits, None, 2, "sqrt_sigmoid", False, True, 1.0, 0, 0, "max", 0)
+    s = torch.sqrt(torch.sigmoid(logits))
+    want_w, want_ids = torch.topk(s, 2, dim=-1)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(wts, want_w / want_w.sum(-1, keepdim=True), **TOL[torch.float32])
+
+
 # ----------------------------------------------------------------------------------------------
 # Router
 # ----------------------------------------------------------------------------------------------
@@ -399,8 +431,12 @@ def test_forward_after_the_first_renders_and_parses_nothing(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("router", [{"type": "expert_choice", "capacity_factor": 1.5},
-                                    {"type": "hash", "top_k": 2, "method": "modulo"}], ids=["expert_choice", "hash"])
+                                    {"type": "hash", "top_k": 2, "method": "modulo"},
+                                    {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 100,
+                                     "score": "sqrt_softplus", "normalize": True, "scaling_factor": 1.5}],
+                         ids=["expert_choice", "hash", "hash_table_scored"])
 def test_other_routers_match_torch_backend(router, tmp_path):
+    # Hash routing (a table included) runs as torch code in the generated layer on the Triton backend too.
     # Expert choice hands the op assignments grouped by expert, not by token: the combine must regroup.
     spec = moegraph.load_spec({"name": f"t-{router['type']}", "moe": {
         "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_}, "router": router}})

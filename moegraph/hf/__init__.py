@@ -24,9 +24,12 @@ How a block is read, for any family (no per-family table):
 4. ``from_hf`` then compiles the spec, copies (or shares) the weights and compares the compiled
    layer with the block on random tokens.
 
-Families whose math the spec cannot express are refused with ``UnsupportedBlock`` naming the
-feature (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(alpha * gate)``, Phi-MoE's sparsemixer,
-Llama 4's router-scaled expert input, ...).
+Blocks that take token ids (DeepSeek-V4's ``input_ids``) are probed with random ids: a routing
+that changes with them must be a token id -> experts table the block holds (hash routing). Blocks
+that feed every expert every token scaled by its routing weight (Llama 4) read as
+``experts.routing_weight: input``. Families whose math the spec cannot express are refused with
+``UnsupportedBlock`` naming the feature (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(alpha * gate)``,
+Phi-MoE's sparsemixer, ...); tests/test_hf_families.py lists them for the installed transformers.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from .anatomy import (
 )
 from .block import HFImport, check_target, compare, from_hf, read_block, tolerance
 from .config import load_hf_config, spec_from_hf_config
-from .probe import Probe, light_copy, probe_block
+from .probe import Probe, forward_args, light_copy, probe_block, token_id_arg, token_vocab
 from .quant import block_scales
 from .routing import Declared, Routing, declared_routing, identify_routing, route
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
@@ -61,6 +64,7 @@ __all__ = [
     "check_target",
     "compare",
     "declared_routing",
+    "forward_args",
     "from_hf",
     "get_path",
     "hf_weights",
@@ -75,6 +79,8 @@ __all__ = [
     "read_block",
     "route",
     "spec_from_hf_config",
+    "token_id_arg",
+    "token_vocab",
     "tolerance",
     "torch_dtype_of",
 ]

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .vocab import _ACT_FNS, _SHARED_NAMES
+from .vocab import _ACT_FNS, _SHARED_NAMES, GATED_ACT
 
 
 @dataclass
@@ -41,6 +41,10 @@ class BlockAnatomy:
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
+    token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
+    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D]
+    identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
+    zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -97,7 +101,7 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
     # Our layout: all gate columns, then all up columns.
     ours = torch.cat([h[:, 0::2], h[:, 1::2]], 1) if interleaved else h
     clamp_options = [(None, None)] + ([(limit, limit), (limit, None), (None, limit)] if limit else [])
-    for act in ("silu", "gelu", "gelu_tanh", "relu"):
+    for act in GATED_ACT:  # the gated entries of the activation table
         for gc, uc in clamp_options:
             if isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(
                 ref, apply_activation(ours, act, True, gc, uc), rtol=1e-5, atol=1e-6
@@ -117,7 +121,22 @@ def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
             p = getattr(child, w, None)
             if isinstance(p, Tensor) and p.dim() == 3 and isinstance(getattr(child, "down_proj", None), Tensor):
                 return name, child
+        if flat_glu(child) is not None:
+            return name, child
     return None
+
+
+def flat_glu(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
+    """(w1, v1, w2, E, F) of experts stored as DBRX does: ``mlp.w1`` (gate), ``mlp.v1`` (up) and ``mlp.w2``
+    (down, transposed), each [E*F, D], with ``num_experts`` E; None for any other layout."""
+    mlp = getattr(experts, "mlp", None)
+    ws = [getattr(mlp, n, None) for n in ("w1", "v1", "w2")]
+    E = getattr(experts, "num_experts", None)
+    if not all(isinstance(w, Tensor) and w.dim() == 2 for w in ws) or not isinstance(E, int) or E <= 0:
+        return None
+    if len({tuple(w.shape) for w in ws}) != 1 or ws[0].shape[0] % E:
+        return None
+    return ws[0], ws[1], ws[2], E, ws[0].shape[0] // E
 
 
 def is_hf_moe_block(module: nn.Module) -> bool:
@@ -132,35 +151,39 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if found is None:
         raise UnsupportedBlock(
             "no experts module with 3-D gate_up_proj/up_proj and down_proj weights (the transformers v5 "
-            "layout) was found among the block's children",
+            "layout) or DBRX's mlp.w1/v1/w2 was found among the block's children",
             cls,
         )
     ename, experts = found
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
-    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    flat = flat_glu(experts)
+    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor)
     interleaved = gated and getattr(experts, "is_concatenated", True) is False
     clamps: tuple[float | None, float | None] = (None, None)
     custom_act = None
     apply_gate = getattr(type(experts), "_apply_gate", None)
-    if gated and apply_gate is not None:
+    if flat is not None:
+        # DBRX: read into the same [E, 2F, D] / [E, D, F] layout (hf.weights does the copy).
+        custom_act = probe_activation(getattr(experts.mlp, "activation_fn", None))
+        _, _, _, E_, F_ = flat
+        up = torch.empty(E_, 2 * F_, flat[0].shape[1], device="meta")
+        down = torch.empty(E_, flat[0].shape[1], F_, device="meta")
+    elif gated and apply_gate is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
         except ImportError:  # pragma: no cover - older transformers
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
             custom_act, clamps = _read_gate_function(experts, interleaved, cls)
-    gated = isinstance(getattr(experts, "gate_up_proj", None), Tensor)
-    up = experts.gate_up_proj if gated else experts.up_proj
-    down = experts.down_proj
-    E = up.shape[0]
-    if down.shape[0] != E:
-        raise UnsupportedBlock(
-            f"its experts hold {E} up projections but {down.shape[0]} down projections (extra non-MLP experts, "
-            "e.g. zero/identity experts, have no spec equivalent)", cls,
-        )
-    transposed = getattr(experts, "is_transposed", None)
+    if flat is None:
+        up = experts.gate_up_proj if gated else experts.up_proj
+        down = experts.down_proj
+    E = down.shape[0]
+    if up.shape[0] < E:
+        raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
+    transposed = False if flat is not None else getattr(experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
         # up [E, D, H] with down [E, F, D] is transposed.
@@ -189,7 +212,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     anat_kwargs: dict[str, Any] = dict(
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
-        gate_clamp=clamps[0], up_clamp=clamps[1],
+        gate_clamp=clamps[0], up_clamp=clamps[1], expert_layout="flat_glu" if flat is not None else "3d",
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
@@ -243,25 +266,93 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
 
     tensors = [(n, t) for n, t in _named_tensors(block) if outside(n)]
     routers = [n for n, t in tensors if t.dim() == 2 and tuple(t.shape) == (E, D)]
+    if not routers:  # a router with more choices than MLP experts: the rest are identity/zero experts (LongCat)
+        routers = [n for n, t in tensors if t.dim() == 2 and t.shape[1] == D and t.shape[0] > E
+                   and t.is_floating_point()]
     if len(routers) != 1:
         raise UnsupportedBlock(
             f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found "
             f"{routers or 'none'}", cls,
         )
     rw = routers[0]
+    R = dict(tensors)[rw].shape[0]
+    if R > E:
+        try:
+            anat_kwargs["identity_experts"], anat_kwargs["zero_experts"] = _extra_experts(experts, E, R, D, cls)
+        except UnsupportedBlock as exc:
+            raise UnsupportedBlock(
+                f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found none; {rw} "
+                f"{tuple(dict(tensors)[rw].shape)} is not a router over the {E} experts and identity/zero experts "
+                f"({exc.reason})", cls) from exc
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
     rb_t = dict(tensors).get(rb)
-    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == E else None
+    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R else None
     rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
-    ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == E]
+    ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == R]
     if len(ebias) > 1:
         raise UnsupportedBlock(f"several E-sized tensors {ebias} could be the expert-selection bias", cls)
     unexplained = tuple(n for n, t in rest if n not in ebias and t.is_floating_point())
     return BlockAnatomy(
         router_weight_name=rw, router_bias_name=router_bias, expert_bias_name=ebias[0] if ebias else None,
-        unexplained=unexplained, **anat_kwargs,
+        unexplained=unexplained, token_table_name=_token_table(rest, E, config, cls), **anat_kwargs,
     )
+
+
+def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tuple[int, int]:
+    """(identity, zero) counts of the router choices E..R-1 beyond the MLP experts, found by running the
+    experts module on one token per such choice with weight 1: each must return its input (identity)
+    or zero, the identity ones first (the spec's order)."""
+    p = next(experts.parameters())
+    if p.is_meta:
+        raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts, which can only be read "
+                               "from loaded weights (not the meta device)", cls)
+    x = torch.randn(R - E, D, generator=torch.Generator().manual_seed(0)).to(p)
+    # Two choices per token (some experts modules assume K > 1): the choice, and again with weight 0.
+    ids = torch.arange(E, R, device=p.device).view(-1, 1).expand(R - E, 2)
+    w = torch.tensor([[1.0, 0.0]], dtype=p.dtype, device=p.device).expand(R - E, 2)
+    try:
+        with torch.no_grad():
+            out = experts(x, ids, w)
+    except Exception as exc:  # reported as the reason
+        raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts and running its experts "
+                               f"on them failed ({type(exc).__name__}: {exc})", cls) from exc
+    kinds = []
+    for i in range(R - E):
+        if torch.allclose(out[i], x[i], rtol=1e-5, atol=1e-6):
+            kinds.append("identity")
+        elif torch.allclose(out[i], torch.zeros_like(x[i]), atol=1e-6):
+            kinds.append("zero")
+        else:
+            raise UnsupportedBlock(f"router choice {E + i} (beyond the {E} MLP experts) is neither an identity nor "
+                                   "a zero expert", cls)
+    n_id = kinds.count("identity")
+    if kinds != ["identity"] * n_id + ["zero"] * (len(kinds) - n_id):
+        raise UnsupportedBlock("its zero experts come before identity experts; the spec orders identity first", cls)
+    return n_id, len(kinds) - n_id
+
+
+def _token_table(tensors: list[tuple[str, Tensor]], E: int, config: Any, cls: str) -> str | None:
+    """The block's token id -> experts table (a 2-D integer tensor, DeepSeek-V4's ``tid2eid``), checked
+    against the experts and the config's vocabulary before any spec is built."""
+    tables = [(n, t) for n, t in tensors if t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool]
+    if not tables:
+        return None
+    if len(tables) > 1:
+        raise UnsupportedBlock(f"several integer tables {[n for n, _ in tables]} could be its token id -> experts "
+                               "table", cls)
+    name, t = tables[0]
+    V, K = t.shape
+    if K > E:
+        raise UnsupportedBlock(f"its token table {name} has {K} experts per token but there are {E} experts", cls)
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    if isinstance(vocab, int) and vocab != V:
+        raise UnsupportedBlock(f"its token table {name} has {V} rows but the config's vocab_size is {vocab}; "
+                               "a token id -> experts table needs one row per token id", cls)
+    if not t.is_meta and t.numel() and (int(t.min()) < 0 or int(t.max()) >= E):
+        raise UnsupportedBlock(f"its token table {name} holds expert ids in [{int(t.min())}, {int(t.max())}], "
+                               f"outside the {E} experts", cls)
+    return name
 
 
 def _shared_layout(mod: nn.Module, D: int) -> str | None:

@@ -38,6 +38,12 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
         experts["gate_clamp"] = anat.gate_clamp
     if anat.up_clamp is not None:
         experts["up_clamp"] = anat.up_clamp
+    if routing.on_input:
+        experts["routing_weight"] = "input"
+    if anat.identity_experts:
+        experts["identity_experts"] = anat.identity_experts
+    if anat.zero_experts:
+        experts["zero_experts"] = anat.zero_experts
     moe: dict[str, Any] = {"hidden_size": anat.hidden_size, "experts": experts}
     if anat.shared_names:
         if anat.shared_activation_fn is not None and anat.shared_activation_fn != anat.activation_fn:

@@ -11,12 +11,12 @@ import torch.nn as nn
 
 from .. import fp8
 from ..errors import UnsupportedBlock
-from ..runtime import _DTYPES
+from ..semantics import torch_dtype
 from ..spec import MoESpec
 from .quant import block_scales, is_fp8_block, quantization_section, reference_block, shared_is_fp8
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
 from .assemble import _dtype_name, build_spec
-from .probe import probe_block
+from .probe import probe_block, token_vocab
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
@@ -32,6 +32,8 @@ class HFImport:
     output_kind: tuple[str, ...]
     notes: list[str]
     max_abs_diff: float | None = None
+    token_arg: str | None = None  # the block's forward argument carrying token ids (used or ignored per the spec)
+    flat_output: bool = False  # the block returns [tokens, D] for a [B, S, D] input
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -42,11 +44,15 @@ def _find_config(block: nn.Module) -> Any:
     return None
 
 
+def _expert_tensor(block: nn.Module, anat: BlockAnatomy) -> torch.Tensor:
+    """One of the block's expert weights (any layout): their dtype and device are the block's."""
+    return next(getattr(block, anat.experts_name).parameters())
+
+
 def _block_dtype(block: nn.Module, anat: BlockAnatomy, cfg: Any = None) -> torch.dtype:
-    experts = getattr(block, anat.experts_name)
     if is_fp8_block(block, anat):  # FP8 experts: the layer computes in the model's dtype
-        return _DTYPES[_dtype_name(cfg, "bfloat16")] if cfg is not None else torch.bfloat16
-    return experts.down_proj.dtype
+        return torch_dtype(_dtype_name(cfg, "bfloat16")) if cfg is not None else torch.bfloat16
+    return _expert_tensor(block, anat).dtype
 
 
 def _quantization(block: nn.Module, anat: BlockAnatomy, cfg: Any) -> dict | None:
@@ -92,23 +98,33 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model,
                       quantization=_quantization(block, anat, cfg))
-    return HFImport(spec, anat, routing, probe.output_kind, notes)
+    return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
+                    flat_output=probe.flat_output)
 
 
-def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0) -> tuple[float, float]:
-    """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode."""
+def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0,
+            token_arg: str | None = None) -> tuple[float, float]:
+    """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode.
+
+    ``token_arg``: the block's forward argument for token ids; random ids go to it and to the layer.
+    """
     p = next(layer.parameters())
     g = torch.Generator().manual_seed(seed)
     D = layer.HIDDEN
     x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.compute_dtype)
+    kwargs, tid = {}, None
+    if token_arg:
+        tid = torch.randint(0, token_vocab(block), (1, tokens), generator=g).to(p.device)
+        kwargs[token_arg] = tid
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
     try:
         with torch.no_grad():
-            ref = block(x)
+            ref = block(x, **kwargs)
             ref = ref[0] if isinstance(ref, tuple) else ref
-            y = layer(x.clone())
+            y = layer(x.clone(), tid)
+            ref = ref.reshape(y.shape) if ref.numel() == y.numel() else ref  # [tokens, D] blocks (Llama 4)
     finally:
         block.train(modes[0])
         layer.train(modes[1])
@@ -155,16 +171,16 @@ def from_hf(
     info = read_block(block, config, name=name)
     anat = info.anatomy
     src_dtype = _block_dtype(block, anat, _find_config(block) if config is None else _text_config(config))
-    src_device = getattr(block, anat.experts_name).down_proj.device
+    src_device = _expert_tensor(block, anat).device
     layer = mg_compile(info.spec, backend=backend, out_dir=out_dir, dtype=dtype or src_dtype,
                        device=device or src_device, seed=None)
     # FP8 experts: their bytes and block scales as they are, nothing dequantized.
-    load_hf_weights(layer, hf_weights(block, anat) | block_scales(block, anat), share=share_weights and dtype in (None, src_dtype)
-                    and device in (None, src_device))
+    load_hf_weights(layer, hf_weights(block, anat) | block_scales(block, anat),
+                    share=share_weights and dtype in (None, src_dtype) and device in (None, src_device))
     layer.__dict__["hf_import"] = info
     if check:
         ref, tol = check_target(block, anat, layer)
-        diff, scale = compare(ref, layer)
+        diff, scale = compare(ref, layer, token_arg=info.token_arg)
         info.max_abs_diff = diff
         if not diff <= tol * max(scale, 1e-6):
             raise UnsupportedBlock(

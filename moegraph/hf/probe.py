@@ -16,22 +16,28 @@ from torch import Tensor
 
 from ..errors import UnsupportedBlock
 from .anatomy import BlockAnatomy, _named_tensors, get_path
+from .vocab import TOKEN_ID_ARGS
 
 
 class _Recorder(nn.Module):
     """Stands in for experts / shared experts in the probe copy: records inputs, returns a known tensor."""
 
-    def __init__(self, out_TD: Tensor):
+    def __init__(self, out_TD: Tensor, dense_out_ND: Tensor | None = None):
         super().__init__()
         self.out_TD = out_TD
+        self.dense_out_ND = dense_out_ND  # returned when called on every (expert, token) row (Llama 4)
         self.calls: list[tuple[tuple, dict]] = []
 
     def forward(self, *args, **kwargs):
         self.calls.append((args, kwargs))
         x = args[0] if args else next(iter(kwargs.values()))
-        if x.numel() != self.out_TD.numel():  # an unexpected call; the probe reports it afterwards
+        out = self.out_TD
+        if self.dense_out_ND is not None and x.numel() == self.dense_out_ND.numel():
+            out = self.dense_out_ND
+        if x.numel() != out.numel():  # an unexpected call; the probe reports it afterwards
             return torch.zeros_like(x)
-        return self.out_TD.to(x.dtype).reshape(*x.shape[:-1], self.out_TD.shape[-1])
+        # A copy: a block may add to what its experts return in place.
+        return out.to(x.dtype, copy=True).reshape(*x.shape[:-1], out.shape[-1])
 
 
 @dataclass
@@ -44,6 +50,13 @@ class Probe:
     ids_TK: Tensor
     weights_TK: Tensor
     output_kind: tuple[str, ...]  # ("tensor",) or ("tuple", kind of each extra element, ...)
+    token_arg: str | None = None  # the forward argument carrying token ids (``input_ids``), if it takes one
+    token_ids_T: Tensor | None = None  # the ids the probe passed in it
+    uses_token_ids: bool = False  # whether the routing changed with the ids (two probes, other ids)
+    token_table_VK: Tensor | None = None  # the (random) token id -> experts table of the probe copy
+    input_scaled: bool = False  # the experts got every token scaled by its routing weight: expert(w * x)
+    flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
+    routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -83,26 +96,45 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
             else:
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3 + 1.0)
+        table = get_path(light, anat.token_table_name) if anat.token_table_name else None
+        if table is not None:  # distinct random experts per token id, so that the table's use shows
+            V, K = table.shape
+            table.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K])
         routed_out = torch.randn(tokens, D, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
-        experts = _Recorder(routed_out)
-        light._modules[anat.experts_name] = experts
-        sharers = []
-        for n in anat.shared_names:
-            sharers.append(_Recorder(shared_out))
-            light._modules[n] = sharers[-1]
+        dense_out = torch.randn(E * tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
+        token_arg = token_id_arg(block)
+        vocab = token_vocab(block)
+        tid_T = torch.randint(0, vocab, (tokens,), generator=g)
+
+        def run(tid_1T: Tensor | None) -> tuple[object, _Recorder, list[_Recorder]]:
+            experts = _Recorder(routed_out, dense_out)
+            light._modules[anat.experts_name] = experts
+            sharers = []
+            for n in anat.shared_names:
+                sharers.append(_Recorder(shared_out))
+                light._modules[n] = sharers[-1]
+            kwargs = {token_arg: tid_1T} if token_arg else {}
+            return light(x, **kwargs), experts, sharers
+
         try:
-            out = light(x)
+            out, experts, sharers = run(tid_T.view(1, tokens) if token_arg else None)
+            uses_ids = False
+            if token_arg:
+                # Evidence, not a guess: the routing uses the token ids iff other ids route otherwise.
+                _, again, _ = run(((tid_T + 1 + torch.randint(0, vocab - 1, (tokens,), generator=g)) % vocab)
+                                  .view(1, tokens))
+                uses_ids = not _same_calls(experts, again)
         except Exception as exc:  # reported as the reason the block cannot be read
-            extra = _extra_forward_args(block)
+            extra = forward_args(block)
             hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
                     "states, e.g. token-id hash routing, is not read)") if extra else ""
             raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
         w_r = get_path(light, anat.router_weight_name)
         b_r = get_path(light, anat.router_bias_name) if anat.router_bias_name else None
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
-        eb = get_path(light, anat.expert_bias_name).reshape(E).clone() if anat.expert_bias_name else None
+        eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
     # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
     if len(experts.calls) != 1:
@@ -110,20 +142,20 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                                "with (hidden_states, top_k_index, top_k_weights)", cls)
     args, kwargs = experts.calls[0]
     vals = list(args) + list(kwargs.values())
-    if len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens:
-        raise UnsupportedBlock(
-            "it feeds every expert all tokens scaled by their router scores (expert(score * x), as Llama 4 does); "
-            "the spec applies routing weights to expert outputs (score * expert(x))", cls,
-        )
-    if len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
+    input_scaled = len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens
+    if input_scaled:
+        ids, w = _weights_from_scaled_inputs(vals[0], x.view(tokens, D), anat)
+    elif len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
         raise UnsupportedBlock(
             "its experts are not called as experts(hidden_states, top_k_index, top_k_weights)"
             + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
         )
-    h, ids, w = vals[:3]
-    if ids.is_floating_point() and not w.is_floating_point():
-        ids, w = w, ids
-    if h.shape[-1] != D or h.numel() != tokens * D or not torch.equal(h.reshape(tokens, D), x.view(tokens, D)):
+    if not input_scaled:
+        h, ids, w = vals[:3]
+        if ids.is_floating_point() and not w.is_floating_point():
+            ids, w = w, ids
+    if not input_scaled and (h.shape[-1] != D or h.numel() != tokens * D
+                             or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -132,9 +164,11 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         raise UnsupportedBlock(f"its experts receive routing of shape {tuple(ids.shape)}/{tuple(w.shape)}; expected "
                                f"[{tokens}, K] ids and weights", cls)
 
-    # The combine: output == routed + (sigmoid gate *) shared.
+    # The combine: output == c * routed + (sigmoid gate *) shared, with c = 1 unless the block scales the
+    # routed output itself (Beam): c is read off the output and folded into the routing weights.
     y = out[0] if isinstance(out, tuple) else out
-    expect = routed_out.clone()
+    routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
+    expect = torch.zeros(tokens, D)
     if anat.shared_names:
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
@@ -144,7 +178,15 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             wg = get_path(light, anat.shared_gate_name).weight
             scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
         expect = expect + scale * shared_out
-    if not isinstance(y, Tensor) or y.numel() != tokens * D or not torch.allclose(
+    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D:
+        raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
+                               "the compiled layer returns [..., hidden] like its input", cls)
+    routed_scale = 1.0
+    if isinstance(y, Tensor) and y.numel() == tokens * D and not input_scaled:
+        c = float(((y.reshape(tokens, D).float() - expect) * routed).sum() / (routed * routed).sum())
+        routed_scale = 1.0 if math.isclose(c, 1.0, rel_tol=1e-5) else float(f"{c:.6g}")
+    expect = expect + routed_scale * routed
+    if not isinstance(y, Tensor) or y.numel() != tokens * D or not routed_scale > 0 or not torch.allclose(
         y.reshape(tokens, D), expect, rtol=1e-5, atol=1e-6
     ):
         extra = f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""
@@ -161,10 +203,68 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             else:
                 extras.append("unknown")
         kind = ("tuple", *extras)
-    return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind)
+    return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
+                 tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
+                 y.dim() == 2, routed_scale)
 
 
-def _extra_forward_args(block: nn.Module) -> list[str]:
+def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:
+    """(ids_TK, weights_TK) of a block that feeds every expert every token scaled by its routing weight
+    (Llama 4: row e*T + t is w[t, e] * x[t], zero for experts not chosen); the spec's routing_weight: input.
+
+    Summing expert(w * x) over all experts equals the sum over the chosen ones only if an expert maps 0
+    to 0, so expert biases are refused.
+    """
+    cls = anat.block_class
+    E, (T, D) = anat.num_experts, x_TD.shape
+    r_ETD = rows_ND.reshape(E, T, D).float()
+    w_ET = (r_ETD * x_TD).sum(-1) / (x_TD * x_TD).sum(-1)
+    if not torch.allclose(r_ETD, w_ET.unsqueeze(-1) * x_TD, rtol=1e-5, atol=1e-6):
+        raise UnsupportedBlock("it feeds every expert every token, transformed otherwise than scaled by one weight "
+                               "per (expert, token)", cls)
+    chosen_ET = w_ET != 0
+    K = int(chosen_ET.sum(0).max())
+    if K == 0 or not bool((chosen_ET.sum(0) == K).all()):
+        raise UnsupportedBlock("it feeds every expert every token scaled by its routing weight, but tokens choose "
+                               "different numbers of experts", cls)
+    if anat.expert_bias_terms:
+        raise UnsupportedBlock("it feeds every expert every token scaled by its routing weight (zero where not "
+                               "chosen), and its experts have biases, so unchosen experts still add to the output", cls)
+    ids_TK = chosen_ET.t().float().topk(K, dim=-1).indices
+    return ids_TK, w_ET.t().gather(1, ids_TK)
+
+
+def token_id_arg(block: nn.Module) -> str | None:
+    """The block's forward argument that carries token ids (``input_ids``), if it has one."""
+    return next((a for a in forward_args(block) if a in TOKEN_ID_ARGS), None)
+
+
+def token_vocab(block: nn.Module) -> int:
+    """How many token ids the probe may draw from: the model config's vocabulary, else 64."""
+    for _, t in _named_tensors(block):
+        if t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool:  # a token table: its rows
+            return t.shape[0]
+    for m in (block, *block.modules()):
+        v = getattr(getattr(m, "config", None), "vocab_size", None)
+        if isinstance(v, int) and v > 1:
+            return v
+    return 64
+
+
+def _same_calls(a: _Recorder, b: _Recorder) -> bool:
+    if len(a.calls) != len(b.calls):
+        return False
+    for (args_a, kw_a), (args_b, kw_b) in zip(a.calls, b.calls):
+        va, vb = list(args_a) + list(kw_a.values()), list(args_b) + list(kw_b.values())
+        if len(va) != len(vb) or not all(
+            torch.equal(p, q) if isinstance(p, Tensor) and isinstance(q, Tensor) else p == q for p, q in zip(va, vb)
+        ):
+            return False
+    return True
+
+
+def forward_args(block: nn.Module) -> list[str]:
+    """The names of the arguments of ``block.forward`` after the hidden states."""
     import inspect
 
     try:

@@ -70,7 +70,8 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
 
 
 def is_fp8_block(block: nn.Module, anat: BlockAnatomy) -> bool:
-    return fp8.is_fp8(getattr(block, anat.experts_name).down_proj)
+    """Whether the block's experts store FP8 weights (any layout: not every family names a down_proj)."""
+    return any(fp8.is_fp8(p) for p in getattr(block, anat.experts_name).parameters(recurse=False))
 
 
 def _shared_linears(block: nn.Module, anat: BlockAnatomy) -> tuple[list[nn.Module], nn.Module] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
+from ..semantics.routing import TopKPolicy, route_topk
 from .probe import Probe
 from .vocab import _HF_SCORES, _NORMALIZE, _SCALING, _SCORE, _SCORE_FNS, _TOP_K, _attr
 
@@ -20,14 +22,25 @@ class Routing:
     """A top-k routing in the spec language's terms (see TopKRouter)."""
 
     top_k: int
-    score: str = "softmax"
+    score: str | None = "softmax"
     topk_order: str = "score_then_topk"
     normalize: bool = False
     scaling_factor: float = 1.0
     groups: tuple[int, int, str, int] | None = None  # (num_groups, topk_groups, group_score, top_n)
     expert_bias: bool = False
+    hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
+    on_input: bool = False  # the weight scales the expert's input, expert(w * x) (Llama 4), not its output
 
     def describe(self) -> str:
+        return self._describe() + (", weight on the expert input" if self.on_input else "")
+
+    def _describe(self) -> str:
+        if self.hash_vocab is not None:
+            s = f"top-{self.top_k} from a token id table"
+            if self.score is None:
+                return s + ", weight 1/K each"
+            s += f", weighted by {self.score}" + (", normalised" if self.normalize else "")
+            return s + (f", x{self.scaling_factor:g}" if self.scaling_factor != 1.0 else "")
         s = f"top-{self.top_k} {self.score}"
         if self.topk_order == "topk_then_score":
             s = f"top-{self.top_k} logits then softmax"
@@ -42,7 +55,19 @@ class Routing:
             s += f", x{self.scaling_factor:g}"
         return s
 
+    def policy(self) -> TopKPolicy:
+        G, M, how, n = self.groups or (0, 0, "max", 0)
+        return TopKPolicy(self.top_k, self.score, self.topk_order == "topk_then_score", self.normalize,
+                          float(self.scaling_factor), G, M, how, n)
+
     def router_dict(self) -> dict[str, Any]:
+        if self.hash_vocab is not None:
+            d = {"type": "hash", "method": "table", "top_k": self.top_k, "vocab_size": self.hash_vocab}
+            if self.score is not None:
+                d.update(score=self.score, normalize=self.normalize)
+                if self.scaling_factor != 1.0:
+                    d["scaling_factor"] = self.scaling_factor
+            return d
         d: dict[str, Any] = {"type": "topk", "top_k": self.top_k, "score": self.score}
         if self.topk_order != "score_then_topk":
             d["topk_order"] = self.topk_order
@@ -58,26 +83,9 @@ class Routing:
 
 
 def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(ids_TK, weights_TK) of a routing, the same steps as codegen_templates/moe_layer.py.j2."""
+    """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing``."""
     bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
-    if r.topk_order == "topk_then_score":
-        scores = logits_TE
-    else:
-        scores = _SCORE_FNS[r.score](logits_TE)
-    choice = scores if bias is None else scores + bias
-    if r.groups:
-        G, M, how, n = r.groups
-        c = choice.view(choice.shape[0], G, -1)
-        g = c.amax(-1) if how == "max" else c.topk(n, dim=-1).values.sum(-1)
-        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(M, dim=-1).indices, True)
-        choice = c.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(choice.shape[0], -1)
-    ids = torch.topk(choice, r.top_k, dim=-1).indices
-    w = scores.gather(1, ids)
-    if r.topk_order == "topk_then_score":
-        w = torch.softmax(w, dim=-1)
-    if r.normalize:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return ids, w * r.scaling_factor
+    return route_topk(logits_TE, r.policy(), bias)
 
 
 def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
@@ -156,6 +164,23 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routi
 def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
     """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
     dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
+    if probe.uses_token_ids:
+        r, notes = _identify_hash_routing(probe, dec, block_class)
+    else:
+        r, notes = _identify_topk_routing(probe, dec, block_class)
+    if probe.routed_scale != 1.0:
+        # c * sum_k w_k expert_k(x) == sum_k (c w_k) expert_k(x): the block's routed-output scale is a routing scale.
+        if r.hash_vocab is not None and r.score is None:
+            raise UnsupportedBlock("it scales the routed output of a 1/K hash routing; the spec's hash weights are "
+                                   "1/K exactly", block_class)
+        scale = r.scaling_factor * probe.routed_scale
+        r = dataclasses.replace(r, scaling_factor=float(f"{scale:.6g}"))
+        notes = notes + [f"the block scales the routed output by {probe.routed_scale:g}; folded into the routing "
+                         "weights (scaling_factor)"]
+    return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
+
+
+def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
     K = probe.ids_TK.shape[1]
     E = probe.logits_TE.shape[1]
     notes: list[str] = []
@@ -171,19 +196,14 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
         # Same experts: the weights may differ by a constant factor (routed_scaling_factor).
         wa = w.gather(1, ids.sort(-1).indices)
         wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
-        ratio = wb / wa.clamp_min(1e-30)
-        scale = float(ratio.mean())
-        if not (scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)):
+        scale, ratio = _common_scale(wb, wa)
+        if scale is None:
             if first_mismatch is None:
                 why = f"weights are not a constant multiple (ratio {float(ratio.min()):.4g}..{float(ratio.max()):.4g})"
                 first_mismatch = (cand, why)
             continue
-        if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
-            scale = dec.scaling
-        elif math.isclose(scale, 1.0, rel_tol=1e-5):
-            scale = 1.0
-        else:
-            scale = float(f"{scale:.6g}")
+        scale, undeclared = _tidy_scale(scale, dec)
+        if undeclared:
             notes.append(f"routing weights are scaled by {scale:g} (found by probing; config says "
                          f"{dec.scaling if dec.scaling is not None else 'nothing'})")
         r = Routing(**{**cand.__dict__, "scaling_factor": scale})
@@ -213,3 +233,52 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     if has_bias and not r.expert_bias:
         notes.append("the block holds an expert-selection bias but does not use it")
     return notes
+
+
+def _common_scale(w_probe_TK: Tensor, w_cand_TK: Tensor) -> tuple[float | None, Tensor]:
+    """(c, ratios): c with w_probe == c * w_cand (same order; routed_scaling_factor), None if there is none."""
+    ratio = w_probe_TK / w_cand_TK.clamp_min(1e-30)
+    scale = float(ratio.mean())
+    ok = scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)
+    return (scale if ok else None), ratio
+
+
+def _tidy_scale(scale: float, dec: Declared) -> tuple[float, bool]:
+    """A probed scale as the spec writes it: the config's value or 1.0 when it is that, else rounded to
+    6 digits (then True: the config did not declare it)."""
+    if dec.scaling is not None and math.isclose(scale, dec.scaling, rel_tol=1e-4):
+        return dec.scaling, False
+    if math.isclose(scale, 1.0, rel_tol=1e-5):
+        return 1.0, False
+    return float(f"{scale:.6g}"), True
+
+
+def _identify_hash_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
+    """Routing by a token id -> experts table: the experts must be the table's rows for the probe's ids;
+    the weights 1/K each, or the router's scores of those experts (normalised or not) times a constant."""
+    table, tid = probe.token_table_VK, probe.token_ids_T
+    if table is None or tid is None:
+        raise UnsupportedBlock(f"its routing depends on the token ids its forward takes ({probe.token_arg}) but it "
+                               "holds no token id -> experts table; only table hash routing is read", block_class)
+    ids = table[tid].long()
+    K = table.shape[1]
+    if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
+        raise UnsupportedBlock(f"its routing depends on the token ids ({probe.token_arg}) but the experts it chooses "
+                               "are not the rows of its token table", block_class)
+    scores = [dec.score] if dec.score in _SCORE_FNS else []
+    candidates = [(None, False)] + [(s, n) for s in scores + [s for s in _SCORE_FNS if s not in scores]
+                                    for n in (True, False)]
+    wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
+    for score, norm in candidates:
+        if score is None:
+            w = torch.full(ids.shape, 1.0 / K)
+        else:
+            w = _SCORE_FNS[score](probe.logits_TE).gather(1, ids)
+            w = w / (w.sum(-1, keepdim=True) + 1e-20) if norm else w
+        scale, _ = _common_scale(wb, w.gather(1, ids.sort(-1).indices))
+        if scale is None or score is None and not math.isclose(scale, 1.0, rel_tol=1e-5):
+            continue  # (uniform weights scaled: not a hash routing the spec has)
+        scale, _ = _tidy_scale(scale, dec)
+        return Routing(top_k=K, score=score, normalize=norm, scaling_factor=scale, hash_vocab=table.shape[0]), []
+    raise UnsupportedBlock(f"its experts come from its token table but their weights are neither 1/K nor a router "
+                           f"score ({', '.join(_SCORE_FNS)}, normalised or not) times a constant", block_class)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
+from ..semantics import ACTIVATIONS, DTYPES, torch_dtype
+from ..semantics import torch_forms
 
 # Config attribute vocabulary across transformers families (first one present wins).
 _NUM_EXPERTS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
@@ -27,28 +27,22 @@ _HF_SCORES = {
     "tanh": "tanh",
 }
 
-_SCORE_FNS = {
-    "softmax": lambda x: torch.softmax(x, dim=-1),
-    "sigmoid": torch.sigmoid,
-    "softplus": F.softplus,
-    "sqrt_softplus": lambda x: torch.sqrt(F.softplus(x)),
-    "tanh": torch.tanh,
-}
+# The spec's score names the importer tries, as functions of the logits (from semantics.scores).
+_SCORE_FNS = {name: (lambda x, name=name: torch_forms.scores(x, name))
+              for name in ("softmax", "sigmoid", "softplus", "sqrt_softplus", "tanh")}
 
-# The spec's gated and plain activation names, by the elementwise function an HF expert applies.
-GATED_ACT = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh", "relu": "reglu"}
-PLAIN_ACT = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "relu2": "relu2"}
-_ACT_FNS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "relu2": lambda x: torch.square(F.relu(x)),
-}
+# The spec's gated and plain activation names, by the elementwise function an HF expert applies
+# (from the activation table's ``elementwise`` names).
+GATED_ACT = {a.elementwise: n for n, a in ACTIVATIONS.items() if a.gated and a.elementwise}
+PLAIN_ACT = {a.elementwise: n for n, a in ACTIVATIONS.items() if not a.gated and a.elementwise}
+_ACT_FNS = {fn: (lambda x, n=n: torch_forms.activate(x, ACTIVATIONS[n])) for fn, n in PLAIN_ACT.items()}
+#: forward arguments of a block that carry the token ids of its hidden states (DeepSeek-V4's decoder passes
+#: ``input_ids`` to every MoE block, hash-routed or not)
+TOKEN_ID_ARGS = ("input_ids", "token_ids")
 _SHARED_NAMES = ("shared_experts", "shared_expert", "shared_mlp", "shared_experts_mlp")
 
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DTYPE_NAMES = {torch_dtype(n): n for n in DTYPES}
 
 
 def _attr(cfg: Any, names: tuple[str, ...], default: Any = None) -> Any:

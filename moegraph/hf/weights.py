@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, get_path
+from .anatomy import BlockAnatomy, flat_glu, get_path
 
 
 def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
@@ -18,7 +18,9 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     if anat.router_bias_name:
         out["router.bias"] = get_path(block, anat.router_bias_name)
     if anat.expert_bias_name:
-        out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(E)
+        out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(-1)
+    if anat.token_table_name:
+        out["router.hash_table"] = get_path(block, anat.token_table_name).long()
 
     def fix_up(t: Tensor) -> Tensor:  # [E, H, D] with gate rows first
         if anat.transposed:
@@ -31,9 +33,16 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
 
     up_name = "gate_up_proj" if anat.gated else "up_proj"
-    out[f"experts.{up_name}"] = fix_up(getattr(ex, up_name))
-    down = ex.down_proj
-    out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
+    if anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
+        w1, v1, w2, _, _ = flat_glu(ex)
+        D = anat.hidden_size
+        out["experts.gate_up_proj"] = torch.cat([w1.view(E, Fh, D), v1.view(E, Fh, D)], dim=1)
+        out["experts.down_proj"] = w2.view(E, Fh, D).transpose(1, 2)
+    else:
+        up = getattr(ex, up_name)
+        out[f"experts.{up_name}"] = fix_up(up if up.shape[0] == E else up[:E])  # rows beyond E: unused (LongCat)
+        down = ex.down_proj
+        out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
     if anat.expert_bias_terms:
         out[f"experts.{up_name}_bias"] = fix_up_bias(getattr(ex, f"{up_name}_bias"))
         out["experts.down_proj_bias"] = ex.down_proj_bias

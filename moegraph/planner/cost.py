@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..semantics import DTYPE_BYTES
 from .dispatch import DispatchCounts, choose_replicas, counts_from_slots, source_gpus
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "a2a_us": ("a2a time / layer, µs (trace batch)", "{:,.1f}"),
 }
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE_BYTES = DTYPE_BYTES  # the one dtype table (moegraph.semantics.dtypes)
 
 
 def token_bytes(spec: MoESpec) -> int:

@@ -1,7 +1,7 @@
 """What changes between two plans, and a plan renamed to change least.
 
     migration(current_plan, new_plan) -> Migration        # which slots change, from where, bytes, time
-    relabel(plan, current_plan) -> Plan                   # any plan, matched to where weights are
+    relabel(plan, current_plan, traces=None) -> Plan      # any plan, matched to where weights are
 
 A slot whose expert changes is an expert's weights crossing the cluster: ``migration`` lists those
 transfers (source chosen by link cost) with their bytes and predicted time, and is what the
@@ -17,13 +17,28 @@ already hold as possible: a linear assignment between new and current GPUs
 matched pair, kept only when the renaming preserves every link's bandwidth and latency. Slots inside
 a GPU follow (``_align_slots``).
 
+With hosts, the renamings that preserve the topology are few (host swaps x GPU permutations inside
+hosts), so given the traffic the plan is for (``traces``) ``relabel`` also tries renamings that
+regroup the plan's GPUs into other hosts (every grouping of up to MAX_GROUPINGS, and the plain GPU
+to GPU assignment), most shared experts first, and takes the first that does not make the plan worse
+on that traffic: neither the max/mean of the dispatch rule's expected GPU loads nor the expected
+remote host copies per token (``exact.ExactCopies``) rise (every GPU keeps its experts, so the remote
+GPU copies cannot change).
+That is honest for any plan: the renamed plan is at least as good as the plan on what it was made
+for, whatever that was. A plan that places by host (moegraph's) seldom passes; one that does not (the
+load-only packing, whose grouping into hosts is an accident of its packing order) often does.
+
 Legend: E experts, G GPUs, N hosts, S slots of one layer, L MoE layers.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -33,9 +48,14 @@ from ..spec import MoESpec
 from ..summary import summarize
 from ..topology import Cluster
 from .cost import cost_matrix, link_time_us
+from .exact import ExactCopies
 from .planfile import Plan
+from .search import rule_loads
 
-__all__ = ["Migration", "expert_bytes", "migration", "relabel"]
+if TYPE_CHECKING:
+    from ..traces import TraceSet
+
+__all__ = ["Migration", "expert_bytes", "host_copy_weight", "migration", "relabel"]
 
 
 def expert_bytes(spec: MoESpec) -> int:
@@ -176,55 +196,187 @@ def _align_slots(row_new: np.ndarray, row_old: np.ndarray, g: int) -> np.ndarray
     return out
 
 
-def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int) -> np.ndarray:
-    """[G] perm: GPU x of the renamed plan holds what the new plan's GPU perm[x] holds (see ``relabel``).
+def _overlap(new_rows: np.ndarray, old_rows: np.ndarray, g: int, e: int) -> np.ndarray:
+    """[G, G] experts (over the layers given) that the new plan's GPU a shares with the current plan's GPU b.
 
     new_rows, old_rows: [L, S] rows of the new and the current plan (the layers scored together).
     """
-    g = cluster.num_gpus
-    # overlap[a, b]: experts (over the layers given) that the new plan's GPU a shares with the current plan's GPU b.
     overlap = np.zeros((g, g))
     for rn, ro in zip(new_rows, old_rows):
         overlap += _holds(rn, g, e).astype(np.float64) @ _holds(ro, g, e).T.astype(np.float64)
-    node = cluster.node_of_gpu
-    n = cluster.num_nodes
-    gpus = [np.flatnonzero(node == m) for m in range(n)]
-    # Step 1: hosts, each pair scored by the best matching of their GPUs (hosts of another size never match).
+    return overlap
+
+
+def _match_groups(overlap: np.ndarray, new_groups: list[np.ndarray], hosts: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """The renaming that sends each group of the new plan's GPUs onto one host, maximising the shared experts.
+
+    Groups and hosts are matched by a linear assignment on the best matching of their GPUs (groups of
+    another size never match), then the GPUs of each matched pair. Returns (perm [G]: GPU x of the
+    renamed plan holds what the new plan's GPU perm[x] holds, experts kept).
+    """
+    n = len(hosts)
     score = np.full((n, n), -1e18)
     inner: dict[tuple[int, int], np.ndarray] = {}
     for a in range(n):
         for b in range(n):
-            if len(gpus[a]) != len(gpus[b]):
+            if len(new_groups[a]) != len(hosts[b]):
                 continue
-            sub = overlap[np.ix_(gpus[a], gpus[b])]
+            sub = overlap[np.ix_(new_groups[a], hosts[b])]
             r, c = linear_sum_assignment(sub, maximize=True)
             score[a, b] = sub[r, c].sum()
-            inner[a, b] = c[np.argsort(r)]  # inner[a, b][i]: local index in host b for host a's GPU i
+            inner[a, b] = c[np.argsort(r)]  # inner[a, b][i]: local index in host b for group a's GPU i
     hr, hc = linear_sum_assignment(score, maximize=True)
-    perm = np.arange(g)
+    perm = np.arange(overlap.shape[0])
     for a, b in zip(hr, hc):
-        # Step 2: the GPUs of the matched hosts.
         for i, j in enumerate(inner[a, b]):
-            perm[gpus[b][j]] = gpus[a][i]
-    # Keep the renaming only if it preserves every link (explicit topologies may not be symmetric).
+            perm[hosts[b][j]] = new_groups[a][i]
+    return perm, float(score[hr, hc].sum())
+
+
+def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int,
+                     judge: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
+    """[G] perm: GPU x of the renamed plan holds what the new plan's GPU perm[x] holds (see ``relabel``).
+
+    new_rows, old_rows: [L, S] rows of the new and the current plan (the layers scored together).
+    judge: whether a renaming that regroups the new plan's GPUs into other hosts keeps the plan as good
+        (None: only renamings that preserve the topology).
+    """
+    g = cluster.num_gpus
+    overlap = _overlap(new_rows, old_rows, g, e)
+    node = cluster.node_of_gpu
+    hosts = [np.flatnonzero(node == m) for m in range(cluster.num_nodes)]
+    # Step 1: hosts onto hosts whole (a renaming within the topology's symmetry), GPUs inside matched hosts.
+    perm, best = _match_groups(overlap, hosts, hosts)
     if not (np.array_equal(cluster.bandwidth[np.ix_(perm, perm)], cluster.bandwidth)
             and np.array_equal(cluster.latency[np.ix_(perm, perm)], cluster.latency)
             and np.array_equal(node[perm] == node[perm][:, None], node == node[:, None])):
-        return np.arange(g)
+        perm = np.arange(g)  # explicit topologies may not be symmetric: keep the names
+        best = float(np.trace(overlap))
+    if judge is None or not _two_level(cluster):
+        return perm
+    # Step 2: other groupings of the new plan's GPUs into hosts, most shared experts first, the first one
+    # the judge accepts (it changes which experts share a host, so it must not make the plan worse). The
+    # assignment of GPUs to GPUs regardless of hosts is always a candidate.
+    r, c = linear_sum_assignment(overlap, maximize=True)
+    free = np.empty(g, np.int64)
+    free[c] = r
+    # Shared experts are whole numbers: a candidate must share at least one more than step 1's renaming.
+    cands = [(-float(overlap[r, c].sum()), free.tolist())] if overlap[r, c].sum() > best + 0.5 else []
+    for groups in _groupings(g, len(hosts[0]), len(hosts)):
+        p, score = _match_groups(overlap, groups, hosts)
+        if score > best + 0.5:
+            cands.append((-score, p.tolist()))
+    for _, p in sorted(cands):
+        if judge(np.asarray(p)):
+            return np.asarray(p)
     return perm
 
 
-def relabel(plan: Plan, current: Plan) -> Plan:
-    """``plan`` with its GPUs renamed (within the topology's symmetry) and slots ordered so that as few
-    slots as possible hold another expert than in ``current``. The placement is the same up to names:
-    per GPU, the same groups of experts; its metrics stay as computed (under the same dispatch rule
-    they differ only through which GPU each sequence starts on)."""
+#: most groupings of the GPUs into hosts ``relabel`` tries; beyond (large clusters), only the grouping of
+#: the assignment of GPUs to GPUs that shares most experts, regardless of hosts
+MAX_GROUPINGS = 10_000
+
+
+def _two_level(cluster: Cluster) -> bool:
+    """Whether links depend only on whether two GPUs share a host (equal hosts): then a renaming that
+    regroups GPUs changes only which experts share a host, which ``relabel``'s judge can price."""
+    node = cluster.node_of_gpu
+    sizes = np.bincount(node)
+    if cluster.num_nodes < 2 or sizes.min() != sizes.max():
+        return False
+    same = node[:, None] == node[None, :]
+    off = ~np.eye(len(node), dtype=bool)
+    return all(len(np.unique(m[same & off])) <= 1 and len(np.unique(m[~same])) <= 1
+               for m in (cluster.bandwidth, cluster.latency))
+
+
+def _groupings(g: int, size: int, n: int) -> Iterator[list[np.ndarray]]:
+    """Every partition of GPUs 0..g-1 into n groups of ``size`` (each group led by its lowest GPU), if there
+    are at most MAX_GROUPINGS of them; else none (the caller's unrestricted candidate stands in)."""
+    count = math.factorial(g) // (math.factorial(size) ** n * math.factorial(n))
+    if count > MAX_GROUPINGS:
+        return
+
+    def rec(rest: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:
+        if not rest:
+            yield []
+            return
+        head, tail = rest[0], rest[1:]
+        for others in itertools.combinations(tail, size - 1):
+            left = tuple(x for x in tail if x not in others)
+            for more in rec(left):
+                yield [(head, *others), *more]
+
+    for groups in rec(tuple(range(g))):
+        yield [np.array(x) for x in groups]
+
+
+def host_copy_weight(cluster: Cluster) -> float:
+    """Extra cost of a remote host copy over a remote GPU copy, in fastest-link copies (``cost_matrix``): a
+    token sent to another host crosses one inter-host link (mean relative cost c) to its landing GPU in
+    place of one intra-host copy, so c - 1 (its forwards inside that host count as GPU copies)."""
+    node = cluster.node_of_gpu
+    inter = node[:, None] != node[None, :]
+    return float(cost_matrix(cluster)[inter].mean()) - 1.0 if inter.any() else 0.0
+
+
+def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], bool]:
+    """Whether renaming one layer's GPUs by perm keeps ``plan`` at least as good on ``traces``: neither
+    the max/mean of the dispatch rule's expected GPU loads nor the expected remote copies per token
+    (``exact.ExactCopies``) rise, tokens starting on every GPU equally (a renaming moves no token:
+    which GPU a sequence starts on is not the plan's).
+
+    A renaming keeps every GPU's experts, so the expected remote GPU copies stay as they are; only the
+    host copies can change, so the copies are compared at host level (hosts as the locations).
+    """
+    row = plan.physical_to_logical_map[layer]
+    cl, e = plan.cluster, plan.num_experts
+    gpu_r = np.arange(len(row)) // plan.slots_per_gpu
+
+    @functools.cache
+    def scorers() -> tuple[Callable[[np.ndarray], float], Callable[[np.ndarray], float], tuple[float, float]]:
+        # Built on the first call: most layers of a plan that places by host have no candidate to judge.
+        topk = np.asarray(traces.topk[layer], np.int64)
+        hosts = ExactCopies(topk, np.full(len(topk), 1.0 / max(len(topk), 1)), row, np.zeros(cl.num_nodes, np.int64))
+        cnt = np.broadcast_to(np.bincount(topk.ravel(), minlength=e) / cl.num_gpus, (1, cl.num_gpus, e))
+
+        def balance(gpu_R: np.ndarray) -> float:
+            load = rule_loads(gpu_R, row, cnt, cl.node_of_gpu)[0]
+            return float(load.max() / max(load.mean(), 1e-12))
+
+        def copies(gpu_R: np.ndarray) -> float:
+            return hosts.value(cl.node_of_gpu[gpu_R])
+
+        return balance, copies, (balance(gpu_r), copies(gpu_r))
+
+    def judge(perm: np.ndarray) -> bool:
+        balance, copies, base = scorers()
+        gpu_R = np.argsort(perm)[gpu_r]
+        return all(f(gpu_R) <= y + 1e-9 * max(abs(y), 1.0) for f, y in zip((balance, copies), base))
+
+    return judge
+
+
+def relabel(plan: Plan, current: Plan, traces: TraceSet | None = None) -> Plan:
+    """``plan`` with its GPUs renamed and slots ordered so that as few slots as possible hold another expert
+    than in ``current``. Per GPU the same groups of experts.
+
+    Without ``traces`` only renamings within the topology's symmetry: the same placement up to names
+    (its metrics stay as computed; under the same dispatch rule they differ only through which GPU
+    each sequence starts on). With ``traces`` (token traces, e.g. the window ``plan`` was made from)
+    and a two-level cluster, a renaming may also regroup the GPUs into hosts where that does not make
+    the plan worse on them (``_judge``): with hosts, the renamings that preserve the topology are few
+    (host swaps x GPU permutations inside hosts), while a plan that does not place by host (the
+    load-only packing) is indifferent to its grouping.
+    """
     _check_same_shape(current, plan)
     g, spg = plan.num_gpus, plan.slots_per_gpu
     rows, perms = [], []
     for rn, ro in zip(plan.physical_to_logical_map, current.physical_to_logical_map):
         # Each MoE layer's ranks are named independently: a rank holds one set of experts per layer.
-        perm = _gpu_permutation(rn[None], ro[None], plan.cluster, plan.num_experts)
+        regroup = traces is not None and not traces.load_only and _two_level(plan.cluster)
+        judge = _judge(plan, len(rows), traces) if regroup else None
+        perm = _gpu_permutation(rn[None], ro[None], plan.cluster, plan.num_experts, judge)
         perms.append(perm.tolist())
         rows.append(_align_slots(rn.reshape(g, spg)[perm].reshape(-1), ro, g))
     policy = dict(plan.policy)

@@ -32,6 +32,17 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
+Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
+bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
+copies of a few thousand window tokens are noisy), but it counts split pairs of a token's experts,
+not copies: how many copies one unit of cut is worth depends on the topology (a pair across hosts
+weighs the inter-host link's cost, several times what the copy it causes adds) and on the traffic.
+So the rate is measured on the window (``_copies_per_cut``: the least-squares slope of the exact
+change of expected copies, ``exact.ExactCopies``, on the cut's change over the current placement's
+swaps), and a cut change is priced as that many copies over the horizon. The horizon is then a real
+number of tokens on every topology (a move pays for itself within them), not a constant whose
+meaning changes with the cluster.
+
 Candidates are scored from per-slot tables of how the loads would change (``_Layer``), refreshed
 only for the experts a change touches, so a step costs a few array operations.
 
@@ -58,7 +69,8 @@ from .baselines import baseline_plans
 from .blas import one_blas_thread
 from .cost import evaluate, token_bytes
 from .dispatch import source_gpus
-from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, migration, relabel
+from .exact import ExactCopies
+from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
 from .planfile import Plan
 from .search import rule_contrib
 
@@ -74,13 +86,12 @@ __all__ = [
     "REPORT_PLANS",
 ]
 
-#: tokens over which a change's dispatch + combine saving is counted against its move cost, by
-#: default. The saving is measured on the pairwise co-activation cut, which counts every split pair
-#: of a token's experts (up to K(K-1)/2 per token) where the wire carries one copy per remote GPU, so
-#: the figure is a calibration rather than a forecast of tokens served (calibrated with
-#: ``benchmarks/replan_bench.py``; figures in ``benchmarks/results/planner_design.md``); larger values
-#: buy fewer remote copies with more moves.
-DEFAULT_HORIZON_TOKENS = 10_000
+#: tokens of the layer's traffic over which a change's dispatch + combine saving (in copies, each priced
+#: by the links it crosses, like a moved expert) is counted against its move cost, by default: a move
+#: has to pay for its weight bytes within them. A deployment that re-plans every N tokens would pass
+#: about N; the default is the choice behind the figures of ``benchmarks/results/`` (larger values buy
+#: fewer remote copies with more moves).
+DEFAULT_HORIZON_TOKENS = 25_000
 
 #: the re-plan balances the window to the spec's ``max_imbalance`` minus this margin by default: the
 #: window is a sample of the traffic to come, and on traffic it was not fit to a plan loses a few
@@ -229,7 +240,6 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
     fall of the cut earns nothing here (step 2 takes those).
     """
     old, price = st.old, st.price
-    cmax = max(float(cost.max()), 1e-12)
     g = st.hold.shape[1]
     n_hot = max(2, g // 4)
     steps = 0
@@ -258,7 +268,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
             dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
             dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
             dj = f_eg[ea, gb] - f_eg[ea, h] + f_eg[eb, h] - f_eg[eb, gb] + 2.0 * a_ee[ea, eb] * cost[h, gb]
-            c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+            c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
             best = _better(best, new, ok, cap, excess, dm, c, budget, ("swap", sa, sb))
             # (b) a replica of a replicated expert (slot sb[j]) becomes one of expert ea[i]: a redundant
             # slot follows the load, one slot changes.
@@ -271,7 +281,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 dm = (~old[ea, gb2]).astype(np.int64) - ~old[eb2, gb2]
                 dp = price[ea, gb2] - price[eb2, gb2]
                 dj = (f_eg[ea, gb2] - f_eg[eb2, gb2]) / 2.0
-                c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0) / cmax
+                c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
                 best = _better(best, new, ok, cap, excess, dm, c, budget, ("replica", sa, st_b))
             if best is not None:
                 picks.append(best)
@@ -353,6 +363,57 @@ class _Budget:
             self.moves -= dmoves
 
 
+def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """[S, S] change of the pairwise co-activation cut J if slots s and t traded experts."""
+    g = st.hold.shape[1]
+    ex, gp = st.ex, st.gpu
+    r = st.hold.sum(axis=1)[ex].astype(np.float64)
+    a_rr = coact[np.ix_(ex, ex)] / np.outer(r, r)
+    np.fill_diagonal(a_rr, 0.0)
+    onehot = np.zeros((len(ex), g))
+    onehot[np.arange(len(ex)), gp] = 1.0
+    f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
+    fs = f[np.arange(len(ex)), gp]
+    return f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
+
+
+def _cut_rate(st: _Layer, coact: np.ndarray, cost: np.ndarray, topk_TK: np.ndarray, host_weight: float) -> float:
+    """Copies per unit of the pairwise cut on this layer's window: the least-squares slope (through 0) of the
+    exact change of expected copies (``exact.ExactCopies``, a host copy weighted by ``host_weight``) on the
+    cut's change, over every swap of two unreplicated experts on different GPUs of the current placement.
+
+    The cut counts split pairs of a token's experts, the wire one copy per remote GPU and host; how
+    many pairs make a copy depends on the topology (a pair across hosts weighs the link's cost) and on
+    the traffic, so the rate is measured where it is used."""
+    model = ExactCopies(topk_TK, np.full(len(topk_TK), 1.0 / max(len(topk_TK), 1)), st.ex.copy(), st.node,
+                        host_weight=host_weight)
+    x = model.swap_gains(st.gpu)
+    y = _slot_cut_deltas(st, coact, cost)
+    ok = np.triu(x != 0.0, 1)
+    xx, yy = x[ok], y[ok]
+    den = float(yy @ yy)
+    return float(xx @ yy) / den if den > 0 and float(xx @ yy) > 0 else 0.0
+
+
+#: ``_copies_per_cut`` measures the rate on at most this many layers (evenly spread) and tokens per layer
+RATE_LAYERS = 4
+RATE_TOKENS = 2048
+
+
+def _copies_per_cut(states: list[_Layer], ts: TraceSet, cost: np.ndarray, host_weight: float) -> float:
+    """The median of ``_cut_rate`` over RATE_LAYERS layers, each on RATE_TOKENS tokens of the window
+    (evenly spread): the rate varies little between layers of one model, far more between topologies."""
+    n = len(states)
+    e = states[0].hold.shape[0]
+    rates = []
+    for layer in np.unique(np.linspace(0, n - 1, min(n, RATE_LAYERS)).round().astype(int)):
+        topk = np.asarray(ts.topk[layer], np.int64)
+        topk = topk[np.unique(np.linspace(0, len(topk) - 1, min(len(topk), RATE_TOKENS)).astype(int))]
+        st = states[layer]
+        rates.append(_cut_rate(st, coactivation(topk, e) / len(topk), cost, topk, host_weight))
+    return float(np.median(rates))
+
+
 def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
                   budget: _Budget, max_steps: int = 256, tries: int = 256) -> int:
     """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made.
@@ -367,14 +428,7 @@ def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: 
     old, price = st.old, st.price
     for _ in range(max_steps):
         ex, gp = st.ex, st.gpu
-        r = st.hold.sum(axis=1)[ex].astype(np.float64)
-        a_rr = coact[np.ix_(ex, ex)] / np.outer(r, r)
-        np.fill_diagonal(a_rr, 0.0)
-        onehot = np.zeros((len(ex), g))
-        onehot[np.arange(len(ex)), gp] = 1.0
-        f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
-        fs = f[np.arange(len(ex)), gp]
-        dj = f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
+        dj = _slot_cut_deltas(st, coact, cost)
         ei, ej, gi, gj = ex[:, None], ex[None, :], gp[:, None], gp[None, :]
         dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
         net = dj * value_per_j + dp  # negative: worth it
@@ -490,9 +544,6 @@ def replan(
     src = source_gpus(ts, g)
     k = ts.top_k
     tb = token_bytes(spec)
-    # A unit of J (one cost-weighted pair split, per token) over the horizon, dispatch + combine, in experts
-    # moved over the fastest link.
-    value_per_j = 2.0 * horizon * tb / nbytes
     limits = [x for x in (max_moves, None if max_move_bytes is None else max_move_bytes // nbytes) if x is not None]
     budget = _Budget(float(min(limits)) if limits else None)
     states = []
@@ -510,6 +561,10 @@ def replan(
     order = np.lexsort((np.arange(len(states)), -ratio))
     repairs = swaps = 0
     with one_blas_thread():  # many small products: BLAS threads cost more than they gain (``blas``)
+        # A unit of J (the cut per token) over the horizon, dispatch + combine, in experts moved over the
+        # fastest link: J measured in copies (``_copies_per_cut``), copies in token bytes.
+        rate = _copies_per_cut(states, ts, cost, host_copy_weight(cl)) if horizon > 0 else 0.0
+        value_per_j = 2.0 * horizon * tb / nbytes * rate
         for layer in order:
             repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
         for layer in order:
@@ -531,6 +586,7 @@ def replan(
         "seed": spec.placement.seed if seed is None else int(seed),
         "max_imbalance": imb,
         "horizon_tokens": horizon,
+        "copies_per_cut": round(rate, 6),
         "max_moves": max_moves,
         "max_move_bytes": max_move_bytes,
         "from_policy": current_plan.policy.get("name"),
@@ -568,9 +624,9 @@ def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = 
     """
     ts = _window(current.spec, traces)
     lo = baseline_plans(current.spec, ts)["load_only"]
-    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current)}
+    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current, ts)}
     if full is not None:
-        cands["full"] = relabel(full, current)
+        cands["full"] = relabel(full, current, ts)
     cands["replan"] = new
     out: dict[str, Any] = {"window": ts.name, "tokens": ts.num_tokens, "plans": {}}
     for key, p in cands.items():

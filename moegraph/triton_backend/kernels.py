@@ -23,7 +23,12 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..codegen_safe import Code
-from ..spec import SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from .. import semantics
+from ..semantics.expr import FUNCTIONS
+from ..semantics.routing import TopKPolicy
+from ..semantics.scores import SCORE_EXPR_FUNCTIONS, SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from ..ops.args import ExpertArgs
+from ..semantics.torch_forms import activate
 from . import configs
 from .render import interpreting, render_to_module
 
@@ -162,17 +167,42 @@ def _align_torch(exp_N: Tensor, T: int, E: int, SH: int, block_m: int, sorted_R:
 # Grouped expert MLP
 # ----------------------------------------------------------------------------------------------
 
+#: Triton spellings of the expression language's functions (semantics.expr.FUNCTIONS)
+_TRITON_ACT_CALLS = {n: f.triton for n, f in FUNCTIONS.items()}
+
 
 def _fmt(v: float | None) -> float | None:
     return None if v is None else float(v)
 
 
-def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
+def _triton_pow(base: str, c: float | None, exponent: str) -> str:
+    if c is not None and c.is_integer() and 1 <= c <= 8:
+        return " * ".join([base] * int(c))
+    if c == 0.5:
+        return f"tl.sqrt({base})"
+    return f"tl.exp({exponent} * tl.log({base}))"
+
+
+def activation_source(act: semantics.Activation) -> tuple[list[Code], Code]:
+    """The Triton body of an activation (assignment lines, returned expression), from its expression."""
+    names = {v: v for v in act.variables}
+    lines, (out,) = act.forward_program.source(names, lambda f, arg: _TRITON_ACT_CALLS[f].format(arg), _triton_pow)
+    return [Code(line) for line in lines], Code(out)
+
+
+def mlp_context(act: str | semantics.Activation, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
                 has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, fp8: bool = False) -> dict[str, Any]:
-    if act not in ("silu", "gelu", "gelu_tanh", "relu", "relu2"):
-        raise InputError(f"expert activation {act!r} is not one of silu, gelu, gelu_tanh, relu, relu2")
+    try:
+        entry = act if isinstance(act, semantics.Activation) else semantics.activation(act, gated)
+    except ValueError as exc:
+        raise InputError(f"expert activation: {exc}") from None
+    lines, out = activation_source(entry)
     return {
-        "act": act,
+        "act": entry.name,
+        "act_expression": entry.expression,
+        "act_args": Code(", ".join(entry.variables)),
+        "act_lines": lines,
+        "act_out": out,
         "gated": bool(gated),
         "gate_clamp": _fmt(gate_clamp),
         "up_clamp": _fmt(up_clamp),
@@ -187,7 +217,7 @@ def mlp_context(act: str, gated: bool, gate_clamp: float | None, up_clamp: float
 
 
 @lru_cache(maxsize=256)
-def _mlp_module_for(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
+def _mlp_module_for(act: semantics.Activation, gated: bool, gate_clamp: float | None, up_clamp: float | None, has_bias: bool,
                     has_shared: bool, has_shared_scale: bool, dtype: torch.dtype, interpret: bool) -> ModuleType:
     """The kernel module for one expert MLP variant, looked up once per variant and Triton mode
     (every forward asks for it: keep the host path short)."""
@@ -210,37 +240,28 @@ class MLPLaunch:
     """
 
     mod: ModuleType
-    x_TD: Tensor
-    tok_N: Tensor
-    exp_N: Tensor
-    weight_N: Tensor
-    w_up_EHD: Tensor
-    w_down_EDF: Tensor
-    b_up_EH: Tensor | None
-    b_down_ED: Tensor | None
-    sw_up_HD: Tensor | None
-    sw_down_DS: Tensor | None
-    scale_T: Tensor | None
+    args: ExpertArgs  # shared experts present only when folded in (SH > 0)
     SH: int
 
     @property
     def dims(self) -> tuple[int, int, int, int, int, int]:
         """T, D, F, E, N, N_ext."""
-        T, D = self.x_TD.shape
-        N = self.tok_N.numel()
-        return T, D, self.w_down_EDF.shape[2], self.w_up_EHD.shape[0], N, N + self.SH * T
+        T, D = self.args.x_TD.shape
+        N = self.args.tok_N.numel()
+        return T, D, self.args.w_down_EDF.shape[2], self.args.w_up_EHD.shape[0], N, N + self.SH * T
 
     def align(self, block_m: int) -> tuple[Tensor, Tensor, int]:
         T, _, _, E, _, _ = self.dims
-        return align(self.exp_N, T, E, self.SH, block_m)
+        return align(self.args.exp_N, T, E, self.SH, block_m)
 
     def gate_up(self, aligned: tuple[Tensor, Tensor, int], block_m: int, gu: configs.GemmConfig) -> Tensor:
         """h[n] = act(x[tok[n]] W_up^T) for every assignment, one launch over all experts."""
         sorted_R, block_expert_B, B = aligned
         T, D, F, E, N, N_ext = self.dims
-        h_NF = self.x_TD.new_empty(N_ext, F)
+        a = self.args
+        h_NF = a.x_TD.new_empty(N_ext, F)
         self.mod.gate_up_kernel[(B * triton_cdiv(F, gu.BLOCK_N),)](
-            self.x_TD, self.tok_N, self.w_up_EHD, self.sw_up_HD, self.b_up_EH, sorted_R, block_expert_B, h_NF,
+            a.x_TD, a.tok_N, a.w_up_EHD, a.shared_w_up_HD, a.b_up_EH, sorted_R, block_expert_B, h_NF,
             N, N_ext, T, D, F, self.SH * F, E, B,
             BLOCK_M=block_m, BLOCK_N=gu.BLOCK_N, BLOCK_K=gu.BLOCK_K, GROUP_M=gu.GROUP_M,
             EVEN_K=D % gu.BLOCK_K == 0, num_warps=gu.num_warps, num_stages=gu.num_stages,
@@ -251,9 +272,10 @@ class MLPLaunch:
         """o[n] = weight[n] * (h[n] W_down^T), one launch over all experts."""
         sorted_R, block_expert_B, B = aligned
         T, D, F, E, N, N_ext = self.dims
-        o_ND = self.x_TD.new_empty(N_ext, D)
+        a = self.args
+        o_ND = a.x_TD.new_empty(N_ext, D)
         self.mod.down_kernel[(B * triton_cdiv(D, dn.BLOCK_N),)](
-            h_NF, self.w_down_EDF, self.sw_down_DS, self.b_down_ED, self.weight_N, self.scale_T, sorted_R,
+            h_NF, a.w_down_EDF, a.shared_w_down_DF, a.b_down_ED, a.weight_N, a.shared_scale_T, sorted_R,
             block_expert_B, o_ND,
             N, N_ext, T, D, F, self.SH * F, E, B,
             BLOCK_M=block_m, BLOCK_N=dn.BLOCK_N, BLOCK_K=dn.BLOCK_K, GROUP_M=dn.GROUP_M,
@@ -264,11 +286,11 @@ class MLPLaunch:
     def combine(self, o_ND: Tensor) -> Tensor:
         """y[t] = sum of the token's outputs, in a fixed order (deterministic)."""
         T, D, _, E, N, _ = self.dims
-        order_N, start_T1 = token_csr(self.tok_N, T)
-        y_TD = self.x_TD.new_empty(T, D)
+        order_N, start_T1 = token_csr(self.args.tok_N, T)
+        y_TD = self.args.x_TD.new_empty(T, D)
         block_d = min(COMBINE_BLOCK_D, _pow2(D))
         self.mod.combine_kernel[(T, triton_cdiv(D, block_d))](
-            o_ND, order_N, start_T1, self.exp_N, y_TD, N, T, D, E, self.SH, BLOCK_D=block_d,
+            o_ND, order_N, start_T1, self.args.exp_N, y_TD, N, T, D, E, self.SH, BLOCK_D=block_d,
         )
         return y_TD
 
@@ -278,45 +300,29 @@ class MLPLaunch:
         return self.combine(self.down(aligned, cfg.BLOCK_M, cfg.down, h_NF))
 
 
-def expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    w_down_EDF: Tensor,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    shared_w_up_HD: Tensor | None = None,
-    shared_w_down_DF: Tensor | None = None,
-    shared_scale_T: Tensor | None = None,
-    config: configs.MoEConfig | None = None,
-) -> Tensor:
-    """The Triton implementation of ``moegraph::expert_mlp`` (same arguments and result).
+def expert_mlp(*args: Any, config: configs.MoEConfig | None = None) -> Tensor:
+    """The Triton implementation of ``moegraph::expert_mlp`` (an ``ExpertArgs``, or the op's positional
+    arguments; same result).
 
     Shared experts whose hidden size is a multiple of F run as SH always-selected experts inside the
     same grouped GEMMs; others run as two dense GEMMs (torch) added to the output.
     """
-    launch, dense_shared = prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
-                                   gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T)
+    launch, dense_shared = prepare(ExpertArgs.of(*args))
     T, D, F, E, _, N_ext = launch.dims
     if T == 0 or N_ext == 0:
-        y = x_TD.new_zeros(T, D)
+        y = launch.args.x_TD.new_zeros(T, D)
     else:
+        x_TD = launch.args.x_TD
         cfg = config or configs.get_config(E, F, T, N_ext / (E + launch.SH), x_TD.dtype, _device_name(x_TD.device))
         y = launch.run(configs.fit(cfg, D, F))
     return y if dense_shared is None else y + dense_shared
 
 
-def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
-            up_clamp, shared_w_up_HD=None, shared_w_down_DF=None, shared_scale_T=None) -> tuple[MLPLaunch, Tensor | None]:
-    """Check the arguments, pick the kernel module for them, and run shared experts that cannot be folded."""
-    from ..ops import apply_activation
-
+def prepare(*args: Any) -> tuple[MLPLaunch, Tensor | None]:
+    """Check the arguments (an ``ExpertArgs`` or the op's positional ones), pick the kernel module for
+    them, and run shared experts that cannot be folded."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = ExpertArgs.of(*args).positional()
     check_device(x_TD, w_up_EHD, w_down_EDF)
     F = w_down_EDF.shape[2]
     dt = x_TD.dtype
@@ -330,22 +336,23 @@ def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_
         if S % F == 0 and shared_w_up_HD.dtype == dt:
             SH = S // F
         else:  # not a whole number of experts: one dense MLP, scaled per token
-            a = apply_activation(torch.nn.functional.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp,
-                                 up_clamp)
+            a = activate(torch.nn.functional.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp, up_clamp)
             if shared_scale_T is not None:
                 a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
             dense_shared = torch.nn.functional.linear(a, shared_w_down_DF).to(dt)
-    mod = _mlp_module_for(activation, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
+    try:
+        entry = semantics.activation(activation, gated)
+    except ValueError as exc:
+        raise InputError(f"expert activation: {exc}") from None
+    mod = _mlp_module_for(entry, gated, gate_clamp, up_clamp, b_up_EH is not None, SH > 0,
                           SH > 0 and shared_scale_T is not None, dt, interpreting())
 
     def c(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.contiguous()
 
-    launch = MLPLaunch(
-        mod, c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
-        c(b_down_ED), c(shared_w_up_HD) if SH else None, c(shared_w_down_DF) if SH else None,
-        c(shared_scale_T) if SH else None, SH,
-    )
+    folded = (c(shared_w_up_HD), c(shared_w_down_DF), c(shared_scale_T)) if SH else (None, None, None)
+    launch = MLPLaunch(mod, ExpertArgs(c(x_TD), c(tok_N), c(exp_N), c(weight_N), c(w_up_EHD), c(w_down_EDF), c(b_up_EH),
+                                       c(b_down_ED), activation, gated, gate_clamp, up_clamp, *folded), SH)
     return launch, dense_shared
 
 
@@ -353,18 +360,7 @@ def prepare(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_
 # Router
 # ----------------------------------------------------------------------------------------------
 
-_TRITON_CALLS = {
-    "sigmoid": "tl.sigmoid({})",
-    "softplus": "_softplus({})",
-    "sqrt": "tl.sqrt({})",
-    "exp": "tl.exp({})",
-    "log": "tl.log({})",
-    "log1p": "_log1p({})",
-    "tanh": "_tanh({})",
-    "relu": "tl.maximum({}, 0.0)",
-    "abs": "tl.abs({})",
-    "square": "(({0}) * ({0}))",
-}
+_TRITON_CALLS = {n: FUNCTIONS[n].triton for n in SCORE_EXPR_FUNCTIONS}
 
 
 _PY_CALLS = SCORE_EXPR_MATH  # constant folding uses the spec's own meaning of each function
@@ -439,56 +435,61 @@ def router_supported(E: int, K: int, score: str) -> str | None:
     return None
 
 
-def router_context(E: int, K: int, score: str, topk_then_score: bool, has_bias: bool, normalize: bool,
-                   scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
-                   top_n: int) -> dict[str, Any]:
+def router_context(E: int, *policy: Any) -> dict[str, Any]:
+    """The router template's context for ``E`` experts: ``(TopKPolicy, has_bias)``, or in order top_k,
+    score, topk_then_score, has_bias, normalize, scaling_factor, num_groups, topk_groups, group_score,
+    top_n."""
+    if len(policy) == 2 and isinstance(policy[0], TopKPolicy):
+        p, has_bias = policy
+    else:
+        K, score, tts, has_bias, normalize, scaling, G, M, gs, n = policy
+        p = TopKPolicy(K, score, tts, normalize, scaling, G, M, gs, n)
     groups = None
-    if num_groups > 0:  # 0: no group limit
+    if p.num_groups > 0:  # 0: no group limit
         EP = max(16, _pow2(E))
-        groups = {"G": num_groups, "EG": E // num_groups, "GP": _pow2(num_groups), "topk_groups": topk_groups,
-                  "group_score": group_score, "top_n": top_n,
+        groups = {"G": p.num_groups, "EG": E // p.num_groups, "GP": _pow2(p.num_groups), "topk_groups": p.topk_groups,
+                  "group_score": p.group_score, "top_n": p.top_n,
                   # one [tokens, G, E/G] view when E fills the padded width and G is a power of two
-                  "reshape": E == EP and num_groups == _pow2(num_groups)}
+                  "reshape": E == EP and p.num_groups == _pow2(p.num_groups)}
+    score = p.score
     name = score if score in SCORE_FUNCTIONS or score == "softmax" else f"x -> {score}"
-    summary = (("top-k logits then softmax" if topk_then_score else f"{name} scores")
+    summary = (("top-k logits then softmax" if p.topk_then_score else f"{name} scores")
                + (", expert bias for selection" if has_bias else "")
-               + (f", {topk_groups} of {num_groups} groups by {group_score}" if groups else "")
-               + (", normalised" if normalize else "")
-               + (f", scaled by {scaling_factor}" if scaling_factor != 1.0 else ""))
+               + (f", {p.topk_groups} of {p.num_groups} groups by {p.group_score}" if groups else "")
+               + (", normalised" if p.normalize else "")
+               + (f", scaled by {p.scaling_factor}" if p.scaling_factor != 1.0 else ""))
     return {
-        "E": E, "EP": max(16, _pow2(E)), "K": K, "KP": _pow2(K),
+        "E": E, "EP": max(16, _pow2(E)), "K": p.top_k, "KP": _pow2(p.top_k),
         "score": score,
         "softmax": score == "softmax",
         "score_code": Code("x" if score == "softmax" else score_to_triton(score)),
-        "topk_then_score": topk_then_score,
-        "has_bias": has_bias,
-        "normalize": normalize,
-        "scaling_factor": float(scaling_factor),
+        "topk_then_score": p.topk_then_score,
+        "has_bias": bool(has_bias),
+        "normalize": p.normalize,
+        "scaling_factor": float(p.scaling_factor),
         "groups": groups,
         "summary": summary,
     }
 
 
 @lru_cache(maxsize=256)
-def _router_module_for(E: int, K: int, score: str, topk_then_score: bool, has_bias: bool, normalize: bool,
-                       scaling_factor: float, num_groups: int, topk_groups: int, group_score: str, top_n: int,
-                       interpret: bool) -> tuple[ModuleType, int]:
+def _router_module_for(E: int, policy: TopKPolicy, has_bias: bool, interpret: bool) -> tuple[ModuleType, int]:
     """The router kernel module and its padded expert width, once per policy and Triton mode."""
-    ctx = router_context(E, K, score, topk_then_score, has_bias, normalize, scaling_factor, num_groups,
-                         topk_groups, group_score, top_n)
+    ctx = router_context(E, policy, has_bias)
     return render_to_module("triton_router.py.j2", ctx), ctx["EP"]
 
 
-def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, score: str, topk_then_score: bool,
-               normalize: bool, scaling_factor: float, num_groups: int, topk_groups: int, group_score: str,
-               top_n: int) -> tuple[Tensor, Tensor]:
-    """Run the router kernel: ids [T, K] int64 (best first) and weights [T, K] in the logits' dtype."""
+def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, *policy: Any) -> tuple[Tensor, Tensor]:
+    """Run the router kernel: ids [T, K] int64 (best first) and weights [T, K] in the logits' dtype.
+
+    ``policy``: a ``TopKPolicy``, or its fields in order (``TopKPolicy.positional()``).
+    """
+    p = policy[0] if len(policy) == 1 and isinstance(policy[0], TopKPolicy) else TopKPolicy(*policy)
     check_device(logits_TE)
     T, E = logits_TE.shape
-    mod, EP = _router_module_for(E, top_k, score, topk_then_score, expert_bias_E is not None, normalize,
-                                 float(scaling_factor), num_groups, topk_groups, group_score, top_n, interpreting())
-    ids = torch.empty(T, top_k, dtype=torch.int64, device=logits_TE.device)
-    weights = torch.empty(T, top_k, dtype=logits_TE.dtype, device=logits_TE.device)
+    mod, EP = _router_module_for(E, p, expert_bias_E is not None, interpreting())
+    ids = torch.empty(T, p.top_k, dtype=torch.int64, device=logits_TE.device)
+    weights = torch.empty(T, p.top_k, dtype=logits_TE.dtype, device=logits_TE.device)
     if T == 0:
         return ids, weights
     block_t = max(1, min(16, 4096 // EP))

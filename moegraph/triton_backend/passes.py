@@ -28,8 +28,9 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from ..fx_passes import DropTrainingOutputs, FoldSharedExperts, _is_expert_op
 from ..loader import load_spec
+from ..semantics.routing import TopKPolicy, route_topk
 from ..spec import MoESpec
-from . import ops as triton_ops
+from . import ops as triton_ops  # noqa: F401  (registers torch.ops.moegraph_triton)
 from .kernels import router_supported
 
 __all__ = ["FuseRouter", "EvalOnly", "triton_passes", "router_args"]
@@ -38,11 +39,7 @@ __all__ = ["FuseRouter", "EvalOnly", "triton_passes", "router_args"]
 def router_args(spec: MoESpec) -> tuple[Any, ...] | None:
     """The policy arguments of ``route_topk`` for a spec (after logits and bias), None if not top-k."""
     r = spec.moe.router
-    if r.type != "topk":
-        return None
-    g = r.groups
-    return (r.top_k, r.score, r.topk_order == "topk_then_score", r.normalize, float(r.scaling_factor),
-            g.num_groups if g else 0, g.topk_groups if g else 0, g.group_score if g else "max", g.top_n if g else 0)
+    return TopKPolicy.of_router(r).positional() if r.type == "topk" else None
 
 
 def _is_linear(n: fx.Node) -> bool:
@@ -166,7 +163,7 @@ class FuseRouter(PassBase):
         logits = torch.randn(self.verify_tokens, E, generator=g, dtype=torch.float64) * 2
         bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_n is not None else None
         ids, w = fn(logits, bias) if bias is not None else fn(logits)
-        ref_ids, ref_w = triton_ops.route_topk_reference(logits, bias, *self.args)
+        ref_ids, ref_w = route_topk(logits, TopKPolicy(*self.args), bias)
         if not torch.equal(ids, ref_ids):
             return "the routing subgraph picks other experts than the spec's policy"
         if not torch.allclose(w, ref_w, rtol=1e-9, atol=1e-12):

@@ -32,7 +32,7 @@ _LOCK = threading.Lock()
 def render(template: str, ctx: dict[str, Any]) -> str:
     """The source of ``template`` for ``ctx`` (the moegraph version and a context summary are added)."""
     # The decisions the file is specialised to, for the reader of the generated header.
-    line = ", ".join(f"{k}={v!r}" for k, v in sorted(ctx.items()) if k not in ("summary", "score_code", "dot_args"))
+    line = ", ".join(f"{k}={v!r}" for k, v in sorted(ctx.items()) if k not in ("summary", "score_code", "dot_args", "act_args", "act_lines", "act_out"))
     try:
         source = template_env().get_template(template).render(version=__version__, context_line=line, **ctx)
     except jinja2.TemplateError as exc:

@@ -1,0 +1,176 @@
+"""The expert op's forward paths: the differentiable reference (``_expert_mlp_impl``) and the
+inference path with fewer copies (``_expert_mlp_fast``: per-expert GEMMs into reused buffers, or one
+grouped GEMM per projection).
+
+Legend: T tokens, D model dim, F expert hidden dim, H up-projection width, E experts, N assignments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .args import ExpertArgs
+from .activation import _activate_, apply_activation, mlp_forward
+from .workspace import _linear, _PackedExperts, _workspace
+
+
+def _sort_by_expert(exp_N: Tensor, E: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Assignments grouped by expert, stable within an expert; dropped ones (id outside [0, E)) left out.
+
+    Returns order_N [n] (positions of the kept assignments, by expert), exp_sorted [n] (their experts)
+    and counts (assignments per expert, a list of E ints: the one host sync of the op).
+    """
+    key_N = torch.where((exp_N >= 0) & (exp_N < E), exp_N, E)
+    key_sorted_N, order_N = torch.sort(key_N, stable=True)
+    counts = torch.bincount(key_sorted_N, minlength=E + 1)[:E].tolist()
+    n = sum(counts)
+    return order_N[:n], key_sorted_N[:n], counts
+
+
+def _expert_mlp_impl(*args: Any) -> Tensor:
+    """Differentiable reference implementation of the op (an ``ExpertArgs``, or its positional fields)."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = ExpertArgs.of(*args).positional()
+    T, D = x_TD.shape
+    E = w_up_EHD.shape[0]
+    out_dtype = x_TD.dtype
+    # Step 1: the shared experts run on every token, straight into the output buffer.
+    if shared_w_up_HD is not None:
+        a = apply_activation(F.linear(x_TD, shared_w_up_HD), activation, gated, gate_clamp, up_clamp)
+        if shared_scale_T is not None:
+            a = a * shared_scale_T.to(a.dtype).unsqueeze(-1)
+        y_TD = F.linear(a, shared_w_down_DF)
+    else:
+        y_TD = x_TD.new_zeros(T, D)
+    if exp_N.numel() == 0:
+        return y_TD
+    # Step 2: sort assignments by expert; dropped ones (id outside [0, E)) are left out.
+    order_N, _, counts = _sort_by_expert(exp_N, E)
+    if len(order_N) == 0:
+        return y_TD
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N)
+    x_ND = x_TD.index_select(0, tok_sorted)
+    # Step 3: one GEMM pair per expert that received rows.
+    outs = []
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = x_ND[start : start + n]
+        outs.append(
+            mlp_forward(
+                rows,
+                w_up_EHD[e],
+                w_down_EDF[e],
+                None if b_up_EH is None else b_up_EH[e],
+                None if b_down_ED is None else b_down_ED[e],
+                activation,
+                gated,
+                gate_clamp,
+                up_clamp,
+            )
+        )
+        start += n
+    o_ND = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    # Step 4: weight and combine per token.
+    o_ND = o_ND * w_sorted.to(o_ND.dtype).unsqueeze(-1)
+    return y_TD.index_add(0, tok_sorted, o_ND.to(out_dtype))
+
+
+
+def _small_experts(w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
+    from .. import ops  # SMALL_EXPERT_WEIGHTS lives on the package, where callers (and tests) change it
+
+    # torch._grouped_mm needs every row stride to be a multiple of 16 bytes (D and F of 4 floats).
+    aligned = (w_up_EHD.shape[2] * w_up_EHD.element_size()) % 16 == 0 and \
+        (w_down_EDF.shape[2] * w_down_EDF.element_size()) % 16 == 0
+    return (w_up_EHD[0].numel() <= ops.SMALL_EXPERT_WEIGHTS and hasattr(torch, "_grouped_mm") and aligned
+            and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
+
+
+def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None) -> Tensor:
+    """The inference path: same result as _expert_mlp_impl with fewer copies.
+
+    ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
+    None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
+
+    GEMMs write into preallocated buffers (``out=``), the activation runs in place, the routing
+    weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
+    the output buffer that the routed rows are then added into.
+    """
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = args.positional()
+    T, D = x_TD.shape
+    E = w_up_EHD.shape[0]
+    # Step 1: shared experts straight into the output buffer.
+    if shared_w_up_HD is not None:
+        hs = _linear(x_TD, shared_w_up_HD, packed.shared_up if packed else None)
+        a = _activate_(hs, activation, gated, gate_clamp, up_clamp)
+        if shared_scale_T is not None:
+            a.mul_(shared_scale_T.to(a.dtype).unsqueeze(-1))
+        y_TD = _linear(a, shared_w_down_DF, packed.shared_down if packed else None)
+    else:
+        y_TD = x_TD.new_zeros(T, D)
+    if exp_N.numel() == 0:
+        return y_TD
+    # Step 2: sort assignments by expert; dropped ones (outside [0, E)) are left out.
+    order_N, exp_sorted, counts = _sort_by_expert(exp_N, E)
+    n_valid = len(order_N)
+    if n_valid == 0:
+        return y_TD
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+    ws = _workspace(x_TD.dtype, x_TD.device)
+    x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
+    if _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped:
+        # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
+        h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
+        if b_up_EH is not None:
+            h.add_(b_up_EH.index_select(0, exp_sorted))
+        a = _activate_(h, activation, gated, gate_clamp, up_clamp).mul_(w_sorted)
+        o = torch._grouped_mm(a.contiguous(), w_down_EDF.transpose(1, 2), offs=offs)
+        if b_down_ED is not None:
+            o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+        return y_TD.index_add_(0, tok_sorted, o)
+    o_ND = ws.get("o", n_valid, D)
+    h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
+    a_buf = ws.get("a", max(counts), w_down_EDF.shape[2])
+    # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        if packed is not None:
+            # oneDNN with pre-packed weights (MKL's GEMV wins at one row); each expert's output is
+            # added into y directly, and the activation writes dense rows for the down projection.
+            up_packed, down_packed = (packed.up[e], packed.down[e]) if n > 1 else (None, None)
+            h = _linear(x_ND[start:end], w_up_EHD[e], up_packed)
+            if b_up_EH is not None:
+                h.add_(b_up_EH[e])
+            a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=a_buf[:n] if gated else None)
+            a.mul_(w_sorted[start:end])
+            o = _linear(a, w_down_EDF[e], down_packed)
+            if b_down_ED is not None:
+                o.addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
+            y_TD.index_add_(0, tok_sorted[start:end], o)
+            start = end
+            continue
+        h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
+        if b_up_EH is not None:
+            h.add_(b_up_EH[e])
+        a = _activate_(h, activation, gated, gate_clamp, up_clamp)
+        a.mul_(w_sorted[start:end])
+        torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
+        if b_down_ED is not None:
+            o_ND[start:end].addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
+        start = end
+    # Step 4: combine per token (the packed path already added its rows).
+    return y_TD if packed is not None else y_TD.index_add_(0, tok_sorted, o_ND)
+

@@ -1,0 +1,122 @@
+"""Expert activations: one table entry per activation, an elementwise expression of the up projection.
+
+A gated activation is an expression of ``gate`` and ``up`` (the two halves of the up projection,
+after the spec's optional ``gate_clamp``/``up_clamp``); a plain one is an expression of ``x``.
+Everything a backend needs is derived from the entry's expression: the torch forward
+(``moegraph.semantics.torch_forms``), its derivatives d/dgate and d/dup (symbolic, from the tree),
+the Triton kernel's body, and the spec's list of valid names.
+
+``fast`` marks the built-ins the expert op also runs through hand-fused in-place torch forms
+(``moegraph.ops``); a test checks each fast form against the entry's expression. ``elementwise``
+is the name HF gives the function of a built-in (``silu`` for ``swiglu``), used by the importer.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+from dataclasses import dataclass
+
+import moegraph.semantics.expr as _expr
+
+__all__ = ["Activation", "ACTIVATIONS", "register_activation", "activation", "ACTIVATION_LANGUAGE"]
+
+_PROBE = tuple((g, u, x) for g in (-30.0, -4.0, -1.0, 0.0, 0.5, 3.0, 30.0) for u in (-30.0, -1.0, 0.0, 2.0, 30.0)
+               for x in (g,))
+
+ACTIVATION_LANGUAGE = _expr.Language(
+    what="activation expression", variables=("gate", "up", "x"), functions=tuple(_expr.FUNCTIONS), max_length=300,
+    of="gate and up (gated) or of x (plain)", names_hint="'gate' and 'up' (gated) or 'x' (plain)",
+    uses_hint="'gate'/'up' or 'x'", example="silu(gate) * up", probe=_PROBE,
+    probe_hint="an activation must be finite for ordinary inputs; guard it (e.g. sqrt(x) -> sqrt(relu(x)))",
+)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One expert activation: ``expression`` of gate and up (``gated``) or of x; see the module docstring."""
+
+    name: str
+    expression: str
+    gated: bool
+    elementwise: str | None = None
+    fast: bool = False
+
+    @functools.cached_property
+    def tree(self) -> ast.Expression:
+        return _expr.parse(self.expression, ACTIVATION_LANGUAGE)
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return ("gate", "up") if self.gated else ("x",)
+
+    @functools.cached_property
+    def grads(self) -> tuple[ast.Expression, ...]:
+        """d expression / d v for each variable (gate, up; or x), derived symbolically."""
+        return tuple(_expr.derivative(self.tree, v) for v in self.variables)
+
+    @functools.cached_property
+    def forward_program(self) -> _expr.Program:
+        return _expr.program([self.tree])
+
+    @functools.cached_property
+    def backward_program(self) -> _expr.Program:
+        """The value and every derivative in one program (shared subexpressions computed once)."""
+        return _expr.program([self.tree, *self.grads])
+
+
+def _checked(name: str, expression: str, gated: bool | None) -> Activation:
+    tree = _expr.parse(expression, ACTIVATION_LANGUAGE)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in ACTIVATION_LANGUAGE.variables}
+    is_gated = bool(used & {"gate", "up"})
+    if is_gated and "x" in used:
+        raise ValueError(f"activation {name!r}: expression {expression!r} mixes 'x' with 'gate'/'up'; a gated "
+                         "activation is written in gate and up, a plain one in x")
+    if gated is not None and gated != is_gated:
+        raise ValueError(f"activation {name!r}: expression {expression!r} is {'gated' if is_gated else 'plain'} "
+                         f"but gated={gated} was given")
+    return Activation(name, expression, is_gated)
+
+
+#: spec activation name -> its entry
+ACTIVATIONS: dict[str, Activation] = {
+    "swiglu": Activation("swiglu", "silu(gate) * up", True, "silu", fast=True),
+    "geglu": Activation("geglu", "gelu(gate) * up", True, "gelu"),
+    "geglu_tanh": Activation("geglu_tanh", "gelu_tanh(gate) * up", True, "gelu_tanh"),
+    "reglu": Activation("reglu", "relu(gate) * up", True, "relu", fast=True),
+    "silu": Activation("silu", "silu(x)", False, "silu", fast=True),
+    "gelu": Activation("gelu", "gelu(x)", False, "gelu"),
+    "gelu_tanh": Activation("gelu_tanh", "gelu_tanh(x)", False, "gelu_tanh"),
+    "relu": Activation("relu", "relu(x)", False, "relu", fast=True),
+    "relu2": Activation("relu2", "relu(x) ** 2", False, "relu2", fast=True),
+}
+
+
+def register_activation(name: str, expression: str, *, elementwise: str | None = None) -> Activation:
+    """Add an activation to the table (gated if the expression uses gate/up); returns its entry.
+
+    The name becomes a valid ``moe.experts.activation`` and reaches every backend through the
+    entry's expression. Re-registering a name with the same expression is a no-op.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"activation name {name!r} is not an identifier; use letters, digits and '_'")
+    entry = _checked(name, expression, None)
+    entry = Activation(name, expression, entry.gated, elementwise)
+    old = ACTIVATIONS.get(name)
+    if old is not None and (old.expression, old.gated) != (entry.expression, entry.gated):
+        raise ValueError(f"activation {name!r} is already defined as {old.expression!r}; pick another name")
+    ACTIVATIONS.setdefault(name, entry)
+    return ACTIVATIONS[name]
+
+
+def activation(name: str, gated: bool | None = None) -> Activation:
+    """The entry for a spec activation name; also accepts an elementwise name with ``gated``
+    (``("silu", True)`` is swiglu), the form older callers of the expert op pass."""
+    entry = ACTIVATIONS.get(name)
+    if entry is not None and (gated is None or entry.gated == bool(gated)):
+        return entry
+    for e in ACTIVATIONS.values():
+        if e.elementwise == name and e.gated == bool(gated):
+            return e
+    raise ValueError(f"unknown activation {name!r}" + ("" if gated is None else f" (gated={bool(gated)})")
+                     + f"; use one of {', '.join(ACTIVATIONS)}")

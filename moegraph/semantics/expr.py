@@ -1,0 +1,454 @@
+"""The small elementwise expression language shared by score functions and expert activations.
+
+An expression is parsed once (Python's ``ast`` in ``mode="eval"``, then checked: only the
+language's variables, calls of its functions, numeric constants and + - * / **), and everything
+else is derived from that tree: its value on Python floats, source code for generated torch and
+Triton code (``emit``), its symbolic derivative (``derivative``), and a straight-line ``Program``
+with common subexpressions computed once (what the torch evaluator and the Triton expert kernel
+run). No backend reads the expression's text.
+
+Each function of ``FUNCTIONS`` says, in one entry, what it means on a float, how generated torch
+code and Triton code spell it, and its derivative as an expression of its argument ``u``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Function", "FUNCTIONS", "Language", "parse", "value", "emit", "derivative", "Program", "program"]
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v)) if v >= -700 else 0.0
+
+
+@dataclass(frozen=True)
+class Function:
+    """One function of the language.
+
+    ``math``: its value on a float; ``torch``: its spelling in generated torch code (a format string
+    of the argument); ``triton``: its spelling in Triton kernels (the argument may be repeated, so
+    callers pass a plain name or a parenthesised expression); ``grad``: d f(u) / du as an
+    expression of ``u`` (None: zero almost everywhere).
+    """
+
+    math: Callable[[float], float]
+    torch: str
+    triton: str
+    grad: str | None
+
+
+_GELU_GRAD = "0.5 * (1 + erf(u * 0.7071067811865476)) + u * exp(-0.5 * u * u) * 0.3989422804014327"
+_GELU_TANH = "0.5 * u * (1 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))"
+_GELU_TANH_GRAD = ("0.5 * (1 + tanh(0.7978845608028654 * (u + 0.044715 * u * u * u))) + 0.5 * u * "
+                   "(1 - square(tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))) * 0.7978845608028654 * "
+                   "(1 + 3 * 0.044715 * u * u)")
+
+#: name -> meaning and spellings. Scores may use the functions of ``SCORE_FUNCTION_NAMES``
+#: (``moegraph.semantics.scores``); activations may use all of them.
+FUNCTIONS: dict[str, Function] = {
+    "sigmoid": Function(_sigmoid, "torch.sigmoid({})", "tl.sigmoid({})", "sigmoid(u) * (1 - sigmoid(u))"),
+    "softplus": Function(lambda v: v if v > 20 else math.log1p(math.exp(v)), "torch.nn.functional.softplus({})",
+                         "_softplus({})", "sigmoid(u)"),
+    "sqrt": Function(math.sqrt, "torch.sqrt({})", "tl.sqrt({})", "0.5 / sqrt(u)"),
+    "exp": Function(math.exp, "torch.exp({})", "tl.exp({})", "exp(u)"),
+    "log": Function(math.log, "torch.log({})", "tl.log({})", "1 / u"),
+    "log1p": Function(math.log1p, "torch.log1p({})", "_log1p({})", "1 / (1 + u)"),
+    "tanh": Function(math.tanh, "torch.tanh({})", "_tanh({})", "1 - square(tanh(u))"),
+    "relu": Function(lambda v: max(v, 0.0), "torch.relu({})", "tl.maximum({}, 0.0)", "step(u)"),
+    "abs": Function(abs, "torch.abs({})", "tl.abs({})", "sign(u)"),
+    "square": Function(lambda v: v * v, "torch.square({})", "(({0}) * ({0}))", "2 * u"),
+    # Activation functions (not offered to score expressions).
+    "silu": Function(lambda v: v * _sigmoid(v), "torch.nn.functional.silu({})", "(({0}) * tl.sigmoid({0}))",
+                     "sigmoid(u) * (1 + u * (1 - sigmoid(u)))"),
+    "gelu": Function(lambda v: 0.5 * v * (1.0 + math.erf(v * 0.7071067811865476)), "torch.nn.functional.gelu({})",
+                     "(0.5 * ({0}) * (1.0 + tl.erf(({0}) * 0.7071067811865476)))", _GELU_GRAD),
+    "gelu_tanh": Function(lambda v: 0.5 * v * (1.0 + math.tanh(0.7978845608028654 * (v + 0.044715 * v ** 3))),
+                          "torch.nn.functional.gelu({}, approximate='tanh')",
+                          "(0.5 * ({0}) * (1.0 + _tanh(0.7978845608028654 * (({0}) + 0.044715 * ({0}) * ({0}) * "
+                          "({0})))))", _GELU_TANH_GRAD),
+    "erf": Function(math.erf, "torch.erf({})", "tl.erf({})", "1.1283791670955126 * exp(-(u * u))"),
+    "step": Function(lambda v: 1.0 if v > 0 else 0.0, "torch.heaviside({0}, torch.zeros_like({0}))",
+                     "tl.where(({0}) > 0, 1.0, 0.0)", None),
+    "sign": Function(lambda v: float((v > 0) - (v < 0)), "torch.sign({})", "tl.where(({0}) > 0, 1.0, "
+                     "tl.where(({0}) < 0, -1.0, 0.0))", None),
+}
+
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
+_ALLOWED_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class Language:
+    """What an expression may use, and how messages about it read.
+
+    ``what`` names it ("score expression"); ``variables`` and ``functions`` are what it may use;
+    ``of`` / ``names_hint`` / ``uses_hint`` / ``example`` fill the messages; ``probe`` holds points (one
+    value per variable) where it must be finite, ``point_words`` and ``probe_hint`` say where and how
+    to guard it.
+    """
+
+    what: str
+    variables: tuple[str, ...]
+    functions: tuple[str, ...]
+    max_length: int
+    of: str
+    names_hint: str
+    uses_hint: str
+    example: str
+    probe: tuple[tuple[float, ...], ...] = ()
+    point_words: str = ""
+    probe_hint: str = ""
+
+
+def parse(expr: str, lang: Language) -> ast.Expression:
+    """The validated tree of ``expr`` in ``lang`` (raises ValueError naming the problem and the fix)."""
+    what = lang.what
+    if len(expr) > lang.max_length:
+        raise ValueError(
+            f"{what} is {len(expr)} characters long; keep it under {lang.max_length} "
+            f"(it is one elementwise function of {lang.of})"
+        )
+    if not expr.isprintable():
+        raise ValueError(f"{what} {expr!r} holds a line break or control character; write it on one line")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"{what} {expr!r} is not valid: {getattr(exc, 'msg', exc)}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"{what} {expr!r} is nested too deeply; simplify it") from None
+    funcs = sorted(lang.functions)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if node.id not in lang.variables and node.id not in lang.functions:
+                raise ValueError(
+                    f"{what} {expr!r} uses unknown name {node.id!r}; use {lang.names_hint} and functions {funcs}"
+                )
+        elif isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in lang.functions or node.keywords:
+                raise ValueError(f"{what} {expr!r}: only calls of {funcs} with positional arguments are allowed")
+            if len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
+                raise ValueError(f"{what} {expr!r}: each function takes exactly one argument")
+        elif isinstance(node, ast.Constant):
+            if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
+                raise ValueError(f"{what} {expr!r}: only numeric constants are allowed")
+            if isinstance(node.value, int) and abs(node.value) > 2**53 or not math.isfinite(float(node.value)):
+                raise ValueError(f"{what} {expr!r}: constant {expr[node.col_offset:node.end_col_offset]} "
+                                 "is too large; use a number below 2**53")
+        elif isinstance(node, (ast.BinOp, ast.UnaryOp)):
+            if not isinstance(node.op, _ALLOWED_OPS):
+                raise ValueError(f"{what} {expr!r}: operator {type(node.op).__name__} is not allowed")
+        elif not isinstance(node, (ast.Expression, ast.Load, *_ALLOWED_OPS)):
+            raise ValueError(f"{what} {expr!r}: {type(node).__name__} is not allowed")
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    if any(isinstance(n, ast.Name) and n.id not in lang.variables and id(n) not in called for n in ast.walk(tree)):
+        raise ValueError(f"{what} {expr!r}: functions must be called, e.g. {lang.example}")
+    if not any(isinstance(n, ast.Name) and n.id in lang.variables for n in ast.walk(tree)):
+        raise ValueError(f"{what} {expr!r} does not use {lang.uses_hint}")
+    # Probe: an expression infinite or undefined for ordinary inputs makes every output non-finite.
+    for point in lang.probe:
+        env = dict(zip(lang.variables, point))
+        try:
+            v = value(tree, env)
+            bad = not abs(v) <= _FLOAT32_MAX
+        except (ArithmeticError, ValueError):
+            bad = True
+        if bad:
+            at = ", ".join(f"{k} = {x:g}" for k, x in env.items())
+            raise ValueError(f"{what} {expr!r} is not finite at {lang.point_words}{at}; {lang.probe_hint}")
+    return tree
+
+
+def value(tree: ast.AST, env: dict[str, float]) -> float:
+    """A validated tree on Python floats (raises ArithmeticError or ValueError where undefined)."""
+    if isinstance(tree, ast.Expression):
+        return value(tree.body, env)
+    if isinstance(tree, ast.Name):
+        return env[tree.id]
+    if isinstance(tree, ast.Constant):
+        return float(tree.value)
+    if isinstance(tree, ast.UnaryOp):
+        v = value(tree.operand, env)
+        return -v if isinstance(tree.op, ast.USub) else v
+    if isinstance(tree, ast.BinOp):
+        a, b = value(tree.left, env), value(tree.right, env)
+        if isinstance(tree.op, ast.Add):
+            v = a + b
+        elif isinstance(tree.op, ast.Sub):
+            v = a - b
+        elif isinstance(tree.op, ast.Mult):
+            v = a * b
+        elif isinstance(tree.op, ast.Div):
+            v = a / b
+        else:
+            v = a ** b
+        if isinstance(v, complex):
+            raise ValueError("complex power")
+        return float(v)
+    assert isinstance(tree, ast.Call), f"unvalidated expression node {ast.dump(tree)}"
+    return float(FUNCTIONS[tree.func.id].math(value(tree.args[0], env)))
+
+
+def emit(tree: ast.AST, names: dict[str, str], call: Callable[[str, str], str], special: Any = None) -> str:
+    """Source text for a tree, built node by node (never from the expression's text).
+
+    ``names`` spells each variable; ``call(name, arg)`` spells a function call; ``special(node, emit)``
+    may spell a node its own way (return None for the default). Operators are fully parenthesised.
+    """
+
+    def go(node: ast.AST) -> str:
+        if special is not None:
+            out = special(node, go)
+            if out is not None:
+                return out
+        if isinstance(node, ast.Expression):
+            return go(node.body)
+        if isinstance(node, ast.Name):
+            return names[node.id]
+        if isinstance(node, ast.Constant):
+            return repr(float(node.value))
+        if isinstance(node, ast.UnaryOp):
+            return f"({'-' if isinstance(node.op, ast.USub) else '+'}{go(node.operand)})"
+        if isinstance(node, ast.BinOp):
+            return f"({go(node.left)} {_OPS[type(node.op)]} {go(node.right)})"
+        if isinstance(node, ast.Call):
+            return call(node.func.id, go(node.args[0]))
+        raise ValueError(f"{type(node).__name__} is not part of an expression")
+
+    return go(tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# Symbolic derivative
+# ----------------------------------------------------------------------------------------------
+
+
+def _const(node: ast.AST) -> float | None:
+    return float(node.value) if isinstance(node, ast.Constant) else None
+
+
+def _num(v: float) -> ast.AST:
+    return ast.UnaryOp(ast.USub(), ast.Constant(-v)) if v < 0 else ast.Constant(v)
+
+
+def _bin(op: ast.operator, a: ast.AST, b: ast.AST) -> ast.AST:
+    """a op b, simplified where one side is a constant (so derivatives stay as small as hand-written ones)."""
+    ca, cb = _const(a), _const(b)
+    if isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) and _const(a.operand) is not None:
+        ca = -_const(a.operand)
+    if isinstance(b, ast.UnaryOp) and isinstance(b.op, ast.USub) and _const(b.operand) is not None:
+        cb = -_const(b.operand)
+    if ca is not None and cb is not None and not isinstance(op, ast.Pow):
+        try:
+            return _num(value(ast.BinOp(ast.Constant(ca), op, ast.Constant(cb)), {}))
+        except (ArithmeticError, ValueError):
+            pass
+    if isinstance(op, ast.Add):
+        if ca == 0:
+            return b
+        if cb == 0:
+            return a
+    elif isinstance(op, ast.Sub):
+        if cb == 0:
+            return a
+        if ca == 0:
+            return _neg(b)
+    elif isinstance(op, ast.Mult):
+        if ca == 0 or cb == 0:
+            return ast.Constant(0.0)
+        if ca == 1:
+            return b
+        if cb == 1:
+            return a
+    elif isinstance(op, ast.Div):
+        if ca == 0:
+            return ast.Constant(0.0)
+        if cb == 1:
+            return a
+    elif isinstance(op, ast.Pow):
+        if cb == 1:
+            return a
+        if cb == 0:
+            return ast.Constant(1.0)
+    return ast.BinOp(a, op, b)
+
+
+def _neg(a: ast.AST) -> ast.AST:
+    c = _const(a)
+    if c is not None:
+        return _num(-c)
+    if isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub):
+        return a.operand
+    return ast.UnaryOp(ast.USub(), a)
+
+
+def _substitute(tree: ast.AST, var: str, arg: ast.AST) -> ast.AST:
+    """``tree`` with every ``var`` replaced by ``arg`` (a new tree; ``arg`` is shared, not copied)."""
+    if isinstance(tree, ast.Expression):
+        return _substitute(tree.body, var, arg)
+    if isinstance(tree, ast.Name):
+        return arg if tree.id == var else tree
+    if isinstance(tree, ast.UnaryOp):
+        return ast.UnaryOp(tree.op, _substitute(tree.operand, var, arg))
+    if isinstance(tree, ast.BinOp):
+        return ast.BinOp(_substitute(tree.left, var, arg), tree.op, _substitute(tree.right, var, arg))
+    if isinstance(tree, ast.Call):
+        return ast.Call(tree.func, [_substitute(tree.args[0], var, arg)], [])
+    return tree
+
+
+def _d(node: ast.AST, var: str) -> ast.AST:
+    if isinstance(node, ast.Expression):
+        return _d(node.body, var)
+    if isinstance(node, ast.Name):
+        return ast.Constant(1.0 if node.id == var else 0.0)
+    if isinstance(node, ast.Constant):
+        return ast.Constant(0.0)
+    if isinstance(node, ast.UnaryOp):
+        d = _d(node.operand, var)
+        return _neg(d) if isinstance(node.op, ast.USub) else d
+    if isinstance(node, ast.Call):
+        f = FUNCTIONS[node.func.id]
+        da = _d(node.args[0], var)
+        if f.grad is None or _const(da) == 0:
+            return ast.Constant(0.0)
+        outer = _substitute(ast.parse(f.grad, mode="eval"), "u", node.args[0])
+        return _bin(ast.Mult(), _fold(outer), da)
+    assert isinstance(node, ast.BinOp), f"unvalidated expression node {ast.dump(node)}"
+    a, b = node.left, node.right
+    da, db = _d(a, var), _d(b, var)
+    if isinstance(node.op, (ast.Add, ast.Sub)):
+        return _bin(node.op, da, db)
+    if isinstance(node.op, ast.Mult):
+        return _bin(ast.Add(), _bin(ast.Mult(), da, b), _bin(ast.Mult(), a, db))
+    if isinstance(node.op, ast.Div):
+        num = _bin(ast.Sub(), _bin(ast.Mult(), da, b), _bin(ast.Mult(), a, db))
+        return _bin(ast.Div(), num, _bin(ast.Pow(), b, ast.Constant(2.0)))
+    # Power: a constant exponent c gives c a^(c-1) da; otherwise a^b (db log a + b da / a).
+    c = _const(_fold(b))
+    if c is not None:
+        return _bin(ast.Mult(), _bin(ast.Mult(), ast.Constant(c), _bin(ast.Pow(), a, ast.Constant(c - 1))), da)
+    log_a = ast.Call(ast.Name("log", ast.Load()), [a], [])
+    inner = _bin(ast.Add(), _bin(ast.Mult(), db, log_a), _bin(ast.Div(), _bin(ast.Mult(), b, da), a))
+    return _bin(ast.Mult(), node, inner)
+
+
+def _fold(node: ast.AST) -> ast.AST:
+    """Constant subtrees folded and trivial operations dropped (``_bin``'s rules), bottom-up."""
+    if isinstance(node, ast.Expression):
+        return ast.Expression(_fold(node.body))
+    if isinstance(node, ast.BinOp):
+        return _bin(node.op, _fold(node.left), _fold(node.right))
+    if isinstance(node, ast.UnaryOp):
+        inner = _fold(node.operand)
+        return _neg(inner) if isinstance(node.op, ast.USub) else inner
+    if isinstance(node, ast.Call):
+        return ast.Call(node.func, [_fold(node.args[0])], [])
+    return node
+
+
+def derivative(tree: ast.AST, var: str) -> ast.Expression:
+    """d tree / d var as a new (simplified) tree in the same language."""
+    return ast.Expression(_fold(_d(tree, var)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Straight-line programs (common subexpressions once)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Program:
+    """Several trees as one list of steps, each subexpression computed once.
+
+    ``steps[i]`` is ("var", name) | ("const", value) | ("neg", j) | ("call", fname, j) |
+    ("bin", "+"/"-"/"*"/"/"/"**", j, k), reading earlier steps j, k; ``outputs`` index the trees' values.
+    """
+
+    steps: tuple[tuple, ...]
+    outputs: tuple[int, ...]
+
+    def run(self, env: dict[str, Any], call: Callable[[str, Any], Any], binop: Callable[[str, Any, Any], Any]) -> list:
+        """Evaluate with ``call(fname, v)`` and ``binop(op, a, b)`` (torch, floats, ...); returns the outputs."""
+        vals: list[Any] = []
+        for s in self.steps:
+            kind = s[0]
+            if kind == "var":
+                vals.append(env[s[1]])
+            elif kind == "const":
+                vals.append(s[1])
+            elif kind == "neg":
+                vals.append(-vals[s[1]])
+            elif kind == "call":
+                vals.append(call(s[1], vals[s[2]]))
+            else:
+                vals.append(binop(s[1], vals[s[2]], vals[s[3]]))
+        return [vals[i] for i in self.outputs]
+
+    def source(self, names: dict[str, str], call: Callable[[str, str], str], pow_: Callable[[str, float | None, str], str],
+               prefix: str = "t") -> tuple[list[str], list[str]]:
+        """(assignment lines, output expressions) spelling the program in some language's source.
+
+        Constants and variables are spelled inline; every other step is one assignment ``{prefix}{i}``.
+        ``pow_(base, exponent_constant_or_None, exponent)`` spells a power.
+        """
+        spelled: list[str] = []
+        lines: list[str] = []
+        for i, s in enumerate(self.steps):
+            kind = s[0]
+            if kind == "var":
+                spelled.append(names[s[1]])
+                continue
+            if kind == "const":
+                spelled.append(repr(float(s[1])))
+                continue
+            if kind == "neg":
+                code = f"-{spelled[s[1]]}"
+            elif kind == "call":
+                code = call(s[1], spelled[s[2]])
+            elif s[1] == "**":
+                c = self.steps[s[3]]
+                code = pow_(spelled[s[2]], float(c[1]) if c[0] == "const" else None, spelled[s[3]])
+            else:
+                code = f"{spelled[s[2]]} {s[1]} {spelled[s[3]]}"
+            lines.append(f"{prefix}{i} = {code}")
+            spelled.append(f"{prefix}{i}")
+        return lines, [spelled[i] for i in self.outputs]
+
+
+def program(trees: list[ast.AST]) -> Program:
+    """The trees as one ``Program`` (structurally equal subtrees become one step)."""
+    steps: list[tuple] = []
+    seen: dict[tuple, int] = {}
+
+    def add(step: tuple) -> int:
+        if step not in seen:
+            seen[step] = len(steps)
+            steps.append(step)
+        return seen[step]
+
+    def go(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return go(node.body)
+        if isinstance(node, ast.Name):
+            return add(("var", node.id))
+        if isinstance(node, ast.Constant):
+            return add(("const", float(node.value)))
+        if isinstance(node, ast.UnaryOp):
+            inner = go(node.operand)
+            if isinstance(node.op, ast.UAdd):
+                return inner
+            if steps[inner][0] == "const":
+                return add(("const", -steps[inner][1]))
+            return add(("neg", inner))
+        if isinstance(node, ast.Call):
+            return add(("call", node.func.id, go(node.args[0])))
+        assert isinstance(node, ast.BinOp), f"unvalidated expression node {ast.dump(node)}"
+        return add(("bin", _OPS[type(node.op)], go(node.left), go(node.right)))
+
+    outputs = tuple(go(_fold(t)) for t in trees)
+    return Program(tuple(steps), outputs)

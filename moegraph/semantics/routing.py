@@ -1,0 +1,96 @@
+"""The torch reference of top-k routing: the one definition the tests, the HF importer and the Triton
+router's fallback use.
+
+A ``TopKPolicy`` is the routing part of a spec's ``TopKRouter`` as a frozen value: score, selection
+order, group limit, normalisation and scaling. ``route_topk`` follows the generated layer's steps
+(``codegen_templates/moe_layer.py.j2`` spells the same steps out for one spec, with the score code
+from ``semantics.scores``):
+
+1. scores from the logits (``topk_then_score``: the logits themselves);
+2. the selection score: scores + expert bias (the bias moves selection only);
+3. group limit: keep the best ``topk_groups`` of ``num_groups`` groups per token (by max, or by the
+   sum of the top ``top_n``); experts of other groups get -inf, so no bias can select them;
+4. top-k of the selection score; weights are the chosen experts' scores (``topk_then_score``:
+   softmax over the chosen logits), optionally normalised to sum 1, then scaled.
+
+Legend: T tokens, E experts, K experts per token, G groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .torch_forms import scores
+
+__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit"]
+
+
+@dataclass(frozen=True)
+class TopKPolicy:
+    """A top-k routing policy (the routing fields of ``spec.TopKRouter``; ``num_groups`` 0: no group limit)."""
+
+    top_k: int
+    score: str = "softmax"
+    topk_then_score: bool = False
+    normalize: bool = False
+    scaling_factor: float = 1.0
+    num_groups: int = 0
+    topk_groups: int = 0
+    group_score: str = "max"
+    top_n: int = 0
+
+    @classmethod
+    def of_router(cls, r: Any) -> TopKPolicy:
+        """The policy of a spec ``TopKRouter``."""
+        g = r.groups
+        return cls(r.top_k, r.score, r.topk_order == "topk_then_score", r.normalize, float(r.scaling_factor),
+                   g.num_groups if g else 0, g.topk_groups if g else 0, g.group_score if g else "max",
+                   g.top_n if g else 0)
+
+    def positional(self) -> tuple:
+        """The fields in order: the positional form a ``torch.library`` op schema needs."""
+        return (self.top_k, self.score, self.topk_then_score, self.normalize, float(self.scaling_factor),
+                self.num_groups, self.topk_groups, self.group_score, self.top_n)
+
+
+def group_limit(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
+    """The selection scores with experts outside each token's kept groups set to -inf."""
+    E = choice_TE.shape[1]
+    choice_TGX = choice_TE.view(-1, policy.num_groups, E // policy.num_groups)
+    if policy.group_score == "max":
+        group_TG = choice_TGX.amax(dim=-1)
+    else:
+        group_TG = choice_TGX.topk(policy.top_n, dim=-1).values.sum(dim=-1)
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_TG.topk(policy.topk_groups, dim=-1).indices,
+                                                                    True)
+    return choice_TGX.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(-1, E)
+
+
+def route_topk(logits_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ids_TK [T, K] (best first) and weights_TK [T, K] of a top-k policy (weights differentiable in the logits)."""
+    scores_TE = logits_TE if policy.topk_then_score else scores(logits_TE, policy.score)
+    choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+    if policy.num_groups:
+        choice_TE = group_limit(choice_TE, policy)
+    ids_TK = torch.topk(choice_TE, policy.top_k, dim=-1).indices
+    return ids_TK, _weights(scores_TE, ids_TK, policy)
+
+
+def route_weights(logits_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tensor:
+    """Weights of the chosen experts ``ids_TK`` (differentiable in the logits)."""
+    return _weights(logits_TE if policy.topk_then_score else scores(logits_TE, policy.score), ids_TK, policy)
+
+
+def _weights(scores_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tensor:
+    w_TK = scores_TE.gather(1, ids_TK)
+    if policy.topk_then_score:
+        w_TK = torch.softmax(w_TK, dim=-1)
+    if policy.normalize:
+        w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if policy.scaling_factor != 1.0:
+        w_TK = w_TK * policy.scaling_factor
+    return w_TK

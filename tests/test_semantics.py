@@ -1,0 +1,222 @@
+"""The semantics package: the expression language, its symbolic derivatives, the activation and score
+tables, and a new entry reaching every torch backend (the Triton kernels: tests/test_triton.py)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moegraph
+from moegraph import ops, semantics
+from moegraph.errors import SpecError
+from moegraph.semantics import ACTIVATIONS, SCORE_FUNCTIONS, expr, torch_forms
+from moegraph.semantics.activations import Activation
+from moegraph.spec import MoESpec
+
+# A clamped SwiGLU variant with a shifted up branch (GPT-OSS's form) and a new score: the entries the
+# tests below add, each with a plain torch spelling written here for the references.
+NEW_ACT = ("swiglu_oai", "gate * sigmoid(1.702 * gate) * (up + 1)")
+NEW_SCORE = ("sqrt_sigmoid", "sqrt(sigmoid(x))")
+
+
+def new_act_reference(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return g * torch.sigmoid(1.702 * g) * (u + 1)
+
+
+@pytest.fixture
+def new_entries(monkeypatch):
+    monkeypatch.setitem(ACTIVATIONS, NEW_ACT[0], Activation(NEW_ACT[0], NEW_ACT[1], gated=True))
+    monkeypatch.setitem(SCORE_FUNCTIONS, *NEW_SCORE)
+
+
+class _ActFn(torch.autograd.Function):
+    """The activation with the table's derivative as its backward (what the expert op's backward uses)."""
+
+    @staticmethod
+    def forward(ctx, h, act, gate_clamp, up_clamp):
+        a, saved = torch_forms.activate_saved(h, act, gate_clamp, up_clamp)
+        ctx.saved = saved
+        return a
+
+    @staticmethod
+    def backward(ctx, ga):
+        return torch_forms.activate_backward(ga, ctx.saved), None, None, None
+
+
+CASES = [(n, False) for n in [*ACTIVATIONS, NEW_ACT[0]]] + [(n, True) for n, a in ACTIVATIONS.items() if a.gated] + [
+    (NEW_ACT[0], True)]
+
+
+@pytest.mark.parametrize("name,clamped", CASES)
+def test_symbolic_derivatives_pass_gradcheck(name, clamped, new_entries):
+    act = ACTIVATIONS[name]
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 8, generator=g, dtype=torch.float64) * 2
+    # Keep finite differences away from the kinks (relu at 0, the clamps).
+    h = torch.where(h.abs() < 1e-3, h + 0.01, h)
+    gc, uc = (0.9, 1.1) if clamped else (None, None)
+    if clamped:
+        h = torch.where((h - 0.9).abs() < 1e-3, h + 0.01, h)
+        h = torch.where((h.abs() - 1.1).abs() < 1e-3, h + 0.01, h)
+    h.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: _ActFn.apply(t, act, gc, uc), (h,), eps=1e-6, atol=1e-6, rtol=1e-5)
+    # The forward is the expression: against torch's own functions.
+    ref = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu,
+           "relu2": lambda t: F.relu(t) ** 2}
+    hd = h.detach()
+    got = torch_forms.activate(hd, act, None, gc, uc)
+    if act.gated:
+        gate, up = hd[:, :4], hd[:, 4:]
+        if clamped:
+            gate, up = gate.clamp(max=gc), up.clamp(-uc, uc)
+        want = new_act_reference(gate, up) if name == NEW_ACT[0] else ref[act.elementwise](gate) * up
+    else:
+        want = ref[act.elementwise](hd)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_derivatives_are_derived_from_the_tree():
+    lang = dataclasses.replace(semantics.activations.ACTIVATION_LANGUAGE, probe=())
+    d = lambda e, v: ast.unparse(expr.derivative(expr.parse(e, lang), v))  # noqa: E731
+    assert d("silu(gate) * up", "up") == "silu(gate)"
+    assert d("relu(x) ** 2", "x") == "2.0 * relu(x) * step(x)"
+    assert d("x * x + 3 * x", "x") == "x + x + 3.0"
+    assert d("exp(2 * x) / x", "x") == "(exp(2 * x) * 2.0 * x - exp(2 * x)) / x ** 2.0"
+    assert d("-tanh(x)", "x") == "-(1 - square(tanh(x)))"
+    # One program computes the value and both derivatives, silu(gate) once.
+    prog = ACTIVATIONS["swiglu"].backward_program
+    assert sum(1 for s in prog.steps if s[:2] == ("call", "silu")) == 1
+    assert sum(1 for s in prog.steps if s[:2] == ("call", "sigmoid")) == 1
+    env = {"gate": 0.7, "up": -1.3}
+    a, dg, du = prog.run(env, lambda f, v: expr.FUNCTIONS[f].math(v), lambda o, x, y: eval(f"x {o} y"))
+    s = 1 / (1 + math.exp(-0.7))
+    assert a == pytest.approx(0.7 * s * -1.3) and du == pytest.approx(0.7 * s)
+    assert dg == pytest.approx(-1.3 * s * (1 + 0.7 * (1 - s)))
+
+
+def test_fast_forms_are_the_tables_expressions():
+    assert set(ops.FAST_INPLACE) == {n for n, a in ACTIVATIONS.items() if a.fast}
+    g = torch.Generator().manual_seed(2)
+    for name in ops.FAST_INPLACE:
+        act = ACTIVATIONS[name]
+        h = torch.randn(5, 12, generator=g) * 3
+        for clamps in ([(None, None), (0.5, 0.8)] if act.gated else [(None, None)]):
+            want = torch_forms.activate(h, act, None, *clamps)
+            got = ops._activate_(h.clone(), name, act.gated, *clamps)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+            out = torch.empty(5, 6)
+            if act.gated:
+                ops._activate_(h.clone(), name, True, *clamps, out=out)
+                torch.testing.assert_close(out, want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_register_and_refuse(monkeypatch):
+    monkeypatch.setattr(semantics.activations, "ACTIVATIONS", dict(ACTIVATIONS))
+    table = semantics.activations.ACTIVATIONS
+    entry = semantics.register_activation("mish_glu", "gate * tanh(softplus(gate)) * up")
+    assert entry.gated and table["mish_glu"] is entry
+    assert semantics.register_activation("mish_glu", "gate * tanh(softplus(gate)) * up") is entry
+    with pytest.raises(ValueError, match="already defined"):
+        semantics.register_activation("mish_glu", "gate * up")
+    with pytest.raises(ValueError, match="mixes 'x'"):
+        semantics.register_activation("bad", "x * up")
+    with pytest.raises(ValueError, match="unknown name 'os'"):
+        semantics.register_activation("bad", "os * gate")
+    with pytest.raises(ValueError, match="not finite"):
+        semantics.register_activation("bad", "log(x)")
+    assert semantics.activation("silu", gated=True).name == "swiglu"  # the op's older calling form
+    assert semantics.activation("relu2", gated=False).name == "relu2"
+
+
+def test_spec_accepts_only_table_entries(new_entries):
+    base = moegraph.load_spec("mixtral-tiny").model_dump(mode="json")
+    base["moe"]["experts"]["activation"] = NEW_ACT[0]
+    base["moe"]["router"]["score"] = NEW_SCORE[0]
+    spec = MoESpec.model_validate(base)
+    assert spec.moe.experts.gated and NEW_ACT[0] in MoESpec.model_json_schema()["$defs"]["ExpertsSpec"][
+        "properties"]["activation"]["enum"]
+    base["moe"]["experts"]["activation"] = "swiglu_oa"
+    with pytest.raises(SpecError, match="did you mean 'swiglu_oai'"):
+        moegraph.load_spec(base)
+
+
+def _loop_reference(layer, x_TD: torch.Tensor, gc: float, uc: float) -> torch.Tensor:
+    """Top-2 of sqrt(sigmoid(logits)), renormalised; the new activation; one token at a time."""
+    out = []
+    for t in range(x_TD.shape[0]):
+        s = torch.sqrt(torch.sigmoid(layer.router.weight @ x_TD[t].float()))  # router_dtype float32
+        ids = sorted(range(s.shape[0]), key=lambda e: -float(s[e].detach()))[:2]
+        w = torch.stack([s[e] for e in ids])
+        w = (w / (w.sum() + 1e-20)).to(x_TD.dtype)
+        y = 0
+        for e, we in zip(ids, w):
+            h = layer.experts.gate_up_proj[e] @ x_TD[t]
+            F_ = h.shape[0] // 2
+            a = new_act_reference(h[:F_].clamp(max=gc), h[F_:].clamp(-uc, uc))
+            y = y + we * (layer.experts.down_proj[e] @ a)
+        out.append(y)
+    return torch.stack(out)
+
+
+def test_new_entries_reach_the_generated_torch_layer(new_entries, tmp_path):
+    d = moegraph.load_spec("mixtral-tiny").model_dump(mode="json")
+    d["name"] = "oai-sqrt-sigmoid"
+    d["moe"]["experts"].update(activation=NEW_ACT[0], gate_clamp=0.7, up_clamp=0.9)
+    d["moe"]["router"]["score"] = NEW_SCORE[0]
+    layer = moegraph.compile(d, out_dir=tmp_path, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 7, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    want = _loop_reference(layer, x[0], 0.7, 0.9)
+    torch.testing.assert_close(y[0], want, rtol=1e-12, atol=1e-12)
+    # Backward: the op's explicit backward (from the symbolic derivatives) against autograd on the loop.
+    params = [x, layer.experts.gate_up_proj, layer.experts.down_proj, layer.router.weight]
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, params, gy)
+    ref = torch.autograd.grad(_loop_reference(layer, x[0], 0.7, 0.9), params, gy[0])
+    for a, b, n in zip(got, ref, ["x", "gate_up_proj", "down_proj", "router"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
+    # The torch reference routing follows the same score entry.
+    assert "torch.sqrt(torch.sigmoid(logits_TE))" in (tmp_path / next(p.name for p in tmp_path.glob("*.py"))).read_text()
+
+
+ROUTINGS = {
+    "softmax_norm": {"top_k": 2, "score": "softmax", "normalize": True},
+    "grouped_sigmoid_bias": {"top_k": 3, "score": "sigmoid", "normalize": True, "scaling_factor": 2.5,
+                             "expert_bias": {"update_rate": 0.001},
+                             "groups": {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn", "top_n": 2}},
+    "topk_then_softmax_bias": {"top_k": 2, "topk_order": "topk_then_score", "expert_bias": {"update_rate": 0.001}},
+    "expression_groups_max": {"top_k": 2, "score": "sqrt(softplus(x)) + 0.5 * tanh(x)",
+                              "groups": {"num_groups": 2, "topk_groups": 1, "group_score": "max"}},
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_generated_routing_is_the_reference(name, tmp_path):
+    """The generated layer's routing (spelled out per spec) equals semantics.routing for the same policy."""
+    from moegraph.semantics.routing import TopKPolicy, route_topk
+
+    spec = {"name": f"route-{name}", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+                                             "router": {"type": "topk", **ROUTINGS[name]}}}
+    layer = moegraph.compile(spec, out_dir=tmp_path)
+    g = torch.Generator().manual_seed(4)
+    bias = getattr(layer.router, "expert_bias", None)
+    if bias is not None:
+        with torch.no_grad():
+            bias.copy_(torch.randn(8, generator=g) * 0.3)
+    x = torch.randn(1, 12, 16, generator=g)
+    with torch.no_grad():
+        y, _, ids = layer.core(x)
+        policy = TopKPolicy.of_router(MoESpec.model_validate(spec).moe.router)
+        ref_ids, ref_w = route_topk(x[0] @ layer.router.weight.t(), policy, bias)
+        T, K = ref_ids.shape
+        ref_y = ops.expert_mlp(x[0], torch.arange(T).repeat_interleave(K), ref_ids.reshape(-1), ref_w.reshape(-1),
+                               layer.experts.gate_up_proj, layer.experts.down_proj, None, None, "swiglu", True, None,
+                               None, None, None, None)
+    assert torch.equal(ids[0], ref_ids)
+    torch.testing.assert_close(y[0], ref_y, rtol=1e-6, atol=1e-7)
