@@ -35,6 +35,7 @@ from .errors import InputError, MoegraphError, UnsupportedBlock
 from .hf.probe import forward_args
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
+from .semantics import torch_dtype
 
 __all__ = ["MoEBlockAdapter", "OptimizeReport", "SwapRecord", "optimize", "read_structural"]
 
@@ -325,7 +326,8 @@ def optimize(
         try:
             if how == "registry":
                 info = hf.read_block(block)
-                weights = hf.hf_weights(block, info.anatomy)
+                # FP8 experts: their bytes (in hf_weights) and block scales as they are
+                weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
                 rank, token_arg, flat = 3, info.token_arg, info.flat_output
             else:
@@ -336,7 +338,8 @@ def optimize(
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
             ref = next(iter(weights.values()))
-            dtype = hf.torch_dtype_of(weights)
+            # FP8 experts: the layer computes in the spec's dtype; otherwise in that of the block's weights
+            dtype = torch_dtype(spec.moe.dtype) if spec.moe.quantization is not None else hf.torch_dtype_of(weights)
             layer = mg_compile(spec, plan=plan, backend=backend, out_dir=out_dir, dtype=dtype, device=ref.device,
                                seed=None)
             hf.load_hf_weights(layer, weights, share=share_weights)
@@ -350,17 +353,19 @@ def optimize(
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":
             try:
-                diff, rel = _verify(block, adapter, spec.moe.hidden_size, rank, layer.experts.down_proj.dtype,
+                target, tol = (hf.check_target(block, info.anatomy, layer) if how == "registry"
+                               else (block, hf.tolerance(layer.compute_dtype)))
+                diff, rel = _verify(target, adapter, spec.moe.hidden_size, rank, layer.compute_dtype,
                                     layer.experts.down_proj.device)
             except Exception as exc:  # noqa: BLE001 - reported; the original block stays
                 rec.reason = f"verification could not run: {type(exc).__name__}: {exc}"
                 rec.seconds = time.perf_counter() - ts
                 continue
             rec.max_abs_diff, rec.rel_diff = diff, rel
-            if not rel <= hf.tolerance(layer.experts.down_proj.dtype):
+            if not rel <= tol:
                 rec.status = "restored"
                 rec.reason = (f"verification failed: outputs differ by {diff:.3g} ({rel:.2e} of the output scale, "
-                              f"tolerance {hf.tolerance(layer.experts.down_proj.dtype):.0e}); original block kept")
+                              f"tolerance {tol:.0e}); original block kept")
                 rec.seconds = time.perf_counter() - ts
                 continue
         _set_child(model, path, adapter)

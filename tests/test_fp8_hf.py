@@ -115,7 +115,7 @@ def test_from_hf_check_catches_a_misread_layout(tmp_path, monkeypatch):
         w["experts.gate_up_proj_scale_inv"] = w["experts.gate_up_proj_scale_inv"].roll(1, dims=0) * 50  # other experts'
         return w
 
-    monkeypatch.setattr(moegraph.hf.block, "fp8_block_weights", misread)
+    monkeypatch.setattr(moegraph.hf.block, "block_scales", misread)
     with pytest.raises(UnsupportedBlock, match="differs from the block"):
         moegraph.from_hf(block, cfg, dtype=torch.float32, out_dir=tmp_path)
 
@@ -224,3 +224,28 @@ def test_bad_checkpoints_are_refused(tmp_path):
     plain = moegraph.compile("deepseek-v3-tiny", out_dir=tmp_path)
     with pytest.raises(InputError, match="no moe.quantization"):
         quant.load_checkpoint(plain, sd, prefix)
+
+
+def test_optimize_swaps_an_fp8_block_and_verifies_it(tmp_path):
+    """moegraph.optimize on a model whose MoE block has transformers' FP8 experts: the swapped-in layer
+    holds the block's FP8 bytes and scales (none left at their initial value) and passes the check."""
+    block, cfg = _fp8_block(seed=2)
+    cfg.dtype = torch.float32
+    model = ds.DeepseekV3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 5))
+    # transformers' FP8 experts do not run on the CPU: the model's output with the block dequantized
+    # by transformers' own dequantizer is the reference.
+    model.model.layers[1].mlp = quant.reference_block(block, moegraph.hf.block.inspect_block(block, cfg), torch.float32)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.model.layers[1].mlp = block
+    model = moegraph.optimize(model, verify=True, out_dir=tmp_path)
+    (rec,) = model.moegraph_report.records
+    assert rec.status == "swapped", rec.reason
+    assert rec.rel_diff is not None and rec.rel_diff <= 4 * 2.0 ** -4
+    layer = model.model.layers[1].mlp.moe
+    assert torch.equal(layer.experts.gate_up_proj_scale_inv, block.experts.gate_up_proj_scale_inv)
+    assert torch.equal(layer.shared_experts.down_proj_scale_inv, block.shared_experts.down_proj.weight_scale_inv)
+    with torch.no_grad():
+        after = model(ids).logits
+    assert _rel(after, before) < 0.1  # the dequantized-block model vs the FP8 one (FP8 activations)

@@ -43,9 +43,10 @@ from .anatomy import (
     is_hf_moe_block,
     probe_activation,
 )
-from .block import HFImport, compare, from_hf, read_block, tolerance
+from .block import HFImport, check_target, compare, from_hf, read_block, tolerance
 from .config import load_hf_config, spec_from_hf_config
 from .probe import Probe, forward_args, light_copy, probe_block, token_id_arg, token_vocab
+from .quant import block_scales
 from .routing import Declared, Routing, declared_routing, identify_routing, route
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
 from .weights import hf_weights, load_hf_weights, torch_dtype_of
@@ -59,6 +60,8 @@ __all__ = [
     "HFImport",
     "Probe",
     "Routing",
+    "block_scales",
+    "check_target",
     "compare",
     "declared_routing",
     "forward_args",

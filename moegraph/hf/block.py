@@ -13,7 +13,7 @@ from .. import fp8
 from ..errors import UnsupportedBlock
 from ..semantics import torch_dtype
 from ..spec import MoESpec
-from .quant import fp8_block_weights, is_fp8_block, quantization_section, reference_block, shared_is_fp8
+from .quant import block_scales, is_fp8_block, quantization_section, reference_block, shared_is_fp8
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
 from .assemble import _dtype_name, build_spec
 from .probe import probe_block, token_vocab
@@ -66,6 +66,18 @@ def _quantization(block: nn.Module, anat: BlockAnatomy, cfg: Any) -> dict | None
         fmt = "fp8_e5m2" if getattr(block, anat.experts_name).down_proj.dtype == torch.float8_e5m2 else "fp8_e4m3"
         section = {"format": fmt, "weight_block": list(bs), "activation_tile": [1, bs[1]], "shared_experts": shared}
     return section
+
+
+def check_target(block: nn.Module, anat: BlockAnatomy, layer: nn.Module) -> tuple[nn.Module, float]:
+    """What a compiled layer is compared with, and the relative tolerance (to the output's scale).
+
+    transformers' FP8 experts run on CUDA kernels only, so an FP8 block is checked against a copy of
+    that one block dequantized by transformers' own dequantizer, within the error FP8 activations
+    imply (4u, ``moegraph.fp8.rounding_bound``); any other block against itself.
+    """
+    if is_fp8_block(block, anat):
+        return reference_block(block, anat, layer.compute_dtype), 4 * fp8.rounding_bound(layer.FP8["format"])[0]
+    return block, tolerance(layer.compute_dtype)
 
 
 def read_block(block: nn.Module, config: Any = None, *, name: str | None = None, with_model: bool = False
@@ -162,20 +174,14 @@ def from_hf(
     src_device = _expert_tensor(block, anat).device
     layer = mg_compile(info.spec, backend=backend, out_dir=out_dir, dtype=dtype or src_dtype,
                        device=device or src_device, seed=None)
-    is_fp8 = is_fp8_block(block, anat)
-    weights = hf_weights(block, anat)
-    if is_fp8:  # FP8 bytes and their block scales as they are: nothing is dequantized
-        weights.update(fp8_block_weights(block, anat))
-    load_hf_weights(layer, weights, share=share_weights and dtype in (None, src_dtype)
-                    and device in (None, src_device))
+    # FP8 experts: their bytes and block scales as they are, nothing dequantized.
+    load_hf_weights(layer, hf_weights(block, anat) | block_scales(block, anat),
+                    share=share_weights and dtype in (None, src_dtype) and device in (None, src_device))
     layer.__dict__["hf_import"] = info
     if check:
-        # transformers' FP8 experts run on CUDA kernels only: the check runs a copy of this one block
-        # dequantized by transformers' own dequantizer, within the error FP8 activations imply.
-        ref = reference_block(block, anat, layer.compute_dtype) if is_fp8 else block
+        ref, tol = check_target(block, anat, layer)
         diff, scale = compare(ref, layer, token_arg=info.token_arg)
         info.max_abs_diff = diff
-        tol = 4 * fp8.rounding_bound(info.spec.moe.quantization.format)[0] if is_fp8 else tolerance(layer.compute_dtype)
         if not diff <= tol * max(scale, 1e-6):
             raise UnsupportedBlock(
                 f"the compiled layer differs from the block by {diff:.3g} (output scale {scale:.3g}) although its "

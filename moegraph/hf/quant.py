@@ -28,7 +28,8 @@ from .. import fp8
 from ..errors import InputError, UnsupportedBlock
 from .anatomy import BlockAnatomy
 
-__all__ = ["quantization_section", "is_fp8_block", "fp8_block_weights", "reference_block", "load_checkpoint"]
+__all__ = ["quantization_section", "is_fp8_block", "fp8_block_weights", "block_scales", "reference_block",
+           "load_checkpoint"]
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -69,7 +70,8 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
 
 
 def is_fp8_block(block: nn.Module, anat: BlockAnatomy) -> bool:
-    return fp8.is_fp8(getattr(block, anat.experts_name).down_proj)
+    """Whether the block's experts store FP8 weights (any layout: not every family names a down_proj)."""
+    return any(fp8.is_fp8(p) for p in getattr(block, anat.experts_name).parameters(recurse=False))
 
 
 def _shared_linears(block: nn.Module, anat: BlockAnatomy) -> tuple[list[nn.Module], nn.Module] | None:
@@ -105,6 +107,11 @@ def fp8_block_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]
             [_scale(getattr(u, "weight_scale_inv", None), "shared_experts") for u in ups], 0)
         out["shared_experts.down_proj_scale_inv"] = _scale(getattr(dn, "weight_scale_inv", None), "shared_experts")
     return out
+
+
+def block_scales(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
+    """The block scales a block's weights need beside ``hf_weights`` (none unless its experts are FP8)."""
+    return fp8_block_weights(block, anat) if is_fp8_block(block, anat) else {}
 
 
 def reference_block(block: nn.Module, anat: BlockAnatomy, dtype: torch.dtype) -> nn.Module:
