@@ -98,11 +98,21 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # The same with a limit and alpha the test weights reach (the clamps active for some rows).
     "gpt_oss_tight_limit": ("GptOssMLP", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
                                               swiglu_limit=0.5, swiglu_alpha=1.25)),
+    # GPT-OSS's gate with concatenated (not interleaved) gate/up rows, a limit the test weights reach.
+    "openai_privacy_filter": ("OpenAIPrivacyFilterMLP", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            intermediate_size=16, swiglu_limit=0.6)),
+    # Softcapped SwiGLU: c_g tanh(gate / c_g) sigmoid(gate) * c_u tanh(up / c_u), the caps in the activation module.
+    "inkling2": ("Inkling2SparseMoeBlock", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                mlp_gate_softcap=0.7, mlp_up_softcap=1.1)),
+    # GPT-OSS's gate (alpha from swiglu_alpha), concatenated rows, sigmoid scores with a selection bias.
+    "minimax_m3_vl": ("MiniMaxM3VLSparseMoeBlock", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        intermediate_size=16, swiglu_limit=0.5)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
-               "aria": "aria_text", "llama4": "llama4_text"}
+               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text",
+               "minimax_m3_vl": "minimax_m3_vl_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {

@@ -80,13 +80,16 @@ def probe_activation(fn: Any) -> str | None:
     return None
 
 
-def _gate_constants(experts: nn.Module, names: tuple[str, ...]) -> list[float]:
-    """Positive numbers an experts module holds under ``names`` (candidate constants of its gate)."""
+def _gate_constants(experts: nn.Module, word: str) -> list[float]:
+    """Positive finite numbers held by the experts module or its submodules (an activation module) under
+    an attribute whose name contains ``word`` ("limit", "alpha", "softcap"): candidate constants of its gate
+    function (an infinite limit clamps nothing)."""
     out = []
-    for a in names:
-        v = getattr(experts, a, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and float(v) not in out:
-            out.append(float(v))
+    for mod in experts.modules():
+        for a, v in sorted(vars(mod).items()):
+            if word in a.lower() and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and 0 < v < float("inf") and float(v) not in out:
+                out.append(float(v))
     return out
 
 
@@ -109,18 +112,24 @@ def _fitted_alpha(gate_fn: Any, Fh: int, interleaved: bool, limit: float | None)
     return float(f"{float(alpha.median()):.6g}")
 
 
-def _gate_candidates(limits: list[float], alphas: list[float]) -> list[str]:
-    """Inline gate expressions the importer tries, from the constants found: an elementwise function of
-    the (clamped) gate times the (clamped, optionally shifted) up, the clamp before or after the function."""
+def _gate_candidates(limits: list[float], alphas: list[float], softcaps: list[float]) -> list[str]:
+    """Inline gate expressions the importer tries, simplest first, from the constants found: a function of
+    the (clamped) gate times the (clamped or softcapped, optionally shifted) up. The function is a gated
+    table activation, or a (softcapped) linear gate times sigmoid(alpha * gate), the clamp before or after."""
+    def caps(v: str) -> list[str]:
+        return [v] + [f"{c!r} * tanh({v} / {c!r})" for c in softcaps]
+
     out = []
     for L in [None, *limits]:
         G = "gate" if L is None else f"clamp(gate, max={L!r})"
         U = "up" if L is None else f"clamp(up, {-L!r}, {L!r})"
-        fns = [f"{fn}({G})" for fn in GATED_ACT] + [f"{G} * sigmoid({a!r} * {G})" for a in alphas]
+        fns = [f"{fn}({G})" for fn in GATED_ACT]
+        fns += [f"{lin} * sigmoid({a!r} * {G})" for a in [1.0, *alphas] for lin in caps(G)]
         if L is not None:  # clamp after the function (Step-3.7)
             fns += [f"clamp({fn}(gate), max={L!r})" for fn in GATED_ACT]
         for f in fns:
-            out += [f"{f} * {U}", f"({U} + 1) * {f}"]
+            for u in caps(U):
+                out += [f"{f} * {u}", f"({u} + 1) * {f}"]
     return out
 
 
@@ -131,7 +140,7 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
     module's own function on probe inputs. Returns (activation, (gate_clamp, up_clamp))."""
     from ..ops import apply_activation
 
-    limits = _gate_constants(experts, ("limit", "swiglu_limit"))
+    limits = _gate_constants(experts, "limit")
     limit = limits[0] if limits else None
     Fh = 16
     g = torch.Generator().manual_seed(0)
@@ -158,10 +167,10 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
         for gc, uc in clamp_options:
             if matches(act, gc, uc):
                 return act, (gc, uc)
-    alphas = _gate_constants(experts, ("alpha", "swiglu_alpha"))
+    alphas = _gate_constants(experts, "alpha")
     fitted = _fitted_alpha(gate_fn, Fh, interleaved, limit)
     alphas += [fitted] if fitted is not None and fitted not in alphas else []
-    for expression in _gate_candidates(limits, alphas):
+    for expression in _gate_candidates(limits, alphas, _gate_constants(experts, "softcap")):
         if matches(expression, None, None):
             return expression, (None, None)
     attrs = ", ".join(f"{a}={getattr(experts, a)}" for a in ("limit", "swiglu_limit", "alpha", "swiglu_alpha")
@@ -170,8 +179,8 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
         f"its experts use a custom gate function {type(experts).__name__}._apply_gate"
         + (f" ({attrs})" if attrs else "")
         + " that is none of the forms the importer tries: f(gate) * up or f(gate) * (up + 1), f a gated table "
-        "activation or gate * sigmoid(alpha * gate), with optional clamps from the module's limit; write the "
-        "spec's activation as an expression of gate and up by hand", cls,
+        "activation or gate * sigmoid(alpha * gate), with optional clamps and softcaps from the module's "
+        "limit/softcap; write the spec's activation as an expression of gate and up by hand", cls,
     )
 
 
