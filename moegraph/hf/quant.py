@@ -69,7 +69,9 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
 
 
 def is_fp8_block(block: nn.Module, anat: BlockAnatomy) -> bool:
-    return fp8.is_fp8(getattr(block, anat.experts_name).down_proj)
+    # DBRX's experts keep their weights under mlp.w1/v1/w2 (no down_proj): never FP8 here.
+    down = getattr(getattr(block, anat.experts_name), "down_proj", None)
+    return isinstance(down, Tensor) and fp8.is_fp8(down)
 
 
 def _shared_linears(block: nn.Module, anat: BlockAnatomy) -> tuple[list[nn.Module], nn.Module] | None:
