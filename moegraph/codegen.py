@@ -29,7 +29,7 @@ from . import __version__
 from .errors import CodegenError
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
-from .semantics import ACTIVATIONS
+from .semantics import activations as _activations
 from .semantics.scores import torch_score_code
 from .spec import MoESpec, UniformTopology
 
@@ -115,7 +115,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     """Everything the template needs, decided here."""
     m = spec.moe
     r = m.router
-    gated = ACTIVATIONS[m.experts.activation].gated
+    gated = m.experts.gated
+    # Comments name the activation by its entry's plain-word name (an inline expression's is derived).
+    act_name = _activations.activation(m.experts.activation).name
     K = m.top_k
     ctx: dict[str, Any] = {
         "version": __version__,
@@ -127,7 +129,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "spec_json": "\n" + json.dumps(spec.model_dump(mode="json"), sort_keys=True, indent=4, ensure_ascii=True)
         + "\n",
         "class_name": class_name(spec),
-        "summary": f"{r.type} routing over {m.experts.num_experts} {m.experts.activation} experts"
+        "summary": f"{r.type} routing over {m.experts.num_experts} {act_name} experts"
         + (f", {m.shared_experts.count} shared" if m.shared_experts.count else ""),
         "D": m.hidden_size,
         "E": m.experts.num_experts,
@@ -136,9 +138,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "F": m.experts.intermediate_size,
         "K": K,
         "gated": gated,
-        # The expert op takes the spec's activation name: one entry of the semantics table.
+        # The expert op takes the spec's activation: a name or expression the semantics table resolves.
         "act": m.experts.activation,
-        "activation": m.experts.activation,
+        "activation": act_name,
         "up_name": "gate_up_proj" if gated else "up_proj",
         "gate_clamp": m.experts.gate_clamp,
         "up_clamp": m.experts.up_clamp,

@@ -173,6 +173,14 @@ ACTIVATIONS = _activations.ACTIVATIONS
 def _check_activation(v: Any) -> str:
     if isinstance(v, str) and v in ACTIVATIONS:
         return v
+    if isinstance(v, str) and _activations.is_inline(v):
+        # An inline expression of gate and up (or x): validated by the expression language (unknown
+        # names, arity, non-elementwise constructs, anything but numbers and calls, finiteness).
+        try:
+            _activations.activation(v)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; or use one of {', '.join(ACTIVATIONS)}") from None
+        return v
     names = [repr(n) for n in ACTIVATIONS]
     # The same error (and wording) as a Literal field's: the loader adds "did you mean".
     raise PydanticCustomError("literal_error", "Input should be {expected}",
@@ -180,7 +188,8 @@ def _check_activation(v: Any) -> str:
 
 
 def _activation_schema(schema: dict[str, Any]) -> None:
-    schema["enum"] = list(ACTIVATIONS)
+    schema["anyOf"] = [{"enum": list(ACTIVATIONS)},
+                       {"type": "string", "description": "an elementwise expression of gate and up (or of x)"}]
 
 
 DType = Literal[tuple(_dtypes.DTYPES)]  # type: ignore[valid-type]
@@ -199,7 +208,8 @@ class ExpertsSpec(_Frozen):
         "swiglu",
         json_schema_extra=_activation_schema,
         description="Gated (swiglu, geglu, geglu_tanh, reglu: act(x W_gate) * (x W_up)) or plain "
-        "(silu, gelu, gelu_tanh, relu, relu2: act(x W_up)) expert MLP.",
+        "(silu, gelu, gelu_tanh, relu, relu2: act(x W_up)) expert MLP, or an elementwise expression of gate and up "
+        "(or of x) such as '(clamp(up, -7, 7) + 1) * clamp(gate, max=7) * sigmoid(1.702 * clamp(gate, max=7))'.",
     )
     bias: bool = Field(False, description="Whether expert projections carry a bias.")
     gate_clamp: float | None = Field(
@@ -231,7 +241,7 @@ class ExpertsSpec(_Frozen):
 
     @property
     def gated(self) -> bool:
-        return ACTIVATIONS[self.activation].gated
+        return _activations.activation(self.activation).gated
 
     @model_validator(mode="after")
     def _clamps_need_gate(self) -> ExpertsSpec:

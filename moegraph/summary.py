@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .semantics import ACTIVATIONS, DTYPE_BYTES
+from .semantics import DTYPE_BYTES
 from .spec import MHAttention, MLAttention, MoESpec, QuantizationSpec
 
 #: bytes of one stored FP8 value and of one block scale (float32, also for ue8m0 powers of two)
@@ -95,7 +95,7 @@ class Summary:
 
 def summarize(spec: MoESpec) -> Summary:
     m, d = spec.moe, spec.moe.hidden_size
-    gated, bias = ACTIVATIONS[m.experts.activation].gated, m.experts.bias
+    gated, bias = m.experts.gated, m.experts.bias
     routed_one = mlp_params(d, m.experts.intermediate_size, gated, bias)
     shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
     if m.shared_experts.gate == "sigmoid":

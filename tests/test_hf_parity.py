@@ -92,15 +92,30 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                              moe_normalize_expert_weights=1.0))),
     "beam": ("BeamMoE", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_group=2, topk_group=1,
                              routed_scaling_factor=2.5, head_dim=8)),
+    # Its own _apply_gate, (clamp(up) + 1) * g * sigmoid(alpha * g) with g = clamp(gate), identified numerically
+    # as an inline expression; gate/up rows interleaved; router and expert biases; softmax over the top-k logits.
+    "gpt_oss": ("GptOssMLP", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16)),
+    # The same with a limit and alpha the test weights reach (the clamps active for some rows).
+    "gpt_oss_tight_limit": ("GptOssMLP", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                                              swiglu_limit=0.5, swiglu_alpha=1.25)),
+    # GPT-OSS's gate with concatenated (not interleaved) gate/up rows, a limit the test weights reach.
+    "openai_privacy_filter": ("OpenAIPrivacyFilterMLP", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            intermediate_size=16, swiglu_limit=0.6)),
+    # Softcapped SwiGLU: c_g tanh(gate / c_g) sigmoid(gate) * c_u tanh(up / c_u), the caps in the activation module.
+    "inkling2": ("Inkling2SparseMoeBlock", dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                mlp_gate_softcap=0.7, mlp_up_softcap=1.1)),
+    # GPT-OSS's gate (alpha from swiglu_alpha), concatenated rows, sigmoid scores with a selection bias.
+    "minimax_m3_vl": ("MiniMaxM3VLSparseMoeBlock", dict(num_local_experts=8, num_experts_per_tok=2,
+                                                        intermediate_size=16, swiglu_limit=0.5)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
-MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4"}
-CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "aria": "aria_text",
-               "llama4": "llama4_text"}
+MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}
+CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
+               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text",
+               "minimax_m3_vl": "minimax_m3_vl_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
-    "gpt_oss": ("GptOssMLP", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16), "custom gate"),
     "phimoe": ("PhimoeSparseMoeBlock", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
                "routing is not one the spec language expresses"),
 }
@@ -258,6 +273,11 @@ def test_routing_read_from_each_family() -> None:
     cls_name, overrides = FAMILIES["deepseek_v4"]
     e = from_hf(make_block("deepseek_v4", overrides, cls_name), check=False).hf_import.spec.moe.experts
     assert (e.activation, e.gate_clamp, e.up_clamp) == ("swiglu", 10.0, 10.0)
+    # GPT-OSS's gate function is read as an inline expression with its limit and alpha.
+    cls_name, overrides = FAMILIES["gpt_oss"]
+    e = from_hf(make_block("gpt_oss", overrides, cls_name), check=False).hf_import.spec.moe.experts
+    assert e.activation == "(clamp(up, -7.0, 7.0) + 1) * clamp(gate, max=7.0) * sigmoid(1.702 * clamp(gate, max=7.0))"
+    assert (e.gate_clamp, e.up_clamp, e.bias) == (None, None, True)
     # Selection biases are found wherever the family keeps them (router, block, router statics).
     for family in ("deepseek_v3", "minimax_m2", "ernie4_5_moe", "lfm2_moe"):
         cls_name, overrides = FAMILIES[family]
@@ -391,3 +411,38 @@ def test_longcat_identity_experts_are_chosen() -> None:
     layer(torch.randn(2, 5, D, generator=torch.Generator().manual_seed(1)))
     ids = layer.stop_recording().ids()
     assert (ids >= 8).any() and (ids < 8).any(), ids
+
+
+class _OwnGateExperts(torch.nn.Module):
+    """A user's experts module with its own gate function and constants it does not expose."""
+
+    def __init__(self, fn, limit=None):
+        super().__init__()
+        self.fn = fn
+        if limit is not None:
+            self.limit = limit
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.fn(gate, up)
+
+
+def test_gate_function_identified_numerically_or_refused() -> None:
+    from moegraph.hf.anatomy import _read_gate_function
+    from moegraph.semantics import torch_forms
+
+    # alpha is not an attribute: fitted from the function's values, then checked against it.
+    experts = _OwnGateExperts(lambda g, u: (u.clamp(-2, 2) + 1) * g.clamp(max=2) * torch.sigmoid(1.5 * g.clamp(max=2)),
+                              limit=2.0)
+    act, clamps = _read_gate_function(experts, False, "Own")
+    assert act == "(clamp(up, -2.0, 2.0) + 1) * clamp(gate, max=2.0) * sigmoid(1.5 * clamp(gate, max=2.0))"
+    assert clamps == (None, None)
+    # The clamp after the activation (Step-3.7's form).
+    experts = _OwnGateExperts(lambda g, u: torch.nn.functional.silu(g).clamp(max=3.0) * u.clamp(-3, 3), limit=3.0)
+    act, _ = _read_gate_function(experts, False, "Own")
+    h = torch.randn(50, 8) * 6
+    torch.testing.assert_close(torch_forms.activate(h, act), experts._apply_gate(h))
+    # A form none of the candidates is: refused, saying what was tried.
+    experts = _OwnGateExperts(lambda g, u: torch.sigmoid(g) * u * u, limit=3.0)
+    with pytest.raises(UnsupportedBlock, match=r"\(limit=3.0\) that is none of the forms the importer tries"):
+        _read_gate_function(experts, False, "Own")

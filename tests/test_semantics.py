@@ -139,7 +139,7 @@ def test_spec_accepts_only_table_entries(new_entries):
     base["moe"]["router"]["score"] = NEW_SCORE[0]
     spec = MoESpec.model_validate(base)
     assert spec.moe.experts.gated and NEW_ACT[0] in MoESpec.model_json_schema()["$defs"]["ExpertsSpec"][
-        "properties"]["activation"]["enum"]
+        "properties"]["activation"]["anyOf"][0]["enum"]
     base["moe"]["experts"]["activation"] = "swiglu_oa"
     with pytest.raises(SpecError, match="did you mean 'swiglu_oai'"):
         moegraph.load_spec(base)
@@ -220,3 +220,108 @@ def test_generated_routing_is_the_reference(name, tmp_path):
                                None, None, None, None)
     assert torch.equal(ids[0], ref_ids)
     torch.testing.assert_close(y[0], ref_y, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inline activation expressions (clamps, softcaps, constants) in the spec
+# ----------------------------------------------------------------------------------------------
+
+#: inline expression -> the same function written in plain torch here (gate, up halves)
+INLINE = {
+    "(clamp(up, -7, 7) + 1) * clamp(gate, max=7) * sigmoid(1.702 * clamp(gate, max=7))":
+        lambda g, u: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(1.702 * g.clamp(max=7)),
+    "clamp(silu(gate), max=0.8) * clamp(up, min=-1.5)":  # clamp after the activation, one-sided clamps
+        lambda g, u: F.silu(g).clamp(max=0.8) * u.clamp(min=-1.5),
+    "3 * tanh(silu(gate) * up / 3)":  # a softcapped SwiGLU
+        lambda g, u: 3 * torch.tanh(F.silu(g) * u / 3),
+    "max(gate, up) * min(gelu(gate), 2 * up) + clamp(up, -0.5, 0.5) ** 2":  # two-argument min/max of tensors
+        lambda g, u: torch.maximum(g, u) * torch.minimum(F.gelu(g), 2 * u) + u.clamp(-0.5, 0.5) ** 2,
+}
+
+
+@pytest.mark.parametrize("expression", list(INLINE))
+def test_inline_expressions_pass_gradcheck(expression):
+    act = semantics.activation(expression)
+    assert act.gated and act.name.isidentifier() and act.expression == expression
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 8, generator=g, dtype=torch.float64) * 3
+    gate, up = h[:, :4], h[:, 4:]
+    # Keep finite differences away from the kinks (every clamp bound, and gate == up, gelu(gate) == 2 up).
+    for k in (7.0, -7.0, 0.8, -1.5, 0.5, -0.5):
+        h = torch.where((h - k).abs() < 1e-2, h + 0.05, h)
+    gate, up = h[:, :4], h[:, 4:]
+    assert (gate - up).abs().min() > 1e-3 and (F.gelu(gate) - 2 * up).abs().min() > 1e-3
+    assert (F.silu(gate) - 0.8).abs().min() > 1e-3
+    h.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: _ActFn.apply(t, act, None, None), (h,), eps=1e-6, atol=1e-6, rtol=1e-5)
+    hd = h.detach()
+    torch.testing.assert_close(torch_forms.activate(hd, act), INLINE[expression](hd[:, :4], hd[:, 4:]),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_clamp_derivative_follows_torch_at_the_bound():
+    # At a tie the clamped input keeps its gradient, as torch.clamp's does.
+    act = semantics.activation("clamp(gate, -1, 2) * up")
+    h = torch.tensor([[-1.0, 2.0, 3.0, 0.5, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    _, (dg, du) = torch_forms.activate_saved(h.detach(), act, None, None)
+    want = torch.autograd.grad((h[:, :4].clamp(-1, 2) * h[:, 4:]).sum(), h)[0]
+    torch.testing.assert_close(torch.cat([dg, du], -1), want)
+
+
+def test_clamp_spellings_and_refusals():
+    same = ["clamp(gate, -2, 3) * up", "clamp(gate, min=-2, max=3) * up", "clamp(gate, -2, max=3) * up",
+            "min(max(gate, -2), 3) * up"]
+    trees = [ast.dump(semantics.activation(s).tree) for s in same]
+    assert len(set(trees)) == 1
+    for bad, words in [("clamp(gate) * up", "without a bound"), ("clamp(gate, low=1) * up", "low as a keyword"),
+                       ("clamp(gate, 1, max=2, min=0) * up", "min twice"), ("clamp(gate, 1, 2, 3) * up", "up to two"),
+                       ("min(gate) * up", "min takes exactly 2 arguments"),
+                       ("sigmoid(gate, up)", "sigmoid takes exactly one argument, got 2"),
+                       ("softmax(gate) * up", "unknown function 'softmax'"), ("gate.sum() * up", "only calls of"),
+                       ("gate[0] * up", "Subscript is not allowed"), ("gate if up else 1", "IfExp is not allowed"),
+                       ("__import__('os').system('true')", "only calls of"),
+                       ("log(gate) * up", "not finite at gate = -30")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+            semantics.activation(bad)
+
+
+def _inline_loop_reference(layer, x_TD: torch.Tensor, fn) -> torch.Tensor:
+    """Top-2 of softmax(logits), renormalised; the activation ``fn`` written in torch; one token at a time."""
+    out = []
+    for t in range(x_TD.shape[0]):
+        s = torch.softmax(layer.router.weight @ x_TD[t].float(), -1)  # router_dtype float32
+        ids = sorted(range(s.shape[0]), key=lambda e: -float(s[e].detach()))[:2]
+        w = torch.stack([s[e] for e in ids])
+        w = (w / w.sum()).to(x_TD.dtype)
+        y = 0
+        for e, we in zip(ids, w):
+            h = layer.experts.gate_up_proj[e] @ x_TD[t]
+            F_ = h.shape[0] // 2
+            y = y + we * (layer.experts.down_proj[e] @ fn(h[:F_], h[F_:]))
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("expression", list(INLINE)[:3])
+def test_inline_expression_spec_runs_the_generated_torch_layer(expression, tmp_path):
+    d = moegraph.load_spec("mixtral-tiny").model_dump(mode="json")
+    d["name"] = "inline-gate"
+    d["moe"]["experts"]["activation"] = expression
+    spec = moegraph.load_spec(d)
+    assert spec.moe.experts.gated and spec.moe.experts.activation == expression
+    assert MoESpec.model_validate_json(spec.model_dump_json()) == spec  # round-trips through a file
+    layer = moegraph.compile(spec, out_dir=tmp_path, dtype=torch.float64)
+    with torch.no_grad():  # weights large enough that the clamps are active for some rows
+        layer.experts.gate_up_proj.mul_(8)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 9, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    want = _inline_loop_reference(layer, x[0], INLINE[expression])
+    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=1e-7)
+    params = [x, layer.experts.gate_up_proj, layer.experts.down_proj, layer.router.weight]
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(y, params, gy)
+    ref = torch.autograd.grad(_inline_loop_reference(layer, x[0], INLINE[expression]), params, gy[0])
+    for a, b, n in zip(got, ref, ["x", "gate_up_proj", "down_proj", "router"]):
+        # atol: the router runs in float32 (router_dtype), the experts in float64
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=lambda m: f"{n}: {m}")

@@ -264,6 +264,38 @@ def test_new_table_entries_reach_the_kernels(monkeypatch):
     torch.testing.assert_close(wts, want_w / want_w.sum(-1, keepdim=True), **TOL[torch.float32])
 
 
+def test_inline_activation_expression_runs_in_the_kernels():
+    """A spec's inline gate expression (GPT-OSS's clamped form) in the kernel, forward and backward."""
+    expression = "(clamp(up, -0.9, 0.9) + 1) * clamp(gate, max=0.8) * sigmoid(1.702 * clamp(gate, max=0.8))"
+    g = torch.Generator().manual_seed(12)
+    w = _weights(g, torch.float32, bias=True)
+    T, K = 9, 2
+    x = torch.randn(T, D, generator=g) * 2
+    tok, exp = _assignments(T, K, g, drop=True)
+    wt = torch.rand(T * K, generator=g)
+    leaves = [t.clone().requires_grad_(True) for t in (x, wt, w["w_up"], w["w_down"])]
+    y = torch.ops.moegraph_triton.expert_mlp(leaves[0], tok, exp, leaves[1], leaves[2], leaves[3], w["b_up"],
+                                             w["b_down"], expression, True, None, None, None, None, None)
+    ref_leaves = [t.clone().requires_grad_(True) for t in (x, wt, w["w_up"], w["w_down"])]
+    xr, wtr, upr, downr = ref_leaves
+    ref = torch.zeros(T, D)
+    for n in range(T * K):  # a loop over assignments, the activation written out in torch
+        e, t = int(exp[n]), int(tok[n])
+        if 0 <= e < E:
+            h = upr[e] @ xr[t] + w["b_up"][e]
+            gate, up = h[:F_].clamp(max=0.8), h[F_:].clamp(-0.9, 0.9)
+            ref = ref.index_add(0, torch.tensor([t]), (wtr[n] * (downr[e] @ (
+                (up + 1) * gate * torch.sigmoid(1.702 * gate)) + w["b_down"][e])).unsqueeze(0))
+    h_all = torch.stack([w["w_up"][int(e)] @ x[int(t)] + w["b_up"][int(e)] for e, t in zip(exp, tok) if 0 <= e < E])
+    assert (h_all[:, :F_] > 0.8).any() and (h_all[:, F_:].abs() > 0.9).any()  # the clamps are active somewhere
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+    gy = torch.randn(T, D, generator=g)
+    got = torch.autograd.grad(y, leaves, gy)
+    want = torch.autograd.grad(ref, ref_leaves, gy)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 # ----------------------------------------------------------------------------------------------
 # Router
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ class BlockAnatomy:
     transposed: bool  # expert weights stored [E, in, out] instead of [E, out, in]
     interleaved: bool  # gated rows stored gate0, up0, gate1, ... instead of all gate then all up
     expert_bias_terms: bool  # the routed expert projections carry biases
-    activation_fn: str | None  # elementwise function of the experts (silu, gelu, ...); None = not found
+    activation_fn: str | None  # elementwise function of the experts (silu, gelu, ...), or an inline expression of
+    # gate and up read from a custom _apply_gate (the spec's activation as is); None = not found
     router_weight_name: str  # dotted path inside the block of the [E, D] router weight
     router_bias_name: str | None
     expert_bias_name: str | None  # E-sized selection bias (e_score_correction_bias, expert_bias)
@@ -79,39 +80,110 @@ def probe_activation(fn: Any) -> str | None:
     return None
 
 
-def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tuple[str, tuple[float | None, float | None]]:
-    """Express an experts module's own ``_apply_gate`` as act(clamp(gate)) * clamp(up), found numerically.
+def _gate_constants(experts: nn.Module, word: str) -> list[float]:
+    """Positive finite numbers held by the experts module or its submodules (an activation module) under
+    an attribute whose name contains ``word`` ("limit", "alpha", "softcap"): candidate constants of its gate
+    function (an infinite limit clamps nothing)."""
+    out = []
+    for mod in experts.modules():
+        for a, v in sorted(vars(mod).items()):
+            if word in a.lower() and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and 0 < v < float("inf") and float(v) not in out:
+                out.append(float(v))
+    return out
 
-    Candidate clamps come from the module's ``limit``/``swiglu_limit`` attribute. Anything else
-    (GPT-OSS's (up + 1) * gate * sigmoid(alpha * gate), ...) is refused.
-    """
+
+def _fitted_alpha(gate_fn: Any, Fh: int, interleaved: bool, limit: float | None) -> float | None:
+    """alpha such that the gate function is gate * sigmoid(alpha * gate) where up = 0 (found numerically;
+    None if no single alpha explains it). Rounded to 6 significant digits, as such constants are written."""
+    g_R = torch.linspace(0.25, min(limit or 2.0, 2.0) * 0.9, Fh, dtype=torch.float64)
+    ours = torch.cat([g_R, torch.zeros(Fh, dtype=torch.float64)]).view(1, -1)
+    try:
+        with torch.no_grad():
+            out = gate_fn(torch.stack([ours[0, :Fh], ours[0, Fh:]], 1).reshape(1, -1) if interleaved else ours)
+    except Exception:  # noqa: BLE001 - the candidate is then simply not fitted
+        return None
+    if not isinstance(out, Tensor) or out.shape != (1, Fh):
+        return None
+    ratio = (out[0].double() / g_R).clamp(1e-6, 1 - 1e-6)
+    alpha = torch.logit(ratio) / g_R
+    if not torch.isfinite(alpha).all() or float(alpha.max() - alpha.min()) > 1e-3 * max(1.0, float(alpha.abs().max())):
+        return None
+    return float(f"{float(alpha.median()):.6g}")
+
+
+def _gate_candidates(limits: list[float], alphas: list[float], softcaps: list[float]) -> list[str]:
+    """Inline gate expressions the importer tries, simplest first, from the constants found: a function of
+    the (clamped) gate times the (clamped or softcapped, optionally shifted) up. The function is a gated
+    table activation, or a (softcapped) linear gate times sigmoid(alpha * gate), the clamp before or after."""
+    def caps(v: str) -> list[str]:
+        return [v] + [f"{c!r} * tanh({v} / {c!r})" for c in softcaps]
+
+    out = []
+    for L in [None, *limits]:
+        G = "gate" if L is None else f"clamp(gate, max={L!r})"
+        U = "up" if L is None else f"clamp(up, {-L!r}, {L!r})"
+        fns = [f"{fn}({G})" for fn in GATED_ACT]
+        fns += [f"{lin} * sigmoid({a!r} * {G})" for a in [1.0, *alphas] for lin in caps(G)]
+        if L is not None:  # clamp after the function (Step-3.7)
+            fns += [f"clamp({fn}(gate), max={L!r})" for fn in GATED_ACT]
+        for f in fns:
+            for u in caps(U):
+                out += [f"{f} * {u}", f"({u} + 1) * {f}"]
+    return out
+
+
+def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tuple[str, tuple[float | None, float | None]]:
+    """Express an experts module's own ``_apply_gate`` in the spec, found numerically: a table entry with
+    optional clamps (``gate_clamp``/``up_clamp``), else an inline expression of gate and up built from the
+    constants the module holds (``limit``, ``alpha``, ...) or fits (alpha), each checked against the
+    module's own function on probe inputs. Returns (activation, (gate_clamp, up_clamp))."""
     from ..ops import apply_activation
 
-    limit = getattr(experts, "limit", None) or getattr(experts, "swiglu_limit", None)
-    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else None
+    limits = _gate_constants(experts, "limit")
+    limit = limits[0] if limits else None
     Fh = 16
     g = torch.Generator().manual_seed(0)
     h = torch.randn(64, 2 * Fh, generator=g) * (1.5 * limit if limit else 3.0)
+
+    def gate_fn(t: Tensor) -> Tensor:
+        return type(experts)._apply_gate(experts, t.clone())
+
     try:
         with torch.no_grad():
-            ref = type(experts)._apply_gate(experts, h.clone())
+            ref = gate_fn(h)
     except Exception as exc:  # reported as the reason
         raise UnsupportedBlock(f"its experts' custom gate function {type(experts).__name__}._apply_gate could not be "
                                f"evaluated ({type(exc).__name__}: {exc})", cls) from exc
     # Our layout: all gate columns, then all up columns.
     ours = torch.cat([h[:, 0::2], h[:, 1::2]], 1) if interleaved else h
+
+    def matches(act: str, gc: float | None, uc: float | None) -> bool:
+        try:
+            ours_out = apply_activation(ours, act, True, gc, uc)
+        except ValueError:  # a candidate the expression language refuses (too long, ...) is no match
+            return False
+        return isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(ref, ours_out, rtol=1e-5, atol=1e-6)
+
     clamp_options = [(None, None)] + ([(limit, limit), (limit, None), (None, limit)] if limit else [])
     for act in GATED_ACT:  # the gated entries of the activation table
         for gc, uc in clamp_options:
-            if isinstance(ref, Tensor) and ref.shape == (64, Fh) and torch.allclose(
-                ref, apply_activation(ours, act, True, gc, uc), rtol=1e-5, atol=1e-6
-            ):
+            if matches(act, gc, uc):
                 return act, (gc, uc)
-    attrs = ", ".join(f"{a}={getattr(experts, a)}" for a in ("limit", "alpha") if getattr(experts, a, None) is not None)
+    alphas = _gate_constants(experts, "alpha")
+    fitted = _fitted_alpha(gate_fn, Fh, interleaved, limit)
+    alphas += [fitted] if fitted is not None and fitted not in alphas else []
+    for expression in _gate_candidates(limits, alphas, _gate_constants(experts, "softcap")):
+        if matches(expression, None, None):
+            return expression, (None, None)
+    attrs = ", ".join(f"{a}={getattr(experts, a)}" for a in ("limit", "swiglu_limit", "alpha", "swiglu_alpha")
+                      if getattr(experts, a, None) is not None)
     raise UnsupportedBlock(
         f"its experts use a custom gate function {type(experts).__name__}._apply_gate"
         + (f" ({attrs})" if attrs else "")
-        + " that is not act(gate) * up with optional clamps (the spec's gated activations)", cls,
+        + " that is none of the forms the importer tries: f(gate) * up or f(gate) * (up + 1), f a gated table "
+        "activation or gate * sigmoid(alpha * gate), with optional clamps and softcaps from the module's "
+        "limit/softcap; write the spec's activation as an expression of gate and up by hand", cls,
     )
 
 

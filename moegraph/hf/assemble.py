@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import UnsupportedBlock
+from ..semantics.activations import is_inline
 from ..spec import MoESpec
 from .anatomy import BlockAnatomy
 from .model_section import _model_section
@@ -24,6 +25,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
         raise UnsupportedBlock("its expert activation function is not one the spec knows (silu, gelu, gelu_tanh, "
                                "relu, relu2)", anat.block_class)
     table = GATED_ACT if anat.gated else PLAIN_ACT
+    if anat.gated and is_inline(anat.activation_fn):  # an expression of gate and up, read from the block
+        table = {anat.activation_fn: anat.activation_fn}
     if anat.activation_fn not in table:
         raise UnsupportedBlock(f"a {'gated' if anat.gated else 'plain'} {anat.activation_fn} expert MLP has no spec "
                                "activation", anat.block_class)

@@ -19,7 +19,8 @@ variant and a square-root sigmoid score are one entry each::
 (or, from user code, ``register_activation("swiglu_oai", "gate * sigmoid(1.702 * gate) * (up + 1)")``
 and ``register_score("sqrt_sigmoid", "sqrt(sigmoid(x))")``). The spec then accepts
 ``activation: swiglu_oai`` (with ``gate_clamp``/``up_clamp`` for its clamps) and ``score:
-sqrt_sigmoid``; the generated torch layer, the expert op's forward and backward (the derivative is
+sqrt_sigmoid``. A spec may also write the activation inline, clamps included (``activation: "(clamp(up,
+-7, 7) + 1) * clamp(gate, max=7) * sigmoid(1.702 * clamp(gate, max=7))"``), as it may a score; the generated torch layer, the expert op's forward and backward (the derivative is
 taken from the expression), the Triton kernels and the torch reference routing all follow from the
 entry. ``tests/test_semantics.py`` (torch layer, forward and backward) and ``tests/test_triton.py``
 (kernels) add such entries and check them on every backend.

@@ -1,5 +1,9 @@
 """Expert activations: one table entry per activation, an elementwise expression of the up projection.
 
+A spec names an entry of ``ACTIVATIONS`` or writes the expression inline (``activation: "(clamp(up,
+-7, 7) + 1) * clamp(gate, max=7) * sigmoid(1.702 * clamp(gate, max=7))"``); ``activation()`` turns
+either into an entry, so every backend treats both alike.
+
 A gated activation is an expression of ``gate`` and ``up`` (the two halves of the up projection,
 after the spec's optional ``gate_clamp``/``up_clamp``); a plain one is an expression of ``x``.
 Everything a backend needs is derived from the entry's expression: the torch forward
@@ -15,17 +19,19 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 from dataclasses import dataclass
 
 import moegraph.semantics.expr as _expr
 
-__all__ = ["Activation", "ACTIVATIONS", "register_activation", "activation", "ACTIVATION_LANGUAGE"]
+__all__ = ["Activation", "ACTIVATIONS", "register_activation", "activation", "is_inline", "ACTIVATION_LANGUAGE"]
 
 _PROBE = tuple((g, u, x) for g in (-30.0, -4.0, -1.0, 0.0, 0.5, 3.0, 30.0) for u in (-30.0, -1.0, 0.0, 2.0, 30.0)
                for x in (g,))
 
 ACTIVATION_LANGUAGE = _expr.Language(
-    what="activation expression", variables=("gate", "up", "x"), functions=tuple(_expr.FUNCTIONS), max_length=300,
+    what="activation expression", variables=("gate", "up", "x"), functions=(*_expr.FUNCTIONS, *_expr.SUGAR),
+    max_length=300,
     of="gate and up (gated) or of x (plain)", names_hint="'gate' and 'up' (gated) or 'x' (plain)",
     uses_hint="'gate'/'up' or 'x'", example="silu(gate) * up", probe=_PROBE,
     probe_hint="an activation must be finite for ordinary inputs; guard it (e.g. sqrt(x) -> sqrt(relu(x)))",
@@ -109,10 +115,31 @@ def register_activation(name: str, expression: str, *, elementwise: str | None =
     return ACTIVATIONS[name]
 
 
+def is_inline(name: str) -> bool:
+    """Whether a spec's activation is an inline expression rather than a table name."""
+    return not name.isidentifier()
+
+
+@functools.lru_cache(maxsize=256)
+def _inline(expression: str) -> Activation:
+    # A plain-word name (for generated comments and tuning keys); the op and spec carry the expression.
+    name = "expr_" + hashlib.sha1(expression.encode()).hexdigest()[:10]
+    return Activation(name, expression, _checked("(inline)", expression, None).gated)
+
+
 def activation(name: str, gated: bool | None = None) -> Activation:
-    """The entry for a spec activation name; also accepts an elementwise name with ``gated``
-    (``("silu", True)`` is swiglu), the form older callers of the expert op pass."""
+    """The entry for a spec activation: a table name or an inline expression of gate and up (or of x).
+
+    Also accepts an elementwise name with ``gated`` (``("silu", True)`` is swiglu), the form older
+    callers of the expert op pass. Raises ValueError naming the problem and the fix.
+    """
     entry = ACTIVATIONS.get(name)
+    if entry is None and is_inline(name):
+        entry = _inline(name)
+        if gated is not None and entry.gated != bool(gated):
+            raise ValueError(f"activation expression {name!r} is {'gated' if entry.gated else 'plain'} but "
+                             f"gated={bool(gated)} was given")
+        return entry
     if entry is not None and (gated is None or entry.gated == bool(gated)):
         return entry
     for e in ACTIVATIONS.values():

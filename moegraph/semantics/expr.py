@@ -8,7 +8,10 @@ with common subexpressions computed once (what the torch evaluator and the Trito
 run). No backend reads the expression's text.
 
 Each function of ``FUNCTIONS`` says, in one entry, what it means on a float, how generated torch
-code and Triton code spell it, and its derivative as an expression of its argument ``u``.
+code and Triton code spell it, and its derivative as an expression of its argument ``u`` (and, for
+the two-argument ``min``/``max``, of ``v``). ``clamp(v, lo, hi)``, ``clamp(v, max=hi)`` and
+``clamp(v, min=lo)`` are spelled with them: the parser rewrites a clamp into ``min``/``max`` calls
+with the meaning and derivative of ``torch.clamp`` (at a tie the input keeps the gradient).
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ class Function:
     ``math``: its value on a float; ``torch``: its spelling in generated torch code (a format string
     of the argument); ``triton``: its spelling in Triton kernels (the argument may be repeated, so
     callers pass a plain name or a parenthesised expression); ``grad``: d f(u) / du as an
-    expression of ``u`` (None: zero almost everywhere).
+    expression of ``u`` (None: zero almost everywhere); a two-argument function f(u, v) (``arity``
+    2) also has ``grad2``, d f / dv, both as expressions of ``u`` and ``v``.
     """
 
-    math: Callable[[float], float]
+    math: Callable[..., float]
     torch: str
     triton: str
     grad: str | None
+    grad2: str | None = None
+    arity: int = 1
 
 
 _GELU_GRAD = "0.5 * (1 + erf(u * 0.7071067811865476)) + u * exp(-0.5 * u * u) * 0.3989422804014327"
@@ -75,7 +81,14 @@ FUNCTIONS: dict[str, Function] = {
                      "tl.where(({0}) > 0, 1.0, 0.0)", None),
     "sign": Function(lambda v: float((v > 0) - (v < 0)), "torch.sign({})", "tl.where(({0}) > 0, 1.0, "
                      "tl.where(({0}) < 0, -1.0, 0.0))", None),
+    # Two arguments (clamps are written with these). At a tie the first argument gets the gradient,
+    # as torch.clamp's input does at its bound.
+    "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "1 - step(u - v)", "step(u - v)", 2),
+    "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "1 - step(v - u)", "step(v - u)", 2),
 }
+
+#: spellings the parser rewrites into calls of FUNCTIONS (clamp takes keywords, so is not one of them)
+SUGAR = ("clamp",)
 
 _OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}
 _ALLOWED_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.USub, ast.UAdd)
@@ -129,10 +142,18 @@ def parse(expr: str, lang: Language) -> ast.Expression:
                     f"{what} {expr!r} uses unknown name {node.id!r}; use {lang.names_hint} and functions {funcs}"
                 )
         elif isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name) and node.func.id in SUGAR and node.func.id in lang.functions:
+                continue  # checked (and rewritten) by _desugar below
+            if isinstance(node.func, ast.Name) and node.func.id not in lang.functions:
+                raise ValueError(f"{what} {expr!r} calls unknown function {node.func.id!r}: it is one elementwise "
+                                 f"function of {lang.of}, so only calls of {funcs} are allowed")
             if not isinstance(node.func, ast.Name) or node.func.id not in lang.functions or node.keywords:
                 raise ValueError(f"{what} {expr!r}: only calls of {funcs} with positional arguments are allowed")
-            if len(node.args) != 1 or isinstance(node.args[0], ast.Starred):
-                raise ValueError(f"{what} {expr!r}: each function takes exactly one argument")
+            n = FUNCTIONS[node.func.id].arity
+            if len(node.args) != n or any(isinstance(a, ast.Starred) for a in node.args):
+                takes = "exactly one argument" if n == 1 else f"exactly {n} arguments"
+                got = "unpacked ones (*)" if any(isinstance(a, ast.Starred) for a in node.args) else len(node.args)
+                raise ValueError(f"{what} {expr!r}: {node.func.id} takes {takes}, got {got}")
         elif isinstance(node, ast.Constant):
             if not isinstance(node.value, (int, float)) or isinstance(node.value, bool):
                 raise ValueError(f"{what} {expr!r}: only numeric constants are allowed")
@@ -142,13 +163,14 @@ def parse(expr: str, lang: Language) -> ast.Expression:
         elif isinstance(node, (ast.BinOp, ast.UnaryOp)):
             if not isinstance(node.op, _ALLOWED_OPS):
                 raise ValueError(f"{what} {expr!r}: operator {type(node.op).__name__} is not allowed")
-        elif not isinstance(node, (ast.Expression, ast.Load, *_ALLOWED_OPS)):
+        elif not isinstance(node, (ast.Expression, ast.Load, ast.keyword, *_ALLOWED_OPS)):
             raise ValueError(f"{what} {expr!r}: {type(node).__name__} is not allowed")
     called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     if any(isinstance(n, ast.Name) and n.id not in lang.variables and id(n) not in called for n in ast.walk(tree)):
         raise ValueError(f"{what} {expr!r}: functions must be called, e.g. {lang.example}")
     if not any(isinstance(n, ast.Name) and n.id in lang.variables for n in ast.walk(tree)):
         raise ValueError(f"{what} {expr!r} does not use {lang.uses_hint}")
+    tree = ast.Expression(_desugar(tree.body, expr, what))
     # Probe: an expression infinite or undefined for ordinary inputs makes every output non-finite.
     for point in lang.probe:
         env = dict(zip(lang.variables, point))
@@ -158,9 +180,40 @@ def parse(expr: str, lang: Language) -> ast.Expression:
         except (ArithmeticError, ValueError):
             bad = True
         if bad:
-            at = ", ".join(f"{k} = {x:g}" for k, x in env.items())
+            used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            at = ", ".join(f"{k} = {x:g}" for k, x in env.items() if k in used)
             raise ValueError(f"{what} {expr!r} is not finite at {lang.point_words}{at}; {lang.probe_hint}")
     return tree
+
+
+def _desugar(node: ast.AST, expr: str, what: str) -> ast.AST:
+    """``node`` with every ``clamp(v, lo, hi)`` / ``clamp(v, min=lo)`` / ``clamp(v, max=hi)`` rewritten as
+    ``min(max(v, lo), hi)`` (ValueError on a malformed clamp)."""
+    if isinstance(node, ast.UnaryOp):
+        return ast.UnaryOp(node.op, _desugar(node.operand, expr, what))
+    if isinstance(node, ast.BinOp):
+        return ast.BinOp(_desugar(node.left, expr, what), node.op, _desugar(node.right, expr, what))
+    if not isinstance(node, ast.Call):
+        return node
+    args = [_desugar(a, expr, what) for a in node.args]
+    if node.func.id not in SUGAR:
+        return ast.Call(node.func, args, [])
+    usage = "write clamp(v, lo, hi), clamp(v, min=lo) or clamp(v, max=hi)"
+    if not 1 <= len(args) <= 3 or any(isinstance(a, ast.Starred) for a in node.args):
+        raise ValueError(f"{what} {expr!r}: clamp takes a value and up to two bounds; {usage}")
+    v, bounds = args[0], dict(zip(("min", "max"), args[1:]))
+    for k in node.keywords:
+        if k.arg not in ("min", "max") or k.arg in bounds:
+            raise ValueError(f"{what} {expr!r}: clamp gets {k.arg or '**'} " + ("twice" if k.arg in bounds else
+                             "as a keyword") + f"; {usage}")
+        bounds[k.arg] = _desugar(k.value, expr, what)
+    if not bounds:
+        raise ValueError(f"{what} {expr!r}: clamp without a bound does nothing; {usage}")
+    if "min" in bounds:
+        v = ast.Call(ast.Name("max", ast.Load()), [v, bounds["min"]], [])
+    if "max" in bounds:
+        v = ast.Call(ast.Name("min", ast.Load()), [v, bounds["max"]], [])
+    return v
 
 
 def value(tree: ast.AST, env: dict[str, float]) -> float:
@@ -190,13 +243,13 @@ def value(tree: ast.AST, env: dict[str, float]) -> float:
             raise ValueError("complex power")
         return float(v)
     assert isinstance(tree, ast.Call), f"unvalidated expression node {ast.dump(tree)}"
-    return float(FUNCTIONS[tree.func.id].math(value(tree.args[0], env)))
+    return float(FUNCTIONS[tree.func.id].math(*(value(a, env) for a in tree.args)))
 
 
-def emit(tree: ast.AST, names: dict[str, str], call: Callable[[str, str], str], special: Any = None) -> str:
+def emit(tree: ast.AST, names: dict[str, str], call: Callable[..., str], special: Any = None) -> str:
     """Source text for a tree, built node by node (never from the expression's text).
 
-    ``names`` spells each variable; ``call(name, arg)`` spells a function call; ``special(node, emit)``
+    ``names`` spells each variable; ``call(name, *args)`` spells a function call; ``special(node, emit)``
     may spell a node its own way (return None for the default). Operators are fully parenthesised.
     """
 
@@ -216,7 +269,7 @@ def emit(tree: ast.AST, names: dict[str, str], call: Callable[[str, str], str], 
         if isinstance(node, ast.BinOp):
             return f"({go(node.left)} {_OPS[type(node.op)]} {go(node.right)})"
         if isinstance(node, ast.Call):
-            return call(node.func.id, go(node.args[0]))
+            return call(node.func.id, *(go(a) for a in node.args))
         raise ValueError(f"{type(node).__name__} is not part of an expression")
 
     return go(tree)
@@ -297,7 +350,7 @@ def _substitute(tree: ast.AST, var: str, arg: ast.AST) -> ast.AST:
     if isinstance(tree, ast.BinOp):
         return ast.BinOp(_substitute(tree.left, var, arg), tree.op, _substitute(tree.right, var, arg))
     if isinstance(tree, ast.Call):
-        return ast.Call(tree.func, [_substitute(tree.args[0], var, arg)], [])
+        return ast.Call(tree.func, [_substitute(a, var, arg) for a in tree.args], [])
     return tree
 
 
@@ -312,12 +365,18 @@ def _d(node: ast.AST, var: str) -> ast.AST:
         d = _d(node.operand, var)
         return _neg(d) if isinstance(node.op, ast.USub) else d
     if isinstance(node, ast.Call):
+        # Chain rule over the arguments: the sum of d f / d arg_i * d arg_i / d var.
         f = FUNCTIONS[node.func.id]
-        da = _d(node.args[0], var)
-        if f.grad is None or _const(da) == 0:
-            return ast.Constant(0.0)
-        outer = _substitute(ast.parse(f.grad, mode="eval"), "u", node.args[0])
-        return _bin(ast.Mult(), _fold(outer), da)
+        total: ast.AST = ast.Constant(0.0)
+        for grad, arg in zip((f.grad, f.grad2), node.args):
+            da = _d(arg, var)
+            if grad is None or _const(da) == 0:
+                continue
+            outer: ast.AST = ast.parse(grad, mode="eval")
+            for u, a in zip(("u", "v"), node.args):
+                outer = _substitute(outer, u, a)
+            total = _bin(ast.Add(), total, _bin(ast.Mult(), _fold(outer), da))
+        return total
     assert isinstance(node, ast.BinOp), f"unvalidated expression node {ast.dump(node)}"
     a, b = node.left, node.right
     da, db = _d(a, var), _d(b, var)
@@ -347,7 +406,7 @@ def _fold(node: ast.AST) -> ast.AST:
         inner = _fold(node.operand)
         return _neg(inner) if isinstance(node.op, ast.USub) else inner
     if isinstance(node, ast.Call):
-        return ast.Call(node.func, [_fold(node.args[0])], [])
+        return ast.Call(node.func, [_fold(a) for a in node.args], [])
     return node
 
 
@@ -365,7 +424,7 @@ def derivative(tree: ast.AST, var: str) -> ast.Expression:
 class Program:
     """Several trees as one list of steps, each subexpression computed once.
 
-    ``steps[i]`` is ("var", name) | ("const", value) | ("neg", j) | ("call", fname, j) |
+    ``steps[i]`` is ("var", name) | ("const", value) | ("neg", j) | ("call", fname, j[, k]) |
     ("bin", "+"/"-"/"*"/"/"/"**", j, k), reading earlier steps j, k; ``outputs`` index the trees' values.
     """
 
@@ -373,7 +432,7 @@ class Program:
     outputs: tuple[int, ...]
 
     def run(self, env: dict[str, Any], call: Callable[[str, Any], Any], binop: Callable[[str, Any, Any], Any]) -> list:
-        """Evaluate with ``call(fname, v)`` and ``binop(op, a, b)`` (torch, floats, ...); returns the outputs."""
+        """Evaluate with ``call(fname, *values)`` and ``binop(op, a, b)`` (torch, floats, ...); returns the outputs."""
         vals: list[Any] = []
         for s in self.steps:
             kind = s[0]
@@ -384,12 +443,12 @@ class Program:
             elif kind == "neg":
                 vals.append(-vals[s[1]])
             elif kind == "call":
-                vals.append(call(s[1], vals[s[2]]))
+                vals.append(call(s[1], *(vals[j] for j in s[2:])))
             else:
                 vals.append(binop(s[1], vals[s[2]], vals[s[3]]))
         return [vals[i] for i in self.outputs]
 
-    def source(self, names: dict[str, str], call: Callable[[str, str], str], pow_: Callable[[str, float | None, str], str],
+    def source(self, names: dict[str, str], call: Callable[..., str], pow_: Callable[[str, float | None, str], str],
                prefix: str = "t") -> tuple[list[str], list[str]]:
         """(assignment lines, output expressions) spelling the program in some language's source.
 
@@ -409,7 +468,7 @@ class Program:
             if kind == "neg":
                 code = f"-{spelled[s[1]]}"
             elif kind == "call":
-                code = call(s[1], spelled[s[2]])
+                code = call(s[1], *(spelled[j] for j in s[2:]))
             elif s[1] == "**":
                 c = self.steps[s[3]]
                 code = pow_(spelled[s[2]], float(c[1]) if c[0] == "const" else None, spelled[s[3]])
@@ -446,7 +505,7 @@ def program(trees: list[ast.AST]) -> Program:
                 return add(("const", -steps[inner][1]))
             return add(("neg", inner))
         if isinstance(node, ast.Call):
-            return add(("call", node.func.id, go(node.args[0])))
+            return add(("call", node.func.id, *(go(a) for a in node.args)))
         assert isinstance(node, ast.BinOp), f"unvalidated expression node {ast.dump(node)}"
         return add(("bin", _OPS[type(node.op)], go(node.left), go(node.right)))
 

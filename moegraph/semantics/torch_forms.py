@@ -37,13 +37,23 @@ TORCH_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "erf": torch.erf,
     "step": lambda u: (u > 0).to(u.dtype),
     "sign": torch.sign,
+    "min": lambda a, b: _two(torch.minimum, torch.clamp, "max", a, b),
+    "max": lambda a, b: _two(torch.maximum, torch.clamp, "min", a, b),
 }
 
 
-def _call(name: str, v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return TORCH_FUNCTIONS[name](v)
-    return _expr.FUNCTIONS[name].math(v)
+def _two(both: Callable, clamp: Callable, side: str, a: Any, b: Any) -> Tensor:
+    """min/max of a tensor and a tensor or number (a clamp's bound is a Python float here)."""
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return both(a, b)
+    t, c = (a, b) if isinstance(a, Tensor) else (b, a)
+    return clamp(t, **{side: float(c)})
+
+
+def _call(name: str, *vs: Any) -> Any:
+    if any(isinstance(v, Tensor) for v in vs):
+        return TORCH_FUNCTIONS[name](*vs)
+    return _expr.FUNCTIONS[name].math(*vs)
 
 
 def _binop(op: str, a: Any, b: Any) -> Any:

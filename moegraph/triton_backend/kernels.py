@@ -186,7 +186,8 @@ def _triton_pow(base: str, c: float | None, exponent: str) -> str:
 def activation_source(act: semantics.Activation) -> tuple[list[Code], Code]:
     """The Triton body of an activation (assignment lines, returned expression), from its expression."""
     names = {v: v for v in act.variables}
-    lines, (out,) = act.forward_program.source(names, lambda f, arg: _TRITON_ACT_CALLS[f].format(arg), _triton_pow)
+    lines, (out,) = act.forward_program.source(names, lambda f, *args: _TRITON_ACT_CALLS[f].format(*args),
+                                               _triton_pow)
     return [Code(line) for line in lines], Code(out)
 
 
