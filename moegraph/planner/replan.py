@@ -67,7 +67,7 @@ from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
 from .baselines import baseline_plans
 from .blas import one_blas_thread
-from .cost import evaluate, token_bytes
+from .cost import copy_bytes, evaluate
 from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
@@ -543,7 +543,7 @@ def replan(
     cost = _move_cost(cl)
     src = source_gpus(ts, g)
     k = ts.top_k
-    tb = token_bytes(spec)
+    tb = sum(copy_bytes(spec))  # bytes of one token's dispatch + combine copies (FP8 dispatch is smaller)
     limits = [x for x in (max_moves, None if max_move_bytes is None else max_move_bytes // nbytes) if x is not None]
     budget = _Budget(float(min(limits)) if limits else None)
     states = []
@@ -564,7 +564,7 @@ def replan(
         # A unit of J (the cut per token) over the horizon, dispatch + combine, in experts moved over the
         # fastest link: J measured in copies (``_copies_per_cut``), copies in token bytes.
         rate = _copies_per_cut(states, ts, cost, host_copy_weight(cl)) if horizon > 0 else 0.0
-        value_per_j = 2.0 * horizon * tb / nbytes * rate
+        value_per_j = horizon * tb / nbytes * rate
         for layer in order:
             repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
         for layer in order:
