@@ -183,7 +183,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                                "the compiled layer returns [..., hidden] like its input", cls)
     routed_scale = 1.0
     if isinstance(y, Tensor) and y.numel() == tokens * D and not input_scaled:
-        c = float(((y.reshape(tokens, D).float() - expect) * routed).sum() / (routed * routed).sum())
+        with torch.no_grad():  # (a shared-expert gate's weight makes ``expect`` carry autograd history)
+            c = float(((y.reshape(tokens, D).float() - expect) * routed).sum() / (routed * routed).sum())
         routed_scale = 1.0 if math.isclose(c, 1.0, rel_tol=1e-5) else float(f"{c:.6g}")
     expect = expect + routed_scale * routed
     if not isinstance(y, Tensor) or y.numel() != tokens * D or not routed_scale > 0 or not torch.allclose(
