@@ -14,7 +14,8 @@ from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _move_cost, host_copy_weight
 from moegraph.planner.replan import _cut_rate, _Layer, _prices
-from moegraph.planner.replan import expert_bytes, migration, relabel, replan, replan_report
+from moegraph.planner.replan import expert_bytes, migration, relabel, replan
+from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
 from moegraph.traces import TraceSet, coactivation, load_traces
 

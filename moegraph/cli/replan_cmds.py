@@ -19,7 +19,7 @@ __all__ = ["replan_command", "replan_table", "print_drift"]
 
 
 def replan_table(report: dict, title: str) -> Table:
-    """The rich table of ``moegraph.planner.replan.replan_report``: one row per alternative."""
+    """The rich table of ``moegraph.planner.replan_report.replan_report``: one row per alternative."""
     t = Table(title=title, show_header=True)
     cols = (
         ("plan", "left", lambda p: p["label"]),
@@ -47,7 +47,8 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     import time
 
     from ..planner import Plan, evaluate_plan, plan
-    from ..planner.replan import replan, replan_report
+    from ..planner.replan import replan
+    from ..planner.replan_report import replan_report
     from ..traces import load_traces
 
     if max_moves is not None and max_move_gib is not None:

@@ -65,9 +65,8 @@ import numpy as np
 from ..errors import PlanFileError, PlanInfeasible, TraceError
 from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
-from .baselines import baseline_plans
 from .blas import one_blas_thread
-from .cost import copy_bytes, evaluate
+from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
@@ -82,8 +81,6 @@ __all__ = [
     "migration",
     "relabel",
     "replan",
-    "replan_report",
-    "REPORT_PLANS",
 ]
 
 #: tokens of the layer's traffic over which a change's dispatch + combine saving (in copies, each priced
@@ -597,46 +594,3 @@ def replan(
     p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
     p.policy["migration"] = migration(current_plan, p).summary()
     return p
-
-
-# ------------------------------------------------------------------------------------------------
-# the report beside baselines
-# ------------------------------------------------------------------------------------------------
-
-#: columns of ``replan_report``, in order: key -> label
-REPORT_PLANS = {
-    "keep": "keep",
-    "load_only": "load-only",
-    "load_only_relabelled": "load-only relabelled",
-    "full": "full relabelled",
-    "replan": "incremental",
-}
-
-
-def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = None) -> dict[str, Any]:
-    """The re-plan ``new`` beside the alternatives, on the window ``traces`` it was made from.
-
-    For each of (``REPORT_PLANS``): keeping ``current``; a load-only (EPLB-style) re-plan from scratch on the window; the
-    same relabelled to move least (``relabel``); ``full`` (a moegraph re-plan from scratch, relabelled;
-    omitted when None); and ``new``: slots and bytes moved, predicted transfer time, and max/mean
-    GPU load, remote GPU and remote node copies per token on the window (``cost.evaluate``).
-    Returns {"window", "tokens", "plans": {key: {...}}} (plain JSON; stored as ``metrics["replan"]``).
-    """
-    ts = _window(current.spec, traces)
-    lo = baseline_plans(current.spec, ts)["load_only"]
-    cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current, ts)}
-    if full is not None:
-        cands["full"] = relabel(full, current, ts)
-    cands["replan"] = new
-    out: dict[str, Any] = {"window": ts.name, "tokens": ts.num_tokens, "plans": {}}
-    for key, p in cands.items():
-        m = evaluate(p, ts)["mean"]
-        mig = migration(current, p)
-        out["plans"][key] = {
-            "label": REPORT_PLANS[key],
-            **{k: v for k, v in mig.summary().items() if k != "slots_moved_per_layer"},
-            "max_mean_load": round(m["max_mean_load"], 6),
-            "remote_gpu": round(m["remote_gpu"], 6),
-            "remote_node": round(m["remote_node"], 6),
-        }
-    return out
