@@ -290,6 +290,7 @@ class CompiledMoEBase(nn.Module):
     #: FP8 experts (``moe.quantization``): block_out, block_in, tile, format, scale_format, shared; None = off
     FP8: dict | None = None
     HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
+    OUTPUT_NORM_EPS: float | None = None  # an RMS norm of the layer output (``moe.output_norm``); None = none
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -332,6 +333,9 @@ class CompiledMoEBase(nn.Module):
                 self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(D, **kw))
             if self.SHARED_GATE:
                 self.shared_expert_gate = nn.Linear(D, 1, bias=False, **kw)
+        if self.OUTPUT_NORM_EPS is not None:
+            self.output_norm = nn.Module()
+            self.output_norm.weight = nn.Parameter(torch.ones(D, **kw))
         if self.FP8 is not None:  # FP8 expert weights + float32 block scales; activations stay in dtype
             fp8.make_parameters(self)
             self.__dict__["compute_dtype"] = dtype
@@ -392,6 +396,9 @@ class CompiledMoEBase(nn.Module):
                     p.zero_()
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight
+                    continue
+                if name == "output_norm.weight":  # a norm's scale starts at one, as nn.RMSNorm's does
+                    p.fill_(1.0)
                     continue
                 fan_in = p.shape[-1]
                 bound = 1.0 / math.sqrt(fan_in)

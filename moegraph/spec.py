@@ -559,6 +559,13 @@ def _quantization_problems(quant: QuantizationSpec, d: int, f: int, shared_f: in
 # --------------------------------------------------------------------------------------------
 
 
+class OutputNorm(_Frozen):
+    """A norm of the layer output (routed + shared experts), with a learned per-channel weight (AXK1)."""
+
+    kind: Literal["rms"] = Field("rms", description="rms: weight * y / sqrt(mean(y^2) + eps), computed in float32.")
+    eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root.")
+
+
 class MoELayerSpec(_Frozen):
     """One MoE layer: router + E routed experts + optional shared experts."""
 
@@ -572,7 +579,11 @@ class MoELayerSpec(_Frozen):
         None, description="FP8 routed (optionally shared) experts with block scales; None = experts in dtype."
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None}
+    output_norm: OutputNorm | None = Field(
+        None, description="A norm applied to the layer output (routed + shared experts); None = no norm."
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:

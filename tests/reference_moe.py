@@ -179,5 +179,8 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             if sh.get("gate", "none") == "sigmoid":
                 out = torch.sigmoid(layer.shared_expert_gate.weight[0] @ x_TD[t]) * out
             y = y + out
+        on = m.get("output_norm")
+        if on is not None:  # AXK1: RMS norm of the whole output, one token at a time
+            y = layer.output_norm.weight * (y / torch.sqrt((y * y).mean() + on.get("eps", 1e-6)))
         ys.append(y)
     return torch.stack(ys) if ys else x_TD.new_zeros(0, D)

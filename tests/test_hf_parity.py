@@ -107,6 +107,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # GPT-OSS's gate (alpha from swiglu_alpha), concatenated rows, sigmoid scores with a selection bias.
     "minimax_m3_vl": ("MiniMaxM3VLSparseMoeBlock", dict(num_local_experts=8, num_experts_per_tok=2,
                                                         intermediate_size=16, swiglu_limit=0.5)),
+    # DeepSeek-V3's block with an RMS norm of routed + shared experts (post_mlp_layernorm): moe.output_norm.
+    "axk1": ("AXK1MoE", dict(
+        n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}

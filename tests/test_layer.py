@@ -511,6 +511,18 @@ def test_routing_weight_on_the_expert_input(router, tmp_path, expert_path):
     assert (on_output.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-3
 
 
+def _assert_matches_reference(spec, layer, x, g) -> None:
+    """Output, input gradient and every parameter gradient against the loop reference, 1e-5."""
+    params = list(layer.parameters())
+    y = layer(x)
+    ref = reference_forward(spec, layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("router", ["softmax_top2", "sigmoid_groups_bias", "router_bias"])
 def test_identity_and_zero_experts(router, tmp_path, expert_path):
     """experts.identity_experts / zero_experts (LongCat-Flash): extra router choices returning the input or nothing,
@@ -521,18 +533,38 @@ def test_identity_and_zero_experts(router, tmp_path, expert_path):
     assert tuple(layer.router.weight.shape) == (E + 4, D) and layer.experts.down_proj.shape[0] == E
     x = torch.randn(23, D, generator=torch.Generator().manual_seed(14), requires_grad=True)
     g = torch.randn(23, D, generator=torch.Generator().manual_seed(15))
-    params = list(layer.parameters())
-    y = layer(x)
-    ref = reference_forward(spec, layer, x)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    got = torch.autograd.grad(y, [x, *params], g)
-    want = torch.autograd.grad(ref, [x, *params], g, allow_unused=True)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    _assert_matches_reference(spec, layer, x, g)
     layer.start_recording()
     layer.eval()(x)
     ids = layer.stop_recording().ids()
     assert ((ids >= E) & (ids < E + 3)).any() and (ids == E + 3).any(), "no token chose an identity or zero expert"
+
+
+@pytest.mark.parametrize("router", ["softmax_top2", "sigmoid_groups_bias"])
+def test_output_norm(router, tmp_path, expert_path):
+    """moe.output_norm (AXK1): an RMS norm of routed + shared experts with a learned weight; outputs and gradients
+    (the norm weight's too) against the loop reference; the norm changes the output, or this would not test it."""
+    spec = make_spec(dict(ROUTERS[router]), shared={"count": 1})
+    spec["moe"]["output_norm"] = {"kind": "rms", "eps": 1e-5}
+    assert torch.equal(moegraph.compile(spec, out_dir=tmp_path).output_norm.weight, torch.ones(D))  # init: ones
+    layer = _compile(spec, tmp_path).train()  # every parameter random, the norm weight too
+    x = torch.randn(13, D, generator=torch.Generator().manual_seed(16), requires_grad=True)
+    g = torch.randn(13, D, generator=torch.Generator().manual_seed(17))
+    _assert_matches_reference(spec, layer, x, g)
+    plain = dict(spec, moe={k: v for k, v in spec["moe"].items() if k != "output_norm"})
+    off = dict(spec, moe={**plain["moe"], "output_norm": None})
+    assert moegraph.load_spec(off).hash() == moegraph.load_spec(plain).hash()  # older specs keep their hash
+    unnormed = _compile(plain, tmp_path)
+    unnormed.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("output_norm")})
+    assert (unnormed.eval()(x) - layer.eval()(x)).abs().max() > 1e-3
+
+
+def test_output_norm_bad_values():
+    for bad, field in (({"kind": "layer"}, "kind"), ({"eps": 0}, "eps"), ({"eps": -1e-6}, "eps")):
+        spec = make_spec(dict(ROUTERS["softmax_top2"]))
+        spec["moe"]["output_norm"] = bad
+        with pytest.raises(moegraph.errors.SpecError, match=rf"output_norm.*{field}|{field}.*output_norm"):
+            moegraph.load_spec(spec)
 
 
 def test_identity_experts_need_a_dropless_topk_router():

@@ -378,10 +378,10 @@ def test_router_backward_matches_torch_routing():
 # ----------------------------------------------------------------------------------------------
 
 
-def _spec(name, router, *, shared=None, experts=None):
+def _spec(name, router, *, shared=None, experts=None, moe=None):
     ex = {"num_experts": E, "intermediate_size": F_, "activation": "swiglu"}
     ex.update(experts or {})
-    spec = {"name": name, "moe": {"hidden_size": D, "experts": ex, "router": {"type": "topk", **router}}}
+    spec = {"name": name, "moe": {"hidden_size": D, "experts": ex, "router": {"type": "topk", **router}, **(moe or {})}}
     if shared:
         spec["moe"]["shared_experts"] = shared
     return spec
@@ -397,6 +397,9 @@ LAYERS = {
                                                                   "gate": "sigmoid"}),
     "geglu_bias_capacity": _spec("t-geglu-cap", {"top_k": 2, "capacity": {"factor": 0.5}},
                                  experts={"activation": "geglu", "bias": True}),
+    # moe.output_norm (AXK1): torch code after the experts in the generated layer, the same on both backends.
+    "output_norm_shared": _spec("t-output-norm", {"top_k": 2}, shared={"count": 1},
+                                moe={"output_norm": {"kind": "rms", "eps": 1e-5}}),
 }
 
 

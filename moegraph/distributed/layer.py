@@ -240,6 +240,9 @@ class ExpertParallelMoE(CompiledMoEBase):
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight (runtime.reset_parameters)
                     continue
+                if name == "output_norm.weight":  # ones, as runtime.reset_parameters
+                    p.fill_(1.0)
+                    continue
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 store = (lambda w, name=name: fp8.store(self, name, w)) if fp8.is_fp8(p) else p.copy_
                 if not name.startswith("experts."):

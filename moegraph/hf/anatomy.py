@@ -48,6 +48,8 @@ class BlockAnatomy:
     zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
+    output_norm_name: str | None = None  # a child RMS norm of the block output (AXK1's post_mlp_layernorm)
+    output_norm_eps: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -331,6 +333,17 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             shared_activation_fn=probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
             shared_gate_name=shared_gate,
         )
+
+    # A norm of the block output (AXK1): a child named *norm* holding one [D] weight and an epsilon. Whether
+    # it is an RMS norm of routed + shared (and nothing else) is the probe's to check, on the block's output.
+    for name, child in block.named_children():
+        eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
+        ps = dict(child.named_parameters())
+        if (name not in claimed and "norm" in name.lower() and isinstance(eps, float) and eps > 0
+                and set(ps) == {"weight"} and tuple(ps["weight"].shape) == (D,)):
+            anat_kwargs.update(output_norm_name=name, output_norm_eps=eps)
+            claimed.add(name)
+            break
 
     # The router: the one [E, D] tensor outside the experts and shared experts.
     def outside(name: str) -> bool:

@@ -67,6 +67,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
     if anat.router_bias_name:
         router["router_bias"] = True
     moe["router"] = router
+    if anat.output_norm_name:
+        moe["output_norm"] = {"kind": "rms", "eps": anat.output_norm_eps}
     moe["dtype"] = dtype
     return moe
 

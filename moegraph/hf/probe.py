@@ -182,7 +182,13 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
                                "the compiled layer returns [..., hidden] like its input", cls)
     routed_scale = 1.0
-    if isinstance(y, Tensor) and y.numel() == tokens * D and not input_scaled:
+    if anat.output_norm_name:  # the spec's RMS norm of routed + shared (no routed scale can be read through it)
+        expect = expect + routed
+        routed = torch.zeros_like(routed)
+        with torch.no_grad():
+            wn = get_path(light, anat.output_norm_name).weight.float()
+        expect = wn * (expect * torch.rsqrt(expect.pow(2).mean(-1, keepdim=True) + anat.output_norm_eps))
+    elif isinstance(y, Tensor) and y.numel() == tokens * D and not input_scaled:
         with torch.no_grad():  # (a shared-expert gate's weight makes ``expect`` carry autograd history)
             c = float(((y.reshape(tokens, D).float() - expect) * routed).sum() / (routed * routed).sum())
         routed_scale = 1.0 if math.isclose(c, 1.0, rel_tol=1e-5) else float(f"{c:.6g}")

@@ -65,6 +65,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             assert out[f"shared_experts.{up_name}_bias"].numel() == S, "shared bias size mismatch"
         if anat.shared_gate_name:
             out["shared_expert_gate.weight"] = get_path(block, anat.shared_gate_name).weight
+    if anat.output_norm_name:
+        out["output_norm.weight"] = get_path(block, anat.output_norm_name).weight
     if anat.expert_bias_terms is False and anat.shared_bias_terms:
         out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
         out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))
