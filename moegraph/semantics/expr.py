@@ -284,17 +284,21 @@ def _const(node: ast.AST) -> float | None:
     return float(node.value) if isinstance(node, ast.Constant) else None
 
 
+def _signed_const(node: ast.AST) -> float | None:
+    """The value of a constant or of a negated constant (how ``_num`` writes negative numbers), else None."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        c = _const(node.operand)
+        return None if c is None else -c
+    return _const(node)
+
+
 def _num(v: float) -> ast.AST:
     return ast.UnaryOp(ast.USub(), ast.Constant(-v)) if v < 0 else ast.Constant(v)
 
 
 def _bin(op: ast.operator, a: ast.AST, b: ast.AST) -> ast.AST:
     """a op b, simplified where one side is a constant (so derivatives stay as small as hand-written ones)."""
-    ca, cb = _const(a), _const(b)
-    if isinstance(a, ast.UnaryOp) and isinstance(a.op, ast.USub) and _const(a.operand) is not None:
-        ca = -_const(a.operand)
-    if isinstance(b, ast.UnaryOp) and isinstance(b.op, ast.USub) and _const(b.operand) is not None:
-        cb = -_const(b.operand)
+    ca, cb = _signed_const(a), _signed_const(b)
     if ca is not None and cb is not None and not isinstance(op, ast.Pow):
         try:
             return _num(value(ast.BinOp(ast.Constant(ca), op, ast.Constant(cb)), {}))
