@@ -1,10 +1,13 @@
-"""Run a script as a user would, in its own session, killed with its children at a deadline."""
+"""Run a script as a user would, in its own session, killed with its children at a deadline; and the
+helpers of tests that spawn ranks (a free port, joining them by a deadline and reading their results)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,30 @@ def run_script(cmd: list[str], what: str, timeout: float, **env: str) -> str:
         pytest.fail(f"{what} did not finish in {timeout}s; output:\n{out[-4000:]}")
     assert proc.returncode == 0, f"{what} exited with {proc.returncode}:\n{out[-4000:]}"
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a rendezvous of spawned ranks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_ranks(procs: list, out_dir: Path, end: float, what: str) -> list[dict]:
+    """Join spawned rank processes until the monotonic time ``end``, kill the ones still running (the
+    test then fails, naming them), and return each rank's saved ``rank{r}.pt`` (``{"exitcode": ...}``
+    for a rank that wrote none)."""
+    import torch
+
+    try:
+        for p in procs:
+            p.join(max(0.0, end - time.monotonic()))
+    finally:
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    assert not hung, f"{what}: ranks {hung} still running after the deadline (killed)"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) if (out_dir / f"rank{r}.pt").exists()
+            else {"exitcode": p.exitcode} for r, p in enumerate(procs)]

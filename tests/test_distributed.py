@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 import moegraph
 from moegraph.errors import DistributedError, PlanFileError
+from subproc import free_port, join_ranks
 
 pytestmark = [pytest.mark.distributed]
 
@@ -330,12 +330,6 @@ def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Launch:
     """``world`` spawned processes running one suite; ``results()`` waits (bounded) and kills leftovers."""
 
@@ -345,29 +339,14 @@ class Launch:
         self.world, self.suite, self.out_dir = world, suite, out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self.procs = [ctx.Process(target=_entry, args=(r, world, port, suite, str(out_dir)), daemon=True)
                       for r in range(world)]
         for p in self.procs:
             p.start()
 
     def results(self, deadline_s: float = DEADLINE_S) -> list[dict]:
-        end = time.monotonic() + deadline_s
-        try:
-            for p in self.procs:
-                p.join(max(0.0, end - time.monotonic()))
-        finally:
-            hung = [r for r, p in enumerate(self.procs) if p.is_alive()]
-            for p in self.procs:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        assert not hung, f"suite {self.suite}: ranks {hung} still running after {deadline_s}s (killed)"
-        out = []
-        for r in range(self.world):
-            f = self.out_dir / f"rank{r}.pt"
-            out.append(torch.load(f, weights_only=False) if f.exists() else {"exitcode": self.procs[r].exitcode})
-        return out
+        return join_ranks(self.procs, self.out_dir, time.monotonic() + deadline_s, f"suite {self.suite}")
 
 
 def _ok(results: list[dict]) -> list[dict]:

@@ -5,7 +5,6 @@ copies and bytes the planner predicts, at <= 0.55x the bytes of a bfloat16 dispa
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 import moegraph
 from moegraph.planner.cost import copy_bytes
+from subproc import free_port, join_ranks
 
 pytestmark = [pytest.mark.distributed]
 
@@ -88,22 +88,12 @@ def _launch(world: int, out_dir: Path) -> list[dict]:
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_entry, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
-    end = time.monotonic() + DEADLINE_S
-    for p in procs:
-        p.join(max(0.0, end - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} still running after {DEADLINE_S}s (killed)"
-    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    results = join_ranks(procs, out_dir, time.monotonic() + DEADLINE_S, f"{world} ranks")
     failed = [f"rank {r}:\n{res['crash']}" for r, res in enumerate(results) if "crash" in res]
     assert not failed, "\n".join(failed)
     return [res["ok"] for res in results]

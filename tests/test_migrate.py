@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import moegraph
 from moegraph.planner import Plan
 from moegraph.planner.replan import migration
+from subproc import free_port, join_ranks
 
 pytestmark = [pytest.mark.distributed]
 
@@ -203,12 +203,6 @@ def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[dict]]:
     """Start every run (name -> (world, suite)) at once; wait (bounded) and collect each rank's result."""
     import torch.multiprocessing as mp
@@ -218,26 +212,13 @@ def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[
     for name, (world, suite) in runs.items():
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        port = free_port()
         procs[name] = [ctx.Process(target=_entry, args=(r, world, port, suite, str(out)), daemon=True)
                        for r in range(world)]
         for p in procs[name]:
             p.start()
     end = time.monotonic() + DEADLINE_S
-    results = {}
-    for name, ps in procs.items():
-        for p in ps:
-            p.join(max(0.0, end - time.monotonic()))
-        hung = [r for r, p in enumerate(ps) if p.is_alive()]
-        for p in ps:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        assert not hung, f"{name}: ranks {hung} still running after {DEADLINE_S}s (killed)"
-        results[name] = [torch.load(root / name / f"rank{r}.pt", weights_only=False)
-                         if (root / name / f"rank{r}.pt").exists() else {"exitcode": ps[r].exitcode}
-                         for r in range(len(ps))]
-    return results
+    return {name: join_ranks(ps, root / name, end, name) for name, ps in procs.items()}
 
 
 @pytest.fixture(scope="module")
