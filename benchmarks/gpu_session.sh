@@ -2,11 +2,12 @@
 # Everything the Triton path needs checked on a GPU, in one call (a lent machine is short on time):
 #   1. gpu_bench.py with the default block sizes (bf16 check vs the torch backend, timings vs HF grouped_mm);
 #   2. tune_triton.py for the same shape, writing the bundled table;
-#   3. gpu_bench.py again, now reading the tuned table.
+#   3. gpu_bench.py again, now reading the tuned table;
+#   4. gpu_fp8_bench.py: the FP8 layer (block-scaled FP8 kernels) vs the bf16 layer vs HF's FP8 experts.
 # Logs and the tuned table go to $OUT (default /tmp/moegraph-gpu). Wheels of packages the machine lacks
 # (pydantic, ...) may be carried in .whl/; they are installed into /tmp/site first.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [gpu_bench args]   # TUNE_S=150 BENCH_S=240 by default
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [gpu_bench args]   # TUNE_S=150 BENCH_S=240 FP8_S=180 by default
 set -u
 OUT=${OUT:-/tmp/moegraph-gpu}
 mkdir -p "$OUT"
@@ -35,3 +36,4 @@ step tune "$(( ${TUNE_S:-150} + 60 ))" python3 benchmarks/tune_triton.py --budge
     ${TUNE_ARGS:---tokens 1 16 128 1024 8192} \
     && for f in moegraph/triton_backend/tuned/*.json; do cp "$f" "$OUT/tuned_$(basename "$f" | tr -c 'A-Za-z0-9._\n-' _)"; done \
     && step bench_tuned "${BENCH_S:-240}" python3 benchmarks/gpu_bench.py "$@"
+step bench_fp8 "${FP8_S:-180}" python3 benchmarks/gpu_fp8_bench.py --tokens 1 16 128 1024 8192

@@ -198,9 +198,16 @@ def render(spec: MoESpec, backend: str = "torch") -> str:
     The source is parsed again and refused unless it has the expected shape (``check_module``).
     """
     check_backend(backend)
-    if spec.moe.quantization is not None and backend != "torch":
-        raise CodegenError(f"spec {spec.name!r} has FP8 experts (moe.quantization) but the {backend} backend has no "
-                           "block-scaled FP8 kernel yet; compile it with backend='torch'")
+    quant = spec.moe.quantization
+    if quant is not None and backend == "triton":
+        # The rules MoESpec checks for codegen.backend: triton, for a backend chosen at compile time.
+        if quant.activation_tile[1] != quant.weight_block[1]:
+            raise CodegenError(f"spec {spec.name!r}: the Triton FP8 kernels need moe.quantization.activation_tile "
+                               f"[1, {quant.activation_tile[1]}] as wide as the weight block's input size "
+                               f"({quant.weight_block[1]}); change the tile or compile with backend='torch'")
+        if spec.moe.experts.bias:
+            raise CodegenError(f"spec {spec.name!r}: the Triton FP8 kernels have no expert biases (moe.experts.bias); "
+                               "compile it with backend='torch'")
     try:
         source = template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:

@@ -52,6 +52,7 @@ __all__ = [
     "dequantize_tiles",
     "check_scales",
     "fp8_expert_mlp",
+    "with_fp8_semantics",
     "AMAX_FLOOR",
     "rounding_bound",
 ]
@@ -257,8 +258,7 @@ def fp8_expert_mlp(
                         activation, gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
 
 
-@fp8_expert_mlp.register_fake
-def _(x_TD, *args):
+def _fake(x_TD, *args):
     return x_TD.new_empty(x_TD.shape)
 
 
@@ -288,7 +288,15 @@ def _backward(ctx, grad_TD):
     return tuple(grads)
 
 
-fp8_expert_mlp.register_autograd(_backward, setup_context=_setup_context)
+def with_fp8_semantics(op):
+    """Register the fake and the backward of ``fp8_expert_mlp`` on ``op``, an op of the same signature
+    and meaning (another backend's kernels, e.g. ``moegraph_triton::fp8_expert_mlp``)."""
+    op.register_fake(_fake)
+    op.register_autograd(_backward, setup_context=_setup_context)
+    return op
+
+
+with_fp8_semantics(fp8_expert_mlp)
 
 
 def rounding_bound(fmt: str) -> tuple[float, float]:

@@ -908,10 +908,17 @@ class MoESpec(_Frozen):
                     f"aux loss '{loss.kind}' needs experts ({e}) to split evenly over the topology's "
                     f"{topo.num_gpus} devices; change the topology or drop the loss",
                 )
-        if self.moe.quantization is not None and self.codegen.backend != "torch":
-            problems.add("codegen.backend", f"FP8 experts (moe.quantization) run on the torch backend only; the "
-                                            f"{self.codegen.backend} backend has no block-scaled FP8 kernel yet: set "
-                                            "codegen.backend: torch or drop moe.quantization")
+        quant = self.moe.quantization
+        if quant is not None and self.codegen.backend == "triton":
+            # The Triton FP8 kernels take one K step per weight block: the tile is the block's width.
+            if quant.activation_tile[1] != quant.weight_block[1]:
+                problems.add("moe.quantization.activation_tile.1",
+                             f"the Triton FP8 kernels need the activation tile width ({quant.activation_tile[1]}) "
+                             f"equal to the weight block's input size ({quant.weight_block[1]}); set activation_tile: "
+                             f"[1, {quant.weight_block[1]}] or codegen.backend: torch")
+            if self.moe.experts.bias:
+                problems.add("moe.experts.bias", "the Triton FP8 kernels have no expert biases; set "
+                                                 "codegen.backend: torch or drop the biases")
         slots = _slots_problem(self.moe.experts, self.placement, topo)
         if slots:
             problems.add(*slots)

@@ -8,6 +8,7 @@ import copy
 import types
 
 import pytest
+import yaml
 import torch
 
 import moegraph
@@ -193,11 +194,16 @@ def test_to_keeps_fp8_and_fx_passes_run(tmp_path):
     torch.testing.assert_close(compiled(x), y)
 
 
-def test_fp8_on_a_backend_without_fp8_is_refused(tmp_path, run_cli):
+def test_fp8_the_triton_kernels_cannot_run_is_refused(tmp_path, run_cli):
+    # The Triton FP8 kernels take one K step per weight block: a narrower activation tile is refused
+    # by name when the backend is chosen at compile time, before anything is written.
     from moegraph.errors import CodegenError
 
-    with pytest.raises(CodegenError, match="triton backend has no block-scaled FP8 kernel yet; compile it with backend='torch'"):
-        moegraph.compile(TINY, backend="triton", out_dir=tmp_path)
-    res = run_cli("compile", TINY, "-o", tmp_path / "out", "--backend", "triton")
-    assert res.code == 2 and "no block-scaled FP8 kernel" in res.err
+    narrow = _spec(activation_tile=[1, 64])
+    with pytest.raises(CodegenError, match=r"activation_tile \[1, 64\] as wide as the weight block's input size \(128\)"):
+        moegraph.compile(narrow, backend="triton", out_dir=tmp_path)
+    path = tmp_path / "narrow.yaml"
+    path.write_text(yaml.safe_dump(narrow))
+    res = run_cli("compile", path, "-o", tmp_path / "out", "--backend", "triton")
+    assert res.code == 2 and "compile with backend='torch'" in res.err
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -32,6 +32,15 @@ def test_gpu_bench_dry_run_checks_every_implementation():
     assert "dense_equiv" in out and "33 tokens, the same FLOPs as dense cuBLAS GEMMs, timed alongside peak" in out
 
 
+def test_gpu_fp8_bench_dry_run_checks_the_fp8_layer():
+    out = _run("gpu_fp8_bench.py")
+    for tokens in (1, 7):
+        line = next(x for x in out.splitlines() if x.startswith(f"[{tokens} tokens] check"))
+        assert line.endswith("PASS"), line
+    assert "correctness (FP8 layer equal to the torch-backend FP8 layer, bf16 within the format's error): PASS" in out
+    assert "fp8 vs bf16" in out
+
+
 def test_tune_triton_dry_run_writes_a_table_the_backend_reads(tmp_path, monkeypatch):
     _run("tune_triton.py", "--out", str(tmp_path))
     (table,) = tmp_path.glob("*.json")

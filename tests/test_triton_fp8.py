@@ -77,6 +77,52 @@ def test_fp8_kernels_match_the_torch_op_under_the_interpreter(tmp_path):
     assert "activation tile (64) equal to the weight block's input size (128)" in out["tile_mismatch"]
 
 
+_COMPILED_LAYER = textwrap.dedent("""
+    import os, sys, json
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import moegraph
+    from moegraph import codegen
+    from moegraph.triton_backend import fp8 as tfp8
+
+    codegen.set_cache_dir(sys.argv[1])
+    launches = []
+    kernel = tfp8.expert_mlp_fp8
+    tfp8.expert_mlp_fp8 = lambda *a, **k: launches.append(1) or kernel(*a, **k)
+    spec = moegraph.load_spec("deepseek-v3-fp8-tiny")
+    ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, seed=3)
+    tri = moegraph.compile(spec, backend="triton", dtype=torch.float32, seed=4)
+    tri.load_state_dict(ref.state_dict())
+    out = {"ops": sorted({str(n.target) for n in tri.graph(training=False).graph.nodes if "fp8" in str(n.target)})}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 256, generator=g)
+    for mode in ("eval", "train"):
+        ref.train(mode == "train"); tri.train(mode == "train")
+        xr, xt = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yr, yt = ref(xr), tri(xt)
+        gy = torch.randn(yr.shape, generator=g)
+        (yr * gy).sum().backward(); (yt * gy).sum().backward()
+        out[mode] = [float((yt - yr).norm() / yr.norm()), float((xt.grad - xr.grad).norm() / xr.grad.norm())]
+    out["launches"] = len(launches)
+    out["applied"] = list(tri.pass_report["eval"].applied)
+    print(json.dumps(out))
+""")
+
+
+def test_compiled_fp8_layer_runs_the_kernels(tmp_path):
+    # An FP8 spec compiled with backend "triton" calls moegraph_triton::fp8_expert_mlp, which launches
+    # the FP8 kernels (eval and train: the stored weights are FP8) and equals the torch-backend layer
+    # with the same weights, outputs and input gradients (its backward is the torch op's).
+    proc = _run(_COMPILED_LAYER, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ops"] == ["moegraph_triton.fp8_expert_mlp"], out["ops"]
+    assert out["launches"] >= 2, out
+    assert "FuseRouter" in out["applied"], out["applied"]  # the router kernel finds the FP8 op's weights
+    for mode in ("eval", "train"):
+        assert out[mode][0] <= 1e-5 and out[mode][1] <= 1e-5, (mode, out[mode])
+
+
 _CROSS_COMPILE = textwrap.dedent("""
     import sys, torch, triton
     from triton.backends.compiler import GPUTarget

@@ -5,8 +5,10 @@ Activations are quantized per 1 x BLOCK_K tile in torch (``moegraph.fp8.quantize
 own rule) before each GEMM kernel: x before gate/up, the activated hidden state before down. The
 kernels multiply FP8 tiles into float32 and apply the row's tile scale and the weight block's scale
 per K step, so BLOCK_K equals the weight block's input size and the activation tile width, and
-BLOCK_N divides the weight block's output size. Not yet wired into ``moegraph.compile`` (FP8 specs
-compile with the torch backend); tested under the interpreter against the torch op.
+BLOCK_N divides the weight block's output size. Layers of backend "triton" with a quantization
+section call ``moegraph_triton::fp8_expert_mlp`` (``moegraph.triton_backend.ops``), which launches these
+kernels for stored FP8 weights and runs the torch op for master weights (training: the backward
+recomputes the torch op either way). Tested under the interpreter against the torch op.
 
 Legend: T tokens, D model dim, F expert hidden dim, H = 2F (gated) or F, E experts, N assignments.
 """
@@ -21,16 +23,37 @@ from torch import Tensor
 
 from .. import fp8
 from ..errors import InputError
-from .kernels import COMBINE_BLOCK_D, _pow2, align, mlp_context, token_csr, triton_cdiv
+from .kernels import COMBINE_BLOCK_D, _pow2, align, check_device, mlp_context, token_csr, triton_cdiv
 from .render import interpreting, render_to_module
 
-__all__ = ["expert_mlp_fp8"]
+__all__ = ["expert_mlp_fp8", "runs_kernels"]
 
 
 @lru_cache(maxsize=64)
 def _module_for(act: str, gated: bool, gate_clamp: float | None, up_clamp: float | None, interpret: bool) -> ModuleType:
     ctx = mlp_context(act, gated, gate_clamp, up_clamp, False, False, False, torch.float8_e4m3fn, fp8=True)
     return render_to_module("triton_expert_mlp.py.j2", ctx)
+
+
+def runs_kernels(x_TD: Tensor, s_up: Tensor | None, s_down: Tensor | None, b_up_EH: Tensor | None,
+                 b_down_ED: Tensor | None) -> bool:
+    """Whether ``moegraph_triton::fp8_expert_mlp`` launches the kernels for these arguments.
+
+    Master weights (no scales: the op quantizes them on the fly, in training) run the torch op; stored
+    FP8 weights run the kernels on CUDA devices with FP8 tensor cores, or under the interpreter. A
+    device that cannot run them, or biases (the spec refuses both for this backend), is an error.
+    """
+    if s_up is None or s_down is None:
+        return False
+    if b_up_EH is not None or b_down_ED is not None:
+        raise InputError("the Triton FP8 kernels have no expert biases; compile with backend='torch'")
+    if x_TD.is_cuda and torch.cuda.get_device_capability(x_TD.device) < (8, 9):
+        name = torch.cuda.get_device_name(x_TD.device)
+        raise InputError(f"the Triton FP8 kernels need FP8 tensor cores (sm_89 or newer); {name} has none. Compile "
+                         "with backend='torch' on this GPU")
+    if not x_TD.is_cuda and not interpreting():
+        check_device(x_TD)  # the backend's error for CPU tensors (x is quantized in torch: any float dtype runs)
+    return True
 
 
 def expert_mlp_fp8(x_TD: Tensor, tok_N: Tensor, exp_N: Tensor, weight_N: Tensor, w_up_EHD: Tensor, s_up: Tensor,

@@ -1,9 +1,12 @@
-"""Custom ops of the Triton backend: ``torch.ops.moegraph_triton.{expert_mlp, route_topk}``.
+"""Custom ops of the Triton backend: ``torch.ops.moegraph_triton.{expert_mlp, fp8_expert_mlp, route_topk}``.
 
 ``moegraph_triton::expert_mlp`` has exactly the signature and semantics of ``moegraph::expert_mlp``
 (see ``moegraph.ops``); generated layers of backend "triton" call it. Like the torch op it is opaque
 to FX and ``torch.compile`` (fake implementation) and differentiable: its backward recomputes the
 torch reference with autograd, as ``moegraph.ops`` does.
+
+``moegraph_triton::fp8_expert_mlp`` is ``moegraph::fp8_expert_mlp`` (same signature, fake and
+backward) with the block-scaled FP8 kernels of ``moegraph.triton_backend.fp8`` for stored FP8 weights.
 
 ``moegraph_triton::route_topk`` is the router kernel of a top-k policy; its fallback (beyond the
 kernel's sizes) is the torch reference of ``moegraph.semantics.routing``, the same steps as the
@@ -16,17 +19,53 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import fp8
 from .. import ops as torch_ops
 from ..oplib import opaque_op
 from ..semantics import routing
+from . import fp8 as triton_fp8
 from . import kernels
 
-__all__ = ["expert_mlp", "route_topk", "route_topk_reference"]
+__all__ = ["expert_mlp", "fp8_expert_mlp", "route_topk", "route_topk_reference"]
 
 
 #: Grouped expert MLP over assignments with Triton kernels; arguments and result as ``moegraph::expert_mlp``
 #: (same fake implementation, and the same backward: recomputation of the torch reference).
 expert_mlp = torch_ops.define_expert_op("moegraph_triton::expert_mlp", kernels.expert_mlp)
+
+
+@opaque_op("moegraph_triton::fp8_expert_mlp")
+def fp8_expert_mlp(
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    s_up: Tensor | None,
+    w_down_EDF: Tensor,
+    s_down: Tensor | None,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    block_out: int,
+    block_in: int,
+    tile: int,
+    fmt: str,
+    scale_format: str,
+) -> Tensor:
+    """``moegraph::fp8_expert_mlp`` with Triton kernels where they run (see ``triton_fp8.runs_kernels``)."""
+    args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down)
+    if not triton_fp8.runs_kernels(x_TD, s_up, s_down, b_up_EH, b_down_ED):
+        return torch.ops.moegraph.fp8_expert_mlp(*args, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
+                                                 block_out, block_in, tile, fmt, scale_format)
+    return triton_fp8.expert_mlp_fp8(*args, activation, gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt,
+                                     scale_format)
+
+
+fp8.with_fp8_semantics(fp8_expert_mlp)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,17 @@ def router_args(spec: MoESpec) -> tuple[Any, ...] | None:
     return TopKPolicy.of_router(r).positional() if r.type == "topk" else None
 
 
+#: FP8 expert ops: the router's anchors are the same (weights are the fourth argument), but they are
+#: not ``expert_mlp``s (other signature: FoldSharedExperts leaves them alone).
+_FP8_OPS = {"moegraph::fp8_expert_mlp", "moegraph_triton::fp8_expert_mlp"}
+
+
+def _is_routed_op(n: fx.Node) -> bool:
+    """An op that takes the routing weights as its fourth argument: ``expert_mlp`` or its FP8 form."""
+    name = getattr(n.target, "_qualified_op_name", None) or getattr(getattr(n.target, "_schema", None), "name", None)
+    return _is_expert_op(n) or (n.op == "call_function" and name in _FP8_OPS)
+
+
 def _is_linear(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -98,7 +109,7 @@ class FuseRouter(PassBase):
         graph = gm.graph
         order = {n: i for i, n in enumerate(graph.nodes)}
         # Step 1: anchors.
-        expert = [n for n in graph.nodes if _is_expert_op(n)]
+        expert = [n for n in graph.nodes if _is_routed_op(n)]
         logits = [n for n in graph.nodes if _is_linear(n) and isinstance(n.args[1], fx.Node)
                   and n.args[1].op == "get_attr" and n.args[1].target == "router.weight"]
         if len(expert) != 1 or len(logits) != 1:
