@@ -240,6 +240,21 @@ class RoutingRecorder:
         self.__init__()
 
 
+def check_recorded_ids(ids: Tensor, num_experts: int, name: str) -> None:
+    """Refuse recorded choices past the experts (identity / zero experts, ids >= E) before they reach a trace.
+
+    Such choices have no weights to place, and a routing trace holds K placed experts per token, so
+    a trace of these layers would misstate every load; refused by name rather than guessed.
+    """
+    from .errors import TraceError
+
+    if ids.numel() and int(ids.max()) >= num_experts:
+        raise TraceError(f"{name}: tokens chose identity or zero experts (router ids >= {num_experts}), which hold "
+                         "no weights to place; routing traces (and re-planning) of layers with "
+                         "moe.experts.identity_experts / zero_experts are not supported yet: record a layer "
+                         "without them")
+
+
 def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None = None):
     """One TraceSet (the planner's input) from the recorders of a model's MoE layers, in order.
 
@@ -257,6 +272,9 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
         raise TraceError(f"{name}: layers recorded different token counts {[tuple(i.shape) for i in ids]}; "
                          "record the same forwards on every layer")
     e = num_experts if num_experts is not None else getattr(layers[0], "NUM_EXPERTS", None)
+    if e is not None:
+        for i in ids:
+            check_recorded_ids(i, e, name)
     return TraceSet.from_topk([i.numpy() for i in ids], sample_ids=recs[0].samples().numpy(), num_experts=e,
                               source=name, name=name)
 

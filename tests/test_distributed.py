@@ -54,6 +54,22 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
         d = {"name": "hash", "moe": {"hidden_size": 16, "experts": small,
                                      "router": {"type": "hash", "top_k": 2, "method": "random", "vocab_size": 50}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "identity":  # LongCat-Flash: router choices past the experts return the input (or nothing)
+        d = {"name": "identity", "moe": {"hidden_size": 16,
+                                         "experts": {**small, "identity_experts": 2, "zero_experts": 1},
+                                         "shared_experts": {"count": 1},
+                                         "router": {"top_k": 3, "score": "softmax", "normalize": True}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "input_scaled":  # Llama 4: expert(w * x), the routing weight on the expert's input
+        d = {"name": "input_scaled", "moe": {"hidden_size": 16, "experts": {**small, "routing_weight": "input"},
+                                             "router": {"top_k": 2, "score": "sigmoid"}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "hash_table":  # DeepSeek-V4 hash layers: a token id -> experts table, weights from scores
+        d = {"name": "hash_table", "moe": {"hidden_size": 16, "experts": small,
+                                           "router": {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 50,
+                                                      "score": "sqrt_softplus", "normalize": True,
+                                                      "scaling_factor": 1.5}},
+             "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
                                    "router": {"type": "expert_choice", "capacity_factor": 2.0}},
@@ -126,6 +142,11 @@ SCENARIOS = {
         "capacity": (("capacity", 1, 2), "contiguous", [(2, 6), (1, 5)], 0, None),
         "expert_choice": (("expert_choice", 1, 2), "contiguous", [(1, 6), (2, 5)], 0, None),
         "hash": (("hash", 1, 2), "replicas2e8", [(2, 5), (1, 7)], 0, None),
+        # Constructs of the HF families: identity/zero experts stay home (no expert, no dispatch),
+        # input-scaled experts, a shipped hash table with scored weights.
+        "identity": (("identity", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
+        "input_scaled": (("input_scaled", 1, 2), "replicas2e8", [(1, 7), (2, 3)], 0, None),
+        "hash_table": (("hash_table", 1, 2), "replicas2e8", [(2, 4), (1, 6)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -139,7 +160,7 @@ SCENARIOS = {
 def _token_ids(world: int, name: str) -> list[torch.Tensor | None]:
     """Per rank, the token ids a hash-routed scenario feeds the layer (None for the others)."""
     spec_args, _, shapes, _, _ = SCENARIOS[world][name]
-    if spec_args[0] != "hash":
+    if not spec_args[0].startswith("hash"):
         return [None] * len(shapes)
     return [torch.randint(0, 50, (b, s), generator=torch.Generator().manual_seed(7 + r)) for r, (b, s) in enumerate(shapes)]
 
@@ -176,7 +197,14 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     (y * gs[rank]).sum().backward()
     layer.sync_grads()
     ids = layer.recorder.ids().clone()
-    trace = moegraph.distributed.gather_trace(layer)
+    if spec.moe.experts.identity_experts or spec.moe.experts.zero_experts:
+        # Choices of identity/zero experts hold no weights to place: gathering a trace is refused by name.
+        err = _timed_error(lambda: moegraph.distributed.gather_trace(layer))
+        trace = {"refused": err[:2]}
+    else:
+        trace = moegraph.distributed.gather_trace(layer)
+        trace = {"topk": trace.topk, "src_rank": trace.src_rank, "sample_ids": trace.sample_ids,
+                 "num_ranks": trace.num_ranks}
     bias = None
     if layer.EXPERT_BIAS_RATE is not None:
         layer.update_expert_bias()  # loads summed over ranks: every rank's router moves the same way
@@ -196,8 +224,7 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
         "y": y.detach(), "y_eval": y_eval.clone(), "x_grad": x.grad, "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
         "slot_experts": list(layer.slot_experts), "rows": rows, "bytes": sent, "ids": ids,
-        "trace": {"topk": trace.topk, "src_rank": trace.src_rank, "sample_ids": trace.sample_ids,
-                  "num_ranks": trace.num_ranks},
+        "trace": trace,
         "summary": layer.traffic_summary(),
         "decode": decode,
     }
@@ -483,7 +510,8 @@ def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
     return np.stack([np.asarray(res[name]["rows"][kind]) for res in results])
 
 
-@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (4, "two_hosts"),
+@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (2, "identity"),
+                                        (2, "input_scaled"), (2, "hash_table"), (4, "two_hosts"),
                                         (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
 def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     from moegraph.distributed import predicted_copies
@@ -507,6 +535,12 @@ def test_two_host_plan_forwards_inside_the_host(main4):
     dispatch = _measured(main4, "two_hosts", "dispatch")
     assert dispatch[0, 3] == 0 and dispatch[1, 2] == 0 and dispatch[2, 1] == 0 and dispatch[3, 0] == 0
     assert dispatch[0, 2] > 0 and dispatch[2, 3] + dispatch[3, 2] > 0
+
+
+def test_identity_expert_layers_refuse_a_trace_on_every_rank(main2):
+    for res in main2:
+        kind, msg = res["identity"]["trace"]["refused"]
+        assert kind == "TraceError" and "identity or zero experts" in msg and "gather_trace (layer 0)" in msg, msg
 
 
 def test_gathered_trace_is_every_ranks_routing(main2, main4):

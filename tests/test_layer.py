@@ -538,6 +538,13 @@ def test_identity_and_zero_experts(router, tmp_path, expert_path):
     layer.eval()(x)
     ids = layer.stop_recording().ids()
     assert ((ids >= E) & (ids < E + 3)).any() and (ids == E + 3).any(), "no token chose an identity or zero expert"
+    # Those choices hold no weights to place: a routing trace of the layer is refused by name.
+    from moegraph.runtime import trace_from_layers
+
+    layer.start_recording()
+    layer(x)
+    with pytest.raises(moegraph.errors.TraceError, match=r"identity or zero experts \(router ids >= 8\)"):
+        trace_from_layers([layer])
 
 
 @pytest.mark.parametrize("router", ["softmax_top2", "sigmoid_groups_bias"])

@@ -400,6 +400,11 @@ LAYERS = {
     # moe.output_norm (AXK1): torch code after the experts in the generated layer, the same on both backends.
     "output_norm_shared": _spec("t-output-norm", {"top_k": 2}, shared={"count": 1},
                                 moe={"output_norm": {"kind": "rms", "eps": 1e-5}}),
+    # LongCat-Flash's identity and zero experts (router ids past E: torch code beside the expert op).
+    "identity_zero_experts": _spec("t-identity", {"top_k": 3, "normalize": True}, shared={"count": 1},
+                                   experts={"identity_experts": 2, "zero_experts": 1}),
+    # Llama 4's expert(w * x): the op gets the weighted rows, one per assignment.
+    "input_scaled": _spec("t-input-scaled", {"top_k": 2, "score": "sigmoid"}, experts={"routing_weight": "input"}),
 }
 
 

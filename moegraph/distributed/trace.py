@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import TraceError
+from ..runtime import check_recorded_ids
 
 __all__ = ["gather_trace", "predicted_copies"]
 
@@ -48,6 +49,8 @@ def gather_trace(layers, *, name: str = "recorded", clear: bool = False):
             ids = torch.empty(0, layer.TOP_K, dtype=torch.int32)
         got = comm.all_gather_rows(ids.to(device), f"gather_trace (layer {i} ids)")
         per_layer.append(torch.cat(got).cpu())
+        # On the gathered ids: every rank sees the same and refuses alike (no rank left in a collective).
+        check_recorded_ids(per_layer[-1], layer.NUM_EXPERTS, f"gather_trace (layer {i})")
         if samples is None:
             s = rec.samples().to(device)
             n = torch.tensor([rec._next_sample], dtype=torch.int64, device=device)

@@ -141,17 +141,26 @@ def dispatch_counts(plan: Plan, layer: int, topk_ids: Any, src_gpu: Any) -> Disp
     """
     ids = np.asarray(topk_ids.cpu() if hasattr(topk_ids, "cpu") else topk_ids, np.int64)
     src = np.asarray(src_gpu.cpu() if hasattr(src_gpu, "cpu") else src_gpu, np.int64)
-    phys = choose_replicas(plan, layer, ids, src)
-    return counts_from_slots(phys // plan.slots_per_gpu, src, plan.cluster)
+    placed = (ids >= 0) & (ids < plan.num_experts)
+    if placed.all():
+        return counts_from_slots(choose_replicas(plan, layer, ids, src) // plan.slots_per_gpu, src, plan.cluster)
+    # Choices of no placed expert (identity / zero experts) stay on the token's GPU, as the runtime
+    # keeps them: no copy, no expert work.
+    dst = choose_replicas(plan, layer, np.where(placed, ids, 0), src) // plan.slots_per_gpu
+    return counts_from_slots(np.where(placed, dst, src[:, None]), src, plan.cluster, placed)
 
 
-def counts_from_slots(dst_TK: np.ndarray, src_T: np.ndarray, cluster) -> DispatchCounts:
-    """DispatchCounts from the serving GPU of every (token, choice) [T, K] and token sources [T]."""
+def counts_from_slots(dst_TK: np.ndarray, src_T: np.ndarray, cluster, work_TK: np.ndarray | None = None
+                      ) -> DispatchCounts:
+    """DispatchCounts from the serving GPU of every (token, choice) [T, K] and token sources [T].
+
+    work_TK: which choices are expert work (default all); the others count toward no GPU's load.
+    """
     g = cluster.num_gpus
     node = cluster.node_of_gpu
     n_nodes = cluster.num_nodes
     t = len(src_T)
-    load = np.bincount(dst_TK.ravel(), minlength=g)
+    load = np.bincount(dst_TK.ravel() if work_TK is None else dst_TK[work_TK], minlength=g)
     hit = np.zeros((t, g), bool)  # hit[t, d]: GPU d serves token t
     hit[np.arange(t)[:, None], dst_TK] = True
     distinct = int(hit.sum())

@@ -5,7 +5,8 @@ expert bias, group limit, top-k, normalise, scale) with one ``moegraph_triton::r
 
 How the subgraph is found, and why the swap is explained rather than guessed:
 - anchors: the router logits are the ``linear`` on ``router.weight``; the weights are what
-  ``expert_mlp``'s weight argument reshapes; the ids are what the graph returns as routing ids;
+  ``expert_mlp``'s weight argument reshapes (or, for input-scaled experts, what it takes ones of);
+  the ids are what the graph returns as routing ids;
 - the region is every node between the logits and those two anchors; it may read nothing but the
   logits and ``router.expert_bias`` (no other inputs, parameters or placeholders);
 - the region is copied into a small graph and run on random logits (and bias) next to the router
@@ -115,7 +116,10 @@ class FuseRouter(PassBase):
         if len(expert) != 1 or len(logits) != 1:
             return self._refuse(gm, "expected one expert op and one router linear")
         logits_n = logits[0]
-        weights_n = _method_arg(_method_arg(expert[0].args[3], "to"), "reshape")
+        w_arg = expert[0].args[3]
+        if isinstance(w_arg, fx.Node) and w_arg.op == "call_function" and w_arg.target is torch.ones_like:
+            w_arg = w_arg.args[0]  # input-scaled experts: the op gets ones, the weights scale its input rows
+        weights_n = _method_arg(_method_arg(w_arg, "to"), "reshape")
         out = next(n for n in graph.nodes if n.op == "output")
         ids_n = _method_arg(out.args[0][2], "view")
         if weights_n is None or ids_n is None:
