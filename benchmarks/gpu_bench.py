@@ -77,6 +77,22 @@ def parse_args() -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
+def torch_twin(spec, layer, dtype, device):
+    """The torch-backend layer of ``spec`` holding ``layer``'s tensors (assigned, not copied)."""
+    import torch
+
+    import moegraph
+
+    ref = moegraph.compile(spec, backend="torch", dtype=dtype, device="meta", seed=None)
+    ref.load_state_dict(layer.state_dict(), assign=True)
+    for name, buf in list(ref.named_buffers()):
+        if buf.is_meta:  # non-persistent training-only buffers
+            owner = ref.get_submodule(name.rpartition(".")[0]) if "." in name else ref
+            owner.register_buffer(name.rpartition(".")[2], torch.zeros(buf.shape, dtype=buf.dtype, device=device),
+                                  persistent=False)
+    return ref
+
+
 def build(spec, device, dtype, with_hf: bool):
     import torch
 
@@ -90,13 +106,7 @@ def build(spec, device, dtype, with_hf: bool):
         for p in tri.parameters():  # initialised on the device: 11 B parameters do not go through the CPU
             p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=g)
         tri.router.expert_bias.normal_(0.0, 0.01, generator=g)
-    ref = moegraph.compile(spec, backend="torch", dtype=dtype, device="meta", seed=None)
-    ref.load_state_dict(tri.state_dict(), assign=True)  # the same tensors, not copies
-    for name, buf in list(ref.named_buffers()):
-        if buf.is_meta:  # non-persistent training-only buffers
-            owner = ref.get_submodule(name.rpartition(".")[0]) if "." in name else ref
-            owner.register_buffer(name.rpartition(".")[2], torch.zeros(buf.shape, dtype=buf.dtype, device=device),
-                                  persistent=False)
+    ref = torch_twin(spec, tri, dtype, device)
     impls = {"triton": tri.eval(), "torch": ref.eval()}
     if with_hf:
         from torch import nn

@@ -87,14 +87,7 @@ def build(spec, device, dtype, with_hf: bool):
     g = torch.Generator(device=device).manual_seed(0)
     q8 = moegraph.compile(spec, backend="triton", dtype=dtype, device=device, seed=None)
     _fill_fp8(q8, spec.moe.quantization, g, device)
-    # The torch-backend FP8 layer on the same tensors (assigned, not copied).
-    ref = moegraph.compile(spec, backend="torch", dtype=dtype, device="meta", seed=None)
-    ref.load_state_dict(q8.state_dict(), assign=True)
-    for name, buf in list(ref.named_buffers()):
-        if buf.is_meta:  # non-persistent training-only buffers
-            owner = ref.get_submodule(name.rpartition(".")[0]) if "." in name else ref
-            owner.register_buffer(name.rpartition(".")[2], torch.zeros(buf.shape, dtype=buf.dtype, device=device),
-                                  persistent=False)
+    ref = _gpu_bench().torch_twin(spec, q8, dtype, device)  # the torch-backend FP8 layer, same tensors
     # The bf16 layer: the same spec without FP8, weights dequantized block by block.
     plain = spec.to_dict()
     plain["moe"].pop("quantization")
