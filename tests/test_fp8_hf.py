@@ -11,6 +11,7 @@ import torch
 
 import moegraph
 import moegraph.hf.block
+from moegraph import fp8
 from moegraph.errors import InputError, UnsupportedBlock
 from moegraph.hf import quant
 from moegraph.hf.config import spec_from_hf_config
@@ -249,3 +250,65 @@ def test_optimize_swaps_an_fp8_block_and_verifies_it(tmp_path):
     with torch.no_grad():
         after = model(ids).logits
     assert _rel(after, before) < 0.1  # the dequantized-block model vs the FP8 one (FP8 activations)
+
+
+def _fp8_checkpoint(folder) -> dict:
+    """A tiny DeepSeek-V3 causal LM saved as a fine-grained FP8 checkpoint, as DeepSeek ships it: every
+    linear of the decoder layers (attention, dense MLP, per-expert and shared expert projections) in e4m3
+    with its 128x128 ``weight_scale_inv`` from transformers' own quantizer; router, norms, embeddings and
+    the LM head in float32. Returns the state dict written."""
+    from safetensors.torch import load_file, save_file
+
+    # Attention sizes are multiples of the 128 block (transformers' quantizer has no ragged edge).
+    cfg = DeepseekV3Config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2,
+                           n_group=2, topk_group=1, n_shared_experts=1, intermediate_size=512, num_hidden_layers=2,
+                           first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                           kv_lora_rank=128, qk_rope_head_dim=128, qk_nope_head_dim=32, v_head_dim=32, vocab_size=300)
+    torch.manual_seed(5)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    model.save_pretrained(folder / "plain")
+    state = {}
+    for k, v in load_file(folder / "plain" / "model.safetensors").items():
+        if k.startswith("model.layers.") and v.dim() == 2 and "norm" not in k and not k.endswith("mlp.gate.weight"):
+            state[k], state[k[:-len("weight")] + "weight_scale_inv"] = _tf_quantize(k, v)
+        else:
+            state[k] = v
+    (folder / "fp8").mkdir()
+    save_file(state, folder / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    cfg.quantization_config = dict(QCONFIG)
+    cfg.save_pretrained(folder / "fp8")
+    return state
+
+
+def test_optimize_pretrained_keeps_an_fp8_checkpoint_in_fp8_on_cpu(tmp_path):
+    """Without a GPU transformers would dequantize the whole checkpoint while loading; optimize_pretrained
+    loads it in FP8, swaps the MoE block with the FP8 experts' bytes as they are, and dequantizes only
+    the FP8 linears outside it. Logits and greedy tokens match the checkpoint run by transformers with
+    its own dequantizer (the swapped layer also quantizes activations per tile: a small difference)."""
+    from moegraph.pretrained import load_pretrained
+    from moegraph.runtime import CompiledMoEBase
+
+    state = _fp8_checkpoint(tmp_path)
+    model = moegraph.optimize_pretrained(tmp_path / "fp8")
+    rep = model.moegraph_report
+    assert [r.status for r in rep.records] == ["swapped"], str(rep)
+    (layer,) = [m for m in model.modules() if isinstance(m, CompiledMoEBase)]
+    ex = layer.experts
+    assert ex.gate_up_proj.dtype == torch.float8_e4m3fn and ex.down_proj.dtype == torch.float8_e4m3fn
+    p = "model.layers.1.mlp."
+    for e in range(8):  # the checkpoint's bytes and scales, per expert, untouched
+        want = torch.cat([state[f"{p}experts.{e}.gate_proj.weight"], state[f"{p}experts.{e}.up_proj.weight"]])
+        assert torch.equal(ex.gate_up_proj[e].view(torch.uint8), want.view(torch.uint8))
+        assert torch.equal(ex.down_proj_scale_inv[e], state[f"{p}experts.{e}.down_proj.weight_scale_inv"])
+    outside = [n for n, t in model.named_parameters() if fp8.is_fp8(t) and ".moe." not in n]
+    # Dequantized: 4 attention linears per layer and layer 0's 3 dense MLP linears; not the swapped experts.
+    assert outside == [] and model.moegraph_dequantized == 11
+    ref = quant.dequantize_modules(load_pretrained(tmp_path / "fp8", keep_fp8=True), torch.float32)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ref(ids).logits, model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -12,11 +12,20 @@ Three readers, none of which dequantizes the experts:
 
 transformers' FP8 experts run only through CUDA kernels; on the CPU ``reference_block`` gives the
 block with its weights dequantized by transformers' own dequantizer, for ``from_hf``'s check.
+
+Whole FP8 checkpoints on a machine without a GPU: transformers then dequantizes every weight while
+loading (its FP8 quantizer turns ``dequantize`` on), so the experts would reach ``optimize`` as
+bfloat16. ``keep_fp8_config`` registers, through transformers' own extension point
+(``register_quantizer``), a quantizer that keeps the FP8 modules and bytes on any device;
+``moegraph.optimize_pretrained`` loads with it, swaps the MoE blocks (FP8 experts taken as they are)
+and then dequantizes only the FP8 weights left outside them (``dequantize_modules``: attention and
+dense layers, which transformers' FP8 modules could not run on the CPU).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,7 +38,10 @@ from ..errors import InputError, UnsupportedBlock
 from .anatomy import BlockAnatomy
 
 __all__ = ["quantization_section", "is_fp8_block", "fp8_block_weights", "block_scales", "reference_block",
-           "load_checkpoint"]
+           "dequantize_modules", "keep_fp8_config", "KEEP_FP8_METHOD", "load_checkpoint"]
+
+#: quant_method of the registered quantizer that keeps FP8 checkpoints in FP8 on any device
+KEEP_FP8_METHOD = "moegraph_keep_fp8"
 
 
 def _get(obj: Any, key: str, default: Any = None) -> Any:
@@ -46,7 +58,7 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
     if q is None:
         return None
     method = str(_get(q, "quant_method", "")).lower().replace("quantizationmethod.", "")
-    if method != "fp8":
+    if method not in ("fp8", KEEP_FP8_METHOD):
         raise UnsupportedBlock(f"its config is quantized with {method!r}; moegraph reads the fine-grained FP8 format "
                                "(quant_method: fp8) only; load the model dequantized instead", "quantization_config")
     if _get(q, "dequantize", False):
@@ -117,10 +129,25 @@ def block_scales(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
 def reference_block(block: nn.Module, anat: BlockAnatomy, dtype: torch.dtype) -> nn.Module:
     """A copy of one FP8 block whose FP8 weights are dequantized (to ``dtype``) by transformers' own
     dequantizer, so that transformers' modules run it on any device (they then use plain F.linear)."""
+    return dequantize_modules(copy.deepcopy(block), dtype)
+
+
+def _modules_outside(root: nn.Module, keep: tuple[type, ...]):
+    """``root``'s modules, not descending into modules of the ``keep`` types."""
+    yield root
+    for child in root.children():
+        if not isinstance(child, keep):
+            yield from _modules_outside(child, keep)
+
+
+def dequantize_modules(root: nn.Module, dtype: torch.dtype, keep: tuple[type, ...] = ()) -> nn.Module:
+    """Replace, in place, every FP8 weight of transformers' FP8 modules under ``root`` (not inside modules
+    of the ``keep`` types) by its dequantized value (transformers' own dequantizer, ``dtype``); those
+    modules then run plain ``F.linear``. Returns ``root``; the number replaced is ``root.moegraph_dequantized``."""
     from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
-    ref = copy.deepcopy(block)
-    for mod in ref.modules():
+    n = 0
+    for mod in _modules_outside(root, keep):
         for name, p in list(mod.named_parameters(recurse=False)):
             if fp8.is_fp8(p):
                 s_name = name + "_scale_inv" if hasattr(mod, name + "_scale_inv") else "weight_scale_inv"
@@ -128,7 +155,44 @@ def reference_block(block: nn.Module, anat: BlockAnatomy, dtype: torch.dtype) ->
                 w = _dequantize_fp8_weight(p.data, scale.data.float(), list(getattr(mod, "block_size", None) or (128, 128)),
                                            dtype)
                 setattr(mod, name, nn.Parameter(w, requires_grad=False))
-    return ref
+                n += 1
+                if getattr(getattr(mod, "config", None), "_experts_implementation", "eager") != "eager":
+                    # Its grouped forward would call the FP8 kernels: this module alone runs eagerly.
+                    mod.config = copy.copy(mod.config)
+                    mod.config._experts_implementation = "eager"
+    root.moegraph_dequantized = n
+    return root
+
+
+def keep_fp8_config(quantization_config: Any) -> dict[str, Any]:
+    """A checkpoint's fine-grained FP8 ``quantization_config`` for the quantizer that keeps FP8 on any device.
+
+    transformers' own FP8 quantizer dequantizes the whole model when no GPU is present; this one (a
+    subclass registered under ``KEEP_FP8_METHOD``) differs only in not doing so, and in not asking for
+    accelerate, which a CPU load does not use.
+    """
+    _register_keep_fp8()
+    section = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
+    return {**section, "quant_method": KEEP_FP8_METHOD, "dequantize": False}
+
+
+@functools.cache
+def _register_keep_fp8() -> None:
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    @register_quantization_config(KEEP_FP8_METHOD)
+    class KeepFP8Config(FineGrainedFP8Config):
+        def __init__(self, **kwargs):
+            kwargs.pop("quant_method", None)
+            super().__init__(**kwargs)
+            self.quant_method = KEEP_FP8_METHOD
+
+    @register_quantizer(KEEP_FP8_METHOD)
+    class KeepFP8Quantizer(FineGrainedFP8HfQuantizer):
+        def validate_environment(self, *args, **kwargs):
+            return None  # FP8 modules stay FP8 on any device; moegraph runs the experts, the rest is dequantized
 
 
 # ------------------------------------------------------------------------------------------------
