@@ -180,6 +180,8 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
      "moe.quantization.shared_experts", ("no shared expert", "set it false")),
     ("fp8-unknown-format", _set("moe.quantization", {"format": "fp8_e4m3fn"}), "moe.quantization.format",
      ("fp8_e4m3",)),
+    ("activation-folds-to-a-constant", _set("moe.experts.activation", "gate * 0 + 1"), "moe.experts.activation",
+     ("does not depend on gate or up", "folds to a constant")),
     ("fp8-triton-tile", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 8]}),
                              _set("codegen.backend", "triton")),
      "moe.quantization.activation_tile.1", ("Triton FP8 kernels", "activation_tile: [1, 16]")),

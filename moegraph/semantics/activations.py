@@ -81,7 +81,14 @@ def _checked(name: str, expression: str, gated: bool | None) -> Activation:
     if gated is not None and gated != is_gated:
         raise ValueError(f"activation {name!r}: expression {expression!r} is {'gated' if is_gated else 'plain'} "
                          f"but gated={gated} was given")
-    return Activation(name, expression, is_gated)
+    entry = Activation(name, expression, is_gated)
+    zero = ast.Constant(0.0)
+    if not used or all(ast.dump(g.body) == ast.dump(zero) for g in entry.grads):
+        # Constant in its inputs (e.g. 'gate * 0 + 1'): every expert would return one fixed vector, and
+        # the kernels would get a scalar where they expect a tile. Certainly not what was meant.
+        raise ValueError(f"activation {name!r}: expression {expression!r} does not depend on "
+                         f"{' or '.join(entry.variables)} (it folds to a constant); write the activation in its inputs")
+    return entry
 
 
 #: spec activation name -> its entry
