@@ -600,33 +600,14 @@ def test_configs_table_lookup_and_defaults(tmp_path):
 
 
 _CROSS_COMPILE = textwrap.dedent("""
-    import sys, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import sys, torch
     from moegraph.triton_backend import configs, kernels
     from moegraph import codegen
     from moegraph.triton_backend.render import render_to_module
 
     codegen.set_cache_dir(sys.argv[1])  # not the user's cache
-
-    PTR = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
-
-    def compile_sm90(fn, args, consts, num_warps=4, num_stages=3):
-        # Mirror Triton's launch-time specialisation: ints equal to 1 become constants, pointers and
-        # multiples of 16 carry the divisibility hint that enables vectorised, pipelined loads.
-        sig, cx, attrs = {}, dict(consts), {}
-        for i, name in enumerate(fn.arg_names):
-            v = consts.get(name, args[i] if i < len(args) else None)
-            if name in consts or v is None or (isinstance(v, int) and v == 1):
-                sig[name], cx[name] = "constexpr", v
-            elif isinstance(v, torch.dtype):
-                sig[name], attrs[(i,)] = PTR[v], [["tt.divisibility", 16]]
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        return triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    sys.path.insert(0, sys.argv[2])
+    from sm90 import compile_sm90
 
     bf, i32, i64 = torch.bfloat16, torch.int32, torch.int64
     T, D, F, E = 8192, 7168, 2048, 256
@@ -678,7 +659,9 @@ def test_kernels_compile_for_hopper(tmp_path):
     """Code the interpreter runs must also compile for sm_90, with pipelined loads and wgmma."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", _CROSS_COMPILE, str(tmp_path / "generated")], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _CROSS_COMPILE, str(tmp_path / "generated"),
+                           os.path.dirname(os.path.abspath(__file__))],
+                          env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode and ("ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower()):
         pytest.skip("Triton's CUDA toolchain (ptxas) is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -61,8 +61,9 @@ _INTERPRETED = textwrap.dedent("""
 def _run(script: str, tmp_path, **env) -> str:
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     base.update(env)
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "generated")], env=base, capture_output=True,
-                          text=True, timeout=900)
+    tests = os.path.dirname(os.path.abspath(__file__))  # for the scripts' `from sm90 import compile_sm90`
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "generated"), tests], env=base,
+                          capture_output=True, text=True, timeout=900)
     return proc
 
 
@@ -124,39 +125,25 @@ def test_compiled_fp8_layer_runs_the_kernels(tmp_path):
 
 
 _CROSS_COMPILE = textwrap.dedent("""
-    import sys, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import sys, torch
     from moegraph import codegen
     from moegraph.triton_backend import fp8 as tfp8
 
     codegen.set_cache_dir(sys.argv[1])
+    sys.path.insert(0, sys.argv[2])
+    from sm90 import compile_sm90
+
     mod = tfp8._module_for("silu", True, None, None, False)
     T, D, F, E, B = 8192, 7168, 2048, 256, 1400
-    P = {"f8": "*fp8e4nv", "f32": "*fp32", "i32": "*i32", "i64": "*i64"}
-
-    def compile_sm90(fn, args, consts):
-        sig, cx, attrs = {}, dict(consts), {}
-        for i, name in enumerate(fn.arg_names):
-            v = consts.get(name, args[i] if i < len(args) else None)
-            if name in consts or v is None:
-                sig[name], cx[name] = "constexpr", v
-            elif isinstance(v, str):
-                sig[name], attrs[(i,)] = P[v], [["tt.divisibility", 16]]
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        return triton.compile(ASTSource(fn, sig, cx, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4, "num_stages": 3})
+    f8, f32, i32, i64 = torch.float8_e4m3fn, torch.float32, torch.int32, torch.int64
 
     c = dict(BLOCK_OUT=128, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EVEN_K=True)
     out = {}
-    k = compile_sm90(mod.gate_up_kernel, ["f8", "i64", "f8", None, None, "i32", "i32", "f32", 65536, 65536, T, D, F,
-                                          0, E, B, "f32", "f32"], c)
+    k = compile_sm90(mod.gate_up_kernel, [f8, i64, f8, None, None, i32, i32, f32, 65536, 65536, T, D, F,
+                                          0, E, B, f32, f32], c)
     out["gate_up"] = "wgmma" in k.asm["ptx"]
-    k = compile_sm90(mod.down_kernel, ["f8", "f8", None, None, "f32", None, "i32", "i32", "f32", 65536, 65536, T, D,
-                                       F, 0, E, B, "f32", "f32"], c)
+    k = compile_sm90(mod.down_kernel, [f8, f8, None, None, f32, None, i32, i32, f32, 65536, 65536, T, D,
+                                       F, 0, E, B, f32, f32], c)
     out["down"] = "wgmma" in k.asm["ptx"]
     print(repr(out))
 """)
