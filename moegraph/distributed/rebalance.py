@@ -10,9 +10,10 @@ forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 pe
 ``RoutingRecorder``, so ``gather_trace`` reads it. The ``Rebalancer`` installs one on every layer;
 when a re-plan is due (every ``every`` steps, or when the measured imbalance exceeds ``threshold``)
 it gathers the window from every rank into one trace (the same on every rank), re-plans
-deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced, optional
-budget), and applies the new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that
-every rank agrees on it and moves only the changed slots, optimizer state included). A window the
+deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced over the
+tokens the new plan is expected to serve until the next re-plan, optional budget), and applies the
+new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that every rank agrees on it
+and moves only the changed slots, optimizer state included). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
 skipped.
 
