@@ -343,6 +343,8 @@ def test_rebalancer_replans_and_migrates_on_every_rank(runs, world):
         assert ev["slots_moved"] == mig.slots_moved and ev["bytes_moved"] == mig.bytes  # float32 both
         assert all(other[k]["bytes_moved"] == ev["bytes_moved"] for other in events)
     assert events[0][0]["slots_moved"] > 0
+    # the horizon is the interval the plan serves: 24 tokens per rank and step x every=3 steps, all ranks
+    assert all(e["horizon_tokens"] == 24 * world * 3 for ev in events for e in ev)
     # the weights are intact after the migrations
     for k, v in _state(spec).items():
         _close(res[0]["drift_full"][k], v, f"weights after rebalancing: {k}")
@@ -356,11 +358,13 @@ def test_window_recorder_keeps_the_latest_tokens_only():
         rec.add(torch.full((2, 2, 3), i))
     # 20 tokens seen; whole forwards are dropped while more than 10 are held: the last two forwards stay
     assert rec.ids()[:, 0].tolist() == [3] * 4 + [4] * 4
+    assert rec.seen == 20  # the dropped tokens count as routed
     assert rec.samples().tolist() == [6, 6, 7, 7, 8, 8, 9, 9]
     rec.add(torch.full((1, 25, 3), 7))  # one forward larger than the window keeps its last tokens
     assert rec.ids().shape == (10, 3) and (rec.ids() == 7).all()
+    assert rec.seen == 45
     rec.clear()
-    assert rec.ids().numel() == 0 and rec.max_tokens == 10
+    assert rec.ids().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
 
 
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
@@ -389,4 +393,6 @@ def test_rebalancer_threshold_triggers_on_measured_imbalance(runs, world):
         assert ev[0] is None  # no check at step 1 (check_every=2)
         assert ev[1] is not None and ev[1]["step"] == 2 and ev[1]["measured_max_mean"] > 1.3
         assert ev[1]["slots_moved"] > 0 and ev[1]["predicted_max_mean_after"] < ev[1]["predicted_max_mean_before"]
+        # threshold only: the interval is the steps since the start (2) x 32 tokens per rank and step
+        assert ev[1]["horizon_tokens"] == 2 * 32 * world
     assert len({o["threshold_events"][1]["bytes_moved"] for o in res}) == 1  # one total, on every rank

@@ -10,9 +10,10 @@ forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 pe
 ``RoutingRecorder``, so ``gather_trace`` reads it. The ``Rebalancer`` installs one on every layer;
 when a re-plan is due (every ``every`` steps, or when the measured imbalance exceeds ``threshold``)
 it gathers the window from every rank into one trace (the same on every rank), re-plans
-deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced, optional
-budget), and applies the new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that
-every rank agrees on it and moves only the changed slots, optimizer state included). A window the
+deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced over the
+tokens the new plan is expected to serve until the next re-plan, optional budget), and applies the
+new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that every rank agrees on it
+and moves only the changed slots, optimizer state included). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
 skipped.
 
@@ -48,10 +49,12 @@ class WindowRecorder(RoutingRecorder):
         super().__init__()
         self.max_tokens = int(max_tokens)
         self._held = 0
+        self.seen = 0  # tokens added since the last clear, the dropped ones included
 
     def add(self, ids_BSK) -> None:
         super().add(ids_BSK)
         self._held += self.topk_ids[-1].shape[0]
+        self.seen += self.topk_ids[-1].shape[0]
         while self._held > self.max_tokens and len(self.topk_ids) > 1:
             self._held -= self.topk_ids.pop(0).shape[0]
             self.sample_ids.pop(0)
@@ -63,6 +66,7 @@ class WindowRecorder(RoutingRecorder):
     def clear(self) -> None:
         super().__init__()
         self._held = 0
+        self.seen = 0
 
 
 class Rebalancer:
@@ -74,7 +78,11 @@ class Rebalancer:
         threshold: re-plan when the measured max/mean GPU load since the last check exceeds it.
         check_every: steps between threshold checks (each is one small all-gather).
         window_tokens: tokens per rank each layer's recorder keeps.
-        max_moves / max_move_bytes / horizon_tokens / seed: passed to ``replan``.
+        max_moves / max_move_bytes / seed: passed to ``replan``.
+        horizon_tokens: passed to ``replan``; None: the tokens the new plan is expected to serve until the
+            next re-plan, the tokens routed per step since the last one (all ranks) x ``every`` (or, with only
+            a threshold, x the steps since the last re-plan): a move then has to pay for its bytes within
+            the interval it serves.
         optimizer: its state of the moved experts moves with them (AdamW, Adam, SGD).
     """
 
@@ -107,6 +115,7 @@ class Rebalancer:
                             "horizon_tokens": horizon_tokens, "seed": seed}
         self.optimizer = optimizer
         self.steps = 0
+        self._last_replan = 0  # step of the last re-plan (0: the start)
         self.events: list[dict[str, Any]] = []
         for layer in self.layers:
             layer.recorder = WindowRecorder(window_tokens)
@@ -142,6 +151,19 @@ class Rebalancer:
             due = measured > self.threshold
         return self.rebalance(measured=measured) if due else None
 
+    def _interval_tokens(self) -> float | None:
+        """Tokens (all ranks) expected until the next re-plan: routed per step since the last re-plan x the
+        steps between re-plans (``every``, else the steps since the last one). None before any token.
+        Collective (one small all-reduce)."""
+        rec = self.layers[0].recorder
+        seen = torch.tensor([int(getattr(rec, "seen", 0))], dtype=torch.int64,
+                            device=self.layers[0].experts.down_proj.device)
+        self.layers[0].comm.all_reduce(seen, "Rebalancer tokens since the last re-plan")
+        since = self.steps - self._last_replan
+        if int(seen.item()) == 0 or since < 1:
+            return None
+        return float(seen.item()) / since * (self.every if self.every is not None else since)
+
     def rebalance(self, measured: float | None = None) -> dict[str, Any]:
         """Gather the window, re-plan from the running plan and apply it on every layer. Collective."""
         from ..planner.cost import evaluate
@@ -149,11 +171,16 @@ class Rebalancer:
         from .trace import gather_trace
 
         t0 = time.perf_counter()
+        args = dict(self.replan_args)
+        if args["horizon_tokens"] is None:
+            args["horizon_tokens"] = self._interval_tokens()
         window = gather_trace(self.layers, name=f"window at step {self.steps}", clear=True)
         current = self.plan
-        event: dict[str, Any] = {"step": self.steps, "measured_max_mean": measured, "tokens": window.num_tokens}
+        event: dict[str, Any] = {"step": self.steps, "measured_max_mean": measured, "tokens": window.num_tokens,
+                                 "horizon_tokens": args["horizon_tokens"]}
+        self._last_replan = self.steps
         try:
-            new = replan(None, current, window, **self.replan_args)
+            new = replan(None, current, window, **args)
         except (PlanInfeasible, TraceError) as exc:  # the same on every rank: deterministic inputs
             event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
             self.events.append(event)

@@ -20,10 +20,14 @@ a GPU follow (``_align_slots``).
 With hosts, the renamings that preserve the topology are few (host swaps x GPU permutations inside
 hosts), so given the traffic the plan is for (``traces``) ``relabel`` also tries renamings that
 regroup the plan's GPUs into other hosts (every grouping of up to MAX_GROUPINGS, and the plain GPU
-to GPU assignment), most shared experts first, and takes the first that does not make the plan worse
-on that traffic: neither the max/mean of the dispatch rule's expected GPU loads nor the expected
-remote host copies per token (``exact.ExactCopies``) rise (every GPU keeps its experts, so the remote
-GPU copies cannot change).
+to GPU assignment), such that the plan does not get worse on that traffic: no layer's max/mean of the
+dispatch rule's expected GPU loads rises, and the expected remote host copies per token
+(``exact.ExactCopies``) summed over the layers do not rise (every GPU keeps its experts, so the remote
+GPU copies cannot change). The copies are judged for the plan, not per layer, because that is what
+the plan is scored by (the mean over its layers): a layer whose regrouping adds a few host copies
+may take it where other layers' regroupings save more. Per layer the candidates are scored most
+shared experts first, down to the first that adds no host copies; one candidate per layer is then
+chosen by an exact dynamic program (most experts kept, copies summed over the layers not rising).
 That is honest for any plan: the renamed plan is at least as good as the plan on what it was made
 for, whatever that was. A plan that places by host (moegraph's) seldom passes; one that does not (the
 load-only packing, whose grouping into hosts is an accident of its packing order) often does.
@@ -233,43 +237,76 @@ def _match_groups(overlap: np.ndarray, new_groups: list[np.ndarray], hosts: list
     return perm, float(score[hr, hc].sum())
 
 
-def _gpu_permutation(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int,
-                     judge: Callable[[np.ndarray], bool] | None = None) -> np.ndarray:
-    """[G] perm: GPU x of the renamed plan holds what the new plan's GPU perm[x] holds (see ``relabel``).
+def _renamings(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: int,
+               judge: Callable[[np.ndarray], float | None] | None = None) -> list[tuple[int, float, np.ndarray]]:
+    """Candidate renamings of one layer's GPUs (see ``relabel``): [(experts kept more than the first, change
+    of the expected host copies, perm [G])], perm[x] = the new plan's GPU whose experts GPU x takes.
+
+    The first is the best renaming within the topology's symmetry (change 0). With ``judge`` (the change
+    of expected host copies a renaming that regroups GPUs into other hosts makes, or None where it raises
+    the balance), also those regroupings, most shared experts first, down to the first that does not add
+    host copies (any below it keep fewer experts and the plan-wide choice never needs them).
 
     new_rows, old_rows: [L, S] rows of the new and the current plan (the layers scored together).
-    judge: whether a renaming that regroups the new plan's GPUs into other hosts keeps the plan as good
-        (None: only renamings that preserve the topology).
     """
     g = cluster.num_gpus
     overlap = _overlap(new_rows, old_rows, g, e)
     node = cluster.node_of_gpu
     hosts = [np.flatnonzero(node == m) for m in range(cluster.num_nodes)]
-    # Step 1: hosts onto hosts whole (a renaming within the topology's symmetry), GPUs inside matched hosts.
+    # Hosts onto hosts whole (a renaming within the topology's symmetry), GPUs inside matched hosts.
     perm, best = _match_groups(overlap, hosts, hosts)
     if not (np.array_equal(cluster.bandwidth[np.ix_(perm, perm)], cluster.bandwidth)
             and np.array_equal(cluster.latency[np.ix_(perm, perm)], cluster.latency)
             and np.array_equal(node[perm] == node[perm][:, None], node == node[:, None])):
         perm = np.arange(g)  # explicit topologies may not be symmetric: keep the names
         best = float(np.trace(overlap))
+    out = [(0, 0.0, perm)]
     if judge is None or not _two_level(cluster):
-        return perm
-    # Step 2: other groupings of the new plan's GPUs into hosts, most shared experts first, the first one
-    # the judge accepts (it changes which experts share a host, so it must not make the plan worse). The
-    # assignment of GPUs to GPUs regardless of hosts is always a candidate.
+        return out
+    # Other groupings of the new plan's GPUs into hosts; the assignment of GPUs to GPUs regardless of hosts
+    # is always a candidate. Shared experts are whole numbers: a candidate must share at least one more.
     r, c = linear_sum_assignment(overlap, maximize=True)
     free = np.empty(g, np.int64)
     free[c] = r
-    # Shared experts are whole numbers: a candidate must share at least one more than step 1's renaming.
     cands = [(-float(overlap[r, c].sum()), free.tolist())] if overlap[r, c].sum() > best + 0.5 else []
     for groups in _groupings(g, len(hosts[0]), len(hosts)):
         p, score = _match_groups(overlap, groups, hosts)
         if score > best + 0.5:
             cands.append((-score, p.tolist()))
-    for _, p in sorted(cands):
-        if judge(np.asarray(p)):
-            return np.asarray(p)
-    return perm
+    for neg, p in sorted(cands):
+        delta = judge(np.asarray(p))
+        if delta is not None:
+            out.append((int(round(-neg - best)), delta, np.asarray(p)))
+            if delta <= 0.0:
+                break
+    return out
+
+
+def _choose(cands: list[list[tuple[int, float, np.ndarray]]]) -> list[np.ndarray]:
+    """One renaming per layer: the most experts kept over all layers such that the host copies, summed over
+    the layers, do not rise (a multiple-choice knapsack, solved exactly by dynamic programming over the
+    whole number of experts kept beyond each layer's first candidate)."""
+    top = sum(max(k for k, _, _ in c) for c in cands)
+    f = np.full(top + 1, np.inf)  # f[k]: least summed change of host copies keeping k more experts
+    f[0] = 0.0
+    picks = []
+    for c in cands:
+        nf = np.full(top + 1, np.inf)
+        pick = np.zeros(top + 1, np.int64)
+        for i, (k, d, _) in enumerate(c):
+            shifted = np.full(top + 1, np.inf)
+            shifted[k:] = f[: top + 1 - k] + d
+            better = shifted < nf - 1e-15
+            nf[better], pick[better] = shifted[better], i
+        f = nf
+        picks.append(pick)
+    k = int(np.flatnonzero(f <= 1e-9)[-1])  # the first candidates alone (k = 0) change nothing
+    out = []
+    for c, pick in zip(reversed(cands), reversed(picks)):
+        i = int(pick[k])
+        out.append(c[i][2])
+        k -= c[i][0]
+    return out[::-1]
 
 
 #: most groupings of the GPUs into hosts ``relabel`` tries; beyond (large clusters), only the grouping of
@@ -320,10 +357,10 @@ def host_copy_weight(cluster: Cluster) -> float:
     return float(cost_matrix(cluster)[inter].mean()) - 1.0 if inter.any() else 0.0
 
 
-def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], bool]:
-    """Whether renaming one layer's GPUs by perm keeps ``plan`` at least as good on ``traces``: neither
-    the max/mean of the dispatch rule's expected GPU loads nor the expected remote copies per token
-    (``exact.ExactCopies``) rise, tokens starting on every GPU equally (a renaming moves no token:
+def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], float | None]:
+    """The change of the expected remote host copies per token (``exact.ExactCopies``) that renaming one
+    layer's GPUs by perm makes to ``plan`` on ``traces``, or None where it raises the max/mean of the
+    dispatch rule's expected GPU loads; tokens starting on every GPU equally (a renaming moves no token:
     which GPU a sequence starts on is not the plan's).
 
     A renaming keeps every GPU's experts, so the expected remote GPU copies stay as they are; only the
@@ -349,10 +386,13 @@ def _judge(plan: Plan, layer: int, traces: TraceSet) -> Callable[[np.ndarray], b
 
         return balance, copies, (balance(gpu_r), copies(gpu_r))
 
-    def judge(perm: np.ndarray) -> bool:
-        balance, copies, base = scorers()
+    def judge(perm: np.ndarray) -> float | None:
+        balance, copies, (bal0, cop0) = scorers()
         gpu_R = np.argsort(perm)[gpu_r]
-        return all(f(gpu_R) <= y + 1e-9 * max(abs(y), 1.0) for f, y in zip((balance, copies), base))
+        if balance(gpu_R) > bal0 + 1e-9 * max(bal0, 1.0):
+            return None
+        d = copies(gpu_R) - cop0
+        return 0.0 if abs(d) <= 1e-12 * max(abs(cop0), 1.0) else d
 
     return judge
 
@@ -365,18 +405,21 @@ def relabel(plan: Plan, current: Plan, traces: TraceSet | None = None) -> Plan:
     (its metrics stay as computed; under the same dispatch rule they differ only through which GPU
     each sequence starts on). With ``traces`` (token traces, e.g. the window ``plan`` was made from)
     and a two-level cluster, a renaming may also regroup the GPUs into hosts where that does not make
-    the plan worse on them (``_judge``): with hosts, the renamings that preserve the topology are few
+    the plan worse on them (no layer's expected balance rises, nor the expected host copies summed over
+    the layers: ``_judge``, ``_choose``): with hosts, the renamings that preserve the topology are few
     (host swaps x GPU permutations inside hosts), while a plan that does not place by host (the
     load-only packing) is indifferent to its grouping.
     """
     _check_same_shape(current, plan)
     g, spg = plan.num_gpus, plan.slots_per_gpu
-    rows, perms = [], []
-    for rn, ro in zip(plan.physical_to_logical_map, current.physical_to_logical_map):
+    regroup = traces is not None and not traces.load_only and _two_level(plan.cluster)
+    cands = []
+    for layer, (rn, ro) in enumerate(zip(plan.physical_to_logical_map, current.physical_to_logical_map)):
         # Each MoE layer's ranks are named independently: a rank holds one set of experts per layer.
-        regroup = traces is not None and not traces.load_only and _two_level(plan.cluster)
-        judge = _judge(plan, len(rows), traces) if regroup else None
-        perm = _gpu_permutation(rn[None], ro[None], plan.cluster, plan.num_experts, judge)
+        judge = _judge(plan, layer, traces) if regroup else None
+        cands.append(_renamings(rn[None], ro[None], plan.cluster, plan.num_experts, judge))
+    rows, perms = [], []
+    for perm, rn, ro in zip(_choose(cands), plan.physical_to_logical_map, current.physical_to_logical_map):
         perms.append(perm.tolist())
         rows.append(_align_slots(rn.reshape(g, spg)[perm].reshape(-1), ro, g))
     policy = dict(plan.policy)

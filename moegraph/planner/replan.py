@@ -156,7 +156,9 @@ class _Layer:
             add[:, diag, diag] = True
             holds.append(add.reshape(-1, g))
             who.append(np.repeat(experts, g))
-        slots = np.flatnonzero(np.isin(self.ex, multi))
+        is_multi = np.zeros(len(self.hold), bool)  # a mask, not np.isin: this runs once per change
+        is_multi[multi] = True
+        slots = np.flatnonzero(is_multi[self.ex])
         es, gs = self.ex[slots], self.gpu[slots]
         move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
         move[np.arange(len(slots)), :, gs] = False
@@ -177,7 +179,9 @@ class _Layer:
         self.d_move[slots] = out[n * g : n * g + m * g].reshape(m, g, g) - base_m[:, None]
         self.d_rem[slots] = out[n * g + m * g : n * g + m * g + m] - base_m
         # One replica: moving it to y moves its whole load from its GPU to y; dropping it is never allowed.
-        s1 = np.flatnonzero(np.isin(self.ex, single))
+        is_single = np.zeros(len(self.hold), bool)
+        is_single[single] = True
+        s1 = np.flatnonzero(is_single[self.ex])
         tot = self.cnt[:, self.ex[s1]].sum(axis=0)  # [m1]
         d = np.zeros((len(s1), g, g))
         d[:, diag, diag] = tot[:, None]
@@ -334,12 +338,12 @@ def _better(best, new_ABG, ok_AB, cap, excess, dm_AB, cost_AB, budget, head):
     ok = ok_AB & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
     if not ok.any():
         return best
-    eff = drop / (cost_AB + _FREE)
-    peak = new_ABG.max(axis=-1)
-    i, j = np.nonzero(ok)
-    k = np.lexsort((head[2][j], head[1][i], peak[i, j], -eff[i, j]))[0]
-    i, j = int(i[k]), int(j[k])
-    cand = (-float(eff[i, j]), float(peak[i, j]), int(dm_AB[i, j]), (head[0], int(head[1][i]), int(head[2][j])))
+    eff = np.where(ok, drop / (cost_AB + _FREE), -np.inf)
+    i, j = np.nonzero(eff == eff.max())  # the peak breaks ties only: computed for the tied few
+    peak = new_ABG[i, j].max(axis=-1)
+    k = np.lexsort((head[2][j], head[1][i], peak))[0]
+    cand = (-float(eff[i[k], j[k]]), float(peak[k]), int(dm_AB[i[k], j[k]]),
+            (head[0], int(head[1][i[k]]), int(head[2][j[k]])))
     if best is None or cand[:2] < best[:2]:
         return cand
     return best
