@@ -112,6 +112,12 @@ def token_index(T_like: Tensor, K: int) -> Tensor:
 
 
 @torch.fx.wrap
+def every_expert(T_like: Tensor, S: int) -> Tensor:
+    """[T*S] expert index 0..S-1 for each token in turn: every token on each of S experts (with ``token_index``)."""
+    return torch.arange(S, device=T_like.device).repeat(T_like.shape[0])
+
+
+@torch.fx.wrap
 def shared_mlp(x_TD: Tensor, w_up_HD: Tensor, w_down_DS: Tensor, b_up_H: Tensor | None, b_down_D: Tensor | None,
                scale_T: Tensor | None, activation: str, gated: bool, gate_clamp: float | None,
                up_clamp: float | None) -> Tensor:
@@ -280,6 +286,7 @@ class CompiledMoEBase(nn.Module):
     EXPERT_BIAS_TERMS: bool = False
     SHARED_INTERMEDIATE: int = 0
     SHARED_GATE: bool = False
+    SHARED_ROUTED: int = 0  # shared experts weighted by their own router rows (stored [count, ., .]); 0 = none
     ROUTER: str = "topk"
     ROUTER_BIAS: bool = False
     EXPERT_BIAS_RATE: float | None = None
@@ -302,9 +309,10 @@ class CompiledMoEBase(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
         if self.ROUTER != "hash" or self.HASH_SCORED:
-            self.router.weight = nn.Parameter(torch.empty(R, D, dtype=router_dtype, device=device))
+            rows = R + self.SHARED_ROUTED  # routed shared experts have the last router rows
+            self.router.weight = nn.Parameter(torch.empty(rows, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
-                self.router.bias = nn.Parameter(torch.zeros(R, dtype=router_dtype, device=device))
+                self.router.bias = nn.Parameter(torch.zeros(rows, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
             self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
@@ -323,7 +331,16 @@ class CompiledMoEBase(nn.Module):
         if self.EXPERT_BIAS_TERMS:
             self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(R, H, **kw)))
             self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, D, **kw))
-        if self.SHARED_INTERMEDIATE:
+        if self.SHARED_ROUTED:  # one by one, as the routed experts: [count, H, D] / [count, D, F]
+            n, Fs = self.SHARED_ROUTED, self.SHARED_INTERMEDIATE // self.SHARED_ROUTED
+            Hs = 2 * Fs if self.GATED else Fs
+            self.shared_experts = nn.Module()
+            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(n, Hs, D, **kw)))
+            self.shared_experts.down_proj = nn.Parameter(torch.empty(n, D, Fs, **kw))
+            if self.EXPERT_BIAS_TERMS:
+                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(n, Hs, **kw)))
+                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(n, D, **kw))
+        elif self.SHARED_INTERMEDIATE:
             S = self.SHARED_INTERMEDIATE
             self.shared_experts = nn.Module()
             self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(2 * S if self.GATED else S, D, **kw)))

@@ -261,8 +261,11 @@ class SharedExpertsSpec(_Frozen):
     intermediate_size: int | None = Field(
         None, gt=0, le=1 << 20, description="Hidden size of one shared expert; defaults to the routed expert's F."
     )
-    gate: Literal["none", "sigmoid"] = Field(
-        "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE."
+    gate: Literal["none", "sigmoid", "router"] = Field(
+        "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE. 'router': each "
+        "shared expert has its own router row after the routed choices; its score joins the chosen experts' weights "
+        "(normalised and scaled with them) and scales that shared expert's output (Inkling). The shared experts are "
+        "then stored one by one, as [count, ., .] tensors like the routed ones.",
     )
 
     @model_validator(mode="after")
@@ -600,6 +603,16 @@ class MoELayerSpec(_Frozen):
                              "after the down projection); set routing_weight: output or drop quantization")
         r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
+        if self.shared_experts.gate == "router":
+            if r.type != "topk":
+                problems.add("shared_experts.gate", f"shared_experts.gate: router gives the shared experts router rows "
+                             f"beside a topk router's choices; router type is '{r.type}': use type: topk or another gate")
+            if e != self.experts.num_experts:
+                problems.add("shared_experts.gate", "shared_experts.gate: router with identity/zero experts is not "
+                             "defined (whose router rows come first?); drop one of them")
+            if self.quantization is not None and self.quantization.shared_experts:
+                problems.add("quantization.shared_experts", "FP8 shared experts are one MLP; shared_experts.gate: "
+                             "router keeps them one by one: set quantization.shared_experts false")
         if e != self.experts.num_experts:
             if r.type != "topk":
                 problems.add("experts.identity_experts", f"identity/zero experts are router choices of a topk router; "
@@ -645,6 +658,12 @@ class MoELayerSpec(_Frozen):
         """Experts per token (for expert choice: the average, capacity_factor)."""
         r = self.router
         return r.top_k if hasattr(r, "top_k") else max(1, round(r.capacity_factor))
+
+    @property
+    def router_rows(self) -> int:
+        """Rows of the router weight: the router choices, then one per shared expert when they are routed."""
+        routed_shared = self.shared_experts.count if self.shared_experts.gate == "router" else 0
+        return self.experts.router_choices + routed_shared
 
     @property
     def shared_intermediate_size(self) -> int:

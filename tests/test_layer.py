@@ -572,3 +572,36 @@ def test_identity_experts_need_a_dropless_topk_router():
         moegraph.load_spec(make_spec(dict(ROUTERS["expert_choice"]), experts={"identity_experts": 2}))
     with pytest.raises(moegraph.errors.SpecError, match="capacity"):
         moegraph.load_spec(make_spec(dict(ROUTERS["capacity_probs"]), experts={"zero_experts": 2}))
+
+
+@pytest.mark.parametrize("router", ["softmax_top2_norm", "sigmoid_groups_bias", "topk_then_softmax", "router_bias"])
+def test_shared_experts_weighted_by_the_router(router, tmp_path, expert_path):
+    """shared_experts.gate: router (Inkling): each shared expert has a router row after the routed ones, its score
+    joins the chosen experts' weights (normalised and scaled together) and weighs its output; shared weights are
+    [count, ., .]. Outputs and every gradient against the loop reference; the shared rows do change the routed
+    weights where the router normalises, or this would not test the joint normalisation."""
+    spec = make_spec(dict(ROUTERS[router]), shared={"count": 2, "intermediate_size": 4, "gate": "router"})
+    layer = _compile(spec, tmp_path).train()
+    assert tuple(layer.router.weight.shape) == (E + 2, D)
+    assert tuple(layer.shared_experts.gate_up_proj.shape) == (2, 8, D)
+    assert tuple(layer.shared_experts.down_proj.shape) == (2, D, 4)
+    x = torch.randn(19, D, generator=torch.Generator().manual_seed(18), requires_grad=True)
+    g = torch.randn(19, D, generator=torch.Generator().manual_seed(19))
+    _assert_matches_reference(spec, layer, x, g)
+    # The shared rows take part: moving them moves the output.
+    y = layer.eval()(x)
+    with torch.no_grad():
+        layer.router.weight[E:] += 1.0
+    layer.invalidate_graphs()
+    assert (layer(x) - y).abs().max() > 1e-3
+
+
+def test_shared_experts_router_gate_bad_specs():
+    for router, shared, experts, field in (
+        (dict(ROUTERS["expert_choice"]), {"count": 1, "gate": "router"}, None, "shared_experts.gate"),
+        (dict(ROUTERS["hash_modulo"]), {"count": 1, "gate": "router"}, None, "shared_experts.gate"),
+        (dict(ROUTERS["softmax_top2"]), {"count": 1, "gate": "router"}, {"identity_experts": 1}, "shared_experts.gate"),
+        (dict(ROUTERS["softmax_top2"]), {"count": 0, "gate": "router"}, None, "gate"),
+    ):
+        with pytest.raises(moegraph.errors.SpecError, match=field):
+            moegraph.load_spec(make_spec(router, shared=shared, experts=experts))
