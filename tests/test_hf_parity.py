@@ -111,11 +111,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "axk1": ("AXK1MoE", dict(
         n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1, n_group=4,
         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)),
+    # Shared experts with their own router rows ([8 + 2, D] router), stored [n, F, D]: their sigmoid scores are
+    # normalised together with the chosen experts' (shared_experts.gate: router), times route_scale and a learned
+    # scalar global_scale (read as a constant).
+    "inkling": ("InklingMoE", dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                   moe_intermediate_size=16, route_scale=2.0)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
-               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text",
+               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text", "inkling": "inkling_text",
                "minimax_m3_vl": "minimax_m3_vl_text"}
 
 # family -> words the refusal must contain
@@ -164,6 +169,8 @@ def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> to
                 scale = 0.3 if "bias" in name and t.dim() <= 2 and t.numel() <= 64 else 0.2
                 scale = SELECTION_BIAS_SCALE.get(family, scale) if "correction_bias" in name else scale
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
+                if t.numel() == 1 and "bias" not in name:  # a learned scalar scale (Inkling's global_scale): near 1
+                    t.add_(1.0)
             elif t.dim() == 2 and t.dtype != torch.bool:  # a token id -> experts table: distinct experts per row
                 E = cfg.num_local_experts
                 t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])

@@ -62,6 +62,9 @@ MODELS = {
     # Zero-computation (identity) experts among the router's choices.
     "longcat_flash": dict(n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
                           ffn_hidden_size=48, routed_scaling_factor=2.0, qk_head_dim=16, **MLA),
+    # Shared experts weighted by their own router rows, normalised with the chosen experts (shared_experts.gate: router).
+    "inkling_text": dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=16,
+                         route_scale=2.0, head_dim=8),
 }
 
 

@@ -36,8 +36,10 @@ class BlockAnatomy:
     router_bias_name: str | None
     expert_bias_name: str | None  # E-sized selection bias (e_score_correction_bias, expert_bias)
     shared_names: tuple[str, ...] = ()
-    shared_layout: str | None = None  # "gate_up_down", "fused_gate_up", "up_down"
+    shared_layout: str | None = None  # "gate_up_down", "fused_gate_up", "up_down"; "stacked": [n, F, D] tensors
     shared_intermediate: int = 0
+    shared_count: int = 0  # shared experts stored one by one ("stacked"); 0 = one MLP
+    shared_routed: int = 0  # router rows after the routed choices that weigh the stacked shared experts (Inkling)
     shared_bias_terms: bool = False
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
@@ -305,7 +307,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             if _shared_layout(child, D) is None:
                 raise UnsupportedBlock(
                     f"shared expert '{name}' ({type(child).__name__}) has no gate_proj/up_proj/down_proj Linear "
-                    "layers to read", cls,
+                    "layers or [n, F, D] / [n, D, F] tensors to read", cls,
                 )
             shared_names.append(name)
             claimed.add(name)
@@ -316,7 +318,10 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if shared_names:
         sh = getattr(block, shared_names[0])
         layout = _shared_layout(sh, D)
-        if layout == "fused_gate_up":
+        n = 0
+        if layout == "stacked":  # n shared experts as [n, F, D] gate/up and [n, D, F] down tensors
+            n, S = sh.down_proj.shape[0], sh.down_proj.shape[0] * sh.down_proj.shape[2]
+        elif layout == "fused_gate_up":
             S = sh.gate_up_proj.out_features // 2
         elif layout == "gate_up_down":
             S = sh.gate_proj.out_features
@@ -328,7 +333,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
                 f"experts are {'gated' if gated else 'plain'}; the spec uses one activation for both", cls,
             )
         anat_kwargs.update(
-            shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S,
+            shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S, shared_count=n,
             shared_bias_terms=any(isinstance(m, nn.Linear) and m.bias is not None for m in sh.modules()),
             shared_activation_fn=probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
             shared_gate_name=shared_gate,
@@ -361,7 +366,13 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         )
     rw = routers[0]
     R = dict(tensors)[rw].shape[0]
-    if R > E:
+    n = anat_kwargs.get("shared_count", 0)
+    if n and R == E + n:
+        # As many rows beyond the experts as stacked shared experts: their weights (the probe checks that the
+        # shared experts receive them); the choices the routing picks from are the first E.
+        anat_kwargs["shared_routed"] = n
+        R = E
+    elif R > E:
         try:
             anat_kwargs["identity_experts"], anat_kwargs["zero_experts"] = _extra_experts(experts, E, R, D, cls)
         except UnsupportedBlock as exc:
@@ -372,7 +383,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
     rb_t = dict(tensors).get(rb)
-    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R else None
+    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R + anat_kwargs.get("shared_routed", 0) else None
     rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
     ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == R]
     if len(ebias) > 1:
@@ -449,6 +460,12 @@ def _shared_layout(mod: nn.Module, D: int) -> str | None:
         return "gate_up_down"
     if lin("gate_up_proj") and lin("down_proj") and lin("gate_up_proj").in_features == D:
         return "fused_gate_up"
+    stacked = [getattr(mod, w, None) for w in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(t, Tensor) and t.dim() == 3 for t in stacked):
+        g, u, d = stacked
+        n, Fs = g.shape[0], g.shape[1]
+        if tuple(g.shape) == tuple(u.shape) == (n, Fs, D) and tuple(d.shape) == (n, D, Fs):
+            return "stacked"
     up = lin("up_proj") or lin("fc1")
     down = lin("down_proj") or lin("fc2")
     if up is not None and down is not None and up.in_features == D and not lin("gate_proj"):

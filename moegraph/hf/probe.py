@@ -57,6 +57,7 @@ class Probe:
     input_scaled: bool = False  # the experts got every token scaled by its routing weight: expert(w * x)
     flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
     routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
+    shared_weights_TS: Tensor | None = None  # weights the stacked shared experts received, one per (token, expert)
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -82,6 +83,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     heavy = (anat.experts_name, *anat.shared_names)
     light = light_copy(block, heavy)
     g = torch.Generator().manual_seed(seed)
+    # Learned scalars (Inkling's global_scale) multiply the routing: they keep their values, which the spec
+    # then holds as constants (a meta block's are taken as 1).
+    scalars = {n: (1.0 if t.is_meta else float(t.detach())) for n, t in _named_tensors(light)
+               if t.is_floating_point() and t.numel() == 1 and n != anat.router_weight_name}
     if any(t.is_meta for _, t in _named_tensors(light)):
         light = light.to_empty(device="cpu")
     light = light.float().eval()
@@ -90,7 +95,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         for name, t in _named_tensors(light):
             if not t.is_floating_point():
                 continue
-            if name == anat.router_weight_name:
+            if name in scalars:
+                t.fill_(scalars[name])
+            elif name == anat.router_weight_name:
                 t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(D))
             elif name == anat.expert_bias_name or name.endswith("bias"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
@@ -173,6 +180,14 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
                 raise UnsupportedBlock("its shared expert does not run once on the block input", cls)
+        if anat.shared_routed:  # stacked shared experts weighted by router rows: the weights they received
+            args, kw = sharers[0].calls[0]
+            got = [v for v in list(args[1:]) + list(kw.values()) if isinstance(v, Tensor)
+                   and v.numel() == tokens * anat.shared_routed]
+            if len(got) != 1:
+                raise UnsupportedBlock(f"its router has {anat.shared_routed} rows for its {anat.shared_routed} "
+                                       "stacked shared experts, but the shared experts receive no weights from it", cls)
+            shared_w = got[0].reshape(tokens, anat.shared_routed).float()
         scale = 1.0
         if anat.shared_gate_name:
             wg = get_path(light, anat.shared_gate_name).weight
@@ -212,7 +227,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
-                 y.dim() == 2, routed_scale)
+                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None)
 
 
 def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:

@@ -46,7 +46,19 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     if anat.expert_bias_terms:
         out[f"experts.{up_name}_bias"] = fix_up_bias(getattr(ex, f"{up_name}_bias"))
         out["experts.down_proj_bias"] = ex.down_proj_bias
-    if anat.shared_names:
+    if anat.shared_names and anat.shared_layout == "stacked":
+        # [n, F, D] gate and up, [n, D, F] down: kept one by one where the router weighs them, else one MLP of
+        # hidden n*F (gate rows of every expert, then up rows; down columns in the same order).
+        sh = getattr(block, anat.shared_names[0])
+        if anat.shared_routed:
+            out["shared_experts.gate_up_proj"] = torch.cat([sh.gate_proj, sh.up_proj], dim=1)
+            out["shared_experts.down_proj"] = sh.down_proj
+        else:
+            n, Fs, D = sh.gate_proj.shape
+            out["shared_experts.gate_up_proj"] = torch.cat([sh.gate_proj.reshape(n * Fs, D),
+                                                            sh.up_proj.reshape(n * Fs, D)], dim=0)
+            out["shared_experts.down_proj"] = sh.down_proj.permute(1, 0, 2).reshape(D, n * Fs)
+    elif anat.shared_names:
         sh = getattr(block, anat.shared_names[0])
         if anat.shared_layout == "gate_up_down":
             ups = [sh.gate_proj, sh.up_proj]
