@@ -65,31 +65,44 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @torch.fx.wrap
-def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float, min_capacity: int,
-                   by_probs: bool) -> Tensor:
+def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float | None, min_capacity: int,
+                   by_probs: bool, tokens: int | None = None, sequences: int = 1) -> Tensor:
     """Drop assignments beyond each expert's capacity; dropped ids become ``num_experts``.
 
-    Capacity = max(min_capacity, ceil(factor * T * K / E)). ``by_probs`` keeps an expert's
+    Capacity = max(min_capacity, ceil(factor * T * K / E)), or ``tokens``. ``by_probs`` keeps an expert's
     highest-weight assignments; otherwise its earliest tokens (Megatron's "position" policy).
+    ``sequences``: the T tokens are that many sequences of T / sequences, each with its own capacity (T the
+    sequence length in the formula).
     """
     T, K = ids_TK.shape
-    cap = max(min_capacity, math.ceil(factor * T * K / num_experts))
+    if T == 0:
+        return ids_TK
+    cap = tokens if tokens is not None else max(min_capacity, math.ceil(factor * (T // sequences) * K / num_experts))
     ids_N = ids_TK.reshape(-1)
     N = ids_N.numel()
-    if N == 0:
-        return ids_TK
+    if sequences > 1:  # one count per (sequence, expert): rank by that pair, then map back to expert ids
+        seq_N = torch.arange(N, device=ids_N.device) // ((T // sequences) * K)
+        kept = _capacity_rank(ids_N + seq_N * (num_experts + 1), weights_TK, (num_experts + 1) * sequences,
+                              by_probs) < cap
+        return torch.where(kept & (ids_N < num_experts), ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
+    return torch.where(_capacity_rank(ids_N, weights_TK, num_experts + 1, by_probs) < cap, ids_N,
+                       torch.full_like(ids_N, num_experts)).view(T, K)
+
+
+def _capacity_rank(ids_N: Tensor, weights_TK: Tensor, buckets: int, by_probs: bool) -> Tensor:
+    """[N] rank of each assignment among those of its bucket (expert), by weight or by position."""
+    N = ids_N.numel()
     if by_probs:
         pre = torch.argsort(-weights_TK.reshape(-1).float(), stable=True)
     else:
         pre = torch.arange(N, device=ids_N.device)
     sorted_ids, order = torch.sort(ids_N[pre], stable=True)
     order = pre[order]
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_N.device)
+    counts = torch.zeros(buckets, dtype=torch.long, device=ids_N.device)
     counts.scatter_add_(0, sorted_ids, torch.ones_like(sorted_ids))
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(N, device=ids_N.device) - starts[sorted_ids]
-    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    return torch.where(rank < cap, ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
 
 
 @torch.fx.wrap

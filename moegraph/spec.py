@@ -346,13 +346,31 @@ class AuxLoss(_Frozen):
 
 
 class Capacity(_Frozen):
-    """Expert capacity: at most ceil(factor * T * K / E) tokens per expert; the rest are dropped."""
+    """Expert capacity: at most ceil(factor * T * K / E) tokens per expert (or ``tokens``), counted over the
+    batch or over each sequence (``per``); the rest are dropped."""
 
-    factor: float = Field(gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
+    factor: float | None = Field(None, gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
     drop_policy: Literal["probs", "position"] = Field(
         "probs", description="Which tokens an over-full expert keeps: the highest-scoring, or the earliest."
     )
     min_capacity: int = Field(1, ge=0, le=1 << 30, description="Lower bound on the per-expert capacity.")
+    tokens: int | None = Field(
+        None, gt=0, le=1 << 30, description="An absolute capacity: at most this many tokens per expert (Switch "
+        "Transformers' expert_capacity), instead of a factor.",
+    )
+    per: Literal["batch", "sequence"] = Field(
+        "batch", description="What the capacity counts over: every token of the call (T = B*S), or each sequence "
+        "of a [B, S, D] input on its own (T = S; Switch Transformers).",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"tokens": None, "per": "batch"}
+
+    @model_validator(mode="after")
+    def _factor_or_tokens(self) -> Capacity:
+        if (self.factor is None) == (self.tokens is None):
+            raise field_error("factor", "give the capacity as a factor (factor: 1.25) or as a number of tokens "
+                                        "(tokens: 64), exactly one of them")
+        return self
 
 
 class TopKRouter(_Frozen):

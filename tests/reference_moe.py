@@ -98,9 +98,11 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None, sha
     return list(zip(chosen, weights))
 
 
-def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None) -> torch.Tensor:
+def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
+                      sequences: int = 1) -> torch.Tensor:
     """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
-    computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py)."""
+    computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py). ``sequences``:
+    the T tokens are that many sequences of equal length (a capacity counted per sequence)."""
     expert_fn = expert_fn or expert
     m = spec["moe"]
     r = m["router"]
@@ -158,11 +160,13 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             cap = r.get("capacity")
             if cap:
                 K = r["top_k"]
-                capacity = max(cap.get("min_capacity", 1), math.ceil(cap["factor"] * T * K / E))
+                per_seq = cap.get("per", "batch") == "sequence"
+                L = T // sequences if per_seq else T  # the tokens one capacity counts over
+                capacity = cap.get("tokens") or max(cap.get("min_capacity", 1), math.ceil(cap["factor"] * L * K / E))
                 pairs = [(t, k, e, w) for t in range(T) for k, (e, w) in enumerate(assignments[t])]
                 keep = set()
-                for e in range(E):
-                    mine = [p for p in pairs if p[2] == e]
+                for e, s0 in [(e, s0) for e in range(E) for s0 in range(0, T, max(L, 1))]:
+                    mine = [p for p in pairs if p[2] == e and s0 <= p[0] < s0 + L]
                     if cap.get("drop_policy", "probs") == "probs":
                         mine.sort(key=lambda p: -float(p[3].detach()))
                     else:

@@ -605,3 +605,42 @@ def test_shared_experts_router_gate_bad_specs():
     ):
         with pytest.raises(moegraph.errors.SpecError, match=field):
             moegraph.load_spec(make_spec(router, shared=shared, experts=experts))
+
+
+@pytest.mark.parametrize("capacity", [
+    {"tokens": 2, "per": "sequence", "drop_policy": "position"},  # Switch Transformers: expert_capacity per sequence
+    {"tokens": 3, "drop_policy": "probs"},
+    {"factor": 0.5, "per": "sequence", "drop_policy": "probs"},
+])
+def test_capacity_in_tokens_or_per_sequence(capacity, tmp_path, expert_path):
+    """router.capacity.tokens (an absolute count) and per: sequence (each sequence of [B, S, D] counted alone):
+    outputs and gradients against the loop reference; tokens are dropped, and per sequence differs from per batch,
+    or this would not test them."""
+    for k in (1, 2):
+        spec = make_spec({"top_k": k, "capacity": capacity})
+        layer = _compile(spec, tmp_path).train()
+        x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(20), requires_grad=True)
+        g = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(21))
+        params = list(layer.parameters())
+        y = layer(x)
+        ref = reference_forward(spec, layer, x.reshape(-1, D), sequences=3).view(3, 7, D)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        dropless = _compile(make_spec({"top_k": k}), tmp_path)
+        dropless.load_state_dict(layer.state_dict())
+        assert (dropless.eval()(x) - layer.eval()(x)).abs().amax(-1).gt(1e-6).any(), "no token was dropped"
+        if capacity.get("per") == "sequence":
+            batch = _compile(make_spec({"top_k": k, "capacity": {**capacity, "per": "batch"}}), tmp_path)
+            batch.load_state_dict(layer.state_dict())
+            assert (batch.eval()(x) - layer(x)).abs().max() > 1e-6
+
+
+def test_capacity_bad_values():
+    for cap, field in (({"factor": 1.0, "tokens": 4}, "factor"), ({"drop_policy": "probs"}, "factor"),
+                       ({"tokens": 0}, "tokens"), ({"tokens": 4, "per": "token"}, "per")):
+        with pytest.raises(moegraph.errors.SpecError, match=field):
+            moegraph.load_spec(make_spec({"top_k": 2, "capacity": cap}))
+    old = make_spec({"top_k": 2, "capacity": {"factor": 1.0}})
+    new = make_spec({"top_k": 2, "capacity": {"factor": 1.0, "tokens": None, "per": "batch"}})
+    assert moegraph.load_spec(old).hash() == moegraph.load_spec(new).hash()  # older specs keep their hash
