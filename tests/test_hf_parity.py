@@ -116,6 +116,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # scalar global_scale (read as a constant).
     "inkling": ("InklingMoE", dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
                                    moe_intermediate_size=16, route_scale=2.0)),
+    # Experts as a ModuleDict of E small relu MLPs (wi, wo), called with a one-hot dispatch mask; top-1 softmax;
+    # an expert capacity of 2 tokens per sequence (the earliest kept), which the test's 5-token sequences exceed.
+    "switch_transformers": ("SwitchTransformersSparseMLP", dict(num_experts=4, expert_capacity=2, d_model=D, d_ff=16,
+                                                                dense_act_fn="relu")),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}

@@ -460,3 +460,31 @@ def test_dbrx_model_layout_read_into_the_same_layer() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_switch_transformers_seq2seq_logits_and_generation() -> None:
+    """Switch Transformers (encoder-decoder): experts listed as E small MLPs, top-1 with an expert capacity
+    counted per sequence (3 tokens, which the 9-token inputs exceed): same logits and greedy tokens."""
+    cfg = tiny_config("switch_transformers", d_model=32, d_ff=48, num_experts=4, expert_capacity=3, d_kv=8,
+                      num_heads=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                      num_sparse_decoder_layers=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # routers initialised near zero would tie: randomise them
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert len(report.swapped) == 2 and not report.not_swapped, str(report)
+    assert "capacity 3 tokens per sequence" in str(report)
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)

@@ -45,7 +45,8 @@ class BlockAnatomy:
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
     token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
-    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D]
+    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D];
+    # "listed": a ModuleDict/ModuleList of E small MLPs (Switch Transformers)
     identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
     zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
@@ -197,9 +198,49 @@ def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
             p = getattr(child, w, None)
             if isinstance(p, Tensor) and p.dim() == 3 and isinstance(getattr(child, "down_proj", None), Tensor):
                 return name, child
-        if flat_glu(child) is not None:
+        if flat_glu(child) is not None or "expert" in name.lower() and listed_mlps(child) is not None:
             return name, child
     return None
+
+
+@dataclass(frozen=True)
+class ListedMLPs:
+    """Experts kept as a ModuleDict / ModuleList of E small MLPs (Switch Transformers, NLLB-MoE): the names of
+    each expert's Linear layers, found from their shapes (up: D -> F, down: F -> D; gated: gate and up)."""
+
+    experts: tuple[nn.Module, ...]
+    ups: tuple[str, ...]  # ("up",) or ("gate", "up") names, in the spec's order (gate rows first)
+    down: str
+    act: str | None
+
+
+def listed_mlps(experts: nn.Module) -> ListedMLPs | None:
+    """The experts of a module that lists E alike MLPs, each two Linear layers D -> F -> D (the first one
+    defined is the up projection) or three named gate*/up*/down*; None for anything else."""
+    if not isinstance(experts, (nn.ModuleDict, nn.ModuleList)):
+        return None
+    # (other entries, such as NLLB-MoE's token dropout, hold no Linear layer)
+    mods = tuple(m for m in experts.children() if any(isinstance(c, nn.Linear) for c in m.children()))
+    if len(mods) < 2:
+        return None
+    lins = [(n, m) for n, m in mods[0].named_children() if isinstance(m, nn.Linear)]
+    if len(lins) == 2 and lins[0][1].out_features == lins[1][1].in_features \
+            and lins[0][1].in_features == lins[1][1].out_features:
+        ups, down = (lins[0][0],), lins[1][0]
+    elif len(lins) == 3:
+        by = {w: [n for n, _ in lins if w in n.lower()] for w in ("gate", "up", "down")}
+        if any(len(v) != 1 for v in by.values()):
+            return None
+        ups, down = (by["gate"][0], by["up"][0]), by["down"][0]
+    else:
+        return None
+    shapes = [tuple(getattr(mods[0], n).weight.shape) for n in (*ups, down)]
+    for m in mods:  # every expert alike
+        if [tuple(getattr(getattr(m, n, None), "weight", torch.empty(0)).shape) for n in (*ups, down)] != shapes:
+            return None
+    fn = next((getattr(mods[0], a) for a in ("act", "act_fn", "activation_fn", "activation")
+               if getattr(mods[0], a, None) is not None), None)
+    return ListedMLPs(mods, ups, down, probe_activation(fn))
 
 
 def flat_glu(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
@@ -227,15 +268,17 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if found is None:
         raise UnsupportedBlock(
             "no experts module with 3-D gate_up_proj/up_proj and down_proj weights (the transformers v5 "
-            "layout) or DBRX's mlp.w1/v1/w2 was found among the block's children",
+            "layout), DBRX's mlp.w1/v1/w2 or a list of E alike MLPs was found among the block's children",
             cls,
         )
     ename, experts = found
+    listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
     flat = flat_glu(experts)
-    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor) or (
+        listed is not None and len(listed.ups) == 2)
     interleaved = gated and getattr(experts, "is_concatenated", True) is False
     clamps: tuple[float | None, float | None] = (None, None)
     custom_act = None
@@ -246,6 +289,13 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         _, _, _, E_, F_ = flat
         up = torch.empty(E_, 2 * F_, flat[0].shape[1], device="meta")
         down = torch.empty(E_, flat[0].shape[1], F_, device="meta")
+    elif listed is not None:
+        # A list of E small MLPs: read into the same [E, H, D] / [E, D, F] layout (hf.weights stacks them).
+        custom_act = listed.act
+        lin_up, lin_down = getattr(listed.experts[0], listed.ups[0]), getattr(listed.experts[0], listed.down)
+        E_, F_, D_ = len(listed.experts), lin_up.out_features, lin_up.in_features
+        up = torch.empty(E_, F_ * len(listed.ups), D_, device="meta")
+        down = torch.empty(E_, D_, F_, device="meta")
     elif gated and apply_gate is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
@@ -253,13 +303,13 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
             custom_act, clamps = _read_gate_function(experts, interleaved, cls)
-    if flat is None:
+    if flat is None and listed is None:
         up = experts.gate_up_proj if gated else experts.up_proj
         down = experts.down_proj
     E = down.shape[0]
     if up.shape[0] < E:
         raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
-    transposed = False if flat is not None else getattr(experts, "is_transposed", None)
+    transposed = False if flat is not None or listed is not None else getattr(experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
         # up [E, D, H] with down [E, F, D] is transposed.
@@ -276,6 +326,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             f"{tuple(down.shape)} do not fit one [E, 2F or F, D] / [E, D, F] layout", cls,
         )
     has_bias = bool(getattr(experts, "has_bias", False)) or isinstance(getattr(experts, "down_proj_bias", None), Tensor)
+    if listed is not None:
+        has_bias = any(getattr(e, n).bias is not None for e in listed.experts for n in (*listed.ups, listed.down))
     act = custom_act or probe_activation(getattr(experts, "act_fn", None))
     if act is None and config is not None and getattr(config, "hidden_act", None):
         try:
@@ -288,7 +340,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     anat_kwargs: dict[str, Any] = dict(
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
-        gate_clamp=clamps[0], up_clamp=clamps[1], expert_layout="flat_glu" if flat is not None else "3d",
+        gate_clamp=clamps[0], up_clamp=clamps[1],
+        expert_layout="flat_glu" if flat is not None else "listed" if listed is not None else "3d",
     )
 
     # Shared experts and their gate: children holding Linear layers from D.

@@ -58,6 +58,7 @@ class Probe:
     flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
     routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
     shared_weights_TS: Tensor | None = None  # weights the stacked shared experts received, one per (token, expert)
+    capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy) of a block that drops over-full experts
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -115,7 +116,15 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         vocab = token_vocab(block)
         tid_T = torch.randint(0, vocab, (tokens,), generator=g)
 
-        def run(tid_1T: Tensor | None) -> tuple[object, _Recorder, list[_Recorder]]:
+        # An expert capacity in tokens (Switch Transformers' expert_capacity): lifted while the routing is read;
+        # its rule is read afterwards, on a small capacity.
+        caps = [(m, a) for m in light.modules() for a, v in vars(m).items()
+                if a == "expert_capacity" and isinstance(v, int) and not isinstance(v, bool)]
+        capacity_C = getattr(*caps[0]) if caps else None
+        for m, a in caps:
+            setattr(m, a, 1 << 30)
+
+        def run(tid_1T: Tensor | None, x_in: Tensor = x) -> tuple[object, _Recorder, list[_Recorder]]:
             experts = _Recorder(routed_out, dense_out)
             light._modules[anat.experts_name] = experts
             sharers = []
@@ -123,7 +132,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 sharers.append(_Recorder(shared_out))
                 light._modules[n] = sharers[-1]
             kwargs = {token_arg: tid_1T} if token_arg else {}
-            return light(x, **kwargs), experts, sharers
+            return light(x_in, **kwargs), experts, sharers
 
         try:
             out, experts, sharers = run(tid_T.view(1, tokens) if token_arg else None)
@@ -157,10 +166,22 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             "its experts are not called as experts(hidden_states, top_k_index, top_k_weights)"
             + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
         )
+    kept = None
     if not input_scaled:
         h, ids, w = vals[:3]
         if ids.is_floating_point() and not w.is_floating_point():
             ids, w = w, ids
+        if (E > 2 and ids.dim() == 2 and tuple(ids.shape) == (tokens, E) and not ids.is_floating_point()
+                and bool(((ids == 0) | (ids == 1)).all())):
+            raise UnsupportedBlock(
+                f"its experts receive a [tokens, {E}] 0/1 mask where expert ids belong (NLLB-MoE's top-1 mask, "
+                "with [tokens, E] weights), so an experts module that reads ids from it runs only experts 0 and 1; "
+                "that is not the top-k routing its router computes, and the spec does not reproduce it", cls)
+        mask = _from_dispatch_mask(ids, w, tokens, E)
+        if mask is not None:  # a one-hot dispatch mask [T, K, E] (Switch Transformers)
+            ids, w, kept = mask
+            if not bool(kept.all()):
+                raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
     if not input_scaled and (h.shape[-1] != D or h.numel() != tokens * D
                              or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
         raise UnsupportedBlock(
@@ -216,6 +237,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             "its output is not routed experts + shared experts" + (" x sigmoid gate" if anat.shared_gate_name else "")
             + f"; it transforms or adds to them in a way the spec cannot express{extra}", cls,
         )
+    capacity = None
+    if capacity_C is not None:
+        capacity = _capacity_rule(run, caps, x, ids.long(), w.float(), E, capacity_C, cls)
     kind: tuple[str, ...] = ("tensor",)
     if isinstance(out, tuple):
         extras = []
@@ -227,7 +251,53 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
-                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None)
+                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity)
+
+
+def _from_dispatch_mask(ids: Tensor, w: Tensor, tokens: int, E: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(ids_TK, weights_TK, kept_TK) of experts called with a one-hot dispatch mask [T, K, E] and weights [T, K]
+    (Switch Transformers; a row of zeros: an assignment dropped by the capacity); None for other arguments."""
+    if ids.dim() != 3 or ids.is_floating_point() or ids.shape[-1] != E or ids.numel() % (tokens * E):
+        return None
+    K = ids.numel() // (tokens * E)
+    m = ids.reshape(tokens, K, E)
+    if not bool(((m == 0) | (m == 1)).all()) or bool((m.sum(-1) > 1).any()) or w.numel() != tokens * K:
+        return None
+    return m.argmax(-1), w.reshape(tokens, K), m.sum(-1) == 1
+
+
+def _capacity_rule(run, caps, x: Tensor, ids_TK: Tensor, w_TK: Tensor, E: int, C: int, cls: str
+                   ) -> tuple[int, str, str]:
+    """(tokens, per, drop_policy) of a block with an expert capacity of C tokens, the rule read by running it
+    with a capacity of 2 on two sequences and comparing the assignments it keeps with each rule the spec has."""
+    from ..runtime import apply_capacity
+
+    if C <= 0:
+        raise UnsupportedBlock(f"its expert_capacity is {C}; a capacity is a positive number of tokens", cls)
+    T = ids_TK.shape[0]
+    for m, a in caps:
+        setattr(m, a, 2)
+    try:
+        with torch.no_grad():
+            _, rec, _ = run(None, x.reshape(2, T // 2, x.shape[-1]))
+    finally:
+        for m, a in caps:
+            setattr(m, a, 1 << 30)
+    args, kwargs = rec.calls[0] if len(rec.calls) == 1 else ((), {})
+    vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)]
+    got = _from_dispatch_mask(vals[1], vals[2], T, E) if len(vals) >= 3 else None
+    if got is None:
+        raise UnsupportedBlock("it has an expert_capacity, but its experts do not receive a dispatch mask to read "
+                               "the dropped tokens from", cls)
+    kept = got[2]
+    for per in ("sequence", "batch"):
+        for policy in ("position", "probs"):
+            ours = apply_capacity(ids_TK, w_TK, E, None, 1, policy == "probs", tokens=2,
+                                  sequences=2 if per == "sequence" else 1)
+            if torch.equal(ours < E, kept):
+                return C, per, policy
+    raise UnsupportedBlock(f"it drops tokens beyond an expert_capacity of {C} by a rule the spec does not have "
+                           "(neither the earliest nor the highest-weight ones, per sequence or per batch)", cls)
 
 
 def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:

@@ -30,9 +30,11 @@ class Routing:
     expert_bias: bool = False
     hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
     on_input: bool = False  # the weight scales the expert's input, expert(w * x) (Llama 4), not its output
+    capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy): over-full experts drop tokens
 
     def describe(self) -> str:
-        return self._describe() + (", weight on the expert input" if self.on_input else "")
+        cap = (f", capacity {self.capacity[0]} tokens per {self.capacity[1]}" if self.capacity else "")
+        return self._describe() + (", weight on the expert input" if self.on_input else "") + cap
 
     def _describe(self) -> str:
         if self.hash_vocab is not None:
@@ -79,6 +81,9 @@ class Routing:
             d["groups"] = {"num_groups": G, "topk_groups": M, "group_score": how}
             if how == "sum_topn":
                 d["groups"]["top_n"] = n
+        if self.capacity:
+            C, per, policy = self.capacity
+            d["capacity"] = {"tokens": C, "per": per, "drop_policy": policy}
         return d
 
 
@@ -181,6 +186,11 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
         r = dataclasses.replace(r, scaling_factor=float(f"{scale:.6g}"))
         notes = notes + [f"the block scales the routed output by {probe.routed_scale:g}; folded into the routing "
                          "weights (scaling_factor)"]
+    if probe.capacity is not None:
+        if r.hash_vocab is not None:
+            raise UnsupportedBlock("it routes by a token table and drops tokens beyond an expert capacity; the spec's "
+                                   "capacity belongs to a topk router", block_class)
+        r = dataclasses.replace(r, capacity=probe.capacity)
     return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
 
 

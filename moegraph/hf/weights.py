@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, flat_glu, get_path
+from .anatomy import BlockAnatomy, flat_glu, get_path, listed_mlps
 
 
 def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
@@ -33,7 +33,19 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
 
     up_name = "gate_up_proj" if anat.gated else "up_proj"
-    if anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
+    if anat.expert_layout == "listed":  # E small MLPs: their Linear weights stacked (gate rows, then up rows)
+        listed = listed_mlps(ex)
+        lin = [[getattr(e, n) for n in listed.ups] for e in listed.experts]
+        dn = [getattr(e, listed.down) for e in listed.experts]
+        out[f"experts.{up_name}"] = torch.stack([torch.cat([u.weight for u in us], 0) for us in lin])
+        out["experts.down_proj"] = torch.stack([d.weight for d in dn])
+        if anat.expert_bias_terms:
+            def bias(m: nn.Linear) -> Tensor:
+                return m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+
+            out[f"experts.{up_name}_bias"] = torch.stack([torch.cat([bias(u) for u in us], 0) for us in lin])
+            out["experts.down_proj_bias"] = torch.stack([bias(d) for d in dn])
+    elif anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
         w1, v1, w2, _, _ = flat_glu(ex)
         D = anat.hidden_size
         out["experts.gate_up_proj"] = torch.cat([w1.view(E, Fh, D), v1.view(E, Fh, D)], dim=1)
@@ -43,7 +55,7 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         out[f"experts.{up_name}"] = fix_up(up if up.shape[0] == E else up[:E])  # rows beyond E: unused (LongCat)
         down = ex.down_proj
         out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
-    if anat.expert_bias_terms:
+    if anat.expert_bias_terms and anat.expert_layout != "listed":
         out[f"experts.{up_name}_bias"] = fix_up_bias(getattr(ex, f"{up_name}_bias"))
         out["experts.down_proj_bias"] = ex.down_proj_bias
     if anat.shared_names and anat.shared_layout == "stacked":
