@@ -410,11 +410,23 @@ def test_import_hf_bad_inputs(tmp_path, run_cli) -> None:
 
 def test_config_of_unreadable_family_refused() -> None:
     """A family transformers implements in another experts layout is refused, not read from attribute names."""
+    cfg = transformers.AutoConfig.for_model("jetmoe", hidden_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                            intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                            kv_channels=8)
+    with pytest.raises(UnsupportedBlock, match="JetMoe.*v5 layout"):
+        spec_from_hf_config(cfg)
+
+
+def test_switch_transformers_config_read_with_its_capacity() -> None:
+    """Switch Transformers' config reads (its experts listed as E MLPs) with the expert capacity the probe found on
+    the block: an absolute count per sequence, the earliest tokens kept."""
     cfg = transformers.AutoConfig.for_model("switch_transformers", num_layers=4, num_decoder_layers=4, d_model=32,
                                             d_ff=64, num_experts=4, num_heads=2, d_kv=8, num_sparse_encoder_layers=2,
-                                            num_sparse_decoder_layers=2)
-    with pytest.raises(UnsupportedBlock, match="SwitchTransformersSparseMLP.*v5 layout"):
-        spec_from_hf_config(cfg)
+                                            num_sparse_decoder_layers=2, expert_capacity=5)
+    m = spec_from_hf_config(cfg).moe
+    assert (m.experts.num_experts, m.experts.intermediate_size, m.experts.activation, m.router.top_k) == (4, 64, "relu", 1)
+    c = m.router.capacity
+    assert (c.tokens, c.per, c.drop_policy, c.factor) == (5, "sequence", "position", None)
 
 
 def test_longcat_identity_experts_are_chosen() -> None:

@@ -217,8 +217,8 @@ class ListedMLPs:
 def listed_mlps(experts: nn.Module) -> ListedMLPs | None:
     """The experts of a module that lists E alike MLPs, each two Linear layers D -> F -> D (the first one
     defined is the up projection) or three named gate*/up*/down*; None for anything else."""
-    if not isinstance(experts, (nn.ModuleDict, nn.ModuleList)):
-        return None
+    if not isinstance(experts, (nn.ModuleDict, nn.ModuleList)) or type(experts).forward is nn.Module.forward:
+        return None  # (a plain list, called expert by expert by its block, is the structural reader's: hf.structural)
     # (other entries, such as NLLB-MoE's token dropout, hold no Linear layer)
     mods = tuple(m for m in experts.children() if any(isinstance(c, nn.Linear) for c in m.children()))
     if len(mods) < 2:
