@@ -473,3 +473,26 @@ def test_gate_function_identified_numerically_or_refused() -> None:
     experts = _OwnGateExperts(lambda g, u: torch.sigmoid(g) * u * u, limit=3.0)
     with pytest.raises(UnsupportedBlock, match=r"\(limit=3.0\) that is none of the forms the importer tries"):
         _read_gate_function(experts, False, "Own")
+
+
+def test_per_layer_specs_of_a_config_with_two_layer_kinds() -> None:
+    """DeepSeek-V4 with a hash layer and a top-k layer: spec_from_hf_config refuses (one spec describes one kind),
+    naming both; layer_specs_from_hf_config gives one spec per kind, each the one from_hf reads off that layer."""
+    from moegraph.hf import layer_specs_from_hf_config, read_block
+
+    cls_name, overrides = FAMILIES["deepseek_v4"]
+    cfg = _config("deepseek_v4", {**overrides, "mlp_layer_types": ["hash_moe", "moe"]})
+    with pytest.raises(UnsupportedBlock, match=r"2 kinds.*token id table.*layer_specs_from_hf_config"):
+        spec_from_hf_config(cfg)
+    kinds = layer_specs_from_hf_config(cfg)
+    assert [paths for paths, _ in kinds] == [["model.layers.0.mlp"], ["model.layers.1.mlp"]]
+    assert [s.moe.router.type for _, s in kinds] == ["hash", "topk"]
+    assert kinds[1][1].name == kinds[0][1].name + "-kind1"
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    for paths, spec in kinds:
+        block = model.get_submodule(paths[0])
+        assert read_block(block, cfg).spec.moe == spec.moe, paths
+    # One kind: the same spec as before.
+    one = _config("deepseek_v4", {**overrides, "mlp_layer_types": ["moe", "moe"]})
+    assert [p for p, _ in layer_specs_from_hf_config(one)] == [["model.layers.0.mlp", "model.layers.1.mlp"]]
+    assert spec_from_hf_config(one).moe == layer_specs_from_hf_config(one)[0][1].moe
