@@ -171,6 +171,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
         "fp8": _fp8_context(m),
         "output_norm_eps": m.output_norm.eps if m.output_norm is not None else None,
+        "output_bias": m.output_bias,
     }
     return ctx
 

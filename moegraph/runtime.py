@@ -311,6 +311,7 @@ class CompiledMoEBase(nn.Module):
     FP8: dict | None = None
     HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
     OUTPUT_NORM_EPS: float | None = None  # an RMS norm of the layer output (``moe.output_norm``); None = none
+    OUTPUT_BIAS: bool = False  # a learned [D] bias added to the layer output (``moe.output_bias``)
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -366,6 +367,9 @@ class CompiledMoEBase(nn.Module):
         if self.OUTPUT_NORM_EPS is not None:
             self.output_norm = nn.Module()
             self.output_norm.weight = nn.Parameter(torch.ones(D, **kw))
+        if self.OUTPUT_BIAS:
+            self.output = nn.Module()  # (parameters live in submodules, which the traced core shares)
+            self.output.bias = nn.Parameter(torch.zeros(D, **kw))
         if self.FP8 is not None:  # FP8 expert weights + float32 block scales; activations stay in dtype
             fp8.make_parameters(self)
             self.__dict__["compute_dtype"] = dtype

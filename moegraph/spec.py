@@ -604,7 +604,11 @@ class MoELayerSpec(_Frozen):
         None, description="A norm applied to the layer output (routed + shared experts); None = no norm."
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None}
+    output_bias: bool = Field(
+        False, description="A learned bias [D] added to the layer output, after the output norm if any (JetMoE)."
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None, "output_bias": False}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:

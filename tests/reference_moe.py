@@ -202,5 +202,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
         on = m.get("output_norm")
         if on is not None:  # AXK1: RMS norm of the whole output, one token at a time
             y = layer.output_norm.weight * (y / torch.sqrt((y * y).mean() + on.get("eps", 1e-6)))
+        if m.get("output_bias"):  # JetMoE: a learned bias on the output
+            y = y + layer.output.bias
         ys.append(y)
     return torch.stack(ys) if ys else x_TD.new_zeros(0, D)

@@ -644,3 +644,20 @@ def test_capacity_bad_values():
     old = make_spec({"top_k": 2, "capacity": {"factor": 1.0}})
     new = make_spec({"top_k": 2, "capacity": {"factor": 1.0, "tokens": None, "per": "batch"}})
     assert moegraph.load_spec(old).hash() == moegraph.load_spec(new).hash()  # older specs keep their hash
+
+
+def test_output_bias(tmp_path, expert_path):
+    """moe.output_bias (JetMoE): a learned [D] bias on the layer output, after the output norm; outputs and every
+    gradient (the bias's too) against the loop reference; older specs keep their hash."""
+    spec = make_spec(dict(ROUTERS["topk_then_softmax"]), shared={"count": 1})
+    spec["moe"]["output_bias"] = True
+    spec["moe"]["output_norm"] = {"eps": 1e-5}
+    assert torch.equal(moegraph.compile(spec, out_dir=tmp_path).output.bias, torch.zeros(D))  # init: zeros
+    layer = _compile(spec, tmp_path).train()
+    x = torch.randn(11, D, generator=torch.Generator().manual_seed(22), requires_grad=True)
+    g = torch.randn(11, D, generator=torch.Generator().manual_seed(23))
+    _assert_matches_reference(spec, layer, x, g)
+    assert layer.output.bias.abs().max() > 0  # randomised, so the reference had a bias to add
+    plain = make_spec(dict(ROUTERS["topk_then_softmax"]))
+    assert moegraph.load_spec({**plain, "moe": {**plain["moe"], "output_bias": False}}).hash() == \
+        moegraph.load_spec(plain).hash()

@@ -66,6 +66,8 @@ MODELS = {
     "inkling_text": dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=16,
                          route_scale=2.0, head_dim=8),
 }
+# Experts in two modules (input_linear / output_linear) and an output bias (test_jetmoe_...).
+JETMOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8, activation_function="silu")
 
 
 def make_model(model_type: str, seed: int = 0, **extra):
@@ -80,6 +82,9 @@ def make_model(model_type: str, seed: int = 0, **extra):
             elif "tid2eid" in name:  # DeepSeek-V4's token id -> experts table (zeros until a checkpoint loads)
                 E = model.config.num_local_experts
                 t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
+        for name, p in model.named_parameters():  # JetMoE's output bias starts at zero
+            if name.endswith("mlp.bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for m in model.modules():
             if hf.is_hf_moe_block(m):
                 try:
@@ -486,5 +491,28 @@ def test_switch_transformers_seq2seq_logits_and_generation() -> None:
     assert "capacity 3 tokens per sequence" in str(report)
     with torch.no_grad():
         out = model(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_jetmoe_mlp_blocks_swapped_attention_experts_left_alone() -> None:
+    """JetMoE: its MoE MLPs (experts in two modules, an output bias) are swapped, same logits and greedy tokens;
+    its mixture-of-attention experts (JetMoeAttention) are not MoE MLPs and are left alone, with the reason."""
+    MODELS["jetmoe"] = JETMOE
+    try:
+        model = make_model("jetmoe")
+    finally:
+        del MODELS["jetmoe"]
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert sorted(r.path for r in report.swapped) == ["model.layers.0.mlp", "model.layers.1.mlp"], str(report)
+    assert all(r.status == "skipped" and "self_attention" in r.path for r in report.records if r.status != "swapped")
+    assert all(m.moe.output.bias.abs().max() > 0 for m in model.modules() if isinstance(m, MoEBlockAdapter))
+    with torch.no_grad():
+        out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)

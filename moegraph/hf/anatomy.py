@@ -52,6 +52,8 @@ class BlockAnatomy:
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     output_norm_name: str | None = None  # a child RMS norm of the block output (AXK1's post_mlp_layernorm)
+    split_down_name: str | None = None  # "split" layout: the child holding the down projections [E, D, F] (JetMoE)
+    output_bias_name: str | None = None  # a [D] bias the block adds to its output (JetMoE's ``bias``)
     output_norm_eps: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -192,7 +194,24 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
     )
 
 
+def split_experts(block: nn.Module) -> tuple[str, str] | None:
+    """(up child, down child) of experts kept as two modules each holding one 3-D ``weight`` [E, out, in]: the up
+    projections [E, H, D] (H = 2F gated, gate rows first, or F) and the down ones [E, D, F] (JetMoE's
+    input_linear / output_linear); None for any other layout."""
+    three = {n: c.weight for n, c in block.named_children()
+             if isinstance(getattr(c, "weight", None), Tensor) and c.weight.dim() == 3 and len(list(c.parameters())) == 1}
+    for up, wu in three.items():
+        for down, wd in three.items():
+            E, H, D = wu.shape
+            if up != down and wd.shape[0] == E and wd.shape[1] == D and H in (wd.shape[2], 2 * wd.shape[2]):
+                return up, down
+    return None
+
+
 def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
+    split = split_experts(block)
+    if split is not None:
+        return split[0], getattr(block, split[0])
     for name, child in block.named_children():
         for w in ("gate_up_proj", "up_proj"):
             p = getattr(child, w, None)
@@ -272,13 +291,15 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             cls,
         )
     ename, experts = found
+    split = split_experts(block)
     listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
     flat = flat_glu(experts)
     gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor) or (
-        listed is not None and len(listed.ups) == 2)
+        listed is not None and len(listed.ups) == 2) or (
+        split is not None and experts.weight.shape[1] == 2 * getattr(block, split[1]).weight.shape[2])
     interleaved = gated and getattr(experts, "is_concatenated", True) is False
     clamps: tuple[float | None, float | None] = (None, None)
     custom_act = None
@@ -289,6 +310,11 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         _, _, _, E_, F_ = flat
         up = torch.empty(E_, 2 * F_, flat[0].shape[1], device="meta")
         down = torch.empty(E_, flat[0].shape[1], F_, device="meta")
+    elif split is not None:  # [E, H, D] up and [E, D, F] down in two modules; the block's own activation
+        up, down = experts.weight, getattr(block, split[1]).weight
+        fn = next((getattr(block, a) for a in ("activation", "act_fn", "act") if getattr(block, a, None) is not None),
+                  None)
+        custom_act = probe_activation(fn)
     elif listed is not None:
         # A list of E small MLPs: read into the same [E, H, D] / [E, D, F] layout (hf.weights stacks them).
         custom_act = listed.act
@@ -303,13 +329,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
             custom_act, clamps = _read_gate_function(experts, interleaved, cls)
-    if flat is None and listed is None:
+    if flat is None and listed is None and split is None:
         up = experts.gate_up_proj if gated else experts.up_proj
         down = experts.down_proj
     E = down.shape[0]
     if up.shape[0] < E:
         raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
-    transposed = False if flat is not None or listed is not None else getattr(experts, "is_transposed", None)
+    transposed = False if flat is not None or listed is not None or split is not None else getattr(
+        experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
         # up [E, D, H] with down [E, F, D] is transposed.
@@ -341,7 +368,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
         gate_clamp=clamps[0], up_clamp=clamps[1],
-        expert_layout="flat_glu" if flat is not None else "listed" if listed is not None else "3d",
+        expert_layout="flat_glu" if flat is not None else "listed" if listed is not None else "split"
+        if split is not None else "3d", split_down_name=split[1] if split is not None else None,
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
@@ -402,6 +430,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             anat_kwargs.update(output_norm_name=name, output_norm_eps=eps)
             claimed.add(name)
             break
+
+    if split is not None:
+        claimed.add(split[1])
+        # its output bias: a [D] parameter of the block itself
+        own = [n for n, p in block.named_parameters(recurse=False) if tuple(p.shape) == (D,)]
+        if len(own) == 1:
+            anat_kwargs["output_bias_name"] = own[0]
+            claimed.add(own[0])
 
     # The router: the one [E, D] tensor outside the experts and shared experts.
     def outside(name: str) -> bool:

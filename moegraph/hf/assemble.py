@@ -71,6 +71,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
     moe["router"] = router
     if anat.output_norm_name:
         moe["output_norm"] = {"kind": "rms", "eps": anat.output_norm_eps}
+    if anat.output_bias_name:
+        moe["output_bias"] = True
     moe["dtype"] = dtype
     return moe
 

@@ -124,9 +124,15 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         for m, a in caps:
             setattr(m, a, 1 << 30)
 
+        sig_ND = torch.randn(E * tokens, D, generator=g)  # split layout: what each down-projected row returns
+
         def run(tid_1T: Tensor | None, x_in: Tensor = x) -> tuple[object, _Recorder, list[_Recorder]]:
             experts = _Recorder(routed_out, dense_out)
             light._modules[anat.experts_name] = experts
+            if anat.split_down_name:  # up rows return zeros, down rows known signatures (_split_routing)
+                H = anat.intermediate_size * (2 if anat.gated else 1)
+                experts.forward = lambda *a, **k: (experts.calls.append((a, k)), a[0].new_zeros(a[0].shape[0], H))[1]
+                light._modules[anat.split_down_name] = _RowSignatures(sig_ND)
             sharers = []
             for n in anat.shared_names:
                 sharers.append(_Recorder(shared_out))
@@ -152,14 +158,20 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
+    y = out[0] if isinstance(out, tuple) else out
+    bias_D = get_path(light, anat.output_bias_name).detach().float() if anat.output_bias_name else 0.0
+    if anat.split_down_name:
+        ids, w, routed_split = _split_routing(experts, y, bias_D, x.view(tokens, D), sig_ND, anat)
     # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
-    if len(experts.calls) != 1:
+    if not anat.split_down_name and len(experts.calls) != 1:
         raise UnsupportedBlock(f"its experts module was called {len(experts.calls)} times per forward; expected once "
                                "with (hidden_states, top_k_index, top_k_weights)", cls)
     args, kwargs = experts.calls[0]
     vals = list(args) + list(kwargs.values())
     input_scaled = len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens
-    if input_scaled:
+    if anat.split_down_name:
+        input_scaled = False
+    elif input_scaled:
         ids, w = _weights_from_scaled_inputs(vals[0], x.view(tokens, D), anat)
     elif len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
         raise UnsupportedBlock(
@@ -167,7 +179,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
         )
     kept = None
-    if not input_scaled:
+    if not input_scaled and not anat.split_down_name:
         h, ids, w = vals[:3]
         if ids.is_floating_point() and not w.is_floating_point():
             ids, w = w, ids
@@ -182,8 +194,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             ids, w, kept = mask
             if not bool(kept.all()):
                 raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
-    if not input_scaled and (h.shape[-1] != D or h.numel() != tokens * D
-                             or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
+    if not input_scaled and not anat.split_down_name and (h.shape[-1] != D or h.numel() != tokens * D
+                                                          or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -194,9 +206,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
 
     # The combine: output == c * routed + (sigmoid gate *) shared, with c = 1 unless the block scales the
     # routed output itself (Beam): c is read off the output and folded into the routing weights.
-    y = out[0] if isinstance(out, tuple) else out
     routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
-    expect = torch.zeros(tokens, D)
+    if anat.split_down_name:
+        routed = routed_split
+    expect = torch.zeros(tokens, D) + bias_D
     if anat.shared_names:
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
@@ -252,6 +265,50 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity)
+
+
+class _RowSignatures(nn.Module):
+    """Stands in for a split layout's down projections: row r of its output is ``sig_ND[r]``."""
+
+    def __init__(self, sig_ND: Tensor):
+        super().__init__()
+        self.sig_ND = sig_ND
+
+    def forward(self, rows: Tensor, *args, **kwargs) -> Tensor:
+        return self.sig_ND[: rows.shape[0]].to(rows.dtype).clone()
+
+
+def _split_routing(up: _Recorder, y: Tensor, bias_D: Tensor | float, x_TD: Tensor, sig_ND: Tensor,
+                   anat: BlockAnatomy) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids_TK, weights_TK, routed_TD) of a block whose experts are two modules called on rows sorted by expert
+    with the count per expert (JetMoE): each row's token is the input row it equals, its expert follows from
+    the counts, and its weight is solved from the output, where down-projected row r returned ``sig_ND[r]``."""
+    cls, E = anat.block_class, anat.num_experts
+    T = x_TD.shape[0]
+    if len(up.calls) != 1:
+        raise UnsupportedBlock(f"its up projections were called {len(up.calls)} times per forward; expected once", cls)
+    args, kwargs = up.calls[0]
+    vals = list(args) + list(kwargs.values())
+    rows = vals[0].reshape(-1, x_TD.shape[1]).float() if vals and isinstance(vals[0], Tensor) else None
+    sizes = vals[1] if len(vals) > 1 else None
+    sizes = sizes.tolist() if isinstance(sizes, Tensor) else sizes
+    if rows is None or not isinstance(sizes, (list, tuple)) or len(sizes) != E or sum(sizes) != rows.shape[0]:
+        raise UnsupportedBlock("its up projections are not called as (rows sorted by expert, rows per expert)", cls)
+    same = (rows[:, None, :] == x_TD[None]).all(-1)  # [N, T]
+    if not bool((same.sum(-1) == 1).all()):
+        raise UnsupportedBlock("the rows its experts receive are not tokens of the block input", cls)
+    tok_N = same.float().argmax(-1)
+    exp_N = torch.repeat_interleave(torch.arange(E), torch.tensor(sizes))
+    per_T = torch.bincount(tok_N, minlength=T)
+    K = int(per_T.max())
+    if not bool((per_T == K).all()):
+        raise UnsupportedBlock("its tokens choose different numbers of experts", cls)
+    order = torch.argsort(tok_N * E + exp_N)  # token-major, experts ascending within a token
+    sig = sig_ND[: rows.shape[0]].double()[order].view(T, K, -1)
+    target = (y.reshape(T, -1).double() - torch.as_tensor(bias_D, dtype=torch.float64)).unsqueeze(-1)
+    w_TK = torch.linalg.lstsq(sig.transpose(1, 2), target).solution.squeeze(-1)
+    routed = (sig * w_TK.unsqueeze(-1)).sum(1)
+    return exp_N[order].view(T, K), w_TK.float(), routed.float()
 
 
 def _from_dispatch_mask(ids: Tensor, w: Tensor, tokens: int, E: int) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -33,7 +33,10 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
 
     up_name = "gate_up_proj" if anat.gated else "up_proj"
-    if anat.expert_layout == "listed":  # E small MLPs: their Linear weights stacked (gate rows, then up rows)
+    if anat.expert_layout == "split":  # JetMoE: input_linear [E, H, D] (gate rows first) and output_linear [E, D, F]
+        out[f"experts.{up_name}"] = ex.weight
+        out["experts.down_proj"] = get_path(block, anat.split_down_name).weight
+    elif anat.expert_layout == "listed":  # E small MLPs: their Linear weights stacked (gate rows, then up rows)
         listed = listed_mlps(ex)
         lin = [[getattr(e, n) for n in listed.ups] for e in listed.experts]
         dn = [getattr(e, listed.down) for e in listed.experts]
@@ -91,6 +94,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             out["shared_expert_gate.weight"] = get_path(block, anat.shared_gate_name).weight
     if anat.output_norm_name:
         out["output_norm.weight"] = get_path(block, anat.output_norm_name).weight
+    if anat.output_bias_name:
+        out["output.bias"] = get_path(block, anat.output_bias_name)
     if anat.expert_bias_terms is False and anat.shared_bias_terms:
         out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
         out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))
