@@ -148,6 +148,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "input_scaled": m.experts.routing_weight == "input",
         "shared_intermediate": m.shared_experts.count * m.shared_intermediate_size,
         "shared_gate": m.shared_experts.gate == "sigmoid",
+        # shared_experts.gate: router: shared experts weighted by their own router rows, stored one by one
+        "shared_routed": m.shared_experts.count if m.shared_experts.gate == "router" else 0,
         "router_type": r.type,
         "router_dtype": m.router_dtype,
         "router_bias": bool(getattr(r, "router_bias", False)),
@@ -169,6 +171,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
         "fp8": _fp8_context(m),
         "output_norm_eps": m.output_norm.eps if m.output_norm is not None else None,
+        "output_bias": m.output_bias,
     }
     return ctx
 

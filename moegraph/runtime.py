@@ -65,31 +65,44 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 @torch.fx.wrap
-def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float, min_capacity: int,
-                   by_probs: bool) -> Tensor:
+def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float | None, min_capacity: int,
+                   by_probs: bool, tokens: int | None = None, sequences: int = 1) -> Tensor:
     """Drop assignments beyond each expert's capacity; dropped ids become ``num_experts``.
 
-    Capacity = max(min_capacity, ceil(factor * T * K / E)). ``by_probs`` keeps an expert's
+    Capacity = max(min_capacity, ceil(factor * T * K / E)), or ``tokens``. ``by_probs`` keeps an expert's
     highest-weight assignments; otherwise its earliest tokens (Megatron's "position" policy).
+    ``sequences``: the T tokens are that many sequences of T / sequences, each with its own capacity (T the
+    sequence length in the formula).
     """
     T, K = ids_TK.shape
-    cap = max(min_capacity, math.ceil(factor * T * K / num_experts))
+    if T == 0:
+        return ids_TK
+    cap = tokens if tokens is not None else max(min_capacity, math.ceil(factor * (T // sequences) * K / num_experts))
     ids_N = ids_TK.reshape(-1)
     N = ids_N.numel()
-    if N == 0:
-        return ids_TK
+    if sequences > 1:  # one count per (sequence, expert): rank by that pair, then map back to expert ids
+        seq_N = torch.arange(N, device=ids_N.device) // ((T // sequences) * K)
+        kept = _capacity_rank(ids_N + seq_N * (num_experts + 1), weights_TK, (num_experts + 1) * sequences,
+                              by_probs) < cap
+        return torch.where(kept & (ids_N < num_experts), ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
+    return torch.where(_capacity_rank(ids_N, weights_TK, num_experts + 1, by_probs) < cap, ids_N,
+                       torch.full_like(ids_N, num_experts)).view(T, K)
+
+
+def _capacity_rank(ids_N: Tensor, weights_TK: Tensor, buckets: int, by_probs: bool) -> Tensor:
+    """[N] rank of each assignment among those of its bucket (expert), by weight or by position."""
+    N = ids_N.numel()
     if by_probs:
         pre = torch.argsort(-weights_TK.reshape(-1).float(), stable=True)
     else:
         pre = torch.arange(N, device=ids_N.device)
     sorted_ids, order = torch.sort(ids_N[pre], stable=True)
     order = pre[order]
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids_N.device)
+    counts = torch.zeros(buckets, dtype=torch.long, device=ids_N.device)
     counts.scatter_add_(0, sorted_ids, torch.ones_like(sorted_ids))
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(N, device=ids_N.device) - starts[sorted_ids]
-    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    return torch.where(rank < cap, ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
+    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
 
 
 @torch.fx.wrap
@@ -109,6 +122,12 @@ def expert_choice_route(scores_TE: Tensor, capacity_factor: float) -> tuple[Tens
 def token_index(T_like: Tensor, K: int) -> Tensor:
     """[T*K] token index of each (token, choice) pair of a [T, K] routing."""
     return torch.arange(T_like.shape[0], device=T_like.device).repeat_interleave(K)
+
+
+@torch.fx.wrap
+def every_expert(T_like: Tensor, S: int) -> Tensor:
+    """[T*S] expert index 0..S-1 for each token in turn: every token on each of S experts (with ``token_index``)."""
+    return torch.arange(S, device=T_like.device).repeat(T_like.shape[0])
 
 
 @torch.fx.wrap
@@ -298,6 +317,7 @@ class CompiledMoEBase(nn.Module):
     EXPERT_BIAS_TERMS: bool = False
     SHARED_INTERMEDIATE: int = 0
     SHARED_GATE: bool = False
+    SHARED_ROUTED: int = 0  # shared experts weighted by their own router rows (stored [count, ., .]); 0 = none
     ROUTER: str = "topk"
     ROUTER_BIAS: bool = False
     EXPERT_BIAS_RATE: float | None = None
@@ -309,6 +329,7 @@ class CompiledMoEBase(nn.Module):
     FP8: dict | None = None
     HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
     OUTPUT_NORM_EPS: float | None = None  # an RMS norm of the layer output (``moe.output_norm``); None = none
+    OUTPUT_BIAS: bool = False  # a learned [D] bias added to the layer output (``moe.output_bias``)
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -320,9 +341,10 @@ class CompiledMoEBase(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
         if self.ROUTER != "hash" or self.HASH_SCORED:
-            self.router.weight = nn.Parameter(torch.empty(R, D, dtype=router_dtype, device=device))
+            rows = R + self.SHARED_ROUTED  # routed shared experts have the last router rows
+            self.router.weight = nn.Parameter(torch.empty(rows, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
-                self.router.bias = nn.Parameter(torch.zeros(R, dtype=router_dtype, device=device))
+                self.router.bias = nn.Parameter(torch.zeros(rows, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
             self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
@@ -341,7 +363,16 @@ class CompiledMoEBase(nn.Module):
         if self.EXPERT_BIAS_TERMS:
             self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(R, H, **kw)))
             self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, D, **kw))
-        if self.SHARED_INTERMEDIATE:
+        if self.SHARED_ROUTED:  # one by one, as the routed experts: [count, H, D] / [count, D, F]
+            n, Fs = self.SHARED_ROUTED, self.SHARED_INTERMEDIATE // self.SHARED_ROUTED
+            Hs = 2 * Fs if self.GATED else Fs
+            self.shared_experts = nn.Module()
+            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(n, Hs, D, **kw)))
+            self.shared_experts.down_proj = nn.Parameter(torch.empty(n, D, Fs, **kw))
+            if self.EXPERT_BIAS_TERMS:
+                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(n, Hs, **kw)))
+                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(n, D, **kw))
+        elif self.SHARED_INTERMEDIATE:
             S = self.SHARED_INTERMEDIATE
             self.shared_experts = nn.Module()
             self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(2 * S if self.GATED else S, D, **kw)))
@@ -354,6 +385,9 @@ class CompiledMoEBase(nn.Module):
         if self.OUTPUT_NORM_EPS is not None:
             self.output_norm = nn.Module()
             self.output_norm.weight = nn.Parameter(torch.ones(D, **kw))
+        if self.OUTPUT_BIAS:
+            self.output = nn.Module()  # (parameters live in submodules, which the traced core shares)
+            self.output.bias = nn.Parameter(torch.zeros(D, **kw))
         if self.FP8 is not None:  # FP8 expert weights + float32 block scales; activations stay in dtype
             fp8.make_parameters(self)
             self.__dict__["compute_dtype"] = dtype

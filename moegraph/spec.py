@@ -261,8 +261,11 @@ class SharedExpertsSpec(_Frozen):
     intermediate_size: int | None = Field(
         None, gt=0, le=1 << 20, description="Hidden size of one shared expert; defaults to the routed expert's F."
     )
-    gate: Literal["none", "sigmoid"] = Field(
-        "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE."
+    gate: Literal["none", "sigmoid", "router"] = Field(
+        "none", description="'sigmoid': scale the shared output by sigmoid(x w_gate) as in Qwen2-MoE. 'router': each "
+        "shared expert has its own router row after the routed choices; its score joins the chosen experts' weights "
+        "(normalised and scaled with them) and scales that shared expert's output (Inkling). The shared experts are "
+        "then stored one by one, as [count, ., .] tensors like the routed ones.",
     )
 
     @model_validator(mode="after")
@@ -343,13 +346,31 @@ class AuxLoss(_Frozen):
 
 
 class Capacity(_Frozen):
-    """Expert capacity: at most ceil(factor * T * K / E) tokens per expert; the rest are dropped."""
+    """Expert capacity: at most ceil(factor * T * K / E) tokens per expert (or ``tokens``), counted over the
+    batch or over each sequence (``per``); the rest are dropped."""
 
-    factor: float = Field(gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
+    factor: float | None = Field(None, gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
     drop_policy: Literal["probs", "position"] = Field(
         "probs", description="Which tokens an over-full expert keeps: the highest-scoring, or the earliest."
     )
     min_capacity: int = Field(1, ge=0, le=1 << 30, description="Lower bound on the per-expert capacity.")
+    tokens: int | None = Field(
+        None, gt=0, le=1 << 30, description="An absolute capacity: at most this many tokens per expert (Switch "
+        "Transformers' expert_capacity), instead of a factor.",
+    )
+    per: Literal["batch", "sequence"] = Field(
+        "batch", description="What the capacity counts over: every token of the call (T = B*S), or each sequence "
+        "of a [B, S, D] input on its own (T = S; Switch Transformers).",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"tokens": None, "per": "batch"}
+
+    @model_validator(mode="after")
+    def _factor_or_tokens(self) -> Capacity:
+        if (self.factor is None) == (self.tokens is None):
+            raise field_error("factor", "give the capacity as a factor (factor: 1.25) or as a number of tokens "
+                                        "(tokens: 64), exactly one of them")
+        return self
 
 
 class TopKRouter(_Frozen):
@@ -583,7 +604,11 @@ class MoELayerSpec(_Frozen):
         None, description="A norm applied to the layer output (routed + shared experts); None = no norm."
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None}
+    output_bias: bool = Field(
+        False, description="A learned bias [D] added to the layer output, after the output norm if any (JetMoE)."
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None, "output_bias": False}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
@@ -600,6 +625,16 @@ class MoELayerSpec(_Frozen):
                              "after the down projection); set routing_weight: output or drop quantization")
         r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
+        if self.shared_experts.gate == "router":
+            if r.type != "topk":
+                problems.add("shared_experts.gate", f"shared_experts.gate: router gives the shared experts router rows "
+                             f"beside a topk router's choices; router type is '{r.type}': use type: topk or another gate")
+            if e != self.experts.num_experts:
+                problems.add("shared_experts.gate", "shared_experts.gate: router with identity/zero experts is not "
+                             "defined (whose router rows come first?); drop one of them")
+            if self.quantization is not None and self.quantization.shared_experts:
+                problems.add("quantization.shared_experts", "FP8 shared experts are one MLP; shared_experts.gate: "
+                             "router keeps them one by one: set quantization.shared_experts false")
         if e != self.experts.num_experts:
             if r.type != "topk":
                 problems.add("experts.identity_experts", f"identity/zero experts are router choices of a topk router; "
@@ -645,6 +680,12 @@ class MoELayerSpec(_Frozen):
         """Experts per token (for expert choice: the average, capacity_factor)."""
         r = self.router
         return r.top_k if hasattr(r, "top_k") else max(1, round(r.capacity_factor))
+
+    @property
+    def router_rows(self) -> int:
+        """Rows of the router weight: the router choices, then one per shared expert when they are routed."""
+        routed_shared = self.shared_experts.count if self.shared_experts.gate == "router" else 0
+        return self.experts.router_choices + routed_shared
 
     @property
     def shared_intermediate_size(self) -> int:

@@ -62,19 +62,21 @@ def score(name: str, logits: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(name)
 
 
-def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None):
-    """Top-k routing of one token: returns list of (expert, weight)."""
+def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None, shared: int = 0):
+    """Top-k routing of one token: returns list of (expert, weight). ``shared``: the last ``shared`` logits are
+    shared experts' (shared_experts.gate: router), returned after the chosen ones as (E + s, weight)."""
     r = spec["moe"]["router"]
-    E = logits.shape[0]
+    E = logits.shape[0] - shared
     K = r["top_k"]
     sc = r.get("score", "softmax")
     if r.get("topk_order") == "topk_then_score":
-        choice = logits + (bias if bias is not None else 0)
-        chosen = sorted(range(E), key=lambda e: -float(choice[e].detach()))[:K]
+        choice = logits[:E] + (bias if bias is not None else 0)
+        chosen = sorted(range(E), key=lambda e: -float(choice[e].detach()))[:K] + list(range(E, E + shared))
         w = torch.softmax(torch.stack([logits[e] for e in chosen]), 0)
         weights = list(w)
     else:
-        s = score(sc, logits)
+        s = score(sc, logits)  # over every row, the shared experts' too
+        s, s_shared = s[:E], s[E:]
         choice = s + (bias if bias is not None else 0)
         allowed = list(range(E))
         g = r.get("groups")
@@ -87,7 +89,8 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None):
             kept = sorted(range(G), key=lambda gi: -gscores[gi])[: g["topk_groups"]]
             allowed = [e for e in range(E) if e // per in kept]
         chosen = sorted(allowed, key=lambda e: -float(choice[e].detach()))[:K]
-        weights = [s[e] for e in chosen]
+        weights = [s[e] for e in chosen] + list(s_shared)
+        chosen = chosen + list(range(E, E + shared))
     if r.get("normalize"):
         tot = sum(weights) + 1e-20
         weights = [w / tot for w in weights]
@@ -95,9 +98,11 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None):
     return list(zip(chosen, weights))
 
 
-def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None) -> torch.Tensor:
+def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
+                      sequences: int = 1) -> torch.Tensor:
     """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
-    computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py)."""
+    computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py). ``sequences``:
+    the T tokens are that many sequences of equal length (a capacity counted per sequence)."""
     expert_fn = expert_fn or expert
     m = spec["moe"]
     r = m["router"]
@@ -112,6 +117,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
     kw = dict(activation=ex.get("activation", "swiglu"), gate_clamp=ex.get("gate_clamp"), up_clamp=ex.get("up_clamp"))
     rtype = r.get("type", "topk")
     assignments: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(T)]
+    shared_weights: list[list[torch.Tensor]] = [[] for _ in range(T)]
     if rtype == "hash":
         K = r.get("top_k", 1)
         for t in range(T):
@@ -144,16 +150,23 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                     assignments[t].append((e, s[t, e]))
         else:
             bias = getattr(layer.router, "expert_bias", None)
+            sh = m.get("shared_experts", {})
+            routed_shared = sh.get("count", 0) if sh.get("gate") == "router" else 0
             for t in range(T):
-                assignments[t] = route_token(spec, logits[t], bias)
+                assignments[t] = route_token(spec, logits[t], bias, routed_shared)
+                # Routed shared experts (Inkling): weights for shared expert s, kept apart from the routed ones.
+                shared_weights[t] = [w for _, w in assignments[t][len(assignments[t]) - routed_shared:]]
+                assignments[t] = assignments[t][:len(assignments[t]) - routed_shared]
             cap = r.get("capacity")
             if cap:
                 K = r["top_k"]
-                capacity = max(cap.get("min_capacity", 1), math.ceil(cap["factor"] * T * K / E))
+                per_seq = cap.get("per", "batch") == "sequence"
+                L = T // sequences if per_seq else T  # the tokens one capacity counts over
+                capacity = cap.get("tokens") or max(cap.get("min_capacity", 1), math.ceil(cap["factor"] * L * K / E))
                 pairs = [(t, k, e, w) for t in range(T) for k, (e, w) in enumerate(assignments[t])]
                 keep = set()
-                for e in range(E):
-                    mine = [p for p in pairs if p[2] == e]
+                for e, s0 in [(e, s0) for e in range(E) for s0 in range(0, T, max(L, 1))]:
+                    mine = [p for p in pairs if p[2] == e and s0 <= p[0] < s0 + L]
                     if cap.get("drop_policy", "probs") == "probs":
                         mine.sort(key=lambda p: -float(p[3].detach()))
                     else:
@@ -171,7 +184,14 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
             y = y + (expert_fn(w * x_TD[t], *args, **kw) if on_input else w * expert_fn(x_TD[t], *args, **kw))
         sh = m.get("shared_experts", {})
-        if sh.get("count", 0):
+        if sh.get("gate") == "router":  # shared expert s weighted by its router weight, weights [count, ., .]
+            sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj
+            sub = getattr(layer.shared_experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
+            sdb = getattr(layer.shared_experts, "down_proj_bias", None)
+            for s_, w in enumerate(shared_weights[t]):
+                y = y + w * expert_fn(x_TD[t], sup[s_], layer.shared_experts.down_proj[s_],
+                                      None if sub is None else sub[s_], None if sdb is None else sdb[s_], **kw)
+        elif sh.get("count", 0):
             sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj
             sub = getattr(layer.shared_experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
             sdb = getattr(layer.shared_experts, "down_proj_bias", None)
@@ -182,5 +202,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
         on = m.get("output_norm")
         if on is not None:  # AXK1: RMS norm of the whole output, one token at a time
             y = layer.output_norm.weight * (y / torch.sqrt((y * y).mean() + on.get("eps", 1e-6)))
+        if m.get("output_bias"):  # JetMoE: a learned bias on the output
+            y = y + layer.output.bias
         ys.append(y)
     return torch.stack(ys) if ys else x_TD.new_zeros(0, D)

@@ -111,11 +111,24 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "axk1": ("AXK1MoE", dict(
         n_routed_experts=16, num_experts_per_tok=4, moe_intermediate_size=16, n_shared_experts=1, n_group=4,
         topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-5)),
+    # Shared experts with their own router rows ([8 + 2, D] router), stored [n, F, D]: their sigmoid scores are
+    # normalised together with the chosen experts' (shared_experts.gate: router), times route_scale and a learned
+    # scalar global_scale (read as a constant).
+    "inkling": ("InklingMoE", dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                   moe_intermediate_size=16, route_scale=2.0)),
+    # Experts as a ModuleDict of E small relu MLPs (wi, wo), called with a one-hot dispatch mask; top-1 softmax;
+    # an expert capacity of 2 tokens per sequence (the earliest kept), which the test's 5-token sequences exceed.
+    "switch_transformers": ("SwitchTransformersSparseMLP", dict(num_experts=4, expert_capacity=2, d_model=D, d_ff=16,
+                                                                dense_act_fn="relu")),
+    # Experts in two modules (input_linear [E, 2F, D], output_linear [E, D, F]) called on rows sorted by expert,
+    # softmax over the top-k logits, and a learned bias on the output (moe.output_bias).
+    "jetmoe": ("JetMoeMoE", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+                                 activation_function="silu")),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
-               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text",
+               "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text", "inkling": "inkling_text",
                "minimax_m3_vl": "minimax_m3_vl_text"}
 
 # family -> words the refusal must contain
@@ -164,6 +177,8 @@ def make_block(family: str, overrides: dict, cls_name: str, seed: int = 0) -> to
                 scale = 0.3 if "bias" in name and t.dim() <= 2 and t.numel() <= 64 else 0.2
                 scale = SELECTION_BIAS_SCALE.get(family, scale) if "correction_bias" in name else scale
                 t.copy_(torch.randn(t.shape, generator=g) * scale)
+                if t.numel() == 1 and "bias" not in name:  # a learned scalar scale (Inkling's global_scale): near 1
+                    t.add_(1.0)
             elif t.dim() == 2 and t.dtype != torch.bool:  # a token id -> experts table: distinct experts per row
                 E = cfg.num_local_experts
                 t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
@@ -195,7 +210,7 @@ def _close(a: torch.Tensor, ref: torch.Tensor, floor: float, what: str) -> None:
 
 
 def _check_parity(block, layer, impl: str = "eager", grad_atol: float = 1e-5) -> None:
-    if hasattr(block.experts, "config"):  # Llama 4's experts have one implementation only
+    if hasattr(getattr(block, "experts", None), "config"):  # Llama 4's experts have one implementation only
         block.experts.config._experts_implementation = impl
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, D, generator=g)
@@ -399,11 +414,23 @@ def test_import_hf_bad_inputs(tmp_path, run_cli) -> None:
 
 def test_config_of_unreadable_family_refused() -> None:
     """A family transformers implements in another experts layout is refused, not read from attribute names."""
+    cfg = transformers.AutoConfig.for_model("jetmoe", hidden_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                            intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                            kv_channels=8)
+    with pytest.raises(UnsupportedBlock, match="JetMoe.*v5 layout"):
+        spec_from_hf_config(cfg)
+
+
+def test_switch_transformers_config_read_with_its_capacity() -> None:
+    """Switch Transformers' config reads (its experts listed as E MLPs) with the expert capacity the probe found on
+    the block: an absolute count per sequence, the earliest tokens kept."""
     cfg = transformers.AutoConfig.for_model("switch_transformers", num_layers=4, num_decoder_layers=4, d_model=32,
                                             d_ff=64, num_experts=4, num_heads=2, d_kv=8, num_sparse_encoder_layers=2,
-                                            num_sparse_decoder_layers=2)
-    with pytest.raises(UnsupportedBlock, match="SwitchTransformersSparseMLP.*v5 layout"):
-        spec_from_hf_config(cfg)
+                                            num_sparse_decoder_layers=2, expert_capacity=5)
+    m = spec_from_hf_config(cfg).moe
+    assert (m.experts.num_experts, m.experts.intermediate_size, m.experts.activation, m.router.top_k) == (4, 64, "relu", 1)
+    c = m.router.capacity
+    assert (c.tokens, c.per, c.drop_policy, c.factor) == (5, "sequence", "position", None)
 
 
 def test_longcat_identity_experts_are_chosen() -> None:
@@ -450,3 +477,26 @@ def test_gate_function_identified_numerically_or_refused() -> None:
     experts = _OwnGateExperts(lambda g, u: torch.sigmoid(g) * u * u, limit=3.0)
     with pytest.raises(UnsupportedBlock, match=r"\(limit=3.0\) that is none of the forms the importer tries"):
         _read_gate_function(experts, False, "Own")
+
+
+def test_per_layer_specs_of_a_config_with_two_layer_kinds() -> None:
+    """DeepSeek-V4 with a hash layer and a top-k layer: spec_from_hf_config refuses (one spec describes one kind),
+    naming both; layer_specs_from_hf_config gives one spec per kind, each the one from_hf reads off that layer."""
+    from moegraph.hf import layer_specs_from_hf_config, read_block
+
+    cls_name, overrides = FAMILIES["deepseek_v4"]
+    cfg = _config("deepseek_v4", {**overrides, "mlp_layer_types": ["hash_moe", "moe"]})
+    with pytest.raises(UnsupportedBlock, match=r"2 kinds.*token id table.*layer_specs_from_hf_config"):
+        spec_from_hf_config(cfg)
+    kinds = layer_specs_from_hf_config(cfg)
+    assert [paths for paths, _ in kinds] == [["model.layers.0.mlp"], ["model.layers.1.mlp"]]
+    assert [s.moe.router.type for _, s in kinds] == ["hash", "topk"]
+    assert kinds[1][1].name == kinds[0][1].name + "-kind1"
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    for paths, spec in kinds:
+        block = model.get_submodule(paths[0])
+        assert read_block(block, cfg).spec.moe == spec.moe, paths
+    # One kind: the same spec as before.
+    one = _config("deepseek_v4", {**overrides, "mlp_layer_types": ["moe", "moe"]})
+    assert [p for p, _ in layer_specs_from_hf_config(one)] == [["model.layers.0.mlp", "model.layers.1.mlp"]]
+    assert spec_from_hf_config(one).moe == layer_specs_from_hf_config(one)[0][1].moe

@@ -579,3 +579,92 @@ def test_identity_experts_need_a_dropless_topk_router():
         moegraph.load_spec(make_spec(dict(ROUTERS["expert_choice"]), experts={"identity_experts": 2}))
     with pytest.raises(moegraph.errors.SpecError, match="capacity"):
         moegraph.load_spec(make_spec(dict(ROUTERS["capacity_probs"]), experts={"zero_experts": 2}))
+
+
+@pytest.mark.parametrize("router", ["softmax_top2_norm", "sigmoid_groups_bias", "topk_then_softmax", "router_bias"])
+def test_shared_experts_weighted_by_the_router(router, tmp_path, expert_path):
+    """shared_experts.gate: router (Inkling): each shared expert has a router row after the routed ones, its score
+    joins the chosen experts' weights (normalised and scaled together) and weighs its output; shared weights are
+    [count, ., .]. Outputs and every gradient against the loop reference; the shared rows do change the routed
+    weights where the router normalises, or this would not test the joint normalisation."""
+    spec = make_spec(dict(ROUTERS[router]), shared={"count": 2, "intermediate_size": 4, "gate": "router"})
+    layer = _compile(spec, tmp_path).train()
+    assert tuple(layer.router.weight.shape) == (E + 2, D)
+    assert tuple(layer.shared_experts.gate_up_proj.shape) == (2, 8, D)
+    assert tuple(layer.shared_experts.down_proj.shape) == (2, D, 4)
+    x = torch.randn(19, D, generator=torch.Generator().manual_seed(18), requires_grad=True)
+    g = torch.randn(19, D, generator=torch.Generator().manual_seed(19))
+    _assert_matches_reference(spec, layer, x, g)
+    # The shared rows take part: moving them moves the output.
+    y = layer.eval()(x)
+    with torch.no_grad():
+        layer.router.weight[E:] += 1.0
+    layer.invalidate_graphs()
+    assert (layer(x) - y).abs().max() > 1e-3
+
+
+def test_shared_experts_router_gate_bad_specs():
+    for router, shared, experts, field in (
+        (dict(ROUTERS["expert_choice"]), {"count": 1, "gate": "router"}, None, "shared_experts.gate"),
+        (dict(ROUTERS["hash_modulo"]), {"count": 1, "gate": "router"}, None, "shared_experts.gate"),
+        (dict(ROUTERS["softmax_top2"]), {"count": 1, "gate": "router"}, {"identity_experts": 1}, "shared_experts.gate"),
+        (dict(ROUTERS["softmax_top2"]), {"count": 0, "gate": "router"}, None, "gate"),
+    ):
+        with pytest.raises(moegraph.errors.SpecError, match=field):
+            moegraph.load_spec(make_spec(router, shared=shared, experts=experts))
+
+
+@pytest.mark.parametrize("capacity", [
+    {"tokens": 2, "per": "sequence", "drop_policy": "position"},  # Switch Transformers: expert_capacity per sequence
+    {"tokens": 3, "drop_policy": "probs"},
+    {"factor": 0.5, "per": "sequence", "drop_policy": "probs"},
+])
+def test_capacity_in_tokens_or_per_sequence(capacity, tmp_path, expert_path):
+    """router.capacity.tokens (an absolute count) and per: sequence (each sequence of [B, S, D] counted alone):
+    outputs and gradients against the loop reference; tokens are dropped, and per sequence differs from per batch,
+    or this would not test them."""
+    for k in (1, 2):
+        spec = make_spec({"top_k": k, "capacity": capacity})
+        layer = _compile(spec, tmp_path).train()
+        x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(20), requires_grad=True)
+        g = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(21))
+        params = list(layer.parameters())
+        y = layer(x)
+        ref = reference_forward(spec, layer, x.reshape(-1, D), sequences=3).view(3, 7, D)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        dropless = _compile(make_spec({"top_k": k}), tmp_path)
+        dropless.load_state_dict(layer.state_dict())
+        assert (dropless.eval()(x) - layer.eval()(x)).abs().amax(-1).gt(1e-6).any(), "no token was dropped"
+        if capacity.get("per") == "sequence":
+            batch = _compile(make_spec({"top_k": k, "capacity": {**capacity, "per": "batch"}}), tmp_path)
+            batch.load_state_dict(layer.state_dict())
+            assert (batch.eval()(x) - layer(x)).abs().max() > 1e-6
+
+
+def test_capacity_bad_values():
+    for cap, field in (({"factor": 1.0, "tokens": 4}, "factor"), ({"drop_policy": "probs"}, "factor"),
+                       ({"tokens": 0}, "tokens"), ({"tokens": 4, "per": "token"}, "per")):
+        with pytest.raises(moegraph.errors.SpecError, match=field):
+            moegraph.load_spec(make_spec({"top_k": 2, "capacity": cap}))
+    old = make_spec({"top_k": 2, "capacity": {"factor": 1.0}})
+    new = make_spec({"top_k": 2, "capacity": {"factor": 1.0, "tokens": None, "per": "batch"}})
+    assert moegraph.load_spec(old).hash() == moegraph.load_spec(new).hash()  # older specs keep their hash
+
+
+def test_output_bias(tmp_path, expert_path):
+    """moe.output_bias (JetMoE): a learned [D] bias on the layer output, after the output norm; outputs and every
+    gradient (the bias's too) against the loop reference; older specs keep their hash."""
+    spec = make_spec(dict(ROUTERS["topk_then_softmax"]), shared={"count": 1})
+    spec["moe"]["output_bias"] = True
+    spec["moe"]["output_norm"] = {"eps": 1e-5}
+    assert torch.equal(moegraph.compile(spec, out_dir=tmp_path).output.bias, torch.zeros(D))  # init: zeros
+    layer = _compile(spec, tmp_path).train()
+    x = torch.randn(11, D, generator=torch.Generator().manual_seed(22), requires_grad=True)
+    g = torch.randn(11, D, generator=torch.Generator().manual_seed(23))
+    _assert_matches_reference(spec, layer, x, g)
+    assert layer.output.bias.abs().max() > 0  # randomised, so the reference had a bias to add
+    plain = make_spec(dict(ROUTERS["topk_then_softmax"]))
+    assert moegraph.load_spec({**plain, "moe": {**plain["moe"], "output_bias": False}}).hash() == \
+        moegraph.load_spec(plain).hash()

@@ -62,7 +62,12 @@ MODELS = {
     # Zero-computation (identity) experts among the router's choices.
     "longcat_flash": dict(n_routed_experts=8, zero_expert_num=4, num_experts_per_tok=3, expert_ffn_hidden_size=16,
                           ffn_hidden_size=48, routed_scaling_factor=2.0, qk_head_dim=16, **MLA),
+    # Shared experts weighted by their own router rows, normalised with the chosen experts (shared_experts.gate: router).
+    "inkling_text": dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=16,
+                         route_scale=2.0, head_dim=8),
 }
+# Experts in two modules (input_linear / output_linear) and an output bias (test_jetmoe_...).
+JETMOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8, activation_function="silu")
 
 
 def make_model(model_type: str, seed: int = 0, **extra):
@@ -77,6 +82,9 @@ def make_model(model_type: str, seed: int = 0, **extra):
             elif "tid2eid" in name:  # DeepSeek-V4's token id -> experts table (zeros until a checkpoint loads)
                 E = model.config.num_local_experts
                 t.copy_(torch.rand(t.shape[0], E, generator=g).argsort(-1)[:, : t.shape[1]])
+        for name, p in model.named_parameters():  # JetMoE's output bias starts at zero
+            if name.endswith("mlp.bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
         for m in model.modules():
             if hf.is_hf_moe_block(m):
                 try:
@@ -456,4 +464,55 @@ def test_dbrx_model_layout_read_into_the_same_layer() -> None:
     assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_switch_transformers_seq2seq_logits_and_generation() -> None:
+    """Switch Transformers (encoder-decoder): experts listed as E small MLPs, top-1 with an expert capacity
+    counted per sequence (3 tokens, which the 9-token inputs exceed): same logits and greedy tokens."""
+    cfg = tiny_config("switch_transformers", d_model=32, d_ff=48, num_experts=4, expert_capacity=3, d_kv=8,
+                      num_heads=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                      num_sparse_decoder_layers=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # routers initialised near zero would tie: randomise them
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert len(report.swapped) == 2 and not report.not_swapped, str(report)
+    assert "capacity 3 tokens per sequence" in str(report)
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=dec).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_jetmoe_mlp_blocks_swapped_attention_experts_left_alone() -> None:
+    """JetMoE: its MoE MLPs (experts in two modules, an output bias) are swapped, same logits and greedy tokens;
+    its mixture-of-attention experts (JetMoeAttention) are not MoE MLPs and are left alone, with the reason."""
+    MODELS["jetmoe"] = JETMOE
+    try:
+        model = make_model("jetmoe")
+    finally:
+        del MODELS["jetmoe"]
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert sorted(r.path for r in report.swapped) == ["model.layers.0.mlp", "model.layers.1.mlp"], str(report)
+    assert all(r.status == "skipped" and "self_attention" in r.path for r in report.records if r.status != "swapped")
+    assert all(m.moe.output.bias.abs().max() > 0 for m in model.modules() if isinstance(m, MoEBlockAdapter))
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)

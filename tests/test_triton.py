@@ -447,6 +447,41 @@ def test_layer_matches_torch_backend(name, dt, fuse_router, tmp_path):
         assert "shared_mlp" not in code  # folded into the expert op
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_shared_experts_weighted_by_the_router(dt, tmp_path):
+    """shared_experts.gate: router on the Triton backend: the routed and shared experts run the Triton expert op,
+    the routing stays torch code (the router kernel has no shared rows: the pass refuses and says so)."""
+    spec = moegraph.load_spec(_spec("t-shared-routed", {"top_k": 2, "score": "sigmoid", "normalize": True,
+                                                        "scaling_factor": 1.5}, shared={"count": 2, "gate": "router"}))
+    ref = moegraph.compile(spec, backend="torch", dtype=dt, out_dir=tmp_path)
+    _randomise(ref)
+    passes = triton_passes(spec)
+    tri = moegraph.compile(spec, backend="triton", dtype=dt, out_dir=tmp_path, passes=passes)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 11, D, generator=torch.Generator().manual_seed(4)).to(dt)
+    torch.testing.assert_close(tri.eval()(x).float(), ref.eval()(x).float(), **TOL[dt])
+    code = tri.graph().code
+    assert code.count("moegraph_triton.expert_mlp") == 2 and "torch.ops.moegraph.expert_mlp" not in code
+    assert "route_topk" not in code and "router rows" in passes[-1].refused
+
+
+def test_capacity_per_sequence_and_output_bias(tmp_path):
+    """router.capacity {tokens, per: sequence} and moe.output_bias on the Triton backend: the same torch code in
+    the generated layer around the Triton expert op, equal to the torch backend (tokens are dropped)."""
+    spec = moegraph.load_spec(_spec("t-capacity-bias", {"top_k": 1, "capacity": {"tokens": 2, "per": "sequence",
+                                                                                 "drop_policy": "position"}},
+                                    moe={"output_bias": True}))
+    ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, out_dir=tmp_path)
+    _randomise(ref)
+    tri = moegraph.compile(spec, backend="triton", dtype=torch.float32, out_dir=tmp_path)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 9, D, generator=torch.Generator().manual_seed(5))
+    y = tri.eval()(x)
+    torch.testing.assert_close(y, ref.eval()(x), **TOL[torch.float32])
+    assert ((y - ref.output.bias).abs().amax(-1) < 1e-6).any(), "no token was dropped"
+    assert "moegraph_triton.expert_mlp" in tri.graph().code
+
+
 def test_forward_after_the_first_renders_and_parses_nothing(tmp_path, monkeypatch):
     """Kernel modules are looked up once per variant: later forwards never render a template, hash a
     source or parse a score expression (that host path was ~0.2 ms of every layer call)."""

@@ -55,7 +55,9 @@ def show(spec: SpecArg) -> None:
         if r.expert_bias:
             routing += " +expert-bias"
         if r.capacity:
-            routing += f" capacity={r.capacity.factor} drop={r.capacity.drop_policy}"
+            c = r.capacity
+            routing += f" capacity={c.factor if c.tokens is None else str(c.tokens) + ' tokens'}" + (
+                " per sequence" if c.per == "sequence" else "") + f" drop={c.drop_policy}"
     elif r.type == "expert_choice":
         routing += f" capacity_factor={r.capacity_factor}"
     else:

@@ -2,6 +2,7 @@
 
     from_hf(block)              an HF MoE block (its config and weights) -> compiled layer, same weights
     spec_from_hf_config(config) an HF model config -> MoESpec (model section included)
+    layer_specs_from_hf_config(config) one MoESpec per kind of MoE layer, with the layers of each
 
 How a block is read, for any family (no per-family table):
 
@@ -44,7 +45,7 @@ from .anatomy import (
     probe_activation,
 )
 from .block import HFImport, check_target, compare, from_hf, read_block, tolerance
-from .config import load_hf_config, spec_from_hf_config
+from .config import layer_specs_from_hf_config, load_hf_config, spec_from_hf_config
 from .probe import Probe, forward_args, light_copy, probe_block, token_id_arg, token_vocab
 from .quant import block_scales
 from .routing import Declared, Routing, declared_routing, identify_routing, route
@@ -79,6 +80,7 @@ __all__ = [
     "read_block",
     "route",
     "spec_from_hf_config",
+    "layer_specs_from_hf_config",
     "token_id_arg",
     "token_vocab",
     "tolerance",

@@ -36,19 +36,24 @@ class BlockAnatomy:
     router_bias_name: str | None
     expert_bias_name: str | None  # E-sized selection bias (e_score_correction_bias, expert_bias)
     shared_names: tuple[str, ...] = ()
-    shared_layout: str | None = None  # "gate_up_down", "fused_gate_up", "up_down"
+    shared_layout: str | None = None  # "gate_up_down", "fused_gate_up", "up_down"; "stacked": [n, F, D] tensors
     shared_intermediate: int = 0
+    shared_count: int = 0  # shared experts stored one by one ("stacked"); 0 = one MLP
+    shared_routed: int = 0  # router rows after the routed choices that weigh the stacked shared experts (Inkling)
     shared_bias_terms: bool = False
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
     token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
-    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D]
+    expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D];
+    # "listed": a ModuleDict/ModuleList of E small MLPs (Switch Transformers)
     identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
     zero_experts: int = 0  # ... and then those returning zero
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     output_norm_name: str | None = None  # a child RMS norm of the block output (AXK1's post_mlp_layernorm)
+    split_down_name: str | None = None  # "split" layout: the child holding the down projections [E, D, F] (JetMoE)
+    output_bias_name: str | None = None  # a [D] bias the block adds to its output (JetMoE's ``bias``)
     output_norm_eps: float | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -189,15 +194,72 @@ def _read_gate_function(experts: nn.Module, interleaved: bool, cls: str) -> tupl
     )
 
 
+def split_experts(block: nn.Module) -> tuple[str, str] | None:
+    """(up child, down child) of experts kept as two modules each holding one 3-D ``weight`` [E, out, in]: the up
+    projections [E, H, D] (H = 2F gated, gate rows first, or F) and the down ones [E, D, F] (JetMoE's
+    input_linear / output_linear); None for any other layout."""
+    three = {n: c.weight for n, c in block.named_children()
+             if isinstance(getattr(c, "weight", None), Tensor) and c.weight.dim() == 3 and len(list(c.parameters())) == 1}
+    for up, wu in three.items():
+        for down, wd in three.items():
+            E, H, D = wu.shape
+            if up != down and wd.shape[0] == E and wd.shape[1] == D and H in (wd.shape[2], 2 * wd.shape[2]):
+                return up, down
+    return None
+
+
 def _experts_child(block: nn.Module) -> tuple[str, nn.Module] | None:
+    split = split_experts(block)
+    if split is not None:
+        return split[0], getattr(block, split[0])
     for name, child in block.named_children():
         for w in ("gate_up_proj", "up_proj"):
             p = getattr(child, w, None)
             if isinstance(p, Tensor) and p.dim() == 3 and isinstance(getattr(child, "down_proj", None), Tensor):
                 return name, child
-        if flat_glu(child) is not None:
+        if flat_glu(child) is not None or "expert" in name.lower() and listed_mlps(child) is not None:
             return name, child
     return None
+
+
+@dataclass(frozen=True)
+class ListedMLPs:
+    """Experts kept as a ModuleDict / ModuleList of E small MLPs (Switch Transformers, NLLB-MoE): the names of
+    each expert's Linear layers, found from their shapes (up: D -> F, down: F -> D; gated: gate and up)."""
+
+    experts: tuple[nn.Module, ...]
+    ups: tuple[str, ...]  # ("up",) or ("gate", "up") names, in the spec's order (gate rows first)
+    down: str
+    act: str | None
+
+
+def listed_mlps(experts: nn.Module) -> ListedMLPs | None:
+    """The experts of a module that lists E alike MLPs, each two Linear layers D -> F -> D (the first one
+    defined is the up projection) or three named gate*/up*/down*; None for anything else."""
+    if not isinstance(experts, (nn.ModuleDict, nn.ModuleList)) or type(experts).forward is nn.Module.forward:
+        return None  # (a plain list, called expert by expert by its block, is the structural reader's: hf.structural)
+    # (other entries, such as NLLB-MoE's token dropout, hold no Linear layer)
+    mods = tuple(m for m in experts.children() if any(isinstance(c, nn.Linear) for c in m.children()))
+    if len(mods) < 2:
+        return None
+    lins = [(n, m) for n, m in mods[0].named_children() if isinstance(m, nn.Linear)]
+    if len(lins) == 2 and lins[0][1].out_features == lins[1][1].in_features \
+            and lins[0][1].in_features == lins[1][1].out_features:
+        ups, down = (lins[0][0],), lins[1][0]
+    elif len(lins) == 3:
+        by = {w: [n for n, _ in lins if w in n.lower()] for w in ("gate", "up", "down")}
+        if any(len(v) != 1 for v in by.values()):
+            return None
+        ups, down = (by["gate"][0], by["up"][0]), by["down"][0]
+    else:
+        return None
+    shapes = [tuple(getattr(mods[0], n).weight.shape) for n in (*ups, down)]
+    for m in mods:  # every expert alike
+        if [tuple(getattr(getattr(m, n, None), "weight", torch.empty(0)).shape) for n in (*ups, down)] != shapes:
+            return None
+    fn = next((getattr(mods[0], a) for a in ("act", "act_fn", "activation_fn", "activation")
+               if getattr(mods[0], a, None) is not None), None)
+    return ListedMLPs(mods, ups, down, probe_activation(fn))
 
 
 def flat_glu(experts: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int] | None:
@@ -225,15 +287,19 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if found is None:
         raise UnsupportedBlock(
             "no experts module with 3-D gate_up_proj/up_proj and down_proj weights (the transformers v5 "
-            "layout) or DBRX's mlp.w1/v1/w2 was found among the block's children",
+            "layout), DBRX's mlp.w1/v1/w2 or a list of E alike MLPs was found among the block's children",
             cls,
         )
     ename, experts = found
+    split = split_experts(block)
+    listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
     flat = flat_glu(experts)
-    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor)
+    gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor) or (
+        listed is not None and len(listed.ups) == 2) or (
+        split is not None and experts.weight.shape[1] == 2 * getattr(block, split[1]).weight.shape[2])
     interleaved = gated and getattr(experts, "is_concatenated", True) is False
     clamps: tuple[float | None, float | None] = (None, None)
     custom_act = None
@@ -244,6 +310,18 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         _, _, _, E_, F_ = flat
         up = torch.empty(E_, 2 * F_, flat[0].shape[1], device="meta")
         down = torch.empty(E_, flat[0].shape[1], F_, device="meta")
+    elif split is not None:  # [E, H, D] up and [E, D, F] down in two modules; the block's own activation
+        up, down = experts.weight, getattr(block, split[1]).weight
+        fn = next((getattr(block, a) for a in ("activation", "act_fn", "act") if getattr(block, a, None) is not None),
+                  None)
+        custom_act = probe_activation(fn)
+    elif listed is not None:
+        # A list of E small MLPs: read into the same [E, H, D] / [E, D, F] layout (hf.weights stacks them).
+        custom_act = listed.act
+        lin_up, lin_down = getattr(listed.experts[0], listed.ups[0]), getattr(listed.experts[0], listed.down)
+        E_, F_, D_ = len(listed.experts), lin_up.out_features, lin_up.in_features
+        up = torch.empty(E_, F_ * len(listed.ups), D_, device="meta")
+        down = torch.empty(E_, D_, F_, device="meta")
     elif gated and apply_gate is not None:
         try:
             from transformers.integrations.moe import _default_apply_gate
@@ -251,13 +329,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             _default_apply_gate = None
         if apply_gate is not _default_apply_gate:
             custom_act, clamps = _read_gate_function(experts, interleaved, cls)
-    if flat is None:
+    if flat is None and listed is None and split is None:
         up = experts.gate_up_proj if gated else experts.up_proj
         down = experts.down_proj
     E = down.shape[0]
     if up.shape[0] < E:
         raise UnsupportedBlock(f"its experts hold {up.shape[0]} up projections but {E} down projections", cls)
-    transposed = False if flat is not None else getattr(experts, "is_transposed", None)
+    transposed = False if flat is not None or listed is not None or split is not None else getattr(
+        experts, "is_transposed", None)
     if transposed is None:
         # Undecorated experts: up [E, H, D] with down [E, D, F] is the usual [E, out, in] layout;
         # up [E, D, H] with down [E, F, D] is transposed.
@@ -274,6 +353,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             f"{tuple(down.shape)} do not fit one [E, 2F or F, D] / [E, D, F] layout", cls,
         )
     has_bias = bool(getattr(experts, "has_bias", False)) or isinstance(getattr(experts, "down_proj_bias", None), Tensor)
+    if listed is not None:
+        has_bias = any(getattr(e, n).bias is not None for e in listed.experts for n in (*listed.ups, listed.down))
     act = custom_act or probe_activation(getattr(experts, "act_fn", None))
     if act is None and config is not None and getattr(config, "hidden_act", None):
         try:
@@ -286,7 +367,9 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     anat_kwargs: dict[str, Any] = dict(
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
-        gate_clamp=clamps[0], up_clamp=clamps[1], expert_layout="flat_glu" if flat is not None else "3d",
+        gate_clamp=clamps[0], up_clamp=clamps[1],
+        expert_layout="flat_glu" if flat is not None else "listed" if listed is not None else "split"
+        if split is not None else "3d", split_down_name=split[1] if split is not None else None,
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
@@ -305,7 +388,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             if _shared_layout(child, D) is None:
                 raise UnsupportedBlock(
                     f"shared expert '{name}' ({type(child).__name__}) has no gate_proj/up_proj/down_proj Linear "
-                    "layers to read", cls,
+                    "layers or [n, F, D] / [n, D, F] tensors to read", cls,
                 )
             shared_names.append(name)
             claimed.add(name)
@@ -316,7 +399,10 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     if shared_names:
         sh = getattr(block, shared_names[0])
         layout = _shared_layout(sh, D)
-        if layout == "fused_gate_up":
+        n = 0
+        if layout == "stacked":  # n shared experts as [n, F, D] gate/up and [n, D, F] down tensors
+            n, S = sh.down_proj.shape[0], sh.down_proj.shape[0] * sh.down_proj.shape[2]
+        elif layout == "fused_gate_up":
             S = sh.gate_up_proj.out_features // 2
         elif layout == "gate_up_down":
             S = sh.gate_proj.out_features
@@ -328,7 +414,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
                 f"experts are {'gated' if gated else 'plain'}; the spec uses one activation for both", cls,
             )
         anat_kwargs.update(
-            shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S,
+            shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S, shared_count=n,
             shared_bias_terms=any(isinstance(m, nn.Linear) and m.bias is not None for m in sh.modules()),
             shared_activation_fn=probe_activation(getattr(sh, "act_fn", None) or getattr(sh, "activation_fn", None)),
             shared_gate_name=shared_gate,
@@ -344,6 +430,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             anat_kwargs.update(output_norm_name=name, output_norm_eps=eps)
             claimed.add(name)
             break
+
+    if split is not None:
+        claimed.add(split[1])
+        # its output bias: a [D] parameter of the block itself
+        own = [n for n, p in block.named_parameters(recurse=False) if tuple(p.shape) == (D,)]
+        if len(own) == 1:
+            anat_kwargs["output_bias_name"] = own[0]
+            claimed.add(own[0])
 
     # The router: the one [E, D] tensor outside the experts and shared experts.
     def outside(name: str) -> bool:
@@ -361,7 +455,13 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         )
     rw = routers[0]
     R = dict(tensors)[rw].shape[0]
-    if R > E:
+    n = anat_kwargs.get("shared_count", 0)
+    if n and R == E + n:
+        # As many rows beyond the experts as stacked shared experts: their weights (the probe checks that the
+        # shared experts receive them); the choices the routing picks from are the first E.
+        anat_kwargs["shared_routed"] = n
+        R = E
+    elif R > E:
         try:
             anat_kwargs["identity_experts"], anat_kwargs["zero_experts"] = _extra_experts(experts, E, R, D, cls)
         except UnsupportedBlock as exc:
@@ -372,7 +472,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
     rb_t = dict(tensors).get(rb)
-    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R else None
+    router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R + anat_kwargs.get("shared_routed", 0) else None
     rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
     ebias = [n for n, t in rest if t.is_floating_point() and t.numel() == R]
     if len(ebias) > 1:
@@ -449,6 +549,12 @@ def _shared_layout(mod: nn.Module, D: int) -> str | None:
         return "gate_up_down"
     if lin("gate_up_proj") and lin("down_proj") and lin("gate_up_proj").in_features == D:
         return "fused_gate_up"
+    stacked = [getattr(mod, w, None) for w in ("gate_proj", "up_proj", "down_proj")]
+    if all(isinstance(t, Tensor) and t.dim() == 3 for t in stacked):
+        g, u, d = stacked
+        n, Fs = g.shape[0], g.shape[1]
+        if tuple(g.shape) == tuple(u.shape) == (n, Fs, D) and tuple(d.shape) == (n, D, Fs):
+            return "stacked"
     up = lin("up_proj") or lin("fc1")
     down = lin("down_proj") or lin("fc2")
     if up is not None and down is not None and up.in_features == D and not lin("gate_proj"):

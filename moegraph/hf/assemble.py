@@ -53,13 +53,15 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
             raise UnsupportedBlock(f"its shared expert uses {anat.shared_activation_fn} but the routed experts use "
                                    f"{anat.activation_fn}; the spec uses one activation", anat.block_class)
         S = anat.shared_intermediate
-        count = _attr(cfg, _SHARED_COUNT) if cfg is not None else None
+        count = anat.shared_count or (_attr(cfg, _SHARED_COUNT) if cfg is not None else None)
         count = int(count) if isinstance(count, int) and count > 0 and S % count == 0 else 1
         shared: dict[str, Any] = {"count": count}
         if S // count != anat.intermediate_size:
             shared["intermediate_size"] = S // count
         if anat.shared_gate_name:
             shared["gate"] = "sigmoid"
+        if anat.shared_routed:
+            shared["gate"] = "router"
         moe["shared_experts"] = shared
     router = routing.router_dict()
     if routing.expert_bias:
@@ -69,6 +71,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
     moe["router"] = router
     if anat.output_norm_name:
         moe["output_norm"] = {"kind": "rms", "eps": anat.output_norm_eps}
+    if anat.output_bias_name:
+        moe["output_bias"] = True
     moe["dtype"] = dtype
     return moe
 

@@ -93,6 +93,9 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
         raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat, cfg)}; the spec supports float32, "
                                "float16, bfloat16 and block-scaled FP8", anat.block_class)
     notes = list(anat.notes) + notes
+    tensors = dict(_named_tensors(block))
+    notes += [f"the learned scalar {n} is read at its value (a constant of the spec); training it is not reproduced"
+              for n in anat.unexplained if n in tensors and tensors[n].numel() == 1]
     jitter = _attr(cfg, ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")) if cfg is not None else None
     if isinstance(jitter, (int, float)) and jitter > 0:
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")

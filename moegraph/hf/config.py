@@ -74,6 +74,13 @@ def load_hf_config(path: str | Path) -> Any:
 
 def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
     """The first MoE block of the model ``cfg`` describes, built on the meta device (no memory)."""
+    blocks, why = _meta_blocks(cfg, first_only=True)
+    return (blocks[0][1] if blocks else None), why
+
+
+def _meta_blocks(cfg: Any, first_only: bool = False) -> tuple[list[tuple[str, nn.Module]], str]:
+    """(path, block) of the MoE blocks of the model ``cfg`` describes, built on the meta device (no memory);
+    ``first_only``: a model cut after its first MoE layer is enough."""
     try:
         import transformers
         from transformers import AutoModel, AutoModelForCausalLM
@@ -87,7 +94,7 @@ def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
     small = copy.deepcopy(cfg)
     tc = _text_config(small)
     n = getattr(tc, "num_hidden_layers", None)
-    if first is not None and isinstance(n, int) and n > first + 1:
+    if first_only and first is not None and isinstance(n, int) and n > first + 1:
         tc.num_hidden_layers = first + 1
         for key, val in list(vars(tc).items()):
             if isinstance(val, list) and len(val) == n:
@@ -106,16 +113,30 @@ def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
                 except Exception as exc:  # noqa: BLE001 - try the next way of building it
                     last = f"building the model failed ({type(exc).__name__}: {exc})"
                     continue
-                for _, m in model.named_modules():
-                    if is_hf_moe_block(m):
-                        return m, ""
+                found = [(p, m) for p, m in model.named_modules() if is_hf_moe_block(m)]
+                if found:
+                    return found[:1] if first_only else found, ""
                 other = [type(m).__name__ for _, m in model.named_modules()
                          if any("expert" in n.lower() for n, _ in m.named_children())]
                 last = (f"its MoE blocks ({other[0]}) do not hold experts in the transformers v5 layout (3-D "
                         "gate_up_proj/up_proj and down_proj)" if other else "the model it builds has no MoE block")
     finally:
         transformers.logging.set_verbosity(prev)
-    return None, last
+    return [], last
+
+
+def _kinds(blocks: list[tuple[str, nn.Module]]) -> list[tuple[list[str], nn.Module]]:
+    """The blocks grouped by structure (class, forward arguments, named tensor shapes), first seen first: blocks
+    of one group run the same code on the same config, so one spec describes them (DeepSeek-V4's hash layers,
+    which hold a token table, form a group apart from its top-k layers)."""
+    from .probe import forward_args
+
+    groups: dict[tuple, tuple[list[str], nn.Module]] = {}
+    for path, b in blocks:
+        key = (type(b), tuple(forward_args(b)),
+               tuple((n, tuple(t.shape), t.dtype) for n, t in list(b.named_parameters()) + list(b.named_buffers())))
+        groups.setdefault(key, ([], b))[0].append(path)
+    return list(groups.values())
 
 
 def _known_to_transformers(cfg: Any) -> bool:
@@ -180,9 +201,44 @@ def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = T
     """
     if isinstance(config, (str, Path)):
         config = load_hf_config(config)
+    block, why = _meta_block(config) if probe else (None, "probing disabled")
+    if block is not None:
+        blocks, _ = _meta_blocks(config)
+        kinds = _kinds(blocks)
+        if len(kinds) > 1:
+            specs = [_spec_of(config, b, name, probe, "") for _, b in kinds]
+            if len({s.hash() for s in specs}) > 1:
+                listed = "; ".join(f"{', '.join(paths)}: {s.description}" for (paths, _), s in zip(kinds, specs))
+                raise UnsupportedBlock(
+                    f"its MoE layers are of {len(kinds)} kinds ({listed}); one spec describes one kind: "
+                    "moegraph.hf.layer_specs_from_hf_config gives one spec per kind with the layers of each",
+                    _family(_text_config(config)))
+    return _spec_of(config, block, name, probe, why)
+
+
+def layer_specs_from_hf_config(config: Any, *, name: str | None = None) -> list[tuple[list[str], MoESpec]]:
+    """One spec per kind of MoE layer of the model an HF config describes, with the module paths of the layers of
+    each kind, first layer first (DeepSeek-V4: its hash layers and its top-k layers). Every block is built on
+    the meta device and read like ``spec_from_hf_config`` reads the first one; blocks of one structure share
+    their spec. Kinds after the first get ``-kind<i>`` after the spec name."""
+    if isinstance(config, (str, Path)):
+        config = load_hf_config(config)
+    blocks, why = _meta_blocks(config)
+    if not blocks:
+        raise UnsupportedBlock(f"no MoE block could be built from it: {why}", _family(_text_config(config)))
+    out = []
+    for i, (paths, b) in enumerate(_kinds(blocks)):
+        spec = _spec_of(config, b, name, True, "")
+        if i:
+            spec = spec.model_copy(update={"name": f"{spec.name}-kind{i}"})
+        out.append((paths, spec))
+    return out
+
+
+def _spec_of(config: Any, block: nn.Module | None, name: str | None, probe: bool, why: str) -> MoESpec:
+    """The spec of one (meta-built) block of the model ``config`` describes, or of its attributes alone."""
     cfg = _text_config(config)
     notes: list[str] = []
-    block, why = _meta_block(config) if probe else (None, "probing disabled")
     if block is not None:
         anat = inspect_block(block, cfg)
         routing, rnotes = identify_routing(probe_block(block, anat), cfg, anat.block_class)

@@ -57,6 +57,8 @@ class Probe:
     input_scaled: bool = False  # the experts got every token scaled by its routing weight: expert(w * x)
     flat_output: bool = False  # a [B, S, D] input comes back as [B*S, D] (Llama 4)
     routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
+    shared_weights_TS: Tensor | None = None  # weights the stacked shared experts received, one per (token, expert)
+    capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy) of a block that drops over-full experts
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -82,6 +84,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     heavy = (anat.experts_name, *anat.shared_names)
     light = light_copy(block, heavy)
     g = torch.Generator().manual_seed(seed)
+    # Learned scalars (Inkling's global_scale) multiply the routing: they keep their values, which the spec
+    # then holds as constants (a meta block's are taken as 1).
+    scalars = {n: (1.0 if t.is_meta else float(t.detach())) for n, t in _named_tensors(light)
+               if t.is_floating_point() and t.numel() == 1 and n != anat.router_weight_name}
     if any(t.is_meta for _, t in _named_tensors(light)):
         light = light.to_empty(device="cpu")
     light = light.float().eval()
@@ -90,7 +96,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         for name, t in _named_tensors(light):
             if not t.is_floating_point():
                 continue
-            if name == anat.router_weight_name:
+            if name in scalars:
+                t.fill_(scalars[name])
+            elif name == anat.router_weight_name:
                 t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(D))
             elif name == anat.expert_bias_name or name.endswith("bias"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
@@ -108,15 +116,29 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         vocab = token_vocab(block)
         tid_T = torch.randint(0, vocab, (tokens,), generator=g)
 
-        def run(tid_1T: Tensor | None) -> tuple[object, _Recorder, list[_Recorder]]:
+        # An expert capacity in tokens (Switch Transformers' expert_capacity): lifted while the routing is read;
+        # its rule is read afterwards, on a small capacity.
+        caps = [(m, a) for m in light.modules() for a, v in vars(m).items()
+                if a == "expert_capacity" and isinstance(v, int) and not isinstance(v, bool)]
+        capacity_C = getattr(*caps[0]) if caps else None
+        for m, a in caps:
+            setattr(m, a, 1 << 30)
+
+        sig_ND = torch.randn(E * tokens, D, generator=g)  # split layout: what each down-projected row returns
+
+        def run(tid_1T: Tensor | None, x_in: Tensor = x) -> tuple[object, _Recorder, list[_Recorder]]:
             experts = _Recorder(routed_out, dense_out)
             light._modules[anat.experts_name] = experts
+            if anat.split_down_name:  # up rows return zeros, down rows known signatures (_split_routing)
+                H = anat.intermediate_size * (2 if anat.gated else 1)
+                experts.forward = lambda *a, **k: (experts.calls.append((a, k)), a[0].new_zeros(a[0].shape[0], H))[1]
+                light._modules[anat.split_down_name] = _RowSignatures(sig_ND)
             sharers = []
             for n in anat.shared_names:
                 sharers.append(_Recorder(shared_out))
                 light._modules[n] = sharers[-1]
             kwargs = {token_arg: tid_1T} if token_arg else {}
-            return light(x, **kwargs), experts, sharers
+            return light(x_in, **kwargs), experts, sharers
 
         try:
             out, experts, sharers = run(tid_T.view(1, tokens) if token_arg else None)
@@ -136,26 +158,44 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
+    y = out[0] if isinstance(out, tuple) else out
+    bias_D = get_path(light, anat.output_bias_name).detach().float() if anat.output_bias_name else 0.0
+    if anat.split_down_name:
+        ids, w, routed_split = _split_routing(experts, y, bias_D, x.view(tokens, D), sig_ND, anat)
     # The experts must have been called once with (tokens, ids [T, K], weights [T, K]).
-    if len(experts.calls) != 1:
+    if not anat.split_down_name and len(experts.calls) != 1:
         raise UnsupportedBlock(f"its experts module was called {len(experts.calls)} times per forward; expected once "
                                "with (hidden_states, top_k_index, top_k_weights)", cls)
     args, kwargs = experts.calls[0]
     vals = list(args) + list(kwargs.values())
     input_scaled = len(vals) == 1 and isinstance(vals[0], Tensor) and vals[0].shape[0] == E * tokens
-    if input_scaled:
+    if anat.split_down_name:
+        input_scaled = False
+    elif input_scaled:
         ids, w = _weights_from_scaled_inputs(vals[0], x.view(tokens, D), anat)
     elif len(vals) < 3 or not all(isinstance(v, Tensor) for v in vals[:3]):
         raise UnsupportedBlock(
             "its experts are not called as experts(hidden_states, top_k_index, top_k_weights)"
             + (f" (called with {len(vals)} argument(s))" if len(vals) < 3 else ""), cls,
         )
-    if not input_scaled:
+    kept = None
+    if not input_scaled and not anat.split_down_name:
         h, ids, w = vals[:3]
         if ids.is_floating_point() and not w.is_floating_point():
             ids, w = w, ids
-    if not input_scaled and (h.shape[-1] != D or h.numel() != tokens * D
-                             or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
+        if (E > 2 and ids.dim() == 2 and tuple(ids.shape) == (tokens, E) and not ids.is_floating_point()
+                and bool(((ids == 0) | (ids == 1)).all())):
+            raise UnsupportedBlock(
+                f"its experts receive a [tokens, {E}] 0/1 mask where expert ids belong (NLLB-MoE's top-1 mask, "
+                "with [tokens, E] weights), so an experts module that reads ids from it runs only experts 0 and 1; "
+                "that is not the top-k routing its router computes, and the spec does not reproduce it", cls)
+        mask = _from_dispatch_mask(ids, w, tokens, E)
+        if mask is not None:  # a one-hot dispatch mask [T, K, E] (Switch Transformers)
+            ids, w, kept = mask
+            if not bool(kept.all()):
+                raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
+    if not input_scaled and not anat.split_down_name and (h.shape[-1] != D or h.numel() != tokens * D
+                                                          or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -166,13 +206,22 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
 
     # The combine: output == c * routed + (sigmoid gate *) shared, with c = 1 unless the block scales the
     # routed output itself (Beam): c is read off the output and folded into the routing weights.
-    y = out[0] if isinstance(out, tuple) else out
     routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
-    expect = torch.zeros(tokens, D)
+    if anat.split_down_name:
+        routed = routed_split
+    expect = torch.zeros(tokens, D) + bias_D
     if anat.shared_names:
         for s in sharers:
             if len(s.calls) != 1 or not torch.equal(s.calls[0][0][0].reshape(tokens, D), x.view(tokens, D)):
                 raise UnsupportedBlock("its shared expert does not run once on the block input", cls)
+        if anat.shared_routed:  # stacked shared experts weighted by router rows: the weights they received
+            args, kw = sharers[0].calls[0]
+            got = [v for v in list(args[1:]) + list(kw.values()) if isinstance(v, Tensor)
+                   and v.numel() == tokens * anat.shared_routed]
+            if len(got) != 1:
+                raise UnsupportedBlock(f"its router has {anat.shared_routed} rows for its {anat.shared_routed} "
+                                       "stacked shared experts, but the shared experts receive no weights from it", cls)
+            shared_w = got[0].reshape(tokens, anat.shared_routed).float()
         scale = 1.0
         if anat.shared_gate_name:
             wg = get_path(light, anat.shared_gate_name).weight
@@ -201,6 +250,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             "its output is not routed experts + shared experts" + (" x sigmoid gate" if anat.shared_gate_name else "")
             + f"; it transforms or adds to them in a way the spec cannot express{extra}", cls,
         )
+    capacity = None
+    if capacity_C is not None:
+        capacity = _capacity_rule(run, caps, x, ids.long(), w.float(), E, capacity_C, cls)
     kind: tuple[str, ...] = ("tensor",)
     if isinstance(out, tuple):
         extras = []
@@ -212,7 +264,97 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
-                 y.dim() == 2, routed_scale)
+                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity)
+
+
+class _RowSignatures(nn.Module):
+    """Stands in for a split layout's down projections: row r of its output is ``sig_ND[r]``."""
+
+    def __init__(self, sig_ND: Tensor):
+        super().__init__()
+        self.sig_ND = sig_ND
+
+    def forward(self, rows: Tensor, *args, **kwargs) -> Tensor:
+        return self.sig_ND[: rows.shape[0]].to(rows.dtype).clone()
+
+
+def _split_routing(up: _Recorder, y: Tensor, bias_D: Tensor | float, x_TD: Tensor, sig_ND: Tensor,
+                   anat: BlockAnatomy) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids_TK, weights_TK, routed_TD) of a block whose experts are two modules called on rows sorted by expert
+    with the count per expert (JetMoE): each row's token is the input row it equals, its expert follows from
+    the counts, and its weight is solved from the output, where down-projected row r returned ``sig_ND[r]``."""
+    cls, E = anat.block_class, anat.num_experts
+    T = x_TD.shape[0]
+    if len(up.calls) != 1:
+        raise UnsupportedBlock(f"its up projections were called {len(up.calls)} times per forward; expected once", cls)
+    args, kwargs = up.calls[0]
+    vals = list(args) + list(kwargs.values())
+    rows = vals[0].reshape(-1, x_TD.shape[1]).float() if vals and isinstance(vals[0], Tensor) else None
+    sizes = vals[1] if len(vals) > 1 else None
+    sizes = sizes.tolist() if isinstance(sizes, Tensor) else sizes
+    if rows is None or not isinstance(sizes, (list, tuple)) or len(sizes) != E or sum(sizes) != rows.shape[0]:
+        raise UnsupportedBlock("its up projections are not called as (rows sorted by expert, rows per expert)", cls)
+    same = (rows[:, None, :] == x_TD[None]).all(-1)  # [N, T]
+    if not bool((same.sum(-1) == 1).all()):
+        raise UnsupportedBlock("the rows its experts receive are not tokens of the block input", cls)
+    tok_N = same.float().argmax(-1)
+    exp_N = torch.repeat_interleave(torch.arange(E), torch.tensor(sizes))
+    per_T = torch.bincount(tok_N, minlength=T)
+    K = int(per_T.max())
+    if not bool((per_T == K).all()):
+        raise UnsupportedBlock("its tokens choose different numbers of experts", cls)
+    order = torch.argsort(tok_N * E + exp_N)  # token-major, experts ascending within a token
+    sig = sig_ND[: rows.shape[0]].double()[order].view(T, K, -1)
+    target = (y.reshape(T, -1).double() - torch.as_tensor(bias_D, dtype=torch.float64)).unsqueeze(-1)
+    w_TK = torch.linalg.lstsq(sig.transpose(1, 2), target).solution.squeeze(-1)
+    routed = (sig * w_TK.unsqueeze(-1)).sum(1)
+    return exp_N[order].view(T, K), w_TK.float(), routed.float()
+
+
+def _from_dispatch_mask(ids: Tensor, w: Tensor, tokens: int, E: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(ids_TK, weights_TK, kept_TK) of experts called with a one-hot dispatch mask [T, K, E] and weights [T, K]
+    (Switch Transformers; a row of zeros: an assignment dropped by the capacity); None for other arguments."""
+    if ids.dim() != 3 or ids.is_floating_point() or ids.shape[-1] != E or ids.numel() % (tokens * E):
+        return None
+    K = ids.numel() // (tokens * E)
+    m = ids.reshape(tokens, K, E)
+    if not bool(((m == 0) | (m == 1)).all()) or bool((m.sum(-1) > 1).any()) or w.numel() != tokens * K:
+        return None
+    return m.argmax(-1), w.reshape(tokens, K), m.sum(-1) == 1
+
+
+def _capacity_rule(run, caps, x: Tensor, ids_TK: Tensor, w_TK: Tensor, E: int, C: int, cls: str
+                   ) -> tuple[int, str, str]:
+    """(tokens, per, drop_policy) of a block with an expert capacity of C tokens, the rule read by running it
+    with a capacity of 2 on two sequences and comparing the assignments it keeps with each rule the spec has."""
+    from ..runtime import apply_capacity
+
+    if C <= 0:
+        raise UnsupportedBlock(f"its expert_capacity is {C}; a capacity is a positive number of tokens", cls)
+    T = ids_TK.shape[0]
+    for m, a in caps:
+        setattr(m, a, 2)
+    try:
+        with torch.no_grad():
+            _, rec, _ = run(None, x.reshape(2, T // 2, x.shape[-1]))
+    finally:
+        for m, a in caps:
+            setattr(m, a, 1 << 30)
+    args, kwargs = rec.calls[0] if len(rec.calls) == 1 else ((), {})
+    vals = [v for v in list(args) + list(kwargs.values()) if isinstance(v, Tensor)]
+    got = _from_dispatch_mask(vals[1], vals[2], T, E) if len(vals) >= 3 else None
+    if got is None:
+        raise UnsupportedBlock("it has an expert_capacity, but its experts do not receive a dispatch mask to read "
+                               "the dropped tokens from", cls)
+    kept = got[2]
+    for per in ("sequence", "batch"):
+        for policy in ("position", "probs"):
+            ours = apply_capacity(ids_TK, w_TK, E, None, 1, policy == "probs", tokens=2,
+                                  sequences=2 if per == "sequence" else 1)
+            if torch.equal(ours < E, kept):
+                return C, per, policy
+    raise UnsupportedBlock(f"it drops tokens beyond an expert_capacity of {C} by a rule the spec does not have "
+                           "(neither the earliest nor the highest-weight ones, per sequence or per batch)", cls)
 
 
 def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:

@@ -30,9 +30,11 @@ class Routing:
     expert_bias: bool = False
     hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
     on_input: bool = False  # the weight scales the expert's input, expert(w * x) (Llama 4), not its output
+    capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy): over-full experts drop tokens
 
     def describe(self) -> str:
-        return self._describe() + (", weight on the expert input" if self.on_input else "")
+        cap = (f", capacity {self.capacity[0]} tokens per {self.capacity[1]}" if self.capacity else "")
+        return self._describe() + (", weight on the expert input" if self.on_input else "") + cap
 
     def _describe(self) -> str:
         if self.hash_vocab is not None:
@@ -79,13 +81,17 @@ class Routing:
             d["groups"] = {"num_groups": G, "topk_groups": M, "group_score": how}
             if how == "sum_topn":
                 d["groups"]["top_n"] = n
+        if self.capacity:
+            C, per, policy = self.capacity
+            d["capacity"] = {"tokens": C, "per": per, "drop_policy": policy}
         return d
 
 
-def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing``."""
+def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None, shared: int = 0) -> tuple[Tensor, Tensor]:
+    """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing`` (``shared``: the
+    last logits weigh shared experts; their weights follow the K chosen ones)."""
     bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
-    return route_topk(logits_TE, r.policy(), bias)
+    return route_topk(logits_TE, r.policy(), bias, shared)
 
 
 def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
@@ -164,6 +170,9 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routi
 def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
     """The routing that reproduces the probe exactly, declared form first; notes on deviations."""
     dec = declared_routing(cfg) if cfg is not None else Declared(None, None, None, None, None, None, False)
+    if probe.uses_token_ids and probe.shared_weights_TS is not None:
+        raise UnsupportedBlock("its routing depends on the token ids and its router also weighs its shared experts; "
+                               "the spec weighs shared experts by router rows beside a topk router only", block_class)
     if probe.uses_token_ids:
         r, notes = _identify_hash_routing(probe, dec, block_class)
     else:
@@ -177,25 +186,37 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
         r = dataclasses.replace(r, scaling_factor=float(f"{scale:.6g}"))
         notes = notes + [f"the block scales the routed output by {probe.routed_scale:g}; folded into the routing "
                          "weights (scaling_factor)"]
+    if probe.capacity is not None:
+        if r.hash_vocab is not None:
+            raise UnsupportedBlock("it routes by a token table and drops tokens beyond an expert capacity; the spec's "
+                                   "capacity belongs to a topk router", block_class)
+        r = dataclasses.replace(r, capacity=probe.capacity)
     return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
 
 
 def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tuple[Routing, list[str]]:
     K = probe.ids_TK.shape[1]
-    E = probe.logits_TE.shape[1]
+    S = 0 if probe.shared_weights_TS is None else probe.shared_weights_TS.shape[1]  # router rows of shared experts
+    E = probe.logits_TE.shape[1] - S
     notes: list[str] = []
     if dec.top_k is not None and dec.top_k != K:
         notes.append(f"config says top-{dec.top_k} but the block routes to {K} experts; following the block")
     first_mismatch = None
+
+    def weights_in_order(ids: Tensor, w: Tensor, shared_w: Tensor | None) -> Tensor:
+        # The chosen experts' weights by expert id, then the shared experts' (one order for both sides).
+        wk = w[:, :K].gather(1, ids.sort(-1).indices)
+        return wk if shared_w is None else torch.cat([wk, shared_w], dim=-1)
+
     for cand in _candidates(dec, K, E, probe.expert_bias_E is not None):
-        ids, w = route(probe.logits_TE, cand, probe.expert_bias_E)
+        ids, w = route(probe.logits_TE, cand, probe.expert_bias_E, S)
         if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
             if first_mismatch is None:
-                first_mismatch = (cand, _same_routing(ids, w, probe.ids_TK, probe.weights_TK)[1])
+                first_mismatch = (cand, _same_routing(ids, w[:, :K], probe.ids_TK, probe.weights_TK)[1])
             continue
         # Same experts: the weights may differ by a constant factor (routed_scaling_factor).
-        wa = w.gather(1, ids.sort(-1).indices)
-        wb = probe.weights_TK.gather(1, probe.ids_TK.sort(-1).indices)
+        wa = weights_in_order(ids, w, w[:, K:] if S else None)
+        wb = weights_in_order(probe.ids_TK, probe.weights_TK, probe.shared_weights_TS)
         scale, ratio = _common_scale(wb, wa)
         if scale is None:
             if first_mismatch is None:
@@ -207,8 +228,9 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
             notes.append(f"routing weights are scaled by {scale:g} (found by probing; config says "
                          f"{dec.scaling if dec.scaling is not None else 'nothing'})")
         r = Routing(**{**cand.__dict__, "scaling_factor": scale})
-        ok, why = _same_routing(*route(probe.logits_TE, r, probe.expert_bias_E), probe.ids_TK, probe.weights_TK)
-        if not ok:
+        ids, w = route(probe.logits_TE, r, probe.expert_bias_E, S)
+        ok, why = _same_routing(ids, w[:, :K], probe.ids_TK, probe.weights_TK)
+        if not ok or S and not torch.allclose(w[:, K:], probe.shared_weights_TS, rtol=1e-4, atol=1e-7):
             continue
         notes += _deviation_notes(dec, r, probe.expert_bias_E is not None)
         return r, notes

@@ -7,7 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, flat_glu, get_path
+from .anatomy import BlockAnatomy, flat_glu, get_path, listed_mlps
 
 
 def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
@@ -33,7 +33,22 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1) if anat.interleaved else t
 
     up_name = "gate_up_proj" if anat.gated else "up_proj"
-    if anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
+    if anat.expert_layout == "split":  # JetMoE: input_linear [E, H, D] (gate rows first) and output_linear [E, D, F]
+        out[f"experts.{up_name}"] = ex.weight
+        out["experts.down_proj"] = get_path(block, anat.split_down_name).weight
+    elif anat.expert_layout == "listed":  # E small MLPs: their Linear weights stacked (gate rows, then up rows)
+        listed = listed_mlps(ex)
+        lin = [[getattr(e, n) for n in listed.ups] for e in listed.experts]
+        dn = [getattr(e, listed.down) for e in listed.experts]
+        out[f"experts.{up_name}"] = torch.stack([torch.cat([u.weight for u in us], 0) for us in lin])
+        out["experts.down_proj"] = torch.stack([d.weight for d in dn])
+        if anat.expert_bias_terms:
+            def bias(m: nn.Linear) -> Tensor:
+                return m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+
+            out[f"experts.{up_name}_bias"] = torch.stack([torch.cat([bias(u) for u in us], 0) for us in lin])
+            out["experts.down_proj_bias"] = torch.stack([bias(d) for d in dn])
+    elif anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
         w1, v1, w2, _, _ = flat_glu(ex)
         D = anat.hidden_size
         out["experts.gate_up_proj"] = torch.cat([w1.view(E, Fh, D), v1.view(E, Fh, D)], dim=1)
@@ -43,10 +58,22 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         out[f"experts.{up_name}"] = fix_up(up if up.shape[0] == E else up[:E])  # rows beyond E: unused (LongCat)
         down = ex.down_proj
         out["experts.down_proj"] = down.transpose(1, 2) if anat.transposed else down
-    if anat.expert_bias_terms:
+    if anat.expert_bias_terms and anat.expert_layout != "listed":
         out[f"experts.{up_name}_bias"] = fix_up_bias(getattr(ex, f"{up_name}_bias"))
         out["experts.down_proj_bias"] = ex.down_proj_bias
-    if anat.shared_names:
+    if anat.shared_names and anat.shared_layout == "stacked":
+        # [n, F, D] gate and up, [n, D, F] down: kept one by one where the router weighs them, else one MLP of
+        # hidden n*F (gate rows of every expert, then up rows; down columns in the same order).
+        sh = getattr(block, anat.shared_names[0])
+        if anat.shared_routed:
+            out["shared_experts.gate_up_proj"] = torch.cat([sh.gate_proj, sh.up_proj], dim=1)
+            out["shared_experts.down_proj"] = sh.down_proj
+        else:
+            n, Fs, D = sh.gate_proj.shape
+            out["shared_experts.gate_up_proj"] = torch.cat([sh.gate_proj.reshape(n * Fs, D),
+                                                            sh.up_proj.reshape(n * Fs, D)], dim=0)
+            out["shared_experts.down_proj"] = sh.down_proj.permute(1, 0, 2).reshape(D, n * Fs)
+    elif anat.shared_names:
         sh = getattr(block, anat.shared_names[0])
         if anat.shared_layout == "gate_up_down":
             ups = [sh.gate_proj, sh.up_proj]
@@ -67,6 +94,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             out["shared_expert_gate.weight"] = get_path(block, anat.shared_gate_name).weight
     if anat.output_norm_name:
         out["output_norm.weight"] = get_path(block, anat.output_norm_name).weight
+    if anat.output_bias_name:
+        out["output.bias"] = get_path(block, anat.output_bias_name)
     if anat.expert_bias_terms is False and anat.shared_bias_terms:
         out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
         out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))

@@ -70,14 +70,22 @@ def group_limit(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
     return choice_TGX.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(-1, E)
 
 
-def route_topk(logits_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """ids_TK [T, K] (best first) and weights_TK [T, K] of a top-k policy (weights differentiable in the logits)."""
-    scores_TE = logits_TE if policy.topk_then_score else scores(logits_TE, policy.score)
+def route_topk(logits_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None,
+               shared: int = 0) -> tuple[Tensor, Tensor]:
+    """ids_TK [T, K] (best first) and weights_TK [T, K] of a top-k policy (weights differentiable in the logits).
+
+    ``shared`` (``shared_experts.gate: router``): the last ``shared`` logits are shared experts' rows, scored
+    with the others but never chosen; their weights follow the K chosen ones (weights [T, K + shared]),
+    normalised and scaled together with them.
+    """
+    scores_TX = logits_TE if policy.topk_then_score else scores(logits_TE, policy.score)
+    E = logits_TE.shape[1] - shared
+    scores_TE, shared_TS = scores_TX[:, :E], scores_TX[:, E:]
     choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
     if policy.num_groups:
         choice_TE = group_limit(choice_TE, policy)
     ids_TK = torch.topk(choice_TE, policy.top_k, dim=-1).indices
-    return ids_TK, _weights(scores_TE, ids_TK, policy)
+    return ids_TK, _weights(scores_TE, ids_TK, policy, shared_TS if shared else None)
 
 
 def route_weights(logits_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tensor:
@@ -85,8 +93,10 @@ def route_weights(logits_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tens
     return _weights(logits_TE if policy.topk_then_score else scores(logits_TE, policy.score), ids_TK, policy)
 
 
-def _weights(scores_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tensor:
+def _weights(scores_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy, shared_TS: Tensor | None = None) -> Tensor:
     w_TK = scores_TE.gather(1, ids_TK)
+    if shared_TS is not None:
+        w_TK = torch.cat([w_TK, shared_TS], dim=-1)
     if policy.topk_then_score:
         w_TK = torch.softmax(w_TK, dim=-1)
     if policy.normalize:

@@ -103,6 +103,9 @@ class FuseRouter(PassBase):
         self.refused = None
         if self.args is None:
             return self._refuse(gm, f"router type '{self.spec.moe.router.type}' is not top-k")
+        if self.spec.moe.shared_experts.gate == "router":  # the routing stays torch code in the layer
+            return self._refuse(gm, "the shared experts' router rows join the chosen experts' weights "
+                                    "(shared_experts.gate: router), which the router kernel does not compute")
         E = self.spec.moe.experts.num_experts
         why = router_supported(E, self.args[0], self.args[1])
         if why:
