@@ -50,6 +50,9 @@ class BlockAnatomy:
     up_clamp: float | None = None
     output_norm_name: str | None = None  # a child RMS norm of the block output (AXK1's post_mlp_layernorm)
     output_norm_eps: float | None = None
+    # Set once the probe has read the routing (``block.read_block``):
+    expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
+    router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
     notes: list[str] = field(default_factory=list)
 
 
@@ -82,12 +85,12 @@ def probe_activation(fn: Any) -> str | None:
     return None
 
 
-def _gate_constants(experts: nn.Module, word: str) -> list[float]:
-    """Positive finite numbers held by the experts module or its submodules (an activation module) under
-    an attribute whose name contains ``word`` ("limit", "alpha", "softcap"): candidate constants of its gate
-    function (an infinite limit clamps nothing)."""
+def _gate_constants(module: nn.Module, word: str) -> list[float]:
+    """Positive finite numbers held by a module or its submodules under an attribute whose name contains
+    ``word`` ("limit", "alpha", "softcap", "jitter"): candidate constants of the experts' gate function, or
+    of a block's router transforms (an infinite limit clamps nothing)."""
     out = []
-    for mod in experts.modules():
+    for mod in module.modules():
         for a, v in sorted(vars(mod).items()):
             if word in a.lower() and isinstance(v, (int, float)) and not isinstance(v, bool) \
                     and 0 < v < float("inf") and float(v) not in out:
