@@ -232,6 +232,11 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             cls,
         )
     ename, experts = found
+    attention = [n for n, c in block.named_children() if "attention" in type(c).__name__.lower()]
+    if attention:
+        raise UnsupportedBlock(
+            f"it is a decoder layer: besides its experts it holds attention ({', '.join(attention)}); only an MoE "
+            "block (router, experts, shared experts, a norm of its output) is read, not the layer around it", cls)
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
                                "per-expert output norm", cls)
