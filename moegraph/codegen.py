@@ -172,6 +172,13 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "fp8": _fp8_context(m),
         "output_norm_eps": m.output_norm.eps if m.output_norm is not None else None,
         "output_bias": m.output_bias,
+        # Router transforms (top-k routers only; off for the others).
+        "input_norm": getattr(r, "input_norm", None),
+        "logit_scale": getattr(r, "learned_logit_scale", False),
+        "logit_softcap": getattr(r, "logit_softcap", None),
+        "sparsemixer_eps": r.sparsemixer.jitter_eps if getattr(r, "sparsemixer", None) is not None else None,
+        "per_expert_scale": getattr(r, "per_expert_scale", False),
+        "bias_on_logits": getattr(getattr(r, "expert_bias", None), "applies_to", "scores") == "logits",
     }
     return ctx
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from . import fp8, ops  # noqa: F401  (registers torch.ops.moegraph)
 from . import semantics
+from .semantics import routing as _routing
 from .errors import InputError
 
 
@@ -116,6 +117,16 @@ def expert_choice_route(scores_TE: Tensor, capacity_factor: float) -> tuple[Tens
     w_EC, tok_EC = torch.topk(scores_TE.t(), C, dim=1)
     exp_EC = torch.arange(E, device=scores_TE.device).unsqueeze(1).expand(E, C)
     return tok_EC.reshape(-1), exp_EC.reshape(-1), w_EC.reshape(-1)
+
+
+@torch.fx.wrap
+def sparsemixer_route(logits_TE: Tensor, top_k: int, jitter_eps: float) -> tuple[Tensor, Tensor]:
+    """Phi-MoE's sparsemixer at inference (``semantics.routing.sparsemixer_route``), one call in the graph."""
+    return _routing.sparsemixer_route(logits_TE, top_k, jitter_eps)
+
+
+#: the router input of ``moe.router.input_norm`` (traced through: plain torch ops)
+router_input = _routing.router_input
 
 
 @torch.fx.wrap
@@ -298,6 +309,10 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
                               source=name, name=name)
 
 
+#: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
+ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale")
+
+
 class CompiledMoEBase(nn.Module):
     """Parameters, input checks and graph management shared by all generated layers.
 
@@ -330,6 +345,9 @@ class CompiledMoEBase(nn.Module):
     HASH_SCORED: bool = False  # a hash router whose chosen experts are weighted by a learned router's scores
     OUTPUT_NORM_EPS: float | None = None  # an RMS norm of the layer output (``moe.output_norm``); None = none
     OUTPUT_BIAS: bool = False  # a learned [D] bias added to the layer output (``moe.output_bias``)
+    ROUTER_INPUT_WEIGHT: bool = False  # a learned [D] weight on the router input (``router.input_norm.weight``)
+    LOGIT_SCALE: bool = False  # a learned scalar on the router logits (``router.learned_logit_scale``)
+    PER_EXPERT_SCALE: bool = False  # a learned [E] scale on the chosen experts' weights (``router.per_expert_scale``)
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -345,6 +363,14 @@ class CompiledMoEBase(nn.Module):
             self.router.weight = nn.Parameter(torch.empty(rows, D, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
                 self.router.bias = nn.Parameter(torch.zeros(rows, dtype=router_dtype, device=device))
+        # Learned router transforms (``moe.router``): scales, so they start at one (see ONES_AT_INIT).
+        if self.ROUTER_INPUT_WEIGHT:
+            self.router.input_norm = nn.Module()
+            self.router.input_norm.weight = nn.Parameter(torch.ones(D, dtype=router_dtype, device=device))
+        if self.LOGIT_SCALE:
+            self.router.logit_scale = nn.Parameter(torch.ones(1, dtype=router_dtype, device=device))
+        if self.PER_EXPERT_SCALE:
+            self.router.per_expert_scale = nn.Parameter(torch.ones(R, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
             self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
@@ -449,7 +475,7 @@ class CompiledMoEBase(nn.Module):
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight
                     continue
-                if name == "output_norm.weight":  # a norm's scale starts at one, as nn.RMSNorm's does
+                if name in ONES_AT_INIT:  # a norm's or a router's scale starts at one, as nn.RMSNorm's does
                     p.fill_(1.0)
                     continue
                 fan_in = p.shape[-1]

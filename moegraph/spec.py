@@ -64,6 +64,8 @@ __all__ = [
     "HashRouter",
     "GroupLimit",
     "ExpertBias",
+    "RouterInputNorm",
+    "SparseMixer",
     "AuxLoss",
     "Capacity",
     "UniformTopology",
@@ -326,6 +328,40 @@ class ExpertBias(_Frozen):
     """Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias used for selection only."""
 
     update_rate: float = Field(0.001, ge=0, le=1, description="Bias step per update (gamma in DeepSeek-V3).")
+    applies_to: Literal["scores", "logits"] = Field(
+        "scores", description="Add the bias to the scores (DeepSeek-V3) or to the logits before scoring (Kolibri): "
+        "the selection is top-k of (scores or logits) + bias either way; the weights stay the unbiased scores.",
+    )
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"applies_to": "scores"}
+
+
+class RouterInputNorm(_Frozen):
+    """What the router sees: ``multiplier * [weight *] rms(x)`` (Gemma 4), or the input only scaled.
+
+    ``weight`` is a learned per-channel vector ``router.input_norm.weight`` [D] (initialised to ones);
+    the experts still get the layer input unchanged.
+    """
+
+    kind: Literal["rms", "none"] = Field(
+        "rms", description="rms: x / sqrt(mean(x^2) + eps) in float32; none: no norm, only the weight and multiplier."
+    )
+    eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root (rms).")
+    weight: bool = Field(False, description="Multiply by a learned per-channel weight router.input_norm.weight [D].")
+    multiplier: float = Field(1.0, gt=0, le=1e4, description="A constant factor (Gemma 4: hidden_size ** -0.5).")
+
+    @model_validator(mode="after")
+    def _does_something(self) -> RouterInputNorm:
+        if self.kind == "none" and not self.weight and self.multiplier == 1.0:
+            raise field_error("kind", "router.input_norm with kind none, no weight and multiplier 1 leaves the router "
+                                      "input unchanged; drop input_norm or set kind: rms, weight or multiplier")
+        return self
+
+
+class SparseMixer(_Frozen):
+    """Phi-MoE's sparsemixer at inference: the k-th choice is the k-th largest logit, weighted by a softmax
+    over the experts not chosen before whose logits are within a relative ``2 * jitter_eps`` of it."""
+
+    jitter_eps: float = Field(gt=0, le=1, description="The mask threshold is 2 * jitter_eps (router_jitter_noise).")
 
 
 AuxLossKind = Literal[
@@ -397,6 +433,24 @@ class TopKRouter(_Frozen):
     jitter: float = Field(
         0.0, ge=0, lt=1, description="Multiplicative input noise U(1-j, 1+j) on the router input in training."
     )
+    input_norm: RouterInputNorm | None = Field(
+        None, description="Normalise or scale the router's input (not the experts'); None = the layer input."
+    )
+    learned_logit_scale: bool = Field(
+        False, description="Multiply the logits by a learned scalar router.logit_scale (a temperature; starts at 1)."
+    )
+    logit_softcap: float | None = Field(
+        None, gt=0, le=1e4, description="Cap the logits before scoring: c * tanh(logits / c); None = no cap.",
+    )
+    sparsemixer: SparseMixer | None = Field(
+        None, description="Weigh the top-k choices by Phi-MoE's sparsemixer (inference form) instead of their scores."
+    )
+    per_expert_scale: bool = Field(
+        False, description="Multiply each chosen expert's weight by a learned per-expert scale "
+        "router.per_expert_scale [E] (Gemma 4; starts at 1), after normalisation and scaling_factor.",
+    )
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"input_norm": None, "learned_logit_scale": False,
+                                               "logit_softcap": None, "sparsemixer": None, "per_expert_scale": False}
 
     _score_known = field_validator("score")(_check_score)
 
@@ -421,6 +475,17 @@ class TopKRouter(_Frozen):
                 "topk_order 'topk_then_score' only differs from 'score_then_topk' for softmax; with "
                 f"score '{self.score}' use topk_order: score_then_topk"
             )
+        if self.sparsemixer is not None:
+            problems = _Problems()
+            for key, unset, why in (
+                ("score", "softmax", "its weights are masked softmaxes of the logits"),
+                ("topk_order", "score_then_topk", "it picks the largest logits one by one"),
+                ("normalize", False, "its weights are its own"), ("groups", None, "it picks among all experts"),
+                ("expert_bias", None, "it picks by the logits alone"), ("capacity", None, "it is dropless"),
+            ):
+                if getattr(self, key) != unset:
+                    problems.add(key, f"{key} does not combine with sparsemixer ({why}); drop {key} or sparsemixer")
+            problems.raise_any()
         return self
 
 

@@ -103,6 +103,9 @@ def summarize(spec: MoESpec) -> Summary:
     e = m.experts.num_experts
     unscored_hash = m.router.type == "hash" and m.router.score is None  # no router weights at all
     router = 0 if unscored_hash else e * d + (e if getattr(m.router, "router_bias", False) else 0)
+    norm = getattr(m.router, "input_norm", None)  # the router's learned scales (router transforms)
+    router += (d if norm is not None and norm.weight else 0) + (1 if getattr(m.router, "learned_logit_scale", False)
+                                                                else 0) + (e if getattr(m.router, "per_expert_scale", False) else 0)
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 

@@ -37,8 +37,11 @@ SHRINK = dict(
     num_hidden_layers=2, num_layers=2, vocab_size=64, num_experts=8, num_local_experts=8, n_routed_experts=8,
     moe_num_experts=8, n_experts=8, num_routed_experts=8, num_experts_per_tok=2, moe_topk=2, moe_k=2, top_k=2,
     n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, zero_expert_num=4, max_position_embeddings=64, q_lora_rank=16,
-    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, top_k_experts=2,
 )
+
+#: config switches that turn a family's MoE block on (Gemma 4 builds its decoder layers without experts otherwise)
+SWITCH_ON = ("enable_moe_block",)
 
 
 @dataclass
@@ -101,14 +104,26 @@ def _common_prefix(a: str, b: str) -> str:
     return a[:n]
 
 
+def _value(cfg, key: str):
+    """A config attribute; for one that may vary per layer (transformers' per-layer configs refuse the global
+    read), its global value."""
+    try:
+        return getattr(cfg, key, None)
+    except Exception:  # noqa: BLE001 - AmbiguousGlobalPerLayerAttributeError, whose class is not exported
+        return vars(cfg).get(key)
+
+
 def tiny_config(config_cls: type):
     cfg = config_cls()
-    n0 = getattr(cfg, "num_hidden_layers", None)
+    n0 = _value(cfg, "num_hidden_layers")
+    for key in SWITCH_ON:
+        if isinstance(vars(cfg).get(key), bool):
+            setattr(cfg, key, True)
     for key, value in SHRINK.items():
-        cur = getattr(cfg, key, None)
+        cur = _value(cfg, key)
         if (cur is None and key in vars(cfg)) or (isinstance(cur, int) and not isinstance(cur, bool)):
             setattr(cfg, key, value)
-    n = getattr(cfg, "num_hidden_layers", None)
+    n = _value(cfg, "num_hidden_layers")
     if isinstance(n0, int) and n != n0:  # per-layer lists follow the new layer count
         for key, value in list(vars(cfg).items()):
             if isinstance(value, list) and len(value) == n0 and key != "mlp_only_layers":

@@ -69,6 +69,8 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None, sha
     E = logits.shape[0] - shared
     K = r["top_k"]
     sc = r.get("score", "softmax")
+    if r.get("sparsemixer"):
+        return sparsemixer_token(logits, K, r["sparsemixer"]["jitter_eps"], r.get("scaling_factor", 1.0))
     if r.get("topk_order") == "topk_then_score":
         choice = logits[:E] + (bias if bias is not None else 0)
         chosen = sorted(range(E), key=lambda e: -float(choice[e].detach()))[:K] + list(range(E, E + shared))
@@ -77,7 +79,8 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None, sha
     else:
         s = score(sc, logits)  # over every row, the shared experts' too
         s, s_shared = s[:E], s[E:]
-        choice = s + (bias if bias is not None else 0)
+        on_logits = (r.get("expert_bias") or {}).get("applies_to") == "logits"  # Kolibri: bias on the logits
+        choice = (logits[:E] if on_logits else s) + (bias if bias is not None else 0)
         allowed = list(range(E))
         g = r.get("groups")
         if g:
@@ -96,6 +99,39 @@ def route_token(spec: dict, logits: torch.Tensor, bias: torch.Tensor | None, sha
         weights = [w / tot for w in weights]
     weights = [w * r.get("scaling_factor", 1.0) for w in weights]
     return list(zip(chosen, weights))
+
+
+def sparsemixer_token(logits: torch.Tensor, K: int, eps: float, scale: float):
+    """Phi-MoE's sparsemixer at inference, one token, from the paper's description: pick the best expert left; its
+    weight is its softmax among the experts left whose logits lie within a relative 2 * eps of its own."""
+    left = list(range(logits.shape[0]))
+    out = []
+    for _ in range(K):
+        best = max(left, key=lambda e: float(logits[e].detach()))
+        m = float(logits[best].detach())
+        near = [e for e in left if (m - float(logits[e].detach())) / max(abs(float(logits[e].detach())), m) <= 2 * eps]
+        w = torch.exp(logits[best]) / sum(torch.exp(logits[e]) for e in near)
+        out.append((best, w * scale))
+        left.remove(best)
+    return out
+
+
+def router_logits(r: dict, layer, x_D: torch.Tensor) -> torch.Tensor:
+    """One token's router logits with the router's input norm, learned scale and softcap (Gemma 4, Laguna)."""
+    xr = x_D.float()
+    norm = r.get("input_norm")
+    if norm:
+        if norm.get("kind", "rms") == "rms":
+            xr = xr / torch.sqrt((xr * xr).mean() + norm.get("eps", 1e-6))
+        if norm.get("weight"):
+            xr = xr * layer.router.input_norm.weight
+        xr = xr * norm.get("multiplier", 1.0)
+    rb = getattr(layer.router, "bias", None)
+    lg = layer.router.weight @ xr + (rb if rb is not None else 0)
+    if r.get("learned_logit_scale"):
+        lg = lg * layer.router.logit_scale[0]
+    c = r.get("logit_softcap")
+    return lg if c is None else c * torch.tanh(lg / c)
 
 
 def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
@@ -138,9 +174,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 ws = [w / tot for w in ws]
             assignments[t] = [(e, w * r.get("scaling_factor", 1.0)) for e, w in zip(es, ws)]
     else:
-        W = layer.router.weight
-        rb = getattr(layer.router, "bias", None)
-        logits = [W @ x_TD[t].float() + (rb if rb is not None else 0) for t in range(T)]
+        logits = [router_logits(r, layer, x_TD[t]) for t in range(T)]
         if rtype == "expert_choice":
             s = torch.stack([score(r.get("score", "softmax"), lg) for lg in logits]) if T else torch.zeros(0, E)
             C = min(T, math.ceil(r.get("capacity_factor", 2.0) * T / E))
@@ -157,6 +191,8 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 # Routed shared experts (Inkling): weights for shared expert s, kept apart from the routed ones.
                 shared_weights[t] = [w for _, w in assignments[t][len(assignments[t]) - routed_shared:]]
                 assignments[t] = assignments[t][:len(assignments[t]) - routed_shared]
+                if r.get("per_expert_scale"):  # Gemma 4: one learned scale per expert on its weight
+                    assignments[t] = [(e, w * layer.router.per_expert_scale[e]) for e, w in assignments[t]]
             cap = r.get("capacity")
             if cap:
                 K = r["top_k"]

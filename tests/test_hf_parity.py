@@ -124,17 +124,33 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # softmax over the top-k logits, and a learned bias on the output (moe.output_bias).
     "jetmoe": ("JetMoeMoE", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
                                  activation_function="silu")),
+    # Phi-MoE's sparsemixer (inference form; eps from router_jitter_noise, wide enough here that the softmax
+    # masks keep several experts): router.sparsemixer.
+    "phimoe": ("PhimoeSparseMoeBlock", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16,
+                                            router_jitter_noise=0.3)),
+    # The selection bias is added to the logits, the weights are the sigmoid of the chosen logits, normalised;
+    # a shared expert: expert_bias.applies_to: logits.
+    "kolibri1": ("Kolibri1SparseMoeBlock", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                norm_topk_prob=True, shared_expert_intermediate_size=24)),
+    # Router logits softcapped, c * tanh(logits / c), before sigmoid scores and a selection bias; the block scales
+    # the routed output (folded into the routing scale): router.logit_softcap.
+    "laguna_softcap": ("LagunaSparseMoeBlock", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                    shared_expert_intermediate_size=24, moe_router_logit_softcapping=0.8,
+                                                    moe_routed_scaling_factor=2.0)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
-MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss"}
+MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
+          "laguna_softcap": "laguna"}
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
+               "laguna_softcap": "laguna",
                "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text", "inkling": "inkling_text",
                "minimax_m3_vl": "minimax_m3_vl_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
-    "phimoe": ("PhimoeSparseMoeBlock", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16),
-               "routing is not one the spec language expresses"),
+    # An MLP router (down projection, norm, two GELU layers, out projection) over the experts and a skip choice.
+    "zaya": ("ZayaSparseMoeBlock", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        router_hidden_size=16), "is not a router over the 4 experts"),
 }
 
 
@@ -278,6 +294,10 @@ def test_routing_read_from_each_family() -> None:
         "deepseek_v4": dict(score="sqrt_softplus", normalize=True, scaling_factor=1.5),
         "minimax_m2": dict(score="sigmoid", normalize=True),
         "qwen2_moe": dict(score="softmax", normalize=False),
+        "phimoe": dict(score="softmax", sparsemixer=dict(jitter_eps=0.3), normalize=False, expert_bias=None),
+        "kolibri1": dict(score="sigmoid", normalize=True, expert_bias=dict(update_rate=0.001, applies_to="logits")),
+        "laguna_softcap": dict(score="sigmoid", normalize=True, logit_softcap=0.8, scaling_factor=2.0,
+                               expert_bias=dict(update_rate=0.001)),
     }
     for family, want in expected.items():
         cls_name, overrides = FAMILIES[family]
@@ -302,6 +322,61 @@ def test_routing_read_from_each_family() -> None:
         cls_name, overrides = FAMILIES[family]
         spec = from_hf(make_block(family, overrides, cls_name), check=False).hf_import.spec
         assert spec.moe.router.expert_bias is not None, family
+
+
+class GemmaMoEHalf(torch.nn.Module):
+    """The MoE half of a Gemma 4 decoder layer, with the family's own router, experts and norm modules called as the
+    layer calls them: the router normalises and scales its input (RMS norm, a learned [D] scale, hidden_size ** -0.5)
+    and scales each chosen expert's weight by a learned per-expert scale; an RMS norm follows the experts.
+
+    (The decoder layer itself also holds attention and a dense MLP beside the experts, and gives the experts a
+    separately normalised input; that layer is not read here.)
+    """
+
+    def __init__(self, family: str, cfg):
+        super().__init__()
+        mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        prefix = {"gemma4": "Gemma4", "diffusion_gemma": "DiffusionGemma"}[family]
+        self.router = getattr(mod, f"{prefix}TextRouter")(cfg)
+        self.experts = getattr(mod, f"{prefix}TextExperts")(cfg)
+        self.post_feedforward_layernorm_2 = getattr(mod, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        _, top_k_weights, top_k_index = self.router(flat)
+        out = self.experts(flat, top_k_index, top_k_weights).reshape(hidden_states.shape)
+        return self.post_feedforward_layernorm_2(out)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "diffusion_gemma"])
+def test_gemma_router_transforms(family: str) -> None:
+    """Gemma 4's router (input norm with a learned scale and a constant, per-expert scales) read by probing into
+    router.input_norm and router.per_expert_scale; outputs, input and weight gradients (the router's scales
+    included) match the family's own modules."""
+    cmod = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    cfg_cls = {"gemma4": "Gemma4TextConfig", "diffusion_gemma": "DiffusionGemmaTextConfig"}[family]
+    kw = dict(hidden_size=D, num_attention_heads=4, num_key_value_heads=4, head_dim=8, num_hidden_layers=2,
+              vocab_size=64, intermediate_size=48, num_experts=8, top_k_experts=2, moe_intermediate_size=16)
+    if family == "gemma4":
+        kw["enable_moe_block"] = True
+    cfg = getattr(cmod, cfg_cls)(**kw)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    block = GemmaMoEHalf(family, cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # scales around one (HF starts them at one), the rest around zero
+        for name, t in block.named_parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2 + (1.0 if "scale" in name else 0.0))
+    block = block.float().eval()
+    layer = from_hf(block)
+    r = layer.hf_import.spec.moe.router
+    assert r.per_expert_scale and r.expert_bias is None and r.normalize and r.score == "softmax"
+    assert r.input_norm.model_dump() == {"kind": "rms", "eps": cfg.rms_norm_eps, "weight": True, "multiplier": D ** -0.5}
+    assert layer.hf_import.spec.moe.output_norm is not None
+    assert layer.hf_import.anatomy.unexplained == ()
+    _check_parity(block, layer)
+    grads = dict(layer.named_parameters())  # the router's own scales were compared (and got gradients)
+    assert grads["router.per_expert_scale"].grad.abs().max() > 0 and grads["router.input_norm.weight"].grad.abs().max() > 0
 
 
 def test_deepseek_v2_ignores_norm_topk_prob_and_says_so() -> None:

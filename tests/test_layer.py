@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -668,3 +669,84 @@ def test_output_bias(tmp_path, expert_path):
     plain = make_spec(dict(ROUTERS["topk_then_softmax"]))
     assert moegraph.load_spec({**plain, "moe": {**plain["moe"], "output_bias": False}}).hash() == \
         moegraph.load_spec(plain).hash()
+
+
+#: router transforms (moe.router): input norm, learned logit scale, softcap, per-expert scales, a selection bias on
+#: the logits, and Phi-MoE's sparsemixer
+ROUTER_TRANSFORMS = {
+    "gemma4": {"top_k": 2, "normalize": True, "per_expert_scale": True,
+               "input_norm": {"kind": "rms", "eps": 1e-6, "weight": True, "multiplier": D ** -0.5}},
+    "softcap_sigmoid_bias": {"top_k": 3, "score": "sigmoid", "normalize": True, "logit_softcap": 0.7,
+                             "expert_bias": {"update_rate": 0.01}},
+    "scaled_input_temperature": {"top_k": 2, "router_bias": True, "learned_logit_scale": True, "logit_softcap": 0.05,
+                                 "input_norm": {"kind": "none", "weight": True}},
+    "kolibri_bias_on_logits": {"top_k": 2, "score": "sigmoid", "normalize": True,
+                               "expert_bias": {"update_rate": 0.01, "applies_to": "logits"}},
+    "grouped_bias_on_logits": {"top_k": 3, "score": "sigmoid", "per_expert_scale": True,
+                               "groups": {"num_groups": 4, "topk_groups": 2, "group_score": "sum_topn"},
+                               "expert_bias": {"update_rate": 0.01, "applies_to": "logits"}},
+    "sparsemixer": {"top_k": 2, "sparsemixer": {"jitter_eps": 0.3}},
+    "sparsemixer_top3_scaled": {"top_k": 3, "sparsemixer": {"jitter_eps": 0.1}, "scaling_factor": 1.5,
+                                "per_expert_scale": True, "logit_softcap": 1.5},
+}
+
+
+@pytest.mark.parametrize("router", list(ROUTER_TRANSFORMS))
+def test_router_transforms_match_the_loop_reference(router, tmp_path, expert_path):
+    """Each router transform: outputs, the input gradient and every parameter gradient (the transforms' own learned
+    scales included) against the loop reference, 1e-5; and each changes the output, or this would not test it."""
+    r = ROUTER_TRANSFORMS[router]
+    spec = make_spec(dict(r), shared={"count": 1})
+    fresh = moegraph.compile(spec, out_dir=tmp_path)
+    for name in ("router.input_norm.weight", "router.logit_scale", "router.per_expert_scale"):
+        if name in dict(fresh.named_parameters()):  # learned scales start at one
+            assert torch.equal(dict(fresh.named_parameters())[name], torch.ones_like(dict(fresh.named_parameters())[name]))
+    layer = _compile(spec, tmp_path).train()
+    if "expert_bias" in r:
+        layer.router.expert_bias.copy_(torch.randn(E, generator=torch.Generator().manual_seed(5)) * 0.5)
+    x = torch.randn(29, D, generator=torch.Generator().manual_seed(18), requires_grad=True)
+    g = torch.randn(29, D, generator=torch.Generator().manual_seed(19))
+    _assert_matches_reference(spec, layer, x, g)
+    for key in ("input_norm", "learned_logit_scale", "logit_softcap", "per_expert_scale", "sparsemixer"):
+        if key not in r:
+            continue
+        plain = make_spec({k: v for k, v in r.items() if k != key}, shared={"count": 1})
+        other = _compile(plain, tmp_path)
+        other.load_state_dict({k: v for k, v in layer.state_dict().items() if k in other.state_dict()})
+        assert (other.eval()(x) - layer.eval()(x)).abs().max() > 1e-4, key
+    if r.get("expert_bias", {}).get("applies_to") == "logits":  # a bias on the logits selects otherwise
+        on_scores = make_spec({**r, "expert_bias": {"update_rate": 0.01}}, shared={"count": 1})
+        other = _compile(on_scores, tmp_path)
+        other.load_state_dict(layer.state_dict())
+        assert (other.eval()(x) - layer.eval()(x)).abs().max() > 1e-4
+
+
+def test_router_transforms_keep_old_spec_hashes():
+    """Specs that leave the router transforms off dump and hash as before the fields existed."""
+    plain = make_spec({"top_k": 2, "expert_bias": {"update_rate": 0.01}})
+    off = make_spec({"top_k": 2, "expert_bias": {"update_rate": 0.01, "applies_to": "scores"}, "input_norm": None,
+                     "learned_logit_scale": False, "logit_softcap": None, "sparsemixer": None,
+                     "per_expert_scale": False})
+    dumped = moegraph.load_spec(off).model_dump(mode="json")["moe"]["router"]
+    assert set(dumped) == set(moegraph.load_spec(plain).model_dump(mode="json")["moe"]["router"])
+    assert "applies_to" not in dumped["expert_bias"] and "logit_softcap" not in dumped
+    assert moegraph.load_spec(off).hash() == moegraph.load_spec(plain).hash()
+
+
+@pytest.mark.parametrize("router, field", [
+    ({"top_k": 2, "logit_softcap": 0}, "logit_softcap"),
+    ({"top_k": 2, "logit_softcap": -3.0}, "logit_softcap"),
+    ({"top_k": 2, "input_norm": {"kind": "none"}}, "input_norm.kind"),
+    ({"top_k": 2, "input_norm": {"kind": "layer"}}, "input_norm.kind"),
+    ({"top_k": 2, "input_norm": {"multiplier": 0}}, "input_norm.multiplier"),
+    ({"top_k": 2, "expert_bias": {"applies_to": "weights"}}, "expert_bias.applies_to"),
+    ({"top_k": 2, "sparsemixer": {"jitter_eps": 0}}, "sparsemixer.jitter_eps"),
+    ({"top_k": 2, "sparsemixer": {}}, "sparsemixer.jitter_eps"),
+    ({"top_k": 2, "score": "sigmoid", "sparsemixer": {"jitter_eps": 0.01}}, "score"),
+    ({"top_k": 2, "normalize": True, "sparsemixer": {"jitter_eps": 0.01}}, "normalize"),
+    ({"top_k": 2, "expert_bias": {}, "sparsemixer": {"jitter_eps": 0.01}}, "expert_bias"),
+    ({"type": "expert_choice", "logit_softcap": 2.0}, "logit_softcap"),
+])
+def test_router_transform_errors_name_the_field(router, field):
+    with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):
+        moegraph.load_spec(make_spec(router))

@@ -65,6 +65,14 @@ MODELS = {
     # Shared experts weighted by their own router rows, normalised with the chosen experts (shared_experts.gate: router).
     "inkling_text": dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2, moe_intermediate_size=16,
                          route_scale=2.0, head_dim=8),
+    # Phi-MoE's sparsemixer (router.sparsemixer), eps wide enough that its masks keep several experts.
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, head_dim=8, router_jitter_noise=0.3),
+    # Selection bias on the logits (expert_bias.applies_to: logits), sigmoid weights normalised, shared expert.
+    "kolibri1": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True, head_dim=8,
+                     shared_expert_intermediate_size=24),
+    # Softcapped router logits (router.logit_softcap), sigmoid scores + selection bias, routed output scaled.
+    "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                   head_dim=8, moe_router_logit_softcapping=0.8, moe_routed_scaling_factor=2.0),
 }
 # Experts in two modules (input_linear / output_linear) and an output bias (test_jetmoe_...).
 JETMOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8, activation_function="silu")
@@ -184,12 +192,14 @@ def test_verify_failure_restores_original(monkeypatch) -> None:
 
 
 def test_unsupported_family_reported() -> None:
-    model = make_model("phimoe", num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, head_dim=8)
+    # Zaya's router is an MLP (and its router state feeds the next layer): refused.
+    model = make_model("zaya", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
+                       router_hidden_size=16)
     before = {n: type(m) for n, m in model.named_modules()}
     moegraph.optimize(model)
     report = model.moegraph_report
     assert report.records and all(r.status == "refused" for r in report.records)
-    assert "routing is not one the spec language expresses" in report.records[0].reason
+    assert "router" in report.records[0].reason and "ZayaSparseMoeBlock" == report.records[0].block_class
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 

@@ -581,6 +581,29 @@ def test_fuse_router_refuses_a_graph_it_cannot_explain(tmp_path):
     assert FuseRouter.for_layer(layer).spec == spec
 
 
+@pytest.mark.parametrize("router, fields", [
+    ({"top_k": 2, "normalize": True, "per_expert_scale": True, "logit_softcap": 0.3,
+      "input_norm": {"kind": "rms", "weight": True, "multiplier": D ** -0.5}},
+     "input_norm, logit_softcap, per_expert_scale"),
+    ({"top_k": 2, "sparsemixer": {"jitter_eps": 0.2}, "learned_logit_scale": True}, "learned_logit_scale, sparsemixer"),
+    ({"top_k": 2, "score": "sigmoid", "expert_bias": {"applies_to": "logits"}}, "expert_bias.applies_to: logits"),
+])
+def test_router_transforms_run_as_torch_routing(router, fields, tmp_path):
+    """Router transforms have no step in the router kernel: FuseRouter refuses and names them, the layer keeps its
+    torch routing around the Triton expert op, and matches the torch backend."""
+    spec = moegraph.load_spec(_spec("t-transforms", router, shared={"count": 1}))
+    ref = moegraph.compile(spec, backend="torch", out_dir=tmp_path)
+    _randomise(ref)
+    fuse = FuseRouter(spec)
+    tri = moegraph.compile(spec, backend="triton", out_dir=tmp_path, passes=[fuse])
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(tri.eval()(x), ref.eval()(x), **TOL[torch.float32])
+    assert fuse.refused and f"router {fields};" in fuse.refused
+    code = tri.graph().code
+    assert "moegraph_triton.expert_mlp" in code and "route_topk" not in code
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors, rendering, configs
 # ----------------------------------------------------------------------------------------------

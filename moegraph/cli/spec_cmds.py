@@ -53,7 +53,18 @@ def show(spec: SpecArg) -> None:
         if r.groups:
             routing += f" groups={r.groups.num_groups} keep={r.groups.topk_groups} ({r.groups.group_score})"
         if r.expert_bias:
-            routing += " +expert-bias"
+            routing += " +expert-bias" + (" (on logits)" if r.expert_bias.applies_to == "logits" else "")
+        if r.sparsemixer:
+            routing += f" sparsemixer eps={r.sparsemixer.jitter_eps}"
+        if r.input_norm:
+            routing += f" input-norm={r.input_norm.kind}" + ("+weight" if r.input_norm.weight else "") + (
+                f" x{r.input_norm.multiplier:g}" if r.input_norm.multiplier != 1.0 else "")
+        if r.learned_logit_scale:
+            routing += " +logit-scale"
+        if r.logit_softcap is not None:
+            routing += f" softcap={r.logit_softcap:g}"
+        if r.per_expert_scale:
+            routing += " +per-expert-scale"
         if r.capacity:
             c = r.capacity
             routing += f" capacity={c.factor if c.tokens is None else str(c.tokens) + ' tokens'}" + (

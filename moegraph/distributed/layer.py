@@ -36,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import fp8
 from ..errors import DistributedError, PlanFileError
 from ..fx_passes import Pipeline, _is_expert_op
-from ..runtime import CompiledMoEBase
+from ..runtime import ONES_AT_INIT, CompiledMoEBase
 from .comm import Comm, Traffic
 from .dispatch import ExpertDispatch
 from .weights import SlotExperts, load_checkpoint
@@ -240,7 +240,7 @@ class ExpertParallelMoE(CompiledMoEBase):
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight (runtime.reset_parameters)
                     continue
-                if name == "output_norm.weight":  # ones, as runtime.reset_parameters
+                if name in ONES_AT_INIT:  # ones, as runtime.reset_parameters
                     p.fill_(1.0)
                     continue
                 bound = 1.0 / math.sqrt(p.shape[-1])

@@ -55,6 +55,9 @@ class BlockAnatomy:
     split_down_name: str | None = None  # "split" layout: the child holding the down projections [E, D, F] (JetMoE)
     output_bias_name: str | None = None  # a [D] bias the block adds to its output (JetMoE's ``bias``)
     output_norm_eps: float | None = None
+    # Set once the probe has read the routing (``block.read_block``):
+    expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
+    router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
     notes: list[str] = field(default_factory=list)
 
 
@@ -87,12 +90,12 @@ def probe_activation(fn: Any) -> str | None:
     return None
 
 
-def _gate_constants(experts: nn.Module, word: str) -> list[float]:
-    """Positive finite numbers held by the experts module or its submodules (an activation module) under
-    an attribute whose name contains ``word`` ("limit", "alpha", "softcap"): candidate constants of its gate
-    function (an infinite limit clamps nothing)."""
+def _gate_constants(module: nn.Module, word: str) -> list[float]:
+    """Positive finite numbers held by a module or its submodules under an attribute whose name contains
+    ``word`` ("limit", "alpha", "softcap", "jitter"): candidate constants of the experts' gate function, or
+    of a block's router transforms (an infinite limit clamps nothing)."""
     out = []
-    for mod in experts.modules():
+    for mod in module.modules():
         for a, v in sorted(vars(mod).items()):
             if word in a.lower() and isinstance(v, (int, float)) and not isinstance(v, bool) \
                     and 0 < v < float("inf") and float(v) not in out:
@@ -291,6 +294,11 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             cls,
         )
     ename, experts = found
+    attention = [n for n, c in block.named_children() if "attention" in type(c).__name__.lower()]
+    if attention:
+        raise UnsupportedBlock(
+            f"it is a decoder layer: besides its experts it holds attention ({', '.join(attention)}); only an MoE "
+            "block (router, experts, shared experts, a norm of its output) is read, not the layer around it", cls)
     split = split_experts(block)
     listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
     if getattr(experts, "has_post_expert_norm", False):
@@ -318,7 +326,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     elif listed is not None:
         # A list of E small MLPs: read into the same [E, H, D] / [E, D, F] layout (hf.weights stacks them).
         custom_act = listed.act
-        lin_up, lin_down = getattr(listed.experts[0], listed.ups[0]), getattr(listed.experts[0], listed.down)
+        lin_up = getattr(listed.experts[0], listed.ups[0])
         E_, F_, D_ = len(listed.experts), lin_up.out_features, lin_up.in_features
         up = torch.empty(E_, F_ * len(listed.ups), D_, device="meta")
         down = torch.empty(E_, D_, F_, device="meta")

@@ -65,7 +65,7 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
         moe["shared_experts"] = shared
     router = routing.router_dict()
     if routing.expert_bias:
-        router["expert_bias"] = {}
+        router["expert_bias"] = {"applies_to": "logits"} if routing.bias_on_logits else {}
     if anat.router_bias_name:
         router["router_bias"] = True
     moe["router"] = router

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     anat = inspect_block(block, cfg)
     probe = probe_block(block, anat)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
+    anat = _routing_tensors(anat, routing, probe)
     dtype = DTYPE_NAMES.get(_block_dtype(block, anat, cfg))
     if dtype is None:
         raise UnsupportedBlock(f"its expert weights are {_block_dtype(block, anat, cfg)}; the spec supports float32, "
@@ -103,6 +105,18 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
                       quantization=_quantization(block, anat, cfg))
     return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
                     flat_output=probe.flat_output)
+
+
+def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockAnatomy:
+    """The anatomy with the router tensors the probe explained: the E-sized tensor as per-expert scales rather than
+    a selection bias, and the router input's [D] weight."""
+    changes: dict[str, Any] = {}
+    if routing.per_expert_scale:
+        changes.update(expert_scale_name=anat.expert_bias_name, expert_bias_name=None)
+    wname = probe.router_input[2] if probe.router_input is not None else None
+    if wname is not None:
+        changes.update(router_input_weight_name=wname, unexplained=tuple(n for n in anat.unexplained if n != wname))
+    return dataclasses.replace(anat, **changes) if changes else anat
 
 
 def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from .anatomy import BlockAnatomy, _named_tensors, get_path
+from .anatomy import BlockAnatomy, _gate_constants, _named_tensors, get_path
+from ..semantics.routing import router_input as _router_input
 from .vocab import TOKEN_ID_ARGS
 
 
@@ -59,6 +60,12 @@ class Probe:
     routed_scale: float = 1.0  # the block multiplies the routed experts' sum by this (Beam), shared ones not
     shared_weights_TS: Tensor | None = None  # weights the stacked shared experts received, one per (token, expert)
     capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy) of a block that drops over-full experts
+    #: positive constants the block holds outside its experts, by kind ("softcap", "jitter"): candidates for the
+    #: router transforms routing identification tries (a logit softcap, a sparsemixer's eps)
+    constants: dict[str, list[float]] = field(default_factory=dict)
+    #: what the router's linear sees when it is not the block input: (kind, eps, weight name or None, multiplier),
+    #: the spec's router.input_norm (Gemma 4: rms(x) * scale * hidden_size ** -0.5); None = the block input
+    router_input: tuple[str, float, str | None, float] | None = None
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -83,6 +90,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     D, E = anat.hidden_size, anat.num_experts
     heavy = (anat.experts_name, *anat.shared_names)
     light = light_copy(block, heavy)
+    constants = {word: _gate_constants(light, word) for word in ("softcap", "jitter", "eps")}  # experts left out
     g = torch.Generator().manual_seed(seed)
     # Learned scalars (Inkling's global_scale) multiply the routing: they keep their values, which the spec
     # then holds as constants (a meta block's are taken as 1).
@@ -126,6 +134,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
 
         sig_ND = torch.randn(E * tokens, D, generator=g)  # split layout: what each down-projected row returns
 
+        seen = _watch_router_input(light, anat, tokens)
+
         def run(tid_1T: Tensor | None, x_in: Tensor = x) -> tuple[object, _Recorder, list[_Recorder]]:
             experts = _Recorder(routed_out, dense_out)
             light._modules[anat.experts_name] = experts
@@ -155,7 +165,11 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             raise UnsupportedBlock(f"probing its routing failed: {type(exc).__name__}: {exc}{hint}", cls) from exc
         w_r = get_path(light, anat.router_weight_name)
         b_r = get_path(light, anat.router_bias_name) if anat.router_bias_name else None
-        logits = F.linear(x.view(tokens, D), w_r.float(), None if b_r is None else b_r.float())
+        router_input = None
+        xr_TD = x.view(tokens, D)
+        if seen and not torch.allclose(seen[0], xr_TD, rtol=1e-5, atol=1e-6):
+            router_input, xr_TD = _read_router_input(light, anat, xr_TD, seen[0], constants)
+        logits = F.linear(xr_TD, w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
     y = out[0] if isinstance(out, tuple) else out
@@ -264,7 +278,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
-                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity)
+                 y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
+                 router_input)
 
 
 class _RowSignatures(nn.Module):
@@ -355,6 +370,48 @@ def _capacity_rule(run, caps, x: Tensor, ids_TK: Tensor, w_TK: Tensor, E: int, C
                 return C, per, policy
     raise UnsupportedBlock(f"it drops tokens beyond an expert_capacity of {C} by a rule the spec does not have "
                            "(neither the earliest nor the highest-weight ones, per sequence or per batch)", cls)
+
+
+def _watch_router_input(light: nn.Module, anat: BlockAnatomy, tokens: int) -> list[Tensor]:
+    """A list that receives what the module holding the router weight is called with (its first [tokens, D]
+    tensor argument), once the block runs; it stays empty when the block uses the weight without calling it."""
+    seen: list[Tensor] = []
+    if "." not in anat.router_weight_name:
+        return seen
+    owner = get_path(light, anat.router_weight_name.rsplit(".", 1)[0])
+    D = anat.hidden_size
+
+    def hook(_mod: nn.Module, args: tuple) -> None:
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        if t is not None and t.shape[-1] == D and t.numel() == tokens * D and not seen:
+            seen.append(t.detach().reshape(tokens, D).float().clone())
+
+    owner.register_forward_pre_hook(hook)
+    return seen
+
+
+def _read_router_input(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, seen_TD: Tensor,
+                       constants: dict[str, list[float]]) -> tuple[tuple[str, float, str | None, float], Tensor]:
+    """The spec's router.input_norm that turns the block input ``x_TD`` into what the router linear saw: an RMS
+    norm (eps from the block's constants) or none, times one of the block's unexplained [D] tensors or nothing,
+    times a constant fitted here. Returns it and the router input it gives (UnsupportedBlock if none fits)."""
+    D = anat.hidden_size
+    weights: list[str | None] = [None] + [n for n in anat.unexplained if tuple(get_path(light, n).shape) == (D,)]
+    eps_list = constants.get("eps") or [1e-6]
+    tried = []
+    for kind, eps in [("rms", e) for e in eps_list] + [("none", 0.0)]:
+        for wname in weights:
+            w_D = get_path(light, wname).detach().float() if wname else None
+            base_TD = _router_input(x_TD, kind, eps, w_D, 1.0)
+            c = float((seen_TD * base_TD).sum() / (base_TD * base_TD).sum())
+            tried.append(f"{kind}{' x ' + wname if wname else ''}")
+            if not c > 0 or not torch.allclose(seen_TD, c * base_TD, rtol=1e-5, atol=1e-6):
+                continue
+            c = next((v for v in (1.0, D ** -0.5, D ** 0.5) if math.isclose(c, v, rel_tol=1e-5)), float(f"{c:.7g}"))
+            return (kind, eps if kind == "rms" else 1e-6, wname, c), _router_input(x_TD, kind, eps, w_D, c)
+    raise UnsupportedBlock(
+        "its router sees a transform of the block input that the spec's router.input_norm (an RMS norm or none, "
+        f"times a [D] weight and a constant) does not reproduce; tried {', '.join(tried)}", anat.block_class)
 
 
 def _weights_from_scaled_inputs(rows_ND: Tensor, x_TD: Tensor, anat: BlockAnatomy) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
-from ..semantics.routing import TopKPolicy, route_topk
+from ..semantics.routing import TopKPolicy, cap_logits, route_topk, sparsemixer_route
 from .probe import Probe
 from .vocab import _HF_SCORES, _NORMALIZE, _SCALING, _SCORE, _SCORE_FNS, _TOP_K, _attr
 
@@ -31,6 +31,11 @@ class Routing:
     hash_vocab: int | None = None  # set: experts from a [hash_vocab, top_k] token id table (score None: 1/K each)
     on_input: bool = False  # the weight scales the expert's input, expert(w * x) (Llama 4), not its output
     capacity: tuple[int, str, str] | None = None  # (tokens, per, drop_policy): over-full experts drop tokens
+    logit_softcap: float | None = None  # logits capped to c * tanh(logits / c) before scoring (Laguna)
+    bias_on_logits: bool = False  # the selection bias is added to the logits, not the scores (Kolibri)
+    sparsemixer_eps: float | None = None  # Phi-MoE's sparsemixer weighs the choices (inference form)
+    per_expert_scale: bool = False  # the block's E-sized tensor scales each chosen expert's weight (Gemma 4)
+    input_norm: tuple[str, float, bool, float] | None = None  # router.input_norm: kind, eps, weight, multiplier
 
     def describe(self) -> str:
         cap = (f", capacity {self.capacity[0]} tokens per {self.capacity[1]}" if self.capacity else "")
@@ -46,8 +51,16 @@ class Routing:
         s = f"top-{self.top_k} {self.score}"
         if self.topk_order == "topk_then_score":
             s = f"top-{self.top_k} logits then softmax"
+        if self.sparsemixer_eps is not None:
+            s = f"top-{self.top_k} sparsemixer (eps {self.sparsemixer_eps:g})"
+        if self.logit_softcap is not None:
+            s += f" of logits capped at {self.logit_softcap:g}"
         if self.expert_bias:
-            s += " + selection bias"
+            s += " + selection bias" + (" on the logits" if self.bias_on_logits else "")
+        if self.input_norm is not None:
+            s += f", router input {'rms-normed' if self.input_norm[0] == 'rms' else 'scaled'}"
+        if self.per_expert_scale:
+            s += ", per-expert scales"
         if self.groups:
             g = self.groups
             s += f", groups {g[1]}/{g[0]} by {g[2] if g[2] == 'max' else f'sum of top-{g[3]}'}"
@@ -76,6 +89,15 @@ class Routing:
         d["normalize"] = self.normalize
         if self.scaling_factor != 1.0:
             d["scaling_factor"] = self.scaling_factor
+        if self.logit_softcap is not None:
+            d["logit_softcap"] = self.logit_softcap
+        if self.sparsemixer_eps is not None:
+            d["sparsemixer"] = {"jitter_eps": self.sparsemixer_eps}
+        if self.per_expert_scale:
+            d["per_expert_scale"] = True
+        if self.input_norm is not None:
+            kind, eps, weight, mult = self.input_norm
+            d["input_norm"] = {"kind": kind, "eps": eps, "weight": weight, "multiplier": mult}
         if self.groups:
             G, M, how, n = self.groups
             d["groups"] = {"num_groups": G, "topk_groups": M, "group_score": how}
@@ -91,7 +113,17 @@ def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None, shared: i
     """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing`` (``shared``: the
     last logits weigh shared experts; their weights follow the K chosen ones)."""
     bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
-    return route_topk(logits_TE, r.policy(), bias, shared)
+    if r.logit_softcap is not None:
+        logits_TE = cap_logits(logits_TE, r.logit_softcap)
+    if r.sparsemixer_eps is not None:
+        ids_TK, w_TK = sparsemixer_route(logits_TE, r.top_k, r.sparsemixer_eps)
+        w_TK = w_TK * r.scaling_factor
+    else:
+        ids_TK, w_TK = route_topk(logits_TE, r.policy(), bias, shared, bias_on_logits=r.bias_on_logits)
+    if r.per_expert_scale and expert_bias_E is not None:  # the E-sized tensor is a scale, not a selection bias
+        K = ids_TK.shape[1]  # (shared experts' weights, after the K chosen ones, are not scaled)
+        w_TK = torch.cat([w_TK[:, :K] * expert_bias_E[ids_TK], w_TK[:, K:]], dim=-1)
+    return ids_TK, w_TK
 
 
 def _same_routing(ids_a: Tensor, w_a: Tensor, ids_b: Tensor, w_b: Tensor) -> tuple[bool, str]:
@@ -138,8 +170,30 @@ def declared_routing(cfg: Any) -> Declared:
     )
 
 
-def _candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routing]:
-    """Routings in the spec language, the config's declaration first, then its nearest variants."""
+def _candidates(dec: Declared, K: int, E: int, has_bias: bool, constants: dict[str, list[float]]
+                ) -> Iterator[Routing]:
+    """Routings in the spec language, the config's declaration first, then its nearest variants; then the
+    same with the router's transforms whose constants the block holds (``constants``: a logit softcap, a
+    sparsemixer's jitter eps), and a selection bias on the logits rather than the scores."""
+    plain = list(_plain_candidates(dec, K, E, has_bias))
+    yield from plain
+    if has_bias:  # the E-sized tensor may scale the chosen experts' weights instead of biasing selection
+        plain += [dataclasses.replace(r, per_expert_scale=True) for r in plain if not r.expert_bias]
+        yield from (r for r in plain if r.per_expert_scale)
+    if has_bias:
+        yield from (dataclasses.replace(r, bias_on_logits=True) for r in plain
+                    if r.expert_bias and r.topk_order == "score_then_topk")
+    for cap in constants.get("softcap", []):
+        for r in plain:
+            yield dataclasses.replace(r, logit_softcap=cap)
+            if r.expert_bias and r.topk_order == "score_then_topk":
+                yield dataclasses.replace(r, logit_softcap=cap, bias_on_logits=True)
+    for eps in constants.get("jitter", []):
+        for cap in [None, *constants.get("softcap", [])]:
+            yield Routing(top_k=K, sparsemixer_eps=eps, logit_softcap=cap)
+
+
+def _plain_candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routing]:
     scores = [dec.score] if dec.score in _SCORE_FNS else []
     scores += [s for s in ("softmax", "sigmoid") if s not in scores]
     norms = [dec.normalize] if dec.normalize is not None else [False]
@@ -191,6 +245,9 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
             raise UnsupportedBlock("it routes by a token table and drops tokens beyond an expert capacity; the spec's "
                                    "capacity belongs to a topk router", block_class)
         r = dataclasses.replace(r, capacity=probe.capacity)
+    if probe.router_input is not None:
+        kind, eps, weight, mult = probe.router_input
+        r = dataclasses.replace(r, input_norm=(kind, eps, weight is not None, mult))
     return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
 
 
@@ -208,7 +265,7 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         wk = w[:, :K].gather(1, ids.sort(-1).indices)
         return wk if shared_w is None else torch.cat([wk, shared_w], dim=-1)
 
-    for cand in _candidates(dec, K, E, probe.expert_bias_E is not None):
+    for cand in _candidates(dec, K, E, probe.expert_bias_E is not None, probe.constants):
         ids, w = route(probe.logits_TE, cand, probe.expert_bias_E, S)
         if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
             if first_mismatch is None:
@@ -236,10 +293,13 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         return r, notes
     cand, why = first_mismatch if first_mismatch else (None, "")
     tried = f"; the config's reading ({cand.describe()}) gives {why}" if cand else ""
+    held = "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in probe.constants.items() if vs)
     raise UnsupportedBlock(
         "its routing is not one the spec language expresses: no top-k routing (softmax/sigmoid scores, "
-        "optional selection bias, group limit, normalisation, scaling) reproduces the experts and weights "
-        f"it chooses{tried}", block_class,
+        "optional selection bias on the scores or logits, group limit, normalisation, scaling, a logit softcap or "
+        "sparsemixer with the constants the block holds"
+        + (f": {held}" if held else ": none found") + f") reproduces the experts and weights it chooses{tried}",
+        block_class,
     )
 
 
@@ -252,14 +312,14 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
         notes.append(f"config scoring_func={dec.score} but the block scores with {r.score}; following the block")
     if dec.groups and not dec.greedy and r.groups is None:
         notes.append(f"config n_group={dec.groups[0]}/topk_group={dec.groups[1]} but the block does not limit groups")
-    if has_bias and not r.expert_bias:
+    if has_bias and not r.expert_bias and not r.per_expert_scale:
         notes.append("the block holds an expert-selection bias but does not use it")
     return notes
 
 
 def _common_scale(w_probe_TK: Tensor, w_cand_TK: Tensor) -> tuple[float | None, Tensor]:
     """(c, ratios): c with w_probe == c * w_cand (same order; routed_scaling_factor), None if there is none."""
-    ratio = w_probe_TK / w_cand_TK.clamp_min(1e-30)
+    ratio = w_probe_TK / torch.where(w_cand_TK.abs() < 1e-30, torch.full_like(w_cand_TK, 1e-30), w_cand_TK)
     scale = float(ratio.mean())
     ok = scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)
     return (scale if ok else None), ratio

@@ -19,6 +19,10 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         out["router.bias"] = get_path(block, anat.router_bias_name)
     if anat.expert_bias_name:
         out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(-1)
+    if anat.expert_scale_name:
+        out["router.per_expert_scale"] = get_path(block, anat.expert_scale_name).reshape(-1)
+    if anat.router_input_weight_name:
+        out["router.input_norm.weight"] = get_path(block, anat.router_input_weight_name)
     if anat.token_table_name:
         out["router.hash_table"] = get_path(block, anat.token_table_name).long()
 

@@ -13,6 +13,15 @@ from ``semantics.scores``):
 4. top-k of the selection score; weights are the chosen experts' scores (``topk_then_score``:
    softmax over the chosen logits), optionally normalised to sum 1, then scaled.
 
+The router's own transforms around these steps (``TopKRouter.input_norm``, ``learned_logit_scale``,
+``logit_softcap``, ``per_expert_scale``) and Phi-MoE's sparsemixer are defined here too, one function
+each (``router_input``, ``cap_logits``, ``sparsemixer_route``); the generated layer spells the same steps:
+
+0. the router input: ``multiplier * weight * x / sqrt(mean(x^2) + eps)`` (norm in float32);
+1. logits = input @ W^T (+ router bias), times the learned scale, then capped: ``c * tanh(logits / c)``;
+   scores, selection and the expert bias then see the capped logits;
+5. last, each chosen expert's weight times its learned per-expert scale.
+
 Legend: T tokens, E experts, K experts per token, G groups.
 """
 
@@ -26,7 +35,8 @@ from torch import Tensor
 
 from .torch_forms import scores
 
-__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit"]
+__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "router_input", "cap_logits",
+           "sparsemixer_route"]
 
 
 @dataclass(frozen=True)
@@ -71,17 +81,20 @@ def group_limit(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
 
 
 def route_topk(logits_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None,
-               shared: int = 0) -> tuple[Tensor, Tensor]:
+               shared: int = 0, bias_on_logits: bool = False) -> tuple[Tensor, Tensor]:
     """ids_TK [T, K] (best first) and weights_TK [T, K] of a top-k policy (weights differentiable in the logits).
 
     ``shared`` (``shared_experts.gate: router``): the last ``shared`` logits are shared experts' rows, scored
     with the others but never chosen; their weights follow the K chosen ones (weights [T, K + shared]),
     normalised and scaled together with them.
+    ``bias_on_logits``: the expert bias is added to the logits rather than to the scores (selection only,
+    ``ExpertBias.applies_to: logits``); with ``topk_then_score`` the two are the same.
     """
     scores_TX = logits_TE if policy.topk_then_score else scores(logits_TE, policy.score)
     E = logits_TE.shape[1] - shared
     scores_TE, shared_TS = scores_TX[:, :E], scores_TX[:, E:]
-    choice_TE = scores_TE if expert_bias_E is None else scores_TE + expert_bias_E
+    biased_TE = logits_TE[:, :E] if bias_on_logits else scores_TE
+    choice_TE = scores_TE if expert_bias_E is None else biased_TE + expert_bias_E
     if policy.num_groups:
         choice_TE = group_limit(choice_TE, policy)
     ids_TK = torch.topk(choice_TE, policy.top_k, dim=-1).indices
@@ -104,3 +117,38 @@ def _weights(scores_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy, shared_TS: T
     if policy.scaling_factor != 1.0:
         w_TK = w_TK * policy.scaling_factor
     return w_TK
+
+
+def router_input(x_TD: Tensor, kind: str, eps: float, weight_D: Tensor | None, multiplier: float) -> Tensor:
+    """What the router sees (``TopKRouter.input_norm``): ``multiplier * weight * rms(x)`` in float32, where
+    kind 'none' skips the norm. The result is float32; the logits are computed from it in the router dtype."""
+    xf_TD = x_TD.float()
+    if kind == "rms":
+        xf_TD = xf_TD * torch.rsqrt(xf_TD.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_D is not None:
+        xf_TD = xf_TD * weight_D.float()
+    return xf_TD * multiplier if multiplier != 1.0 else xf_TD
+
+
+def cap_logits(logits_TE: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(logits / cap)``: bounds the logits to (-cap, cap), near the identity for small ones."""
+    return torch.tanh(logits_TE / cap) * cap
+
+
+def sparsemixer_route(logits_TE: Tensor, top_k: int, jitter_eps: float) -> tuple[Tensor, Tensor]:
+    """Phi-MoE's sparsemixer at inference: ids_TK (largest logit first) and weights_TK, differentiable in the logits.
+
+    Choice k is the largest logit m among the experts not chosen before. Its weight is the softmax, at that
+    expert, over the experts not chosen before whose logit s is close to m: (m - s) / max(|s|, m) <= 2 * eps.
+    (Training in Phi-MoE samples the choices and estimates their gradient; that is not reproduced here.)
+    """
+    left_TE = logits_TE
+    ids, weights = [], []
+    for _ in range(top_k):
+        m_T1, id_T1 = left_TE.detach().max(dim=-1, keepdim=True)
+        far_TE = (m_T1 - logits_TE.detach()) / logits_TE.detach().abs().clamp(min=m_T1) > 2 * jitter_eps
+        gates_TE = torch.softmax(left_TE.masked_fill(far_TE, float("-inf")), dim=-1)
+        ids.append(id_T1)
+        weights.append(gates_TE.gather(1, id_T1))
+        left_TE = left_TE.scatter(1, id_T1, float("-inf"))
+    return torch.cat(ids, dim=-1), torch.cat(weights, dim=-1)

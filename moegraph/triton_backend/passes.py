@@ -54,6 +54,20 @@ def _is_routed_op(n: fx.Node) -> bool:
     return _is_expert_op(n) or (n.op == "call_function" and name in _FP8_OPS)
 
 
+#: TopKRouter fields (with their off value) the router kernel has no step for: such routing stays torch code
+TORCH_ONLY_ROUTER_FIELDS = {"input_norm": None, "learned_logit_scale": False, "logit_softcap": None,
+                            "sparsemixer": None, "per_expert_scale": False}
+
+
+def torch_only_routing(spec: MoESpec) -> list[str]:
+    """The spec's router settings the router kernel does not run (the layer keeps its torch routing for them)."""
+    r = spec.moe.router
+    on = [k for k, off in TORCH_ONLY_ROUTER_FIELDS.items() if getattr(r, k, off) != off]
+    if getattr(getattr(r, "expert_bias", None), "applies_to", "scores") == "logits":
+        on.append("expert_bias.applies_to: logits")
+    return on
+
+
 def _is_linear(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
 
@@ -106,6 +120,10 @@ class FuseRouter(PassBase):
         if self.spec.moe.shared_experts.gate == "router":  # the routing stays torch code in the layer
             return self._refuse(gm, "the shared experts' router rows join the chosen experts' weights "
                                     "(shared_experts.gate: router), which the router kernel does not compute")
+        torch_only = torch_only_routing(self.spec)
+        if torch_only:
+            return self._refuse(gm, f"the router kernel has no step for router {', '.join(torch_only)}; the layer's "
+                                    "torch routing runs instead")
         E = self.spec.moe.experts.num_experts
         why = router_supported(E, self.args[0], self.args[1])
         if why:
