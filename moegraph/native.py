@@ -163,23 +163,32 @@ def _load(act: semantics.Activation) -> ctypes.CDLL:
             try:
                 src = source(act)
                 path = _library_path(src, cc)
-                if not path.exists():
+                try:
+                    hit = _open(path) if path.exists() else None
+                except NativeUnavailable:
+                    hit = None  # a damaged cached library: built again below
+                if hit is None:
+                    path.unlink(missing_ok=True)
                     _compile(src, cc, path)
                     compiled_paths.append(path)
-                try:
-                    lib = ctypes.CDLL(str(path))
-                    if lib.mg_abi_version() != ABI_VERSION:
-                        raise OSError("ABI version differs")
-                except (OSError, AttributeError) as exc:
-                    raise NativeUnavailable(f"cannot load the decode kernel {path} ({exc})") from None
-                _declare(lib)
-                hit = lib
+                    hit = _open(path)
             except NativeUnavailable as exc:
                 hit = exc
             _LOADED[key] = hit
     if isinstance(hit, NativeUnavailable):
         raise hit
     return hit
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.mg_abi_version() != ABI_VERSION:
+            raise OSError("ABI version differs")
+    except (OSError, AttributeError) as exc:
+        raise NativeUnavailable(f"cannot load the decode kernel {path} ({exc})") from None
+    _declare(lib)
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
