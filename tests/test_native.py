@@ -218,6 +218,7 @@ def test_the_tuner_times_native_and_records_its_choice(kernel_dir, monkeypatch):
 def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(native, "_WARNED", set())
+    before = native._cache_dir
     native.set_cache_dir(tmp_path)
     try:
         with pytest.warns(RuntimeWarning, match="native decode kernel is unavailable"):
@@ -243,7 +244,7 @@ def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
         with torch.inference_mode():
             assert torch.equal(pinned(xx), ref(xx))
     finally:
-        native.set_cache_dir(None)
+        native.set_cache_dir(before)
     assert not list(tmp_path.glob("*.so"))
 
 
@@ -306,3 +307,28 @@ def test_bad_inputs_are_refused_by_name(kernel_dir):
         a[i] = bad
         with pytest.raises(InputError, match=name):
             native.run_fp8(*a, (128, 128), 128, "fp8_e4m3", "float32")
+
+
+def test_the_portable_c_path_agrees(kernel_dir, monkeypatch, tmp_path):
+    """Built without AVX-512 (as on other CPUs), the kernel's plain C loops give the same results."""
+    monkeypatch.setenv("CC", "cc -mno-avx512f")
+    native.set_cache_dir(tmp_path)
+    try:
+        lib = native.kernel(semantics.activation("swiglu"))
+        assert lib is not None and lib.mg_simd_width() == 1
+        g = torch.Generator().manual_seed(5)
+        T, D, F, E = 3, 256, 128, 4
+        x = torch.randn(T, D, generator=g)
+        tok, exp, wgt = _assignments(T, E, 2, g)
+        for fmt in ("fp8_e4m3", "fp8_e5m2"):
+            w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D, generator=g) / 8, (128, 128), fmt)
+            w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F, generator=g) / 8, (128, 128), fmt)
+            args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, None, None, "swiglu", True, None, None)
+            out = native.run_fp8(*args, (128, 128), 128, fmt, "float32")
+            assert _rel(out, fp8._forward(*args, (128, 128), 128, fmt, "float32")) < 1e-5
+        w_up, w_down = torch.randn(E, 2 * F, D, generator=g).bfloat16(), torch.randn(E, D, F, generator=g).bfloat16()
+        args = ExpertArgs(x.bfloat16(), tok, exp, wgt, w_up, w_down, None, None, "swiglu", True)
+        ref = _dense_reference(x.bfloat16(), tok, exp, wgt, w_up, w_down, None, None, "swiglu")
+        assert _rel(native.run_experts(args), ref) < 8e-3
+    finally:
+        native.set_cache_dir(kernel_dir)
