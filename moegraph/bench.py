@@ -108,8 +108,10 @@ def _median_interleaved(fns: dict[str, Callable[[], object]], rounds: int, inner
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():  # warm-up
         fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        # ABBA: every other round runs the implementations in reverse order, so that a drift in the
+        # machine's load (or a cache warmed by the previous implementation) favours none of them.
+        for name, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -254,8 +254,42 @@ def fp8_expert_mlp(
     """
     _check_op_args(w_up_EHD, s_up, w_down_EDF, s_down, (block_out, block_in))
     with torch.no_grad():
+        args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
+                gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
+        if _decode_path(args) == "native":
+            from . import native
+
+            return native.run_fp8(*args)
         return _forward(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED,
                         activation, gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
+
+
+def _decode_path(args: tuple) -> str:
+    """``per_expert`` (the torch loop of ``_forward``) or ``native`` (``moegraph.native``'s C kernel) for
+    this call: the kernel is a candidate for decode-sized batches on stored FP8 weights where it
+    builds; a pinned strategy (``native`` or any other) decides, else the tuner measures both."""
+    from . import strategies, tuning
+
+    x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED = args[:10]
+    activation, gated, gate_clamp, up_clamp, block, tile, fmt, scale_format = args[10:]
+    if x_TD.shape[0] > strategies.DECODE_MAX_TOKENS or s_up is None or s_down is None:
+        return "per_expert"
+    pin, tuner = strategies.current_pin(), tuning.active_tuner()
+    if (pin is None and tuner is None) or (pin is not None and pin != "native"):
+        return "per_expert"
+    from . import native, semantics
+
+    act = semantics.activation(activation, gated)
+    if native.fp8_supports(*args[:10], act.gated, block, tile) is not None or native.kernel(act) is None:
+        return "per_expert"
+    if pin == "native":
+        return "native"
+    E, H, D = w_up_EHD.shape
+    K = max(1, round(exp_N.numel() / max(1, x_TD.shape[0])))
+    key = (f"fp8,{fmt},{scale_format},{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},"
+           f"K={K},act={act.name},b={int(b_up_EH is not None)},T<={tuning.token_bucket(x_TD.shape[0])}")
+    return tuner.choose_among(key, {"per_expert": lambda: _forward(*args[:14], block, tile, fmt, scale_format),
+                                    "native": lambda: native.run_fp8(*args)})
 
 
 def _fake(x_TD, *args):

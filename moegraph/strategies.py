@@ -11,6 +11,9 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
   projection. Wins when loads are even and the padding is small.
 - ``decode``: for a handful of tokens: no sort, no gather of rows into a buffer; assignments are
   grouped on the host and each touched expert's weights are read once by a matrix-vector product.
+- ``native``: the same for a handful of tokens in one call of a small C kernel (``moegraph.native``),
+  fused per touched expert; a candidate where a C compiler built it (forward only, like every
+  strategy: the backward is the op's own).
 
 Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
@@ -138,12 +141,24 @@ def _decode(args: ExpertArgs, packed) -> Tensor:
     return y_TD
 
 
+def _native(args: ExpertArgs, packed) -> Tensor:
+    from . import native  # the C kernel, built on first use
+
+    why = native.supports(args)
+    if why is None and native.kernel(args.act) is not None:
+        return native.run_experts(args)
+    if why is not None:
+        native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
+    return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
+
+
 #: name -> forward(args, packed) with ``args`` the expert op's arguments (``ops.ExpertArgs``).
 STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "per_expert": _per_expert,
     "grouped_mm": _grouped,
     "padded_bmm": _padded_bmm,
     "decode": _decode,
+    "native": _native,
 }
 
 
@@ -156,14 +171,20 @@ def grouped_mm_fits(x_TD: Tensor, w_up_EHD: Tensor) -> bool:
     return D % per_16 == 0 and H % per_16 == 0 and (H // 2 if H % 2 == 0 else H) % per_16 == 0
 
 
-def candidates(x_TD: Tensor, w_up_EHD: Tensor) -> list[str]:
-    """The strategies worth timing for this input (each one is exact wherever it runs)."""
+def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -> list[str]:
+    """The strategies worth timing for this input (each one is exact wherever it runs); ``native``
+    only with the call's ``args``, where its kernel reads them and builds here."""
     names = ["per_expert"]
     if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
     names.append("padded_bmm")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
         names.append("decode")
+        if args is not None:
+            from . import native
+
+            if native.supports(args) is None and native.kernel(args.act) is not None:
+                names.append("native")
     return names
 
 

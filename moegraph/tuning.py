@@ -184,8 +184,12 @@ class Tuner:
         """The forward strategy for this call: from the table, else measured now (and recorded)."""
         args = ExpertArgs.of(args)
         fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed))
-               for n in strategies.candidates(args.x_TD, args.w_up_EHD)}
+               for n in strategies.candidates(args.x_TD, args.w_up_EHD, args)}
         return self._choose(problem_key(args, packed), fns)
+
+    def choose_among(self, key: str, fns: dict[str, Callable[[], object]]) -> str:
+        """The fastest of ``fns`` (strategy name -> call) for ``key``: from the table, else measured now."""
+        return self._choose(key, fns)
 
     def choose_backward(self, rows: RoutedRows, grads: dict) -> str:
         """The backward strategy for the routed experts (``strategies.run_backward``'s arguments)."""

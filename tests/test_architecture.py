@@ -78,7 +78,7 @@ STAGES = {
     "traces": 1, "topology": 1,
     "planner": 2,
     "codegen": 3, "codegen_safe": 3,
-    "ops": 4, "oplib": 4, "fp8": 4, "runtime": 4, "triton_backend": 4,
+    "ops": 4, "oplib": 4, "fp8": 4, "native": 4, "runtime": 4, "triton_backend": 4,
     "fx_passes": 5, "triton_backend.passes": 5,
     "compiler": 6,
     "distributed": 7, "hf": 7, "swap": 7, "pretrained": 7, "bench": 7,

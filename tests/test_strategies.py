@@ -149,7 +149,7 @@ def test_tuner_picks_the_fastest_by_its_timer_and_caches(winner, tmp_path):
     tuner = tuning.Tuner(tmp_path, timer=timer, reps=2)
     args = _args()
     assert tuner.choose(args) == winner
-    assert set(timer.calls) == set(strategies.candidates(args[0], args[4]))
+    assert set(timer.calls) == set(strategies.candidates(args[0], args[4], ops.ExpertArgs.of(args)))
     # The losers were 10x slower on their warm-up call: pruned, never timed again.
     assert all(timer.calls.count(n) == 1 for n in set(timer.calls) - {winner})
     assert timer.calls.count(winner) == 3  # warm-up + reps=2

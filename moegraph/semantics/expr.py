@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Function", "FUNCTIONS", "Language", "parse", "value", "emit", "derivative", "Program", "program"]
+__all__ = ["Function", "FUNCTIONS", "C_SPELLINGS", "Language", "parse", "value", "emit", "derivative", "Program", "program"]
 
 
 def _sigmoid(v: float) -> float:
@@ -85,6 +85,30 @@ FUNCTIONS: dict[str, Function] = {
     # as torch.clamp's input does at its bound.
     "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "1 - step(u - v)", "step(u - v)", 2),
     "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "1 - step(v - u)", "step(v - u)", 2),
+}
+
+#: name -> its spelling in C (float arithmetic, <math.h>; the native decode kernel of
+#: ``moegraph.native``), a format string of the arguments like ``Function.triton``. Every function of
+#: FUNCTIONS has one (a test checks it against ``Function.math``).
+C_SPELLINGS: dict[str, str] = {
+    "sigmoid": "(1.0f / (1.0f + expf(-({0}))))",
+    "softplus": "(({0}) > 20.0f ? ({0}) : log1pf(expf({0})))",
+    "sqrt": "sqrtf({0})",
+    "exp": "expf({0})",
+    "log": "logf({0})",
+    "log1p": "log1pf({0})",
+    "tanh": "tanhf({0})",
+    "relu": "(({0}) < 0.0f ? 0.0f : ({0}))",
+    "abs": "fabsf({0})",
+    "square": "(({0}) * ({0}))",
+    "silu": "(({0}) / (1.0f + expf(-({0}))))",
+    "gelu": "(0.5f * ({0}) * (1.0f + erff(({0}) * 0.70710678118654752f)))",
+    "gelu_tanh": "(0.5f * ({0}) * (1.0f + tanhf(0.79788456080286536f * (({0}) + 0.044715f * ({0}) * ({0}) * ({0})))))",
+    "erf": "erff({0})",
+    "step": "(({0}) > 0.0f ? 1.0f : 0.0f)",
+    "sign": "(({0}) > 0.0f ? 1.0f : (({0}) < 0.0f ? -1.0f : 0.0f))",
+    "min": "(({1}) < ({0}) ? ({1}) : ({0}))",
+    "max": "(({1}) > ({0}) ? ({1}) : ({0}))",
 }
 
 #: spellings the parser rewrites into calls of FUNCTIONS (clamp takes keywords, so is not one of them)

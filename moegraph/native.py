@@ -1,0 +1,381 @@
+"""A small native (C) kernel for decode-sized expert compute, compiled on first use.
+
+At a handful of tokens the expert layer is bound by reading the touched experts' weights, and
+torch's matrix-vector products read them at a fraction of the memory bandwidth (FP8 weights first
+have to be dequantized by torch in full passes over memory). The kernel here reads each touched
+expert's weights once, converts them to float32 in registers (FP8 e4m3fn / e5m2 times their
+float32 block scales, bfloat16, float32), and fuses the up projection, the activation, the down
+projection and the routing-weighted sum into one call (``codegen_templates/native_decode.c.j2``).
+
+It is one more expert strategy (``strategies``: ``native``) and one more path of the FP8 op
+(``moegraph.fp8``), for at most ``strategies.DECODE_MAX_TOKENS`` tokens, chosen by measurement
+(``moegraph.tuning``) so it runs only where it wins. It is forward only: gradients always come from
+the torch backward of the op (which recomputes what it needs from the op's inputs).
+
+Build: the kernel's C source is rendered per activation (the activation is spelled in C from its
+expression: ``semantics.expr.C_SPELLINGS``), compiled with the system C compiler (``$CC``, else
+``cc``; ``-O3 -march=native -fopenmp -shared -fPIC``) into a cache folder, keyed by the source,
+compiler, flags and CPU identity, and loaded with ctypes; a second process loads the cached library
+without compiling. Plain C without torch headers, so it compiles in well under a second. Without a
+working compiler (or when compiling fails) it warns once and every caller uses its torch path.
+
+Numerics: float32 accumulation. FP8 weights are dequantized exactly as ``fp8.dequantize_blocks``
+(q * scale_inv rounded once), activations are rounded through FP8 tiles exactly as
+``fp8.fake_quant_tiles``; only the summation order of the dot products differs from torch's.
+
+Legend: T tokens, D model dim, F expert hidden dim, H up rows (2F gated, else F), E experts, N assignments.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+import threading
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import semantics
+from .codegen_safe import Code
+from .errors import InputError
+from .ops.args import ExpertArgs
+from .semantics.expr import C_SPELLINGS
+
+__all__ = ["FLAGS", "ABI_VERSION", "set_cache_dir", "cache_dir", "compiler", "source", "kernel", "available",
+           "supports", "fp8_supports", "run_experts", "run_fp8", "warn_once", "NativeUnavailable"]
+
+#: Bumped when the C function's signature changes (a cached library of another version is rebuilt).
+ABI_VERSION = 1
+
+#: Compiler flags (after the compiler command from $CC).
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+#: Tensor dtype -> the kernel's dtype code (x, weights, biases).
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+_FP8_FMT = {"fp8_e4m3": 2, "fp8_e5m2": 3}
+_ERRORS = {-1: "out of memory", -2: "a token index is outside [0, T)", -3: "inconsistent sizes"}
+
+
+class NativeUnavailable(RuntimeError):
+    """The native kernel cannot be built or loaded here (callers use their torch path)."""
+
+
+_cache_dir: Path | None = None
+
+
+def set_cache_dir(path: str | Path | None) -> None:
+    """Keep compiled kernels in ``path`` (None: ``<codegen cache>/../native``, i.e. ~/.cache/moegraph/native)."""
+    global _cache_dir
+    _cache_dir = None if path is None else Path(path)
+    _LOADED.clear()
+
+
+def cache_dir() -> Path:
+    from .codegen import default_cache_dir
+
+    return _cache_dir if _cache_dir is not None else default_cache_dir().parent / "native"
+
+
+def compiler() -> list[str]:
+    """The C compiler command: $CC (split like a shell word list), else ``cc``."""
+    return shlex.split(os.environ.get("CC") or "cc")
+
+
+def _act_c(act: semantics.Activation) -> tuple[list[Code], Code]:
+    def call(name: str, *args: str) -> str:
+        return C_SPELLINGS[name].format(*args)
+
+    def pow_(base: str, c: float | None, exponent: str) -> str:
+        if c is not None and c.is_integer() and 1 <= c <= 8:
+            return " * ".join([base] * int(c))
+        return f"powf({base}, {exponent})"
+
+    lines, (out,) = act.forward_program.source({v: v for v in act.variables}, call, pow_)
+    return [Code(line) for line in lines], Code(out)
+
+
+def source(act: semantics.Activation) -> str:
+    """The kernel's C source for one activation."""
+    from .codegen import template_env
+
+    lines, out = _act_c(act)
+    return template_env().get_template("native_decode.c.j2").render(
+        act_name=act.name, gated=act.gated, act_lines=lines, act_out=out, abi_version=ABI_VERSION)
+
+
+@lru_cache(maxsize=None)
+def _compiler_version(cc: tuple[str, ...]) -> str:
+    try:
+        out = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"C compiler {' '.join(cc)!r} does not run ({exc})") from None
+    if out.returncode != 0:
+        raise NativeUnavailable(f"C compiler {' '.join(cc)!r} does not run ({out.stderr.strip()[:200]})")
+    return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+
+
+def _library_path(src: str, cc: list[str]) -> Path:
+    from .tuning import _cpuinfo
+
+    model, isa = _cpuinfo()
+    key = "\n".join([src, " ".join(cc), _compiler_version(tuple(cc)), " ".join(FLAGS), model, " ".join(isa)])
+    return cache_dir() / f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+
+
+def _compile(src: str, cc: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="moegraph-native-") as tmp:
+        c_file = Path(tmp) / "decode.c"
+        c_file.write_text(src, encoding="utf-8")
+        so_tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            out = subprocess.run([*cc, *FLAGS, "-o", str(so_tmp), str(c_file), "-lm"], capture_output=True,
+                                 text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise NativeUnavailable(f"C compiler {' '.join(cc)!r} failed to run ({exc})") from None
+        if out.returncode != 0:
+            so_tmp.unlink(missing_ok=True)
+            raise NativeUnavailable(f"compiling the decode kernel with {' '.join(cc)!r} failed: "
+                                    f"{(out.stderr or out.stdout).strip()[:400]}")
+        os.replace(so_tmp, path)  # a reader never sees half a library
+
+
+_LOADED: dict[tuple, ctypes.CDLL | NativeUnavailable] = {}
+_LOCK = threading.Lock()
+_WARNED: set[str] = set()
+#: compilations done by this process (tests check that a cached kernel is not compiled again)
+compiled_paths: list[Path] = []
+
+
+def _load(act: semantics.Activation) -> ctypes.CDLL:
+    cc = compiler()
+    key = (act.name, act.expression, act.gated, tuple(cc), str(cache_dir()))
+    with _LOCK:
+        hit = _LOADED.get(key)
+        if hit is None:
+            try:
+                src = source(act)
+                path = _library_path(src, cc)
+                try:
+                    hit = _open(path) if path.exists() else None
+                except NativeUnavailable:
+                    hit = None  # a damaged cached library: built again below
+                if hit is None:
+                    path.unlink(missing_ok=True)
+                    _compile(src, cc, path)
+                    compiled_paths.append(path)
+                    hit = _open(path)
+            except NativeUnavailable as exc:
+                hit = exc
+            _LOADED[key] = hit
+    if isinstance(hit, NativeUnavailable):
+        raise hit
+    return hit
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.mg_abi_version() != ABI_VERSION:
+            raise OSError("ABI version differs")
+    except (OSError, AttributeError) as exc:
+        raise NativeUnavailable(f"cannot load the decode kernel {path} ({exc})") from None
+    _declare(lib)
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, i32, f32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    lib.mg_decode.restype = i32
+    lib.mg_decode.argtypes = [i64, i64, i64, i64, p, i32,  # T D F E x x_dt
+                              i64, p, p, p,  # n tok exp wgt
+                              p, p, i32, p, p, i64, i64,  # w_up w_down w_dt s_up s_down bo bi
+                              p, p, i32, i32, f32, i32, f32,  # b_up b_down b_dt gate/up clamps
+                              i64, i32, i32, p, i32]  # tile act_dt ue8m0 y32 threads
+
+
+def warn_once(message: str) -> None:
+    """A RuntimeWarning, once per process for each message."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernel(act: semantics.Activation) -> ctypes.CDLL | None:
+    """The loaded kernel for ``act``, built on first use; None (after one warning) where it cannot be."""
+    try:
+        return _load(act)
+    except NativeUnavailable as exc:
+        warn_once(f"moegraph's native decode kernel is unavailable, decode-sized batches use the torch paths: "
+                  f"{exc}. Install a C compiler with OpenMP (gcc) or point $CC at one.")
+        return None
+
+
+def available(activation: str = "swiglu", gated: bool | None = None) -> bool:
+    """Whether the kernel for this activation builds and loads here (builds it on first call)."""
+    return kernel(semantics.activation(activation, gated)) is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# Calling it
+# ----------------------------------------------------------------------------------------------
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check_weight(name: str, w: Tensor, shape: tuple[int, ...], allowed) -> str | None:
+    if w.dtype not in allowed:
+        return f"{name} has dtype {w.dtype}; the native kernel reads {', '.join(str(d) for d in allowed)}"
+    if tuple(w.shape) != shape:
+        return f"{name} has shape {tuple(w.shape)}, expected {shape}"
+    if w.device.type != "cpu":
+        return f"{name} is on {w.device}; the native kernel runs on the CPU"
+    if not w.is_contiguous():
+        return f"{name} is not contiguous (strides {w.stride()}); pass .contiguous() weights"
+    return None
+
+
+def _check_common(x_TD, tok_N, exp_N, weight_N, w_up, w_down, b_up, b_down, gated, weight_dtypes) -> str | None:
+    if x_TD.dim() != 2 or x_TD.dtype not in (torch.float32, torch.bfloat16) or x_TD.device.type != "cpu":
+        return f"x_TD must be a 2-D float32 or bfloat16 CPU tensor (got {tuple(x_TD.shape)} {x_TD.dtype} {x_TD.device})"
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        return f"w_up_EHD and w_down_EDF must be 3-D (got {tuple(w_up.shape)} and {tuple(w_down.shape)})"
+    E, D, F = w_up.shape[0], x_TD.shape[1], w_down.shape[2]
+    H = (2 if gated else 1) * F
+    why = (_check_weight("w_up_EHD", w_up, (E, H, D), weight_dtypes)
+           or _check_weight("w_down_EDF", w_down, (E, D, F), weight_dtypes))
+    if why:
+        return why
+    for name, b, shape in (("b_up_EH", b_up, (E, H)), ("b_down_ED", b_down, (E, D))):
+        if b is not None:
+            why = _check_weight(name, b, shape, (torch.float32, torch.bfloat16))
+            if why:
+                return why
+    if b_up is not None and b_down is not None and b_up.dtype != b_down.dtype:
+        return f"b_up_EH ({b_up.dtype}) and b_down_ED ({b_down.dtype}) differ in dtype"
+    for name, t in (("tok_N", tok_N), ("exp_N", exp_N)):
+        if t.dtype != torch.int64 or t.dim() != 1:
+            return f"{name} must be a 1-D int64 tensor (got {tuple(t.shape)} {t.dtype})"
+    if exp_N.shape != tok_N.shape or weight_N.shape != tok_N.shape or not weight_N.is_floating_point():
+        return (f"tok_N, exp_N and weight_N must be 1-D of one length, weight_N floating (got {tuple(tok_N.shape)}, "
+                f"{tuple(exp_N.shape)}, {tuple(weight_N.shape)} {weight_N.dtype})")
+    return None
+
+
+def supports(args: ExpertArgs) -> str | None:
+    """Why the native kernel cannot run the expert op's call ``args`` (None when it can)."""
+    a = args
+    why = _check_common(a.x_TD, a.tok_N, a.exp_N, a.weight_N, a.w_up_EHD, a.w_down_EDF, a.b_up_EH, a.b_down_ED,
+                        a.act.gated, (torch.float32, torch.bfloat16))
+    if why or a.shared_w_up_HD is None:
+        return why
+    S = a.shared_w_down_DF.shape[-1] if a.shared_w_down_DF.dim() == 2 else -1
+    D = a.x_TD.shape[1]
+    return (_check_weight("shared_w_up_HD", a.shared_w_up_HD, ((2 if a.act.gated else 1) * S, D),
+                          (torch.float32, torch.bfloat16))
+            or _check_weight("shared_w_down_DF", a.shared_w_down_DF, (D, S), (torch.float32, torch.bfloat16)))
+
+
+def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up, b_down, act_args, fp8) -> None:
+    T, D = x.shape
+    E, F = w_up.shape[0], w_down.shape[-1]
+    _, _, gate_clamp, up_clamp = act_args
+    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
+    tile, fmt, scale_format = fp8 if fp8 else (0, None, "float32")
+    rc = lib.mg_decode(T, D, F, E, x.data_ptr(), _DT[x.dtype], n, _ptr(tok), _ptr(exp), _ptr(wgt),
+                       w_up.data_ptr(), w_down.data_ptr(), _DT[w_up.dtype], _ptr(s_up), _ptr(s_down), block[0],
+                       block[1], _ptr(b_up), _ptr(b_down), b_dt, gate_clamp is not None,
+                       0.0 if gate_clamp is None else gate_clamp, up_clamp is not None,
+                       0.0 if up_clamp is None else up_clamp, tile, _FP8_FMT.get(fmt, 0),
+                       scale_format == "ue8m0", y32.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise InputError(f"native decode kernel refused its inputs: {_ERRORS.get(rc, rc)}")
+
+
+def _lib_for(act: semantics.Activation):
+    lib = kernel(act)
+    if lib is None:
+        raise NativeUnavailable("the native decode kernel is not available here (see the earlier warning)")
+    return lib
+
+
+def run_experts(args: ExpertArgs | tuple) -> Tensor:
+    """The expert op (``moegraph::expert_mlp``) on ``args`` by the native kernel: [T, D] in x's dtype.
+
+    Raises InputError naming the argument when the kernel cannot read the inputs (dtype, shape,
+    device, non-contiguous weights), NativeUnavailable when no kernel could be built.
+    """
+    a = ExpertArgs.of(args)
+    why = supports(a)
+    if why:
+        raise InputError(f"native expert kernel: {why}")
+    lib = _lib_for(a.act)
+    x = a.x_TD.contiguous()
+    T, D = x.shape
+    y32 = torch.zeros(T, D, dtype=torch.float32)
+    act_args = a.activation_args
+    if a.shared_w_up_HD is not None:
+        scale = None if a.shared_scale_T is None else a.shared_scale_T.reshape(-1).float().contiguous()
+        if scale is not None and scale.numel() != T:
+            raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
+        _call(lib, y32, x, T, None, None, scale, a.shared_w_up_HD.unsqueeze(0), a.shared_w_down_DF.unsqueeze(0),
+              None, None, (0, 0), None, None, act_args, None)
+    tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
+    wgt = a.weight_N.float().contiguous()
+    _call(lib, y32, x, tok.numel(), tok, exp, wgt, a.w_up_EHD, a.w_down_EDF, None, None, (0, 0), a.b_up_EH,
+          a.b_down_ED, act_args, None)
+    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+
+
+def fp8_supports(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, gated,
+                 block, tile) -> str | None:
+    """Why the native kernel cannot run this ``fp8_expert_mlp`` call (None when it can): it needs
+    stored FP8 weights with their scales (master weights quantized on the fly stay in torch)."""
+    why = _check_common(x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, gated,
+                        (torch.float8_e4m3fn, torch.float8_e5m2))
+    if why:
+        return why
+    if w_up_EHD.dtype != w_down_EDF.dtype:
+        return f"w_up_EHD ({w_up_EHD.dtype}) and w_down_EDF ({w_down_EDF.dtype}) differ in FP8 format"
+    E, H, D = w_up_EHD.shape
+    F = w_down_EDF.shape[2]
+    bo, bi = block
+    for name, s, w in (("s_up", s_up, w_up_EHD), ("s_down", s_down, w_down_EDF)):
+        if s is None:
+            return f"{name} is missing (the native kernel reads stored FP8 weights with their scales)"
+        want = (w.shape[0], w.shape[1] // bo, w.shape[2] // bi)
+        if w.shape[1] % bo or w.shape[2] % bi or tuple(s.shape) != want or s.dtype != torch.float32 \
+                or not s.is_contiguous():
+            return f"{name} must be a contiguous float32 tensor of shape {want} (got {tuple(s.shape)} {s.dtype})"
+    if D % tile or F % tile:
+        return f"activation tile {tile} does not divide D={D} and F={F}"
+    return None
+
+
+def run_fp8(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation, gated,
+            gate_clamp, up_clamp, block, tile, fmt, scale_format) -> Tensor:
+    """``moegraph::fp8_expert_mlp``'s forward by the native kernel (stored FP8 weights): [T, D] in x's dtype."""
+    act = semantics.activation(activation, gated)
+    why = fp8_supports(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED,
+                       act.gated, block, tile)
+    if why:
+        raise InputError(f"native FP8 expert kernel: {why}")
+    if fmt not in _FP8_FMT or scale_format not in ("float32", "ue8m0"):
+        raise InputError(f"native FP8 expert kernel: unknown format {fmt!r} / scale format {scale_format!r}")
+    lib = _lib_for(act)
+    x = x_TD.contiguous()
+    T, D = x.shape
+    y32 = torch.zeros(T, D, dtype=torch.float32)
+    tok, exp = tok_N.contiguous(), exp_N.contiguous()
+    _call(lib, y32, x, tok.numel(), tok, exp, weight_N.float().contiguous(), w_up_EHD, w_down_EDF, s_up, s_down,
+          block, b_up_EH, b_down_ED, (activation, gated, gate_clamp, up_clamp), (tile, fmt, scale_format))
+    return y32 if x.dtype == torch.float32 else y32.to(x.dtype)

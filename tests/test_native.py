@@ -1,0 +1,334 @@
+"""The native decode kernel (moegraph/native.py): against the loop references, in layers (eval and the
+gradients of a training step, which stay torch's), its fallback without a compiler, its on-disk cache,
+and its refusal of inputs it cannot read.
+
+Every test here that needs the kernel skips where this machine has no working C compiler (the
+fallback test runs everywhere)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import moegraph
+from moegraph import fp8, native, semantics, strategies, tuning
+from moegraph.errors import InputError
+from moegraph.ops.args import ExpertArgs
+from moegraph.semantics.expr import C_SPELLINGS, FUNCTIONS
+
+import reference_fp8
+import reference_moe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("native")
+    native.set_cache_dir(d)
+    if not native.available("swiglu"):
+        native.set_cache_dir(None)
+        pytest.skip("no working C compiler here (the fallback is tested below)")
+    yield d
+    native.set_cache_dir(None)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _assignments(T, E, K, g, drop=True):
+    tok = torch.arange(T).repeat_interleave(K)
+    exp = torch.randint(0, E, (T * K,), generator=g)
+    if drop:
+        exp[1] = E  # an assignment the op drops (expert id outside [0, E))
+    return tok, exp, torch.rand(T * K, generator=g)
+
+
+def _dense_reference(x, tok, exp, wgt, w_up, w_down, b_up, b_down, activation, clamps=(None, None), shared=None):
+    """The op's meaning, token by token, from tests/reference_moe.py's expert (float32)."""
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t, e, w in zip(tok.tolist(), exp.tolist(), wgt.tolist()):
+        if 0 <= e < w_up.shape[0]:
+            y[t] += w * reference_moe.expert(x[t].float(), w_up[e].float(), w_down[e].float(),
+                                             None if b_up is None else b_up[e].float(),
+                                             None if b_down is None else b_down[e].float(), activation, *clamps)
+    if shared is not None:
+        for t in range(x.shape[0]):
+            y[t] += reference_moe.expert(x[t].float(), shared[0].float(), shared[1].float(), None, None, activation,
+                                         *clamps)
+    return y
+
+
+def test_every_expression_function_has_a_c_spelling():
+    assert set(C_SPELLINGS) == set(FUNCTIONS)
+    for name, spelling in C_SPELLINGS.items():
+        args = [f"a{i}" for i in range(FUNCTIONS[name].arity)]
+        assert all(a in spelling.format(*args) for a in args), name
+
+
+@pytest.mark.parametrize("activation,clamps", [("swiglu", (None, None)), ("geglu_tanh", (7.0, 5.0)),
+                                                ("relu2", (None, None))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_op_matches_the_loop_reference(kernel_dir, activation, clamps, dtype):
+    g = torch.Generator().manual_seed(1)
+    gated = reference_moe.ACT[activation][1]
+    T, D, F, E, K = 5, 48, 40, 6, 3
+    H = (2 if gated else 1) * F
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w_up, w_down = (torch.randn(E, H, D, generator=g) / 4).to(dtype), (torch.randn(E, D, F, generator=g) / 4).to(dtype)
+    b_up, b_down = torch.randn(E, H, generator=g).to(dtype), torch.randn(E, D, generator=g).to(dtype)
+    s_up, s_down = (torch.randn(H, D, generator=g) / 4).to(dtype), (torch.randn(D, F, generator=g) / 4).to(dtype)
+    tok, exp, wgt = _assignments(T, E, K, g)
+    act = semantics.activation(activation)
+    args = ExpertArgs(x, tok, exp, wgt, w_up, w_down, b_up, b_down, act.name, act.gated, *clamps, s_up, s_down)
+    out = native.run_experts(args)
+    assert out.dtype == dtype and out.shape == (T, D)
+    ref = _dense_reference(x, tok, exp, wgt, w_up, w_down, b_up, b_down, activation, clamps, shared=(s_up, s_down))
+    # float32: summation order only; bfloat16: the output's one rounding (the kernel accumulates in float32)
+    assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_inline_expression_spelled_in_c(kernel_dir):
+    expr = ("gelu_tanh(gate) * softplus(up) + erf(gate) * tanh(up) - abs(gate) * sign(up) + sqrt(relu(up)) * "
+            "log1p(abs(gate)) + exp(-square(gate)) * step(up) + max(gate, up) - min(gate, 0.5) + sigmoid(up) ** 3 "
+            "+ log(1 + abs(up)) / 2 + silu(gate) * gelu(up)")
+    g = torch.Generator().manual_seed(2)
+    T, D, F, E = 3, 32, 16, 4
+    x = torch.randn(T, D, generator=g)
+    w_up, w_down = torch.randn(E, 2 * F, D, generator=g) / 4, torch.randn(E, D, F, generator=g) / 4
+    tok, exp, wgt = _assignments(T, E, 2, g)
+    args = ExpertArgs(x, tok, exp, wgt, w_up, w_down, None, None, expr, True)
+    from moegraph.ops import _expert_mlp_impl
+
+    assert _rel(native.run_experts(args), _expert_mlp_impl(args)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("scale_format", ["float32", "ue8m0"])
+@pytest.mark.parametrize("block,tile", [((128, 128), 128), ((32, 16), 16)])
+def test_fp8_matches_the_fp8_loop_reference_and_the_torch_op(kernel_dir, fmt, scale_format, block, tile):
+    g = torch.Generator().manual_seed(3)
+    T, D, F, E, K = 4, 256, 128, 5, 3
+    x = torch.randn(T, D, generator=g)
+    w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D, generator=g) / 8, block, fmt, scale_format)
+    w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F, generator=g) / 6, block, fmt, scale_format)
+    b_up, b_down = torch.randn(E, 2 * F, generator=g), torch.randn(E, D, generator=g)
+    tok, exp, wgt = _assignments(T, E, K, g)
+    args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, b_up, b_down, "swiglu", True, None, None)
+    out = native.run_fp8(*args, block, tile, fmt, scale_format)
+    # the op's torch path, and the loop reference written from DeepSeek-V3's description
+    assert _rel(out, fp8._forward(*args, block, tile, fmt, scale_format)) < 1e-5
+    run = reference_fp8.fp8_expert(tile, fmt, scale_format == "ue8m0")
+    ref = torch.zeros(T, D)
+    for t, e, w in zip(tok.tolist(), exp.tolist(), wgt.tolist()):
+        if e < E:
+            ref[t] += w * run(x[t], fp8.dequantize_blocks(w_up[e], s_up[e], block),
+                              fp8.dequantize_blocks(w_down[e], s_down[e], block), b_up[e], b_down[e], "swiglu")
+    assert _rel(out, ref) < 1e-5
+
+
+def test_fp8_nan_weight_stays_nan(kernel_dir):
+    E, D, F = 1, 128, 128
+    w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D) / 8, (128, 128))
+    w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F) / 8, (128, 128))
+    w_down.view(torch.uint8)[0, 3, 5] = 0x7F  # e4m3fn NaN
+    x, tok, exp, wgt = torch.randn(1, D), torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    out = native.run_fp8(x, tok, exp, wgt, w_up, s_up, w_down, s_down, None, None, "swiglu", True, None, None,
+                         (128, 128), 128, "fp8_e4m3", "float32")
+    assert torch.isnan(out[0, 3]) and torch.isfinite(out[0, :3]).all()
+
+
+def _small_spec(fp8_on: bool) -> dict:
+    from moegraph.bench import BENCH_SPEC
+
+    spec = copy.deepcopy(BENCH_SPEC)
+    spec["moe"].update(hidden_size=256)
+    spec["moe"]["experts"].update(intermediate_size=128, num_experts=16)
+    if fp8_on:
+        spec["moe"]["quantization"] = {"format": "fp8_e4m3", "shared_experts": True}
+    return spec
+
+
+@pytest.mark.parametrize("fp8_on", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_pinned_native_matches_the_torch_paths(kernel_dir, fp8_on, dtype):
+    spec = _small_spec(fp8_on)
+    torch.manual_seed(0)
+    ref = moegraph.compile(spec, dtype=dtype).eval()
+    nat = moegraph.compile(spec, dtype=dtype, expert_strategy="native").eval()
+    nat.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 7, 256).to(dtype)
+    with torch.inference_mode():
+        a, b = ref(x), nat(x)
+    assert _rel(b, a) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_training_gradients_are_torchs(kernel_dir):
+    """A layer pinned to the native strategy trains like the default one: the kernel only runs forwards,
+    the backward is the op's torch backward."""
+    spec = _small_spec(False)
+    torch.manual_seed(0)
+    ref = moegraph.compile(spec).train()
+    nat = moegraph.compile(spec, expert_strategy="native").train()
+    nat.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 4, 256)
+    grads = []
+    for layer in (ref, nat):
+        xx = x.clone().requires_grad_(True)
+        layer(xx).square().sum().backward()
+        grads.append((xx.grad, layer.experts.gate_up_proj.grad))
+    assert _rel(grads[1][0], grads[0][0]) < 1e-5 and _rel(grads[1][1], grads[0][1]) < 1e-5
+
+
+def test_the_tuner_times_native_and_records_its_choice(kernel_dir, monkeypatch):
+    """With a timer that says the kernel is fastest, the tuner picks ``native`` for the expert op and
+    for both FP8 op calls (routed and shared experts), and records the timings of every candidate."""
+    kernel_calls = [0]
+    real_call = native._call
+
+    def counting_call(*a, **kw):
+        kernel_calls[0] += 1
+        return real_call(*a, **kw)
+
+    monkeypatch.setattr(native, "_call", counting_call)
+
+    def timer(fn) -> float:
+        before = kernel_calls[0]
+        fn()
+        return 1e-6 if kernel_calls[0] > before else 1e-3
+
+    for fp8_on in (False, True):
+        layer = moegraph.compile(_small_spec(fp8_on)).eval()
+        tuner = tuning.enable_tuning(None, timer=timer)
+        with torch.inference_mode():
+            layer(torch.randn(1, 2, 256))
+        assert len(tuner.table) == (2 if fp8_on else 1), tuner.table
+        for key, entry in tuner.table.items():
+            assert entry["strategy"] == "native" and len(entry["us"]) >= 2, (key, entry)
+        tuning.disable_tuning()
+
+
+def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "_WARNED", set())
+    before = native._cache_dir
+    native.set_cache_dir(tmp_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="native decode kernel is unavailable"):
+            assert not native.available("swiglu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: not again
+            assert not native.available("swiglu")
+        act = semantics.activation("swiglu")
+        x = torch.randn(2, 32)
+        args = ExpertArgs(x, torch.tensor([0, 1]), torch.tensor([1, 0]), torch.ones(2), torch.randn(2, 32, 32),
+                          torch.randn(2, 32, 16), None, None, act.name, True)
+        assert "native" not in strategies.candidates(x, args.w_up_EHD, args)
+        from moegraph.ops import _expert_mlp_impl
+
+        assert _rel(strategies.run_strategy("native", args), _expert_mlp_impl(args)) < 1e-5  # ran 'decode'
+        with pytest.raises(native.NativeUnavailable):
+            native.run_experts(args)
+        spec = _small_spec(True)
+        ref = moegraph.compile(spec).eval()
+        pinned = moegraph.compile(spec, expert_strategy="native").eval()
+        pinned.load_state_dict(ref.state_dict())
+        xx = torch.randn(1, 3, 256)
+        with torch.inference_mode():
+            assert torch.equal(pinned(xx), ref(xx))
+    finally:
+        native.set_cache_dir(before)
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_a_cached_kernel_is_not_compiled_again(kernel_dir):
+    before = list(native.compiled_paths)
+    code = ("import moegraph.native as n, sys; n.set_cache_dir(sys.argv[1]); ok = n.available('swiglu'); "
+            "print(ok, len(n.compiled_paths))")
+    out = subprocess.run([sys.executable, "-c", code, str(kernel_dir)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "0"]
+    # A damaged cached library is rebuilt, not loaded.
+    libs = sorted(kernel_dir.glob("decode-*.so"))
+    assert libs
+    lib = next(p for p in libs if p in native.compiled_paths) if any(p in native.compiled_paths for p in libs) else libs[0]
+    lib.write_bytes(b"not a library")
+    out = subprocess.run([sys.executable, "-c", code, str(kernel_dir)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "True"
+    assert native.compiled_paths[: len(before)] == before
+
+
+def test_bad_inputs_are_refused_by_name(kernel_dir):
+    g = torch.Generator().manual_seed(4)
+    T, D, F, E = 2, 32, 16, 3
+    x = torch.randn(T, D, generator=g)
+    w_up, w_down = torch.randn(E, 2 * F, D, generator=g), torch.randn(E, D, F, generator=g)
+    tok, exp, wgt = torch.tensor([0, 1]), torch.tensor([2, 0]), torch.ones(2)
+
+    def args(**kw):
+        base = dict(x_TD=x, tok_N=tok, exp_N=exp, weight_N=wgt, w_up_EHD=w_up, w_down_EDF=w_down)
+        base.update(kw)
+        return ExpertArgs(**base)
+
+    cases = {
+        "x_TD": args(x_TD=x.half()),
+        "w_down_EDF": args(w_down_EDF=torch.randn(E, D + 1, F)),
+        "w_up_EHD is not contiguous": args(w_up_EHD=torch.randn(E, D, 2 * F).transpose(1, 2)),
+        "tok_N": args(tok_N=tok.int()),
+        "b_up_EH": args(b_up_EH=torch.randn(E, 3)),
+    }
+    for name, a in cases.items():
+        with pytest.raises(InputError, match=name):
+            native.run_experts(a)
+    with pytest.raises(InputError, match="token index"):
+        native.run_experts(args(tok_N=torch.tensor([0, 5])))
+    # A non-contiguous x (or assignment tensors) is read through a contiguous copy, never by strides.
+    xt = torch.randn(D, T, generator=g).t()
+    from moegraph.ops import _expert_mlp_impl
+
+    assert _rel(native.run_experts(args(x_TD=xt)), _expert_mlp_impl(args(x_TD=xt.contiguous()))) < 1e-5
+    # FP8: scales missing or of the wrong shape
+    q_up, s_up = fp8.quantize_blocks(torch.randn(E, 256, 128), (128, 128))
+    q_down, s_down = fp8.quantize_blocks(torch.randn(E, 128, 128), (128, 128))
+    xx = torch.randn(T, 128)
+    base = (xx, tok, exp, wgt, q_up, s_up, q_down, s_down, None, None, "swiglu", True, None, None)
+    for i, bad, name in ((5, None, "s_up"), (7, s_down[:, :, :0], "s_down"), (4, q_up.float(), "w_up_EHD")):
+        a = list(base)
+        a[i] = bad
+        with pytest.raises(InputError, match=name):
+            native.run_fp8(*a, (128, 128), 128, "fp8_e4m3", "float32")
+
+
+def test_the_portable_c_path_agrees(kernel_dir, monkeypatch, tmp_path):
+    """Built without AVX-512 (as on other CPUs), the kernel's plain C loops give the same results."""
+    monkeypatch.setenv("CC", "cc -mno-avx512f")
+    native.set_cache_dir(tmp_path)
+    try:
+        lib = native.kernel(semantics.activation("swiglu"))
+        assert lib is not None and lib.mg_simd_width() == 1
+        g = torch.Generator().manual_seed(5)
+        T, D, F, E = 3, 256, 128, 4
+        x = torch.randn(T, D, generator=g)
+        tok, exp, wgt = _assignments(T, E, 2, g)
+        for fmt in ("fp8_e4m3", "fp8_e5m2"):
+            w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D, generator=g) / 8, (128, 128), fmt)
+            w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F, generator=g) / 8, (128, 128), fmt)
+            args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, None, None, "swiglu", True, None, None)
+            out = native.run_fp8(*args, (128, 128), 128, fmt, "float32")
+            assert _rel(out, fp8._forward(*args, (128, 128), 128, fmt, "float32")) < 1e-5
+        w_up, w_down = torch.randn(E, 2 * F, D, generator=g).bfloat16(), torch.randn(E, D, F, generator=g).bfloat16()
+        args = ExpertArgs(x.bfloat16(), tok, exp, wgt, w_up, w_down, None, None, "swiglu", True)
+        ref = _dense_reference(x.bfloat16(), tok, exp, wgt, w_up, w_down, None, None, "swiglu")
+        assert _rel(native.run_experts(args), ref) < 8e-3
+    finally:
+        native.set_cache_dir(kernel_dir)
