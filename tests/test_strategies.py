@@ -63,6 +63,24 @@ def test_strategy_matches_loop_reference(strategy, dtype, T, tmp_path):
         torch.testing.assert_close(y.float(), ref, **TOL[dtype])
 
 
+@pytest.mark.skipif(not ops.prepack_supported(torch.empty(1, dtype=torch.bfloat16)),
+                    reason="oneDNN has no bfloat16 kernels on this CPU")
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_bfloat16_eval_runs_packed_weights(T, tmp_path):
+    """bfloat16 eval graphs run the oneDNN-packed op (one row included) and agree with the float32
+    reference and with the same strategy on unpacked weights."""
+    layer = _layer("per_expert", torch.bfloat16, tmp_path=tmp_path).eval()
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        gm = layer.graph()
+        assert any(n.target is torch.ops.moegraph.expert_mlp_packed.default for n in gm.graph.nodes)
+        y_plain = layer.train()(x)  # the train graph runs the op without packed weights
+    ref = reference_forward(SPEC, _float_copy(layer, tmp_path=tmp_path), x.float())
+    torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(y, y_plain, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
 @pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False), ("geglu", True)])
 def test_strategy_activations_biases_and_dropped(strategy, activation, bias, tmp_path):
