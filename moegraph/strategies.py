@@ -225,7 +225,8 @@ def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
 
 
 def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
-    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM."""
+    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM
+    (the down projection is not recomputed: see ``ops._mlp_grads``)."""
     x_ND, gy_ND, w_sorted, exp_sorted, counts = rows.x_ND, rows.gy_ND, rows.w_sorted, rows.exp_sorted, rows.counts
     w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rows.w_up_EHD, rows.w_down_EDF, rows.b_up_EH, rows.b_down_ED
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
@@ -234,22 +235,23 @@ def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
     if b_up_EH is not None:
         h = h + b_up_EH.index_select(0, exp_sorted)
     a, saved = ops._act_saved(h, *rows.activation_args)
-    a = a.contiguous()
-    go = gy_ND * w_sorted
+    gyw = gmm(gy_ND, w_down_EDF, offs=offs)  # [n, F]
     if rows.want_out:
-        out = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
+        gws = (gyw * a).sum(-1)
         if b_down_ED is not None:
-            out = out + b_down_ED.index_select(0, exp_sorted)
-        grads["gw_sorted"].copy_((gy_ND * out).sum(-1))
-    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows (experts without rows get 0).
-    grads["gw_down"].copy_(gmm(go.t(), a, offs=offs))
+            gws += (gy_ND * b_down_ED.index_select(0, exp_sorted)).sum(-1)
+        grads["gw_sorted"].copy_(gws)
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows; the routing weight scales
+    # the F-wide activations, not the D-wide output gradients.
+    grads["gw_down"] = gmm(gy_ND.t(), (a * w_sorted).contiguous(), offs=offs)
     if b_down_ED is not None:
-        grads["gb_down"].zero_().index_add_(0, exp_sorted, go)
-    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, *rows.activation_args)
-    gh = gh.contiguous()
-    grads["gw_up"].copy_(gmm(gh.t(), x_ND, offs=offs))
+        grads["gb_down"].zero_().index_add_(0, exp_sorted, gy_ND * w_sorted)
+    gh = ops._act_backward(gyw.mul_(w_sorted), saved, *rows.activation_args).contiguous()
+    grads["gw_up"] = gmm(gh.t(), x_ND, offs=offs)
     if b_up_EH is not None:
         grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
+    if 0 in counts:  # experts without rows: zero gradients, whatever the grouped GEMM left there
+        ops._zero_untouched(grads, counts)
     return gmm(gh, w_up_EHD, offs=offs)
 
 
