@@ -138,6 +138,50 @@ def _decode(args: ExpertArgs, packed) -> Tensor:
     return y_TD
 
 
+def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
+    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
+    the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
+    y_TD = _shared_into_output(args, None)
+    order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
+    n = len(order_N)
+    if n == 0:
+        return y_TD
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+    x_ND = x_TD.index_select(0, tok_sorted)
+    if grouped:
+        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
+        h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
+    else:
+        h = x_ND.new_empty(n, w_up_EHD.shape[1])
+        for e, rows in _expert_rows(counts):
+            torch.mm(x_ND[rows], w_up_EHD[e].t(), out=h[rows])
+    if b_up_EH is not None:
+        h.add_(b_up_EH.index_select(0, exp_sorted))
+    a = ops.apply_activation(h, *args.activation_args) * w_sorted  # out of place: h stays for the backward
+    if grouped:
+        o = torch._grouped_mm(a, w_down_EDF.transpose(1, 2), offs=offs)
+    else:
+        o = x_ND.new_empty(n, x_TD.shape[1])
+        for e, rows in _expert_rows(counts):
+            torch.mm(a[rows], w_down_EDF[e].t(), out=o[rows])
+    if b_down_ED is not None:
+        o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+    y_TD.index_add_(0, tok_sorted, o)
+    ops.stash_forward(y_TD, ops.SavedForward(order_N, exp_sorted, counts, tok_sorted, x_ND, h))
+    return y_TD
+
+
+def _expert_rows(counts: list[int]):
+    """(expert, slice of its sorted rows) for each expert that received rows."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+            start += c
+
+
 #: name -> forward(args, packed) with ``args`` the expert op's arguments (``ops.ExpertArgs``).
 STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "per_expert": _per_expert,
@@ -215,6 +259,9 @@ def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
             name = heuristic(args)
         else:
             name = tuner.choose(args, packed)
+    if name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
+                                                 args.b_down_ED, args.weight_N):
+        return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
     return run_strategy(name, args, packed)
 
 
@@ -231,9 +278,11 @@ def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
     w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rows.w_up_EHD, rows.w_down_EDF, rows.b_up_EH, rows.b_down_ED
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
     gmm = torch._grouped_mm
-    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
-    if b_up_EH is not None:
-        h = h + b_up_EH.index_select(0, exp_sorted)
+    h = rows.h_ND
+    if h is None:  # the forward did not keep it: recompute
+        h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
+        if b_up_EH is not None:
+            h = h + b_up_EH.index_select(0, exp_sorted)
     a, saved = ops._act_saved(h, *rows.activation_args)
     gyw = gmm(gy_ND, w_down_EDF, offs=offs)  # [n, F]
     if rows.want_out:

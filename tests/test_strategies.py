@@ -153,6 +153,44 @@ def test_backward_biases_drops_and_shared_gate(strategy, activation, bias, share
     assert zero_experts > 0  # the case of experts without rows was exercised
 
 
+@pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
+def test_backward_without_the_saved_forward(strategy, monkeypatch, tmp_path):
+    """Where the forward's rows and up projection are not at hand (torch.compile, a direct call of
+    the backward op), the backward recomputes them: same gradients as the reference."""
+    taken = []
+    monkeypatch.setattr(ops, "take_forward", lambda out: taken.append(out) and None)
+    layer = _layer(strategy, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, tmp_path=tmp_path)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+    xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference_forward(SPEC, ref_layer, xr).square().sum().backward()
+    layer(xs).square().sum().backward()
+    assert taken  # the op's setup_context asked, and got nothing
+    torch.testing.assert_close(xs.grad, xr.grad, **TOL[torch.float32])
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+
+
+def test_forward_state_kept_only_for_a_backward(monkeypatch, tmp_path):
+    """Only a forward whose backward will run keeps its rows and up projection: not under no_grad or
+    inference mode (with parameters that require grad)."""
+    from moegraph.ops import backward as ops_backward
+
+    layer = _layer("grouped_mm", tmp_path=tmp_path).train()
+    x = torch.randn(16, D)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        ops_backward._SAVED.slot = None
+        with ctx():
+            layer(x)
+        assert ops_backward._SAVED.slot is None, ctx.__name__
+    taken = []
+    monkeypatch.setattr(ops, "take_forward", lambda out, f=ops.take_forward: taken.append(f(out)) or taken[-1])
+    layer(x)  # with grad: the state is kept and handed to the op's autograd at once
+    assert ops_backward._SAVED.slot is None
+    assert len(taken) == 1 and taken[0].h_ND.shape == (16 * 3, 2 * F_)
+
+
 def test_pin_runs_the_pinned_strategy(monkeypatch, tmp_path):
     ran = []
     for name in list(strategies.STRATEGIES):

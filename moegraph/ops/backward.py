@@ -12,14 +12,62 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import contextlib
+import threading
+
 from ..oplib import opaque_op
 from .activation import _act_backward, _act_saved
-from .args import RoutedRows
+from .args import RoutedRows, SavedForward
 from .forward import _sort_by_expert
+
+# ----------------------------------------------------------------------------------------------
+# The forward's saved state travels beside the op schemas (the ops take and return plain tensors):
+# a training forward leaves it in this thread's slot with the output it belongs to, the op's
+# setup_context takes it (only for that output, so nothing stale is ever used), and the backward
+# op reads it while the autograd backward holds it. Under torch.compile the slot stays empty and the
+# backward recomputes what it needs.
+# ----------------------------------------------------------------------------------------------
+
+_SAVED = threading.local()
+
+
+def is_training_call(*tensors: Tensor | None) -> bool:
+    """Inside the op's autograd forward, with a differentiable input: its backward will run.
+
+    An autograd.Function's forward runs with forward-mode AD off, which a plain no_grad call leaves
+    on; inference mode turns it off too, so it is excluded by name.
+    """
+    return (not torch._C._is_fwd_grad_enabled() and not torch.is_inference_mode_enabled()
+            and any(t is not None and t.requires_grad for t in tensors))
+
+
+def stash_forward(y_TD: Tensor, state: SavedForward) -> None:
+    """Keep ``state`` for the backward of the call that returned ``y_TD`` (one slot per thread)."""
+    _SAVED.slot = (y_TD, state)
+
+
+def take_forward(output: Tensor) -> SavedForward | None:
+    """The state stashed with ``output`` (emptying the slot); None if the slot holds another call's."""
+    slot = getattr(_SAVED, "slot", None)
+    _SAVED.slot = None
+    if slot is None or slot[0] is not output:
+        return None
+    return slot[1]
+
+
+@contextlib.contextmanager
+def using_forward(state: SavedForward | None):
+    """Within the block, the backward op reads ``state`` (the autograd backward enters this)."""
+    prev = getattr(_SAVED, "backward", None)
+    _SAVED.backward = state
+    try:
+        yield
+    finally:
+        _SAVED.backward = prev
 
 
 def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, activation, gated, gate_clamp,
-               up_clamp, want_scale: bool, gw_up_out=None, gw_down_out=None):
+               up_clamp, want_scale: bool, gw_up_out=None, gw_down_out=None, h_RH=None):
     """Gradients of one expert MLP whose output rows are scaled by ``scale_R1`` ([R, 1] or None).
 
     ``gy_RD`` is the gradient of the scaled output. Returns (gx_RD, gw_up_HD, gw_down_DF, gb_up_H,
@@ -29,7 +77,7 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, acti
     which is (gy W_down) . a + gy . b_down, and gy W_down is the product the input gradient needs
     anyway (scaled by the row's scale). The row scale goes onto the F-wide side, never the D-wide one.
     """
-    h = F.linear(x_RD, w_up_HD, b_up_H)
+    h = F.linear(x_RD, w_up_HD, b_up_H) if h_RH is None else h_RH
     a, saved = _act_saved(h, activation, gated, gate_clamp, up_clamp)
     gyw_RF = gy_RD @ w_down_DF
     g_scale = None
@@ -77,7 +125,8 @@ def _routed_grads_per_expert(rr: RoutedRows, grads: dict) -> Tensor | None:
         gx_ND[rows], _, _, gbu, gbd, gws = _mlp_grads(
             x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
             None if b_down_ED is None else b_down_ED[e], gy_ND[rows], w_sorted[rows], *rr.activation_args,
-            want_scale=want_out, gw_up_out=grads["gw_up"][e], gw_down_out=grads["gw_down"][e])
+            want_scale=want_out, gw_up_out=grads["gw_up"][e], gw_down_out=grads["gw_down"][e],
+            h_RH=None if rr.h_ND is None else rr.h_ND[rows])
         if gbu is not None:
             grads["gb_up"][e] = gbu
         if gbd is not None:
@@ -133,12 +182,16 @@ def expert_mlp_backward(
         if shared_scale_T is not None:
             g_scale = gs.to(shared_scale_T.dtype)
     # Step 2: routed experts, sorted by expert as in the forward; dropped assignments get no gradient.
-    order_N, exp_sorted, counts = _sort_by_expert(exp_N, E)
+    saved = getattr(_SAVED, "backward", None)
+    if saved is not None:
+        order_N, exp_sorted, counts = saved.order_N, saved.exp_sorted, saved.counts
+    else:
+        order_N, exp_sorted, counts = _sort_by_expert(exp_N, E)
     n_valid = len(order_N)
     if n_valid:
-        tok_sorted = tok_N.index_select(0, order_N)
+        tok_sorted = tok_N.index_select(0, order_N) if saved is None else saved.tok_sorted
         w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
-        x_ND = x_TD.index_select(0, tok_sorted)
+        x_ND = x_TD.index_select(0, tok_sorted) if saved is None else saved.x_ND
         gy_ND = grad_TD.index_select(0, tok_sorted)
         grads = {"gw_up": gw_up, "gw_down": gw_down, "gb_up": gb_up, "gb_down": gb_down,
                  "gw_sorted": torch.empty(n_valid, dtype=x_TD.dtype, device=x_TD.device)}
@@ -146,7 +199,7 @@ def expert_mlp_backward(
 
         gx_ND = strategies.run_backward(
             RoutedRows(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
-                       gated, gate_clamp, up_clamp, need[3]), grads)
+                       gated, gate_clamp, up_clamp, need[3], None if saved is None else saved.h_ND), grads)
         gw_sorted, gw_up, gw_down, gb_up, gb_down = (grads[k] for k in ("gw_sorted", "gw_up", "gw_down", "gb_up",
                                                                          "gb_down"))
         gx.index_add_(0, tok_sorted, gx_ND)
