@@ -264,6 +264,26 @@ def test_tuner_keys_by_token_bucket(tmp_path):
     assert "decode" not in tuner.table[tuning.problem_key(_args(T=40), None)]["us"]  # too many tokens
 
 
+def test_table_belongs_to_its_thread_count(tmp_path):
+    """A table measured at 2 threads is not read at 1 thread: neither by a fresh tuner nor by the one
+    that measured it once the thread count changes (and going back reads the 2-thread table again)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tuner = tuning.Tuner(tmp_path, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.1}))
+        assert tuner.choose(_args()) == "padded_bmm"
+        torch.set_num_threads(1)
+        timer1 = FakeTimer({n: 1.0 for n in strategies.STRATEGIES})
+        assert tuning.Tuner(tmp_path, timer=timer1).choose(_args()) == "per_expert" and timer1.calls
+        tuner.timer = timer1
+        assert tuner.choose(_args()) == "per_expert" and tuner.identity["threads"] == 1
+        assert len(list(tmp_path.glob("cpu-experts-*.json"))) == 2
+        torch.set_num_threads(2)
+        assert tuner.choose(_args()) == "padded_bmm"
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "identity": {"device": "other"},
                                                                  "entries": {}}),
                                      "[1, 2]", json.dumps({"version": 1, "identity": None, "entries": []})])
