@@ -301,7 +301,7 @@ def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
         grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
     if 0 in counts:  # experts without rows: zero gradients, whatever the grouped GEMM left there
         ops._zero_untouched(grads, counts)
-    return gmm(gh, w_up_EHD, offs=offs)
+    return gmm(gh, w_up_EHD, offs=offs) if rows.want_x else None
 
 
 def _per_expert_backward(rows: RoutedRows, grads: dict) -> Tensor:

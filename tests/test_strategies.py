@@ -172,6 +172,20 @@ def test_backward_without_the_saved_forward(strategy, monkeypatch, tmp_path):
             torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
 
 
+@pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
+def test_backward_with_an_input_that_needs_no_gradient(strategy, tmp_path):
+    """A layer input without requires_grad (the first layer, a frozen embedding): the input gradient is
+    skipped and the parameters' gradients still match the reference."""
+    layer = _layer(strategy, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, tmp_path=tmp_path)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+    reference_forward(SPEC, ref_layer, x).square().sum().backward()
+    layer(x).square().sum().backward()
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+
+
 def test_forward_state_kept_only_for_a_backward(monkeypatch, tmp_path):
     """Only a forward whose backward will run keeps its rows and up projection: not under no_grad or
     inference mode (with parameters that require grad)."""

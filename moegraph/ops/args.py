@@ -84,6 +84,7 @@ class RoutedRows:
     up_clamp: float | None
     want_out: bool
     h_ND: Tensor | None = None  # the forward's up projection (bias included) of these rows, when it kept it
+    want_x: bool = True  # compute the input gradient (not when the op's input needs none)
 
     @property
     def activation_args(self) -> tuple:

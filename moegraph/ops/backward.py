@@ -67,12 +67,13 @@ def using_forward(state: SavedForward | None):
 
 
 def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, activation, gated, gate_clamp,
-               up_clamp, want_scale: bool, gw_up_out=None, gw_down_out=None, h_RH=None):
+               up_clamp, want_scale: bool, gw_up_out=None, gw_down_out=None, h_RH=None, gx_out=None,
+               want_x: bool = True):
     """Gradients of one expert MLP whose output rows are scaled by ``scale_R1`` ([R, 1] or None).
 
-    ``gy_RD`` is the gradient of the scaled output. Returns (gx_RD, gw_up_HD, gw_down_DF, gb_up_H,
-    gb_down_D, g_scale_R or None); the weight gradients are written into ``gw_up_out`` /
-    ``gw_down_out`` when given. The forward's up projection is recomputed from the saved inputs; the
+    ``gy_RD`` is the gradient of the scaled output. Returns (gx_RD or None if not ``want_x``,
+    gw_up_HD, gw_down_DF, gb_up_H, gb_down_D, g_scale_R or None); gradients are written into the
+    ``*_out`` tensors when given. The up projection is ``h_RH`` when the forward kept it, else recomputed; the
     down projection's output is not: the gradient of a row's scale is gy . (a W_down^T + b_down),
     which is (gy W_down) . a + gy . b_down, and gy W_down is the product the input gradient needs
     anyway (scaled by the row's scale). The row scale goes onto the F-wide side, never the D-wide one.
@@ -94,7 +95,8 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, acti
     gh = _act_backward(ga, saved, activation, gated, gate_clamp, up_clamp)
     gw_up = torch.mm(gh.t(), x_RD, out=gw_up_out)
     gb_up = gh.sum(0) if b_up_H is not None else None
-    return gh @ w_up_HD, gw_up, gw_down, gb_up, gb_down, g_scale
+    gx = torch.mm(gh, w_up_HD, out=gx_out) if want_x else None
+    return gx, gw_up, gw_down, gb_up, gb_down, g_scale
 
 
 def _zero_untouched(grads: dict, counts: list[int]) -> None:
@@ -115,18 +117,19 @@ def _routed_grads_per_expert(rr: RoutedRows, grads: dict) -> Tensor | None:
     """
     x_ND, gy_ND, w_sorted, counts, want_out = rr.x_ND, rr.gy_ND, rr.w_sorted, rr.counts, rr.want_out
     w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rr.w_up_EHD, rr.w_down_EDF, rr.b_up_EH, rr.b_down_ED
-    gx_ND = torch.empty_like(x_ND)
+    gx_ND = torch.empty_like(x_ND) if rr.want_x else None
     _zero_untouched(grads, counts)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         rows = slice(start, start + n)
-        gx_ND[rows], _, _, gbu, gbd, gws = _mlp_grads(
+        _, _, _, gbu, gbd, gws = _mlp_grads(
             x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
             None if b_down_ED is None else b_down_ED[e], gy_ND[rows], w_sorted[rows], *rr.activation_args,
             want_scale=want_out, gw_up_out=grads["gw_up"][e], gw_down_out=grads["gw_down"][e],
-            h_RH=None if rr.h_ND is None else rr.h_ND[rows])
+            h_RH=None if rr.h_ND is None else rr.h_ND[rows], gx_out=None if gx_ND is None else gx_ND[rows],
+            want_x=rr.want_x)
         if gbu is not None:
             grads["gb_up"][e] = gbu
         if gbd is not None:
@@ -164,7 +167,7 @@ def expert_mlp_backward(
     """
     E = w_up_EHD.shape[0]
     grad_TD = grad_TD.to(x_TD.dtype)
-    gx = torch.zeros_like(x_TD)
+    gx = torch.zeros_like(x_TD) if need[0] else None
     # The expert weight gradients are written expert by expert (no zero fill of [E, H, D] first:
     # at training sizes that fill costs as much as a GEMM); zeros only where nothing writes them.
     gw_up, gw_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
@@ -177,8 +180,9 @@ def expert_mlp_backward(
         scale = None if shared_scale_T is None else shared_scale_T.to(grad_TD.dtype).unsqueeze(-1)
         gxs, g_sh_up, g_sh_down, _, _, gs = _mlp_grads(x_TD, shared_w_up_HD, shared_w_down_DF, None, None, grad_TD,
                                                        scale, activation, gated, gate_clamp, up_clamp,
-                                                       want_scale=shared_scale_T is not None)
-        gx += gxs
+                                                       want_scale=shared_scale_T is not None, want_x=need[0])
+        if need[0]:
+            gx += gxs
         if shared_scale_T is not None:
             g_scale = gs.to(shared_scale_T.dtype)
     # Step 2: routed experts, sorted by expert as in the forward; dropped assignments get no gradient.
@@ -199,10 +203,11 @@ def expert_mlp_backward(
 
         gx_ND = strategies.run_backward(
             RoutedRows(x_ND, gy_ND, w_sorted, exp_sorted, counts, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation,
-                       gated, gate_clamp, up_clamp, need[3], None if saved is None else saved.h_ND), grads)
+                       gated, gate_clamp, up_clamp, need[3], None if saved is None else saved.h_ND, need[0]), grads)
         gw_sorted, gw_up, gw_down, gb_up, gb_down = (grads[k] for k in ("gw_sorted", "gw_up", "gw_down", "gb_up",
                                                                          "gb_down"))
-        gx.index_add_(0, tok_sorted, gx_ND)
+        if need[0]:
+            gx.index_add_(0, tok_sorted, gx_ND)
         if need[3]:
             g_weight[order_N] = gw_sorted.to(weight_N.dtype)
     else:
