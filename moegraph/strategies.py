@@ -267,17 +267,42 @@ def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # The backward's routed part: per-expert GEMMs (ops) or grouped GEMMs, chosen the same way.
-# ``rows`` is an ``ops.RoutedRows``; ``grads`` as in ops._routed_grads_per_expert.
+# ``rows`` is an ``ops.RoutedRows``; ``grads`` holds gw_sorted [n] (written when ``want_out``) and
+# gb_up/gb_down ([E, ...] or None, written); the strategy sets gw_up and gw_down.
 # ----------------------------------------------------------------------------------------------
 
 
-def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
-    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM
-    (the down projection is not recomputed: see ``ops._mlp_grads``)."""
+class _LoopGemm:
+    """``torch._grouped_mm``'s two forms (2-D x 3-D: rows of group e times b[e]; 2-D x 2-D: the
+    per-group products stacked [E, ...]) as one plain GEMM per group, written into slices."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+
+    def __call__(self, a: Tensor, b: Tensor, offs=None) -> Tensor:
+        if b.dim() == 3:  # a [n, K] x b [E, K, N] -> [n, N]
+            out = a.new_empty(a.shape[0], b.shape[2])
+            for e, rows in _expert_rows(self.counts):
+                torch.mm(a[rows], b[e], out=out[rows])
+            return out
+        out = a.new_empty(len(self.counts), a.shape[0], b.shape[1])  # a [K, n] x b [n, N] -> [E, K, N]
+        for e, rows in _expert_rows(self.counts):
+            torch.mm(a[:, rows], b[rows], out=out[e])
+        for e, c in enumerate(self.counts):
+            if c == 0:
+                out[e].zero_()
+        return out
+
+
+def _grouped_backward(rows: RoutedRows, grads: dict, gmm=None) -> Tensor:
+    """The routed experts' gradients with every projection's input and weight gradient as one grouped
+    GEMM (``gmm``: torch._grouped_mm, or one GEMM per expert) and the elementwise work done once over
+    all rows. The up projection comes from the forward where it was kept; the down projection is
+    not recomputed (see ``ops._mlp_grads``)."""
     x_ND, gy_ND, w_sorted, exp_sorted, counts = rows.x_ND, rows.gy_ND, rows.w_sorted, rows.exp_sorted, rows.counts
     w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rows.w_up_EHD, rows.w_down_EDF, rows.b_up_EH, rows.b_down_ED
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
-    gmm = torch._grouped_mm
+    gmm = gmm or torch._grouped_mm
     h = rows.h_ND
     if h is None:  # the forward did not keep it: recompute
         h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
@@ -305,7 +330,7 @@ def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
 
 
 def _per_expert_backward(rows: RoutedRows, grads: dict) -> Tensor:
-    return ops._routed_grads_per_expert(rows, grads)
+    return _grouped_backward(rows, grads, gmm=_LoopGemm(rows.counts))
 
 
 #: name -> backward(rows, grads) for the routed experts.

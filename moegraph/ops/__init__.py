@@ -33,7 +33,6 @@ from .args import ExpertArgs, RoutedRows, SavedForward
 from .activation import FAST_INPLACE, _act_backward, _act_saved, _activate_, apply_activation, mlp_forward
 from .backward import (
     _mlp_grads,
-    _routed_grads_per_expert,
     _zero_untouched,
     expert_mlp_backward,
     is_training_call,
@@ -54,7 +53,7 @@ from .workspace import (
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
            "define_expert_op", "ExpertArgs", "RoutedRows", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
-           "_linear", "_mlp_grads", "_PackedExperts", "_routed_grads_per_expert", "_small_experts", "_sort_by_expert",
+           "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",
            "_workspace", "_zero_untouched", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]
 
 #: bytes of scratch buffers one workspace (thread x dtype x device x inference mode) keeps between

@@ -1,5 +1,5 @@
-"""The expert op's backward: one opaque op (``moegraph::expert_mlp_backward``) that recomputes the
-forward per expert and writes the derivatives out (the activation's from the semantics table), so
+"""The expert op's backward: one opaque op (``moegraph::expert_mlp_backward``) that takes (or
+recomputes) what the forward computed and writes the derivatives out (the activation's from the semantics table), so
 ``torch.compile`` traces training through the layer without an eager autograd graph inside.
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection width, E experts, N assignments,
@@ -67,18 +67,17 @@ def using_forward(state: SavedForward | None):
 
 
 def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, activation, gated, gate_clamp,
-               up_clamp, want_scale: bool, gw_up_out=None, gw_down_out=None, h_RH=None, gx_out=None,
-               want_x: bool = True):
+               up_clamp, want_scale: bool, want_x: bool = True):
     """Gradients of one expert MLP whose output rows are scaled by ``scale_R1`` ([R, 1] or None).
 
     ``gy_RD`` is the gradient of the scaled output. Returns (gx_RD or None if not ``want_x``,
-    gw_up_HD, gw_down_DF, gb_up_H, gb_down_D, g_scale_R or None); gradients are written into the
-    ``*_out`` tensors when given. The up projection is ``h_RH`` when the forward kept it, else recomputed; the
-    down projection's output is not: the gradient of a row's scale is gy . (a W_down^T + b_down),
-    which is (gy W_down) . a + gy . b_down, and gy W_down is the product the input gradient needs
-    anyway (scaled by the row's scale). The row scale goes onto the F-wide side, never the D-wide one.
+    gw_up_HD, gw_down_DF, gb_up_H, gb_down_D, g_scale_R or None). The up projection is recomputed
+    from the saved inputs; the down projection's output is not: the gradient of a row's scale is
+    gy . (a W_down^T + b_down), which is (gy W_down) . a + gy . b_down, and gy W_down is the product
+    the input gradient needs anyway (scaled by the row's scale). The row scale goes onto the F-wide
+    side, never the D-wide one.
     """
-    h = F.linear(x_RD, w_up_HD, b_up_H) if h_RH is None else h_RH
+    h = F.linear(x_RD, w_up_HD, b_up_H)
     a, saved = _act_saved(h, activation, gated, gate_clamp, up_clamp)
     gyw_RF = gy_RD @ w_down_DF
     g_scale = None
@@ -91,11 +90,11 @@ def _mlp_grads(x_RD, w_up_HD, w_down_DF, b_up_H, b_down_D, gy_RD, scale_R1, acti
     else:
         ga, a_scaled = gyw_RF.mul_(scale_R1), a * scale_R1
         gb_down = (scale_R1.t() @ gy_RD).squeeze(0) if b_down_D is not None else None
-    gw_down = torch.mm(gy_RD.t(), a_scaled, out=gw_down_out)
+    gw_down = gy_RD.t() @ a_scaled
     gh = _act_backward(ga, saved, activation, gated, gate_clamp, up_clamp)
-    gw_up = torch.mm(gh.t(), x_RD, out=gw_up_out)
+    gw_up = gh.t() @ x_RD
     gb_up = gh.sum(0) if b_up_H is not None else None
-    gx = torch.mm(gh, w_up_HD, out=gx_out) if want_x else None
+    gx = gh @ w_up_HD if want_x else None
     return gx, gw_up, gw_down, gb_up, gb_down, g_scale
 
 
@@ -106,38 +105,6 @@ def _zero_untouched(grads: dict, counts: list[int]) -> None:
             for name in ("gw_up", "gw_down", "gb_up", "gb_down"):
                 if grads.get(name) is not None:
                     grads[name][e].zero_()
-
-
-def _routed_grads_per_expert(rr: RoutedRows, grads: dict) -> Tensor | None:
-    """The routed experts' gradients, one expert at a time (rows sorted by expert, ``counts`` per expert).
-
-    Writes gw_up, gw_down, gb_up, gb_down in ``grads`` ([E, ...] tensors, not zero-filled: every
-    expert's slice is written) and returns gx_ND; the per-assignment weight gradient goes to
-    grads["gw_sorted"] when ``want_out``.
-    """
-    x_ND, gy_ND, w_sorted, counts, want_out = rr.x_ND, rr.gy_ND, rr.w_sorted, rr.counts, rr.want_out
-    w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rr.w_up_EHD, rr.w_down_EDF, rr.b_up_EH, rr.b_down_ED
-    gx_ND = torch.empty_like(x_ND) if rr.want_x else None
-    _zero_untouched(grads, counts)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        _, _, _, gbu, gbd, gws = _mlp_grads(
-            x_ND[rows], w_up_EHD[e], w_down_EDF[e], None if b_up_EH is None else b_up_EH[e],
-            None if b_down_ED is None else b_down_ED[e], gy_ND[rows], w_sorted[rows], *rr.activation_args,
-            want_scale=want_out, gw_up_out=grads["gw_up"][e], gw_down_out=grads["gw_down"][e],
-            h_RH=None if rr.h_ND is None else rr.h_ND[rows], gx_out=None if gx_ND is None else gx_ND[rows],
-            want_x=rr.want_x)
-        if gbu is not None:
-            grads["gb_up"][e] = gbu
-        if gbd is not None:
-            grads["gb_down"][e] = gbd
-        if want_out:
-            grads["gw_sorted"][rows] = gws
-        start += n
-    return gx_ND
 
 
 @opaque_op("moegraph::expert_mlp_backward")
@@ -168,9 +135,9 @@ def expert_mlp_backward(
     E = w_up_EHD.shape[0]
     grad_TD = grad_TD.to(x_TD.dtype)
     gx = torch.zeros_like(x_TD) if need[0] else None
-    # The expert weight gradients are written expert by expert (no zero fill of [E, H, D] first:
-    # at training sizes that fill costs as much as a GEMM); zeros only where nothing writes them.
-    gw_up, gw_down = torch.empty_like(w_up_EHD), torch.empty_like(w_down_EDF)
+    # The routed strategy makes the expert weight gradients (no zero fill of [E, H, D] first: at
+    # training sizes that fill costs as much as a GEMM); zeros only where nothing writes them.
+    gw_up = gw_down = None
     gb_up = torch.empty_like(b_up_EH) if b_up_EH is not None else None
     gb_down = torch.empty_like(b_down_ED) if b_down_ED is not None else None
     g_weight = torch.zeros_like(weight_N)
@@ -211,7 +178,8 @@ def expert_mlp_backward(
         if need[3]:
             g_weight[order_N] = gw_sorted.to(weight_N.dtype)
     else:
-        _zero_untouched({"gw_up": gw_up, "gw_down": gw_down, "gb_up": gb_up, "gb_down": gb_down}, [0] * E)
+        gw_up, gw_down = torch.zeros_like(w_up_EHD), torch.zeros_like(w_down_EDF)
+        _zero_untouched({"gb_up": gb_up, "gb_down": gb_down}, [0] * E)
     grads = [gx, None, None, g_weight, gw_up, gw_down, gb_up, gb_down, None, None, None, None, g_sh_up, g_sh_down,
              g_scale]
     return [g if (n and g is not None) else x_TD.new_empty(0) for g, n in zip(grads, need)]
