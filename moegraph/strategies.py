@@ -150,22 +150,13 @@ def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     x_ND = x_TD.index_select(0, tok_sorted)
-    if grouped:
-        offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
-        h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
-    else:
-        h = x_ND.new_empty(n, w_up_EHD.shape[1])
-        for e, rows in _expert_rows(counts):
-            torch.mm(x_ND[rows], w_up_EHD[e].t(), out=h[rows])
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
+    gmm = torch._grouped_mm if grouped else _LoopGemm(counts)
+    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
     if b_up_EH is not None:
         h.add_(b_up_EH.index_select(0, exp_sorted))
     a = ops.apply_activation(h, *args.activation_args) * w_sorted  # out of place: h stays for the backward
-    if grouped:
-        o = torch._grouped_mm(a, w_down_EDF.transpose(1, 2), offs=offs)
-    else:
-        o = x_ND.new_empty(n, x_TD.shape[1])
-        for e, rows in _expert_rows(counts):
-            torch.mm(a[rows], w_down_EDF[e].t(), out=o[rows])
+    o = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
     if b_down_ED is not None:
         o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
     y_TD.index_add_(0, tok_sorted, o)
