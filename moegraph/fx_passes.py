@@ -11,7 +11,7 @@ pipeline lints and recompiles a modified graph centrally, names a failing pass i
 Passes:
 - ``DropTrainingOutputs`` (eval graphs): remove the auxiliary losses from the output and let dead
   code elimination delete the work that only fed them.
-- ``UsePrepackedExperts`` (eval graphs, CPU float32): switch the expert op to its variant with
+- ``UsePrepackedExperts`` (eval graphs, CPU float32 or bfloat16): switch the expert op to its variant with
   oneDNN-packed weights (see ``moegraph.ops._PackedExperts``).
 - ``FoldSharedExperts``: ``expert_mlp(...) + shared_mlp(x)`` becomes one ``expert_mlp`` call that runs
   the shared experts inside the same op, accumulating into the routed output buffer (no separate
@@ -103,7 +103,8 @@ class UsePrepackedExperts(PassBase):
 
     A lowering by target substitution (``moegraph::expert_mlp`` -> ``moegraph::expert_mlp_packed``):
     same arguments, same result, faster small-row GEMMs, at the cost of a packed copy of the
-    expert weights. Only float32 CPU weights qualify; others are left alone.
+    expert weights. Only CPU weights oneDNN can pack qualify (float32, and bfloat16 on CPUs with
+    bfloat16 kernels); others are left alone.
     """
 
     def __init__(self, weights_supported: bool):

@@ -152,6 +152,41 @@ def _native(args: ExpertArgs, packed) -> Tensor:
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
 
 
+def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
+    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
+    the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
+    y_TD = _shared_into_output(args, None)
+    order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
+    n = len(order_N)
+    if n == 0:
+        return y_TD
+    tok_sorted = tok_N.index_select(0, order_N)
+    w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
+    x_ND = x_TD.index_select(0, tok_sorted)
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
+    gmm = torch._grouped_mm if grouped else _LoopGemm(counts)
+    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
+    if b_up_EH is not None:
+        h.add_(b_up_EH.index_select(0, exp_sorted))
+    a = ops.apply_activation(h, *args.activation_args) * w_sorted  # out of place: h stays for the backward
+    o = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
+    if b_down_ED is not None:
+        o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+    y_TD.index_add_(0, tok_sorted, o)
+    ops.stash_forward(y_TD, ops.SavedForward(order_N, exp_sorted, counts, tok_sorted, x_ND, h))
+    return y_TD
+
+
+def _expert_rows(counts: list[int]):
+    """(expert, slice of its sorted rows) for each expert that received rows."""
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            yield e, slice(start, start + c)
+            start += c
+
+
 #: name -> forward(args, packed) with ``args`` the expert op's arguments (``ops.ExpertArgs``).
 STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "per_expert": _per_expert,
@@ -236,46 +271,78 @@ def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
             name = heuristic(args)
         else:
             name = tuner.choose(args, packed)
+    if name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
+                                                 args.b_down_ED, args.weight_N):
+        return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
     return run_strategy(name, args, packed)
 
 
 # ----------------------------------------------------------------------------------------------
 # The backward's routed part: per-expert GEMMs (ops) or grouped GEMMs, chosen the same way.
-# ``rows`` is an ``ops.RoutedRows``; ``grads`` as in ops._routed_grads_per_expert.
+# ``rows`` is an ``ops.RoutedRows``; ``grads`` holds gw_sorted [n] (written when ``want_out``) and
+# gb_up/gb_down ([E, ...] or None, written); the strategy sets gw_up and gw_down.
 # ----------------------------------------------------------------------------------------------
 
 
-def _grouped_backward(rows: RoutedRows, grads: dict) -> Tensor:
-    """Every projection's forward recompute, input gradient and weight gradient as one grouped GEMM."""
+class _LoopGemm:
+    """``torch._grouped_mm``'s two forms (2-D x 3-D: rows of group e times b[e]; 2-D x 2-D: the
+    per-group products stacked [E, ...]) as one plain GEMM per group, written into slices."""
+
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+
+    def __call__(self, a: Tensor, b: Tensor, offs=None) -> Tensor:
+        if b.dim() == 3:  # a [n, K] x b [E, K, N] -> [n, N]
+            out = a.new_empty(a.shape[0], b.shape[2])
+            for e, rows in _expert_rows(self.counts):
+                torch.mm(a[rows], b[e], out=out[rows])
+            return out
+        out = a.new_empty(len(self.counts), a.shape[0], b.shape[1])  # a [K, n] x b [n, N] -> [E, K, N]
+        for e, rows in _expert_rows(self.counts):
+            torch.mm(a[:, rows], b[rows], out=out[e])
+        for e, c in enumerate(self.counts):
+            if c == 0:
+                out[e].zero_()
+        return out
+
+
+def _grouped_backward(rows: RoutedRows, grads: dict, gmm=None) -> Tensor:
+    """The routed experts' gradients with every projection's input and weight gradient as one grouped
+    GEMM (``gmm``: torch._grouped_mm, or one GEMM per expert) and the elementwise work done once over
+    all rows. The up projection comes from the forward where it was kept; the down projection is
+    not recomputed (see ``ops._mlp_grads``)."""
     x_ND, gy_ND, w_sorted, exp_sorted, counts = rows.x_ND, rows.gy_ND, rows.w_sorted, rows.exp_sorted, rows.counts
     w_up_EHD, w_down_EDF, b_up_EH, b_down_ED = rows.w_up_EHD, rows.w_down_EDF, rows.b_up_EH, rows.b_down_ED
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_ND.device, dtype=torch.int32)
-    gmm = torch._grouped_mm
-    h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
-    if b_up_EH is not None:
-        h = h + b_up_EH.index_select(0, exp_sorted)
+    gmm = gmm or torch._grouped_mm
+    h = rows.h_ND
+    if h is None:  # the forward did not keep it: recompute
+        h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)  # [n, H]
+        if b_up_EH is not None:
+            h = h + b_up_EH.index_select(0, exp_sorted)
     a, saved = ops._act_saved(h, *rows.activation_args)
-    a = a.contiguous()
-    go = gy_ND * w_sorted
+    gyw = gmm(gy_ND, w_down_EDF, offs=offs)  # [n, F]
     if rows.want_out:
-        out = gmm(a, w_down_EDF.transpose(1, 2), offs=offs)
+        gws = (gyw * a).sum(-1)
         if b_down_ED is not None:
-            out = out + b_down_ED.index_select(0, exp_sorted)
-        grads["gw_sorted"].copy_((gy_ND * out).sum(-1))
-    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows (experts without rows get 0).
-    grads["gw_down"].copy_(gmm(go.t(), a, offs=offs))
+            gws += (gy_ND * b_down_ED.index_select(0, exp_sorted)).sum(-1)
+        grads["gw_sorted"].copy_(gws)
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows; the routing weight scales
+    # the F-wide activations, not the D-wide output gradients.
+    grads["gw_down"] = gmm(gy_ND.t(), (a * w_sorted).contiguous(), offs=offs)
     if b_down_ED is not None:
-        grads["gb_down"].zero_().index_add_(0, exp_sorted, go)
-    gh = ops._act_backward(gmm(go, w_down_EDF, offs=offs), saved, *rows.activation_args)
-    gh = gh.contiguous()
-    grads["gw_up"].copy_(gmm(gh.t(), x_ND, offs=offs))
+        grads["gb_down"].zero_().index_add_(0, exp_sorted, gy_ND * w_sorted)
+    gh = ops._act_backward(gyw.mul_(w_sorted), saved, *rows.activation_args).contiguous()
+    grads["gw_up"] = gmm(gh.t(), x_ND, offs=offs)
     if b_up_EH is not None:
         grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
-    return gmm(gh, w_up_EHD, offs=offs)
+    if 0 in counts:  # experts without rows: zero gradients, whatever the grouped GEMM left there
+        ops._zero_untouched(grads, counts)
+    return gmm(gh, w_up_EHD, offs=offs) if rows.want_x else None
 
 
 def _per_expert_backward(rows: RoutedRows, grads: dict) -> Tensor:
-    return ops._routed_grads_per_expert(rows, grads)
+    return _grouped_backward(rows, grads, gmm=_LoopGemm(rows.counts))
 
 
 #: name -> backward(rows, grads) for the routed experts.

@@ -128,6 +128,7 @@ class Tuner:
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.budget_s, self.reps = budget_s, reps
         self.timer = timer or _wall_timer
+        self.device = device
         self.identity = device_identity(device)
         self.table: dict[str, dict] = {}
         self.tuned_now: list[str] = []  # keys measured in this process (not read from the file)
@@ -205,6 +206,11 @@ class Tuner:
 
     def _choose(self, key: str, fns: dict[str, Callable[[], object]]) -> str:
         self.last_key = key
+        if torch.get_num_threads() != self.identity.get("threads"):
+            # The thread count changed since this table was read: choices belong to their thread count,
+            # so switch to that count's table (another file) instead of reusing these.
+            self.identity, self.table = device_identity(self.device), {}
+            self._load()
         entry = self.table.get(key)
         if entry is None or entry["strategy"] not in fns:
             t0 = time.perf_counter()

@@ -63,6 +63,24 @@ def test_strategy_matches_loop_reference(strategy, dtype, T, tmp_path):
         torch.testing.assert_close(y.float(), ref, **TOL[dtype])
 
 
+@pytest.mark.skipif(not ops.prepack_supported(torch.empty(1, dtype=torch.bfloat16)),
+                    reason="oneDNN has no bfloat16 kernels on this CPU")
+@pytest.mark.parametrize("T", [1, 3, 40])
+def test_bfloat16_eval_runs_packed_weights(T, tmp_path):
+    """bfloat16 eval graphs run the oneDNN-packed op (one row included) and agree with the float32
+    reference and with the same strategy on unpacked weights."""
+    layer = _layer("per_expert", torch.bfloat16, tmp_path=tmp_path).eval()
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+        gm = layer.graph()
+        assert any(n.target is torch.ops.moegraph.expert_mlp_packed.default for n in gm.graph.nodes)
+        y_plain = layer.train()(x)  # the train graph runs the op without packed weights
+    ref = reference_forward(SPEC, _float_copy(layer, tmp_path=tmp_path), x.float())
+    torch.testing.assert_close(y.float(), ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(y, y_plain, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
 @pytest.mark.parametrize("activation,bias", [("gelu", True), ("relu2", False), ("geglu", True)])
 def test_strategy_activations_biases_and_dropped(strategy, activation, bias, tmp_path):
@@ -97,6 +115,94 @@ def test_strategy_gradients_match_reference(strategy, dtype, tmp_path):
     for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
         if q.grad is not None:
             close(p.grad.float(), q.grad, name)
+
+
+@pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
+@pytest.mark.parametrize("activation,bias,shared_gate,drops", [("gelu", True, "none", False),
+                                                               ("swiglu", False, "sigmoid", False),
+                                                               ("geglu", True, "sigmoid", True)])
+def test_backward_biases_drops_and_shared_gate(strategy, activation, bias, shared_gate, drops, monkeypatch,
+                                               tmp_path):
+    """Both backward forms against the reference's autograd: expert biases, experts without rows
+    (their gradients must be zero), capacity drops and a sigmoid-gated shared expert."""
+    router = {"top_k": 2, **({"capacity": {"factor": 0.5, "drop_policy": "probs"}} if drops else {})}
+    spec = {"name": "strat3", "moe": {
+        "hidden_size": D, "experts": {"num_experts": E, "intermediate_size": F_, "activation": activation,
+                                      "bias": bias},
+        "shared_experts": {"count": 1, "gate": shared_gate}, "router": router}}
+    ran = []
+    for name, fn in list(strategies.BACKWARD_STRATEGIES.items()):
+        monkeypatch.setitem(strategies.BACKWARD_STRATEGIES, name, lambda r, g, n=name, f=fn: ran.append(n) or f(r, g))
+    layer = _layer(strategy, spec=spec, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, spec=spec, tmp_path=tmp_path)
+    # Without drops: 2 tokens x top-2 = 4 rows (aligned for the 2-D grouped GEMMs) on 8 experts, so at
+    # least 4 experts get none. With drops the row count is whatever survives (the grouped form then
+    # hands over to the per-expert one, which is what runs for unaligned counts).
+    x = torch.randn(8 if drops else 2, D, generator=torch.Generator().manual_seed(7))
+    xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference_forward(spec, ref_layer, xr).square().sum().backward()
+    layer(xs).square().sum().backward()
+    assert ran and (ran[0] == strategy or drops)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    zero_experts = 0
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+            if name.endswith("down_proj") and p.dim() == 3:
+                zero_experts += int((q.grad.flatten(1).abs().sum(1) == 0).sum())
+    assert zero_experts > 0  # the case of experts without rows was exercised
+
+
+@pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
+def test_backward_without_the_saved_forward(strategy, monkeypatch, tmp_path):
+    """Where the forward's rows and up projection are not at hand (torch.compile, a direct call of
+    the backward op), the backward recomputes them: same gradients as the reference."""
+    taken = []
+    monkeypatch.setattr(ops, "take_forward", lambda out: taken.append(out) and None)
+    layer = _layer(strategy, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, tmp_path=tmp_path)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+    xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    reference_forward(SPEC, ref_layer, xr).square().sum().backward()
+    layer(xs).square().sum().backward()
+    assert taken  # the op's setup_context asked, and got nothing
+    torch.testing.assert_close(xs.grad, xr.grad, **TOL[torch.float32])
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
+def test_backward_with_an_input_that_needs_no_gradient(strategy, tmp_path):
+    """A layer input without requires_grad (the first layer, a frozen embedding): the input gradient is
+    skipped and the parameters' gradients still match the reference."""
+    layer = _layer(strategy, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, tmp_path=tmp_path)
+    x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+    reference_forward(SPEC, ref_layer, x).square().sum().backward()
+    layer(x).square().sum().backward()
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+
+
+def test_forward_state_kept_only_for_a_backward(monkeypatch, tmp_path):
+    """Only a forward whose backward will run keeps its rows and up projection: not under no_grad or
+    inference mode (with parameters that require grad)."""
+    from moegraph.ops import backward as ops_backward
+
+    layer = _layer("grouped_mm", tmp_path=tmp_path).train()
+    x = torch.randn(16, D)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        ops_backward._SAVED.slot = None
+        with ctx():
+            layer(x)
+        assert ops_backward._SAVED.slot is None, ctx.__name__
+    taken = []
+    monkeypatch.setattr(ops, "take_forward", lambda out, f=ops.take_forward: taken.append(f(out)) or taken[-1])
+    layer(x)  # with grad: the state is kept and handed to the op's autograd at once
+    assert ops_backward._SAVED.slot is None
+    assert len(taken) == 1 and taken[0].h_ND.shape == (16 * 3, 2 * F_)
 
 
 def test_pin_runs_the_pinned_strategy(monkeypatch, tmp_path):
@@ -170,6 +276,26 @@ def test_tuner_keys_by_token_bucket(tmp_path):
     tuner.choose(_args(T=40))
     assert len(tuner.table) == 2 and sorted(k.rsplit("T<=", 1)[1] for k in tuner.table) == ["4", "64"]
     assert "decode" not in tuner.table[tuning.problem_key(_args(T=40), None)]["us"]  # too many tokens
+
+
+def test_table_belongs_to_its_thread_count(tmp_path):
+    """A table measured at 2 threads is not read at 1 thread: neither by a fresh tuner nor by the one
+    that measured it once the thread count changes (and going back reads the 2-thread table again)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        tuner = tuning.Tuner(tmp_path, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.1}))
+        assert tuner.choose(_args()) == "padded_bmm"
+        torch.set_num_threads(1)
+        timer1 = FakeTimer({n: 1.0 for n in strategies.STRATEGIES})
+        assert tuning.Tuner(tmp_path, timer=timer1).choose(_args()) == "per_expert" and timer1.calls
+        tuner.timer = timer1
+        assert tuner.choose(_args()) == "per_expert" and tuner.identity["threads"] == 1
+        assert len(list(tmp_path.glob("cpu-experts-*.json"))) == 2
+        torch.set_num_threads(2)
+        assert tuner.choose(_args()) == "padded_bmm"
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"version": 1, "identity": {"device": "other"},

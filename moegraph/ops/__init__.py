@@ -29,9 +29,17 @@ import torch
 from torch import Tensor
 
 from ..oplib import opaque_op
-from .args import ExpertArgs, RoutedRows
+from .args import ExpertArgs, RoutedRows, SavedForward
 from .activation import FAST_INPLACE, _act_backward, _act_saved, _activate_, apply_activation, mlp_forward
-from .backward import _mlp_grads, _routed_grads_per_expert, expert_mlp_backward
+from .backward import (
+    _mlp_grads,
+    _zero_untouched,
+    expert_mlp_backward,
+    is_training_call,
+    stash_forward,
+    take_forward,
+    using_forward,
+)
 from .forward import _expert_mlp_fast, _expert_mlp_impl, _small_experts, _sort_by_expert
 from .workspace import (
     _linear,
@@ -45,8 +53,8 @@ from .workspace import (
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
            "define_expert_op", "ExpertArgs", "RoutedRows", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
-           "_linear", "_mlp_grads", "_PackedExperts", "_routed_grads_per_expert", "_small_experts", "_sort_by_expert",
-           "_workspace"]
+           "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",
+           "_workspace", "_zero_untouched", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]
 
 #: bytes of scratch buffers one workspace (thread x dtype x device x inference mode) keeps between
 #: calls; a buffer that would take it past this is allocated for the call only. 1 GiB holds the
@@ -110,13 +118,21 @@ _TENSOR_ARGS = (0, 3, 4, 5, 6, 7, 12, 13, 14)
 
 
 def _setup_context(ctx, inputs, output):
+    from .. import strategies
+
     ctx.inputs = inputs
+    # A layer's pinned strategy holds around its forward only; the backward runs later, under the same pin.
+    ctx.pin = strategies.current_pin()
+    ctx.saved_forward = take_forward(output)  # sorted rows and up projection, where the forward kept them
 
 
 def _backward(ctx, grad_TD):
+    from .. import strategies
+
     inputs = ctx.inputs
     need = [i in _TENSOR_ARGS and isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i] for i in range(15)]
-    grads = expert_mlp_backward(grad_TD.contiguous(), *inputs, need)
+    with strategies.pinned(ctx.pin), using_forward(ctx.saved_forward):
+        grads = expert_mlp_backward(grad_TD.contiguous(), *inputs, need)
     return tuple(g if n else None for g, n in zip(grads, need))
 
 

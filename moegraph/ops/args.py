@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import semantics
 
-__all__ = ["ExpertArgs", "RoutedRows"]
+__all__ = ["ExpertArgs", "RoutedRows", "SavedForward"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +83,27 @@ class RoutedRows:
     gate_clamp: float | None
     up_clamp: float | None
     want_out: bool
+    h_ND: Tensor | None = None  # the forward's up projection (bias included) of these rows, when it kept it
+    want_x: bool = True  # compute the input gradient (not when the op's input needs none)
 
     @property
     def activation_args(self) -> tuple:
         return self.activation, self.gated, self.gate_clamp, self.up_clamp
+
+
+@dataclass(frozen=True, eq=False)
+class SavedForward:
+    """What a training forward of the expert op keeps for its backward, so the backward neither sorts
+    the assignments again nor recomputes the up projection (two thirds of a gated MLP's forward GEMMs).
+
+    order_N [n] kept assignments by expert, exp_sorted [n] their experts, counts rows per expert (E ints),
+    tok_sorted [n] their tokens, x_ND [n, D] their input rows, h_ND [n, H] the up projection of those
+    rows with bias, before the activation.
+    """
+
+    order_N: Tensor
+    exp_sorted: Tensor
+    counts: list[int]
+    tok_sorted: Tensor
+    x_ND: Tensor
+    h_ND: Tensor

@@ -142,15 +142,17 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
     h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
     a_buf = ws.get("a", max(counts), w_down_EDF.shape[2])
     # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.
+    gemv_wins = x_TD.dtype == torch.float32
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         end = start + n
         if packed is not None:
-            # oneDNN with pre-packed weights (MKL's GEMV wins at one row); each expert's output is
-            # added into y directly, and the activation writes dense rows for the down projection.
-            up_packed, down_packed = (packed.up[e], packed.down[e]) if n > 1 else (None, None)
+            # oneDNN with pre-packed weights (in float32 MKL's GEMV wins at one row, in bfloat16 it
+            # does not); each expert's output is added into y directly, and the activation writes
+            # dense rows for the down projection.
+            up_packed, down_packed = (packed.up[e], packed.down[e]) if n > 1 or not gemv_wins else (None, None)
             h = _linear(x_ND[start:end], w_up_EHD[e], up_packed)
             if b_up_EH is not None:
                 h.add_(b_up_EH[e])

@@ -65,9 +65,14 @@ def clear_workspace() -> None:
 
 
 def prepack_supported(w: Tensor) -> bool:
-    """Whether expert weights can be pre-packed for oneDNN (CPU float32 with mkldnn)."""
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """Whether expert weights can be pre-packed for oneDNN: CPU float32, or bfloat16 where oneDNN
+    has bfloat16 kernels for this CPU (AVX512-BF16, AMX)."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or \
+            not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if w.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return w.dtype == torch.float32
 
 
 def _linear(x: Tensor, w: Tensor, packed: Tensor | None) -> Tensor:
