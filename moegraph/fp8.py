@@ -52,7 +52,7 @@ __all__ = [
     "dequantize_tiles",
     "check_scales",
     "fp8_expert_mlp",
-    "with_fp8_semantics",
+    "define_fp8_op",
     "AMAX_FLOOR",
     "rounding_bound",
 ]
@@ -224,44 +224,62 @@ def _check_op_args(w_up_EHD, s_up, w_down_EDF, s_down, block) -> None:
                              "master weights without scales (they are quantized on the fly)")
 
 
-@opaque_op("moegraph::fp8_expert_mlp")
-def fp8_expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    s_up: Tensor | None,
-    w_down_EDF: Tensor,
-    s_down: Tensor | None,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    block_out: int,
-    block_in: int,
-    tile: int,
-    fmt: str,
-    scale_format: str,
-) -> Tensor:
-    """Grouped FP8 expert MLPs of N (token, expert, weight) assignments, summed per token.
+def define_fp8_op(name: str, kernel=None):
+    """Register an op with ``fp8_expert_mlp``'s signature, meaning, fake and backward (as
+    ``ops.define_expert_op`` does for the expert op).
+
+    ``kernel(*args)`` (the op's positional arguments, checked) runs another backend's kernels and
+    returns [T, D], or None where they do not run; the torch forward (or its native decode path) runs
+    then. The backward recomputes the torch forward either way.
+    """
+
+    def op(
+        x_TD: Tensor,
+        tok_N: Tensor,
+        exp_N: Tensor,
+        weight_N: Tensor,
+        w_up_EHD: Tensor,
+        s_up: Tensor | None,
+        w_down_EDF: Tensor,
+        s_down: Tensor | None,
+        b_up_EH: Tensor | None,
+        b_down_ED: Tensor | None,
+        activation: str,
+        gated: bool,
+        gate_clamp: float | None,
+        up_clamp: float | None,
+        block_out: int,
+        block_in: int,
+        tile: int,
+        fmt: str,
+        scale_format: str,
+    ) -> Tensor:
+        _check_op_args(w_up_EHD, s_up, w_down_EDF, s_down, (block_out, block_in))
+        with torch.no_grad():
+            if kernel is not None:
+                y_TD = kernel(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED,
+                              activation, gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt, scale_format)
+                if y_TD is not None:
+                    return y_TD
+            args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
+                    gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
+            if _decode_path(args) == "native":
+                from . import native
+
+                return native.run_fp8(*args)
+            return _forward(*args)
+
+    op.__name__ = name.split("::")[1]
+    op.__doc__ = """Grouped FP8 expert MLPs of N (token, expert, weight) assignments, summed per token.
 
     ``w_up_EHD`` [E, H, D] and ``w_down_EDF`` [E, D, F] are FP8 with float32 scale_inv ``s_up``
     [E, H/bo, D/bi] and ``s_down`` [E, D/bo, F/bi], or higher-precision master weights with no scales
     (quantized per block on the fly). Returns [T, D] in x's dtype.
     """
-    _check_op_args(w_up_EHD, s_up, w_down_EDF, s_down, (block_out, block_in))
-    with torch.no_grad():
-        args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
-                gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
-        if _decode_path(args) == "native":
-            from . import native
-
-            return native.run_fp8(*args)
-        return _forward(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED,
-                        activation, gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
+    registered = opaque_op(name, op)
+    registered.register_fake(_fake)
+    registered.register_autograd(_backward, setup_context=_setup_context)
+    return registered
 
 
 def _decode_path(args: tuple) -> str:
@@ -322,15 +340,8 @@ def _backward(ctx, grad_TD):
     return tuple(grads)
 
 
-def with_fp8_semantics(op):
-    """Register the fake and the backward of ``fp8_expert_mlp`` on ``op``, an op of the same signature
-    and meaning (another backend's kernels, e.g. ``moegraph_triton::fp8_expert_mlp``)."""
-    op.register_fake(_fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
-    return op
-
-
-with_fp8_semantics(fp8_expert_mlp)
+#: the grouped expert op with FP8 weights (torch forward; see ``define_fp8_op``)
+fp8_expert_mlp = define_fp8_op("moegraph::fp8_expert_mlp")
 
 
 def rounding_bound(fmt: str) -> tuple[float, float]:

@@ -34,38 +34,15 @@ __all__ = ["expert_mlp", "fp8_expert_mlp", "route_topk", "route_topk_reference"]
 expert_mlp = torch_ops.define_expert_op("moegraph_triton::expert_mlp", kernels.expert_mlp)
 
 
-@opaque_op("moegraph_triton::fp8_expert_mlp")
-def fp8_expert_mlp(
-    x_TD: Tensor,
-    tok_N: Tensor,
-    exp_N: Tensor,
-    weight_N: Tensor,
-    w_up_EHD: Tensor,
-    s_up: Tensor | None,
-    w_down_EDF: Tensor,
-    s_down: Tensor | None,
-    b_up_EH: Tensor | None,
-    b_down_ED: Tensor | None,
-    activation: str,
-    gated: bool,
-    gate_clamp: float | None,
-    up_clamp: float | None,
-    block_out: int,
-    block_in: int,
-    tile: int,
-    fmt: str,
-    scale_format: str,
-) -> Tensor:
-    """``moegraph::fp8_expert_mlp`` with Triton kernels where they run (see ``triton_fp8.runs_kernels``)."""
-    args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down)
+def _fp8_kernels(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, *rest):
+    """The FP8 Triton kernels' result where they run (``triton_fp8.runs_kernels``), else None."""
     if not triton_fp8.runs_kernels(x_TD, s_up, s_down, b_up_EH, b_down_ED):
-        return torch.ops.moegraph.fp8_expert_mlp(*args, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
-                                                 block_out, block_in, tile, fmt, scale_format)
-    return triton_fp8.expert_mlp_fp8(*args, activation, gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt,
-                                     scale_format)
+        return None
+    return triton_fp8.expert_mlp_fp8(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, *rest)
 
 
-fp8.with_fp8_semantics(fp8_expert_mlp)
+#: ``moegraph::fp8_expert_mlp`` with the block-scaled FP8 Triton kernels for stored FP8 weights.
+fp8_expert_mlp = fp8.define_fp8_op("moegraph_triton::fp8_expert_mlp", _fp8_kernels)
 
 
 # ----------------------------------------------------------------------------------------------
