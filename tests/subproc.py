@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from moegraph.distributed.local import free_port, stop_running
+
+__all__ = ["ROOT", "run_script", "free_port", "join_ranks"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,13 +37,6 @@ def run_script(cmd: list[str], what: str, timeout: float, **env: str) -> str:
     return out
 
 
-def free_port() -> int:
-    """A TCP port free on localhost now (for a rendezvous of spawned ranks)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def join_ranks(procs: list, out_dir: Path, end: float, what: str) -> list[dict]:
     """Join spawned rank processes until the monotonic time ``end``, kill the ones still running (the
     test then fails, naming them), and return each rank's saved ``rank{r}.pt`` (``{"exitcode": ...}``
@@ -51,11 +47,7 @@ def join_ranks(procs: list, out_dir: Path, end: float, what: str) -> list[dict]:
         for p in procs:
             p.join(max(0.0, end - time.monotonic()))
     finally:
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        hung = stop_running(procs)
     assert not hung, f"{what}: ranks {hung} still running after the deadline (killed)"
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) if (out_dir / f"rank{r}.pt").exists()
             else {"exitcode": p.exitcode} for r, p in enumerate(procs)]

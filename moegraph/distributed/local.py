@@ -30,7 +30,7 @@ import torch
 from ..codegen import default_cache_dir
 from ..errors import DistributedError
 
-__all__ = ["run_local", "LocalRun"]
+__all__ = ["run_local", "LocalRun", "free_port", "stop_running"]
 
 
 @dataclass
@@ -66,10 +66,20 @@ class LocalRun:
         return sum(int(sum(s["bytes"][kind])) for s in self.ranks[rank]) // max(self.steps, 1)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on localhost now (the rendezvous of spawned ranks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_running(procs: list) -> list[int]:
+    """Kill (and reap) the spawned ranks still running; returns their ranks."""
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(5)
+    return hung
 
 
 def _inject_fault(cfg: dict, rank: int, step: int) -> None:
@@ -231,11 +241,7 @@ def _supervise(procs: list, out: Path, deadline: float) -> tuple[list[int], int 
                 break
             wait([p.sentinel for p in alive], timeout=max(0.0, min(end - time.monotonic(), 0.5)))
     finally:
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        hung = stop_running(procs)
     return hung, first_failure
 
 
@@ -302,7 +308,7 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                "timeout": timeout, "record": str(record) if record else None, "device": device,
                "rebalance_every": rebalance_every, "cache_dir": str(default_cache_dir()), "fault": fault}
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, tmp), daemon=True) for r in range(world)]
         for p in procs:
             p.start()
