@@ -155,8 +155,22 @@ compiled_paths: list[Path] = []
 
 
 def _load(act: semantics.Activation) -> ctypes.CDLL:
+    from . import codegen
+
+    # The memo key holds what compiler() and cache_dir() derive from, read cheaply: this runs on every
+    # decode call, and resolving the cache folder alone took longer than a dict lookup by far.
+    key = (act.name, act.expression, act.gated, os.environ.get("CC"), os.environ.get("HOME"), _cache_dir,
+           codegen._cache_dir)
+    hit = _LOADED.get(key)
+    if hit is None:
+        hit = _load_locked(act, key)
+    if isinstance(hit, NativeUnavailable):
+        raise hit
+    return hit
+
+
+def _load_locked(act: semantics.Activation, key: tuple) -> ctypes.CDLL | NativeUnavailable:
     cc = compiler()
-    key = (act.name, act.expression, act.gated, tuple(cc), str(cache_dir()))
     with _LOCK:
         hit = _LOADED.get(key)
         if hit is None:
@@ -175,8 +189,6 @@ def _load(act: semantics.Activation) -> ctypes.CDLL:
             except NativeUnavailable as exc:
                 hit = exc
             _LOADED[key] = hit
-    if isinstance(hit, NativeUnavailable):
-        raise hit
     return hit
 
 
