@@ -106,6 +106,13 @@ def _run_main(rank: int, world: int) -> dict:
     layer.eval()
     with torch.inference_mode():
         res["y_eval"] = layer(x.detach())
+        # Every expert strategy, not only the one this process's tuner timed fastest: a rank can get
+        # calls no single-process test makes (no routed rows at all, only shared experts).
+        from moegraph import strategies
+
+        for name in strategies.STRATEGIES:
+            with strategies.pinned(name):
+                res[f"y_eval_{name}"] = layer(x.detach())
     res["full"] = layer.full_state_dict()
     # Training with AdamW: STEPS // 2 steps on A, migrate with the optimizer, the rest on B.
     layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
@@ -259,7 +266,9 @@ def test_outputs_and_gradients_after_apply_plan_equal_the_single_process_layer(r
             want = ref.get_parameter(n).grad
             _close(g, want[idx] if n.startswith("experts.") else want, f"rank {r} gradient of {n}")
         with torch.no_grad():
-            _close(out["y_eval"], ref.eval()(xs[r][0]), f"rank {r} eval output")
+            want = ref.eval()(xs[r][0])
+        for key in [k for k in out if k.startswith("y_eval")]:
+            _close(out[key], want, f"rank {r} eval output ({key})")
         ref.train()
         # the weights travelled intact: the gathered single-process state is the one loaded
         for k, v in state.items():

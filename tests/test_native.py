@@ -337,3 +337,26 @@ def test_the_portable_c_path_agrees(kernel_dir, monkeypatch, tmp_path):
         assert _rel(native.run_experts(args), ref) < 8e-3
     finally:
         native.set_cache_dir(kernel_dir)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("fp8_on", [False, True])
+def test_a_call_without_assignments_adds_only_the_shared_experts(kernel_dir, shared, fp8_on):
+    """An expert-parallel rank can receive no routed rows at all: the routed part must add nothing
+    (an empty tensor's data pointer is NULL, which the kernel reads as "every token")."""
+    g = torch.Generator().manual_seed(4)
+    T, D, F, E = 3, 32, 32, 4
+    x = torch.randn(T, D, generator=g)
+    tok, exp, wgt = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64), torch.empty(0)
+    w_up, w_down = torch.randn(E, 2 * F, D, generator=g) / 4, torch.randn(E, D, F, generator=g) / 4
+    if fp8_on:
+        s_up, s_down = torch.ones(E, 2 * F // 16, D // 16), torch.ones(E, D // 16, F // 16)
+        out = native.run_fp8(x, tok, exp, wgt, w_up.to(torch.float8_e4m3fn), s_up, w_down.to(torch.float8_e4m3fn),
+                             s_down, None, None, "silu", True, None, None, (16, 16), 16, "fp8_e4m3", "float32")
+        assert torch.equal(out, torch.zeros(T, D))
+        return
+    sh = (torch.randn(2 * F, D, generator=g) / 4, torch.randn(D, F, generator=g) / 4) if shared else (None, None)
+    args = ExpertArgs(x, tok, exp, wgt, w_up, w_down, None, None, "silu", True, None, None, *sh)
+    want = strategies.run_strategy("decode", args)
+    torch.testing.assert_close(native.run_experts(args), want, rtol=1e-5, atol=1e-6)
+    assert bool(want.abs().max() > 0) == shared
