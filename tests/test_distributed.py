@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import moegraph
+from moegraph import strategies
 from moegraph.errors import DistributedError, PlanFileError
 from subproc import free_port, join_ranks
 
@@ -69,6 +70,20 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
                                            "router": {"type": "hash", "top_k": 2, "method": "table", "vocab_size": 50,
                                                       "score": "sqrt_softplus", "normalize": True,
                                                       "scaling_factor": 1.5}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "transforms":  # router logit transforms (Gemma 4, Kolibri1, Laguna) and JetMoE's output bias
+        d = {"name": "transforms", "moe": {"hidden_size": 16, "experts": small, "output_bias": True,
+                                           "router": {"top_k": 2, "score": "softmax", "normalize": True,
+                                                      "input_norm": {"kind": "rms", "weight": True, "multiplier": 0.25},
+                                                      "learned_logit_scale": True, "logit_softcap": 3.0,
+                                                      "per_expert_scale": True,
+                                                      "expert_bias": {"update_rate": 0.0, "applies_to": "logits"}}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "routed_shared":  # Inkling: shared experts in the routing normalisation; Switch capacity per sequence
+        d = {"name": "routed_shared", "moe": {"hidden_size": 16, "experts": small,
+                                              "shared_experts": {"count": 2, "gate": "router"},
+                                              "router": {"top_k": 2, "score": "softmax", "normalize": True,
+                                                         "capacity": {"factor": 0.75, "per": "sequence"}}},
              "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
@@ -147,6 +162,10 @@ SCENARIOS = {
         "identity": (("identity", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
         "input_scaled": (("input_scaled", 1, 2), "replicas2e8", [(1, 7), (2, 3)], 0, None),
         "hash_table": (("hash_table", 1, 2), "replicas2e8", [(2, 4), (1, 6)], 0, None),
+        # Router transforms with learned parameters (their gradients are summed over ranks like the
+        # router's), an output bias, shared experts routed with the experts, per-sequence capacity.
+        "transforms": (("transforms", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
+        "routed_shared": (("routed_shared", 1, 2), "replicas2e8", [(3, 4), (1, 7)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -212,6 +231,11 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     layer.eval()
     with torch.inference_mode():
         y_eval = layer(xs[rank], tid)
+        # Every expert strategy, not only the one this rank's tuner timed fastest.
+        y_eval_by = {}
+        for s_name in strategies.STRATEGIES:
+            with strategies.pinned(s_name):
+                y_eval_by[s_name] = layer(xs[rank], tid)
     # Decoding: DECODE_STEPS forwards of one token per rank (none once a rank runs out), recorded.
     layer.start_recording()
     layer.reset_traffic()
@@ -221,7 +245,7 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
             layer(x_td[j:j + 1], None if tid_t is None else tid_t[j:j + 1])
     decode = {"ids": layer.recorder.ids().clone(), "rows": layer.traffic.rows["dispatch"].copy()}
     return {
-        "y": y.detach(), "y_eval": y_eval.clone(), "x_grad": x.grad, "expert_bias": bias,
+        "y": y.detach(), "y_eval": y_eval.clone(), "y_eval_by": y_eval_by, "x_grad": x.grad, "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
         "slot_experts": list(layer.slot_experts), "rows": rows, "bytes": sent, "ids": ids,
         "trace": trace,
@@ -451,6 +475,8 @@ def _check_against_reference(results: list[dict], world: int, name: str) -> None
         res = all_res[name]
         _close(res["y"], ref["y"][r], f"{name} rank {r} output")
         _close(res["y_eval"], ref["y_eval"][r], f"{name} rank {r} eval output")
+        for s_name, y in res["y_eval_by"].items():
+            _close(y, ref["y_eval"][r], f"{name} rank {r} eval output with strategy {s_name}")
         _close(res["x_grad"], ref["x_grad"][r], f"{name} rank {r} input gradient")
         if ref["expert_bias"] is not None:
             _close(res["expert_bias"], ref["expert_bias"], f"{name} rank {r} expert bias after update_expert_bias")

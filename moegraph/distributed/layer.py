@@ -57,11 +57,14 @@ class ExpertParallelPass(PassBase):
         return cls(layer.ep_dispatch)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        nodes = [n for n in gm.graph.nodes if _is_expert_op(n) or _is_fp8_op(n)]
+        # The routed experts' call: the one whose weights are the ``experts.*`` parameters. Another
+        # expert-op call (shared experts routed with them, ``shared_experts.gate: router``) runs the
+        # data-parallel shared weights and stays local.
+        nodes = [n for n in gm.graph.nodes if (_is_expert_op(n) or _is_fp8_op(n)) and _reads_routed_experts(n)]
         if len(nodes) != 1:
             raise DistributedError(
-                f"expert parallelism needs exactly one expert_mlp call in the layer graph, found {len(nodes)}; "
-                "a custom FX pass removed or duplicated it"
+                f"expert parallelism needs exactly one expert_mlp call on the routed experts in the layer graph, "
+                f"found {len(nodes)}; a custom FX pass removed or duplicated it"
             )
         node = nodes[0]
         self.dispatch.expert_op = node.target
@@ -88,6 +91,22 @@ class _FP8Entry(torch.nn.Module):
 
     def forward(self, *args):
         return self.dispatch.forward_fp8(*args)
+
+
+def _reads_routed_experts(node: fx.Node) -> bool:
+    """Whether the op's up-projection weight (argument 4 of both expert ops) comes from ``experts.*``."""
+    todo, seen = [node.args[4]] if len(node.args) > 4 else [], set()
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            if str(n.target).startswith("experts."):
+                return True
+            continue
+        todo.extend(n.all_input_nodes)  # a cast or view of the parameter
+    return False
 
 
 def _is_fp8_op(node: fx.Node) -> bool:
