@@ -30,6 +30,7 @@ from .errors import CodegenError
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
 from .semantics import activations as _activations
+from .semantics import combine as _combine
 from .semantics.scores import torch_score_code
 from .spec import MoESpec, UniformTopology
 
@@ -150,6 +151,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "shared_gate": m.shared_experts.gate == "sigmoid",
         # shared_experts.gate: router: shared experts weighted by their own router rows, stored one by one
         "shared_routed": m.shared_experts.count if m.shared_experts.gate == "router" else 0,
+        # shared_experts.combine: None for the plain sum (the code adds, as it always has)
+        "combine": None if _combine.is_sum(m.shared_experts.combine)
+        else Code(_combine.torch_combine_code(m.shared_experts.combine, "y_TD", "shared_TD")),
         "router_type": r.type,
         "router_dtype": m.router_dtype,
         "router_bias": bool(getattr(r, "router_bias", False)),

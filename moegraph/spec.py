@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .semantics import activations as _activations
+from .semantics import combine as _combine
 from .semantics import dtypes as _dtypes
 from .semantics import scores as _scores
 from .semantics.scores import (  # noqa: F401  (the spec language's names, kept importable from here)
@@ -269,6 +270,16 @@ class SharedExpertsSpec(_Frozen):
         "(normalised and scaled with them) and scales that shared expert's output (Inkling). The shared experts are "
         "then stored one by one, as [count, ., .] tensors like the routed ones.",
     )
+    combine: str = Field(
+        _combine.DEFAULT_COMBINE,
+        description="How the shared output joins the routed one: an elementwise expression of 'routed' (the routed "
+        "experts' weighted sum) and 'shared' (the shared experts' output, after their gate), e.g. "
+        "'0.5 * (routed + shared)' (averaged) or 'routed + 0.25 * shared'. Default: the sum.",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"combine": _combine.DEFAULT_COMBINE}
+
+    _combine_valid = field_validator("combine")(_combine.check_combine)
 
     @model_validator(mode="after")
     def _settings_need_expert(self) -> SharedExpertsSpec:
@@ -277,6 +288,9 @@ class SharedExpertsSpec(_Frozen):
             problems.add(
                 "gate", "a shared-expert gate needs at least one shared expert: set count >= 1 or gate: none"
             )
+        if self.count == 0 and self.combine != _combine.DEFAULT_COMBINE:
+            problems.add("combine", "combine says how the shared experts' output joins the routed one, but count is 0; "
+                                    "set count >= 1 or drop combine")
         if self.count == 0 and self.intermediate_size is not None:
             problems.add(
                 "intermediate_size",

@@ -135,10 +135,16 @@ def router_logits(r: dict, layer, x_D: torch.Tensor) -> torch.Tensor:
 
 
 def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
-                      sequences: int = 1) -> torch.Tensor:
+                      sequences: int = 1, combine=None) -> torch.Tensor:
     """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
     computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py). ``sequences``:
-    the T tokens are that many sequences of equal length (a capacity counted per sequence)."""
+    the T tokens are that many sequences of equal length (a capacity counted per sequence). ``combine(routed,
+    shared)``: how one token's shared output joins its routed output, written by the test for a spec with
+    ``shared_experts.combine`` (default: their sum)."""
+    if combine is None:
+        if spec["moe"].get("shared_experts", {}).get("combine", "routed + shared") != "routed + shared":
+            raise ValueError("the spec combines shared and routed outputs its own way: pass combine=")
+        combine = lambda routed, shared: routed + shared  # noqa: E731
     expert_fn = expert_fn or expert
     m = spec["moe"]
     r = m["router"]
@@ -220,6 +226,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
             y = y + (expert_fn(w * x_TD[t], *args, **kw) if on_input else w * expert_fn(x_TD[t], *args, **kw))
         sh = m.get("shared_experts", {})
+        routed, y = y, torch.zeros(D, dtype=x_TD.dtype)  # y now collects the shared output
         if sh.get("gate") == "router":  # shared expert s weighted by its router weight, weights [count, ., .]
             sup = layer.shared_experts.gate_up_proj if gated else layer.shared_experts.up_proj
             sub = getattr(layer.shared_experts, ("gate_up_proj" if gated else "up_proj") + "_bias", None)
@@ -235,6 +242,7 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             if sh.get("gate", "none") == "sigmoid":
                 out = torch.sigmoid(layer.shared_expert_gate.weight[0] @ x_TD[t]) * out
             y = y + out
+        y = combine(routed, y)
         on = m.get("output_norm")
         if on is not None:  # AXK1: RMS norm of the whole output, one token at a time
             y = layer.output_norm.weight * (y / torch.sqrt((y * y).mean() + on.get("eps", 1e-6)))

@@ -79,9 +79,11 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
                                                       "per_expert_scale": True,
                                                       "expert_bias": {"update_rate": 0.0, "applies_to": "logits"}}},
              "placement": {"redundant_slots": 2}}
-    elif kind == "routed_shared":  # Inkling: shared experts in the routing normalisation; Switch capacity per sequence
+    elif kind == "routed_shared":  # Inkling: shared experts in the routing normalisation, combined by an
+        # expression; Switch: capacity per sequence
         d = {"name": "routed_shared", "moe": {"hidden_size": 16, "experts": small,
-                                              "shared_experts": {"count": 2, "gate": "router"},
+                                              "shared_experts": {"count": 2, "gate": "router",
+                                                                 "combine": "routed + 0.5 * shared"},
                                               "router": {"top_k": 2, "score": "softmax", "normalize": True,
                                                          "capacity": {"factor": 0.75, "per": "sequence"}}},
              "placement": {"redundant_slots": 2}}

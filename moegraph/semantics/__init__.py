@@ -5,6 +5,8 @@
 - ``scores``: the router score functions (named scores, custom expressions of the logit ``x``).
 - ``activations``: the expert activations, each an expression of ``gate`` and ``up`` (gated) or ``x``.
 - ``dtypes``: spec dtype names, torch dtypes and byte sizes.
+- ``combine``: how the shared experts' output joins the routed one (an expression of ``routed`` and
+  ``shared``; the sum by default).
 - ``torch_forms`` and ``routing`` (import torch): activations forward/backward and scores on tensors;
   the torch reference of top-k routing used by the tests, the HF importer and the Triton fallback.
 
