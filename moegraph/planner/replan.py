@@ -130,6 +130,7 @@ class _Layer:
         self.contrib = self._contrib(np.arange(e), self.hold)  # [E, G] load each expert puts on each GPU
         self.d_move = np.zeros((len(self.ex), g, g))
         self.d_add = np.zeros((e, g, g))
+        self.stale_add = np.ones(e, bool)  # d_add rows not computed since the expert's holdings changed
         self.d_rem = np.zeros((len(self.ex), g))
         self._refresh(np.arange(e))
 
@@ -142,42 +143,37 @@ class _Layer:
         """Recompute the change tables of ``experts`` (and their ``contrib`` rows) for the current holdings.
 
         An expert with one replica takes all its tokens wherever it is, so its rows are written in closed
-        form; the others (and ``d_add``, which makes a second replica) go through one batched rule call.
+        form; the others go through one batched rule call. ``d_add`` rows are only marked stale: the
+        repair reads them for the few experts on its hot GPUs (``adds``), so most would never be read.
         """
         g = self.hold.shape[1]
         experts = np.unique(experts)
+        self.stale_add[experts] = True
         diag = np.arange(g)
         reps = self.hold[experts].sum(axis=1)
         multi = experts[reps > 1]
         single = experts[reps == 1]
-        holds, who = [], []
-        if len(self.ex) > self.hold.shape[0]:  # redundant slots exist: a replica can be added somewhere
-            add = np.repeat(self.hold[experts][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
-            add[:, diag, diag] = True
-            holds.append(add.reshape(-1, g))
-            who.append(np.repeat(experts, g))
         is_multi = np.zeros(len(self.hold), bool)  # a mask, not np.isin: this runs once per change
         is_multi[multi] = True
         slots = np.flatnonzero(is_multi[self.ex])
         es, gs = self.ex[slots], self.gpu[slots]
-        move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
-        move[np.arange(len(slots)), :, gs] = False
-        move[:, diag, diag] = True
-        rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
-        rem[np.arange(len(slots)), gs] = False
-        holds += [move.reshape(-1, g), rem, self.hold[multi]]
-        who += [np.repeat(es, g), es, multi]
-        out = self._contrib(np.concatenate(who), np.concatenate(holds))
-        n, m = len(experts) if len(holds) == 4 else 0, len(slots)
-        if contrib_too:
-            self.contrib[multi] = out[n * g + m * g + m:]
+        m = len(slots)
+        if len(multi):
+            move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
+            move[np.arange(m), :, gs] = False
+            move[:, diag, diag] = True
+            rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
+            rem[np.arange(m), gs] = False
+            out = self._contrib(np.concatenate([np.repeat(es, g), es, multi]),
+                                np.concatenate([move.reshape(-1, g), rem, self.hold[multi]]))
+            if contrib_too:
+                self.contrib[multi] = out[m * g + m:]
+            base_m = self.contrib[es]
+            self.d_move[slots] = out[: m * g].reshape(m, g, g) - base_m[:, None]
+            self.d_rem[slots] = out[m * g : m * g + m] - base_m
+        if contrib_too and len(single):
             self.contrib[single] = 0.0
             self.contrib[single, self.hold[single].argmax(axis=1)] = self.cnt[:, single].sum(axis=0)
-        if n:
-            self.d_add[experts] = out[: n * g].reshape(n, g, g) - self.contrib[experts][:, None]
-        base_m = self.contrib[es]
-        self.d_move[slots] = out[n * g : n * g + m * g].reshape(m, g, g) - base_m[:, None]
-        self.d_rem[slots] = out[n * g + m * g : n * g + m * g + m] - base_m
         # One replica: moving it to y moves its whole load from its GPU to y; dropping it is never allowed.
         is_single = np.zeros(len(self.hold), bool)
         is_single[single] = True
@@ -188,6 +184,19 @@ class _Layer:
         d[np.arange(len(s1)), :, self.gpu[s1]] -= tot[:, None]
         self.d_move[s1] = d
         self.d_rem[s1] = -self.contrib[self.ex[s1]]
+
+    def adds(self, experts: np.ndarray) -> np.ndarray:
+        """``d_add[experts]`` [n, G, G], computing the stale rows first (one batched rule call)."""
+        stale = np.unique(experts[self.stale_add[experts]])
+        if len(stale):
+            g = self.hold.shape[1]
+            diag = np.arange(g)
+            add = np.repeat(self.hold[stale][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
+            add[:, diag, diag] = True
+            out = self._contrib(np.repeat(stale, g), add.reshape(-1, g))
+            self.d_add[stale] = out.reshape(len(stale), g, g) - self.contrib[stale][:, None]
+            self.stale_add[stale] = False
+        return self.d_add[experts]
 
     @property
     def load(self) -> np.ndarray:
@@ -264,26 +273,28 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
             # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
-            new = load + st.d_move[sa][:, st.gpu[sb], :] + st.d_move[sb, h][None]  # [A, B, G]
+            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, reps[st.ex] == 1)
             ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
             dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
             dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
             dj = f_eg[ea, gb] - f_eg[ea, h] + f_eg[eb, h] - f_eg[eb, gb] + 2.0 * a_ee[ea, eb] * cost[h, gb]
             c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
-            best = _better(best, new, ok, cap, excess, dm, c, budget, ("swap", sa, sb))
+            best = _better(best, drop, after, ok, excess, dm, c, budget, ("swap", sa, sb))
             # (b) a replica of a replicated expert (slot sb[j]) becomes one of expert ea[i]: a redundant
             # slot follows the load, one slot changes.
             rep = reps[st.ex[sb]] > 1
             if rep.any():
                 st_b = sb[rep]
                 eb2, gb2 = st.ex[st_b][None, :], st.gpu[st_b][None, :]
-                new = load + st.d_add[st.ex[sa]][:, st.gpu[st_b], :] + st.d_rem[st_b][None]
+                new = load + st.adds(st.ex[sa])[:, st.gpu[st_b], :] + st.d_rem[st_b][None]
                 ok = ~st.hold[ea, gb2] & (ea != eb2)
                 dm = (~old[ea, gb2]).astype(np.int64) - ~old[eb2, gb2]
                 dp = price[ea, gb2] - price[eb2, gb2]
                 dj = (f_eg[ea, gb2] - f_eg[eb2, gb2]) / 2.0
                 c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
-                best = _better(best, new, ok, cap, excess, dm, c, budget, ("replica", sa, st_b))
+                drop = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
+                best = _better(best, drop, lambda i, j, new=new: new[i, j], ok, excess, dm, c, budget,
+                               ("replica", sa, st_b))
             if best is not None:
                 picks.append(best)
         if not picks:
@@ -300,7 +311,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             before = float(np.maximum(st.load - cap, 0.0).sum())
             after = st.load + (st.d_move[s, st.gpu[t]] + st.d_move[t, st.gpu[s]] if kind == "swap"
-                               else st.d_add[st.ex[s], st.gpu[t]] + st.d_rem[t])
+                               else st.adds(st.ex[s:s + 1])[0, st.gpu[t]] + st.d_rem[t])
             if applied and float(np.maximum(after - cap, 0.0).sum()) >= before - _TOL:
                 continue
             if kind == "swap":
@@ -331,16 +342,46 @@ def _dmoves(st: _Layer, kind: str, s: int, t: int) -> int:
     return sum(moved)
 
 
-def _better(best, new_ABG, ok_AB, cap, excess, dm_AB, cost_AB, budget, head):
+def _swap_drops(st: _Layer, load: np.ndarray, cap: float, excess: float, h: int, sa: np.ndarray, sb: np.ndarray,
+                single_S: np.ndarray) -> tuple[np.ndarray, Any]:
+    """How much each swap of slot sa[i] (on the hot GPU h) with slot sb[j] (on a GPU below ``cap``) lowers
+    the excess load: [A, B], and ``after(i, j)`` [n, G], the loads after the swaps (i, j).
+
+    Two experts with one replica each that trade GPUs change those two GPUs' loads only, so their drop
+    is read from two entries; a swap that involves a replicated expert re-spreads its tokens (the
+    dispatch rule) and is scored on every GPU.
+    """
+    gb = st.gpu[sb]
+
+    def after(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return load + st.d_move[sa[i], gb[j]] + st.d_move[sb[j], h]
+
+    drop = np.empty((len(sa), len(sb)))
+    one_a, one_b = single_S[sa], single_S[sb]
+    ia, jb = np.flatnonzero(one_a), np.flatnonzero(one_b)
+    if len(ia) and len(jb):
+        a_, b_, g_ = sa[ia][:, None], sb[jb][None, :], gb[jb][None, :]
+        new_h = load[h] + st.d_move[a_, g_, h] + st.d_move[b_, h, h]
+        new_g = load[g_] + st.d_move[a_, g_, g_] + st.d_move[b_, h, g_]
+        # Every other GPU keeps its load; gb was below the cap, h above it.
+        drop[np.ix_(ia, jb)] = (load[h] - cap) - np.maximum(new_h - cap, 0.0) - np.maximum(new_g - cap, 0.0)
+    for rows, cols in ((np.flatnonzero(~one_a), np.arange(len(sb))), (ia, np.flatnonzero(~one_b))):
+        if len(rows) and len(cols):
+            new = after(rows[:, None], cols[None, :])  # [a, b, G]
+            drop[np.ix_(rows, cols)] = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
+    return drop, after
+
+
+def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
     """Fold candidates [A, B] into ``best``: the largest drop of the excess load per unit of cost, then the
-    lowest resulting peak, then the lowest slots; only changes the budget allows and that lower the excess."""
-    drop = excess - np.maximum(new_ABG - cap, 0.0).sum(axis=-1)
-    ok = ok_AB & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
+    lowest resulting peak (``after(i, j)``: the loads after those candidates), then the lowest slots; only
+    changes the budget allows and that lower the excess."""
+    ok = ok_AB & (drop_AB > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
     if not ok.any():
         return best
-    eff = np.where(ok, drop / (cost_AB + _FREE), -np.inf)
+    eff = np.where(ok, drop_AB / (cost_AB + _FREE), -np.inf)
     i, j = np.nonzero(eff == eff.max())  # the peak breaks ties only: computed for the tied few
-    peak = new_ABG[i, j].max(axis=-1)
+    peak = after(i, j).max(axis=-1)
     k = np.lexsort((head[2][j], head[1][i], peak))[0]
     cand = (-float(eff[i[k], j[k]]), float(peak[k]), int(dm_AB[i[k], j[k]]),
             (head[0], int(head[1][i[k]]), int(head[2][j[k]])))
