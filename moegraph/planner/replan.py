@@ -261,6 +261,8 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
             return steps
         hot = [int(x) for x in np.argsort(-load, kind="stable")[:n_hot] if load[x] > cap + _TOL]
         reps = st.hold.sum(axis=1)
+        if (reps > 1).any():  # the replica changes below read d_add of the hot GPUs' experts: one rule call
+            st.adds(st.ex[np.isin(st.gpu, hot)])
         a_ee, f_eg = _cut_rows(st.hold, coact, cost)
         picks = []
         for h in hot:
@@ -405,8 +407,9 @@ class _Budget:
             self.moves -= dmoves
 
 
-def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """[S, S] change of the pairwise co-activation cut J if slots s and t traded experts."""
+def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, pairs: tuple | None = None) -> np.ndarray:
+    """[S, S] change of the pairwise co-activation cut J if slots s and t traded experts; for ``pairs`` (I, J,
+    their GPUs, the cost between those) only, [P] (the same values)."""
     g = st.hold.shape[1]
     ex, gp = st.ex, st.gpu
     r = st.hold.sum(axis=1)[ex].astype(np.float64)
@@ -416,6 +419,9 @@ def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray) -> np.ndar
     onehot[np.arange(len(ex)), gp] = 1.0
     f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
     fs = f[np.arange(len(ex)), gp]
+    if pairs is not None:
+        i, j, gi, gj, cost_p = pairs  # slots, their GPUs, cost[gi, gj]
+        return f[i, gj] - fs[i] + f[j, gi] - fs[j] + 2.0 * a_rr[i, j] * cost_p
     return f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
 
 
@@ -468,17 +474,21 @@ def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: 
     g = st.hold.shape[1]
     steps = 0
     old, price = st.old, st.price
+    gp = st.gpu
+    pi, pj = np.nonzero(gp[:, None] < gp[None, :])  # the slot pairs on different GPUs, each once, row-major
+    gi, gj = gp[pi], gp[pj]
+    pairs = (pi, pj, gi, gj, cost[gi, gj])
     for _ in range(max_steps):
-        ex, gp = st.ex, st.gpu
-        dj = _slot_cut_deltas(st, coact, cost)
-        ei, ej, gi, gj = ex[:, None], ex[None, :], gp[:, None], gp[None, :]
+        ex = st.ex
+        dj = _slot_cut_deltas(st, coact, cost, pairs)
+        ei, ej = ex[pi], ex[pj]
         dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
         net = dj * value_per_j + dp  # negative: worth it
-        valid = (gi < gj) & ~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL)
-        cand = np.argwhere(valid)
-        if not len(cand):
+        valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
+        if not len(valid):
             return steps
-        cand = cand[np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))[:tries]]
+        valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
+        cand = np.stack([pi[valid], pj[valid]], axis=1)
         load = st.load
         limit = max(cap * load.mean(), load.max()) + _TOL
         # Screen on the state at the start of the step (budget, balance), in one go.
