@@ -57,6 +57,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,15 +189,42 @@ class _Layer:
     def adds(self, experts: np.ndarray) -> np.ndarray:
         """``d_add[experts]`` [n, G, G], computing the stale rows first (one batched rule call)."""
         stale = np.unique(experts[self.stale_add[experts]])
-        if len(stale):
-            g = self.hold.shape[1]
-            diag = np.arange(g)
-            add = np.repeat(self.hold[stale][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
+        if not len(stale):
+            return self.d_add[experts]
+        g = self.hold.shape[1]
+        diag = np.arange(g)
+        reps = self.hold[stale].sum(axis=1)
+        multi, single = stale[reps > 1], stale[reps == 1]
+        if len(multi):
+            add = np.repeat(self.hold[multi][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
             add[:, diag, diag] = True
-            out = self._contrib(np.repeat(stale, g), add.reshape(-1, g))
-            self.d_add[stale] = out.reshape(len(stale), g, g) - self.contrib[stale][:, None]
-            self.stale_add[stale] = False
+            out = self._contrib(np.repeat(multi, g), add.reshape(-1, g))
+            self.d_add[multi] = out.reshape(len(multi), g, g) - self.contrib[multi][:, None]
+        if len(single):
+            # One replica on x, a second on y: tokens on y stay there; the others go to y if y is their host's
+            # only replica, half of them if both or neither replica is in their host (``_to_second``).
+            x = self.hold[single].argmax(axis=1)
+            c = self.cnt[:, single].T  # [n, G sources]
+            to_y = c + np.einsum("nys,ns->ny", self._to_second[x], c)  # [n, y]
+            to_y[np.arange(len(single)), x] = 0.0
+            d = np.zeros((len(single), g, g))
+            d[:, diag, diag] = to_y
+            d[np.arange(len(single)), :, x] -= to_y
+            self.d_add[single] = d
+        self.stale_add[stale] = False
         return self.d_add[experts]
+
+    @functools.cached_property
+    def _to_second(self) -> np.ndarray:
+        """[x, y, s] share of the tokens of source GPU s (not x or y) that go to y once an expert on x alone
+        gains a replica on y (the dispatch rule): 1 if only y is in s's host, 0 if only x, else 1/2."""
+        g = len(self.node)
+        same = (self.node[:, None] == self.node[None, :]).astype(np.float64)  # [a, s]
+        share = 0.5 * (1.0 + same[None, :, :] - same[:, None, :])  # [x, y, s]
+        idx = np.arange(g)
+        share[idx, :, idx] = 0.0  # s == x: stays on x
+        share[:, idx, idx] = 0.0  # s == y: counted as its own (c[y])
+        return share
 
     @property
     def load(self) -> np.ndarray:
@@ -367,11 +395,29 @@ def _swap_drops(st: _Layer, load: np.ndarray, cap: float, excess: float, h: int,
         new_g = load[g_] + st.d_move[a_, g_, g_] + st.d_move[b_, h, g_]
         # Every other GPU keeps its load; gb was below the cap, h above it.
         drop[np.ix_(ia, jb)] = (load[h] - cap) - np.maximum(new_h - cap, 0.0) - np.maximum(new_g - cap, 0.0)
+    # A replicated expert's move changes the loads of the GPUs that hold it (before or after) only: sum the
+    # drop over those of the two experts (padded to the most replicas, padding masked out).
     for rows, cols in ((np.flatnonzero(~one_a), np.arange(len(sb))), (ia, np.flatnonzero(~one_b))):
         if len(rows) and len(cols):
-            new = after(rows[:, None], cols[None, :])  # [a, b, G]
-            drop[np.ix_(rows, cols)] = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
+            k_on, k_idx = _holders(st.hold[st.ex[sa[rows]]])  # [a, rK]: a's GPUs (h among them)
+            l_on, l_idx = _holders(st.hold[st.ex[sb[cols]]])  # [b, rL]: b's GPUs (gb among them)
+            n_a, n_b = len(rows), len(cols)
+            idx = np.concatenate([np.broadcast_to(k_idx[:, None], (n_a, n_b, k_idx.shape[1])),
+                                  np.broadcast_to(l_idx[None], (n_a, n_b, l_idx.shape[1]))], axis=-1)
+            own_a = st.hold[st.ex[sa[rows]][:, None, None], l_idx[None]]  # a GPU of b's that also holds a: once
+            on = np.concatenate([np.broadcast_to(k_on[:, None], (n_a, n_b, k_on.shape[1])),
+                                 l_on[None] & ~own_a], axis=-1)
+            new = (load[idx] + st.d_move[sa[rows][:, None, None], gb[cols][None, :, None], idx]
+                   + st.d_move[sb[cols][None, :, None], h, idx])
+            term = np.maximum(load[idx] - cap, 0.0) - np.maximum(new - cap, 0.0)
+            drop[np.ix_(rows, cols)] = np.where(on, term, 0.0).sum(axis=-1)
     return drop, after
+
+
+def _holders(hold_XG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``hold_XG`` [X, G], its GPUs first: (mask [X, r], GPU index [X, r]), r = the most GPUs of a row."""
+    order = np.argsort(~hold_XG, axis=1, kind="stable")[:, : max(int(hold_XG.sum(axis=1).max()), 1)]
+    return np.take_along_axis(hold_XG, order, axis=1), order
 
 
 def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
