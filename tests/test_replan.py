@@ -13,7 +13,7 @@ from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _move_cost, host_copy_weight
-from moegraph.planner.replan import _cut_rate, _Layer, _prices
+from moegraph.planner.replan import _cut_rate, _Layer, _prices, _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
@@ -234,6 +234,92 @@ def test_cut_rate_converts_split_pairs_into_copies_exactly_for_top2():
     # Two hosts of one GPU (inter-host link 8x the NVLink cost): a split costs 8 in the cut and, in copies
     # over the fastest link, (1 - 1/2) GPU copies + 7 x (1 - 1/2) extra for the host hop: 4.
     assert _cut_rate_of(2, 1, spg=4) == pytest.approx(0.5)
+
+
+def _rule_loads_reference(ex, gpu, cnt, node):
+    """[G] expected load per GPU, written out source by source: tokens from a GPU that holds their expert
+    stay there, else split evenly over the replicas in their host, else evenly over all replicas."""
+    g, e = cnt.shape
+    load = np.zeros(g)
+    for x in range(e):
+        holders = sorted({int(gpu[s]) for s in range(len(ex)) if ex[s] == x})
+        for src in range(g):
+            if src in holders:
+                load[src] += cnt[src, x]
+                continue
+            near = [y for y in holders if node[y] == node[src]] or holders
+            for y in near:
+                load[y] += cnt[src, x] / len(near)
+    return load
+
+
+def _random_layer(seed, nodes=2, gpus=2, spg=3, experts=10):
+    """A repair state on ``nodes`` x ``gpus`` GPUs with redundant slots, random traffic and a random start."""
+    d = load_spec("deepseek-v2-lite-tiny").to_dict()
+    d["topology"].update(nodes=nodes, gpus_per_node=gpus)
+    cl = cluster_of(load_spec(d))
+    g = cl.num_gpus
+    rng = np.random.default_rng(seed)
+    row = np.concatenate([rng.permutation(experts), rng.choice(experts, g * spg - experts, replace=False)])
+    gpu = np.arange(g * spg) // spg
+    while any(len({int(gpu[s]) for s in np.flatnonzero(row == x)}) < (row == x).sum() for x in range(experts)):
+        row = rng.permutation(row)  # no GPU holds an expert twice
+    old = np.zeros((experts, g), bool)
+    old[row, gpu] = True
+    cnt = rng.integers(0, 40, (g, experts)).astype(np.float64)
+    cost = _move_cost(cl)
+    return _Layer(ex=row.copy(), gpu=gpu, old=old, cnt=cnt, node=cl.node_of_gpu, price=_prices(old, cost)), cost
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_repair_tables_match_the_dispatch_rule_written_out(seed):
+    # The repair scores a swap of two one-replica experts from the two GPUs it changes, and reads d_add
+    # rows computed when first needed: both checked against the loads of the placement after the change,
+    # from a reference of the rule written source by source, also after changes made the tables stale.
+    st, cost = _random_layer(seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        ref = _rule_loads_reference(st.ex, st.gpu, st.cnt, st.node)
+        np.testing.assert_allclose(st.load, ref)
+        reps = st.hold.sum(axis=1)
+        cap = 1.02 * ref.mean()
+        h = int(np.argmax(ref))
+        excess = float(np.maximum(ref - cap, 0).sum())
+        sa, sb = np.flatnonzero(st.gpu == h), np.flatnonzero(ref[st.gpu] < cap)
+        drop, after = _swap_drops(st, st.load, cap, excess, h, sa, sb, reps[st.ex] == 1)
+        ii, jj = np.meshgrid(np.arange(len(sa)), np.arange(len(sb)), indexing="ij")
+        got_after = after(ii.ravel(), jj.ravel()).reshape(len(sa), len(sb), -1)
+        single_pairs = 0
+        for i, s in enumerate(sa):
+            for j, t in enumerate(sb):
+                if st.ex[s] == st.ex[t] or st.hold[st.ex[s], st.gpu[t]] or st.hold[st.ex[t], h]:
+                    continue  # not a valid swap (the repair masks it)
+                ex = st.ex.copy()
+                ex[s], ex[t] = ex[t], ex[s]
+                want = _rule_loads_reference(ex, st.gpu, st.cnt, st.node)
+                np.testing.assert_allclose(got_after[i, j], want, atol=1e-9)
+                assert drop[i, j] == pytest.approx(excess - np.maximum(want - cap, 0).sum(), abs=1e-9)
+                single_pairs += reps[st.ex[s]] == 1 and reps[st.ex[t]] == 1
+        assert single_pairs > 0  # the two-GPU fast path was exercised
+        adds = st.adds(np.arange(st.hold.shape[0]))
+        for x in range(st.hold.shape[0]):
+            for y in np.flatnonzero(~st.hold[x]):
+                ex = np.append(st.ex, x)  # one more replica of x, on y
+                want = _rule_loads_reference(ex, np.append(st.gpu, y), st.cnt, st.node)
+                np.testing.assert_allclose(ref + adds[x, y], want, atol=1e-9)
+        # Cut changes of slot pairs (the communication step's view) equal the full table.
+        coact = coactivation(rng.integers(0, st.hold.shape[0], (50, 2)), st.hold.shape[0]) / 50
+        full = _slot_cut_deltas(st, coact, cost)
+        pi, pj = np.nonzero(st.gpu[:, None] < st.gpu[None, :])
+        gi, gj = st.gpu[pi], st.gpu[pj]
+        np.testing.assert_array_equal(_slot_cut_deltas(st, coact, cost, (pi, pj, gi, gj, cost[gi, gj])), full[pi, pj])
+        # A random valid change, then again (tables refreshed, d_add rows stale until read).
+        while True:
+            s, t = rng.integers(0, len(st.ex), 2)
+            if st.gpu[s] != st.gpu[t] and st.ex[s] != st.ex[t] and not st.hold[st.ex[s], st.gpu[t]] \
+                    and not st.hold[st.ex[t], st.gpu[s]]:
+                st.swap(int(s), int(t))
+                break
 
 
 def test_replan_prices_the_cut_by_its_measured_copies(setup):

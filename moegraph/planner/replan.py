@@ -57,6 +57,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,7 @@ class _Layer:
         self.contrib = self._contrib(np.arange(e), self.hold)  # [E, G] load each expert puts on each GPU
         self.d_move = np.zeros((len(self.ex), g, g))
         self.d_add = np.zeros((e, g, g))
+        self.stale_add = np.ones(e, bool)  # d_add rows not computed since the expert's holdings changed
         self.d_rem = np.zeros((len(self.ex), g))
         self._refresh(np.arange(e))
 
@@ -142,42 +144,37 @@ class _Layer:
         """Recompute the change tables of ``experts`` (and their ``contrib`` rows) for the current holdings.
 
         An expert with one replica takes all its tokens wherever it is, so its rows are written in closed
-        form; the others (and ``d_add``, which makes a second replica) go through one batched rule call.
+        form; the others go through one batched rule call. ``d_add`` rows are only marked stale: the
+        repair reads them for the few experts on its hot GPUs (``adds``), so most would never be read.
         """
         g = self.hold.shape[1]
         experts = np.unique(experts)
+        self.stale_add[experts] = True
         diag = np.arange(g)
         reps = self.hold[experts].sum(axis=1)
         multi = experts[reps > 1]
         single = experts[reps == 1]
-        holds, who = [], []
-        if len(self.ex) > self.hold.shape[0]:  # redundant slots exist: a replica can be added somewhere
-            add = np.repeat(self.hold[experts][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
-            add[:, diag, diag] = True
-            holds.append(add.reshape(-1, g))
-            who.append(np.repeat(experts, g))
         is_multi = np.zeros(len(self.hold), bool)  # a mask, not np.isin: this runs once per change
         is_multi[multi] = True
         slots = np.flatnonzero(is_multi[self.ex])
         es, gs = self.ex[slots], self.gpu[slots]
-        move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
-        move[np.arange(len(slots)), :, gs] = False
-        move[:, diag, diag] = True
-        rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
-        rem[np.arange(len(slots)), gs] = False
-        holds += [move.reshape(-1, g), rem, self.hold[multi]]
-        who += [np.repeat(es, g), es, multi]
-        out = self._contrib(np.concatenate(who), np.concatenate(holds))
-        n, m = len(experts) if len(holds) == 4 else 0, len(slots)
-        if contrib_too:
-            self.contrib[multi] = out[n * g + m * g + m:]
+        m = len(slots)
+        if len(multi):
+            move = np.repeat(self.hold[es][:, None, :], g, axis=1)  # [m, y, G]: slot's replica goes to y
+            move[np.arange(m), :, gs] = False
+            move[:, diag, diag] = True
+            rem = self.hold[es].copy()  # [m, G]: slot's replica dropped
+            rem[np.arange(m), gs] = False
+            out = self._contrib(np.concatenate([np.repeat(es, g), es, multi]),
+                                np.concatenate([move.reshape(-1, g), rem, self.hold[multi]]))
+            if contrib_too:
+                self.contrib[multi] = out[m * g + m:]
+            base_m = self.contrib[es]
+            self.d_move[slots] = out[: m * g].reshape(m, g, g) - base_m[:, None]
+            self.d_rem[slots] = out[m * g : m * g + m] - base_m
+        if contrib_too and len(single):
             self.contrib[single] = 0.0
             self.contrib[single, self.hold[single].argmax(axis=1)] = self.cnt[:, single].sum(axis=0)
-        if n:
-            self.d_add[experts] = out[: n * g].reshape(n, g, g) - self.contrib[experts][:, None]
-        base_m = self.contrib[es]
-        self.d_move[slots] = out[n * g : n * g + m * g].reshape(m, g, g) - base_m[:, None]
-        self.d_rem[slots] = out[n * g + m * g : n * g + m * g + m] - base_m
         # One replica: moving it to y moves its whole load from its GPU to y; dropping it is never allowed.
         is_single = np.zeros(len(self.hold), bool)
         is_single[single] = True
@@ -188,6 +185,46 @@ class _Layer:
         d[np.arange(len(s1)), :, self.gpu[s1]] -= tot[:, None]
         self.d_move[s1] = d
         self.d_rem[s1] = -self.contrib[self.ex[s1]]
+
+    def adds(self, experts: np.ndarray) -> np.ndarray:
+        """``d_add[experts]`` [n, G, G], computing the stale rows first (one batched rule call)."""
+        stale = np.unique(experts[self.stale_add[experts]])
+        if not len(stale):
+            return self.d_add[experts]
+        g = self.hold.shape[1]
+        diag = np.arange(g)
+        reps = self.hold[stale].sum(axis=1)
+        multi, single = stale[reps > 1], stale[reps == 1]
+        if len(multi):
+            add = np.repeat(self.hold[multi][:, None, :], g, axis=1)  # [n, y, G]: e gains a replica on y
+            add[:, diag, diag] = True
+            out = self._contrib(np.repeat(multi, g), add.reshape(-1, g))
+            self.d_add[multi] = out.reshape(len(multi), g, g) - self.contrib[multi][:, None]
+        if len(single):
+            # One replica on x, a second on y: tokens on y stay there; the others go to y if y is their host's
+            # only replica, half of them if both or neither replica is in their host (``_to_second``).
+            x = self.hold[single].argmax(axis=1)
+            c = self.cnt[:, single].T  # [n, G sources]
+            to_y = c + np.einsum("nys,ns->ny", self._to_second[x], c)  # [n, y]
+            to_y[np.arange(len(single)), x] = 0.0
+            d = np.zeros((len(single), g, g))
+            d[:, diag, diag] = to_y
+            d[np.arange(len(single)), :, x] -= to_y
+            self.d_add[single] = d
+        self.stale_add[stale] = False
+        return self.d_add[experts]
+
+    @functools.cached_property
+    def _to_second(self) -> np.ndarray:
+        """[x, y, s] share of the tokens of source GPU s (not x or y) that go to y once an expert on x alone
+        gains a replica on y (the dispatch rule): 1 if only y is in s's host, 0 if only x, else 1/2."""
+        g = len(self.node)
+        same = (self.node[:, None] == self.node[None, :]).astype(np.float64)  # [a, s]
+        share = 0.5 * (1.0 + same[None, :, :] - same[:, None, :])  # [x, y, s]
+        idx = np.arange(g)
+        share[idx, :, idx] = 0.0  # s == x: stays on x
+        share[:, idx, idx] = 0.0  # s == y: counted as its own (c[y])
+        return share
 
     @property
     def load(self) -> np.ndarray:
@@ -252,6 +289,8 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
             return steps
         hot = [int(x) for x in np.argsort(-load, kind="stable")[:n_hot] if load[x] > cap + _TOL]
         reps = st.hold.sum(axis=1)
+        if (reps > 1).any():  # the replica changes below read d_add of the hot GPUs' experts: one rule call
+            st.adds(st.ex[np.isin(st.gpu, hot)])
         a_ee, f_eg = _cut_rows(st.hold, coact, cost)
         picks = []
         for h in hot:
@@ -264,26 +303,28 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
             # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
-            new = load + st.d_move[sa][:, st.gpu[sb], :] + st.d_move[sb, h][None]  # [A, B, G]
+            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, reps[st.ex] == 1)
             ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
             dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
             dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
             dj = f_eg[ea, gb] - f_eg[ea, h] + f_eg[eb, h] - f_eg[eb, gb] + 2.0 * a_ee[ea, eb] * cost[h, gb]
             c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
-            best = _better(best, new, ok, cap, excess, dm, c, budget, ("swap", sa, sb))
+            best = _better(best, drop, after, ok, excess, dm, c, budget, ("swap", sa, sb))
             # (b) a replica of a replicated expert (slot sb[j]) becomes one of expert ea[i]: a redundant
             # slot follows the load, one slot changes.
             rep = reps[st.ex[sb]] > 1
             if rep.any():
                 st_b = sb[rep]
                 eb2, gb2 = st.ex[st_b][None, :], st.gpu[st_b][None, :]
-                new = load + st.d_add[st.ex[sa]][:, st.gpu[st_b], :] + st.d_rem[st_b][None]
+                new = load + st.adds(st.ex[sa])[:, st.gpu[st_b], :] + st.d_rem[st_b][None]
                 ok = ~st.hold[ea, gb2] & (ea != eb2)
                 dm = (~old[ea, gb2]).astype(np.int64) - ~old[eb2, gb2]
                 dp = price[ea, gb2] - price[eb2, gb2]
                 dj = (f_eg[ea, gb2] - f_eg[eb2, gb2]) / 2.0
                 c = np.maximum(dp, 0.0) + value_per_j * np.maximum(dj, 0.0)
-                best = _better(best, new, ok, cap, excess, dm, c, budget, ("replica", sa, st_b))
+                drop = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
+                best = _better(best, drop, lambda i, j, new=new: new[i, j], ok, excess, dm, c, budget,
+                               ("replica", sa, st_b))
             if best is not None:
                 picks.append(best)
         if not picks:
@@ -300,7 +341,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             before = float(np.maximum(st.load - cap, 0.0).sum())
             after = st.load + (st.d_move[s, st.gpu[t]] + st.d_move[t, st.gpu[s]] if kind == "swap"
-                               else st.d_add[st.ex[s], st.gpu[t]] + st.d_rem[t])
+                               else st.adds(st.ex[s:s + 1])[0, st.gpu[t]] + st.d_rem[t])
             if applied and float(np.maximum(after - cap, 0.0).sum()) >= before - _TOL:
                 continue
             if kind == "swap":
@@ -331,16 +372,64 @@ def _dmoves(st: _Layer, kind: str, s: int, t: int) -> int:
     return sum(moved)
 
 
-def _better(best, new_ABG, ok_AB, cap, excess, dm_AB, cost_AB, budget, head):
+def _swap_drops(st: _Layer, load: np.ndarray, cap: float, excess: float, h: int, sa: np.ndarray, sb: np.ndarray,
+                single_S: np.ndarray) -> tuple[np.ndarray, Any]:
+    """How much each swap of slot sa[i] (on the hot GPU h) with slot sb[j] (on a GPU below ``cap``) lowers
+    the excess load: [A, B], and ``after(i, j)`` [n, G], the loads after the swaps (i, j).
+
+    Two experts with one replica each that trade GPUs change those two GPUs' loads only, so their drop
+    is read from two entries; a swap that involves a replicated expert re-spreads its tokens (the
+    dispatch rule) and is scored on every GPU.
+    """
+    gb = st.gpu[sb]
+
+    def after(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return load + st.d_move[sa[i], gb[j]] + st.d_move[sb[j], h]
+
+    drop = np.empty((len(sa), len(sb)))
+    one_a, one_b = single_S[sa], single_S[sb]
+    ia, jb = np.flatnonzero(one_a), np.flatnonzero(one_b)
+    if len(ia) and len(jb):
+        a_, b_, g_ = sa[ia][:, None], sb[jb][None, :], gb[jb][None, :]
+        new_h = load[h] + st.d_move[a_, g_, h] + st.d_move[b_, h, h]
+        new_g = load[g_] + st.d_move[a_, g_, g_] + st.d_move[b_, h, g_]
+        # Every other GPU keeps its load; gb was below the cap, h above it.
+        drop[np.ix_(ia, jb)] = (load[h] - cap) - np.maximum(new_h - cap, 0.0) - np.maximum(new_g - cap, 0.0)
+    # A replicated expert's move changes the loads of the GPUs that hold it (before or after) only: sum the
+    # drop over those of the two experts (padded to the most replicas, padding masked out).
+    for rows, cols in ((np.flatnonzero(~one_a), np.arange(len(sb))), (ia, np.flatnonzero(~one_b))):
+        if len(rows) and len(cols):
+            k_on, k_idx = _holders(st.hold[st.ex[sa[rows]]])  # [a, rK]: a's GPUs (h among them)
+            l_on, l_idx = _holders(st.hold[st.ex[sb[cols]]])  # [b, rL]: b's GPUs (gb among them)
+            n_a, n_b = len(rows), len(cols)
+            idx = np.concatenate([np.broadcast_to(k_idx[:, None], (n_a, n_b, k_idx.shape[1])),
+                                  np.broadcast_to(l_idx[None], (n_a, n_b, l_idx.shape[1]))], axis=-1)
+            own_a = st.hold[st.ex[sa[rows]][:, None, None], l_idx[None]]  # a GPU of b's that also holds a: once
+            on = np.concatenate([np.broadcast_to(k_on[:, None], (n_a, n_b, k_on.shape[1])),
+                                 l_on[None] & ~own_a], axis=-1)
+            new = (load[idx] + st.d_move[sa[rows][:, None, None], gb[cols][None, :, None], idx]
+                   + st.d_move[sb[cols][None, :, None], h, idx])
+            term = np.maximum(load[idx] - cap, 0.0) - np.maximum(new - cap, 0.0)
+            drop[np.ix_(rows, cols)] = np.where(on, term, 0.0).sum(axis=-1)
+    return drop, after
+
+
+def _holders(hold_XG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``hold_XG`` [X, G], its GPUs first: (mask [X, r], GPU index [X, r]), r = the most GPUs of a row."""
+    order = np.argsort(~hold_XG, axis=1, kind="stable")[:, : max(int(hold_XG.sum(axis=1).max()), 1)]
+    return np.take_along_axis(hold_XG, order, axis=1), order
+
+
+def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
     """Fold candidates [A, B] into ``best``: the largest drop of the excess load per unit of cost, then the
-    lowest resulting peak, then the lowest slots; only changes the budget allows and that lower the excess."""
-    drop = excess - np.maximum(new_ABG - cap, 0.0).sum(axis=-1)
-    ok = ok_AB & (drop > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
+    lowest resulting peak (``after(i, j)``: the loads after those candidates), then the lowest slots; only
+    changes the budget allows and that lower the excess."""
+    ok = ok_AB & (drop_AB > 1e-6 * max(excess, 1.0)) & budget.allows(dm_AB)
     if not ok.any():
         return best
-    eff = np.where(ok, drop / (cost_AB + _FREE), -np.inf)
+    eff = np.where(ok, drop_AB / (cost_AB + _FREE), -np.inf)
     i, j = np.nonzero(eff == eff.max())  # the peak breaks ties only: computed for the tied few
-    peak = new_ABG[i, j].max(axis=-1)
+    peak = after(i, j).max(axis=-1)
     k = np.lexsort((head[2][j], head[1][i], peak))[0]
     cand = (-float(eff[i[k], j[k]]), float(peak[k]), int(dm_AB[i[k], j[k]]),
             (head[0], int(head[1][i[k]]), int(head[2][j[k]])))
@@ -364,8 +453,9 @@ class _Budget:
             self.moves -= dmoves
 
 
-def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """[S, S] change of the pairwise co-activation cut J if slots s and t traded experts."""
+def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, pairs: tuple | None = None) -> np.ndarray:
+    """[S, S] change of the pairwise co-activation cut J if slots s and t traded experts; for ``pairs`` (I, J,
+    their GPUs, the cost between those) only, [P] (the same values)."""
     g = st.hold.shape[1]
     ex, gp = st.ex, st.gpu
     r = st.hold.sum(axis=1)[ex].astype(np.float64)
@@ -375,6 +465,9 @@ def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray) -> np.ndar
     onehot[np.arange(len(ex)), gp] = 1.0
     f = (a_rr @ onehot) @ cost.T  # [R, G] cut of slot i's replica if it sat on GPU x
     fs = f[np.arange(len(ex)), gp]
+    if pairs is not None:
+        i, j, gi, gj, cost_p = pairs  # slots, their GPUs, cost[gi, gj]
+        return f[i, gj] - fs[i] + f[j, gi] - fs[j] + 2.0 * a_rr[i, j] * cost_p
     return f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
 
 
@@ -427,17 +520,21 @@ def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: 
     g = st.hold.shape[1]
     steps = 0
     old, price = st.old, st.price
+    gp = st.gpu
+    pi, pj = np.nonzero(gp[:, None] < gp[None, :])  # the slot pairs on different GPUs, each once, row-major
+    gi, gj = gp[pi], gp[pj]
+    pairs = (pi, pj, gi, gj, cost[gi, gj])
     for _ in range(max_steps):
-        ex, gp = st.ex, st.gpu
-        dj = _slot_cut_deltas(st, coact, cost)
-        ei, ej, gi, gj = ex[:, None], ex[None, :], gp[:, None], gp[None, :]
+        ex = st.ex
+        dj = _slot_cut_deltas(st, coact, cost, pairs)
+        ei, ej = ex[pi], ex[pj]
         dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
         net = dj * value_per_j + dp  # negative: worth it
-        valid = (gi < gj) & ~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL)
-        cand = np.argwhere(valid)
-        if not len(cand):
+        valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
+        if not len(valid):
             return steps
-        cand = cand[np.lexsort((cand[:, 1], cand[:, 0], net[cand[:, 0], cand[:, 1]]))[:tries]]
+        valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
+        cand = np.stack([pi[valid], pj[valid]], axis=1)
         load = st.load
         limit = max(cap * load.mean(), load.max()) + _TOL
         # Screen on the state at the start of the step (budget, balance), in one go.
