@@ -34,6 +34,7 @@ Legend: T tokens, D model dim, F expert hidden dim, H = 2F (gated) or F, E exper
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.fx
@@ -147,12 +148,46 @@ def check_scales(name: str, q: Tensor, scale_inv: Tensor | None, block: tuple[in
     if scale_inv.dtype != torch.float32:
         raise InputError(f"{name}_scale_inv has dtype {scale_inv.dtype}; scales are float32 "
                          "(convert with .float(): ue8m0 scales are powers of two in float32)")
+    if _checked_before(scale_inv):
+        return
     bad = ~torch.isfinite(scale_inv) | (scale_inv <= 0)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         raise InputError(f"{name}_scale_inv holds {int(bad.sum())} non-finite or non-positive scale(s) (first at "
                          f"{idx}: {float(scale_inv[idx])}); the checkpoint is corrupt or the scales were not meant "
                          "for these weights")
+    _remember_checked(scale_inv)
+
+
+# Scales already found finite and positive, so that every forward of a layer does not scan them again
+# (at decode sizes the scan cost about as much as the FP8 expert compute): id of the tensor owning the
+# memory -> (weak reference to it, the region checked, its version counter then). An in-place write
+# bumps the version counter (which every view of the tensor shares), and a replaced tensor is another
+# object: either way the scales are checked again. Inference tensors keep no version counter and are
+# checked on every call.
+_SCALES_OK: dict[int, tuple] = {}
+
+
+def _owner_and_region(t: Tensor) -> tuple[Tensor, tuple]:
+    base = t if t._base is None else t._base
+    return base, (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
+
+
+def _checked_before(t: Tensor) -> bool:
+    if t.is_inference():
+        return False
+    base, region = _owner_and_region(t)
+    hit = _SCALES_OK.get(id(base))
+    return hit is not None and hit[0]() is base and hit[1] == region
+
+
+def _remember_checked(t: Tensor) -> None:
+    if t.is_inference():
+        return
+    base, region = _owner_and_region(t)
+    if id(base) not in _SCALES_OK:
+        weakref.finalize(base, _SCALES_OK.pop, id(base), None)  # the entry goes with the tensor
+    _SCALES_OK[id(base)] = (weakref.ref(base), region)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -263,10 +298,10 @@ def define_fp8_op(name: str, kernel=None):
                     return y_TD
             args = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
                     gated, gate_clamp, up_clamp, (block_out, block_in), tile, fmt, scale_format)
-            if _decode_path(args) == "native":
+            if _decode_path(args) == "native":  # (which checked that the kernel reads these arguments)
                 from . import native
 
-                return native.run_fp8(*args)
+                return native.run_fp8_supported(*args)
             return _forward(*args)
 
     op.__name__ = name.split("::")[1]
@@ -307,7 +342,7 @@ def _decode_path(args: tuple) -> str:
     key = (f"fp8,{fmt},{scale_format},{str(x_TD.dtype).replace('torch.', '')},E={E},D={D},F={w_down_EDF.shape[2]},"
            f"K={K},act={act.name},b={int(b_up_EH is not None)},T<={tuning.token_bucket(x_TD.shape[0])}")
     return tuner.choose_among(key, {"per_expert": lambda: _forward(*args[:14], block, tile, fmt, scale_format),
-                                    "native": lambda: native.run_fp8(*args)})
+                                    "native": lambda: native.run_fp8_supported(*args)})
 
 
 def _fake(x_TD, *args):

@@ -49,7 +49,8 @@ from .ops.args import ExpertArgs
 from .semantics.expr import C_SPELLINGS
 
 __all__ = ["FLAGS", "ABI_VERSION", "set_cache_dir", "cache_dir", "compiler", "source", "kernel", "available",
-           "supports", "fp8_supports", "run_experts", "run_fp8", "warn_once", "NativeUnavailable"]
+           "supports", "fp8_supports", "run_experts", "run_experts_supported", "run_fp8", "run_fp8_supported",
+           "warn_once", "NativeUnavailable"]
 
 #: Bumped when the C function's signature changes (a cached library of another version is rebuilt).
 ABI_VERSION = 1
@@ -334,6 +335,12 @@ def run_experts(args: ExpertArgs | tuple) -> Tensor:
     why = supports(a)
     if why:
         raise InputError(f"native expert kernel: {why}")
+    return run_experts_supported(a)
+
+
+def run_experts_supported(a: ExpertArgs) -> Tensor:
+    """``run_experts`` on arguments ``supports`` has accepted already (a caller that checked them once:
+    the strategy's hot path runs on every decode call)."""
     lib = _lib_for(a.act)
     x = a.x_TD.contiguous()
     T, D = x.shape
@@ -385,9 +392,17 @@ def run_fp8(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_
                        act.gated, block, tile)
     if why:
         raise InputError(f"native FP8 expert kernel: {why}")
+    return run_fp8_supported(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED,
+                             activation, gated, gate_clamp, up_clamp, block, tile, fmt, scale_format)
+
+
+def run_fp8_supported(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
+                      gated, gate_clamp, up_clamp, block, tile, fmt, scale_format) -> Tensor:
+    """``run_fp8`` on arguments ``fp8_supports`` has accepted already (the FP8 op checks them once per
+    call, then runs this)."""
     if fmt not in _FP8_FMT or scale_format not in ("float32", "ue8m0"):
         raise InputError(f"native FP8 expert kernel: unknown format {fmt!r} / scale format {scale_format!r}")
-    lib = _lib_for(act)
+    lib = _lib_for(semantics.activation(activation, gated))
     x = x_TD.contiguous()
     T, D = x.shape
     y32 = torch.zeros(T, D, dtype=torch.float32)

@@ -146,7 +146,7 @@ def _native(args: ExpertArgs, packed) -> Tensor:
 
     why = native.supports(args)
     if why is None and native.kernel(args.act) is not None:
-        return native.run_experts(args)
+        return native.run_experts_supported(args)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler

@@ -217,6 +217,25 @@ def test_bad_scales_are_refused():
             _op(x, ids, w_TK, q_up, s, q_dn, s_dn)
     with pytest.raises(InputError, match="scales are float32"):
         _op(x, ids, w_TK, q_up, s_up.double(), q_dn, s_dn)
+    # Scales are scanned once per tensor and version: a value written in place after a call that accepted
+    # them is refused on the next call, read whole or through a view (the shared experts' scales are
+    # views), with and without inference mode (whose own tensors carry no version and are always scanned).
+    for mode in (torch.no_grad, torch.inference_mode):
+        s = torch.nn.Parameter(s_up.clone(), requires_grad=False)
+        with mode():
+            _op(x, ids, w_TK, q_up, s, q_dn, s_dn)
+            _op(x, ids[:, :1], w_TK[:, :1], q_up[:1], s[:1], q_dn[:1], s_dn[:1])
+            with torch.no_grad():
+                s[0, 1, 1] = float("inf")
+            for w, sv, d, sd, k in ((q_up, s, q_dn, s_dn, 2), (q_up[:1], s[:1], q_dn[:1], s_dn[:1], 1)):
+                with pytest.raises(InputError, match=r"gate_up_proj_scale_inv holds 1 non-finite .*\(first at \(0, 1, 1\)"):
+                    _op(x, ids[:, :k], w_TK[:, :k], w, sv, d, sd)
+    with torch.inference_mode():
+        s = s_up.clone()  # an inference tensor
+        _op(x, ids, w_TK, q_up, s, q_dn, s_dn)
+        s[1, 0, 0] = -2.0
+        with pytest.raises(InputError, match=r"first at \(1, 0, 0\)"):
+            _op(x, ids, w_TK, q_up, s, q_dn, s_dn)
     with pytest.raises(InputError, match="master weights without scales"):
         _op(x, ids, w_TK, w_up, s_up, q_dn, s_dn)
     with pytest.raises(InputError, match="weight_block"):

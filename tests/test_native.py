@@ -146,6 +146,61 @@ def test_fp8_nan_weight_stays_nan(kernel_dir):
     assert torch.isnan(out[0, 3]) and torch.isfinite(out[0, :3]).all()
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_fp8_dot_products_are_built_where_the_cpu_has_them(kernel_dir):
+    """FP8 x FP8 in bfloat16 dot products needs AVX512-BF16 and AVX512-VBMI (vdpbf16ps, vpermi2b); the
+    kernel built with -march=native uses them exactly where the CPU has both (so that the FP8 tests above
+    exercise that path on such a machine), and claims nothing elsewhere."""
+    lib = native.kernel(semantics.activation("swiglu"))
+    flags = _cpu_flags()
+    if not flags:
+        return  # no /proc/cpuinfo to compare with (not Linux): the portable tests below still run
+    assert lib.mg_fp8_dot() == int({"avx512_bf16", "avx512vbmi", "avx512bw"} <= flags)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("block,tile", [((128, 128), 128), ((128, 64), 64), ((64, 128), 128)])
+def test_fp8_many_tokens_per_expert_subnormals_and_biases(kernel_dir, fmt, block, tile):
+    """Experts receiving 1 to 16 tokens (one token: four weight rows at a time; several: up to four
+    tokens per pass over a weight row, in column slices when their activations exceed the L1 budget),
+    FP8 subnormal weight bytes, activation tiles holding values 1e5 times below their largest (whose
+    FP8 values are subnormal), biases: against the FP8 loop reference and the op's torch path."""
+    g = torch.Generator().manual_seed(11)
+    T, D, F, E = 16, 1024, 256, 4
+    x = torch.randn(T, D, generator=g)
+    x[:, ::7] *= 1e-5
+    w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D, generator=g) / 8, block, fmt)
+    w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F, generator=g) / 6, block, fmt)
+    sub = torch.tensor([0x01, 0x03, 0x07, 0x81, 0x85], dtype=torch.uint8)  # subnormal in both formats
+    w_up.view(torch.uint8)[:, ::5, ::3] = sub[torch.randint(0, 5, w_up[:, ::5, ::3].shape, generator=g)]
+    w_down.view(torch.uint8)[:, ::3, ::5] = sub[torch.randint(0, 5, w_down[:, ::3, ::5].shape, generator=g)]
+    b_up, b_down = torch.randn(E, 2 * F, generator=g), torch.randn(E, D, generator=g)
+    # expert 0: every token (16 per pass: a column-sliced expert), 1: tokens 0-4 (a group of 4, then 1),
+    # 2: one token, 3: none
+    tok = torch.cat([torch.arange(T), torch.arange(5), torch.tensor([9])])
+    exp = torch.cat([torch.zeros(T, dtype=torch.int64), torch.ones(5, dtype=torch.int64), torch.tensor([2])])
+    wgt = torch.rand(tok.numel(), generator=g)
+    args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, b_up, b_down, "swiglu", True, None, None)
+    out = native.run_fp8(*args, block, tile, fmt, "float32")
+    assert _rel(out, fp8._forward(*args, block, tile, fmt, "float32")) < 1e-5
+    run = reference_fp8.fp8_expert(tile, fmt, False)
+    ref = torch.zeros(T, D)
+    for e in range(3):
+        w_up_e = fp8.dequantize_blocks(w_up[e], s_up[e], block)
+        w_down_e = fp8.dequantize_blocks(w_down[e], s_down[e], block)
+        for t, ee, w in zip(tok.tolist(), exp.tolist(), wgt.tolist()):
+            if ee == e:
+                ref[t] += w * run(x[t], w_up_e, w_down_e, b_up[e], b_down[e], "swiglu")
+    assert _rel(out, ref) < 1e-5
+
+
 def _small_spec(fp8_on: bool) -> dict:
     from moegraph.bench import BENCH_SPEC
 
@@ -314,13 +369,16 @@ def test_bad_inputs_are_refused_by_name(kernel_dir):
             native.run_fp8(*a, (128, 128), 128, "fp8_e4m3", "float32")
 
 
-def test_the_portable_c_path_agrees(kernel_dir, monkeypatch, tmp_path):
-    """Built without AVX-512 (as on other CPUs), the kernel's plain C loops give the same results."""
-    monkeypatch.setenv("CC", "cc -mno-avx512f")
+@pytest.mark.parametrize("flags,simd", [("-mno-avx512f", 1), ("-mno-avx512bf16", None)])
+def test_the_portable_c_path_agrees(kernel_dir, monkeypatch, tmp_path, flags, simd):
+    """Built without AVX-512 (as on other CPUs): the kernel's plain C loops; without AVX512-BF16 (as on
+    AVX-512 CPUs before it): FP8 widened to float32. Both give the same results."""
+    monkeypatch.setenv("CC", f"cc {flags}")
     native.set_cache_dir(tmp_path)
     try:
         lib = native.kernel(semantics.activation("swiglu"))
-        assert lib is not None and lib.mg_simd_width() == 1
+        assert lib is not None and lib.mg_fp8_dot() == 0
+        assert simd is None or lib.mg_simd_width() == simd
         g = torch.Generator().manual_seed(5)
         T, D, F, E = 3, 256, 128, 4
         x = torch.randn(T, D, generator=g)
