@@ -35,7 +35,8 @@ from torch import Tensor
 from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
-__all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "pinned", "current_pin", "DECODE_MAX_TOKENS"]
+__all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
+           "pinned", "current_pin", "DECODE_MAX_TOKENS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
@@ -259,21 +260,38 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
+def train_candidates(args: ExpertArgs) -> list[str]:
+    """The forms of a training forward (``_train_forward``) worth timing for this input."""
+    return ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+
+
+def run_train_strategy(name: str, args: ExpertArgs) -> Tensor:
+    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here),
+    one GEMM per expert otherwise."""
+    return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
+
+
 def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
-    """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic."""
+    """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic.
+
+    A call whose backward will run chooses among the training forms (which keep what the backward
+    needs) under its own tuner key: their speed ranks differently from the inference forms'."""
     args = ExpertArgs.of(args)
     name = current_pin()
+    training = name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
+                                                         args.b_down_ED, args.weight_N)
     if name is None:
         from . import tuning
 
         tuner = tuning.active_tuner()
         if tuner is None:
             name = heuristic(args)
+        elif training:
+            name = tuner.choose_train(args)
         else:
             name = tuner.choose(args, packed)
-    if name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
-                                                 args.b_down_ED, args.weight_N):
-        return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
+    if training:
+        return run_train_strategy(name, args)
     return run_strategy(name, args, packed)
 
 

@@ -386,3 +386,42 @@ def test_bench_command_reports_machine_and_strategy(dtype, run_cli, monkeypatch,
     assert r.code == 0, r.err
     assert "training step" in r.out
     assert any(s in r.out for s in strategies.STRATEGIES)  # the tuned choice is named
+
+
+@pytest.mark.parametrize("winner", ["per_expert", "grouped_mm"])
+def test_training_forward_is_tuned_among_the_training_forms(winner, monkeypatch, tmp_path):
+    """A call whose backward will run is timed among the training forms under its own key (not the
+    inference forms' winner), runs the form that won, and its output and gradients match the reference."""
+    forms = []
+    real = strategies._train_forward
+    monkeypatch.setattr(strategies, "_train_forward", lambda a, grouped: forms.append(grouped) or real(a, grouped))
+    # The inference forms' table says padded_bmm; the training forms' timer says ``winner``.
+    times = {**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.01, winner: 0.1}
+    timer = FakeTimer(times)
+    tuner = tuning.enable_tuning(None, timer=timer)
+    try:
+        layer = _layer("auto", tmp_path=tmp_path).train()
+        ref_layer = _float_copy(layer, tmp_path=tmp_path)
+        x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+        xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yr = reference_forward(SPEC, ref_layer, xr)
+        forms.clear()
+        ys = layer(xs)
+        train_keys = [k for k in tuner.table if k.startswith("train,")]
+        assert len(train_keys) == 1 and tuner.choices()[train_keys[0]] == winner
+        assert set(tuner.table[train_keys[0]]["us"]) == {"per_expert", "grouped_mm"}  # training forms only
+        assert not [k for k in tuner.table if not k.startswith(("train,", "bwd,"))]  # no inference form timed
+        assert forms[-1] == (winner == "grouped_mm")  # the call itself ran the winner
+        torch.testing.assert_close(ys, yr, **TOL[torch.float32])
+        yr.square().sum().backward()
+        ys.square().sum().backward()
+        torch.testing.assert_close(xs.grad, xr.grad, **TOL[torch.float32])
+        for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+        # Inference calls of the same layer are tuned under the inference key, among the inference forms.
+        with torch.no_grad():
+            layer.eval()(x)
+        assert [v for k, v in tuner.choices().items() if not k.startswith(("train,", "bwd,"))] == ["padded_bmm"]
+    finally:
+        tuning.disable_tuning()
