@@ -51,22 +51,10 @@ def _grouped(args: ExpertArgs, packed) -> Tensor:
     return ops._expert_mlp_fast(args, None, grouped=True)
 
 
-def _shared_into_output(args: ExpertArgs, packed) -> Tensor:
-    """Step 1 of every strategy: the shared experts (or zeros) as the [T, D] output buffer."""
-    x_TD, s_up, s_down, s_scale = args.x_TD, args.shared_w_up_HD, args.shared_w_down_DF, args.shared_scale_T
-    if s_up is None:
-        return x_TD.new_zeros(x_TD.shape)
-    hs = ops._linear(x_TD, s_up, packed.shared_up if packed else None)
-    a = ops._activate_(hs, *args.activation_args)
-    if s_scale is not None:
-        a.mul_(s_scale.to(a.dtype).unsqueeze(-1))
-    return ops._linear(a, s_down, packed.shared_down if packed else None)
-
-
 def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
-    y_TD = _shared_into_output(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
     E, D = w_up_EHD.shape[0], x_TD.shape[1]
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, E)
     n = len(order_N)
@@ -109,7 +97,7 @@ def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
 def _decode(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
-    y_TD = _shared_into_output(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
     E = w_up_EHD.shape[0]
     # One host sync for the (few) assignments; group them by expert on the host.
     exp_list, tok_list = exp_N.tolist(), tok_N.tolist()
@@ -146,8 +134,9 @@ def _native(args: ExpertArgs, packed) -> Tensor:
     from . import native  # the C kernel, built on first use
 
     why = native.supports(args)
-    if why is None and native.kernel(args.act) is not None:
-        return native.run_experts(args)
+    lib = native.kernel(args.act) if why is None else None
+    if lib is not None:
+        return native.run_supported(args, lib)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
@@ -157,7 +146,7 @@ def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
     """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
     the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
-    y_TD = _shared_into_output(args, None)
+    y_TD = ops.shared_into_output(args)
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
     n = len(order_N)
     if n == 0:

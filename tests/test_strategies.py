@@ -425,3 +425,55 @@ def test_training_forward_is_tuned_among_the_training_forms(winner, monkeypatch,
         assert [v for k, v in tuner.choices().items() if not k.startswith(("train,", "bwd,"))] == ["padded_bmm"]
     finally:
         tuning.disable_tuning()
+
+
+def _loop_expected(x, tok, exp, wgt, w_up, w_down, b_up, b_down, activation, s_up, s_down, s_scale):
+    """The op's result by reference_moe's per-token expert loop, in float32."""
+    from reference_moe import expert
+
+    x, w_up, w_down = x.float(), w_up.float(), w_down.float()
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        if s_up is not None:
+            y[t] += expert(x[t], s_up.float(), s_down.float(), None, None, activation) * float(s_scale[t])
+    for i in range(len(exp)):
+        e = int(exp[i])
+        if 0 <= e < w_up.shape[0]:
+            t = int(tok[i])
+            y[t] += float(wgt[i]) * expert(x[t], w_up[e], w_down[e], None if b_up is None else b_up[e].float(),
+                                           None if b_down is None else b_down[e].float(), activation)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
+def test_strategies_on_uneven_loads_empty_and_dropped(strategy, packed, dtype):
+    """Every strategy on one call whose experts get 0, 1 and many rows (with biases, dropped ids and a
+    scaled shared expert), on oneDNN-packed weights where this CPU has them, and on calls with no
+    assignments or only dropped ones: against reference_moe's loop."""
+    g = torch.Generator().manual_seed(11)
+    T, E_ = 7, 6
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w_up = (torch.randn(E_, 2 * F_, D, generator=g) / 4).to(dtype)
+    w_down = (torch.randn(E_, D, F_, generator=g) / 3).to(dtype)
+    b_up, b_down = torch.randn(E_, 2 * F_, generator=g).to(dtype), torch.randn(E_, D, generator=g).to(dtype)
+    s_up, s_down = (torch.randn(2 * F_, D, generator=g) / 4).to(dtype), (torch.randn(D, F_, generator=g) / 3).to(dtype)
+    s_scale = torch.rand(T, generator=g).to(dtype)
+    # expert 0: none; 1: one row; 2: five rows; 3: two; 4: one; 5: none; -1 and 6: dropped
+    exp = torch.tensor([2, 1, 2, 3, 2, -1, 2, 4, 3, 6, 2])
+    tok = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 6, 6, 6])
+    wgt = torch.rand(len(exp), generator=g)
+    calls = [(tok, exp, wgt), (tok[:0], exp[:0], wgt[:0]), (tok[5:10:4], exp[5:10:4], wgt[5:10:4])]
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    pk = ops.packed_experts(w_up, w_down, s_up, s_down) if packed else None
+    if packed and pk is None:
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    for tok_N, exp_N, wgt_N in calls:
+        args = ops.ExpertArgs(x, tok_N, exp_N, wgt_N, w_up, w_down, b_up, b_down, "swiglu", True, None, None,
+                              s_up, s_down, s_scale)
+        with torch.no_grad():
+            y = strategies.run_strategy(strategy, args, pk)
+        want = _loop_expected(x, tok_N, exp_N, wgt_N, w_up, w_down, b_up, b_down, "swiglu", s_up, s_down, s_scale)
+        assert y.dtype == dtype and y.shape == x.shape
+        torch.testing.assert_close(y.float(), want, **tol, msg=f"{strategy}, {len(exp_N)} assignments")
