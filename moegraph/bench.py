@@ -190,8 +190,9 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
         x = torch.randn(1, T, D, generator=g).to(dtype)
         ctx = torch.enable_grad() if train else torch.inference_mode()
         with ctx:
+            # A training call tunes (and reports) the training forms, an eval call the inference ones.
+            strategy = _strategy_used(layer, x)
             with torch.no_grad():
-                strategy = _strategy_used(layer, x)
                 ref = layer(x)
                 for name, mod in impls.items():
                     if name != "moegraph":

@@ -49,8 +49,8 @@ from .ops.args import ExpertArgs
 from .semantics.expr import C_SPELLINGS
 
 __all__ = ["FLAGS", "ABI_VERSION", "set_cache_dir", "cache_dir", "compiler", "source", "kernel", "available",
-           "supports", "fp8_supports", "run_experts", "run_experts_supported", "run_fp8", "run_fp8_supported",
-           "warn_once", "NativeUnavailable"]
+           "supports", "fp8_supports", "run_experts", "run_supported", "run_fp8", "run_fp8_supported", "warn_once",
+           "NativeUnavailable"]
 
 #: Bumped when the C function's signature changes (a cached library of another version is rebuilt).
 ABI_VERSION = 1
@@ -335,13 +335,12 @@ def run_experts(args: ExpertArgs | tuple) -> Tensor:
     why = supports(a)
     if why:
         raise InputError(f"native expert kernel: {why}")
-    return run_experts_supported(a)
+    return run_supported(a, _lib_for(a.act))
 
 
-def run_experts_supported(a: ExpertArgs) -> Tensor:
-    """``run_experts`` on arguments ``supports`` has accepted already (a caller that checked them once:
-    the strategy's hot path runs on every decode call)."""
-    lib = _lib_for(a.act)
+def run_supported(a: ExpertArgs, lib: ctypes.CDLL) -> Tensor:
+    """``run_experts`` for a call that ``supports`` accepted, with the kernel ``kernel`` returned: for
+    a caller that checked both already (the decode strategy, once per call instead of twice)."""
     x = a.x_TD.contiguous()
     T, D = x.shape
     y32 = torch.zeros(T, D, dtype=torch.float32)

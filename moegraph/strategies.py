@@ -35,7 +35,8 @@ from torch import Tensor
 from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
-__all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "pinned", "current_pin", "DECODE_MAX_TOKENS"]
+__all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
+           "pinned", "current_pin", "DECODE_MAX_TOKENS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
@@ -50,22 +51,10 @@ def _grouped(args: ExpertArgs, packed) -> Tensor:
     return ops._expert_mlp_fast(args, None, grouped=True)
 
 
-def _shared_into_output(args: ExpertArgs, packed) -> Tensor:
-    """Step 1 of every strategy: the shared experts (or zeros) as the [T, D] output buffer."""
-    x_TD, s_up, s_down, s_scale = args.x_TD, args.shared_w_up_HD, args.shared_w_down_DF, args.shared_scale_T
-    if s_up is None:
-        return x_TD.new_zeros(x_TD.shape)
-    hs = ops._linear(x_TD, s_up, packed.shared_up if packed else None)
-    a = ops._activate_(hs, *args.activation_args)
-    if s_scale is not None:
-        a.mul_(s_scale.to(a.dtype).unsqueeze(-1))
-    return ops._linear(a, s_down, packed.shared_down if packed else None)
-
-
 def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
-    y_TD = _shared_into_output(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
     E, D = w_up_EHD.shape[0], x_TD.shape[1]
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, E)
     n = len(order_N)
@@ -108,7 +97,7 @@ def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
 def _decode(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
-    y_TD = _shared_into_output(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
     E = w_up_EHD.shape[0]
     # One host sync for the (few) assignments; group them by expert on the host.
     exp_list, tok_list = exp_N.tolist(), tok_N.tolist()
@@ -145,8 +134,9 @@ def _native(args: ExpertArgs, packed) -> Tensor:
     from . import native  # the C kernel, built on first use
 
     why = native.supports(args)
-    if why is None and native.kernel(args.act) is not None:
-        return native.run_experts_supported(args)
+    lib = native.kernel(args.act) if why is None else None
+    if lib is not None:
+        return native.run_supported(args, lib)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
@@ -156,7 +146,7 @@ def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
     """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
     the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
-    y_TD = _shared_into_output(args, None)
+    y_TD = ops.shared_into_output(args)
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
     n = len(order_N)
     if n == 0:
@@ -259,21 +249,38 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
+def train_candidates(args: ExpertArgs) -> list[str]:
+    """The forms of a training forward (``_train_forward``) worth timing for this input."""
+    return ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+
+
+def run_train_strategy(name: str, args: ExpertArgs) -> Tensor:
+    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here),
+    one GEMM per expert otherwise."""
+    return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
+
+
 def run(args: ExpertArgs | tuple, packed=None) -> Tensor:
-    """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic."""
+    """The expert op's forward: the pinned strategy, else the tuner's choice, else the heuristic.
+
+    A call whose backward will run chooses among the training forms (which keep what the backward
+    needs) under its own tuner key: their speed ranks differently from the inference forms'."""
     args = ExpertArgs.of(args)
     name = current_pin()
+    training = name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
+                                                         args.b_down_ED, args.weight_N)
     if name is None:
         from . import tuning
 
         tuner = tuning.active_tuner()
         if tuner is None:
             name = heuristic(args)
+        elif training:
+            name = tuner.choose_train(args)
         else:
             name = tuner.choose(args, packed)
-    if name != "decode" and ops.is_training_call(args.x_TD, args.w_up_EHD, args.w_down_EDF, args.b_up_EH,
-                                                 args.b_down_ED, args.weight_N):
-        return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
+    if training:
+        return run_train_strategy(name, args)
     return run_strategy(name, args, packed)
 
 

@@ -188,6 +188,14 @@ class Tuner:
                for n in strategies.candidates(args.x_TD, args.w_up_EHD, args)}
         return self._choose(problem_key(args, packed), fns)
 
+    def choose_train(self, args: ExpertArgs) -> str:
+        """The form of a training forward (one whose backward will run) for this call, under its own
+        key: the training forms keep the sorted rows and the up projection, so they rank differently
+        from the inference forms. The backward is chosen under its own key (``choose_backward``)."""
+        args = ExpertArgs.of(args)
+        fns = {n: (lambda n=n: strategies.run_train_strategy(n, args)) for n in strategies.train_candidates(args)}
+        return self._choose("train," + problem_key(args, None), fns)
+
     def choose_among(self, key: str, fns: dict[str, Callable[[], object]]) -> str:
         """The fastest of ``fns`` (strategy name -> call) for ``key``: from the table, else measured now."""
         return self._choose(key, fns)

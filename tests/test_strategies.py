@@ -386,3 +386,94 @@ def test_bench_command_reports_machine_and_strategy(dtype, run_cli, monkeypatch,
     assert r.code == 0, r.err
     assert "training step" in r.out
     assert any(s in r.out for s in strategies.STRATEGIES)  # the tuned choice is named
+
+
+@pytest.mark.parametrize("winner", ["per_expert", "grouped_mm"])
+def test_training_forward_is_tuned_among_the_training_forms(winner, monkeypatch, tmp_path):
+    """A call whose backward will run is timed among the training forms under its own key (not the
+    inference forms' winner), runs the form that won, and its output and gradients match the reference."""
+    forms = []
+    real = strategies._train_forward
+    monkeypatch.setattr(strategies, "_train_forward", lambda a, grouped: forms.append(grouped) or real(a, grouped))
+    # The inference forms' table says padded_bmm; the training forms' timer says ``winner``.
+    times = {**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.01, winner: 0.1}
+    timer = FakeTimer(times)
+    tuner = tuning.enable_tuning(None, timer=timer)
+    try:
+        layer = _layer("auto", tmp_path=tmp_path).train()
+        ref_layer = _float_copy(layer, tmp_path=tmp_path)
+        x = torch.randn(16, D, generator=torch.Generator().manual_seed(5))
+        xr, xs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yr = reference_forward(SPEC, ref_layer, xr)
+        forms.clear()
+        ys = layer(xs)
+        train_keys = [k for k in tuner.table if k.startswith("train,")]
+        assert len(train_keys) == 1 and tuner.choices()[train_keys[0]] == winner
+        assert set(tuner.table[train_keys[0]]["us"]) == {"per_expert", "grouped_mm"}  # training forms only
+        assert not [k for k in tuner.table if not k.startswith(("train,", "bwd,"))]  # no inference form timed
+        assert forms[-1] == (winner == "grouped_mm")  # the call itself ran the winner
+        torch.testing.assert_close(ys, yr, **TOL[torch.float32])
+        yr.square().sum().backward()
+        ys.square().sum().backward()
+        torch.testing.assert_close(xs.grad, xr.grad, **TOL[torch.float32])
+        for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=name)
+        # Inference calls of the same layer are tuned under the inference key, among the inference forms.
+        with torch.no_grad():
+            layer.eval()(x)
+        assert [v for k, v in tuner.choices().items() if not k.startswith(("train,", "bwd,"))] == ["padded_bmm"]
+    finally:
+        tuning.disable_tuning()
+
+
+def _loop_expected(x, tok, exp, wgt, w_up, w_down, b_up, b_down, activation, s_up, s_down, s_scale):
+    """The op's result by reference_moe's per-token expert loop, in float32."""
+    from reference_moe import expert
+
+    x, w_up, w_down = x.float(), w_up.float(), w_down.float()
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        if s_up is not None:
+            y[t] += expert(x[t], s_up.float(), s_down.float(), None, None, activation) * float(s_scale[t])
+    for i in range(len(exp)):
+        e = int(exp[i])
+        if 0 <= e < w_up.shape[0]:
+            t = int(tok[i])
+            y[t] += float(wgt[i]) * expert(x[t], w_up[e], w_down[e], None if b_up is None else b_up[e].float(),
+                                           None if b_down is None else b_down[e].float(), activation)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("strategy", list(strategies.STRATEGIES))
+def test_strategies_on_uneven_loads_empty_and_dropped(strategy, packed, dtype):
+    """Every strategy on one call whose experts get 0, 1 and many rows (with biases, dropped ids and a
+    scaled shared expert), on oneDNN-packed weights where this CPU has them, and on calls with no
+    assignments or only dropped ones: against reference_moe's loop."""
+    g = torch.Generator().manual_seed(11)
+    T, E_ = 7, 6
+    x = torch.randn(T, D, generator=g).to(dtype)
+    w_up = (torch.randn(E_, 2 * F_, D, generator=g) / 4).to(dtype)
+    w_down = (torch.randn(E_, D, F_, generator=g) / 3).to(dtype)
+    b_up, b_down = torch.randn(E_, 2 * F_, generator=g).to(dtype), torch.randn(E_, D, generator=g).to(dtype)
+    s_up, s_down = (torch.randn(2 * F_, D, generator=g) / 4).to(dtype), (torch.randn(D, F_, generator=g) / 3).to(dtype)
+    s_scale = torch.rand(T, generator=g).to(dtype)
+    # expert 0: none; 1: one row; 2: five rows; 3: two; 4: one; 5: none; -1 and 6: dropped
+    exp = torch.tensor([2, 1, 2, 3, 2, -1, 2, 4, 3, 6, 2])
+    tok = torch.tensor([0, 1, 1, 2, 3, 3, 4, 5, 6, 6, 6])
+    wgt = torch.rand(len(exp), generator=g)
+    calls = [(tok, exp, wgt), (tok[:0], exp[:0], wgt[:0]), (tok[5:10:4], exp[5:10:4], wgt[5:10:4])]
+    tol = TOL[torch.float32] if dtype == torch.float32 else dict(rtol=3e-2, atol=5e-2)
+    pk = ops.packed_experts(w_up, w_down, s_up, s_down) if packed else None
+    if packed and pk is None:
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    for tok_N, exp_N, wgt_N in calls:
+        args = ops.ExpertArgs(x, tok_N, exp_N, wgt_N, w_up, w_down, b_up, b_down, "swiglu", True, None, None,
+                              s_up, s_down, s_scale)
+        with torch.no_grad():
+            y = strategies.run_strategy(strategy, args, pk)
+        want = _loop_expected(x, tok_N, exp_N, wgt_N, w_up, w_down, b_up, b_down, "swiglu", s_up, s_down, s_scale)
+        assert y.dtype == dtype and y.shape == x.shape
+        torch.testing.assert_close(y.float(), want, **tol, msg=f"{strategy}, {len(exp_N)} assignments")

@@ -17,7 +17,7 @@ def tune(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name; 'default' = the benchmark layer.")],
     tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", help="Token counts (repeatable).")] = None,
     dtype: Annotated[list[str] | None, typer.Option("--dtype", help="float32 and/or bfloat16 (repeatable).")] = None,
-    train: Annotated[bool, typer.Option("--train", help="Also tune the training step's backward.")] = False,
+    train: Annotated[bool, typer.Option("--train", help="Also tune the training step's forward and backward.")] = False,
     budget: Annotated[float, typer.Option(help="Seconds after which no more timing rounds start, per size.")] = 0.3,
 ) -> None:
     """Time each expert-compute strategy at each token count and store the winners in the tuned table.

@@ -40,7 +40,7 @@ from .backward import (
     take_forward,
     using_forward,
 )
-from .forward import _expert_mlp_fast, _expert_mlp_impl, _small_experts, _sort_by_expert
+from .forward import _expert_mlp_fast, _expert_mlp_impl, _small_experts, _sort_by_expert, shared_into_output
 from .workspace import (
     _linear,
     _PackedExperts,
@@ -54,7 +54,7 @@ __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_acti
            "define_expert_op", "ExpertArgs", "RoutedRows", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
            "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",
-           "_workspace", "_zero_untouched", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]
+           "_workspace", "_zero_untouched", "shared_into_output", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]
 
 #: bytes of scratch buffers one workspace (thread x dtype x device x inference mode) keeps between
 #: calls; a buffer that would take it past this is allocated for the call only. 1 GiB holds the

@@ -93,6 +93,19 @@ def _small_experts(w_up_EHD: Tensor, w_down_EDF: Tensor) -> bool:
             and w_up_EHD.device.type == "cpu" and w_up_EHD.dtype == torch.float32)
 
 
+def shared_into_output(args: ExpertArgs, packed: _PackedExperts | None = None) -> Tensor:
+    """Step 1 of every inference strategy: the shared experts' output (or zeros) as the [T, D] buffer
+    the routed rows are then added into (oneDNN-packed shared weights where ``packed`` has them)."""
+    x_TD, s_up, s_down, s_scale = args.x_TD, args.shared_w_up_HD, args.shared_w_down_DF, args.shared_scale_T
+    if s_up is None:
+        return x_TD.new_zeros(x_TD.shape)
+    hs = _linear(x_TD, s_up, packed.shared_up if packed else None)
+    a = _activate_(hs, *args.activation_args)
+    if s_scale is not None:
+        a.mul_(s_scale.to(a.dtype).unsqueeze(-1))
+    return _linear(a, s_down, packed.shared_down if packed else None)
+
+
 def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
 
@@ -103,19 +116,11 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
     weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
     the output buffer that the routed rows are then added into.
     """
-    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp, up_clamp,
-     shared_w_up_HD, shared_w_down_DF, shared_scale_T) = args.positional()
-    T, D = x_TD.shape
+    (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
+     up_clamp) = args.positional()[:12]
+    D = x_TD.shape[1]
     E = w_up_EHD.shape[0]
-    # Step 1: shared experts straight into the output buffer.
-    if shared_w_up_HD is not None:
-        hs = _linear(x_TD, shared_w_up_HD, packed.shared_up if packed else None)
-        a = _activate_(hs, activation, gated, gate_clamp, up_clamp)
-        if shared_scale_T is not None:
-            a.mul_(shared_scale_T.to(a.dtype).unsqueeze(-1))
-        y_TD = _linear(a, shared_w_down_DF, packed.shared_down if packed else None)
-    else:
-        y_TD = x_TD.new_zeros(T, D)
+    y_TD = shared_into_output(args, packed)  # step 1
     if exp_N.numel() == 0:
         return y_TD
     # Step 2: sort assignments by expert; dropped ones (outside [0, E)) are left out.
@@ -138,41 +143,45 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
         if b_down_ED is not None:
             o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
         return y_TD.index_add_(0, tok_sorted, o)
-    o_ND = ws.get("o", n_valid, D)
-    h_buf = ws.get("h", max(counts), w_up_EHD.shape[1])
-    a_buf = ws.get("a", max(counts), w_down_EDF.shape[2])
-    # Step 3: one GEMM pair per expert that received rows, into preallocated buffers.
-    gemv_wins = x_TD.dtype == torch.float32
-    start = 0
+    # Step 3: one GEMM per expert and projection, written into all rows' buffers; the bias, the
+    # activation and the routing weight run once over all rows (per-expert small ops cost more than
+    # the GEMMs gain at a few rows per expert).
+    gated_out = ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None
+    h = _gemm_per_expert(x_ND, w_up_EHD, packed.up if packed else None, counts,
+                         ws.get("h", n_valid, w_up_EHD.shape[1]))
+    if b_up_EH is not None:
+        h.add_(b_up_EH.index_select(0, exp_sorted))
+    a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=gated_out).mul_(w_sorted)
+    o = _gemm_per_expert(a, w_down_EDF, packed.down if packed else None, counts, ws.get("o", n_valid, D))
+    if b_down_ED is not None:
+        o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+    # Step 4: combine per token.
+    return y_TD.index_add_(0, tok_sorted, o)
+
+
+def _gemm_per_expert(a_NI: Tensor, w_EOI: Tensor, packed: list[Tensor] | None, counts: list[int],
+                     out_NO: Tensor) -> Tensor:
+    """Rows of expert e (sorted by expert, ``counts`` per expert) times w_EOI[e]^T, into out_NO [n, O].
+
+    With oneDNN-packed weights (``packed``, one per expert) the GEMMs run there and their outputs are
+    concatenated into ``out_NO`` in one copy; in float32 a single row runs MKL's GEMV on the plain
+    weight instead (it wins at one row in float32, not in bfloat16).
+    """
+    gemv_wins = a_NI.dtype == torch.float32
+    parts, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         end = start + n
-        if packed is not None:
-            # oneDNN with pre-packed weights (in float32 MKL's GEMV wins at one row, in bfloat16 it
-            # does not); each expert's output is added into y directly, and the activation writes
-            # dense rows for the down projection.
-            up_packed, down_packed = (packed.up[e], packed.down[e]) if n > 1 or not gemv_wins else (None, None)
-            h = _linear(x_ND[start:end], w_up_EHD[e], up_packed)
-            if b_up_EH is not None:
-                h.add_(b_up_EH[e])
-            a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=a_buf[:n] if gated else None)
-            a.mul_(w_sorted[start:end])
-            o = _linear(a, w_down_EDF[e], down_packed)
-            if b_down_ED is not None:
-                o.addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
-            y_TD.index_add_(0, tok_sorted[start:end], o)
-            start = end
-            continue
-        h = torch.mm(x_ND[start:end], w_up_EHD[e].t(), out=h_buf[:n])
-        if b_up_EH is not None:
-            h.add_(b_up_EH[e])
-        a = _activate_(h, activation, gated, gate_clamp, up_clamp)
-        a.mul_(w_sorted[start:end])
-        torch.mm(a, w_down_EDF[e].t(), out=o_ND[start:end])
-        if b_down_ED is not None:
-            o_ND[start:end].addcmul_(w_sorted[start:end], b_down_ED[e].unsqueeze(0))
+        if packed is None or (n == 1 and gemv_wins):
+            if packed is None:
+                torch.mm(a_NI[start:end], w_EOI[e].t(), out=out_NO[start:end])
+            else:
+                parts.append(torch.mm(a_NI[start:end], w_EOI[e].t()))
+        else:
+            parts.append(_linear(a_NI[start:end], w_EOI[e], packed[e]))
         start = end
-    # Step 4: combine per token (the packed path already added its rows).
-    return y_TD if packed is not None else y_TD.index_add_(0, tok_sorted, o_ND)
+    if parts:
+        torch.cat(parts, out=out_NO)
+    return out_NO
 
