@@ -137,6 +137,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "laguna_softcap": ("LagunaSparseMoeBlock", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                                                     shared_expert_intermediate_size=24, moe_router_logit_softcapping=0.8,
                                                     moe_routed_scaling_factor=2.0)),
+    # The experts in a space of their own: the block input projected 32 -> 24 and normalised ((1 + w) after the
+    # norm), each expert's output normalised ((1 + w) before the norm) before its weight, the weighted sum projected
+    # back; logits times a constant of a bias-free router: moe.expert_projection, experts.output_norm.
+    "muse_spark": ("MuseSparkMoE", dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        moe_hidden_size=24, routed_scaling_factor=2.0)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
@@ -144,7 +149,7 @@ MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", 
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
                "laguna_softcap": "laguna",
                "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text", "inkling": "inkling_text",
-               "minimax_m3_vl": "minimax_m3_vl_text"}
+               "minimax_m3_vl": "minimax_m3_vl_text", "muse_spark": "muse_spark_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
@@ -298,6 +303,8 @@ def test_routing_read_from_each_family() -> None:
         "kolibri1": dict(score="sigmoid", normalize=True, expert_bias=dict(update_rate=0.001, applies_to="logits")),
         "laguna_softcap": dict(score="sigmoid", normalize=True, logit_softcap=0.8, scaling_factor=2.0,
                                expert_bias=dict(update_rate=0.001)),
+        "muse_spark": dict(score="sigmoid", normalize=True, scaling_factor=2.0, expert_bias=dict(update_rate=0.001),
+                           input_norm=dict(kind="none", eps=1e-6, weight=False, multiplier=0.1767766952966369)),
     }
     for family, want in expected.items():
         cls_name, overrides = FAMILIES[family]

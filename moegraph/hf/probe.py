@@ -116,7 +116,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         if table is not None:  # distinct random experts per token id, so that the table's use shows
             V, K = table.shape
             table.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K])
-        routed_out = torch.randn(tokens, D, generator=g)
+        M = anat.expert_width or D  # the experts' width (their own space, when the block projects into it)
+        routed_out = torch.randn(tokens, M, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
         dense_out = torch.randn(E * tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
@@ -169,6 +170,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         xr_TD = x.view(tokens, D)
         if seen and not torch.allclose(seen[0], xr_TD, rtol=1e-5, atol=1e-6):
             router_input, xr_TD = _read_router_input(light, anat, xr_TD, seen[0], constants)
+        if router_input is None and b_r is None:
+            # A constant the router multiplies its logits by (``output_multiplier``), a candidate of the routing
+            # identification: for a bias-free router on the block input it is a multiplier on that input.
+            constants["multiplier"] = _gate_constants(light, "multiplier")
         logits = F.linear(xr_TD, w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
@@ -208,8 +213,18 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             ids, w, kept = mask
             if not bool(kept.all()):
                 raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
-    if not input_scaled and not anat.split_down_name and (h.shape[-1] != D or h.numel() != tokens * D
-                                                          or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
+    xe_TM = x.view(tokens, D)
+    if anat.expert_width:  # what the experts should see: the projected (and normalised) block input
+        xe_TM = _expert_input(light, anat, xe_TM)
+    if not input_scaled and not anat.split_down_name and (
+            h.shape[-1] != M or h.numel() != tokens * M or not (
+                torch.equal(h.reshape(tokens, M), xe_TM) if not anat.expert_width
+                else torch.allclose(h.reshape(tokens, M).float(), xe_TM, rtol=1e-5, atol=1e-6))):
+        if anat.expert_width:
+            raise UnsupportedBlock(
+                f"the tokens its experts receive are not the block input projected by {anat.pre_proj_name}"
+                + (f" and normalised by {anat.pre_norm_name}" if anat.pre_norm_name else "")
+                + "; the spec's expert_projection does not describe what its experts see", cls)
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -223,6 +238,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
     if anat.split_down_name:
         routed = routed_split
+    if anat.expert_width:  # the experts' weighted sum, projected back to the block's width
+        with torch.no_grad():
+            routed = F.linear(routed, get_path(light, anat.post_proj_name).weight.float())
     expect = torch.zeros(tokens, D) + bias_D
     if anat.shared_names:
         for s in sharers:
@@ -280,6 +298,19 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
                  router_input)
+
+
+def _expert_input(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor) -> Tensor:
+    """[T, M] what the spec's expert_projection gives the experts: x projected (pre_expert_proj), then its norm."""
+    from ..semantics.torch_forms import rms_norm
+
+    with torch.no_grad():
+        xe_TM = F.linear(x_TD, get_path(light, anat.pre_proj_name).weight.float())
+        if anat.pre_norm_name:
+            n = anat.pre_norm
+            xe_TM = rms_norm(xe_TM, n["eps"], get_path(light, anat.pre_norm_name).weight.float(), n["weight_offset"],
+                             n["scale"] == "before")
+    return xe_TM
 
 
 class _RowSignatures(nn.Module):
