@@ -70,6 +70,21 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
                                                       "score": "sqrt_softplus", "normalize": True,
                                                       "scaling_factor": 1.5}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "transforms":  # router transforms, shared experts in the routing, per-sequence capacity, a bias
+        d = {"name": "transforms", "moe": {
+            "hidden_size": 16, "experts": small, "shared_experts": {"count": 2, "gate": "router"},
+            "output_bias": True,
+            "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "logit_softcap": 1.5,
+                       "learned_logit_scale": True, "per_expert_scale": True,
+                       "input_norm": {"kind": "rms", "weight": True, "multiplier": 0.5},
+                       "capacity": {"tokens": 2, "per": "sequence", "drop_policy": "position"}}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "expert_space":  # Muse Spark: experts in a projected space, each expert's output normalised
+        d = {"name": "expert_space", "moe": {
+            "hidden_size": 16, "experts": {**small, "output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before"}},
+            "expert_projection": {"size": 12, "input_norm": {"weight_offset": 1}},
+            "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "expert_bias": {"update_rate": 0.001}}},
+             "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
                                    "router": {"type": "expert_choice", "capacity_factor": 2.0}},
@@ -147,6 +162,11 @@ SCENARIOS = {
         "identity": (("identity", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
         "input_scaled": (("input_scaled", 1, 2), "replicas2e8", [(1, 7), (2, 3)], 0, None),
         "hash_table": (("hash_table", 1, 2), "replicas2e8", [(2, 4), (1, 6)], 0, None),
+        # Router transforms with learned scales (replicated, gradients summed), routed shared experts, a capacity
+        # per sequence (each rank counts its own sequences, as the single-process layer does on them) and an
+        # output bias; and the experts' own space (Muse Spark: projections, norms, one row per assignment).
+        "transforms": (("transforms", 1, 2), "replicas2e8", [(2, 6), (1, 7)], 0, None),
+        "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
