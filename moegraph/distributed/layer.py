@@ -57,11 +57,13 @@ class ExpertParallelPass(PassBase):
         return cls(layer.ep_dispatch)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        nodes = [n for n in gm.graph.nodes if _is_expert_op(n) or _is_fp8_op(n)]
+        # The routed experts' call; an expert op on the shared experts' weights (shared_experts.gate: router runs
+        # them through the same op, every token on each) stays local: those weights are replicated on every rank.
+        nodes = [n for n in gm.graph.nodes if (_is_expert_op(n) or _is_fp8_op(n)) and _reads_routed_experts(n)]
         if len(nodes) != 1:
             raise DistributedError(
-                f"expert parallelism needs exactly one expert_mlp call in the layer graph, found {len(nodes)}; "
-                "a custom FX pass removed or duplicated it"
+                f"expert parallelism needs exactly one expert_mlp call on the routed experts in the layer graph, "
+                f"found {len(nodes)}; a custom FX pass removed or duplicated it"
             )
         node = nodes[0]
         self.dispatch.expert_op = node.target
@@ -88,6 +90,12 @@ class _FP8Entry(torch.nn.Module):
 
     def forward(self, *args):
         return self.dispatch.forward_fp8(*args)
+
+
+def _reads_routed_experts(node: fx.Node) -> bool:
+    """Whether an expert op call computes the routed experts (it reads ``experts.*`` weights; shared experts folded
+    into it may come along), not only the shared ones."""
+    return any(a.op == "get_attr" and str(a.target).startswith("experts.") for a in node.all_input_nodes)
 
 
 def _is_fp8_op(node: fx.Node) -> bool:
