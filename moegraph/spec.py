@@ -251,13 +251,18 @@ class ExpertsSpec(_Frozen):
         0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
     )
 
+    input_norm: ExpertNorm | None = Field(
+        None, description="A norm of what the routed experts see (the layer input, or its projection with "
+        "moe.expert_projection), one learned weight pre_expert_norm.weight; the router still sees the layer input "
+        "(Gemma 4, Muse Spark); None = none.",
+    )
     output_norm: ExpertNorm | None = Field(
         None, description="A norm of each expert's output before its routing weight scales it (Muse Spark's "
-        "post-expert norm), one learned weight shared by the experts (experts.output_norm.weight); None = none.",
+        "post-expert norm), one learned weight shared by the experts (expert_output_norm.weight); None = none.",
     )
 
     _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0,
-                                               "output_norm": None}
+                                               "input_norm": None, "output_norm": None}
 
     @property
     def router_choices(self) -> int:
@@ -679,12 +684,11 @@ class OutputNorm(_Frozen):
 
 class ExpertProjection(_Frozen):
     """The routed experts work in a space of their own (Muse Spark): the layer projects its input D -> size
-    (``pre_expert_proj.weight`` [size, D]), optionally normalises it (``pre_expert_norm.weight`` [size]), runs
-    the experts there, and projects their weighted sum back size -> D (``post_expert_proj.weight`` [D, size]).
-    The router sees the layer input."""
+    (``pre_expert_proj.weight`` [size, D]), runs the experts there (``experts.input_norm`` normalises what they
+    see), and projects their weighted sum back size -> D (``post_expert_proj.weight`` [D, size]). The router
+    sees the layer input."""
 
     size: int = Field(gt=0, le=1 << 20, description="Width of the experts' space (their input and output size).")
-    input_norm: ExpertNorm | None = Field(None, description="A norm of the projected input the experts see.")
 
 
 class MoELayerSpec(_Frozen):
@@ -785,6 +789,17 @@ class MoELayerSpec(_Frozen):
     def _expert_space_problems(self, problems: _Problems) -> None:
         """What an expert output norm or an expert projection cannot be combined with (not defined or not built)."""
         ex, proj = self.experts, self.expert_projection
+        if ex.input_norm is not None and proj is None:
+            what = {"shared_experts.count": self.shared_experts.count > 0 and "shared experts",
+                    "experts.identity_experts": ex.router_choices != ex.num_experts and "identity/zero experts",
+                    "experts.routing_weight": ex.routing_weight == "input" and "routing_weight: input"}
+            for field, name in what.items():
+                if name:
+                    problems.add(field, f"experts.input_norm with {name} is not defined (do they see the normalised "
+                                 f"input?); drop {field} or experts.input_norm")
+        if ex.input_norm is not None and self.quantization is not None:
+            problems.add("experts.input_norm", "FP8 experts quantize the layer input inside their op; drop "
+                         "quantization or experts.input_norm")
         if ex.output_norm is not None:
             if self.quantization is not None:
                 problems.add("experts.output_norm", "FP8 experts weigh and sum their outputs inside one op, so no norm "

@@ -108,8 +108,8 @@ def summarize(spec: MoESpec) -> Summary:
                                                                 else 0) + (e if getattr(m.router, "per_expert_scale", False) else 0)
     proj = m.expert_projection  # the projections around the experts and the norms in their space: always active
     if proj is not None:
-        router += 2 * d * proj.size + (proj.size if proj.input_norm is not None else 0)
-    router += m.expert_width if m.experts.output_norm is not None else 0
+        router += 2 * d * proj.size
+    router += m.expert_width * ((m.experts.input_norm is not None) + (m.experts.output_norm is not None))
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 

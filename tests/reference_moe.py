@@ -224,8 +224,8 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
         xe = x_TD[t]
         if proj:
             xe = layer.pre_expert_proj.weight @ x_TD[t]
-            if proj.get("input_norm"):
-                xe = expert_space_norm(xe, proj["input_norm"], layer.pre_expert_norm.weight)
+        if ex.get("input_norm"):  # Gemma 4, Muse Spark: the experts see a normalised input, the router the input
+            xe = expert_space_norm(xe, ex["input_norm"], layer.pre_expert_norm.weight)
         y = torch.zeros(xe.shape[0], dtype=x_TD.dtype)
         on_input = ex.get("routing_weight", "output") == "input"  # Llama 4: expert(w * x)
         for e, w in assignments[t]:

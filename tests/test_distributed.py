@@ -81,8 +81,9 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
              "placement": {"redundant_slots": 2}}
     elif kind == "expert_space":  # Muse Spark: experts in a projected space, each expert's output normalised
         d = {"name": "expert_space", "moe": {
-            "hidden_size": 16, "experts": {**small, "output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before"}},
-            "expert_projection": {"size": 12, "input_norm": {"weight_offset": 1}},
+            "hidden_size": 16, "experts": {**small, "output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before"},
+                                           "input_norm": {"weight_offset": 1}},
+            "expert_projection": {"size": 12},
             "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "expert_bias": {"update_rate": 0.001}}},
              "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]

@@ -762,10 +762,15 @@ EXPERT_SPACE = {
     "projection": ({"top_k": 3, "score": "sigmoid", "normalize": True}, {}, {"size": 12}),
     "muse_spark": ({"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0,
                     "expert_bias": {"update_rate": 0.01}},
-                   {"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"}},
-                   {"size": 24, "input_norm": {"eps": 1e-6, "weight_offset": 1}}),
+                   {"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"},
+                    "input_norm": {"eps": 1e-6, "weight_offset": 1}},
+                   {"size": 24}),
     "projection_norm_after_hash": ({"type": "hash", "top_k": 2, "method": "modulo"},
-                                   {"output_norm": {"eps": 1e-6}}, {"size": 8, "input_norm": {"scale": "before"}}),
+                                   {"output_norm": {"eps": 1e-6}, "input_norm": {"scale": "before"}}, {"size": 8}),
+    # Gemma 4's MoE half: the router sees the input (normalised its own way), the experts a separately normalised one
+    "gemma4_input_norm": ({"top_k": 2, "normalize": True, "per_expert_scale": True,
+                           "input_norm": {"kind": "rms", "eps": 1e-6, "weight": True, "multiplier": D ** -0.5}},
+                          {"input_norm": {"eps": 1e-6}}, None),
 }
 
 
@@ -779,15 +784,16 @@ def _expert_space_spec(case: str) -> dict:
 
 @pytest.mark.parametrize("case", list(EXPERT_SPACE))
 def test_expert_space_matches_the_loop_reference(case, tmp_path, expert_path):
-    """moe.expert_projection and moe.experts.output_norm (Muse Spark): outputs, the input gradient and every parameter
-    gradient (projections and norm weights included) against the loop reference, 1e-5; each changes the output."""
+    """moe.expert_projection, moe.experts.input_norm and output_norm (Muse Spark, Gemma 4): outputs, the input
+    gradient and every parameter gradient (projections and norm weights included) against the loop reference, 1e-5;
+    each norm changes the output."""
     spec = _expert_space_spec(case)
     fresh = moegraph.compile(spec, out_dir=tmp_path)
     _, experts, proj = EXPERT_SPACE[case]
     M = proj["size"] if proj else D
     assert fresh.experts.down_proj.shape[1] == M
     for name, norm in (("expert_output_norm", experts.get("output_norm")),
-                       ("pre_expert_norm", (proj or {}).get("input_norm"))):
+                       ("pre_expert_norm", experts.get("input_norm"))):
         if norm is not None:  # the norm's scale (offset + weight) starts at one
             torch.testing.assert_close(getattr(fresh, name).weight + norm.get("weight_offset", 0.0), torch.ones(M))
     layer = _compile(spec, tmp_path).train()
@@ -805,12 +811,9 @@ def test_expert_space_matches_the_loop_reference(case, tmp_path, expert_path):
         _assert_matches_reference(spec, layer, x, g)
     for part in ("output_norm", "input_norm"):  # without the norm (same other weights), the output differs
         plain = copy.deepcopy(spec)
-        if part == "output_norm" and "output_norm" in experts:
-            del plain["moe"]["experts"]["output_norm"]
-        elif part == "input_norm" and proj and "input_norm" in proj:
-            del plain["moe"]["expert_projection"]["input_norm"]
-        else:
+        if part not in experts:
             continue
+        del plain["moe"]["experts"][part]
         other = _compile(plain, tmp_path)
         other.load_state_dict({k: v for k, v in layer.state_dict().items() if k in other.state_dict()})
         assert (other.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-4, part
@@ -834,7 +837,7 @@ def test_expert_space_keeps_old_hashes_and_names_bad_fields():
     """Older specs dump and hash as before the fields existed; combinations that are not defined are refused by
     the field to change."""
     plain = make_spec({"top_k": 2})
-    off = make_spec({"top_k": 2}, experts={"output_norm": None})
+    off = make_spec({"top_k": 2}, experts={"output_norm": None, "input_norm": None})
     off["moe"]["expert_projection"] = None
     assert moegraph.load_spec(off).hash() == moegraph.load_spec(plain).hash()
     bad = [
@@ -846,7 +849,10 @@ def test_expert_space_keeps_old_hashes_and_names_bad_fields():
         ({"expert_projection": {"size": 8}, "shared": {"count": 1}}, "shared_experts.count"),
         ({"expert_projection": {"size": 8}, "experts": {"identity_experts": 2}}, "experts.identity_experts"),
         ({"expert_projection": {"size": 8}, "experts": {"routing_weight": "input"}}, "experts.routing_weight"),
-        ({"expert_projection": {"size": 8, "input_norm": {"kind": "layer"}}}, "input_norm.kind"),
+        ({"experts": {"input_norm": {"kind": "layer"}}}, "input_norm.kind"),
+        ({"expert_projection": {"size": 8, "input_norm": {}}}, "input_norm"),
+        ({"experts": {"input_norm": {}}, "shared": {"count": 1}}, "shared_experts.count"),
+        ({"experts": {"input_norm": {}, "zero_experts": 1}}, "experts.identity_experts"),
     ]
     for change, field in bad:
         spec = make_spec({"top_k": 2}, experts=change.get("experts"), shared=change.get("shared"))

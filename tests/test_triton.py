@@ -487,8 +487,9 @@ def test_expert_space_runs_torch_code_around_the_triton_expert_op(tmp_path):
     norms stay torch code in the generated layer, the expert op is Triton's (on M-wide rows, one per assignment)
     and the router kernel still takes the routing; equal to the torch backend."""
     spec = moegraph.load_spec(_spec("t-expert-space", {"top_k": 2, "score": "sigmoid", "normalize": True},
-                                    experts={"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"}},
-                                    moe={"expert_projection": {"size": 24, "input_norm": {"weight_offset": 1}}}))
+                                    experts={"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"},
+                                             "input_norm": {"weight_offset": 1}},
+                                    moe={"expert_projection": {"size": 24}}))
     ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, out_dir=tmp_path)
     _randomise(ref)
     tri = moegraph.compile(spec, backend="triton", dtype=torch.float32, out_dir=tmp_path, passes=triton_passes(spec))

@@ -99,8 +99,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     if anat.expert_width:  # the experts' own space: its projections and norm, and the experts' output norm
         out["pre_expert_proj.weight"] = get_path(block, anat.pre_proj_name).weight
         out["post_expert_proj.weight"] = get_path(block, anat.post_proj_name).weight
-        if anat.pre_norm_name:
-            out["pre_expert_norm.weight"] = get_path(block, anat.pre_norm_name).weight
+    if anat.pre_norm_name:
+        out["pre_expert_norm.weight"] = get_path(block, anat.pre_norm_name).weight
     if anat.expert_norm_name:
         out["expert_output_norm.weight"] = get_path(block, anat.expert_norm_name).weight
     if anat.output_norm_name:
