@@ -334,10 +334,10 @@ def test_routing_read_from_each_family() -> None:
 class GemmaMoEHalf(torch.nn.Module):
     """The MoE half of a Gemma 4 decoder layer, with the family's own router, experts and norm modules called as the
     layer calls them: the router normalises and scales its input (RMS norm, a learned [D] scale, hidden_size ** -0.5)
-    and scales each chosen expert's weight by a learned per-expert scale; an RMS norm follows the experts.
+    and scales each chosen expert's weight by a learned per-expert scale; the experts see a separately normalised
+    input (pre_feedforward_layernorm_2), and an RMS norm follows them.
 
-    (The decoder layer itself also holds attention and a dense MLP beside the experts, and gives the experts a
-    separately normalised input; that layer is not read here.)
+    (The decoder layer itself also holds attention and a dense MLP beside the experts; that layer is not read here.)
     """
 
     def __init__(self, family: str, cfg):
@@ -347,11 +347,12 @@ class GemmaMoEHalf(torch.nn.Module):
         self.router = getattr(mod, f"{prefix}TextRouter")(cfg)
         self.experts = getattr(mod, f"{prefix}TextExperts")(cfg)
         self.post_feedforward_layernorm_2 = getattr(mod, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm_2 = getattr(mod, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, top_k_weights, top_k_index = self.router(flat)
-        out = self.experts(flat, top_k_index, top_k_weights).reshape(hidden_states.shape)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights).reshape(hidden_states.shape)
         return self.post_feedforward_layernorm_2(out)
 
 
@@ -380,10 +381,14 @@ def test_gemma_router_transforms(family: str) -> None:
     assert r.per_expert_scale and r.expert_bias is None and r.normalize and r.score == "softmax"
     assert r.input_norm.model_dump() == {"kind": "rms", "eps": cfg.rms_norm_eps, "weight": True, "multiplier": D ** -0.5}
     assert layer.hf_import.spec.moe.output_norm is not None
+    assert layer.hf_import.spec.moe.experts.input_norm.model_dump() == {
+        "kind": "rms", "eps": cfg.rms_norm_eps, "weight_offset": 0.0, "scale": "after"}
+    assert layer.hf_import.anatomy.pre_norm_name == "pre_feedforward_layernorm_2"
     assert layer.hf_import.anatomy.unexplained == ()
     _check_parity(block, layer)
-    grads = dict(layer.named_parameters())  # the router's own scales were compared (and got gradients)
-    assert grads["router.per_expert_scale"].grad.abs().max() > 0 and grads["router.input_norm.weight"].grad.abs().max() > 0
+    grads = dict(layer.named_parameters())  # the router's own scales and both norms were compared (and got gradients)
+    for name in ("router.per_expert_scale", "router.input_norm.weight", "pre_expert_norm.weight", "output_norm.weight"):
+        assert grads[name].grad.abs().max() > 0, name
 
 
 def test_deepseek_v2_ignores_norm_topk_prob_and_says_so() -> None:

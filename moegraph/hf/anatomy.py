@@ -65,6 +65,9 @@ class BlockAnatomy:
     pre_norm: dict[str, Any] | None = None  # the spec's ExpertNorm of the projected input (eps, weight_offset, scale)
     expert_norm_name: str | None = None  # path inside the block of the experts' per-expert output norm
     expert_norm: dict[str, Any] | None = None  # its spec ExpertNorm
+    #: two [D] norms beside the experts (Gemma 4's MoE half): one normalises the experts' input, the other the
+    #: block output; which is which, the probe reads from what the experts receive
+    norm_candidates: tuple[tuple[str, float], ...] = ()
     # Set once the probe has read the routing (``block.read_block``):
     expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
     router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
@@ -443,14 +446,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
 
     # A norm of the block output (AXK1): a child named *norm* holding one [D] weight and an epsilon. Whether
     # it is an RMS norm of routed + shared (and nothing else) is the probe's to check, on the block's output.
-    for name, child in block.named_children():
-        eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
-        ps = dict(child.named_parameters())
-        if (name not in claimed and "norm" in name.lower() and isinstance(eps, float) and eps > 0
-                and set(ps) == {"weight"} and tuple(ps["weight"].shape) == (D,)):
-            anat_kwargs.update(output_norm_name=name, output_norm_eps=eps)
-            claimed.add(name)
-            break
+    norms = [(name, _norm_child(child, D)) for name, child in block.named_children()
+             if name not in claimed and "norm" in name.lower() and _norm_child(child, D) is not None]
+    if len(norms) == 2 and not anat_kwargs.get("expert_width"):
+        anat_kwargs["norm_candidates"] = tuple(norms)  # an input norm of the experts and an output norm
+        claimed.update(n for n, _ in norms)
+    elif norms:
+        anat_kwargs.update(output_norm_name=norms[0][0], output_norm_eps=norms[0][1])
+        claimed.add(norms[0][0])
 
     if split is not None:
         claimed.add(split[1])

@@ -88,6 +88,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     cfg = _text_config(config) if config is not None else None
     anat = inspect_block(block, cfg)
     probe = probe_block(block, anat)
+    anat = probe.anatomy or anat  # (two norms beside the experts: which is the experts' input norm, read by the probe)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
     anat = _routing_tensors(anat, routing, probe)
     dtype = DTYPE_NAMES.get(_block_dtype(block, anat, cfg))

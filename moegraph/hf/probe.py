@@ -6,6 +6,7 @@ The recorded expert ids and weights feed ``routing.identify_routing``; the combi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -66,6 +67,8 @@ class Probe:
     #: what the router's linear sees when it is not the block input: (kind, eps, weight name or None, multiplier),
     #: the spec's router.input_norm (Gemma 4: rms(x) * scale * hidden_size ** -0.5); None = the block input
     router_input: tuple[str, float, str | None, float] | None = None
+    #: the anatomy with its two candidate norms resolved (which one the experts' input goes through); None = as given
+    anatomy: BlockAnatomy | None = None
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -214,15 +217,19 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             if not bool(kept.all()):
                 raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
     xe_TM = x.view(tokens, D)
-    if anat.expert_width:  # what the experts should see: the projected (and normalised) block input
+    resolved = None
+    if anat.norm_candidates and not input_scaled and not anat.split_down_name:
+        anat = resolved = _resolve_norms(light, anat, xe_TM, h.reshape(-1, h.shape[-1]).float())
+    if anat.expert_width or anat.pre_norm_name:  # what the experts should see: the projected, normalised input
         xe_TM = _expert_input(light, anat, xe_TM)
     if not input_scaled and not anat.split_down_name and (
             h.shape[-1] != M or h.numel() != tokens * M or not (
-                torch.equal(h.reshape(tokens, M), xe_TM) if not anat.expert_width
+                torch.equal(h.reshape(tokens, M), xe_TM) if not (anat.expert_width or anat.pre_norm_name)
                 else torch.allclose(h.reshape(tokens, M).float(), xe_TM, rtol=1e-5, atol=1e-6))):
-        if anat.expert_width:
+        if anat.expert_width or anat.pre_norm_name:
             raise UnsupportedBlock(
-                f"the tokens its experts receive are not the block input projected by {anat.pre_proj_name}"
+                "the tokens its experts receive are not the block input"
+                + (f" projected by {anat.pre_proj_name}" if anat.expert_width else "")
                 + (f" and normalised by {anat.pre_norm_name}" if anat.pre_norm_name else "")
                 + "; the spec's expert_projection does not describe what its experts see", cls)
         raise UnsupportedBlock(
@@ -297,15 +304,39 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
-                 router_input)
+                 router_input, resolved)
+
+
+def _resolve_norms(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, h_TD: Tensor) -> BlockAnatomy:
+    """The anatomy of a block with two [D] norms beside its experts (Gemma 4's MoE half): the one whose form
+    (``anatomy.norm_form``) maps the block input to what the experts received is their input norm
+    (experts.input_norm), the other the block's output norm. Unresolved: the first is the output norm, as for
+    a block with one (the probe's checks then say what does not fit)."""
+    from ..semantics.torch_forms import rms_norm
+    from .anatomy import norm_form
+
+    for i, (name, eps) in enumerate(anat.norm_candidates):
+        (other, other_eps) = anat.norm_candidates[1 - i]
+        mod = get_path(light, name)
+        try:
+            form = norm_form(mod, x_TD.shape[-1], eps, "norm beside the experts", anat.block_class)
+        except UnsupportedBlock:
+            continue
+        with torch.no_grad():
+            want = rms_norm(x_TD, eps, mod.weight.float(), form["weight_offset"], form["scale"] == "before")
+        if h_TD.shape == want.shape and torch.allclose(h_TD, want, rtol=1e-5, atol=1e-6):
+            return dataclasses.replace(anat, pre_norm_name=name, pre_norm=form, output_norm_name=other,
+                                       output_norm_eps=other_eps, norm_candidates=())
+    name, eps = anat.norm_candidates[0]
+    return dataclasses.replace(anat, output_norm_name=name, output_norm_eps=eps, norm_candidates=())
 
 
 def _expert_input(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor) -> Tensor:
-    """[T, M] what the spec's expert_projection gives the experts: x projected (pre_expert_proj), then its norm."""
+    """[T, M] what the spec gives the experts: x projected (expert_projection), then its norm (experts.input_norm)."""
     from ..semantics.torch_forms import rms_norm
 
     with torch.no_grad():
-        xe_TM = F.linear(x_TD, get_path(light, anat.pre_proj_name).weight.float())
+        xe_TM = F.linear(x_TD, get_path(light, anat.pre_proj_name).weight.float()) if anat.expert_width else x_TD
         if anat.pre_norm_name:
             n = anat.pre_norm
             xe_TM = rms_norm(xe_TM, n["eps"], get_path(light, anat.pre_norm_name).weight.float(), n["weight_offset"],
