@@ -564,3 +564,43 @@ def test_muse_spark_logits_and_generation() -> None:
         out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_ernie_vl_modality_experts_flattened_output() -> None:
+    """Ernie 4.5 VL: its modality-isolated MoE runs a text MoE on text tokens and a vision MoE on the others, each
+    called on a 1-D selection of hidden states and returning its output and router logits flattened. optimize
+    swaps both inner MoEs; the outer block's outputs and router logits, and the input gradient, stay the same on a
+    mix of text and vision tokens."""
+    from transformers.models.ernie4_5_vl_moe import configuration_ernie4_5_vl_moe as cm, modeling_ernie4_5_vl_moe as mm
+
+    cfg = cm.Ernie4_5_VLMoeTextConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=VOCAB, num_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=[16, 24], moe_num_shared_experts=1)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    block = mm.Ernie4_5_VLMoeMoeBlock(cfg).float().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, t in list(block.named_parameters()) + list(block.named_buffers()):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    x = torch.randn(2, 7, 32, generator=g)
+    types = (torch.rand(2, 7, generator=g) > 0.5).long()
+    assert 0 < int(types.sum()) < types.numel()
+    xr = x.clone().requires_grad_(True)
+    ref, ref_logits = block(xr, types)
+    ref.square().sum().backward()
+    with torch.no_grad():
+        ref_text = block(x)[0]  # text only: the outer block calls its text MoE on [B, S, D]
+    moegraph.optimize(block)
+    swapped = sorted(r.path for r in block.moegraph_report.swapped)
+    assert swapped == ["text_moe", "vision_moe"], str(block.moegraph_report)
+    assert all(m.flattened for m in block.modules() if isinstance(m, MoEBlockAdapter))
+    xo = x.clone().requires_grad_(True)
+    out, logits = block(xo, types)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    # (summation order differs: an absolute floor of 1e-5 of the largest entry, as tests/test_hf_parity.py)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5 * float(xr.grad.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x)[0], ref_text, rtol=1e-5, atol=1e-6)

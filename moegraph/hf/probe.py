@@ -69,6 +69,7 @@ class Probe:
     router_input: tuple[str, float, str | None, float] | None = None
     #: the anatomy with its two candidate norms resolved (which one the experts' input goes through); None = as given
     anatomy: BlockAnatomy | None = None
+    flattened: bool = False  # the block returns its output (and router logits) flattened to 1-D (Ernie 4.5 VL)
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -266,7 +267,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             wg = get_path(light, anat.shared_gate_name).weight
             scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
         expect = expect + scale * shared_out
-    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D:
+    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D and y.dim() != 1:
         raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
                                "the compiled layer returns [..., hidden] like its input", cls)
     routed_scale = 1.0
@@ -296,15 +297,16 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     if isinstance(out, tuple):
         extras = []
         for e in out[1:]:
-            if isinstance(e, Tensor) and e.shape == logits.shape and torch.allclose(e.float(), logits, atol=1e-5):
-                extras.append("router_logits")
+            if isinstance(e, Tensor) and (e.shape == logits.shape or y.dim() == 1 and e.shape == (logits.numel(),)) \
+                    and torch.allclose(e.float().reshape(logits.shape), logits, atol=1e-5):
+                extras.append("router_logits")  # (flattened as the output is, Ernie 4.5 VL)
             else:
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
-                 router_input, resolved)
+                 router_input, resolved, y.dim() == 1)
 
 
 def _resolve_norms(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, h_TD: Tensor) -> BlockAnatomy:
