@@ -787,19 +787,22 @@ class MoELayerSpec(_Frozen):
         return self
 
     def _expert_space_problems(self, problems: _Problems) -> None:
-        """What an expert output norm or an expert projection cannot be combined with (not defined or not built)."""
+        """What an expert projection or expert norms cannot be combined with (not defined or not built)."""
         ex, proj = self.experts, self.expert_projection
-        if ex.input_norm is not None and proj is None:
-            what = {"shared_experts.count": self.shared_experts.count > 0 and "shared experts",
-                    "experts.identity_experts": ex.router_choices != ex.num_experts and "identity/zero experts",
-                    "experts.routing_weight": ex.routing_weight == "input" and "routing_weight: input"}
-            for field, name in what.items():
+        # Experts beside the routed ones, or inputs the layer scales itself: which input would they see?
+        beside = {"shared_experts.count": self.shared_experts.count > 0 and "shared experts",
+                  "experts.identity_experts": ex.router_choices != ex.num_experts and "identity/zero experts",
+                  "experts.routing_weight": ex.routing_weight == "input" and "routing_weight: input"}
+        owner = "expert_projection" if proj is not None else "experts.input_norm" if ex.input_norm is not None else None
+        if owner is not None:
+            for field, name in beside.items():
                 if name:
-                    problems.add(field, f"experts.input_norm with {name} is not defined (do they see the normalised "
-                                 f"input?); drop {field} or experts.input_norm")
-        if ex.input_norm is not None and self.quantization is not None:
-            problems.add("experts.input_norm", "FP8 experts quantize the layer input inside their op; drop "
-                         "quantization or experts.input_norm")
+                    problems.add(field, f"{owner} with {name} is not defined (which input would they see?); drop "
+                                 f"{field} or {owner}")
+        if self.quantization is not None and (proj is not None or ex.input_norm is not None):
+            problems.add("quantization", "FP8 experts quantize the layer input inside their op, so it cannot be "
+                         "projected or normalised for them; drop quantization, or expert_projection and "
+                         "experts.input_norm")
         if ex.output_norm is not None:
             if self.quantization is not None:
                 problems.add("experts.output_norm", "FP8 experts weigh and sum their outputs inside one op, so no norm "
@@ -807,16 +810,6 @@ class MoELayerSpec(_Frozen):
             if ex.routing_weight == "input":
                 problems.add("experts.output_norm", "an expert output norm with routing_weight: input would undo the "
                              "weight it scaled the input by; set routing_weight: output or drop experts.output_norm")
-        if proj is None:
-            return
-        what = {"shared_experts.count": self.shared_experts.count > 0 and "shared experts",
-                "quantization": self.quantization is not None and "FP8 experts",
-                "experts.identity_experts": ex.router_choices != ex.num_experts and "identity/zero experts",
-                "experts.routing_weight": ex.routing_weight == "input" and "routing_weight: input"}
-        for field, name in what.items():
-            if name:
-                problems.add(field, f"expert_projection with {name} is not supported (in which space would they "
-                             f"run?); drop {field} or expert_projection")
 
     @property
     def expert_width(self) -> int:
