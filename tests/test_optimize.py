@@ -560,6 +560,11 @@ def test_muse_spark_logits_and_generation() -> None:
     assert [r.path for r in report.swapped] == ["model.language_model.layers.1.mlp"], str(report)
     (adapter,) = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
     assert adapter.moe.EXPERT_WIDTH == 24 and adapter.moe.EXPERT_OUTPUT_NORM_OFFSET == 1.0
+    # The config alone (a model built on the meta device) reads as the same layer spec.
+    import json
+
+    swapped = moegraph.load_spec(json.loads(adapter.moe.SPEC_JSON)).moe
+    assert hf.spec_from_hf_config(text).moe.model_dump() == swapped.model_dump()
     with torch.no_grad():
         out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
