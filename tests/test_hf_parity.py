@@ -505,8 +505,9 @@ def test_config_of_unreadable_family_refused() -> None:
                                             intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                                             kv_channels=8)
     # (the first block with experts it meets is JetMoE's mixture-of-attention module, which is no MoE MLP)
-    with pytest.raises(UnsupportedBlock, match="JetMoeMoA"):
+    with pytest.raises(UnsupportedBlock, match="JetMoeMoA") as info:
         spec_from_hf_config(cfg)
+    assert "its forward raises NotImplementedError" in str(info.value)
 
 
 def test_switch_transformers_config_read_with_its_capacity() -> None:

@@ -163,6 +163,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 _, again, _ = run(((tid_T + 1 + torch.randint(0, vocab - 1, (tokens,), generator=g)) % vocab)
                                   .view(1, tokens))
                 uses_ids = not _same_calls(experts, again)
+        except NotImplementedError as exc:  # (JetMoE's mixture of attention: driven through map/reduce)
+            raise UnsupportedBlock(f"it cannot be called: its forward raises NotImplementedError ({exc}); its model "
+                                   "drives it through other methods, so there is no block call to replace", cls) from exc
         except Exception as exc:  # reported as the reason the block cannot be read
             extra = forward_args(block)
             hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
