@@ -57,12 +57,13 @@ class BlockAnatomy:
     output_bias_name: str | None = None  # a [D] bias the block adds to its output (JetMoE's ``bias``)
     output_norm_eps: float | None = None
     # The experts' own space (Muse Spark): Linear children projecting D -> M before the experts and M -> D after
-    # them, an optional norm of the projected input, and a norm on each expert's output inside the experts.
+    # them (hidden_size is then the block's D), a norm of what the experts see (projected or not: Gemma 4 too),
+    # and a norm on each expert's output inside the experts.
     expert_width: int | None = None  # M, when the experts are projected; None = they see the block input
     pre_proj_name: str | None = None
     post_proj_name: str | None = None
     pre_norm_name: str | None = None
-    pre_norm: dict[str, Any] | None = None  # the spec's ExpertNorm of the projected input (eps, weight_offset, scale)
+    pre_norm: dict[str, Any] | None = None  # the spec's ExpertNorm of the experts' input (eps, weight_offset, scale)
     expert_norm_name: str | None = None  # path inside the block of the experts' per-expert output norm
     expert_norm: dict[str, Any] | None = None  # its spec ExpertNorm
     #: two [D] norms beside the experts (Gemma 4's MoE half): one normalises the experts' input, the other the

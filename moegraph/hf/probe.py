@@ -235,7 +235,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 "the tokens its experts receive are not the block input"
                 + (f" projected by {anat.pre_proj_name}" if anat.expert_width else "")
                 + (f" and normalised by {anat.pre_norm_name}" if anat.pre_norm_name else "")
-                + "; the spec's expert_projection does not describe what its experts see", cls)
+                + "; the spec's expert_projection and experts.input_norm do not describe what its experts see", cls)
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
