@@ -183,6 +183,14 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "sparsemixer_eps": r.sparsemixer.jitter_eps if getattr(r, "sparsemixer", None) is not None else None,
         "per_expert_scale": getattr(r, "per_expert_scale", False),
         "bias_on_logits": getattr(getattr(r, "expert_bias", None), "applies_to", "scores") == "logits",
+        # The experts' own space (moe.expert_projection) and a norm of each expert's output (experts.output_norm):
+        # the names of the experts' input, output and per-assignment rows follow the space they live in.
+        "projection": m.expert_projection,
+        "expert_input_norm": m.experts.input_norm,
+        "expert_output_norm": m.experts.output_norm,
+        "xe": "xe_TM" if m.expert_projection is not None else "xe_TD" if m.experts.input_norm is not None else "x_TD",
+        "ye": "y_TM" if m.expert_projection is not None else "y_TD",
+        "ye_rows": "ye_NM" if m.expert_projection is not None else "ye_ND",
     }
     return ctx
 

@@ -144,7 +144,7 @@ def layer_bytes(spec: MoESpec, dtype: torch.dtype, seeded: bool = False) -> int:
 
     c = summarize(spec).layer
     e = spec.moe.experts
-    largest = e.num_experts * (2 if e.gated else 1) * e.intermediate_size * spec.moe.hidden_size
+    largest = e.num_experts * (2 if e.gated else 1) * e.intermediate_size * spec.moe.expert_width
     return (c.routed_total + c.shared + c.router) * torch.empty(0, dtype=dtype).element_size() + (
         2 * 4 * largest if seeded else 0)
 

@@ -41,6 +41,7 @@ from torch import Tensor
 from . import fp8, ops  # noqa: F401  (registers torch.ops.moegraph)
 from . import semantics
 from .semantics import routing as _routing
+from .semantics import torch_forms as _torch_forms
 from .errors import InputError
 
 
@@ -127,6 +128,8 @@ def sparsemixer_route(logits_TE: Tensor, top_k: int, jitter_eps: float) -> tuple
 
 #: the router input of ``moe.router.input_norm`` (traced through: plain torch ops)
 router_input = _routing.router_input
+#: the norms of the experts' space (``moe.expert_projection.input_norm``, ``moe.experts.output_norm``; traced through)
+rms_norm = _torch_forms.rms_norm
 
 
 @torch.fx.wrap
@@ -313,6 +316,16 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
 ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale")
 
 
+def init_value(layer: CompiledMoEBase, name: str) -> float | None:
+    """The constant a parameter starts at in ``reset_parameters`` (None: uniform, or zero for a bias): one for a
+    scale, and for the weights of the experts' norms whatever makes their scale (offset + weight) one."""
+    if name in ONES_AT_INIT:
+        return 1.0
+    offset = {"pre_expert_norm.weight": layer.PRE_EXPERT_NORM_OFFSET,
+              "expert_output_norm.weight": layer.EXPERT_OUTPUT_NORM_OFFSET}.get(name)
+    return None if offset is None else 1.0 - offset
+
+
 class CompiledMoEBase(nn.Module):
     """Parameters, input checks and graph management shared by all generated layers.
 
@@ -348,6 +361,11 @@ class CompiledMoEBase(nn.Module):
     ROUTER_INPUT_WEIGHT: bool = False  # a learned [D] weight on the router input (``router.input_norm.weight``)
     LOGIT_SCALE: bool = False  # a learned scalar on the router logits (``router.learned_logit_scale``)
     PER_EXPERT_SCALE: bool = False  # a learned [E] scale on the chosen experts' weights (``router.per_expert_scale``)
+    #: the experts' own width M (``moe.expert_projection.size``): pre_expert_proj [M, D] and post_expert_proj [D, M]
+    #: around them; 0 = they see the layer input (M = D)
+    EXPERT_WIDTH: int = 0
+    PRE_EXPERT_NORM_OFFSET: float | None = None  # a norm of the projected input (pre_expert_norm.weight [M]); its offset
+    EXPERT_OUTPUT_NORM_OFFSET: float | None = None  # a norm of each expert's output (``experts.output_norm``)
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -384,11 +402,25 @@ class CompiledMoEBase(nn.Module):
         self.experts = nn.Module()
         up_name = "gate_up_proj" if self.GATED else "up_proj"
         R = self._expert_rows()
-        self.experts.register_parameter(up_name, nn.Parameter(torch.empty(R, H, D, **kw)))
-        self.experts.down_proj = nn.Parameter(torch.empty(R, D, Fh, **kw))
+        M = self.EXPERT_WIDTH or D  # the experts' input and output width
+        self.experts.register_parameter(up_name, nn.Parameter(torch.empty(R, H, M, **kw)))
+        self.experts.down_proj = nn.Parameter(torch.empty(R, M, Fh, **kw))
         if self.EXPERT_BIAS_TERMS:
             self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(R, H, **kw)))
-            self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, D, **kw))
+            self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, M, **kw))
+        # The experts' own space (``moe.expert_projection``) and its norms; top-level modules, replicated on
+        # expert-parallel ranks like the router.
+        if self.EXPERT_WIDTH:
+            self.pre_expert_proj = nn.Module()
+            self.pre_expert_proj.weight = nn.Parameter(torch.empty(M, D, **kw))
+            self.post_expert_proj = nn.Module()
+            self.post_expert_proj.weight = nn.Parameter(torch.empty(D, M, **kw))
+        if self.PRE_EXPERT_NORM_OFFSET is not None:
+            self.pre_expert_norm = nn.Module()
+            self.pre_expert_norm.weight = nn.Parameter(torch.full((M,), 1.0 - self.PRE_EXPERT_NORM_OFFSET, **kw))
+        if self.EXPERT_OUTPUT_NORM_OFFSET is not None:
+            self.expert_output_norm = nn.Module()
+            self.expert_output_norm.weight = nn.Parameter(torch.full((M,), 1.0 - self.EXPERT_OUTPUT_NORM_OFFSET, **kw))
         if self.SHARED_ROUTED:  # one by one, as the routed experts: [count, H, D] / [count, D, F]
             n, Fs = self.SHARED_ROUTED, self.SHARED_INTERMEDIATE // self.SHARED_ROUTED
             Hs = 2 * Fs if self.GATED else Fs
@@ -475,8 +507,9 @@ class CompiledMoEBase(nn.Module):
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight
                     continue
-                if name in ONES_AT_INIT:  # a norm's or a router's scale starts at one, as nn.RMSNorm's does
-                    p.fill_(1.0)
+                start = init_value(self, name)
+                if start is not None:  # a norm's or a router's scale starts at one, as nn.RMSNorm's does
+                    p.fill_(start)
                     continue
                 fan_in = p.shape[-1]
                 bound = 1.0 / math.sqrt(fan_in)

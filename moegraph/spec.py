@@ -202,6 +202,25 @@ DType = Literal[tuple(_dtypes.DTYPES)]  # type: ignore[valid-type]
 MAX_EXPERTS = 65536
 
 
+class ExpertNorm(_Frozen):
+    """An RMS norm in the experts' space with one learned per-channel weight (Muse Spark's expert norms).
+
+    The weight w multiplies as ``(weight_offset + w)``: offset 0 is nn.RMSNorm's form, offset 1 a weight
+    stored as a difference from one (it starts at zero). ``scale: before`` scales the input by it and then
+    normalises (Muse Spark's post-expert norm); ``after`` normalises, then scales.
+    """
+
+    kind: Literal["rms"] = Field("rms", description="rms: v / sqrt(mean(v^2) + eps), computed in float32.")
+    eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root.")
+    weight_offset: Literal[0.0, 1.0] = Field(
+        0.0, description="The learned weight w scales as (weight_offset + w): 0 (w starts at one) or 1 (w starts at "
+        "zero, stored as a difference from one).",
+    )
+    scale: Literal["after", "before"] = Field(
+        "after", description="Apply the weight after the norm (most norms) or before it (an input-scaled norm).",
+    )
+
+
 class ExpertsSpec(_Frozen):
     """The routed experts: E identical MLPs of shape D -> F -> D."""
 
@@ -233,7 +252,18 @@ class ExpertsSpec(_Frozen):
         0, ge=0, le=MAX_EXPERTS, description="Extra router choices whose expert returns zero, after the identity ones.",
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0}
+    input_norm: ExpertNorm | None = Field(
+        None, description="A norm of what the routed experts see (the layer input, or its projection with "
+        "moe.expert_projection), one learned weight pre_expert_norm.weight; the router still sees the layer input "
+        "(Gemma 4, Muse Spark); None = none.",
+    )
+    output_norm: ExpertNorm | None = Field(
+        None, description="A norm of each expert's output before its routing weight scales it (Muse Spark's "
+        "post-expert norm), one learned weight shared by the experts (expert_output_norm.weight); None = none.",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0,
+                                               "input_norm": None, "output_norm": None}
 
     @property
     def router_choices(self) -> int:
@@ -666,6 +696,15 @@ class OutputNorm(_Frozen):
     eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root.")
 
 
+class ExpertProjection(_Frozen):
+    """The routed experts work in a space of their own (Muse Spark): the layer projects its input D -> size
+    (``pre_expert_proj.weight`` [size, D]), runs the experts there (``experts.input_norm`` normalises what they
+    see), and projects their weighted sum back size -> D (``post_expert_proj.weight`` [D, size]). The router
+    sees the layer input."""
+
+    size: int = Field(gt=0, le=1 << 20, description="Width of the experts' space (their input and output size).")
+
+
 class MoELayerSpec(_Frozen):
     """One MoE layer: router + E routed experts + optional shared experts."""
 
@@ -687,7 +726,13 @@ class MoELayerSpec(_Frozen):
         False, description="A learned bias [D] added to the layer output, after the output norm if any (JetMoE)."
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None, "output_bias": False}
+    expert_projection: ExpertProjection | None = Field(
+        None, description="Projections around the routed experts, which then work in a space of their own; None = "
+        "the experts see the layer input.",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"quantization": None, "output_norm": None, "output_bias": False,
+                                               "expert_projection": None}
 
     @model_validator(mode="after")
     def _routing_fits_experts(self) -> MoELayerSpec:
@@ -702,6 +747,7 @@ class MoELayerSpec(_Frozen):
             if self.experts.routing_weight == "input":
                 problems.add("experts.routing_weight", "FP8 experts weight each expert's output (the FP8 op scales rows "
                              "after the down projection); set routing_weight: output or drop quantization")
+        self._expert_space_problems(problems)
         r, e = self.router, self.experts.router_choices
         k = getattr(r, "top_k", None)
         if self.shared_experts.gate == "router":
@@ -753,6 +799,36 @@ class MoELayerSpec(_Frozen):
                 )
         problems.raise_any()
         return self
+
+    def _expert_space_problems(self, problems: _Problems) -> None:
+        """What an expert projection or expert norms cannot be combined with (not defined or not built)."""
+        ex, proj = self.experts, self.expert_projection
+        # Experts beside the routed ones, or inputs the layer scales itself: which input would they see?
+        beside = {"shared_experts.count": self.shared_experts.count > 0 and "shared experts",
+                  "experts.identity_experts": ex.router_choices != ex.num_experts and "identity/zero experts",
+                  "experts.routing_weight": ex.routing_weight == "input" and "routing_weight: input"}
+        owner = "expert_projection" if proj is not None else "experts.input_norm" if ex.input_norm is not None else None
+        if owner is not None:
+            for field, name in beside.items():
+                if name:
+                    problems.add(field, f"{owner} with {name} is not defined (which input would they see?); drop "
+                                 f"{field} or {owner}")
+        if self.quantization is not None and (proj is not None or ex.input_norm is not None):
+            problems.add("quantization", "FP8 experts quantize the layer input inside their op, so it cannot be "
+                         "projected or normalised for them; drop quantization, or expert_projection and "
+                         "experts.input_norm")
+        if ex.output_norm is not None:
+            if self.quantization is not None:
+                problems.add("experts.output_norm", "FP8 experts weigh and sum their outputs inside one op, so no norm "
+                             "can go between an expert and its weight; drop quantization or experts.output_norm")
+            if ex.routing_weight == "input":
+                problems.add("experts.output_norm", "an expert output norm with routing_weight: input would undo the "
+                             "weight it scaled the input by; set routing_weight: output or drop experts.output_norm")
+
+    @property
+    def expert_width(self) -> int:
+        """Input and output width of the routed experts: expert_projection.size, or the hidden size."""
+        return self.expert_projection.size if self.expert_projection is not None else self.hidden_size
 
     @property
     def top_k(self) -> int:

@@ -68,7 +68,7 @@ def attention_params(spec: MoESpec) -> int | None:
 class LayerCounts:
     routed_expert: int  # one routed expert
     shared: int  # all shared experts of one layer (and their gate)
-    router: int
+    router: int  # the router, and the always-active weights around the experts (expert projections and norms)
     routed_total: int  # all routed experts of one layer
     routed_active: int  # the K experts one token uses
 
@@ -96,7 +96,7 @@ class Summary:
 def summarize(spec: MoESpec) -> Summary:
     m, d = spec.moe, spec.moe.hidden_size
     gated, bias = m.experts.gated, m.experts.bias
-    routed_one = mlp_params(d, m.experts.intermediate_size, gated, bias)
+    routed_one = mlp_params(m.expert_width, m.experts.intermediate_size, gated, bias)
     shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
     if m.shared_experts.gate == "sigmoid":
         shared += d
@@ -106,6 +106,10 @@ def summarize(spec: MoESpec) -> Summary:
     norm = getattr(m.router, "input_norm", None)  # the router's learned scales (router transforms)
     router += (d if norm is not None and norm.weight else 0) + (1 if getattr(m.router, "learned_logit_scale", False)
                                                                 else 0) + (e if getattr(m.router, "per_expert_scale", False) else 0)
+    proj = m.expert_projection  # the projections around the experts and the norms in their space: always active
+    if proj is not None:
+        router += 2 * d * proj.size
+    router += m.expert_width * ((m.experts.input_norm is not None) + (m.experts.output_norm is not None))
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 
@@ -116,7 +120,7 @@ def summarize(spec: MoESpec) -> Summary:
     s = Summary(spec, layer, n_moe, n_dense, moe_total, moe_active)
     s.flops_per_token_moe = 2 * moe_active
     q = m.quantization
-    s.routed_expert_bytes = mlp_bytes(d, m.experts.intermediate_size, gated, bias, m.dtype, q)
+    s.routed_expert_bytes = mlp_bytes(m.expert_width, m.experts.intermediate_size, gated, bias, m.dtype, q)
     s.shared_bytes = shared * DTYPE_BYTES[m.dtype]
     if q is not None and q.shared_experts and m.shared_experts.count:
         gate = d * DTYPE_BYTES[m.dtype] if m.shared_experts.gate == "sigmoid" else 0

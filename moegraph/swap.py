@@ -142,9 +142,11 @@ class MoEBlockAdapter(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, output_kind: tuple[str, ...], original_class: str, found_by: str,
-                 arg_names: tuple[str, ...] = (), token_arg: str | None = None, flat_output: bool = False):
+                 arg_names: tuple[str, ...] = (), token_arg: str | None = None, flat_output: bool = False,
+                 flattened: bool = False):
         super().__init__()
         self.flat_output = flat_output  # return [tokens, D] as the original did (Llama 4)
+        self.flattened = flattened  # return the output and router logits flattened to 1-D (Ernie 4.5 VL)
         self.moe = layer
         self.output_kind = tuple(output_kind)
         self.original_class = original_class
@@ -171,14 +173,15 @@ class MoEBlockAdapter(nn.Module):
         if token_ids is not None and self.moe.NEEDS_TOKEN_IDS:  # the spec routes by them; else ignored
             tid = token_ids.reshape(x.shape[:-1]) if token_ids.numel() == x[..., 0].numel() else token_ids
         y = self.moe(x, tid).reshape(shape)
-        if self.flat_output:
-            y = y.reshape(-1, D)
+        if self.flat_output or self.flattened:
+            y = y.reshape(-1) if self.flattened else y.reshape(-1, D)
         if self.output_kind[0] == "tensor":
             return y
         extras = []
         for kind in self.output_kind[1:]:
             r = self.moe.router
-            extras.append(F.linear(x.reshape(-1, D).to(r.weight.dtype), r.weight, getattr(r, "bias", None)))
+            logits = F.linear(x.reshape(-1, D).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
+            extras.append(logits.reshape(-1) if self.flattened else logits)
             assert kind == "router_logits", f"adapter cannot produce {kind}"
         return (y, *extras)
 
@@ -329,11 +332,11 @@ def optimize(
                 # FP8 experts: their bytes (in hf_weights) and block scales as they are
                 weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
-                rank, token_arg, flat = 3, info.token_arg, info.flat_output
+                rank, token_arg, flat, flattened = 3, info.token_arg, info.flat_output, info.flattened
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
-                rank, token_arg, flat = sr.input_rank, None, False
+                rank, token_arg, flat, flattened = sr.input_rank, None, False, False
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -348,7 +351,7 @@ def optimize(
             rec.seconds = time.perf_counter() - ts
             continue
         adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
-                                  flat)
+                                  flat, flattened)
         adapter.train(block.training)
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":

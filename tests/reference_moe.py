@@ -134,6 +134,15 @@ def router_logits(r: dict, layer, x_D: torch.Tensor) -> torch.Tensor:
     return lg if c is None else c * torch.tanh(lg / c)
 
 
+def expert_space_norm(v: torch.Tensor, norm: dict, weight: torch.Tensor) -> torch.Tensor:
+    """One row of spec.ExpertNorm, written out: scale = offset + weight, applied before or after v / rms(v)."""
+    scale = weight + norm.get("weight_offset", 0.0)
+    if norm.get("scale", "after") == "before":
+        v = v * scale
+    v = v / torch.sqrt((v * v).mean() + norm.get("eps", 1e-6))
+    return v if norm.get("scale", "after") == "before" else v * scale
+
+
 def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
                       sequences: int = 1, combine=None) -> torch.Tensor:
     """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
@@ -216,15 +225,29 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                     keep |= {(p[0], p[1]) for p in mine[:capacity]}
                 assignments = [[(e, w) for k, (e, w) in enumerate(assignments[t]) if (t, k) in keep] for t in range(T)]
     ys = []
+    proj = m.get("expert_projection")  # Muse Spark: the experts work in a space of their own
     for t in range(T):
-        y = torch.zeros(D, dtype=x_TD.dtype)
+        xe = x_TD[t]
+        if proj:
+            xe = layer.pre_expert_proj.weight @ x_TD[t]
+        if ex.get("input_norm"):  # Gemma 4, Muse Spark: the experts see a normalised input, the router the input
+            xe = expert_space_norm(xe, ex["input_norm"], layer.pre_expert_norm.weight)
+        y = torch.zeros(xe.shape[0], dtype=x_TD.dtype)
         on_input = ex.get("routing_weight", "output") == "input"  # Llama 4: expert(w * x)
         for e, w in assignments[t]:
             if e >= E:  # LongCat-Flash: identity experts return the input, zero experts nothing
                 y = y + (w * x_TD[t] if e < E + ex.get("identity_experts", 0) else 0)
                 continue
             args = (up[e], down[e], None if ub is None else ub[e], None if db is None else db[e])
-            y = y + (expert_fn(w * x_TD[t], *args, **kw) if on_input else w * expert_fn(x_TD[t], *args, **kw))
+            if on_input:
+                y = y + expert_fn(w * xe, *args, **kw)
+                continue
+            out = expert_fn(xe, *args, **kw)
+            if ex.get("output_norm"):  # Muse Spark: each expert's output normalised before its weight
+                out = expert_space_norm(out, ex["output_norm"], layer.expert_output_norm.weight)
+            y = y + w * out
+        if proj:
+            y = layer.post_expert_proj.weight @ y
         sh = m.get("shared_experts", {})
         routed, y = y, torch.zeros(D, dtype=x_TD.dtype)  # y now collects the shared output
         if sh.get("gate") == "router":  # shared expert s weighted by its router weight, weights [count, ., .]

@@ -125,3 +125,18 @@ def test_presets_lists_every_preset(run_cli):
     assert res.code == 0
     for name in presets():
         assert name in res.out
+
+
+def test_show_experts_own_space(tmp_path, run_cli):
+    """`show` says where the experts work and which norms they have; their parameters are counted at width M."""
+    path = tmp_path / "muse.yaml"
+    path.write_text("name: muse-tiny\nmoe:\n  hidden_size: 32\n  expert_projection: {size: 24}\n"
+                    "  experts: {num_experts: 8, intermediate_size: 16, input_norm: {weight_offset: 1},\n"
+                    "            output_norm: {eps: 1.0e-5, weight_offset: 1, scale: before}}\n"
+                    "  router: {top_k: 2, score: sigmoid}\n")
+    res = run_cli("show", path)
+    assert res.code == 0, res.err
+    flat = " ".join(res.out.split())
+    assert "experts: projected D -> 24 -> D, input norm (rms eps=1e-06 w+1), output norm per expert " \
+           "(rms eps=1e-05 w+1 scale-first)" in flat
+    assert _table_row(res.out, "one routed expert")[1] == "1.15K"  # 3 * 24 * 16

@@ -87,6 +87,22 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
                                               "router": {"top_k": 2, "score": "softmax", "normalize": True,
                                                          "capacity": {"factor": 0.75, "per": "sequence"}}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "all_transforms":  # all of them in one layer, sigmoid scores, capacity in tokens
+        d = {"name": "all_transforms", "moe": {
+            "hidden_size": 16, "experts": small, "shared_experts": {"count": 2, "gate": "router"},
+            "output_bias": True,
+            "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "logit_softcap": 1.5,
+                       "learned_logit_scale": True, "per_expert_scale": True,
+                       "input_norm": {"kind": "rms", "weight": True, "multiplier": 0.5},
+                       "capacity": {"tokens": 2, "per": "sequence", "drop_policy": "position"}}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "expert_space":  # Muse Spark: experts in a projected space, each expert's output normalised
+        d = {"name": "expert_space", "moe": {
+            "hidden_size": 16, "experts": {**small, "output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before"},
+                                           "input_norm": {"weight_offset": 1}},
+            "expert_projection": {"size": 12},
+            "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "expert_bias": {"update_rate": 0.001}}},
+             "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
                                    "router": {"type": "expert_choice", "capacity_factor": 2.0}},
@@ -168,6 +184,11 @@ SCENARIOS = {
         # router's), an output bias, shared experts routed with the experts, per-sequence capacity.
         "transforms": (("transforms", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
         "routed_shared": (("routed_shared", 1, 2), "replicas2e8", [(3, 4), (1, 7)], 0, None),
+        # Router transforms with learned scales (replicated, gradients summed), routed shared experts, a capacity
+        # per sequence (each rank counts its own sequences, as the single-process layer does on them) and an
+        # output bias; and the experts' own space (Muse Spark: projections, norms, one row per assignment).
+        "all_transforms": (("all_transforms", 1, 2), "replicas2e8", [(2, 6), (1, 7)], 0, None),
+        "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),

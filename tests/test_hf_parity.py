@@ -137,6 +137,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "laguna_softcap": ("LagunaSparseMoeBlock", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                                                     shared_expert_intermediate_size=24, moe_router_logit_softcapping=0.8,
                                                     moe_routed_scaling_factor=2.0)),
+    # The experts in a space of their own: the block input projected 32 -> 24 and normalised ((1 + w) after the
+    # norm), each expert's output normalised ((1 + w) before the norm) before its weight, the weighted sum projected
+    # back; logits times a constant of a bias-free router: moe.expert_projection, experts.output_norm.
+    "muse_spark": ("MuseSparkMoE", dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                        moe_hidden_size=24, routed_scaling_factor=2.0)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
@@ -144,7 +149,7 @@ MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", 
 CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
                "laguna_softcap": "laguna",
                "aria": "aria_text", "llama4": "llama4_text", "inkling2": "inkling2_text", "inkling": "inkling_text",
-               "minimax_m3_vl": "minimax_m3_vl_text"}
+               "minimax_m3_vl": "minimax_m3_vl_text", "muse_spark": "muse_spark_text"}
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
@@ -298,6 +303,8 @@ def test_routing_read_from_each_family() -> None:
         "kolibri1": dict(score="sigmoid", normalize=True, expert_bias=dict(update_rate=0.001, applies_to="logits")),
         "laguna_softcap": dict(score="sigmoid", normalize=True, logit_softcap=0.8, scaling_factor=2.0,
                                expert_bias=dict(update_rate=0.001)),
+        "muse_spark": dict(score="sigmoid", normalize=True, scaling_factor=2.0, expert_bias=dict(update_rate=0.001),
+                           input_norm=dict(kind="none", eps=1e-6, weight=False, multiplier=0.1767766952966369)),
     }
     for family, want in expected.items():
         cls_name, overrides = FAMILIES[family]
@@ -327,10 +334,10 @@ def test_routing_read_from_each_family() -> None:
 class GemmaMoEHalf(torch.nn.Module):
     """The MoE half of a Gemma 4 decoder layer, with the family's own router, experts and norm modules called as the
     layer calls them: the router normalises and scales its input (RMS norm, a learned [D] scale, hidden_size ** -0.5)
-    and scales each chosen expert's weight by a learned per-expert scale; an RMS norm follows the experts.
+    and scales each chosen expert's weight by a learned per-expert scale; the experts see a separately normalised
+    input (pre_feedforward_layernorm_2), and an RMS norm follows them.
 
-    (The decoder layer itself also holds attention and a dense MLP beside the experts, and gives the experts a
-    separately normalised input; that layer is not read here.)
+    (The decoder layer itself also holds attention and a dense MLP beside the experts; that layer is not read here.)
     """
 
     def __init__(self, family: str, cfg):
@@ -340,11 +347,12 @@ class GemmaMoEHalf(torch.nn.Module):
         self.router = getattr(mod, f"{prefix}TextRouter")(cfg)
         self.experts = getattr(mod, f"{prefix}TextExperts")(cfg)
         self.post_feedforward_layernorm_2 = getattr(mod, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm_2 = getattr(mod, f"{prefix}RMSNorm")(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, top_k_weights, top_k_index = self.router(flat)
-        out = self.experts(flat, top_k_index, top_k_weights).reshape(hidden_states.shape)
+        out = self.experts(self.pre_feedforward_layernorm_2(flat), top_k_index, top_k_weights).reshape(hidden_states.shape)
         return self.post_feedforward_layernorm_2(out)
 
 
@@ -373,10 +381,14 @@ def test_gemma_router_transforms(family: str) -> None:
     assert r.per_expert_scale and r.expert_bias is None and r.normalize and r.score == "softmax"
     assert r.input_norm.model_dump() == {"kind": "rms", "eps": cfg.rms_norm_eps, "weight": True, "multiplier": D ** -0.5}
     assert layer.hf_import.spec.moe.output_norm is not None
+    assert layer.hf_import.spec.moe.experts.input_norm.model_dump() == {
+        "kind": "rms", "eps": cfg.rms_norm_eps, "weight_offset": 0.0, "scale": "after"}
+    assert layer.hf_import.anatomy.pre_norm_name == "pre_feedforward_layernorm_2"
     assert layer.hf_import.anatomy.unexplained == ()
     _check_parity(block, layer)
-    grads = dict(layer.named_parameters())  # the router's own scales were compared (and got gradients)
-    assert grads["router.per_expert_scale"].grad.abs().max() > 0 and grads["router.input_norm.weight"].grad.abs().max() > 0
+    grads = dict(layer.named_parameters())  # the router's own scales and both norms were compared (and got gradients)
+    for name in ("router.per_expert_scale", "router.input_norm.weight", "pre_expert_norm.weight", "output_norm.weight"):
+        assert grads[name].grad.abs().max() > 0, name
 
 
 def test_deepseek_v2_ignores_norm_topk_prob_and_says_so() -> None:
@@ -493,8 +505,9 @@ def test_config_of_unreadable_family_refused() -> None:
                                             intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                                             kv_channels=8)
     # (the first block with experts it meets is JetMoE's mixture-of-attention module, which is no MoE MLP)
-    with pytest.raises(UnsupportedBlock, match="JetMoeMoA"):
+    with pytest.raises(UnsupportedBlock, match="JetMoeMoA") as info:
         spec_from_hf_config(cfg)
+    assert "its forward raises NotImplementedError" in str(info.value)
 
 
 def test_switch_transformers_config_read_with_its_capacity() -> None:

@@ -12,6 +12,7 @@ import torch
 
 import moegraph
 import moegraph.ops
+import moegraph.strategies
 from moegraph.errors import InputError
 
 from reference_moe import reference_forward
@@ -750,3 +751,112 @@ def test_router_transforms_keep_old_spec_hashes():
 def test_router_transform_errors_name_the_field(router, field):
     with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):
         moegraph.load_spec(make_spec(router))
+
+
+#: the experts' space (moe.expert_projection) and a norm of each expert's output (moe.experts.output_norm)
+EXPERT_SPACE = {
+    "output_norm": ({"top_k": 2}, {"output_norm": {"eps": 1e-5}}, None),
+    "output_norm_scaled_before_capacity": ({"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}},
+                                           {"output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before"},
+                                            "bias": True}, None),
+    "projection": ({"top_k": 3, "score": "sigmoid", "normalize": True}, {}, {"size": 12}),
+    "muse_spark": ({"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0,
+                    "expert_bias": {"update_rate": 0.01}},
+                   {"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"},
+                    "input_norm": {"eps": 1e-6, "weight_offset": 1}},
+                   {"size": 24}),
+    "projection_norm_after_hash": ({"type": "hash", "top_k": 2, "method": "modulo"},
+                                   {"output_norm": {"eps": 1e-6}, "input_norm": {"scale": "before"}}, {"size": 8}),
+    # Gemma 4's MoE half: the router sees the input (normalised its own way), the experts a separately normalised one
+    "gemma4_input_norm": ({"top_k": 2, "normalize": True, "per_expert_scale": True,
+                           "input_norm": {"kind": "rms", "eps": 1e-6, "weight": True, "multiplier": D ** -0.5}},
+                          {"input_norm": {"eps": 1e-6}}, None),
+}
+
+
+def _expert_space_spec(case: str) -> dict:
+    router, experts, proj = EXPERT_SPACE[case]
+    spec = make_spec(dict(router), experts=dict(experts))
+    if proj is not None:
+        spec["moe"]["expert_projection"] = proj
+    return spec
+
+
+@pytest.mark.parametrize("case", list(EXPERT_SPACE))
+def test_expert_space_matches_the_loop_reference(case, tmp_path, expert_path):
+    """moe.expert_projection, moe.experts.input_norm and output_norm (Muse Spark, Gemma 4): outputs, the input
+    gradient and every parameter gradient (projections and norm weights included) against the loop reference, 1e-5;
+    each norm changes the output."""
+    spec = _expert_space_spec(case)
+    fresh = moegraph.compile(spec, out_dir=tmp_path)
+    _, experts, proj = EXPERT_SPACE[case]
+    M = proj["size"] if proj else D
+    assert fresh.experts.down_proj.shape[1] == M
+    for name, norm in (("expert_output_norm", experts.get("output_norm")),
+                       ("pre_expert_norm", experts.get("input_norm"))):
+        if norm is not None:  # the norm's scale (offset + weight) starts at one
+            torch.testing.assert_close(getattr(fresh, name).weight + norm.get("weight_offset", 0.0), torch.ones(M))
+    layer = _compile(spec, tmp_path).train()
+    hashed = "hash" in EXPERT_SPACE[case][0].get("type", "")
+    tid = torch.randint(0, 50, (19,), generator=torch.Generator().manual_seed(33)) if hashed else None
+    x = torch.randn(19, D, generator=torch.Generator().manual_seed(31), requires_grad=True)
+    g = torch.randn(19, D, generator=torch.Generator().manual_seed(32))
+    if hashed:
+        params = list(layer.parameters())
+        y, ref = layer(x, tid), reference_forward(spec, layer, x, tid)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(y, [x, *params], g), torch.autograd.grad(ref, [x, *params], g)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:
+        _assert_matches_reference(spec, layer, x, g)
+    for part in ("output_norm", "input_norm"):  # without the norm (same other weights), the output differs
+        plain = copy.deepcopy(spec)
+        if part not in experts:
+            continue
+        del plain["moe"]["experts"][part]
+        other = _compile(plain, tmp_path)
+        other.load_state_dict({k: v for k, v in layer.state_dict().items() if k in other.state_dict()})
+        assert (other.eval()(x, tid) - layer.eval()(x, tid)).abs().max() > 1e-4, part
+
+
+@pytest.mark.parametrize("strategy", list(moegraph.strategies.STRATEGIES))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_expert_space_every_strategy(strategy, T, tmp_path):
+    """Every expert-compute strategy the tuner may pick is exact on the expert-space layer, eval and train."""
+    spec = _expert_space_spec("muse_spark")
+    layer = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path, expert_strategy=strategy)
+    _randomise(layer)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    ref = reference_forward(spec, layer, x)
+    for mode in ("eval", "train"):
+        with torch.no_grad():
+            torch.testing.assert_close(getattr(layer, mode)()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_space_keeps_old_hashes_and_names_bad_fields():
+    """Older specs dump and hash as before the fields existed; combinations that are not defined are refused by
+    the field to change."""
+    plain = make_spec({"top_k": 2})
+    off = make_spec({"top_k": 2}, experts={"output_norm": None, "input_norm": None})
+    off["moe"]["expert_projection"] = None
+    assert moegraph.load_spec(off).hash() == moegraph.load_spec(plain).hash()
+    bad = [
+        ({"experts": {"output_norm": {"eps": 0}}}, "output_norm.eps"),
+        ({"experts": {"output_norm": {"weight_offset": 2}}}, "output_norm.weight_offset"),
+        ({"experts": {"output_norm": {"scale": "middle"}}}, "output_norm.scale"),
+        ({"experts": {"output_norm": {}, "routing_weight": "input"}}, "experts.output_norm"),
+        ({"expert_projection": {"size": 0}}, "expert_projection.size"),
+        ({"expert_projection": {"size": 8}, "shared": {"count": 1}}, "shared_experts.count"),
+        ({"expert_projection": {"size": 8}, "experts": {"identity_experts": 2}}, "experts.identity_experts"),
+        ({"expert_projection": {"size": 8}, "experts": {"routing_weight": "input"}}, "experts.routing_weight"),
+        ({"experts": {"input_norm": {"kind": "layer"}}}, "input_norm.kind"),
+        ({"expert_projection": {"size": 8, "input_norm": {}}}, "input_norm"),
+        ({"experts": {"input_norm": {}}, "shared": {"count": 1}}, "shared_experts.count"),
+        ({"experts": {"input_norm": {}, "zero_experts": 1}}, "experts.identity_experts"),
+    ]
+    for change, field in bad:
+        spec = make_spec({"top_k": 2}, experts=change.get("experts"), shared=change.get("shared"))
+        if "expert_projection" in change:
+            spec["moe"]["expert_projection"] = change["expert_projection"]
+        with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):
+            moegraph.load_spec(spec)

@@ -526,3 +526,86 @@ def test_jetmoe_mlp_blocks_swapped_attention_experts_left_alone() -> None:
         out = model(ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_muse_spark_logits_and_generation() -> None:
+    """Muse Spark (a multimodal model; text only here): its MoE layer projects into the experts' own space, normalises
+    there and normalises each expert's output (moe.expert_projection, experts.output_norm). optimize swaps it; the
+    logits and greedy tokens stay the same, with every weight randomised (its norm weights start at zero)."""
+    from transformers.models.muse_spark import configuration_muse_spark as cm, modeling_muse_spark as mm
+
+    text = cm.MuseSparkTextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=64, moe_intermediate_size=16, num_local_experts=8,
+        num_experts_per_tok=2, moe_hidden_size=24, routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=16)
+    vision = cm.MuseSparkVisionConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2)
+    audio = cm.MuseSparkAudioConfig(hidden_sizes=(8,), depths=(1,), patch_sizes=(16,), num_hidden_layers=1,
+                                    out_hidden_size=32)
+    cfg = cm.MuseSparkConfig(text_config=text, vision_config=vision, audio_config=audio, out_hidden_size=16,
+                             projector_hidden_size=16, image_token_id=60, video_token_id=61, audio_token_id=62)
+    torch.manual_seed(0)
+    model = mm.MuseSparkForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if ".mlp." in name and t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * (0.3 if t.dim() < 3 else 0.2))
+    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    report = model.moegraph_report
+    assert [r.path for r in report.swapped] == ["model.language_model.layers.1.mlp"], str(report)
+    (adapter,) = [m for m in model.modules() if isinstance(m, MoEBlockAdapter)]
+    assert adapter.moe.EXPERT_WIDTH == 24 and adapter.moe.EXPERT_OUTPUT_NORM_OFFSET == 1.0
+    # The config alone (a model built on the meta device) reads as the same layer spec.
+    import json
+
+    swapped = moegraph.load_spec(json.loads(adapter.moe.SPEC_JSON)).moe
+    assert hf.spec_from_hf_config(text).moe.model_dump() == swapped.model_dump()
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
+
+
+def test_ernie_vl_modality_experts_flattened_output() -> None:
+    """Ernie 4.5 VL: its modality-isolated MoE runs a text MoE on text tokens and a vision MoE on the others, each
+    called on a 1-D selection of hidden states and returning its output and router logits flattened. optimize
+    swaps both inner MoEs; the outer block's outputs and router logits, and the input gradient, stay the same on a
+    mix of text and vision tokens."""
+    from transformers.models.ernie4_5_vl_moe import configuration_ernie4_5_vl_moe as cm, modeling_ernie4_5_vl_moe as mm
+
+    cfg = cm.Ernie4_5_VLMoeTextConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=VOCAB, num_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=[16, 24], moe_num_shared_experts=1)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    block = mm.Ernie4_5_VLMoeMoeBlock(cfg).float().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, t in list(block.named_parameters()) + list(block.named_buffers()):
+            t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    x = torch.randn(2, 7, 32, generator=g)
+    types = (torch.rand(2, 7, generator=g) > 0.5).long()
+    assert 0 < int(types.sum()) < types.numel()
+    xr = x.clone().requires_grad_(True)
+    ref, ref_logits = block(xr, types)
+    ref.square().sum().backward()
+    with torch.no_grad():
+        ref_text = block(x)[0]  # text only: the outer block calls its text MoE on [B, S, D]
+    moegraph.optimize(block)
+    swapped = sorted(r.path for r in block.moegraph_report.swapped)
+    assert swapped == ["text_moe", "vision_moe"], str(block.moegraph_report)
+    assert all(m.flattened for m in block.modules() if isinstance(m, MoEBlockAdapter))
+    xo = x.clone().requires_grad_(True)
+    out, logits = block(xo, types)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    # (summation order differs: an absolute floor of 1e-5 of the largest entry, as tests/test_hf_parity.py)
+    torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5 * float(xr.grad.abs().max()))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x)[0], ref_text, rtol=1e-5, atol=1e-6)

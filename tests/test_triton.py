@@ -482,6 +482,25 @@ def test_capacity_per_sequence_and_output_bias(tmp_path):
     assert "moegraph_triton.expert_mlp" in tri.graph().code
 
 
+def test_expert_space_runs_torch_code_around_the_triton_expert_op(tmp_path):
+    """moe.expert_projection and moe.experts.output_norm (Muse Spark) on the Triton backend: the projections and
+    norms stay torch code in the generated layer, the expert op is Triton's (on M-wide rows, one per assignment)
+    and the router kernel still takes the routing; equal to the torch backend."""
+    spec = moegraph.load_spec(_spec("t-expert-space", {"top_k": 2, "score": "sigmoid", "normalize": True},
+                                    experts={"output_norm": {"eps": 1e-5, "weight_offset": 1, "scale": "before"},
+                                             "input_norm": {"weight_offset": 1}},
+                                    moe={"expert_projection": {"size": 24}}))
+    ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, out_dir=tmp_path)
+    _randomise(ref)
+    tri = moegraph.compile(spec, backend="triton", dtype=torch.float32, out_dir=tmp_path, passes=triton_passes(spec))
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(tri.eval()(x), ref.eval()(x), **TOL[torch.float32])
+    code = tri.graph().code
+    assert "moegraph_triton.expert_mlp" in code and "torch.ops.moegraph.expert_mlp" not in code
+    assert "moegraph_triton.route_topk" in code
+
+
 def test_forward_after_the_first_renders_and_parses_nothing(tmp_path, monkeypatch):
     """Kernel modules are looked up once per variant: later forwards never render a template, hash a
     source or parse a score expression (that host path was ~0.2 ms of every layer call)."""

@@ -79,6 +79,15 @@ def show(spec: SpecArg) -> None:
         highlight=False,
     )
     console.print(f"routing: {routing}", highlight=False)
+    ex = moe.experts
+    if moe.expert_projection is not None or ex.input_norm is not None or ex.output_norm is not None:
+        def norm(n) -> str:
+            return f"rms eps={n.eps:g}" + (" w+1" if n.weight_offset else "") + (" scale-first" if n.scale == "before" else "")
+
+        space = [f"projected D -> {moe.expert_projection.size} -> D" if moe.expert_projection is not None else "",
+                 f"input norm ({norm(ex.input_norm)})" if ex.input_norm is not None else "",
+                 f"output norm per expert ({norm(ex.output_norm)})" if ex.output_norm is not None else ""]
+        console.print("experts: " + ", ".join(p for p in space if p), highlight=False)
 
     t = Table(title="parameters", show_header=True)
     t.add_column("")

@@ -36,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import fp8
 from ..errors import DistributedError, PlanFileError
 from ..fx_passes import Pipeline, _is_expert_op
-from ..runtime import ONES_AT_INIT, CompiledMoEBase
+from ..runtime import CompiledMoEBase, init_value
 from .comm import Comm, Traffic
 from .dispatch import ExpertDispatch
 from .weights import SlotExperts, load_checkpoint
@@ -259,8 +259,9 @@ class ExpertParallelMoE(CompiledMoEBase):
                     continue
                 if name.endswith("_scale_inv"):  # set with its FP8 weight (runtime.reset_parameters)
                     continue
-                if name in ONES_AT_INIT:  # ones, as runtime.reset_parameters
-                    p.fill_(1.0)
+                start = init_value(self, name)
+                if start is not None:  # as runtime.reset_parameters
+                    p.fill_(start)
                     continue
                 bound = 1.0 / math.sqrt(p.shape[-1])
                 store = (lambda w, name=name: fp8.store(self, name, w)) if fp8.is_fp8(p) else p.copy_

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,19 @@ class BlockAnatomy:
     split_down_name: str | None = None  # "split" layout: the child holding the down projections [E, D, F] (JetMoE)
     output_bias_name: str | None = None  # a [D] bias the block adds to its output (JetMoE's ``bias``)
     output_norm_eps: float | None = None
+    # The experts' own space (Muse Spark): Linear children projecting D -> M before the experts and M -> D after
+    # them (hidden_size is then the block's D), a norm of what the experts see (projected or not: Gemma 4 too),
+    # and a norm on each expert's output inside the experts.
+    expert_width: int | None = None  # M, when the experts are projected; None = they see the block input
+    pre_proj_name: str | None = None
+    post_proj_name: str | None = None
+    pre_norm_name: str | None = None
+    pre_norm: dict[str, Any] | None = None  # the spec's ExpertNorm of the experts' input (eps, weight_offset, scale)
+    expert_norm_name: str | None = None  # path inside the block of the experts' per-expert output norm
+    expert_norm: dict[str, Any] | None = None  # its spec ExpertNorm
+    #: two [D] norms beside the experts (Gemma 4's MoE half): one normalises the experts' input, the other the
+    #: block output; which is which, the probe reads from what the experts receive
+    norm_candidates: tuple[tuple[str, float], ...] = ()
     # Set once the probe has read the routing (``block.read_block``):
     expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
     router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
@@ -301,9 +315,6 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             "block (router, experts, shared experts, a norm of its output) is read, not the layer around it", cls)
     split = split_experts(block)
     listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
-    if getattr(experts, "has_post_expert_norm", False):
-        raise UnsupportedBlock("its experts apply a norm after each expert (has_post_expert_norm); the spec has no "
-                               "per-expert output norm", cls)
     flat = flat_glu(experts)
     gated = flat is not None or isinstance(getattr(experts, "gate_up_proj", None), Tensor) or (
         listed is not None and len(listed.ups) == 2) or (
@@ -372,7 +383,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         except (ImportError, KeyError):
             act = None
 
+    space = _expert_space(block, experts, ename, D, cls)
+    claimed = {ename, *(n for n in (space.get("pre_proj_name"), space.get("post_proj_name"),
+                                    space.get("pre_norm_name")) if n)}
+    if space.get("expert_width"):
+        D = space["pre_proj_dx"]  # the block's width: what the router, and everything outside the experts, sees
+    space.pop("pre_proj_dx", None)
     anat_kwargs: dict[str, Any] = dict(
+        **space,
         block_class=cls, experts_name=ename, num_experts=E, hidden_size=D, intermediate_size=Fh, gated=gated,
         transposed=bool(transposed), interleaved=interleaved, expert_bias_terms=has_bias, activation_fn=act,
         gate_clamp=clamps[0], up_clamp=clamps[1],
@@ -381,7 +399,6 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     )
 
     # Shared experts and their gate: children holding Linear layers from D.
-    claimed = {ename}
     shared_names: list[str] = []
     shared_gate = None
     for name, child in block.named_children():
@@ -430,14 +447,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
 
     # A norm of the block output (AXK1): a child named *norm* holding one [D] weight and an epsilon. Whether
     # it is an RMS norm of routed + shared (and nothing else) is the probe's to check, on the block's output.
-    for name, child in block.named_children():
-        eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
-        ps = dict(child.named_parameters())
-        if (name not in claimed and "norm" in name.lower() and isinstance(eps, float) and eps > 0
-                and set(ps) == {"weight"} and tuple(ps["weight"].shape) == (D,)):
-            anat_kwargs.update(output_norm_name=name, output_norm_eps=eps)
-            claimed.add(name)
-            break
+    norms = [(name, _norm_child(child, D)) for name, child in block.named_children()
+             if name not in claimed and "norm" in name.lower() and _norm_child(child, D) is not None]
+    if len(norms) == 2 and not anat_kwargs.get("expert_width"):
+        anat_kwargs["norm_candidates"] = tuple(norms)  # an input norm of the experts and an output norm
+        claimed.update(n for n, _ in norms)
+    elif norms:
+        anat_kwargs.update(output_norm_name=norms[0][0], output_norm_eps=norms[0][1])
+        claimed.add(norms[0][0])
 
     if split is not None:
         claimed.add(split[1])
@@ -490,6 +507,75 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         router_weight_name=rw, router_bias_name=router_bias, expert_bias_name=ebias[0] if ebias else None,
         unexplained=unexplained, token_table_name=_token_table(rest, E, config, cls), **anat_kwargs,
     )
+
+
+def _norm_child(mod: nn.Module, width: int) -> float | None:
+    """The epsilon of a norm module holding one [width] weight and nothing else (None: not such a norm)."""
+    eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+    ps = dict(mod.named_parameters())
+    ok = isinstance(eps, float) and eps > 0 and set(ps) == {"weight"} and tuple(ps["weight"].shape) == (width,)
+    return eps if ok else None
+
+
+def norm_form(mod: nn.Module, width: int, eps: float, what: str, cls: str) -> dict[str, Any]:
+    """The spec's ExpertNorm a norm module computes, found numerically on a float32 copy with a random weight: an RMS
+    norm whose weight scales as (offset + weight), offset 0 or 1, before or after the norm."""
+    from ..semantics.torch_forms import rms_norm
+
+    probe = copy.deepcopy(mod)
+    if any(t.is_meta for t in probe.parameters()):
+        probe = probe.to_empty(device="cpu")
+    probe = probe.float()
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(16, width, generator=g) * 2
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(width, generator=g) * 0.5)
+        try:
+            got = probe(v)
+        except Exception as exc:  # reported as the reason
+            raise UnsupportedBlock(f"its {what} {type(mod).__name__} could not be evaluated ({type(exc).__name__}: "
+                                   f"{exc})", cls) from exc
+        for offset in (0.0, 1.0):
+            for scale in ("after", "before"):
+                if isinstance(got, Tensor) and got.shape == v.shape and torch.allclose(
+                        got, rms_norm(v, eps, probe.weight, offset, scale == "before"), rtol=1e-5, atol=1e-6):
+                    return {"kind": "rms", "eps": eps, "weight_offset": offset, "scale": scale}
+    raise UnsupportedBlock(f"its {what} {type(mod).__name__} is no RMS norm the spec has (weight or 1 + weight, "
+                           "applied before or after the norm)", cls)
+
+
+def _expert_space(block: nn.Module, experts: nn.Module, ename: str, M: int, cls: str) -> dict[str, Any]:
+    """The experts' own space, read by structure: two bias-free Linear children D -> M and M -> D (M the experts'
+    width, D != M) around them, a norm child holding one [M] weight (of the projected input), and a norm inside
+    the experts holding one [M] weight, which transformers' experts declare as ``has_post_expert_norm`` (each
+    expert's output normalised before its weight). Empty when the experts see the block input."""
+    out: dict[str, Any] = {}
+    inner = [(n, c) for n, c in experts.named_children() if _norm_child(c, M) is not None]
+    if inner:
+        if not getattr(experts, "has_post_expert_norm", False) or len(inner) != 1:
+            raise UnsupportedBlock(f"its experts hold norm modules {[n for n, _ in inner]} that their class does not "
+                                   "declare as a norm of each expert's output (has_post_expert_norm)", cls)
+        n, c = inner[0]
+        out.update(expert_norm_name=f"{ename}.{n}",
+                   expert_norm=norm_form(c, M, _norm_child(c, M), "experts' output norm", cls))
+    lins = [(n, c) for n, c in block.named_children() if isinstance(c, nn.Linear) and c.bias is None]
+    pre = [(n, c) for n, c in lins if c.out_features == M and c.in_features != M]
+    post = [(n, c) for n, c in lins if c.in_features == M and c.out_features != M]
+    pairs = [(a, b) for a in pre for b in post if a[1].in_features == b[1].out_features]
+    if not pairs:
+        return out
+    if len(pairs) > 1:
+        raise UnsupportedBlock(f"several Linear pairs {[(a[0], b[0]) for a, b in pairs]} could project the experts' "
+                               "input and output", cls)
+    (pn, pc), (qn, _) = pairs[0]
+    out.update(expert_width=M, pre_proj_name=pn, post_proj_name=qn, pre_proj_dx=pc.in_features)
+    norms = [(n, c) for n, c in block.named_children() if n != ename and _norm_child(c, M) is not None]
+    if len(norms) > 1:
+        raise UnsupportedBlock(f"several norms {[n for n, _ in norms]} of the experts' width {M}", cls)
+    if norms:
+        n, c = norms[0]
+        out.update(pre_norm_name=n, pre_norm=norm_form(c, M, _norm_child(c, M), "experts' input norm", cls))
+    return out
 
 
 def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tuple[int, int]:

@@ -47,7 +47,13 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
         experts["identity_experts"] = anat.identity_experts
     if anat.zero_experts:
         experts["zero_experts"] = anat.zero_experts
+    if anat.pre_norm is not None:
+        experts["input_norm"] = dict(anat.pre_norm)
+    if anat.expert_norm is not None:
+        experts["output_norm"] = dict(anat.expert_norm)
     moe: dict[str, Any] = {"hidden_size": anat.hidden_size, "experts": experts}
+    if anat.expert_width:
+        moe["expert_projection"] = {"size": anat.expert_width}
     if anat.shared_names:
         if anat.shared_activation_fn is not None and anat.shared_activation_fn != anat.activation_fn:
             raise UnsupportedBlock(f"its shared expert uses {anat.shared_activation_fn} but the routed experts use "

@@ -35,6 +35,7 @@ class HFImport:
     max_abs_diff: float | None = None
     token_arg: str | None = None  # the block's forward argument carrying token ids (used or ignored per the spec)
     flat_output: bool = False  # the block returns [tokens, D] for a [B, S, D] input
+    flattened: bool = False  # the block returns its output and router logits flattened to 1-D (Ernie 4.5 VL)
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -88,6 +89,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     cfg = _text_config(config) if config is not None else None
     anat = inspect_block(block, cfg)
     probe = probe_block(block, anat)
+    anat = probe.anatomy or anat  # (two norms beside the experts: which is the experts' input norm, read by the probe)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
     anat = _routing_tensors(anat, routing, probe)
     dtype = DTYPE_NAMES.get(_block_dtype(block, anat, cfg))
@@ -104,7 +106,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model,
                       quantization=_quantization(block, anat, cfg))
     return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
-                    flat_output=probe.flat_output)
+                    flat_output=probe.flat_output, flattened=probe.flattened)
 
 
 def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockAnatomy:

@@ -6,6 +6,7 @@ The recorded expert ids and weights feed ``routing.identify_routing``; the combi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ class Probe:
     #: what the router's linear sees when it is not the block input: (kind, eps, weight name or None, multiplier),
     #: the spec's router.input_norm (Gemma 4: rms(x) * scale * hidden_size ** -0.5); None = the block input
     router_input: tuple[str, float, str | None, float] | None = None
+    #: the anatomy with its two candidate norms resolved (which one the experts' input goes through); None = as given
+    anatomy: BlockAnatomy | None = None
+    flattened: bool = False  # the block returns its output (and router logits) flattened to 1-D (Ernie 4.5 VL)
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -116,7 +120,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         if table is not None:  # distinct random experts per token id, so that the table's use shows
             V, K = table.shape
             table.copy_(torch.rand(V, E, generator=g).argsort(-1)[:, :K])
-        routed_out = torch.randn(tokens, D, generator=g)
+        M = anat.expert_width or D  # the experts' width (their own space, when the block projects into it)
+        routed_out = torch.randn(tokens, M, generator=g)
         shared_out = torch.randn(tokens, D, generator=g)
         dense_out = torch.randn(E * tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
@@ -158,6 +163,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 _, again, _ = run(((tid_T + 1 + torch.randint(0, vocab - 1, (tokens,), generator=g)) % vocab)
                                   .view(1, tokens))
                 uses_ids = not _same_calls(experts, again)
+        except NotImplementedError as exc:  # (JetMoE's mixture of attention: driven through map/reduce)
+            raise UnsupportedBlock(f"it cannot be called: its forward raises NotImplementedError ({exc}); its model "
+                                   "drives it through other methods, so there is no block call to replace", cls) from exc
         except Exception as exc:  # reported as the reason the block cannot be read
             extra = forward_args(block)
             hint = (f" (its forward also takes {', '.join(extra)}: routing that depends on more than the hidden "
@@ -169,6 +177,10 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         xr_TD = x.view(tokens, D)
         if seen and not torch.allclose(seen[0], xr_TD, rtol=1e-5, atol=1e-6):
             router_input, xr_TD = _read_router_input(light, anat, xr_TD, seen[0], constants)
+        if router_input is None and b_r is None:
+            # A constant the router multiplies its logits by (``output_multiplier``), a candidate of the routing
+            # identification: for a bias-free router on the block input it is a multiplier on that input.
+            constants["multiplier"] = _gate_constants(light, "multiplier")
         logits = F.linear(xr_TD, w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
@@ -208,8 +220,22 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             ids, w, kept = mask
             if not bool(kept.all()):
                 raise UnsupportedBlock("its router drops tokens although the probe lifted its expert_capacity", cls)
-    if not input_scaled and not anat.split_down_name and (h.shape[-1] != D or h.numel() != tokens * D
-                                                          or not torch.equal(h.reshape(tokens, D), x.view(tokens, D))):
+    xe_TM = x.view(tokens, D)
+    resolved = None
+    if anat.norm_candidates and not input_scaled and not anat.split_down_name:
+        anat = resolved = _resolve_norms(light, anat, xe_TM, h.reshape(-1, h.shape[-1]).float())
+    if anat.expert_width or anat.pre_norm_name:  # what the experts should see: the projected, normalised input
+        xe_TM = _expert_input(light, anat, xe_TM)
+    if not input_scaled and not anat.split_down_name and (
+            h.shape[-1] != M or h.numel() != tokens * M or not (
+                torch.equal(h.reshape(tokens, M), xe_TM) if not (anat.expert_width or anat.pre_norm_name)
+                else torch.allclose(h.reshape(tokens, M).float(), xe_TM, rtol=1e-5, atol=1e-6))):
+        if anat.expert_width or anat.pre_norm_name:
+            raise UnsupportedBlock(
+                "the tokens its experts receive are not the block input"
+                + (f" projected by {anat.pre_proj_name}" if anat.expert_width else "")
+                + (f" and normalised by {anat.pre_norm_name}" if anat.pre_norm_name else "")
+                + "; the spec's expert_projection and experts.input_norm do not describe what its experts see", cls)
         raise UnsupportedBlock(
             "the tokens its experts receive are not the block input (the block rescales or transforms them "
             "before the experts, e.g. by the router score); the spec applies routing weights to expert outputs", cls,
@@ -223,6 +249,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
     if anat.split_down_name:
         routed = routed_split
+    if anat.expert_width:  # the experts' weighted sum, projected back to the block's width
+        with torch.no_grad():
+            routed = F.linear(routed, get_path(light, anat.post_proj_name).weight.float())
     expect = torch.zeros(tokens, D) + bias_D
     if anat.shared_names:
         for s in sharers:
@@ -241,7 +270,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             wg = get_path(light, anat.shared_gate_name).weight
             scale = torch.sigmoid(F.linear(x.view(tokens, D), wg))
         expect = expect + scale * shared_out
-    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D:
+    if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D and y.dim() != 1:
         raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
                                "the compiled layer returns [..., hidden] like its input", cls)
     routed_scale = 1.0
@@ -271,15 +300,53 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     if isinstance(out, tuple):
         extras = []
         for e in out[1:]:
-            if isinstance(e, Tensor) and e.shape == logits.shape and torch.allclose(e.float(), logits, atol=1e-5):
-                extras.append("router_logits")
+            if isinstance(e, Tensor) and (e.shape == logits.shape or y.dim() == 1 and e.shape == (logits.numel(),)) \
+                    and torch.allclose(e.float().reshape(logits.shape), logits, atol=1e-5):
+                extras.append("router_logits")  # (flattened as the output is, Ernie 4.5 VL)
             else:
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
-                 router_input)
+                 router_input, resolved, y.dim() == 1)
+
+
+def _resolve_norms(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, h_TD: Tensor) -> BlockAnatomy:
+    """The anatomy of a block with two [D] norms beside its experts (Gemma 4's MoE half): the one whose form
+    (``anatomy.norm_form``) maps the block input to what the experts received is their input norm
+    (experts.input_norm), the other the block's output norm. Unresolved: the first is the output norm, as for
+    a block with one (the probe's checks then say what does not fit)."""
+    from ..semantics.torch_forms import rms_norm
+    from .anatomy import norm_form
+
+    for i, (name, eps) in enumerate(anat.norm_candidates):
+        (other, other_eps) = anat.norm_candidates[1 - i]
+        mod = get_path(light, name)
+        try:
+            form = norm_form(mod, x_TD.shape[-1], eps, "norm beside the experts", anat.block_class)
+        except UnsupportedBlock:
+            continue
+        with torch.no_grad():
+            want = rms_norm(x_TD, eps, mod.weight.float(), form["weight_offset"], form["scale"] == "before")
+        if h_TD.shape == want.shape and torch.allclose(h_TD, want, rtol=1e-5, atol=1e-6):
+            return dataclasses.replace(anat, pre_norm_name=name, pre_norm=form, output_norm_name=other,
+                                       output_norm_eps=other_eps, norm_candidates=())
+    name, eps = anat.norm_candidates[0]
+    return dataclasses.replace(anat, output_norm_name=name, output_norm_eps=eps, norm_candidates=())
+
+
+def _expert_input(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor) -> Tensor:
+    """[T, M] what the spec gives the experts: x projected (expert_projection), then its norm (experts.input_norm)."""
+    from ..semantics.torch_forms import rms_norm
+
+    with torch.no_grad():
+        xe_TM = F.linear(x_TD, get_path(light, anat.pre_proj_name).weight.float()) if anat.expert_width else x_TD
+        if anat.pre_norm_name:
+            n = anat.pre_norm
+            xe_TM = rms_norm(xe_TM, n["eps"], get_path(light, anat.pre_norm_name).weight.float(), n["weight_offset"],
+                             n["scale"] == "before")
+    return xe_TM
 
 
 class _RowSignatures(nn.Module):

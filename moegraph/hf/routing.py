@@ -36,6 +36,8 @@ class Routing:
     sparsemixer_eps: float | None = None  # Phi-MoE's sparsemixer weighs the choices (inference form)
     per_expert_scale: bool = False  # the block's E-sized tensor scales each chosen expert's weight (Gemma 4)
     input_norm: tuple[str, float, bool, float] | None = None  # router.input_norm: kind, eps, weight, multiplier
+    logit_multiplier: float | None = None  # a constant on the logits of a bias-free router (Muse Spark), which the
+    # spec writes as a multiplier on the router input (W (c x) == c (W x)): input_norm {kind: none, multiplier: c}
 
     def describe(self) -> str:
         cap = (f", capacity {self.capacity[0]} tokens per {self.capacity[1]}" if self.capacity else "")
@@ -59,6 +61,8 @@ class Routing:
             s += " + selection bias" + (" on the logits" if self.bias_on_logits else "")
         if self.input_norm is not None:
             s += f", router input {'rms-normed' if self.input_norm[0] == 'rms' else 'scaled'}"
+        if self.logit_multiplier is not None:
+            s += f", logits x{self.logit_multiplier:g}"
         if self.per_expert_scale:
             s += ", per-expert scales"
         if self.groups:
@@ -98,6 +102,8 @@ class Routing:
         if self.input_norm is not None:
             kind, eps, weight, mult = self.input_norm
             d["input_norm"] = {"kind": kind, "eps": eps, "weight": weight, "multiplier": mult}
+        elif self.logit_multiplier is not None:
+            d["input_norm"] = {"kind": "none", "multiplier": self.logit_multiplier}
         if self.groups:
             G, M, how, n = self.groups
             d["groups"] = {"num_groups": G, "topk_groups": M, "group_score": how}
@@ -113,6 +119,8 @@ def route(logits_TE: Tensor, r: Routing, expert_bias_E: Tensor | None, shared: i
     """(ids_TK, weights_TK) of a routing: the torch reference of ``moegraph.semantics.routing`` (``shared``: the
     last logits weigh shared experts; their weights follow the K chosen ones)."""
     bias = expert_bias_E if (r.expert_bias and expert_bias_E is not None) else None
+    if r.logit_multiplier is not None:
+        logits_TE = logits_TE * r.logit_multiplier
     if r.logit_softcap is not None:
         logits_TE = cap_logits(logits_TE, r.logit_softcap)
     if r.sparsemixer_eps is not None:
@@ -191,6 +199,9 @@ def _candidates(dec: Declared, K: int, E: int, has_bias: bool, constants: dict[s
     for eps in constants.get("jitter", []):
         for cap in [None, *constants.get("softcap", [])]:
             yield Routing(top_k=K, sparsemixer_eps=eps, logit_softcap=cap)
+    for mult in constants.get("multiplier", []):  # (gathered only for a bias-free router that sees the block input)
+        for r in plain:
+            yield dataclasses.replace(r, logit_multiplier=mult)
 
 
 def _plain_candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator[Routing]:

@@ -54,7 +54,7 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             out["experts.down_proj_bias"] = torch.stack([bias(d) for d in dn])
     elif anat.expert_layout == "flat_glu":  # DBRX: w1 (gate), v1 (up), w2 (down transposed), each [E*F, D]
         w1, v1, w2, _, _ = flat_glu(ex)
-        D = anat.hidden_size
+        D = anat.expert_width or anat.hidden_size
         out["experts.gate_up_proj"] = torch.cat([w1.view(E, Fh, D), v1.view(E, Fh, D)], dim=1)
         out["experts.down_proj"] = w2.view(E, Fh, D).transpose(1, 2)
     else:
@@ -96,12 +96,19 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
             assert out[f"shared_experts.{up_name}_bias"].numel() == S, "shared bias size mismatch"
         if anat.shared_gate_name:
             out["shared_expert_gate.weight"] = get_path(block, anat.shared_gate_name).weight
+    if anat.expert_width:  # the experts' own space: its projections and norm, and the experts' output norm
+        out["pre_expert_proj.weight"] = get_path(block, anat.pre_proj_name).weight
+        out["post_expert_proj.weight"] = get_path(block, anat.post_proj_name).weight
+    if anat.pre_norm_name:
+        out["pre_expert_norm.weight"] = get_path(block, anat.pre_norm_name).weight
+    if anat.expert_norm_name:
+        out["expert_output_norm.weight"] = get_path(block, anat.expert_norm_name).weight
     if anat.output_norm_name:
         out["output_norm.weight"] = get_path(block, anat.output_norm_name).weight
     if anat.output_bias_name:
         out["output.bias"] = get_path(block, anat.output_bias_name)
     if anat.expert_bias_terms is False and anat.shared_bias_terms:
-        out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.hidden_size)
+        out["experts.down_proj_bias"] = ex.down_proj.new_zeros(E, anat.expert_width or anat.hidden_size)
         out[f"experts.{up_name}_bias"] = ex.down_proj.new_zeros(E, Fh * (2 if anat.gated else 1))
     return out
 

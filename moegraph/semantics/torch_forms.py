@@ -1,5 +1,6 @@
 """The torch forms of the semantics: expression programs evaluated on tensors, activations forward
-and backward (from the table entry's expression and its symbolic derivatives), and scores.
+and backward (from the table entry's expression and its symbolic derivatives), scores, and the RMS
+norms of the experts' space (``spec.ExpertNorm``).
 
 Differentiable by autograd as well (every step is a torch op), which the layers' shared-expert
 path relies on in training.
@@ -17,7 +18,7 @@ import moegraph.semantics.expr as _expr
 from .activations import Activation, activation
 from .scores import score_expression, score_tree
 
-__all__ = ["TORCH_FUNCTIONS", "run_program", "activate", "activate_saved", "activate_backward", "scores"]
+__all__ = ["TORCH_FUNCTIONS", "run_program", "activate", "activate_saved", "activate_backward", "scores", "rms_norm"]
 
 #: function name -> torch callable (the meaning of ``expr.FUNCTIONS`` on tensors)
 TORCH_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -137,3 +138,17 @@ def _score_program(score: str) -> _expr.Program:
     if prog is None:
         prog = _SCORE_PROGRAMS[score] = _expr.program([score_tree(score_expression(score))])
     return prog
+
+
+def rms_norm(v_TM: Tensor, eps: float, weight_M: Tensor | None, offset: float = 0.0, before: bool = False) -> Tensor:
+    """``spec.ExpertNorm`` on [..., M] rows: ``rms(v) * (offset + weight)`` in float32, or with ``before``
+    ``rms(v * (offset + weight))`` (the scaled input rounded to v's dtype first, as an input-scaled norm
+    rounds it); the result has v's dtype. Differentiable by autograd."""
+    vf = v_TM.float()
+    w_M = None if weight_M is None else (weight_M.float() + offset if offset else weight_M.float())
+    if w_M is not None and before:
+        vf = (vf * w_M).to(v_TM.dtype).float()
+    vf = vf * torch.rsqrt(vf.pow(2).mean(-1, keepdim=True) + eps)
+    if w_M is not None and not before:
+        vf = vf * w_M
+    return vf.to(v_TM.dtype)
