@@ -299,9 +299,10 @@ def supports(args: ExpertArgs) -> str | None:
 
 
 def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up, b_down, act_args, fp8) -> None:
-    if tok is not None and n == 0:
-        # No assignments, nothing to add. The kernel must not be called: an empty tensor's data_ptr()
-        # is 0, and a NULL tok means "every token to expert 0" (the shared-expert call).
+    if x.shape[0] == 0 or (tok is not None and n == 0):
+        # No tokens or no assignments: nothing to add. The kernel must not be called: it refuses T = 0
+        # (a rank with no tokens still runs its shared experts' call), and an empty tensor's data_ptr()
+        # is 0 while a NULL tok means "every token to expert 0" (the shared-expert call).
         return
     T, D = x.shape
     E, F = w_up.shape[0], w_down.shape[-1]
