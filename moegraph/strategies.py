@@ -17,7 +17,9 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
 
 Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
-tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not.
+tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not. A call whose backward
+will run has two forms of its own (``_train_forward``, grouped or one GEMM per expert, keeping what
+the backward needs), tuned under their own key; its backward's two forms under a third.
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
 U touched experts, M padded rows per expert, N assignments.

@@ -112,9 +112,10 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
     ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
     None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
 
-    GEMMs write into preallocated buffers (``out=``), the activation runs in place, the routing
-    weight scales the F-wide hidden rows instead of the D-wide outputs, and the shared experts write
-    the output buffer that the routed rows are then added into.
+    GEMMs write into preallocated buffers (``out=``), the bias, activation (in place) and routing
+    weight run once over all rows, the routing weight scales the F-wide hidden rows instead of the
+    D-wide outputs, and the shared experts write the output buffer that the routed rows are then
+    added into.
     """
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
