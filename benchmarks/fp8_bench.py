@@ -1,7 +1,7 @@
 """FP8 experts vs the bfloat16 layer on the CPU, decode-sized batches, side by side.
 
     python benchmarks/fp8_bench.py [--tokens 1 2 4 8 16] [--rounds 15] [--threads N] [--layer bench|v3-experts]
-                                   [--fresh]
+                                   [--fresh] [--clock wall|cpu]
 
 Two layers compiled from the same spec and seed: experts in bfloat16, and in FP8 (e4m3, 128x128
 blocks, 1x128 activation tiles, shared expert quantized too). ``--layer bench`` (the default) is the
@@ -14,7 +14,8 @@ Both run in eval mode on the same bfloat16 input, interleaved round by round in 
 ``--fresh`` every round draws new tokens (as decoding does: each step routes to other experts, so
 the touched weights are less often still in cache), else the same tokens every round. The script
 prints the median time per forward of each, their ratio (FP8 / bf16: below 1 means FP8 is faster),
-the ratio of the best times too (less sensitive to other programs on a shared machine), the expert
+the ratio of the best times too (less sensitive to other programs on a shared machine; ``--clock
+cpu`` times this process's CPU time instead of wall time, for the same reason), the expert
 bytes each layer holds, the relative difference of the outputs (what FP8 rounding costs), the path
 each layer's experts took (tuned on the size's first, untimed call: ``native`` is the C decode kernel
 of ``moegraph.native``) and the load average before and after (the machine may be shared).
@@ -66,6 +67,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--layer", choices=["bench", "v3-experts"], default="bench")
     ap.add_argument("--fresh", action="store_true", help="new tokens every round (else the same tokens)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or this process's CPU time (all its threads; on a shared machine other "
+                         "programs inflate it far less: use it with --threads 1, as idle threads spin in CPU time)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +78,9 @@ def main() -> None:
     spec = _spec(args.layer)
     D = spec["moe"]["hidden_size"]
     print(machine_line(torch.bfloat16, train=False))
-    print(f"layer: {spec['description']}; {'new' if args.fresh else 'the same'} tokens every round")
+    print(f"layer: {spec['description']}; {'new' if args.fresh else 'the same'} tokens every round; "
+          f"{args.clock} time")
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"expert bytes: bf16 {_expert_bytes(bf16) / 2**20:.1f} MiB, FP8 + scales {_expert_bytes(fp8) / 2**20:.1f} MiB "
           f"({_expert_bytes(fp8) / _expert_bytes(bf16):.3f}x)")
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -94,9 +100,9 @@ def main() -> None:
                 x = xs[r % len(xs)]
                 pair = [("bf16", bf16), ("fp8", fp8)]
                 for name, layer in (pair if r % 2 == 0 else pair[::-1]):  # ABBA
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     layer(x)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(clock() - t0)
             b, f = (statistics.median(times[k]) * 1e3 for k in ("bf16", "fp8"))
             best = min(times["fp8"]) / min(times["bf16"])
             print(f"{T:>6} {b:>9.2f} {f:>9.2f} {f / b:>9.2f} {best:>9.2f} {diff:>10.4f}  {paths_bf16} | {paths_fp8}")

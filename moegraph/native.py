@@ -3,9 +3,10 @@
 At a handful of tokens the expert layer is bound by reading the touched experts' weights, and
 torch's matrix-vector products read them at a fraction of the memory bandwidth (FP8 weights first
 have to be dequantized by torch in full passes over memory). The kernel here reads each touched
-expert's weights once, converts them to float32 in registers (FP8 e4m3fn / e5m2 times their
-float32 block scales, bfloat16, float32), and fuses the up projection, the activation, the down
-projection and the routing-weighted sum into one call (``codegen_templates/native_decode.c.j2``).
+expert's weights once, converts them in registers (FP8 e4m3fn / e5m2 to bfloat16 for FP8 x FP8 dot
+products, or to float32 times their block scales; bfloat16 to float32), and fuses the up projection,
+the activation, the down projection and the routing-weighted sum into one call
+(``codegen_templates/native_decode.c.j2``).
 
 It is one more expert strategy (``strategies``: ``native``) and one more path of the FP8 op
 (``moegraph.fp8``), for at most ``strategies.DECODE_MAX_TOKENS`` tokens, chosen by measurement
@@ -19,9 +20,13 @@ compiler, flags and CPU identity, and loaded with ctypes; a second process loads
 without compiling. Plain C without torch headers, so it compiles in well under a second. Without a
 working compiler (or when compiling fails) it warns once and every caller uses its torch path.
 
-Numerics: float32 accumulation. FP8 weights are dequantized exactly as ``fp8.dequantize_blocks``
-(q * scale_inv rounded once), activations are rounded through FP8 tiles exactly as
-``fp8.fake_quant_tiles``; only the summation order of the dot products differs from torch's.
+Numerics: float32 accumulation. Activations are rounded through FP8 tiles exactly as
+``fp8.fake_quant_tiles``. Where the CPU has AVX512-BF16 and AVX512-VBMI (``mg_fp8_dot()`` is 1), FP8
+weights meet the activations' FP8 values directly: both are exact in bfloat16 and their products exact
+in float32, so each chunk of a block and tile is summed unscaled (``vdpbf16ps``) and scaled once by the
+weight block's and the activation tile's scales. Elsewhere FP8 weights are dequantized exactly as
+``fp8.dequantize_blocks`` (q * scale_inv rounded once). Either way only the order of the float32 sums
+(and where the scales are applied) differs from torch's.
 
 Legend: T tokens, D model dim, F expert hidden dim, H up rows (2F gated, else F), E experts, N assignments.
 """
