@@ -395,29 +395,11 @@ def _swap_drops(st: _Layer, load: np.ndarray, cap: float, excess: float, h: int,
         new_g = load[g_] + st.d_move[a_, g_, g_] + st.d_move[b_, h, g_]
         # Every other GPU keeps its load; gb was below the cap, h above it.
         drop[np.ix_(ia, jb)] = (load[h] - cap) - np.maximum(new_h - cap, 0.0) - np.maximum(new_g - cap, 0.0)
-    # A replicated expert's move changes the loads of the GPUs that hold it (before or after) only: sum the
-    # drop over those of the two experts (padded to the most replicas, padding masked out).
     for rows, cols in ((np.flatnonzero(~one_a), np.arange(len(sb))), (ia, np.flatnonzero(~one_b))):
         if len(rows) and len(cols):
-            k_on, k_idx = _holders(st.hold[st.ex[sa[rows]]])  # [a, rK]: a's GPUs (h among them)
-            l_on, l_idx = _holders(st.hold[st.ex[sb[cols]]])  # [b, rL]: b's GPUs (gb among them)
-            n_a, n_b = len(rows), len(cols)
-            idx = np.concatenate([np.broadcast_to(k_idx[:, None], (n_a, n_b, k_idx.shape[1])),
-                                  np.broadcast_to(l_idx[None], (n_a, n_b, l_idx.shape[1]))], axis=-1)
-            own_a = st.hold[st.ex[sa[rows]][:, None, None], l_idx[None]]  # a GPU of b's that also holds a: once
-            on = np.concatenate([np.broadcast_to(k_on[:, None], (n_a, n_b, k_on.shape[1])),
-                                 l_on[None] & ~own_a], axis=-1)
-            new = (load[idx] + st.d_move[sa[rows][:, None, None], gb[cols][None, :, None], idx]
-                   + st.d_move[sb[cols][None, :, None], h, idx])
-            term = np.maximum(load[idx] - cap, 0.0) - np.maximum(new - cap, 0.0)
-            drop[np.ix_(rows, cols)] = np.where(on, term, 0.0).sum(axis=-1)
+            new = after(rows[:, None], cols[None, :])  # [a, b, G]
+            drop[np.ix_(rows, cols)] = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
     return drop, after
-
-
-def _holders(hold_XG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``hold_XG`` [X, G], its GPUs first: (mask [X, r], GPU index [X, r]), r = the most GPUs of a row."""
-    order = np.argsort(~hold_XG, axis=1, kind="stable")[:, : max(int(hold_XG.sum(axis=1).max()), 1)]
-    return np.take_along_axis(hold_XG, order, axis=1), order
 
 
 def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
