@@ -292,6 +292,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
         if (reps > 1).any():  # the replica changes below read d_add of the hot GPUs' experts: one rule call
             st.adds(st.ex[np.isin(st.gpu, hot)])
         a_ee, f_eg = _cut_rows(st.hold, coact, cost)
+        one_S = reps[st.ex] == 1  # [S] slots of one-replica experts
         picks = []
         for h in hot:
             best = None
@@ -303,7 +304,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
             # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
-            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, reps[st.ex] == 1)
+            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, one_S)
             ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
             dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
             dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
