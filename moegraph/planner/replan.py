@@ -114,7 +114,7 @@ class _Layer:
     window, with the change tables every candidate is scored from (refreshed for the experts a change touches).
 
     ``d_move[s, y]`` [S, G, G]: load change if slot s's replica moved to GPU y; ``d_add[e, y]`` [E, G, G]:
-    if expert e gained a replica on y; ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
+    if expert e gained a replica on y (read through ``adds``); ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
     """
 
     ex: np.ndarray  # [S] expert of each slot
@@ -187,7 +187,8 @@ class _Layer:
         self.d_rem[s1] = -self.contrib[self.ex[s1]]
 
     def adds(self, experts: np.ndarray) -> np.ndarray:
-        """``d_add[experts]`` [n, G, G], computing the stale rows first (one batched rule call)."""
+        """``d_add[experts]`` [n, G, G], computing the stale rows first (replicated experts in one batched rule
+        call, one-replica experts in closed form)."""
         stale = np.unique(experts[self.stale_add[experts]])
         if not len(stale):
             return self.d_add[experts]
