@@ -12,7 +12,7 @@ from moegraph import load_spec
 from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
-from moegraph.planner.migration import _move_cost, host_copy_weight
+from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
 from moegraph.planner.replan import _cut_rate, _Layer, _prices, _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
@@ -320,6 +320,23 @@ def test_repair_tables_match_the_dispatch_rule_written_out(seed):
                     and not st.hold[st.ex[t], st.gpu[s]]:
                 st.swap(int(s), int(t))
                 break
+
+
+def test_align_slots_keeps_weights_in_place_and_fills_freed_slots_in_ascending_id():
+    # Written out per GPU: an expert the GPU keeps stays in its old slot; arrivals fill the freed slots
+    # in ascending expert id, in slot order.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        g, spg = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        e = g * spg + int(rng.integers(0, 4))
+        old = np.concatenate([rng.choice(e, spg, replace=False) for _ in range(g)])
+        new = np.concatenate([rng.choice(e, spg, replace=False) for _ in range(g)])
+        got = _align_slots(new, old, g)
+        for x in range(g):
+            o, n, r = (v[x * spg:(x + 1) * spg].tolist() for v in (old, new, got))
+            assert sorted(r) == sorted(n)  # the GPU holds the new plan's experts
+            arrivals = iter(sorted(set(n) - set(o)))
+            assert r == [ex if ex in n else next(arrivals) for ex in o]
 
 
 def test_replan_prices_the_cut_by_its_measured_copies(setup):

@@ -187,17 +187,12 @@ def _holds(row: np.ndarray, g: int, e: int) -> np.ndarray:
 def _align_slots(row_new: np.ndarray, row_old: np.ndarray, g: int) -> np.ndarray:
     """[S] ``row_new`` with each GPU's experts put back into the slots that hold them in ``row_old``
     (kept experts stay where their weights are; the others fill the freed slots in ascending id)."""
-    spg = len(row_new) // g
-    out = np.empty_like(row_new)
-    for gpu in range(g):
-        sl = slice(gpu * spg, (gpu + 1) * spg)
-        old, new = row_old[sl], row_new[sl]
-        keep = np.isin(old, new)
-        fresh = np.sort(new[~np.isin(new, old)])
-        res = old.copy()
-        res[~keep] = fresh
-        out[sl] = res
-    return out
+    old, new = row_old.reshape(g, -1), row_new.reshape(g, -1)  # [G, slots per GPU]
+    keep = (old[:, :, None] == new[:, None, :]).any(axis=-1)  # old expert still on its GPU
+    arrived = ~(new[:, :, None] == old[:, None, :]).any(axis=-1)
+    fresh = np.sort(np.where(arrived, new, np.iinfo(new.dtype).max), axis=1)  # arrivals first, ascending
+    nth = np.maximum(np.cumsum(~keep, axis=1) - 1, 0)  # a freed slot takes the next arrival
+    return np.where(keep, old, np.take_along_axis(fresh, nth, axis=1)).reshape(row_new.shape)
 
 
 def _overlap(new_rows: np.ndarray, old_rows: np.ndarray, g: int, e: int) -> np.ndarray:

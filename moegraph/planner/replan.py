@@ -114,7 +114,7 @@ class _Layer:
     window, with the change tables every candidate is scored from (refreshed for the experts a change touches).
 
     ``d_move[s, y]`` [S, G, G]: load change if slot s's replica moved to GPU y; ``d_add[e, y]`` [E, G, G]:
-    if expert e gained a replica on y; ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
+    if expert e gained a replica on y (read through ``adds``); ``d_rem[s]`` [S, G]: if slot s's replica were dropped.
     """
 
     ex: np.ndarray  # [S] expert of each slot
@@ -187,7 +187,8 @@ class _Layer:
         self.d_rem[s1] = -self.contrib[self.ex[s1]]
 
     def adds(self, experts: np.ndarray) -> np.ndarray:
-        """``d_add[experts]`` [n, G, G], computing the stale rows first (one batched rule call)."""
+        """``d_add[experts]`` [n, G, G], computing the stale rows first (replicated experts in one batched rule
+        call, one-replica experts in closed form)."""
         stale = np.unique(experts[self.stale_add[experts]])
         if not len(stale):
             return self.d_add[experts]
@@ -292,6 +293,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
         if (reps > 1).any():  # the replica changes below read d_add of the hot GPUs' experts: one rule call
             st.adds(st.ex[np.isin(st.gpu, hot)])
         a_ee, f_eg = _cut_rows(st.hold, coact, cost)
+        one_S = reps[st.ex] == 1  # [S] slots of one-replica experts
         picks = []
         for h in hot:
             best = None
@@ -303,7 +305,7 @@ def _repair_balance(st: _Layer, target: float, budget: _Budget, coact: np.ndarra
                 continue
             ea, eb, gb = st.ex[sa][:, None], st.ex[sb][None, :], st.gpu[sb][None, :]
             # (a) swaps: slot sa[i] (on h) and slot sb[j] (on gb[j]) trade experts.
-            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, reps[st.ex] == 1)
+            drop, after = _swap_drops(st, load, cap, excess, h, sa, sb, one_S)
             ok = ~st.hold[eb, h] & ~st.hold[ea, gb] & (ea != eb)
             dm = (~old[ea, gb]).astype(np.int64) + ~old[eb, h] - ~old[ea, h] - ~old[eb, gb]
             dp = price[ea, gb] + price[eb, h] - price[ea, h] - price[eb, gb]
@@ -395,29 +397,11 @@ def _swap_drops(st: _Layer, load: np.ndarray, cap: float, excess: float, h: int,
         new_g = load[g_] + st.d_move[a_, g_, g_] + st.d_move[b_, h, g_]
         # Every other GPU keeps its load; gb was below the cap, h above it.
         drop[np.ix_(ia, jb)] = (load[h] - cap) - np.maximum(new_h - cap, 0.0) - np.maximum(new_g - cap, 0.0)
-    # A replicated expert's move changes the loads of the GPUs that hold it (before or after) only: sum the
-    # drop over those of the two experts (padded to the most replicas, padding masked out).
     for rows, cols in ((np.flatnonzero(~one_a), np.arange(len(sb))), (ia, np.flatnonzero(~one_b))):
         if len(rows) and len(cols):
-            k_on, k_idx = _holders(st.hold[st.ex[sa[rows]]])  # [a, rK]: a's GPUs (h among them)
-            l_on, l_idx = _holders(st.hold[st.ex[sb[cols]]])  # [b, rL]: b's GPUs (gb among them)
-            n_a, n_b = len(rows), len(cols)
-            idx = np.concatenate([np.broadcast_to(k_idx[:, None], (n_a, n_b, k_idx.shape[1])),
-                                  np.broadcast_to(l_idx[None], (n_a, n_b, l_idx.shape[1]))], axis=-1)
-            own_a = st.hold[st.ex[sa[rows]][:, None, None], l_idx[None]]  # a GPU of b's that also holds a: once
-            on = np.concatenate([np.broadcast_to(k_on[:, None], (n_a, n_b, k_on.shape[1])),
-                                 l_on[None] & ~own_a], axis=-1)
-            new = (load[idx] + st.d_move[sa[rows][:, None, None], gb[cols][None, :, None], idx]
-                   + st.d_move[sb[cols][None, :, None], h, idx])
-            term = np.maximum(load[idx] - cap, 0.0) - np.maximum(new - cap, 0.0)
-            drop[np.ix_(rows, cols)] = np.where(on, term, 0.0).sum(axis=-1)
+            new = after(rows[:, None], cols[None, :])  # [a, b, G]
+            drop[np.ix_(rows, cols)] = excess - np.maximum(new - cap, 0.0).sum(axis=-1)
     return drop, after
-
-
-def _holders(hold_XG: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row of ``hold_XG`` [X, G], its GPUs first: (mask [X, r], GPU index [X, r]), r = the most GPUs of a row."""
-    order = np.argsort(~hold_XG, axis=1, kind="stable")[:, : max(int(hold_XG.sum(axis=1).max()), 1)]
-    return np.take_along_axis(hold_XG, order, axis=1), order
 
 
 def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
