@@ -415,29 +415,23 @@ class CompiledMoEBase(nn.Module):
             self.pre_expert_proj.weight = nn.Parameter(torch.empty(M, D, **kw))
             self.post_expert_proj = nn.Module()
             self.post_expert_proj.weight = nn.Parameter(torch.empty(D, M, **kw))
-        if self.PRE_EXPERT_NORM_OFFSET is not None:
-            self.pre_expert_norm = nn.Module()
-            self.pre_expert_norm.weight = nn.Parameter(torch.full((M,), 1.0 - self.PRE_EXPERT_NORM_OFFSET, **kw))
-        if self.EXPERT_OUTPUT_NORM_OFFSET is not None:
-            self.expert_output_norm = nn.Module()
-            self.expert_output_norm.weight = nn.Parameter(torch.full((M,), 1.0 - self.EXPERT_OUTPUT_NORM_OFFSET, **kw))
-        if self.SHARED_ROUTED:  # one by one, as the routed experts: [count, H, D] / [count, D, F]
-            n, Fs = self.SHARED_ROUTED, self.SHARED_INTERMEDIATE // self.SHARED_ROUTED
+        for name, offset in (("pre_expert_norm", self.PRE_EXPERT_NORM_OFFSET),
+                             ("expert_output_norm", self.EXPERT_OUTPUT_NORM_OFFSET)):
+            if offset is not None:
+                setattr(self, name, nn.Module())
+                getattr(self, name).weight = nn.Parameter(torch.full((M,), 1.0 - offset, **kw))
+        if self.SHARED_INTERMEDIATE:
+            # One MLP of width S, or (shared_experts.gate: router) one by one as the routed experts:
+            # [count, H, D] / [count, D, F].
+            n = self.SHARED_ROUTED
+            lead, Fs = ((n,), self.SHARED_INTERMEDIATE // n) if n else ((), self.SHARED_INTERMEDIATE)
             Hs = 2 * Fs if self.GATED else Fs
             self.shared_experts = nn.Module()
-            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(n, Hs, D, **kw)))
-            self.shared_experts.down_proj = nn.Parameter(torch.empty(n, D, Fs, **kw))
+            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(*lead, Hs, D, **kw)))
+            self.shared_experts.down_proj = nn.Parameter(torch.empty(*lead, D, Fs, **kw))
             if self.EXPERT_BIAS_TERMS:
-                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(n, Hs, **kw)))
-                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(n, D, **kw))
-        elif self.SHARED_INTERMEDIATE:
-            S = self.SHARED_INTERMEDIATE
-            self.shared_experts = nn.Module()
-            self.shared_experts.register_parameter(up_name, nn.Parameter(torch.empty(2 * S if self.GATED else S, D, **kw)))
-            self.shared_experts.down_proj = nn.Parameter(torch.empty(D, S, **kw))
-            if self.EXPERT_BIAS_TERMS:
-                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(2 * S if self.GATED else S, **kw)))
-                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(D, **kw))
+                self.shared_experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(*lead, Hs, **kw)))
+                self.shared_experts.down_proj_bias = nn.Parameter(torch.zeros(*lead, D, **kw))
             if self.SHARED_GATE:
                 self.shared_expert_gate = nn.Linear(D, 1, bias=False, **kw)
         if self.OUTPUT_NORM_EPS is not None:
