@@ -248,6 +248,26 @@ def measured_peaks(device, dtype) -> tuple[float | None, float | None]:
 # ----------------------------------------------------------------------------------------------
 
 
+def choose_device(args, script: str, preset: str, dry_preset: str, dry_tokens: list[int], dry_iters: int,
+                  dry_warmup: int):
+    """(spec, device, dtype, tokens, device name) for a run: the tiny preset on the CPU under the Triton
+    interpreter with ``--dry-run`` (``args.iters``/``args.warmup`` set for it), else the full preset on
+    the CUDA GPU in bfloat16; None (after saying why) when there is no GPU."""
+    import torch
+
+    import moegraph
+
+    if args.dry_run:
+        args.iters, args.warmup = dry_iters, dry_warmup
+        return (moegraph.load_spec(dry_preset), torch.device("cpu"), torch.float32, dry_tokens,
+                "CPU (Triton interpreter, dry run: times are meaningless)")
+    if not torch.cuda.is_available():
+        print(f"{script} needs a CUDA GPU (or --dry-run for a CPU smoke test)", file=sys.stderr)
+        return None
+    device = torch.device("cuda")
+    return moegraph.load_spec(preset), device, torch.bfloat16, args.tokens, torch.cuda.get_device_name(device)
+
+
 def main() -> int:
     args = parse_args()
     if args.dry_run:
@@ -255,22 +275,13 @@ def main() -> int:
     import torch
     import triton
 
-    import moegraph
     from moegraph.triton_backend import configs
     from moegraph.triton_backend.passes import router_args
 
-    if args.dry_run:
-        spec = moegraph.load_spec("deepseek-v3-tiny")
-        device, dtype = torch.device("cpu"), torch.float32
-        tokens, args.iters, args.warmup = [1, 7, 33], 2, 1
-        device_name = "CPU (Triton interpreter, dry run: times are meaningless)"
-    else:
-        if not torch.cuda.is_available():
-            print("gpu_bench.py needs a CUDA GPU (or --dry-run for a CPU smoke test)", file=sys.stderr)
-            return 2
-        spec = moegraph.load_spec("deepseek-v3")
-        device, dtype, tokens = torch.device("cuda"), torch.bfloat16, args.tokens
-        device_name = torch.cuda.get_device_name(device)
+    chosen = choose_device(args, "gpu_bench.py", "deepseek-v3", "deepseek-v3-tiny", [1, 7, 33], 2, 1)
+    if chosen is None:
+        return 2
+    spec, device, dtype, tokens, device_name = chosen
     m = spec.moe
     D, F, E, K = m.hidden_size, m.experts.intermediate_size, m.experts.num_experts, m.top_k
     S = m.shared_experts.count * m.shared_intermediate_size

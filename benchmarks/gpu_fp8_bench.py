@@ -161,21 +161,15 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
 
-    import moegraph
     from moegraph import fp8
 
     gb = _gpu_bench()
+    chosen = gb.choose_device(args, "gpu_fp8_bench.py", "deepseek-v3-fp8", "deepseek-v3-fp8-tiny", [1, 7], 1, 0)
+    if chosen is None:
+        return 2
+    spec, device, dtype, tokens, device_name = chosen
     if args.dry_run:
-        spec = moegraph.load_spec("deepseek-v3-fp8-tiny")
-        device, dtype, tokens, args.iters, args.warmup = torch.device("cpu"), torch.float32, [1, 7], 1, 0
-        device_name, args.no_hf = "CPU (Triton interpreter, dry run: times are meaningless)", True
-    else:
-        if not torch.cuda.is_available():
-            print("gpu_fp8_bench.py needs a CUDA GPU (or --dry-run for a CPU smoke test)", file=sys.stderr)
-            return 2
-        spec = moegraph.load_spec("deepseek-v3-fp8")
-        device, dtype, tokens = torch.device("cuda"), torch.bfloat16, args.tokens
-        device_name = torch.cuda.get_device_name(device)
+        args.no_hf = True
     m = spec.moe
     D, F, E, K = m.hidden_size, m.experts.intermediate_size, m.experts.num_experts, m.top_k
     SH = m.shared_experts.count * m.shared_intermediate_size // F
