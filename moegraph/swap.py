@@ -9,6 +9,10 @@ Blocks are found two ways:
   ``moegraph.hf.structural`` (FX evidence of router -> top-k, probing with stand-in experts, each
   expert MLP read from its own FX graph).
 
+- **inline**: an MoE with no module of its own, written into its host layer's forward (Gemma 4's
+  decoder layer calls router, norm, experts, norm in turn), found by watching one forward of the
+  model (``moegraph.hf.inline``) and read as a block made of the host's own children.
+
 A block that cannot be explained (routing not in the spec language, an expert that is not a plain
 MLP, extra outputs the adapter cannot reproduce, weights on the meta device or sharded as DTensor)
 is left in place and reported with the reason; nothing is guessed. Structural swaps are always
@@ -16,7 +20,9 @@ checked numerically; registry swaps when ``verify=True``. A swap that fails its 
 reported with the difference.
 
 The swapped-in module (``MoEBlockAdapter``) takes the hidden states the original took (any leading
-shape) and returns what the original returned: the tensor, or (tensor, router_logits).
+shape) and returns what the original returned: the tensor, or (tensor, router_logits). An inline MoE
+is computed where its host calls the router (``InlineRouterAdapter``); the host's other calls in the
+chain pass the result on, and the whole model's logits are compared before and after.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ from torch import Tensor
 
 from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
+from .hf.inline import InlineChain, InlineMoE, inline_hosts, run_seeded, watch
 from .hf.probe import forward_args
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
 from .semantics import torch_dtype
 
-__all__ = ["MoEBlockAdapter", "OptimizeReport", "SwapRecord", "optimize", "read_structural"]
+__all__ = ["InlineRouterAdapter", "MoEBlockAdapter", "OptimizeReport", "SwapRecord", "optimize", "read_structural"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,7 +58,7 @@ class SwapRecord:
 
     path: str
     block_class: str
-    found_by: str  # "registry" (transformers) or "structure"
+    found_by: str  # "registry" (transformers), "structure" or "inline" (in a host layer's forward)
     status: str  # "swapped", "refused", "restored" (swap undone after a failed check), "skipped"
     reason: str = ""
     spec_name: str = ""
@@ -189,6 +196,41 @@ class MoEBlockAdapter(nn.Module):
         return f"replaces={self.original_class}, found_by={self.found_by}"
 
 
+class InlineRouterAdapter(MoEBlockAdapter):
+    """Stands in for the router of an MoE written inline in its host (``hf.inline``): computes the whole MoE
+    (routing, norms, experts) there and returns a tuple as the router did, the result in the slot the host
+    hands to the experts first and None in the others; ``InlineResult`` in the experts' place returns it."""
+
+    def __init__(self, layer: nn.Module, chain: InlineChain, original_class: str):
+        super().__init__(layer, ("tensor",), original_class, "inline")
+        self.outputs, self.slot = chain.router_outputs, chain.expert_args[0]
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor | None, ...]:
+        out: list[Tensor | None] = [None] * self.outputs
+        out[self.slot] = super().forward(hidden_states)
+        return tuple(out)
+
+
+class InlineResult(nn.Module):
+    """Stands in for the experts of an inline MoE: returns the MoE output the router's stand-in computed,
+    which the host passes as the experts' first argument after the hidden states."""
+
+    def forward(self, hidden_states: Tensor, result: Tensor, *rest: Any) -> Tensor:
+        return result
+
+
+def _swap_inline(host: nn.Module, chain: InlineChain, adapter: InlineRouterAdapter) -> dict[str, nn.Module]:
+    """Put the stand-ins into ``host``; returns the children they replaced (to undo the swap)."""
+    new = {chain.router: adapter, chain.experts: InlineResult()}
+    for norm in (chain.pre_norm, chain.post_norm):
+        if norm:
+            new[norm] = nn.Identity()  # the compiled layer applies it (experts.input_norm / output_norm)
+    old = {name: getattr(host, name) for name in new}
+    for name, m in new.items():
+        setattr(host, name, m)
+    return old
+
+
 def _structural_parts(block: nn.Module) -> tuple[str, str, list[str]] | None:
     """``hf.structural.structural_parts``, never for a block this module already swapped in."""
     return None if isinstance(block, MoEBlockAdapter) else structural_parts(block)
@@ -232,6 +274,28 @@ def _verify(original: nn.Module, adapter: MoEBlockAdapter, D: int, rank: int, dt
         adapter.train(modes[1])
     diff = float((y.float() - ref.float()).abs().max())
     return diff, diff / max(float(ref.float().abs().max()), 1e-12)
+
+
+def _check_inline(model: nn.Module, swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module]]], ids: Tensor,
+                  ref: Tensor) -> None:
+    """Compare the model's logits with those watched before any swap; undo every inline swap if they moved."""
+    try:
+        logits = run_seeded(model, ids)
+        diff = float((logits.float() - ref.float()).abs().max())
+        rel = diff / max(float(ref.float().abs().max()), 1e-12)
+        problem = None if rel <= hf.tolerance(ref.dtype) else (
+            f"the model's logits moved by {diff:.3g} ({rel:.2e} of their scale, tolerance "
+            f"{hf.tolerance(ref.dtype):.0e}) with the MoE of its layers swapped; original layers kept")
+    except Exception as exc:  # noqa: BLE001 - reported; the original layers come back
+        diff = rel = float("nan")
+        problem = f"the model did not run with the MoE of its layers swapped ({type(exc).__name__}: {exc})"
+    for path, (rec, old) in swaps.items():
+        rec.max_abs_diff, rec.rel_diff = diff, rel
+        if problem:
+            host = model.get_submodule(path)
+            for name, m in old.items():
+                setattr(host, name, m)
+            rec.status, rec.reason = "restored", problem
 
 
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -289,7 +353,10 @@ def optimize(
                              "to shard each block's weights across ranks; compile the spec with the plan and load "
                              "each rank's experts instead")
 
-    # Step 1: find candidate blocks, outermost first; never look inside one already claimed.
+    # Step 1: find candidate blocks, outermost first; never look inside one already claimed. Layers that
+    # may hold an MoE inline are watched through one forward of the whole model first.
+    hosts = inline_hosts(model)
+    chains, watched_ids, watched_logits = watch(model, hosts) if hosts else ({}, None, None)
     candidates: list[tuple[str, nn.Module, str]] = []
     claimed: list[str] = []
     for path, m in model.named_modules():
@@ -298,7 +365,15 @@ def optimize(
         if isinstance(m, (MoEBlockAdapter, CompiledMoEBase)):
             claimed.append(path)
             continue
-        if hf.is_hf_moe_block(m):
+        if isinstance(chains.get(path), InlineChain):
+            candidates.append((path, InlineMoE(m, chains[path]), "inline"))
+            claimed.append(path)
+        elif path in chains:  # a decoder layer with experts whose forward does not show a chain the swap keeps
+            report.records.append(SwapRecord(
+                path, type(m).__name__, "inline", "refused",
+                f"a decoder layer with its MoE written in its forward, but not as a chain the swap can keep: {chains[path]}"))
+            claimed.append(path)
+        elif hf.is_hf_moe_block(m):
             candidates.append((path, m, "registry"))
             claimed.append(path)
         elif structural and _structural_parts(m) is not None:
@@ -318,16 +393,18 @@ def optimize(
                             "transformers' output recorder, so its auxiliary loss misses them")
 
     # Step 2: read, compile, swap (and check) each candidate.
+    inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module]]] = {}
     for path, block, how in candidates:
         ts = time.perf_counter()
-        rec = SwapRecord(path, type(block).__name__, how, "refused")
+        cls = f"{type(model.get_submodule(path)).__name__}, MoE inline" if how == "inline" else type(block).__name__
+        rec = SwapRecord(path, cls, how, "refused")
         report.records.append(rec)
         why = _refusal_for_placement(block)
         if why:
             rec.reason = why
             continue
         try:
-            if how == "registry":
+            if how in ("registry", "inline"):
                 info = hf.read_block(block)
                 # FP8 experts: their bytes (in hf_weights) and block scales as they are
                 weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
@@ -350,10 +427,17 @@ def optimize(
             rec.reason = getattr(exc, "reason", None) or str(exc)
             rec.seconds = time.perf_counter() - ts
             continue
+        rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
+        if how == "inline":  # checked in step 3, on the whole model
+            adapter = InlineRouterAdapter(layer, block.chain, type(block.router).__name__)
+            adapter.train(block.training)
+            inline_swaps[path] = (rec, _swap_inline(model.get_submodule(path), block.chain, adapter))
+            rec.status = "swapped"
+            rec.seconds = time.perf_counter() - ts
+            continue
         adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
                                   flat, flattened)
         adapter.train(block.training)
-        rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
         if verify or how == "structure":
             try:
                 target, tol = (hf.check_target(block, info.anatomy, layer) if how == "registry"
@@ -374,6 +458,10 @@ def optimize(
         _set_child(model, path, adapter)
         rec.status = "swapped"
         rec.seconds = time.perf_counter() - ts
+    # Step 3: inline swaps change the host's children, not a block: the whole model is compared on the
+    # tokens it was watched with, and every inline swap is undone if its logits moved.
+    if inline_swaps:
+        _check_inline(model, inline_swaps, watched_ids, watched_logits)
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
     return model

@@ -9,6 +9,9 @@ read with ``moegraph.from_hf`` (which compares the compiled layer with the block
 Each lands in one bucket:
 
 - ``parity``: compiled, and the compiled layer matches the block (from_hf's own check);
+- ``inline``: a decoder layer ``from_hf`` refuses, whose MoE is written in its forward; the smallest
+  model class of its family holding it, built tiny, keeps its output with the MoE swapped by
+  ``moegraph.optimize`` (``moegraph/hf/inline.py``);
 - ``refused``: ``from_hf`` raised ``UnsupportedBlock``, whose reason is kept;
 - ``unbuildable``: no tiny block could be built from the family's config classes (the
   reason is the construction error).
@@ -38,6 +41,7 @@ SHRINK = dict(
     moe_num_experts=8, n_experts=8, num_routed_experts=8, num_experts_per_tok=2, moe_topk=2, moe_k=2, top_k=2,
     n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, zero_expert_num=4, max_position_embeddings=64, q_lora_rank=16,
     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, top_k_experts=2, moe_hidden_size=24,
+    vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
 )
 
 #: config switches that turn a family's MoE block on (Gemma 4 builds its decoder layers without experts otherwise)
@@ -48,7 +52,7 @@ SWITCH_ON = ("enable_moe_block",)
 class FamilyResult:
     family: str  # the transformers model folder
     block_class: str
-    bucket: str  # "parity", "refused", "unbuildable"
+    bucket: str  # "parity", "inline", "refused", "unbuildable"
     reason: str = ""  # the refusal or construction error; the routing read for "parity"
 
 
@@ -162,11 +166,7 @@ def build_tiny_block(family: str, cls: type, seed: int = 0) -> torch.nn.Module:
             errors.append(f"{config_cls.__name__}: {type(exc).__name__}: {exc}")
     else:
         raise RuntimeError("; ".join(errors) or "no config class found")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, t in list(block.named_parameters()) + list(block.named_buffers()):
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
+    _randomise(block, seed)
     return block.float().eval()
 
 
@@ -186,8 +186,81 @@ def classify(family: str, cls: type) -> FamilyResult:
     try:
         layer = from_hf(block)
     except UnsupportedBlock as exc:
+        if "decoder layer" in exc.reason:  # maybe an MoE written in the layer's forward: optimize on a model
+            inline = inline_result(family, cls)
+            if inline is not None:
+                return inline
         return FamilyResult(family, cls.__name__, "refused", _one_line(exc.reason))
     return FamilyResult(family, cls.__name__, "parity", layer.hf_import.routing.describe())
+
+
+#: the most parameters a "tiny" model may have (some configs keep towers or embeddings no SHRINK key reaches)
+MAX_TINY_MODEL = 5_000_000
+
+
+def inline_result(family: str, cls: type) -> FamilyResult | None:
+    """A decoder layer whose MoE is written in its forward: the smallest model class of its family that holds it,
+    built tiny and run through ``moegraph.optimize``. "inline" when every such layer was swapped and the model's
+    output did not move; None when no model holding the layer could be built and run (the refusal stands)."""
+    import moegraph
+    from moegraph.hf.inline import run_seeded
+
+    mod = importlib.import_module(cls.__module__)
+    models = sorted((c for c in vars(mod).values() if inspect.isclass(c) and c.__module__ == mod.__name__
+                     and issubclass(c, transformers_pretrained()) and hasattr(c, "get_input_embeddings")),
+                    key=lambda c: (len(c.__name__), c.__name__))
+    ids = torch.randint(3, SHRINK["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    for model_cls in models:
+        for config_cls in _config_classes(cls, family):
+            try:
+                with torch.device("meta"):  # count first: a family's multimodal towers keep their full sizes
+                    size = sum(p.numel() for p in model_cls(tiny_model_config(config_cls)).parameters())
+                if size > MAX_TINY_MODEL:
+                    continue
+                torch.manual_seed(0)
+                model = model_cls(tiny_model_config(config_cls)).float().eval()
+                if not any(isinstance(m, cls) for m in model.modules()):
+                    break
+                _randomise(model)
+                want = run_seeded(model, ids)
+            except Exception:  # noqa: BLE001 - this model class or config does not build or run tiny: next
+                continue
+            moegraph.optimize(model)
+            report = model.moegraph_report
+            hosts = [r for r in report.records if cls.__name__ in r.block_class]
+            got = run_seeded(model, ids)
+            if hosts and all(r.status == "swapped" and r.found_by == "inline" for r in hosts):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+                return FamilyResult(family, cls.__name__, "inline",
+                                    f"optimize swaps the MoE in its forward on {model_cls.__name__}: {hosts[0].routing}")
+            return FamilyResult(family, cls.__name__, "refused", _one_line(
+                f"optimize on {model_cls.__name__}: " + "; ".join(dict.fromkeys(r.reason for r in hosts))))
+    return None
+
+
+def tiny_model_config(config_cls: type):
+    """``tiny_config``, with the configs it holds (a composite model's text/vision/audio configs) shrunk too."""
+    import transformers
+
+    cfg = tiny_config(config_cls)
+    for key, sub in list(vars(cfg).items()):
+        if isinstance(sub, transformers.PretrainedConfig):
+            setattr(cfg, key, tiny_config(type(sub)))
+    return cfg
+
+
+def transformers_pretrained() -> type:
+    import transformers
+
+    return transformers.PreTrainedModel
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.2)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -226,9 +299,10 @@ def readme_section(results: list[FamilyResult]) -> str:
         "`tests/test_hf_families.py` finds the MoE blocks of the installed transformers by scanning the package "
         "(every `modeling_*.py` class that owns `self.experts`), builds each from a tiny config and reads it with "
         f"`from_hf`. With transformers {transformers.__version__}, the compiled layer matches the block for the "
-        f"blocks of these families: {parity}. The rest are refused with the reason, or no tiny block could be built "
-        "from the family's configs (its constructor error; `python tests/hf_families.py --readme` rewrites this "
-        "section):", 100, break_on_hyphens=False, break_long_words=False)
+        f"blocks of these families: {parity}. Of the rest, decoder layers whose MoE is written in their forward "
+        "are swapped by `optimize` on a whole model (inline: same output), the others are refused with the reason, "
+        "or no tiny block could be built from the family's configs (its constructor error; "
+        "`python tests/hf_families.py --readme` rewrites this section):", 100, break_on_hyphens=False, break_long_words=False)
     return f"{SECTION}\n\n{text}\n\n{markdown([r for r in results if r.bucket != 'parity'])}\n"
 
 

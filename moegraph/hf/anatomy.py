@@ -311,8 +311,9 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     attention = [n for n, c in block.named_children() if "attention" in type(c).__name__.lower()]
     if attention:
         raise UnsupportedBlock(
-            f"it is a decoder layer: besides its experts it holds attention ({', '.join(attention)}); only an MoE "
-            "block (router, experts, shared experts, a norm of its output) is read, not the layer around it", cls)
+            f"it is a decoder layer: besides its experts it holds attention ({', '.join(attention)}); from_hf reads "
+            "an MoE block (router, experts, shared experts, a norm of its output), not the layer around it "
+            "(moegraph.optimize on the whole model swaps an MoE written in a decoder layer's forward)", cls)
     split = split_experts(block)
     listed = listed_mlps(experts) if flat_glu(experts) is None and not hasattr(experts, "down_proj") else None
     flat = flat_glu(experts)
