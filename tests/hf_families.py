@@ -153,14 +153,28 @@ def _constructor_args(cls: type, cfg) -> dict:
     return kwargs
 
 
+def _construct(cls: type, cfg, seed: int) -> torch.nn.Module:
+    """``cls`` from ``cfg``; a size the block reads but its config class never defines (a config that lags its
+    block, as Qwen3-Omni's talker) is given its tiny value, then construction is tried again."""
+    while True:
+        torch.manual_seed(seed)
+        try:
+            return cls(**_constructor_args(cls, cfg))
+        except AttributeError as exc:
+            missing = re.search(r"has no attribute '(\w+)'", str(exc))
+            key = missing.group(1) if missing else None
+            if key not in SHRINK or key in vars(cfg):
+                raise
+            setattr(cfg, key, SHRINK[key])
+
+
 def build_tiny_block(family: str, cls: type, seed: int = 0) -> torch.nn.Module:
     """A float32 eval block of ``cls`` from a tiny config, every floating tensor randomised."""
     errors = []
     for config_cls in _config_classes(cls, family):
         try:
             cfg = tiny_config(config_cls)
-            torch.manual_seed(seed)
-            block = cls(**_constructor_args(cls, cfg))
+            block = _construct(cls, cfg, seed)
             break
         except Exception as exc:  # noqa: BLE001 - each config class is one attempt; all failures are reported
             errors.append(f"{config_cls.__name__}: {type(exc).__name__}: {exc}")
