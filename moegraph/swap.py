@@ -396,8 +396,7 @@ def optimize(
     inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module]]] = {}
     for path, block, how in candidates:
         ts = time.perf_counter()
-        cls = f"{type(model.get_submodule(path)).__name__}, MoE inline" if how == "inline" else type(block).__name__
-        rec = SwapRecord(path, cls, how, "refused")
+        rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
         report.records.append(rec)
         why = _refusal_for_placement(block)
         if why:

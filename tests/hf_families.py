@@ -241,7 +241,7 @@ def inline_result(family: str, cls: type) -> FamilyResult | None:
                 continue
             moegraph.optimize(model)
             report = model.moegraph_report
-            hosts = [r for r in report.records if cls.__name__ in r.block_class]
+            hosts = [r for r in report.records if r.block_class == cls.__name__]
             got = run_seeded(model, ids)
             if hosts and all(r.status == "swapped" and r.found_by == "inline" for r in hosts):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
