@@ -831,6 +831,13 @@ class MoELayerSpec(_Frozen):
         return self.expert_projection.size if self.expert_projection is not None else self.hidden_size
 
     @property
+    def rows_per_assignment(self) -> bool:
+        """Whether the routed experts take one input row per assignment instead of one per token: the routing
+        weight scales their input (expert(w * x)), or each expert's output is normalised before its weight. The
+        expert-parallel dispatch then sends one row per assignment (``planner.dispatch`` counts so)."""
+        return self.experts.routing_weight == "input" or self.experts.output_norm is not None
+
+    @property
     def top_k(self) -> int:
         """Experts per token (for expert choice: the average, capacity_factor)."""
         r = self.router

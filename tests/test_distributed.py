@@ -188,7 +188,7 @@ SCENARIOS = {
         # per sequence (each rank counts its own sequences, as the single-process layer does on them) and an
         # output bias; and the experts' own space (Muse Spark: projections, norms, one row per assignment).
         "all_transforms": (("all_transforms", 1, 2), "replicas2e8", [(2, 6), (1, 7)], 0, None),
-        "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
+        "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, 6),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -519,7 +519,7 @@ def test_world4_matches_single_process(main4, name):
     _check_against_reference(main4, 4, name)
 
 
-@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "hash"), (4, "two_hosts"), (4, "one_host")])
+@pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "hash"), (2, "expert_space"), (4, "two_hosts"), (4, "one_host")])
 def test_decoding_copies_match_the_plans_prediction(main2, main4, world, name):
     """One token per rank per forward: the rule applied to the recorded trace (its tokens in forward
     order) predicts what the runtime sent, because the inference round-robin count runs on across forwards."""
@@ -560,12 +560,13 @@ def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (2, "identity"),
-                                        (2, "input_scaled"), (2, "hash_table"), (2, "transforms"), (4, "two_hosts"),
+                                        (2, "input_scaled"), (2, "hash_table"), (2, "transforms"),
+                                        (2, "expert_space"), (4, "two_hosts"),
                                         (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
 def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     """Not here: layers with a capacity (the trace records the router's choices, the runtime sends the
-    kept ones) and the experts' own space (one M-wide row per assignment; the byte model counts one
-    D-wide row per token and GPU)."""
+    kept ones). The experts' own space sends M-wide rows, one per assignment (each expert's output is
+    normalised before its weight), and the byte model counts them so."""
     from moegraph.distributed import predicted_copies
 
     results = main2 if world == 2 else main4
@@ -576,10 +577,10 @@ def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     np.testing.assert_array_equal(_measured(results, name, "combine"), predicted.T,
                                   err_msg=f"{name}: the combine must send the same copies back")
     assert predicted.sum() > 0 or name == "one_expert4"
-    # Bytes are those copies times the row size (float32 hidden states).
-    D = spec.moe.hidden_size
+    # Bytes are those copies times the row size (float32 rows as wide as the experts' input).
+    width = spec.moe.expert_projection.size if spec.moe.expert_projection else spec.moe.hidden_size
     for r, res in enumerate(results):
-        np.testing.assert_array_equal(res[name]["bytes"]["dispatch"], dispatch[r] * D * 4)
+        np.testing.assert_array_equal(res[name]["bytes"]["dispatch"], dispatch[r] * width * 4)
 
 
 def test_two_host_plan_forwards_inside_the_host(main4):

@@ -9,9 +9,10 @@ For every MoE layer the tokens of the traces are dispatched exactly as the runti
   other GPUs, before host-level forwarding);
 - ``remote_node``: distinct hosts other than the token's own serving it, per token;
 - ``a2a_bytes``: bytes on all links per token, dispatch + combine (forwarding hops included;
-  a copy is ``hidden_size`` elements of the spec's dtype, or, with FP8 dispatch
-  (``moe.quantization.dispatch: fp8``), ``hidden_size`` FP8 bytes plus one float32 scale per
-  activation tile on the way out and the spec's dtype on the way back: ``copy_bytes``);
+  a copy is a row as wide as the experts' input (``hidden_size``, or ``expert_projection.size``) in
+  the spec's dtype, or, with FP8 dispatch (``moe.quantization.dispatch: fp8``), ``hidden_size`` FP8
+  bytes plus one float32 scale per activation tile on the way out and the spec's dtype on the way
+  back: ``copy_bytes``);
 - ``a2a_us``: predicted dispatch + combine time of the layer for the whole trace as one batch, by
   an alpha-beta model: each GPU sends and receives its bytes over its intra-host and inter-host
   links at the link bandwidth, plus the largest latency of a link it uses; intra- and inter-host
@@ -55,8 +56,9 @@ _DTYPE_BYTES = DTYPE_BYTES  # the one dtype table (moegraph.semantics.dtypes)
 
 
 def token_bytes(spec: MoESpec) -> int:
-    """Bytes of one token copy: hidden_size elements of the spec's dtype."""
-    return spec.moe.hidden_size * _DTYPE_BYTES[spec.moe.dtype]
+    """Bytes of one token copy: a row as wide as the experts' input (the hidden size, or the experts' own
+    space, ``moe.expert_projection``) in the spec's dtype."""
+    return spec.moe.expert_width * _DTYPE_BYTES[spec.moe.dtype]
 
 
 def copy_bytes(spec: MoESpec) -> tuple[int, int]:

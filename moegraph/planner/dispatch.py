@@ -19,7 +19,9 @@ choose the same replicas), which a trace of one forward per rank matches.
 Copies (``dispatch_counts``): a token is sent once to every distinct remote GPU of its host that
 serves it; across hosts it is sent once per distinct remote host, to the GPU with the same local
 index there (rail-aligned), which forwards it to the other GPUs of that host that serve it. The
-combine sends the same copies back. Where tokens start: a recorded source rank when the routing trace was
+combine sends the same copies back. Layers whose experts take one row per assignment
+(``MoELayerSpec.rows_per_assignment``: the routing weight on the experts' input, or a norm of each
+expert's output) send each assignment as a copy of its own, keyed ``t * K + k``. Where tokens start: a recorded source rank when the routing trace was
 recorded on as many ranks as the plan has GPUs, else sequences spread round-robin, ``sample % G``.
 
 Legend: T tokens, K experts per token, E experts, G GPUs, N hosts, S physical slots.
@@ -141,6 +143,11 @@ def dispatch_counts(plan: Plan, layer: int, topk_ids: Any, src_gpu: Any) -> Disp
     """
     ids = np.asarray(topk_ids.cpu() if hasattr(topk_ids, "cpu") else topk_ids, np.int64)
     src = np.asarray(src_gpu.cpu() if hasattr(src_gpu, "cpu") else src_gpu, np.int64)
+    if plan.spec.moe.rows_per_assignment and ids.ndim == 2:
+        # The experts take one row per assignment (routing weight on their input, or a norm of each
+        # expert's output): each is a copy of its own, keyed by its assignment index t * K + k.
+        src = np.repeat(src, ids.shape[1])
+        ids = ids.reshape(-1, 1)
     placed = (ids >= 0) & (ids < plan.num_experts)
     if placed.all():
         return counts_from_slots(choose_replicas(plan, layer, ids, src) // plan.slots_per_gpu, src, plan.cluster)
