@@ -244,7 +244,7 @@ def test_fp8_token_groups_of_every_size(kernel_dir, threads, fmt, block):
 
 
 def test_fp8_column_slices_and_extreme_scales(kernel_dir):
-    """16 tokens whose activations exceed the kernel's budget (D = 8448: the columns are cut in two
+    """16 tokens whose activations exceed the kernel's budget (D = 8448: the columns are cut in
     slices, partial sums added); and weight block scales so small that their product with an activation
     tile's scale is a float32 subnormal, where applying one product per chunk would lose bits that the
     two scales applied in turn keep (the reference keeps them too)."""
