@@ -190,14 +190,87 @@ def test_fp8_many_tokens_per_expert_subnormals_and_biases(kernel_dir, fmt, block
     args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, b_up, b_down, "swiglu", True, None, None)
     out = native.run_fp8(*args, block, tile, fmt, "float32")
     assert _rel(out, fp8._forward(*args, block, tile, fmt, "float32")) < 1e-5
+    assert _rel(out, _fp8_loop_reference(*args[:10], block, tile, fmt)) < 1e-5
+
+
+def _fp8_loop_reference(x, tok, exp, wgt, w_up, s_up, w_down, s_down, b_up, b_down, block, tile, fmt):
+    """The FP8 op's meaning token by token: tests/reference_fp8.py's expert on the dequantized blocks."""
     run = reference_fp8.fp8_expert(tile, fmt, False)
-    ref = torch.zeros(T, D)
-    for e in range(3):
+    ref = torch.zeros(x.shape)
+    for e in sorted(set(exp.tolist())):
         w_up_e = fp8.dequantize_blocks(w_up[e], s_up[e], block)
         w_down_e = fp8.dequantize_blocks(w_down[e], s_down[e], block)
         for t, ee, w in zip(tok.tolist(), exp.tolist(), wgt.tolist()):
             if ee == e:
-                ref[t] += w * run(x[t], w_up_e, w_down_e, b_up[e], b_down[e], "swiglu")
+                ref[t] += w * run(x[t], w_up_e, w_down_e, None if b_up is None else b_up[e],
+                                  None if b_down is None else b_down[e], "swiglu")
+    return ref
+
+
+def _subnormal_bytes(w: torch.Tensor, g: torch.Generator) -> None:
+    """Every third weight byte of every fifth row made an FP8 subnormal (in both formats)."""
+    sub = torch.tensor([0x01, 0x03, 0x07, 0x81, 0x85], dtype=torch.uint8)
+    w.view(torch.uint8)[:, ::5, ::3] = sub[torch.randint(0, 5, w[:, ::5, ::3].shape, generator=g)]
+
+
+@pytest.mark.parametrize("threads", [1, 5])
+@pytest.mark.parametrize("fmt,block", [("fp8_e4m3", (128, 128)), ("fp8_e5m2", (64, 128))])
+def test_fp8_token_groups_of_every_size(kernel_dir, threads, fmt, block):
+    """Experts receiving 16, 9, 7, 6, 3 and 2 tokens: the groups of activation rows (8 + 8, 8 + 1, 4 + 3,
+    4 + 2, 3, 2) and the weight rows each meets at once (1, 2, 4 or 8, and the rows left over where a
+    batch ends at a row block or a thread's share); 5 threads cut the rows at odd places (1536 up rows,
+    384 down rows). Against the FP8 loop reference and the op's torch path."""
+    g = torch.Generator().manual_seed(5)
+    T, D, F = 16, 384, 128
+    counts = [16, 9, 7, 6, 3, 2]
+    E = len(counts) + 1  # the last expert gets nothing
+    x = torch.randn(T, D, generator=g)
+    w_up, s_up = fp8.quantize_blocks(torch.randn(E, 2 * F, D, generator=g) / 8, block, fmt)
+    w_down, s_down = fp8.quantize_blocks(torch.randn(E, D, F, generator=g) / 6, block, fmt)
+    _subnormal_bytes(w_up, g)
+    b_up, b_down = torch.randn(E, 2 * F, generator=g), torch.randn(E, D, generator=g)
+    tok = torch.cat([torch.randperm(T, generator=g)[:c] for c in counts])
+    exp = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    wgt = torch.rand(tok.numel(), generator=g)
+    args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, b_up, b_down, "swiglu", True, None, None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = native.run_fp8(*args, block, 128, fmt, "float32")
+    finally:
+        torch.set_num_threads(before)
+    assert _rel(out, fp8._forward(*args, block, 128, fmt, "float32")) < 1e-5
+    assert _rel(out, _fp8_loop_reference(*args[:10], block, 128, fmt)) < 1e-5
+
+
+def test_fp8_column_slices_and_extreme_scales(kernel_dir):
+    """16 tokens whose activations exceed the kernel's budget (D = 8448: the columns are cut in
+    slices, partial sums added); and weight block scales so small that their product with an activation
+    tile's scale is a float32 subnormal, where applying one product per chunk would lose bits that the
+    two scales applied in turn keep (the reference keeps them too)."""
+    g = torch.Generator().manual_seed(8)
+    block, tile, fmt = (128, 128), 128, "fp8_e4m3"
+    T, D, F = 16, 8448, 128
+    x = torch.randn(T, D, generator=g)
+    w_up, s_up = fp8.quantize_blocks(torch.randn(1, 2 * F, D, generator=g) / 8, block, fmt)
+    w_down, s_down = fp8.quantize_blocks(torch.randn(1, D, F, generator=g) / 6, block, fmt)
+    _subnormal_bytes(w_down, g)
+    tok, exp, wgt = torch.arange(T), torch.zeros(T, dtype=torch.int64), torch.rand(T, generator=g)
+    args = (x, tok, exp, wgt, w_up, s_up, w_down, s_down, None, None, "swiglu", True, None, None)
+    out = native.run_fp8(*args, block, tile, fmt, "float32")
+    assert _rel(out, _fp8_loop_reference(*args[:10], block, tile, fmt)) < 1e-5
+    # extreme scales: hidden activations of about 0.05-0.16 (tile scales 1e-4 to 4e-4) meet down-projection
+    # block scales of 2e-38 (still normal): their products, about 1e-42, are float32 subnormals with
+    # bits to spare only for a few significant digits
+    x = torch.randn(8, 256, generator=g) * 0.1
+    w_up, s_up = fp8.quantize_blocks(torch.randn(1, 2 * F, 256, generator=g) / 8, block, fmt)
+    w_down, s_down = fp8.quantize_blocks(torch.randn(1, 256, F, generator=g) / 6, block, fmt)
+    s_down *= 2e-38 / float(s_down.max())
+    assert float(s_down.min()) > torch.finfo(torch.float32).tiny
+    args = (x, tok[:8], exp[:8], wgt[:8], w_up, s_up, w_down, s_down, None, None, "swiglu", True, None, None)
+    out = native.run_fp8(*args, block, tile, fmt, "float32")
+    ref = _fp8_loop_reference(*args[:10], block, tile, fmt)
+    assert 0 < ref.abs().max() < 1e-30
     assert _rel(out, ref) < 1e-5
 
 
