@@ -73,6 +73,9 @@ MODELS = {
     # Softcapped router logits (router.logit_softcap), sigmoid scores + selection bias, routed output scaled.
     "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                    head_dim=8, moe_router_logit_softcapping=0.8, moe_routed_scaling_factor=2.0),
+    # A router that is a small network passing its state to the next layer's router (router.mlp with a state step:
+    # layer 0 only returns it), and a skip choice reported as (expert 0, weight 0): a zero expert.
+    "zaya": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, router_hidden_size=16),
 }
 # Experts in two modules (input_linear / output_linear) and an output bias (test_jetmoe_...).
 JETMOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8, activation_function="silu")
@@ -192,15 +195,52 @@ def test_verify_failure_restores_original(monkeypatch) -> None:
 
 
 def test_unsupported_family_reported() -> None:
-    # Zaya's router is an MLP (and its router state feeds the next layer): refused.
-    model = make_model("zaya", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
-                       router_hidden_size=16)
+    # Gemma 4's MoE is no module of its own (its decoder layer calls router and experts inline): refused.
+    model = make_model("gemma4_text", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=16,
+                       head_dim=8, global_head_dim=8)
     before = {n: type(m) for n, m in model.named_modules()}
     moegraph.optimize(model)
     report = model.moegraph_report
     assert report.records and all(r.status == "refused" for r in report.records)
-    assert "router" in report.records[0].reason and "ZayaSparseMoeBlock" == report.records[0].block_class
+    assert "decoder layer" in report.records[0].reason and "Gemma4TextDecoderLayer" == report.records[0].block_class
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_zaya_router_state_and_skip_choices() -> None:
+    # Zaya: each layer's router network adds the previous layer's router state and returns its own; its skip choice
+    # (a zero expert) is taken by some tokens here (a selection bias towards it), which the block hands its experts
+    # as (expert 0, weight 0).
+    model = make_model("zaya", **MODELS["zaya"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.balancing_biases[-1] = 0.15
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    states = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: states.append(o[1])) for layer in model.model.layers]
+    with torch.no_grad():
+        ref = model(ids).logits
+    for h in hooks:
+        h.remove()
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
+    layers = [layer.mlp.moe for layer in model.model.layers]
+    assert [m.RECEIVES_ROUTER_STATE for m in layers] == [False, True] and all(m.ROUTER_STATE == 16 for m in layers)
+    recs = [m.start_recording() for m in layers]
+    got = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: got.append(o[1])) for layer in model.model.layers]
+    with torch.no_grad():
+        out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    skips = [int((r.ids() == 4).sum()) for r in recs]  # router id 4 = the zero expert after the 4 MLP experts
+    assert all(0 < n < 36 for n in skips), skips
+    for a, b in zip(got, states):  # each layer's router state, as Zaya's block returns it
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for m in layers:
+        m.stop_recording()
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
 
 
 def test_no_moe_blocks() -> None:

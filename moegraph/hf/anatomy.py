@@ -598,6 +598,12 @@ def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tupl
     if p.is_meta:
         raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts, which can only be read "
                                "from loaded weights (not the meta device)", cls)
+    if getattr(getattr(experts, "config", None), "_experts_implementation", "eager") != "eager":
+        # The experts' reference (eager) forward says what a choice beyond E is; a grouped one may not handle ids
+        # its router never passes it (Zaya hands its skip choice over as expert 0 with weight 0).
+        experts = copy.copy(experts)
+        experts.config = copy.copy(experts.config)
+        experts.config._experts_implementation = "eager"
     x = torch.randn(R - E, D, generator=torch.Generator().manual_seed(0)).to(p)
     # Two choices per token (some experts modules assume K > 1): the choice, and again with weight 0.
     ids = torch.arange(E, R, device=p.device).view(-1, 1).expand(R - E, 2)
