@@ -160,7 +160,7 @@ class _Frozen(BaseModel):
         data = handler(self)
         if isinstance(data, dict):
             for name, off in self._LATER_FIELDS.items():
-                if name in data and data[name] == off:
+                if name in data and (data[name] == off or getattr(self, name) == off):  # (a tuple dumps as a list)
                     del data[name]
         return data
 
