@@ -350,6 +350,9 @@ def optimize(
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
+            if "router_logits" in kind and getattr(spec.moe.router, "mlp", ()):
+                raise UnsupportedBlock("it returns the router logits of a router network (router.mlp), which the "
+                                       "swapped-in layer does not return", type(block).__name__)
             ref = next(iter(weights.values()))
             # FP8 experts: the layer computes in the spec's dtype; otherwise in that of the block's weights
             dtype = torch_dtype(spec.moe.dtype) if spec.moe.quantization is not None else hf.torch_dtype_of(weights)
