@@ -206,6 +206,18 @@ def test_unsupported_family_reported() -> None:
     assert {n: type(m) for n, m in model.named_modules()} == before
 
 
+def _logits_and_router_states(model, ids):
+    """The model's logits and the router state each decoder layer's MoE block returned."""
+    states: list = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: states.append(o[1])) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            return model(ids).logits, states
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_zaya_router_state_and_skip_choices() -> None:
     # Zaya: each layer's router network adds the previous layer's router state and returns its own; its skip choice
     # (a zero expert) is taken by some tokens here (a selection bias towards it), which the block hands its experts
@@ -215,24 +227,14 @@ def test_zaya_router_state_and_skip_choices() -> None:
         for layer in model.model.layers:
             layer.mlp.gate.balancing_biases[-1] = 0.15
     ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
-    states = []
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: states.append(o[1])) for layer in model.model.layers]
-    with torch.no_grad():
-        ref = model(ids).logits
-    for h in hooks:
-        h.remove()
+    ref, states = _logits_and_router_states(model, ids)
     gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
     moegraph.optimize(model)
     assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
     layers = [layer.mlp.moe for layer in model.model.layers]
     assert [m.RECEIVES_ROUTER_STATE for m in layers] == [False, True] and all(m.ROUTER_STATE == 16 for m in layers)
     recs = [m.start_recording() for m in layers]
-    got = []
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: got.append(o[1])) for layer in model.model.layers]
-    with torch.no_grad():
-        out = model(ids).logits
-    for h in hooks:
-        h.remove()
+    out, got = _logits_and_router_states(model, ids)
     skips = [int((r.ids() == 4).sum()) for r in recs]  # router id 4 = the zero expert after the 4 MLP experts
     assert all(0 < n < 36 for n in skips), skips
     for a, b in zip(got, states):  # each layer's router state, as Zaya's block returns it
