@@ -31,6 +31,7 @@ from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
 from .semantics import activations as _activations
 from .semantics import combine as _combine
+from .semantics import expr as _expr
 from .semantics.scores import torch_score_code
 from .spec import MoESpec, UniformTopology
 
@@ -112,6 +113,37 @@ def class_name(spec: MoESpec) -> str:
     return name
 
 
+def router_mlp_steps(mlp: tuple[Any, ...], width: int) -> tuple[tuple, list[Code], Code]:
+    """A router network (``router.mlp``): the layers' (op, width in, width out, flag) for the runtime's
+    parameters, one line of torch code per layer from ``xr_TD`` on (the state step keeps ``state_TH``), and
+    the name of the network's output. Activations are emitted from their parsed tree (``semantics.activations``)."""
+    layers, lines, cur = [], [], "xr_TD"
+    for i, layer in enumerate(mlp):
+        p = f"self.router.mlp[{i}]"
+        if layer.op == "linear":
+            layers.append(("linear", width, layer.size, layer.bias))
+            width = layer.size
+            line = f"h_TH = F.linear({cur}, {p}.weight{f', {p}.bias' if layer.bias else ''})"
+        elif layer.op == "rms_norm":
+            layers.append(("rms_norm", width, width, False))
+            line = f"h_TH = runtime.rms_norm({cur}, {float(layer.eps)!r}, {p}.weight)"
+        elif layer.op == "activation":
+            layers.append(("activation", width, width, False))
+            tree = _activations.activation(layer.function).tree
+            line = "h_TH = " + _expr.emit(tree, {"x": cur}, lambda name, arg: _expr.FUNCTIONS[name].torch.format(arg))
+        else:
+            layers.append(("state", width, width, layer.receive))
+            if layer.receive:
+                lines.append(Code(f"h_TH = {cur} + router_state_BSH.reshape(-1, {width}).to({cur}.dtype) * {p}.scale  "
+                                  "# plus the previous layer's router state"))
+                cur = "h_TH"
+            lines.append(Code(f"state_TH = {cur}  # this layer's router state, returned for the next layer"))
+            continue
+        lines.append(Code(line))
+        cur = "h_TH"
+    return tuple(layers), lines, Code(cur)
+
+
 def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     """Everything the template needs, decided here."""
     m = spec.moe
@@ -120,6 +152,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     # Comments name the activation by its entry's plain-word name (an inline expression's is derived).
     act_name = _activations.activation(m.experts.activation).name
     K = m.top_k
+    router_layers, router_lines, router_out = router_mlp_steps(getattr(r, "mlp", ()), m.hidden_size)
     ctx: dict[str, Any] = {
         "version": __version__,
         "backend": backend,
@@ -182,6 +215,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "logit_softcap": getattr(r, "logit_softcap", None),
         "sparsemixer_eps": r.sparsemixer.jitter_eps if getattr(r, "sparsemixer", None) is not None else None,
         "per_expert_scale": getattr(r, "per_expert_scale", False),
+        "router_mlp": (router_layers, router_lines, router_out),
+        "router_state": r.router_state if r.type == "topk" else None,
+        "router_state_width": next((w for op, _, w, _ in router_layers if op == "state"), 0),
         "bias_on_logits": getattr(getattr(r, "expert_bias", None), "applies_to", "scores") == "logits",
         # The experts' own space (moe.expert_projection) and a norm of each expert's output (experts.output_norm):
         # the names of the experts' input, output and per-assignment rows follow the space they live in.

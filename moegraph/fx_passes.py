@@ -50,10 +50,10 @@ class DropTrainingOutputs(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        y, aux, ids = out.args[0]
+        y, aux, ids, *state = out.args[0]  # (a layer passing on router state returns it last)
         if not isinstance(aux, dict) or not aux:
             return PassResult(gm, False)
-        out.args = ((y, {}, ids),)
+        out.args = ((y, {}, ids, *state),)
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
@@ -146,9 +146,12 @@ class _Core(nn.Module):
         for name, buf in owner.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=False)
         self._core = type(owner).core
+        self.router_state = bool(getattr(owner, "ROUTER_STATE", 0))
         self.train(training)
 
-    def forward(self, x_BSD, token_ids_BS=None):
+    def forward(self, x_BSD, token_ids_BS=None, router_state_BSH=None):
+        if self.router_state:  # the core of a layer passing on router state takes the previous layer's
+            return self._core(self, x_BSD, token_ids_BS, router_state_BSH)
         return self._core(self, x_BSD, token_ids_BS)
 
 
@@ -156,6 +159,8 @@ def trace_core(owner: nn.Module, training: bool) -> fx.GraphModule:
     """Symbolically trace the generated ``core`` of ``owner`` in the given mode."""
     adapter = _Core(owner, training)
     concrete: dict[str, Any] = {} if getattr(owner, "NEEDS_TOKEN_IDS", False) else {"token_ids_BS": None}
+    if not getattr(owner, "RECEIVES_ROUTER_STATE", False):
+        concrete["router_state_BSH"] = None
     graph = fx.Tracer().trace(adapter, concrete_args=concrete)
     gm = fx.GraphModule(adapter, graph, class_name=f"{type(owner).__name__}Graph")
     gm.train(training)

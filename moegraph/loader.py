@@ -235,8 +235,8 @@ def _models_in(tp: Any) -> list[type[BaseModel]]:
 
 
 def _union_key(models: list[type[BaseModel]]) -> str:
-    """The discriminator key of a tagged union of models: 'type' (routers) or 'kind'."""
-    return "type" if any("type" in m.model_fields for m in models) else "kind"
+    """The discriminator key of a tagged union of models: 'type' (routers), 'op' (router network layers) or 'kind'."""
+    return next((k for k in ("type", "op") if any(k in m.model_fields for m in models)), "kind")
 
 
 def _union_tags(models: list[type[BaseModel]]) -> dict[str, type[BaseModel]]:
@@ -266,14 +266,13 @@ def _walk(loc: tuple) -> tuple[tuple, list[type[BaseModel]]]:
         if isinstance(part, str) and part.startswith("function-"):
             continue
         clean.append(part)
-        if isinstance(part, int):  # an index into a tuple of models: same models
-            continue
-        nxt: list[type[BaseModel]] = []
-        for m in models:
-            f = m.model_fields.get(str(part))
-            if f is not None:
-                nxt += _models_in(f.annotation)
-        models = nxt
+        if not isinstance(part, int):  # (an index into a tuple of models: same models)
+            nxt: list[type[BaseModel]] = []
+            for m in models:
+                f = m.model_fields.get(str(part))
+                if f is not None:
+                    nxt += _models_in(f.annotation)
+            models = nxt
         if len(models) > 1 and i < len(loc):
             tags = _union_tags(models)
             if loc[i] in tags:

@@ -321,9 +321,30 @@ def init_value(layer: CompiledMoEBase, name: str) -> float | None:
     scale, and for the weights of the experts' norms whatever makes their scale (offset + weight) one."""
     if name in ONES_AT_INIT:
         return 1.0
+    if name.startswith("router.mlp.") and layer.ROUTER_MLP[int(name.split(".")[2])][0] in ("rms_norm", "state"):
+        return 1.0  # a router network's norm weight or state scale
     offset = {"pre_expert_norm.weight": layer.PRE_EXPERT_NORM_OFFSET,
               "expert_output_norm.weight": layer.EXPERT_OUTPUT_NORM_OFFSET}.get(name)
     return None if offset is None else 1.0 - offset
+
+
+def router_mlp(layers: tuple, dtype: torch.dtype, device: Any) -> nn.ModuleList:
+    """The parameters of a router network (``router.mlp``), one module per layer so that their names follow the
+    spec's layer numbers: a linear's weight [out, in] (and bias [out]), a norm's weight [width], a receiving
+    state step's scale [width]; activations and a first layer's state step hold none."""
+    mods = nn.ModuleList()
+    for op, w_in, w_out, flag in layers:
+        m = nn.Module()
+        if op == "linear":
+            m.weight = nn.Parameter(torch.empty(w_out, w_in, dtype=dtype, device=device))
+            if flag:
+                m.bias = nn.Parameter(torch.zeros(w_out, dtype=dtype, device=device))
+        elif op == "rms_norm":
+            m.weight = nn.Parameter(torch.ones(w_out, dtype=dtype, device=device))
+        elif op == "state" and flag:
+            m.scale = nn.Parameter(torch.ones(w_out, dtype=dtype, device=device))
+        mods.append(m)
+    return mods
 
 
 class CompiledMoEBase(nn.Module):
@@ -366,6 +387,13 @@ class CompiledMoEBase(nn.Module):
     EXPERT_WIDTH: int = 0
     PRE_EXPERT_NORM_OFFSET: float | None = None  # a norm of the projected input (pre_expert_norm.weight [M]); its offset
     EXPERT_OUTPUT_NORM_OFFSET: float | None = None  # a norm of each expert's output (``experts.output_norm``)
+    #: the router as a small network (``router.mlp``): one (op, width in, width out, flag) per layer, flag = bias
+    #: (linear) or receive (state); () = one linear
+    ROUTER_MLP: tuple = ()
+    #: width of the router state the layer returns (``router.mlp`` state step); 0 = none. RECEIVES_ROUTER_STATE:
+    #: the layer adds the previous layer's state
+    ROUTER_STATE: int = 0
+    RECEIVES_ROUTER_STATE: bool = False
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -376,9 +404,12 @@ class CompiledMoEBase(nn.Module):
         H = 2 * Fh if self.GATED else Fh
         kw = {"dtype": dtype, "device": device}
         self.router = nn.Module()
+        if self.ROUTER_MLP:
+            self.router.mlp = router_mlp(self.ROUTER_MLP, router_dtype, device)
         if self.ROUTER != "hash" or self.HASH_SCORED:
             rows = R + self.SHARED_ROUTED  # routed shared experts have the last router rows
-            self.router.weight = nn.Parameter(torch.empty(rows, D, dtype=router_dtype, device=device))
+            width = self.ROUTER_MLP[-1][2] if self.ROUTER_MLP else D  # what router.weight maps to the logits
+            self.router.weight = nn.Parameter(torch.empty(rows, width, dtype=router_dtype, device=device))
             if self.ROUTER_BIAS:
                 self.router.bias = nn.Parameter(torch.zeros(rows, dtype=router_dtype, device=device))
         # Learned router transforms (``moe.router``): scales, so they start at one (see ONES_AT_INIT).
@@ -577,10 +608,14 @@ class CompiledMoEBase(nn.Module):
             if token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
                 raise InputError(f"token_ids must lie in [0, {self.HASH_VOCAB}) (vocab_size of the hash router)")
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None, *, return_aux: bool = False):
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, *, router_state: Tensor | None = None,
+                return_aux: bool = False):
         """Run the layer on x: [T, D] or [B, S, D] (rows of a 3-D input are sequences).
 
-        Returns y of the same shape, or (y, aux_losses) with ``return_aux=True``. NaN or inf in a
+        Returns y of the same shape, or (y, aux_losses) with ``return_aux=True``. A layer whose router
+        network has a state step (``router.mlp``) returns ``(y, state)`` (and ``(y, state, aux_losses)``):
+        its router state [..., H] for the next layer; with ``receive`` it adds ``router_state`` (the previous
+        layer's, same leading shape as x; None adds nothing). NaN or inf in a
         token's input makes that token's output non-finite; other tokens are unaffected (with
         token-choice routing and no capacity limit).
         """
@@ -589,14 +624,15 @@ class CompiledMoEBase(nn.Module):
         tid = None
         if token_ids is not None and self.NEEDS_TOKEN_IDS:  # a layer whose routing ignores token ids drops them
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
+        args = (x_BSD, tid) if not self.RECEIVES_ROUTER_STATE else (x_BSD, tid, self._router_state(x, router_state))
         pin = self.__dict__.get("expert_strategy")
         if pin is None:
-            y, aux, ids = self.graph()(x_BSD, tid)
+            y, aux, ids, *state = self.graph()(*args)
         else:
             from .strategies import pinned
 
             with pinned(pin):
-                y, aux, ids = self.graph()(x_BSD, tid)
+                y, aux, ids, *state = self.graph()(*args)
         if self.training:
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:
@@ -605,9 +641,24 @@ class CompiledMoEBase(nn.Module):
         if self.recorder is not None:
             self.recorder.add(ids)
         y = y if x.dim() == 3 else y.squeeze(0)
+        if self.ROUTER_STATE:
+            out = (y, state[0] if x.dim() == 3 else state[0].squeeze(0))
+            return (*out, aux) if return_aux else out
         if return_aux:
             return y, aux
         return y
+
+    def _router_state(self, x: Tensor, state: Tensor | None) -> Tensor:
+        """The previous layer's router state as [B, S, H] (zeros, which add nothing, when there is none)."""
+        H = self.ROUTER_STATE
+        if state is None:
+            return x.new_zeros((*(x.shape[:-1] if x.dim() == 3 else (1, x.shape[0])), H),
+                               dtype=self.router.weight.dtype)
+        if not isinstance(state, Tensor) or tuple(state.shape) != (*x.shape[:-1], H) or not state.is_floating_point():
+            shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise InputError(f"router_state has shape {shape}; this layer adds the previous layer's router state, "
+                             f"a float tensor of shape {(*x.shape[:-1], H)} (the state step of router.mlp is {H} wide)")
+        return state if state.dim() == 3 else state.unsqueeze(0)
 
     # -- balancing and recording -----------------------------------------------------------------
 

@@ -160,7 +160,7 @@ class _Frozen(BaseModel):
         data = handler(self)
         if isinstance(data, dict):
             for name, off in self._LATER_FIELDS.items():
-                if name in data and data[name] == off:
+                if name in data and (data[name] == off or getattr(self, name) == off):  # (a tuple dumps as a list)
                     del data[name]
         return data
 
@@ -408,6 +408,61 @@ class SparseMixer(_Frozen):
     jitter_eps: float = Field(gt=0, le=1, description="The mask threshold is 2 * jitter_eps (router_jitter_noise).")
 
 
+class RouterLinear(_Frozen):
+    """A linear layer of a router network (``router.mlp``): the width becomes ``size``; parameters
+    ``router.mlp.<i>.weight`` [size, width before] and, with ``bias``, ``router.mlp.<i>.bias`` [size]."""
+
+    op: Literal["linear"] = "linear"
+    size: int = Field(gt=0, le=1 << 20, description="Output width of the layer.")
+    bias: bool = Field(False, description="Whether the layer adds a learned bias.")
+
+
+class RouterNorm(_Frozen):
+    """An RMS norm inside a router network, in float32, times a learned weight ``router.mlp.<i>.weight``
+    [width] (starts at one)."""
+
+    op: Literal["rms_norm"] = "rms_norm"
+    eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root.")
+
+
+class RouterActivation(_Frozen):
+    """An elementwise function inside a router network: a plain activation name (gelu, silu, relu, ...) or
+    an expression of x, as for ungated experts."""
+
+    op: Literal["activation"] = "activation"
+    function: str = Field(description="A plain (ungated) activation name or an expression of x, e.g. 'gelu'.")
+
+    @field_validator("function")
+    @classmethod
+    def _plain(cls, v: str) -> str:
+        entry = _activations.activation(v)
+        if entry.gated:
+            raise ValueError(f"router.mlp activation {v!r} is gated (an expression of gate and up); a router layer "
+                             "has one input: use a plain activation such as gelu, silu, relu or an expression of x")
+        return v
+
+
+class RouterState(_Frozen):
+    """Where a router network meets the router state the layers of a model pass on (Zaya): with
+    ``receive``, the previous layer's state times a learned ``router.mlp.<i>.scale`` [width] (starts at one)
+    is added here; the value here is this layer's state, which the layer returns beside its output."""
+
+    op: Literal["state"] = "state"
+    receive: bool = Field(True, description="Add the previous layer's state (false: a first layer, which only "
+                                            "returns its own).")
+
+
+RouterLayer = Annotated[
+    Union[
+        Annotated[RouterLinear, Tag("linear")],
+        Annotated[RouterNorm, Tag("rms_norm")],
+        Annotated[RouterActivation, Tag("activation")],
+        Annotated[RouterState, Tag("state")],
+    ],
+    Discriminator(lambda v: (v.get("op") if isinstance(v, dict) else getattr(v, "op", None))),
+]
+
+
 AuxLossKind = Literal[
     "expert_balance",  # Switch/GShard/DeepSeek-V2 expert-level: E * sum_e f_e * P_e (f over all K choices)
     "device_balance",  # DeepSeek-V2 device-level: the same over devices
@@ -493,8 +548,13 @@ class TopKRouter(_Frozen):
         False, description="Multiply each chosen expert's weight by a learned per-expert scale "
         "router.per_expert_scale [E] (Gemma 4; starts at 1), after normalisation and scaling_factor.",
     )
+    mlp: tuple[RouterLayer, ...] = Field(
+        (), max_length=32, description="The router as a small network: these layers (linear, rms_norm, activation, "
+        "state) run on the router input, then router.weight maps their output to the logits; () = one linear.",
+    )
     _LATER_FIELDS: ClassVar[dict[str, Any]] = {"input_norm": None, "learned_logit_scale": False,
-                                               "logit_softcap": None, "sparsemixer": None, "per_expert_scale": False}
+                                               "logit_softcap": None, "sparsemixer": None, "per_expert_scale": False,
+                                               "mlp": ()}
 
     _score_known = field_validator("score")(_check_score)
 
@@ -510,6 +570,29 @@ class TopKRouter(_Frozen):
                     "give each kind once with its coef",
                 )
         return v
+
+    @field_validator("mlp")
+    @classmethod
+    def _one_state(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        states = [i for i, layer in enumerate(v) if layer.op == "state"]
+        if len(states) > 1:
+            raise field_error(f"{states[1]}.op", f"router.mlp has a state at layers {states}; a layer passes on one "
+                                                 "router state: keep one state step")
+        if v and all(layer.op in ("state", "activation", "rms_norm") for layer in v) and not states:
+            raise field_error("0.op", "router.mlp has no linear layer and no state, so it is one norm or function "
+                                      "before router.weight; write it with router.input_norm, or add a linear layer")
+        return v
+
+    @property
+    def mlp_width(self) -> int | None:
+        """Width of the router network's output (router.weight's columns); None = the layer input."""
+        sizes = [layer.size for layer in self.mlp if layer.op == "linear"]
+        return sizes[-1] if sizes else None
+
+    @property
+    def router_state(self) -> RouterState | None:
+        """The state step of the router network, if any (the layer then returns its router state)."""
+        return next((layer for layer in self.mlp if layer.op == "state"), None)
 
     @model_validator(mode="after")
     def _order_needs_softmax(self) -> TopKRouter:

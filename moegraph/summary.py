@@ -102,10 +102,21 @@ def summarize(spec: MoESpec) -> Summary:
         shared += d
     e = m.experts.num_experts
     unscored_hash = m.router.type == "hash" and m.router.score is None  # no router weights at all
-    router = 0 if unscored_hash else e * d + (e if getattr(m.router, "router_bias", False) else 0)
+    rows = m.router_rows  # the router's outputs: experts, identity/zero experts, routed shared experts
+    router = 0 if unscored_hash else rows * d + (rows if getattr(m.router, "router_bias", False) else 0)
     norm = getattr(m.router, "input_norm", None)  # the router's learned scales (router transforms)
     router += (d if norm is not None and norm.weight else 0) + (1 if getattr(m.router, "learned_logit_scale", False)
                                                                 else 0) + (e if getattr(m.router, "per_expert_scale", False) else 0)
+    mlp = getattr(m.router, "mlp", ())
+    if mlp:  # a router network: its layers, and router.weight maps its output (not the input) to the logits
+        width = d
+        for layer_ in mlp:
+            if layer_.op == "linear":
+                router += layer_.size * width + (layer_.size if layer_.bias else 0)
+                width = layer_.size
+            elif layer_.op == "rms_norm" or (layer_.op == "state" and layer_.receive):
+                router += width  # a norm's weight, a state's scale
+        router += rows * (width - d)
     proj = m.expert_projection  # the projections around the experts and the norms in their space: always active
     if proj is not None:
         router += 2 * d * proj.size

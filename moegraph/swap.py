@@ -150,8 +150,9 @@ class MoEBlockAdapter(nn.Module):
 
     def __init__(self, layer: nn.Module, output_kind: tuple[str, ...], original_class: str, found_by: str,
                  arg_names: tuple[str, ...] = (), token_arg: str | None = None, flat_output: bool = False,
-                 flattened: bool = False):
+                 flattened: bool = False, state_arg: str | None = None):
         super().__init__()
+        self.state_arg = state_arg  # the argument carrying the previous layer's router state (Zaya)
         self.flat_output = flat_output  # return [tokens, D] as the original did (Llama 4)
         self.flattened = flattened  # return the output and router logits flattened to 1-D (Ernie 4.5 VL)
         self.moe = layer
@@ -166,6 +167,7 @@ class MoEBlockAdapter(nn.Module):
         given.update(kwargs)
         extra = [f"argument {i + 2}" for i in range(len(self.arg_names), len(args)) if args[i] is not None]
         token_ids = given.pop(self.token_arg, None) if self.token_arg else None
+        state = given.pop(self.state_arg, None) if self.state_arg else None
         extra += [k for k, v in given.items() if v is not None]
         if extra:
             raise InputError(
@@ -179,13 +181,20 @@ class MoEBlockAdapter(nn.Module):
         tid = None
         if token_ids is not None and self.moe.NEEDS_TOKEN_IDS:  # the spec routes by them; else ignored
             tid = token_ids.reshape(x.shape[:-1]) if token_ids.numel() == x[..., 0].numel() else token_ids
-        y = self.moe(x, tid).reshape(shape)
+        if self.moe.ROUTER_STATE:  # takes the previous layer's router state (if it adds one), returns its own
+            y, state = self.moe(x, tid, router_state=state if self.moe.RECEIVES_ROUTER_STATE else None)
+            y = y.reshape(shape)
+        else:
+            y = self.moe(x, tid).reshape(shape)
         if self.flat_output or self.flattened:
             y = y.reshape(-1) if self.flattened else y.reshape(-1, D)
         if self.output_kind[0] == "tensor":
             return y
         extras = []
         for kind in self.output_kind[1:]:
+            if kind == "router_state":
+                extras.append(state)
+                continue
             r = self.moe.router
             logits = F.linear(x.reshape(-1, D).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
             extras.append(logits.reshape(-1) if self.flattened else logits)
@@ -409,13 +418,17 @@ def optimize(
                 weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
                 rank, token_arg, flat, flattened = 3, info.token_arg, info.flat_output, info.flattened
+                state_arg = info.state_arg
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
-                rank, token_arg, flat, flattened = sr.input_rank, None, False, False
+                rank, token_arg, flat, flattened, state_arg = sr.input_rank, None, False, False, None
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
+            if "router_logits" in kind and getattr(spec.moe.router, "mlp", ()):
+                raise UnsupportedBlock("it returns the router logits of a router network (router.mlp), which the "
+                                       "swapped-in layer does not return", type(block).__name__)
             ref = next(iter(weights.values()))
             # FP8 experts: the layer computes in the spec's dtype; otherwise in that of the block's weights
             dtype = torch_dtype(spec.moe.dtype) if spec.moe.quantization is not None else hf.torch_dtype_of(weights)
@@ -435,7 +448,7 @@ def optimize(
             rec.seconds = time.perf_counter() - ts
             continue
         adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
-                                  flat, flattened)
+                                  flat, flattened, state_arg)
         adapter.train(block.training)
         if verify or how == "structure":
             try:

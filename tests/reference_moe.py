@@ -19,6 +19,7 @@ def act(name: str, v: torch.Tensor) -> torch.Tensor:
         "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "relu": F.relu,
         "relu2": lambda t: F.relu(t) ** 2,
+        "x * sigmoid(x)": lambda t: t * torch.sigmoid(t),  # the inline expression the router-network tests use
     }[name](v)
 
 
@@ -116,8 +117,30 @@ def sparsemixer_token(logits: torch.Tensor, K: int, eps: float, scale: float):
     return out
 
 
-def router_logits(r: dict, layer, x_D: torch.Tensor) -> torch.Tensor:
-    """One token's router logits with the router's input norm, learned scale and softcap (Gemma 4, Laguna)."""
+def router_network_token(mlp: list, layer, h: torch.Tensor, state_in: torch.Tensor | None):
+    """One token through a router network (router.mlp), layer by layer as the spec describes it: returns (output,
+    the value at the state step or None). Written out: y = W h + b, h / sqrt(mean(h^2) + eps) * w, act(h),
+    h + scale * previous state."""
+    state = None
+    for i, step in enumerate(mlp):
+        p = layer.router.mlp[i]
+        if step["op"] == "linear":
+            h = p.weight @ h + (p.bias if step.get("bias") else 0)
+        elif step["op"] == "rms_norm":
+            h = h / torch.sqrt((h * h).mean() + step.get("eps", 1e-6)) * p.weight
+        elif step["op"] == "activation":
+            h = act(step["function"], h)
+        else:
+            if step.get("receive", True) and state_in is not None:
+                h = h + p.scale * state_in
+            state = h
+    return h, state
+
+
+def router_logits(r: dict, layer, x_D: torch.Tensor, state_in: torch.Tensor | None = None,
+                  states_out: list | None = None) -> torch.Tensor:
+    """One token's router logits with the router's input norm, learned scale and softcap (Gemma 4, Laguna), and its
+    router network (Zaya; its state goes to ``states_out``)."""
     xr = x_D.float()
     norm = r.get("input_norm")
     if norm:
@@ -126,6 +149,10 @@ def router_logits(r: dict, layer, x_D: torch.Tensor) -> torch.Tensor:
         if norm.get("weight"):
             xr = xr * layer.router.input_norm.weight
         xr = xr * norm.get("multiplier", 1.0)
+    if r.get("mlp"):
+        xr, state = router_network_token(r["mlp"], layer, xr, state_in)
+        if states_out is not None:
+            states_out.append(state)
     rb = getattr(layer.router, "bias", None)
     lg = layer.router.weight @ xr + (rb if rb is not None else 0)
     if r.get("learned_logit_scale"):
@@ -144,12 +171,13 @@ def expert_space_norm(v: torch.Tensor, norm: dict, weight: torch.Tensor) -> torc
 
 
 def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, expert_fn=None,
-                      sequences: int = 1, combine=None) -> torch.Tensor:
+                      sequences: int = 1, combine=None, router_state=None, states_out=None) -> torch.Tensor:
     """y_TD for a [T, D] input; ``layer`` supplies parameters only. ``expert_fn`` (default ``expert``)
     computes one expert MLP, for references of other precisions (tests/test_fp8_layer.py). ``sequences``:
     the T tokens are that many sequences of equal length (a capacity counted per sequence). ``combine(routed,
     shared)``: how one token's shared output joins its routed output, written by the test for a spec with
-    ``shared_experts.combine`` (default: their sum)."""
+    ``shared_experts.combine`` (default: their sum). ``router_state`` [T, H]: the previous layer's router state
+    (router.mlp); the tokens' own states are appended to the list ``states_out``."""
     if combine is None:
         if spec["moe"].get("shared_experts", {}).get("combine", "routed + shared") != "routed + shared":
             raise ValueError("the spec combines shared and routed outputs its own way: pass combine=")
@@ -189,7 +217,8 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 ws = [w / tot for w in ws]
             assignments[t] = [(e, w * r.get("scaling_factor", 1.0)) for e, w in zip(es, ws)]
     else:
-        logits = [router_logits(r, layer, x_TD[t]) for t in range(T)]
+        logits = [router_logits(r, layer, x_TD[t], None if router_state is None else router_state[t], states_out)
+                  for t in range(T)]
         if rtype == "expert_choice":
             s = torch.stack([score(r.get("score", "softmax"), lg) for lg in logits]) if T else torch.zeros(0, E)
             C = min(T, math.ceil(r.get("capacity_factor", 2.0) * T / E))

@@ -153,10 +153,14 @@ CONFIG_TYPE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_
 
 # family -> words the refusal must contain
 REFUSED: dict[str, tuple[str, dict, str]] = {
-    # An MLP router (down projection, norm, two GELU layers, out projection) over the experts and a skip choice.
-    "zaya": ("ZayaSparseMoeBlock", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                                        router_hidden_size=16), "is not a router over the 4 experts"),
+    # A mixture of attention heads, driven through map/reduce by its attention: no block call to replace.
+    "jetmoe": ("JetMoeMoA", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8),
+               "raises NotImplementedError"),
 }
+
+# Zaya: a router network (D -> 16 with bias, + the previous layer's state x scale, RMS norm, two GELU layers, -> 5)
+# whose fifth choice is a skip (a zero expert), passed to the experts as (expert 0, weight 0).
+ZAYA = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, router_hidden_size=16)
 
 
 def _config(family: str, overrides: dict):
@@ -589,3 +593,51 @@ def test_per_layer_specs_of_a_config_with_two_layer_kinds() -> None:
     one = _config("deepseek_v4", {**overrides, "mlp_layer_types": ["moe", "moe"]})
     assert [p for p, _ in layer_specs_from_hf_config(one)] == [["model.layers.0.mlp", "model.layers.1.mlp"]]
     assert spec_from_hf_config(one).moe == layer_specs_from_hf_config(one)[0][1].moe
+
+
+@pytest.mark.parametrize("layer_idx", [1, 0])
+def test_zaya_router_network_state_and_skip(layer_idx: int) -> None:
+    mod = importlib.import_module("transformers.models.zaya.modeling_zaya")
+    block = make_block("zaya", ZAYA, "ZayaSparseMoeBlock")
+    if layer_idx == 0:  # the first layer: no state comes in, its own goes out
+        torch.manual_seed(0)
+        block = mod.ZayaSparseMoeBlock(_config("zaya", ZAYA), layer_idx=0).float().eval()
+        with torch.no_grad():
+            for _, t in block.named_parameters():
+                t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())) * 0.2)
+    with torch.no_grad():
+        block.gate.balancing_biases.zero_()
+        block.gate.balancing_biases[-1] = 0.15  # some tokens choose the skip
+    layer = from_hf(block)
+    router = layer.hf_import.spec.moe.router
+    assert [m.op for m in router.mlp] == ["linear", "state", "rms_norm", "linear", "activation", "linear", "activation"]
+    assert router.mlp[1].receive == (layer_idx == 1) and router.mlp[4].function == "gelu"
+    assert layer.hf_import.spec.moe.experts.zero_experts == 1 and router.expert_bias is not None
+    assert layer.hf_import.output_kind == ("tuple", "router_state")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, D, generator=g)
+    s_in = torch.randn(2, 5, 16, generator=g)
+    r_y, r_s = torch.randn(2, 5, D, generator=g), torch.randn(2, 5, 16, generator=g)
+    x_ref, x_mg = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    s_ref, s_mg = s_in.clone().requires_grad_(True), s_in.clone().requires_grad_(True)
+    y_ref, st_ref = block(x_ref, s_ref)
+    layer.start_recording()
+    y, st = layer(x_mg, router_state=s_mg)
+    skips = int((layer.stop_recording().ids() == 4).sum())
+    assert 0 < skips < 20, skips  # (router id 4: the zero expert after the 4 MLP experts)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(st, st_ref, rtol=1e-5, atol=1e-6)
+    ((y_ref * r_y).sum() + (st_ref * r_s).sum()).backward()
+    ((y * r_y).sum() + (st * r_s).sum()).backward()
+    _close(x_mg.grad, x_ref.grad, 1e-5, "input gradient")
+    if layer_idx == 1:
+        _close(s_mg.grad, s_ref.grad, 1e-5, "router state gradient")
+    else:  # the first layer ignores a state handed to it, as Zaya's does
+        assert s_ref.grad is None and s_mg.grad is None
+    hf_grads = _grads_in_layer_layout(block, layer.hf_import.anatomy)
+    own = dict(layer.named_parameters())
+    names = [n for n in hf_grads if n in own and n != "router.expert_bias"]
+    assert {"router.mlp.0.weight", "router.mlp.2.weight", "router.mlp.5.bias", "router.weight"} <= set(names)
+    assert ("router.mlp.1.scale" in names) == (layer_idx == 1)
+    for name in names:
+        _close(own[name].grad, hf_grads[name], 1e-5, f"gradient of {name}")

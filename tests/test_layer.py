@@ -860,3 +860,135 @@ def test_expert_space_keeps_old_hashes_and_names_bad_fields():
             spec["moe"]["expert_projection"] = change["expert_projection"]
         with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):
             moegraph.load_spec(spec)
+
+
+#: routers that are small networks (router.mlp): Zaya's (state passed between layers, a skip choice as a zero expert,
+#: a selection bias), one without state, and one whose state is its input (a first layer, no linear before it)
+ROUTER_NETWORKS = {
+    "zaya": ({"top_k": 2, "expert_bias": {"update_rate": 0.0},
+              "mlp": [{"op": "linear", "size": 12, "bias": True}, {"op": "state"}, {"op": "rms_norm", "eps": 1e-5},
+                      {"op": "linear", "size": 12, "bias": True}, {"op": "activation", "function": "gelu"},
+                      {"op": "linear", "size": 12, "bias": True}, {"op": "activation", "function": "gelu"}]},
+             {"zero_experts": 1}),
+    "no_state": ({"top_k": 3, "score": "sigmoid", "normalize": True, "router_bias": True,
+                  "input_norm": {"kind": "rms", "eps": 1e-6},
+                  "mlp": [{"op": "linear", "size": 10}, {"op": "activation", "function": "x * sigmoid(x)"},
+                          {"op": "linear", "size": 6, "bias": True}]}, {}),
+    "state_first": ({"top_k": 2, "mlp": [{"op": "state", "receive": False}, {"op": "linear", "size": 8},
+                                         {"op": "activation", "function": "relu"}]}, {"identity_experts": 1}),
+}
+
+
+def _network_case(case):
+    router, experts = ROUTER_NETWORKS[case]
+    spec = make_spec(copy.deepcopy(router), experts=dict(experts))
+    layers = router["mlp"]
+    widths = [D]
+    for s in layers:
+        widths.append(s["size"] if s["op"] == "linear" else widths[-1])
+    state_at = next((i for i, s in enumerate(layers) if s["op"] == "state"), None)
+    return spec, (None if state_at is None else widths[state_at + 1])
+
+
+def _sharpened(layer):
+    """Larger router weights and a selection bias towards the choices beyond the experts: tokens then route apart
+    (a norm and two GELU layers of small random weights give every token nearly the same logits)."""
+    with torch.no_grad():
+        layer.router.weight.mul_(6.0)
+        for m in layer.router.mlp:
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+                m.weight.mul_(3.0)
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias[E:] += 0.1
+    return layer
+
+
+@pytest.mark.parametrize("case", list(ROUTER_NETWORKS))
+def test_router_network_matches_the_loop_reference(case, tmp_path, expert_path):
+    """router.mlp (a router that is a small network) and its router state: outputs, returned state, input, incoming
+    state and every parameter gradient against the loop reference, 1e-5; the skip (zero expert) is chosen."""
+    spec, H = _network_case(case)
+    router = ROUTER_NETWORKS[case][0]
+    fresh = moegraph.compile(spec, out_dir=tmp_path)
+    for i, step in enumerate(router["mlp"]):  # a norm's weight and a state's scale start at one
+        if step["op"] == "rms_norm" or (step["op"] == "state" and step.get("receive", True)):
+            assert torch.equal(next(fresh.router.mlp[i].parameters()), torch.ones(H or D))
+    layer = _sharpened(_compile(spec, tmp_path)).train()
+    T = 19
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(41), requires_grad=True)
+    g = torch.randn(T, D, generator=torch.Generator().manual_seed(42))
+    receive = H is not None and next(s for s in router["mlp"] if s["op"] == "state").get("receive", True)
+    s_in = torch.randn(T, H, generator=torch.Generator().manual_seed(43), requires_grad=True) if receive else None
+    params = list(layer.parameters())
+    states: list = []
+    ref = reference_forward(spec, layer, x, router_state=s_in, states_out=states)
+    if H is None:
+        y = layer(x)
+        outs, refs, grads = [y], [ref], [g]
+    else:
+        y, st = layer(x, router_state=s_in)
+        ref_st = torch.stack(states)
+        assert st.shape == (T, H)
+        g_st = torch.randn(T, H, generator=torch.Generator().manual_seed(44))
+        outs, refs, grads = [y, st], [ref, ref_st], [g, g_st]
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    wrt = [x, *([s_in] if receive else []), *params]
+    got = torch.autograd.grad(outs, wrt, grads)
+    want = torch.autograd.grad(refs, wrt, grads, allow_unused=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+    if ROUTER_NETWORKS[case][1]:  # tokens do choose the choices beyond the experts
+        layer.start_recording()
+        layer.eval()(x, router_state=s_in) if H else layer.eval()(x)
+        ids = layer.stop_recording().ids().reshape(T, -1)
+        assert (ids >= E).any() and not (ids >= E).all() and len({tuple(r) for r in ids.tolist()}) > 3
+
+
+@pytest.mark.parametrize("strategy", list(moegraph.strategies.STRATEGIES))
+@pytest.mark.parametrize("T", [1, 3, 17])
+def test_router_network_every_strategy(strategy, T, tmp_path):
+    """Every expert-compute strategy is exact on Zaya's layer (router network, state, a zero expert), eval and train."""
+    spec, H = _network_case("zaya")
+    layer = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path, expert_strategy=strategy)
+    _sharpened(_randomise(layer) or layer)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+    s_in = torch.randn(T, H, generator=torch.Generator().manual_seed(T + 1))
+    states: list = []
+    ref = reference_forward(spec, layer, x, router_state=s_in, states_out=states)
+    for mode in ("eval", "train"):
+        with torch.no_grad():
+            y, st = getattr(layer, mode)()(x, router_state=s_in)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st, torch.stack(states), rtol=1e-5, atol=1e-5)
+
+
+def test_router_network_keeps_old_hashes_and_names_bad_fields(tmp_path):
+    """Older specs hash as before; a bad router network or router state is refused naming the field or input."""
+    plain = make_spec({"top_k": 2})
+    assert moegraph.load_spec(make_spec({"top_k": 2, "mlp": []})).hash() == moegraph.load_spec(plain).hash()
+    lin = {"op": "linear", "size": 8}
+    bad = [
+        ([lin, {"op": "state"}, {"op": "state"}], "router.mlp.2.op", "one router state"),
+        ([lin, {"op": "activation", "function": "swiglu"}], "router.mlp.1", "gated"),
+        ([lin, {"op": "activation", "function": "nosuch"}], "router.mlp.1", "nosuch"),
+        ([lin, {"op": "activation", "function": "__import__('os')"}], "router.mlp.1", "function"),
+        ([{"op": "rms_norm"}, {"op": "activation", "function": "gelu"}], "router.mlp.0.op", "input_norm"),
+        ([{"op": "linear", "size": 0}], "router.mlp.0.size", ""),
+        ([{"op": "conv"}], "router.mlp.0", ""),
+    ]
+    for mlp, field, words in bad:
+        with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)) as info:
+            moegraph.load_spec(make_spec({"top_k": 2, "mlp": mlp}))
+        assert words in str(info.value)
+    with pytest.raises(moegraph.errors.SpecError, match="router.mlp"):  # a field of top-k routers only
+        moegraph.load_spec(make_spec({"type": "hash", "top_k": 2, "method": "modulo", "mlp": [lin]}))
+    spec, H = _network_case("zaya")
+    layer = moegraph.compile(spec, out_dir=tmp_path)
+    x = torch.randn(2, 3, D)
+    for state, words in ((torch.randn(2, 3, H + 1), "router_state has shape"), ("no", "router_state has shape"),
+                         (torch.zeros(2, 3, H, dtype=torch.long), "float")):
+        with pytest.raises(moegraph.errors.InputError, match=words):
+            layer(x, router_state=state)
+    y, st = layer(x)  # no incoming state: adds nothing (as a first layer's missing one)
+    assert y.shape == x.shape and st.shape == (2, 3, H)

@@ -73,6 +73,9 @@ MODELS = {
     # Softcapped router logits (router.logit_softcap), sigmoid scores + selection bias, routed output scaled.
     "laguna": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                    head_dim=8, moe_router_logit_softcapping=0.8, moe_routed_scaling_factor=2.0),
+    # A router that is a small network passing its state to the next layer's router (router.mlp with a state step:
+    # layer 0 only returns it), and a skip choice reported as (expert 0, weight 0): a zero expert.
+    "zaya": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8, router_hidden_size=16),
 }
 # Experts in two modules (input_linear / output_linear) and an output bias (test_jetmoe_...).
 JETMOE = dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, kv_channels=8, activation_function="silu")
@@ -192,15 +195,60 @@ def test_verify_failure_restores_original(monkeypatch) -> None:
 
 
 def test_unsupported_family_reported() -> None:
-    # Zaya's router is an MLP (and its router state feeds the next layer): refused.
-    model = make_model("zaya", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=8,
-                       router_hidden_size=16)
+    # NLLB-MoE's block hands its experts a 0/1 mask where expert ids belong (not the routing its router computes):
+    # refused with the reason, the model untouched.
+    cfg = transformers.NllbMoeConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4, expert_capacity=8, encoder_sparse_step=2,
+        decoder_sparse_step=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.NllbMoeForConditionalGeneration(cfg).eval()
     before = {n: type(m) for n, m in model.named_modules()}
     moegraph.optimize(model)
     report = model.moegraph_report
-    assert report.records and all(r.status == "refused" for r in report.records)
-    assert "router" in report.records[0].reason and "ZayaSparseMoeBlock" == report.records[0].block_class
+    assert len(report.records) == 2 and all(r.status == "refused" for r in report.records), str(report)
+    assert "mask where expert ids belong" in report.records[0].reason
+    assert report.records[0].block_class == "NllbMoeSparseMLP"
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def _logits_and_router_states(model, ids):
+    """The model's logits and the router state each decoder layer's MoE block returned."""
+    states: list = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: states.append(o[1])) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            return model(ids).logits, states
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_zaya_router_state_and_skip_choices() -> None:
+    # Zaya: each layer's router network adds the previous layer's router state and returns its own; its skip choice
+    # (a zero expert) is taken by some tokens here (a selection bias towards it), which the block hands its experts
+    # as (expert 0, weight 0).
+    model = make_model("zaya", **MODELS["zaya"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.balancing_biases[-1] = 0.15
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    ref, states = _logits_and_router_states(model, ids)
+    gen_ref = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    moegraph.optimize(model)
+    assert len(model.moegraph_report.swapped) == 2, str(model.moegraph_report)
+    layers = [layer.mlp.moe for layer in model.model.layers]
+    assert [m.RECEIVES_ROUTER_STATE for m in layers] == [False, True] and all(m.ROUTER_STATE == 16 for m in layers)
+    recs = [m.start_recording() for m in layers]
+    out, got = _logits_and_router_states(model, ids)
+    skips = [int((r.ids() == 4).sum()) for r in recs]  # router id 4 = the zero expert after the 4 MLP experts
+    assert all(0 < n < 36 for n in skips), skips
+    for a, b in zip(got, states):  # each layer's router state, as Zaya's block returns it
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for m in layers:
+        m.stop_recording()
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), gen_ref)
 
 
 def test_no_moe_blocks() -> None:

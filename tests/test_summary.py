@@ -180,3 +180,22 @@ def test_human_formatting():
     assert human(999) == "999"
     assert human_bytes(3 * (1 << 30)) == "3.00 GiB"
     assert human_bytes(512) == "512 B"
+
+
+@pytest.mark.parametrize("router, experts", [
+    ({"type": "topk", "top_k": 2, "router_bias": True, "mlp": [
+        {"op": "linear", "size": 6, "bias": True}, {"op": "state"}, {"op": "rms_norm"},
+        {"op": "linear", "size": 5}, {"op": "activation", "function": "gelu"}]}, {"zero_experts": 1}),
+    ({"type": "topk", "top_k": 2, "mlp": [{"op": "state", "receive": False}, {"op": "linear", "size": 3}]},
+     {"identity_experts": 2}),
+])
+def test_router_network_counts_as_the_layer_holds(router, experts, tmp_path):
+    """A router network's parameters (and router rows for identity/zero experts) count as the compiled layer has them."""
+    import moegraph
+
+    d = copy.deepcopy(TINY)
+    d["moe"]["router"] = router
+    d["moe"]["experts"].update(experts)
+    s = summarize(load_spec(d))
+    layer = moegraph.compile(load_spec(d), out_dir=tmp_path)
+    assert s.layer.router == sum(p.numel() for n, p in layer.named_parameters() if n.startswith("router."))

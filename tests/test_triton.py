@@ -415,7 +415,7 @@ def _randomise(layer, seed=1):
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "bias" in name else 1.0) / math.sqrt(p.shape[-1]))
         if hasattr(layer.router, "expert_bias"):
             # Experts 0 and 5 are never chosen: experts without tokens.
-            bias = torch.randn(E, generator=g) * 0.3
+            bias = torch.randn(layer.router.expert_bias.shape[0], generator=g) * 0.3  # (zero experts after E)
             bias[[0, 5]] = -1e4
             layer.router.expert_bias.copy_(bias)
 
@@ -606,6 +606,8 @@ def test_fuse_router_refuses_a_graph_it_cannot_explain(tmp_path):
      "input_norm, logit_softcap, per_expert_scale"),
     ({"top_k": 2, "sparsemixer": {"jitter_eps": 0.2}, "learned_logit_scale": True}, "learned_logit_scale, sparsemixer"),
     ({"top_k": 2, "score": "sigmoid", "expert_bias": {"applies_to": "logits"}}, "expert_bias.applies_to: logits"),
+    ({"top_k": 2, "mlp": [{"op": "linear", "size": 12, "bias": True}, {"op": "activation", "function": "gelu"}]},
+     "mlp"),
 ])
 def test_router_transforms_run_as_torch_routing(router, fields, tmp_path):
     """Router transforms have no step in the router kernel: FuseRouter refuses and names them, the layer keeps its
@@ -619,6 +621,25 @@ def test_router_transforms_run_as_torch_routing(router, fields, tmp_path):
     x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(tri.eval()(x), ref.eval()(x), **TOL[torch.float32])
     assert fuse.refused and f"router {fields};" in fuse.refused
+    code = tri.graph().code
+    assert "moegraph_triton.expert_mlp" in code and "route_topk" not in code
+
+
+def test_router_state_runs_as_torch_routing(tmp_path):
+    """A router network passing router state between layers with a zero expert (Zaya) on the Triton backend: its
+    torch routing around the Triton expert op, output and returned state equal to the torch backend."""
+    mlp = [{"op": "linear", "size": 12, "bias": True}, {"op": "state"}, {"op": "rms_norm"},
+           {"op": "linear", "size": 12, "bias": True}, {"op": "activation", "function": "gelu"}]
+    spec = moegraph.load_spec(_spec("t-state", {"top_k": 2, "mlp": mlp, "expert_bias": {}},
+                                    experts={"zero_experts": 1}))
+    ref = moegraph.compile(spec, backend="torch", out_dir=tmp_path)
+    _randomise(ref)
+    tri = moegraph.compile(spec, backend="triton", out_dir=tmp_path, passes=triton_passes(spec))
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(4))
+    s_in = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(tri.eval()(x, router_state=s_in), ref.eval()(x, router_state=s_in)):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
     code = tri.graph().code
     assert "moegraph_triton.expert_mlp" in code and "route_topk" not in code
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
+from .router_net import RouterNetwork, read_router_network
 from .vocab import _ACT_FNS, _SHARED_NAMES, GATED_ACT
 
 
@@ -72,6 +73,8 @@ class BlockAnatomy:
     # Set once the probe has read the routing (``block.read_block``):
     expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
     router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
+    router_network: RouterNetwork | None = None  # a router that is a small network (router.mlp); router_weight_name
+    # is then its last Linear's weight
     notes: list[str] = field(default_factory=list)
 
 
@@ -471,6 +474,13 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
 
     tensors = [(n, t) for n, t in _named_tensors(block) if outside(n)]
     routers = [n for n, t in tensors if t.dim() == 2 and tuple(t.shape) == (E, D)]
+    net = None
+    if not routers:  # a router that is a small network (Zaya): its last Linear is router.weight
+        net = read_router_network(block, claimed, D, E, cls)
+        if net is not None:
+            routers = [net.weight_name]
+            anat_kwargs["router_network"] = net
+            tensors = [(n, t) for n, t in tensors if n not in {p for _, p in net.params}]
     if not routers:  # a router with more choices than MLP experts: the rest are identity/zero experts (LongCat)
         routers = [n for n, t in tensors if t.dim() == 2 and t.shape[1] == D and t.shape[0] > E
                    and t.is_floating_point()]
@@ -497,6 +507,8 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
                 f"({exc.reason})", cls) from exc
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
+    if net is not None and net.bias_name is None:
+        rb = ""  # (the network's last Linear has no bias; its other biases are the network's)
     rb_t = dict(tensors).get(rb)
     router_bias = rb if isinstance(rb_t, Tensor) and rb_t.numel() == R + anat_kwargs.get("shared_routed", 0) else None
     rest = [(n, t) for n, t in tensors if n not in (rw, router_bias)]
@@ -587,6 +599,12 @@ def _extra_experts(experts: nn.Module, E: int, R: int, D: int, cls: str) -> tupl
     if p.is_meta:
         raise UnsupportedBlock(f"its router has {R - E} choices beyond the {E} MLP experts, which can only be read "
                                "from loaded weights (not the meta device)", cls)
+    if getattr(getattr(experts, "config", None), "_experts_implementation", "eager") != "eager":
+        # The experts' reference (eager) forward says what a choice beyond E is; a grouped one may not handle ids
+        # its router never passes it (Zaya hands its skip choice over as expert 0 with weight 0).
+        experts = copy.copy(experts)
+        experts.config = copy.copy(experts.config)
+        experts.config._experts_implementation = "eager"
     x = torch.randn(R - E, D, generator=torch.Generator().manual_seed(0)).to(p)
     # Two choices per token (some experts modules assume K > 1): the choice, and again with weight 0.
     ids = torch.arange(E, R, device=p.device).view(-1, 1).expand(R - E, 2)

@@ -74,6 +74,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
         router["expert_bias"] = {"applies_to": "logits"} if routing.bias_on_logits else {}
     if anat.router_bias_name:
         router["router_bias"] = True
+    if anat.router_network is not None:
+        router["mlp"] = [dict(layer) for layer in anat.router_network.layers]
     moe["router"] = router
     if anat.output_norm_name:
         moe["output_norm"] = {"kind": "rms", "eps": anat.output_norm_eps}

@@ -17,7 +17,7 @@ from ..spec import MoESpec
 from .quant import block_scales, is_fp8_block, quantization_section, reference_block, shared_is_fp8
 from .anatomy import BlockAnatomy, _named_tensors, inspect_block
 from .assemble import _dtype_name, build_spec
-from .probe import probe_block, token_vocab
+from .probe import forward_args, probe_block, token_vocab
 from .routing import Routing, identify_routing
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
@@ -36,6 +36,7 @@ class HFImport:
     token_arg: str | None = None  # the block's forward argument carrying token ids (used or ignored per the spec)
     flat_output: bool = False  # the block returns [tokens, D] for a [B, S, D] input
     flattened: bool = False  # the block returns its output and router logits flattened to 1-D (Ernie 4.5 VL)
+    state_arg: str | None = None  # the block's forward argument carrying the previous layer's router state (Zaya)
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -105,8 +106,12 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
         notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model,
                       quantization=_quantization(block, anat, cfg))
+    state_arg = None
+    if anat.router_network is not None and anat.router_network.state_returned:
+        # The router state comes in through the block's one other argument (checked by from_hf's comparison).
+        state_arg = next(a for a in forward_args(block) if a != probe.token_arg)
     return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
-                    flat_output=probe.flat_output, flattened=probe.flattened)
+                    flat_output=probe.flat_output, flattened=probe.flattened, state_arg=state_arg)
 
 
 def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockAnatomy:
@@ -122,10 +127,12 @@ def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockA
 
 
 def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int = 0,
-            token_arg: str | None = None) -> tuple[float, float]:
+            token_arg: str | None = None, state_arg: str | None = None) -> tuple[float, float]:
     """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode.
 
     ``token_arg``: the block's forward argument for token ids; random ids go to it and to the layer.
+    ``state_arg``: the one for the previous layer's router state; a layer passing on router state gets a
+    random one there (when it adds it), and the states both return are compared too.
     """
     p = next(layer.parameters())
     g = torch.Generator().manual_seed(seed)
@@ -135,14 +142,21 @@ def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int =
     if token_arg:
         tid = torch.randint(0, token_vocab(block), (1, tokens), generator=g).to(p.device)
         kwargs[token_arg] = tid
+    state = None
+    if layer.RECEIVES_ROUTER_STATE and state_arg:
+        state = torch.randn(1, tokens, layer.ROUTER_STATE, generator=g).to(p.device, layer.router.weight.dtype)
+        kwargs[state_arg] = state
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
     try:
         with torch.no_grad():
             ref = block(x, **kwargs)
+            y = layer(x.clone(), tid, router_state=state) if layer.ROUTER_STATE else layer(x.clone(), tid)
+            if layer.ROUTER_STATE:  # output and router state compared as one
+                ref = torch.cat([ref[0].reshape(-1), ref[1].reshape(-1)])
+                y = torch.cat([y[0].reshape(-1), y[1].reshape(-1)])
             ref = ref[0] if isinstance(ref, tuple) else ref
-            y = layer(x.clone(), tid)
             ref = ref.reshape(y.shape) if ref.numel() == y.numel() else ref  # [tokens, D] blocks (Llama 4)
     finally:
         block.train(modes[0])
@@ -199,7 +213,7 @@ def from_hf(
     layer.__dict__["hf_import"] = info
     if check:
         ref, tol = check_target(block, anat, layer)
-        diff, scale = compare(ref, layer, token_arg=info.token_arg)
+        diff, scale = compare(ref, layer, token_arg=info.token_arg, state_arg=info.state_arg)
         info.max_abs_diff = diff
         if not diff <= tol * max(scale, 1e-6):
             raise UnsupportedBlock(

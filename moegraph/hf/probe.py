@@ -18,6 +18,8 @@ from torch import Tensor
 from ..errors import UnsupportedBlock
 from .anatomy import BlockAnatomy, _gate_constants, _named_tensors, get_path
 from ..semantics.routing import router_input as _router_input
+from ..semantics.routing import router_network
+from .router_net import network_params
 from .vocab import TOKEN_ID_ARGS
 
 
@@ -70,6 +72,7 @@ class Probe:
     #: the anatomy with its two candidate norms resolved (which one the experts' input goes through); None = as given
     anatomy: BlockAnatomy | None = None
     flattened: bool = False  # the block returns its output (and router logits) flattened to 1-D (Ernie 4.5 VL)
+    zero_from: int | None = None  # the first zero-expert router id, when the block has zero experts
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -103,6 +106,7 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     if any(t.is_meta for _, t in _named_tensors(light)):
         light = light.to_empty(device="cpu")
     light = light.float().eval()
+    net_weights = {p for _, p in anat.router_network.params} if anat.router_network else set()
     with torch.no_grad():
         # Random routing parameters: ties become unlikely and every part of the routing shows.
         for name, t in _named_tensors(light):
@@ -110,8 +114,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                 continue
             if name in scalars:
                 t.fill_(scalars[name])
-            elif name == anat.router_weight_name:
-                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(D))
+            elif name == anat.router_weight_name or (name in net_weights and t.dim() == 2):
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t.shape[1]))
             elif name == anat.expert_bias_name or name.endswith("bias"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.3)
             else:
@@ -181,6 +185,8 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             # A constant the router multiplies its logits by (``output_multiplier``), a candidate of the routing
             # identification: for a bias-free router on the block input it is a multiplier on that input.
             constants["multiplier"] = _gate_constants(light, "multiplier")
+        if anat.router_network is not None:  # a router that is a small network: its output feeds router.weight
+            xr_TD, _ = router_network(xr_TD, list(anat.router_network.layers), network_params(light, anat.router_network))
         logits = F.linear(xr_TD, w_r.float(), None if b_r is None else b_r.float())
         eb = get_path(light, anat.expert_bias_name).reshape(-1).clone() if anat.expert_bias_name else None
 
@@ -303,13 +309,17 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
             if isinstance(e, Tensor) and (e.shape == logits.shape or y.dim() == 1 and e.shape == (logits.numel(),)) \
                     and torch.allclose(e.float().reshape(logits.shape), logits, atol=1e-5):
                 extras.append("router_logits")  # (flattened as the output is, Ernie 4.5 VL)
+            elif anat.router_network is not None and anat.router_network.state_returned and isinstance(e, Tensor) \
+                    and e.dim() == 3 and "router_state" not in extras:
+                extras.append("router_state")  # (which value it is, the router network's reading checked)
             else:
                 extras.append("unknown")
         kind = ("tuple", *extras)
     return Probe(x.view(tokens, D), logits, eb, ids.long(), w.float(), kind, token_arg,
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
-                 router_input, resolved, y.dim() == 1)
+                 router_input, resolved, y.dim() == 1,
+                 anat.num_experts + anat.identity_experts if anat.zero_experts else None)
 
 
 def _resolve_norms(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, h_TD: Tensor) -> BlockAnatomy:

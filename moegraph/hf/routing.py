@@ -276,8 +276,20 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         wk = w[:, :K].gather(1, ids.sort(-1).indices)
         return wk if shared_w is None else torch.cat([wk, shared_w], dim=-1)
 
+    probe_ids, probe_w = probe.ids_TK, probe.weights_TK
+    if probe.zero_from is not None:  # zero-expert choices, however the block reports them, read as one (Zaya)
+        probe_ids, probe_w = skips_as_zero_expert(probe_ids, probe_w, probe.zero_from, True)
+        probe = dataclasses.replace(probe, ids_TK=probe_ids, weights_TK=probe_w)
+
+    def route_read(logits_TE: Tensor, r: Routing) -> tuple[Tensor, Tensor]:
+        ids, w = route(logits_TE, r, probe.expert_bias_E, S)
+        if probe.zero_from is None:
+            return ids, w
+        ids_k, w_k = skips_as_zero_expert(ids[:, :K], w[:, :K], probe.zero_from, False)
+        return ids_k, torch.cat([w_k, w[:, K:]], dim=-1)
+
     for cand in _candidates(dec, K, E, probe.expert_bias_E is not None, probe.constants):
-        ids, w = route(probe.logits_TE, cand, probe.expert_bias_E, S)
+        ids, w = route_read(probe.logits_TE, cand)
         if not torch.equal(ids.sort(-1).values, probe.ids_TK.sort(-1).values):
             if first_mismatch is None:
                 first_mismatch = (cand, _same_routing(ids, w[:, :K], probe.ids_TK, probe.weights_TK)[1])
@@ -296,7 +308,7 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
             notes.append(f"routing weights are scaled by {scale:g} (found by probing; config says "
                          f"{dec.scaling if dec.scaling is not None else 'nothing'})")
         r = Routing(**{**cand.__dict__, "scaling_factor": scale})
-        ids, w = route(probe.logits_TE, r, probe.expert_bias_E, S)
+        ids, w = route_read(probe.logits_TE, r)
         ok, why = _same_routing(ids, w[:, :K], probe.ids_TK, probe.weights_TK)
         if not ok or S and not torch.allclose(w[:, K:], probe.shared_weights_TS, rtol=1e-4, atol=1e-7):
             continue
@@ -328,8 +340,22 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     return notes
 
 
+def skips_as_zero_expert(ids_TK: Tensor, w_TK: Tensor, zero_from: int, reported: bool) -> tuple[Tensor, Tensor]:
+    """Choices of a zero expert (ids >= ``zero_from``) as (zero_from, weight 0): they add nothing whatever their
+    weight. With ``reported`` (a block's own report) a weight of exactly 0 counts as such a choice too: Zaya
+    reports its skip choice as (expert 0, weight 0)."""
+    skip = ids_TK >= zero_from
+    if reported:
+        skip = skip | (w_TK == 0)
+    return ids_TK.masked_fill(skip, zero_from), w_TK.masked_fill(skip, 0.0)
+
+
 def _common_scale(w_probe_TK: Tensor, w_cand_TK: Tensor) -> tuple[float | None, Tensor]:
-    """(c, ratios): c with w_probe == c * w_cand (same order; routed_scaling_factor), None if there is none."""
+    """(c, ratios): c with w_probe == c * w_cand (same order; routed_scaling_factor), None if there is none.
+    Entries where both are zero (zero-expert choices) say nothing about c."""
+    live = (w_probe_TK != 0) | (w_cand_TK != 0)
+    if not bool(live.all()) and bool(live.any()):
+        w_probe_TK, w_cand_TK = w_probe_TK[live], w_cand_TK[live]
     ratio = w_probe_TK / torch.where(w_cand_TK.abs() < 1e-30, torch.full_like(w_cand_TK, 1e-30), w_cand_TK)
     scale = float(ratio.mean())
     ok = scale > 0 and torch.allclose(ratio, torch.full_like(ratio, scale), rtol=1e-4, atol=0)

@@ -17,6 +17,8 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {"router.weight": get_path(block, anat.router_weight_name)}
     if anat.router_bias_name:
         out["router.bias"] = get_path(block, anat.router_bias_name)
+    if anat.router_network is not None:
+        out.update({f"router.mlp.{ours}": get_path(block, path) for ours, path in anat.router_network.params})
     if anat.expert_bias_name:
         out["router.expert_bias"] = get_path(block, anat.expert_bias_name).reshape(-1)
     if anat.expert_scale_name:

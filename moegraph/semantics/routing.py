@@ -22,6 +22,10 @@ each (``router_input``, ``cap_logits``, ``sparsemixer_route``); the generated la
    scores, selection and the expert bias then see the capped logits;
 5. last, each chosen expert's weight times its learned per-expert scale.
 
+A router that is a small network (``TopKRouter.mlp``) runs its layers on the router input before
+step 1's linear (``router_network``); its state step adds the previous layer's router state and keeps
+the value there as this layer's.
+
 Legend: T tokens, E experts, K experts per token, G groups.
 """
 
@@ -33,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .torch_forms import scores
+from .torch_forms import activate, rms_norm, scores
 
 __all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "router_input", "cap_logits",
-           "sparsemixer_route"]
+           "sparsemixer_route", "router_network"]
 
 
 @dataclass(frozen=True)
@@ -152,3 +156,25 @@ def sparsemixer_route(logits_TE: Tensor, top_k: int, jitter_eps: float) -> tuple
         weights.append(gates_TE.gather(1, id_T1))
         left_TE = left_TE.scatter(1, id_T1, float("-inf"))
     return torch.cat(ids, dim=-1), torch.cat(weights, dim=-1)
+
+
+def router_network(x_TD: Tensor, layers: list[dict[str, Any]], params: list[dict[str, Tensor]],
+                   state_TH: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """A router network (``TopKRouter.mlp``, its layers as dicts) on the router input: (its output, the
+    router state at its state step or None). ``params[i]`` holds layer i's tensors: a linear's ``weight``
+    (and ``bias``), a norm's ``weight``, a receiving state step's ``scale``; ``state_TH`` is the previous
+    layer's state (None adds nothing)."""
+    h, state = x_TD, None
+    for layer, p in zip(layers, params):
+        op = layer["op"]
+        if op == "linear":
+            h = torch.nn.functional.linear(h, p["weight"], p.get("bias"))
+        elif op == "rms_norm":
+            h = rms_norm(h, layer.get("eps", 1e-6), p["weight"])
+        elif op == "activation":
+            h = activate(h, layer["function"])
+        else:
+            if layer.get("receive", True) and state_TH is not None:
+                h = h + state_TH.to(h.dtype) * p["scale"]
+            state = h
+    return h, state
