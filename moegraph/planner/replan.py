@@ -455,6 +455,48 @@ def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, pairs: tup
     return f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
 
 
+def _reassign_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """[n, E] exact change of the pairwise co-activation cut J (``_slot_cut_deltas``' J: coact / (r_a r_b) times
+    the cost between the two slots' GPUs, over slot pairs) if slot ``slots[i]`` (a replica of a replicated
+    expert b, on GPU y) held a replica of expert a instead; entries where a == b are meaningless.
+
+    Only the pairs that involve a or b change: with K[x, z] = coact[x, z] / (r_x r_z) * P[x, z] and
+    P = H cost H^T (H [E, G]: replicas of x on g), a gains y (r_a + 1), b loses it (r_b - 1), so rows a and b
+    of K are rewritten from M = H cost^T ([z, y]: the cost from y to z's replicas) in closed form.
+    """
+    hold = st.hold.astype(np.float64)
+    e = hold.shape[0]
+    r = hold.sum(axis=1)
+    w = 1.0 / np.maximum(r, 1.0)
+    p_ee = hold @ cost @ hold.T  # [E, E]
+    m_eg = hold @ cost.T  # [E, G]: m[z, y] = sum_h cost[y, h] H[z, h]
+    q_e = (coact * p_ee) @ w  # [E]: sum_z A[a, z] w_z P[a, z]
+    rv_eg = (coact * w[None, :]) @ m_eg  # [E, G]: sum_z A[a, z] w_z M[z, y]
+    ar = np.arange(e)
+    diag_a, diag_p = coact[ar, ar], p_ee[ar, ar]
+    wa2 = 1.0 / (r + 1.0)  # a's weight after gaining a replica
+    out = np.empty((len(slots), e))
+    for i, t in enumerate(np.asarray(slots).tolist()):
+        b, y = int(st.ex[t]), int(st.gpu[t])
+        wb2 = 1.0 / max(r[b] - 1.0, 1.0)
+        m_y = m_eg[:, y]
+        a_b, p_b = coact[:, b], p_ee[:, b]  # [E] over a: A[a, b], P[a, b]
+        # row a over z not in {a, b}
+        row_a = wa2 * (q_e + rv_eg[:, y]) - w * q_e
+        row_a -= diag_a * w * (wa2 * (diag_p + m_y) - w * diag_p)
+        row_a -= a_b * w[b] * (wa2 * (p_b + m_y[b]) - w * p_b)
+        # row b over z not in {a, b}: all z, less z = a and z = b
+        all_b = float(coact[b] @ (w * (wb2 * (p_ee[b] - m_y) - w[b] * p_ee[b])))
+        row_b = all_b - a_b * w * (wb2 * (p_b - m_y) - w[b] * p_b)
+        row_b -= diag_a[b] * w[b] * (wb2 * (diag_p[b] - m_y[b]) - w[b] * diag_p[b])
+        # the a-a and b-b pairs (each pair once), and the a-b pair
+        self_a = 0.5 * diag_a * (wa2 * wa2 * (diag_p + 2.0 * m_y) - w * w * diag_p)
+        self_b = 0.5 * diag_a[b] * (wb2 * wb2 * (diag_p[b] - 2.0 * m_y[b]) - w[b] * w[b] * diag_p[b])
+        cross = a_b * (wa2 * wb2 * (p_b - m_y + m_y[b]) - w * w[b] * p_b)
+        out[i] = row_a + row_b + self_a + self_b + cross
+    return out
+
+
 def _cut_rate(st: _Layer, coact: np.ndarray, cost: np.ndarray, topk_TK: np.ndarray, host_weight: float) -> float:
     """Copies per unit of the pairwise cut on this layer's window: the least-squares slope (through 0) of the
     exact change of expected copies (``exact.ExactCopies``, a host copy weighted by ``host_weight``) on the
@@ -494,60 +536,103 @@ def _copies_per_cut(states: list[_Layer], ts: TraceSet, cost: np.ndarray, host_w
 
 def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
                   budget: _Budget, max_steps: int = 256, tries: int = 256) -> int:
-    """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made.
+    """Step 2 of the module docstring: priced changes that lower the co-activation cut; returns changes made.
 
     Each step ranks every swap of two slots by its net value (cut change valued over the horizon plus
     move cost) and applies, best first among the ``tries`` best, those on GPUs no earlier swap of the
     step touched that the budget allows and that keep every GPU within ``cap`` x the mean load (or the
-    current peak, if higher).
+    current peak, if higher). When no swap is worth it, the best re-assignment of a replica
+    (``_reassign_comm``) is made, if any, and the swaps resume.
     """
-    g = st.hold.shape[1]
     steps = 0
-    old, price = st.old, st.price
     gp = st.gpu
     pi, pj = np.nonzero(gp[:, None] < gp[None, :])  # the slot pairs on different GPUs, each once, row-major
     gi, gj = gp[pi], gp[pj]
     pairs = (pi, pj, gi, gj, cost[gi, gj])
     for _ in range(max_steps):
-        ex = st.ex
-        dj = _slot_cut_deltas(st, coact, cost, pairs)
-        ei, ej = ex[pi], ex[pj]
-        dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
-        net = dj * value_per_j + dp  # negative: worth it
-        valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
-        if not len(valid):
-            return steps
-        valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
-        cand = np.stack([pi[valid], pj[valid]], axis=1)
-        load = st.load
-        limit = max(cap * load.mean(), load.max()) + _TOL
-        # Screen on the state at the start of the step (budget, balance), in one go.
-        i, j = cand[:, 0], cand[:, 1]
-        dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
-               - ~old[ex[j], gp[j]])
-        after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
-        cand = cand[budget.allows(dm0) & (after0 <= limit)]
-        used: set[int] = set()
-        made = 0
-        # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
-        for i, j in cand.tolist():
-            a, b = int(gp[i]), int(gp[j])
-            if a in used or b in used or not _valid(st, "swap", i, j):
-                continue
-            dm = _dmoves(st, "swap", i, j)
-            after = st.load + st.d_move[i, b] + st.d_move[j, a]
-            if not budget.allows(dm) or after.max() > limit:
-                continue
-            st.swap(i, j)
-            budget.spend(dm)
-            used |= {a, b}
-            made += 1
-            if len(used) >= g:
-                break
+        made = _swap_comm(st, coact, cost, value_per_j, cap, budget, pairs, tries)
+        if not made:
+            made = _reassign_comm(st, coact, cost, value_per_j, cap, budget)
         if not made:
             return steps
         steps += made
     return steps
+
+
+def _swap_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float, budget: _Budget,
+               pairs: tuple, tries: int) -> int:
+    """One step of ``_improve_comm``'s swaps (several on disjoint GPUs); returns the swaps made."""
+    g = st.hold.shape[1]
+    old, price, gp = st.old, st.price, st.gpu
+    pi, pj, gi, gj, _ = pairs
+    ex = st.ex
+    dj = _slot_cut_deltas(st, coact, cost, pairs)
+    ei, ej = ex[pi], ex[pj]
+    dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
+    net = dj * value_per_j + dp  # negative: worth it
+    valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
+    if not len(valid):
+        return 0
+    valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
+    cand = np.stack([pi[valid], pj[valid]], axis=1)
+    load = st.load
+    limit = max(cap * load.mean(), load.max()) + _TOL
+    # Screen on the state at the start of the step (budget, balance), in one go.
+    i, j = cand[:, 0], cand[:, 1]
+    dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
+           - ~old[ex[j], gp[j]])
+    after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
+    cand = cand[budget.allows(dm0) & (after0 <= limit)]
+    used: set[int] = set()
+    made = 0
+    # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
+    for i, j in cand.tolist():
+        a, b = int(gp[i]), int(gp[j])
+        if a in used or b in used or not _valid(st, "swap", i, j):
+            continue
+        dm = _dmoves(st, "swap", i, j)
+        after = st.load + st.d_move[i, b] + st.d_move[j, a]
+        if not budget.allows(dm) or after.max() > limit:
+            continue
+        st.swap(i, j)
+        budget.spend(dm)
+        used |= {a, b}
+        made += 1
+        if len(used) >= g:
+            break
+    return made
+
+
+def _reassign_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
+                   budget: _Budget) -> int:
+    """The best re-assignment of a replica for communication: a slot holding a replica of a replicated expert
+    takes a replica of another expert where that lowers the cut (``_reassign_cut_deltas``, exact) by more
+    than the move costs, within the budget and ``_improve_comm``'s balance limit; returns 1 if one was made.
+
+    Swaps keep every expert's replica count; which experts get the redundant slots was chosen for
+    balance (the current plan, or the repair), and on new traffic a replica of an expert that is
+    co-activated with the experts of the slot's GPU can save copies the swaps cannot.
+    """
+    reps = st.hold.sum(axis=1)
+    slots = np.flatnonzero(reps[st.ex] > 1)
+    if not len(slots):
+        return 0
+    b, y = st.ex[slots], st.gpu[slots]
+    net = value_per_j * _reassign_cut_deltas(st, coact, cost, slots) + st.price[:, y].T - st.price[b, y][:, None]
+    dm = (~st.old[:, y].T).astype(np.int64) - (~st.old[b, y])[:, None]  # [n, E]
+    ok = ~st.hold[:, y].T & (net < -_TOL) & budget.allows(dm)  # a on y already (a == b too): not a change
+    ti, ta = np.nonzero(ok)
+    if not len(ti):
+        return 0
+    load = st.load
+    limit = max(cap * load.mean(), load.max()) + _TOL
+    for k in np.lexsort((ta, slots[ti], net[ti, ta])).tolist():
+        t, a = int(slots[ti[k]]), int(ta[k])
+        if (load + st.adds(np.array([a]))[0, st.gpu[t]] + st.d_rem[t]).max() <= limit:
+            st.reassign(t, a)
+            budget.spend(int(dm[ti[k], ta[k]]))
+            return 1
+    return 0
 
 
 def _same_model(spec: MoESpec, current: Plan) -> None:
