@@ -28,7 +28,12 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
-   reached in step 1.
+   reached in step 1. A swap keeps every expert's replica count, and the redundant slots were given
+   to experts for balance (by the current plan or the repair); so when no swap is worth it, the
+   step also tries re-assigning a replica (a redundant slot takes a replica of another expert: one
+   slot changes), scored the same way with the exact change of the cut in closed form, and then
+   resumes the swaps. On new traffic a replica beside the experts it is co-activated with saves
+   copies that no swap can.
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
@@ -462,7 +467,8 @@ def _reassign_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, slots:
 
     Only the pairs that involve a or b change: with K[x, z] = coact[x, z] / (r_x r_z) * P[x, z] and
     P = H cost H^T (H [E, G]: replicas of x on g), a gains y (r_a + 1), b loses it (r_b - 1), so rows a and b
-    of K are rewritten from M = H cost^T ([z, y]: the cost from y to z's replicas) in closed form.
+    of K are rewritten from M = H cost^T ([z, y]: the cost from y to z's replicas) in closed form, for all
+    slots at once (coact and cost are symmetric: co-activation counts pairs, links are undirected).
     """
     hold = st.hold.astype(np.float64)
     e = hold.shape[0]
@@ -474,26 +480,26 @@ def _reassign_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, slots:
     rv_eg = (coact * w[None, :]) @ m_eg  # [E, G]: sum_z A[a, z] w_z M[z, y]
     ar = np.arange(e)
     diag_a, diag_p = coact[ar, ar], p_ee[ar, ar]
-    wa2 = 1.0 / (r + 1.0)  # a's weight after gaining a replica
-    out = np.empty((len(slots), e))
-    for i, t in enumerate(np.asarray(slots).tolist()):
-        b, y = int(st.ex[t]), int(st.gpu[t])
-        wb2 = 1.0 / max(r[b] - 1.0, 1.0)
-        m_y = m_eg[:, y]
-        a_b, p_b = coact[:, b], p_ee[:, b]  # [E] over a: A[a, b], P[a, b]
-        # row a over z not in {a, b}
-        row_a = wa2 * (q_e + rv_eg[:, y]) - w * q_e
-        row_a -= diag_a * w * (wa2 * (diag_p + m_y) - w * diag_p)
-        row_a -= a_b * w[b] * (wa2 * (p_b + m_y[b]) - w * p_b)
-        # row b over z not in {a, b}: all z, less z = a and z = b
-        all_b = float(coact[b] @ (w * (wb2 * (p_ee[b] - m_y) - w[b] * p_ee[b])))
-        row_b = all_b - a_b * w * (wb2 * (p_b - m_y) - w[b] * p_b)
-        row_b -= diag_a[b] * w[b] * (wb2 * (diag_p[b] - m_y[b]) - w[b] * diag_p[b])
-        # the a-a and b-b pairs (each pair once), and the a-b pair
-        self_a = 0.5 * diag_a * (wa2 * wa2 * (diag_p + 2.0 * m_y) - w * w * diag_p)
-        self_b = 0.5 * diag_a[b] * (wb2 * wb2 * (diag_p[b] - 2.0 * m_y[b]) - w[b] * w[b] * diag_p[b])
-        cross = a_b * (wa2 * wb2 * (p_b - m_y + m_y[b]) - w * w[b] * p_b)
-        out[i] = row_a + row_b + self_a + self_b + cross
+    wa2 = 1.0 / (r + 1.0)  # [E] a's weight after gaining a replica
+    bs, ys = st.ex[slots], st.gpu[slots]  # [n]
+    wb, wb2 = w[bs][:, None], (1.0 / np.maximum(r[bs] - 1.0, 1.0))[:, None]  # [n, 1] b's weight before, after
+    m_y = m_eg[:, ys].T  # [n, E] over z
+    mb = m_y[np.arange(len(bs)), bs][:, None]  # [n, 1]
+    a_b, p_b = coact[bs], p_ee[bs]  # [n, E]: A[b, z], P[b, z] (symmetric: also A[a, b], P[a, b] over a)
+    dab, dpb = diag_a[bs][:, None], diag_p[bs][:, None]
+    # row a over z not in {a, b}: all z, less z = a and z = b
+    row_a = wa2 * (q_e + rv_eg[:, ys].T) - w * q_e
+    row_a -= diag_a * w * (wa2 * (diag_p + m_y) - w * diag_p)
+    row_a -= a_b * wb * (wa2 * (p_b + mb) - w * p_b)
+    # row b over z not in {a, b}: all z, less z = a and z = b
+    all_b = (a_b * w * (wb2 * (p_b - m_y) - wb * p_b)).sum(axis=1, keepdims=True)
+    row_b = all_b - a_b * w * (wb2 * (p_b - m_y) - wb * p_b)
+    row_b -= dab * wb * (wb2 * (dpb - mb) - wb * dpb)
+    # the a-a and b-b pairs (each pair once), and the a-b pair
+    self_a = 0.5 * diag_a * (wa2 * wa2 * (diag_p + 2.0 * m_y) - w * w * diag_p)
+    self_b = 0.5 * dab * (wb2 * wb2 * (dpb - 2.0 * mb) - wb * wb * dpb)
+    cross = a_b * (wa2 * wb2 * (p_b - m_y + mb) - w * wb * p_b)
+    out = row_a + row_b + self_a + self_b + cross
     return out
 
 
@@ -749,7 +755,8 @@ def replan(
     policy = {
         "name": "incremental-replan",
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
-               "window), then priced co-activation swaps; moves cost their weight bytes over the topology's links",
+               "window), then priced co-activation swaps and replica re-assignments; moves cost their weight bytes over "
+               "the topology's links",
         "seed": spec.placement.seed if seed is None else int(seed),
         "max_imbalance": imb,
         "horizon_tokens": horizon,
@@ -759,7 +766,7 @@ def replan(
         "from_policy": current_plan.policy.get("name"),
         "traces": ts.name,
         "balance_changes": int(repairs),
-        "comm_swaps": int(swaps),
+        "comm_changes": int(swaps),
     }
     p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
     p.policy["migration"] = migration(current_plan, p).summary()
