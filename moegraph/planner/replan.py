@@ -632,11 +632,15 @@ def _reassign_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j:
         return 0
     load = st.load
     limit = max(cap * load.mean(), load.max()) + _TOL
-    for k in np.lexsort((ta, slots[ti], net[ti, ta])).tolist():
-        t, a = int(slots[ti[k]]), int(ta[k])
-        if (load + st.adds(np.array([a]))[0, st.gpu[t]] + st.d_rem[t]).max() <= limit:
-            st.reassign(t, a)
-            budget.spend(int(dm[ti[k], ta[k]]))
+    order = np.lexsort((ta, slots[ti], net[ti, ta]))
+    for lo in range(0, len(order), 64):  # best first, the balance checked 64 candidates at a time
+        k = order[lo:lo + 64]
+        t, a = slots[ti[k]], ta[k]
+        fits = np.flatnonzero((load + st.adds(a)[np.arange(len(k)), st.gpu[t]] + st.d_rem[t]).max(axis=1) <= limit)
+        if len(fits):
+            f = k[fits[0]]
+            st.reassign(int(slots[ti[f]]), int(ta[f]))
+            budget.spend(int(dm[ti[f], ta[f]]))
             return 1
     return 0
 
