@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -13,7 +14,8 @@ from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
-from moegraph.planner.replan import _cut_rate, _Layer, _prices, _slot_cut_deltas, _swap_drops
+from moegraph.planner.replan import _Budget, _cut_rate, _Layer, _prices, _reassign_comm, _reassign_cut_deltas
+from moegraph.planner.replan import _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
@@ -320,6 +322,107 @@ def test_repair_tables_match_the_dispatch_rule_written_out(seed):
                     and not st.hold[st.ex[t], st.gpu[s]]:
                 st.swap(int(s), int(t))
                 break
+
+
+def _cut_written_out(ex, gpu, coact, cost):
+    """The pairwise co-activation cut, slot pair by slot pair: coact / (replicas x replicas) x the cost between the
+    two slots' GPUs."""
+    r = np.bincount(ex, minlength=len(coact))
+    j = 0.0
+    for s, t in itertools.combinations(range(len(ex)), 2):
+        j += coact[ex[s], ex[t]] / (r[ex[s]] * r[ex[t]]) * cost[gpu[s], gpu[t]]
+    return j
+
+
+def _reassignments(st):
+    """Every valid re-assignment: (slot t holding a replica of a replicated expert, expert a not on t's GPU)."""
+    reps = st.hold.sum(axis=1)
+    return [(int(t), a) for t in np.flatnonzero(reps[st.ex] > 1) for a in range(len(reps))
+            if not st.hold[a, st.gpu[t]]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_reassign_cut_changes_match_the_cut_written_out(seed):
+    # The closed form rewrites the rows of the two experts whose replica counts change; the reference
+    # recomputes the whole cut of the placement after the change, slot pair by slot pair.
+    st, cost = _random_layer(seed, spg=4)  # 16 slots, 10 experts: 6 replicas, some experts with three
+    rng = np.random.default_rng(seed)
+    c = rng.random((10, 10))
+    coact = c + c.T
+    slots = np.flatnonzero(st.hold.sum(axis=1)[st.ex] > 1)
+    got = _reassign_cut_deltas(st, coact, cost, slots)
+    base = _cut_written_out(st.ex, st.gpu, coact, cost)
+    pairs = _reassignments(st)
+    assert len(pairs) > 20
+    for t, a in pairs:
+        ex = st.ex.copy()
+        ex[t] = a
+        want = _cut_written_out(ex, st.gpu, coact, cost) - base
+        assert got[list(slots).index(t), a] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reassign_step_takes_the_best_reassignment_brute_force(seed):
+    # Against every re-assignment tried in turn: the cut written out, the move prices, the budget and the
+    # balance limit from the dispatch rule written source by source; the step makes the cheapest admissible one
+    # (ties: lowest slot, then expert) or none, and leaves a valid placement.
+    st, cost = _random_layer(seed, spg=4)
+    rng = np.random.default_rng(100 + seed)
+    c = rng.random((10, 10)) * (rng.random((10, 10)) < 0.4)
+    coact = c + c.T
+    value_per_j = 2.0
+    cap = 1.02
+    budget = _Budget(None if seed % 2 == 0 else 0.0)  # odd seeds: no slot may be added to the moves
+    load = _rule_loads_reference(st.ex, st.gpu, st.cnt, st.node)
+    limit = max(cap * load.mean(), load.max()) + 1e-9
+    base = _cut_written_out(st.ex, st.gpu, coact, cost)
+    best = None
+    for t, a in _reassignments(st):
+        b, y = int(st.ex[t]), int(st.gpu[t])
+        ex = st.ex.copy()
+        ex[t] = a
+        net = value_per_j * (_cut_written_out(ex, st.gpu, coact, cost) - base) + st.price[a, y] - st.price[b, y]
+        dm = int(not st.old[a, y]) - int(not st.old[b, y])
+        if net >= -1e-9 or not budget.allows(dm) or _rule_loads_reference(ex, st.gpu, st.cnt, st.node).max() > limit:
+            continue
+        key = (round(net, 9), t, a)
+        best = key if best is None or key < best else best
+    before = st.ex.copy()
+    made = _reassign_comm(st, coact, cost, value_per_j, cap, budget)
+    if best is None:
+        assert made == 0 and np.array_equal(st.ex, before)
+        return
+    want = before.copy()
+    want[best[1]] = best[2]
+    assert made == 1 and np.array_equal(st.ex, want)
+    # still a valid placement, and the state's tables follow it
+    assert set(st.ex.tolist()) == set(range(10))
+    assert all(len(set(st.ex[st.gpu == g].tolist())) == (st.gpu == g).sum() for g in range(st.hold.shape[1]))
+    np.testing.assert_allclose(st.load, _rule_loads_reference(st.ex, st.gpu, st.cnt, st.node))
+
+
+def test_replan_with_redundant_slots_on_two_hosts_keeps_invariants(setup):
+    # Two hosts, 72 slots: the communication step also re-assigns replicas. Every expert keeps a slot, no GPU
+    # holds an expert twice, every layer stays within the window target (or below where it started), and
+    # the re-plan is deterministic.
+    _, _, intent, law = setup
+    spec = _spec(nodes=2, gpus=4, slots=72)
+    current = plan(spec, intent)
+    new = replan(spec, current, law)
+    again = replan(spec, current, law)
+    assert np.array_equal(new.physical_to_logical_map, again.physical_to_logical_map)
+    target = new.policy["max_imbalance"]
+    counts = np.stack([np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64) for layer in range(3)])
+    for layer in range(3):
+        row = new.physical_to_logical_map[layer]
+        assert set(row.tolist()) == set(range(64))
+        for g in range(8):
+            assert len(set(new.gpu_experts(layer, g))) == 9
+        after = expected_gpu_load(new, layer, counts[layer].astype(float))
+        start = expected_gpu_load(current, layer, counts[layer].astype(float))
+        assert after.max() / after.mean() <= max(target, start.max() / start.mean()) + 0.03
+    reps = [np.bincount(p.physical_to_logical_map[layer], minlength=64) for p in (current, new) for layer in range(3)]
+    assert any(not np.array_equal(reps[layer], reps[3 + layer]) for layer in range(3))  # replicas followed traffic
 
 
 def test_align_slots_keeps_weights_in_place_and_fills_freed_slots_in_ascending_id():

@@ -28,7 +28,12 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
-   reached in step 1.
+   reached in step 1. A swap keeps every expert's replica count, and the redundant slots were given
+   to experts for balance (by the current plan or the repair); so when no swap is worth it, the
+   step also tries re-assigning a replica (a redundant slot takes a replica of another expert: one
+   slot changes), scored the same way with the exact change of the cut in closed form, and then
+   resumes the swaps. On new traffic a replica beside the experts it is co-activated with saves
+   copies that no swap can.
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts.
 
@@ -455,6 +460,49 @@ def _slot_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, pairs: tup
     return f[:, gp] - fs[:, None] + f[:, gp].T - fs[None, :] + 2.0 * a_rr * cost[np.ix_(gp, gp)]
 
 
+def _reassign_cut_deltas(st: _Layer, coact: np.ndarray, cost: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """[n, E] exact change of the pairwise co-activation cut J (``_slot_cut_deltas``' J: coact / (r_a r_b) times
+    the cost between the two slots' GPUs, over slot pairs) if slot ``slots[i]`` (a replica of a replicated
+    expert b, on GPU y) held a replica of expert a instead; entries where a == b are meaningless.
+
+    Only the pairs that involve a or b change: with K[x, z] = coact[x, z] / (r_x r_z) * P[x, z] and
+    P = H cost H^T (H [E, G]: replicas of x on g), a gains y (r_a + 1), b loses it (r_b - 1), so rows a and b
+    of K are rewritten from M = H cost^T ([z, y]: the cost from y to z's replicas) in closed form, for all
+    slots at once (coact and cost are symmetric: co-activation counts pairs, links are undirected).
+    """
+    hold = st.hold.astype(np.float64)
+    e = hold.shape[0]
+    r = hold.sum(axis=1)
+    w = 1.0 / np.maximum(r, 1.0)
+    p_ee = hold @ cost @ hold.T  # [E, E]
+    m_eg = hold @ cost.T  # [E, G]: m[z, y] = sum_h cost[y, h] H[z, h]
+    q_e = (coact * p_ee) @ w  # [E]: sum_z A[a, z] w_z P[a, z]
+    rv_eg = (coact * w[None, :]) @ m_eg  # [E, G]: sum_z A[a, z] w_z M[z, y]
+    ar = np.arange(e)
+    diag_a, diag_p = coact[ar, ar], p_ee[ar, ar]
+    wa2 = 1.0 / (r + 1.0)  # [E] a's weight after gaining a replica
+    bs, ys = st.ex[slots], st.gpu[slots]  # [n]
+    wb, wb2 = w[bs][:, None], (1.0 / np.maximum(r[bs] - 1.0, 1.0))[:, None]  # [n, 1] b's weight before, after
+    m_y = m_eg[:, ys].T  # [n, E] over z
+    mb = m_y[np.arange(len(bs)), bs][:, None]  # [n, 1]
+    a_b, p_b = coact[bs], p_ee[bs]  # [n, E]: A[b, z], P[b, z] (symmetric: also A[a, b], P[a, b] over a)
+    dab, dpb = diag_a[bs][:, None], diag_p[bs][:, None]
+    # row a over z not in {a, b}: all z, less z = a and z = b
+    row_a = wa2 * (q_e + rv_eg[:, ys].T) - w * q_e
+    row_a -= diag_a * w * (wa2 * (diag_p + m_y) - w * diag_p)
+    row_a -= a_b * wb * (wa2 * (p_b + mb) - w * p_b)
+    # row b over z not in {a, b}: all z, less z = a and z = b
+    all_b = (a_b * w * (wb2 * (p_b - m_y) - wb * p_b)).sum(axis=1, keepdims=True)
+    row_b = all_b - a_b * w * (wb2 * (p_b - m_y) - wb * p_b)
+    row_b -= dab * wb * (wb2 * (dpb - mb) - wb * dpb)
+    # the a-a and b-b pairs (each pair once), and the a-b pair
+    self_a = 0.5 * diag_a * (wa2 * wa2 * (diag_p + 2.0 * m_y) - w * w * diag_p)
+    self_b = 0.5 * dab * (wb2 * wb2 * (dpb - 2.0 * mb) - wb * wb * dpb)
+    cross = a_b * (wa2 * wb2 * (p_b - m_y + mb) - w * wb * p_b)
+    out = row_a + row_b + self_a + self_b + cross
+    return out
+
+
 def _cut_rate(st: _Layer, coact: np.ndarray, cost: np.ndarray, topk_TK: np.ndarray, host_weight: float) -> float:
     """Copies per unit of the pairwise cut on this layer's window: the least-squares slope (through 0) of the
     exact change of expected copies (``exact.ExactCopies``, a host copy weighted by ``host_weight``) on the
@@ -494,60 +542,107 @@ def _copies_per_cut(states: list[_Layer], ts: TraceSet, cost: np.ndarray, host_w
 
 def _improve_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
                   budget: _Budget, max_steps: int = 256, tries: int = 256) -> int:
-    """Step 2 of the module docstring: priced swaps that lower the co-activation cut; returns swaps made.
+    """Step 2 of the module docstring: priced changes that lower the co-activation cut; returns changes made.
 
     Each step ranks every swap of two slots by its net value (cut change valued over the horizon plus
     move cost) and applies, best first among the ``tries`` best, those on GPUs no earlier swap of the
     step touched that the budget allows and that keep every GPU within ``cap`` x the mean load (or the
-    current peak, if higher).
+    current peak, if higher). When no swap is worth it, the best re-assignment of a replica
+    (``_reassign_comm``) is made, if any, and the swaps resume.
     """
-    g = st.hold.shape[1]
     steps = 0
-    old, price = st.old, st.price
     gp = st.gpu
     pi, pj = np.nonzero(gp[:, None] < gp[None, :])  # the slot pairs on different GPUs, each once, row-major
     gi, gj = gp[pi], gp[pj]
     pairs = (pi, pj, gi, gj, cost[gi, gj])
     for _ in range(max_steps):
-        ex = st.ex
-        dj = _slot_cut_deltas(st, coact, cost, pairs)
-        ei, ej = ex[pi], ex[pj]
-        dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
-        net = dj * value_per_j + dp  # negative: worth it
-        valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
-        if not len(valid):
-            return steps
-        valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
-        cand = np.stack([pi[valid], pj[valid]], axis=1)
-        load = st.load
-        limit = max(cap * load.mean(), load.max()) + _TOL
-        # Screen on the state at the start of the step (budget, balance), in one go.
-        i, j = cand[:, 0], cand[:, 1]
-        dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
-               - ~old[ex[j], gp[j]])
-        after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
-        cand = cand[budget.allows(dm0) & (after0 <= limit)]
-        used: set[int] = set()
-        made = 0
-        # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
-        for i, j in cand.tolist():
-            a, b = int(gp[i]), int(gp[j])
-            if a in used or b in used or not _valid(st, "swap", i, j):
-                continue
-            dm = _dmoves(st, "swap", i, j)
-            after = st.load + st.d_move[i, b] + st.d_move[j, a]
-            if not budget.allows(dm) or after.max() > limit:
-                continue
-            st.swap(i, j)
-            budget.spend(dm)
-            used |= {a, b}
-            made += 1
-            if len(used) >= g:
-                break
+        made = _swap_comm(st, coact, cost, value_per_j, cap, budget, pairs, tries)
+        if not made:
+            made = _reassign_comm(st, coact, cost, value_per_j, cap, budget)
         if not made:
             return steps
         steps += made
     return steps
+
+
+def _swap_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float, budget: _Budget,
+               pairs: tuple, tries: int) -> int:
+    """One step of ``_improve_comm``'s swaps (several on disjoint GPUs); returns the swaps made."""
+    g = st.hold.shape[1]
+    old, price, gp = st.old, st.price, st.gpu
+    pi, pj, gi, gj, _ = pairs
+    ex = st.ex
+    dj = _slot_cut_deltas(st, coact, cost, pairs)
+    ei, ej = ex[pi], ex[pj]
+    dp = price[ei, gj] + price[ej, gi] - price[ei, gi] - price[ej, gj]
+    net = dj * value_per_j + dp  # negative: worth it
+    valid = np.flatnonzero(~st.hold[ei, gj] & ~st.hold[ej, gi] & (net < -_TOL))
+    if not len(valid):
+        return 0
+    valid = valid[np.lexsort((pj[valid], pi[valid], net[valid]))[:tries]]
+    cand = np.stack([pi[valid], pj[valid]], axis=1)
+    load = st.load
+    limit = max(cap * load.mean(), load.max()) + _TOL
+    # Screen on the state at the start of the step (budget, balance), in one go.
+    i, j = cand[:, 0], cand[:, 1]
+    dm0 = ((~old[ex[i], gp[j]]).astype(np.int64) + ~old[ex[j], gp[i]] - ~old[ex[i], gp[i]]
+           - ~old[ex[j], gp[j]])
+    after0 = (load + st.d_move[i, gp[j]] + st.d_move[j, gp[i]]).max(axis=1)
+    cand = cand[budget.allows(dm0) & (after0 <= limit)]
+    used: set[int] = set()
+    made = 0
+    # Best first; several swaps on disjoint GPUs per step (each checked against the state as it is then).
+    for i, j in cand.tolist():
+        a, b = int(gp[i]), int(gp[j])
+        if a in used or b in used or not _valid(st, "swap", i, j):
+            continue
+        dm = _dmoves(st, "swap", i, j)
+        after = st.load + st.d_move[i, b] + st.d_move[j, a]
+        if not budget.allows(dm) or after.max() > limit:
+            continue
+        st.swap(i, j)
+        budget.spend(dm)
+        used |= {a, b}
+        made += 1
+        if len(used) >= g:
+            break
+    return made
+
+
+def _reassign_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float, cap: float,
+                   budget: _Budget) -> int:
+    """The best re-assignment of a replica for communication: a slot holding a replica of a replicated expert
+    takes a replica of another expert where that lowers the cut (``_reassign_cut_deltas``, exact) by more
+    than the move costs, within the budget and ``_improve_comm``'s balance limit; returns 1 if one was made.
+
+    Swaps keep every expert's replica count; which experts get the redundant slots was chosen for
+    balance (the current plan, or the repair), and on new traffic a replica of an expert that is
+    co-activated with the experts of the slot's GPU can save copies the swaps cannot.
+    """
+    reps = st.hold.sum(axis=1)
+    slots = np.flatnonzero(reps[st.ex] > 1)
+    if not len(slots):
+        return 0
+    b, y = st.ex[slots], st.gpu[slots]
+    net = value_per_j * _reassign_cut_deltas(st, coact, cost, slots) + st.price[:, y].T - st.price[b, y][:, None]
+    dm = (~st.old[:, y].T).astype(np.int64) - (~st.old[b, y])[:, None]  # [n, E]
+    ok = ~st.hold[:, y].T & (net < -_TOL) & budget.allows(dm)  # a on y already (a == b too): not a change
+    ti, ta = np.nonzero(ok)
+    if not len(ti):
+        return 0
+    load = st.load
+    limit = max(cap * load.mean(), load.max()) + _TOL
+    order = np.lexsort((ta, slots[ti], net[ti, ta]))
+    for lo in range(0, len(order), 64):  # best first, the balance checked 64 candidates at a time
+        k = order[lo:lo + 64]
+        t, a = slots[ti[k]], ta[k]
+        fits = np.flatnonzero((load + st.adds(a)[np.arange(len(k)), st.gpu[t]] + st.d_rem[t]).max(axis=1) <= limit)
+        if len(fits):
+            f = k[fits[0]]
+            st.reassign(int(slots[ti[f]]), int(ta[f]))
+            budget.spend(int(dm[ti[f], ta[f]]))
+            return 1
+    return 0
 
 
 def _same_model(spec: MoESpec, current: Plan) -> None:
@@ -664,7 +759,8 @@ def replan(
     policy = {
         "name": "incremental-replan",
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
-               "window), then priced co-activation swaps; moves cost their weight bytes over the topology's links",
+               "window), then priced co-activation swaps and replica re-assignments; moves cost their weight bytes over "
+               "the topology's links",
         "seed": spec.placement.seed if seed is None else int(seed),
         "max_imbalance": imb,
         "horizon_tokens": horizon,
@@ -674,7 +770,7 @@ def replan(
         "from_policy": current_plan.policy.get("name"),
         "traces": ts.name,
         "balance_changes": int(repairs),
-        "comm_swaps": int(swaps),
+        "comm_changes": int(swaps),
     }
     p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
     p.policy["migration"] = migration(current_plan, p).summary()
