@@ -13,7 +13,12 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
   grouped on the host and each touched expert's weights are read once by a matrix-vector product.
 - ``native``: the same for a handful of tokens in one call of a small C kernel (``moegraph.native``),
   fused per touched expert; a candidate where a C compiler built it (forward only, like every
-  strategy: the backward is the op's own).
+  strategy: the backward is the op's own). ``native_1t``: the same kernel on one thread, for
+  machines where a decode call is bound by memory that one core already reads at full speed and a
+  second thread only adds its start-up and join.
+- ``native_bf16``: bfloat16 experts with a few to a few dozen rows each: the expert-sorted rows
+  through one call of a C kernel that reads each expert's weights once for all its rows with
+  AVX512-BF16 dot products (no GEMM call per expert); a candidate where that kernel runs.
 
 Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
@@ -38,11 +43,16 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "DECODE_MAX_TOKENS"]
+           "pinned", "current_pin", "DECODE_MAX_TOKENS",
+           "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
 DECODE_MAX_TOKENS = 16
+
+#: Most assignments per expert (on average) for which ``native_bf16`` is a candidate: its four-row
+#: register blocks lose to oneDNN's GEMMs once experts get many rows.
+NATIVE_BF16_MAX_ROWS = 64
 
 
 def _per_expert(args: ExpertArgs, packed) -> Tensor:
@@ -132,16 +142,36 @@ def _decode(args: ExpertArgs, packed) -> Tensor:
     return y_TD
 
 
-def _native(args: ExpertArgs, packed) -> Tensor:
+def _native(args: ExpertArgs, packed, threads: int | None = None) -> Tensor:
     from . import native  # the C kernel, built on first use
 
     why = native.supports(args)
     lib = native.kernel(args.act) if why is None else None
     if lib is not None:
-        return native.run_supported(args, lib)
+        return native.run_supported(args, lib, threads)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
+
+
+def _native_one_thread(args: ExpertArgs, packed) -> Tensor:
+    return _native(args, packed, threads=1)
+
+
+def _native_bf16(args: ExpertArgs, packed) -> Tensor:
+    from . import native  # the C kernel, built on first use
+
+    lib = native.bf16_kernel(args.act) if native.bf16_supports(args) is None else None
+    if lib is None:  # not bfloat16 / no AVX512-BF16 here: the same result by per-expert GEMMs
+        return _per_expert(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
+    order_N, _, counts = ops._sort_by_expert(args.exp_N, args.w_up_EHD.shape[0])
+    if len(order_N) == 0:
+        return y_TD
+    tok_sorted = args.tok_N.index_select(0, order_N)
+    o_ND = native.run_bf16_rows(lib, args, args.x_TD.index_select(0, tok_sorted), counts,
+                                args.weight_N.index_select(0, order_N))
+    return y_TD.float().index_add_(0, tok_sorted, o_ND).to(y_TD.dtype)
 
 
 def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
@@ -186,6 +216,8 @@ STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "padded_bmm": _padded_bmm,
     "decode": _decode,
     "native": _native,
+    "native_1t": _native_one_thread,
+    "native_bf16": _native_bf16,
 }
 
 
@@ -205,6 +237,11 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
     if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
     names.append("padded_bmm")
+    if args is not None and x_TD.dtype == torch.bfloat16 and args.exp_N.numel() <= NATIVE_BF16_MAX_ROWS * w_up_EHD.shape[0]:
+        from . import native
+
+        if native.bf16_supports(args) is None and native.bf16_kernel(args.act) is not None:
+            names.append("native_bf16")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
         names.append("decode")
         if args is not None:
@@ -212,6 +249,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
 
             if native.supports(args) is None and native.kernel(args.act) is not None:
                 names.append("native")
+                if torch.get_num_threads() > 1:
+                    names.append("native_1t")
     return names
 
 
