@@ -226,7 +226,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.mg_bf16_experts.restype = i32
     lib.mg_bf16_experts.argtypes = [i64, i64, i64, i64, p, p, p,  # E D F n x cnt wgt
                                     p, p, p, p, i32, i32, f32, i32, f32,  # w_up w_down b_up b_down b_dt clamps
-                                    p, i32]  # o threads
+                                    p, p, i32]  # o h_out threads
 
 
 def warn_once(message: str) -> None:
@@ -456,10 +456,12 @@ def bf16_kernel(act: semantics.Activation) -> ctypes.CDLL | None:
     return lib if lib is not None and lib.mg_bf16_dot() == 1 else None
 
 
-def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[int], w_sorted_N: Tensor) -> Tensor:
+def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[int], w_sorted_N: Tensor,
+                  h_out_NH: Tensor | None = None) -> Tensor:
     """The routed experts on expert-sorted rows x_ND [n, D] (``counts[e]`` rows for expert e, in order)
     with routing weights w_sorted_N [n]: the weighted expert outputs [n, D] in float32, for a call
-    ``bf16_supports`` accepted."""
+    ``bf16_supports`` accepted. ``h_out_NH`` (contiguous bfloat16 [n, H]), where given, receives the
+    up projection with its bias (what a training forward keeps for the backward)."""
     n, D = x_ND.shape
     o_ND = torch.empty(n, D, dtype=torch.float32)
     if n == 0:
@@ -474,7 +476,7 @@ def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[in
                              wgt.data_ptr(), a.w_up_EHD.data_ptr(), a.w_down_EDF.data_ptr(), _ptr(b_up), _ptr(b_down),
                              b_dt, gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
                              up_clamp is not None, 0.0 if up_clamp is None else up_clamp, o_ND.data_ptr(),
-                             torch.get_num_threads())
+                             _ptr(h_out_NH), torch.get_num_threads())
     if rc != 0:
         raise InputError(f"native bfloat16 expert kernel refused its inputs: {_ERRORS.get(rc, rc)}")
     return o_ND

@@ -23,8 +23,9 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
 Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
 tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not. A call whose backward
-will run has two forms of its own (``_train_forward``, grouped or one GEMM per expert, keeping what
-the backward needs), tuned under their own key; its backward's two forms under a third.
+will run has forms of its own (``_train_forward``: grouped, one GEMM per expert, or the bfloat16
+kernel, keeping what the backward needs), tuned under their own key; its backward's two forms under
+a third.
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
 U touched experts, M padded rows per expert, N assignments.
@@ -158,10 +159,21 @@ def _native_one_thread(args: ExpertArgs, packed) -> Tensor:
     return _native(args, packed, threads=1)
 
 
+def _bf16_kernel_for(args: ExpertArgs, candidate: bool = False):
+    """The bfloat16 kernel where it reads ``args`` (and the CPU has AVX512-BF16), else None; with
+    ``candidate``, also None past NATIVE_BF16_MAX_ROWS rows per expert (not worth timing there)."""
+    from . import native
+
+    if candidate and (args.x_TD.dtype != torch.bfloat16
+                      or args.exp_N.numel() > NATIVE_BF16_MAX_ROWS * args.w_up_EHD.shape[0]):
+        return None
+    return native.bf16_kernel(args.act) if native.bf16_supports(args) is None else None
+
+
 def _native_bf16(args: ExpertArgs, packed) -> Tensor:
     from . import native  # the C kernel, built on first use
 
-    lib = native.bf16_kernel(args.act) if native.bf16_supports(args) is None else None
+    lib = _bf16_kernel_for(args)
     if lib is None:  # not bfloat16 / no AVX512-BF16 here: the same result by per-expert GEMMs
         return _per_expert(args, packed)
     y_TD = ops.shared_into_output(args, packed)
@@ -174,9 +186,10 @@ def _native_bf16(args: ExpertArgs, packed) -> Tensor:
     return y_TD.float().index_add_(0, tok_sorted, o_ND).to(y_TD.dtype)
 
 
-def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
-    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
-    the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
+def _train_forward(args: ExpertArgs, grouped: bool, lib=None) -> Tensor:
+    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen (or the
+    bfloat16 kernel ``lib``, from ``native.bf16_kernel``), keeping the sorted rows and the up
+    projection for the backward (``ops.SavedForward``)."""
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
     y_TD = ops.shared_into_output(args)
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
@@ -186,6 +199,14 @@ def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     x_ND = x_TD.index_select(0, tok_sorted)
+    if lib is not None:
+        from . import native
+
+        h = x_ND.new_empty(n, w_up_EHD.shape[1])
+        o_ND = native.run_bf16_rows(lib, args, x_ND, counts, weight_N.index_select(0, order_N), h_out_NH=h)
+        y_TD = y_TD.float().index_add_(0, tok_sorted, o_ND).to(y_TD.dtype)
+        ops.stash_forward(y_TD, ops.SavedForward(order_N, exp_sorted, counts, tok_sorted, x_ND, h))
+        return y_TD
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
     gmm = torch._grouped_mm if grouped else _LoopGemm(counts)
     h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -237,11 +258,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
     if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
     names.append("padded_bmm")
-    if args is not None and x_TD.dtype == torch.bfloat16 and args.exp_N.numel() <= NATIVE_BF16_MAX_ROWS * w_up_EHD.shape[0]:
-        from . import native
-
-        if native.bf16_supports(args) is None and native.bf16_kernel(args.act) is not None:
-            names.append("native_bf16")
+    if args is not None and _bf16_kernel_for(args, candidate=True) is not None:
+        names.append("native_bf16")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
         names.append("decode")
         if args is not None:
@@ -290,14 +308,23 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
+
+
 def train_candidates(args: ExpertArgs) -> list[str]:
     """The forms of a training forward (``_train_forward``) worth timing for this input."""
-    return ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    names = ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    if _bf16_kernel_for(args, candidate=True) is not None:
+        names.append("native_bf16")
+    return names
 
 
 def run_train_strategy(name: str, args: ExpertArgs) -> Tensor:
-    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here),
-    one GEMM per expert otherwise."""
+    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here), the
+    bfloat16 kernel for ``native_bf16`` (where it runs here), one GEMM per expert otherwise."""
+    if name == "native_bf16":
+        lib = _bf16_kernel_for(args)
+        if lib is not None:
+            return _train_forward(args, grouped=False, lib=lib)
     return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
 
 
