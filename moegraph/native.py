@@ -439,7 +439,8 @@ def bf16_supports(args: ExpertArgs) -> str | None:
     bfloat16 x and weights (contiguous, on the CPU) with D and F multiples of 32."""
     a = args
     if a.x_TD.dtype != torch.bfloat16 or a.w_up_EHD.dtype != torch.bfloat16 or a.w_down_EDF.dtype != torch.bfloat16:
-        return f"x and the expert weights must be bfloat16 (got {a.x_TD.dtype}, {a.w_up_EHD.dtype}, {a.w_down_EDF.dtype})"
+        return (f"x and the expert weights must be bfloat16 (got {a.x_TD.dtype}, {a.w_up_EHD.dtype}, "
+                f"{a.w_down_EDF.dtype})")
     why = _check_common(a.x_TD, a.tok_N, a.exp_N, a.weight_N, a.w_up_EHD, a.w_down_EDF, a.b_up_EH, a.b_down_ED,
                         a.act.gated, (torch.bfloat16,))
     if why:

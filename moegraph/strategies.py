@@ -308,8 +308,6 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
-
-
 def train_candidates(args: ExpertArgs) -> list[str]:
     """The forms of a training forward (``_train_forward``) worth timing for this input."""
     names = ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]

@@ -186,8 +186,8 @@ class Tuner:
         """The forward strategy for this call: from the table, else measured now (and recorded).
 
         A key whose entry was checked against its candidates in this process is answered from the
-        table without building the candidate list again (that took longer than a decode call's
-        kernel); every strategy runs every input, so an entry is never wrong, only maybe slower."""
+        table without building the candidate list again (a noticeable part of a one-token forward);
+        every strategy runs every input, so an entry is never wrong, only maybe slower."""
         args = ExpertArgs.of(args)
         key = problem_key(args, packed)
         entry = self.table.get(key) if key in self._checked else None

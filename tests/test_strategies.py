@@ -307,8 +307,8 @@ def test_tuner_picks_the_fastest_by_its_timer_and_caches(winner, tmp_path):
 
 def test_a_checked_key_is_answered_without_building_the_candidates(monkeypatch):
     """Once a key's entry was checked against its candidates, later calls of that key read the table
-    (building the candidate list cost more than a decode call's kernel); a thread-count change
-    checks again."""
+    without building the candidate list (per decode call, that list was a noticeable cost); a
+    thread-count change checks again."""
     tuner = tuning.Tuner(None, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.1}))
     built, real = [], strategies.candidates
     monkeypatch.setattr(strategies, "candidates", lambda *a: built.append(1) or real(*a))

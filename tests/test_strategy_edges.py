@@ -145,7 +145,8 @@ def bf16_calls(draw):
     n = draw(st.sampled_from([0, 1, T, 3 * T, 6 * T])) if T else 0
     ids = st.integers(-1, c["E"])
     return dict(c, tok=draw(st.lists(st.integers(0, max(T - 1, 0)), min_size=n, max_size=n)),
-                exp=draw(st.lists(ids, min_size=n, max_size=n)), bias_dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+                exp=draw(st.lists(ids, min_size=n, max_size=n)),
+                bias_dtype=draw(st.sampled_from(["float32", "bfloat16"])),
                 clamps=draw(st.sampled_from([(None, None), (0.5, 0.7)])))
 
 
