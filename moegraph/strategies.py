@@ -74,6 +74,10 @@ def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     if n == 0:
         return y_TD
     touched = [e for e, c in enumerate(counts) if c]
+    if 2 * len(touched) >= E:
+        # Most experts have rows: pad the others too (zero rows, never read back) and multiply the
+        # weights in place, instead of copying the touched experts' weights on every call.
+        touched = list(range(E))
     U, M = len(touched), max(counts)
     # Slot u of the padded batch holds expert touched[u]; a row's position is its rank in its expert.
     starts, s = [], 0
