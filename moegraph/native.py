@@ -8,6 +8,11 @@ products, or to float32 times their block scales; bfloat16 to float32), and fuse
 the activation, the down projection and the routing-weighted sum into one call
 (``codegen_templates/native_decode.c.j2``).
 
+A second entry point, ``mg_bf16_experts``, runs bfloat16 experts over expert-sorted rows (the
+``native_bf16`` strategy, for a few to a few dozen rows per expert): four weight rows meet four rows at
+a time in AVX512-BF16 dot products (exact bfloat16 products, float32 sums), so each expert's weights
+are read once for all its rows without a GEMM call per expert.
+
 It is one more expert strategy (``strategies``: ``native``) and one more path of the FP8 op
 (``moegraph.fp8``), for at most ``strategies.DECODE_MAX_TOKENS`` tokens, chosen by measurement
 (``moegraph.tuning``) so it runs only where it wins. It is forward only: gradients always come from
@@ -55,7 +60,7 @@ from .semantics.expr import C_SPELLINGS
 
 __all__ = ["FLAGS", "ABI_VERSION", "set_cache_dir", "cache_dir", "compiler", "source", "kernel", "available",
            "supports", "fp8_supports", "run_experts", "run_supported", "run_fp8", "run_fp8_supported", "warn_once",
-           "NativeUnavailable"]
+           "NativeUnavailable", "bf16_supports", "bf16_kernel", "run_bf16_rows"]
 
 #: Bumped when the C function's signature changes (a cached library of another version is rebuilt).
 ABI_VERSION = 1
@@ -217,6 +222,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                               p, p, i32, p, p, i64, i64,  # w_up w_down w_dt s_up s_down bo bi
                               p, p, i32, i32, f32, i32, f32,  # b_up b_down b_dt gate/up clamps
                               i64, i32, i32, p, i32]  # tile act_dt ue8m0 y32 threads
+    lib.mg_bf16_dot.restype = i32
+    lib.mg_bf16_experts.restype = i32
+    lib.mg_bf16_experts.argtypes = [i64, i64, i64, i64, p, p, p,  # E D F n x cnt wgt
+                                    p, p, p, p, i32, i32, f32, i32, f32,  # w_up w_down b_up b_down b_dt clamps
+                                    p, p, i32]  # o h_out threads
 
 
 def warn_once(message: str) -> None:
@@ -303,7 +313,8 @@ def supports(args: ExpertArgs) -> str | None:
             or _check_weight("shared_w_down_DF", a.shared_w_down_DF, (D, S), (torch.float32, torch.bfloat16)))
 
 
-def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up, b_down, act_args, fp8) -> None:
+def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up, b_down, act_args, fp8,
+          threads: int | None = None) -> None:
     if x.shape[0] == 0 or (tok is not None and n == 0):
         # No tokens or no assignments: nothing to add. The kernel must not be called: it refuses T = 0
         # (a rank with no tokens still runs its shared experts' call), and an empty tensor's data_ptr()
@@ -319,7 +330,7 @@ def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up
                        block[1], _ptr(b_up), _ptr(b_down), b_dt, gate_clamp is not None,
                        0.0 if gate_clamp is None else gate_clamp, up_clamp is not None,
                        0.0 if up_clamp is None else up_clamp, tile, _FP8_FMT.get(fmt, 0),
-                       scale_format == "ue8m0", y32.data_ptr(), torch.get_num_threads())
+                       scale_format == "ue8m0", y32.data_ptr(), threads or torch.get_num_threads())
     if rc != 0:
         raise InputError(f"native decode kernel refused its inputs: {_ERRORS.get(rc, rc)}")
 
@@ -344,9 +355,10 @@ def run_experts(args: ExpertArgs | tuple) -> Tensor:
     return run_supported(a, _lib_for(a.act))
 
 
-def run_supported(a: ExpertArgs, lib: ctypes.CDLL) -> Tensor:
+def run_supported(a: ExpertArgs, lib: ctypes.CDLL, threads: int | None = None) -> Tensor:
     """``run_experts`` for a call that ``supports`` accepted, with the kernel ``kernel`` returned: for
-    a caller that checked both already (the decode strategy, once per call instead of twice)."""
+    a caller that checked both already (the decode strategy, once per call instead of twice).
+    ``threads``: the kernel's thread count (None: torch's)."""
     x = a.x_TD.contiguous()
     T, D = x.shape
     y32 = torch.zeros(T, D, dtype=torch.float32)
@@ -356,11 +368,11 @@ def run_supported(a: ExpertArgs, lib: ctypes.CDLL) -> Tensor:
         if scale is not None and scale.numel() != T:
             raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
         _call(lib, y32, x, T, None, None, scale, a.shared_w_up_HD.unsqueeze(0), a.shared_w_down_DF.unsqueeze(0),
-              None, None, (0, 0), None, None, act_args, None)
+              None, None, (0, 0), None, None, act_args, None, threads)
     tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
     wgt = a.weight_N.float().contiguous()
     _call(lib, y32, x, tok.numel(), tok, exp, wgt, a.w_up_EHD, a.w_down_EDF, None, None, (0, 0), a.b_up_EH,
-          a.b_down_ED, act_args, None)
+          a.b_down_ED, act_args, None, threads)
     return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
 
 
@@ -415,3 +427,57 @@ def run_fp8_supported(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, 
     _call(lib, y32, x, tok.numel(), tok, exp, weight_N.float().contiguous(), w_up_EHD, w_down_EDF, s_up, s_down,
           block, b_up_EH, b_down_ED, (activation, gated, gate_clamp, up_clamp), (tile, fmt, scale_format))
     return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# bfloat16 experts over expert-sorted rows (the ``native_bf16`` strategy)
+# ----------------------------------------------------------------------------------------------
+
+
+def bf16_supports(args: ExpertArgs) -> str | None:
+    """Why ``mg_bf16_experts`` cannot run the routed experts of ``args`` (None when it can): it reads
+    bfloat16 x and weights (contiguous, on the CPU) with D and F multiples of 32."""
+    a = args
+    if a.x_TD.dtype != torch.bfloat16 or a.w_up_EHD.dtype != torch.bfloat16 or a.w_down_EDF.dtype != torch.bfloat16:
+        return (f"x and the expert weights must be bfloat16 (got {a.x_TD.dtype}, {a.w_up_EHD.dtype}, "
+                f"{a.w_down_EDF.dtype})")
+    why = _check_common(a.x_TD, a.tok_N, a.exp_N, a.weight_N, a.w_up_EHD, a.w_down_EDF, a.b_up_EH, a.b_down_ED,
+                        a.act.gated, (torch.bfloat16,))
+    if why:
+        return why
+    D, F = a.x_TD.shape[1], a.w_down_EDF.shape[2]
+    if D % 32 or F % 32:
+        return f"D={D} and F={F} must be multiples of 32"
+    return None
+
+
+def bf16_kernel(act: semantics.Activation) -> ctypes.CDLL | None:
+    """The loaded kernel for ``act`` where it has ``mg_bf16_experts`` (AVX512-BF16 here), else None."""
+    lib = kernel(act)
+    return lib if lib is not None and lib.mg_bf16_dot() == 1 else None
+
+
+def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[int], w_sorted_N: Tensor,
+                  h_out_NH: Tensor | None = None) -> Tensor:
+    """The routed experts on expert-sorted rows x_ND [n, D] (``counts[e]`` rows for expert e, in order)
+    with routing weights w_sorted_N [n]: the weighted expert outputs [n, D] in float32, for a call
+    ``bf16_supports`` accepted. ``h_out_NH`` (contiguous bfloat16 [n, H]), where given, receives the
+    up projection with its bias (what a training forward keeps for the backward)."""
+    n, D = x_ND.shape
+    o_ND = torch.empty(n, D, dtype=torch.float32)
+    if n == 0:
+        return o_ND
+    x_ND = x_ND.contiguous()
+    cnt = torch.tensor(counts, dtype=torch.int64)
+    wgt = w_sorted_N.float().contiguous()
+    b_up, b_down = a.b_up_EH, a.b_down_ED
+    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
+    _, _, gate_clamp, up_clamp = a.activation_args
+    rc = lib.mg_bf16_experts(a.w_up_EHD.shape[0], D, a.w_down_EDF.shape[2], n, x_ND.data_ptr(), cnt.data_ptr(),
+                             wgt.data_ptr(), a.w_up_EHD.data_ptr(), a.w_down_EDF.data_ptr(), _ptr(b_up), _ptr(b_down),
+                             b_dt, gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
+                             up_clamp is not None, 0.0 if up_clamp is None else up_clamp, o_ND.data_ptr(),
+                             _ptr(h_out_NH), torch.get_num_threads())
+    if rc != 0:
+        raise InputError(f"native bfloat16 expert kernel refused its inputs: {_ERRORS.get(rc, rc)}")
+    return o_ND

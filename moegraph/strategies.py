@@ -13,13 +13,19 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
   grouped on the host and each touched expert's weights are read once by a matrix-vector product.
 - ``native``: the same for a handful of tokens in one call of a small C kernel (``moegraph.native``),
   fused per touched expert; a candidate where a C compiler built it (forward only, like every
-  strategy: the backward is the op's own).
+  strategy: the backward is the op's own). ``native_1t``: the same kernel on one thread, for
+  machines where a decode call is bound by memory that one core already reads at full speed and a
+  second thread only adds its start-up and join.
+- ``native_bf16``: bfloat16 experts with a few to a few dozen rows each: the expert-sorted rows
+  through one call of a C kernel that reads each expert's weights once for all its rows with
+  AVX512-BF16 dot products (no GEMM call per expert); a candidate where that kernel runs.
 
 Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned`` is entered
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
 tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not. A call whose backward
-will run has two forms of its own (``_train_forward``, grouped or one GEMM per expert, keeping what
-the backward needs), tuned under their own key; its backward's two forms under a third.
+will run has forms of its own (``_train_forward``: grouped, one GEMM per expert, or the bfloat16
+kernel, keeping what the backward needs), tuned under their own key; its backward's two forms under
+a third.
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
 U touched experts, M padded rows per expert, N assignments.
@@ -38,11 +44,16 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "DECODE_MAX_TOKENS"]
+           "pinned", "current_pin", "DECODE_MAX_TOKENS",
+           "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
 DECODE_MAX_TOKENS = 16
+
+#: Most assignments per expert (on average) for which ``native_bf16`` is a candidate: its four-row
+#: register blocks lose to oneDNN's GEMMs once experts get many rows.
+NATIVE_BF16_MAX_ROWS = 64
 
 
 def _per_expert(args: ExpertArgs, packed) -> Tensor:
@@ -63,6 +74,10 @@ def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     if n == 0:
         return y_TD
     touched = [e for e, c in enumerate(counts) if c]
+    if 2 * len(touched) >= E:
+        # Most experts have rows: pad the others too (zero rows, never read back) and multiply the
+        # weights in place, instead of copying the touched experts' weights on every call.
+        touched = list(range(E))
     U, M = len(touched), max(counts)
     # Slot u of the padded batch holds expert touched[u]; a row's position is its rank in its expert.
     starts, s = [], 0
@@ -132,21 +147,53 @@ def _decode(args: ExpertArgs, packed) -> Tensor:
     return y_TD
 
 
-def _native(args: ExpertArgs, packed) -> Tensor:
+def _native(args: ExpertArgs, packed, threads: int | None = None) -> Tensor:
     from . import native  # the C kernel, built on first use
 
     why = native.supports(args)
     lib = native.kernel(args.act) if why is None else None
     if lib is not None:
-        return native.run_supported(args, lib)
+        return native.run_supported(args, lib, threads)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
 
 
-def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
-    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen, keeping
-    the sorted rows and the up projection for the backward (``ops.SavedForward``)."""
+def _native_one_thread(args: ExpertArgs, packed) -> Tensor:
+    return _native(args, packed, threads=1)
+
+
+def _bf16_kernel_for(args: ExpertArgs, candidate: bool = False):
+    """The bfloat16 kernel where it reads ``args`` (and the CPU has AVX512-BF16), else None; with
+    ``candidate``, also None past NATIVE_BF16_MAX_ROWS rows per expert (not worth timing there)."""
+    from . import native
+
+    if candidate and (args.x_TD.dtype != torch.bfloat16
+                      or args.exp_N.numel() > NATIVE_BF16_MAX_ROWS * args.w_up_EHD.shape[0]):
+        return None
+    return native.bf16_kernel(args.act) if native.bf16_supports(args) is None else None
+
+
+def _native_bf16(args: ExpertArgs, packed) -> Tensor:
+    from . import native  # the C kernel, built on first use
+
+    lib = _bf16_kernel_for(args)
+    if lib is None:  # not bfloat16 / no AVX512-BF16 here: the same result by per-expert GEMMs
+        return _per_expert(args, packed)
+    y_TD = ops.shared_into_output(args, packed)
+    order_N, _, counts = ops._sort_by_expert(args.exp_N, args.w_up_EHD.shape[0])
+    if len(order_N) == 0:
+        return y_TD
+    tok_sorted = args.tok_N.index_select(0, order_N)
+    o_ND = native.run_bf16_rows(lib, args, args.x_TD.index_select(0, tok_sorted), counts,
+                                args.weight_N.index_select(0, order_N))
+    return y_TD.float().index_add_(0, tok_sorted, o_ND).to(y_TD.dtype)
+
+
+def _train_forward(args: ExpertArgs, grouped: bool, lib=None) -> Tensor:
+    """The forward of a call whose backward will run: grouped or per-expert GEMMs as chosen (or the
+    bfloat16 kernel ``lib``, from ``native.bf16_kernel``), keeping the sorted rows and the up
+    projection for the backward (``ops.SavedForward``)."""
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED) = args.positional()[:8]
     y_TD = ops.shared_into_output(args)
     order_N, exp_sorted, counts = ops._sort_by_expert(exp_N, w_up_EHD.shape[0])
@@ -156,6 +203,14 @@ def _train_forward(args: ExpertArgs, grouped: bool) -> Tensor:
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     x_ND = x_TD.index_select(0, tok_sorted)
+    if lib is not None:
+        from . import native
+
+        h = x_ND.new_empty(n, w_up_EHD.shape[1])
+        o_ND = native.run_bf16_rows(lib, args, x_ND, counts, weight_N.index_select(0, order_N), h_out_NH=h)
+        y_TD = y_TD.float().index_add_(0, tok_sorted, o_ND).to(y_TD.dtype)
+        ops.stash_forward(y_TD, ops.SavedForward(order_N, exp_sorted, counts, tok_sorted, x_ND, h))
+        return y_TD
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
     gmm = torch._grouped_mm if grouped else _LoopGemm(counts)
     h = gmm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -186,6 +241,8 @@ STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "padded_bmm": _padded_bmm,
     "decode": _decode,
     "native": _native,
+    "native_1t": _native_one_thread,
+    "native_bf16": _native_bf16,
 }
 
 
@@ -205,6 +262,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
     if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
     names.append("padded_bmm")
+    if args is not None and _bf16_kernel_for(args, candidate=True) is not None:
+        names.append("native_bf16")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
         names.append("decode")
         if args is not None:
@@ -212,6 +271,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
 
             if native.supports(args) is None and native.kernel(args.act) is not None:
                 names.append("native")
+                if torch.get_num_threads() > 1:
+                    names.append("native_1t")
     return names
 
 
@@ -253,12 +314,19 @@ def heuristic(args: ExpertArgs) -> str:
 
 def train_candidates(args: ExpertArgs) -> list[str]:
     """The forms of a training forward (``_train_forward``) worth timing for this input."""
-    return ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    names = ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    if _bf16_kernel_for(args, candidate=True) is not None:
+        names.append("native_bf16")
+    return names
 
 
 def run_train_strategy(name: str, args: ExpertArgs) -> Tensor:
-    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here),
-    one GEMM per expert otherwise."""
+    """A training forward in form ``name``: grouped GEMMs for ``grouped_mm`` (where they run here), the
+    bfloat16 kernel for ``native_bf16`` (where it runs here), one GEMM per expert otherwise."""
+    if name == "native_bf16":
+        lib = _bf16_kernel_for(args)
+        if lib is not None:
+            return _train_forward(args, grouped=False, lib=lib)
     return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
 
 

@@ -134,6 +134,7 @@ class Tuner:
         self.tuned_now: list[str] = []  # keys measured in this process (not read from the file)
         self.last_key: str | None = None
         self.tuning_seconds = 0.0  # wall time spent measuring in this process
+        self._checked: set[str] = set()  # forward keys whose entry is one of their candidates here
         self._load()
 
     # -- the table file ----------------------------------------------------------------------
@@ -182,11 +183,22 @@ class Tuner:
     # -- choosing ----------------------------------------------------------------------------
 
     def choose(self, args: tuple, packed=None) -> str:
-        """The forward strategy for this call: from the table, else measured now (and recorded)."""
+        """The forward strategy for this call: from the table, else measured now (and recorded).
+
+        A key whose entry was checked against its candidates in this process is answered from the
+        table without building the candidate list again (a noticeable part of a one-token forward);
+        every strategy runs every input, so an entry is never wrong, only maybe slower."""
         args = ExpertArgs.of(args)
+        key = problem_key(args, packed)
+        entry = self.table.get(key) if key in self._checked else None
+        if entry is not None and torch.get_num_threads() == self.identity.get("threads"):
+            self.last_key = key
+            return entry["strategy"]
         fns = {n: (lambda n=n: strategies.run_strategy(n, args, packed))
                for n in strategies.candidates(args.x_TD, args.w_up_EHD, args)}
-        return self._choose(problem_key(args, packed), fns)
+        name = self._choose(key, fns)
+        self._checked.add(key)
+        return name
 
     def choose_train(self, args: ExpertArgs) -> str:
         """The form of a training forward (one whose backward will run) for this call, under its own
@@ -218,6 +230,7 @@ class Tuner:
             # The thread count changed since this table was read: choices belong to their thread count,
             # so switch to that count's table (another file) instead of reusing these.
             self.identity, self.table = device_identity(self.device), {}
+            self._checked.clear()
             self._load()
         entry = self.table.get(key)
         if entry is None or entry["strategy"] not in fns:

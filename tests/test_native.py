@@ -344,6 +344,34 @@ def test_the_tuner_times_native_and_records_its_choice(kernel_dir, monkeypatch):
         tuning.disable_tuning()
 
 
+def test_native_bf16_and_one_thread_candidates(kernel_dir, monkeypatch):
+    """``native_bf16`` is timed for bfloat16 calls it reads (where the CPU has AVX512-BF16), not for
+    float32 ones, nor past NATIVE_BF16_MAX_ROWS rows per expert; ``native_1t`` beside ``native``
+    only where torch runs more than one thread (else it is the same call)."""
+    g = torch.Generator().manual_seed(0)
+    E, D, F = 4, 64, 32
+
+    def args_for(T, dtype, K=2):
+        x = torch.randn(T, D, generator=g).to(dtype)
+        return ExpertArgs(x, torch.arange(T).repeat_interleave(K), torch.randint(0, E, (T * K,), generator=g),
+                          torch.rand(T * K, generator=g), torch.randn(E, 2 * F, D, generator=g).to(dtype),
+                          torch.randn(E, D, F, generator=g).to(dtype))
+
+    bf_ok = native.bf16_kernel(semantics.activation("swiglu")) is not None
+    a = args_for(40, torch.bfloat16)
+    assert ("native_bf16" in strategies.candidates(a.x_TD, a.w_up_EHD, a)) == bf_ok
+    a = args_for(40, torch.float32)
+    assert "native_bf16" not in strategies.candidates(a.x_TD, a.w_up_EHD, a)
+    T_many = strategies.NATIVE_BF16_MAX_ROWS * E // 2 + 1  # top-2: just past the rows-per-expert bound
+    a = args_for(T_many, torch.bfloat16)
+    assert "native_bf16" not in strategies.candidates(a.x_TD, a.w_up_EHD, a)
+    a = args_for(2, torch.float32)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert {"native", "native_1t"} <= set(strategies.candidates(a.x_TD, a.w_up_EHD, a))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert "native_1t" not in strategies.candidates(a.x_TD, a.w_up_EHD, a)
+
+
 def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     monkeypatch.setattr(native, "_WARNED", set())

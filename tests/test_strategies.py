@@ -3,15 +3,17 @@ float32 and bfloat16), and the choice mechanism (pin, measurement with a fake ti
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
+from unittest import mock
 
 import pytest
 import torch
 
 import moegraph
-from moegraph import ops, strategies, tuning
+from moegraph import ops, semantics, strategies, tuning
 from moegraph.errors import InputError
 
 from reference_moe import reference_forward
@@ -115,6 +117,39 @@ def test_strategy_gradients_match_reference(strategy, dtype, tmp_path):
     for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
         if q.grad is not None:
             close(p.grad.float(), q.grad, name)
+
+
+def test_native_bf16_training_forward_and_gradients_match_reference(tmp_path):
+    """The bfloat16 kernel as a training forward (pinned): it keeps the up projection for the backward,
+    and output and every gradient match the float32 loop reference; where the CPU has AVX512-BF16 the
+    kernel ran and wrote that up projection (elsewhere the per-expert form's result is checked)."""
+    from moegraph import native
+
+    spec = copy.deepcopy(SPEC)
+    spec["moe"]["hidden_size"], spec["moe"]["experts"]["intermediate_size"] = 64, 32  # the kernel's multiples
+    layer = _layer("native_bf16", torch.bfloat16, spec=spec, tmp_path=tmp_path).train()
+    ref_layer = _float_copy(layer, spec=spec, tmp_path=tmp_path)
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    xr = x.float().clone().requires_grad_(True)
+    yr = reference_forward(spec, ref_layer, xr)
+    yr.square().sum().backward()
+    kept, run = [], native.run_bf16_rows
+    with mock.patch.object(native, "run_bf16_rows", lambda *a, **k: kept.append(k.get("h_out_NH")) or run(*a, **k)):
+        xs = x.clone().requires_grad_(True)
+        ys = layer(xs)
+        ys.float().square().sum().backward()
+    if native.bf16_kernel(semantics.activation("swiglu")) is not None:
+        assert len(kept) == 1 and kept[0] is not None and kept[0].dtype == torch.bfloat16
+
+    def close(a, b, name):  # bfloat16 rounding compounds through forward and backward: relative norm
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 2e-2, f"{name}: relative error {err:.3g}"
+
+    close(ys.detach(), yr.detach(), "y")
+    close(xs.grad, xr.grad, "x")
+    for (name, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+        if q.grad is not None:
+            close(p.grad, q.grad, name)
 
 
 @pytest.mark.parametrize("strategy", ["per_expert", "grouped_mm"])
@@ -268,6 +303,24 @@ def test_tuner_picks_the_fastest_by_its_timer_and_caches(winner, tmp_path):
     raw = json.loads(tuner.path.read_text())
     assert raw["identity"]["torch"] == torch.__version__ and raw["identity"]["device"]
     assert [v["strategy"] for v in raw["entries"].values()] == [winner]
+
+
+def test_a_checked_key_is_answered_without_building_the_candidates(monkeypatch):
+    """Once a key's entry was checked against its candidates, later calls of that key read the table
+    without building the candidate list (per decode call, that list was a noticeable cost); a
+    thread-count change checks again."""
+    tuner = tuning.Tuner(None, timer=FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.1}))
+    built, real = [], strategies.candidates
+    monkeypatch.setattr(strategies, "candidates", lambda *a: built.append(1) or real(*a))
+    assert tuner.choose(_args(T=6)) == "padded_bmm" and len(built) == 1
+    assert tuner.choose(_args(T=6)) == "padded_bmm" and tuner.choose(_args(T=5)) == "padded_bmm"  # one bucket
+    assert len(built) == 1
+    tuner.table[tuner.last_key] = {"strategy": "grouped_mm", "us": {}}  # the table stays what answers
+    assert tuner.choose(_args(T=6)) == "grouped_mm" and len(built) == 1
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads + 1)
+    tuner.choose(_args(T=6))
+    assert len(built) == 2
 
 
 def test_tuner_keys_by_token_bucket(tmp_path):

@@ -11,6 +11,8 @@ shared experts with and without a per-token scale, biases.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import example, given, settings
@@ -49,7 +51,7 @@ def calls(draw):
                 seed=draw(st.integers(0, 2**16)))
 
 
-def _tensors(c):
+def _tensors(c, D=D, F=F):
     g = torch.Generator().manual_seed(c["seed"])
     act = semantics.activation(c["activation"])
     H = (2 if act.gated else 1) * F
@@ -68,19 +70,20 @@ def _tensors(c):
                 s_scale=torch.rand(T, generator=g) if c["shared"] == "scaled" else None)
 
 
-def _loop(t, w_up, w_down):
+def _loop(t, w_up, w_down, clamps=(None, None)):
     """The op's meaning, one assignment at a time (tests/reference_moe.py's expert, float32)."""
-    name = t["act"].name
-    y = torch.zeros(t["x"].shape)
+    name, f = t["act"].name, (lambda v: None if v is None else v.float())
+    x = t["x"].float()
+    y = torch.zeros(x.shape)
     for tok, e, w in zip(t["tok"].tolist(), t["exp"].tolist(), t["wgt"].tolist()):
         if 0 <= e < w_up.shape[0]:
-            y[tok] += w * reference_moe.expert(t["x"][tok], w_up[e], w_down[e],
-                                               None if t["b_up"] is None else t["b_up"][e],
-                                               None if t["b_down"] is None else t["b_down"][e], name)
+            y[tok] += w * reference_moe.expert(x[tok], f(w_up[e]), f(w_down[e]),
+                                               None if t["b_up"] is None else f(t["b_up"][e]),
+                                               None if t["b_down"] is None else f(t["b_down"][e]), name, *clamps)
     if t["s_up"] is not None:
         for tok in range(y.shape[0]):
             s = 1.0 if t["s_scale"] is None else float(t["s_scale"][tok])
-            y[tok] += s * reference_moe.expert(t["x"][tok], t["s_up"], t["s_down"], None, None, name)
+            y[tok] += s * reference_moe.expert(x[tok], f(t["s_up"]), f(t["s_down"]), None, None, name, *clamps)
     return y
 
 
@@ -131,3 +134,48 @@ def test_fp8_paths_equal_the_fp8_loop_on_edge_inputs(c):
         with torch.no_grad(), strategies.pinned(name):
             got = torch.ops.moegraph.fp8_expert_mlp(*args)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale, msg=f"FP8 path {name} on {c}")
+
+
+@st.composite
+def bf16_calls(draw):
+    """Calls the bfloat16 kernel reads (D and F multiples of 32): experts with 0 to a dozen rows, so
+    every remainder of its four-row blocks, clamps and bias dtypes."""
+    c = draw(calls())
+    T = c["T"]
+    n = draw(st.sampled_from([0, 1, T, 3 * T, 6 * T])) if T else 0
+    ids = st.integers(-1, c["E"])
+    return dict(c, tok=draw(st.lists(st.integers(0, max(T - 1, 0)), min_size=n, max_size=n)),
+                exp=draw(st.lists(ids, min_size=n, max_size=n)),
+                bias_dtype=draw(st.sampled_from(["float32", "bfloat16"])),
+                clamps=draw(st.sampled_from([(None, None), (0.5, 0.7)])))
+
+
+@EDGES
+@given(c=bf16_calls())
+@example(c={**NO_ROWS, "bias_dtype": "float32", "clamps": (None, None)})
+@example(c={**NO_TOKENS, "bias_dtype": "float32", "clamps": (None, None)})
+def test_native_bf16_equals_the_loop_on_edge_inputs(c):
+    """The bfloat16 kernel strategy (``native_bf16``) on bfloat16 inputs it reads itself, against the
+    loop in float32 on the same bfloat16 values; where this CPU has AVX512-BF16 the kernel must have
+    run (elsewhere the strategy's documented fallback is what is checked)."""
+    t = _tensors(c, D=64, F=32)
+    bf = torch.bfloat16
+    for k in ("x", "w_up", "w_down", "s_up", "s_down"):
+        t[k] = None if t[k] is None else t[k].to(bf)
+    for k in ("b_up", "b_down"):
+        t[k] = None if t[k] is None else t[k].to(getattr(torch, c["bias_dtype"]))
+    act = t["act"]
+    clamps = c["clamps"] if act.gated else (None, None)
+    args = ExpertArgs(t["x"], t["tok"], t["exp"], t["wgt"], t["w_up"], t["w_down"], t["b_up"], t["b_down"], act.name,
+                      act.gated, *clamps, t["s_up"], t["s_down"], t["s_scale"])
+    kernel_calls = []
+    run = native.run_bf16_rows
+    with torch.no_grad(), mock.patch.object(native, "run_bf16_rows", lambda *a: kernel_calls.append(1) or run(*a)):
+        got = strategies.run_strategy("native_bf16", args)
+    want = _loop(t, t["w_up"], t["w_down"], clamps)
+    assert got.dtype == bf and got.shape == want.shape
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * scale, msg=f"native_bf16 on {c}")
+    kept = sum(0 <= e < c["E"] for e in c["exp"])
+    if native.bf16_kernel(act) is not None:
+        assert len(kernel_calls) == (1 if kept else 0), c
