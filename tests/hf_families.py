@@ -41,7 +41,7 @@ SHRINK = dict(
     moe_num_experts=8, n_experts=8, num_routed_experts=8, num_experts_per_tok=2, moe_topk=2, moe_k=2, top_k=2,
     n_group=2, topk_group=1, first_k_dense_replace=1, n_shared_experts=1, zero_expert_num=4, max_position_embeddings=64, q_lora_rank=16,
     kv_lora_rank=16, router_hidden_size=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, top_k_experts=2,
-    moe_hidden_size=24, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+    moe_hidden_size=24, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8, part_features=8,
 )
 
 #: config switches that turn a family's MoE block on (Gemma 4 builds its decoder layers without experts otherwise)
