@@ -380,7 +380,8 @@ def optimize(
         elif path in chains:  # a decoder layer with experts whose forward does not show a chain the swap keeps
             report.records.append(SwapRecord(
                 path, type(m).__name__, "inline", "refused",
-                f"a decoder layer with its MoE written in its forward, but not as a chain the swap can keep: {chains[path]}"))
+                "a decoder layer with its MoE written in its forward, but not as a chain the swap can keep: "
+                + chains[path]))
             claimed.append(path)
         elif hf.is_hf_moe_block(m):
             candidates.append((path, m, "registry"))

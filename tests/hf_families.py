@@ -245,8 +245,8 @@ def inline_result(family: str, cls: type) -> FamilyResult | None:
             got = run_seeded(model, ids)
             if hosts and all(r.status == "swapped" and r.found_by == "inline" for r in hosts):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-                return FamilyResult(family, cls.__name__, "inline",
-                                    f"optimize swaps the MoE in its forward on {model_cls.__name__}: {hosts[0].routing}")
+                why = f"optimize swaps the MoE in its forward on {model_cls.__name__}: {hosts[0].routing}"
+                return FamilyResult(family, cls.__name__, "inline", why)
             return FamilyResult(family, cls.__name__, "refused", _one_line(
                 f"optimize on {model_cls.__name__}: " + "; ".join(dict.fromkeys(r.reason for r in hosts))))
     return None

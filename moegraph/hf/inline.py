@@ -118,9 +118,7 @@ def _chain(host: nn.Module, calls: dict[str, list[_Call]], experts: str) -> Inli
     once = [n for n, c in calls.items() if len(c) == 1 and n not in (router, experts)]
     r = calls[router][0]
     x = r.args[0]
-    expert_args = []
-    for a in e.args[1:]:
-        expert_args.append(next(i for i, o in enumerate(r.output) if o is a))
+    expert_args = tuple(next(i for i, o in enumerate(r.output) if o is a) for a in e.args[1:])
     h, y = e.args[0], e.output
     pre = None
     if not _same(h, x):
@@ -133,7 +131,7 @@ def _chain(host: nn.Module, calls: dict[str, list[_Call]], experts: str) -> Inli
         post = None  # the experts' output goes on to something else: the chain ends at the experts
     if pre is not None and not _is_norm(getattr(host, pre)):
         return f"the experts' input comes from {pre}, which is not a norm"
-    return InlineChain(router, experts, pre, post, len(r.output), tuple(expert_args))
+    return InlineChain(router, experts, pre, post, len(r.output), expert_args)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -142,7 +140,8 @@ def _is_norm(m: nn.Module) -> bool:
         p.dim() <= 1 for p in m.parameters())
 
 
-def watch(model: nn.Module, hosts: list[tuple[str, nn.Module]], tokens: int = 8) -> tuple[dict[str, InlineChain | str], Tensor | None, Tensor | None]:
+def watch(model: nn.Module, hosts: list[tuple[str, nn.Module]], tokens: int = 8
+          ) -> tuple[dict[str, InlineChain | str], Tensor | None, Tensor | None]:
     """Run ``model`` once on ``tokens`` random token ids with every host's children hooked.
 
     Returns each host's chain (or the reason there is none), the token ids and the logits (for the

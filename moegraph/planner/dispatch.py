@@ -21,7 +21,9 @@ serves it; across hosts it is sent once per distinct remote host, to the GPU wit
 index there (rail-aligned), which forwards it to the other GPUs of that host that serve it. The
 combine sends the same copies back. Layers whose experts take one row per assignment
 (``MoELayerSpec.rows_per_assignment``: the routing weight on the experts' input, or a norm of each
-expert's output) send each assignment as a copy of its own, keyed ``t * K + k``. Where tokens start: a recorded source rank when the routing trace was
+expert's output) send each assignment as a copy of its own, keyed ``t * K + k``.
+
+Where tokens start: a recorded source rank when the routing trace was
 recorded on as many ranks as the plan has GPUs, else sequences spread round-robin, ``sample % G``.
 
 Legend: T tokens, K experts per token, E experts, G GPUs, N hosts, S physical slots.
