@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .anatomy import _experts_child
+from .anatomy import _experts_child, _norm_child
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,13 @@ def _chain(host: nn.Module, calls: dict[str, list[_Call]], experts: str) -> Inli
         if pre is None:
             return f"its {experts} receive neither the {router}'s input nor a norm of it"
     post = next((n for n in once if n != pre and calls[n][0].args and _same(calls[n][0].args[0], y)), None)
-    if post is not None and not _is_norm(getattr(host, post)):
+    # A norm here is what the block reader takes for one (``anatomy._norm_child``: one [D] weight and an epsilon).
+    D = x.shape[-1]
+    if post is not None and _norm_child(getattr(host, post), D) is None:
         post = None  # the experts' output goes on to something else: the chain ends at the experts
-    if pre is not None and not _is_norm(getattr(host, pre)):
+    if pre is not None and _norm_child(getattr(host, pre), D) is None:
         return f"the experts' input comes from {pre}, which is not a norm"
     return InlineChain(router, experts, pre, post, len(r.output), expert_args)
-
-
-def _is_norm(m: nn.Module) -> bool:
-    """A parameter-light elementwise module: a norm ([D] weight at most, no children)."""
-    return "norm" in type(m).__name__.lower() and not any(True for _ in m.children()) and all(
-        p.dim() <= 1 for p in m.parameters())
 
 
 def watch(model: nn.Module, hosts: list[tuple[str, nn.Module]], tokens: int = 8
