@@ -40,14 +40,6 @@ class RouterNetwork:
     state_returned: bool = False  # the block returns the router state beside its output
 
 
-def _eps(mod: nn.Module) -> float | None:
-    for a in ("variance_epsilon", "eps", "epsilon"):
-        v = getattr(mod, a, None)
-        if isinstance(v, float):
-            return v
-    return None
-
-
 def _candidate(block: nn.Module, claimed: set[str], D: int, E: int) -> tuple[str, nn.Module] | None:
     for name, child in block.named_children():
         if name in claimed:
@@ -90,18 +82,19 @@ def read_router_network(block: nn.Module, claimed: set[str], D: int, E: int, cls
     # Step 1: the layers in call order (the last Linear is router.weight).
     layers: list[dict[str, Any]] = []
     params: list[tuple[int, str, str]] = []  # (layer position, tensor name, path inside the child)
+    from .anatomy import _norm_child, probe_activation  # (anatomy imports this module)
+
     for sub, mod, _, _ in calls[:-1]:
+        weight = getattr(mod, "weight", None)
+        eps = _norm_child(mod, weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 1 else None
         if isinstance(mod, nn.Linear):
             layers.append({"op": "linear", "size": mod.out_features, "bias": mod.bias is not None})
             params += [(len(layers) - 1, "weight", f"{sub}.weight")]
             params += [(len(layers) - 1, "bias", f"{sub}.bias")] if mod.bias is not None else []
-        elif list(mod.parameters()) and _eps(mod) is not None and getattr(mod, "weight", None) is not None \
-                and mod.weight.dim() == 1 and len(list(mod.parameters())) == 1:
-            layers.append({"op": "rms_norm", "eps": _eps(mod)})
+        elif eps is not None:  # a norm module with one [width] weight, as the block reader takes one
+            layers.append({"op": "rms_norm", "eps": eps})
             params.append((len(layers) - 1, "weight", f"{sub}.weight"))
         elif not list(mod.parameters(recurse=False)) and not list(mod.buffers()):
-            from .anatomy import probe_activation
-
             fn = probe_activation(mod)
             if fn is None or fn not in PLAIN_ACT:
                 raise UnsupportedBlock(f"its router network calls {sub} ({type(mod).__name__}), which is not a "
