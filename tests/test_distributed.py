@@ -103,6 +103,25 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
             "expert_projection": {"size": 12},
             "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "expert_bias": {"update_rate": 0.001}}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "router_net":  # a router that is a small network (router.mlp): its layers are replicated
+        # on every rank like the router's weight, and their gradients summed over ranks
+        d = {"name": "router_net", "moe": {"hidden_size": 16, "experts": small, "shared_experts": {"count": 1},
+                                           "router": {"top_k": 3, "score": "sigmoid", "normalize": True,
+                                                      "router_bias": True, "input_norm": {"kind": "rms", "eps": 1e-6},
+                                                      "mlp": [{"op": "linear", "size": 10},
+                                                              {"op": "rms_norm", "eps": 1e-5},
+                                                              {"op": "activation", "function": "x * sigmoid(x)"},
+                                                              {"op": "linear", "size": 6, "bias": True}]}},
+             "placement": {"redundant_slots": 2}}
+    elif kind == "router_state":  # Zaya: the router network passes a state to the next layer (added to its own),
+        # and a skip choice is a zero expert
+        d = {"name": "router_state", "moe": {"hidden_size": 16, "experts": {**small, "zero_experts": 1},
+                                             "router": {"top_k": 2, "expert_bias": {"update_rate": 0.0},
+                                                        "mlp": [{"op": "linear", "size": 12, "bias": True},
+                                                                {"op": "state"}, {"op": "rms_norm", "eps": 1e-5},
+                                                                {"op": "linear", "size": 12, "bias": True},
+                                                                {"op": "activation", "function": "gelu"}]}},
+             "placement": {"redundant_slots": 2}}
     else:  # expert choice: assignments are expert-major, not [tokens, k]
         d = {"name": "ec", "moe": {"hidden_size": 16, "experts": small,
                                    "router": {"type": "expert_choice", "capacity_factor": 2.0}},
@@ -149,7 +168,7 @@ def _full_state(spec, seed: int = 1) -> dict:
         for name, p in layer.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         if hasattr(layer.router, "expert_bias"):
-            layer.router.expert_bias.copy_(torch.randn(layer.NUM_EXPERTS, generator=g) * 0.1)
+            layer.router.expert_bias.copy_(torch.randn(layer.router.expert_bias.shape, generator=g) * 0.1)
     return {k: v.clone() for k, v in layer.state_dict().items()}
 
 
@@ -189,6 +208,8 @@ SCENARIOS = {
         # output bias; and the experts' own space (Muse Spark: projections, norms, one row per assignment).
         "all_transforms": (("all_transforms", 1, 2), "replicas2e8", [(2, 6), (1, 7)], 0, None),
         "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, 6),
+        "router_net": (("router_net", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
+        "router_state": (("router_state", 1, 2), "replicas2e8", [(1, 6), (2, 4)], 0, None),
     },
     4: {
         "two_hosts": (("dsv3", 2, 2), "replicas4", [(2, 5), (1, 3), (1, 8), (2, 2)], 0, None),
@@ -207,6 +228,18 @@ def _token_ids(world: int, name: str) -> list[torch.Tensor | None]:
     return [torch.randint(0, 50, (b, s), generator=torch.Generator().manual_seed(7 + r)) for r, (b, s) in enumerate(shapes)]
 
 
+def _state_width(spec) -> int:
+    """Width of the router state a layer returns (0: none), i.e. the router network's width at its state step."""
+    router = spec.moe.router
+    width = 0
+    for step in getattr(router, "mlp", ()):
+        if step.op == "linear":
+            width = step.size
+        elif step.op == "state":
+            return width or spec.moe.hidden_size
+    return 0
+
+
 def _setup(world: int, name: str):
     spec_args, plan_kind, shapes, layer_index, hot = SCENARIOS[world][name]
     spec = _spec(*spec_args)
@@ -216,8 +249,49 @@ def _setup(world: int, name: str):
         bias = torch.zeros(spec.moe.experts.num_experts)
         bias[hot] = 50.0
         state["router.expert_bias"] = bias
-    xs, gs = _inputs(spec.moe.hidden_size, shapes)
+    if getattr(spec.moe.router, "mlp", ()):
+        # A norm and GELU layers of weights ~1/sqrt(fan-in) give every token nearly the same logits: larger
+        # weights make tokens route apart (and some choose the skip, a zero expert) like a trained router.
+        state["router.weight"] = state["router.weight"] * 10
+        for k in [k for k, v in state.items() if k.startswith("router.mlp.") and v.dim() == 2]:
+            state[k] = state[k] * 8
+    H = _state_width(spec)
+    # A layer with a router state returns it beside its output: the scenario's "output" is both, side by side
+    # (so outputs and gradients through the state are compared like the rest), and it adds an incoming state.
+    xs, gs = _inputs(spec.moe.hidden_size + H, shapes)
+    if H:
+        D = spec.moe.hidden_size
+        xs = [(x[..., :D].contiguous(), x[..., D:].contiguous()) for x in xs]
     return spec, plan, state, xs, gs, layer_index
+
+
+def _forward(layer, x, tid):
+    """The layer on a scenario's input: hidden states, or (hidden states, incoming router state)."""
+    if not isinstance(x, tuple):
+        return layer(x, tid)
+    y, state = layer(x[0], tid, router_state=x[1])
+    return torch.cat([y, state], -1)
+
+
+def _grad_input(x):
+    """A copy of a scenario input whose gradient is wanted (every part of it)."""
+    if isinstance(x, tuple):
+        return tuple(_grad_input(part) for part in x)
+    return x.clone().requires_grad_(True)
+
+
+def _grad_of(x) -> torch.Tensor:
+    """The gradient of a scenario input (the parts side by side, like the output)."""
+    if isinstance(x, tuple):
+        return torch.cat([_grad_of(part) for part in x], -1)
+    return x.grad if x.grad is not None else torch.zeros_like(x)
+
+
+def _tokens(x, start: int, stop: int):
+    """Tokens ``start:stop`` of a scenario input, flattened to [tokens, ...]."""
+    if isinstance(x, tuple):
+        return tuple(_tokens(part, start, stop) for part in x)
+    return x.reshape(-1, x.shape[-1])[start:stop]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,9 +305,9 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
     layer = moegraph.compile(spec, plan=plan, seed=None, layer_index=layer_index, timeout=TIMEOUT_S)
     layer.load_state_dict(state)
     layer.start_recording()
-    x = xs[rank].clone().requires_grad_(True)
+    x = _grad_input(xs[rank])
     layer.reset_traffic()
-    y = layer(x, tid)
+    y = _forward(layer, x, tid)
     rows = {k: v.copy() for k, v in layer.traffic.rows.items()}
     sent = {k: v.copy() for k, v in layer.traffic.bytes.items()}
     (y * gs[rank]).sum().backward()
@@ -253,22 +327,22 @@ def _run_scenario(rank: int, world: int, name: str, out_dir: Path) -> dict:
         bias = layer.router.expert_bias.clone()
     layer.eval()
     with torch.inference_mode():
-        y_eval = layer(xs[rank], tid)
+        y_eval = _forward(layer, xs[rank], tid)
         # Every expert strategy, not only the one this rank's tuner timed fastest.
         y_eval_by = {}
         for s_name in strategies.STRATEGIES:
             with strategies.pinned(s_name):
-                y_eval_by[s_name] = layer(xs[rank], tid)
+                y_eval_by[s_name] = _forward(layer, xs[rank], tid)
     # Decoding: DECODE_STEPS forwards of one token per rank (none once a rank runs out), recorded.
     layer.start_recording()
     layer.reset_traffic()
-    x_td, tid_t = xs[rank].reshape(-1, spec.moe.hidden_size), None if tid is None else tid.reshape(-1)
+    tid_t = None if tid is None else tid.reshape(-1)
     with torch.inference_mode():
         for j in range(DECODE_STEPS):
-            layer(x_td[j:j + 1], None if tid_t is None else tid_t[j:j + 1])
+            _forward(layer, _tokens(xs[rank], j, j + 1), None if tid_t is None else tid_t[j:j + 1])
     decode = {"ids": layer.recorder.ids().clone(), "rows": layer.traffic.rows["dispatch"].copy()}
     return {
-        "y": y.detach(), "y_eval": y_eval.clone(), "y_eval_by": y_eval_by, "x_grad": x.grad, "expert_bias": bias,
+        "y": y.detach(), "y_eval": y_eval.clone(), "y_eval_by": y_eval_by, "x_grad": _grad_of(x), "expert_bias": bias,
         "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
         "slot_experts": list(layer.slot_experts), "rows": rows, "bytes": sent, "ids": ids,
         "trace": trace,
@@ -466,22 +540,21 @@ def _reference(world: int, name: str) -> dict:
     tids = _token_ids(world, name)
     layer = moegraph.compile(spec, seed=0)
     layer.load_state_dict(state)
-    xr = [x.clone().requires_grad_(True) for x in xs]
+    xr = [_grad_input(x) for x in xs]
     ys = []
     for x, tid in zip(xr, tids):
-        if x.numel():
-            ys.append(layer(x, tid))
+        if (x[0] if isinstance(x, tuple) else x).numel():
+            ys.append(_forward(layer, x, tid))
         else:  # the single-process op cannot backpropagate through zero tokens; nothing to learn there
-            x.grad = torch.zeros_like(x)
             with torch.no_grad():
-                ys.append(layer(x, tid))
+                ys.append(_forward(layer, x, tid))
     sum((y * g).sum() for y, g in zip(ys, gs) if y.requires_grad).backward()
     if layer.EXPERT_BIAS_RATE is not None:
         layer.update_expert_bias()  # the loads of every rank's tokens
     layer.eval()
     with torch.no_grad():
-        y_eval = [layer(x, tid) for x, tid in zip(xs, tids)]
-    return {"y": [y.detach() for y in ys], "y_eval": y_eval, "x_grad": [x.grad for x in xr],
+        y_eval = [_forward(layer, x, tid) for x, tid in zip(xs, tids)]
+    return {"y": [y.detach() for y in ys], "y_eval": y_eval, "x_grad": [_grad_of(x) for x in xr],
             "grads": {n: p.grad for n, p in layer.named_parameters()}, "plan": plan,
             "expert_bias": getattr(layer.router, "expert_bias", None)}
 
@@ -551,6 +624,9 @@ def test_uneven_cases_are_what_they_claim(main2, main4):
     assert int(r1["rows"]["dispatch"][0]) == r1["ids"].shape[0]  # every token of rank 1 went to rank 0
     # empty_rank: rank 1 had no tokens and still took part in every collective.
     assert main2[1]["empty_rank"]["y"].numel() == 0
+    # router_state: tokens route apart through the network, and some choose the skip (the zero expert, id 8).
+    ids = torch.cat([res["router_state"]["ids"].reshape(-1) for res in main2])
+    assert (ids == 8).any() and len(set(ids.tolist()) - {8}) >= 4
     # With four ranks, rank 2 has no tokens and expert 6 (GPU 3) takes everything.
     assert all((res["one_expert4"]["ids"] == 6).all() for res in main4)
 
@@ -561,7 +637,7 @@ def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (2, "identity"),
                                         (2, "input_scaled"), (2, "hash_table"), (2, "transforms"),
-                                        (2, "expert_space"), (4, "two_hosts"),
+                                        (2, "expert_space"), (2, "router_net"), (4, "two_hosts"),
                                         (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
 def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     """Not here: layers with a capacity (the trace records the router's choices, the runtime sends the
