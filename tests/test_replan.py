@@ -425,6 +425,36 @@ def test_replan_with_redundant_slots_on_two_hosts_keeps_invariants(setup):
     assert any(not np.array_equal(reps[layer], reps[3 + layer]) for layer in range(3))  # replicas followed traffic
 
 
+def test_layers_repaired_in_processes_give_the_sequential_plan(setup, monkeypatch):
+    """Without a move budget a re-plan can repair its layers in forked processes: the plan (slots, policy,
+    migration) is the one a single process makes, on one host and on two (replicas re-assigned there)."""
+    import multiprocessing
+    import sys
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform: re-plans always run in one process here")
+    mod = sys.modules["moegraph.planner.replan"]
+    _, _, intent, law = setup
+    started = []
+    real = mod._steps_in_processes
+    monkeypatch.setattr(mod, "_steps_in_processes", lambda *a: started.append(a[2]) or real(*a))
+    for nodes, gpus in ((1, 8), (2, 4)):
+        spec = _spec(nodes=nodes, gpus=gpus, slots=72)
+        current = plan(spec, intent)
+        forked = replan(spec, current, law, processes=2)
+        alone = replan(spec, current, law, processes=1)
+        assert np.array_equal(forked.physical_to_logical_map, alone.physical_to_logical_map)
+        assert forked.policy == alone.policy and forked.notes == alone.notes
+        assert forked.policy["balance_changes"] > 0
+    assert started == [2, 2]  # the processes did run (and the single-process re-plans did not start any)
+    # A move budget is shared by the layers in turn: that re-plan stays in one process.
+    started.clear()
+    replan(None, current, law, max_moves=6, processes=2)
+    assert started == []
+    with pytest.raises(PlanInfeasible, match="processes"):
+        replan(None, current, law, processes=0)
+
+
 def test_align_slots_keeps_weights_in_place_and_fills_freed_slots_in_ascending_id():
     # Written out per GPU: an expert the GPU keeps stays in its old slot; arrivals fill the freed slots
     # in ascending expert id, in slot order.

@@ -180,7 +180,8 @@ class Rebalancer:
                                  "horizon_tokens": args["horizon_tokens"]}
         self._last_replan = self.steps
         try:
-            new = replan(None, current, window, **args)
+            # Every rank re-plans (the same plan): one process each, not one per core per rank.
+            new = replan(None, current, window, processes=1, **args)
         except (PlanInfeasible, TraceError) as exc:  # the same on every rank: deterministic inputs
             event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
             self.events.append(event)

@@ -55,7 +55,8 @@ Relabelling (``relabel``) and the weight transfers between two plans (``migratio
 ``migration`` and are re-exported here.
 
 Everything is deterministic (stable tie-breaks by index; ``seed`` is recorded for the policy and
-used by nothing random here).
+used by nothing random here). Without a move budget the layers do not interact, so a large re-plan
+(DeepSeek-V3-sized) repairs them in forked processes, one per usable core, with the same result.
 
 Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, B candidate slots.
 """
@@ -63,6 +64,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -656,6 +658,72 @@ def _same_model(spec: MoESpec, current: Plan) -> None:
         )
 
 
+#: layers x experts x GPUs from which a re-plan without a budget repairs its layers in several processes
+_PARALLEL_WORK = 100_000
+_FORKED: tuple | None = None  # what forked workers read (``_steps_in_processes``)
+
+
+def _fork_workers(layers: int, experts_x_gpus: int) -> int:
+    """How many processes repair the layers: one per usable core, where forking exists and the work is
+    large enough to pay for starting them (a process starts in milliseconds; a DeepSeek-V3-sized layer
+    takes tens of them); 1 otherwise."""
+    import multiprocessing
+
+    if layers * experts_x_gpus < _PARALLEL_WORK or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, layers))
+
+
+def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
+    """Steps 1 and 2 on ``layers`` of the forked work: (layer, slot experts, contributions, repairs, swaps)."""
+    states, coacts, imb, budget, cost, value_per_j = _FORKED
+    out = []
+    with one_blas_thread():
+        for layer in layers:
+            st = states[layer]
+            r = _repair_balance(st, imb, budget, coacts[layer], cost, value_per_j)
+            c = _improve_comm(st, coacts[layer], cost, value_per_j, imb, budget)
+            out.append((layer, st.ex, st.contrib, r, c))
+    return out
+
+
+def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> tuple[int, int]:
+    """Steps 1 and 2 of every layer, the layers shared out among ``workers`` forked processes.
+
+    Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
+    each layer's result is the one the sequential loop gives, bit for bit; the processes inherit the
+    layer states by forking (nothing is pickled on the way in) and send back each layer's slot experts
+    and loads. Layers are dealt out in the order of their balance, worst first, round-robin, so that the
+    slow layers spread over the processes. If the pool cannot run (no memory, a killed worker), the
+    layers are repaired here instead: the same result, later.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    global _FORKED
+    states = work[0]
+    _FORKED = work
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = [r for part in pool.map(_layer_steps, [[int(x) for x in order[i::workers]]
+                                                             for i in range(workers)]) for r in part]
+    except (BrokenProcessPool, OSError):
+        results = _layer_steps([int(x) for x in order])
+    finally:
+        _FORKED = None
+    repairs = swaps = 0
+    for layer, ex, contrib, r, c in results:
+        st = states[layer]
+        st.ex, st.contrib = ex, contrib
+        repairs, swaps = repairs + r, swaps + c
+    return repairs, swaps
+
+
 def _window(spec: MoESpec, traces: Any) -> TraceSet:
     """The traffic window, checked once where it enters (``traces_for_spec``), with tokens."""
     ts = traces_for_spec(traces, spec)
@@ -678,6 +746,7 @@ def replan(
     seed: int | None = None,
     max_imbalance: float | None = None,
     horizon_tokens: float | None = None,
+    processes: int | None = None,
 ) -> Plan:
     """A new plan for the traffic ``traces`` (a window), warm-started from ``current_plan``, moves priced.
 
@@ -690,6 +759,9 @@ def replan(
         less WINDOW_MARGIN).
     horizon_tokens: tokens the new plan is expected to serve (default DEFAULT_HORIZON_TOKENS): a swap's
         dispatch + combine saving is counted over them against its move cost.
+    processes: how many processes repair the layers of a re-plan without a move budget (same result);
+        None: one per usable core where forking exists and the re-plan is large enough to gain, else 1.
+        A caller that is itself one of several processes per host (a rank) passes 1.
 
     The Plan's ``policy["migration"]`` holds what moves (``Migration.summary``).
     """
@@ -701,6 +773,8 @@ def replan(
     for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes), ("horizon_tokens", horizon_tokens)):
         if v is not None and not (v >= 0 and np.isfinite(v)):
             raise PlanInfeasible(f"{name} must be a finite number >= 0, got {v!r}")
+    if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
+        raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
     if max_imbalance is not None and not (max_imbalance >= 1.0 and np.isfinite(max_imbalance)):
         raise PlanInfeasible(f"max_imbalance is a target max/mean GPU load (>= 1.0), got {max_imbalance!r}")
     nbytes = expert_bytes(spec)
@@ -736,16 +810,20 @@ def replan(
     # Worst layers first, so that a budget goes where balance is worst.
     ratio = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
     order = np.lexsort((np.arange(len(states)), -ratio))
-    repairs = swaps = 0
     with one_blas_thread():  # many small products: BLAS threads cost more than they gain (``blas``)
         # A unit of J (the cut per token) over the horizon, dispatch + combine, in experts moved over the
         # fastest link: J measured in copies (``_copies_per_cut``), copies in token bytes.
         rate = _copies_per_cut(states, ts, cost, host_copy_weight(cl)) if horizon > 0 else 0.0
         value_per_j = horizon * tb / nbytes * rate
-        for layer in order:
-            repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
-        for layer in order:
-            swaps += _improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
+        work = (states, coacts, imb, budget, cost, value_per_j)
+        workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
+        if budget.moves is None and workers > 1:
+            repairs, swaps = _steps_in_processes(work, order, min(workers, len(states)))
+        else:
+            repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
+                          for layer in order)
+            swaps = sum(_improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
+                        for layer in order)
     rows = []
     for layer, st in enumerate(states):
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
