@@ -320,13 +320,16 @@ def test_the_tuner_times_native_and_records_its_choice(kernel_dir, monkeypatch):
     """With a timer that says the kernel is fastest, the tuner picks ``native`` for the expert op and
     for both FP8 op calls (routed and shared experts), and records the timings of every candidate."""
     kernel_calls = [0]
-    real_call = native._call
 
-    def counting_call(*a, **kw):
-        kernel_calls[0] += 1
-        return real_call(*a, **kw)
+    def counting(real):
+        def call(*a, **kw):
+            kernel_calls[0] += 1
+            return real(*a, **kw)
+        return call
 
-    monkeypatch.setattr(native, "_call", counting_call)
+    # the kernel's two entry points: mg_decode (FP8, mixed dtypes) and mg_decode_fused (one dtype)
+    monkeypatch.setattr(native, "_call", counting(native._call))
+    monkeypatch.setattr(native, "_call_fused", counting(native._call_fused))
 
     def timer(fn) -> float:
         before = kernel_calls[0]
