@@ -8,6 +8,10 @@ products, or to float32 times their block scales; bfloat16 to float32), and fuse
 the activation, the down projection and the routing-weighted sum into one call
 (``codegen_templates/native_decode.c.j2``).
 
+Where x and every weight share one dtype (float32, or bfloat16 without FP8), ``mg_decode_fused`` runs
+the shared expert and the routed experts in one call (one parallel region instead of two), and bfloat16
+weights meet the bfloat16 inputs in AVX512-BF16 dot products instead of being widened to float32.
+
 A second entry point, ``mg_bf16_experts``, runs bfloat16 experts over expert-sorted rows (the
 ``native_bf16`` strategy, for a few to a few dozen rows per expert): four weight rows meet four rows at
 a time in AVX512-BF16 dot products (exact bfloat16 products, float32 sums), so each expert's weights
