@@ -533,7 +533,8 @@ def test_one_call_with_a_shared_expert_of_another_width(kernel_dir, dtype, threa
     token and a few, against the token loop; the kernel must have been the one that ran."""
     g = torch.Generator().manual_seed(3)
     D, F, S, E, K = 64, 32, 96, 5, 2
-    w_up, w_down = (torch.randn(E, 2 * F, D, generator=g) / 4).to(dtype), (torch.randn(E, D, F, generator=g) / 4).to(dtype)
+    w_up = (torch.randn(E, 2 * F, D, generator=g) / 4).to(dtype)
+    w_down = (torch.randn(E, D, F, generator=g) / 4).to(dtype)
     s_up, s_down = (torch.randn(2 * S, D, generator=g) / 4).to(dtype), (torch.randn(D, S, generator=g) / 4).to(dtype)
     calls = []
     real = native._call_fused
