@@ -8,6 +8,10 @@ products, or to float32 times their block scales; bfloat16 to float32), and fuse
 the activation, the down projection and the routing-weighted sum into one call
 (``codegen_templates/native_decode.c.j2``).
 
+Where x and every weight share one dtype (float32, or bfloat16 without FP8), ``mg_decode_fused`` runs
+the shared expert and the routed experts in one call (one parallel region instead of two), and bfloat16
+weights meet the bfloat16 inputs in AVX512-BF16 dot products instead of being widened to float32.
+
 A second entry point, ``mg_bf16_experts``, runs bfloat16 experts over expert-sorted rows (the
 ``native_bf16`` strategy, for a few to a few dozen rows per expert): four weight rows meet four rows at
 a time in AVX512-BF16 dot products (exact bfloat16 products, float32 sums), so each expert's weights
@@ -222,6 +226,11 @@ def _declare(lib: ctypes.CDLL) -> None:
                               p, p, i32, p, p, i64, i64,  # w_up w_down w_dt s_up s_down bo bi
                               p, p, i32, i32, f32, i32, f32,  # b_up b_down b_dt gate/up clamps
                               i64, i32, i32, p, i32]  # tile act_dt ue8m0 y32 threads
+    lib.mg_decode_fused.restype = i32
+    lib.mg_decode_fused.argtypes = [i64, i64, i64, i64, p, i32,  # T D F E x dt
+                                    i64, p, p, p, p, p, p, p, i32,  # n tok exp wgt w_up w_down b_up b_down b_dt
+                                    i64, p, p, p,  # S w_sup w_sdown s_scale
+                                    i32, f32, i32, f32, p, i32]  # gate/up clamps y32 threads
     lib.mg_bf16_dot.restype = i32
     lib.mg_bf16_experts.restype = i32
     lib.mg_bf16_experts.argtypes = [i64, i64, i64, i64, p, p, p,  # E D F n x cnt wgt
@@ -363,6 +372,9 @@ def run_supported(a: ExpertArgs, lib: ctypes.CDLL, threads: int | None = None) -
     T, D = x.shape
     y32 = torch.zeros(T, D, dtype=torch.float32)
     act_args = a.activation_args
+    if _one_call(a):
+        _call_fused(lib, y32, x, a, threads)
+        return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
     if a.shared_w_up_HD is not None:
         scale = None if a.shared_scale_T is None else a.shared_scale_T.reshape(-1).float().contiguous()
         if scale is not None and scale.numel() != T:
@@ -374,6 +386,40 @@ def run_supported(a: ExpertArgs, lib: ctypes.CDLL, threads: int | None = None) -
     _call(lib, y32, x, tok.numel(), tok, exp, wgt, a.w_up_EHD, a.w_down_EDF, None, None, (0, 0), a.b_up_EH,
           a.b_down_ED, act_args, None, threads)
     return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+
+
+def _one_call(a: ExpertArgs) -> bool:
+    """Whether ``mg_decode_fused`` runs the call: x and every weight of one dtype (float32 or bfloat16)."""
+    dt = a.x_TD.dtype
+    return (dt in (torch.float32, torch.bfloat16) and a.w_up_EHD.dtype == dt and a.w_down_EDF.dtype == dt
+            and (a.shared_w_up_HD is None or (a.shared_w_up_HD.dtype == dt and a.shared_w_down_DF.dtype == dt)))
+
+
+def _call_fused(lib, y32: Tensor, x: Tensor, a: ExpertArgs, threads: int | None) -> None:
+    """The shared and routed experts of ``a`` added into y32 by one ``mg_decode_fused`` call."""
+    T = x.shape[0]
+    if T == 0:
+        return  # no tokens: nothing to add (the kernel refuses T = 0)
+    tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
+    wgt = a.weight_N.float().contiguous()
+    s_up, s_down, scale, S = a.shared_w_up_HD, a.shared_w_down_DF, None, 0
+    if s_up is not None:
+        S = s_down.shape[1]
+        if a.shared_scale_T is not None:
+            scale = a.shared_scale_T.reshape(-1).float().contiguous()
+            if scale.numel() != T:
+                raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
+    b_up, b_down = a.b_up_EH, a.b_down_ED
+    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
+    _, _, gate_clamp, up_clamp = a.activation_args
+    rc = lib.mg_decode_fused(T, x.shape[1], a.w_down_EDF.shape[2], a.w_up_EHD.shape[0], x.data_ptr(), _DT[x.dtype],
+                             tok.numel(), tok.data_ptr(), exp.data_ptr(), wgt.data_ptr(), a.w_up_EHD.data_ptr(),
+                             a.w_down_EDF.data_ptr(), _ptr(b_up), _ptr(b_down), b_dt, S, _ptr(s_up), _ptr(s_down),
+                             _ptr(scale), gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
+                             up_clamp is not None, 0.0 if up_clamp is None else up_clamp, y32.data_ptr(),
+                             threads or torch.get_num_threads())
+    if rc != 0:
+        raise InputError(f"native decode kernel refused its inputs: {_ERRORS.get(rc, rc)}")
 
 
 def fp8_supports(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, gated,

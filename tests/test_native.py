@@ -13,6 +13,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -320,13 +321,16 @@ def test_the_tuner_times_native_and_records_its_choice(kernel_dir, monkeypatch):
     """With a timer that says the kernel is fastest, the tuner picks ``native`` for the expert op and
     for both FP8 op calls (routed and shared experts), and records the timings of every candidate."""
     kernel_calls = [0]
-    real_call = native._call
 
-    def counting_call(*a, **kw):
-        kernel_calls[0] += 1
-        return real_call(*a, **kw)
+    def counting(real):
+        def call(*a, **kw):
+            kernel_calls[0] += 1
+            return real(*a, **kw)
+        return call
 
-    monkeypatch.setattr(native, "_call", counting_call)
+    # the kernel's two entry points: mg_decode (FP8, mixed dtypes) and mg_decode_fused (one dtype)
+    monkeypatch.setattr(native, "_call", counting(native._call))
+    monkeypatch.setattr(native, "_call_fused", counting(native._call_fused))
 
     def timer(fn) -> float:
         before = kernel_calls[0]
@@ -519,3 +523,31 @@ def test_a_call_without_assignments_adds_only_the_shared_experts(kernel_dir, sha
     want = strategies.run_strategy("decode", args)
     torch.testing.assert_close(native.run_experts(args), want, rtol=1e-5, atol=1e-6)
     assert bool(want.abs().max() > 0) == shared
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_one_call_with_a_shared_expert_of_another_width(kernel_dir, dtype, threads):
+    """The one-call kernel (``mg_decode_fused``) with a shared expert wider than the routed ones (S = 3F,
+    as two or more shared experts make it), bfloat16 sizes its dot products read (multiples of 32), one
+    token and a few, against the token loop; the kernel must have been the one that ran."""
+    g = torch.Generator().manual_seed(3)
+    D, F, S, E, K = 64, 32, 96, 5, 2
+    w_up = (torch.randn(E, 2 * F, D, generator=g) / 4).to(dtype)
+    w_down = (torch.randn(E, D, F, generator=g) / 4).to(dtype)
+    s_up, s_down = (torch.randn(2 * S, D, generator=g) / 4).to(dtype), (torch.randn(D, S, generator=g) / 4).to(dtype)
+    calls = []
+    real = native._call_fused
+    for T in (1, 4):
+        x = torch.randn(T, D, generator=g).to(dtype)
+        tok, exp, wgt = _assignments(T, E, K, g, drop=T > 1)
+        args = ExpertArgs(x, tok, exp, wgt, w_up, w_down, None, None, "swiglu", True, None, None, s_up, s_down)
+        lib = native.kernel(args.act)
+        if lib is None:
+            pytest.skip("no C compiler here")
+        with mock.patch.object(native, "_call_fused", lambda *a: calls.append(1) or real(*a)):
+            out = native.run_supported(args, lib, threads)
+        ref = _dense_reference(x, tok, exp, wgt, w_up, w_down, None, None, "swiglu", shared=(s_up, s_down))
+        # bfloat16: the activations are rounded to bfloat16 once and the output once
+        assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2), T
+    assert len(calls) == 2

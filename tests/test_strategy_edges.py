@@ -179,3 +179,14 @@ def test_native_bf16_equals_the_loop_on_edge_inputs(c):
     kept = sum(0 <= e < c["E"] for e in c["exp"])
     if native.bf16_kernel(act) is not None:
         assert len(kernel_calls) == (1 if kept else 0), c
+    # The decode kernel on the same bfloat16 inputs: one call for the shared and routed experts, whose
+    # rows met by one token go through bfloat16 dot products where the CPU has them.
+    fused_calls = []
+    fused = native._call_fused
+    for name in ("native", "native_1t"):
+        with torch.no_grad(), mock.patch.object(native, "_call_fused", lambda *a: fused_calls.append(1) or fused(*a)):
+            got = strategies.run_strategy(name, args)
+        assert got.dtype == bf and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * scale, msg=f"{name} on {c}")
+    if native.kernel(act) is not None and c["T"] > 0:
+        assert len(fused_calls) == 2, c
