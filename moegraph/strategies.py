@@ -44,7 +44,7 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "DECODE_MAX_TOKENS",
+           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS",
            "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
@@ -312,9 +312,21 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
+def gemm_form(x: Tensor, w_up_EHD: Tensor) -> str:
+    """The one GEMM form of the training forward and backward worth running: ``grouped_mm`` where it
+    runs, else ``per_expert``.
+
+    ``grouped_mm_fits`` holds only on a CPU, where ``torch._grouped_mm`` is torch's fallback: one
+    ``mm_out`` per group, the very GEMMs (same slices, same library, same results bit for bit) that
+    ``_LoopGemm`` issues one Python call at a time. So the per-expert forms cannot beat the grouped
+    ones there (they only add the Python calls), and timing both would only cost tuning time."""
+    return "grouped_mm" if grouped_mm_fits(x, w_up_EHD) else "per_expert"
+
+
 def train_candidates(args: ExpertArgs) -> list[str]:
-    """The forms of a training forward (``_train_forward``) worth timing for this input."""
-    names = ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    """The forms of a training forward (``_train_forward``) worth timing for this input: one GEMM
+    form (see ``gemm_form``) and the bfloat16 kernel where it runs."""
+    names = [gemm_form(args.x_TD, args.w_up_EHD)]
     if _bf16_kernel_for(args, candidate=True) is not None:
         names.append("native_bf16")
     return names
@@ -436,7 +448,8 @@ def _backward_fits(rows: RoutedRows) -> bool:
 
 
 def backward_candidates(rows: RoutedRows) -> list[str]:
-    return ["per_expert", "grouped_mm"] if _backward_fits(rows) else ["per_expert"]
+    """The backward forms worth timing: one (see ``gemm_form``), so the backward is not timed."""
+    return ["grouped_mm" if _backward_fits(rows) else "per_expert"]
 
 
 def run_backward_strategy(name: str, rows: RoutedRows, grads: dict) -> Tensor:
