@@ -386,7 +386,8 @@ class _LoopGemm:
             for e, rows in _expert_rows(self.counts):
                 torch.mm(a[rows], b[e], out=out[rows])
             return out
-        out = a.new_empty(len(self.counts), a.shape[0], b.shape[1])  # a [K, n] x b [n, N] -> [E, K, N]
+        # a [K, n] x b [n, N] -> [E, K, N]: the weight gradients, fresh every step (ops.empty_huge)
+        out = ops.empty_huge((len(self.counts), a.shape[0], b.shape[1]), a.dtype, a.device)
         for e, rows in _expert_rows(self.counts):
             torch.mm(a[:, rows], b[rows], out=out[e])
         for e, c in enumerate(self.counts):
@@ -416,13 +417,15 @@ def _grouped_backward(rows: RoutedRows, grads: dict, gmm=None) -> Tensor:
         if b_down_ED is not None:
             gws += (gy_ND * b_down_ED.index_select(0, exp_sorted)).sum(-1)
         grads["gw_sorted"].copy_(gws)
-    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows; the routing weight scales
-    # the F-wide activations, not the D-wide output gradients.
-    grads["gw_down"] = gmm(gy_ND.t(), (a * w_sorted).contiguous(), offs=offs)
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows, one GEMM per expert into
+    # an output on huge pages (torch._grouped_mm has no out=; on a CPU it runs these same GEMMs, see
+    # gemm_form); the routing weight scales the F-wide activations, not the D-wide output gradients.
+    wgrad = _LoopGemm(counts)
+    grads["gw_down"] = wgrad(gy_ND.t(), (a * w_sorted).contiguous())
     if b_down_ED is not None:
         grads["gb_down"].zero_().index_add_(0, exp_sorted, gy_ND * w_sorted)
     gh = ops._act_backward(gyw.mul_(w_sorted), saved, *rows.activation_args).contiguous()
-    grads["gw_up"] = gmm(gh.t(), x_ND, offs=offs)
+    grads["gw_up"] = wgrad(gh.t(), x_ND)
     if b_up_EH is not None:
         grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
     if 0 in counts:  # experts without rows: zero gradients, whatever the grouped GEMM left there
