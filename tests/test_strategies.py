@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import warnings
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -466,6 +467,46 @@ def test_per_expert_and_grouped_training_forms_are_the_same_gemms(bias, dtype, t
     assert len(out["grouped_mm"]) == len(out["per_expert"]) >= 5
     for a, b in zip(*out.values()):
         assert torch.equal(a, b)
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``addr`` (from /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(),
+                    reason="the kernel has no transparent huge pages to advise")
+def test_weight_gradients_are_advised_onto_huge_pages(monkeypatch, tmp_path):
+    """ops.empty_huge marks a large buffer's pages for huge pages ("hg" in its mapping's flags), and
+    the backward's weight gradients, made that way, still match the reference in both GEMM forms."""
+    big = ops.empty_huge((3, 1 << 20, 3), torch.float32, torch.device("cpu"))
+    assert big.shape == (3, 1 << 20, 3) and big.dtype == torch.float32
+    assert "hg" in _vm_flags(big.data_ptr() + big.numel() * 2)
+    from moegraph.ops import workspace
+
+    advised = []
+    real = workspace.empty_huge
+    monkeypatch.setattr(workspace, "HUGE_PAGE_MIN_BYTES", 0)  # advise the small test buffers too
+    monkeypatch.setattr(ops, "empty_huge", lambda *a: advised.append(a[0]) or real(*a))
+    for name in ("grouped_mm", "per_expert"):
+        layer = _layer(name, tmp_path=tmp_path).train()
+        ref_layer = _float_copy(layer, tmp_path=tmp_path)
+        x = torch.randn(8, D, generator=torch.Generator().manual_seed(4))
+        advised.clear()
+        layer(x).square().sum().backward()
+        reference_forward(SPEC, ref_layer, x).square().sum().backward()
+        assert sorted(advised) == [(E, D, F_), (E, 2 * F_, D)]  # gw_down and gw_up
+        for (pname, p), (_, q) in zip(layer.named_parameters(), ref_layer.named_parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=f"{name} {pname}")
 
 
 def test_the_backward_runs_its_one_gemm_form_untimed(monkeypatch, tmp_path):

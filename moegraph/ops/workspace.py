@@ -104,7 +104,8 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
         page = mmap.PAGESIZE
         start = -(-t.data_ptr() // page) * page  # whole pages inside the buffer only
         end = (t.data_ptr() + nbytes) // page * page
-        madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
     return t
 
 
