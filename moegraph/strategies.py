@@ -24,8 +24,8 @@ Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
 tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not. A call whose backward
 will run has forms of its own (``_train_forward``: grouped, one GEMM per expert, or the bfloat16
-kernel, keeping what the backward needs), tuned under their own key; its backward's two forms under
-a third.
+kernel, keeping what the backward needs), chosen under their own key; its backward has a grouped and
+a per-expert form, of which ``gemm_form`` says the one worth running (so neither is timed).
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
 U touched experts, M padded rows per expert, N assignments.
