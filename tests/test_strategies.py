@@ -443,6 +443,9 @@ def test_tune_command_writes_the_table_and_reports_choices(run_cli, monkeypatch,
         assert e["strategy"] in r.out and e["strategy"] == min(e["us"], key=e["us"].get)
     r2 = run_cli("tune", spec_file, "-t", "2", "--dtype", "float32")  # second run: read from the table
     assert r2.code == 0 and "no (table)" in r2.out
+    r3 = run_cli("tune", spec_file, "-t", "8", "--dtype", "float32", "--train")  # 24 rows: grouped fits
+    assert r3.code == 0, r3.err
+    assert "backward" in r3.out and "(only candidate)" in r3.out and "grouped_mm" in r3.out
     bad = run_cli("tune", spec_file, "--dtype", "float8")
     assert bad.code == 2 and "float32 or bfloat16" in bad.err
 
