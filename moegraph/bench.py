@@ -153,6 +153,16 @@ def _strategy_used(layer, x) -> str:
     return "rule"
 
 
+def _output_and_ids(layer, x):
+    """The layer's output on ``x`` (detached) and its routed expert ids, in one call of its graph
+    under the layer's pinned strategy (if any), in the caller's grad mode."""
+    from .strategies import pinned
+
+    with pinned(layer.__dict__.get("expert_strategy")):
+        y, _, ids, *_ = layer.graph()(x, None)
+    return y.detach(), ids
+
+
 def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128, 2048), rounds: int = 7,
                     with_hf: bool = True, progress: Callable[[str], None] | None = None,
                     dtype: torch.dtype = torch.float32, train: bool = False,
@@ -192,13 +202,15 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
         with ctx:
             # A training call tunes (and reports) the training forms, an eval call the inference ones.
             strategy = _strategy_used(layer, x)
+            # The reference output and the routed ids from the call that is timed (a training call
+            # in train mode: a no_grad call there would tune the inference forms, never timed here).
+            ref, ids = _output_and_ids(layer, x)
             with torch.no_grad():
-                ref = layer(x)
                 for name, mod in impls.items():
                     if name != "moegraph":
                         _check_close(name, mod(x), ref, dtype)
                 # The machine's limit for this size.
-                touched = torch.unique(layer.graph()(x, None)[2]).tolist()
+                touched = torch.unique(ids).tolist()
             w_touched = [layer.experts.gate_up_proj[e] for e in touched] + [layer.experts.down_proj[e] for e in touched]
             if Fs:
                 w_touched += [layer.shared_experts.gate_up_proj, layer.shared_experts.down_proj]

@@ -24,8 +24,8 @@ Which one runs: a layer compiled with ``expert_strategy=NAME`` pins it (``pinned
 around the layer's forward); otherwise the tuner (``moegraph.tuning``) picks by measurement where
 tuning is enabled, and the fixed heuristic of ``ops`` decides where it is not. A call whose backward
 will run has forms of its own (``_train_forward``: grouped, one GEMM per expert, or the bfloat16
-kernel, keeping what the backward needs), tuned under their own key; its backward's two forms under
-a third.
+kernel, keeping what the backward needs), chosen under their own key; its backward has a grouped and
+a per-expert form, of which ``gemm_form`` says the one worth running (so neither is timed).
 
 Legend: T tokens, D model dim, F expert hidden dim, H up-projection rows (2F if gated), E experts,
 U touched experts, M padded rows per expert, N assignments.
@@ -44,7 +44,7 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "DECODE_MAX_TOKENS",
+           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS",
            "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
@@ -312,9 +312,21 @@ def heuristic(args: ExpertArgs) -> str:
     return "grouped_mm" if small and grouped_mm_fits(args.x_TD, args.w_up_EHD) else "per_expert"
 
 
+def gemm_form(x: Tensor, w_up_EHD: Tensor) -> str:
+    """The one GEMM form of the training forward and backward worth running: ``grouped_mm`` where it
+    runs, else ``per_expert``.
+
+    ``grouped_mm_fits`` holds only on a CPU, where ``torch._grouped_mm`` is torch's fallback: one
+    ``mm_out`` per group, the very GEMMs (same slices, same library, same results bit for bit) that
+    ``_LoopGemm`` issues one Python call at a time. So the per-expert forms cannot beat the grouped
+    ones there (they only add the Python calls), and timing both would only cost tuning time."""
+    return "grouped_mm" if grouped_mm_fits(x, w_up_EHD) else "per_expert"
+
+
 def train_candidates(args: ExpertArgs) -> list[str]:
-    """The forms of a training forward (``_train_forward``) worth timing for this input."""
-    names = ["per_expert", "grouped_mm"] if grouped_mm_fits(args.x_TD, args.w_up_EHD) else ["per_expert"]
+    """The forms of a training forward (``_train_forward``) worth timing for this input: one GEMM
+    form (see ``gemm_form``) and the bfloat16 kernel where it runs."""
+    names = [gemm_form(args.x_TD, args.w_up_EHD)]
     if _bf16_kernel_for(args, candidate=True) is not None:
         names.append("native_bf16")
     return names
@@ -374,7 +386,8 @@ class _LoopGemm:
             for e, rows in _expert_rows(self.counts):
                 torch.mm(a[rows], b[e], out=out[rows])
             return out
-        out = a.new_empty(len(self.counts), a.shape[0], b.shape[1])  # a [K, n] x b [n, N] -> [E, K, N]
+        # a [K, n] x b [n, N] -> [E, K, N]: the weight gradients, fresh every step (ops.empty_huge)
+        out = ops.empty_huge((len(self.counts), a.shape[0], b.shape[1]), a.dtype, a.device)
         for e, rows in _expert_rows(self.counts):
             torch.mm(a[:, rows], b[rows], out=out[e])
         for e, c in enumerate(self.counts):
@@ -404,13 +417,15 @@ def _grouped_backward(rows: RoutedRows, grads: dict, gmm=None) -> Tensor:
         if b_down_ED is not None:
             gws += (gy_ND * b_down_ED.index_select(0, exp_sorted)).sum(-1)
         grads["gw_sorted"].copy_(gws)
-    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows; the routing weight scales
-    # the F-wide activations, not the D-wide output gradients.
-    grads["gw_down"] = gmm(gy_ND.t(), (a * w_sorted).contiguous(), offs=offs)
+    # Weight gradients: 2-D x 2-D grouped GEMMs, grouped along the rows, one GEMM per expert into
+    # an output on huge pages (torch._grouped_mm has no out=; on a CPU it runs these same GEMMs, see
+    # gemm_form); the routing weight scales the F-wide activations, not the D-wide output gradients.
+    wgrad = _LoopGemm(counts)
+    grads["gw_down"] = wgrad(gy_ND.t(), (a * w_sorted).contiguous())
     if b_down_ED is not None:
         grads["gb_down"].zero_().index_add_(0, exp_sorted, gy_ND * w_sorted)
     gh = ops._act_backward(gyw.mul_(w_sorted), saved, *rows.activation_args).contiguous()
-    grads["gw_up"] = gmm(gh.t(), x_ND, offs=offs)
+    grads["gw_up"] = wgrad(gh.t(), x_ND)
     if b_up_EH is not None:
         grads["gb_up"].zero_().index_add_(0, exp_sorted, gh)
     if 0 in counts:  # experts without rows: zero gradients, whatever the grouped GEMM left there
@@ -436,7 +451,8 @@ def _backward_fits(rows: RoutedRows) -> bool:
 
 
 def backward_candidates(rows: RoutedRows) -> list[str]:
-    return ["per_expert", "grouped_mm"] if _backward_fits(rows) else ["per_expert"]
+    """The backward forms worth timing: one (see ``gemm_form``), so the backward is not timed."""
+    return ["grouped_mm" if _backward_fits(rows) else "per_expert"]
 
 
 def run_backward_strategy(name: str, rows: RoutedRows, grads: dict) -> Tensor:

@@ -37,8 +37,14 @@ __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "activ
 TABLE_VERSION = 1
 
 #: A candidate whose warm-up call takes more than this many times the fastest warm-up is dropped
-#: before the timed calls (it cannot plausibly win; timing it again would only cost time).
+#: before the timed calls (it cannot plausibly win; timing it again would only cost time). Loose,
+#: because a warm-up also pays one-time costs (oneDNN primitives for new row counts, buffers grown).
 PRUNE = 3.0
+
+#: After each timed round, a candidate whose best time is more than this many times the leader's is
+#: dropped (successive elimination): timed calls hold no one-time costs, so a gap this wide is not
+#: noise on an idle machine, and the rounds left go to the candidates still close to each other.
+DROP = 1.25
 
 #: ISA flags from /proc/cpuinfo that change which GEMM kernels a library runs.
 _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16",
@@ -118,8 +124,10 @@ class Tuner:
     Args:
         cache_dir: folder of the per-device JSON tables (None: in memory only).
         budget_s: time after which no further round of timed calls starts for one key (each
-            candidate gets one warm-up and at least one timed call).
-        reps: timed calls per candidate (fewer when the budget runs out; the minimum is kept).
+            candidate gets one warm-up, and one timed call at least unless the warm-ups already
+            left a single one). A key with one candidate is not timed at all.
+        reps: most rounds of timed calls (fewer when the budget runs out or one candidate is left;
+            each candidate's minimum is kept).
         timer: ``timer(fn) -> seconds`` for one call of ``fn`` (tests pass a fake one).
     """
 
@@ -233,7 +241,11 @@ class Tuner:
             self._checked.clear()
             self._load()
         entry = self.table.get(key)
-        if entry is None or entry["strategy"] not in fns:
+        if len(fns) == 1 and (entry is None or entry["strategy"] not in fns):
+            # One candidate: nothing to measure (and nothing worth writing to the table file).
+            entry = self.table[key] = {"strategy": next(iter(fns)), "us": {}}
+            self.tuned_now.append(key)
+        elif entry is None or entry["strategy"] not in fns:
             t0 = time.perf_counter()
             entry = self.measure(fns)
             self.tuning_seconds += time.perf_counter() - t0
@@ -243,21 +255,26 @@ class Tuner:
         return entry["strategy"]
 
     def measure(self, fns: dict[str, Callable[[], object]]) -> dict:
-        """Time each candidate call; returns {"strategy": fastest, "us": {name: best time}}."""
+        """Time each candidate call; returns {"strategy": fastest, "us": {name: best time}}.
+
+        One warm-up call each (timed too: a candidate PRUNE times slower than the best warm-up is out),
+        then rounds of one timed call per remaining candidate, in alternating order, until one is
+        left (the others DROP times slower than it), ``reps`` rounds ran, or the budget is spent."""
         names = list(fns)
         with torch.no_grad():
-            # Warm-up (first-call allocations, library setup), timed too: a candidate more than
-            # PRUNE times slower than the best warm-up is out without further timing.
-            warm = {n: self.timer(fn) for n, fn in fns.items()}
-            best = dict(warm)
-            timed = [n for n in names if warm[n] <= PRUNE * min(warm.values())]
+            best = {n: self.timer(fn) for n, fn in fns.items()}
+            alive = [n for n in names if best[n] <= PRUNE * min(best.values())]
             deadline = time.perf_counter() + self.budget_s
-            for _ in range(self.reps):  # at least one timed call each, more while the budget lasts
-                for n in timed:
+            for r in range(self.reps):  # at least one timed call each, while more than one is left
+                if len(alive) == 1:
+                    break
+                for n in alive if r % 2 == 0 else alive[::-1]:
                     best[n] = min(best[n], self.timer(fns[n]))
+                lead = min(best[n] for n in alive)
+                alive = [n for n in alive if best[n] <= DROP * lead]
                 if time.perf_counter() > deadline:
                     break
-        winner = min(timed, key=lambda n: (best[n], names.index(n)))
+        winner = min(alive, key=lambda n: (best[n], names.index(n)))
         return {"strategy": winner, "us": {n: round(t * 1e6, 1) for n, t in best.items()}}
 
     def choices(self) -> dict[str, str]:

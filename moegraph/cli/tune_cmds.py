@@ -63,7 +63,7 @@ def tune(
                 keys += [k for k in tuner.tuned_now[before:] if k not in keys]
                 for key in keys:
                     entry = tuner.table[key]
-                    times = ", ".join(f"{n} {v:.0f}" for n, v in entry["us"].items())
+                    times = ", ".join(f"{n} {v:.0f}" for n, v in entry["us"].items()) or "(only candidate)"
                     t.add_row(name, str(T), "backward" if "bwd" in key else mode, entry["strategy"], times,
                               "yes" if key in tuner.tuned_now[before:] else "no (table)")
     console.print(t)

@@ -46,12 +46,13 @@ from .workspace import (
     _PackedExperts,
     _workspace,
     clear_workspace,
+    empty_huge,
     packed_experts,
     prepack_supported,
 )
 
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
-           "define_expert_op", "ExpertArgs", "RoutedRows", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
+           "define_expert_op", "ExpertArgs", "RoutedRows", "empty_huge", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
            "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",
            "_workspace", "_zero_untouched", "shared_into_output", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]

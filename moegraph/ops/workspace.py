@@ -1,11 +1,16 @@
 """Memory the expert op keeps between calls: per-thread scratch buffers (``_Workspace``) and the
-oneDNN-packed copies of expert weights used by eval graphs (``packed_experts``).
+oneDNN-packed copies of expert weights used by eval graphs (``packed_experts``); and large buffers
+it cannot keep, on huge pages (``empty_huge``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import threading
 import weakref
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -62,6 +67,46 @@ def _workspace(dtype: torch.dtype, device: torch.device) -> _Workspace:
 def clear_workspace() -> None:
     """Free the scratch buffers kept by the expert op in this thread."""
     _WORKSPACES.table = {}
+
+
+#: Buffers from this size on are advised onto huge pages by ``empty_huge``.
+HUGE_PAGE_MIN_BYTES = 4 << 20
+_MADV_HUGEPAGE = 14  # <linux/mman.h>
+
+
+@lru_cache(maxsize=None)
+def _madvise():
+    """libc's madvise where this is Linux (None elsewhere, or where it cannot be found)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty(shape)``, with a large CPU buffer advised onto huge pages before it is touched.
+
+    The expert weight gradients ([E, H, D] and [E, D, F]) are fresh every training step: autograd
+    takes them as the parameters' ``.grad`` and frees them when the grads are reset, so a workspace
+    cannot keep them. Buffers that large come straight from mmap, and first touching them on 4 KiB
+    pages (one fault and one zeroed page at a time) costs as much as the GEMMs that write them; on
+    2 MiB pages it is a small part of that. The advice changes only how the memory is paged (Linux
+    with transparent huge pages on ``madvise``; a no-op where they are off or on ``always``).
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = t.numel() * t.element_size()
+    madvise = _madvise() if t.device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES else None
+    if madvise is not None:
+        page = mmap.PAGESIZE
+        start = -(-t.data_ptr() // page) * page  # whole pages inside the buffer only
+        end = (t.data_ptr() + nbytes) // page * page
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # advice: a refusal leaves ordinary pages
+    return t
 
 
 def prepack_supported(w: Tensor) -> bool:
