@@ -529,6 +529,26 @@ def test_report_puts_the_replan_beside_the_alternatives(setup):
     assert p["replan"]["bytes_moved"] == p["replan"]["slots_moved"] * expert_bytes(spec)
 
 
+def test_cli_replans_without_importing_torch(tmp_path, setup):
+    """Planning commands need neither generated code nor the expert-strategy tuner, so the CLI does not
+    configure them (importing torch costs ~2 s of a `moegraph plan --from` command): the re-plan runs and
+    writes its plan in a process where torch was never imported."""
+    import subprocess
+    import sys
+
+    spec, current, _, law = setup
+    spec_path = tmp_path / "small.yaml"
+    spec_path.write_text(yaml.safe_dump(spec.to_dict()))
+    args = ["plan", str(spec_path), "--from", str(current.save(tmp_path / "current.json")),
+            "--trace", str(law.save(tmp_path / "law.npz")), "-o", str(tmp_path / "new.json")]
+    code = ("import sys; from moegraph.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("no torch"), r.stdout[-500:]
+    assert Plan.load(tmp_path / "new.json").metrics["replan"]["plans"]["replan"]["slots_moved"] > 0
+
+
 def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     spec, current, _, law = setup
     spec_path = tmp_path / "small.yaml"

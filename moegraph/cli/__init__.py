@@ -79,9 +79,18 @@ def _click_exceptions():
     return tuple(exit_), tuple(usage), tuple(abort)
 
 
-def _configure_from_environment() -> None:
+#: commands that never generate code nor run a layer (planning, traces): the CLI configures neither for
+#: them, so that they run without importing torch (about 2 s of a `moegraph plan --from` command)
+_NO_LAYER_COMMANDS = frozenset({"plan", "trace"})
+
+
+def _configure_from_environment(argv: list[str] | None = None) -> None:
     """The one place that reads the environment: generated code and the tuned expert-strategy table
-    go under $XDG_CACHE_HOME if set (else ~/.cache)."""
+    go under $XDG_CACHE_HOME if set (else ~/.cache). Skipped for a command of ``_NO_LAYER_COMMANDS``."""
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command in _NO_LAYER_COMMANDS:
+        return
     from .. import codegen, tuning
 
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -97,7 +106,7 @@ def tuned_cache_dir(xdg: str | None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for moegraph errors and usage errors)."""
     exit_types, click_errors, abort_types = _click_exceptions()
-    _configure_from_environment()
+    _configure_from_environment(argv)
     try:
         rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
     except MoegraphError as exc:
