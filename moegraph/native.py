@@ -376,16 +376,23 @@ def run_supported(a: ExpertArgs, lib: ctypes.CDLL, threads: int | None = None) -
         _call_fused(lib, y32, x, a, threads)
         return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
     if a.shared_w_up_HD is not None:
-        scale = None if a.shared_scale_T is None else a.shared_scale_T.reshape(-1).float().contiguous()
-        if scale is not None and scale.numel() != T:
-            raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
-        _call(lib, y32, x, T, None, None, scale, a.shared_w_up_HD.unsqueeze(0), a.shared_w_down_DF.unsqueeze(0),
+        _call(lib, y32, x, T, None, None, _shared_scale(a, T), a.shared_w_up_HD.unsqueeze(0), a.shared_w_down_DF.unsqueeze(0),
               None, None, (0, 0), None, None, act_args, None, threads)
     tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
     wgt = a.weight_N.float().contiguous()
     _call(lib, y32, x, tok.numel(), tok, exp, wgt, a.w_up_EHD, a.w_down_EDF, None, None, (0, 0), a.b_up_EH,
           a.b_down_ED, act_args, None, threads)
     return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
+
+
+def _shared_scale(a: ExpertArgs, T: int) -> Tensor | None:
+    """The shared expert's per-token weights as the kernels read them ([T] float32), None for none."""
+    if a.shared_scale_T is None:
+        return None
+    scale = a.shared_scale_T.reshape(-1).float().contiguous()
+    if scale.numel() != T:
+        raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
+    return scale
 
 
 def _one_call(a: ExpertArgs) -> bool:
@@ -402,13 +409,8 @@ def _call_fused(lib, y32: Tensor, x: Tensor, a: ExpertArgs, threads: int | None)
         return  # no tokens: nothing to add (the kernel refuses T = 0)
     tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
     wgt = a.weight_N.float().contiguous()
-    s_up, s_down, scale, S = a.shared_w_up_HD, a.shared_w_down_DF, None, 0
-    if s_up is not None:
-        S = s_down.shape[1]
-        if a.shared_scale_T is not None:
-            scale = a.shared_scale_T.reshape(-1).float().contiguous()
-            if scale.numel() != T:
-                raise InputError(f"native expert kernel: shared_scale_T has {scale.numel()} values for {T} tokens")
+    s_up, s_down = a.shared_w_up_HD, a.shared_w_down_DF
+    S, scale = (s_down.shape[1], _shared_scale(a, T)) if s_up is not None else (0, None)
     b_up, b_down = a.b_up_EH, a.b_down_ED
     b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
     _, _, gate_clamp, up_clamp = a.activation_args

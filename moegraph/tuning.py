@@ -242,7 +242,7 @@ class Tuner:
             self._load()
         entry = self.table.get(key)
         if len(fns) == 1 and (entry is None or entry["strategy"] not in fns):
-            # One candidate: nothing to measure (and nothing worth writing to the table file).
+            # One candidate: nothing to measure, so no save of its own (a later save writes it along).
             entry = self.table[key] = {"strategy": next(iter(fns)), "us": {}}
             self.tuned_now.append(key)
         elif entry is None or entry["strategy"] not in fns:
