@@ -16,12 +16,21 @@ Passes:
 - ``FoldSharedExperts``: ``expert_mlp(...) + shared_mlp(x)`` becomes one ``expert_mlp`` call that runs
   the shared experts inside the same op, accumulating into the routed output buffer (no separate
   output tensor and add). Skipped when the shared experts carry biases (the op has no shared bias).
+- ``FuseRouterSelect`` (eval graphs, CPU): the router's expert choice (expert bias, group limit, top-k,
+  gather of the chosen scores: a dozen small steps) becomes one ``moegraph::route_select`` call, the
+  native kernel where the choice is unique and the same torch steps where equal values decide it;
+  bit for bit the graph's result, checked on the region itself before the swap.
+
+``region_between``, ``region_module`` and ``swap_region`` are the pieces of such a swap (the Triton
+backend's ``FuseRouter`` uses them too): find the nodes between an input and the anchors, run them
+as a function of their own, replace them by one call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+import operator
 from typing import Any
 
 import torch
@@ -31,9 +40,10 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from . import runtime
 from .errors import CodegenError, MoegraphError
+from .semantics.routing import TopKPolicy
 
-__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "Pipeline", "PassReport", "UsePrepackedExperts",
-           "default_passes", "trace_core"]
+__all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "FuseRouterSelect", "Pipeline", "PassReport",
+           "UsePrepackedExperts", "default_passes", "region_between", "region_module", "swap_region", "trace_core"]
 
 
 def _is_expert_op(node: fx.Node) -> bool:
@@ -126,6 +136,152 @@ class UsePrepackedExperts(PassBase):
         return PassResult(gm, modified)
 
 
+def region_between(starts: Sequence[fx.Node], stop: fx.Node,
+                   bias_target: str = "router.expert_bias") -> tuple[set[fx.Node], fx.Node | None, str | None]:
+    """The nodes that compute ``starts`` from ``stop``: (region, the ``bias_target`` get_attr read or
+    None, None), or (region so far, bias, why not) when the region reads anything else (another input,
+    parameter or placeholder): a routing region must be a function of the scores (or logits) and bias."""
+    region: set[fx.Node] = set()
+    bias = None
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n is stop or n in region:
+            continue
+        if n.op == "get_attr" and n.target == bias_target:
+            bias = n
+            continue
+        if n.op not in ("call_function", "call_method"):
+            return region, bias, f"routing reads {n.op} {n.target}, not only {stop.name} and the expert bias"
+        region.add(n)
+        stack.extend(n.all_input_nodes)
+    return region, bias, None
+
+
+def region_module(owner: fx.GraphModule, region: set[fx.Node], inputs: Sequence[fx.Node],
+                  outputs: Sequence[fx.Node]) -> fx.GraphModule:
+    """``region`` copied into a graph of its own: a module taking ``inputs`` and returning ``outputs``
+    (to run it beside a reference before a pass swaps it out)."""
+    order = {n: i for i, n in enumerate(owner.graph.nodes)}
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {n: sub.placeholder(n.name) for n in inputs}
+    for n in sorted(region, key=order.__getitem__):
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[n] for n in outputs))
+    return fx.GraphModule(owner, sub)
+
+
+def swap_region(gm: fx.GraphModule, region: set[fx.Node], after: Sequence[fx.Node], target: Any, args: tuple,
+                replaced: Sequence[fx.Node]) -> None:
+    """Call ``target(*args)`` right after the last of ``after``; element i of its result takes over the
+    uses of ``replaced[i]`` outside ``region``; then the region's nodes no one reads any more go."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_after(max(after, key=order.__getitem__)):
+        call = graph.call_function(target, args)
+    last = call
+    for i, old in enumerate(replaced):
+        with graph.inserting_after(last):
+            last = graph.call_function(operator.getitem, (call, i))
+        old.replace_all_uses_with(last, delete_user_cb=lambda u: u not in region)
+    for n in sorted(region, key=order.__getitem__, reverse=True):  # (in-place ops on fresh tensors too)
+        if not n.users:
+            graph.erase_node(n)
+
+
+def _method_arg(n: Any, method: str) -> fx.Node | None:
+    """``n.args[0]`` when ``n`` is a call of ``method``."""
+    if isinstance(n, fx.Node) and n.op == "call_method" and n.target == method:
+        return n.args[0]
+    return None
+
+
+class FuseRouterSelect(PassBase):
+    """Eval graphs: the router's expert choice (expert bias, group limit, top-k, gather of the chosen
+    scores) as one ``moegraph::route_select`` call, the native kernel on CPU (``moegraph.ops.route``).
+    What the choice is made on is whatever the gather reads: the scores, or with ``topk_then_score``
+    the logits (the softmax over the chosen ones stays a torch step after the call).
+
+    Anchors: the routing ids are what the graph returns as ids (a ``topk``'s indices); the chosen
+    scores are their ``gather`` from the scores; the region between may read only the scores and
+    ``router.expert_bias``. Before the swap the region runs beside the op's torch steps
+    (``semantics.routing.select_experts``) on random scores and on scores full of equal values, and
+    must agree exactly: the op falls back to those steps on ties, so the graph's result never
+    changes. Otherwise (another routing, a region in another form) the pass leaves the graph alone
+    and says why in ``refused``.
+    """
+
+    def __init__(self, policy: TopKPolicy | None, num_experts: int, verify_tokens: int = 64):
+        super().__init__()
+        self.policy = policy
+        self.num_experts = num_experts
+        self.verify_tokens = verify_tokens
+        self.refused: str | None = None
+
+    @classmethod
+    def of_layer(cls, layer: nn.Module) -> FuseRouterSelect:
+        """The pass for a generated layer, from its spec's router."""
+        import json
+
+        from .loader import load_spec
+
+        m = load_spec(json.loads(layer.SPEC_JSON)).moe
+        return cls(TopKPolicy.of_router(m.router) if m.router.type == "topk" else None, m.experts.num_experts)
+
+    def _refuse(self, gm: fx.GraphModule, why: str) -> PassResult:
+        self.refused = why
+        return PassResult(gm, False)
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from . import native
+
+        self.refused = None
+        p = self.policy
+        if p is None:
+            return self._refuse(gm, "the router is not a top-k router")
+        if not native.select_supported(p.num_groups, p.group_score, p.top_n):
+            return self._refuse(gm, f"groups scored by the sum of their top {p.top_n}: the kernel sums at most two")
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        ids_n = _method_arg(out.args[0][2], "view")
+        gathers = [u for u in (ids_n.users if ids_n is not None else ()) if _method_arg(u, "gather") is not None
+                   and u.args[1:] == (1, ids_n)]
+        if len(gathers) != 1:
+            return self._refuse(gm, "routing ids and the gather of their scores not in the generated form")
+        gather_n = gathers[0]
+        scores_n = gather_n.args[0]
+        region, bias_n, why = region_between([ids_n, gather_n], scores_n)
+        if why:
+            return self._refuse(gm, why)
+        inputs = [scores_n] + ([bias_n] if bias_n is not None else [])
+        why = self._verify(region_module(gm, region, inputs, [ids_n, gather_n]), bias_n is not None, len(region))
+        if why:
+            return self._refuse(gm, why)
+        swap_region(gm, region, inputs, torch.ops.moegraph.route_select.default,
+                    (scores_n, bias_n, p.top_k, p.num_groups, p.topk_groups, p.group_score, p.top_n), [ids_n, gather_n])
+        return PassResult(gm, True)
+
+    def _verify(self, fn: fx.GraphModule, has_bias: bool, size: int) -> str | None:
+        """The region against ``select_experts`` on random scores and on scores with many equal values."""
+        from .semantics.routing import select_experts
+
+        g = torch.Generator().manual_seed(0)
+        E = self.num_experts
+        try:
+            for quantized in (False, True):
+                scores = torch.rand(self.verify_tokens, E, generator=g)
+                if quantized:
+                    scores = (scores * 4).round() / 4
+                bias = (torch.rand(E, generator=g) * 0.25).round(decimals=1) if has_bias else None
+                ids, chosen = fn(scores, bias) if has_bias else fn(scores)
+                ref_ids, ref_chosen = select_experts(scores, self.policy, bias)
+                if not (torch.equal(ids, ref_ids) and torch.equal(chosen, ref_chosen)):
+                    return (f"the routing region ({size} nodes) chooses differently from the policy's steps"
+                            + (" where scores are equal" if quantized else ""))
+        except Exception as exc:  # a region that cannot run on the policy's shapes is not this policy's
+            return f"the routing region does not run as the policy's steps ({type(exc).__name__}: {exc})"
+        return None
+
+
 def default_passes(training: bool, owner: nn.Module | None = None) -> list[PassBase]:
     passes: list[PassBase] = [] if training else [DropTrainingOutputs()]
     passes.append(FoldSharedExperts())
@@ -133,6 +289,8 @@ def default_passes(training: bool, owner: nn.Module | None = None) -> list[PassB
         from .ops import prepack_supported
 
         passes.append(UsePrepackedExperts(prepack_supported(owner.experts.down_proj)))
+        if owner.experts.down_proj.device.type == "cpu" and hasattr(owner, "SPEC_JSON"):
+            passes.append(FuseRouterSelect.of_layer(owner))
     return passes
 
 

@@ -50,6 +50,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -136,18 +137,18 @@ def _compiler_version(cc: tuple[str, ...]) -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
-def _library_path(src: str, cc: list[str]) -> Path:
+def _library_path(src: str, cc: list[str], kind: str) -> Path:
     from .tuning import _cpuinfo
 
     model, isa = _cpuinfo()
     key = "\n".join([src, " ".join(cc), _compiler_version(tuple(cc)), " ".join(FLAGS), model, " ".join(isa)])
-    return cache_dir() / f"decode-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
+    return cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
 
 
 def _compile(src: str, cc: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="moegraph-native-") as tmp:
-        c_file = Path(tmp) / "decode.c"
+        c_file = Path(tmp) / "kernel.c"
         c_file.write_text(src, encoding="utf-8")
         so_tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         try:
@@ -157,7 +158,7 @@ def _compile(src: str, cc: list[str], path: Path) -> None:
             raise NativeUnavailable(f"C compiler {' '.join(cc)!r} failed to run ({exc})") from None
         if out.returncode != 0:
             so_tmp.unlink(missing_ok=True)
-            raise NativeUnavailable(f"compiling the decode kernel with {' '.join(cc)!r} failed: "
+            raise NativeUnavailable(f"compiling the native kernel with {' '.join(cc)!r} failed: "
                                     f"{(out.stderr or out.stdout).strip()[:400]}")
         os.replace(so_tmp, path)  # a reader never sees half a library
 
@@ -170,37 +171,44 @@ compiled_paths: list[Path] = []
 
 
 def _load(act: semantics.Activation) -> ctypes.CDLL:
+    return _load_library("decode", (act.name, act.expression, act.gated), lambda: source(act), _open)
+
+
+def _load_library(kind: str, what: tuple, make_source: Callable[[], str],
+                  opener: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL:
+    """The ``kind`` library of ``make_source()`` (``what`` tells its sources apart), loaded once per
+    process and compiled once per machine (a file ``<kind>-<hash>.so`` in ``cache_dir()``)."""
     from . import codegen
 
     # The memo key holds what compiler() and cache_dir() derive from, read cheaply: this runs on every
     # decode call, and resolving the cache folder alone took longer than a dict lookup by far.
-    key = (act.name, act.expression, act.gated, os.environ.get("CC"), os.environ.get("HOME"), _cache_dir,
-           codegen._cache_dir)
+    key = (kind, *what, os.environ.get("CC"), os.environ.get("HOME"), _cache_dir, codegen._cache_dir)
     hit = _LOADED.get(key)
     if hit is None:
-        hit = _load_locked(act, key)
+        hit = _load_locked(key, make_source, opener)
     if isinstance(hit, NativeUnavailable):
         raise hit
     return hit
 
 
-def _load_locked(act: semantics.Activation, key: tuple) -> ctypes.CDLL | NativeUnavailable:
+def _load_locked(key: tuple, make_source: Callable[[], str],
+                 opener: Callable[[Path], ctypes.CDLL]) -> ctypes.CDLL | NativeUnavailable:
     cc = compiler()
     with _LOCK:
         hit = _LOADED.get(key)
         if hit is None:
             try:
-                src = source(act)
-                path = _library_path(src, cc)
+                src = make_source()
+                path = _library_path(src, cc, key[0])
                 try:
-                    hit = _open(path) if path.exists() else None
+                    hit = opener(path) if path.exists() else None
                 except NativeUnavailable:
                     hit = None  # a damaged cached library: built again below
                 if hit is None:
                     path.unlink(missing_ok=True)
                     _compile(src, cc, path)
                     compiled_paths.append(path)
-                    hit = _open(path)
+                    hit = opener(path)
             except NativeUnavailable as exc:
                 hit = exc
             _LOADED[key] = hit
@@ -529,3 +537,81 @@ def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[in
     if rc != 0:
         raise InputError(f"native bfloat16 expert kernel refused its inputs: {_ERRORS.get(rc, rc)}")
     return o_ND
+
+
+# ----------------------------------------------------------------------------------------------
+# Router selection (``mg_route_select``, ``codegen_templates/native_router.c.j2``)
+# ----------------------------------------------------------------------------------------------
+
+#: Bumped when ``mg_route_select``'s signature changes.
+ROUTER_ABI_VERSION = 1
+
+
+def router_source() -> str:
+    """The router selection kernel's C source."""
+    from .codegen import template_env
+
+    return template_env().get_template("native_router.c.j2").render(abi_version=ROUTER_ABI_VERSION)
+
+
+def _open_router(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+        if lib.mg_router_abi_version() != ROUTER_ABI_VERSION:
+            raise OSError("ABI version differs")
+    except (OSError, AttributeError) as exc:
+        raise NativeUnavailable(f"cannot load the router kernel {path} ({exc})") from None
+    i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.mg_route_select.restype = i32
+    lib.mg_route_select.argtypes = [i64, i64, p, p, i64, i64, i64, i32, p, p, i32]  # T E s bias K G KG gsum ids w nt
+    return lib
+
+
+def router_kernel() -> ctypes.CDLL | None:
+    """The loaded router selection kernel, built on first use; None (after one warning) where it cannot be."""
+    try:
+        return _load_library("router", (), router_source, _open_router)
+    except NativeUnavailable as exc:
+        warn_once(f"moegraph's native router kernel is unavailable, routing runs as torch steps: {exc}. "
+                  f"Install a C compiler with OpenMP (gcc) or point $CC at one.")
+        return None
+
+
+def _group_sum(num_groups: int, group_score: str, top_n: int) -> int | None:
+    """The kernel's group score code: 0 the maximum (or a sum of one), 2 the sum of the best two; None
+    for sums of more (torch's order of summing them is its own)."""
+    if num_groups == 0 or group_score == "max" or top_n == 1:
+        return 0
+    return 2 if group_score == "sum_topn" and top_n == 2 else None
+
+
+def select_supported(num_groups: int, group_score: str, top_n: int) -> bool:
+    """Whether the kernel computes this group limit (every top-k does; group sums of at most two)."""
+    return _group_sum(num_groups, group_score, top_n) is not None
+
+
+def route_select(scores_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                 group_score: str, top_n: int) -> tuple[Tensor, Tensor] | None:
+    """The native expert choice: ids_TK [T, K] int64 (best first) and the chosen experts' scores [T, K];
+    None where torch's steps must run instead (inputs other than contiguous float32 CPU tensors, a group
+    sum of more than two, no kernel here, or a token whose choice torch's order among equal values decides).
+    """
+    gsum = _group_sum(num_groups, group_score, top_n)
+    if (gsum is None or scores_TE.dim() != 2 or scores_TE.dtype != torch.float32 or scores_TE.device.type != "cpu"
+            or not scores_TE.is_contiguous()):
+        return None
+    T, E = scores_TE.shape
+    if expert_bias_E is not None and (expert_bias_E.dtype != torch.float32 or expert_bias_E.device.type != "cpu"
+                                      or expert_bias_E.shape != (E,) or not expert_bias_E.is_contiguous()):
+        return None
+    lib = router_kernel()
+    if lib is None:
+        return None
+    ids_TK = torch.empty(T, top_k, dtype=torch.int64)
+    w_TK = torch.empty(T, top_k, dtype=torch.float32)
+    rc = lib.mg_route_select(T, E, scores_TE.data_ptr(), _ptr(expert_bias_E), top_k, num_groups, topk_groups, gsum,
+                             ids_TK.data_ptr(), w_TK.data_ptr(), torch.get_num_threads())
+    if rc < 0:
+        raise InputError(f"native router kernel refused its inputs ({T} x {E} scores, top_k {top_k}, "
+                         f"{num_groups} groups keep {topk_groups}): {_ERRORS.get(rc, rc)}")
+    return (ids_TK, w_TK) if rc == 0 else None

@@ -29,6 +29,8 @@ count_e the number of (token, choice) pairs routed to e over all K choices:
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Protocol
 
@@ -134,8 +136,24 @@ rms_norm = _torch_forms.rms_norm
 
 @torch.fx.wrap
 def token_index(T_like: Tensor, K: int) -> Tensor:
-    """[T*K] token index of each (token, choice) pair of a [T, K] routing."""
-    return torch.arange(T_like.shape[0], device=T_like.device).repeat_interleave(K)
+    """[T*K] token index of each (token, choice) pair of a [T, K] routing.
+
+    Decode-sized indices come from a small cache (two op launches cost more than the rest of a
+    one-token router step); callers only read them."""
+    T = T_like.shape[0]
+    if T * K <= _TOKEN_INDEX_CACHED and not torch.compiler.is_compiling():
+        return _token_index(T, K, T_like.device)
+    return torch.arange(T, device=T_like.device).repeat_interleave(K)
+
+
+#: token_index results of at most this many entries are cached (per size and device)
+_TOKEN_INDEX_CACHED = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _token_index(T: int, K: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):  # a plain tensor: usable in and outside inference mode
+        return torch.arange(T, device=device).repeat_interleave(K)
 
 
 @torch.fx.wrap

@@ -82,7 +82,7 @@ def test_layer_reports_applied_passes():
     layer = _layer("deepseek-v3-tiny").eval()
     layer(torch.randn(2, layer.HIDDEN))
     rep = layer.pass_report["eval"]
-    assert rep.applied == ["DropTrainingOutputs", "FoldSharedExperts", "UsePrepackedExperts"]
+    assert rep.applied == ["DropTrainingOutputs", "FoldSharedExperts", "UsePrepackedExperts", "FuseRouterSelect"]
     assert rep.nodes_after < rep.nodes_before
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .torch_forms import activate, rms_norm, scores
 
-__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "router_input", "cap_logits",
+__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "choose_experts", "select_experts", "router_input", "cap_logits",
            "sparsemixer_route", "router_network"]
 
 
@@ -98,11 +98,23 @@ def route_topk(logits_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | No
     E = logits_TE.shape[1] - shared
     scores_TE, shared_TS = scores_TX[:, :E], scores_TX[:, E:]
     biased_TE = logits_TE[:, :E] if bias_on_logits else scores_TE
-    choice_TE = scores_TE if expert_bias_E is None else biased_TE + expert_bias_E
+    ids_TK = choose_experts(scores_TE if expert_bias_E is None else biased_TE + expert_bias_E, policy)
+    return ids_TK, _weights(scores_TE, ids_TK, policy, shared_TS if shared else None)
+
+
+def choose_experts(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
+    """ids_TK [T, K], best first, from the selection scores: steps 3 and 4 up to the weights."""
     if policy.num_groups:
         choice_TE = group_limit(choice_TE, policy)
-    ids_TK = torch.topk(choice_TE, policy.top_k, dim=-1).indices
-    return ids_TK, _weights(scores_TE, ids_TK, policy, shared_TS if shared else None)
+    return torch.topk(choice_TE, policy.top_k, dim=-1).indices
+
+
+def select_experts(scores_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The choice of a score-then-top-k policy and the chosen experts' scores, unweighted: ids_TK
+    (best first) and scores_TE gathered at them, before normalising and scaling (what
+    ``moegraph::route_select`` computes)."""
+    ids_TK = choose_experts(scores_TE if expert_bias_E is None else scores_TE + expert_bias_E, policy)
+    return ids_TK, scores_TE.gather(1, ids_TK)
 
 
 def route_weights(logits_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy) -> Tensor:

@@ -20,14 +20,21 @@ Triton layer: ``moegraph.compile(spec, backend="triton", passes=triton_passes(sp
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from ..fx_passes import DropTrainingOutputs, FoldSharedExperts, _is_expert_op
+from ..fx_passes import (
+    DropTrainingOutputs,
+    FoldSharedExperts,
+    _is_expert_op,
+    _method_arg,
+    region_between,
+    region_module,
+    swap_region,
+)
 from ..loader import load_spec
 from ..semantics.routing import TopKPolicy, route_topk
 from ..spec import MoESpec
@@ -70,13 +77,6 @@ def torch_only_routing(spec: MoESpec) -> list[str]:
 
 def _is_linear(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in (torch._C._nn.linear, torch.nn.functional.linear)
-
-
-def _method_arg(n: Any, method: str) -> fx.Node | None:
-    """``n.args[0]`` when ``n`` is a call of ``method``."""
-    if isinstance(n, fx.Node) and n.op == "call_method" and n.target == method:
-        return n.args[0]
-    return None
 
 
 class EvalOnly(PassBase):
@@ -129,7 +129,6 @@ class FuseRouter(PassBase):
         if why:
             return self._refuse(gm, why)
         graph = gm.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
         # Step 1: anchors.
         expert = [n for n in graph.nodes if _is_routed_op(n)]
         logits = [n for n in graph.nodes if _is_linear(n) and isinstance(n.args[1], fx.Node)
@@ -146,59 +145,29 @@ class FuseRouter(PassBase):
         if weights_n is None or ids_n is None:
             return self._refuse(gm, "routing weights or ids not in the generated form")
         # Step 2: the region between the logits and the anchors, and what it reads.
-        region: set[fx.Node] = set()
-        bias_n = None
-        stack = [weights_n, ids_n]
-        while stack:
-            n = stack.pop()
-            if n is logits_n or n in region:
-                continue
-            if n.op == "get_attr" and n.target == "router.expert_bias":
-                bias_n = n
-                continue
-            if n.op not in ("call_function", "call_method"):
-                return self._refuse(gm, f"routing reads {n.op} {n.target}, not only the logits and expert bias")
-            region.add(n)
-            stack.extend(n.all_input_nodes)
+        region, bias_n, why = region_between([weights_n, ids_n], logits_n)
+        if why:
+            return self._refuse(gm, why)
         if (bias_n is not None) != (self.spec.moe.router.expert_bias is not None):
             return self._refuse(gm, "expert bias use in the graph does not match the spec")
         # Step 3: check the region computes the spec's policy.
-        mismatch = self._verify(region, logits_n, bias_n, ids_n, weights_n, order, gm)
+        inputs = [logits_n] + ([bias_n] if bias_n is not None else [])
+        mismatch = self._verify(region_module(gm, region, inputs, [ids_n, weights_n]), bias_n is not None)
         if mismatch:
             return self._refuse(gm, mismatch)
-        # Step 4: one route_topk call right after its inputs; outside users move to it.
-        anchor = max([logits_n] + ([bias_n] if bias_n is not None else []), key=order.__getitem__)
-        with graph.inserting_after(anchor):
-            call = graph.call_function(torch.ops.moegraph_triton.route_topk.default, (logits_n, bias_n, *self.args))
-        with graph.inserting_after(call):
-            new_ids = graph.call_function(operator.getitem, (call, 0))
-        with graph.inserting_after(new_ids):
-            new_w = graph.call_function(operator.getitem, (new_ids.args[0], 1))
-        ids_n.replace_all_uses_with(new_ids, delete_user_cb=lambda u: u not in region)
-        weights_n.replace_all_uses_with(new_w, delete_user_cb=lambda u: u not in region)
-        # Step 5: drop what no one reads any more (in-place scatter_ on a fresh mask included).
-        for n in sorted(region, key=order.__getitem__, reverse=True):
-            if not n.users:
-                graph.erase_node(n)
-        graph.lint()
-        gm.recompile()
+        # Step 4: one route_topk call right after its inputs; outside users move to it, and what no one
+        # reads any more goes.
+        swap_region(gm, region, inputs, torch.ops.moegraph_triton.route_topk.default, (logits_n, bias_n, *self.args),
+                    [ids_n, weights_n])
         return PassResult(gm, True)
 
-    def _verify(self, region, logits_n, bias_n, ids_n, weights_n, order, gm) -> str | None:
+    def _verify(self, fn: fx.GraphModule, has_bias: bool) -> str | None:
         """Run the region on random logits next to the torch reference of the spec's policy."""
-        sub = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {logits_n: sub.placeholder("logits_TE")}
-        if bias_n is not None:
-            env[bias_n] = sub.placeholder("expert_bias_E")
-        for n in sorted(region, key=order.__getitem__):
-            env[n] = sub.node_copy(n, lambda a: env[a])
-        sub.output((env[ids_n], env[weights_n]))
-        fn = fx.GraphModule(gm, sub)
         E = self.spec.moe.experts.num_experts
         g = torch.Generator().manual_seed(0)
         logits = torch.randn(self.verify_tokens, E, generator=g, dtype=torch.float64) * 2
-        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if bias_n is not None else None
-        ids, w = fn(logits, bias) if bias is not None else fn(logits)
+        bias = torch.randn(E, generator=g, dtype=torch.float64) * 0.5 if has_bias else None
+        ids, w = fn(logits, bias) if has_bias else fn(logits)
         ref_ids, ref_w = route_topk(logits, TopKPolicy(*self.args), bias)
         if not torch.equal(ids, ref_ids):
             return "the routing subgraph picks other experts than the spec's policy"
