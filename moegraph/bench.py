@@ -139,7 +139,7 @@ def _train_step(mod, x):
 
 def _strategy_used(layer, x) -> str:
     """Run the layer once (tuning now if this bucket is new) and say which expert strategy ran."""
-    from . import strategies, tuning
+    from . import tuning
 
     pin = layer.__dict__.get("expert_strategy")
     tuner = tuning.active_tuner()

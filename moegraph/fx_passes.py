@@ -17,7 +17,7 @@ Passes:
   the shared experts inside the same op, accumulating into the routed output buffer (no separate
   output tensor and add). Skipped when the shared experts carry biases (the op has no shared bias).
 - ``FuseRouterSelect`` (eval graphs, CPU): the router's expert choice (expert bias, group limit, top-k,
-  gather of the chosen scores: a dozen small steps) becomes one ``moegraph::route_select`` call, the
+  gather of the chosen scores: a dozen small steps) becomes one ``runtime.route_select`` call, the
   native kernel where the choice is unique and the same torch steps where equal values decide it;
   bit for bit the graph's result, checked on the region itself before the swap.
 
@@ -198,7 +198,7 @@ def _method_arg(n: Any, method: str) -> fx.Node | None:
 
 class FuseRouterSelect(PassBase):
     """Eval graphs: the router's expert choice (expert bias, group limit, top-k, gather of the chosen
-    scores) as one ``moegraph::route_select`` call, the native kernel on CPU (``moegraph.ops.route``).
+    scores) as one ``runtime.route_select`` call, the native kernel on CPU.
     What the choice is made on is whatever the gather reads: the scores, or with ``topk_then_score``
     the logits (the softmax over the chosen ones stays a torch step after the call).
 
@@ -256,7 +256,7 @@ class FuseRouterSelect(PassBase):
         why = self._verify(region_module(gm, region, inputs, [ids_n, gather_n]), bias_n is not None, len(region))
         if why:
             return self._refuse(gm, why)
-        swap_region(gm, region, inputs, torch.ops.moegraph.route_select.default,
+        swap_region(gm, region, inputs, runtime.route_select,
                     (scores_n, bias_n, p.top_k, p.num_groups, p.topk_groups, p.group_score, p.top_n), [ids_n, gather_n])
         return PassResult(gm, True)
 

@@ -597,11 +597,11 @@ def route_select(scores_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, nu
     sum of more than two, no kernel here, or a token whose choice torch's order among equal values decides).
     """
     gsum = _group_sum(num_groups, group_score, top_n)
-    if (gsum is None or scores_TE.dim() != 2 or scores_TE.dtype != torch.float32 or scores_TE.device.type != "cpu"
+    if (gsum is None or scores_TE.dtype is not torch.float32 or not scores_TE.is_cpu or scores_TE.dim() != 2
             or not scores_TE.is_contiguous()):
         return None
     T, E = scores_TE.shape
-    if expert_bias_E is not None and (expert_bias_E.dtype != torch.float32 or expert_bias_E.device.type != "cpu"
+    if expert_bias_E is not None and (expert_bias_E.dtype is not torch.float32 or not expert_bias_E.is_cpu
                                       or expert_bias_E.shape != (E,) or not expert_bias_E.is_contiguous()):
         return None
     lib = router_kernel()

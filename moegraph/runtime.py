@@ -135,6 +135,32 @@ rms_norm = _torch_forms.rms_norm
 
 
 @torch.fx.wrap
+def route_select(scores_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, num_groups: int, topk_groups: int,
+                 group_score: str, top_n: int) -> tuple[Tensor, Tensor]:
+    """The router's expert choice in one call: ids_TK [T, K] (best first) and the chosen experts' scores
+    (``semantics.routing.select_experts``, what ``fx_passes.FuseRouterSelect`` puts here in eval graphs).
+
+    At decode sizes the dozen torch steps of the choice (expert bias, group scores, the kept groups'
+    mask, top-k, gather) cost more in dispatch than in arithmetic: on CPU float32 scores the native
+    kernel (``native.route_select``) makes the choice in one call. It computes only comparisons and
+    the same single additions, and declines any call where a token's choice hinges on equal values
+    (torch's order among them decides); then, and on other devices and dtypes, without a C compiler,
+    where the scores need a gradient and under ``torch.compile``, the torch steps run. Either way the
+    result is the torch steps' result, bit for bit. A plain function rather than a custom op: the
+    dispatcher's cost per call is what this saves.
+    """
+    if not (scores_TE.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+        from . import native
+
+        got = native.route_select(scores_TE, expert_bias_E, top_k, num_groups, topk_groups, group_score, top_n)
+        if got is not None:
+            return got
+    policy = _routing.TopKPolicy(top_k, num_groups=num_groups, topk_groups=topk_groups, group_score=group_score,
+                                 top_n=top_n)
+    return _routing.select_experts(scores_TE, policy, expert_bias_E)
+
+
+@torch.fx.wrap
 def token_index(T_like: Tensor, K: int) -> Tensor:
     """[T*K] token index of each (token, choice) pair of a [T, K] routing.
 

@@ -26,7 +26,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from . import semantics, strategies
 from .ops.args import ExpertArgs, RoutedRows

@@ -1,4 +1,4 @@
-"""``moegraph::route_select`` (the router's expert choice as one op, native kernel on CPU) and the
+"""``runtime.route_select`` (the router's expert choice in one call, native kernel on CPU) and the
 ``FuseRouterSelect`` pass, against the torch steps they replace (``semantics.routing``, and the
 unfused graph of each spec): same ids, same scores, same layer output, bit for bit."""
 
@@ -59,7 +59,7 @@ def _tied(kind: str, T: int = 9, E: int = 64) -> torch.Tensor:
 def test_ties_leave_the_choice_to_torch(kind, E, G, KG, gs, tn, K):
     scores = _tied(kind, E=E)
     assert native.route_select(scores, None, K, G, KG, gs, tn) is None  # the kernel declines the call
-    ids, chosen = torch.ops.moegraph.route_select(scores, None, K, G, KG, gs, tn)
+    ids, chosen = runtime.route_select(scores, None, K, G, KG, gs, tn)
     ref_ids, ref_chosen = select_experts(scores, _policy(E, G, KG, gs, tn, K))
     assert torch.equal(ids, ref_ids)
     torch.testing.assert_close(chosen, ref_chosen, equal_nan=True, rtol=0, atol=0)
@@ -79,7 +79,7 @@ def test_other_inputs_run_the_torch_steps():
     assert native.route_select(scores.float(), None, 6, 8, 4, "sum_topn", 3) is None  # a sum of three
     assert native.route_select(scores.float().t().contiguous().t(), None, 6, 8, 4, "max", 2) is None  # strided
     for s, tn in ((scores, 2), (scores.float(), 3)):
-        ids, chosen = torch.ops.moegraph.route_select(s, None, 6, 8, 4, "sum_topn", tn)
+        ids, chosen = runtime.route_select(s, None, 6, 8, 4, "sum_topn", tn)
         ref = select_experts(s, _policy(64, 8, 4, "sum_topn", tn, 6))
         assert torch.equal(ids, ref[0]) and torch.equal(chosen, ref[1])
 
@@ -87,7 +87,7 @@ def test_other_inputs_run_the_torch_steps():
 def test_without_the_kernel_the_op_runs_the_torch_steps(monkeypatch):
     scores = torch.rand(4, 64)
     monkeypatch.setattr(native, "router_kernel", lambda: None)
-    ids, chosen = torch.ops.moegraph.route_select(scores, None, 6, 8, 4, "sum_topn", 2)
+    ids, chosen = runtime.route_select(scores, None, 6, 8, 4, "sum_topn", 2)
     ref = select_experts(scores, _policy(64, 8, 4, "sum_topn", 2, 6))
     assert torch.equal(ids, ref[0]) and torch.equal(chosen, ref[1])
 
@@ -97,15 +97,32 @@ def test_bad_arguments_name_what_is_wrong():
         native.route_select(torch.rand(2, 64), None, 70, 0, 0, "max", 2)
 
 
-def test_gradient_of_the_chosen_scores_is_the_gathers():
+def test_gradients_run_the_torch_steps():
+    """Where the scores need a gradient the torch steps run (differentiable); same choice and scores."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(5, 64, generator=g, requires_grad=True)
     up = torch.randn(5, 6, generator=g)
-    _, chosen = torch.ops.moegraph.route_select(torch.sigmoid(logits), None, 6, 8, 4, "sum_topn", 2)
+    ids, chosen = runtime.route_select(torch.sigmoid(logits), None, 6, 8, 4, "sum_topn", 2)
     (grad,) = torch.autograd.grad((chosen * up).sum(), logits)
-    _, ref = select_experts(torch.sigmoid(logits), _policy(64, 8, 4, "sum_topn", 2, 6))
+    ref_ids, ref = select_experts(torch.sigmoid(logits), _policy(64, 8, 4, "sum_topn", 2, 6))
     (ref_grad,) = torch.autograd.grad((ref * up).sum(), logits)
-    assert torch.equal(grad, ref_grad)
+    assert torch.equal(ids, ref_ids) and torch.equal(grad, ref_grad)
+    with torch.no_grad():
+        ids2, chosen2 = runtime.route_select(torch.sigmoid(logits), None, 6, 8, 4, "sum_topn", 2)
+    assert torch.equal(ids2, ids) and torch.equal(chosen2, chosen.detach())
+
+
+def test_an_eval_layer_with_gradients_matches_the_unfused_one():
+    fused = moegraph.compile("deepseek-v3-tiny", dtype=torch.float32, seed=0).eval()
+    plain = moegraph.compile("deepseek-v3-tiny", dtype=torch.float32, seed=0, passes=_unfused(fused)).eval()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 9, fused.HIDDEN, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for layer in (fused, plain):
+        xx = x.clone().requires_grad_(True)
+        layer(xx).square().sum().backward()
+        grads.append((xx.grad, layer.router.weight.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
 
 
 def _unfused(layer):
@@ -132,8 +149,8 @@ def test_fused_layers_equal_the_unfused_graph(spec, dtype, monkeypatch):
             assert torch.equal(fused(x), y)
     assert "FuseRouterSelect" in fused.pass_report["eval"].applied
     assert len(kernel_calls) == 6 and all(c is not None for c in kernel_calls)  # the kernel chose, every call
-    assert any(n.target is torch.ops.moegraph.route_select.default for n in fused.graph().graph.nodes)
-    assert not any(n.target is torch.ops.moegraph.route_select.default for n in plain.graph().graph.nodes)
+    assert any(n.target is runtime.route_select for n in fused.graph().graph.nodes)
+    assert not any(n.target is runtime.route_select for n in plain.graph().graph.nodes)
 
 
 def test_pass_refusals_say_why():

@@ -19,8 +19,7 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S 
 
 The package: ``args`` (``ExpertArgs``, ``RoutedRows``: the arguments objects everything past the op
 schema takes), ``activation`` (the activation forms inside the op), ``forward`` (reference and fast
-paths), ``workspace`` (scratch buffers, oneDNN packing), ``backward`` (the explicit backward op),
-``route`` (``moegraph::route_select``, the router's expert choice as one op);
+paths), ``workspace`` (scratch buffers, oneDNN packing), ``backward`` (the explicit backward op);
 this module registers the ops (the one place with the positional form) and holds the op's settings.
 """
 
@@ -41,7 +40,6 @@ from .backward import (
     take_forward,
     using_forward,
 )
-from .route import route_select
 from .forward import _expert_mlp_fast, _expert_mlp_impl, _small_experts, _sort_by_expert, shared_into_output
 from .workspace import (
     _linear,
@@ -53,7 +51,7 @@ from .workspace import (
     prepack_supported,
 )
 
-__all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "route_select", "apply_activation", "mlp_forward", "clear_workspace",
+__all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
            "define_expert_op", "ExpertArgs", "RoutedRows", "empty_huge", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
            "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",

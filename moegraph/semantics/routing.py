@@ -112,7 +112,7 @@ def choose_experts(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
 def select_experts(scores_TE: Tensor, policy: TopKPolicy, expert_bias_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The choice of a score-then-top-k policy and the chosen experts' scores, unweighted: ids_TK
     (best first) and scores_TE gathered at them, before normalising and scaling (what
-    ``moegraph::route_select`` computes)."""
+    ``runtime.route_select`` computes)."""
     ids_TK = choose_experts(scores_TE if expert_bias_E is None else scores_TE + expert_bias_E, policy)
     return ids_TK, scores_TE.gather(1, ids_TK)
 
