@@ -215,13 +215,19 @@ def _load_locked(key: tuple, make_source: Callable[[], str],
     return hit
 
 
-def _open(path: Path) -> ctypes.CDLL:
+def _cdll(path: Path, kind: str, version_symbol: str, version: int) -> ctypes.CDLL:
+    """The library at ``path`` where its ``version_symbol()`` says ``version`` (else NativeUnavailable)."""
     try:
         lib = ctypes.CDLL(str(path))
-        if lib.mg_abi_version() != ABI_VERSION:
+        if getattr(lib, version_symbol)() != version:
             raise OSError("ABI version differs")
     except (OSError, AttributeError) as exc:
-        raise NativeUnavailable(f"cannot load the decode kernel {path} ({exc})") from None
+        raise NativeUnavailable(f"cannot load the {kind} kernel {path} ({exc})") from None
+    return lib
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = _cdll(path, "decode", "mg_abi_version", ABI_VERSION)
     _declare(lib)
     return lib
 
@@ -555,12 +561,7 @@ def router_source() -> str:
 
 
 def _open_router(path: Path) -> ctypes.CDLL:
-    try:
-        lib = ctypes.CDLL(str(path))
-        if lib.mg_router_abi_version() != ROUTER_ABI_VERSION:
-            raise OSError("ABI version differs")
-    except (OSError, AttributeError) as exc:
-        raise NativeUnavailable(f"cannot load the router kernel {path} ({exc})") from None
+    lib = _cdll(path, "router", "mg_router_abi_version", ROUTER_ABI_VERSION)
     i64, i32, p = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.mg_route_select.restype = i32
     lib.mg_route_select.argtypes = [i64, i64, p, p, i64, i64, i64, i32, p, p, i32]  # T E s bias K G KG gsum ids w nt
