@@ -191,3 +191,15 @@ def test_token_index_cache_serves_inference_and_training():
     assert x.grad.tolist() == [[4.0, 4.0]] * 3
     big = torch.zeros(300, 2, dtype=torch.int64)
     assert runtime.token_index(big, 2).tolist() == torch.arange(300).repeat_interleave(2).tolist()
+
+
+def test_torch_compile_traces_the_fused_choice_without_breaks():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    layer = moegraph.compile("deepseek-v3-tiny", dtype=torch.float32, seed=0).eval()
+    x = torch.randn(1, 5, layer.HIDDEN, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        y = layer(x)
+        yc = torch.compile(layer, backend="eager", fullgraph=True)(x)
+    assert torch.equal(y, yc)
+    assert "FuseRouterSelect" in layer.pass_report["eval"].applied
