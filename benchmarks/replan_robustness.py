@@ -36,6 +36,7 @@ way: this is a measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -202,11 +203,32 @@ def summary(rows: list[dict], out=print) -> None:
                 f"{np.median(mg) * scale:+7.3f}  {w['switch']} ({w['config']})")
 
 
+def compare(before: list[dict], after: list[dict], out=print) -> None:
+    """Per check and traffic kind: passes and min / median margin before -> after, and the cases that changed."""
+    key = {(r["switch"], r["config"]): r for r in before}
+    pairs = [(key[(r["switch"], r["config"])], r) for r in after if (r["switch"], r["config"]) in key]
+    out(f"\ncompared with an earlier run on {len(pairs)} cases: passes, min margin, median margin (before -> after)")
+    for check, margin in CHECKS.items():
+        scale = 1.0 if check.startswith("max/mean") else 100.0
+        for kind in ("ESFT", "synthetic"):
+            sel = [(b, a) for b, a in pairs if a["real"] == (kind == "ESFT")]
+            if not sel:
+                continue
+            mb = np.array([margin(b) for b, _ in sel]) * scale
+            ma = np.array([margin(a) for _, a in sel]) * scale
+            out(f"{check:28} {kind:9} {int((mb >= 0).sum()):3} -> {int((ma >= 0).sum()):3} of {len(sel):<3} "
+                f"min {mb.min():+8.3f} -> {ma.min():+8.3f}  median {np.median(mb):+8.3f} -> {np.median(ma):+8.3f}  "
+                f"better in {int((ma > mb + 1e-9).sum())}, worse in {int((ma < mb - 1e-9).sum())}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer switches (two splits per task, one synthetic)")
     ap.add_argument("--cache", type=Path, default=None, help="folder keeping the current plans between runs")
     ap.add_argument("--log", type=Path, default=None, help="also write the printed table here")
+    ap.add_argument("--rows", type=Path, default=None, help="write the measured rows here (JSON)")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="rows of an earlier run (--rows): print each check's passes and margins beside theirs")
     args = ap.parse_args(argv)
     lines: list[str] = []
 
@@ -217,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run(args.quick, args.cache, out=out)
     summary(rows, out=out)
+    if args.compare is not None:
+        compare(json.loads(args.compare.read_text()), rows, out=out)
+    if args.rows is not None:
+        args.rows.write_text(json.dumps(rows, indent=0))
     out(f"\n{len(rows)} switch x config cases in {time.perf_counter() - t0:.0f}s")
     if args.log is not None:
         args.log.parent.mkdir(parents=True, exist_ok=True)

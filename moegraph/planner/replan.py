@@ -25,6 +25,12 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    is free) plus any rise of the co-activation cut it causes, valued over the horizon. Greedy and
    priced, so the few changes that matter come first. The default target is the spec's
    ``max_imbalance`` less ``WINDOW_MARGIN``: the window is a sample of the traffic to come.
+   The redundant slots went to the experts the old traffic made hot, and the repair moves a replica
+   only where that change alone lowers the excess; on traffic whose hot experts are new it can stop
+   above the target (a hot expert needs several more replicas at once). A layer where it stops there
+   is repaired again from the current plan with the redundant slots first given out as the
+   load-only planner would give them on the window (``baselines.replicate_by_load``, one slot
+   changed per replica), and the better balanced of the two results is kept (after step 2).
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
@@ -73,6 +79,7 @@ import numpy as np
 from ..errors import PlanFileError, PlanInfeasible, TraceError
 from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
+from .baselines import replicate_by_load
 from .blas import one_blas_thread
 from .cost import copy_bytes
 from .dispatch import source_gpus
@@ -678,15 +685,69 @@ def _fork_workers(layers: int, experts_x_gpus: int) -> int:
     return max(1, min(cores, layers))
 
 
+def _ratio(st: _Layer) -> float:
+    load = st.load
+    return float(load.max() / max(load.mean(), 1e-12))
+
+
+def _reallocate_replicas(st: _Layer) -> int:
+    """Give the redundant slots to the experts the window's loads call for; returns the slots changed.
+
+    The counts are the load-only planner's (``baselines.replicate_by_load`` of the window's tokens per
+    expert); an expert with more replicas than that gives one up (its replica on the least loaded GPU
+    that does not hold the receiver) to each expert below its count, the hottest per replica first.
+    One slot changes per replica.
+    """
+    e, g = st.hold.shape
+    tokens = st.cnt.sum(axis=0)
+    want = replicate_by_load(tokens, len(st.ex), g)
+    have = st.hold.sum(axis=1).astype(np.int64)
+    changes = 0
+    for a in np.lexsort((np.arange(e), -tokens / np.maximum(have, 1))):
+        while have[a] < want[a]:
+            load = st.load
+            donor = (have[st.ex] > want[st.ex]) & ~st.hold[a, st.gpu]  # [S] slots that may take a replica of a
+            if not donor.any():
+                break
+            t = int(np.flatnonzero(donor)[np.argmin(load[st.gpu[donor]])])
+            b = int(st.ex[t])
+            st.reassign(t, int(a))
+            have[a] += 1
+            have[b] -= 1
+            changes += 1
+    return changes
+
+
+def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.ndarray,
+           value_per_j: float) -> tuple[_Layer, int, int]:
+    """Steps 1 and 2 on one layer without a move budget: (the state reached, repairs, communication changes).
+
+    Where the repair stops above the balance target and the layer has redundant slots, the replicas
+    the current plan gave out may be the obstacle: they follow the old traffic, and the repair moves
+    one replica at a time only where that alone lowers the excess load. The layer is then re-planned
+    once more from the current plan with the redundant slots re-allocated to the window's loads first
+    (``_reallocate_replicas``), and that result is kept if it is better balanced.
+    """
+    start = st.ex.copy()
+    r = _repair_balance(st, imb, budget, coact, cost, value_per_j)
+    c = _improve_comm(st, coact, cost, value_per_j, imb, budget)
+    if budget.moves is None and len(st.ex) > st.hold.shape[0] and _ratio(st) > imb + 1e-6:
+        alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+        r2 = _reallocate_replicas(alt)
+        r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
+        c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
+        if _ratio(alt) < _ratio(st) - 1e-9:
+            return alt, r2, c2
+    return st, r, c
+
+
 def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
     """Steps 1 and 2 on ``layers`` of the forked work: (layer, slot experts, contributions, repairs, swaps)."""
     states, coacts, imb, budget, cost, value_per_j = _FORKED
     out = []
     with one_blas_thread():
         for layer in layers:
-            st = states[layer]
-            r = _repair_balance(st, imb, budget, coacts[layer], cost, value_per_j)
-            c = _improve_comm(st, coacts[layer], cost, value_per_j, imb, budget)
+            st, r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
             out.append((layer, st.ex, st.contrib, r, c))
     return out
 
@@ -819,6 +880,11 @@ def replan(
         workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
         if budget.moves is None and workers > 1:
             repairs, swaps = _steps_in_processes(work, order, min(workers, len(states)))
+        elif budget.moves is None:
+            repairs = swaps = 0
+            for layer in order:
+                states[layer], r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
+                repairs, swaps = repairs + r, swaps + c
         else:
             repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
                           for layer in order)
