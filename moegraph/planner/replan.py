@@ -26,11 +26,19 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    priced, so the few changes that matter come first. The default target is the spec's
    ``max_imbalance`` less ``WINDOW_MARGIN``: the window is a sample of the traffic to come.
    The redundant slots went to the experts the old traffic made hot, and the repair moves a replica
-   only where that change alone lowers the excess; on traffic whose hot experts are new it can stop
-   above the target (a hot expert needs several more replicas at once). A layer where it stops there
-   is repaired again from the current plan with the redundant slots first given out as the
-   load-only planner would give them on the window (``baselines.replicate_by_load``, one slot
-   changed per replica), and the better balanced of the two results is kept (after step 2).
+   only where that change alone lowers the excess: on traffic whose hot experts are new it can stop
+   above the target (a hot expert needs several more replicas at once), and where it does reach the
+   target the old replicas still serve experts that are no longer hot, while a replica of a hot
+   expert saves copies (its tokens on that GPU stay there) and spreads the load that varies most.
+   So a layer with redundant slots is also repaired a second time from the current plan, its
+   redundant slots first given out as the load-only planner would give them on the window
+   (``baselines.replicate_by_load``, one slot changed per replica), and both results go through
+   step 2. The second is kept if the first stays above the target and the second is better
+   balanced, or if both are within the target and the second costs less by the re-plan's own
+   measure (moves by link plus the cut over the horizon). That second pass about doubles a layer's
+   time, so layers larger than ``search.EXACT_MAX_ITEMS`` slots (where the search skips its costly
+   refinement too) take it only where the first stops above the target. With a move budget (shared
+   by the layers in turn) there is no second pass.
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
@@ -86,7 +94,7 @@ from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
 from .planfile import Plan
-from .search import rule_contrib
+from .search import EXACT_MAX_ITEMS, rule_contrib
 
 __all__ = [
     "DEFAULT_HORIZON_TOKENS",
@@ -718,27 +726,46 @@ def _reallocate_replicas(st: _Layer) -> int:
     return changes
 
 
+def _priced(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float) -> float:
+    """What the re-plan minimises within the balance target, for one layer: the link price of its moves
+    (in experts over the fastest link) plus its co-activation cut (``_slot_cut_deltas``' J) over the horizon."""
+    r = st.hold.sum(axis=1)[st.ex].astype(np.float64)
+    a_rr = coact[np.ix_(st.ex, st.ex)] / np.outer(r, r)
+    a_rr[st.ex[:, None] == st.ex[None, :]] = 0.0  # replicas of one expert are not a pair
+    j = 0.5 * float((a_rr * cost[np.ix_(st.gpu, st.gpu)]).sum())
+    return float(st.price[st.ex, st.gpu].sum()) + value_per_j * j
+
+
 def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.ndarray,
            value_per_j: float) -> tuple[_Layer, int, int]:
-    """Steps 1 and 2 on one layer without a move budget: (the state reached, repairs, communication changes).
+    """Steps 1 and 2 on one layer: (the state reached, repairs, communication changes).
 
-    Where the repair stops above the balance target and the layer has redundant slots, the replicas
-    the current plan gave out may be the obstacle: they follow the old traffic, and the repair moves
-    one replica at a time only where that alone lowers the excess load. The layer is then re-planned
-    once more from the current plan with the redundant slots re-allocated to the window's loads first
-    (``_reallocate_replicas``), and that result is kept if it is better balanced.
+    Without a move budget, a layer with redundant slots is also re-planned from the current plan with
+    its redundant slots first given out by the window's loads (``_reallocate_replicas``), where the
+    repair alone stopped above the balance target or the layer is small (at most ``EXACT_MAX_ITEMS``
+    slots: the second pass about doubles the layer's time). Of the two results the re-plan keeps the
+    better balanced where the first is above the target; else the second only if it is within the
+    target too and cheaper by the re-plan's own measure (``_priced``: moves by link plus the cut over
+    the horizon).
     """
     start = st.ex.copy()
     r = _repair_balance(st, imb, budget, coact, cost, value_per_j)
     c = _improve_comm(st, coact, cost, value_per_j, imb, budget)
-    if budget.moves is None and len(st.ex) > st.hold.shape[0] and _ratio(st) > imb + 1e-6:
-        alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
-        r2 = _reallocate_replicas(alt)
-        r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
-        c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
-        if _ratio(alt) < _ratio(st) - 1e-9:
-            return alt, r2, c2
-    return st, r, c
+    if budget.moves is not None or len(st.ex) == st.hold.shape[0]:
+        return st, r, c
+    above = _ratio(st) > imb + 1e-6
+    if not above and len(st.ex) > EXACT_MAX_ITEMS:
+        return st, r, c
+    alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+    r2 = _reallocate_replicas(alt)
+    r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
+    c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
+    if above:
+        better = _ratio(alt) < _ratio(st) - 1e-9
+    else:
+        better = (_ratio(alt) <= imb + 1e-6
+                  and _priced(alt, coact, cost, value_per_j) < _priced(st, coact, cost, value_per_j) - _TOL)
+    return (alt, r2, c2) if better else (st, r, c)
 
 
 def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
