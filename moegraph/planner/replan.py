@@ -930,8 +930,9 @@ def replan(
     policy = {
         "name": "incremental-replan",
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
-               "window), then priced co-activation swaps and replica re-assignments; moves cost their weight bytes over "
-               "the topology's links",
+               "window), then priced co-activation swaps and replica re-assignments; per layer with redundant slots, "
+               "the same from the window's replica counts where that is cheaper or better balanced; moves cost their "
+               "weight bytes over the topology's links",
         "seed": spec.placement.seed if seed is None else int(seed),
         "max_imbalance": imb,
         "horizon_tokens": horizon,
