@@ -25,6 +25,20 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    is free) plus any rise of the co-activation cut it causes, valued over the horizon. Greedy and
    priced, so the few changes that matter come first. The default target is the spec's
    ``max_imbalance`` less ``WINDOW_MARGIN``: the window is a sample of the traffic to come.
+   The redundant slots went to the experts the old traffic made hot, and the repair moves a replica
+   only where that change alone lowers the excess: on traffic whose hot experts are new it can stop
+   above the target (a hot expert needs several more replicas at once), and where it does reach the
+   target the old replicas still serve experts that are no longer hot, while a replica of a hot
+   expert saves copies (its tokens on that GPU stay there) and spreads the load that varies most.
+   So a layer with redundant slots is also repaired a second time from the current plan, its
+   redundant slots first given out as the load-only planner would give them on the window
+   (``baselines.replicate_by_load``, one slot changed per replica), and both results go through
+   step 2. The second is kept if the first stays above the target and the second is better
+   balanced, or if both are within the target and the second costs less by the re-plan's own
+   measure (moves by link plus the cut over the horizon). That second pass about doubles a layer's
+   time, so layers larger than ``search.EXACT_MAX_ITEMS`` slots (where the search skips its costly
+   refinement too) take it only where the first stops above the target. With a move budget (shared
+   by the layers in turn) there is no second pass.
 2. Communication. Swaps that lower the expected dispatch + combine cost on the window (the pairwise
    co-activation cut of ``search``, weighted by the topology's per-copy cost) by more than they cost
    to move, the saving counted over ``horizon_tokens`` tokens, keeping every GPU within the balance
@@ -73,13 +87,14 @@ import numpy as np
 from ..errors import PlanFileError, PlanInfeasible, TraceError
 from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
+from .baselines import replicate_by_load
 from .blas import one_blas_thread
 from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
 from .planfile import Plan
-from .search import rule_contrib
+from .search import EXACT_MAX_ITEMS, rule_contrib
 
 __all__ = [
     "DEFAULT_HORIZON_TOKENS",
@@ -678,15 +693,88 @@ def _fork_workers(layers: int, experts_x_gpus: int) -> int:
     return max(1, min(cores, layers))
 
 
+def _ratio(st: _Layer) -> float:
+    load = st.load
+    return float(load.max() / max(load.mean(), 1e-12))
+
+
+def _reallocate_replicas(st: _Layer) -> int:
+    """Give the redundant slots to the experts the window's loads call for; returns the slots changed.
+
+    The counts are the load-only planner's (``baselines.replicate_by_load`` of the window's tokens per
+    expert); an expert with more replicas than that gives one up (its replica on the least loaded GPU
+    that does not hold the receiver) to each expert below its count, the hottest per replica first.
+    One slot changes per replica.
+    """
+    e, g = st.hold.shape
+    tokens = st.cnt.sum(axis=0)
+    want = replicate_by_load(tokens, len(st.ex), g)
+    have = st.hold.sum(axis=1).astype(np.int64)
+    changes = 0
+    for a in np.lexsort((np.arange(e), -tokens / np.maximum(have, 1))):
+        while have[a] < want[a]:
+            load = st.load
+            donor = (have[st.ex] > want[st.ex]) & ~st.hold[a, st.gpu]  # [S] slots that may take a replica of a
+            if not donor.any():
+                break
+            t = int(np.flatnonzero(donor)[np.argmin(load[st.gpu[donor]])])
+            b = int(st.ex[t])
+            st.reassign(t, int(a))
+            have[a] += 1
+            have[b] -= 1
+            changes += 1
+    return changes
+
+
+def _priced(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float) -> float:
+    """What the re-plan minimises within the balance target, for one layer: the link price of its moves
+    (in experts over the fastest link) plus its co-activation cut (``_slot_cut_deltas``' J) over the horizon."""
+    r = st.hold.sum(axis=1)[st.ex].astype(np.float64)
+    a_rr = coact[np.ix_(st.ex, st.ex)] / np.outer(r, r)
+    a_rr[st.ex[:, None] == st.ex[None, :]] = 0.0  # replicas of one expert are not a pair
+    j = 0.5 * float((a_rr * cost[np.ix_(st.gpu, st.gpu)]).sum())
+    return float(st.price[st.ex, st.gpu].sum()) + value_per_j * j
+
+
+def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.ndarray,
+           value_per_j: float) -> tuple[_Layer, int, int]:
+    """Steps 1 and 2 on one layer: (the state reached, repairs, communication changes).
+
+    Without a move budget, a layer with redundant slots is also re-planned from the current plan with
+    its redundant slots first given out by the window's loads (``_reallocate_replicas``), where the
+    repair alone stopped above the balance target or the layer is small (at most ``EXACT_MAX_ITEMS``
+    slots: the second pass about doubles the layer's time). Of the two results the re-plan keeps the
+    better balanced where the first is above the target; else the second only if it is within the
+    target too and cheaper by the re-plan's own measure (``_priced``: moves by link plus the cut over
+    the horizon).
+    """
+    start = st.ex.copy()
+    r = _repair_balance(st, imb, budget, coact, cost, value_per_j)
+    c = _improve_comm(st, coact, cost, value_per_j, imb, budget)
+    if budget.moves is not None or len(st.ex) == st.hold.shape[0]:
+        return st, r, c
+    above = _ratio(st) > imb + 1e-6
+    if not above and len(st.ex) > EXACT_MAX_ITEMS:
+        return st, r, c
+    alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+    r2 = _reallocate_replicas(alt)
+    r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
+    c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
+    if above:
+        better = _ratio(alt) < _ratio(st) - 1e-9
+    else:
+        better = (_ratio(alt) <= imb + 1e-6
+                  and _priced(alt, coact, cost, value_per_j) < _priced(st, coact, cost, value_per_j) - _TOL)
+    return (alt, r2, c2) if better else (st, r, c)
+
+
 def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
     """Steps 1 and 2 on ``layers`` of the forked work: (layer, slot experts, contributions, repairs, swaps)."""
     states, coacts, imb, budget, cost, value_per_j = _FORKED
     out = []
     with one_blas_thread():
         for layer in layers:
-            st = states[layer]
-            r = _repair_balance(st, imb, budget, coacts[layer], cost, value_per_j)
-            c = _improve_comm(st, coacts[layer], cost, value_per_j, imb, budget)
+            st, r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
             out.append((layer, st.ex, st.contrib, r, c))
     return out
 
@@ -819,6 +907,11 @@ def replan(
         workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
         if budget.moves is None and workers > 1:
             repairs, swaps = _steps_in_processes(work, order, min(workers, len(states)))
+        elif budget.moves is None:
+            repairs = swaps = 0
+            for layer in order:
+                states[layer], r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
+                repairs, swaps = repairs + r, swaps + c
         else:
             repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
                           for layer in order)
@@ -837,8 +930,9 @@ def replan(
     policy = {
         "name": "incremental-replan",
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
-               "window), then priced co-activation swaps and replica re-assignments; moves cost their weight bytes over "
-               "the topology's links",
+               "window), then priced co-activation swaps and replica re-assignments; per layer with redundant slots, "
+               "the same from the window's replica counts where that is cheaper or better balanced; moves cost their "
+               "weight bytes over the topology's links",
         "seed": spec.placement.seed if seed is None else int(seed),
         "max_imbalance": imb,
         "horizon_tokens": horizon,
