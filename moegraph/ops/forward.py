@@ -7,6 +7,7 @@ Legend: T tokens, D model dim, F expert hidden dim, H up-projection width, E exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .args import ExpertArgs
 from .activation import _activate_, apply_activation, mlp_forward
+from .threads import run_split
 from .workspace import _linear, _PackedExperts, _workspace
 
 
@@ -106,11 +108,14 @@ def shared_into_output(args: ExpertArgs, packed: _PackedExperts | None = None) -
     return _linear(a, s_down, packed.shared_down if packed else None)
 
 
-def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None) -> Tensor:
+def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None,
+                     threads: int = 1) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
 
     ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
     None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
+    With ``threads`` > 1 the per-expert GEMMs run on that many worker threads, each taking whole
+    experts on one intra-op thread (``_per_expert_split``).
 
     GEMMs write into preallocated buffers (``out=``), the bias, activation (in place) and routing
     weight run once over all rows, the routing weight scales the F-wide hidden rows instead of the
@@ -144,20 +149,72 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
         if b_down_ED is not None:
             o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
         return y_TD.index_add_(0, tok_sorted, o)
-    # Step 3: one GEMM per expert and projection, written into all rows' buffers; the bias, the
-    # activation and the routing weight run once over all rows (per-expert small ops cost more than
-    # the GEMMs gain at a few rows per expert).
-    gated_out = ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None
-    h = _gemm_per_expert(x_ND, w_up_EHD, packed.up if packed else None, counts,
-                         ws.get("h", n_valid, w_up_EHD.shape[1]))
-    if b_up_EH is not None:
-        h.add_(b_up_EH.index_select(0, exp_sorted))
-    a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=gated_out).mul_(w_sorted)
-    o = _gemm_per_expert(a, w_down_EDF, packed.down if packed else None, counts, ws.get("o", n_valid, D))
-    if b_down_ED is not None:
-        o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+    # Step 3: one GEMM per expert and projection, written into all rows' buffers (one run of them,
+    # or one per worker thread).
+    rows = _Rows(x_ND, exp_sorted, w_sorted, counts, ws.get("h", n_valid, w_up_EHD.shape[1]),
+                 ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None, ws.get("o", n_valid, D))
+    if threads > 1:
+        o = _per_expert_split(args, packed, rows, threads)
+    else:
+        o = _per_expert_rows(args, packed, rows)
     # Step 4: combine per token.
     return y_TD.index_add_(0, tok_sorted, o)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A run of expert-sorted rows and the buffers of its per-expert GEMMs: x_ND [n, D] rows,
+    exp_sorted [n] their experts, w_sorted [n, 1] their routing weights, counts (E ints: rows of each
+    expert in this run), h_NH, a_NF (gated only, else None), o_ND: the up projection, activation
+    and output buffers."""
+
+    x_ND: Tensor
+    exp_sorted: Tensor
+    w_sorted: Tensor
+    counts: list[int]
+    h_NH: Tensor
+    a_NF: Tensor | None
+    o_ND: Tensor
+
+    def part(self, start: int, end: int, counts: list[int]) -> _Rows:
+        """Rows start:end, whose experts' counts are ``counts``."""
+        return _Rows(self.x_ND[start:end], self.exp_sorted[start:end], self.w_sorted[start:end], counts,
+                     self.h_NH[start:end], None if self.a_NF is None else self.a_NF[start:end], self.o_ND[start:end])
+
+
+def _per_expert_rows(args: ExpertArgs, packed: _PackedExperts | None, rows: _Rows) -> Tensor:
+    """Step 3 of the per-expert path on ``rows``: their routed outputs (weighted), in ``rows.o_ND``.
+
+    The bias, the activation and the routing weight run once over all rows (per-expert small ops cost
+    more than the GEMMs gain at a few rows per expert).
+    """
+    h = _gemm_per_expert(rows.x_ND, args.w_up_EHD, packed.up if packed else None, rows.counts, rows.h_NH)
+    if args.b_up_EH is not None:
+        h.add_(args.b_up_EH.index_select(0, rows.exp_sorted))
+    a = _activate_(h, *args.activation_args, out=rows.a_NF).mul_(rows.w_sorted)
+    o = _gemm_per_expert(a, args.w_down_EDF, packed.down if packed else None, rows.counts, rows.o_ND)
+    if args.b_down_ED is not None:
+        o.addcmul_(rows.w_sorted, args.b_down_ED.index_select(0, rows.exp_sorted))
+    return o
+
+
+def _per_expert_split(args: ExpertArgs, packed: _PackedExperts | None, rows: _Rows, threads: int) -> Tensor:
+    """Step 3 with the experts cut into ``threads`` runs of about equal rows, each run's GEMMs and
+    elementwise steps on its own worker thread with one intra-op thread (``threads.run_split``).
+    Every row goes through the same operations as in ``_per_expert_rows``; the runs write disjoint
+    rows of the shared buffers."""
+    n = rows.x_ND.shape[0]
+    parts, start, e0, seen = [], 0, 0, 0
+    for e, c in enumerate(rows.counts):
+        seen += c
+        # Close a run at the expert that takes it past its share of the rows (the last run takes the rest).
+        if c and seen >= n * (len(parts) + 1) / threads and len(parts) < threads - 1:
+            parts.append(rows.part(start, seen, [0] * e0 + rows.counts[e0:e + 1] + [0] * (len(rows.counts) - e - 1)))
+            start, e0 = seen, e + 1
+    if start < n:
+        parts.append(rows.part(start, n, [0] * e0 + rows.counts[e0:]))
+    run_split(lambda part: _per_expert_rows(args, packed, part), parts)
+    return rows.o_ND
 
 
 def _gemm_per_expert(a_NI: Tensor, w_EOI: Tensor, packed: list[Tensor] | None, counts: list[int],
