@@ -72,7 +72,9 @@ def _grouped(args: ExpertArgs, packed) -> Tensor:
 
 
 def _expert_threads(args: ExpertArgs, packed) -> Tensor:
-    return ops._expert_mlp_fast(args, packed, grouped=False, threads=torch.get_num_threads())
+    # CPU only: a worker thread would run GPU kernels on its own current stream, not the caller's.
+    threads = torch.get_num_threads() if args.x_TD.device.type == "cpu" else 1
+    return ops._expert_mlp_fast(args, packed, grouped=False, threads=threads)
 
 
 def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
