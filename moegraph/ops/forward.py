@@ -137,8 +137,12 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
-    x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped:
+    grouped = _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped
+    x_ND = ws.get("x", n_valid, D)
+    split = threads > 1 and not grouped
+    if not split:  # (split: each worker thread gathers its own rows, see _per_expert_split)
+        torch.index_select(x_TD, 0, tok_sorted, out=x_ND)
+    if grouped:
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -151,12 +155,9 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
         return y_TD.index_add_(0, tok_sorted, o)
     # Step 3: one GEMM per expert and projection, written into all rows' buffers (one run of them,
     # or one per worker thread).
-    rows = _Rows(x_ND, exp_sorted, w_sorted, counts, ws.get("h", n_valid, w_up_EHD.shape[1]),
+    rows = _Rows(x_ND, tok_sorted, exp_sorted, w_sorted, counts, ws.get("h", n_valid, w_up_EHD.shape[1]),
                  ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None, ws.get("o", n_valid, D))
-    if threads > 1:
-        o = _per_expert_split(args, packed, rows, threads)
-    else:
-        o = _per_expert_rows(args, packed, rows)
+    o = _per_expert_split(args, packed, rows, threads) if split else _per_expert_rows(args, packed, rows)
     # Step 4: combine per token.
     return y_TD.index_add_(0, tok_sorted, o)
 
@@ -164,11 +165,12 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
 @dataclass(frozen=True)
 class _Rows:
     """A run of expert-sorted rows and the buffers of its per-expert GEMMs: x_ND [n, D] rows,
-    exp_sorted [n] their experts, w_sorted [n, 1] their routing weights, counts (E ints: rows of each
-    expert in this run), h_NH, a_NF (gated only, else None), o_ND: the up projection, activation
+    tok_sorted [n] their tokens, exp_sorted [n] their experts, w_sorted [n, 1] their routing weights,
+    counts (E ints: rows of each expert in this run), h_NH, a_NF (gated only, else None), o_ND: the up projection, activation
     and output buffers."""
 
     x_ND: Tensor
+    tok_sorted: Tensor
     exp_sorted: Tensor
     w_sorted: Tensor
     counts: list[int]
@@ -178,7 +180,7 @@ class _Rows:
 
     def part(self, start: int, end: int, counts: list[int]) -> _Rows:
         """Rows start:end, whose experts' counts are ``counts``."""
-        return _Rows(self.x_ND[start:end], self.exp_sorted[start:end], self.w_sorted[start:end], counts,
+        return _Rows(self.x_ND[start:end], self.tok_sorted[start:end], self.exp_sorted[start:end], self.w_sorted[start:end], counts,
                      self.h_NH[start:end], None if self.a_NF is None else self.a_NF[start:end], self.o_ND[start:end])
 
 
@@ -202,7 +204,9 @@ def _per_expert_split(args: ExpertArgs, packed: _PackedExperts | None, rows: _Ro
     """Step 3 with the experts cut into ``threads`` runs of about equal rows, each run's GEMMs and
     elementwise steps on its own worker thread with one intra-op thread (``threads.run_split``).
     Every row goes through the same operations as in ``_per_expert_rows``; the runs write disjoint
-    rows of the shared buffers."""
+    rows of the shared buffers. Each run also gathers its own rows into ``rows.x_ND``: a gather on
+    the caller's intra-op threads just before would leave them spinning for work (OpenMP's wait
+    policy) on the cores the workers start on."""
     n = rows.x_ND.shape[0]
     parts, start, e0, seen = [], 0, 0, 0
     for e, c in enumerate(rows.counts):
@@ -213,7 +217,11 @@ def _per_expert_split(args: ExpertArgs, packed: _PackedExperts | None, rows: _Ro
             start, e0 = seen, e + 1
     if start < n:
         parts.append(rows.part(start, n, [0] * e0 + rows.counts[e0:]))
-    run_split(lambda part: _per_expert_rows(args, packed, part), parts)
+    def run(part: _Rows) -> Tensor:
+        torch.index_select(args.x_TD, 0, part.tok_sorted, out=part.x_ND)
+        return _per_expert_rows(args, packed, part)
+
+    run_split(run, parts)
     return rows.o_ND
 
 
