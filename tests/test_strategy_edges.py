@@ -207,7 +207,8 @@ def test_per_expert_split_across_threads_equals_the_loop(c, threads):
                       t["act"].name, t["act"].gated, None, None, t["s_up"], t["s_down"], t["s_scale"])
     runs = []
     split = forward.run_split
-    with torch.no_grad(), mock.patch.object(forward, "run_split", lambda fn, parts: runs.append(parts) or split(fn, parts)):
+    record = lambda fn, parts: runs.append(parts) or split(fn, parts)  # noqa: E731
+    with torch.no_grad(), mock.patch.object(forward, "run_split", record):
         got = ops._expert_mlp_fast(args, None, grouped=False, threads=threads)
     want = _loop(t, t["w_up"], t["w_down"])
     scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0

@@ -166,8 +166,8 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
 class _Rows:
     """A run of expert-sorted rows and the buffers of its per-expert GEMMs: x_ND [n, D] rows,
     tok_sorted [n] their tokens, exp_sorted [n] their experts, w_sorted [n, 1] their routing weights,
-    counts (E ints: rows of each expert in this run), h_NH, a_NF (gated only, else None), o_ND: the up projection, activation
-    and output buffers."""
+    counts (E ints: rows of each expert in this run), h_NH, a_NF (gated only, else None), o_ND: the
+    up projection, activation and output buffers."""
 
     x_ND: Tensor
     tok_sorted: Tensor
@@ -180,8 +180,9 @@ class _Rows:
 
     def part(self, start: int, end: int, counts: list[int]) -> _Rows:
         """Rows start:end, whose experts' counts are ``counts``."""
-        return _Rows(self.x_ND[start:end], self.tok_sorted[start:end], self.exp_sorted[start:end], self.w_sorted[start:end], counts,
-                     self.h_NH[start:end], None if self.a_NF is None else self.a_NF[start:end], self.o_ND[start:end])
+        rows = slice(start, end)
+        return _Rows(self.x_ND[rows], self.tok_sorted[rows], self.exp_sorted[rows], self.w_sorted[rows], counts,
+                     self.h_NH[rows], None if self.a_NF is None else self.a_NF[rows], self.o_ND[rows])
 
 
 def _per_expert_rows(args: ExpertArgs, packed: _PackedExperts | None, rows: _Rows) -> Tensor:
@@ -217,6 +218,7 @@ def _per_expert_split(args: ExpertArgs, packed: _PackedExperts | None, rows: _Ro
             start, e0 = seen, e + 1
     if start < n:
         parts.append(rows.part(start, n, [0] * e0 + rows.counts[e0:]))
+
     def run(part: _Rows) -> Tensor:
         torch.index_select(args.x_TD, 0, part.tok_sorted, out=part.x_ND)
         return _per_expert_rows(args, packed, part)
