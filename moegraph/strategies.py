@@ -7,6 +7,9 @@ up to floating-point summation order); they differ in how the GEMMs are laid out
   graphs). Few, large GEMMs win when experts get many rows.
 - ``grouped_mm``: one ``torch._grouped_mm`` per projection over the expert-sorted rows. Two calls in
   all, so it wins where per-call overhead dominates (small experts, mid-size batches).
+- ``expert_threads``: the per-expert GEMMs with the experts shared out among as many worker threads
+  as there are intra-op threads, each GEMM on one thread (``ops.threads``): where experts get a few
+  hundred rows, one GEMM split across threads loses a good part of its speed to the split.
 - ``padded_bmm``: the touched experts' rows padded to the largest count, one ``torch.bmm`` per
   projection. Wins when loads are even and the padding is small.
 - ``decode``: for a handful of tokens: no sort, no gather of rows into a buffer; assignments are
@@ -44,12 +47,16 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS",
+           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS",
            "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
 DECODE_MAX_TOKENS = 16
+
+#: Fewest assignments per expert (on average) for which ``expert_threads`` is a candidate: below it
+#: the GEMMs are too short for whole experts per thread to beat splitting each one.
+THREADS_MIN_ROWS = 32
 
 #: Most assignments per expert (on average) for which ``native_bf16`` is a candidate: its four-row
 #: register blocks lose to oneDNN's GEMMs once experts get many rows.
@@ -62,6 +69,12 @@ def _per_expert(args: ExpertArgs, packed) -> Tensor:
 
 def _grouped(args: ExpertArgs, packed) -> Tensor:
     return ops._expert_mlp_fast(args, None, grouped=True)
+
+
+def _expert_threads(args: ExpertArgs, packed) -> Tensor:
+    # CPU only: a worker thread would run GPU kernels on its own current stream, not the caller's.
+    threads = torch.get_num_threads() if args.x_TD.device.type == "cpu" else 1
+    return ops._expert_mlp_fast(args, packed, grouped=False, threads=threads)
 
 
 def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
@@ -238,6 +251,7 @@ def _expert_rows(counts: list[int]):
 STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
     "per_expert": _per_expert,
     "grouped_mm": _grouped,
+    "expert_threads": _expert_threads,
     "padded_bmm": _padded_bmm,
     "decode": _decode,
     "native": _native,
@@ -261,6 +275,9 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
     names = ["per_expert"]
     if grouped_mm_fits(x_TD, w_up_EHD):
         names.append("grouped_mm")
+    if args is not None and torch.get_num_threads() > 1 and x_TD.device.type == "cpu" \
+            and args.exp_N.numel() >= THREADS_MIN_ROWS * w_up_EHD.shape[0]:
+        names.append("expert_threads")
     names.append("padded_bmm")
     if args is not None and _bf16_kernel_for(args, candidate=True) is not None:
         names.append("native_bf16")

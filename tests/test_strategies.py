@@ -270,6 +270,20 @@ def _args(T=6, E_=4):
             torch.randn(E_, D, F_, generator=g), None, None, "silu", True, None, None, None, None, None)
 
 
+def test_expert_threads_is_a_candidate_from_its_rows_per_expert_on_several_threads():
+    """Whole experts per worker thread is timed only where there are several intra-op threads and
+    the experts get THREADS_MIN_ROWS rows or more on average (fewer: each GEMM is too short)."""
+    before = torch.get_num_threads()
+    n_min = strategies.THREADS_MIN_ROWS * 4 // 2  # _args: two assignments per token, four experts
+    try:
+        for threads, T, want in [(2, n_min, True), (2, n_min - 1, False), (1, n_min, False)]:
+            torch.set_num_threads(threads)
+            args = ops.ExpertArgs.of(_args(T=T))
+            assert ("expert_threads" in strategies.candidates(args.x_TD, args.w_up_EHD, args)) == want, (threads, T)
+    finally:
+        torch.set_num_threads(before)
+
+
 class FakeTimer:
     """Times from a table instead of the clock: which strategy 'wins' is decided by the test."""
 

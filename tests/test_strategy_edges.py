@@ -190,3 +190,53 @@ def test_native_bf16_equals_the_loop_on_edge_inputs(c):
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * scale, msg=f"{name} on {c}")
     if native.kernel(act) is not None and c["T"] > 0:
         assert len(fused_calls) == 2, c
+
+
+@EDGES
+@given(c=calls(), threads=st.integers(2, 5))
+@example(c=NO_ROWS, threads=2)
+def test_per_expert_split_across_threads_equals_the_loop(c, threads):
+    """The per-expert path with its experts shared out among worker threads (``expert_threads`` on a
+    machine with that many intra-op threads), whatever this machine has: every kept row in exactly
+    one run, each run a contiguous range of experts, and the result the loop's."""
+    from moegraph import ops
+    from moegraph.ops import forward
+
+    t = _tensors(c)
+    args = ExpertArgs(t["x"], t["tok"], t["exp"], t["wgt"], t["w_up"], t["w_down"], t["b_up"], t["b_down"],
+                      t["act"].name, t["act"].gated, None, None, t["s_up"], t["s_down"], t["s_scale"])
+    runs = []
+    split = forward.run_split
+    record = lambda fn, parts: runs.append(parts) or split(fn, parts)  # noqa: E731
+    with torch.no_grad(), mock.patch.object(forward, "run_split", record):
+        got = ops._expert_mlp_fast(args, None, grouped=False, threads=threads)
+    want = _loop(t, t["w_up"], t["w_down"])
+    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale, msg=f"{threads} threads on {c}")
+    kept = [e for e in c["exp"] if 0 <= e < c["E"]]
+    if not kept:
+        assert runs == []
+        return
+    (parts,) = runs
+    assert 1 <= len(parts) <= threads
+    assert [e for p in parts for e in p.exp_sorted.tolist()] == sorted(kept)
+    for p in parts:
+        assert len(p.counts) == c["E"] and sum(p.counts) == p.x_ND.shape[0] > 0
+        assert p.counts == [p.exp_sorted.tolist().count(e) for e in range(c["E"])]
+
+
+def test_worker_threads_leave_the_thread_counts_as_they_were():
+    """The workers run one intra-op thread each; the caller's count, and the count a thread started
+    afterwards sets itself up with, are what they were."""
+    import threading
+
+    from moegraph.ops import threads
+
+    before = torch.get_num_threads()
+    seen = threads.run_split(lambda _: torch.get_num_threads(), [0, 1, 2])
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
+    later = []
+    th = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    th.start()
+    th.join()
+    assert later == [before]

@@ -19,7 +19,8 @@ Legend: T tokens, D model dim, F expert hidden dim, E experts, N assignments, S 
 
 The package: ``args`` (``ExpertArgs``, ``RoutedRows``: the arguments objects everything past the op
 schema takes), ``activation`` (the activation forms inside the op), ``forward`` (reference and fast
-paths), ``workspace`` (scratch buffers, oneDNN packing), ``backward`` (the explicit backward op);
+paths), ``workspace`` (scratch buffers, oneDNN packing), ``threads`` (worker
+threads for one call's experts), ``backward`` (the explicit backward op);
 this module registers the ops (the one place with the positional form) and holds the op's settings.
 """
 

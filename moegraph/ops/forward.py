@@ -7,6 +7,7 @@ Legend: T tokens, D model dim, F expert hidden dim, H up-projection width, E exp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from .args import ExpertArgs
 from .activation import _activate_, apply_activation, mlp_forward
+from .threads import run_split
 from .workspace import _linear, _PackedExperts, _workspace
 
 
@@ -106,11 +108,14 @@ def shared_into_output(args: ExpertArgs, packed: _PackedExperts | None = None) -
     return _linear(a, s_down, packed.shared_down if packed else None)
 
 
-def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None) -> Tensor:
+def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, grouped: bool | None = None,
+                     threads: int = 1) -> Tensor:
     """The inference path: same result as _expert_mlp_impl with fewer copies.
 
     ``grouped`` chooses one grouped GEMM per projection (True) or one GEMM pair per expert (False);
     None leaves it to the fixed rule ``_small_experts`` (``moegraph.strategies`` chooses otherwise).
+    With ``threads`` > 1 the per-expert GEMMs run on that many worker threads, each taking whole
+    experts on one intra-op thread (``_per_expert_split``).
 
     GEMMs write into preallocated buffers (``out=``), the bias, activation (in place) and routing
     weight run once over all rows, the routing weight scales the F-wide hidden rows instead of the
@@ -132,8 +137,12 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
     tok_sorted = tok_N.index_select(0, order_N)
     w_sorted = weight_N.index_select(0, order_N).to(x_TD.dtype).unsqueeze(-1)
     ws = _workspace(x_TD.dtype, x_TD.device)
-    x_ND = torch.index_select(x_TD, 0, tok_sorted, out=ws.get("x", n_valid, D))
-    if _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped:
+    grouped = _small_experts(w_up_EHD, w_down_EDF) if grouped is None else grouped
+    x_ND = ws.get("x", n_valid, D)
+    split = threads > 1 and not grouped
+    if not split:  # (split: each worker thread gathers its own rows, see _per_expert_split)
+        torch.index_select(x_TD, 0, tok_sorted, out=x_ND)
+    if grouped:
         # Step 3 (small experts): per-call overhead dominates, so one grouped GEMM per projection.
         offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x_TD.device, dtype=torch.int32)
         h = torch._grouped_mm(x_ND, w_up_EHD.transpose(1, 2), offs=offs)
@@ -144,20 +153,78 @@ def _expert_mlp_fast(args: ExpertArgs, packed: _PackedExperts | None = None, gro
         if b_down_ED is not None:
             o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
         return y_TD.index_add_(0, tok_sorted, o)
-    # Step 3: one GEMM per expert and projection, written into all rows' buffers; the bias, the
-    # activation and the routing weight run once over all rows (per-expert small ops cost more than
-    # the GEMMs gain at a few rows per expert).
-    gated_out = ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None
-    h = _gemm_per_expert(x_ND, w_up_EHD, packed.up if packed else None, counts,
-                         ws.get("h", n_valid, w_up_EHD.shape[1]))
-    if b_up_EH is not None:
-        h.add_(b_up_EH.index_select(0, exp_sorted))
-    a = _activate_(h, activation, gated, gate_clamp, up_clamp, out=gated_out).mul_(w_sorted)
-    o = _gemm_per_expert(a, w_down_EDF, packed.down if packed else None, counts, ws.get("o", n_valid, D))
-    if b_down_ED is not None:
-        o.addcmul_(w_sorted, b_down_ED.index_select(0, exp_sorted))
+    # Step 3: one GEMM per expert and projection, written into all rows' buffers (one run of them,
+    # or one per worker thread).
+    rows = _Rows(x_ND, tok_sorted, exp_sorted, w_sorted, counts, ws.get("h", n_valid, w_up_EHD.shape[1]),
+                 ws.get("a", n_valid, w_down_EDF.shape[2]) if gated else None, ws.get("o", n_valid, D))
+    o = _per_expert_split(args, packed, rows, threads) if split else _per_expert_rows(args, packed, rows)
     # Step 4: combine per token.
     return y_TD.index_add_(0, tok_sorted, o)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A run of expert-sorted rows and the buffers of its per-expert GEMMs: x_ND [n, D] rows,
+    tok_sorted [n] their tokens, exp_sorted [n] their experts, w_sorted [n, 1] their routing weights,
+    counts (E ints: rows of each expert in this run), h_NH, a_NF (gated only, else None), o_ND: the
+    up projection, activation and output buffers."""
+
+    x_ND: Tensor
+    tok_sorted: Tensor
+    exp_sorted: Tensor
+    w_sorted: Tensor
+    counts: list[int]
+    h_NH: Tensor
+    a_NF: Tensor | None
+    o_ND: Tensor
+
+    def part(self, start: int, end: int, counts: list[int]) -> _Rows:
+        """Rows start:end, whose experts' counts are ``counts``."""
+        rows = slice(start, end)
+        return _Rows(self.x_ND[rows], self.tok_sorted[rows], self.exp_sorted[rows], self.w_sorted[rows], counts,
+                     self.h_NH[rows], None if self.a_NF is None else self.a_NF[rows], self.o_ND[rows])
+
+
+def _per_expert_rows(args: ExpertArgs, packed: _PackedExperts | None, rows: _Rows) -> Tensor:
+    """Step 3 of the per-expert path on ``rows``: their routed outputs (weighted), in ``rows.o_ND``.
+
+    The bias, the activation and the routing weight run once over all rows (per-expert small ops cost
+    more than the GEMMs gain at a few rows per expert).
+    """
+    h = _gemm_per_expert(rows.x_ND, args.w_up_EHD, packed.up if packed else None, rows.counts, rows.h_NH)
+    if args.b_up_EH is not None:
+        h.add_(args.b_up_EH.index_select(0, rows.exp_sorted))
+    a = _activate_(h, *args.activation_args, out=rows.a_NF).mul_(rows.w_sorted)
+    o = _gemm_per_expert(a, args.w_down_EDF, packed.down if packed else None, rows.counts, rows.o_ND)
+    if args.b_down_ED is not None:
+        o.addcmul_(rows.w_sorted, args.b_down_ED.index_select(0, rows.exp_sorted))
+    return o
+
+
+def _per_expert_split(args: ExpertArgs, packed: _PackedExperts | None, rows: _Rows, threads: int) -> Tensor:
+    """Step 3 with the experts cut into ``threads`` runs of about equal rows, each run's GEMMs and
+    elementwise steps on its own worker thread with one intra-op thread (``threads.run_split``).
+    Every row goes through the same operations as in ``_per_expert_rows``; the runs write disjoint
+    rows of the shared buffers. Each run also gathers its own rows into ``rows.x_ND``: a gather on
+    the caller's intra-op threads just before would leave them spinning for work (OpenMP's wait
+    policy) on the cores the workers start on."""
+    n = rows.x_ND.shape[0]
+    parts, start, e0, seen = [], 0, 0, 0
+    for e, c in enumerate(rows.counts):
+        seen += c
+        # Close a run at the expert that takes it past its share of the rows (the last run takes the rest).
+        if c and seen >= n * (len(parts) + 1) / threads and len(parts) < threads - 1:
+            parts.append(rows.part(start, seen, [0] * e0 + rows.counts[e0:e + 1] + [0] * (len(rows.counts) - e - 1)))
+            start, e0 = seen, e + 1
+    if start < n:
+        parts.append(rows.part(start, n, [0] * e0 + rows.counts[e0:]))
+
+    def run(part: _Rows) -> Tensor:
+        torch.index_select(args.x_TD, 0, part.tok_sorted, out=part.x_ND)
+        return _per_expert_rows(args, packed, part)
+
+    run_split(run, parts)
+    return rows.o_ND
 
 
 def _gemm_per_expert(a_NI: Tensor, w_EOI: Tensor, packed: list[Tensor] | None, counts: list[int],
