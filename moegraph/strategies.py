@@ -47,7 +47,7 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS",
+           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS", "PADDED_MAX_WASTE",
            "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
@@ -57,6 +57,11 @@ DECODE_MAX_TOKENS = 16
 #: Fewest assignments per expert (on average) for which ``expert_threads`` is a candidate: below it
 #: the GEMMs are too short for whole experts per thread to beat splitting each one.
 THREADS_MIN_ROWS = 32
+
+#: ``padded_bmm`` is no candidate where the experts average at least ``THREADS_MIN_ROWS`` rows (the
+#: GEMMs, not the calls, take the time) and padding to the largest expert would multiply them by more
+#: than this: it cannot win there, and timing it (fresh padded buffers every call) costs the most.
+PADDED_MAX_WASTE = 1.5
 
 #: Most assignments per expert (on average) for which ``native_bf16`` is a candidate: its four-row
 #: register blocks lose to oneDNN's GEMMs once experts get many rows.
@@ -278,7 +283,8 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
     if args is not None and torch.get_num_threads() > 1 and x_TD.device.type == "cpu" \
             and args.exp_N.numel() >= THREADS_MIN_ROWS * w_up_EHD.shape[0]:
         names.append("expert_threads")
-    names.append("padded_bmm")
+    if args is None or not _padding_hopeless(args):
+        names.append("padded_bmm")
     if args is not None and _bf16_kernel_for(args, candidate=True) is not None:
         names.append("native_bf16")
     if x_TD.shape[0] <= DECODE_MAX_TOKENS:
@@ -291,6 +297,20 @@ def candidates(x_TD: Tensor, w_up_EHD: Tensor, args: ExpertArgs | None = None) -
                 if torch.get_num_threads() > 1:
                     names.append("native_1t")
     return names
+
+
+def _padding_hopeless(args: ExpertArgs) -> bool:
+    """Whether ``padded_bmm`` would do more than ``PADDED_MAX_WASTE`` times the GEMM work of the others
+    on a call whose GEMMs take the time (see ``PADDED_MAX_WASTE``)."""
+    E = args.w_up_EHD.shape[0]
+    exp_N = args.exp_N
+    if exp_N.numel() < THREADS_MIN_ROWS * E:
+        return False
+    kept = exp_N[(exp_N >= 0) & (exp_N < E)]
+    counts = torch.bincount(kept, minlength=E)
+    touched = int((counts > 0).sum())
+    padded_rows = int(counts.max()) * (E if 2 * touched >= E else touched)  # as _padded_bmm pads
+    return padded_rows > PADDED_MAX_WASTE * max(1, kept.numel())
 
 
 def run_strategy(name: str, args: ExpertArgs | tuple, packed=None) -> Tensor:

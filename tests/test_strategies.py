@@ -270,6 +270,24 @@ def _args(T=6, E_=4):
             torch.randn(E_, D, F_, generator=g), None, None, "silu", True, None, None, None, None, None)
 
 
+def test_padded_bmm_is_no_candidate_where_padding_multiplies_long_gemms():
+    """Many rows per expert and one expert with most of them: padding every expert to it would multiply
+    the GEMM work by more than PADDED_MAX_WASTE, so padded_bmm is not timed; even rows, or few rows
+    per expert (where calls, not GEMMs, take the time), keep it."""
+    E_, T = 4, strategies.THREADS_MIN_ROWS * 4
+    for exp, want in [(torch.arange(2 * T) % E_, True),  # even: no padding at all
+                      (torch.where(torch.arange(2 * T) < T, 0, torch.arange(2 * T) % E_), False),  # expert 0: 5/8
+                      (torch.where(torch.arange(2 * T) < 8, 0, torch.arange(2 * T) % E_)[: 2 * T], True)]:
+        a = list(_args(T=T, E_=E_))
+        a[2] = exp
+        args = ops.ExpertArgs.of(tuple(a))
+        assert ("padded_bmm" in strategies.candidates(args.x_TD, args.w_up_EHD, args)) == want
+    short = list(_args(T=8, E_=E_))  # 16 assignments on 4 experts: few rows, padded_bmm stays
+    short[2] = torch.zeros(16, dtype=torch.int64)
+    args = ops.ExpertArgs.of(tuple(short))
+    assert "padded_bmm" in strategies.candidates(args.x_TD, args.w_up_EHD, args)
+
+
 def test_expert_threads_is_a_candidate_from_its_rows_per_expert_on_several_threads():
     """Whole experts per worker thread is timed only where there are several intra-op threads and
     the experts get THREADS_MIN_ROWS rows or more on average (fewer: each GEMM is too short)."""
