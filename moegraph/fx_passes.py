@@ -204,9 +204,9 @@ class FuseRouterSelect(PassBase):
 
     Anchors: the routing ids are what the graph returns as ids (a ``topk``'s indices); the chosen
     scores are their ``gather`` from the scores; the region between may read only the scores and
-    ``router.expert_bias``. Before the swap the region runs beside the op's torch steps
+    ``router.expert_bias``. Before the swap the region runs beside the call's torch steps
     (``semantics.routing.select_experts``) on random scores and on scores full of equal values, and
-    must agree exactly: the op falls back to those steps on ties, so the graph's result never
+    must agree exactly: the call falls back to those steps on ties, so the graph's result never
     changes. Otherwise (another routing, a region in another form) the pass leaves the graph alone
     and says why in ``refused``.
     """
