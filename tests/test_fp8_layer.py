@@ -93,11 +93,14 @@ def test_bf16_layer_and_error_against_the_unquantized_layer(tmp_path):
     d = load_spec(TINY).to_dict()
     d["moe"]["quantization"] = None
     plain = moegraph.compile(d, dtype=torch.float32, out_dir=tmp_path).eval()  # same seed: the master weights
-    x = torch.randn(32, 256)
+    x = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
     y = layer(x.bfloat16())
     assert y.dtype == torch.bfloat16
     u, _ = fp8.rounding_bound("fp8_e4m3")
-    assert _rel(y, plain(x)) <= 2 * u  # the documented bound (moegraph.fp8.rounding_bound)
+    # The unquantized layer sees the same (bfloat16) input values, so both route alike and the
+    # difference is the quantization's: a token whose near-tie the input rounding flips would route
+    # to other experts, an error no rounding bound speaks of (x was unseeded and failed that way).
+    assert _rel(y, plain(x.bfloat16().float())) <= 2 * u  # the documented bound (moegraph.fp8.rounding_bound)
     with pytest.raises(InputError, match=r"input has dtype torch.float32 but the layer's weights are torch.bfloat16"):
         layer(x)
 
