@@ -336,6 +336,19 @@ def supports(args: ExpertArgs) -> str | None:
             or _check_weight("shared_w_down_DF", a.shared_w_down_DF, (D, S), (torch.float32, torch.bfloat16)))
 
 
+def _bias_args(b_up: Tensor | None, b_down: Tensor | None) -> tuple:
+    """The kernels' bias arguments: the two pointers (NULL for none) and the biases' dtype code."""
+    present = b_up if b_up is not None else b_down
+    return _ptr(b_up), _ptr(b_down), _DT[present.dtype] if present is not None else 0
+
+
+def _clamp_args(act_args: tuple) -> tuple:
+    """The kernels' clamp arguments from ``ExpertArgs.activation_args``: (has, value) for gate and up."""
+    _, _, gate_clamp, up_clamp = act_args
+    return (gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
+            up_clamp is not None, 0.0 if up_clamp is None else up_clamp)
+
+
 def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up, b_down, act_args, fp8,
           threads: int | None = None) -> None:
     if x.shape[0] == 0 or (tok is not None and n == 0):
@@ -345,14 +358,10 @@ def _call(lib, y32, x, n, tok, exp, wgt, w_up, w_down, s_up, s_down, block, b_up
         return
     T, D = x.shape
     E, F = w_up.shape[0], w_down.shape[-1]
-    _, _, gate_clamp, up_clamp = act_args
-    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
     tile, fmt, scale_format = fp8 if fp8 else (0, None, "float32")
     rc = lib.mg_decode(T, D, F, E, x.data_ptr(), _DT[x.dtype], n, _ptr(tok), _ptr(exp), _ptr(wgt),
                        w_up.data_ptr(), w_down.data_ptr(), _DT[w_up.dtype], _ptr(s_up), _ptr(s_down), block[0],
-                       block[1], _ptr(b_up), _ptr(b_down), b_dt, gate_clamp is not None,
-                       0.0 if gate_clamp is None else gate_clamp, up_clamp is not None,
-                       0.0 if up_clamp is None else up_clamp, tile, _FP8_FMT.get(fmt, 0),
+                       block[1], *_bias_args(b_up, b_down), *_clamp_args(act_args), tile, _FP8_FMT.get(fmt, 0),
                        scale_format == "ue8m0", y32.data_ptr(), threads or torch.get_num_threads())
     if rc != 0:
         raise InputError(f"native decode kernel refused its inputs: {_ERRORS.get(rc, rc)}")
@@ -390,8 +399,8 @@ def run_supported(a: ExpertArgs, lib: ctypes.CDLL, threads: int | None = None) -
         _call_fused(lib, y32, x, a, threads)
         return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
     if a.shared_w_up_HD is not None:
-        _call(lib, y32, x, T, None, None, _shared_scale(a, T), a.shared_w_up_HD.unsqueeze(0), a.shared_w_down_DF.unsqueeze(0),
-              None, None, (0, 0), None, None, act_args, None, threads)
+        _call(lib, y32, x, T, None, None, _shared_scale(a, T), a.shared_w_up_HD.unsqueeze(0),
+              a.shared_w_down_DF.unsqueeze(0), None, None, (0, 0), None, None, act_args, None, threads)
     tok, exp = a.tok_N.contiguous(), a.exp_N.contiguous()
     wgt = a.weight_N.float().contiguous()
     _call(lib, y32, x, tok.numel(), tok, exp, wgt, a.w_up_EHD, a.w_down_EDF, None, None, (0, 0), a.b_up_EH,
@@ -425,14 +434,10 @@ def _call_fused(lib, y32: Tensor, x: Tensor, a: ExpertArgs, threads: int | None)
     wgt = a.weight_N.float().contiguous()
     s_up, s_down = a.shared_w_up_HD, a.shared_w_down_DF
     S, scale = (s_down.shape[1], _shared_scale(a, T)) if s_up is not None else (0, None)
-    b_up, b_down = a.b_up_EH, a.b_down_ED
-    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
-    _, _, gate_clamp, up_clamp = a.activation_args
     rc = lib.mg_decode_fused(T, x.shape[1], a.w_down_EDF.shape[2], a.w_up_EHD.shape[0], x.data_ptr(), _DT[x.dtype],
                              tok.numel(), tok.data_ptr(), exp.data_ptr(), wgt.data_ptr(), a.w_up_EHD.data_ptr(),
-                             a.w_down_EDF.data_ptr(), _ptr(b_up), _ptr(b_down), b_dt, S, _ptr(s_up), _ptr(s_down),
-                             _ptr(scale), gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
-                             up_clamp is not None, 0.0 if up_clamp is None else up_clamp, y32.data_ptr(),
+                             a.w_down_EDF.data_ptr(), *_bias_args(a.b_up_EH, a.b_down_ED), S, _ptr(s_up),
+                             _ptr(s_down), _ptr(scale), *_clamp_args(a.activation_args), y32.data_ptr(),
                              threads or torch.get_num_threads())
     if rc != 0:
         raise InputError(f"native decode kernel refused its inputs: {_ERRORS.get(rc, rc)}")
@@ -532,13 +537,9 @@ def run_bf16_rows(lib: ctypes.CDLL, a: ExpertArgs, x_ND: Tensor, counts: list[in
     x_ND = x_ND.contiguous()
     cnt = torch.tensor(counts, dtype=torch.int64)
     wgt = w_sorted_N.float().contiguous()
-    b_up, b_down = a.b_up_EH, a.b_down_ED
-    b_dt = _DT[(b_up if b_up is not None else b_down).dtype] if (b_up is not None or b_down is not None) else 0
-    _, _, gate_clamp, up_clamp = a.activation_args
     rc = lib.mg_bf16_experts(a.w_up_EHD.shape[0], D, a.w_down_EDF.shape[2], n, x_ND.data_ptr(), cnt.data_ptr(),
-                             wgt.data_ptr(), a.w_up_EHD.data_ptr(), a.w_down_EDF.data_ptr(), _ptr(b_up), _ptr(b_down),
-                             b_dt, gate_clamp is not None, 0.0 if gate_clamp is None else gate_clamp,
-                             up_clamp is not None, 0.0 if up_clamp is None else up_clamp, o_ND.data_ptr(),
+                             wgt.data_ptr(), a.w_up_EHD.data_ptr(), a.w_down_EDF.data_ptr(),
+                             *_bias_args(a.b_up_EH, a.b_down_ED), *_clamp_args(a.activation_args), o_ND.data_ptr(),
                              _ptr(h_out_NH), torch.get_num_threads())
     if rc != 0:
         raise InputError(f"native bfloat16 expert kernel refused its inputs: {_ERRORS.get(rc, rc)}")
