@@ -82,6 +82,14 @@ def _expert_threads(args: ExpertArgs, packed) -> Tensor:
     return ops._expert_mlp_fast(args, packed, grouped=False, threads=threads)
 
 
+def _padded_experts(counts: list[int]) -> list[int]:
+    """The experts ``padded_bmm`` gives a slot of the padded batch: those with rows, or every expert where
+    most have rows (the others' zero rows are never read back, and the weights are multiplied in place
+    instead of copying the touched experts' weights on every call)."""
+    touched = [e for e, c in enumerate(counts) if c]
+    return list(range(len(counts))) if 2 * len(touched) >= len(counts) else touched
+
+
 def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     (x_TD, tok_N, exp_N, weight_N, w_up_EHD, w_down_EDF, b_up_EH, b_down_ED, activation, gated, gate_clamp,
      up_clamp) = args.positional()[:12]
@@ -91,11 +99,7 @@ def _padded_bmm(args: ExpertArgs, packed) -> Tensor:
     n = len(order_N)
     if n == 0:
         return y_TD
-    touched = [e for e, c in enumerate(counts) if c]
-    if 2 * len(touched) >= E:
-        # Most experts have rows: pad the others too (zero rows, never read back) and multiply the
-        # weights in place, instead of copying the touched experts' weights on every call.
-        touched = list(range(E))
+    touched = _padded_experts(counts)
     U, M = len(touched), max(counts)
     # Slot u of the padded batch holds expert touched[u]; a row's position is its rank in its expert.
     starts, s = [], 0
@@ -307,10 +311,8 @@ def _padding_hopeless(args: ExpertArgs) -> bool:
     if exp_N.numel() < THREADS_MIN_ROWS * E:
         return False
     kept = exp_N[(exp_N >= 0) & (exp_N < E)]
-    counts = torch.bincount(kept, minlength=E)
-    touched = int((counts > 0).sum())
-    padded_rows = int(counts.max()) * (E if 2 * touched >= E else touched)  # as _padded_bmm pads
-    return padded_rows > PADDED_MAX_WASTE * max(1, kept.numel())
+    counts = torch.bincount(kept, minlength=E).tolist()
+    return max(counts) * len(_padded_experts(counts)) > PADDED_MAX_WASTE * max(1, kept.numel())
 
 
 def run_strategy(name: str, args: ExpertArgs | tuple, packed=None) -> Tensor:
