@@ -30,7 +30,6 @@ count_e the number of (token, choice) pairs routed to e over all K choices:
 from __future__ import annotations
 
 import functools
-
 import math
 from typing import Any, Protocol
 

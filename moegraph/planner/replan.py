@@ -694,6 +694,7 @@ def _fork_workers(layers: int, experts_x_gpus: int) -> int:
 
 
 def _ratio(st: _Layer) -> float:
+    """The layer's max/mean GPU load on the window."""
     load = st.load
     return float(load.max() / max(load.mean(), 1e-12))
 
@@ -896,7 +897,7 @@ def replan(
     coacts = [coactivation(np.asarray(ts.topk[layer], np.int64), e) / max(ts.num_tokens, 1)
               for layer in range(current_plan.num_layers)]
     # Worst layers first, so that a budget goes where balance is worst.
-    ratio = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
+    ratio = np.array([_ratio(s) for s in states])
     order = np.lexsort((np.arange(len(states)), -ratio))
     with one_blas_thread():  # many small products: BLAS threads cost more than they gain (``blas``)
         # A unit of J (the cut per token) over the horizon, dispatch + combine, in experts moved over the
