@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import fp8, ops  # noqa: F401  (registers torch.ops.moegraph)
+from . import fp8, native, ops  # noqa: F401  (fp8, ops: register torch.ops.moegraph)
 from . import semantics
 from .semantics import routing as _routing
 from .semantics import torch_forms as _torch_forms
@@ -149,8 +149,6 @@ def route_select(scores_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, nu
     dispatcher's cost per call is what this saves.
     """
     if not (scores_TE.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling():
-        from . import native
-
         got = native.route_select(scores_TE, expert_bias_E, top_k, num_groups, topk_groups, group_score, top_n)
         if got is not None:
             return got
