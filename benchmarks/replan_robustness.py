@@ -21,7 +21,8 @@ and the minimum / median margin (positive: met with that much to spare):
 
 For each switch and config (1x8 and 2x4 GPUs, 64 and 72 slots): the current plan is
 ``moegraph.planner.plan`` on the old traffic; the re-plan is ``replan`` from the fit part with its
-defaults; LO is the load-only re-plan from scratch on the fit part; the checks are the bench's:
+defaults; LO is the load-only re-plan from scratch on the fit part; the checks are the bench's
+(``replan_bench.after_switch`` and ``replan_bench.CHECKS``):
 
 - moves: slots moved <= 15% of the slots (margin 15% - moved);
 - balance: max/mean on the score part <= LO's + 0.03 (margin 0.03 - diff) and <= 1.15;
@@ -49,30 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replan_bench import (  # noqa: E402
-    MAX_BALANCE,
-    MAX_MOVED,
-    MAX_OVER_LO,
-    RELABEL_FEWER,
-    REMOTE_BELOW_LO,
+    CHECKS,
+    after_switch,
     halves,
     lite_spec,
     mix,
     one_source,
 )
 
-from moegraph.planner import Plan, baseline_plans, evaluate, plan  # noqa: E402
-from moegraph.planner.replan import migration, relabel, replan  # noqa: E402
+from moegraph.planner import Plan, plan  # noqa: E402
+from moegraph.planner.replan import replan  # noqa: E402
 from moegraph.traces import TraceSet, load_traces, synthetic_traces  # noqa: E402
 
 CONFIGS = ((1, 8, 64), (1, 8, 72), (2, 4, 64), (2, 4, 72))
-#: check name -> how its margin is computed from a row (the targets are replan_bench's)
-CHECKS: dict[str, Callable[[dict], float]] = {
-    "moves <= 15%": lambda r: MAX_MOVED - r["moved"],
-    "max/mean <= LO + 0.03": lambda r: MAX_OVER_LO - (r["bal"] - r["lo_bal"]),
-    "max/mean <= 1.15": lambda r: MAX_BALANCE - r["bal"],
-    "remote GPU >= 10% below LO": lambda r: -REMOTE_BELOW_LO - (r["rgpu"] / r["lo_rgpu"] - 1),
-    "relabel >= 25% fewer": lambda r: (1 - r["lor_moved"] / r["lo_changed"]) - RELABEL_FEWER,
-}
 
 
 @dataclass
@@ -159,25 +149,15 @@ def current_plan(spec, sw: Switch, config: tuple, cache: Path | None) -> Plan:
 
 
 def measure(sw: Switch, config: tuple, cur: Plan, replan_fn: Callable = replan) -> dict:
-    """The bench's quantities for one switch and config."""
-    spec = cur.spec
+    """The bench's quantities for one switch and config (``replan_bench.after_switch``), with the re-plan's CPU
+    seconds and how many layers it left above its window target."""
     c0 = time.process_time()
     new = replan_fn(None, cur, sw.fit)
     cpu = time.process_time() - c0
-    lo = baseline_plans(spec, sw.fit)["load_only"]
-    lor = relabel(lo, cur, sw.fit)
-    total = cur.num_layers * cur.num_slots
     # layers the re-plan left above its window target (its note says how many)
     stuck = next((int(n.split(" of ")[0]) for n in new.notes if "layers stay above" in n), 0)
-    m, bm = evaluate(new, sw.score)["mean"], evaluate(lo, sw.score)["mean"]
-    return {
-        "switch": sw.name, "config": "{}x{} {}".format(*config), "real": sw.real,
-        "moved": migration(cur, new).slots_moved / total,
-        "lo_changed": migration(cur, lo).slots_changed / total,
-        "lor_moved": migration(cur, lor).slots_moved / total,
-        "bal": m["max_mean_load"], "lo_bal": bm["max_mean_load"],
-        "rgpu": m["remote_gpu"], "lo_rgpu": bm["remote_gpu"], "cpu": cpu, "stuck": stuck,
-    }
+    return {"switch": sw.name, "config": "{}x{} {}".format(*config), "real": sw.real,
+            **after_switch(cur, new, sw.fit, sw.score), "cpu": cpu, "stuck": stuck}
 
 
 def run(quick: bool, cache: Path | None, replan_fn: Callable = replan, configs=CONFIGS, out=print) -> list[dict]:
