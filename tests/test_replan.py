@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import numpy as np
@@ -14,7 +13,7 @@ from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
-from moegraph.planner.replan import _Budget, _cut_rate, _Layer, _prices, _reassign_comm, _reassign_cut_deltas
+from moegraph.planner.replan import _Budget, _cut_rate, _kick, _Layer, _prices, _reassign_comm, _reassign_cut_deltas
 from moegraph.planner.replan import _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
@@ -472,6 +471,7 @@ def test_replan_reallocates_replicas_where_the_repair_stops_above_the_target(mon
     from moegraph.traces import synthetic_traces
 
     mod = sys.modules["moegraph.planner.replan"]
+    monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)  # the second pass alone (the polish is tested on its own)
     spec = _spec(nodes=1, gpus=8, slots=72)
     old = synthetic_traces(3, 64, 6, 2048, tokens_per_sample=128, coherence=1.0, seed=100)
     new = synthetic_traces(3, 64, 6, 2048, tokens_per_sample=128, coherence=1.0, seed=200)
@@ -505,6 +505,7 @@ def test_replan_keeps_the_reallocated_replicas_only_where_they_are_cheaper_by_it
     from moegraph.planner.migration import _holds
 
     mod = sys.modules["moegraph.planner.replan"]
+    monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)  # the second pass alone (the polish is tested on its own)
     spec, current, _, law = setup
     got = replan(spec, current, law)
     monkeypatch.setattr(mod, "_reallocate_replicas", lambda st: 0)
@@ -524,6 +525,76 @@ def test_replan_keeps_the_reallocated_replicas_only_where_they_are_cheaper_by_it
     costs = np.array(costs)
     assert (costs[:, 0] <= costs[:, 1] * (1 + 1e-4)).all() and (costs[:, 0] < costs[:, 1] * 0.99).any()
     assert evaluate(got, law)["mean"]["max_mean_load"] <= got.policy["max_imbalance"] + 0.03
+
+
+@pytest.mark.parametrize("nodes, gpus, slots", [(2, 4, 64), (1, 8, 72)])
+def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nodes, gpus, slots, monkeypatch):
+    # Per layer, the re-plan against the same re-plan without its polish (POLISH_ROUNDS = 0): its moves by link
+    # plus its cut over the horizon, written out, never higher; its max/mean load on the window (the dispatch
+    # rule's expected loads) never higher; and on a real task switch lower in some layer.
+    import sys
+
+    from moegraph.planner.cost import copy_bytes
+    from moegraph.planner.migration import _holds
+
+    mod = sys.modules["moegraph.planner.replan"]
+    spec = _spec(nodes=nodes, gpus=gpus, slots=slots)
+    intent, law = _task("intent"), _task("law")
+    current = plan(spec, intent)
+    got = replan(spec, current, law)
+    rounds = mod.POLISH_ROUNDS
+    monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)
+    plain = replan(spec, current, law)
+    assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
+    assert got.policy["copies_per_cut"] == plain.policy["copies_per_cut"]
+    cost = _move_cost(current.cluster)
+    value_per_j = got.policy["horizon_tokens"] * sum(copy_bytes(spec)) / expert_bytes(spec) * got.policy["copies_per_cut"]
+    g = nodes * gpus
+    gpu = np.arange(current.num_slots) // current.slots_per_gpu
+    costs, ratios = [], []
+    for layer in range(3):
+        price = _prices(_holds(current.physical_to_logical_map[layer], g, 64).T, cost)
+        coact = coactivation(np.asarray(law.topk[layer], np.int64), 64) / law.num_tokens
+        counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
+        costs.append([price[p.physical_to_logical_map[layer], gpu].sum()
+                      + value_per_j * _cut_written_out(p.physical_to_logical_map[layer], gpu, coact, cost)
+                      for p in (got, plain)])
+        loads = [expected_gpu_load(p, layer, counts) for p in (got, plain)]
+        ratios.append([x.max() / x.mean() for x in loads])
+    costs, ratios = np.array(costs), np.array(ratios)
+    # (in experts moved over the fastest link: some layer saves at least one)
+    assert (costs[:, 0] <= costs[:, 1] * (1 + 1e-9)).all() and (costs[:, 1] - costs[:, 0]).max() >= 1.0
+    assert (ratios[:, 0] <= ratios[:, 1] + 1e-6).all()
+    # seeded: the same seed gives the same plan, another seed draws other rounds; the policy records it
+    monkeypatch.setattr(mod, "POLISH_ROUNDS", rounds)
+    assert got.policy["seed"] == spec.placement.seed
+    assert np.array_equal(replan(spec, current, law).physical_to_logical_map, got.physical_to_logical_map)
+    other = replan(spec, current, law, seed=spec.placement.seed + 1)
+    assert other.policy["seed"] == spec.placement.seed + 1
+    assert not np.array_equal(other.physical_to_logical_map, got.physical_to_logical_map)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kick_sends_moved_experts_back_on_a_copy_whose_tables_stay_exact(seed):
+    st, _ = _random_layer(seed, spg=4)
+    rng = np.random.default_rng(seed)
+    for _ in range(12):  # scramble: random valid swaps
+        s, t = rng.choice(len(st.ex), 2, replace=False)
+        if st.gpu[s] != st.gpu[t] and not st.hold[st.ex[s], st.gpu[t]] and not st.hold[st.ex[t], st.gpu[s]]:
+            st.swap(int(s), int(t))
+    ex0, load0 = st.ex.copy(), st.load.copy()
+    away = ~st.old[st.ex, st.gpu]
+    assert away.any()
+    k = st.copy()
+    _kick(k, rng, 1)
+    assert np.array_equal(st.ex, ex0) and np.allclose(st.load, load0)  # the original is untouched
+    changed = np.flatnonzero(k.ex != ex0)
+    assert len(changed) in (0, 2)
+    if len(changed):
+        # one swap, and one of the two experts now sits on a GPU the current plan held it on, where it was away
+        assert any(away[s] and st.old[k.ex[t], k.gpu[t]] and k.ex[t] == ex0[s] for s, t in (changed, changed[::-1]))
+    fresh = _Layer(ex=k.ex.copy(), gpu=k.gpu, old=k.old, cnt=k.cnt, node=k.node, price=k.price)
+    assert np.allclose(k.load, fresh.load) and np.allclose(k.d_move, fresh.d_move) and np.allclose(k.d_rem, fresh.d_rem)
 
 
 def test_layers_repaired_in_processes_give_the_sequential_plan(setup, monkeypatch):

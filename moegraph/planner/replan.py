@@ -50,6 +50,16 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    copies that no swap can.
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts.
+4. Polish (without a budget, in layers of at most ``search.EXACT_MAX_ITEMS`` slots). Steps 1 and 2 are
+   greedy: each takes the best change in sight, and where they stop depends on the order of their
+   choices (an exact solver finds placements of the same balance that cost less and move fewer
+   slots, at seconds per layer). An iterated local search spends a few more of them: ``POLISH_ROUNDS``
+   times, from the best result so far, ``POLISH_KICK`` moved experts (drawn at random) go back to a
+   GPU that held them, and steps 1 and 2 run again; a result replaces the best where it is no worse
+   balanced on the window than steps 1-2 left the layer and cheaper by the re-plan's own measure
+   (moves by link plus the cut over the horizon); it stops after ``POLISH_PATIENCE`` rounds in a row
+   without one. On the bundled switches it moves fewer slots in every case, at about the same
+   balance and remote copies (``benchmarks/results/planner_design.md``).
 
 Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
 bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
@@ -68,9 +78,10 @@ only for the experts a change touches, so a step costs a few array operations.
 Relabelling (``relabel``) and the weight transfers between two plans (``migration``) live in
 ``migration`` and are re-exported here.
 
-Everything is deterministic (stable tie-breaks by index; ``seed`` is recorded for the policy and
-used by nothing random here). Without a move budget the layers do not interact, so a large re-plan
-(DeepSeek-V3-sized) repairs them in forked processes, one per usable core, with the same result.
+Everything is deterministic for a seed: ties are broken by index, and the polish draws from a
+generator seeded with ``seed`` (default: the spec's ``placement.seed``) and the layer index alone.
+Without a move budget the layers do not interact, so a large re-plan (DeepSeek-V3-sized) repairs
+them in forked processes, one per usable core, with the same result.
 
 Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, B candidate slots.
 """
@@ -252,6 +263,14 @@ class _Layer:
     @property
     def load(self) -> np.ndarray:
         return self.contrib.sum(axis=0)
+
+    def copy(self) -> _Layer:
+        """An independent copy of the repair state (the window, prices and GPUs are shared: nothing changes them)."""
+        new = object.__new__(_Layer)
+        new.__dict__.update(self.__dict__)
+        for name in ("ex", "hold", "contrib", "d_move", "d_add", "stale_add", "d_rem"):
+            setattr(new, name, getattr(self, name).copy())
+        return new
 
     def _update(self, experts: list[int]) -> None:
         self.hold[experts] = False
@@ -737,9 +756,69 @@ def _priced(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float)
     return float(st.price[st.ex, st.gpu].sum()) + value_per_j * j
 
 
+#: ``_polish``: at most POLISH_ROUNDS rounds per layer (0: no polish), each sending POLISH_KICK moved experts
+#: back, stopping after POLISH_PATIENCE rounds in a row that found nothing cheaper. Measured on the robustness
+#: harness's ESFT switches (``benchmarks/results/planner_design.md``): 16 rounds without the stop and with it
+#: after 5 idle rounds meet the same checks, the stop at about 60% of the CPU; 8 rounds as well; a stop after 3
+#: idle rounds loses some.
+POLISH_ROUNDS = 16
+POLISH_KICK = 2
+POLISH_PATIENCE = 5
+
+
+def _kick(st: _Layer, rng: np.random.Generator, kick: int) -> None:
+    """Send ``kick`` moved experts (drawn at random) back to a GPU the current plan holds them on, each by a swap
+    with a slot there that holds a newcomer too where there is one (else any slot there)."""
+    for s in rng.permutation(np.flatnonzero(~st.old[st.ex, st.gpu]))[:kick]:
+        x = int(st.ex[s])
+        homes = np.flatnonzero(st.old[x] & ~st.hold[x])
+        if st.old[x, st.gpu[s]] or not len(homes):  # an earlier swap of this round sent it home already
+            continue
+        on_y = np.flatnonzero(st.gpu == homes[rng.integers(len(homes))])
+        newcomers = on_y[~st.old[st.ex[on_y], st.gpu[on_y]]]
+        pool = newcomers if len(newcomers) else on_y
+        t = int(pool[rng.integers(len(pool))])
+        if _valid(st, "swap", int(s), t):
+            st.swap(int(s), t)
+
+
+def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_per_j: float,
+            rng: np.random.Generator, rounds: int | None = None, kick: int | None = None) -> tuple[_Layer, int]:
+    """Step 4 of the module docstring on one layer: (the best state found, rounds kept).
+
+    Iterated local search on the re-plan's own measure (``_priced``: moves by link plus the cut over the
+    horizon): each round starts from the best state so far, sends ``kick`` of its moved experts back to a
+    GPU that holds them in the current plan (``_kick``), repairs the balance and runs step 2 again; the
+    result replaces the best if it is no worse balanced on the window than ``st`` (steps 1 and 2's result:
+    the polish trades no balance for its savings) and cheaper. The greedy steps stop at a local optimum
+    that depends on the order of their choices; undoing a few of them and letting the greedy choose again
+    escapes it. It stops after ``POLISH_PATIENCE`` rounds in a row without a better result.
+    ``rounds`` / ``kick``: None reads ``POLISH_ROUNDS`` / ``POLISH_KICK``.
+    """
+    rounds = POLISH_ROUNDS if rounds is None else rounds
+    kick = POLISH_KICK if kick is None else kick
+    best, best_cost, kept = st, _priced(st, coact, cost, value_per_j), 0
+    limit = _ratio(st) + 1e-6  # no worse balanced on the window than the greedy result
+    budget = _Budget(None)
+    idle = 0
+    for _ in range(rounds):
+        if not (~best.old[best.ex, best.gpu]).any() or idle >= POLISH_PATIENCE:
+            break
+        cand = best.copy()
+        _kick(cand, rng, kick)
+        _repair_balance(cand, imb, budget, coact, cost, value_per_j)
+        _improve_comm(cand, coact, cost, value_per_j, imb, budget)
+        c = _priced(cand, coact, cost, value_per_j)
+        if _ratio(cand) <= limit and c < best_cost - _TOL:
+            best, best_cost, kept, idle = cand, c, kept + 1, 0
+        else:
+            idle += 1
+    return best, kept
+
+
 def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.ndarray,
-           value_per_j: float) -> tuple[_Layer, int, int]:
-    """Steps 1 and 2 on one layer: (the state reached, repairs, communication changes).
+           value_per_j: float, rng: np.random.Generator | None = None) -> tuple[_Layer, int, int, int]:
+    """Steps 1, 2 and 4 on one layer: (the state reached, repairs, communication changes, polish rounds kept).
 
     Without a move budget, a layer with redundant slots is also re-planned from the current plan with
     its redundant slots first given out by the window's loads (``_reallocate_replicas``), where the
@@ -747,40 +826,51 @@ def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.
     slots: the second pass about doubles the layer's time). Of the two results the re-plan keeps the
     better balanced where the first is above the target; else the second only if it is within the
     target too and cheaper by the re-plan's own measure (``_priced``: moves by link plus the cut over
-    the horizon).
+    the horizon). Then, in layers of at most ``EXACT_MAX_ITEMS`` slots without a budget, ``_polish`` with
+    ``rng`` (None: no polish).
     """
     start = st.ex.copy()
     r = _repair_balance(st, imb, budget, coact, cost, value_per_j)
     c = _improve_comm(st, coact, cost, value_per_j, imb, budget)
-    if budget.moves is not None or len(st.ex) == st.hold.shape[0]:
-        return st, r, c
-    above = _ratio(st) > imb + 1e-6
-    if not above and len(st.ex) > EXACT_MAX_ITEMS:
-        return st, r, c
-    alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
-    r2 = _reallocate_replicas(alt)
-    r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
-    c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
-    if above:
-        better = _ratio(alt) < _ratio(st) - 1e-9
-    else:
-        better = (_ratio(alt) <= imb + 1e-6
-                  and _priced(alt, coact, cost, value_per_j) < _priced(st, coact, cost, value_per_j) - _TOL)
-    return (alt, r2, c2) if better else (st, r, c)
+    small = len(st.ex) <= EXACT_MAX_ITEMS
+    if budget.moves is None and len(st.ex) > st.hold.shape[0] and (small or _ratio(st) > imb + 1e-6):
+        above = _ratio(st) > imb + 1e-6
+        alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+        r2 = _reallocate_replicas(alt)
+        r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
+        c2 = _improve_comm(alt, coact, cost, value_per_j, imb, budget)
+        if above:
+            better = _ratio(alt) < _ratio(st) - 1e-9
+        else:
+            better = (_ratio(alt) <= imb + 1e-6
+                      and _priced(alt, coact, cost, value_per_j) < _priced(st, coact, cost, value_per_j) - _TOL)
+        if better:
+            st, r, c = alt, r2, c2
+    kept = 0
+    if budget.moves is None and small and rng is not None:
+        st, kept = _polish(st, coact, imb, cost, value_per_j, rng)
+    return st, r, c, kept
 
 
-def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, int, int]]:
-    """Steps 1 and 2 on ``layers`` of the forked work: (layer, slot experts, contributions, repairs, swaps)."""
-    states, coacts, imb, budget, cost, value_per_j = _FORKED
+def _layer_rng(seed: int, layer: int) -> np.random.Generator:
+    """The polish's random draws of one layer: from the seed and the layer alone, so that a layer's result does not
+    depend on the order (or the process) in which the layers are re-planned."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(layer)])
+
+
+def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, tuple[int, int, int]]]:
+    """``_steps`` on ``layers`` of the forked work: (layer, slot experts, contributions, (repairs, swaps, polish
+    rounds kept))."""
+    states, coacts, imb, budget, cost, value_per_j, seed = _FORKED
     out = []
     with one_blas_thread():
         for layer in layers:
-            st, r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
-            out.append((layer, st.ex, st.contrib, r, c))
+            st, *counts = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j, _layer_rng(seed, layer))
+            out.append((layer, st.ex, st.contrib, tuple(counts)))
     return out
 
 
-def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> tuple[int, int]:
+def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndarray:
     """Steps 1 and 2 of every layer, the layers shared out among ``workers`` forked processes.
 
     Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
@@ -805,12 +895,12 @@ def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> tuple[i
         results = _layer_steps([int(x) for x in order])
     finally:
         _FORKED = None
-    repairs = swaps = 0
-    for layer, ex, contrib, r, c in results:
+    counts = np.zeros(3, np.int64)
+    for layer, ex, contrib, cnt in results:
         st = states[layer]
         st.ex, st.contrib = ex, contrib
-        repairs, swaps = repairs + r, swaps + c
-    return repairs, swaps
+        counts += cnt
+    return counts
 
 
 def _window(spec: MoESpec, traces: Any) -> TraceSet:
@@ -843,7 +933,8 @@ def replan(
         count are the current plan's.
     traces: a TraceSet (or what ``load_traces`` accepts) of the recent traffic, with tokens.
     max_moves / max_move_bytes: budget of slots / bytes moved over all layers (None: priced only).
-    seed: recorded in the policy (the re-plan draws nothing random).
+    seed: seeds the polish's random draws (step 4 of the module docstring; default: the spec's
+        placement.seed); recorded in the policy.
     max_imbalance: target max/mean GPU load on the window (default: the spec's placement.max_imbalance
         less WINDOW_MARGIN).
     horizon_tokens: tokens the new plan is expected to serve (default DEFAULT_HORIZON_TOKENS): a swap's
@@ -904,15 +995,18 @@ def replan(
         # fastest link: J measured in copies (``_copies_per_cut``), copies in token bytes.
         rate = _copies_per_cut(states, ts, cost, host_copy_weight(cl)) if horizon > 0 else 0.0
         value_per_j = horizon * tb / nbytes * rate
-        work = (states, coacts, imb, budget, cost, value_per_j)
+        seed = spec.placement.seed if seed is None else int(seed)
+        work = (states, coacts, imb, budget, cost, value_per_j, seed)
         workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
+        polished = 0
         if budget.moves is None and workers > 1:
-            repairs, swaps = _steps_in_processes(work, order, min(workers, len(states)))
+            repairs, swaps, polished = (int(x) for x in _steps_in_processes(work, order, min(workers, len(states))))
         elif budget.moves is None:
             repairs = swaps = 0
             for layer in order:
-                states[layer], r, c = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j)
-                repairs, swaps = repairs + r, swaps + c
+                states[layer], r, c, k = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j,
+                                                _layer_rng(seed, layer))
+                repairs, swaps, polished = repairs + r, swaps + c, polished + k
         else:
             repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
                           for layer in order)
@@ -932,9 +1026,9 @@ def replan(
         "name": "incremental-replan",
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
                "window), then priced co-activation swaps and replica re-assignments; per layer with redundant slots, "
-               "the same from the window's replica counts where that is cheaper or better balanced; moves cost their "
-               "weight bytes over the topology's links",
-        "seed": spec.placement.seed if seed is None else int(seed),
+               "the same from the window's replica counts where that is cheaper or better balanced; then an iterated "
+               "local search on the same measure (seeded); moves cost their weight bytes over the topology's links",
+        "seed": seed,
         "max_imbalance": imb,
         "horizon_tokens": horizon,
         "copies_per_cut": round(rate, 6),
@@ -944,6 +1038,7 @@ def replan(
         "traces": ts.name,
         "balance_changes": int(repairs),
         "comm_changes": int(swaps),
+        "polish_rounds_kept": int(polished),
     }
     p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
     p.policy["migration"] = migration(current_plan, p).summary()
