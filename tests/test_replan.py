@@ -676,6 +676,9 @@ def test_replan_refuses_bad_input(setup):
         replan(None, current, law, max_imbalance=0.9)
     with pytest.raises(PlanInfeasible, match="max_moves must be"):
         replan(None, current, law, max_moves=-1)
+    for seed in (-1, 1.5):
+        with pytest.raises(PlanInfeasible, match="seed must be an integer >= 0"):
+            replan(None, current, law, seed=seed)
     with pytest.raises(TraceError, match="no tokens"):
         replan(None, current, law.select_tokens(np.zeros(law.num_tokens, bool)))
     with pytest.raises(PlanFileError, match="another model"):

@@ -855,7 +855,7 @@ def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.
 def _layer_rng(seed: int, layer: int) -> np.random.Generator:
     """The polish's random draws of one layer: from the seed and the layer alone, so that a layer's result does not
     depend on the order (or the process) in which the layers are re-planned."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(layer)])
+    return np.random.default_rng([int(seed), int(layer)])
 
 
 def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, tuple[int, int, int]]]:
@@ -871,7 +871,8 @@ def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, t
 
 
 def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndarray:
-    """Steps 1 and 2 of every layer, the layers shared out among ``workers`` forked processes.
+    """``_steps`` on every layer, the layers shared out among ``workers`` forked processes; returns the summed
+    (repairs, swaps, polish rounds kept).
 
     Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
     each layer's result is the one the sequential loop gives, bit for bit; the processes inherit the
@@ -953,6 +954,8 @@ def replan(
     for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes), ("horizon_tokens", horizon_tokens)):
         if v is not None and not (v >= 0 and np.isfinite(v)):
             raise PlanInfeasible(f"{name} must be a finite number >= 0, got {v!r}")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and seed >= 0):
+        raise PlanInfeasible(f"seed must be an integer >= 0 (it seeds the re-plan's polish), got {seed!r}")
     if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
     if max_imbalance is not None and not (max_imbalance >= 1.0 and np.isfinite(max_imbalance)):
