@@ -333,6 +333,26 @@ def _cut_written_out(ex, gpu, coact, cost):
     return j
 
 
+def _measure_written_out(plans, current, window, layers=3):
+    """[layers, len(plans)]: what the re-plan minimises per layer, written out: each slot's move price (by link,
+    from the current plan) plus the pairwise cut (``_cut_written_out``) valued over the horizon, read from the
+    first plan's policy."""
+    from moegraph.planner.cost import copy_bytes
+    from moegraph.planner.migration import _holds
+
+    spec, policy = current.spec, plans[0].policy
+    cost = _move_cost(current.cluster)
+    value_per_j = policy["horizon_tokens"] * sum(copy_bytes(spec)) / expert_bytes(spec) * policy["copies_per_cut"]
+    gpu = np.arange(current.num_slots) // current.slots_per_gpu
+    out = []
+    for layer in range(layers):
+        price = _prices(_holds(current.physical_to_logical_map[layer], current.num_gpus, 64).T, cost)
+        coact = coactivation(np.asarray(window.topk[layer], np.int64), 64) / window.num_tokens
+        out.append([price[p.physical_to_logical_map[layer], gpu].sum()
+                    + value_per_j * _cut_written_out(p.physical_to_logical_map[layer], gpu, coact, cost) for p in plans])
+    return np.array(out)
+
+
 def _reassignments(st):
     """Every valid re-assignment: (slot t holding a replica of a replicated expert, expert a not on t's GPU)."""
     reps = st.hold.sum(axis=1)
@@ -501,9 +521,6 @@ def test_replan_keeps_the_reallocated_replicas_only_where_they_are_cheaper_by_it
     # Written out per layer against the re-plan without that second pass: never more, here less in some layer.
     import sys
 
-    from moegraph.planner.cost import copy_bytes
-    from moegraph.planner.migration import _holds
-
     mod = sys.modules["moegraph.planner.replan"]
     monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)  # the second pass alone (the polish is tested on its own)
     spec, current, _, law = setup
@@ -511,18 +528,7 @@ def test_replan_keeps_the_reallocated_replicas_only_where_they_are_cheaper_by_it
     monkeypatch.setattr(mod, "_reallocate_replicas", lambda st: 0)
     without = replan(spec, current, law)
     assert not any("stay above" in n for n in got.notes + without.notes)
-    cost = _move_cost(current.cluster)
-    value_per_j = (got.policy["horizon_tokens"] * sum(copy_bytes(spec)) / expert_bytes(spec)
-                   * got.policy["copies_per_cut"])
-    gpu = np.arange(current.num_slots) // current.slots_per_gpu
-    costs = []
-    for layer in range(3):
-        price = _prices(_holds(current.physical_to_logical_map[layer], 8, 64).T, cost)
-        coact = coactivation(np.asarray(law.topk[layer], np.int64), 64) / law.num_tokens
-        costs.append([price[p.physical_to_logical_map[layer], gpu].sum()
-                      + value_per_j * _cut_written_out(p.physical_to_logical_map[layer], gpu, coact, cost)
-                      for p in (got, without)])
-    costs = np.array(costs)
+    costs = _measure_written_out([got, without], current, law)
     assert (costs[:, 0] <= costs[:, 1] * (1 + 1e-4)).all() and (costs[:, 0] < costs[:, 1] * 0.99).any()
     assert evaluate(got, law)["mean"]["max_mean_load"] <= got.policy["max_imbalance"] + 0.03
 
@@ -534,9 +540,6 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     # rule's expected loads) never higher; and on a real task switch lower in some layer.
     import sys
 
-    from moegraph.planner.cost import copy_bytes
-    from moegraph.planner.migration import _holds
-
     mod = sys.modules["moegraph.planner.replan"]
     spec = _spec(nodes=nodes, gpus=gpus, slots=slots)
     intent, law = _task("intent"), _task("law")
@@ -547,21 +550,13 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     plain = replan(spec, current, law)
     assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
     assert got.policy["copies_per_cut"] == plain.policy["copies_per_cut"]
-    cost = _move_cost(current.cluster)
-    value_per_j = got.policy["horizon_tokens"] * sum(copy_bytes(spec)) / expert_bytes(spec) * got.policy["copies_per_cut"]
-    g = nodes * gpus
-    gpu = np.arange(current.num_slots) // current.slots_per_gpu
-    costs, ratios = [], []
+    costs = _measure_written_out([got, plain], current, law)
+    ratios = []
     for layer in range(3):
-        price = _prices(_holds(current.physical_to_logical_map[layer], g, 64).T, cost)
-        coact = coactivation(np.asarray(law.topk[layer], np.int64), 64) / law.num_tokens
         counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
-        costs.append([price[p.physical_to_logical_map[layer], gpu].sum()
-                      + value_per_j * _cut_written_out(p.physical_to_logical_map[layer], gpu, coact, cost)
-                      for p in (got, plain)])
         loads = [expected_gpu_load(p, layer, counts) for p in (got, plain)]
         ratios.append([x.max() / x.mean() for x in loads])
-    costs, ratios = np.array(costs), np.array(ratios)
+    ratios = np.array(ratios)
     # (in experts moved over the fastest link: some layer saves at least one)
     assert (costs[:, 0] <= costs[:, 1] * (1 + 1e-9)).all() and (costs[:, 1] - costs[:, 0]).max() >= 1.0
     assert (ratios[:, 0] <= ratios[:, 1] + 1e-6).all()
