@@ -14,7 +14,7 @@ from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
 from moegraph.planner.replan import _Budget, _cut_rate, _kick, _Layer, _prices, _reassign_comm, _reassign_cut_deltas
-from moegraph.planner.replan import _slot_cut_deltas, _swap_drops
+from moegraph.planner.replan import _slot_cut_deltas, _swap_drops, _valid
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
@@ -575,7 +575,7 @@ def test_kick_sends_moved_experts_back_on_a_copy_whose_tables_stay_exact(seed):
     rng = np.random.default_rng(seed)
     for _ in range(12):  # scramble: random valid swaps
         s, t = rng.choice(len(st.ex), 2, replace=False)
-        if st.gpu[s] != st.gpu[t] and not st.hold[st.ex[s], st.gpu[t]] and not st.hold[st.ex[t], st.gpu[s]]:
+        if _valid(st, "swap", int(s), int(t)):
             st.swap(int(s), int(t))
     ex0, load0 = st.ex.copy(), st.load.copy()
     away = ~st.old[st.ex, st.gpu]

@@ -836,9 +836,8 @@ def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.
     start = st.ex.copy()
     r = _repair_balance(st, imb, budget, coact, cost, value_per_j)
     c = _improve_comm(st, coact, cost, value_per_j, imb, budget)
-    small = len(st.ex) <= EXACT_MAX_ITEMS
-    if budget.moves is None and len(st.ex) > st.hold.shape[0] and (small or _ratio(st) > imb + 1e-6):
-        above = _ratio(st) > imb + 1e-6
+    above = _ratio(st) > imb + 1e-6
+    if budget.moves is None and len(st.ex) > st.hold.shape[0] and (len(st.ex) <= EXACT_MAX_ITEMS or above):
         alt = _Layer(ex=start, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
         r2 = _reallocate_replicas(alt)
         r2 += _repair_balance(alt, imb, budget, coact, cost, value_per_j)
