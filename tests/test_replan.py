@@ -13,8 +13,9 @@ from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
-from moegraph.planner.replan import _Budget, _cut_rate, _kick, _Layer, _prices, _reassign_comm, _reassign_cut_deltas
-from moegraph.planner.replan import _slot_cut_deltas, _swap_drops, _valid
+from moegraph.planner.replan import _Budget, _cut_rate, _improve_comm, _kick, _Layer, _polish, _priced, _prices
+from moegraph.planner.replan import _reassign_comm, _reassign_cut_deltas, _repair_balance, _slot_cut_deltas, _swap_drops
+from moegraph.planner.replan import _valid
 from moegraph.planner.replan import expert_bytes, migration, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
@@ -567,6 +568,63 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     other = replan(spec, current, law, seed=spec.placement.seed + 1)
     assert other.policy["seed"] == spec.placement.seed + 1
     assert not np.array_equal(other.physical_to_logical_map, got.physical_to_logical_map)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_polish_within_a_budget_keeps_to_it_and_never_trades_balance(seed):
+    # A layer a budget left above its balance target (target 1.0: unreachable): the polish moves at most the
+    # slots it moved plus what the budget has left, charges the budget exactly the difference, and returns a
+    # placement at least as well balanced on the window (the dispatch rule written out), never dearer where
+    # not better balanced.
+    st, cost = _random_layer(seed, spg=4)
+    rng = np.random.default_rng(200 + seed)
+    c = rng.random((10, 10)) * (rng.random((10, 10)) < 0.4)
+    coact, value_per_j = c + c.T, 2.0
+    budget = _Budget(3.0)
+    _repair_balance(st, 1.0, budget, coact, cost, value_per_j)
+    _improve_comm(st, coact, cost, value_per_j, 1.0, budget)
+    left, start = budget.moves, int((~st.old[st.ex, st.gpu]).sum())
+    ex0 = st.ex.copy()
+    load0 = _rule_loads_reference(st.ex, st.gpu, st.cnt, st.node)
+    budget.moves += 2  # two more slots for the polish to spend on balance
+    got, kept = _polish(st, coact, 1.0, cost, value_per_j, np.random.default_rng(seed), budget=budget)
+    moved = int((~got.old[got.ex, got.gpu]).sum())
+    assert moved <= start + left + 2 and budget.moves == pytest.approx(left + 2 - (moved - start))
+    assert np.array_equal(st.ex, ex0)  # the polish works on copies
+    load = _rule_loads_reference(got.ex, got.gpu, got.cnt, got.node)
+    r0, r = load0.max() / load0.mean(), load.max() / load.mean()
+    assert r <= r0 + 1e-9
+    if kept:
+        assert not np.array_equal(got.ex, ex0)
+    if r > r0 - 1e-9:  # no better balanced: then cheaper, or the same placement
+        assert _priced(got, coact, cost, value_per_j) <= _priced(st, coact, cost, value_per_j) + 1e-9
+
+
+@pytest.mark.parametrize("nodes, gpus, slots, moves", [(2, 4, 64, 8), (1, 8, 72, 4)])
+def test_budgeted_replan_spends_its_budget_and_the_polish_balances_better(nodes, gpus, slots, moves, monkeypatch):
+    # A budget too small for the switch: every slot of it is spent (what step 2 and the polish give back goes to
+    # the layers still above the target), and the polish leaves the layers better balanced on the window on
+    # average (the dispatch rule's expected loads) than the same re-plan without it, within the same budget.
+    import sys
+
+    mod = sys.modules["moegraph.planner.replan"]
+    spec = _spec(nodes=nodes, gpus=gpus, slots=slots)
+    current, law = plan(spec, _task("intent")), _task("law")
+    got = replan(spec, current, law, max_moves=moves)
+    monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)
+    plain = replan(spec, current, law, max_moves=moves)
+    assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
+    ratios = []
+    for p in (got, plain):
+        assert migration(current, p).slots_moved == moves
+        assert any("stay above" in n for n in p.notes)
+        per_layer = []
+        for layer in range(3):
+            counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
+            x = expected_gpu_load(p, layer, counts)
+            per_layer.append(x.max() / x.mean())
+        ratios.append(np.mean(per_layer))
+    assert ratios[0] < ratios[1] - 0.005
 
 
 @pytest.mark.parametrize("seed", range(4))

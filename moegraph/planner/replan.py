@@ -49,8 +49,11 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    resumes the swaps. On new traffic a replica beside the experts it is co-activated with saves
    copies that no swap can.
 3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
-   are repaired in turn, worst balance first, each change admitted only while the budget lasts.
-4. Polish (without a budget, in layers of at most ``POLISH_MAX_SLOTS`` slots). Steps 1 and 2 are
+   are repaired in turn, worst balance first, each change admitted only while the budget lasts; then
+   step 2 and step 4 (within the slots a layer moves plus what the budget has left) in the same order,
+   and what they give back (a change undoing a move refunds it) repairs the layers still above the
+   target, worst first: a budget too small for the drift is spent, not left over.
+4. Polish (in layers of at most ``POLISH_MAX_SLOTS`` slots). Steps 1 and 2 are
    greedy: each takes the best change in sight, and where they stop depends on the order of their
    choices (an exact solver finds placements of the same balance that cost less and move fewer
    slots, at seconds per layer). An iterated local search spends a few more of them: ``POLISH_ROUNDS``
@@ -59,7 +62,10 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    balanced on the window than steps 1-2 left the layer and cheaper by the re-plan's own measure
    (moves by link plus the cut over the horizon); it stops after ``POLISH_PATIENCE`` rounds in a row
    without one. On the bundled switches it moves fewer slots in every case, at about the same
-   balance and remote copies (``benchmarks/results/planner_design.md``).
+   balance and remote copies (``benchmarks/results/planner_design.md``). Under a budget a round's
+   steps stay within the layer's share, and a layer the budget holds above the target takes any
+   better balanced result first (the repair's own order); on the bundled switches the budget then
+   buys better balance in almost every case at the same slots.
 
 Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
 bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
@@ -786,8 +792,14 @@ def _kick(st: _Layer, rng: np.random.Generator, kick: int) -> None:
             st.swap(int(s), t)
 
 
+def _moved(st: _Layer) -> int:
+    """Slots of the layer holding an expert the current plan does not hold on their GPU (what a budget counts)."""
+    return int((~st.old[st.ex, st.gpu]).sum())
+
+
 def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_per_j: float,
-            rng: np.random.Generator, rounds: int | None = None, kick: int | None = None) -> tuple[_Layer, int]:
+            rng: np.random.Generator, rounds: int | None = None, kick: int | None = None,
+            budget: _Budget | None = None) -> tuple[_Layer, int]:
     """Step 4 of the module docstring on one layer: (the best state found, rounds kept).
 
     Iterated local search on the re-plan's own measure (``_priced``: moves by link plus the cut over the
@@ -798,25 +810,38 @@ def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_p
     that depends on the order of their choices; undoing a few of them and letting the greedy choose again
     escapes it. It stops after ``POLISH_PATIENCE`` rounds in a row without a better result.
     ``rounds`` / ``kick``: None reads ``POLISH_ROUNDS`` / ``POLISH_KICK``.
+
+    ``budget``: a re-plan's move budget (what the layers before left of it). The layer may then move at most
+    the slots it moves now plus what is left, every round's repair and step 2 run within that, and the
+    budget is charged (or refunded) the difference. A layer the budget left above the balance target takes
+    a better balanced result at any price (the repair's own order: balance first, then cost).
     """
     rounds = POLISH_ROUNDS if rounds is None else rounds
     kick = POLISH_KICK if kick is None else kick
-    best, best_cost, kept = st, _priced(st, coact, cost, value_per_j), 0
-    limit = _ratio(st) + 1e-6  # no worse balanced on the window than the greedy result
-    budget = _Budget(None)
+    best, best_cost, best_ratio, kept = st, _priced(st, coact, cost, value_per_j), _ratio(st), 0
+    limit = best_ratio + 1e-6  # no worse balanced on the window than the greedy result
+    start = _moved(st)
+    allowed = None if budget is None or budget.moves is None else start + budget.moves
     idle = 0
     for _ in range(rounds):
         if not (~best.old[best.ex, best.gpu]).any() or idle >= POLISH_PATIENCE:
             break
         cand = best.copy()
         _kick(cand, rng, kick)
-        _repair_balance(cand, imb, budget, coact, cost, value_per_j)
-        _improve_comm(cand, coact, cost, value_per_j, imb, budget)
-        c = _priced(cand, coact, cost, value_per_j)
-        if _ratio(cand) <= limit and c < best_cost - _TOL:
-            best, best_cost, kept, idle = cand, c, kept + 1, 0
+        own = _Budget(None if allowed is None else allowed - _moved(cand))
+        _repair_balance(cand, imb, own, coact, cost, value_per_j)
+        _improve_comm(cand, coact, cost, value_per_j, imb, own)
+        c, r = _priced(cand, coact, cost, value_per_j), _ratio(cand)
+        if allowed is not None and best_ratio > imb + 1e-6:  # held above the target by the budget
+            better = r < best_ratio - 1e-9 or (r <= best_ratio + 1e-9 and c < best_cost - _TOL)
+        else:
+            better = r <= limit and c < best_cost - _TOL
+        if better:
+            best, best_cost, best_ratio, kept, idle = cand, c, r, kept + 1, 0
         else:
             idle += 1
+    if budget is not None:
+        budget.spend(_moved(best) - start)
     return best, kept
 
 
@@ -1018,6 +1043,16 @@ def replan(
                           for layer in order)
             swaps = sum(_improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
                         for layer in order)
+            for layer in order:  # step 4 within what the budget leaves, worst balanced layer first
+                if len(states[layer].ex) <= POLISH_MAX_SLOTS:
+                    states[layer], k = _polish(states[layer], coacts[layer], imb, cost, value_per_j,
+                                               _layer_rng(seed, layer), budget=budget)
+                    polished += k
+            # what step 2 and the polish gave back goes to the layers still above the target, worst first
+            ratio = np.array([_ratio(s) for s in states])
+            for layer in np.lexsort((np.arange(len(states)), -ratio)):
+                if ratio[layer] > imb + 1e-6 and budget.moves >= 1:
+                    repairs += _repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
     rows = []
     for layer, st in enumerate(states):
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
@@ -1033,7 +1068,9 @@ def replan(
         "why": "warm-started from the current plan: priced balance repair (dispatch rule's expected loads on the "
                "window), then priced co-activation swaps and replica re-assignments; per layer with redundant slots, "
                "the same from the window's replica counts where that is cheaper or better balanced; then an iterated "
-               "local search on the same measure (seeded); moves cost their weight bytes over the topology's links",
+               "local search on the same measure (seeded; under a budget, within each layer's share, and the slots "
+               "it frees repair the layers still above the target); moves cost their weight bytes over the "
+               "topology's links",
         "seed": seed,
         "max_imbalance": imb,
         "horizon_tokens": horizon,
