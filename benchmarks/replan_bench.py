@@ -1,6 +1,7 @@
 """Re-planning while traffic drifts: moegraph's incremental re-plan against static and load-only policies.
 
-    python benchmarks/replan_bench.py [--quick] [--plot benchmarks/results/replan_bench.png]
+    python benchmarks/replan_bench.py [--quick] [--streams-only | --skip-streams | --budgets]
+                                      [--plot benchmarks/results/replan_bench.png]
 
 Traces: the bundled ESFT DeepSeek-V2-Lite traces (26 MoE layers, 64 experts, top-6), tasks ``intent``
 and ``law``, and synthetic skewed traffic (``moegraph.traces.synthetic_traces``) of the same shape.
@@ -27,6 +28,9 @@ Every figure is a mean over the 26 layers under the dispatch rule (``moegraph.pl
    same half. Also: the whole ``moegraph plan --from`` command, and a DeepSeek-V3-sized re-plan (58
    layers x 256 experts, 4 x 8 GPUs, 288 slots) on synthetic traffic drifting from one workload
    towards another.
+3. Budgets (``--budgets``; not a target). The same switches re-planned with a move budget of
+   BUDGETS of the slots: slots moved, predicted transfer time, max/mean and remote GPU copies on the
+   second half, and how many layers the budget leaves above the re-plan's window target.
 
 Times are wall-clock on whatever machine runs this (the process's CPU time, or the command's for
 ``moegraph plan --from``, is printed beside: on a shared machine it is the closer figure); the
@@ -304,6 +308,31 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
     return checks, saved
 
 
+#: move budgets of section 3, as fractions of all the plan's slots
+BUDGETS = (0.03, 0.06, 0.10)
+
+
+def section_budgets(configs, intent: TraceSet, law: TraceSet, seed: int | None) -> None:
+    print("\n== 3. the same switches under a move budget (re-plan from the 1st half, scored on the 2nd) ==")
+    print(f"{'cluster':7} {'slots':>5} {'from':>6} {'to':>6} {'budget':>6} | {'moved':>6} {'move ms':>7} | "
+          f"{'max/mean':>8} {'remote GPU':>10} | {'layers above target':>19} | {'re-plan s':>9}")
+    for nodes, gpus, slots in configs:
+        spec = lite_spec(nodes, gpus, slots)
+        for a_name, a, b in (("intent", intent, law), ("law", law, intent)):
+            cur = plan(spec, a, seed=seed)
+            h1, h2 = halves(b)
+            for frac in BUDGETS:
+                c0 = time.process_time()
+                new = replan(None, cur, h1, seed=seed, max_moves=max(1, int(frac * cur.num_layers * cur.num_slots)))
+                dc = time.process_time() - c0
+                m, mig = evaluate(new, h2)["mean"], migration(cur, new)
+                above = next((int(n.split(" of ")[0]) for n in new.notes if "stay above" in n), 0)
+                print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} {frac:6.0%} | "
+                      f"{mig.slots_moved / (cur.num_layers * cur.num_slots):6.1%} {mig.time_us / 1e3:7.1f} | "
+                      f"{m['max_mean_load']:8.3f} {m['remote_gpu']:10.3f} | {above:12} of {cur.num_layers:2} | "
+                      f"{dc:5.2f} CPU")
+
+
 def section_cli(saved: dict) -> list[tuple[str, bool]]:
     print("\n== 3. the whole `moegraph plan --from` command (new process: imports, load, re-plan, report, write) ==")
     with tempfile.TemporaryDirectory() as d:
@@ -360,13 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-streams", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--streams-only", action="store_true", help="section 1 only")
+    ap.add_argument("--budgets", action="store_true", help="section 3 only: the switches re-planned under budgets")
     args = ap.parse_args(argv)
     traces = load_traces("esft-deepseek-v2-lite")
     intent, law = traces.split_sources()
     print(f"traces: intent {intent.num_tokens} tokens / {intent.num_samples} samples, law {law.num_tokens} tokens / "
           f"{law.num_samples} samples; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
           "(timings are wall-clock on a shared machine)")
-    if not args.skip_streams:
+    if not (args.skip_streams or args.budgets):
         print(f"\n== 1. streams: windows of ~{WINDOW_TOKENS} tokens, re-plan every {PERIOD} window(s) from the last "
               f"window; budget policy: {BUDGET_FRACTION:.0%} of the slots per re-plan ==")
         results = {}
@@ -380,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.streams_only:
         return 0
     configs = [(1, 8, 64)] if args.quick else [(1, 8, 64), (1, 8, 72), (2, 4, 64), (2, 4, 72)]
+    if args.budgets:
+        section_budgets(configs, intent, law, args.seed)
+        return 0
     checks, saved = section_targets(configs, intent, law, args.seed)
     checks += section_cli(saved)
     if not args.skip_scale:
