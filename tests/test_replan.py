@@ -601,10 +601,9 @@ def test_polish_within_a_budget_keeps_to_it_and_never_trades_balance(seed):
 
 
 @pytest.mark.parametrize("nodes, gpus, slots, moves", [(2, 4, 64, 8), (1, 8, 72, 4)])
-def test_budgeted_replan_spends_its_budget_and_the_polish_balances_better(nodes, gpus, slots, moves, monkeypatch):
-    # A budget too small for the switch: every slot of it is spent (what step 2 and the polish give back goes to
-    # the layers still above the target), and the polish leaves the layers better balanced on the window on
-    # average (the dispatch rule's expected loads) than the same re-plan without it, within the same budget.
+def test_budgeted_polish_balances_better_within_the_same_budget(nodes, gpus, slots, moves, monkeypatch):
+    # A budget too small for the switch: the polish leaves the layers better balanced on the window on average
+    # (the dispatch rule's expected loads) than the same re-plan without it, both within the budget.
     import sys
 
     mod = sys.modules["moegraph.planner.replan"]
@@ -616,7 +615,7 @@ def test_budgeted_replan_spends_its_budget_and_the_polish_balances_better(nodes,
     assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
     ratios = []
     for p in (got, plain):
-        assert migration(current, p).slots_moved == moves
+        assert 0 < migration(current, p).slots_moved <= moves
         assert any("stay above" in n for n in p.notes)
         per_layer = []
         for layer in range(3):
@@ -625,6 +624,24 @@ def test_budgeted_replan_spends_its_budget_and_the_polish_balances_better(nodes,
             per_layer.append(x.max() / x.mean())
         ratios.append(np.mean(per_layer))
     assert ratios[0] < ratios[1] - 0.005
+
+
+def test_budgeted_replan_spends_its_budget_while_layers_stay_above_the_target():
+    # DeepSeek-V2-Lite (26 layers, its real expert size) on 2 x 4 GPUs, a task switch, a budget of 10% of the
+    # slots: step 2 and the polish undo some repair moves (each refunds its slot), and what they free goes to
+    # the layers still above the target: all but at most one slot of the budget is spent (a swap may need two).
+    # Before, 166 of the 187 slots moved while layers stayed above the target.
+    d = load_spec("deepseek-v2-lite").to_dict()
+    d["topology"].update(nodes=2, gpus_per_node=4)
+    d["placement"].update(redundant_slots=8, traces=[])
+    spec = load_spec(d)
+    intent, law = _task("intent", layers=26), _task("law", layers=26)
+    current = baseline_plans(spec, intent)["load_only"]  # the current plan: fit to the old task (and quick)
+    budget = int(0.10 * current.num_layers * current.num_slots)
+    new = replan(spec, current, law, max_moves=budget)
+    above = next(int(n.split(" of ")[0]) for n in new.notes if "stay above" in n)
+    assert 0 < above < 26
+    assert budget - 1 <= migration(current, new).slots_moved <= budget
 
 
 @pytest.mark.parametrize("seed", range(4))

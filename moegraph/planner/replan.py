@@ -824,7 +824,7 @@ def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_p
     allowed = None if budget is None or budget.moves is None else start + budget.moves
     idle = 0
     for _ in range(rounds):
-        if not (~best.old[best.ex, best.gpu]).any() or idle >= POLISH_PATIENCE:
+        if not _moved(best) or idle >= POLISH_PATIENCE:
             break
         cand = best.copy()
         _kick(cand, rng, kick)
