@@ -812,5 +812,18 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     assert r.code == 2 and "allows no slot to move" in r.err and not (tmp_path / "x.json").exists()
     r = run_cli("plan", spec_path, "--trace", window, "--max-moves", "3")
     assert r.code == 2 and "--from" in r.err
+    # the horizon reaches the re-plan: none prices no copies (balance alone), a longer one buys copies with moves
+    moved = {}
+    for h in ("0", "200000"):
+        r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--horizon-tokens", h, "-o", out)
+        assert r.code == 0, r.err
+        new = Plan.load(out)
+        assert new.policy["horizon_tokens"] == float(h)
+        moved[h] = migration(current, new).slots_moved
+    assert new.policy["copies_per_cut"] > 0 and moved["0"] < moved["200000"]
+    r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--horizon-tokens", "-5")
+    assert r.code == 2 and "at least 0" in r.err
+    r = run_cli("plan", spec_path, "--trace", window, "--horizon-tokens", "1000")
+    assert r.code == 2 and "--from" in r.err
     r = run_cli("plan", "--from", cur_path, "--trace", window, "--slots", "80")
     assert r.code == 2 and "come from the current plan" in r.err

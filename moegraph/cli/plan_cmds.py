@@ -79,6 +79,10 @@ def plan_cmd(
                                                        "expert weights.")] = None,
     compare_full: Annotated[bool, typer.Option("--compare-full", help="With --from: also report a full moegraph "
                                                "re-plan from scratch (slower).")] = False,
+    horizon_tokens: Annotated[float | None, typer.Option("--horizon-tokens", callback=finite(0.0), help="With --from: "
+                                                         "tokens the new plan will serve until the next re-plan; a move "
+                                                         "must pay for itself in dispatch + combine copies within them "
+                                                         "(default 25,000; 0: balance alone).")] = None,
 ) -> None:
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
@@ -95,11 +99,12 @@ def plan_cmd(
                                      "--gpus-per-node, --slots, --rounds, --plot and --evaluate")
 
         replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
-                       max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full)
+                       max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full,
+                       horizon_tokens=horizon_tokens)
         return
-    if max_moves is not None or max_move_gib is not None or compare_full:
-        raise typer.BadParameter("--max-moves, --max-move-gib and --compare-full apply to a re-plan: add --from "
-                                 "CURRENT_PLAN.json")
+    if max_moves is not None or max_move_gib is not None or compare_full or horizon_tokens is not None:
+        raise typer.BadParameter("--max-moves, --max-move-gib, --horizon-tokens and --compare-full apply to a "
+                                 "re-plan: add --from CURRENT_PLAN.json")
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)

@@ -42,7 +42,7 @@ def replan_table(report: dict, title: str) -> Table:
 
 def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None, output: Path | None,
                    max_moves: int | None, max_move_gib: float | None, seed: int | None,
-                   max_imbalance: float | None, compare_full: bool) -> None:
+                   max_imbalance: float | None, compare_full: bool, horizon_tokens: float | None = None) -> None:
     """Re-plan ``plan_from`` for the traffic ``trace``; print the report; write ``output``."""
     import time
 
@@ -61,7 +61,7 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     t0 = time.perf_counter()
     new = replan(given, current, ts, max_moves=max_moves,
                  max_move_bytes=None if max_move_gib is None else max_move_gib * 2**30, seed=seed,
-                 max_imbalance=max_imbalance)
+                 max_imbalance=max_imbalance, horizon_tokens=horizon_tokens)
     took = time.perf_counter() - t0
     full = plan(current.spec, ts, seed=seed) if compare_full else None
     new.metrics = evaluate_plan(new, ts)
