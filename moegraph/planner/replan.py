@@ -64,8 +64,8 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    without one. On the bundled switches it moves fewer slots in every case, at about the same
    balance and remote copies (``benchmarks/results/planner_design.md``). Under a budget a round's
    steps stay within the layer's share, and a layer the budget holds above the target takes any
-   better balanced result first (the repair's own order); on the bundled switches the budget then
-   buys better balance in almost every case at the same slots.
+   better balanced result first (the repair's own order): there the slots are fixed and balance is
+   what they can still buy.
 
 Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
 bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
