@@ -308,12 +308,12 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
     return checks, saved
 
 
-#: move budgets of section 3, as fractions of all the plan's slots
+#: move budgets of item 3 (``--budgets``), as fractions of all the plan's slots
 BUDGETS = (0.03, 0.06, 0.10)
 
 
 def section_budgets(configs, intent: TraceSet, law: TraceSet, seed: int | None) -> None:
-    print("\n== 3. the same switches under a move budget (re-plan from the 1st half, scored on the 2nd) ==")
+    print("\n== budgets: the same switches under a move budget (re-plan from the 1st half, scored on the 2nd) ==")
     print(f"{'cluster':7} {'slots':>5} {'from':>6} {'to':>6} {'budget':>6} | {'moved':>6} {'move ms':>7} | "
           f"{'max/mean':>8} {'remote GPU':>10} | {'layers above target':>19} | {'re-plan s':>9}")
     for nodes, gpus, slots in configs:
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-streams", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--streams-only", action="store_true", help="section 1 only")
-    ap.add_argument("--budgets", action="store_true", help="section 3 only: the switches re-planned under budgets")
+    ap.add_argument("--budgets", action="store_true", help="only the switches re-planned under budgets (item 3)")
     args = ap.parse_args(argv)
     traces = load_traces("esft-deepseek-v2-lite")
     intent, law = traces.split_sources()
