@@ -1058,7 +1058,7 @@ def replan(
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
     notes = [f"re-planned from the current plan ({current_plan.policy.get('name', 'unnamed')}) on {ts.name} "
              f"({ts.num_tokens} tokens)"]
-    after = np.array([s.load.max() / max(s.load.mean(), 1e-12) for s in states])
+    after = np.array([_ratio(s) for s in states])
     if (after > imb + 1e-6).any():
         why = "the move budget" if (max_moves is not None or max_move_bytes is not None) else "the allowed changes"
         notes.append(f"{int((after > imb + 1e-6).sum())} of {len(states)} layers stay above max/mean {imb:g} on the "
