@@ -266,6 +266,20 @@ def after_switch(cur: Plan, new: Plan, fit: TraceSet, score: TraceSet) -> dict:
             "rgpu": m["remote_gpu"], "lo_rgpu": bm["remote_gpu"], "rnode": m["remote_node"], "lo_rnode": bm["remote_node"]}
 
 
+def layers_above(p: Plan) -> int:
+    """How many layers a re-plan left above its window balance target (its note says so; 0 without one)."""
+    return next((int(n.split(" of ")[0]) for n in p.notes if "layers stay above" in n), 0)
+
+
+def switches_planned(configs, intent: TraceSet, law: TraceSet, seed: int | None):
+    """Per config and direction of the task switch: (nodes, gpus, slots, old task's name, new task, the plan made on
+    the old task, the new task's 1st half, its 2nd half)."""
+    for nodes, gpus, slots in configs:
+        spec = lite_spec(nodes, gpus, slots)
+        for a_name, a, b in (("intent", intent, law), ("law", law, intent)):
+            yield (nodes, gpus, slots, a_name, b, plan(spec, a, seed=seed), *halves(b))
+
+
 def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) -> tuple[list, dict]:
     print("\n== 2. after a task switch: re-plan from the 1st half of the new task, score on the 2nd half ==")
     print("   moved: slots whose GPU did not hold their new expert; LO raw: slots of the load-only re-plan whose "
@@ -275,36 +289,32 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
           f"{'remote node':>11} {'LO':>6} | {'re-plan s':>9}")
     checks: list[tuple[str, bool]] = []
     saved: dict = {}
-    for nodes, gpus, slots in configs:
-        spec = lite_spec(nodes, gpus, slots)
-        for a_name, a, b in (("intent", intent, law), ("law", law, intent)):
-            cur = plan(spec, a, seed=seed)
-            h1, h2 = halves(b)
-            t0, c0 = time.perf_counter(), time.process_time()
-            new = replan(None, cur, h1, seed=seed)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            r = after_switch(cur, new, h1, h2)
-            mv, lo_mv, lo_link, lor_mv = r["moved"], r["lo_changed"], r["lo_link"], r["lor_moved"]
-            d, rel = r["bal"] - r["lo_bal"], r["rgpu"] / r["lo_rgpu"] - 1
-            print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} | {mv:6.1%} {lo_mv:6.1%} "
-                  f"{lo_link:8.1%} {lor_mv:8.1%} | {r['bal']:8.3f} {r['lo_bal']:6.3f} {d:+6.3f} | "
-                  f"{r['rgpu']:10.3f} {r['lo_rgpu']:6.3f} {rel:+7.1%} | {r['rnode']:11.3f} "
-                  f"{r['lo_rnode']:6.3f} | {dt:5.2f} ({dc:.2f} CPU)")
-            tag = f"{nodes}x{gpus} {slots} slots, {a_name} -> {b.name.split('/')[-1]}"
-            met = {name: margin(r) >= 0 for name, margin in CHECKS.items()}
-            checks += [
-                (f"moves <= {MAX_MOVED:.0%} of the slots ({tag}: {mv:.1%})", met["moves <= 15%"]),
-                (f"max/mean <= load-only re-plan + {MAX_OVER_LO} ({tag}: {d:+.3f})", met["max/mean <= LO + 0.03"]),
-                (f"max/mean <= {MAX_BALANCE} ({tag}: {r['bal']:.3f})", met["max/mean <= 1.15"]),
-                (f"remote GPU copies >= {REMOTE_BELOW_LO:.0%} below the load-only re-plan ({tag}: {rel:+.1%})",
-                 met["remote GPU >= 10% below LO"]),
-                (f"relabelling: load-only re-plan moves >= {RELABEL_FEWER:.0%} fewer slots than raw ({tag}: {lor_mv:.1%} "
-                 f"vs {lo_mv:.1%}, {1 - lor_mv / lo_mv:.1%} fewer; vs {lo_link:.1%} over links when a raw plan's "
-                 f"same-GPU slots are copied locally: {1 - lor_mv / lo_link:.1%} fewer)", met["relabel >= 25% fewer"]),
-                (f"Lite re-plan < 2 s ({tag}: {dt:.2f}s wall, {dc:.2f}s CPU)", dt < 2.0),
-            ]
-            if (nodes, gpus, slots) == configs[0] and a_name == "intent":
-                saved = {"plan": cur, "window": h1}
+    for nodes, gpus, slots, a_name, b, cur, h1, h2 in switches_planned(configs, intent, law, seed):
+        t0, c0 = time.perf_counter(), time.process_time()
+        new = replan(None, cur, h1, seed=seed)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        r = after_switch(cur, new, h1, h2)
+        mv, lo_mv, lo_link, lor_mv = r["moved"], r["lo_changed"], r["lo_link"], r["lor_moved"]
+        d, rel = r["bal"] - r["lo_bal"], r["rgpu"] / r["lo_rgpu"] - 1
+        print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} | {mv:6.1%} {lo_mv:6.1%} "
+              f"{lo_link:8.1%} {lor_mv:8.1%} | {r['bal']:8.3f} {r['lo_bal']:6.3f} {d:+6.3f} | "
+              f"{r['rgpu']:10.3f} {r['lo_rgpu']:6.3f} {rel:+7.1%} | {r['rnode']:11.3f} "
+              f"{r['lo_rnode']:6.3f} | {dt:5.2f} ({dc:.2f} CPU)")
+        tag = f"{nodes}x{gpus} {slots} slots, {a_name} -> {b.name.split('/')[-1]}"
+        met = {name: margin(r) >= 0 for name, margin in CHECKS.items()}
+        checks += [
+            (f"moves <= {MAX_MOVED:.0%} of the slots ({tag}: {mv:.1%})", met["moves <= 15%"]),
+            (f"max/mean <= load-only re-plan + {MAX_OVER_LO} ({tag}: {d:+.3f})", met["max/mean <= LO + 0.03"]),
+            (f"max/mean <= {MAX_BALANCE} ({tag}: {r['bal']:.3f})", met["max/mean <= 1.15"]),
+            (f"remote GPU copies >= {REMOTE_BELOW_LO:.0%} below the load-only re-plan ({tag}: {rel:+.1%})",
+             met["remote GPU >= 10% below LO"]),
+            (f"relabelling: load-only re-plan moves >= {RELABEL_FEWER:.0%} fewer slots than raw ({tag}: {lor_mv:.1%} "
+             f"vs {lo_mv:.1%}, {1 - lor_mv / lo_mv:.1%} fewer; vs {lo_link:.1%} over links when a raw plan's "
+             f"same-GPU slots are copied locally: {1 - lor_mv / lo_link:.1%} fewer)", met["relabel >= 25% fewer"]),
+            (f"Lite re-plan < 2 s ({tag}: {dt:.2f}s wall, {dc:.2f}s CPU)", dt < 2.0),
+        ]
+        if (nodes, gpus, slots) == configs[0] and a_name == "intent":
+            saved = {"plan": cur, "window": h1}
     return checks, saved
 
 
@@ -316,21 +326,17 @@ def section_budgets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
     print("\n== budgets: the same switches under a move budget (re-plan from the 1st half, scored on the 2nd) ==")
     print(f"{'cluster':7} {'slots':>5} {'from':>6} {'to':>6} {'budget':>6} | {'moved':>6} {'move ms':>7} | "
           f"{'max/mean':>8} {'remote GPU':>10} | {'layers above target':>19} | {'re-plan s':>9}")
-    for nodes, gpus, slots in configs:
-        spec = lite_spec(nodes, gpus, slots)
-        for a_name, a, b in (("intent", intent, law), ("law", law, intent)):
-            cur = plan(spec, a, seed=seed)
-            h1, h2 = halves(b)
-            for frac in BUDGETS:
-                c0 = time.process_time()
-                new = replan(None, cur, h1, seed=seed, max_moves=max(1, int(frac * cur.num_layers * cur.num_slots)))
-                dc = time.process_time() - c0
-                m, mig = evaluate(new, h2)["mean"], migration(cur, new)
-                above = next((int(n.split(" of ")[0]) for n in new.notes if "stay above" in n), 0)
-                print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} {frac:6.0%} | "
-                      f"{mig.slots_moved / (cur.num_layers * cur.num_slots):6.1%} {mig.time_us / 1e3:7.1f} | "
-                      f"{m['max_mean_load']:8.3f} {m['remote_gpu']:10.3f} | {above:12} of {cur.num_layers:2} | "
-                      f"{dc:5.2f} CPU")
+    for nodes, gpus, slots, a_name, b, cur, h1, h2 in switches_planned(configs, intent, law, seed):
+        for frac in BUDGETS:
+            c0 = time.process_time()
+            new = replan(None, cur, h1, seed=seed, max_moves=max(1, int(frac * cur.num_layers * cur.num_slots)))
+            dc = time.process_time() - c0
+            m, mig = evaluate(new, h2)["mean"], migration(cur, new)
+            above = layers_above(new)
+            print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} {frac:6.0%} | "
+                  f"{mig.slots_moved / (cur.num_layers * cur.num_slots):6.1%} {mig.time_us / 1e3:7.1f} | "
+                  f"{m['max_mean_load']:8.3f} {m['remote_gpu']:10.3f} | {above:12} of {cur.num_layers:2} | "
+                  f"{dc:5.2f} CPU")
 
 
 def section_cli(saved: dict) -> list[tuple[str, bool]]:

@@ -53,6 +53,7 @@ from replan_bench import (  # noqa: E402
     CHECKS,
     after_switch,
     halves,
+    layers_above,
     lite_spec,
     mix,
     one_source,
@@ -154,10 +155,8 @@ def measure(sw: Switch, config: tuple, cur: Plan, replan_fn: Callable = replan) 
     c0 = time.process_time()
     new = replan_fn(None, cur, sw.fit)
     cpu = time.process_time() - c0
-    # layers the re-plan left above its window target (its note says how many)
-    stuck = next((int(n.split(" of ")[0]) for n in new.notes if "layers stay above" in n), 0)
     return {"switch": sw.name, "config": "{}x{} {}".format(*config), "real": sw.real,
-            **after_switch(cur, new, sw.fit, sw.score), "cpu": cpu, "stuck": stuck}
+            **after_switch(cur, new, sw.fit, sw.score), "cpu": cpu, "stuck": layers_above(new)}
 
 
 def run(quick: bool, cache: Path | None, replan_fn: Callable = replan, configs=CONFIGS, out=print) -> list[dict]:
