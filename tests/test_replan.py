@@ -145,11 +145,8 @@ def test_relabel_with_traffic_keeps_the_expected_balance_and_moves_less(setup):
     lo = baseline_plans(spec, law)["load_only"]
     got, sym = relabel(lo, cur, law), relabel(lo, cur)
     assert migration(cur, got).slots_moved <= migration(cur, sym).slots_moved
-    for layer in range(lo.num_layers):
-        counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
-        # expected loads under the dispatch rule (tokens on every GPU equally), computed by the cost model
-        a, b = (expected_gpu_load(p, layer, counts) for p in (lo, got))
-        assert b.max() / b.mean() <= a.max() / a.mean() + 1e-9
+    ratios = _window_ratios([lo, got], law, lo.num_layers)
+    assert (ratios[:, 1] <= ratios[:, 0] + 1e-9).all()
     # one host: every renaming preserves the topology, traffic changes nothing
     spec1 = _spec(nodes=1, gpus=8, slots=72)
     cur1, lo1 = plan(spec1, intent), baseline_plans(spec1, law)["load_only"]
@@ -354,6 +351,17 @@ def _measure_written_out(plans, current, window, layers=3):
     return np.array(out)
 
 
+def _window_ratios(plans, window, layers=3):
+    """[layers, len(plans)]: each plan's max/mean GPU load on ``window`` per layer, from the cost model's expected
+    loads under the dispatch rule (tokens on every GPU equally)."""
+    out = []
+    for layer in range(layers):
+        counts = np.bincount(np.asarray(window.topk[layer]).ravel(), minlength=64).astype(np.float64)
+        loads = [expected_gpu_load(p, layer, counts) for p in plans]
+        out.append([x.max() / x.mean() for x in loads])
+    return np.array(out)
+
+
 def _reassignments(st):
     """Every valid re-assignment: (slot t holding a replica of a replicated expert, expert a not on t's GPU)."""
     reps = st.hold.sum(axis=1)
@@ -432,15 +440,14 @@ def test_replan_with_redundant_slots_on_two_hosts_keeps_invariants(setup):
     again = replan(spec, current, law)
     assert np.array_equal(new.physical_to_logical_map, again.physical_to_logical_map)
     target = new.policy["max_imbalance"]
-    counts = np.stack([np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64) for layer in range(3)])
+    ratios = _window_ratios([new, current], law)
     for layer in range(3):
         row = new.physical_to_logical_map[layer]
         assert set(row.tolist()) == set(range(64))
         for g in range(8):
             assert len(set(new.gpu_experts(layer, g))) == 9
-        after = expected_gpu_load(new, layer, counts[layer].astype(float))
-        start = expected_gpu_load(current, layer, counts[layer].astype(float))
-        assert after.max() / after.mean() <= max(target, start.max() / start.mean()) + 0.03
+        after, start = ratios[layer]
+        assert after <= max(target, start) + 0.03
     reps = [np.bincount(p.physical_to_logical_map[layer], minlength=64) for p in (current, new) for layer in range(3)]
     assert any(not np.array_equal(reps[layer], reps[3 + layer]) for layer in range(3))  # replicas followed traffic
 
@@ -552,12 +559,7 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
     assert got.policy["copies_per_cut"] == plain.policy["copies_per_cut"]
     costs = _measure_written_out([got, plain], current, law)
-    ratios = []
-    for layer in range(3):
-        counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
-        loads = [expected_gpu_load(p, layer, counts) for p in (got, plain)]
-        ratios.append([x.max() / x.mean() for x in loads])
-    ratios = np.array(ratios)
+    ratios = _window_ratios([got, plain], law)
     # (in experts moved over the fastest link: some layer saves at least one)
     assert (costs[:, 0] <= costs[:, 1] * (1 + 1e-9)).all() and (costs[:, 1] - costs[:, 0]).max() >= 1.0
     assert (ratios[:, 0] <= ratios[:, 1] + 1e-6).all()
@@ -613,17 +615,11 @@ def test_budgeted_polish_balances_better_within_the_same_budget(nodes, gpus, slo
     monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)
     plain = replan(spec, current, law, max_moves=moves)
     assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
-    ratios = []
     for p in (got, plain):
         assert 0 < migration(current, p).slots_moved <= moves
         assert any("stay above" in n for n in p.notes)
-        per_layer = []
-        for layer in range(3):
-            counts = np.bincount(np.asarray(law.topk[layer]).ravel(), minlength=64).astype(np.float64)
-            x = expected_gpu_load(p, layer, counts)
-            per_layer.append(x.max() / x.mean())
-        ratios.append(np.mean(per_layer))
-    assert ratios[0] < ratios[1] - 0.005
+    mean_got, mean_plain = _window_ratios([got, plain], law).mean(axis=0)
+    assert mean_got < mean_plain - 0.005
 
 
 def test_budgeted_replan_spends_its_budget_while_layers_stay_above_the_target():
