@@ -151,12 +151,12 @@ class Comm:
 
     def all_to_all(self, x: Tensor, send_W: list[int], recv_W: list[int], what: str) -> Tensor:
         """Rows ``x[sum(send_W[:d]) : ...]`` go to rank d; returns the [sum(recv_W), ...] rows received."""
-        x = x.contiguous()
-        out = x.new_empty((sum(recv_W), *x.shape[1:]))
-        self._run(what, lambda: dist.all_to_all_single(out, x, output_split_sizes=list(recv_W),
+        wire = _on_the_wire(x.contiguous())
+        out = wire.new_empty((sum(recv_W), *wire.shape[1:]))
+        self._run(what, lambda: dist.all_to_all_single(out, wire, output_split_sizes=list(recv_W),
                                                        input_split_sizes=list(send_W), group=self.group,
                                                        async_op=True))
-        return out
+        return out.view(x.dtype)
 
     def exchange_counts(self, counts_WC: Tensor, what: str) -> Tensor:
         """[W, C] integers for each rank -> [W, C] integers from each rank (one equal-split all-to-all)."""
@@ -172,10 +172,10 @@ class Comm:
 
     def all_gather(self, t: Tensor, what: str) -> list[Tensor]:
         """Equal-shaped tensors from every rank, in rank order."""
-        t = t.contiguous()
-        outs = [torch.empty_like(t) for _ in range(self.world_size)]
-        self._run(what, lambda: dist.all_gather(outs, t, group=self.group, async_op=True))
-        return outs
+        wire = _on_the_wire(t.contiguous())
+        outs = [torch.empty_like(wire) for _ in range(self.world_size)]
+        self._run(what, lambda: dist.all_gather(outs, wire, group=self.group, async_op=True))
+        return [o.view(t.dtype) for o in outs]
 
     def all_gather_rows(self, t: Tensor, what: str) -> list[Tensor]:
         """Tensors whose first dimension differs per rank: gather sizes, pad, gather, unpad."""
@@ -184,6 +184,12 @@ class Comm:
         pad = t.new_zeros((max(sizes, default=0), *t.shape[1:]))
         pad[: t.shape[0]] = t
         return [g[:s] for g, s in zip(self.all_gather(pad, what), sizes)]
+
+
+def _on_the_wire(x: Tensor) -> Tensor:
+    """``x`` as the collectives carry it: gloo and NCCL have no FP8 types, so FP8 tensors (weights that migrate,
+    token rows of an FP8 dispatch) travel as their bytes (uint8, same shape) and are reinterpreted on arrival."""
+    return x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x
 
 
 def _row_bytes(x: Tensor) -> int:

@@ -104,10 +104,9 @@ class _FP8AllToAll(torch.autograd.Function):
         q_RD, s_RT = fp8.quantize_tiles(x, tile, fmt, scale_format)
         if traffic is not None:  # one copy per row: its FP8 bytes and its tile scales
             traffic.add("dispatch", send_W, _row_bytes(q_RD) + _row_bytes(s_RT))
-        # gloo and NCCL move bytes: FP8 values travel as uint8, reinterpreted on arrival.
-        q_MD = comm.all_to_all(q_RD.view(torch.uint8), send_W, recv_W, what)
+        q_MD = comm.all_to_all(q_RD, send_W, recv_W, what)  # as bytes on the wire (``comm._on_the_wire``)
         s_MT = comm.all_to_all(s_RT, send_W, recv_W, what + " (tile scales)")
-        return fp8.dequantize_tiles(q_MD.view(q_RD.dtype), s_MT, tile)
+        return fp8.dequantize_tiles(q_MD, s_MT, tile)
 
     @staticmethod
     def backward(ctx, grad):
