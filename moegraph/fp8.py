@@ -41,7 +41,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .errors import InputError
-from .oplib import opaque_op
+from .oplib import opaque_op, save_inputs, saved_inputs
 from .ops import _sort_by_expert, apply_activation
 
 __all__ = [
@@ -353,12 +353,15 @@ def _fake(x_TD, *args):
 _GRAD_ARGS = (0, 3, 4, 6, 8, 9)
 
 
+_ARG_NAMES = ("x_TD", "tok_N", "exp_N", "weight_N", "w_up_EHD", "s_up", "w_down_EDF", "s_down", "b_up_EH", "b_down_ED")
+
+
 def _setup_context(ctx, inputs, output):
-    ctx.inputs = inputs
+    save_inputs(ctx, inputs)
 
 
 def _backward(ctx, grad_TD):
-    inputs = list(ctx.inputs)
+    inputs = list(saved_inputs(ctx, "fp8_expert_mlp backward", _ARG_NAMES))
     want = [i for i in _GRAD_ARGS if isinstance(inputs[i], Tensor) and inputs[i].is_floating_point()
             and inputs[i].dtype not in FORMATS.values() and ctx.needs_input_grad[i]]
     grads: list[Tensor | None] = [None] * len(inputs)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["OpaqueOp", "opaque_op"]
+__all__ = ["OpaqueOp", "opaque_op", "save_inputs", "saved_inputs"]
 
 # Libraries must outlive the module-level names that refer to their ops.
 _LIBRARIES: dict[str, torch.library.Library] = {}
@@ -77,3 +77,30 @@ def opaque_op(qualname: str, fn: Callable | None = None):
     if fn is None:
         return lambda f: OpaqueOp(qualname, f)
     return OpaqueOp(qualname, fn)
+
+
+def _version(t) -> int | None:
+    try:
+        return t._version if isinstance(t, torch.Tensor) else None
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+def save_inputs(ctx, inputs: tuple) -> None:
+    """Keep an op's inputs for its backward (``setup_context``) with their version counters, the check that
+    ``ctx.save_for_backward`` makes for autograd's own functions."""
+    ctx.inputs = inputs
+    ctx.input_versions = tuple(_version(t) for t in inputs)
+
+
+def saved_inputs(ctx, op: str, names: tuple[str, ...]) -> tuple:
+    """The inputs ``save_inputs`` kept, refused if any was changed in place since the forward: its backward
+    would differentiate other values than the forward computed (expert weights moved by ``apply_plan``, or
+    an optimizer step, between a forward and its backward)."""
+    for i, (t, v) in enumerate(zip(ctx.inputs, ctx.input_versions)):
+        if v is not None and _version(t) != v:
+            name = names[i] if i < len(names) else f"input {i}"
+            raise RuntimeError(
+                f"{op}: {name} was modified in place between the forward and its backward (by apply_plan, an "
+                "optimizer step or a weight load); run backward before changing the weights, or forward again")
+    return ctx.inputs
