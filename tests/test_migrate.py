@@ -133,15 +133,18 @@ def _run_main(rank: int, world: int) -> dict:
     layer = moegraph.compile(spec, plan=a, seed=None, timeout=TIMEOUT_S)
     layer.load_state_dict(state)
     plans = [layer.plan.physical_to_logical_map.copy()]
-    orig = layer.apply_plan
+    from moegraph.distributed import migrate
 
-    def spy(new_plan, optimizer=None):
-        out = orig(new_plan, optimizer=optimizer)
+    orig = migrate.apply_plan
+
+    def spy(layers, new_plan, optimizer=None):
+        out = orig(layers, new_plan, optimizer=optimizer)
         plans.append(new_plan.physical_to_logical_map.copy())
         return out
 
-    layer.apply_plan = spy
+    migrate.apply_plan = spy  # what the Rebalancer calls (this worker process only)
     res["drift"] = drift_demo([layer], steps=6, every=3, tokens=24, seed=1)
+    migrate.apply_plan = orig
     res["drift_plans"] = plans
     res["drift_full"] = layer.full_state_dict()
     # Threshold trigger: tokens pulled towards experts 0-3 (on few GPUs under A) overload them.
@@ -187,7 +190,98 @@ def _run_die(rank: int, world: int) -> dict:
                                             torch.as_tensor(a.replica_table(0)[0])))}
 
 
-SUITES = {"main": _run_main, "die": _run_die}
+def _fp8_spec(world: int):
+    d = moegraph.load_spec("deepseek-v3-fp8-tiny").model_dump(mode="json")
+    d["model"]["num_layers"] = d["model"]["first_k_dense"] + 1
+    d["topology"] = {"kind": "uniform", "nodes": 1, "gpus_per_node": world}
+    d["placement"]["redundant_slots"] = 4
+    return moegraph.load_spec(d)
+
+
+def _two_layer_spec(world: int):
+    d = _spec(world).model_dump(mode="json")
+    d["model"]["num_layers"] = d["model"]["first_k_dense"] + 2
+    return moegraph.load_spec(d)
+
+
+def _run_edges(rank: int, world: int) -> dict:
+    """What the main suite does not reach: FP8 weights, a model's layers moving together, gradients."""
+    from moegraph.distributed import apply_plan, migrate
+    from moegraph.distributed.rebalance import Rebalancer
+
+    res: dict = {}
+    # FP8 experts (float8 weights + float32 block scales) migrate as bytes.
+    spec = _fp8_spec(world)
+    layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+    x = _batch(world, rank, 0, spec.moe.hidden_size)[0].to(torch.bfloat16)
+    with torch.no_grad():
+        res["fp8_y_before"] = layer(x)
+    res["fp8_report"] = layer.apply_plan(_plan(spec, world, "B"))
+    res["fp8_slots"] = list(layer.slot_experts)
+    res["fp8_local"] = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("experts.slots.")}
+    with torch.no_grad():
+        res["fp8_y_after"] = layer(x)
+    res["fp8_full"] = layer.full_state_dict()
+    # Two MoE layers move together: a failure in one leaves both on the old plan.
+    spec = _two_layer_spec(world)
+    a2 = Plan(np.array([ROWS[world]["A"], ROWS[world]["B"]]), spec)
+    b2 = Plan(np.array([ROWS[world]["B"], ROWS[world]["A"]]), spec)
+    layers = [moegraph.compile(spec, plan=a2, layer_index=i, seed=0, timeout=TIMEOUT_S) for i in range(2)]
+    before = [{n: p.detach().clone() for n, p in lay.experts.named_parameters()} for lay in layers]
+    real = migrate._prepare
+
+    def fail_on_layer_1(m, migrations):
+        if rank == 1 and m.layer.layer_index == 1:
+            raise MemoryError("no memory for the staged rows (simulated)")
+        return real(m, migrations)
+
+    migrate._prepare = fail_on_layer_1
+    res["two_fail"] = _error(lambda: apply_plan(layers, b2))
+    migrate._prepare = real
+    res["two_after_fail"] = [(list(lay.slot_experts), all(torch.equal(before[i][n], p) for n, p in
+                                                         lay.experts.named_parameters()))
+                             for i, lay in enumerate(layers)]
+    res["two_reports"] = apply_plan(layers, b2)
+    res["two_slots"] = [list(lay.slot_experts) for lay in layers]
+    # Expert gradients pending (rank 0 only): refused on rank 0, named by the others; nothing moves.
+    spec = _spec(world)
+    layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+    x, gy = _batch(world, rank, 0, spec.moe.hidden_size)
+    (layer(x) * gy).sum().backward()
+    if rank != 0:
+        layer.zero_grad()
+    res["pending"] = _error(lambda: layer.apply_plan(_plan(spec, world, "B")))
+    res["pending_slots"] = list(layer.slot_experts)
+    # A migration between a forward and its backward: the backward refuses the changed weights.
+    layer.zero_grad()
+    y = layer(x)
+    layer.apply_plan(_plan(spec, world, "B"))
+    res["stale_backward"] = _error(lambda: (y * gy).sum().backward())
+    # In a Hugging Face Trainer: the callback steps the Rebalancer at on_step_end with the Trainer's optimizer.
+    from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+    layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.01)
+    (layer(x) * gy).sum().backward()
+    layer.sync_grads()
+    opt.step()
+    opt.zero_grad()
+
+    class Wrapped:  # as accelerate wraps the optimizer a Trainer passes to its callbacks
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    rb = Rebalancer([layer], every=1, window_tokens=64)
+    with torch.no_grad():
+        layer(x)
+    handler = CallbackHandler([rb.as_trainer_callback()], layer, None, Wrapped(opt), None)
+    handler.on_step_end(None, TrainerState(), TrainerControl())
+    res["trainer_events"] = rb.events
+    res["trainer_optimizer"] = rb.optimizer is not None
+    return res
+
+
+SUITES = {"main": _run_main, "die": _run_die, "edges": _run_edges}
 
 
 def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
@@ -230,7 +324,8 @@ def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return _launch_all(tmp_path_factory.mktemp("migrate"), {"w2": (2, "main"), "w4": (4, "main"), "die": (2, "die")})
+    return _launch_all(tmp_path_factory.mktemp("migrate"), {"w2": (2, "main"), "w4": (4, "main"), "die": (2, "die"),
+                                                           "edges": (2, "edges")})
 
 
 def _ok(results: list[dict]) -> list[dict]:
@@ -374,6 +469,68 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     assert rec.seen == 45
     rec.clear()
     assert rec.ids().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
+
+
+def test_fp8_experts_migrate_as_bytes(runs):
+    res = _ok(runs["edges"])
+    spec = _fp8_spec(2)
+    ref = moegraph.compile(spec, seed=0).state_dict()
+    s = len(ROWS[2]["B"]) // 2
+    for r, out in enumerate(res):
+        assert out["fp8_slots"] == ROWS[2]["B"][r * s:(r + 1) * s]
+        assert out["fp8_report"]["slots_received"] > 0
+        ids = torch.tensor(out["fp8_slots"])
+        names = [k[len("experts.slots."):] for k in out["fp8_local"] if k[len("experts.slots."):] in
+                 ("gate_up_proj", "down_proj", "gate_up_proj_scale_inv", "down_proj_scale_inv")]
+        assert len(names) == 4, sorted(out["fp8_local"])
+        assert any(out["fp8_local"]["experts.slots." + n].dtype.itemsize == 1 for n in names)  # FP8 weights moved
+        for n in names:  # every slot holds its expert's rows of the single-process layer, bit for bit
+            got, want = out["fp8_local"]["experts.slots." + n], ref["experts." + n][ids]
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) if got.dtype.itemsize == 1 else \
+                torch.equal(got, want), n
+        for k, v in ref.items():
+            got = out["fp8_full"][k]
+            assert torch.equal(got.view(torch.uint8), v.view(torch.uint8)) if v.dtype.itemsize == 1 else \
+                torch.equal(got, v), f"rank {r} full_state_dict {k}"
+        torch.testing.assert_close(out["fp8_y_after"].float(), out["fp8_y_before"].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_models_layers_move_together_or_not_at_all(runs):
+    res = _ok(runs["edges"])
+    s = len(ROWS[2]["A"]) // 2
+    for r, out in enumerate(res):
+        kind, msg = out["two_fail"]
+        assert kind == "DistributedError" and "stays on the old plan" in msg, msg
+        assert ("ranks [1] failed to prepare" in msg) if r == 0 else ("no memory for the staged rows" in msg), msg
+        # layer 0 prepared fine on every rank, yet neither layer moved
+        assert out["two_after_fail"] == [(ROWS[2]["A"][r * s:(r + 1) * s], True), (ROWS[2]["B"][r * s:(r + 1) * s], True)]
+        assert out["two_slots"] == [ROWS[2]["B"][r * s:(r + 1) * s], ROWS[2]["A"][r * s:(r + 1) * s]]
+        assert [rep["layer_index"] for rep in out["two_reports"]] == [0, 1]
+    spec = _two_layer_spec(2)
+    mig = migration(Plan(np.array([ROWS[2]["A"], ROWS[2]["B"]]), spec), Plan(np.array([ROWS[2]["B"], ROWS[2]["A"]]), spec))
+    assert sum(sum(rep["weight_bytes_sent"]) for out in res for rep in out["two_reports"]) == mig.bytes
+
+
+def test_pending_expert_gradients_are_refused_and_a_stale_backward_fails(runs):
+    res = _ok(runs["edges"])
+    s = len(ROWS[2]["A"]) // 2
+    kind, msg = res[0]["pending"]
+    assert kind == "DistributedError" and "gradient" in msg and "between optimizer steps" in msg, msg
+    kind, msg = res[1]["pending"]
+    assert kind == "DistributedError" and "ranks [0] refused the new plan" in msg, msg
+    for r, out in enumerate(res):
+        assert out["pending_slots"] == ROWS[2]["A"][r * s:(r + 1) * s]
+        kind, msg = out["stale_backward"]
+        assert kind == "RuntimeError" and "modified in place between the forward and its backward" in msg, msg
+
+
+def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
+    res = _ok(runs["edges"])
+    for out in res:
+        (ev,) = out["trainer_events"]
+        assert ev["step"] == 1 and "skipped" not in ev and ev["tokens"] > 0
+        assert out["trainer_optimizer"]  # taken from the event's (wrapped) optimizer
+    assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"]
 
 
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():

@@ -12,7 +12,8 @@ counts, ``comm.py``), ``SlotExperts`` and ``load_checkpoint`` (rank-local weight
 keys, ``weights.py``), ``gather_trace`` and ``predicted_copies`` (record -> re-plan, ``trace.py``).
 
 Live: ``layer.apply_plan(new_plan, optimizer=opt)`` migrates a running layer, sending only the
-changed slots (``migrate.py``); ``Rebalancer`` (``rebalance.py``) re-plans from a windowed recording
+changed slots, and ``apply_plan(layers, new_plan, opt)`` every layer of a model, all or none
+(``migrate.py``); ``Rebalancer`` (``rebalance.py``) re-plans from a windowed recording
 and applies the result every N steps or on measured imbalance.
 
 Record -> plan -> reload: record on every rank (``layer.start_recording()``), ``gather_trace`` into
@@ -26,6 +27,7 @@ from ..errors import DistributedError
 from .comm import AllToAll, Comm, Traffic
 from .dispatch import ExpertDispatch
 from .layer import ExpertParallelMoE, ExpertParallelPass
+from .migrate import apply_plan
 from .rebalance import Rebalancer, WindowRecorder
 from .trace import gather_trace, predicted_copies
 from .weights import MissingExpertWeights, SlotExperts, load_checkpoint
@@ -42,6 +44,7 @@ __all__ = [
     "SlotExperts",
     "Traffic",
     "WindowRecorder",
+    "apply_plan",
     "gather_trace",
     "load_checkpoint",
     "predicted_copies",

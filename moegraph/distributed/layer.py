@@ -349,8 +349,9 @@ class ExpertParallelMoE(CompiledMoEBase):
         return super().update_expert_bias(load)
 
     def apply_plan(self, new_plan, optimizer=None) -> dict[str, Any]:
-        """Move to ``new_plan`` between forwards, sending only the changed slots' weights (and ``optimizer``'s
-        state of them); every rank stays on the old plan if any fails. Collective. See ``migrate``."""
+        """Move to ``new_plan`` between optimizer steps, sending only the changed slots' weights (and ``optimizer``'s
+        state of them); every rank stays on the old plan if any fails. Collective. See ``migrate`` (and
+        ``moegraph.distributed.apply_plan`` for every MoE layer of a model at once)."""
         from .migrate import apply_plan
 
         return apply_plan(self, new_plan, optimizer=optimizer)

@@ -1,30 +1,39 @@
-"""Live migration: move a running expert-parallel layer to a new plan, sending only the slots that change.
+"""Live migration: move running expert-parallel layers to a new plan, sending only the slots that change.
 
-    layer.apply_plan(new_plan, optimizer=opt)   # on every rank, between forwards (a collective)
+    layer.apply_plan(new_plan, optimizer=opt)              # one layer: on every rank, between steps
+    moegraph.distributed.apply_plan(layers, new_plan, opt) # every MoE layer of a model, all or none
 
 What moves is ``moegraph.planner.replan.migration(current, new)``, computed identically on every rank:
 each slot whose GPU did not hold its new expert receives that expert's weights from one slot of the
 current plan (the nearest holder by link cost); a slot whose expert its GPU already holds elsewhere
 is a local copy. So the bytes sent are the planner's prediction: one expert's weights per moved slot
-(in the layer's dtype). With an optimizer, the moved experts' state rows travel with them
-(``torch.optim.AdamW`` / ``Adam``: ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; ``SGD``:
-``momentum_buffer``; the shared ``step`` stays); any other optimizer is refused before anything moves.
+(in the layer's dtype; the planner counts the spec's). With an optimizer, the moved experts' state
+rows travel with them (``torch.optim.AdamW`` / ``Adam``: ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``; ``SGD``: ``momentum_buffer``; the shared ``step`` stays); any other optimizer is
+refused before anything moves. FP8 weights travel as their bytes (``comm``).
 
-Phases, each a collective with the layer's timeout:
+Phases, each a collective with the layers' timeout; several layers go through them together, so that
+a model moves to the new plan whole or not at all:
 
-1. checks, on this rank alone: the new plan is for this spec, world size and layer count, and the
-   optimizer's state can move; nothing is sent before they pass;
-2. ``handshake``: every rank applies the same new plan (a fingerprint all-gather);
-3. ``prepare``: the new slot tensors are built beside the old ones (kept rows copied locally), then a
-   vote: any rank that failed makes every rank stop here;
-4. ``transfer``: one all-to-all per tensor kind (weights, then each optimizer state) with uneven
-   splits, rows in destination-slot order on both sides;
-5. ``commit``: a second vote; only when every rank has every row are the new rows copied into the
-   parameters (and optimizer state), the dispatch tables rebuilt and the plan swapped.
+1. ``checks``, on this rank alone: the new plan is for this spec, world size and layer count; the
+   optimizer's state can move and holds the experts; no expert gradient is pending (a gradient
+   accumulated under the old placement has no slot to follow: call it between optimizer steps, after
+   ``zero_grad``);
+2. ``handshake``: one all-gather of every rank's check result and a fingerprint of what it would move
+   (the plan's rows of these layers, and which optimizer state tensors): a rank whose checks failed
+   raises its own error, the others name it; nothing has moved;
+3. ``prepare``: for the slots that change only, new rows are staged beside the parameters (local
+   copies filled in), then a vote: any rank that failed makes every rank stop here;
+4. ``transfer``: one all-to-all per layer and tensor kind (weights, then each optimizer state) with
+   uneven splits, rows in destination-slot order on both sides, into the staged rows;
+5. ``commit``: a second vote; only when every rank holds every row of every layer are the staged rows
+   written into the parameters (and optimizer state), the dispatch tables rebuilt and the plans swapped.
 
-A rank that fails or dies anywhere before the commit vote leaves every rank on the old plan: the
-others raise ``DistributedError`` naming their rank and the phase (the collective's timeout bounds
-the wait). Gradients of expert parameters are dropped (``grad = None``): call it between steps.
+A rank that fails or dies anywhere before the commit vote leaves every rank and every layer on the old
+plan: the others raise ``DistributedError`` naming their rank and the phase (the collective's timeout
+bounds the wait; after a timeout the process group itself may be unusable, as with any collective).
+Running backwards see the change: the expert ops check that their weights did not change between
+forward and backward (``oplib.saved_inputs``), so a migration between the two fails loudly.
 
 Legend: S slots per rank, W ranks, P elements of one slot's tensor.
 """
@@ -33,6 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +61,11 @@ MOVABLE_STATE: dict[type, tuple[str, ...]] = {
 }
 
 
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors indexed as their bytes (CPU indexing kernels do not cover FP8); others as they are."""
+    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _check_plan(layer, new_plan):
     """The new Plan, checked against the running layer on this rank alone (no communication)."""
     from ..planner import Plan
@@ -63,16 +79,16 @@ def _check_plan(layer, new_plan):
         raise DistributedError(
             f"rank {layer.rank}: the new plan is for {new_plan.num_gpus} GPUs but this layer runs on {layer.world_size} "
             f"ranks; re-plan for this cluster (moegraph plan SPEC --from CURRENT_PLAN.json keeps it)")
-    if new_plan.num_layers != old.num_layers or new_plan.num_slots != old.num_slots:
-        raise DistributedError(
-            f"rank {layer.rank}: the new plan has {new_plan.num_layers} MoE layers x {new_plan.num_slots} slots but "
-            f"the running plan has {old.num_layers} x {old.num_slots}; re-plan from the running plan "
-            "(moegraph plan SPEC --from CURRENT_PLAN.json)")
     if new_plan.spec_hash != old.spec_hash:
         raise PlanFileError(
             f"rank {layer.rank}: the new plan was made for spec {new_plan.spec.name!r} (hash {new_plan.spec_hash[:12]}) "
             f"but this layer runs spec {old.spec.name!r} (hash {old.spec_hash[:12]}); re-plan with --from the running "
             "plan so that both share the spec")
+    if new_plan.num_layers != old.num_layers or new_plan.num_slots != old.num_slots:
+        raise DistributedError(
+            f"rank {layer.rank}: the new plan has {new_plan.num_layers} MoE layers x {new_plan.num_slots} slots but "
+            f"the running plan has {old.num_layers} x {old.num_slots}; re-plan from the running plan "
+            "(moegraph plan SPEC --from CURRENT_PLAN.json)")
     return new_plan
 
 
@@ -80,30 +96,70 @@ def _optimizer_rows(layer, optimizer) -> dict[str, list[tuple[str, torch.Tensor]
     """{expert parameter name: [(state key, state tensor)]} of the rows that move with the experts."""
     if optimizer is None:
         return {}
+    if type(optimizer) not in MOVABLE_STATE and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # a wrapper (accelerate's, in a Hugging Face Trainer): its optimizer
     keys = next((v for k, v in MOVABLE_STATE.items() if type(optimizer) is k), None)
     if keys is None:
         raise DistributedError(
             f"rank {layer.rank}: the state of optimizer {type(optimizer).__name__} cannot be moved with the experts "
             f"(supported: {', '.join(k.__name__ for k in MOVABLE_STATE)}); use one of those, or pass optimizer=None "
             "and re-create the optimizer after apply_plan (its state is then lost)")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trained = [(name, p) for name, p in layer.experts.named_parameters() if p.requires_grad]
+    if trained and not any(id(p) in held for _, p in trained):
+        raise DistributedError(
+            f"rank {layer.rank}: the optimizer given to apply_plan does not hold the expert parameters of MoE layer "
+            f"{layer.layer_index} ({', '.join(n for n, _ in trained)}); pass the optimizer that trains them (or None)")
     out: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for name, p in layer.experts.named_parameters():
         st = optimizer.state.get(p, {})
-        rows = [(k, st[k]) for k in keys if isinstance(st.get(k), torch.Tensor) and st[k].shape == p.shape]
-        out[name] = rows
+        out[name] = [(k, st[k]) for k in keys if isinstance(st.get(k), torch.Tensor) and st[k].shape == p.shape]
     return out
 
 
-def _fingerprint(plan, layer_index: int) -> int:
-    h = hashlib.sha256(plan.spec_hash.encode())
-    h.update(np.ascontiguousarray(plan.physical_to_logical_map[layer_index], np.int64).tobytes())
+def _no_pending_grads(layer) -> None:
+    """Refuse while an expert gradient holds values: it was accumulated slot by slot under the old placement,
+    and a replicated expert's parts live in several slots, so no row of it can follow its expert."""
+    for name, p in layer.experts.named_parameters():
+        if p.grad is not None and bool(p.grad.ne(0).any()):
+            raise DistributedError(
+                f"rank {layer.rank}: MoE layer {layer.layer_index}'s expert gradient {name!r} holds values accumulated "
+                "under the running plan; apply the new plan between optimizer steps (after optimizer.step() and "
+                "zero_grad()), not in the middle of gradient accumulation")
+
+
+@dataclass
+class _Move:
+    """One layer's migration on this rank: what it sends and receives, and the staged rows of its changed slots."""
+
+    layer: Any
+    new_plan: Any
+    tensors: list[tuple[str, torch.Tensor, str | None]]  # (parameter name, tensor, optimizer state key or None)
+    new_experts: list[int] = field(default_factory=list)
+    send: np.ndarray | None = None  # [n, 5] migration rows this rank sends (destination rank, then slot order)
+    recv: np.ndarray | None = None  # [m, 5] migration rows this rank receives
+    changed: torch.Tensor | None = None  # [C] local slots whose expert changes
+    staged: dict[tuple[str, str | None], torch.Tensor] = field(default_factory=dict)  # [C, ...] new rows
+    weight_bytes: np.ndarray | None = None  # [W] sent per destination
+    state_bytes: np.ndarray | None = None
+    predicted_layer_slots: int = 0
+
+
+def _fingerprint(spec_hash: str, moves: list[_Move]) -> int:
+    """What this rank would do: the new plan's rows of these layers and which tensors travel (ranks must agree)."""
+    h = hashlib.sha256(spec_hash.encode())
+    for m in moves:
+        li = m.layer.layer_index
+        h.update(np.int64(li).tobytes())
+        h.update(np.ascontiguousarray(m.new_plan.physical_to_logical_map[li], np.int64).tobytes())
+        h.update(repr([(name, key, tuple(t.shape[1:]), str(t.dtype)) for name, t, key in m.tensors]).encode())
     return int.from_bytes(h.digest()[:7], "little")
 
 
-def _vote(layer, ok: bool, what: str) -> list[int]:
-    """All ranks' flags (1 ok, 0 failed), in rank order."""
-    t = torch.tensor([1 if ok else 0], dtype=torch.int64, device=layer.experts.down_proj.device)
-    return [int(x) for x in torch.cat(layer.comm.all_gather(t, what)).tolist()]
+def _gather_flags(layer, values: list[int], what: str) -> list[list[int]]:
+    """Every rank's small integer vector, in rank order."""
+    t = torch.tensor(values, dtype=torch.int64, device=layer.experts.down_proj.device)
+    return [[int(x) for x in row.tolist()] for row in layer.comm.all_gather(t, what)]
 
 
 def _retable(dispatch, plan) -> None:
@@ -114,105 +170,165 @@ def _retable(dispatch, plan) -> None:
     dispatch.n_GE = torch.as_tensor(np.maximum(n, 1), dtype=torch.int64, device=dev)
 
 
-def apply_plan(layer, new_plan, optimizer: Any = None) -> dict[str, Any]:
-    """Move ``layer`` (an ``ExpertParallelMoE``) to ``new_plan``; see the module docstring. Collective.
-
-    Returns this rank's report: ``slots_received``, ``slots_sent``, ``weight_bytes_sent`` /
-    ``state_bytes_sent`` [W] per destination, ``predicted_weight_bytes`` (the planner's migration in
-    the layer's dtype, this rank's share) and ``seconds`` per phase.
-    """
+def _prepare(m: _Move, migrations: dict) -> None:
+    """Phase 3 for one layer: which rows it sends and receives, and its changed slots' rows staged (local copies)."""
     from ..planner.replan import migration
 
-    # Step 1: local checks only, so that a bad input fails before anything is sent.
-    new_plan = _check_plan(layer, new_plan)
-    state_rows = _optimizer_rows(layer, optimizer)
-    me, W, S, li, comm = layer.rank, layer.world_size, new_plan.slots_per_gpu, layer.layer_index, layer.comm
+    layer, plan = m.layer, m.new_plan
+    me, S, li = layer.rank, plan.slots_per_gpu, layer.layer_index
+    key = (id(layer.plan), id(plan))
+    if key not in migrations:  # the layers of one model share their plans: one migration for all
+        migrations[key] = migration(layer.plan, plan)
+    mig = migrations[key]
+    moves = mig.moves[mig.moves[:, 0] == li]  # (layer, dst slot, expert, src GPU, src slot)
+    m.predicted_layer_slots = len(moves)
+    m.recv = moves[moves[:, 1] // S == me]
+    send = moves[moves[:, 3] == me]
+    m.send = send[np.lexsort((send[:, 1], send[:, 1] // S))]  # by destination rank, then slot
+    m.new_experts = [int(e) for e in plan.physical_to_logical_map[li, me * S:(me + 1) * S]]
+    old_local = {e: j for j, e in enumerate(layer.slot_experts)}
+    arriving = set((m.recv[:, 1] - me * S).tolist())
+    changed = [j for j, e in enumerate(m.new_experts) if e != layer.slot_experts[j]]
+    for j in changed:
+        assert j in arriving or m.new_experts[j] in old_local, f"internal: slot {j} has no source"
+    m.changed = torch.as_tensor(changed, dtype=torch.int64)
+    local = [(k, old_local[m.new_experts[j]]) for k, j in enumerate(changed) if j not in arriving]
+    dst, src = (torch.as_tensor(x, dtype=torch.int64) for x in zip(*local)) if local else (None, None)
+    for name, t, key_ in m.tensors:
+        raw = _as_bytes(t.detach())
+        buf = raw.new_zeros((len(changed), *raw.shape[1:]))
+        if dst is not None:
+            buf[dst.to(t.device)] = raw[src.to(t.device)]
+        m.staged[(name, key_)] = buf
+
+
+def _transfer(m: _Move) -> None:
+    """Phase 4 for one layer: one all-to-all per tensor, the received rows written into the staged ones."""
+    layer = m.layer
+    me, W, S = layer.rank, layer.world_size, m.new_plan.slots_per_gpu
+    send_W = np.bincount(m.send[:, 1] // S, minlength=W).tolist()
+    recv_W = np.bincount(m.recv[:, 3], minlength=W).tolist()
+    # Received rows arrive grouped by source rank (rank order), each group in destination-slot order.
+    recv_slots = m.recv[np.lexsort((m.recv[:, 1], m.recv[:, 3])), 1] - me * S
+    where = {int(j): k for k, j in enumerate(m.changed.tolist())}
+    recv_rows = torch.as_tensor([where[int(j)] for j in recv_slots], dtype=torch.int64)
+    src_rows = torch.as_tensor((m.send[:, 4] - me * S).astype(np.int64))
+    m.weight_bytes, m.state_bytes = np.zeros(W, np.int64), np.zeros(W, np.int64)
+    for name, t, key in m.tensors:
+        rows = _as_bytes(t.detach())[src_rows.to(t.device)]
+        what = f"apply_plan transfer (MoE layer {layer.layer_index} {name}{'' if key is None else ' ' + key})"
+        got = layer.comm.all_to_all(rows, send_W, recv_W, what)
+        if len(recv_rows):
+            m.staged[(name, key)][recv_rows.to(t.device)] = got
+        nbytes = np.asarray(send_W, np.int64) * t.element_size() * int(np.prod(t.shape[1:], dtype=np.int64))
+        nbytes[me] = 0
+        (m.weight_bytes if key is None else m.state_bytes)[:] += nbytes
+
+
+def _commit(m: _Move) -> None:
+    """Phase 5 for one layer: the staged rows into the parameters and optimizer state; tables and plan swapped."""
+    layer = m.layer
+    with torch.no_grad():
+        for name, t, key in m.tensors:
+            if len(m.changed):
+                _as_bytes(t.detach())[m.changed.to(t.device)] = m.staged[(name, key)]
+    _retable(layer.ep_dispatch, m.new_plan)
+    layer.experts.slot_experts = list(m.new_experts)
+    layer.__dict__.update(plan=m.new_plan, slot_experts=list(m.new_experts))
+
+
+def apply_plan(layers, new_plan, optimizer: Any = None) -> Any:
+    """Move ``layers`` (an ``ExpertParallelMoE``, or several of one model) to ``new_plan``; see the module
+    docstring. Collective: every rank calls it with the same layers and plan.
+
+    Returns this rank's report (a list of them for a sequence of layers): ``slots_received``, ``slots_sent``,
+    ``weight_bytes_sent`` / ``state_bytes_sent`` [W] per destination, ``predicted_weight_bytes`` (the
+    planner's migration in the layer's dtype, this rank's share; ``predicted_layer_weight_bytes``: all
+    ranks') and ``seconds`` per phase (of the whole call).
+    """
+    one = not isinstance(layers, Sequence)
+    layers = [layers] if one else list(layers)
+    if not layers:
+        raise DistributedError("apply_plan: no layers given")
+    first = layers[0]
+    me, W = first.rank, first.world_size
     label = f"rank {me} of {W}: apply_plan"
     seconds: dict[str, float] = {}
+    # Phase 1: local checks only; their outcome goes to every rank in the handshake.
     t0 = time.perf_counter()
-    # Step 2: every rank moves to the same plan.
-    got = [int(x) for x in torch.cat(comm.all_gather(
-        torch.tensor([_fingerprint(new_plan, li)], dtype=torch.int64, device=layer.experts.down_proj.device),
-        "apply_plan handshake")).tolist()]
-    if len(set(got)) != 1:
-        differ = [r for r, f in enumerate(got) if f != got[me]]
-        raise DistributedError(f"{label}: ranks {differ} apply a different new plan for this layer; every rank must "
-                               "apply the same plan (nothing was moved)")
-    seconds["handshake"] = time.perf_counter() - t0
-    # Step 3: what moves (the same on every rank), and the new rows built beside the old ones.
-    t0 = time.perf_counter()
-    ok, error = True, None
+    error: BaseException | None = None
+    moves: list[_Move] = []
     try:
-        mig = migration(layer.plan, new_plan)
-        moves = mig.moves[mig.moves[:, 0] == li]  # (layer, dst slot, expert, src GPU, src slot)
-        dst_gpu = moves[:, 1] // S
-        recv = moves[dst_gpu == me]
-        send = moves[(moves[:, 3] == me)]
-        send = send[np.lexsort((send[:, 1], send[:, 1] // S))]  # by destination rank, then slot
-        new_experts = new_plan.physical_to_logical_map[li, me * S:(me + 1) * S].tolist()
-        old_local = {e: j for j, e in enumerate(layer.slot_experts)}
-        arriving = {int(d) - me * S: k for k, d in enumerate(recv[:, 1])}
-        for j, e in enumerate(new_experts):
-            assert j in arriving or e in old_local, f"internal: slot {j} (expert {e}) has no source"
-        keep_src = [old_local.get(e, 0) for e in new_experts]
-        # every tensor that moves: (parameter, optimizer state tensor or None)
-        tensors = [(name, p, None) for name, p in layer.experts.named_parameters()]
-        tensors += [(name, t, key) for name, rows in state_rows.items() for key, t in rows]
-        new_rows = {}
-        for name, t, key in tensors:
-            buf = t.detach()[torch.as_tensor(keep_src, device=t.device)].clone()
-            new_rows[(name, key)] = buf
+        indices = [int(layer.layer_index) for layer in layers]
+        if len(set(indices)) != len(indices):
+            raise DistributedError(f"rank {me}: apply_plan got MoE layer(s) "
+                                   f"{sorted({i for i in indices if indices.count(i) > 1})} more than once")
+        checked = None
+        for layer in layers:
+            plan = _check_plan(layer, new_plan if checked is None else checked)
+            checked = plan
+            _no_pending_grads(layer)
+            rows = _optimizer_rows(layer, optimizer)
+            tensors = [(name, p, None) for name, p in layer.experts.named_parameters()]
+            tensors += [(name, t, key) for name, got in rows.items() for key, t in got]
+            moves.append(_Move(layer=layer, new_plan=plan, tensors=tensors))
+        fingerprint = _fingerprint(checked.spec_hash, moves)
+    except Exception as exc:  # noqa: BLE001 - shared with every rank by the handshake, then raised here
+        error, fingerprint = exc, 0
+    # Phase 2: the handshake; nothing has moved yet.
+    got = _gather_flags(first, [0 if error else 1, fingerprint], "apply_plan handshake")
+    if error is not None:
+        raise error
+    refused = [r for r, (ok, _) in enumerate(got) if not ok]
+    if refused:
+        raise DistributedError(f"{label}: ranks {refused} refused the new plan in their checks (their errors say "
+                               "why); every rank stays on the old plan")
+    differ = [r for r, (_, f) in enumerate(got) if f != fingerprint]
+    if differ:
+        raise DistributedError(f"{label}: ranks {differ} apply a different new plan to these layers (or move other "
+                               "optimizer state); every rank must apply the same plan with the same kind of optimizer "
+                               "(nothing was moved)")
+    seconds["handshake"] = time.perf_counter() - t0
+    # Phase 3: what moves (the same on every rank), the changed slots' rows staged beside the old ones.
+    t0 = time.perf_counter()
+    try:
+        migrations: dict = {}
+        for m in moves:
+            _prepare(m, migrations)
     except Exception as exc:  # noqa: BLE001 - reported to every rank by the vote, then re-raised here
-        ok, error = False, exc
-    votes = _vote(layer, ok, "apply_plan prepare vote")
+        error = exc
+    votes = _gather_flags(first, [0 if error else 1], "apply_plan prepare vote")
     if error is not None:
         raise DistributedError(f"{label}: preparing the new slots failed ({error}); every rank stays on the old "
                                "plan") from error
-    if min(votes) == 0:
-        raise DistributedError(f"{label}: ranks {[r for r, v in enumerate(votes) if not v]} failed to prepare the "
-                               "migration; every rank stays on the old plan")
+    if min(v for v, in votes) == 0:
+        raise DistributedError(f"{label}: ranks {[r for r, (v,) in enumerate(votes) if not v]} failed to prepare "
+                               "the migration; every rank stays on the old plan")
     seconds["prepare"] = time.perf_counter() - t0
-    # Step 4: one all-to-all per tensor kind, rows in destination-slot order.
+    # Phase 4: every layer's rows, into the staged buffers.
     t0 = time.perf_counter()
-    send_W = np.bincount(send[:, 1] // S, minlength=W).tolist()
-    recv_W = np.bincount(recv[:, 3], minlength=W).tolist()
-    # Received rows arrive grouped by source rank (rank order), each group in destination-slot order.
-    recv_order = np.lexsort((recv[:, 1], recv[:, 3]))
-    recv_slots = torch.as_tensor((recv[recv_order, 1] - me * S).astype(np.int64))
-    src_rows = torch.as_tensor((send[:, 4] - me * S).astype(np.int64))
-    weight_bytes = np.zeros(W, np.int64)
-    state_bytes = np.zeros(W, np.int64)
-    for name, t, key in tensors:
-        rows = t.detach()[src_rows.to(t.device)]
-        got_rows = comm.all_to_all(rows, send_W, recv_W, f"apply_plan transfer ({name}{'' if key is None else ' ' + key})")
-        if len(recv_slots):
-            new_rows[(name, key)][recv_slots.to(t.device)] = got_rows
-        nbytes = np.asarray(send_W, np.int64) * t.element_size() * int(np.prod(t.shape[1:], dtype=np.int64))
-        nbytes[me] = 0
-        (weight_bytes if key is None else state_bytes)[:] += nbytes
+    for m in moves:
+        _transfer(m)
     seconds["transfer"] = time.perf_counter() - t0
-    # Step 5: commit only when every rank holds every row.
+    # Phase 5: commit only when every rank holds every row of every layer.
     t0 = time.perf_counter()
-    votes = _vote(layer, True, "apply_plan commit vote")
-    assert min(votes) == 1, "internal: a rank voted against the commit without raising"
-    with torch.no_grad():
-        for (name, key), buf in new_rows.items():
-            target = dict(layer.experts.named_parameters())[name] if key is None else dict(state_rows[name])[key]
-            target.copy_(buf)
-        for p in layer.experts.parameters():
-            p.grad = None
-    _retable(layer.ep_dispatch, new_plan)
-    layer.experts.slot_experts = list(new_experts)
-    layer.__dict__.update(plan=new_plan, slot_experts=list(new_experts))
+    votes = _gather_flags(first, [1], "apply_plan commit vote")
+    assert min(v for v, in votes) == 1, "internal: a rank voted against the commit without raising"
+    for m in moves:
+        _commit(m)
     seconds["commit"] = time.perf_counter() - t0
-    per_slot = sum(p.element_size() * p[0].numel() for p in layer.experts.parameters())
-    return {
-        "rank": me,
-        "slots_received": int(len(recv)),
-        "slots_sent": int(len(send)),
-        "weight_bytes_sent": weight_bytes.tolist(),
-        "state_bytes_sent": state_bytes.tolist(),
-        "predicted_weight_bytes": int(len(send)) * per_slot,
-        "predicted_layer_weight_bytes": int(len(moves)) * per_slot,
-        "seconds": seconds,
-    }
+    reports = []
+    for m in moves:
+        per_slot = sum(p.element_size() * p[0].numel() for p in m.layer.experts.parameters())
+        reports.append({
+            "rank": me,
+            "layer_index": m.layer.layer_index,
+            "slots_received": int(len(m.recv)),
+            "slots_sent": int(len(m.send)),
+            "weight_bytes_sent": m.weight_bytes.tolist(),
+            "state_bytes_sent": m.state_bytes.tolist(),
+            "predicted_weight_bytes": int(len(m.send)) * per_slot,
+            "predicted_layer_weight_bytes": m.predicted_layer_slots * per_slot,
+            "seconds": dict(seconds),
+        })
+    return reports[0] if one else reports

@@ -3,7 +3,8 @@
     rb = Rebalancer(layers, every=200)                 # or threshold=1.15 (measured max/mean load)
     for batch in stream:                               # an inference loop ...
         model(batch); rb.step()
-    trainer.add_callback(rb)                           # ... or after every optimizer step (rb() == rb.step())
+    opt.step(); opt.zero_grad(); rb.step()             # ... or after every optimizer step (rb() == rb.step())
+    trainer.add_callback(rb.as_trainer_callback())     # ... or in a Hugging Face Trainer (on_step_end)
 
 ``WindowRecorder`` keeps the top-k ids of the last ``max_tokens`` tokens each layer routed (older
 forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 per layer) and is a
@@ -12,8 +13,8 @@ when a re-plan is due (every ``every`` steps, or when the measured imbalance exc
 it gathers the window from every rank into one trace (the same on every rank), re-plans
 deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced over the
 tokens the new plan is expected to serve until the next re-plan, optional budget), and applies the
-new plan to every layer (``ExpertParallelMoE.apply_plan``, which checks that every rank agrees on it
-and moves only the changed slots, optimizer state included). A window the
+new plan to every layer at once (``migrate.apply_plan``: every rank agrees on it, only the changed slots
+move, optimizer state included, and the model moves whole or not at all). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
 skipped.
 
@@ -129,6 +130,25 @@ class Rebalancer:
         """``step()``, so that the Rebalancer can be passed where a training callback is expected."""
         return self.step()
 
+    def as_trainer_callback(self) -> Any:
+        """A ``transformers.TrainerCallback`` that calls ``step()`` at every ``on_step_end`` (after the optimizer
+        step and ``zero_grad``). Without an optimizer of its own, the Rebalancer moves the state of the
+        Trainer's (the one the event passes; accelerate's wrapper is looked through)."""
+        try:
+            from transformers import TrainerCallback
+        except ImportError as exc:  # transformers is optional
+            raise DistributedError("Rebalancer.as_trainer_callback needs transformers (pip install transformers); "
+                                   "in a plain training loop call rb.step() after each optimizer step") from exc
+        rebalancer = self
+
+        class RebalanceCallback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if rebalancer.optimizer is None and kwargs.get("optimizer") is not None:
+                    rebalancer.optimizer = kwargs["optimizer"]
+                rebalancer.step()
+
+        return RebalanceCallback()
+
     def measured_imbalance(self) -> float:
         """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last
         call, as the runtime counted them. Collective."""
@@ -168,6 +188,7 @@ class Rebalancer:
         """Gather the window, re-plan from the running plan and apply it on every layer. Collective."""
         from ..planner.cost import evaluate
         from ..planner.replan import replan
+        from .migrate import apply_plan
         from .trace import gather_trace
 
         t0 = time.perf_counter()
@@ -186,7 +207,7 @@ class Rebalancer:
             event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
             self.events.append(event)
             return event
-        reports = [layer.apply_plan(new, optimizer=self.optimizer) for layer in self.layers]
+        reports = apply_plan(self.layers, new, optimizer=self.optimizer)  # every layer, or none
         mig = new.policy["migration"]
         sent = torch.tensor([sum(sum(r["weight_bytes_sent"]) for r in reports)], dtype=torch.int64,
                             device=self.layers[0].experts.down_proj.device)
