@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -275,7 +276,13 @@ def _run_edges(rank: int, world: int) -> dict:
     with torch.no_grad():
         layer(x)
     handler = CallbackHandler([rb.as_trainer_callback()], layer, None, Wrapped(opt), None)
+    replan_module = sys.modules["moegraph.planner.replan"]
+    real_replan, calls = replan_module.replan, []
+    replan_module.replan = lambda *a, **k: calls.append(1) or real_replan(*a, **k)
     handler.on_step_end(None, TrainerState(), TrainerControl())
+    replan_module.replan = real_replan
+    res["trainer_replans_here"] = len(calls)
+    res["trainer_plan"] = layer.plan.physical_to_logical_map.copy()
     res["trainer_events"] = rb.events
     res["trainer_optimizer"] = rb.optimizer is not None
     return res
@@ -530,7 +537,10 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
         (ev,) = out["trainer_events"]
         assert ev["step"] == 1 and "skipped" not in ev and ev["tokens"] > 0
         assert out["trainer_optimizer"]  # taken from the event's (wrapped) optimizer
-    assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"]
+    assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"] > 0
+    # rank 0 re-planned, the other rank took its plan
+    assert [out["trainer_replans_here"] for out in res] == [1, 0]
+    np.testing.assert_array_equal(res[0]["trainer_plan"], res[1]["trainer_plan"])
 
 
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():

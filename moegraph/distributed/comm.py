@@ -177,6 +177,12 @@ class Comm:
         self._run(what, lambda: dist.all_gather(outs, wire, group=self.group, async_op=True))
         return [o.view(t.dtype) for o in outs]
 
+    def broadcast(self, t: Tensor, src: int, what: str) -> Tensor:
+        """``t`` as rank ``src`` of the group has it, on every rank (in place); returns ``t``."""
+        wire = _on_the_wire(t)
+        self._run(what, lambda: dist.broadcast(wire, group=self.group, group_src=src, async_op=True))
+        return t
+
     def all_gather_rows(self, t: Tensor, what: str) -> list[Tensor]:
         """Tensors whose first dimension differs per rank: gather sizes, pad, gather, unpad."""
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)

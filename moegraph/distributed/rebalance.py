@@ -10,9 +10,10 @@
 forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 per layer) and is a
 ``RoutingRecorder``, so ``gather_trace`` reads it. The ``Rebalancer`` installs one on every layer;
 when a re-plan is due (every ``every`` steps, or when the measured imbalance exceeds ``threshold``)
-it gathers the window from every rank into one trace (the same on every rank), re-plans
-deterministically from the running plan (``moegraph.planner.replan.replan``: moves priced over the
-tokens the new plan is expected to serve until the next re-plan, optional budget), and applies the
+it gathers the window from every rank into one trace (the same on every rank), re-plans on rank 0
+from the running plan (``moegraph.planner.replan.replan``: moves priced over the tokens the new plan
+is expected to serve until the next re-plan, optional budget; deterministic, but rank 0's plan is
+broadcast, so that ranks agree whatever floating point does on each host), and applies the
 new plan to every layer at once (``migrate.apply_plan``: every rank agrees on it, only the changed slots
 move, optimizer state included, and the model moves whole or not at all). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
@@ -184,10 +185,44 @@ class Rebalancer:
             return None
         return float(seen.item()) / since * (self.every if self.every is not None else since)
 
+    def _agreed_replan(self, current, window, args: dict[str, Any]):
+        """Rank 0's re-plan on every rank (the plan file's JSON, broadcast), or the refusal it raised: one answer
+        for all ranks, whatever floating point does on each host, and the others skip the work. Collective."""
+        import json
+
+        from ..planner import Plan
+        from ..planner.replan import replan
+
+        layer = self.layers[0]
+        answer, failure = b"", None
+        if layer.rank == 0:
+            try:
+                # one process: a rank shares its host with other ranks
+                answer = json.dumps({"plan": replan(None, current, window, processes=1, **args).to_dict()}).encode()
+            except (PlanInfeasible, TraceError) as exc:
+                answer = json.dumps({"refused": str(exc), "kind": type(exc).__name__}).encode()
+            except Exception as exc:  # noqa: BLE001 - told to the other ranks, then raised here
+                answer = json.dumps({"failed": f"{type(exc).__name__}: {exc}"}).encode()
+                failure = exc
+        dev = layer.experts.down_proj.device
+        size = layer.comm.broadcast(torch.tensor([len(answer)], dtype=torch.int64, device=dev), 0,
+                                    "Rebalancer re-plan (size)")
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=dev)
+        if layer.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(answer), dtype=torch.uint8))
+        got = json.loads(bytes(layer.comm.broadcast(buf, 0, "Rebalancer re-plan").cpu().numpy()))
+        if "failed" in got:
+            if layer.rank == 0:
+                raise failure
+            raise DistributedError(f"rank {layer.rank}: the re-plan on rank 0 failed ({got['failed']}); every rank "
+                                   "stays on the current plan")
+        if "refused" in got:
+            raise (PlanInfeasible if got["kind"] == "PlanInfeasible" else TraceError)(got["refused"])
+        return Plan.from_dict(got["plan"], spec=current.spec, source="rank 0's re-plan")
+
     def rebalance(self, measured: float | None = None) -> dict[str, Any]:
         """Gather the window, re-plan from the running plan and apply it on every layer. Collective."""
         from ..planner.cost import evaluate
-        from ..planner.replan import replan
         from .migrate import apply_plan
         from .trace import gather_trace
 
@@ -201,9 +236,8 @@ class Rebalancer:
                                  "horizon_tokens": args["horizon_tokens"]}
         self._last_replan = self.steps
         try:
-            # Every rank re-plans (the same plan): one process each, not one per core per rank.
-            new = replan(None, current, window, processes=1, **args)
-        except (PlanInfeasible, TraceError) as exc:  # the same on every rank: deterministic inputs
+            new = self._agreed_replan(current, window, args)
+        except (PlanInfeasible, TraceError) as exc:  # rank 0's refusal, on every rank
             event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
             self.events.append(event)
             return event
