@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
 
 from moegraph import load_spec
-from moegraph.planner import Plan
+from moegraph.errors import PlanFileError
+from moegraph.planner import Plan, plan
 from moegraph.traces import TraceSet, load_traces
 
 
@@ -136,3 +142,116 @@ def test_trace_stats_summarises_loads_pairs_and_affinity(run_cli, small):
     text = " ".join(r.out.split())
     assert "3 MoE layers, 64 experts" in text and "sources ['law', 'intent']" in text
     assert "cross-layer affinity" in text and "top 10% of expert pairs" in text
+
+
+# ------------------------------------------------------------------------------------------------ -o
+
+
+def test_plan_output_that_cannot_be_a_plan_file_is_refused_before_planning(run_cli, small, tmp_path):
+    d, spec, traces = small
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    cases = [(fifo, "is not a regular file"), (tmp_path / "missing" / "p.json", "does not exist"),
+             (not_a_folder / "p.json", "is not a folder"), (traces["law"], "is also an input of this command")]
+    if os.path.exists("/dev/null"):
+        cases.append(("/dev/null", "is not a regular file"))
+    if os.path.isdir("/proc/self"):
+        cases.append(("/proc/p.json", "cannot write in folder /proc"))
+    law = traces["law"].read_bytes()
+    for out, match in cases:
+        r = run_cli("plan", spec, "--trace", traces["law"], "-o", out)
+        assert r.code == 2 and match in " ".join(r.err.split()), (out, r.err)
+        assert "Traceback" not in r.err and "planning layers" not in r.err, out  # refused before any work
+    assert fifo.is_fifo() and traces["law"].read_bytes() == law
+    assert not os.path.exists("/dev/null") or not os.path.isfile("/dev/null")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "file.txt"]  # no probe, no temp file left
+
+
+def test_plan_output_through_a_symlink_writes_its_target(run_cli, small, tmp_path):
+    d, spec, traces = small
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    r = run_cli("plan", spec, "--trace", traces["law"], "-o", link)
+    assert r.code == 0, r.err
+    assert link.is_symlink() and Plan.load(target).num_layers == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "real.json"]
+
+
+def test_a_failed_plan_write_names_the_file_and_leaves_nothing_behind(small, tmp_path, monkeypatch):
+    p = plan(load_spec(small[1]), small[2]["law"])
+    out = tmp_path / "p.json"
+    out.write_text("the previous plan")
+
+    def full_disk(self, text, *args, **kwargs):  # half the text lands, then the disk is full
+        with open(self, "w") as fh:
+            fh.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(PlanFileError, match=f"{out}: could not write the plan \\(No space left on device\\)"):
+        p.save(out)
+    monkeypatch.undo()
+    assert out.read_text() == "the previous plan" and sorted(x.name for x in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_a_closed_stdout_still_gets_the_plan_written_and_exits_quietly(small, tmp_path):
+    """`moegraph plan ... -o X | head -1`: the plan is written before the report, and the closed pipe ends the
+    command without a traceback."""
+    d, spec, traces = small
+    out = tmp_path / "p.json"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first line
+    try:
+        r = subprocess.run([sys.executable, "-m", "moegraph", "plan", str(spec), "--trace", str(traces["law"]),
+                            "-o", str(out)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+    assert Plan.load(out).num_layers == 3
+
+
+# ------------------------------------------------------------------------------------------------ --from
+
+
+@pytest.fixture(scope="module")
+def current(small):
+    d, spec, traces = small
+    return plan(load_spec(spec), traces["intent"]).save(d / "current.json")
+
+
+def test_replan_cli_checks_the_plan_before_the_window_and_refuses_to_overwrite_its_inputs(run_cli, small, current,
+                                                                                           tmp_path):
+    d, spec, traces = small
+    other = plan("deepseek-v3-tiny").save(tmp_path / "v3.json")
+    r = run_cli("plan", spec, "--from", other, "--trace", traces["law"])
+    err = " ".join(r.err.split())
+    assert r.code == 2 and "describes another model: moe.hidden_size: 128 in the given spec, 64 in the plan's" in err
+    assert "expert id" not in err  # the window fits the given spec; the plan is what is wrong
+    before = current.read_bytes()
+    for out in (current, traces["law"]):
+        r = run_cli("plan", spec, "--from", current, "--trace", traces["law"], "-o", out)
+        assert r.code == 2 and "choose another output path" in " ".join(r.err.split())
+    assert current.read_bytes() == before
+
+
+def test_replan_cli_takes_huge_budgets_and_notes_the_spec_fields_it_does_not_apply(run_cli, small, current, tmp_path):
+    d, spec, traces = small
+    out = tmp_path / "new.json"
+    for flag, value in (("--max-moves", "99999999999999999999999"), ("--max-move-gib", "1e300")):
+        r = run_cli("plan", spec, "--from", current, "--trace", traces["law"], flag, value, "-o", out)
+        assert r.code == 0, r.err
+        assert Plan.load(out).policy["migration"]["slots_moved"] > 0
+    other = yaml.safe_load(spec.read_text())
+    other["topology"].update(nodes=2, gpus_per_node=4)
+    other["placement"]["max_imbalance"] = 1.2
+    other_path = tmp_path / "two-hosts.yaml"
+    other_path.write_text(yaml.safe_dump(other))
+    r = run_cli("plan", other_path, "--from", current, "--trace", traces["law"], "--max-moves", "4")
+    flat = " ".join(r.out.split())
+    assert r.code == 0, r.err
+    assert "topology.nodes (2; the plan's: 1)" in flat and "placement.max_imbalance (1.2; the plan's: 1.05)" in flat
+    assert "not applied" in flat and "--max-imbalance" in flat

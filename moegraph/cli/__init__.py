@@ -120,7 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     except abort_types:
         err_console.print("aborted")
         return 130
+    except BrokenPipeError:  # stdout closed early (`moegraph ... | head -1`): files are written first; stop quietly
+        _silence_stdout()
+        return 1  # as rich's consoles do when they meet the closed pipe themselves (Console.on_broken_pipe)
     return rc if isinstance(rc, int) else 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in tests): nothing to flush
+        pass
 
 
 def entry() -> None:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -25,15 +29,35 @@ def finite(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     return check
 
 
-def output_file(path: Path, what: str, suffixes: tuple[str, ...] = ()) -> Path:
-    """Refuse an output path that is a folder or has an extension the writer cannot produce, before any work."""
+def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = ()) -> Path:
+    """Refuse, before any work, an output path the writer cannot use: a folder, a device or pipe (a rename
+    would replace it), an extension it cannot produce, a folder that is missing or not writable, or one of
+    the command's ``inputs`` (paths; other items such as bundled names are skipped). A symbolic link is
+    checked (and later written) through to its target."""
     from ..errors import MoegraphError
 
-    if path.is_dir():
+    real = Path(os.path.realpath(path))
+    if real.is_dir():
         raise MoegraphError(f"{path}: is a folder; give the {what} file to write, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+    if real.exists() and not real.is_file():
+        raise MoegraphError(f"{path}: is not a regular file (a device such as /dev/null, a pipe or a socket); give a "
+                            f"file path for the {what}")
     if suffixes and path.suffix.lower() not in suffixes:
         raise MoegraphError(f"{path}: cannot write a {what} with extension {path.suffix or '(none)'!r}; use one of "
                             f"{', '.join(suffixes)}")
-    if not path.parent.exists():
-        raise MoegraphError(f"{path}: folder {path.parent} does not exist; create it or choose another path")
+    if not real.parent.exists():
+        raise MoegraphError(f"{path}: folder {real.parent} does not exist; create it or choose another path")
+    if not real.parent.is_dir():
+        raise MoegraphError(f"{path}: {real.parent} is not a folder; choose another path")
+    try:  # the one sure test of writability (permissions, read-only file systems, /proc): create a file there
+        fd, probe = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".probe", dir=real.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise MoegraphError(f"{path}: cannot write in folder {real.parent} ({exc.strerror or exc}); choose another "
+                            "path") from None
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and real.exists() and Path(item).exists() and os.path.samefile(real, item):
+            raise MoegraphError(f"{path}: is also an input of this command ({item}); writing the {what} would overwrite "
+                                "it: choose another output path")
     return path

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from . import app, console
+from .checks import output_file
 
 
 @app.command()
@@ -20,6 +21,7 @@ def export(
     from ..planner import Plan
     from ..planner.export import export_plan
 
+    output_file(output, f"{fmt} file", inputs=[plan])
     p = Plan.load(plan)
     out = export_plan(p, fmt, output)
     redundant = p.num_slots - p.num_experts

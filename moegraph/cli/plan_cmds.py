@@ -62,7 +62,8 @@ def plan_cmd(
                                               "redundant).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0, max=(1 << 63) - 1, help="Seed (default: placement.seed).")] = None,
     max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", callback=finite(1.0, 1e6), help="Target max/mean GPU load on the "
-                                                        "traces (default: placement.max_imbalance).")] = None,
+                                                        "traces (default: placement.max_imbalance; with --from, the "
+                                                        "current plan's spec's, less 0.02).")] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", min=0, max=10000, help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
     robust: Annotated[bool, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by the "
                                          "load-only plan's (balance on unseen traffic).")] = True,
@@ -87,10 +88,11 @@ def plan_cmd(
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
 
+    inputs = [*(trace or []), plan_from, evaluate, spec]
     if output is not None:
-        output_file(output, "plan")
+        output_file(output, "plan", inputs=inputs)
     if plot is not None:
-        output_file(plot, "plot", PLOT_SUFFIXES)
+        output_file(plot, "plot", PLOT_SUFFIXES, inputs=[*inputs, output])
     if plan_from is not None:
         from .replan_cmds import replan_command
 
@@ -116,10 +118,10 @@ def plan_cmd(
         # Baselines are planned from what the plan was planned from (a fair what-if), when that is
         # still loadable; else from the scored traffic itself (the load-only baseline then knows it).
         base_from, base_label = None, "the scored traffic itself (planning traces not recorded or not found)"
-        inputs = p.policy.get("trace_inputs")
-        if inputs:
+        used = p.policy.get("trace_inputs")
+        if used:
             try:
-                base_from, base_label = load_traces(inputs, spec=p.spec), f"the plan's own traces {inputs}"
+                base_from, base_label = load_traces(used, spec=p.spec), f"the plan's own traces {used}"
             except TraceError:
                 pass
         metrics = evaluate_plan(p, ts, baselines_from=base_from)
@@ -141,6 +143,8 @@ def plan_cmd(
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
                  max_imbalance=max_imbalance, robust=robust, rounds=rounds, progress=advance)
+    if output is not None:  # written before the report: a closed stdout (`| head`) must not lose the plan
+        p.save(output)
     cl = p.cluster
     console.print(
         f"{p.spec.name} (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "
@@ -153,13 +157,12 @@ def plan_cmd(
     if p.metrics:
         console.print(_metrics_table(p.metrics, f"predicted on {p.metrics['traces']} ({p.metrics['tokens'] or 'counts'} tokens)"))
     if output is not None:
-        p.save(output)
         console.print(f"wrote {output}")
     if plot is not None:
         from ..planner.plot import plot_plan
 
-        inputs = p.policy.get("trace_inputs")
-        plot_plan(p, load_traces(inputs, spec=s) if inputs else None, plot, layer=layer)
+        used = p.policy.get("trace_inputs")
+        plot_plan(p, load_traces(used, spec=s) if used else None, plot, layer=layer)
         console.print(f"wrote {plot}")
 
 
@@ -180,7 +183,7 @@ def trace_import(
     """Convert ESFT expert_scores or SGLang expert-distribution dumps into moegraph's native .npz."""
     from ..traces import TraceSet, read_esft, read_sglang
 
-    output_file(output, "trace", (".npz",))
+    output_file(output, "trace", (".npz",), inputs=paths)
     s = load_spec(spec) if spec is not None else None
     if fmt == "esft":
         k = top_k if top_k is not None else (getattr(s.moe.router, "top_k", None) if s is not None else None)

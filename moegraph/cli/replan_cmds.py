@@ -44,10 +44,11 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
                    max_moves: int | None, max_move_gib: float | None, seed: int | None,
                    max_imbalance: float | None, compare_full: bool, horizon_tokens: float | None = None) -> None:
     """Re-plan ``plan_from`` for the traffic ``trace``; print the report; write ``output``."""
+    import math
     import time
 
     from ..planner import Plan, evaluate_plan, plan
-    from ..planner.replan import replan
+    from ..planner.replan import check_model, replan
     from ..planner.replan_report import replan_report
     from ..traces import load_traces
 
@@ -57,16 +58,22 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
         raise TraceError("--from needs the recent traffic to re-plan for: pass --trace WINDOW.npz (a recorded window)")
     given = load_spec(spec) if spec is not None else None
     current = Plan.load(plan_from)
+    if given is not None:
+        check_model(given, current)  # first: a plan of another model would make the window look wrong
     ts = load_traces(trace, spec=current.spec)
+    max_move_bytes = None if max_move_gib is None else max_move_gib * 2**30
+    if max_move_bytes is not None and not math.isfinite(max_move_bytes):
+        max_move_bytes = int(max_move_gib) * 2**30  # beyond a float in bytes: no practical limit, as an integer
     t0 = time.perf_counter()
-    new = replan(given, current, ts, max_moves=max_moves,
-                 max_move_bytes=None if max_move_gib is None else max_move_gib * 2**30, seed=seed,
+    new = replan(given, current, ts, max_moves=max_moves, max_move_bytes=max_move_bytes, seed=seed,
                  max_imbalance=max_imbalance, horizon_tokens=horizon_tokens)
     took = time.perf_counter() - t0
     full = plan(current.spec, ts, seed=seed) if compare_full else None
     new.metrics = evaluate_plan(new, ts)
     new.metrics["replan"] = replan_report(current, new, ts, full=full)
     new.policy["replan_seconds"] = round(took, 3)
+    if output is not None:  # written before the report: a closed stdout (`| head`) must not lose the plan
+        new.save(output)
     mig = new.policy["migration"]
     console.print(
         f"{new.spec.name}: re-planned {plan_from} ({current.num_layers} MoE layers, {current.num_slots} slots on "
@@ -77,7 +84,6 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
         say(note, prefix="note:", style="yellow")
     console.print(replan_table(new.metrics["replan"], f"re-plan beside the alternatives, on {ts.name}"))
     if output is not None:
-        new.save(output)
         console.print(f"wrote {output}")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import write_atomically
 from .planfile import Plan
 
 __all__ = ["FORMATS", "sglang_expert_location", "export_plan"]
@@ -40,13 +41,9 @@ def sglang_expert_location(plan: Plan) -> dict:
 
 
 def export_plan(plan: Plan, fmt: str, path: str | Path) -> Path:
-    """Write ``plan`` in format ``fmt`` to ``path`` (written to a temporary name, then renamed)."""
+    """Write ``plan`` in format ``fmt`` to ``path`` (``fileio.write_atomically``: nothing half-written is left)."""
     if fmt not in FORMATS:
         raise InputError(f"--format {fmt!r}: unknown; choose one of {', '.join(FORMATS)} "
                          "(vLLM reads no initial placement file)")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(sglang_expert_location(plan)) + "\n")
-    tmp.replace(out)
-    return out
+    text = json.dumps(sglang_expert_location(plan)) + "\n"
+    return write_atomically(path, lambda tmp: tmp.write_text(text), f"{fmt} placement file", InputError)

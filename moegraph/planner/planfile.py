@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import PlanFileError
+from ..fileio import write_atomically
 from ..spec import MoESpec
 from ..topology import Cluster, cluster_of
 from .dispatch import RULE, replica_table
@@ -167,17 +168,13 @@ class Plan:
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write the plan as JSON (atomically: a crash never leaves a half-written plan)."""
+        """Write the plan as JSON (``write_atomically``: a crash or a full disk never leaves a half-written plan)."""
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
         try:
             text = json.dumps(_jsonable(self.to_dict()), indent=1, allow_nan=False) + "\n"
         except ValueError as exc:  # NaN or infinity in a figure: a bug upstream, never written as 'NaN'
             raise PlanFileError(f"{p}: the plan holds a non-finite number ({exc}); not writing it") from None
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(p)
-        return p
+        return write_atomically(p, lambda tmp: tmp.write_text(text, encoding="utf-8"), "plan", PlanFileError)
 
     @classmethod
     def load(cls, path: str | Path, spec: MoESpec | None = None) -> Plan:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import TraceError
+from ..fileio import write_atomically
 from ..spec import MAX_EXPERTS
 
 if TYPE_CHECKING:
@@ -350,12 +351,8 @@ class TraceSet:
             arrays["source_ids"] = self.source_ids.astype(np.int16)
             if self.src_rank is not None:
                 arrays["src_rank"] = self.src_rank.astype(np.int16)
-        # Write to a temporary name first so that a crash never leaves a half-written trace behind.
-        tmp = p.with_name(p.name + ".tmp.npz")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(p)
-        return p
+        # nothing half-written is left; a symbolic link is written through, a device or pipe refused
+        return write_atomically(p, lambda tmp: np.savez_compressed(tmp, **arrays), "trace", TraceError)
 
 
 def _unique_names(names: list[str]) -> list[str]:
