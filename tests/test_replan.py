@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -823,3 +824,88 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     assert r.code == 2 and "--from" in r.err
     r = run_cli("plan", "--from", cur_path, "--trace", window, "--slots", "80")
     assert r.code == 2 and "come from the current plan" in r.err
+
+
+def test_replan_checks_its_arguments_types_and_takes_huge_integers_as_no_limit(setup):
+    spec, current, _, law = setup
+    for value in (2.5, True, "5", np.float64(3.0)):
+        with pytest.raises(PlanInfeasible, match="max_moves must be an integer >= 0"):
+            replan(None, current, law, max_moves=value)
+    for name, value in (("max_move_bytes", "1e9"), ("horizon_tokens", True), ("max_imbalance", "1.1")):
+        with pytest.raises(PlanInfeasible, match=f"{name} must be a number"):
+            replan(None, current, law, **{name: value})
+    with pytest.raises(PlanInfeasible, match="max_move_bytes must be a finite number >= 0"):
+        replan(None, current, law, max_move_bytes=float("inf"))
+    with pytest.raises(PlanInfeasible, match="max_moves must be an integer >= 0, got -1000000"):
+        replan(None, current, law, max_moves=-(10**30))
+    new = replan(None, current, law, max_moves=10**30, max_imbalance=2**70)  # >= 2**64: no practical limit
+    assert new.policy["max_moves"] == 10**30 and new.policy["max_imbalance"] == 2.0**70
+    assert replan(None, current, law, max_move_bytes=10**400, horizon_tokens=10**400).policy["max_move_bytes"] == 1e300
+
+
+def test_replan_takes_the_specs_and_refuses_the_traces_the_rest_of_the_api_takes(setup, tmp_path):
+    spec, current, _, law = setup
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(spec.to_dict()))
+    for given in (spec.to_dict(), str(path)):  # a dict or a spec file, as plan() takes them
+        assert migration(current, replan(given, current, law, max_moves=3)).slots_moved <= 3
+    with pytest.raises(PlanFileError, match="model.num_layers: 27 in the given spec, 4 in the plan's"):
+        replan("deepseek-v2-lite-tiny", current, law)  # the preset has 26 MoE layers, the plan 3
+    for traces, shown in ((None, "NoneType None"), (5, "int 5"), (law.topk, r"a numpy array of shape \[3, ")):
+        with pytest.raises(TraceError, match=f"expected a trace file, folder or bundled name.*got {shown}") as exc:
+            replan(None, current, traces)
+        assert len(str(exc.value)) < 300  # never the whole array
+
+
+def test_a_spec_of_another_model_names_the_fields_that_differ(setup):
+    spec, current, _, law = setup
+    d = spec.to_dict()
+    d["moe"]["hidden_size"] *= 2
+    with pytest.raises(PlanFileError, match="moe.hidden_size: 256 in the given spec, 128 in the plan's; pass the spec"):
+        replan(d, current, law)
+    # a plan of another model: its spec is the problem (checked first), not the window of this model
+    with pytest.raises(PlanFileError, match="describes another model: moe.hidden_size: 64 in the given spec"):
+        replan(load_spec("deepseek-v3-tiny"), current, load_traces(law))
+
+
+def test_replan_notes_the_spec_fields_it_does_not_apply(setup):
+    spec, current, _, law = setup
+    d = spec.to_dict()
+    d["topology"].update(nodes=2, gpus_per_node=4)
+    d["placement"]["max_imbalance"] = 1.3
+    new = replan(d, current, law, max_moves=2)
+    note = " ".join(new.notes)
+    assert "topology.nodes (2; the plan's: 1), topology.gpus_per_node (4; the plan's: 8)" in note and "placement.max_imbalance (1.3; the plan's: 1.05)" in note
+    assert "not applied" in note and "--max-imbalance" in note and new.num_gpus == 8
+    assert not any("not applied" in n for n in replan(spec, current, law, max_moves=2).notes)
+
+
+def test_the_smallest_budget_the_hint_names_is_accepted(setup):
+    spec, current, _, law = setup
+    with pytest.raises(PlanInfeasible) as exc:
+        replan(None, current, law, max_move_bytes=100)
+    gib = re.search(r"--max-move-gib ([0-9.e+-]+)\)", str(exc.value)).group(1)
+    assert float(gib) * 2**30 >= expert_bytes(spec) and f"{gib} GiB" in str(exc.value)
+    assert migration(current, replan(None, current, law, max_move_bytes=float(gib) * 2**30)).slots_moved == 1
+
+
+def test_relabel_and_migration_check_their_inputs(setup):
+    spec, current, intent, law = setup
+    new = plan(spec, law)
+    with pytest.raises(TraceError, match="2 MoE layers in the trace but the spec has 3"):
+        relabel(new, current, TraceSet.from_topk(list(law.topk[:2]), num_experts=64))
+    with pytest.raises(TraceError, match="tokens choose 4 experts"):
+        relabel(new, current, TraceSet.from_topk([t[:, :4] for t in law.topk], num_experts=64))
+    with pytest.raises(TraceError, match="expert id 70 .* exceeds the spec's 64 experts"):
+        relabel(new, current, TraceSet.from_topk([np.minimum(t.astype(np.int64) + 10, 70) for t in law.topk]))
+    for bad, call in ((None, lambda b: relabel(b, current)), ("plan.json", lambda b: relabel(b, current)),
+                      (None, lambda b: migration(current, b)), ("plan.json", lambda b: migration(b, new))):
+        with pytest.raises(PlanFileError, match="must be a moegraph Plan .*Plan.load"):
+            call(bad)
+    d = spec.to_dict()
+    d["moe"]["experts"]["intermediate_size"] *= 2  # same shapes, another model
+    other = Plan(new.physical_to_logical_map, load_spec(d))
+    with pytest.raises(PlanFileError, match="different specs .*moe.experts.intermediate_size: 64 vs 128"):
+        migration(current, other)
+    with pytest.raises(PlanFileError, match="different specs"):
+        relabel(other, current)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ from ..errors import PlanFileError
 from ..spec import MoESpec
 from ..summary import summarize
 from ..topology import Cluster
+from ..traces import traces_for_spec
 from .cost import cost_matrix, link_time_us
 from .exact import ExactCopies
 from .planfile import Plan
@@ -130,8 +132,8 @@ class Migration:
 
 def migration(current: Plan, new: Plan) -> Migration:
     """Which slots of ``new`` hold another expert than in ``current``, where each one's weights come from,
-    and the bytes and predicted time of moving them (every layer at once)."""
-    _check_same_shape(current, new)
+    and the bytes and predicted time of moving them (every layer at once). Both plans must be of one spec."""
+    _check_plans(current, new)
     spg, g = current.slots_per_gpu, current.num_gpus
     cost = _move_cost(current.cluster)
     nbytes = expert_bytes(current.spec)
@@ -156,6 +158,41 @@ def migration(current: Plan, new: Plan) -> Migration:
     return Migration(moves=moves, num_layers=current.num_layers, num_slots=current.num_slots, slots_per_gpu=spg,
                      expert_bytes=nbytes, link_bytes=link * nbytes,
                      time_us=link_time_us(link.astype(np.float64) * nbytes, current.cluster), slots_changed=changed)
+
+
+def spec_differences(a: MoESpec, b: MoESpec, sections: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """The dotted fields of ``sections`` (e.g. "model", "moe") where specs ``a`` and ``b`` differ, with both
+    values (as JSON, shortened), in field order."""
+    out: list[tuple[str, str, str]] = []
+
+    def walk(key: str, x: Any, y: Any) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in list(x) + [k for k in y if k not in x]:
+                walk(f"{key}.{k}", x.get(k), y.get(k))
+        elif x != y:
+            out.append((key, json.dumps(x)[:40], json.dumps(y)[:40]))
+
+    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
+    for section in sections:
+        walk(section, da.get(section), db.get(section))
+    return out
+
+
+def _check_plans(current: Any, new: Any, new_name: str = "new_plan") -> None:
+    """Refuse what is not a pair of plans of one spec, model and cluster (PlanFileError)."""
+    for name, p in (("current", current), (new_name, new)):
+        if not isinstance(p, Plan):
+            raise PlanFileError(f"{name} must be a moegraph Plan (read a plan file with Plan.load), got "
+                                f"{type(p).__name__} {repr(p)[:60]}")
+    _check_same_shape(current, new)
+    if current.spec_hash != new.spec_hash:
+        diff = spec_differences(current.spec, new.spec, ("model", "moe", "topology", "placement"))
+        shown = "; ".join(f"{k}: {x} vs {y}" for k, x, y in diff[:3]) or "their spec names or versions"
+        raise PlanFileError(
+            f"the plans were made for different specs ({current.spec.name!r}, hash {current.spec.short_hash}; "
+            f"{new.spec.name!r}, hash {new.spec.short_hash}), which differ in {shown}: a migration is between plans "
+            "of one spec; re-plan with --from CURRENT_PLAN (replan(None, current, window)) for its spec"
+        )
 
 
 def _check_same_shape(current: Plan, new: Plan) -> None:
@@ -405,7 +442,9 @@ def relabel(plan: Plan, current: Plan, traces: TraceSet | None = None) -> Plan:
     (host swaps x GPU permutations inside hosts), while a plan that does not place by host (the
     load-only packing) is indifferent to its grouping.
     """
-    _check_same_shape(current, plan)
+    _check_plans(current, plan, "plan")
+    if traces is not None:  # checked against the spec where it enters, as the re-plan checks its window
+        traces = traces_for_spec(traces, plan.spec)
     g, spg = plan.num_gpus, plan.slots_per_gpu
     regroup = traces is not None and not traces.load_only and _two_level(plan.cluster)
     cands = []

@@ -95,6 +95,7 @@ Legend: E experts, G GPUs, N hosts, S slots of one layer, T tokens, K top-k; A, 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PlanFileError, PlanInfeasible, TraceError
+from ..loader import load_spec
 from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
 from .baselines import replicate_by_load
@@ -109,7 +111,8 @@ from .blas import one_blas_thread
 from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
-from .migration import Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel
+from .migration import (Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel,
+                        spec_differences)
 from .planfile import Plan
 from .search import EXACT_MAX_ITEMS, rule_contrib
 
@@ -687,15 +690,77 @@ def _reassign_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j:
     return 0
 
 
-def _same_model(spec: MoESpec, current: Plan) -> None:
-    a, b = spec, current.spec
-    if (a.moe.model_dump() != b.moe.model_dump() or a.model.model_dump() != b.model.model_dump()):
+def check_model(spec: MoESpec, current: Plan) -> None:
+    """Raise PlanFileError unless ``spec`` describes the model ``current`` was planned for (``model`` and ``moe``
+    alike; the topology and placement may differ: a re-plan keeps the plan's)."""
+    diff = spec_differences(spec, current.spec, ("model", "moe"))
+    if diff:
+        shown = "; ".join(f"{key}: {mine} in the given spec, {theirs} in the plan's" for key, mine, theirs in diff[:3])
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise PlanFileError(
-            f"the current plan was made for spec {b.name!r} ({b.model.num_moe_layers} MoE layers, "
-            f"{b.moe.experts.num_experts} experts) but the given spec {a.name!r} describes another model "
-            f"({a.model.num_moe_layers} MoE layers, {a.moe.experts.num_experts} experts); pass the spec the plan "
-            "was made for"
+            f"the current plan was made for spec {current.spec.name!r} but the given spec {spec.name!r} describes "
+            f"another model: {shown}{more}; pass the spec the plan was made for"
         )
+
+
+def _not_applied(spec: MoESpec, current: Plan) -> str | None:
+    """A note naming the given spec's topology and placement fields that the re-plan does not apply, or None."""
+    diff = [d for d in spec_differences(spec, current.spec, ("topology", "placement")) if d[0] != "placement.traces"]
+    if not diff:
+        return None
+    shown = ", ".join(f"{key} ({mine}; the plan's: {theirs})" for key, mine, theirs in diff[:4])
+    more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+    return (f"the given spec {spec.name!r} differs from the current plan's in {shown}{more}: not applied. The cluster "
+            "and slots are the current plan's (the running layers must be able to load the new plan), and the balance "
+            "target and seed its spec's; pass max_imbalance / seed (--max-imbalance, --seed) to change them, or plan "
+            "from scratch for another cluster")
+
+
+def _count(name: str, value: Any) -> int | None:
+    """``value`` checked as a whole number >= 0 (None passes); huge ones are fine: no practical limit."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise PlanInfeasible(f"{name} must be an integer >= 0, got {_shown(value)}")
+    return int(value)
+
+
+#: where an integer argument stops counting (``_real``): far beyond any budget or horizon, far below overflow
+_HUGE = 1e300
+
+
+def _real(name: str, value: Any, lo: float, what: str) -> float | None:
+    """``value`` checked as a finite real number >= ``lo`` (None passes); an integer too large for a float
+    counts as ``_HUGE`` (no practical limit)."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PlanInfeasible(f"{name} must be a number ({what}), got {_shown(value)}")
+    if isinstance(value, (int, np.integer)):
+        value = float(min(int(value), _HUGE))
+    if not (math.isfinite(value) and value >= lo):
+        raise PlanInfeasible(f"{name} must be a finite number >= {lo:g} ({what}), got {_shown(value)}")
+    return float(value)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.3g} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.3g} GiB"
+
+
+def _gib_at_least(nbytes: int) -> str:
+    """The shortest decimal number of GiB (3 significant digits) that holds ``nbytes``: rounded up, so that
+    ``--max-move-gib`` given it allows the move (a value rounded to nearest could fall just short)."""
+    x = nbytes / 2**30
+    step = 10.0 ** (math.floor(math.log10(x)) - 2)
+    value = math.ceil(x / step) * step
+    while float(f"{value:.3g}") * 2**30 < nbytes:
+        value += step
+    return f"{value:.3g}"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}" if not isinstance(value, (int, float, np.number)) else text[:40]
 
 
 #: layers x experts x GPUs from which a re-plan without a budget repairs its layers in several processes
@@ -958,8 +1023,9 @@ def replan(
 ) -> Plan:
     """A new plan for the traffic ``traces`` (a window), warm-started from ``current_plan``, moves priced.
 
-    spec: the model's spec (checked against the plan's); None: the plan's own. The cluster and slot
-        count are the current plan's.
+    spec: the model's spec (a MoESpec, preset name, spec file or dict; checked against the plan's model);
+        None: the plan's own. The cluster, slot count, balance target and seed are the current plan's (a
+        note names the given spec's topology and placement fields that differ and are not applied).
     traces: a TraceSet (or what ``load_traces`` accepts) of the recent traffic, with tokens.
     max_moves / max_move_bytes: budget of slots / bytes moved over all layers (None: priced only).
     seed: seeds the polish's random draws (step 4 of the module docstring; default: the spec's
@@ -975,27 +1041,31 @@ def replan(
     The Plan's ``policy["migration"]`` holds what moves (``Migration.summary``).
     """
     if not isinstance(current_plan, Plan):
-        raise PlanFileError(f"current_plan must be a moegraph Plan, got {type(current_plan).__name__}")
+        raise PlanFileError(f"current_plan must be a moegraph Plan (read a plan file with Plan.load), got "
+                            f"{_shown(current_plan)}")
+    spec_notes = []
     if spec is not None:
-        _same_model(spec, current_plan)
+        given = load_spec(spec, source="spec")  # a MoESpec, preset name, spec file or dict, as ``plan`` takes
+        check_model(given, current_plan)  # before the window: a plan of another model is the problem, not the traces
+        note = _not_applied(given, current_plan)
+        spec_notes = [note] if note else []
     spec = current_plan.spec
-    for name, v in (("max_moves", max_moves), ("max_move_bytes", max_move_bytes), ("horizon_tokens", horizon_tokens)):
-        if v is not None and not (v >= 0 and np.isfinite(v)):
-            raise PlanInfeasible(f"{name} must be a finite number >= 0, got {v!r}")
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and seed >= 0):
-        raise PlanInfeasible(f"seed must be an integer >= 0 (it seeds the re-plan's polish), got {seed!r}")
+    max_moves = _count("max_moves", max_moves)
+    max_move_bytes = _real("max_move_bytes", max_move_bytes, 0.0, "bytes of expert weights moved over all layers")
+    horizon_tokens = _real("horizon_tokens", horizon_tokens, 0.0, "tokens the new plan will serve")
+    max_imbalance = _real("max_imbalance", max_imbalance, 1.0, "a target max/mean GPU load")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
+        raise PlanInfeasible(f"seed must be an integer >= 0 (it seeds the re-plan's polish), got {_shown(seed)}")
     if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
-    if max_imbalance is not None and not (max_imbalance >= 1.0 and np.isfinite(max_imbalance)):
-        raise PlanInfeasible(f"max_imbalance is a target max/mean GPU load (>= 1.0), got {max_imbalance!r}")
     nbytes = expert_bytes(spec)
     if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
         got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
-            f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.4f} GiB)"
+            f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.3g} GiB)"
         raise PlanInfeasible(
             f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
-            f"({nbytes / 2**30:.4f} GiB); the current plan stays. Allow at least 1 move (--max-moves 1) or "
-            f"{nbytes / 2**30:.4f} GiB (--max-move-gib)"
+            f"({_size(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
+            f"{_gib_at_least(nbytes)} GiB (--max-move-gib {_gib_at_least(nbytes)})"
         )
     ts = _window(spec, traces)
     imb = max(1.0, spec.placement.max_imbalance - WINDOW_MARGIN) if max_imbalance is None else float(max_imbalance)
@@ -1007,7 +1077,8 @@ def replan(
     k = ts.top_k
     tb = sum(copy_bytes(spec))  # bytes of one token's dispatch + combine copies (FP8 dispatch is smaller)
     limits = [x for x in (max_moves, None if max_move_bytes is None else max_move_bytes // nbytes) if x is not None]
-    budget = _Budget(float(min(limits)) if limits else None)
+    # a budget beyond every slot of every layer never binds: counted as that, it stays a float
+    budget = _Budget(float(min(*limits, current_plan.num_layers * current_plan.num_slots)) if limits else None)
     states = []
     for layer in range(current_plan.num_layers):
         ids = np.asarray(ts.topk[layer], np.int64)
@@ -1057,7 +1128,7 @@ def replan(
     for layer, st in enumerate(states):
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
     notes = [f"re-planned from the current plan ({current_plan.policy.get('name', 'unnamed')}) on {ts.name} "
-             f"({ts.num_tokens} tokens)"]
+             f"({ts.num_tokens} tokens)", *spec_notes]
     after = np.array([_ratio(s) for s in states])
     if (after > imb + 1e-6).any():
         why = "the move budget" if (max_moves is not None or max_move_bytes is not None) else "the allowed changes"
