@@ -100,6 +100,27 @@ def test_native_round_trip_keeps_everything(tmp_path):
     assert not list(tmp_path.glob("*.tmp*")), "the temporary file must be gone"
 
 
+def test_a_failed_trace_write_names_the_file_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    ts = TraceSet.from_topk([np.array([[0, 1], [2, 3]])], num_experts=4)
+
+    def full_disk(path, **arrays):  # part of the file lands, then the disk is full
+        Path(path).write_bytes(b"PK\x03\x04")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez_compressed", full_disk)
+    with pytest.raises(TraceError, match=f"{tmp_path / 't.npz'}: could not write the trace \\(No space left"):
+        ts.save(tmp_path / "t.npz")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    os.mkfifo(tmp_path / "pipe.npz")  # a rename would replace the pipe with a regular file
+    with pytest.raises(TraceError, match="pipe.npz: exists and is not a regular file"):
+        ts.save(tmp_path / "pipe.npz")
+    assert (tmp_path / "pipe.npz").is_fifo()
+
+
 def test_load_only_round_trip_and_note(tmp_path):
     counts = np.arange(12).reshape(3, 4)
     ts = TraceSet.from_counts(counts, source="dump")
@@ -139,6 +160,40 @@ def test_corrupt_native_file_is_reported_with_its_path(tmp_path, law, damage):
     with pytest.raises(TraceError) as exc:
         load_traces(path)
     assert str(path) in str(exc.value)
+
+
+def test_a_window_of_no_tokens_written_by_save_loads_and_is_refused_as_empty(tmp_path, law):
+    small = TraceSet.from_topk(list(law.topk[:2, :100]), law.sample_ids[:100], num_experts=64, source="law")
+    path = small.select_tokens(np.zeros(100, bool)).save(tmp_path / "empty.npz")
+    back = read_native(path)  # what the writer wrote reads back: no tokens, no sources
+    assert (back.num_tokens, back.sources, back.num_layers) == (0, (), 2)
+    with pytest.raises(TraceError, match="holds no routed tokens"):
+        load_traces(path)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("float", r"topk has shape \(2, 100, 6\) \(float32\)"),
+    ("2d", r"topk has shape \(100, 6\)"),
+    ("negative", "expert ids outside 0..63"),
+    ("no_sources", "meta.sources is empty but the file holds tokens"),
+])
+def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, damage, match):
+    path = tmp_path / "t.npz"
+    TraceSet.from_topk(list(law.topk[:2, :100]), law.sample_ids[:100], num_experts=64).save(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    if damage == "float":
+        arrays["topk"] = arrays["topk"].astype(np.float32)
+    elif damage == "2d":
+        arrays["topk"] = arrays["topk"][0]
+    elif damage == "negative":
+        arrays["topk"] = arrays["topk"].astype(np.int32) - 1
+    else:
+        arrays["meta"] = np.array(str(arrays["meta"]).replace('"sources": ["trace"]', '"sources": []'))
+    np.savez(path, **arrays)
+    with pytest.raises(TraceError, match=match) as exc:
+        read_native(path)
+    assert str(exc.value).count(str(path)) == 1 and "a field has the wrong type" not in str(exc.value)
 
 
 # ------------------------------------------------------------------------------------------------ ESFT

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,8 @@ def read_native(path: str | Path) -> TraceSet:
                          "; re-create it with `moegraph trace import`") from None
     try:
         return _native_traceset(p, meta, arrays)
+    except TraceError:  # already names the file and the fix (TraceError is a ValueError: never wrap it)
+        raise
     except (TypeError, ValueError, OverflowError, KeyError, AttributeError) as exc:
         raise TraceError(f"{p}: a field has the wrong type or value ({' '.join(str(exc).split())[:160]}); the file is "
                          "corrupt, re-import the trace") from None
@@ -99,8 +102,8 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
     try:
         e = whole("num_experts", meta["num_experts"], 1, MAX_EXPERTS)
         n_layers = whole("num_layers", meta["num_layers"], 1, 10000)
-        if not isinstance(meta["sources"], list) or not meta["sources"]:
-            raise ValueError("meta.sources is not a non-empty list")
+        if not isinstance(meta["sources"], list):
+            raise ValueError("meta.sources is not a list")
         sources = tuple(str(s) for s in meta["sources"])
         layer_ids = (tuple(whole("layer_ids", i, 0, 10**6) for i in meta["layer_ids"])
                      if meta.get("layer_ids") is not None else None)
@@ -120,11 +123,15 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
         raise bad(f"meta.layer_ids has {len(layer_ids)} entries for {n_layers} layers")
     if "topk" not in arrays:
         c = arrays.get("counts_by_source")
+        if not sources:
+            raise bad("meta.sources is empty: a load-only trace has one source or more")
         if c is None or c.shape != (len(sources), n_layers, e) or not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
             raise bad(f"counts_by_source missing or not [{len(sources)}, {n_layers}, {e}] non-negative integers")
         return TraceSet(num_experts=e, counts_by_source=c.astype(np.int64), sources=sources, layer_ids=layer_ids,
                         name=name, notes=notes)
     topk = arrays["topk"]
+    if not sources and not (topk.ndim == 3 and topk.shape[1] == 0):  # no sources: only a window of 0 tokens
+        raise bad("meta.sources is empty but the file holds tokens")
     if topk.ndim != 3 or topk.shape[0] != n_layers or not np.issubdtype(topk.dtype, np.integer):
         raise bad(f"topk has shape {topk.shape} ({topk.dtype}), expected [{n_layers}, tokens, top_k] integers")
     if meta.get("num_tokens") is not None and topk.shape[1] != int(meta["num_tokens"]):
@@ -470,7 +477,17 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
     Sources (tasks, files) stay distinguishable (``TraceSet.split_sources``). With a spec, the traces
     are checked against its experts, MoE layers and top-k (TraceError says what to change).
     """
-    items = [paths_or_names] if isinstance(paths_or_names, (str, Path, TraceSet)) else list(paths_or_names)
+    if isinstance(paths_or_names, (str, os.PathLike, TraceSet)):
+        items = [paths_or_names]
+    elif isinstance(paths_or_names, Iterable) and not isinstance(paths_or_names, (np.ndarray, Mapping)):
+        items = list(paths_or_names)
+    else:
+        items = [paths_or_names]
+    for item in items:
+        if not isinstance(item, (str, os.PathLike, TraceSet)):
+            hint = " (ids per token: build a TraceSet with TraceSet.from_topk)" if isinstance(item, np.ndarray) else ""
+            raise TraceError(f"traces: expected a trace file, folder or bundled name, a TraceSet, or a list of them; "
+                             f"got {_describe(item)}{hint}")
     sets = [_resolve_one(i, spec) for i in items]
     for s, i in zip(sets, items):
         if (s.num_tokens == 0) if not s.load_only else not s.counts.any():
@@ -479,6 +496,13 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
         e = spec.moe.experts.num_experts
         sets = [s.check_spec(spec, label=str(i)).with_experts(e) for s, i in zip(sets, items)]
     return TraceSet.concat(sets)
+
+
+def _describe(value: Any) -> str:
+    """A short description of a value of the wrong type (never a whole array)."""
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {list(value.shape)}"
+    return f"{type(value).__name__} {repr(value)[:60]}"
 
 
 def traces_for_spec(traces: Any, spec: MoESpec) -> TraceSet:
