@@ -47,3 +47,9 @@ def test_frozen_or_killed_peer_is_reported_within_the_timeout(how, plan_for_two,
     assert started < fault_at < ended
     # Every process is gone (the parent killed or reaped them all) soon after the fault.
     assert ended - fault_at < TIMEOUT_S + 5.0, f"took {ended - fault_at:.1f}s after the fault"
+
+
+def test_rebalance_every_beyond_the_steps_is_refused_naming_both_flags(plan_for_two, run_cli):
+    res = run_cli("run", "deepseek-v3-tiny", "--plan", plan_for_two, "--steps", "4", "--rebalance-every", "10")
+    err = " ".join(res.err.split())
+    assert res.code == 2 and "--rebalance-every 10 is more than --steps 4: no re-plan would run" in err, err

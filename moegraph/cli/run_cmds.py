@@ -80,6 +80,9 @@ def run_cmd(
     per forward, measured by the runtime and predicted by the planner's dispatch rule for the same
     routing.
     """
+    if rebalance_every is not None and rebalance_every > steps:
+        raise typer.BadParameter(f"--rebalance-every {rebalance_every} is more than --steps {steps}: no re-plan would "
+                                 f"run; give --rebalance-every at most {steps}, or more --steps")
     from ..distributed.local import run_local
 
     # Paths are checked before any process starts (a bad --record once failed only after the run).
