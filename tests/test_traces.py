@@ -176,6 +176,8 @@ def test_a_window_of_no_tokens_written_by_save_loads_and_is_refused_as_empty(tmp
     ("2d", r"topk has shape \(100, 6\)"),
     ("negative", "expert ids outside 0..63"),
     ("no_sources", "meta.sources is empty but the file holds tokens"),
+    ("meta_top_k", "topk lists 6 experts per token but meta.top_k says 4"),
+    ("top_k_0", r"no expert per token \(top_k 0\)"),
 ])
 def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, damage, match):
     path = tmp_path / "t.npz"
@@ -188,6 +190,11 @@ def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, da
         arrays["topk"] = arrays["topk"][0]
     elif damage == "negative":
         arrays["topk"] = arrays["topk"].astype(np.int32) - 1
+    elif damage == "meta_top_k":
+        arrays["meta"] = np.array(str(arrays["meta"]).replace('"top_k": 6', '"top_k": 4'))
+    elif damage == "top_k_0":
+        arrays["topk"] = arrays["topk"][:, :, :0]
+        arrays["meta"] = np.array(str(arrays["meta"]).replace('"top_k": 6', '"top_k": 0'))
     else:
         arrays["meta"] = np.array(str(arrays["meta"]).replace('"sources": ["trace"]', '"sources": []'))
     np.savez(path, **arrays)

@@ -136,6 +136,10 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
         raise bad(f"topk has shape {topk.shape} ({topk.dtype}), expected [{n_layers}, tokens, top_k] integers")
     if meta.get("num_tokens") is not None and topk.shape[1] != int(meta["num_tokens"]):
         raise bad(f"topk holds {topk.shape[1]} tokens but meta says {meta['num_tokens']}")
+    if topk.shape[2] == 0:
+        raise bad("topk lists no expert per token (top_k 0)")
+    if meta.get("top_k") is not None and topk.shape[2] != int(meta["top_k"]):
+        raise bad(f"topk lists {topk.shape[2]} experts per token but meta.top_k says {meta['top_k']}")
     if topk.size and (int(topk.max()) >= e or int(topk.min()) < 0):
         raise bad(f"expert ids outside 0..{e - 1}")
     _check_topk(topk, e, str(p))
