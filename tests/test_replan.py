@@ -17,7 +17,7 @@ from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weigh
 from moegraph.planner.replan import _Budget, _cut_rate, _improve_comm, _kick, _Layer, _polish, _priced, _prices
 from moegraph.planner.replan import _reassign_comm, _reassign_cut_deltas, _repair_balance, _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import _valid
-from moegraph.planner.replan import expert_bytes, migration, relabel, replan
+from moegraph.planner.replan import expert_bytes, migration, noise_floor, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
 from moegraph.traces import TraceSet, coactivation, load_traces
@@ -909,3 +909,35 @@ def test_relabel_and_migration_check_their_inputs(setup):
         migration(current, other)
     with pytest.raises(PlanFileError, match="different specs"):
         relabel(other, current)
+
+
+@pytest.mark.parametrize("gpus,tokens,top_k", [(4, 200, 2), (8, 1024, 6), (32, 4096, 8)])
+def test_the_noise_floor_is_what_sampling_alone_gives_a_balanced_layer(gpus, tokens, top_k):
+    """A perfectly balanced layer (every assignment equally likely on every GPU), sampled into windows: its
+    max/mean exceeds 1 + the floor on a minority of them, and on average stays well below it."""
+    rng = np.random.default_rng(0)
+    loads = rng.multinomial(tokens * top_k, [1.0 / gpus] * gpus, size=20_000)
+    excess = loads.max(axis=1) / loads.mean(axis=1) - 1.0
+    floor = noise_floor(gpus, tokens, top_k)
+    assert 0.05 < float((excess > floor).mean()) < 0.25
+    assert float(excess.mean()) < 0.85 * floor
+    assert noise_floor(1, tokens, top_k) == 0.0 and noise_floor(gpus, 4 * tokens, top_k) == pytest.approx(floor / 2)
+
+
+def test_replan_keeps_the_layers_a_window_cannot_tell_from_balanced(setup):
+    spec, current, intent, law = setup
+    # Eight sequences of the task the plan was made for: every layer's imbalance on them (the cost model's, an
+    # independent computation) is within the floor; nothing moves, and the note says why.
+    window = intent.select_samples(np.unique(intent.sample_ids)[:8])
+    new = replan(spec, current, window)
+    floor = noise_floor(current.num_gpus, window.num_tokens, window.top_k)
+    assert new.policy["noise_floor"] == pytest.approx(floor, abs=1e-6)
+    per_layer = np.array(evaluate(current, window)["per_layer"]["max_mean_load"])
+    assert (per_layer > new.policy["max_imbalance"]).any() and (per_layer <= new.policy["max_imbalance"] + floor).all()
+    assert new.policy["layers_kept"] == current.num_layers and new.policy["migration"]["slots_moved"] == 0
+    np.testing.assert_array_equal(new.physical_to_logical_map, current.physical_to_logical_map)
+    assert any("kept as they are: within the window's sampling noise" in n for n in new.notes)
+    # After a switch to another task no layer is within it: each is re-planned.
+    new = replan(spec, current, law)
+    assert new.policy["layers_kept"] == 0
+    assert all(not np.array_equal(a, b) for a, b in zip(new.physical_to_logical_map, current.physical_to_logical_map))
