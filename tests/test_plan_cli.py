@@ -201,17 +201,19 @@ def test_a_failed_plan_write_names_the_file_and_leaves_nothing_behind(small, tmp
 def test_a_closed_stdout_still_gets_the_plan_written_and_exits_quietly(small, tmp_path):
     """`moegraph plan ... -o X | head -1`: the plan is written before the report, and the closed pipe ends the
     command without a traceback."""
+    pytest.importorskip("matplotlib")
     d, spec, traces = small
-    out = tmp_path / "p.json"
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader has left before the first line
     try:
         r = subprocess.run([sys.executable, "-m", "moegraph", "plan", str(spec), "--trace", str(traces["law"]),
-                            "-o", str(out)], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+                            "-o", str(out), "--plot", str(png)], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                           timeout=300)
     finally:
         os.close(write_end)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
-    assert Plan.load(out).num_layers == 3
+    assert Plan.load(out).num_layers == 3 and png.read_bytes().startswith(b"\x89PNG")
 
 
 # ------------------------------------------------------------------------------------------------ --from

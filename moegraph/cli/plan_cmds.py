@@ -143,8 +143,13 @@ def plan_cmd(
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
                  max_imbalance=max_imbalance, robust=robust, rounds=rounds, progress=advance)
-    if output is not None:  # written before the report: a closed stdout (`| head`) must not lose the plan
+    if output is not None:  # files written before the report: a closed stdout (`| head`) must not lose them
         p.save(output)
+    if plot is not None:
+        from ..planner.plot import plot_plan
+
+        used = p.policy.get("trace_inputs")
+        plot_plan(p, load_traces(used, spec=s) if used else None, plot, layer=layer)
     cl = p.cluster
     console.print(
         f"{p.spec.name} (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "
@@ -159,10 +164,6 @@ def plan_cmd(
     if output is not None:
         console.print(f"wrote {output}")
     if plot is not None:
-        from ..planner.plot import plot_plan
-
-        used = p.policy.get("trace_inputs")
-        plot_plan(p, load_traces(used, spec=s) if used else None, plot, layer=layer)
         console.print(f"wrote {plot}")
 
 
