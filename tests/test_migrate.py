@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +273,11 @@ def _run_edges(rank: int, world: int) -> dict:
         def __init__(self, optimizer):
             self.optimizer = optimizer
 
-    rb = Rebalancer([layer], every=1, window_tokens=64)
+    layer.start_recording()  # a recording the Rebalancer replaces: it says so
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rb = Rebalancer([layer], every=1, window_tokens=64)
+    res["recorder_warnings"] = [str(w.message) for w in caught]
     pull = torch.zeros(spec.moe.experts.num_experts)
     pull[:4] = 1.0  # tokens pulled towards experts 0-3, on few GPUs under A: an imbalance well above the noise
     g = torch.Generator().manual_seed(70 + rank)
@@ -540,6 +545,7 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
         (ev,) = out["trainer_events"]
         assert ev["step"] == 1 and "skipped" not in ev and ev["tokens"] > 0
         assert out["trainer_optimizer"]  # taken from the event's (wrapped) optimizer
+        assert any("replaces that recorder" in w for w in out["recorder_warnings"]), out["recorder_warnings"]
     assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"] > 0
     # rank 0 re-planned, the other rank took its plan
     assert [out["trainer_replans_here"] for out in res] == [1, 0]

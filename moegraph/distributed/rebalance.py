@@ -29,6 +29,7 @@ Every method that communicates is a collective: every rank calls ``step`` at the
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,6 +121,10 @@ class Rebalancer:
         self._last_replan = 0  # step of the last re-plan (0: the start)
         self.events: list[dict[str, Any]] = []
         for layer in self.layers:
+            if layer.recorder is not None and not isinstance(layer.recorder, WindowRecorder):
+                warnings.warn(f"Rebalancer: MoE layer {layer.layer_index} was recording its routing; the Rebalancer "
+                              "replaces that recorder with its own window (read the old one before, or record with "
+                              "gather_trace from the Rebalancer's windows)", stacklevel=2)
             layer.recorder = WindowRecorder(window_tokens)
         self._computed = np.array([layer.traffic.computed for layer in self.layers], np.int64)
 
