@@ -176,10 +176,10 @@ def _prepare(m: _Move, migrations: dict) -> None:
 
     layer, plan = m.layer, m.new_plan
     me, S, li = layer.rank, plan.slots_per_gpu, layer.layer_index
-    key = (id(layer.plan), id(plan))
-    if key not in migrations:  # the layers of one model share their plans: one migration for all
-        migrations[key] = migration(layer.plan, plan)
-    mig = migrations[key]
+    pair = (id(layer.plan), id(plan))
+    if pair not in migrations:  # the layers of one model share their plans: one migration for all
+        migrations[pair] = migration(layer.plan, plan)
+    mig = migrations[pair]
     moves = mig.moves[mig.moves[:, 0] == li]  # (layer, dst slot, expert, src GPU, src slot)
     m.predicted_layer_slots = len(moves)
     m.recv = moves[moves[:, 1] // S == me]
@@ -194,12 +194,12 @@ def _prepare(m: _Move, migrations: dict) -> None:
     m.changed = torch.as_tensor(changed, dtype=torch.int64)
     local = [(k, old_local[m.new_experts[j]]) for k, j in enumerate(changed) if j not in arriving]
     dst, src = (torch.as_tensor(x, dtype=torch.int64) for x in zip(*local)) if local else (None, None)
-    for name, t, key_ in m.tensors:
+    for name, t, key in m.tensors:
         raw = _as_bytes(t.detach())
         buf = raw.new_zeros((len(changed), *raw.shape[1:]))
         if dst is not None:
             buf[dst.to(t.device)] = raw[src.to(t.device)]
-        m.staged[(name, key_)] = buf
+        m.staged[(name, key)] = buf
 
 
 def _transfer(m: _Move) -> None:
