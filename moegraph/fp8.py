@@ -41,7 +41,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .errors import InputError
-from .oplib import opaque_op, save_inputs, saved_inputs
+from .oplib import opaque_op
 from .ops import _sort_by_expert, apply_activation
 
 __all__ = [
@@ -313,7 +313,7 @@ def define_fp8_op(name: str, kernel=None):
     """
     registered = opaque_op(name, op)
     registered.register_fake(_fake)
-    registered.register_autograd(_backward, setup_context=_setup_context)
+    registered.register_autograd(_backward, setup_context=_setup_context, check_versions=True)
     return registered
 
 
@@ -353,15 +353,12 @@ def _fake(x_TD, *args):
 _GRAD_ARGS = (0, 3, 4, 6, 8, 9)
 
 
-_ARG_NAMES = ("x_TD", "tok_N", "exp_N", "weight_N", "w_up_EHD", "s_up", "w_down_EDF", "s_down", "b_up_EH", "b_down_ED")
-
-
 def _setup_context(ctx, inputs, output):
-    save_inputs(ctx, inputs)
+    ctx.inputs = inputs
 
 
 def _backward(ctx, grad_TD):
-    inputs = list(saved_inputs(ctx, "fp8_expert_mlp backward", _ARG_NAMES))
+    inputs = list(ctx.inputs)
     want = [i for i in _GRAD_ARGS if isinstance(inputs[i], Tensor) and inputs[i].is_floating_point()
             and inputs[i].dtype not in FORMATS.values() and ctx.needs_input_grad[i]]
     grads: list[Tensor | None] = [None] * len(inputs)

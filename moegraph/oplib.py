@@ -13,12 +13,13 @@ traced through its fake implementation, pt2-compliant, and never traced into.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Callable
 
 import torch
 
-__all__ = ["OpaqueOp", "opaque_op", "save_inputs", "saved_inputs"]
+__all__ = ["OpaqueOp", "opaque_op"]
 
 # Libraries must outlive the module-level names that refer to their ops.
 _LIBRARIES: dict[str, torch.library.Library] = {}
@@ -60,6 +61,7 @@ class OpaqueOp:
         self._op = getattr(getattr(torch.ops, namespace), name).default
         self.__doc__ = fn.__doc__
         self.__name__ = name
+        self._arg_names = tuple(inspect.signature(fn).parameters)
 
     def __call__(self, *args, **kwargs):
         return self._op(*args, **kwargs)
@@ -68,7 +70,13 @@ class OpaqueOp:
         torch.library.register_fake(self.qualname, fn, lib=self._lib)
         return fn
 
-    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+    def register_autograd(self, backward: Callable, *, setup_context: Callable, check_versions: bool = False) -> None:
+        """``check_versions``: for a ``setup_context`` that keeps the inputs themselves (not through
+        ``ctx.save_for_backward``), the version check that ``save_for_backward`` makes: the backward refuses a
+        tensor input changed in place since the forward, since it would differentiate other values than the
+        forward computed (expert weights moved by ``apply_plan``, or an optimizer step, between the two)."""
+        if check_versions:
+            backward, setup_context = _version_checked(self.__name__, self._arg_names, backward, setup_context)
         torch.library.register_autograd(self.qualname, backward, setup_context=setup_context, lib=self._lib)
 
 
@@ -86,21 +94,19 @@ def _version(t) -> int | None:
         return None
 
 
-def save_inputs(ctx, inputs: tuple) -> None:
-    """Keep an op's inputs for its backward (``setup_context``) with their version counters, the check that
-    ``ctx.save_for_backward`` makes for autograd's own functions."""
-    ctx.inputs = inputs
-    ctx.input_versions = tuple(_version(t) for t in inputs)
+def _version_checked(op: str, names: tuple[str, ...], backward: Callable, setup_context: Callable):
+    """(backward, setup_context) with ``OpaqueOp.register_autograd``'s version check around them."""
 
+    def setup(ctx, inputs, output):
+        ctx.input_versions = [(name, t, v) for name, t in zip(names, inputs) if (v := _version(t)) is not None]
+        setup_context(ctx, inputs, output)
 
-def saved_inputs(ctx, op: str, names: tuple[str, ...]) -> tuple:
-    """The inputs ``save_inputs`` kept, refused if any was changed in place since the forward: its backward
-    would differentiate other values than the forward computed (expert weights moved by ``apply_plan``, or
-    an optimizer step, between a forward and its backward)."""
-    for i, (t, v) in enumerate(zip(ctx.inputs, ctx.input_versions)):
-        if v is not None and _version(t) != v:
-            name = names[i] if i < len(names) else f"input {i}"
-            raise RuntimeError(
-                f"{op}: {name} was modified in place between the forward and its backward (by apply_plan, an "
-                "optimizer step or a weight load); run backward before changing the weights, or forward again")
-    return ctx.inputs
+    def checked(ctx, *grads):
+        for name, t, version in ctx.input_versions:
+            if _version(t) != version:
+                raise RuntimeError(
+                    f"{op} backward: {name} was modified in place between the forward and its backward (by apply_plan, "
+                    "an optimizer step or a weight load); run backward before changing the weights, or forward again")
+        return backward(ctx, *grads)
+
+    return checked, setup

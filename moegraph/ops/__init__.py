@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..oplib import opaque_op, save_inputs, saved_inputs
+from ..oplib import opaque_op
 from .args import ExpertArgs, RoutedRows, SavedForward
 from .activation import FAST_INPLACE, _act_backward, _act_saved, _activate_, apply_activation, mlp_forward
 from .backward import (
@@ -111,20 +111,18 @@ def define_expert_op(name: str, forward=None):
     def _(x_TD, *args):
         return x_TD.new_empty(x_TD.shape)
 
-    registered.register_autograd(_backward, setup_context=_setup_context)
+    registered.register_autograd(_backward, setup_context=_setup_context, check_versions=True)
     return registered
 
 
 # The differentiable tensor arguments of expert_mlp, by position.
 _TENSOR_ARGS = (0, 3, 4, 5, 6, 7, 12, 13, 14)
-_ARG_NAMES = ("x_TD", "tok_N", "exp_N", "weight_N", "w_up_EHD", "w_down_EDF", "b_up_EH", "b_down_ED", "activation",
-              "gated", "gate_clamp", "up_clamp", "shared_w_up_HD", "shared_w_down_DF", "shared_scale_T")
 
 
 def _setup_context(ctx, inputs, output):
     from .. import strategies
 
-    save_inputs(ctx, inputs)
+    ctx.inputs = inputs
     # A layer's pinned strategy holds around its forward only; the backward runs later, under the same pin.
     ctx.pin = strategies.current_pin()
     ctx.saved_forward = take_forward(output)  # sorted rows and up projection, where the forward kept them
@@ -133,7 +131,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_TD):
     from .. import strategies
 
-    inputs = saved_inputs(ctx, "expert_mlp backward", _ARG_NAMES)
+    inputs = ctx.inputs
     need = [i in _TENSOR_ARGS and isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i] for i in range(15)]
     with strategies.pinned(ctx.pin), using_forward(ctx.saved_forward):
         grads = expert_mlp_backward(grad_TD.contiguous(), *inputs, need)
