@@ -7,10 +7,21 @@ The CLI prints these without a traceback and exits non-zero.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 
 class MoegraphError(Exception):
     """Base class of every error moegraph raises on purpose."""
+
+
+def describe(value: Any) -> str:
+    """A value of the wrong type as an error message shows it: an array by its shape (never whole), anything
+    else by its type and the start of its repr."""
+    if isinstance(value, np.ndarray):
+        return f"a numpy array of shape {list(value.shape)}"
+    return f"{type(value).__name__} {repr(value)[:60]}"
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from ..errors import PlanFileError
+from ..errors import PlanFileError, describe
 from ..spec import MoESpec
 from ..summary import summarize
 from ..topology import Cluster
@@ -178,12 +178,16 @@ def spec_differences(a: MoESpec, b: MoESpec, sections: tuple[str, ...]) -> list[
     return out
 
 
+def require_plan(name: str, value: Any) -> None:
+    """Refuse (PlanFileError) an argument ``name`` that is not a Plan."""
+    if not isinstance(value, Plan):
+        raise PlanFileError(f"{name} must be a moegraph Plan (read a plan file with Plan.load), got {describe(value)}")
+
+
 def _check_plans(current: Any, new: Any, new_name: str = "new_plan") -> None:
     """Refuse what is not a pair of plans of one spec, model and cluster (PlanFileError)."""
-    for name, p in (("current", current), (new_name, new)):
-        if not isinstance(p, Plan):
-            raise PlanFileError(f"{name} must be a moegraph Plan (read a plan file with Plan.load), got "
-                                f"{type(p).__name__} {repr(p)[:60]}")
+    require_plan("current", current)
+    require_plan(new_name, new)
     _check_same_shape(current, new)
     if current.spec_hash != new.spec_hash:
         diff = spec_differences(current.spec, new.spec, ("model", "moe", "topology", "placement"))

@@ -110,7 +110,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PlanFileError, PlanInfeasible, TraceError
+from ..errors import PlanFileError, PlanInfeasible, TraceError, describe
 from ..loader import load_spec
 from ..spec import MoESpec
 from ..traces import TraceSet, coactivation, traces_for_spec
@@ -120,7 +120,7 @@ from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import (Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel,
-                        spec_differences)
+                        require_plan, spec_differences)
 from .planfile import Plan
 from .search import EXACT_MAX_ITEMS, rule_contrib
 
@@ -780,8 +780,8 @@ def _gib_at_least(nbytes: int) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}" if not isinstance(value, (int, float, np.number)) else text[:40]
+    """A wrong argument in a message: a number as given, anything else as ``errors.describe`` shows it."""
+    return repr(value)[:40] if isinstance(value, (int, float, np.number)) else describe(value)
 
 
 #: layers x experts x GPUs from which a re-plan without a budget repairs its layers in several processes
@@ -1061,9 +1061,7 @@ def replan(
 
     The Plan's ``policy["migration"]`` holds what moves (``Migration.summary``).
     """
-    if not isinstance(current_plan, Plan):
-        raise PlanFileError(f"current_plan must be a moegraph Plan (read a plan file with Plan.load), got "
-                            f"{_shown(current_plan)}")
+    require_plan("current_plan", current_plan)
     spec_notes = []
     if spec is not None:
         given = load_spec(spec, source="spec")  # a MoESpec, preset name, spec file or dict, as ``plan`` takes

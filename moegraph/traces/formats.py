@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ResourceError, TraceError
+from ..errors import ResourceError, TraceError, describe
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
 from .trace_set import FORMAT, VERSION, TraceSet, _check_topk, _id_dtype, _to_numpy
@@ -491,7 +491,7 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
         if not isinstance(item, (str, os.PathLike, TraceSet)):
             hint = " (ids per token: build a TraceSet with TraceSet.from_topk)" if isinstance(item, np.ndarray) else ""
             raise TraceError(f"traces: expected a trace file, folder or bundled name, a TraceSet, or a list of them; "
-                             f"got {_describe(item)}{hint}")
+                             f"got {describe(item)}{hint}")
     sets = [_resolve_one(i, spec) for i in items]
     for s, i in zip(sets, items):
         if (s.num_tokens == 0) if not s.load_only else not s.counts.any():
@@ -500,13 +500,6 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
         e = spec.moe.experts.num_experts
         sets = [s.check_spec(spec, label=str(i)).with_experts(e) for s, i in zip(sets, items)]
     return TraceSet.concat(sets)
-
-
-def _describe(value: Any) -> str:
-    """A short description of a value of the wrong type (never a whole array)."""
-    if isinstance(value, np.ndarray):
-        return f"a numpy array of shape {list(value.shape)}"
-    return f"{type(value).__name__} {repr(value)[:60]}"
 
 
 def traces_for_spec(traces: Any, spec: MoESpec) -> TraceSet:
