@@ -113,6 +113,7 @@ import numpy as np
 from ..errors import PlanFileError, PlanInfeasible, TraceError, describe
 from ..loader import load_spec
 from ..spec import MoESpec
+from ..summary import human_bytes
 from ..traces import TraceSet, coactivation, traces_for_spec
 from .baselines import replicate_by_load
 from .blas import one_blas_thread
@@ -764,10 +765,6 @@ def _real(name: str, value: Any, lo: float, what: str) -> float | None:
     return float(value)
 
 
-def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.3g} MiB" if nbytes < 2**30 else f"{nbytes / 2**30:.3g} GiB"
-
-
 def _gib_at_least(nbytes: int) -> str:
     """The shortest decimal number of GiB (3 significant digits) that holds ``nbytes``: rounded up, so that
     ``--max-move-gib`` given it allows the move (a value rounded to nearest could fall just short)."""
@@ -1083,7 +1080,7 @@ def replan(
             f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.3g} GiB)"
         raise PlanInfeasible(
             f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
-            f"({_size(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
+            f"({human_bytes(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
             f"{_gib_at_least(nbytes)} GiB (--max-move-gib {_gib_at_least(nbytes)})"
         )
     ts = _window(spec, traces)
