@@ -16,7 +16,17 @@ from pathlib import Path
 
 from .errors import MoegraphError
 
-__all__ = ["write_atomically"]
+__all__ = ["regular_target", "write_atomically"]
+
+
+def regular_target(path: str | Path, what: str, error: type[MoegraphError] = MoegraphError) -> Path:
+    """Where writing ``path`` lands (symbolic links followed); ``error`` if that exists and is not a regular
+    file, since the rename of ``write_atomically`` would replace it."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        raise error(f"{path}: exists and is not a regular file (a folder, a device such as /dev/null, a pipe or a "
+                    f"socket); give a file path for the {what}")
+    return target
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None], what: str,
@@ -24,9 +34,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], what: str,
     """Write ``path`` through ``write(tmp)`` (module docstring); returns ``path``. On any failure the temporary
     file is removed and ``error`` names ``path``, the ``what`` and the fix."""
     p = Path(path)
-    target = Path(os.path.realpath(p))
-    if target.exists() and not target.is_file():
-        raise error(f"{p}: exists and is not a regular file (a folder, device or pipe); give a file path for the {what}")
+    target = regular_target(p, what, error)
     tmp = target.with_name(f"{target.name}.tmp{target.suffix}")  # the suffix kept: numpy appends .npz otherwise
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

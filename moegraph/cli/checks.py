@@ -35,13 +35,11 @@ def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: I
     the command's ``inputs`` (paths; other items such as bundled names are skipped). A symbolic link is
     checked (and later written) through to its target."""
     from ..errors import MoegraphError
+    from ..fileio import regular_target
 
-    real = Path(os.path.realpath(path))
-    if real.is_dir():
+    if Path(os.path.realpath(path)).is_dir():
         raise MoegraphError(f"{path}: is a folder; give the {what} file to write, e.g. {path / ('out' + (suffixes or ('',))[0])}")
-    if real.exists() and not real.is_file():
-        raise MoegraphError(f"{path}: is not a regular file (a device such as /dev/null, a pipe or a socket); give a "
-                            f"file path for the {what}")
+    real = regular_target(path, what)
     if suffixes and path.suffix.lower() not in suffixes:
         raise MoegraphError(f"{path}: cannot write a {what} with extension {path.suffix or '(none)'!r}; use one of "
                             f"{', '.join(suffixes)}")
