@@ -1126,9 +1126,9 @@ def replan(
         elif budget.moves is None:
             repairs = swaps = 0
             for layer in order:
-                states[layer], r, c, k = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j,
-                                                _layer_rng(seed, layer))
-                repairs, swaps, polished = repairs + r, swaps + c, polished + k
+                states[layer], r, c, rounds = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j,
+                                                     _layer_rng(seed, layer))
+                repairs, swaps, polished = repairs + r, swaps + c, polished + rounds
         else:
             repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
                           for layer in order)
@@ -1136,9 +1136,9 @@ def replan(
                         for layer in order)
             for layer in order:  # step 4 within what the budget leaves, worst balanced layer first
                 if len(states[layer].ex) <= POLISH_MAX_SLOTS:
-                    states[layer], k = _polish(states[layer], coacts[layer], imb, cost, value_per_j,
-                                               _layer_rng(seed, layer), budget=budget)
-                    polished += k
+                    states[layer], rounds = _polish(states[layer], coacts[layer], imb, cost, value_per_j,
+                                                    _layer_rng(seed, layer), budget=budget)
+                    polished += rounds
             # what step 2 and the polish gave back goes to the layers still above the target, worst first
             ratio = np.array([_ratio(s) for s in states])
             for layer in np.lexsort((np.arange(len(states)), -ratio)):
