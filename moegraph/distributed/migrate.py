@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import DistributedError, PlanFileError
+from .layer import _fingerprint as plan_fingerprint
 
 __all__ = ["apply_plan", "MOVABLE_STATE"]
 
@@ -146,12 +147,11 @@ class _Move:
 
 
 def _fingerprint(spec_hash: str, moves: list[_Move]) -> int:
-    """What this rank would do: the new plan's rows of these layers and which tensors travel (ranks must agree)."""
-    h = hashlib.sha256(spec_hash.encode())
+    """What this rank would do: the new plan's rows of these layers (the layer's own plan fingerprint) and which
+    tensors travel (ranks must agree)."""
+    h = hashlib.sha256()
     for m in moves:
-        li = m.layer.layer_index
-        h.update(np.int64(li).tobytes())
-        h.update(np.ascontiguousarray(m.new_plan.physical_to_logical_map[li], np.int64).tobytes())
+        h.update(np.int64(plan_fingerprint(spec_hash, m.new_plan, m.layer.layer_index)).tobytes())
         h.update(repr([(name, key, tuple(t.shape[1:]), str(t.dtype)) for name, t, key in m.tensors]).encode())
     return int.from_bytes(h.digest()[:7], "little")
 
