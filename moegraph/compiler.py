@@ -96,7 +96,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
 
             raise PlanFileError(
                 f"plan was made for spec hash {plan.spec_hash[:12]} but spec '{spec.name}' has hash "
-                f"{spec.short_hash}; re-plan with `moegraph plan {spec.name}`"
+                f"{spec.short_hash}; they differ in "
+                f"{spec.differences_shown(plan.spec, labels=('in the spec', 'in the plan'))}; re-plan with "
+                f"`moegraph plan {spec.name}`"
             )
     device_type = device.type if device is not None else "cpu"
     if device_type == "cpu":

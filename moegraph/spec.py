@@ -1243,6 +1243,36 @@ class MoESpec(_Frozen):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def differences(self, other: MoESpec, sections: tuple[str, ...] | None = None) -> list[tuple[str, str, str]]:
+        """Where this spec and ``other`` differ: (dotted field, this value, other's value) for each leaf field of
+        ``sections`` (top-level fields such as "model", "moe"; default: all, so every field the hash covers),
+        values as JSON shortened to 40 characters, in field order."""
+        out: list[tuple[str, str, str]] = []
+
+        def walk(key: str, x: Any, y: Any) -> None:
+            if isinstance(x, dict) and isinstance(y, dict):
+                for k in list(x) + [k for k in y if k not in x]:
+                    walk(f"{key}.{k}", x.get(k), y.get(k))
+            elif x != y:
+                out.append((key, json.dumps(x)[:40], json.dumps(y)[:40]))
+
+        mine, theirs = self.to_dict(), other.to_dict()
+        for section in sections or list(mine):
+            walk(section, mine.get(section), theirs.get(section))
+        return out
+
+    def differences_shown(self, other: MoESpec, sections: tuple[str, ...] | None = None, limit: int = 3,
+                          labels: tuple[str, str] | None = None) -> str:
+        """``differences`` in one line for a message, at most ``limit`` of them and how many more:
+        "moe.top_k: 6 vs 8; ..." (this spec's value first), or with ``labels`` ("in the given spec", "in the
+        plan's") "moe.top_k: 6 in the given spec, 8 in the plan's; ...". "nothing" where they are alike."""
+        diff = self.differences(other, sections)
+        if not diff:
+            return "nothing"
+        one = (lambda x, y: f"{x} vs {y}") if labels is None else (lambda x, y: f"{x} {labels[0]}, {y} {labels[1]}")
+        shown = "; ".join(f"{key}: {one(x, y)}" for key, x, y in diff[:limit])
+        return shown + (f" (and {len(diff) - limit} more)" if len(diff) > limit else "")
+
 
 def _slots_problem(experts: ExpertsSpec, placement: PlacementSpec, topo: Any) -> tuple[str, str] | None:
     """(field, message) when experts + redundant slots do not split evenly over the GPUs."""

@@ -356,7 +356,8 @@ def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, matc
 
 def test_plan_for_another_spec_is_refused(saved_plan):
     _, _, path = saved_plan
-    with pytest.raises(PlanFileError, match="re-plan for this spec"):
+    with pytest.raises(PlanFileError, match="differ in placement.redundant_slots: 8 in the given spec, 0 in the plan; "
+                                             "re-plan for this spec"):
         Plan.load(path, spec=lite_spec(slots=72))
 
 

@@ -149,6 +149,21 @@ def test_hash_changes_with_any_value():
     assert load_spec(named).hash() != base
 
 
+def test_differences_name_every_field_the_hash_sees():
+    base = load_spec(TINY)
+    assert base.differences(load_spec(json.loads(json.dumps(TINY)))) == [] and base.differences_shown(base) == "nothing"
+    changed = json.loads(json.dumps(TINY))
+    changed["moe"]["router"]["top_k"] = 3
+    changed["name"] = "other"
+    other = load_spec(changed)
+    assert other.hash() != base.hash()
+    top_k = ("moe.router.top_k", str(base.moe.router.top_k), "3")
+    assert base.differences(other) == [("name", json.dumps(base.name), '"other"'), top_k]
+    assert base.differences(other, ("moe",)) == [top_k] and base.differences(other, ("model", "topology")) == []
+    assert base.differences_shown(other, ("moe",), labels=("here", "there")) == f"moe.router.top_k: {top_k[1]} here, 3 there"
+    assert base.differences_shown(other, limit=1) == f'name: {json.dumps(base.name)} vs "other" (and 1 more)'
+
+
 def test_defaults_spelled_out_equal_defaults_omitted():
     # Writing a default explicitly must not change the spec or its hash.
     explicit = json.loads(json.dumps(TINY))

@@ -24,14 +24,12 @@ def _spec_and_plan(spec_arg: str, plan_path: Path):
     plan = Plan.load(plan_path)
     if plan.spec_hash == spec.hash():
         return plan, None
-    mine, theirs = spec.to_dict(), plan.spec.to_dict()
-    for d in (mine, theirs):
-        d.pop("topology", None)
-        d.pop("placement", None)
-    if mine != theirs:
+    beyond = tuple(k for k in spec.to_dict() if k not in ("topology", "placement"))
+    if spec.differences(plan.spec, beyond):
         raise PlanFileError(
             f"{plan_path}: planned for spec {plan.spec.name!r} (hash {plan.spec_hash[:12]}), which differs from "
-            f"{spec_arg!r} (hash {spec.short_hash}) in more than topology and placement; re-plan with "
+            f"{spec_arg!r} (hash {spec.short_hash}) in more than topology and placement: "
+            f"{plan.spec.differences_shown(spec, beyond, labels=('in the plan', f'in {spec_arg}'))}; re-plan with "
             f"`moegraph plan {spec_arg}`"
         )
     return plan, "the plan was made with topology/placement overrides; running with the plan's recorded spec"

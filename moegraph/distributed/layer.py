@@ -135,7 +135,8 @@ def _load_plan(plan, spec):
     if plan.spec_hash != spec.hash():
         raise PlanFileError(
             f"plan was made for spec hash {plan.spec_hash[:12]} ({plan.spec.name!r}) but spec '{spec.name}' has hash "
-            f"{spec.short_hash}; re-plan with `moegraph plan {spec.name}` or compile the spec the plan was made for"
+            f"{spec.short_hash}; they differ in {spec.differences_shown(plan.spec, labels=('in the spec', 'in the plan'))}; "
+            f"re-plan with `moegraph plan {spec.name}` or compile the spec the plan was made for"
         )
     return plan
 

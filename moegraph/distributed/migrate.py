@@ -83,8 +83,9 @@ def _check_plan(layer, new_plan):
     if new_plan.spec_hash != old.spec_hash:
         raise PlanFileError(
             f"rank {layer.rank}: the new plan was made for spec {new_plan.spec.name!r} (hash {new_plan.spec_hash[:12]}) "
-            f"but this layer runs spec {old.spec.name!r} (hash {old.spec_hash[:12]}); re-plan with --from the running "
-            "plan so that both share the spec")
+            f"but this layer runs spec {old.spec.name!r} (hash {old.spec_hash[:12]}); they differ in "
+            f"{new_plan.spec.differences_shown(old.spec, labels=('in the new plan', 'in the running one'))}; re-plan "
+            "with --from the running plan so that both share the spec")
     if new_plan.num_layers != old.num_layers or new_plan.num_slots != old.num_slots:
         raise DistributedError(
             f"rank {layer.rank}: the new plan has {new_plan.num_layers} MoE layers x {new_plan.num_slots} slots but "

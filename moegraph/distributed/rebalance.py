@@ -110,8 +110,11 @@ class Rebalancer:
             raise DistributedError(
                 f"Rebalancer needs every MoE layer of the plan (layer_index 0..{plan.num_layers - 1}), got {idx}: the "
                 "re-plan reads every layer's traffic")
-        if any(layer.plan.spec_hash != plan.spec_hash for layer in layers):
-            raise DistributedError("Rebalancer: the layers run plans of different specs; they must share one plan")
+        other = next((layer for layer in layers if layer.plan.spec_hash != plan.spec_hash), None)
+        if other is not None:
+            raise DistributedError(
+                f"Rebalancer: the layers run plans of different specs (layer {other.layer_index} and layer "
+                f"{layers[0].layer_index} differ in {other.plan.spec.differences_shown(plan.spec)}); they must share one plan")
         self.layers = sorted(layers, key=lambda layer: layer.layer_index)
         self.every, self.threshold, self.check_every = every, threshold, int(check_every)
         self.replan_args = {"max_moves": max_moves, "max_move_bytes": max_move_bytes,

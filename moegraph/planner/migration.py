@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -160,24 +159,6 @@ def migration(current: Plan, new: Plan) -> Migration:
                      time_us=link_time_us(link.astype(np.float64) * nbytes, current.cluster), slots_changed=changed)
 
 
-def spec_differences(a: MoESpec, b: MoESpec, sections: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    """The dotted fields of ``sections`` (e.g. "model", "moe") where specs ``a`` and ``b`` differ, with both
-    values (as JSON, shortened), in field order."""
-    out: list[tuple[str, str, str]] = []
-
-    def walk(key: str, x: Any, y: Any) -> None:
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in list(x) + [k for k in y if k not in x]:
-                walk(f"{key}.{k}", x.get(k), y.get(k))
-        elif x != y:
-            out.append((key, json.dumps(x)[:40], json.dumps(y)[:40]))
-
-    da, db = a.model_dump(mode="json"), b.model_dump(mode="json")
-    for section in sections:
-        walk(section, da.get(section), db.get(section))
-    return out
-
-
 def require_plan(name: str, value: Any) -> None:
     """Refuse (PlanFileError) an argument ``name`` that is not a Plan."""
     if not isinstance(value, Plan):
@@ -190,8 +171,7 @@ def _check_plans(current: Any, new: Any, new_name: str = "new_plan") -> None:
     require_plan(new_name, new)
     _check_same_shape(current, new)
     if current.spec_hash != new.spec_hash:
-        diff = spec_differences(current.spec, new.spec, ("model", "moe", "topology", "placement"))
-        shown = "; ".join(f"{k}: {x} vs {y}" for k, x, y in diff[:3]) or "their spec names or versions"
+        shown = current.spec.differences_shown(new.spec)
         raise PlanFileError(
             f"the plans were made for different specs ({current.spec.name!r}, hash {current.spec.short_hash}; "
             f"{new.spec.name!r}, hash {new.spec.short_hash}), which differ in {shown}: a migration is between plans "

@@ -217,7 +217,9 @@ class Plan:
         if spec is not None and spec.hash() != data["spec_hash"]:
             raise bad(
                 f"planned for spec {data.get('spec_name')!r} (hash {str(data['spec_hash'])[:12]}) but the given spec "
-                f"{spec.name!r} has hash {spec.short_hash}; re-plan for this spec or pass the spec it was made for"
+                f"{spec.name!r} has hash {spec.short_hash}; they differ in "
+                f"{spec.differences_shown(embedded, labels=('in the given spec', 'in the plan'))}; re-plan for this "
+                "spec or pass the spec it was made for"
             )
         try:
             p2l = np.asarray(data["physical_to_logical_map"])

@@ -121,7 +121,7 @@ from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
 from .migration import (Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel,
-                        require_plan, spec_differences)
+                        require_plan)
 from .planfile import Plan
 from .search import EXACT_MAX_ITEMS, rule_contrib
 
@@ -715,19 +715,18 @@ def _reassign_comm(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j:
 def check_model(spec: MoESpec, current: Plan) -> None:
     """Raise PlanFileError unless ``spec`` describes the model ``current`` was planned for (``model`` and ``moe``
     alike; the topology and placement may differ: a re-plan keeps the plan's)."""
-    diff = spec_differences(spec, current.spec, ("model", "moe"))
-    if diff:
-        shown = "; ".join(f"{key}: {mine} in the given spec, {theirs} in the plan's" for key, mine, theirs in diff[:3])
-        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+    if spec.differences(current.spec, ("model", "moe")):
+        labels = ("in the given spec", "in the plan's")
         raise PlanFileError(
             f"the current plan was made for spec {current.spec.name!r} but the given spec {spec.name!r} describes "
-            f"another model: {shown}{more}; pass the spec the plan was made for"
+            f"another model: {spec.differences_shown(current.spec, ('model', 'moe'), labels=labels)}; pass the spec "
+            "the plan was made for"
         )
 
 
 def _not_applied(spec: MoESpec, current: Plan) -> str | None:
     """A note naming the given spec's topology and placement fields that the re-plan does not apply, or None."""
-    diff = [d for d in spec_differences(spec, current.spec, ("topology", "placement")) if d[0] != "placement.traces"]
+    diff = [d for d in spec.differences(current.spec, ("topology", "placement")) if d[0] != "placement.traces"]
     if not diff:
         return None
     shown = ", ".join(f"{key} ({mine}; the plan's: {theirs})" for key, mine, theirs in diff[:4])
