@@ -416,9 +416,12 @@ def test_training_that_migrates_midway_matches_training_that_never_does(runs, wo
         loss.backward()
         opt.step()
         opt.zero_grad()
+    # Adam divides by the root of the gradient's running square: where a gradient is near zero, the last bits
+    # of its sum (another order on each rank) move the step by ~1e-5 of the weights. A wrong migration of the
+    # optimizer state (state left behind, or given to another expert) moves them by a step, lr = 0.05.
     for r, out in enumerate(res):
         for k, v in ref.state_dict().items():
-            _close(out["trained"][k], v, f"rank {r} trained {k}")
+            torch.testing.assert_close(out["trained"][k], v, rtol=1e-5, atol=1e-4, msg=f"rank {r} trained {k}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
