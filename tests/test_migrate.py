@@ -293,6 +293,71 @@ def _run_edges(rank: int, world: int) -> dict:
     res["trainer_plan"] = layer.plan.physical_to_logical_map.copy()
     res["trainer_events"] = rb.events
     res["trainer_optimizer"] = rb.optimizer is not None
+    res.update(_rebalancer_bookkeeping(spec, world, rank, pull))
+    return res
+
+
+def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
+    """The Rebalancer's own state across what a training or serving loop does around it."""
+    from moegraph.distributed.rebalance import Rebalancer, WindowRecorder
+
+    res: dict = {}
+    g = torch.Generator().manual_seed(90 + rank)
+
+    def fresh():
+        return moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+
+    def pulled(layer):  # tokens towards experts 0-3, on few GPUs under A
+        return torch.randn(32, spec.moe.hidden_size, generator=g) + 12.0 * (pull @ layer.router.weight.detach())
+
+    layer = fresh()
+    res["bad_args"] = [_error(lambda kw=kw: Rebalancer([layer], every=2, **kw))
+                       for kw in ({"max_moves": -1}, {"seed": 1.5}, {"horizon_tokens": -5.0}, {"window_tokens": 0})]
+    res["not_ep"] = _error(lambda: Rebalancer([moegraph.compile(spec, seed=0)], every=2))
+    # A loop that logs the measured balance and resets the layer's traffic counters every step: the threshold
+    # check still judges the step's traffic.
+    rb = Rebalancer([layer], threshold=1.3, window_tokens=64)
+    with torch.no_grad():
+        layer(pulled(layer))
+    res["logged"] = rb.measured_imbalance()
+    layer.reset_traffic()
+    res["logged_then_step"] = rb.step()
+    # ``every`` counts from the last re-plan, whatever triggered it: a threshold re-plan at step 1, then every=3
+    # re-plans at step 4, not 3.
+    layer = fresh()
+    rb = Rebalancer([layer], every=3, threshold=1.3, window_tokens=64)
+    steps = []
+    for step in range(1, 5):
+        if step == 2:
+            rb.threshold = None
+        with torch.no_grad():
+            layer(pulled(layer))
+        steps.append(step if rb.step() is not None else None)
+    res["replanned_at"] = [s for s in steps if s is not None]
+    # A migration refused (expert gradients pending on rank 0) keeps the window and says so; once the gradients
+    # are gone the next step re-plans from it, its tokens included.
+    layer = fresh()
+    rb = Rebalancer([layer], every=1, window_tokens=256)
+    x = pulled(layer)
+    layer(x).sum().backward()  # a collective: every rank
+    if rank != 0:
+        layer.zero_grad()
+    res["failed_apply"] = _error(rb.step)
+    res["failed_event"] = rb.events[-1]
+    res["window_after_failure"] = int(layer.recorder.ids().shape[0])
+    layer.zero_grad()
+    with torch.no_grad():
+        layer(pulled(layer))
+    res["after_failure"] = rb.step()
+    # A recording started over the Rebalancer's window: the window comes back, with a warning.
+    layer.start_recording()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            layer(pulled(layer))
+        rb.step()
+    res["replaced_warnings"] = [str(w.message) for w in caught]
+    res["recorder_back"] = isinstance(layer.recorder, WindowRecorder) and layer.recorder is rb._recorders[0]
     return res
 
 
@@ -478,15 +543,37 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     rec = WindowRecorder(max_tokens=10)
     for i in range(5):  # forwards of 2 sequences x 2 tokens, top-3 ids all equal to i
         rec.add(torch.full((2, 2, 3), i))
-    # 20 tokens seen; whole forwards are dropped while more than 10 are held: the last two forwards stay
-    assert rec.ids()[:, 0].tolist() == [3] * 4 + [4] * 4
-    assert rec.seen == 20  # the dropped tokens count as routed
-    assert rec.samples().tolist() == [6, 6, 7, 7, 8, 8, 9, 9]
-    rec.add(torch.full((1, 25, 3), 7))  # one forward larger than the window keeps its last tokens
-    assert rec.ids().shape == (10, 3) and (rec.ids() == 7).all()
-    assert rec.seen == 45
+    # 20 tokens seen, the last 10 kept, oldest first: the last sequence of forward 2, then forwards 3 and 4 whole
+    assert rec.ids()[:, 0].tolist() == [2] * 2 + [3] * 4 + [4] * 4
+    assert rec.seen == 20  # the overwritten tokens count as routed
+    assert rec.samples().tolist() == [5, 5, 6, 6, 7, 7, 8, 8, 9, 9]
+    rec.add(torch.zeros(0, 4, 3, dtype=torch.long))  # an idle rank's forward: nothing held, nothing counted
+    rec.add(torch.zeros(3, 0, 3, dtype=torch.long))
+    assert rec.seen == 20 and rec.samples().tolist()[-1] == 9
+    # One forward larger than the window keeps tokens spread over all of it (token t has ids t): every sequence
+    rec.add(torch.arange(25).reshape(5, 5, 1).expand(5, 5, 3))
+    assert rec.ids()[:, 0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
+    assert sorted(set(rec.samples().tolist())) == [10, 11, 12, 13, 14]
+    assert rec.seen == 45 and rec.ids().dtype == torch.int32
     rec.clear()
-    assert rec.ids().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
+    assert rec.ids().numel() == 0 and rec.samples().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
+
+
+def test_window_recorder_memory_stays_bounded_whatever_the_forwards():
+    from moegraph.distributed.rebalance import WindowRecorder
+
+    rec = WindowRecorder(max_tokens=64)
+    with torch.inference_mode():  # the buffer made here must take later forwards in any mode
+        rec.add(torch.randint(0, 8, (1, 3, 2)))
+    for step in range(2000):  # decode-like forwards of one token, and idle ones
+        rec.add(torch.full((1, 1, 2), step % 8))
+        rec.add(torch.zeros(0, 1, 2, dtype=torch.long))
+    with torch.no_grad():
+        rec.add(torch.full((1, 1, 2), 99))
+    # nothing accumulates per forward: the base class's lists stay empty and the window holds 64 tokens
+    assert rec.topk_ids == [] and rec.sample_ids == []
+    assert rec.ids().shape == (64, 2) and rec.seen == 3 + 2001
+    assert rec.ids()[-1].tolist() == [99, 99] and rec.ids()[-2].tolist() == [(1999 % 8)] * 2
 
 
 def test_fp8_experts_migrate_as_bytes(runs):
@@ -553,6 +640,31 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
     # rank 0 re-planned, the other rank took its plan
     assert [out["trainer_replans_here"] for out in res] == [1, 0]
     np.testing.assert_array_equal(res[0]["trainer_plan"], res[1]["trainer_plan"])
+
+
+def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
+    res = _ok(runs["edges"])
+    for r, out in enumerate(res):
+        assert [m for _, m in out["bad_args"]] == [
+            "Rebalancer: max_moves must be an integer >= 0, got -1",
+            "seed must be an integer >= 0 (it seeds the re-plan's polish), got 1.5".join(["Rebalancer: ", ""]),
+            "Rebalancer: horizon_tokens must be a finite number >= 0 (tokens the new plan will serve), got -5.0",
+            "Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an integer >= 1, got 0"]
+        assert {k for k, _ in out["bad_args"]} == {"DistributedError"}
+        kind, msg = out["not_ep"]
+        assert kind == "DistributedError" and "is not an expert-parallel MoE layer" in msg and "plan=PLAN" in msg, msg
+        assert out["logged"] > 1.3
+        ev = out["logged_then_step"]
+        assert ev is not None and ev["measured_max_mean"] == pytest.approx(out["logged"]) and ev["slots_moved"] > 0
+        assert out["replanned_at"] == [1, 4]
+        kind, msg = out["failed_apply"]
+        assert kind == "DistributedError" and ("gradient" in msg if r == 0 else "refused the new plan" in msg), msg
+        assert out["failed_event"]["failed"].startswith("DistributedError") and out["failed_event"]["slots_moved"] == 0
+        assert out["window_after_failure"] == 32  # this rank's tokens of the failed step, kept
+        ev = out["after_failure"]
+        assert ev is not None and "failed" not in ev and "skipped" not in ev and ev["tokens"] == 2 * 32 * 2
+        assert any("recorder was replaced" in w for w in out["replaced_warnings"]), out["replaced_warnings"]
+        assert out["recorder_back"]
 
 
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():

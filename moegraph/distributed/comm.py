@@ -39,7 +39,8 @@ class Traffic:
     intra-host forwarding), ``combine`` (expert outputs sent back), ``meta`` (counts, routing
     weights, slot ids), ``grad`` (the backward's all-to-alls). ``seconds`` holds wall time per
     phase: ``dispatch``, ``compute``, ``combine`` (forward) and ``backward_comm``. ``computed``
-    counts the (token, expert) assignments this rank's experts ran (the plan's GPU load).
+    counts the (token, expert) assignments this rank's experts ran (the plan's GPU load);
+    ``computed_total`` the same since the layer was made, never reset (what a monitor takes differences of).
     """
 
     world_size: int
@@ -47,6 +48,7 @@ class Traffic:
     calls: int = 0
     tokens: int = 0
     computed: int = 0  # (token, expert) assignments this rank's experts computed
+    computed_total: int = 0  # the same, not reset
     bytes: dict[str, np.ndarray] = field(default_factory=dict)
     rows: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

@@ -306,6 +306,7 @@ class ExpertDispatch(nn.Module):
         tr.calls += 1
         tr.tokens += T
         tr.computed += int(row_B.numel())
+        tr.computed_total += int(row_B.numel())
         tr.seconds["dispatch"] += t1 - t0
         tr.seconds["compute"] += t2 - t1
         tr.seconds["combine"] += t3 - t2

@@ -6,22 +6,27 @@
     opt.step(); opt.zero_grad(); rb.step()             # ... or after every optimizer step (rb() == rb.step())
     trainer.add_callback(rb.as_trainer_callback())     # ... or in a Hugging Face Trainer (on_step_end)
 
-``WindowRecorder`` keeps the top-k ids of the last ``max_tokens`` tokens each layer routed (older
-forwards are dropped whole, so memory stays bounded: ``max_tokens`` x K int32 per layer) and is a
-``RoutingRecorder``, so ``gather_trace`` reads it. The ``Rebalancer`` installs one on every layer;
-when a re-plan is due (every ``every`` steps, or when the measured imbalance exceeds ``threshold``)
-it gathers the window from every rank into one trace (the same on every rank), re-plans on rank 0
+``WindowRecorder`` keeps the top-k ids of the last ``max_tokens`` tokens each layer routed in a ring
+buffer on the layer's device (memory bounded: ``max_tokens`` x (K int32 + one int64) per layer, no
+host transfer per forward) and is a ``RoutingRecorder``, so ``gather_trace`` reads it. The
+``Rebalancer`` installs one on every layer; when a re-plan is due (``every`` steps after the last
+one, or when the measured imbalance exceeds ``threshold``) it gathers the window from every rank
+into one trace (the same on every rank), re-plans on rank 0
 from the running plan (``moegraph.planner.replan.replan``: moves priced over the tokens the new plan
 is expected to serve until the next re-plan, optional budget; deterministic, but rank 0's plan is
 broadcast, so that ranks agree whatever floating point does on each host), and applies the
 new plan to every layer at once (``migrate.apply_plan``: every rank agrees on it, only the changed slots
 move, optimizer state included, and the model moves whole or not at all). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
-skipped.
+skipped; either way the windows start again empty. A migration that fails (``DistributedError``)
+leaves every layer on the current plan and the window as it was, is recorded as ``failed`` and
+raised.
 
 Measured imbalance: each rank counts the (token, expert) assignments its experts computed
-(``Traffic.computed``); per check the counts since the last check are all-gathered and the max/mean
-over ranks is averaged over the layers: the runtime's own figure, not the planner's prediction.
+(``Traffic.computed_total``, which ``reset_traffic`` leaves alone); per check the counts since the
+last check (or re-plan) are all-gathered and the max/mean over ranks is averaged over the layers:
+the runtime's own figure, not the planner's prediction. ``measured_imbalance()`` reads the same
+figure without moving the check's baseline, so that a loop may log it.
 
 Every method that communicates is a collective: every rank calls ``step`` at the same points.
 """
@@ -43,33 +48,73 @@ __all__ = ["WindowRecorder", "Rebalancer", "drift_demo"]
 
 
 class WindowRecorder(RoutingRecorder):
-    """A ``RoutingRecorder`` that keeps only the most recent ``max_tokens`` tokens (whole forwards dropped
-    first; a single forward larger than the window keeps its last ``max_tokens`` tokens)."""
+    """A ``RoutingRecorder`` bounded to the most recent ``max_tokens`` tokens.
+
+    A ring buffer per layer: top-k ids as int32 [max_tokens, K] and sample ids as int64 [max_tokens],
+    allocated at the first forward on the device its ids are on (a forward costs a copy on the device,
+    no transfer to the host: the window crosses to the host only when it is read). New tokens overwrite
+    the oldest; a forward larger than the window keeps ``max_tokens`` of its tokens spread evenly over
+    it, so that every sequence of the batch is in the window, not only the last ones. A forward without
+    tokens (an idle rank's) adds nothing. ``seen`` counts the tokens added since the last ``clear``,
+    those overwritten included.
+    """
 
     def __init__(self, max_tokens: int = 8192) -> None:
-        if max_tokens < 1:
-            raise DistributedError(f"WindowRecorder max_tokens must be >= 1, got {max_tokens}")
-        super().__init__()
-        self.max_tokens = int(max_tokens)
-        self._held = 0
-        self.seen = 0  # tokens added since the last clear, the dropped ones included
-
-    def add(self, ids_BSK) -> None:
-        super().add(ids_BSK)
-        self._held += self.topk_ids[-1].shape[0]
-        self.seen += self.topk_ids[-1].shape[0]
-        while self._held > self.max_tokens and len(self.topk_ids) > 1:
-            self._held -= self.topk_ids.pop(0).shape[0]
-            self.sample_ids.pop(0)
-        if self._held > self.max_tokens:
-            self.topk_ids[0] = self.topk_ids[0][-self.max_tokens:]
-            self.sample_ids[0] = self.sample_ids[0][-self.max_tokens:]
-            self._held = self.max_tokens
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise DistributedError(f"WindowRecorder max_tokens (tokens each layer's window keeps) must be an integer "
+                                   f">= 1, got {max_tokens!r}")
+        self.max_tokens = max_tokens
+        self._ids: torch.Tensor | None = None  # [max_tokens, K] ring
+        self._samples: torch.Tensor | None = None  # [max_tokens] ring
+        self.clear()
 
     def clear(self) -> None:
-        super().__init__()
-        self._held = 0
+        super().__init__()  # the base's lists stay empty: the ring holds the window
+        self._held = 0  # tokens in the ring
+        self._next_row = 0  # where the next token goes
         self.seen = 0
+
+    def add(self, ids_BSK) -> None:
+        b, s, k = ids_BSK.shape
+        n = b * s
+        if n == 0:
+            return
+        ids = ids_BSK.detach().reshape(n, k)
+        samples = torch.arange(self._next_sample, self._next_sample + b, dtype=torch.int64,
+                               device=ids.device).repeat_interleave(s)
+        self._next_sample += b
+        self.seen += n
+        cap = self.max_tokens
+        if n > cap:
+            keep = torch.arange(cap, device=ids.device) * n // cap  # evenly spread over the forward
+            ids, samples, n = ids[keep], samples[keep], cap
+        if self._ids is None or self._ids.shape[1] != k or self._ids.device != ids.device:
+            with torch.inference_mode(False):  # a buffer that later forwards, in any mode, may write
+                self._ids = torch.empty(cap, k, dtype=torch.int32, device=ids.device)
+                self._samples = torch.empty(cap, dtype=torch.int64, device=ids.device)
+            self._held = self._next_row = 0
+        first = min(n, cap - self._next_row)
+        self._ids[self._next_row:self._next_row + first] = ids[:first]
+        self._samples[self._next_row:self._next_row + first] = samples[:first]
+        if n > first:  # wrap around
+            self._ids[:n - first] = ids[first:]
+            self._samples[:n - first] = samples[first:]
+        self._next_row = (self._next_row + n) % cap
+        self._held = min(self._held + n, cap)
+
+    def _in_order(self, ring: torch.Tensor | None, empty: torch.Tensor) -> torch.Tensor:
+        """The ring's tokens oldest first, on the host."""
+        if ring is None or self._held == 0:
+            return empty
+        if self._held < self.max_tokens:
+            return ring[:self._held].cpu()
+        return torch.cat([ring[self._next_row:], ring[:self._next_row]]).cpu()
+
+    def ids(self) -> torch.Tensor:
+        return self._in_order(self._ids, torch.empty(0, 0, dtype=torch.int32))
+
+    def samples(self) -> torch.Tensor:
+        return self._in_order(self._samples, torch.empty(0, dtype=torch.int64))
 
 
 class Rebalancer:
@@ -77,10 +122,10 @@ class Rebalancer:
 
     Args:
         layers: every MoE layer of one plan (``ExpertParallelMoE``, layer_index 0..L-1, any order).
-        every: re-plan every this many steps (None: only on the threshold).
+        every: re-plan this many steps after the last re-plan (or the start; None: only on the threshold).
         threshold: re-plan when the measured max/mean GPU load since the last check exceeds it.
         check_every: steps between threshold checks (each is one small all-gather).
-        window_tokens: tokens per rank each layer's recorder keeps.
+        window_tokens: tokens per rank each layer's recorder keeps (the most recent; ``WindowRecorder``).
         max_moves / max_move_bytes / seed: passed to ``replan``.
         horizon_tokens: passed to ``replan``; None: the tokens the new plan is expected to serve until the
             next re-plan, the tokens routed per step since the last one (all ranks) x ``every`` (or, with only
@@ -104,6 +149,22 @@ class Rebalancer:
             raise DistributedError(f"Rebalancer check_every must be >= 1, got {check_every}")
         if not layers:
             raise DistributedError("Rebalancer: no layers given; pass every expert-parallel MoE layer of the model")
+        for i, layer in enumerate(layers):
+            if not all(hasattr(layer, a) for a in ("comm", "layer_index", "plan", "traffic")):
+                raise DistributedError(
+                    f"Rebalancer: layers[{i}] ({type(layer).__name__}) is not an expert-parallel MoE layer: initialise "
+                    "torch.distributed (a world of one process will do) and compile with a plan: "
+                    "moegraph.compile(spec, plan=PLAN)")
+        if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 1:
+            raise DistributedError(f"Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an "
+                                   f"integer >= 1, got {window_tokens!r}")
+        from ..planner.replan import check_replan_args
+
+        try:  # refused here, not at the first re-plan (where a refusal only skips it)
+            replan_args = check_replan_args(max_moves=max_moves, max_move_bytes=max_move_bytes,
+                                            horizon_tokens=horizon_tokens, seed=seed)
+        except PlanInfeasible as exc:
+            raise DistributedError(f"Rebalancer: {exc}") from None
         plan = layers[0].plan
         idx = sorted(int(layer.layer_index) for layer in layers)
         if idx != list(range(plan.num_layers)):
@@ -117,8 +178,7 @@ class Rebalancer:
                 f"{layers[0].layer_index} differ in {other.plan.spec.differences_shown(plan.spec)}); they must share one plan")
         self.layers = sorted(layers, key=lambda layer: layer.layer_index)
         self.every, self.threshold, self.check_every = every, threshold, int(check_every)
-        self.replan_args = {"max_moves": max_moves, "max_move_bytes": max_move_bytes,
-                            "horizon_tokens": horizon_tokens, "seed": seed}
+        self.replan_args = {k: v for k, v in replan_args.items() if k != "max_imbalance"}
         self.optimizer = optimizer
         self.steps = 0
         self._last_replan = 0  # step of the last re-plan (0: the start)
@@ -128,8 +188,10 @@ class Rebalancer:
                 warnings.warn(f"Rebalancer: MoE layer {layer.layer_index} was recording its routing; the Rebalancer "
                               "replaces that recorder with its own window (read the old one before, or record with "
                               "gather_trace from the Rebalancer's windows)", stacklevel=2)
-            layer.recorder = WindowRecorder(window_tokens)
-        self._computed = np.array([layer.traffic.computed for layer in self.layers], np.int64)
+        self._recorders = [WindowRecorder(window_tokens) for _ in self.layers]
+        for layer, rec in zip(self.layers, self._recorders):
+            layer.recorder = rec
+        self._checked = self._counts()  # the threshold check's baseline: counts at the last check or re-plan
 
     @property
     def plan(self):
@@ -158,25 +220,47 @@ class Rebalancer:
 
         return RebalanceCallback()
 
-    def measured_imbalance(self) -> float:
-        """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last
-        call, as the runtime counted them. Collective."""
-        now = np.array([layer.traffic.computed for layer in self.layers], np.int64)
-        delta = torch.as_tensor(now - self._computed, dtype=torch.int64,
-                                device=self.layers[0].experts.down_proj.device)
-        self._computed = now
+    def _counts(self) -> np.ndarray:
+        """[L] (token, expert) assignments this rank's experts computed per layer, never reset (``computed_total``:
+        ``layer.reset_traffic()`` does not disturb the checks)."""
+        return np.array([layer.traffic.computed_total for layer in self.layers], np.int64)
+
+    def _imbalance(self, since: np.ndarray) -> tuple[float, np.ndarray]:
+        """(mean over layers of the max/mean over ranks of the assignments computed since the counts ``since``,
+        the counts now). Collective (one small all-gather)."""
+        now = self._counts()
+        delta = torch.as_tensor(now - since, dtype=torch.int64, device=self.layers[0].experts.down_proj.device)
         per_rank = torch.stack(self.layers[0].comm.all_gather(delta, "Rebalancer load check")).double()  # [W, L]
         mean = per_rank.mean(dim=0)
         ratio = torch.where(mean > 0, per_rank.max(dim=0).values / mean.clamp_min(1e-12), torch.ones_like(mean))
-        return float(ratio.mean())
+        return float(ratio.mean()), now
+
+    def measured_imbalance(self) -> float:
+        """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last threshold
+        check (or re-plan, or the start): the figure the next check judges, as the runtime counted it. Reads
+        only: calling it (to log the balance) does not move the check's baseline. Collective."""
+        return self._imbalance(self._checked)[0]
+
+    def _repair_recorders(self) -> None:
+        """Put back the Rebalancer's window on a layer whose recorder was replaced (``start_recording`` /
+        ``stop_recording`` after the Rebalancer started), with a warning: the re-plans read these windows."""
+        for layer, rec in zip(self.layers, self._recorders):
+            if layer.recorder is not rec:
+                warnings.warn(f"Rebalancer: MoE layer {layer.layer_index}'s recorder was replaced (start_recording / "
+                              "stop_recording) while the Rebalancer records its window; the window is back, emptied "
+                              "(read the window with gather_trace(rb.layers) instead of recording again)", stacklevel=3)
+                rec.clear()
+                layer.recorder = rec
 
     def step(self) -> dict[str, Any] | None:
-        """Count one step; re-plan and migrate if due. Returns the event when it re-planned, else None."""
+        """Count one step; re-plan and migrate if due. Returns the event when it re-planned (or tried to), else
+        None. ``every``: that many steps after the last re-plan (whatever triggered it)."""
         self.steps += 1
-        due = self.every is not None and self.steps % self.every == 0
+        self._repair_recorders()
+        due = self.every is not None and self.steps - self._last_replan >= self.every
         measured = None
         if not due and self.threshold is not None and self.steps % self.check_every == 0:
-            measured = self.measured_imbalance()
+            measured, self._checked = self._imbalance(self._checked)
             due = measured > self.threshold
         return self.rebalance(measured=measured) if due else None
 
@@ -235,32 +319,49 @@ class Rebalancer:
         from .trace import gather_trace
 
         t0 = time.perf_counter()
+        self._repair_recorders()
         args = dict(self.replan_args)
         if args["horizon_tokens"] is None:
             args["horizon_tokens"] = self._interval_tokens()
-        window = gather_trace(self.layers, name=f"window at step {self.steps}", clear=True)
-        current = self.plan
-        event: dict[str, Any] = {"step": self.steps, "measured_max_mean": measured, "tokens": window.num_tokens,
+        event: dict[str, Any] = {"step": self.steps, "measured_max_mean": measured, "tokens": 0,
                                  "horizon_tokens": args["horizon_tokens"]}
-        self._last_replan = self.steps
+        try:
+            window = gather_trace(self.layers, name=f"window at step {self.steps}")
+        except TraceError as exc:  # the same on every rank (checked on the gathered ids): unusable, so started afresh
+            return self._done(event, skipped=f"the window could not be read ({exc}); it starts again empty",
+                              slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
+        current = self.plan
+        event["tokens"] = window.num_tokens
         try:
             new = self._agreed_replan(current, window, args)
         except (PlanInfeasible, TraceError) as exc:  # rank 0's refusal, on every rank
-            event.update(skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
+            return self._done(event, skipped=str(exc), slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
+        try:
+            reports = apply_plan(self.layers, new, optimizer=self.optimizer)  # every layer, or none
+        except Exception as exc:
+            # Every layer is still on the current plan and the window is kept: the next step may try again.
+            event.update(failed=f"{type(exc).__name__}: {exc}", slots_moved=0, bytes_moved=0,
+                         seconds=time.perf_counter() - t0)
             self.events.append(event)
-            return event
-        reports = apply_plan(self.layers, new, optimizer=self.optimizer)  # every layer, or none
+            raise
         mig = new.policy["migration"]
         sent = torch.tensor([sum(sum(r["weight_bytes_sent"]) for r in reports)], dtype=torch.int64,
                             device=self.layers[0].experts.down_proj.device)
         self.layers[0].comm.all_reduce(sent, "Rebalancer bytes moved")
-        event.update(
-            slots_moved=mig["slots_moved"], bytes_moved=int(sent.item()),
-            predicted_max_mean_before=evaluate(current, window)["mean"]["max_mean_load"],
-            predicted_max_mean_after=evaluate(new, window)["mean"]["max_mean_load"],
-            seconds=time.perf_counter() - t0)
-        self._computed = np.array([layer.traffic.computed for layer in self.layers], np.int64)
+        return self._done(event, slots_moved=mig["slots_moved"], bytes_moved=int(sent.item()),
+                          predicted_max_mean_before=evaluate(current, window)["mean"]["max_mean_load"],
+                          predicted_max_mean_after=evaluate(new, window)["mean"]["max_mean_load"],
+                          seconds=time.perf_counter() - t0)
+
+    def _done(self, event: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        """Close a re-plan that was applied or skipped: record it, and start the next interval (empty windows,
+        the threshold's baseline and ``every`` counted from here)."""
+        event.update(fields)
         self.events.append(event)
+        for rec in self._recorders:
+            rec.clear()
+        self._last_replan = self.steps
+        self._checked = self._counts()
         return event
 
 
@@ -282,6 +383,7 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
     a[perm[: e // 2]], b[perm[e // 2:]] = 1.0, 1.0
     gr = torch.Generator().manual_seed(seed * 1000 + 7 + rank)
     out = []
+    since = rb._counts()
     for step in range(steps):
         w = min(max((step - steps / 3) / max(steps / 6, 1), 0.0), 1.0)
         pref = (1 - w) * a + w * b
@@ -290,7 +392,8 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
                 router = layer.router.weight.detach().float()
                 x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
                 layer(x.to(router.device, layer.experts.down_proj.dtype))
-        row = {"step": step + 1, "measured_max_mean": rb.measured_imbalance()}
+        measured, since = rb._imbalance(since)  # this step's forwards alone
+        row = {"step": step + 1, "measured_max_mean": measured}
         ev = rb.step()
         row["event"] = ev
         out.append(row)
