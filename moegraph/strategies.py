@@ -269,9 +269,14 @@ STRATEGIES: dict[str, Callable[[ExpertArgs, object], Tensor]] = {
 }
 
 
+#: what ``torch._grouped_mm`` multiplies (float64 is refused: "Expected mat_a to be Float32, BFloat16 or Float16")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm_fits(x_TD: Tensor, w_up_EHD: Tensor) -> bool:
-    """torch._grouped_mm runs here: it exists, and every row stride is a multiple of 16 bytes."""
-    if not hasattr(torch, "_grouped_mm") or x_TD.device.type != "cpu":
+    """torch._grouped_mm runs here: it exists, takes this dtype, and every row stride is a multiple of 16 bytes."""
+    if not hasattr(torch, "_grouped_mm") or x_TD.device.type != "cpu" or x_TD.dtype not in GROUPED_MM_DTYPES \
+            or w_up_EHD.dtype not in GROUPED_MM_DTYPES:
         return False
     per_16 = max(1, 16 // x_TD.element_size())
     E, H, D = w_up_EHD.shape

@@ -444,6 +444,28 @@ def test_corrupt_or_foreign_table_is_rebuilt_with_a_warning(content, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_float64_layers_run_under_the_tuner_in_every_mode(tmp_path):
+    """torch._grouped_mm multiplies float32 / bfloat16 / float16 only (on some CPUs it refuses float64, on others it
+    falls back): grouped GEMMs are no candidate for float64, whatever the timer would say of them."""
+    x, w = torch.randn(8, D, dtype=torch.float64), torch.randn(E, 2 * F_, D, dtype=torch.float64)
+    assert not strategies.grouped_mm_fits(x, w) and "grouped_mm" not in strategies.candidates(x, w)
+    assert strategies.grouped_mm_fits(x.float(), w.float())
+    timer = FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "grouped_mm": 0.01})
+    tuning.enable_tuning(tmp_path / "tuned", timer=timer)
+    try:
+        layer = _layer("auto", torch.float64, tmp_path=tmp_path)
+        ref = reference_forward(SPEC, _float_copy(layer, tmp_path=tmp_path), x.float())  # float32 reference
+        xg = x.clone().requires_grad_(True)
+        y = layer.train()(xg)
+        y.sum().backward()
+        assert y.dtype == torch.float64 and xg.grad is not None and torch.isfinite(xg.grad).all()
+        torch.testing.assert_close(y.float(), ref, **TOL[torch.float32])
+        with torch.no_grad():
+            torch.testing.assert_close(layer.eval()(x).float(), ref, **TOL[torch.float32])
+    finally:
+        tuning.disable_tuning()
+
+
 def test_layer_uses_the_active_tuner_and_pin_overrides_it(tmp_path):
     timer = FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "grouped_mm": 0.01})
     tuner = tuning.enable_tuning(tmp_path / "tuned", timer=timer)
