@@ -906,7 +906,8 @@ def _sharpened(layer):
 @pytest.mark.parametrize("case", list(ROUTER_NETWORKS))
 def test_router_network_matches_the_loop_reference(case, tmp_path, expert_path):
     """router.mlp (a router that is a small network) and its router state: outputs, returned state, input, incoming
-    state and every parameter gradient against the loop reference, 1e-5; the skip (zero expert) is chosen."""
+    state and every parameter gradient against the loop reference (1e-5; gradients 1e-4 relative); the skip (zero
+    expert) is chosen."""
     spec, H = _network_case(case)
     router = ROUTER_NETWORKS[case][0]
     fresh = moegraph.compile(spec, out_dir=tmp_path)
@@ -936,8 +937,10 @@ def test_router_network_matches_the_loop_reference(case, tmp_path, expert_path):
     wrt = [x, *([s_in] if receive else []), *params]
     got = torch.autograd.grad(outs, wrt, grads)
     want = torch.autograd.grad(refs, wrt, grads, allow_unused=True)
+    # float32 gradients summed over the tokens in another order (batched here, per token in the reference), through
+    # the sharpened network: a few parts in 1e5 on the largest entries on some CPUs; a wrong gradient is off by O(1).
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-4, atol=1e-5)
     if ROUTER_NETWORKS[case][1]:  # tokens do choose the choices beyond the experts
         layer.start_recording()
         layer.eval()(x, router_state=s_in) if H else layer.eval()(x)
