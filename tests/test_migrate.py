@@ -555,6 +555,9 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     assert rec.ids()[:, 0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
     assert sorted(set(rec.samples().tolist())) == [10, 11, 12, 13, 14]
     assert rec.seen == 45 and rec.ids().dtype == torch.int32
+    held = rec.ids()
+    rec.add(torch.full((1, 3, 3), 50))  # what was read is a copy: later forwards do not change it
+    assert held[:, 0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
     rec.clear()
     assert rec.ids().numel() == 0 and rec.samples().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
 

@@ -18,7 +18,7 @@ broadcast, so that ranks agree whatever floating point does on each host), and a
 new plan to every layer at once (``migrate.apply_plan``: every rank agrees on it, only the changed slots
 move, optimizer state included, and the model moves whole or not at all). A window the
 re-plan refuses (no tokens; a budget that allows no move) keeps the current plan and is recorded as
-skipped; either way the windows start again empty. A migration that fails (``DistributedError``)
+skipped; either way the windows start again empty. A migration that fails (a ``DistributedError``)
 leaves every layer on the current plan and the window as it was, is recorded as ``failed`` and
 raised.
 
@@ -103,11 +103,11 @@ class WindowRecorder(RoutingRecorder):
         self._held = min(self._held + n, cap)
 
     def _in_order(self, ring: torch.Tensor | None, empty: torch.Tensor) -> torch.Tensor:
-        """The ring's tokens oldest first, on the host."""
+        """The ring's tokens oldest first, on the host: a copy, which later forwards do not overwrite."""
         if ring is None or self._held == 0:
             return empty
         if self._held < self.max_tokens:
-            return ring[:self._held].cpu()
+            return ring[:self._held].to("cpu", copy=True)
         return torch.cat([ring[self._next_row:], ring[:self._next_row]]).cpu()
 
     def ids(self) -> torch.Tensor:
