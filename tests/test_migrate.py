@@ -560,6 +560,10 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     assert held[:, 0].tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22]
     rec.clear()
     assert rec.ids().numel() == 0 and rec.samples().numel() == 0 and rec.max_tokens == 10 and rec.seen == 0
+    rec.add(torch.full((1, 4, 3), 1))  # a ring not yet full, read, then overwritten
+    partial = rec.ids()
+    rec.add(torch.full((1, 10, 3), 2))
+    assert partial[:, 0].tolist() == [1] * 4 and rec.ids()[:, 0].tolist() == [2] * 10
 
 
 def test_window_recorder_memory_stays_bounded_whatever_the_forwards():
