@@ -178,7 +178,7 @@ class Rebalancer:
                 f"{layers[0].layer_index} differ in {other.plan.spec.differences_shown(plan.spec)}); they must share one plan")
         self.layers = sorted(layers, key=lambda layer: layer.layer_index)
         self.every, self.threshold, self.check_every = every, threshold, int(check_every)
-        self.replan_args = {k: v for k, v in replan_args.items() if k != "max_imbalance"}
+        self.replan_args = {k: v for k, v in replan_args._asdict().items() if k != "max_imbalance"}
         self.optimizer = optimizer
         self.steps = 0
         self._last_replan = 0  # step of the last re-plan (0: the start)

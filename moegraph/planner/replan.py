@@ -106,7 +106,7 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -746,18 +746,28 @@ def _count(name: str, value: Any) -> int | None:
     return int(value)
 
 
+class ReplanArgs(NamedTuple):
+    """``replan``'s tuning arguments, checked (``check_replan_args``)."""
+
+    max_moves: int | None
+    max_move_bytes: float | None
+    horizon_tokens: float | None
+    max_imbalance: float | None
+    seed: int | None
+
+
 def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, horizon_tokens: Any = None,
-                      max_imbalance: Any = None, seed: Any = None) -> dict[str, Any]:
-    """``replan``'s tuning arguments checked (PlanInfeasible naming the argument) and normalised, in this order;
-    None passes. For callers that store them for later re-plans (``Rebalancer``): refused when given, not at the
-    first re-plan."""
+                      max_imbalance: Any = None, seed: Any = None) -> ReplanArgs:
+    """``replan``'s tuning arguments checked (PlanInfeasible naming the argument) and normalised; None passes. For
+    callers that store them for later re-plans (``Rebalancer``): refused when given, not at the first re-plan."""
     if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
         raise PlanInfeasible(f"seed must be an integer >= 0 (it seeds the re-plan's polish), got {_shown(seed)}")
-    return {"max_moves": _count("max_moves", max_moves),
-            "max_move_bytes": _real("max_move_bytes", max_move_bytes, 0.0, "bytes of expert weights moved over all layers"),
-            "horizon_tokens": _real("horizon_tokens", horizon_tokens, 0.0, "tokens the new plan will serve"),
-            "max_imbalance": _real("max_imbalance", max_imbalance, 1.0, "a target max/mean GPU load"),
-            "seed": None if seed is None else int(seed)}
+    return ReplanArgs(max_moves=_count("max_moves", max_moves),
+                      max_move_bytes=_real("max_move_bytes", max_move_bytes, 0.0,
+                                           "bytes of expert weights moved over all layers"),
+                      horizon_tokens=_real("horizon_tokens", horizon_tokens, 0.0, "tokens the new plan will serve"),
+                      max_imbalance=_real("max_imbalance", max_imbalance, 1.0, "a target max/mean GPU load"),
+                      seed=None if seed is None else int(seed))
 
 
 #: where an integer argument stops counting (``_real``): far beyond any budget or horizon, far below overflow
@@ -1081,7 +1091,7 @@ def replan(
     spec = current_plan.spec
     max_moves, max_move_bytes, horizon_tokens, max_imbalance, seed = check_replan_args(
         max_moves=max_moves, max_move_bytes=max_move_bytes, horizon_tokens=horizon_tokens, max_imbalance=max_imbalance,
-        seed=seed).values()
+        seed=seed)
     if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
     nbytes = expert_bytes(spec)
