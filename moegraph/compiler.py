@@ -67,6 +67,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     dtype, device = _check_arguments(dtype, device, seed, timeout, layer_index)
     if backend == "triton":
         from . import triton_backend  # noqa: F401  (fails with a clear message if triton is missing)
+        from .triton_backend.kernels import check_dtype
+
+        if dtype is not None:
+            check_dtype(dtype)
 
         if passes is None:  # the default passes plus FuseRouter (the router kernel)
             from .triton_backend.passes import triton_passes
@@ -122,6 +126,10 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
         dtype = torch_dtype(dtype)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")
+    if dtype is not None and dtype.itemsize == 1:
+        raise InputError(f"dtype {dtype} is a storage format, not a compute dtype: FP8 expert weights come from the "
+                         "spec's moe.experts.fp8 block (e.g. preset deepseek-v3-fp8-tiny); compile with dtype "
+                         "torch.bfloat16 or torch.float32")
     if device is not None:
         try:
             device = torch.device(device)

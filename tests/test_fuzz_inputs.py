@@ -549,6 +549,8 @@ def test_output_paths(fuzz_dir):
     ({"seed": 1.5}, "seed 1.5"),
     ({"dtype": "float8"}, "dtype 'float8' is not known"),
     ({"dtype": torch.int64}, "not a floating-point torch dtype"),
+    ({"dtype": torch.float8_e4m3fn}, "is a storage format, not a compute dtype"),
+    ({"dtype": torch.float8_e5m2}, "moe.experts.fp8 block"),
     ({"device": "bogus"}, "is not a torch device"),
     ({"timeout": float("nan")}, "timeout nan must be a finite number"),
     ({"layer_index": -1}, "layer_index -1"),

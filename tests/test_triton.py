@@ -656,6 +656,16 @@ def test_unsupported_devices_and_dtypes_say_what_to_do(monkeypatch):
             w["w_up"], w["w_down"], None, None, "silu", True, None, None, None, None, None)
     with pytest.raises(InputError, match="no bfloat16"):
         kernels.expert_mlp(*args)
+    # float64 ran through the float32 accumulators into zeros, inf or NaN: refused, at compile() too
+    w64 = _weights(g, torch.float64)
+    args64 = (torch.randn(2, D, dtype=torch.float64), *args[1:3], torch.ones(2, dtype=torch.float64), w64["w_up"],
+              w64["w_down"], *args[6:])
+    with pytest.raises(InputError, match="float32, float16 or bfloat16, not torch.float64; compile with backend='torch'"):
+        kernels.expert_mlp(*args64)
+    with pytest.raises(InputError, match="not torch.float64"):
+        kernels.route_topk(torch.randn(2, 8, dtype=torch.float64), None, 2, "softmax", False, False, 1.0, 0, 0, "max", 0)
+    with pytest.raises(InputError, match="not torch.float64"):
+        moegraph.compile("mixtral-tiny", backend="triton", dtype=torch.float64)
     monkeypatch.setattr(kernels, "interpreting", lambda: False)
     with pytest.raises(InputError, match="TRITON_INTERPRET=1"):
         kernels.route_topk(torch.randn(2, 8), None, 2, "softmax", False, False, 1.0, 0, 0, "max", 0)

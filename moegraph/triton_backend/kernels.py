@@ -55,6 +55,17 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: what the expert and router kernels compute in (they accumulate in float32; Triton's interpreter has no bfloat16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    """Refuse a compute dtype the kernels do not take (float64 ran through float32 accumulators into garbage)."""
+    if dtype not in TRITON_DTYPES:
+        raise InputError(f"the triton backend computes in float32, float16 or bfloat16, not {dtype}; compile with "
+                         f"backend='torch' for {dtype}")
+
+
 def check_device(*tensors: Tensor | None) -> None:
     """Triton runs on CUDA tensors, or on CPU tensors under its interpreter (which has no bfloat16)."""
     interp = interpreting()
@@ -327,6 +338,7 @@ def prepare(*args: Any) -> tuple[MLPLaunch, Tensor | None]:
     check_device(x_TD, w_up_EHD, w_down_EDF)
     F = w_down_EDF.shape[2]
     dt = x_TD.dtype
+    check_dtype(dt)
     if w_up_EHD.dtype != dt or w_down_EDF.dtype != dt:
         raise InputError(f"expert_mlp: activations are {dt} but expert weights are {w_up_EHD.dtype}; "
                          "cast one of them")
@@ -487,6 +499,7 @@ def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, *policy: Any) ->
     """
     p = policy[0] if len(policy) == 1 and isinstance(policy[0], TopKPolicy) else TopKPolicy(*policy)
     check_device(logits_TE)
+    check_dtype(logits_TE.dtype)
     T, E = logits_TE.shape
     mod, EP = _router_module_for(E, p, expert_bias_E is not None, interpreting())
     ids = torch.empty(T, p.top_k, dtype=torch.int64, device=logits_TE.device)
