@@ -293,6 +293,13 @@ def _run_edges(rank: int, world: int) -> dict:
     res["trainer_plan"] = layer.plan.physical_to_logical_map.copy()
     res["trainer_events"] = rb.events
     res["trainer_optimizer"] = rb.optimizer is not None
+    # The evaluation a Trainer runs after on_step_end is not recorded; the next step's forwards are.
+    with torch.no_grad():
+        layer.eval()(torch.randn(32, spec.moe.hidden_size, generator=g))
+        res["window_after_eval"] = int(layer.recorder.ids().shape[0])
+        handler.on_step_begin(None, TrainerState(), TrainerControl())
+        layer.train()(torch.randn(32, spec.moe.hidden_size, generator=g))
+        res["window_after_train_step"] = int(layer.recorder.ids().shape[0])
     res.update(_rebalancer_bookkeeping(spec, world, rank, pull))
     return res
 
@@ -642,6 +649,7 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
         (ev,) = out["trainer_events"]
         assert ev["step"] == 1 and "skipped" not in ev and ev["tokens"] > 0
         assert out["trainer_optimizer"]  # taken from the event's (wrapped) optimizer
+        assert out["window_after_eval"] == 0 and out["window_after_train_step"] == 32
         assert any("replaces that recorder" in w for w in out["recorder_warnings"]), out["recorder_warnings"]
     assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"] > 0
     # rank 0 re-planned, the other rank took its plan

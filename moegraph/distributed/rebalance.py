@@ -55,8 +55,8 @@ class WindowRecorder(RoutingRecorder):
     no transfer to the host: the window crosses to the host only when it is read). New tokens overwrite
     the oldest; a forward larger than the window keeps ``max_tokens`` of its tokens spread evenly over
     it, so that every sequence of the batch is in the window, not only the last ones. A forward without
-    tokens (an idle rank's) adds nothing. ``seen`` counts the tokens added since the last ``clear``,
-    those overwritten included.
+    tokens (an idle rank's), or one while ``paused``, adds nothing. ``seen`` counts the tokens added since
+    the last ``clear``, those overwritten included.
     """
 
     def __init__(self, max_tokens: int = 8192) -> None:
@@ -64,6 +64,7 @@ class WindowRecorder(RoutingRecorder):
             raise DistributedError(f"WindowRecorder max_tokens (tokens each layer's window keeps) must be an integer "
                                    f">= 1, got {max_tokens!r}")
         self.max_tokens = max_tokens
+        self.paused = False  # forwards while paused are not recorded (``Rebalancer.pause``)
         self._ids: torch.Tensor | None = None  # [max_tokens, K] ring
         self._samples: torch.Tensor | None = None  # [max_tokens] ring
         self.clear()
@@ -77,7 +78,7 @@ class WindowRecorder(RoutingRecorder):
     def add(self, ids_BSK) -> None:
         b, s, k = ids_BSK.shape
         n = b * s
-        if n == 0:
+        if n == 0 or self.paused:
             return
         ids = ids_BSK.detach().reshape(n, k)
         samples = torch.arange(self._next_sample, self._next_sample + b, dtype=torch.int64,
@@ -204,7 +205,9 @@ class Rebalancer:
     def as_trainer_callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls ``step()`` at every ``on_step_end`` (after the optimizer
         step and ``zero_grad``). Without an optimizer of its own, the Rebalancer moves the state of the
-        Trainer's (the one the event passes; accelerate's wrapper is looked through)."""
+        Trainer's (the one the event passes; accelerate's wrapper is looked through). It records only between
+        ``on_step_begin`` and ``on_step_end`` (``pause`` / ``resume``): the evaluation a Trainer runs after a
+        step stays out of the window."""
         try:
             from transformers import TrainerCallback
         except ImportError as exc:  # transformers is optional
@@ -213,12 +216,27 @@ class Rebalancer:
         rebalancer = self
 
         class RebalanceCallback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                rebalancer.resume()
+
             def on_step_end(self, args, state, control, **kwargs):
                 if rebalancer.optimizer is None and kwargs.get("optimizer") is not None:
                     rebalancer.optimizer = kwargs["optimizer"]
                 rebalancer.step()
+                rebalancer.pause()  # the evaluation the Trainer may run next is not training traffic
 
         return RebalanceCallback()
+
+    def pause(self) -> None:
+        """Stop recording forwards into the windows (this rank; not a collective) until ``resume``: traffic that the
+        plan should not follow, such as evaluation between training steps."""
+        for rec in self._recorders:
+            rec.paused = True
+
+    def resume(self) -> None:
+        """Record forwards again after ``pause``."""
+        for rec in self._recorders:
+            rec.paused = False
 
     def _counts(self) -> np.ndarray:
         """[L] (token, expert) assignments this rank's experts computed per layer, never reset (``computed_total``:
