@@ -122,7 +122,9 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPES)}")
+            wider = " (a float64 layer, for reference checks on the torch backend: pass torch.float64)" \
+                if dtype in ("float64", "double") else ""
+            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPES)}{wider}")
         dtype = torch_dtype(dtype)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")

@@ -548,6 +548,7 @@ def test_output_paths(fuzz_dir):
     ({"seed": 2**70}, "must be an integer in [0, 2**63)"),
     ({"seed": 1.5}, "seed 1.5"),
     ({"dtype": "float8"}, "dtype 'float8' is not known"),
+    ({"dtype": "float64"}, "pass torch.float64"),
     ({"dtype": torch.int64}, "not a floating-point torch dtype"),
     ({"dtype": torch.float8_e4m3fn}, "is a storage format, not a compute dtype"),
     ({"dtype": torch.float8_e5m2}, "moe.experts.fp8 block"),
