@@ -153,7 +153,7 @@ class Comm:
 
     def all_to_all(self, x: Tensor, send_W: list[int], recv_W: list[int], what: str) -> Tensor:
         """Rows ``x[sum(send_W[:d]) : ...]`` go to rank d; returns the [sum(recv_W), ...] rows received."""
-        wire = _on_the_wire(x.contiguous())
+        wire = fp8_as_bytes(x.contiguous())
         out = wire.new_empty((sum(recv_W), *wire.shape[1:]))
         self._run(what, lambda: dist.all_to_all_single(out, wire, output_split_sizes=list(recv_W),
                                                        input_split_sizes=list(send_W), group=self.group,
@@ -174,14 +174,14 @@ class Comm:
 
     def all_gather(self, t: Tensor, what: str) -> list[Tensor]:
         """Equal-shaped tensors from every rank, in rank order."""
-        wire = _on_the_wire(t.contiguous())
+        wire = fp8_as_bytes(t.contiguous())
         outs = [torch.empty_like(wire) for _ in range(self.world_size)]
         self._run(what, lambda: dist.all_gather(outs, wire, group=self.group, async_op=True))
         return [o.view(t.dtype) for o in outs]
 
     def broadcast(self, t: Tensor, src: int, what: str) -> Tensor:
         """``t`` as rank ``src`` of the group has it, on every rank (in place); returns ``t``."""
-        wire = _on_the_wire(t)
+        wire = fp8_as_bytes(t)
         self._run(what, lambda: dist.broadcast(wire, group=self.group, group_src=src, async_op=True))
         return t
 
@@ -194,9 +194,10 @@ class Comm:
         return [g[:s] for g, s in zip(self.all_gather(pad, what), sizes)]
 
 
-def _on_the_wire(x: Tensor) -> Tensor:
-    """``x`` as the collectives carry it: gloo and NCCL have no FP8 types, so FP8 tensors (weights that migrate,
-    token rows of an FP8 dispatch) travel as their bytes (uint8, same shape) and are reinterpreted on arrival."""
+def fp8_as_bytes(x: Tensor) -> Tensor:
+    """``x``, an FP8 tensor viewed as its bytes (uint8, same shape; others as they are): what the collectives
+    carry (gloo and NCCL have no FP8 types: weights that migrate and token rows of an FP8 dispatch travel so
+    and are reinterpreted on arrival), and what CPU indexing takes (its kernels do not cover FP8)."""
     return x.view(torch.uint8) if x.is_floating_point() and x.element_size() == 1 else x
 
 

@@ -104,7 +104,7 @@ class _FP8AllToAll(torch.autograd.Function):
         q_RD, s_RT = fp8.quantize_tiles(x, tile, fmt, scale_format)
         if traffic is not None:  # one copy per row: its FP8 bytes and its tile scales
             traffic.add("dispatch", send_W, _row_bytes(q_RD) + _row_bytes(s_RT))
-        q_MD = comm.all_to_all(q_RD, send_W, recv_W, what)  # as bytes on the wire (``comm._on_the_wire``)
+        q_MD = comm.all_to_all(q_RD, send_W, recv_W, what)  # as bytes on the wire (``comm.fp8_as_bytes``)
         s_MT = comm.all_to_all(s_RT, send_W, recv_W, what + " (tile scales)")
         return fp8.dequantize_tiles(q_MD, s_MT, tile)
 

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import DistributedError, PlanFileError
+from .comm import fp8_as_bytes
 from .layer import _fingerprint as plan_fingerprint
 
 __all__ = ["apply_plan", "MOVABLE_STATE"]
@@ -60,11 +61,6 @@ MOVABLE_STATE: dict[type, tuple[str, ...]] = {
     torch.optim.Adam: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
     torch.optim.SGD: ("momentum_buffer",),
 }
-
-
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
-    """FP8 tensors indexed as their bytes (CPU indexing kernels do not cover FP8); others as they are."""
-    return t.view(torch.uint8) if t.is_floating_point() and t.element_size() == 1 else t
 
 
 def _check_plan(layer, new_plan):
@@ -196,7 +192,7 @@ def _prepare(m: _Move, migrations: dict) -> None:
     local = [(k, old_local[m.new_experts[j]]) for k, j in enumerate(changed) if j not in arriving]
     dst, src = (torch.as_tensor(x, dtype=torch.int64) for x in zip(*local)) if local else (None, None)
     for name, t, key in m.tensors:
-        raw = _as_bytes(t.detach())
+        raw = fp8_as_bytes(t.detach())
         buf = raw.new_zeros((len(changed), *raw.shape[1:]))
         if dst is not None:
             buf[dst.to(t.device)] = raw[src.to(t.device)]
@@ -216,7 +212,7 @@ def _transfer(m: _Move) -> None:
     src_rows = torch.as_tensor((m.send[:, 4] - me * S).astype(np.int64))
     m.weight_bytes, m.state_bytes = np.zeros(W, np.int64), np.zeros(W, np.int64)
     for name, t, key in m.tensors:
-        rows = _as_bytes(t.detach())[src_rows.to(t.device)]
+        rows = fp8_as_bytes(t.detach())[src_rows.to(t.device)]
         what = f"apply_plan transfer (MoE layer {layer.layer_index} {name}{'' if key is None else ' ' + key})"
         got = layer.comm.all_to_all(rows, send_W, recv_W, what)
         if len(recv_rows):
@@ -232,7 +228,7 @@ def _commit(m: _Move) -> None:
     with torch.no_grad():
         for name, t, key in m.tensors:
             if len(m.changed):
-                _as_bytes(t.detach())[m.changed.to(t.device)] = m.staged[(name, key)]
+                fp8_as_bytes(t.detach())[m.changed.to(t.device)] = m.staged[(name, key)]
     _retable(layer.ep_dispatch, m.new_plan)
     layer.experts.slot_experts = list(m.new_experts)
     layer.__dict__.update(plan=m.new_plan, slot_experts=list(m.new_experts))
