@@ -92,18 +92,12 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
             layer.__dict__["expert_strategy"] = pin
             return layer
         from .planner import Plan
+        from .planner.planfile import check_made_for
 
         if not isinstance(plan, Plan):
             plan = Plan.load(plan, spec=spec)
-        elif plan.spec_hash != spec.hash():
-            from .errors import PlanFileError
-
-            raise PlanFileError(
-                f"plan was made for spec hash {plan.spec_hash[:12]} but spec '{spec.name}' has hash "
-                f"{spec.short_hash}; they differ in "
-                f"{spec.differences_shown(plan.spec, labels=('in the spec', 'in the plan'))}; re-plan with "
-                f"`moegraph plan {spec.name}`"
-            )
+        else:
+            check_made_for(plan.spec, spec, "plan")
     device_type = device.type if device is not None else "cpu"
     if device_type == "cpu":
         check_memory(layer_bytes(spec, kwargs["dtype"], seeded=seed is not None),

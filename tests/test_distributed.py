@@ -761,5 +761,5 @@ def test_create_without_a_process_group_says_so():
     cls, _ = layer_class(spec, "torch", None)
     with pytest.raises(DistributedError, match="init_process_group"):
         ExpertParallelMoE.create(cls, spec, _plan(spec, "contiguous"))
-    with pytest.raises(PlanFileError, match="differ in placement.seed: 0 in the spec, 3 in the plan; re-plan"):
+    with pytest.raises(PlanFileError, match="differ in placement.seed: 0 in the given spec, 3 in the plan; re-plan"):
         ExpertParallelMoE.create(cls, spec, _plan(_spec("dsv3", 1, 2, seed=3), "contiguous"))

@@ -127,17 +127,13 @@ def _fingerprint(spec_hash: str, plan, layer_index: int) -> int:
 
 def _load_plan(plan, spec):
     from ..planner import Plan
+    from ..planner.planfile import check_made_for
 
     if isinstance(plan, (str, Path)):
         return Plan.load(plan, spec=spec)
     if not isinstance(plan, Plan):
         raise PlanFileError(f"plan must be a moegraph Plan or a plan file path, got {type(plan).__name__}")
-    if plan.spec_hash != spec.hash():
-        raise PlanFileError(
-            f"plan was made for spec hash {plan.spec_hash[:12]} ({plan.spec.name!r}) but spec '{spec.name}' has hash "
-            f"{spec.short_hash}; they differ in {spec.differences_shown(plan.spec, labels=('in the spec', 'in the plan'))}; "
-            f"re-plan with `moegraph plan {spec.name}` or compile the spec the plan was made for"
-        )
+    check_made_for(plan.spec, spec, "plan")
     return plan
 
 

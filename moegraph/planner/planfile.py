@@ -25,10 +25,21 @@ from ..spec import MoESpec
 from ..topology import Cluster, cluster_of
 from .dispatch import RULE, replica_table
 
-__all__ = ["Plan", "FORMAT", "VERSION"]
+__all__ = ["Plan", "FORMAT", "VERSION", "check_made_for"]
 
 FORMAT = "moegraph-plan"
 VERSION = 1
+
+
+def check_made_for(planned: MoESpec, spec: MoESpec, where: str) -> None:
+    """Refuse (PlanFileError) a plan made for spec ``planned`` where ``spec`` runs, naming the fields they differ in:
+    the one check of a plan file loaded with a spec, ``compile(spec, plan=...)`` and an expert-parallel layer."""
+    if planned.hash() != spec.hash():
+        raise PlanFileError(
+            f"{where}: planned for spec {planned.name!r} (hash {planned.short_hash}) but the given spec {spec.name!r} "
+            f"has hash {spec.short_hash}; they differ in "
+            f"{spec.differences_shown(planned, labels=('in the given spec', 'in the plan'))}; re-plan for this spec "
+            f"(`moegraph plan {spec.name}`) or pass the spec it was made for")
 
 
 @dataclass(eq=False)
@@ -214,13 +225,8 @@ class Plan:
             raise bad(f"the embedded spec is not valid ({type(exc).__name__}); re-create the plan") from None
         if embedded.hash() != data["spec_hash"]:
             raise bad("spec_hash does not match the embedded spec; the file was edited or is corrupt")
-        if spec is not None and spec.hash() != data["spec_hash"]:
-            raise bad(
-                f"planned for spec {data.get('spec_name')!r} (hash {str(data['spec_hash'])[:12]}) but the given spec "
-                f"{spec.name!r} has hash {spec.short_hash}; they differ in "
-                f"{spec.differences_shown(embedded, labels=('in the given spec', 'in the plan'))}; re-plan for this "
-                "spec or pass the spec it was made for"
-            )
+        if spec is not None:
+            check_made_for(embedded, spec, source)
         try:
             p2l = np.asarray(data["physical_to_logical_map"])
         except (TypeError, ValueError):
