@@ -14,6 +14,7 @@ from .limits import check_memory
 from .loader import load_spec
 from .runtime import CompiledMoEBase, torch_dtype
 from .semantics import DTYPES
+from .semantics.dtypes import not_a_spec_dtype
 from .spec import MoESpec
 
 __all__ = ["compile", "BACKENDS"]
@@ -116,9 +117,11 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            wider = " (a float64 layer, for reference checks on the torch backend: pass torch.float64)" \
-                if dtype in ("float64", "double") else ""
-            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPES)}{wider}")
+            where = not_a_spec_dtype(dtype)
+            if where and dtype in ("float64", "double"):
+                where = "a float64 layer, for reference checks on the torch backend, is dtype=torch.float64"
+            raise InputError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPES)}"
+                             + (f" ({where})" if where else ""))
         dtype = torch_dtype(dtype)
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")

@@ -26,6 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -195,7 +196,17 @@ def _activation_schema(schema: dict[str, Any]) -> None:
                        {"type": "string", "description": "an elementwise expression of gate and up (or of x)"}]
 
 
-DType = Literal[tuple(_dtypes.DTYPES)]  # type: ignore[valid-type]
+def _check_dtype(v: Any) -> Any:
+    # float64 and the float8 formats are torch dtypes but not spec dtypes: say where they belong, not "did you
+    # mean 'float16'"; anything else goes on to the Literal (and its wording).
+    where = _dtypes.not_a_spec_dtype(v) if isinstance(v, str) else None
+    if where:
+        names = list(_dtypes.DTYPES)
+        raise ValueError(f"{v!r} is not a spec dtype (use {', '.join(names[:-1])} or {names[-1]}): {where}")
+    return v
+
+
+DType = Annotated[Literal[tuple(_dtypes.DTYPES)], BeforeValidator(_check_dtype)]  # type: ignore[valid-type]
 
 
 #: most routed experts a spec (and a trace) may have

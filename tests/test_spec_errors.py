@@ -132,6 +132,12 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
      "moe.experts.activation", ("upper as a keyword", "clamp(v, max=hi)")),
     ("bad-choice-did-you-mean", _set("moe.experts.activation", "swigl"), "moe.experts.activation",
      ("'swiglu'", "did you mean 'swiglu'")),
+    # torch dtypes that are deliberately not spec dtypes say where they belong (not "did you mean 'float16'")
+    ("dtype-float64-is-a-compile-argument", _set("moe.dtype", "float64"), "moe.dtype",
+     ("'float64' is not a spec dtype", "dtype=torch.float64 to moegraph.compile")),
+    ("router-dtype-fp8-is-a-storage-format", _set("moe.router_dtype", "float8_e4m3fn"), "moe.router_dtype",
+     ("not a spec dtype", "set moe.experts.fp8")),
+    ("dtype-typo-did-you-mean", _set("moe.dtype", "bfloat61"), "moe.dtype", ("did you mean 'bfloat16'",)),
     ("unknown-router-type", _set("moe.router.type", "tokenchoice"), "moe.router.type",
      ("unknown type 'tokenchoice'", "'topk', 'expert_choice', 'hash'")),
     ("router-type-null", _set("moe.router.type", None), "moe.router.type", ("'type' must be one of",)),

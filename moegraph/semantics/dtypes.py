@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DTypeInfo", "DTYPES", "DTYPE_BYTES", "torch_dtype", "dtype_name"]
+__all__ = ["DTypeInfo", "DTYPES", "DTYPE_BYTES", "torch_dtype", "dtype_name", "not_a_spec_dtype"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,21 @@ def dtype_name(dtype: Any, default: str | None = None) -> str | None:
         if str(dtype) == f"torch.{d.torch_name}":
             return d.name
     return default
+
+
+#: torch dtype names a user may reach for that are deliberately not spec dtypes, with where they belong
+_ELSEWHERE: dict[str, str] = {
+    "float64": "a float64 layer is for reference checks on the torch backend: keep the spec's dtype and pass "
+               "dtype=torch.float64 to moegraph.compile",
+    "float8_e4m3fn": "FP8 is a storage format for expert weights: set moe.experts.fp8 (e.g. preset "
+                     "deepseek-v3-fp8-tiny) and keep dtype bfloat16 or float32",
+}
+_ELSEWHERE["double"] = _ELSEWHERE["float64"]
+for _name in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "fp8"):
+    _ELSEWHERE[_name] = _ELSEWHERE["float8_e4m3fn"]
+
+
+def not_a_spec_dtype(name: Any) -> str | None:
+    """Why ``name`` (a torch dtype a user may write) is not a spec dtype and what to do instead; None if not one."""
+    key = str(name).removeprefix("torch.")
+    return _ELSEWHERE.get(key)
