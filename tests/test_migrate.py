@@ -365,6 +365,21 @@ def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
         rb.step()
     res["replaced_warnings"] = [str(w.message) for w in caught]
     res["recorder_back"] = isinstance(layer.recorder, WindowRecorder) and layer.recorder is rb._recorders[0]
+    # The threshold judged against sampling noise: balanced (unpulled) traffic in batches of 2 tokens per rank,
+    # a threshold just above 1. Per step: the figure the check judges (read first: reading moves nothing), its
+    # noise floor, whether the step re-planned and whether the check's baseline moved.
+    layer = fresh()
+    rb = Rebalancer([layer], threshold=1.000001, window_tokens=64)
+    g = torch.Generator().manual_seed(90 + rank)
+    checks = []
+    for _ in range(5):
+        with torch.no_grad():
+            layer(torch.randn(2, spec.moe.hidden_size, generator=g))
+        measured, floor, _ = rb._imbalance(rb._checked)
+        before = rb._checked.copy()
+        ev = rb.step()
+        checks.append((measured, floor, ev is not None, not np.array_equal(before, rb._checked)))
+    res["noise_checks"] = checks
     return res
 
 
@@ -680,6 +695,13 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
         assert ev is not None and "failed" not in ev and "skipped" not in ev and ev["tokens"] == 2 * 32 * 2
         assert any("recorder was replaced" in w for w in out["replaced_warnings"]), out["replaced_warnings"]
         assert out["recorder_back"]
+        # A check re-plans only beyond the threshold's sampling noise; within it the counts accumulate (the baseline
+        # stays), below the threshold they start afresh. Tiny batches put the figure within the noise at least once.
+        thr = 1.000001
+        for measured, floor, replanned, moved in out["noise_checks"]:
+            assert replanned == (measured > thr + floor), (measured, floor)
+            assert moved == (replanned or measured <= thr), (measured, floor, moved)
+        assert any(thr < m <= thr + f for m, f, _, _ in out["noise_checks"]), out["noise_checks"]
 
 
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():

@@ -25,8 +25,17 @@ raised.
 Measured imbalance: each rank counts the (token, expert) assignments its experts computed
 (``Traffic.computed_total``, which ``reset_traffic`` leaves alone); per check the counts since the
 last check (or re-plan) are all-gathered and the max/mean over ranks is averaged over the layers:
-the runtime's own figure, not the planner's prediction. ``measured_imbalance()`` reads the same
-figure without moving the check's baseline, so that a loop may log it.
+the runtime's own figure, not the planner's prediction. A check re-plans when that figure exceeds
+``threshold`` by more than its sampling noise (the re-plan's ``noise_floor`` of the assignments
+counted: a few steps of small batches put even a balanced plan well above 1); a figure above the
+threshold but within its noise keeps the baseline, so the counts accumulate until the next check
+can tell. (4 gloo ranks, deepseek-v3-tiny, 60 steps of a topic switch, threshold 1.08: with 8 tokens
+per rank and step the re-plans fell from 59 to 7, and max/mean over the first and last thirds from
+1.105 / 1.071 to 1.060 / 1.057; with 64 tokens from 16 to 9, 126 -> 97 slots moved, balance the same.
+Keeping the windows of re-plans that moved nothing was tried too and not kept: older traffic in the
+window slowed the re-plans after the switch; ``benchmarks/results/planner_design.md``.)
+``measured_imbalance()`` reads the same figure without moving the check's baseline, so that a
+loop may log it.
 
 Every method that communicates is a collective: every rank calls ``step`` at the same points.
 """
@@ -124,7 +133,8 @@ class Rebalancer:
     Args:
         layers: every MoE layer of one plan (``ExpertParallelMoE``, layer_index 0..L-1, any order).
         every: re-plan this many steps after the last re-plan (or the start; None: only on the threshold).
-        threshold: re-plan when the measured max/mean GPU load since the last check exceeds it.
+        threshold: re-plan when the measured max/mean GPU load since the last check exceeds it by more than
+            its sampling noise (``noise_floor`` of the assignments counted; until then the counts accumulate).
         check_every: steps between threshold checks (each is one small all-gather).
         window_tokens: tokens per rank each layer's recorder keeps (the most recent; ``WindowRecorder``).
         max_moves / max_move_bytes / seed: passed to ``replan``.
@@ -243,15 +253,20 @@ class Rebalancer:
         ``layer.reset_traffic()`` does not disturb the checks)."""
         return np.array([layer.traffic.computed_total for layer in self.layers], np.int64)
 
-    def _imbalance(self, since: np.ndarray) -> tuple[float, np.ndarray]:
+    def _imbalance(self, since: np.ndarray) -> tuple[float, float, np.ndarray]:
         """(mean over layers of the max/mean over ranks of the assignments computed since the counts ``since``,
-        the counts now). Collective (one small all-gather)."""
+        the sampling noise of that figure (``noise_floor`` of each layer's assignments, averaged), the counts
+        now). Collective (one small all-gather)."""
+        from ..planner.replan import noise_floor
+
         now = self._counts()
         delta = torch.as_tensor(now - since, dtype=torch.int64, device=self.layers[0].experts.down_proj.device)
         per_rank = torch.stack(self.layers[0].comm.all_gather(delta, "Rebalancer load check")).double()  # [W, L]
         mean = per_rank.mean(dim=0)
         ratio = torch.where(mean > 0, per_rank.max(dim=0).values / mean.clamp_min(1e-12), torch.ones_like(mean))
-        return float(ratio.mean()), now
+        world = per_rank.shape[0]
+        floor = float(np.mean([noise_floor(world, int(n), 1) for n in per_rank.sum(dim=0).tolist()]))
+        return float(ratio.mean()), floor, now
 
     def measured_imbalance(self) -> float:
         """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last threshold
@@ -278,8 +293,12 @@ class Rebalancer:
         due = self.every is not None and self.steps - self._last_replan >= self.every
         measured = None
         if not due and self.threshold is not None and self.steps % self.check_every == 0:
-            measured, self._checked = self._imbalance(self._checked)
-            due = measured > self.threshold
+            measured, floor, now = self._imbalance(self._checked)
+            due = measured > self.threshold + floor
+            if measured <= self.threshold:
+                self._checked = now  # balanced: the next check judges fresh counts
+            # else over the threshold but within sampling noise of it: the counts go on accumulating, so the
+            # next check judges more tokens (a smaller floor) instead of re-planning on noise
         return self.rebalance(measured=measured) if due else None
 
     def _interval_tokens(self) -> float | None:
@@ -410,7 +429,7 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
                 router = layer.router.weight.detach().float()
                 x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
                 layer(x.to(router.device, layer.experts.down_proj.dtype))
-        measured, since = rb._imbalance(since)  # this step's forwards alone
+        measured, _, since = rb._imbalance(since)  # this step's forwards alone
         row = {"step": step + 1, "measured_max_mean": measured}
         ev = rb.step()
         row["event"] = ev
