@@ -633,8 +633,10 @@ class CompiledMoEBase(nn.Module):
                              f"move one of them (layer.to(device))")
         dtype = self.compute_dtype
         if x.dtype != dtype:
-            raise InputError(f"MoE layer input has dtype {x.dtype} but the layer's weights are {dtype}; cast the "
-                             f"input (x.to({dtype})) or the layer (layer.to({x.dtype}))")
+            # an FP8 (1-byte) input is not a compute dtype: the layer is never cast to it
+            layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype.itemsize > 1 else ""
+            raise InputError(f"MoE layer input has dtype {x.dtype} but the layer computes in {dtype}; cast the "
+                             f"input (x.to({dtype})){layer_too}")
         if token_ids is not None and not isinstance(token_ids, Tensor):
             raise InputError(f"token_ids must be a torch.Tensor of integer ids, got {type(token_ids).__name__}")
         if self.NEEDS_TOKEN_IDS:

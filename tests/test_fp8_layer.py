@@ -101,8 +101,11 @@ def test_bf16_layer_and_error_against_the_unquantized_layer(tmp_path):
     # difference is the quantization's: a token whose near-tie the input rounding flips would route
     # to other experts, an error no rounding bound speaks of (x was unseeded and failed that way).
     assert _rel(y, plain(x.bfloat16().float())) <= 2 * u  # the documented bound (moegraph.fp8.rounding_bound)
-    with pytest.raises(InputError, match=r"input has dtype torch.float32 but the layer's weights are torch.bfloat16"):
+    with pytest.raises(InputError, match=r"input has dtype torch.float32 but the layer computes in torch.bfloat16"):
         layer(x)
+    # an FP8 input: cast the input; never "cast the layer to float8" (its weights already are; it computes in bf16)
+    with pytest.raises(InputError, match=r"cast the input \(x.to\(torch.bfloat16\)\)$"):
+        layer(x.to(torch.float8_e4m3fn))
 
 
 def test_memory_is_half_of_bf16_and_matches_summary(tmp_path):

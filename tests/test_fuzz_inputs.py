@@ -603,7 +603,7 @@ def test_fuzz_layer_inputs(layers, name, x, tid):
 
 def test_layer_inputs_named_cases(layers):
     lay, hsh = layers["switch-tiny"], layers["hash-tiny"]
-    with pytest.raises(InputError, match="dtype torch.float64 but the layer's weights are torch.float32"):
+    with pytest.raises(InputError, match="dtype torch.float64 but the layer computes in torch.float32"):
         lay(torch.zeros(2, 32, dtype=torch.float64))
     for bad in (torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.uint8)):
         with pytest.raises(InputError, match="int64"):

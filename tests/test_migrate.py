@@ -168,8 +168,9 @@ def _run_main(rank: int, world: int) -> dict:
     return res
 
 
-def _run_die(rank: int, world: int) -> dict:
-    """Rank 1 dies in the middle of the transfer; rank 0 must fail within its timeout on the old plan."""
+def _run_die(rank: int, world: int, how: str = "exit") -> dict:
+    """Rank 1 dies in the middle of the transfer (``how="exit"``), or fails there with a local error (``"raise"``,
+    at its second all-to-all); rank 0 must fail within its timeout on the old plan, rank 1 (when it lives) too."""
     spec = _spec(world)
     state = _state(spec)
     a, b = _plan(spec, world, "A"), _plan(spec, world, "B")
@@ -178,9 +179,14 @@ def _run_die(rank: int, world: int) -> dict:
     before = {n: p.detach().clone() for n, p in layer.experts.named_parameters()}
     if rank == 1:
         real = layer.comm.all_to_all
+        calls = []
 
         def die(*args, **kwargs):
-            os._exit(17)  # dies without a word, after the handshake and prepare vote
+            calls.append(1)
+            if how == "exit":
+                os._exit(17)  # dies without a word, after the handshake and prepare vote
+            if len(calls) == 2:
+                raise MemoryError("simulated: no memory for the received rows")
             return real(*args, **kwargs)
 
         layer.comm.all_to_all = die
@@ -209,7 +215,7 @@ def _two_layer_spec(world: int):
 def _run_edges(rank: int, world: int) -> dict:
     """What the main suite does not reach: FP8 weights, a model's layers moving together, gradients."""
     from moegraph.distributed import apply_plan, migrate
-    from moegraph.distributed.rebalance import Rebalancer
+    from moegraph.distributed.rebalance import Rebalancer, drift_demo
 
     res: dict = {}
     # FP8 experts (float8 weights + float32 block scales) migrate as bytes.
@@ -224,6 +230,8 @@ def _run_edges(rank: int, world: int) -> dict:
     with torch.no_grad():
         res["fp8_y_after"] = layer(x)
     res["fp8_full"] = layer.full_state_dict()
+    # The drifting-stream demo (``moegraph run --rebalance-every``) feeds an FP8 layer its compute dtype
+    res["fp8_drift"] = drift_demo([layer], steps=2, every=1, tokens=8, seed=3)
     # Two MoE layers move together: a failure in one leaves both on the old plan.
     spec = _two_layer_spec(world)
     a2 = Plan(np.array([ROWS[world]["A"], ROWS[world]["B"]]), spec)
@@ -300,6 +308,24 @@ def _run_edges(rank: int, world: int) -> dict:
         handler.on_step_begin(None, TrainerState(), TrainerControl())
         layer.train()(torch.randn(32, spec.moe.hidden_size, generator=g))
         res["window_after_train_step"] = int(layer.recorder.ids().shape[0])
+    # Optimizers: a migration of training-mode layers without one warns (its state would stay behind), in eval
+    # mode it does not; one whose state cannot move is refused by the Rebalancer at once; ranks that pass
+    # different kinds are told it was the optimizer.
+    layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer.apply_plan(_plan(spec, world, "B"))
+        layer.eval().apply_plan(_plan(spec, world, "A"))
+    res["no_optimizer_warnings"] = [str(w.message) for w in caught]
+    layer.train()
+    res["rmsprop"] = _error(lambda: Rebalancer([layer], every=2, optimizer=torch.optim.RMSprop(layer.parameters())))
+    sgd = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    (layer(x) * gy).sum().backward()
+    layer.sync_grads()
+    sgd.step()
+    sgd.zero_grad()
+    res["mixed_optimizers"] = _error(lambda: layer.apply_plan(_plan(spec, world, "B"),
+                                                              optimizer=sgd if rank == 0 else None))
     res.update(_rebalancer_bookkeeping(spec, world, rank, pull))
     return res
 
@@ -383,7 +409,8 @@ def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
     return res
 
 
-SUITES = {"main": _run_main, "die": _run_die, "edges": _run_edges}
+SUITES = {"main": _run_main, "die": _run_die, "fail": lambda rank, world: _run_die(rank, world, how="raise"),
+          "edges": _run_edges}
 
 
 def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
@@ -427,7 +454,7 @@ def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return _launch_all(tmp_path_factory.mktemp("migrate"), {"w2": (2, "main"), "w4": (4, "main"), "die": (2, "die"),
-                                                           "edges": (2, "edges")})
+                                                           "fail": (2, "fail"), "edges": (2, "edges")})
 
 
 def _ok(results: list[dict]) -> list[dict]:
@@ -537,6 +564,18 @@ def test_a_rank_dying_mid_transfer_leaves_the_others_on_the_old_plan(runs):
     assert out["slots"] == ROWS[2]["A"][:10] and out["same_weights"] and out["same_tables"]
 
 
+def test_a_rank_failing_mid_transfer_names_itself_and_leaves_every_rank_on_the_old_plan(runs):
+    res = _ok(runs["fail"])
+    for r, out in enumerate(res):
+        kind, msg = out["error"]
+        assert kind == "DistributedError", msg
+        assert f"rank {r} of 2" in msg and ("apply_plan transfer" in msg if r == 0 else
+                                            "the transfer failed on this rank (MemoryError: simulated" in msg), msg
+        assert out["seconds"] < 20.0
+        s = len(ROWS[2]["A"]) // 2
+        assert out["slots"] == ROWS[2]["A"][r * s:(r + 1) * s] and out["same_weights"] and out["same_tables"]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_rebalancer_replans_and_migrates_on_every_rank(runs, world):
     res = _ok(runs[f"w{world}"])
@@ -550,6 +589,7 @@ def test_rebalancer_replans_and_migrates_on_every_rank(runs, world):
     for k, ev in enumerate(events[0]):
         mig = migration(Plan(plans[k], spec), Plan(plans[k + 1], spec))
         assert ev["slots_moved"] == mig.slots_moved and ev["bytes_moved"] == mig.bytes  # float32 both
+        assert ev["predicted_bytes_moved"] == mig.bytes and ev["state_bytes_moved"] == 0  # inference: no optimizer
         assert all(other[k]["bytes_moved"] == ev["bytes_moved"] for other in events)
     assert events[0][0]["slots_moved"] > 0
     # the horizon is the interval the plan serves: 24 tokens per rank and step x every=3 steps, all ranks
@@ -627,6 +667,8 @@ def test_fp8_experts_migrate_as_bytes(runs):
             assert torch.equal(got.view(torch.uint8), v.view(torch.uint8)) if v.dtype.itemsize == 1 else \
                 torch.equal(got, v), f"rank {r} full_state_dict {k}"
         torch.testing.assert_close(out["fp8_y_after"].float(), out["fp8_y_before"].float(), rtol=2e-2, atol=2e-2)
+        events = [row["event"] for row in out["fp8_drift"]]
+        assert all(ev is not None and ev["tokens"] == 8 * len(res) and "failed" not in ev for ev in events), events
 
 
 def test_a_models_layers_move_together_or_not_at_all(runs):
@@ -670,6 +712,17 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
     # rank 0 re-planned, the other rank took its plan
     assert [out["trainer_replans_here"] for out in res] == [1, 0]
     np.testing.assert_array_equal(res[0]["trainer_plan"], res[1]["trainer_plan"])
+
+
+def test_optimizers_are_checked_before_anything_moves(runs):
+    for r, out in enumerate(_ok(runs["edges"])):
+        warned = out["no_optimizer_warnings"]
+        assert len(warned) == 1 and "in training mode without an optimizer" in warned[0], warned  # eval: none
+        kind, msg = out["rmsprop"]
+        assert kind == "DistributedError" and "optimizer RMSprop cannot be moved" in msg, msg
+        kind, msg = out["mixed_optimizers"]
+        assert kind == "DistributedError" and f"ranks [{1 - r}] would move other optimizer state" in msg, msg
+        assert ("optimizer SGD" if r == 0 else "no optimizer") in msg, msg
 
 
 def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):

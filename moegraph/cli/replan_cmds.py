@@ -92,7 +92,7 @@ def print_drift(drift: list[dict], title: str) -> None:
     t = Table(title=title, show_header=True)
     for col in ("step", "measured max/mean", "re-plan", "slots moved", "MiB moved", "predicted max/mean after"):
         t.add_column(col, justify="right")
-    moved = 0
+    moved = predicted = 0
     for row in drift:
         ev = row.get("event")
         cells = ["", "", "", ""]
@@ -101,11 +101,13 @@ def print_drift(drift: list[dict], title: str) -> None:
                 cells = ["skipped", "0", "0", ""]
             else:
                 moved += ev["bytes_moved"]
+                predicted += ev["predicted_bytes_moved"]
                 cells = [f"{ev['seconds']:.2f}s", str(ev["slots_moved"]), f"{ev['bytes_moved'] / 2**20:.2f}",
                          f"{ev['predicted_max_mean_after']:.3f}"]
         t.add_row(str(row["step"]), f"{row['measured_max_mean']:.3f}", *cells)
     console.print(t)
     before = [r["measured_max_mean"] for r in drift]
+    agree = "equal to the planner's migrations" if moved == predicted else \
+        f"NOT equal to the planner's migrations: {predicted:,} bytes predicted, {moved:,} sent"
     console.print(f"measured max/mean GPU load, mean over steps: {sum(before) / max(len(before), 1):.3f}; weight bytes "
-                  f"moved in all: {moved / 2**20:.2f} MiB (the runtime's count, equal to the planner's migrations)",
-                  highlight=False)
+                  f"moved in all: {moved / 2**20:.2f} MiB (the runtime's count, {agree})", highlight=False)

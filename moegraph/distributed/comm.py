@@ -125,7 +125,7 @@ class Comm:
             why = (f"no answer from a peer rank within the timeout ({self._timeout_text()}): a rank stalled, "
                    "crashed before this collective, or is far behind")
         elif "closed" in low or "reset" in low or "broken pipe" in low or "refused" in low:
-            why = "a peer rank died (its connection closed)"
+            why = "a peer rank failed or died (its connection closed)"
         else:
             why = "the collective failed"
         waited = time.perf_counter() - started

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,7 +54,7 @@ from ..errors import DistributedError, PlanFileError
 from .comm import fp8_as_bytes
 from .layer import _fingerprint as plan_fingerprint
 
-__all__ = ["apply_plan", "MOVABLE_STATE"]
+__all__ = ["apply_plan", "movable_optimizer", "MOVABLE_STATE"]
 
 #: optimizer class -> per-parameter state entries shaped like the parameter (moved with their slots)
 MOVABLE_STATE: dict[type, tuple[str, ...]] = {
@@ -94,14 +95,7 @@ def _optimizer_rows(layer, optimizer) -> dict[str, list[tuple[str, torch.Tensor]
     """{expert parameter name: [(state key, state tensor)]} of the rows that move with the experts."""
     if optimizer is None:
         return {}
-    if type(optimizer) not in MOVABLE_STATE and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer  # a wrapper (accelerate's, in a Hugging Face Trainer): its optimizer
-    keys = next((v for k, v in MOVABLE_STATE.items() if type(optimizer) is k), None)
-    if keys is None:
-        raise DistributedError(
-            f"rank {layer.rank}: the state of optimizer {type(optimizer).__name__} cannot be moved with the experts "
-            f"(supported: {', '.join(k.__name__ for k in MOVABLE_STATE)}); use one of those, or pass optimizer=None "
-            "and re-create the optimizer after apply_plan (its state is then lost)")
+    optimizer, keys = movable_optimizer(optimizer, layer.rank)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trained = [(name, p) for name, p in layer.experts.named_parameters() if p.requires_grad]
     if trained and not any(id(p) in held for _, p in trained):
@@ -143,14 +137,28 @@ class _Move:
     predicted_layer_slots: int = 0
 
 
-def _fingerprint(spec_hash: str, moves: list[_Move]) -> int:
-    """What this rank would do: the new plan's rows of these layers (the layer's own plan fingerprint) and which
-    tensors travel (ranks must agree)."""
-    h = hashlib.sha256()
+def _fingerprints(spec_hash: str, moves: list[_Move]) -> tuple[int, int]:
+    """What this rank would do, which ranks must agree on: (the new plan's rows of these layers (the layer's own
+    plan fingerprint), which tensors travel: weights and optimizer state)."""
+    plan, tensors = hashlib.sha256(), hashlib.sha256()
     for m in moves:
-        h.update(np.int64(plan_fingerprint(spec_hash, m.new_plan, m.layer.layer_index)).tobytes())
-        h.update(repr([(name, key, tuple(t.shape[1:]), str(t.dtype)) for name, t, key in m.tensors]).encode())
-    return int.from_bytes(h.digest()[:7], "little")
+        plan.update(np.int64(plan_fingerprint(spec_hash, m.new_plan, m.layer.layer_index)).tobytes())
+        tensors.update(repr([(name, key, tuple(t.shape[1:]), str(t.dtype)) for name, t, key in m.tensors]).encode())
+    return int.from_bytes(plan.digest()[:7], "little"), int.from_bytes(tensors.digest()[:7], "little")
+
+
+def movable_optimizer(optimizer: Any, rank: int | str) -> tuple[Any, tuple[str, ...]]:
+    """(the optimizer whose state moves with the experts, its per-parameter state keys that move), looking through
+    a wrapper (accelerate's, in a Hugging Face Trainer); a ``DistributedError`` for one whose state cannot move."""
+    if type(optimizer) not in MOVABLE_STATE and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    keys = next((v for k, v in MOVABLE_STATE.items() if type(optimizer) is k), None)
+    if keys is None:
+        raise DistributedError(
+            f"rank {rank}: the state of optimizer {type(optimizer).__name__} cannot be moved with the experts "
+            f"(supported: {', '.join(k.__name__ for k in MOVABLE_STATE)}); use one of those, or pass optimizer=None "
+            "and re-create the optimizer after apply_plan (its state is then lost)")
+    return optimizer, keys
 
 
 def _gather_flags(layer, values: list[int], what: str) -> list[list[int]]:
@@ -269,22 +277,27 @@ def apply_plan(layers, new_plan, optimizer: Any = None) -> Any:
             tensors = [(name, p, None) for name, p in layer.experts.named_parameters()]
             tensors += [(name, t, key) for name, got in rows.items() for key, t in got]
             moves.append(_Move(layer=layer, new_plan=plan, tensors=tensors))
-        fingerprint = _fingerprint(checked.spec_hash, moves)
+        plan_print, tensor_print = _fingerprints(checked.spec_hash, moves)
     except Exception as exc:  # noqa: BLE001 - shared with every rank by the handshake, then raised here
-        error, fingerprint = exc, 0
+        error, plan_print, tensor_print = exc, 0, 0
     # Phase 2: the handshake; nothing has moved yet.
-    got = _gather_flags(first, [0 if error else 1, fingerprint], "apply_plan handshake")
+    got = _gather_flags(first, [0 if error else 1, plan_print, tensor_print], "apply_plan handshake")
     if error is not None:
         raise error
-    refused = [r for r, (ok, _) in enumerate(got) if not ok]
+    refused = [r for r, (ok, _, _) in enumerate(got) if not ok]
     if refused:
         raise DistributedError(f"{label}: ranks {refused} refused the new plan in their checks (their errors say "
                                "why); every rank stays on the old plan")
-    differ = [r for r, (_, f) in enumerate(got) if f != fingerprint]
+    differ = [r for r, (_, f, _) in enumerate(got) if f != plan_print]
     if differ:
-        raise DistributedError(f"{label}: ranks {differ} apply a different new plan to these layers (or move other "
-                               "optimizer state); every rank must apply the same plan with the same kind of optimizer "
-                               "(nothing was moved)")
+        raise DistributedError(f"{label}: ranks {differ} apply a different new plan to these layers; every rank must "
+                               "apply the same plan (nothing was moved)")
+    differ = [r for r, (_, _, f) in enumerate(got) if f != tensor_print]
+    if differ:
+        here = "no optimizer" if optimizer is None else f"optimizer {type(optimizer).__name__}"
+        raise DistributedError(f"{label}: ranks {differ} would move other optimizer state than this rank ({here}, "
+                               f"{sum(len(m.tensors) for m in moves)} tensors); every rank must pass the same kind of "
+                               "optimizer, or every rank None (nothing was moved)")
     seconds["handshake"] = time.perf_counter() - t0
     # Phase 3: what moves (the same on every rank), the changed slots' rows staged beside the old ones.
     t0 = time.perf_counter()
@@ -302,10 +315,23 @@ def apply_plan(layers, new_plan, optimizer: Any = None) -> Any:
         raise DistributedError(f"{label}: ranks {[r for r, (v,) in enumerate(votes) if not v]} failed to prepare "
                                "the migration; every rank stays on the old plan")
     seconds["prepare"] = time.perf_counter() - t0
+    if optimizer is None and any(len(m.changed) and m.layer.training and
+                                 any(p.requires_grad for p in m.layer.experts.parameters()) for m in moves):
+        warnings.warn(
+            f"{label}: moving experts of MoE layers in training mode without an optimizer: if an optimizer trains "
+            "them, its state (momenta) of the moved experts stays in the old slots and then belongs to other experts; "
+            "pass optimizer=... (Rebalancer(optimizer=...)), or call layer.eval() when the layers only serve",
+            stacklevel=2)
     # Phase 4: every layer's rows, into the staged buffers.
     t0 = time.perf_counter()
-    for m in moves:
-        _transfer(m)
+    try:
+        for m in moves:
+            _transfer(m)
+    except DistributedError:
+        raise  # a collective's failure, already naming rank and phase
+    except Exception as exc:  # a local failure (memory, say): this rank leaves the transfer, its peers' collectives fail
+        raise DistributedError(f"{label}: the transfer failed on this rank ({type(exc).__name__}: {exc}); every rank "
+                               "stays on the old plan") from exc
     seconds["transfer"] = time.perf_counter() - t0
     # Phase 5: commit only when every rank holds every row of every layer.
     t0 = time.perf_counter()

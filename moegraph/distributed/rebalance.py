@@ -142,7 +142,9 @@ class Rebalancer:
             next re-plan, the tokens routed per step since the last one (all ranks) x ``every`` (or, with only
             a threshold, x the steps since the last re-plan): a move then has to pay for its bytes within
             the interval it serves.
-        optimizer: its state of the moved experts moves with them (AdamW, Adam, SGD).
+        optimizer: its state of the moved experts moves with them (AdamW, Adam, SGD; any other is refused here).
+            Without one, a migration of layers in training mode whose experts require grad warns (their optimizer
+            state would stay behind).
     """
 
     def __init__(self, layers: Sequence[Any], *, every: int | None = None, threshold: float | None = None,
@@ -176,6 +178,10 @@ class Rebalancer:
                                             horizon_tokens=horizon_tokens, seed=seed)
         except PlanInfeasible as exc:
             raise DistributedError(f"Rebalancer: {exc}") from None
+        if optimizer is not None:  # refused here, not at the first re-plan
+            from .migrate import movable_optimizer
+
+            movable_optimizer(optimizer, f"{layers[0].rank} (Rebalancer optimizer)")
         plan = layers[0].plan
         idx = sorted(int(layer.layer_index) for layer in layers)
         if idx != list(range(plan.num_layers)):
@@ -382,10 +388,15 @@ class Rebalancer:
             self.events.append(event)
             raise
         mig = new.policy["migration"]
-        sent = torch.tensor([sum(sum(r["weight_bytes_sent"]) for r in reports)], dtype=torch.int64,
+        sent = torch.tensor([sum(sum(r["weight_bytes_sent"]) for r in reports),
+                             sum(sum(r["state_bytes_sent"]) for r in reports)], dtype=torch.int64,
                             device=self.layers[0].experts.down_proj.device)
         self.layers[0].comm.all_reduce(sent, "Rebalancer bytes moved")
-        return self._done(event, slots_moved=mig["slots_moved"], bytes_moved=int(sent.item()),
+        # bytes_moved: the expert weights every rank sent, the runtime's count; predicted_bytes_moved: the planner's
+        # migration in the layers' dtype (the two are equal); state_bytes_moved: the optimizer state that went along
+        return self._done(event, slots_moved=mig["slots_moved"], bytes_moved=int(sent[0].item()),
+                          predicted_bytes_moved=sum(int(r["predicted_layer_weight_bytes"]) for r in reports),
+                          state_bytes_moved=int(sent[1].item()),
                           predicted_max_mean_before=evaluate(current, window)["mean"]["max_mean_load"],
                           predicted_max_mean_after=evaluate(new, window)["mean"]["max_mean_load"],
                           seconds=time.perf_counter() - t0)
@@ -428,7 +439,7 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
             for layer in rb.layers:
                 router = layer.router.weight.detach().float()
                 x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
-                layer(x.to(router.device, layer.experts.down_proj.dtype))
+                layer(x.to(router.device, layer.compute_dtype))  # FP8 experts compute in their activation dtype
         measured, _, since = rb._imbalance(since)  # this step's forwards alone
         row = {"step": step + 1, "measured_max_mean": measured}
         ev = rb.step()
