@@ -1058,8 +1058,8 @@ class UniformTopology(_Frozen):
     kind: Literal["uniform"] = "uniform"
     nodes: int = Field(1, gt=0, le=4096)
     gpus_per_node: int = Field(1, gt=0, le=64)
-    intra_node_bandwidth_gbps: float = Field(400.0, gt=0, le=1e9, description="GB/s per GPU inside a node (NVLink).")
-    inter_node_bandwidth_gbps: float = Field(50.0, gt=0, le=1e9, description="GB/s per GPU across nodes (RDMA NIC).")
+    intra_node_bandwidth_gbps: float = Field(400.0, ge=1e-6, le=1e9, description="GB/s per GPU inside a node (NVLink).")
+    inter_node_bandwidth_gbps: float = Field(50.0, ge=1e-6, le=1e9, description="GB/s per GPU across nodes (RDMA NIC).")
     intra_node_latency_us: float = Field(2.0, ge=0, le=1e9)
     inter_node_latency_us: float = Field(8.0, ge=0, le=1e9)
     gpu_memory_gib: float = Field(80.0, gt=0, le=1e9)
@@ -1078,7 +1078,7 @@ class Device(_Frozen):
 class Link(_Frozen):
     a: str = Field(max_length=200)
     b: str = Field(max_length=200)
-    bandwidth_gbps: float = Field(gt=0, le=1e9)
+    bandwidth_gbps: float = Field(ge=1e-6, le=1e9)
     latency_us: float = Field(0.0, ge=0, le=1e9)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 
 import numpy as np
 import pytest
 import yaml
 
 from moegraph import load_spec
-from moegraph.errors import PlanFileError, PlanInfeasible, TraceError
+from moegraph.errors import PlanFileError, PlanInfeasible, SpecError, TraceError
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
 from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
@@ -726,6 +727,13 @@ def test_replan_prices_the_cut_by_its_measured_copies(setup):
 
 def test_replan_respects_a_move_budget(setup):
     spec, current, _, law = setup
+    # a budget that the unbudgeted re-plan fits in does not bind: the same plan; one slot less binds
+    free = replan(None, current, law)
+    n = migration(current, free).slots_moved
+    for budget in (n, current.num_layers * current.num_slots):
+        assert np.array_equal(replan(None, current, law, max_moves=budget).physical_to_logical_map,
+                              free.physical_to_logical_map), budget
+    assert migration(current, replan(None, current, law, max_moves=n - 1)).slots_moved <= n - 1
     new = replan(None, current, law, max_moves=6)
     assert 0 < migration(current, new).slots_moved <= 6
     nb = expert_bytes(spec)
@@ -840,7 +848,17 @@ def test_replan_checks_its_arguments_types_and_takes_huge_integers_as_no_limit(s
         replan(None, current, law, max_moves=-(10**30))
     new = replan(None, current, law, max_moves=10**30, max_imbalance=2**70)  # >= 2**64: no practical limit
     assert new.policy["max_moves"] == 10**30 and new.policy["max_imbalance"] == 2.0**70
-    assert replan(None, current, law, max_move_bytes=10**400, horizon_tokens=10**400).policy["max_move_bytes"] == 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow to inf (and inf x 0 to NaN) in the move prices
+        assert replan(None, current, law, max_move_bytes=10**400,
+                      horizon_tokens=10**400).policy["max_move_bytes"] == 1e300
+        d = current.spec.to_dict()
+        d["topology"]["inter_node_bandwidth_gbps"] = 1e-6  # the slowest link a spec may have
+        slow = Plan(current.physical_to_logical_map, load_spec(d))
+        assert migration(slow, replan(None, slow, law, horizon_tokens=1e300)).slots_moved > 0
+    d["topology"]["inter_node_bandwidth_gbps"] = 1e-7
+    with pytest.raises(SpecError, match="inter_node_bandwidth_gbps"):
+        load_spec(d)
 
 
 def test_replan_takes_the_specs_and_refuses_the_traces_the_rest_of_the_api_takes(setup, tmp_path):

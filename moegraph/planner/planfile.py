@@ -222,7 +222,13 @@ class Plan:
         try:
             embedded = MoESpec.model_validate(data["spec"])
         except (ValidationError, TypeError, ValueError) as exc:
-            raise bad(f"the embedded spec is not valid ({type(exc).__name__}); re-create the plan") from None
+            why = type(exc).__name__
+            if isinstance(exc, ValidationError) and exc.errors():
+                first = exc.errors()[0]
+                where = ".".join(str(x) for x in first.get("loc", ()))
+                more = f" and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+                why = f"spec.{where}: {first.get('msg')}{more}"
+            raise bad(f"the embedded spec is not valid ({why}); re-create the plan") from None
         if embedded.hash() != data["spec_hash"]:
             raise bad("spec_hash does not match the embedded spec; the file was edited or is corrupt")
         if spec is not None:

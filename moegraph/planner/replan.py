@@ -56,7 +56,10 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    slot changes), scored the same way with the exact change of the cut in closed form, and then
    resumes the swaps. On new traffic a replica beside the experts it is co-activated with saves
    copies that no swap can.
-3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers: the layers
+3. Budget. ``max_moves`` / ``max_move_bytes`` cap the slots / bytes moved over all layers. A budget that
+   the re-plan without one (steps 1, 2 and 4) fits in does not bind, and that plan is returned (the
+   budgeted steps below share the budget out and differed from it even where it was never reached:
+   every slot of DeepSeek-V2-Lite as a budget moved 197 slots against 191 unbudgeted). Otherwise the layers
    are repaired in turn, worst balance first, each change admitted only while the budget lasts; then
    step 2 and step 4 (within the slots a layer moves plus what the budget has left) in the same order,
    and what they give back (a change undoing a move refunds it) repairs the layers still above the
@@ -494,6 +497,11 @@ def _better(best, drop_AB, after, ok_AB, excess, dm_AB, cost_AB, budget, head):
     return best
 
 
+def _slots_moved(st: _Layer) -> int:
+    """Slots of the layer whose GPU did not hold their expert under the current plan (what a budget counts)."""
+    return int((~st.old[st.ex, st.gpu]).sum())
+
+
 @dataclass
 class _Budget:
     """Slots still allowed to move (None: no limit); a byte budget is counted in whole experts."""
@@ -772,6 +780,9 @@ def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, hori
 
 #: where an integer argument stops counting (``_real``): far beyond any budget or horizon, far below overflow
 _HUGE = 1e300
+#: the most a unit of the co-activation cut is worth in moves (``replan``): far above any move price (link costs
+#: are at most 1e9 / 1e-6, the spec's bandwidth range), far below overflow when multiplied by a cut change
+_MAX_VALUE_PER_J = 1e100
 
 
 def _real(name: str, value: Any, lo: float, what: str) -> float | None:
@@ -1136,20 +1147,38 @@ def replan(
         # A unit of J (the cut per token) over the horizon, dispatch + combine, in experts moved over the
         # fastest link: J measured in copies (``_copies_per_cut``), copies in token bytes.
         rate = _copies_per_cut(states, ts, cost, host_copy_weight(cl)) if horizon > 0 else 0.0
-        value_per_j = horizon * tb / nbytes * rate
+        # Capped where moves are already free beside any cut change: a horizon of 1e300 tokens would otherwise
+        # overflow the costs to inf (and inf x 0 to NaN)
+        value_per_j = min(horizon * tb / nbytes * rate, _MAX_VALUE_PER_J)
         seed = spec.placement.seed if seed is None else int(seed)
-        work = (states, coacts, imb, budget, cost, value_per_j, seed)
         workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
-        polished = 0
-        if budget.moves is None and workers > 1:
-            repairs, swaps, polished = (int(x) for x in _steps_in_processes(work, order, min(workers, len(states))))
-        elif budget.moves is None:
-            repairs = swaps = 0
+
+        def unbudgeted(states: list[_Layer]) -> tuple[int, int, int]:
+            """Steps 1-4 on ``states`` (in place) without a budget; (repairs, swaps, polish rounds kept)."""
+            if workers > 1:
+                work = (states, coacts, imb, _Budget(None), cost, value_per_j, seed)
+                return tuple(int(x) for x in _steps_in_processes(work, order, min(workers, len(states))))
+            repairs = swaps = polished = 0
             for layer in order:
-                states[layer], r, c, rounds = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j,
-                                                     _layer_rng(seed, layer))
+                states[layer], r, c, rounds = _steps(states[layer], coacts[layer], imb, _Budget(None), cost,
+                                                     value_per_j, _layer_rng(seed, layer))
                 repairs, swaps, polished = repairs + r, swaps + c, polished + rounds
+            return repairs, swaps, polished
+
+        fits = None
+        if budget.moves is not None:
+            # A budget that the unbudgeted re-plan fits in does not bind: that plan, not another search's (the
+            # budgeted steps share the budget out over the layers, and differ even when it is never reached)
+            trial = [st.copy() for st in states]
+            counts = unbudgeted(trial)
+            if sum(_slots_moved(st) for st in trial) <= budget.moves + _TOL:
+                fits = trial, counts
+        if budget.moves is None:
+            repairs, swaps, polished = unbudgeted(states)
+        elif fits is not None:
+            states, (repairs, swaps, polished) = fits
         else:
+            polished = 0
             repairs = sum(_repair_balance(states[layer], imb, budget, coacts[layer], cost, value_per_j)
                           for layer in order)
             swaps = sum(_improve_comm(states[layer], coacts[layer], cost, value_per_j, imb, budget)
