@@ -329,6 +329,9 @@ def test_plan_file_round_trip(saved_plan):
     ("missing_expert", "expert 0 has no slot"),
     ("shape", r"shape \[3, 63\]"),
     ("l2p", "logical_to_physical_map disagrees"),
+    ("infinity", r"field policy.name is inf, not a finite number"),
+    ("nan", r"field metrics.plan.mean.max_mean_load is nan"),
+    ("bad_embedded_spec", r"embedded spec is not valid \(spec.moe.hidden_size: "),
 ])
 def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, match):
     path = saved_plan[2]
@@ -346,6 +349,12 @@ def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, matc
             data["physical_to_logical_map"][0] = [1 if x == 0 else x for x in row]
         elif damage == "shape":
             data["physical_to_logical_map"] = [row[:-1] for row in data["physical_to_logical_map"]]
+        elif damage == "infinity":
+            data["policy"]["name"] = float("inf")  # Python's json writes Infinity, and reads it back
+        elif damage == "nan":
+            data["metrics"]["plan"]["mean"]["max_mean_load"] = float("nan")
+        elif damage == "bad_embedded_spec":
+            data["spec"]["moe"]["hidden_size"] = -1
         else:
             data["logical_to_physical_map"][0][0] = [63]
         path.write_text(json.dumps(data))

@@ -687,10 +687,11 @@ def test_layers_repaired_in_processes_give_the_sequential_plan(setup, monkeypatc
         assert forked.policy == alone.policy and forked.notes == alone.notes
         assert forked.policy["balance_changes"] > 0
     assert started == [2, 2]  # the processes did run (and the single-process re-plans did not start any)
-    # A move budget is shared by the layers in turn: that re-plan stays in one process.
+    # A move budget: the re-plan without one (in processes) is tried first; the budget, shared by the layers in
+    # turn, then runs in this process alone.
     started.clear()
     replan(None, current, law, max_moves=6, processes=2)
-    assert started == []
+    assert started == [2]
     with pytest.raises(PlanInfeasible, match="processes"):
         replan(None, current, law, processes=0)
 
@@ -927,6 +928,13 @@ def test_relabel_and_migration_check_their_inputs(setup):
         migration(current, other)
     with pytest.raises(PlanFileError, match="different specs"):
         relabel(other, current)
+    # the report checks its plans before any work (it evaluated them first and failed with an IndexError)
+    with pytest.raises(PlanFileError, match="different specs"):
+        replan_report(current, other, law)
+    with pytest.raises(PlanFileError, match="new must be a moegraph Plan"):
+        replan_report(current, None, law)
+    with pytest.raises(PlanFileError, match="the new plan has 4 GPUs but the current plan has 8"):
+        replan_report(current, plan(_spec(gpus=4, slots=64), intent), law)
 
 
 @pytest.mark.parametrize("gpus,tokens,top_k", [(4, 200, 2), (8, 1024, 6), (32, 4096, 8)])

@@ -297,6 +297,13 @@ def test_traces_that_do_not_fit_the_spec_say_what_to_change(law):
         big.check_spec(spec)
     with pytest.raises(TraceError, match="tokens choose 5 experts but the spec's moe.router.top_k is 6"):
         TraceSet.from_topk([law.topk[0, :, :5]] * 26, num_experts=64).check_spec(spec)
+    # the decoder layers a trace was recorded at must be the spec's MoE layers, in order (law: 1..26)
+    assert law.layer_ids == tuple(spec.model.moe_layer_indices)
+    law.check_spec(spec)
+    for ids in (list(range(26, 0, -1)), list(range(100, 126))):
+        moved = TraceSet.from_topk(list(law.topk), num_experts=64, layer_ids=ids)
+        with pytest.raises(TraceError, match=rf"layer_ids \[{ids[0]}, .* are not the spec's MoE layers \[1, 2,"):
+            moved.check_spec(spec)
 
 
 # ------------------------------------------------------------------------------------------------ stats

@@ -171,11 +171,12 @@ class Rebalancer:
         if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 1:
             raise DistributedError(f"Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an "
                                    f"integer >= 1, got {window_tokens!r}")
-        from ..planner.replan import check_replan_args
+        from ..planner.replan import check_budget_allows_a_move, check_replan_args
 
         try:  # refused here, not at the first re-plan (where a refusal only skips it)
             replan_args = check_replan_args(max_moves=max_moves, max_move_bytes=max_move_bytes,
                                             horizon_tokens=horizon_tokens, seed=seed)
+            check_budget_allows_a_move(layers[0].plan.spec, replan_args.max_moves, replan_args.max_move_bytes)
         except PlanInfeasible as exc:
             raise DistributedError(f"Rebalancer: {exc}") from None
         if optimizer is not None:  # refused here, not at the first re-plan

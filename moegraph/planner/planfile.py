@@ -11,6 +11,7 @@ a truncated, corrupt or inconsistent file raises ``PlanFileError`` naming the pa
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,19 @@ def check_made_for(planned: MoESpec, spec: MoESpec, where: str) -> None:
             f"has hash {spec.short_hash}; they differ in "
             f"{spec.differences_shown(planned, labels=('in the given spec', 'in the plan'))}; re-plan for this spec "
             f"(`moegraph plan {spec.name}`) or pass the spec it was made for")
+
+
+def _non_finite_at(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """(the dotted path, the value) of the first NaN or infinity in parsed JSON, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "(the whole file)", obj)
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        found = _non_finite_at(value, f"{path}.{key}" if path and isinstance(key, str) else
+                               f"{path}[{key}]" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass(eq=False)
@@ -204,6 +218,10 @@ class Plan:
         except ValueError as exc:  # an integer of thousands of digits (int_max_str_digits)
             raise PlanFileError(f"{p}: not a plan file ({' '.join(str(exc).split())[:120]}); re-create it with "
                                 "`moegraph plan`") from None
+        where = _non_finite_at(data)
+        if where is not None:  # Python's json reads NaN / Infinity, which JSON does not have
+            raise PlanFileError(f"{p}: field {where[0]} is {where[1]!r}, not a finite number (NaN and Infinity are not "
+                                "JSON); the file was edited or is corrupt: re-create it with `moegraph plan`")
         return cls.from_dict(data, spec=spec, source=str(p))
 
     @classmethod

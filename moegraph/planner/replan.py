@@ -778,6 +778,20 @@ def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, hori
                       seed=None if seed is None else int(seed))
 
 
+def check_budget_allows_a_move(spec: MoESpec, max_moves: int | None, max_move_bytes: float | None) -> None:
+    """PlanInfeasible when a move budget (checked by ``check_replan_args``) cannot pay for one expert of ``spec``:
+    such a re-plan keeps the current plan, so callers that store a budget refuse it at once."""
+    nbytes = expert_bytes(spec)
+    if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
+        got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
+            f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.3g} GiB)"
+        raise PlanInfeasible(
+            f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
+            f"({human_bytes(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
+            f"{_gib_at_least(nbytes)} GiB (--max-move-gib {_gib_at_least(nbytes)})"
+        )
+
+
 #: where an integer argument stops counting (``_real``): far beyond any budget or horizon, far below overflow
 _HUGE = 1e300
 #: the most a unit of the co-activation cut is worth in moves (``replan``): far above any move price (link costs
@@ -1105,15 +1119,8 @@ def replan(
         seed=seed)
     if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
+    check_budget_allows_a_move(spec, max_moves, max_move_bytes)
     nbytes = expert_bytes(spec)
-    if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
-        got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
-            f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.3g} GiB)"
-        raise PlanInfeasible(
-            f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
-            f"({human_bytes(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
-            f"{_gib_at_least(nbytes)} GiB (--max-move-gib {_gib_at_least(nbytes)})"
-        )
     ts = _window(spec, traces)
     imb = max(1.0, spec.placement.max_imbalance - WINDOW_MARGIN) if max_imbalance is None else float(max_imbalance)
     horizon = DEFAULT_HORIZON_TOKENS if horizon_tokens is None else float(horizon_tokens)

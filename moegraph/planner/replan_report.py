@@ -10,7 +10,7 @@ from typing import Any
 
 from .baselines import baseline_plans
 from .cost import evaluate
-from .migration import migration, relabel
+from .migration import _check_plans, migration, relabel
 from .planfile import Plan
 from .replan import _window
 
@@ -36,6 +36,9 @@ def replan_report(current: Plan, new: Plan, traces: Any, *, full: Plan | None = 
     GPU load, remote GPU and remote node copies per token on the window (``cost.evaluate``).
     Returns {"window", "tokens", "plans": {key: {...}}} (plain JSON; stored as ``metrics["replan"]``).
     """
+    _check_plans(current, new, "new")  # before any work: plans of one spec, model and cluster (PlanFileError)
+    if full is not None:
+        _check_plans(current, full, "full")
     ts = _window(current.spec, traces)
     lo = baseline_plans(current.spec, ts)["load_only"]
     cands = {"keep": current, "load_only": lo, "load_only_relabelled": relabel(lo, current, ts)}

@@ -309,6 +309,16 @@ class TraceSet:
                 f"{label}: {self.num_layers} MoE layers in the trace but the spec has {n_moe} "
                 f"(model.num_layers / first_k_dense / moe_layer_freq); use traces of this model or fix model.*"
             )
+        want = tuple(spec.model.moe_layer_indices)
+        if self.layer_ids is not None and tuple(self.layer_ids) != want:
+            # the trace names the decoder layer of each of its MoE layers: the same count in another order or of
+            # other layers would put one layer's traffic on another's placement
+            shown = lambda ids: f"{list(ids)[:8]}{' ...' if len(ids) > 8 else ''}"  # noqa: E731
+            raise TraceError(
+                f"{label}: layer_ids {shown(self.layer_ids)} (the decoder layers the trace was recorded at) are not "
+                f"the spec's MoE layers {shown(want)} (model.num_layers / first_k_dense / moe_layer_freq); use "
+                "traces of this model in its layer order, or fix model.*"
+            )
         k = getattr(spec.moe.router, "top_k", None)
         if self.top_k is not None and spec.moe.router.type == "topk" and k != self.top_k:
             raise TraceError(
