@@ -731,7 +731,7 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
     for r, out in enumerate(res):
         assert [m for _, m in out["bad_args"]] == [
             "Rebalancer: max_moves must be an integer >= 0, got -1",
-            "seed must be an integer >= 0 (it seeds the re-plan's polish), got 1.5".join(["Rebalancer: ", ""]),
+            "seed must be an integer in [0, 2**63) (it seeds the re-plan's polish), got 1.5".join(["Rebalancer: ", ""]),
             "Rebalancer: horizon_tokens must be a finite number >= 0 (tokens the new plan will serve), got -5.0",
             "Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an integer >= 1, got 0"] + \
             [m for _, m in out["bad_args"][4:]]

@@ -332,6 +332,7 @@ def test_plan_file_round_trip(saved_plan):
     ("infinity", r"field policy.name is inf, not a finite number"),
     ("nan", r"field metrics.plan.mean.max_mean_load is nan"),
     ("bad_embedded_spec", r"embedded spec is not valid \(spec.moe.hidden_size: "),
+    ("true_in_map", "physical_to_logical_map holds true / false"),
 ])
 def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, match):
     path = saved_plan[2]
@@ -353,6 +354,9 @@ def test_corrupt_plan_files_are_refused_with_their_path(saved_plan, damage, matc
             data["policy"]["name"] = float("inf")  # Python's json writes Infinity, and reads it back
         elif damage == "nan":
             data["metrics"]["plan"]["mean"]["max_mean_load"] = float("nan")
+        elif damage == "true_in_map":
+            row = data["physical_to_logical_map"][0]
+            row[row.index(1)] = True  # the same expert, as JSON true
         elif damage == "bad_embedded_spec":
             data["spec"]["moe"]["hidden_size"] = -1
         else:

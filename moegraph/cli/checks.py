@@ -29,16 +29,18 @@ def finite(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     return check
 
 
-def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = ()) -> Path:
+def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = (),
+                example: str = "") -> Path:
     """Refuse, before any work, an output path the writer cannot use: a folder, a device or pipe (a rename
     would replace it), an extension it cannot produce, a folder that is missing or not writable, or one of
     the command's ``inputs`` (paths; other items such as bundled names are skipped). A symbolic link is
-    checked (and later written) through to its target."""
+    checked (and later written) through to its target. ``example``: the extension a folder's hint suggests
+    (default: the first of ``suffixes``)."""
     from ..errors import MoegraphError
     from ..fileio import regular_target
 
     if Path(os.path.realpath(path)).is_dir():
-        raise MoegraphError(f"{path}: is a folder; give the {what} file to write, e.g. {path / ('out' + (suffixes or ('',))[0])}")
+        raise MoegraphError(f"{path}: is a folder; give the {what} file to write, e.g. {path / ('out' + (example or (suffixes or ('',))[0]))}")
     real = regular_target(path, what)
     if suffixes and path.suffix.lower() not in suffixes:
         raise MoegraphError(f"{path}: cannot write a {what} with extension {path.suffix or '(none)'!r}; use one of "

@@ -65,11 +65,11 @@ def plan_cmd(
                                                         "traces (default: placement.max_imbalance; with --from, the "
                                                         "current plan's spec's, less 0.02).")] = None,
     rounds: Annotated[int | None, typer.Option("--rounds", min=0, max=10000, help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
-    robust: Annotated[bool, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by the "
-                                         "load-only plan's (balance on unseen traffic).")] = True,
+    robust: Annotated[bool | None, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by "
+                                                "the load-only plan's (balance on unseen traffic; default on).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "
                                               "placement.")] = None,
-    layer: Annotated[int, typer.Option("--layer", min=0, help="MoE layer shown by --plot.")] = 0,
+    layer: Annotated[int | None, typer.Option("--layer", min=0, help="MoE layer shown by --plot (default 0).")] = None,
     evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
                                                   "instead of planning.")] = None,
     plan_from: Annotated[Path | None, typer.Option("--from", help="Re-plan this current plan for the traffic in "
@@ -90,15 +90,16 @@ def plan_cmd(
 
     inputs = [*(trace or []), plan_from, evaluate, spec]
     if output is not None:
-        output_file(output, "plan", inputs=inputs)
+        output_file(output, "plan", inputs=inputs, example=".json")
     if plot is not None:
         output_file(plot, "plot", PLOT_SUFFIXES, inputs=[*inputs, output])
     if plan_from is not None:
         from .replan_cmds import replan_command
 
-        if any(v is not None for v in (nodes, gpus_per_node, slots, evaluate, rounds, plot)):
+        if any(v is not None for v in (nodes, gpus_per_node, slots, evaluate, rounds, plot, robust, layer)):
             raise typer.BadParameter("with --from the cluster and slots come from the current plan: drop --nodes, "
-                                     "--gpus-per-node, --slots, --rounds, --plot and --evaluate")
+                                     "--gpus-per-node, --slots, --rounds, --robust/--no-robust, --plot, --layer and "
+                                     "--evaluate")
 
         replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
                        max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full,
@@ -132,7 +133,7 @@ def plan_cmd(
         if plot is not None:
             from ..planner.plot import plot_plan
 
-            plot_plan(p, ts, plot, layer=layer, metrics=metrics, baselines_from=base_from)
+            plot_plan(p, ts, plot, layer=layer or 0, metrics=metrics, baselines_from=base_from)
             console.print(f"wrote {plot}")
         return
     if spec is None:
@@ -142,14 +143,14 @@ def plan_cmd(
     s = load_spec(spec)
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
-                 max_imbalance=max_imbalance, robust=robust, rounds=rounds, progress=advance)
+                 max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds, progress=advance)
     if output is not None:  # files written before the report: a closed stdout (`| head`) must not lose them
         p.save(output)
     if plot is not None:
         from ..planner.plot import plot_plan
 
         used = p.policy.get("trace_inputs")
-        plot_plan(p, load_traces(used, spec=s) if used else None, plot, layer=layer)
+        plot_plan(p, load_traces(used, spec=s) if used else None, plot, layer=layer or 0)
     cl = p.cluster
     console.print(
         f"{p.spec.name} (hash {p.spec.short_hash}): {p.num_layers} MoE layers, {p.num_experts} experts, "

@@ -144,7 +144,7 @@ def schema(
     if output is None:
         print(text)
     else:
-        output_file(output, "schema")
+        output_file(output, "schema", example=".json")
         try:
             output.write_text(text + "\n")
         except OSError as exc:

@@ -257,6 +257,9 @@ class Plan:
             raise bad("physical_to_logical_map is not a [layers][slots] array of integers") from None
         if p2l.dtype == object or p2l.ndim != 2 or (p2l.size and not np.issubdtype(p2l.dtype, np.integer)):
             raise bad("physical_to_logical_map is not a [layers][slots] array of integers")
+        if any(isinstance(x, bool) for row in data["physical_to_logical_map"] for x in row):  # JSON true reads as 1
+            raise bad("physical_to_logical_map holds true / false where expert ids go; the file was edited or is "
+                      "corrupt: re-create it with `moegraph plan`")
         problem = _check_shapes(p2l.astype(np.int64), embedded)
         if problem:
             raise bad(problem)

@@ -154,15 +154,29 @@ WINDOW_MARGIN = 0.02
 
 def noise_floor(gpus: int, tokens: int, top_k: int) -> float:
     """How far above 1 sampling alone puts the max/mean GPU load of a perfectly balanced layer on a window of
-    ``tokens`` x ``top_k`` assignments, on most windows: each GPU's share is Binomial(T K, 1/G), of relative
-    standard deviation sqrt((G - 1) / (T K)), and the largest of G such deviations exceeds sqrt(2 ln G) of
-    them on about one window in six (the union bound G P(Z > sqrt(2 ln G)): 14-20% for 4-32 GPUs, checked
-    by simulation in the tests). Tokens of one sequence route alike, so real windows vary more: a lower
-    bound. A layer the window puts within this of its target is not re-planned (step 0 of the module
-    docstring)."""
+    ``tokens`` x ``top_k`` assignments, on most windows: each GPU's share is Binomial(n = T K, 1/G), of relative
+    standard deviation sqrt((G - 1) / n); the largest of G such deviations exceeds sqrt(2 ln G) of them on
+    about one window in six (the union bound G P(Z > sqrt(2 ln G)): 14-20% for 4-32 GPUs, checked by
+    simulation in the tests). The floor is that level's quantile of the binomial itself (the smallest
+    count x with G P(X > x) within it, as x G / n - 1): the Gaussian's sqrt(2 ln G) sqrt((G - 1) / n) on
+    windows of thousands of assignments, but not below the binomial's longer tail on a few (a 1-token
+    window of 6 picks on 8 GPUs: 3.0 where the Gaussian says 2.2, which sampling exceeds on a quarter of
+    such windows). Tokens of one sequence route alike, so real windows vary more: a lower bound. A layer
+    the window puts within this of its target is not re-planned (step 0 of the module docstring)."""
+    from scipy.special import bdtrc  # P(X > x) of a binomial; scipy.optimize, which the planner uses, loads it
+
     if gpus < 2:
         return 0.0
-    return math.sqrt(2.0 * math.log(gpus)) * math.sqrt((gpus - 1) / max(tokens * top_k, 1))
+    n = max(int(tokens) * int(top_k), 1)
+    level = gpus * 0.5 * math.erfc(math.sqrt(math.log(gpus)))  # G P(Z > sqrt(2 ln G))
+    lo, hi = 0, n  # the smallest x with G P(X > x) <= level: P(X > n) = 0, so hi qualifies
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if gpus * float(bdtrc(mid, n, 1.0 / gpus)) <= level:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo * gpus / n - 1.0
 
 _TOL = 1e-9
 #: added to a change's move cost (in experts over the fastest link) when ranking repair steps, so
@@ -768,8 +782,10 @@ def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, hori
                       max_imbalance: Any = None, seed: Any = None) -> ReplanArgs:
     """``replan``'s tuning arguments checked (PlanInfeasible naming the argument) and normalised; None passes. For
     callers that store them for later re-plans (``Rebalancer``): refused when given, not at the first re-plan."""
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0):
-        raise PlanInfeasible(f"seed must be an integer >= 0 (it seeds the re-plan's polish), got {_shown(seed)}")
+    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+                                 and 0 <= seed < 2**63):  # the spec's and the CLI's range
+        raise PlanInfeasible(f"seed must be an integer in [0, 2**63) (it seeds the re-plan's polish), got "
+                             f"{_shown(seed)}")
     return ReplanArgs(max_moves=_count("max_moves", max_moves),
                       max_move_bytes=_real("max_move_bytes", max_move_bytes, 0.0,
                                            "bytes of expert weights moved over all layers"),
@@ -1117,7 +1133,8 @@ def replan(
     max_moves, max_move_bytes, horizon_tokens, max_imbalance, seed = check_replan_args(
         max_moves=max_moves, max_move_bytes=max_move_bytes, horizon_tokens=horizon_tokens, max_imbalance=max_imbalance,
         seed=seed)
-    if processes is not None and not (isinstance(processes, (int, np.integer)) and processes >= 1):
+    if processes is not None and not (isinstance(processes, (int, np.integer)) and not isinstance(processes, bool)
+                                      and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
     check_budget_allows_a_move(spec, max_moves, max_move_bytes)
     nbytes = expert_bytes(spec)
