@@ -301,6 +301,27 @@ def _run_edges(rank: int, world: int) -> dict:
     res["trainer_plan"] = layer.plan.physical_to_logical_map.copy()
     res["trainer_events"] = rb.events
     res["trainer_optimizer"] = rb.optimizer is not None
+    # on_save writes the running plan and the Rebalancer's counters into the checkpoint folder; a Rebalancer of
+    # layers compiled with that plan continues from them, one of layers on another plan is refused.
+    import tempfile
+    from types import SimpleNamespace
+
+    box = [tempfile.mkdtemp(prefix="moegraph-ckpt-") if rank == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    ckpt = Path(box[0]) / "checkpoint-7"
+    ckpt.mkdir(parents=True, exist_ok=True)  # as the Trainer made it (one host: every rank sees it)
+    saved_at = TrainerState()
+    saved_at.global_step = 7
+    handler.on_save(SimpleNamespace(output_dir=box[0]), saved_at, TrainerControl())
+    torch.distributed.barrier()
+    resumed = moegraph.compile(spec, plan=Plan.load(ckpt / "moegraph_plan.json"), seed=0, timeout=TIMEOUT_S)
+    rb2 = Rebalancer([resumed], every=1, window_tokens=64)
+    rb2.load_state(ckpt)
+    res["resumed"] = [(r.steps, r._last_replan, r.events) for r in (rb, rb2)]
+    res["resumed_same_plan"] = bool(np.array_equal(resumed.plan.physical_to_logical_map,
+                                                   layer.plan.physical_to_logical_map))
+    original = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
+    res["resumed_on_another_plan"] = _error(lambda: Rebalancer([original], every=1).load_state(ckpt))
     # The evaluation a Trainer runs after on_step_end is not recorded; the next step's forwards are.
     with torch.no_grad():
         layer.eval()(torch.randn(32, spec.moe.hidden_size, generator=g))
@@ -713,6 +734,16 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
     # rank 0 re-planned, the other rank took its plan
     assert [out["trainer_replans_here"] for out in res] == [1, 0]
     np.testing.assert_array_equal(res[0]["trainer_plan"], res[1]["trainer_plan"])
+
+
+def test_a_trainer_checkpoint_keeps_the_running_plan_and_resumes_only_under_it(runs):
+    for out in _ok(runs["edges"]):
+        (steps, last, events), (steps2, last2, events2) = out["resumed"]
+        assert steps == 1 and events[0]["slots_moved"] > 0  # the checkpoint came after a migration
+        timeless = lambda evs: [{k: v for k, v in e.items() if k != "seconds"} for e in evs]  # noqa: E731 (per rank)
+        assert (steps2, last2) == (steps, last) and timeless(events2) == timeless(events) and out["resumed_same_plan"]
+        kind, msg = out["resumed_on_another_plan"]
+        assert kind == "DistributedError" and "saved under another placement" in msg and "plan=Plan.load(" in msg, msg
 
 
 def test_optimizers_are_checked_before_anything_moves(runs):

@@ -42,18 +42,25 @@ Every method that communicates is a collective: every rank calls ``step`` at the
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import DistributedError, PlanInfeasible, TraceError
+from ..fileio import write_atomically
 from ..runtime import RoutingRecorder
 
-__all__ = ["WindowRecorder", "Rebalancer", "drift_demo"]
+__all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "STATE_PLAN", "STATE_FILE"]
+
+#: files ``Rebalancer.save_state`` writes beside a checkpoint: the running plan, and the Rebalancer's counters
+STATE_PLAN = "moegraph_plan.json"
+STATE_FILE = "moegraph_rebalancer.json"
 
 
 class WindowRecorder(RoutingRecorder):
@@ -224,7 +231,8 @@ class Rebalancer:
         step and ``zero_grad``). Without an optimizer of its own, the Rebalancer moves the state of the
         Trainer's (the one the event passes; accelerate's wrapper is looked through). It records only between
         ``on_step_begin`` and ``on_step_end`` (``pause`` / ``resume``): the evaluation a Trainer runs after a
-        step stays out of the window."""
+        step stays out of the window. At ``on_save`` it writes ``save_state`` into the checkpoint folder: to
+        resume, compile the layers with that folder's plan and call ``load_state`` on the new Rebalancer."""
         try:
             from transformers import TrainerCallback
         except ImportError as exc:  # transformers is optional
@@ -236,6 +244,12 @@ class Rebalancer:
             def on_step_begin(self, args, state, control, **kwargs):
                 rebalancer.resume()
 
+            def on_save(self, args, state, control, **kwargs):
+                # the checkpoint folder the Trainer just wrote: the running plan beside its optimizer state
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    rebalancer.save_state(folder)
+
             def on_step_end(self, args, state, control, **kwargs):
                 if rebalancer.optimizer is None and kwargs.get("optimizer") is not None:
                     rebalancer.optimizer = kwargs["optimizer"]
@@ -243,6 +257,53 @@ class Rebalancer:
                 rebalancer.pause()  # the evaluation the Trainer may run next is not training traffic
 
         return RebalanceCallback()
+
+    def save_state(self, folder: str | Path) -> None:
+        """Write the running plan (``STATE_PLAN``) and the Rebalancer's counters and events (``STATE_FILE``) into
+        ``folder``, beside a checkpoint (rank 0 writes; not a collective). An optimizer's state is per slot:
+        a checkpoint of it resumes correctly only under the plan it was saved with, which is this one."""
+        if self.layers[0].rank != 0:
+            return
+        folder = Path(folder)
+        self.plan.save(folder / STATE_PLAN)
+        state = {"format": "moegraph-rebalancer", "version": 1, "steps": self.steps, "last_replan": self._last_replan,
+                 "events": self.events}
+        text = json.dumps(state, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
+        write_atomically(folder / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), "Rebalancer state",
+                         DistributedError)
+
+    def load_state(self, folder: str | Path) -> None:
+        """Continue from ``save_state``'s files in ``folder`` (every rank reads them; not a collective): the step
+        count, the last re-plan's step (``every`` counts on from it) and the events. The layers must run the
+        saved plan (compile them with ``plan=Plan.load(folder / STATE_PLAN)``): under another plan the optimizer
+        state saved beside it would belong to other experts, so that is refused."""
+        from ..planner import Plan
+
+        folder = Path(folder)
+        saved = Plan.load(folder / STATE_PLAN, spec=self.plan.spec)
+        if not np.array_equal(saved.physical_to_logical_map, self.plan.physical_to_logical_map):
+            differ = int((saved.physical_to_logical_map != self.plan.physical_to_logical_map).sum())
+            raise DistributedError(
+                f"{folder / STATE_PLAN}: the checkpoint was saved under another placement than the layers run "
+                f"({differ} slots differ); an optimizer's state is per slot, so compile the layers with "
+                f"plan=Plan.load('{folder / STATE_PLAN}') to resume")
+        where = folder / STATE_FILE
+        try:
+            state = json.loads(where.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DistributedError(f"{where}: not found; it is written by Rebalancer.save_state beside the plan") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DistributedError(f"{where}: truncated or corrupt ({exc}); resume without it (a new Rebalancer "
+                                   "counts from 0)") from None
+        ok = (isinstance(state, dict) and state.get("format") == "moegraph-rebalancer"
+              and all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
+                      for k in ("steps", "last_replan"))
+              and state["last_replan"] <= state["steps"] and isinstance(state.get("events"), list))
+        if not ok:
+            raise DistributedError(f"{where}: not a Rebalancer state (format, steps >= last_replan >= 0, events); "
+                                   "resume without it (a new Rebalancer counts from 0)")
+        self.steps, self._last_replan, self.events = state["steps"], state["last_replan"], state["events"]
+        self._checked = self._counts()
 
     def pause(self) -> None:
         """Stop recording forwards into the windows (this rank; not a collective) until ``resume``: traffic that the
