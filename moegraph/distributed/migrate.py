@@ -296,8 +296,9 @@ def apply_plan(layers, new_plan, optimizer: Any = None) -> Any:
     if differ:
         here = "no optimizer" if optimizer is None else f"optimizer {type(optimizer).__name__}"
         raise DistributedError(f"{label}: ranks {differ} would move other optimizer state than this rank ({here}, "
-                               f"{sum(len(m.tensors) for m in moves)} tensors); every rank must pass the same kind of "
-                               "optimizer, or every rank None (nothing was moved)")
+                               f"{sum(len(m.tensors) for m in moves)} tensors with the weights); every rank must pass "
+                               "the same kind of optimizer (or every rank None), with state for the same expert "
+                               "parameters (nothing was moved)")
     seconds["handshake"] = time.perf_counter() - t0
     # Phase 3: what moves (the same on every rank), the changed slots' rows staged beside the old ones.
     t0 = time.perf_counter()
