@@ -1197,6 +1197,7 @@ def replan(
             counts = unbudgeted(trial)
             if sum(_slots_moved(st) for st in trial) <= budget.moves + _TOL:
                 fits = trial, counts
+        budget_bound = budget.moves is not None and fits is None
         if budget.moves is None:
             repairs, swaps, polished = unbudgeted(states)
         elif fits is not None:
@@ -1229,7 +1230,7 @@ def replan(
     after = np.array([_ratio(s) for s in states])
     above = (after > imb + 1e-6) & ~kept
     if above.any():
-        why = "the move budget" if (max_moves is not None or max_move_bytes is not None) else "the allowed changes"
+        why = "the move budget" if budget_bound else "the allowed changes"
         notes.append(f"{int(above.sum())} of {len(states)} layers stay above max/mean {imb:g} on the "
                      f"window (worst {after[above].max():.3f}) within {why}")
     policy = {
