@@ -29,11 +29,12 @@ the runtime's own figure, not the planner's prediction. A check re-plans when th
 ``threshold`` by more than its sampling noise (the re-plan's ``noise_floor`` of the assignments
 counted: a few steps of small batches put even a balanced plan well above 1); a figure above the
 threshold but within its noise keeps the baseline, so the counts accumulate until the next check
-can tell. (4 gloo ranks, deepseek-v3-tiny, 60 steps of a topic switch, threshold 1.08: with 8 tokens
-per rank and step the re-plans fell from 59 to 7, and max/mean over the first and last thirds from
-1.105 / 1.071 to 1.060 / 1.057; with 64 tokens from 16 to 9, 126 -> 97 slots moved, balance the same.
-Keeping the windows of re-plans that moved nothing was tried too and not kept: older traffic in the
-window slowed the re-plans after the switch; ``benchmarks/results/planner_design.md``.)
+can tell. (``benchmarks/rebalance_threshold.py``: 4 gloo ranks, deepseek-v3-tiny, 60 steps of a topic
+switch, threshold 1.08: with 8 tokens per rank and step the re-plans fell from 59 to 7 and the slots
+moved from 90 to 73, max/mean over the first and last thirds 1.102 / 1.048 -> 1.062 / 1.057; with 64
+tokens 16 -> 9 re-plans, 126 -> 97 slots, 1.035 / 1.048 -> 1.035 / 1.044. Keeping the windows of
+re-plans that moved nothing was tried too and not kept: older traffic in the window slowed the
+re-plans after the switch; ``benchmarks/results/planner_design.md``.)
 ``measured_imbalance()`` reads the same figure without moving the check's baseline, so that a
 loop may log it.
 
