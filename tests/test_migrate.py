@@ -9,6 +9,7 @@ launch kills a rank in the middle of the transfer.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import sys
 import time
@@ -322,6 +323,24 @@ def _run_edges(rank: int, world: int) -> dict:
                                                    layer.plan.physical_to_logical_map))
     original = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
     res["resumed_on_another_plan"] = _error(lambda: Rebalancer([original], every=1).load_state(ckpt))
+    # Resumed at step 6 of every=4 (last re-plan at 4): the next re-plan, at 8, prices moves over every=4 steps
+    # of the tokens per step seen since the resume (32 per rank), not over the steps since the last re-plan.
+    if rank == 0:
+        (ckpt / "moegraph_rebalancer.json").write_text(json.dumps(
+            {"format": "moegraph-rebalancer", "version": 1, "steps": 6, "last_replan": 4, "events": []}))
+    torch.distributed.barrier()
+    rb3 = Rebalancer([resumed], every=4, window_tokens=64)
+    rb3.load_state(ckpt)
+    for _ in range(2):
+        with torch.no_grad():
+            resumed(torch.randn(32, spec.moe.hidden_size, generator=g))
+        ev = rb3.step()
+    res["resumed_horizon"] = (rb3.steps, None if ev is None else ev["horizon_tokens"])
+    # An optimizer whose state cannot move, handed over by the Trainer: refused before the first step, with
+    # advice that applies in a Trainer.
+    handler3 = CallbackHandler([Rebalancer([resumed], every=1).as_trainer_callback()], resumed, None,
+                               torch.optim.RMSprop(resumed.parameters()), None)
+    res["trainer_rmsprop"] = _error(lambda: handler3.on_train_begin(None, TrainerState(), TrainerControl()))
     # The evaluation a Trainer runs after on_step_end is not recorded; the next step's forwards are.
     with torch.no_grad():
         layer.eval()(torch.randn(32, spec.moe.hidden_size, generator=g))
@@ -744,6 +763,18 @@ def test_a_trainer_checkpoint_keeps_the_running_plan_and_resumes_only_under_it(r
         assert (steps2, last2) == (steps, last) and timeless(events2) == timeless(events) and out["resumed_same_plan"]
         kind, msg = out["resumed_on_another_plan"]
         assert kind == "DistributedError" and "saved under another placement" in msg and "plan=Plan.load(" in msg, msg
+        assert out["resumed_horizon"] == (8, 32 * len(_ok(runs["edges"])) * 4)
+        kind, msg = out["trainer_rmsprop"]
+        assert kind == "DistributedError" and "RMSprop cannot be moved" in msg and "optim='adamw_torch'" in msg, msg
+
+
+def test_rebalancer_state_is_written_as_plain_json():
+    from moegraph.distributed.rebalance import _plain
+
+    events = [{"step": np.int64(3), "x": np.arange(3), "y": float("nan"), "z": torch.tensor(2.5), "w": Path("p"),
+               "t": (1, np.float32(0.5))}]
+    assert json.loads(json.dumps(_plain(events), allow_nan=False)) == [
+        {"step": 3, "x": [0, 1, 2], "y": None, "z": 2.5, "w": "p", "t": [1, 0.5]}]
 
 
 def test_optimizers_are_checked_before_anything_moves(runs):
@@ -767,7 +798,7 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
             "Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an integer >= 1, got 0"] + \
             [m for _, m in out["bad_args"][4:]]
         # budgets that allow no move would skip every re-plan: refused at once
-        assert all(m.startswith("Rebalancer: the move budget max_move") and "allows no slot to move" in m
+        assert all(m.startswith("Rebalancer: the move budget max_move") and "allows no change" in m
                    for _, m in out["bad_args"][4:]), out["bad_args"]
         assert {k for k, _ in out["bad_args"]} == {"DistributedError"}
         kind, msg = out["not_ep"]

@@ -744,8 +744,15 @@ def test_replan_respects_a_move_budget(setup):
 
 def test_replan_refuses_bad_input(setup):
     spec, current, intent, law = setup
-    with pytest.raises(PlanInfeasible, match="allows no slot to move.*current plan stays"):
+    with pytest.raises(PlanInfeasible, match="allows no change.*current plan stays"):
         replan(None, current, law, max_moves=0)
+    # without redundant slots the smallest change swaps two experts: a budget of one slot moves nothing
+    no_spare = plan(_spec(slots=64), intent)
+    for budget in ({"max_moves": 1}, {"max_move_bytes": 1.5 * expert_bytes(spec)}):
+        with pytest.raises(PlanInfeasible, match=r"allows no change \(with no redundant slots every change swaps two "
+                                                 r"experts: 2 slots\).*--max-moves 2\)"):
+            replan(None, no_spare, law, **budget)
+    assert 0 < migration(no_spare, replan(None, no_spare, law, max_moves=2)).slots_moved <= 2
     with pytest.raises(PlanInfeasible, match="--max-move-gib"):
         replan(None, current, law, max_move_bytes=100)
     with pytest.raises(PlanInfeasible, match="max_imbalance"):
@@ -817,7 +824,7 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     assert 0 < new.metrics["replan"]["plans"]["replan"]["slots_moved"] <= 12
     assert migration(current, new).slots_moved == new.metrics["replan"]["plans"]["replan"]["slots_moved"]
     r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--max-moves", "0", "-o", tmp_path / "x.json")
-    assert r.code == 2 and "allows no slot to move" in r.err and not (tmp_path / "x.json").exists()
+    assert r.code == 2 and "allows no change" in r.err and not (tmp_path / "x.json").exists()
     r = run_cli("plan", spec_path, "--trace", window, "--max-moves", "3")
     assert r.code == 2 and "--from" in r.err
     # the horizon reaches the re-plan: none prices no copies (balance alone), a longer one buys copies with moves
@@ -958,6 +965,9 @@ def test_the_noise_floor_is_what_sampling_alone_gives_a_balanced_layer(gpus, tok
         assert 0.05 < float((excess > floor).mean())
         assert noise_floor(gpus, 4 * tokens, top_k) == pytest.approx(floor / 2, rel=0.05)
         assert floor == pytest.approx(np.sqrt(2 * np.log(gpus) * (gpus - 1) / (tokens * top_k)), rel=0.05)
+    # windows of billions of assignments (scipy's bdtrc gives NaN from 2**31 on, which made the floor gpus - 1)
+    for n in (2**31, 10**10):
+        assert noise_floor(gpus, n, 1) == pytest.approx(np.sqrt(2 * np.log(gpus) * (gpus - 1) / n), rel=0.05)
 
 
 def test_replan_keeps_the_layers_a_window_cannot_tell_from_balanced(setup):

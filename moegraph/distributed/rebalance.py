@@ -44,6 +44,7 @@ Every method that communicates is a collective: every rank calls ``step`` at the
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -184,7 +185,7 @@ class Rebalancer:
         try:  # refused here, not at the first re-plan (where a refusal only skips it)
             replan_args = check_replan_args(max_moves=max_moves, max_move_bytes=max_move_bytes,
                                             horizon_tokens=horizon_tokens, seed=seed)
-            check_budget_allows_a_move(layers[0].plan.spec, replan_args.max_moves, replan_args.max_move_bytes)
+            check_budget_allows_a_move(layers[0].plan, replan_args.max_moves, replan_args.max_move_bytes)
         except PlanInfeasible as exc:
             raise DistributedError(f"Rebalancer: {exc}") from None
         if optimizer is not None:  # refused here, not at the first re-plan
@@ -208,6 +209,7 @@ class Rebalancer:
         self.optimizer = optimizer
         self.steps = 0
         self._last_replan = 0  # step of the last re-plan (0: the start)
+        self._window_start = 0  # step after which the windows' ``seen`` counts (last emptied, or the resume)
         self.events: list[dict[str, Any]] = []
         for layer in self.layers:
             if layer.recorder is not None and not isinstance(layer.recorder, WindowRecorder):
@@ -241,7 +243,24 @@ class Rebalancer:
                                    "in a plain training loop call rb.step() after each optimizer step") from exc
         rebalancer = self
 
+        def adopt(optimizer: Any) -> None:
+            if rebalancer.optimizer is not None or optimizer is None:
+                return
+            from .migrate import movable_optimizer
+
+            try:
+                movable_optimizer(optimizer, rebalancer.layers[0].rank)
+            except DistributedError as exc:
+                raise DistributedError(
+                    f"{exc}. In a Trainer: train with one of those (TrainingArguments(optim='adamw_torch'), or "
+                    "optimizers=(torch.optim.AdamW(...), None)), or give the Rebalancer the optimizer it moves "
+                    "(Rebalancer(..., optimizer=...)) before as_trainer_callback()") from None
+            rebalancer.optimizer = optimizer
+
         class RebalanceCallback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                adopt(kwargs.get("optimizer"))  # a state that cannot move is refused before the first step
+
             def on_step_begin(self, args, state, control, **kwargs):
                 rebalancer.resume()
 
@@ -252,8 +271,7 @@ class Rebalancer:
                     rebalancer.save_state(folder)
 
             def on_step_end(self, args, state, control, **kwargs):
-                if rebalancer.optimizer is None and kwargs.get("optimizer") is not None:
-                    rebalancer.optimizer = kwargs["optimizer"]
+                adopt(kwargs.get("optimizer"))
                 rebalancer.step()
                 rebalancer.pause()  # the evaluation the Trainer may run next is not training traffic
 
@@ -266,10 +284,10 @@ class Rebalancer:
         if self.layers[0].rank != 0:
             return
         folder = Path(folder)
-        self.plan.save(folder / STATE_PLAN)
         state = {"format": "moegraph-rebalancer", "version": 1, "steps": self.steps, "last_replan": self._last_replan,
-                 "events": self.events}
-        text = json.dumps(state, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n"
+                 "events": _plain(self.events)}
+        text = json.dumps(state, indent=1, allow_nan=False) + "\n"  # before any file is written
+        self.plan.save(folder / STATE_PLAN)
         write_atomically(folder / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), "Rebalancer state",
                          DistributedError)
 
@@ -304,6 +322,7 @@ class Rebalancer:
             raise DistributedError(f"{where}: not a Rebalancer state (format, steps >= last_replan >= 0, events); "
                                    "resume without it (a new Rebalancer counts from 0)")
         self.steps, self._last_replan, self.events = state["steps"], state["last_replan"], state["events"]
+        self._window_start = self.steps  # the windows count the tokens from here (the rate of tokens per step)
         self._checked = self._counts()
 
     def pause(self) -> None:
@@ -353,6 +372,8 @@ class Rebalancer:
                               "(read the window with gather_trace(rb.layers) instead of recording again)", stacklevel=3)
                 rec.clear()
                 layer.recorder = rec
+                if rec is self._recorders[0]:
+                    self._window_start = self.steps
 
     def step(self) -> dict[str, Any] | None:
         """Count one step; re-plan and migrate if due. Returns the event when it re-planned (or tried to), else
@@ -378,10 +399,10 @@ class Rebalancer:
         seen = torch.tensor([int(getattr(rec, "seen", 0))], dtype=torch.int64,
                             device=self.layers[0].experts.down_proj.device)
         self.layers[0].comm.all_reduce(seen, "Rebalancer tokens since the last re-plan")
-        since = self.steps - self._last_replan
-        if int(seen.item()) == 0 or since < 1:
+        since, counted = self.steps - self._last_replan, self.steps - self._window_start
+        if int(seen.item()) == 0 or since < 1 or counted < 1:
             return None
-        return float(seen.item()) / since * (self.every if self.every is not None else since)
+        return float(seen.item()) / counted * (self.every if self.every is not None else since)
 
     def _agreed_replan(self, current, window, args: dict[str, Any]):
         """Rank 0's re-plan on every rank (the plan file's JSON, broadcast), or the refusal it raised: one answer
@@ -471,20 +492,23 @@ class Rebalancer:
         self.events.append(event)
         for rec in self._recorders:
             rec.clear()
-        self._last_replan = self.steps
+        self._last_replan = self._window_start = self.steps
         self._checked = self._counts()
         return event
 
 
 def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, seed: int = 0,
                strength: float = 12.0) -> list[dict[str, Any]]:
-    """Inference on a drifting synthetic stream with a ``Rebalancer(every=every)``; per step the measured
-    max/mean load and any re-plan. Collective (every rank runs it with its own tokens).
+    """Inference (the layers are put in eval mode) on a drifting synthetic stream with a
+    ``Rebalancer(every=every)``; per step the measured max/mean load and any re-plan. Collective (every rank
+    runs it with its own tokens).
 
     Each layer sees tokens ``x = noise + strength * W_r^T c_t``, with W_r its router weight and c_t a
     preference over experts: one random half of the experts for the first third of the steps, then
     sliding to the other half over the next sixth, then staying there (a topic switch).
     """
+    for layer in layers:
+        layer.eval()  # inference: no optimizer state to move with the experts
     rb = Rebalancer(layers, every=every, window_tokens=max(tokens * every, 1))
     rank = rb.layers[0].rank
     e = rb.layers[0].NUM_EXPERTS
@@ -509,3 +533,19 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
         row["event"] = ev
         out.append(row)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` (events: dicts, lists, numbers, strings) as plain JSON: numpy and torch values as Python numbers
+    or lists, a non-finite float as None (JSON has neither NaN nor infinity), anything else as its text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)

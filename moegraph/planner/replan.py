@@ -163,7 +163,9 @@ def noise_floor(gpus: int, tokens: int, top_k: int) -> float:
     window of 6 picks on 8 GPUs: 3.0 where the Gaussian says 2.2, which sampling exceeds on a quarter of
     such windows). Tokens of one sequence route alike, so real windows vary more: a lower bound. A layer
     the window puts within this of its target is not re-planned (step 0 of the module docstring)."""
-    from scipy.special import bdtrc  # P(X > x) of a binomial; scipy.optimize, which the planner uses, loads it
+    # P(X > x) of a binomial is the regularised incomplete beta I_p(x + 1, n - x) (scipy.special.bdtrc gives NaN
+    # from n = 2**31 on; betainc does not); scipy.optimize, which the planner uses, loads scipy.special anyway
+    from scipy.special import betainc
 
     if gpus < 2:
         return 0.0
@@ -172,7 +174,7 @@ def noise_floor(gpus: int, tokens: int, top_k: int) -> float:
     lo, hi = 0, n  # the smallest x with G P(X > x) <= level: P(X > n) = 0, so hi qualifies
     while lo < hi:
         mid = (lo + hi) // 2
-        if gpus * float(bdtrc(mid, n, 1.0 / gpus)) <= level:
+        if gpus * float(betainc(mid + 1, n - mid, 1.0 / gpus)) <= level:
             hi = mid
         else:
             lo = mid + 1
@@ -794,17 +796,23 @@ def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, hori
                       seed=None if seed is None else int(seed))
 
 
-def check_budget_allows_a_move(spec: MoESpec, max_moves: int | None, max_move_bytes: float | None) -> None:
-    """PlanInfeasible when a move budget (checked by ``check_replan_args``) cannot pay for one expert of ``spec``:
-    such a re-plan keeps the current plan, so callers that store a budget refuse it at once."""
+def check_budget_allows_a_move(current: Plan, max_moves: int | None, max_move_bytes: float | None) -> None:
+    """PlanInfeasible when a move budget (checked by ``check_replan_args``) cannot pay for the smallest change of
+    ``current``: one slot where there are redundant slots (a replica re-assigned), else two (a swap of two
+    experts). Such a re-plan keeps the current plan, so callers that store a budget refuse it at once."""
+    spec = current.spec
     nbytes = expert_bytes(spec)
-    if (max_moves is not None and max_moves < 1) or (max_move_bytes is not None and max_move_bytes < nbytes):
-        got = f"max_moves={max_moves}" if max_moves is not None and max_moves < 1 else \
+    least = 1 if current.num_slots > current.num_experts else 2
+    if (max_moves is not None and max_moves < least) or (max_move_bytes is not None and
+                                                          max_move_bytes < least * nbytes):
+        got = f"max_moves={max_moves}" if max_moves is not None and max_moves < least else \
             f"max_move_bytes={max_move_bytes:g} ({max_move_bytes / 2**30:.3g} GiB)"
+        why = "" if least == 1 else (f" (with no redundant slots every change swaps two experts: {least} slots)")
         raise PlanInfeasible(
-            f"the move budget {got} allows no slot to move: one expert of {spec.name!r} weighs {nbytes:,} bytes "
-            f"({human_bytes(nbytes)}); the current plan stays. Allow at least 1 move (--max-moves 1) or "
-            f"{_gib_at_least(nbytes)} GiB (--max-move-gib {_gib_at_least(nbytes)})"
+            f"the move budget {got} allows no change{why}: one expert of {spec.name!r} weighs {nbytes:,} bytes "
+            f"({human_bytes(nbytes)}); the current plan stays. Allow at least {least} move{'s' if least > 1 else ''} "
+            f"(--max-moves {least}) or {_gib_at_least(least * nbytes)} GiB "
+            f"(--max-move-gib {_gib_at_least(least * nbytes)})"
         )
 
 
@@ -1136,7 +1144,7 @@ def replan(
     if processes is not None and not (isinstance(processes, (int, np.integer)) and not isinstance(processes, bool)
                                       and processes >= 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
-    check_budget_allows_a_move(spec, max_moves, max_move_bytes)
+    check_budget_allows_a_move(current_plan, max_moves, max_move_bytes)
     nbytes = expert_bytes(spec)
     ts = _window(spec, traces)
     imb = max(1.0, spec.placement.max_imbalance - WINDOW_MARGIN) if max_imbalance is None else float(max_imbalance)
