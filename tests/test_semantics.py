@@ -322,7 +322,7 @@ def test_inline_expression_spec_runs_the_generated_torch_layer(expression, tmp_p
     # The routing weights are float32 (router_dtype), computed over all tokens in the layer and per token here:
     # their rounding (a few times 6e-8, relative) times expert outputs up to twice the largest output (two
     # experts of weights scaled by 8 partly cancel) bounds the difference of any element, small ones included.
-    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=4e-7 * float(want.abs().max()))
+    torch.testing.assert_close(y[0], want, rtol=1e-5, atol=4e-7 * float(want.detach().abs().max()))
     params = [x, layer.experts.gate_up_proj, layer.experts.down_proj, layer.router.weight]
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(y, params, gy)
