@@ -7,7 +7,7 @@ Each run is ``--ranks`` gloo processes (``torch.distributed.run``) serving deeps
 16 experts, top-4) for ``--steps`` inference steps of ``--tokens`` tokens per rank, with a
 ``Rebalancer(threshold=T)`` and a 4,096-token window. The traffic is ``drift_demo``'s topic switch: tokens
 pulled towards one half of the experts for the first third of the steps, sliding to the other half
-over the next sixth. Two rules per (threshold, tokens):
+over the next sixth (``rebalance.drift_stream``). Two rules per (threshold, tokens):
 
 - ``noise``: the Rebalancer as shipped: a check re-plans when the measured max/mean exceeds the
   threshold by more than ``replan.noise_floor`` of the assignments it counted (else the counts
@@ -35,7 +35,7 @@ import json, sys
 import torch, torch.distributed as dist
 import moegraph
 from moegraph.planner import plan as make_plan
-from moegraph.distributed.rebalance import Rebalancer
+from moegraph.distributed.rebalance import Rebalancer, drift_stream
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -50,23 +50,10 @@ rb = Rebalancer(layers, threshold=threshold, window_tokens=4096)
 if rule == "raw":  # the threshold without its sampling floor
     judged = rb._imbalance
     rb._imbalance = lambda since: (lambda m, floor, now: (m, 0.0, now))(*judged(since))
-e = layers[0].NUM_EXPERTS
-g = torch.Generator().manual_seed(0)
-perm = torch.randperm(e, generator=g)
-a, b = torch.zeros(e), torch.zeros(e)
-a[perm[: e // 2]], b[perm[e // 2:]] = 1.0, 1.0
-gr = torch.Generator().manual_seed(7 + rank)
 counts = [rb._counts()]
-for step in range(steps):
-    w = min(max((step - steps / 3) / max(steps / 6, 1), 0.0), 1.0)
-    pref = (1 - w) * a + w * b
-    with torch.inference_mode():
-        for layer in rb.layers:
-            router = layer.router.weight.detach().float()
-            layer(torch.randn(tokens, layer.HIDDEN, generator=gr) + 12.0 * (pref @ router))
+for _ in drift_stream(rb.layers, steps=steps, tokens=tokens, seed=0):
     counts.append(rb._counts())
     rb.step()
-
 
 def pooled(first, last):  # max/mean over ranks of the assignments counted between two steps, mean over layers
     delta = torch.as_tensor(counts[last] - counts[first], dtype=torch.int64)

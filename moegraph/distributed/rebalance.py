@@ -47,7 +47,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ from ..errors import DistributedError, PlanInfeasible, TraceError
 from ..fileio import write_atomically
 from ..runtime import RoutingRecorder
 
-__all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "STATE_PLAN", "STATE_FILE"]
+__all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "drift_stream", "STATE_PLAN", "STATE_FILE"]
 
 #: files ``Rebalancer.save_state`` writes beside a checkpoint: the running plan, and the Rebalancer's counters
 STATE_PLAN = "moegraph_plan.json"
@@ -510,29 +510,39 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
     for layer in layers:
         layer.eval()  # inference: no optimizer state to move with the experts
     rb = Rebalancer(layers, every=every, window_tokens=max(tokens * every, 1))
-    rank = rb.layers[0].rank
-    e = rb.layers[0].NUM_EXPERTS
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(e, generator=g)
-    a, b = torch.zeros(e), torch.zeros(e)
-    a[perm[: e // 2]], b[perm[e // 2:]] = 1.0, 1.0
-    gr = torch.Generator().manual_seed(seed * 1000 + 7 + rank)
     out = []
     since = rb._counts()
-    for step in range(steps):
-        w = min(max((step - steps / 3) / max(steps / 6, 1), 0.0), 1.0)
-        pref = (1 - w) * a + w * b
-        with torch.inference_mode():
-            for layer in rb.layers:
-                router = layer.router.weight.detach().float()
-                x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
-                layer(x.to(router.device, layer.compute_dtype))  # FP8 experts compute in their activation dtype
+    for step in drift_stream(rb.layers, steps=steps, tokens=tokens, seed=seed, strength=strength):
         measured, _, since = rb._imbalance(since)  # this step's forwards alone
         row = {"step": step + 1, "measured_max_mean": measured}
         ev = rb.step()
         row["event"] = ev
         out.append(row)
     return out
+
+
+def drift_stream(layers: Sequence[Any], *, steps: int, tokens: int, seed: int = 0,
+                 strength: float = 12.0) -> Iterator[int]:
+    """``drift_demo``'s topic switch, without a Rebalancer: for each step, one forward of ``tokens`` tokens on
+    every layer (inference mode), then the step's index is yielded (for the caller's per-step work). This
+    rank's tokens are its own (seeded by ``seed`` and the rank); the preference over experts is the same on
+    every rank."""
+    rank = layers[0].rank
+    e = layers[0].NUM_EXPERTS
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(e, generator=g)
+    a, b = torch.zeros(e), torch.zeros(e)
+    a[perm[: e // 2]], b[perm[e // 2:]] = 1.0, 1.0
+    gr = torch.Generator().manual_seed(seed * 1000 + 7 + rank)
+    for step in range(steps):
+        w = min(max((step - steps / 3) / max(steps / 6, 1), 0.0), 1.0)
+        pref = (1 - w) * a + w * b
+        with torch.inference_mode():
+            for layer in layers:
+                router = layer.router.weight.detach().float()
+                x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
+                layer(x.to(router.device, layer.compute_dtype))  # FP8 experts compute in their activation dtype
+        yield step
 
 
 def _plain(value: Any) -> Any:
