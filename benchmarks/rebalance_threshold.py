@@ -48,8 +48,7 @@ p = make_plan(spec, nodes=1, gpus_per_node=world)
 layers = [moegraph.compile(spec, plan=p, layer_index=i, seed=0) for i in range(p.num_layers)]
 rb = Rebalancer(layers, threshold=threshold, window_tokens=4096)
 if rule == "raw":  # the threshold without its sampling floor
-    judged = rb._imbalance
-    rb._imbalance = lambda since: (lambda m, floor, now: (m, 0.0, now))(*judged(since))
+    rb._check.floor = lambda span: 0.0
 counts = [rb._counts()]
 for _ in drift_stream(rb.layers, steps=steps, tokens=tokens, seed=0):
     counts.append(rb._counts())

@@ -372,7 +372,7 @@ def _run_edges(rank: int, world: int) -> dict:
 
 def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
     """The Rebalancer's own state across what a training or serving loop does around it."""
-    from moegraph.distributed.rebalance import Rebalancer, WindowRecorder
+    from moegraph.distributed.rebalance import Rebalancer, WindowRecorder, _max_mean
 
     res: dict = {}
     g = torch.Generator().manual_seed(90 + rank)
@@ -442,7 +442,8 @@ def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
     for _ in range(5):
         with torch.no_grad():
             layer(torch.randn(2, spec.moe.hidden_size, generator=g))
-        measured, floor, _ = rb._imbalance(rb._checked)
+        counts = rb._gather()[0]
+        measured, floor = _max_mean(counts), rb._check.floor(counts)
         before = rb._checked.copy()
         ev = rb.step()
         checks.append((measured, floor, ev is not None, not np.array_equal(before, rb._checked)))
@@ -667,6 +668,38 @@ def test_window_recorder_keeps_the_latest_tokens_only():
     partial = rec.ids()
     rec.add(torch.full((1, 10, 3), 2))
     assert partial[:, 0].tolist() == [1] * 4 and rec.ids()[:, 0].tolist() == [2] * 10
+
+
+def test_threshold_check_answers_a_drift_within_a_window_after_a_stretch_just_above_the_threshold():
+    # The threshold check on counts written out: 4 ranks, 2 layers, 10 tokens per rank and step, a window of 100
+    # (10 steps). 1,000 steps at max/mean 1.1005 against a threshold of 1.10 (within the sampling noise of every
+    # span: the counts accumulate), then a drift to 1.13. Judged over every count since the baseline alone, the
+    # drift must outweigh the 1,000 steps before it (the 18th step shows it); the last window's counts show it
+    # within the window. A stretch long enough for its own excess to show fires there, as it should.
+    from moegraph.distributed.rebalance import _LoadCheck
+
+    def first_fired(window, before=1000, after=40):
+        check = _LoadCheck(1.10, window, 4, 2)
+        counts, seen, remembered = np.zeros((4, 2), np.int64), np.zeros(4, np.int64), 0
+        for step in range(before + after):
+            counts += np.array((2201, 2000, 2000, 1799) if step < before else (2260, 2000, 2000, 1740))[:, None]
+            seen += 10
+            measured, due, moved = check.decide(counts, seen)
+            remembered = max(remembered, len(check._checks))
+            assert not moved and measured > 1.10
+            if due:
+                return step - before, remembered
+        return None, remembered
+
+    fired, remembered = first_fired(100)
+    assert 0 <= fired < 10 and remembered <= 12, (fired, remembered)  # the baseline and the window's checks
+    fired, remembered = first_fired(10**9)  # a window that holds every count: the old rule
+    assert fired == 17 and remembered <= _LoadCheck._KEEP
+    assert first_fired(100, before=5000, after=0)[0] is not None  # 1.1005 > 1.10 shows on enough counts
+    # balanced counts move the baseline at every check and never fire
+    check = _LoadCheck(1.10, 100, 4, 2)
+    assert all(check.decide(np.full((4, 2), 2000 * (i + 1)), np.full(4, 10 * (i + 1)))[1:] == (False, True)
+               for i in range(50))
 
 
 def test_window_recorder_memory_stays_bounded_whatever_the_forwards():

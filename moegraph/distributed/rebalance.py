@@ -29,7 +29,9 @@ the runtime's own figure, not the planner's prediction. A check re-plans when th
 ``threshold`` by more than its sampling noise (the re-plan's ``noise_floor`` of the assignments
 counted: a few steps of small batches put even a balanced plan well above 1); a figure above the
 threshold but within its noise keeps the baseline, so the counts accumulate until the next check
-can tell. (``benchmarks/rebalance_threshold.py``: 4 gloo ranks, deepseek-v3-tiny, 60 steps of a topic
+can tell. The counts of the last window's tokens (``window_tokens`` per rank: the traffic the re-plan would
+read) are judged beside them, so that a stretch spent just above the threshold does not slow the response to
+a later drift (``_LoadCheck``). (``benchmarks/rebalance_threshold.py``: 4 gloo ranks, deepseek-v3-tiny, 60 steps of a topic
 switch, threshold 1.08: with 8 tokens per rank and step the re-plans fell from 59 to 7 and the slots
 moved from 90 to 73, max/mean over the first and last thirds 1.102 / 1.048 -> 1.062 / 1.057; with 64
 tokens 16 -> 9 re-plans, 126 -> 97 slots, 1.035 / 1.048 -> 1.035 / 1.044. Keeping the windows of
@@ -136,6 +138,75 @@ class WindowRecorder(RoutingRecorder):
         return self._in_order(self._samples, torch.empty(0, dtype=torch.int64))
 
 
+def _max_mean(span: np.ndarray) -> float:
+    """Mean over layers of max/mean over ranks of ``span`` [W, L] (assignments computed); 1 for a layer without any."""
+    span = np.asarray(span, np.float64)
+    mean = span.mean(axis=0)
+    return float(np.where(mean > 0, span.max(axis=0) / np.maximum(mean, 1e-12), 1.0).mean())
+
+
+class _LoadCheck:
+    """The threshold trigger's decision, on counts every rank gathered (so the same decision on every rank).
+
+    Fed per check the (token, expert) assignments each rank's experts computed since the baseline ([W, L]) and
+    the tokens each rank's window recorded since it was emptied ([W]); the figure is ``_max_mean`` of them. A
+    figure at most ``threshold`` moves the baseline here. Above it, the check is due when the figure exceeds
+    ``threshold`` by more than its sampling floor (``floor``), judged twice: over every count since the baseline
+    (a small excess that persists shows as the counts accumulate), and over those of the last window's tokens
+    (from the oldest check since which no rank's window recorded more than ``window_tokens``; one check's counts
+    at least), so that a drift after a long stretch just above the threshold shows within about a window,
+    not after as many steps again. Two tests instead of one: a balanced layer fires on noise at most about
+    twice as often. Remembers the baseline and the checks within the last window, at most ``_KEEP`` of them
+    (beyond that every other one is dropped: a coarser start, still within the window).
+    """
+
+    _KEEP = 64
+
+    def __init__(self, threshold: float, window_tokens: int, world: int, layers: int) -> None:
+        self.threshold, self.window_tokens, self.shape = float(threshold), int(window_tokens), (world, layers)
+        self.reset()
+
+    def reset(self, seen: np.ndarray | None = None) -> None:
+        """A new baseline; ``seen``: the tokens the windows had recorded at it (None: none, they were emptied)."""
+        start = np.zeros(self.shape[0], np.int64) if seen is None else np.array(seen, np.int64)
+        self._checks: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(self.shape, np.int64), start)]
+
+    @staticmethod
+    def floor(span: np.ndarray) -> float:
+        """The sampling noise of ``_max_mean(span)``: each layer's ``noise_floor`` of its assignments, averaged."""
+        from ..planner.replan import noise_floor
+
+        return float(np.mean([noise_floor(span.shape[0], int(n), 1) for n in span.sum(axis=0)]))
+
+    def _recent(self, seen: np.ndarray) -> int:
+        """Index of the oldest remembered check (0: the baseline) since which no rank's window recorded more than
+        ``window_tokens`` tokens (the newest if none)."""
+        return next((i for i, (_, s0) in enumerate(self._checks) if (seen >= s0).all()
+                     and int((seen - s0).max()) <= self.window_tokens), len(self._checks) - 1)
+
+    def decide(self, counts: np.ndarray, seen: np.ndarray) -> tuple[float, bool, bool]:
+        """(figure, due, baseline moved) for this check, which is remembered (the caller moves its own baseline
+        when told; a due check is followed by a re-plan, which resets). The figure is that of every count since
+        the baseline, or the last window's where that one alone is due."""
+        counts, seen = np.array(counts, np.int64), np.array(seen, np.int64)  # copies: remembered
+        measured = _max_mean(counts)
+        if measured <= self.threshold:
+            self.reset(seen)
+            return measured, False, True
+        due = measured > self.threshold + self.floor(counts)
+        start = self._recent(seen)
+        if not due and start > 0:
+            recent = counts - self._checks[start][0]
+            figure = _max_mean(recent)
+            if figure > self.threshold + self.floor(recent):
+                measured, due = figure, True
+        middle = self._checks[max(start, 1):] + [(counts, seen)]
+        if len(middle) >= self._KEEP:  # every other one, the newest kept
+            middle = middle[::-1][::2][::-1]
+        self._checks = self._checks[:1] + middle
+        return measured, due, False
+
+
 class Rebalancer:
     """Re-plan and migrate a model's expert-parallel MoE layers as their traffic drifts (module docstring).
 
@@ -220,6 +291,7 @@ class Rebalancer:
         for layer, rec in zip(self.layers, self._recorders):
             layer.recorder = rec
         self._checked = self._counts()  # the threshold check's baseline: counts at the last check or re-plan
+        self._check = _LoadCheck(threshold or 1.0, window_tokens, self.layers[0].world_size, len(self.layers))
 
     @property
     def plan(self):
@@ -324,6 +396,7 @@ class Rebalancer:
         self.steps, self._last_replan, self.events = state["steps"], state["last_replan"], state["events"]
         self._window_start = self.steps  # the windows count the tokens from here (the rate of tokens per step)
         self._checked = self._counts()
+        self._check.reset()
 
     def pause(self) -> None:
         """Stop recording forwards into the windows (this rank; not a collective) until ``resume``: traffic that the
@@ -341,26 +414,23 @@ class Rebalancer:
         ``layer.reset_traffic()`` does not disturb the checks)."""
         return np.array([layer.traffic.computed_total for layer in self.layers], np.int64)
 
-    def _imbalance(self, since: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """(mean over layers of the max/mean over ranks of the assignments computed since the counts ``since``,
-        the sampling noise of that figure (``noise_floor`` of each layer's assignments, averaged), the counts
-        now). Collective (one small all-gather)."""
-        from ..planner.replan import noise_floor
-
+    def _gather(self, since: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(assignments each rank's experts computed since its counts ``since`` [W, L] (default: at the check's
+        baseline), tokens each rank's window recorded since it was emptied [W], this rank's counts now [L]).
+        Collective (one small all-gather)."""
         now = self._counts()
-        delta = torch.as_tensor(now - since, dtype=torch.int64, device=self.layers[0].experts.down_proj.device)
-        per_rank = torch.stack(self.layers[0].comm.all_gather(delta, "Rebalancer load check")).double()  # [W, L]
-        mean = per_rank.mean(dim=0)
-        ratio = torch.where(mean > 0, per_rank.max(dim=0).values / mean.clamp_min(1e-12), torch.ones_like(mean))
-        world = per_rank.shape[0]
-        floor = float(np.mean([noise_floor(world, int(n), 1) for n in per_rank.sum(dim=0).tolist()]))
-        return float(ratio.mean()), floor, now
+        since = self._checked if since is None else since
+        mine = torch.as_tensor(np.append(now - since, self._recorders[0].seen), dtype=torch.int64,
+                               device=self.layers[0].experts.down_proj.device)
+        got = torch.stack(self.layers[0].comm.all_gather(mine, "Rebalancer load check")).cpu().numpy()  # [W, L + 1]
+        return got[:, :-1], got[:, -1], now
 
     def measured_imbalance(self) -> float:
         """Mean over layers of the max/mean (token, expert) assignments computed per rank since the last threshold
-        check (or re-plan, or the start): the figure the next check judges, as the runtime counted it. Reads
-        only: calling it (to log the balance) does not move the check's baseline. Collective."""
-        return self._imbalance(self._checked)[0]
+        check (or re-plan, or the start): the figure the next check judges (with that of the last window's tokens), as
+        the runtime counted it. Reads only: calling it (to log the balance) does not move the check's baseline.
+        Collective."""
+        return _max_mean(self._gather()[0])
 
     def _repair_recorders(self) -> None:
         """Put back the Rebalancer's window on a layer whose recorder was replaced (``start_recording`` /
@@ -383,12 +453,13 @@ class Rebalancer:
         due = self.every is not None and self.steps - self._last_replan >= self.every
         measured = None
         if not due and self.threshold is not None and self.steps % self.check_every == 0:
-            measured, floor, now = self._imbalance(self._checked)
-            due = measured > self.threshold + floor
-            if measured <= self.threshold:
-                self._checked = now  # balanced: the next check judges fresh counts
-            # else over the threshold but within sampling noise of it: the counts go on accumulating, so the
-            # next check judges more tokens (a smaller floor) instead of re-planning on noise
+            self._check.threshold = self.threshold  # a loop may change it between steps
+            counts, seen, now = self._gather()
+            measured, due, balanced = self._check.decide(counts, seen)
+            if balanced:  # the next check judges fresh counts
+                self._checked = now
+            # else over the threshold but within sampling noise of it: the counts go on accumulating (up to a
+            # window's tokens), so the next check judges more tokens (a smaller floor) instead of noise
         return self.rebalance(measured=measured) if due else None
 
     def _interval_tokens(self) -> float | None:
@@ -494,6 +565,7 @@ class Rebalancer:
             rec.clear()
         self._last_replan = self._window_start = self.steps
         self._checked = self._counts()
+        self._check.reset()
         return event
 
 
@@ -513,7 +585,8 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
     out = []
     since = rb._counts()
     for step in drift_stream(rb.layers, steps=steps, tokens=tokens, seed=seed, strength=strength):
-        measured, _, since = rb._imbalance(since)  # this step's forwards alone
+        counts, _, since = rb._gather(since)
+        measured = _max_mean(counts)  # this step's forwards alone
         row = {"step": step + 1, "measured_max_mean": measured}
         ev = rb.step()
         row["event"] = ev
