@@ -396,6 +396,21 @@ def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
     res["logged"] = rb.measured_imbalance()
     layer.reset_traffic()
     res["logged_then_step"] = rb.step()
+    # Forwards while paused (an evaluation between training steps) stay out of the threshold's counts, as out of
+    # the windows: the figure the check judges is the same before the pause, during it and after it.
+    layer = fresh()
+    rb = Rebalancer([layer], threshold=1.3, window_tokens=64)
+    with torch.no_grad():
+        layer(torch.randn(32, spec.moe.hidden_size, generator=g))
+        figures = [rb.measured_imbalance()]
+        rb.pause()
+        layer(pulled(layer))
+        figures.append(rb.measured_imbalance())
+        rb.resume()
+        figures.append(rb.measured_imbalance())
+        layer(pulled(layer))  # recorded again: counted
+        figures.append(rb.measured_imbalance())
+    res["paused_figures"], res["paused_seen"] = figures, layer.recorder.seen
     # ``every`` counts from the last re-plan, whatever triggered it: a threshold re-plan at step 1, then every=3
     # re-plans at step 4, not 3.
     layer = fresh()
@@ -839,6 +854,8 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
         assert out["logged"] > 1.3
         ev = out["logged_then_step"]
         assert ev is not None and ev["measured_max_mean"] == pytest.approx(out["logged"]) and ev["slots_moved"] > 0
+        first, during, after, pulled = out["paused_figures"]
+        assert first == during == after and pulled > first + 0.3 and out["paused_seen"] == 2 * 32, out["paused_figures"]
         assert out["replanned_at"] == [1, 4]
         kind, msg = out["failed_apply"]
         assert kind == "DistributedError" and ("gradient" in msg if r == 0 else "refused the new plan" in msg), msg

@@ -23,10 +23,10 @@ leaves every layer on the current plan and the window as it was, is recorded as 
 raised.
 
 Measured imbalance: each rank counts the (token, expert) assignments its experts computed
-(``Traffic.computed_total``, which ``reset_traffic`` leaves alone); per check the counts since the
-last check (or re-plan) are all-gathered and the max/mean over ranks is averaged over the layers:
-the runtime's own figure, not the planner's prediction. A check re-plans when that figure exceeds
-``threshold`` by more than its sampling noise (the re-plan's ``noise_floor`` of the assignments
+(``Traffic.computed_total``, which ``reset_traffic`` leaves alone; forwards while paused, which the
+windows do not record, left out too); per check the counts since the last check (or re-plan) are
+all-gathered and the max/mean over ranks is averaged over the layers: the runtime's own figure, not
+the planner's prediction. A check re-plans when that figure exceeds ``threshold`` by more than its sampling noise (the re-plan's ``noise_floor`` of the assignments
 counted: a few steps of small batches put even a balanced plan well above 1); a figure above the
 threshold but within its noise keeps the baseline, so the counts accumulate until the next check
 can tell. The counts of the last window's tokens (``window_tokens`` per rank: the traffic the re-plan would
@@ -290,6 +290,8 @@ class Rebalancer:
         self._recorders = [WindowRecorder(window_tokens) for _ in self.layers]
         for layer, rec in zip(self.layers, self._recorders):
             layer.recorder = rec
+        self._excluded = np.zeros(len(self.layers), np.int64)  # assignments computed while paused (``pause``)
+        self._paused_at: np.ndarray | None = None  # totals when paused; None: recording
         self._checked = self._counts()  # the threshold check's baseline: counts at the last check or re-plan
         self._check = _LoadCheck(threshold or 1.0, window_tokens, self.layers[0].world_size, len(self.layers))
 
@@ -400,19 +402,29 @@ class Rebalancer:
 
     def pause(self) -> None:
         """Stop recording forwards into the windows (this rank; not a collective) until ``resume``: traffic that the
-        plan should not follow, such as evaluation between training steps."""
+        plan should not follow, such as evaluation between training steps. The threshold check leaves it out too."""
         for rec in self._recorders:
             rec.paused = True
+        if self._paused_at is None:
+            self._paused_at = self._totals()
 
     def resume(self) -> None:
         """Record forwards again after ``pause``."""
         for rec in self._recorders:
             rec.paused = False
+        if self._paused_at is not None:
+            self._excluded += self._totals() - self._paused_at
+            self._paused_at = None
 
-    def _counts(self) -> np.ndarray:
+    def _totals(self) -> np.ndarray:
         """[L] (token, expert) assignments this rank's experts computed per layer, never reset (``computed_total``:
         ``layer.reset_traffic()`` does not disturb the checks)."""
         return np.array([layer.traffic.computed_total for layer in self.layers], np.int64)
+
+    def _counts(self) -> np.ndarray:
+        """``_totals`` less those computed while paused: the traffic the threshold check judges."""
+        totals = self._totals()
+        return totals - self._excluded - (0 if self._paused_at is None else totals - self._paused_at)
 
     def _gather(self, since: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(assignments each rank's experts computed since its counts ``since`` [W, L] (default: at the check's
