@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -336,11 +337,37 @@ def _run_edges(rank: int, world: int) -> dict:
             resumed(torch.randn(32, spec.moe.hidden_size, generator=g))
         ev = rb3.step()
     res["resumed_horizon"] = (rb3.steps, None if ev is None else ev["horizon_tokens"])
+    # State files that cannot be resumed from are refused, naming the file, and leave the counters alone.
+    bad = {"missing": None, "corrupt": "{", "not_a_state": "[1]",
+           "newer": json.dumps({"format": "moegraph-rebalancer", "version": 2, "steps": 6, "last_replan": 4,
+                                "events": []})}
+    if rank == 0:
+        for name, text in bad.items():
+            (Path(box[0]) / name).mkdir()
+            shutil.copy(ckpt / "moegraph_plan.json", Path(box[0]) / name)
+            if text is not None:
+                (Path(box[0]) / name / "moegraph_rebalancer.json").write_text(text)
+    torch.distributed.barrier()
+    rb4 = Rebalancer([resumed], every=4, window_tokens=64)
+    res["bad_states"] = {name: _error(lambda name=name: rb4.load_state(Path(box[0]) / name)) for name in bad}
+    res["bad_states_left"] = (rb4.steps, rb4._last_replan, rb4.events)
     # An optimizer whose state cannot move, handed over by the Trainer: refused before the first step, with
     # advice that applies in a Trainer.
     handler3 = CallbackHandler([Rebalancer([resumed], every=1).as_trainer_callback()], resumed, None,
                                torch.optim.RMSprop(resumed.parameters()), None)
     res["trainer_rmsprop"] = _error(lambda: handler3.on_train_begin(None, TrainerState(), TrainerControl()))
+    # A Trainer of several processes is refused before it wraps the model (DDP); a later Trainer's optimizer is
+    # adopted at its train; an evaluation before its first step (eval_on_start) is not recorded.
+    res["trainer_ddp"] = _error(lambda: handler.on_train_begin(SimpleNamespace(world_size=2), TrainerState(),
+                                                               TrainerControl()))
+    opt2 = torch.optim.AdamW(layer.parameters(), lr=0.01)
+    handler2 = CallbackHandler(handler.callbacks, layer, None, Wrapped(opt2), None)
+    handler.on_step_begin(None, TrainerState(), TrainerControl())  # recording, as after a step of the first run
+    handler2.on_train_begin(SimpleNamespace(world_size=1), TrainerState(), TrainerControl())
+    with torch.no_grad():
+        layer.eval()(torch.randn(32, spec.moe.hidden_size, generator=g))
+    res["trainer_adopted"] = (rb.optimizer is opt2, rb.optimizer is not opt)
+    res["window_after_eval_on_start"] = int(layer.recorder.ids().shape[0])
     # The evaluation a Trainer runs after on_step_end is not recorded; the next step's forwards are.
     with torch.no_grad():
         layer.eval()(torch.randn(32, spec.moe.hidden_size, generator=g))
@@ -796,6 +823,9 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
         assert ev["step"] == 1 and "skipped" not in ev and ev["tokens"] > 0
         assert out["trainer_optimizer"]  # taken from the event's (wrapped) optimizer
         assert out["window_after_eval"] == 0 and out["window_after_train_step"] == 32
+        assert out["window_after_eval_on_start"] == 0 and out["trainer_adopted"] == (True, True)
+        kind, msg = out["trainer_ddp"]
+        assert kind == "DistributedError" and "runs on 2 processes" in msg and "DistributedDataParallel" in msg, msg
         assert any("replaces that recorder" in w for w in out["recorder_warnings"]), out["recorder_warnings"]
     assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"] > 0
     # rank 0 re-planned, the other rank took its plan
@@ -812,6 +842,11 @@ def test_a_trainer_checkpoint_keeps_the_running_plan_and_resumes_only_under_it(r
         kind, msg = out["resumed_on_another_plan"]
         assert kind == "DistributedError" and "saved under another placement" in msg and "plan=Plan.load(" in msg, msg
         assert out["resumed_horizon"] == (8, 32 * len(_ok(runs["edges"])) * 4)
+        for name, what in (("missing", "not found"), ("corrupt", "truncated or corrupt"),
+                           ("not_a_state", "not a Rebalancer state"), ("newer", "version 2 is not supported")):
+            kind, msg = out["bad_states"][name]
+            assert kind == "DistributedError" and f"{name}/moegraph_rebalancer.json" in msg and what in msg, msg
+        assert out["bad_states_left"] == (0, 0, [])
         kind, msg = out["trainer_rmsprop"]
         assert kind == "DistributedError" and "RMSprop cannot be moved" in msg and "optim='adamw_torch'" in msg, msg
 

@@ -306,24 +306,31 @@ class Rebalancer:
     def as_trainer_callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that calls ``step()`` at every ``on_step_end`` (after the optimizer
         step and ``zero_grad``). Without an optimizer of its own, the Rebalancer moves the state of the
-        Trainer's (the one the event passes; accelerate's wrapper is looked through). It records only between
-        ``on_step_begin`` and ``on_step_end`` (``pause`` / ``resume``): the evaluation a Trainer runs after a
-        step stays out of the window. At ``on_save`` it writes ``save_state`` into the checkpoint folder: to
-        resume, compile the layers with that folder's plan and call ``load_state`` on the new Rebalancer."""
+        Trainer's (the one each ``train`` passes; accelerate's wrapper is looked through). It records only between
+        ``on_step_begin`` and ``on_step_end`` (``pause`` / ``resume``): the evaluation a Trainer runs before
+        training or after a step stays out of the window. At ``on_save`` it writes ``save_state`` into the
+        checkpoint folder: to resume, compile the layers with that folder's plan and call ``load_state`` on the
+        new Rebalancer.
+
+        A Trainer of several processes is refused at ``on_train_begin``, before it wraps the model: it trains
+        data-parallel (``DistributedDataParallel`` broadcasts rank 0's parameters over every rank's, and expert-
+        parallel ranks hold different experts; it averages their gradients) and checkpoints rank 0's weights
+        and optimizer state alone. Expert-parallel training across processes is a loop of your own (README)."""
         try:
             from transformers import TrainerCallback
         except ImportError as exc:  # transformers is optional
             raise DistributedError("Rebalancer.as_trainer_callback needs transformers (pip install transformers); "
                                    "in a plain training loop call rb.step() after each optimizer step") from exc
         rebalancer = self
+        given = self.optimizer is not None  # the caller's optimizer; else the Trainer's is adopted at each train
 
         def adopt(optimizer: Any) -> None:
-            if rebalancer.optimizer is not None or optimizer is None:
+            if given or optimizer is None:
                 return
             from .migrate import movable_optimizer
 
             try:
-                movable_optimizer(optimizer, rebalancer.layers[0].rank)
+                optimizer, _ = movable_optimizer(optimizer, rebalancer.layers[0].rank)  # accelerate's wrapper unwrapped
             except DistributedError as exc:
                 raise DistributedError(
                     f"{exc}. In a Trainer: train with one of those (TrainingArguments(optim='adamw_torch'), or "
@@ -333,7 +340,18 @@ class Rebalancer:
 
         class RebalanceCallback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
+                processes = int(getattr(args, "world_size", 1) or 1)
+                if processes > 1:
+                    raise DistributedError(
+                        f"rank {rebalancer.layers[0].rank}: Rebalancer.as_trainer_callback: this Trainer runs on "
+                        f"{processes} processes, so it trains data-parallel: DistributedDataParallel would overwrite "
+                        "every rank's expert slots with rank 0's (expert-parallel ranks hold different experts) and "
+                        "average their gradients, and its checkpoints keep rank 0's experts and optimizer state only. "
+                        "Train expert-parallel layers across processes in a loop of your own (backward, "
+                        "layer.sync_grads(), optimizer step, zero_grad, rb.step(); each rank saves its own state_dict "
+                        "and optimizer state, rank 0 rb.save_state), or run the Trainer on one process")
                 adopt(kwargs.get("optimizer"))  # a state that cannot move is refused before the first step
+                rebalancer.pause()  # an evaluation before the first step (eval_on_start) is not training traffic
 
             def on_step_begin(self, args, state, control, **kwargs):
                 rebalancer.resume()
@@ -395,6 +413,9 @@ class Rebalancer:
         if not ok:
             raise DistributedError(f"{where}: not a Rebalancer state (format, steps >= last_replan >= 0, events); "
                                    "resume without it (a new Rebalancer counts from 0)")
+        if state.get("version") != 1:
+            raise DistributedError(f"{where}: Rebalancer state version {state.get('version')!r} is not supported (this "
+                                   "moegraph reads version 1); resume without it (a new Rebalancer counts from 0)")
         self.steps, self._last_replan, self.events = state["steps"], state["last_replan"], state["events"]
         self._window_start = self.steps  # the windows count the tokens from here (the rate of tokens per step)
         self._checked = self._counts()
