@@ -909,6 +909,24 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
         assert any(thr < m <= thr + f for m, f, _, _ in out["noise_checks"]), out["noise_checks"]
 
 
+def test_run_feeds_token_ids_to_hash_routed_layers_timed_and_drifting():
+    # Hash routing picks experts by token id: `moegraph run` draws ids for it (it failed asking for token_ids), and
+    # the drifting stream draws the ids the preference favours (it failed reading a router weight hash routing lacks).
+    from moegraph.distributed.local import run_local
+    from moegraph.planner import plan as make_plan
+
+    d = moegraph.load_spec("hash-tiny").model_dump(mode="json")
+    d["topology"] = {"kind": "uniform", "nodes": 1, "gpus_per_node": 2}
+    d["placement"]["redundant_slots"] = 2
+    plan = make_plan(moegraph.load_spec(d))
+    timed = run_local(plan, tokens=16, steps=2, timeout=TIMEOUT_S)
+    assert timed.matches and timed.measured.sum() > 0
+    drift = run_local(plan, tokens=32, steps=6, rebalance_every=2, timeout=TIMEOUT_S).drift
+    events = [row["event"] for row in drift if row["event"] is not None]
+    assert [e["step"] for e in events] == [2, 4, 6] and not any("failed" in e or "skipped" in e for e in events)
+    assert all(e["tokens"] == 2 * 2 * 32 for e in events) and sum(e["slots_moved"] for e in events) > 0
+
+
 def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
     from moegraph.distributed.local import run_local
     from moegraph.distributed.rebalance import Rebalancer

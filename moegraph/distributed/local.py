@@ -111,11 +111,13 @@ def _timed_run(cfg: dict, rank: int, world: int, plan, layers: list, device) -> 
     x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.compute_dtype)
     if cfg["backward"]:
         x.requires_grad_(True)
+    table = getattr(first.router, "hash_table", None)  # hash routing picks experts by token id: random ids
+    token_ids = None if table is None else torch.randint(0, table.shape[0], (cfg["tokens"],), generator=g).to(device)
 
     def step() -> None:
         h = x
         for layer in layers:  # a residual stack, as in a model
-            h = h + layer(h)
+            h = h + (layer(h) if token_ids is None else layer(h, token_ids=token_ids))
         if cfg["backward"]:
             h.float().square().mean().backward()
             for layer in layers:

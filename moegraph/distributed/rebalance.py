@@ -609,7 +609,8 @@ def drift_demo(layers: Sequence[Any], *, steps: int, every: int, tokens: int, se
     runs it with its own tokens).
 
     Each layer sees tokens ``x = noise + strength * W_r^T c_t``, with W_r its router weight and c_t a
-    preference over experts: one random half of the experts for the first third of the steps, then
+    preference over experts (a hash-routed layer: token ids drawn in proportion to the preference for the experts
+    its table maps them to): one random half of the experts for the first third of the steps, then
     sliding to the other half over the next sixth, then staying there (a topic switch).
     """
     for layer in layers:
@@ -645,6 +646,14 @@ def drift_stream(layers: Sequence[Any], *, steps: int, tokens: int, seed: int = 
         pref = (1 - w) * a + w * b
         with torch.inference_mode():
             for layer in layers:
+                table = getattr(layer.router, "hash_table", None)
+                if table is not None:  # hash routing picks experts by token id: ids the preference favours
+                    weight = pref[table.long().cpu()].sum(dim=-1) + 1e-3  # [vocab]; every id stays possible
+                    ids = torch.multinomial(weight, tokens, replacement=True, generator=gr) if tokens else \
+                        torch.zeros(0, dtype=torch.int64)
+                    x = torch.randn(tokens, layer.HIDDEN, generator=gr)
+                    layer(x.to(table.device, layer.compute_dtype), token_ids=ids.to(table.device))
+                    continue
                 router = layer.router.weight.detach().float()
                 x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
                 layer(x.to(router.device, layer.compute_dtype))  # FP8 experts compute in their activation dtype
