@@ -27,6 +27,7 @@ import jinja2
 
 from . import __version__
 from .errors import CodegenError
+from .fileio import umask
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
 from .semantics import activations as _activations
@@ -302,20 +303,6 @@ def default_cache_dir() -> Path:
     return _cache_dir if _cache_dir is not None else Path.home() / ".cache" / "moegraph" / "generated"
 
 
-def _umask() -> int:
-    """The process umask (read from /proc on Linux; elsewhere set and restored, the only portable way)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def read_text_or_none(path: Path) -> str | None:
     """A generated file's text; None when it is missing, unreadable or not UTF-8 (it is then rebuilt)."""
     try:
@@ -337,7 +324,7 @@ def write_atomic(path: Path, source: str) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(source)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
