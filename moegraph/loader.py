@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import Problem, SpecError
+from .fileio import DuplicateKey, input_problem, unique_json_object
 from .resources import specs_dir
 from .spec import MoESpec
 
@@ -49,9 +50,16 @@ def preset_path(name: str) -> Path:
     raise SpecError([Problem("", f"no spec file or preset named {name!r}{hint}")], source=name)
 
 
+#: the largest spec file read (a spec is a few kilobytes; a bigger file is not one, or a device)
+MAX_SPEC_BYTES = 16 << 20
+
+
 def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     """Parse a spec file into a plain dict. Returns (dict, source label)."""
     p = Path(path)
+    problem = input_problem(p, "spec", MAX_SPEC_BYTES)
+    if problem is not None:
+        raise SpecError([Problem("", problem)], source=str(p))
     if not p.exists():
         if p.suffix == "" and "/" not in str(path):
             p = preset_path(str(path))
@@ -70,7 +78,7 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
         if fmt == "yaml":
             data = yaml.load(text, Loader=_UniqueKeyLoader)
         elif fmt == "json":
-            data = json.loads(text, object_pairs_hook=_unique_json_object)
+            data = json.loads(text, object_pairs_hook=unique_json_object)
         else:
             data = tomllib.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -98,8 +106,7 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     return data, str(p)
 
 
-class _DuplicateKey(ValueError):
-    """A key given twice in one mapping of a spec file (the parser would silently keep the last)."""
+_DuplicateKey = DuplicateKey  # a key given twice in one mapping of a spec file
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -129,15 +136,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
-
-
-def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(f"key {k!r} appears twice in one object; give it once")
-        out[k] = v
-    return out
 
 
 def load_spec(spec: str | Path | Mapping[str, Any] | MoESpec, *, source: str | None = None) -> MoESpec:

@@ -28,12 +28,15 @@ from pathlib import Path
 import torch
 
 from . import semantics, strategies
+from .fileio import input_problem
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "active_tuner", "problem_key",
            "TABLE_VERSION"]
 
 TABLE_VERSION = 1
+#: the largest table read (one entry per problem size measured: kilobytes)
+MAX_TABLE_BYTES = 64 << 20
 
 #: A candidate whose warm-up call takes more than this many times the fastest warm-up is dropped
 #: before the timed calls (it cannot plausibly win; timing it again would only cost time). Loose,
@@ -157,6 +160,9 @@ class Tuner:
         if path is None or not path.exists():
             return
         try:
+            problem = input_problem(path, "expert-strategy table", MAX_TABLE_BYTES)
+            if problem is not None:
+                raise ValueError(problem)
             raw = json.loads(path.read_text(encoding="utf-8"))
             if raw.get("version") != TABLE_VERSION or raw.get("identity") != self.identity:
                 raise ValueError("it was written for another device, library version or table version")
@@ -165,7 +171,7 @@ class Tuner:
                 # (backward strategies are a subset of the forward names)
                 raise ValueError("an entry names no known strategy")
             self.table = dict(entries)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             warnings.warn(f"expert-strategy table {path} is unreadable ({exc}); it will be rebuilt by measurement",
                           RuntimeWarning, stacklevel=2)
             self.table = {}

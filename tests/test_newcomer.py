@@ -125,7 +125,7 @@ def test_export_sglang_expert_location(tmp_path, run_cli):
     assert not (tmp_path / "v.json").exists()
     # a folder for -o: the hint names a file in it, with the extension the format writes
     res = run_cli("export", "--format", "sglang", tmp_path / "plan.json", "-o", tmp_path)
-    assert res.code == 2 and f"give the sglang file to write, e.g. {tmp_path / 'out.json'}" in " ".join(res.err.split())
+    assert res.code == 2 and f"give the sglang placement file to write, e.g. {tmp_path / 'out.json'}" in " ".join(res.err.split())
 
 
 def test_saving_summary_states_the_saving():

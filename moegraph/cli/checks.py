@@ -39,7 +39,11 @@ def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: I
     from ..errors import MoegraphError
     from ..fileio import regular_target
 
-    if Path(os.path.realpath(path)).is_dir():
+    try:
+        folder = Path(os.path.realpath(path)).is_dir()
+    except OSError as exc:  # a name longer than the file system allows, say
+        raise MoegraphError(f"{path}: cannot be written ({exc.strerror or exc}); give another path for the {what}") from None
+    if folder:
         raise MoegraphError(f"{path}: is a folder; give the {what} file to write, e.g. {path / ('out' + (example or (suffixes or ('',))[0]))}")
     real = regular_target(path, what)
     if suffixes and path.suffix.lower() not in suffixes:

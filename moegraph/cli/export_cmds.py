@@ -21,7 +21,7 @@ def export(
     from ..planner import Plan
     from ..planner.export import export_plan
 
-    output_file(output, fmt, inputs=[plan], example=".json")
+    output_file(output, f"{fmt} placement", inputs=[plan], example=".json")
     p = Plan.load(plan)
     out = export_plan(p, fmt, output)
     redundant = p.num_slots - p.num_experts

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from ..errors import DistributedError, PlanInfeasible, TraceError
-from ..fileio import write_atomically
+from ..fileio import check_input, write_atomically
 from ..runtime import RoutingRecorder
 
 __all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "drift_stream", "STATE_PLAN", "STATE_FILE"]
@@ -399,13 +399,14 @@ class Rebalancer:
                 f"({differ} slots differ); an optimizer's state is per slot, so compile the layers with "
                 f"plan=Plan.load('{folder / STATE_PLAN}') to resume")
         where = folder / STATE_FILE
+        check_input(where, "Rebalancer state", DistributedError, 256 << 20)  # its events: kilobytes per re-plan
         try:
             state = json.loads(where.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DistributedError(f"{where}: not found; it is written by Rebalancer.save_state beside the plan") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise DistributedError(f"{where}: truncated or corrupt ({exc}); resume without it (a new Rebalancer "
-                                   "counts from 0)") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise DistributedError(f"{where}: truncated or corrupt ({type(exc).__name__}: {exc}); resume without it (a "
+                                   "new Rebalancer counts from 0)") from None
         ok = (isinstance(state, dict) and state.get("format") == "moegraph-rebalancer"
               and all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
                       for k in ("steps", "last_replan"))

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UnsupportedBlock
+from ..fileio import check_input
 from ..spec import MoESpec
 from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
 from .assemble import _dtype_name, build_spec
@@ -31,6 +32,10 @@ from .vocab import (
 )
 
 
+#: the largest config.json read (a model's config is a few kilobytes)
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load_hf_config(path: str | Path) -> Any:
     """An HF config from a config.json file (or a folder holding one).
 
@@ -39,14 +44,18 @@ def load_hf_config(path: str | Path) -> Any:
     from ..errors import InputError
 
     p = Path(path)
+    check_input(p, "Hugging Face config (config.json)", InputError, MAX_CONFIG_BYTES)
     if p.is_dir():
         p = p / "config.json"
+        check_input(p, "Hugging Face config (config.json)", InputError, MAX_CONFIG_BYTES)
     try:
         raw = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; pass an HF config.json or a folder holding one") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{p}: not a readable JSON config: {exc}") from None
+    except RecursionError:
+        raise InputError(f"{p}: nested too deeply to be a Hugging Face config") from None
     if not isinstance(raw, dict):
         raise InputError(f"{p}: expected a JSON object, got {type(raw).__name__}")
     mt = raw.get("model_type")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from ..errors import PlanFileError
-from ..fileio import write_atomically
+from ..fileio import check_input, unique_json_object, write_atomically
 from ..spec import MoESpec
 from ..topology import Cluster, cluster_of
 from .dispatch import RULE, replica_table
@@ -30,6 +31,8 @@ __all__ = ["Plan", "FORMAT", "VERSION", "check_made_for"]
 
 FORMAT = "moegraph-plan"
 VERSION = 1
+#: the largest plan file read (DeepSeek-V3's 58 layers x 288 slots with its spec: well under 1 MiB)
+MAX_PLAN_BYTES = 256 << 20
 
 
 def check_made_for(planned: MoESpec, spec: MoESpec, where: str) -> None:
@@ -203,10 +206,18 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path, spec: MoESpec | None = None) -> Plan:
-        """Read and check a plan file; with ``spec``, the plan must have been made for that spec."""
+        """Read and check a plan file; with ``spec`` (a spec, or a preset name or spec file), the plan must have
+        been made for that spec."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise PlanFileError(f"Plan.load takes the plan file's path (a str or Path), got {type(path).__name__}")
+        if spec is not None and not isinstance(spec, MoESpec):
+            from ..loader import load_spec
+
+            spec = load_spec(spec)  # a preset name or spec file, as compile and replan take
         p = Path(path)
+        check_input(p, "plan file", PlanFileError, MAX_PLAN_BYTES)
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_json_object)
         except FileNotFoundError:
             raise PlanFileError(f"{p}: plan file not found; make one with `moegraph plan SPEC -o {p.name}`") from None
         except IsADirectoryError:
@@ -231,7 +242,7 @@ class Plan:
 
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise bad("not a moegraph plan file (format is not 'moegraph-plan')")
-        if data.get("version") != VERSION:
+        if type(data.get("version")) is not int or data.get("version") != VERSION:  # JSON true is not version 1
             raise bad(f"plan format version {data.get('version')!r} is not supported (this moegraph reads "
                       f"version {VERSION}); re-create the plan with `moegraph plan`")
         for key in ("spec", "spec_hash", "physical_to_logical_map"):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ResourceError, TraceError, describe
+from ..fileio import check_input
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
 from .trace_set import FORMAT, VERSION, TraceSet, _check_topk, _id_dtype, _to_numpy
@@ -61,6 +62,7 @@ _BUNDLED = Path(__file__).resolve().parent.parent / "data" / "traces"
 def read_native(path: str | Path) -> TraceSet:
     """Read a native ``.npz`` trace file, validating every array before returning."""
     p = Path(path)
+    check_input(p, "trace file (.npz)", TraceError)
     try:
         with zipfile.ZipFile(p) as zf:  # sizes from the zip directory: refuse a bomb before inflating it
             size = sum(i.file_size for i in zf.infolist())
@@ -77,6 +79,9 @@ def read_native(path: str | Path) -> TraceSet:
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise TraceError(f"{p}: truncated or corrupt trace file ({' '.join(str(exc).split()) or type(exc).__name__})"
                          "; re-create it with `moegraph trace import`") from None
+    except RecursionError:
+        raise TraceError(f"{p}: its meta is nested too deeply to be a trace's; re-create it with `moegraph trace "
+                         "import`") from None
     try:
         return _native_traceset(p, meta, arrays)
     except TraceError:  # already names the file and the fix (TraceError is a ValueError: never wrap it)
@@ -102,13 +107,16 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
     try:
         e = whole("num_experts", meta["num_experts"], 1, MAX_EXPERTS)
         n_layers = whole("num_layers", meta["num_layers"], 1, 10000)
-        if not isinstance(meta["sources"], list):
-            raise ValueError("meta.sources is not a list")
-        sources = tuple(str(s) for s in meta["sources"])
+        if not isinstance(meta["sources"], list) or not all(isinstance(x, str) for x in meta["sources"]):
+            raise ValueError("meta.sources is not a list of names")
+        sources = tuple(meta["sources"])
         layer_ids = (tuple(whole("layer_ids", i, 0, 10**6) for i in meta["layer_ids"])
                      if meta.get("layer_ids") is not None else None)
         name = str(meta.get("name") or p.stem)
-        notes = tuple(str(n) for n in meta.get("notes") or ())
+        notes = meta.get("notes") or []
+        if not isinstance(notes, list) or not all(isinstance(x, str) for x in notes):
+            raise ValueError("meta.notes is not a list of strings")
+        notes = tuple(notes)
         num_ranks = whole("num_ranks", meta["num_ranks"], 1, 1 << 20) if meta.get("num_ranks") is not None else None
         if meta.get("num_tokens") is not None:
             whole("num_tokens", meta["num_tokens"], 0, 1 << 40)
@@ -245,6 +253,7 @@ def _read_esft_task(folder: Path, top_k: int | None, num_experts: int | None):
 
 
 def _parse_esft_file(path: Path, num_experts: int | None) -> list[np.ndarray]:
+    check_input(path, "ESFT routing text", TraceError)
     try:
         # The text, its split lines and the parsed ids: a few times the file's size at once.
         check_memory(4.0 * path.stat().st_size, f"{path} ({path.stat().st_size / 2**20:.0f} MiB)",
@@ -442,6 +451,7 @@ def _resolve_one(item: str | Path | TraceSet, spec: MoESpec | None) -> TraceSet:
         return item
     text = str(item)
     p = Path(text)
+    check_input(p, "trace", TraceError)
     if p.exists():
         if p.is_dir():
             if is_esft_folder(p):
