@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,18 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     spec = load_spec(spec)
     from .strategies import STRATEGIES
 
-    if expert_strategy != "auto" and expert_strategy not in STRATEGIES:
+    if not isinstance(expert_strategy, str) or (expert_strategy != "auto" and expert_strategy not in STRATEGIES):
         raise InputError(f"unknown expert_strategy {expert_strategy!r}; choose 'auto' or one of "
                          f"{', '.join(STRATEGIES)}")
     pin = None if expert_strategy == "auto" else expert_strategy  # None: the tuner (or the fixed rule) chooses
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise InputError(f"out_dir is the folder for the generated source (a str or Path), got {type(out_dir).__name__}")
+    if plan is not None:
+        from .planner import Plan
+
+        if not isinstance(plan, (Plan, str, os.PathLike)):
+            raise InputError(f"plan is a placement Plan or a plan file's path, got {type(plan).__name__}; make one "
+                             "with moegraph.planner.plan(spec) or `moegraph plan SPEC -o plan.json`")
     backend = backend or spec.codegen.backend
     check_backend(backend)
     dtype, device = _check_arguments(dtype, device, seed, timeout, layer_index)

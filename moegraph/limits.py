@@ -3,7 +3,8 @@
 A spec, trace or plan file is small but can describe something huge (full DeepSeek-V3 experts, a
 million experts in trace metadata); allocating it first would end in the allocator's traceback, or in
 the OS killing the process. Each stage estimates what it is about to allocate and calls
-``check_memory``, which compares it with the memory available now (``MemAvailable`` on Linux).
+``check_memory``, which compares it with the memory available now (``available_memory``: on Linux the least
+of ``MemAvailable`` and what the process's address-space and cgroup limits leave).
 """
 
 from __future__ import annotations
@@ -16,17 +17,60 @@ __all__ = ["available_memory", "check_memory", "gib"]
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to allocate now (None when the OS does not say)."""
+    """Bytes of memory this process may still allocate now (None when the OS does not say): the least of the
+    system's ``MemAvailable``, the room left under the process's address-space limit (``ulimit -v``) and
+    under its cgroup's ``memory.max`` (a container's limit, which ``MemAvailable`` does not see)."""
+    found = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    found.append(int(line.split()[1]) * 1024)
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if not found:
+        try:
+            found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    for room in (_address_space_room(), _cgroup_room()):
+        if room is not None:
+            found.append(room)
+    return min(found) if found else None
+
+
+def _address_space_room() -> int | None:
+    """Bytes left under RLIMIT_AS (the soft limit) beyond the process's current virtual size; None: unlimited."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            size = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(int(soft) - size, 0)
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup v2 ``memory.max`` (None: no limit, or not cgroup v2)."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as fh:
+            rel = next((line.split(":", 2)[2].strip() for line in fh if line.startswith("0::")), None)
+        if rel is None:
+            return None
+        folder = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
+        with open(os.path.join(folder, "memory.max"), encoding="ascii") as fh:
+            limit = fh.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(folder, "memory.current"), encoding="ascii") as fh:
+            used = int(fh.read().strip())
+        return max(int(limit) - used, 0)
+    except (OSError, ValueError, IndexError):
         return None
 
 

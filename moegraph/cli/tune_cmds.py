@@ -10,15 +10,17 @@ from rich.table import Table
 
 from ..loader import load_spec
 from . import app, console
+from .checks import finite
 
 
 @app.command()
 def tune(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name; 'default' = the benchmark layer.")],
-    tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", help="Token counts (repeatable).")] = None,
+    tokens: Annotated[list[int] | None, typer.Option("--tokens", "-t", min=1, max=1 << 20, help="Token counts (repeatable).")] = None,
     dtype: Annotated[list[str] | None, typer.Option("--dtype", help="float32 and/or bfloat16 (repeatable).")] = None,
     train: Annotated[bool, typer.Option("--train", help="Also tune the training step's forward and backward.")] = False,
-    budget: Annotated[float, typer.Option(help="Seconds after which no more timing rounds start, per size.")] = 0.3,
+    budget: Annotated[float, typer.Option(callback=finite(0.0, 3600.0), help="Seconds after which no more timing "
+                                          "rounds start, per size.")] = 0.3,
 ) -> None:
     """Time each expert-compute strategy at each token count and store the winners in the tuned table.
 

@@ -29,6 +29,7 @@ import torch
 
 from ..codegen import default_cache_dir
 from ..errors import DistributedError
+from ..limits import check_memory
 
 __all__ = ["run_local", "LocalRun", "free_port", "stop_running"]
 
@@ -302,6 +303,10 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                                "--checkpoint): the re-plan reads every layer's traffic")
     if record and layer_index is not None:
         raise DistributedError("recording a trace for re-planning needs every MoE layer: drop --layer")
+    if device == "cpu":  # each rank's tokens, routed copies, combine and backward: a lower bound of what runs
+        moe = plan.spec.moe
+        check_memory(world * tokens * moe.hidden_size * 4.0 * (2 * moe.top_k + 8),
+                     f"{world} ranks x {tokens} tokens of hidden size {moe.hidden_size}", "run fewer --tokens")
     layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
     with tempfile.TemporaryDirectory(prefix="moegraph-run-") as tmp:
         plan_path = plan.save(Path(tmp) / "plan.json")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PlanInfeasible, SpecError
+from ..errors import PlanInfeasible, SpecError, TraceError
 from ..limits import check_memory
 from ..loader import load_spec
 from ..spec import ExplicitTopology, MoESpec
@@ -72,6 +72,9 @@ def override_spec(
     """The spec with its cluster or slot count replaced (for what-ifs); the plan records the result."""
     if nodes is None and gpus_per_node is None and slots is None:
         return spec
+    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("slots", slots)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise PlanInfeasible(f"{name} must be a whole number >= 1 (--{name.replace('_', '-')}), got {value!r}")
     data = spec.to_dict()
     if nodes is not None or gpus_per_node is not None:
         if isinstance(spec.topology, ExplicitTopology):
@@ -144,7 +147,13 @@ def _trace_inputs(spec: MoESpec, traces: Any) -> list[str] | None:
     """The trace paths / bundled names a plan was made from, when given as such (to re-load them later)."""
     if traces is None:
         return list(spec.placement.traces) or None
-    items = [traces] if isinstance(traces, (str, Path, TraceSet)) else list(traces)
+    if isinstance(traces, (str, Path, TraceSet)):
+        items = [traces]
+    elif isinstance(traces, (list, tuple)):
+        items = list(traces)
+    else:
+        raise TraceError(f"traces must be a trace file, folder or bundled name, a TraceSet, or a list of those; got "
+                         f"{type(traces).__name__}")
     if all(isinstance(t, (str, Path)) for t in items):
         return [str(t) for t in items]
     return None

@@ -1,0 +1,187 @@
+"""Files moegraph reads and writes, at the file system's edges: outputs staged under unique names (nothing
+planted beside a target is written through or removed), inputs read only from regular files (a FIFO would
+block the reader, a device never ends), deep nesting and over-long names as clear errors, and the API's
+arguments checked by type. Found by an audit; each case failed (traceback, hang, memory blow-up or a
+user's file replaced) before the fix it tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moegraph
+from moegraph.cli import main
+from moegraph.errors import InputError, PlanFileError, SpecError, TraceError
+from moegraph.planner import Plan
+
+LONG = "x" * 300  # a path component longer than NAME_MAX (255)
+NESTED = "[" * 100_000 + "]" * 100_000  # valid JSON beyond Python's recursion limit
+
+
+def cli(*argv) -> tuple[int, str]:
+    """``moegraph ARGV`` in-process, with an alarm: a reader that blocks (on a FIFO) fails the test, not the run."""
+    out, err = io.StringIO(), io.StringIO()
+    signal.alarm(20)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        signal.alarm(0)
+    text = " ".join(err.getvalue().split())
+    assert "Traceback" not in text, text
+    return code, text
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    spec = moegraph.load_spec("deepseek-v2-lite-tiny")
+    plan = moegraph.planner.plan(spec, nodes=1, gpus_per_node=2)
+    plan.save(root / "plan.json")
+    for name in ("fifo.json", "fifo.yaml", "fifo.npz"):
+        os.mkfifo(root / name)
+    np.savez(root / "trace_meta_nested.npz", meta=np.array(NESTED), topk=np.zeros((1, 1, 6), np.int32))
+    return root
+
+
+def test_outputs_are_staged_under_new_unique_names(files, tmp_path):
+    # The old fixed staging name, held by a user's file and by a link to another file: both survive the write.
+    out, out2 = tmp_path / "out.json", tmp_path / "out2.json"
+    (tmp_path / "out.json.tmp.json").write_text("precious user data")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not a plan")
+    (tmp_path / "out2.json.tmp.json").symlink_to(victim)
+    assert cli("export", files / "plan.json", "-o", out)[0] == 0
+    assert cli("export", files / "plan.json", "-o", out2)[0] == 0
+    assert (tmp_path / "out.json.tmp.json").read_text() == "precious user data"
+    assert victim.read_text() == "not a plan" and json.loads(out.read_text())
+    # the usual permissions (not mkstemp's 0600), and no temporary left beside the outputs
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.json.tmp.json", "out2.json",
+                                                          "out2.json.tmp.json", "victim.txt"]
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["validate", "{d}/fifo.yaml"], "is not a regular file"),
+    (["export", "{d}/fifo.json", "-o", "{d}/never.json"], "is not a regular file"),
+    (["trace", "stats", "{d}/fifo.npz"], "is not a regular file"),
+    (["run", "deepseek-v2-lite-tiny", "--plan", "{d}/fifo.json"], "is not a regular file"),
+    (["plan", "deepseek-v2-lite-tiny", "--from", "{d}/fifo.json", "--trace", "esft-deepseek-v2-lite/intent"], "is not a regular file"),
+    (["plan", "deepseek-v2-lite-tiny", "--from", "{d}/plan.json", "--trace", "{d}/fifo.npz"], "is not a regular file"),
+    (["validate", "/dev/zero"], "device such as /dev/zero"),
+    (["export", "/dev/zero", "-o", "{d}/never.json"], "device such as /dev/zero"),
+    (["trace", "stats", "{d}/trace_meta_nested.npz"], "nested too deeply"),
+    (["validate", f"{LONG}.yaml"], "File name too long"),
+    (["trace", "stats", f"{LONG}.npz"], "File name too long"),
+    (["export", "{d}/plan.json", "-o", f"{{d}}/{LONG}.json"], "File name too long"),
+    (["plan", "deepseek-v2-lite-tiny", "-o", f"{{d}}/{LONG}.json"], "File name too long"),
+])
+def test_unreadable_inputs_and_unwritable_outputs_are_clear_errors(files, argv, names):
+    code, err = cli(*[a.format(d=files) for a in argv])
+    assert code == 2 and names in err, err
+    assert not (files / "never.json").exists()
+
+
+def test_nested_or_non_regular_files_in_the_other_readers(files, tmp_path):
+    from moegraph.hf.config import load_hf_config
+
+    (tmp_path / "config.json").write_text(NESTED)
+    with pytest.raises(InputError, match="nested too deeply"):
+        load_hf_config(tmp_path / "config.json")
+    with pytest.raises(InputError, match="is not a regular file"):
+        load_hf_config(files / "fifo.json")
+    with pytest.raises(SpecError, match="File name too long"):
+        moegraph.load_spec(LONG)
+    # A tuned-strategy table that cannot be read is rebuilt with a warning, as a corrupt one is.
+    from moegraph import tuning
+
+    tuner = tuning.Tuner(tmp_path / "cache")
+    tuner.path.parent.mkdir(parents=True, exist_ok=True)
+    tuner.path.write_text(NESTED)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuner._load()
+    assert tuner.table == {} and any("unreadable" in str(w.message) for w in caught)
+
+
+def test_plan_and_trace_files_edited_by_hand_are_refused(files, tmp_path):
+    text = (files / "plan.json").read_text()
+    (tmp_path / "twice.json").write_text(text.replace("{", '{"format": "moegraph-plan", ', 1))
+    with pytest.raises(PlanFileError, match="'format' appears twice"):
+        Plan.load(tmp_path / "twice.json")
+    data = json.loads(text)
+    data["version"] = True
+    (tmp_path / "true.json").write_text(json.dumps(data))
+    with pytest.raises(PlanFileError, match="version True is not supported"):
+        Plan.load(tmp_path / "true.json")
+    # trace meta: notes and sources are lists of strings (a string of notes was five one-letter notes)
+    ts = moegraph.traces.load_traces("esft-deepseek-v2-lite/intent").split_sources()[0]
+    ts.save(tmp_path / "t.npz")
+    with np.load(tmp_path / "t.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    for key, value in (("notes", "hello"), ("sources", [{"a": 1}])):
+        meta = json.loads(str(arrays["meta"]))
+        meta[key] = value
+        np.savez(tmp_path / "edited.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
+        with pytest.raises(TraceError, match=f"meta.{key} is not a list"):
+            moegraph.traces.load_traces(tmp_path / "edited.npz")
+
+
+def test_api_arguments_of_the_wrong_type_are_named():
+    spec = moegraph.load_spec("deepseek-v3-tiny")
+    with pytest.raises(PlanFileError, match="takes the plan file's path"):
+        Plan.load(None)
+    with pytest.raises(InputError, match="plan is a placement Plan or a plan file's path, got int"):
+        moegraph.compile(spec, plan=5)
+    with pytest.raises(InputError, match="out_dir is the folder"):
+        moegraph.compile(spec, out_dir=5)
+    with pytest.raises(InputError, match="unknown expert_strategy"):
+        moegraph.compile(spec, expert_strategy=["a"])
+    with pytest.raises(TraceError, match="traces must be a trace file"):
+        moegraph.planner.plan(spec, 5)
+    for kw in ({"slots": "x"}, {"nodes": 0}, {"gpus_per_node": 2.5}):
+        with pytest.raises(moegraph.errors.PlanInfeasible, match="must be a whole number >= 1"):
+            moegraph.planner.plan(spec, **kw)
+
+
+def test_plan_load_takes_a_spec_file_or_preset_name_for_its_spec(files, tmp_path):
+    planned = Plan.load(files / "plan.json").spec
+    (tmp_path / "spec.json").write_text(json.dumps(planned.to_dict()))
+    assert Plan.load(files / "plan.json", spec=tmp_path / "spec.json").num_gpus == 2
+    with pytest.raises(PlanFileError, match="topology.gpus_per_node: 8 in the given spec, 2 in the plan"):
+        Plan.load(files / "plan.json", spec="deepseek-v2-lite-tiny")  # the preset is on 8 GPUs
+
+
+def test_tune_bounds_its_token_counts_and_budget():
+    for argv in (["-t", "-1"], ["-t", "99999999999"], ["--budget", "nan"], ["--budget", "-5"]):
+        code, err = cli("tune", "deepseek-v3-tiny", *argv)
+        assert code == 2 and "Invalid value" in err, (argv, err)
+
+
+def test_memory_checks_see_the_address_space_limit():
+    # `ulimit -v`: the memory a process may still take is below what the system has free.
+    code = ("import resource; from moegraph.limits import available_memory; free = available_memory(); "
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, resource.RLIM_INFINITY)); "
+            "print(free, available_memory())")
+    free, limited = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                            check=True).stdout.split())
+    assert limited < 2 << 30 <= free
+
+
+def test_run_refuses_more_tokens_than_memory_holds(files):
+    code, err = cli("run", "deepseek-v2-lite-tiny", "--plan", files / "plan.json", "--tokens", "16777216")
+    assert code == 2 and "run fewer --tokens" in err, err
