@@ -37,7 +37,7 @@ def regular_target(path: str | Path, what: str, error: type[MoegraphError] = Moe
     target = Path(os.path.realpath(path))
     try:
         st = target.stat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a parent that is a file: said by the writer)
         return target
     except OSError as exc:  # a name too long, a folder that cannot be searched, a link loop
         raise error(f"{path}: cannot be written ({exc.strerror or exc}); give another path for the {what}") from None
