@@ -75,10 +75,10 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    target, worst first: a budget too small for the drift is spent, not left over. Shared out so, the
    worst layer can take the whole budget for less than the unbudgeted re-plan spends on it (on skewed
    synthetic switches a budget of 44 slots left a layer at 2.08 that the unbudgeted re-plan's 45 slots
-   brought to 1.03), so a second allocation is made too: whole layers of the unbudgeted re-plan, the most
-   balance per slot first, while they fit, the rest repairing the other layers (from the window's replica
-   counts too, as step 1's second pass); the one better balanced on the window (mean over layers) is
-   returned.
+   brought to 1.03), so two more allocations are made: whole layers of the unbudgeted re-plan, the most
+   balance per slot first, while they fit, the rest repairing the other layers either worst first (from
+   the window's replica counts too, as step 1's second pass) or a change at a time to whichever layer is
+   worst balanced then; the one best balanced on the window (mean over layers) is returned.
 4. Polish (in layers of at most ``POLISH_MAX_SLOTS`` slots). Steps 1 and 2 are
    greedy: each takes the best change in sight, and where they stop depends on the order of their
    choices (an exact solver finds placements of the same balance that cost less and move fewer
@@ -1051,12 +1051,12 @@ def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.
 
 
 def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, imb: float, budget: _Budget,
-                  coacts: list[np.ndarray], cost: np.ndarray, value_per_j: float) -> int:
+                  coacts: list[np.ndarray], cost: np.ndarray, value_per_j: float, water: bool = False) -> int:
     """Step 3's other way to spend a budget (in place on ``states``; returns the repairs made): the layers of the
     unbudgeted re-plan ``solved`` taken whole, those that lower max/mean on the window the most per slot
     moved first, while they fit; what is left repairs the other layers above the target, worst first (a
     layer with redundant slots also from the window's replica counts, as step 1's second pass, where those
-    fit: the better balanced result)."""
+    fit: the better balanced result), or with ``water`` a change at a time to the layer worst balanced then."""
     offers = []
     for layer, (st, done) in enumerate(zip(states, solved)):
         moved, drop = _slots_moved(done), _ratio(st) - _ratio(done)
@@ -1070,6 +1070,18 @@ def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, 
             taken.add(layer)
     repairs = 0
     ratio = np.array([_ratio(st) for st in states])
+    if water:
+        active = {layer for layer in range(len(states))
+                  if layer not in taken and not kept[layer] and ratio[layer] > imb + 1e-6}
+        while active and budget.moves >= 1:
+            layer = max(active, key=lambda i: (_ratio(states[i]), -i))
+            step = _Budget(min(2.0, budget.moves))  # one change: a swap, or a replica or two
+            made = _repair_balance(states[layer], imb, step, coacts[layer], cost, value_per_j)
+            budget.spend(min(2.0, budget.moves) - step.moves)
+            repairs += made
+            if not made or _ratio(states[layer]) <= imb + 1e-6:
+                active.discard(layer)
+        return repairs
     for layer in np.lexsort((np.arange(len(states)), -ratio)):
         if layer in taken or kept[layer] or ratio[layer] <= imb + 1e-6 or budget.moves < 1:
             continue
@@ -1290,12 +1302,14 @@ def replan(
                 if not kept[layer] and ratio[layer] > imb + 1e-6 and shared_budget.moves >= 1:
                     repairs += _repair_balance(shared[layer], imb, shared_budget, coacts[layer], cost, value_per_j)
             # or whole layers of the unbudgeted re-plan, the most balance per slot first: the better balanced
-            whole, whole_budget = [st.copy() for st in states], _Budget(budget.moves)
-            whole_repairs = _whole_layers(whole, trial, kept, imb, whole_budget, coacts, cost, value_per_j)
-            if np.mean([_ratio(st) for st in whole]) < np.mean([_ratio(st) for st in shared]) - 1e-9:
-                states, budget, repairs, swaps, polished = whole, whole_budget, whole_repairs, 0, 0
-            else:
-                states, budget = shared, shared_budget
+            best = (np.mean([_ratio(st) for st in shared]), shared, shared_budget, repairs, swaps, polished)
+            for water in (False, True):  # the rest worst layer first, or a change at a time to the worst then
+                whole, whole_budget = [st.copy() for st in states], _Budget(budget.moves)
+                made = _whole_layers(whole, trial, kept, imb, whole_budget, coacts, cost, value_per_j, water=water)
+                mean = np.mean([_ratio(st) for st in whole])
+                if mean < best[0] - 1e-9:
+                    best = (mean, whole, whole_budget, made, 0, 0)
+            _, states, budget, repairs, swaps, polished = best
     rows = []
     for layer, st in enumerate(states):
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
