@@ -293,7 +293,10 @@ def _run_edges(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(70 + rank)
     with torch.no_grad():
         layer(torch.randn(32, spec.moe.hidden_size, generator=g) + 12.0 * (pull @ layer.router.weight.detach()))
-    handler = CallbackHandler([rb.as_trainer_callback()], layer, None, Wrapped(opt), None)
+    # expert-parallel over several processes: refused (a multi-process Trainer's DDP would overwrite the experts);
+    # the callback's mechanics are exercised here on the same layers through its builder
+    res["trainer_ddp"] = _error(rb.as_trainer_callback)
+    handler = CallbackHandler([rb._trainer_callback()], layer, None, Wrapped(opt), None)
     replan_module = sys.modules["moegraph.planner.replan"]
     real_replan, calls = replan_module.replan, []
     replan_module.replan = lambda *a, **k: calls.append(1) or real_replan(*a, **k)
@@ -353,15 +356,13 @@ def _run_edges(rank: int, world: int) -> dict:
     res["bad_states_left"] = (rb4.steps, rb4._last_replan, rb4.events)
     # An optimizer whose state cannot move, handed over by the Trainer: refused before the first step, with
     # advice that applies in a Trainer.
-    handler3 = CallbackHandler([Rebalancer([resumed], every=1).as_trainer_callback()], resumed, None,
+    handler3 = CallbackHandler([Rebalancer([resumed], every=1)._trainer_callback()], resumed, None,
                                torch.optim.RMSprop(resumed.parameters()), None)
     res["trainer_rmsprop"] = _error(lambda: handler3.on_train_begin(None, TrainerState(), TrainerControl()))
-    # A Trainer of several processes is refused before it wraps the model (DDP); a later Trainer's optimizer is
-    # adopted at its train; an evaluation before its first step (eval_on_start) is not recorded.
-    res["trainer_ddp"] = _error(lambda: handler.on_train_begin(SimpleNamespace(world_size=2), TrainerState(),
-                                                               TrainerControl()))
+    # A later Trainer's optimizer is adopted at its train, by a new callback of the same Rebalancer too; an
+    # evaluation before its first step (eval_on_start) is not recorded.
     opt2 = torch.optim.AdamW(layer.parameters(), lr=0.01)
-    handler2 = CallbackHandler(handler.callbacks, layer, None, Wrapped(opt2), None)
+    handler2 = CallbackHandler([rb._trainer_callback()], layer, None, Wrapped(opt2), None)
     handler.on_step_begin(None, TrainerState(), TrainerControl())  # recording, as after a step of the first run
     handler2.on_train_begin(SimpleNamespace(world_size=1), TrainerState(), TrainerControl())
     with torch.no_grad():
@@ -825,7 +826,7 @@ def test_rebalancer_as_a_hugging_face_trainer_callback(runs):
         assert out["window_after_eval"] == 0 and out["window_after_train_step"] == 32
         assert out["window_after_eval_on_start"] == 0 and out["trainer_adopted"] == (True, True)
         kind, msg = out["trainer_ddp"]
-        assert kind == "DistributedError" and "runs on 2 processes" in msg and "DistributedDataParallel" in msg, msg
+        assert kind == "DistributedError" and "expert-parallel over 2 processes" in msg and "DistributedDataParallel" in msg
         assert any("replaces that recorder" in w for w in out["recorder_warnings"]), out["recorder_warnings"]
     assert res[0]["trainer_events"][0]["slots_moved"] == res[1]["trainer_events"][0]["slots_moved"] > 0
     # rank 0 re-planned, the other rank took its plan
@@ -909,7 +910,8 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
         assert any(thr < m <= thr + f for m, f, _, _ in out["noise_checks"]), out["noise_checks"]
 
 
-def test_run_feeds_token_ids_to_hash_routed_layers_timed_and_drifting():
+@pytest.mark.parametrize("method", ["random", "modulo"])
+def test_run_feeds_token_ids_to_hash_routed_layers_timed_and_drifting(method):
     # Hash routing picks experts by token id: `moegraph run` draws ids for it (it failed asking for token_ids), and
     # the drifting stream draws the ids the preference favours (it failed reading a router weight hash routing lacks).
     from moegraph.distributed.local import run_local
@@ -918,6 +920,7 @@ def test_run_feeds_token_ids_to_hash_routed_layers_timed_and_drifting():
     d = moegraph.load_spec("hash-tiny").model_dump(mode="json")
     d["topology"] = {"kind": "uniform", "nodes": 1, "gpus_per_node": 2}
     d["placement"]["redundant_slots"] = 2
+    d["moe"]["router"]["method"] = method  # a table over the vocab, or a formula of the id
     plan = make_plan(moegraph.load_spec(d))
     timed = run_local(plan, tokens=16, steps=2, timeout=TIMEOUT_S)
     assert timed.matches and timed.measured.sum() > 0

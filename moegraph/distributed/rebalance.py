@@ -278,6 +278,7 @@ class Rebalancer:
         self.every, self.threshold, self.check_every = every, threshold, int(check_every)
         self.replan_args = {k: v for k, v in replan_args._asdict().items() if k != "max_imbalance"}
         self.optimizer = optimizer
+        self._optimizer_given = optimizer is not None  # else a Trainer callback adopts the Trainer's
         self.steps = 0
         self._last_replan = 0  # step of the last re-plan (0: the start)
         self._window_start = 0  # step after which the windows' ``seen`` counts (last emptied, or the resume)
@@ -312,20 +313,33 @@ class Rebalancer:
         checkpoint folder: to resume, compile the layers with that folder's plan and call ``load_state`` on the
         new Rebalancer.
 
-        A Trainer of several processes is refused at ``on_train_begin``, before it wraps the model: it trains
-        data-parallel (``DistributedDataParallel`` broadcasts rank 0's parameters over every rank's, and expert-
-        parallel ranks hold different experts; it averages their gradients) and checkpoints rank 0's weights
-        and optimizer state alone. Expert-parallel training across processes is a loop of your own (README)."""
+        Layers expert-parallel over several processes are refused here: a Trainer launched on several processes
+        trains data-parallel (``DistributedDataParallel``, which the Trainer wraps before any callback runs,
+        broadcasts rank 0's parameters over every rank's, and expert-parallel ranks hold different experts; it
+        averages their gradients) and checkpoints rank 0's weights and optimizer state alone. Expert-parallel
+        training across processes is a loop of your own (README)."""
+        if self.layers[0].world_size > 1:
+            raise DistributedError(
+                f"rank {self.layers[0].rank}: Rebalancer.as_trainer_callback: the layers are expert-parallel over "
+                f"{self.layers[0].world_size} processes, and a Hugging Face Trainer on several processes trains "
+                "data-parallel: the DistributedDataParallel it wraps the model in (before any callback runs) would "
+                "overwrite every rank's expert slots with rank 0's and average their gradients, and its checkpoints "
+                "keep rank 0's experts and optimizer state only. Train expert-parallel layers across processes in a "
+                "loop of your own (backward, layer.sync_grads(), optimizer step, zero_grad, rb.step(); each rank "
+                "saves its own state_dict and optimizer state, rank 0 rb.save_state)")
+        return self._trainer_callback()
+
+    def _trainer_callback(self) -> Any:
+        """``as_trainer_callback`` without its check of the world (the callback's mechanics, for the tests)."""
         try:
             from transformers import TrainerCallback
         except ImportError as exc:  # transformers is optional
             raise DistributedError("Rebalancer.as_trainer_callback needs transformers (pip install transformers); "
                                    "in a plain training loop call rb.step() after each optimizer step") from exc
         rebalancer = self
-        given = self.optimizer is not None  # the caller's optimizer; else the Trainer's is adopted at each train
 
         def adopt(optimizer: Any) -> None:
-            if given or optimizer is None:
+            if rebalancer._optimizer_given or optimizer is None:  # else the Trainer's, at each train
                 return
             from .migrate import movable_optimizer
 
@@ -340,16 +354,6 @@ class Rebalancer:
 
         class RebalanceCallback(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                processes = int(getattr(args, "world_size", 1) or 1)
-                if processes > 1:
-                    raise DistributedError(
-                        f"rank {rebalancer.layers[0].rank}: Rebalancer.as_trainer_callback: this Trainer runs on "
-                        f"{processes} processes, so it trains data-parallel: DistributedDataParallel would overwrite "
-                        "every rank's expert slots with rank 0's (expert-parallel ranks hold different experts) and "
-                        "average their gradients, and its checkpoints keep rank 0's experts and optimizer state only. "
-                        "Train expert-parallel layers across processes in a loop of your own (backward, "
-                        "layer.sync_grads(), optimizer step, zero_grad, rb.step(); each rank saves its own state_dict "
-                        "and optimizer state, rank 0 rb.save_state), or run the Trainer on one process")
                 adopt(kwargs.get("optimizer"))  # a state that cannot move is refused before the first step
                 rebalancer.pause()  # an evaluation before the first step (eval_on_start) is not training traffic
 
@@ -647,18 +651,29 @@ def drift_stream(layers: Sequence[Any], *, steps: int, tokens: int, seed: int = 
         pref = (1 - w) * a + w * b
         with torch.inference_mode():
             for layer in layers:
-                table = getattr(layer.router, "hash_table", None)
-                if table is not None:  # hash routing picks experts by token id: ids the preference favours
-                    weight = pref[table.long().cpu()].sum(dim=-1) + 1e-3  # [vocab]; every id stays possible
+                if layer.NEEDS_TOKEN_IDS:  # hash routing picks experts by token id: ids the preference favours
+                    table = _hash_experts(layer)
+                    weight = pref[table].sum(dim=-1) + 1e-3  # [ids]; every id stays possible
                     ids = torch.multinomial(weight, tokens, replacement=True, generator=gr) if tokens else \
                         torch.zeros(0, dtype=torch.int64)
+                    dev = layer.experts.down_proj.device
                     x = torch.randn(tokens, layer.HIDDEN, generator=gr)
-                    layer(x.to(table.device, layer.compute_dtype), token_ids=ids.to(table.device))
+                    layer(x.to(dev, layer.compute_dtype), token_ids=ids.to(dev))
                     continue
                 router = layer.router.weight.detach().float()
                 x = torch.randn(tokens, layer.HIDDEN, generator=gr) + strength * (pref @ router)
                 layer(x.to(router.device, layer.compute_dtype))  # FP8 experts compute in their activation dtype
         yield step
+
+
+def _hash_experts(layer: Any) -> torch.Tensor:
+    """[ids, K] the experts a hash-routed layer sends each token id to (on the host): its table, or for the
+    modulo method the ids 0..E-1 through its formula ((id + k E // K) mod E), which covers every pattern."""
+    table = getattr(layer.router, "hash_table", None)
+    if table is not None:
+        return table.long().cpu()
+    e, k = layer.NUM_EXPERTS, layer.TOP_K
+    return (torch.arange(e).unsqueeze(1) + torch.arange(k) * (e // k)) % e
 
 
 def _plain(value: Any) -> Any:
