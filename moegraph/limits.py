@@ -9,17 +9,19 @@ of ``MemAvailable`` and what the process's address-space and cgroup limits leave
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .errors import ResourceError
 
-__all__ = ["available_memory", "check_memory", "gib"]
+__all__ = ["address_space_room", "available_memory", "check_memory", "gib"]
 
 
-def available_memory() -> int | None:
+def available_memory(address_space: bool = True) -> int | None:
     """Bytes of memory this process may still allocate now (None when the OS does not say): the least of the
-    system's ``MemAvailable``, the room left under the process's address-space limit (``ulimit -v``) and
-    under its cgroup's ``memory.max`` (a container's limit, which ``MemAvailable`` does not see)."""
+    system's ``MemAvailable``, the room left under its cgroup's ``memory.max`` (a container's limit, which
+    ``MemAvailable`` does not see) and, with ``address_space``, under this process's address-space limit
+    (``ulimit -v``: per process, so not what several processes share)."""
     found = []
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
@@ -34,13 +36,13 @@ def available_memory() -> int | None:
             found.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
         except (ValueError, OSError, AttributeError):
             pass
-    for room in (_address_space_room(), _cgroup_room()):
+    for room in (address_space_room() if address_space else None, _cgroup_room()):
         if room is not None:
             found.append(room)
     return min(found) if found else None
 
 
-def _address_space_room() -> int | None:
+def address_space_room() -> int | None:
     """Bytes left under RLIMIT_AS (the soft limit) beyond the process's current virtual size; None: unlimited."""
     try:
         import resource
@@ -56,7 +58,8 @@ def _address_space_room() -> int | None:
 
 
 def _cgroup_room() -> int | None:
-    """Bytes left under this process's cgroup v2 ``memory.max`` (None: no limit, or not cgroup v2)."""
+    """Bytes left under this process's cgroup v2 ``memory.max`` (None: no limit, or not cgroup v2): the limit less
+    what the cgroup uses, its reclaimable page cache (``inactive_file``) not counted as used."""
     try:
         with open("/proc/self/cgroup", encoding="ascii") as fh:
             rel = next((line.split(":", 2)[2].strip() for line in fh if line.startswith("0::")), None)
@@ -69,7 +72,10 @@ def _cgroup_room() -> int | None:
             return None
         with open(os.path.join(folder, "memory.current"), encoding="ascii") as fh:
             used = int(fh.read().strip())
-        return max(int(limit) - used, 0)
+        with contextlib.suppress(OSError, ValueError, IndexError), \
+                open(os.path.join(folder, "memory.stat"), encoding="ascii") as fh:
+            used -= next((int(line.split()[1]) for line in fh if line.startswith("inactive_file ")), 0)
+        return max(int(limit) - max(used, 0), 0)
     except (OSError, ValueError, IndexError):
         return None
 
@@ -80,7 +86,7 @@ def gib(n: float) -> str:
 
 def check_memory(need_bytes: float, what: str, fix: str, limit_bytes: float | None = None) -> None:
     """Raise ResourceError if ``what`` (needing about ``need_bytes``) exceeds the available memory
-    (or ``limit_bytes`` when given)."""
+    (``available_memory()``, or ``limit_bytes`` when given)."""
     have = limit_bytes if limit_bytes is not None else available_memory()
     if have is not None and need_bytes > have:
         where = "the limit" if limit_bytes is not None else "the memory available"

@@ -29,7 +29,7 @@ import torch
 
 from ..codegen import default_cache_dir
 from ..errors import DistributedError
-from ..limits import check_memory
+from ..limits import address_space_room, available_memory, check_memory
 
 __all__ = ["run_local", "LocalRun", "free_port", "stop_running"]
 
@@ -112,8 +112,8 @@ def _timed_run(cfg: dict, rank: int, world: int, plan, layers: list, device) -> 
     x = torch.randn(cfg["tokens"], first.HIDDEN, generator=g).to(device=device, dtype=first.compute_dtype)
     if cfg["backward"]:
         x.requires_grad_(True)
-    table = getattr(first.router, "hash_table", None)  # hash routing picks experts by token id: random ids
-    token_ids = None if table is None else torch.randint(0, table.shape[0], (cfg["tokens"],), generator=g).to(device)
+    vocab = first.HASH_VOCAB or 1 << 16  # hash routing picks experts by token id: random ids (modulo: any range)
+    token_ids = torch.randint(0, vocab, (cfg["tokens"],), generator=g).to(device) if first.NEEDS_TOKEN_IDS else None
 
     def step() -> None:
         h = x
@@ -305,8 +305,12 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         raise DistributedError("recording a trace for re-planning needs every MoE layer: drop --layer")
     if device == "cpu":  # each rank's tokens, routed copies, combine and backward: a lower bound of what runs
         moe = plan.spec.moe
-        check_memory(world * tokens * moe.hidden_size * 4.0 * (2 * moe.top_k + 8),
-                     f"{world} ranks x {tokens} tokens of hidden size {moe.hidden_size}", "run fewer --tokens")
+        rank_bytes = tokens * moe.hidden_size * 4.0 * (2 * moe.top_k + 8)
+        what = f"{world} ranks x {tokens} tokens of hidden size {moe.hidden_size}"
+        check_memory(world * rank_bytes, what, "run fewer --tokens", available_memory(address_space=False))
+        room = address_space_room()  # ulimit -v holds each rank on its own
+        if room is not None:
+            check_memory(rank_bytes, f"one rank of {what}", "run fewer --tokens (or raise ulimit -v)", room)
     layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
     with tempfile.TemporaryDirectory(prefix="moegraph-run-") as tmp:
         plan_path = plan.save(Path(tmp) / "plan.json")
