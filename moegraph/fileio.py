@@ -112,7 +112,8 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], what: str,
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # a new file of a unique name beside the target; the suffix kept: numpy appends .npz otherwise
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+        # (the name's head only: a target name near the file system's limit stays writable)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem[:40]}.", suffix=f".tmp{target.suffix[:16]}")
         os.close(fd)
         tmp = Path(name)
         write(tmp)

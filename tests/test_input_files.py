@@ -50,7 +50,7 @@ def files(tmp_path_factory):
     spec = moegraph.load_spec("deepseek-v2-lite-tiny")
     plan = moegraph.planner.plan(spec, nodes=1, gpus_per_node=2)
     plan.save(root / "plan.json")
-    for name in ("fifo.json", "fifo.yaml", "fifo.npz"):
+    for name in ("fifo.json", "fifo.yaml", "fifo.npz", "fifo.pt"):
         os.mkfifo(root / name)
     np.savez(root / "trace_meta_nested.npz", meta=np.array(NESTED), topk=np.zeros((1, 1, 6), np.int32))
     return root
@@ -75,10 +75,24 @@ def test_outputs_are_staged_under_new_unique_names(files, tmp_path):
                                                           "out2.json.tmp.json", "victim.txt"]
 
 
+def test_a_target_name_near_the_file_systems_limit_is_still_written(files, tmp_path):
+    # the staging name carries the target name's head only (the whole name made a valid 240-character target fail)
+    out = tmp_path / ("p" * 240 + ".json")
+    assert cli("export", files / "plan.json", "-o", out)[0] == 0 and json.loads(out.read_text())
+
+
+def test_traces_may_be_any_iterable_of_names():
+    spec = moegraph.load_spec("deepseek-v2-lite-tiny")
+    for traces in ({"esft-deepseek-v2-lite/intent"}, (t for t in ["esft-deepseek-v2-lite/intent"])):
+        got = moegraph.planner.plan(spec, traces, rounds=0)
+        assert got.policy["trace_inputs"] == ["esft-deepseek-v2-lite/intent"]
+
+
 @pytest.mark.parametrize("argv, names", [
     (["validate", "{d}/fifo.yaml"], "is not a regular file"),
     (["export", "{d}/fifo.json", "-o", "{d}/never.json"], "is not a regular file"),
     (["trace", "stats", "{d}/fifo.npz"], "is not a regular file"),
+    (["trace", "import", "--format", "sglang", "{d}/fifo.pt", "-o", "{d}/never.npz"], "is not a regular file"),
     (["run", "deepseek-v2-lite-tiny", "--plan", "{d}/fifo.json"], "is not a regular file"),
     (["plan", "deepseek-v2-lite-tiny", "--from", "{d}/fifo.json", "--trace", "esft-deepseek-v2-lite/intent"], "is not a regular file"),
     (["plan", "deepseek-v2-lite-tiny", "--from", "{d}/plan.json", "--trace", "{d}/fifo.npz"], "is not a regular file"),

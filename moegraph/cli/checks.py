@@ -54,7 +54,7 @@ def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: I
     if not real.parent.is_dir():
         raise MoegraphError(f"{path}: {real.parent} is not a folder; choose another path")
     try:  # the one sure test of writability (permissions, read-only file systems, /proc): create a file there
-        fd, probe = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".probe", dir=real.parent)
+        fd, probe = tempfile.mkstemp(prefix=f".{real.stem[:40]}.", suffix=".probe", dir=real.parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,17 +144,22 @@ def _planning_traces(spec: MoESpec, traces: Any) -> TraceSet | None:
     return traces_for_spec(traces, spec)
 
 
+def _trace_items(traces: Any) -> Any:
+    """``traces`` as given (None, one trace), or its items as a list: any iterable (a set of names, a generator)
+    is read once, here; anything else is refused naming the argument."""
+    if traces is None or isinstance(traces, (str, os.PathLike, TraceSet)):
+        return traces
+    if isinstance(traces, Mapping) or isinstance(traces, np.ndarray) or not isinstance(traces, Iterable):
+        raise TraceError(f"traces must be a trace file, folder or bundled name, a TraceSet, or a list of those; got "
+                         f"{type(traces).__name__}")
+    return list(traces)
+
+
 def _trace_inputs(spec: MoESpec, traces: Any) -> list[str] | None:
     """The trace paths / bundled names a plan was made from, when given as such (to re-load them later)."""
     if traces is None:
         return list(spec.placement.traces) or None
-    if isinstance(traces, (str, Path, TraceSet)):
-        items = [traces]
-    elif isinstance(traces, (list, tuple)):
-        items = list(traces)
-    else:
-        raise TraceError(f"traces must be a trace file, folder or bundled name, a TraceSet, or a list of those; got "
-                         f"{type(traces).__name__}")
+    items = [traces] if isinstance(traces, (str, Path, TraceSet)) else list(traces)
     if all(isinstance(t, (str, Path)) for t in items):
         return [str(t) for t in items]
     return None
@@ -209,6 +215,7 @@ def plan(
                  "plan fewer experts or slots (--slots)")
     cl = cluster_of(spec)
     check_feasible(spec, cl)
+    traces = _trace_items(traces)
     trace_inputs = _trace_inputs(spec, traces)
     ts = _planning_traces(spec, traces)
     e = spec.moe.experts.num_experts

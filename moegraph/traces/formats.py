@@ -319,6 +319,7 @@ def read_sglang(
     ps = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     counts_total, topk_parts, sample_parts, rank_parts, offset = None, [], [], [], 0
     for p in ps:
+        check_input(p, "SGLang routing dump (.pt)", TraceError)
         try:
             check_memory(2.0 * p.stat().st_size, f"{p} ({p.stat().st_size / 2**20:.0f} MiB)",
                          "import the dumps one at a time")
