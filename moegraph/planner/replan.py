@@ -1271,7 +1271,7 @@ def replan(
                 repairs, swaps, polished = repairs + r, swaps + c, polished + rounds
             return repairs, swaps, polished
 
-        fits = None
+        fits, allocation = None, None
         if budget.moves is not None:
             # A budget that the unbudgeted re-plan fits in does not bind: that plan, not another search's (the
             # budgeted steps share the budget out over the layers, and differ even when it is never reached)
@@ -1302,14 +1302,15 @@ def replan(
                 if not kept[layer] and ratio[layer] > imb + 1e-6 and shared_budget.moves >= 1:
                     repairs += _repair_balance(shared[layer], imb, shared_budget, coacts[layer], cost, value_per_j)
             # or whole layers of the unbudgeted re-plan, the most balance per slot first: the better balanced
-            best = (np.mean([_ratio(st) for st in shared]), shared, shared_budget, repairs, swaps, polished)
+            best = (np.mean([_ratio(st) for st in shared]), shared, shared_budget, repairs, swaps, polished, "shared")
             for water in (False, True):  # the rest worst layer first, or a change at a time to the worst then
                 whole, whole_budget = [st.copy() for st in states], _Budget(budget.moves)
                 made = _whole_layers(whole, trial, kept, imb, whole_budget, coacts, cost, value_per_j, water=water)
                 mean = np.mean([_ratio(st) for st in whole])
                 if mean < best[0] - 1e-9:
-                    best = (mean, whole, whole_budget, made, 0, 0)
-            _, states, budget, repairs, swaps, polished = best
+                    best = (mean, whole, whole_budget, made, 0, 0, "whole layers, then a change at a time"
+                            if water else "whole layers, then worst layer first")
+            _, states, budget, repairs, swaps, polished, allocation = best
     rows = []
     for layer, st in enumerate(states):
         rows.append(_align_slots(st.ex, current_plan.physical_to_logical_map[layer], g))
@@ -1318,6 +1319,9 @@ def replan(
     if expert_choice:
         notes.append("expert-choice routing balances the load by construction (every expert takes its capacity of "
                      "each batch's tokens) and its traces record a top-k proxy, not the assignments: every layer kept")
+    elif kept.any() and trigger > imb + floor:
+        notes.append(f"{int(kept.sum())} of {len(states)} layers kept as they are: within the spec's max_imbalance "
+                     f"({trigger:.3f}) on the window")
     elif kept.any():
         notes.append(f"{int(kept.sum())} of {len(states)} layers kept as they are: within the window's sampling noise of "
                      f"the balance target (max/mean {trigger:.3f} or less on {ts.num_tokens} tokens; a longer window "
@@ -1330,12 +1334,14 @@ def replan(
                      f"window (worst {after[above].max():.3f}) within {why}")
     policy = {
         "name": "incremental-replan",
-        "why": "warm-started from the current plan (layers within the window's sampling noise of the target kept): "
+        "why": "warm-started from the current plan (layers within the window's sampling noise of the target, or within "
+               "the spec's max_imbalance, kept; every layer of expert-choice routing): "
                "priced balance repair (dispatch rule's expected loads on the "
                "window), then priced co-activation swaps and replica re-assignments; per layer with redundant slots, "
                "the same from the window's replica counts where that is cheaper or better balanced; then an iterated "
                "local search on the same measure (seeded; under a budget, within each layer's share, and the slots "
-               "it frees repair the layers still above the target); moves cost their weight bytes over the "
+               "it frees repair the layers still above the target; or whole layers of the unbudgeted re-plan, "
+               "the better balanced kept); moves cost their weight bytes over the "
                "topology's links",
         "seed": seed,
         "max_imbalance": imb,
@@ -1346,6 +1352,8 @@ def replan(
         "copies_per_cut": round(rate, 6),
         "max_moves": max_moves,
         "max_move_bytes": max_move_bytes,
+        # how a binding budget was spent (step 3); with whole layers, the counts above are the leftover's only
+        "budget_allocation": allocation,
         "from_policy": current_plan.policy.get("name"),
         "traces": ts.name,
         "balance_changes": int(repairs),
