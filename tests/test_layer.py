@@ -995,3 +995,22 @@ def test_router_network_keeps_old_hashes_and_names_bad_fields(tmp_path):
             layer(x, router_state=state)
     y, st = layer(x)  # no incoming state: adds nothing (as a first layer's missing one)
     assert y.shape == x.shape and st.shape == (2, 3, H)
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "mixtral-tiny", "qwen2-moe-tiny", "hash-tiny"])
+def test_a_compiled_layer_runs_after_moving_to_another_dtype(preset):
+    # .to(dtype) / .half() convert the router weight; the generated code cast the router input to the dtype it was
+    # compiled with, so the forward raised (m1 and m2 dtypes differ). It now follows the router weight.
+    import copy
+
+    spec = moegraph.load_spec(preset)
+    layer = moegraph.compile(spec, seed=0).eval()
+    x = torch.randn(7, spec.moe.hidden_size, generator=torch.Generator().manual_seed(0))
+    kw = {"token_ids": torch.arange(7)} if layer.NEEDS_TOKEN_IDS else {}
+    with torch.no_grad():
+        ref = layer(x, **kw).double()
+        wide = copy.deepcopy(layer).to(torch.float64)(x.double(), **kw)
+        half = copy.deepcopy(layer).to(torch.bfloat16)(x.bfloat16(), **kw)
+    assert wide.dtype == torch.float64 and half.dtype == torch.bfloat16
+    torch.testing.assert_close(wide, ref, rtol=1e-5, atol=1e-5)  # float32 rounding of the reference
+    assert (half.double() - ref).abs().max() <= 3e-2 * ref.abs().max()  # bfloat16's 8 bits of mantissa
