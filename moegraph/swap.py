@@ -398,9 +398,15 @@ def optimize(
             claimed.append(path)
 
     cfg = getattr(model, "config", None)
-    if cfg is not None and getattr(cfg, "output_router_logits", False):
-        report.notes.append("config.output_router_logits is set: swapped blocks no longer expose router logits to "
-                            "transformers' output recorder, so its auxiliary loss misses them")
+    router_logits = cfg is not None and bool(getattr(cfg, "output_router_logits", False))
+    if router_logits:
+        report.notes.append("config.output_router_logits is set: transformers records router logits from the blocks' "
+                            "router modules, which a swapped block does not run (its forward then fails), so no block "
+                            "is swapped; set config.output_router_logits = False to optimize (and leave the "
+                            "auxiliary loss out)")
+    elif cfg is not None and hasattr(cfg, "output_router_logits"):
+        report.notes.append("a swapped model's forward(output_router_logits=True) fails: transformers records router "
+                            "logits from the router modules a swapped block does not run")
 
     # Step 2: read, compile, swap (and check) each candidate.
     inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module]]] = {}
@@ -408,7 +414,8 @@ def optimize(
         ts = time.perf_counter()
         rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
         report.records.append(rec)
-        why = _refusal_for_placement(block)
+        why = ("config.output_router_logits is set: transformers' auxiliary loss reads the router modules that a "
+               "swapped block does not run") if router_logits else _refusal_for_placement(block)
         if why:
             rec.reason = why
             continue

@@ -657,3 +657,25 @@ def test_ernie_vl_modality_experts_flattened_output() -> None:
     torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-5, atol=1e-5 * float(xr.grad.abs().max()))
     with torch.no_grad():
         torch.testing.assert_close(block(x)[0], ref_text, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_outputs_router_logits_is_left_as_it_is():
+    # transformers records router logits (for its auxiliary loss) from the blocks' router modules; a swapped block
+    # does not run them, and the forward raised IndexError. With the config flag set no block is swapped.
+    import copy
+
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, num_experts=8,
+                                      num_experts_per_tok=2, moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24, output_router_logits=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    swapped = moegraph.optimize(copy.deepcopy(model))
+    report = swapped.moegraph_report
+    assert not any(r.status == "swapped" for r in report.records)
+    assert all("output_router_logits" in r.reason for r in report.records if r.status == "refused")
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(ids).aux_loss, model(ids).aux_loss)
