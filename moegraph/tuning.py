@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import semantics, strategies
-from .fileio import input_problem
+from .fileio import input_problem, write_atomically
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["Tuner", "device_identity", "enable_tuning", "disable_tuning", "active_tuner", "problem_key",
@@ -180,18 +179,10 @@ class Tuner:
         path = self.path
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
         body = json.dumps({"version": TABLE_VERSION, "identity": self.identity, "entries": self.table},
                           indent=1, sort_keys=True)
-        # Write then rename, so a reader never sees half a table.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(body)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # written whole or not at all (``fileio``), with the user's usual permissions
+        write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"), "expert-strategy table")
 
     # -- choosing ----------------------------------------------------------------------------
 
