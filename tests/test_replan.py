@@ -679,6 +679,9 @@ def test_a_budget_just_below_the_unbudgeted_replan_balances_about_as_well():
     tight = replan(spec, current, new, max_moves=moved - 1)
     assert migration(current, tight).slots_moved <= moved - 1
     assert mean(tight) <= mean(free) + 0.01, (mean(tight), mean(free))
+    # the policy counts the whole layers' own changes too (it said 16 repairs, the leftover's, against 55)
+    assert tight.policy["budget_allocation"].startswith("whole layers")
+    assert tight.policy["balance_changes"] >= free.policy["balance_changes"] // 2
     assert mean(replan(spec, current, new, max_moves=moved // 2)) < mean(current) - 0.3
 
 

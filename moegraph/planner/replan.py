@@ -1051,8 +1051,10 @@ def _steps(st: _Layer, coact: np.ndarray, imb: float, budget: _Budget, cost: np.
 
 
 def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, imb: float, budget: _Budget,
-                  coacts: list[np.ndarray], cost: np.ndarray, value_per_j: float, water: bool = False) -> int:
-    """Step 3's other way to spend a budget (in place on ``states``; returns the repairs made): the layers of the
+                  coacts: list[np.ndarray], cost: np.ndarray, value_per_j: float,
+                  water: bool = False) -> tuple[int, set[int]]:
+    """Step 3's other way to spend a budget (in place on ``states``; returns the repairs made after the whole layers,
+    and which layers were taken whole): the layers of the
     unbudgeted re-plan ``solved`` taken whole, those that lower max/mean on the window the most per slot
     moved first, while they fit; what is left repairs the other layers above the target, worst first (a
     layer with redundant slots also from the window's replica counts, as step 1's second pass, where those
@@ -1081,7 +1083,7 @@ def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, 
             repairs += made
             if not made or _ratio(states[layer]) <= imb + 1e-6:
                 active.discard(layer)
-        return repairs
+        return repairs, taken
     for layer in np.lexsort((np.arange(len(states)), -ratio)):
         if layer in taken or kept[layer] or ratio[layer] <= imb + 1e-6 or budget.moves < 1:
             continue
@@ -1099,7 +1101,7 @@ def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, 
         states[layer] = st
         budget.moves = left.moves
         repairs += r
-    return repairs
+    return repairs, taken
 
 
 def _layer_rng(seed: int, layer: int) -> np.random.Generator:
@@ -1121,8 +1123,8 @@ def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, t
 
 
 def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndarray:
-    """``_steps`` on every layer, the layers shared out among ``workers`` forked processes; returns the summed
-    (repairs, swaps, polish rounds kept).
+    """``_steps`` on every layer, the layers shared out among ``workers`` forked processes; returns [L, 3] each
+    layer's (repairs, swaps, polish rounds kept).
 
     Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
     each layer's result is the one the sequential loop gives, bit for bit; the processes inherit the
@@ -1146,11 +1148,11 @@ def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndar
         results = _layer_steps([int(x) for x in order])
     finally:
         _FORKED = None
-    counts = np.zeros(3, np.int64)
+    counts = np.zeros((len(states), 3), np.int64)
     for layer, ex, contrib, cnt in results:
         st = states[layer]
         st.ex, st.contrib = ex, contrib
-        counts += cnt
+        counts[layer] = cnt
     return counts
 
 
@@ -1259,17 +1261,17 @@ def replan(
         seed = spec.placement.seed if seed is None else int(seed)
         workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
 
-        def unbudgeted(states: list[_Layer]) -> tuple[int, int, int]:
-            """Steps 1-4 on ``states`` (in place) without a budget; (repairs, swaps, polish rounds kept)."""
+        def unbudgeted(states: list[_Layer]) -> np.ndarray:
+            """Steps 1-4 on ``states`` (in place) without a budget; [L, 3] each layer's (repairs, swaps, polish
+            rounds kept)."""
             if workers > 1:
                 work = (states, coacts, imb, _Budget(None), cost, value_per_j, seed)
-                return tuple(int(x) for x in _steps_in_processes(work, order, min(workers, len(states))))
-            repairs = swaps = polished = 0
+                return _steps_in_processes(work, order, min(workers, len(states)))
+            counts = np.zeros((len(states), 3), np.int64)
             for layer in order:
-                states[layer], r, c, rounds = _steps(states[layer], coacts[layer], imb, _Budget(None), cost,
-                                                     value_per_j, _layer_rng(seed, layer))
-                repairs, swaps, polished = repairs + r, swaps + c, polished + rounds
-            return repairs, swaps, polished
+                states[layer], *counts[layer] = _steps(states[layer], coacts[layer], imb, _Budget(None), cost,
+                                                       value_per_j, _layer_rng(seed, layer))
+            return counts
 
         fits, allocation = None, None
         if budget.moves is not None:
@@ -1281,9 +1283,9 @@ def replan(
                 fits = trial, counts
         budget_bound = budget.moves is not None and fits is None
         if budget.moves is None:
-            repairs, swaps, polished = unbudgeted(states)
+            repairs, swaps, polished = (int(x) for x in unbudgeted(states).sum(axis=0))
         elif fits is not None:
-            states, (repairs, swaps, polished) = fits
+            states, (repairs, swaps, polished) = fits[0], (int(x) for x in fits[1].sum(axis=0))
         else:
             shared, shared_budget = [st.copy() for st in states], _Budget(budget.moves)
             polished = 0
@@ -1305,10 +1307,12 @@ def replan(
             best = (np.mean([_ratio(st) for st in shared]), shared, shared_budget, repairs, swaps, polished, "shared")
             for water in (False, True):  # the rest worst layer first, or a change at a time to the worst then
                 whole, whole_budget = [st.copy() for st in states], _Budget(budget.moves)
-                made = _whole_layers(whole, trial, kept, imb, whole_budget, coacts, cost, value_per_j, water=water)
+                made, taken = _whole_layers(whole, trial, kept, imb, whole_budget, coacts, cost, value_per_j,
+                                            water=water)
                 mean = np.mean([_ratio(st) for st in whole])
                 if mean < best[0] - 1e-9:
-                    best = (mean, whole, whole_budget, made, 0, 0, "whole layers, then a change at a time"
+                    r, c, k = (int(x) for x in counts[sorted(taken)].sum(axis=0))  # the whole layers' own changes
+                    best = (mean, whole, whole_budget, made + r, c, k, "whole layers, then a change at a time"
                             if water else "whole layers, then worst layer first")
             _, states, budget, repairs, swaps, polished, allocation = best
     rows = []
@@ -1352,8 +1356,7 @@ def replan(
         "copies_per_cut": round(rate, 6),
         "max_moves": max_moves,
         "max_move_bytes": max_move_bytes,
-        # how a binding budget was spent (step 3); with whole layers, the counts above are the leftover's only
-        "budget_allocation": allocation,
+        "budget_allocation": allocation,  # how a binding budget was spent (step 3)
         "from_policy": current_plan.policy.get("name"),
         "traces": ts.name,
         "balance_changes": int(repairs),
