@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
 from .hf.inline import InlineChain, InlineMoE, inline_hosts, run_seeded, watch
 from .hf.probe import forward_args
+from .hf.state_names import OriginalNames, Unmappable
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
 from .semantics import torch_dtype
@@ -307,6 +309,29 @@ def _check_inline(model: nn.Module, swaps: dict[str, tuple[SwapRecord, dict[str,
             rec.status, rec.reason = "restored", problem
 
 
+def _registry_weights(block: nn.Module, *, anatomy: Any) -> dict[str, Tensor]:
+    """A transformers block's weights in the compiled layer's layout (FP8 experts: their bytes and block scales)."""
+    return hf.hf_weights(block, anatomy) | hf.block_scales(block, anatomy)
+
+
+def _inline_names(chain: InlineChain) -> dict[str, str]:
+    """``InlineMoE``'s child names -> the host's."""
+    return {ours: theirs for ours, theirs in (("router", chain.router), ("experts", chain.experts),
+                                              ("pre_norm", chain.pre_norm), ("post_norm", chain.post_norm)) if theirs}
+
+
+def _original_names(rec: SwapRecord, block: nn.Module, weights_of: Any, layer_prefix: str,
+                    rename: dict[str, str] | None = None) -> OriginalNames | None:
+    """The map that keeps a swapped block's state under its original names (``hf.state_names``); None, with a
+    note, where the map cannot be inverted."""
+    try:
+        return OriginalNames(block, weights_of, layer_prefix, rename)
+    except Unmappable as exc:
+        rec.notes.append(f"state_dict() and save_pretrained use the compiled layer's names here ({exc}); a checkpoint "
+                         "saved from this model loads back only into a swapped model")
+        return None
+
+
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -409,7 +434,7 @@ def optimize(
                             "logits from the router modules a swapped block does not run")
 
     # Step 2: read, compile, swap (and check) each candidate.
-    inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module]]] = {}
+    inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module], OriginalNames | None]] = {}
     for path, block, how in candidates:
         ts = time.perf_counter()
         rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
@@ -422,15 +447,16 @@ def optimize(
         try:
             if how in ("registry", "inline"):
                 info = hf.read_block(block)
-                # FP8 experts: their bytes (in hf_weights) and block scales as they are
-                weights = hf.hf_weights(block, info.anatomy) | hf.block_scales(block, info.anatomy)
+                weights = _registry_weights(block, anatomy=info.anatomy)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
                 rank, token_arg, flat, flattened = 3, info.token_arg, info.flat_output, info.flattened
                 state_arg = info.state_arg
+                weights_of = partial(_registry_weights, anatomy=info.anatomy)
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
                 rank, token_arg, flat, flattened, state_arg = sr.input_rank, None, False, False, None
+                weights_of = sr.weights_of
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -451,7 +477,8 @@ def optimize(
         if how == "inline":  # checked in step 3, on the whole model
             adapter = InlineRouterAdapter(layer, block.chain, type(block.router).__name__)
             adapter.train(block.training)
-            inline_swaps[path] = (rec, _swap_inline(model.get_submodule(path), block.chain, adapter))
+            names = _original_names(rec, block, weights_of, f"{block.chain.router}.moe.", _inline_names(block.chain))
+            inline_swaps[path] = (rec, _swap_inline(model.get_submodule(path), block.chain, adapter), names)
             rec.status = "swapped"
             rec.seconds = time.perf_counter() - ts
             continue
@@ -475,13 +502,19 @@ def optimize(
                               f"tolerance {tol:.0e}); original block kept")
                 rec.seconds = time.perf_counter() - ts
                 continue
+        names = _original_names(rec, block, weights_of, "moe.")
         _set_child(model, path, adapter)
+        if names is not None:
+            names.register(adapter)
         rec.status = "swapped"
         rec.seconds = time.perf_counter() - ts
     # Step 3: inline swaps change the host's children, not a block: the whole model is compared on the
     # tokens it was watched with, and every inline swap is undone if its logits moved.
     if inline_swaps:
-        _check_inline(model, inline_swaps, watched_ids, watched_logits)
+        _check_inline(model, {p: (rec, old) for p, (rec, old, _) in inline_swaps.items()}, watched_ids, watched_logits)
+        for path, (rec, _, names) in inline_swaps.items():
+            if rec.status == "swapped" and names is not None:
+                names.register(model.get_submodule(path))
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
     return model

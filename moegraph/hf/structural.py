@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -147,6 +148,7 @@ class StructuralRead:
     routing: Routing
     notes: list[str]
     input_rank: int  # 3 ([B, S, D]) or 2 ([T, D]): what the block accepted
+    weights_of: Callable[[nn.Module], dict[str, Tensor]]  # ``weights`` from a block of this structure
 
 
 class _ExpertStub(nn.Module):
@@ -336,19 +338,21 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
         shared_names=tuple(others), shared_intermediate=shared.intermediate if shared else 0,
         shared_bias_terms=bool(shared and shared.bias), shared_activation_fn=shared.act if shared else None,
     )
-    ew = [_mlp_weights(m, form) for m in experts]
-    dtype = DTYPE_NAMES.get(ew[0][0].dtype, DTYPE_NAMES.get(router.weight.dtype, "float32"))
+    dtype = DTYPE_NAMES.get(experts[0].get_submodule(form.up[0]).weight.dtype,
+                            DTYPE_NAMES.get(router.weight.dtype, "float32"))
     spec = build_spec(anat, routing, None, dtype, notes,
                       name or "structural-" + "".join(ch if ch.isalnum() else "-" for ch in cls.lower()),
                       description=f"{cls} read structurally: {routing.describe()}",
                       source="moegraph.optimize structural match (FX + probing)")
-    weights = _structural_weights(block, anat, form, shared, router, ew)
-    return StructuralRead(spec, weights, kind, routing, notes, rank)
+    weights_of = partial(_structural_weights, anat=anat, form=form, shared=shared, rname=rname, ename=ename)
+    return StructuralRead(spec, weights_of(block), kind, routing, notes, rank, weights_of)
 
 
-def _structural_weights(block: nn.Module, anat: BlockAnatomy, form: MLPForm, shared: MLPForm | None,
-                        router: nn.Linear, ew: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+def _structural_weights(block: nn.Module, *, anat: BlockAnatomy, form: MLPForm, shared: MLPForm | None,
+                        rname: str, ename: str) -> dict[str, Tensor]:
     """The block's weights in the compiled layer's layout (experts stacked from the ModuleList)."""
+    router: nn.Linear = getattr(block, rname)
+    ew = [_mlp_weights(m, form) for m in getattr(block, ename)]
     bias = anat.expert_bias_terms or anat.shared_bias_terms
     up = "gate_up_proj" if form.gated else "up_proj"
     weights = {

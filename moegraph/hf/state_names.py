@@ -1,0 +1,240 @@
+"""A swapped model's state under the original block's names, both ways.
+
+``moegraph.optimize`` puts a compiled layer where an MoE block was; the layer holds the block's weights in
+its own layout (``experts.gate_up_proj`` stacked gate-then-up, routers renamed, listed MLPs stacked, ...).
+Without more, ``model.state_dict()`` and ``save_pretrained`` would write the compiled names, so the
+checkpoint would not load back into the original model (transformers re-initialises what it does not find),
+and an original checkpoint would not load into the swapped model. ``OriginalNames`` keeps both directions:
+
+- **to the original names** (``state_dict``): every weight of the compiled layer is a copy of original
+  elements, one to one (a transpose, a slice, a concatenation, a stack; ``hf_weights`` builds it). Such a
+  map is linear with a 0/1 matrix, so its transpose takes the compiled weights back to the original ones:
+  the vector-Jacobian product of the weight map, evaluated on a skeleton of the block whose tensors are
+  zeros (never materialised: stride-0 expansions), with the compiled weights as the cotangents. One
+  mechanism serves every layout the readers know, with no inverse written per family.
+- **from the original names** (``load_state_dict``): the forward map itself, ``hf_weights`` run on the
+  skeleton filled with the loaded tensors.
+
+What the map does not carry a gradient through is kept from the block (the same storage, no copy): whole
+tensors the compiled layer has no use for (a statistic a router keeps), tensors of dtypes autograd does not
+carry (integer tables, FP8 expert bytes: the compiled layer shares them where ``share_weights`` is on), and
+the values of elements a map leaves out (LongCat's rows of zero-computation experts). Weights the compiled layer makes up (zero biases beside
+biased shared experts) have no original place and are left out. A map that copies one element twice
+cannot be inverted; the swap then keeps the compiled names and says so (``Unmappable``).
+
+The hooks: ``register`` adds a state-dict post-hook and a load pre-hook to the module that owns the
+compiled layer (the block's adapter, or the host layer of an inline MoE), so the keys change at that
+module's prefix, wherever the model sits in a larger one.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+__all__ = ["OriginalNames", "Unmappable"]
+
+WeightMap = Callable[[nn.Module], dict[str, Tensor]]
+
+#: dtypes autograd carries (others, FP8 bytes and integer tables, are kept: see the module docstring)
+_GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Unmappable(Exception):
+    """The block's weight map is not a one-to-one copy of its elements (see the module docstring)."""
+
+
+def _skeleton(block: nn.Module, names: Mapping[str, Tensor]) -> nn.Module:
+    """A copy of ``block`` whose state-dict tensors are on the meta device (no storage is copied)."""
+    memo: dict[int, Any] = {}
+    for t in names.values():
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(block, memo)
+
+
+
+
+def _leaves_reached(t: Tensor) -> list[Tensor]:
+    """The autograd leaves ``t`` is computed from (``t`` itself if it is one)."""
+    if t.grad_fn is None:
+        return [t] if t.requires_grad else []
+    found, seen, todo = [], set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf
+            found.append(node.variable)
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+class OriginalNames:
+    """Converts a compiled layer's state to the original block's names and back (module docstring).
+
+    ``block``: the original block, before the swap (its tensors are read once, for what the map leaves
+    out); ``weights_of``: the map from a block to the compiled layer's weights (``hf_weights`` and the FP8
+    scales, or the structural reader's); ``layer_prefix``: the compiled layer's key prefix under the owner
+    (``"moe."`` for an adapter); ``rename``: the original block's first name part -> the owner's child name
+    (an inline MoE's router, experts and norms sit in their host under the host's names).
+    """
+
+    def __init__(self, block: nn.Module, weights_of: WeightMap, layer_prefix: str,
+                 rename: Mapping[str, str] | None = None):
+        self.weights_of = weights_of
+        self.layer_prefix = layer_prefix
+        self.rename = dict(rename or {})
+        state = block.state_dict(keep_vars=True)
+        self.skeleton = _skeleton(block, state)
+        self.spec = {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
+        #: whole original tensors the map takes no gradient through (statistics, integer tables): as they were
+        self.kept: dict[str, Tensor] = {n: t.detach() for n, t in state.items() if t.dtype not in _GRAD_DTYPES}
+        #: original name -> (flat positions, values) of elements no compiled weight holds
+        self.holes: dict[str, tuple[Tensor, Tensor]] = {}
+        self.compiled = sorted(self._map(self._leaves(torch.device("cpu"))))
+        self._find_coverage(state)
+
+    # -- the map on the skeleton ---------------------------------------------------------------------
+
+    def _map(self, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``weights_of`` on the skeleton holding ``tensors`` (restored to meta afterwards)."""
+        slots = []
+        try:
+            for name, t in tensors.items():
+                mod_path, _, attr = name.rpartition(".")
+                mod = self.skeleton.get_submodule(mod_path)
+                table = mod._parameters if attr in mod._parameters else mod._buffers
+                slots.append((table, attr, table[attr]))
+                table[attr] = t
+            return self.weights_of(self.skeleton)
+        finally:
+            for table, attr, old in slots:
+                table[attr] = old
+
+    def _leaves(self, device: torch.device) -> dict[str, Tensor]:
+        """Zero leaves for the gradient map (stride 0: no storage); the kept tensors as they are."""
+        out = {}
+        for name, (shape, dtype) in self.spec.items():
+            if name in self.kept:
+                out[name] = self.kept[name]
+            else:
+                out[name] = torch.zeros((), dtype=dtype, device=device).expand(shape).requires_grad_()
+        return out
+
+    def _transpose(self, cotangents: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor | None]:
+        """The weight map's transpose applied to ``cotangents`` (compiled name -> tensor): original name ->
+        tensor, None where no compiled weight reaches the original."""
+        leaves = {n: t for n, t in self._leaves(device).items() if n not in self.kept}
+        with torch.enable_grad():
+            outs = self._map({**self.kept, **leaves})
+            pairs = [(outs[k], cotangents[k]) for k in self.compiled if k in cotangents and outs[k].requires_grad]
+            if not pairs or not leaves:
+                return dict.fromkeys(leaves)
+            grads = torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), allow_unused=True,
+                                        grad_outputs=[c.detach().to(o.dtype).reshape(o.shape) for o, c in pairs])
+        return dict(zip(leaves, grads))
+
+    def _find_coverage(self, state: Mapping[str, Tensor]) -> None:
+        """How many times the map copies each original element: once everywhere, else kept (module docstring).
+        A tensor the layer takes as it is (the usual case with shared weights) is counted from the graph alone;
+        the others by the transpose of a map of ones (memory traffic of one copy of them, once per swap)."""
+        leaves = {n: t for n, t in self._leaves(torch.device("cpu")).items() if n not in self.kept}
+        with torch.enable_grad():
+            outs = self._map({**self.kept, **leaves})
+        name_of = {id(t): n for n, t in leaves.items()}
+        users: dict[str, list[str]] = {n: [] for n in leaves}
+        for k, out in outs.items():
+            for leaf in _leaves_reached(out):
+                if id(leaf) in name_of:
+                    users[name_of[id(leaf)]].append(k)
+        counted = []
+        for name, ks in users.items():
+            if not ks:
+                self.kept[name] = state[name].detach()
+            elif len(ks) > 1 or outs[ks[0]] is not leaves[name]:
+                counted.append(name)
+        if not counted:
+            return
+        ones = {k: torch.ones((), dtype=outs[k].dtype).expand(outs[k].shape) for n in counted for k in users[n]}
+        counts = self._transpose(ones, torch.device("cpu"))
+        for name in counted:
+            count = counts[name]
+            if bool((count > 1).any()):
+                raise Unmappable(f"the compiled layer holds elements of {name} more than once")
+            left_out = (count == 0).reshape(-1)
+            if bool(left_out.any()):
+                where = left_out.nonzero().squeeze(1)
+                self.holes[name] = (where, state[name].detach().reshape(-1)[where.to(state[name].device)].clone())
+
+    # -- both directions -------------------------------------------------------------------------------
+
+    def to_original(self, compiled: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The compiled layer's weights (by its state-dict names) -> the original block's state (by its names)."""
+        device = next(iter(compiled.values())).device if compiled else torch.device("cpu")
+        back = self._transpose(compiled, device)
+        out: dict[str, Tensor] = {}
+        for name, (_, dtype) in self.spec.items():
+            if name in self.kept:
+                out[name] = self.kept[name]
+                continue
+            t = back[name].detach().to(dtype)
+            if name in self.holes:
+                where, values = self.holes[name]
+                t = t.clone()
+                t.view(-1)[where.to(t.device)] = values.to(t.device)
+            out[name] = t
+        return out
+
+    def to_compiled(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The original block's state (by its names, every entry) -> the compiled layer's weights."""
+        with torch.no_grad():
+            return {k: v for k, v in self._map(original).items() if k in self.compiled}
+
+    # -- hooks -----------------------------------------------------------------------------------------
+
+    def _owner_name(self, name: str) -> str:
+        head, dot, rest = name.partition(".")
+        return self.rename.get(head, head) + dot + rest
+
+    def register(self, owner: nn.Module) -> None:
+        """Hook ``owner`` (the module holding the compiled layer at ``layer_prefix``): its state dict uses the
+        original names, and its load accepts them (the compiled names too)."""
+        # (partials: the public registration marks the hook object, which a bound method cannot take)
+        owner.register_state_dict_post_hook(partial(OriginalNames._state_dict_hook, self))
+        owner.register_load_state_dict_pre_hook(partial(OriginalNames._load_hook, self))
+
+    def _state_dict_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        head = prefix + self.layer_prefix
+        compiled = {k: state_dict.pop(head + k) for k in self.compiled if head + k in state_dict}
+        if compiled:  # else a state dict of a part of the model without the layer
+            for name, t in self.to_original(compiled).items():
+                state_dict[prefix + self._owner_name(name)] = t
+
+    def _load_hook(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                   strict: bool, missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        keys = {name: prefix + self._owner_name(name) for name in self.spec}
+        given = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
+        if not given:  # compiled names (or nothing of this block): loaded as they are
+            return
+        head = prefix + self.layer_prefix
+        if len(given) < len(keys):  # the rest from the layer's current weights
+            current = module.state_dict(prefix="")  # through _state_dict_hook: original names
+            missing_keys.extend(key for name, key in keys.items() if name not in given)
+            given = {name: given.get(name, current[self._owner_name(name)]) for name in self.spec}
+        for key in keys.values():
+            state_dict.pop(key, None)
+        with torch.no_grad():  # in place: a kept tensor is often the compiled layer's own (shared) storage
+            for name, t in self.kept.items():
+                t.copy_(given[name])
+        for name, (where, _) in self.holes.items():
+            self.holes[name] = (where, given[name].detach().reshape(-1)[where.to(given[name].device)].clone())
+        for k, v in self.to_compiled(given).items():
+            state_dict[head + k] = v

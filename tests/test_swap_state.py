@@ -1,0 +1,196 @@
+"""A swapped model's state dict under the original names (``moegraph.hf.state_names``).
+
+The reference is transformers itself: the state dict a model had before ``moegraph.optimize`` (names,
+dtypes and values, exactly), its own ``from_pretrained`` reading what a swapped model saved (the logits
+of the original modules on the trained weights), and a swapped model loading a checkpoint of the
+original model. Every layout the readers know is covered: 3-D experts (plain, transposed, interleaved,
+with rows left out), listed MLPs, DBRX's flat GLU, JetMoE's split experts, a user's block read by its
+structure, an MoE written inline in its host layer, and FP8 experts with their block scales.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+
+import moegraph  # noqa: E402
+from moegraph.swap import MoEBlockAdapter  # noqa: E402
+from test_optimize import JETMOE, MODELS, VOCAB, GeluMLP, NaiveMoE, UserModel, make_model, tiny_config  # noqa: E402
+from test_optimize_inline import gemma4_model  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+transformers.logging.set_verbosity_error()
+
+FAMILIES = [*MODELS, "jetmoe"]
+
+
+def _model(family: str, seed: int = 0) -> nn.Module:
+    return make_model(family, seed=seed, **(JETMOE if family == "jetmoe" else {}))
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(want), (sorted(set(got) - set(want))[:5], sorted(set(want) - set(got))[:5])
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k], v), k
+
+
+def _swapped(model: nn.Module, **kw) -> nn.Module:
+    moegraph.optimize(model, **kw)
+    rep = model.moegraph_report
+    assert rep.swapped and all(r.status == "swapped" for r in rep.records if r.found_by != "name"), str(rep)
+    return model
+
+
+IDS = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: nn.Module, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS, **kw).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_state_dict_is_the_original_models(family: str) -> None:
+    """Every key, dtype and value the model's state dict had before the swap, and nothing else; and the
+    original checkpoint loads strictly into a swapped model of other weights, which then computes what the
+    original modules compute."""
+    model = _model(family)
+    before, ref = _snapshot(model), _logits(model)
+    _assert_same_state(_swapped(model).state_dict(), before)
+    other = _swapped(_model(family, seed=7))
+    assert not torch.allclose(_logits(other), ref, rtol=1e-4, atol=1e-5)
+    other.load_state_dict(before, strict=True)
+    torch.testing.assert_close(_logits(other), ref, rtol=1e-4, atol=1e-5)
+    _assert_same_state(other.state_dict(), before)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "jetmoe"])
+def test_trained_swapped_model_saves_a_checkpoint_transformers_reads(family: str, tmp_path) -> None:
+    """Train the swapped model a few steps, save_pretrained, from_pretrained: transformers' own modules on
+    the saved weights give the swapped model's logits (and the weights did move, so stale ones would show)."""
+    model = _swapped(_model(family))
+    start = _snapshot(model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    model.eval()
+    moved = [k for k, v in model.state_dict().items() if "mlp" in k and not torch.equal(v, start[k])]
+    assert any(("input_linear" if family == "jetmoe" else "experts.") in k for k in moved), moved
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, MoEBlockAdapter) for m in back.modules())
+    torch.testing.assert_close(_logits(back), _logits(model), rtol=1e-4, atol=1e-5)
+    _assert_same_state(back.state_dict(), model.state_dict())
+
+
+def test_partial_load_reports_what_is_missing() -> None:
+    """A state dict missing one of a swapped block's tensors: strict loading names it, a lenient one loads
+    the rest and keeps the missing tensor's current value."""
+    model = _swapped(_model("qwen2_moe"))
+    state = _snapshot(_model("qwen2_moe", seed=3))
+    gone = "model.layers.0.mlp.shared_expert.up_proj.weight"
+    kept = model.state_dict()[gone].clone()
+    del state[gone]
+    with pytest.raises(RuntimeError, match=gone.replace(".", r"\.")):
+        model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=False)
+    assert result.missing_keys == [gone] and not result.unexpected_keys
+    now = model.state_dict()
+    assert torch.equal(now[gone], kept)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+
+
+def test_compiled_names_still_load() -> None:
+    """A state dict in the compiled layer's names (as written before the original names) loads as before."""
+    model = _swapped(_model("mixtral"))
+    other = _swapped(_model("mixtral", seed=4))
+    compiled = {f"moe.{k}": v.clone() for k, v in other.model.layers[0].mlp.moe.state_dict().items()}
+    adapter = model.model.layers[0].mlp
+    adapter.load_state_dict(compiled, strict=True)
+    for k, v in other.model.layers[0].mlp.moe.state_dict().items():
+        assert torch.equal(adapter.moe.state_dict()[k], v)
+
+
+def test_listed_and_flat_layouts() -> None:
+    """Switch Transformers (E small MLPs) and DBRX (flat w1 / v1 / w2): the original state dict, exactly."""
+    cfg = tiny_config("switch_transformers", d_model=32, d_ff=48, num_experts=4, expert_capacity=3, d_kv=8,
+                      num_heads=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                      num_sparse_decoder_layers=1, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    switch = transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    dbrx = transformers.AutoModelForCausalLM.from_config(transformers.DbrxConfig(
+        d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ffn_config=dict(hidden_size=32, moe_num_experts=8, moe_top_k=2, ffn_hidden_size=16))).eval()
+    for model in (switch, dbrx):
+        before = _snapshot(model)
+        _assert_same_state(_swapped(model).state_dict(), before)
+
+
+def test_structural_block_round_trip() -> None:
+    """A user's own blocks (listed SwiGLU experts with a shared MLP; GELU experts with biases): the state dict
+    is the user model's, and it loads into an unswapped copy that then computes the same."""
+    torch.manual_seed(0)
+    model = UserModel([NaiveMoE(shared=True), NaiveMoE(expert=GeluMLP)])
+    torch.manual_seed(1)
+    fresh = UserModel([NaiveMoE(shared=True), NaiveMoE(expert=GeluMLP)])
+    before = _snapshot(model)
+    _swapped(model)
+    _assert_same_state(model.state_dict(), before)
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_inline_moe_round_trip() -> None:
+    """Gemma 4 (router, experts and norms children of the decoder layer): the state dict keeps the host's
+    names for the children the swap replaced, and an original checkpoint loads into the swapped model."""
+    model = gemma4_model()
+    before, ref = _snapshot(model), _logits(model)
+    _assert_same_state(_swapped(model).state_dict(), before)
+    other = gemma4_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1)
+    _swapped(other)
+    other.load_state_dict(before, strict=True)
+    torch.testing.assert_close(_logits(other), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fp8_experts_round_trip() -> None:
+    """FP8 experts: their e4m3 bytes and block scales come back under transformers' names, exactly, and load
+    into a swapped model of other weights."""
+    from test_fp8_hf import _fp8_block, ds
+
+    def fp8_model(seed: int) -> nn.Module:
+        block, cfg = _fp8_block(seed=seed)
+        cfg.dtype = torch.float32
+        torch.manual_seed(0)
+        model = ds.DeepseekV3ForCausalLM(cfg).eval()
+        model.model.layers[1].mlp = block
+        return model
+
+    model = fp8_model(2)
+    before = _snapshot(model)
+    _assert_same_state(_swapped(model).state_dict(), before)
+    other = _swapped(fp8_model(3))
+    other.load_state_dict(before, strict=True)
+    _assert_same_state(other.state_dict(), before)
+    layer = other.model.layers[1].mlp.moe
+    assert torch.equal(layer.experts.gate_up_proj.view(torch.uint8),
+                       before["model.layers.1.mlp.experts.gate_up_proj"].view(torch.uint8))
