@@ -29,6 +29,7 @@ count_e the number of (token, choice) pairs routed to e over all K choices:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, Protocol
@@ -669,13 +670,19 @@ class CompiledMoEBase(nn.Module):
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
         args = (x_BSD, tid) if not self.RECEIVES_ROUTER_STATE else (x_BSD, tid, self._router_state(x, router_state))
         pin = self.__dict__.get("expert_strategy")
-        if pin is None:
-            y, aux, ids, *state = self.graph()(*args)
-        else:
-            from .strategies import pinned
-
-            with pinned(pin):
+        # The spec's dtype is the layer's precision: under torch.autocast (a model kept in float32, its matmuls
+        # in bfloat16) the layer still computes in its own dtype, not a mix of both (cast the layer to compute
+        # in bfloat16).
+        own_precision = (torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type)
+                         else contextlib.nullcontext())
+        with own_precision:
+            if pin is None:
                 y, aux, ids, *state = self.graph()(*args)
+            else:
+                from .strategies import pinned
+
+                with pinned(pin):
+                    y, aux, ids, *state = self.graph()(*args)
         if self.training:
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:

@@ -1014,3 +1014,22 @@ def test_a_compiled_layer_runs_after_moving_to_another_dtype(preset):
     assert wide.dtype == torch.float64 and half.dtype == torch.bfloat16
     torch.testing.assert_close(wide, ref, rtol=1e-5, atol=1e-5)  # float32 rounding of the reference
     assert (half.double() - ref).abs().max() <= 3e-2 * ref.abs().max()  # bfloat16's 8 bits of mantissa
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "mixtral-tiny", "qwen2-moe-tiny"])
+def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
+    """Under torch.autocast (float32 weights, bfloat16 matmuls) the layer computes in its own dtype: the same
+    outputs and gradients as without autocast, in training and inference (it raised: index_add_ of mixed dtypes)."""
+    spec = moegraph.load_spec(preset)
+    layer = moegraph.compile(spec, seed=0)
+    x = torch.randn(2, 5, spec.moe.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        ref = layer(x)
+        (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)  # backward outside the region, as torch.amp says
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)

@@ -169,6 +169,29 @@ def test_shared_weights_and_training_step() -> None:
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_swapped_model_runs_under_autocast(model_type: str) -> None:
+    """A float32 model under torch.autocast(bfloat16): the swapped model's logits are within bfloat16 rounding of
+    the original's under the same autocast (its MoE layers compute in float32), and a training step runs."""
+    model = make_model(model_type)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        exact = model(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = model(ids).logits.float()
+    moegraph.optimize(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).logits.float()
+    scale = float(exact.abs().max())
+    assert float((got - exact).abs().max()) <= 2 * float((ref - exact).abs().max()) + 1e-3 * scale
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    w = model.model.layers[-1].mlp.moe.experts.down_proj
+    assert w.grad is not None and torch.isfinite(w.grad).all() and float(w.grad.abs().sum()) > 0
+
+
 def test_verify_reports_and_keeps_swaps() -> None:
     model = make_model("qwen2_moe")
     moegraph.optimize(model, verify=True)
