@@ -389,6 +389,17 @@ def router_mlp(layers: tuple, dtype: torch.dtype, device: Any) -> nn.ModuleList:
     return mods
 
 
+def _generated_instance(spec_json: str, backend: str) -> CompiledMoEBase:
+    """An empty instance of the generated layer class of a spec (unpickling: ``CompiledMoEBase.__reduce_ex__``)."""
+    import json
+
+    from .codegen import layer_class
+    from .loader import load_spec
+
+    cls, _ = layer_class(load_spec(json.loads(spec_json)), backend)
+    return cls.__new__(cls)
+
+
 class CompiledMoEBase(nn.Module):
     """Parameters, input checks and graph management shared by all generated layers.
 
@@ -399,6 +410,7 @@ class CompiledMoEBase(nn.Module):
     # Set by the generated subclass.
     SPEC_JSON: str = ""
     SPEC_HASH: str = ""
+    BACKEND: str = "torch"
     HIDDEN: int = 0
     NUM_EXPERTS: int = 0
     ROUTER_CHOICES: int | None = None  # router outputs when identity/zero experts follow the MLP ones
@@ -585,6 +597,16 @@ class CompiledMoEBase(nn.Module):
                     fp8.store(self, name, w)
                 else:
                     p.copy_(w)
+
+    def __reduce_ex__(self, protocol):
+        """Pickled by its spec: the class is generated code, a module that another process cannot import by name,
+        so unpickling generates it again from ``SPEC_JSON`` (the same source, the same class) and sets the
+        state; the built graphs are left out (the next forward builds them)."""
+        if not type(self).__module__.startswith("moegraph_generated_"):  # a subclass (expert-parallel): as it is
+            return super().__reduce_ex__(protocol)
+        state = self.__dict__.copy()
+        state["_graphs"] = {}
+        return _generated_instance, (self.SPEC_JSON, self.BACKEND), state
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
         self.invalidate_graphs()

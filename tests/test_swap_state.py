@@ -194,3 +194,35 @@ def test_fp8_experts_round_trip() -> None:
     layer = other.model.layers[1].mlp.moe
     assert torch.equal(layer.experts.gate_up_proj.view(torch.uint8),
                        before["model.layers.1.mlp.experts.gate_up_proj"].view(torch.uint8))
+
+
+def test_pickled_models_load_in_a_new_process(tmp_path) -> None:
+    """torch.save of a whole swapped model (and of a compiled layer) loads in another process, where the
+    generated layer module was never imported (it is generated again from the spec), with built graphs left
+    behind; the loaded model computes the same logits and keeps the original state dict names."""
+    import sys
+
+    from subproc import run_script
+
+    model = _swapped(_model("deepseek_v3"))
+    ref = _logits(model)  # builds the eval graphs before pickling
+    layer = moegraph.compile("mixtral-tiny", seed=0).eval()
+    x = torch.randn(3, layer.HIDDEN, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    torch.save({"model": model, "layer": layer}, tmp_path / "whole.pt")
+    torch.save({"ids": IDS, "logits": ref, "x": x, "y": y, "keys": sorted(model.state_dict())}, tmp_path / "ref.pt")
+    script = (
+        "import sys, torch\n"
+        "assert not any(m.startswith('moegraph_generated_') for m in sys.modules)\n"
+        f"d = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
+        f"r = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "with torch.no_grad():\n"
+        # (float32 rounding: the new process may time and choose another expert-op layout)
+        "    torch.testing.assert_close(d['model'](r['ids']).logits, r['logits'], rtol=1e-5, atol=1e-6)\n"
+        "    torch.testing.assert_close(d['layer'](r['x']), r['y'], rtol=1e-5, atol=1e-6)\n"
+        "assert sorted(d['model'].state_dict()) == r['keys']\n"
+        "print('loaded and equal')\n"
+    )
+    out = run_script([sys.executable, "-c", script], "loading the pickled model", timeout=300)
+    assert "loaded and equal" in out
