@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import linecache
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +25,7 @@ import jinja2
 
 from . import __version__
 from .errors import CodegenError
-from .fileio import umask
+from .fileio import write_atomically
 from .resources import templates_dir
 from .codegen_safe import FILTERS, Code, check_module, finalize
 from .semantics import activations as _activations
@@ -311,24 +309,19 @@ def read_text_or_none(path: Path) -> str | None:
         return None
 
 
-def write_atomic(path: Path, source: str) -> bool:
+#: the fix a failed write of generated code names
+OUT_DIR_FIX = "choose a writable directory with -o/out_dir (or moegraph.codegen.set_cache_dir)"
+
+
+def write_atomic(path: Path, source: str, fix: str = OUT_DIR_FIX) -> bool:
     """Write ``source`` to ``path`` unless it already holds exactly that; return whether it wrote.
 
-    The text goes to a temporary file beside ``path`` first and is renamed over it, so a reader never
-    sees half a file; the file gets the usual permissions (0666 less the umask, not mkstemp's 0600).
+    Written as every moegraph output is (``fileio.write_atomically``: a new file beside ``path`` renamed over
+    it, so a reader never sees half a file); a failure is a CodegenError ending with ``fix``.
     """
     if read_text_or_none(path) == source:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(source)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)  # atomic: concurrent writers of the same content are harmless
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: tmp.write_text(source, encoding="utf-8"), "generated code", CodegenError, fix)
     return True
 
 
@@ -342,12 +335,7 @@ def write_source(spec: MoESpec, out_dir: str | Path, backend: str = "torch") -> 
     if out.exists() and not out.is_dir():
         raise CodegenError(f"cannot write generated code to {out}: it is a file, not a directory; choose a "
                            "directory with -o/out_dir")
-    try:
-        written = write_atomic(path, source)
-    except OSError as exc:
-        raise CodegenError(
-            f"cannot write generated code to {out}: {exc.strerror}; choose a writable directory with -o/out_dir"
-        ) from None
+    written = write_atomic(path, source)
     return Generated(path, source, digest, written=written)
 
 
@@ -367,11 +355,7 @@ def load_module(gen: Generated) -> ModuleType:
         return mod
     if source_hash(gen.source) != gen.digest:
         raise CodegenError(f"generated source for {gen.path} does not match its hash; regenerate it")
-    try:
-        write_atomic(gen.path, gen.source)
-    except OSError as exc:
-        raise CodegenError(f"cannot rewrite generated file {gen.path}: {exc.strerror}; choose a writable "
-                           "directory with -o/out_dir") from None
+    write_atomic(gen.path, gen.source)
     mod = import_generated(gen.path, f"moegraph_generated_{gen.digest[:16]}", "generated file", gen.source)
     _MODULES[gen.digest] = mod
     return mod

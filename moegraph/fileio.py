@@ -103,9 +103,9 @@ def umask() -> int:
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None], what: str,
-                     error: type[MoegraphError] = MoegraphError) -> Path:
+                     error: type[MoegraphError] = MoegraphError, fix: str | None = None) -> Path:
     """Write ``path`` through ``write(tmp)`` (module docstring); returns ``path``. On any failure the temporary
-    file is removed and ``error`` names ``path``, the ``what`` and the fix."""
+    file is removed and ``error`` names ``path``, the ``what`` and the fix (``fix``, else: another path)."""
     p = Path(path)
     target = regular_target(p, what, error)
     tmp: Path | None = None
@@ -124,7 +124,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], what: str,
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise error(f"{p}: could not write the {what} ({exc.strerror or exc}); nothing was written: check that the "
-                        "folder is writable and has free space, or choose another path") from None
+            raise error(f"{p}: could not write the {what} ({exc.strerror or exc}); nothing was written: " + (
+                fix or "check that the folder is writable and has free space, or choose another path")) from None
         raise
     return p

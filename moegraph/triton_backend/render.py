@@ -53,13 +53,8 @@ def interpreting() -> bool:
 
 
 def _write_if_changed(path: Path, source: str) -> None:
-    try:
-        write_atomic(path, source)
-    except OSError as exc:
-        raise CodegenError(
-            f"cannot write generated Triton kernels to {path.parent}: {exc.strerror}; point "
-            "moegraph.codegen.set_cache_dir (or, for the CLI, XDG_CACHE_HOME) at a writable directory"
-        ) from None
+    write_atomic(path, source, fix="point moegraph.codegen.set_cache_dir (or, for the CLI, XDG_CACHE_HOME) at a "
+                                   "writable directory")
 
 
 def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path | None = None) -> ModuleType:
