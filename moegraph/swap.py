@@ -326,8 +326,9 @@ def _original_names(rec: SwapRecord, block: nn.Module, weights_of: Any, layer_pr
     note, where the map cannot be inverted."""
     try:
         return OriginalNames(block, weights_of, layer_prefix, rename)
-    except Unmappable as exc:
-        rec.notes.append(f"state_dict() and save_pretrained use the compiled layer's names here ({exc}); a checkpoint "
+    except Exception as exc:  # noqa: BLE001 - Unmappable, or a block that cannot be copied as a skeleton: noted
+        why = str(exc) if isinstance(exc, Unmappable) else f"{type(exc).__name__}: {exc}"
+        rec.notes.append(f"state_dict() and save_pretrained use the compiled layer's names here ({why}); a checkpoint "
                          "saved from this model loads back only into a swapped model")
         return None
 

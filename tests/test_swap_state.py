@@ -226,3 +226,23 @@ def test_pickled_models_load_in_a_new_process(tmp_path) -> None:
     )
     out = run_script([sys.executable, "-c", script], "loading the pickled model", timeout=300)
     assert "loaded and equal" in out
+
+
+def test_a_block_whose_map_cannot_be_inverted_keeps_compiled_names(monkeypatch) -> None:
+    """A weight map that copies an element twice has no transpose that undoes it: the swap stands, its state
+    dict keeps the compiled names, and the report says so."""
+    from moegraph import swap
+
+    real = swap._registry_weights
+
+    def doubled(block, *, anatomy):
+        out = real(block, anatomy=anatomy)
+        w = out["router.weight"]
+        out["router.weight"] = torch.cat([w[:1], w[:-1]])  # router row 0 twice, the last row never
+        return out
+
+    monkeypatch.setattr(swap, "_registry_weights", doubled)
+    model = _swapped(_model("mixtral"))
+    assert any("moe.experts.down_proj" in k for k in model.state_dict())
+    notes = [n for r in model.moegraph_report.swapped for n in r.notes]
+    assert any("compiled layer's names" in n and "more than once" in n for n in notes), notes
