@@ -41,6 +41,8 @@ from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
 from .hf.inline import InlineChain, InlineMoE, inline_hosts, run_seeded, watch
 from .hf.probe import forward_args
+from .hf.router_record import RouterRecord, read_router_record
+from .hf.router_record import append as record_router_logits
 from .hf.state_names import OriginalNames, Unmappable
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
@@ -163,6 +165,7 @@ class MoEBlockAdapter(nn.Module):
         self.found_by = found_by
         self.arg_names = tuple(arg_names)
         self.token_arg = token_arg
+        self.router_record: RouterRecord | None = None  # where transformers' router_logits come from (optimize)
 
     def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any):
         given = dict(zip(self.arg_names, args))
@@ -190,18 +193,25 @@ class MoEBlockAdapter(nn.Module):
             y = self.moe(x, tid).reshape(shape)
         if self.flat_output or self.flattened:
             y = y.reshape(-1) if self.flattened else y.reshape(-1, D)
-        if self.output_kind[0] == "tensor":
-            return y
-        extras = []
-        for kind in self.output_kind[1:]:
-            if kind == "router_state":
-                extras.append(state)
-                continue
-            r = self.moe.router
-            logits = F.linear(x.reshape(-1, D).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
-            extras.append(logits.reshape(-1) if self.flattened else logits)
-            assert kind == "router_logits", f"adapter cannot produce {kind}"
-        return (y, *extras)
+        out = y
+        if self.output_kind[0] != "tensor":
+            extras = []
+            for kind in self.output_kind[1:]:
+                if kind == "router_state":
+                    extras.append(state)
+                    continue
+                assert kind == "router_logits", f"adapter cannot produce {kind}"
+                logits = self._router_logits(x)
+                extras.append(logits.reshape(-1) if self.flattened else logits)
+            out = (y, *extras)
+        if self.router_record is not None:  # transformers collecting router logits (output_router_logits=True)
+            record_router_logits(self.router_record, lambda: self._router_logits(x), out)
+        return out
+
+    def _router_logits(self, x: Tensor) -> Tensor:
+        """The router's logits of the hidden states, [tokens, E], as the block's router linear gives them."""
+        r = self.moe.router
+        return F.linear(x.reshape(-1, self.moe.HIDDEN).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
 
     def extra_repr(self) -> str:
         return f"replaces={self.original_class}, found_by={self.found_by}"
@@ -425,14 +435,6 @@ def optimize(
 
     cfg = getattr(model, "config", None)
     router_logits = cfg is not None and bool(getattr(cfg, "output_router_logits", False))
-    if router_logits:
-        report.notes.append("config.output_router_logits is set: transformers records router logits from the blocks' "
-                            "router modules, which a swapped block does not run (its forward then fails), so no block "
-                            "is swapped; set config.output_router_logits = False to optimize (and leave the "
-                            "auxiliary loss out)")
-    elif cfg is not None and hasattr(cfg, "output_router_logits"):
-        report.notes.append("a swapped model's forward(output_router_logits=True) fails: transformers records router "
-                            "logits from the router modules a swapped block does not run")
 
     # Step 2: read, compile, swap (and check) each candidate.
     inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module], OriginalNames | None]] = {}
@@ -440,8 +442,7 @@ def optimize(
         ts = time.perf_counter()
         rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
         report.records.append(rec)
-        why = ("config.output_router_logits is set: transformers' auxiliary loss reads the router modules that a "
-               "swapped block does not run") if router_logits else _refusal_for_placement(block)
+        why = _refusal_for_placement(block)
         if why:
             rec.reason = why
             continue
@@ -470,13 +471,21 @@ def optimize(
             layer = mg_compile(spec, plan=plan, backend=backend, out_dir=out_dir, dtype=dtype, device=ref.device,
                                seed=None)
             hf.load_hf_weights(layer, weights, share=share_weights)
+            record, no_record = read_router_record(model, path, block, layer.router.weight,
+                                                   getattr(layer.router, "bias", None), layer.compute_dtype)
+            if no_record and router_logits:
+                raise UnsupportedBlock(f"config.output_router_logits is set (transformers' auxiliary loss reads the "
+                                       f"router logits), but {no_record}", type(block).__name__)
         except MoegraphError as exc:
             rec.reason = getattr(exc, "reason", None) or str(exc)
             rec.seconds = time.perf_counter() - ts
             continue
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
+        if no_record:
+            rec.notes.append(f"forward(output_router_logits=True) raises with this block swapped: {no_record}")
         if how == "inline":  # checked in step 3, on the whole model
             adapter = InlineRouterAdapter(layer, block.chain, type(block.router).__name__)
+            adapter.router_record = record
             adapter.train(block.training)
             names = _original_names(rec, block, weights_of, f"{block.chain.router}.moe.", _inline_names(block.chain))
             inline_swaps[path] = (rec, _swap_inline(model.get_submodule(path), block.chain, adapter), names)
@@ -485,6 +494,7 @@ def optimize(
             continue
         adapter = MoEBlockAdapter(layer, kind, type(block).__name__, how, tuple(forward_args(block)), token_arg,
                                   flat, flattened, state_arg)
+        adapter.router_record = record
         adapter.train(block.training)
         if verify or how == "structure":
             try:

@@ -682,23 +682,58 @@ def test_ernie_vl_modality_experts_flattened_output() -> None:
         torch.testing.assert_close(block(x)[0], ref_text, rtol=1e-5, atol=1e-6)
 
 
-def test_a_model_that_outputs_router_logits_is_left_as_it_is():
-    # transformers records router logits (for its auxiliary loss) from the blocks' router modules; a swapped block
-    # does not run them, and the forward raised IndexError. With the config flag set no block is swapped.
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "mixtral", "deepseek_v3", "olmoe"])
+def test_router_logits_and_aux_loss_of_a_swapped_model(model_type: str):
+    """transformers records router logits (its auxiliary loss reads them) by hooks on the blocks' router modules,
+    which a swapped block does not run: the forward raised IndexError, so a model with the config flag was left
+    unswapped. The adapter now adds its router's logits where the hook would: with the flag in the config or
+    in the call, the swapped model gives the original's router logits, auxiliary loss and loss, and the
+    auxiliary loss trains the swapped router."""
     import copy
 
-    import transformers
-
-    cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, num_experts=8,
-                                      num_experts_per_tok=2, moe_intermediate_size=16,
-                                      shared_expert_intermediate_size=24, output_router_logits=True)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    model = make_model(model_type, output_router_logits=True)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
     swapped = moegraph.optimize(copy.deepcopy(model))
     report = swapped.moegraph_report
-    assert not any(r.status == "swapped" for r in report.records)
-    assert all("output_router_logits" in r.reason for r in report.records if r.status == "refused")
+    assert report.swapped and all(r.status == "swapped" for r in report.records if r.found_by == "registry"), report
     with torch.no_grad():
-        torch.testing.assert_close(swapped(ids).aux_loss, model(ids).aux_loss)
+        want, got = model(ids, labels=ids), swapped(ids, labels=ids)
+    assert len(got.router_logits) == len(want.router_logits) > 0
+    for a, b in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    swapped.config.output_router_logits = False  # the call-time flag
+    with torch.no_grad():
+        assert not swapped(ids).router_logits
+        at_call = swapped(ids, output_router_logits=True)
+    for a, b in zip(at_call.router_logits, want.router_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(at_call.aux_loss, want.aux_loss, rtol=1e-4, atol=1e-6)
+    swapped.config.output_router_logits = True
+    swapped.train()
+    out = swapped(ids)  # DeepSeek-V3 has no auxiliary loss in transformers: a loss of its logits instead
+    (out.aux_loss if out.aux_loss is not None else sum(x.square().sum() for x in out.router_logits)).backward()
+    w = next(m for m in swapped.modules() if isinstance(m, MoEBlockAdapter)).moe.router.weight
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
+
+
+def test_router_logits_a_swapped_layer_cannot_give_are_refused(monkeypatch):
+    """A block whose recorded router output is not the linear map the swapped layer computes (here: made so)
+    stays in place when the config asks for router logits, with the reason; without the flag it is swapped and
+    the report says the call-time flag would fail."""
+    from moegraph.hf import router_record
+
+    real = router_record.read_router_record
+
+    def other_logits(model, path, block, weight, bias, dtype):
+        return real(model, path, block, weight * 2, bias, dtype)
+
+    monkeypatch.setattr("moegraph.swap.read_router_record", other_logits)
+    report = moegraph.optimize(make_model("mixtral", output_router_logits=True)).moegraph_report
+    assert not report.swapped
+    assert all("output_router_logits is set" in r.reason and "linear map" in r.reason for r in report.records), report
+    report = moegraph.optimize(make_model("mixtral")).moegraph_report
+    assert len(report.swapped) == 2
+    assert all(any("output_router_logits=True) raises" in n for n in r.notes) for r in report.swapped)
+
