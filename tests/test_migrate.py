@@ -354,6 +354,33 @@ def _run_edges(rank: int, world: int) -> dict:
     rb4 = Rebalancer([resumed], every=4, window_tokens=64)
     res["bad_states"] = {name: _error(lambda name=name: rb4.load_state(Path(box[0]) / name)) for name in bad}
     res["bad_states_left"] = (rb4.steps, rb4._last_replan, rb4.events)
+    # The windows travel with the state: saved mid-interval, a resumed Rebalancer holds the same tokens (its own
+    # window's most recent ones where it keeps fewer), counts the interval from the same step, and a window file
+    # that cannot be read leaves the windows empty with a warning.
+    rb5 = Rebalancer([resumed], every=100, window_tokens=64)
+    rb5.load_state(ckpt)  # steps 6 (the state rewritten above)
+    with torch.no_grad():
+        resumed(torch.randn(24, spec.moe.hidden_size, generator=g))
+    rb5.steps += 1
+    with_windows = Path(box[0]) / "with-windows"
+    if rank == 0:
+        with_windows.mkdir()
+    torch.distributed.barrier()
+    rb5.save_state(with_windows)
+    torch.distributed.barrier()
+    rb6, rb7 = Rebalancer([resumed], every=100, window_tokens=64), Rebalancer([resumed], every=100, window_tokens=16)
+    for r in (rb6, rb7):
+        r.load_state(with_windows)
+    saved = rb5._recorders[0]
+    res["windows"] = [(r._recorders[0].ids().tolist(), r._recorders[0].samples().tolist(), r._recorders[0].seen,
+                       r._window_start) for r in (rb5, rb6, rb7)]
+    (with_windows / f"moegraph_windows.rank{rank}-of-{world}.npz").write_bytes(b"not an npz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rb8 = Rebalancer([resumed], every=100, window_tokens=64)
+        rb8.load_state(with_windows)
+    res["windows_corrupt"] = ([str(w.message) for w in caught], rb8._recorders[0].seen, rb8.steps)
+    del saved
     # An optimizer whose state cannot move, handed over by the Trainer: refused before the first step, with
     # advice that applies in a Trainer.
     handler3 = CallbackHandler([Rebalancer([resumed], every=1)._trainer_callback()], resumed, None,
@@ -848,6 +875,13 @@ def test_a_trainer_checkpoint_keeps_the_running_plan_and_resumes_only_under_it(r
             kind, msg = out["bad_states"][name]
             assert kind == "DistributedError" and f"{name}/moegraph_rebalancer.json" in msg and what in msg, msg
         assert out["bad_states_left"] == (0, 0, [])
+        (ids5, samples5, seen5, start5), (ids6, samples6, seen6, start6), (ids7, samples7, seen7, start7) = out["windows"]
+        assert len(ids5) == 24 and seen5 == 24 and start5 == 6
+        assert (ids6, samples6, seen6, start6) == (ids5, samples5, seen5, start5)
+        assert (ids7, samples7, seen7, start7) == (ids5[-16:], samples5[-16:], seen5, start5)
+        warned, seen8, steps8 = out["windows_corrupt"]
+        assert len(warned) == 1 and "windows are not restored" in warned[0] and "truncated or corrupt" in warned[0]
+        assert (seen8, steps8) == (0, 7)
         kind, msg = out["trainer_rmsprop"]
         assert kind == "DistributedError" and "RMSprop cannot be moved" in msg and "optim='adamw_torch'" in msg, msg
 

@@ -60,11 +60,14 @@ from ..errors import DistributedError, PlanInfeasible, TraceError
 from ..fileio import check_input, write_atomically
 from ..runtime import RoutingRecorder
 
-__all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "drift_stream", "STATE_PLAN", "STATE_FILE"]
+__all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "drift_stream", "STATE_PLAN", "STATE_FILE",
+           "STATE_WINDOWS"]
 
 #: files ``Rebalancer.save_state`` writes beside a checkpoint: the running plan, and the Rebalancer's counters
 STATE_PLAN = "moegraph_plan.json"
 STATE_FILE = "moegraph_rebalancer.json"
+#: each rank's windows, beside them (``{rank}``: the rank, ``{world}``: the world size)
+STATE_WINDOWS = "moegraph_windows.rank{rank}-of-{world}.npz"
 
 
 class WindowRecorder(RoutingRecorder):
@@ -133,6 +136,26 @@ class WindowRecorder(RoutingRecorder):
 
     def ids(self) -> torch.Tensor:
         return self._in_order(self._ids, torch.empty(0, 0, dtype=torch.int32))
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The window as arrays (oldest token first) and its counters: what ``restore`` takes back."""
+        return {"ids": self.ids().numpy(), "samples": self.samples().numpy(),
+                "counters": np.array([self.seen, self._next_sample], np.int64)}
+
+    def restore(self, ids: np.ndarray, samples: np.ndarray, counters: np.ndarray, device: torch.device) -> None:
+        """Put a ``snapshot`` back (its most recent ``max_tokens`` tokens where it holds more) on ``device``."""
+        self.clear()
+        self.seen, self._next_sample = int(counters[0]), int(counters[1])
+        ids, samples = ids[-self.max_tokens:], samples[-self.max_tokens:]
+        n = len(ids)
+        if n == 0:
+            return
+        with torch.inference_mode(False):
+            self._ids = torch.zeros(self.max_tokens, ids.shape[1], dtype=torch.int32, device=device)
+            self._samples = torch.zeros(self.max_tokens, dtype=torch.int64, device=device)
+        self._ids[:n] = torch.as_tensor(ids, dtype=torch.int32, device=device)
+        self._samples[:n] = torch.as_tensor(samples, dtype=torch.int64, device=device)
+        self._held, self._next_row = n, n % self.max_tokens
 
     def samples(self) -> torch.Tensor:
         return self._in_order(self._samples, torch.empty(0, dtype=torch.int64))
@@ -326,7 +349,7 @@ class Rebalancer:
                 "overwrite every rank's expert slots with rank 0's and average their gradients, and its checkpoints "
                 "keep rank 0's experts and optimizer state only. Train expert-parallel layers across processes in a "
                 "loop of your own (backward, layer.sync_grads(), optimizer step, zero_grad, rb.step(); each rank "
-                "saves its own state_dict and optimizer state, rank 0 rb.save_state)")
+                "saves its own state_dict and optimizer state, and every rank rb.save_state)")
         return self._trainer_callback()
 
     def _trainer_callback(self) -> Any:
@@ -374,14 +397,20 @@ class Rebalancer:
         return RebalanceCallback()
 
     def save_state(self, folder: str | Path) -> None:
-        """Write the running plan (``STATE_PLAN``) and the Rebalancer's counters and events (``STATE_FILE``) into
-        ``folder``, beside a checkpoint (rank 0 writes; not a collective). An optimizer's state is per slot:
-        a checkpoint of it resumes correctly only under the plan it was saved with, which is this one."""
-        if self.layers[0].rank != 0:
-            return
+        """Write, into ``folder`` beside a checkpoint, each rank's windows (``STATE_WINDOWS``, every rank its own) and,
+        from rank 0, the running plan (``STATE_PLAN``) and the Rebalancer's counters and events (``STATE_FILE``, last).
+        Every rank calls it; not a collective. An optimizer's state is per slot: a checkpoint of it resumes
+        correctly only under the plan it was saved with, which is this one."""
         folder = Path(folder)
+        layer = self.layers[0]
+        windows = {f"{key}_{i}": value for i, rec in enumerate(self._recorders) for key, value in rec.snapshot().items()}
+        write_atomically(folder / STATE_WINDOWS.format(rank=layer.rank, world=layer.world_size),
+                         lambda tmp: np.savez(tmp, **windows), "Rebalancer windows", DistributedError)
+        if layer.rank != 0:
+            return
         state = {"format": "moegraph-rebalancer", "version": 1, "steps": self.steps, "last_replan": self._last_replan,
-                 "events": _plain(self.events)}
+                 "events": _plain(self.events),
+                 "windows": {"world_size": layer.world_size, "since_step": self._window_start}}
         text = json.dumps(state, indent=1, allow_nan=False) + "\n"  # before any file is written
         self.plan.save(folder / STATE_PLAN)
         write_atomically(folder / STATE_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"), "Rebalancer state",
@@ -423,8 +452,58 @@ class Rebalancer:
                                    "moegraph reads version 1); resume without it (a new Rebalancer counts from 0)")
         self.steps, self._last_replan, self.events = state["steps"], state["last_replan"], state["events"]
         self._window_start = self.steps  # the windows count the tokens from here (the rate of tokens per step)
+        restored = self._restore_windows(folder, state.get("windows"))
+        if restored is not None:
+            self._window_start = restored
         self._checked = self._counts()
         self._check.reset()
+
+    def _restore_windows(self, folder: Path, saved: Any) -> int | None:
+        """This rank's windows from ``save_state``'s file, and the step their counts start at; None (windows left
+        empty, with a warning where the state says they were saved) when there is none this Rebalancer can take."""
+        layer = self.layers[0]
+        if not isinstance(saved, dict):  # a state written before the windows were saved
+            return None
+        since = saved.get("since_step")
+        where = folder / STATE_WINDOWS.format(rank=layer.rank, world=layer.world_size)
+        problem = None
+        if saved.get("world_size") != layer.world_size:
+            problem = f"they were saved by {saved.get('world_size')!r} ranks, this run has {layer.world_size}"
+        elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= self.steps:
+            problem = f"{folder / STATE_FILE} gives no step they start at"
+        else:
+            problem = self._read_windows(where)
+        if problem is not None:
+            warnings.warn(f"Rebalancer.load_state: the windows are not restored ({problem}); they start empty, so the "
+                          "first re-plan reads only the tokens routed from here", stacklevel=3)
+            return None
+        return since
+
+    def _read_windows(self, where: Path) -> str | None:
+        """Restore every layer's window from ``where``; why not (nothing restored), or None."""
+        try:
+            check_input(where, "Rebalancer windows", DistributedError, 1 << 34)
+            with np.load(where, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except DistributedError as exc:
+            return str(exc)
+        except FileNotFoundError:
+            return f"{where} is missing"
+        except (OSError, ValueError, EOFError) as exc:  # np.load of a truncated or foreign file
+            return f"{where} is truncated or corrupt ({type(exc).__name__}: {exc})"
+        parts = []
+        for i, layer in enumerate(self.layers):
+            ids, samples, counters = (arrays.get(f"{key}_{i}") for key in ("ids", "samples", "counters"))
+            k, choices = layer.TOP_K, layer.router_choices
+            if ids is None or samples is None or counters is None or ids.ndim != 2 or len(ids) != len(samples) \
+                    or counters.shape != (2,) or (len(ids) and (ids.shape[1] != k or ids.min() < -1 or ids.max() >= choices)):
+                return f"{where} does not hold windows of these {len(self.layers)} layers (top-{k} of {choices} ids)"
+            parts.append((ids, samples, counters))
+        if len(arrays) != 3 * len(self.layers):
+            return f"{where} holds windows of another number of layers"
+        for layer, rec, (ids, samples, counters) in zip(self.layers, self._recorders, parts):
+            rec.restore(ids, samples, counters, layer.experts.down_proj.device)
+        return None
 
     def pause(self) -> None:
         """Stop recording forwards into the windows (this rank; not a collective) until ``resume``: traffic that the
