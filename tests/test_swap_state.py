@@ -67,6 +67,8 @@ def test_state_dict_is_the_original_models(family: str) -> None:
     model = _model(family)
     before, ref = _snapshot(model), _logits(model)
     _assert_same_state(_swapped(model).state_dict(), before)
+    with torch.inference_mode():  # the transpose runs autograd: under inference mode too
+        _assert_same_state(model.state_dict(), before)
     other = _swapped(_model(family, seed=7))
     assert not torch.allclose(_logits(other), ref, rtol=1e-4, atol=1e-5)
     other.load_state_dict(before, strict=True)

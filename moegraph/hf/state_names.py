@@ -132,8 +132,8 @@ class OriginalNames:
     def _transpose(self, cotangents: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor | None]:
         """The weight map's transpose applied to ``cotangents`` (compiled name -> tensor): original name ->
         tensor, None where no compiled weight reaches the original."""
-        leaves = {n: t for n, t in self._leaves(device).items() if n not in self.kept}
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # a state dict taken under either still works
+            leaves = {n: t for n, t in self._leaves(device).items() if n not in self.kept}
             outs = self._map({**self.kept, **leaves})
             pairs = [(outs[k], cotangents[k]) for k in self.compiled if k in cotangents and outs[k].requires_grad]
             if not pairs or not leaves:
@@ -146,8 +146,8 @@ class OriginalNames:
         """How many times the map copies each original element: once everywhere, else kept (module docstring).
         A tensor the layer takes as it is (the usual case with shared weights) is counted from the graph alone;
         the others by the transpose of a map of ones (memory traffic of one copy of them, once per swap)."""
-        leaves = {n: t for n, t in self._leaves(torch.device("cpu")).items() if n not in self.kept}
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = {n: t for n, t in self._leaves(torch.device("cpu")).items() if n not in self.kept}
             outs = self._map({**self.kept, **leaves})
         name_of = {id(t): n for n, t in leaves.items()}
         users: dict[str, list[str]] = {n: [] for n in leaves}
