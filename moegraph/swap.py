@@ -516,7 +516,7 @@ def optimize(
         names = _original_names(rec, block, weights_of, "moe.")
         _set_child(model, path, adapter)
         if names is not None:
-            names.register(adapter)
+            names.register(adapter, layer)
         rec.status = "swapped"
         rec.seconds = time.perf_counter() - ts
     # Step 3: inline swaps change the host's children, not a block: the whole model is compared on the
@@ -525,7 +525,8 @@ def optimize(
         _check_inline(model, {p: (rec, old) for p, (rec, old, _) in inline_swaps.items()}, watched_ids, watched_logits)
         for path, (rec, _, names) in inline_swaps.items():
             if rec.status == "swapped" and names is not None:
-                names.register(model.get_submodule(path))
+                host = model.get_submodule(path)
+                names.register(host, host.get_submodule(names.layer_prefix[:-1]))
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
     return model

@@ -718,6 +718,31 @@ def test_router_logits_and_aux_loss_of_a_swapped_model(model_type: str):
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
 
 
+def test_router_logits_in_bfloat16_and_under_gradient_checkpointing():
+    """A bfloat16 model's routers (whose logits the compiled float32 router gives within bfloat16 rounding) are
+    swapped with the flag; and with gradient checkpointing (the usual fine-tuning setup) the recomputed forward
+    saves what the first one did, so the backward runs and gives the original's gradients."""
+    import copy
+
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    half = make_model("qwen2_moe", output_router_logits=True).to(torch.bfloat16)
+    swapped = moegraph.optimize(copy.deepcopy(half))
+    assert len(swapped.moegraph_report.swapped) == 2, str(swapped.moegraph_report)
+    with torch.no_grad():
+        want, got = half(ids), swapped(ids)
+    assert abs(float(got.aux_loss) - float(want.aux_loss)) <= 3e-2 * abs(float(want.aux_loss))
+    model = make_model("mixtral", output_router_logits=True)
+    swapped = moegraph.optimize(copy.deepcopy(model))
+    grads = []
+    for m in (model, swapped):
+        m.gradient_checkpointing_enable()
+        m.train()
+        m(ids, labels=ids).loss.backward()
+        grads.append(m.model.layers[0].mlp.experts.gate_up_proj.grad if m is model else
+                     m.model.layers[0].mlp.moe.experts.gate_up_proj.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
 def test_router_logits_a_swapped_layer_cannot_give_are_refused(monkeypatch):
     """A block whose recorded router output is not the linear map the swapped layer computes (here: made so)
     stays in place when the config asks for router logits, with the reason; without the flag it is swapped and

@@ -248,3 +248,86 @@ def test_a_block_whose_map_cannot_be_inverted_keeps_compiled_names(monkeypatch) 
     assert any("moe.experts.down_proj" in k for k in model.state_dict())
     notes = [n for r in model.moegraph_report.swapped for n in r.notes]
     assert any("compiled layer's names" in n and "more than once" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "double"])
+def test_state_dict_follows_casts_after_the_swap(cast: str) -> None:
+    """A swapped model cast afterwards (``.to(torch.bfloat16)``, ``.double()``) writes what the original model cast
+    the same way writes: its dtypes, and its values (a float64 model keeps what training wrote in float64)."""
+    for family in ("qwen2_moe", "inkling_text", "longcat_flash"):
+        original, model = _model(family), _swapped(_model(family))
+        original, model = (original.to(torch.bfloat16), model.to(torch.bfloat16)) if cast == "bfloat16" else \
+            (original.double(), model.double())
+        if cast == "double":  # the same update in float64 on both (below float32's resolution)
+            for m in (original, model):
+                with torch.no_grad():
+                    for name, p in m.named_parameters():
+                        if name.endswith(".experts.down_proj") and "shared" not in name:
+                            p.add_(1e-9)
+        _assert_same_state(model.state_dict(), _snapshot(original))
+
+
+def test_a_checkpoint_of_another_dtype_loads_and_saves_again() -> None:
+    """A bfloat16 checkpoint loaded into a float32 swapped model (as into the original): the state dict is the
+    float32 original's after the same load (LongCat's rows of zero-computation experts included)."""
+    source = _model("longcat_flash", seed=3)
+    checkpoint = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    original, model = _model("longcat_flash", seed=9), _swapped(_model("longcat_flash", seed=9))
+    for m in (original, model):
+        m.load_state_dict(checkpoint, strict=True)
+    _assert_same_state(model.state_dict(), _snapshot(original))
+
+
+def test_state_dict_reads_what_the_layer_holds_now() -> None:
+    """FP8 bytes and integer tables come from the compiled layer as it is: after ``.to("meta")`` every entry is on
+    the meta device, and a state dict loaded in the compiled names (FP8 shared experts included) shows."""
+    from test_fp8_hf import _fp8_block, ds
+
+    def fp8_model(seed: int) -> nn.Module:
+        block, cfg = _fp8_block(seed=seed)
+        cfg.dtype = torch.float32
+        torch.manual_seed(0)
+        model = ds.DeepseekV3ForCausalLM(cfg).eval()
+        model.model.layers[1].mlp = block
+        return model
+
+    for model in (_swapped(fp8_model(2)).to("meta"), _swapped(_model("deepseek_v4")).to("meta")):
+        assert {str(v.device) for v in model.state_dict().values()} == {"meta"}
+    model, other = _swapped(fp8_model(2)), _swapped(fp8_model(3))
+    model.model.layers[1].mlp.load_state_dict({f"moe.{k}": v for k, v in other.model.layers[1].mlp.moe.state_dict().items()})
+    got, want = model.state_dict(), other.state_dict()
+    for k, v in want.items():
+        if "layers.1.mlp" in k:
+            assert torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)) if v.dtype.itemsize == 1 else \
+                torch.equal(got[k], v), k
+
+
+def test_the_swapped_layer_trains_what_the_original_trained() -> None:
+    """Weights the compiled layer makes up (zero expert biases beside a biased shared MLP) are frozen, so a trained
+    model's state dict still computes what it computes; weights made of frozen originals stay frozen."""
+    from test_optimize import SwiGLU
+
+    class BiasedShared(NaiveMoE):
+        def __init__(self):
+            super().__init__(shared=True)
+            self.shared = SwiGLU(32, 48, bias=True)
+
+    torch.manual_seed(0)
+    model = _swapped(UserModel([BiasedShared()]))
+    layer = model.blocks[0].moe
+    assert not layer.experts.gate_up_proj_bias.requires_grad and not layer.experts.down_proj_bias.requires_grad
+    assert layer.experts.gate_up_proj.requires_grad and layer.shared_experts.gate_up_proj_bias.requires_grad
+    x = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    torch.manual_seed(1)
+    fresh = UserModel([BiasedShared()])
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=1e-5, atol=1e-6)
+    frozen = _model("qwen2_moe").requires_grad_(False)
+    _swapped(frozen)
+    assert not any(p.requires_grad for p in frozen.parameters())

@@ -15,10 +15,12 @@ and an original checkpoint would not load into the swapped model. ``OriginalName
 - **from the original names** (``load_state_dict``): the forward map itself, ``hf_weights`` run on the
   skeleton filled with the loaded tensors.
 
-What the map does not carry a gradient through is kept from the block (the same storage, no copy): whole
-tensors the compiled layer has no use for (a statistic a router keeps), tensors of dtypes autograd does not
-carry (integer tables, FP8 expert bytes: the compiled layer shares them where ``share_weights`` is on), and
-the values of elements a map leaves out (LongCat's rows of zero-computation experts). Weights the compiled layer makes up (zero biases beside
+FP8 bytes, which autograd does not carry, go through float32 leaves (which hold them exactly) wherever
+the map does not tell FP8 experts by their dtype; an integer table, or FP8 experts the map recognises by
+their dtype, are read from the compiled layer where it holds them unchanged (shared weights). What is
+left is kept from the block as it was: whole tensors the compiled layer has no use for (a statistic a
+router keeps), and the values of elements a map leaves out (LongCat's rows of zero-computation experts).
+A state dict follows the model's casts since the swap (``.to(dtype)``, ``.half()``) and its device. Weights the compiled layer makes up (zero biases beside
 biased shared experts) have no original place and are left out. A map that copies one element twice
 cannot be inverted; the swap then keeps the compiled names and says so (``Unmappable``).
 
@@ -95,12 +97,30 @@ class OriginalNames:
         state = block.state_dict(keep_vars=True)
         self.skeleton = _skeleton(block, state)
         self.spec = {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
-        #: whole original tensors the map takes no gradient through (statistics, integer tables): as they were
-        self.kept: dict[str, Tensor] = {n: t.detach() for n, t in state.items() if t.dtype not in _GRAD_DTYPES}
+        self.trainable = {n: bool(t.requires_grad) for n, t in state.items()}
+        #: original tensors the map takes no gradient through (integer tables, FP8 bytes, statistics it does not
+        #: use), as they were; None where the compiled layer holds one unchanged (``passthrough``: read from it)
+        self.kept: dict[str, Tensor | None] = {n: t.detach() for n, t in state.items() if t.dtype not in _GRAD_DTYPES}
+        self.passthrough: dict[str, str] = {}  # kept original name -> the compiled name holding it as it is
+        self.sources: dict[str, list[str]] = {}  # compiled name -> the original names it copies elements of
         #: original name -> (flat positions, values) of elements no compiled weight holds
         self.holes: dict[str, tuple[Tensor, Tensor]] = {}
-        self.compiled = sorted(self._map(self._leaves(torch.device("cpu"))))
+        self.carried: set[str] = set()  # FP8 bytes the map copies whatever their dtype: through float32 leaves
+        cpu = torch.device("cpu")
+        outs = self._map(self._inputs({}, cpu))
+        held = {n for n, t in self.kept.items() if any(out is t for out in outs.values())}  # taken as they are
+        self.carried = {n for n, t in state.items() if t.is_floating_point() and t.dtype not in _GRAD_DTYPES} - held
+        if self.carried:
+            kept, self.kept = self.kept, {n: t for n, t in self.kept.items() if n not in self.carried}
+            try:
+                same = set(self._map(self._inputs({}, cpu))) == set(outs)  # else the map told FP8 by their dtype
+            except (RuntimeError, TypeError):  # an operation that needs their own dtype
+                same = False
+            if not same:
+                self.kept, self.carried = kept, set()
+        self.compiled = sorted(outs)
         self._find_coverage(state)
+        self.layer_dtypes: dict[str, torch.dtype] = {}  # the compiled layer's, when hooked (``register``)
 
     # -- the map on the skeleton ---------------------------------------------------------------------
 
@@ -119,22 +139,29 @@ class OriginalNames:
             for table, attr, old in slots:
                 table[attr] = old
 
-    def _leaves(self, device: torch.device) -> dict[str, Tensor]:
-        """Zero leaves for the gradient map (stride 0: no storage); the kept tensors as they are."""
+    def _inputs(self, compiled: Mapping[str, Tensor], device: torch.device,
+                dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, Tensor]:
+        """The map's inputs: zero leaves for the gradient map (stride 0: no storage; ``dtypes``, else the
+        original's), and the kept tensors (those the compiled layer holds as they are, from ``compiled``)."""
         out = {}
         for name, (shape, dtype) in self.spec.items():
-            if name in self.kept:
-                out[name] = self.kept[name]
+            if name in self.passthrough:  # (stride-0 zeros where only the shape matters)
+                out[name] = compiled.get(self.passthrough[name], torch.zeros((), dtype=dtype, device=device).expand(shape))
+            elif name in self.kept:
+                out[name] = self.kept[name].to(device)
             else:
-                out[name] = torch.zeros((), dtype=dtype, device=device).expand(shape).requires_grad_()
+                dt = torch.float32 if name in self.carried else (dtypes or {}).get(name, dtype)
+                out[name] = torch.zeros((), dtype=dt, device=device).expand(shape).requires_grad_()
         return out
 
-    def _transpose(self, cotangents: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor | None]:
+    def _transpose(self, cotangents: Mapping[str, Tensor], device: torch.device,
+                   dtypes: Mapping[str, torch.dtype] | None = None) -> dict[str, Tensor | None]:
         """The weight map's transpose applied to ``cotangents`` (compiled name -> tensor): original name ->
         tensor, None where no compiled weight reaches the original."""
         with torch.inference_mode(False), torch.enable_grad():  # a state dict taken under either still works
-            leaves = {n: t for n, t in self._leaves(device).items() if n not in self.kept}
-            outs = self._map({**self.kept, **leaves})
+            inputs = self._inputs(cotangents, device, dtypes)
+            leaves = {n: t for n, t in inputs.items() if n not in self.kept}
+            outs = self._map(inputs)
             pairs = [(outs[k], cotangents[k]) for k in self.compiled if k in cotangents and outs[k].requires_grad]
             if not pairs or not leaves:
                 return dict.fromkeys(leaves)
@@ -147,14 +174,21 @@ class OriginalNames:
         A tensor the layer takes as it is (the usual case with shared weights) is counted from the graph alone;
         the others by the transpose of a map of ones (memory traffic of one copy of them, once per swap)."""
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = {n: t for n, t in self._leaves(torch.device("cpu")).items() if n not in self.kept}
-            outs = self._map({**self.kept, **leaves})
+            inputs = self._inputs({}, torch.device("cpu"))
+            outs = self._map(inputs)
+        leaves = {n: t for n, t in inputs.items() if n not in self.kept}
         name_of = {id(t): n for n, t in leaves.items()}
         users: dict[str, list[str]] = {n: [] for n in leaves}
         for k, out in outs.items():
             for leaf in _leaves_reached(out):
                 if id(leaf) in name_of:
                     users[name_of[id(leaf)]].append(k)
+                    self.sources.setdefault(k, []).append(name_of[id(leaf)])
+            held = next((n for n, t in self.kept.items() if out is t), None)
+            if held is not None:  # the compiled layer holds it unchanged: read from there, never stale
+                self.passthrough[held] = k
+        for name in self.passthrough:
+            self.kept[name] = None
         counted = []
         for name, ks in users.items():
             if not ks:
@@ -176,21 +210,44 @@ class OriginalNames:
 
     # -- both directions -------------------------------------------------------------------------------
 
+    def _dtypes_now(self, compiled: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
+        """Each original tensor's dtype now: its own, unless the model was cast since the swap (``.to(dtype)``,
+        ``.half()``): then that of the compiled weights it went into (kept floats follow the experts' weights)."""
+        cast = {k: t.dtype for k, t in compiled.items() if k in self.layer_dtypes and t.dtype != self.layer_dtypes[k]}
+        into: dict[str, str] = {}
+        for k, names in self.sources.items():
+            for n in names:
+                into.setdefault(n, k)
+        experts = cast.get("experts.down_proj")
+        out = {}
+        for name, (_, dtype) in self.spec.items():
+            if name in self.carried:  # FP8 bytes stay FP8 (a compiled FP8 layer keeps them so under .to(dtype))
+                out[name] = dtype
+            elif name in into:
+                out[name] = cast.get(into[name], dtype)
+            elif experts is not None and dtype.is_floating_point and dtype.itemsize > 1 and experts.itemsize > 1:
+                out[name] = experts
+            else:
+                out[name] = dtype
+        return out
+
     def to_original(self, compiled: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """The compiled layer's weights (by its state-dict names) -> the original block's state (by its names)."""
         device = next(iter(compiled.values())).device if compiled else torch.device("cpu")
-        back = self._transpose(compiled, device)
+        dtypes = self._dtypes_now(compiled)
+        back = self._transpose(compiled, device, dtypes)
         out: dict[str, Tensor] = {}
-        for name, (_, dtype) in self.spec.items():
-            if name in self.kept:
-                out[name] = self.kept[name]
-                continue
-            t = back[name].detach().to(dtype)
+        for name in self.spec:
+            if name in self.passthrough and self.passthrough[name] in compiled:
+                out[name] = compiled[self.passthrough[name]]
+            elif name in self.kept:
+                out[name] = self.kept[name].to(device=device, dtype=dtypes[name])
+            else:
+                out[name] = back[name].detach().to(dtypes[name])
             if name in self.holes:
                 where, values = self.holes[name]
-                t = t.clone()
-                t.view(-1)[where.to(t.device)] = values.to(t.device)
-            out[name] = t
+                out[name] = out[name].clone()
+                out[name].view(-1)[where.to(device)] = values.to(device=device, dtype=out[name].dtype)
         return out
 
     def to_compiled(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -204,9 +261,15 @@ class OriginalNames:
         head, dot, rest = name.partition(".")
         return self.rename.get(head, head) + dot + rest
 
-    def register(self, owner: nn.Module) -> None:
-        """Hook ``owner`` (the module holding the compiled layer at ``layer_prefix``): its state dict uses the
-        original names, and its load accepts them (the compiled names too)."""
+    def register(self, owner: nn.Module, layer: nn.Module) -> None:
+        """Hook ``owner`` (the module holding the compiled ``layer`` at ``layer_prefix``): its state dict uses the
+        original names, and its load accepts them (the compiled names too). The layer's weights train as the
+        original's did: those made of frozen tensors, or of none (zero biases it makes up), are frozen."""
+        state = layer.state_dict(keep_vars=True)
+        self.layer_dtypes = {k: state[k].dtype for k in self.compiled if k in state}
+        for name, p in layer.named_parameters():
+            if name in self.compiled and p.is_floating_point():
+                p.requires_grad_(any(self.trainable[n] for n in self.sources.get(name, ())))
         # (partials: the public registration marks the hook object, which a bound method cannot take)
         owner.register_state_dict_post_hook(partial(OriginalNames._state_dict_hook, self))
         owner.register_load_state_dict_pre_hook(partial(OriginalNames._load_hook, self))
@@ -231,10 +294,11 @@ class OriginalNames:
             given = {name: given.get(name, current[self._owner_name(name)]) for name in self.spec}
         for key in keys.values():
             state_dict.pop(key, None)
-        with torch.no_grad():  # in place: a kept tensor is often the compiled layer's own (shared) storage
+        with torch.no_grad():  # in place, in the dtype and on the device they have
             for name, t in self.kept.items():
-                t.copy_(given[name])
-        for name, (where, _) in self.holes.items():
-            self.holes[name] = (where, given[name].detach().reshape(-1)[where.to(given[name].device)].clone())
+                if t is not None:
+                    t.copy_(given[name])
+            for name, (where, values) in self.holes.items():
+                self.holes[name] = (where, given[name].detach().reshape(-1)[where.to(given[name].device)].to(values))
         for k, v in self.to_compiled(given).items():
             state_dict[head + k] = v
