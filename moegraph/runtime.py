@@ -599,13 +599,15 @@ class CompiledMoEBase(nn.Module):
                     p.copy_(w)
 
     def __reduce_ex__(self, protocol):
-        """Pickled by its spec: the class is generated code, a module that another process cannot import by name,
-        so unpickling generates it again from ``SPEC_JSON`` (the same source, the same class) and sets the
-        state; the built graphs are left out (the next forward builds them)."""
+        """Pickled (and deep-copied) by its spec: the class is generated code, a module that another process cannot
+        import by name, so unpickling generates it again from ``SPEC_JSON`` (the same source, the same class) and
+        sets the state; the built graphs and the last forward's auxiliary losses are left out (the next forward
+        makes both)."""
         if not type(self).__module__.startswith("moegraph_generated_"):  # a subclass (expert-parallel): as it is
             return super().__reduce_ex__(protocol)
         state = self.__dict__.copy()
         state["_graphs"] = {}
+        state["aux_losses"] = {}  # the last training forward's, tied to its autograd graph
         return _generated_instance, (self.SPEC_JSON, self.BACKEND), state
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors

@@ -1033,3 +1033,18 @@ def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
         assert y.dtype == torch.float32
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
         torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+
+
+def test_a_layer_deep_copies_after_a_training_forward():
+    """copy.deepcopy after a training forward (its aux losses hold the autograd graph) copies the layer, without
+    the last forward's losses and graphs; the copy computes what the layer does."""
+    import copy
+
+    layer = moegraph.compile("deepseek-v3-tiny", seed=0).train()
+    x = torch.randn(2, 5, layer.HIDDEN, generator=torch.Generator().manual_seed(0))
+    layer(x)
+    assert layer.aux_losses
+    twin = copy.deepcopy(layer)
+    assert twin.aux_losses == {} and layer.aux_losses
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), layer.eval()(x), rtol=0, atol=0)
