@@ -389,14 +389,25 @@ def router_mlp(layers: tuple, dtype: torch.dtype, device: Any) -> nn.ModuleList:
     return mods
 
 
-def _generated_instance(spec_json: str, backend: str) -> CompiledMoEBase:
-    """An empty instance of the generated layer class of a spec (unpickling: ``CompiledMoEBase.__reduce_ex__``)."""
-    import json
+#: the generated layer classes this process has loaded, by (spec hash, backend): what unpickling and deepcopy reuse
+_GENERATED: dict[tuple[str, str], type] = {}
 
-    from .codegen import layer_class
-    from .loader import load_spec
 
-    cls, _ = layer_class(load_spec(json.loads(spec_json)), backend)
+def _generated_instance(spec_json: str, backend: str, spec_hash: str = "") -> CompiledMoEBase:
+    """An empty instance of the generated layer class of a spec (unpickling and deepcopy:
+    ``CompiledMoEBase.__reduce_ex__``): the class this process already loaded, else the class generated again
+    (written to the cache directory, as ``compile`` without ``out_dir`` does)."""
+    cls = _GENERATED.get((spec_hash, backend))
+    if cls is None:
+        import json
+
+        from .codegen import layer_class
+        from .loader import load_spec
+
+        cls, _ = layer_class(load_spec(json.loads(spec_json)), backend)
+        if spec_hash and cls.SPEC_HASH != spec_hash:
+            raise InputError(f"the pickled layer is of spec hash {spec_hash[:12]}, but this moegraph generates "
+                             f"{cls.SPEC_HASH[:12]} from its spec; load it with the moegraph version that saved it")
     return cls.__new__(cls)
 
 
@@ -608,7 +619,12 @@ class CompiledMoEBase(nn.Module):
         state = self.__dict__.copy()
         state["_graphs"] = {}
         state["aux_losses"] = {}  # the last training forward's, tied to its autograd graph
-        return _generated_instance, (self.SPEC_JSON, self.BACKEND), state
+        return _generated_instance, (self.SPEC_JSON, self.BACKEND, self.SPEC_HASH), state
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__module__.startswith("moegraph_generated_"):
+            _GENERATED[cls.SPEC_HASH, cls.BACKEND] = cls
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
         self.invalidate_graphs()

@@ -1035,12 +1035,16 @@ def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
         torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
 
 
-def test_a_layer_deep_copies_after_a_training_forward():
+def test_a_layer_deep_copies_after_a_training_forward(tmp_path, monkeypatch):
     """copy.deepcopy after a training forward (its aux losses hold the autograd graph) copies the layer, without
-    the last forward's losses and graphs; the copy computes what the layer does."""
+    the last forward's losses and graphs, reusing the class this process loaded (nothing generated or written
+    again); the copy computes what the layer does."""
     import copy
 
-    layer = moegraph.compile("deepseek-v3-tiny", seed=0).train()
+    from moegraph import codegen
+
+    layer = moegraph.compile("deepseek-v3-tiny", seed=0, out_dir=tmp_path).train()
+    monkeypatch.setattr(codegen, "write_source", lambda *a, **k: pytest.fail("deepcopy generated the code again"))
     x = torch.randn(2, 5, layer.HIDDEN, generator=torch.Generator().manual_seed(0))
     layer(x)
     assert layer.aux_losses
