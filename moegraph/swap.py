@@ -41,8 +41,7 @@ from . import hf
 from .errors import InputError, MoegraphError, UnsupportedBlock
 from .hf.inline import InlineChain, InlineMoE, inline_hosts, run_seeded, watch
 from .hf.probe import forward_args
-from .hf.router_record import RouterRecord, read_router_record
-from .hf.router_record import append as record_router_logits
+from .hf.router_record import RouterRecord, read_router_record, record_router_logits
 from .hf.state_names import OriginalNames, Unmappable
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
@@ -205,7 +204,7 @@ class MoEBlockAdapter(nn.Module):
                 extras.append(logits.reshape(-1) if self.flattened else logits)
             out = (y, *extras)
         if self.router_record is not None:  # transformers collecting router logits (output_router_logits=True)
-            record_router_logits(self.router_record, lambda: self._router_logits(x), out)
+            record_router_logits(self.router_record, lambda: self._router_logits(x), out, self.original_class)
         return out
 
     def _router_logits(self, x: Tensor) -> Tensor:
@@ -471,18 +470,18 @@ def optimize(
             layer = mg_compile(spec, plan=plan, backend=backend, out_dir=out_dir, dtype=dtype, device=ref.device,
                                seed=None)
             hf.load_hf_weights(layer, weights, share=share_weights)
-            record, no_record = read_router_record(model, path, block, layer.router.weight,
-                                                   getattr(layer.router, "bias", None), layer.compute_dtype)
-            if no_record and router_logits:
+            record = read_router_record(model, path, block, spec.moe.hidden_size, layer.router.weight,
+                                        getattr(layer.router, "bias", None), layer.compute_dtype)
+            if record is not None and record.source == "refused" and router_logits:
                 raise UnsupportedBlock(f"config.output_router_logits is set (transformers' auxiliary loss reads the "
-                                       f"router logits), but {no_record}", type(block).__name__)
+                                       f"router logits), but {record.reason}", type(block).__name__)
         except MoegraphError as exc:
             rec.reason = getattr(exc, "reason", None) or str(exc)
             rec.seconds = time.perf_counter() - ts
             continue
         rec.spec_name, rec.spec_hash, rec.routing, rec.notes = spec.name, spec.hash(), routing.describe(), list(notes)
-        if no_record:
-            rec.notes.append(f"forward(output_router_logits=True) raises with this block swapped: {no_record}")
+        if record is not None and record.source == "refused":
+            rec.notes.append(f"forward(output_router_logits=True) raises with this block swapped: {record.reason}")
         if how == "inline":  # checked in step 3, on the whole model
             adapter = InlineRouterAdapter(layer, block.chain, type(block.router).__name__)
             adapter.router_record = record

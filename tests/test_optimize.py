@@ -744,21 +744,27 @@ def test_router_logits_in_bfloat16_and_under_gradient_checkpointing():
 
 
 def test_router_logits_a_swapped_layer_cannot_give_are_refused(monkeypatch):
-    """A block whose recorded router output is not the linear map the swapped layer computes (here: made so)
-    stays in place when the config asks for router logits, with the reason; without the flag it is swapped and
-    the report says the call-time flag would fail."""
+    """A block whose recorded router output is not the linear map the swapped layer computes (here: made so, in
+    layer 0 only) stays in place when the config asks for router logits, with the reason; without the flag it is
+    swapped, the report says the call-time flag would fail, and it does fail, naming the block and the reason,
+    rather than hand the auxiliary loss the logits of fewer layers."""
     from moegraph.hf import router_record
 
     real = router_record.read_router_record
 
-    def other_logits(model, path, block, weight, bias, dtype):
-        return real(model, path, block, weight * 2, bias, dtype)
+    def other_logits(model, path, block, hidden, weight, bias, dtype):
+        return real(model, path, block, hidden, weight * 2 if path.endswith("layers.0.mlp") else weight, bias, dtype)
 
     monkeypatch.setattr("moegraph.swap.read_router_record", other_logits)
     report = moegraph.optimize(make_model("mixtral", output_router_logits=True)).moegraph_report
-    assert not report.swapped
-    assert all("output_router_logits is set" in r.reason and "linear map" in r.reason for r in report.records), report
-    report = moegraph.optimize(make_model("mixtral")).moegraph_report
-    assert len(report.swapped) == 2
-    assert all(any("output_router_logits=True) raises" in n for n in r.notes) for r in report.swapped)
-
+    assert [r.status for r in report.records] == ["refused", "swapped"], str(report)
+    assert "output_router_logits is set" in report.records[0].reason and "linear map" in report.records[0].reason
+    model = moegraph.optimize(make_model("mixtral"))
+    report = model.moegraph_report
+    assert [r.status for r in report.records] == ["swapped", "swapped"], str(report)
+    assert any("output_router_logits=True) raises" in n for n in report.records[0].notes)
+    assert not any("output_router_logits" in n for n in report.records[1].notes)
+    ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(moegraph.errors.InputError, match="replaced MixtralSparseMoeBlock cannot give its router logits"):
+        model(ids, output_router_logits=True)
+    assert model(ids).logits.shape == (2, 6, VOCAB)
