@@ -114,6 +114,11 @@ def test_partial_load_reports_what_is_missing() -> None:
     assert torch.equal(now[gone], kept)
     for k, v in state.items():
         assert torch.equal(now[k], v), k
+    # a whole block missing: reported under the names the model's state dict shows, its weights unchanged
+    block = [k for k in state if k.startswith("model.layers.1.mlp.")]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in block}, strict=False)
+    assert sorted(result.missing_keys) == sorted([*block, gone]) and not result.unexpected_keys
+    assert all(torch.equal(model.state_dict()[k], now[k]) for k in block)
 
 
 def test_compiled_names_still_load() -> None:

@@ -285,9 +285,15 @@ class OriginalNames:
                    strict: bool, missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
         keys = {name: prefix + self._owner_name(name) for name in self.spec}
         given = {name: state_dict[key] for name, key in keys.items() if key in state_dict}
-        if not given:  # compiled names (or nothing of this block): loaded as they are
-            return
         head = prefix + self.layer_prefix
+        if not given:
+            if not any(head + k in state_dict for k in self.compiled):
+                # Nothing of this block: it keeps its weights, and the keys reported missing are the original
+                # names (the ones the model's state dict shows), not the compiled layer's.
+                current = module.get_submodule(self.layer_prefix[:-1]).state_dict()
+                missing_keys.extend(keys.values())
+                state_dict.update({head + k: current[k] for k in self.compiled if k in current})
+            return  # else compiled names: loaded as they are
         if len(given) < len(keys):  # the rest from the layer's current weights
             current = module.state_dict(prefix="")  # through _state_dict_hook: original names
             missing_keys.extend(key for name, key in keys.items() if name not in given)
