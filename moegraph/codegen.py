@@ -313,15 +313,15 @@ def read_text_or_none(path: Path) -> str | None:
 OUT_DIR_FIX = "choose a writable directory with -o/out_dir (or moegraph.codegen.set_cache_dir)"
 
 
-def write_atomic(path: Path, source: str, fix: str = OUT_DIR_FIX) -> bool:
+def write_atomic(path: Path, source: str, fix: str = OUT_DIR_FIX, what: str = "generated code") -> bool:
     """Write ``source`` to ``path`` unless it already holds exactly that; return whether it wrote.
 
     Written as every moegraph output is (``fileio.write_atomically``: a new file beside ``path`` renamed over
-    it, so a reader never sees half a file); a failure is a CodegenError ending with ``fix``.
+    it, so a reader never sees half a file); a failure is a CodegenError naming ``what`` and ending with ``fix``.
     """
     if read_text_or_none(path) == source:
         return False
-    write_atomically(path, lambda tmp: tmp.write_text(source, encoding="utf-8"), "generated code", CodegenError, fix)
+    write_atomically(path, lambda tmp: tmp.write_text(source, encoding="utf-8"), what, CodegenError, fix)
     return True
 
 

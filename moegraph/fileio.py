@@ -1,6 +1,6 @@
 """Files in and out: outputs written whole or not at all, inputs read only from regular files of bounded size.
 
-``write_atomically(path, write, what, error)``: ``write(tmp)`` fills a temporary file beside the target,
+``write_atomically(path, write, what, error, fix)``: ``write(tmp)`` fills a temporary file beside the target,
 which is then renamed over it, so that a crash or a full disk never leaves a half-written file. The
 temporary file is new and uniquely named (``tempfile.mkstemp``: a file already there under some name,
 or a link planted there, is never written through or removed) and gets the usual permissions. A

@@ -23,6 +23,11 @@ The swapped-in module (``MoEBlockAdapter``) takes the hidden states the original
 shape) and returns what the original returned: the tensor, or (tensor, router_logits). An inline MoE
 is computed where its host calls the router (``InlineRouterAdapter``); the host's other calls in the
 chain pass the result on, and the whole model's logits are compared before and after.
+
+The swapped model keeps the original's state dict (names, dtypes, values; ``hf.state_names``: a
+checkpoint saved after the swap loads into the original model, and an original one into the swapped
+model), and hands transformers the router logits its output recording takes from the blocks' routers
+(``output_router_logits``; ``hf.router_record``).
 """
 
 from __future__ import annotations

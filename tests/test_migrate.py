@@ -371,16 +371,28 @@ def _run_edges(rank: int, world: int) -> dict:
     rb6, rb7 = Rebalancer([resumed], every=100, window_tokens=64), Rebalancer([resumed], every=100, window_tokens=16)
     for r in (rb6, rb7):
         r.load_state(with_windows)
-    saved = rb5._recorders[0]
     res["windows"] = [(r._recorders[0].ids().tolist(), r._recorders[0].samples().tolist(), r._recorders[0].seen,
                        r._window_start) for r in (rb5, rb6, rb7)]
-    (with_windows / f"moegraph_windows.rank{rank}-of-{world}.npz").write_bytes(b"not an npz")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rb8 = Rebalancer([resumed], every=100, window_tokens=64)
-        rb8.load_state(with_windows)
-    res["windows_corrupt"] = ([str(w.message) for w in caught], rb8._recorders[0].seen, rb8.steps)
-    del saved
+    windows_file = with_windows / f"moegraph_windows.rank{rank}-of-{world}.npz"
+
+    def resume_warnings() -> tuple[list[str], int, int]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rb8 = Rebalancer([resumed], every=100, window_tokens=64)
+            rb8.load_state(with_windows)
+        return [str(w.message) for w in caught], rb8._recorders[0].seen, rb8.steps
+
+    windows_file.write_bytes(b"not an npz")
+    res["windows_corrupt"] = resume_warnings()
+    windows_file.unlink()
+    res["windows_missing"] = resume_warnings()
+    torch.distributed.barrier()
+    if rank == 0:  # as if saved by another number of ranks
+        state = json.loads((with_windows / "moegraph_rebalancer.json").read_text())
+        state["windows"]["world_size"] = world + 1
+        (with_windows / "moegraph_rebalancer.json").write_text(json.dumps(state))
+    torch.distributed.barrier()
+    res["windows_other_world"] = resume_warnings()
     # An optimizer whose state cannot move, handed over by the Trainer: refused before the first step, with
     # advice that applies in a Trainer.
     handler3 = CallbackHandler([Rebalancer([resumed], every=1)._trainer_callback()], resumed, None,
@@ -879,9 +891,11 @@ def test_a_trainer_checkpoint_keeps_the_running_plan_and_resumes_only_under_it(r
         assert len(ids5) == 24 and seen5 == 24 and start5 == 6
         assert (ids6, samples6, seen6, start6) == (ids5, samples5, seen5, start5)
         assert (ids7, samples7, seen7, start7) == (ids5[-16:], samples5[-16:], seen5, start5)
-        warned, seen8, steps8 = out["windows_corrupt"]
-        assert len(warned) == 1 and "windows are not restored" in warned[0] and "truncated or corrupt" in warned[0]
-        assert (seen8, steps8) == (0, 7)
+        for key, why in (("windows_corrupt", "truncated or corrupt"), ("windows_missing", "is missing"),
+                         ("windows_other_world", f"saved by {len(_ok(runs['edges'])) + 1} ranks")):
+            warned, seen8, steps8 = out[key]
+            assert len(warned) == 1 and "windows are not restored" in warned[0] and why in warned[0], (key, warned)
+            assert (seen8, steps8) == (0, 7), key
         kind, msg = out["trainer_rmsprop"]
         assert kind == "DistributedError" and "RMSprop cannot be moved" in msg and "optim='adamw_torch'" in msg, msg
 

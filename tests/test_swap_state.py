@@ -11,6 +11,7 @@ structure, an MoE written inline in its host layer, and FP8 experts with their b
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +53,18 @@ def _swapped(model: nn.Module, **kw) -> nn.Module:
 
 
 IDS = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def fp8_model(seed: int) -> nn.Module:
+    """A tiny DeepSeek-V3 whose MoE block has transformers' FP8 experts and shared experts (tests/test_fp8_hf.py)."""
+    from test_fp8_hf import _fp8_block, ds
+
+    block, cfg = _fp8_block(seed=seed)
+    cfg.dtype = torch.float32
+    torch.manual_seed(0)
+    model = ds.DeepseekV3ForCausalLM(cfg).eval()
+    model.model.layers[1].mlp = block
+    return model
 
 
 def _logits(model: nn.Module, **kw) -> torch.Tensor:
@@ -162,6 +175,12 @@ def test_structural_block_round_trip() -> None:
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+    # and the other way: a checkpoint of the user's model (other weights) into the swapped one
+    torch.manual_seed(3)
+    other = UserModel([NaiveMoE(shared=True), NaiveMoE(expert=GeluMLP)])
+    model.load_state_dict(other.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=1e-4, atol=1e-5)
 
 
 def test_inline_moe_round_trip() -> None:
@@ -182,16 +201,6 @@ def test_inline_moe_round_trip() -> None:
 def test_fp8_experts_round_trip() -> None:
     """FP8 experts: their e4m3 bytes and block scales come back under transformers' names, exactly, and load
     into a swapped model of other weights."""
-    from test_fp8_hf import _fp8_block, ds
-
-    def fp8_model(seed: int) -> nn.Module:
-        block, cfg = _fp8_block(seed=seed)
-        cfg.dtype = torch.float32
-        torch.manual_seed(0)
-        model = ds.DeepseekV3ForCausalLM(cfg).eval()
-        model.model.layers[1].mlp = block
-        return model
-
     model = fp8_model(2)
     before = _snapshot(model)
     _assert_same_state(_swapped(model).state_dict(), before)
@@ -211,16 +220,20 @@ def test_pickled_models_load_in_a_new_process(tmp_path) -> None:
 
     from subproc import run_script
 
-    model = _swapped(_model("deepseek_v3"))
-    ref = _logits(model)  # builds the eval graphs before pickling
+    model, inline = _swapped(_model("deepseek_v3")), _swapped(gemma4_model())
+    ref, inline_ref = _logits(model), _logits(inline)  # builds the eval graphs before pickling
     layer = moegraph.compile("mixtral-tiny", seed=0).eval()
     x = torch.randn(3, layer.HIDDEN, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    user = _swapped(UserModel([NaiveMoE(shared=True)]))
     with torch.no_grad():
-        y = layer(x)
-    torch.save({"model": model, "layer": layer}, tmp_path / "whole.pt")
-    torch.save({"ids": IDS, "logits": ref, "x": x, "y": y, "keys": sorted(model.state_dict())}, tmp_path / "ref.pt")
+        y, user_y = layer(x), user(x.view(1, 3, -1))
+    torch.save({"model": model, "layer": layer, "inline": inline, "user": user}, tmp_path / "whole.pt")
+    torch.save({"ids": IDS, "logits": ref, "inline_logits": inline_ref, "x": x, "y": y, "user_y": user_y,
+                "keys": sorted(model.state_dict()), "inline_keys": sorted(inline.state_dict()),
+                "user_keys": sorted(user.state_dict())}, tmp_path / "ref.pt")
     script = (
-        "import sys, torch\n"
+        f"import sys, torch\nsys.path.insert(0, {str(Path(__file__).parent)!r})  # the user model's classes\n"
         "assert not any(m.startswith('moegraph_generated_') for m in sys.modules)\n"
         f"d = torch.load({str(tmp_path / 'whole.pt')!r}, weights_only=False)\n"
         f"r = torch.load({str(tmp_path / 'ref.pt')!r})\n"
@@ -228,7 +241,11 @@ def test_pickled_models_load_in_a_new_process(tmp_path) -> None:
         # (float32 rounding: the new process may time and choose another expert-op layout)
         "    torch.testing.assert_close(d['model'](r['ids']).logits, r['logits'], rtol=1e-5, atol=1e-6)\n"
         "    torch.testing.assert_close(d['layer'](r['x']), r['y'], rtol=1e-5, atol=1e-6)\n"
+        "    torch.testing.assert_close(d['inline'](r['ids']).logits, r['inline_logits'], rtol=1e-5, atol=1e-6)\n"
+        "    torch.testing.assert_close(d['user'](r['x'].view(1, 3, -1)), r['user_y'], rtol=1e-5, atol=1e-6)\n"
         "assert sorted(d['model'].state_dict()) == r['keys']\n"
+        "assert sorted(d['inline'].state_dict()) == r['inline_keys']\n"
+        "assert sorted(d['user'].state_dict()) == r['user_keys']\n"
         "print('loaded and equal')\n"
     )
     out = run_script([sys.executable, "-c", script], "loading the pickled model", timeout=300)
@@ -286,16 +303,6 @@ def test_a_checkpoint_of_another_dtype_loads_and_saves_again() -> None:
 def test_state_dict_reads_what_the_layer_holds_now() -> None:
     """FP8 bytes and integer tables come from the compiled layer as it is: after ``.to("meta")`` every entry is on
     the meta device, and a state dict loaded in the compiled names (FP8 shared experts included) shows."""
-    from test_fp8_hf import _fp8_block, ds
-
-    def fp8_model(seed: int) -> nn.Module:
-        block, cfg = _fp8_block(seed=seed)
-        cfg.dtype = torch.float32
-        torch.manual_seed(0)
-        model = ds.DeepseekV3ForCausalLM(cfg).eval()
-        model.model.layers[1].mlp = block
-        return model
-
     for model in (_swapped(fp8_model(2)).to("meta"), _swapped(_model("deepseek_v4")).to("meta")):
         assert {str(v.device) for v in model.state_dict().values()} == {"meta"}
     model, other = _swapped(fp8_model(2)), _swapped(fp8_model(3))

@@ -137,6 +137,9 @@ class WindowRecorder(RoutingRecorder):
     def ids(self) -> torch.Tensor:
         return self._in_order(self._ids, torch.empty(0, 0, dtype=torch.int32))
 
+    def samples(self) -> torch.Tensor:
+        return self._in_order(self._samples, torch.empty(0, dtype=torch.int64))
+
     def snapshot(self) -> dict[str, np.ndarray]:
         """The window as arrays (oldest token first) and its counters: what ``restore`` takes back."""
         return {"ids": self.ids().numpy(), "samples": self.samples().numpy(),
@@ -156,9 +159,6 @@ class WindowRecorder(RoutingRecorder):
         self._ids[:n] = torch.as_tensor(ids, dtype=torch.int32, device=device)
         self._samples[:n] = torch.as_tensor(samples, dtype=torch.int64, device=device)
         self._held, self._next_row = n, n % self.max_tokens
-
-    def samples(self) -> torch.Tensor:
-        return self._in_order(self._samples, torch.empty(0, dtype=torch.int64))
 
 
 def _max_mean(span: np.ndarray) -> float:
@@ -418,9 +418,11 @@ class Rebalancer:
 
     def load_state(self, folder: str | Path) -> None:
         """Continue from ``save_state``'s files in ``folder`` (every rank reads them; not a collective): the step
-        count, the last re-plan's step (``every`` counts on from it) and the events. The layers must run the
-        saved plan (compile them with ``plan=Plan.load(folder / STATE_PLAN)``): under another plan the optimizer
-        state saved beside it would belong to other experts, so that is refused."""
+        count, the last re-plan's step (``every`` counts on from it), the events, and this rank's windows with the
+        step their interval started at (a window file that is missing, of another world size or unreadable leaves
+        them empty, with a warning). The layers must run the saved plan (compile them with
+        ``plan=Plan.load(folder / STATE_PLAN)``): under another plan the optimizer state saved beside it would
+        belong to other experts, so that is refused."""
         from ..planner import Plan
 
         folder = Path(folder)
@@ -495,8 +497,10 @@ class Rebalancer:
         for i, layer in enumerate(self.layers):
             ids, samples, counters = (arrays.get(f"{key}_{i}") for key in ("ids", "samples", "counters"))
             k, choices = layer.TOP_K, layer.router_choices
-            if ids is None or samples is None or counters is None or ids.ndim != 2 or len(ids) != len(samples) \
-                    or counters.shape != (2,) or (len(ids) and (ids.shape[1] != k or ids.min() < -1 or ids.max() >= choices)):
+            shaped = (ids is not None and samples is not None and counters is not None and ids.ndim == 2
+                      and len(ids) == len(samples) and counters.shape == (2,))
+            ids_ok = shaped and (len(ids) == 0 or (ids.shape[1] == k and ids.min() >= -1 and ids.max() < choices))
+            if not ids_ok:
                 return f"{where} does not hold windows of these {len(self.layers)} layers (top-{k} of {choices} ids)"
             parts.append((ids, samples, counters))
         if len(arrays) != 3 * len(self.layers):

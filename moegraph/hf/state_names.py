@@ -16,17 +16,26 @@ and an original checkpoint would not load into the swapped model. ``OriginalName
   skeleton filled with the loaded tensors.
 
 FP8 bytes, which autograd does not carry, go through float32 leaves (which hold them exactly) wherever
-the map does not tell FP8 experts by their dtype; an integer table, or FP8 experts the map recognises by
+the map does not tell FP8 experts by their dtype (a state dict then costs float32 copies of those bytes
+for the time it is built, one block at a time); an integer table, or FP8 experts the map recognises by
 their dtype, are read from the compiled layer where it holds them unchanged (shared weights). What is
 left is kept from the block as it was: whole tensors the compiled layer has no use for (a statistic a
 router keeps), and the values of elements a map leaves out (LongCat's rows of zero-computation experts).
-A state dict follows the model's casts since the swap (``.to(dtype)``, ``.half()``) and its device. Weights the compiled layer makes up (zero biases beside
-biased shared experts) have no original place and are left out. A map that copies one element twice
-cannot be inverted; the swap then keeps the compiled names and says so (``Unmappable``).
+A state dict follows the model's casts since the swap (``.to(dtype)``, ``.half()``) and its device.
+Weights the compiled layer makes up (zero biases beside biased shared experts) have no original place:
+they are left out of the state dict and frozen (``register``), so the model trains what the original
+would. A map that copies one element twice cannot be inverted; the swap then keeps the compiled names
+and says so (``Unmappable``).
+
+What the original names cannot be: a swapped block's entries of ``state_dict(keep_vars=True)`` are
+tensors built from the layer's weights, not its Parameters (except where the layer holds an original
+tensor as it is), and its keys are not those of ``named_parameters()``. Tools that map state-dict keys
+to live Parameters (``torch.distributed.checkpoint``) should read the compiled layer's own state dict.
 
 The hooks: ``register`` adds a state-dict post-hook and a load pre-hook to the module that owns the
 compiled layer (the block's adapter, or the host layer of an inline MoE), so the keys change at that
-module's prefix, wherever the model sits in a larger one.
+module's prefix, wherever the model sits in a larger one. A load without any of a block's tensors keeps
+its weights and reports the original names missing.
 """
 
 from __future__ import annotations
@@ -59,8 +68,6 @@ def _skeleton(block: nn.Module, names: Mapping[str, Tensor]) -> nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(block, memo)
-
-
 
 
 def _leaves_reached(t: Tensor) -> list[Tensor]:

@@ -53,8 +53,8 @@ def interpreting() -> bool:
 
 
 def _write_if_changed(path: Path, source: str) -> None:
-    write_atomic(path, source, fix="point moegraph.codegen.set_cache_dir (or, for the CLI, XDG_CACHE_HOME) at a "
-                                   "writable directory")
+    write_atomic(path, source, what="generated Triton kernels",
+                 fix="point moegraph.codegen.set_cache_dir (or, for the CLI, XDG_CACHE_HOME) at a writable directory")
 
 
 def render_to_module(template: str, ctx: dict[str, Any], cache_dir: str | Path | None = None) -> ModuleType:
