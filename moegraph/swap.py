@@ -47,7 +47,7 @@ from .errors import InputError, MoegraphError, UnsupportedBlock
 from .hf.inline import InlineChain, InlineMoE, inline_hosts, run_seeded, watch
 from .hf.probe import forward_args
 from .hf.router_record import RouterRecord, read_router_record, record_router_logits
-from .hf.state_names import OriginalNames, Unmappable
+from .hf.state_names import OriginalNames, Unmappable, WeightMap
 from .hf.structural import read_structural, structural_parts
 from .runtime import CompiledMoEBase
 from .semantics import torch_dtype
@@ -334,7 +334,7 @@ def _inline_names(chain: InlineChain) -> dict[str, str]:
                                               ("pre_norm", chain.pre_norm), ("post_norm", chain.post_norm)) if theirs}
 
 
-def _original_names(rec: SwapRecord, block: nn.Module, weights_of: Any, layer_prefix: str,
+def _original_names(rec: SwapRecord, block: nn.Module, weights_of: WeightMap, layer_prefix: str,
                     rename: dict[str, str] | None = None) -> OriginalNames | None:
     """The map that keeps a swapped block's state under its original names (``hf.state_names``); None, with a
     note, where the map cannot be inverted."""
