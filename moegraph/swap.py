@@ -339,7 +339,11 @@ def _original_names(rec: SwapRecord, block: nn.Module, weights_of: WeightMap, la
     """The map that keeps a swapped block's state under its original names (``hf.state_names``); None, with a
     note, where the map cannot be inverted."""
     try:
-        return OriginalNames(block, weights_of, layer_prefix, rename)
+        names = OriginalNames(block, weights_of, layer_prefix, rename)
+        if names.untrained:
+            rec.notes.append(f"the swapped layer does not use {', '.join(names.untrained)} (trainable in the "
+                             "original block): training the swapped model leaves them as they are")
+        return names
     except Exception as exc:  # noqa: BLE001 - Unmappable, or a block that cannot be copied as a skeleton: noted
         why = str(exc) if isinstance(exc, Unmappable) else f"{type(exc).__name__}: {exc}"
         rec.notes.append(f"state_dict() and save_pretrained use the compiled layer's names here ({why}); a checkpoint "

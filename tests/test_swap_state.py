@@ -343,3 +343,20 @@ def test_the_swapped_layer_trains_what_the_original_trained() -> None:
     frozen = _model("qwen2_moe").requires_grad_(False)
     _swapped(frozen)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_a_value_the_swap_took_as_a_constant_is_reported() -> None:
+    """Inkling's learned global_scale multiplies the routing; the swap reads it into the spec as a constant, so the
+    report says training leaves it alone, and a checkpoint with another value warns on loading (the swapped layer
+    would compute with the old one) instead of loading silently."""
+    model = _swapped(_model("inkling_text"))
+    key = "model.layers.0.mlp.gate.global_scale"
+    notes = [n for r in model.moegraph_report.swapped for n in r.notes]
+    assert any("does not use gate.global_scale" in n for n in notes), notes
+    state = _snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.load_state_dict(state)  # the same values: no warning
+    state[key] = state[key] * 0.5
+    with pytest.warns(UserWarning, match=f"loading {key}: the swapped layer does not read it"):
+        model.load_state_dict(state)

@@ -41,6 +41,7 @@ its weights and reports the original names missing.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -49,7 +50,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["OriginalNames", "Unmappable"]
+__all__ = ["OriginalNames", "Unmappable", "WeightMap"]
 
 WeightMap = Callable[[nn.Module], dict[str, Tensor]]
 
@@ -113,6 +114,7 @@ class OriginalNames:
         #: original name -> (flat positions, values) of elements no compiled weight holds
         self.holes: dict[str, tuple[Tensor, Tensor]] = {}
         self.carried: set[str] = set()  # FP8 bytes the map copies whatever their dtype: through float32 leaves
+        self.unread: set[str] = set()  # float tensors no compiled weight is made of (constants of the spec, unused)
         cpu = torch.device("cpu")
         outs = self._map(self._inputs({}, cpu))
         held = {n for n, t in self.kept.items() if any(out is t for out in outs.values())}  # taken as they are
@@ -200,6 +202,7 @@ class OriginalNames:
         for name, ks in users.items():
             if not ks:
                 self.kept[name] = state[name].detach()
+                self.unread.add(name)
             elif len(ks) > 1 or outs[ks[0]] is not leaves[name]:
                 counted.append(name)
         if not counted:
@@ -216,6 +219,12 @@ class OriginalNames:
                 self.holes[name] = (where, state[name].detach().reshape(-1)[where.to(state[name].device)].clone())
 
     # -- both directions -------------------------------------------------------------------------------
+
+    @property
+    def untrained(self) -> list[str]:
+        """Trainable original tensors the compiled layer does not use (kept as they were): training the swapped
+        model leaves them where they are."""
+        return [n for n in sorted(self.unread) if self.trainable[n]]
 
     def _dtypes_now(self, compiled: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
         """Each original tensor's dtype now: its own, unless the model was cast since the swap (``.to(dtype)``,
@@ -307,6 +316,13 @@ class OriginalNames:
             given = {name: given.get(name, current[self._owner_name(name)]) for name in self.spec}
         for key in keys.values():
             state_dict.pop(key, None)
+        changed = [n for n, t in self.kept.items() if n in self.unread and not torch.equal(
+            given[n].detach().to(device=t.device, dtype=t.dtype), t)]
+        if changed:
+            warnings.warn(f"loading {', '.join(prefix + self._owner_name(n) for n in changed)}: the swapped layer does "
+                          "not read it (a value the swap took as a constant of its spec, or one the block keeps "
+                          "unused), and the checkpoint's differs from the one at the swap; if the block computes with "
+                          "it, run moegraph.optimize on the model after loading", stacklevel=3)
         with torch.no_grad():  # in place, in the dtype and on the device they have
             for name, t in self.kept.items():
                 if t is not None:
