@@ -402,8 +402,8 @@ def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
         pinned = moegraph.compile(spec, expert_strategy="native").eval()
         pinned.load_state_dict(ref.state_dict())
         xx = torch.randn(1, 3, 256)
-        with torch.inference_mode():
-            assert torch.equal(pinned(xx), ref(xx))
+        with torch.inference_mode(), pytest.warns(RuntimeWarning, match="native router kernel is unavailable"):
+            assert torch.equal(pinned(xx), ref(xx))  # the router falls back to torch steps, and says so once
     finally:
         native.set_cache_dir(before)
     assert not list(tmp_path.glob("*.so"))
