@@ -360,3 +360,13 @@ def test_a_value_the_swap_took_as_a_constant_is_reported() -> None:
     state[key] = state[key] * 0.5
     with pytest.warns(UserWarning, match=f"loading {key}: the swapped layer does not read it"):
         model.load_state_dict(state)
+
+
+def test_keep_vars_gives_the_parameters_the_layer_holds_as_they_are() -> None:
+    """Mixtral's expert and router weights are the compiled layer's own Parameters (shared, same layout): with
+    keep_vars=True the state dict gives those Parameters, as an unswapped model's does."""
+    model = _swapped(_model("mixtral"))
+    state = model.state_dict(keep_vars=True)
+    layer = model.model.layers[0].mlp.moe
+    assert state["model.layers.0.mlp.experts.gate_up_proj"] is layer.experts.gate_up_proj
+    assert state["model.layers.0.mlp.gate.weight"] is layer.router.weight

@@ -29,7 +29,7 @@ and says so (``Unmappable``).
 
 What the original names cannot be: a swapped block's entries of ``state_dict(keep_vars=True)`` are
 tensors built from the layer's weights, not its Parameters (except where the layer holds an original
-tensor as it is), and its keys are not those of ``named_parameters()``. Tools that map state-dict keys
+tensor as it is: then the Parameter), and its keys are not those of ``named_parameters()``. Tools that map state-dict keys
 to live Parameters (``torch.distributed.checkpoint``) should read the compiled layer's own state dict.
 
 The hooks: ``register`` adds a state-dict post-hook and a load pre-hook to the module that owns the
@@ -110,6 +110,7 @@ class OriginalNames:
         #: use), as they were; None where the compiled layer holds one unchanged (``passthrough``: read from it)
         self.kept: dict[str, Tensor | None] = {n: t.detach() for n, t in state.items() if t.dtype not in _GRAD_DTYPES}
         self.passthrough: dict[str, str] = {}  # kept original name -> the compiled name holding it as it is
+        self.identity: dict[str, str] = {}  # original name -> the compiled weight that is it, element for element
         self.sources: dict[str, list[str]] = {}  # compiled name -> the original names it copies elements of
         #: original name -> (flat positions, values) of elements no compiled weight holds
         self.holes: dict[str, tuple[Tensor, Tensor]] = {}
@@ -205,6 +206,8 @@ class OriginalNames:
                 self.unread.add(name)
             elif len(ks) > 1 or outs[ks[0]] is not leaves[name]:
                 counted.append(name)
+            else:
+                self.identity[name] = ks[0]
         if not counted:
             return
         ones = {k: torch.ones((), dtype=outs[k].dtype).expand(outs[k].shape) for n in counted for k in users[n]}
@@ -256,6 +259,8 @@ class OriginalNames:
         for name in self.spec:
             if name in self.passthrough and self.passthrough[name] in compiled:
                 out[name] = compiled[self.passthrough[name]]
+            elif name in self.identity and self.identity[name] in compiled:  # (with keep_vars: the Parameter)
+                out[name] = compiled[self.identity[name]].to(dtypes[name])
             elif name in self.kept:
                 out[name] = self.kept[name].to(device=device, dtype=dtypes[name])
             else:
