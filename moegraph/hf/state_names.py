@@ -29,8 +29,9 @@ and says so (``Unmappable``).
 
 What the original names cannot be: a swapped block's entries of ``state_dict(keep_vars=True)`` are
 tensors built from the layer's weights, not its Parameters (except where the layer holds an original
-tensor as it is: then the Parameter), and its keys are not those of ``named_parameters()``. Tools that map state-dict keys
-to live Parameters (``torch.distributed.checkpoint``) should read the compiled layer's own state dict.
+tensor as it is: then the Parameter), and its keys are not those of ``named_parameters()``. Tools that
+map state-dict keys to live Parameters (``torch.distributed.checkpoint``) should read the compiled
+layer's own state dict.
 
 The hooks: ``register`` adds a state-dict post-hook and a load pre-hook to the module that owns the
 compiled layer (the block's adapter, or the host layer of an inline MoE), so the keys change at that
