@@ -157,7 +157,8 @@ class OriginalNames:
         out = {}
         for name, (shape, dtype) in self.spec.items():
             if name in self.passthrough:  # (stride-0 zeros where only the shape matters)
-                out[name] = compiled.get(self.passthrough[name], torch.zeros((), dtype=dtype, device=device).expand(shape))
+                zeros = torch.zeros((), dtype=dtype, device=device).expand(shape)
+                out[name] = compiled.get(self.passthrough[name], zeros)
             elif name in self.kept:
                 out[name] = self.kept[name].to(device)
             else:
