@@ -457,11 +457,11 @@ def optimize(
         try:
             if how in ("registry", "inline"):
                 info = hf.read_block(block)
-                weights = _registry_weights(block, anatomy=info.anatomy)
+                weights_of = partial(_registry_weights, anatomy=info.anatomy)
+                weights = weights_of(block)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
                 rank, token_arg, flat, flattened = 3, info.token_arg, info.flat_output, info.flattened
                 state_arg = info.state_arg
-                weights_of = partial(_registry_weights, anatomy=info.anatomy)
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
@@ -524,7 +524,7 @@ def optimize(
         names = _original_names(rec, block, weights_of, "moe.")
         _set_child(model, path, adapter)
         if names is not None:
-            names.register(adapter, layer)
+            names.register(adapter)
         rec.status = "swapped"
         rec.seconds = time.perf_counter() - ts
     # Step 3: inline swaps change the host's children, not a block: the whole model is compared on the
@@ -533,8 +533,7 @@ def optimize(
         _check_inline(model, {p: (rec, old) for p, (rec, old, _) in inline_swaps.items()}, watched_ids, watched_logits)
         for path, (rec, _, names) in inline_swaps.items():
             if rec.status == "swapped" and names is not None:
-                host = model.get_submodule(path)
-                names.register(host, host.get_submodule(names.layer_prefix[:-1]))
+                names.register(model.get_submodule(path))
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
     return model

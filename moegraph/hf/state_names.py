@@ -117,20 +117,22 @@ class OriginalNames:
         self.holes: dict[str, tuple[Tensor, Tensor]] = {}
         self.carried: set[str] = set()  # FP8 bytes the map copies whatever their dtype: through float32 leaves
         self.unread: set[str] = set()  # float tensors no compiled weight is made of (constants of the spec, unused)
-        cpu = torch.device("cpu")
-        outs = self._map(self._inputs({}, cpu))
+        inputs, outs = self._traced()
         held = {n for n, t in self.kept.items() if any(out is t for out in outs.values())}  # taken as they are
         self.carried = {n for n, t in state.items() if t.is_floating_point() and t.dtype not in _GRAD_DTYPES} - held
         if self.carried:
             kept, self.kept = self.kept, {n: t for n, t in self.kept.items() if n not in self.carried}
             try:
-                same = set(self._map(self._inputs({}, cpu))) == set(outs)  # else the map told FP8 by their dtype
+                carried = self._traced()
+                same = set(carried[1]) == set(outs)  # else the map told FP8 by their dtype
             except (RuntimeError, TypeError):  # an operation that needs their own dtype
                 same = False
-            if not same:
+            if same:
+                inputs, outs = carried
+            else:
                 self.kept, self.carried = kept, set()
         self.compiled = sorted(outs)
-        self._find_coverage(state)
+        self._find_coverage(state, inputs, outs)
         self.layer_dtypes: dict[str, torch.dtype] = {}  # the compiled layer's, when hooked (``register``)
 
     # -- the map on the skeleton ---------------------------------------------------------------------
@@ -181,13 +183,18 @@ class OriginalNames:
                                         grad_outputs=[c.detach().to(o.dtype).reshape(o.shape) for o, c in pairs])
         return dict(zip(leaves, grads))
 
-    def _find_coverage(self, state: Mapping[str, Tensor]) -> None:
-        """How many times the map copies each original element: once everywhere, else kept (module docstring).
-        A tensor the layer takes as it is (the usual case with shared weights) is counted from the graph alone;
-        the others by the transpose of a map of ones (memory traffic of one copy of them, once per swap)."""
+    def _traced(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The map's inputs (zero leaves, kept tensors) and its outputs, with their autograd graph, on the CPU."""
         with torch.inference_mode(False), torch.enable_grad():
             inputs = self._inputs({}, torch.device("cpu"))
-            outs = self._map(inputs)
+            return inputs, self._map(inputs)
+
+    def _find_coverage(self, state: Mapping[str, Tensor], inputs: Mapping[str, Tensor],
+                       outs: Mapping[str, Tensor]) -> None:
+        """How many times the map (``inputs`` -> ``outs``, ``_traced``) copies each original element: once
+        everywhere, else kept (module docstring). A tensor the layer takes as it is (the usual case with shared
+        weights) is counted from the graph alone; the others by the transpose of a map of ones (memory traffic of
+        one copy of them, once per swap)."""
         leaves = {n: t for n, t in inputs.items() if n not in self.kept}
         name_of = {id(t): n for n, t in leaves.items()}
         users: dict[str, list[str]] = {n: [] for n in leaves}
@@ -284,10 +291,15 @@ class OriginalNames:
         head, dot, rest = name.partition(".")
         return self.rename.get(head, head) + dot + rest
 
-    def register(self, owner: nn.Module, layer: nn.Module) -> None:
-        """Hook ``owner`` (the module holding the compiled ``layer`` at ``layer_prefix``): its state dict uses the
+    def _layer(self, owner: nn.Module) -> nn.Module:
+        """The compiled layer ``owner`` holds at ``layer_prefix``."""
+        return owner.get_submodule(self.layer_prefix.rstrip("."))
+
+    def register(self, owner: nn.Module) -> None:
+        """Hook ``owner`` (the module holding the compiled layer at ``layer_prefix``): its state dict uses the
         original names, and its load accepts them (the compiled names too). The layer's weights train as the
         original's did: those made of frozen tensors, or of none (zero biases it makes up), are frozen."""
+        layer = self._layer(owner)
         state = layer.state_dict(keep_vars=True)
         self.layer_dtypes = {k: state[k].dtype for k in self.compiled if k in state}
         for name, p in layer.named_parameters():
@@ -313,7 +325,7 @@ class OriginalNames:
             if not any(head + k in state_dict for k in self.compiled):
                 # Nothing of this block: it keeps its weights, and the keys reported missing are the original
                 # names (the ones the model's state dict shows), not the compiled layer's.
-                current = module.get_submodule(self.layer_prefix[:-1]).state_dict()
+                current = self._layer(module).state_dict()
                 missing_keys.extend(keys.values())
                 state_dict.update({head + k: current[k] for k in self.compiled if k in current})
             return  # else compiled names: loaded as they are
