@@ -330,3 +330,20 @@ def test_inline_expression_spec_runs_the_generated_torch_layer(expression, tmp_p
     for a, b, n in zip(got, ref, ["x", "gate_up_proj", "down_proj", "router"]):
         # atol: the router runs in float32 (router_dtype), the experts in float64
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=lambda m: f"{n}: {m}")
+
+
+def test_the_generated_modulo_hash_router_is_the_semantics_formula(tmp_path):
+    # The generated layer spells the modulo hash step out; semantics.routing.modulo_hash_experts is the one Python
+    # definition the rest of the package uses (the Rebalancer's drifting stream): both give the same experts.
+    from moegraph.semantics.routing import modulo_hash_experts
+
+    d = moegraph.load_spec("hash-tiny").to_dict()
+    d["moe"]["router"]["method"] = "modulo"
+    d["moe"]["router"].pop("vocab_size", None)
+    layer = moegraph.compile(d, seed=0, out_dir=tmp_path).eval()
+    ids = torch.randint(0, 1000, (13,), generator=torch.Generator().manual_seed(0))
+    rec = layer.start_recording()
+    with torch.no_grad():
+        layer(torch.randn(13, layer.HIDDEN), token_ids=ids)
+    got = rec.ids()
+    assert torch.equal(got.long(), modulo_hash_experts(ids, layer.NUM_EXPERTS, layer.TOP_K))

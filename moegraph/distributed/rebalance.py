@@ -59,6 +59,7 @@ import torch
 from ..errors import DistributedError, PlanInfeasible, TraceError
 from ..fileio import check_input, write_atomically
 from ..runtime import RoutingRecorder
+from ..semantics.routing import modulo_hash_experts
 
 __all__ = ["WindowRecorder", "Rebalancer", "drift_demo", "drift_stream", "STATE_PLAN", "STATE_FILE",
            "STATE_WINDOWS"]
@@ -751,12 +752,12 @@ def drift_stream(layers: Sequence[Any], *, steps: int, tokens: int, seed: int = 
 
 def _hash_experts(layer: Any) -> torch.Tensor:
     """[ids, K] the experts a hash-routed layer sends each token id to (on the host): its table, or for the
-    modulo method the ids 0..E-1 through its formula ((id + k E // K) mod E), which covers every pattern."""
+    modulo method the ids 0..E-1 through its formula (``semantics.routing.modulo_hash_experts``), which covers
+    every pattern."""
     table = getattr(layer.router, "hash_table", None)
     if table is not None:
         return table.long().cpu()
-    e, k = layer.NUM_EXPERTS, layer.TOP_K
-    return (torch.arange(e).unsqueeze(1) + torch.arange(k) * (e // k)) % e
+    return modulo_hash_experts(torch.arange(layer.NUM_EXPERTS), layer.NUM_EXPERTS, layer.TOP_K)
 
 
 def _plain(value: Any) -> Any:

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from .torch_forms import activate, rms_norm, scores
 
-__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "choose_experts", "select_experts", "router_input", "cap_logits",
+__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "choose_experts", "select_experts", "router_input", "modulo_hash_experts", "cap_logits",
            "sparsemixer_route", "router_network"]
 
 
@@ -144,6 +144,13 @@ def router_input(x_TD: Tensor, kind: str, eps: float, weight_D: Tensor | None, m
     if weight_D is not None:
         xf_TD = xf_TD * weight_D.float()
     return xf_TD * multiplier if multiplier != 1.0 else xf_TD
+
+
+def modulo_hash_experts(token_ids_T: Tensor, num_experts: int, top_k: int) -> Tensor:
+    """[T, K] the experts hash routing by formula (``HashRouter.method: modulo``) sends each token id to:
+    ``(id + k * E // K) mod E`` for k < K (the generated layer spells the same step out)."""
+    offsets_K = torch.arange(top_k, device=token_ids_T.device) * (num_experts // top_k)
+    return (token_ids_T.unsqueeze(-1) + offsets_K) % num_experts
 
 
 def cap_logits(logits_TE: Tensor, cap: float) -> Tensor:
