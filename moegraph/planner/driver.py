@@ -156,10 +156,11 @@ def _trace_items(traces: Any) -> Any:
 
 
 def _trace_inputs(spec: MoESpec, traces: Any) -> list[str] | None:
-    """The trace paths / bundled names a plan was made from, when given as such (to re-load them later)."""
+    """The trace paths / bundled names a plan was made from (``traces`` as ``_trace_items`` gave it), when given
+    as such (to re-load them later)."""
     if traces is None:
         return list(spec.placement.traces) or None
-    items = [traces] if isinstance(traces, (str, Path, TraceSet)) else list(traces)
+    items = traces if isinstance(traces, list) else [traces]
     if all(isinstance(t, (str, Path)) for t in items):
         return [str(t) for t in items]
     return None

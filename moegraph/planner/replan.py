@@ -1077,9 +1077,10 @@ def _whole_layers(states: list[_Layer], solved: list[_Layer], kept: np.ndarray, 
                   if layer not in taken and not kept[layer] and ratio[layer] > imb + 1e-6}
         while active and budget.moves >= 1:
             layer = max(active, key=lambda i: (_ratio(states[i]), -i))
-            step = _Budget(min(2.0, budget.moves))  # one change: a swap, or a replica or two
+            allowed = min(2.0, budget.moves)  # one change: a swap, or a replica or two
+            step = _Budget(allowed)
             made = _repair_balance(states[layer], imb, step, coacts[layer], cost, value_per_j)
-            budget.spend(min(2.0, budget.moves) - step.moves)
+            budget.spend(allowed - step.moves)
             repairs += made
             if not made or _ratio(states[layer]) <= imb + 1e-6:
                 active.discard(layer)
@@ -1311,8 +1312,8 @@ def replan(
                                             water=water)
                 mean = np.mean([_ratio(st) for st in whole])
                 if mean < best[0] - 1e-9:
-                    r, c, k = (int(x) for x in counts[sorted(taken)].sum(axis=0))  # the whole layers' own changes
-                    best = (mean, whole, whole_budget, made + r, c, k, "whole layers, then a change at a time"
+                    r, c, rounds = (int(x) for x in counts[sorted(taken)].sum(axis=0))  # the whole layers' own
+                    best = (mean, whole, whole_budget, made + r, c, rounds, "whole layers, then a change at a time"
                             if water else "whole layers, then worst layer first")
             _, states, budget, repairs, swaps, polished, allocation = best
     rows = []
