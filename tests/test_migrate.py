@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -255,6 +256,12 @@ def _run_edges(rank: int, world: int) -> dict:
                              for i, lay in enumerate(layers)]
     res["two_reports"] = apply_plan(layers, b2)
     res["two_slots"] = [list(lay.slot_experts) for lay in layers]
+    # One layer migrated alone: the layers run different placements, which a Rebalancer refuses (it re-plans
+    # and saves one plan for every layer); moving every layer to one plan mends it.
+    layers[0].apply_plan(a2)
+    res["mixed_refused"] = _error(lambda: Rebalancer(layers, every=1, window_tokens=64))
+    apply_plan(layers, a2)
+    res["mended"] = Rebalancer(layers, every=1, window_tokens=64).plan.physical_to_logical_map.tolist()
     # Expert gradients pending (rank 0 only): refused on rank 0, named by the others; nothing moves.
     spec = _spec(world)
     layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=0, timeout=TIMEOUT_S)
@@ -838,6 +845,10 @@ def test_a_models_layers_move_together_or_not_at_all(runs):
         assert out["two_after_fail"] == [(ROWS[2]["A"][r * s:(r + 1) * s], True), (ROWS[2]["B"][r * s:(r + 1) * s], True)]
         assert out["two_slots"] == [ROWS[2]["B"][r * s:(r + 1) * s], ROWS[2]["A"][r * s:(r + 1) * s]]
         assert [rep["layer_index"] for rep in out["two_reports"]] == [0, 1]
+        assert out["mixed_refused"][0] == "DistributedError"
+        assert "MoE layer 1 runs another placement" in out["mixed_refused"][1]
+        assert "moegraph.distributed.apply_plan(layers, plan" in out["mixed_refused"][1]
+        assert out["mended"] == [ROWS[2]["A"], ROWS[2]["B"]]
     spec = _two_layer_spec(2)
     mig = migration(Plan(np.array([ROWS[2]["A"], ROWS[2]["B"]]), spec), Plan(np.array([ROWS[2]["B"], ROWS[2]["A"]]), spec))
     assert sum(sum(rep["weight_bytes_sent"]) for out in res for rep in out["two_reports"]) == mig.bytes
@@ -987,6 +998,12 @@ def test_rebalancer_and_run_refuse_bad_arguments_before_starting_anything():
         Rebalancer([], every=None, threshold=None)
     with pytest.raises(DistributedError, match="threshold is a max/mean load"):
         Rebalancer([], threshold=0.5)
+    for kwargs, name in [({"every": float("nan")}, "every"), ({"every": 2.5}, "every"), ({"every": True}, "every"),
+                         ({"every": "3"}, "every"), ({"every": 2, "check_every": 1.5}, "check_every"),
+                         ({"threshold": "1.2"}, "threshold"), ({"threshold": float("inf")}, "threshold"),
+                         ({"threshold": float("nan")}, "threshold")]:
+        with pytest.raises(DistributedError, match=rf"Rebalancer {name} .*got {re.escape(repr(kwargs[name]))}"):
+            Rebalancer([], **kwargs)
     with pytest.raises(DistributedError, match="no layers given"):
         Rebalancer([], every=3)
     plan = _plan(_spec(2), 2, "A")

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -84,10 +85,10 @@ class WindowRecorder(RoutingRecorder):
     """
 
     def __init__(self, max_tokens: int = 8192) -> None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        if not _is_count(max_tokens):
             raise DistributedError(f"WindowRecorder max_tokens (tokens each layer's window keeps) must be an integer "
                                    f">= 1, got {max_tokens!r}")
-        self.max_tokens = max_tokens
+        self.max_tokens = int(max_tokens)
         self.paused = False  # forwards while paused are not recorded (``Rebalancer.pause``)
         self._ids: torch.Tensor | None = None  # [max_tokens, K] ring
         self._samples: torch.Tensor | None = None  # [max_tokens] ring
@@ -258,12 +259,14 @@ class Rebalancer:
         layers = list(layers)
         if every is None and threshold is None:
             raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
-        if every is not None and every < 1:
-            raise DistributedError(f"Rebalancer every must be >= 1 steps, got {every}")
-        if threshold is not None and not threshold >= 1.0:
-            raise DistributedError(f"Rebalancer threshold is a max/mean load (>= 1.0), got {threshold}")
-        if check_every < 1:
-            raise DistributedError(f"Rebalancer check_every must be >= 1, got {check_every}")
+        if every is not None and not _is_count(every):
+            raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got {every!r}")
+        if threshold is not None and not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+                                          and 1.0 <= threshold < math.inf):
+            raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got {threshold!r}")
+        if not _is_count(check_every):
+            raise DistributedError(f"Rebalancer check_every (steps between threshold checks) must be an integer >= 1, "
+                                   f"got {check_every!r}")
         if not layers:
             raise DistributedError("Rebalancer: no layers given; pass every expert-parallel MoE layer of the model")
         for i, layer in enumerate(layers):
@@ -272,7 +275,7 @@ class Rebalancer:
                     f"Rebalancer: layers[{i}] ({type(layer).__name__}) is not an expert-parallel MoE layer: initialise "
                     "torch.distributed (a world of one process will do) and compile with a plan: "
                     "moegraph.compile(spec, plan=PLAN)")
-        if isinstance(window_tokens, bool) or not isinstance(window_tokens, int) or window_tokens < 1:
+        if not _is_count(window_tokens):
             raise DistributedError(f"Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an "
                                    f"integer >= 1, got {window_tokens!r}")
         from ..planner.replan import check_budget_allows_a_move, check_replan_args
@@ -299,7 +302,10 @@ class Rebalancer:
                 f"Rebalancer: the layers run plans of different specs (layer {other.layer_index} and layer "
                 f"{layers[0].layer_index} differ in {other.plan.spec.differences_shown(plan.spec)}); they must share one plan")
         self.layers = sorted(layers, key=lambda layer: layer.layer_index)
-        self.every, self.threshold, self.check_every = every, threshold, int(check_every)
+        self._check_one_placement()
+        self.every = None if every is None else int(every)
+        self.threshold = None if threshold is None else float(threshold)
+        self.check_every = int(check_every)
         self.replan_args = {k: v for k, v in replan_args._asdict().items() if k != "max_imbalance"}
         self.optimizer = optimizer
         self._optimizer_given = optimizer is not None  # else a Trainer callback adopts the Trainer's
@@ -323,6 +329,20 @@ class Rebalancer:
     @property
     def plan(self):
         return self.layers[0].plan
+
+    def _check_one_placement(self) -> None:
+        """Refuse layers that run different placements: each layer runs its own plan's row, and the re-plan, the
+        saved plan and ``load_state`` take ``self.plan`` (the first layer's) as every layer's. They part when one
+        layer alone was migrated (``layer.apply_plan``, or a loop of them that stopped part way)."""
+        plan = self.plan
+        for layer in self.layers[1:]:
+            i = int(layer.layer_index)
+            if layer.plan is not plan and not np.array_equal(layer.plan.physical_to_logical_map[i],
+                                                             plan.physical_to_logical_map[i]):
+                raise DistributedError(
+                    f"rank {layer.rank}: Rebalancer: MoE layer {i} runs another placement than the plan of MoE layer "
+                    f"{self.layers[0].layer_index} says for it (one layer was migrated alone); move every layer to one "
+                    "plan first: moegraph.distributed.apply_plan(layers, plan, optimizer) on every rank")
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         """``step()``, so that the Rebalancer can be passed where a training callback is expected."""
@@ -403,6 +423,7 @@ class Rebalancer:
         Every rank calls it; not a collective. An optimizer's state is per slot: a checkpoint of it resumes
         correctly only under the plan it was saved with, which is this one."""
         folder = Path(folder)
+        self._check_one_placement()  # the plan saved is every layer's
         layer = self.layers[0]
         windows = {f"{key}_{i}": value for i, rec in enumerate(self._recorders) for key, value in rec.snapshot().items()}
         write_atomically(folder / STATE_WINDOWS.format(rank=layer.rank, world=layer.world_size),
@@ -650,6 +671,7 @@ class Rebalancer:
         except TraceError as exc:  # the same on every rank (checked on the gathered ids): unusable, so started afresh
             return self._done(event, skipped=f"the window could not be read ({exc}); it starts again empty",
                               slots_moved=0, bytes_moved=0, seconds=time.perf_counter() - t0)
+        self._check_one_placement()
         current = self.plan
         event["tokens"] = window.num_tokens
         try:
@@ -758,6 +780,11 @@ def _hash_experts(layer: Any) -> torch.Tensor:
     if table is not None:
         return table.long().cpu()
     return modulo_hash_experts(torch.arange(layer.NUM_EXPERTS), layer.NUM_EXPERTS, layer.TOP_K)
+
+
+def _is_count(value: Any) -> bool:
+    """An integer >= 1 (numpy's too; not a bool, a float or a string)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _plain(value: Any) -> Any:
