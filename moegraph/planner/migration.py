@@ -30,7 +30,10 @@ shared experts first, down to the first that adds no host copies; one candidate 
 chosen by an exact dynamic program (most experts kept, copies summed over the layers not rising).
 That is honest for any plan: the renamed plan is at least as good as the plan on what it was made
 for, whatever that was. A plan that places by host (moegraph's) seldom passes; one that does not (the
-load-only packing, whose grouping into hosts is an accident of its packing order) often does.
+load-only packing, whose grouping into hosts is an accident of its packing order) often does. Both are
+judged with the traffic's tokens starting on every GPU alike (``_judge``): a renaming moves no token, and
+which GPU a sequence starts on is not the plan's. The re-plan's report scores each sequence from the GPU
+it started on, so there a renamed plan can come out slightly better or worse than the plan it renames.
 
 Legend: E experts, G GPUs, N hosts, S slots of one layer, L MoE layers.
 """
