@@ -156,6 +156,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "version": __version__,
         "backend": backend,
         "op_namespace": "moegraph_triton" if backend == "triton" else "moegraph",
+        # codegen.block_m fixes the Triton kernels' row block (the torch backend has none)
+        "triton_block_m": spec.codegen.block_m if backend == "triton" else None,
         "spec_name": spec.name,
         "spec_hash": spec.hash(),
         # ensure_ascii: the JSON is plain ASCII, so it can be written as a raw literal (|block).

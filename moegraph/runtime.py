@@ -422,6 +422,7 @@ class CompiledMoEBase(nn.Module):
     SPEC_JSON: str = ""
     SPEC_HASH: str = ""
     BACKEND: str = "torch"
+    TRITON_BLOCK_M: int | None = None  # the spec's codegen.block_m (backend "triton")
     HIDDEN: int = 0
     NUM_EXPERTS: int = 0
     ROUTER_CHOICES: int | None = None  # router outputs when identity/zero experts follow the MLP ones
@@ -715,7 +716,7 @@ class CompiledMoEBase(nn.Module):
         # in bfloat16).
         own_precision = (torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type)
                          else contextlib.nullcontext())
-        with own_precision:
+        with own_precision, self._row_block():
             if pin is None:
                 y, aux, ids, *state = self.graph()(*args)
             else:
@@ -737,6 +738,14 @@ class CompiledMoEBase(nn.Module):
         if return_aux:
             return y, aux
         return y
+
+    def _row_block(self) -> contextlib.AbstractContextManager:
+        """The spec's ``codegen.block_m`` for the Triton kernels this forward launches (nothing to fix without it)."""
+        if self.TRITON_BLOCK_M is None:
+            return contextlib.nullcontext()
+        from .triton_backend.configs import row_block
+
+        return row_block(self.TRITON_BLOCK_M)
 
     def _router_state(self, x: Tensor, state: Tensor | None) -> Tensor:
         """The previous layer's router state as [B, S, H] (zeros, which add nothing, when there is none)."""

@@ -1149,7 +1149,18 @@ class PlacementSpec(_Frozen):
 
 class CodegenSpec(_Frozen):
     backend: Literal["torch", "triton"] = "torch"
-    block_m: int | None = Field(None, gt=0, le=4096, description="Rows per block of the grouped expert GEMM (triton).")
+    block_m: int | None = Field(
+        None, ge=16, le=256,
+        description="Rows per block of the Triton grouped expert GEMMs (a power of two, 16-256), over what the tuned "
+                    "table or the default chooses; each expert's rows are padded to it.")
+
+    @field_validator("block_m")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError(f"must be a power of two (Triton block sizes are; tl.dot needs 16 or more): 16, 32, 64, "
+                             f"128 or 256, got {v}")
+        return v
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import textwrap  # noqa: E402
 
@@ -543,6 +544,31 @@ def test_other_routers_match_torch_backend(router, tmp_path):
     torch.testing.assert_close(tri.eval()(x, tid), ref.eval()(x, tid), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("block_m", [None, 32, 64])
+def test_spec_block_m_fixes_the_kernels_row_block(block_m, tmp_path, monkeypatch):
+    """codegen.block_m is the row block the grouped kernels launch with (over the default's choice, 16 for
+    these few rows per expert in float32); the result is the torch backend's whatever the block."""
+    d = LAYERS["softmax_top2"] | {"name": f"t-block-m-{block_m}", "codegen": {"block_m": block_m}}
+    spec = moegraph.load_spec(d)
+    ref = moegraph.compile(spec, backend="torch", out_dir=tmp_path)
+    _randomise(ref)
+    tri = moegraph.compile(spec, backend="triton", out_dir=tmp_path)
+    tri.load_state_dict(ref.state_dict())
+    launched = []
+    real_align = kernels.align
+    monkeypatch.setattr(kernels, "align", lambda *a: launched.append(a[-1]) or real_align(*a))
+    x = torch.randn(3, 7, D, generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(tri.eval()(x), ref.eval()(x), **TOL[torch.float32])
+    assert launched == [block_m or 16]
+    assert configs.current_row_block() is None  # only within the forward
+
+
+def test_spec_block_m_must_be_a_power_of_two_kernels_can_launch():
+    for bad, why in [(24, "power of two"), (8, "must be at least 16, got 8"), (512, "at most 256")]:
+        with pytest.raises(moegraph.SpecError, match=why):
+            moegraph.load_spec(LAYERS["softmax_top2"] | {"codegen": {"block_m": bad}})
+
+
 def test_layer_training_step_matches_torch_backend(tmp_path):
     spec = moegraph.load_spec(LAYERS["deepseek_v3_style"])
     ref = moegraph.compile(spec, backend="torch", out_dir=tmp_path)
@@ -705,6 +731,32 @@ def test_configs_table_lookup_and_defaults(tmp_path):
     assert configs.get_config(E, F_, 900, 1.0, torch.float16, "NVIDIA Test GPU") == large
     assert configs.get_config(E, F_, 3, 1.0, torch.float16, "NVIDIA Test GPU") == small
     assert configs.get_config(E, F_, 3, 300.0, torch.float16, None) == configs.default_config(300.0, torch.float16)
+
+
+def test_a_tuned_table_that_cannot_be_used_is_named_and_left_out(tmp_path, monkeypatch):
+    """A hand-edited or truncated table warns, naming the file and what is wrong, and the kernels take the
+    default blocks (they raised KeyError / JSONDecodeError, or launched BLOCK_M=-16)."""
+    monkeypatch.setattr(configs, "_SEARCH_DIRS", list(configs._SEARCH_DIRS))
+    configs.add_search_dir(tmp_path)
+    good = configs.default_config(2, torch.float16).to_json()
+    cases = {
+        "{": "Expecting property name",
+        "[]": "expected an object",
+        json.dumps({"1": {**good, "BLOCK_M": -16}}): "BLOCK_M = -16, expected an integer in [16, 256], a power of two",
+        json.dumps({"1": {**good, "BLOCK_M": 24}}): "BLOCK_M = 24",
+        json.dumps({"1": {**good, "down": {**good["down"], "num_warps": "4"}}}): "down.num_warps = '4'",
+        json.dumps({"1": {**good, "gate_up": {"BLOCK_N": 64}}}): "entry 1: ",
+        json.dumps({"x": good}): "key 'x' is not a token count",
+        json.dumps({"1": {"BLOCK_M": 16}}): "expected {BLOCK_M, gate_up",
+    }
+    for i, (text, why) in enumerate(cases.items()):
+        device = f"Bad GPU {i}"
+        path = configs.table_path(E, F_, device, torch.float16, tmp_path)
+        path.write_text(text)
+        with pytest.warns(UserWarning, match=re.escape(why)) as caught:
+            cfg = configs.get_config(E, F_, 3, 2.0, torch.float16, device)
+        assert cfg == configs.default_config(2.0, torch.float16)
+        assert str(path) in str(caught[0].message) and "tune_triton.py" in str(caught[0].message)
 
 
 _CROSS_COMPILE = textwrap.dedent("""

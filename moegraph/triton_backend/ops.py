@@ -23,8 +23,8 @@ from .. import fp8
 from .. import ops as torch_ops
 from ..oplib import opaque_op
 from ..semantics import routing
+from . import configs, kernels
 from . import fp8 as triton_fp8
-from . import kernels
 
 __all__ = ["expert_mlp", "fp8_expert_mlp", "route_topk", "route_topk_reference"]
 
@@ -38,7 +38,8 @@ def _fp8_kernels(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_dow
     """The FP8 Triton kernels' result where they run (``triton_fp8.runs_kernels``), else None."""
     if not triton_fp8.runs_kernels(x_TD, s_up, s_down, b_up_EH, b_down_ED):
         return None
-    return triton_fp8.expert_mlp_fp8(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, *rest)
+    return triton_fp8.expert_mlp_fp8(x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, *rest,
+                                     block_m=configs.current_row_block() or 16)
 
 
 #: ``moegraph::fp8_expert_mlp`` with the block-scaled FP8 Triton kernels for stored FP8 weights.
