@@ -130,6 +130,35 @@ def test_load_only_round_trip_and_note(tmp_path):
     np.testing.assert_array_equal(back.counts, counts)
 
 
+def test_counts_beyond_int64_are_refused_not_wrapped(tmp_path):
+    # a uint64 count of 2^64-1 passed `c < 0` and became -1 in int64; a float >= 2^63 became INT64_MIN
+    for counts in (np.array([[2**64 - 1] + [1] * 7], np.uint64), np.array([[2.0**63] + [1.0] * 7])):
+        with pytest.raises(TraceError, match=r"dump: count \S+ at \[0, 0\] is not a number of tokens .*2\^40"):
+            TraceSet.from_counts(counts, source="dump")
+    path = TraceSet.from_counts(np.ones((2, 8), np.int64)).save(tmp_path / "c.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["counts_by_source"] = arrays["counts_by_source"].astype(np.uint64)
+    arrays["counts_by_source"][0, 1, 3] = 2**64 - 1
+    np.savez(path, **arrays)
+    with pytest.raises(TraceError) as exc:
+        read_native(path)
+    assert (f"{path}: counts_by_source: count 18446744073709551615 at [0, 1, 3] is not a number of tokens"
+            in str(exc.value) and "re-import the trace" in str(exc.value))
+
+
+def test_sglang_counts_that_overflow_when_summed_are_refused(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "d.pt"
+    torch.save({"logical_count": torch.full((4, 1, 8), 2**62, dtype=torch.int64)}, path)  # summed: wraps to 0
+    with pytest.raises(TraceError, match=rf"^{path}: logical_count: count 4611686018427387904 at \[0, 0, 0\]"):
+        read_sglang(path)
+    torch.save({"logical_count": torch.full((4, 1, 8), 2**39, dtype=torch.int64)}, path)  # each fits, the sum not
+    with pytest.raises(TraceError, match=rf"^{path}: logical_count summed over its steps: count 2199023255552.0 .*"
+                                         "the dump is corrupt"):
+        read_sglang(path)
+
+
 def test_from_topk_accepts_torch_and_checks_shapes():
     torch = pytest.importorskip("torch")
     ids = torch.tensor([[0, 1], [2, 3]])

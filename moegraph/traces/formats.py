@@ -36,7 +36,8 @@ from ..errors import ResourceError, TraceError, describe
 from ..fileio import check_input
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
-from .trace_set import FORMAT, VERSION, TraceSet, _check_topk, _id_dtype, _to_numpy
+from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
+                        _to_numpy, counts_problem)
 
 if TYPE_CHECKING:
     from ..spec import MoESpec
@@ -106,20 +107,20 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
 
     try:
         e = whole("num_experts", meta["num_experts"], 1, MAX_EXPERTS)
-        n_layers = whole("num_layers", meta["num_layers"], 1, 10000)
+        n_layers = whole("num_layers", meta["num_layers"], 1, MAX_LAYERS)
         if not isinstance(meta["sources"], list) or not all(isinstance(x, str) for x in meta["sources"]):
             raise ValueError("meta.sources is not a list of names")
         sources = tuple(meta["sources"])
-        layer_ids = (tuple(whole("layer_ids", i, 0, 10**6) for i in meta["layer_ids"])
+        layer_ids = (tuple(whole("layer_ids", i, 0, MAX_LAYER_ID) for i in meta["layer_ids"])
                      if meta.get("layer_ids") is not None else None)
         name = str(meta.get("name") or p.stem)
         notes = meta.get("notes") or []
         if not isinstance(notes, list) or not all(isinstance(x, str) for x in notes):
             raise ValueError("meta.notes is not a list of strings")
         notes = tuple(notes)
-        num_ranks = whole("num_ranks", meta["num_ranks"], 1, 1 << 20) if meta.get("num_ranks") is not None else None
+        num_ranks = whole("num_ranks", meta["num_ranks"], 1, MAX_RANKS) if meta.get("num_ranks") is not None else None
         if meta.get("num_tokens") is not None:
-            whole("num_tokens", meta["num_tokens"], 0, 1 << 40)
+            whole("num_tokens", meta["num_tokens"], 0, MAX_TOKENS)
     except (KeyError, TypeError, ValueError) as exc:
         what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise TraceError(f"{p}: meta is incomplete or wrong ({what}); re-import the trace") from None
@@ -133,8 +134,11 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
         c = arrays.get("counts_by_source")
         if not sources:
             raise bad("meta.sources is empty: a load-only trace has one source or more")
-        if c is None or c.shape != (len(sources), n_layers, e) or not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+        if c is None or c.shape != (len(sources), n_layers, e) or not np.issubdtype(c.dtype, np.integer):
             raise bad(f"counts_by_source missing or not [{len(sources)}, {n_layers}, {e}] non-negative integers")
+        problem = counts_problem(c)
+        if problem is not None:
+            raise bad(f"counts_by_source: {problem}")
         return TraceSet(num_experts=e, counts_by_source=c.astype(np.int64), sources=sources, layer_ids=layer_ids,
                         name=name, notes=notes)
     topk = arrays["topk"]
@@ -335,6 +339,8 @@ def read_sglang(
         try:
             counts_total, offset = _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts,
                                                      offset)
+        except TraceError:  # already names the file and the fix (TraceError is a ValueError: never wrap it)
+            raise
         except (TypeError, ValueError, OverflowError, KeyError, AttributeError, RuntimeError) as exc:
             raise TraceError(f"{p}: a field of the dump has the wrong type or shape ({' '.join(str(exc).split())[:160]}); "
                              "the dump is corrupt or not from SGLang's expert distribution recorder") from None
@@ -354,9 +360,13 @@ def _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts
         c = _sglang_int_ids(obj["logical_count"], "logical_count", p)
         if c.ndim < 2 or not 1 <= c.shape[-1] <= MAX_EXPERTS:
             raise TraceError(f"{p}: logical_count has shape {c.shape}; expected [..., layers, experts]")
-        c = c.reshape(-1, *c.shape[-2:]).sum(axis=0)
-        if (c < 0).any():
-            raise TraceError(f"{p}: logical_count has negative entries; the dump is corrupt")
+        c = c.reshape(-1, *c.shape[-2:])
+        for counts in (c, c.sum(axis=0, dtype=np.float64)):  # every step's counts, then their sum (no wrap in floats)
+            problem = counts_problem(counts)
+            if problem is not None:
+                raise TraceError(f"{p}: logical_count{' summed over its steps' if counts is not c else ''}: {problem}; "
+                                 "the dump is corrupt")
+        c = c.sum(axis=0)
         if counts_total is not None and counts_total.shape != c.shape:
             raise TraceError(f"{p}: logical_count shape {c.shape} differs from the other dumps' {counts_total.shape}")
         counts_total = c if counts_total is None else counts_total + c

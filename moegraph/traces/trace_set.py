@@ -31,10 +31,17 @@ from ..spec import MAX_EXPERTS
 if TYPE_CHECKING:
     from ..spec import MoESpec
 
-__all__ = ["TraceSet", "FORMAT", "VERSION"]
+__all__ = ["TraceSet", "FORMAT", "VERSION", "MAX_LAYERS", "MAX_LAYER_ID", "MAX_RANKS", "MAX_TOKENS"]
 
 FORMAT = "moegraph-trace"
 VERSION = 1
+
+# What a trace may hold, one definition for the native reader, the importers and the constructors (so that what an
+# importer writes, the reader reads back); a number beyond these means a corrupt file, not a larger model.
+MAX_LAYERS = 10_000  # MoE layers in one trace
+MAX_LAYER_ID = 10**6  # the decoder layer a trace names for one of its MoE layers (layer_ids)
+MAX_RANKS = 1 << 20  # ranks a recorder saw tokens on (num_ranks)
+MAX_TOKENS = 1 << 40  # tokens in one trace, so also the tokens one expert of one layer received (a count)
 
 
 def _id_dtype(num_experts: int) -> np.dtype:
@@ -138,8 +145,9 @@ class TraceSet:
         c = _to_numpy(counts)
         if c.ndim != 2 or not (np.issubdtype(c.dtype, np.integer) or np.issubdtype(c.dtype, np.floating)):
             raise TraceError(f"{source}: counts must be a numeric [layers, experts] array, got shape {c.shape}")
-        if not np.isfinite(c).all() or (c < 0).any():
-            raise TraceError(f"{source}: counts must be finite and non-negative")
+        problem = counts_problem(c)
+        if problem is not None:
+            raise TraceError(f"{source}: {problem}; pass token counts")
         return cls(
             num_experts=c.shape[1],
             counts_by_source=np.rint(c).astype(np.int64)[None],
@@ -375,6 +383,19 @@ def _unique_names(names: list[str]) -> list[str]:
             seen[n] = 0
         out.append(n)
     return out
+
+
+def counts_problem(c: np.ndarray) -> str | None:
+    """Why ``c`` (numbers of any dtype and shape) cannot be token counts, or None: each count is a finite number
+    of tokens in 0..MAX_TOKENS. Checked before a count is converted to int64 (a larger one would wrap negative)."""
+    if not c.size:
+        return None
+    bad = ~np.isfinite(c) | (c < 0) | (c > MAX_TOKENS)
+    if not bad.any():
+        return None
+    at = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"count {c[at].item()} at {list(at)} is not a number of tokens (counts are finite, non-negative and at most "
+            f"2^40 = {MAX_TOKENS})")
 
 
 def _check_topk(topk: np.ndarray, e: int, source: str, distinct: bool = False) -> None:
