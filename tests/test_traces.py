@@ -170,6 +170,45 @@ def test_from_topk_accepts_torch_and_checks_shapes():
         TraceSet.from_topk([ids - 1])
 
 
+@pytest.mark.parametrize("ranks, phrase", [
+    (np.full(100, np.nan, np.float32), "src_rank holds float32 values, not rank numbers (integers)"),  # plan: traceback
+    (np.full(100, 1.7), "src_rank holds float64 values"),  # was truncated to rank 1
+    (np.full(100, -2, np.int16), "src_rank holds rank -2, outside 0..1048575"),
+    (np.full(100, 4, np.int16), "src_rank holds rank 4, not below meta.num_ranks (4)"),
+])
+def test_native_source_ranks_are_whole_ranks_below_num_ranks(tmp_path, law, ranks, phrase):
+    path = tmp_path / "t.npz"
+    TraceSet.from_topk(list(law.topk[:2, :100]), law.sample_ids[:100], num_experts=64, src_rank=np.arange(100) % 4,
+                       num_ranks=4).save(path)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(path, **{**arrays, "src_rank": ranks})
+    with pytest.raises(TraceError) as exc:
+        read_native(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: {phrase}") and msg.endswith("; the file is corrupt, re-import the trace"), msg
+
+
+def test_from_topk_refuses_ranks_and_sample_ids_that_are_not_integers_in_range():
+    ids = [np.array([[0, 1], [2, 3]])]
+    fix = "give each token's rank as an integer in 0..num_ranks-1"
+    for kwargs, phrase in (
+        ({"src_rank": np.array([-3, 0])}, "src_rank holds rank -3, outside 0..1048575"),
+        ({"src_rank": np.array([np.nan, 0])}, "src_rank holds float64 values"),
+        ({"src_rank": np.array([0, 2]), "num_ranks": 2}, "src_rank holds rank 2, not below num_ranks (2)"),
+        ({"src_rank": np.array([0, 1]), "num_ranks": 0}, "num_ranks is 0, expected an integer in 1..1048576"),
+        ({"src_rank": np.array([0, 10**15])}, "src_rank holds rank 1000000000000000, outside 0..1048575"),
+    ):
+        with pytest.raises(TraceError) as exc:
+            TraceSet.from_topk(ids, num_experts=4, source="rec", **kwargs)
+        msg = str(exc.value)
+        assert msg.startswith(f"rec: {phrase}") and msg.endswith(f"; {fix}"), (kwargs, msg)
+    for sample_ids in (np.array([np.nan, 0.0]), np.array([0.7, 1.0])):
+        with pytest.raises(TraceError, match="rec: sample_ids holds float64 values; give each token's sequence as an "
+                                             "integer"):
+            TraceSet.from_topk(ids, sample_ids, num_experts=4, source="rec")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_trace", "bad_ids"])
 def test_corrupt_native_file_is_reported_with_its_path(tmp_path, law, damage):
     path = tmp_path / "t.npz"

@@ -37,7 +37,7 @@ from ..fileio import check_input
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
 from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
-                        _to_numpy, counts_problem)
+                        _to_numpy, counts_problem, ranks_problem)
 
 if TYPE_CHECKING:
     from ..spec import MoESpec
@@ -163,8 +163,12 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
     if t and (source_ids.min() < 0 or source_ids.max() >= len(sources)):
         raise bad("source_ids outside the sources listed in meta")
     rank = arrays.get("src_rank")
-    if rank is not None and (rank.shape != (t,) or (t and (rank.min() < 0 or num_ranks is None or rank.max() >= num_ranks))):
-        raise bad("src_rank is not [tokens] ranks below meta.num_ranks")
+    if rank is not None:
+        if rank.shape != (t,):
+            raise bad(f"src_rank has shape {rank.shape}, expected [{t}]")
+        problem = ranks_problem(rank, num_ranks, "meta.num_ranks")
+        if problem is not None:
+            raise bad(problem)
     return TraceSet._from_arrays(
         topk.astype(_id_dtype(e)), sample_ids.astype(np.int64), source_ids.astype(np.int64), sources, e,
         None if rank is None else rank.astype(np.int64), num_ranks if rank is not None else None, layer_ids, name,

@@ -124,16 +124,24 @@ class TraceSet:
             raise TraceError(f"{source}: expert id {int(topk.max())} >= num_experts ({e})")
         _check_topk(topk, e, source, distinct=distinct)
         t = topk.shape[1]
-        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids).astype(np.int64)
+        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids)
         if sids.shape != (t,):
             raise TraceError(f"{source}: sample_ids has shape {sids.shape}, expected [{t}]")
-        rank = None if src_rank is None else _to_numpy(src_rank).astype(np.int64)
+        if not np.issubdtype(sids.dtype, np.integer):
+            raise TraceError(f"{source}: sample_ids holds {sids.dtype} values; give each token's sequence as an integer")
+        rank = None if src_rank is None else _to_numpy(src_rank)
         if rank is not None:
             if rank.shape != (t,):
                 raise TraceError(f"{source}: src_rank has shape {rank.shape}, expected [{t}]")
-            num_ranks = int(num_ranks) if num_ranks is not None else int(rank.max()) + 1 if t else 1
+            if num_ranks is None and np.issubdtype(rank.dtype, np.integer):
+                num_ranks = int(rank.max()) + 1 if t else 1
+            problem = ranks_problem(rank, num_ranks)
+            if problem is not None:
+                raise TraceError(f"{source}: {problem}; give each token's rank as an integer in 0..num_ranks-1")
+            rank, num_ranks = rank.astype(np.int64), int(num_ranks)
         return cls._from_arrays(
-            topk.astype(_id_dtype(e)), sids, np.zeros(t, np.int64), (source,), e, rank, num_ranks,
+            topk.astype(_id_dtype(e)), sids.astype(np.int64), np.zeros(t, np.int64), (source,), e, rank,
+            num_ranks if rank is not None else None,
             tuple(layer_ids) if layer_ids is not None else None, name or source,
         )
 
@@ -396,6 +404,21 @@ def counts_problem(c: np.ndarray) -> str | None:
     at = tuple(int(i) for i in np.argwhere(bad)[0])
     return (f"count {c[at].item()} at {list(at)} is not a number of tokens (counts are finite, non-negative and at most "
             f"2^40 = {MAX_TOKENS})")
+
+
+def ranks_problem(src_rank: np.ndarray, num_ranks: Any, ranks_field: str = "num_ranks") -> str | None:
+    """Why ``src_rank`` (the rank each token was recorded on) on ``num_ranks`` ranks (the field ``ranks_field``) is
+    not a recorder's, or None."""
+    if not np.issubdtype(src_rank.dtype, np.integer):
+        return f"src_rank holds {src_rank.dtype} values, not rank numbers (integers)"
+    lo, hi = (int(src_rank.min()), int(src_rank.max())) if src_rank.size else (0, 0)
+    if lo < 0 or hi >= MAX_RANKS:
+        return f"src_rank holds rank {lo if lo < 0 else hi}, outside 0..{MAX_RANKS - 1}"
+    if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or not 1 <= num_ranks <= MAX_RANKS:
+        return f"{ranks_field} is {'missing' if num_ranks is None else repr(num_ranks)}, expected an integer in 1..{MAX_RANKS}"
+    if hi >= num_ranks:
+        return f"src_rank holds rank {hi}, not below {ranks_field} ({num_ranks})"
+    return None
 
 
 def _check_topk(topk: np.ndarray, e: int, source: str, distinct: bool = False) -> None:
