@@ -278,6 +278,8 @@ def test_fuzz_native_trace_files(fuzz_dir, data):
     ("num_experts", 10**9, "expected an integer in 1..65536"),
     ("num_layers", True, "meta.num_layers is true"),
     ("sources", "tiny", "meta.sources is not a list"),
+    ("top_k", "2", 'meta.top_k is "2", expected an integer'),  # was read through int(), while num_tokens "200" is refused
+    ("top_k", 2.5, "meta.top_k is 2.5, expected an integer"),
 ])
 def test_native_meta_numbers_are_strict(fuzz_dir, key, value, phrase):
     members = _npz_members(_tiny_trace(), fuzz_dir)
@@ -288,6 +290,19 @@ def test_native_meta_numbers_are_strict(fuzz_dir, key, value, phrase):
     np.savez(f, **members)
     code, _, err = run(["trace", "stats", f])
     assert code == 2 and phrase in " ".join(err.split()) and str(f) in err, err
+
+
+def test_a_key_twice_in_native_meta_is_refused(fuzz_dir):
+    """JSON keeps the last of two keys silently; spec and plan files refuse a key given twice, so does trace meta."""
+    members = _npz_members(_tiny_trace(), fuzz_dir)
+    text = str(members["meta"])
+    members["meta"] = np.array(text.replace('"num_experts": 8', '"num_experts": 8, "num_experts": 64', 1))
+    assert members["meta"] != text
+    f = fuzz_dir / "twice.npz"
+    np.savez(f, **members)
+    code, _, err = run(["trace", "stats", f])
+    assert code == 2 and (f"{f}: meta: key 'num_experts' appears twice in one object" in " ".join(err.split())
+                          and "re-import the trace" in err), err
 
 
 def test_duplicate_ids_in_a_token_are_refused(fuzz_dir):

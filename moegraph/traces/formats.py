@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ResourceError, TraceError, describe
-from ..fileio import check_input
+from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
 from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
@@ -73,10 +73,12 @@ def read_native(path: str | Path) -> TraceSet:
             if "meta" not in files:
                 raise TraceError(f"{p}: not a moegraph trace file (no 'meta' entry); convert it with "
                                  "`moegraph trace import`")
-            meta = json.loads(str(z["meta"]))
+            meta = json.loads(str(z["meta"]), object_pairs_hook=unique_json_object)
             arrays = {k: z[k] for k in files if k != "meta"}  # reads (and CRC-checks) every member now
     except TraceError:
         raise
+    except DuplicateKey as exc:  # json keeps the last silently; spec and plan files refuse the same
+        raise TraceError(f"{p}: meta: {exc}; the file was edited or is corrupt, re-import the trace") from None
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise TraceError(f"{p}: truncated or corrupt trace file ({' '.join(str(exc).split()) or type(exc).__name__})"
                          "; re-create it with `moegraph trace import`") from None
@@ -121,6 +123,8 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
         num_ranks = whole("num_ranks", meta["num_ranks"], 1, MAX_RANKS) if meta.get("num_ranks") is not None else None
         if meta.get("num_tokens") is not None:
             whole("num_tokens", meta["num_tokens"], 0, MAX_TOKENS)
+        if meta.get("top_k") is not None:  # equal to topk's width (checked below; 0 is said there)
+            whole("top_k", meta["top_k"], 0, MAX_EXPERTS)
     except (KeyError, TypeError, ValueError) as exc:
         what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
         raise TraceError(f"{p}: meta is incomplete or wrong ({what}); re-import the trace") from None
