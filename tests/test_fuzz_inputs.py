@@ -319,6 +319,32 @@ def test_duplicate_ids_in_a_token_are_refused(fuzz_dir):
     assert not (fuzz_dir / "d.npz").exists()
 
 
+def test_importers_refuse_what_the_native_reader_would(fuzz_dir):
+    """An import that succeeded wrote a file `trace stats` then refused (a rank or layer beyond the reader's bounds),
+    or ended in an OverflowError traceback (an id beyond int64): refused at import, nothing written."""
+    out = fuzz_dir / "imported_bounds.npz"
+    ids = torch.tensor([[[0, 1], [2, 3], [1, 2]]])
+    dump = fuzz_dir / "rank_huge.pt"
+    torch.save({"records": [{"topk_ids_of_layer": ids, "rank": 10**15}]}, dump)
+    big_layer = fuzz_dir / "esft_big_layer"
+    big_layer.mkdir()
+    (big_layer / "expert_weights_2000000.txt").write_text("1\t2\t\t0.5\t0.5\n")
+    huge_id = fuzz_dir / "esft_huge_id"
+    huge_id.mkdir()
+    (huge_id / "expert_weights_0.txt").write_text(f"1\t{10**20}\t\t0.5\t0.5\n")
+    for fmt, src, phrase in (
+        ("sglang", dump, f"{dump}: a record's rank is not a recorder's (src_rank holds rank 1000000000000000, outside "
+                         "0..1048575); the dump is corrupt"),
+        ("esft", big_layer, f"{big_layer}: the <layer> of expert_weights_<layer>.txt: 2000000 is not a decoder layer "
+                            "index in 0..1000000"),
+        ("esft", huge_id, f"{huge_id / 'expert_weights_0.txt'}: line 1 has an expert id beyond any model's (0..65535)"),
+    ):
+        code, _, err = run(["trace", "import", "--format", fmt, src, "-o", out])
+        assert_outcome("trace-import", code, err, str(src), fuzz_dir)
+        assert code == 2 and phrase in " ".join(err.split()), err
+        assert not out.exists()
+
+
 def _esft_line(draw) -> str:
     ids = draw(st.lists(st.one_of(st.integers(-2, 70), st.sampled_from(["1.5", "x", "", "1e3", str(10**30)])),
                         min_size=0, max_size=6))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -207,6 +208,21 @@ def test_from_topk_refuses_ranks_and_sample_ids_that_are_not_integers_in_range()
         with pytest.raises(TraceError, match="rec: sample_ids holds float64 values; give each token's sequence as an "
                                              "integer"):
             TraceSet.from_topk(ids, sample_ids, num_experts=4, source="rec")
+
+
+def test_constructors_refuse_layers_the_native_reader_would_refuse():
+    ids = [np.array([[0, 1], [2, 3]])] * 2
+    for layer_ids, phrase in (([1, 10**6 + 1], "layer_ids: 1000001 is not a decoder layer index in 0..1000000"),
+                              ([1, -1], "layer_ids: -1 is not a decoder layer index in 0..1000000"),
+                              ([1.5, 2], "layer_ids: 1.5 is not a decoder layer index in 0..1000000"),
+                              ([1], "layer_ids has 1 entries for 2 layers")):
+        with pytest.raises(TraceError, match=rf"^rec: {re.escape(phrase)}; pass one \[tokens, top_k\] array per MoE"):
+            TraceSet.from_topk(ids, num_experts=4, layer_ids=layer_ids, source="rec")
+    with pytest.raises(TraceError, match=r"^dump: 0 MoE layers, outside 1..10000; pass one row of counts per MoE"):
+        TraceSet.from_counts(np.zeros((0, 8)), source="dump")
+    with pytest.raises(TraceError, match=r"^dump: layer_ids: 2000000 is not a decoder layer index in 0..1000000"):
+        TraceSet.from_counts(np.ones((1, 8)), source="dump", layer_ids=[2_000_000])
+    assert TraceSet.from_topk(ids, num_experts=4, layer_ids=np.array([3, 5])).layer_ids == (3, 5)  # numpy ints: saved
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "not_a_trace", "bad_ids"])

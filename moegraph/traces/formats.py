@@ -37,7 +37,7 @@ from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS
 from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
-                        _to_numpy, counts_problem, ranks_problem)
+                        _to_numpy, counts_problem, layers_problem, ranks_problem)
 
 if TYPE_CHECKING:
     from ..spec import MoESpec
@@ -132,8 +132,9 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
     def bad(msg: str) -> TraceError:
         return TraceError(f"{p}: {msg}; the file is corrupt, re-import the trace")
 
-    if layer_ids is not None and len(layer_ids) != n_layers:
-        raise bad(f"meta.layer_ids has {len(layer_ids)} entries for {n_layers} layers")
+    problem = layers_problem(n_layers, layer_ids, "meta.layer_ids")
+    if problem is not None:
+        raise bad(problem)
     if "topk" not in arrays:
         c = arrays.get("counts_by_source")
         if not sources:
@@ -235,6 +236,9 @@ def read_esft(
 def _read_esft_task(folder: Path, top_k: int | None, num_experts: int | None):
     files = _esft_layer_files(folder)
     layers = sorted(files)
+    problem = layers_problem(len(layers), layers, "the <layer> of expert_weights_<layer>.txt")
+    if problem is not None:  # before reading them: what the native reader would refuse is never written
+        raise TraceError(f"{folder}: {problem}; the files are numbered by decoder layer, is this an ESFT folder?")
     expected = list(range(layers[0], layers[0] + len(layers)))
     if layers != expected:
         missing = sorted(set(expected) - set(layers))
@@ -292,6 +296,9 @@ def _parse_esft_file(path: Path, num_experts: int | None) -> list[np.ndarray]:
             scores = np.array(score_fields, dtype=np.float64)
         except ValueError:
             raise TraceError(f"{path}: line {i + 1} holds a field that is not a number") from None
+        except OverflowError:  # a whole number beyond int64
+            raise TraceError(f"{path}: line {i + 1} has an expert id beyond any model's (0..{MAX_EXPERTS - 1}); the "
+                             "file is corrupt") from None
         if ids.min() < 0 or (num_experts is not None and ids.max() >= num_experts):
             raise TraceError(f"{path}: line {i + 1} has expert id {int(ids.max() if ids.min() >= 0 else ids.min())} "
                              f"outside 0..{(num_experts or 0) - 1}")
@@ -431,12 +438,14 @@ def _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, ran
     ranks = np.concatenate(rank_parts)[~bad]
     if topk.shape[0] == 0 or topk.shape[1] == 0:
         raise TraceError(f"{where}: no token has a full top-k in any layer; the dump holds no usable routing")
-    if len(ranks) and ranks.min() < 0:
-        raise TraceError(f"{where}: a record has a negative rank; the dump is corrupt")
+    num_ranks = int(ranks.max()) + 1 if len(ranks) else 1
+    problem = ranks_problem(ranks, num_ranks)
+    if problem is not None:  # a negative rank, or one the native reader would refuse
+        raise TraceError(f"{where}: a record's rank is not a recorder's ({problem}); the dump is corrupt")
     return _named(where, label, lambda: TraceSet.from_topk(
         list(topk), np.concatenate(sample_parts)[~bad],
         num_experts=spec.moe.experts.num_experts if spec is not None else None,
-        src_rank=ranks, num_ranks=int(ranks.max()) + 1 if len(ranks) else 1, layer_ids=layer_ids, source=label,
+        src_rank=ranks, num_ranks=num_ranks, layer_ids=layer_ids, source=label,
         distinct=True,
     ))
 

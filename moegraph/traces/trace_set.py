@@ -123,6 +123,9 @@ class TraceSet:
         if topk.size and topk.max() >= e:
             raise TraceError(f"{source}: expert id {int(topk.max())} >= num_experts ({e})")
         _check_topk(topk, e, source, distinct=distinct)
+        problem = layers_problem(topk.shape[0], layer_ids)
+        if problem is not None:
+            raise TraceError(f"{source}: {problem}; pass one [tokens, top_k] array per MoE layer and its decoder layer")
         t = topk.shape[1]
         sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids)
         if sids.shape != (t,):
@@ -142,7 +145,7 @@ class TraceSet:
         return cls._from_arrays(
             topk.astype(_id_dtype(e)), sids.astype(np.int64), np.zeros(t, np.int64), (source,), e, rank,
             num_ranks if rank is not None else None,
-            tuple(layer_ids) if layer_ids is not None else None, name or source,
+            tuple(int(i) for i in layer_ids) if layer_ids is not None else None, name or source,
         )
 
     @classmethod
@@ -156,11 +159,14 @@ class TraceSet:
         problem = counts_problem(c)
         if problem is not None:
             raise TraceError(f"{source}: {problem}; pass token counts")
+        problem = layers_problem(c.shape[0], layer_ids)
+        if problem is not None:
+            raise TraceError(f"{source}: {problem}; pass one row of counts per MoE layer and its decoder layer")
         return cls(
             num_experts=c.shape[1],
             counts_by_source=np.rint(c).astype(np.int64)[None],
             sources=(source,),
-            layer_ids=tuple(layer_ids) if layer_ids is not None else None,
+            layer_ids=tuple(int(i) for i in layer_ids) if layer_ids is not None else None,
             name=name or source,
             notes=("load-only trace (token counts, no co-activation): communication is not optimised",),
         )
@@ -404,6 +410,21 @@ def counts_problem(c: np.ndarray) -> str | None:
     at = tuple(int(i) for i in np.argwhere(bad)[0])
     return (f"count {c[at].item()} at {list(at)} is not a number of tokens (counts are finite, non-negative and at most "
             f"2^40 = {MAX_TOKENS})")
+
+
+def layers_problem(num_layers: int, layer_ids: Sequence[Any] | None, field: str = "layer_ids") -> str | None:
+    """Why ``num_layers`` MoE layers recorded at the decoder layers ``layer_ids`` (the field ``field``; None: not
+    known) are not what a trace file holds, or None."""
+    if not 1 <= num_layers <= MAX_LAYERS:
+        return f"{num_layers} MoE layers, outside 1..{MAX_LAYERS}"
+    if layer_ids is None:
+        return None
+    if len(layer_ids) != num_layers:
+        return f"{field} has {len(layer_ids)} entries for {num_layers} layers"
+    for i in layer_ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i <= MAX_LAYER_ID:
+            return f"{field}: {i!r} is not a decoder layer index in 0..{MAX_LAYER_ID}"
+    return None
 
 
 def ranks_problem(src_rank: np.ndarray, num_ranks: Any, ranks_field: str = "num_ranks") -> str | None:
