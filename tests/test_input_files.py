@@ -172,6 +172,16 @@ def test_api_arguments_of_the_wrong_type_are_named():
             moegraph.planner.plan(spec, **kw)
 
 
+def test_load_traces_takes_a_preset_name_for_its_spec_and_refuses_a_bytes_path():
+    law = moegraph.traces.load_traces("esft-deepseek-v2-lite/law", spec="deepseek-v2-lite")  # was an AttributeError
+    assert law.num_layers == 26
+    with pytest.raises(TraceError, match="esft-deepseek-v2-lite/law: expert id 63 .* exceeds the spec.s 16 experts"):
+        moegraph.traces.load_traces("esft-deepseek-v2-lite/law", spec="deepseek-v3-tiny")
+    with pytest.raises(TraceError, match=r"got bytes b'esft-deepseek-v2-lite/law' \(a path as bytes: decode it to a "
+                                         r"str\)"):  # was "got int 101": its first byte
+        moegraph.traces.load_traces(b"esft-deepseek-v2-lite/law")
+
+
 def test_plan_load_takes_a_spec_file_or_preset_name_for_its_spec(files, tmp_path):
     planned = Plan.load(files / "plan.json").spec
     (tmp_path / "spec.json").write_text(json.dumps(planned.to_dict()))

@@ -171,6 +171,16 @@ def test_from_topk_accepts_torch_and_checks_shapes():
         TraceSet.from_topk([ids - 1])
 
 
+def test_ragged_lists_are_named_not_a_numpy_error():
+    with pytest.raises(TraceError, match=r"^rec: layer 1 is not an array \(lists of different lengths\?\); give a "
+                                         r"\[tokens, top_k\] array of numbers$"):
+        TraceSet.from_topk([[[0, 1], [2, 3]], [[0, 1], [2]]], source="rec")
+    with pytest.raises(TraceError, match=r"^rec: sample_ids is not an array .*give a \[tokens\] array"):
+        TraceSet.from_topk([[[0, 1], [2, 3]]], [[0], [1, 2]], source="rec")
+    with pytest.raises(TraceError, match=r"^dump: counts is not an array .*give a \[layers, experts\] array"):
+        TraceSet.from_counts([[1, 2], [3]], source="dump")
+
+
 @pytest.mark.parametrize("ranks, phrase", [
     (np.full(100, np.nan, np.float32), "src_rank holds float32 values, not rank numbers (integers)"),  # plan: traceback
     (np.full(100, 1.7), "src_rank holds float64 values"),  # was truncated to rank 1

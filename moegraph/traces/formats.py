@@ -28,19 +28,17 @@ import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ..errors import ResourceError, TraceError, describe
 from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
-from ..spec import MAX_EXPERTS
+from ..spec import MAX_EXPERTS, MoESpec
 from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
                         _to_numpy, counts_problem, layers_problem, ranks_problem)
 
-if TYPE_CHECKING:
-    from ..spec import MoESpec
 
 __all__ = [
     "read_native",
@@ -362,8 +360,8 @@ def read_sglang(
     return _sglang_traceset(ps, name, spec, counts_total, topk_parts, sample_parts, rank_parts)
 
 
-def _sglang_int_ids(a: Any, what: str, p: Path) -> np.ndarray:
-    arr = _to_numpy(a)
+def _sglang_int_ids(a: Any, what: str, shape: str, p: Path) -> np.ndarray:
+    arr = _to_numpy(a, f"{p}: {what}", shape)
     if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
         raise TraceError(f"{p}: {what} holds {arr.dtype} values; expert ids and counts must be integers")
     return arr.astype(np.int64)
@@ -372,7 +370,7 @@ def _sglang_int_ids(a: Any, what: str, p: Path) -> np.ndarray:
 def _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts, offset):
     """Add one dump's counts or records to the running lists; returns (counts_total, offset)."""
     if "logical_count" in obj:
-        c = _sglang_int_ids(obj["logical_count"], "logical_count", p)
+        c = _sglang_int_ids(obj["logical_count"], "logical_count", "[..., layers, experts]", p)
         if c.ndim < 2 or not 1 <= c.shape[-1] <= MAX_EXPERTS:
             raise TraceError(f"{p}: logical_count has shape {c.shape}; expected [..., layers, experts]")
         c = c.reshape(-1, *c.shape[-2:])
@@ -392,7 +390,7 @@ def _read_sglang_dump(p, obj, counts_total, topk_parts, sample_parts, rank_parts
         for j, rec in enumerate(records):
             if not isinstance(rec, dict) or "topk_ids_of_layer" not in rec:
                 raise TraceError(f"{p}: records[{j}] has no topk_ids_of_layer")
-            ids = _sglang_int_ids(rec["topk_ids_of_layer"], f"records[{j}].topk_ids_of_layer", p)
+            ids = _sglang_int_ids(rec["topk_ids_of_layer"], f"records[{j}].topk_ids_of_layer", "[layers, tokens, K]", p)
             if ids.ndim != 3:
                 raise TraceError(f"{p}: records[{j}].topk_ids_of_layer has shape {ids.shape}; expected [layers, tokens, K]")
             ids = ids[:, :, (ids >= 0).any(axis=(0, 1))]  # drop padding columns (recorder K > model K)
@@ -516,10 +514,15 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
 
     Each item is a bundled name ("esft-deepseek-v2-lite", "esft-deepseek-v2-lite/law"), a native
     ``.npz`` file, a folder of ``.npz`` files, an ESFT folder, an SGLang ``.pt`` dump, or a TraceSet.
-    Sources (tasks, files) stay distinguishable (``TraceSet.split_sources``). With a spec, the traces
-    are checked against its experts, MoE layers and top-k (TraceError says what to change).
+    Sources (tasks, files) stay distinguishable (``TraceSet.split_sources``). With a spec (a MoESpec, preset
+    name or spec file), the traces are checked against its experts, MoE layers and top-k (TraceError says what
+    to change).
     """
-    if isinstance(paths_or_names, (str, os.PathLike, TraceSet)):
+    if spec is not None and not isinstance(spec, MoESpec):
+        from ..loader import load_spec
+
+        spec = load_spec(spec, source="spec")  # a preset name or spec file, as plan and Plan.load take
+    if isinstance(paths_or_names, (str, bytes, os.PathLike, TraceSet)):  # bytes: one (refused) item, not its ints
         items = [paths_or_names]
     elif isinstance(paths_or_names, Iterable) and not isinstance(paths_or_names, (np.ndarray, Mapping)):
         items = list(paths_or_names)
@@ -527,7 +530,8 @@ def load_traces(paths_or_names: Any, spec: MoESpec | None = None) -> TraceSet:
         items = [paths_or_names]
     for item in items:
         if not isinstance(item, (str, os.PathLike, TraceSet)):
-            hint = " (ids per token: build a TraceSet with TraceSet.from_topk)" if isinstance(item, np.ndarray) else ""
+            hint = (" (ids per token: build a TraceSet with TraceSet.from_topk)" if isinstance(item, np.ndarray) else
+                    " (a path as bytes: decode it to a str)" if isinstance(item, bytes) else "")
             raise TraceError(f"traces: expected a trace file, folder or bundled name, a TraceSet, or a list of them; "
                              f"got {describe(item)}{hint}")
     sets = [_resolve_one(i, spec) for i in items]

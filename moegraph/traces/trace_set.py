@@ -106,7 +106,7 @@ class TraceSet:
         src_rank: [T] rank each token was on when recorded (optional), with ``num_ranks`` ranks.
         distinct: refuse a token that lists one expert twice (ids from a token-choice router).
         """
-        arrs = [_to_numpy(a) for a in layers]
+        arrs = [_to_numpy(a, f"{source}: layer {i}", "[tokens, top_k]") for i, a in enumerate(layers)]
         if not arrs:
             raise TraceError(f"{source}: no layers given; pass one [tokens, top_k] array per MoE layer")
         shapes = {a.shape for a in arrs}
@@ -127,12 +127,12 @@ class TraceSet:
         if problem is not None:
             raise TraceError(f"{source}: {problem}; pass one [tokens, top_k] array per MoE layer and its decoder layer")
         t = topk.shape[1]
-        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids)
+        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids, f"{source}: sample_ids", "[tokens]")
         if sids.shape != (t,):
             raise TraceError(f"{source}: sample_ids has shape {sids.shape}, expected [{t}]")
         if not np.issubdtype(sids.dtype, np.integer):
             raise TraceError(f"{source}: sample_ids holds {sids.dtype} values; give each token's sequence as an integer")
-        rank = None if src_rank is None else _to_numpy(src_rank)
+        rank = None if src_rank is None else _to_numpy(src_rank, f"{source}: src_rank", "[tokens]")
         if rank is not None:
             if rank.shape != (t,):
                 raise TraceError(f"{source}: src_rank has shape {rank.shape}, expected [{t}]")
@@ -153,7 +153,7 @@ class TraceSet:
         cls, counts: Any, *, source: str = "counts", layer_ids: Sequence[int] | None = None, name: str | None = None
     ) -> TraceSet:
         """A load-only TraceSet from token counts [L, E] per layer and expert (no co-activation)."""
-        c = _to_numpy(counts)
+        c = _to_numpy(counts, f"{source}: counts", "[layers, experts]")
         if c.ndim != 2 or not (np.issubdtype(c.dtype, np.integer) or np.issubdtype(c.dtype, np.floating)):
             raise TraceError(f"{source}: counts must be a numeric [layers, experts] array, got shape {c.shape}")
         problem = counts_problem(c)
@@ -461,7 +461,12 @@ def _check_topk(topk: np.ndarray, e: int, source: str, distinct: bool = False) -
                              "twice in its top-k; a router picks distinct experts (is top_k right?)")
 
 
-def _to_numpy(a: Any) -> np.ndarray:
+def _to_numpy(a: Any, where: str, shape: str) -> np.ndarray:
+    """``a`` (a numpy array, torch tensor or nested lists) as a numpy array; TraceError naming ``where`` (the input
+    and its field) when it cannot be one, e.g. lists of different lengths (``shape``: what it should be)."""
     if hasattr(a, "detach"):  # torch tensor, without importing torch
         a = a.detach().cpu().numpy()
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError):  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
+        raise TraceError(f"{where} is not an array (lists of different lengths?); give a {shape} array of numbers") from None
