@@ -15,7 +15,9 @@ from the "stat" recorder, or ``records[*].topk_ids_of_layer`` from the "per_toke
 bundled trace sets by name (``esft-deepseek-v2-lite``, ``esft-deepseek-v2-lite/law``).
 
 Every reader validates the whole input before returning: a truncated or corrupt file raises
-``TraceError`` naming the file (and line), never a partly filled TraceSet. ``traces_for_spec`` is
+``TraceError`` naming the file (and line), never a partly filled TraceSet. The bounds on layers, layer ids,
+ranks and counts (``trace_set.MAX_*``) are the same for the reader, the importers and ``TraceSet``'s
+constructors: what an import writes reads back. ``traces_for_spec`` is
 the boundary where the planner and the re-plan take traces: checked against the spec there, once.
 """
 

@@ -127,7 +127,8 @@ class TraceSet:
         if problem is not None:
             raise TraceError(f"{source}: {problem}; pass one [tokens, top_k] array per MoE layer and its decoder layer")
         t = topk.shape[1]
-        sids = np.arange(t, dtype=np.int64) if sample_ids is None else _to_numpy(sample_ids, f"{source}: sample_ids", "[tokens]")
+        sids = (np.arange(t, dtype=np.int64) if sample_ids is None
+                else _to_numpy(sample_ids, f"{source}: sample_ids", "[tokens]"))
         if sids.shape != (t,):
             raise TraceError(f"{source}: sample_ids has shape {sids.shape}, expected [{t}]")
         if not np.issubdtype(sids.dtype, np.integer):
@@ -436,7 +437,8 @@ def ranks_problem(src_rank: np.ndarray, num_ranks: Any, ranks_field: str = "num_
     if lo < 0 or hi >= MAX_RANKS:
         return f"src_rank holds rank {lo if lo < 0 else hi}, outside 0..{MAX_RANKS - 1}"
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or not 1 <= num_ranks <= MAX_RANKS:
-        return f"{ranks_field} is {'missing' if num_ranks is None else repr(num_ranks)}, expected an integer in 1..{MAX_RANKS}"
+        given = "missing" if num_ranks is None else repr(num_ranks)
+        return f"{ranks_field} is {given}, expected an integer in 1..{MAX_RANKS}"
     if hi >= num_ranks:
         return f"src_rank holds rank {hi}, not below {ranks_field} ({num_ranks})"
     return None
@@ -469,4 +471,5 @@ def _to_numpy(a: Any, where: str, shape: str) -> np.ndarray:
     try:
         return np.asarray(a)
     except (ValueError, TypeError):  # numpy: "setting an array element with a sequence ... inhomogeneous shape"
-        raise TraceError(f"{where} is not an array (lists of different lengths?); give a {shape} array of numbers") from None
+        raise TraceError(f"{where} is not an array (lists of different lengths?); give a {shape} array of "
+                         "numbers") from None
