@@ -160,6 +160,16 @@ def test_sglang_counts_that_overflow_when_summed_are_refused(tmp_path):
         read_sglang(path)
 
 
+def test_sglang_unsigned_ids_beyond_int64_are_refused_not_read_as_padding(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "d.pt"
+    ids = torch.tensor(np.array([[[0, 1], [2, 2**64 - 1]]], dtype=np.uint64))  # the second token's id wrapped to -1
+    torch.save({"records": [{"topk_ids_of_layer": ids, "rank": 0}]}, path)
+    with pytest.raises(TraceError, match=rf"^{path}: records\[0\].topk_ids_of_layer holds 18446744073709551615, "
+                                         "beyond any expert id or count; the dump is corrupt$"):
+        read_sglang(path)
+
+
 def test_from_topk_accepts_torch_and_checks_shapes():
     torch = pytest.importorskip("torch")
     ids = torch.tensor([[0, 1], [2, 3]])

@@ -366,6 +366,8 @@ def _sglang_int_ids(a: Any, what: str, shape: str, p: Path) -> np.ndarray:
     arr = _to_numpy(a, f"{p}: {what}", shape)
     if not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
         raise TraceError(f"{p}: {what} holds {arr.dtype} values; expert ids and counts must be integers")
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:  # would wrap to -1, padding
+        raise TraceError(f"{p}: {what} holds {int(arr.max())}, beyond any expert id or count; the dump is corrupt")
     return arr.astype(np.int64)
 
 
