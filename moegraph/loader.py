@@ -87,13 +87,14 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     except RecursionError:
         raise SpecError([Problem("", "nested too deeply to be a spec; a spec is a few levels of sections")],
                         source=str(p)) from None
-    except _DuplicateKey as exc:
+    except (_DuplicateKey, _RefusedScalar) as exc:
         raise SpecError([Problem("", str(exc))], source=str(p)) from None
-    except ValueError as exc:  # Python's limit on the digits of an integer (int_max_str_digits)
-        if "digits" not in str(exc):
-            raise
-        raise SpecError([Problem("", "holds an integer with thousands of digits; no spec field takes such a "
-                                     "number")], source=str(p)) from None
+    except ValueError as exc:  # Python's limit on the digits of an integer (int_max_str_digits), a bad !!timestamp
+        if "digits" in str(exc):
+            msg = "holds an integer with thousands of digits; no spec field takes such a number"
+        else:
+            msg = f"not valid {fmt.upper()}: {' '.join(str(exc).split())[:200]}"
+        raise SpecError([Problem("", msg)], source=str(p)) from None
     except OSError as exc:
         raise SpecError([Problem("", f"cannot read the file: {exc.strerror}")], source=str(p)) from None
     if data is None:
@@ -109,33 +110,81 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
 _DuplicateKey = DuplicateKey  # a key given twice in one mapping of a spec file
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one.
+class _RefusedScalar(Exception):
+    """A YAML value whose meaning differs between YAML 1.1 and 1.2 (the loader refuses to guess)."""
 
-    It also reads ``1e-3`` (exponent, no dot) as a number, as YAML 1.2, JSON and TOML do; YAML 1.1,
-    which PyYAML follows, would make it the string '1e-3', and specs take no number as a string.
+
+_MERGE = "tag:yaml.org,2002:merge"
+#: numbers YAML 1.1 reads otherwise than YAML 1.2, JSON and TOML do: a leading zero (1.1: octal) and base 60
+_AMBIGUOUS = "tag:moegraph,2024:ambiguous-number"
+_AMBIGUOUS_RE = re.compile(r"^[-+]?(?:0[0-9_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)$")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one, and reads scalars as
+    YAML 1.2 does where YAML 1.1 (which PyYAML follows) would read them otherwise.
+
+    Merge keys (``<<: *base``) are taken, the mapping's own keys winning over merged ones; a key written
+    twice in one mapping is refused. ``1e-3`` (exponent, no dot) is a number, as in YAML 1.2, JSON and TOML
+    (YAML 1.1: the string '1e-3'). A date is text (YAML 1.2 has no timestamps). A number with a leading zero
+    (``0100``: YAML 1.1 octal 64, YAML 1.2 decimal 100) or in base 60 (``1:04``: YAML 1.1 64) is refused
+    with the fix, since a spec takes no number as a string and the two readings differ.
     """
 
-    yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+                               for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def _check_unique(self, node: yaml.MappingNode) -> None:
+        """Refuse a key given twice among ``node``'s own keys (and those of mappings merged into it)."""
         seen: set = set()
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                for sub in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                    if isinstance(sub, yaml.MappingNode):
+                        self._check_unique(sub)
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 dup = key in seen
                 seen.add(key)
-            except TypeError:  # an unhashable key: SafeLoader reports it below
-                break
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                return
             if dup:
                 line = key_node.start_mark.line + 1
                 raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line}); give it once")
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Keep one entry per key (the last, which wins): merges of merges cannot multiply the entries.
+        super().flatten_mapping(node)
+        last = {(k.tag, k.value) if isinstance(k, yaml.ScalarNode) else id(k): (k, v) for k, v in node.value}
+        node.value = list(last.values())
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            self._check_unique(node)
+            for key_node, value_node in node.value:
+                if value_node.tag == _AMBIGUOUS and isinstance(key_node, yaml.ScalarNode):
+                    self._refuse_ambiguous(value_node, f"{key_node.value}: ")
         return super().construct_mapping(node, deep=deep)
+
+    def _refuse_ambiguous(self, node: yaml.ScalarNode, where: str = "") -> None:
+        text, line = node.value, node.start_mark.line + 1
+        if ":" in text:
+            why = "is a base-60 number in YAML 1.1 and text in YAML 1.2"
+        else:
+            decimal = text.lstrip("+-").lstrip("0_") or "0"
+            why = (f"has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 as decimal "
+                   f"({text[0] if text[0] in '+-' else ''}{decimal})")
+        raise _RefusedScalar(f"{where}{text} (line {line}) {why}; write the number in decimal without leading "
+                             "zeros, or quote it if it is text")
 
 
 _UniqueKeyLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
 )
+for _first in "-+0123456789":  # ahead of the int and float resolvers, which would take these
+    _UniqueKeyLoader.yaml_implicit_resolvers[_first].insert(0, (_AMBIGUOUS, _AMBIGUOUS_RE))
+_UniqueKeyLoader.add_constructor(_AMBIGUOUS, _UniqueKeyLoader._refuse_ambiguous)
 
 
 def load_spec(spec: str | Path | Mapping[str, Any] | MoESpec, *, source: str | None = None) -> MoESpec:

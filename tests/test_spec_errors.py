@@ -266,6 +266,12 @@ FILE_CASES = [
     ("duplicate-json-key", "dup.json", '{"name": "a", "name": "b"}', "key 'name' appears twice"),
     ("python-tag", "tag.yaml", "moe: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
     ("not-utf8", "latin.yaml", b"name: \xe9\n", "not valid YAML"),
+    # YAML 1.1 reads these as octal 64 / base-60 64 / a date; moegraph follows YAML 1.2 or refuses
+    ("yaml-leading-zero", "octal.yaml", "moe: {hidden_size: 0100}\n", "hidden_size: 0100 (line 1) has a leading zero"),
+    ("yaml-base-60", "sexa.yaml", "moe: {hidden_size: 1:04}\n", "base-60 number"),
+    ("yaml-bad-timestamp-tag", "ts.yaml", "name: !!timestamp 2001-13-45\nmoe: {}\n", "not valid YAML: month"),
+    ("duplicate-yaml-key-in-merge", "mdup.yaml", "moe: {<<: {hidden_size: 3, hidden_size: 4}}\n",
+     "key 'hidden_size' appears twice"),
 ]
 
 
@@ -282,6 +288,27 @@ def test_bad_file(case, tmp_path, run_cli):
     assert phrase in info.value.problems[0].message
     res = run_cli("validate", f)
     assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
+
+
+def test_yaml_merge_keys_dates_and_numbers_as_yaml_1_2(tmp_path):
+    """Merge keys are taken (the mapping's own keys win), a date is text, leading-zero numbers refused with the fix."""
+    f = tmp_path / "merge.yaml"
+    f.write_text("moe:\n  hidden_size: 32\n  experts: &e {num_experts: 8, intermediate_size: 48}\n"
+                 "  shared_experts: {count: 1, intermediate_size: 16}\n"
+                 "  router: {top_k: 2, <<: {top_k: 4, normalize: true}}\nname: 2001-13-45\n")
+    spec = load_spec(f)
+    assert (spec.moe.router.top_k, spec.moe.router.normalize, spec.name) == (2, True, "2001-13-45")
+    # merges of merges keep one entry per key (no blow-up: 10**30 entries otherwise)
+    lines = ["m0: &m0 {num_experts: 8, intermediate_size: 48}"]
+    lines += [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}" for i in range(1, 31)]
+    f.write_text("\n".join(lines) + "\n")
+    data, _ = read_spec_dict(f)
+    assert data["m30"] == {"num_experts": 8, "intermediate_size": 48}
+    f.write_text("moe:\n  experts: {num_experts: 010}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(f)
+    assert "num_experts: 010 (line 2) has a leading zero" in str(info.value)
+    assert "YAML 1.2 as decimal (10); write the number in decimal" in str(info.value)
 
 
 def test_missing_file_and_folder(tmp_path, run_cli):
