@@ -21,7 +21,16 @@ def describe(value: Any) -> str:
     else by its type and the start of its repr."""
     if isinstance(value, np.ndarray):
         return f"a numpy array of shape {list(value.shape)}"
-    return f"{type(value).__name__} {repr(value)[:60]}"
+    return f"{type(value).__name__} {short_repr(value)}"
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` as a message echoes a value: at most about ``limit`` characters (a huge integer by its
+    number of digits; its repr would be hundreds of characters, or refused beyond Python's digit limit)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"{'-' if value < 0 else ''}<about {int(value.bit_length() * 0.30103) + 1} digits>"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import Problem, SpecError
+from .errors import Problem, SpecError, short_repr
 from .fileio import DuplicateKey, input_problem, unique_json_object
 from .resources import specs_dir
 from .spec import MoESpec
@@ -245,6 +245,9 @@ def problems_from_validation(exc: ValidationError) -> list[Problem]:
     seen: set[tuple[str, str]] = set()
     errors = []
     for err in exc.errors(include_url=False):
+        if (err["type"] == "too_short" and isinstance(err.get("input"), (list, tuple))
+                and len(err["input"]) >= err.get("ctx", {}).get("min_length", 0)):
+            continue  # short only because entries failed, which are reported themselves
         if err["type"] == "spec_fields":  # several cross-field problems of one rule set: one Problem each
             errors += [{**err, "type": "spec_field", "ctx": {"field": f, "message": m}} for f, m in err["ctx"]["problems"]]
         else:
@@ -351,7 +354,7 @@ def _got(value: Any) -> str:
         return f"a {'mapping' if isinstance(value, dict) else 'list'}"
     if value is None:
         return "null"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {short_repr(value)}"
 
 
 def _close(word: Any, choices: list[str]) -> str:
@@ -381,7 +384,7 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
         return str(err["msg"]).removeprefix("Value error, ")
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        return f"{err['msg'].lower()}, got {inp!r}{_close(inp, expected)}"
+        return f"{err['msg'].lower()}, got {short_repr(inp)}{_close(inp, expected)}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = list(_union_tags(models))
         key = _union_key(models)
@@ -403,11 +406,11 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
     }
     if kind in bounds:
         bound, words = bounds[kind]
-        return f"must be {words} {ctx.get(bound)}, got {inp!r}"
+        return f"must be {words} {ctx.get(bound)}, got {short_repr(inp)}"
     if kind == "finite_number":
-        return f"must be a finite number, got {inp!r}"
+        return f"must be a finite number, got {short_repr(inp)}"
     if kind == "int_from_float":
-        return f"expected a whole number, got {inp!r}"
+        return f"expected a whole number, got {short_repr(inp)}"
     if kind in ("int_type", "int_parsing"):
         return f"expected an integer, got {_got(inp)}"
     if kind in ("float_type", "float_parsing"):
@@ -424,5 +427,5 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
         return f"needs at least {ctx.get('min_length')} entries, got {ctx.get('actual_length')}"
     if kind == "invalid_key":
         return f"keys must be strings, got {_got(inp)}"
-    shown = f" (got {inp!r})" if not isinstance(inp, (dict, list)) else ""
+    shown = f" (got {short_repr(inp)})" if not isinstance(inp, (dict, list)) else ""
     return f"{err['msg']}{shown}"

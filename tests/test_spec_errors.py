@@ -197,6 +197,13 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("fp8-input-scaled-experts", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 16]}),
                                       _set("moe.experts.routing_weight", "input")),
      "moe.experts.routing_weight", ("FP8 experts weight each expert's output", "set routing_weight: output")),
+    # a wrong key in the only device: that problem alone (not also "devices: needs at least 1 entries, got 0")
+    ("typo-in-the-only-device", _set("topology", {"devices": [{"name": "g0", "node": "n0", "memory_gb": 80}]}),
+     "topology.devices.0.memory_gb", ("did you mean 'memory_gib'",)),
+    ("huge-int-shortened", _set("moe.router.aux_losses", [{"kind": "z_loss", "coef": 10**400}]),
+     "moe.router.aux_losses.0.coef", ("expected a number, got int <about 401 digits>",)),
+    ("huge-int-bound-shortened", _set("moe.hidden_size", -10**400), "moe.hidden_size",
+     ("must be greater than 0, got -<about 401 digits>",)),
 ]
 
 assert len(CASES) >= 25
