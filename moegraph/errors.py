@@ -46,6 +46,16 @@ class Problem:
         return f"{where}{at}: {self.message}"
 
 
+#: the most problems one input's report lists (a generated file can hold a million wrong entries); the rest are
+#: counted in one line
+MAX_PROBLEMS = 50
+
+
+def more_problems(count: int) -> str:
+    """The line that stands for ``count`` problems left out of a report."""
+    return f"and {count} more problem(s) not listed; fix the ones above and check again"
+
+
 class SpecError(MoegraphError, ValueError):
     """A spec file or dict is not a valid MoE spec. Holds one Problem per thing wrong."""
 

@@ -39,6 +39,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .errors import MAX_PROBLEMS, more_problems
+
 from .semantics import activations as _activations
 from .semantics import combine as _combine
 from .semantics import dtypes as _dtypes
@@ -97,18 +99,24 @@ class _Problems:
 
     def __init__(self) -> None:
         self.items: list[tuple[str, str]] = []
+        self.more = 0  # problems beyond MAX_PROBLEMS, counted only
 
     def add(self, field: str, message: str) -> None:
-        self.items.append((field, message))
+        if len(self.items) < MAX_PROBLEMS:
+            self.items.append((field, message))
+        else:
+            self.more += 1
 
     def raise_any(self) -> None:
-        if len(self.items) == 1:
+        if len(self.items) == 1 and not self.more:
             raise field_error(*self.items[0])
         if self.items:
-            # One pydantic error carrying several; the loader turns it back into one Problem each.
+            # One pydantic error carrying several (and the count of those not kept); the loader turns it back
+            # into one Problem each.
             raise PydanticCustomError("spec_fields", "{message}", {
-                "problems": [list(item) for item in self.items],
-                "message": "; ".join(message for _, message in self.items),
+                "problems": [list(item) for item in self.items], "more": self.more,
+                "message": "; ".join([message for _, message in self.items]
+                                     + ([more_problems(self.more)] if self.more else [])),
             })
 
 
@@ -129,6 +137,22 @@ def _is_int_annotation(tp: Any) -> bool:
 class _Frozen(BaseModel):
     # allow_inf_nan=False: an infinite bandwidth or a NaN coefficient is never meant.
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_within_bounds(cls, data: Any) -> Any:
+        # pydantic checks a list's max_length only after validating every entry: a file of a million wrong
+        # entries would take minutes and give a million errors. The length is checked first.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is None or not isinstance(value, (list, tuple)):
+                    continue
+                most = next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None),
+                            None)
+                if most is not None and len(value) > most:
+                    raise field_error(key, f"lists {len(value)} entries, more than the {most} it takes; shorten it")
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -538,7 +562,8 @@ class TopKRouter(_Frozen):
     groups: GroupLimit | None = None
     expert_bias: ExpertBias | None = None
     router_bias: bool = Field(False, description="Whether the router linear has a bias.")
-    aux_losses: tuple[AuxLoss, ...] = ()
+    aux_losses: tuple[AuxLoss, ...] = Field((), max_length=len(typing.get_args(AuxLossKind)),
+                                            description="Auxiliary losses, each kind at most once.")
     capacity: Capacity | None = Field(None, description="None = dropless (default).")
     jitter: float = Field(
         0.0, ge=0, lt=1, description="Multiplicative input noise U(1-j, 1+j) on the router input in training."
@@ -634,7 +659,7 @@ class ExpertChoiceRouter(_Frozen):
     capacity_factor: float = Field(2.0, gt=0, le=1024, description="Tokens per expert = factor * T / E.")
     score: str = Field("softmax", description="Score function over experts, as for topk routers.")
     router_bias: bool = False
-    aux_losses: tuple[AuxLoss, ...] = ()
+    aux_losses: tuple[AuxLoss, ...] = Field((), max_length=len(typing.get_args(AuxLossKind)))
 
     _score_known = field_validator("score")(_check_score)
 
@@ -979,14 +1004,18 @@ class MLAttention(_Frozen):
 Attention = Annotated[Union[MHAttention, MLAttention], Field(discriminator="kind")]
 
 
+#: the most decoder layers a model spec describes
+MAX_LAYERS = 10000
+
+
 class ModelSpec(_Frozen):
     """The layer pattern of the model and, optionally, non-MoE sizes for whole-model counts."""
 
-    num_layers: int = Field(1, gt=0, le=10000, description="Decoder layers in the model.")
+    num_layers: int = Field(1, gt=0, le=MAX_LAYERS, description="Decoder layers in the model.")
     first_k_dense: int = Field(0, ge=0, le=10000, description="The first k layers are dense (DeepSeek).")
     moe_layer_freq: int = Field(1, gt=0, le=10000, description="Every n-th layer after first_k_dense is MoE.")
     layer_types: tuple[Literal["dense", "moe"], ...] | None = Field(
-        None, description="Explicit per-layer pattern; overrides first_k_dense/moe_layer_freq."
+        None, max_length=MAX_LAYERS, description="Explicit per-layer pattern; overrides first_k_dense/moe_layer_freq."
     )
     dense_intermediate_size: int | None = Field(None, gt=0, le=1 << 22, description="FFN size of dense layers.")
     vocab_size: int | None = Field(None, gt=0, le=1 << 26)
@@ -1092,20 +1121,21 @@ class ExplicitTopology(_Frozen):
     @model_validator(mode="after")
     def _links_known(self) -> ExplicitTopology:
         problems = _Problems()
-        names = [d.name for d in self.devices]
-        for i, name in enumerate(names):
-            if name in names[:i]:
+        first: dict[str, int] = {}  # device name -> index of the first device of that name
+        for i, d in enumerate(self.devices):
+            if first.setdefault(d.name, i) != i:
                 problems.add(
                     f"devices.{i}.name",
-                    f"device name {name!r} is used by devices {names.index(name)} and {i}; give every device a "
+                    f"device name {d.name!r} is used by devices {first[d.name]} and {i}; give every device a "
                     "unique name",
                 )
+        shown = ", ".join(repr(n) for n in list(first)[:8]) + (", ..." if len(first) > 8 else "")
         for i, link in enumerate(self.links):
             for end_key, end in (("a", link.a), ("b", link.b)):
-                if end not in names:
+                if end not in first:
                     problems.add(
                         f"links.{i}.{end_key}",
-                        f"link names unknown device {end!r}; use one of the devices: {names}",
+                        f"link names unknown device {end!r}; use one of the devices: {shown}",
                     )
             if link.a == link.b:
                 problems.add(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")

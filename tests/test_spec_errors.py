@@ -252,6 +252,40 @@ def test_every_problem_reported_at_once():
     assert sorted(p.path for p in info.value.problems) == ["extra", "moe.experts.num_experts", "moe.hidden_size"]
 
 
+def test_long_lists_and_many_problems_are_bounded():
+    """A list longer than its field takes is one problem, found before its entries are validated; a report
+    lists MAX_PROBLEMS problems and counts the rest; duplicate device names and link ends are checked in
+    linear time (65,536 devices took minutes)."""
+    import time
+
+    from moegraph.errors import MAX_PROBLEMS
+
+    for path, value, phrase in (("moe.router.aux_losses", [1] * 100_000, "lists 100000 entries, more than the 6"),
+                                ("model.layer_types", ["moe"] * 10_001, "lists 10001 entries, more than the 10000")):
+        with pytest.raises(SpecError) as info:
+            load_spec(_bad(_set(path, value)))
+        assert [(p.path, phrase in p.message) for p in info.value.problems] == [(path, True)]
+    devices = [{"name": "g", "node": "n0", "memory_gb": 80} for _ in range(200)]
+    with pytest.raises(SpecError) as info:  # 200 unknown keys
+        load_spec(_bad(_set("topology", {"devices": devices})))
+    problems = info.value.problems
+    assert len(problems) == MAX_PROBLEMS + 1 and "and 150 more problem(s) not listed" in problems[-1].message
+    with pytest.raises(SpecError) as info:  # 199 duplicate names (one cross-field rule)
+        load_spec(_bad(_set("topology", {"devices": [{"name": "g", "node": "n0"}] * 200})))
+    assert len(info.value.problems) == MAX_PROBLEMS + 1
+    assert "and 149 more problem(s)" in info.value.problems[-1].message
+    many = [{"name": f"d{i}", "node": f"n{i // 8}"} for i in range(65535)]
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as info:
+        load_spec(_bad(_all(_set("moe.experts.num_experts", 65536), _set("topology", {
+            "devices": many + [{"name": "d3", "node": "n0"}],
+            "links": [{"a": "d65534", "b": "d0", "bandwidth_gbps": 1}] * 1000 + [{"a": "d1", "b": "x", "bandwidth_gbps": 1}]}))))
+    assert time.perf_counter() - start < 30
+    assert [p.path for p in info.value.problems] == ["topology.devices.65535.name", "topology.links.1000.b"]
+    assert "device name 'd3' is used by devices 3 and 65535" in info.value.problems[0].message
+    assert "use one of the devices: 'd0', 'd1', 'd2', 'd3', 'd4', 'd5', 'd6', 'd7', ..." in info.value.problems[1].message
+
+
 def test_problem_render_names_source_and_root():
     assert Problem("moe.hidden_size", "bad").render("a.yaml") == "a.yaml: moe.hidden_size: bad"
     assert Problem("", "bad").render() == "<root>: bad"
