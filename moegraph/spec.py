@@ -184,6 +184,9 @@ class _Frozen(BaseModel):
     def _omit_later_fields_when_off(self, handler: Any) -> Any:
         data = handler(self)
         if isinstance(data, dict):
+            for name, value in data.items():  # -0.0 equals 0.0: dumps (hash, generated code) must not differ
+                if isinstance(value, float) and value == 0:
+                    data[name] = 0.0
             for name, off in self._LATER_FIELDS.items():
                 if name in data and (data[name] == off or getattr(self, name) == off):  # (a tuple dumps as a list)
                     del data[name]

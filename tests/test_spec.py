@@ -149,6 +149,21 @@ def test_hash_changes_with_any_value():
     assert load_spec(named).hash() != base
 
 
+def test_negative_zero_hashes_and_generates_as_zero():
+    """-0.0 equals 0.0: the spec compares equal, so its hash, dump and generated layer (the codegen cache key)
+    are the same; a plan made for one matches the other."""
+    from moegraph.codegen import render
+
+    zero, negzero = json.loads(json.dumps(TINY)), json.loads(json.dumps(TINY))
+    zero["moe"]["router"]["jitter"], negzero["moe"]["router"]["jitter"] = 0.0, -0.0
+    negzero["topology"] = {"nodes": 1, "gpus_per_node": 1, "intra_node_latency_us": -0.0}
+    zero["topology"] = {"nodes": 1, "gpus_per_node": 1, "intra_node_latency_us": 0.0}
+    a, b = load_spec(zero), load_spec(negzero)
+    assert a == b and a.differences_shown(b) == "nothing"
+    assert a.hash() == b.hash() and "-0.0" not in json.dumps(b.to_dict())
+    assert render(a) == render(b)
+
+
 def test_differences_name_every_field_the_hash_sees():
     base = load_spec(TINY)
     assert base.differences(load_spec(json.loads(json.dumps(TINY)))) == [] and base.differences_shown(base) == "nothing"
