@@ -140,39 +140,33 @@ class _Frozen(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _lists_within_bounds(cls, data: Any) -> Any:
-        # pydantic checks a list's max_length only after validating every entry: a file of a million wrong
-        # entries would take minutes and give a million errors. The length is checked first.
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if field is None or not isinstance(value, (list, tuple)):
-                    continue
+    def _raw_values_checked(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for key, value in data.items():
+            field = cls.model_fields.get(key) if isinstance(key, str) else None
+            if field is None:
+                continue
+            if isinstance(value, (list, tuple)):
+                # pydantic checks a list's max_length only after validating every entry: a file of a million
+                # wrong entries would take minutes and give a million errors. The length is checked first.
                 most = next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None),
                             None)
                 if most is not None and len(value) > most:
                     raise field_error(key, f"lists {len(value)} entries, more than the {most} it takes; shorten it")
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if field is None or not _is_number_annotation(field.annotation):
-                    continue
-                if isinstance(value, bool):
-                    raise field_error(
-                        key, f"expected a number, got the boolean {str(value).lower()}; write the number"
-                    )
-                # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
-                if isinstance(value, (str, bytes)):
-                    shown = value if len(value) <= 40 else value[:40] + "..."
-                    what = "an integer" if _is_int_annotation(field.annotation) else "a number"
-                    raise field_error(key, f"expected {what}, got the string {shown!r}; write the number "
-                                           "without quotes")
+            if not _is_number_annotation(field.annotation):
+                continue
+            # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
+            if isinstance(value, bool):
+                raise field_error(
+                    key, f"expected a number, got the boolean {str(value).lower()}; write the number"
+                )
+            # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
+            if isinstance(value, (str, bytes)):
+                shown = value if len(value) <= 40 else value[:40] + "..."
+                what = "an integer" if _is_int_annotation(field.annotation) else "a number"
+                raise field_error(key, f"expected {what}, got the string {shown!r}; write the number "
+                                       "without quotes")
         return data
 
     #: Fields added after the spec format was first published, with the value that means "off". A spec
@@ -1132,7 +1126,7 @@ class ExplicitTopology(_Frozen):
                     f"device name {d.name!r} is used by devices {first[d.name]} and {i}; give every device a "
                     "unique name",
                 )
-        shown = ", ".join(repr(n) for n in list(first)[:8]) + (", ..." if len(first) > 8 else "")
+        shown = f"{list(first)[:8]}" + (f" and {len(first) - 8} more" if len(first) > 8 else "")
         for i, link in enumerate(self.links):
             for end_key, end in (("a", link.a), ("b", link.b)):
                 if end not in first:
