@@ -134,40 +134,57 @@ def _is_int_annotation(tp: Any) -> bool:
     return tp is int or int in typing.get_args(tp) and float not in typing.get_args(tp)
 
 
+def _raw_problems(model: type[BaseModel], data: dict) -> list[tuple[str, str]]:
+    """(key, message) for the values of ``data`` that ``model``'s fields must not take as they are."""
+    problems = []
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            # pydantic checks a list's max_length only after validating every entry: a file of a million
+            # wrong entries would take minutes and give a million errors. The length is checked first.
+            most = next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None), None)
+            if most is not None and len(value) > most:
+                problems.append((key, f"lists {len(value)} entries, more than the {most} it takes; shorten it"))
+        if not _is_number_annotation(field.annotation):
+            continue
+        # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
+        if isinstance(value, bool):
+            problems.append((key, f"expected a number, got the boolean {str(value).lower()}; write the number"))
+        # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
+        elif isinstance(value, (str, bytes)):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            what = "an integer" if _is_int_annotation(field.annotation) else "a number"
+            problems.append((key, f"expected {what}, got the string {shown!r}; write the number without quotes"))
+    return problems
+
+
 class _Frozen(BaseModel):
     # allow_inf_nan=False: an infinite bandwidth or a NaN coefficient is never meant.
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _raw_values_checked(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for key, value in data.items():
-            field = cls.model_fields.get(key) if isinstance(key, str) else None
-            if field is None:
-                continue
-            if isinstance(value, (list, tuple)):
-                # pydantic checks a list's max_length only after validating every entry: a file of a million
-                # wrong entries would take minutes and give a million errors. The length is checked first.
-                most = next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None),
-                            None)
-                if most is not None and len(value) > most:
-                    raise field_error(key, f"lists {len(value)} entries, more than the {most} it takes; shorten it")
-            if not _is_number_annotation(field.annotation):
-                continue
-            # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
-            if isinstance(value, bool):
-                raise field_error(
-                    key, f"expected a number, got the boolean {str(value).lower()}; write the number"
-                )
-            # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
-            if isinstance(value, (str, bytes)):
-                shown = value if len(value) <= 40 else value[:40] + "..."
-                what = "an integer" if _is_int_annotation(field.annotation) else "a number"
-                raise field_error(key, f"expected {what}, got the string {shown!r}; write the number "
-                                       "without quotes")
-        return data
+    def _raw_values_checked(cls, data: Any, handler: Any) -> Any:
+        """Values no field should take as they are (a list longer than the field takes, a boolean or quoted
+        number), each reported beside what the rest of the model makes of the other keys: a quoted number
+        hid every other problem of its section, unknown keys included."""
+        raw = _raw_problems(cls, data) if isinstance(data, dict) else []
+        if not raw:
+            return handler(data)
+        bad = {key for key, _ in raw}
+        line_errors = [{"type": field_error(key, message), "loc": (), "input": data} for key, message in raw]
+        try:
+            handler({k: v for k, v in data.items() if k not in bad})
+        except ValidationError as exc:
+            # Without the bad keys: their absence is no problem of its own, and the model's own cross-field rules
+            # (raised at the model, loc ()) ran on defaults in their place, so they are left to the next run.
+            line_errors += [{"type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")), "loc": e["loc"],
+                             "input": e["input"]} for e in exc.errors(include_url=False)
+                            if e["loc"] and not (e["type"] == "missing" and e["loc"] == (e["loc"][0],)
+                                                 and e["loc"][0] in bad)]
+        raise ValidationError.from_exception_data(cls.__name__, line_errors)
 
     #: Fields added after the spec format was first published, with the value that means "off". A spec
     #: that leaves them off dumps (and hashes) exactly as before they existed, so plan files and cached

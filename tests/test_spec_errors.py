@@ -252,6 +252,21 @@ def test_every_problem_reported_at_once():
     assert sorted(p.path for p in info.value.problems) == ["extra", "moe.experts.num_experts", "moe.hidden_size"]
 
 
+def test_quoted_numbers_are_reported_beside_every_other_problem():
+    """A quoted number or a boolean is one problem among the others of its section, not the only one shown
+    (validate stopped at the first, hiding the next quoted number and the unknown keys beside it)."""
+    d = _bad(_all(_set("moe.hidden_size", "16"), _set("moe.router.top_k", "4"), _set("moe.intermediate_sizee", 3),
+                  _set("moe.experts.num_experts", True), _set("moe.experts.zzz", 1)))
+    with pytest.raises(SpecError) as info:
+        load_spec(d)
+    got = {p.path: p.message for p in info.value.problems}
+    assert sorted(got) == ["moe.experts.num_experts", "moe.experts.zzz", "moe.hidden_size", "moe.intermediate_sizee",
+                           "moe.router.top_k"], got
+    assert "got the string '16'; write the number without quotes" in got["moe.hidden_size"]
+    assert "got the string '4'" in got["moe.router.top_k"] and "got the boolean true" in got["moe.experts.num_experts"]
+    assert "unknown key 'intermediate_sizee'" in got["moe.intermediate_sizee"]
+
+
 def test_long_lists_and_many_problems_are_bounded():
     """A list longer than its field takes is one problem, found before its entries are validated; a report
     lists MAX_PROBLEMS problems and counts the rest; duplicate device names and link ends are checked in
