@@ -14,7 +14,13 @@ import os
 
 from .errors import ResourceError
 
-__all__ = ["address_space_room", "available_memory", "check_memory", "gib"]
+__all__ = ["MAX_LOCAL_PROCESSES", "PROCESS_BYTES", "address_space_room", "available_memory", "check_memory", "gib"]
+
+#: the most processes ``moegraph run`` starts on one machine (``--nproc``, or a plan's GPU count without it)
+MAX_LOCAL_PROCESSES = 1024
+#: what one started Python process holds before its own work: the interpreter with torch and moegraph imported
+#: (about 235 MiB resident, measured), a lower bound of each local rank's memory
+PROCESS_BYTES = 256 * 2**20
 
 
 def available_memory(address_space: bool = True) -> int | None:

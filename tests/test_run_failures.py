@@ -53,3 +53,27 @@ def test_rebalance_every_beyond_the_steps_is_refused_naming_both_flags(plan_for_
     res = run_cli("run", "deepseek-v3-tiny", "--plan", plan_for_two, "--steps", "4", "--rebalance-every", "10")
     err = " ".join(res.err.split())
     assert res.code == 2 and "--rebalance-every 10 is more than --steps 4: no re-plan would run" in err, err
+
+
+def test_a_plan_for_more_gpus_than_the_process_bound_starts_nothing(plan_for_two, run_cli, monkeypatch):
+    """Without --nproc the plan's GPU count is the process count: it meets the same bound as --nproc."""
+    from moegraph.distributed import local
+
+    monkeypatch.setattr(local, "MAX_LOCAL_PROCESSES", 1)
+    monkeypatch.setattr(local, "free_port", lambda: pytest.fail("would start processes"))
+    res = run_cli("run", "deepseek-v3-tiny", "--plan", plan_for_two, "--tokens", "8", "--steps", "1")
+    err = " ".join(res.err.split())
+    assert res.code == 2 and "Traceback" not in res.err, res.out + res.err
+    assert "the plan places experts on 2 GPUs" in err and "at most 1 (the --nproc limit)" in err, err
+    assert "re-plan for fewer GPUs (moegraph plan SPEC --nodes 1 --gpus-per-node N" in err, err
+
+
+def test_more_local_processes_than_the_memory_holds_are_refused_before_starting(plan_for_two, run_cli, monkeypatch):
+    from moegraph.distributed import local
+
+    monkeypatch.setattr(local, "available_memory", lambda address_space=True: 300 * 2**20)
+    monkeypatch.setattr(local, "free_port", lambda: pytest.fail("would start processes"))
+    res = run_cli("run", "deepseek-v3-tiny", "--plan", plan_for_two, "--tokens", "8", "--steps", "1")
+    err = " ".join(res.err.split())
+    assert res.code == 2 and "Traceback" not in res.err, res.out + res.err
+    assert "starting 2 local processes (one per GPU of the plan" in err and "re-plan for fewer GPUs" in err, err

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..errors import DistributedError, PlanFileError
+from ..limits import MAX_LOCAL_PROCESSES
 from ..loader import load_spec
 from . import app, console
 from .checks import finite, output_file
@@ -54,7 +55,7 @@ def _kib(n: float) -> str:
 def run_cmd(
     spec: Annotated[str, typer.Argument(help="Spec file or preset name the plan was made for.")],
     plan: Annotated[Path, typer.Option("--plan", help="Plan file (moegraph plan -o plan.json).")],
-    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=1024, help="Local processes (default: the plan's GPUs).")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=MAX_LOCAL_PROCESSES, help="Local processes (default: the plan's GPUs).")] = None,
     tokens: Annotated[int, typer.Option("--tokens", min=0, max=1 << 24, help="Random tokens per rank per forward.")] = 256,
     steps: Annotated[int, typer.Option("--steps", min=1, max=100000, help="Measured forward(+backward) passes after one warm-up.")] = 3,
     backward: Annotated[bool, typer.Option("--backward/--no-backward", help="Also run the backward.")] = True,

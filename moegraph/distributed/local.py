@@ -29,7 +29,7 @@ import torch
 
 from ..codegen import default_cache_dir
 from ..errors import DistributedError
-from ..limits import address_space_room, available_memory, check_memory
+from ..limits import MAX_LOCAL_PROCESSES, PROCESS_BYTES, address_space_room, available_memory, check_memory
 
 __all__ = ["run_local", "LocalRun", "free_port", "stop_running"]
 
@@ -287,6 +287,11 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
     if world != plan.num_gpus:
         raise DistributedError(f"the plan places experts on {plan.num_gpus} GPUs; run it with --nproc {plan.num_gpus} "
                                f"(or re-plan for {world} GPUs)")
+    fewer = ("re-plan for fewer GPUs (moegraph plan SPEC --nodes 1 --gpus-per-node N -o plan.json) and "
+             "run that plan")
+    if world > MAX_LOCAL_PROCESSES:
+        raise DistributedError(f"the plan places experts on {world} GPUs and `moegraph run` starts one local process "
+                               f"per GPU, at most {MAX_LOCAL_PROCESSES} (the --nproc limit); {fewer}")
     if device not in ("cpu", "cuda"):
         raise DistributedError(f"device must be 'cpu' (gloo) or 'cuda' (NCCL), got {device!r}")
     if device == "cuda" and torch.cuda.device_count() < world:
@@ -311,6 +316,8 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
         room = address_space_room()  # ulimit -v holds each rank on its own
         if room is not None:
             check_memory(rank_bytes, f"one rank of {what}", "run fewer --tokens (or raise ulimit -v)", room)
+    check_memory(world * PROCESS_BYTES, f"starting {world} local processes (one per GPU of the plan, each a Python "
+                 f"with torch)", fewer, available_memory(address_space=False))
     layers = list(range(plan.num_layers)) if layer_index is None else [layer_index]
     with tempfile.TemporaryDirectory(prefix="moegraph-run-") as tmp:
         plan_path = plan.save(Path(tmp) / "plan.json")
