@@ -209,3 +209,27 @@ def test_memory_checks_see_the_address_space_limit():
 def test_run_refuses_more_tokens_than_memory_holds(files):
     code, err = cli("run", "deepseek-v2-lite-tiny", "--plan", files / "plan.json", "--tokens", "16777216")
     assert code == 2 and "run fewer --tokens" in err, err
+
+
+MIXTRAL_CONFIG = {"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 48, "num_local_experts": 8,
+                  "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "vocab_size": 100}
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("num_hidden_layers", 10**9, "num_hidden_layers is 1000000000; a moegraph spec holds decoder layers as a whole "
+                                 "number from 1 to 10000 (ModelSpec.num_layers): fix num_hidden_layers in the config"),
+    ("num_local_experts", 10**12, f"num_local_experts is 1000000000000; a moegraph spec holds routed experts as a whole "
+                                  f"number from 1 to {moegraph.spec.MAX_EXPERTS} (ExpertsSpec.num_experts)"),
+    ("num_experts_per_tok", 100, "num_experts_per_tok is 100, more than the 8 experts (num_local_experts) a token can "
+                                 "choose from: give num_experts_per_tok at most 8 in the config"),
+    ("hidden_size", 2**30, "hidden_size is 1073741824; a moegraph spec holds the hidden size as a whole number from "
+                           "1 to 1048576 (MoELayerSpec.hidden_size)"),
+])
+def test_import_hf_checks_the_configs_sizes_against_the_specs_bounds_first(tmp_path, field, value, says):
+    # a billion layers hung building the model, a trillion experts allocated terabytes, too many experts per token
+    # failed deep in the probe naming no field
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**MIXTRAL_CONFIG, field: value}))
+    code, err = cli("import-hf", config)
+    assert code == 2 and f"error: {config}: {says}" in err, err

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import UnsupportedBlock
+from ..errors import InputError, UnsupportedBlock
 from ..fileio import check_input
-from ..spec import MoESpec
+from ..spec import ExpertsSpec, MoELayerSpec, ModelSpec, MoESpec, TopKRouter
 from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
 from .assemble import _dtype_name, build_spec
 from .model_section import _layer_types
@@ -41,8 +41,6 @@ def load_hf_config(path: str | Path) -> Any:
 
     Known model types become their transformers config class; unknown ones a plain namespace.
     """
-    from ..errors import InputError
-
     p = Path(path)
     check_input(p, "Hugging Face config (config.json)", InputError, MAX_CONFIG_BYTES)
     if p.is_dir():
@@ -79,6 +77,60 @@ def load_hf_config(path: str | Path) -> Any:
     ns = SimpleNamespace(**raw)
     ns._name_or_path = str(p)
     return ns
+
+
+#: the config's sizes checked before anything is built from them: (its names for the size, the spec field that holds
+#: it, what it is); the bounds are the spec's own (a config beyond them hung building a billion layers, or
+#: allocated terabytes probing a trillion experts)
+_SIZES = (
+    (("num_hidden_layers",), ModelSpec, "num_layers", "decoder layers"),
+    (_NUM_EXPERTS, ExpertsSpec, "num_experts", "routed experts"),
+    (_TOP_K, TopKRouter, "top_k", "experts per token"),
+    (("hidden_size",), MoELayerSpec, "hidden_size", "the hidden size"),
+    (_EXPERT_F, ExpertsSpec, "intermediate_size", "the expert size"),
+)
+
+
+def _spec_bound(model: type, field: str) -> int:
+    """The largest value the spec accepts in ``model.field`` (its pydantic ``le``)."""
+    return next(m.le for m in model.model_fields[field].metadata if getattr(m, "le", None) is not None)
+
+
+def _named(cfg: Any, names: tuple[str, ...]) -> tuple[str | None, Any]:
+    """(name, value) of the first of ``names`` the config sets (as ``vocab._attr`` reads it), or (None, None); a
+    name the config refuses to read globally (a per-layer attribute, as dots3's) counts as not set."""
+    for n in names:
+        try:
+            value = getattr(cfg, n, None)
+        except Exception:  # noqa: BLE001 - transformers raises its own kinds for attributes it will not give
+            continue
+        if value is not None:
+            return n, value
+    return None, None
+
+
+def check_config_sizes(config: Any) -> None:
+    """``InputError`` naming the config file, the field and the spec's bound when a size of the model ``config``
+    describes (layers, experts, top-k, hidden and expert size) is no whole number within the bounds of the spec
+    field that holds it, or the top-k is more than the experts a token can choose; before any block is built."""
+    cfg = _text_config(config)
+    src = getattr(config, "_name_or_path", "") or f"the {_family(cfg)} config"
+    found = {}
+    for names, model, field, what in _SIZES:
+        key, value = _named(cfg, names)
+        if key is None or not isinstance(value, (int, float)):
+            continue
+        hi = _spec_bound(model, field)
+        if isinstance(value, bool) or not float(value).is_integer() or not 1 <= value <= hi:
+            raise InputError(f"{src}: {key} is {value!r}; a moegraph spec holds {what} as a whole number from 1 to "
+                             f"{hi} ({model.__name__}.{field}): fix {key} in the config")
+        found[field] = (key, int(value))
+    if "top_k" in found and "num_experts" in found:
+        (k_key, k), (e_key, e) = found["top_k"], found["num_experts"]
+        e += getattr(cfg, "zero_expert_num", None) or 0  # LongCat-Flash: choices of experts that return zero
+        if k > e:
+            raise InputError(f"{src}: {k_key} is {k}, more than the {e} experts ({e_key}) a token can choose from: "
+                             f"give {k_key} at most {e} in the config")
 
 
 def _meta_block(cfg: Any) -> tuple[nn.Module | None, str]:
@@ -210,6 +262,7 @@ def spec_from_hf_config(config: Any, *, name: str | None = None, probe: bool = T
     """
     if isinstance(config, (str, Path)):
         config = load_hf_config(config)
+    check_config_sizes(config)
     block, why = _meta_block(config) if probe else (None, "probing disabled")
     if block is not None:
         blocks, _ = _meta_blocks(config)
@@ -232,6 +285,7 @@ def layer_specs_from_hf_config(config: Any, *, name: str | None = None) -> list[
     their spec. Kinds after the first get ``-kind<i>`` after the spec name."""
     if isinstance(config, (str, Path)):
         config = load_hf_config(config)
+    check_config_sizes(config)
     blocks, why = _meta_blocks(config)
     if not blocks:
         raise UnsupportedBlock(f"no MoE block could be built from it: {why}", _family(_text_config(config)))
