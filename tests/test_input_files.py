@@ -233,3 +233,28 @@ def test_import_hf_checks_the_configs_sizes_against_the_specs_bounds_first(tmp_p
     config.write_text(json.dumps({**MIXTRAL_CONFIG, field: value}))
     code, err = cli("import-hf", config)
     assert code == 2 and f"error: {config}: {says}" in err, err
+
+
+@pytest.mark.parametrize("target, says", [
+    ("{t}", "is a folder; give the spec file to write"),
+    ("{t}/missing/x.yaml", "does not exist; create it or choose another path"),
+    ("{d}/fifo.yaml", "is not a regular file"),
+    ("{t}/config.json", "is also an input of this command"),
+    ("{t}/spec.txt", "cannot write a spec with extension '.txt'"),
+])
+def test_import_hf_output_is_checked_first_and_written_whole(files, tmp_path, target, says):
+    # a folder, a missing folder and a FIFO were tracebacks or a hang; -o the config itself overwrote it
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MIXTRAL_CONFIG))
+    code, err = cli("import-hf", tmp_path, "--no-probe", "-o", target.format(t=tmp_path, d=files))
+    assert code == 2 and says in err, err
+    assert json.loads(config.read_text()) == MIXTRAL_CONFIG and sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+def test_import_hf_writes_its_spec_atomically_in_the_outputs_format(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(MIXTRAL_CONFIG))
+    for out in (tmp_path / "spec.toml", tmp_path / "spec.json"):
+        assert cli("import-hf", config, "--no-probe", "-o", out)[0] == 0
+        assert moegraph.load_spec(out).moe.experts.num_experts == 8
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "spec.json", "spec.toml"]

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ..loader import dump_spec
+from ..fileio import write_atomically
+from ..loader import SPEC_SUFFIXES, dump_spec
 from . import app, console, err_console
+from .checks import output_file
 from .progress import waiting
 
 
@@ -24,6 +26,8 @@ def import_hf(
     """Write the moegraph spec of an HF MoE model config: layer, routing and model section."""
     from ..hf import spec_from_hf_config
 
+    if output is not None:  # before any work; the config (or the folder's config.json) is never overwritten
+        output_file(output, "spec", tuple(SPEC_SUFFIXES), inputs=[config, config / "config.json"], example=".yaml")
     with waiting(err_console, f"reading {config}" + (" and probing its MoE block with transformers" if probe else "")):
         spec = spec_from_hf_config(config, name=name, probe=probe)
     if output is None:
@@ -31,7 +35,8 @@ def import_hf(
 
         console.print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="", highlight=False, soft_wrap=True)
         return
-    path = dump_spec(spec, output)
+    # whole or not at all: dump_spec writes the staged file, whose name keeps the output's extension (the format)
+    path = write_atomically(output, lambda tmp: dump_spec(spec, tmp), "spec")
     r = spec.moe.router
     err_console.print(
         f"wrote {path}: {spec.name} (hash {spec.short_hash}) E={spec.moe.experts.num_experts} "
