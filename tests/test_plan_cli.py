@@ -257,3 +257,30 @@ def test_replan_cli_takes_huge_budgets_and_notes_the_spec_fields_it_does_not_app
     assert r.code == 0, r.err
     assert "topology.nodes (2; the plan's: 1)" in flat and "placement.max_imbalance (1.2; the plan's: 1.05)" in flat
     assert "not applied" in flat and "--max-imbalance" in flat
+
+
+def test_plot_shows_dollar_signs_of_names_verbatim(run_cli, small, tmp_path):
+    """A spec, trace or policy name reaches the figure's title as text, never as mathtext (one `$` failed the
+    plot with mathtext's ValueError; a pair was typeset)."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.text import Text
+
+    from moegraph.planner.plot import literal
+
+    for name in (r"tiny $\sqrt{$", "$x^{2}$ and $", r"already \$ escaped"):
+        assert Text()._preprocess_math(literal(name)) == (name, False)
+    d, spec, traces = small
+    data = yaml.safe_load(spec.read_text())
+    data["name"] = r"tiny $\sqrt{$"
+    (tmp_path / "dollar.yaml").write_text(yaml.safe_dump(data))
+    t = load_traces(traces["law"])
+    named = TraceSet.from_topk(list(t.topk), t.sample_ids, num_experts=64, name="$x^{$").save(tmp_path / "named.npz")
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    r = run_cli("plan", tmp_path / "dollar.yaml", "--trace", named, "-o", out, "--plot", png)
+    assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.err
+    plan_data = json.loads(out.read_text())
+    plan_data["policy"]["name"] = r"$\foo{$"
+    out.write_text(json.dumps(plan_data))
+    png.unlink()
+    r = run_cli("plan", tmp_path / "dollar.yaml", "--evaluate", out, "--trace", traces["intent"], "--plot", png)
+    assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.err

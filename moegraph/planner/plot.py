@@ -21,11 +21,18 @@ if TYPE_CHECKING:
     from ..traces import TraceSet
     from .planfile import Plan
 
-__all__ = ["plot_plan", "saving_summary"]
+__all__ = ["literal", "plot_plan", "saving_summary"]
 
 # One colour per placement, the same in every panel.
 COLORS = {"plan": "#1f77b4", "load_only": "#ff7f0e", "contiguous": "#7f7f7f"}
 LABELS = {"plan": "plan", "load_only": "load-only (EPLB-style)", "contiguous": "contiguous"}
+
+
+def literal(text: Any) -> str:
+    """``text`` as matplotlib shows it verbatim: every ``$`` escaped, so that no part of it is read as mathtext
+    (a spec, trace or policy name with one ``$`` failed the plot with mathtext's ValueError; a pair was typeset).
+    Each string of the figure that holds user text passes through here."""
+    return str(text).replace("$", r"\$")
 
 
 def _metrics_for(plan: Plan, traces: TraceSet | None) -> dict[str, Any] | None:
@@ -172,8 +179,8 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
 
     scored = f"scored on {traces.name}" + (f" ({traces.num_tokens:,} tokens)" if not traces.load_only else "") \
         if traces is not None else "no traces"
-    fig.suptitle(f"{plan.spec.name} on {g} GPUs, {plan.num_slots} slots: {saving_summary(metrics)}\n"
-                 f"{scored}; policy {plan.policy.get('name', '?')}", fontsize=13)
+    fig.suptitle(literal(f"{plan.spec.name} on {g} GPUs, {plan.num_slots} slots: {saving_summary(metrics)}\n"
+                         f"{scored}; policy {plan.policy.get('name', '?')}"), fontsize=13)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100, bbox_inches="tight")
