@@ -258,3 +258,33 @@ def test_import_hf_writes_its_spec_atomically_in_the_outputs_format(tmp_path):
         assert cli("import-hf", config, "--no-probe", "-o", out)[0] == 0
         assert moegraph.load_spec(out).moe.experts.num_experts == 8
     assert sorted(os.listdir(tmp_path)) == ["config.json", "spec.json", "spec.toml"]
+
+
+def test_control_characters_of_user_text_are_printed_as_escapes(run_cli, tmp_path):
+    # a spec's description retitled and cleared the terminal; error lines, trace names and HF model types too
+    import yaml
+
+    from moegraph.cli.output import visible
+
+    assert visible("a\tb\nc\x1b[2J\x07\x9b\x7f") == "a\tb\nc\\x1b[2J\\x07\\x9b\\x7f"
+    data = moegraph.load_spec("mixtral-tiny").to_dict()
+    data.update(description="\x1b]0;PWNED\x07\x1b[2J desc", source="\x1b[31mred")
+    (tmp_path / "esc.yaml").write_text(yaml.safe_dump(data))
+    (tmp_path / "key.yaml").write_text(yaml.safe_dump({**data, "\x1b[31mX": 1}))
+    ts = moegraph.traces.load_traces("esft-deepseek-v2-lite/intent").split_sources()[0]
+    ts.save(tmp_path / "t.npz")
+    with np.load(tmp_path / "t.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["name"] = "\x1b[31mRED"
+    np.savez(tmp_path / "named.npz", **{**arrays, "meta": np.array(json.dumps(meta))})
+    (tmp_path / "config.json").write_text(json.dumps({**MIXTRAL_CONFIG, "model_type": "my\x1b[31mmoe",
+                                                      "num_local_experts": None}))
+    # (rich itself drops BEL, BS, VT, FF and CR from text)
+    for argv, shown in ((["show", tmp_path / "esc.yaml"], "\\x1b]0;PWNED\\x1b[2J desc"),
+                        (["validate", tmp_path / "key.yaml"], "unknown key '\\x1b[31mX'"),
+                        (["trace", "stats", tmp_path / "named.npz"], "\\x1b[31mRED"),
+                        (["import-hf", tmp_path / "config.json"], "my\\x1b[31mmoe")):
+        r = run_cli(*argv)
+        assert "\x1b" not in r.out + r.err and "\x07" not in r.out + r.err, (argv, r.out + r.err)
+        assert shown in r.out + r.err, (argv, r.out + r.err)

@@ -1,18 +1,51 @@
-"""The one output path of the command line: user text is printed as text, never as rich markup.
+"""The one output path of the command line: user text is printed as text, never as rich markup nor as
+terminal control.
 
 Spec names, paths, expressions and error messages may hold brackets (``[red]``, ``[/x]``); rich would
 read them as style tags, eat them or fail with ``MarkupError``. Both consoles therefore have markup
 off, and the few styled words (``error:``, ``note:``, ``ok``) are added as ``rich.text.Text`` spans
-by ``say``.
+by ``say``. They may also hold control characters (a spec description's ``ESC ]0;...`` retitling the
+terminal, ``ESC [2J`` clearing it): both consoles show every control character of the text they print
+(tables and error lines included) as its escape, ``\x1b`` (``visible``); rich's own styling and cursor
+control are not text and pass unchanged.
 """
 
 from __future__ import annotations
 
-from rich.console import Console
+import re
+
+from rich.console import Console, ConsoleOptions, RenderHook, RenderResult
 from rich.text import Text
+
+#: C0 controls but tab and newline, DEL and the C1 controls (``\x9b`` starts a sequence as ``ESC [`` does)
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """``text`` with each control character (``_CONTROL``) written as its escape, e.g. ``\x1b``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class _Visible:
+    """A renderable whose text segments pass through ``visible`` (control segments, rich's own, untouched)."""
+
+    def __init__(self, renderable) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for segment in console.render(self.renderable, options):
+            yield segment if segment.control else segment._replace(text=visible(segment.text))
+
+
+class _ShowControls(RenderHook):
+    def process_renderables(self, renderables: list) -> list:
+        return [_Visible(r) for r in renderables]
+
 
 console = Console(markup=False, highlight=False)
 err_console = Console(stderr=True, markup=False, highlight=False)
+for _c in (console, err_console):
+    _c.push_render_hook(_ShowControls())
 
 
 def styled(word: str, style: str) -> Text:
