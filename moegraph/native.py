@@ -42,6 +42,7 @@ Legend: T tokens, D model dim, F expert hidden dim, H up rows (2F gated, else F)
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -152,15 +153,18 @@ def _compile(src: str, cc: list[str], path: Path) -> None:
         c_file.write_text(src, encoding="utf-8")
         so_tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
         try:
-            out = subprocess.run([*cc, *FLAGS, "-o", str(so_tmp), str(c_file), "-lm"], capture_output=True,
-                                 text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise NativeUnavailable(f"C compiler {' '.join(cc)!r} failed to run ({exc})") from None
-        if out.returncode != 0:
-            so_tmp.unlink(missing_ok=True)
-            raise NativeUnavailable(f"compiling the native kernel with {' '.join(cc)!r} failed: "
-                                    f"{(out.stderr or out.stdout).strip()[:400]}")
-        os.replace(so_tmp, path)  # a reader never sees half a library
+            try:
+                out = subprocess.run([*cc, *FLAGS, "-o", str(so_tmp), str(c_file), "-lm"], capture_output=True,
+                                     text=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise NativeUnavailable(f"C compiler {' '.join(cc)!r} failed to run ({exc})") from None
+            if out.returncode != 0:
+                raise NativeUnavailable(f"compiling the native kernel with {' '.join(cc)!r} failed: "
+                                        f"{(out.stderr or out.stdout).strip()[:400]}")
+            os.replace(so_tmp, path)  # a reader never sees half a library
+        finally:  # a failed, timed-out or interrupted build leaves nothing in the cache (after the rename: nothing)
+            with contextlib.suppress(OSError):
+                so_tmp.unlink(missing_ok=True)
 
 
 _LOADED: dict[tuple, ctypes.CDLL | NativeUnavailable] = {}

@@ -551,3 +551,19 @@ def test_one_call_with_a_shared_expert_of_another_width(kernel_dir, dtype, threa
         # bfloat16: the activations are rounded to bfloat16 once and the output once
         assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2), T
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), subprocess.TimeoutExpired("cc", 120), OSError("no room")])
+def test_an_interrupted_build_leaves_no_temporary_file_in_the_cache(tmp_path, monkeypatch, stop):
+    """A build stopped by ^C, the compile timeout or an OS error removes the part it wrote (only a failing
+    compiler's was removed)."""
+
+    def compiler_that_stops(cmd, **kwargs):
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"\x7fELF partial")  # the compiler had begun writing
+        raise stop
+
+    monkeypatch.setattr(native.subprocess, "run", compiler_that_stops)
+    expected = KeyboardInterrupt if isinstance(stop, KeyboardInterrupt) else native.NativeUnavailable
+    with pytest.raises(expected):
+        native._compile("int x;", ["cc"], tmp_path / "cache" / "decode-0.so")
+    assert list((tmp_path / "cache").iterdir()) == []
