@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import MAX_PROBLEMS, Problem, SpecError, more_problems, short_repr
-from .fileio import DuplicateKey, input_problem, unique_json_object
+from .fileio import DuplicateKey, input_problem, unique_json_object, write_atomically
 from .resources import specs_dir
 from .spec import MoESpec
 
@@ -210,8 +210,21 @@ def load_spec(spec: str | Path | Mapping[str, Any] | MoESpec, *, source: str | N
         raise SpecError(problems_from_validation(exc), source=label) from None
 
 
+def placement_traces(spec: MoESpec, spec_file: str | Path | None = None) -> list[str]:
+    """The spec's ``placement.traces``, each relative entry read from the folder of ``spec_file`` (the file the
+    spec was loaded from) where it names a file or folder there, as a path names what sits beside the file that
+    writes it; other entries as written (from the working directory, else a bundled trace name)."""
+    entries = list(spec.placement.traces)
+    where = Path(spec_file) if spec_file is not None else None
+    if where is None or not where.is_file():  # a preset name, a dict
+        return entries
+    base = where.resolve().parent
+    return [str(base / e) if not Path(e).is_absolute() and (base / e).exists() else e for e in entries]
+
+
 def dump_spec(spec: MoESpec, path: str | Path) -> Path:
-    """Write a spec in the format chosen by the path's extension (all defaults spelled out)."""
+    """Write a spec in the format chosen by the path's extension (all defaults spelled out), whole or not at all
+    (``fileio.write_atomically``)."""
     p = Path(path)
     fmt = SPEC_SUFFIXES.get(p.suffix.lower())
     if fmt is None:
@@ -225,8 +238,7 @@ def dump_spec(spec: MoESpec, path: str | Path) -> Path:
         import tomli_w
 
         text = tomli_w.dumps(data)
-    p.write_text(text, encoding="utf-8")
-    return p
+    return write_atomically(p, lambda tmp: tmp.write_text(text, encoding="utf-8"), "spec")
 
 
 def _drop_none(obj: Any) -> Any:

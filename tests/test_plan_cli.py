@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -47,6 +48,24 @@ def test_plan_prints_the_table_and_writes_a_loadable_plan(run_cli, small):
     p = Plan.load(out, spec=load_spec(spec))
     assert p.num_layers == 3 and p.num_slots == 72
     assert p.metrics["plan"]["mean"]["remote_gpu"] < p.metrics["load_only"]["mean"]["remote_gpu"]
+
+
+def test_a_spec_files_traces_are_read_beside_it(run_cli, small, tmp_path, monkeypatch):
+    """placement.traces relative to the spec file, not to the working directory (which held another window)."""
+    d, spec, traces = small
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    data = yaml.safe_load(spec.read_text())
+    data["placement"]["traces"] = ["window.npz", "other.npz"]  # beside the spec; only in the working directory
+    (sub / "spec.yaml").write_text(yaml.safe_dump(data))
+    shutil.copy(traces["law"], sub / "window.npz")
+    shutil.copy(traces["intent"], tmp_path / "window.npz")  # what the working directory would have given
+    shutil.copy(traces["intent"], tmp_path / "other.npz")
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("plan", "sub/spec.yaml", "-o", "p.json")
+    assert r.code == 0, r.err
+    used = Plan.load(tmp_path / "p.json").policy["trace_inputs"]
+    assert used == [str((sub / "window.npz").resolve()), "other.npz"]
 
 
 def test_what_if_flags_change_the_cluster(run_cli, small):

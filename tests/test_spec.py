@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import random
 import re
 
@@ -121,6 +122,20 @@ def test_round_trip_non_preset_features(ext, tmp_path):
         spec = load_spec(data)
         again = load_spec(dump_spec(spec, tmp_path / f"s.{ext}"))
         assert again == spec and again.hash() == spec.hash()
+
+
+def test_dump_spec_writes_whole_or_names_the_path(tmp_path, monkeypatch):
+    from moegraph.errors import MoegraphError
+
+    spec = load_spec(TINY)
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(MoegraphError, match=r"folder\.yaml"):  # IsADirectoryError before
+        dump_spec(spec, tmp_path / "folder.yaml")
+    out = dump_spec(spec, tmp_path / "s.yaml")
+    monkeypatch.setattr(pathlib.Path, "write_text", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space")))
+    with pytest.raises(MoegraphError, match="nothing was written"):
+        dump_spec(spec, out)
+    assert load_spec(out) == spec and sorted(p.name for p in tmp_path.iterdir()) == ["folder.yaml", "s.yaml"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

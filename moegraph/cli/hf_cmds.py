@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from ..fileio import write_atomically
 from ..loader import SPEC_SUFFIXES, dump_spec
 from . import app, console, err_console
 from .checks import output_file
@@ -35,8 +34,7 @@ def import_hf(
 
         console.print(yaml.safe_dump(spec.to_dict(), sort_keys=False), end="", highlight=False, soft_wrap=True)
         return
-    # whole or not at all: dump_spec writes the staged file, whose name keeps the output's extension (the format)
-    path = write_atomically(output, lambda tmp: dump_spec(spec, tmp), "spec")
+    path = dump_spec(spec, output)  # whole or not at all
     r = spec.moe.router
     err_console.print(
         f"wrote {path}: {spec.name} (hash {spec.short_hash}) E={spec.moe.experts.num_experts} "

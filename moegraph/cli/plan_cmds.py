@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import TraceError
-from ..loader import load_spec
+from ..loader import load_spec, placement_traces
 from . import app, console, err_console
 from .checks import finite, output_file
 from .output import say
@@ -22,7 +22,7 @@ app.add_typer(trace_app, name="trace")
 TraceOpt = Annotated[
     list[str] | None,
     typer.Option("--trace", "--traces", "-t", help="Trace file, folder or bundled name (repeat for several "
-                 "sources, e.g. tasks); default: the spec's placement.traces."),
+                 "sources, e.g. tasks); default: the spec's placement.traces (relative to the spec file)."),
 ]
 
 
@@ -142,7 +142,7 @@ def plan_cmd(
 
     s = load_spec(spec)
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
-        p = plan(s, trace or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
+        p = plan(s, trace or placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
                  max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds, progress=advance)
     if output is not None:  # files written before the report: a closed stdout (`| head`) must not lose them
         p.save(output)
