@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import TraceError
 from ..fileio import write_atomically
-from ..spec import MAX_EXPERTS
+from ..spec import MAX_EXPERTS, MAX_LAYERS
 
 if TYPE_CHECKING:
     from ..spec import MoESpec
@@ -37,8 +37,8 @@ FORMAT = "moegraph-trace"
 VERSION = 1
 
 # What a trace may hold, one definition for the native reader, the importers and the constructors (so that what an
-# importer writes, the reader reads back); a number beyond these means a corrupt file, not a larger model.
-MAX_LAYERS = 10_000  # MoE layers in one trace
+# importer writes, the reader reads back); a number beyond these means a corrupt file, not a larger model. The MoE
+# layers of one trace are at most the spec's MAX_LAYERS (decoder layers of a model).
 MAX_LAYER_ID = 10**6  # the decoder layer a trace names for one of its MoE layers (layer_ids)
 MAX_RANKS = 1 << 20  # ranks a recorder saw tokens on (num_ranks)
 MAX_TOKENS = 1 << 40  # tokens in one trace, so also the tokens one expert of one layer received (a count)
