@@ -40,7 +40,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .errors import MAX_PROBLEMS, more_problems
-
 from .semantics import activations as _activations
 from .semantics import combine as _combine
 from .semantics import dtypes as _dtypes
