@@ -38,9 +38,8 @@ from ..errors import ResourceError, TraceError, describe
 from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS, MoESpec
-from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk, _id_dtype,
-                        _to_numpy, counts_problem, layers_problem, ranks_problem)
-
+from .trace_set import (FORMAT, MAX_LAYER_ID, MAX_LAYERS, MAX_RANKS, MAX_TOKENS, VERSION, TraceSet, _check_topk,
+                        _id_dtype, _to_numpy, counts_problem, layers_problem, ranks_problem)
 
 __all__ = [
     "read_native",
