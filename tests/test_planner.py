@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import networkx as nx
 import numpy as np
@@ -372,6 +373,9 @@ def test_plan_for_another_spec_is_refused(saved_plan):
     with pytest.raises(PlanFileError, match="differ in placement.redundant_slots: 8 in the given spec, 0 in the plan; "
                                              "re-plan for this spec"):
         Plan.load(path, spec=lite_spec(slots=72))
+    named = lite_spec(slots=72).model_copy(update={"name": "tiny $(rm x)"})
+    with pytest.raises(PlanFileError, match=re.escape("(`moegraph plan 'tiny $(rm x)'`)")):  # pasted into a shell
+        Plan.load(path, spec=named)
 
 
 def test_evaluating_on_other_traffic_keeps_baselines_from_the_planning_traffic(lite_traces):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -31,7 +32,7 @@ def _spec_and_plan(spec_arg: str, plan_path: Path):
             f"{plan_path}: planned for spec {plan.spec.name!r} (hash {plan.spec_hash[:12]}), which differs from "
             f"{spec_arg!r} (hash {spec.short_hash}) in more than topology and placement: "
             f"{plan.spec.differences_shown(spec, beyond, labels=('in the plan', f'in {spec_arg}'))}; re-plan with "
-            f"`moegraph plan {spec_arg}`"
+            f"`moegraph plan {shlex.quote(spec_arg)}`"
         )
     return plan, "the plan was made with topology/placement overrides; running with the plan's recorded spec"
 
@@ -133,7 +134,7 @@ def run_cmd(
            if res.combine_row_bytes not in (0, res.row_bytes) else ". ")
         + "meta = counts, routing weights and slot ids.", highlight=False)
     if res.trace_path:
-        console.print(f"recorded trace: {res.trace_path}; re-plan from it: moegraph plan {spec} --traces "
-                      f"{res.trace_path}{_overrides(load_spec(spec), p.spec)} -o plan.json", highlight=False)
+        console.print(f"recorded trace: {res.trace_path}; re-plan from it: moegraph plan {shlex.quote(spec)} --traces "
+                      f"{shlex.quote(str(res.trace_path))}{_overrides(load_spec(spec), p.spec)} -o plan.json", highlight=False)
     if not res.matches:
         raise typer.Exit(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,7 +44,7 @@ def check_made_for(planned: MoESpec, spec: MoESpec, where: str) -> None:
             f"{where}: planned for spec {planned.name!r} (hash {planned.short_hash}) but the given spec {spec.name!r} "
             f"has hash {spec.short_hash}; they differ in "
             f"{spec.differences_shown(planned, labels=('in the given spec', 'in the plan'))}; re-plan for this spec "
-            f"(`moegraph plan {spec.name}`) or pass the spec it was made for")
+            f"(`moegraph plan {shlex.quote(spec.name)}`) or pass the spec it was made for")
 
 
 def _non_finite_at(obj: Any, path: str = "") -> tuple[str, float] | None:
