@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ValidationError
 
@@ -76,7 +77,7 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     try:
         text = p.read_text(encoding="utf-8")
         if fmt == "yaml":
-            data = yaml.load(text, Loader=_UniqueKeyLoader)
+            data = yaml.load(text, Loader=_yaml_loader(text))
         elif fmt == "json":
             data = json.loads(text, object_pairs_hook=unique_json_object)
         else:
@@ -115,15 +116,30 @@ class _RefusedScalar(Exception):
 
 
 _MERGE = "tag:yaml.org,2002:merge"
-#: numbers YAML 1.1 reads otherwise than YAML 1.2, JSON and TOML do: a leading zero (1.1: octal) and base 60
+#: numbers YAML 1.1 (PyYAML's resolver) reads otherwise than YAML 1.2, JSON and TOML do: an octal integer (a
+#: leading zero) and base 60 (``1:04``); forms PyYAML reads as text (``08``, ``09:30``) stay text
 _AMBIGUOUS = "tag:moegraph,2024:ambiguous-number"
-_AMBIGUOUS_RE = re.compile(r"^[-+]?(?:0[0-9_]+|[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?)$")
+_AMBIGUOUS_RE = re.compile(r"^[-+]?(?:0[0-7_]+|[1-9][0-9_]*(?::[0-5]?[0-9])+|[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*)$")
+#: deeper flow nesting ([ or {) than this is parsed by PyYAML's own parser, which stops at Python's recursion limit
+#: (libyaml's recursion in C crashes the process on some 30,000 levels)
+_FAST_MAX_DEPTH = 1000
 
 
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where PyYAML has it
-    """yaml.SafeLoader that refuses duplicate keys instead of keeping the last one, and reads scalars as
-    YAML 1.2 does where YAML 1.1 (which PyYAML follows) would read them otherwise. It parses with libyaml where
-    PyYAML was built with it (ten times faster than PyYAML's own parser on a large file).
+def _resolvers() -> dict:
+    """PyYAML's implicit resolvers as YAML 1.2 reads a spec: no timestamps (a date is text), ``1e-3`` a float,
+    and the numbers YAML 1.1 reads otherwise (``_AMBIGUOUS``) ahead of the int and float resolvers, refused."""
+    out = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+           for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    for first in "-+0123456789":
+        out.setdefault(first, []).insert(0, (_AMBIGUOUS, _AMBIGUOUS_RE))
+        out[first].append(("tag:yaml.org,2002:float", exponent))
+    return out
+
+
+class _SpecYAML:
+    """What the spec loaders add to a yaml SafeLoader: duplicate keys refused instead of keeping the last one, and
+    scalars read as YAML 1.2 does where YAML 1.1 (which PyYAML follows) would read them otherwise.
 
     Merge keys (``<<: *base``) are taken, the mapping's own keys winning over merged ones; a key written
     twice in one mapping is refused. ``1e-3`` (exponent, no dot) is a number, as in YAML 1.2, JSON and TOML
@@ -132,17 +148,18 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyam
     with the fix, since a spec takes no number as a string and the two readings differ.
     """
 
-    yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
-                               for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-
-    def _check_unique(self, node: yaml.MappingNode) -> None:
-        """Refuse a key given twice among ``node``'s own keys (and those of mappings merged into it)."""
+    def _check_unique(self, node: yaml.MappingNode, checked: set[int]) -> None:
+        """Refuse a key given twice among ``node``'s own keys (and those of mappings merged into it); each node is
+        checked once (``checked``: ids), so mappings merged many times over cost no more than once."""
+        if id(node) in checked:
+            return
+        checked.add(id(node))
         seen: set = set()
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
                 for sub in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
                     if isinstance(sub, yaml.MappingNode):
-                        self._check_unique(sub)
+                        self._check_unique(sub, checked)
                 continue
             key = self.construct_object(key_node, deep=True)
             try:
@@ -165,7 +182,7 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyam
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
-            self._check_unique(node)
+            self._check_unique(node, self.__dict__.setdefault("_unique_checked", set()))
             for key_node, value_node in node.value:
                 if value_node.tag == _AMBIGUOUS and isinstance(key_node, yaml.ScalarNode):
                     self._refuse_ambiguous(value_node, f"{key_node.value}: ")
@@ -183,12 +200,31 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyam
                              "zeros, or quote it if it is text")
 
 
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
-)
-for _first in "-+0123456789":  # ahead of the int and float resolvers, which would take these
-    _UniqueKeyLoader.yaml_implicit_resolvers[_first].insert(0, (_AMBIGUOUS, _AMBIGUOUS_RE))
-_UniqueKeyLoader.add_constructor(_AMBIGUOUS, _UniqueKeyLoader._refuse_ambiguous)
+class _UniqueKeyLoader(_SpecYAML, yaml.SafeLoader):
+    """The spec loader on PyYAML's own parser (``_SpecYAML``)."""
+
+    yaml_implicit_resolvers = _resolvers()
+
+
+class _FastUniqueKeyLoader(_SpecYAML, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """The same on libyaml's parser where PyYAML has it (ten times faster on a large file), for files whose flow
+    nesting is at most ``_FAST_MAX_DEPTH``."""
+
+    yaml_implicit_resolvers = _resolvers()
+
+
+for _loader in (_UniqueKeyLoader, _FastUniqueKeyLoader):
+    _loader.add_constructor(_AMBIGUOUS, _SpecYAML._refuse_ambiguous)
+
+
+def _yaml_loader(text: str) -> type:
+    """The loader for ``text``: libyaml's parser unless its flow collections nest deeper than ``_FAST_MAX_DEPTH``
+    (counted over the raw text, quotes and comments included: an overcount only picks the careful parser)."""
+    raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+    step = np.zeros(256, np.int8)
+    step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
+    depth = np.cumsum(step[raw], dtype=np.int64)
+    return _UniqueKeyLoader if depth.size and int(depth.max()) > _FAST_MAX_DEPTH else _FastUniqueKeyLoader
 
 
 def load_spec(spec: str | Path | Mapping[str, Any] | MoESpec, *, source: str | None = None) -> MoESpec:

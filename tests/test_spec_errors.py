@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import string
 from collections.abc import Callable
 
@@ -365,6 +366,45 @@ def test_yaml_merge_keys_dates_and_numbers_as_yaml_1_2(tmp_path):
         load_spec(f)
     assert "num_experts: 010 (line 2) has a leading zero" in str(info.value)
     assert "YAML 1.2 as decimal (10); write the number in decimal" in str(info.value)
+
+
+def test_yaml_text_that_yaml_1_1_reads_as_text_stays_text_and_round_trips(tmp_path):
+    """Only what PyYAML reads as a number is refused as ambiguous: 08, 09:30, 0:30 and 00:00 are text in YAML 1.1
+    (not octal, base 60 starts at 1-9) and were refused; a spec named so dumps unquoted and must load back."""
+    from moegraph.loader import dump_spec
+
+    for name in ("08", "09:30", "0:30", "00:00", "0089"):
+        spec = load_spec({**BASE, "name": name})
+        f = tmp_path / "named.yaml"
+        f.write_text(f"name: {name}\n" + yaml.safe_dump({k: v for k, v in BASE.items() if k != "name"}))
+        assert load_spec(f).name == name
+        assert load_spec(dump_spec(spec, tmp_path / "dumped.yaml")) == spec
+    for number in ("0100", "-017", "1:04", "1:04.5"):
+        f.write_text(f"moe:\n  hidden_size: {number}\n")
+        with pytest.raises(SpecError, match=re.escape(f"hidden_size: {number} (line 2)")):
+            load_spec(f)
+
+
+def test_yaml_nesting_and_merges_cannot_crash_or_stall_the_loader(tmp_path, monkeypatch):
+    """Flow collections nested 50,000 deep (60 KB) crashed the process in libyaml's recursive parser; such text is
+    parsed by PyYAML's own parser, which stops at Python's recursion limit. Anchors merged several times per
+    level were checked once per path (4^N): each mapping is now checked once."""
+    f = tmp_path / "deep.yaml"
+    f.write_text("moe: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(SpecError, match="nested too deeply to be a spec"):
+        load_spec(f)
+    from moegraph import loader
+
+    calls = []
+    real = loader._SpecYAML._check_unique
+    monkeypatch.setattr(loader._SpecYAML, "_check_unique", lambda self, node, checked: calls.append(1) or
+                        real(self, node, checked))
+    lines = ["a0: &a0 {k0: 1}"] + [f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}], k{i}: 1}}"
+                                   for i in range(1, 9)]
+    f.write_text("\n".join(lines) + "\n")
+    data, _ = read_spec_dict(f)
+    assert data["a8"] == {f"k{i}": 1 for i in range(9)}
+    assert len(calls) < 100  # 4^8 = 65,536 before: one call per path through the merges
 
 
 def test_missing_file_and_folder(tmp_path, run_cli):
