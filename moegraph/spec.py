@@ -133,6 +133,16 @@ def _is_int_annotation(tp: Any) -> bool:
     return tp is int or int in typing.get_args(tp) and float not in typing.get_args(tp)
 
 
+def _as_line_errors(errors: list[dict]) -> list[dict]:
+    """pydantic's errors (``exc.errors()``) as line errors to raise again beside others: each keeps its type, place,
+    input and context, and its message as formatted. The message goes last into the context, under a key of its own:
+    pydantic fills a template's keys in the context's order, and a message used as a template again would read a
+    user's ``{name}`` in it as a placeholder."""
+    return [{"type": PydanticCustomError(e["type"], "{_text}", {**{k: v for k, v in (e.get("ctx") or {}).items()
+                                                                   if k != "_text"}, "_text": e["msg"]}),
+             "loc": e["loc"], "input": e["input"]} for e in errors]
+
+
 def _raw_problems(model: type[BaseModel], data: dict) -> list[tuple[str, str]]:
     """(key, message) for the values of ``data`` that ``model``'s fields must not take as they are."""
     problems = []
@@ -179,10 +189,9 @@ class _Frozen(BaseModel):
         except ValidationError as exc:
             # Without the bad keys: their absence is no problem of its own, and the model's own cross-field rules
             # (raised at the model, loc ()) ran on defaults in their place, so they are left to the next run.
-            line_errors += [{"type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")), "loc": e["loc"],
-                             "input": e["input"]} for e in exc.errors(include_url=False)
-                            if e["loc"] and not (e["type"] == "missing" and e["loc"] == (e["loc"][0],)
-                                                 and e["loc"][0] in bad)]
+            line_errors += _as_line_errors([e for e in exc.errors(include_url=False)
+                                            if e["loc"] and not (e["type"] == "missing" and e["loc"] == (e["loc"][0],)
+                                                                 and e["loc"][0] in bad)])
         raise ValidationError.from_exception_data(cls.__name__, line_errors)
 
     #: Fields added after the spec format was first published, with the value that means "off". A spec
@@ -1291,8 +1300,7 @@ class MoESpec(_Frozen):
             problem = _slots_problem_of_raw(data)
             if problem is None or any(problem[1] in str(e.get("ctx", {})) for e in errors):
                 raise
-            line_errors = [{"type": PydanticCustomError(e["type"], e["msg"], e.get("ctx")), "loc": e["loc"],
-                            "input": e["input"]} for e in errors]
+            line_errors = _as_line_errors(errors)
             line_errors.append({"type": field_error(*problem), "loc": (), "input": data})
             raise ValidationError.from_exception_data(exc.title, line_errors) from None
 

@@ -266,6 +266,12 @@ def test_quoted_numbers_are_reported_beside_every_other_problem():
     assert "got the string '16'; write the number without quotes" in got["moe.hidden_size"]
     assert "got the string '4'" in got["moe.router.top_k"] and "got the boolean true" in got["moe.experts.num_experts"]
     assert "unknown key 'intermediate_sizee'" in got["moe.intermediate_sizee"]
+    # the other problems' messages are kept as written: a user's {error} is not read as a placeholder again
+    d = _bad(_all(_set("moe.router.top_k", "2"), _set("moe.router.score", "{error}")))
+    with pytest.raises(SpecError) as info:
+        load_spec(d)
+    assert [p.message for p in info.value.problems if p.path == "moe.router.score"] == [
+        "score expression '{error}': Set is not allowed"]
 
 
 def test_long_lists_and_many_problems_are_bounded():
