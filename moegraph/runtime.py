@@ -740,9 +740,14 @@ class CompiledMoEBase(nn.Module):
         return y
 
     def _row_block(self) -> contextlib.AbstractContextManager:
-        """The spec's ``codegen.block_m`` for the Triton kernels this forward launches (nothing to fix without it)."""
+        """The spec's ``codegen.block_m`` for the Triton kernels this forward launches (nothing to fix without it).
+        It is a setting of the thread the kernels launch on, so under torch.compile the forward breaks the graph
+        here: the setting is made in Python and holds where the rest of the forward runs (traced alone, the
+        setting would be made once, while tracing, and the compiled forward would launch without it)."""
         if self.TRITON_BLOCK_M is None:
             return contextlib.nullcontext()
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
         from .triton_backend.configs import row_block
 
         return row_block(self.TRITON_BLOCK_M)

@@ -1204,7 +1204,8 @@ class CodegenSpec(_Frozen):
     block_m: int | None = Field(
         None, ge=16, le=256,
         description="Rows per block of the Triton grouped expert GEMMs (a power of two, 16-256), over what the tuned "
-                    "table or the default chooses; each expert's rows are padded to it.")
+                    "table or the default chooses; each expert's rows are padded to it. Under torch.compile the "
+                    "layer's forward breaks the graph to apply it (fullgraph=True refuses such a layer).")
 
     @field_validator("block_m")
     @classmethod

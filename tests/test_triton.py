@@ -561,6 +561,13 @@ def test_spec_block_m_fixes_the_kernels_row_block(block_m, tmp_path, monkeypatch
     torch.testing.assert_close(tri.eval()(x), ref.eval()(x), **TOL[torch.float32])
     assert launched == [block_m or 16]
     assert configs.current_row_block() is None  # only within the forward
+    # under torch.compile too (traced alone, the setting was made once while tracing: the compiled forward ran
+    # with the default block)
+    launched.clear()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(tri, backend="eager")(x), ref(x), **TOL[torch.float32])
+    assert launched == [block_m or 16]
 
 
 def test_spec_block_m_must_be_a_power_of_two_kernels_can_launch():
