@@ -223,7 +223,7 @@ def _yaml_loader(text: str) -> type:
     raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
     step = np.zeros(256, np.int8)
     step[[ord("["), ord("{")]], step[[ord("]"), ord("}")]] = 1, -1
-    depth = np.cumsum(step[raw], dtype=np.int64)
+    depth = np.cumsum(step[raw], dtype=np.int32)  # at most 16 MiB of text: no overflow
     return _UniqueKeyLoader if depth.size and int(depth.max()) > _FAST_MAX_DEPTH else _FastUniqueKeyLoader
 
 
