@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .codegen import BACKENDS, check_backend, layer_class
-from .errors import InputError
+from .errors import InputError, is_integer, is_number
 from .fx_passes import Pipeline
 from .limits import check_memory
 from .loader import load_spec
@@ -121,8 +121,6 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
 
 def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_index: Any) -> tuple[Any, Any]:
     """Type and range of compile's arguments, checked before anything is generated or allocated."""
-    import math
-    import numbers
 
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -145,12 +143,11 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
             raise InputError(f"device {device!r} is not a torch device ({exc})") from None
         if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
             raise InputError(f"device {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63):
+    if seed is not None and not is_integer(seed, 0, 2**63 - 1):
         raise InputError(f"seed {seed!r} must be an integer in [0, 2**63) or None")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
-                                or not math.isfinite(timeout) or timeout <= 0):
+    if timeout is not None and not (is_number(timeout) and timeout > 0):
         raise InputError(f"timeout {timeout!r} must be a finite number of seconds above 0 (or None)")
-    if isinstance(layer_index, bool) or not isinstance(layer_index, numbers.Integral) or layer_index < 0:
+    if not is_integer(layer_index, 0):
         raise InputError(f"layer_index {layer_index!r} must be a non-negative integer")
     return dtype, device
 

@@ -6,6 +6,8 @@ The CLI prints these without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,20 @@ def describe(value: Any) -> str:
     if isinstance(value, np.ndarray):
         return f"a numpy array of shape {list(value.shape)}"
     return f"{type(value).__name__} {short_repr(value)}"
+
+
+def is_integer(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """Whether an argument is a whole number in [lo, hi]: Python's or numpy's integers, not a bool (True is 1 to
+    Python, never a count to a user), a float (2.5 would be truncated somewhere) or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def is_number(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """Whether an argument is a finite real number in [lo, hi] (an integer of any size too; not a bool, NaN,
+    infinity or a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    return (isinstance(value, numbers.Integral) or math.isfinite(value)) and lo <= value <= hi
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

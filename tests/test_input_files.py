@@ -170,6 +170,21 @@ def test_api_arguments_of_the_wrong_type_are_named():
     for kw in ({"slots": "x"}, {"nodes": 0}, {"gpus_per_node": 2.5}):
         with pytest.raises(moegraph.errors.PlanInfeasible, match="must be a whole number >= 1"):
             moegraph.planner.plan(spec, **kw)
+    for kw in ({"seed": 10**400}, {"seed": True}, {"max_imbalance": float("nan")}, {"rounds": 2.0}):
+        # seed=10**400 raised OverflowError (math.isfinite of an integer past a float's range)
+        with pytest.raises(moegraph.errors.PlanInfeasible, match=f"{next(iter(kw))}=.*: expected"):
+            moegraph.planner.plan(spec, **kw)
+
+
+def test_argument_predicates_take_numpy_numbers_and_refuse_bools_nan_and_text():
+    from moegraph.errors import is_integer, is_number
+
+    assert is_integer(3) and is_integer(np.int64(3), 1, 3) and is_integer(10**400, 0)
+    assert not any(is_integer(v) for v in (True, np.bool_(True), 3.0, "3", None, np.float64(3)))
+    assert not is_integer(0, 1) and not is_integer(4, 1, 3)
+    assert is_number(2.5) and is_number(np.float32(2.5), 2, 3) and is_number(10**400) and is_number(-(10**400))
+    assert not any(is_number(v) for v in (True, float("nan"), float("inf"), -float("inf"), "1.5", None))
+    assert not is_number(0.99, 1.0) and is_number(1.0, 1.0)
 
 
 def test_load_traces_takes_a_preset_name_for_its_spec_and_refuses_a_bytes_path():

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -57,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DistributedError, PlanInfeasible, TraceError
+from ..errors import DistributedError, PlanInfeasible, TraceError, is_integer, is_number
 from ..fileio import check_input, write_atomically
 from ..runtime import RoutingRecorder
 from ..semantics.routing import modulo_hash_experts
@@ -261,8 +260,7 @@ class Rebalancer:
             raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
         if every is not None and not _is_count(every):
             raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got {every!r}")
-        if threshold is not None and not (isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
-                                          and 1.0 <= threshold < math.inf):
+        if threshold is not None and not is_number(threshold, 1.0):
             raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got {threshold!r}")
         if not _is_count(check_every):
             raise DistributedError(f"Rebalancer check_every (steps between threshold checks) must be an integer >= 1, "
@@ -465,8 +463,7 @@ class Rebalancer:
             raise DistributedError(f"{where}: truncated or corrupt ({type(exc).__name__}: {exc}); resume without it (a "
                                    "new Rebalancer counts from 0)") from None
         ok = (isinstance(state, dict) and state.get("format") == "moegraph-rebalancer"
-              and all(isinstance(state.get(k), int) and not isinstance(state.get(k), bool) and state[k] >= 0
-                      for k in ("steps", "last_replan"))
+              and all(is_integer(state.get(k), 0) for k in ("steps", "last_replan"))
               and state["last_replan"] <= state["steps"] and isinstance(state.get("events"), list))
         if not ok:
             raise DistributedError(f"{where}: not a Rebalancer state (format, steps >= last_replan >= 0, events); "
@@ -493,7 +490,7 @@ class Rebalancer:
         problem = None
         if saved.get("world_size") != layer.world_size:
             problem = f"they were saved by {saved.get('world_size')!r} ranks, this run has {layer.world_size}"
-        elif isinstance(since, bool) or not isinstance(since, int) or not 0 <= since <= self.steps:
+        elif not is_integer(since, 0, self.steps):
             problem = f"{folder / STATE_FILE} gives no step they start at"
         else:
             problem = self._read_windows(where)
@@ -784,7 +781,7 @@ def _hash_experts(layer: Any) -> torch.Tensor:
 
 def _is_count(value: Any) -> bool:
     """An integer >= 1 (numpy's too; not a bool, a float or a string)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_integer(value, 1)
 
 
 def _plain(value: Any) -> Any:

@@ -13,16 +13,14 @@ after that re-checks them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import numbers
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import PlanInfeasible, SpecError, TraceError
+from ..errors import PlanInfeasible, SpecError, TraceError, is_integer, is_number
 from ..limits import check_memory
 from ..loader import load_spec
 from ..spec import ExplicitTopology, MoESpec
@@ -74,7 +72,7 @@ def override_spec(
     if nodes is None and gpus_per_node is None and slots is None:
         return spec
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("slots", slots)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+        if value is not None and not is_integer(value, 1):
             raise PlanInfeasible(f"{name} must be a whole number >= 1 (--{name.replace('_', '-')}), got {value!r}")
     data = spec.to_dict()
     if nodes is not None or gpus_per_node is not None:
@@ -174,8 +172,7 @@ def _check_arguments(**kwargs: Any) -> None:
             continue
         lo, hi = bounds[key]
         integer = isinstance(lo, int)
-        ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
-        if isinstance(value, bool) or not ok_type or not (math.isfinite(value) and lo <= value <= hi):
+        if not (is_integer if integer else is_number)(value, lo, hi):
             raise PlanInfeasible(f"{key}={value!r}: expected {'an integer' if integer else 'a finite number'} in "
                                  f"[{lo}, {hi}]")
 

@@ -128,7 +128,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import PlanFileError, PlanInfeasible, TraceError, describe
+from ..errors import PlanFileError, PlanInfeasible, TraceError, describe, is_integer
 from ..loader import load_spec
 from ..spec import MoESpec
 from ..summary import human_bytes
@@ -799,8 +799,7 @@ def check_replan_args(*, max_moves: Any = None, max_move_bytes: Any = None, hori
                       max_imbalance: Any = None, seed: Any = None) -> ReplanArgs:
     """``replan``'s tuning arguments checked (PlanInfeasible naming the argument) and normalised; None passes. For
     callers that store them for later re-plans (``Rebalancer``): refused when given, not at the first re-plan."""
-    if seed is not None and not (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
-                                 and 0 <= seed < 2**63):  # the spec's and the CLI's range
+    if seed is not None and not is_integer(seed, 0, 2**63 - 1):  # the spec's and the CLI's range
         raise PlanInfeasible(f"seed must be an integer in [0, 2**63) (it seeds the re-plan's polish), got "
                              f"{_shown(seed)}")
     return ReplanArgs(max_moves=_count("max_moves", max_moves),
@@ -1211,8 +1210,7 @@ def replan(
     max_moves, max_move_bytes, horizon_tokens, max_imbalance, seed = check_replan_args(
         max_moves=max_moves, max_move_bytes=max_move_bytes, horizon_tokens=horizon_tokens, max_imbalance=max_imbalance,
         seed=seed)
-    if processes is not None and not (isinstance(processes, (int, np.integer)) and not isinstance(processes, bool)
-                                      and processes >= 1):
+    if processes is not None and not is_integer(processes, 1):
         raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
     check_budget_allows_a_move(current_plan, max_moves, max_move_bytes)
     nbytes = expert_bytes(spec)

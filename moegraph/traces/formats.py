@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ResourceError, TraceError, describe
+from ..errors import ResourceError, TraceError, describe, is_integer
 from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS, MoESpec
@@ -102,7 +102,7 @@ def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> Trace
                          f"version {VERSION}); re-import the trace")
     def whole(key: str, value: Any, lo: int, hi: int) -> int:
         # Strict: the writer stores JSON integers; "16", 16.5 or true mean a hand-edited or foreign file.
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        if not is_integer(value, lo, hi):
             raise ValueError(f"meta.{key} is {json.dumps(value)[:40]}, expected an integer in {lo}..{hi}")
         return value
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import TraceError
+from ..errors import TraceError, is_integer
 from ..fileio import write_atomically
 from ..spec import MAX_EXPERTS, MAX_LAYERS
 
@@ -423,7 +423,7 @@ def layers_problem(num_layers: int, layer_ids: Sequence[Any] | None, field: str 
     if len(layer_ids) != num_layers:
         return f"{field} has {len(layer_ids)} entries for {num_layers} layers"
     for i in layer_ids:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i <= MAX_LAYER_ID:
+        if not is_integer(i, 0, MAX_LAYER_ID):
             return f"{field}: {i!r} is not a decoder layer index in 0..{MAX_LAYER_ID}"
     return None
 
@@ -436,7 +436,7 @@ def ranks_problem(src_rank: np.ndarray, num_ranks: Any, ranks_field: str = "num_
     lo, hi = (int(src_rank.min()), int(src_rank.max())) if src_rank.size else (0, 0)
     if lo < 0 or hi >= MAX_RANKS:
         return f"src_rank holds rank {lo if lo < 0 else hi}, outside 0..{MAX_RANKS - 1}"
-    if isinstance(num_ranks, bool) or not isinstance(num_ranks, (int, np.integer)) or not 1 <= num_ranks <= MAX_RANKS:
+    if not is_integer(num_ranks, 1, MAX_RANKS):
         given = "missing" if num_ranks is None else repr(num_ranks)
         return f"{ranks_field} is {given}, expected an integer in 1..{MAX_RANKS}"
     if hi >= num_ranks:

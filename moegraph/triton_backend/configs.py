@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import is_integer
+
 __all__ = ["GemmConfig", "MoEConfig", "default_config", "get_config", "table_path", "add_search_dir", "fit",
            "fit_gemm", "has_table", "row_block", "current_row_block"]
 
@@ -98,7 +100,7 @@ def _table_entry(tokens: Any, cfg: Any) -> tuple[int, MoEConfig]:
         if key not in _BOUNDS:
             raise ValueError(f"entry {tokens}: unknown field {where!r}")
         lo, hi, pow2 = _BOUNDS[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or (pow2 and value & (value - 1)):
+        if not is_integer(value, lo, hi) or (pow2 and value & (value - 1)):
             raise ValueError(f"entry {tokens}: {where} = {value!r}, expected an integer in [{lo}, {hi}]"
                              + (", a power of two" if pow2 else ""))
     try:
