@@ -131,6 +131,14 @@ def test_load_only_round_trip_and_note(tmp_path):
     np.testing.assert_array_equal(back.counts, counts)
 
 
+def test_fractional_counts_are_refused_not_rounded():
+    # shares of the tokens (each below 0.5) were rounded to 0: a plan of no load, without a word
+    shares = np.full((2, 8), 1 / 8)
+    with pytest.raises(TraceError, match=r"dump: count 0.125 at \[0, 0\] is not a whole number of tokens .*np.rint"):
+        TraceSet.from_counts(shares, source="dump")
+    np.testing.assert_array_equal(TraceSet.from_counts(shares * 64, source="dump").counts, np.full((2, 8), 8))
+
+
 def test_counts_beyond_int64_are_refused_not_wrapped(tmp_path):
     # a uint64 count of 2^64-1 passed `c < 0` and became -1 in int64; a float >= 2^63 became INT64_MIN
     for counts in (np.array([[2**64 - 1] + [1] * 7], np.uint64), np.array([[2.0**63] + [1.0] * 7])):

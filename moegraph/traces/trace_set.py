@@ -165,7 +165,7 @@ class TraceSet:
             raise TraceError(f"{source}: {problem}; pass one row of counts per MoE layer and its decoder layer")
         return cls(
             num_experts=c.shape[1],
-            counts_by_source=np.rint(c).astype(np.int64)[None],
+            counts_by_source=c.astype(np.int64)[None],
             sources=(source,),
             layer_ids=tuple(int(i) for i in layer_ids) if layer_ids is not None else None,
             name=name or source,
@@ -401,16 +401,21 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def counts_problem(c: np.ndarray) -> str | None:
-    """Why ``c`` (numbers of any dtype and shape) cannot be token counts, or None: each count is a finite number
+    """Why ``c`` (numbers of any dtype and shape) cannot be token counts, or None: each count is a whole number
     of tokens in 0..MAX_TOKENS. Checked before a count is converted to int64 (a larger one would wrap negative)."""
     if not c.size:
         return None
     bad = ~np.isfinite(c) | (c < 0) | (c > MAX_TOKENS)
-    if not bad.any():
-        return None
-    at = tuple(int(i) for i in np.argwhere(bad)[0])
-    return (f"count {c[at].item()} at {list(at)} is not a number of tokens (counts are finite, non-negative and at most "
-            f"2^40 = {MAX_TOKENS})")
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        return (f"count {c[at].item()} at {list(at)} is not a number of tokens (counts are finite, non-negative and at "
+                f"most 2^40 = {MAX_TOKENS})")
+    if np.issubdtype(c.dtype, np.floating) and (c != np.floor(c)).any():
+        # Rounded, loads given as shares (0.012 of the tokens) would all read as 0 tokens, silently.
+        at = tuple(int(i) for i in np.argwhere(c != np.floor(c))[0])
+        return (f"count {c[at].item()} at {list(at)} is not a whole number of tokens (loads given as shares or "
+                "averages: scale them to token counts first, e.g. np.rint(shares * tokens))")
+    return None
 
 
 def layers_problem(num_layers: int, layer_ids: Sequence[Any] | None, field: str = "layer_ids") -> str | None:
