@@ -355,6 +355,9 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
 
 
 #: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
+#: the layer's tensors that stay float32 when it is cast (``.to(torch.bfloat16)``, ``.half()``): the aux-loss-free
+#: balancing state, whose updates are smaller than a bfloat16 step (its load counter, not in the state dict, too)
+KEPT_FLOAT32 = ("router.expert_bias",)
 ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale")
 
 
@@ -629,13 +632,25 @@ class CompiledMoEBase(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
         self.invalidate_graphs()
-        if self.FP8 is None:
+        # The balancing state stays float32 through a cast: in bfloat16 the load counter rounds past 256
+        # assignments and a bias step of 0.001 vanishes (DeepSeek-V3's update needs both exact). FP8 weights and
+        # their float32 scales likewise only change device; the FP8 layer's compute dtype follows the cast.
+        kept = set()
+        for name in (*KEPT_FLOAT32, "_bias_load_E"):
+            owner, _, attr = name.rpartition(".")
+            t = getattr(self.get_submodule(owner) if owner else self, attr, None)
+            if t is not None:
+                kept.add(id(t))
+        if self.FP8 is not None:
+            kept |= fp8.kept_by_apply(self)
+        if self.FP8 is not None:
+            probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.experts.down_proj.device))
+            self.__dict__["compute_dtype"] = probe.dtype
+        if not kept:
             return super()._apply(fn, recurse)
-        # FP8 weights and their float32 scales only change device; the compute dtype follows the cast.
-        kept = fp8.kept_by_apply(self)
-        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.experts.down_proj.device))
-        self.__dict__["compute_dtype"] = probe.dtype
-        return super()._apply(lambda t: t.to(probe.device) if id(t) in kept else fn(t), recurse)
+        # (where a kept tensor goes: where the cast sends a scalar of its own device)
+        return super()._apply(lambda t: t.to(fn(t.new_zeros((), dtype=torch.float32)).device) if id(t) in kept
+                              else fn(t), recurse)
 
     # -- graphs ----------------------------------------------------------------------------------
 

@@ -1052,3 +1052,20 @@ def test_a_layer_deep_copies_after_a_training_forward(tmp_path, monkeypatch):
     assert twin.aux_losses == {} and layer.aux_losses
     with torch.no_grad():
         torch.testing.assert_close(twin.eval()(x), layer.eval()(x), rtol=0, atol=0)
+
+
+def test_a_cast_keeps_the_balancing_state_in_float32():
+    # bfloat16 counted loads in steps of 16 past 256 assignments and lost a 0.001 bias step around 0.5 (audit)
+    spec = {"name": "b", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+            "router": {"top_k": 2, "score": "sigmoid", "expert_bias": {"update_rate": 0.001}}}}
+    layer = moegraph.compile(spec, seed=0).to(torch.bfloat16).train()
+    assert layer.experts.down_proj.dtype == torch.bfloat16
+    for _ in range(3):
+        layer(torch.randn(4096, 16, dtype=torch.bfloat16))
+    assert layer._bias_load_E.dtype == torch.float32 and layer._bias_load_E.sum().item() == 3 * 4096 * 2
+    with torch.no_grad():
+        layer.router.expert_bias.fill_(0.5)
+    for _ in range(10):
+        layer.update_expert_bias(torch.tensor([0.0] * 4 + [10.0] * 4))
+    torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.51] * 4 + [0.49] * 4))
+    assert layer.half().router.expert_bias.dtype == torch.float32 and layer.float().experts.down_proj.dtype == torch.float32

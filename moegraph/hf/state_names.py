@@ -51,6 +51,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..runtime import KEPT_FLOAT32
+
 __all__ = ["OriginalNames", "Unmappable", "WeightMap"]
 
 WeightMap = Callable[[nn.Module], dict[str, Tensor]]
@@ -240,7 +242,8 @@ class OriginalNames:
 
     def _dtypes_now(self, compiled: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
         """Each original tensor's dtype now: its own, unless the model was cast since the swap (``.to(dtype)``,
-        ``.half()``): then that of the compiled weights it went into (kept floats follow the experts' weights)."""
+        ``.half()``): then that of the compiled weights it went into (kept floats, and those that went into the layer's
+        float32 balancing state, ``KEPT_FLOAT32``, follow the experts' weights)."""
         cast = {k: t.dtype for k, t in compiled.items() if k in self.layer_dtypes and t.dtype != self.layer_dtypes[k]}
         into: dict[str, str] = {}
         for k, names in self.sources.items():
@@ -251,7 +254,7 @@ class OriginalNames:
         for name, (_, dtype) in self.spec.items():
             if name in self.carried:  # FP8 bytes stay FP8 (a compiled FP8 layer keeps them so under .to(dtype))
                 out[name] = dtype
-            elif name in into:
+            elif name in into and into[name] not in KEPT_FLOAT32:
                 out[name] = cast.get(into[name], dtype)
             elif experts is not None and dtype.is_floating_point and dtype.itemsize > 1 and experts.itemsize > 1:
                 out[name] = experts
