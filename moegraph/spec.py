@@ -980,9 +980,10 @@ class MoELayerSpec(_Frozen):
 
     @property
     def top_k(self) -> int:
-        """Experts per token (for expert choice: the average, capacity_factor)."""
+        """Experts per token (for expert choice: the average, capacity_factor, at most every expert: a factor above
+        the expert count gives every expert every token)."""
         r = self.router
-        return r.top_k if hasattr(r, "top_k") else max(1, round(r.capacity_factor))
+        return r.top_k if hasattr(r, "top_k") else min(self.experts.num_experts, max(1, round(r.capacity_factor)))
 
     @property
     def router_rows(self) -> int:

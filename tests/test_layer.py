@@ -132,6 +132,17 @@ def test_gradients_match_reference(name, tmp_path):
         torch.testing.assert_close(a, b if b is not None else torch.zeros_like(a), rtol=1e-5, atol=1e-5)
 
 
+def test_expert_choice_with_a_factor_above_the_expert_count_gives_every_expert_every_token(tmp_path):
+    # capacity_factor 6 over 4 experts: the recorded top-k proxy asked torch.topk for 6 of 4 experts (audit)
+    spec = make_spec({"type": "expert_choice", "capacity_factor": 6.0}, experts={"num_experts": 4})
+    assert moegraph.load_spec(spec).moe.top_k == moegraph.load_spec(spec).moe.experts.num_experts
+    layer = _compile(spec, tmp_path)
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(3))
+    for mode in (True, False):
+        layer.train(mode)
+        torch.testing.assert_close(layer(x), reference_forward(spec, layer, x), rtol=1e-5, atol=1e-5)
+
+
 def test_one_expert_top1_is_dense_ffn(tmp_path):
     spec = {"name": "dense", "moe": {"hidden_size": D, "experts": {"num_experts": 1, "intermediate_size": F_},
                                        "router": {"top_k": 1}}}
