@@ -51,6 +51,7 @@ from .semantics.scores import (  # noqa: F401  (the spec language's names, kept 
     SCORE_FUNCTIONS,
     SCORE_PROBE_X,
     emit_score,
+    score_can_be_negative,
     score_expression,
     score_tree,
     score_value,
@@ -530,6 +531,10 @@ AuxLossKind = Literal[
 ]
 
 
+#: the aux losses that weigh loads by the scores' share of each token (z_loss reads the logits)
+BALANCE_LOSSES = frozenset(typing.get_args(AuxLossKind)) - {"z_loss"}
+
+
 class AuxLoss(_Frozen):
     """An auxiliary loss the layer returns in training mode (see moegraph.runtime for formulas)."""
 
@@ -660,6 +665,15 @@ class TopKRouter(_Frozen):
                 "topk_order 'topk_then_score' only differs from 'score_then_topk' for softmax; with "
                 f"score '{self.score}' use topk_order: score_then_topk"
             )
+        for i, loss in enumerate(self.aux_losses):
+            if loss.kind in BALANCE_LOSSES and score_can_be_negative(self.score):
+                raise field_error(
+                    f"aux_losses.{i}.kind",
+                    f"aux loss '{loss.kind}' shares each token among the experts by its scores, which must be >= 0; "
+                    f"score '{self.score}' is negative for some logits (the loss would have no lower bound): use a "
+                    "non-negative score (softmax, sigmoid, softplus, or e.g. relu(...) of an expression) or drop "
+                    "the loss",
+                )
         if self.sparsemixer is not None:
             problems = _Problems()
             for key, unset, why in (

@@ -686,3 +686,19 @@ def test_every_cross_field_problem_of_one_rule_set_reported(tmp_path, run_cli):
     f.write_text(yaml.safe_dump(d))
     res = run_cli("validate", f)
     assert res.code == 2 and res.err.count(f"{f}: moe.router") == 4 and f"{f}: placement.redundant_slots" in res.err
+
+
+def test_balance_losses_need_scores_that_are_not_negative():
+    # tanh / identity scores made expert_balance range over -2.6 .. 1.1 in training (audit): no lower bound
+    def spec(score, kind="expert_balance"):
+        return {"name": "n", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+                "router": {"top_k": 2, "score": score, "aux_losses": [{"kind": "z_loss", "coef": 0.001},
+                                                                      {"kind": kind, "coef": 0.01}]}}}
+    for score, kind in (("tanh", "expert_balance"), ("identity", "sequence_balance"), ("x - 1", "global_balance")):
+        with pytest.raises(SpecError, match=rf"moe.router.aux_losses.1.kind: aux loss '{kind}' shares each token .* "
+                                            rf"score '{re.escape(score)}' is negative for some logits"):
+            load_spec(spec(score, kind))
+    for score in ("softmax", "sigmoid", "softplus", "relu(x)", "square(x)"):
+        load_spec(spec(score))
+    load_spec({**spec("tanh"), "moe": {**spec("tanh")["moe"], "router": {
+        **spec("tanh")["moe"]["router"], "aux_losses": [{"kind": "z_loss", "coef": 0.001}]}}})  # z_loss: the logits

@@ -16,7 +16,7 @@ from typing import Any
 import moegraph.semantics.expr as _expr
 
 __all__ = ["SCORE_FUNCTIONS", "SCORE_EXPR_FUNCTIONS", "SCORE_EXPR_MATH", "MAX_SCORE_EXPRESSION", "SCORE_PROBE_X",
-           "score_tree", "score_value", "emit_score", "check_score", "score_expression"]
+           "score_tree", "score_value", "emit_score", "check_score", "score_expression", "score_can_be_negative"]
 
 #: named score functions -> elementwise expression of the router logit ``x`` ("softmax" is special)
 SCORE_FUNCTIONS: dict[str, str] = {
@@ -89,6 +89,17 @@ def check_score(v: str) -> str:
         )
     score_tree(v)
     return v
+
+
+@functools.lru_cache(maxsize=256)
+def score_can_be_negative(score: str) -> bool:
+    """Whether a (validated) score name or expression is negative at some logit of ``SCORE_PROBE_X``: then the
+    scores of a token are no distribution of its load, and the balance losses, which share each token among the
+    experts by its scores, are not bounded below. Softmax never is."""
+    if score == "softmax":
+        return False
+    tree = score_tree(score_expression(score))
+    return any(score_value(tree, x) < 0 for x in SCORE_PROBE_X)
 
 
 def score_expression(score: str) -> str:
