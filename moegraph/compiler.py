@@ -45,7 +45,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
         backend: "torch" (any machine) or "triton" (GPU kernels; CPU under TRITON_INTERPRET=1).
             Defaults to the spec's ``codegen.backend``.
         out_dir: where generated source is written (default: the user cache directory).
-        dtype: parameter dtype (default: the spec's ``moe.dtype``).
+        dtype: parameter dtype (default: the spec's ``moe.dtype``); float64 (for reference checks) makes the router
+            float64 too.
         seed: deterministic parameter init; None leaves parameters uninitialised.
         passes: FX passes to run instead of the defaults.
         process_group, layer_index, timeout: expert-parallel only (see
@@ -89,8 +90,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     cls, _ = layer_class(spec, backend, out_dir)
     # The FX stage: traced and run lazily per mode by the layer (graphs depend on train/eval).
     pipeline = Pipeline(passes)
-    kwargs = dict(dtype=dtype or torch_dtype(spec.moe.dtype), router_dtype=torch_dtype(spec.moe.router_dtype),
-                  device=device, seed=seed)
+    # A float64 layer (reference checks) is float64 throughout: its router too, so that gradcheck sees one precision.
+    router_dtype = torch.float64 if dtype == torch.float64 else torch_dtype(spec.moe.router_dtype)
+    kwargs = dict(dtype=dtype or torch_dtype(spec.moe.dtype), router_dtype=router_dtype, device=device, seed=seed)
     if plan is not None:
         import torch.distributed as dist
 
