@@ -567,6 +567,10 @@ class Capacity(_Frozen):
         if (self.factor is None) == (self.tokens is None):
             raise field_error("factor", "give the capacity as a factor (factor: 1.25) or as a number of tokens "
                                         "(tokens: 64), exactly one of them")
+        if self.tokens is not None and self.min_capacity > self.tokens:
+            raise field_error("min_capacity", f"min_capacity {self.min_capacity} is above tokens: {self.tokens}, the "
+                                              "capacity itself (min_capacity bounds a capacity computed from factor): "
+                                              "raise tokens or drop min_capacity")
         return self
 
 

@@ -702,3 +702,15 @@ def test_balance_losses_need_scores_that_are_not_negative():
         load_spec(spec(score))
     load_spec({**spec("tanh"), "moe": {**spec("tanh")["moe"], "router": {
         **spec("tanh")["moe"]["router"], "aux_losses": [{"kind": "z_loss", "coef": 0.001}]}}})  # z_loss: the logits
+
+
+def test_min_capacity_above_an_absolute_capacity_is_refused():
+    # capacity: {tokens: 4, min_capacity: 9} validated and ran with a capacity of 4 (audit)
+    def spec(capacity):
+        return {"name": "c", "moe": {"hidden_size": 8, "experts": {"num_experts": 4, "intermediate_size": 8},
+                                     "router": {"top_k": 2, "capacity": capacity}}}
+    with pytest.raises(SpecError, match="capacity.min_capacity: min_capacity 9 is above tokens: 4, the capacity itself"):
+        load_spec(spec({"tokens": 4, "min_capacity": 9}))
+    for ok in ({"tokens": 4}, {"tokens": 4, "min_capacity": 4}, {"factor": 1.0, "min_capacity": 9}):
+        loaded = load_spec(spec(ok))
+        assert load_spec(loaded.to_dict()) == loaded
