@@ -211,6 +211,21 @@ def _probs(logits_TE: Tensor, scores_TE: Tensor, softmax: bool) -> Tensor:
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
+def _random_hash_table(vocab: int, E: int, K: int, g: torch.Generator) -> Tensor:
+    """[vocab, K] expert ids, each row K distinct experts drawn uniformly (without replacement: a token's K hash
+    functions name K experts, not one twice). Column k draws among the E - k experts not yet taken, counted up
+    past the taken ones in increasing order. The first column is ``torch.randint``'s, so a top-1 table is as
+    before."""
+    table = torch.empty(vocab, K, dtype=torch.int64)
+    table[:, 0] = torch.randint(0, E, (vocab,), generator=g)
+    for k in range(1, K):
+        pick = torch.randint(0, E - k, (vocab,), generator=g)
+        for taken in torch.sort(table[:, :k], dim=1).values.unbind(1):
+            pick += pick >= taken
+        table[:, k] = pick
+    return table
+
+
 def _counts(ids_TK: Tensor, E: int) -> Tensor:
     flat = ids_TK.reshape(-1)
     c = torch.zeros(E + 1, dtype=torch.float32, device=flat.device)
@@ -495,7 +510,7 @@ class CompiledMoEBase(nn.Module):
         if self.ROUTER == "hash" and self.HASH_METHOD in ("random", "table"):
             # 'table' ships with the weights (persistent; checked when loaded), seeded until then.
             g = torch.Generator().manual_seed(self.HASH_SEED)
-            table = torch.randint(0, E, (self.HASH_VOCAB, self.TOP_K), generator=g)
+            table = _random_hash_table(self.HASH_VOCAB, E, self.TOP_K, g)
             self.router.register_buffer("hash_table", table.to(device), persistent=self.HASH_METHOD == "table")
             if self.HASH_METHOD == "table":
                 self._register_load_state_dict_pre_hook(self._check_loaded_hash_table)

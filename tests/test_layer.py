@@ -1092,3 +1092,21 @@ def test_a_float64_layer_routes_in_float64():
     x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-6)
     assert moegraph.compile(spec, dtype=torch.bfloat16, seed=0).router.weight.dtype == torch.float32
+
+
+def test_a_random_hash_table_names_distinct_experts_per_token():
+    # method random with top_k 2 gave 139 of 1,000 token ids the same expert twice (audit)
+    def table(k, experts=8):
+        spec = {"name": "h", "moe": {"hidden_size": 8, "experts": {"num_experts": experts, "intermediate_size": 8},
+                                     "router": {"type": "hash", "method": "random", "top_k": k, "vocab_size": 20000}}}
+        return moegraph.compile(spec, seed=0).router.hash_table
+
+    for k in (2, 4, 8):
+        t = table(k)
+        assert t.shape == (20000, k) and int(t.min()) >= 0 and int(t.max()) < 8
+        assert (t.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct experts in every row
+        counts = torch.bincount(t.reshape(-1), minlength=8).float()
+        assert (counts / counts.mean() - 1).abs().max() < 0.05  # every expert as often (uniform draws)
+    assert (t.sort(dim=1).values == torch.arange(8)).all()  # top_k = E: every expert once, in random order
+    # top-1 tables are torch.randint's, as before
+    torch.testing.assert_close(table(1)[:, 0], torch.randint(0, 8, (20000,), generator=torch.Generator().manual_seed(0)))
