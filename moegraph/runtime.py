@@ -70,11 +70,13 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @torch.fx.wrap
 def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor: float | None, min_capacity: int,
-                   by_probs: bool, tokens: int | None = None, sequences: int = 1) -> Tensor:
+                   policy: str, tokens: int | None = None, sequences: int = 1) -> Tensor:
     """Drop assignments beyond each expert's capacity; dropped ids become ``num_experts``.
 
-    Capacity = max(min_capacity, ceil(factor * T * K / E)), or ``tokens``. ``by_probs`` keeps an expert's
-    highest-weight assignments; otherwise its earliest tokens (Megatron's "position" policy).
+    Capacity = max(min_capacity, ceil(factor * T * K / E)), or ``tokens``. Which assignments an expert keeps
+    (``policy``, the spec's ``drop_policy``): ``"probs"`` its highest-weight ones; ``"position"`` its earliest
+    tokens, whichever choice of theirs it is (Megatron's policy); ``"choice_then_position"`` every token's first
+    choice before any second choice, each in token order (GShard's, as DeepSpeed and fairseq implement it).
     ``sequences``: the T tokens are that many sequences of T / sequences, each with its own capacity (T the
     sequence length in the formula).
     """
@@ -87,19 +89,23 @@ def apply_capacity(ids_TK: Tensor, weights_TK: Tensor, num_experts: int, factor:
     if sequences > 1:  # one count per (sequence, expert): rank by that pair, then map back to expert ids
         seq_N = torch.arange(N, device=ids_N.device) // ((T // sequences) * K)
         kept = _capacity_rank(ids_N + seq_N * (num_experts + 1), weights_TK, (num_experts + 1) * sequences,
-                              by_probs) < cap
+                              policy) < cap
         return torch.where(kept & (ids_N < num_experts), ids_N, torch.full_like(ids_N, num_experts)).view(T, K)
-    return torch.where(_capacity_rank(ids_N, weights_TK, num_experts + 1, by_probs) < cap, ids_N,
+    return torch.where(_capacity_rank(ids_N, weights_TK, num_experts + 1, policy) < cap, ids_N,
                        torch.full_like(ids_N, num_experts)).view(T, K)
 
 
-def _capacity_rank(ids_N: Tensor, weights_TK: Tensor, buckets: int, by_probs: bool) -> Tensor:
-    """[N] rank of each assignment among those of its bucket (expert), by weight or by position."""
+def _capacity_rank(ids_N: Tensor, weights_TK: Tensor, buckets: int, policy: str) -> Tensor:
+    """[N] rank of each assignment among those of its bucket (expert), in the order of the drop ``policy``."""
     N = ids_N.numel()
-    if by_probs:
+    if policy == "probs":
         pre = torch.argsort(-weights_TK.reshape(-1).float(), stable=True)
-    else:
+    elif policy == "position":
         pre = torch.arange(N, device=ids_N.device)
+    elif policy == "choice_then_position":  # (token, choice) pairs are token-major: visit them choice-major
+        pre = torch.arange(N, device=ids_N.device).view(weights_TK.shape).t().reshape(-1)
+    else:
+        raise ValueError(f"unknown drop policy {policy!r}")
     sorted_ids, order = torch.sort(ids_N[pre], stable=True)
     order = pre[order]
     counts = torch.zeros(buckets, dtype=torch.long, device=ids_N.device)

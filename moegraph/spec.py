@@ -547,8 +547,10 @@ class Capacity(_Frozen):
     batch or over each sequence (``per``); the rest are dropped."""
 
     factor: float | None = Field(None, gt=0, le=1024, description="Capacity factor (1.0 = the even share).")
-    drop_policy: Literal["probs", "position"] = Field(
-        "probs", description="Which tokens an over-full expert keeps: the highest-scoring, or the earliest."
+    drop_policy: Literal["probs", "position", "choice_then_position"] = Field(
+        "probs", description="Which tokens an over-full expert keeps: the highest-scoring ('probs'), the earliest "
+        "whichever choice of theirs it is ('position', Megatron's), or every token's first choice before any second "
+        "choice, each in token order ('choice_then_position', GShard's as DeepSpeed and fairseq implement it).",
     )
     min_capacity: int = Field(1, ge=0, le=1 << 30, description="Lower bound on the per-expert capacity.")
     tokens: int | None = Field(

@@ -247,8 +247,11 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 keep = set()
                 for e, s0 in [(e, s0) for e in range(E) for s0 in range(0, T, max(L, 1))]:
                     mine = [p for p in pairs if p[2] == e and s0 <= p[0] < s0 + L]
-                    if cap.get("drop_policy", "probs") == "probs":
+                    policy = cap.get("drop_policy", "probs")
+                    if policy == "probs":
                         mine.sort(key=lambda p: -float(p[3].detach()))
+                    elif policy == "choice_then_position":  # GShard: all first choices, then second ones
+                        mine.sort(key=lambda p: (p[1], p[0]))
                     else:
                         mine.sort(key=lambda p: (p[0], p[1]))
                     keep |= {(p[0], p[1]) for p in mine[:capacity]}

@@ -631,6 +631,8 @@ def test_shared_experts_router_gate_bad_specs():
     {"tokens": 2, "per": "sequence", "drop_policy": "position"},  # Switch Transformers: expert_capacity per sequence
     {"tokens": 3, "drop_policy": "probs"},
     {"factor": 0.5, "per": "sequence", "drop_policy": "probs"},
+    {"tokens": 2, "drop_policy": "choice_then_position"},  # GShard: first choices fill the experts first
+    {"factor": 0.5, "per": "sequence", "drop_policy": "choice_then_position"},
 ])
 def test_capacity_in_tokens_or_per_sequence(capacity, tmp_path, expert_path):
     """router.capacity.tokens (an absolute count) and per: sequence (each sequence of [B, S, D] counted alone):
@@ -1110,3 +1112,16 @@ def test_a_random_hash_table_names_distinct_experts_per_token():
     assert (t.sort(dim=1).values == torch.arange(8)).all()  # top_k = E: every expert once, in random order
     # top-1 tables are torch.randint's, as before
     torch.testing.assert_close(table(1)[:, 0], torch.randint(0, 8, (20000,), generator=torch.Generator().manual_seed(0)))
+
+
+def test_gshard_drop_order_keeps_first_choices_before_second_ones():
+    # capacity 1: token 0's second choice (expert 1) must not take the place of token 1's first choice (audit's case)
+    from moegraph.runtime import apply_capacity
+
+    ids = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]])
+    dropped = 3
+    kept = {p: apply_capacity(ids, w, 3, None, 1, p, tokens=1).tolist() for p in ("position", "choice_then_position")}
+    assert kept["position"] == [[0, 1], [dropped, 2], [dropped, dropped]]
+    assert kept["choice_then_position"] == [[0, dropped], [1, dropped], [2, dropped]]
+    assert moegraph.load_spec("gshard-top2").moe.router.capacity.drop_policy == "choice_then_position"

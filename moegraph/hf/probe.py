@@ -440,13 +440,13 @@ def _capacity_rule(run, caps, x: Tensor, ids_TK: Tensor, w_TK: Tensor, E: int, C
                                "the dropped tokens from", cls)
     kept = got[2]
     for per in ("sequence", "batch"):
-        for policy in ("position", "probs"):
-            ours = apply_capacity(ids_TK, w_TK, E, None, 1, policy == "probs", tokens=2,
+        for policy in ("position", "probs", "choice_then_position"):
+            ours = apply_capacity(ids_TK, w_TK, E, None, 1, policy, tokens=2,
                                   sequences=2 if per == "sequence" else 1)
             if torch.equal(ours < E, kept):
                 return C, per, policy
     raise UnsupportedBlock(f"it drops tokens beyond an expert_capacity of {C} by a rule the spec does not have "
-                           "(neither the earliest nor the highest-weight ones, per sequence or per batch)", cls)
+                           "(neither the earliest nor the highest-weight ones, nor first choices first, per sequence or per batch)", cls)
 
 
 def _watch_router_input(light: nn.Module, anat: BlockAnatomy, tokens: int) -> list[Tensor]:
