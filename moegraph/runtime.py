@@ -807,7 +807,10 @@ class CompiledMoEBase(nn.Module):
         """Auxiliary-loss-free balancing step (DeepSeek-V3): bias_e += rate * sign(mean load - load_e).
 
         Uses ``counts_E`` if given, else the loads accumulated by training forwards since the last
-        update (then reset). Returns the loads used.
+        update (then reset). Returns the loads used. The accumulated loads are this process's: under data
+        parallelism (DDP) all-reduce them first and pass the sum, so that every replica takes the same step
+        (``dist.all_reduce(layer._bias_load_E)`` before the call does it; the expert-parallel layer sums over
+        its ranks itself).
         """
         if self.EXPERT_BIAS_RATE is None:
             raise InputError("this layer's spec has no router.expert_bias; add it to use update_expert_bias")
