@@ -232,6 +232,11 @@ def _check_activation(v: Any) -> str:
         except ValueError as exc:
             raise ValueError(f"{exc}; or use one of {', '.join(ACTIVATIONS)}") from None
         return v
+    if isinstance(v, str) and v in _activations.OTHER_NAMES:
+        name = _activations.OTHER_NAMES[v]
+        gated = next((n for n, a in ACTIVATIONS.items() if a.gated and a.elementwise == name), None)
+        raise ValueError(f"'{v}' is called '{name}' here" + (f" (gated, as experts usually are: '{gated}')" if gated
+                                                             else ""))
     names = [repr(n) for n in ACTIVATIONS]
     # The same error (and wording) as a Literal field's: the loader adds "did you mean".
     raise PydanticCustomError("literal_error", "Input should be {expected}",

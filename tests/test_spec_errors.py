@@ -714,3 +714,14 @@ def test_min_capacity_above_an_absolute_capacity_is_refused():
     for ok in ({"tokens": 4}, {"tokens": 4, "min_capacity": 4}, {"factor": 1.0, "min_capacity": 9}):
         loaded = load_spec(spec(ok))
         assert load_spec(loaded.to_dict()) == loaded
+
+
+def test_other_libraries_activation_names_point_to_ours():
+    def spec(act):
+        return {"name": "c", "moe": {"hidden_size": 8, "experts": {"num_experts": 4, "intermediate_size": 8,
+                                                                   "activation": act}, "router": {"top_k": 2}}}
+    with pytest.raises(SpecError, match=r"experts.activation: 'swish' is called 'silu' here \(gated, as experts "
+                                        r"usually are: 'swiglu'\)"):
+        load_spec(spec("swish"))
+    with pytest.raises(SpecError, match="'gelu_pytorch_tanh' is called 'gelu_tanh' here .*'geglu_tanh'"):
+        load_spec(spec("gelu_pytorch_tanh"))

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..errors import InputError, UnsupportedBlock
 from ..fileio import check_input
+from ..semantics.activations import OTHER_NAMES
 from ..spec import ExpertsSpec, MoELayerSpec, ModelSpec, MoESpec, TopKRouter
 from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
 from .assemble import _dtype_name, build_spec
@@ -219,8 +220,7 @@ def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
         raise UnsupportedBlock("the config lacks the expert count, top-k, hidden or expert size (looked for "
                                f"{'/'.join(_NUM_EXPERTS)}, {'/'.join(_TOP_K)}, hidden_size, {'/'.join(_EXPERT_F)})", fam)
     act = getattr(cfg, "hidden_act", "silu")
-    act = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-           "relu": "relu", "relu2": "relu2"}.get(act)
+    act = OTHER_NAMES.get(act, act) if act in ("silu", "gelu", "gelu_tanh", "relu", "relu2", *OTHER_NAMES) else None
     shared_count = _attr(cfg, _SHARED_COUNT) or 0
     shared_f = _attr(cfg, _SHARED_F)
     S = 0

@@ -105,6 +105,11 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
+#: other libraries' names of an elementwise activation (transformers' ACT2FN keys) -> the name here
+OTHER_NAMES: dict[str, str] = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                               "gelu_fast": "gelu_tanh", "relu_squared": "relu2", "squared_relu": "relu2"}
+
+
 def register_activation(name: str, expression: str, *, elementwise: str | None = None) -> Activation:
     """Add an activation to the table (gated if the expression uses gate/up); returns its entry.
 
