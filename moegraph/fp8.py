@@ -369,7 +369,9 @@ def _backward(ctx, grad_TD):
         leaves = {i: inputs[i].detach().requires_grad_(True) for i in want}
         args = [leaves.get(i, a) for i, a in enumerate(inputs)]
         y = _forward(*args[:14], (args[14], args[15]), *args[16:])
-        got = torch.autograd.grad(y, [leaves[i] for i in want], grad_TD.to(y.dtype), allow_unused=True)
+        # (no token, or none routed: the output holds no graph, and every gradient is zero)
+        got = (torch.autograd.grad(y, [leaves[i] for i in want], grad_TD.to(y.dtype), allow_unused=True)
+               if y.requires_grad else [None] * len(want))
     for i, g in zip(want, got):
         grads[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
     return tuple(grads)

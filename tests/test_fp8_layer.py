@@ -213,3 +213,14 @@ def test_fp8_the_triton_kernels_cannot_run_is_refused(tmp_path, run_cli):
     res = run_cli("compile", path, "-o", tmp_path / "out", "--backend", "triton")
     assert res.code == 2 and "compile with backend='torch'" in res.err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_training_on_no_tokens_gives_zero_gradients():
+    # the backward recomputed the forward and differentiated an output with no graph: RuntimeError on 0 tokens
+    # (an expert-parallel rank without tokens then failed its peers too; audit)
+    layer = moegraph.compile(TINY, seed=0).train()
+    x = torch.randn(0, layer.HIDDEN, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert x.grad.shape == (0, layer.HIDDEN)
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and all(g is None or not g.any() for g in grads)
