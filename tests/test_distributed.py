@@ -406,6 +406,14 @@ def _run_weights(rank: int, world: int, out_dir: Path) -> dict:
             per_expert[f"experts.{e}.down_proj"] = state["experts.down_proj"][e]
     res["missing_expert"] = mine
     res["missing"] = _timed_error(lambda: ep.load_state_dict(per_expert))
+    # strict=False lists the missing expert's keys and loads the rest (it raised as strict=True did)
+    before = ep.experts.down_proj.detach().clone()
+    loose = ep.load_state_dict({k: v * 2 if k.startswith("experts.") else v for k, v in per_expert.items()},
+                               strict=False)
+    res["loose_missing"] = sorted(loose.missing_keys)
+    res["loose_changed"] = [bool((ep.experts.down_proj[i] != before[i]).any()) for i in range(len(ep.slot_experts))]
+    res["loose_want"] = [e != mine for e in ep.slot_experts]
+    ep.load_state_dict(state)
     short = dict(state)
     short["experts.down_proj"] = state["experts.down_proj"][:-1]
     res["short"] = _timed_error(lambda: ep.load_state_dict(short))
@@ -701,6 +709,9 @@ def test_weights_load_into_any_placement(main2):
         kind, msg, took = w["missing"]
         assert kind == "MissingExpertWeights", msg
         assert f"expert(s) [{w['missing_expert']}]" in msg and f"rank {r}" in msg and took < 2.0
+        mine = w["missing_expert"]
+        assert w["loose_missing"] == [f"experts.{mine}.down_proj", f"experts.{mine}.gate_up_proj"]
+        assert w["loose_changed"] == w["loose_want"] and not all(w["loose_want"])  # the others loaded, it kept its own
         kind, msg, _ = w["short"]
         assert kind == "MissingExpertWeights" and f"{E} rows" in msg
 

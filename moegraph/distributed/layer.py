@@ -273,6 +273,15 @@ class ExpertParallelMoE(CompiledMoEBase):
                         rows[e] = r
                 store(torch.stack([rows[e] for e in self.slot_experts]))
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``; with ``strict=True`` a missing expert raises ``MissingExpertWeights``
+        naming it and the checkpoint forms read, with ``strict=False`` its keys are listed in ``missing_keys``."""
+        self.experts.strict_load = strict
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.experts.strict_load = None
+
     def load_checkpoint(self, path: str | Path, strict: bool = True) -> ExpertParallelMoE:
         """Load a single-process checkpoint file (``.safetensors`` read lazily: own experts only)."""
         return load_checkpoint(self, path, strict=strict)

@@ -50,6 +50,10 @@ class SlotExperts(nn.Module):
         self.first_slot = int(first_slot)
         self.num_experts = int(num_experts)
         self.rank = int(rank)
+        # ``load_state_dict``'s strict (torch passes every module strict=True and filters afterwards): set by the
+        # expert-parallel layer's own load_state_dict; None (loaded as part of a larger model) lists the missing
+        # experts' keys, and torch's strict check names them
+        self.strict_load: bool | None = None
 
     @classmethod
     def adopt(cls, experts: nn.Module, slot_experts: Sequence[int], first_slot: int, num_experts: int,
@@ -101,8 +105,8 @@ class SlotExperts(nn.Module):
                               error_msgs):
         used: set[str] = set()
         for name, p in self._parameters.items():
-            rows, missing = [], []
-            for e in self.slot_experts:
+            rows, missing = {}, []
+            for slot, e in enumerate(self.slot_experts):
                 t = self._find(state_dict, prefix, name, e, used)
                 if t is None:
                     missing.append(e)
@@ -112,9 +116,9 @@ class SlotExperts(nn.Module):
                         f"checkpoint weight '{name}' of expert {e} has shape {list(t.shape)} but rank {self.rank}'s "
                         f"layer needs {list(p.shape[1:])}; is the checkpoint for another spec?"
                     )
-                rows.append(t)
+                rows[slot] = t
             if missing:
-                if strict:
+                if self.strict_load:
                     raise MissingExpertWeights(
                         f"checkpoint has no '{name}' weights for expert(s) {missing}, which the plan places on rank "
                         f"{self.rank} (slots {self.first_slot}..{self.first_slot + len(self.slot_experts) - 1}); "
@@ -122,14 +126,13 @@ class SlotExperts(nn.Module):
                         f"with '{prefix}slots.logical_ids'. Load a checkpoint holding every expert (the "
                         f"single-process layer's state_dict, or full_state_dict() of an expert-parallel layer)"
                     )
-                missing_keys.extend(f"{prefix}{e}.{name}" for e in missing)
-                continue
-            with torch.no_grad():
-                p.copy_(torch.stack([r.to(p.device, p.dtype) for r in rows]))
-        if strict:
-            for k in state_dict:
-                if k.startswith(prefix) and k not in used and not self._recognised(k[len(prefix):]):
-                    unexpected_keys.append(k)
+                missing_keys.extend(f"{prefix}{e}.{name}" for e in sorted(set(missing)))
+            with torch.no_grad():  # the slots found (all of them, unless the load is not strict)
+                for slot, t in rows.items():
+                    p[slot].copy_(t.to(p.device, p.dtype))
+        for k in state_dict:
+            if k.startswith(prefix) and k not in used and not self._recognised(k[len(prefix):]):
+                unexpected_keys.append(k)
 
     def _recognised(self, rest: str) -> bool:
         """A key (below this module) that one of the accepted checkpoint forms uses."""
