@@ -1211,8 +1211,24 @@ Topology = Annotated[
 
 
 class PlacementObjective(_Frozen):
-    communication: float = Field(1.0, ge=0, le=1e6, description="Weight of predicted all-to-all cost.")
-    balance: float = Field(1.0, ge=0, le=1e6, description="Weight of GPU load imbalance.")
+    """Not weights the planner reads: it minimises the predicted all-to-all with every GPU's load held within
+    ``placement.max_imbalance`` (balance is a bound, not a term traded against communication). The section stays
+    in the format, at its one value, so that spec files and the plan files made for them keep matching (a
+    spec's hash covers it); any other value is refused with that fix."""
+
+    communication: float = Field(1.0, ge=0, le=1e6, description="Always 1: the planner minimises the predicted "
+                                 "all-to-all (within placement.max_imbalance).")
+    balance: float = Field(1.0, ge=0, le=1e6, description="Always 1: GPU balance is bounded by "
+                           "placement.max_imbalance, not weighed.")
+
+    @model_validator(mode="after")
+    def _not_weights(self) -> PlacementObjective:
+        for key in ("communication", "balance"):
+            if getattr(self, key) != 1.0:
+                raise field_error(key, "not a weight the planner reads (it minimises the all-to-all with every GPU "
+                                       "within placement.max_imbalance): to trade balance for communication, raise "
+                                       "or lower placement.max_imbalance, and drop the objective section")
+        return self
 
 
 class PlacementSpec(_Frozen):

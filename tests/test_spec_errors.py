@@ -725,3 +725,15 @@ def test_other_libraries_activation_names_point_to_ours():
         load_spec(spec("swish"))
     with pytest.raises(SpecError, match="'gelu_pytorch_tanh' is called 'gelu_tanh' here .*'geglu_tanh'"):
         load_spec(spec("gelu_pytorch_tanh"))
+
+
+def test_placement_objective_weights_are_refused_as_unread():
+    # {communication: 0} or {communication: 1000, balance: 0.001} validated and gave the default plan (audit)
+    spec = load_spec("mixtral-tiny").to_dict()
+    for objective in ({"communication": 0}, {"communication": 1000, "balance": 0.001}):
+        spec["placement"]["objective"] = objective
+        with pytest.raises(SpecError, match=r"placement.objective.communication: not a weight the planner reads .*"
+                                            r"placement.max_imbalance"):
+            load_spec(spec)
+    spec["placement"]["objective"] = {"communication": 1.0, "balance": 1.0}  # as every dumped spec holds it
+    assert load_spec(spec) == load_spec("mixtral-tiny")
