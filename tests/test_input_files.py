@@ -303,3 +303,21 @@ def test_control_characters_of_user_text_are_printed_as_escapes(run_cli, tmp_pat
         r = run_cli(*argv)
         assert "\x1b" not in r.out + r.err and "\x07" not in r.out + r.err, (argv, r.out + r.err)
         assert shown in r.out + r.err, (argv, r.out + r.err)
+
+
+def test_a_table_cell_with_control_characters_keeps_the_table_aligned():
+    # escaped after rich's layout, '\x1b[2J' widened its cell by four characters past the border
+    from rich.table import Table
+
+    from moegraph.cli.output import console
+
+    table = Table(title="t\x1b]0;X\x07")
+    table.add_column("name")
+    table.add_column("v")
+    table.add_row("a\x1b[2Jb", "1")
+    table.add_row("plain", "2")
+    with console.capture() as cap:
+        console.print(table)
+    lines = [line for line in cap.get().splitlines() if line.strip()]
+    assert "\x1b" not in cap.get() and "a\\x1b[2Jb" in cap.get() and "t\\x1b]0;X\\x07" in lines[0]
+    assert len({len(line) for line in lines[1:]}) == 1, lines

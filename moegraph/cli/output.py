@@ -7,7 +7,8 @@ off, and the few styled words (``error:``, ``note:``, ``ok``) are added as ``ric
 by ``say``. They may also hold control characters (a spec description's ``ESC ]0;...`` retitling the
 terminal, ``ESC [2J`` clearing it): both consoles show every control character of the text they print
 (tables and error lines included) as its escape, ``\x1b`` (``visible``); rich's own styling and cursor
-control are not text and pass unchanged.
+control are not text and pass unchanged. A table's cells are escaped before rich lays it out, so that an
+escape widens its column, not its cell past the border.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 
 from rich.console import Console, ConsoleOptions, RenderHook, RenderResult
+from rich.table import Table
 from rich.text import Text
 
 #: C0 controls but tab and newline, DEL and the C1 controls (``\x9b`` starts a sequence as ``ESC [`` does)
@@ -37,8 +39,28 @@ class _Visible:
             yield segment if segment.control else segment._replace(text=visible(segment.text))
 
 
+def _escaped(cell):
+    """A table cell with its control characters escaped before rich lays the table out (escaped after, a cell
+    grew past its column's border). A styled cell holding one keeps its overall style only."""
+    if isinstance(cell, str):
+        return visible(cell)
+    if isinstance(cell, Text) and _CONTROL.search(cell.plain):
+        return Text(visible(cell.plain), style=cell.style, justify=cell.justify)
+    return cell
+
+
+def _escape_table(table: Table) -> None:
+    table.title, table.caption = _escaped(table.title), _escaped(table.caption)
+    for column in table.columns:
+        column.header = _escaped(column.header)
+        column._cells[:] = [_escaped(c) for c in column._cells]
+
+
 class _ShowControls(RenderHook):
     def process_renderables(self, renderables: list) -> list:
+        for r in renderables:
+            if isinstance(r, Table):
+                _escape_table(r)
         return [_Visible(r) for r in renderables]
 
 
