@@ -61,6 +61,8 @@ Why these choices.
   exact rule-based loads (``dispatch``) meet ``max_imbalance`` on the traffic seen, each time by the
   swap that meets it at the smallest rise of the exact expected copies (in small layers; replicated
   items priced by ``ExactCopies.swap_delta``), not by the most balancing one, which overshoots.
+  Count-only traces (no source ranks) get the same repair with tokens starting on every GPU equally,
+  the assumption the report scores them by: on one host that is the even split, on several it is not.
 
 The measurements behind these choices are in ``benchmarks/results/planner_design.md``.
 
@@ -95,7 +97,8 @@ class LayerProblem:
     loads: np.ndarray  # [Sc, E] tokens per expert for each trace source, each scaled to mean 1
     coact: np.ndarray  # [E, E] co-activation per token (mean over sources); zeros for load-only traces
     risk: np.ndarray  # [E, E] covariance of expert load over token windows (normalised); zeros if unknown
-    src_counts: np.ndarray | None  # [Sc, G, E] tokens per (source GPU, expert), for rule-exact loads
+    src_counts: np.ndarray | None  # [Sc, G, E] tokens per (source GPU, expert), for rule-exact loads; None
+    # (count-only traces): every GPU starts loads / G of each expert
     cost: np.ndarray  # [G, G] per-copy cost between GPUs (0 on the diagonal)
     node_of_gpu: np.ndarray  # [G]
     num_slots: int
@@ -427,7 +430,7 @@ def solve_layer(p: LayerProblem) -> LayerResult:
             else:
                 _restore(st, best)
     repaired = 0
-    if p.src_counts is not None and (r > 1).any():
+    if (r > 1).any():
         repaired = _repair_rule_balance(st, p, experts, copies)
     row = rows_from_gpu_lists(st.gpu, experts, g, spg)
     return LayerResult(row=row, baseline_row=rows_from_gpu_lists(start, experts, g, spg),
@@ -449,8 +452,15 @@ def _repair_rule_balance(st: _State, p: LayerProblem, experts: np.ndarray,
     count replicas' loads split evenly, which is what this step corrects), the prior-spread cap
     (``_State.prior_sq_cap``) does.
     """
+    src_counts = p.src_counts
+    if src_counts is None:
+        # Count-only traffic: tokens assumed to start on every GPU equally, as the report scores it
+        # (``cost.expected_gpu_load``). On several hosts the rule still matters: a replica alone on its
+        # host takes that host's whole share of its expert, not load / r.
+        g = len(p.node_of_gpu)
+        src_counts = np.repeat(p.loads[:, None, :] / g, g, axis=1)
     # The sources together, each weighing equally, as the runtime would see them mixed: [1, G, E].
-    sc = (p.src_counts / np.maximum(p.src_counts.sum(axis=(1, 2), keepdims=True), 1e-12)).sum(axis=0, keepdims=True)
+    sc = (src_counts / np.maximum(src_counts.sum(axis=(1, 2), keepdims=True), 1e-12)).sum(axis=0, keepdims=True)
     total = sc.sum(axis=1)  # [1, E]
     reps = np.bincount(experts, minlength=sc.shape[2])
     n_s, g = sc.shape[0], sc.shape[1]
