@@ -303,3 +303,14 @@ def test_plot_shows_dollar_signs_of_names_verbatim(run_cli, small, tmp_path):
     png.unlink()
     r = run_cli("plan", tmp_path / "dollar.yaml", "--evaluate", out, "--trace", traces["intent"], "--plot", png)
     assert r.code == 0 and png.read_bytes()[:4] == b"\x89PNG", r.err
+
+
+def test_a_plan_from_counts_says_so_in_its_title(run_cli, small, tmp_path):
+    d, spec, traces = small
+    counts = TraceSet.from_counts(load_traces(traces["law"]).counts, source="law-counts").save(tmp_path / "c.npz")
+    r = run_cli("plan", spec, "--trace", counts, "--nodes", "2", "--gpus-per-node", "4")
+    assert r.code == 0, r.err
+    text = " ".join(r.out.split())
+    assert "(expert counts only: tokens taken to start evenly on every GPU)" in text and "counts tokens" not in text
+    r = run_cli("plan", spec, "--trace", traces["law"])
+    assert "predicted on law (8327 tokens)" in " ".join(r.out.split())

@@ -51,6 +51,11 @@ def _metrics_table(metrics: dict, title: str) -> Table:
     return t
 
 
+def _traffic_words(tokens: int | None) -> str:
+    """How a report names its traffic: a token count, or counts only (scored with tokens starting evenly on every GPU)."""
+    return f"{tokens} tokens" if tokens is not None else "expert counts only: tokens taken to start evenly on every GPU"
+
+
 @app.command(name="plan")
 def plan_cmd(
     spec: Annotated[str | None, typer.Argument(help="Spec file or preset name (optional with --evaluate).")] = None,
@@ -127,7 +132,7 @@ def plan_cmd(
                 pass
         metrics = evaluate_plan(p, ts, baselines_from=base_from)
         console.print(f"plan {evaluate} ({p.spec.name}, {p.num_gpus} GPUs, {p.num_slots} slots) scored on {ts.name} "
-                      f"({ts.num_tokens if not ts.load_only else 'counts only'} tokens); baselines planned from "
+                      f"({_traffic_words(None if ts.load_only else ts.num_tokens)}); baselines planned from "
                       f"{base_label}", highlight=False)
         console.print(_metrics_table(metrics, "evaluation"))
         if plot is not None:
@@ -161,7 +166,7 @@ def plan_cmd(
     for note in p.notes:
         say(note, prefix="note:", style="yellow")
     if p.metrics:
-        console.print(_metrics_table(p.metrics, f"predicted on {p.metrics['traces']} ({p.metrics['tokens'] or 'counts'} tokens)"))
+        console.print(_metrics_table(p.metrics, f"predicted on {p.metrics['traces']} ({_traffic_words(p.metrics['tokens'])})"))
     if output is not None:
         console.print(f"wrote {output}")
     if plot is not None:
