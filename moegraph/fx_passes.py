@@ -46,13 +46,27 @@ __all__ = ["build_graph", "DropTrainingOutputs", "FoldSharedExperts", "FuseRoute
            "UsePrepackedExperts", "default_passes", "region_between", "region_module", "swap_region", "trace_core"]
 
 
-def _is_expert_op(node: fx.Node) -> bool:
+#: the grouped expert ops of every backend (``expert_mlp``'s signature)
+EXPERT_OPS = frozenset({"moegraph::expert_mlp", "moegraph::expert_mlp_packed", "moegraph_triton::expert_mlp"})
+#: the FP8 expert ops of every backend (``fp8.fp8_expert_mlp``'s signature: the routing weights are
+#: the fourth argument and the up-projection weight the fifth, as for ``expert_mlp``)
+FP8_EXPERT_OPS = frozenset({"moegraph::fp8_expert_mlp", "moegraph_triton::fp8_expert_mlp"})
+
+
+def _op_name(node: fx.Node) -> str | None:
+    """The qualified name (``namespace::op``) of a custom-op call, None for anything else."""
     if node.op != "call_function":
-        return False
+        return None
     t = node.target
-    names = {"moegraph::expert_mlp", "moegraph::expert_mlp_packed", "moegraph_triton::expert_mlp"}
-    name = getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
-    return name in names
+    return getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
+
+
+def _is_expert_op(node: fx.Node) -> bool:
+    return _op_name(node) in EXPERT_OPS
+
+
+def _is_fp8_op(node: fx.Node) -> bool:
+    return _op_name(node) in FP8_EXPERT_OPS
 
 
 class DropTrainingOutputs(PassBase):

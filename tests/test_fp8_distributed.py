@@ -1,6 +1,7 @@
 """FP8 experts expert-parallel over gloo (2 ranks on one host, 4 ranks on two hosts): outputs and input
 gradients equal the single-process FP8 layer; token rows travel as FP8 + tile scales, in exactly the
-copies and bytes the planner predicts, at <= 0.55x the bytes of a bfloat16 dispatch."""
+copies and bytes the planner predicts, at <= 0.55x the bytes of a bfloat16 dispatch. The Triton backend's
+FP8 layer (kernels under the interpreter) runs expert-parallel too and equals the torch backend's."""
 
 from __future__ import annotations
 
@@ -84,13 +85,13 @@ def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
         pass
 
 
-def _launch(world: int, out_dir: Path) -> list[dict]:
+def _launch(world: int, out_dir: Path, entry=_entry) -> list[dict]:
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=entry, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     results = join_ranks(procs, out_dir, time.monotonic() + DEADLINE_S, f"{world} ranks")
@@ -150,3 +151,48 @@ def test_fp8_dispatch_bytes_are_the_planners_and_half_of_bf16(run):
     # The combine returns results in the layer's dtype, the copies the dispatch sent.
     for res in results:
         assert int(res["fp8_bf16"]["bytes"]["combine"].sum()) == int(res["fp8_bf16"]["rows"]["combine"].sum()) * 2 * D
+
+
+def _triton_entry(rank: int, world: int, port: int, out_dir: str) -> None:
+    """A rank of the Triton backend (its FP8 kernels under the interpreter: the parent set TRITON_INTERPRET)."""
+    from moegraph import codegen
+    from moegraph.triton_backend import fp8 as triton_fp8
+
+    torch.set_num_threads(1)
+    codegen.set_cache_dir(Path(out_dir) / "generated")
+    launches = []
+    kernels = triton_fp8.expert_mlp_fp8
+    triton_fp8.expert_mlp_fp8 = lambda *a, **kw: launches.append(1) or kernels(*a, **kw)
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+        spec = _spec(world)
+        layer = moegraph.compile(spec, plan=_plan(spec), backend="triton", seed=None, dtype=torch.float32, timeout=60)
+        layer.load_state_dict(_state(spec, torch.float32))
+        layer.eval()
+        with torch.no_grad():
+            y = layer(_inputs(world, torch.float32)[0][rank])
+        result = {"ok": {"y": y, "op": str(layer.ep_dispatch.expert_op), "launches": len(launches)}}
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        result = {"crash": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    try:
+        torch.distributed.destroy_process_group()
+    except Exception:  # noqa: BLE001 - peers may be gone already
+        pass
+
+
+@pytest.mark.triton
+def test_triton_backend_runs_expert_parallel_and_equals_the_torch_backend(tmp_path, monkeypatch):
+    # The expert-parallel pass must find the Triton backend's FP8 op (moegraph_triton::fp8_expert_mlp) as
+    # it finds the torch one, and the ranks' Triton FP8 kernels then give the single-process torch layer.
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks, which import triton afresh
+    results = _launch(2, tmp_path, _triton_entry)
+    spec = _spec(2)
+    ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, seed=None).eval()
+    ref.load_state_dict(_state(spec, torch.float32))
+    for r, (res, x) in enumerate(zip(results, _inputs(2, torch.float32)[0])):
+        assert res["op"] == "moegraph_triton.fp8_expert_mlp" and res["launches"] >= 1, (r, res["op"])
+        with torch.no_grad():
+            assert _rel(res["y"], ref(x)) <= 1e-5, f"rank {r}"

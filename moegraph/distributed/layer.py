@@ -35,7 +35,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import fp8
 from ..errors import DistributedError, PlanFileError
-from ..fx_passes import Pipeline, _is_expert_op
+from ..fx_passes import Pipeline, _is_expert_op, _is_fp8_op
 from ..runtime import CompiledMoEBase, init_value
 from .comm import Comm, Traffic
 from .dispatch import ExpertDispatch
@@ -107,14 +107,6 @@ def _reads_routed_experts(node: fx.Node) -> bool:
             continue
         todo.extend(n.all_input_nodes)  # a cast or view of the parameter
     return False
-
-
-def _is_fp8_op(node: fx.Node) -> bool:
-    if node.op != "call_function":
-        return False
-    t = node.target
-    name = getattr(t, "_qualified_op_name", None) or getattr(getattr(t, "_schema", None), "name", None)
-    return name == "moegraph::fp8_expert_mlp"
 
 
 def _fingerprint(spec_hash: str, plan, layer_index: int) -> int:

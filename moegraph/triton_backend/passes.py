@@ -30,6 +30,7 @@ from ..fx_passes import (
     DropTrainingOutputs,
     FoldSharedExperts,
     _is_expert_op,
+    _is_fp8_op,
     _method_arg,
     region_between,
     region_module,
@@ -50,15 +51,10 @@ def router_args(spec: MoESpec) -> tuple[Any, ...] | None:
     return TopKPolicy.of_router(r).positional() if r.type == "topk" else None
 
 
-#: FP8 expert ops: the router's anchors are the same (weights are the fourth argument), but they are
-#: not ``expert_mlp``s (other signature: FoldSharedExperts leaves them alone).
-_FP8_OPS = {"moegraph::fp8_expert_mlp", "moegraph_triton::fp8_expert_mlp"}
-
-
 def _is_routed_op(n: fx.Node) -> bool:
-    """An op that takes the routing weights as its fourth argument: ``expert_mlp`` or its FP8 form."""
-    name = getattr(n.target, "_qualified_op_name", None) or getattr(getattr(n.target, "_schema", None), "name", None)
-    return _is_expert_op(n) or (n.op == "call_function" and name in _FP8_OPS)
+    """An op that takes the routing weights as its fourth argument: ``expert_mlp`` or its FP8 form (the
+    router's anchors are the same, but FP8 ops have another signature: FoldSharedExperts leaves them alone)."""
+    return _is_expert_op(n) or _is_fp8_op(n)
 
 
 #: TopKRouter fields (with their off value) the router kernel has no step for: such routing stays torch code
