@@ -32,7 +32,7 @@ from .semantics import activations as _activations
 from .semantics import combine as _combine
 from .semantics import expr as _expr
 from .semantics.scores import torch_score_code
-from .spec import MoESpec, UniformTopology
+from .spec import MoESpec, UniformTopology, triton_fp8_problems
 
 _ENV: jinja2.Environment | None = None
 
@@ -257,16 +257,11 @@ def render(spec: MoESpec, backend: str = "torch") -> str:
     The source is parsed again and refused unless it has the expected shape (``check_module``).
     """
     check_backend(backend)
-    quant = spec.moe.quantization
-    if quant is not None and backend == "triton":
+    if backend == "triton":
         # The rules MoESpec checks for codegen.backend: triton, for a backend chosen at compile time.
-        if quant.activation_tile[1] != quant.weight_block[1]:
-            raise CodegenError(f"spec {spec.name!r}: the Triton FP8 kernels need moe.quantization.activation_tile "
-                               f"[1, {quant.activation_tile[1]}] as wide as the weight block's input size "
-                               f"({quant.weight_block[1]}); change the tile or compile with backend='torch'")
-        if spec.moe.experts.bias:
-            raise CodegenError(f"spec {spec.name!r}: the Triton FP8 kernels have no expert biases (moe.experts.bias); "
-                               "compile it with backend='torch'")
+        problems = triton_fp8_problems(spec.moe, "compile with backend='torch'")
+        if problems:
+            raise CodegenError(f"spec {spec.name!r}: " + "; ".join(f"{field}: {message}" for field, message in problems))
     try:
         source = template_env().get_template("moe_layer.py.j2").render(**context(spec, backend))
     except jinja2.TemplateError as exc:

@@ -850,6 +850,42 @@ def _quantization_problems(quant: QuantizationSpec, d: int, f: int, shared_f: in
                                 f"use a divisor of every expert size, e.g. {fits}")
 
 
+def triton_fp8_problems(moe: MoELayerSpec, torch_fix: str) -> list[tuple[str, str]]:
+    """What the Triton FP8 kernels cannot run in ``moe``'s quantized experts: (field path, message) pairs.
+
+    The kernels take one K step per weight block (the activation tile is the block's width) and tile a
+    block's output rows by BLOCK_N = min(rows, 64); Triton's ``tl.arange`` needs a power of two and
+    ``tl.dot`` 16 or more, so both block sizes are powers of two of at least 16. ``torch_fix`` says how to
+    choose the torch backend where the spec is read ("codegen.backend: torch" in a spec file,
+    "compile with backend='torch'" for a backend chosen at compile time). Used by ``MoESpec`` and, for the
+    backend given to ``compile``, by ``codegen.render``.
+    """
+    quant = moe.quantization
+    if quant is None:
+        return []
+    problems = []
+    bo, bi = quant.weight_block
+    sizes = [moe.hidden_size, moe.experts.intermediate_size]
+    if quant.shared_experts and moe.shared_experts.count:
+        sizes.append(moe.shared_experts.count * moe.shared_intermediate_size)
+    fits = [b for b in (128, 64, 32, 16) if math.gcd(*sizes) % b == 0]
+    for i, what, v in ((0, "rows (output size)", bo), (1, "columns (input size)", bi)):
+        if v < 16 or v & (v - 1):
+            use = f"use {fits[0]} (a power of two of 16 or more dividing the expert sizes) or " if fits else ""
+            problems.append((f"moe.quantization.weight_block.{i}",
+                             f"the Triton FP8 kernels need weight block {what} a power of two of 16 or more (one "
+                             f"Triton tile per block), got {v}; {use}{torch_fix}"))
+    if quant.activation_tile[1] != bi:
+        problems.append(("moe.quantization.activation_tile.1",
+                         f"the Triton FP8 kernels need moe.quantization.activation_tile [1, {quant.activation_tile[1]}] "
+                         f"as wide as the weight block's input size ({bi}): both are one K step; set "
+                         f"activation_tile: [1, {bi}] or {torch_fix}"))
+    if moe.experts.bias:
+        problems.append(("moe.experts.bias", f"the Triton FP8 kernels have no expert biases; drop the biases or "
+                                             f"{torch_fix}"))
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # The MoE layer
 # --------------------------------------------------------------------------------------------
@@ -1311,17 +1347,9 @@ class MoESpec(_Frozen):
                     f"aux loss '{loss.kind}' needs experts ({e}) to split evenly over the topology's "
                     f"{topo.num_gpus} devices; change the topology or drop the loss",
                 )
-        quant = self.moe.quantization
-        if quant is not None and self.codegen.backend == "triton":
-            # The Triton FP8 kernels take one K step per weight block: the tile is the block's width.
-            if quant.activation_tile[1] != quant.weight_block[1]:
-                problems.add("moe.quantization.activation_tile.1",
-                             f"the Triton FP8 kernels need the activation tile width ({quant.activation_tile[1]}) "
-                             f"equal to the weight block's input size ({quant.weight_block[1]}); set activation_tile: "
-                             f"[1, {quant.weight_block[1]}] or codegen.backend: torch")
-            if self.moe.experts.bias:
-                problems.add("moe.experts.bias", "the Triton FP8 kernels have no expert biases; set "
-                                                 "codegen.backend: torch or drop the biases")
+        if self.codegen.backend == "triton":
+            for field, message in triton_fp8_problems(self.moe, "set codegen.backend: torch"):
+                problems.add(field, message)
         slots = _slots_problem(self.moe.experts, self.placement, topo)
         if slots:
             problems.add(*slots)

@@ -213,6 +213,20 @@ def test_fp8_the_triton_kernels_cannot_run_is_refused(tmp_path, run_cli):
     res = run_cli("compile", path, "-o", tmp_path / "out", "--backend", "triton")
     assert res.code == 2 and "compile with backend='torch'" in res.err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+    # Block sizes the kernels cannot tile (a power of two of 16 or more: tl.arange and tl.dot) are refused
+    # the same way, each field by name: they passed and failed at the first forward, inside Triton.
+    for block, fields in (([96, 96], ("weight_block.0", "weight_block.1")), ([48, 128], ("weight_block.0",)),
+                          ([128, 96], ("weight_block.1",))):
+        d = _spec(weight_block=block, activation_tile=[1, block[1]])
+        d["moe"]["hidden_size"] = d["moe"]["experts"]["intermediate_size"] = 384  # every block divides them
+        spec = moegraph.load_spec(d)
+        with pytest.raises(CodegenError) as info:
+            moegraph.compile(spec, backend="triton", out_dir=tmp_path / "blocks")
+        message = str(info.value)
+        named = [f for f in ("weight_block.0", "weight_block.1") if f"moe.quantization.{f}: " in message]
+        assert tuple(named) == fields, (block, message)
+        assert "power of two of 16 or more" in message and "compile with backend='torch'" in message
+    assert not (tmp_path / "blocks").exists()
 
 
 def test_training_on_no_tokens_gives_zero_gradients():
