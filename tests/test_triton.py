@@ -297,6 +297,39 @@ def test_inline_activation_expression_runs_in_the_kernels():
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+INTEGER_POWERS = {
+    # activation expression: (gated, the same function in torch)
+    "x ** 9 / 100": (False, lambda h: h ** 9 / 100),
+    "x ** (1 + 2) - x ** 17 / 1e5": (False, lambda h: h ** 3 - h ** 17 / 1e5),  # folded; beyond the multiplied out
+    "(x - 8) ** -3 * 100": (False, lambda h: (h - 8) ** -3 * 100),
+    "(gate / 3) ** 9 * up": (True, lambda h: (h[..., :F_] / 3) ** 9 * h[..., F_:]),
+}
+
+
+@pytest.mark.parametrize("expression", list(INTEGER_POWERS))
+def test_integer_powers_of_negative_values_are_torch_powers(expression):
+    # Triton has no pow: exp(c * log(base)) is NaN for a negative base, where torch gives a real power for
+    # an integer exponent (any constant one, negative or folded from an expression).
+    gated, act = INTEGER_POWERS[expression]
+    g = torch.Generator().manual_seed(13)
+    w = _weights(g, torch.float32, gated=gated)
+    T, K = 9, 2
+    x = torch.randn(T, D, generator=g) * 2
+    tok, exp = _assignments(T, K, g)
+    wt = torch.rand(T * K, generator=g)
+    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, gated,
+                                             None, None, None, None, None)
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for n in range(T * K):  # a loop over assignments in float64, the activation as torch writes it
+        e, t = int(exp[n]), int(tok[n])
+        if 0 <= e < E:
+            h = w["w_up"][e].double() @ x[t].double()
+            assert (h < 0).any()
+            ref[t] += wt[n].double() * (w["w_down"][e].double() @ act(h))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, **TOL[torch.float32])
+
+
 # ----------------------------------------------------------------------------------------------
 # Router
 # ----------------------------------------------------------------------------------------------
@@ -313,12 +346,17 @@ ROUTERS = {
     "expression": (8, 2, "sqrt(softplus(x)) + 0.5 * tanh(x) - x ** 2 / 8 + log1p(abs(x))", False, True, False, 1.0,
                    (2, 1, "sum_topn", 3)),
     "powers": (8, 2, "2 ** (x / 4) - x ** 3 / 50 + relu(x)", False, False, True, 1.0, (0, 0, "max", 0)),
+    # integer powers of negative values: a folded exponent, a negative one, one beyond those multiplied out
+    "integer_powers": (8, 2, "x ** (1 + 1) / 9 + (x - 40) ** -2 * 100 - (x - 1) ** 17 / 1e12", False, False, False, 1.0,
+                       (0, 0, "max", 0)),
 }
 
 
 def test_score_expressions_fold_constants():
     assert kernels.score_to_triton("sigmoid(0) * x + sqrt(4)") == "((0.5 * x) + 2.0)"
     assert kernels.score_to_triton("x ** 2") == "((x) * (x))"
+    assert kernels.score_to_triton("x ** (1 + 1)") == "((x) * (x))"
+    assert kernels.score_to_triton("(x - 1) ** -2") == "(1.0 / (((x - 1.0)) * ((x - 1.0))))"
     assert "tl.log" not in kernels.score_to_triton("2 ** x")  # Triton's log wants a tensor: folded to a constant
     with pytest.raises(InputError, match="cannot be evaluated"):
         kernels.score_to_triton("log(0 - 1) * x")

@@ -186,12 +186,32 @@ def _fmt(v: float | None) -> float | None:
     return None if v is None else float(v)
 
 
+#: integer exponents up to this size are multiplied out; larger ones go through exp and log of |base|
+_POW_MULTIPLY = 16
+
+
 def _triton_pow(base: str, c: float | None, exponent: str) -> str:
-    if c is not None and c.is_integer() and 1 <= c <= 8:
-        return " * ".join([base] * int(c))
+    """Triton code for ``base ** exponent`` with torch's meaning; ``c`` is the exponent's value when it is a
+    constant (after folding), else None.
+
+    Triton has no pow: ``exp(c * log(base))`` is NaN for a negative base, which torch gives only for a
+    non-integer exponent. An integer constant is therefore multiplied out (up to ``_POW_MULTIPLY`` factors)
+    or taken as ``|base| ** n`` with the sign restored for odd n, and a negative one is the reciprocal.
+    """
+    if c is not None and c.is_integer():
+        n = abs(int(c))
+        if n == 0:
+            return f"(tl.zeros_like({base}) + 1.0)"  # 1 for every base, as torch (inf and NaN too)
+        if n <= _POW_MULTIPLY:
+            power = "(" + " * ".join([base] * n) + ")"
+        else:
+            power = f"tl.exp({float(n)!r} * tl.log(tl.abs({base})))"
+            if n % 2:
+                power = f"tl.where({base} < 0, -{power}, {power})"
+        return f"(1.0 / {power})" if c < 0 else power
     if c == 0.5:
         return f"tl.sqrt({base})"
-    return f"tl.exp({exponent} * tl.log({base}))"
+    return f"tl.exp({exponent} * tl.log({base}))"  # NaN for a negative base, as torch for a non-integer exponent
 
 
 def activation_source(act: semantics.Activation) -> tuple[list[Code], Code]:
@@ -402,7 +422,7 @@ def score_to_triton(score: str) -> str:
     tree = ast.parse(score_expression(score), mode="eval")
 
     def special(node: ast.AST, emit) -> str | None:
-        """Triton's own spellings: constants folded, small integer powers multiplied out."""
+        """Triton's own spellings: constants folded, powers as ``_triton_pow`` spells them."""
         if isinstance(node, ast.Expression):
             return None
         if not _uses_x(node):
@@ -417,12 +437,9 @@ def score_to_triton(score: str) -> str:
             raise InputError(f"score {score!r}: unknown name {node.id!r}")
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
             a, b = emit(node.left), emit(node.right)
-            c = node.right
-            if isinstance(c, ast.Constant) and float(c.value).is_integer() and 0 <= c.value <= 8:
-                return "(" + " * ".join([f"({a})"] * int(c.value)) + ")" if c.value else "(x * 0.0 + 1.0)"
             if not _uses_x(node.left):  # constant base
                 return f"tl.exp(({b}) * {math.log(_fold(node.left))!r})"
-            return f"tl.exp(({b}) * tl.log({a}))"
+            return _triton_pow(f"({a})", None if _uses_x(node.right) else _fold(node.right), f"({b})")
         if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _TRITON_CALLS):
             raise InputError(f"score {score!r}: {ast.dump(node)} has no Triton spelling")
         return None
