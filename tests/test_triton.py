@@ -742,6 +742,47 @@ def test_unsupported_devices_and_dtypes_say_what_to_do(monkeypatch):
         kernels.route_topk(torch.randn(2, 8), None, 2, "softmax", False, False, 1.0, 0, 0, "max", 0)
 
 
+_LATE_INTERPRETER = textwrap.dedent("""
+    import os, sys
+    import torch, triton  # triton imported first, with TRITON_INTERPRET as the parent set it
+    import moegraph
+    from moegraph import codegen
+    from moegraph.errors import InputError
+
+    codegen.set_cache_dir(sys.argv[1])
+    if sys.argv[2] == "set":
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        del os.environ["TRITON_INTERPRET"]
+    layer = moegraph.compile("mixtral-tiny", backend="triton", dtype=torch.float32).eval()
+    try:
+        layer(torch.randn(3, 32))
+    except InputError as exc:
+        print("refused:", exc)
+""")
+
+
+@pytest.mark.parametrize("change", ["set", "cleared"])
+def test_interpreter_switched_after_triton_was_imported_is_refused(change, tmp_path):
+    # Triton builds its own library functions for the interpreter or the compiler when it is imported; the
+    # variable set afterwards (here, as after `import torch._dynamo`) failed inside Triton with "Cannot call
+    # @triton.jit'd outside of the scope of a kernel". The backend names the fix instead.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if change == "cleared":
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _LATE_INTERPRETER, str(tmp_path), change], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.strip().splitlines()[-1]
+    if change == "set":
+        assert out.startswith("refused: TRITON_INTERPRET=1 was set after triton was imported"), out
+        assert "set TRITON_INTERPRET=1 before anything imports triton or torch._dynamo" in out
+    else:
+        assert out.startswith("refused: TRITON_INTERPRET was cleared after triton was imported with it"), out
+
+
 def test_render_is_strict_cached_and_written_once(tmp_path):
     with pytest.raises(CodegenError, match="has_shared"):
         render("triton_align.py.j2", {})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +24,7 @@ import jinja2
 from .. import __version__
 from ..codegen import default_cache_dir, import_generated, template_env, write_atomic
 from ..codegen_safe import check_module
-from ..errors import CodegenError
+from ..errors import CodegenError, InputError
 
 _MODULES: dict[tuple[str, bool], ModuleType] = {}
 _LOCK = threading.Lock()
@@ -46,10 +47,42 @@ def kernel_cache_dir() -> Path:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read by Triton itself)."""
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read by Triton itself).
+
+    Triton reads the variable twice: when ``triton.language`` is imported (its own @jit library
+    functions, such as the combine functions of ``tl.cumsum``, are built for the interpreter or the
+    compiler then) and when each kernel module is imported (``knobs.runtime.interpret``). A variable
+    set or cleared in between makes kernels that cannot call the library ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"): refused here, naming the fix.
+    """
     from triton import knobs
 
-    return bool(knobs.runtime.interpret)
+    now = bool(knobs.runtime.interpret)
+    at_import = _library_interpreted()
+    if at_import is not None and now != at_import:
+        if now:
+            raise InputError(
+                "TRITON_INTERPRET=1 was set after triton was imported (torch._dynamo and torch.compile import it "
+                "too), so Triton's own library was built for the GPU compiler and the triton backend cannot run "
+                "in the interpreter; set TRITON_INTERPRET=1 before anything imports triton or torch._dynamo "
+                "(first thing in the script, or in the shell)")
+        raise InputError(
+            "TRITON_INTERPRET was cleared after triton was imported with it, so Triton's own library runs only "
+            "in the interpreter; leave TRITON_INTERPRET=1 set, or clear it before anything imports triton")
+    return now
+
+
+@lru_cache(maxsize=1)
+def _library_interpreted() -> bool | None:
+    """Whether Triton built its own @jit library functions for the interpreter (decided once, when
+    ``triton.language`` was imported); None when the installed triton has none to tell by."""
+    import triton.language.standard as std
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    kinds = {isinstance(v, InterpretedFunction) for v in vars(std).values()
+             if isinstance(v, (InterpretedFunction, JITFunction))}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _write_if_changed(path: Path, source: str) -> None:
