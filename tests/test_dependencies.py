@@ -94,3 +94,16 @@ print("ok")
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-3000:]
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+def test_triton_bound_has_the_knobs_the_backend_reads():
+    # The Triton backend reads `triton.knobs` (triton_backend/render.interpreting), which first shipped in
+    # triton 3.4 (renamed from the short-lived triton.config after 3.3 branched): an older triton that the
+    # bound allowed failed with ImportError at the first kernel.
+    from packaging.requirements import Requirement
+
+    for extra in ("triton", "test"):
+        (req,) = [Requirement(r) for r in PYPROJECT["optional-dependencies"][extra] if _name(r) == "triton"]
+        assert not req.specifier.contains("3.3.1") and req.specifier.contains("3.4.0"), (extra, str(req))
+    assert any("from triton import knobs" in line for line in
+               (ROOT / "moegraph" / "triton_backend" / "render.py").read_text().splitlines())
