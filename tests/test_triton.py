@@ -36,6 +36,7 @@ pytest.importorskip("triton")
 import moegraph  # noqa: E402
 from moegraph.errors import CodegenError, InputError  # noqa: E402
 from moegraph.ops import _expert_mlp_impl  # noqa: E402
+from moegraph.semantics import routing  # noqa: E402
 from moegraph.triton_backend import configs, kernels  # noqa: E402
 from moegraph.triton_backend import ops as tops  # noqa: E402
 from moegraph.triton_backend.passes import FuseRouter, triton_passes  # noqa: E402
@@ -396,6 +397,31 @@ def test_router_group_mask_uses_minus_inf():
     ids, _ = torch.ops.moegraph_triton.route_topk(logits, bias, 2, "identity", False, False, 1.0, 2, 1, "max", 0)
     ref, _ = tops.route_topk_reference(logits, bias, 2, "identity", False, False, 1.0, 2, 1, "max", 0)
     assert torch.equal(ids, ref) and set(ids[0].tolist()) == {2, 3}
+
+
+def test_router_ties_go_to_the_lowest_expert_id_with_torchs_weights():
+    # Where equal values decide a choice, torch.topk's order among them is its own (and differs between CPU
+    # and CUDA); the kernel's is the lowest expert (and group) id, and its weights are those of the experts it
+    # chose. Without an expert bias, tied experts have equal scores: the weights are torch's either way.
+    cases = [
+        # logits, bias, policy (top_k, score, topk_then_score, normalize, scale, groups), ids the kernel takes
+        ([[0.0] * 8], None, (2, "softmax", False, False, 1.0, 0, 0, "max", 0), [[0, 1]]),  # a zeroed router
+        ([[-5.0, 30.0, 2.0, 40.0, 35.0, 1.0]], None, (2, "sigmoid", False, True, 1.0, 0, 0, "max", 0), [[1, 3]]),
+        ([[1.0, 3.0, 0.0, 3.0, 2.0, 3.0]], None, (3, "identity", False, False, 1.0, 0, 0, "max", 0), [[1, 3, 5]]),
+        # groups of two with equal maxima: the lower group is kept; then a tie inside it
+        ([[1.0, 1.0, 0.0, 1.0, 0.5, 0.2]], None, (2, "identity", False, False, 1.0, 3, 1, "max", 0), [[0, 1]]),
+        # equal only after the bias: still the lowest id
+        ([[1.0, 2.0, 3.0, 0.0]], [1.0, 0.0, -1.0, 0.0], (1, "identity", False, False, 1.0, 0, 0, "max", 0), [[0]]),
+    ]
+    for logits, bias, args, want in cases:
+        logits_TE = torch.tensor(logits)
+        bias_E = None if bias is None else torch.tensor(bias)
+        ids, w = torch.ops.moegraph_triton.route_topk(logits_TE, bias_E, *args)
+        assert ids.tolist() == want, (logits, args, ids.tolist())
+        torch.testing.assert_close(w, routing.route_weights(logits_TE, ids, routing.TopKPolicy(*args)),
+                                   **TOL[torch.float32])
+        if bias is None:  # whichever of the tied experts torch took
+            torch.testing.assert_close(w, tops.route_topk_reference(logits_TE, None, *args)[1], **TOL[torch.float32])
 
 
 def test_router_backward_matches_torch_routing():

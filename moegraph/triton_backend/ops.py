@@ -69,6 +69,10 @@ def route_topk(logits_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, scor
         num_groups, topk_groups, group_score, top_n: group limit (num_groups 0: none).
     Returns:
         ids_TK [T, K] int64, best first; weights_TK [T, K] in the logits' dtype.
+
+    The experts are ``route_topk_reference``'s wherever the values deciding the choice are distinct; where
+    equal values decide it, the kernel takes the lowest expert (and group) id, torch.topk an order of its
+    own (which differs between CPU and CUDA). The weights are those of the experts chosen.
     """
     policy = routing.TopKPolicy(top_k, score, topk_then_score, normalize, scaling_factor, num_groups, topk_groups,
                                 group_score, top_n)
