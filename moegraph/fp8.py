@@ -6,9 +6,10 @@ I/bi], the factor that turns the stored FP8 values back into the weight (w = q *
 "ue8m0" scale format rounds every scale up to a power of two (stored as float32 all the same).
 
 Activations entering an expert GEMM are quantized on the fly per token and per ``tile`` input columns
-(1 x 128 in DeepSeek-V3), with the same rule. The GEMMs accumulate in float32: the FP8 operands are
-dequantized with their scales and multiplied in float32, which on the CPU is both the fastest way and
-exactly the block-scaled product (every FP8 value and every scale is exact in float32).
+(1 x 128 in DeepSeek-V3), with the same rule. The GEMMs accumulate in float32: the torch path
+dequantizes the FP8 operands with their scales and multiplies them in float32, exactly the block-scaled
+product (every FP8 value and every scale is exact in float32); for decode (few tokens) the native kernel
+(``native``) may instead multiply FP8 by FP8 in bfloat16 dot products where the CPU has them.
 
 Quantization rule (for weights and activations alike; the one transformers' fine-grained FP8
 quantizer applies, so a layer quantized here holds the bytes a transformers checkpoint would):

@@ -69,7 +69,7 @@ def plan_cmd(
     max_imbalance: Annotated[float | None, typer.Option("--max-imbalance", callback=finite(1.0, 1e6), help="Target max/mean GPU load on the "
                                                         "traces (default: placement.max_imbalance; with --from, the "
                                                         "current plan's spec's, less 0.02).")] = None,
-    rounds: Annotated[int | None, typer.Option("--rounds", min=0, max=10000, help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, else 0).")] = None,
+    rounds: Annotated[int | None, typer.Option("--rounds", min=0, max=10000, help="Perturbation rounds of the local search (default: 6 in layers of up to 128 slots, 12 there without redundant slots, else 0).")] = None,
     robust: Annotated[bool | None, typer.Option("--robust/--no-robust", help="Bound each GPU's load covariance by "
                                                 "the load-only plan's (balance on unseen traffic; default on).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "

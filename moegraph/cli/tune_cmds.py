@@ -25,8 +25,9 @@ def tune(
     """Time each expert-compute strategy at each token count and store the winners in the tuned table.
 
     The table is keyed by this machine's identity (CPU model, cores, ISA flags, threads) and the
-    torch version, under $XDG_CACHE_HOME/moegraph/tuned (else ~/.cache/moegraph/tuned); layers
-    compiled with expert_strategy="auto" read it instead of measuring on first use.
+    torch version, under $XDG_CACHE_HOME/moegraph/tuned (else ~/.cache/moegraph/tuned); layers the
+    moegraph command compiles with expert_strategy="auto" read it instead of measuring on first use (in
+    Python, call moegraph.tuning.enable_tuning(that folder) first: library use tunes in memory).
     """
     import torch
 

@@ -33,7 +33,8 @@ A rank that fails or dies anywhere before the commit vote leaves every rank and 
 plan: the others raise ``DistributedError`` naming their rank and the phase (the collective's timeout
 bounds the wait; after a timeout the process group itself may be unusable, as with any collective).
 Running backwards see the change: the expert ops check that their weights did not change between
-forward and backward (``oplib.saved_inputs``), so a migration between the two fails loudly.
+forward and backward (``oplib.OpaqueOp.register_autograd(check_versions=True)``), so a migration between
+the two fails loudly.
 
 Legend: S slots per rank, W ranks, P elements of one slot's tensor.
 """

@@ -19,18 +19,20 @@ How a block is read, for any family (no per-family table):
    code departs from its config (e.g. DeepSeek-V2 ignores ``norm_topk_prob``) the few variants
    the spec language offers are tried and the one that reproduces the block is kept, with a note.
    Nothing that fails this check is compiled.
-3. The combine: the stubs return known tensors, so the block's output must equal routed +
-   (gated) shared output; anything else (a norm after the experts, an input rescaled by the
-   router) is refused with the reason.
+3. The combine: the stubs return known tensors, so the block's output must be routed + (gated)
+   shared output, or a form the spec holds (a norm after the experts: ``moe.output_norm``; an output
+   bias; a combine expression); anything else is refused with the reason.
 4. ``from_hf`` then compiles the spec, copies (or shares) the weights and compares the compiled
    layer with the block on random tokens.
 
 Blocks that take token ids (DeepSeek-V4's ``input_ids``) are probed with random ids: a routing
 that changes with them must be a token id -> experts table the block holds (hash routing). Blocks
 that feed every expert every token scaled by its routing weight (Llama 4) read as
-``experts.routing_weight: input``. Families whose math the spec cannot express are refused with
-``UnsupportedBlock`` naming the feature (GPT-OSS's clamped ``(up + 1) * gate * sigmoid(alpha * gate)``,
-Phi-MoE's sparsemixer, ...); tests/test_hf_families.py lists them for the installed transformers.
+``experts.routing_weight: input``. Activations are read as expressions (GPT-OSS's clamped
+``(up + 1) * gate * sigmoid(alpha * gate)``), Phi-MoE's routing as ``router.sparsemixer``. Families whose
+math the spec cannot express are refused with ``UnsupportedBlock`` naming the feature (NLLB-MoE, whose
+experts module reads the router's top-1 mask as expert ids, ...); tests/test_hf_families.py lists them for
+the installed transformers.
 """
 
 from __future__ import annotations

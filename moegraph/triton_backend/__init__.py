@@ -5,7 +5,8 @@ Modules:
 - ``render``:  Jinja -> Python source -> imported kernel module, cached by content hash.
 - ``configs``: block sizes keyed by (experts, hidden size, dtype, device), with a default.
 - ``kernels``: the launchers (alignment, grouped expert MLP, combine, router).
-- ``ops``:     ``moegraph_triton::expert_mlp`` and ``moegraph_triton::route_topk``.
+- ``ops``:     ``moegraph_triton::expert_mlp``, ``moegraph_triton::fp8_expert_mlp`` (FP8 specs) and
+               ``moegraph_triton::route_topk``.
 - ``passes``:  ``FuseRouter``, the FX pass that swaps the torch routing subgraph for the router kernel.
 
 Kernels run on CUDA devices, and on CPU under Triton's interpreter: ``TRITON_INTERPRET=1`` set
