@@ -149,7 +149,7 @@ def _loop_reference(layer, x_TD: torch.Tensor, gc: float, uc: float) -> torch.Te
     """Top-2 of sqrt(sigmoid(logits)), renormalised; the new activation; one token at a time."""
     out = []
     for t in range(x_TD.shape[0]):
-        s = torch.sqrt(torch.sigmoid(layer.router.weight @ x_TD[t].float()))  # router_dtype float32
+        s = torch.sqrt(torch.sigmoid(layer.router.weight @ x_TD[t].to(layer.router.weight.dtype)))
         ids = sorted(range(s.shape[0]), key=lambda e: -float(s[e].detach()))[:2]
         w = torch.stack([s[e] for e in ids])
         w = (w / (w.sum() + 1e-20)).to(x_TD.dtype)
@@ -173,8 +173,7 @@ def test_new_entries_reach_the_generated_torch_layer(new_entries, tmp_path):
     x = torch.randn(1, 7, 32, generator=g, dtype=torch.float64, requires_grad=True)
     y = layer(x)
     want = _loop_reference(layer, x[0], 0.7, 0.9)
-    # The router runs in float32 (router_dtype), over all tokens in the layer and one token at a time here: the
-    # routing weights agree to float32 rounding (bit for bit on some CPUs, not on others); the experts are float64.
+    # A float64 layer routes in float64 too, over all tokens in the layer and one token at a time here.
     torch.testing.assert_close(y[0], want, rtol=1e-6, atol=1e-8)
     # Backward: the op's explicit backward (from the symbolic derivatives) against autograd on the loop.
     params = [x, layer.experts.gate_up_proj, layer.experts.down_proj, layer.router.weight]
@@ -291,7 +290,7 @@ def _inline_loop_reference(layer, x_TD: torch.Tensor, fn) -> torch.Tensor:
     """Top-2 of softmax(logits), renormalised; the activation ``fn`` written in torch; one token at a time."""
     out = []
     for t in range(x_TD.shape[0]):
-        s = torch.softmax(layer.router.weight @ x_TD[t].float(), -1)  # router_dtype float32
+        s = torch.softmax(layer.router.weight @ x_TD[t].to(layer.router.weight.dtype), -1)
         ids = sorted(range(s.shape[0]), key=lambda e: -float(s[e].detach()))[:2]
         w = torch.stack([s[e] for e in ids])
         w = (w / w.sum()).to(x_TD.dtype)
