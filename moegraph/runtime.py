@@ -375,10 +375,10 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
                               source=name, name=name)
 
 
-#: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
 #: the layer's tensors that stay float32 when it is cast (``.to(torch.bfloat16)``, ``.half()``): the aux-loss-free
 #: balancing state, whose updates are smaller than a bfloat16 step (its load counter, not in the state dict, too)
 KEPT_FLOAT32 = ("router.expert_bias",)
+#: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
 ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale")
 
 
@@ -669,9 +669,14 @@ class CompiledMoEBase(nn.Module):
             self.__dict__["compute_dtype"] = probe.dtype
         if not kept:
             return super()._apply(fn, recurse)
-        # (where a kept tensor goes: where the cast sends a scalar of its own device)
-        return super()._apply(lambda t: t.to(fn(t.new_zeros((), dtype=torch.float32)).device) if id(t) in kept
-                              else fn(t), recurse)
+
+        def keep(t: Tensor) -> Tensor:
+            # A cast (what changes a scalar of the tensor's dtype) only moves it to the device the cast goes to;
+            # anything else (to_empty, share_memory, a device move) applies as to every tensor.
+            probe = fn(t.new_zeros((), dtype=t.dtype))
+            return t.to(probe.device) if probe.dtype != t.dtype else fn(t)
+
+        return super()._apply(lambda t: keep(t) if id(t) in kept else fn(t), recurse)
 
     # -- graphs ----------------------------------------------------------------------------------
 

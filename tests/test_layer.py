@@ -1082,6 +1082,14 @@ def test_a_cast_keeps_the_balancing_state_in_float32():
         layer.update_expert_bias(torch.tensor([0.0] * 4 + [10.0] * 4))
     torch.testing.assert_close(layer.router.expert_bias, torch.tensor([0.51] * 4 + [0.49] * 4))
     assert layer.half().router.expert_bias.dtype == torch.float32 and layer.float().experts.down_proj.dtype == torch.float32
+    # only casts skip it: a layer built on the meta device materialises (to_empty), and shares its memory whole
+    # (both failed or skipped the balancing state while every kept tensor was only moved; review)
+    with torch.device("meta"):
+        meta = moegraph.compile(spec, seed=None)
+    meta.to_empty(device="cpu")
+    assert meta.router.expert_bias.device.type == "cpu" and meta._bias_load_E.dtype == torch.float32
+    layer.share_memory()
+    assert layer.router.expert_bias.is_shared() and layer._bias_load_E.is_shared() and layer.router.weight.is_shared()
 
 
 def test_a_float64_layer_routes_in_float64():
