@@ -16,6 +16,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -413,6 +414,13 @@ def _run_weights(rank: int, world: int, out_dir: Path) -> dict:
     res["loose_missing"] = sorted(loose.missing_keys)
     res["loose_changed"] = [bool((ep.experts.down_proj[i] != before[i]).any()) for i in range(len(ep.slot_experts))]
     res["loose_want"] = [e != mine for e in ep.slot_experts]
+    # inside a larger module torch checks strictness itself: it names the keys, a warning says why
+    parent = torch.nn.Module()
+    parent.moe = ep
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res["nested"] = _timed_error(lambda: parent.load_state_dict({"moe." + k: v for k, v in per_expert.items()}))
+    res["nested_warned"] = [str(w.message) for w in seen if "which the plan places on rank" in str(w.message)]
     ep.load_state_dict(state)
     short = dict(state)
     short["experts.down_proj"] = state["experts.down_proj"][:-1]
@@ -712,6 +720,9 @@ def test_weights_load_into_any_placement(main2):
         mine = w["missing_expert"]
         assert w["loose_missing"] == [f"experts.{mine}.down_proj", f"experts.{mine}.gate_up_proj"]
         assert w["loose_changed"] == w["loose_want"] and not all(w["loose_want"])  # the others loaded, it kept its own
+        kind, msg, _ = w["nested"]
+        assert kind == "RuntimeError" and f'"moe.experts.{mine}.gate_up_proj"' in msg, msg
+        assert w["nested_warned"] and f"expert(s) [{mine}]" in w["nested_warned"][0]
         kind, msg, _ = w["short"]
         assert kind == "MissingExpertWeights" and f"{E} rows" in msg
 

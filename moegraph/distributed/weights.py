@@ -19,6 +19,7 @@ a per-expert key ``experts.<e>.<name>``, or a rank-local ``experts.slots.<name>`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,14 +119,15 @@ class SlotExperts(nn.Module):
                     )
                 rows[slot] = t
             if missing:
+                why = (f"checkpoint has no '{name}' weights for expert(s) {missing}, which the plan places on rank "
+                       f"{self.rank} (slots {self.first_slot}..{self.first_slot + len(self.slot_experts) - 1}); "
+                       f"looked for '{prefix}{name}' [E, ...], '{prefix}<e>.{name}' and '{prefix}slots.{name}' "
+                       f"with '{prefix}slots.logical_ids'. Load a checkpoint holding every expert (the "
+                       f"single-process layer's state_dict, or full_state_dict() of an expert-parallel layer)")
                 if self.strict_load:
-                    raise MissingExpertWeights(
-                        f"checkpoint has no '{name}' weights for expert(s) {missing}, which the plan places on rank "
-                        f"{self.rank} (slots {self.first_slot}..{self.first_slot + len(self.slot_experts) - 1}); "
-                        f"looked for '{prefix}{name}' [E, ...], '{prefix}<e>.{name}' and '{prefix}slots.{name}' "
-                        f"with '{prefix}slots.logical_ids'. Load a checkpoint holding every expert (the "
-                        f"single-process layer's state_dict, or full_state_dict() of an expert-parallel layer)"
-                    )
+                    raise MissingExpertWeights(why)
+                if self.strict_load is None:  # part of a larger module's load: torch names the keys, this says why
+                    warnings.warn(why, stacklevel=2)
                 missing_keys.extend(f"{prefix}{e}.{name}" for e in sorted(set(missing)))
             with torch.no_grad():  # the slots found (all of them, unless the load is not strict)
                 for slot, t in rows.items():
