@@ -22,6 +22,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
@@ -574,10 +575,10 @@ class Capacity(_Frozen):
         if (self.factor is None) == (self.tokens is None):
             raise field_error("factor", "give the capacity as a factor (factor: 1.25) or as a number of tokens "
                                         "(tokens: 64), exactly one of them")
-        if self.tokens is not None and self.min_capacity > self.tokens:
-            raise field_error("min_capacity", f"min_capacity {self.min_capacity} is above tokens: {self.tokens}, the "
-                                              "capacity itself (min_capacity bounds a capacity computed from factor): "
-                                              "raise tokens or drop min_capacity")
+        if self.tokens is not None and self.min_capacity > self.tokens:  # (warned, not refused: old files load)
+            warnings.warn(f"capacity.min_capacity {self.min_capacity} is ignored: the capacity is tokens: {self.tokens} "
+                          "(min_capacity bounds a capacity computed from factor); raise tokens or drop min_capacity",
+                          stacklevel=2)
         return self
 
 
@@ -1249,8 +1250,8 @@ Topology = Annotated[
 class PlacementObjective(_Frozen):
     """Not weights the planner reads: it minimises the predicted all-to-all with every GPU's load held within
     ``placement.max_imbalance`` (balance is a bound, not a term traded against communication). The section stays
-    in the format, at its one value, so that spec files and the plan files made for them keep matching (a
-    spec's hash covers it); any other value is refused with that fix."""
+    in the format so that spec files and the plan files made for them keep matching (a spec's hash covers it);
+    a value other than 1 is warned about, not refused, for the same reason."""
 
     communication: float = Field(1.0, ge=0, le=1e6, description="Always 1: the planner minimises the predicted "
                                  "all-to-all (within placement.max_imbalance).")
@@ -1261,9 +1262,9 @@ class PlacementObjective(_Frozen):
     def _not_weights(self) -> PlacementObjective:
         for key in ("communication", "balance"):
             if getattr(self, key) != 1.0:
-                raise field_error(key, "not a weight the planner reads (it minimises the all-to-all with every GPU "
-                                       "within placement.max_imbalance): to trade balance for communication, raise "
-                                       "or lower placement.max_imbalance, and drop the objective section")
+                warnings.warn(f"placement.objective.{key} = {getattr(self, key):g} is ignored: the planner minimises "
+                              "the all-to-all with every GPU within placement.max_imbalance (to trade balance for "
+                              "communication, change max_imbalance); drop the objective section", stacklevel=2)
         return self
 
 

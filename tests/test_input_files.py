@@ -321,3 +321,14 @@ def test_a_table_cell_with_control_characters_keeps_the_table_aligned():
     lines = [line for line in cap.get().splitlines() if line.strip()]
     assert "\x1b" not in cap.get() and "a\\x1b[2Jb" in cap.get() and "t\\x1b]0;X\\x07" in lines[0]
     assert len({len(line) for line in lines[1:]}) == 1, lines
+
+
+def test_the_cli_prints_a_warning_as_one_line(run_cli, tmp_path):
+    # Python's own format showed the source file and line of the warning call
+    data = moegraph.load_spec("mixtral-tiny").to_dict()
+    data["placement"]["objective"] = {"communication": 3}
+    (tmp_path / "objective.json").write_text(json.dumps(data))
+    r = run_cli("validate", tmp_path / "objective.json")
+    assert r.code == 0 and "ok" in r.out
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: placement.objective.communication = 3 is ignored"), r.err

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
 
 from ..errors import MoegraphError
-from .output import console, err_console, say_error  # noqa: F401  (markup never interpreted)
+from .output import console, err_console, say, say_error  # noqa: F401  (markup never interpreted)
 
 app = typer.Typer(
     name="moegraph",
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_types, click_errors, abort_types = _click_exceptions()
     _configure_from_environment(argv)
     try:
-        rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
+        with warnings.catch_warnings():  # a warning is one 'warning:' line, as errors are (no source line)
+            warnings.showwarning = _warning_line
+            rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
     except MoegraphError as exc:
         report_error(exc)
         return 2
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return 1  # as rich's consoles do when they meet the closed pipe themselves (Console.on_broken_pipe)
     return rc if isinstance(rc, int) else 0
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    say(str(message), prefix="warning:", style="bold yellow", err=True)
 
 
 def _silence_stdout() -> None:
