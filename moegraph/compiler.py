@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .codegen import BACKENDS, check_backend, layer_class
-from .errors import InputError, is_integer, is_number
+from .errors import InputError, is_integer, is_number, short_repr
 from .fx_passes import Pipeline
 from .limits import check_memory
 from .loader import load_spec
@@ -146,11 +146,11 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
         if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
             raise InputError(f"device {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
     if seed is not None and not is_integer(seed, 0, 2**63 - 1):
-        raise InputError(f"seed {seed!r} must be an integer in [0, 2**63) or None")
+        raise InputError(f"seed {short_repr(seed)} must be an integer in [0, 2**63) or None")
     if timeout is not None and not (is_number(timeout) and timeout > 0):
-        raise InputError(f"timeout {timeout!r} must be a finite number of seconds above 0 (or None)")
+        raise InputError(f"timeout {short_repr(timeout)} must be a finite number of seconds above 0 (or None)")
     if not is_integer(layer_index, 0):
-        raise InputError(f"layer_index {layer_index!r} must be a non-negative integer")
+        raise InputError(f"layer_index {short_repr(layer_index)} must be a non-negative integer")
     return dtype, device
 
 

@@ -33,11 +33,14 @@ def is_integer(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
 
 
 def is_number(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
-    """Whether an argument is a finite real number in [lo, hi] (an integer of any size too; not a bool, NaN,
-    infinity or a string)."""
+    """Whether an argument is a finite real number in [lo, hi]: one a float holds (it is used as one: an integer
+    past 1e308 is not), not a bool, NaN, infinity or a string."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return False
-    return (isinstance(value, numbers.Integral) or math.isfinite(value)) and lo <= value <= hi
+    try:
+        return math.isfinite(float(value)) and lo <= value <= hi
+    except OverflowError:
+        return False
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

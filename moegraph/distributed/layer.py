@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .. import fp8
-from ..errors import DistributedError, PlanFileError
+from ..errors import DistributedError, PlanFileError, is_number, short_repr
 from ..fx_passes import Pipeline, _is_expert_op, _is_fp8_op
 from ..runtime import CompiledMoEBase, init_value
 from .comm import Comm, Traffic
@@ -187,8 +187,8 @@ class ExpertParallelMoE(CompiledMoEBase):
         if backend == "nccl" and device.type != "cuda":
             raise DistributedError(f"the NCCL backend moves CUDA tensors only, but device is {device}; pass "
                                    "device='cuda:<local rank>' or use the gloo backend on CPU")
-        if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
-            raise DistributedError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if timeout is not None and not (is_number(timeout) and timeout > 0):
+            raise DistributedError(f"timeout must be a positive number of seconds, got {short_repr(timeout)}")
         ep_cls = cls._classes.get(layer_cls)
         if ep_cls is None:
             ep_cls = type(f"{layer_cls.__name__}ExpertParallel", (cls, layer_cls), {"__module__": cls.__module__})

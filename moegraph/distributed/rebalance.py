@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DistributedError, PlanInfeasible, TraceError, is_integer, is_number
+from ..errors import DistributedError, PlanInfeasible, TraceError, is_integer, is_number, short_repr
 from ..fileio import check_input, write_atomically
 from ..runtime import RoutingRecorder
 from ..semantics.routing import modulo_hash_experts
@@ -86,7 +86,7 @@ class WindowRecorder(RoutingRecorder):
     def __init__(self, max_tokens: int = 8192) -> None:
         if not _is_count(max_tokens):
             raise DistributedError(f"WindowRecorder max_tokens (tokens each layer's window keeps) must be an integer "
-                                   f">= 1, got {max_tokens!r}")
+                                   f">= 1, got {short_repr(max_tokens)}")
         self.max_tokens = int(max_tokens)
         self.paused = False  # forwards while paused are not recorded (``Rebalancer.pause``)
         self._ids: torch.Tensor | None = None  # [max_tokens, K] ring
@@ -259,12 +259,12 @@ class Rebalancer:
         if every is None and threshold is None:
             raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
         if every is not None and not _is_count(every):
-            raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got {every!r}")
+            raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got {short_repr(every)}")
         if threshold is not None and not is_number(threshold, 1.0):
-            raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got {threshold!r}")
+            raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got {short_repr(threshold)}")
         if not _is_count(check_every):
             raise DistributedError(f"Rebalancer check_every (steps between threshold checks) must be an integer >= 1, "
-                                   f"got {check_every!r}")
+                                   f"got {short_repr(check_every)}")
         if not layers:
             raise DistributedError("Rebalancer: no layers given; pass every expert-parallel MoE layer of the model")
         for i, layer in enumerate(layers):
@@ -275,7 +275,7 @@ class Rebalancer:
                     "moegraph.compile(spec, plan=PLAN)")
         if not _is_count(window_tokens):
             raise DistributedError(f"Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an "
-                                   f"integer >= 1, got {window_tokens!r}")
+                                   f"integer >= 1, got {short_repr(window_tokens)}")
         from ..planner.replan import check_budget_allows_a_move, check_replan_args
 
         try:  # refused here, not at the first re-plan (where a refusal only skips it)

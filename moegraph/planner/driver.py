@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PlanInfeasible, SpecError, TraceError, is_integer, is_number
+from ..errors import PlanInfeasible, SpecError, TraceError, is_integer, is_number, short_repr
 from ..limits import check_memory
 from ..loader import load_spec
 from ..spec import ExplicitTopology, MoESpec
@@ -73,7 +73,8 @@ def override_spec(
         return spec
     for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("slots", slots)):
         if value is not None and not is_integer(value, 1):
-            raise PlanInfeasible(f"{name} must be a whole number >= 1 (--{name.replace('_', '-')}), got {value!r}")
+            raise PlanInfeasible(f"{name} must be a whole number >= 1 (--{name.replace('_', '-')}), got "
+                                 f"{short_repr(value)}")
     data = spec.to_dict()
     if nodes is not None or gpus_per_node is not None:
         if isinstance(spec.topology, ExplicitTopology):
@@ -173,7 +174,7 @@ def _check_arguments(**kwargs: Any) -> None:
         lo, hi = bounds[key]
         integer = isinstance(lo, int)
         if not (is_integer if integer else is_number)(value, lo, hi):
-            raise PlanInfeasible(f"{key}={value!r}: expected {'an integer' if integer else 'a finite number'} in "
+            raise PlanInfeasible(f"{key}={short_repr(value)}: expected {'an integer' if integer else 'a finite number'} in "
                                  f"[{lo}, {hi}]")
 
 
