@@ -233,8 +233,10 @@ def _check_activation(v: Any) -> str:
         except ValueError as exc:
             raise ValueError(f"{exc}; or use one of {', '.join(ACTIVATIONS)}") from None
         return v
-    if isinstance(v, str) and v in _activations.OTHER_NAMES:
-        name = _activations.OTHER_NAMES[v]
+    if isinstance(v, str) and v.lower() in ACTIVATIONS:
+        raise ValueError(f"activation names are lower case here: '{v.lower()}'")
+    if isinstance(v, str) and v.lower() in _activations.OTHER_NAMES:
+        name = _activations.OTHER_NAMES[v.lower()]
         gated = next((n for n, a in ACTIVATIONS.items() if a.gated and a.elementwise == name), None)
         raise ValueError(f"'{v}' is called '{name}' here" + (f" (gated, as experts usually are: '{gated}')" if gated
                                                              else ""))

@@ -737,6 +737,10 @@ def test_other_libraries_activation_names_point_to_ours():
         load_spec(spec("swish"))
     with pytest.raises(SpecError, match="'gelu_pytorch_tanh' is called 'gelu_tanh' here .*'geglu_tanh'"):
         load_spec(spec("gelu_pytorch_tanh"))
+    with pytest.raises(SpecError, match="'Swish' is called 'silu' here"):
+        load_spec(spec("Swish"))
+    with pytest.raises(SpecError, match="activation names are lower case here: 'swiglu'"):
+        load_spec(spec("SwiGLU"))
 
 
 def test_placement_objective_weights_are_warned_about_as_unread():

@@ -93,9 +93,10 @@ def check_score(v: str) -> str:
 
 @functools.lru_cache(maxsize=256)
 def score_can_be_negative(score: str) -> bool:
-    """Whether a (validated) score name or expression is negative at some logit of ``SCORE_PROBE_X``: then the
-    scores of a token are no distribution of its load, and the balance losses, which share each token among the
-    experts by its scores, are not bounded below. Softmax never is."""
+    """Whether a (validated) score name or expression is negative at some logit of ``SCORE_PROBE_X`` (the grid
+    of sample logits every score is checked on; a dip between two of them goes unseen): then the scores of a
+    token are no distribution of its load, and the balance losses, which share each token among the experts by
+    its scores, are not bounded below. Softmax never is."""
     if score == "softmax":
         return False
     tree = score_tree(score_expression(score))
