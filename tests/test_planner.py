@@ -479,23 +479,3 @@ def test_count_only_plans_on_several_hosts_meet_max_imbalance_under_the_dispatch
     # and the truncation to n tokens and the sources' round-robin by under one more: under 3 G spg tokens per GPU.
     tol = 3 * g * spg / (n / g) * 1.1
     assert max(sim["per_layer"]["max_mean_load"]) <= max(target) + 1e-5 + tol
-
-
-def test_load_only_baseline_on_several_hosts_is_balanced_under_the_dispatch_rule(lite_traces):
-    """The EPLB-style baseline knows the rule too (else a plan's balance looks better beside it than it is):
-    on 2 x 4 GPUs with replicas its expected loads (tokens starting evenly) meet max_imbalance (intent's
-    first layer was at 1.094), and it is the plan the planner makes from the same traffic's counts alone."""
-    spec = lite_spec(nodes=2, gpus=4, slots=72)
-    intent = lite_traces.source("intent")
-    base = baseline_plans(spec, intent)["load_only"]
-    for layer in range(3):
-        load = _expected_loads_by_rule(base.physical_to_logical_map[layer], intent.counts[layer].astype(float),
-                                       base.node_of_gpu, 9)
-        assert load.max() / load.mean() <= 1.05 + 1e-9, layer
-    counts = TraceSet.from_counts(intent.counts, source="intent")
-    np.testing.assert_array_equal(plan(spec, counts).physical_to_logical_map, base.physical_to_logical_map)
-    # One host: the rule's even split is the packing's, and the baseline the packing itself.
-    one = lite_spec(nodes=1, gpus=8, slots=72)
-    loads = intent.counts / intent.counts.mean(axis=1, keepdims=True)
-    want = np.stack([load_only(loads[i], 72, 8) for i in range(3)])
-    np.testing.assert_array_equal(baseline_plans(one, intent)["load_only"].physical_to_logical_map, want)

@@ -635,12 +635,7 @@ def test_budgeted_replan_spends_its_budget_while_layers_stay_above_the_target():
     d["placement"].update(redundant_slots=8, traces=[])
     spec = load_spec(d)
     intent, law = _task("intent", layers=26), _task("law", layers=26)
-    # The current plan: fit to the old task (and quick): the load-only packing, blind to the dispatch rule's
-    # host preference (as the load-only baseline was when these figures were measured).
-    from moegraph.planner.baselines import load_only
-
-    c = intent.counts / intent.counts.mean(axis=1, keepdims=True)
-    current = Plan(np.stack([load_only(c[i], 72, 8) for i in range(26)]), spec)
+    current = baseline_plans(spec, intent)["load_only"]  # the current plan: fit to the old task (and quick)
     budget = int(0.05 * current.num_layers * current.num_slots)
     new = replan(spec, current, law, max_moves=budget)
     above = next(int(n.split(" of ")[0]) for n in new.notes if "stay above" in n)

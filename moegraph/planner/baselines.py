@@ -5,11 +5,7 @@
   highest load per replica, then pack the replicas (heaviest first) onto the least loaded GPU that
   has a free slot. It sees per-expert token counts only: not which experts are chosen together,
   where tokens come from, or what links cost. Unlike EPLB it never puts two replicas of one expert
-  on one GPU (such a replica would never be used by the dispatch rule), and on several hosts it
-  knows the rule: a replica alone on its host takes that host's whole share of its expert, not
-  load / r, so the packing is then repaired by swaps until the GPU loads under the rule, tokens
-  starting on every GPU equally, meet ``max_imbalance``. That is what the planner makes of counts
-  alone (``search.solve_layer`` without co-activation), so a count-only plan is its baseline.
+  on one GPU (such a replica would never be used by the dispatch rule).
 
 Each of these functions returns one layer's ``physical_to_logical_map`` row [S];
 ``baseline_plans`` makes whole Plans of both for a spec, and ``evaluate_plan`` scores a plan beside
@@ -22,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..topology import cluster_of
 from .cost import evaluate
 from .planfile import Plan
 
@@ -117,18 +112,11 @@ def rows_from_gpu_lists(gpu_of: np.ndarray, experts: np.ndarray, num_gpus: int, 
     return row
 
 
-def load_only(load_E: np.ndarray, num_slots: int, num_gpus: int, node_of_gpu: np.ndarray | None = None,
-              max_imbalance: float = 1.05) -> np.ndarray:
-    """[S] EPLB-style row: replicate by load, then balanced packing of the replicas; on several hosts
-    (``node_of_gpu`` [G], default one host) repaired for the dispatch rule to ``max_imbalance`` (module docstring)."""
-    if node_of_gpu is not None and len(np.unique(node_of_gpu)) > 1:
-        from .search import LayerProblem, solve_layer  # search builds on this module's packing
-
-        e = len(load_E)
-        return solve_layer(LayerProblem(
-            loads=np.asarray(load_E, np.float64)[None], coact=np.zeros((e, e)), risk=np.zeros((e, e)), src_counts=None,
-            cost=np.zeros((num_gpus, num_gpus)), node_of_gpu=np.asarray(node_of_gpu), num_slots=num_slots,
-            max_imbalance=max_imbalance)).row
+def load_only(load_E: np.ndarray, num_slots: int, num_gpus: int) -> np.ndarray:
+    """[S] EPLB-style row: replicate by load, then balanced packing of the replicas, each weighing its expert's
+    load / r as serving engines pack them. Under moegraph's local-first dispatch a replica alone on its host
+    takes more than that on several hosts; the baseline is kept as the engines run it (the planner's own
+    count-only plans are repaired for the rule: ``search``)."""
     r = replicate_by_load(load_E, num_slots, num_gpus)
     experts = np.repeat(np.arange(len(load_E)), r)
     weights = (np.asarray(load_E, np.float64) / r)[experts]
@@ -140,15 +128,12 @@ def baseline_plans(spec: MoESpec, traces: TraceSet | None) -> dict[str, Plan]:
     """The contiguous and load-only (EPLB-style) plans for ``spec`` from the same traces.
 
     The load-only plan sees the per-expert loads of each trace source scaled to mean 1 and averaged
-    (sources weigh equally, as in the planner): on one host it is exactly the planner's starting
-    point, on several that point repaired for the dispatch rule (``load_only``), the plan the planner
-    makes from the traces' counts alone.
+    (sources weigh equally, as in the planner), so it is exactly the planner's starting point.
     """
     e = spec.moe.experts.num_experts
     s = e + spec.placement.redundant_slots
     g = spec.topology.num_gpus
     n = spec.model.num_moe_layers
-    node = cluster_of(spec).node_of_gpu
     if traces is None:
         loads = np.ones((n, e))
     else:
@@ -156,7 +141,7 @@ def baseline_plans(spec: MoESpec, traces: TraceSet | None) -> dict[str, Plan]:
         loads = (c / np.maximum(c.mean(axis=2, keepdims=True), 1e-12)).mean(axis=0)
     return {
         "contiguous": Plan(np.stack([contiguous(e, s)] * n), spec, policy={"name": "contiguous"}),
-        "load_only": Plan(np.stack([load_only(loads[i], s, g, node, spec.placement.max_imbalance) for i in range(n)]), spec,
+        "load_only": Plan(np.stack([load_only(loads[i], s, g) for i in range(n)]), spec,
                           policy={"name": "load-only (EPLB-style)"}),
     }
 
