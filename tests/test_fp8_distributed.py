@@ -70,12 +70,12 @@ def _run_case(rank: int, world: int, case: str) -> dict:
     return {"y": y.detach(), "x_grad": x.grad, "rows": rows, "bytes": sent, "ids": layer.recorder.ids().clone()}
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
+def _in_group(rank: int, world: int, port: int, out_dir: str, body) -> None:
+    """Run ``body()`` as one rank of a gloo group; save {"ok": its result} or {"crash": the traceback}."""
     try:
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                              world_size=world, timeout=datetime.timedelta(seconds=60))
-        result = {"ok": {case: _run_case(rank, world, case) for case in CASES}}
+        result = {"ok": body()}
     except BaseException:  # noqa: BLE001 - reported by the parent
         result = {"crash": traceback.format_exc()}
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -83,6 +83,11 @@ def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
     except Exception:  # noqa: BLE001 - peers may be gone already
         pass
+
+
+def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    _in_group(rank, world, port, out_dir, lambda: {case: _run_case(rank, world, case) for case in CASES})
 
 
 def _launch(world: int, out_dir: Path, entry=_entry) -> list[dict]:
@@ -163,23 +168,17 @@ def _triton_entry(rank: int, world: int, port: int, out_dir: str) -> None:
     launches = []
     kernels = triton_fp8.expert_mlp_fp8
     triton_fp8.expert_mlp_fp8 = lambda *a, **kw: launches.append(1) or kernels(*a, **kw)
-    try:
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world, timeout=datetime.timedelta(seconds=60))
+
+    def body() -> dict:
         spec = _spec(world)
         layer = moegraph.compile(spec, plan=_plan(spec), backend="triton", seed=None, dtype=torch.float32, timeout=60)
         layer.load_state_dict(_state(spec, torch.float32))
         layer.eval()
         with torch.no_grad():
             y = layer(_inputs(world, torch.float32)[0][rank])
-        result = {"ok": {"y": y, "op": str(layer.ep_dispatch.expert_op), "launches": len(launches)}}
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        result = {"crash": traceback.format_exc()}
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    try:
-        torch.distributed.destroy_process_group()
-    except Exception:  # noqa: BLE001 - peers may be gone already
-        pass
+        return {"y": y, "op": str(layer.ep_dispatch.expert_op), "launches": len(launches)}
+
+    _in_group(rank, world, port, out_dir, body)
 
 
 @pytest.mark.triton

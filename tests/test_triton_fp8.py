@@ -78,7 +78,8 @@ def test_fp8_kernels_match_the_torch_op_under_the_interpreter(tmp_path):
     assert "activation tile (64) equal to the weight block's input size (128)" in out["tile_mismatch"]
 
 
-_COMPILED_LAYER = textwrap.dedent("""
+#: a fresh process under the interpreter, counting the FP8 kernel's launches (argv[1]: the generated-code folder)
+_PRELUDE = textwrap.dedent("""
     import os, sys, json
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
@@ -90,6 +91,9 @@ _COMPILED_LAYER = textwrap.dedent("""
     launches = []
     kernel = tfp8.expert_mlp_fp8
     tfp8.expert_mlp_fp8 = lambda *a, **k: launches.append(1) or kernel(*a, **k)
+""")
+
+_COMPILED_LAYER = _PRELUDE + textwrap.dedent("""
     spec = moegraph.load_spec("deepseek-v3-fp8-tiny")
     ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, seed=3)
     tri = moegraph.compile(spec, backend="triton", dtype=torch.float32, seed=4)
@@ -159,18 +163,7 @@ def test_fp8_kernels_compile_for_hopper(tmp_path):
     assert out == {"gate_up": True, "down": True}  # FP8 tiles on Hopper's wgmma
 
 
-_SMALL_BLOCKS = textwrap.dedent("""
-    import os, sys, json
-    os.environ["TRITON_INTERPRET"] = "1"
-    import torch
-    import moegraph
-    from moegraph import codegen
-    from moegraph.triton_backend import fp8 as tfp8
-
-    codegen.set_cache_dir(sys.argv[1])
-    launches = []
-    kernel = tfp8.expert_mlp_fp8
-    tfp8.expert_mlp_fp8 = lambda *a, **k: launches.append(1) or kernel(*a, **k)
+_SMALL_BLOCKS = _PRELUDE + textwrap.dedent("""
     out = {}
     for block in ([16, 16], [16, 32], [32, 16]):
         spec = moegraph.load_spec({"name": "small-blocks", "codegen": {"backend": "triton"}, "moe": {
