@@ -259,9 +259,11 @@ class Rebalancer:
         if every is None and threshold is None:
             raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
         if every is not None and not _is_count(every):
-            raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got {short_repr(every)}")
+            raise DistributedError(f"Rebalancer every (steps between re-plans) must be an integer >= 1, got "
+                                   f"{short_repr(every)}")
         if threshold is not None and not is_number(threshold, 1.0):
-            raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got {short_repr(threshold)}")
+            raise DistributedError(f"Rebalancer threshold is a max/mean load: a finite number >= 1.0, got "
+                                   f"{short_repr(threshold)}")
         if not _is_count(check_every):
             raise DistributedError(f"Rebalancer check_every (steps between threshold checks) must be an integer >= 1, "
                                    f"got {short_repr(check_every)}")

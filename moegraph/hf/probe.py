@@ -446,7 +446,8 @@ def _capacity_rule(run, caps, x: Tensor, ids_TK: Tensor, w_TK: Tensor, E: int, C
             if torch.equal(ours < E, kept):
                 return C, per, policy
     raise UnsupportedBlock(f"it drops tokens beyond an expert_capacity of {C} by a rule the spec does not have "
-                           "(neither the earliest nor the highest-weight ones, nor first choices first, per sequence or per batch)", cls)
+                           "(neither the earliest nor the highest-weight ones, nor first choices first, per sequence "
+                           "or per batch)", cls)
 
 
 def _watch_router_input(light: nn.Module, anat: BlockAnatomy, tokens: int) -> list[Tensor]:

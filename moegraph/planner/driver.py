@@ -174,8 +174,8 @@ def _check_arguments(**kwargs: Any) -> None:
         lo, hi = bounds[key]
         integer = isinstance(lo, int)
         if not (is_integer if integer else is_number)(value, lo, hi):
-            raise PlanInfeasible(f"{key}={short_repr(value)}: expected {'an integer' if integer else 'a finite number'} in "
-                                 f"[{lo}, {hi}]")
+            kind = "an integer" if integer else "a finite number"
+            raise PlanInfeasible(f"{key}={short_repr(value)}: expected {kind} in [{lo}, {hi}]")
 
 
 def plan(
