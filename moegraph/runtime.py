@@ -664,7 +664,6 @@ class CompiledMoEBase(nn.Module):
                 kept.add(id(t))
         if self.FP8 is not None:
             kept |= fp8.kept_by_apply(self)
-        if self.FP8 is not None:
             probe = fn(torch.zeros((), dtype=self.compute_dtype, device=self.experts.down_proj.device))
             self.__dict__["compute_dtype"] = probe.dtype
         if not kept:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..errors import InputError, UnsupportedBlock
 from ..fileio import check_input
-from ..semantics.activations import OTHER_NAMES
+from ..semantics.activations import ACTIVATIONS, OTHER_NAMES
 from ..spec import ExpertsSpec, MoELayerSpec, ModelSpec, MoESpec, TopKRouter
 from .anatomy import BlockAnatomy, inspect_block, is_hf_moe_block
 from .assemble import _dtype_name, build_spec
@@ -220,7 +220,8 @@ def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
         raise UnsupportedBlock("the config lacks the expert count, top-k, hidden or expert size (looked for "
                                f"{'/'.join(_NUM_EXPERTS)}, {'/'.join(_TOP_K)}, hidden_size, {'/'.join(_EXPERT_F)})", fam)
     act = getattr(cfg, "hidden_act", "silu")
-    act = OTHER_NAMES.get(act, act) if act in ("silu", "gelu", "gelu_tanh", "relu", "relu2", *OTHER_NAMES) else None
+    act = OTHER_NAMES.get(act, act)  # an elementwise activation of the table, or None (read from the block instead)
+    act = act if act in ACTIVATIONS and not ACTIVATIONS[act].gated else None
     shared_count = _attr(cfg, _SHARED_COUNT) or 0
     shared_f = _attr(cfg, _SHARED_F)
     S = 0

@@ -128,7 +128,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import PlanFileError, PlanInfeasible, TraceError, describe, is_integer
+from ..errors import PlanFileError, PlanInfeasible, TraceError, describe, is_integer, short_repr
 from ..loader import load_spec
 from ..spec import MoESpec
 from ..summary import human_bytes
@@ -863,8 +863,9 @@ def _gib_at_least(nbytes: int) -> str:
 
 
 def _shown(value: Any) -> str:
-    """A wrong argument in a message: a number as given, anything else as ``errors.describe`` shows it."""
-    return repr(value)[:40] if isinstance(value, (int, float, np.number)) else describe(value)
+    """A wrong argument in a message: a number as given (a huge one by its digit count), anything else as
+    ``errors.describe`` shows it."""
+    return short_repr(value, 40) if isinstance(value, (int, float, np.number)) else describe(value)
 
 
 #: layers x experts x GPUs from which a re-plan without a budget repairs its layers in several processes
@@ -1211,7 +1212,7 @@ def replan(
         max_moves=max_moves, max_move_bytes=max_move_bytes, horizon_tokens=horizon_tokens, max_imbalance=max_imbalance,
         seed=seed)
     if processes is not None and not is_integer(processes, 1):
-        raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {processes!r}")
+        raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got {_shown(processes)}")
     check_budget_allows_a_move(current_plan, max_moves, max_move_bytes)
     nbytes = expert_bytes(spec)
     ts = _window(spec, traces)
