@@ -1133,3 +1133,15 @@ def test_gshard_drop_order_keeps_first_choices_before_second_ones():
     assert kept["position"] == [[0, 1], [dropped, 2], [dropped, dropped]]
     assert kept["choice_then_position"] == [[0, dropped], [1, dropped], [2, dropped]]
     assert moegraph.load_spec("gshard-top2").moe.router.capacity.drop_policy == "choice_then_position"
+
+
+def test_gshard_preset_capacity_is_the_papers_two_tokens_over_experts():
+    # GShard's algorithm gives each expert 2N/E of a group's N tokens; fairseq's and DeepSpeed's top-2 gates compute
+    # 2 * ceil(N / E). Every token's first choice on expert 0: exactly that many stay with it.
+    from moegraph.runtime import apply_capacity
+
+    cap = moegraph.load_spec("gshard-top2").moe.router.capacity
+    E, T = 2048, 6144
+    ids = torch.stack([torch.zeros(T, dtype=torch.long), torch.arange(1, T + 1) % E], dim=1)
+    kept = apply_capacity(ids, torch.full((T, 2), 0.5), E, cap.factor, cap.min_capacity, cap.drop_policy)
+    assert int((kept[:, 0] == 0).sum()) == 2 * math.ceil(T / E)
