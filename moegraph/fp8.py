@@ -359,12 +359,66 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_TD):
-    inputs = list(ctx.inputs)
-    want = [i for i in _GRAD_ARGS if isinstance(inputs[i], Tensor) and inputs[i].is_floating_point()
-            and inputs[i].dtype not in FORMATS.values() and ctx.needs_input_grad[i]]
-    grads: list[Tensor | None] = [None] * len(inputs)
-    if not want:
-        return tuple(grads)
+    inputs = ctx.inputs
+    need = [i in _GRAD_ARGS and isinstance(inputs[i], Tensor) and inputs[i].is_floating_point()
+            and inputs[i].dtype not in FORMATS.values() and ctx.needs_input_grad[i] for i in range(len(inputs))]
+    if not any(need):
+        return (None,) * len(inputs)
+    grads = fp8_expert_mlp_backward(grad_TD.contiguous(), *inputs, need)
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+@opaque_op("moegraph::fp8_expert_mlp_backward")
+def fp8_expert_mlp_backward(
+    grad_TD: Tensor,
+    x_TD: Tensor,
+    tok_N: Tensor,
+    exp_N: Tensor,
+    weight_N: Tensor,
+    w_up_EHD: Tensor,
+    s_up: Tensor | None,
+    w_down_EDF: Tensor,
+    s_down: Tensor | None,
+    b_up_EH: Tensor | None,
+    b_down_ED: Tensor | None,
+    activation: str,
+    gated: bool,
+    gate_clamp: float | None,
+    up_clamp: float | None,
+    block_out: int,
+    block_in: int,
+    tile: int,
+    fmt: str,
+    scale_format: str,
+    need: list[bool],
+) -> list[Tensor]:
+    """Gradients of ``fp8_expert_mlp`` for each of its 19 arguments (an empty tensor where not needed).
+
+    It recomputes the torch forward with autograd (the same FP8 rounding) and differentiates it. One opaque
+    op, as ``expert_mlp_backward`` is for the expert op: under ``torch.compile`` with an AOTAutograd backend
+    the backward is traced as this call, not through the forward's data-dependent loop over experts.
+    """
+    inputs = [x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
+              gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt, scale_format]
+    want = [i for i, n in enumerate(need) if n]
+    got: list[Tensor | None] = [None] * len(want)
+    with torch.enable_grad():
+        leaves = {i: inputs[i].detach().requires_grad_(True) for i in want}
+        args = [leaves.get(i, a) for i, a in enumerate(inputs)]
+        y = _forward(*args[:14], (args[14], args[15]), *args[16:])
+        # (no token, or none routed: the output holds no graph, and every gradient is zero)
+        if want and y.requires_grad:
+            got = list(torch.autograd.grad(y, [leaves[i] for i in want], grad_TD.to(y.dtype), allow_unused=True))
+    grads = {i: torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype) for i, g in zip(want, got)}
+    return [grads[i] if i in grads else x_TD.new_empty(0) for i in range(len(inputs))]
+
+
+@fp8_expert_mlp_backward.register_fake
+def _(grad_TD, x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED, activation,
+      gated, gate_clamp, up_clamp, block_out, block_in, tile, fmt, scale_format, need):
+    inputs = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED)
+    return [torch.empty_like(t) if (n and isinstance(t, Tensor)) else x_TD.new_empty(0)
+            for t, n in zip((*inputs, *(None,) * 9), need)]
     # Recompute the forward with autograd (same FP8 rounding), then differentiate it.
     with torch.enable_grad():
         leaves = {i: inputs[i].detach().requires_grad_(True) for i in want}

@@ -200,6 +200,35 @@ def test_to_keeps_fp8_and_fx_passes_run(tmp_path):
     torch.testing.assert_close(compiled(x), y)
 
 
+@pytest.mark.parametrize("master", [False, True])
+def test_torch_compile_trains_an_fp8_layer_in_one_graph(tmp_path, master):
+    """AOTAutograd traces the FP8 backward as one opaque op (it recomputed the forward's data-dependent loop
+    over experts in Python, which AOTAutograd cannot trace: fullgraph failed, and without it every forward
+    fell back). Gradients equal eager ones, stored FP8 weights' and master weights' alike."""
+    import warnings
+
+    layer = moegraph.compile(TINY, out_dir=tmp_path, dtype=torch.float32).train()
+    if master:
+        fp8.use_master_weights(layer)
+    x = torch.randn(9, 256, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(9, 256, generator=torch.Generator().manual_seed(1))
+    params = [p for p in layer.parameters() if p.requires_grad]
+    assert any(p.dim() == 3 for p in params) == master  # the expert weights train only as master weights
+    eager = torch.autograd.grad(layer(x), [x, *params], g)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.autograd.grad(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), [x, *params], g)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not [str(w.message) for w in caught if "Backward" in str(w.message)]
+    layer.eval()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), y)  # grad mode on
+
+
 def test_fp8_the_triton_kernels_cannot_run_is_refused(tmp_path, run_cli):
     # The Triton FP8 kernels take one K step per weight block: a narrower activation tile is refused
     # by name when the backend is chosen at compile time, before anything is written.
