@@ -118,6 +118,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     layer = cls(pipeline=pipeline, **kwargs)
     layer.__dict__["plan"] = plan
     layer.__dict__["expert_strategy"] = pin
+    layer.graph()  # built now: torch.compile cannot build it while tracing the forward
     return layer
 
 

@@ -637,8 +637,8 @@ class CompiledMoEBase(nn.Module):
     def __reduce_ex__(self, protocol):
         """Pickled (and deep-copied) by its spec: the class is generated code, a module that another process cannot
         import by name, so unpickling generates it again from ``SPEC_JSON`` (the same source, the same class) and
-        sets the state; the built graphs and the last forward's auxiliary losses are left out (the next forward
-        makes both)."""
+        sets the state; the built graphs and the last forward's auxiliary losses are left out (the current mode's
+        graph is built again as the state is set, the losses by the next training forward)."""
         if not type(self).__module__.startswith("moegraph_generated_"):  # a subclass (expert-parallel): as it is
             return super().__reduce_ex__(protocol)
         state = self.__dict__.copy()
@@ -646,13 +646,24 @@ class CompiledMoEBase(nn.Module):
         state["aux_losses"] = {}  # the last training forward's, tied to its autograd graph
         return _generated_instance, (self.SPEC_JSON, self.BACKEND, self.SPEC_HASH), state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("pipeline") is not None:  # unpickled or deep-copied: ready for torch.compile too
+            self.graph()
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__module__.startswith("moegraph_generated_"):
             _GENERATED[cls.SPEC_HASH, cls.BACKEND] = cls
 
     def _apply(self, fn, recurse=True):  # .to()/.half(): rebuild graphs against the new tensors
-        self.invalidate_graphs()
+        had = self._forget_graphs()
+        out = self._apply_keeping(fn, recurse)
+        if had:
+            self.graph()
+        return out
+
+    def _apply_keeping(self, fn, recurse):
         # The balancing state stays float32 through a cast: in bfloat16 the load counter rounds past 256
         # assignments and a bias step of 0.001 vanishes (DeepSeek-V3's update needs both exact). FP8 weights and
         # their float32 scales likewise only change device; the FP8 layer's compute dtype follows the cast.
@@ -681,11 +692,30 @@ class CompiledMoEBase(nn.Module):
 
     def invalidate_graphs(self) -> None:
         """Forget the built graphs: they hold the tensors they were traced with, so whoever replaces
-        parameters or buffers (``load_hf_weights``, ``.to()``) calls this; the next forward rebuilds."""
+        parameters or buffers (``load_hf_weights``, ``.to()``) calls this. A layer that had a graph builds
+        the current mode's again at once (``torch.compile`` cannot build one: see ``train``)."""
+        if self._forget_graphs():
+            self.graph()
+
+    def _forget_graphs(self) -> bool:
+        """Drop the built graphs; returns whether there were any."""
+        had = bool(self.__dict__.get("_graphs"))
         self.__dict__["_graphs"] = {}
+        return had
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, and the graph of the mode switched to is built now if the layer has built one
+        before (``moegraph.compile`` builds the first). The graph is traced and its passes run in Python, which
+        ``torch.compile`` cannot trace: a compiled forward must find the graph already built (it failed on
+        ``fullgraph=True`` and fell back to eager otherwise when the layer had not run that mode eagerly)."""
+        super().train(mode)
+        if self.__dict__.get("_graphs") and ("train" if mode else "eval") not in self._graphs:
+            self.graph()
+        return self
 
     def graph(self, training: bool | None = None) -> torch.fx.GraphModule:
-        """The FX graph run in the given (default: current) mode, built by the pipeline on first use."""
+        """The FX graph run in the given (default: current) mode, built by the pipeline on first use (the
+        current mode's is built when the layer is made, switched to, or given new tensors: see ``train``)."""
         mode = "train" if (self.training if training is None else training) else "eval"
         gm = self._graphs.get(mode)
         if gm is None:

@@ -316,6 +316,28 @@ def test_torch_compile_runs(tmp_path):
     torch.testing.assert_close(compiled(x), layer(x))
 
 
+def test_torch_compile_fullgraph_on_a_layer_that_never_ran(tmp_path):
+    """The FX graph is built in Python, which Dynamo cannot trace: a layer fresh from moegraph.compile, switched to
+    another mode, cast with .to(), or unpickled must already hold its graph (fullgraph failed with "Unexpected type
+    in sourceless builder" until an eager forward had built it)."""
+    import pickle
+
+    layer = _compile(make_spec(dict(ROUTERS["sigmoid_groups_bias"]), shared={"count": 1}), tmp_path)
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(3))
+    for step in ("fresh", "eval", ".to", "unpickled"):
+        if step == "eval":
+            layer.eval()
+        elif step == ".to":
+            layer = layer.to(torch.float64)
+            x = x.double()
+        elif step == "unpickled":
+            layer = pickle.loads(pickle.dumps(layer))
+        torch._dynamo.reset()
+        got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+        with torch.no_grad():
+            torch.testing.assert_close(got, layer(x), msg=step)
+
+
 def test_presets_compile_and_run_tiny(tmp_path):
     for name in [n for n in moegraph.presets() if "tiny" in n]:
         layer = moegraph.compile(name, dtype=torch.float32, out_dir=tmp_path).eval()

@@ -200,6 +200,7 @@ class ExpertParallelMoE(CompiledMoEBase):
                        device=device, pipeline=pipeline, seed=seed)
         # Step 2: every rank must run the same placement.
         layer._handshake(_fingerprint(spec.hash(), plan, layer_index))
+        layer.graph()  # built now: torch.compile cannot build it while tracing the forward
         return layer
 
     def __init__(self, *, plan, layer_index: int, comm: Comm, dtype, router_dtype, device, pipeline, seed):
