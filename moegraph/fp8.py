@@ -15,7 +15,11 @@ Quantization rule (for weights and activations alike; the one transformers' fine
 quantizer applies, so a layer quantized here holds the bytes a transformers checkpoint would):
 ``scale = FP8_MAX / amax`` over the block or tile (1 for an all-zero block), ``scale_inv = 1 / scale``;
 ``ue8m0`` rounds ``scale_inv`` up to a power of two and takes ``scale = 1 / scale_inv``; then
-``q = fp8(clamp(x * scale, -FP8_MAX, FP8_MAX))``.
+``q = fp8(clamp(x * scale, -FP8_MAX, FP8_MAX))``. DeepSeek-V3's reference kernels quantize activations
+with ``s = amax / FP8_MAX; q = x / s`` instead: the same rule in exact arithmetic, and in float32 the two
+round differently now and then (one float32 ulp in a fraction of the tile scales; the FP8 bytes of
+about 0.1% of bfloat16 inputs), so activations here are not bit-identical to DeepSeek's kernel, at the
+same accuracy. The torch path, the native kernel and the Triton kernels all apply the rule above.
 
 ``moegraph::fp8_expert_mlp`` is the grouped expert op with FP8 weights (registered through
 ``moegraph.oplib`` like ``moegraph::expert_mlp``). Its backward, for training with FP8 forwards:
@@ -165,7 +169,9 @@ def check_scales(name: str, q: Tensor, scale_inv: Tensor | None, block: tuple[in
 # memory -> (weak reference to it, the region checked, its version counter then). An in-place write
 # bumps the version counter (which every view of the tensor shares), and a replaced tensor is another
 # object: either way the scales are checked again. Inference tensors keep no version counter and are
-# checked on every call.
+# checked on every call. A write through ``.data`` (or another alias that shares no version counter: shared
+# memory, DLPack) bumps nothing and is not seen: after editing scales that way, reload them
+# (``load_state_dict`` replaces the tensors) or call ``check_scales`` on them.
 _SCALES_OK: dict[int, tuple] = {}
 
 
