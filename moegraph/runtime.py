@@ -638,7 +638,9 @@ class CompiledMoEBase(nn.Module):
         """Pickled (and deep-copied) by its spec: the class is generated code, a module that another process cannot
         import by name, so unpickling generates it again from ``SPEC_JSON`` (the same source, the same class) and
         sets the state; the built graphs and the last forward's auxiliary losses are left out (the current mode's
-        graph is built again as the state is set, the losses by the next training forward)."""
+        graph is built again as the state is set, the losses by the next training forward). A layer with stored FP8
+        weights does not go through ``pickle`` itself: torch 2.13 cannot pickle float8 tensors (a bare one fails
+        alike, ``UntypedStorage has no attribute 'dtype'``); ``torch.save`` / ``torch.load`` and ``deepcopy`` work."""
         if not type(self).__module__.startswith("moegraph_generated_"):  # a subclass (expert-parallel): as it is
             return super().__reduce_ex__(protocol)
         state = self.__dict__.copy()
