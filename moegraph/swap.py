@@ -209,13 +209,16 @@ class MoEBlockAdapter(nn.Module):
                 extras.append(logits.reshape(-1) if self.flattened else logits)
             out = (y, *extras)
         if self.router_record is not None:  # transformers collecting router logits (output_router_logits=True)
-            record_router_logits(self.router_record, lambda: self._router_logits(x), out, self.original_class)
+            keep = self.router_record.keep_shape
+            record_router_logits(self.router_record, lambda: self._router_logits(x, keep), out, self.original_class)
         return out
 
-    def _router_logits(self, x: Tensor) -> Tensor:
-        """The router's logits of the hidden states, [tokens, E], as the block's router linear gives them."""
+    def _router_logits(self, x: Tensor, keep_shape: bool = False) -> Tensor:
+        """The router's logits of the hidden states, as the block's router linear gives them: [tokens, E], or with
+        ``keep_shape`` [*x.shape[:-1], E] (a router recorded on [B, S, D], ``RouterRecord.keep_shape``)."""
         r = self.moe.router
-        return F.linear(x.reshape(-1, self.moe.HIDDEN).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
+        out = F.linear(x.reshape(-1, self.moe.HIDDEN).to(r.weight.dtype), r.weight, getattr(r, "bias", None))
+        return out.reshape(*x.shape[:-1], out.shape[-1]) if keep_shape else out
 
     def extra_repr(self) -> str:
         return f"replaces={self.original_class}, found_by={self.found_by}"

@@ -718,6 +718,45 @@ def test_router_logits_and_aux_loss_of_a_swapped_model(model_type: str):
     assert w.grad is not None and float(w.grad.abs().sum()) > 0
 
 
+def test_switch_router_logits_keep_the_batch_shape():
+    """Switch Transformers' router is called on [B, S, D] and records [B, S, E] logits, which its z-loss unpacks
+    into three; the swapped block recorded [tokens, E] and the forward raised ValueError. Now it records the
+    shape its router did: the same router logits, auxiliary and z losses and loss as the original, and the
+    losses train the swapped router."""
+    import copy
+
+    cfg = tiny_config("switch_transformers", d_model=32, d_ff=48, num_experts=4, expert_capacity=3, d_kv=8,
+                      num_heads=4, num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
+                      num_sparse_decoder_layers=1, decoder_start_token_id=0, dropout_rate=0.0,
+                      output_router_logits=True)  # (its forward reads the flag from the call only)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    swapped = moegraph.optimize(copy.deepcopy(model))
+    assert len(swapped.moegraph_report.swapped) == 2, str(swapped.moegraph_report)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = (m(input_ids=ids, labels=dec, output_router_logits=True) for m in (model, swapped))
+    for side in ("encoder", "decoder"):
+        a = [t for t in getattr(got, f"{side}_router_logits") if t is not None]
+        b = [t for t in getattr(want, f"{side}_router_logits") if t is not None]
+        assert len(a) == len(b) == 1 and a[0].shape == b[0].shape == (2, 9 if side == "encoder" else 6, 4)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
+        for loss in ("aux_loss", "z_loss"):
+            torch.testing.assert_close(getattr(got, f"{side}_{loss}"), getattr(want, f"{side}_{loss}"),
+                                       rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-5)
+    swapped.train()
+    swapped(input_ids=ids, labels=dec, output_router_logits=True).encoder_z_loss.backward()
+    w = swapped.encoder.block[1].layer[1].mlp.moe.router.weight
+    assert w.grad is not None and float(w.grad.abs().sum()) > 0
+
+
 def test_router_logits_in_bfloat16_and_under_gradient_checkpointing():
     """A bfloat16 model's routers (whose logits the compiled float32 router gives within bfloat16 rounding) are
     swapped with the flag; and with gradient checkpointing (the usual fine-tuning setup) the recomputed forward

@@ -6,8 +6,10 @@ class names in ``_can_record_outputs``: the router inside each MoE block (``Mixt
 its output), or the block itself (Ernie 4.5 VL, index 1). A swapped block runs neither, so the loss found
 no logits and the forward failed. Here a block's recorded module is found and compared, on random inputs,
 with the logits the swapped layer can give (its router's linear map of the hidden states, or the block's
-own output position, which the adapter reproduces); where they agree the adapter appends them to the
-active collection itself, where transformers' hook would have, in the same order. The collection is
+own output position, which the adapter reproduces), and the shape they are recorded in ([tokens, E], or
+[B, S, E] where the block hands its router [B, S, D], as Switch Transformers does) is read by running the
+block once (only for a router that keeps its input's shape); where they agree the adapter appends them to
+the active collection itself, where transformers' hook would have, in the same order. The collection is
 transformers' own context variable (``utils.output_capturing``); a transformers without it records nothing,
 and the swap says so.
 """
@@ -38,6 +40,9 @@ class RouterRecord:
     source: str
     index: int = 0
     reason: str = ""
+    #: the recorded logits keep the block input's leading dims ([B, S, E]: Switch Transformers' router, called on
+    #: [B, S, D], and its z-loss unpacks three), rather than [tokens, E]
+    keep_shape: bool = False
 
 
 def _collector():
@@ -98,17 +103,11 @@ def read_router_record(model: nn.Module, path: str, block: nn.Module, hidden: in
         return RouterRecord("refused", reason="this transformers has no output collection to add router logits to")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, hidden, generator=g).to(device=router_weight.device, dtype=dtype)
-    mode = module.training
     try:
-        module.eval()  # (a router's training noise is not what it computes)
-        with torch.no_grad():
-            got = module(x)
-        got = got[index] if isinstance(got, (tuple, list)) and index < len(got) else got
+        got = _run(module, x, index)
     except Exception as exc:  # noqa: BLE001 - the reason is reported
         return RouterRecord("refused", reason=f"its router module {name} did not run on hidden states alone "
                                               f"({type(exc).__name__}: {exc})")
-    finally:
-        module.train(mode)
     with torch.no_grad():
         want = F.linear(x.to(router_weight.dtype), router_weight, router_bias)
     # to the logits' scale, at the precision of the block's own (a bfloat16 router's differ from the compiled
@@ -119,7 +118,58 @@ def read_router_record(model: nn.Module, path: str, block: nn.Module, hidden: in
         return RouterRecord("refused", reason=f"its router module {name} records logits other than a linear map of "
                                               "the hidden states (a norm, scale or network before it), which the "
                                               "swapped layer does not compute")
-    return RouterRecord("router")
+    keep = _keeps_shape(block, module, index, x[:6].reshape(2, 3, hidden), name)
+    if isinstance(keep, str):
+        return RouterRecord("refused", reason=keep)
+    return RouterRecord("router", keep_shape=keep)
+
+
+def _run(module: nn.Module, x: Tensor, index: int, **kwargs: Any) -> Any:
+    """``module(x)`` in eval mode (a router's training noise is not what it computes), output ``index``."""
+    mode = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            got = module(x, **kwargs)
+    finally:
+        module.train(mode)
+    return got[index] if isinstance(got, (tuple, list)) and index < len(got) else got
+
+
+def _keeps_shape(block: nn.Module, module: nn.Module, index: int, x_BSD: Tensor, name: str) -> bool | str:
+    """Whether the logits ``module`` records for a [B, S, D] block input are [B, S, E] (True) or [tokens, E];
+    a string says why that could not be told. A router that flattens what it is given records [tokens, E]; one
+    that keeps its input's shape records what the block hands it ([B, S, D] in Switch Transformers, rows in
+    Llama 4), seen by a hook while the block runs."""
+    try:
+        if _run(module, x_BSD, index).dim() == 2:
+            return False
+    except Exception:  # noqa: BLE001 - a router of rows only: it records rows
+        return False
+    from .probe import token_id_arg, token_vocab
+
+    seen: list[int] = []
+
+    def hook(_m: nn.Module, _args: tuple, out: Any) -> None:
+        out = out[index] if isinstance(out, (tuple, list)) and index < len(out) else out
+        seen.append(out.dim() if isinstance(out, Tensor) else -1)
+
+    arg = token_id_arg(block)
+    g = torch.Generator().manual_seed(0)  # (never the global generator: optimize draws no numbers of the user's)
+    kwargs = {}
+    if arg:
+        kwargs[arg] = torch.randint(0, token_vocab(block), x_BSD.shape[:-1], generator=g).to(x_BSD.device)
+    handle = module.register_forward_hook(hook)
+    try:
+        _run(block, x_BSD, 0, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the reason is reported
+        return (f"its router module {name} keeps the shape of its input, and the block did not run on [B, S, D] "
+                f"hidden states to show which it hands it ({type(exc).__name__}: {exc})")
+    finally:
+        handle.remove()
+    if seen not in ([2], [3]):
+        return f"its router module {name} was called {len(seen)} times per block call, not once with hidden states"
+    return seen[0] == 3
 
 
 def record_router_logits(record: RouterRecord, logits: Any, output: Any, block: str) -> None:
