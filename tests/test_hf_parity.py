@@ -415,6 +415,26 @@ def test_shared_weights_are_the_blocks_own() -> None:
     assert copied.experts.gate_up_proj.data_ptr() != block.experts.gate_up_proj.data_ptr()
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                    (torch.bfloat16, torch.float32)])
+def test_layer_of_another_dtype_than_the_block(dtypes) -> None:
+    """from_hf(block, dtype=...) with a dtype other than the block's: the default check fed the block the layer's
+    dtype and raised RuntimeError (m1 and m2 of different dtypes). Each side now gets the tokens in its own dtype,
+    compared in float32 within the tolerance of the lower precision; the layer computes in the dtype asked for."""
+    block_dtype, layer_dtype = dtypes
+    cls_name, overrides = FAMILIES["mixtral"]
+    block = make_block("mixtral", overrides, cls_name).to(block_dtype)
+    layer = from_hf(block, dtype=layer_dtype)
+    assert layer.compute_dtype == layer_dtype and layer.experts.gate_up_proj.dtype == layer_dtype
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = block(x.to(block_dtype))
+        y = layer.eval()(x.to(layer_dtype))
+    ref = (ref[0] if isinstance(ref, tuple) else ref).float()
+    assert y.dtype == layer_dtype
+    assert float((y.float() - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
+
+
 @pytest.mark.parametrize("family", list(REFUSED))
 def test_refused_with_reason(family: str) -> None:
     cls_name, overrides, words = REFUSED[family]

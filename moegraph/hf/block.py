@@ -80,7 +80,8 @@ def check_target(block: nn.Module, anat: BlockAnatomy, layer: nn.Module) -> tupl
     """
     if is_fp8_block(block, anat):
         return reference_block(block, anat, layer.compute_dtype), 4 * fp8.rounding_bound(layer.FP8["format"])[0]
-    return block, tolerance(layer.compute_dtype)
+    # (a layer compiled in another dtype than the block's: the tolerance of the lower precision of the two)
+    return block, max(tolerance(layer.compute_dtype), tolerance(_expert_tensor(block, anat).dtype))
 
 
 def read_block(block: nn.Module, config: Any = None, *, name: str | None = None, with_model: bool = False
@@ -130,28 +131,34 @@ def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int =
             token_arg: str | None = None, state_arg: str | None = None) -> tuple[float, float]:
     """(max abs diff, max abs reference) of block vs layer outputs on random tokens, in eval mode.
 
+    Each side gets the same tokens in its own dtype and on its own device (a layer compiled with another
+    ``dtype=`` than the block's), and the outputs are compared in float32.
     ``token_arg``: the block's forward argument for token ids; random ids go to it and to the layer.
     ``state_arg``: the one for the previous layer's router state; a layer passing on router state gets a
     random one there (when it adds it), and the states both return are compared too.
     """
     p = next(layer.parameters())
+    bdtype, bdevice = _input_dtype(block, layer.compute_dtype), _input_device(block, p.device)
     g = torch.Generator().manual_seed(seed)
     D = layer.HIDDEN
-    x = torch.randn(1, tokens, D, generator=g).to(device=p.device, dtype=layer.compute_dtype)
+    x = torch.randn(1, tokens, D, generator=g)
     kwargs, tid = {}, None
     if token_arg:
-        tid = torch.randint(0, token_vocab(block), (1, tokens), generator=g).to(p.device)
-        kwargs[token_arg] = tid
+        tid = torch.randint(0, token_vocab(block), (1, tokens), generator=g)
+        kwargs[token_arg] = tid.to(bdevice)
+        tid = tid.to(p.device)
     state = None
     if layer.RECEIVES_ROUTER_STATE and state_arg:
-        state = torch.randn(1, tokens, layer.ROUTER_STATE, generator=g).to(p.device, layer.router.weight.dtype)
-        kwargs[state_arg] = state
+        state = torch.randn(1, tokens, layer.ROUTER_STATE, generator=g)
+        kwargs[state_arg] = state.to(bdevice, bdtype)
+        state = state.to(p.device, layer.router.weight.dtype)
+    x_block, x = x.to(bdevice, bdtype), x.to(p.device, layer.compute_dtype)
     modes = (block.training, layer.training)
     block.eval()
     layer.eval()
     try:
         with torch.no_grad():
-            ref = block(x, **kwargs)
+            ref = block(x_block, **kwargs)
             y = layer(x.clone(), tid, router_state=state) if layer.ROUTER_STATE else layer(x.clone(), tid)
             if layer.ROUTER_STATE:  # output and router state compared as one
                 ref = torch.cat([ref[0].reshape(-1), ref[1].reshape(-1)])
@@ -161,7 +168,19 @@ def compare(block: nn.Module, layer: nn.Module, *, tokens: int = 16, seed: int =
     finally:
         block.train(modes[0])
         layer.train(modes[1])
-    return float((y.float() - ref.float()).abs().max()), float(ref.float().abs().max())
+    ref = ref.float().to(y.device)
+    return float((y.float() - ref).abs().max()), float(ref.abs().max())
+
+
+def _input_dtype(block: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype a block computes in: that of its largest floating-point tensor (its experts; FP8 bytes aside)."""
+    ts = [t for _, t in _named_tensors(block) if t.is_floating_point() and t.element_size() > 1]
+    return max(ts, key=lambda t: t.numel()).dtype if ts else default
+
+
+def _input_device(block: nn.Module, default: torch.device) -> torch.device:
+    ts = [t for _, t in _named_tensors(block)]
+    return max(ts, key=lambda t: t.numel()).device if ts else default
 
 
 def tolerance(dtype: torch.dtype) -> float:
