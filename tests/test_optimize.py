@@ -134,6 +134,31 @@ def test_hf_model_logits_and_generation(model_type: str) -> None:
     assert f"swapped {n_blocks} of {n_blocks}" in text and "hf-" in text
 
 
+@pytest.mark.parametrize("model_type, zero", [("deepseek_v3", dict(n_shared_experts=0)),
+                                              ("qwen2_moe", dict(shared_expert_intermediate_size=0))])
+def test_zero_width_shared_experts_read_as_none(model_type: str, zero: dict) -> None:
+    """A config with zero-width shared experts builds a model whose shared MLP has [0, D] weights and adds nothing;
+    the swap refused it (moe.shared_experts.intermediate_size: must be greater than 0). It now reads as no shared
+    experts, says so, and the swapped model gives the original's logits and keeps its state dict."""
+    model = make_model(model_type, **zero)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    state = model.state_dict()
+    n_blocks = sum(hf.is_hf_moe_block(m) for m in model.modules())
+    assert hf.spec_from_hf_config(model.config).moe.shared_experts.count == 0
+    moegraph.optimize(model, verify=True)
+    report = model.moegraph_report
+    assert len(report.swapped) == n_blocks and not report.not_swapped, str(report)
+    # (the empty weights have nothing to train: not listed among those training leaves as they are)
+    assert all(any("width 0" in n for n in r.notes) and not any("_proj" in n for n in r.notes if "does not use" in n)
+               for r in report.swapped), str(report)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    after = model.state_dict()
+    assert sorted(after) == sorted(state) and all(after[k].shape == state[k].shape for k in state)
+
+
 def test_layer_pattern_of_config_matches_model() -> None:
     """spec_from_hf_config's dense/MoE pattern is where optimize finds the blocks."""
     for model_type, extra in (("deepseek_v3", dict(num_hidden_layers=3)),

@@ -437,6 +437,14 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
             S = sh.gate_proj.out_features
         else:
             S = (getattr(sh, "up_proj", None) or sh.fc1).out_features
+        if S == 0:
+            # A zero-width shared MLP (n_shared_experts=0, shared_expert_intermediate_size=0) adds nothing, through its
+            # gate too: read as none (its tensors, empty, and its gate stay claimed; the swap's check compares).
+            anat_kwargs["notes"] = [f"its shared expert '{shared_names[0]}' has width 0 (it adds nothing"
+                                    + (f", whatever its gate {shared_gate} says" if shared_gate else "")
+                                    + "): read as no shared experts"]
+            shared_names, shared_gate = [], None
+    if shared_names:
         if (layout == "up_down") == gated:
             raise UnsupportedBlock(
                 f"shared expert '{shared_names[0]}' is {'plain' if layout == 'up_down' else 'gated'} but the routed "

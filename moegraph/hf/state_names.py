@@ -109,6 +109,7 @@ class OriginalNames:
         self.skeleton = _skeleton(block, state)
         self.spec = {n: (tuple(t.shape), t.dtype) for n, t in state.items()}
         self.trainable = {n: bool(t.requires_grad) for n, t in state.items()}
+        self.empty = {n for n, t in state.items() if t.numel() == 0}  # (a zero-width shared MLP's: nothing to train)
         #: original tensors the map takes no gradient through (integer tables, FP8 bytes, statistics it does not
         #: use), as they were; None where the compiled layer holds one unchanged (``passthrough``: read from it)
         self.kept: dict[str, Tensor | None] = {n: t.detach() for n, t in state.items() if t.dtype not in _GRAD_DTYPES}
@@ -238,7 +239,7 @@ class OriginalNames:
     def untrained(self) -> list[str]:
         """Trainable original tensors the compiled layer does not use (kept as they were): training the swapped
         model leaves them where they are."""
-        return [n for n in sorted(self.unread) if self.trainable[n]]
+        return [n for n in sorted(self.unread) if self.trainable[n] and n not in self.empty]
 
     def _dtypes_now(self, compiled: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
         """Each original tensor's dtype now: its own, unless the model was cast since the swap (``.to(dtype)``,
