@@ -354,6 +354,19 @@ def _original_names(rec: SwapRecord, block: nn.Module, weights_of: WeightMap, la
         return None
 
 
+def _note_copies(rec: SwapRecord, block: nn.Module, layer: nn.Module, names: OriginalNames | None) -> None:
+    """With ``share_weights``, a note naming the block's trainable parameters the layer holds as copies (another
+    layout): an optimizer built before the swap holds the originals, which no longer train."""
+    held = {id(p) for p in layer.parameters()}
+    unused = set(names.untrained) if names is not None else set()  # (noted already)
+    copied = [n for n, p in block.named_parameters() if p.requires_grad and p.numel() and id(p) not in held
+              and n not in unused]
+    if copied:
+        rec.notes.append(f"{len(copied)} trainable parameter(s) of the block are copied into the compiled layer rather "
+                         f"than shared ({', '.join(copied[:3])}{', ...' if len(copied) > 3 else ''}): an optimizer "
+                         "built before optimize does not train them; build it after")
+
+
 def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -388,7 +401,10 @@ def optimize(
         verify: check each transformers block numerically against its replacement on random
             tokens and undo the swap on failure (structural swaps are always checked).
         share_weights: the compiled layers use the model's own Parameter objects where the layouts
-            agree (no extra memory; an optimizer built before still updates them). Otherwise copies.
+            agree (no extra memory). Otherwise copies. Weights the layer holds in another layout (shared
+            gate and up concatenated, Llama 4's transposed or LongCat's sliced experts, ...) are copies
+            either way, named in the report: an optimizer built before ``optimize`` does not train them,
+            so build the optimizer after it.
         structural: also match user blocks by structure (router Linear + ModuleList of expert MLPs).
     Returns:
         ``model`` itself, changed in place, with ``model.moegraph_report`` (an ``OptimizeReport``).
@@ -499,6 +515,8 @@ def optimize(
             adapter.router_record = record
             adapter.train(block.training)
             names = _original_names(rec, block, weights_of, f"{block.chain.router}.moe.", _inline_names(block.chain))
+            if share_weights:
+                _note_copies(rec, block, layer, names)
             inline_swaps[path] = (rec, _swap_inline(model.get_submodule(path), block.chain, adapter), names)
             rec.status = "swapped"
             rec.seconds = time.perf_counter() - ts
@@ -525,6 +543,8 @@ def optimize(
                 rec.seconds = time.perf_counter() - ts
                 continue
         names = _original_names(rec, block, weights_of, "moe.")
+        if share_weights:
+            _note_copies(rec, block, layer, names)
         _set_child(model, path, adapter)
         if names is not None:
             names.register(adapter)

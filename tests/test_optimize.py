@@ -194,6 +194,28 @@ def test_shared_weights_and_training_step() -> None:
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "llama4_text"])
+def test_parameters_copied_rather_than_shared_are_reported(model_type: str) -> None:
+    """share_weights=True shares what the layouts allow; the rest (Qwen2-MoE's shared gate and up, concatenated;
+    Llama 4's transposed experts) are copies, which an optimizer built before the swap holds and no longer trains,
+    and the report did not say so. Now each such block's note counts and names them: exactly the block's
+    parameters the swapped model no longer holds (Mixtral: none, no note)."""
+    model = make_model(model_type)
+    blocks = {p: m for p, m in model.named_modules() if hf.is_hf_moe_block(m)}
+    before = {p: list(m.named_parameters()) for p, m in blocks.items()}
+    moegraph.optimize(model)
+    held = {id(p) for p in model.parameters()}
+    for rec in model.moegraph_report.swapped:
+        gone = [n for n, p in before[rec.path] if id(p) not in held]
+        notes = [n for n in rec.notes if "copied into the compiled layer" in n]
+        if not gone:
+            assert not notes, str(model.moegraph_report)
+            continue
+        assert len(notes) == 1 and notes[0].startswith(f"{len(gone)} trainable parameter(s)"), str(model.moegraph_report)
+        assert all(n in notes[0] for n in gone[:3]) and "build it after" in notes[0]
+    assert (model_type == "mixtral") == (not any("copied" in str(r.notes) for r in model.moegraph_report.records))
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_swapped_model_runs_under_autocast(model_type: str) -> None:
     """A float32 model under torch.autocast(bfloat16): the swapped model's logits are within bfloat16 rounding of
@@ -476,7 +498,8 @@ def test_naive_moe_swapped_structurally() -> None:
     assert routings[0] == "top-2 softmax, normalised" and routings[3] == "top-2 sigmoid"
     assert "top-3" in routings[1]
     assert any("not traceable by torch.fx" in n for n in report.records[2].notes)
-    assert not report.records[0].notes  # traced: the router reaches a top-k that selects the experts
+    # traced: the router reaches a top-k that selects the experts (the one note: the stacked experts are copies)
+    assert [n for n in report.records[0].notes if "copied into the compiled layer" not in n] == []
 
 
 def test_structural_read_details() -> None:
