@@ -49,6 +49,7 @@ from .hf.probe import forward_args
 from .hf.router_record import RouterRecord, read_router_record, record_router_logits
 from .hf.state_names import OriginalNames, Unmappable, WeightMap
 from .hf.structural import read_structural, structural_parts
+from .hf.train_mode import warn_training
 from .runtime import CompiledMoEBase
 from .semantics import torch_dtype
 
@@ -406,6 +407,9 @@ def optimize(
             either way, named in the report: an optimizer built before ``optimize`` does not train them,
             so build the optimizer after it.
         structural: also match user blocks by structure (router Linear + ModuleList of expert MLPs).
+    A compiled layer has no dropout and no training-time router noise (jitter, ``if self.training`` noise): a
+    swapped block with either gets a report note and a warning, since in train() mode it then differs from the
+    original (the checks run in eval mode, where they agree).
     Returns:
         ``model`` itself, changed in place, with ``model.moegraph_report`` (an ``OptimizeReport``).
     """
@@ -465,6 +469,7 @@ def optimize(
 
     # Step 2: read, compile, swap (and check) each candidate.
     inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module], OriginalNames | None]] = {}
+    training: dict[str, tuple[str, list[str]]] = {}  # path -> (class, what it does in training that the layer does not)
     for path, block, how in candidates:
         ts = time.perf_counter()
         rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
@@ -480,12 +485,12 @@ def optimize(
                 weights = weights_of(block)
                 spec, kind, routing, notes = info.spec, info.output_kind, info.routing, info.notes
                 rank, token_arg, flat, flattened = 3, info.token_arg, info.flat_output, info.flattened
-                state_arg = info.state_arg
+                state_arg, training[path] = info.state_arg, (rec.block_class, info.training)
             else:
                 sr = read_structural(block)
                 spec, kind, routing, notes, weights = sr.spec, sr.output_kind, sr.routing, sr.notes, sr.weights
                 rank, token_arg, flat, flattened, state_arg = sr.input_rank, None, False, False, None
-                weights_of = sr.weights_of
+                weights_of, training[path] = sr.weights_of, (rec.block_class, sr.training)
             if "unknown" in kind:
                 raise UnsupportedBlock("it returns extra outputs besides the hidden states that the swapped-in layer "
                                        "cannot reproduce", type(block).__name__)
@@ -559,4 +564,6 @@ def optimize(
                 names.register(model.get_submodule(path))
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
+    warn_training({r.path: training[r.path] for r in report.swapped if training.get(r.path, ("", []))[1]},
+                  "moegraph.optimize (eval outputs are equal; see model.moegraph_report)")
     return model

@@ -435,6 +435,37 @@ def test_layer_of_another_dtype_than_the_block(dtypes) -> None:
     assert float((y.float() - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("family", ["switch_transformers", "mixtral"])
+def test_dropout_in_the_experts_is_reported(family: str) -> None:
+    """Switch Transformers' experts drop hidden units in training (dropout_rate 0.1 by default), which the compiled
+    layer does not: the read said nothing (its check runs in eval mode). Now hf_import.training names the dropout
+    modules and from_hf warns; Mixtral (no dropout, no jitter) gets neither. The block in train() mode differs from
+    its eval output, the layer in train() mode gives the eval output."""
+    cls_name, overrides = FAMILIES[family]
+    block = make_block(family, overrides, cls_name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = from_hf(block)
+    said = [str(w.message) for w in caught if "moegraph.from_hf" in str(w.message)]
+    training = layer.hf_import.training
+    if family == "mixtral":
+        assert not training and not said
+        return
+    assert any("dropout (p=0.1) in 4 module(s)" in n and "experts.expert_0" in n for n in training), training
+    assert any("jitter (0.01)" in n for n in training) and all(n in layer.hf_import.notes for n in training)
+    assert len(said) == len(training) and all(cls_name in w for w in said)
+    x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
+    def out(y):
+        return y[0] if isinstance(y, tuple) else y
+
+    with torch.no_grad():
+        want = out(block.eval()(x))
+        torch.manual_seed(0)
+        # (a clone: Switch's router jitter multiplies its float32 input in place)
+        assert not torch.allclose(out(block.train()(x.clone())), want, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(layer.train()(x), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", list(REFUSED))
 def test_refused_with_reason(family: str) -> None:
     cls_name, overrides, words = REFUSED[family]

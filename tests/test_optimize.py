@@ -7,6 +7,7 @@ the rest was not.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -523,6 +524,65 @@ def test_unexplainable_user_block_left_alone() -> None:
     assert recs[1].status == "swapped"
     assert isinstance(model.blocks[0], ScaledInputMoE)
     torch.testing.assert_close(_run(model, x), ref, rtol=1e-4, atol=1e-5)
+
+
+class NoisyMoE(NaiveMoE):
+    """Noisy top-k gating (Shazeer et al.): noise on the router logits in training only."""
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        if self.training:
+            logits = logits + torch.randn_like(logits)
+        w, idx = torch.topk(logits.softmax(-1), self.k, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out = out.index_add(0, tok, expert(x[tok]) * w[tok, slot].unsqueeze(-1))
+        return out.reshape(shape)
+
+
+class DropoutMLP(GeluMLP):
+    def __init__(self, d: int, f: int):
+        super().__init__(d, f)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+@pytest.mark.parametrize("block, words", [(NoisyMoE, "in train() mode the block routes or computes otherwise"),
+                                          (lambda: NaiveMoE(expert=DropoutMLP), "dropout (p=0.5) in 6 module(s)"),
+                                          (NaiveMoE, None)])
+def test_training_time_randomness_of_a_user_block_is_reported(block, words) -> None:
+    """A user block with noise on its router logits in training, or dropout in its experts, was swapped as verified
+    (the check runs in eval mode) although in train() mode the swapped block computes otherwise: the report now says
+    so and optimize warns, naming the block; eval outputs stay equal, and a block without either gets neither."""
+    torch.manual_seed(0)
+    model = UserModel([block()]).eval()
+    ref = copy.deepcopy(model)
+    x = torch.randn(2, 5, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moegraph.optimize(model)
+    rec = model.moegraph_report.records[0]
+    assert rec.status == "swapped", str(model.moegraph_report)
+    said = [str(w.message) for w in caught if "train() mode" in str(w.message)]
+    if words is None:
+        assert not said and not any("train() mode" in n for n in rec.notes), str(model.moegraph_report)
+    else:
+        assert any(words in n for n in rec.notes), str(model.moegraph_report)
+        assert len(said) == 1 and "blocks.0" in said[0] and words in said[0]
+    torch.testing.assert_close(_run(model, x), _run(ref, x), rtol=1e-4, atol=1e-5)
+    model.train(), ref.train()  # the compiled layer computes the eval form in train() mode too
+    torch.manual_seed(1)
+    trained = _run(model, x)
+    torch.testing.assert_close(trained, _run(ref.eval(), x), rtol=1e-4, atol=1e-5)
+    if words is not None:  # where the original's training forward differs
+        torch.manual_seed(1)
+        assert not torch.allclose(_run(ref.train(), x), trained, rtol=1e-3, atol=1e-3)
 
 
 def test_optimize_is_idempotent() -> None:

@@ -15,10 +15,11 @@ from ..errors import UnsupportedBlock
 from ..semantics import torch_dtype
 from ..spec import MoESpec
 from .quant import block_scales, is_fp8_block, quantization_section, reference_block, shared_is_fp8
-from .anatomy import BlockAnatomy, _named_tensors, inspect_block
+from .anatomy import BlockAnatomy, _gate_constants, _named_tensors, inspect_block
 from .assemble import _dtype_name, build_spec
 from .probe import forward_args, probe_block, token_vocab
 from .routing import Routing, identify_routing
+from .train_mode import dropout_note, warn_training
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
 
@@ -37,6 +38,8 @@ class HFImport:
     flat_output: bool = False  # the block returns [tokens, D] for a [B, S, D] input
     flattened: bool = False  # the block returns its output and router logits flattened to 1-D (Ernie 4.5 VL)
     state_arg: str | None = None  # the block's forward argument carrying the previous layer's router state (Zaya)
+    #: what the block does in train() mode that the layer does not (dropout, router jitter): also in ``notes``
+    training: list[str] = dataclasses.field(default_factory=list)
 
 
 def _find_config(block: nn.Module) -> Any:
@@ -103,8 +106,13 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     notes += [f"the learned scalar {n} is read at its value (a constant of the spec); training it is not reproduced"
               for n in anat.unexplained if n in tensors and tensors[n].numel() == 1]
     jitter = _attr(cfg, ("router_jitter_noise", "input_jitter_noise", "moe_jitter_eps")) if cfg is not None else None
+    if not isinstance(jitter, (int, float)) or jitter <= 0:  # a block without its config: its router's own
+        jitter = next(iter(_gate_constants(block, "jitter")), None)
+    training = [dropout_note(block)]
     if isinstance(jitter, (int, float)) and jitter > 0:
-        notes.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
+        training.append(f"training-time jitter ({jitter}) of the HF block is not reproduced (eval outputs are equal)")
+    training = [n for n in training if n]
+    notes += training
     spec = build_spec(anat, routing, cfg, dtype, notes, name, with_model=with_model,
                       quantization=_quantization(block, anat, cfg))
     state_arg = None
@@ -112,7 +120,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
         # The router state comes in through the block's one other argument (checked by from_hf's comparison).
         state_arg = next(a for a in forward_args(block) if a != probe.token_arg)
     return HFImport(spec, anat, routing, probe.output_kind, notes, token_arg=probe.token_arg,
-                    flat_output=probe.flat_output, flattened=probe.flattened, state_arg=state_arg)
+                    flat_output=probe.flat_output, flattened=probe.flattened, state_arg=state_arg, training=training)
 
 
 def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockAnatomy:
@@ -208,7 +216,9 @@ def from_hf(
         dtype, device: of the compiled layer (default: those of the block's expert weights).
         share_weights: use the block's own Parameter objects where the layouts agree (no copy;
             training one trains the other). Default: independent copies.
-        check: compare the compiled layer with the block on random tokens; raise if they differ.
+        check: compare the compiled layer with the block on random tokens (eval mode); raise if they differ.
+            The layer has no dropout or training-time router noise: a block with either warns (and
+            ``hf_import.training`` says what), since in train() mode the two then differ.
     Returns:
         The compiled layer; ``layer.hf_import`` (an ``HFImport``) says how the block was read.
     Raises:
@@ -241,6 +251,8 @@ def from_hf(
                 + (f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""),
                 anat.block_class,
             )
+    if info.training:  # (eval outputs are equal; a training run would change silently)
+        warn_training({"": (anat.block_class, info.training)}, "moegraph.from_hf")
     return layer
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,7 @@ from .anatomy import BlockAnatomy, probe_activation
 from .assemble import build_spec
 from .probe import Probe, light_copy
 from .routing import Routing, identify_routing
+from .train_mode import dropout_note, mode_note
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
 
 __all__ = ["MLPForm", "StructuralRead", "read_mlp", "read_structural", "structural_parts"]
@@ -149,6 +150,8 @@ class StructuralRead:
     notes: list[str]
     input_rank: int  # 3 ([B, S, D]) or 2 ([T, D]): what the block accepted
     weights_of: Callable[[nn.Module], dict[str, Tensor]]  # ``weights`` from a block of this structure
+    #: what the block does in train() mode that the layer does not (dropout, router noise): also in ``notes``
+    training: list[str] = field(default_factory=list)
 
 
 class _ExpertStub(nn.Module):
@@ -323,6 +326,9 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
     probe = Probe(xt, logits, None, ids, w, ("tensor",))
     routing, rnotes = identify_routing(probe, None, cls)
     notes += rnotes
+    training = [n for n in (dropout_note(block), _train_mode_note(light, ename, others, sig_ED, shared_sig,
+                                                                  (x if rank == 3 else xt).clone(), out)) if n]
+    notes += training
     kind: tuple[str, ...] = ("tensor",)
     if isinstance(out, tuple):
         kind = ("tuple", *("router_logits" if isinstance(e, Tensor) and e.shape == logits.shape
@@ -345,7 +351,23 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
                       description=f"{cls} read structurally: {routing.describe()}",
                       source="moegraph.optimize structural match (FX + probing)")
     weights_of = partial(_structural_weights, anat=anat, form=form, shared=shared, rname=rname, ename=ename)
-    return StructuralRead(spec, weights_of(block), kind, routing, notes, rank, weights_of)
+    return StructuralRead(spec, weights_of(block), kind, routing, notes, rank, weights_of, training)
+
+
+def _train_mode_note(light: nn.Module, ename: str, others: list[str], sig_ED: Tensor, shared_sig: Tensor, x: Tensor,
+                     out: Any) -> str | None:
+    """``train_mode.mode_note`` of the probe copy (fresh stand-in experts): the same tokens in train() mode."""
+    def run() -> Any:
+        light._modules[ename] = nn.ModuleList([_ExpertStub(sig) for sig in sig_ED])
+        for o in others:
+            light._modules[o] = _ExpertStub(shared_sig)
+        light.train()
+        try:
+            return light(x)
+        finally:
+            light.eval()
+
+    return mode_note(run, out[0] if isinstance(out, tuple) else out)
 
 
 def _structural_weights(block: nn.Module, *, anat: BlockAnatomy, form: MLPForm, shared: MLPForm | None,
