@@ -7,6 +7,7 @@ The CLI prints these without a traceback and exits non-zero.
 from __future__ import annotations
 
 import math
+import reprlib
 import numbers
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +44,20 @@ def is_number(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
         return False
 
 
+_CONTAINER_REPR = reprlib.Repr()  # (keyword arguments from Python 3.12 only)
+_CONTAINER_REPR.maxlevel = 3
+_CONTAINER_REPR.maxlist = _CONTAINER_REPR.maxtuple = _CONTAINER_REPR.maxdict = 8
+_CONTAINER_REPR.maxset = _CONTAINER_REPR.maxfrozenset = 8
+_CONTAINER_REPR.maxstring = _CONTAINER_REPR.maxother = 40
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
     """``repr(value)`` as a message echoes a value: at most about ``limit`` characters (a huge integer by its
     number of digits; its repr would be hundreds of characters, or refused beyond Python's digit limit)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
         return f"{'-' if value < 0 else ''}<about {int(value.bit_length() * 0.30103) + 1} digits>"
-    text = repr(value)
+    # a container by its first entries only (reprlib): a whole repr of a YAML alias bomb's billions never ends
+    text = _CONTAINER_REPR.repr(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

@@ -416,8 +416,21 @@ def _got(value: Any) -> str:
     return f"{type(value).__name__} {short_repr(value)}"
 
 
+def _shown(value: Any) -> str:
+    """An input value as a message echoes it: a list or mapping by its kind and size, never its repr (a YAML
+    alias bomb expands to billions of entries through a few shared objects; formatting it would never end)."""
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} key(s)"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return f"a list of {len(value)} entries"
+    return short_repr(value)
+
+
 def _close(word: Any, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    """"; did you mean ...?" for a string input close to one of ``choices`` (nothing for any other input)."""
+    if not isinstance(word, str) or len(word) > 200:
+        return ""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -443,13 +456,13 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
         return str(err["msg"]).removeprefix("Value error, ")
     if kind == "literal_error":
         expected = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
-        return f"{err['msg'].lower()}, got {short_repr(inp)}{_close(inp, expected)}"
+        return f"{err['msg'].lower()}, got {_shown(inp)}{_close(inp, expected)}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
         tags = list(_union_tags(models))
         key = _union_key(models)
         shown = ", ".join(repr(t) for t in tags)
         if kind == "union_tag_invalid":
-            return f"unknown {key} {ctx.get('tag')!r}; expected one of {shown}{_close(ctx.get('tag'), tags)}"
+            return f"unknown {key} {_shown(ctx.get('tag'))}; expected one of {shown}{_close(ctx.get('tag'), tags)}"
         if isinstance(inp, dict):
             return f"'{key}' must be one of {shown}, got {_got(inp.get(key))}"
         return f"expected a mapping (with '{key}' one of {shown}), got {_got(inp)}"
@@ -465,11 +478,11 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
     }
     if kind in bounds:
         bound, words = bounds[kind]
-        return f"must be {words} {ctx.get(bound)}, got {short_repr(inp)}"
+        return f"must be {words} {ctx.get(bound)}, got {_shown(inp)}"
     if kind == "finite_number":
-        return f"must be a finite number, got {short_repr(inp)}"
+        return f"must be a finite number, got {_shown(inp)}"
     if kind == "int_from_float":
-        return f"expected a whole number, got {short_repr(inp)}"
+        return f"expected a whole number, got {_shown(inp)}"
     if kind in ("int_type", "int_parsing"):
         return f"expected an integer, got {_got(inp)}"
     if kind in ("float_type", "float_parsing"):
@@ -486,5 +499,5 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
         return f"needs at least {ctx.get('min_length')} entries, got {ctx.get('actual_length')}"
     if kind == "invalid_key":
         return f"keys must be strings, got {_got(inp)}"
-    shown = f" (got {short_repr(inp)})" if not isinstance(inp, (dict, list)) else ""
+    shown = f" (got {short_repr(inp)})" if not isinstance(inp, (dict, list, tuple, set, frozenset)) else ""
     return f"{err['msg']}{shown}"

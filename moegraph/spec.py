@@ -518,6 +518,14 @@ class RouterState(_Frozen):
                                             "returns its own).")
 
 
+def _tag_of(v: Any, key: str, default: Any = None) -> Any:
+    """A tagged union's tag: ``v[key]`` (a mapping) or ``v.key`` (a model), when it is a string; anything else
+    gives None, which pydantic reports as a missing tag. (A list or mapping there is never formatted: pydantic
+    would print the whole value in its error, which a YAML alias bomb makes endless.)"""
+    tag = v.get(key, default) if isinstance(v, dict) else getattr(v, key, None)
+    return tag if isinstance(tag, str) else None
+
+
 RouterLayer = Annotated[
     Union[
         Annotated[RouterLinear, Tag("linear")],
@@ -525,7 +533,7 @@ RouterLayer = Annotated[
         Annotated[RouterActivation, Tag("activation")],
         Annotated[RouterState, Tag("state")],
     ],
-    Discriminator(lambda v: (v.get("op") if isinstance(v, dict) else getattr(v, "op", None))),
+    Discriminator(lambda v: _tag_of(v, "op")),
 ]
 
 
@@ -783,7 +791,7 @@ Router = Annotated[
         Annotated[ExpertChoiceRouter, Tag("expert_choice")],
         Annotated[HashRouter, Tag("hash")],
     ],
-    Discriminator(lambda v: (v.get("type", "topk") if isinstance(v, dict) else getattr(v, "type", None))),
+    Discriminator(lambda v: _tag_of(v, "type", "topk")),
 ]
 
 
@@ -1088,7 +1096,16 @@ class MLAttention(_Frozen):
     v_head_dim: int = Field(gt=0, le=1 << 16)
 
 
-Attention = Annotated[Union[MHAttention, MLAttention], Field(discriminator="kind")]
+def _attention_kind_named(v: Any) -> Any:
+    # pydantic formats a discriminator value it does not know with str(): a list there (an alias bomb: billions
+    # of entries) would never finish; refused as a missing tag instead, which the loader words without the value
+    if isinstance(v, dict) and "kind" in v and not isinstance(v["kind"], str):
+        raise PydanticCustomError("union_tag_not_found", "'kind' must be a string")
+    return v
+
+
+Attention = Annotated[Annotated[Union[MHAttention, MLAttention], Field(discriminator="kind")],
+                      BeforeValidator(_attention_kind_named)]
 
 
 #: the most decoder layers a model spec describes
@@ -1236,11 +1253,7 @@ class ExplicitTopology(_Frozen):
 
 Topology = Annotated[
     Union[Annotated[UniformTopology, Tag("uniform")], Annotated[ExplicitTopology, Tag("explicit")]],
-    Discriminator(
-        lambda v: (
-            v.get("kind", "explicit" if "devices" in v else "uniform") if isinstance(v, dict) else getattr(v, "kind", None)
-        )
-    ),
+    Discriminator(lambda v: _tag_of(v, "kind", ("explicit" if "devices" in v else "uniform") if isinstance(v, dict) else None)),
 ]
 
 

@@ -422,6 +422,45 @@ def test_yaml_nesting_and_merges_cannot_crash_or_stall_the_loader(tmp_path, monk
     assert len(calls) < 100  # 4^8 = 65,536 before: one call per path through the merges
 
 
+_BOMB = "".join(f"b{i}: &b{i} [" + ", ".join(["x"] * 10 if i == 0 else [f"*b{i - 1}"] * 10) + "]\n" for i in range(9))
+
+
+@pytest.mark.parametrize("place, field", [
+    ("moe.experts.activation", "moe.experts.activation"),  # a Literal-like field (literal_error, did you mean)
+    ("model.layer_types", "model.layer_types.0"),  # a list of Literals: ten entries, each a list
+    ("moe.router.type", "moe.router.type"),  # a union's tag
+    ("moe.dtype", "moe.dtype"),
+    ("model.attention.kind", "model.attention.kind"),  # pydantic's own discriminator
+    ("moe.router.aux_losses.0.coef", "moe.router.aux_losses.0.coef"),
+])
+def test_yaml_alias_bomb_is_reported_at_once_by_its_size(tmp_path, run_cli, place, field):
+    """Nine levels of ten aliases each (1e9 entries through a few shared lists) where a string or number goes:
+    the error came from formatting the whole expanded value (repr, or difflib over its str) and never
+    ended; a list or mapping is now described by its kind and size."""
+    import time
+
+    spec = copy.deepcopy(BASE)
+    spec.setdefault("model", {"num_layers": 4})
+    if place.startswith("model.attention"):
+        spec["model"]["attention"] = {"kind": "mha", "num_heads": 2}
+    if place.startswith("moe.router.aux_losses"):
+        spec["moe"]["router"]["aux_losses"] = [{"kind": "z_loss", "coef": 0.001}]
+    *parents, last = place.split(".")
+    d = spec
+    for key in parents:
+        d = d[int(key)] if key.isdigit() else d.setdefault(key, {})
+    d[last] = "BOMB"
+    text = yaml.safe_dump(spec).replace("BOMB", "*b8")
+    f = tmp_path / "bomb.yaml"
+    f.write_text(_BOMB + text)
+    start = time.perf_counter()
+    r = run_cli("validate", f)
+    assert time.perf_counter() - start < 5  # (well under a second here; minutes and gigabytes before)
+    assert r.code == 2 and "Traceback" not in r.err
+    line = next(x for x in r.err.splitlines() if f": {field}: " in x)
+    assert "a list" in line and "x'" not in line, line
+
+
 def test_missing_file_and_folder(tmp_path, run_cli):
     for target, phrase in ((tmp_path / "nope.yaml", "file not found"), (tmp_path, "is a folder")):
         with pytest.raises(SpecError, match=phrase):
