@@ -120,6 +120,28 @@ def test_schema_to_file(tmp_path, run_cli):
     assert json.loads(out.read_text())["title"] == "MoESpec"
 
 
+def test_a_failed_schema_write_leaves_the_old_file_and_no_part_of_the_new(tmp_path, run_cli, monkeypatch):
+    """A full disk (here: half the text lands, then ENOSPC) left a truncated schema.json behind."""
+    import errno
+    import os
+    import pathlib
+
+    out = tmp_path / "schema.json"
+    out.write_text("the previous schema")
+
+    def full_disk(self, text, *args, **kwargs):
+        with open(self, "w") as fh:
+            fh.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    res = run_cli("schema", "-o", out)
+    monkeypatch.undo()
+    assert res.code == 2 and "Traceback" not in res.err
+    assert f"{out}: could not write the schema (No space left on device); nothing was written" in " ".join(res.err.split())
+    assert out.read_text() == "the previous schema" and [p.name for p in tmp_path.iterdir()] == ["schema.json"]
+
+
 def test_presets_lists_every_preset(run_cli):
     res = run_cli("presets")
     assert res.code == 0

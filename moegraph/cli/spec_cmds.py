@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import MoegraphError, SpecError
+from ..fileio import write_atomically
 from ..loader import load_spec, presets
 from ..spec import MoESpec
 from ..summary import human, human_bytes, summarize
@@ -145,10 +146,8 @@ def schema(
         print(text)
     else:
         output_file(output, "schema", example=".json")
-        try:
-            output.write_text(text + "\n")
-        except OSError as exc:
-            raise MoegraphError(f"{output}: cannot write: {exc.strerror}; choose another path") from None
+        # whole or not at all: a full disk left a truncated schema behind
+        write_atomically(output, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), "schema", MoegraphError)
         console.print(f"wrote {output}")
 
 
