@@ -188,6 +188,27 @@ def test_plan_output_that_cannot_be_a_plan_file_is_refused_before_planning(run_c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "file.txt"]  # no probe, no temp file left
 
 
+def test_a_failed_plot_write_names_the_file_and_leaves_nothing_behind(run_cli, small, tmp_path, monkeypatch):
+    """A full disk during savefig gave a traceback and left part of a picture."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    d, spec, traces = small
+    png = tmp_path / "p.png"
+    png.write_bytes(b"the previous picture")
+
+    def full_disk(self, fname, *args, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    r = run_cli("plan", spec, "--trace", traces["law"], "--plot", png)
+    assert r.code == 2 and "Traceback" not in r.err
+    assert f"{png}: could not write the plot (File too large); nothing was written" in " ".join(r.err.split()), r.err
+    assert png.read_bytes() == b"the previous picture" and [p.name for p in tmp_path.iterdir()] == ["p.png"]
+
+
 def test_plan_output_through_a_symlink_writes_its_target(run_cli, small, tmp_path):
     d, spec, traces = small
     target = tmp_path / "real.json"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import MoegraphError, require
+from ..fileio import write_atomically
 
 if TYPE_CHECKING:
     from ..traces import TraceSet
@@ -182,7 +183,12 @@ def plot_plan(plan: Plan, traces: TraceSet | None, path: str | Path, layer: int 
     fig.suptitle(literal(f"{plan.spec.name} on {g} GPUs, {plan.num_slots} slots: {saving_summary(metrics)}\n"
                          f"{scored}; policy {plan.policy.get('name', '?')}"), fontsize=13)
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    # written whole or not at all (a full disk left half a picture); the format named, as the temporary file's
+    # name ends in .tmp.png and the like
+    fmt = out.suffix.lower().lstrip(".") or plt.rcParams["savefig.format"]
+    try:
+        write_atomically(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight"), "plot",
+                         MoegraphError)
+    finally:
+        plt.close(fig)
     return out
