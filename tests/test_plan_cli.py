@@ -188,6 +188,50 @@ def test_plan_output_that_cannot_be_a_plan_file_is_refused_before_planning(run_c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo.json", "file.txt"]  # no probe, no temp file left
 
 
+def test_plan_and_plot_on_one_path_are_refused_before_planning(run_cli, small, tmp_path, monkeypatch):
+    """`-o same.png --plot same.png` wrote the plan, then the picture over it (the check compared existing
+    files only); the same file by another name (`./same.png`, a link) too."""
+    d, spec, traces = small
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.png").symlink_to(tmp_path / "same.png")
+    for plot in ("same.png", "./same.png", tmp_path / "same.png", "link.png"):
+        r = run_cli("plan", spec, "--trace", traces["law"], "-o", "same.png", "--plot", plot)
+        err = " ".join(r.err.split())
+        assert r.code == 2 and "is also where the plan goes (same.png)" in err and "different paths" in err, r.err
+        assert "planning layers" not in r.err and not (tmp_path / "same.png").exists()
+
+
+def test_layer_out_of_range_or_without_plot_is_refused_before_anything_is_written(run_cli, small, tmp_path):
+    """--layer 999 was refused by the plot, after the plan file was written."""
+    d, spec, traces = small
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    r = run_cli("plan", spec, "--trace", traces["law"], "-o", out, "--plot", png, "--layer", "3")
+    assert r.code == 2 and "--layer 3 is outside the MoE layers of" in r.err and "(0..2)" in r.err, r.err
+    assert "planning layers" not in r.err and list(tmp_path.iterdir()) == []
+    r = run_cli("plan", spec, "--trace", traces["law"], "-o", out, "--layer", "1")
+    assert r.code == 2 and "--layer picks the MoE layer --plot draws" in " ".join(r.err.split())
+    current = plan(load_spec(spec), traces["law"]).save(tmp_path / "current.json")
+    r = run_cli("plan", "--evaluate", current, "--trace", traces["intent"], "--plot", png, "--layer", "7")
+    assert r.code == 2 and "--layer 7 is outside the MoE layers of the plan" in " ".join(r.err.split())
+    assert not png.exists()
+
+
+def test_evaluate_refuses_the_options_it_cannot_use(run_cli, small, tmp_path):
+    """--evaluate took -o, --slots, --nodes, --seed, ... and ignored them."""
+    d, spec, traces = small
+    current = plan(load_spec(spec), traces["law"]).save(tmp_path / "current.json")
+    r = run_cli("plan", "--evaluate", current, "--trace", traces["intent"], "-o", tmp_path / "ev.json", "--slots", "99",
+                "--nodes", "7", "--gpus-per-node", "2", "--seed", "3", "--rounds", "4", "--no-robust",
+                "--max-imbalance", "2")
+    err = " ".join(r.err.split())
+    assert r.code == 2 and ("drop -o/--output, --nodes, --gpus-per-node, --slots, --seed, --max-imbalance, --rounds, "
+                            "--robust/--no-robust") in err, r.err
+    assert not (tmp_path / "ev.json").exists()
+    for flag, value in (("--seed", "0"), ("--robust", None), ("-o", tmp_path / "ev.json")):
+        r = run_cli("plan", "--evaluate", current, "--trace", traces["intent"], flag, *([value] if value else []))
+        assert r.code == 2 and f"drop {flag}" in " ".join(r.err.split()), (flag, r.err)
+
+
 def test_a_failed_plot_write_names_the_file_and_leaves_nothing_behind(run_cli, small, tmp_path, monkeypatch):
     """A full disk during savefig gave a traceback and left part of a picture."""
     pytest.importorskip("matplotlib")

@@ -30,12 +30,13 @@ def finite(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
 
 
 def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = (),
-                example: str = "") -> Path:
+                example: str = "", outputs: Iterable[tuple[Path | None, str]] = ()) -> Path:
     """Refuse, before any work, an output path the writer cannot use: a folder, a device or pipe (a rename
-    would replace it), an extension it cannot produce, a folder that is missing or not writable, or one of
-    the command's ``inputs`` (paths; other items such as bundled names are skipped). A symbolic link is
-    checked (and later written) through to its target. ``example``: the extension a folder's hint suggests
-    (default: the first of ``suffixes``)."""
+    would replace it), an extension it cannot produce, a folder that is missing or not writable, one of
+    the command's ``inputs`` (paths; other items such as bundled names are skipped), or the path of another
+    of its ``outputs`` ((path or None, what) pairs; the same file, whether or not it exists yet: the second
+    write would silently replace the first). A symbolic link is checked (and later written) through to its
+    target. ``example``: the extension a folder's hint suggests (default: the first of ``suffixes``)."""
     from ..errors import MoegraphError
     from ..fileio import regular_target
 
@@ -60,6 +61,11 @@ def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: I
     except OSError as exc:
         raise MoegraphError(f"{path}: cannot write in folder {real.parent} ({exc.strerror or exc}); choose another "
                             "path") from None
+    for other, other_what in outputs:
+        if other is not None and (Path(os.path.realpath(other)) == real or (
+                real.exists() and Path(other).exists() and os.path.samefile(real, other))):
+            raise MoegraphError(f"{path}: is also where the {other_what} goes ({other}); the {what} would overwrite "
+                                f"it: give the {what} and the {other_what} different paths")
     for item in inputs:
         if isinstance(item, (str, os.PathLike)) and real.exists() and Path(item).exists() and os.path.samefile(real, item):
             raise MoegraphError(f"{path}: is also an input of this command ({item}); writing the {what} would overwrite "

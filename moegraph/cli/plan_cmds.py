@@ -56,6 +56,13 @@ def _traffic_words(tokens: int | None) -> str:
     return f"{tokens} tokens" if tokens is not None else "expert counts only: tokens taken to start evenly on every GPU"
 
 
+def _check_layer(layer: int | None, num_layers: int, what: str) -> None:
+    """--layer within the MoE layers, checked before any work (the plan was written before the plot refused it)."""
+    if layer is not None and layer >= num_layers:
+        raise typer.BadParameter(f"--layer {layer} is outside the MoE layers of {what} (0..{num_layers - 1}); give "
+                                 f"one of them")
+
+
 @app.command(name="plan")
 def plan_cmd(
     spec: Annotated[str | None, typer.Argument(help="Spec file or preset name (optional with --evaluate).")] = None,
@@ -74,9 +81,10 @@ def plan_cmd(
                                                 "the load-only plan's (balance on unseen traffic; default on).")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Save a figure: load per GPU, co-activation, "
                                               "placement.")] = None,
-    layer: Annotated[int | None, typer.Option("--layer", min=0, help="MoE layer shown by --plot (default 0).")] = None,
+    layer: Annotated[int | None, typer.Option("--layer", min=0, help="MoE layer shown by --plot (default 0; "
+                                              "counted among MoE layers only).")] = None,
     evaluate: Annotated[Path | None, typer.Option("--evaluate", help="Score this existing plan file on --trace "
-                                                  "instead of planning.")] = None,
+                                                  "instead of planning (with --plot and --layer only).")] = None,
     plan_from: Annotated[Path | None, typer.Option("--from", help="Re-plan this current plan for the traffic in "
                                                    "--trace, moving few expert weights (cluster and slots from it).")] = None,
     max_moves: Annotated[int | None, typer.Option("--max-moves", min=0, help="With --from: move at most N slots (all "
@@ -93,11 +101,21 @@ def plan_cmd(
     """Plan which GPU holds which expert (and replicas) for every MoE layer; compare with the baselines."""
     from ..planner import Plan, evaluate_plan, plan
 
+    if evaluate is not None and plan_from is None:
+        # scoring takes the plan as it is: options that would shape a new plan (or write one) have no effect
+        unused = [name for name, value in (("-o/--output", output), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node),
+                                           ("--slots", slots), ("--seed", seed), ("--max-imbalance", max_imbalance),
+                                           ("--rounds", rounds), ("--robust/--no-robust", robust)) if value is not None]
+        if unused:
+            raise typer.BadParameter(f"--evaluate scores the plan file as it is and writes no plan: drop "
+                                     f"{', '.join(unused)} (to change the plan, plan again without --evaluate)")
+    if layer is not None and plot is None and plan_from is None:
+        raise typer.BadParameter("--layer picks the MoE layer --plot draws: add --plot FILE, or drop --layer")
     inputs = [*(trace or []), plan_from, evaluate, spec]
     if output is not None:
         output_file(output, "plan", inputs=inputs, example=".json")
     if plot is not None:
-        output_file(plot, "plot", PLOT_SUFFIXES, inputs=[*inputs, output])
+        output_file(plot, "plot", PLOT_SUFFIXES, inputs=inputs, outputs=[(output, "plan")])
     if plan_from is not None:
         from .replan_cmds import replan_command
 
@@ -120,6 +138,7 @@ def plan_cmd(
             raise TraceError("--evaluate needs traffic to score the plan on: pass --trace FILE|FOLDER|NAME")
         from ..traces import load_traces
 
+        _check_layer(layer, p.num_layers, f"the plan {evaluate}")
         ts = load_traces(trace, spec=p.spec)
         # Baselines are planned from what the plan was planned from (a fair what-if), when that is
         # still loadable; else from the scored traffic itself (the load-only baseline then knows it).
@@ -146,6 +165,7 @@ def plan_cmd(
     from ..traces import load_traces
 
     s = load_spec(spec)
+    _check_layer(layer, s.model.num_moe_layers, f"{s.name}")
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
         p = plan(s, trace or placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
                  max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds, progress=advance)
