@@ -114,7 +114,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile on purpose
     if device_type == "cpu":
         check_memory(layer_bytes(spec, kwargs["dtype"], seeded=seed is not None),
                      f"the layer of spec {spec.name!r} ({kwargs['dtype']})",
-                     "use a smaller spec (e.g. a -tiny preset), a 16-bit dtype, or run it expert-parallel with a plan")
+                     "use a smaller spec (e.g. a -tiny preset), "
+                     + ("a 16-bit dtype (dtype=torch.bfloat16), " if kwargs["dtype"].itemsize > 2 else "")
+                     + "or run it expert-parallel with a plan (plan=, in processes of torch.distributed)")
     layer = cls(pipeline=pipeline, **kwargs)
     layer.__dict__["plan"] = plan
     layer.__dict__["expert_strategy"] = pin

@@ -564,6 +564,29 @@ def test_memory_estimates_refuse_before_allocating(fuzz_dir, monkeypatch):
     assert not (fuzz_dir / "mem").exists()
 
 
+def test_compile_too_large_for_memory_is_refused_before_the_source_is_written(fuzz_dir, monkeypatch):
+    """`moegraph compile deepseek-v3` on a laptop wrote the source, then refused the layer with advice the command
+    cannot follow (it is bfloat16 already; compile has no --plan). The Python API's advice stays its own."""
+    import torch
+
+    import moegraph
+
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda: 8 << 30)
+    for extra in ([], ["--smoke", "2"]):
+        code, _, err = run(["compile", "deepseek-v3", "-o", fuzz_dir / "big", *extra])
+        text = " ".join(err.split())
+        assert code == 2 and "compiling the layer of spec 'deepseek-v3' (bfloat16 weights" in text, err
+        assert "the preset deepseek-v3-tiny" in text and "nothing was written" in text, err
+        assert "16-bit" not in text and "plan" not in text and "without --smoke" not in text, err
+    assert not (fuzz_dir / "big").exists()
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda: 1 << 10)
+    for dtype, advice in ((torch.float32, True), (torch.bfloat16, False)):
+        with pytest.raises(ResourceError) as info:
+            moegraph.compile("deepseek-v3-tiny", dtype=dtype)
+        assert ("a 16-bit dtype (dtype=torch.bfloat16)" in str(info.value)) is advice, str(info.value)
+        assert "expert-parallel with a plan (plan=" in str(info.value)
+
+
 def test_output_paths(fuzz_dir):
     folder = fuzz_dir / "a_folder"
     folder.mkdir(exist_ok=True)

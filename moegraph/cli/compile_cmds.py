@@ -26,14 +26,23 @@ def compile_cmd(
 
     from ..codegen import check_backend, write_source
     from ..compiler import compile as mg_compile
-    from ..compiler import smoke_bytes
+    from ..compiler import layer_bytes, smoke_bytes
     from ..limits import check_memory
+    from ..loader import presets
+    from ..runtime import torch_dtype
 
     s = load_spec(spec)
     be = check_backend(backend or s.codegen.backend)
-    if smoke:  # refuse before writing anything
+    # refused before writing anything, with advice this command can follow (compile's own check, in the Python
+    # API, names its dtype= and plan= arguments, which the command does not have)
+    tiny = f"{s.name}-tiny"
+    smaller = f"a smaller spec (e.g. the preset {tiny})" if tiny in presets() else "a smaller spec (e.g. a -tiny preset)"
+    check_memory(layer_bytes(s, torch_dtype(s.moe.dtype)), f"compiling the layer of spec {s.name!r} ({s.moe.dtype} "
+                 "weights, the spec's moe.dtype)", f"use {smaller}, or compile it where more memory is free; nothing "
+                 "was written")
+    if smoke:
         check_memory(smoke_bytes(s, smoke), f"--smoke {smoke} on spec {s.name!r} (float32)",
-                     "use fewer --smoke tokens, a smaller spec (e.g. a -tiny preset), or compile without --smoke")
+                     f"use fewer --smoke tokens, {smaller}, or compile without --smoke; nothing was written")
     gen = write_source(s, output, be)
     state = "written" if gen.written else "unchanged"
     console.print(f"{gen.path} ({state}, {len(gen.source.splitlines())} lines, sha256 {gen.digest[:12]})", highlight=False)
