@@ -65,7 +65,28 @@ def test_a_spec_files_traces_are_read_beside_it(run_cli, small, tmp_path, monkey
     r = run_cli("plan", "sub/spec.yaml", "-o", "p.json")
     assert r.code == 0, r.err
     used = Plan.load(tmp_path / "p.json").policy["trace_inputs"]
-    assert used == [str((sub / "window.npz").resolve()), "other.npz"]
+    assert used == [str((sub / "window.npz").resolve()), str((tmp_path / "other.npz").resolve())]
+
+
+def test_a_plan_records_its_traces_so_evaluate_finds_them_from_another_folder(run_cli, small, tmp_path, monkeypatch):
+    """`--trace window.npz` was recorded as written: `--evaluate` from another folder planned its baselines from
+    whatever window.npz sat there (or silently from the scored traffic). Paths on disk are recorded absolute,
+    bundled names as names."""
+    d, spec, traces = small
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    shutil.copy(traces["law"], here / "window.npz")
+    shutil.copy(traces["intent"], there / "window.npz")  # another window under the same name
+    monkeypatch.chdir(here)
+    assert run_cli("plan", spec, "--trace", "window.npz", "-o", "p.json").code == 0
+    assert Plan.load("p.json").policy["trace_inputs"] == [str(here.resolve() / "window.npz")]
+    monkeypatch.chdir(there)
+    r = run_cli("plan", "--evaluate", here / "p.json", "--trace", traces["intent"])
+    assert r.code == 0, r.err
+    flat = "".join(r.out.split())  # rich wraps long paths
+    assert f"baselinesplannedfromtheplan'sowntraces['{here.resolve() / 'window.npz'}']" in flat, r.out
+    p = plan(load_spec("deepseek-v2-lite-tiny"), "esft-deepseek-v2-lite/intent", rounds=0)
+    assert p.policy["trace_inputs"] == ["esft-deepseek-v2-lite/intent"]
 
 
 def test_what_if_flags_change_the_cluster(run_cli, small):

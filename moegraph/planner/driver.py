@@ -156,12 +156,17 @@ def _trace_items(traces: Any) -> Any:
 
 def _trace_inputs(spec: MoESpec, traces: Any) -> list[str] | None:
     """The trace paths / bundled names a plan was made from (``traces`` as ``_trace_items`` gave it), when given
-    as such (to re-load them later)."""
+    as such (to re-load them later, from any working directory): an entry that names a file or folder on disk as
+    its absolute path (links resolved; a relative one read from another folder named other traffic), a bundled
+    trace name as it is."""
     if traces is None:
-        return list(spec.placement.traces) or None
-    items = traces if isinstance(traces, list) else [traces]
+        items = list(spec.placement.traces)
+        if not items:
+            return None
+    else:
+        items = traces if isinstance(traces, list) else [traces]
     if all(isinstance(t, (str, Path)) for t in items):
-        return [str(t) for t in items]
+        return [str(Path(t).resolve()) if os.path.exists(t) else str(t) for t in items]
     return None
 
 
