@@ -75,7 +75,7 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
             source=str(p),
         )
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) skipped
         if fmt == "yaml":
             data = yaml.load(text, Loader=_yaml_loader(text))
         elif fmt == "json":

@@ -461,6 +461,18 @@ def test_yaml_alias_bomb_is_reported_at_once_by_its_size(tmp_path, run_cli, plac
     assert "a list" in line and "x'" not in line, line
 
 
+def test_a_byte_order_mark_is_skipped(tmp_path, run_cli):
+    """Windows editors start UTF-8 files with a BOM: JSON and TOML refused it ("decode using utf-8-sig")."""
+    for suffix, text in ((".json", json.dumps(BASE)), (".yaml", yaml.safe_dump(BASE)),
+                         (".toml", "name = 'probe'\n[moe]\nhidden_size = 32\n[moe.experts]\nnum_experts = 8\n"
+                                   "intermediate_size = 16\n[moe.router]\ntype = 'topk'\ntop_k = 2\n")):
+        f = tmp_path / f"bom{suffix}"
+        f.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert load_spec(f).moe.router.top_k == 2
+        r = run_cli("validate", f)
+        assert r.code == 0 and "utf-8-sig" not in r.err, r.err
+
+
 def test_missing_file_and_folder(tmp_path, run_cli):
     for target, phrase in ((tmp_path / "nope.yaml", "file not found"), (tmp_path, "is a folder")):
         with pytest.raises(SpecError, match=phrase):

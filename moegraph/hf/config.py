@@ -48,7 +48,7 @@ def load_hf_config(path: str | Path) -> Any:
         p = p / "config.json"
         check_input(p, "Hugging Face config (config.json)", InputError, MAX_CONFIG_BYTES)
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
+        raw = json.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; pass an HF config.json or a folder holding one") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -218,7 +218,7 @@ class Plan:
         p = Path(path)
         check_input(p, "plan file", PlanFileError, MAX_PLAN_BYTES)
         try:
-            data = json.loads(p.read_text(encoding="utf-8"), object_pairs_hook=unique_json_object)
+            data = json.loads(p.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_json_object)
         except FileNotFoundError:
             raise PlanFileError(f"{p}: plan file not found; make one with `moegraph plan SPEC -o {p.name}`") from None
         except IsADirectoryError:
