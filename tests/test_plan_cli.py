@@ -89,6 +89,20 @@ def test_a_plan_records_its_traces_so_evaluate_finds_them_from_another_folder(ru
     assert p.policy["trace_inputs"] == ["esft-deepseek-v2-lite/intent"]
 
 
+def test_a_missing_placement_trace_names_the_spec_file_the_field_and_where_it_looked(run_cli, small, tmp_path,
+                                                                                     monkeypatch):
+    d, spec, traces = small
+    data = yaml.safe_load(spec.read_text())
+    data["placement"]["traces"] = ["window.npz"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(d)
+    r = run_cli("plan", tmp_path / "spec.yaml")
+    err = " ".join(r.err.split())
+    assert r.code == 2 and f"{tmp_path / 'spec.yaml'}: placement.traces: 'window.npz' was not found" in err, r.err
+    assert f"beside the spec file in {tmp_path.resolve()}, in the working directory {d}" in err
+    assert "esft-deepseek-v2-lite" in err and "give the traffic with --trace" in err
+
+
 def test_what_if_flags_change_the_cluster(run_cli, small):
     d, spec, traces = small
     out = d / "whatif.json"

@@ -56,6 +56,29 @@ def _traffic_words(tokens: int | None) -> str:
     return f"{tokens} tokens" if tokens is not None else "expert counts only: tokens taken to start evenly on every GPU"
 
 
+def _placement_traces(s, spec_arg: str) -> list[str]:
+    """The spec's placement.traces as ``placement_traces`` finds them; an entry found nowhere is refused naming
+    the spec file, the field and where it was looked for (the trace reader's message named the entry alone)."""
+    import os
+
+    from ..traces import bundled_traces
+
+    entries = placement_traces(s, spec_arg)
+    bundled = bundled_traces()
+    for entry in entries:
+        if os.path.exists(entry) or entry.partition("/")[0] in bundled:
+            continue  # on disk, or a bundled set (whose reader names its tasks)
+        if Path(entry).is_absolute():
+            looked = "no such file or folder"
+        else:
+            beside = f"beside the spec file in {Path(spec_arg).resolve().parent}, " if Path(spec_arg).is_file() else ""
+            looked = (f"looked {beside}in the working directory {Path.cwd()} and among the bundled traces "
+                      f"({', '.join(bundled) or 'none'})")
+        raise TraceError(f"{spec_arg}: placement.traces: {entry!r} was not found ({looked}); correct the entry, or "
+                         "give the traffic with --trace")
+    return entries
+
+
 def _check_layer(layer: int | None, num_layers: int, what: str) -> None:
     """--layer within the MoE layers, checked before any work (the plan was written before the plot refused it)."""
     if layer is not None and layer >= num_layers:
@@ -167,7 +190,7 @@ def plan_cmd(
     s = load_spec(spec)
     _check_layer(layer, s.model.num_moe_layers, f"{s.name}")
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
-        p = plan(s, trace or placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
+        p = plan(s, trace or _placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
                  max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds, progress=advance)
     if output is not None:  # files written before the report: a closed stdout (`| head`) must not lose them
         p.save(output)
