@@ -337,3 +337,21 @@ def test_the_cli_prints_a_warning_as_one_line(run_cli, tmp_path):
     assert r.code == 0 and "ok" in r.out
     lines = [line for line in r.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("warning: placement.objective.communication = 3 is ignored"), r.err
+
+
+def test_an_empty_or_folder_sglang_dump_and_a_folder_without_config_json_say_what_they_are(tmp_path):
+    """An empty .pt said "truncated or corrupt: " with no reason and no fix; a folder was "corrupt"; a model
+    folder without config.json was "no such file"."""
+    pytest.importorskip("torch")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    code, err = cli("trace", "import", "--format", "sglang", empty, "-o", tmp_path / "t.npz")
+    assert code == 2 and f"{empty}: not a readable SGLang dump (truncated or corrupt: the file is empty); dump it " \
+                          "again with SGLang's expert distribution recorder" in err, err
+    code, err = cli("trace", "import", "--format", "sglang", folder, "-o", tmp_path / "t.npz")
+    assert code == 2 and f"{folder}: is a folder; give the SGLang dump files" in err and "corrupt" not in err, err
+    code, err = cli("import-hf", folder, "--no-probe")
+    assert code == 2 and f"{folder}: the folder holds no config.json; pass the model folder that holds it" in err, err
+    assert not (tmp_path / "t.npz").exists()

@@ -50,6 +50,9 @@ def load_hf_config(path: str | Path) -> Any:
     try:
         raw = json.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
+        if p != Path(path):  # a folder without config.json (a checkpoint's shards only, a parent folder)
+            raise InputError(f"{path}: the folder holds no config.json; pass the model folder that holds it (as "
+                             "downloaded from the Hub), or the path of its config.json") from None
         raise InputError(f"{path}: no such file; pass an HF config.json or a folder holding one") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{p}: not a readable JSON config: {exc}") from None

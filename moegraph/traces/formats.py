@@ -346,8 +346,15 @@ def read_sglang(
             raise TraceError(f"{p}: file not found") from None
         except ResourceError:
             raise
+        except IsADirectoryError:
+            raise TraceError(f"{p}: is a folder; give the SGLang dump files (expert_distribution_recorder_*.pt) "
+                             "themselves, e.g. with a shell glob") from None
         except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated zip or pickle
-            raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {' '.join(str(exc).split())[:200]})") from None
+            why = " ".join(str(exc).split())[:200] or type(exc).__name__
+            if os.path.isfile(p) and os.path.getsize(p) == 0:
+                why = "the file is empty"
+            raise TraceError(f"{p}: not a readable SGLang dump (truncated or corrupt: {why}); dump it again with "
+                             "SGLang's expert distribution recorder, or check that this is the right file") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{p}: expected a dict from SGLang's expert distribution recorder, got {type(obj).__name__}")
         try:
