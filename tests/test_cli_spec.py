@@ -162,3 +162,14 @@ def test_show_experts_own_space(tmp_path, run_cli):
     assert "experts: projected D -> 24 -> D, input norm (rms eps=1e-06 w+1), output norm per expert " \
            "(rms eps=1e-05 w+1 scale-first)" in flat
     assert _table_row(res.out, "one routed expert")[1] == "1.15K"  # 3 * 24 * 16
+
+
+def test_ctrl_c_says_aborted_and_exits_130(run_cli, monkeypatch):
+    """typer turns KeyboardInterrupt into Exit(130) and returns the code: the command ended silently."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("moegraph.cli.spec_cmds.load_spec", interrupted)
+    res = run_cli("validate", "deepseek-v3-tiny")
+    assert res.code == 130 and res.err.strip() == "aborted" and "Traceback" not in res.err, res

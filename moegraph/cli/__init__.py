@@ -120,13 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     except click_errors as exc:
         exc.show()
         return exc.exit_code
-    except abort_types:
+    except (*abort_types, KeyboardInterrupt):
         err_console.print("aborted")
-        return 130
+        return _INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`moegraph ... | head -1`): files are written first; stop quietly
         _silence_stdout()
         return 1  # as rich's consoles do when they meet the closed pipe themselves (Console.on_broken_pipe)
+    if rc == _INTERRUPTED:  # typer >= 0.29 turns Ctrl-C into Exit(130) and returns its code: say why it stopped
+        err_console.print("aborted")
     return rc if isinstance(rc, int) else 0
+
+
+#: the exit status of a command stopped by Ctrl-C (128 + SIGINT, as shells report it)
+_INTERRUPTED = 130
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
