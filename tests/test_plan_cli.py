@@ -161,6 +161,22 @@ def test_bad_trace_and_bad_plan_files_exit_2_naming_the_file(run_cli, small, tmp
     assert r.code == 2 and "26 MoE layers in the trace but the spec has 3" in " ".join(r.err.split())
 
 
+def test_a_hand_edited_plan_file_is_refused_with_the_fix(run_cli, small, tmp_path):
+    """'holds expert ids outside 0..63' and 'logical_to_physical_map disagrees ...' said what, not what to do."""
+    d, spec, traces = small
+    good = json.loads(plan(load_spec(spec), traces["law"], rounds=0).save(tmp_path / "p.json").read_text())
+    edited = json.loads(json.dumps(good))
+    edited["physical_to_logical_map"][0][0] = 99
+    edited2 = json.loads(json.dumps(good))
+    edited2["logical_to_physical_map"][0][0] = [71]
+    for data, what in ((edited, "physical_to_logical_map holds expert ids outside 0..63"),
+                       (edited2, "logical_to_physical_map disagrees with physical_to_logical_map")):
+        (tmp_path / "p.json").write_text(json.dumps(data))
+        r = run_cli("plan", "--evaluate", tmp_path / "p.json", "--trace", traces["law"])
+        err = " ".join(r.err.split())
+        assert r.code == 2 and what in err and "re-create it with `moegraph plan`" in err, r.err
+
+
 def test_trace_import_esft_and_sglang(run_cli, tmp_path):
     torch = pytest.importorskip("torch")
     law = load_traces("esft-deepseek-v2-lite/law").select_samples(range(3))

@@ -248,7 +248,7 @@ class Plan:
                       f"version {VERSION}); re-create the plan with `moegraph plan`")
         for key in ("spec", "spec_hash", "physical_to_logical_map"):
             if key not in data:
-                raise bad(f"field {key!r} is missing; the file is truncated or corrupt")
+                raise bad(f"field {key!r} is missing; the file is truncated or corrupt: re-create it with `moegraph plan`")
         try:
             embedded = MoESpec.model_validate(data["spec"])
         except (ValidationError, TypeError, ValueError) as exc:
@@ -260,26 +260,27 @@ class Plan:
                 why = f"spec.{where}: {first.get('msg')}{more}"
             raise bad(f"the embedded spec is not valid ({why}); re-create the plan") from None
         if embedded.hash() != data["spec_hash"]:
-            raise bad("spec_hash does not match the embedded spec; the file was edited or is corrupt")
+            raise bad(f"spec_hash does not match the embedded spec; {_REMAKE}")
         if spec is not None:
             check_made_for(embedded, spec, source)
         try:
             p2l = np.asarray(data["physical_to_logical_map"])
         except (TypeError, ValueError):
-            raise bad("physical_to_logical_map is not a [layers][slots] array of integers") from None
+            raise bad(f"physical_to_logical_map is not a [layers][slots] array of integers; {_REMAKE}") from None
         if p2l.dtype == object or p2l.ndim != 2 or (p2l.size and not np.issubdtype(p2l.dtype, np.integer)):
-            raise bad("physical_to_logical_map is not a [layers][slots] array of integers")
+            raise bad(f"physical_to_logical_map is not a [layers][slots] array of integers; {_REMAKE}")
         if any(isinstance(x, bool) for row in data["physical_to_logical_map"] for x in row):  # JSON true reads as 1
             raise bad("physical_to_logical_map holds true / false where expert ids go; the file was edited or is "
                       "corrupt: re-create it with `moegraph plan`")
         problem = _check_shapes(p2l.astype(np.int64), embedded)
         if problem:
-            raise bad(problem)
+            raise bad(f"{problem}; {_REMAKE}")
         plan = cls(p2l, embedded, metrics=data.get("metrics") or {}, policy=data.get("policy") or {},
                    notes=list(data.get("notes") or []))
         # Derived fields must agree with the map (a hand-edited file is refused, not half-used).
         if "logical_to_physical_map" in data and data["logical_to_physical_map"] != plan.logical_to_physical_map:
-            raise bad("logical_to_physical_map disagrees with physical_to_logical_map")
+            raise bad(f"logical_to_physical_map disagrees with physical_to_logical_map (it is derived from it); "
+                      f"{_REMAKE}")
         derived = {
             "slots_per_gpu": plan.slots_per_gpu, "num_gpus": plan.num_gpus, "num_experts": plan.num_experts,
             "num_layers": plan.num_layers, "num_slots": plan.num_slots, "gpus_per_node": plan.gpus_per_node,
@@ -299,6 +300,10 @@ class Plan:
         if not all(isinstance(n, str) for n in plan.notes):
             raise bad("notes must be a list of strings")
         return plan
+
+
+#: what to do about a plan file whose fields contradict each other or the embedded spec
+_REMAKE = "the file was edited or is corrupt: re-create it with `moegraph plan`"
 
 
 def _types(value: Any) -> Any:
