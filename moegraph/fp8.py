@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .oplib import opaque_op
-from .ops import _sort_by_expert, apply_activation
+from .ops import _sort_by_expert, apply_activation, once_differentiable
 
 __all__ = [
     "FORMATS",
@@ -365,6 +365,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_TD):
+    once_differentiable(grad_TD)
     inputs = ctx.inputs
     need = [i in _GRAD_ARGS and isinstance(inputs[i], Tensor) and inputs[i].is_floating_point()
             and inputs[i].dtype not in FORMATS.values() and ctx.needs_input_grad[i] for i in range(len(inputs))]

@@ -335,6 +335,11 @@ def trace_core(owner: nn.Module, training: bool) -> fx.GraphModule:
         concrete["router_state_BSH"] = None
     graph = fx.Tracer().trace(adapter, concrete_args=concrete)
     gm = fx.GraphModule(adapter, graph, class_name=f"{type(owner).__name__}Graph")
+    # GraphModule copies the tensors its get_attr nodes read into modules of its own: a parameter replaced by
+    # another object afterwards (load_state_dict(assign=True), torch.func.functional_call, parametrize, plain
+    # assignment) would go unseen, its output and gradient both. The graph reads the layer's own submodules.
+    for name, child in owner.named_children():
+        gm.add_module(name, child)
     gm.train(training)
     return gm
 

@@ -171,7 +171,7 @@ def token_index(T_like: Tensor, K: int) -> Tensor:
     Decode-sized indices come from a small cache (two op launches cost more than the rest of a
     one-token router step); callers only read them."""
     T = T_like.shape[0]
-    if T * K <= _TOKEN_INDEX_CACHED and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and T * K <= _TOKEN_INDEX_CACHED:  # (compiling: no guard on T)
         return _token_index(T, K, T_like.device)
     return torch.arange(T, device=T_like.device).repeat_interleave(K)
 
@@ -695,7 +695,12 @@ class CompiledMoEBase(nn.Module):
     def invalidate_graphs(self) -> None:
         """Forget the built graphs: they hold the tensors they were traced with, so whoever replaces
         parameters or buffers (``load_hf_weights``, ``.to()``) calls this. A layer that had a graph builds
-        the current mode's again at once (``torch.compile`` cannot build one: see ``train``)."""
+        the current mode's again at once (``torch.compile`` cannot build one: see ``train``). It also drops the
+        eval graphs' packed copies of the expert weights: call it after writing weights through ``.data``, which
+        bumps no version counter (in-place writes on the parameters themselves are seen)."""
+        from .ops.workspace import forget_packed
+
+        forget_packed(list(self.parameters()))
         if self._forget_graphs():
             self.graph()
 
@@ -762,8 +767,13 @@ class CompiledMoEBase(nn.Module):
                     f"token_ids has shape {tuple(token_ids.shape)} and dtype {token_ids.dtype}; expected an "
                     f"int64 (or int32) tensor of shape {tuple(x.shape[:-1])}"
                 )
-            if token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
-                raise InputError(f"token_ids must lie in [0, {self.HASH_VOCAB}) (vocab_size of the hash router)")
+            where = f"token_ids must lie in [0, {self.HASH_VOCAB}) (vocab_size of the hash router)"
+            if torch.compiler.is_compiling():  # a traced forward cannot branch on values: checked as the graph runs
+                if token_ids.numel():
+                    ok = token_ids.min() >= 0
+                    torch._assert_async(ok & (token_ids.max() < self.HASH_VOCAB) if self.HASH_VOCAB else ok, where)
+            elif token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
+                raise InputError(where)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, *, router_state: Tensor | None = None,
                 return_aux: bool = False):
@@ -774,7 +784,9 @@ class CompiledMoEBase(nn.Module):
         its router state [..., H] for the next layer; with ``receive`` it adds ``router_state`` (the previous
         layer's, same leading shape as x; None adds nothing). NaN or inf in a
         token's input makes that token's output non-finite; other tokens are unaffected (with
-        token-choice routing and no capacity limit).
+        token-choice routing and no capacity limit). The loads of aux-loss-free balancing and a recorder count
+        every forward: under reentrant activation checkpointing (``use_reentrant=True``, which runs the forward
+        again in the backward) they count each token twice; ``use_reentrant=False`` counts it once.
         """
         self._check_input(x, token_ids)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)

@@ -338,6 +338,70 @@ def test_torch_compile_fullgraph_on_a_layer_that_never_ran(tmp_path):
             torch.testing.assert_close(got, layer(x), msg=step)
 
 
+def test_replaced_parameters_are_the_ones_the_layer_runs(tmp_path):
+    """The graph reads the layer's own submodules: a parameter replaced by another object (assign=True, functional_call,
+    plain assignment) is what the output and the gradients use (GraphModule's copies kept the traced ones: audit)."""
+    from reference_moe import reference_forward
+
+    spec = make_spec(dict(ROUTERS["softmax_top2"]))
+    layer = _compile(spec, tmp_path).train()
+    other = {k: torch.randn_like(v, generator=torch.Generator().manual_seed(i)) * 0.1 if v.is_floating_point() else v
+             for i, (k, v) in enumerate(layer.state_dict().items())}
+    x = torch.randn(7, D, generator=torch.Generator().manual_seed(9))
+    ref_layer = _compile(spec, tmp_path)
+    ref_layer.load_state_dict(other)
+    want = reference_forward(spec, ref_layer, x)
+    got = torch.func.functional_call(layer, other, (x,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layer.load_state_dict(other, assign=True)
+    y = layer(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)
+
+
+def test_second_order_gradients_are_refused_by_name(tmp_path):
+    layer = moegraph.compile(make_spec(dict(ROUTERS["softmax_top2"])), dtype=torch.float64, out_dir=tmp_path).train()
+    x = torch.randn(5, D, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x)  # first order as ever
+    assert torch.isfinite(g).all()
+    with pytest.raises(InputError, match="differentiable once.*create_graph=True"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_export_with_a_dynamic_token_count_and_hash_routing_in_one_graph(tmp_path):
+    """No guard on the token count (the decode index cache compared T * K first) and no Python branch on token id
+    values (hash routing checked them with int()) under torch.export / torch.compile(fullgraph=True)."""
+    layer = _compile(make_spec(dict(ROUTERS["softmax_top2"])), tmp_path).eval()
+    x = torch.randn(1, 20, D)
+    T = torch.export.Dim("T", max=4096)
+    ep = torch.export.export(layer, (x,), dynamic_shapes=({1: T},))
+    for n in (3, 20, 300):
+        xi = torch.randn(1, n, D)
+        torch.testing.assert_close(ep.module()(xi), layer(xi))
+    hashed = moegraph.compile("hash-tiny", dtype=torch.float32, out_dir=tmp_path).eval()
+    xh = torch.randn(2, 6, hashed.HIDDEN)
+    tid = torch.randint(0, hashed.HASH_VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(hashed, backend="eager", fullgraph=True)(xh, tid), hashed(xh, tid))
+    with pytest.raises(InputError, match="token_ids must lie in"):
+        hashed(xh, tid + hashed.HASH_VOCAB)
+
+
+def test_invalidate_graphs_drops_the_packed_weights_after_a_data_write(tmp_path):
+    layer = moegraph.compile(make_spec(dict(ROUTERS["softmax_top2"])), dtype=torch.float32, out_dir=tmp_path,
+                             expert_strategy="per_expert")  # a strategy of the packed (oneDNN) weights
+    _randomise(layer)
+    layer.eval()
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = layer(x)
+        layer(x)
+        layer.experts.down_proj.data.mul_(2)  # bumps no version counter
+        layer.invalidate_graphs()
+        torch.testing.assert_close(layer(x), 2 * y, rtol=1e-5, atol=1e-5)  # the down projection is linear
+
+
 def test_presets_compile_and_run_tiny(tmp_path):
     for name in [n for n in moegraph.presets() if "tiny" in n]:
         layer = moegraph.compile(name, dtype=torch.float32, out_dir=tmp_path).eval()

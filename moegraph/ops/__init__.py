@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputError
 from ..oplib import opaque_op
 from .args import ExpertArgs, RoutedRows, SavedForward
 from .activation import FAST_INPLACE, _act_backward, _act_saved, _activate_, apply_activation, mlp_forward
@@ -55,7 +56,7 @@ from .workspace import (
 __all__ = ["expert_mlp", "expert_mlp_packed", "expert_mlp_backward", "apply_activation", "mlp_forward", "clear_workspace",
            "define_expert_op", "ExpertArgs", "RoutedRows", "empty_huge", "packed_experts", "prepack_supported", "FAST_INPLACE", "WORKSPACE_LIMIT_BYTES",
            "SMALL_EXPERT_WEIGHTS", "_act_backward", "_act_saved", "_activate_", "_expert_mlp_fast", "_expert_mlp_impl",
-           "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert",
+           "_linear", "_mlp_grads", "_PackedExperts", "_small_experts", "_sort_by_expert", "once_differentiable",
            "_workspace", "_zero_untouched", "shared_into_output", "is_training_call", "SavedForward", "stash_forward", "take_forward", "using_forward"]
 
 #: bytes of scratch buffers one workspace (thread x dtype x device x inference mode) keeps between
@@ -128,9 +129,21 @@ def _setup_context(ctx, inputs, output):
     ctx.saved_forward = take_forward(output)  # sorted rows and up projection, where the forward kept them
 
 
+def once_differentiable(grad_TD: Tensor) -> None:
+    """Refuse a backward asked to build a graph of itself (``create_graph=True`` with a gradient that needs one):
+    the expert ops' backwards are opaque ops with the first derivatives written out, which autograd cannot
+    differentiate again (torch failed deep inside with "mm(): functions with out=... arguments don't support
+    automatic differentiation"; the FP8 op's would have given no second-order term at all)."""
+    if torch.is_grad_enabled() and grad_TD.requires_grad:
+        raise InputError("the MoE layer's expert op is differentiable once: a gradient taken with create_graph=True "
+                         "(double backward, a gradient penalty, Hessian-vector products) cannot pass through it; "
+                         "take such terms without the MoE layer, or detach its output there")
+
+
 def _backward(ctx, grad_TD):
     from .. import strategies
 
+    once_differentiable(grad_TD)
     inputs = ctx.inputs
     need = [i in _TENSOR_ARGS and isinstance(inputs[i], Tensor) and ctx.needs_input_grad[i] for i in range(15)]
     with strategies.pinned(ctx.pin), using_forward(ctx.saved_forward):

@@ -134,7 +134,8 @@ class _PackedExperts:
     re-packing the full weight on every call (about 1.8x faster at 4-16 rows per expert). The copy
     doubles expert memory, so only eval graphs use it (see fx_passes.UsePrepackedExperts). It is
     rebuilt whenever a weight's data pointer or version counter changes (in-place updates,
-    load_state_dict, .to()).
+    load_state_dict, .to()). A write through ``.data`` changes neither: ``forget_packed`` (which the
+    layer's ``invalidate_graphs`` calls) drops the copy.
     """
 
     def __init__(self, tensors: tuple[Tensor | None, ...]):
@@ -155,6 +156,14 @@ def _pack_key(tensors: tuple[Tensor | None, ...]) -> tuple:
 # id(weight) -> (weakref to the weight, packed copy). Tensors compare elementwise, so they cannot be
 # the keys of a WeakKeyDictionary; a finalizer drops the entry when the weight is freed.
 _PACKED: dict[int, tuple[weakref.ref, _PackedExperts]] = {}
+
+
+def forget_packed(weights: list[Tensor]) -> None:
+    """Drop the packed copies made of any of ``weights`` (they are made again on next use)."""
+    for w in weights:
+        hit = _PACKED.get(id(w))
+        if hit is not None and hit[0]() is w:
+            del _PACKED[id(w)]
 
 
 def packed_experts(w_up: Tensor, w_down: Tensor, s_up: Tensor | None, s_down: Tensor | None) -> _PackedExperts | None:
