@@ -210,10 +210,15 @@ def shared_mlp(x_TD: Tensor, w_up_HD: Tensor, w_down_DS: Tensor, b_up_H: Tensor 
 # ----------------------------------------------------------------------------------------------
 
 
+def _wide(t: Tensor) -> Tensor:
+    """t in float32 at least (the auxiliary losses' precision; a float64 layer keeps float64, for gradcheck)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _probs(logits_TE: Tensor, scores_TE: Tensor, softmax: bool) -> Tensor:
     if softmax:
-        return torch.softmax(logits_TE.float(), dim=-1)
-    s = scores_TE.float()
+        return torch.softmax(_wide(logits_TE), dim=-1)
+    s = _wide(scores_TE)
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
@@ -299,7 +304,7 @@ def comm_balance_loss(logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, soft
 def z_loss(logits_TE: Tensor) -> Tensor:
     if logits_TE.shape[0] == 0:
         return logits_TE.new_zeros(())
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(_wide(logits_TE), dim=-1).square().mean()
 
 
 # ----------------------------------------------------------------------------------------------

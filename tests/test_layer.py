@@ -402,6 +402,18 @@ def test_invalidate_graphs_drops_the_packed_weights_after_a_data_write(tmp_path)
         torch.testing.assert_close(layer(x), 2 * y, rtol=1e-5, atol=1e-5)  # the down projection is linear
 
 
+def test_a_float64_layer_computes_its_aux_losses_in_float64(tmp_path):
+    """compile(dtype=float64) is float64 throughout, the auxiliary losses too (they were float32, so gradcheck of a
+    loss failed)."""
+    router = {"top_k": 2, "aux_losses": [{"kind": "expert_balance", "coef": 0.1}, {"kind": "z_loss", "coef": 0.01},
+                                         {"kind": "sequence_balance", "coef": 0.1}]}
+    layer = moegraph.compile(make_spec(router), dtype=torch.float64, out_dir=tmp_path).train()
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True, generator=torch.Generator().manual_seed(4))
+    _, aux = layer(x, return_aux=True)
+    assert aux and all(v.dtype == torch.float64 for v in aux.values()), {k: v.dtype for k, v in aux.items()}
+    assert torch.autograd.gradcheck(lambda t: sum(layer(t, return_aux=True)[1].values()), [x], eps=1e-6, atol=1e-6)
+
+
 def test_presets_compile_and_run_tiny(tmp_path):
     for name in [n for n in moegraph.presets() if "tiny" in n]:
         layer = moegraph.compile(name, dtype=torch.float32, out_dir=tmp_path).eval()
