@@ -671,6 +671,7 @@ class CompiledMoEBase(nn.Module):
         return out
 
     def _apply_keeping(self, fn, recurse):
+        """``nn.Module._apply`` with the float32 balancing state (and FP8 storage) kept through casts."""
         # The balancing state stays float32 through a cast: in bfloat16 the load counter rounds past 256
         # assignments and a bias step of 0.001 vanishes (DeepSeek-V3's update needs both exact). FP8 weights and
         # their float32 scales likewise only change device; the FP8 layer's compute dtype follows the cast.
@@ -698,8 +699,9 @@ class CompiledMoEBase(nn.Module):
     # -- graphs ----------------------------------------------------------------------------------
 
     def invalidate_graphs(self) -> None:
-        """Forget the built graphs: they hold the tensors they were traced with, so whoever replaces
-        parameters or buffers (``load_hf_weights``, ``.to()``) calls this. A layer that had a graph builds
+        """Forget the built graphs: they read the layer's submodules, but hold its own buffers and whatever a
+        pass derived from the weights as they were when traced, so whoever replaces parameters or buffers
+        (``load_hf_weights``, ``.to()``) calls this. A layer that had a graph builds
         the current mode's again at once (``torch.compile`` cannot build one: see ``train``). It also drops the
         eval graphs' packed copies of the expert weights: call it after writing weights through ``.data``, which
         bumps no version counter (in-place writes on the parameters themselves are seen)."""
