@@ -426,17 +426,6 @@ def _(grad_TD, x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down,
     inputs = (x_TD, tok_N, exp_N, weight_N, w_up_EHD, s_up, w_down_EDF, s_down, b_up_EH, b_down_ED)
     return [torch.empty_like(t) if (n and isinstance(t, Tensor)) else x_TD.new_empty(0)
             for t, n in zip((*inputs, *(None,) * 9), need)]
-    # Recompute the forward with autograd (same FP8 rounding), then differentiate it.
-    with torch.enable_grad():
-        leaves = {i: inputs[i].detach().requires_grad_(True) for i in want}
-        args = [leaves.get(i, a) for i, a in enumerate(inputs)]
-        y = _forward(*args[:14], (args[14], args[15]), *args[16:])
-        # (no token, or none routed: the output holds no graph, and every gradient is zero)
-        got = (torch.autograd.grad(y, [leaves[i] for i in want], grad_TD.to(y.dtype), allow_unused=True)
-               if y.requires_grad else [None] * len(want))
-    for i, g in zip(want, got):
-        grads[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
-    return tuple(grads)
 
 
 #: the grouped expert op with FP8 weights (torch forward; see ``define_fp8_op``)

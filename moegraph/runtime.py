@@ -779,7 +779,8 @@ class CompiledMoEBase(nn.Module):
                 if token_ids.numel():
                     ok = token_ids.min() >= 0
                     torch._assert_async(ok & (token_ids.max() < self.HASH_VOCAB) if self.HASH_VOCAB else ok, where)
-            elif token_ids.numel() and (int(token_ids.min()) < 0 or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
+            elif token_ids.numel() and (int(token_ids.min()) < 0
+                                        or (self.HASH_VOCAB and int(token_ids.max()) >= self.HASH_VOCAB)):
                 raise InputError(where)
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None, *, router_state: Tensor | None = None,

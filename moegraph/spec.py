@@ -1253,7 +1253,8 @@ class ExplicitTopology(_Frozen):
 
 Topology = Annotated[
     Union[Annotated[UniformTopology, Tag("uniform")], Annotated[ExplicitTopology, Tag("explicit")]],
-    Discriminator(lambda v: _tag_of(v, "kind", ("explicit" if "devices" in v else "uniform") if isinstance(v, dict) else None)),
+    Discriminator(lambda v: _tag_of(v, "kind",
+                                    ("explicit" if "devices" in v else "uniform") if isinstance(v, dict) else None)),
 ]
 
 

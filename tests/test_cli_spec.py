@@ -138,7 +138,8 @@ def test_a_failed_schema_write_leaves_the_old_file_and_no_part_of_the_new(tmp_pa
     res = run_cli("schema", "-o", out)
     monkeypatch.undo()
     assert res.code == 2 and "Traceback" not in res.err
-    assert f"{out}: could not write the schema (No space left on device); nothing was written" in " ".join(res.err.split())
+    said = " ".join(res.err.split())
+    assert f"{out}: could not write the schema (No space left on device); nothing was written" in said
     assert out.read_text() == "the previous schema" and [p.name for p in tmp_path.iterdir()] == ["schema.json"]
 
 

@@ -36,7 +36,8 @@ def compile_cmd(
     # refused before writing anything, with advice this command can follow (compile's own check, in the Python
     # API, names its dtype= and plan= arguments, which the command does not have)
     tiny = f"{s.name}-tiny"
-    smaller = f"a smaller spec (e.g. the preset {tiny})" if tiny in presets() else "a smaller spec (e.g. a -tiny preset)"
+    smaller = (f"a smaller spec (e.g. the preset {tiny})" if tiny in presets()
+               else "a smaller spec (e.g. a -tiny preset)")
     check_memory(layer_bytes(s, torch_dtype(s.moe.dtype)), f"compiling the layer of spec {s.name!r} ({s.moe.dtype} "
                  "weights, the spec's moe.dtype)", f"use {smaller}, or compile it where more memory is free; nothing "
                  "was written")

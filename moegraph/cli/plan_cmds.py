@@ -126,9 +126,10 @@ def plan_cmd(
 
     if evaluate is not None and plan_from is None:
         # scoring takes the plan as it is: options that would shape a new plan (or write one) have no effect
-        unused = [name for name, value in (("-o/--output", output), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node),
-                                           ("--slots", slots), ("--seed", seed), ("--max-imbalance", max_imbalance),
-                                           ("--rounds", rounds), ("--robust/--no-robust", robust)) if value is not None]
+        given = (("-o/--output", output), ("--nodes", nodes), ("--gpus-per-node", gpus_per_node), ("--slots", slots),
+                 ("--seed", seed), ("--max-imbalance", max_imbalance), ("--rounds", rounds),
+                 ("--robust/--no-robust", robust))
+        unused = [name for name, value in given if value is not None]
         if unused:
             raise typer.BadParameter(f"--evaluate scores the plan file as it is and writes no plan: drop "
                                      f"{', '.join(unused)} (to change the plan, plan again without --evaluate)")
@@ -190,8 +191,9 @@ def plan_cmd(
     s = load_spec(spec)
     _check_layer(layer, s.model.num_moe_layers, f"{s.name}")
     with counted(err_console, "planning layers", s.model.num_moe_layers) as advance:
-        p = plan(s, trace or _placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes, gpus_per_node=gpus_per_node,
-                 max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds, progress=advance)
+        p = plan(s, trace or _placement_traces(s, spec) or None, seed=seed, slots=slots, nodes=nodes,
+                 gpus_per_node=gpus_per_node, max_imbalance=max_imbalance, robust=robust is not False, rounds=rounds,
+                 progress=advance)
     if output is not None:  # files written before the report: a closed stdout (`| head`) must not lose them
         p.save(output)
     if plot is not None:

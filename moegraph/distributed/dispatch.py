@@ -26,8 +26,9 @@ FP8 dispatch (``moe.quantization.dispatch: fp8``): token rows are quantized per 
 before each dispatch hop and sent as FP8 bytes with their float32 tile scales (counted as
 ``dispatch``); the receiver dequantizes them to float32, which the FP8 expert op quantizes again: to
 the same FP8 bytes, with tile scales equal up to one float32 ulp (so outputs may differ from a
-single process in the last bit of the layer's dtype). The combine returns results in the layer's dtype. In the backward, the row
-gradients travel back in the layer's dtype (straight through the quantizer).
+single process in the last bit of the layer's dtype). The combine returns results in the layer's
+dtype. In the backward, the row gradients travel back in the layer's dtype (straight through the
+quantizer).
 
 Legend: T tokens on this rank, D hidden, A assignments, W ranks, G = W GPUs, E experts,
 S slots per GPU, M rows received, R rows sent.

@@ -248,7 +248,8 @@ class Plan:
                       f"version {VERSION}); re-create the plan with `moegraph plan`")
         for key in ("spec", "spec_hash", "physical_to_logical_map"):
             if key not in data:
-                raise bad(f"field {key!r} is missing; the file is truncated or corrupt: re-create it with `moegraph plan`")
+                raise bad(f"field {key!r} is missing; the file is truncated or corrupt: re-create it with "
+                          "`moegraph plan`")
         try:
             embedded = MoESpec.model_validate(data["spec"])
         except (ValidationError, TypeError, ValueError) as exc:
