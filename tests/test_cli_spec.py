@@ -174,3 +174,7 @@ def test_ctrl_c_says_aborted_and_exits_130(run_cli, monkeypatch):
     monkeypatch.setattr("moegraph.cli.spec_cmds.load_spec", interrupted)
     res = run_cli("validate", "deepseek-v3-tiny")
     assert res.code == 130 and res.err.strip() == "aborted" and "Traceback" not in res.err, res
+    monkeypatch.undo()
+    monkeypatch.setattr("moegraph.cli._configure_from_environment", interrupted)  # before typer starts (imports)
+    res = run_cli("validate", "deepseek-v3-tiny")
+    assert res.code == 130 and res.err.strip() == "aborted" and "Traceback" not in res.err, res

@@ -87,6 +87,12 @@ def test_a_plan_records_its_traces_so_evaluate_finds_them_from_another_folder(ru
     assert f"baselinesplannedfromtheplan'sowntraces['{here.resolve() / 'window.npz'}']" in flat, r.out
     p = plan(load_spec("deepseek-v2-lite-tiny"), "esft-deepseek-v2-lite/intent", rounds=0)
     assert p.policy["trace_inputs"] == ["esft-deepseek-v2-lite/intent"]
+    # The recorded traces gone: the baselines come from the scored traffic, and stderr says so.
+    (here / "window.npz").unlink()
+    r = run_cli("plan", "--evaluate", here / "p.json", "--trace", traces["intent"])
+    said = " ".join(r.err.split())
+    assert r.code == 0 and "warning: the traces the plan was made from cannot be loaded" in said, r.err
+    assert "planned from the scored traffic instead" in said
 
 
 def test_a_missing_placement_trace_names_the_spec_file_the_field_and_where_it_looked(run_cli, small, tmp_path,
