@@ -172,8 +172,8 @@ def plan_cmd(
             try:
                 base_from, base_label = load_traces(used, spec=p.spec), f"the plan's own traces {used}"
             except TraceError as exc:  # moved or deleted since: said on stderr, not only in the report's title
-                err_console.print(f"warning: the traces the plan was made from cannot be loaded ({exc}); its "
-                                  "baselines are planned from the scored traffic instead", highlight=False, markup=False)
+                say(f"the traces the plan was made from cannot be loaded ({exc}); its baselines are planned from "
+                    "the scored traffic instead", prefix="warning:", style="bold yellow", err=True)
         metrics = evaluate_plan(p, ts, baselines_from=base_from)
         console.print(f"plan {evaluate} ({p.spec.name}, {p.num_gpus} GPUs, {p.num_slots} slots) scored on {ts.name} "
                       f"({_traffic_words(None if ts.load_only else ts.num_tokens)}); baselines planned from "

@@ -141,4 +141,5 @@ def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool
                 mod._buffers[attr] = src
             else:
                 dst.copy_(src)
-    layer.invalidate_graphs()  # graphs hold the tensors they were traced with
+    # (no graph rebuilt: a graph reads the layer's submodules, where every tensor here lives, so it runs the new
+    # Parameters and the copied values alike; fx_passes.trace_core)
