@@ -136,6 +136,10 @@ def test_import_hf_config_reads_fp8_section(tmp_path, run_cli):
         spec_from_hf_config(_config(quantization_config=dict(QCONFIG, activation_scheme="static")))
     with pytest.raises(UnsupportedBlock, match="per-tensor weight scales"):
         spec_from_hf_config(_config(quantization_config=dict(QCONFIG, weight_block_size=None)))
+    for field in ("quant_method", "fmt", "expert_dtype"):  # a long value is echoed short
+        with pytest.raises(UnsupportedBlock, match=r"'xxxx.*\.\.\.") as exc:
+            spec_from_hf_config(_config(quantization_config=dict(QCONFIG, **{field: "x" * 100_000})))
+        assert len(str(exc.value)) < 600, field
 
 
 def _deepseek_checkpoint(layer_spec, prefix="model.layers.1.mlp."):

@@ -290,6 +290,7 @@ def test_a_window_of_no_tokens_written_by_save_loads_and_is_refused_as_empty(tmp
     ("no_sources", "meta.sources is empty but the file holds tokens"),
     ("meta_top_k", "topk lists 6 experts per token but meta.top_k says 4"),
     ("top_k_0", r"no expert per token \(top_k 0\)"),
+    ("format", r"not a moegraph trace file \(meta.format is 'yyyy.*\.\.\.\)"),  # a long value echoed short
 ])
 def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, damage, match):
     path = tmp_path / "t.npz"
@@ -307,12 +308,15 @@ def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, da
     elif damage == "top_k_0":
         arrays["topk"] = arrays["topk"][:, :, :0]
         arrays["meta"] = np.array(str(arrays["meta"]).replace('"top_k": 6', '"top_k": 0'))
+    elif damage == "format":
+        arrays["meta"] = np.array(str(arrays["meta"]).replace('"format": "moegraph-trace"', '"format": "' + "y" * 100_000 + '"'))
     else:
         arrays["meta"] = np.array(str(arrays["meta"]).replace('"sources": ["trace"]', '"sources": []'))
     np.savez(path, **arrays)
     with pytest.raises(TraceError, match=match) as exc:
         read_native(path)
     assert str(exc.value).count(str(path)) == 1 and "a field has the wrong type" not in str(exc.value)
+    assert len(str(exc.value)) < 300 + len(str(path))
 
 
 # ------------------------------------------------------------------------------------------------ ESFT

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..errors import InputError, UnsupportedBlock
+from ..errors import InputError, UnsupportedBlock, short_repr
 from ..fileio import check_input
 from ..semantics.activations import ACTIVATIONS, OTHER_NAMES
 from ..spec import ExpertsSpec, MoELayerSpec, ModelSpec, MoESpec, TopKRouter
@@ -126,7 +126,7 @@ def check_config_sizes(config: Any) -> None:
             continue
         hi = _spec_bound(model, field)
         if isinstance(value, bool) or not float(value).is_integer() or not 1 <= value <= hi:
-            raise InputError(f"{src}: {key} is {value!r}; a moegraph spec holds {what} as a whole number from 1 to "
+            raise InputError(f"{src}: {key} is {short_repr(value)}; a moegraph spec holds {what} as a whole number from 1 to "
                              f"{hi} ({model.__name__}.{field}): fix {key} in the config")
         found[field] = (key, int(value))
     if "top_k" in found and "num_experts" in found:
@@ -152,7 +152,7 @@ def _meta_blocks(cfg: Any, first_only: bool = False) -> tuple[list[tuple[str, nn
     except ImportError:
         return None, "transformers is not installed"
     if not hasattr(cfg, "to_dict"):
-        return None, f"transformers does not know model type {_family(cfg)!r}"
+        return None, f"transformers does not know model type {short_repr(_family(cfg))}"
     types = _layer_types(_text_config(cfg))
     first = types.index("moe") if types and "moe" in types else None
     attempts = []
@@ -241,7 +241,7 @@ def _declared_only(cfg: Any) -> tuple[BlockAnatomy, Routing, list[str]]:
     dec = declared_routing(cfg)
     score = dec.score or "softmax"
     if score not in _SCORE_FNS:
-        raise UnsupportedBlock(f"scoring function {dec.score!r} is not one the spec knows", fam)
+        raise UnsupportedBlock(f"scoring function {short_repr(dec.score)} is not one the spec knows", fam)
     groups = None
     if dec.groups and not dec.greedy and E % dec.groups[0] == 0:
         groups = (dec.groups[0], dec.groups[1], dec.group_method or "max", 2)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from ..errors import PlanFileError
+from ..errors import PlanFileError, short_repr
 from ..fileio import check_input, unique_json_object, write_atomically
 from ..spec import MoESpec
 from ..topology import Cluster, cluster_of
@@ -232,7 +232,7 @@ class Plan:
                                 "`moegraph plan`") from None
         where = _non_finite_at(data)
         if where is not None:  # Python's json reads NaN / Infinity, which JSON does not have
-            raise PlanFileError(f"{p}: field {where[0]} is {where[1]!r}, not a finite number (NaN and Infinity are not "
+            raise PlanFileError(f"{p}: field {where[0]} is {short_repr(where[1])}, not a finite number (NaN and Infinity are not "
                                 "JSON); the file was edited or is corrupt: re-create it with `moegraph plan`")
         return cls.from_dict(data, spec=spec, source=str(p))
 
@@ -244,7 +244,7 @@ class Plan:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise bad("not a moegraph plan file (format is not 'moegraph-plan')")
         if type(data.get("version")) is not int or data.get("version") != VERSION:  # JSON true is not version 1
-            raise bad(f"plan format version {data.get('version')!r} is not supported (this moegraph reads "
+            raise bad(f"plan format version {short_repr(data.get('version'))} is not supported (this moegraph reads "
                       f"version {VERSION}); re-create the plan with `moegraph plan`")
         for key in ("spec", "spec_hash", "physical_to_logical_map"):
             if key not in data:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ResourceError, TraceError, describe, is_integer
+from ..errors import ResourceError, TraceError, describe, is_integer, short_repr
 from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS, MoESpec
@@ -96,7 +96,7 @@ def read_native(path: str | Path) -> TraceSet:
 def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> TraceSet:
     """Check a native file's meta and arrays (read by ``read_native``) and build its TraceSet."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TraceError(f"{p}: not a moegraph trace file (meta.format is {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        raise TraceError(f"{p}: not a moegraph trace file (meta.format is {short_repr(meta.get('format') if isinstance(meta, dict) else meta)})")
     if meta.get("version") != VERSION:
         raise TraceError(f"{p}: trace format version {meta.get('version')} is not supported (this moegraph reads "
                          f"version {VERSION}); re-import the trace")
