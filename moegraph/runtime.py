@@ -721,10 +721,15 @@ class CompiledMoEBase(nn.Module):
         """``nn.Module.train``, and the graph of the mode switched to is built now if the layer has built one
         before (``moegraph.compile`` builds the first). The graph is traced and its passes run in Python, which
         ``torch.compile`` cannot trace: a compiled forward must find the graph already built (it failed on
-        ``fullgraph=True`` and fell back to eager otherwise when the layer had not run that mode eagerly)."""
+        ``fullgraph=True`` and fell back to eager otherwise when the layer had not run that mode eagerly). A layer
+        swapped in for an HF block with dropout or training-time noise warns here, the first time it trains
+        (``hf.train_mode``)."""
         super().train(mode)
         if self.__dict__.get("_graphs") and ("train" if mode else "eval") not in self._graphs:
             self.graph()
+        pending = self.__dict__.get("_training_warning")  # a swapped HF block's training-only behaviour
+        if mode and pending is not None:
+            pending.fire()
         return self
 
     def graph(self, training: bool | None = None) -> torch.fx.GraphModule:

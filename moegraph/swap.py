@@ -49,7 +49,7 @@ from .hf.probe import forward_args
 from .hf.router_record import RouterRecord, read_router_record, record_router_logits
 from .hf.state_names import OriginalNames, Unmappable, WeightMap
 from .hf.structural import read_structural, structural_parts
-from .hf.train_mode import warn_training
+from .hf.train_mode import PendingTrainingWarning
 from .runtime import CompiledMoEBase
 from .semantics import torch_dtype
 
@@ -409,7 +409,8 @@ def optimize(
         structural: also match user blocks by structure (router Linear + ModuleList of expert MLPs).
     A compiled layer has no dropout and no training-time router noise (jitter, ``if self.training`` noise): a
     swapped block with either gets a report note and a warning, since in train() mode it then differs from the
-    original (the checks run in eval mode, where they agree).
+    original (the checks run in eval mode, where they agree): at once for a model in train() mode, else the first
+    time the model is set to train() mode (a model optimized for inference is not warned about).
     Returns:
         ``model`` itself, changed in place, with ``model.moegraph_report`` (an ``OptimizeReport``).
     """
@@ -470,6 +471,7 @@ def optimize(
     # Step 2: read, compile, swap (and check) each candidate.
     inline_swaps: dict[str, tuple[SwapRecord, dict[str, nn.Module], OriginalNames | None]] = {}
     training: dict[str, tuple[str, list[str]]] = {}  # path -> (class, what it does in training that the layer does not)
+    layers: dict[str, nn.Module] = {}  # path -> its compiled layer
     for path, block, how in candidates:
         ts = time.perf_counter()
         rec = SwapRecord(path, type(model.get_submodule(path) if how == "inline" else block).__name__, how, "refused")
@@ -503,6 +505,7 @@ def optimize(
             layer = mg_compile(spec, plan=plan, backend=backend, out_dir=out_dir, dtype=dtype, device=ref.device,
                                seed=None)
             hf.load_hf_weights(layer, weights, share=share_weights)
+            layers[path] = layer
             record = read_router_record(model, path, block, spec.moe.hidden_size, layer.router.weight,
                                         getattr(layer.router, "bias", None), layer.compute_dtype)
             if record is not None and record.source == "refused" and router_logits:
@@ -564,6 +567,8 @@ def optimize(
                 names.register(model.get_submodule(path))
     report.seconds = time.perf_counter() - t0
     model.moegraph_report = report
-    warn_training({r.path: training[r.path] for r in report.swapped if training.get(r.path, ("", []))[1]},
-                  "moegraph.optimize (eval outputs are equal; see model.moegraph_report)")
+    noted = [r.path for r in report.swapped if training.get(r.path, ("", []))[1]]
+    PendingTrainingWarning.attach([layers[p] for p in noted], {p: training[p] for p in noted},
+                                  "moegraph.optimize (eval outputs are equal; see model.moegraph_report)",
+                                  now=any(layers[p].training for p in noted))
     return model

@@ -439,13 +439,14 @@ def test_layer_of_another_dtype_than_the_block(dtypes) -> None:
 def test_dropout_in_the_experts_is_reported(family: str) -> None:
     """Switch Transformers' experts drop hidden units in training (dropout_rate 0.1 by default), which the compiled
     layer does not: the read said nothing (its check runs in eval mode). Now hf_import.training names the dropout
-    modules and from_hf warns; Mixtral (no dropout, no jitter) gets neither. The block in train() mode differs from
+    modules and from_hf warns (at once for a block in train() mode, else when the layer is set to train() mode);
+    Mixtral (no dropout, no jitter) gets neither. The block in train() mode differs from
     its eval output, the layer in train() mode gives the eval output."""
     cls_name, overrides = FAMILIES[family]
     block = make_block(family, overrides, cls_name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layer = from_hf(block)
+        layer = from_hf(block.train())  # a block in train() mode: warned at once
     said = [str(w.message) for w in caught if "moegraph.from_hf" in str(w.message)]
     training = layer.hf_import.training
     if family == "mixtral":
@@ -453,7 +454,15 @@ def test_dropout_in_the_experts_is_reported(family: str) -> None:
         return
     assert any("dropout (p=0.1) in 4 module(s)" in n and "experts.expert_0" in n for n in training), training
     assert any("jitter (0.01)" in n for n in training) and all(n in layer.hf_import.notes for n in training)
-    assert len(said) == len(training) and all(cls_name in w for w in said)
+    assert len(said) == len(training) and all(cls_name in w for w in said) and layer.training
+    with warnings.catch_warnings(record=True) as caught:  # a block in eval() mode: warned when the layer trains
+        warnings.simplefilter("always")
+        served = from_hf(block.eval())
+        assert not served.training and not caught
+        served.train()
+        served.eval().train()
+    assert len(caught) == len(training) and all("train() on a layer made by moegraph.from_hf" in str(w.message)
+                                                and w.filename == __file__ for w in caught)  # the user's line
     x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
     def out(y):
         return y[0] if isinstance(y, tuple) else y

@@ -19,7 +19,7 @@ from .anatomy import BlockAnatomy, _gate_constants, _named_tensors, inspect_bloc
 from .assemble import _dtype_name, build_spec
 from .probe import forward_args, probe_block, token_vocab
 from .routing import Routing, identify_routing
-from .train_mode import dropout_note, warn_training
+from .train_mode import PendingTrainingWarning, dropout_note
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
 
@@ -218,9 +218,11 @@ def from_hf(
             training one trains the other). Default: independent copies.
         check: compare the compiled layer with the block on random tokens (eval mode); raise if they differ.
             The layer has no dropout or training-time router noise: a block with either warns (and
-            ``hf_import.training`` says what), since in train() mode the two then differ.
+            ``hf_import.training`` says what), since in train() mode the two then differ: at once for a block
+            in train() mode, else when the layer is first set to train() mode.
     Returns:
-        The compiled layer; ``layer.hf_import`` (an ``HFImport``) says how the block was read.
+        The compiled layer, in the block's mode (train() or eval()); ``layer.hf_import`` (an ``HFImport``) says
+        how the block was read.
     Raises:
         UnsupportedBlock: the block uses routing or experts the spec cannot express (with the reason).
     """
@@ -251,8 +253,10 @@ def from_hf(
                 + (f" (parameters not accounted for: {', '.join(anat.unexplained)})" if anat.unexplained else ""),
                 anat.block_class,
             )
-    if info.training:  # (eval outputs are equal; a training run would change silently)
-        warn_training({"": (anat.block_class, info.training)}, "moegraph.from_hf")
+    # (eval outputs are equal; a training run would change silently): now, or when the layer is set to train
+    layer.train(block.training)  # it stands in for the block
+    PendingTrainingWarning.attach([layer], {"": (anat.block_class, info.training)} if info.training else {},
+                                  "a layer made by moegraph.from_hf", now=block.training)
     return layer
 
 

@@ -3,12 +3,15 @@
 A compiled layer computes the block's eval-mode function in both modes: it has no dropout and adds no
 noise. The reads' checks run in eval mode, where block and layer agree; in train() mode they do not (Switch
 Transformers' experts drop 10% of their hidden units by default). Each difference found becomes a note of the
-read, naming what differs, and a warning from ``from_hf`` and ``optimize``, so that a training run does not
-change silently; inference is unaffected.
+read, naming what differs, and a warning, so that a training run does not change silently: from ``from_hf`` and
+``optimize`` at once where the block is in train() mode, otherwise (transformers loads models in eval() mode, and
+most swaps serve inference) the first time one of the compiled layers is switched to train() mode
+(``PendingTrainingWarning``). Inference is unaffected, and is not warned about.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["dropout_note", "mode_note", "warn_training"]
+__all__ = ["PendingTrainingWarning", "dropout_note", "mode_note", "warn_training"]
 
 
 def dropout_note(block: nn.Module) -> str | None:
@@ -52,7 +55,7 @@ def mode_note(run: Callable[[], Any], reference: torch.Tensor, seed: int = 1) ->
             "form in both modes, so training the swapped block differs from training the original")
 
 
-def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str) -> None:
+def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str, stacklevel: int = 3) -> None:
     """One warning per distinct training note: the blocks (path -> (class, notes)) it concerns, and the note."""
     by_note: dict[str, list[str]] = {}
     for path, (cls, notes) in notes_by_block.items():
@@ -60,4 +63,43 @@ def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str) 
             by_note.setdefault(n, []).append(f"{path} ({cls})" if path else cls)
     for note, blocks in by_note.items():
         shown = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
-        warnings.warn(f"{where}: {shown}: {note}", UserWarning, stacklevel=3)
+        warnings.warn(f"{where}: {shown}: {note}", UserWarning, stacklevel=stacklevel)
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning from ``fire`` that points at the user's line: the first frame outside torch
+    and moegraph (``Module.train`` recurses through every parent of the layer)."""
+    import sys
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (torch, sys.modules["moegraph"]))
+    frame, level = sys._getframe(1), 2  # fire's frame, level 2 of warn_training's warnings.warn
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class PendingTrainingWarning:
+    """``warn_training`` deferred until a compiled layer it is attached to (as ``_training_warning``; one object
+    shared by every layer of one ``optimize``) is switched to train() mode (``runtime.MoELayer.train``): one
+    warning for all the blocks, once."""
+
+    def __init__(self, notes_by_block: dict[str, tuple[str, list[str]]], where: str) -> None:
+        self.notes_by_block, self.where, self.fired = notes_by_block, where, False
+
+    def fire(self) -> None:
+        if not self.fired:
+            self.fired = True
+            warn_training(self.notes_by_block, self.where, stacklevel=_caller_level())
+
+    @staticmethod
+    def attach(layers: list[Any], notes_by_block: dict[str, tuple[str, list[str]]], where: str, now: bool) -> None:
+        """Warn at once when ``now`` (the blocks were in train() mode), else attach one pending warning to
+        ``layers`` (compiled layers)."""
+        if not notes_by_block:
+            return
+        if now:
+            warn_training(notes_by_block, where, stacklevel=4)
+            return
+        pending = PendingTrainingWarning(notes_by_block, f"train() on {where}")
+        for layer in layers:
+            layer.__dict__["_training_warning"] = pending
