@@ -554,8 +554,17 @@ class DropoutMLP(GeluMLP):
         return self.fc2(self.drop(self.act(self.fc1(x))))
 
 
+class FunctionalDropoutMLP(GeluMLP):
+    """Dropout called as a function: no module for the read to find."""
+
+    def forward(self, x):
+        return self.fc2(F.dropout(self.act(self.fc1(x)), p=0.3, training=self.training))
+
+
 @pytest.mark.parametrize("block, words", [(NoisyMoE, "in train() mode the block routes or computes otherwise"),
                                           (lambda: NaiveMoE(expert=DropoutMLP), "dropout (p=0.5) in 6 module(s)"),
+                                          (lambda: NaiveMoE(expert=FunctionalDropoutMLP),
+                                           "the experts (experts.0 run) compute(s) otherwise in train() mode"),
                                           (NaiveMoE, None)])
 def test_training_time_randomness_of_a_user_block_is_reported(block, words) -> None:
     """A user block with noise on its router logits in training, or dropout in its experts, was swapped as verified

@@ -30,7 +30,7 @@ from .anatomy import BlockAnatomy, probe_activation
 from .assemble import build_spec
 from .probe import Probe, light_copy
 from .routing import Routing, identify_routing
-from .train_mode import dropout_note, mode_note
+from .train_mode import dropout_note, expert_mode_note, mode_note
 from .vocab import DTYPE_NAMES, GATED_ACT, PLAIN_ACT
 
 __all__ = ["MLPForm", "StructuralRead", "read_mlp", "read_structural", "structural_parts"]
@@ -48,6 +48,10 @@ class MLPForm:
     bias: bool
 
 
+#: dropout called as a function (``F.dropout(h, p, self.training)``; torch.dropout under it)
+_DROPOUT_FNS = (F.dropout, torch.dropout)
+
+
 def read_mlp(mod: nn.Module, D: int) -> MLPForm:
     """Read an expert/shared MLP's structure from its FX graph. Raises UnsupportedBlock."""
     name = type(mod).__name__
@@ -60,7 +64,11 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
 
     def through_identity(n: Any) -> Any:
-        while isinstance(n, fx.Node) and n.op == "call_module" and isinstance(mods.get(n.target), (nn.Dropout, nn.Identity)):
+        # dropout (a module, or called as a function) is the identity in eval(), which the layer computes; that it
+        # is not in train() is the read's training note (``train_mode``)
+        while isinstance(n, fx.Node) and (
+                n.op == "call_module" and isinstance(mods.get(n.target), (nn.Dropout, nn.Identity))
+                or n.op == "call_function" and n.target in _DROPOUT_FNS):
             n = n.args[0]
         return n
 
@@ -76,6 +84,8 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
             src = through_identity(n.args[0])
             if n.op == "call_function" and n.target in (torch.mul, __import__("operator").mul) and len(n.args) == 2:
                 mul.append(n)
+                continue
+            if n.op == "call_function" and n.target in _DROPOUT_FNS:
                 continue
             if n.op == "call_module":
                 m = mods[n.target]
@@ -326,8 +336,11 @@ def read_structural(block: nn.Module, *, tokens: int = 32, seed: int = 0, name: 
     probe = Probe(xt, logits, None, ids, w, ("tensor",))
     routing, rnotes = identify_routing(probe, None, cls)
     notes += rnotes
+    # (the experts have one structure: the first stands for all, a copy of each being the cost of the check)
+    mlps = {f"the experts ({ename}.0 run)": experts[0]} | {o: getattr(block, o) for o in others}
     training = [n for n in (dropout_note(block), _train_mode_note(light, ename, others, sig_ED, shared_sig,
-                                                                  (x if rank == 3 else xt).clone(), out)) if n]
+                                                                  (x if rank == 3 else xt).clone(), out),
+                            expert_mode_note(mlps, xt[:4])) if n]
     notes += training
     kind: tuple[str, ...] = ("tensor",)
     if isinstance(out, tuple):

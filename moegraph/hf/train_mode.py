@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["PendingTrainingWarning", "dropout_note", "mode_note", "warn_training"]
+__all__ = ["PendingTrainingWarning", "dropout_note", "expert_mode_note", "mode_note", "warn_training"]
 
 
 def dropout_note(block: nn.Module) -> str | None:
@@ -53,6 +53,39 @@ def mode_note(run: Callable[[], Any], reference: torch.Tensor, seed: int = 1) ->
     return ("in train() mode the block routes or computes otherwise than in eval() mode on the same tokens (noise "
             "added to the router in training, or dropout outside the experts); the compiled layer computes the eval "
             "form in both modes, so training the swapped block differs from training the original")
+
+
+def expert_mode_note(mlps: dict[str, nn.Module], x: torch.Tensor, seed: int = 1) -> str | None:
+    """A note naming the expert / shared MLPs (name -> module) that compute otherwise in train() mode than in
+    eval() mode on the tokens ``x`` [T, D]: dropout called as a function (``F.dropout(h, p, self.training)``),
+    which ``dropout_note`` cannot see and the structural probe (stand-in experts) never runs. Each is run on a
+    copy (its buffers, e.g. batch-norm statistics, are left as they are), with the global generator seeded and
+    restored; MLPs whose dropout modules ``dropout_note`` names already are skipped."""
+    import copy
+
+    differ = []
+    for name, mlp in mlps.items():
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0 for m in mlp.modules()):
+            continue
+        probe = copy.deepcopy(mlp)
+        w = next(probe.parameters(), None)
+        xs = x if w is None else x.to(w.device, w.dtype)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            try:
+                want = probe.eval()(xs)
+                torch.manual_seed(seed)
+                got = probe.train()(xs)
+                same = got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-6, atol=1e-6)
+            except Exception:  # noqa: BLE001 - one that fails in train() mode differs there too
+                same = False
+        if not same:
+            differ.append(name)
+    if not differ:
+        return None
+    names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    return (f"{names} compute(s) otherwise in train() mode than in eval() mode on the same tokens (dropout called "
+            "as a function, or other training-only behaviour); the compiled layer computes the eval form in both "
+            "modes, so training the swapped block differs from training the original")
 
 
 def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str, stacklevel: int = 3) -> None:
