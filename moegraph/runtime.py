@@ -237,6 +237,10 @@ def _random_hash_table(vocab: int, E: int, K: int, g: torch.Generator) -> Tensor
     return table
 
 
+#: the dtypes autocast casts between (it leaves float64 alone)
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _counts(ids_TK: Tensor, E: int) -> Tensor:
     flat = ids_TK.reshape(-1)
     c = torch.zeros(E + 1, dtype=torch.float32, device=flat.device)
@@ -249,15 +253,18 @@ def expert_balance_loss(logits_TE: Tensor, scores_TE: Tensor, ids_TK: Tensor, so
                         global_batch: bool = False) -> Tensor:
     T, E = logits_TE.shape
     K = ids_TK.shape[-1]
-    if T == 0:
+    summed = global_batch and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if T == 0 and not summed:
         return logits_TE.new_zeros(())
-    P = _probs(logits_TE, scores_TE, softmax).mean(0)
     counts = _counts(ids_TK, E)
     n_tok = torch.tensor(float(T), device=counts.device)
-    if global_batch and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if summed:  # on every rank, one with no tokens too: its peers' all-reduces wait for its part
         counts = counts.clone()
         torch.distributed.all_reduce(counts)
         torch.distributed.all_reduce(n_tok)
+    if T == 0:
+        return logits_TE.new_zeros(())
+    P = _probs(logits_TE, scores_TE, softmax).mean(0)
     f = counts * (E / (K * n_tok))
     return (f * P).sum()
 
@@ -517,7 +524,10 @@ class CompiledMoEBase(nn.Module):
             self.router.per_expert_scale = nn.Parameter(torch.ones(R, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
-            self.register_buffer("_bias_load_E", torch.zeros(R, dtype=torch.float32, device=device), persistent=False)
+            # This process's loads since the last update: a plain tensor, not a buffer, since DistributedDataParallel
+            # broadcasts every buffer from rank 0 before each synced forward (with accumulation, or updates every N
+            # steps, each rank's counts were rank 0's); ``_apply`` moves it with the layer.
+            self._bias_load_E = torch.zeros(R, dtype=torch.float32, device=device)
         if self.ROUTER == "hash" and self.HASH_METHOD in ("random", "table"):
             # 'table' ships with the weights (persistent; checked when loaded), seeded until then.
             g = torch.Generator().manual_seed(self.HASH_SEED)
@@ -694,7 +704,10 @@ class CompiledMoEBase(nn.Module):
             probe = fn(t.new_zeros((), dtype=t.dtype))
             return t.to(probe.device) if probe.dtype != t.dtype else fn(t)
 
-        return super()._apply(lambda t: keep(t) if id(t) in kept else fn(t), recurse)
+        out = super()._apply(lambda t: keep(t) if id(t) in kept else fn(t), recurse)
+        if isinstance(self.__dict__.get("_bias_load_E"), Tensor):  # not a buffer (see __init__)
+            self._bias_load_E = keep(self._bias_load_E)
+        return out
 
     # -- graphs ----------------------------------------------------------------------------------
 
@@ -747,6 +760,15 @@ class CompiledMoEBase(nn.Module):
         return gm
 
     # -- forward ---------------------------------------------------------------------------------
+
+    def _autocast_input(self, x: Tensor) -> Tensor:
+        """Inside a ``torch.autocast`` region the layer is one op of its own dtype: as autocast does for its ops, a
+        float16 / bfloat16 / float32 input (what the autocast op before it gave) is cast to it (a float32 layer
+        after an ``nn.Linear`` under bfloat16 autocast was handed bfloat16 and refused it)."""
+        if (isinstance(x, Tensor) and x.dtype != self.compute_dtype and x.dtype in _AUTOCAST_DTYPES
+                and self.compute_dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled(x.device.type)):
+            return x.to(self.compute_dtype)
+        return x
 
     def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
         if not isinstance(x, Tensor):
@@ -801,6 +823,7 @@ class CompiledMoEBase(nn.Module):
         every forward: under reentrant activation checkpointing (``use_reentrant=True``, which runs the forward
         again in the backward) they count each token twice; ``use_reentrant=False`` counts it once.
         """
+        x = self._autocast_input(x)
         self._check_input(x, token_ids)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         tid = None
@@ -875,11 +898,25 @@ class CompiledMoEBase(nn.Module):
         """
         if self.EXPERT_BIAS_RATE is None:
             raise InputError("this layer's spec has no router.expert_bias; add it to use update_expert_bias")
+        self._check_counts(counts_E)
         load = self._bias_load_E.clone() if counts_E is None else counts_E.to(self._bias_load_E)
         if counts_E is None:
             self._bias_load_E.zero_()
         self.router.expert_bias += self.EXPERT_BIAS_RATE * torch.sign(load.mean() - load)
         return load
+
+    def _check_counts(self, counts_E: Any) -> None:
+        """``update_expert_bias``'s loads: None or one finite, non-negative number per routed expert (a scalar was
+        broadcast to every expert, a step of zero)."""
+        if counts_E is None:
+            return
+        n = self._bias_load_E.shape[0]
+        if not isinstance(counts_E, Tensor) or tuple(counts_E.shape) != (n,) or counts_E.is_complex():
+            got = f"shape {tuple(counts_E.shape)}" if isinstance(counts_E, Tensor) else type(counts_E).__name__
+            raise InputError(f"update_expert_bias: counts_E is {got}; pass the loads as a real tensor of shape ({n},), "
+                             f"one per routed expert (or nothing, for the loads counted since the last update)")
+        if not bool(torch.isfinite(counts_E).all()) or bool((counts_E < 0).any()):
+            raise InputError("update_expert_bias: counts_E holds negative or non-finite loads; pass token counts")
 
     def start_recording(self) -> RoutingRecorder:
         self.recorder = RoutingRecorder()

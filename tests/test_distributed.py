@@ -445,6 +445,38 @@ def _run_bad_inputs(rank: int, world: int, out_dir: Path) -> dict:
     return res
 
 
+def _run_data_parallel(rank: int, world: int, out_dir: Path) -> dict:
+    """Single-process layers under plain data parallelism (DDP, its default broadcast_buffers=True).
+
+    ``bias``: two micro-batches accumulated without ``no_sync`` (two synced forwards), then the documented step:
+    all-reduce the counted loads and ``update_expert_bias``; a recorder counts the same routing on its own. (The
+    counts were a buffer, which DDP overwrote with rank 0's before every synced forward.)
+    ``global_balance``: the summed balance loss where one rank has no tokens (it returned before the
+    all-reduces its peers waited in, and the next collective paired with them)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    layer = moegraph.compile("deepseek-v3-tiny", seed=0).train()
+    model = DDP(layer)
+    rec = layer.start_recording()
+    g = torch.Generator().manual_seed(10 + rank)
+    for _ in range(2):
+        model(torch.randn(2, 8 + 4 * rank, 64, generator=g)).sum().backward()
+    true = rec.counts(layer.router_choices).float()
+    torch.distributed.all_reduce(true)
+    torch.distributed.all_reduce(layer._bias_load_E)
+    res = {"true_loads": true, "used_loads": layer.update_expert_bias().clone(),
+           "bias": layer.router.expert_bias.clone()}
+    spec = {"name": "gb", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+            "router": {"top_k": 2, "aux_losses": [{"kind": "global_balance", "coef": 0.1}]}}}
+    gb = moegraph.compile(spec, seed=0).train()
+    x = torch.randn(2, 0 if rank == 1 else 4, 16, generator=torch.Generator().manual_seed(3))
+    _, aux = gb(x, return_aux=True)
+    after = torch.tensor([float(rank + 1)])
+    torch.distributed.all_reduce(after)  # the step's next collective pairs with its peer's again
+    res |= {"global_balance": float(aux["global_balance"]), "after": float(after)}
+    return res
+
+
 def _run_stall(rank: int, world: int, out_dir: Path) -> dict:
     spec, plan, _, xs, _, _ = _setup(world, "replicas")
     layer = moegraph.compile(spec, plan=plan, seed=0, timeout=2.0)
@@ -465,7 +497,7 @@ def _run_die(rank: int, world: int, out_dir: Path) -> dict:
 
 SUITES = {
     "main2": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[2]}
-    | {"weights": _run_weights(r, w, d), "bad": _run_bad_inputs(r, w, d)},
+    | {"weights": _run_weights(r, w, d), "bad": _run_bad_inputs(r, w, d), "ddp": _run_data_parallel(r, w, d)},
     "main4": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[4]},
     "stall": lambda r, w, d: _run_stall(r, w, d),
     "die": lambda r, w, d: _run_die(r, w, d),
@@ -735,6 +767,27 @@ def test_bad_plans_fail_before_any_communication(main2):
         got, msg, took = bad[key]
         assert got == kind and words in msg, (key, got, msg)
         assert took < 3.0, f"{key}: took {took:.1f}s; a collective must not have started"
+
+
+def test_plain_data_parallel_counts_each_ranks_loads_and_sums_the_balance_loss(main2):
+    """Under DDP the aux-loss-free step uses the true global loads (summed over the ranks and both accumulated
+    micro-batches; every rank takes the same step), and the summed balance loss with a rank of no tokens is
+    rank 0's own loss (its tokens are all there are) while the step's next collective still pairs up."""
+    ddp = [res["ddp"] for res in main2]
+    for res in ddp:
+        torch.testing.assert_close(res["used_loads"], res["true_loads"], rtol=0, atol=0)
+        assert float(res["true_loads"].sum()) == 2 * (16 + 24) * 4  # 2 micro-batches x tokens x top-4, both ranks
+        assert res["after"] == 3.0
+    rate = moegraph.load_spec("deepseek-v3-tiny").moe.router.expert_bias.update_rate
+    loads = ddp[0]["true_loads"]
+    torch.testing.assert_close(ddp[0]["bias"], rate * torch.sign(loads.mean() - loads))
+    torch.testing.assert_close(ddp[1]["bias"], ddp[0]["bias"], rtol=0, atol=0)
+    spec = {"name": "gb", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+            "router": {"top_k": 2, "aux_losses": [{"kind": "global_balance", "coef": 0.1}]}}}
+    alone = moegraph.compile(spec, seed=0).train()  # no process group: this process's tokens only
+    _, aux = alone(torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(3)), return_aux=True)
+    assert ddp[0]["global_balance"] == pytest.approx(float(aux["global_balance"]), rel=1e-6)
+    assert ddp[1]["global_balance"] == 0.0
 
 
 def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(failures):

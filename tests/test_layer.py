@@ -1145,6 +1145,21 @@ def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
         torch.testing.assert_close(y, ref, rtol=0, atol=0)
         torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
 
+    # After an autocast op the input is bfloat16 (an nn.Linear under autocast gives it): the layer takes it as
+    # autocast's float32 ops do, cast to float32 (it was refused: "input has dtype torch.bfloat16"), and the
+    # gradient reaches the op before it.
+    proj = torch.nn.Linear(spec.moe.hidden_size, spec.moe.hidden_size)
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = proj(x)
+        y = layer(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.float32
+    torch.testing.assert_close(y, layer(h.detach().float()), rtol=0, atol=0)
+    y.sum().backward()
+    assert proj.weight.grad is not None and float(proj.weight.grad.abs().sum()) > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(InputError, match="float64"):
+        layer(x.double())  # autocast leaves float64 alone, and so does the layer
+
 
 def test_a_layer_deep_copies_after_a_training_forward(tmp_path, monkeypatch):
     """copy.deepcopy after a training forward (its aux losses hold the autograd graph) copies the layer, without
@@ -1163,6 +1178,21 @@ def test_a_layer_deep_copies_after_a_training_forward(tmp_path, monkeypatch):
     assert twin.aux_losses == {} and layer.aux_losses
     with torch.no_grad():
         torch.testing.assert_close(twin.eval()(x), layer.eval()(x), rtol=0, atol=0)
+
+
+def test_update_expert_bias_checks_the_loads_it_is_given():
+    """A scalar was broadcast to every expert (a step of zero, silently); a wrong length gave a bare torch error.
+    The counted loads are not a buffer: DistributedDataParallel broadcasts buffers from rank 0 (test_distributed
+    checks the loads under DDP)."""
+    layer = moegraph.compile("deepseek-v3-tiny", seed=0).train()
+    E = layer.router.expert_bias.shape[0]
+    for bad, words in [(torch.tensor(3.0), r"shape \(\)"), (torch.ones(E + 1), rf"shape \({E + 1},\)"),
+                       ([1.0] * E, "is list"), (torch.full((E,), float("nan")), "non-finite"),
+                       (-torch.ones(E), "negative")]:
+        with pytest.raises(InputError, match=words):
+            layer.update_expert_bias(bad)
+    assert float(layer.router.expert_bias.abs().sum()) == 0.0
+    assert "_bias_load_E" not in dict(layer.named_buffers())
 
 
 def test_a_cast_keeps_the_balancing_state_in_float32():

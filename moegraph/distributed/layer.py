@@ -341,6 +341,7 @@ class ExpertParallelMoE(CompiledMoEBase):
         """The base update with loads summed over ranks, so that every rank's router stays equal. Collective."""
         if self.EXPERT_BIAS_RATE is None:
             return super().update_expert_bias(counts_E)
+        self._check_counts(counts_E)
         load = self._bias_load_E.clone() if counts_E is None else counts_E.to(self._bias_load_E).clone()
         if counts_E is None:
             self._bias_load_E.zero_()
