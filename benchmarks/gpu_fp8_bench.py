@@ -15,9 +15,10 @@ groups keep 4, one shared expert; e4m3 weights in 128x128 blocks with float32 sc
 For every token count it checks ``fp8`` against the torch-backend FP8 layer (the same math: they may
 differ by the float32 accumulation order and one bf16 rounding), ``bf16`` against ``fp8`` (the FP8
 format's error, about 2u with u = 2^-4) and ``hf_fp8`` against ``fp8``; then times all of them
-interleaved with CUDA events. It prints the FP8 / bf16 speed-up, the FP8 layer against HF's, and the
-share of the spec-sheet dense FP8 peak reached at the largest size. Verdicts: issue 14's targets (FP8
-faster than bf16 at 1024 and 8192 tokens). Exit status 1 if a correctness check fails.
+interleaved with CUDA events, every call from a synchronised start (gpu_bench.time_interleaved). It
+prints the FP8 / bf16 speed-up, the FP8 layer against HF's, and the share of the spec-sheet dense FP8
+peak reached at the largest size. Verdicts: issue 14's targets (FP8 faster than bf16 at 1024 and 8192
+tokens, by more than 3%: within that it is a tie). Exit status 1 if a correctness check fails.
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ def main() -> int:
                 try:
                     ys[name] = mod(x).float()
                 except Exception as exc:  # HF's kernels may not run here: report, time the others
+                    if name != "hf_fp8":
+                        raise
                     print(f"  {name} failed at {T} tokens ({type(exc).__name__}: {str(exc)[:160]}); dropped")
                     impls.pop(name)
             ref = ys["torch_fp8"]
@@ -213,14 +216,14 @@ def main() -> int:
             iters = args.iters if T < 4096 else max(3, args.iters // 2)
             times = gb.time_interleaved(fns, iters, args.warmup, device)
         rows.append((T, times, 2 * T * (K + SH) * 3 * D * F))
-    names = list(rows[0][1])
-    print(f"\nmedian ms per forward ({args.iters} rounds, interleaved)")
+    names = list(dict.fromkeys(n for _, times, _ in rows for n in times))  # HF's may be missing at later sizes
+    print(f"\nmedian ms per forward ({args.iters} rounds, interleaved, every call from a synchronised start)")
     print(f"{'tokens':>7} " + " ".join(f"{n:>10}" for n in names) + f" {'fp8 vs bf16':>12} {'fp8 vs HF':>10} "
           f"{'fp8 TFLOP/s':>12} {'% FP8 peak':>11}")
     for T, times, flops in rows:
         tf = flops / times["fp8"] / 1e9
         vs_hf = f"{times['hf_fp8'] / times['fp8']:.2f}x" if "hf_fp8" in times else "n/a"
-        print(f"{T:>7} " + " ".join(f"{times[n]:>10.3f}" for n in names)
+        print(f"{T:>7} " + " ".join(f"{times[n]:>10.3f}" if n in times else f"{'n/a':>10}" for n in names)
               + f" {times['bf16'] / times['fp8']:>11.2f}x {vs_hf:>10} {tf:>12.0f} "
               + (f"{100 * tf / peak:>10.0f}%" if peak else f"{'n/a':>11}"))
     print("\nverdicts:")
@@ -229,7 +232,9 @@ def main() -> int:
     for T, times, _ in rows:
         if T in (1024, 8192):
             r = times["bf16"] / times["fp8"]
-            print(f"  {T} tokens: FP8 layer {r:.2f}x the bf16 layer -> target faster: {'PASS' if r > 1.0 else 'FAIL'}")
+            verdict = "PASS" if r > 1.0 + gb.TIE else "FAIL" + (" (a tie)" if r >= 1.0 - gb.TIE else "")
+            print(f"  {T} tokens: FP8 layer {r:.2f}x the bf16 layer -> target faster (by more than {gb.TIE:.0%}): "
+                  f"{verdict}")
     return 0 if ok else 1
 
 

@@ -18,6 +18,57 @@ from subproc import ROOT, run_script
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
+def _load(script: str):
+    """A benchmark script as a module (its top level imports only the standard library)."""
+    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "benchmarks" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_timer_starts_every_call_synchronised(monkeypatch):
+    """On CUDA each call's start event is recorded right after a device synchronisation, so the
+    events cover the call's host time: none of it hides behind work the previous call queued."""
+    import torch
+
+    gb = _load("gpu_bench.py")
+    log, clock = [], [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+
+    def work(ms):
+        def fn():
+            clock[0] += ms
+            log.append("call")
+        return fn
+
+    times = gb.time_interleaved({"a": work(1.0), "b": work(3.0)}, iters=3, warmup=1, device=torch.device("cuda"))
+    assert times == {"a": 1.0, "b": 3.0}
+    timed = log[log.index("sync") + 1:]  # after the warm-up calls and their synchronisation
+    assert timed == ["sync", "record", "call", "record"] * 6 + ["sync"]
+    assert gb.time_isolated({"a": work(2.0)}, iters=2, warmup=0, device=torch.device("cuda")) == {"a": 2.0}
+
+
+def test_gpu_speed_verdict_counts_a_tie_as_no_win():
+    gb = _load("gpu_bench.py")
+    assert gb.TIE == 0.03
+    assert gb.speed_verdict([(1, 1.04), (1024, 1.44)]) == "YES"
+    assert gb.speed_verdict([(1, 1.00), (1024, 1.44), (8192, 1.34)]) == "NO: a tie at [1]"
+    assert gb.speed_verdict([(1, 0.97), (16, 1.03), (128, 0.96)]) == "NO: a tie at [1, 16]; slower at [128]"
+
+
 def _run(script: str, *args: str) -> str:
     cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--dry-run", *args]
     return run_script(cmd, script, 600, TRITON_INTERPRET="1")
