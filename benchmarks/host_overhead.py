@@ -4,13 +4,20 @@
 
 At one token the GPU work of a layer call is a fraction of a millisecond, so the Python between the
 launches decides the eager latency (an H200 run timed a 1-token DeepSeek-V3 forward at 0.92 ms alone
-and 0.30 ms from a CUDA graph). This script runs the layer under Triton's interpreter with every
+and 0.28 ms from a CUDA graph: results/h200_run3_isolated.log). This script runs the layer under Triton's interpreter with every
 kernel launch replaced by a no-op, so what it times is moegraph's own host path: the FX graph, the
 custom-op dispatch, argument checks, allocations, the alignment/CSR bookkeeping and the kernel
-lookups. It times, interleaved, the layer as shipped and the layer with the per-variant kernel
-lookup caches cleared before every call (what every call cost before they existed: render the
-template, hash it, find the imported module), and prints both and their ratio, then the top of a
-profile of the shipped path. Triton's own launch cost on a GPU is not included.
+lookups. It times, interleaved round by round (the order alternating), three variants:
+- ``shipped``: the layer as shipped;
+- ``lookups uncached``: the per-variant kernel lookup caches cleared before every call, with the
+  generated-source safety check (``codegen_safe.check_module``, an ``ast.parse`` of each rendered
+  kernel module, added after the caches) stubbed out: what every call cost before the caches existed
+  (render the templates, hash them, find the imported modules);
+- ``uncached + check``: the caches cleared and the safety check run, what every call would cost now
+  without the caches (the parse dominates it);
+and prints them and their ratios to ``shipped``, then the top of a profile of the shipped path.
+Triton's own launch cost on a GPU is not included. Wall-clock: on a shared machine run it when idle,
+or compare only the ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ def main() -> None:
     from triton.runtime import interpreter
 
     import moegraph
-    from moegraph.triton_backend import kernels
+    from moegraph.triton_backend import kernels, render
     from moegraph.triton_backend.passes import triton_passes
 
     interpreter.InterpretedFunction.run = lambda self, *a, **k: None  # every launch: a no-op
@@ -52,14 +59,25 @@ def main() -> None:
     layer = moegraph.compile(spec, backend="triton", dtype=torch.float32, device="cpu",
                              passes=triton_passes(spec)).eval()
     x = torch.randn(1, args.tokens, spec.moe.hidden_size)
-    variants = {"shipped": lambda: layer(x), "lookups uncached": lambda: (clear_lookup_caches(), layer(x))}
+    checked = render.check_module
+
+    def uncached(check: bool):
+        clear_lookup_caches()
+        render.check_module = checked if check else (lambda source, what: None)
+        try:
+            return layer(x)
+        finally:
+            render.check_module = checked
+
+    variants = {"shipped": lambda: layer(x), "lookups uncached": lambda: uncached(False),
+                "uncached + check": lambda: uncached(True)}
     samples = {k: [] for k in variants}
     with torch.inference_mode():
         for fn in variants.values():
             for _ in range(20):
                 fn()
-        for _ in range(args.iters):
-            for name, fn in variants.items():
+        for i in range(args.iters):
+            for name, fn in (list(variants.items()) if i % 2 == 0 else reversed(variants.items())):
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e6)
@@ -68,7 +86,8 @@ def main() -> None:
               f"({args.iters} interleaved rounds, {torch.get_num_threads()} threads):")
         for name, us in med.items():
             print(f"  {name:>17}: {us:7.0f} µs")
-        print(f"  uncached / shipped: {med['lookups uncached'] / med['shipped']:.2f}x")
+        print(f"  uncached / shipped: {med['lookups uncached'] / med['shipped']:.2f}x (safety check stubbed; "
+              f"with it {med['uncached + check'] / med['shipped']:.2f}x)")
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(100):

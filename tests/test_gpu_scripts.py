@@ -121,5 +121,5 @@ def test_host_overhead_script_times_both_paths():
         name, _, rest = line.strip().partition(":")
         if rest.strip().endswith("µs"):
             times[name] = float(rest.split()[0])
-    assert set(times) == {"shipped", "lookups uncached"} and all(t > 0 for t in times.values())
+    assert set(times) == {"shipped", "lookups uncached", "uncached + check"} and all(t > 0 for t in times.values())
     assert "uncached / shipped:" in out and "shipped path, top of the profile" in out
