@@ -4,10 +4,10 @@
 
 At one token the GPU work of a layer call is a fraction of a millisecond, so the Python between the
 launches decides the eager latency (an H200 run timed a 1-token DeepSeek-V3 forward at 0.92 ms alone
-and 0.28 ms from a CUDA graph: results/h200_run3_isolated.log). This script runs the layer under Triton's interpreter with every
-kernel launch replaced by a no-op, so what it times is moegraph's own host path: the FX graph, the
-custom-op dispatch, argument checks, allocations, the alignment/CSR bookkeeping and the kernel
-lookups. It times, interleaved round by round (the order alternating), three variants:
+and 0.28 ms from a CUDA graph: results/h200_run3_isolated.log). This script runs the layer under
+Triton's interpreter with every kernel launch replaced by a no-op, so what it times is moegraph's
+own host path: the FX graph, the custom-op dispatch, argument checks, allocations, the alignment/CSR
+bookkeeping and the kernel lookups. It times, interleaved round by round (the order alternating), three variants:
 - ``shipped``: the layer as shipped;
 - ``lookups uncached``: the per-variant kernel lookup caches cleared before every call, with the
   generated-source safety check (``codegen_safe.check_module``, an ``ast.parse`` of each rendered
