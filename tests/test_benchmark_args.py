@@ -1,0 +1,51 @@
+"""The benchmark and example scripts refuse bad arguments in their parsers: a one-line usage error naming
+the option (exit status 2, no traceback), before any work; and ``--help`` only prints the usage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from subproc import ROOT
+
+
+def _run(path: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, str(ROOT / path), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+def _refused(path: str, *args: str, option: str) -> str:
+    r = _run(path, *args)
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and not r.stdout, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{path.rpartition('/')[2]}: error: argument {option}: "), last
+    return last
+
+
+def test_ep_fault_timing_help_prints_usage_only():
+    r = _run("benchmarks/ep_fault_timing.py", "--help", timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ep_fault_timing.py") and "--timeout" in r.stdout
+    assert "reported" not in r.stdout
+    assert "must be a positive number, got '0'" in _refused("benchmarks/ep_fault_timing.py", "--timeout", "0",
+                                                             option="--timeout")
+    _refused("benchmarks/ep_fault_timing.py", "--faults", "freeze", option="--faults")
+
+
+def test_shared_argument_types():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _args
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import argparse
+
+    assert _args.positive_int("3") == 3 and _args.nonnegative_int("0") == 0 and _args.positive_float("0.5") == 0.5
+    for fn, bad in ((_args.positive_int, ["0", "-1", "1.5", "x"]), (_args.nonnegative_int, ["-1", "x"]),
+                    (_args.positive_float, ["0", "-2", "nan", "inf", "x"])):
+        for text in bad:
+            with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+                fn(text)
