@@ -18,6 +18,8 @@ import statistics
 import subprocess
 import sys
 
+from _args import nonnegative_int, positive_int
+
 CHILD = r"""
 import json, sys, time
 stages = []
@@ -33,7 +35,10 @@ if int(sys.argv[2]):
 stage("import torch")
 import moegraph
 stage("import moegraph")
-spec = moegraph.load_spec(sys.argv[1])
+try:
+    spec = moegraph.load_spec(sys.argv[1])
+except moegraph.MoegraphError as exc:  # a bad --spec: the error alone, no traceback
+    sys.exit(f"error: {exc}")
 stage("load spec")
 layer = moegraph.compile(spec, dtype=torch.float32, seed=0)
 stage("compile")
@@ -52,13 +57,17 @@ print(json.dumps({"stages": stages, "dynamo_loaded_by_forward": dynamo_loaded}))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--spec", default="deepseek-v3-tiny")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 keeps "
+    ap.add_argument("--runs", type=positive_int, default=3)
+    ap.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: torch's default); 1 keeps "
                     "OpenMP waits out of the figures on a busy machine")
     args = ap.parse_args()
     runs = []
     for i in range(args.runs):
-        out = subprocess.run([sys.executable, "-c", CHILD, args.spec, str(args.threads)], check=True, capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-c", CHILD, args.spec, str(args.threads)], capture_output=True,
+                             text=True)
+        if out.returncode != 0:  # the child's own error (its last lines), not this script's traceback
+            tail = "\n".join(out.stderr.strip().splitlines()[-15:])
+            sys.exit(f"first_call.py: run {i + 1} failed (exit status {out.returncode}):\n{tail}")
         res = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(dict(res["stages"]))
         cells = ", ".join(f"{k} {v:.3f}" for k, v in res["stages"])

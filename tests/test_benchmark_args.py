@@ -49,3 +49,13 @@ def test_shared_argument_types():
         for text in bad:
             with pytest.raises(argparse.ArgumentTypeError, match="must be"):
                 fn(text)
+
+
+def test_first_call_reports_the_childs_error_and_refuses_zero_runs():
+    r = _run("benchmarks/first_call.py", "--spec", "nosuch", "--runs", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "CHILD" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[:2] == ["first_call.py: run 1 failed (exit status 1):",
+                                         r.stderr.splitlines()[1]]
+    assert r.stderr.splitlines()[1].startswith("error: nosuch: <root>: no spec file or preset named 'nosuch'")
+    _refused("benchmarks/first_call.py", "--runs", "0", option="--runs")
+    _refused("benchmarks/first_call.py", "--threads", "-1", option="--threads")
