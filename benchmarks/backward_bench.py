@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from _args import positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,8 +44,8 @@ def recompute_backward(ctx, grad_TD):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--tokens", type=positive_int, default=1024)
+    ap.add_argument("--rounds", type=positive_int, default=9)
     args = ap.parse_args()
     torch.set_num_threads(2)
     d = moegraph.load_spec("deepseek-v3-tiny").to_dict()

@@ -30,6 +30,7 @@ import statistics
 import time
 
 import torch
+from _args import nonnegative_int, positive_int
 
 import moegraph
 from moegraph import tuning
@@ -62,9 +63,9 @@ def _expert_bytes(layer) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--rounds", type=positive_int, default=15)
+    ap.add_argument("--threads", type=nonnegative_int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--layer", choices=["bench", "v3-experts"], default="bench")
     ap.add_argument("--fresh", action="store_true", help="new tokens every round (else the same tokens)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",

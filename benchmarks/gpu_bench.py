@@ -38,6 +38,8 @@ import statistics
 import sys
 import time
 
+from _args import nonnegative_int, positive_float, positive_int
+
 # Spec-sheet dense bfloat16 tensor-core TFLOP/s and HBM TB/s, matched in this order against
 # torch.cuda.get_device_name (the first key contained in the name wins).
 PEAKS = [
@@ -60,16 +62,17 @@ PEAKS = [
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 8192])
-    ap.add_argument("--iters", type=int, default=10, help="timed rounds per size (median reported)")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--tol", type=float, default=2e-2, help="max relative Frobenius error vs the torch backend")
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 128, 1024, 8192])
+    ap.add_argument("--iters", type=positive_int, default=10, help="timed rounds per size (median reported)")
+    ap.add_argument("--warmup", type=nonnegative_int, default=3)
+    ap.add_argument("--tol", type=positive_float, default=2e-2,
+                    help="max relative Frobenius error vs the torch backend")
     ap.add_argument("--isolated", action="store_true",
                     help="time each implementation in its own block of rounds instead of interleaving them")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="time eager execution only")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers' DeepseekV3MoE")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="override the spec-sheet bf16 TFLOP/s")
-    ap.add_argument("--peak-tbps", type=float, default=None, help="override the spec-sheet memory TB/s")
+    ap.add_argument("--peak-tflops", type=positive_float, default=None, help="override the spec-sheet bf16 TFLOP/s")
+    ap.add_argument("--peak-tbps", type=positive_float, default=None, help="override the spec-sheet memory TB/s")
     ap.add_argument("--dry-run", action="store_true", help="deepseek-v3-tiny on CPU under Triton's interpreter")
     return ap.parse_args()
 

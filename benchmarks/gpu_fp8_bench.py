@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from _args import nonnegative_int, positive_float, positive_int
+
 # Spec-sheet dense FP8 tensor-core TFLOP/s, matched in order against torch.cuda.get_device_name.
 FP8_PEAKS = [("GH200", 1979.0), ("H200", 1979.0), ("H100 NVL", 1671.0), ("H100 PCIe", 1513.0), ("H100", 1979.0),
              ("H800", 1979.0), ("H20", 296.0), ("B200", 4500.0), ("B100", 3500.0), ("L40S", 733.0), ("L4", 242.0)]
@@ -45,11 +47,11 @@ def _gpu_bench():
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 128, 1024, 8192])
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 128, 1024, 8192])
+    ap.add_argument("--iters", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=nonnegative_int, default=3)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers' FP8 experts")
-    ap.add_argument("--peak-fp8-tflops", type=float, default=None, help="override the spec-sheet FP8 peak")
+    ap.add_argument("--peak-fp8-tflops", type=positive_float, default=None, help="override the spec-sheet FP8 peak")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     return ap.parse_args()
 

@@ -31,14 +31,16 @@ import sys
 import time
 from pathlib import Path
 
+from _args import positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="deepseek-v3-tiny")
-    ap.add_argument("--tokens", type=int, default=1)
-    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--tokens", type=positive_int, default=1)
+    ap.add_argument("--iters", type=positive_int, default=300)
     args = ap.parse_args()
     os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
     import torch
@@ -55,7 +57,10 @@ def main() -> None:
                    kernels.router_supported):
             fn.cache_clear()
 
-    spec = moegraph.load_spec(args.spec)
+    try:
+        spec = moegraph.load_spec(args.spec)
+    except moegraph.MoegraphError as exc:
+        ap.error(f"argument --spec: {exc}")
     layer = moegraph.compile(spec, backend="triton", dtype=torch.float32, device="cpu",
                              passes=triton_passes(spec)).eval()
     x = torch.randn(1, args.tokens, spec.moe.hidden_size)

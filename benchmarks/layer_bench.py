@@ -22,20 +22,22 @@ import sys
 import time
 
 import torch
+from _args import nonnegative_int, positive_int
 
-from moegraph import tuning
+from moegraph import strategies, tuning
 from moegraph.bench import BENCH_SPEC, format_rows, machine_line, run_layer_bench
 from moegraph.runtime import torch_dtype
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 2048])
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 64, 128, 2048])
+    ap.add_argument("--rounds", type=positive_int, default=7)
+    ap.add_argument("--threads", type=nonnegative_int, default=0, help="torch intra-op threads (0 = torch's default)")
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     ap.add_argument("--train", action="store_true", help="time training steps (forward + backward)")
-    ap.add_argument("--strategy", default="auto", help="pin moegraph's expert strategy (default: tuned)")
+    ap.add_argument("--strategy", default="auto", choices=["auto", *strategies.STRATEGIES],
+                    help="pin moegraph's expert strategy (default auto: tuned)")
     ap.add_argument("--tune-cache", default=None, help="folder of the tuned strategy table (default: memory)")
     args = ap.parse_args()
     if args.threads:

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _args import nonnegative_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,6 +45,20 @@ def lite_spec(nodes: int, gpus: int, slots: int):
     d["topology"].update(nodes=nodes, gpus_per_node=gpus)
     d["placement"]["redundant_slots"] = slots - 64
     return load_spec(d)
+
+
+def cluster(text: str) -> tuple[int, int, int]:
+    """``--configs`` item NODESxGPUS:SLOTS -> (nodes, gpus per node, slots), checked against the 64 experts."""
+    m = re.fullmatch(r"(\d+)x(\d+):(\d+)", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"must be NODESxGPUS:SLOTS such as 1x8:72, got {text!r}")
+    nodes, gpus, slots = map(int, m.groups())
+    if nodes < 1 or gpus < 1:
+        raise argparse.ArgumentTypeError(f"NODES and GPUS must be at least 1, got {text!r}")
+    if slots < 64 or slots % (nodes * gpus):
+        raise argparse.ArgumentTypeError(f"SLOTS must be at least the 64 experts of DeepSeek-V2-Lite and a multiple "
+                                         f"of the {nodes * gpus} GPUs, got {text!r}")
+    return nodes, gpus, slots
 
 
 def score(p, traffic) -> dict:
@@ -163,19 +179,15 @@ def section_scale(seed: int | None) -> list[tuple[str, bool]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["1x8:64", "1x8:72", "2x4:64", "2x4:72"],
-                    help="clusters and slot counts, NODESxGPUS:SLOTS")
+    ap.add_argument("--configs", type=cluster, nargs="+", default=[(1, 8, 64), (1, 8, 72), (2, 4, 64), (2, 4, 72)],
+                    help="clusters and slot counts, NODESxGPUS:SLOTS (default 1x8:64 1x8:72 2x4:64 2x4:72)")
     ap.add_argument("--no-scale", action="store_true", help="skip the DeepSeek-V3-sized timing")
-    ap.add_argument("--seed", type=int, nargs="+", default=[None],
+    ap.add_argument("--seed", type=nonnegative_int, nargs="+", default=[None],
                     help="the planner's seed (default: the spec's placement.seed); several: the whole benchmark "
                     "once per seed, then how many targets each met (the figures move with the seed by a few "
                     "tenths of a point, the held-out balance by a few hundredths)")
     args = ap.parse_args(argv)
-    configs = []
-    for c in args.configs:
-        cl, slots = c.split(":")
-        n, g = cl.split("x")
-        configs.append((int(n), int(g), int(slots)))
+    configs = args.configs
     traces = load_traces("esft-deepseek-v2-lite")
     intent, law = traces.split_sources()
     print(f"traces: {traces.name}: intent {intent.num_tokens} tokens / {intent.num_samples} samples, "

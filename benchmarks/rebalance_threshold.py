@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _args import positive_float, positive_int
+
 WORKER = r'''
 import json, sys
 import torch, torch.distributed as dist
@@ -72,11 +74,21 @@ dist.destroy_process_group()
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--thresholds", type=float, nargs="+", default=[1.08, 1.15])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--ranks", type=positive_int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=60)
+    ap.add_argument("--thresholds", type=positive_float, nargs="+", default=[1.08, 1.15])
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[8, 64])
     args = ap.parse_args()
+    import moegraph
+
+    m = moegraph.load_spec("deepseek-v3-tiny")
+    slots = m.moe.experts.num_experts + m.placement.redundant_slots
+    fits = [w for w in range(2, slots + 1) if slots % w == 0]  # the plan spreads every slot, one copy per GPU
+    if args.ranks not in fits:
+        ap.error(f"argument --ranks: deepseek-v3-tiny's {slots} expert slots split evenly over "
+                 f"{', '.join(map(str, fits))} ranks, got {args.ranks}")
+    if args.steps < 3:
+        ap.error(f"argument --steps: at least 3 (the first and last thirds are compared), got {args.steps}")
     print(f"{args.ranks} gloo ranks, deepseek-v3-tiny, {args.steps} steps of a topic switch, window 4,096 tokens")
     print(f"{'threshold':>9} {'tokens':>6} {'rule':>5} | {'re-plans':>8} {'slots moved':>11} {'window':>7} | "
           f"{'pooled max/mean first third':>27} {'last third':>10}")

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from _args import nonnegative_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -390,7 +391,7 @@ def section_scale(seed: int | None) -> list[tuple[str, bool]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two streams at every other window, one config")
-    ap.add_argument("--seed", type=int, default=None, help="planner seed (default: the spec's placement.seed)")
+    ap.add_argument("--seed", type=nonnegative_int, default=None, help="planner seed (default: the spec's placement.seed)")
     ap.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "results" / "replan_bench.png")
     ap.add_argument("--skip-streams", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")

@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _args import positive_int  # noqa: E402
 from replan_bench import lite_spec, one_source  # noqa: E402
 
 from moegraph.planner import evaluate, plan  # noqa: E402
@@ -45,12 +46,21 @@ def tokens(ts: TraceSet, start: int, stop: int) -> TraceSet:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, nargs="+", default=[8, 32, 128, 512, 1024])
-    ap.add_argument("--block", type=int, default=2048, help="tokens of each part of the stream")
-    ap.add_argument("--horizon", type=int, default=256, help="tokens each plan is scored on, after its window")
+    ap.add_argument("--windows", type=positive_int, nargs="+", default=[8, 32, 128, 512, 1024])
+    ap.add_argument("--block", type=positive_int, default=2048, help="tokens of each part of the stream")
+    ap.add_argument("--horizon", type=positive_int, default=256,
+                    help="tokens each plan is scored on, after its window")
     args = ap.parse_args(argv)
     intent, law = load_traces("esft-deepseek-v2-lite").split_sources()
     b, h = args.block, args.horizon
+    most = min(intent.num_tokens // 4, law.num_tokens)  # intent[0:2b] streamed, intent[2b:4b] the first plan's
+    if b > most:
+        ap.error(f"argument --block: at most {most} (the traces' intent tokens hold four blocks), got {b}")
+    if h >= 3 * b:
+        ap.error(f"argument --horizon: must be shorter than the {3 * b}-token stream (3 x --block), got {h}")
+    if max(args.windows) + h > 3 * b:
+        ap.error(f"argument --windows: a window plus the --horizon ({h}) must fit in the {3 * b}-token stream "
+                 f"(3 x --block): at most {3 * b - h}, got {max(args.windows)}")
     stream = one_source(TraceSet.concat([tokens(intent, 0, b), tokens(law, 0, b), tokens(intent, b, 2 * b)]),
                         "intent -> law -> intent")
     spec = lite_spec(1, 8, 64)

@@ -25,15 +25,17 @@ import statistics
 import sys
 import time
 
+from _args import positive_float, positive_int
+
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="deepseek-v3", help="spec preset or file whose expert shape to tune")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096, 8192])
+    ap.add_argument("--tokens", type=positive_int, nargs="+", default=[1, 16, 64, 128, 256, 1024, 4096, 8192])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--budget-s", type=float, default=900.0, help="stop trying new candidates after this long")
+    ap.add_argument("--budget-s", type=positive_float, default=900.0, help="stop trying new candidates after this long")
     ap.add_argument("--out", default=None, help="folder for the table (default: the bundled tuned/ folder)")
-    ap.add_argument("--block-m", type=int, nargs="+", default=None,
+    ap.add_argument("--block-m", type=positive_int, nargs="+", default=None,
                     help="row-block sizes to try (default: 16..128 up to twice the rows per expert)")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under Triton's interpreter")
     return ap.parse_args()
@@ -156,12 +158,21 @@ def main() -> None:
                     if args.dry_run:
                         break  # the interpreter times nothing useful: one candidate proves the path
                 results[part] = best_part
+                if best_part is None:  # every candidate failed: no configuration with this BLOCK_M
+                    print(f"  every {part} candidate failed at BLOCK_M={bm}: BLOCK_M={bm} skipped", file=sys.stderr)
+                    searches_left -= part == "gate_up"  # the down search it would have run
+                    break
                 if part == "gate_up":
                     base = configs.MoEConfig(bm, best_part[1], base.down)
+            if results.get("down") is None:
+                continue
             total = results["gate_up"][0] + results["down"][0]
             cfg = configs.MoEConfig(bm, results["gate_up"][1], results["down"][1])
             if best is None or total < best[0]:
                 best = (total, cfg)
+        if best is None:
+            print(f"{T:>7} every candidate failed at every BLOCK_M: no entry for {T} tokens", flush=True)
+            continue
         ms, cfg = best
         flops = 2 * T * (K + SH) * (H + F) * D  # gate/up: D x H per row, down: F x D
         fmt = lambda c: f"{c.BLOCK_N},{c.BLOCK_K},{c.GROUP_M},{c.num_warps},{c.num_stages}"  # noqa: E731
@@ -169,6 +180,8 @@ def main() -> None:
               f"{flops / ms / 1e9:>8.1f}", flush=True)
         table[str(T)] = cfg.to_json()
 
+    if not table:
+        sys.exit("tune_triton.py: no configuration ran at any token count; no table written")
     path = configs.table_path(E, F, device_name, dtype, args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}

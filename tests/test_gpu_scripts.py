@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -19,7 +21,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def _load(script: str):
-    """A benchmark script as a module (its top level imports only the standard library)."""
+    """A benchmark script as a module (its top level imports only the standard library and benchmarks/_args)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "benchmarks" / script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -111,6 +115,42 @@ def test_tune_triton_dry_run_writes_a_table_the_backend_reads(tmp_path, monkeypa
             configs.default_config(30 * 4 / 16, torch.float32)
     finally:
         configs._load_table.cache_clear()
+
+
+TUNE_FAILING = """
+import runpy, sys
+sys.path.insert(0, "benchmarks")
+from moegraph.triton_backend import kernels
+real, fail_at = kernels.prepare, {int(b) for b in sys.argv[2].split(",")}
+def prepare(*a, **k):  # every gate_up GEMM with a BLOCK_M in fail_at raises, as one out of resources would
+    launch, rest = real(*a, **k)
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(launch, name)
+        def gate_up(self, aligned, bm, *r):
+            if bm in fail_at:
+                raise RuntimeError("out of resources")
+            return launch.gate_up(aligned, bm, *r)
+    return Failing(), rest
+kernels.prepare = prepare
+sys.argv = ["tune_triton.py", "--dry-run", "--out", sys.argv[1], "--block-m", "16", "32"]
+runpy.run_path("benchmarks/tune_triton.py", run_name="__main__")
+"""
+
+
+def test_tune_triton_skips_a_block_size_whose_candidates_all_fail(tmp_path):
+    out = run_script([sys.executable, "-c", TUNE_FAILING, str(tmp_path / "a"), "16"], "tune_triton.py", 600,
+                     TRITON_INTERPRET="1")
+    assert "every gate_up candidate failed at BLOCK_M=16: BLOCK_M=16 skipped" in out
+    (table,) = (tmp_path / "a").glob("*.json")
+    assert {e["BLOCK_M"] for e in json.loads(table.read_text()).values()} == {32}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", TUNE_FAILING, str(tmp_path / "b"), "16,32"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().endswith("tune_triton.py: no configuration ran at any token count; no table written")
+    assert "every candidate failed at every BLOCK_M: no entry for 33 tokens" in r.stdout
+    assert not (tmp_path / "b").exists()
 
 
 def test_host_overhead_script_times_both_paths():
