@@ -32,6 +32,17 @@ from moegraph.planner import Plan, override_spec
 from moegraph.planner import plan as make_plan
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def spec_for_world(spec, world: int):
     """The spec itself if its topology has ``world`` GPUs, else one host of ``world`` GPUs."""
     if spec.topology.num_gpus == world:
@@ -61,12 +72,14 @@ def main() -> None:
     ap.add_argument("--plan", help="plan file (default: plan for this world size)")
     ap.add_argument("--checkpoint", help="single-process checkpoint (.safetensors or .pt)")
     ap.add_argument("--layer", type=int, default=0, help="MoE layer of the plan")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens per rank")
-    ap.add_argument("--steps", type=int, default=3, help="training steps")
+    ap.add_argument("--tokens", type=positive_int, default=64, help="tokens per rank")
+    ap.add_argument("--steps", type=positive_int, default=3, help="training steps")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds a collective waits for peers")
     args = ap.parse_args()
+    if not args.timeout > 0:  # every rank refuses alike, before any collective
+        ap.error(f"argument --timeout: must be a positive number of seconds, got {args.timeout}")
 
     cuda = torch.cuda.is_available()
     if cuda:

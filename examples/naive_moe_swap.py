@@ -25,6 +25,17 @@ import torch.nn.functional as F
 import moegraph
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 class SwiGLU(nn.Module):
     """One expert: w2(silu(w1 x) * w3 x), the Llama/Mixtral MLP."""
 
@@ -85,19 +96,21 @@ def median_time(fn, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--expert-size", type=int, default=256)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=7)
+    sizes = {"hidden": (256, 32), "expert_size": (256, 32), "experts": (64, 8), "top_k": (4, 2), "layers": (4, 2),
+             "tokens": (512, 64), "repeats": (7, 3)}  # option: (default, default with --small)
+    for name, (full, small) in sizes.items():
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=None,
+                       help=f"default {full} ({small} with --small)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--small", action="store_true", help="tiny sizes for CI")
+    p.add_argument("--small", action="store_true", help="tiny sizes for CI (sizes given explicitly are kept)")
     args = p.parse_args()
-    if args.small:
-        args.hidden, args.expert_size, args.experts, args.top_k = 32, 32, 8, 2
-        args.layers, args.tokens, args.repeats = 2, 64, 3
+    for name, (full, small) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else full)
+    if args.top_k > args.experts:
+        p.error(f"argument --top-k: at most --experts ({args.experts}), got {args.top_k}")
+    if args.threads < 0:
+        p.error(f"argument --threads: must be an integer >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console

@@ -60,14 +60,28 @@ def reference(layer, spec, x_TD: torch.Tensor) -> torch.Tensor:
     return y + torch.sigmoid(x_TD @ layer.shared_expert_gate.weight.T) * shared
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default=str(HERE / "specs" / "sqrt-softplus-geglu.yaml"))
-    ap.add_argument("--tokens", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tokens", type=positive_int, default=512)
+    ap.add_argument("--rounds", type=positive_int, default=7)
     args = ap.parse_args()
 
-    spec = moegraph.load_spec(args.spec)
+    try:
+        spec = moegraph.load_spec(args.spec)
+    except moegraph.MoegraphError as exc:
+        ap.error(f"argument --spec: {exc}")
     layer = moegraph.compile(spec, dtype=torch.float32, seed=0)
     print(f"{spec.name} (hash {spec.short_hash}): {spec.description}")
 

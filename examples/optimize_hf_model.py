@@ -26,6 +26,17 @@ import torch
 import moegraph
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def build_config(args):
     import transformers
 
@@ -69,22 +80,22 @@ def main() -> None:
     p.add_argument("--model-type", default="qwen2_moe", help="transformers model type (qwen2_moe, deepseek_v3, "
                                                               "mixtral, deepseek_v2, qwen3_moe, olmoe, ...)")
     p.add_argument("--config", default=None, help="an HF config.json to take all sizes from (random weights)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--expert-size", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    sizes = {"hidden": (256, 64), "layers": (4, 2), "experts": (32, 8), "top_k": (4, 2), "expert_size": (256, 32),
+             "vocab": (1024, 128), "batch": (4, 2), "seq": (128, 16), "new_tokens": (8, 4),
+             "repeats": (5, 2)}  # option: (default, default with --small)
+    for name, (full, small) in sizes.items():
+        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=None,
+                       help=f"default {full} ({small} with --small)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--small", action="store_true", help="tiny sizes for CI")
+    p.add_argument("--small", action="store_true", help="tiny sizes for CI (sizes given explicitly are kept)")
     args = p.parse_args()
-    if args.small:
-        args.hidden, args.layers, args.experts, args.top_k, args.expert_size = 64, 2, 8, 2, 32
-        args.vocab, args.batch, args.seq, args.new_tokens, args.repeats = 128, 2, 16, 4, 2
+    for name, (full, small) in sizes.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else full)
+    if args.top_k > args.experts:
+        p.error(f"argument --top-k: at most --experts ({args.experts}), got {args.top_k}")
+    if args.threads < 0:
+        p.error(f"argument --threads: must be an integer >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -16,16 +16,30 @@ import moegraph
 from moegraph.traces import load_traces, synthetic_traces
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", action="append", help="trace file, folder or bundled name (repeatable)")
     ap.add_argument("-o", "--output", default="plan-deepseek-v3.json")
-    ap.add_argument("--tokens", type=int, default=8192, help="synthetic tokens per layer when no --trace")
+    ap.add_argument("--tokens", type=positive_int, default=8192, help="synthetic tokens per layer when no --trace")
     args = ap.parse_args()
 
     spec = moegraph.load_spec("deepseek-v3")
     if args.trace:
-        traces = load_traces(args.trace, spec=spec)
+        try:
+            traces = load_traces(args.trace, spec=spec)
+        except moegraph.MoegraphError as exc:
+            ap.error(f"argument --trace: {exc}")
         print(f"traces: {traces.name} ({traces.num_tokens} tokens)")
     else:
         traces = synthetic_traces(spec.model.num_moe_layers, spec.moe.experts.num_experts, spec.moe.top_k,

@@ -91,16 +91,29 @@ def predicted(plan, trace, world: int, tokens: int, batches: int) -> int:
     return total
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", default="deepseek-v3-tiny", help="spec file or preset name")
-    ap.add_argument("--tokens", type=int, default=64, help="tokens per rank per batch")
-    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--tokens", type=positive_int, default=64, help="tokens per rank per batch")
+    ap.add_argument("--batches", type=positive_int, default=4)
     ap.add_argument("--topic", type=float, default=1.5, help="strength of each rank's own token mean")
     ap.add_argument("--workdir", help="where trace.npz, plan.json and the checkpoints go (default: a temp dir)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=60.0)
     args = ap.parse_args()
+    if not args.timeout > 0:  # every rank refuses alike, before any collective
+        ap.error(f"argument --timeout: must be a positive number of seconds, got {args.timeout}")
 
     cuda = torch.cuda.is_available()
     if cuda:

@@ -79,6 +79,15 @@ BAD = [  # (script, arguments, the option the error names, text in the message)
     ("benchmarks/gpu_bench.py", ["--iters", "0"], "--iters", "positive integer"),
     ("benchmarks/gpu_fp8_bench.py", ["--tokens", "-1"], "--tokens", "positive integer"),
     ("benchmarks/tune_triton.py", ["--budget-s", "0"], "--budget-s", "positive number"),
+    ("examples/plan_deepseek_v3.py", ["--tokens", "-5"], "--tokens", "positive integer"),
+    ("examples/plan_deepseek_v3.py", ["--trace", "/nonexistent"], "--trace", "no such trace file or folder"),
+    ("examples/new_moe_variant.py", ["--rounds", "0"], "--rounds", "positive integer"),
+    ("examples/naive_moe_swap.py", ["--small", "--top-k", "9"], "--top-k", "at most --experts (8), got 9"),
+    ("examples/optimize_hf_model.py", ["--seq", "0"], "--seq", "positive integer"),
+    # Under torchrun every rank refuses alike, before any collective (rank 1 used to report a missing
+    # checkpoint after rank 0 failed); one process shows the message.
+    ("examples/expert_parallel.py", ["--tokens", "-3"], "--tokens", "must be a positive integer, got '-3'"),
+    ("examples/replan_loop.py", ["--timeout", "0"], "--timeout", "positive number of seconds"),
 ]
 
 

@@ -37,8 +37,8 @@ def test_optimize_hf_model_example() -> None:
 
 
 def test_naive_moe_swap_example() -> None:
-    out = _run("naive_moe_swap.py", "--small", "--threads", "1")
-    assert "swapped 2 of 2 naive MoE blocks" in out, out
+    out = _run("naive_moe_swap.py", "--small", "--tokens", "48", "--threads", "1")  # an explicit size wins
+    assert "swapped 2 of 2 naive MoE blocks" in out and "(2 layers, 48 tokens, 8 experts, top-2," in out, out
     assert "structure" in out and "top-2 softmax, normalised" in out, out
     diff = float(re.search(r"max \|output diff\| = ([0-9.e+-]+)", out).group(1))
     assert diff < 1e-4, out
