@@ -10,7 +10,7 @@ tokens come from, as it does when ranks serve different users or tasks.
 1. Start from the contiguous placement (slot p holds expert p % E): what runs without a plan.
 2. Serve batches with the recorders on. ``gather_trace`` all-gathers every rank's routing into one
    TraceSet that keeps each token's source rank; rank 0 saves it as ``trace.npz``, the file
-   ``moegraph plan SPEC --traces trace.npz`` reads.
+   ``moegraph plan SPEC --trace trace.npz`` reads.
 3. Plan from the trace (``moegraph.planner.plan``) and save ``plan.json``.
 4. Compile the stack under the new plan and load the same checkpoint (one file serves every
    placement): outputs are unchanged, and the token copies the ranks send (measured by the

@@ -74,6 +74,7 @@ BAD = [  # (script, arguments, the option the error names, text in the message)
     ("benchmarks/replan_window_size.py", ["--windows", "0"], "--windows", "positive integer"),
     ("benchmarks/replan_window_size.py", ["--windows", "100000"], "--windows", "at most 5888, got 100000"),
     ("benchmarks/replan_bench.py", ["--seed", "-1"], "--seed", "integer >= 0"),
+    ("benchmarks/replan_bench.py", ["--plot", "/proc/nosuch/plot.png"], "--plot", "cannot make its folder /proc/nosuch"),
     ("benchmarks/rebalance_threshold.py", ["--ranks", "0"], "--ranks", "positive integer"),
     ("benchmarks/rebalance_threshold.py", ["--ranks", "3"], "--ranks", "20 expert slots split evenly over 2, 4, 5"),
     ("benchmarks/gpu_bench.py", ["--iters", "0"], "--iters", "positive integer"),
