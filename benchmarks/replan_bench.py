@@ -394,7 +394,8 @@ def section_scale(seed: int | None) -> list[tuple[str, bool]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two streams at every other window, one config")
-    ap.add_argument("--seed", type=nonnegative_int, default=None, help="planner seed (default: the spec's placement.seed)")
+    ap.add_argument("--seed", type=nonnegative_int, default=None,
+                    help="planner seed (default: the spec's placement.seed)")
     ap.add_argument("--plot", type=Path, default=Path("replan_bench.png"),
                     help="where section 1's plot goes (default: replan_bench.png in the current directory)")
     ap.add_argument("--skip-streams", action="store_true")
