@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _args import positive_int
+from moegraph.argtypes import positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

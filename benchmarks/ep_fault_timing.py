@@ -15,7 +15,7 @@ import pathlib
 import tempfile
 import time
 
-from _args import positive_float
+from moegraph.argtypes import positive_float
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 
-from _args import nonnegative_int, positive_int
+from moegraph.argtypes import nonnegative_int, positive_int
 
 CHILD = r"""
 import json, sys, time

@@ -30,7 +30,7 @@ import statistics
 import time
 
 import torch
-from _args import nonnegative_int, positive_int
+from moegraph.argtypes import nonnegative_int, positive_int
 
 import moegraph
 from moegraph import tuning

@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 
-from _args import nonnegative_int, positive_float, positive_int
+from moegraph.argtypes import nonnegative_int, positive_float, positive_int
 
 # Spec-sheet dense bfloat16 tensor-core TFLOP/s and HBM TB/s, matched in this order against
 # torch.cuda.get_device_name (the first key contained in the name wins).

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _args import nonnegative_int, positive_float, positive_int
+from moegraph.argtypes import nonnegative_int, positive_float, positive_int
 
 # Spec-sheet dense FP8 tensor-core TFLOP/s, matched in order against torch.cuda.get_device_name.
 FP8_PEAKS = [("GH200", 1979.0), ("H200", 1979.0), ("H100 NVL", 1671.0), ("H100 PCIe", 1513.0), ("H100", 1979.0),

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from _args import positive_int
+from moegraph.argtypes import positive_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

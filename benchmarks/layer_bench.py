@@ -22,7 +22,7 @@ import sys
 import time
 
 import torch
-from _args import nonnegative_int, positive_int
+from moegraph.argtypes import nonnegative_int, positive_int
 
 from moegraph import strategies, tuning
 from moegraph.bench import BENCH_SPEC, format_rows, machine_line, run_layer_bench

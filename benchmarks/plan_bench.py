@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _args import nonnegative_int
+from moegraph.argtypes import nonnegative_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

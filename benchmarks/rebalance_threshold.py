@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _args import positive_float, positive_int
+from moegraph.argtypes import positive_float, positive_int
 
 WORKER = r'''
 import json, sys

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from _args import nonnegative_int
+from moegraph.argtypes import nonnegative_int
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _args import positive_int  # noqa: E402
+from moegraph.argtypes import positive_int  # noqa: E402
 from replan_bench import lite_spec, one_source  # noqa: E402
 
 from moegraph.planner import evaluate, plan  # noqa: E402

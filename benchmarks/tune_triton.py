@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from _args import positive_float, positive_int
+from moegraph.argtypes import positive_float, positive_int
 
 
 def parse_args() -> argparse.Namespace:

@@ -30,17 +30,7 @@ import torch.distributed as dist
 import moegraph
 from moegraph.planner import Plan, override_spec
 from moegraph.planner import plan as make_plan
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from moegraph.argtypes import positive_int
 
 
 def spec_for_world(spec, world: int):

@@ -23,17 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moegraph
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from moegraph.argtypes import positive_int
 
 
 class SwiGLU(nn.Module):

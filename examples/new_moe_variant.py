@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import moegraph
+from moegraph.argtypes import positive_int
 
 HERE = Path(__file__).resolve().parent
 
@@ -58,17 +59,6 @@ def reference(layer, spec, x_TD: torch.Tensor) -> torch.Tensor:
     hs = x_TD @ layer.shared_experts.gate_up_proj.T
     shared = (F.gelu(hs[:, :S].clamp(max=ex.gate_clamp), approximate="tanh") * hs[:, S:]) @ layer.shared_experts.down_proj.T
     return y + torch.sigmoid(x_TD @ layer.shared_expert_gate.weight.T) * shared
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def main() -> None:

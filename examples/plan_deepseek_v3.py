@@ -14,17 +14,7 @@ import time
 
 import moegraph
 from moegraph.traces import load_traces, synthetic_traces
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+from moegraph.argtypes import positive_int
 
 
 def main() -> None:

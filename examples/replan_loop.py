@@ -34,6 +34,7 @@ from moegraph.distributed import gather_trace, predicted_copies
 from moegraph.planner import Plan, override_spec
 from moegraph.planner import plan as make_plan
 from moegraph.planner.baselines import contiguous
+from moegraph.argtypes import positive_int
 
 
 def spec_for_world(spec, world: int):
@@ -89,17 +90,6 @@ def predicted(plan, trace, world: int, tokens: int, batches: int) -> int:
         for b in range(batches):
             total += int(predicted_copies(plan, j, [ids[b * tokens:(b + 1) * tokens] for ids in by_rank]).sum())
     return total
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (anything else is a one-line usage error naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def main() -> None:

@@ -36,12 +36,9 @@ def test_ep_fault_timing_help_prints_usage_only():
 
 
 def test_shared_argument_types():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _args
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
     import argparse
+
+    from moegraph import argtypes as _args
 
     assert _args.positive_int("3") == 3 and _args.nonnegative_int("0") == 0 and _args.positive_float("0.5") == 0.5
     for fn, bad in ((_args.positive_int, ["0", "-1", "1.5", "x"]), (_args.nonnegative_int, ["-1", "x"]),

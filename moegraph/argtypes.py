@@ -1,4 +1,6 @@
-"""argparse types shared by the benchmark scripts: a bad value is a one-line usage error naming its option.
+"""argparse types for the benchmark and example scripts: a bad value is a one-line usage error naming its option.
+(The ``moegraph`` command checks its options with typer; this module needs nothing beyond the standard library,
+so the scripts run where the CLI's dependencies are not installed, as on a lent GPU machine.)
 
     ap.add_argument("--tokens", type=positive_int, nargs="+")   # error: argument --tokens: must be ...
 """
