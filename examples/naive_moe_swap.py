@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moegraph
-from moegraph.argtypes import positive_int
+from moegraph.argtypes import nonnegative_int, positive_int
 
 
 class SwiGLU(nn.Module):
@@ -91,7 +91,7 @@ def main() -> None:
     for name, (full, small) in sizes.items():
         p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=None,
                        help=f"default {full} ({small} with --small)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--small", action="store_true", help="tiny sizes for CI (sizes given explicitly are kept)")
     args = p.parse_args()
     for name, (full, small) in sizes.items():
@@ -99,8 +99,6 @@ def main() -> None:
             setattr(args, name, small if args.small else full)
     if args.top_k > args.experts:
         p.error(f"argument --top-k: at most --experts ({args.experts}), got {args.top_k}")
-    if args.threads < 0:
-        p.error(f"argument --threads: must be an integer >= 0, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     from rich.console import Console
