@@ -269,6 +269,50 @@ def test_clamp_derivative_follows_torch_at_the_bound():
     torch.testing.assert_close(torch.cat([dg, du], -1), want)
 
 
+#: activations whose derivative has an infinite factor where the inner one is 0 (sqrt / fractional or negative
+#: powers / log / division of a relu or clamp); the expert op's backward must match autograd on the same
+#: expression in torch ops where that is finite, and be finite everywhere
+_KINKED = ["sqrt(relu(x))", "relu(x) ** 0.5", "sqrt(relu(gate)) * up", "relu(gate) ** 0.5 * up ** 2", "sqrt(abs(x))",
+           "(x * x) ** 0.25", "sqrt(sqrt(relu(x)))", "x * sqrt(relu(x))", "1 / sqrt(relu(x) + 1)",
+           "(relu(x) + 1) ** -0.5", "log(relu(x) + 1)", "log1p(relu(x))", "x / (1 + sqrt(relu(x)))",
+           "relu(x) ** sigmoid(x)", "sigmoid(x) ** relu(x)", "clamp(sqrt(relu(x)), max=2)", "sqrt(min(relu(x), 3))",
+           "sqrt(relu(gate)) * sqrt(relu(up))"]
+
+
+@pytest.mark.parametrize("expression", _KINKED)
+def test_derivative_is_finite_and_autograds_where_the_slope_blows_up(expression):
+    act = semantics.activation(expression)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 12 if act.gated else 6, generator=g, dtype=torch.float64) * 3
+    h[0], h[1], h[2, ::2] = 0.0, -1.0, 0.0  # at the kink and on the flat side
+    hh = h.clone().requires_grad_(True)
+    a = torch_forms.activate(hh, act)  # torch ops: autograd's derivative
+    ga = torch.randn(a.shape, generator=g, dtype=torch.float64)
+    (ref,) = torch.autograd.grad(a, hh, ga)
+    _, saved = torch_forms.activate_saved(h, act, None, None)
+    got = torch_forms.activate_backward(ga, saved)
+    assert torch.isfinite(got).all()
+    ok = torch.isfinite(ref)  # autograd's sqrt(abs(x)) is NaN at 0 (abs multiplies by sign); ours 0 there
+    torch.testing.assert_close(got[ok], ref[ok], rtol=1e-12, atol=1e-12)
+
+
+def test_derivative_infinite_at_ordinary_input_is_refused(tmp_path):
+    # torch.clamp passes the gradient at its bound: the slope of sqrt(clamp(x, min=0)) at x = 0 is infinite.
+    for bad in ["sqrt(clamp(x, min=0))", "sqrt(max(x, 0))", "relu(x) * sqrt(clamp(x, min=0))"]:
+        with pytest.raises(ValueError, match=r"no finite derivative d/dx at x = 0 .* sqrt\(relu\(x\)\)"):
+            semantics.activation(bad)
+    with pytest.raises(ValueError, match="unknown function '_masked_mul'"):
+        semantics.activation("_masked_mul(x, x)")
+    # The hint of the forward probe is right: sqrt(relu(x)) trains (the training step's gradients are finite).
+    d = moegraph.load_spec("mixtral-tiny").model_dump(mode="json")
+    d["moe"]["experts"]["activation"] = "sqrt(relu(gate)) * up"
+    layer = moegraph.compile(moegraph.load_spec(d), out_dir=tmp_path, dtype=torch.float32).train()
+    x = torch.randn(1, 8, d["moe"]["hidden_size"], requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters()
+                                                 if p.grad is not None)
+
+
 def test_clamp_spellings_and_refusals():
     same = ["clamp(gate, -2, 3) * up", "clamp(gate, min=-2, max=3) * up", "clamp(gate, -2, max=3) * up",
             "min(max(gate, -2), 3) * up"]

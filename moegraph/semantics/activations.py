@@ -30,7 +30,7 @@ _PROBE = tuple((g, u, x) for g in (-30.0, -4.0, -1.0, 0.0, 0.5, 3.0, 30.0) for u
                for x in (g,))
 
 ACTIVATION_LANGUAGE = _expr.Language(
-    what="activation expression", variables=("gate", "up", "x"), functions=(*_expr.FUNCTIONS, *_expr.SUGAR),
+    what="activation expression", variables=("gate", "up", "x"), functions=(*_expr.CALLABLE, *_expr.SUGAR),
     max_length=300,
     of="gate and up (gated) or of x (plain)", names_hint="'gate' and 'up' (gated) or 'x' (plain)",
     uses_hint="'gate'/'up' or 'x'", example="silu(gate) * up", probe=_PROBE,
@@ -88,6 +88,16 @@ def _checked(name: str, expression: str, gated: bool | None) -> Activation:
         # the kernels would get a scalar where they expect a tile. Certainly not what was meant.
         raise ValueError(f"activation {name!r}: expression {expression!r} does not depend on "
                          f"{' or '.join(entry.variables)} (it folds to a constant); write the activation in its inputs")
+    # The expert op's backward evaluates the derivatives: one infinite or undefined at an ordinary input (the
+    # slope of sqrt(clamp(x, min=0)) at x = 0) would make every gradient of the training step NaN.
+    for point in ACTIVATION_LANGUAGE.probe:
+        env = dict(zip(ACTIVATION_LANGUAGE.variables, point))
+        for var, grad in zip(entry.variables, entry.grads):
+            if not _expr.finite(grad, env):
+                raise ValueError(
+                    f"activation {name!r}: expression {expression!r} has no finite derivative d/d{var} at "
+                    f"{_expr.at(entry.tree, env)} (training would get NaN gradients); guard it so its slope stays "
+                    "finite, e.g. sqrt(clamp(x, min=0)) -> sqrt(relu(x)) (slope 0 at x <= 0) or sqrt(relu(x) + 1e-6)")
     return entry
 
 

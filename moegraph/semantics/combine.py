@@ -26,7 +26,7 @@ _PROBE = tuple((r, s) for r in (-1e3, -30.0, -1.0, 0.0, 0.5, 30.0, 1e3) for s in
 
 COMBINE_LANGUAGE = _expr.Language(
     what="shared_experts.combine expression", variables=("routed", "shared"),
-    functions=(*_expr.FUNCTIONS, *_expr.SUGAR), max_length=200,
+    functions=(*_expr.CALLABLE, *_expr.SUGAR), max_length=200,
     of="routed and shared (the two [T, D] outputs)", names_hint="'routed' and 'shared'",
     uses_hint="'routed' and 'shared'", example="0.5 * (routed + shared)", probe=_PROBE,
     probe_hint="a combination must be finite for ordinary outputs; guard it (e.g. log(shared) -> log(1 + abs(shared)))",

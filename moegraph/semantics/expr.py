@@ -12,6 +12,12 @@ code and Triton code spell it, and its derivative as an expression of its argume
 the two-argument ``min``/``max``, of ``v``). ``clamp(v, lo, hi)``, ``clamp(v, max=hi)`` and
 ``clamp(v, min=lo)`` are spelled with them: the parser rewrites a clamp into ``min``/``max`` calls
 with the meaning and derivative of ``torch.clamp`` (at a tie the input keeps the gradient).
+
+The chain rule follows torch autograd where a derivative is infinite: a factor that can be infinite
+(``d sqrt(u) = 0.5 / sqrt(u)`` at u = 0) times an inner derivative that is 0 there (``relu``, a clamp)
+is 0, not inf * 0 = NaN, as torch's relu and clamp backwards mask the gradient rather than multiply it
+(``_masked_mul``, a function derivatives use and expressions may not). So ``sqrt(relu(x))`` has slope 0
+at x <= 0.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["Function", "FUNCTIONS", "C_SPELLINGS", "Language", "parse", "value", "emit", "derivative", "Program", "program"]
+__all__ = ["Function", "FUNCTIONS", "INTERNAL", "CALLABLE", "C_SPELLINGS", "Language", "parse", "finite", "at",
+           "value", "emit", "derivative", "Program", "program"]
 
 
 def _sigmoid(v: float) -> float:
@@ -85,7 +92,17 @@ FUNCTIONS: dict[str, Function] = {
     # as torch.clamp's input does at its bound.
     "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "1 - step(u - v)", "step(u - v)", 2),
     "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "1 - step(v - u)", "step(v - u)", 2),
+    # Derivatives only (not part of the language users write): u * v, but 0 where v is 0 even if u is
+    # infinite or undefined there (the chain rule's product of an outer derivative u and an inner one v).
+    "_masked_mul": Function(lambda u, v: 0.0 if v == 0 else u * v, "torch.where(({1}) == 0, 0.0, ({0}) * ({1}))",
+                            "tl.where(({1}) == 0, 0.0, ({0}) * ({1}))", "v", "u", 2),
 }
+
+#: functions of FUNCTIONS that derivatives use but expressions may not call
+INTERNAL = ("_masked_mul",)
+
+#: the functions of FUNCTIONS an expression may call
+CALLABLE = tuple(n for n in FUNCTIONS if n not in INTERNAL)
 
 #: name -> its spelling in C (float arithmetic, <math.h>; the native decode kernel of
 #: ``moegraph.native``), a format string of the arguments like ``Function.triton``. Every function of
@@ -109,6 +126,7 @@ C_SPELLINGS: dict[str, str] = {
     "sign": "(({0}) > 0.0f ? 1.0f : (({0}) < 0.0f ? -1.0f : 0.0f))",
     "min": "(({1}) < ({0}) ? ({1}) : ({0}))",
     "max": "(({1}) > ({0}) ? ({1}) : ({0}))",
+    "_masked_mul": "(({1}) == 0.0f ? 0.0f : ({0}) * ({1}))",
 }
 
 #: spellings the parser rewrites into calls of FUNCTIONS (clamp takes keywords, so is not one of them)
@@ -198,16 +216,23 @@ def parse(expr: str, lang: Language) -> ast.Expression:
     # Probe: an expression infinite or undefined for ordinary inputs makes every output non-finite.
     for point in lang.probe:
         env = dict(zip(lang.variables, point))
-        try:
-            v = value(tree, env)
-            bad = not abs(v) <= _FLOAT32_MAX
-        except (ArithmeticError, ValueError):
-            bad = True
-        if bad:
-            used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-            at = ", ".join(f"{k} = {x:g}" for k, x in env.items() if k in used)
-            raise ValueError(f"{what} {expr!r} is not finite at {lang.point_words}{at}; {lang.probe_hint}")
+        if not finite(tree, env):
+            raise ValueError(f"{what} {expr!r} is not finite at {lang.point_words}{at(tree, env)}; {lang.probe_hint}")
     return tree
+
+
+def finite(tree: ast.AST, env: dict[str, float]) -> bool:
+    """Whether a tree is defined and finite in float32 at one point."""
+    try:
+        return abs(value(tree, env)) <= _FLOAT32_MAX
+    except (ArithmeticError, ValueError):
+        return False
+
+
+def at(tree: ast.AST, env: dict[str, float]) -> str:
+    """A point spelled for messages ("x = 0"), the variables the tree uses only."""
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return ", ".join(f"{k} = {x:g}" for k, x in env.items() if k in used)
 
 
 def _desugar(node: ast.AST, expr: str, what: str) -> ast.AST:
@@ -267,6 +292,9 @@ def value(tree: ast.AST, env: dict[str, float]) -> float:
             raise ValueError("complex power")
         return float(v)
     assert isinstance(tree, ast.Call), f"unvalidated expression node {ast.dump(tree)}"
+    if tree.func.id == "_masked_mul":  # the mask first: u may be undefined where v is 0
+        v = value(tree.args[1], env)
+        return 0.0 if v == 0 else value(tree.args[0], env) * v
     return float(FUNCTIONS[tree.func.id].math(*(value(a, env) for a in tree.args)))
 
 
@@ -382,6 +410,29 @@ def _substitute(tree: ast.AST, var: str, arg: ast.AST) -> ast.AST:
     return tree
 
 
+def _can_be_infinite(node: ast.AST) -> bool:
+    """Whether a derivative factor may be infinite or undefined where its value is (a division, a log, a
+    power with an exponent that is not a constant >= 0)."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            return True
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow):
+            c = _signed_const(n.right)
+            if c is None or c < 0:
+                return True
+        if isinstance(n, ast.Call) and n.func.id == "log":
+            return True
+    return False
+
+
+def _chain(outer: ast.AST, inner: ast.AST) -> ast.AST:
+    """outer * inner for the chain rule: 0 where ``inner`` is 0 when ``outer`` may be infinite there (torch's
+    relu / clamp backwards mask the gradient: d sqrt(relu(x)) / dx is 0 at x <= 0, not inf * 0)."""
+    if _signed_const(inner) is not None or not _can_be_infinite(outer):
+        return _bin(ast.Mult(), outer, inner)
+    return ast.Call(ast.Name("_masked_mul", ast.Load()), [outer, inner], [])
+
+
 def _d(node: ast.AST, var: str) -> ast.AST:
     if isinstance(node, ast.Expression):
         return _d(node.body, var)
@@ -403,7 +454,7 @@ def _d(node: ast.AST, var: str) -> ast.AST:
             outer: ast.AST = ast.parse(grad, mode="eval")
             for u, a in zip(("u", "v"), node.args):
                 outer = _substitute(outer, u, a)
-            total = _bin(ast.Add(), total, _bin(ast.Mult(), _fold(outer), da))
+            total = _bin(ast.Add(), total, _chain(_fold(outer), da))
         return total
     assert isinstance(node, ast.BinOp), f"unvalidated expression node {ast.dump(node)}"
     a, b = node.left, node.right
@@ -415,13 +466,14 @@ def _d(node: ast.AST, var: str) -> ast.AST:
     if isinstance(node.op, ast.Div):
         num = _bin(ast.Sub(), _bin(ast.Mult(), da, b), _bin(ast.Mult(), a, db))
         return _bin(ast.Div(), num, _bin(ast.Pow(), b, ast.Constant(2.0)))
-    # Power: a constant exponent c gives c a^(c-1) da; otherwise a^b (db log a + b da / a).
+    # Power: a constant exponent c gives c a^(c-1) da; otherwise b a^(b-1) da + a^b log(a) db, where
+    # a^b log(a) is 0 at a^b = 0 (as torch's pow backward takes it at a = 0).
     c = _const(_fold(b))
     if c is not None:
-        return _bin(ast.Mult(), _bin(ast.Mult(), ast.Constant(c), _bin(ast.Pow(), a, ast.Constant(c - 1))), da)
-    log_a = ast.Call(ast.Name("log", ast.Load()), [a], [])
-    inner = _bin(ast.Add(), _bin(ast.Mult(), db, log_a), _bin(ast.Div(), _bin(ast.Mult(), b, da), a))
-    return _bin(ast.Mult(), node, inner)
+        return _chain(_bin(ast.Mult(), ast.Constant(c), _bin(ast.Pow(), a, ast.Constant(c - 1))), da)
+    log_a = ast.Call(ast.Name("_masked_mul", ast.Load()), [ast.Call(ast.Name("log", ast.Load()), [a], []), node], [])
+    d_base = _chain(_bin(ast.Mult(), b, _bin(ast.Pow(), a, _bin(ast.Sub(), b, ast.Constant(1.0)))), da)
+    return _bin(ast.Add(), d_base, _chain(log_a, db))
 
 
 def _fold(node: ast.AST) -> ast.AST:

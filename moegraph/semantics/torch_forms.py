@@ -40,6 +40,7 @@ TORCH_FUNCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "sign": torch.sign,
     "min": lambda a, b: _two(torch.minimum, torch.clamp, "max", a, b),
     "max": lambda a, b: _two(torch.maximum, torch.clamp, "min", a, b),
+    "_masked_mul": lambda u, v: torch.where(v == 0, 0.0, u * v) if isinstance(v, Tensor) else u * v,
 }
 
 
