@@ -129,7 +129,7 @@ def router_mlp_steps(mlp: tuple[Any, ...], width: int) -> tuple[tuple, list[Code
         elif layer.op == "activation":
             layers.append(("activation", width, width, False))
             tree = _activations.activation(layer.function).tree
-            line = "h_TH = " + _expr.emit(tree, {"x": cur}, lambda name, arg: _expr.FUNCTIONS[name].torch.format(arg))
+            line = "h_TH = " + _expr.emit(tree, {"x": cur}, _expr.torch_call)
         else:
             layers.append(("state", width, width, layer.receive))
             if layer.receive:

@@ -19,7 +19,10 @@ def act(name: str, v: torch.Tensor) -> torch.Tensor:
         "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
         "relu": F.relu,
         "relu2": lambda t: F.relu(t) ** 2,
-        "x * sigmoid(x)": lambda t: t * torch.sigmoid(t),  # the inline expression the router-network tests use
+        # the inline expressions the router-network tests use
+        "x * sigmoid(x)": lambda t: t * torch.sigmoid(t),
+        "clamp(x, -1, 1)": lambda t: t.clamp(-1, 1),
+        "max(x, 0.1 * x) + min(x, 0.5)": lambda t: torch.maximum(t, 0.1 * t) + t.clamp(max=0.5),
     }[name](v)
 
 

@@ -974,7 +974,8 @@ def test_expert_space_keeps_old_hashes_and_names_bad_fields():
 
 
 #: routers that are small networks (router.mlp): Zaya's (state passed between layers, a skip choice as a zero expert,
-#: a selection bias), one without state, and one whose state is its input (a first layer, no linear before it)
+#: a selection bias), one without state, one whose state is its input (a first layer, no linear before it), and one
+#: with clamps and two-argument min / max (torch.clamp against a constant)
 ROUTER_NETWORKS = {
     "zaya": ({"top_k": 2, "expert_bias": {"update_rate": 0.0},
               "mlp": [{"op": "linear", "size": 12, "bias": True}, {"op": "state"}, {"op": "rms_norm", "eps": 1e-5},
@@ -987,6 +988,9 @@ ROUTER_NETWORKS = {
                           {"op": "linear", "size": 6, "bias": True}]}, {}),
     "state_first": ({"top_k": 2, "mlp": [{"op": "state", "receive": False}, {"op": "linear", "size": 8},
                                          {"op": "activation", "function": "relu"}]}, {"identity_experts": 1}),
+    "clamped": ({"top_k": 2, "mlp": [{"op": "linear", "size": 10}, {"op": "activation", "function": "clamp(x, -1, 1)"},
+                                     {"op": "linear", "size": 8},
+                                     {"op": "activation", "function": "max(x, 0.1 * x) + min(x, 0.5)"}]}, {}),
 }
 
 

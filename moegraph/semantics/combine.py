@@ -57,28 +57,8 @@ def is_sum(expression: str) -> bool:
     return ast.dump(combine_tree(expression)) == ast.dump(combine_tree(DEFAULT_COMBINE))
 
 
-def _number(code: str) -> bool:
-    try:
-        float(code.strip("()"))
-    except ValueError:
-        return False
-    return True
-
-
-def _torch_call(name: str, *args: str) -> str:
-    """A function call in torch; ``min``/``max`` against a constant are ``torch.clamp`` (torch.minimum
-    takes tensors only), which also keeps the gradient on the input at a tie, as the language says."""
-    if name in ("min", "max") and any(_number(a) for a in args):
-        a, b = args
-        if _number(a) and _number(b):
-            return f"{name}({a}, {b})"
-        v, c = (b, a) if _number(a) else (a, b)
-        return f"torch.clamp({v}, {'max' if name == 'min' else 'min'}={c})"
-    return _expr.FUNCTIONS[name].torch.format(*args)
-
-
 def torch_combine_code(expression: str, routed: str, shared: str) -> str:
     """Generated torch code for the combination of the tensors spelled ``routed`` and ``shared``."""
     tree = combine_tree(expression)
-    code = _expr.emit(tree, {"routed": routed, "shared": shared}, _torch_call)
+    code = _expr.emit(tree, {"routed": routed, "shared": shared}, _expr.torch_call)
     return code[1:-1] if isinstance(tree.body, (ast.BinOp, ast.UnaryOp)) and code.startswith("(") else code

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["Function", "FUNCTIONS", "INTERNAL", "CALLABLE", "C_SPELLINGS", "Language", "parse", "finite", "at",
-           "value", "emit", "derivative", "Program", "program"]
+           "value", "emit", "torch_call", "derivative", "Program", "program"]
 
 
 def _sigmoid(v: float) -> float:
@@ -325,6 +325,27 @@ def emit(tree: ast.AST, names: dict[str, str], call: Callable[..., str], special
         raise ValueError(f"{type(node).__name__} is not part of an expression")
 
     return go(tree)
+
+
+def _number(code: str) -> bool:
+    try:
+        float(code.strip("()"))
+    except ValueError:
+        return False
+    return True
+
+
+def torch_call(name: str, *args: str) -> str:
+    """A function call in generated torch code (``emit``'s ``call``); ``min``/``max`` against a constant are
+    ``torch.clamp`` (torch.minimum takes tensors only), which also keeps the gradient on the input at a tie, as
+    the language says."""
+    if name in ("min", "max") and any(_number(a) for a in args):
+        a, b = args
+        if _number(a) and _number(b):
+            return f"{name}({a}, {b})"
+        v, c = (b, a) if _number(a) else (a, b)
+        return f"torch.clamp({v}, {'max' if name == 'min' else 'min'}={c})"
+    return FUNCTIONS[name].torch.format(*args)
 
 
 # ----------------------------------------------------------------------------------------------
