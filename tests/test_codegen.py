@@ -95,6 +95,18 @@ def test_cli_compile_writes_source(tmp_path):
     assert main(["compile", "nope-not-a-spec", "-o", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("receive", [False, True])
+def test_cli_compile_smoke_with_router_state(receive, tmp_path, run_cli):
+    # A router network with a state step returns (y, state) and, receiving, takes the previous layer's state.
+    spec = tmp_path / "rstate.yaml"
+    spec.write_text("name: rstate\nmoe:\n  hidden_size: 16\n  experts: {num_experts: 8, intermediate_size: 8}\n"
+                    "  router:\n    top_k: 2\n    mlp: [{op: linear, size: 8}, {op: state, receive: %s}]\n"
+                    % str(receive).lower())
+    res = run_cli("compile", spec, "-o", tmp_path / "out", "--smoke", "4")
+    assert res.code == 0, res.err
+    assert "smoke forward: (4, 16) -> (4, 16) + (4, 8), finite=True" in " ".join(res.out.split())
+
+
 def test_cache_dir_is_set_by_the_cli_from_xdg_not_read_by_the_library(tmp_path, monkeypatch):
     from moegraph.cli import main
 

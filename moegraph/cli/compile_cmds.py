@@ -52,10 +52,15 @@ def compile_cmd(
         layer.eval()
         x = torch.randn(smoke, layer.HIDDEN)
         tid = torch.randint(0, max(layer.HASH_VOCAB, 1), (smoke,)) if layer.NEEDS_TOKEN_IDS else None
+        # a router network with a state step takes the previous layer's state (random here) and returns its own
+        prev = torch.randn(smoke, layer.ROUTER_STATE) if layer.RECEIVES_ROUTER_STATE else None
         with torch.inference_mode():
-            y = layer(x, tid)
+            y = layer(x, tid, router_state=prev)
+        y, *state = y if layer.ROUTER_STATE else (y,)
+        finite = bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(t).all()) for t in state)
+        shapes = " + ".join(str(tuple(t.shape)) for t in (y, *state))
         rep = layer.pass_report["eval"]
-        console.print(f"smoke forward: {tuple(x.shape)} -> {tuple(y.shape)}, finite={bool(torch.isfinite(y).all())}; "
+        console.print(f"smoke forward: {tuple(x.shape)} -> {shapes}, finite={finite}; "
                       f"FX passes applied: {', '.join(rep.applied) or 'none'} "
                       f"({rep.nodes_before} -> {rep.nodes_after} nodes)", highlight=False)
 
