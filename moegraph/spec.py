@@ -474,9 +474,22 @@ class SparseMixer(_Frozen):
     jitter_eps: float = Field(gt=0, le=1, description="The mask threshold is 2 * jitter_eps (router_jitter_noise).")
 
 
+def _tag_required(key: str) -> ConfigDict:
+    """The config of a tagged union's member whose tag validation requires (a mapping without it is refused):
+    the JSON schema lists the tag as required too, though the field has a default (a model built in Python
+    need not name it). Without that, a plain ``oneOf`` lets a mapping lacking its tag match the one member whose
+    other fields it fits, which validation refuses."""
+    def extra(schema: dict[str, Any]) -> None:
+        schema["required"] = [key, *(k for k in schema.get("required", ()) if k != key)]
+
+    return ConfigDict(json_schema_extra=extra)
+
+
 class RouterLinear(_Frozen):
     """A linear layer of a router network (``router.mlp``): the width becomes ``size``; parameters
     ``router.mlp.<i>.weight`` [size, width before] and, with ``bias``, ``router.mlp.<i>.bias`` [size]."""
+
+    model_config = _tag_required("op")
 
     op: Literal["linear"] = "linear"
     size: int = Field(gt=0, le=1 << 20, description="Output width of the layer.")
@@ -487,6 +500,8 @@ class RouterNorm(_Frozen):
     """An RMS norm inside a router network, in float32, times a learned weight ``router.mlp.<i>.weight``
     [width] (starts at one)."""
 
+    model_config = _tag_required("op")
+
     op: Literal["rms_norm"] = "rms_norm"
     eps: float = Field(1e-6, gt=0, le=1.0, description="Added to the mean square before the square root.")
 
@@ -494,6 +509,8 @@ class RouterNorm(_Frozen):
 class RouterActivation(_Frozen):
     """An elementwise function inside a router network: a plain activation name (gelu, silu, relu, ...) or
     an expression of x, as for ungated experts."""
+
+    model_config = _tag_required("op")
 
     op: Literal["activation"] = "activation"
     function: str = Field(description="A plain (ungated) activation name or an expression of x, e.g. 'gelu'.")
@@ -512,6 +529,8 @@ class RouterState(_Frozen):
     """Where a router network meets the router state the layers of a model pass on (Zaya): with
     ``receive``, the previous layer's state times a learned ``router.mlp.<i>.scale`` [width] (starts at one)
     is added here; the value here is this layer's state, which the layer returns beside its output."""
+
+    model_config = _tag_required("op")
 
     op: Literal["state"] = "state"
     receive: bool = Field(True, description="Add the previous layer's state (false: a first layer, which only "
@@ -713,6 +732,8 @@ class TopKRouter(_Frozen):
 class ExpertChoiceRouter(_Frozen):
     """Expert choice (Zhou et al. 2022): each expert picks its top-C tokens, C = factor * T / E."""
 
+    model_config = _tag_required("type")
+
     type: Literal["expert_choice"] = "expert_choice"
     capacity_factor: float = Field(2.0, gt=0, le=1024, description="Tokens per expert = factor * T / E.")
     score: str = Field("softmax", description="Score function over experts, as for topk routers.")
@@ -741,6 +762,8 @@ class HashRouter(_Frozen):
     the weights as DeepSeek-V4's hash layers do); their weights are 1/K each, or (with ``score``)
     the scores a learned router gives the chosen experts, as for top-k routing.
     """
+
+    model_config = _tag_required("type")
 
     type: Literal["hash"] = "hash"
     top_k: int = Field(1, gt=0, le=16, description="Number of hash functions / experts per token.")
@@ -1077,6 +1100,8 @@ class MoELayerSpec(_Frozen):
 class MHAttention(_Frozen):
     """Multi-head / grouped-query attention (Mixtral, Qwen)."""
 
+    model_config = _tag_required("kind")
+
     kind: Literal["mha"] = "mha"
     num_heads: int = Field(gt=0, le=1 << 16)
     num_kv_heads: int | None = Field(None, gt=0, le=1 << 16, description="Defaults to num_heads (plain MHA).")
@@ -1086,6 +1111,8 @@ class MHAttention(_Frozen):
 
 class MLAttention(_Frozen):
     """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    model_config = _tag_required("kind")
 
     kind: Literal["mla"] = "mla"
     num_heads: int = Field(gt=0, le=1 << 16)

@@ -113,6 +113,45 @@ def test_schema_validates_presets():
         validator.validate({"moe": {"hidden_size": 0}})
 
 
+def test_schema_agrees_with_validation_on_tagged_unions():
+    # A router without type is a top-k router (valid); a mapping lacking a tag validation requires (router.mlp
+    # items' op, model.attention's kind, type of a non-top-k router's fields) is refused by both.
+    import copy
+
+    import jsonschema
+    import yaml
+
+    from moegraph.errors import SpecError
+
+    schema = MoESpec.model_json_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    for path in presets().values():  # the files as written (tags left out where they default)
+        validator.validate(yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else
+                           json.loads(path.read_text()))
+    base = {"name": "t", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+                                 "router": {"type": "topk", "top_k": 2}}}
+    lin = {"op": "linear", "size": 8}
+    routers = [({"top_k": 2}, True), ({"top_k": 2, "normalize": True, "score": "sigmoid"}, True),
+               ({"top_k": 2, "groups": {"num_groups": 2, "topk_groups": 1}}, True),
+               ({"type": "hash", "top_k": 2, "method": "modulo"}, True),
+               ({"type": "expert_choice", "capacity_factor": 2.0}, True),
+               ({"capacity_factor": 2.0}, False), ({"top_k": 2, "method": "modulo"}, False)]
+    routers += [({"top_k": 2, "mlp": mlp}, valid) for mlp, valid in [
+        ([lin, {"op": "activation", "function": "gelu"}, {"op": "state"}], True), ([{"size": 8}], False),
+        ([lin, {"eps": 1e-5}], False), ([lin, {"function": "gelu"}], False), ([lin, {"receive": False}], False)]]
+    cases = [({**base, "moe": {**base["moe"], "router": router}}, valid) for router, valid in routers]
+    cases += [({**base, "model": {"num_layers": 2, "attention": {"num_heads": 8, **kind}}}, valid)
+              for kind, valid in (({}, False), ({"kind": "mha"}, True))]
+    for d, valid in cases:
+        try:
+            load_spec(copy.deepcopy(d))
+            loads = True
+        except SpecError:
+            loads = False
+        assert loads == valid, d
+        assert validator.is_valid(d) == valid, (d, [e.message for e in validator.iter_errors(d)])
+
+
 def test_schema_to_file(tmp_path, run_cli):
     out = tmp_path / "schema.json"
     res = run_cli("schema", "-o", out)
