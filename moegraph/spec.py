@@ -1463,13 +1463,21 @@ class MoESpec(_Frozen):
 
 
 def _slots_problem(experts: ExpertsSpec, placement: PlacementSpec, topo: Any) -> tuple[str, str] | None:
-    """(field, message) when experts + redundant slots do not split evenly over the GPUs."""
-    slots = experts.num_experts + placement.redundant_slots
-    if slots % topo.num_gpus == 0:
-        return None
-    return ("placement.redundant_slots",
-            f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
-            f"{topo.num_gpus} GPUs; choose redundant_slots so the total is a multiple of {topo.num_gpus}")
+    """(field, message) when experts + redundant slots do not split evenly over the GPUs, or give a GPU more
+    slots than there are experts (it would hold one expert twice; the planner refuses that too)."""
+    e, g = experts.num_experts, topo.num_gpus
+    slots = e + placement.redundant_slots
+    if slots % g:
+        return ("placement.redundant_slots",
+                f"experts + placement.redundant_slots = {slots} slots do not split evenly over "
+                f"{g} GPUs; choose redundant_slots so the total is a multiple of {g}")
+    if slots // g > e:
+        return ("placement.redundant_slots",
+                f"experts + placement.redundant_slots = {slots} slots over {g} GPU{'s' if g > 1 else ''} are "
+                f"{slots // g} per GPU but there are only {e} experts: a GPU would hold one expert twice; "
+                + (f"lower redundant_slots to at most {e * g - e}" if g > 1 else "drop redundant_slots")
+                + " or use more GPUs (topology)")
+    return None
 
 
 def _slots_problem_of_raw(data: Any) -> tuple[str, str] | None:

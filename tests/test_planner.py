@@ -401,8 +401,8 @@ def test_infeasible_requests_say_what_to_change(lite_traces):
         plan(spec, lite_traces, slots=70)
     with pytest.raises(PlanInfeasible, match="GiB of expert weights.*more GPUs"):
         plan(tiny_spec(experts=4, gpus=2, layers=1, memory=1e-9))
-    with pytest.raises(PlanInfeasible, match="a GPU would hold one expert twice"):
-        plan(tiny_spec(experts=4, gpus=1, slots=8))
+    with pytest.raises(PlanInfeasible, match="a GPU would hold one expert twice"):  # a spec's own slots: SpecError
+        plan(tiny_spec(experts=4, gpus=1), slots=8)
     with pytest.raises(TraceError, match="3 MoE layers in the trace but the spec has 2"):
         plan(lite_spec(layers=2), lite_traces)
     wide = TraceSet.from_topk(list(lite_traces.topk.astype(np.int64) + 1), num_experts=65)

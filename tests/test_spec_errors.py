@@ -161,6 +161,8 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
      "moe.router.groups.num_groups", ("node count (1)",)),
     ("slots-not-divisible", _set("placement.redundant_slots", 1), "placement.redundant_slots",
      ("9 slots", "multiple of 2")),
+    ("slots-more-per-gpu-than-experts", _set("placement.redundant_slots", 10), "placement.redundant_slots",
+     ("9 per GPU but there are only 8 experts", "hold one expert twice", "at most 8", "more GPUs")),
     ("layer-types-length", _set("model", {"num_layers": 3, "layer_types": ["moe", "dense"]}), "model.layer_types",
      ("lists 2 layers but num_layers is 3", "make them agree")),
     ("layer-types-no-moe", _set("model", {"num_layers": 2, "layer_types": ["dense", "dense"]}), "model.layer_types",
