@@ -139,7 +139,7 @@ def _check_arguments(dtype: Any, device: Any, seed: Any, timeout: Any, layer_ind
         raise InputError(f"dtype {dtype!r} is not a floating-point torch dtype; use e.g. torch.float32 or 'bfloat16'")
     if dtype is not None and dtype.itemsize == 1:
         raise InputError(f"dtype {dtype} is a storage format, not a compute dtype: FP8 expert weights come from the "
-                         "spec's moe.experts.fp8 block (e.g. preset deepseek-v3-fp8-tiny); compile with dtype "
+                         "spec's moe.quantization section (e.g. preset deepseek-v3-fp8-tiny); compile with dtype "
                          "torch.bfloat16 or torch.float32")
     if device is not None:
         try:

@@ -61,3 +61,23 @@ def test_planner_memory_check_counts_fp8_bytes():
     d["moe"]["quantization"] = None
     with pytest.raises(PlanInfeasible, match="= 42.8 GiB of expert weights"):
         plan(load_spec(d))
+
+
+def test_fp8_dtype_advice_names_the_quantization_section():
+    # moe.dtype / compile(dtype=) in FP8 point at the section that holds FP8 experts; following the advice loads.
+    import torch
+
+    import moegraph
+    from moegraph.errors import InputError, SpecError
+
+    d = {"name": "q", "moe": {"hidden_size": 128, "dtype": "float8_e4m3fn", "router": {"top_k": 2},
+                              "experts": {"num_experts": 4, "intermediate_size": 128}}}
+    with pytest.raises(SpecError) as spec_err:
+        load_spec(copy.deepcopy(d))
+    with pytest.raises(InputError) as compile_err:
+        moegraph.compile("mixtral-tiny", dtype=torch.float8_e4m3fn)
+    for err in (spec_err, compile_err):
+        assert "moe.quantization" in str(err.value) and "experts.fp8" not in str(err.value)
+    d["moe"]["dtype"] = "bfloat16"
+    d["moe"]["quantization"] = {"weight_block": [128, 128]}
+    assert load_spec(d).moe.quantization.weight_block == (128, 128)

@@ -138,7 +138,7 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("dtype-float64-is-a-compile-argument", _set("moe.dtype", "float64"), "moe.dtype",
      ("'float64' is not a spec dtype", "dtype=torch.float64 to moegraph.compile")),
     ("router-dtype-fp8-is-a-storage-format", _set("moe.router_dtype", "float8_e4m3fn"), "moe.router_dtype",
-     ("not a spec dtype", "set moe.experts.fp8")),
+     ("not a spec dtype", "add a moe.quantization section")),
     ("dtype-typo-did-you-mean", _set("moe.dtype", "bfloat61"), "moe.dtype", ("did you mean 'bfloat16'",)),
     ("unknown-router-type", _set("moe.router.type", "tokenchoice"), "moe.router.type",
      ("unknown type 'tokenchoice'", "'topk', 'expert_choice', 'hash'")),

@@ -52,8 +52,9 @@ def dtype_name(dtype: Any, default: str | None = None) -> str | None:
 _ELSEWHERE: dict[str, str] = {
     "float64": "a float64 layer is for reference checks on the torch backend: keep the spec's dtype and pass "
                "dtype=torch.float64 to moegraph.compile",
-    "float8_e4m3fn": "FP8 is a storage format for expert weights: set moe.experts.fp8 (e.g. preset "
-                     "deepseek-v3-fp8-tiny) and keep dtype bfloat16 or float32",
+    "float8_e4m3fn": "FP8 is a storage format for expert weights: add a moe.quantization section (e.g. quantization: "
+                     "{weight_block: [128, 128]}, as preset deepseek-v3-fp8-tiny does) and keep dtype bfloat16 or "
+                     "float32",
 }
 _ELSEWHERE["double"] = _ELSEWHERE["float64"]
 for _name in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "fp8"):
