@@ -267,7 +267,7 @@ def dump_spec(spec: MoESpec, path: str | Path) -> Path:
         raise SpecError([Problem("", f"unknown extension {p.suffix!r}; use .yaml, .json or .toml")], source=str(p))
     data = _drop_none(spec.model_dump(mode="json"))
     if fmt == "yaml":
-        text = yaml.safe_dump(data, sort_keys=False)
+        text = yaml.dump(data, Dumper=_SpecDumper, sort_keys=False)
     elif fmt == "json":
         text = json.dumps(data, indent=2) + "\n"
     else:
@@ -275,6 +275,13 @@ def dump_spec(spec: MoESpec, path: str | Path) -> Path:
 
         text = tomli_w.dumps(data)
     return write_atomically(p, lambda tmp: tmp.write_text(text, encoding="utf-8"), "spec")
+
+
+class _SpecDumper(yaml.SafeDumper):
+    """A SafeDumper that quotes a string wherever the spec loader would read it as something else (``1e3``, a
+    float in YAML 1.2; ``0100``, refused): it resolves plain scalars as the loader does."""
+
+    yaml_implicit_resolvers = _resolvers()
 
 
 def _drop_none(obj: Any) -> Any:

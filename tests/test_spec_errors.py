@@ -402,6 +402,17 @@ def test_yaml_text_that_yaml_1_1_reads_as_text_stays_text_and_round_trips(tmp_pa
             load_spec(f)
 
 
+def test_yaml_dump_quotes_text_the_loader_reads_as_a_number(tmp_path):
+    """The loader reads 1e3 as a number (YAML 1.2) where PyYAML's dumper writes the string '1e3' unquoted: the dump
+    of a spec named so was refused on reload ("expected a string, got float"). It now quotes it, as the loader
+    resolves; a date stays text either way."""
+    from moegraph.loader import dump_spec
+
+    for text in ("1e3", "2E-5", "+1e9", "-1.5e3", "0100", "2024-01-01", "on", "1_000"):
+        spec = load_spec({**BASE, "name": text, "description": text, "source": text})
+        assert load_spec(dump_spec(spec, tmp_path / "dumped.yaml")) == spec, text
+
+
 def test_yaml_nesting_and_merges_cannot_crash_or_stall_the_loader(tmp_path, monkeypatch):
     """Flow collections nested 50,000 deep (60 KB) crashed the process in libyaml's recursive parser; such text is
     parsed by PyYAML's own parser, which stops at Python's recursion limit. Anchors merged several times per
