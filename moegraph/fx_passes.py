@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 import operator
 from typing import Any
+import warnings
 
 import torch
 import torch.fx as fx
@@ -239,8 +240,11 @@ class FuseRouterSelect(PassBase):
 
         from .loader import load_spec
 
-        m = load_spec(json.loads(layer.SPEC_JSON)).moe
-        return cls(TopKPolicy.of_router(m.router) if m.router.type == "topk" else None, m.experts.num_experts)
+        with warnings.catch_warnings():  # the spec's warnings were given when it was loaded for the layer
+            warnings.simplefilter("ignore")
+            m = load_spec(json.loads(layer.SPEC_JSON)).moe
+        # the choice is over every routing choice: the experts and any identity / zero experts beyond them
+        return cls(TopKPolicy.of_router(m.router) if m.router.type == "topk" else None, m.experts.router_choices)
 
     def _refuse(self, gm: fx.GraphModule, why: str) -> PassResult:
         self.refused = why

@@ -153,6 +153,26 @@ def test_fused_layers_equal_the_unfused_graph(spec, dtype, monkeypatch):
     assert not any(n.target is runtime.route_select for n in plain.graph().graph.nodes)
 
 
+@pytest.mark.parametrize("top_k,groups", [(2, {"num_groups": 3, "topk_groups": 2}), (7, None)])
+def test_identity_and_zero_experts_are_routing_choices_of_the_fused_select(top_k, groups, capfd):
+    # The choice is over 6 experts + 2 identity (+ 1 zero) experts: the pass checked its region on 6 columns, which
+    # failed with an FX traceback on stderr (index 7 out of bounds, or top_k beyond 6) and left the graph unfused.
+    d = {"name": "ident", "moe": {"hidden_size": 16, "experts": {"num_experts": 6, "intermediate_size": 8,
+                                                                 "identity_experts": 2, "zero_experts": 1},
+                                  "router": {"top_k": top_k, "score": "sigmoid",
+                                             **({"groups": groups} if groups else {})}}}
+    fused = moegraph.compile(d, dtype=torch.float32, seed=0).eval()
+    plain = moegraph.compile(d, dtype=torch.float32, seed=0, passes=_unfused(fused)).eval()
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 50, 16, generator=torch.Generator().manual_seed(2))
+    capfd.readouterr()
+    with torch.inference_mode():
+        y, _, ids = fused.graph()(x, None)[:3]
+        y0, _, ids0 = plain.graph()(x, None)[:3]
+    assert "FuseRouterSelect" in fused.pass_report["eval"].applied and capfd.readouterr().err == ""
+    assert torch.equal(ids, ids0) and torch.equal(y, y0) and (ids >= 6).any()
+
+
 def test_pass_refusals_say_why():
     for spec, why in (("expert-choice-tiny", "not a top-k router"),):
         layer = moegraph.compile(spec, dtype=torch.float32, seed=0)
