@@ -158,17 +158,31 @@ def _raw_problems(model: type[BaseModel], data: dict) -> list[tuple[str, str]]:
             most = next((m.max_length for m in field.metadata if getattr(m, "max_length", None) is not None), None)
             if most is not None and len(value) > most:
                 problems.append((key, f"lists {len(value)} entries, more than the {most} it takes; shorten it"))
-        if not _is_number_annotation(field.annotation):
-            continue
-        # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
-        if isinstance(value, bool):
-            problems.append((key, f"expected a number, got the boolean {str(value).lower()}; write the number"))
-        # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
-        elif isinstance(value, (str, bytes)):
-            shown = value if len(value) <= 40 else value[:40] + "..."
-            what = "an integer" if _is_int_annotation(field.annotation) else "a number"
-            problems.append((key, f"expected {what}, got the string {shown!r}; write the number without quotes"))
+        items = _number_items(field.annotation)
+        if items is not None and isinstance(value, (list, tuple)):  # a tuple of numbers: each entry as strict
+            problems += [(f"{key}.{i}", m) for i, v in enumerate(value) for m in _strict_number(v, items)]
+        elif _is_number_annotation(field.annotation):
+            problems += [(key, m) for m in _strict_number(value, field.annotation)]
     return problems
+
+
+def _number_items(tp: Any) -> Any:
+    """The entries' annotation of a tuple of numbers (``tuple[int, int]``, ``tuple[float, ...]``), else None."""
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis] if typing.get_origin(tp) is tuple else []
+    return args[0] if args and all(a == args[0] and _is_number_annotation(a) for a in args) else None
+
+
+def _strict_number(value: Any, annotation: Any) -> list[str]:
+    """The problem of a value a number field must not take as it is (none or one message)."""
+    # pydantic's lax mode reads `true` as 1; in a spec file that is a mistake, not a number.
+    if isinstance(value, bool):
+        return [f"expected a number, got the boolean {str(value).lower()}; write the number"]
+    # Strict: YAML, JSON and TOML all give real numbers; a quoted one is a mistake.
+    if isinstance(value, (str, bytes)):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        what = "an integer" if _is_int_annotation(annotation) else "a number"
+        return [f"expected {what}, got the string {shown!r}; write the number without quotes"]
+    return []
 
 
 class _Frozen(BaseModel):
@@ -184,7 +198,7 @@ class _Frozen(BaseModel):
         raw = _raw_problems(cls, data) if isinstance(data, dict) else []
         if not raw:
             return handler(data)
-        bad = {key for key, _ in raw}
+        bad = {key.split(".")[0] for key, _ in raw}  # (an entry's problem, "weight_block.0", drops its field)
         line_errors = [{"type": field_error(key, message), "loc": (), "input": data} for key, message in raw]
         try:
             handler({k: v for k, v in data.items() if k not in bad})

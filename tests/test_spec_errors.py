@@ -190,6 +190,13 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
      "moe.quantization.shared_experts", ("no shared expert", "set it false")),
     ("fp8-unknown-format", _set("moe.quantization", {"format": "fp8_e4m3fn"}), "moe.quantization.format",
      ("fp8_e4m3",)),
+    # entries of a tuple of numbers are as strict as a number field: no quoted numbers, no booleans
+    ("fp8-block-quoted", _set("moe.quantization", {"weight_block": ["16", 16], "activation_tile": [1, 16]}),
+     "moe.quantization.weight_block.0", ("expected an integer, got the string '16'", "without quotes")),
+    ("fp8-block-boolean", _set("moe.quantization", {"weight_block": [True, 16], "activation_tile": [1, 16]}),
+     "moe.quantization.weight_block.0", ("got the boolean true", "write the number")),
+    ("fp8-tile-quoted", _set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, " 1_6 "]}),
+     "moe.quantization.activation_tile.1", ("got the string ' 1_6 '",)),
     ("activation-folds-to-a-constant", _set("moe.experts.activation", "gate * 0 + 1"), "moe.experts.activation",
      ("does not depend on gate or up", "folds to a constant")),
     ("fp8-triton-tile", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 8]}),
