@@ -199,6 +199,11 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
      "moe.quantization.activation_tile.1", ("got the string ' 1_6 '",)),
     ("activation-folds-to-a-constant", _set("moe.experts.activation", "gate * 0 + 1"), "moe.experts.activation",
      ("does not depend on gate or up", "folds to a constant")),
+    # gated (an up projection of 2F) but one half never read: F parameters per expert row for nothing
+    ("activation-gated-without-up", _set("moe.experts.activation", "silu(gate)"), "moe.experts.activation",
+     ("uses gate but not up", "write it in x ('silu(x)')")),
+    ("activation-gated-without-gate", _set("moe.experts.activation", "clamp(up, max=7) * 2"), "moe.experts.activation",
+     ("uses up but not gate", "'clamp(x, max=7) * 2'")),
     ("fp8-triton-tile", _all(_set("moe.quantization", {"weight_block": [16, 16], "activation_tile": [1, 8]}),
                              _set("codegen.backend", "triton")),
      "moe.quantization.activation_tile.1", ("Triton FP8 kernels", "activation_tile: [1, 16]")),

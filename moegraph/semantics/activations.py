@@ -88,6 +88,14 @@ def _checked(name: str, expression: str, gated: bool | None) -> Activation:
         # the kernels would get a scalar where they expect a tile. Certainly not what was meant.
         raise ValueError(f"activation {name!r}: expression {expression!r} does not depend on "
                          f"{' or '.join(entry.variables)} (it folds to a constant); write the activation in its inputs")
+    if is_gated and not {"gate", "up"} <= used:
+        # Gated means an up projection twice as wide (gate and up halves): a half the expression never reads
+        # would be parameters and FLOPs for nothing, with a zero gradient.
+        only, other = ("gate", "up") if "gate" in used else ("up", "gate")
+        plain = ast.unparse(_rename(ast.parse(expression, mode="eval"), only, "x"))  # as written (clamps kept)
+        raise ValueError(f"activation {name!r}: expression {expression!r} uses {only} but not {other}; a gated "
+                         f"activation is written in both (e.g. silu(gate) * up); for a plain one write it in x "
+                         f"({plain!r})")
     # The expert op's backward evaluates the derivatives: one infinite or undefined at an ordinary input (the
     # slope of sqrt(clamp(x, min=0)) at x = 0) would make every gradient of the training step NaN.
     for point in ACTIVATION_LANGUAGE.probe:
@@ -99,6 +107,14 @@ def _checked(name: str, expression: str, gated: bool | None) -> Activation:
                     f"{_expr.at(entry.tree, env)} (training would get NaN gradients); guard it so its slope stays "
                     "finite, e.g. sqrt(clamp(x, min=0)) -> sqrt(relu(x)) (slope 0 at x <= 0) or sqrt(relu(x) + 1e-6)")
     return entry
+
+
+def _rename(tree: ast.AST, old: str, new: str) -> ast.AST:
+    """``tree`` with the variable ``old`` named ``new``."""
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name) and n.id == old:
+            n.id = new
+    return tree
 
 
 #: spec activation name -> its entry
