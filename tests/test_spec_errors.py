@@ -85,6 +85,8 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("score-attribute", _set("moe.router.score", "x.real"), "moe.router.score", ("Attribute is not allowed",)),
     ("score-unknown-name", _set("moe.router.score", "y + x"), "moe.router.score", ("unknown name 'y'", "use the logit 'x'")),
     ("score-without-x", _set("moe.router.score", "2 + 3"), "moe.router.score", ("does not use the router logit",)),
+    ("score-constant-in-x", _set("moe.router.score", "x * 0 + 1"), "moe.router.score",
+     ("does not depend on x", "every token would pick the same experts", "e.g. sigmoid(x)")),
     ("score-keyword-call", _set("moe.router.score", "sigmoid(x, out=x)"), "moe.router.score", ("positional arguments",)),
     ("score-too-long", _set("moe.router.score", "x" + "+x" * 200), "moe.router.score", (f"under {MAX_SCORE_EXPRESSION}",)),
     ("score-syntax", _set("moe.router.score", "x +* 2"), "moe.router.score", ("is not valid",)),

@@ -56,9 +56,15 @@ SCORE_LANGUAGE = _expr.Language(
 @functools.lru_cache(maxsize=256)
 def score_tree(expr: str) -> ast.Expression:
     """The parsed tree of a custom score expression, validated (allowed names, calls, operators and
-    constants only; finite on every logit of ``SCORE_PROBE_X``). Code is generated from this tree,
-    never from the expression's text."""
-    return _expr.parse(expr, SCORE_LANGUAGE)
+    constants only; finite on every logit of ``SCORE_PROBE_X``; not constant in x). Code is generated from this
+    tree, never from the expression's text."""
+    tree = _expr.parse(expr, SCORE_LANGUAGE)
+    d = _expr.derivative(tree, "x").body
+    if isinstance(d, ast.Constant) and d.value == 0:
+        # 'x * 0 + 1': every expert scores alike, so every token picks the same experts and the router never learns
+        raise ValueError(f"score expression {expr!r} does not depend on x (it folds to a constant): every token "
+                         "would pick the same experts; write the score in the router logit x, e.g. sigmoid(x)")
+    return tree
 
 
 def score_value(tree: ast.AST, x: float) -> float:
