@@ -625,6 +625,13 @@ class Capacity(_Frozen):
         return self
 
 
+def _normalize_negative(score: str) -> str:
+    """Why normalize does not go with a score that can be negative, and the fix."""
+    return (f"normalize divides the chosen experts' scores by their sum, but score '{score}' is negative for some "
+            "logits: the sum can be near zero and the weights huge (hundreds, either sign); use a non-negative score "
+            "(softmax, sigmoid, softplus, or e.g. relu(...) of an expression) or drop normalize")
+
+
 class TopKRouter(_Frozen):
     """Token choice: each token picks its top-k experts by router score."""
 
@@ -720,6 +727,8 @@ class TopKRouter(_Frozen):
                 "topk_order 'topk_then_score' only differs from 'score_then_topk' for softmax; with "
                 f"score '{self.score}' use topk_order: score_then_topk"
             )
+        if self.normalize and score_can_be_negative(self.score):
+            raise field_error("normalize", _normalize_negative(self.score))
         for i, loss in enumerate(self.aux_losses):
             if loss.kind in BALANCE_LOSSES and score_can_be_negative(self.score):
                 raise field_error(
@@ -813,6 +822,8 @@ class HashRouter(_Frozen):
                 f"hash method '{self.method}' needs vocab_size (the table has one row per token id); set vocab_size "
                 "or use method: modulo",
             )
+        if self.score is not None and self.normalize and score_can_be_negative(self.score):
+            problems.add("normalize", _normalize_negative(self.score))
         if self.score is None:
             for key, unset in (("normalize", False), ("scaling_factor", 1.0), ("router_bias", False)):
                 if getattr(self, key) != unset:

@@ -87,6 +87,12 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("score-without-x", _set("moe.router.score", "2 + 3"), "moe.router.score", ("does not use the router logit",)),
     ("score-constant-in-x", _set("moe.router.score", "x * 0 + 1"), "moe.router.score",
      ("does not depend on x", "every token would pick the same experts", "e.g. sigmoid(x)")),
+    # normalize divides by a sum of scores that can cancel to near zero
+    ("normalize-negative-score", _all(_set("moe.router.score", "tanh"), _set("moe.router.normalize", True)),
+     "moe.router.normalize", ("score 'tanh' is negative for some logits", "drop normalize")),
+    ("hash-normalize-negative-score", _set("moe.router", {"type": "hash", "top_k": 2, "method": "modulo",
+                                                          "score": "identity", "normalize": True}),
+     "moe.router.normalize", ("score 'identity' is negative", "use a non-negative score")),
     ("score-keyword-call", _set("moe.router.score", "sigmoid(x, out=x)"), "moe.router.score", ("positional arguments",)),
     ("score-too-long", _set("moe.router.score", "x" + "+x" * 200), "moe.router.score", (f"under {MAX_SCORE_EXPRESSION}",)),
     ("score-syntax", _set("moe.router.score", "x +* 2"), "moe.router.score", ("is not valid",)),
