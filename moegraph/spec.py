@@ -189,6 +189,12 @@ class _Frozen(BaseModel):
     # allow_inf_nan=False: an infinite bandwidth or a NaN coefficient is never meant.
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_negative_zero(cls, v: Any) -> Any:
+        """-0.0 is 0.0: equal specs (same hash) must give the same generated code, which reads these values."""
+        return 0.0 if isinstance(v, float) and v == 0 else v
+
     @model_validator(mode="wrap")
     @classmethod
     def _raw_values_checked(cls, data: Any, handler: Any) -> Any:

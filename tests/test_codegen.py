@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -36,6 +37,20 @@ def test_same_spec_same_bytes_and_header():
     assert f"spec sha256: {spec.hash()}" in a
     assert f"moegraph {moegraph.__version__}" in a
     compile(a, "<generated>", "exec")  # valid Python
+
+
+def test_negative_zero_is_zero_in_the_generated_source():
+    # -0.0 and 0.0 specs are equal with one hash, so one file name: their sources must not differ.
+    def spec(z: float):
+        d = moegraph.load_spec("mixtral-tiny").model_dump(mode="json")
+        d["moe"]["router"].update(aux_losses=[{"kind": "z_loss", "coef": z}], expert_bias={"update_rate": z})
+        d["moe"]["experts"]["output_norm"] = {"weight_offset": z}
+        return moegraph.load_spec(d)
+
+    a, b = spec(0.0), spec(-0.0)
+    assert a == b and a.hash() == b.hash()
+    assert codegen.render(a) == codegen.render(b) and "-0.0" not in codegen.render(b)
+    assert math.copysign(1.0, b.moe.router.expert_bias.update_rate) == 1.0
 
 
 def test_only_selected_policy_is_emitted():
