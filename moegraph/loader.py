@@ -58,16 +58,23 @@ MAX_SPEC_BYTES = 16 << 20
 def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
     """Parse a spec file into a plain dict. Returns (dict, source label)."""
     p = Path(path)
+    # A bare name (no folder, no extension) is a preset's when one has it: a file or folder of that name here (the
+    # output folder of `moegraph compile mixtral-tiny -o mixtral-tiny`) is never a spec file, which has an extension.
+    bare = p.suffix == "" and "/" not in str(path)
+    if bare and str(path) in presets():
+        p = preset_path(str(path))
     problem = input_problem(p, "spec", MAX_SPEC_BYTES)
     if problem is not None:
         raise SpecError([Problem("", problem)], source=str(p))
     if not p.exists():
-        if p.suffix == "" and "/" not in str(path):
+        if bare:
             p = preset_path(str(path))
         else:
             raise SpecError([Problem("", "file not found; check the path or use a preset name")], source=str(path))
     if p.is_dir():
-        raise SpecError([Problem("", "is a folder; give a spec file (.yaml, .yml, .json or .toml)")], source=str(p))
+        preset = f"; for the preset {p.name!r} write its name alone" if p.name in presets() else ""
+        raise SpecError([Problem("", f"is a folder; give a spec file (.yaml, .yml, .json or .toml){preset}")],
+                        source=str(path))
     fmt = SPEC_SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise SpecError(

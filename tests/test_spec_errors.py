@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moegraph.errors import Problem, SpecError
-from moegraph.loader import load_spec, presets, read_spec_dict
+from moegraph.loader import load_spec, preset_path, presets, read_spec_dict
 from moegraph.spec import MAX_SCORE_EXPRESSION, MoESpec
 
 BASE = {
@@ -512,6 +512,21 @@ def test_missing_file_and_folder(tmp_path, run_cli):
             load_spec(target)
         res = run_cli("validate", target)
         assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
+
+
+def test_a_preset_name_wins_over_a_folder_of_that_name(tmp_path, run_cli, monkeypatch):
+    # `moegraph compile mixtral-tiny -o mixtral-tiny` makes the folder; the same command again read the name as the
+    # folder ("is a folder"). A bare name is the preset's; a path to the folder says how to get the preset.
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        res = run_cli("compile", "mixtral-tiny", "-o", "mixtral-tiny")
+        assert res.code == 0, res.err
+    (tmp_path / "switch-tiny").write_text("not a spec")  # an extensionless file of a preset's name: never a spec
+    assert load_spec("mixtral-tiny") == load_spec(preset_path("mixtral-tiny")) and load_spec("switch-tiny").name
+    for path in ("mixtral-tiny/", "./mixtral-tiny", tmp_path / "mixtral-tiny"):
+        res = run_cli("validate", path)
+        assert res.code == 2 and "is a folder" in res.err and "for the preset 'mixtral-tiny' write its name alone" \
+            in " ".join(res.err.split()), res.err
 
 
 def test_unknown_preset_suggests_close_names(run_cli):
