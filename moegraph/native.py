@@ -27,7 +27,8 @@ expression: ``semantics.expr.C_SPELLINGS``), compiled with the system C compiler
 ``cc``; ``-O3 -march=native -fopenmp -shared -fPIC``) into a cache folder, keyed by the source,
 compiler, flags and CPU identity, and loaded with ctypes; a second process loads the cached library
 without compiling. Plain C without torch headers, so it compiles in well under a second. Without a
-working compiler (or when compiling fails) it warns once and every caller uses its torch path.
+working compiler (or when compiling fails, or the cache folder cannot be written) it warns once and
+every caller uses its torch path.
 
 Numerics: float32 accumulation. Activations are rounded through FP8 tiles exactly as
 ``fp8.fake_quant_tiles``. Where the CPU has AVX512-BF16 and AVX512-VBMI (``mg_fp8_dot()`` is 1), FP8
@@ -81,7 +82,25 @@ _ERRORS = {-1: "out of memory", -2: "a token index is outside [0, T)", -3: "inco
 
 
 class NativeUnavailable(RuntimeError):
-    """The native kernel cannot be built or loaded here (callers use their torch path)."""
+    """The native kernel cannot be built or loaded here (callers use their torch path). ``fix``: what the
+    user can do about it (the last sentence of the one warning)."""
+
+    fix = "Install a C compiler with OpenMP (gcc) or point $CC at one."
+
+    def __init__(self, message: str, fix: str | None = None):
+        super().__init__(message)
+        if fix is not None:
+            self.fix = fix
+
+
+#: the fix a cache folder that cannot be written names
+CACHE_FIX = ("Point moegraph.native.set_cache_dir (the moegraph command: $XDG_CACHE_HOME) at a writable "
+             "folder.")
+
+
+def _unwritable(folder: Path, exc: OSError | None = None) -> NativeUnavailable:
+    why = f" ({exc.strerror or exc})" if exc is not None else ""
+    return NativeUnavailable(f"the native kernel cache folder {folder} cannot be written{why}", CACHE_FIX)
 
 
 _cache_dir: Path | None = None
@@ -147,7 +166,12 @@ def _library_path(src: str, cc: list[str], kind: str) -> Path:
 
 
 def _compile(src: str, cc: list[str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only ~/.cache (containers, shared accounts): no kernel, never a crash
+        raise _unwritable(path.parent, exc) from None
+    if not os.access(path.parent, os.W_OK):
+        raise _unwritable(path.parent)
     with tempfile.TemporaryDirectory(prefix="moegraph-native-") as tmp:
         c_file = Path(tmp) / "kernel.c"
         c_file.write_text(src, encoding="utf-8")
@@ -215,6 +239,8 @@ def _load_locked(key: tuple, make_source: Callable[[], str],
                     hit = opener(path)
             except NativeUnavailable as exc:
                 hit = exc
+            except OSError as exc:  # the cache folder cannot be searched or written (or the temporary folder)
+                hit = _unwritable(cache_dir(), exc)
             _LOADED[key] = hit
     return hit
 
@@ -269,7 +295,7 @@ def kernel(act: semantics.Activation) -> ctypes.CDLL | None:
         return _load(act)
     except NativeUnavailable as exc:
         warn_once(f"moegraph's native decode kernel is unavailable, decode-sized batches use the torch paths: "
-                  f"{exc}. Install a C compiler with OpenMP (gcc) or point $CC at one.")
+                  f"{exc}. {exc.fix}")
         return None
 
 
@@ -578,8 +604,7 @@ def router_kernel() -> ctypes.CDLL | None:
     try:
         return _load_library("router", (), router_source, _open_router)
     except NativeUnavailable as exc:
-        warn_once(f"moegraph's native router kernel is unavailable, routing runs as torch steps: {exc}. "
-                  f"Install a C compiler with OpenMP (gcc) or point $CC at one.")
+        warn_once(f"moegraph's native router kernel is unavailable, routing runs as torch steps: {exc}. {exc.fix}")
         return None
 
 

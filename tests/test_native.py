@@ -409,6 +409,44 @@ def test_without_a_compiler_everything_falls_back(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("*.so"))
 
 
+@pytest.mark.parametrize("strategy", ["auto", "per_expert"])
+def test_a_cache_folder_that_cannot_be_written_falls_back(monkeypatch, tmp_path, strategy):
+    """A read-only ~/.cache: no kernel, one warning naming the folder and the fix, and the layer runs on
+    its torch paths (pinned or not: the fused router builds a kernel too). Under a regular file stands
+    for an unwritable folder (tests may run as root, where permissions do not stop a write)."""
+    monkeypatch.setattr(native, "_WARNED", set())
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    before = native._cache_dir
+    native.set_cache_dir(blocker / "native")
+    try:
+        spec = _small_spec(False)
+        ref = moegraph.compile(spec, expert_strategy="per_expert").eval()
+        layer = moegraph.compile(spec, expert_strategy=strategy).eval()
+        layer.load_state_dict(ref.state_dict())
+        x = torch.randn(1, 3, 256)
+        with torch.inference_mode(), pytest.warns(RuntimeWarning, match="unavailable") as rec:
+            y = layer(x)
+        try:
+            native._compiler_version(tuple(native.compiler()))
+        except native.NativeUnavailable:
+            pass  # no compiler here: that is what the warning says
+        else:
+            msgs = [str(w.message) for w in rec]
+            assert any("cannot be written" in m and "set_cache_dir" in m for m in msgs), msgs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (the pinned layer had not asked for the decode kernel yet)
+            assert not native.available("swiglu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once: not again
+            with torch.inference_mode():
+                torch.testing.assert_close(layer(x), y)
+        with torch.inference_mode():
+            torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-6)
+    finally:
+        native.set_cache_dir(before)
+
+
 def test_a_cached_kernel_is_not_compiled_again(kernel_dir):
     before = list(native.compiled_paths)
     code = ("import moegraph.native as n, sys; n.set_cache_dir(sys.argv[1]); ok = n.available('swiglu'); "
