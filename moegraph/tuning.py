@@ -9,13 +9,15 @@ table never carries to another machine or torch build.
 
 Where the table lives is the caller's decision (``enable_tuning(cache_dir=...)``; the CLI points it
 at the user cache directory). Nothing here reads environment variables. A corrupt or foreign table
-file is rebuilt with a warning.
+file is rebuilt with a warning, and a malformed entry (hand-edited) is ignored, with a warning, and
+measured again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -113,6 +115,34 @@ def problem_key(args: ExpertArgs | tuple, packed) -> str:
             f",x={extras or '-'},T<={token_bucket(x_TD.shape[0])}")
 
 
+def _entry_problem(entry) -> str | None:
+    """Why a table entry cannot be used (None when it can): {"strategy": known name, "us": {name: time}}."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    if entry.get("strategy") not in strategies.STRATEGIES:  # (backward strategies are a subset of the forward names)
+        return "names no known strategy"
+    us = entry.get("us")
+    if not isinstance(us, dict) or not all(type(t) in (int, float) and math.isfinite(t) for t in us.values()):
+        return 'has no "us" object of times in microseconds'
+    return None
+
+
+def _read_entries(path: Path, identity: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """The usable entries of the table file at ``path`` and the problems of the others (key -> why);
+    ValueError (or an OSError) where the file as a whole cannot be used."""
+    problem = input_problem(path, "expert-strategy table", MAX_TABLE_BYTES)
+    if problem is not None:
+        raise ValueError(problem)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict) or raw.get("version") != TABLE_VERSION or raw.get("identity") != identity:
+        raise ValueError("it was written for another device, library version or table version")
+    entries = raw.get("entries")
+    if not isinstance(entries, dict):
+        raise ValueError('it has no "entries" object')
+    bad = {k: why for k, v in entries.items() if (why := _entry_problem(v)) is not None}
+    return {k: v for k, v in entries.items() if k not in bad}, bad
+
+
 def _wall_timer(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -156,24 +186,21 @@ class Tuner:
 
     def _load(self) -> None:
         path = self.path
-        if path is None or not path.exists():
-            return
         try:
-            problem = input_problem(path, "expert-strategy table", MAX_TABLE_BYTES)
-            if problem is not None:
-                raise ValueError(problem)
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            if raw.get("version") != TABLE_VERSION or raw.get("identity") != self.identity:
-                raise ValueError("it was written for another device, library version or table version")
-            entries = raw["entries"]
-            if not all(isinstance(v, dict) and v.get("strategy") in strategies.STRATEGIES for v in entries.values()):
-                # (backward strategies are a subset of the forward names)
-                raise ValueError("an entry names no known strategy")
-            self.table = dict(entries)
+            if path is None or not path.exists():
+                return
+            self.table, bad = _read_entries(path, self.identity)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             warnings.warn(f"expert-strategy table {path} is unreadable ({exc}); it will be rebuilt by measurement",
                           RuntimeWarning, stacklevel=2)
             self.table = {}
+            return
+        if bad:
+            shown = "; ".join(f"{k!r} {why}" for k, why in list(bad.items())[:3])
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            warnings.warn(f"expert-strategy table {path}: {'entry' if len(bad) == 1 else 'entries'} {shown}{more}; "
+                          "ignored, measured again when used",
+                          RuntimeWarning, stacklevel=2)
 
     def _save(self) -> None:
         path = self.path

@@ -444,6 +444,26 @@ def test_corrupt_or_foreign_table_is_rebuilt_with_a_warning(content, tmp_path):
     assert not list(tmp_path.glob("*tmp*"))  # no staging file left (fileio names them .<name>.<random>.tmp.json)
 
 
+def test_hand_edited_entries_are_ignored_with_a_warning(tmp_path):
+    """An entry without its times, with times that are not numbers, or not an object at all is treated as
+    absent (measured again), with a warning naming the file and the key; the good entries are kept."""
+    timer = FakeTimer({n: 1.0 for n in strategies.STRATEGIES})
+    tuner = tuning.Tuner(tmp_path, timer=timer)
+    keys = []
+    for T in (1, 3, 40):
+        tuner.choose(_args(T=T))
+        keys.append(tuner.last_key)
+    raw = json.loads(tuner.path.read_text())
+    raw["entries"][keys[0]] = {"strategy": "per_expert"}
+    raw["entries"][keys[1]] = {"strategy": "per_expert", "us": "fast"}
+    raw["entries"]["x"] = "per_expert"
+    tuner.path.write_text(json.dumps(raw))
+    with pytest.warns(RuntimeWarning, match="entries.*T<=1.*no \"us\".*T<=4.*'x' is not an object.*ignored"):
+        again = tuning.Tuner(tmp_path, timer=timer)
+    assert set(again.table) == {keys[2]}
+    assert again.choose(_args(T=1)) == "per_expert" and again.tuned_now == [keys[0]]  # measured again
+
+
 def test_float64_layers_run_under_the_tuner_in_every_mode(tmp_path):
     """torch._grouped_mm multiplies float32 / bfloat16 / float16 only (on some CPUs it refuses float64, on others it
     falls back): grouped GEMMs are no candidate for float64, whatever the timer would say of them."""
@@ -497,6 +517,12 @@ def test_tune_command_writes_the_table_and_reports_choices(run_cli, monkeypatch,
         assert e["strategy"] in r.out and e["strategy"] == min(e["us"], key=e["us"].get)
     r2 = run_cli("tune", spec_file, "-t", "2", "--dtype", "float32")  # second run: read from the table
     assert r2.code == 0 and "no (table)" in r2.out
+    raw = json.loads(tables[0].read_text())  # hand-edited: an entry without its times is measured again
+    raw["entries"] = {k: {"strategy": v["strategy"]} for k, v in raw["entries"].items()}
+    tables[0].write_text(json.dumps(raw))
+    r2 = run_cli("tune", spec_file, "-t", "2", "--dtype", "float32")
+    assert r2.code == 0 and "yes" in r2.out and "no (table)" not in r2.out, r2.err
+    assert r2.err.count("warning:") == 1 and tables[0].name in r2.err.replace("\n", "") and "T<=2" in r2.err
     r3 = run_cli("tune", spec_file, "-t", "8", "--dtype", "float32", "--train")  # 24 rows: grouped fits
     assert r3.code == 0, r3.err
     assert "backward" in r3.out and "(only candidate)" in r3.out and "grouped_mm" in r3.out

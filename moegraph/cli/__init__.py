@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for moegraph errors and usage errors)."""
     exit_types, click_errors, abort_types = _click_exceptions()
     try:
-        _configure_from_environment(argv)  # (imports torch: a Ctrl-C in those seconds says 'aborted' too)
         with warnings.catch_warnings():  # a warning is one 'warning:' line, as errors are (no source line)
             warnings.showwarning = _warning_line
+            # (reads the tuned table, which may warn; imports torch: a Ctrl-C in those seconds says 'aborted' too)
+            _configure_from_environment(argv)
             rc = app(args=argv, standalone_mode=False, prog_name="moegraph")
     except MoegraphError as exc:
         report_error(exc)

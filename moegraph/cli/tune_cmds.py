@@ -42,8 +42,10 @@ def tune(
     if bad:
         raise InputError(f"--dtype {bad[0]!r}: choose float32 or bfloat16")
     s = load_spec(BENCH_SPEC if spec == "default" else spec)
-    current = tuning.active_tuner()
-    tuner = tuning.enable_tuning(current.cache_dir if current is not None else None, budget_s=budget)
+    tuner = tuning.active_tuner()  # the command's (its table read once)
+    if tuner is None:
+        tuner = tuning.enable_tuning(None)
+    tuner.budget_s = budget
     t = Table(title=f"expert strategies on {tuning.cpu_model()}, {torch.get_num_threads()} threads "
                     f"(table: {tuner.path or 'memory only'})")
     for col in ("dtype", "tokens", "mode", "strategy", "times us", "tuned now"):
