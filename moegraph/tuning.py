@@ -10,7 +10,8 @@ table never carries to another machine or torch build.
 Where the table lives is the caller's decision (``enable_tuning(cache_dir=...)``; the CLI points it
 at the user cache directory). Nothing here reads environment variables. A corrupt or foreign table
 file is rebuilt with a warning, and a malformed entry (hand-edited) is ignored, with a warning, and
-measured again.
+measured again. The table is a cache: where it cannot be written, one warning says so and the
+choices stay in memory.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import semantics, strategies
+from .errors import MoegraphError
 from .fileio import input_problem, write_atomically
 from .ops.args import ExpertArgs, RoutedRows
 
@@ -143,6 +145,14 @@ def _read_entries(path: Path, identity: dict) -> tuple[dict[str, dict], dict[str
     return {k: v for k, v in entries.items() if k not in bad}, bad
 
 
+#: what a table that cannot be written says
+_UNWRITABLE_FIX = ("the tuned choices are kept in memory for this process only; to keep them, point "
+                   "moegraph.tuning.enable_tuning(cache_dir=...) (the moegraph command: $XDG_CACHE_HOME) at a "
+                   "writable folder")
+#: tables this process could not write (warned once each)
+_UNWRITABLE: set[Path] = set()
+
+
 def _wall_timer(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -203,13 +213,21 @@ class Tuner:
                           RuntimeWarning, stacklevel=2)
 
     def _save(self) -> None:
+        """Write the table file. A table that cannot be written warns once: the choices stay in memory
+        (it is only a cache)."""
         path = self.path
         if path is None:
             return
         body = json.dumps({"version": TABLE_VERSION, "identity": self.identity, "entries": self.table},
                           indent=1, sort_keys=True)
-        # written whole or not at all (``fileio``), with the user's usual permissions
-        write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"), "expert-strategy table")
+        try:
+            # written whole or not at all (``fileio``), with the user's usual permissions
+            write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"), "expert-strategy table",
+                             fix=_UNWRITABLE_FIX)
+        except MoegraphError as exc:
+            if path not in _UNWRITABLE:
+                _UNWRITABLE.add(path)
+                warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
 
     # -- choosing ----------------------------------------------------------------------------
 

@@ -447,6 +447,23 @@ def test_a_cache_folder_that_cannot_be_written_falls_back(monkeypatch, tmp_path,
         native.set_cache_dir(before)
 
 
+def test_compile_smoke_runs_where_the_cache_cannot_be_written(run_cli, monkeypatch, tmp_path):
+    """`moegraph compile --smoke` with $XDG_CACHE_HOME unwritable (under a regular file): the native kernels
+    and the tuned table warn, and the command succeeds."""
+    from moegraph import codegen
+
+    monkeypatch.setattr(native, "_cache_dir", None)  # (the CLI's: under $XDG_CACHE_HOME)
+    monkeypatch.setattr(native, "_LOADED", {})
+    monkeypatch.setattr(codegen, "_cache_dir", codegen._cache_dir)  # restored after the CLI set it
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    r = run_cli("compile", "deepseek-v3-tiny", "-o", tmp_path / "out", "--smoke", "8")
+    assert r.code == 0, r.err
+    assert "finite=True" in r.out and "Traceback" not in r.err
+    assert "cannot be written" in r.err or "could not write" in r.err
+
+
 def test_a_cached_kernel_is_not_compiled_again(kernel_dir):
     before = list(native.compiled_paths)
     code = ("import moegraph.native as n, sys; n.set_cache_dir(sys.argv[1]); ok = n.available('swiglu'); "

@@ -444,6 +444,25 @@ def test_corrupt_or_foreign_table_is_rebuilt_with_a_warning(content, tmp_path):
     assert not list(tmp_path.glob("*tmp*"))  # no staging file left (fileio names them .<name>.<random>.tmp.json)
 
 
+def test_a_table_that_cannot_be_written_warns_once_and_keeps_the_choice(tmp_path):
+    """The table is a cache: where its folder cannot be written (under a regular file here, as tests may run
+    as root), the first save warns once, naming the file and how to move it, and every call still runs
+    with the measured choice, kept in memory."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    timer = FakeTimer({**{n: 1.0 for n in strategies.STRATEGIES}, "padded_bmm": 0.1})
+    tuner = tuning.Tuner(blocker / "tuned", timer=timer, budget_s=1e9)
+    with pytest.warns(RuntimeWarning, match="not_a_folder/tuned/cpu-experts-.*could not write.*kept in memory.*"
+                                            "enable_tuning.*XDG_CACHE_HOME"):
+        assert tuner.choose(_args(T=6)) == "padded_bmm"
+    calls = len(timer.calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert tuner.choose(_args(T=6)) == "padded_bmm" and len(timer.calls) == calls  # kept: not measured again
+        assert tuner.choose(_args(T=40)) in strategies.STRATEGIES  # a new key: measured, no second warning
+    assert len(tuner.table) == 2
+
+
 def test_hand_edited_entries_are_ignored_with_a_warning(tmp_path):
     """An entry without its times, with times that are not numbers, or not an object at all is treated as
     absent (measured again), with a warning naming the file and the key; the good entries are kept."""
