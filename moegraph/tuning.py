@@ -11,11 +11,13 @@ Where the table lives is the caller's decision (``enable_tuning(cache_dir=...)``
 at the user cache directory). Nothing here reads environment variables. A corrupt or foreign table
 file is rebuilt with a warning, and a malformed entry (hand-edited) is ignored, with a warning, and
 measured again. The table is a cache: where it cannot be written, one warning says so and the
-choices stay in memory.
+choices stay in memory. Several processes may share one file: a save re-reads it under a lock and
+adds its entries to those on disk (written whole, by an atomic rename), so none undoes another's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -145,6 +147,24 @@ def _read_entries(path: Path, identity: dict) -> tuple[dict[str, dict], dict[str
     return {k: v for k, v in entries.items() if k not in bad}, bad
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on ``<path>.lock`` (where the system has ``fcntl``), so that one process at a
+    time reads and rewrites the table."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks here: the atomic rename still keeps the file whole
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 #: what a table that cannot be written says
 _UNWRITABLE_FIX = ("the tuned choices are kept in memory for this process only; to keep them, point "
                    "moegraph.tuning.enable_tuning(cache_dir=...) (the moegraph command: $XDG_CACHE_HOME) at a "
@@ -213,21 +233,29 @@ class Tuner:
                           RuntimeWarning, stacklevel=2)
 
     def _save(self) -> None:
-        """Write the table file. A table that cannot be written warns once: the choices stay in memory
-        (it is only a cache)."""
+        """Add this process's entries to the table file. Another process's entries written since this one
+        read the file survive (re-read under a lock; this process's own win where both have a key). A
+        table that cannot be written warns once: the choices stay in memory (it is only a cache)."""
         path = self.path
         if path is None:
             return
-        body = json.dumps({"version": TABLE_VERSION, "identity": self.identity, "entries": self.table},
-                          indent=1, sort_keys=True)
         try:
-            # written whole or not at all (``fileio``), with the user's usual permissions
-            write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"), "expert-strategy table",
-                             fix=_UNWRITABLE_FIX)
-        except MoegraphError as exc:
+            with _locked(path):
+                try:
+                    on_disk = _read_entries(path, self.identity)[0] if path.exists() else {}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                    on_disk = {}  # unreadable: replaced
+                body = json.dumps({"version": TABLE_VERSION, "identity": self.identity,
+                                   "entries": {**on_disk, **self.table}}, indent=1, sort_keys=True)
+                # written whole or not at all (``fileio``), with the user's usual permissions
+                write_atomically(path, lambda tmp: tmp.write_text(body, encoding="utf-8"), "expert-strategy table",
+                                 fix=_UNWRITABLE_FIX)
+        except (OSError, MoegraphError) as exc:
             if path not in _UNWRITABLE:
                 _UNWRITABLE.add(path)
-                warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+                why = str(exc) if isinstance(exc, MoegraphError) else (
+                    f"{path}: could not write the expert-strategy table ({exc.strerror or exc}): {_UNWRITABLE_FIX}")
+                warnings.warn(why, RuntimeWarning, stacklevel=2)
 
     # -- choosing ----------------------------------------------------------------------------
 

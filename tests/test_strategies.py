@@ -483,6 +483,42 @@ def test_hand_edited_entries_are_ignored_with_a_warning(tmp_path):
     assert again.choose(_args(T=1)) == "per_expert" and again.tuned_now == [keys[0]]  # measured again
 
 
+def test_tuners_sharing_a_table_keep_each_others_entries(tmp_path):
+    """Two processes (here two tuners) that read the table before either wrote: each save adds to the
+    file instead of replacing it with the writer's own entries, and the file stays readable."""
+    def fns():
+        return {"per_expert": lambda: None, "grouped_mm": lambda: None}
+
+    a = tuning.Tuner(tmp_path, timer=lambda fn: 1.0)
+    b = tuning.Tuner(tmp_path, timer=lambda fn: 1.0)
+    a.choose_among("keyA", fns())
+    b.choose_among("keyB", fns())
+    a.choose_among("keyC", fns())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(tuning.Tuner(tmp_path).table) == ["keyA", "keyB", "keyC"]
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".json"] == [a.path.name]
+
+
+def test_processes_saving_one_table_at_once_lose_no_entry(tmp_path):
+    """Processes that save to one table at the same moment: the re-read and the write of each save happen
+    under the lock, so every key of every process ends up in the file."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from moegraph import tuning; t = tuning.Tuner(sys.argv[1], timer=lambda fn: 1.0); "
+            "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
+            "for i in range(25): t.choose_among(f'{sys.argv[2]}{i}', {'per_expert': None, 'grouped_mm': None})")
+    start = time.time() + 6  # both have imported torch by then
+    root = Path(__file__).parents[1]  # (the repository's moegraph, first on the path)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), name, str(start)], cwd=root,
+                              stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert len(tuning.Tuner(tmp_path).table) == 50
+
+
 def test_float64_layers_run_under_the_tuner_in_every_mode(tmp_path):
     """torch._grouped_mm multiplies float32 / bfloat16 / float16 only (on some CPUs it refuses float64, on others it
     falls back): grouped GEMMs are no candidate for float64, whatever the timer would say of them."""
