@@ -25,7 +25,8 @@ the torch backward of the op (which recomputes what it needs from the op's input
 Build: the kernel's C source is rendered per activation (the activation is spelled in C from its
 expression: ``semantics.expr.C_SPELLINGS``), compiled with the system C compiler (``$CC``, else
 ``cc``; ``-O3 -march=native -fopenmp -shared -fPIC``) into a cache folder, keyed by the source,
-compiler, flags and CPU identity, and loaded with ctypes; a second process loads the cached library
+compiler, flags and CPU identity (model, every feature flag, and what -march=native means to the
+compiler there), and loaded with ctypes; a second process loads the cached library
 without compiling. Plain C without torch headers, so it compiles in well under a second. Without a
 working compiler (or when compiling fails, or the cache folder cannot be written) it warns once and
 every caller uses its torch path.
@@ -157,11 +158,37 @@ def _compiler_version(cc: tuple[str, ...]) -> str:
     return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
 
 
+@lru_cache(maxsize=None)
+def _native_target(cc: tuple[str, ...]) -> str:
+    """What ``-march=native`` makes of this CPU for this compiler (gcc: ``-march=<cpu> -m<ext> ...`` with
+    its cache sizes; clang: ``-target-cpu`` and ``-target-feature``s), read from its ``-###`` dry run;
+    empty where it prints none."""
+    try:
+        out = subprocess.run([*cc, "-march=native", "-###", "-E", "-x", "c", os.devnull], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    kept = []
+    for line in (out.stderr + out.stdout).splitlines():
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        kept += [w for i, w in enumerate(words) if (w.startswith("-m") and not w.startswith("-main-file-name"))
+                 or (i and words[i - 1] in ("-target-cpu", "-target-feature", "--param"))]
+    return " ".join(kept)
+
+
 def _library_path(src: str, cc: list[str], kind: str) -> Path:
+    """The cache file of this source built by ``cc``: keyed by everything the binary depends on, the CPU
+    included (``-march=native`` builds for this CPU's extensions: a library built on a CPU with AVX512-VBMI
+    would die of an illegal instruction on one without, so two machines sharing a cache folder must not
+    share a file): its model, every feature flag it reports and the compiler's own reading of it."""
     from .tuning import _cpuinfo
 
-    model, isa = _cpuinfo()
-    key = "\n".join([src, " ".join(cc), _compiler_version(tuple(cc)), " ".join(FLAGS), model, " ".join(isa)])
+    model, _, flags = _cpuinfo()
+    key = "\n".join([src, " ".join(cc), _compiler_version(tuple(cc)), " ".join(FLAGS), model, " ".join(flags),
+                     _native_target(tuple(cc))])
     return cache_dir() / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.so"
 
 

@@ -59,20 +59,22 @@ _ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16"
 
 
 @lru_cache(maxsize=None)
-def _cpuinfo() -> tuple[str, tuple[str, ...]]:
-    model, flags = platform.processor() or platform.machine(), ()
+def _cpuinfo() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """The CPU model, its flags of ``_ISA_FLAGS`` and every flag it reports (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), None
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return model, flags
+        return model, (), ()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
         if key == "model name" and model in ("", platform.machine(), platform.processor()):
             model = value.strip()
-        elif key in ("flags", "Features") and not flags:
-            flags = tuple(sorted(set(value.split()) & set(_ISA_FLAGS)))
-    return model, flags
+        elif key in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+    flags = flags or set()
+    return model, tuple(sorted(flags & set(_ISA_FLAGS))), tuple(sorted(flags))
 
 
 def cpu_model() -> str:
@@ -87,7 +89,7 @@ def device_identity(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         ident.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
     else:
-        model, flags = _cpuinfo()
+        model, flags, _ = _cpuinfo()
         ident.update(device=model, cores=os.cpu_count(), isa=list(flags),
                      mkldnn=torch.backends.mkldnn.is_available())
     return ident

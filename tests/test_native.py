@@ -464,6 +464,40 @@ def test_compile_smoke_runs_where_the_cache_cannot_be_written(run_cli, monkeypat
     assert "cannot be written" in r.err or "could not write" in r.err
 
 
+def test_the_cached_library_is_keyed_by_every_cpu_flag_and_the_native_target(monkeypatch):
+    """Two machines that share a cache folder and report one model name (a VM's "Common KVM processor")
+    but differ in a flag the build uses (avx512vbmi: the FP8 dot products), or in what -march=native
+    means to the compiler, never load each other's library (it could die of an illegal instruction)."""
+    try:
+        native._compiler_version(tuple(native.compiler()))
+    except native.NativeUnavailable:
+        pytest.skip("no C compiler here")
+    src = native.source(semantics.activation("swiglu"))
+    real = Path("/proc/cpuinfo")
+
+    def name(flags: str, target: str | None = None) -> str:
+        text = f"model name\t: Common KVM processor\nflags\t\t: {flags}\n"
+
+        class FakePath(type(real)):
+            def read_text(self, *a, **kw):
+                return text if str(self) == str(real) else super().read_text(*a, **kw)
+
+        monkeypatch.setattr(tuning, "Path", FakePath)
+        if target is not None:
+            monkeypatch.setattr(native, "_native_target", lambda cc: target)
+        tuning._cpuinfo.cache_clear()
+        try:
+            return native._library_path(src, native.compiler(), "decode").name
+        finally:
+            tuning._cpuinfo.cache_clear()
+
+    base = "fpu sse2 avx2 fma avx512f avx512bw avx512_bf16"
+    assert name(base) == name(base)
+    assert name(base + " avx512vbmi") != name(base)
+    assert name(base + " gfni") != name(base)
+    assert name(base, "-march=icelake-server -mavx512vbmi") != name(base, "-march=icelake-server -mno-avx512vbmi")
+
+
 def test_a_cached_kernel_is_not_compiled_again(kernel_dir):
     before = list(native.compiled_paths)
     code = ("import moegraph.native as n, sys; n.set_cache_dir(sys.argv[1]); ok = n.available('swiglu'); "
