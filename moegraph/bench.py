@@ -129,15 +129,15 @@ def _check_close(name: str, out, ref, dtype) -> None:
     assert err < 5e-2, f"{name} differs from moegraph by {err:.3g} (relative norm) in {dtype}"
 
 
-def _train_step(mod, x):
+def _train_step(mod, *inputs):
     """One training step's compute: forward, then backward of a scalar loss into every parameter."""
     for p in mod.parameters():
         p.grad = None
-    out = mod(x)
+    out = mod(*inputs)
     (out[0] if isinstance(out, tuple) else out).float().square().mean().backward()
 
 
-def _strategy_used(layer, x) -> str:
+def _strategy_used(layer, x, token_ids=None) -> str:
     """Run the layer once (tuning now if this bucket is new) and say which expert strategy ran."""
     from . import tuning
 
@@ -145,7 +145,7 @@ def _strategy_used(layer, x) -> str:
     tuner = tuning.active_tuner()
     if tuner is not None and pin is None:
         tuner.last_key = None
-    layer(x)
+    layer(x, token_ids)
     if pin is not None:
         return pin
     if tuner is not None and tuner.last_key is not None:
@@ -153,14 +153,35 @@ def _strategy_used(layer, x) -> str:
     return "rule"
 
 
-def _output_and_ids(layer, x):
+def _output_and_ids(layer, x, token_ids=None):
     """The layer's output on ``x`` (detached) and its routed expert ids, in one call of its graph
     under the layer's pinned strategy (if any), in the caller's grad mode."""
     from .strategies import pinned
 
+    args = (x, token_ids) if not layer.RECEIVES_ROUTER_STATE else (x, token_ids, layer._router_state(x, None))
     with pinned(layer.__dict__.get("expert_strategy")):
-        y, _, ids, *_ = layer.graph()(x, None)
+        y, _, ids, *_ = layer.graph()(*args)
     return y.detach(), ids
+
+
+def _touched_weights(layer, spec: MoESpec, ids) -> list:
+    """What reading the touched experts' weights means for a call with routed expert ids ``ids``: each
+    touched expert's slice of every [E, ...] tensor of the experts (weights, biases, FP8 scales), and the
+    shared experts whole, as tensors ``.sum()`` reads once (FP8, which torch does not sum, as 64-bit words)."""
+    E = spec.moe.experts.num_experts
+    touched = [e for e in torch.unique(ids).tolist() if 0 <= e < E]
+    experts = [*layer.experts.parameters(), *layer.experts.buffers()]
+    out = [t[e] for t in experts if t.dim() and t.shape[0] == E for e in touched]
+    if spec.moe.shared_experts.count and getattr(layer, "shared_experts", None) is not None:
+        out += [*layer.shared_experts.parameters(), *layer.shared_experts.buffers()]
+    readable = []
+    for t in out:
+        t = t.detach()
+        if t.is_floating_point() and t.element_size() == 1:
+            b = t.contiguous().view(torch.uint8).reshape(-1)
+            t = b.view(torch.int64) if b.numel() % 8 == 0 else b
+        readable.append(t)
+    return readable
 
 
 def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128, 2048), rounds: int = 7,
@@ -171,7 +192,8 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
 
     Forward in eval mode, or (``train``) a training step: forward and backward in train mode. Before
     the timed rounds of a size, each implementation runs once: that call is where the expert
-    strategy is tuned (if the size is new), so no timed round ever includes tuning.
+    strategy is tuned (if the size is new), so no timed round ever includes tuning. A layer with hash
+    routing gets random token ids.
     """
     from .compiler import compile
 
@@ -198,30 +220,29 @@ def run_layer_bench(spec: MoESpec | dict | str = BENCH_SPEC, tokens=(1, 16, 128,
         if progress:
             progress(f"{T} tokens")
         x = torch.randn(1, T, D, generator=g).to(dtype)
+        tid = torch.randint(0, max(layer.HASH_VOCAB, 1), (1, T), generator=g) if layer.NEEDS_TOKEN_IDS else None
+        inputs = {name: (x, tid) if name == "moegraph" else (x,) for name in impls}
         ctx = torch.enable_grad() if train else torch.inference_mode()
         with ctx:
             # A training call tunes (and reports) the training forms, an eval call the inference ones.
-            strategy = _strategy_used(layer, x)
+            strategy = _strategy_used(layer, x, tid)
             # The reference output and the routed ids from the call that is timed (a training call
             # in train mode: a no_grad call there would tune the inference forms, never timed here).
-            ref, ids = _output_and_ids(layer, x)
+            ref, ids = _output_and_ids(layer, x, tid)
             with torch.no_grad():
                 for name, mod in impls.items():
                     if name != "moegraph":
                         _check_close(name, mod(x), ref, dtype)
                 # The machine's limit for this size.
-                touched = torch.unique(ids).tolist()
-            w_touched = [layer.experts.gate_up_proj[e] for e in touched] + [layer.experts.down_proj[e] for e in touched]
-            if Fs:
-                w_touched += [layer.shared_experts.gate_up_proj, layer.shared_experts.down_proj]
+                w_touched = _touched_weights(layer, spec, ids)
             rows_mm = T * (K + (Fs // F if Fs else 0))
             a = torch.randn(rows_mm, D, generator=g).to(dtype)
             b = torch.randn(D, (H + 1) * F, generator=g).to(dtype)
             if train:
-                fns = {name: (lambda mod=mod: _train_step(mod, x)) for name, mod in impls.items()}
-                _train_step(layer, x)  # tunes the backward's strategy before the timed rounds
+                fns = {name: (lambda mod=mod, i=inputs[name]: _train_step(mod, *i)) for name, mod in impls.items()}
+                _train_step(layer, x, tid)  # tunes the backward's strategy before the timed rounds
             else:
-                fns = {name: (lambda mod=mod: mod(x)) for name, mod in impls.items()}
+                fns = {name: (lambda mod=mod, i=inputs[name]: mod(*i)) for name, mod in impls.items()}
             # A training step's GEMMs are three times the forward's (input and weight gradients).
             mm_reps = 3 if train else 1
             fns["_matmul"] = lambda: [torch.mm(a, b) for _ in range(mm_reps)]

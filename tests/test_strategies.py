@@ -693,6 +693,47 @@ def test_bench_command_reports_machine_and_strategy(dtype, run_cli, monkeypatch,
     assert any(s in r.out for s in strategies.STRATEGIES)  # the tuned choice is named
 
 
+def _bundled_presets() -> list[str]:
+    from moegraph.loader import presets
+
+    return sorted(presets())
+
+
+@pytest.fixture(scope="module")
+def bench_cache(tmp_path_factory):
+    """One $XDG_CACHE_HOME for the bench runs (the native kernels built once, not once per preset)."""
+    return tmp_path_factory.mktemp("xdg")
+
+
+@pytest.mark.parametrize("preset", _bundled_presets())
+def test_bench_command_runs_on_every_bundled_preset(preset, bench_cache, run_cli, monkeypatch, tmp_path):
+    """`moegraph bench PRESET` at its quickest (one size, one round, no HF) on every preset in specs/: gated
+    or not (switch, expert choice), FP8 weights, hash routing (the command makes up token ids). On a machine
+    of 1 GiB (so the test costs the same everywhere) a full-size preset is refused in one line; the same
+    preset scaled down to a few MB (its router, activation, shared experts and format kept) then runs."""
+    import yaml
+    from moegraph.loader import presets
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(bench_cache))
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda *a, **k: 1 << 30)
+    args = ("--no-hf", "-t", "1", "--rounds", "1")
+    r = run_cli("bench", preset, *args)
+    if not preset.endswith("-tiny"):
+        assert r.code == 2 and "more than the memory available" in r.err and "Traceback" not in r.err, r.err
+        raw = yaml.safe_load(presets()[preset].read_text())
+        moe = raw["moe"]
+        moe["hidden_size"] = 128
+        moe["experts"].update(num_experts=min(moe["experts"]["num_experts"], 128), intermediate_size=128)
+        if "intermediate_size" in moe.get("shared_experts", {}):
+            moe["shared_experts"]["intermediate_size"] = 128
+        spec_file = tmp_path / f"{preset}-scaled.json"
+        spec_file.write_text(json.dumps(raw))
+        r = run_cli("bench", spec_file, *args)
+    assert r.code == 0, r.err
+    row = next(line for line in r.out.splitlines() if line.split("│")[1:2] == [" " * 6 + "1 "])
+    assert any(name in row for name in strategies.STRATEGIES), r.out
+
+
 def test_training_forward_is_decided_among_the_training_forms(monkeypatch, tmp_path):
     """A call whose backward will run is decided among the training forms under its own key (not the
     inference forms' winner): in float32 that is the one GEMM form, grouped (not timed); it runs that
