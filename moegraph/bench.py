@@ -138,19 +138,18 @@ def _train_step(mod, *inputs):
 
 
 def _strategy_used(layer, x, token_ids=None) -> str:
-    """Run the layer once (tuning now if this bucket is new) and say which expert strategy ran."""
-    from . import tuning
+    """Run the layer once (tuning now if this bucket is new) and say which expert strategy ran: the one
+    that computed (``strategies.last_ran``), and beside it a pinned strategy that fell back to it (a
+    ``native_bf16`` pin in float32 runs ``per_expert``)."""
+    from . import strategies
 
     pin = layer.__dict__.get("expert_strategy")
-    tuner = tuning.active_tuner()
-    if tuner is not None and pin is None:
-        tuner.last_key = None
+    strategies._ran(None)
     layer(x, token_ids)
-    if pin is not None:
-        return pin
-    if tuner is not None and tuner.last_key is not None:
-        return tuner.table[tuner.last_key]["strategy"]
-    return "rule"
+    ran = strategies.last_ran()
+    if ran is None:  # no expert op ran (no routed rows)
+        return pin or "rule"
+    return ran if pin in (None, ran) else f"{ran} (pinned {pin} fell back)"
 
 
 def _output_and_ids(layer, x, token_ids=None):

@@ -47,7 +47,7 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS", "PADDED_MAX_WASTE",
+           "pinned", "current_pin", "last_ran", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS", "PADDED_MAX_WASTE",
            "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
@@ -178,6 +178,7 @@ def _native(args: ExpertArgs, packed, threads: int | None = None) -> Tensor:
         return native.run_supported(args, lib, threads)
     if why is not None:
         native.warn_once(f"the native expert strategy cannot read these inputs ({why}); running 'decode'")
+    _ran("decode")
     return _decode(args, packed)  # same result; kernel() already warned when there is no compiler
 
 
@@ -201,6 +202,7 @@ def _native_bf16(args: ExpertArgs, packed) -> Tensor:
 
     lib = _bf16_kernel_for(args)
     if lib is None:  # not bfloat16 / no AVX512-BF16 here: the same result by per-expert GEMMs
+        _ran("per_expert")
         return _per_expert(args, packed)
     y_TD = ops.shared_into_output(args, packed)
     order_N, _, counts = ops._sort_by_expert(args.exp_N, args.w_up_EHD.shape[0])
@@ -325,10 +327,23 @@ def run_strategy(name: str, args: ExpertArgs | tuple, packed=None) -> Tensor:
     args = ExpertArgs.of(args)
     if name == "grouped_mm" and not grouped_mm_fits(args.x_TD, args.w_up_EHD):
         name = "padded_bmm"  # no usable grouped GEMM here: the nearest strategy with the same result
+    _ran(name)  # (a strategy that falls back itself says so again)
     return STRATEGIES[name](args, packed)
 
 
 _PIN = threading.local()
+_RAN = threading.local()
+
+
+def last_ran() -> str | None:
+    """The strategy (or training form) that last computed an expert op's forward on this thread, after any
+    fallback (a ``native_bf16`` pin in float32 runs ``per_expert``, ``grouped_mm`` without usable grouped
+    GEMMs ``padded_bmm``, ``native`` where its kernel cannot run ``decode``); None before the first call."""
+    return getattr(_RAN, "name", None)
+
+
+def _ran(name: str | None) -> None:
+    _RAN.name = name
 
 
 def current_pin() -> str | None:
@@ -382,8 +397,11 @@ def run_train_strategy(name: str, args: ExpertArgs) -> Tensor:
     if name == "native_bf16":
         lib = _bf16_kernel_for(args)
         if lib is not None:
+            _ran(name)
             return _train_forward(args, grouped=False, lib=lib)
-    return _train_forward(args, grouped=name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD))
+    grouped = name == "grouped_mm" and grouped_mm_fits(args.x_TD, args.w_up_EHD)
+    _ran("grouped_mm" if grouped else "per_expert")
+    return _train_forward(args, grouped=grouped)
 
 
 def run(args: ExpertArgs | tuple, packed=None) -> Tensor:

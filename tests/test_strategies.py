@@ -734,6 +734,24 @@ def test_bench_command_runs_on_every_bundled_preset(preset, bench_cache, run_cli
     assert any(name in row for name in strategies.STRATEGIES), r.out
 
 
+def test_bench_reports_the_strategy_that_ran_where_a_pin_falls_back(run_cli, monkeypatch, tmp_path):
+    """A pin that does not run here (native_bf16 in float32 runs per_expert) is reported with the strategy
+    that ran in its place; one that runs is reported as it is."""
+    from moegraph.bench import _strategy_used
+
+    fallback, runs = _layer("native_bf16", tmp_path=tmp_path).eval(), _layer("padded_bmm", tmp_path=tmp_path).eval()
+    with torch.inference_mode():
+        assert _strategy_used(fallback, torch.randn(1, 3, D)) == "per_expert (pinned native_bf16 fell back)"
+        assert _strategy_used(runs, torch.randn(1, 3, D)) == "padded_bmm"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    spec_file = tmp_path / "s.json"
+    spec_file.write_text(json.dumps(SPEC))
+    r = run_cli("bench", spec_file, "--no-hf", "-t", "3", "--rounds", "1", "--strategy", "native_bf16")
+    assert r.code == 0, r.err
+    row = next(line for line in r.out.splitlines() if line.split("│")[1:2] == [" " * 6 + "3 "])
+    assert "per_expert" in row and "native_bf16" in r.out and "fell back" in r.out, r.out
+
+
 def test_training_forward_is_decided_among_the_training_forms(monkeypatch, tmp_path):
     """A call whose backward will run is decided among the training forms under its own key (not the
     inference forms' winner): in float32 that is the one GEMM form, grouped (not timed); it runs that

@@ -108,4 +108,5 @@ def bench(
     console.print(t)
     console.print("limit = max(time of the same FLOPs as one matmul, time to read the touched expert weights); "
                   "'vs best HF' > 1 means moegraph is faster; 'vs limit' = moegraph time / limit; strategy = "
-                  "the expert-compute strategy moegraph ran (tuned on this machine unless pinned).")
+                  "the expert-compute strategy moegraph ran (tuned on this machine unless pinned; a pinned "
+                  "strategy that cannot run here is named after the one it fell back to).")
