@@ -1,7 +1,12 @@
 """Expert-compute strategies behind the one expert op, and which one runs.
 
 Every strategy computes exactly what ``ops._expert_mlp_impl`` computes (same arguments, same result
-up to floating-point summation order); they differ in how the GEMMs are laid out:
+up to floating-point summation order and rounding); they differ in how the GEMMs are laid out. In
+float32 that leaves about 1e-7 relative between them; in bfloat16 up to about one bfloat16 rounding
+step of the output (``per_expert`` and ``grouped_mm`` agree bit for bit on a CPU; the native kernels
+sum in float32 and round once), so a run that must be bit-reproducible pins one
+(``pinned``; ``moegraph.compile(..., expert_strategy=NAME)``) instead of letting the tuner's timings
+choose:
 
 - ``per_expert``: one GEMM pair per expert that received rows (oneDNN-packed weights in eval
   graphs). Few, large GEMMs win when experts get many rows.
