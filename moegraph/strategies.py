@@ -52,8 +52,8 @@ from . import ops
 from .ops.args import ExpertArgs, RoutedRows
 
 __all__ = ["STRATEGIES", "candidates", "run", "run_strategy", "train_candidates", "run_train_strategy",
-           "pinned", "current_pin", "last_ran", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS", "PADDED_MAX_WASTE",
-           "NATIVE_BF16_MAX_ROWS"]
+           "pinned", "current_pin", "last_ran", "gemm_form", "DECODE_MAX_TOKENS", "THREADS_MIN_ROWS",
+           "PADDED_MAX_WASTE", "NATIVE_BF16_MAX_ROWS"]
 
 #: Largest token count for which the decode strategy is a candidate (its host-side grouping grows
 #: with the assignments).
