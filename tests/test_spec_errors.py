@@ -154,6 +154,13 @@ CASES: list[tuple[str, Callable[[dict], None], str, tuple[str, ...]]] = [
     ("unknown-topology-kind", _set("topology", {"kind": "ring"}), "topology.kind", ("unknown kind 'ring'", "'explicit'")),
     ("unknown-attention-kind", _set("model", {"attention": {"kind": "gqa", "num_heads": 4}}), "model.attention.kind",
      ("unknown kind 'gqa'", "'mha', 'mla'")),
+    # the parameter counts used hidden_size // num_heads: 0 wide heads and attention counted as no parameters
+    ("kv-heads-not-dividing", _set("model", {"attention": {"kind": "mha", "num_heads": 4, "num_kv_heads": 3}}),
+     "model.attention", ("num_kv_heads (3) must divide num_heads (4)",)),
+    ("kv-heads-above-heads", _set("model", {"attention": {"kind": "mha", "num_heads": 2, "num_kv_heads": 4}}),
+     "model.attention", ("num_kv_heads (4) must divide num_heads (2)",)),
+    ("heads-wider-than-hidden", _set("model", {"attention": {"kind": "mha", "num_heads": 64}}),
+     "model.attention.num_heads", ("leave no width per head", "set model.attention.head_dim")),
     ("link-unknown-device",
      _set("topology", dict(EXPLICIT, links=[{"a": "g0", "b": "g9", "bandwidth_gbps": 100}])),
      "topology.links.0.b", ("unknown device 'g9'", "['g0', 'g1']")),
@@ -363,6 +370,10 @@ FILE_CASES = [
     # YAML 1.1 reads these as octal 64 / base-60 64 / a date; moegraph follows YAML 1.2 or refuses
     ("yaml-leading-zero", "octal.yaml", "moe: {hidden_size: 0100}\n", "hidden_size: 0100 (line 1) has a leading zero"),
     ("yaml-base-60", "sexa.yaml", "moe: {hidden_size: 1:04}\n", "base-60 number"),
+    # YAML 1.1 booleans: 'name: yes' was read as True ("expected a string, got bool"), 'normalize: on' as true
+    ("yaml-1-1-boolean-word", "yes.yaml", "name: yes\nmoe: {}\n",
+     "name: yes (line 1) is a boolean in YAML 1.1 and text in YAML 1.2; write true or false, or quote it"),
+    ("yaml-1-1-boolean-word-in-flow", "on.yaml", "moe: {router: {normalize: On}}\n", "normalize: On (line 1) is a boolean"),
     ("yaml-bad-timestamp-tag", "ts.yaml", "name: !!timestamp 2001-13-45\nmoe: {}\n", "not valid YAML: month"),
     ("duplicate-yaml-key-in-merge", "mdup.yaml", "moe: {<<: {hidden_size: 3, hidden_size: 4}}\n",
      "key 'hidden_size' appears twice"),
@@ -410,7 +421,7 @@ def test_yaml_text_that_yaml_1_1_reads_as_text_stays_text_and_round_trips(tmp_pa
     (not octal, base 60 starts at 1-9) and were refused; a spec named so dumps unquoted and must load back."""
     from moegraph.loader import dump_spec
 
-    for name in ("08", "09:30", "0:30", "00:00", "0089"):
+    for name in ("08", "09:30", "0:30", "00:00", "0089", "y", "n", "Y"):  # (y / n are text in PyYAML too)
         spec = load_spec({**BASE, "name": name})
         f = tmp_path / "named.yaml"
         f.write_text(f"name: {name}\n" + yaml.safe_dump({k: v for k, v in BASE.items() if k != "name"}))
@@ -428,7 +439,7 @@ def test_yaml_dump_quotes_text_the_loader_reads_as_a_number(tmp_path):
     resolves; a date stays text either way."""
     from moegraph.loader import dump_spec
 
-    for text in ("1e3", "2E-5", "+1e9", "-1.5e3", "0100", "2024-01-01", "on", "1_000"):
+    for text in ("1e3", "2E-5", "+1e9", "-1.5e3", "0100", "2024-01-01", "on", "OFF", "yes", "True", "1_000"):
         spec = load_spec({**BASE, "name": text, "description": text, "source": text})
         assert load_spec(dump_spec(spec, tmp_path / "dumped.yaml")) == spec, text
 
