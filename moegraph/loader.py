@@ -127,6 +127,10 @@ _MERGE = "tag:yaml.org,2002:merge"
 #: leading zero) and base 60 (``1:04``); forms PyYAML reads as text (``08``, ``09:30``) stay text
 _AMBIGUOUS = "tag:moegraph,2024:ambiguous-number"
 _AMBIGUOUS_RE = re.compile(r"^[-+]?(?:0[0-7_]+|[1-9][0-9_]*(?::[0-5]?[0-9])+|[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*)$")
+#: words YAML 1.1 (PyYAML's resolver) reads as booleans and YAML 1.2 as text; YAML 1.2's booleans are true / false
+_AMBIGUOUS_BOOL = "tag:moegraph,2024:ambiguous-bool"
+_AMBIGUOUS_BOOL_RE = re.compile(r"^(?:yes|Yes|YES|no|No|NO|on|On|ON|off|Off|OFF)$")
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 #: deeper flow nesting ([ or {) than this is parsed by PyYAML's own parser, which stops at Python's recursion limit
 #: (libyaml's recursion in C crashes the process on some 30,000 levels)
 _FAST_MAX_DEPTH = 1000
@@ -134,9 +138,14 @@ _FAST_MAX_DEPTH = 1000
 
 def _resolvers() -> dict:
     """PyYAML's implicit resolvers as YAML 1.2 reads a spec: no timestamps (a date is text), ``1e-3`` a float,
-    and the numbers YAML 1.1 reads otherwise (``_AMBIGUOUS``) ahead of the int and float resolvers, refused."""
-    out = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
-           for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    and the numbers YAML 1.1 reads otherwise (``_AMBIGUOUS``) ahead of the int and float resolvers, refused, as
+    are the words YAML 1.1 reads as booleans (``yes``, ``off``: ``_AMBIGUOUS_BOOL``); true / false are booleans."""
+    dropped = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
+    out = {k: [(tag, rx) for tag, rx in v if tag not in dropped] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first in "tTfF":
+        out.setdefault(first, []).append(("tag:yaml.org,2002:bool", _BOOL_RE))
+    for first in "yYnNoO":
+        out.setdefault(first, []).append((_AMBIGUOUS_BOOL, _AMBIGUOUS_BOOL_RE))
     exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
     for first in "-+0123456789":
         out.setdefault(first, []).insert(0, (_AMBIGUOUS, _AMBIGUOUS_RE))
@@ -191,12 +200,15 @@ class _SpecYAML:
         if isinstance(node, yaml.MappingNode):
             self._check_unique(node, self.__dict__.setdefault("_unique_checked", set()))
             for key_node, value_node in node.value:
-                if value_node.tag == _AMBIGUOUS and isinstance(key_node, yaml.ScalarNode):
+                if value_node.tag in (_AMBIGUOUS, _AMBIGUOUS_BOOL) and isinstance(key_node, yaml.ScalarNode):
                     self._refuse_ambiguous(value_node, f"{key_node.value}: ")
         return super().construct_mapping(node, deep=deep)
 
     def _refuse_ambiguous(self, node: yaml.ScalarNode, where: str = "") -> None:
         text, line = node.value, node.start_mark.line + 1
+        if node.tag == _AMBIGUOUS_BOOL:
+            raise _RefusedScalar(f"{where}{text} (line {line}) is a boolean in YAML 1.1 and text in YAML 1.2; write "
+                                 "true or false, or quote it if it is text")
         if ":" in text:
             why = "is a base-60 number in YAML 1.1 and text in YAML 1.2"
         else:
@@ -222,6 +234,7 @@ class _FastUniqueKeyLoader(_SpecYAML, getattr(yaml, "CSafeLoader", yaml.SafeLoad
 
 for _loader in (_UniqueKeyLoader, _FastUniqueKeyLoader):
     _loader.add_constructor(_AMBIGUOUS, _SpecYAML._refuse_ambiguous)
+    _loader.add_constructor(_AMBIGUOUS_BOOL, _SpecYAML._refuse_ambiguous)
 
 
 def _yaml_loader(text: str) -> type:
