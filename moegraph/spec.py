@@ -1139,14 +1139,6 @@ class MHAttention(_Frozen):
     head_dim: int | None = Field(None, gt=0, le=1 << 16, description="Defaults to hidden_size / num_heads.")
     qkv_bias: bool = False
 
-    @model_validator(mode="after")
-    def _kv_heads_share_out(self) -> MHAttention:
-        kv = self.num_kv_heads
-        if kv is not None and (kv > self.num_heads or self.num_heads % kv):
-            raise ValueError(f"num_kv_heads ({kv}) must divide num_heads ({self.num_heads}): each key/value head "
-                             "serves a whole group of query heads; change one of them")
-        return self
-
 
 class MLAttention(_Frozen):
     """Multi-head latent attention (DeepSeek-V2/V3)."""
