@@ -686,7 +686,7 @@ class CompiledMoEBase(nn.Module):
         # assignments and a bias step of 0.001 vanishes (DeepSeek-V3's update needs both exact). FP8 weights and
         # their float32 scales likewise only change device; the FP8 layer's compute dtype follows the cast.
         kept = set()
-        for name in (*KEPT_FLOAT32, "_bias_load_E"):
+        for name in KEPT_FLOAT32:  # (the load counts are no buffer: moved below)
             owner, _, attr = name.rpartition(".")
             t = getattr(self.get_submodule(owner) if owner else self, attr, None)
             if t is not None:

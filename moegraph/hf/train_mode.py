@@ -22,33 +22,47 @@ import torch.nn as nn
 __all__ = ["PendingTrainingWarning", "dropout_note", "expert_mode_note", "mode_note", "warn_training"]
 
 
+def _dropouts(module: nn.Module) -> list[tuple[str, float]]:
+    """(name, p) of the dropout modules with p > 0 in ``module``."""
+    return [(n, float(m.p)) for n, m in module.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0]
+
+
+def _listed(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _same_in_train(run: Callable[[], Any], reference: torch.Tensor, seed: int) -> bool:
+    """Whether ``run()`` (a call in train() mode, with the global generator seeded and restored afterwards) gives
+    ``reference`` (the same call in eval() mode); a call that fails differs."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            out = run()
+            out = out[0] if isinstance(out, tuple) else out
+            return isinstance(out, torch.Tensor) and out.shape == reference.shape and torch.allclose(
+                out.float(), reference.float(), rtol=1e-6, atol=1e-6)
+        except Exception:  # noqa: BLE001 - a block that fails in train() mode differs there too
+            return False
+
+
 def dropout_note(block: nn.Module) -> str | None:
     """A note naming the block's dropout modules with p > 0 (None without any)."""
-    found = [(n, float(m.p)) for n, m in block.named_modules()
-             if isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0]
+    found = _dropouts(block)
     if not found:
         return None
     ps = sorted({p for _, p in found})
-    names = ", ".join(n for n, _ in found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    return (f"dropout (p={'/'.join(f'{p:g}' for p in ps)}) in {len(found)} module(s) of the block ({names}) is not "
-            "reproduced: the compiled layer has no dropout, so in train() mode the swapped block differs from the "
-            "original (eval outputs are equal)")
+    return (f"dropout (p={'/'.join(f'{p:g}' for p in ps)}) in {len(found)} module(s) of the block "
+            f"({_listed([n for n, _ in found])}) is not reproduced: the compiled layer has no dropout, so in train() "
+            "mode the swapped block differs from the original (eval outputs are equal)")
 
 
 def mode_note(run: Callable[[], Any], reference: torch.Tensor, seed: int = 1) -> str | None:
     """A note when ``run()`` (the probe copy called once in train() mode, with the global generator seeded and
     restored afterwards) gives another output than ``reference`` (the same call in eval mode): training-time
     noise in the routing (``if self.training: logits += noise``), or dropout outside the experts."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            out = run()
-            out = out[0] if isinstance(out, tuple) else out
-            same = isinstance(out, torch.Tensor) and out.shape == reference.shape and torch.allclose(
-                out.float(), reference.float(), rtol=1e-6, atol=1e-6)
-        except Exception:  # noqa: BLE001 - a block that fails in train() mode differs there too
-            same = False
-    if same:
+    if _same_in_train(run, reference, seed):
         return None
     return ("in train() mode the block routes or computes otherwise than in eval() mode on the same tokens (noise "
             "added to the router in training, or dropout outside the experts); the compiled layer computes the eval "
@@ -65,27 +79,24 @@ def expert_mode_note(mlps: dict[str, nn.Module], x: torch.Tensor, seed: int = 1)
 
     differ = []
     for name, mlp in mlps.items():
-        if any(isinstance(m, nn.modules.dropout._DropoutNd) and float(m.p) > 0 for m in mlp.modules()):
+        if _dropouts(mlp):
             continue
         probe = copy.deepcopy(mlp)
         w = next(probe.parameters(), None)
         xs = x if w is None else x.to(w.device, w.dtype)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            try:
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
                 want = probe.eval()(xs)
-                torch.manual_seed(seed)
-                got = probe.train()(xs)
-                same = got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=1e-6, atol=1e-6)
-            except Exception:  # noqa: BLE001 - one that fails in train() mode differs there too
-                same = False
-        if not same:
+        except Exception:  # noqa: BLE001 - one that fails differs
+            differ.append(name)
+            continue
+        if not _same_in_train(lambda: probe.train()(xs), want, seed):
             differ.append(name)
     if not differ:
         return None
-    names = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
-    return (f"{names} compute(s) otherwise in train() mode than in eval() mode on the same tokens (dropout called "
-            "as a function, or other training-only behaviour); the compiled layer computes the eval form in both "
-            "modes, so training the swapped block differs from training the original")
+    return (f"{_listed(differ)} compute(s) otherwise in train() mode than in eval() mode on the same tokens (dropout "
+            "called as a function, or other training-only behaviour); the compiled layer computes the eval form in "
+            "both modes, so training the swapped block differs from training the original")
 
 
 def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str, stacklevel: int = 3) -> None:
@@ -95,8 +106,7 @@ def warn_training(notes_by_block: dict[str, tuple[str, list[str]]], where: str, 
         for n in notes:
             by_note.setdefault(n, []).append(f"{path} ({cls})" if path else cls)
     for note, blocks in by_note.items():
-        shown = ", ".join(blocks[:3]) + (f" and {len(blocks) - 3} more" if len(blocks) > 3 else "")
-        warnings.warn(f"{where}: {shown}: {note}", UserWarning, stacklevel=stacklevel)
+        warnings.warn(f"{where}: {_listed(blocks)}: {note}", UserWarning, stacklevel=stacklevel)
 
 
 def _caller_level() -> int:
