@@ -63,12 +63,14 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
     linears: dict[fx.Node, str] = {}
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
 
-    def through_identity(n: Any) -> Any:
+    def identity_in_eval(n: fx.Node) -> bool:
         # dropout (a module, or called as a function) is the identity in eval(), which the layer computes; that it
         # is not in train() is the read's training note (``train_mode``)
-        while isinstance(n, fx.Node) and (
-                n.op == "call_module" and isinstance(mods.get(n.target), (nn.Dropout, nn.Identity))
-                or n.op == "call_function" and n.target in _DROPOUT_FNS):
+        return (n.op == "call_module" and isinstance(mods.get(n.target), (nn.Dropout, nn.Identity))
+                or n.op == "call_function" and n.target in _DROPOUT_FNS)
+
+    def through_identity(n: Any) -> Any:
+        while isinstance(n, fx.Node) and identity_in_eval(n):
             n = n.args[0]
         return n
 
@@ -85,11 +87,11 @@ def read_mlp(mod: nn.Module, D: int) -> MLPForm:
             if n.op == "call_function" and n.target in (torch.mul, __import__("operator").mul) and len(n.args) == 2:
                 mul.append(n)
                 continue
-            if n.op == "call_function" and n.target in _DROPOUT_FNS:
+            if identity_in_eval(n):
                 continue
             if n.op == "call_module":
                 m = mods[n.target]
-                if isinstance(m, (nn.Dropout, nn.Identity)) or any(True for _ in m.parameters()):
+                if any(True for _ in m.parameters()):
                     continue
                 fn: Callable = m
             elif n.op == "call_function":
