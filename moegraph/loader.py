@@ -141,7 +141,8 @@ def _resolvers() -> dict:
     and the numbers YAML 1.1 reads otherwise (``_AMBIGUOUS``) ahead of the int and float resolvers, refused, as
     are the words YAML 1.1 reads as booleans (``yes``, ``off``: ``_AMBIGUOUS_BOOL``); true / false are booleans."""
     dropped = ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:bool")
-    out = {k: [(tag, rx) for tag, rx in v if tag not in dropped] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    out = {k: [(tag, rx) for tag, rx in v if tag not in dropped]
+           for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     for first in "tTfF":
         out.setdefault(first, []).append(("tag:yaml.org,2002:bool", _BOOL_RE))
     for first in "yYnNoO":

@@ -595,7 +595,8 @@ def test_training_time_randomness_of_a_user_block_is_reported(block, words) -> N
     if words is None:
         assert first == []
     else:
-        assert len(first) == 1 and "blocks.0" in first[0] and words in first[0] and "train() on moegraph.optimize" in first[0]
+        assert len(first) == 1 and "blocks.0" in first[0] and words in first[0]
+        assert "train() on moegraph.optimize" in first[0]
         trained = UserModel([block()]).train()  # a model optimized in train() mode warns at once
         assert len(said(lambda: moegraph.optimize(trained))) == 1 and said(trained.train) == []
     ref.train()  # the compiled layer computes the eval form in train() mode too

@@ -369,7 +369,8 @@ FILE_CASES = [
     # YAML 1.1 booleans: 'name: yes' was read as True ("expected a string, got bool"), 'normalize: on' as true
     ("yaml-1-1-boolean-word", "yes.yaml", "name: yes\nmoe: {}\n",
      "name: yes (line 1) is a boolean in YAML 1.1 and text in YAML 1.2; write true or false, or quote it"),
-    ("yaml-1-1-boolean-word-in-flow", "on.yaml", "moe: {router: {normalize: On}}\n", "normalize: On (line 1) is a boolean"),
+    ("yaml-1-1-boolean-word-in-flow", "on.yaml", "moe: {router: {normalize: On}}\n",
+     "normalize: On (line 1) is a boolean"),
     ("yaml-bad-timestamp-tag", "ts.yaml", "name: !!timestamp 2001-13-45\nmoe: {}\n", "not valid YAML: month"),
     ("duplicate-yaml-key-in-merge", "mdup.yaml", "moe: {<<: {hidden_size: 3, hidden_size: 4}}\n",
      "key 'hidden_size' appears twice"),

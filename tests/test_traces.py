@@ -309,7 +309,8 @@ def test_a_bad_native_field_gives_one_message_not_a_nested_one(tmp_path, law, da
         arrays["topk"] = arrays["topk"][:, :, :0]
         arrays["meta"] = np.array(str(arrays["meta"]).replace('"top_k": 6', '"top_k": 0'))
     elif damage == "format":
-        arrays["meta"] = np.array(str(arrays["meta"]).replace('"format": "moegraph-trace"', '"format": "' + "y" * 100_000 + '"'))
+        long_format = '"format": "' + "y" * 100_000 + '"'
+        arrays["meta"] = np.array(str(arrays["meta"]).replace('"format": "moegraph-trace"', long_format))
     else:
         arrays["meta"] = np.array(str(arrays["meta"]).replace('"sources": ["trace"]', '"sources": []'))
     np.savez(path, **arrays)

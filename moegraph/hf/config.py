@@ -126,7 +126,8 @@ def check_config_sizes(config: Any) -> None:
             continue
         hi = _spec_bound(model, field)
         if isinstance(value, bool) or not float(value).is_integer() or not 1 <= value <= hi:
-            raise InputError(f"{src}: {key} is {short_repr(value)}; a moegraph spec holds {what} as a whole number from 1 to "
+            raise InputError(f"{src}: {key} is {short_repr(value)}; a moegraph spec holds {what} as a whole number "
+                             f"from 1 to "
                              f"{hi} ({model.__name__}.{field}): fix {key} in the config")
         found[field] = (key, int(value))
     if "top_k" in found and "num_experts" in found:

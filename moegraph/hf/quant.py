@@ -59,7 +59,8 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
         return None
     method = str(_get(q, "quant_method", "")).lower().replace("quantizationmethod.", "")
     if method not in ("fp8", KEEP_FP8_METHOD):
-        raise UnsupportedBlock(f"its config is quantized with {short_repr(method)}; moegraph reads the fine-grained FP8 format "
+        raise UnsupportedBlock(f"its config is quantized with {short_repr(method)}; moegraph reads the fine-grained "
+                               "FP8 format "
                                "(quant_method: fp8) only; load the model dequantized instead", "quantization_config")
     if _get(q, "dequantize", False):
         return None  # transformers was asked to dequantize on load: the weights are not FP8
@@ -67,7 +68,8 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
         raise UnsupportedBlock("its FP8 config uses static activation scales; moegraph quantizes activations "
                                "dynamically per 1 x 128 tile (activation_scheme: dynamic)", "quantization_config")
     if _get(q, "expert_dtype", "fp8") != "fp8":
-        raise UnsupportedBlock(f"its experts are {short_repr(_get(q, 'expert_dtype'))}; moegraph reads FP8 experts only",
+        raise UnsupportedBlock(f"its experts are {short_repr(_get(q, 'expert_dtype'))}; moegraph reads FP8 experts "
+                               "only",
                                "quantization_config")
     block = _get(q, "weight_block_size")
     if block is None:
@@ -75,7 +77,8 @@ def quantization_section(cfg: Any, *, shared: bool = True) -> dict[str, Any] | N
                                "block-scaled FP8 (e.g. weight_block_size: [128, 128])", "quantization_config")
     fmt = str(_get(q, "fmt", "e4m3")).lower()
     if fmt not in ("e4m3", "e5m2"):
-        raise UnsupportedBlock(f"its FP8 format is {short_repr(fmt)}; moegraph reads e4m3 and e5m2", "quantization_config")
+        raise UnsupportedBlock(f"its FP8 format is {short_repr(fmt)}; moegraph reads e4m3 and e5m2",
+                               "quantization_config")
     return {"format": f"fp8_{fmt}", "weight_block": [int(block[0]), int(block[1])], "activation_tile": [1, int(block[1])],
             "scale_format": "ue8m0" if str(_get(q, "scale_fmt", "float")).lower() == "ue8m0" else "float32",
             "dispatch": "fp8", "shared_experts": shared}

@@ -232,7 +232,8 @@ class Plan:
                                 "`moegraph plan`") from None
         where = _non_finite_at(data)
         if where is not None:  # Python's json reads NaN / Infinity, which JSON does not have
-            raise PlanFileError(f"{p}: field {where[0]} is {short_repr(where[1])}, not a finite number (NaN and Infinity are not "
+            raise PlanFileError(f"{p}: field {where[0]} is {short_repr(where[1])}, not a finite number (NaN and "
+                                "Infinity are not "
                                 "JSON); the file was edited or is corrupt: re-create it with `moegraph plan`")
         return cls.from_dict(data, spec=spec, source=str(p))
 

@@ -96,7 +96,8 @@ def read_native(path: str | Path) -> TraceSet:
 def _native_traceset(p: Path, meta: Any, arrays: dict[str, np.ndarray]) -> TraceSet:
     """Check a native file's meta and arrays (read by ``read_native``) and build its TraceSet."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TraceError(f"{p}: not a moegraph trace file (meta.format is {short_repr(meta.get('format') if isinstance(meta, dict) else meta)})")
+        given = meta.get("format") if isinstance(meta, dict) else meta
+        raise TraceError(f"{p}: not a moegraph trace file (meta.format is {short_repr(given)})")
     if meta.get("version") != VERSION:
         raise TraceError(f"{p}: trace format version {meta.get('version')} is not supported (this moegraph reads "
                          f"version {VERSION}); re-import the trace")
