@@ -321,14 +321,22 @@ def test_integer_powers_of_negative_values_are_torch_powers(expression):
     y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, gated,
                                              None, None, None, None, None)
     ref = torch.zeros(T, D, dtype=torch.float64)
+    size = torch.zeros(T, D, dtype=torch.float64)  # the sum of the terms' magnitudes behind each output
     for n in range(T * K):  # a loop over assignments in float64, the activation as torch writes it
         e, t = int(exp[n]), int(tok[n])
         if 0 <= e < E:
             h = w["w_up"][e].double() @ x[t].double()
             assert (h < 0).any()
             ref[t] += wt[n].double() * (w["w_down"][e].double() @ act(h))
+            size[t] += wt[n].double() * (w["w_down"][e].double().abs() @ act(h).abs())
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y.double(), ref, **TOL[torch.float32])
+    # High powers make terms of 1e4-1e7 that cancel to outputs near 1, so float32 rounding is relative to the
+    # terms, not to the output: allowed is the usual tolerance plus 64 float32 epsilons of the terms' size
+    # (measured: at most about 17; the summation order, which Triton releases change, decides where in that).
+    err = (y.double() - ref).abs()
+    tol = TOL[torch.float32]
+    allowed = tol["atol"] + tol["rtol"] * ref.abs() + 64 * torch.finfo(torch.float32).eps * size
+    assert (err <= allowed).all(), f"worst error {float((err / allowed).max()):.2f}x the allowed"
 
 
 # ----------------------------------------------------------------------------------------------
