@@ -31,6 +31,7 @@ from .codegen_safe import FILTERS, Code, check_module, finalize
 from .semantics import activations as _activations
 from .semantics import combine as _combine
 from .semantics import expr as _expr
+from .semantics import routing as _routing
 from .semantics.scores import torch_score_code
 from .spec import MoESpec, UniformTopology, triton_fp8_problems
 
@@ -152,6 +153,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     act_name = _activations.activation(m.experts.activation).name
     K = m.top_k
     router_layers, router_lines, router_out = router_mlp_steps(getattr(r, "mlp", ()), m.hidden_size)
+    groups = getattr(r, "groups", None)
     ctx: dict[str, Any] = {
         "version": __version__,
         "backend": backend,
@@ -203,7 +205,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "topk_then_score": getattr(r, "topk_order", "") == "topk_then_score",
         "normalize": getattr(r, "normalize", False),
         "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),
-        "groups": getattr(r, "groups", None),
+        # A group limit that keeps every group masks nothing: no step (``semantics.routing.limits_groups``).
+        "groups": groups if _routing.limits_groups(groups) else None,
+        "groups_all_kept": groups.num_groups if groups is not None and not _routing.limits_groups(groups) else 0,
         "capacity": getattr(r, "capacity", None),
         "capacity_factor": getattr(r, "capacity_factor", None),
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],

@@ -223,6 +223,35 @@ def test_generated_routing_is_the_reference(name, tmp_path):
     torch.testing.assert_close(y[0], ref_y, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("group_score", ["max", "sum_topn"])
+def test_a_group_limit_keeping_every_group_is_no_step_and_routes_the_same(group_score, tmp_path, monkeypatch):
+    """topk_groups == num_groups keeps every group, so the generated layer has no group step; its routing and
+    output are bit for bit those of the layer that spells the (no-op) masking out."""
+    from moegraph import codegen
+
+    spec = {"name": "all-groups", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+            "router": {"type": "topk", "top_k": 3, "score": "sigmoid", "normalize": True,
+                       "expert_bias": {"update_rate": 0.001},
+                       "groups": {"num_groups": 4, "topk_groups": 4, "group_score": group_score}}}}
+    body = codegen.render(moegraph.load_spec(spec)).split("def core", 1)[1]
+    assert "keep_TG" not in body and "masked_fill" not in body and "choice_TGX" not in body
+    layer = moegraph.compile(spec, out_dir=tmp_path / "elided").eval()
+    # The un-optimised path: the same spec generated with its group step spelled out.
+    with monkeypatch.context() as m:
+        m.setattr(codegen._routing, "limits_groups", lambda groups: groups is not None)
+        assert "keep_TG" in codegen.render(moegraph.load_spec(spec))
+        masked = moegraph.compile(spec, out_dir=tmp_path / "masked").eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer.router.expert_bias.copy_((torch.randn(8, generator=g) * 0.3).round(decimals=1))
+        masked.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 9, 16, generator=g)
+        x[0, :4] = 0.0  # equal scores everywhere: ties decided as before
+        y, _, ids = layer.core(x)
+        y_ref, _, ids_ref = masked.core(x)
+    assert torch.equal(ids, ids_ref) and torch.equal(y, y_ref)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inline activation expressions (clamps, softcaps, constants) in the spec
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from ``semantics.scores``):
 1. scores from the logits (``topk_then_score``: the logits themselves);
 2. the selection score: scores + expert bias (the bias moves selection only);
 3. group limit: keep the best ``topk_groups`` of ``num_groups`` groups per token (by max, or by the
-   sum of the top ``top_n``); experts of other groups get -inf, so no bias can select them;
+   sum of the top ``top_n``); experts of other groups get -inf, so no bias can select them (a limit that
+   keeps every group masks nothing and is no step, ``limits_groups``);
 4. top-k of the selection score; weights are the chosen experts' scores (``topk_then_score``:
    softmax over the chosen logits), optionally normalised to sum 1, then scaled.
 
@@ -39,8 +40,8 @@ from torch import Tensor
 
 from .torch_forms import activate, rms_norm, scores
 
-__all__ = ["TopKPolicy", "route_topk", "route_weights", "group_limit", "choose_experts", "select_experts", "router_input", "modulo_hash_experts", "cap_logits",
-           "sparsemixer_route", "router_network"]
+__all__ = ["TopKPolicy", "route_topk", "route_weights", "limits_groups", "group_limit", "choose_experts",
+           "select_experts", "router_input", "modulo_hash_experts", "cap_logits", "sparsemixer_route", "router_network"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,8 @@ class TopKPolicy:
 
     @classmethod
     def of_router(cls, r: Any) -> TopKPolicy:
-        """The policy of a spec ``TopKRouter``."""
-        g = r.groups
+        """The policy of a spec ``TopKRouter``; a group limit that keeps every group is no limit (``num_groups`` 0)."""
+        g = r.groups if limits_groups(r.groups) else None
         return cls(r.top_k, r.score, r.topk_order == "topk_then_score", r.normalize, float(r.scaling_factor),
                    g.num_groups if g else 0, g.topk_groups if g else 0, g.group_score if g else "max",
                    g.top_n if g else 0)
@@ -69,6 +70,12 @@ class TopKPolicy:
         """The fields in order: the positional form a ``torch.library`` op schema needs."""
         return (self.top_k, self.score, self.topk_then_score, self.normalize, float(self.scaling_factor),
                 self.num_groups, self.topk_groups, self.group_score, self.top_n)
+
+
+def limits_groups(groups: Any) -> bool:
+    """Whether a spec ``GroupLimit`` (or None) leaves any expert out: keeping ``topk_groups`` of ``num_groups`` groups
+    when they are as many keeps every group, so the step would mask nothing (its result is the same, bit for bit)."""
+    return groups is not None and groups.topk_groups < groups.num_groups
 
 
 def group_limit(choice_TE: Tensor, policy: TopKPolicy) -> Tensor:
