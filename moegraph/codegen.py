@@ -154,6 +154,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     K = m.top_k
     router_layers, router_lines, router_out = router_mlp_steps(getattr(r, "mlp", ()), m.hidden_size)
     groups = getattr(r, "groups", None)
+    policy = _routing.TopKPolicy.of_router(r) if r.type == "topk" else None
     ctx: dict[str, Any] = {
         "version": __version__,
         "backend": backend,
@@ -203,7 +204,9 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "score_code": _score_code(getattr(r, "score", None) or "softmax"),
         "hash_scored": r.type == "hash" and r.score is not None,
         "topk_then_score": getattr(r, "topk_order", "") == "topk_then_score",
-        "normalize": getattr(r, "normalize", False),
+        # topk_then_score's softmax over the chosen logits sums to 1 already: normalize has nothing to divide there.
+        "normalize": policy.divides_by_sum if policy else getattr(r, "normalize", False),
+        "normalize_elided": bool(policy and policy.normalize and not policy.divides_by_sum),
         "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),
         # A group limit that keeps every group masks nothing: no step (``semantics.routing.limits_groups``).
         "groups": groups if _routing.limits_groups(groups) else None,

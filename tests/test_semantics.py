@@ -252,6 +252,40 @@ def test_a_group_limit_keeping_every_group_is_no_step_and_routes_the_same(group_
     assert torch.equal(ids, ids_ref) and torch.equal(y, y_ref)
 
 
+@pytest.mark.parametrize("extra", [{}, {"scaling_factor": 2.5, "expert_bias": {"update_rate": 0.001}}])
+def test_topk_then_softmax_is_not_divided_by_its_sum_again(extra, tmp_path, monkeypatch):
+    """topk_then_score's softmax over the chosen logits sums to 1, so normalize emits no division; the weights are
+    still those of softmax then divide by the sum (plain torch here), and still sum to 1 (times the scale)."""
+    from moegraph import codegen
+
+    spec = {"name": "tts-norm", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+            "router": {"type": "topk", "top_k": 3, "topk_order": "topk_then_score", "normalize": True, **extra}}}
+    body = codegen.render(moegraph.load_spec(spec)).split("def core", 1)[1]
+    assert "weights_TK.sum(" not in body
+    layer = moegraph.compile(spec, out_dir=tmp_path).eval()
+    g = torch.Generator().manual_seed(6)
+    bias = getattr(layer.router, "expert_bias", None)
+    with torch.no_grad():
+        if bias is not None:
+            bias.copy_(torch.randn(8, generator=g) * 0.3)
+        layer.router.weight.mul_(4.0)  # logits far apart and close together
+    x = torch.randn(1, 40, 16, generator=g)
+    seen = []
+    expert_mlp = torch.ops.moegraph.expert_mlp
+    monkeypatch.setattr(torch.ops.moegraph, "expert_mlp", lambda *a: seen.append(a[3]) or expert_mlp(*a))
+    with torch.no_grad():
+        _, _, ids = layer.core(x)
+        logits = x[0] @ layer.router.weight.t()
+        ref_ids = torch.topk(logits if bias is None else logits + bias, 3, dim=-1).indices
+        w = torch.softmax(logits.gather(1, ref_ids), dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True) * extra.get("scaling_factor", 1.0)
+    (w_N,) = seen
+    assert torch.equal(ids[0], ref_ids)
+    torch.testing.assert_close(w_N.view(-1, 3), w, rtol=1e-6, atol=1e-7)
+    scale = torch.full((40,), extra.get("scaling_factor", 1.0))
+    torch.testing.assert_close(w_N.view(-1, 3).sum(dim=-1), scale, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # Inline activation expressions (clamps, softcaps, constants) in the spec
 # ----------------------------------------------------------------------------------------------

@@ -348,6 +348,7 @@ ROUTERS = {
     "softmax_top2": (8, 2, "softmax", False, False, False, 1.0, (0, 0, "max", 0)),
     "softmax_top2_norm": (8, 2, "softmax", False, False, True, 1.0, (0, 0, "max", 0)),
     "topk_then_softmax": (8, 3, "softmax", True, True, False, 1.0, (0, 0, "max", 0)),
+    "topk_then_softmax_norm": (8, 3, "softmax", True, False, True, 1.5, (0, 0, "max", 0)),  # no division left
     "deepseek_v3": (16, 4, "sigmoid", False, True, True, 2.5, (4, 2, "sum_topn", 2)),
     "deepseek_v3_shape": (256, 8, "sigmoid", False, True, True, 2.5, (8, 4, "sum_topn", 2)),
     "softmax_groups_max": (12, 2, "softmax", False, False, False, 16.0, (3, 1, "max", 0)),

@@ -12,7 +12,7 @@ from ``semantics.scores``):
    sum of the top ``top_n``); experts of other groups get -inf, so no bias can select them (a limit that
    keeps every group masks nothing and is no step, ``limits_groups``);
 4. top-k of the selection score; weights are the chosen experts' scores (``topk_then_score``:
-   softmax over the chosen logits), optionally normalised to sum 1, then scaled.
+   softmax over the chosen logits, which sums to 1 already), optionally normalised to sum 1, then scaled.
 
 The router's own transforms around these steps (``TopKRouter.input_norm``, ``learned_logit_scale``,
 ``logit_softcap``, ``per_expert_scale``) and Phi-MoE's sparsemixer are defined here too, one function
@@ -65,6 +65,12 @@ class TopKPolicy:
         return cls(r.top_k, r.score, r.topk_order == "topk_then_score", r.normalize, float(r.scaling_factor),
                    g.num_groups if g else 0, g.topk_groups if g else 0, g.group_score if g else "max",
                    g.top_n if g else 0)
+
+    @property
+    def divides_by_sum(self) -> bool:
+        """Whether the weights are divided by their sum: ``normalize``, except after ``topk_then_score``, whose
+        softmax over the chosen logits already sums to 1 (dividing would only round them again)."""
+        return self.normalize and not self.topk_then_score
 
     def positional(self) -> tuple:
         """The fields in order: the positional form a ``torch.library`` op schema needs."""
@@ -135,7 +141,7 @@ def _weights(scores_TE: Tensor, ids_TK: Tensor, policy: TopKPolicy, shared_TS: T
         w_TK = torch.cat([w_TK, shared_TS], dim=-1)
     if policy.topk_then_score:
         w_TK = torch.softmax(w_TK, dim=-1)
-    if policy.normalize:
+    if policy.divides_by_sum:
         w_TK = w_TK / (w_TK.sum(dim=-1, keepdim=True) + 1e-20)
     if policy.scaling_factor != 1.0:
         w_TK = w_TK * policy.scaling_factor

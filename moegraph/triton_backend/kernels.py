@@ -486,7 +486,7 @@ def router_context(E: int, *policy: Any) -> dict[str, Any]:
     summary = (("top-k logits then softmax" if p.topk_then_score else f"{name} scores")
                + (", expert bias for selection" if has_bias else "")
                + (f", {p.topk_groups} of {p.num_groups} groups by {p.group_score}" if groups else "")
-               + (", normalised" if p.normalize else "")
+               + (", normalised" if p.divides_by_sum else "")
                + (f", scaled by {p.scaling_factor}" if p.scaling_factor != 1.0 else ""))
     return {
         "E": E, "EP": max(16, _pow2(E)), "K": p.top_k, "KP": _pow2(p.top_k),
@@ -495,7 +495,7 @@ def router_context(E: int, *policy: Any) -> dict[str, Any]:
         "score_code": Code("x" if score == "softmax" else score_to_triton(score)),
         "topk_then_score": p.topk_then_score,
         "has_bias": bool(has_bias),
-        "normalize": p.normalize,
+        "normalize": p.divides_by_sum,
         "scaling_factor": float(p.scaling_factor),
         "groups": groups,
         "summary": summary,
