@@ -61,6 +61,35 @@ def test_only_selected_policy_is_emitted():
     assert 'float("-inf")' in body_v3 and "expert_bias" in body_v3
 
 
+def test_hash_constants_only_in_hash_routed_layers(tmp_path):
+    """HASH_VOCAB / HASH_SEED / HASH_METHOD mean something to hash routing only: top-k classes do not carry them,
+    and hash layers still route by them (the modulo formula, a seeded table) as written out here."""
+    hash_names = {"HASH_VOCAB", "HASH_SEED", "HASH_METHOD", "HASH_SCORED"}
+    for preset in ("mixtral-tiny", "deepseek-v3-tiny"):
+        layer = moegraph.compile(moegraph.load_spec(preset), out_dir=tmp_path)
+        assert not hash_names & set(vars(type(layer))), preset
+        assert not layer.NEEDS_TOKEN_IDS
+    d = moegraph.load_spec("hash-tiny").to_dict()
+    d["moe"]["router"].update(top_k=2, seed=7)
+    tables = []
+    for method in ("random", "random", "modulo"):
+        d["moe"]["router"]["method"] = method
+        layer = moegraph.compile(d, out_dir=tmp_path).eval()
+        assert {"HASH_VOCAB": 1000, "HASH_SEED": 7, "HASH_METHOD": method}.items() <= vars(type(layer)).items()
+        tid = torch.randint(0, 1000, (11,), generator=torch.Generator().manual_seed(0))
+        rec = layer.start_recording()
+        with torch.no_grad():
+            layer(torch.randn(11, layer.HIDDEN), token_ids=tid)
+        ids = rec.ids().long()
+        if method == "modulo":
+            E = layer.NUM_EXPERTS
+            assert ids.tolist() == [[(t + k * (E // 2)) % E for k in range(2)] for t in tid.tolist()]
+        else:
+            assert torch.equal(ids, layer.router.hash_table[tid].long())
+            tables.append(layer.router.hash_table)
+    assert torch.equal(tables[0], tables[1])  # seeded by HASH_SEED: the same table each time
+
+
 def test_write_only_when_changed(tmp_path):
     spec = moegraph.load_spec("mixtral-tiny")
     g1 = codegen.write_source(spec, tmp_path)
