@@ -11,7 +11,8 @@ Each function of ``FUNCTIONS`` says, in one entry, what it means on a float, how
 code and Triton code spell it, and its derivative as an expression of its argument ``u`` (and, for
 the two-argument ``min``/``max``, of ``v``). ``clamp(v, lo, hi)``, ``clamp(v, max=hi)`` and
 ``clamp(v, min=lo)`` are spelled with them: the parser rewrites a clamp into ``min``/``max`` calls
-with the meaning and derivative of ``torch.clamp`` (at a tie the input keeps the gradient).
+with the meaning and derivative of ``torch.clamp`` (at a tie the input keeps the gradient), while a
+``min``/``max`` of two tensors splits the gradient at a tie evenly, as ``torch.minimum``/``maximum`` do.
 
 The chain rule follows torch autograd where a derivative is infinite: a factor that can be infinite
 (``d sqrt(u) = 0.5 / sqrt(u)`` at u = 0) times an inner derivative that is 0 there (``relu``, a clamp)
@@ -43,7 +44,8 @@ class Function:
     of the argument); ``triton``: its spelling in Triton kernels (the argument may be repeated, so
     callers pass a plain name or a parenthesised expression); ``grad``: d f(u) / du as an
     expression of ``u`` (None: zero almost everywhere); a two-argument function f(u, v) (``arity``
-    2) also has ``grad2``, d f / dv, both as expressions of ``u`` and ``v``.
+    2) also has ``grad2``, d f / dv, both as expressions of ``u`` and ``v``. ``clamp_grad`` (``min``/``max``):
+    d f / du where ``v`` is a constant bound, which makes the call a clamp (torch.clamp runs it).
     """
 
     math: Callable[..., float]
@@ -52,6 +54,7 @@ class Function:
     grad: str | None
     grad2: str | None = None
     arity: int = 1
+    clamp_grad: str | None = None
 
 
 _GELU_GRAD = "0.5 * (1 + erf(u * 0.7071067811865476)) + u * exp(-0.5 * u * u) * 0.3989422804014327"
@@ -88,10 +91,13 @@ FUNCTIONS: dict[str, Function] = {
                      "tl.where(({0}) > 0, 1.0, 0.0)", None),
     "sign": Function(lambda v: float((v > 0) - (v < 0)), "torch.sign({})", "tl.where(({0}) > 0, 1.0, "
                      "tl.where(({0}) < 0, -1.0, 0.0))", None),
-    # Two arguments (clamps are written with these). At a tie the first argument gets the gradient,
-    # as torch.clamp's input does at its bound.
-    "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "1 - step(u - v)", "step(u - v)", 2),
-    "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "1 - step(v - u)", "step(v - u)", 2),
+    # Two arguments (clamps are written with these). At a tie of two tensors each gets half the gradient, as
+    # torch.minimum / torch.maximum give it; against a constant bound (a clamp) the input gets all of it, as
+    # torch.clamp's input does at its bound.
+    "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "0.5 + 0.5 * sign(v - u)",
+                    "0.5 + 0.5 * sign(u - v)", 2, clamp_grad="1 - step(u - v)"),
+    "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "0.5 + 0.5 * sign(u - v)",
+                    "0.5 + 0.5 * sign(v - u)", 2, clamp_grad="1 - step(v - u)"),
     # Derivatives only (not part of the language users write): u * v, but 0 where v is 0 even if u is
     # infinite or undefined there (the chain rule's product of an outer derivative u and an inner one v).
     "_masked_mul": Function(lambda u, v: 0.0 if v == 0 else u * v, "torch.where(({1}) == 0, 0.0, ({0}) * ({1}))",
@@ -454,6 +460,14 @@ def _chain(outer: ast.AST, inner: ast.AST) -> ast.AST:
     return ast.Call(ast.Name("_masked_mul", ast.Load()), [outer, inner], [])
 
 
+def _reads_variable(node: ast.AST) -> bool:
+    """Whether a subtree reads a variable (else it is a constant, a Python float where the expression runs)."""
+    if isinstance(node, ast.Name):
+        return True
+    children = node.args if isinstance(node, ast.Call) else ast.iter_child_nodes(node)
+    return any(_reads_variable(c) for c in children)
+
+
 def _d(node: ast.AST, var: str) -> ast.AST:
     if isinstance(node, ast.Expression):
         return _d(node.body, var)
@@ -467,13 +481,17 @@ def _d(node: ast.AST, var: str) -> ast.AST:
     if isinstance(node, ast.Call):
         # Chain rule over the arguments: the sum of d f / d arg_i * d arg_i / d var.
         f = FUNCTIONS[node.func.id]
+        args, grads = node.args, (f.grad, f.grad2)
+        if f.clamp_grad is not None and not all(map(_reads_variable, args)):
+            # min/max against a constant bound is a clamp: the input (put first, as u) has the only derivative.
+            args, grads = sorted(args, key=lambda a: not _reads_variable(a)), (f.clamp_grad,)
         total: ast.AST = ast.Constant(0.0)
-        for grad, arg in zip((f.grad, f.grad2), node.args):
+        for grad, arg in zip(grads, args):
             da = _d(arg, var)
             if grad is None or _const(da) == 0:
                 continue
             outer: ast.AST = ast.parse(grad, mode="eval")
-            for u, a in zip(("u", "v"), node.args):
+            for u, a in zip(("u", "v"), args):
                 outer = _substitute(outer, u, a)
             total = _bin(ast.Add(), total, _chain(_fold(outer), da))
         return total
