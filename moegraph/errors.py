@@ -6,9 +6,11 @@ The CLI prints these without a traceback and exits non-zero.
 
 from __future__ import annotations
 
+import difflib
 import math
 import reprlib
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +61,19 @@ def short_repr(value: Any, limit: int = 60) -> str:
     # a container by its first entries only (reprlib): a whole repr of a YAML alias bomb's billions never ends
     text = _CONTAINER_REPR.repr(value) if isinstance(value, (list, tuple, dict, set, frozenset)) else repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def close_names(word: str, names: Iterable[str], n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The names ``word`` is closest to, best first, for a "did you mean" hint (difflib's ratio, at least
+    ``cutoff``). A name that ``word`` only pads with whitespace comes first whatever the ratio, which counts
+    the padding against it: ``' relu '`` scores 0.8 against 'relu', ``'  gelu  '`` only 0.67, below a longer
+    name's score or the cutoff."""
+    names = list(names)
+    close = difflib.get_close_matches(word, names, n=n, cutoff=cutoff)
+    bare = word.strip()
+    if bare != word and bare in names:
+        close = [bare] + [c for c in close if c != bare]
+    return close[:n]
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ thing wrong: the field path, what was wrong, and what to do (with a did-you-mean
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import os
@@ -23,7 +22,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import MAX_PROBLEMS, Problem, SpecError, more_problems, short_repr
+from .errors import MAX_PROBLEMS, Problem, SpecError, close_names, more_problems, short_repr
 from .fileio import DuplicateKey, input_problem, unique_json_object, write_atomically
 from .resources import specs_dir
 from .spec import MoESpec
@@ -46,7 +45,7 @@ def preset_path(name: str) -> Path:
     found = presets()
     if name in found:
         return found[name]
-    close = difflib.get_close_matches(name, list(found), n=3)
+    close = close_names(name, found, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(found)}"
     raise SpecError([Problem("", f"no spec file or preset named {name!r}{hint}")], source=name)
 
@@ -458,7 +457,7 @@ def _close(word: Any, choices: list[str]) -> str:
     """"; did you mean ...?" for a string input close to one of ``choices`` (nothing for any other input)."""
     if not isinstance(word, str) or len(word) > 200:
         return ""
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = close_names(word, choices)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -468,7 +467,7 @@ def _message(err: dict, raw_loc: tuple, models: list[type[BaseModel]]) -> str:
         key = str(raw_loc[-1]) if raw_loc else "?"
         _, parents = _walk(raw_loc[:-1])
         allowed = sorted({name for m in parents for name in m.model_fields})
-        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+        close = close_names(key, allowed, cutoff=0.5)
         if close:
             return f"unknown key '{key}'; did you mean '{close[0]}'?"
         here = ".".join(str(x) for x in _walk(raw_loc[:-1])[0])

@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .errors import MAX_PROBLEMS, more_problems
+from .errors import MAX_PROBLEMS, close_names, more_problems
 from .semantics import activations as _activations
 from .semantics import combine as _combine
 from .semantics import dtypes as _dtypes
@@ -245,7 +245,7 @@ ACTIVATIONS = _activations.ACTIVATIONS
 def _check_activation(v: Any) -> str:
     if isinstance(v, str) and v in ACTIVATIONS:
         return v
-    if isinstance(v, str) and _activations.is_inline(v):
+    if isinstance(v, str) and _activations.is_inline(v) and v.strip() not in ACTIVATIONS:  # (a padded name: below)
         # An inline expression of gate and up (or x): validated by the expression language (unknown
         # names, arity, non-elementwise constructs, anything but numbers and calls, finiteness).
         try:
@@ -1295,9 +1295,11 @@ class ExplicitTopology(_Frozen):
         for i, link in enumerate(self.links):
             for end_key, end in (("a", link.a), ("b", link.b)):
                 if end not in first:
+                    close = close_names(end, first)
+                    hint = f"did you mean {close[0]!r}? Otherwise " if close else ""
                     problems.add(
                         f"links.{i}.{end_key}",
-                        f"link names unknown device {end!r}; use one of the devices: {shown}",
+                        f"link names unknown device {end!r}; {hint}use one of the devices: {shown}",
                     )
             if link.a == link.b:
                 problems.add(f"links.{i}.b", f"link connects {link.a!r} to itself; drop it")

@@ -546,6 +546,33 @@ def test_unknown_preset_suggests_close_names(run_cli):
     assert res.code == 2 and "did you mean" in res.err
 
 
+#: (mutation of BASE, Problem path, the name suggested): names a valid one only pads with whitespace
+PADDED = [
+    (_set("moe.experts.activation", " silu"), "moe.experts.activation", "silu"),
+    (_set("moe.experts.activation", "swiglu\n"), "moe.experts.activation", "swiglu"),
+    (_set("moe.router.score", "sigmoid "), "moe.router.score", "sigmoid"),
+    (_set("moe.router.score", "\tsoftplus"), "moe.router.score", "softplus"),
+    (_set("moe.router.type", "   hash    "), "moe.router.type", "hash"),  # more padding than difflib's cutoff allows
+    (_set("moe.router.topk_order", "  topk_then_score  "), "moe.router.topk_order", "topk_then_score"),
+    (_set("moe.router.      top_k      ", 2), "moe.router.      top_k      ", "top_k"),
+    (_set("topology", {**EXPLICIT, "links": [{"a": "g0 ", "b": "g1", "bandwidth_gbps": 100}]}), "topology.links.0.a",
+     "g0"),
+]
+
+
+@pytest.mark.parametrize("mutate,path,name", PADDED, ids=[f"{c[1]}={c[2]}" for c in PADDED])
+def test_names_padded_with_whitespace_get_a_did_you_mean(mutate, path, name):
+    with pytest.raises(SpecError) as info:
+        load_spec(_bad(mutate))
+    assert [p.path for p in info.value.problems] == [path], info.value.problems
+    assert f"did you mean '{name}'?" in info.value.problems[0].message, info.value.problems[0].message
+
+
+def test_a_padded_preset_name_gets_a_did_you_mean():
+    with pytest.raises(SpecError, match="did you mean switch-tiny"):
+        load_spec("   switch-tiny     ")
+
+
 def test_validate_reports_every_file(tmp_path, run_cli):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_bad(_set("moe.router.top_k", 9))))

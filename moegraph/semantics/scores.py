@@ -9,11 +9,11 @@ generated torch code, the Triton router, the torch reference routing and the HF 
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 from typing import Any
 
 import moegraph.semantics.expr as _expr
+from moegraph.errors import close_names
 
 __all__ = ["SCORE_FUNCTIONS", "SCORE_EXPR_FUNCTIONS", "SCORE_EXPR_MATH", "MAX_SCORE_EXPRESSION", "SCORE_PROBE_X",
            "score_tree", "score_value", "emit_score", "check_score", "score_expression", "score_can_be_negative"]
@@ -86,8 +86,8 @@ def check_score(v: str) -> str:
     """A score name or custom expression, validated; returned unchanged (ValueError otherwise)."""
     if v in SCORE_FUNCTIONS:
         return v
-    if v.isidentifier():
-        close = difflib.get_close_matches(v, list(SCORE_FUNCTIONS), n=1)
+    if v.isidentifier() or v.strip() in SCORE_FUNCTIONS:  # (a padded name is no expression either)
+        close = close_names(v, SCORE_FUNCTIONS)
         hint = f"did you mean '{close[0]}'? Otherwise " if close else ""
         raise ValueError(
             f"unknown score function {v!r}; {hint}use one of {sorted(SCORE_FUNCTIONS)} or an expression of x "

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ResourceError, TraceError, describe, is_integer, short_repr
+from ..errors import ResourceError, TraceError, close_names, describe, is_integer, short_repr
 from ..fileio import DuplicateKey, check_input, unique_json_object
 from ..limits import check_memory
 from ..spec import MAX_EXPERTS, MoESpec
@@ -512,10 +512,8 @@ def _resolve_one(item: str | Path | TraceSet, spec: MoESpec | None) -> TraceSet:
             raise TraceError(f"bundled trace set {name!r} has no task {task!r}; tasks: {', '.join(tasks)}")
         chosen = [task] if task else tasks
         return TraceSet.concat([read_native(_BUNDLED / name / f"{t}.npz") for t in chosen], name=text)
-    import difflib
-
     names = list(bundled) + [f"{n}/{t}" for n, ts in bundled.items() for t in ts]
-    close = difflib.get_close_matches(text, names, n=2)
+    close = close_names(text, names, n=2)
     hint = f"did you mean {' or '.join(close)}?" if close else f"bundled: {', '.join(names) or 'none'}"
     raise TraceError(f"{text}: no such trace file or folder, and no bundled trace set of that name; {hint}")
 
