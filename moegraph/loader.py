@@ -95,7 +95,7 @@ def read_spec_dict(path: str | Path) -> tuple[dict[str, Any], str]:
         raise SpecError([Problem("", "nested too deeply to be a spec; a spec is a few levels of sections")],
                         source=str(p)) from None
     except (_DuplicateKey, _RefusedScalar) as exc:
-        raise SpecError([Problem("", str(exc))], source=str(p)) from None
+        raise SpecError([Problem(getattr(exc, "path", ""), str(exc))], source=str(p)) from None
     except ValueError as exc:  # Python's limit on the digits of an integer (int_max_str_digits), a bad !!timestamp
         if "digits" in str(exc):
             msg = "holds an integer with thousands of digits; no spec field takes such a number"
@@ -118,10 +118,17 @@ _DuplicateKey = DuplicateKey  # a key given twice in one mapping of a spec file
 
 
 class _RefusedScalar(Exception):
-    """A YAML value whose meaning differs between YAML 1.1 and 1.2 (the loader refuses to guess)."""
+    """A YAML value the loader refuses: one whose meaning differs between YAML 1.1 and 1.2 (it does not guess), or
+    binary data. ``path``: the dotted key path of the value where known ('' otherwise)."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
 
 
 _MERGE = "tag:yaml.org,2002:merge"
+#: base64 data (``!!binary``): PyYAML makes bytes of it, which a spec never takes (pydantic reads bytes as text)
+_BINARY = "tag:yaml.org,2002:binary"
 #: numbers YAML 1.1 (PyYAML's resolver) reads otherwise than YAML 1.2, JSON and TOML do: an octal integer (a
 #: leading zero) and base 60 (``1:04``); forms PyYAML reads as text (``08``, ``09:30``) stay text
 _AMBIGUOUS = "tag:moegraph,2024:ambiguous-number"
@@ -161,7 +168,8 @@ class _SpecYAML:
     twice in one mapping is refused. ``1e-3`` (exponent, no dot) is a number, as in YAML 1.2, JSON and TOML
     (YAML 1.1: the string '1e-3'). A date is text (YAML 1.2 has no timestamps). A number with a leading zero
     (``0100``: YAML 1.1 octal 64, YAML 1.2 decimal 100) or in base 60 (``1:04``: YAML 1.1 64) is refused
-    with the fix, since a spec takes no number as a string and the two readings differ.
+    with the fix, since a spec takes no number as a string and the two readings differ. ``!!binary`` data is
+    refused with its key path (no spec field takes bytes).
     """
 
     def _check_unique(self, node: yaml.MappingNode, checked: set[int]) -> None:
@@ -186,6 +194,33 @@ class _SpecYAML:
             if dup:
                 line = key_node.start_mark.line + 1
                 raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line}); give it once")
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_binary(node)
+        return super().construct_document(node)
+
+    @staticmethod
+    def _refuse_binary(root: yaml.Node) -> None:
+        """Refuse a ``!!binary`` value anywhere in the document, naming its key path: a spec file is text, and
+        binary data would reach the fields as bytes (read as text, or refused as 'got b'...'')."""
+        stack, seen = [(root, "")], set()
+        while stack:
+            node, path = stack.pop()
+            if id(node) in seen:  # (an anchor's node is walked once, however often it is aliased)
+                continue
+            seen.add(id(node))
+            if node.tag == _BINARY:
+                raise _RefusedScalar(f"!!binary value (line {node.start_mark.line + 1}): a spec file is text and no "
+                                     "field takes binary data; write the value as plain text or a number (drop the "
+                                     "!!binary tag)", path)
+            children = []
+            if isinstance(node, yaml.MappingNode):
+                for key_node, value_node in node.value:
+                    key = key_node.value if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _MERGE else ""
+                    children += [(key_node, path), (value_node, ".".join(filter(None, (path, key))))]
+            elif isinstance(node, yaml.SequenceNode):
+                children = [(item, ".".join(filter(None, (path, str(i))))) for i, item in enumerate(node.value)]
+            stack += reversed(children)  # (the first in the file is the one reported)
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         # Keep one entry per key (the last, which wins): merges of merges cannot multiply the entries.

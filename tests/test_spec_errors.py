@@ -392,6 +392,42 @@ def test_bad_file(case, tmp_path, run_cli):
     assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
 
 
+BINARY_SPEC = """\
+name: probe
+description: "!!binary is text when quoted"
+moe:
+  hidden_size: 32
+  experts: &e {{num_experts: 8, intermediate_size: 16, activation: {activation}}}
+  router:
+    type: topk
+    top_k: 2
+    aux_losses:
+      - {{kind: {kind}, coef: 0.01}}
+{extra}"""
+
+
+@pytest.mark.parametrize("where,fields,line", [
+    ("source", {"extra": "source: !!binary aGVsbG8="}, 11),  # 'hello': it was read as the text hello
+    ("moe.experts.activation", {"activation": "!!binary c2lsdQ=="}, 5),  # 'silu': refused as "got b'silu'"
+    ("moe.router.aux_losses.0.kind", {"kind": "!!binary el9sb3Nz"}, 10),
+    ("model.vocab_size", {"extra": "model: {<<: {vocab_size: !!binary MTAw}}"}, 11),  # merged into model
+])
+def test_yaml_binary_values_are_refused_with_their_key_path(where, fields, line, tmp_path, run_cli):
+    """!!binary data (PyYAML: bytes) has no place in a spec; it is refused like the YAML 1.1 readings, naming the
+    file, the key path, the line and the fix, instead of reaching the fields as bytes."""
+    f = tmp_path / "binary.yaml"
+    f.write_text(BINARY_SPEC.format(**{"activation": "silu", "kind": "z_loss", "extra": "", **fields}))
+    with pytest.raises(SpecError) as info:
+        load_spec(f)
+    assert [p.path for p in info.value.problems] == [where]
+    assert str(info.value) == (f"{f}: {where}: !!binary value (line {line}): a spec file is text and no field takes "
+                               "binary data; write the value as plain text or a number (drop the !!binary tag)")
+    res = run_cli("validate", f)
+    assert res.code == 2 and "!!binary value" in res.err and "Traceback" not in res.err
+    f.write_text(BINARY_SPEC.format(activation="silu", kind="z_loss", extra=""))
+    assert load_spec(f).description == "!!binary is text when quoted"
+
+
 def test_yaml_merge_keys_dates_and_numbers_as_yaml_1_2(tmp_path):
     """Merge keys are taken (the mapping's own keys win), a date is text, leading-zero numbers refused with the fix."""
     f = tmp_path / "merge.yaml"
