@@ -734,6 +734,24 @@ def test_bench_command_runs_on_every_bundled_preset(preset, bench_cache, run_cli
     assert any(name in row for name in strategies.STRATEGIES), r.out
 
 
+def test_bench_memory_refusal_names_the_command_options(run_cli, monkeypatch):
+    """`moegraph bench` on a layer too big for the machine says what to change in its own options (--dtype,
+    --no-hf, a -tiny preset), before building anything; compile's own refusal named Python's dtype= and plan=."""
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda *a, **k: 1 << 30)
+    r = run_cli("bench", "deepseek-v3", "-t", "1", "--rounds", "1")
+    err = " ".join(r.err.split())
+    assert r.code == 2 and "Traceback" not in err and "benchmarking spec 'deepseek-v3'" in err, err
+    assert "more than the memory available (1.0 GiB)" in err and "two float32 copies for the Hugging Face" in err
+    assert "the preset deepseek-v3-tiny" in err and "--dtype bfloat16" in err and "--no-hf" in err
+    assert "dtype=" not in err and "plan=" not in err
+    # Only the options that would help: bfloat16 and no HF copies already chosen leave the smaller spec.
+    r = run_cli("bench", "deepseek-v3", "--no-hf", "--dtype", "bfloat16", "-t", "1", "--rounds", "1")
+    err = " ".join(r.err.split())
+    assert r.code == 2 and "(bfloat16 weights)" in err
+    assert "use a smaller spec (e.g. the preset deepseek-v3-tiny)" in err
+    assert "--dtype" not in err and "--no-hf" not in err and "dtype=" not in err, err
+
+
 def test_bench_reports_the_strategy_that_ran_where_a_pin_falls_back(run_cli, monkeypatch, tmp_path):
     """A pin that does not run here (native_bf16 in float32 runs per_expert) is reported with the strategy
     that ran in its place; one that runs is reported as it is."""

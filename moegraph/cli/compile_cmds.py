@@ -28,16 +28,13 @@ def compile_cmd(
     from ..compiler import compile as mg_compile
     from ..compiler import layer_bytes, smoke_bytes
     from ..limits import check_memory
-    from ..loader import presets
     from ..runtime import torch_dtype
 
     s = load_spec(spec)
     be = check_backend(backend or s.codegen.backend)
     # refused before writing anything, with advice this command can follow (compile's own check, in the Python
     # API, names its dtype= and plan= arguments, which the command does not have)
-    tiny = f"{s.name}-tiny"
-    smaller = (f"a smaller spec (e.g. the preset {tiny})" if tiny in presets()
-               else "a smaller spec (e.g. a -tiny preset)")
+    smaller = _smaller_spec(s)
     check_memory(layer_bytes(s, torch_dtype(s.moe.dtype)), f"compiling the layer of spec {s.name!r} ({s.moe.dtype} "
                  "weights, the spec's moe.dtype)", f"use {smaller}, or compile it where more memory is free; nothing "
                  "was written")
@@ -63,6 +60,14 @@ def compile_cmd(
         console.print(f"smoke forward: {tuple(x.shape)} -> {shapes}, finite={finite}; "
                       f"FX passes applied: {', '.join(rep.applied) or 'none'} "
                       f"({rep.nodes_before} -> {rep.nodes_after} nodes)", highlight=False)
+
+
+def _smaller_spec(s) -> str:
+    """Advice naming a smaller spec: the spec's own -tiny preset where there is one."""
+    from ..loader import presets
+
+    tiny = f"{s.name}-tiny"
+    return f"a smaller spec (e.g. the preset {tiny})" if tiny in presets() else "a smaller spec (e.g. a -tiny preset)"
 
 
 @app.command()
@@ -91,6 +96,7 @@ def bench(
     if why:
         say(f"no HF comparison for {s.name}: {why}; timing moegraph only", text_style="yellow")
         with_hf = False
+    _check_bench_memory(s, torch_dtype(dtype), with_hf)
     with waiting(err_console, "benchmarking") as update:
         rows = run_layer_bench(s, tuple(tokens or (1, 16, 64, 128, 2048)), rounds=rounds, with_hf=with_hf,
                                progress=update, dtype=torch_dtype(dtype), train=train, expert_strategy=strategy)
@@ -110,3 +116,23 @@ def bench(
                   "'vs best HF' > 1 means moegraph is faster; 'vs limit' = moegraph time / limit; strategy = "
                   "the expert-compute strategy moegraph ran (tuned on this machine unless pinned; a pinned "
                   "strategy that cannot run here is named after the one it fell back to).")
+
+
+def _check_bench_memory(s, dtype, with_hf: bool) -> None:
+    """Refuse a benchmark whose weights do not fit, before building anything, with advice in this command's options
+    (compile's own check, which the benchmark would reach first, names the Python API's dtype= and plan=)."""
+    import torch
+
+    from ..compiler import layer_bytes
+    from ..limits import check_memory
+
+    layer = layer_bytes(s, dtype)
+    # The HF blocks are built in float32 (both, before either is cast to --dtype), beside the compiled layer.
+    hf = 2 * layer_bytes(s, torch.float32) if with_hf else 0
+    need = max(layer_bytes(s, dtype, seeded=True), layer + hf)
+    name = str(dtype).replace("torch.", "")
+    hf_copies = ", and two float32 copies for the Hugging Face blocks" if with_hf else ""
+    what = f"benchmarking spec {s.name!r} ({name} weights{hf_copies})"
+    fixes = [f"use {_smaller_spec(s)}"] + (["pass --dtype bfloat16"] if dtype.itemsize > 2 else []) + (
+        ["pass --no-hf (time moegraph alone, without the HF copies)"] if with_hf else [])
+    check_memory(need, what, ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0])
