@@ -752,6 +752,18 @@ def test_bench_memory_refusal_names_the_command_options(run_cli, monkeypatch):
     assert "--dtype" not in err and "--no-hf" not in err and "dtype=" not in err, err
 
 
+def test_tune_memory_refusal_names_the_command_options(run_cli, monkeypatch, tmp_path):
+    """`moegraph tune` refuses the same way, sized by the widest --dtype asked for, with its own options."""
+    monkeypatch.setattr("moegraph.limits.available_memory", lambda *a, **k: 1 << 30)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    r = run_cli("tune", "deepseek-v3", "-t", "1", "--dtype", "bfloat16", "--dtype", "float32")
+    err = " ".join(r.err.split())
+    assert r.code == 2 and "Traceback" not in err and "tuning spec 'deepseek-v3' (float32 weights)" in err, err
+    assert "the preset deepseek-v3-tiny" in err and "--dtype bfloat16" in err
+    assert "dtype=" not in err and "plan=" not in err and "--no-hf" not in err
+    assert not list(tmp_path.rglob("*.json"))  # refused before tuning anything
+
+
 def test_bench_reports_the_strategy_that_ran_where_a_pin_falls_back(run_cli, monkeypatch, tmp_path):
     """A pin that does not run here (native_bf16 in float32 runs per_expert) is reported with the strategy
     that ran in its place; one that runs is reported as it is."""

@@ -118,9 +118,9 @@ def bench(
                   "strategy that cannot run here is named after the one it fell back to).")
 
 
-def _check_bench_memory(s, dtype, with_hf: bool) -> None:
-    """Refuse a benchmark whose weights do not fit, before building anything, with advice in this command's options
-    (compile's own check, which the benchmark would reach first, names the Python API's dtype= and plan=)."""
+def _check_bench_memory(s, dtype, with_hf: bool, doing: str = "benchmarking") -> None:
+    """Refuse a benchmark (or tuning run) whose weights do not fit, before building anything, with advice in the
+    command's options (compile's own check, which it would reach first, names the Python API's dtype= and plan=)."""
     import torch
 
     from ..compiler import layer_bytes
@@ -132,7 +132,7 @@ def _check_bench_memory(s, dtype, with_hf: bool) -> None:
     need = max(layer_bytes(s, dtype, seeded=True), layer + hf)
     name = str(dtype).replace("torch.", "")
     hf_copies = ", and two float32 copies for the Hugging Face blocks" if with_hf else ""
-    what = f"benchmarking spec {s.name!r} ({name} weights{hf_copies})"
+    what = f"{doing} spec {s.name!r} ({name} weights{hf_copies})"
     fixes = [f"use {_smaller_spec(s)}"] + (["pass --dtype bfloat16"] if dtype.itemsize > 2 else []) + (
         ["pass --no-hf (time moegraph alone, without the HF copies)"] if with_hf else [])
     check_memory(need, what, ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0])

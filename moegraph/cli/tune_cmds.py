@@ -36,12 +36,15 @@ def tune(
     from ..compiler import compile as mg_compile
     from ..errors import InputError
     from ..runtime import torch_dtype
+    from .compile_cmds import _check_bench_memory
 
     dtypes = dtype or ["float32"]
     bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
     if bad:
         raise InputError(f"--dtype {bad[0]!r}: choose float32 or bfloat16")
     s = load_spec(BENCH_SPEC if spec == "default" else spec)
+    # one layer at a time, the widest dtype asked for the largest (advice in this command's options)
+    _check_bench_memory(s, max((torch_dtype(d) for d in dtypes), key=lambda d: d.itemsize), False, "tuning")
     tuner = tuning.active_tuner()  # the command's (its table read once)
     if tuner is None:
         tuner = tuning.enable_tuning(None)
