@@ -51,6 +51,10 @@ class BlockAnatomy:
     # "listed": a ModuleDict/ModuleList of E small MLPs (Switch Transformers)
     identity_experts: int = 0  # router choices after the E MLP experts whose expert returns its input (LongCat)
     zero_experts: int = 0  # ... and then those returning zero
+    extra_choices: int = 0  # router choices after the E MLP experts (identity + zero experts, once read)
+    #: why the experts module cannot say what those choices are (it fails on them, or is on the meta device): a
+    #: block that handles them around its experts (LongCat since transformers 5.25) is read by the probe instead
+    extra_unread: str | None = None
     gate_clamp: float | None = None  # clamps of a clamped gated activation (a custom _apply_gate)
     up_clamp: float | None = None
     output_norm_name: str | None = None  # a child RMS norm of the block output (AXK1's post_mlp_layernorm)
@@ -506,13 +510,16 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         anat_kwargs["shared_routed"] = n
         R = E
     elif R > E:
+        # Choices beyond the experts: identity/zero experts, which the experts module handles (read here) or the
+        # block around it (the probe sees the experts never receive them, and reads them from the block output).
+        anat_kwargs["extra_choices"] = R - E
         try:
             anat_kwargs["identity_experts"], anat_kwargs["zero_experts"] = _extra_experts(experts, E, R, D, cls)
         except UnsupportedBlock as exc:
-            raise UnsupportedBlock(
+            anat_kwargs["extra_unread"] = (
                 f"expected exactly one router weight of shape [{E}, {D}] outside the experts, found none; {rw} "
                 f"{tuple(dict(tensors)[rw].shape)} is not a router over the {E} experts and identity/zero experts "
-                f"({exc.reason})", cls) from exc
+                f"({exc.reason})")
     owner = rw.rsplit(".", 1)[0] if "." in rw else ""
     rb = f"{owner}.bias" if owner else "bias"
     if net is not None and net.bias_name is None:

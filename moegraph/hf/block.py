@@ -18,7 +18,7 @@ from .quant import block_scales, is_fp8_block, quantization_section, reference_b
 from .anatomy import BlockAnatomy, _gate_constants, _named_tensors, inspect_block
 from .assemble import _dtype_name, build_spec
 from .probe import forward_args, probe_block, token_vocab
-from .routing import Routing, identify_routing
+from .routing import Routing, identify_routing, read_extra_choices
 from .train_mode import PendingTrainingWarning, dropout_note
 from .vocab import DTYPE_NAMES, _attr, _text_config
 from .weights import hf_weights, load_hf_weights
@@ -96,6 +96,7 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
     probe = probe_block(block, anat)
     anat = probe.anatomy or anat  # (two norms beside the experts: which is the experts' input norm, read by the probe)
     routing, notes = identify_routing(probe, cfg, anat.block_class)
+    anat = read_extra_choices(anat, probe, routing)
     anat = _routing_tensors(anat, routing, probe)
     dtype = DTYPE_NAMES.get(_block_dtype(block, anat, cfg))
     if dtype is None:

@@ -19,7 +19,7 @@ from .assemble import _dtype_name, build_spec
 from .model_section import _layer_types
 from .probe import probe_block
 from .quant import quantization_section
-from .routing import Routing, declared_routing, identify_routing
+from .routing import Routing, declared_routing, identify_routing, read_extra_choices
 from .vocab import (
     _EXPERT_F,
     _NUM_EXPERTS,
@@ -309,7 +309,9 @@ def _spec_of(config: Any, block: nn.Module | None, name: str | None, probe: bool
     notes: list[str] = []
     if block is not None:
         anat = inspect_block(block, cfg)
-        routing, rnotes = identify_routing(probe_block(block, anat), cfg, anat.block_class)
+        probed = probe_block(block, anat)
+        routing, rnotes = identify_routing(probed, cfg, anat.block_class)
+        anat = read_extra_choices(anat, probed, routing)
         notes += rnotes
     elif probe and _known_to_transformers(config):
         # transformers implements this family, so its code (not its attribute names) is the

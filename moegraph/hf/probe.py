@@ -73,6 +73,10 @@ class Probe:
     anatomy: BlockAnatomy | None = None
     flattened: bool = False  # the block returns its output (and router logits) flattened to 1-D (Ernie 4.5 VL)
     zero_from: int | None = None  # the first zero-expert router id, when the block has zero experts
+    #: a block that handles its router choices beyond the E experts around them (LongCat since transformers 5.25:
+    #: its experts receive them as weight-0 choices of an expert): per token, the multiple of its input it adds
+    #: for them, the weight of its identity choices (``routing.read_extra_choices`` reads which choices are which)
+    beside_T: Tensor | None = None
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -95,6 +99,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     """
     cls = anat.block_class
     D, E = anat.hidden_size, anat.num_experts
+    # One more token per router choice beyond the experts, along its router row, so that each is chosen.
+    aligned = anat.extra_choices if anat.router_network is None else 0
+    tokens += aligned
     heavy = (anat.experts_name, *anat.shared_names)
     light = light_copy(block, heavy)
     constants = {word: _gate_constants(light, word) for word in ("softcap", "jitter", "eps")}  # experts left out
@@ -129,6 +136,9 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         shared_out = torch.randn(tokens, D, generator=g)
         dense_out = torch.randn(E * tokens, D, generator=g)
         x = torch.randn(1, tokens, D, generator=g)
+        if aligned:  # (a logit of 6 for its choice, whose score then leads whatever the scoring)
+            rows_ND = get_path(light, anat.router_weight_name)[E:E + aligned].float()
+            x[0, -aligned:] = 6 * rows_ND / rows_ND.pow(2).sum(-1, keepdim=True)
         token_arg = token_id_arg(block)
         vocab = token_vocab(block)
         tid_T = torch.randint(0, vocab, (tokens,), generator=g)
@@ -250,6 +260,23 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
         raise UnsupportedBlock(f"its experts receive routing of shape {tuple(ids.shape)}/{tuple(w.shape)}; expected "
                                f"[{tokens}, K] ids and weights", cls)
 
+    # Router choices beyond the experts: the experts module handles them (it receives ids >= E), or the block does
+    # around it, handing them over as weight-0 choices of some expert and adding w * x for each identity one.
+    beside = False
+    if anat.extra_choices and not input_scaled and not anat.split_down_name:
+        if bool((ids >= E).any()):
+            if anat.extra_unread:
+                raise UnsupportedBlock(anat.extra_unread, cls)
+        elif bool((w == 0).any()):
+            beside = True
+        elif anat.extra_unread:
+            raise UnsupportedBlock(f"{anat.extra_unread}; nor did its experts receive weight-0 stand-ins for them in "
+                                   "the probe (a block handling them itself)", cls)
+    if beside and (anat.output_norm_name or anat.expert_width):
+        raise UnsupportedBlock(f"it handles its {anat.extra_choices} router choices beyond the {E} experts itself, "
+                               "around experts with " + ("an output norm" if anat.output_norm_name else
+                                                         "their own projected space") + "; that is not read", cls)
+
     # The combine: output == c * routed + (sigmoid gate *) shared, with c = 1 unless the block scales the
     # routed output itself (Beam): c is read off the output and folded into the routing weights.
     routed = dense_out.view(E, tokens, D).sum(0) if input_scaled else routed_out
@@ -279,6 +306,12 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     if isinstance(y, Tensor) and y.numel() == tokens * D and y.shape[-1] != D and y.dim() != 1:
         raise UnsupportedBlock(f"it returns its output flattened (shape {tuple(y.shape)} for {tokens} tokens of {D}); "
                                "the compiled layer returns [..., hidden] like its input", cls)
+    beside_T = None
+    if beside and isinstance(y, Tensor) and y.numel() == tokens * D:
+        # What the block adds beside its experts: a multiple of each token's input (checked with the rest below).
+        with torch.no_grad():  # (``expect`` may carry a shared-expert gate's autograd history)
+            beside_T = _beside_multiples(y.reshape(tokens, D).float() - expect, routed, x.view(tokens, D))
+        expect = expect + beside_T.unsqueeze(-1) * x.view(tokens, D)
     routed_scale = 1.0
     if anat.output_norm_name:  # the spec's RMS norm of routed + shared (no routed scale can be read through it)
         expect = expect + routed
@@ -319,7 +352,20 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
                  tid_T if token_arg else None, uses_ids, None if table is None else table.clone(), input_scaled,
                  y.dim() == 2, routed_scale, shared_w if anat.shared_routed else None, capacity, constants,
                  router_input, resolved, y.dim() == 1,
-                 anat.num_experts + anat.identity_experts if anat.zero_experts else None)
+                 E if beside else anat.num_experts + anat.identity_experts if anat.zero_experts else None, beside_T)
+
+
+def _beside_multiples(d_TD: Tensor, routed_TD: Tensor, x_TD: Tensor) -> Tensor:
+    """[T] s with d == c * routed + s * x (one c for all tokens, by least squares): what a block adds beside its
+    experts' weighted sum ``routed``, as a multiple of each token's input ``x``."""
+    u_TD = x_TD / x_TD.norm(dim=-1, keepdim=True)
+
+    def off_x(v_TD: Tensor) -> Tensor:
+        return v_TD - (v_TD * u_TD).sum(-1, keepdim=True) * u_TD
+
+    pr_TD = off_x(routed_TD)
+    c = (pr_TD * off_x(d_TD)).sum() / (pr_TD * pr_TD).sum()
+    return ((d_TD - c * routed_TD) * x_TD).sum(-1) / (x_TD * x_TD).sum(-1)
 
 
 def _resolve_norms(light: nn.Module, anat: BlockAnatomy, x_TD: Tensor, h_TD: Tensor) -> BlockAnatomy:

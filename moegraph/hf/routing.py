@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedBlock
 from ..semantics.routing import TopKPolicy, cap_logits, route_topk, sparsemixer_route
+from .anatomy import BlockAnatomy
 from .probe import Probe
 from .vocab import _HF_SCORES, _NORMALIZE, _SCALING, _SCORE, _SCORE_FNS, _TOP_K, _attr
 
@@ -312,6 +313,11 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         ok, why = _same_routing(ids, w[:, :K], probe.ids_TK, probe.weights_TK)
         if not ok or S and not torch.allclose(w[:, K:], probe.shared_weights_TS, rtol=1e-4, atol=1e-7):
             continue
+        if probe.beside_T is not None:  # what the block adds beside its experts must fit these weights too
+            kinds, why = extra_choice_kinds(probe, dataclasses.replace(r, scaling_factor=scale * probe.routed_scale))
+            if kinds is None:
+                first_mismatch = first_mismatch or (r, why)
+                continue
         notes += _deviation_notes(dec, r, probe.expert_bias_E is not None)
         return r, notes
     cand, why = first_mismatch if first_mismatch else (None, "")
@@ -338,6 +344,44 @@ def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     if has_bias and not r.expert_bias and not r.per_expert_scale:
         notes.append("the block holds an expert-selection bias but does not use it")
     return notes
+
+
+def extra_choice_kinds(probe: Probe, r: Routing) -> tuple[tuple[int, int] | None, str]:
+    """((identity, zero) counts, "") of the router choices beyond the experts of a block that handles them around
+    its experts (``probe.beside_T``), read from what it adds beside them: per token, the input times the weights
+    (routing ``r``'s) of its identity choices; identity choices first, as the spec orders them.
+    (None, why) when no such split explains it."""
+    assert probe.beside_T is not None and probe.zero_from is not None, "a probe of a block handling its extra choices"
+    E, R, K = probe.zero_from, probe.logits_TE.shape[1], probe.ids_TK.shape[1]
+    ids, w = route(probe.logits_TE, r, probe.expert_bias_E)
+    ids, w = ids[:, :K], w[:, :K].double()
+    extra_TK = ids >= E
+    # w_TZ[t, j]: the weight token t gives choice E + j; the identity choices' weight with n identity experts is
+    # the sum of its first n columns
+    w_TZ = torch.zeros(ids.shape[0], R - E, dtype=torch.float64)
+    w_TZ.scatter_add_(1, (ids - E).clamp(min=0), torch.where(extra_TK, w, torch.zeros_like(w)))
+    sums_TN = torch.cat([torch.zeros_like(w_TZ[:, :1]), w_TZ.cumsum(-1)], dim=-1)
+    s_T = probe.beside_T.double().unsqueeze(-1)
+    fits = ((sums_TN - s_T).abs() <= 1e-5 + 1e-4 * s_T.abs()).all(0).nonzero().flatten().tolist()
+    if not fits:
+        return None, (f"what it adds beside its experts for its {R - E} router choices beyond the {E} experts is not "
+                      "the input times the weights of identity choices (then zero choices)")
+    if len(fits) > 1:
+        unseen = [E + j for j in range(fits[0], fits[-1])]
+        return None, (f"its router choices {unseen[0]}..{unseen[-1]} beyond the {E} experts were never chosen in the "
+                      "probe, so whether they are identity or zero experts is unknown")
+    return (fits[0], R - E - fits[0]), ""
+
+
+def read_extra_choices(anat: BlockAnatomy, probe: Probe, r: Routing) -> BlockAnatomy:
+    """The anatomy with its identity/zero expert counts read from the block output, for a block that handles its
+    router choices beyond the experts itself (``probe.beside_T``); as given otherwise."""
+    if probe.beside_T is None:
+        return anat
+    kinds, why = extra_choice_kinds(probe, r)
+    if kinds is None:
+        raise UnsupportedBlock(why, anat.block_class)
+    return dataclasses.replace(anat, identity_experts=kinds[0], zero_experts=kinds[1], extra_unread=None)
 
 
 def skips_as_zero_expert(ids_TK: Tensor, w_TK: Tensor, zero_from: int, reported: bool) -> tuple[Tensor, Tensor]:
