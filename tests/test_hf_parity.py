@@ -597,6 +597,85 @@ def test_longcat_identity_experts_are_chosen() -> None:
     assert (ids >= 8).any() and (ids < 8).any(), ids
 
 
+class _ExtraChoicesExperts(torch.nn.Module):
+    """Experts in the transformers v5 layout [E, ., .]. With ``extra`` = (identity, zero) they also handle those
+    router choices after the E MLP experts (LongCat's up to transformers 5.24); without, an id >= E is an error."""
+
+    def __init__(self, E: int, F: int, extra: tuple[int, int] | None):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * F, D, generator=g) * 0.2)
+        self.down_proj = torch.nn.Parameter(torch.randn(E, D, F, generator=g) * 0.2)
+        self.act_fn = torch.nn.SiLU()
+        self.num_experts, self.extra = E, extra
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        E = self.num_experts
+        if self.extra is None and bool((ids >= E).any()):
+            raise IndexError(f"expert id {int(ids.max())} of {E} experts")
+        out = torch.zeros_like(x)
+        for e in range(E + (sum(self.extra) if self.extra else 0)):
+            tok, pos = torch.where(ids == e)
+            if e >= E:  # an identity, then a zero expert
+                h = x[tok] if e < E + self.extra[0] else torch.zeros_like(x[tok])
+            else:
+                gate, up = torch.nn.functional.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+                h = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e])
+            out.index_add_(0, tok, h * w[tok, pos, None])
+        return out
+
+
+class _ExtraChoicesBlock(torch.nn.Module):
+    """A softmax top-3 router over 6 MLP experts, then ``identity`` identity and ``zero`` zero experts (a selection
+    bias, weights x2). ``beside``: the block handles those choices itself, handing them to its experts as weight-0
+    choices and adding x times their weight (LongCat since transformers 5.25); else its experts do."""
+
+    def __init__(self, identity: int, zero: int, beside: bool, zero_first: bool = False):
+        super().__init__()
+        self.E, self.identity, self.zero, self.beside, self.zero_first = 6, identity, zero, beside, zero_first
+        self.experts = _ExtraChoicesExperts(self.E, 8, None if beside else (identity, zero))
+        self.router = torch.nn.Linear(D, self.E + identity + zero, bias=False)
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            self.router.weight.copy_(torch.randn(self.router.weight.shape, generator=g) * 0.5)
+        self.e_score_correction_bias = torch.nn.Buffer(torch.randn(self.E + identity + zero, generator=g) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        scores = self.router(x).softmax(-1)
+        ids = (scores + self.e_score_correction_bias).topk(3, dim=-1).indices
+        w = scores.gather(1, ids) * 2.0
+        if not self.beside:
+            return self.experts(x, ids, w).reshape(shape)
+        E, n_id = self.E, self.identity
+        extra = ids >= E
+        ident = extra & ((ids >= E + self.zero) if self.zero_first else (ids < E + n_id))
+        beside = x * w.masked_fill(~ident, 0.0).sum(-1, keepdim=True)
+        ids, w = torch.where(extra, ids % E, ids), w.masked_fill(extra, 0.0)
+        return (self.experts(x, ids, w) + beside).reshape(shape)
+
+
+@pytest.mark.parametrize("beside", [False, True])
+def test_identity_and_zero_experts_in_the_experts_or_beside_them(beside: bool) -> None:
+    """Choices beyond the MLP experts read the same whether the experts module handles them (transformers <= 5.24's
+    LongCat) or the block does around it (>= 5.25): 3 identity and 2 zero experts, the layer equal to the block."""
+    block = _ExtraChoicesBlock(3, 2, beside).eval()
+    layer = from_hf(block)
+    ex = layer.hf_import.spec.moe.experts
+    assert (ex.num_experts, ex.identity_experts, ex.zero_experts) == (6, 3, 2)
+    x = torch.randn(4, 8, D, generator=torch.Generator().manual_seed(2))
+    layer.start_recording()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), block(x), rtol=1e-5, atol=1e-6)
+    ids = layer.stop_recording().ids()
+    assert (ids >= 9).any() and ((ids >= 6) & (ids < 9)).any(), ids  # tokens chose identity and zero experts
+
+
+def test_zero_experts_before_identity_ones_beside_the_experts_refused() -> None:
+    with pytest.raises(UnsupportedBlock, match=r"the weights of identity choices \(then zero choices\)"):
+        from_hf(_ExtraChoicesBlock(3, 2, True, zero_first=True).eval())
+
+
 class _OwnGateExperts(torch.nn.Module):
     """A user's experts module with its own gate function and constants it does not expose."""
 

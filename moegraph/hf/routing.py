@@ -271,6 +271,7 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
     if dec.top_k is not None and dec.top_k != K:
         notes.append(f"config says top-{dec.top_k} but the block routes to {K} experts; following the block")
     first_mismatch = None
+    beside_mismatch = None  # a routing that fits all but what the block adds beside its experts
 
     def weights_in_order(ids: Tensor, w: Tensor, shared_w: Tensor | None) -> Tensor:
         # The chosen experts' weights by expert id, then the shared experts' (one order for both sides).
@@ -316,10 +317,14 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
         if probe.beside_T is not None:  # what the block adds beside its experts must fit these weights too
             kinds, why = extra_choice_kinds(probe, dataclasses.replace(r, scaling_factor=scale * probe.routed_scale))
             if kinds is None:
-                first_mismatch = first_mismatch or (r, why)
+                beside_mismatch = beside_mismatch or (r, why)
                 continue
         notes += _deviation_notes(dec, r, probe.expert_bias_E is not None)
         return r, notes
+    if beside_mismatch is not None:
+        cand, why = beside_mismatch
+        raise UnsupportedBlock(f"its routing ({cand.describe()}) reproduces the experts and weights it chooses, but "
+                               f"{why}", block_class)
     cand, why = first_mismatch if first_mismatch else (None, "")
     tried = f"; the config's reading ({cand.describe()}) gives {why}" if cand else ""
     held = "; ".join(f"{k} {', '.join(f'{v:g}' for v in vs)}" for k, vs in probe.constants.items() if vs)
