@@ -169,7 +169,7 @@ class _SpecYAML:
     (YAML 1.1: the string '1e-3'). A date is text (YAML 1.2 has no timestamps). A number with a leading zero
     (``0100``: YAML 1.1 octal 64, YAML 1.2 decimal 100) or in base 60 (``1:04``: YAML 1.1 64) is refused
     with the fix, since a spec takes no number as a string and the two readings differ. ``!!binary`` data is
-    refused with its key path (no spec field takes bytes).
+    refused too (no spec field takes bytes); each refusal names the value's key path.
     """
 
     def _check_unique(self, node: yaml.MappingNode, checked: set[int]) -> None:
@@ -196,13 +196,14 @@ class _SpecYAML:
                 raise _DuplicateKey(f"key {key!r} appears twice in one mapping (line {line}); give it once")
 
     def construct_document(self, node: yaml.Node) -> Any:
-        self._refuse_binary(node)
+        self._refuse_scalars(node)
         return super().construct_document(node)
 
     @staticmethod
-    def _refuse_binary(root: yaml.Node) -> None:
-        """Refuse a ``!!binary`` value anywhere in the document, naming its key path: a spec file is text, and
-        binary data would reach the fields as bytes (read as text, or refused as 'got b'...'')."""
+    def _refuse_scalars(root: yaml.Node) -> None:
+        """Refuse the first refused value in the document, naming its key path: ``!!binary`` data (a spec file is
+        text, and binary data would reach the fields as bytes, read as text or refused as 'got b'...'') and the
+        numbers and booleans YAML 1.1 reads otherwise than YAML 1.2 (``_refuse_ambiguous``)."""
         stack, seen = [(root, "")], set()
         while stack:
             node, path = stack.pop()
@@ -213,6 +214,8 @@ class _SpecYAML:
                 raise _RefusedScalar(f"!!binary value (line {node.start_mark.line + 1}): a spec file is text and no "
                                      "field takes binary data; write the value as plain text or a number (drop the "
                                      "!!binary tag)", path)
+            if node.tag in (_AMBIGUOUS, _AMBIGUOUS_BOOL):
+                raise _ambiguous(node, path)
             children = []
             if isinstance(node, yaml.MappingNode):
                 for key_node, value_node in node.value:
@@ -234,24 +237,27 @@ class _SpecYAML:
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             self._check_unique(node, self.__dict__.setdefault("_unique_checked", set()))
-            for key_node, value_node in node.value:
-                if value_node.tag in (_AMBIGUOUS, _AMBIGUOUS_BOOL) and isinstance(key_node, yaml.ScalarNode):
-                    self._refuse_ambiguous(value_node, f"{key_node.value}: ")
         return super().construct_mapping(node, deep=deep)
 
-    def _refuse_ambiguous(self, node: yaml.ScalarNode, where: str = "") -> None:
-        text, line = node.value, node.start_mark.line + 1
-        if node.tag == _AMBIGUOUS_BOOL:
-            raise _RefusedScalar(f"{where}{text} (line {line}) is a boolean in YAML 1.1 and text in YAML 1.2; write "
-                                 "true or false, or quote it if it is text")
-        if ":" in text:
-            why = "is a base-60 number in YAML 1.1 and text in YAML 1.2"
-        else:
-            decimal = text.lstrip("+-").lstrip("0_") or "0"
-            why = (f"has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 as decimal "
-                   f"({text[0] if text[0] in '+-' else ''}{decimal})")
-        raise _RefusedScalar(f"{where}{text} (line {line}) {why}; write the number in decimal without leading "
-                             "zeros, or quote it if it is text")
+    def _refuse_ambiguous(self, node: yaml.ScalarNode) -> None:
+        """The ambiguous tags' constructor: a value the document walk (``_refuse_scalars``) did not reach."""
+        raise _ambiguous(node, "")
+
+
+def _ambiguous(node: yaml.ScalarNode, path: str) -> _RefusedScalar:
+    """The refusal of a number or boolean YAML 1.1 reads otherwise than YAML 1.2, at key path ``path``."""
+    text, line = node.value, node.start_mark.line + 1
+    if node.tag == _AMBIGUOUS_BOOL:
+        return _RefusedScalar(f"{text} (line {line}) is a boolean in YAML 1.1 and text in YAML 1.2; write true or "
+                              "false, or quote it if it is text", path)
+    if ":" in text:
+        why = "is a base-60 number in YAML 1.1 and text in YAML 1.2"
+    else:
+        decimal = text.lstrip("+-").lstrip("0_") or "0"
+        why = (f"has a leading zero, which YAML 1.1 reads as octal and YAML 1.2 as decimal "
+               f"({text[0] if text[0] in '+-' else ''}{decimal})")
+    return _RefusedScalar(f"{text} (line {line}) {why}; write the number in decimal without leading zeros, or "
+                          "quote it if it is text", path)
 
 
 class _UniqueKeyLoader(_SpecYAML, yaml.SafeLoader):

@@ -363,14 +363,6 @@ FILE_CASES = [
     ("duplicate-json-key", "dup.json", '{"name": "a", "name": "b"}', "key 'name' appears twice"),
     ("python-tag", "tag.yaml", "moe: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
     ("not-utf8", "latin.yaml", b"name: \xe9\n", "not valid YAML"),
-    # YAML 1.1 reads these as octal 64 / base-60 64 / a date; moegraph follows YAML 1.2 or refuses
-    ("yaml-leading-zero", "octal.yaml", "moe: {hidden_size: 0100}\n", "hidden_size: 0100 (line 1) has a leading zero"),
-    ("yaml-base-60", "sexa.yaml", "moe: {hidden_size: 1:04}\n", "base-60 number"),
-    # YAML 1.1 booleans: 'name: yes' was read as True ("expected a string, got bool"), 'normalize: on' as true
-    ("yaml-1-1-boolean-word", "yes.yaml", "name: yes\nmoe: {}\n",
-     "name: yes (line 1) is a boolean in YAML 1.1 and text in YAML 1.2; write true or false, or quote it"),
-    ("yaml-1-1-boolean-word-in-flow", "on.yaml", "moe: {router: {normalize: On}}\n",
-     "normalize: On (line 1) is a boolean"),
     ("yaml-bad-timestamp-tag", "ts.yaml", "name: !!timestamp 2001-13-45\nmoe: {}\n", "not valid YAML: month"),
     ("duplicate-yaml-key-in-merge", "mdup.yaml", "moe: {<<: {hidden_size: 3, hidden_size: 4}}\n",
      "key 'hidden_size' appears twice"),
@@ -390,6 +382,30 @@ def test_bad_file(case, tmp_path, run_cli):
     assert phrase in info.value.problems[0].message
     res = run_cli("validate", f)
     assert res.code == 2 and phrase in res.err and "Traceback" not in res.err
+
+
+@pytest.mark.parametrize("content,path,phrase", [
+    # YAML 1.1 reads these as octal 64 / base-60 64; moegraph follows YAML 1.2 or refuses
+    ("moe: {hidden_size: 0100}\n", "moe.hidden_size", "0100 (line 1) has a leading zero"),
+    ("moe: {hidden_size: 1:04}\n", "moe.hidden_size", "1:04 (line 1) is a base-60 number"),
+    # YAML 1.1 booleans: 'name: yes' was read as True ("expected a string, got bool"), 'normalize: on' as true
+    ("name: yes\nmoe: {}\n", "name",
+     "yes (line 1) is a boolean in YAML 1.1 and text in YAML 1.2; write true or false, or quote it"),
+    ("moe: {router: {normalize: On}}\n", "moe.router.normalize", "On (line 1) is a boolean"),
+    ("moe:\n  router:\n    aux_losses:\n      - {kind: z_loss, coef: 0.01}\n      - {kind: z_loss, coef: 010}\n",
+     "moe.router.aux_losses.1.coef", "010 (line 5) has a leading zero"),
+])
+def test_yaml_1_1_readings_are_refused_at_their_key_path(content, path, phrase, tmp_path, run_cli):
+    """A value YAML 1.1 reads otherwise than 1.2 is refused naming its full key path (it named only the last key,
+    at the file's <root>), in the file and in the CLI."""
+    f = tmp_path / "ambiguous.yaml"
+    f.write_text(content)
+    with pytest.raises(SpecError) as info:
+        load_spec(f)
+    assert [p.path for p in info.value.problems] == [path]
+    assert str(info.value).startswith(f"{f}: {path}: {phrase}"), str(info.value)
+    res = run_cli("validate", f)
+    assert res.code == 2 and phrase in " ".join(res.err.split()) and "Traceback" not in res.err
 
 
 BINARY_SPEC = """\
