@@ -154,6 +154,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
     K = m.top_k
     router_layers, router_lines, router_out = router_mlp_steps(getattr(r, "mlp", ()), m.hidden_size)
     groups = getattr(r, "groups", None)
+    limited = _routing.limits_groups(groups)  # a group limit that keeps every group masks nothing: no step
     policy = _routing.TopKPolicy.of_router(r) if r.type == "topk" else None
     ctx: dict[str, Any] = {
         "version": __version__,
@@ -208,9 +209,8 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "normalize": policy.divides_by_sum if policy else getattr(r, "normalize", False),
         "normalize_elided": bool(policy and policy.normalize and not policy.divides_by_sum),
         "scaling_factor": float(getattr(r, "scaling_factor", 1.0)),
-        # A group limit that keeps every group masks nothing: no step (``semantics.routing.limits_groups``).
-        "groups": groups if _routing.limits_groups(groups) else None,
-        "groups_all_kept": groups.num_groups if groups is not None and not _routing.limits_groups(groups) else 0,
+        "groups": groups if limited else None,
+        "groups_all_kept": groups.num_groups if groups is not None and not limited else 0,
         "capacity": getattr(r, "capacity", None),
         "capacity_factor": getattr(r, "capacity_factor", None),
         "aux_losses": _aux_calls(spec) if r.type != "hash" else [],
