@@ -96,6 +96,18 @@ print("ok")
     assert (tmp_path / "plan.png").stat().st_size > 10_000
 
 
+def test_heavy_libraries_load_only_when_used():
+    # Every `moegraph` command and every rank a run starts imports these packages; scipy.optimize alone
+    # (relabelling's assignment solver) took longer to import than the planner around it.
+    code = ("import sys, moegraph, moegraph.cli, moegraph.planner, moegraph.compiler, moegraph.distributed.layer, "
+            "moegraph.hf; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "{'scipy', 'matplotlib', 'transformers', 'triton', 'safetensors', 'hypothesis'}))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip() == "[]", f"imported at module level, load them where they are used: {r.stdout}"
+
+
 def test_triton_bound_has_the_knobs_the_backend_reads():
     # The Triton backend reads `triton.knobs` (triton_backend/render.interpreting), which first shipped in
     # triton 3.4 (renamed from the short-lived triton.config after 3.3 branched): an older triton that the

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from ..errors import PlanFileError, describe
 from ..spec import MoESpec
@@ -230,6 +229,15 @@ def _overlap(new_rows: np.ndarray, old_rows: np.ndarray, g: int, e: int) -> np.n
     return overlap
 
 
+def _max_assignment(score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and columns of the assignment with the largest total ``score`` [n, m]."""
+    # Imported here: scipy.optimize takes longer to import than the rest of the planner together, and
+    # only relabelling needs it.
+    from scipy.optimize import linear_sum_assignment
+
+    return linear_sum_assignment(score, maximize=True)
+
+
 def _match_groups(overlap: np.ndarray, new_groups: list[np.ndarray], hosts: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """The renaming that sends each group of the new plan's GPUs onto one host, maximising the shared experts.
 
@@ -245,10 +253,10 @@ def _match_groups(overlap: np.ndarray, new_groups: list[np.ndarray], hosts: list
             if len(new_groups[a]) != len(hosts[b]):
                 continue
             sub = overlap[np.ix_(new_groups[a], hosts[b])]
-            r, c = linear_sum_assignment(sub, maximize=True)
+            r, c = _max_assignment(sub)
             score[a, b] = sub[r, c].sum()
             inner[a, b] = c[np.argsort(r)]  # inner[a, b][i]: local index in host b for group a's GPU i
-    hr, hc = linear_sum_assignment(score, maximize=True)
+    hr, hc = _max_assignment(score)
     perm = np.arange(overlap.shape[0])
     for a, b in zip(hr, hc):
         for i, j in enumerate(inner[a, b]):
@@ -284,7 +292,7 @@ def _renamings(new_rows: np.ndarray, old_rows: np.ndarray, cluster: Cluster, e: 
         return out
     # Other groupings of the new plan's GPUs into hosts; the assignment of GPUs to GPUs regardless of hosts
     # is always a candidate. Shared experts are whole numbers: a candidate must share at least one more.
-    r, c = linear_sum_assignment(overlap, maximize=True)
+    r, c = _max_assignment(overlap)
     free = np.empty(g, np.int64)
     free[c] = r
     cands = [(-float(overlap[r, c].sum()), free.tolist())] if overlap[r, c].sum() > best + 0.5 else []
