@@ -13,7 +13,7 @@ import pytest
 
 from moegraph.distributed.local import free_port, stop_running
 
-__all__ = ["ROOT", "run_script", "free_port", "join_ranks"]
+__all__ = ["ROOT", "run_script", "free_port", "join_ranks", "rank_context"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,21 @@ def run_script(cmd: list[str], what: str, timeout: float, **env: str) -> str:
         pytest.fail(f"{what} did not finish in {timeout}s; output:\n{out[-4000:]}")
     assert proc.returncode == 0, f"{what} exited with {proc.returncode}:\n{out[-4000:]}"
     return out
+
+
+def rank_context():
+    """The multiprocessing context test ranks start from: a fork server that imports torch and moegraph
+    once per test process, so a rank starts by forking it instead of importing them again (about 3 s of
+    CPU a rank, a tenth of the suite's). Its ranks see the environment the server started with, so a test
+    that sets variables for its ranks (``monkeypatch.setenv``) starts them with ``spawn`` instead."""
+    import torch.multiprocessing as mp
+
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Has no effect once the server runs (the first test to start ranks started it with the same list).
+    ctx.set_forkserver_preload(["torch", "moegraph", "moegraph.planner", "moegraph.distributed.layer"])
+    return ctx
 
 
 def join_ranks(procs: list, out_dir: Path, end: float, what: str) -> list[dict]:

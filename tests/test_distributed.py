@@ -26,7 +26,7 @@ import torch
 import moegraph
 from moegraph import strategies
 from moegraph.errors import DistributedError, PlanFileError
-from subproc import free_port, join_ranks
+from subproc import free_port, join_ranks, rank_context
 
 pytestmark = [pytest.mark.distributed]
 
@@ -530,11 +530,9 @@ class Launch:
     """``world`` spawned processes running one suite; ``results()`` waits (bounded) and kills leftovers."""
 
     def __init__(self, world: int, suite: str, out_dir: Path):
-        import torch.multiprocessing as mp
-
         self.world, self.suite, self.out_dir = world, suite, out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        ctx = mp.get_context("spawn")
+        ctx = rank_context()
         port = free_port()
         self.procs = [ctx.Process(target=_entry, args=(r, world, port, suite, str(out_dir)), daemon=True)
                       for r in range(world)]

@@ -16,7 +16,7 @@ import torch
 
 import moegraph
 from moegraph.planner.cost import copy_bytes
-from subproc import free_port, join_ranks
+from subproc import free_port, join_ranks, rank_context
 
 pytestmark = [pytest.mark.distributed]
 
@@ -90,12 +90,14 @@ def _entry(rank: int, world: int, port: int, out_dir: str) -> None:
     _in_group(rank, world, port, out_dir, lambda: {case: _run_case(rank, world, case) for case in CASES})
 
 
-def _launch(world: int, out_dir: Path, entry=_entry) -> list[dict]:
+def _launch(world: int, out_dir: Path, entry=_entry, start: str | None = None) -> list[dict]:
+    """Start ``world`` ranks running ``entry`` (from the tests' fork server, or with the start method
+    ``start``) and return what each reported."""
     import torch.multiprocessing as mp
 
     out_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = rank_context() if start is None else mp.get_context(start)
     procs = [ctx.Process(target=entry, args=(r, world, port, str(out_dir)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
@@ -187,7 +189,7 @@ def test_triton_backend_runs_expert_parallel_and_equals_the_torch_backend(tmp_pa
     # it finds the torch one, and the ranks' Triton FP8 kernels then give the single-process torch layer.
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # read by the spawned ranks, which import triton afresh
-    results = _launch(2, tmp_path, _triton_entry)
+    results = _launch(2, tmp_path, _triton_entry, start="spawn")
     spec = _spec(2)
     ref = moegraph.compile(spec, backend="torch", dtype=torch.float32, seed=None).eval()
     ref.load_state_dict(_state(spec, torch.float32))

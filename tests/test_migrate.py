@@ -26,7 +26,7 @@ import torch
 import moegraph
 from moegraph.planner import Plan
 from moegraph.planner.replan import migration
-from subproc import free_port, join_ranks
+from subproc import free_port, join_ranks, rank_context
 
 pytestmark = [pytest.mark.distributed]
 
@@ -566,9 +566,7 @@ def _entry(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
 
 def _launch_all(root: Path, runs: dict[str, tuple[int, str]]) -> dict[str, list[dict]]:
     """Start every run (name -> (world, suite)) at once; wait (bounded) and collect each rank's result."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
+    ctx = rank_context()
     procs = {}
     for name, (world, suite) in runs.items():
         out = root / name

@@ -98,7 +98,7 @@ def run_cmd(
     with console.status(f"running {world} processes (gloo)" if device == "cpu" else f"running {world} processes"):
         res = run_local(p, nproc=nproc, tokens=tokens, steps=steps, backward=backward, layer_index=layer, seed=seed,
                         checkpoint=checkpoint, timeout=timeout, record=record, device=device,
-                        rebalance_every=rebalance_every)
+                        rebalance_every=rebalance_every, fork_server=True)
     if res.drift is not None:
         from .replan_cmds import print_drift
 

@@ -251,7 +251,8 @@ def _supervise(procs: list, out: Path, deadline: float) -> tuple[list[int], int 
 def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int = 3, backward: bool = True,
               layer_index: int | None = None, seed: int = 0, checkpoint: str | Path | None = None,
               timeout: float = 60.0, record: str | Path | None = None, device: str = "cpu",
-              deadline: float = 600.0, rebalance_every: int | None = None, fault: dict | None = None) -> LocalRun:
+              deadline: float = 600.0, rebalance_every: int | None = None, fault: dict | None = None,
+              fork_server: bool = False) -> LocalRun:
     """Run the plan's MoE layers expert-parallel in ``nproc`` local processes and measure them.
 
     Args:
@@ -268,6 +269,10 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
             stream with a ``Rebalancer(every=rebalance_every)`` (``rebalance.drift_demo``); the result's
             ``drift`` holds the measured balance per step and every re-plan.
         deadline: seconds after which ranks still running are killed.
+        fork_server: start the ranks from a fork server that imports torch and moegraph once, instead of
+            a fresh interpreter each (``spawn``), which imports them again: about 3 s of CPU per rank.
+            The server lives as long as this process and its ranks see the environment it started with,
+            so it suits one-shot callers (``moegraph run``); where there is none (Windows), spawn.
         fault: for tests of failure handling: ``{"rank": r, "step": i, "how": "stop" | "kill"}`` stops
             (SIGSTOP, a frozen peer) or kills rank r before its measured step i (writing the time to
             the file ``"note"`` if given).
@@ -325,7 +330,11 @@ def run_local(plan, *, nproc: int | None = None, tokens: int = 256, steps: int =
                "backward": backward, "seed": seed, "checkpoint": str(checkpoint) if checkpoint else None,
                "timeout": timeout, "record": str(record) if record else None, "device": device,
                "rebalance_every": rebalance_every, "cache_dir": str(default_cache_dir()), "fault": fault}
-        ctx = mp.get_context("spawn")
+        if fork_server and "forkserver" in mp.get_all_start_methods():
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["torch", "moegraph.compiler", "moegraph.planner", "moegraph.distributed.local"])
+        else:
+            ctx = mp.get_context("spawn")
         port = free_port()
         procs = [ctx.Process(target=_worker, args=(r, world, port, cfg, tmp), daemon=True) for r in range(world)]
         for p in procs:
