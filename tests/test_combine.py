@@ -22,6 +22,9 @@ COMBINES = {
     "routed + 0.25 * shared": lambda r, s: r + s / 4,
     "routed + sigmoid(shared) * shared": lambda r, s: r + s * (1 / (1 + torch.exp(-s))),
     "clamp(routed + shared, -0.3, 0.3)": lambda r, s: torch.where((r + s).abs() <= 0.3, r + s, 0.3 * torch.sign(r + s)),
+    # bounds that are expressions of constants (a clamp, as numbers are: torch.maximum takes no Python number)
+    "clamp(routed + shared, -sigmoid(0) / 2, exp(0) / 4)":
+        lambda r, s: torch.where((r + s).abs() <= 0.25, r + s, 0.25 * torch.sign(r + s)),
 }
 
 SHARED = {

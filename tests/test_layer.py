@@ -39,6 +39,7 @@ ROUTERS = {
     "softmax_groups_max": {"top_k": 2, "scaling_factor": 16.0, "groups": {"num_groups": 4, "topk_groups": 1}},
     "sqrt_softplus": {"top_k": 2, "score": "sqrt_softplus", "normalize": True},
     "custom_expression": {"top_k": 2, "score": "sqrt(softplus(x)) + 0.5 * tanh(x)"},
+    "custom_constants": {"top_k": 2, "score": "sqrt(softplus(x - sigmoid(0))) + 0.5 * tanh(x * sqrt(4))"},
     "router_bias": {"top_k": 2, "router_bias": True},
     "capacity_probs": {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}},
     "capacity_position": {"top_k": 1, "capacity": {"factor": 1.0, "drop_policy": "position"}},
@@ -991,6 +992,12 @@ ROUTER_NETWORKS = {
     "clamped": ({"top_k": 2, "mlp": [{"op": "linear", "size": 10}, {"op": "activation", "function": "clamp(x, -1, 1)"},
                                      {"op": "linear", "size": 8},
                                      {"op": "activation", "function": "max(x, 0.1 * x) + min(x, 0.5)"}]}, {}),
+    # bounds written as expressions of constants: clamps as numbers are (torch.maximum takes no Python number)
+    "constant_bounds": ({"top_k": 2, "mlp": [{"op": "linear", "size": 10},
+                                             {"op": "activation", "function": "clamp(x, min=-1 + 0.5, max=exp(1) / 4)"},
+                                             {"op": "linear", "size": 8},
+                                             {"op": "activation", "function": "max(x, -sigmoid(1)) + x * sigmoid(0)"}]},
+                        {}),
 }
 
 

@@ -363,6 +363,40 @@ def test_min_max_derivatives_at_ties_follow_torch(expression):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # (a tie wrongly split is off by 0.5)
 
 
+#: activations whose min / max bound is an expression of constants rather than a number -> the same in torch ops
+_CONSTANT_BOUNDS = {
+    "max(x, sigmoid(0))": lambda x: x.clamp(min=0.5),
+    "min(x, 2 * 3)": lambda x: x.clamp(max=6.0),
+    "max(x, -1 + 0.5)": lambda x: x.clamp(min=-0.5),
+    "x * sigmoid(0) + min(2 ** 3 / 4, x)": lambda x: x / 2 + x.clamp(max=2.0),
+    "clamp(gate, min=-sqrt(4), max=exp(1)) * up": lambda g, u: g.clamp(-2.0, math.e) * u,
+}
+
+
+@pytest.mark.parametrize("expression", list(_CONSTANT_BOUNDS))
+def test_a_constant_expression_bound_is_a_clamp_on_every_path(expression):
+    """A bound written as an expression of constants is a clamp like a number is: in the generated torch code
+    (torch.clamp; torch.maximum takes no Python number), in the torch forms, and in the symbolic derivative (all of
+    the gradient to the input at the bound, as torch.clamp's). Against autograd on the same function in torch ops,
+    at the bounds and on either side of them."""
+    act = semantics.activation(expression)
+    points = torch.tensor([-3.0, -2.0, -0.5, 0.0, 0.5, 1.0, 2.0, math.e, 6.0, 7.5], dtype=torch.float64)
+    h = torch.cat([points, points.flip(0)]).unsqueeze(0) if act.gated else points.unsqueeze(0)
+    h.requires_grad_(True)
+    halves = (h[:, :10], h[:, 10:]) if act.gated else (h,)
+    ref = _CONSTANT_BOUNDS[expression](*halves)
+    names = {v: f"h{i}" for i, v in enumerate(act.variables)}
+    code = expr.emit(act.tree, names, expr.torch_call)
+    assert "torch.clamp(" in code and "torch.maximum" not in code and "torch.minimum" not in code, code
+    generated = eval(code, {"torch": torch, **{f"h{i}": t.detach() for i, t in enumerate(halves)}})
+    torch.testing.assert_close(generated, ref.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(torch_forms.activate(h.detach(), act), ref.detach(), rtol=0, atol=0)
+    ga = torch.linspace(0.5, 2.0, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    (want,) = torch.autograd.grad(ref, h, ga)
+    _, saved = torch_forms.activate_saved(h.detach(), act, None, None)
+    torch.testing.assert_close(torch_forms.activate_backward(ga, saved), want, rtol=1e-12, atol=1e-12)
+
+
 #: activations whose derivative has an infinite factor where the inner one is 0 (sqrt / fractional or negative
 #: powers / log / division of a relu or clamp); the expert op's backward must match autograd on the same
 #: expression in torch ops where that is finite, and be finite everywhere

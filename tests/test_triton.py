@@ -298,6 +298,30 @@ def test_inline_activation_expression_runs_in_the_kernels():
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+
+def test_constant_expression_bounds_reach_the_kernel_as_numbers():
+    """Clamp bounds written as expressions of constants are the numbers they are in the kernel's body (it computes
+    no function of a constant), and the kernel clamps there: against a loop with the clamps written in torch."""
+    expression = "clamp(gate, min=-sqrt(4) / 4, max=exp(1) / 4) * up"
+    lines, _ = kernels.activation_source(moegraph.semantics.activation(expression))
+    body = [line.split(" = ", 1)[1] for line in lines]
+    assert len(body) == 3 and body[0] == "tl.maximum(gate, -0.5)" and body[1].endswith(f", {math.e / 4!r})"), lines
+    g = torch.Generator().manual_seed(14)
+    w = _weights(g, torch.float32)
+    T, K = 9, 2
+    x = torch.randn(T, D, generator=g) * 2
+    tok, exp = _assignments(T, K, g)
+    wt = torch.rand(T * K, generator=g)
+    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, True,
+                                             None, None, None, None, None)
+    ref = torch.zeros(T, D)
+    for n in range(T * K):  # a loop over assignments, the activation written out in torch
+        e, t = int(exp[n]), int(tok[n])
+        h = w["w_up"][e] @ x[t]
+        assert (h[:F_] < -0.5).any() and (h[:F_] > math.e / 4).any()  # both clamps are active
+        ref[t] += wt[n] * (w["w_down"][e] @ (h[:F_].clamp(-0.5, math.e / 4) * h[F_:]))
+    torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
 INTEGER_POWERS = {
     # activation expression: (gated, the same function in torch)
     "x ** 9 / 100": (False, lambda h: h ** 9 / 100),

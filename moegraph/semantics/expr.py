@@ -1,11 +1,12 @@
 """The small elementwise expression language shared by score functions and expert activations.
 
 An expression is parsed once (Python's ``ast`` in ``mode="eval"``, then checked: only the
-language's variables, calls of its functions, numeric constants and + - * / **), and everything
-else is derived from that tree: its value on Python floats, source code for generated torch and
-Triton code (``emit``), its symbolic derivative (``derivative``), and a straight-line ``Program``
-with common subexpressions computed once (what the torch evaluator and the Triton expert kernel
-run). No backend reads the expression's text.
+language's variables, calls of its functions, numeric constants and + - * / **; every part that
+reads no variable is folded to the number it is), and everything else is derived from that tree:
+its value on Python floats, source code for generated torch and Triton code (``emit``), its
+symbolic derivative (``derivative``), and a straight-line ``Program`` with common subexpressions
+computed once (what the torch evaluator and the Triton expert kernel run). No backend reads the
+expression's text.
 
 Each function of ``FUNCTIONS`` says, in one entry, what it means on a float, how generated torch
 code and Triton code spell it, and its derivative as an expression of its argument ``u`` (and, for
@@ -218,7 +219,7 @@ def parse(expr: str, lang: Language) -> ast.Expression:
         raise ValueError(f"{what} {expr!r}: functions must be called, e.g. {lang.example}")
     if not any(isinstance(n, ast.Name) and n.id in lang.variables for n in ast.walk(tree)):
         raise ValueError(f"{what} {expr!r} does not use {lang.uses_hint}")
-    tree = ast.Expression(_desugar(tree.body, expr, what))
+    tree = ast.Expression(_literals(_desugar(tree.body, expr, what)))
     # Probe: an expression infinite or undefined for ordinary inputs makes every output non-finite.
     for point in lang.probe:
         env = dict(zip(lang.variables, point))
@@ -269,6 +270,28 @@ def _desugar(node: ast.AST, expr: str, what: str) -> ast.AST:
     if "max" in bounds:
         v = ast.Call(ast.Name("min", ast.Load()), [v, bounds["max"]], [])
     return v
+
+
+def _literals(node: ast.AST) -> ast.AST:
+    """``node`` with every subtree that reads no variable (``sigmoid(0)``, ``2 * 3``, ``-1 + 0.5``) folded to the
+    number it is, so that every backend sees a literal: a constant bound of ``min``/``max`` is then a clamp
+    everywhere (torch.maximum takes no Python number), and generated code calls no function on a number.
+
+    A constant part that is undefined or beyond float32 stays as written: the probe of ``parse`` names it.
+    """
+    if _signed_const(node) is not None:
+        return node
+    if not _reads_variable(node):
+        if finite(node, {}):
+            return _num(value(node, {}))
+        return node
+    if isinstance(node, ast.UnaryOp):
+        return ast.UnaryOp(node.op, _literals(node.operand))
+    if isinstance(node, ast.BinOp):
+        return ast.BinOp(_literals(node.left), node.op, _literals(node.right))
+    if isinstance(node, ast.Call):
+        return ast.Call(node.func, [_literals(a) for a in node.args], [])
+    return node
 
 
 def value(tree: ast.AST, env: dict[str, float]) -> float:
@@ -350,7 +373,7 @@ def torch_call(name: str, *args: str) -> str:
         if _number(a) and _number(b):
             return f"{name}({a}, {b})"
         v, c = (b, a) if _number(a) else (a, b)
-        return f"torch.clamp({v}, {'max' if name == 'min' else 'min'}={c})"
+        return f"torch.clamp({v}, {'max' if name == 'min' else 'min'}={c.strip('()')})"
     return FUNCTIONS[name].torch.format(*args)
 
 
