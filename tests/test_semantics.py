@@ -456,6 +456,11 @@ def test_clamp_spellings_and_refusals():
                        ("log(gate) * up", "not finite at gate = -30")]:
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
             semantics.activation(bad)
+    # A constant part is folded to the number it is: one beyond float32 would be inf or NaN on every backend.
+    for bad in ["max(gate, -exp(100)) * up", "x + log(0 - 1)"]:
+        with pytest.raises(ValueError, match=r"constant part '(-exp\(100\)|log\(0 - 1\))' is undefined or beyond "
+                                             "float32's range"):
+            semantics.activation(bad)
 
 
 def _inline_loop_reference(layer, x_TD: torch.Tensor, fn) -> torch.Tensor:

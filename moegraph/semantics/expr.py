@@ -219,7 +219,7 @@ def parse(expr: str, lang: Language) -> ast.Expression:
         raise ValueError(f"{what} {expr!r}: functions must be called, e.g. {lang.example}")
     if not any(isinstance(n, ast.Name) and n.id in lang.variables for n in ast.walk(tree)):
         raise ValueError(f"{what} {expr!r} does not use {lang.uses_hint}")
-    tree = ast.Expression(_literals(_desugar(tree.body, expr, what)))
+    tree = ast.Expression(_literals(_desugar(tree.body, expr, what), expr, what))
     # Probe: an expression infinite or undefined for ordinary inputs makes every output non-finite.
     for point in lang.probe:
         env = dict(zip(lang.variables, point))
@@ -272,25 +272,25 @@ def _desugar(node: ast.AST, expr: str, what: str) -> ast.AST:
     return v
 
 
-def _literals(node: ast.AST) -> ast.AST:
+def _literals(node: ast.AST, expr: str, what: str) -> ast.AST:
     """``node`` with every subtree that reads no variable (``sigmoid(0)``, ``2 * 3``, ``-1 + 0.5``) folded to the
     number it is, so that every backend sees a literal: a constant bound of ``min``/``max`` is then a clamp
     everywhere (torch.maximum takes no Python number), and generated code calls no function on a number.
-
-    A constant part that is undefined or beyond float32 stays as written: the probe of ``parse`` names it.
+    ValueError where such a part is undefined or beyond float32 (every backend would compute inf or NaN there).
     """
     if _signed_const(node) is not None:
         return node
     if not _reads_variable(node):
-        if finite(node, {}):
-            return _num(value(node, {}))
-        return node
+        if not finite(node, {}):
+            raise ValueError(f"{what} {expr!r}: its constant part {ast.unparse(node)!r} is undefined or beyond "
+                             "float32's range; write a finite number there")
+        return _num(value(node, {}))
     if isinstance(node, ast.UnaryOp):
-        return ast.UnaryOp(node.op, _literals(node.operand))
+        return ast.UnaryOp(node.op, _literals(node.operand, expr, what))
     if isinstance(node, ast.BinOp):
-        return ast.BinOp(_literals(node.left), node.op, _literals(node.right))
+        return ast.BinOp(_literals(node.left, expr, what), node.op, _literals(node.right, expr, what))
     if isinstance(node, ast.Call):
-        return ast.Call(node.func, [_literals(a) for a in node.args], [])
+        return ast.Call(node.func, [_literals(a, expr, what) for a in node.args], [])
     return node
 
 
