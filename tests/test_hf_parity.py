@@ -404,6 +404,37 @@ def test_deepseek_v2_ignores_norm_topk_prob_and_says_so() -> None:
     _check_parity(block, layer)
 
 
+
+def test_topk_then_softmax_is_read_once_without_normalize() -> None:
+    """A router that takes the top-k of its biased logits, then a softmax over the chosen (unbiased) logits: its
+    weights sum to 1 whether or not the spec says normalize, so the reader tries that order once, without it (the
+    simpler reading, whatever norm_topk_prob says), and notes no deviation from norm_topk_prob."""
+    from types import SimpleNamespace
+
+    from moegraph.hf.probe import Probe
+    from moegraph.hf.routing import Declared, _candidates, identify_routing, route
+
+    g = torch.Generator().manual_seed(3)
+    T, E, K = 64, 8, 2
+    logits = torch.randn(T, E, generator=g) * 2
+    bias = torch.randn(E, generator=g)  # selection only: it makes score-then-top-k choose other experts
+    ids = torch.topk(logits + bias, K, dim=-1).indices
+    chosen = logits.gather(1, ids)
+    weights = chosen.exp() / chosen.exp().sum(-1, keepdim=True)  # the block's softmax, written out
+    probe = Probe(x_TD=torch.zeros(T, D), logits_TE=logits, expert_bias_E=bias, ids_TK=ids, weights_TK=weights,
+                  output_kind=("tensor",))
+    for declared in (True, False):
+        cfg = SimpleNamespace(num_experts_per_tok=K, norm_topk_prob=declared)
+        r, notes = identify_routing(probe, cfg, "TopKThenSoftmaxBlock")
+        assert (r.topk_order, r.score, r.expert_bias, r.normalize) == ("topk_then_score", "softmax", True, False)
+        assert r.router_dict()["normalize"] is False and not any("norm_topk_prob" in n for n in notes), notes
+        got_ids, got_w = route(logits, r, bias)
+        assert torch.equal(got_ids, ids)
+        torch.testing.assert_close(got_w, weights, rtol=1e-6, atol=1e-7)
+        dec = Declared(K, None, declared, None, None, None, False)
+        assert not [c for c in _candidates(dec, K, E, True, {"softcap": [0.8]}) if c.topk_order == "topk_then_score"
+                    and c.normalize]
+
 def test_shared_weights_are_the_blocks_own() -> None:
     cls_name, overrides = FAMILIES["deepseek_v3"]
     block = make_block("deepseek_v3", overrides, cls_name)

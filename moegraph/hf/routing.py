@@ -230,7 +230,12 @@ def _plain_candidates(dec: Declared, K: int, E: int, has_bias: bool) -> Iterator
                     if order == "topk_then_score" and s != "softmax":
                         continue
                     for n in norms:
-                        yield Routing(top_k=K, score=s, topk_order=order, normalize=n, groups=g, expert_bias=eb)
+                        r = Routing(top_k=K, score=s, topk_order=order, normalize=n, groups=g, expert_bias=eb)
+                        if r.normalize and not r.policy().divides_by_sum:
+                            # topk_then_score: the softmax over the chosen logits sums to 1, so normalize divides
+                            # nothing; the reading without it is the same routing, and the one tried.
+                            continue
+                        yield r
 
 
 def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing, list[str]]:
@@ -339,7 +344,8 @@ def _identify_topk_routing(probe: Probe, dec: Declared, block_class: str) -> tup
 
 def _deviation_notes(dec: Declared, r: Routing, has_bias: bool) -> list[str]:
     notes = []
-    if dec.normalize is not None and dec.normalize != r.normalize:
+    # (after topk_then_score the weights sum to 1 with normalize or without: the config's flag changes nothing)
+    if dec.normalize is not None and dec.normalize != r.normalize and r.topk_order == "score_then_topk":
         notes.append(f"config norm_topk_prob={dec.normalize} but the block {'does' if r.normalize else 'does not'} "
                      "normalise the top-k weights; following the block")
     if dec.score is not None and dec.score != r.score and r.topk_order == "score_then_topk":
