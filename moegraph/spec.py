@@ -633,9 +633,10 @@ class Capacity(_Frozen):
 
 def _normalize_negative(score: str) -> str:
     """Why normalize does not go with a score that can be negative, and the fix."""
-    return (f"normalize divides the chosen experts' scores by their sum, but score '{score}' is negative for some "
-            "logits: the sum can be near zero and the weights huge (hundreds, either sign); use a non-negative score "
-            "(softmax, sigmoid, softplus, or e.g. relu(...) of an expression) or drop normalize")
+    return (f"normalize divides the chosen experts' scores by their sum, but score '{score}' "
+            f"{_scores.negative_score_words(score)}: the sum can be near zero and the weights huge (hundreds, either "
+            "sign); use a non-negative score (softmax, sigmoid, softplus, or e.g. relu(...) of an expression) or drop "
+            "normalize")
 
 
 class TopKRouter(_Frozen):
@@ -740,9 +741,9 @@ class TopKRouter(_Frozen):
                 raise field_error(
                     f"aux_losses.{i}.kind",
                     f"aux loss '{loss.kind}' shares each token among the experts by its scores, which must be >= 0; "
-                    f"score '{self.score}' is negative for some logits (the loss would have no lower bound): use a "
-                    "non-negative score (softmax, sigmoid, softplus, or e.g. relu(...) of an expression) or drop "
-                    "the loss",
+                    f"score '{self.score}' {_scores.negative_score_words(self.score)}, so the loss would have no "
+                    "lower bound; use a non-negative score (softmax, sigmoid, softplus, or e.g. relu(...) of an "
+                    "expression) or drop the loss",
                 )
         if self.sparsemixer is not None:
             problems = _Problems()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -284,6 +285,62 @@ def test_topk_then_softmax_is_not_divided_by_its_sum_again(extra, tmp_path, monk
     torch.testing.assert_close(w_N.view(-1, 3), w, rtol=1e-6, atol=1e-7)
     scale = torch.full((40,), extra.get("scaling_factor", 1.0))
     torch.testing.assert_close(w_N.view(-1, 3).sum(dim=-1), scale, rtol=1e-6, atol=1e-6)
+
+
+
+#: score -> its least value over the logits in [-30, 30], hand-derived (None: it is negative at a sample logit
+#: already); each but the last dips below 0 only between two sample logits (SCORE_PROBE_X is a grid of step 0.25)
+_DIPS = {
+    "square(x - 0.1) - 0.001": -0.001,  # at x = 0.1
+    "square(tanh(16 * (x - 0.1))) - 0.1": -0.1,  # at x = 0.1
+    # relu(...) is 0 for x in [0.115, 0.135], where the square is least at x = 0.115
+    "relu(abs(x - 0.125) - 0.01) - 0.005 + 0.0001 * square(x)": -0.005 + 0.0001 * 0.115 ** 2,
+    "x * x - 0.0001": -0.0001,  # at x = 0, a sample logit
+}
+
+#: scores >= 0 for every logit: the common ones, and ones whose least value lies between sample logits
+_NOT_NEGATIVE = ["softmax", "sigmoid", "softplus", "sqrt_softplus", "relu(x)", "exp(x)", "exp(x - 3) + sigmoid(x)",
+                 "sqrt(relu(x))", "relu(x) ** 2", "square(relu(x - 1))", "square(x)", "x * x", "x ** 2", "abs(x)",
+                 "2 ** x", "log1p(exp(x))", "1 / (1 + exp(-x))", "softplus(x) * sigmoid(x)", "exp(-square(x))",
+                 "square(x - 0.1)", "square(x - 0.1) + 0.001", "relu(abs(x - 0.125) - 0.01) + 0.0001 * square(x)"]
+
+
+def test_negative_scores_are_found_between_the_sample_logits():
+    from moegraph.semantics.scores import SCORE_PROBE_X, negative_score_words, score_can_be_negative, score_tree
+
+    xs = torch.linspace(-30, 30, 600_001, dtype=torch.float64)  # step 1e-4: the dips' least values are on it
+    for score, least in _DIPS.items():
+        fn = eval(f"lambda x: {score}", {"square": torch.square, "tanh": torch.tanh, "relu": torch.relu,
+                                           "abs": torch.abs})
+        assert float(fn(xs).min()) == pytest.approx(least, abs=1e-12), score  # the hand-derived least value
+        on_grid = min(semantics.scores.score_value(score_tree(score), x) for x in SCORE_PROBE_X)
+        assert (on_grid < 0) == (score == "x * x - 0.0001"), (score, on_grid)
+        assert score_can_be_negative(score), score
+        words = negative_score_words(score)
+        got, at = re.fullmatch(r"is negative for some logits \((\S+) at x = (\S+)\)", words).groups()
+        there = float(fn(torch.tensor(float(at), dtype=torch.float64)))  # (the words round to 3 and 6 digits)
+        assert least <= there < 0 and float(got) == pytest.approx(there, rel=1e-2), words
+    for score in _NOT_NEGATIVE:
+        assert not score_can_be_negative(score), score
+
+
+def test_named_scores_keep_their_sign():
+    from moegraph.semantics.scores import score_can_be_negative
+
+    # softmax, sigmoid, softplus, sqrt(softplus) are >= 0 everywhere; tanh and identity are negative for x < 0
+    want = {"softmax": False, "sigmoid": False, "softplus": False, "sqrt_softplus": False, "tanh": True,
+            "identity": True}
+    assert {name: score_can_be_negative(name) for name in SCORE_FUNCTIONS} == want
+
+
+def test_a_score_whose_sign_bounds_cannot_settle_counts_as_negative():
+    # abs(x) - x is 0 for x >= 0, but interval bounds see abs(x) and x apart and never prove it; the callers then
+    # refuse normalize and the balance losses, with words that say why (and 2 * relu(-x), the same score, passes)
+    from moegraph.semantics.scores import negative_score_words, score_can_be_negative
+
+    assert score_can_be_negative("abs(x) - x")
+    assert negative_score_words("abs(x) - x").startswith("cannot be shown to be >= 0 for every logit in [-30, 30]")
+    assert not score_can_be_negative("2 * relu(-x)")
 
 
 # ----------------------------------------------------------------------------------------------

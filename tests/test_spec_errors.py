@@ -899,6 +899,22 @@ def test_balance_losses_need_scores_that_are_not_negative():
         **spec("tanh")["moe"]["router"], "aux_losses": [{"kind": "z_loss", "coef": 0.001}]}}})  # z_loss: the logits
 
 
+
+def test_a_score_negative_only_between_the_sample_logits_is_refused_too():
+    # square(x - 0.1) - 0.001 is -0.001 at x = 0.1, between two of the logits a score is sampled at (0, 0.25)
+    def spec(score, **router):
+        return {"name": "n", "moe": {"hidden_size": 16, "experts": {"num_experts": 8, "intermediate_size": 8},
+                "router": {"top_k": 2, "score": score, **router}}}
+    dip = "square(x - 0.1) - 0.001"
+    with pytest.raises(SpecError, match=rf"moe.router.normalize: .* score '{re.escape(dip)}' is negative for some "
+                                        r"logits \(-0.000\d+ at x = 0.1\d*\)"):
+        load_spec(spec(dip, normalize=True))
+    with pytest.raises(SpecError, match=rf"aux_losses.0.kind: .* score '{re.escape(dip)}' is negative for some"):
+        load_spec(spec(dip, aux_losses=[{"kind": "expert_balance", "coef": 0.01}]))
+    load_spec(spec("square(x - 0.1) + 0.001", normalize=True, aux_losses=[{"kind": "expert_balance", "coef": 0.01}]))
+    with pytest.raises(SpecError, match=r"score 'abs\(x\) - x' cannot be shown to be >= 0 for every logit"):
+        load_spec(spec("abs(x) - x", normalize=True))
+
 def test_min_capacity_above_an_absolute_capacity_is_warned_about():
     # capacity: {tokens: 4, min_capacity: 9} validated and ran with a capacity of 4 without a word (audit); warned,
     # not refused, so that plan files embedding such a spec still load (review)

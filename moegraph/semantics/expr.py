@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["Function", "FUNCTIONS", "INTERNAL", "CALLABLE", "C_SPELLINGS", "Language", "parse", "finite", "at",
-           "value", "emit", "torch_call", "derivative", "Program", "program"]
+           "value", "emit", "torch_call", "bounds", "derivative", "Program", "program"]
 
 
 def _sigmoid(v: float) -> float:
@@ -47,6 +47,9 @@ class Function:
     expression of ``u`` (None: zero almost everywhere); a two-argument function f(u, v) (``arity``
     2) also has ``grad2``, d f / dv, both as expressions of ``u`` and ``v``. ``clamp_grad`` (``min``/``max``):
     d f / du where ``v`` is a constant bound, which makes the call a clamp (torch.clamp runs it).
+    ``shape`` and ``least`` bound its values over an interval (``bounds``): "rising" (non-decreasing in
+    every argument), "even" (least at 0, rising away from it either side) or None (unknown); ``least`` is
+    its least value anywhere (-inf: none known).
     """
 
     math: Callable[..., float]
@@ -56,6 +59,8 @@ class Function:
     grad2: str | None = None
     arity: int = 1
     clamp_grad: str | None = None
+    shape: str | None = None
+    least: float = -math.inf
 
 
 _GELU_GRAD = "0.5 * (1 + erf(u * 0.7071067811865476)) + u * exp(-0.5 * u * u) * 0.3989422804014327"
@@ -67,17 +72,19 @@ _GELU_TANH_GRAD = ("0.5 * (1 + tanh(0.7978845608028654 * (u + 0.044715 * u * u *
 #: name -> meaning and spellings. Scores may use the functions of ``SCORE_FUNCTION_NAMES``
 #: (``moegraph.semantics.scores``); activations may use all of them.
 FUNCTIONS: dict[str, Function] = {
-    "sigmoid": Function(_sigmoid, "torch.sigmoid({})", "tl.sigmoid({})", "sigmoid(u) * (1 - sigmoid(u))"),
+    "sigmoid": Function(_sigmoid, "torch.sigmoid({})", "tl.sigmoid({})", "sigmoid(u) * (1 - sigmoid(u))",
+                        shape="rising", least=0.0),
     "softplus": Function(lambda v: v if v > 20 else math.log1p(math.exp(v)), "torch.nn.functional.softplus({})",
-                         "_softplus({})", "sigmoid(u)"),
-    "sqrt": Function(math.sqrt, "torch.sqrt({})", "tl.sqrt({})", "0.5 / sqrt(u)"),
-    "exp": Function(math.exp, "torch.exp({})", "tl.exp({})", "exp(u)"),
-    "log": Function(math.log, "torch.log({})", "tl.log({})", "1 / u"),
-    "log1p": Function(math.log1p, "torch.log1p({})", "_log1p({})", "1 / (1 + u)"),
-    "tanh": Function(math.tanh, "torch.tanh({})", "_tanh({})", "1 - square(tanh(u))"),
-    "relu": Function(lambda v: max(v, 0.0), "torch.relu({})", "tl.maximum({}, 0.0)", "step(u)"),
-    "abs": Function(abs, "torch.abs({})", "tl.abs({})", "sign(u)"),
-    "square": Function(lambda v: v * v, "torch.square({})", "(({0}) * ({0}))", "2 * u"),
+                         "_softplus({})", "sigmoid(u)", shape="rising", least=0.0),
+    "sqrt": Function(math.sqrt, "torch.sqrt({})", "tl.sqrt({})", "0.5 / sqrt(u)", shape="rising", least=0.0),
+    "exp": Function(math.exp, "torch.exp({})", "tl.exp({})", "exp(u)", shape="rising", least=0.0),
+    "log": Function(math.log, "torch.log({})", "tl.log({})", "1 / u", shape="rising"),
+    "log1p": Function(math.log1p, "torch.log1p({})", "_log1p({})", "1 / (1 + u)", shape="rising"),
+    "tanh": Function(math.tanh, "torch.tanh({})", "_tanh({})", "1 - square(tanh(u))", shape="rising", least=-1.0),
+    "relu": Function(lambda v: max(v, 0.0), "torch.relu({})", "tl.maximum({}, 0.0)", "step(u)", shape="rising",
+                     least=0.0),
+    "abs": Function(abs, "torch.abs({})", "tl.abs({})", "sign(u)", shape="even", least=0.0),
+    "square": Function(lambda v: v * v, "torch.square({})", "(({0}) * ({0}))", "2 * u", shape="even", least=0.0),
     # Activation functions (not offered to score expressions).
     "silu": Function(lambda v: v * _sigmoid(v), "torch.nn.functional.silu({})", "(({0}) * tl.sigmoid({0}))",
                      "sigmoid(u) * (1 + u * (1 - sigmoid(u)))"),
@@ -87,18 +94,19 @@ FUNCTIONS: dict[str, Function] = {
                           "torch.nn.functional.gelu({}, approximate='tanh')",
                           "(0.5 * ({0}) * (1.0 + _tanh(0.7978845608028654 * (({0}) + 0.044715 * ({0}) * ({0}) * "
                           "({0})))))", _GELU_TANH_GRAD),
-    "erf": Function(math.erf, "torch.erf({})", "tl.erf({})", "1.1283791670955126 * exp(-(u * u))"),
+    "erf": Function(math.erf, "torch.erf({})", "tl.erf({})", "1.1283791670955126 * exp(-(u * u))", shape="rising",
+                    least=-1.0),
     "step": Function(lambda v: 1.0 if v > 0 else 0.0, "torch.heaviside({0}, torch.zeros_like({0}))",
-                     "tl.where(({0}) > 0, 1.0, 0.0)", None),
+                     "tl.where(({0}) > 0, 1.0, 0.0)", None, shape="rising", least=0.0),
     "sign": Function(lambda v: float((v > 0) - (v < 0)), "torch.sign({})", "tl.where(({0}) > 0, 1.0, "
-                     "tl.where(({0}) < 0, -1.0, 0.0))", None),
+                     "tl.where(({0}) < 0, -1.0, 0.0))", None, shape="rising", least=-1.0),
     # Two arguments (clamps are written with these). At a tie of two tensors each gets half the gradient, as
     # torch.minimum / torch.maximum give it; against a constant bound (a clamp) the input gets all of it, as
     # torch.clamp's input does at its bound.
     "min": Function(min, "torch.minimum({0}, {1})", "tl.minimum({0}, {1})", "0.5 + 0.5 * sign(v - u)",
-                    "0.5 + 0.5 * sign(u - v)", 2, clamp_grad="1 - step(u - v)"),
+                    "0.5 + 0.5 * sign(u - v)", 2, clamp_grad="1 - step(u - v)", shape="rising"),
     "max": Function(max, "torch.maximum({0}, {1})", "tl.maximum({0}, {1})", "0.5 + 0.5 * sign(u - v)",
-                    "0.5 + 0.5 * sign(v - u)", 2, clamp_grad="1 - step(v - u)"),
+                    "0.5 + 0.5 * sign(v - u)", 2, clamp_grad="1 - step(v - u)", shape="rising"),
     # Derivatives only (not part of the language users write): u * v, but 0 where v is 0 even if u is
     # infinite or undefined there (the chain rule's product of an outer derivative u and an inner one v).
     "_masked_mul": Function(lambda u, v: 0.0 if v == 0 else u * v, "torch.where(({1}) == 0, 0.0, ({0}) * ({1}))",
@@ -375,6 +383,117 @@ def torch_call(name: str, *args: str) -> str:
         v, c = (b, a) if _number(a) else (a, b)
         return f"torch.clamp({v}, {'max' if name == 'min' else 'min'}={c.strip('()')})"
     return FUNCTIONS[name].torch.format(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounds over intervals
+# ----------------------------------------------------------------------------------------------
+
+_ANY = (-math.inf, math.inf)
+
+
+def _side(f: Callable[..., float], args: tuple[float, ...], fallback: float) -> float:
+    """f(*args) for one side of an interval; ``fallback`` (a bound that always holds) where f overflows or is
+    undefined there."""
+    try:
+        v = float(f(*args))
+    except (ArithmeticError, ValueError):
+        return fallback
+    return fallback if math.isnan(v) else v
+
+
+def _times(a: float, b: float) -> float:
+    """A product of interval ends: 0 times an infinite end is 0 (the end bounds finite values)."""
+    return 0.0 if a == 0 or b == 0 else a * b
+
+
+def _product(p: tuple[float, float], q: tuple[float, float]) -> tuple[float, float]:
+    ends = [_times(a, b) for a in p for b in q]
+    return min(ends), max(ends)
+
+
+def _even(f: Callable[[float], float], p: tuple[float, float], least: float) -> tuple[float, float]:
+    """Bounds of an even function rising away from 0 (abs, square) over the interval ``p``."""
+    lo, hi = p
+    top = max(_side(f, (lo,), math.inf), _side(f, (hi,), math.inf))
+    if lo >= 0:
+        return _side(f, (lo,), least), top
+    if hi <= 0:
+        return _side(f, (hi,), least), top
+    return _side(f, (0.0,), least), top
+
+
+def _power(base: tuple[float, float], e: tuple[float, float]) -> tuple[float, float]:
+    """Bounds of base ** e (torch's meaning: a real power of a negative base for an integer exponent only)."""
+    lo, hi = base
+    if e[0] == e[1]:
+        c = e[0]
+        if c == 0:
+            return 1.0, 1.0
+        if c.is_integer() and c > 0:
+            power = lambda v: v ** c  # noqa: E731
+            if c % 2 == 0:
+                return _even(power, base, 0.0)
+            return _side(power, (lo,), -math.inf), _side(power, (hi,), math.inf)
+        if c.is_integer() and (lo > 0 or hi < 0):  # 1 / base ** -c, a base of one sign
+            d = _power(base, (-c, -c))
+            return (1 / d[1], 1 / d[0]) if d[0] > 0 or d[1] < 0 else _ANY
+        if not c.is_integer():  # real only where the base is >= 0
+            if hi < 0:
+                return _ANY
+            lo = max(lo, 0.0)
+            ends = (_side(pow, (lo, c), math.inf), _side(pow, (hi, c), math.inf))
+            return min(ends), max(ends)
+        return _ANY
+    if lo > 0:  # exp(e * log(base))
+        return _call_bounds("exp", [_product(e, _call_bounds("log", [base]))])
+    return (0.0, math.inf) if lo >= 0 else _ANY
+
+
+def _call_bounds(name: str, args: list[tuple[float, float]]) -> tuple[float, float]:
+    f = FUNCTIONS[name]
+    if f.shape == "rising":
+        lo = _side(f.math, tuple(a[0] for a in args), f.least)
+        hi = _side(f.math, tuple(a[1] for a in args), math.inf)
+    elif f.shape == "even":
+        lo, hi = _even(f.math, args[0], f.least)
+    else:
+        lo, hi = _ANY
+    return max(lo, f.least), hi
+
+
+def bounds(tree: ast.AST, box: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(lo, hi) with lo <= the tree's value <= hi wherever it is defined, for every point of ``box`` (an
+    interval per variable): interval arithmetic over the tree, in float64. Sound but not tight: a
+    variable read twice is taken as two independent ones (``x - x`` is bounded by the interval's width),
+    except a product of a subtree with itself, which is a square."""
+    if isinstance(tree, ast.Expression):
+        return bounds(tree.body, box)
+    if isinstance(tree, ast.Name):
+        return box[tree.id]
+    if isinstance(tree, ast.Constant):
+        return float(tree.value), float(tree.value)
+    if isinstance(tree, ast.UnaryOp):
+        lo, hi = bounds(tree.operand, box)
+        return (-hi, -lo) if isinstance(tree.op, ast.USub) else (lo, hi)
+    if isinstance(tree, ast.Call):
+        return _call_bounds(tree.func.id, [bounds(a, box) for a in tree.args])
+    assert isinstance(tree, ast.BinOp), f"unvalidated expression node {ast.dump(tree)}"
+    p = bounds(tree.left, box)
+    if isinstance(tree.op, ast.Mult) and ast.dump(tree.left) == ast.dump(tree.right):
+        return _even(FUNCTIONS["square"].math, p, 0.0)
+    q = bounds(tree.right, box)
+    if isinstance(tree.op, ast.Add):
+        lo, hi = p[0] + q[0], p[1] + q[1]
+    elif isinstance(tree.op, ast.Sub):
+        lo, hi = p[0] - q[1], p[1] - q[0]
+    elif isinstance(tree.op, ast.Mult):
+        lo, hi = _product(p, q)
+    elif isinstance(tree.op, ast.Div):
+        lo, hi = _product(p, (1 / q[1], 1 / q[0])) if q[0] > 0 or q[1] < 0 else _ANY
+    else:
+        lo, hi = _power(p, q)
+    return (-math.inf if math.isnan(lo) else lo), (math.inf if math.isnan(hi) else hi)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import moegraph.semantics.expr as _expr
 from moegraph.errors import close_names
 
 __all__ = ["SCORE_FUNCTIONS", "SCORE_EXPR_FUNCTIONS", "SCORE_EXPR_MATH", "MAX_SCORE_EXPRESSION", "SCORE_PROBE_X",
-           "score_tree", "score_value", "emit_score", "check_score", "score_expression", "score_can_be_negative"]
+           "score_tree", "score_value", "emit_score", "check_score", "score_expression", "score_can_be_negative",
+           "negative_score_words"]
 
 #: named score functions -> elementwise expression of the router logit ``x`` ("softmax" is special)
 SCORE_FUNCTIONS: dict[str, str] = {
@@ -97,16 +98,63 @@ def check_score(v: str) -> str:
     return v
 
 
+#: pieces of the logit range ``score_can_be_negative`` bounds before it gives up (a score it can neither prove
+#: non-negative nor find negative within them is taken as one that can be negative)
+SIGN_PIECES = 2048
+
+
 @functools.lru_cache(maxsize=256)
-def score_can_be_negative(score: str) -> bool:
-    """Whether a (validated) score name or expression is negative at some logit of ``SCORE_PROBE_X`` (the grid
-    of sample logits every score is checked on; a dip between two of them goes unseen): then the scores of a
-    token are no distribution of its load, and the balance losses, which share each token among the experts by
-    its scores, are not bounded below. Softmax never is."""
+def _negative_logit(score: str) -> tuple[bool, float | None]:
+    """(whether the score may be negative on the logit range of ``SCORE_PROBE_X``, a logit where it is)."""
     if score == "softmax":
-        return False
+        return False, None
     tree = score_tree(score_expression(score))
-    return any(score_value(tree, x) < 0 for x in SCORE_PROBE_X)
+    for x in SCORE_PROBE_X:  # (finite there: validated)
+        if score_value(tree, x) < 0:
+            return True, x
+    pieces = [(SCORE_PROBE_X[0], SCORE_PROBE_X[-1])]
+    for _ in range(SIGN_PIECES):
+        if not pieces:
+            return False, None
+        lo, hi = pieces.pop()
+        if _expr.bounds(tree, {"x": (lo, hi)})[0] >= 0:
+            continue
+        mid = (lo + hi) / 2
+        try:
+            if score_value(tree, mid) < 0:
+                return True, mid
+        except (ArithmeticError, ValueError):
+            pass
+        pieces += [(lo, mid), (mid, hi)]
+    return bool(pieces), None
+
+
+def score_can_be_negative(score: str) -> bool:
+    """Whether a (validated) score name or expression can be negative for a logit in the range of
+    ``SCORE_PROBE_X`` (the logits every score is checked finite on): then the scores of a token are no
+    distribution of its load, normalize may divide by a sum near zero, and the balance losses, which share each
+    token among the experts by its scores, are not bounded below. Softmax never is.
+
+    Sound: a negative value at a sample logit (the grid, then the midpoints of the pieces below) says yes;
+    interval bounds of the expression tree (``expr.bounds``) that are >= 0 over every piece of the range,
+    bisected where a bound is not yet, say no. Where neither settles it within ``SIGN_PIECES`` pieces (a least
+    value of exactly 0 that interval arithmetic cannot see, as in ``abs(x) - x``) the answer is yes: its callers
+    then refuse normalize and the balance losses, which the user answers by writing the score so that its
+    sign shows (``2 * relu(-x)``); a loss without a lower bound would only show in training. The named scores
+    and scores built of non-negative parts (sigmoid, softplus, exp, relu, abs, square, sqrt) are proven at once.
+    """
+    return _negative_logit(score)[0]
+
+
+def negative_score_words(score: str) -> str:
+    """How a score that ``score_can_be_negative`` says can be negative is, in words for messages."""
+    can, x = _negative_logit(score)
+    assert can, f"score {score!r} is never negative"
+    if x is not None:
+        v = score_value(score_tree(score_expression(score)), x)
+        return f"is negative for some logits ({v:.3g} at x = {x:g})"
+    return (f"cannot be shown to be >= 0 for every logit in [{SCORE_PROBE_X[0]:g}, {SCORE_PROBE_X[-1]:g}] (its "
+            "interval bounds do not settle it)")
 
 
 def score_expression(score: str) -> str:
