@@ -298,6 +298,19 @@ def test_inline_activation_expression_runs_in_the_kernels():
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+def _kernel_on_random_tokens(expression: str, gated: bool, seed: int):
+    """The kernel's output on 9 tokens routed to 2 experts each, with float32 weights without biases (all seeded),
+    and (x, token ids, expert ids, weights, expert weights) for the reference."""
+    g = torch.Generator().manual_seed(seed)
+    w = _weights(g, torch.float32, gated=gated)
+    T, K = 9, 2
+    x = torch.randn(T, D, generator=g) * 2
+    tok, exp = _assignments(T, K, g)
+    wt = torch.rand(T * K, generator=g)
+    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, gated,
+                                             None, None, None, None, None)
+    return y, (x, tok, exp, wt, w)
+
 
 def test_constant_expression_bounds_reach_the_kernel_as_numbers():
     """Clamp bounds written as expressions of constants are the numbers they are in the kernel's body (it computes
@@ -306,21 +319,15 @@ def test_constant_expression_bounds_reach_the_kernel_as_numbers():
     lines, _ = kernels.activation_source(moegraph.semantics.activation(expression))
     body = [line.split(" = ", 1)[1] for line in lines]
     assert len(body) == 3 and body[0] == "tl.maximum(gate, -0.5)" and body[1].endswith(f", {math.e / 4!r})"), lines
-    g = torch.Generator().manual_seed(14)
-    w = _weights(g, torch.float32)
-    T, K = 9, 2
-    x = torch.randn(T, D, generator=g) * 2
-    tok, exp = _assignments(T, K, g)
-    wt = torch.rand(T * K, generator=g)
-    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, True,
-                                             None, None, None, None, None)
-    ref = torch.zeros(T, D)
-    for n in range(T * K):  # a loop over assignments, the activation written out in torch
+    y, (x, tok, exp, wt, w) = _kernel_on_random_tokens(expression, True, seed=14)
+    ref = torch.zeros(x.shape)
+    for n in range(tok.numel()):  # a loop over assignments, the activation written out in torch
         e, t = int(exp[n]), int(tok[n])
         h = w["w_up"][e] @ x[t]
         assert (h[:F_] < -0.5).any() and (h[:F_] > math.e / 4).any()  # both clamps are active
         ref[t] += wt[n] * (w["w_down"][e] @ (h[:F_].clamp(-0.5, math.e / 4) * h[F_:]))
     torch.testing.assert_close(y, ref, **TOL[torch.float32])
+
 
 INTEGER_POWERS = {
     # activation expression: (gated, the same function in torch)
@@ -336,17 +343,10 @@ def test_integer_powers_of_negative_values_are_torch_powers(expression):
     # Triton has no pow: exp(c * log(base)) is NaN for a negative base, where torch gives a real power for
     # an integer exponent (any constant one, negative or folded from an expression).
     gated, act = INTEGER_POWERS[expression]
-    g = torch.Generator().manual_seed(13)
-    w = _weights(g, torch.float32, gated=gated)
-    T, K = 9, 2
-    x = torch.randn(T, D, generator=g) * 2
-    tok, exp = _assignments(T, K, g)
-    wt = torch.rand(T * K, generator=g)
-    y = torch.ops.moegraph_triton.expert_mlp(x, tok, exp, wt, w["w_up"], w["w_down"], None, None, expression, gated,
-                                             None, None, None, None, None)
-    ref = torch.zeros(T, D, dtype=torch.float64)
-    size = torch.zeros(T, D, dtype=torch.float64)  # the sum of the terms' magnitudes behind each output
-    for n in range(T * K):  # a loop over assignments in float64, the activation as torch writes it
+    y, (x, tok, exp, wt, w) = _kernel_on_random_tokens(expression, gated, seed=13)
+    ref = torch.zeros(x.shape, dtype=torch.float64)
+    size = torch.zeros(x.shape, dtype=torch.float64)  # the sum of the terms' magnitudes behind each output
+    for n in range(tok.numel()):  # a loop over assignments in float64, the activation as torch writes it
         e, t = int(exp[n]), int(tok[n])
         if 0 <= e < E:
             h = w["w_up"][e].double() @ x[t].double()

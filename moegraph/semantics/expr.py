@@ -293,12 +293,18 @@ def _literals(node: ast.AST, expr: str, what: str) -> ast.AST:
             raise ValueError(f"{what} {expr!r}: its constant part {ast.unparse(node)!r} is undefined or beyond "
                              "float32's range; write a finite number there")
         return _num(value(node, {}))
+    return _with_operands(node, lambda a: _literals(a, expr, what))
+
+
+def _with_operands(node: ast.AST, fn: Callable[[ast.AST], ast.AST]) -> ast.AST:
+    """A new ``node`` whose operands (a unary or binary operation's, a call's arguments) are ``fn`` of its own; a
+    name or constant as it is."""
     if isinstance(node, ast.UnaryOp):
-        return ast.UnaryOp(node.op, _literals(node.operand, expr, what))
+        return ast.UnaryOp(node.op, fn(node.operand))
     if isinstance(node, ast.BinOp):
-        return ast.BinOp(_literals(node.left, expr, what), node.op, _literals(node.right, expr, what))
+        return ast.BinOp(fn(node.left), node.op, fn(node.right))
     if isinstance(node, ast.Call):
-        return ast.Call(node.func, [_literals(a, expr, what) for a in node.args], [])
+        return ast.Call(node.func, [fn(a) for a in node.args], [])
     return node
 
 
@@ -570,13 +576,7 @@ def _substitute(tree: ast.AST, var: str, arg: ast.AST) -> ast.AST:
         return _substitute(tree.body, var, arg)
     if isinstance(tree, ast.Name):
         return arg if tree.id == var else tree
-    if isinstance(tree, ast.UnaryOp):
-        return ast.UnaryOp(tree.op, _substitute(tree.operand, var, arg))
-    if isinstance(tree, ast.BinOp):
-        return ast.BinOp(_substitute(tree.left, var, arg), tree.op, _substitute(tree.right, var, arg))
-    if isinstance(tree, ast.Call):
-        return ast.Call(tree.func, [_substitute(a, var, arg) for a in tree.args], [])
-    return tree
+    return _with_operands(tree, lambda a: _substitute(a, var, arg))
 
 
 def _can_be_infinite(node: ast.AST) -> bool:
