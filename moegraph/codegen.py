@@ -232,6 +232,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "projection": m.expert_projection,
         "expert_input_norm": m.experts.input_norm,
         "expert_output_norm": m.experts.output_norm,
+        "shared_norm": m.shared_experts.output_norm,
         "xe": "xe_TM" if m.expert_projection is not None else "xe_TD" if m.experts.input_norm is not None else "x_TD",
         "ye": "y_TM" if m.expert_projection is not None else "y_TD",
         "ye_rows": "ye_NM" if m.expert_projection is not None else "ye_ND",

@@ -141,6 +141,17 @@ rms_norm = _torch_forms.rms_norm
 
 
 @torch.fx.wrap
+def per_expert_norm(ye_NM: Tensor, exp_N: Tensor, weight_EM: Tensor, eps: float, offset: float,
+                    before: bool) -> Tensor:
+    """``experts.output_norm`` with ``per_expert``: each assignment's expert output (one row per assignment)
+    normalised with its own expert's weight, row ``exp_N`` of ``weight_EM``. One call in the graph, so that
+    the expert-parallel pass can move it beside the expert op, onto the rank that holds those weights
+    (``distributed.layer.ExpertParallelPass``). A dropped assignment's id (``num_experts``, past the last
+    row) reads the last row: its expert output is zero, and so is its norm, whatever the weight."""
+    return rms_norm(ye_NM, eps, weight_EM[exp_N.clamp(0, weight_EM.shape[0] - 1)], offset, before)
+
+
+@torch.fx.wrap
 def route_select(scores_TE: Tensor, expert_bias_E: Tensor | None, top_k: int, num_groups: int, topk_groups: int,
                  group_score: str, top_n: int) -> tuple[Tensor, Tensor]:
     """The router's expert choice in one call: ids_TK [T, K] (best first) and the chosen experts' scores
@@ -402,7 +413,9 @@ def init_value(layer: CompiledMoEBase, name: str) -> float | None:
     if name.startswith("router.mlp.") and layer.ROUTER_MLP[int(name.split(".")[2])][0] in ("rms_norm", "state"):
         return 1.0  # a router network's norm weight or state scale
     offset = {"pre_expert_norm.weight": layer.PRE_EXPERT_NORM_OFFSET,
-              "expert_output_norm.weight": layer.EXPERT_OUTPUT_NORM_OFFSET}.get(name)
+              "expert_output_norm.weight": layer.EXPERT_OUTPUT_NORM_OFFSET,
+              "experts.output_norm_weight": layer.EXPERT_OUTPUT_NORM_OFFSET,
+              "shared_expert_norm.weight": layer.SHARED_NORM_OFFSET}.get(name)
     return None if offset is None else 1.0 - offset
 
 
@@ -489,6 +502,9 @@ class CompiledMoEBase(nn.Module):
     EXPERT_WIDTH: int = 0
     PRE_EXPERT_NORM_OFFSET: float | None = None  # a norm of the projected input (pre_expert_norm.weight [M]); its offset
     EXPERT_OUTPUT_NORM_OFFSET: float | None = None  # a norm of each expert's output (``experts.output_norm``)
+    #: that norm's weight is one per expert (``per_expert``): ``experts.output_norm_weight`` [E, M], an expert tensor
+    EXPERT_OUTPUT_NORM_PER_EXPERT: bool = False
+    SHARED_NORM_OFFSET: float | None = None  # a norm of the shared experts' output (``shared_experts.output_norm``)
     #: the router as a small network (``router.mlp``): one (op, width in, width out, flag) per layer, flag = bias
     #: (linear) or receive (state); () = one linear
     ROUTER_MLP: tuple = ()
@@ -544,6 +560,9 @@ class CompiledMoEBase(nn.Module):
         if self.EXPERT_BIAS_TERMS:
             self.experts.register_parameter(up_name + "_bias", nn.Parameter(torch.zeros(R, H, **kw)))
             self.experts.down_proj_bias = nn.Parameter(torch.zeros(R, M, **kw))
+        if self.EXPERT_OUTPUT_NORM_PER_EXPERT:  # an expert tensor: rows follow the experts (slots when parallel)
+            self.experts.output_norm_weight = nn.Parameter(torch.full((R, M), 1.0 - self.EXPERT_OUTPUT_NORM_OFFSET,
+                                                                      **kw))
         # The experts' own space (``moe.expert_projection``) and its norms; top-level modules, replicated on
         # expert-parallel ranks like the router.
         if self.EXPERT_WIDTH:
@@ -551,11 +570,13 @@ class CompiledMoEBase(nn.Module):
             self.pre_expert_proj.weight = nn.Parameter(torch.empty(M, D, **kw))
             self.post_expert_proj = nn.Module()
             self.post_expert_proj.weight = nn.Parameter(torch.empty(D, M, **kw))
-        for name, offset in (("pre_expert_norm", self.PRE_EXPERT_NORM_OFFSET),
-                             ("expert_output_norm", self.EXPERT_OUTPUT_NORM_OFFSET)):
+        shared_output_norm = None if self.EXPERT_OUTPUT_NORM_PER_EXPERT else self.EXPERT_OUTPUT_NORM_OFFSET
+        for name, offset, width in (("pre_expert_norm", self.PRE_EXPERT_NORM_OFFSET, M),
+                                    ("expert_output_norm", shared_output_norm, M),
+                                    ("shared_expert_norm", self.SHARED_NORM_OFFSET, D)):
             if offset is not None:
                 setattr(self, name, nn.Module())
-                getattr(self, name).weight = nn.Parameter(torch.full((M,), 1.0 - offset, **kw))
+                getattr(self, name).weight = nn.Parameter(torch.full((width,), 1.0 - offset, **kw))
         if self.SHARED_INTERMEDIATE:
             # One MLP of width S, or (shared_experts.gate: router) one by one as the routed experts:
             # [count, H, D] / [count, D, F].

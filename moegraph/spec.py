@@ -305,6 +305,18 @@ class ExpertNorm(_Frozen):
     scale: Literal["after", "before"] = Field(
         "after", description="Apply the weight after the norm (most norms) or before it (an input-scaled norm).",
     )
+    per_expert: bool = Field(
+        False, description="One learned weight per routed expert (experts.output_norm_weight [E, width], kept and "
+        "moved with the expert's other weights; Ergo) instead of one shared by all; experts.output_norm only.",
+    )
+
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"per_expert": False}
+
+
+def _not_per_expert(field: str, why: str) -> str:
+    """Why ``per_expert`` does not go with a norm other than the routed experts' output norm, and the fix."""
+    return (f"{field}.per_expert gives each routed expert its own weight, but {field} {why}; only "
+            f"experts.output_norm has a weight per expert: drop per_expert")
 
 
 class ExpertsSpec(_Frozen):
@@ -345,7 +357,8 @@ class ExpertsSpec(_Frozen):
     )
     output_norm: ExpertNorm | None = Field(
         None, description="A norm of each expert's output before its routing weight scales it (Muse Spark's "
-        "post-expert norm), one learned weight shared by the experts (expert_output_norm.weight); None = none.",
+        "post-expert norm), one learned weight shared by the experts (expert_output_norm.weight), or with "
+        "per_expert one per expert (experts.output_norm_weight); None = none.",
     )
 
     _LATER_FIELDS: ClassVar[dict[str, Any]] = {"routing_weight": "output", "identity_experts": 0, "zero_experts": 0,
@@ -370,6 +383,9 @@ class ExpertsSpec(_Frozen):
                 f"gate_clamp/up_clamp apply to gated activations only, but activation is "
                 f"'{self.activation}'; use a gated activation such as 'swiglu' or drop the clamps"
             )
+        if self.input_norm is not None and self.input_norm.per_expert:
+            raise field_error("input_norm.per_expert", _not_per_expert("experts.input_norm", "normalises what every "
+                                                                       "expert sees, before any expert is chosen"))
         return self
 
 
@@ -386,6 +402,10 @@ class SharedExpertsSpec(_Frozen):
         "(normalised and scaled with them) and scales that shared expert's output (Inkling). The shared experts are "
         "then stored one by one, as [count, ., .] tensors like the routed ones.",
     )
+    output_norm: ExpertNorm | None = Field(
+        None, description="A norm of the shared experts' output, one learned weight shared_expert_norm.weight [D] "
+        "(Ergo: an MLP, then an RMS norm); None = none.",
+    )
     combine: str = Field(
         _combine.DEFAULT_COMBINE,
         description="How the shared output joins the routed one: an elementwise expression of 'routed' (the routed "
@@ -393,7 +413,7 @@ class SharedExpertsSpec(_Frozen):
         "'0.5 * (routed + shared)' (averaged) or 'routed + 0.25 * shared'. Default: the sum.",
     )
 
-    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"combine": _combine.DEFAULT_COMBINE}
+    _LATER_FIELDS: ClassVar[dict[str, Any]] = {"combine": _combine.DEFAULT_COMBINE, "output_norm": None}
 
     _combine_valid = field_validator("combine")(_combine.check_combine)
 
@@ -407,6 +427,17 @@ class SharedExpertsSpec(_Frozen):
         if self.count == 0 and self.combine != _combine.DEFAULT_COMBINE:
             problems.add("combine", "combine says how the shared experts' output joins the routed one, but count is 0; "
                                     "set count >= 1 or drop combine")
+        if self.output_norm is not None:
+            if self.count == 0:
+                problems.add("output_norm", "output_norm normalises the shared experts' output, but count is 0; set "
+                                            "count >= 1 or drop output_norm")
+            elif self.gate != "none":
+                problems.add("output_norm", f"a shared-expert output norm with gate '{self.gate}' is not defined "
+                                            "(would the norm undo the gate's scale?); set gate: none or drop "
+                                            "output_norm")
+            if self.output_norm.per_expert:
+                problems.add("output_norm.per_expert", _not_per_expert(
+                    "shared_experts.output_norm", "normalises the shared experts' output, which no routing chooses"))
         if self.count == 0 and self.intermediate_size is not None:
             problems.add(
                 "intermediate_size",

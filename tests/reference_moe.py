@@ -282,8 +282,10 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 y = y + expert_fn(w * xe, *args, **kw)
                 continue
             out = expert_fn(xe, *args, **kw)
-            if ex.get("output_norm"):  # Muse Spark: each expert's output normalised before its weight
-                out = expert_space_norm(out, ex["output_norm"], layer.expert_output_norm.weight)
+            on_e = ex.get("output_norm")
+            if on_e:  # Muse Spark: each expert's output normalised before its weight; Ergo: a weight per expert
+                out = expert_space_norm(out, on_e, layer.experts.output_norm_weight[e] if on_e.get("per_expert")
+                                        else layer.expert_output_norm.weight)
             y = y + w * out
         if proj:
             y = layer.post_expert_proj.weight @ y
@@ -303,6 +305,8 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
             out = expert_fn(x_TD[t], sup, layer.shared_experts.down_proj, sub, sdb, **kw)
             if sh.get("gate", "none") == "sigmoid":
                 out = torch.sigmoid(layer.shared_expert_gate.weight[0] @ x_TD[t]) * out
+            if sh.get("output_norm"):  # Ergo: the shared MLP's output normalised
+                out = expert_space_norm(out, sh["output_norm"], layer.shared_expert_norm.weight)
             y = y + out
         y = combine(routed, y)
         on = m.get("output_norm")
