@@ -96,10 +96,12 @@ class Summary:
 def summarize(spec: MoESpec) -> Summary:
     m, d = spec.moe, spec.moe.hidden_size
     gated, bias = m.experts.gated, m.experts.bias
-    routed_one = mlp_params(m.expert_width, m.experts.intermediate_size, gated, bias)
+    # A weight per expert in its output norm is one of the expert's own tensors (it moves with the expert).
+    own_norm = m.expert_width if m.experts.output_norm is not None and m.experts.output_norm.per_expert else 0
+    routed_one = mlp_params(m.expert_width, m.experts.intermediate_size, gated, bias) + own_norm
     shared = m.shared_experts.count * mlp_params(d, m.shared_intermediate_size, gated, bias)
-    if m.shared_experts.gate == "sigmoid":
-        shared += d
+    shared_extra = (d if m.shared_experts.gate == "sigmoid" else 0) + (d if m.shared_experts.output_norm else 0)
+    shared += shared_extra
     e = m.experts.num_experts
     unscored_hash = m.router.type == "hash" and m.router.score is None  # no router weights at all
     rows = m.router_rows  # the router's outputs: experts, identity/zero experts, routed shared experts
@@ -120,7 +122,7 @@ def summarize(spec: MoESpec) -> Summary:
     proj = m.expert_projection  # the projections around the experts and the norms in their space: always active
     if proj is not None:
         router += 2 * d * proj.size
-    router += m.expert_width * ((m.experts.input_norm is not None) + (m.experts.output_norm is not None))
+    router += m.expert_width * ((m.experts.input_norm is not None) + (m.experts.output_norm is not None and not own_norm))
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 
@@ -131,11 +133,12 @@ def summarize(spec: MoESpec) -> Summary:
     s = Summary(spec, layer, n_moe, n_dense, moe_total, moe_active)
     s.flops_per_token_moe = 2 * moe_active
     q = m.quantization
-    s.routed_expert_bytes = mlp_bytes(m.expert_width, m.experts.intermediate_size, gated, bias, m.dtype, q)
+    s.routed_expert_bytes = (mlp_bytes(m.expert_width, m.experts.intermediate_size, gated, bias, m.dtype, q)
+                             + own_norm * DTYPE_BYTES[m.dtype])
     s.shared_bytes = shared * DTYPE_BYTES[m.dtype]
     if q is not None and q.shared_experts and m.shared_experts.count:
-        gate = d * DTYPE_BYTES[m.dtype] if m.shared_experts.gate == "sigmoid" else 0
-        s.shared_bytes = mlp_bytes(d, m.shared_experts.count * m.shared_intermediate_size, gated, bias, m.dtype, q) + gate
+        s.shared_bytes = (mlp_bytes(d, m.shared_experts.count * m.shared_intermediate_size, gated, bias, m.dtype, q)
+                          + shared_extra * DTYPE_BYTES[m.dtype])
     s.expert_bytes_per_layer = s.routed_expert_bytes * e + s.shared_bytes
     s.expert_bytes_per_layer_dtype = (layer.routed_total + shared) * DTYPE_BYTES[m.dtype]
     slots_per_gpu = -(-(e + spec.placement.redundant_slots) // spec.topology.num_gpus)

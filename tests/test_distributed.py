@@ -104,6 +104,15 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
             "expert_projection": {"size": 12},
             "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "expert_bias": {"update_rate": 0.001}}},
              "placement": {"redundant_slots": 2}}
+    elif kind == "ergo":  # Ergo: each expert's output normalised with that expert's own weight (an expert tensor,
+        # which lives in the expert's slots and is applied where it computes), a normalised shared expert
+        norm = {"eps": 1e-6}
+        d = {"name": "ergo", "moe": {
+            "hidden_size": 16, "experts": {**small, "activation": "relu2", "output_norm": {**norm, "per_expert": True}},
+            "shared_experts": {"count": 1, "output_norm": norm},
+            "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0,
+                       "expert_bias": {"update_rate": 0.001}}},
+             "placement": {"redundant_slots": 4}}
     elif kind == "router_net":  # a router that is a small network (router.mlp): its layers are replicated
         # on every rank like the router's weight, and their gradients summed over ranks
         d = {"name": "router_net", "moe": {"hidden_size": 16, "experts": small, "shared_experts": {"count": 1},
@@ -210,6 +219,7 @@ SCENARIOS = {
         "all_transforms": (("all_transforms", 1, 2), "replicas2e8", [(2, 6), (1, 7)], 0, None),
         "expert_space": (("expert_space", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, 6),
         "router_net": (("router_net", 1, 2), "replicas2e8", [(2, 5), (1, 6)], 0, None),
+        "ergo": (("ergo", 1, 2), "contiguous", [(2, 5), (1, 7)], 0, None),
         "router_state": (("router_state", 1, 2), "replicas2e8", [(1, 6), (2, 4)], 0, None),
     },
     4: {
@@ -217,6 +227,8 @@ SCENARIOS = {
         "two_hosts_contiguous": (("dsv3", 2, 2), "contiguous", [(1, 4), (1, 6), (2, 2), (1, 5)], 0, None),
         "one_host": (("dsv3", 1, 4), "replicas4", [(1, 6), (2, 2), (1, 5), (1, 1)], 0, None),
         "one_expert4": (("skew", 2, 2), "contiguous", [(1, 5), (1, 4), (1, 0), (2, 2)], 0, 6),
+        # A weight per expert on rows forwarded inside the far host (second hop): applied where they compute.
+        "ergo_two_hosts": (("ergo", 2, 2), "contiguous", [(2, 4), (1, 6), (1, 5), (2, 3)], 0, None),
     },
 }
 
@@ -683,8 +695,9 @@ def _measured(results: list[dict], name: str, kind: str) -> np.ndarray:
 
 @pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "contiguous"), (2, "one_expert"), (2, "hash"), (2, "identity"),
                                         (2, "input_scaled"), (2, "hash_table"), (2, "transforms"),
-                                        (2, "expert_space"), (2, "router_net"), (4, "two_hosts"),
-                                        (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4")])
+                                        (2, "expert_space"), (2, "router_net"), (2, "ergo"), (4, "two_hosts"),
+                                        (4, "two_hosts_contiguous"), (4, "one_host"), (4, "one_expert4"),
+                                        (4, "ergo_two_hosts")])
 def test_bytes_sent_match_the_plans_prediction(main2, main4, world, name):
     """Not here: layers with a capacity (the trace records the router's choices, the runtime sends the
     kept ones). The experts' own space sends M-wide rows, one per assignment (each expert's output is

@@ -215,8 +215,18 @@ def _two_layer_spec(world: int):
     return moegraph.load_spec(d)
 
 
+def _ergo_spec(world: int):
+    """Ergo's norms on the main suite's layer: a weight per expert in each expert's output norm, and a normalised
+    shared expert."""
+    d = _spec(world).model_dump(mode="json")
+    d["moe"]["experts"]["output_norm"] = {"eps": 1e-6, "per_expert": True}
+    d["moe"]["shared_experts"]["output_norm"] = {"eps": 1e-6}
+    return moegraph.load_spec(d)
+
+
 def _run_edges(rank: int, world: int) -> dict:
-    """What the main suite does not reach: FP8 weights, a model's layers moving together, gradients."""
+    """What the main suite does not reach: FP8 weights, a weight per expert in the experts' output norm, a model's
+    layers moving together, gradients."""
     from moegraph.distributed import apply_plan, migrate
     from moegraph.distributed.rebalance import Rebalancer, drift_demo
 
@@ -235,6 +245,18 @@ def _run_edges(rank: int, world: int) -> dict:
     res["fp8_full"] = layer.full_state_dict()
     # The drifting-stream demo (``moegraph run --rebalance-every``) feeds an FP8 layer its compute dtype
     res["fp8_drift"] = drift_demo([layer], steps=2, every=1, tokens=8, seed=3)
+    # A weight per expert in the experts' output norm moves with its expert: outputs and gradients after the move.
+    spec = _ergo_spec(world)
+    layer = moegraph.compile(spec, plan=_plan(spec, world, "A"), seed=None, timeout=TIMEOUT_S)
+    layer.load_state_dict(_state(spec))
+    res["ergo_report"] = layer.apply_plan(_plan(spec, world, "B"))
+    res["ergo_slots"] = list(layer.slot_experts)
+    x, gy = _batch(world, rank, 0, spec.moe.hidden_size)
+    y = layer(x)
+    (y * gy).sum().backward()
+    layer.sync_grads()
+    res["ergo_y"], res["ergo_norm_grad"] = y.detach(), layer.experts.output_norm_weight.grad.clone()
+    res["ergo_full"] = layer.full_state_dict()
     # Two MoE layers move together: a failure in one leaves both on the old plan.
     spec = _two_layer_spec(world)
     a2 = Plan(np.array([ROWS[world]["A"], ROWS[world]["B"]]), spec)
@@ -830,6 +852,30 @@ def test_fp8_experts_migrate_as_bytes(runs):
         torch.testing.assert_close(out["fp8_y_after"].float(), out["fp8_y_before"].float(), rtol=2e-2, atol=2e-2)
         events = [row["event"] for row in out["fp8_drift"]]
         assert all(ev is not None and ev["tokens"] == 8 * len(res) and "failed" not in ev for ev in events), events
+
+
+def test_a_weight_per_expert_in_the_output_norm_moves_with_its_expert(runs):
+    """experts.output_norm_weight is an expert tensor: apply_plan sends its rows with the expert's other weights
+    (the planner's bytes per slot count it), and after the move outputs and its gradient are the single-process
+    layer's on every rank's tokens."""
+    res = _ok(runs["edges"])
+    spec = _ergo_spec(2)
+    state = _state(spec)
+    ref = moegraph.compile(spec, seed=0)
+    ref.load_state_dict(state)
+    xs = [_batch(2, r, 0, spec.moe.hidden_size) for r in range(2)]
+    sum((ref(x) * g).sum() for x, g in xs).backward()
+    mig = migration(_plan(spec, 2, "A"), _plan(spec, 2, "B"))
+    assert sum(int(np.sum(o["ergo_report"]["weight_bytes_sent"])) for o in res) == mig.bytes
+    s = len(ROWS[2]["B"]) // 2
+    for r, out in enumerate(res):
+        assert out["ergo_slots"] == ROWS[2]["B"][r * s:(r + 1) * s]
+        with torch.no_grad():
+            _close(out["ergo_y"], ref(xs[r][0]), f"rank {r} output")
+        _close(out["ergo_norm_grad"], ref.experts.output_norm_weight.grad[torch.tensor(out["ergo_slots"])],
+               f"rank {r} gradient of experts.output_norm_weight")
+        for k, v in state.items():
+            _close(out["ergo_full"][k], v, f"rank {r} full_state_dict {k}")
 
 
 def test_a_models_layers_move_together_or_not_at_all(runs):

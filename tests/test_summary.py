@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
 from moegraph.loader import load_spec
 from moegraph.summary import attention_params, human, human_bytes, mlp_params, summarize
@@ -199,3 +200,24 @@ def test_router_network_counts_as_the_layer_holds(router, experts, tmp_path):
     s = summarize(load_spec(d))
     layer = moegraph.compile(load_spec(d), out_dir=tmp_path)
     assert s.layer.router == sum(p.numel() for n, p in layer.named_parameters() if n.startswith("router."))
+
+
+@pytest.mark.parametrize("per_expert", [True, False])
+def test_expert_norm_weights_count_where_the_layer_holds_them(per_expert, tmp_path):
+    """A weight per expert in experts.output_norm is part of each routed expert (its parameters and its bytes, which
+    a migration moves); one shared weight, and the shared experts' norm, count as the layer holds them."""
+    import moegraph
+
+    d = copy.deepcopy(TINY)
+    d["moe"]["experts"].update(activation="relu2", output_norm={"per_expert": per_expert})
+    d["moe"]["shared_experts"] = {"count": 1, "intermediate_size": 6, "output_norm": {}}
+    spec = load_spec(d)
+    s = summarize(spec)
+    layer = moegraph.compile(spec, out_dir=tmp_path, dtype=torch.bfloat16)
+    held = {n: p for n, p in layer.named_parameters()}
+    experts = [p for n, p in held.items() if n.startswith("experts.")]
+    assert s.layer.routed_expert * 4 == sum(p.numel() for p in experts)
+    assert s.routed_expert_bytes * 4 == sum(p.numel() * p.element_size() for p in experts)
+    assert s.layer.shared == sum(p.numel() for n, p in held.items() if n.startswith("shared_expert"))
+    assert s.layer.router == sum(p.numel() for n, p in held.items() if n.startswith(("router.", "expert_output_norm.")))
+    assert ("experts.output_norm_weight" in held) == per_expert == ("expert_output_norm.weight" not in held)

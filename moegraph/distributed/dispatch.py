@@ -44,6 +44,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import fp8
+from ..runtime import per_expert_norm
 from .comm import AllToAll, Comm, Traffic, _row_bytes
 
 __all__ = ["ExpertDispatch", "choose_slots"]
@@ -165,6 +166,9 @@ class ExpertDispatch(nn.Module):
         # (tile, format, scale_format) when token rows travel in FP8; None: in the layer's dtype
         self.fp8_dispatch = (q.activation_tile[1], q.format, q.scale_format) if q and q.dispatch == "fp8" else None
         self.fp8_args: tuple | None = None  # the FP8 op's trailing arguments, set by forward_fp8
+        #: (eps, offset, before) of a norm with a weight per expert on the op's rows (experts.output_norm.per_expert),
+        #: which ExpertParallelPass moves in here; its weight comes with each call (norm_weight_SM)
+        self.output_norm: tuple | None = None
 
     def reset_round_robin(self) -> None:
         """Start the inference round-robin count at 0 again (as a recorded trace's first token does)."""
@@ -238,8 +242,12 @@ class ExpertDispatch(nn.Module):
     def forward(self, x_TD: Tensor, tok_N: Tensor, exp_N: Tensor, w_N: Tensor, w_up_SHD: Tensor, w_down_SDF: Tensor,
                 b_up_SH: Tensor | None, b_down_SD: Tensor | None, activation: str, gated: bool,
                 gate_clamp: float | None, up_clamp: float | None, shared_w_up_HD: Tensor | None = None,
-                shared_w_down_DF: Tensor | None = None, shared_scale_T: Tensor | None = None) -> Tensor:
-        """Same contract as ``expert_mlp`` with the slot weights of this rank: returns [T, D]."""
+                shared_w_down_DF: Tensor | None = None, shared_scale_T: Tensor | None = None,
+                norm_weight_SM: Tensor | None = None) -> Tensor:
+        """Same contract as ``expert_mlp`` with the slot weights of this rank: returns [T, D]. With
+        ``norm_weight_SM`` (this rank's slots of ``experts.output_norm_weight``) each row's expert output is
+        normalised with its slot's weight where it is computed (``runtime.per_expert_norm``): the rows are then one
+        per assignment, as the layer sends them for that norm."""
         T, D = x_TD.shape
         me, S, E, tr, comm = self.rank, self.slots_per_gpu, self.num_experts, self.traffic, self.comm
         t0 = self._now(x_TD)
@@ -283,6 +291,11 @@ class ExpertDispatch(nn.Module):
             # FP8 rows arrive as float32; the results go back in the layer's dtype.
             out_MD = self._compute(X_MD, row_B, slot_B, w_B, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation,
                                    gated, gate_clamp, up_clamp).to(x_TD.dtype)
+            if norm_weight_SM is not None:
+                # One assignment per row at most: a row only forwarded from here (second hop) computed nothing,
+                # and its zero output stays zero whatever slot's weight it reads.
+                slot_M = torch.zeros(X_MD.shape[0], dtype=torch.long, device=X_MD.device).index_copy(0, row_B, slot_B)
+                out_MD = per_expert_norm(out_MD, slot_M, norm_weight_SM, *self.output_norm)
         else:  # nothing to compute here; keep the received tensors in the graph (see _Join)
             out_MD = _Join.apply(x_TD.new_zeros(X_MD.shape), X_MD, w_B)
         shared_TD = None

@@ -36,7 +36,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 from .. import fp8
 from ..errors import DistributedError, PlanFileError, is_number, short_repr
 from ..fx_passes import Pipeline, _is_expert_op, _is_fp8_op
-from ..runtime import CompiledMoEBase, init_value
+from ..runtime import CompiledMoEBase, init_value, per_expert_norm
 from .comm import Comm, Traffic
 from .dispatch import ExpertDispatch
 from .weights import SlotExperts, load_checkpoint
@@ -69,14 +69,27 @@ class ExpertParallelPass(PassBase):
         node = nodes[0]
         self.dispatch.expert_op = node.target
         gm.add_submodule("ep_dispatch", self.dispatch)
-        with gm.graph.inserting_after(node):
+        # A norm with a weight per expert (experts.output_norm.per_expert) of the op's rows: it runs inside the
+        # dispatch, on the rank that holds each expert's slot of the weight, before the combine.
+        norms = [u for u in node.users if u.op == "call_function" and u.target is per_expert_norm]
+        kwargs = dict(node.kwargs)
+        if norms:
+            norm = norms[0]
+            if len(node.users) != 1 or norm.args[0] is not node or norm.args[1] is not node.args[2]:
+                raise DistributedError("expert parallelism runs the norm per expert inside the dispatch, but in the "
+                                       "layer graph it does not take the routed expert op's rows and expert ids "
+                                       "alone; a custom FX pass changed them")
+            kwargs["norm_weight_SM"] = norm.args[2]
+            self.dispatch.output_norm = tuple(norm.args[3:6])
+        with gm.graph.inserting_after(norms[0] if norms else node):
             if _is_fp8_op(node):  # FP8 experts: the dispatch's FP8 entry (same arguments as the op)
                 gm.add_submodule("ep_dispatch_fp8", _FP8Entry(self.dispatch))
                 new = gm.graph.call_module("ep_dispatch_fp8", node.args, node.kwargs)
             else:
-                new = gm.graph.call_module("ep_dispatch", node.args, node.kwargs)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+                new = gm.graph.call_module("ep_dispatch", node.args, kwargs)
+        for old in (*norms, node):
+            old.replace_all_uses_with(new)
+            gm.graph.erase_node(old)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, True)
