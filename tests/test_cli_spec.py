@@ -204,6 +204,23 @@ def test_show_experts_own_space(tmp_path, run_cli):
     assert _table_row(res.out, "one routed expert")[1] == "1.15K"  # 3 * 24 * 16
 
 
+def test_show_expert_norms_of_ergo(tmp_path, run_cli):
+    """`show` says that each expert's output norm has a weight per expert, counted in one routed expert, and that
+    the shared experts' output is normalised."""
+    path = tmp_path / "ergo.yaml"
+    path.write_text("name: ergo-tiny\nmoe:\n  hidden_size: 32\n"
+                    "  experts: {num_experts: 8, intermediate_size: 16, activation: relu2,\n"
+                    "            output_norm: {eps: 1.0e-6, per_expert: true}}\n"
+                    "  shared_experts: {count: 1, output_norm: {eps: 1.0e-6}}\n"
+                    "  router: {top_k: 2, score: sigmoid}\n")
+    res = run_cli("show", path)
+    assert res.code == 0, res.err
+    flat = " ".join(res.out.split())
+    assert "experts: output norm per expert (rms eps=1e-06 weight per expert)" in flat
+    assert "shared experts: output norm (rms eps=1e-06)" in flat
+    assert _table_row(res.out, "one routed expert")[1] == "1.06K"  # 2 * 32 * 16 + 32
+
+
 def test_ctrl_c_says_aborted_and_exits_130(run_cli, monkeypatch):
     """typer turns KeyboardInterrupt into Exit(130) and returns the code: the command ended silently."""
 

@@ -142,6 +142,11 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # back; logits times a constant of a bias-free router: moe.expert_projection, experts.output_norm.
     "muse_spark": ("MuseSparkMoE", dict(num_local_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
                                         moe_hidden_size=24, routed_scaling_factor=2.0)),
+    # Non-gated relu2 experts stored transposed, each route's expert output RMS-normalised with its expert's own
+    # [D] row of post_expert_norm.weight [E, D] before its weight (experts.output_norm.per_expert); a shared MLP
+    # followed by its own RMS norm (shared_experts.output_norm); sigmoid + selection bias, normalised and scaled.
+    "ergo": ("ErgoMoE", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                             shared_intermediate_size=24, moe_routed_scaling_factor=2.0, rms_norm_eps=1e-6)),
 }
 # family -> (transformers module, config model_type) where they differ from the family name
 MODULE = {"deepseek_v2_lite": "deepseek_v2", "deepseek_v4_hash": "deepseek_v4", "gpt_oss_tight_limit": "gpt_oss",
@@ -309,6 +314,7 @@ def test_routing_read_from_each_family() -> None:
                                expert_bias=dict(update_rate=0.001)),
         "muse_spark": dict(score="sigmoid", normalize=True, scaling_factor=2.0, expert_bias=dict(update_rate=0.001),
                            input_norm=dict(kind="none", eps=1e-6, weight=False, multiplier=0.1767766952966369)),
+        "ergo": dict(score="sigmoid", normalize=True, scaling_factor=2.0, expert_bias=dict(update_rate=0.001)),
     }
     for family, want in expected.items():
         cls_name, overrides = FAMILIES[family]
@@ -393,6 +399,23 @@ def test_gemma_router_transforms(family: str) -> None:
     grads = dict(layer.named_parameters())  # the router's own scales and both norms were compared (and got gradients)
     for name in ("router.per_expert_scale", "router.input_norm.weight", "pre_expert_norm.weight", "output_norm.weight"):
         assert grads[name].grad.abs().max() > 0, name
+
+
+def test_ergo_norms_read_per_expert_and_after_the_shared_mlp() -> None:
+    """Ergo's post_expert_norm (one [E, D] weight, a row per expert, that no has_post_expert_norm declares) reads as
+    experts.output_norm with per_expert, its shared expert's own norm as shared_experts.output_norm, both found by
+    structure and their forms numerically; the rows are the block's, in expert order (the parity tests compare)."""
+    cls_name, overrides = FAMILIES["ergo"]
+    block = make_block("ergo", overrides, cls_name)
+    layer = from_hf(block)
+    m = layer.hf_import.spec.moe
+    form = {"kind": "rms", "eps": 1e-6, "weight_offset": 0.0, "scale": "after"}
+    assert m.experts.output_norm.model_dump() == {**form, "per_expert": True}
+    assert m.shared_experts.output_norm.model_dump() == form and not m.shared_experts.output_norm.per_expert
+    assert (m.experts.activation, m.shared_experts.count, m.shared_experts.intermediate_size) == ("relu2", 1, 24)
+    assert torch.equal(layer.experts.output_norm_weight, block.experts.post_expert_norm.weight)
+    assert torch.equal(layer.shared_expert_norm.weight, block.shared_experts.norm.weight)
+    assert layer.hf_import.anatomy.unexplained == ()
 
 
 def test_deepseek_v2_ignores_norm_topk_prob_and_says_so() -> None:

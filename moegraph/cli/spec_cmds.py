@@ -38,6 +38,12 @@ def validate(specs: Annotated[list[str], typer.Argument(help="Spec files or pres
         raise MoegraphError(f"{bad} of {len(specs)} spec(s) invalid")
 
 
+def _norm_text(n) -> str:
+    """One line for a spec ExpertNorm: its eps, form and whether each expert has its own weight."""
+    return (f"rms eps={n.eps:g}" + (" w+1" if n.weight_offset else "") + (" scale-first" if n.scale == "before" else "")
+            + (" weight per expert" if n.per_expert else ""))
+
+
 @app.command()
 def show(spec: SpecArg) -> None:
     """A readable summary: parameters (total and active per token), FLOPs, expert memory, layers."""
@@ -82,13 +88,12 @@ def show(spec: SpecArg) -> None:
     console.print(f"routing: {routing}", highlight=False)
     ex = moe.experts
     if moe.expert_projection is not None or ex.input_norm is not None or ex.output_norm is not None:
-        def norm(n) -> str:
-            return f"rms eps={n.eps:g}" + (" w+1" if n.weight_offset else "") + (" scale-first" if n.scale == "before" else "")
-
         space = [f"projected D -> {moe.expert_projection.size} -> D" if moe.expert_projection is not None else "",
-                 f"input norm ({norm(ex.input_norm)})" if ex.input_norm is not None else "",
-                 f"output norm per expert ({norm(ex.output_norm)})" if ex.output_norm is not None else ""]
+                 f"input norm ({_norm_text(ex.input_norm)})" if ex.input_norm is not None else "",
+                 f"output norm per expert ({_norm_text(ex.output_norm)})" if ex.output_norm is not None else ""]
         console.print("experts: " + ", ".join(p for p in space if p), highlight=False)
+    if moe.shared_experts.output_norm is not None:
+        console.print(f"shared experts: output norm ({_norm_text(moe.shared_experts.output_norm)})", highlight=False)
 
     t = Table(title="parameters", show_header=True)
     t.add_column("")

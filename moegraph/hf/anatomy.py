@@ -45,6 +45,8 @@ class BlockAnatomy:
     shared_bias_terms: bool = False
     shared_activation_fn: str | None = None
     shared_gate_name: str | None = None
+    shared_norm_name: str | None = None  # a norm of the shared expert's output inside it (Ergo's shared_experts.norm)
+    shared_norm: dict[str, Any] | None = None  # its spec ExpertNorm
     unexplained: tuple[str, ...] = ()  # parameters/buffers none of the above accounts for
     token_table_name: str | None = None  # a [vocab, K] integer token id -> experts table (hash routing)
     expert_layout: str = "3d"  # "3d": transformers v5 [E, ., .] tensors; "flat_glu": DBRX's mlp.w1/v1/w2 [E*F, D];
@@ -391,7 +393,7 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
         except (ImportError, KeyError):
             act = None
 
-    space = _expert_space(block, experts, ename, D, cls)
+    space = _expert_space(block, experts, ename, D, E, cls)
     claimed = {ename, *(n for n in (space.get("pre_proj_name"), space.get("post_proj_name"),
                                     space.get("pre_norm_name")) if n)}
     if space.get("expert_width"):
@@ -454,6 +456,16 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
                 f"shared expert '{shared_names[0]}' is {'plain' if layout == 'up_down' else 'gated'} but the routed "
                 f"experts are {'gated' if gated else 'plain'}; the spec uses one activation for both", cls,
             )
+        # A norm inside the shared expert (Ergo's: its MLP, then an RMS norm): of its output, which the comparison
+        # of the compiled layer with the block checks.
+        norms = [(n_, c) for n_, c in sh.named_children() if _norm_child(c, D) is not None]
+        if len(norms) > 1:
+            raise UnsupportedBlock(f"its shared expert holds several norms {[n_ for n_, _ in norms]}; the spec has one "
+                                   "norm of the shared experts' output", cls)
+        if norms:
+            n_, c = norms[0]
+            anat_kwargs.update(shared_norm_name=f"{shared_names[0]}.{n_}",
+                               shared_norm=norm_form(c, D, _norm_child(c, D), "shared expert's norm", cls))
         anat_kwargs.update(
             shared_names=tuple(shared_names), shared_layout=layout, shared_intermediate=S, shared_count=n,
             shared_bias_terms=any(isinstance(m, nn.Linear) and m.bias is not None for m in sh.modules()),
@@ -537,17 +549,20 @@ def inspect_block(block: nn.Module, config: Any = None) -> BlockAnatomy:
     )
 
 
-def _norm_child(mod: nn.Module, width: int) -> float | None:
-    """The epsilon of a norm module holding one [width] weight and nothing else (None: not such a norm)."""
+def _norm_child(mod: nn.Module, width: int, rows: int = 0) -> float | None:
+    """The epsilon of a norm module holding one [width] weight, or with ``rows`` one [rows, width] weight (a row per
+    expert), and nothing else (None: not such a norm)."""
     eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
     ps = dict(mod.named_parameters())
-    ok = isinstance(eps, float) and eps > 0 and set(ps) == {"weight"} and tuple(ps["weight"].shape) == (width,)
+    shape = (rows, width) if rows else (width,)
+    ok = isinstance(eps, float) and eps > 0 and set(ps) == {"weight"} and tuple(ps["weight"].shape) == shape
     return eps if ok else None
 
 
-def norm_form(mod: nn.Module, width: int, eps: float, what: str, cls: str) -> dict[str, Any]:
+def norm_form(mod: nn.Module, width: int, eps: float, what: str, cls: str, rows: int = 0) -> dict[str, Any]:
     """The spec's ExpertNorm a norm module computes, found numerically on a float32 copy with a random weight: an RMS
-    norm whose weight scales as (offset + weight), offset 0 or 1, before or after the norm."""
+    norm whose weight scales as (offset + weight), offset 0 or 1, before or after the norm. With ``rows`` the weight
+    has a row per expert, and the module is called as ``norm(v, expert_ids)`` (Ergo's): ``per_expert``."""
     from ..semantics.torch_forms import rms_norm
 
     probe = copy.deepcopy(mod)
@@ -556,36 +571,42 @@ def norm_form(mod: nn.Module, width: int, eps: float, what: str, cls: str) -> di
     probe = probe.float()
     g = torch.Generator().manual_seed(0)
     v = torch.randn(16, width, generator=g) * 2
+    ids = torch.arange(16) % rows if rows else None
     with torch.no_grad():
-        probe.weight.copy_(torch.randn(width, generator=g) * 0.5)
+        probe.weight.copy_(torch.randn(probe.weight.shape, generator=g) * 0.5)
+        weight = probe.weight if ids is None else probe.weight[ids]
         try:
-            got = probe(v)
+            got = probe(v) if ids is None else probe(v, ids)
         except Exception as exc:  # reported as the reason
             raise UnsupportedBlock(f"its {what} {type(mod).__name__} could not be evaluated ({type(exc).__name__}: "
                                    f"{exc})", cls) from exc
         for offset in (0.0, 1.0):
             for scale in ("after", "before"):
                 if isinstance(got, Tensor) and got.shape == v.shape and torch.allclose(
-                        got, rms_norm(v, eps, probe.weight, offset, scale == "before"), rtol=1e-5, atol=1e-6):
-                    return {"kind": "rms", "eps": eps, "weight_offset": offset, "scale": scale}
+                        got, rms_norm(v, eps, weight, offset, scale == "before"), rtol=1e-5, atol=1e-6):
+                    return {"kind": "rms", "eps": eps, "weight_offset": offset, "scale": scale,
+                            **({"per_expert": True} if rows else {})}
     raise UnsupportedBlock(f"its {what} {type(mod).__name__} is no RMS norm the spec has (weight or 1 + weight, "
                            "applied before or after the norm)", cls)
 
 
-def _expert_space(block: nn.Module, experts: nn.Module, ename: str, M: int, cls: str) -> dict[str, Any]:
+def _expert_space(block: nn.Module, experts: nn.Module, ename: str, M: int, E: int, cls: str) -> dict[str, Any]:
     """The experts' own space, read by structure: two bias-free Linear children D -> M and M -> D (M the experts'
     width, D != M) around them, a norm child holding one [M] weight (of the projected input), and a norm inside
     the experts holding one [M] weight, which transformers' experts declare as ``has_post_expert_norm`` (each
-    expert's output normalised before its weight). Empty when the experts see the block input."""
+    expert's output normalised before its weight), or one [E, M] weight, a row per expert (Ergo's: only each
+    expert's output can take its expert's row; the comparison of the compiled layer with the block checks where it
+    applies). Empty when the experts see the block input."""
     out: dict[str, Any] = {}
-    inner = [(n, c) for n, c in experts.named_children() if _norm_child(c, M) is not None]
+    inner = [(n, c, 0) for n, c in experts.named_children() if _norm_child(c, M) is not None]
+    inner += [(n, c, E) for n, c in experts.named_children() if _norm_child(c, M, rows=E) is not None]
     if inner:
-        if not getattr(experts, "has_post_expert_norm", False) or len(inner) != 1:
-            raise UnsupportedBlock(f"its experts hold norm modules {[n for n, _ in inner]} that their class does not "
-                                   "declare as a norm of each expert's output (has_post_expert_norm)", cls)
-        n, c = inner[0]
+        if len(inner) != 1 or not (inner[0][2] or getattr(experts, "has_post_expert_norm", False)):
+            raise UnsupportedBlock(f"its experts hold norm modules {[n for n, _, _ in inner]} that their class does "
+                                   "not declare as a norm of each expert's output (has_post_expert_norm)", cls)
+        n, c, rows = inner[0]
         out.update(expert_norm_name=f"{ename}.{n}",
-                   expert_norm=norm_form(c, M, _norm_child(c, M), "experts' output norm", cls))
+                   expert_norm=norm_form(c, M, _norm_child(c, M, rows), "experts' output norm", cls, rows=rows))
     lins = [(n, c) for n, c in block.named_children() if isinstance(c, nn.Linear) and c.bias is None]
     pre = [(n, c) for n, c in lins if c.out_features == M and c.in_features != M]
     post = [(n, c) for n, c in lins if c.in_features == M and c.out_features != M]

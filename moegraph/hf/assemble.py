@@ -68,6 +68,8 @@ def _moe_section(anat: BlockAnatomy, routing: Routing, cfg: Any, dtype: str) -> 
             shared["gate"] = "sigmoid"
         if anat.shared_routed:
             shared["gate"] = "router"
+        if anat.shared_norm is not None:
+            shared["output_norm"] = dict(anat.shared_norm)
         moe["shared_experts"] = shared
     router = routing.router_dict()
     if routing.expert_bias:

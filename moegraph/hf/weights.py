@@ -104,7 +104,11 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
     if anat.pre_norm_name:
         out["pre_expert_norm.weight"] = get_path(block, anat.pre_norm_name).weight
     if anat.expert_norm_name:
-        out["expert_output_norm.weight"] = get_path(block, anat.expert_norm_name).weight
+        per_expert = anat.expert_norm is not None and anat.expert_norm.get("per_expert", False)
+        out["experts.output_norm_weight" if per_expert else "expert_output_norm.weight"] = get_path(
+            block, anat.expert_norm_name).weight
+    if anat.shared_norm_name:
+        out["shared_expert_norm.weight"] = get_path(block, anat.shared_norm_name).weight
     if anat.output_norm_name:
         out["output_norm.weight"] = get_path(block, anat.output_norm_name).weight
     if anat.output_bias_name:
