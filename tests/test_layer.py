@@ -967,11 +967,12 @@ def test_shared_expert_output_norm_matches_the_loop_reference(shared, tmp_path, 
     assert (other.eval()(x) - layer.eval()(x)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("case", ["muse_spark", "output_norm_per_expert"])
 @pytest.mark.parametrize("strategy", list(moegraph.strategies.STRATEGIES))
 @pytest.mark.parametrize("T", [1, 3, 17])
-def test_expert_space_every_strategy(strategy, T, tmp_path):
+def test_expert_space_every_strategy(strategy, T, case, tmp_path):
     """Every expert-compute strategy the tuner may pick is exact on the expert-space layer, eval and train."""
-    spec = _expert_space_spec("muse_spark")
+    spec = _expert_space_spec(case)
     layer = moegraph.compile(spec, dtype=torch.float32, out_dir=tmp_path, expert_strategy=strategy)
     _randomise(layer)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))

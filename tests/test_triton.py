@@ -503,6 +503,11 @@ LAYERS = {
                                    experts={"identity_experts": 2, "zero_experts": 1}),
     # Llama 4's expert(w * x): the op gets the weighted rows, one per assignment.
     "input_scaled": _spec("t-input-scaled", {"top_k": 2, "score": "sigmoid"}, experts={"routing_weight": "input"}),
+    # Ergo: the op's rows one per assignment, each normalised with its expert's own weight and the shared MLP's
+    # output with its own (torch code around the Triton expert op).
+    "ergo_norms": _spec("t-ergo", {"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0},
+                        shared={"count": 1, "output_norm": {"eps": 1e-6}},
+                        experts={"activation": "relu2", "output_norm": {"eps": 1e-6, "per_expert": True}}),
 }
 
 
@@ -541,8 +546,9 @@ def test_layer_matches_torch_backend(name, dt, fuse_router, tmp_path):
     if fuse_router:
         assert "moegraph_triton.route_topk" in code and "topk(" not in code.replace("route_topk", "")
         assert tri.pass_report["eval"].applied[-1] == "FuseRouter"
-    if spec.moe.shared_experts.count:
-        assert "shared_mlp" not in code  # folded into the expert op
+    m = spec.moe
+    if m.shared_experts.count and not (m.rows_per_assignment or m.shared_experts.output_norm):
+        assert "shared_mlp" not in code  # folded into the expert op (unless a norm of either output comes between)
 
 
 @pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=["fp32", "fp16"])
