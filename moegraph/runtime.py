@@ -570,9 +570,10 @@ class CompiledMoEBase(nn.Module):
             self.pre_expert_proj.weight = nn.Parameter(torch.empty(M, D, **kw))
             self.post_expert_proj = nn.Module()
             self.post_expert_proj.weight = nn.Parameter(torch.empty(D, M, **kw))
-        shared_output_norm = None if self.EXPERT_OUTPUT_NORM_PER_EXPERT else self.EXPERT_OUTPUT_NORM_OFFSET
+        # experts.output_norm's one weight for every expert (a weight per expert is an expert tensor, above)
+        one_weight = None if self.EXPERT_OUTPUT_NORM_PER_EXPERT else self.EXPERT_OUTPUT_NORM_OFFSET
         for name, offset, width in (("pre_expert_norm", self.PRE_EXPERT_NORM_OFFSET, M),
-                                    ("expert_output_norm", shared_output_norm, M),
+                                    ("expert_output_norm", one_weight, M),
                                     ("shared_expert_norm", self.SHARED_NORM_OFFSET, D)):
             if offset is not None:
                 setattr(self, name, nn.Module())

@@ -289,7 +289,8 @@ MAX_EXPERTS = 65536
 
 
 class ExpertNorm(_Frozen):
-    """An RMS norm in the experts' space with one learned per-channel weight (Muse Spark's expert norms).
+    """An RMS norm in the experts' space with one learned per-channel weight (Muse Spark's expert norms), or for
+    the routed experts' output norm one per expert (``per_expert``, Ergo).
 
     The weight w multiplies as ``(weight_offset + w)``: offset 0 is nn.RMSNorm's form, offset 1 a weight
     stored as a difference from one (it starts at zero). ``scale: before`` scales the input by it and then

@@ -122,7 +122,8 @@ def summarize(spec: MoESpec) -> Summary:
     proj = m.expert_projection  # the projections around the experts and the norms in their space: always active
     if proj is not None:
         router += 2 * d * proj.size
-    router += m.expert_width * ((m.experts.input_norm is not None) + (m.experts.output_norm is not None and not own_norm))
+    one_output_weight = m.experts.output_norm is not None and not own_norm  # one weight for every expert
+    router += m.expert_width * ((m.experts.input_norm is not None) + one_output_weight)
     k = m.top_k
     layer = LayerCounts(routed_one, shared, router, routed_one * e, routed_one * k)
 

@@ -189,36 +189,38 @@ def test_presets_lists_every_preset(run_cli):
         assert name in res.out
 
 
-def test_show_experts_own_space(tmp_path, run_cli):
-    """`show` says where the experts work and which norms they have; their parameters are counted at width M."""
-    path = tmp_path / "muse.yaml"
-    path.write_text("name: muse-tiny\nmoe:\n  hidden_size: 32\n  expert_projection: {size: 24}\n"
-                    "  experts: {num_experts: 8, intermediate_size: 16, input_norm: {weight_offset: 1},\n"
-                    "            output_norm: {eps: 1.0e-5, weight_offset: 1, scale: before}}\n"
-                    "  router: {top_k: 2, score: sigmoid}\n")
+def _show(run_cli, path, text: str):
+    """`show` of a spec file with ``text``: its output, and the output on one line."""
+    path.write_text(text)
     res = run_cli("show", path)
     assert res.code == 0, res.err
-    flat = " ".join(res.out.split())
+    return res.out, " ".join(res.out.split())
+
+
+def test_show_experts_own_space(tmp_path, run_cli):
+    """`show` says where the experts work and which norms they have; their parameters are counted at width M."""
+    out, flat = _show(run_cli, tmp_path / "muse.yaml",
+                      "name: muse-tiny\nmoe:\n  hidden_size: 32\n  expert_projection: {size: 24}\n"
+                      "  experts: {num_experts: 8, intermediate_size: 16, input_norm: {weight_offset: 1},\n"
+                      "            output_norm: {eps: 1.0e-5, weight_offset: 1, scale: before}}\n"
+                      "  router: {top_k: 2, score: sigmoid}\n")
     assert "experts: projected D -> 24 -> D, input norm (rms eps=1e-06 w+1), output norm per expert " \
            "(rms eps=1e-05 w+1 scale-first)" in flat
-    assert _table_row(res.out, "one routed expert")[1] == "1.15K"  # 3 * 24 * 16
+    assert _table_row(out, "one routed expert")[1] == "1.15K"  # 3 * 24 * 16
 
 
 def test_show_expert_norms_of_ergo(tmp_path, run_cli):
     """`show` says that each expert's output norm has a weight per expert, counted in one routed expert, and that
     the shared experts' output is normalised."""
-    path = tmp_path / "ergo.yaml"
-    path.write_text("name: ergo-tiny\nmoe:\n  hidden_size: 32\n"
-                    "  experts: {num_experts: 8, intermediate_size: 16, activation: relu2,\n"
-                    "            output_norm: {eps: 1.0e-6, per_expert: true}}\n"
-                    "  shared_experts: {count: 1, output_norm: {eps: 1.0e-6}}\n"
-                    "  router: {top_k: 2, score: sigmoid}\n")
-    res = run_cli("show", path)
-    assert res.code == 0, res.err
-    flat = " ".join(res.out.split())
+    out, flat = _show(run_cli, tmp_path / "ergo.yaml",
+                      "name: ergo-tiny\nmoe:\n  hidden_size: 32\n"
+                      "  experts: {num_experts: 8, intermediate_size: 16, activation: relu2,\n"
+                      "            output_norm: {eps: 1.0e-6, per_expert: true}}\n"
+                      "  shared_experts: {count: 1, output_norm: {eps: 1.0e-6}}\n"
+                      "  router: {top_k: 2, score: sigmoid}\n")
     assert "experts: output norm per expert (rms eps=1e-06 weight per expert)" in flat
     assert "shared experts: output norm (rms eps=1e-06)" in flat
-    assert _table_row(res.out, "one routed expert")[1] == "1.06K"  # 2 * 32 * 16 + 32
+    assert _table_row(out, "one routed expert")[1] == "1.06K"  # 2 * 32 * 16 + 32
 
 
 def test_ctrl_c_says_aborted_and_exits_130(run_cli, monkeypatch):

@@ -552,7 +552,7 @@ def test_not_an_moe_block() -> None:
         from_hf(torch.nn.Linear(4, 4))
 
 
-@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe", "deepseek_v2", "ergo"])
 def test_config_spec_agrees_with_block_spec(family: str) -> None:
     """spec_from_hf_config (block built on the meta device) == what from_hf reads from a real block."""
     cls_name, overrides = FAMILIES[family]

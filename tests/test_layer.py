@@ -881,8 +881,8 @@ EXPERT_SPACE = {
                                    {"output_norm": {"eps": 1e-6}, "input_norm": {"scale": "before"}}, {"size": 8}),
     # Ergo: a weight per expert (experts.output_norm_weight [E, M]); with a capacity, dropped assignments keep theirs
     "output_norm_per_expert": ({"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0,
-                                "expert_bias": {"update_rate": 0.01}}, {"output_norm": {"eps": 1e-5, "per_expert": True}},
-                               None),
+                                "expert_bias": {"update_rate": 0.01}},
+                               {"output_norm": {"eps": 1e-5, "per_expert": True}}, None),
     "output_norm_per_expert_projected_capacity": (
         {"top_k": 2, "capacity": {"factor": 0.5, "drop_policy": "probs"}},
         {"output_norm": {"eps": 1e-6, "weight_offset": 1, "scale": "before", "per_expert": True}}, {"size": 12}),
@@ -913,8 +913,8 @@ def test_expert_space_matches_the_loop_reference(case, tmp_path, expert_path):
     assert fresh.experts.down_proj.shape[1] == M
     out_norm = experts.get("output_norm")
     per_expert = bool(out_norm and out_norm.get("per_expert"))
-    for weight, norm in ((fresh.experts.output_norm_weight if per_expert else getattr(fresh, "expert_output_norm", None),
-                          out_norm), (getattr(fresh, "pre_expert_norm", None), experts.get("input_norm"))):
+    out_weight = fresh.experts.output_norm_weight if per_expert else getattr(fresh, "expert_output_norm", None)
+    for weight, norm in ((out_weight, out_norm), (getattr(fresh, "pre_expert_norm", None), experts.get("input_norm"))):
         if norm is not None:  # the norm's scale (offset + weight) starts at one; [E, M] with a weight per expert
             if isinstance(weight, torch.nn.Module):
                 weight = weight.weight
