@@ -1006,11 +1006,16 @@ def test_expert_space_keeps_old_hashes_and_names_bad_fields():
         ({"expert_projection": {"size": 8, "input_norm": {}}}, "input_norm"),
         ({"experts": {"input_norm": {}}, "shared": {"count": 1}}, "shared_experts.count"),
         ({"experts": {"input_norm": {}, "zero_experts": 1}}, "experts.identity_experts"),
-        ({"experts": {"input_norm": {"per_expert": True}}}, "experts.input_norm.per_expert"),
-        ({"experts": {"output_norm": {"per_expert": True}, "routing_weight": "input"}}, "experts.output_norm"),
-        ({"shared": {"count": 1, "output_norm": {"per_expert": True}}}, "shared_experts.output_norm.per_expert"),
-        ({"shared": {"count": 1, "gate": "sigmoid", "output_norm": {}}}, "shared_experts.output_norm"),
-        ({"shared": {"count": 0, "output_norm": {}}}, "shared_experts.output_norm"),
+        # (the field, then the start of the reason: an unknown field would be refused by its name too)
+        ({"experts": {"input_norm": {"per_expert": True}}},
+         "experts.input_norm.per_expert: experts.input_norm.per_expert gives each routed expert its own weight"),
+        ({"experts": {"output_norm": {"per_expert": True}, "routing_weight": "input"}},
+         "experts.output_norm: an expert output norm with routing_weight: input"),
+        ({"shared": {"count": 1, "output_norm": {"per_expert": True}}},
+         "shared_experts.output_norm.per_expert: shared_experts.output_norm.per_expert gives each routed expert"),
+        ({"shared": {"count": 1, "gate": "sigmoid", "output_norm": {}}},
+         "shared_experts.output_norm: a shared-expert output norm with gate 'sigmoid' is not defined"),
+        ({"shared": {"count": 0, "output_norm": {}}}, "shared_experts.output_norm: output_norm normalises the shared"),
     ]
     for change, field in bad:
         spec = make_spec({"top_k": 2}, experts=change.get("experts"), shared=change.get("shared"))
