@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 __all__ = ["Function", "FUNCTIONS", "INTERNAL", "CALLABLE", "C_SPELLINGS", "Language", "parse", "finite", "at",
-           "value", "emit", "torch_call", "bounds", "derivative", "Program", "program"]
+           "value", "emit", "torch_call", "bounds", "derivative", "Program", "program", "constant"]
 
 
 def _sigmoid(v: float) -> float:
@@ -286,7 +286,7 @@ def _literals(node: ast.AST, expr: str, what: str) -> ast.AST:
     everywhere (torch.maximum takes no Python number), and generated code calls no function on a number.
     ValueError where such a part is undefined or beyond float32 (every backend would compute inf or NaN there).
     """
-    if _signed_const(node) is not None:
+    if constant(node) is not None:
         return node
     if not _reads_variable(node):
         if not finite(node, {}):
@@ -511,8 +511,9 @@ def _const(node: ast.AST) -> float | None:
     return float(node.value) if isinstance(node, ast.Constant) else None
 
 
-def _signed_const(node: ast.AST) -> float | None:
-    """The value of a constant or of a negated constant (how ``_num`` writes negative numbers), else None."""
+def constant(node: ast.AST) -> float | None:
+    """The value of a constant or of a negated constant (how ``_num`` writes negative numbers), else None. In a
+    parsed tree every part that reads no variable is one (``parse`` folds them)."""
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         c = _const(node.operand)
         return None if c is None else -c
@@ -525,7 +526,7 @@ def _num(v: float) -> ast.AST:
 
 def _bin(op: ast.operator, a: ast.AST, b: ast.AST) -> ast.AST:
     """a op b, simplified where one side is a constant (so derivatives stay as small as hand-written ones)."""
-    ca, cb = _signed_const(a), _signed_const(b)
+    ca, cb = constant(a), constant(b)
     if ca is not None and cb is not None and not isinstance(op, ast.Pow):
         try:
             return _num(value(ast.BinOp(ast.Constant(ca), op, ast.Constant(cb)), {}))
@@ -586,7 +587,7 @@ def _can_be_infinite(node: ast.AST) -> bool:
         if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
             return True
         if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow):
-            c = _signed_const(n.right)
+            c = constant(n.right)
             if c is None or c < 0:
                 return True
         if isinstance(n, ast.Call) and n.func.id == "log":
@@ -597,7 +598,7 @@ def _can_be_infinite(node: ast.AST) -> bool:
 def _chain(outer: ast.AST, inner: ast.AST) -> ast.AST:
     """outer * inner for the chain rule: 0 where ``inner`` is 0 when ``outer`` may be infinite there (torch's
     relu / clamp backwards mask the gradient: d sqrt(relu(x)) / dx is 0 at x <= 0, not inf * 0)."""
-    if _signed_const(inner) is not None or not _can_be_infinite(outer):
+    if constant(inner) is not None or not _can_be_infinite(outer):
         return _bin(ast.Mult(), outer, inner)
     return ast.Call(ast.Name("_masked_mul", ast.Load()), [outer, inner], [])
 

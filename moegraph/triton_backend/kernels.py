@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import math
-import operator
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -24,9 +23,9 @@ from torch import Tensor
 from ..errors import InputError
 from ..codegen_safe import Code
 from .. import semantics
-from ..semantics.expr import FUNCTIONS
+from ..semantics.expr import FUNCTIONS, constant
 from ..semantics.routing import TopKPolicy
-from ..semantics.scores import SCORE_EXPR_FUNCTIONS, SCORE_EXPR_MATH, SCORE_FUNCTIONS, emit_score, score_expression
+from ..semantics.scores import SCORE_EXPR_FUNCTIONS, SCORE_FUNCTIONS, emit_score, score_expression, score_tree
 from ..ops.args import ExpertArgs
 from ..semantics.torch_forms import activate
 from . import configs
@@ -396,57 +395,26 @@ def prepare(*args: Any) -> tuple[MLPLaunch, Tensor | None]:
 _TRITON_CALLS = {n: FUNCTIONS[n].triton for n in SCORE_EXPR_FUNCTIONS}
 
 
-_PY_CALLS = SCORE_EXPR_MATH  # constant folding uses the spec's own meaning of each function
-
-
-def _fold(node: ast.AST) -> float:
-    """The value of a subexpression without ``x`` (folded here: Triton's math functions want tensors)."""
-    if isinstance(node, ast.Constant):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp):
-        return -_fold(node.operand) if isinstance(node.op, ast.USub) else _fold(node.operand)
-    if isinstance(node, ast.BinOp):
-        a, b = _fold(node.left), _fold(node.right)
-        ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-               ast.Pow: operator.pow}
-        return float(ops[type(node.op)](a, b))
-    return float(_PY_CALLS[node.func.id](_fold(node.args[0])))
-
-
-def _uses_x(node: ast.AST) -> bool:
-    return any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(node))
-
-
 def score_to_triton(score: str) -> str:
-    """Triton code for an elementwise score of ``x`` (a named score or a validated expression)."""
-    tree = ast.parse(score_expression(score), mode="eval")
+    """Triton code for an elementwise score of ``x`` (a named score or a validated expression), spelled from its
+    parsed tree as the activations are (every part that reads no ``x`` is a number there already): the score
+    functions' Triton forms, powers as ``_triton_pow`` spells them, a constant base's log taken here."""
+    try:
+        tree = score_tree(score_expression(score))
+    except ValueError as exc:
+        raise InputError(f"score {score!r}: {exc}") from None
 
-    def special(node: ast.AST, emit) -> str | None:
-        """Triton's own spellings: constants folded, powers as ``_triton_pow`` spells them."""
-        if isinstance(node, ast.Expression):
+    def power(node: ast.AST, emit) -> str | None:
+        if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow)):
             return None
-        if not _uses_x(node):
-            try:
-                v = _fold(node)
-            except (ArithmeticError, ValueError, KeyError, AttributeError) as exc:
-                raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} cannot be evaluated") from exc
-            if not math.isfinite(v):
-                raise InputError(f"score {score!r}: constant part {ast.unparse(node)!r} is not finite")
-            return repr(v)
-        if isinstance(node, ast.Name) and node.id != "x":
-            raise InputError(f"score {score!r}: unknown name {node.id!r}")
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            a, b = emit(node.left), emit(node.right)
-            if not _uses_x(node.left):  # constant base
-                return f"tl.exp(({b}) * {math.log(_fold(node.left))!r})"
-            return _triton_pow(f"({a})", None if _uses_x(node.right) else _fold(node.right), f"({b})")
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _TRITON_CALLS):
-            raise InputError(f"score {score!r}: {ast.dump(node)} has no Triton spelling")
-        return None
+        base, exponent = constant(node.left), f"({emit(node.right)})"
+        if base is not None and base > 0:
+            return f"tl.exp({exponent} * {math.log(base)!r})"
+        return _triton_pow(f"({emit(node.left)})", constant(node.right), exponent)
 
     try:
-        return emit_score(tree, "x", lambda name, arg: _TRITON_CALLS[name].format(arg), special)
-    except ValueError as exc:
+        return emit_score(tree, "x", lambda name, arg: _TRITON_CALLS[name].format(arg), power)
+    except (KeyError, ValueError) as exc:
         raise InputError(f"score {score!r}: {exc}; it has no Triton spelling") from None
 
 
