@@ -223,6 +223,7 @@ def context(spec: MoESpec, backend: str = "torch") -> dict[str, Any]:
         "logit_softcap": getattr(r, "logit_softcap", None),
         "sparsemixer_eps": r.sparsemixer.jitter_eps if getattr(r, "sparsemixer", None) is not None else None,
         "per_expert_scale": getattr(r, "per_expert_scale", False),
+        "weight_scale": getattr(r, "learned_weight_scale", False),
         "router_mlp": (router_layers, router_lines, router_out),
         "router_state": r.router_state if r.type == "topk" else None,
         "router_state_width": next((w for op, _, w, _ in router_layers if op == "state"), 0),

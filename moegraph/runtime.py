@@ -402,7 +402,8 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
 #: balancing state, whose updates are smaller than a bfloat16 step (its load counter, not in the state dict, too)
 KEPT_FLOAT32 = ("router.expert_bias",)
 #: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
-ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale")
+ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale",
+                "router.weight_scale")
 
 
 def init_value(layer: CompiledMoEBase, name: str) -> float | None:
@@ -497,6 +498,7 @@ class CompiledMoEBase(nn.Module):
     ROUTER_INPUT_WEIGHT: bool = False  # a learned [D] weight on the router input (``router.input_norm.weight``)
     LOGIT_SCALE: bool = False  # a learned scalar on the router logits (``router.learned_logit_scale``)
     PER_EXPERT_SCALE: bool = False  # a learned [E] scale on the chosen experts' weights (``router.per_expert_scale``)
+    WEIGHT_SCALE: bool = False  # a learned scalar on the routing weights (``router.learned_weight_scale``)
     #: the experts' own width M (``moe.expert_projection.size``): pre_expert_proj [M, D] and post_expert_proj [D, M]
     #: around them; 0 = they see the layer input (M = D)
     EXPERT_WIDTH: int = 0
@@ -538,6 +540,8 @@ class CompiledMoEBase(nn.Module):
             self.router.logit_scale = nn.Parameter(torch.ones(1, dtype=router_dtype, device=device))
         if self.PER_EXPERT_SCALE:
             self.router.per_expert_scale = nn.Parameter(torch.ones(R, dtype=router_dtype, device=device))
+        if self.WEIGHT_SCALE:
+            self.router.weight_scale = nn.Parameter(torch.ones(1, dtype=router_dtype, device=device))
         if self.EXPERT_BIAS_RATE is not None:
             self.router.register_buffer("expert_bias", torch.zeros(R, dtype=torch.float32, device=device))
             # This process's loads since the last update: a plain tensor, not a buffer, since DistributedDataParallel

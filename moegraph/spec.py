@@ -712,13 +712,17 @@ class TopKRouter(_Frozen):
         False, description="Multiply each chosen expert's weight by a learned per-expert scale "
         "router.per_expert_scale [E] (Gemma 4; starts at 1), after normalisation and scaling_factor.",
     )
+    learned_weight_scale: bool = Field(
+        False, description="Multiply the routing weights by a learned scalar router.weight_scale (starts at 1), "
+        "after normalisation and scaling_factor; the shared experts' router rows too (Inkling's global_scale).",
+    )
     mlp: tuple[RouterLayer, ...] = Field(
         (), max_length=32, description="The router as a small network: these layers (linear, rms_norm, activation, "
         "state) run on the router input, then router.weight maps their output to the logits; () = one linear.",
     )
     _LATER_FIELDS: ClassVar[dict[str, Any]] = {"input_norm": None, "learned_logit_scale": False,
                                                "logit_softcap": None, "sparsemixer": None, "per_expert_scale": False,
-                                               "mlp": ()}
+                                               "mlp": (), "learned_weight_scale": False}
 
     _score_known = field_validator("score")(_check_score)
 

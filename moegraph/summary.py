@@ -109,6 +109,7 @@ def summarize(spec: MoESpec) -> Summary:
     norm = getattr(m.router, "input_norm", None)  # the router's learned scales (router transforms)
     router += (d if norm is not None and norm.weight else 0) + (1 if getattr(m.router, "learned_logit_scale", False)
                                                                 else 0) + (e if getattr(m.router, "per_expert_scale", False) else 0)
+    router += 1 if getattr(m.router, "learned_weight_scale", False) else 0
     mlp = getattr(m.router, "mlp", ())
     if mlp:  # a router network: its layers, and router.weight maps its output (not the input) to the logits
         width = d

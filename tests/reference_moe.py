@@ -244,6 +244,10 @@ def reference_forward(spec: dict, layer, x_TD: torch.Tensor, token_ids=None, exp
                 assignments[t] = assignments[t][:len(assignments[t]) - routed_shared]
                 if r.get("per_expert_scale"):  # Gemma 4: one learned scale per expert on its weight
                     assignments[t] = [(e, w * layer.router.per_expert_scale[e]) for e, w in assignments[t]]
+                if r.get("learned_weight_scale"):  # Inkling: one learned scalar on every weight, the shared ones too
+                    s = layer.router.weight_scale[0]
+                    assignments[t] = [(e, w * s) for e, w in assignments[t]]
+                    shared_weights[t] = [w * s for w in shared_weights[t]]
             cap = r.get("capacity")
             if cap:
                 K = r["top_k"]

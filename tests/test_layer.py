@@ -715,6 +715,30 @@ def test_shared_experts_weighted_by_the_router(router, tmp_path, expert_path):
     assert (layer(x) - y).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("router", ["sigmoid_groups_bias", "topk_then_softmax"])
+def test_learned_weight_scale_with_router_gated_shared_experts(router, tmp_path):
+    """router.learned_weight_scale (Inkling's global_scale): one learned scalar on every routing weight, the
+    router-gated shared experts' too. At 1.7: outputs and every gradient (the scale's own included) against the loop
+    reference; the scale's gradient is d loss / d scale, which the output's derivative gives by hand: the layer
+    output is linear in the scale (it multiplies every weight), so y(s) = s * y(1) and dL/ds = <g, y(1)>."""
+    spec = make_spec({**ROUTERS[router], "learned_weight_scale": True},
+                     shared={"count": 2, "intermediate_size": 4, "gate": "router"})
+    assert torch.equal(moegraph.compile(spec, out_dir=tmp_path).router.weight_scale, torch.ones(1))
+    layer = _compile(spec, tmp_path).train()
+    with torch.no_grad():
+        layer.router.weight_scale.fill_(1.7)
+    x = torch.randn(19, D, generator=torch.Generator().manual_seed(18), requires_grad=True)
+    g = torch.randn(19, D, generator=torch.Generator().manual_seed(19))
+    _assert_matches_reference(spec, layer, x, g)
+    y = layer(x)
+    (grad,) = torch.autograd.grad((y * g).sum(), [layer.router.weight_scale])
+    with torch.no_grad():
+        layer.router.weight_scale.fill_(1.0)
+        y1 = layer(x)
+    torch.testing.assert_close(y, 1.7 * y1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, (g * y1).sum().reshape(1), rtol=1e-5, atol=1e-5)
+
+
 def test_shared_experts_router_gate_bad_specs():
     for router, shared, experts, field in (
         (dict(ROUTERS["expert_choice"]), {"count": 1, "gate": "router"}, None, "shared_experts.gate"),
@@ -801,6 +825,9 @@ ROUTER_TRANSFORMS = {
     "sparsemixer": {"top_k": 2, "sparsemixer": {"jitter_eps": 0.3}},
     "sparsemixer_top3_scaled": {"top_k": 3, "sparsemixer": {"jitter_eps": 0.1}, "scaling_factor": 1.5,
                                 "per_expert_scale": True, "logit_softcap": 1.5},
+    "weight_scale": {"top_k": 2, "score": "sigmoid", "normalize": True, "scaling_factor": 2.0,
+                     "learned_weight_scale": True},
+    "sparsemixer_weight_scale": {"top_k": 2, "sparsemixer": {"jitter_eps": 0.2}, "learned_weight_scale": True},
 }
 
 
@@ -811,7 +838,7 @@ def test_router_transforms_match_the_loop_reference(router, tmp_path, expert_pat
     r = ROUTER_TRANSFORMS[router]
     spec = make_spec(dict(r), shared={"count": 1})
     fresh = moegraph.compile(spec, out_dir=tmp_path)
-    for name in ("router.input_norm.weight", "router.logit_scale", "router.per_expert_scale"):
+    for name in ("router.input_norm.weight", "router.logit_scale", "router.per_expert_scale", "router.weight_scale"):
         if name in dict(fresh.named_parameters()):  # learned scales start at one
             assert torch.equal(dict(fresh.named_parameters())[name], torch.ones_like(dict(fresh.named_parameters())[name]))
     layer = _compile(spec, tmp_path).train()
@@ -820,7 +847,8 @@ def test_router_transforms_match_the_loop_reference(router, tmp_path, expert_pat
     x = torch.randn(29, D, generator=torch.Generator().manual_seed(18), requires_grad=True)
     g = torch.randn(29, D, generator=torch.Generator().manual_seed(19))
     _assert_matches_reference(spec, layer, x, g)
-    for key in ("input_norm", "learned_logit_scale", "logit_softcap", "per_expert_scale", "sparsemixer"):
+    for key in ("input_norm", "learned_logit_scale", "logit_softcap", "per_expert_scale", "sparsemixer",
+                "learned_weight_scale"):
         if key not in r:
             continue
         plain = make_spec({k: v for k, v in r.items() if k != key}, shared={"count": 1})
@@ -839,7 +867,7 @@ def test_router_transforms_keep_old_spec_hashes():
     plain = make_spec({"top_k": 2, "expert_bias": {"update_rate": 0.01}})
     off = make_spec({"top_k": 2, "expert_bias": {"update_rate": 0.01, "applies_to": "scores"}, "input_norm": None,
                      "learned_logit_scale": False, "logit_softcap": None, "sparsemixer": None,
-                     "per_expert_scale": False})
+                     "per_expert_scale": False, "learned_weight_scale": False})
     dumped = moegraph.load_spec(off).model_dump(mode="json")["moe"]["router"]
     assert set(dumped) == set(moegraph.load_spec(plain).model_dump(mode="json")["moe"]["router"])
     assert "applies_to" not in dumped["expert_bias"] and "logit_softcap" not in dumped
@@ -859,6 +887,8 @@ def test_router_transforms_keep_old_spec_hashes():
     ({"top_k": 2, "normalize": True, "sparsemixer": {"jitter_eps": 0.01}}, "normalize"),
     ({"top_k": 2, "expert_bias": {}, "sparsemixer": {"jitter_eps": 0.01}}, "expert_bias"),
     ({"type": "expert_choice", "logit_softcap": 2.0}, "logit_softcap"),
+    ({"type": "expert_choice", "learned_weight_scale": True}, "learned_weight_scale: unknown key"),
+    ({"type": "hash", "top_k": 2, "method": "modulo", "learned_weight_scale": True}, "learned_weight_scale: unknown key"),
 ])
 def test_router_transform_errors_name_the_field(router, field):
     with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):

@@ -72,6 +72,8 @@ def show(spec: SpecArg) -> None:
             routing += f" softcap={r.logit_softcap:g}"
         if r.per_expert_scale:
             routing += " +per-expert-scale"
+        if r.learned_weight_scale:
+            routing += " +weight-scale"
         if r.capacity:
             c = r.capacity
             routing += f" capacity={c.factor if c.tokens is None else str(c.tokens) + ' tokens'}" + (

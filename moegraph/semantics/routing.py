@@ -15,13 +15,14 @@ from ``semantics.scores``):
    softmax over the chosen logits, which sums to 1 already), optionally normalised to sum 1, then scaled.
 
 The router's own transforms around these steps (``TopKRouter.input_norm``, ``learned_logit_scale``,
-``logit_softcap``, ``per_expert_scale``) and Phi-MoE's sparsemixer are defined here too, one function
+``logit_softcap``, ``per_expert_scale``, ``learned_weight_scale``) and Phi-MoE's sparsemixer are defined here too, one function
 each (``router_input``, ``cap_logits``, ``sparsemixer_route``); the generated layer spells the same steps:
 
 0. the router input: ``multiplier * weight * x / sqrt(mean(x^2) + eps)`` (norm in float32);
 1. logits = input @ W^T (+ router bias), times the learned scale, then capped: ``c * tanh(logits / c)``;
    scores, selection and the expert bias then see the capped logits;
-5. last, each chosen expert's weight times its learned per-expert scale.
+5. last, each chosen expert's weight times its learned per-expert scale, and every weight (a routed shared
+   expert's too) times the learned scalar weight scale.
 
 A router that is a small network (``TopKRouter.mlp``) runs its layers on the router input before
 step 1's linear (``router_network``); its state step adds the previous layer's router state and keeps

@@ -59,7 +59,7 @@ def _is_routed_op(n: fx.Node) -> bool:
 
 #: TopKRouter fields (with their off value) the router kernel has no step for: such routing stays torch code
 TORCH_ONLY_ROUTER_FIELDS = {"input_norm": None, "learned_logit_scale": False, "logit_softcap": None,
-                            "sparsemixer": None, "per_expert_scale": False, "mlp": ()}
+                            "sparsemixer": None, "per_expert_scale": False, "mlp": (), "learned_weight_scale": False}
 
 
 def torch_only_routing(spec: MoESpec) -> list[str]:
