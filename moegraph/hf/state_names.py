@@ -276,8 +276,8 @@ class OriginalNames:
                 out[name] = compiled[self.identity[name]].to(dtypes[name])
             elif name in self.kept:
                 out[name] = self.kept[name].to(device=device, dtype=dtypes[name])
-            else:
-                out[name] = back[name].detach().to(dtypes[name])
+            else:  # (a slice's gradient is a strided view of the cotangent: contiguous, as safetensors writes them)
+                out[name] = back[name].detach().to(dtypes[name]).contiguous()
             if name in self.holes:
                 where, values = self.holes[name]
                 out[name] = out[name].clone()
