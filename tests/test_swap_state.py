@@ -345,21 +345,44 @@ def test_the_swapped_layer_trains_what_the_original_trained() -> None:
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
-def test_a_value_the_swap_took_as_a_constant_is_reported() -> None:
-    """Inkling's learned global_scale multiplies the routing; the swap reads it into the spec as a constant, so the
-    report says training leaves it alone, and a checkpoint with another value warns on loading (the swapped layer
-    would compute with the old one) instead of loading silently."""
-    model = _swapped(_model("inkling_text"))
+def test_inkling_global_scale_trains_saves_and_loads_in_the_swapped_model(tmp_path) -> None:
+    """Inkling's learned global_scale multiplies every routing weight (its shared experts' too): the swapped layer
+    holds it as router.weight_scale, so on the same weights and batch its gradient is the original model's; a changed
+    value saves under its own name and transformers' from_pretrained reads it back (same logits); and a checkpoint
+    with another value loads into the swapped model, silently, which then computes what the original does."""
     key = "model.layers.0.mlp.gate.global_scale"
+    original, model = _model("inkling_text"), _model("inkling_text")
+    for m in (original, model):
+        with torch.no_grad():
+            m.model.layers[0].mlp.gate.global_scale.fill_(0.75)
+    _swapped(model)
     notes = [n for r in model.moegraph_report.swapped for n in r.notes]
-    assert any("does not use gate.global_scale" in n for n in notes), notes
-    state = _snapshot(model)
+    assert not any("global_scale" in n for n in notes), notes
+    scale = model.model.layers[0].mlp.moe.router.weight_scale
+    assert scale.requires_grad and scale.item() == 0.75
+    r = torch.randn(*IDS.shape, VOCAB, generator=torch.Generator().manual_seed(3))
+    for m in (original, model):
+        (m(IDS).logits * r).sum().backward()
+    want = original.model.layers[0].mlp.gate.global_scale.grad
+    assert want.abs().item() > 1e-5  # a gradient to compare (the tiny model's experts add little to the logits)
+    torch.testing.assert_close(scale.grad, want, rtol=1e-4, atol=1e-4 * want.abs().item())
+
+    with torch.no_grad():
+        scale.fill_(1.25)
+    assert model.state_dict()[key].item() == 1.25
+    model.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert back.model.layers[0].mlp.gate.global_scale.item() == 1.25
+    torch.testing.assert_close(_logits(back), _logits(model), rtol=1e-4, atol=1e-5)
+
+    state = _snapshot(original)
+    state[key] = torch.full_like(state[key], 0.5)
+    original.load_state_dict(state)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model.load_state_dict(state)  # the same values: no warning
-    state[key] = state[key] * 0.5
-    with pytest.warns(UserWarning, match=f"loading {key}: the swapped layer does not read it"):
         model.load_state_dict(state)
+    assert scale.item() == 0.5
+    torch.testing.assert_close(_logits(model), _logits(original), rtol=1e-4, atol=1e-5)
 
 
 def test_keep_vars_gives_the_parameters_the_layer_holds_as_they_are() -> None:

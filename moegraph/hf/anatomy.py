@@ -79,6 +79,7 @@ class BlockAnatomy:
     # Set once the probe has read the routing (``block.read_block``):
     expert_scale_name: str | None = None  # the E-sized tensor scales the chosen experts' weights (router.per_expert_scale)
     router_input_weight_name: str | None = None  # a [D] weight on the router's input (router.input_norm.weight)
+    weight_scale_name: str | None = None  # a learned scalar on every routing weight (router.weight_scale)
     router_network: RouterNetwork | None = None  # a router that is a small network (router.mlp); router_weight_name
     # is then its last Linear's weight
     notes: list[str] = field(default_factory=list)

@@ -126,13 +126,18 @@ def read_block(block: nn.Module, config: Any = None, *, name: str | None = None,
 
 def _routing_tensors(anat: BlockAnatomy, routing: Routing, probe: Any) -> BlockAnatomy:
     """The anatomy with the router tensors the probe explained: the E-sized tensor as per-expert scales rather than
-    a selection bias, and the router input's [D] weight."""
+    a selection bias, the router input's [D] weight and the learned scalar on the routing weights."""
     changes: dict[str, Any] = {}
     if routing.per_expert_scale:
         changes.update(expert_scale_name=anat.expert_bias_name, expert_bias_name=None)
     wname = probe.router_input[2] if probe.router_input is not None else None
     if wname is not None:
-        changes.update(router_input_weight_name=wname, unexplained=tuple(n for n in anat.unexplained if n != wname))
+        changes.update(router_input_weight_name=wname)
+    if probe.weight_scale is not None:
+        changes.update(weight_scale_name=probe.weight_scale)
+    explained = (wname, probe.weight_scale)
+    if any(n is not None for n in explained):
+        changes.update(unexplained=tuple(n for n in anat.unexplained if n not in explained))
     return dataclasses.replace(anat, **changes) if changes else anat
 
 

@@ -77,6 +77,9 @@ class Probe:
     #: its experts receive them as weight-0 choices of an expert): per token, the multiple of its input it adds
     #: for them, the weight of its identity choices (``routing.read_extra_choices`` reads which choices are which)
     beside_T: Tensor | None = None
+    #: the block's one-element learned tensor that multiplies every routing weight (Inkling's global_scale), the
+    #: spec's router.weight_scale: probed at 1, so the weights above are those of the scale at one; None = none
+    weight_scale: str | None = None
 
 
 def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
@@ -95,8 +98,37 @@ def light_copy(block: nn.Module, heavy: tuple[str, ...]) -> nn.Module:
 def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: int = 0) -> Probe:
     """Route random tokens through a light float32 copy of ``block`` with random router weights.
 
-    Works on meta-device blocks too (only the small router tensors are materialised).
+    Works on meta-device blocks too (only the small router tensors are materialised). A learned scalar of the
+    block is a routing-weight scale (``Probe.weight_scale``) when doubling it doubles every weight the experts
+    and router-weighted shared experts receive and changes nothing else, on top-k routing (the spec's hash
+    routers have no such scale); the routing is then read with it at one. Other scalars keep their values.
     """
+    for name in _scalar_names(block, anat):
+        at_one, doubled = (_probe(block, anat, tokens, seed, {name: v}) for v in (1.0, 2.0))
+        if not at_one.uses_token_ids and _doubles_weights(at_one, doubled):
+            return dataclasses.replace(at_one, weight_scale=name)
+    return _probe(block, anat, tokens, seed, {})
+
+
+def _scalar_names(mod: nn.Module, anat: BlockAnatomy) -> list[str]:
+    """The one-element floating-point tensors of a block (or its light copy) outside its experts."""
+    heavy = tuple(f"{n}." for n in (anat.experts_name, *anat.shared_names))
+    return [n for n, t in _named_tensors(mod) if t.is_floating_point() and t.numel() == 1
+            and n != anat.router_weight_name and not n.startswith(heavy)]
+
+
+def _doubles_weights(a: Probe, b: Probe) -> bool:
+    """Whether probe ``b`` is probe ``a`` with every routing weight (shared experts' included) doubled."""
+    def doubled(x: Tensor | None, y: Tensor | None) -> bool:
+        return (x is None) == (y is None) and (x is None or torch.allclose(y, 2 * x, rtol=1e-5, atol=1e-7))
+
+    return (bool(a.weights_TK.abs().max() > 0) and torch.equal(a.ids_TK, b.ids_TK)
+            and torch.allclose(a.logits_TE, b.logits_TE) and a.routed_scale == b.routed_scale
+            and doubled(a.weights_TK, b.weights_TK) and doubled(a.shared_weights_TS, b.shared_weights_TS))
+
+
+def _probe(block: nn.Module, anat: BlockAnatomy, tokens: int, seed: int, fills: dict[str, float]) -> Probe:
+    """``probe_block`` with the one-element tensors named in ``fills`` at those values."""
     cls = anat.block_class
     D, E = anat.hidden_size, anat.num_experts
     # One more token per router choice beyond the experts, along its router row, so that each is chosen.
@@ -106,10 +138,11 @@ def probe_block(block: nn.Module, anat: BlockAnatomy, tokens: int = 48, seed: in
     light = light_copy(block, heavy)
     constants = {word: _gate_constants(light, word) for word in ("softcap", "jitter", "eps")}  # experts left out
     g = torch.Generator().manual_seed(seed)
-    # Learned scalars (Inkling's global_scale) multiply the routing: they keep their values, which the spec
-    # then holds as constants (a meta block's are taken as 1).
-    scalars = {n: (1.0 if t.is_meta else float(t.detach())) for n, t in _named_tensors(light)
-               if t.is_floating_point() and t.numel() == 1 and n != anat.router_weight_name}
+    # Learned scalars that multiply the routing keep their values (a meta block's are taken as 1), which the spec
+    # then holds as constants, unless ``fills`` sets them (a routing-weight scale, probed at 1 and 2).
+    tensors = dict(_named_tensors(light))
+    scalars = {n: fills.get(n, 1.0 if tensors[n].is_meta else float(tensors[n].detach()))
+               for n in _scalar_names(light, anat)}
     if any(t.is_meta for _, t in _named_tensors(light)):
         light = light.to_empty(device="cpu")
     light = light.float().eval()

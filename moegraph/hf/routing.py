@@ -36,6 +36,7 @@ class Routing:
     bias_on_logits: bool = False  # the selection bias is added to the logits, not the scores (Kolibri)
     sparsemixer_eps: float | None = None  # Phi-MoE's sparsemixer weighs the choices (inference form)
     per_expert_scale: bool = False  # the block's E-sized tensor scales each chosen expert's weight (Gemma 4)
+    weight_scale: bool = False  # a learned scalar of the block multiplies every weight (Inkling's global_scale)
     input_norm: tuple[str, float, bool, float] | None = None  # router.input_norm: kind, eps, weight, multiplier
     logit_multiplier: float | None = None  # a constant on the logits of a bias-free router (Muse Spark), which the
     # spec writes as a multiplier on the router input (W (c x) == c (W x)): input_norm {kind: none, multiplier: c}
@@ -66,6 +67,8 @@ class Routing:
             s += f", logits x{self.logit_multiplier:g}"
         if self.per_expert_scale:
             s += ", per-expert scales"
+        if self.weight_scale:
+            s += ", learned weight scale"
         if self.groups:
             g = self.groups
             s += f", groups {g[1]}/{g[0]} by {g[2] if g[2] == 'max' else f'sum of top-{g[3]}'}"
@@ -100,6 +103,8 @@ class Routing:
             d["sparsemixer"] = {"jitter_eps": self.sparsemixer_eps}
         if self.per_expert_scale:
             d["per_expert_scale"] = True
+        if self.weight_scale:
+            d["learned_weight_scale"] = True
         if self.input_norm is not None:
             kind, eps, weight, mult = self.input_norm
             d["input_norm"] = {"kind": kind, "eps": eps, "weight": weight, "multiplier": mult}
@@ -265,6 +270,8 @@ def identify_routing(probe: Probe, cfg: Any, block_class: str) -> tuple[Routing,
     if probe.router_input is not None:
         kind, eps, weight, mult = probe.router_input
         r = dataclasses.replace(r, input_norm=(kind, eps, weight is not None, mult))
+    if probe.weight_scale is not None:  # (read with the scale at one: scaling_factor is the block's constant alone)
+        r = dataclasses.replace(r, weight_scale=True)
     return (dataclasses.replace(r, on_input=True) if probe.input_scaled else r), notes
 
 

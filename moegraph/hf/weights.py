@@ -25,6 +25,9 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
         out["router.per_expert_scale"] = get_path(block, anat.expert_scale_name).reshape(-1)
     if anat.router_input_weight_name:
         out["router.input_norm.weight"] = get_path(block, anat.router_input_weight_name)
+    if anat.weight_scale_name:
+        t = get_path(block, anat.weight_scale_name)  # (a [1] Parameter as it is, so that the swap shares it)
+        out["router.weight_scale"] = t if t.dim() == 1 else t.reshape(1)
     if anat.token_table_name:
         out["router.hash_table"] = get_path(block, anat.token_table_name).long()
 
