@@ -401,6 +401,30 @@ def test_gemma_router_transforms(family: str) -> None:
         assert grads[name].grad.abs().max() > 0, name
 
 
+def test_inkling_global_scale_reads_as_a_learned_weight_scale() -> None:
+    """Inkling's router multiplies its weights (the shared experts' included) by route_scale and the learned
+    global_scale: the constant reads as scaling_factor (route_scale, 2.0 in FAMILIES), the learned one as
+    router.weight_scale with its value. Outputs and every gradient match the block's (_check_parity); the scale's
+    gradient is d loss / d global_scale, non-zero, and another value in the block moves the layer read from it."""
+    cls_name, overrides = FAMILIES["inkling"]
+    block = make_block("inkling", overrides, cls_name)
+    value = block.gate.global_scale.item()
+    assert abs(value - 1.0) > 0.05  # (make_block puts it near one, not at one, or scaling_factor could hide it)
+    layer = from_hf(block)
+    r = layer.hf_import.spec.moe.router
+    assert r.learned_weight_scale and r.scaling_factor == overrides["route_scale"]
+    assert layer.hf_import.anatomy.weight_scale_name == "gate.global_scale"
+    assert not any("global_scale" in n for n in layer.hf_import.notes), layer.hf_import.notes
+    assert layer.router.weight_scale.item() == value
+    _check_parity(block, layer)
+    assert block.gate.global_scale.grad.abs().item() > 1e-4
+    torch.testing.assert_close(layer.router.weight_scale.grad, block.gate.global_scale.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        block.gate.global_scale.fill_(1.5)
+    other = from_hf(block)
+    assert other.hf_import.spec.hash() == layer.hf_import.spec.hash() and other.router.weight_scale.item() == 1.5
+
+
 def test_ergo_norms_read_per_expert_and_after_the_shared_mlp() -> None:
     """Ergo's post_expert_norm (one [E, D] weight, a row per expert, that no has_post_expert_norm declares) reads as
     experts.output_norm with per_expert, its shared expert's own norm as shared_experts.output_norm, both found by
