@@ -93,7 +93,7 @@ def _spec(kind: str, nodes: int, gpus_per_node: int, **placement):
             "hidden_size": 16, "experts": small, "shared_experts": {"count": 2, "gate": "router"},
             "output_bias": True,
             "router": {"top_k": 2, "score": "sigmoid", "normalize": True, "logit_softcap": 1.5,
-                       "learned_logit_scale": True, "per_expert_scale": True,
+                       "learned_logit_scale": True, "per_expert_scale": True, "learned_weight_scale": True,
                        "input_norm": {"kind": "rms", "weight": True, "multiplier": 0.5},
                        "capacity": {"tokens": 2, "per": "sequence", "drop_policy": "position"}}},
              "placement": {"redundant_slots": 2}}

@@ -745,6 +745,7 @@ def test_fuse_router_refuses_a_graph_it_cannot_explain(tmp_path):
      "input_norm, logit_softcap, per_expert_scale"),
     ({"top_k": 2, "sparsemixer": {"jitter_eps": 0.2}, "learned_logit_scale": True}, "learned_logit_scale, sparsemixer"),
     ({"top_k": 2, "score": "sigmoid", "expert_bias": {"applies_to": "logits"}}, "expert_bias.applies_to: logits"),
+    ({"top_k": 2, "score": "sigmoid", "normalize": True, "learned_weight_scale": True}, "learned_weight_scale"),
     ({"top_k": 2, "mlp": [{"op": "linear", "size": 12, "bias": True}, {"op": "activation", "function": "gelu"}]},
      "mlp"),
 ])
