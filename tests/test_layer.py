@@ -888,7 +888,8 @@ def test_router_transforms_keep_old_spec_hashes():
     ({"top_k": 2, "expert_bias": {}, "sparsemixer": {"jitter_eps": 0.01}}, "expert_bias"),
     ({"type": "expert_choice", "logit_softcap": 2.0}, "logit_softcap"),
     ({"type": "expert_choice", "learned_weight_scale": True}, "learned_weight_scale: unknown key"),
-    ({"type": "hash", "top_k": 2, "method": "modulo", "learned_weight_scale": True}, "learned_weight_scale: unknown key"),
+    ({"type": "hash", "top_k": 2, "method": "modulo", "learned_weight_scale": True},
+     "learned_weight_scale: unknown key"),
 ])
 def test_router_transform_errors_name_the_field(router, field):
     with pytest.raises(moegraph.errors.SpecError, match=re.escape(field)):

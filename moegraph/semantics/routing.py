@@ -15,8 +15,9 @@ from ``semantics.scores``):
    softmax over the chosen logits, which sums to 1 already), optionally normalised to sum 1, then scaled.
 
 The router's own transforms around these steps (``TopKRouter.input_norm``, ``learned_logit_scale``,
-``logit_softcap``, ``per_expert_scale``, ``learned_weight_scale``) and Phi-MoE's sparsemixer are defined here too, one function
-each (``router_input``, ``cap_logits``, ``sparsemixer_route``); the generated layer spells the same steps:
+``logit_softcap``, ``per_expert_scale``, ``learned_weight_scale``) and Phi-MoE's sparsemixer are defined here
+too, one function each (``router_input``, ``cap_logits``, ``sparsemixer_route``); the generated layer spells the
+same steps:
 
 0. the router input: ``multiplier * weight * x / sqrt(mean(x^2) + eps)`` (norm in float32);
 1. logits = input @ W^T (+ router bias), times the learned scale, then capped: ``c * tanh(logits / c)``;
