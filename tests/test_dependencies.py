@@ -108,6 +108,25 @@ def test_heavy_libraries_load_only_when_used():
     assert r.stdout.strip() == "[]", f"imported at module level, load them where they are used: {r.stdout}"
 
 
+@pytest.mark.parametrize("args", [
+    ["presets"], ["validate", "examples/specs/my-spec.yaml"], ["show", "deepseek-v3"], ["schema", "-o", "{tmp}/schema.json"],
+    ["plan", "deepseek-v3-tiny", "-o", "{tmp}/p.json"], ["export", "--format", "sglang", "{tmp}/p.json", "-o", "{tmp}/e.json"],
+])
+def test_commands_that_build_no_layer_do_not_import_torch(args, tmp_path):
+    # torch is 2 of the 3 seconds a command took to start; these commands read specs and plans only.
+    if args[0] == "export":
+        from moegraph.planner import plan
+
+        plan("deepseek-v3-tiny").save(tmp_path / "p.json")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    code = ("import sys; from moegraph.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == "False", f"moegraph {args[0]} imported torch"
+
+
 def test_triton_bound_has_the_knobs_the_backend_reads():
     # The Triton backend reads `triton.knobs` (triton_backend/render.interpreting), which first shipped in
     # triton 3.4 (renamed from the short-lived triton.config after 3.3 branched): an older triton that the

@@ -80,9 +80,9 @@ def _click_exceptions():
     return tuple(exit_), tuple(usage), tuple(abort)
 
 
-#: commands that never generate code nor run a layer (planning, traces): the CLI configures neither for
-#: them, so that they run without importing torch (about 2 s of a `moegraph plan --from` command)
-_NO_LAYER_COMMANDS = frozenset({"plan", "trace"})
+#: commands that never generate code nor run a layer (specs, planning, traces, plan export): the CLI
+#: configures neither for them, so that they run without importing torch (2 of the 3 s a command took)
+_NO_LAYER_COMMANDS = frozenset({"plan", "trace", "export", "validate", "show", "schema", "presets"})
 
 
 def _configure_from_environment(argv: list[str] | None = None) -> None:
