@@ -52,6 +52,8 @@ class _SearchState(Protocol):
 
     def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray: ...
 
+    def allowed_pairs(self, cap_S: np.ndarray, cap_var: float, i: np.ndarray, j: np.ndarray) -> np.ndarray: ...
+
     def swap(self, i: int, j: int) -> None: ...
 
 
@@ -231,7 +233,7 @@ def refine(st: _SearchState, model: ExactCopies, cap_S: np.ndarray, cap_var: flo
            max_steps: int = 10000) -> int:
     """Swap unreplicated items by exact gain until no allowed swap lowers the expected copies.
 
-    Allowed: what ``st.allowed`` allows under the search's balance caps and covariance bound.
+    Allowed: what ``st.allowed`` (``allowed_pairs``) allows under the search's balance caps and covariance bound.
     Each step applies the best swaps on pairwise disjoint GPUs together (their balance and covariance
     checks are then independent) if together they lower the copies, else the single best one; swaps
     gaining less than ``min_gain`` are not taken. Returns the number of swaps made.
@@ -241,9 +243,10 @@ def refine(st: _SearchState, model: ExactCopies, cap_S: np.ndarray, cap_var: flo
         return 0
     swaps = 0
     for _ in range(max_steps):
-        allowed = st.allowed(cap_S, cap_var, rows)[:, rows]
-        gain = np.where(allowed, model.swap_gains(st.gpu)[rows][:, rows], np.inf)
+        gain = model.swap_gains(st.gpu)[rows][:, rows]
         mi, mj = np.nonzero(np.triu(gain < -max(min_gain, _TOL), 1))
+        ok = st.allowed_pairs(cap_S, cap_var, rows[mi], rows[mj])  # the constraints, on the improving swaps only
+        mi, mj = mi[ok], mj[ok]
         if len(mi) == 0:
             break
         order = np.lexsort((mj, mi, gain[mi, mj]))  # best first; ties by index

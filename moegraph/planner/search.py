@@ -213,10 +213,13 @@ class _State:
         self.hold[self.experts[i], b] = self.hold[self.experts[j], a] = True
         self.gpu[i], self.gpu[j] = b, a
 
-    def candidates(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray:
+    def candidates(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None,
+                   below: float | None = None) -> np.ndarray:
         """[M, R] change of J for swapping item rows[m] with item j; +inf where the swap is not allowed.
 
-        rows: the items to consider as the first of the pair (default all R items).
+        rows: the items to consider as the first of the pair (default all R items). below: only the
+        swaps whose change is below this are wanted; every other entry is +inf too, and the constraints
+        are checked on the wanted ones only (``allowed_pairs``: the same arithmetic, on a few pairs).
         """
         gpu, r = self.gpu, len(self.gpu)
         rows = np.arange(r) if rows is None else rows
@@ -225,34 +228,45 @@ class _State:
         fs = f[np.arange(r), gpu]
         coact, cost = self.coact_RR, self.cost_GG
         d_j = f[rows][:, gpu] - fs[rows, None] + f[:, gr].T - fs[None, :] + 2.0 * coact[rows] * cost[gr][:, gpu]
-        return np.where(self.allowed(cap_S, cap_var, rows), d_j, np.inf)
+        if below is None:
+            return np.where(self.allowed(cap_S, cap_var, rows), d_j, np.inf)
+        mi, jj = np.nonzero(d_j < below)
+        ok = self.allowed_pairs(cap_S, cap_var, rows[mi], jj)
+        out = np.full_like(d_j, np.inf)
+        out[mi[ok], jj[ok]] = d_j[mi[ok], jj[ok]]
+        return out
 
     def allowed(self, cap_S: np.ndarray, cap_var: float, rows: np.ndarray | None = None) -> np.ndarray:
         """[M, R] whether swapping item rows[m] with item j keeps every constraint (see ``candidates``)."""
-        gpu, r = self.gpu, len(self.gpu)
-        rows = np.arange(r) if rows is None else rows
-        gr = gpu[rows]
-        hold_e = self.hold[self.experts]  # [R, G]
-        ok = (gr[:, None] != gpu[None, :]) & ~hold_e[rows][:, gpu] & ~hold_e[:, gr].T
+        rows = np.arange(len(self.gpu)) if rows is None else rows
+        return self.allowed_pairs(cap_S, cap_var, rows[:, None], np.arange(len(self.gpu))[None, :])
+
+    def allowed_pairs(self, cap_S: np.ndarray, cap_var: float, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Whether swapping item i with item j keeps every constraint, for arrays of items i and j (broadcast
+        together: a few pairs, or every pair of ``allowed``). Constraints: the two GPUs differ and neither
+        holds the other's expert already; each balance scenario's load on the two GPUs stays within the
+        larger of its cap and their current loads; the prior spread (sum of squared loads) and the
+        GPUs' load variances likewise."""
+        gi, gj = self.gpu[i], self.gpu[j]
+        ok = (gi != gj) & ~self.hold[self.experts[i], gj] & ~self.hold[self.experts[j], gi]
         for s in range(self.w.shape[0]):
-            gg = self.load[s, gpu]
-            dw = self.w[s][None, :] - self.w[s][rows, None]  # change on the GPU of rows[m]
-            lim = np.maximum(cap_S[s], np.maximum(gg[rows, None], gg[None, :])) + _TOL
-            ok &= (gg[rows, None] + dw <= lim) & (gg[None, :] - dw <= lim)
+            li, lj = self.load[s, gi], self.load[s, gj]
+            dw = self.w[s][j] - self.w[s][i]
+            lim = np.maximum(cap_S[s], np.maximum(li, lj)) + _TOL
+            ok &= (li + dw <= lim) & (lj - dw <= lim)
         if self.prior_sq_cap < np.inf:
-            # Sum of squares after the swap: the two GPUs' loads move by -dw and +dw.
-            gg = self.load[-1, gpu]
-            dw = self.w[-1][None, :] - self.w[-1][rows, None]
+            li, lj = self.load[-1, gi], self.load[-1, gj]
+            dw = self.w[-1][j] - self.w[-1][i]
             sq = float(self.load[-1] @ self.load[-1])
-            after = sq + 2.0 * dw * (gg[rows, None] - gg[None, :] + dw)
+            after = sq + 2.0 * dw * (li - lj + dw)
             ok &= after <= max(self.prior_sq_cap, sq) + _TOL
         if cap_var < np.inf:
-            vg = self.var[gpu]
+            vi, vj = self.var[gi], self.var[gj]
             to_gpu, sd, risk = self.risk_to_gpu_RG, self.risk_diag_R, self.risk_RR
-            own = to_gpu[np.arange(r), gpu]
-            va = vg[rows, None] - 2.0 * own[rows, None] - sd[rows, None] + 2.0 * to_gpu[:, gr].T - 2.0 * risk[rows] + sd[None, :]
-            vb = vg[None, :] - 2.0 * own[None, :] - sd[None, :] + 2.0 * to_gpu[rows][:, gpu] - 2.0 * risk[rows] + sd[rows, None]
-            lim = np.maximum(cap_var, np.maximum(vg[rows, None], vg[None, :])) + _TOL
+            own_i, own_j = to_gpu[i, gi], to_gpu[j, gj]
+            va = vi - 2.0 * own_i - sd[i] + 2.0 * to_gpu[j, gi] - 2.0 * risk[i, j] + sd[j]
+            vb = vj - 2.0 * own_j - sd[j] + 2.0 * to_gpu[i, gj] - 2.0 * risk[i, j] + sd[i]
+            lim = np.maximum(cap_var, np.maximum(vi, vj)) + _TOL
             ok &= (va <= lim) & (vb <= lim)
         return ok
 
@@ -299,7 +313,7 @@ def _descend(st: _State, cap_S, cap_var, min_gain: float = 0.0, max_steps: int =
             first = np.searchsorted(st.gpu[by_gpu], np.arange(g))
             rank = np.arange(r) - np.repeat(first, np.diff(np.r_[first, r]))
             rows = np.sort(by_gpu[rank < per_gpu])
-        d = st.candidates(cap_S, cap_var, rows)
+        d = st.candidates(cap_S, cap_var, rows, below=-max(min_gain, _TOL))
         mi, jj = np.nonzero(d < -max(min_gain, _TOL))
         if len(mi) == 0:
             if full:
