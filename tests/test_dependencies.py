@@ -109,8 +109,9 @@ def test_heavy_libraries_load_only_when_used():
 
 
 @pytest.mark.parametrize("args", [
-    ["presets"], ["validate", "examples/specs/my-spec.yaml"], ["show", "deepseek-v3"], ["schema", "-o", "{tmp}/schema.json"],
-    ["plan", "deepseek-v3-tiny", "-o", "{tmp}/p.json"], ["export", "--format", "sglang", "{tmp}/p.json", "-o", "{tmp}/e.json"],
+    ["presets"], ["validate", "examples/specs/my-spec.yaml"], ["show", "deepseek-v3"],
+    ["schema", "-o", "{tmp}/schema.json"], ["plan", "deepseek-v3-tiny", "-o", "{tmp}/p.json"],
+    ["export", "--format", "sglang", "{tmp}/p.json", "-o", "{tmp}/e.json"],
 ])
 def test_commands_that_build_no_layer_do_not_import_torch(args, tmp_path):
     # torch is 2 of the 3 seconds a command took to start; these commands read specs and plans only.
