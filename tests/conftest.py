@@ -27,6 +27,33 @@ class CliResult(NamedTuple):
     err: str
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow are spread over the first half of the run, a module's together (its module-scoped
+    fixtures are then built once). xdist hands the collection out in order, so a long test near the end
+    (the Triton module's own interpreter, two minutes, sorts late) kept one worker busy while the other
+    had nothing left; early, and spread over both workers' first batches, short tests fill in around
+    them. The order is the same on every worker, as xdist requires."""
+    units: dict[str, list[pytest.Item]] = {}
+    rest = []
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            rest.append(item)
+        else:
+            units.setdefault(item.nodeid.split("::")[0], []).append(item)
+    if not units or not rest:
+        return
+    step = max(1, len(rest) // 2 // len(units))
+    slow = iter(units.values())
+    out: list[pytest.Item] = []
+    for k, item in enumerate(rest):
+        if k % step == 0:
+            out.extend(next(slow, []))
+        out.append(item)
+    for unit in slow:
+        out.extend(unit)
+    items[:] = out
+
+
 @pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Run ``moegraph <args>`` in-process through ``moegraph.cli.main``; return (exit code, stdout, stderr)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from moegraph.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert main(["demo", "--spec", "deepseek-v2-lite-tiny", "-o", str(tmp_path), "--tokens", "16"]) == 0
     out = capsys.readouterr().out

@@ -78,6 +78,7 @@ def _run(script: str, *args: str) -> str:
     return run_script(cmd, script, 600, TRITON_INTERPRET="1")
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run_checks_every_implementation():
     out = _run("gpu_bench.py")
     assert "correctness (rel. Frobenius error <= 0.02 vs torch backend at every size): PASS" in out
@@ -87,6 +88,7 @@ def test_gpu_bench_dry_run_checks_every_implementation():
     assert "dense_equiv" in out and "33 tokens, the same FLOPs as dense cuBLAS GEMMs, timed alongside peak" in out
 
 
+@pytest.mark.slow
 def test_gpu_fp8_bench_dry_run_checks_the_fp8_layer():
     out = _run("gpu_fp8_bench.py")
     for tokens in (1, 7):

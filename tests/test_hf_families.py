@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # the scan builds and reads every family (about a minute)
 
 import hf_families
 from test_hf_parity import FAMILIES, MODULE, REFUSED

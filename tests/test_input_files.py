@@ -81,6 +81,7 @@ def test_a_target_name_near_the_file_systems_limit_is_still_written(files, tmp_p
     assert cli("export", files / "plan.json", "-o", out)[0] == 0 and json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_traces_may_be_any_iterable_of_names():
     spec = moegraph.load_spec("deepseek-v2-lite-tiny")
     for traces in ({"esft-deepseek-v2-lite/intent"}, (t for t in ["esft-deepseek-v2-lite/intent"])):

@@ -212,6 +212,7 @@ def test_fp8_experts_round_trip() -> None:
                        before["model.layers.1.mlp.experts.gate_up_proj"].view(torch.uint8))
 
 
+@pytest.mark.slow
 def test_pickled_models_load_in_a_new_process(tmp_path) -> None:
     """torch.save of a whole swapped model (and of a compiled layer) loads in another process, where the
     generated layer module was never imported (it is generated again from the spec), with built graphs left

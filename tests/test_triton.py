@@ -986,6 +986,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     assert out["gate_up_300"][2] and out["down_300"][2]  # large tiles use Hopper's wgmma
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(IN_PROCESS, reason="runs only when triton was imported without the interpreter")
 def test_module_in_a_fresh_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
