@@ -507,7 +507,9 @@ def test_processes_saving_one_table_at_once_lose_no_entry(tmp_path):
     import sys
     import time
 
-    code = ("import sys, time; from moegraph import tuning; t = tuning.Tuner(sys.argv[1], timer=lambda fn: 1.0); "
+    # (the processes use this one's torch threads: a table is kept per thread count)
+    code = (f"import sys, time, torch; torch.set_num_threads({torch.get_num_threads()}); from moegraph import tuning; "
+            "t = tuning.Tuner(sys.argv[1], timer=lambda fn: 1.0); "
             "time.sleep(max(0.0, float(sys.argv[3]) - time.time()))\n"
             "for i in range(25): t.choose_among(f'{sys.argv[2]}{i}', {'per_expert': None, 'grouped_mm': None})")
     start = time.time() + 6  # both have imported torch by then
