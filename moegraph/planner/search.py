@@ -255,6 +255,7 @@ class _State:
             lim = np.maximum(cap_S[s], np.maximum(li, lj)) + _TOL
             ok &= (li + dw <= lim) & (lj - dw <= lim)
         if self.prior_sq_cap < np.inf:
+            # Sum of squares after the swap: the two GPUs' loads move by +dw and -dw.
             li, lj = self.load[-1, gi], self.load[-1, gj]
             dw = self.w[-1][j] - self.w[-1][i]
             sq = float(self.load[-1] @ self.load[-1])
