@@ -13,12 +13,15 @@ more exposed than the load-only plan to traffic not seen), which small layers fi
 expected copies per token (``exact``). Replica counts are chosen on the pairwise search alone and
 the chosen layout is then refined once. The Plan records the policy, the
 dispatch rule (``dispatch``) and the predicted metrics (``cost``) beside the contiguous and
-load-only baselines (``baselines``) on the same traffic.
+load-only baselines (``baselines``) on the same traffic. Layers do not interact, so a large plan
+searches and measures them in forked processes, one per usable core (``forked``), with the result
+of one process bit for bit.
 
 Re-planning while running (warm-started from the current plan, moves priced, relabelling to move
 least) is ``replan`` (module ``replan``).
 
-Modules, each importing only those before it: ``blas`` (one OpenBLAS thread), ``dispatch``,
+Modules, each importing only those before it: ``blas`` (one OpenBLAS thread), ``forked`` (layers in
+processes), ``dispatch``,
 ``planfile``, ``cost``, ``baselines``, ``graph``, ``exact``, ``search``, ``driver``, ``migration``,
 ``replan`` (``plot`` and ``export`` read finished plans). This package file only re-exports.
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cost import evaluate
+from .cost import evaluate_plans
 from .planfile import Plan
 
 if TYPE_CHECKING:
@@ -156,12 +156,12 @@ def evaluate_plan(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = N
     return evaluate_checked(p, traces, baselines_from)
 
 
-def evaluate_checked(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = None) -> dict[str, Any]:
-    """``evaluate_plan`` for traces already checked against ``p.spec`` and declared over its experts."""
+def evaluate_checked(p: Plan, traces: TraceSet, baselines_from: TraceSet | None = None,
+                     processes: int | None = None) -> dict[str, Any]:
+    """``evaluate_plan`` for traces already checked against ``p.spec`` and declared over its experts (its layers
+    measured by ``processes`` processes: ``cost.evaluate_plans``)."""
     base = baseline_plans(p.spec, baselines_from if baselines_from is not None else traces)
-    out = {"plan": evaluate(p, traces)}
-    for name, bp in base.items():
-        out[name] = evaluate(bp, traces)
+    out: dict[str, Any] = evaluate_plans({"plan": p, **base}, traces, processes)
     out["traces"] = traces.name
     out["tokens"] = out["plan"]["tokens"]
     return out

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..semantics import DTYPE_BYTES
 from .dispatch import DispatchCounts, choose_replicas, counts_from_slots, source_gpus
+from .forked import fork_workers, map_forked
 
 if TYPE_CHECKING:
     from ..spec import MoESpec
@@ -122,28 +123,63 @@ def expected_gpu_load(plan: Plan, layer: int, counts_E: np.ndarray) -> np.ndarra
 
 def evaluate(plan: Plan, traces: TraceSet) -> dict[str, Any]:
     """Metrics of ``plan`` on ``traces``: {"mean": {metric: value}, "per_layer": {metric: [L]}, ...}."""
-    n_layers = plan.num_layers
-    per: dict[str, list[float]] = {k: [] for k in METRICS}
+    return evaluate_plans({"plan": plan}, traces, processes=1)["plan"]
+
+
+def evaluate_plans(plans: dict[str, Plan], traces: TraceSet, processes: int | None = None) -> dict[str, dict[str, Any]]:
+    """``evaluate`` of each of ``plans`` (one spec's plans: the same layers and cluster) on ``traces``.
+
+    Layers are measured independently, so large evaluations (PARALLEL_WORK and up: layers x tokens x top-k
+    x plans) run their layers in forked processes (``forked``), one per usable core unless ``processes`` says;
+    every figure is the one a single process computes.
+    """
+    first = next(iter(plans.values()))
+    n_layers = first.num_layers
     if traces.load_only:
-        for layer in range(n_layers):
-            load = expected_gpu_load(plan, layer, traces.counts[layer].astype(np.float64))
-            per["max_mean_load"].append(float(load.max() / max(load.mean(), 1e-12)))
+        def layer_metrics(layer: int) -> dict[str, dict[str, float]]:
+            counts = traces.counts[layer].astype(np.float64)
+            out = {}
+            for name, plan in plans.items():
+                load = expected_gpu_load(plan, layer, counts)
+                out[name] = {"max_mean_load": float(load.max() / max(load.mean(), 1e-12))}
+            return out
+        work = 0
+    else:
+        src = source_gpus(traces, first.num_gpus)
+        nbytes, back = copy_bytes(first.spec)
+        cl = first.cluster
+        t = max(traces.num_tokens, 1)
+
+        def layer_metrics(layer: int) -> dict[str, dict[str, float]]:
+            out = {}
+            for name, plan in plans.items():
+                phys = choose_replicas(plan, layer, traces.topk[layer], src)
+                c = counts_from_slots(phys // plan.slots_per_gpu, src, cl)
+                out[name] = {"max_mean_load": float(c.gpu_load.max() / max(c.gpu_load.mean(), 1e-12)),
+                             "distinct_gpus": c.distinct_gpus / t, "remote_gpu": c.remote_gpu_copies / t,
+                             "remote_node": c.remote_node_copies / t,
+                             "a2a_bytes": float(c.link_copies.sum()) * (nbytes + back) / t,
+                             "a2a_us": a2a_time_us(c, cl, nbytes, back)}
+            return out
+        work = n_layers * traces.num_tokens * traces.topk[0].shape[1] * len(plans) if n_layers else 0
+    if processes is None:
+        processes = fork_workers(n_layers, work, PARALLEL_WORK)
+    per_layer = map_forked(layer_metrics, range(n_layers), processes)
+    summaries = {}
+    for name in plans:
+        per: dict[str, list[float]] = {k: [] for k in METRICS}
+        for m in per_layer:
+            for k, v in m[name].items():
+                per[k].append(v)
         per = {k: v for k, v in per.items() if v}
-        return _summary(per, traces, load_only=True)
-    src = source_gpus(traces, plan.num_gpus)
-    nbytes, back = copy_bytes(plan.spec)
-    cl = plan.cluster
-    t = max(traces.num_tokens, 1)
-    for layer in range(n_layers):
-        phys = choose_replicas(plan, layer, traces.topk[layer], src)
-        c = counts_from_slots(phys // plan.slots_per_gpu, src, cl)
-        per["max_mean_load"].append(float(c.gpu_load.max() / max(c.gpu_load.mean(), 1e-12)))
-        per["distinct_gpus"].append(c.distinct_gpus / t)
-        per["remote_gpu"].append(c.remote_gpu_copies / t)
-        per["remote_node"].append(c.remote_node_copies / t)
-        per["a2a_bytes"].append(float(c.link_copies.sum()) * (nbytes + back) / t)
-        per["a2a_us"].append(a2a_time_us(c, cl, nbytes, back))
-    return _summary(per, traces, load_only=False)
+        summaries[name] = _summary(per, traces, load_only=traces.load_only)
+    return summaries
+
+
+#: layers x tokens x top-k x plans from which ``evaluate_plans`` measures its layers in several processes: the
+#: metrics of DeepSeek-V3-sized plans (58 layers x 8k tokens x top-8 x 3 plans) take seconds, those of a tiny spec
+#: milliseconds
+PARALLEL_WORK = 2_000_000
 
 
 def _summary(per: dict[str, list[float]], traces: TraceSet, load_only: bool) -> dict[str, Any]:

@@ -6,6 +6,12 @@ when that serves the planning traffic better, ``_move_replicas``), places the re
 constrained search (``search.solve_layer``) and records the policy, the dispatch rule and the
 predicted metrics beside the baselines. See the package docstring for the whole.
 
+A layer's problem and search read nothing of the other layers (its seed is the plan's seed and the
+layer index), so the layers of a large plan are solved in forked processes, one per usable core
+(``forked.map_forked``; ``plan(processes=...)``), and combined in layer order: the plan of one
+process, bit for bit. On this 2-core machine DeepSeek-V2-Lite's 26 layers plan in about half the
+wall time, at the same CPU time (figures: ``benchmarks/results/planner_design.md``, section s26).
+
 Routing traces are checked against the spec once, where they enter (``traces_for_spec``); nothing
 after that re-checks them.
 """
@@ -31,6 +37,7 @@ from .baselines import evaluate_checked, replicate_by_load
 from .blas import one_blas_thread
 from .cost import cost_matrix
 from .dispatch import counts_from_slots, replica_table, source_gpus
+from .forked import fork_workers, map_forked
 from .graph import layer_arrays, window_ids
 from .planfile import Plan
 from .search import EXACT_MAX_ITEMS, LayerProblem, LayerResult, solve_layer
@@ -43,6 +50,7 @@ __all__ = [
     "DEFAULT_ROUNDS_NO_REPLICAS",
     "REPLICA_MOVE_MAX_SLOTS",
     "REPLICA_CANDIDATES",
+    "PARALLEL_WORK",
 ]
 
 #: perturbation rounds of the iterated local search by default, in layers of at most EXACT_MAX_ITEMS
@@ -54,6 +62,11 @@ DEFAULT_ROUNDS = 6
 #: per layer) and so can afford twice the rounds; with redundant slots extra rounds did not pay for
 #: their time.
 DEFAULT_ROUNDS_NO_REPLICAS = 12
+
+#: layers x slots x GPUs of token-traffic planning from which ``plan`` searches its layers in several forked
+#: processes (``forked``): DeepSeek-V2-Lite's 26 x 64 x 8 does (about a second of search per layer), a tiny
+#: test spec's few layers (milliseconds each) stay in one process
+PARALLEL_WORK = 4096
 
 #: layers of at most this many slots (with redundant ones) try moving one replica to another expert
 #: (``_move_replicas``): each try is a full search, affordable for small layers only (the DeepSeek-V3
@@ -196,6 +209,7 @@ def plan(
     risk_slack: float = 0.0,
     rounds: int | None = None,
     progress: Progress | None = None,
+    processes: int | None = None,
 ) -> Plan:
     """Plan expert placement and replication for every MoE layer of ``spec`` from routing traces.
 
@@ -211,8 +225,16 @@ def plan(
         most EXACT_MAX_ITEMS slots, DEFAULT_ROUNDS_NO_REPLICAS there without redundant slots, none in larger
         layers).
     progress: called as progress(layers_done, num_layers).
+    processes: how many processes plan the layers and measure the plan's metrics (each layer is independent
+        of the others, so the plan is the same bit for bit on any number: ``forked``). None: one per usable
+        core on Linux where the plan searches token traffic of at least PARALLEL_WORK layers x slots x GPUs
+        (the metrics: ``cost.evaluate_plans``), else 1. A caller that is one of several processes per host
+        (a rank) passes 1.
     """
     _check_arguments(seed=seed, max_imbalance=max_imbalance, rounds=rounds, risk_slack=risk_slack)
+    if processes is not None and not is_integer(processes, 1):
+        raise PlanInfeasible(f"processes is a count of processes (>= 1, or None for automatic), got "
+                             f"{short_repr(processes)}")
     spec = override_spec(load_spec(spec), nodes=nodes, gpus_per_node=gpus_per_node, slots=slots)
     e_, s_ = spec.moe.experts.num_experts, spec.moe.experts.num_experts + spec.placement.redundant_slots
     check_memory(8.0 * (3 * e_ * e_ + 2 * s_ * s_), f"planning {e_} experts in {s_} slots",
@@ -254,36 +276,42 @@ def plan(
                    + ("; each GPU's load covariance and the uninformed-prior loads (largest and spread) bounded by "
                       "the load-only plan's" if robust else ""))
     windows = None if sources is None or ts.load_only else [window_ids(s.sample_ids) for s in sources]
-    rows = []
+
+    def solve(layer: int) -> LayerResult:
+        """One layer's placement (in this process or a forked one: the same result)."""
+        arr = None if sources is None else layer_arrays(sources, layer, g, windows)
+        prob = LayerProblem(
+            loads=np.ones((1, e)) if arr is None else arr.loads,
+            coact=np.zeros((e, e)) if arr is None else arr.coact,
+            risk=np.zeros((e, e)) if arr is None else arr.risk,
+            src_counts=None if arr is None else arr.src_counts,
+            topk=None if arr is None else arr.topk, token_weight=None if arr is None else arr.token_weight,
+            cost=cost, node_of_gpu=cl.node_of_gpu, num_slots=n_slots, max_imbalance=imb, robust=robust,
+            risk_slack=risk_slack, rounds=rounds, seed=seed * 1_000_003 + layer,
+        )
+        if arr is not None and not ts.load_only and e < n_slots <= REPLICA_MOVE_MAX_SLOTS:
+            # Choose replica counts on the pairwise search alone, then refine the chosen layout once.
+            coarse = dataclasses.replace(prob, exact=False, rounds=0)
+            res = _move_replicas(coarse, solve_layer(coarse), sources, layer, cl)
+            fin = solve_layer(dataclasses.replace(prob, replicas=res.replicas))
+            return dataclasses.replace(fin, baseline_row=res.baseline_row, baseline_objective=res.baseline_objective)
+        return solve_layer(prob)
+
+    workers = processes
+    if workers is None:
+        # Only token traffic runs the search (seconds per layer); without it a layer is a packing (milliseconds).
+        workers = 1 if windows is None else fork_workers(n_layers, n_layers * n_slots * g, PARALLEL_WORK)
+    done = None if progress is None else (lambda n: progress(n, n_layers))
     stats = {"swaps": 0, "refine_swaps": 0, "repair_swaps": 0, "objective": 0.0, "baseline_objective": 0.0}
     with one_blas_thread():
-        for layer in range(n_layers):
-            arr = None if sources is None else layer_arrays(sources, layer, g, windows)
-            prob = LayerProblem(
-                loads=np.ones((1, e)) if arr is None else arr.loads,
-                coact=np.zeros((e, e)) if arr is None else arr.coact,
-                risk=np.zeros((e, e)) if arr is None else arr.risk,
-                src_counts=None if arr is None else arr.src_counts,
-                topk=None if arr is None else arr.topk, token_weight=None if arr is None else arr.token_weight,
-                cost=cost, node_of_gpu=cl.node_of_gpu, num_slots=n_slots, max_imbalance=imb, robust=robust,
-                risk_slack=risk_slack, rounds=rounds, seed=seed * 1_000_003 + layer,
-            )
-            if arr is not None and not ts.load_only and e < n_slots <= REPLICA_MOVE_MAX_SLOTS:
-                # Choose replica counts on the pairwise search alone, then refine the chosen layout once.
-                coarse = dataclasses.replace(prob, exact=False, rounds=0)
-                res = _move_replicas(coarse, solve_layer(coarse), sources, layer, cl)
-                fin = solve_layer(dataclasses.replace(prob, replicas=res.replicas))
-                res = dataclasses.replace(fin, baseline_row=res.baseline_row, baseline_objective=res.baseline_objective)
-            else:
-                res = solve_layer(prob)
-            rows.append(res.row)
+        results = map_forked(solve, range(n_layers), workers, done)
+        rows = [res.row for res in results]
+        for res in results:  # summed in layer order, whatever process computed each
             stats["swaps"] += res.swaps
             stats["refine_swaps"] += res.refined
             stats["repair_swaps"] += res.repaired
             stats["objective"] += res.objective
             stats["baseline_objective"] += res.baseline_objective
-            if progress is not None:
-                progress(layer + 1, n_layers)
         policy = {
             "name": policy_name,
             "why": why,
@@ -300,7 +328,7 @@ def plan(
         }
         p = Plan(np.stack(rows), spec, policy=policy, notes=notes)
         if ts is not None:
-            p.metrics = evaluate_checked(p, ts)  # ts was checked at the boundary
+            p.metrics = evaluate_checked(p, ts, processes=processes)  # ts was checked at the boundary
     return p
 
 

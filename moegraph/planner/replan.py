@@ -122,7 +122,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -138,6 +137,7 @@ from .blas import one_blas_thread
 from .cost import copy_bytes
 from .dispatch import source_gpus
 from .exact import ExactCopies
+from .forked import fork_workers, map_forked
 from .migration import (Migration, _align_slots, _holds, _move_cost, expert_bytes, host_copy_weight, migration, relabel,
                         require_plan)
 from .planfile import Plan
@@ -869,23 +869,8 @@ def _shown(value: Any) -> str:
 
 
 #: layers x experts x GPUs from which a re-plan without a budget repairs its layers in several processes
+#: (``forked``): a process starts in milliseconds, a DeepSeek-V3-sized layer takes tens of them
 _PARALLEL_WORK = 100_000
-_FORKED: tuple | None = None  # what forked workers read (``_steps_in_processes``)
-
-
-def _fork_workers(layers: int, experts_x_gpus: int) -> int:
-    """How many processes repair the layers: one per usable core, where forking exists and the work is
-    large enough to pay for starting them (a process starts in milliseconds; a DeepSeek-V3-sized layer
-    takes tens of them); 1 otherwise."""
-    import multiprocessing
-
-    if layers * experts_x_gpus < _PARALLEL_WORK or "fork" not in multiprocessing.get_all_start_methods():
-        return 1
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, layers))
 
 
 def _ratio(st: _Layer) -> float:
@@ -1111,46 +1096,25 @@ def _layer_rng(seed: int, layer: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(layer)])
 
 
-def _layer_steps(layers: list[int]) -> list[tuple[int, np.ndarray, np.ndarray, tuple[int, int, int]]]:
-    """``_steps`` on ``layers`` of the forked work: (layer, slot experts, contributions, (repairs, swaps, polish
-    rounds kept))."""
-    states, coacts, imb, budget, cost, value_per_j, seed = _FORKED
-    out = []
-    with one_blas_thread():
-        for layer in layers:
-            st, *counts = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j, _layer_rng(seed, layer))
-            out.append((layer, st.ex, st.contrib, tuple(counts)))
-    return out
-
-
 def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndarray:
-    """``_steps`` on every layer, the layers shared out among ``workers`` forked processes; returns [L, 3] each
-    layer's (repairs, swaps, polish rounds kept).
+    """``_steps`` on every layer, the layers shared out among ``workers`` forked processes (``forked``); returns
+    [L, 3] each layer's (repairs, swaps, polish rounds kept).
 
     Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
     each layer's result is the one the sequential loop gives, bit for bit; the processes inherit the
-    layer states by forking (nothing is pickled on the way in) and send back each layer's slot experts
-    and loads. Layers are dealt out in the order of their balance, worst first, round-robin, so that the
-    slow layers spread over the processes. If the pool cannot run (no memory, a killed worker), the
-    layers are repaired here instead: the same result, later.
+    layer states by forking and send back each layer's slot experts and loads. Layers are handed out in
+    the order of their balance, worst first, so that the slow layers start first.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    states, coacts, imb, budget, cost, value_per_j, seed = work
 
-    global _FORKED
-    states = work[0]
-    _FORKED = work
-    try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = [r for part in pool.map(_layer_steps, [[int(x) for x in order[i::workers]]
-                                                             for i in range(workers)]) for r in part]
-    except (BrokenProcessPool, OSError):
-        results = _layer_steps([int(x) for x in order])
-    finally:
-        _FORKED = None
+    def one(layer: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
+        with one_blas_thread():
+            st, *counts = _steps(states[layer], coacts[layer], imb, budget, cost, value_per_j, _layer_rng(seed, layer))
+        return st.ex, st.contrib, tuple(counts)
+
+    layers = [int(x) for x in order]
     counts = np.zeros((len(states), 3), np.int64)
-    for layer, ex, contrib, cnt in results:
+    for layer, (ex, contrib, cnt) in zip(layers, map_forked(one, layers, workers)):
         st = states[layer]
         st.ex, st.contrib = ex, contrib
         counts[layer] = cnt
@@ -1195,7 +1159,7 @@ def replan(
     horizon_tokens: tokens the new plan is expected to serve (default DEFAULT_HORIZON_TOKENS): a swap's
         dispatch + combine saving is counted over them against its move cost.
     processes: how many processes repair the layers of a re-plan without a move budget (same result);
-        None: one per usable core where forking exists and the re-plan is large enough to gain, else 1.
+        None: one per usable core on Linux where the re-plan is large enough to gain (``forked``), else 1.
         A caller that is itself one of several processes per host (a rank) passes 1.
 
     The Plan's ``policy["migration"]`` holds what moves (``Migration.summary``).
@@ -1259,7 +1223,8 @@ def replan(
         # overflow the costs to inf (and inf x 0 to NaN)
         value_per_j = min(horizon * tb / nbytes * rate, _MAX_VALUE_PER_J)
         seed = spec.placement.seed if seed is None else int(seed)
-        workers = _fork_workers(len(states), g * e) if processes is None else int(processes)
+        workers = (fork_workers(len(states), len(states) * g * e, _PARALLEL_WORK) if processes is None
+                   else int(processes))
 
         def unbudgeted(states: list[_Layer]) -> np.ndarray:
             """Steps 1-4 on ``states`` (in place) without a budget; [L, 3] each layer's (repairs, swaps, polish
