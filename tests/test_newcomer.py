@@ -104,6 +104,25 @@ def test_progress_is_plain_lines_when_piped():
     assert len(lines) == 3  # a quick counted step prints nothing
 
 
+
+def test_the_planning_bar_on_a_terminal_starts_no_thread():
+    """The planner forks while its bar is shown; a refresh thread holding the terminal's lock at that moment could
+    leave a child waiting on it. The bar is drawn on each update instead, every one of them."""
+    import threading
+    from io import StringIO
+
+    from rich.console import Console
+
+    from moegraph.cli.progress import counted
+
+    buf = StringIO()
+    con = Console(file=buf, force_terminal=True, width=60)
+    before = threading.active_count()
+    with counted(con, "planning layers", 3) as advance:
+        assert threading.active_count() == before, threading.enumerate()
+        for i in range(1, 4):
+            advance(i)
+            assert f"{i}/3" in buf.getvalue()
 def test_export_sglang_expert_location(tmp_path, run_cli):
     from moegraph.planner import Plan
 

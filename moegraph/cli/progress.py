@@ -49,11 +49,16 @@ class _PlainProgress:
 
 @contextmanager
 def counted(console: Console, label: str, total: int) -> Iterator[Callable[..., None]]:
-    """A step of ``total`` units; yields ``advance_to(done, total=None)``."""
+    """A step of ``total`` units; yields ``advance_to(done, total=None)``.
+
+    The bar is redrawn on each update, not by rich's refresh thread: the planner forks processes while it
+    runs (``moegraph.planner.forked``), and a fork while another thread holds a lock (the terminal's, the
+    stream's) can leave the child waiting on it forever."""
     if console.is_terminal:
         with Progress(TextColumn(escape(label)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as prog:
+                      console=console, transient=True, auto_refresh=False) as prog:
             task = prog.add_task(label, total=total)
-            yield lambda done, tot=None: prog.update(task, completed=done, total=tot or total)
+            prog.refresh()
+            yield lambda done, tot=None: prog.update(task, completed=done, total=tot or total, refresh=True)
     else:
         yield _PlainProgress(console, label, total)
