@@ -394,3 +394,36 @@ def test_keep_vars_gives_the_parameters_the_layer_holds_as_they_are() -> None:
     layer = model.model.layers[0].mlp.moe
     assert state["model.layers.0.mlp.experts.gate_up_proj"] is layer.experts.gate_up_proj
     assert state["model.layers.0.mlp.gate.weight"] is layer.router.weight
+
+
+def test_norm_weights_transformers_keeps_in_float32_stay_float32_in_a_bfloat16_model(tmp_path) -> None:
+    """transformers keeps Ergo's norms in float32 in a bfloat16 model (``_keep_in_fp32_modules_strict``): the
+    experts' per-expert output norm and the shared MLP's norm. The swapped layer keeps them float32 too (the block's
+    own Parameters), so the state dict and ``save_pretrained`` give back their float32 values (a bfloat16 copy
+    rounded them by up to 2e-3), and the logits are the original modules' within bfloat16's rounding."""
+    if not hasattr(transformers, "ErgoConfig"):
+        pytest.skip(f"transformers {transformers.__version__} has no Ergo")
+    cfg = transformers.ErgoConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                  shared_intermediate_size=24, intermediate_size=48)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "fp32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
+    before, ref = _snapshot(model), _logits(model)
+    norms = [k for k in before if ".mlp." in k and "norm" in k]
+    assert sorted(n.split(".mlp.")[1] for n in norms) == ["experts.post_expert_norm.weight", "shared_experts.norm.weight"]
+    assert all(before[k].dtype == torch.float32 for k in norms)
+    assert before["model.layers.1.mlp.experts.down_proj"].dtype == torch.bfloat16
+    _swapped(model)
+    _assert_same_state(model.state_dict(), before)
+    layer = model.model.layers[1].mlp.moe
+    assert layer.experts.output_norm_weight.dtype == layer.shared_expert_norm.weight.dtype == torch.float32
+    assert not any("post_expert_norm" in n for r in model.moegraph_report.swapped for n in r.notes)  # shared, not copied
+    torch.testing.assert_close(_logits(model), ref, rtol=2e-2, atol=2e-2)
+    model.save_pretrained(tmp_path / "swapped")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "swapped", dtype=torch.bfloat16).eval()
+    _assert_same_state(back.state_dict(), before)

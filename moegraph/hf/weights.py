@@ -127,8 +127,23 @@ def torch_dtype_of(weights: dict[str, Tensor]) -> torch.dtype:
     return weights["experts.down_proj"].dtype
 
 
+#: the compiled layer's norm weights: applied in float32 (``semantics.torch_forms.rms_norm``), so one the block
+#: holds in a wider dtype than the layer's is kept in it (``load_hf_weights``)
+NORM_WEIGHTS = frozenset({"pre_expert_norm.weight", "expert_output_norm.weight", "experts.output_norm_weight",
+                          "shared_expert_norm.weight", "output_norm.weight"})
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> bool:
+    return a.is_floating_point and b.is_floating_point and torch.finfo(a).bits > torch.finfo(b).bits
+
+
 def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool = False) -> None:
-    """Put ``weights`` into ``layer``: the same Parameter objects where ``share`` and layouts agree, else copies."""
+    """Put ``weights`` into ``layer``: the same Parameter objects where ``share`` and layouts agree, else copies.
+
+    A norm weight the block holds in a wider dtype than the layer's (transformers keeps some families' norms in
+    float32 in a bfloat16 model: Ergo's ``_keep_in_fp32_modules_strict``) keeps that dtype: the norm applies its
+    weight in float32 either way, so the outputs are the block's, and its state dict gives back the block's values
+    (a bfloat16 copy rounded them, and ``save_pretrained`` wrote the rounded ones)."""
     own = dict(layer.named_parameters())
     own.update(dict(layer.named_buffers()))
     missing = [k for k in weights if k not in own]
@@ -140,9 +155,12 @@ def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool
                 raise UnsupportedBlock(f"weight {name} has shape {tuple(src.shape)}, the layer expects {tuple(dst.shape)}")
             mod_path, attr = name.rsplit(".", 1)
             mod = get_path(layer, mod_path)
-            if (share and isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter) and src.dtype == dst.dtype
-                    and src.device == dst.device):
+            wider = name in NORM_WEIGHTS and isinstance(dst, nn.Parameter) and _wider(src.dtype, dst.dtype)
+            if (share and isinstance(src, nn.Parameter) and isinstance(dst, nn.Parameter)
+                    and (src.dtype == dst.dtype or wider) and src.device == dst.device):
                 setattr(mod, attr, src)
+            elif wider:
+                setattr(mod, attr, nn.Parameter(src.detach().to(dst.device, copy=True), requires_grad=dst.requires_grad))
             elif share and attr in mod._buffers and src.dtype == dst.dtype and src.device == dst.device \
                     and src.is_contiguous() and not isinstance(src, nn.Parameter):
                 mod._buffers[attr] = src
