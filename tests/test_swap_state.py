@@ -415,14 +415,16 @@ def test_norm_weights_transformers_keeps_in_float32_stay_float32_in_a_bfloat16_m
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
     before, ref = _snapshot(model), _logits(model)
     norms = [k for k in before if ".mlp." in k and "norm" in k]
-    assert sorted(n.split(".mlp.")[1] for n in norms) == ["experts.post_expert_norm.weight", "shared_experts.norm.weight"]
+    assert sorted(n.split(".mlp.")[1] for n in norms) == ["experts.post_expert_norm.weight",
+                                                          "shared_experts.norm.weight"]
     assert all(before[k].dtype == torch.float32 for k in norms)
     assert before["model.layers.1.mlp.experts.down_proj"].dtype == torch.bfloat16
     _swapped(model)
     _assert_same_state(model.state_dict(), before)
     layer = model.model.layers[1].mlp.moe
     assert layer.experts.output_norm_weight.dtype == layer.shared_expert_norm.weight.dtype == torch.float32
-    assert not any("post_expert_norm" in n for r in model.moegraph_report.swapped for n in r.notes)  # shared, not copied
+    notes = [n for r in model.moegraph_report.swapped for n in r.notes]
+    assert not any("post_expert_norm" in n for n in notes)  # shared with the block, not copied
     torch.testing.assert_close(_logits(model), ref, rtol=2e-2, atol=2e-2)
     model.save_pretrained(tmp_path / "swapped")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "swapped", dtype=torch.bfloat16).eval()

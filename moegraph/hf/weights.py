@@ -160,7 +160,8 @@ def load_hf_weights(layer: nn.Module, weights: dict[str, Tensor], *, share: bool
                     and (src.dtype == dst.dtype or wider) and src.device == dst.device):
                 setattr(mod, attr, src)
             elif wider:
-                setattr(mod, attr, nn.Parameter(src.detach().to(dst.device, copy=True), requires_grad=dst.requires_grad))
+                kept = src.detach().to(dst.device, copy=True)
+                setattr(mod, attr, nn.Parameter(kept, requires_grad=dst.requires_grad))
             elif share and attr in mod._buffers and src.dtype == dst.dtype and src.device == dst.device \
                     and src.is_contiguous() and not isinstance(src, nn.Parameter):
                 mod._buffers[attr] = src
