@@ -216,3 +216,26 @@ def test_small_experts_with_unaligned_widths_match_a_loop():
         want[t] += w * (w_down[e] @ (torch.nn.functional.silu(h[:F]) * h[F:]))
     got = ops.expert_mlp(x, tok, exp, wt, w_up, w_down, None, None, "silu", True, None, None, None, None, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cli_builds_its_command_once_per_process(run_cli, monkeypatch):
+    """typer builds the click command by evaluating every command's annotations (40-50 ms); ``main`` keeps the one
+    it built, so tools and tests that run many commands in one process pay it once (the input fuzzing: 90 s ->
+    25 s). Every run still parses its own arguments."""
+    import typer.main
+
+    from moegraph import cli
+
+    built = []
+    real = typer.main.get_command
+    monkeypatch.setattr(typer.main, "get_command", lambda app: built.append(app) or real(app))
+    cli._command.cache_clear()
+    try:
+        first, second = run_cli("presets"), run_cli("show", "deepseek-v3-tiny")
+        bad = run_cli("show", "no-such-preset")
+    finally:
+        cli._command.cache_clear()
+    assert built == [cli.app]
+    assert first.code == 0 and "deepseek-v3" in first.out
+    assert second.code == 0 and "deepseek-v3-tiny" in second.out
+    assert bad.code == 2 and "no-such-preset" in bad.err
