@@ -138,3 +138,18 @@ def test_a_forked_task_runs_its_own_tasks_in_its_own_process():
 
     for pids in forked.map_forked(fn, [0, 1], 2):
         assert len(set(pids)) == 1 and pids[0] != os.getpid()
+
+
+def _in_a_pool_worker(_: int) -> list[int]:
+    """In a daemonic ``multiprocessing.Pool`` worker: the tasks' pids, asked for in two processes."""
+    assert forked.fork_workers(5, 1e9, 1) == 1
+    return forked.map_forked(lambda t: os.getpid(), [0, 1, 2], 2)
+
+
+@needs_fork
+def test_a_pool_worker_runs_its_tasks_itself():
+    """A user sweeping plans with ``multiprocessing.Pool`` calls ``plan`` in daemonic workers, which Python does not
+    let start children (an AssertionError, which the planner raised): their layers run in the worker itself."""
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        (pids,) = pool.map(_in_a_pool_worker, [0])
+    assert len(set(pids)) == 1 and pids[0] != os.getpid()

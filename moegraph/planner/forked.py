@@ -14,7 +14,9 @@ computes, bit for bit, and so is the plan built from them (the caller combines t
 Where the pool cannot run (no memory for a child, a child killed), the tasks it did not finish are
 computed here instead: the same result, later. An error raised by ``fn`` itself is raised here, as
 the sequential loop would raise it (the tasks not started are cancelled). A task that itself calls
-``map_forked`` (a plan inside a forked re-plan) runs its tasks in its own process.
+``map_forked`` (a plan inside a forked re-plan) runs its tasks in its own process, and so does a
+daemonic process (a ``multiprocessing.Pool`` worker planning one of a user's sweeps), which Python
+does not let start children.
 """
 
 from __future__ import annotations
@@ -50,10 +52,18 @@ def fork_workers(tasks: int, work: float, threshold: float) -> int:
     forked child, which is why Python spawns there by default; a spawned child would import everything again.)"""
     import multiprocessing
 
-    if (tasks < 2 or work < threshold or _IN_CHILD or not sys.platform.startswith("linux")
-            or "fork" not in multiprocessing.get_all_start_methods()):
+    if (tasks < 2 or work < threshold or not sys.platform.startswith("linux")
+            or "fork" not in multiprocessing.get_all_start_methods() or not _may_start_processes()):
         return 1
     return max(1, min(usable_cores(), tasks))
+
+
+def _may_start_processes() -> bool:
+    """False in a forked child of ours (its tasks are its own) and in a daemonic process (a worker of a
+    ``multiprocessing.Pool``, which may not start children: Python refuses with an AssertionError)."""
+    import multiprocessing
+
+    return not _IN_CHILD and not multiprocessing.current_process().daemon
 
 
 def _child_init() -> None:
@@ -68,7 +78,8 @@ def _call(task: Any) -> Any:
 
 def map_forked(fn: Callable[[T], R], tasks: Sequence[T], workers: int,
                done: Callable[[int], None] | None = None) -> list[R]:
-    """``[fn(t) for t in tasks]``, computed by ``workers`` forked processes (here alone when ``workers`` is 1).
+    """``[fn(t) for t in tasks]``, computed by ``workers`` forked processes (here alone when ``workers`` is 1, in a
+    forked child of ours and in a daemonic process).
 
     Tasks are handed out one at a time in the given order (put the slowest first), so a process that
     finishes early takes the next. ``done(n)`` is called here after each task finishes, with the number
@@ -86,7 +97,7 @@ def map_forked(fn: Callable[[T], R], tasks: Sequence[T], workers: int,
         if done is not None:
             done(count)
 
-    if workers > 1 and len(tasks) > 1 and not _IN_CHILD:
+    if workers > 1 and len(tasks) > 1 and _may_start_processes():
         import multiprocessing
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
         from concurrent.futures.process import BrokenProcessPool
