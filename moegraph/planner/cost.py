@@ -136,13 +136,9 @@ def evaluate_plans(plans: dict[str, Plan], traces: TraceSet, processes: int | No
     first = next(iter(plans.values()))
     n_layers = first.num_layers
     if traces.load_only:
-        def layer_metrics(layer: int) -> dict[str, dict[str, float]]:
-            counts = traces.counts[layer].astype(np.float64)
-            out = {}
-            for name, plan in plans.items():
-                load = expected_gpu_load(plan, layer, counts)
-                out[name] = {"max_mean_load": float(load.max() / max(load.mean(), 1e-12))}
-            return out
+        def measure(plan: Plan, layer: int) -> dict[str, float]:
+            load = expected_gpu_load(plan, layer, traces.counts[layer].astype(np.float64))
+            return {"max_mean_load": float(load.max() / max(load.mean(), 1e-12))}
         work = 0
     else:
         src = source_gpus(traces, first.num_gpus)
@@ -150,18 +146,19 @@ def evaluate_plans(plans: dict[str, Plan], traces: TraceSet, processes: int | No
         cl = first.cluster
         t = max(traces.num_tokens, 1)
 
-        def layer_metrics(layer: int) -> dict[str, dict[str, float]]:
-            out = {}
-            for name, plan in plans.items():
-                phys = choose_replicas(plan, layer, traces.topk[layer], src)
-                c = counts_from_slots(phys // plan.slots_per_gpu, src, cl)
-                out[name] = {"max_mean_load": float(c.gpu_load.max() / max(c.gpu_load.mean(), 1e-12)),
-                             "distinct_gpus": c.distinct_gpus / t, "remote_gpu": c.remote_gpu_copies / t,
-                             "remote_node": c.remote_node_copies / t,
-                             "a2a_bytes": float(c.link_copies.sum()) * (nbytes + back) / t,
-                             "a2a_us": a2a_time_us(c, cl, nbytes, back)}
-            return out
+        def measure(plan: Plan, layer: int) -> dict[str, float]:
+            phys = choose_replicas(plan, layer, traces.topk[layer], src)
+            c = counts_from_slots(phys // plan.slots_per_gpu, src, cl)
+            return {"max_mean_load": float(c.gpu_load.max() / max(c.gpu_load.mean(), 1e-12)),
+                    "distinct_gpus": c.distinct_gpus / t, "remote_gpu": c.remote_gpu_copies / t,
+                    "remote_node": c.remote_node_copies / t,
+                    "a2a_bytes": float(c.link_copies.sum()) * (nbytes + back) / t,
+                    "a2a_us": a2a_time_us(c, cl, nbytes, back)}
         work = n_layers * traces.num_tokens * traces.topk[0].shape[1] * len(plans) if n_layers else 0
+
+    def layer_metrics(layer: int) -> dict[str, dict[str, float]]:
+        return {name: measure(plan, layer) for name, plan in plans.items()}
+
     if processes is None:
         processes = fork_workers(n_layers, work, PARALLEL_WORK)
     per_layer = map_forked(layer_metrics, range(n_layers), processes)
