@@ -401,6 +401,10 @@ def trace_from_layers(layers, *, name: str = "recorded", num_experts: int | None
 #: the layer's tensors that stay float32 when it is cast (``.to(torch.bfloat16)``, ``.half()``): the aux-loss-free
 #: balancing state, whose updates are smaller than a bfloat16 step (its load counter, not in the state dict, too)
 KEPT_FLOAT32 = ("router.expert_bias",)
+#: the layer's norm weights (``spec.ExpertNorm``, ``moe.output_norm``): applied in float32 whatever their dtype
+#: (``semantics.torch_forms.rms_norm``), so a swap keeps one a block holds in a wider dtype (``hf.load_hf_weights``)
+NORM_WEIGHTS = frozenset({"pre_expert_norm.weight", "expert_output_norm.weight", "experts.output_norm_weight",
+                          "shared_expert_norm.weight", "output_norm.weight"})
 #: parameters that are scales and start at one in ``reset_parameters`` (the rest: uniform or zero biases)
 ONES_AT_INIT = ("output_norm.weight", "router.input_norm.weight", "router.logit_scale", "router.per_expert_scale",
                 "router.weight_scale")

@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from ..errors import UnsupportedBlock
+from ..runtime import NORM_WEIGHTS
 from .anatomy import BlockAnatomy, flat_glu, get_path, listed_mlps
 
 
@@ -125,12 +126,6 @@ def hf_weights(block: nn.Module, anat: BlockAnatomy) -> dict[str, Tensor]:
 def torch_dtype_of(weights: dict[str, Tensor]) -> torch.dtype:
     """The parameter dtype a layer for these weights should have (that of the expert weights)."""
     return weights["experts.down_proj"].dtype
-
-
-#: the compiled layer's norm weights: applied in float32 (``semantics.torch_forms.rms_norm``), so one the block
-#: holds in a wider dtype than the layer's is kept in it (``load_hf_weights``)
-NORM_WEIGHTS = frozenset({"pre_expert_norm.weight", "expert_output_norm.weight", "experts.output_norm_weight",
-                          "shared_expert_norm.weight", "output_norm.weight"})
 
 
 def _wider(a: torch.dtype, b: torch.dtype) -> bool:
