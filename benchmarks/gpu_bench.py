@@ -304,7 +304,7 @@ def main() -> int:
     from moegraph.triton_backend import configs
     from moegraph.triton_backend.passes import router_args
 
-    chosen = choose_device(args, "gpu_bench.py", "deepseek-v3", "deepseek-v3-tiny", [1, 7, 33], 2, 1)
+    chosen = choose_device(args, "gpu_bench.py", "deepseek-v3", "deepseek-v3-tiny", [1, 7, 33], 1, 0)
     if chosen is None:
         return 2
     spec, device, dtype, tokens, device_name = chosen
