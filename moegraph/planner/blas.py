@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import os
 from collections.abc import Iterator
@@ -26,8 +27,12 @@ __all__ = ["one_blas_thread"]
 _SYMBOLS = (("scipy_openblas", "64_"), ("openblas", ""), ("scipy_openblas", ""))
 
 
+@functools.cache
 def _thread_functions() -> tuple[object, object] | None:
-    """(setter, getter) of the bundled OpenBLAS thread count, or None where there is none to find."""
+    """(setter, getter) of the bundled OpenBLAS thread count, or None where there is none to find.
+
+    Looked up once per process (a glob and a library load; a forked child inherits the result, the
+    library being the same mapping there), so entering ``one_blas_thread`` per layer costs two calls."""
     pattern = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs", "*openblas*")
     try:
         for path in glob.glob(pattern):
