@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moegraph import load_spec
 from moegraph.planner import baseline_plans, evaluate, plan
+from moegraph.planner.forked import cpu_seconds
 from moegraph.traces import TraceSet, load_traces, synthetic_traces
 
 
@@ -156,13 +156,6 @@ def section_several(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
     return checks
 
 
-def _cpu() -> float:
-    """CPU seconds of this process and of its finished children (the planner searches large plans' layers in
-    forked processes, one per core: ``moegraph.planner.forked``)."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + ru.ru_utime + ru.ru_stime
-
-
 def section_scale(seed: int | None) -> list[tuple[str, bool]]:
     print("\n== 3. scale: DeepSeek-V3-sized problem, synthetic skewed traces ==")
     spec = load_spec("deepseek-v3")
@@ -170,9 +163,9 @@ def section_scale(seed: int | None) -> list[tuple[str, bool]]:
     ts = synthetic_traces(spec.model.num_moe_layers, 256, 8, 8192, tokens_per_sample=32, seed=0)
     t_gen = time.perf_counter() - t0
     load_before = os.getloadavg()[0]
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     p = plan(spec, ts, seed=seed)
-    t_plan, c_plan = time.perf_counter() - t0, _cpu() - c0
+    t_plan, c_plan = time.perf_counter() - t0, cpu_seconds() - c0
     m = p.metrics
     print(f"{spec.model.num_moe_layers} MoE layers x 256 experts, {p.num_gpus} GPUs ({p.cluster.num_nodes} nodes), "
           f"{p.num_slots} slots, {ts.num_tokens} tokens x top-8 per layer")

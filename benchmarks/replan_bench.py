@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moegraph import load_spec
 from moegraph.planner import Plan, baseline_plans, evaluate, plan
+from moegraph.planner.forked import cpu_seconds
 from moegraph.planner.replan import migration, relabel, replan
 from moegraph.traces import TraceSet, load_traces, synthetic_traces
 
@@ -294,9 +294,9 @@ def section_targets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
     checks: list[tuple[str, bool]] = []
     saved: dict = {}
     for nodes, gpus, slots, a_name, b, cur, h1, h2 in switches_planned(configs, intent, law, seed):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         new = replan(None, cur, h1, seed=seed)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
         r = after_switch(cur, new, h1, h2)
         mv, lo_mv, lo_link, lor_mv = r["moved"], r["lo_changed"], r["lo_link"], r["lor_moved"]
         d, rel = r["bal"] - r["lo_bal"], r["rgpu"] / r["lo_rgpu"] - 1
@@ -332,9 +332,9 @@ def section_budgets(configs, intent: TraceSet, law: TraceSet, seed: int | None) 
           f"{'max/mean':>8} {'remote GPU':>10} | {'layers above target':>19} | {'re-plan s':>9}")
     for nodes, gpus, slots, a_name, b, cur, h1, h2 in switches_planned(configs, intent, law, seed):
         for frac in BUDGETS:
-            c0 = time.process_time()
+            c0 = cpu_seconds()
             new = replan(None, cur, h1, seed=seed, max_moves=max(1, int(frac * cur.num_layers * cur.num_slots)))
-            dc = time.process_time() - c0
+            dc = cpu_seconds() - c0
             m, mig = evaluate(new, h2)["mean"], migration(cur, new)
             above = layers_above(new)
             print(f"{nodes}x{gpus:<5} {slots:>5} {a_name:>6} {b.name.split('/')[-1]:>6} {frac:6.0%} | "
@@ -351,20 +351,14 @@ def section_cli(saved: dict) -> list[tuple[str, bool]]:
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), COLUMNS="140")
         cmd = [sys.executable, "-c", "from moegraph.cli import entry; entry()", "plan", "deepseek-v2-lite", "--from", str(cur), "--trace",
                str(win), "-o", str(Path(d) / "new.json")]
-        t0, c0 = time.perf_counter(), _child_cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        dt, dc = time.perf_counter() - t0, _child_cpu() - c0
+        dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
         print(r.stdout[-2500:] if r.returncode == 0 else r.stderr[-2500:])
         ok = r.returncode == 0 and Plan.load(Path(d) / "new.json").metrics.get("replan") is not None
     print(f"`moegraph plan deepseek-v2-lite --from current.json --trace window.npz -o new.json`: {dt:.2f}s wall, "
           f"{dc:.2f}s CPU")
     return [(f"`moegraph plan --from` < 5 s ({dt:.2f}s wall, {dc:.2f}s CPU, exit {r.returncode})", ok and dt < 5.0)]
-
-
-def _child_cpu() -> float:
-    """CPU seconds (user + system) of the finished child processes: the command's own time on a shared machine."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
 
 
 def section_scale(seed: int | None) -> list[tuple[str, bool]]:
@@ -378,9 +372,9 @@ def section_scale(seed: int | None) -> list[tuple[str, bool]]:
     for share in (0.1, 0.25):
         w = mix(a, b, share, f"{1 - share:.0%} workload A + {share:.0%} B")
         # CPU time: this process's and that of the processes it forks to repair the layers (``replan``).
-        t0, c0 = time.perf_counter(), time.process_time() + _child_cpu()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         new = replan(spec, cur, w, seed=seed)
-        dt, dc = time.perf_counter() - t0, time.process_time() + _child_cpu() - c0
+        dt, dc = time.perf_counter() - t0, cpu_seconds() - c0
         before, after = evaluate(cur, w)["mean"], evaluate(new, w)["mean"]
         mig = new.policy["migration"]
         print(f"window {w.name} ({w.num_tokens} tokens): max/mean {before['max_mean_load']:.3f} -> "

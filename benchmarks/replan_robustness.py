@@ -60,6 +60,7 @@ from replan_bench import (  # noqa: E402
 )
 
 from moegraph.planner import Plan, plan  # noqa: E402
+from moegraph.planner.forked import cpu_seconds  # noqa: E402
 from moegraph.planner.replan import replan  # noqa: E402
 from moegraph.traces import TraceSet, load_traces, synthetic_traces  # noqa: E402
 
@@ -152,9 +153,9 @@ def current_plan(spec, sw: Switch, config: tuple, cache: Path | None) -> Plan:
 def measure(sw: Switch, config: tuple, cur: Plan, replan_fn: Callable = replan) -> dict:
     """The bench's quantities for one switch and config (``replan_bench.after_switch``), with the re-plan's CPU
     seconds and how many layers it left above its window target."""
-    c0 = time.process_time()
+    c0 = cpu_seconds()
     new = replan_fn(None, cur, sw.fit)
-    cpu = time.process_time() - c0
+    cpu = cpu_seconds() - c0
     return {"switch": sw.name, "config": "{}x{} {}".format(*config), "real": sw.real,
             **after_switch(cur, new, sw.fit, sw.score), "cpu": cpu, "stuck": layers_above(new)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -153,3 +154,46 @@ def test_a_pool_worker_runs_its_tasks_itself():
     with multiprocessing.get_context("fork").Pool(1) as pool:
         (pids,) = pool.map(_in_a_pool_worker, [0])
     assert len(set(pids)) == 1 and pids[0] != os.getpid()
+
+
+def test_one_blas_thread_holds_one_thread_in_the_block_and_in_forked_children():
+    """The searches' BLAS setting: one thread inside the block (here and in a forked child, which inherits
+    it), the previous count restored after it, an error included; the library is looked up once."""
+    from moegraph.planner import blas
+
+    found = blas._thread_functions()
+    if found is None:  # another BLAS than the OpenBLAS numpy's wheels bundle: the helper is documented a no-op
+        with blas.one_blas_thread():
+            pass
+        return
+    setter, getter = found
+    before = int(getter())
+    setter(2)
+    try:
+        with blas.one_blas_thread():
+            assert int(getter()) == 1
+            inside = forked.map_forked(lambda _: int(getter()), [0, 1], workers=2)
+        assert inside == [1, 1]
+        assert int(getter()) == 2
+        with pytest.raises(ValueError), blas.one_blas_thread():
+            raise ValueError("boom")
+        assert int(getter()) == 2
+        assert blas._thread_functions() is found
+    finally:
+        setter(before)
+
+
+@needs_fork
+def test_cpu_seconds_counts_the_forked_childrens_time():
+    """The benchmarks' CPU figure of a plan includes its forked layers: work done only in children shows."""
+    def spin(_):
+        t = time.process_time()
+        while time.process_time() - t < 0.3:
+            pass
+        return os.getpid()
+
+    c0, own0 = forked.cpu_seconds(), time.process_time()
+    pids = forked.map_forked(spin, [0, 1], workers=2)
+    assert os.getpid() not in pids  # the work ran in children only
+    assert time.process_time() - own0 < 0.3
+    assert forked.cpu_seconds() - c0 >= 0.55

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def _load(script: str):
-    """A benchmark script as a module (its top level imports only the standard library and benchmarks/_args)."""
+    """A benchmark script as a module (its top level imports only the standard library and moegraph.argtypes)."""
     if str(ROOT / "benchmarks") not in sys.path:
         sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), ROOT / "benchmarks" / script)

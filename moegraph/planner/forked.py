@@ -2,6 +2,7 @@
 
     workers = fork_workers(tasks, work, threshold)   # 1 where forking is missing or the work too small
     results = map_forked(fn, tasks, workers, done)   # [fn(t) for t in tasks], in order
+    cpu_seconds()                                     # this process's CPU time and its children's
 
 Both the planner (``driver.plan``: a layer's search takes about a second on DeepSeek-V2-Lite traffic)
 and the re-plan without a budget (``replan``: its layers do not interact) solve every MoE layer on
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["fork_workers", "map_forked", "usable_cores"]
+__all__ = ["cpu_seconds", "fork_workers", "map_forked", "usable_cores"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,6 +37,18 @@ R = TypeVar("R")
 _FN: Callable[[Any], Any] | None = None
 #: True in a forked child: a nested ``map_forked`` runs sequentially there
 _IN_CHILD = False
+
+
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its finished children: what a plan cost, its
+    forked layers included (a child's time is counted once the pool has ended it, as ``map_forked`` does
+    before it returns). The benchmarks report it beside the wall clock."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return time.process_time()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ru.ru_utime + ru.ru_stime
 
 
 def usable_cores() -> int:
