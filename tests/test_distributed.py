@@ -495,7 +495,9 @@ def _run_stall(rank: int, world: int, out_dir: Path) -> dict:
     layer(xs[rank])  # a healthy step first
     if rank == 1:
         time.sleep(6.0)  # past the 2 s timeout of rank 0
-    return {"error": _timed_error(lambda: layer(xs[rank]))}
+    error = _timed_error(lambda: layer(xs[rank]))
+    # The next forward starts no collective on the group: its ranks may stand at different ones now
+    return {"error": error, "next": _timed_error(lambda: layer(xs[rank]))}
 
 
 def _run_die(rank: int, world: int, out_dir: Path) -> dict:
@@ -808,6 +810,14 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(failures):
     assert "rank 0 of 2" in msg and "timeout (2s)" in msg and took < 5.0, (msg, took)
     # The stalled rank, once awake, finds its peer gone and fails too, instead of hanging.
     assert ok[1]["error"][0] == "DistributedError", ok[1]["error"]
+    # Then neither starts another collective on the group (a late peer's next one would pair with the wrong one):
+    # refused at once, naming the first failure and the way out.
+    for r in (0, 1):
+        kind, msg, took = ok[r]["next"]
+        assert kind == "DistributedError" and took < 1.0, (msg, took)
+        assert f"rank {r} of 2" in msg and "not started: an earlier collective on this process group failed" in msg
+        assert "destroy_process_group" in msg, msg
+    assert "on rank 0 after" in ok[0]["next"][1] and "timeout" in ok[0]["next"][1], ok[0]["next"][1]
 
 
 def test_a_dead_rank_makes_the_others_fail(failures):

@@ -195,7 +195,10 @@ def _run_die(rank: int, world: int, how: str = "exit") -> dict:
         layer.comm.all_to_all = die
     t0 = time.perf_counter()
     err = _error(lambda: layer.apply_plan(b))
-    return {"error": err, "seconds": time.perf_counter() - t0, "slots": list(layer.slot_experts),
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    after = _error(lambda: layer(torch.randn(3, spec.moe.hidden_size)))  # refused at once: the group is out of step
+    return {"error": err, "seconds": seconds, "next": (*after, time.perf_counter() - t0), "slots": list(layer.slot_experts),
             "same_weights": all(torch.equal(before[n], p) for n, p in layer.experts.named_parameters()),
             "same_tables": bool(torch.equal(layer.ep_dispatch.cand_GER,
                                             torch.as_tensor(a.replica_table(0)[0])))}
@@ -713,6 +716,9 @@ def test_a_rank_dying_mid_transfer_leaves_the_others_on_the_old_plan(runs):
     assert "rank 0 of 2" in msg and "apply_plan transfer" in msg, msg
     assert out["seconds"] < 20.0
     assert out["slots"] == ROWS[2]["A"][:10] and out["same_weights"] and out["same_tables"]
+    kind, msg, took = out["next"]
+    assert kind == "DistributedError" and took < 1.0, (msg, took)
+    assert "an earlier collective on this process group failed (apply_plan transfer" in msg, msg
 
 
 def test_a_rank_failing_mid_transfer_names_itself_and_leaves_every_rank_on_the_old_plan(runs):
@@ -725,6 +731,11 @@ def test_a_rank_failing_mid_transfer_names_itself_and_leaves_every_rank_on_the_o
         assert out["seconds"] < 20.0
         s = len(ROWS[2]["A"]) // 2
         assert out["slots"] == ROWS[2]["A"][r * s:(r + 1) * s] and out["same_weights"] and out["same_tables"]
+        # the rank that left the transfer midway and the one whose collective failed both refuse the next forward
+        kind, msg, took = out["next"]
+        assert kind == "DistributedError" and took < 1.0, (msg, took)
+        assert "not started: an earlier collective on this process group failed" in msg, msg
+        assert ("rank 1 left the apply_plan transfer midway (MemoryError)" if r == 1 else "apply_plan transfer") in msg
 
 
 @pytest.mark.parametrize("world", [2, 4])

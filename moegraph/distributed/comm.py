@@ -7,6 +7,11 @@ adds what the layer needs around them:
 - a timeout per collective (``work.wait(timeout)``; default: the process group's own), so that a
   peer that stalled or died makes this rank fail with a ``DistributedError`` naming the phase,
   instead of hanging;
+- once a collective has failed on a process group (timed out, a peer gone, a rank that left a
+  transfer midway), every later one of ours on that group is refused at once with a
+  ``DistributedError`` naming the first failure: the ranks may then stand at different
+  collectives (a late peer still runs the rest of its forward), so the next ones could pair with
+  the wrong ones, and all-to-alls of equal sizes would exchange the wrong data without an error;
 - byte accounting per destination rank (``Traffic``), so measured traffic can be set beside the
   plan's prediction;
 - ``AllToAll``, an autograd function whose backward is the reverse all-to-all (splits swapped).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +34,10 @@ from torch import Tensor
 from ..errors import DistributedError
 
 __all__ = ["Comm", "Traffic", "AllToAll"]
+
+#: process group -> the first failure of one of our collectives on it (see the module docstring); an entry goes
+#: with its group (destroyed and garbage-collected), so a group initialised again starts clean
+_BROKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -107,6 +117,31 @@ class Comm:
         # some ranks only would leave the others waiting.
         self.anchor = torch.zeros(0, requires_grad=True)
 
+    # ------------------------------------------------------------------ a group that failed stays failed
+
+    def _group_object(self):
+        """The process group the collectives run on (the default group's current object for None)."""
+        return self.group if self.group is not None else dist.group.WORLD
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse every later collective of ours on this process group (the first reason is kept)."""
+        try:
+            _BROKEN.setdefault(self._group_object(), reason)
+        except TypeError:  # a group object without weak references (torch 2.13's take them): not remembered
+            pass
+
+    def _refuse_if_broken(self, what: str) -> None:
+        try:
+            reason = _BROKEN.get(self._group_object())
+        except TypeError:
+            return
+        if reason is not None:
+            raise DistributedError(
+                f"{self.label}: rank {self.rank} of {self.world_size}: {what} not started: an earlier collective on "
+                f"this process group failed ({reason}). After such a failure the ranks may stand at different "
+                "collectives, so the next ones could pair with the wrong ones: destroy the process group "
+                "(torch.distributed.destroy_process_group()) and initialise a new one, or restart the job")
+
     # ------------------------------------------------------------------ waiting with a clear error
 
     def _wait(self, work, what: str, started: float) -> None:
@@ -129,6 +164,7 @@ class Comm:
         else:
             why = "the collective failed"
         waited = time.perf_counter() - started
+        self.mark_broken(f"{what} on rank {self.rank} after {waited:.1f}s: {why}")
         return DistributedError(
             f"{self.label}: rank {self.rank} of {self.world_size}: {what} failed after {waited:.1f}s: {why}. "
             f"Check the other ranks' output; raise the timeout with ExpertParallelMoE.create(timeout=...) "
@@ -143,7 +179,9 @@ class Comm:
     # ------------------------------------------------------------------ collectives
 
     def _run(self, what: str, start_collective) -> None:
-        """Start an async collective and wait for it; any failure becomes a DistributedError."""
+        """Start an async collective and wait for it; any failure becomes a DistributedError (and so does starting
+        one on a group where one of ours failed before)."""
+        self._refuse_if_broken(what)
         started = time.perf_counter()
         try:
             work = start_collective()

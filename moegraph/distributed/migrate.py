@@ -332,6 +332,7 @@ def apply_plan(layers, new_plan, optimizer: Any = None) -> Any:
     except DistributedError:
         raise  # a collective's failure, already naming rank and phase
     except Exception as exc:  # a local failure (memory, say): this rank leaves the transfer, its peers' collectives fail
+        first.comm.mark_broken(f"rank {me} left the apply_plan transfer midway ({type(exc).__name__})")
         raise DistributedError(f"{label}: the transfer failed on this rank ({type(exc).__name__}: {exc}); every rank "
                                "stays on the old plan") from exc
     seconds["transfer"] = time.perf_counter() - t0
