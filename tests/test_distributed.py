@@ -500,6 +500,21 @@ def _run_stall(rank: int, world: int, out_dir: Path) -> dict:
     return {"error": error, "next": _timed_error(lambda: layer(xs[rank]))}
 
 
+def _run_oom(rank: int, world: int, out_dir: Path) -> dict:
+    """Rank 1 runs out of memory in its experts (between dispatch and combine) and retries the forward, as a
+    training loop catching an out-of-memory error may; rank 0 waits in the combine."""
+    spec, plan, _, xs, _, _ = _setup(world, "replicas")
+    layer = moegraph.compile(spec, plan=plan, seed=0, timeout=2.0)
+    layer(xs[rank])
+    if rank == 1:
+        def no_memory(*args, **kwargs):
+            raise MemoryError("simulated: no memory for the expert step")
+
+        layer.ep_dispatch._compute = no_memory
+    error = _timed_error(lambda: layer(xs[rank]))
+    return {"error": error, "next": _timed_error(lambda: layer(xs[rank]))}
+
+
 def _run_die(rank: int, world: int, out_dir: Path) -> dict:
     spec, plan, _, xs, _, _ = _setup(world, "replicas")
     layer = moegraph.compile(spec, plan=plan, seed=0, timeout=30.0)
@@ -515,6 +530,7 @@ SUITES = {
     "main4": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[4]},
     "stall": lambda r, w, d: _run_stall(r, w, d),
     "die": lambda r, w, d: _run_die(r, w, d),
+    "oom": lambda r, w, d: _run_oom(r, w, d),
 }
 
 
@@ -590,8 +606,8 @@ def main4(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def failures(tmp_path_factory):
-    """A stalled rank and a dead rank, in two groups of two processes running side by side."""
-    return _shared_suites(tmp_path_factory, {"stall": 2, "die": 2})
+    """A stalled rank, a dead rank and one out of memory, in groups of two processes running side by side."""
+    return _shared_suites(tmp_path_factory, {"stall": 2, "die": 2, "oom": 2})
 
 
 def _reference(world: int, name: str) -> dict:
@@ -818,6 +834,21 @@ def test_a_stalled_rank_makes_the_others_fail_within_the_timeout(failures):
         assert f"rank {r} of 2" in msg and "not started: an earlier collective on this process group failed" in msg
         assert "destroy_process_group" in msg, msg
     assert "on rank 0 after" in ok[0]["next"][1] and "timeout" in ok[0]["next"][1], ok[0]["next"][1]
+
+
+def test_a_rank_failing_mid_forward_retries_nothing_on_the_group(failures):
+    """A local error between the dispatch and the combine (out of memory, say) leaves the peer waiting in the
+    combine: a forward retried on that rank would send its count exchange into the peer's combine. It is refused."""
+    ok = _ok(failures["oom"])
+    kind, msg, _ = ok[1]["error"]
+    assert kind == "MemoryError" and "simulated" in msg, msg
+    kind, msg, took = ok[1]["next"]
+    assert kind == "DistributedError" and took < 1.0, (msg, took)
+    assert "not started: an earlier collective on this process group failed (rank 1 left a forward midway " \
+           "(MemoryError))" in msg, msg
+    kind, msg, took = ok[0]["error"]
+    assert kind == "DistributedError" and "rank 0 of 2" in msg and "combine" in msg and took < 5.0, (msg, took)
+    assert ok[0]["next"][0] == "DistributedError" and "not started" in ok[0]["next"][1], ok[0]["next"]
 
 
 def test_a_dead_rank_makes_the_others_fail(failures):

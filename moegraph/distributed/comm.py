@@ -8,7 +8,7 @@ adds what the layer needs around them:
   peer that stalled or died makes this rank fail with a ``DistributedError`` naming the phase,
   instead of hanging;
 - once a collective has failed on a process group (timed out, a peer gone, a rank that left a
-  transfer midway), every later one of ours on that group is refused at once with a
+  forward or a transfer midway), every later one of ours on that group is refused at once with a
   ``DistributedError`` naming the first failure: the ranks may then stand at different
   collectives (a late peer still runs the rest of its forward), so the next ones could pair with
   the wrong ones, and all-to-alls of equal sizes would exchange the wrong data without an error;

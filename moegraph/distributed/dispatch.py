@@ -44,6 +44,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import fp8
+from ..errors import DistributedError
 from ..runtime import per_expert_norm
 from .comm import AllToAll, Comm, Traffic, _row_bytes
 
@@ -248,6 +249,20 @@ class ExpertDispatch(nn.Module):
         ``norm_weight_SM`` (this rank's slots of ``experts.output_norm_weight``) each row's expert output is
         normalised with its slot's weight where it is computed (``runtime.per_expert_norm``): the rows are then one
         per assignment, as the layer sends them for that norm."""
+        try:
+            return self._forward(x_TD, tok_N, exp_N, w_N, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation,
+                                 gated, gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T,
+                                 norm_weight_SM)
+        except DistributedError:
+            raise  # a collective's failure: its group is marked already
+        except BaseException as exc:
+            # A local failure between collectives (out of memory, say, or Ctrl-C): the peers go on to the next
+            # collective of this forward without this rank, so a forward retried here would pair with theirs.
+            self.comm.mark_broken(f"rank {self.rank} left a forward midway ({type(exc).__name__})")
+            raise
+
+    def _forward(self, x_TD, tok_N, exp_N, w_N, w_up_SHD, w_down_SDF, b_up_SH, b_down_SD, activation, gated,
+                 gate_clamp, up_clamp, shared_w_up_HD, shared_w_down_DF, shared_scale_T, norm_weight_SM) -> Tensor:
         T, D = x_TD.shape
         me, S, E, tr, comm = self.rank, self.slots_per_gpu, self.num_experts, self.traffic, self.comm
         t0 = self._now(x_TD)
