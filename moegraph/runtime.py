@@ -518,6 +518,9 @@ class CompiledMoEBase(nn.Module):
     #: the layer adds the previous layer's state
     ROUTER_STATE: int = 0
     RECEIVES_ROUTER_STATE: bool = False
+    #: a float32 layer training under ``torch.autocast`` computes as the layer made in the autocast dtype
+    #: (``_autocast_training_dtype``); the expert-parallel layers keep their own dtype
+    AUTOCAST_TRAINING: bool = True
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -791,6 +794,30 @@ class CompiledMoEBase(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
 
+    def _autocast_training_dtype(self, x: Tensor) -> torch.dtype | None:
+        """The 16-bit dtype a training forward under ``torch.autocast`` computes in, or None (its own dtype).
+
+        Mixed-precision training keeps float32 weights for the optimizer and runs the products in 16 bits; a
+        float32 layer in training mode inside a bfloat16 / float16 autocast region therefore computes as the
+        layer made in that dtype would (``moegraph.compile(spec, dtype=...)``: its expert, shared-expert and
+        projection weights rounded to it for the forward, the router in its own dtype), and the gradients reach
+        the float32 weights through the casts, as autocast's own casts do. In eval mode the layer keeps its dtype
+        (cast it for 16-bit inference: no float32 copy is needed there, and casting every expert's weights on
+        every call would cost more than the products save at decode sizes). Torch backend, one process, no FP8."""
+        if not (self.training and self.AUTOCAST_TRAINING and self.BACKEND == "torch" and self.FP8 is None
+                and isinstance(x, Tensor) and self.compute_dtype == torch.float32
+                and torch.is_autocast_enabled(x.device.type)):
+            return None
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+    def _weights_in(self, dtype: torch.dtype) -> dict[str, Tensor]:
+        """The layer's weights as the layer made in ``dtype`` holds them: float32 parameters outside the router cast
+        (differentiably) to ``dtype``, for ``torch.func.functional_call`` over the graph (which reads the layer's own
+        submodules)."""
+        return {name: p.to(dtype) for name, p in self.named_parameters()
+                if p.dtype == torch.float32 and not name.startswith("router.")}
+
     def _autocast_input(self, x: Tensor) -> Tensor:
         """Inside a ``torch.autocast`` region the layer is one op of its own dtype: as autocast does for its ops, a
         float16 / bfloat16 / float32 input (what the autocast op before it gave) is cast to it (a float32 layer
@@ -800,7 +827,7 @@ class CompiledMoEBase(nn.Module):
             return x.to(self.compute_dtype)
         return x
 
-    def _check_input(self, x: Tensor, token_ids: Tensor | None) -> None:
+    def _check_input(self, x: Tensor, token_ids: Tensor | None, dtype: torch.dtype | None = None) -> None:
         if not isinstance(x, Tensor):
             raise InputError(f"MoE layer input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() not in (2, 3) or x.shape[-1] != self.HIDDEN:
@@ -814,7 +841,7 @@ class CompiledMoEBase(nn.Module):
         if x.device != p.device:
             raise InputError(f"MoE layer input is on {x.device} but the layer's weights are on {p.device}; "
                              f"move one of them (layer.to(device))")
-        dtype = self.compute_dtype
+        dtype = dtype or self.compute_dtype
         if x.dtype != dtype:
             # an FP8 (1-byte) input is not a compute dtype: the layer is never cast to it
             layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype.itemsize > 1 else ""
@@ -853,27 +880,36 @@ class CompiledMoEBase(nn.Module):
         every forward: under reentrant activation checkpointing (``use_reentrant=True``, which runs the forward
         again in the backward) they count each token twice; ``use_reentrant=False`` counts it once.
         """
-        x = self._autocast_input(x)
-        self._check_input(x, token_ids)
+        mixed = self._autocast_training_dtype(x)
+        if mixed is not None and x.dtype in _AUTOCAST_DTYPES:
+            x = x.to(mixed)
+        else:
+            mixed = None
+            x = self._autocast_input(x)
+        self._check_input(x, token_ids, mixed)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         tid = None
         if token_ids is not None and self.NEEDS_TOKEN_IDS:  # a layer whose routing ignores token ids drops them
             tid = token_ids if token_ids.dim() == 2 else token_ids.unsqueeze(0)
         args = (x_BSD, tid) if not self.RECEIVES_ROUTER_STATE else (x_BSD, tid, self._router_state(x, router_state))
         pin = self.__dict__.get("expert_strategy")
-        # The spec's dtype is the layer's precision: under torch.autocast (a model kept in float32, its matmuls
-        # in bfloat16) the layer still computes in its own dtype, not a mix of both (cast the layer to compute
-        # in bfloat16).
+        # Under torch.autocast the layer computes in one dtype, not a mix of both: its own, or in a training forward
+        # that of the layer made in the autocast dtype (``_autocast_training_dtype``).
         own_precision = (torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type)
                          else contextlib.nullcontext())
+        gm = self.graph()
+        if mixed is not None:
+            weights = self._weights_in(mixed)
+            gm = functools.partial(torch.func.functional_call, gm, weights)
+            args = (args,)
         with own_precision, self._row_block():
             if pin is None:
-                y, aux, ids, *state = self.graph()(*args)
+                y, aux, ids, *state = gm(*args)
             else:
                 from .strategies import pinned
 
                 with pinned(pin):
-                    y, aux, ids, *state = self.graph()(*args)
+                    y, aux, ids, *state = gm(*args)
         if self.training:
             self.aux_losses = aux
             if self.EXPERT_BIAS_RATE is not None:

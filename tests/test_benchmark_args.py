@@ -65,6 +65,7 @@ BAD = [  # (script, arguments, the option the error names, text in the message)
     ("benchmarks/layer_bench.py", ["--strategy", "bogus"], "--strategy", "invalid choice: 'bogus'"),
     ("benchmarks/fp8_bench.py", ["--tokens", "0"], "--tokens", "positive integer"),
     ("benchmarks/backward_bench.py", ["--tokens", "0"], "--tokens", "positive integer"),
+    ("benchmarks/autocast_bench.py", ["--dtype", "float8"], "--dtype", "invalid choice: 'float8'"),
     ("benchmarks/host_overhead.py", ["--spec", "nosuch"], "--spec", "no spec file or preset named 'nosuch'"),
     ("benchmarks/host_overhead.py", ["--iters", "0"], "--iters", "positive integer"),
     ("benchmarks/plan_bench.py", ["--configs", "foo"], "--configs", "must be NODESxGPUS:SLOTS"),

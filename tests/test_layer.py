@@ -1221,28 +1221,25 @@ def test_a_compiled_layer_runs_after_moving_to_another_dtype(preset):
 
 
 @pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "mixtral-tiny", "qwen2-moe-tiny"])
-def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
-    """Under torch.autocast (float32 weights, bfloat16 matmuls) the layer computes in its own dtype: the same
-    outputs and gradients as without autocast, in training and inference (it raised: index_add_ of mixed dtypes)."""
+def test_a_compiled_layer_keeps_its_precision_under_autocast_in_eval_mode(preset):
+    """Under torch.autocast (float32 weights, bfloat16 matmuls) an eval-mode layer computes in its own dtype: the
+    same outputs and input gradients as without autocast (it raised: index_add_ of mixed dtypes)."""
     spec = moegraph.load_spec(preset)
-    layer = moegraph.compile(spec, seed=0)
+    layer = moegraph.compile(spec, seed=0).eval()
     x = torch.randn(2, 5, spec.moe.hidden_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    for training in (True, False):
-        layer.train(training)
-        ref = layer(x)
-        (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
-        (gx,) = torch.autograd.grad(y.square().sum(), x)  # backward outside the region, as torch.amp says
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, ref, rtol=0, atol=0)
-        torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
+    ref = layer(x)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)  # backward outside the region, as torch.amp says
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
 
     # After an autocast op the input is bfloat16 (an nn.Linear under autocast gives it): the layer takes it as
     # autocast's float32 ops do, cast to float32 (it was refused: "input has dtype torch.bfloat16"), and the
     # gradient reaches the op before it.
     proj = torch.nn.Linear(spec.moe.hidden_size, spec.moe.hidden_size)
-    layer.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h = proj(x)
         y = layer(h)
@@ -1252,6 +1249,49 @@ def test_a_compiled_layer_keeps_its_precision_under_autocast(preset):
     assert proj.weight.grad is not None and float(proj.weight.grad.abs().sum()) > 0
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(InputError, match="float64"):
         layer(x.double())  # autocast leaves float64 alone, and so does the layer
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v3-tiny", "mixtral-tiny", "qwen2-moe-tiny", "switch-tiny",
+                                    "expert-choice-tiny", "hash-tiny"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_layer_trains_under_autocast_as_the_layer_made_in_its_dtype(preset, dtype):
+    """Mixed-precision training: a float32 layer in training mode under torch.autocast computes as the layer
+    compiled in the autocast dtype with the same weights (router in float32) would, bit for bit (outputs, aux
+    losses), and its float32 weights get that layer's gradients (autocast's casts are differentiable); before,
+    it ran every product in float32 inside the region, the user's 16-bit matmuls ignored."""
+    spec = moegraph.load_spec(preset)
+    layer = moegraph.compile(spec, seed=0).train()
+    made = moegraph.compile(spec, dtype=dtype, seed=None).train()
+    made.load_state_dict(layer.state_dict())
+    assert made.experts.down_proj.dtype == dtype and all(p.dtype == torch.float32 for p in made.router.parameters())
+    x = torch.randn(2, 5, spec.moe.hidden_size, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    kw = {"token_ids": torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(2))} \
+        if layer.NEEDS_TOKEN_IDS else {}
+    with torch.autocast("cpu", dtype=dtype):
+        y, aux = layer(x, return_aux=True, **kw)
+        proj = torch.nn.functional.linear(x, torch.eye(spec.moe.hidden_size))  # an autocast op before the layer
+        assert layer(proj, **kw).dtype == dtype
+    x16 = x.detach().to(dtype).requires_grad_()
+    want, want_aux = made(x16, return_aux=True, **kw)
+    assert y.dtype == dtype and torch.equal(y, want)
+    assert aux.keys() == want_aux.keys() and all(torch.equal(aux[k], want_aux[k]) for k in aux)
+    loss = lambda out, losses: out.float().square().sum() + sum(v.float() for v in losses.values())  # noqa: E731
+    loss(y, aux).backward()
+    loss(want, want_aux).backward()
+    assert torch.equal(x.grad, x16.grad.float())
+    mine, theirs = dict(layer.named_parameters()), dict(made.named_parameters())
+    for name, p in mine.items():
+        assert p.dtype == torch.float32  # the weights the optimizer steps stay float32
+        if theirs[name].grad is None:
+            assert p.grad is None, name
+        else:
+            assert p.grad.dtype == torch.float32 and torch.equal(p.grad, theirs[name].grad.float()), name
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for n, p in mine.items() if n.startswith("experts."))
+    # Without autocast, and in eval mode under it, the float32 layer is float32 again
+    assert layer(x.detach(), **kw).dtype == torch.float32
+    layer.eval()
+    with torch.autocast("cpu", dtype=dtype):
+        assert layer(x.detach(), **kw).dtype == torch.float32
 
 
 def test_a_layer_deep_copies_after_a_training_forward(tmp_path, monkeypatch):

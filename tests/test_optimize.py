@@ -222,13 +222,20 @@ def test_parameters_copied_rather_than_shared_are_reported(model_type: str) -> N
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_swapped_model_runs_under_autocast(model_type: str) -> None:
     """A float32 model under torch.autocast(bfloat16): the swapped model's logits are within bfloat16 rounding of
-    the original's under the same autocast (its MoE layers compute in float32), and a training step runs."""
+    the original's under the same autocast (in eval mode its MoE layers compute in float32), and in training, where
+    they compute in bfloat16 as the original's blocks do there, its loss is the original's within bfloat16
+    rounding, and the float32 expert weights get gradients."""
+    import copy
+
     model = make_model(model_type)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         exact = model(ids).logits
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = model(ids).logits.float()
+        original = copy.deepcopy(model).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_loss = float(original(ids, labels=ids).loss)
     moegraph.optimize(model)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = model(ids).logits.float()
@@ -237,9 +244,11 @@ def test_swapped_model_runs_under_autocast(model_type: str) -> None:
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids).loss
+    assert abs(float(loss.detach()) - ref_loss) <= 1e-4 * abs(ref_loss), (float(loss.detach()), ref_loss)
     loss.backward()
     w = model.model.layers[-1].mlp.moe.experts.down_proj
-    assert w.grad is not None and torch.isfinite(w.grad).all() and float(w.grad.abs().sum()) > 0
+    assert w.dtype == torch.float32 and w.grad is not None and w.grad.dtype == torch.float32
+    assert torch.isfinite(w.grad).all() and float(w.grad.abs().sum()) > 0
 
 
 def test_verify_reports_and_keeps_swaps() -> None:
