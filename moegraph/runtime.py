@@ -518,9 +518,6 @@ class CompiledMoEBase(nn.Module):
     #: the layer adds the previous layer's state
     ROUTER_STATE: int = 0
     RECEIVES_ROUTER_STATE: bool = False
-    #: a float32 layer training under ``torch.autocast`` computes as the layer made in the autocast dtype
-    #: (``_autocast_training_dtype``); the expert-parallel layers keep their own dtype
-    AUTOCAST_TRAINING: bool = True
 
     def __init__(self, *, dtype: torch.dtype = torch.float32, router_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, pipeline: GraphPipeline | None = None,
@@ -803,8 +800,9 @@ class CompiledMoEBase(nn.Module):
         projection weights rounded to it for the forward, the router in its own dtype), and the gradients reach
         the float32 weights through the casts, as autocast's own casts do. In eval mode the layer keeps its dtype
         (cast it for 16-bit inference: no float32 copy is needed there, and casting every expert's weights on
-        every call would cost more than the products save at decode sizes). Torch backend, one process, no FP8."""
-        if not (self.training and self.AUTOCAST_TRAINING and self.BACKEND == "torch" and self.FP8 is None
+        every call would cost more than the products save at decode sizes). Torch backend (in one process or
+        expert-parallel, where the rows cross the ranks in that dtype), no FP8."""
+        if not (self.training and self.BACKEND == "torch" and self.FP8 is None
                 and isinstance(x, Tensor) and self.compute_dtype == torch.float32
                 and torch.is_autocast_enabled(x.device.type)):
             return None

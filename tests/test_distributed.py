@@ -489,6 +489,20 @@ def _run_data_parallel(rank: int, world: int, out_dir: Path) -> dict:
     return res
 
 
+def _run_autocast(rank: int, world: int, out_dir: Path) -> dict:
+    """A training step under torch.autocast(bfloat16) of the float32 expert-parallel layer."""
+    spec, plan, state, xs, gs, layer_index = _setup(world, "replicas")
+    layer = moegraph.compile(spec, plan=plan, seed=None, layer_index=layer_index, timeout=TIMEOUT_S).train()
+    layer.load_state_dict(state)
+    x = _grad_input(xs[rank])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    (y.float() * gs[rank]).sum().backward()
+    layer.sync_grads()
+    return {"y": y.detach(), "x_grad": _grad_of(x), "slot_experts": list(layer.slot_experts),
+            "grads": {n: (p.dtype, p.grad.clone()) for n, p in layer.named_parameters()}}
+
+
 def _run_stall(rank: int, world: int, out_dir: Path) -> dict:
     spec, plan, _, xs, _, _ = _setup(world, "replicas")
     layer = moegraph.compile(spec, plan=plan, seed=0, timeout=2.0)
@@ -526,7 +540,8 @@ def _run_die(rank: int, world: int, out_dir: Path) -> dict:
 
 SUITES = {
     "main2": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[2]}
-    | {"weights": _run_weights(r, w, d), "bad": _run_bad_inputs(r, w, d), "ddp": _run_data_parallel(r, w, d)},
+    | {"weights": _run_weights(r, w, d), "bad": _run_bad_inputs(r, w, d), "ddp": _run_data_parallel(r, w, d),
+       "autocast": _run_autocast(r, w, d)},
     "main4": lambda r, w, d: {n: _run_scenario(r, w, n, d) for n in SCENARIOS[4]},
     "stall": lambda r, w, d: _run_stall(r, w, d),
     "die": lambda r, w, d: _run_die(r, w, d),
@@ -666,6 +681,35 @@ def test_world2_matches_single_process(main2, name):
 @pytest.mark.parametrize("name", list(SCENARIOS[4]))
 def test_world4_matches_single_process(main4, name):
     _check_against_reference(main4, 4, name)
+
+
+def test_world2_trains_under_autocast_as_the_single_process_layer(main2):
+    """Mixed precision across ranks: under torch.autocast(bfloat16) the float32 expert-parallel layer computes in
+    bfloat16 as the one-process layer does there (outputs within bfloat16 rounding: the ranks sum in another
+    order), and its float32 weights get the same gradients (after sync_grads)."""
+    spec, plan, state, xs, gs, _ = _setup(2, "replicas")
+    ref = moegraph.compile(spec, seed=None).train()
+    ref.load_state_dict(state)
+    xr = [_grad_input(x) for x in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = [ref(x) for x in xr]
+    sum((y.float() * g).sum() for y, g in zip(ys, gs)).backward()
+
+    def near(a, b, what):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * max(1.0, b.abs().max().item()),
+                                   msg=what)
+
+    for r, all_res in enumerate(main2):
+        res = all_res["autocast"]
+        assert res["y"].dtype == ys[r].dtype == torch.bfloat16
+        near(res["y"], ys[r].detach(), f"rank {r} output")
+        near(res["x_grad"], _grad_of(xr[r]), f"rank {r} input gradient")
+        idx = torch.tensor(res["slot_experts"])
+        for n, (dtype, g) in res["grads"].items():
+            want = dict(ref.named_parameters())[n].grad
+            assert dtype == torch.float32 and g.dtype == torch.float32, n
+            near(g, want[idx] if n.startswith("experts.") else want, f"rank {r} gradient of {n}")
 
 
 @pytest.mark.parametrize("world,name", [(2, "replicas"), (2, "hash"), (2, "expert_space"), (4, "two_hosts"), (4, "one_host")])

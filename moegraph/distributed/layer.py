@@ -151,10 +151,6 @@ class ExpertParallelMoE(CompiledMoEBase):
     """
 
     _classes: ClassVar[dict[type, type]] = {}  # generated class -> its expert-parallel subclass
-    #: under torch.autocast an expert-parallel layer keeps its own dtype, in training too (the one-process layer's
-    #: mixed-precision view, ``runtime.CompiledMoEBase._autocast_training_dtype``, is not built for slot weights and
-    #: all-to-alls)
-    AUTOCAST_TRAINING = False
 
     # ------------------------------------------------------------------ construction
 
