@@ -800,9 +800,9 @@ class CompiledMoEBase(nn.Module):
         projection weights rounded to it for the forward, the router in its own dtype), and the gradients reach
         the float32 weights through the casts, as autocast's own casts do. In eval mode the layer keeps its dtype
         (cast it for 16-bit inference: no float32 copy is needed there, and casting every expert's weights on
-        every call would cost more than the products save at decode sizes). Torch backend (in one process or
-        expert-parallel, where the rows cross the ranks in that dtype), no FP8."""
-        if not (self.training and self.BACKEND == "torch" and self.FP8 is None
+        every call would cost more than the products save at decode sizes). In one process or expert-parallel
+        (the rows cross the ranks in that dtype), on either backend; not for FP8 experts."""
+        if not (self.training and self.FP8 is None
                 and isinstance(x, Tensor) and self.compute_dtype == torch.float32
                 and torch.is_autocast_enabled(x.device.type)):
             return None

@@ -705,6 +705,30 @@ def test_layer_training_step_matches_torch_backend(tmp_path):
         torch.testing.assert_close(g1[n], g0[n], **TOL[torch.float32], msg=n)
 
 
+def test_a_float32_layer_trains_under_autocast_as_the_layer_made_in_float16(tmp_path):
+    """Mixed precision on the Triton backend (float16: the interpreter has no bfloat16): a float32 layer in training
+    under torch.autocast runs its kernels as the layer compiled in float16 does, bit for bit, and its float32
+    weights get that layer's gradients."""
+    spec = moegraph.load_spec(LAYERS["deepseek_v3_style"])
+    tri = moegraph.compile(spec, backend="triton", out_dir=tmp_path, passes=triton_passes(spec)).train()
+    _randomise(tri)
+    made = moegraph.compile(spec, backend="triton", dtype=torch.float16, out_dir=tmp_path, seed=None,
+                            passes=triton_passes(spec)).train()
+    made.load_state_dict(tri.state_dict())
+    x = torch.randn(2, 9, D, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.float16):
+        y, aux = tri(x, return_aux=True)
+    want, want_aux = made(x.half(), return_aux=True)
+    assert y.dtype == torch.float16 and torch.equal(y, want)
+    assert all(torch.equal(aux[k], want_aux[k]) for k in want_aux)
+    for out, losses in ((y, aux), (want, want_aux)):
+        (out.float().square().mean() + sum(v.float() for v in losses.values())).backward()
+    theirs = dict(made.named_parameters())
+    for n, p in tri.named_parameters():
+        assert p.dtype == torch.float32 and (p.grad is None) == (theirs[n].grad is None), n
+        assert p.grad is None or torch.equal(p.grad, theirs[n].grad.float()), n
+
+
 def test_torch_compile_sees_one_graph_with_opaque_ops(tmp_path):
     from torch._dynamo.testing import CompileCounterWithBackend
 
