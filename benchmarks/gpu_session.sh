@@ -3,7 +3,8 @@
 #   1. gpu_bench.py with the default block sizes (bf16 check vs the torch backend, timings vs HF grouped_mm);
 #   2. tune_triton.py for the same shape, writing the bundled table;
 #   3. gpu_bench.py again, now reading the tuned table;
-#   4. gpu_fp8_bench.py: the FP8 layer (block-scaled FP8 kernels) vs the bf16 layer vs HF's FP8 experts.
+#   4. gpu_fp8_bench.py: the FP8 layer (block-scaled FP8 kernels) vs the bf16 layer vs HF's FP8 experts;
+#   5. autocast_bench.py: a float32 layer's training step under bf16 autocast vs float32 (both backends).
 # Logs and the tuned table go to $OUT (default /tmp/moegraph-gpu). Wheels of packages the machine lacks
 # (pydantic, ...) may be carried in .whl/; they are installed into /tmp/site first.
 #
@@ -37,3 +38,7 @@ step tune "$(( ${TUNE_S:-150} + 60 ))" python3 benchmarks/tune_triton.py --budge
     && for f in moegraph/triton_backend/tuned/*.json; do cp "$f" "$OUT/tuned_$(basename "$f" | tr -c 'A-Za-z0-9._\n-' _)"; done \
     && step bench_tuned "${BENCH_S:-240}" python3 benchmarks/gpu_bench.py "$@"
 step bench_fp8 "${FP8_S:-180}" python3 benchmarks/gpu_fp8_bench.py --tokens 1 16 128 1024 8192
+for backend in torch triton; do
+    step "autocast_$backend" "${AUTOCAST_S:-90}" python3 benchmarks/autocast_bench.py --device cuda --backend "$backend" \
+        --tokens 1024 8192
+done

@@ -106,3 +106,23 @@ def test_a_bad_argument_is_one_line_naming_its_option(script, args, option, text
     assert exc.value.code == 2 and not out and "Traceback" not in err, (exc.value.code, out[-2000:], err[-2000:])
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"{path.name}: error: argument {option}: ") and text in last, last
+
+
+def test_autocast_bench_checks_the_layer_made_in_its_dtype(monkeypatch, capsys):
+    """The mixed-precision bench runs end to end on a few tokens and finds the float32 layer under autocast equal to
+    the layer made in bfloat16 (its exit status says so too)."""
+    path = ROOT / "benchmarks" / "autocast_bench.py"
+    monkeypatch.setattr(sys, "argv", [str(path), "--tokens", "8", "--rounds", "1", "--threads", "1"])
+    monkeypatch.syspath_prepend(str(path.parent))
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)  # the script sets this process's count
+    out = capsys.readouterr().out
+    assert exc.value.code == 0, out
+    row = out.strip().splitlines()[-1].split()
+    assert row[0] == "8" and row[-1] == "yes", out
