@@ -802,19 +802,20 @@ class CompiledMoEBase(nn.Module):
         (cast it for 16-bit inference: no float32 copy is needed there, and casting every expert's weights on
         every call would cost more than the products save at decode sizes). In one process or expert-parallel
         (the rows cross the ranks in that dtype), on either backend; not for FP8 experts."""
-        if not (self.training and self.FP8 is None
-                and isinstance(x, Tensor) and self.compute_dtype == torch.float32
-                and torch.is_autocast_enabled(x.device.type)):
+        if not (self.training and self.FP8 is None and isinstance(x, Tensor) and x.dtype in _AUTOCAST_DTYPES
+                and self.compute_dtype == torch.float32 and torch.is_autocast_enabled(x.device.type)):
             return None
         dtype = torch.get_autocast_dtype(x.device.type)
         return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
-    def _weights_in(self, dtype: torch.dtype) -> dict[str, Tensor]:
-        """The layer's weights as the layer made in ``dtype`` holds them: float32 parameters outside the router cast
-        (differentiably) to ``dtype``, for ``torch.func.functional_call`` over the graph (which reads the layer's own
-        submodules)."""
-        return {name: p.to(dtype) for name, p in self.named_parameters()
-                if p.dtype == torch.float32 and not name.startswith("router.")}
+    def _graph_in(self, dtype: torch.dtype):
+        """The current mode's graph, run on the weights the layer made in ``dtype`` holds: its float32 parameters
+        outside the router cast (differentiably) to ``dtype`` for the call. The graph reads the layer's own
+        submodules, so ``torch.func.functional_call`` puts the casts in their place while it runs."""
+        graph = self.graph()
+        weights = {name: p.to(dtype) for name, p in self.named_parameters()
+                   if p.dtype == torch.float32 and not name.startswith("router.")}
+        return lambda *args: torch.func.functional_call(graph, weights, args)
 
     def _autocast_input(self, x: Tensor) -> Tensor:
         """Inside a ``torch.autocast`` region the layer is one op of its own dtype: as autocast does for its ops, a
@@ -879,11 +880,7 @@ class CompiledMoEBase(nn.Module):
         again in the backward) they count each token twice; ``use_reentrant=False`` counts it once.
         """
         mixed = self._autocast_training_dtype(x)
-        if mixed is not None and x.dtype in _AUTOCAST_DTYPES:
-            x = x.to(mixed)
-        else:
-            mixed = None
-            x = self._autocast_input(x)
+        x = x.to(mixed) if mixed is not None else self._autocast_input(x)
         self._check_input(x, token_ids, mixed)
         x_BSD = x if x.dim() == 3 else x.unsqueeze(0)
         tid = None
@@ -895,11 +892,7 @@ class CompiledMoEBase(nn.Module):
         # that of the layer made in the autocast dtype (``_autocast_training_dtype``).
         own_precision = (torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type)
                          else contextlib.nullcontext())
-        gm = self.graph()
-        if mixed is not None:
-            weights = self._weights_in(mixed)
-            gm = functools.partial(torch.func.functional_call, gm, weights)
-            args = (args,)
+        gm = self.graph() if mixed is None else self._graph_in(mixed)
         with own_precision, self._row_block():
             if pin is None:
                 y, aux, ids, *state = gm(*args)
