@@ -907,6 +907,29 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
     assert r.code == 2 and f"e.g. {tmp_path / 'out.json'}" in " ".join(r.err.split())
 
 
+def test_cli_move_budget_as_a_share_of_the_slots(run_cli, tmp_path, setup):
+    """``--max-moves P%`` is P% of all the current plan's slots, rounded down: the same re-plan as that many slots
+    given as a number, said in one line; malformed shares are refused naming the option and both forms."""
+    spec, current, _, law = setup
+    cur_path = current.save(tmp_path / "current.json")
+    window = law.save(tmp_path / "law.npz")
+    total = current.num_layers * current.num_slots
+    share, slots = "7.5%", int(0.075 * total)
+    plans = {}
+    for value in (share, str(slots)):
+        out = tmp_path / f"new-{value}.json"
+        r = run_cli("plan", "--from", cur_path, "--trace", window, "--max-moves", value, "-o", out)
+        assert r.code == 0, r.err
+        plans[value] = Plan.load(out)
+    r = run_cli("plan", "--from", cur_path, "--trace", window, "--max-moves", share)
+    assert f"move budget: 7.5% of {total:,} slots = {slots:,} slots" in " ".join(r.out.split()), r.out
+    assert np.array_equal(plans[share].physical_to_logical_map, plans[str(slots)].physical_to_logical_map)
+    assert 0 < migration(current, plans[share]).slots_moved <= slots
+    for bad in ("101%", "-1", "x%", "5 slots", "nan%"):
+        r = run_cli("plan", "--from", cur_path, "--trace", window, "--max-moves", bad)
+        assert r.code == 2 and "--max-moves" in r.err and "share of them (P%, 0 to 100)" in " ".join(r.err.split()), bad
+
+
 def test_replan_checks_its_arguments_types_and_takes_huge_integers_as_no_limit(setup):
     spec, current, _, law = setup
     for value in (2.5, True, "5", np.float64(3.0)):

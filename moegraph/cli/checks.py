@@ -29,6 +29,33 @@ def finite(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     return check
 
 
+def slot_budget(value: str | None) -> str | None:
+    """A typer callback for ``--max-moves``: a number of slots (``N >= 0``) or a share of them (``P%``, 0-100);
+    ``resolve_slot_budget`` turns it into slots once the plan is known."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if math.isfinite(share) and 0.0 <= share <= 100.0:
+                return text
+        elif int(text) >= 0:
+            return text
+    except ValueError:
+        pass
+    raise typer.BadParameter(f"must be a number of slots (N >= 0) or a share of them (P%, 0 to 100), got {value!r}")
+
+
+def resolve_slot_budget(value: str | None, slots: int) -> int | None:
+    """``--max-moves`` in slots, out of ``slots`` (all layers): a share is rounded down."""
+    if value is None:
+        return None
+    if value.endswith("%"):
+        return math.floor(float(value[:-1]) / 100.0 * slots)
+    return int(value)
+
+
 def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = (),
                 example: str = "", outputs: Iterable[tuple[Path | None, str]] = ()) -> Path:
     """Refuse, before any work, an output path the writer cannot use: a folder, a device or pipe (a rename

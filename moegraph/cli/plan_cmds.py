@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import TraceError
 from ..loader import load_spec, placement_traces
 from . import app, console, err_console
-from .checks import finite, output_file
+from .checks import finite, output_file, slot_budget
 from .output import say
 from .progress import counted
 
@@ -110,8 +110,9 @@ def plan_cmd(
                                                   "instead of planning (with --plot and --layer only).")] = None,
     plan_from: Annotated[Path | None, typer.Option("--from", help="Re-plan this current plan for the traffic in "
                                                    "--trace, moving few expert weights (cluster and slots from it).")] = None,
-    max_moves: Annotated[int | None, typer.Option("--max-moves", min=0, help="With --from: move at most N slots (all "
-                                                  "layers).")] = None,
+    max_moves: Annotated[str | None, typer.Option("--max-moves", callback=slot_budget, metavar="N|P%",
+                                                  help="With --from: move at most N slots (all layers), or P% of "
+                                                  "them.")] = None,
     max_move_gib: Annotated[float | None, typer.Option("--max-move-gib", callback=finite(0.0), help="With --from: move at most X GiB of "
                                                        "expert weights.")] = None,
     compare_full: Annotated[bool, typer.Option("--compare-full", help="With --from: also report a full moegraph "

@@ -13,6 +13,7 @@ from rich.table import Table
 from ..errors import PlanInfeasible, TraceError
 from ..loader import load_spec
 from . import console
+from .checks import resolve_slot_budget
 from .output import say
 
 __all__ = ["replan_command", "replan_table", "print_drift"]
@@ -41,7 +42,7 @@ def replan_table(report: dict, title: str) -> Table:
 
 
 def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None, output: Path | None,
-                   max_moves: int | None, max_move_gib: float | None, seed: int | None,
+                   max_moves: str | None, max_move_gib: float | None, seed: int | None,
                    max_imbalance: float | None, compare_full: bool, horizon_tokens: float | None = None) -> None:
     """Re-plan ``plan_from`` for the traffic ``trace``; print the report; write ``output``."""
     import math
@@ -61,11 +62,14 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     if given is not None:
         check_model(given, current)  # first: a plan of another model would make the window look wrong
     ts = load_traces(trace, spec=current.spec)
+    budget = resolve_slot_budget(max_moves, current.num_layers * current.num_slots)
+    if max_moves is not None and max_moves.endswith("%"):
+        console.print(f"move budget: {max_moves} of {current.num_layers * current.num_slots:,} slots = {budget:,} slots")
     max_move_bytes = None if max_move_gib is None else max_move_gib * 2**30
     if max_move_bytes is not None and not math.isfinite(max_move_bytes):
         max_move_bytes = int(max_move_gib) * 2**30  # beyond a float in bytes: no practical limit, as an integer
     t0 = time.perf_counter()
-    new = replan(given, current, ts, max_moves=max_moves, max_move_bytes=max_move_bytes, seed=seed,
+    new = replan(given, current, ts, max_moves=budget, max_move_bytes=max_move_bytes, seed=seed,
                  max_imbalance=max_imbalance, horizon_tokens=horizon_tokens)
     took = time.perf_counter() - t0
     full = plan(current.spec, ts, seed=seed) if compare_full else None
