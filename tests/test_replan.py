@@ -17,7 +17,7 @@ from moegraph.planner.cost import expected_gpu_load
 from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weight
 from moegraph.planner.replan import _Budget, _cut_rate, _improve_comm, _kick, _Layer, _polish, _priced, _prices
 from moegraph.planner.replan import _reassign_comm, _reassign_cut_deltas, _repair_balance, _slot_cut_deltas, _swap_drops
-from moegraph.planner.replan import _valid
+from moegraph.planner.replan import _meet_move_target, _send_home, _valid
 from moegraph.planner.replan import expert_bytes, migration, noise_floor, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
@@ -554,10 +554,10 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     spec = _spec(nodes=nodes, gpus=gpus, slots=slots)
     intent, law = _task("intent"), _task("law")
     current = plan(spec, intent)
-    got = replan(spec, current, law)
+    got = replan(spec, current, law, move_target=None)  # the polish alone (step 5 trades its measure for moves)
     rounds = mod.POLISH_ROUNDS
     monkeypatch.setattr(mod, "POLISH_ROUNDS", 0)
-    plain = replan(spec, current, law)
+    plain = replan(spec, current, law, move_target=None)
     assert got.policy["polish_rounds_kept"] > 0 and plain.policy["polish_rounds_kept"] == 0
     assert got.policy["copies_per_cut"] == plain.policy["copies_per_cut"]
     costs = _measure_written_out([got, plain], current, law)
@@ -568,8 +568,9 @@ def test_polish_is_never_dearer_nor_worse_balanced_and_pays_on_a_task_switch(nod
     # seeded: the same seed gives the same plan, another seed draws other rounds; the policy records it
     monkeypatch.setattr(mod, "POLISH_ROUNDS", rounds)
     assert got.policy["seed"] == spec.placement.seed
-    assert np.array_equal(replan(spec, current, law).physical_to_logical_map, got.physical_to_logical_map)
-    other = replan(spec, current, law, seed=spec.placement.seed + 1)
+    assert np.array_equal(replan(spec, current, law, move_target=None).physical_to_logical_map,
+                          got.physical_to_logical_map)
+    other = replan(spec, current, law, seed=spec.placement.seed + 1, move_target=None)
     assert other.policy["seed"] == spec.placement.seed + 1
     assert not np.array_equal(other.physical_to_logical_map, got.physical_to_logical_map)
 
@@ -930,6 +931,27 @@ def test_cli_move_budget_as_a_share_of_the_slots(run_cli, tmp_path, setup):
         assert r.code == 2 and "--max-moves" in r.err and "share of them (P%, 0 to 100)" in " ".join(r.err.split()), bad
 
 
+def test_cli_move_target_as_a_share_or_off(run_cli, tmp_path, setup):
+    """``--move-target P%`` is replan's move_target P/100 (recorded in the plan), ``off`` is None, and without the
+    option the re-plan has the API's default; malformed values and the option without --from are refused."""
+    spec, current, _, law = setup
+    cur_path = current.save(tmp_path / "current.json")
+    window = law.save(tmp_path / "law.npz")
+    for value, target in (("5%", 0.05), ("off", None), (None, 0.15)):
+        out = tmp_path / f"new-{value}.json"
+        r = run_cli("plan", "--from", cur_path, "--trace", window, *(("--move-target", value) if value else ()),
+                    "-o", out)
+        assert r.code == 0, r.err
+        got = Plan.load(out)
+        assert got.policy["move_target"] == target
+        api = replan(None, current, law, move_target=target)
+        assert np.array_equal(got.physical_to_logical_map, api.physical_to_logical_map), value
+    for bad in ("101%", "15", "x%", "nan%", "none"):
+        r = run_cli("plan", "--from", cur_path, "--trace", window, "--move-target", bad)
+        assert r.code == 2 and "--move-target" in r.err and "(P%, 0 to 100, e.g. 15%) or off" in " ".join(r.err.split()), bad
+    r = run_cli("plan", spec.name, "--trace", window, "--move-target", "5%")
+    assert r.code == 2 and "--move-target" in r.err and "--from" in r.err
+
 def test_replan_checks_its_arguments_types_and_takes_huge_integers_as_no_limit(setup):
     spec, current, _, law = setup
     for value in (2.5, True, "5", np.float64(3.0)):
@@ -1071,3 +1093,146 @@ def test_replan_keeps_the_layers_a_window_cannot_tell_from_balanced(setup):
     new = replan(spec, current, law)
     assert new.policy["layers_kept"] == 0
     assert all(not np.array_equal(a, b) for a, b in zip(new.physical_to_logical_map, current.physical_to_logical_map))
+
+
+def _shuffled_layer(seed, moved=6):
+    """A repair state whose one-replica experts in ``moved`` random slots were shuffled among those slots (so some
+    sit on a GPU that did not hold them), with random traffic; and the cluster's move cost, a random co-activation."""
+    st, cost = _random_layer(seed, nodes=2, gpus=2, spg=4, experts=14)
+    rng = np.random.default_rng(300 + seed)
+    reps = st.hold.sum(axis=1)
+    singles = np.flatnonzero(reps[st.ex] == 1)
+    pick = rng.choice(singles, moved, replace=False)
+    ex = st.ex.copy()
+    ex[pick] = ex[rng.permutation(pick)]
+    st = _Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+    c = rng.random((14, 14)) * (rng.random((14, 14)) < 0.5)
+    return st, cost, c + c.T
+
+
+def _proxy_price(st, ex, slots, coact, cost, value_per_j):
+    """The price the solver ranks assignments by, written out: each re-assigned expert's link price to its slot's GPU
+    plus, over the horizon, its co-activation with every staying slot's expert (divided by that expert's replicas)
+    times the cost between their GPUs."""
+    stay = [t for t in range(len(ex)) if t not in set(slots)]
+    reps = {x: int((ex == x).sum()) for x in set(ex.tolist())}
+    total = 0.0
+    for s in slots:
+        x, y = int(ex[s]), int(st.gpu[s])
+        total += st.price[x, y]
+        total += value_per_j * sum(coact[x, ex[t]] / reps[int(ex[t])] * cost[y, st.gpu[t]] for t in stay)
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_send_home_options_are_the_exact_optimum_of_every_move_count_brute_force(seed):
+    # Step 5's options on one layer: every way of re-assigning the moved one-replica experts among their slots,
+    # enumerated, gives (with no GPU above the layer's current max window load, from the dispatch rule written out)
+    # the fewest moves the options reach, and for each option's count the least price it could have.
+    st, cost, coact = _shuffled_layer(seed)
+    value_per_j = 0.7
+    load0 = _rule_loads_reference(st.ex, st.gpu, st.cnt, st.node)
+    reps = st.hold.sum(axis=1)
+    slots = [int(s) for s in np.flatnonzero(~st.old[st.ex, st.gpu] & (reps[st.ex] == 1))]
+    assert len(slots) >= 3
+    best: dict[int, float] = {}  # moves -> least price over the feasible assignments with that many or fewer
+    for perm in itertools.permutations(st.ex[slots]):
+        ex = st.ex.copy()
+        ex[slots] = perm
+        if _rule_loads_reference(ex, st.gpu, st.cnt, st.node).max() > load0.max() + 1e-9:
+            continue
+        m = int((~st.old[ex, st.gpu]).sum())
+        price = _proxy_price(st, ex, slots, coact, cost, value_per_j)
+        best[m] = min(best.get(m, np.inf), price)
+    now = int((~st.old[st.ex, st.gpu]).sum())
+    fewest = min(best)
+    options = _send_home(st, coact, cost, value_per_j)
+    if fewest == now:
+        assert options == []
+        return
+    assert options and now - options[-1][0] == fewest  # the last option moves the fewest
+    for saved, ex in options:
+        assert saved > 0 and np.array_equal(np.sort(ex), np.sort(st.ex))
+        outside = np.setdiff1d(np.arange(len(ex)), slots)
+        assert np.array_equal(ex[outside], st.ex[outside])  # replicated and unmoved experts stay
+        assert int((~st.old[ex, st.gpu]).sum()) == now - saved
+        assert _rule_loads_reference(ex, st.gpu, st.cnt, st.node).max() <= load0.max() + 1e-9
+        least = min(p for m, p in best.items() if m <= now - saved)
+        assert _proxy_price(st, ex, slots, coact, cost, value_per_j) == pytest.approx(least, rel=1e-9, abs=1e-9)
+    assert [s for s, _ in options] == sorted({s for s, _ in options})  # one option per count, fewer moves last
+
+
+def test_move_target_takes_the_cheapest_options_over_the_layers_brute_force():
+    # Step 5 over several layers: the options chosen reach the slots the re-plan moves beyond the target at the
+    # least total rise of the re-plan's own measure, against every combination of options enumerated.
+    value_per_j = 0.7
+    layers = [_shuffled_layer(seed, moved=5) for seed in range(4)]
+    cost = layers[0][1]
+    states = [st for st, _, _ in layers]
+    coacts = [c for _, _, c in layers]
+    menus = []
+    for st, coact in zip(states, coacts):
+        base = _priced(st, coact, cost, value_per_j)
+        menu = [(0, 0.0)]
+        for saved, ex in _send_home(st, coact, cost, value_per_j):
+            cand = _Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
+            menu.append((saved, _priced(cand, coact, cost, value_per_j) - base))
+        menus.append(menu)
+    total = sum(int((~st.old[st.ex, st.gpu]).sum()) for st in states)
+    most = sum(max(s for s, _ in m) for m in menus)
+    assert most >= 3
+    for target in (total + 3, total, total - 1, total - most // 2, total - most, 0):
+        need = min(total - target, most)
+        if need <= 0:  # within the target: nothing is given back, even where an option is cheaper
+            got = [st.copy() for st in states]
+            assert _meet_move_target(got, np.arange(len(got)), coacts, cost, value_per_j, target) == (0, 0)
+            assert all(np.array_equal(a.ex, b.ex) for a, b in zip(got, states))
+            continue
+        combos = [c for c in itertools.product(*menus) if sum(s for s, _ in c) >= need]
+        least = min(sum(r for _, r in c) for c in combos)
+        got = [st.copy() for st in states]
+        given, changed = _meet_move_target(got, np.arange(len(got)), coacts, cost, value_per_j, target)
+        moved = sum(int((~st.old[st.ex, st.gpu]).sum()) for st in got)
+        assert given == total - moved and given >= need
+        assert changed == sum(not np.array_equal(a.ex, b.ex) for a, b in zip(got, states))
+        rise = sum(_priced(a, c, cost, value_per_j) - _priced(b, c, cost, value_per_j)
+                   for a, b, c in zip(got, states, coacts))
+        assert rise == pytest.approx(least, abs=1e-7)
+        for a, b in zip(got, states):  # balance on the window is not given up
+            la = _rule_loads_reference(a.ex, a.gpu, a.cnt, a.node)
+            lb = _rule_loads_reference(b.ex, b.gpu, b.cnt, b.node)
+            assert la.max() <= lb.max() + 1e-9
+
+
+def test_replan_meets_its_move_target_by_sending_experts_home_at_the_same_window_balance():
+    # Without redundant slots every expert has one replica, so the window's GPU loads are each GPU's experts' tokens
+    # (the cost model's, written out independently of the re-plan's tables). The default target (15% of the slots)
+    # gives back moved slots of the re-plan without one, with every layer as balanced on the window; a target the
+    # options can reach is met; a target at or above what the re-plan moves changes nothing; the policy and a note
+    # say what was given back.
+    spec = _spec(nodes=2, gpus=4, slots=64)
+    intent, law = _task("intent"), _task("law")
+    current = plan(spec, intent)
+    total = current.num_layers * current.num_slots
+    free = replan(None, current, law, move_target=None)
+    n = migration(current, free).slots_moved
+    assert free.policy["move_target"] is None and free.policy["moves_given_back"] == 0
+    got = replan(None, current, law)
+    m = migration(current, got).slots_moved
+    assert got.policy["move_target"] == 0.15 and n > 0.15 * total
+    assert 0 < m < n and got.policy["moves_given_back"] == n - m
+    assert (_window_ratios([got], law)[:, 0] <= _window_ratios([free], law)[:, 0] + 1e-9).all()
+    assert any(note.startswith(f"move target 0.15 of the slots ({int(0.15 * total)} of {total})") and
+               f"{n - m} moved slots given back" in note for note in got.notes)
+    reachable = replan(None, current, law, move_target=(n - 2) / total)
+    assert migration(current, reachable).slots_moved <= n - 2
+    for target in (n / total, 1.0):
+        same = replan(None, current, law, move_target=target)
+        assert np.array_equal(same.physical_to_logical_map, free.physical_to_logical_map), target
+        assert not any(note.startswith("move target") for note in same.notes)
+    # a budget the re-plan with its target fits in does not bind: the same plan
+    budgeted = replan(None, current, law, max_moves=m)
+    assert np.array_equal(budgeted.physical_to_logical_map, got.physical_to_logical_map)
+    for bad in (-0.1, 1.5, float("nan"), "15%", True):
+        with pytest.raises(PlanInfeasible, match="move_target"):
+            replan(None, current, law, move_target=bad)

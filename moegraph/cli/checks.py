@@ -47,6 +47,26 @@ def slot_budget(value: str | None) -> str | None:
     raise typer.BadParameter(f"must be a number of slots (N >= 0) or a share of them (P%, 0 to 100), got {value!r}")
 
 
+def move_share(value: str | None) -> str | None:
+    """A typer callback for ``--move-target``: a share of the slots (``P%``, 0-100) or ``off`` (no target)."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    if text == "off":
+        return text
+    try:
+        if text.endswith("%") and 0.0 <= float(text[:-1]) <= 100.0:  # NaN compares false
+            return text
+    except ValueError:
+        pass
+    raise typer.BadParameter(f"must be a share of the slots (P%, 0 to 100, e.g. 15%) or off (no target), got {value!r}")
+
+
+def resolve_move_share(value: str) -> float | None:
+    """A given ``--move-target`` as ``replan``'s ``move_target``: a fraction of the slots, None for ``off``."""
+    return None if value == "off" else float(value[:-1]) / 100.0
+
+
 def resolve_slot_budget(value: str | None, slots: int) -> int | None:
     """``--max-moves`` in slots, out of ``slots`` (all layers): a share is rounded down."""
     if value is None:

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..errors import TraceError
 from ..loader import load_spec, placement_traces
 from . import app, console, err_console
-from .checks import finite, output_file, slot_budget
+from .checks import finite, move_share, output_file, slot_budget
 from .output import say
 from .progress import counted
 
@@ -113,6 +113,10 @@ def plan_cmd(
     max_moves: Annotated[str | None, typer.Option("--max-moves", callback=slot_budget, metavar="N|P%",
                                                   help="With --from: move at most N slots (all layers), or P% of "
                                                   "them.")] = None,
+    move_target: Annotated[str | None, typer.Option("--move-target", callback=move_share, metavar="P%|off",
+                                                    help="With --from: aim to move at most P% of the slots (default "
+                                                    "15%), giving up co-activation savings for it, never balance; "
+                                                    "off: moves priced only.")] = None,
     max_move_gib: Annotated[float | None, typer.Option("--max-move-gib", callback=finite(0.0), help="With --from: move at most X GiB of "
                                                        "expert weights.")] = None,
     compare_full: Annotated[bool, typer.Option("--compare-full", help="With --from: also report a full moegraph "
@@ -151,11 +155,12 @@ def plan_cmd(
 
         replan_command(spec=spec, plan_from=plan_from, trace=trace, output=output, max_moves=max_moves,
                        max_move_gib=max_move_gib, seed=seed, max_imbalance=max_imbalance, compare_full=compare_full,
-                       horizon_tokens=horizon_tokens)
+                       horizon_tokens=horizon_tokens, move_target=move_target)
         return
-    if max_moves is not None or max_move_gib is not None or compare_full or horizon_tokens is not None:
-        raise typer.BadParameter("--max-moves, --max-move-gib, --horizon-tokens and --compare-full apply to a "
-                                 "re-plan: add --from CURRENT_PLAN.json")
+    if (max_moves is not None or max_move_gib is not None or compare_full or horizon_tokens is not None
+            or move_target is not None):
+        raise typer.BadParameter("--max-moves, --max-move-gib, --move-target, --horizon-tokens and --compare-full "
+                                 "apply to a re-plan: add --from CURRENT_PLAN.json")
     if evaluate is not None:
         given = load_spec(spec) if spec is not None else None
         p = Plan.load(evaluate, spec=given)

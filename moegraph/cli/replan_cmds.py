@@ -13,7 +13,7 @@ from rich.table import Table
 from ..errors import PlanInfeasible, TraceError
 from ..loader import load_spec
 from . import console
-from .checks import resolve_slot_budget
+from .checks import resolve_move_share, resolve_slot_budget
 from .output import say
 
 __all__ = ["replan_command", "replan_table", "print_drift"]
@@ -43,13 +43,14 @@ def replan_table(report: dict, title: str) -> Table:
 
 def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None, output: Path | None,
                    max_moves: str | None, max_move_gib: float | None, seed: int | None,
-                   max_imbalance: float | None, compare_full: bool, horizon_tokens: float | None = None) -> None:
+                   max_imbalance: float | None, compare_full: bool, horizon_tokens: float | None = None,
+                   move_target: str | None = None) -> None:
     """Re-plan ``plan_from`` for the traffic ``trace``; print the report; write ``output``."""
     import math
     import time
 
     from ..planner import Plan, evaluate_plan, plan
-    from ..planner.replan import check_model, replan
+    from ..planner.replan import DEFAULT_MOVE_TARGET, check_model, replan
     from ..planner.replan_report import replan_report
     from ..traces import load_traces
 
@@ -69,8 +70,9 @@ def replan_command(*, spec: str | None, plan_from: Path, trace: list[str] | None
     if max_move_bytes is not None and not math.isfinite(max_move_bytes):
         max_move_bytes = int(max_move_gib) * 2**30  # beyond a float in bytes: no practical limit, as an integer
     t0 = time.perf_counter()
+    target = DEFAULT_MOVE_TARGET if move_target is None else resolve_move_share(move_target)
     new = replan(given, current, ts, max_moves=budget, max_move_bytes=max_move_bytes, seed=seed,
-                 max_imbalance=max_imbalance, horizon_tokens=horizon_tokens)
+                 max_imbalance=max_imbalance, horizon_tokens=horizon_tokens, move_target=target)
     took = time.perf_counter() - t0
     full = plan(current.spec, ts, seed=seed) if compare_full else None
     new.metrics = evaluate_plan(new, ts)

@@ -58,6 +58,7 @@ import torch
 
 from ..errors import DistributedError, PlanInfeasible, TraceError, is_integer, is_number, short_repr
 from ..fileio import check_input, write_atomically
+from ..planner.replan import DEFAULT_MOVE_TARGET
 from ..runtime import RoutingRecorder
 from ..semantics.routing import modulo_hash_experts
 
@@ -241,7 +242,8 @@ class Rebalancer:
             its sampling noise (``noise_floor`` of the assignments counted; until then the counts accumulate).
         check_every: steps between threshold checks (each is one small all-gather).
         window_tokens: tokens per rank each layer's recorder keeps (the most recent; ``WindowRecorder``).
-        max_moves / max_move_bytes / seed: passed to ``replan``.
+        max_moves / max_move_bytes / seed / move_target: passed to ``replan`` (move_target: by default its
+            ``DEFAULT_MOVE_TARGET``, a soft 15% of the slots per re-plan; None: moves priced only).
         horizon_tokens: passed to ``replan``; None: the tokens the new plan is expected to serve until the
             next re-plan, the tokens routed per step since the last one (all ranks) x ``every`` (or, with only
             a threshold, x the steps since the last re-plan): a move then has to pay for its bytes within
@@ -254,7 +256,7 @@ class Rebalancer:
     def __init__(self, layers: Sequence[Any], *, every: int | None = None, threshold: float | None = None,
                  check_every: int = 1, window_tokens: int = 8192, max_moves: int | None = None,
                  max_move_bytes: float | None = None, horizon_tokens: float | None = None, seed: int | None = None,
-                 optimizer: Any = None) -> None:
+                 optimizer: Any = None, move_target: float | None = DEFAULT_MOVE_TARGET) -> None:
         layers = list(layers)
         if every is None and threshold is None:
             raise DistributedError("Rebalancer needs a trigger: every=N steps and/or threshold=max/mean load")
@@ -282,7 +284,7 @@ class Rebalancer:
 
         try:  # refused here, not at the first re-plan (where a refusal only skips it)
             replan_args = check_replan_args(max_moves=max_moves, max_move_bytes=max_move_bytes,
-                                            horizon_tokens=horizon_tokens, seed=seed)
+                                            horizon_tokens=horizon_tokens, seed=seed, move_target=move_target)
             check_budget_allows_a_move(layers[0].plan, replan_args.max_moves, replan_args.max_move_bytes)
         except PlanInfeasible as exc:
             raise DistributedError(f"Rebalancer: {exc}") from None
