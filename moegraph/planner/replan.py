@@ -1226,7 +1226,7 @@ def _send_home(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: flo
 
 
 def _meet_move_target(states: list[_Layer], layers: np.ndarray, coacts: list[np.ndarray], cost: np.ndarray,
-                      value_per_j: float, target: int) -> tuple[int, int]:
+                      value_per_j: float, target: int, workers: int = 1) -> tuple[int, int]:
     """Step 5 (in place on ``states``): while the re-plan moves more than ``target`` slots over all layers, give
     moves back (``_send_home``) where they cost the least. Returns (slots given back, layers changed).
 
@@ -1234,21 +1234,24 @@ def _meet_move_target(states: list[_Layer], layers: np.ndarray, coacts: list[np.
     the horizon); one option per layer is chosen so that the slots given back reach what the re-plan moves
     beyond the target (or the most the options allow) at the least total rise: a multiple-choice knapsack,
     solved exactly by dynamic programming over the slots given back. Balance on the window is not given up.
+    The layers' options are found by ``workers`` forked processes (``forked``; the same result).
     """
     need = sum(_slots_moved(st) for st in states) - target
     if need <= 0:
         return 0, 0
-    offers: list[tuple[int, list[tuple[int, float, _Layer]]]] = []
-    for layer in sorted(int(x) for x in layers):
+
+    def options(layer: int) -> list[tuple[int, float, np.ndarray]]:
         st = states[layer]
         st = _Layer(ex=st.ex.copy(), gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)  # fresh tables
         base = _priced(st, coacts[layer], cost, value_per_j)
-        opts = []
-        for saved, ex in _send_home(st, coacts[layer], cost, value_per_j):
-            cand = _Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
-            opts.append((saved, _priced(cand, coacts[layer], cost, value_per_j) - base, cand))
-        if opts:
-            offers.append((layer, opts))
+        with one_blas_thread():
+            return [(saved, _priced(_Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price),
+                                    coacts[layer], cost, value_per_j) - base, ex)
+                    for saved, ex in _send_home(st, coacts[layer], cost, value_per_j)]
+
+    todo = sorted(int(x) for x in layers if _slots_moved(states[int(x)]) >= 2)
+    offers = [(layer, opts) for layer, opts in zip(todo, map_forked(options, todo, min(workers, max(len(todo), 1))))
+              if opts]
     cap = min(need, sum(max(s for s, _, _ in opts) for _, opts in offers))
     if cap <= 0:
         return 0, 0
@@ -1271,8 +1274,9 @@ def _meet_move_target(states: list[_Layer], layers: np.ndarray, coacts: list[np.
     for (layer, opts), (choice, prev) in zip(reversed(offers), reversed(pick)):
         if choice[s] < 0:
             continue  # this layer kept its result on the path to s
-        saved, _, cand = opts[choice[s]]
-        states[layer] = cand
+        saved, _, ex = opts[choice[s]]
+        st = states[layer]
+        states[layer] = _Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)
         given, changed, s = given + saved, changed + 1, int(prev[s])
     return given, changed
 
@@ -1400,7 +1404,8 @@ def replan(
                 for layer in order:
                     states[layer], *counts[layer] = _steps(states[layer], coacts[layer], imb, _Budget(None), cost,
                                                            value_per_j, _layer_rng(seed, layer))
-            given = (0, 0) if target is None else _meet_move_target(states, order, coacts, cost, value_per_j, target)
+            given = (0, 0) if target is None else _meet_move_target(states, order, coacts, cost, value_per_j, target,
+                                                                      workers)
             return counts, given
 
         fits, allocation = None, None
