@@ -485,7 +485,7 @@ def _rebalancer_bookkeeping(spec, world: int, rank: int, pull) -> dict:
     layer = fresh()
     res["bad_args"] = [_error(lambda kw=kw: Rebalancer([layer], every=2, **kw))
                        for kw in ({"max_moves": -1}, {"seed": 1.5}, {"horizon_tokens": -5.0}, {"window_tokens": 0},
-                                  {"max_moves": 0}, {"max_move_bytes": 1.0})]
+                                  {"move_target": 1.5}, {"max_moves": 0}, {"max_move_bytes": 1.0})]
     res["not_ep"] = _error(lambda: Rebalancer([moegraph.compile(spec, seed=0)], every=2))
     # A loop that logs the measured balance and resets the layer's traffic counters every step: the threshold
     # check still judges the step's traffic.
@@ -993,11 +993,12 @@ def test_rebalancer_bookkeeping_survives_the_loop_around_it(runs):
             "Rebalancer: max_moves must be an integer >= 0, got -1",
             "seed must be an integer in [0, 2**63) (it seeds the re-plan's polish), got 1.5".join(["Rebalancer: ", ""]),
             "Rebalancer: horizon_tokens must be a finite number >= 0 (tokens the new plan will serve), got -5.0",
-            "Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an integer >= 1, got 0"] + \
-            [m for _, m in out["bad_args"][4:]]
+            "Rebalancer window_tokens (tokens per rank each layer's window keeps) must be an integer >= 1, got 0",
+            "Rebalancer: move_target is a share of the slots, 0 to 1 (0.15: 15%), or None for no target; got 1.5"] + \
+            [m for _, m in out["bad_args"][5:]]
         # budgets that allow no move would skip every re-plan: refused at once
         assert all(m.startswith("Rebalancer: the move budget max_move") and "allows no change" in m
-                   for _, m in out["bad_args"][4:]), out["bad_args"]
+                   for _, m in out["bad_args"][5:]), out["bad_args"]
         assert {k for k, _ in out["bad_args"]} == {"DistributedError"}
         kind, msg = out["not_ep"]
         assert kind == "DistributedError" and "is not an expert-parallel MoE layer" in msg and "plan=PLAN" in msg, msg
