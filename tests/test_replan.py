@@ -1222,7 +1222,7 @@ def test_replan_meets_its_move_target_by_sending_experts_home_at_the_same_window
     assert got.policy["move_target"] == 0.15 and n > 0.15 * total
     assert 0 < m < n and got.policy["moves_given_back"] == n - m
     assert (_window_ratios([got], law)[:, 0] <= _window_ratios([free], law)[:, 0] + 1e-9).all()
-    assert any(note.startswith(f"move target 0.15 of the slots ({int(0.15 * total)} of {total})") and
+    assert any(note.startswith(f"move target 15% of the slots ({int(0.15 * total)} of {total})") and
                f"{n - m} moved slots given back" in note for note in got.notes)
     reachable = replan(None, current, law, move_target=(n - 2) / total)
     assert migration(current, reachable).slots_moved <= n - 2

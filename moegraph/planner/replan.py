@@ -102,8 +102,8 @@ whenever its GPU kept its expert, and ``_align_slots`` puts kept experts back in
    exact solver (``_send_home``); the offers that reach the target at the least rise of the re-plan's own
    measure are taken (a multiple-choice knapsack, solved exactly: ``_meet_move_target``). The target is soft:
    where balance needs more moves, they are made and a note says so. (On the robustness harness's 64 ESFT
-   switches: moves within 15% in 61 against 57, every other check as without it, remote GPU copies 0.1-0.3
-   points higher in 7; ``benchmarks/results/planner_design.md``.)
+   switches: moves within 15% in 61 against 57, every other check as without it, remote GPU copies
+   0.02-0.44 points closer to the load-only re-plan's in 7; ``benchmarks/results/planner_design.md``.)
 
 Pricing. A moved expert costs its bytes times the link's relative cost; a token copy costs its
 bytes times the same. The cut guides the search (its gains are cheap and smooth, while the exact
@@ -1152,7 +1152,7 @@ def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndar
 # ------------------------------------------------------------------------------------------------
 
 #: a layer's moved one-replica experts are re-assigned by an exact solver (``_send_home``) only where there are at
-#: most this many (the assignment has their number squared of variables); a DeepSeek-V3-sized layer that moves
+#: most this many (the assignment has their number x the GPUs of variables); a DeepSeek-V3-sized layer that moves
 #: 10% of its 288 slots has about 29
 SEND_HOME_MAX_EXPERTS = 64
 #: branch-and-bound nodes per solve: a bound, not a time limit, so that the result is the same on any machine
@@ -1179,10 +1179,9 @@ def _send_home(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: flo
         return []
     ex = st.ex[slots]
     gpus, per = np.unique(st.gpu[slots], return_counts=True)  # the GPUs with such slots, and how many each
-    home = st.old[ex][:, gpus]  # [n, m]: expert i stays put (does not move) on GPU y
-    now = int((~st.old[ex, st.gpu[slots]]).sum())
-    if not home.any() or now == 0:
-        return []
+    home = st.old[ex][:, gpus]  # [n, m]: expert i does not move if it is on GPU y
+    if not home.any():
+        return []  # none of them has a home among these GPUs
     g, m = st.hold.shape[1], len(gpus)
     w = st.cnt[:, ex].sum(axis=0)  # [n] window load of each (all of it follows the one replica)
     load = st.load
@@ -1202,7 +1201,7 @@ def _send_home(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: flo
     moves = (~home).ravel().astype(np.float64)[None, :]
     fixed = [LinearConstraint(one_each, np.r_[np.ones(n), per], np.r_[np.ones(n), per]),
              LinearConstraint(per_gpu, -np.inf, room)]
-    options, allowed = [], now - 1
+    options, allowed = [], n - 1  # all n move now
     while allowed >= 0:
         res = milp(price, integrality=np.ones(n * m), bounds=Bounds(0.0, 1.0),
                    constraints=[*fixed, LinearConstraint(moves, -np.inf, allowed + 0.5)],
@@ -1220,7 +1219,7 @@ def _send_home(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: flo
             keep = np.isin(st.ex[here], mine)
             new[here[~keep]] = np.setdiff1d(mine, st.ex[here])
         made = int((~home[x]).sum())
-        options.append((now - made, new))
+        options.append((n - made, new))
         allowed = made - 1
     return options
 
@@ -1476,11 +1475,11 @@ def replan(
     moved = sum(_slots_moved(st) for st in states)
     if target is not None and not budget_bound and (given[0] or moved > target):
         total = len(states) * current_plan.num_slots
-        head = f"move target {move_target:.4g} of the slots ({target:,} of {total:,})"
-        done = (f"{given[0]:,} moved slots given back in {given[1]} layers (moved experts sent home, each layer "
-                "as balanced on the window, for some co-activation saving)" if given[0] else "no moved slot can be "
+        head = f"move target {100 * move_target:.4g}% of the slots ({target:,} of {total:,})"
+        done = (f"{given[0]:,} moved slots given back in {given[1]} layers, moved experts sent home at the same "
+                "balance on the window for some co-activation saving" if given[0] else "no moved slot can be "
                 "given back without giving up balance on the window")
-        rest = "" if moved <= target else f"; {moved:,} slots move, what the balance needs"
+        rest = "" if moved <= target else f"; {moved:,} slots still move: the balance needs them"
         notes.append(f"{head}: {done}{rest} (move_target=None / --move-target off: moves priced only)")
     policy = {
         "name": "incremental-replan",
