@@ -973,11 +973,6 @@ def _kick(st: _Layer, rng: np.random.Generator, kick: int) -> None:
             st.swap(int(s), t)
 
 
-def _moved(st: _Layer) -> int:
-    """Slots of the layer holding an expert the current plan does not hold on their GPU (what a budget counts)."""
-    return int((~st.old[st.ex, st.gpu]).sum())
-
-
 def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_per_j: float,
             rng: np.random.Generator, rounds: int | None = None, kick: int | None = None,
             budget: _Budget | None = None) -> tuple[_Layer, int]:
@@ -1001,15 +996,15 @@ def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_p
     kick = POLISH_KICK if kick is None else kick
     best, best_cost, best_ratio, kept = st, _priced(st, coact, cost, value_per_j), _ratio(st), 0
     limit = best_ratio + 1e-6  # no worse balanced on the window than the greedy result
-    start = _moved(st)
+    start = _slots_moved(st)
     allowed = None if budget is None or budget.moves is None else start + budget.moves
     idle = 0
     for _ in range(rounds):
-        if not _moved(best) or idle >= POLISH_PATIENCE:
+        if not _slots_moved(best) or idle >= POLISH_PATIENCE:
             break
         cand = best.copy()
         _kick(cand, rng, kick)
-        own = _Budget(None if allowed is None else allowed - _moved(cand))
+        own = _Budget(None if allowed is None else allowed - _slots_moved(cand))
         _repair_balance(cand, imb, own, coact, cost, value_per_j)
         _improve_comm(cand, coact, cost, value_per_j, imb, own)
         c, r = _priced(cand, coact, cost, value_per_j), _ratio(cand)
@@ -1022,7 +1017,7 @@ def _polish(st: _Layer, coact: np.ndarray, imb: float, cost: np.ndarray, value_p
         else:
             idle += 1
     if budget is not None:
-        budget.spend(_moved(best) - start)
+        budget.spend(_slots_moved(best) - start)
     return best, kept
 
 
