@@ -18,7 +18,7 @@ from moegraph.planner.migration import _align_slots, _move_cost, host_copy_weigh
 from moegraph.planner.replan import _Budget, _cut_rate, _improve_comm, _kick, _Layer, _polish, _priced, _prices
 from moegraph.planner.replan import _reassign_comm, _reassign_cut_deltas, _repair_balance, _slot_cut_deltas, _swap_drops
 from moegraph.planner.replan import _meet_move_target, _send_home, _valid
-from moegraph.planner.replan import expert_bytes, migration, noise_floor, relabel, replan
+from moegraph.planner.replan import DEFAULT_MOVE_TARGET, expert_bytes, migration, noise_floor, relabel, replan
 from moegraph.planner.replan_report import replan_report
 from moegraph.topology import cluster_of
 from moegraph.traces import TraceSet, coactivation, load_traces
@@ -894,7 +894,7 @@ def test_cli_replans_from_a_plan_file(run_cli, tmp_path, setup):
         r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--horizon-tokens", h, "-o", out)
         assert r.code == 0, r.err
         new = Plan.load(out)
-        assert new.policy["horizon_tokens"] == float(h)
+        assert new.policy["horizon_tokens"] == float(h) and new.policy["move_target"] == DEFAULT_MOVE_TARGET == 0.15
         moved[h] = migration(current, new).slots_moved
     assert new.policy["copies_per_cut"] > 0 and moved["0"] < moved["200000"]
     r = run_cli("plan", spec_path, "--from", cur_path, "--trace", window, "--horizon-tokens", "-5")
@@ -932,20 +932,22 @@ def test_cli_move_budget_as_a_share_of_the_slots(run_cli, tmp_path, setup):
 
 
 def test_cli_move_target_as_a_share_or_off(run_cli, tmp_path, setup):
-    """``--move-target P%`` is replan's move_target P/100 (recorded in the plan), ``off`` is None, and without the
-    option the re-plan has the API's default; malformed values and the option without --from are refused."""
+    """``--move-target P%`` is replan's move_target P/100 (recorded in the plan), ``off`` is None (without the option:
+    the API's default, ``test_cli_replans_from_a_plan_file``); malformed values and the option without --from are
+    refused."""
     spec, current, _, law = setup
     cur_path = current.save(tmp_path / "current.json")
     window = law.save(tmp_path / "law.npz")
-    for value, target in (("5%", 0.05), ("off", None), (None, 0.15)):
+    for value, target in (("5%", 0.05), ("off", None)):
         out = tmp_path / f"new-{value}.json"
-        r = run_cli("plan", "--from", cur_path, "--trace", window, *(("--move-target", value) if value else ()),
-                    "-o", out)
+        r = run_cli("plan", "--from", cur_path, "--trace", window, "--move-target", value, "-o", out)
         assert r.code == 0, r.err
         got = Plan.load(out)
         assert got.policy["move_target"] == target
-        api = replan(None, current, law, move_target=target)
-        assert np.array_equal(got.physical_to_logical_map, api.physical_to_logical_map), value
+        if target is not None:
+            api = replan(None, current, law, move_target=target)
+            assert np.array_equal(got.physical_to_logical_map, api.physical_to_logical_map), value
+            assert got.policy["moves_given_back"] > 0
     for bad in ("101%", "15", "x%", "nan%", "none"):
         r = run_cli("plan", "--from", cur_path, "--trace", window, "--move-target", bad)
         assert r.code == 2 and "--move-target" in r.err and "(P%, 0 to 100, e.g. 15%) or off" in " ".join(r.err.split()), bad
