@@ -936,11 +936,18 @@ def _reallocate_replicas(st: _Layer) -> int:
 def _priced(st: _Layer, coact: np.ndarray, cost: np.ndarray, value_per_j: float) -> float:
     """What the re-plan minimises within the balance target, for one layer: the link price of its moves
     (in experts over the fastest link) plus its co-activation cut (``_slot_cut_deltas``' J) over the horizon."""
-    r = st.hold.sum(axis=1)[st.ex].astype(np.float64)
-    a_rr = coact[np.ix_(st.ex, st.ex)] / np.outer(r, r)
-    a_rr[st.ex[:, None] == st.ex[None, :]] = 0.0  # replicas of one expert are not a pair
-    j = 0.5 * float((a_rr * cost[np.ix_(st.gpu, st.gpu)]).sum())
-    return float(st.price[st.ex, st.gpu].sum()) + value_per_j * j
+    return _priced_slots(st.ex, st.gpu, st.price, coact, cost, value_per_j)
+
+
+def _priced_slots(ex: np.ndarray, gpu: np.ndarray, price: np.ndarray, coact: np.ndarray, cost: np.ndarray,
+                  value_per_j: float) -> float:
+    """``_priced`` of the slot experts ``ex`` [S] on GPUs ``gpu`` [S] (no GPU holds an expert twice), with move
+    prices ``price`` [E, G]: for a placement that has no repair state (step 5's options)."""
+    r = np.bincount(ex, minlength=len(coact))[ex].astype(np.float64)
+    a_rr = coact[np.ix_(ex, ex)] / np.outer(r, r)
+    a_rr[ex[:, None] == ex[None, :]] = 0.0  # replicas of one expert are not a pair
+    j = 0.5 * float((a_rr * cost[np.ix_(gpu, gpu)]).sum())
+    return float(price[ex, gpu].sum()) + value_per_j * j
 
 
 #: ``_polish``: at most POLISH_ROUNDS rounds per layer (0: no polish), each sending POLISH_KICK moved experts
@@ -1123,7 +1130,8 @@ def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndar
 
     Without a move budget the layers do not interact (the copies-per-cut rate is measured before), so
     each layer's result is the one the sequential loop gives, bit for bit; the processes inherit the
-    layer states by forking and send back each layer's slot experts and loads. Layers are handed out in
+    layer states by forking and send back each layer's slot experts and loads; the holdings are derived
+    here (the change tables are not refreshed: nothing reads them after step 4). Layers are handed out in
     the order of their balance, worst first, so that the slow layers start first.
     """
     states, coacts, imb, budget, cost, value_per_j, seed = work
@@ -1138,6 +1146,8 @@ def _steps_in_processes(work: tuple, order: np.ndarray, workers: int) -> np.ndar
     for layer, (ex, contrib, cnt) in zip(layers, map_forked(one, layers, workers)):
         st = states[layer]
         st.ex, st.contrib = ex, contrib
+        st.hold = np.zeros_like(st.hold)
+        st.hold[ex, st.gpu] = True
         counts[layer] = cnt
     return counts
 
@@ -1235,13 +1245,11 @@ def _meet_move_target(states: list[_Layer], layers: np.ndarray, coacts: list[np.
         return 0, 0
 
     def options(layer: int) -> list[tuple[int, float, np.ndarray]]:
-        st = states[layer]
-        st = _Layer(ex=st.ex.copy(), gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price)  # fresh tables
-        base = _priced(st, coacts[layer], cost, value_per_j)
+        st, coact = states[layer], coacts[layer]
+        base = _priced(st, coact, cost, value_per_j)
         with one_blas_thread():
-            return [(saved, _priced(_Layer(ex=ex, gpu=st.gpu, old=st.old, cnt=st.cnt, node=st.node, price=st.price),
-                                    coacts[layer], cost, value_per_j) - base, ex)
-                    for saved, ex in _send_home(st, coacts[layer], cost, value_per_j)]
+            return [(saved, _priced_slots(ex, st.gpu, st.price, coact, cost, value_per_j) - base, ex)
+                    for saved, ex in _send_home(st, coact, cost, value_per_j)]
 
     todo = sorted(int(x) for x in layers if _slots_moved(states[int(x)]) >= 2)
     offers = [(layer, opts) for layer, opts in zip(todo, map_forked(options, todo, min(workers, max(len(todo), 1))))
