@@ -29,18 +29,27 @@ def finite(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     return check
 
 
+def _percent(text: str) -> float | None:
+    """``P%`` with P a number from 0 to 100, as the fraction P / 100; None for anything else."""
+    if not text.endswith("%"):
+        return None
+    try:
+        share = float(text[:-1])
+    except ValueError:
+        return None
+    return share / 100.0 if math.isfinite(share) and 0.0 <= share <= 100.0 else None
+
+
 def slot_budget(value: str | None) -> str | None:
     """A typer callback for ``--max-moves``: a number of slots (``N >= 0``) or a share of them (``P%``, 0-100);
     ``resolve_slot_budget`` turns it into slots once the plan is known."""
     if value is None:
         return None
     text = value.strip()
+    if _percent(text) is not None:
+        return text
     try:
-        if text.endswith("%"):
-            share = float(text[:-1])
-            if math.isfinite(share) and 0.0 <= share <= 100.0:
-                return text
-        elif int(text) >= 0:
+        if int(text) >= 0:
             return text
     except ValueError:
         pass
@@ -52,28 +61,22 @@ def move_share(value: str | None) -> str | None:
     if value is None:
         return None
     text = value.strip().lower()
-    if text == "off":
+    if text == "off" or _percent(text) is not None:
         return text
-    try:
-        if text.endswith("%") and 0.0 <= float(text[:-1]) <= 100.0:  # NaN compares false
-            return text
-    except ValueError:
-        pass
     raise typer.BadParameter(f"must be a share of the slots (P%, 0 to 100, e.g. 15%) or off (no target), got {value!r}")
 
 
 def resolve_move_share(value: str) -> float | None:
     """A given ``--move-target`` as ``replan``'s ``move_target``: a fraction of the slots, None for ``off``."""
-    return None if value == "off" else float(value[:-1]) / 100.0
+    return None if value == "off" else _percent(value)
 
 
 def resolve_slot_budget(value: str | None, slots: int) -> int | None:
     """``--max-moves`` in slots, out of ``slots`` (all layers): a share is rounded down."""
     if value is None:
         return None
-    if value.endswith("%"):
-        return math.floor(float(value[:-1]) / 100.0 * slots)
-    return int(value)
+    share = _percent(value)
+    return int(value) if share is None else math.floor(share * slots)
 
 
 def output_file(path: Path, what: str, suffixes: tuple[str, ...] = (), inputs: Iterable[Any] = (),
